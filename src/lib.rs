@@ -2,8 +2,12 @@
 //! real-time transcription WebSocket API. See ARCHITECTURE.md for the map.
 //!
 //! # Layout
+//! - [`frame`]: WebSocket frame headers, parsed and written in place.
+//! - [`mask`]: in-place re-masking and fresh mask keys.
 //! - [`secret`]: secret values that only ever print as fingerprints.
 
 #![warn(missing_debug_implementations, rust_2018_idioms)]
 
+pub mod frame;
+pub mod mask;
 pub mod secret;
