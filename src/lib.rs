@@ -3,11 +3,15 @@
 //!
 //! # Layout
 //! - [`frame`]: WebSocket frame headers, parsed and written in place.
+//! - [`http`]: the HTTP/1.1 edge: request heads, upgrades, JSON errors.
+//! - [`io`]: connections, the shared duplex wrapper, pooled read buffers.
 //! - [`mask`]: in-place re-masking and fresh mask keys.
 //! - [`secret`]: secret values that only ever print as fingerprints.
 
 #![warn(missing_debug_implementations, rust_2018_idioms)]
 
 pub mod frame;
+pub mod http;
+pub mod io;
 pub mod mask;
 pub mod secret;
