@@ -5,6 +5,7 @@
 //! - [`frame`]: WebSocket frame headers, parsed and written in place.
 //! - [`http`]: the HTTP/1.1 edge: request heads, upgrades, JSON errors.
 //! - [`io`]: connections, the shared duplex wrapper, pooled read buffers.
+//! - [`keyring`]: per-shard account slots; which account serves a new stream.
 //! - [`mask`]: in-place re-masking and fresh mask keys.
 //! - [`secret`]: secret values that only ever print as fingerprints.
 
@@ -13,5 +14,6 @@
 pub mod frame;
 pub mod http;
 pub mod io;
+pub mod keyring;
 pub mod mask;
 pub mod secret;

@@ -1,0 +1,256 @@
+//! The per-shard key ring: which Soniox account serves a new stream.
+//!
+//! Each shard owns a [`KeyRing`]: a preallocated vector of account slots,
+//! picked from without a lock. What must be the same on every shard lives in
+//! one [`AccountState`] per account, shared by `Arc`: the live-stream count
+//! (so `max_concurrent_streams` holds across all shards together) and health.
+//! Those atomics are touched when a stream opens or closes, or an upstream
+//! refuses a key, never per frame.
+//!
+//! Why one shared count instead of a per-shard split of each account's limit:
+//! Soniox enforces the limit per account, not per relay core; a split strands
+//! capacity on whichever shard the kernel happened to give fewer connections,
+//! and refuses streams the account could carry. One compare-and-swap per
+//! stream open is cheap and exact.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::secret::Secret;
+
+/// How long an account that answered 401/402 is left out before it is tried
+/// again (until active health checks exist to clear it sooner).
+pub const UNHEALTHY_HOLDOFF: Duration = Duration::from_secs(60);
+/// First cooldown after a 429; doubled on each further 429, up to the cap.
+pub const COOLDOWN_START: Duration = Duration::from_secs(1);
+/// Longest cooldown after repeated 429s.
+pub const COOLDOWN_MAX: Duration = Duration::from_secs(60);
+
+/// One account's state, shared by every shard.
+#[derive(Debug)]
+pub struct AccountState {
+    /// Account id from the config (public).
+    pub id: String,
+    /// The account's API key. Only the upstream handshake reads it.
+    pub key: Secret,
+    /// Region label (public).
+    pub region: String,
+    /// Disabled accounts take no new streams.
+    pub enabled: AtomicBool,
+    /// Limit on live streams across all shards.
+    pub max_concurrent: AtomicU32,
+    /// Live streams across all shards.
+    pub live: AtomicU32,
+    /// Not picked before this time (ms since `epoch`): 401/402 holdoff or 429 cooldown.
+    blocked_until_ms: AtomicU64,
+    /// Whether the block is for bad credentials (401/402) rather than rate (429).
+    unhealthy: AtomicBool,
+    /// Current 429 backoff in ms; 0 after a success.
+    backoff_ms: AtomicU64,
+    epoch: Instant,
+}
+
+impl AccountState {
+    /// A new, healthy account.
+    pub fn new(id: &str, key: Secret, region: &str, enabled: bool, max_concurrent: u32, epoch: Instant) -> Arc<Self> {
+        Arc::new(AccountState {
+            id: id.to_string(),
+            key,
+            region: region.to_string(),
+            enabled: AtomicBool::new(enabled),
+            max_concurrent: AtomicU32::new(max_concurrent),
+            live: AtomicU32::new(0),
+            blocked_until_ms: AtomicU64::new(0),
+            unhealthy: AtomicBool::new(false),
+            backoff_ms: AtomicU64::new(0),
+            epoch,
+        })
+    }
+
+    fn ms(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.epoch).as_millis() as u64
+    }
+
+    /// Whether a stream may be given to this account at `now`.
+    pub fn available(&self, now: Instant) -> bool {
+        self.enabled.load(Ordering::Relaxed) && self.blocked_until_ms.load(Ordering::Relaxed) <= self.ms(now)
+    }
+
+    /// Whether the account is healthy (not held off after a 401/402) at `now`.
+    pub fn healthy(&self, now: Instant) -> bool {
+        !(self.unhealthy.load(Ordering::Relaxed) && self.blocked_until_ms.load(Ordering::Relaxed) > self.ms(now))
+    }
+
+    /// Free stream slots now.
+    pub fn headroom(&self) -> u32 {
+        self.max_concurrent.load(Ordering::Relaxed).saturating_sub(self.live.load(Ordering::Relaxed))
+    }
+
+    /// Upstream refused the key (401, 402): leave it out of every shard's picks.
+    pub fn mark_unhealthy(&self, now: Instant) {
+        self.unhealthy.store(true, Ordering::Relaxed);
+        self.blocked_until_ms.store(self.ms(now + UNHEALTHY_HOLDOFF), Ordering::Relaxed);
+    }
+
+    /// Upstream said 429: cool down, twice as long as last time, up to the cap.
+    pub fn mark_rate_limited(&self, now: Instant) {
+        let prev = self.backoff_ms.load(Ordering::Relaxed);
+        let next = if prev == 0 { COOLDOWN_START.as_millis() as u64 } else { (prev * 2).min(COOLDOWN_MAX.as_millis() as u64) };
+        self.backoff_ms.store(next, Ordering::Relaxed);
+        self.blocked_until_ms.store(self.ms(now) + next, Ordering::Relaxed);
+    }
+
+    /// Upstream accepted a stream: clear backoff and health marks.
+    pub fn mark_ok(&self) {
+        if self.backoff_ms.load(Ordering::Relaxed) != 0 || self.unhealthy.load(Ordering::Relaxed) {
+            self.backoff_ms.store(0, Ordering::Relaxed);
+            self.unhealthy.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// Reserves one stream slot if under the limit.
+    fn try_reserve(&self) -> bool {
+        let max = self.max_concurrent.load(Ordering::Relaxed);
+        self.live
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |live| (live < max).then_some(live + 1))
+            .is_ok()
+    }
+}
+
+/// A stream's hold on one account slot; released when dropped.
+#[derive(Debug)]
+pub struct Lease {
+    /// The account.
+    pub account: Arc<AccountState>,
+    /// Its index in the ring (and in the shard's metrics).
+    pub index: usize,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.account.live.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// One shard's ring of account slots.
+#[derive(Debug)]
+pub struct KeyRing {
+    slots: Vec<Arc<AccountState>>,
+    /// Where the next tie-break starts, so equal accounts share the load.
+    cursor: usize,
+}
+
+/// At most this many accounts (a stream's tried-set is a 64-bit mask).
+pub const MAX_ACCOUNTS: usize = 64;
+
+impl KeyRing {
+    /// A ring over the given accounts (the same `Arc`s on every shard).
+    pub fn new(accounts: &[Arc<AccountState>]) -> KeyRing {
+        let mut slots = Vec::with_capacity(MAX_ACCOUNTS);
+        slots.extend(accounts.iter().take(MAX_ACCOUNTS).cloned());
+        KeyRing { slots, cursor: 0 }
+    }
+
+    /// The accounts in ring order.
+    pub fn accounts(&self) -> &[Arc<AccountState>] {
+        &self.slots
+    }
+
+    /// Picks the available account with the most headroom that is not in
+    /// `tried` (bit i = slot i), and reserves a slot on it. Local apart from
+    /// the reservation's compare-and-swap.
+    pub fn pick(&mut self, now: Instant, tried: u64) -> Option<Lease> {
+        let n = self.slots.len();
+        // Few accounts: try best-first without sorting or allocating.
+        let mut excluded = tried;
+        for _ in 0..n {
+            let mut best: Option<(usize, u32)> = None;
+            for k in 0..n {
+                let i = (self.cursor + k) % n;
+                let a = &self.slots[i];
+                if excluded & (1 << i) != 0 || !a.available(now) {
+                    continue;
+                }
+                let h = a.headroom();
+                if h > 0 && best.is_none_or(|(_, bh)| h > bh) {
+                    best = Some((i, h));
+                }
+            }
+            let (i, _) = best?;
+            if self.slots[i].try_reserve() {
+                self.cursor = (i + 1) % n;
+                return Some(Lease { account: self.slots[i].clone(), index: i });
+            }
+            excluded |= 1 << i; // lost a race with another shard: next best
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn accounts(limits: &[u32]) -> Vec<Arc<AccountState>> {
+        let epoch = Instant::now();
+        limits
+            .iter()
+            .enumerate()
+            .map(|(i, &m)| AccountState::new(&format!("a{i}"), Secret::new(format!("k{i}")), "r", true, m, epoch))
+            .collect()
+    }
+
+    #[test]
+    fn picks_most_headroom_and_enforces_limits_across_rings() {
+        let accts = accounts(&[2, 3]);
+        let mut ring0 = KeyRing::new(&accts);
+        let mut ring1 = KeyRing::new(&accts);
+        let now = Instant::now();
+        let a = ring0.pick(now, 0).unwrap();
+        assert_eq!(a.index, 1, "3 free beats 2 free");
+        let mut held = vec![a];
+        // Two shards share the same limits: 5 streams in all, then none.
+        for i in 0..4 {
+            let ring = if i % 2 == 0 { &mut ring1 } else { &mut ring0 };
+            held.push(ring.pick(now, 0).unwrap());
+        }
+        assert!(ring0.pick(now, 0).is_none());
+        assert!(ring1.pick(now, 0).is_none());
+        assert_eq!(accts[0].live.load(Ordering::Relaxed), 2);
+        held.pop();
+        assert!(ring1.pick(now, 0).is_some(), "a released slot is free again");
+    }
+
+    #[test]
+    fn unhealthy_and_cooldown_accounts_are_skipped_everywhere() {
+        let accts = accounts(&[5, 5]);
+        let mut ring = KeyRing::new(&accts);
+        let now = Instant::now();
+        accts[0].mark_unhealthy(now);
+        assert!(!accts[0].healthy(now));
+        for _ in 0..3 {
+            assert_eq!(ring.pick(now, 0).unwrap().index, 1);
+        }
+        assert!(accts[0].healthy(now + UNHEALTHY_HOLDOFF + Duration::from_millis(1)));
+        accts[1].mark_rate_limited(now);
+        assert!(ring.pick(now, 0).is_none());
+        assert!(ring.pick(now + Duration::from_millis(1001), 0).is_some());
+        accts[1].mark_rate_limited(now);
+        assert!(!accts[1].available(now + Duration::from_millis(1500)), "backoff doubled to 2 s");
+        accts[1].mark_ok();
+        accts[1].mark_rate_limited(now);
+        assert!(accts[1].available(now + Duration::from_millis(1001)), "reset after success");
+    }
+
+    #[test]
+    fn tried_accounts_are_excluded_and_disabled_skipped() {
+        let accts = accounts(&[5, 5, 5]);
+        let mut ring = KeyRing::new(&accts);
+        let now = Instant::now();
+        accts[2].enabled.store(false, Ordering::Relaxed);
+        let l = ring.pick(now, 0b001).unwrap();
+        assert_eq!(l.index, 1);
+        assert!(ring.pick(now, 0b011).is_none());
+    }
+}
