@@ -8,6 +8,7 @@
 //! - [`keyring`]: per-shard account slots; which account serves a new stream.
 //! - [`mask`]: in-place re-masking and fresh mask keys.
 //! - [`secret`]: secret values that only ever print as fingerprints.
+//! - [`upstream`]: TCP, TLS and the WebSocket client upgrade to Soniox.
 
 #![warn(missing_debug_implementations, rust_2018_idioms)]
 
@@ -17,3 +18,4 @@ pub mod io;
 pub mod keyring;
 pub mod mask;
 pub mod secret;
+pub mod upstream;
