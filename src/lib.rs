@@ -2,8 +2,11 @@
 //! real-time transcription WebSocket API. See ARCHITECTURE.md for the map.
 //!
 //! # Layout
+//! - [`metrics`]: per-shard counters and latency histograms, merged and
+//!   rendered as Prometheus text only when scraped.
 //! - [`secret`]: secret values that only ever print as fingerprints.
 
 #![warn(missing_debug_implementations, rust_2018_idioms)]
 
+pub mod metrics;
 pub mod secret;
