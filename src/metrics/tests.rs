@@ -523,3 +523,51 @@ fn promtool_accepts_output_if_available() {
         "promtool rejected the output:\n{report}\n{text}"
     );
 }
+
+/// Counts allocations made by the current thread, so the hot-path test can
+/// prove "allocation-free" without being disturbed by tests on other threads.
+struct CountingAlloc;
+
+thread_local! {
+    static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
+}
+
+// SAFETY: defers to the system allocator; the counter is a const-initialised
+// thread-local without a destructor, so touching it never allocates.
+unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        let _ = ALLOCATIONS.try_with(|c| c.set(c.get() + 1));
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static COUNTING_ALLOC: CountingAlloc = CountingAlloc;
+
+fn allocations() -> u64 {
+    ALLOCATIONS.with(Cell::get)
+}
+
+#[test]
+fn hot_path_does_not_allocate() {
+    let m = ShardMetrics::new(0, &ids(&["a", "b"]));
+    m.error(Side::Upstream, 502); // the first error of a kind may allocate
+    let before = allocations();
+    for i in 0..10_000u64 {
+        m.record(Hist::FrameClientToUpstream, i * 7);
+        m.record(Hist::FrameUpstreamToClient, i * 1_000_003);
+        m.record(Hist::FirstResult, u64::MAX);
+        m.frames_client_to_upstream(1, 640);
+        m.frames_upstream_to_client(1, 120);
+        m.stream_opened(1);
+        m.account_retry(1);
+        m.stream_closed(1);
+        m.error(Side::Upstream, 502);
+    }
+    assert_eq!(allocations() - before, 0);
+    assert_eq!(m.snapshot().frames(Direction::ClientToUpstream), 10_000);
+}
