@@ -7,6 +7,8 @@
 //! - [`io`]: connections, the shared duplex wrapper, pooled read buffers.
 //! - [`keyring`]: per-shard account slots; which account serves a new stream.
 //! - [`mask`]: in-place re-masking and fresh mask keys.
+//! - [`metrics`]: per-shard counters and latency histograms, merged and
+//!   rendered as Prometheus text only when scraped.
 //! - [`secret`]: secret values that only ever print as fingerprints.
 //! - [`upstream`]: TCP, TLS and the WebSocket client upgrade to Soniox.
 
@@ -17,5 +19,6 @@ pub mod http;
 pub mod io;
 pub mod keyring;
 pub mod mask;
+pub mod metrics;
 pub mod secret;
 pub mod upstream;
