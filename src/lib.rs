@@ -9,6 +9,7 @@
 //! - [`mask`]: in-place re-masking and fresh mask keys.
 //! - [`metrics`]: per-shard counters and latency histograms, merged and
 //!   rendered as Prometheus text only when scraped.
+//! - [`pump`]: the frame path: in-place scanning, re-masking and forwarding.
 //! - [`secret`]: secret values that only ever print as fingerprints.
 //! - [`upstream`]: TCP, TLS and the WebSocket client upgrade to Soniox.
 
@@ -20,5 +21,6 @@ pub mod io;
 pub mod keyring;
 pub mod mask;
 pub mod metrics;
+pub mod pump;
 pub mod secret;
 pub mod upstream;

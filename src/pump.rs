@@ -1,0 +1,454 @@
+//! The frame path: the two loops that move a stream's frames after the
+//! handshake, and the scanner that walks frames in place.
+//!
+//! Client→upstream: read into the stream's pooled buffer, walk the frame
+//! headers where they lie, give each frame a fresh mask key by XOR-ing its
+//! payload once with `client key ⊕ fresh key` and overwriting the 4 key bytes
+//! in the header, then write the processed bytes, headers and payloads
+//! together, in one write. Upstream→client: walk the headers (to validate,
+//! count and find the close frame) and write the bytes as they were read.
+//!
+//! A frame's header and payload are contiguous in the buffer, so every write
+//! is one contiguous region; a payload larger than the buffer streams through
+//! in pieces (the scanner keeps the mask phase across reads). Nothing on this
+//! path allocates, locks, or touches an atomic.
+
+use std::cell::Cell;
+use std::time::{Duration, Instant};
+
+use crate::frame::{parse_header, FrameError, Opcode, Sender};
+use crate::io::{Buf, Duplex};
+use crate::mask::{apply_mask, rekey, MaskKeys};
+use crate::metrics::{Hist, ShardMetrics};
+
+/// What one pass of [`FrameScanner::scan`] found.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Scan {
+    /// Bytes from the start of the window that are ready to forward.
+    pub ready: usize,
+    /// Frames whose last byte is in the ready region.
+    pub frames_done: u32,
+    /// Data (non-control) frames whose header is in the ready region.
+    pub data_frames_started: u32,
+    /// The ready region ends with a close frame: nothing after it is read.
+    pub close_done: bool,
+}
+
+/// Walks frames across reads. For client frames it also re-masks in place.
+#[derive(Debug)]
+pub struct FrameScanner {
+    from: Sender,
+    max_payload: u64,
+    /// Payload bytes of the current frame not yet seen.
+    remaining: u64,
+    /// `client key ⊕ fresh key` for the current frame (client frames only).
+    xor: [u8; 4],
+    /// Payload offset (mod 4) of the next payload byte.
+    phase: usize,
+    /// The current frame is a close frame.
+    in_close: bool,
+}
+
+impl FrameScanner {
+    /// A scanner for frames sent by `from`, refusing payloads over `max_payload`.
+    pub fn new(from: Sender, max_payload: u64) -> Self {
+        FrameScanner { from, max_payload, remaining: 0, xor: [0; 4], phase: 0, in_close: false }
+    }
+
+    /// True between frames (a partial header not yet scanned counts as between).
+    pub fn at_boundary(&self) -> bool {
+        self.remaining == 0
+    }
+
+    /// Scans `window` from its start. Client frames get a fresh key from
+    /// `masks`. Stops after a close frame, or before a partial header (those
+    /// bytes stay for the next read). Allocation-free.
+    #[inline]
+    pub fn scan(&mut self, window: &mut [u8], masks: Option<&mut MaskKeys>) -> Result<Scan, FrameError> {
+        let mut masks = masks;
+        let mut out = Scan::default();
+        let len = window.len();
+        let mut pos = 0;
+        loop {
+            if self.remaining > 0 {
+                let n = (self.remaining.min((len - pos) as u64)) as usize;
+                if self.from == Sender::Client {
+                    apply_mask(&mut window[pos..pos + n], self.xor, self.phase);
+                }
+                self.phase = (self.phase + n) & 3;
+                self.remaining -= n as u64;
+                pos += n;
+                if self.remaining > 0 {
+                    break; // the payload goes on in the next read
+                }
+                out.frames_done += 1;
+                if self.in_close {
+                    out.close_done = true;
+                    break;
+                }
+                continue;
+            }
+            if pos == len {
+                break;
+            }
+            let Some(h) = parse_header(&window[pos..], self.from, self.max_payload)? else {
+                break; // partial header: keep it for the next read
+            };
+            if let (Some(client_key), Some(masks)) = (h.mask, masks.as_deref_mut()) {
+                let fresh = masks.next_key();
+                let at = pos + h.header_len - 4;
+                window[at..at + 4].copy_from_slice(&fresh);
+                self.xor = rekey(client_key, fresh);
+            }
+            if !h.opcode.is_control() {
+                out.data_frames_started += 1;
+            }
+            self.in_close = h.opcode == Opcode::Close;
+            self.phase = 0;
+            self.remaining = h.payload_len;
+            pos += h.header_len;
+            if h.payload_len == 0 {
+                out.frames_done += 1;
+                if self.in_close {
+                    out.close_done = true;
+                    break;
+                }
+            }
+        }
+        out.ready = pos;
+        Ok(out)
+    }
+}
+
+/// How a stream's pumping ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// Upstream sent a close frame and it reached the client: the normal end.
+    UpstreamClosed,
+    /// The client's connection ended (EOF, reset, write failure) without a close handshake.
+    ClientGone,
+    /// The client broke the protocol.
+    ClientProtocol(FrameError),
+    /// The upstream connection ended without a close frame, or failed.
+    UpstreamGone,
+    /// Upstream broke the protocol.
+    UpstreamProtocol(FrameError),
+    /// Upstream's first message was this error code (401, 402, 429) and no
+    /// client data has gone up yet: the stream can move to another account.
+    Retry(u16),
+    /// No frame in either direction for the idle timeout.
+    Idle,
+}
+
+/// What the two pumps of one stream share. Plain cells: both run in one task.
+#[derive(Debug)]
+pub struct StreamState {
+    /// Last time bytes arrived from either side (idle detection).
+    pub last_activity: Cell<Instant>,
+    /// Client data frames sent upstream after the config message.
+    pub data_frames_up: Cell<u64>,
+    /// When the first client data frame went upstream.
+    pub first_audio_at: Cell<Option<Instant>>,
+    /// Whether time-to-first-result has been recorded.
+    pub first_result_seen: Cell<bool>,
+    /// The client socket is between frames (the relay may write its own frame).
+    pub client_at_boundary: Cell<bool>,
+    /// The upstream socket is between frames.
+    pub upstream_at_boundary: Cell<bool>,
+    /// The first upstream message still has to be looked at.
+    pub inspect_first_upstream: Cell<bool>,
+    /// The first upstream message carried this error code.
+    pub first_upstream_error: Cell<Option<u16>>,
+}
+
+impl StreamState {
+    /// Fresh state at `now`.
+    pub fn new(now: Instant) -> Self {
+        StreamState {
+            last_activity: Cell::new(now),
+            data_frames_up: Cell::new(0),
+            first_audio_at: Cell::new(None),
+            first_result_seen: Cell::new(false),
+            client_at_boundary: Cell::new(true),
+            upstream_at_boundary: Cell::new(true),
+            inspect_first_upstream: Cell::new(true),
+            first_upstream_error: Cell::new(None),
+        }
+    }
+}
+
+/// Client→upstream state that must survive a retry on another account:
+/// bytes already re-masked but not yet written are not re-masked again.
+#[derive(Debug)]
+pub struct ClientSide {
+    /// The scanner (mask phase of a frame split across reads).
+    pub scanner: FrameScanner,
+    /// Bytes at the front of the buffer already scanned and re-masked.
+    pub processed: usize,
+}
+
+/// Moves client frames upstream until the client closes, vanishes or
+/// misbehaves. After forwarding a client close frame it waits for ever: the
+/// stream then ends when upstream answers the close.
+pub async fn client_to_upstream(
+    client: &Duplex,
+    upstream: &Duplex,
+    buf: &mut Buf,
+    side: &mut ClientSide,
+    state: &StreamState,
+    masks: &std::cell::RefCell<MaskKeys>,
+    metrics: &ShardMetrics,
+) -> End {
+    let mut read_at = Instant::now();
+    loop {
+        let processed = side.processed;
+        let scan = {
+            let mut masks = masks.borrow_mut();
+            match side.scanner.scan(&mut buf.filled()[processed..], Some(&mut masks)) {
+                Ok(s) => s,
+                Err(e) => return End::ClientProtocol(e),
+            }
+        };
+        side.processed += scan.ready;
+        if scan.data_frames_started > 0 {
+            if state.first_audio_at.get().is_none() {
+                state.first_audio_at.set(Some(read_at));
+            }
+            state.data_frames_up.set(state.data_frames_up.get() + scan.data_frames_started as u64);
+        }
+        if side.processed > 0 {
+            let n = side.processed;
+            state.upstream_at_boundary.set(false);
+            if upstream.write_all(&buf.filled()[..n]).await.is_err() {
+                return End::UpstreamGone;
+            }
+            state.upstream_at_boundary.set(side.scanner.at_boundary());
+            buf.start += n;
+            side.processed = 0;
+            if scan.frames_done > 0 {
+                let took = read_at.elapsed().as_nanos() as u64;
+                for _ in 0..scan.frames_done {
+                    metrics.record(Hist::FrameClientToUpstream, took);
+                }
+            }
+            metrics.frames_client_to_upstream(scan.frames_done as u64, n as u64);
+        }
+        if scan.close_done {
+            return std::future::pending().await;
+        }
+        buf.compact();
+        match buf.read_from(client).await {
+            Ok(0) | Err(_) => return End::ClientGone,
+            Ok(_) => {
+                read_at = Instant::now();
+                state.last_activity.set(read_at);
+            }
+        }
+    }
+}
+
+/// Moves upstream frames to the client as read, until upstream closes or
+/// fails. Holds back upstream's first message until it is whole, to see
+/// whether it is an account error the stream can still recover from.
+pub async fn upstream_to_client(
+    upstream: &Duplex,
+    client: &Duplex,
+    buf: &mut Buf,
+    scanner: &mut FrameScanner,
+    state: &StreamState,
+    metrics: &ShardMetrics,
+    retry_allowed: &dyn Fn() -> bool,
+) -> End {
+    let mut read_at = Instant::now();
+    loop {
+        if state.inspect_first_upstream.get() && !buf.is_empty() {
+            match first_message_error(buf.filled()) {
+                FirstMessage::Incomplete if buf.end < buf.capacity() || buf.start > 0 => {
+                    buf.compact();
+                    match buf.read_from(upstream).await {
+                        Ok(0) | Err(_) => return End::UpstreamGone,
+                        Ok(_) => {
+                            read_at = Instant::now();
+                            state.last_activity.set(read_at);
+                            continue;
+                        }
+                    }
+                }
+                FirstMessage::Error(code) => {
+                    state.inspect_first_upstream.set(false);
+                    state.first_upstream_error.set(Some(code));
+                    if matches!(code, 401 | 402 | 429) && retry_allowed() {
+                        return End::Retry(code);
+                    }
+                }
+                _ => state.inspect_first_upstream.set(false),
+            }
+        }
+        let scan = match scanner.scan(buf.filled(), None) {
+            Ok(s) => s,
+            Err(e) => return End::UpstreamProtocol(e),
+        };
+        if scan.ready > 0 {
+            state.client_at_boundary.set(false);
+            if client.write_all(&buf.filled()[..scan.ready]).await.is_err() {
+                return End::ClientGone;
+            }
+            state.client_at_boundary.set(scanner.at_boundary());
+            buf.start += scan.ready;
+            if scan.frames_done > 0 {
+                let took = read_at.elapsed().as_nanos() as u64;
+                for _ in 0..scan.frames_done {
+                    metrics.record(Hist::FrameUpstreamToClient, took);
+                }
+                if !state.first_result_seen.get() && scan.data_frames_started > 0 {
+                    if let Some(t0) = state.first_audio_at.get() {
+                        state.first_result_seen.set(true);
+                        metrics.record(Hist::FirstResult, t0.elapsed().as_micros() as u64);
+                    }
+                }
+            }
+            metrics.frames_upstream_to_client(scan.frames_done as u64, scan.ready as u64);
+        }
+        if scan.close_done {
+            return End::UpstreamClosed;
+        }
+        buf.compact();
+        match buf.read_from(upstream).await {
+            Ok(0) | Err(_) => return End::UpstreamGone,
+            Ok(_) => {
+                read_at = Instant::now();
+                state.last_activity.set(read_at);
+            }
+        }
+    }
+}
+
+enum FirstMessage {
+    /// The first frame is not all here yet.
+    Incomplete,
+    /// A whole text frame carrying `error_code`.
+    Error(u16),
+    /// Anything else (a result, a control frame, a frame too big to hold).
+    Other,
+}
+
+/// Looks at the upstream frame at the start of `bytes`: the only upstream
+/// message the relay parses, once per stream.
+fn first_message_error(bytes: &[u8]) -> FirstMessage {
+    let h = match parse_header(bytes, Sender::Server, u64::MAX >> 1) {
+        Ok(Some(h)) => h,
+        Ok(None) => return FirstMessage::Incomplete,
+        Err(_) => return FirstMessage::Other,
+    };
+    if h.opcode != Opcode::Text || !h.fin {
+        return FirstMessage::Other;
+    }
+    let total = h.header_len as u64 + h.payload_len;
+    if (bytes.len() as u64) < total {
+        return FirstMessage::Incomplete;
+    }
+    #[derive(serde::Deserialize)]
+    struct ErrorShape {
+        error_code: Option<u16>,
+    }
+    match serde_json::from_slice::<ErrorShape>(&bytes[h.header_len..total as usize]) {
+        Ok(ErrorShape { error_code: Some(code) }) => FirstMessage::Error(code),
+        _ => FirstMessage::Other,
+    }
+}
+
+/// Ends with [`End::Idle`] once nothing has moved either way for `idle`.
+pub async fn idle_watch(state: &StreamState, idle: Duration) -> End {
+    loop {
+        let quiet = state.last_activity.get().elapsed();
+        if quiet >= idle {
+            return End::Idle;
+        }
+        glommio::timer::Timer::new(idle - quiet).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::build_frame;
+
+    fn unmask_frames(bytes: &[u8]) -> Vec<(Opcode, Vec<u8>)> {
+        let mut out = vec![];
+        let mut at = 0;
+        while at < bytes.len() {
+            let h = parse_header(&bytes[at..], Sender::Client, 1 << 30).unwrap().unwrap();
+            let mut p = bytes[at + h.header_len..at + h.header_len + h.payload_len as usize].to_vec();
+            apply_mask(&mut p, h.mask.unwrap(), 0);
+            out.push((h.opcode, p));
+            at += h.header_len + h.payload_len as usize;
+        }
+        out
+    }
+
+    #[test]
+    fn remasks_frames_split_at_every_byte() {
+        let frames: Vec<(Opcode, Vec<u8>)> = vec![
+            (Opcode::Binary, (0..3200u32).map(|i| i as u8).collect()),
+            (Opcode::Text, br#"{"type":"keepalive"}"#.to_vec()),
+            (Opcode::Ping, b"p".to_vec()),
+            (Opcode::Binary, vec![]),
+            (Opcode::Binary, vec![7; 70_000]),
+        ];
+        let mut wire = vec![];
+        for (i, (op, p)) in frames.iter().enumerate() {
+            wire.extend(build_frame(*op, p, Some([i as u8, 0x55, 0xAA, 3])));
+        }
+        for chunk in [1usize, 2, 5, 13, 100, 4096, 1 << 20] {
+            let mut scanner = FrameScanner::new(Sender::Client, 1 << 20);
+            let mut masks = MaskKeys::default();
+            let mut carry: Vec<u8> = vec![];
+            let mut sent = vec![];
+            let (mut done, mut data) = (0, 0);
+            for piece in wire.chunks(chunk) {
+                carry.extend_from_slice(piece);
+                let s = scanner.scan(&mut carry, Some(&mut masks)).unwrap();
+                sent.extend_from_slice(&carry[..s.ready]);
+                carry.drain(..s.ready);
+                done += s.frames_done;
+                data += s.data_frames_started;
+            }
+            assert!(carry.is_empty());
+            assert_eq!((done, data), (5, 4), "chunk {chunk}");
+            assert_eq!(sent.len(), wire.len());
+            assert_ne!(sent, wire, "keys changed");
+            assert_eq!(unmask_frames(&sent), frames, "chunk {chunk}");
+        }
+    }
+
+    #[test]
+    fn stops_after_close_and_rejects_violations() {
+        let mut wire = build_frame(Opcode::Close, &crate::frame::close_payload(1000, "bye"), Some([1, 2, 3, 4]));
+        let close_len = wire.len();
+        wire.extend(build_frame(Opcode::Binary, b"after", Some([1, 2, 3, 4])));
+        let mut s = FrameScanner::new(Sender::Client, 100);
+        let scan = s.scan(&mut wire, Some(&mut MaskKeys::default())).unwrap();
+        assert_eq!((scan.ready, scan.close_done, scan.frames_done), (close_len, true, 1));
+
+        let mut unmasked = build_frame(Opcode::Binary, b"x", None);
+        let mut s = FrameScanner::new(Sender::Client, 100);
+        assert_eq!(s.scan(&mut unmasked, Some(&mut MaskKeys::default())), Err(FrameError::Masking));
+        let mut big = build_frame(Opcode::Binary, &[0; 101], Some([0; 4]));
+        assert_eq!(s.scan(&mut big, Some(&mut MaskKeys::default())), Err(FrameError::TooBig));
+    }
+
+    #[test]
+    fn passes_server_frames_untouched_and_reads_first_errors() {
+        let err = br#"{"tokens":[],"error_code":401,"error_message":"Invalid API key."}"#;
+        let mut wire = build_frame(Opcode::Text, err, None);
+        let original = wire.clone();
+        let mut s = FrameScanner::new(Sender::Server, 1 << 20);
+        let scan = s.scan(&mut wire, None).unwrap();
+        assert_eq!((scan.ready, scan.frames_done), (wire.len(), 1));
+        assert_eq!(wire, original);
+        assert!(matches!(first_message_error(&wire), FirstMessage::Error(401)));
+        assert!(matches!(first_message_error(&wire[..wire.len() - 1]), FirstMessage::Incomplete));
+        let ok = build_frame(Opcode::Text, br#"{"tokens":[{"text":"hi"}]}"#, None);
+        assert!(matches!(first_message_error(&ok), FirstMessage::Other));
+    }
+}
