@@ -20,8 +20,8 @@
 //! final word (cycling through "the quick brown fox jumps over the lazy dog")
 //! for every `ms_per_word` of audio. For raw formats the clock is exact
 //! (`bytes / (sample_rate * num_channels * bytes_per_sample)`); for containers
-//! and `auto` it assumes 16 000 bytes per second (16 kHz mono s16le), since the
-//! fake does not decode them.
+//! and `auto` it assumes 16 000 bytes per second (128 kbit/s, a typical
+//! compressed bitrate), since the fake does not decode them.
 
 mod server;
 mod session;

@@ -106,6 +106,8 @@ async fn handle_conn(tcp: TcpStream, shared: Arc<Shared>) {
 }
 
 /// Answers the upgrade (or refuses it) and runs the session.
+// The callback's large `Err` type is tungstenite's `ErrorResponse`.
+#[allow(clippy::result_large_err)]
 async fn upgrade<S>(stream: S, fd: RawFd, shared: Arc<Shared>)
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -149,6 +151,7 @@ where
 }
 
 /// Checks path, forbidden strings and the key of an upgrade request.
+#[allow(clippy::result_large_err)]
 fn check_request(
     shared: &Arc<Shared>,
     req: &Request,

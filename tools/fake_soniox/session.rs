@@ -155,10 +155,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     self.on_binary(&b).await?;
                 }
                 Message::Close(frame) => {
-                    // tungstenite queues the reply; keep reading until the
-                    // client drops the connection.
+                    // The client ends the session: send the queued close
+                    // reply, then drop the connection.
                     self.rec.client_close_code = Some(frame.map_or(1005, |f| u16::from(f.code)));
-                    self.sync();
+                    let _ = self.ws.close(None).await;
+                    return Err(Ending::Gone);
                 }
                 Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
             }

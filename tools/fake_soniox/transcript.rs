@@ -8,8 +8,8 @@ const WORDS: [&str; 9] = [
 ];
 
 /// Bytes per second assumed for `auto` and container formats, which the fake
-/// does not decode: 16 kHz mono s16le.
-const ASSUMED_BYTES_PER_SEC: u64 = 16_000 * 2;
+/// does not decode: 16 kB/s (128 kbit/s, a typical compressed bitrate).
+const ASSUMED_BYTES_PER_SEC: u64 = 16_000;
 
 /// Formats accepted in `audio_format`: raw ones with their sample size, and
 /// containers / `auto` with `None`.
