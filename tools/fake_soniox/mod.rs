@@ -245,6 +245,22 @@ impl FakeSoniox {
         self.shared.lock().sessions.clone()
     }
 
+    /// Waits until the session records satisfy `pred` (checked every few
+    /// ms), at most `timeout`; returns whether they did. For tests that must
+    /// see a session end (e.g. `closed`) before asserting on it.
+    pub fn wait_for(&self, timeout: Duration, pred: impl Fn(&[SessionRecord]) -> bool) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if pred(&self.shared.lock().sessions) {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
     /// One description per forbidden string seen (where it was, not the string).
     pub fn violations(&self) -> Vec<String> {
         self.shared.lock().violations.clone()

@@ -1,8 +1,9 @@
 //! Executors, listeners, TLS and the upgrade-time checks.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
+use std::rc::Rc;
 use std::sync::Arc;
 
 use async_tungstenite::WebSocketStream;
@@ -67,12 +68,15 @@ pub(crate) fn spawn_shard(
     }
 }
 
-/// Accepts until `stop` closes; each connection gets its own task.
+/// Accepts until `stop` closes; each connection gets its own task, which
+/// also ends on `stop`. Returns once all of them have ended, so their
+/// sockets are closed while the executor still runs.
 async fn accept_loop(
     listener: TcpListener,
     shared: Arc<Shared>,
     stop: async_channel::Receiver<()>,
 ) {
+    let live = Rc::new(Cell::new(0usize));
     loop {
         let accepted = future::or(async { Some(listener.accept().await) }, async {
             let _ = stop.recv().await;
@@ -80,16 +84,45 @@ async fn accept_loop(
         })
         .await;
         match accepted {
-            None => return,
+            None => break,
             Some(Ok(tcp)) => {
                 let shared = shared.clone();
-                glommio::spawn_local(async move { handle_conn(tcp, shared).await }).detach();
+                let stop = stop.clone();
+                let guard = ConnGuard::new(&live);
+                glommio::spawn_local(async move {
+                    future::or(handle_conn(tcp, shared), async {
+                        let _ = stop.recv().await;
+                    })
+                    .await;
+                    drop(guard);
+                })
+                .detach();
             }
             Some(Err(e)) => {
                 tracing::warn!("fake-soniox accept: {e}");
                 glommio::timer::sleep(std::time::Duration::from_millis(10)).await;
             }
         }
+    }
+    drop(listener);
+    while live.get() > 0 {
+        glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
+    }
+}
+
+/// Counts a shard's live connection tasks.
+struct ConnGuard(Rc<Cell<usize>>);
+
+impl ConnGuard {
+    fn new(live: &Rc<Cell<usize>>) -> ConnGuard {
+        live.set(live.get() + 1);
+        ConnGuard(live.clone())
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.0.set(self.0.get() - 1);
     }
 }
 
@@ -143,11 +176,25 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     shared.lock().active += 1;
-    let id = up.id;
-    Session::new(ws, up, fd, shared.clone()).run().await;
-    let mut st = shared.lock();
-    st.active -= 1;
-    st.sessions[(id - 1) as usize].closed = true;
+    let _live = LiveSession {
+        shared: shared.clone(),
+        id: up.id,
+    };
+    Session::new(ws, up, fd, shared).run().await;
+}
+
+/// Marks a session over however its task ends (also when dropped on stop).
+struct LiveSession {
+    shared: Arc<Shared>,
+    id: u64,
+}
+
+impl Drop for LiveSession {
+    fn drop(&mut self) {
+        let mut st = self.shared.lock();
+        st.active -= 1;
+        st.sessions[(self.id - 1) as usize].closed = true;
+    }
 }
 
 /// Checks path, forbidden strings and the key of an upgrade request.

@@ -115,15 +115,11 @@ fn expect_error<S: Read + Write>(ws: &mut WebSocket<S>, code: u16) -> Value {
 
 /// Waits (bounded) until the fake's records satisfy `pred`.
 fn wait_for(fake: &FakeSoniox, what: &str, pred: impl Fn(&[SessionRecord]) -> bool) {
-    let deadline = Instant::now() + READ_TIMEOUT;
-    while !pred(&fake.sessions()) {
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: {:?}",
-            fake.sessions()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    assert!(
+        fake.wait_for(READ_TIMEOUT, pred),
+        "timed out waiting for {what}: {:?}",
+        fake.sessions()
+    );
 }
 
 fn final_text(msgs: &[Value]) -> String {
@@ -641,4 +637,27 @@ fn tls_with_a_test_ca() {
     assert_eq!(code, 1000);
     assert_eq!(final_text(&msgs), "the");
     assert_eq!(msgs.last().unwrap()["finished"], true);
+}
+
+#[test]
+fn stop_ends_live_sessions() {
+    let fake = start(FakeConfig::default());
+    let mut ws = connect(&fake, &[bearer()]).unwrap();
+    send_text(&mut ws, CONFIG);
+    send_audio(&mut ws, &[0; 320]);
+    wait_for(&fake, "audio seen", |s| {
+        !s.is_empty() && s[0].config.is_some()
+    });
+    assert_eq!(fake.active_streams(), 1);
+    fake.stop();
+    // The client sees its connection end (no hang until the read timeout).
+    loop {
+        match ws.read() {
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                panic!("connection still open after stop")
+            }
+            Err(_) => break,
+        }
+    }
 }
