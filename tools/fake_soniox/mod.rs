@@ -23,6 +23,20 @@
 //! and `auto` it assumes 16 000 bytes per second (128 kbit/s, a typical
 //! compressed bitrate), since the fake does not decode them.
 
+//! # Use
+//! ```no_run
+//! use clio_relay::fake_soniox::{FakeConfig, FakeSoniox};
+//! use std::time::Duration;
+//!
+//! let fake = FakeSoniox::start(FakeConfig { record_audio: true, ..FakeConfig::default() })?;
+//! // Point the relay (or any client) at `fake.url()` with key `fake-key-1`, then:
+//! assert!(fake.wait_for(Duration::from_secs(5), |s| s.iter().all(|r| r.closed)));
+//! assert!(fake.violations().is_empty());
+//! # Ok::<(), std::io::Error>(())
+//! ```
+//! The binary `fake-soniox` runs the same server from the command line
+//! (`fake-soniox --help`).
+
 mod server;
 mod session;
 mod transcript;

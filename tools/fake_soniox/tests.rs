@@ -661,3 +661,46 @@ fn stop_ends_live_sessions() {
         }
     }
 }
+
+#[test]
+fn many_echo_sessions_in_parallel() {
+    let fake = Arc::new(start(FakeConfig {
+        echo: true,
+        shards: 2,
+        keys: vec![FakeKey::new(KEY, 100)],
+        ..FakeConfig::default()
+    }));
+    let clients: Vec<_> = (0..32u32)
+        .map(|c| {
+            let fake = fake.clone();
+            std::thread::spawn(move || {
+                let mut ws = connect(&fake, &[bearer()]).unwrap();
+                send_text(&mut ws, CONFIG);
+                for seq in 0..50u32 {
+                    let mut frame = vec![0u8; 640];
+                    frame[..4].copy_from_slice(&c.to_be_bytes());
+                    frame[4..8].copy_from_slice(&seq.to_be_bytes());
+                    send_audio(&mut ws, &frame);
+                    let msg = read_json(&mut ws);
+                    let expected: String = frame[..16].iter().map(|b| format!("{b:02x}")).collect();
+                    assert_eq!(msg["tokens"][0]["text"], expected);
+                }
+                send_audio(&mut ws, &[]);
+                let (msgs, _) = read_to_close(&mut ws);
+                assert_eq!(msgs.last().unwrap()["finished"], true);
+                assert_eq!(msgs.last().unwrap()["total_audio_proc_ms"], 1000);
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+    wait_for(&fake, "all closed", |s| {
+        s.len() == 32 && s.iter().all(|r| r.closed)
+    });
+    assert!(fake
+        .sessions()
+        .iter()
+        .all(|r| r.audio_frames == 50 && r.finished_sent));
+    assert_eq!(fake.active_streams(), 0);
+}
