@@ -12,6 +12,7 @@
 //! - [`pump`]: the frame path: in-place scanning, re-masking and forwarding.
 //! - [`secret`]: secret values that only ever print as fingerprints.
 //! - [`upstream`]: TCP, TLS and the WebSocket client upgrade to Soniox.
+//! - [`fake_soniox`]: a local stand-in for Soniox's real-time WebSocket API (tests, load).
 
 #![warn(missing_debug_implementations, rust_2018_idioms)]
 
@@ -24,3 +25,6 @@ pub mod metrics;
 pub mod pump;
 pub mod secret;
 pub mod upstream;
+
+#[path = "../tools/fake_soniox/mod.rs"]
+pub mod fake_soniox;

@@ -26,7 +26,10 @@ impl Secret {
     pub fn fingerprint(&self) -> String {
         let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"clio-relay key fingerprint v1");
         let tag = ring::hmac::sign(&key, self.0.as_bytes());
-        tag.as_ref()[..6].iter().map(|b| format!("{b:02x}")).collect()
+        tag.as_ref()[..6]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
     }
 }
 

@@ -1,1 +1,129 @@
-fn main() {}
+//! `fake-soniox`: runs the local Soniox stand-in until SIGINT or SIGTERM.
+//! See `clio_relay::fake_soniox` for what it does.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use clio_relay::fake_soniox::{FakeConfig, FakeKey, FakeSoniox, Faults};
+use nix::sys::signal::{SigSet, Signal};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// A faithful local stand-in for the Soniox real-time STT WebSocket API.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:7300")]
+    listen: SocketAddr,
+    /// A valid API key (repeatable).
+    #[arg(long = "key", default_values_t = ["fake-key-1".to_owned()])]
+    keys: Vec<String>,
+    /// Live sessions allowed per key.
+    #[arg(long, default_value_t = 10)]
+    max_concurrent: u32,
+    /// Executor threads, each with its own SO_REUSEPORT listener.
+    #[arg(long, default_value_t = 1)]
+    shards: usize,
+    /// Echo mode: answer each audio frame with the hex of its first 16 bytes.
+    #[arg(long)]
+    echo: bool,
+    /// TLS certificate chain (PEM); with --tls-key, serve wss.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// No audio or keepalive for this long ends a session with 408.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    idle_timeout: Duration,
+    /// Wait this long before answering each upgrade.
+    #[arg(long, default_value = "0ms", value_parser = humantime::parse_duration)]
+    handshake_delay: Duration,
+    /// Drop the TCP connection abruptly when audio frame N arrives.
+    #[arg(long)]
+    close_after_frames: Option<u64>,
+    /// Send a Soniox error (with --error-code) when audio frame N arrives.
+    #[arg(long, requires = "error_code")]
+    error_after_frames: Option<u64>,
+    /// Code of the error sent by --error-after-frames.
+    #[arg(long, requires = "error_after_frames")]
+    error_code: Option<u16>,
+    /// One final word per this many ms of audio.
+    #[arg(long, default_value_t = 480)]
+    ms_per_word: u32,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Args::parse()) {
+        eprintln!("fake-soniox: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(load_tls(cert, key)?),
+        _ => None,
+    };
+    let cfg = FakeConfig {
+        listen: args.listen,
+        keys: args
+            .keys
+            .iter()
+            .map(|k| FakeKey::new(k, args.max_concurrent))
+            .collect(),
+        tls,
+        shards: args.shards,
+        echo: args.echo,
+        idle_timeout: args.idle_timeout,
+        ms_per_word: args.ms_per_word,
+        faults: Faults {
+            handshake_delay: args.handshake_delay,
+            close_after_frames: args.close_after_frames,
+            error_after_frames: args.error_after_frames.zip(args.error_code),
+        },
+        record_audio: false,
+        forbidden: Vec::new(),
+    };
+    // Block the signals before the executor threads exist, so they inherit
+    // the mask and only this thread takes them, in `wait` below.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGTERM);
+    signals.thread_block()?;
+    let scheme = if cfg.tls.is_some() { "wss" } else { "ws" };
+    let fake = FakeSoniox::start(cfg)?;
+    println!(
+        "fake-soniox listening on {scheme}://{}/transcribe-websocket",
+        fake.addr()
+    );
+    let signal = signals.wait()?;
+    eprintln!("fake-soniox: {signal}, stopping");
+    fake.stop();
+    Ok(())
+}
+
+fn load_tls(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<Arc<rustls::ServerConfig>, Box<dyn std::error::Error>> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_file_iter(cert)?.collect::<Result<Vec<_>, _>>()?;
+    let key = PrivateKeyDer::from_pem_file(key)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    Ok(Arc::new(config))
+}

@@ -1,0 +1,442 @@
+//! `fake-soniox`: a local stand-in for Soniox's real-time speech-to-text
+//! WebSocket API (`/transcribe-websocket`), for tests and load runs.
+//!
+//! It follows `/work/shared/soniox-protocol.md`: the API key may arrive as
+//! `Authorization: Bearer`, in the subprotocol list `soniox-api-key, <key>`, or
+//! as `api_key` in the first (config) message; audio is binary frames; results
+//! carry final and non-final tokens; an empty frame ends the audio and is
+//! answered by `finished` and a close; errors are one Soniox-shaped message and
+//! a close. Faults (slow handshake, abrupt drop, injected error) are opt-in.
+//!
+//! # Layout
+//! - `server`: executors (one per shard, each with its own `SO_REUSEPORT`
+//!   listener), TLS, and the upgrade-time checks (path, key, concurrency).
+//! - `session`: one upgraded connection: config message, audio, control
+//!   messages, idle timeout, faults, and how a session ends.
+//! - `transcript`: the audio clock and the deterministic words it turns into.
+//!
+//! # Transcript model
+//! The fake does not recognise speech. It keeps an audio clock and emits one
+//! final word (cycling through "the quick brown fox jumps over the lazy dog")
+//! for every `ms_per_word` of audio. For raw formats the clock is exact
+//! (`bytes / (sample_rate * num_channels * bytes_per_sample)`); for containers
+//! and `auto` it assumes 16 000 bytes per second (128 kbit/s, a typical
+//! compressed bitrate), since the fake does not decode them.
+
+//! # Use
+//! ```no_run
+//! use clio_relay::fake_soniox::{FakeConfig, FakeSoniox};
+//! use std::time::Duration;
+//!
+//! let fake = FakeSoniox::start(FakeConfig { record_audio: true, ..FakeConfig::default() })?;
+//! // Point the relay (or any client) at `fake.url()` with key `fake-key-1`, then:
+//! assert!(fake.wait_for(Duration::from_secs(5), |s| s.iter().all(|r| r.closed)));
+//! assert!(fake.violations().is_empty());
+//! # Ok::<(), std::io::Error>(())
+//! ```
+//! The binary `fake-soniox` runs the same server from the command line
+//! (`fake-soniox --help`).
+
+mod server;
+mod session;
+mod transcript;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+/// Everything a [`FakeSoniox`] needs to run. `Default` gives a plain-`ws`
+/// server on `127.0.0.1:0` with one key `fake-key-1` (10 concurrent streams).
+#[derive(Debug, Clone)]
+pub struct FakeConfig {
+    /// Address of the listener; tests use `127.0.0.1:0` and read [`FakeSoniox::addr`].
+    pub listen: SocketAddr,
+    /// The API keys the fake knows; any other key is refused with 401.
+    pub keys: Vec<FakeKey>,
+    /// `Some` serves `wss` with this TLS configuration, `None` plain `ws`.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Number of glommio executors (threads), each with its own
+    /// `SO_REUSEPORT` listener on the same port, so load spreads like on a
+    /// real multi-core front end.
+    pub shards: usize,
+    /// Echo mode for load tests: every audio frame of at least 16 bytes is
+    /// answered at once by a final token whose text is the lowercase hex of
+    /// the frame's first 16 bytes (the load tool's sequence number and send
+    /// time), so round-trip latency can be measured per frame.
+    pub echo: bool,
+    /// No audio or keepalive (or config message) for this long ends the
+    /// session with error 408, as Soniox does.
+    pub idle_timeout: Duration,
+    /// One final word is emitted per this many milliseconds of audio.
+    pub ms_per_word: u32,
+    /// Injected failures.
+    pub faults: Faults,
+    /// Keep every session's audio bytes, for byte-for-byte checks in tests.
+    /// Costs a lock per frame: leave off for load.
+    pub record_audio: bool,
+    /// Strings that must never reach Soniox (e.g. the relay's session tokens).
+    /// Seen in the request head or in a text message, one is recorded in
+    /// [`FakeSoniox::violations`] and the session ends with error 400
+    /// "forbidden string".
+    pub forbidden: Vec<String>,
+}
+
+impl Default for FakeConfig {
+    fn default() -> Self {
+        FakeConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            keys: vec![FakeKey::new("fake-key-1", 10)],
+            tls: None,
+            shards: 1,
+            echo: false,
+            idle_timeout: Duration::from_secs(20),
+            ms_per_word: 480,
+            faults: Faults::default(),
+            record_audio: false,
+            forbidden: Vec::new(),
+        }
+    }
+}
+
+/// One API key the fake accepts.
+#[derive(Debug, Clone)]
+pub struct FakeKey {
+    /// The key itself, as the client sends it.
+    pub key: String,
+    /// Live sessions allowed at once with this key (Soniox's project-level
+    /// concurrency limit); one more is refused with 429.
+    pub max_concurrent: u32,
+    /// `Some(code)`: the key is known but always refused with this code
+    /// (e.g. 402, balance exhausted), to test how the relay reports it.
+    pub reject: Option<u16>,
+}
+
+impl FakeKey {
+    /// A valid key allowing `max_concurrent` live sessions.
+    pub fn new(key: &str, max_concurrent: u32) -> FakeKey {
+        FakeKey {
+            key: key.to_owned(),
+            max_concurrent,
+            reject: None,
+        }
+    }
+}
+
+/// Failures the fake can inject, to test the relay's upstream error paths.
+#[derive(Debug, Default, Clone)]
+pub struct Faults {
+    /// Wait this long after the TCP (and TLS) accept before answering the upgrade.
+    pub handshake_delay: Duration,
+    /// When audio frame number N arrives, drop the TCP connection abruptly
+    /// (RST, no close frame): "upstream dies".
+    pub close_after_frames: Option<u64>,
+    /// When audio frame number N arrives, send a Soniox error with this code
+    /// instead of answering it, then close.
+    pub error_after_frames: Option<(u64, u16)>,
+}
+
+/// Where a session's API key came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthVia {
+    /// `Authorization: Bearer <key>` on the upgrade request.
+    Header,
+    /// Subprotocol list `soniox-api-key, <key>` on the upgrade request.
+    Subprotocol,
+    /// Legacy `api_key` field of the first (config) message.
+    FirstMessage,
+}
+
+/// What the fake saw and did on one connection that reached the upgrade.
+#[derive(Clone, Debug, Default)]
+pub struct SessionRecord {
+    /// Sequential id, starting at 1; also in the `request_id` of errors.
+    pub id: u64,
+    /// Path and query of the upgrade request, as received.
+    pub request_path: String,
+    /// Headers of the upgrade request, in order (values lossily decoded).
+    pub request_headers: Vec<(String, String)>,
+    /// The key the session authenticated with (`None` if refused before).
+    pub key: Option<String>,
+    /// Where that key came from.
+    pub auth_via: Option<AuthVia>,
+    /// HTTP status if the upgrade itself was refused (401, 402, 404, 429).
+    pub http_status: Option<u16>,
+    /// The first (config) message, as parsed.
+    pub config: Option<serde_json::Value>,
+    /// Every text message received, in order, the config message included.
+    pub text_messages: Vec<String>,
+    /// Non-empty binary audio frames received.
+    pub audio_frames: u64,
+    /// Bytes in those frames.
+    pub audio_bytes: u64,
+    /// The audio payloads concatenated, only with [`FakeConfig::record_audio`].
+    pub audio: Vec<u8>,
+    /// The end-of-audio empty frame was received.
+    pub empty_frame_received: bool,
+    /// The `finished` message was sent.
+    pub finished_sent: bool,
+    /// Code of the Soniox error message sent, if any.
+    pub error_sent: Option<u16>,
+    /// The session is over, whichever way it ended.
+    pub closed: bool,
+    /// Close code of the client's close frame, if it sent one.
+    pub client_close_code: Option<u16>,
+}
+
+/// A running fake server. Dropping it stops the executors and joins them.
+pub struct FakeSoniox {
+    addr: SocketAddr,
+    tls: bool,
+    shared: Arc<Shared>,
+    /// Closing this channel tells every shard's accept loop to end.
+    stop_tx: Option<async_channel::Sender<()>>,
+    threads: Vec<glommio::ExecutorJoinHandle<()>>,
+}
+
+impl std::fmt::Debug for FakeSoniox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FakeSoniox")
+            .field("addr", &self.addr)
+            .field("tls", &self.tls)
+            .field("shards", &self.threads.len())
+            .finish()
+    }
+}
+
+impl FakeSoniox {
+    /// Starts the executors and returns once every shard is listening.
+    pub fn start(cfg: FakeConfig) -> std::io::Result<FakeSoniox> {
+        let shards = cfg.shards.max(1);
+        let tls = cfg.tls.is_some();
+        let listen = cfg.listen;
+        let shared = Arc::new(Shared::new(cfg));
+        let (stop_tx, stop_rx) = async_channel::bounded::<()>(1);
+        let mut fake = FakeSoniox {
+            addr: listen,
+            tls,
+            shared: shared.clone(),
+            stop_tx: Some(stop_tx),
+            threads: Vec::with_capacity(shards),
+        };
+        for shard in 0..shards {
+            // The first shard binds the given address (maybe port 0); the
+            // others bind the port it got, sharing it through SO_REUSEPORT.
+            let addr = if shard == 0 { listen } else { fake.addr };
+            let (handle, bound) =
+                server::spawn_shard(shard, addr, shared.clone(), stop_rx.clone())?;
+            fake.threads.push(handle);
+            if shard == 0 {
+                fake.addr = bound;
+            }
+        }
+        Ok(fake)
+    }
+
+    /// The address the server listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The URL a client should connect to: `ws://127.0.0.1:PORT/transcribe-websocket`,
+    /// or `wss://localhost:PORT/transcribe-websocket` with TLS (so a
+    /// certificate for `localhost` validates).
+    pub fn url(&self) -> String {
+        if self.tls {
+            format!("wss://localhost:{}/transcribe-websocket", self.addr.port())
+        } else {
+            format!("ws://{}/transcribe-websocket", self.addr)
+        }
+    }
+
+    /// Records of all sessions so far, finished and live, in id order.
+    /// Counters of live sessions may lag by a few frames.
+    pub fn sessions(&self) -> Vec<SessionRecord> {
+        self.shared.lock().sessions.clone()
+    }
+
+    /// Waits until the session records satisfy `pred` (checked every few
+    /// ms), at most `timeout`; returns whether they did. For tests that must
+    /// see a session end (e.g. `closed`) before asserting on it.
+    pub fn wait_for(&self, timeout: Duration, pred: impl Fn(&[SessionRecord]) -> bool) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if pred(&self.shared.lock().sessions) {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// One description per forbidden string seen (where it was, not the string).
+    pub fn violations(&self) -> Vec<String> {
+        self.shared.lock().violations.clone()
+    }
+
+    /// Sessions upgraded and not yet over.
+    pub fn active_streams(&self) -> usize {
+        self.shared.lock().active
+    }
+
+    /// Stops accepting, ends the executors (live sessions are dropped) and
+    /// joins their threads.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        // Dropping the only sender closes the channel: every `recv` fails.
+        self.stop_tx.take();
+        for handle in self.threads.drain(..) {
+            if let Err(e) = handle.join() {
+                tracing::warn!("fake-soniox shard ended badly: {e}");
+            }
+        }
+    }
+}
+
+impl Drop for FakeSoniox {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// State shared by the shards and the test thread. A mutex is fine in a
+/// test fake; the echo audio path avoids it unless audio is recorded.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) cfg: FakeConfig,
+    state: Mutex<State>,
+    next_request: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct State {
+    /// Index `id - 1`.
+    pub(crate) sessions: Vec<SessionRecord>,
+    pub(crate) violations: Vec<String>,
+    /// Live sessions per key, for the concurrency limit.
+    pub(crate) live: HashMap<String, u32>,
+    pub(crate) active: usize,
+}
+
+/// Why a key was refused: HTTP/Soniox code and message.
+pub(crate) type Refusal = (u16, &'static str);
+
+impl Shared {
+    fn new(cfg: FakeConfig) -> Shared {
+        Shared {
+            cfg,
+            state: Mutex::new(State::default()),
+            next_request: AtomicU64::new(1),
+        }
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+        // A panicking test thread must not hide the records from the others.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A fresh `request_id` for an error.
+    pub(crate) fn request_id(&self) -> String {
+        let n = self.next_request.fetch_add(1, Ordering::Relaxed);
+        format!("fake-{n:016x}")
+    }
+
+    /// Starts a record for a new connection and returns its id.
+    pub(crate) fn new_session(&self, path: String, headers: Vec<(String, String)>) -> u64 {
+        let mut st = self.lock();
+        let id = st.sessions.len() as u64 + 1;
+        st.sessions.push(SessionRecord {
+            id,
+            request_path: path,
+            request_headers: headers,
+            ..SessionRecord::default()
+        });
+        id
+    }
+
+    /// Runs `f` on the record of session `id`.
+    pub(crate) fn with_record<R>(&self, id: u64, f: impl FnOnce(&mut SessionRecord) -> R) -> R {
+        let mut st = self.lock();
+        f(&mut st.sessions[(id - 1) as usize])
+    }
+
+    pub(crate) fn violation(&self, what: String) {
+        tracing::warn!("fake-soniox: {what}");
+        self.lock().violations.push(what);
+    }
+
+    /// Checks `key` and takes one of its concurrency slots.
+    pub(crate) fn claim(self: &Arc<Self>, key: &str) -> Result<Slot, Refusal> {
+        let Some(k) = self.cfg.keys.iter().find(|k| k.key == key) else {
+            return Err((401, "Invalid API key."));
+        };
+        if let Some(code) = k.reject {
+            return Err((code, refusal_message(code)));
+        }
+        let mut st = self.lock();
+        let live = st.live.entry(k.key.clone()).or_insert(0);
+        if *live >= k.max_concurrent {
+            return Err((
+                429,
+                "Too many concurrent requests: project level concurrency limit exceeded.",
+            ));
+        }
+        *live += 1;
+        Ok(Slot {
+            shared: self.clone(),
+            key: k.key.clone(),
+        })
+    }
+}
+
+/// One live session's hold on its key's concurrency limit; freed on drop,
+/// however the session ends.
+#[derive(Debug)]
+pub(crate) struct Slot {
+    shared: Arc<Shared>,
+    key: String,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(n) = self.shared.lock().live.get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
+
+/// Soniox's `error_type` for a code (best guess where the docs are silent).
+pub(crate) fn error_type(code: u16) -> &'static str {
+    match code {
+        400 => "invalid_request",
+        401 => "unauthenticated",
+        402 => "payment_required",
+        404 => "not_found",
+        408 => "request_timeout",
+        429 => "rate_limit_exceeded",
+        503 => "service_unavailable",
+        _ => "internal_error",
+    }
+}
+
+/// A message for a key refused with `code` via [`FakeKey::reject`] or a fault.
+pub(crate) fn refusal_message(code: u16) -> &'static str {
+    match code {
+        400 => "Bad request.",
+        401 => "Invalid API key.",
+        402 => "Organization balance exhausted.",
+        408 => "Request timeout.",
+        429 => "Rate limit exceeded.",
+        503 => "Cannot continue request.",
+        _ => "Internal error.",
+    }
+}
