@@ -15,6 +15,12 @@
 //!   messages, idle timeout, faults, and how a session ends.
 //! - `transcript`: the audio clock and the deterministic words it turns into.
 //!
+//! # Endings
+//! After an error or `finished` the fake sends close 1000 and waits up to 2 s
+//! for the client's close reply before dropping the connection. A client
+//! close frame ends the session at once (the reply is sent, then the socket
+//! is dropped). Every ending frees the key's concurrency slot.
+//!
 //! # Transcript model
 //! The fake does not recognise speech. It keeps an audio clock and emits one
 //! final word (cycling through "the quick brown fox jumps over the lazy dog")
@@ -82,7 +88,8 @@ pub struct FakeConfig {
     /// Strings that must never reach Soniox (e.g. the relay's session tokens).
     /// Seen in the request head or in a text message, one is recorded in
     /// [`FakeSoniox::violations`] and the session ends with error 400
-    /// "forbidden string".
+    /// "forbidden string" (an upgrade carrying one is still accepted, without
+    /// checking its key, so that error can go out as a Soniox message).
     pub forbidden: Vec<String>,
 }
 
