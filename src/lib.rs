@@ -28,3 +28,11 @@ pub mod upstream;
 
 #[path = "../tools/fake_soniox/mod.rs"]
 pub mod fake_soniox;
+pub mod admin;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod server;
+pub mod session;
+pub mod shard;
+pub mod token;

@@ -1,1 +1,81 @@
-fn main() {}
+//! The `clio-relay` binary: parse flags, call into the library, map errors
+//! to exit codes.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Relay between Clio clients and Soniox real-time transcription: devices
+/// connect with short-lived session tokens; Soniox API keys stay here.
+#[derive(Parser, Debug)]
+#[command(name = "clio-relay", version, about)]
+struct Cli {
+    /// Config file; with no command, `run` is implied.
+    #[arg(long, short = 'c', global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve streams (the default when only --config is given).
+    Run,
+    /// Validate the config file and print a summary; exit 1 with one line per problem.
+    CheckConfig,
+    /// Print one session token for a device on stdout.
+    MintToken {
+        /// Device id the token is for.
+        #[arg(long)]
+        device: String,
+        /// Lifetime, like 15m or 2h (default: tokens.default_ttl).
+        #[arg(long, value_parser = clio_relay::cli::parse_duration)]
+        ttl: Option<Duration>,
+    },
+    /// Start a fake Soniox, a relay and a short load on loopback, and print what happened.
+    Demo(clio_relay::demo::DemoArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(matches!(cli.command, Some(Command::Demo(_))));
+    let need_config = || -> Result<PathBuf, String> { cli.config.clone().ok_or_else(|| "--config FILE is required".to_string()) };
+    let result: Result<(), String> = match &cli.command {
+        None | Some(Command::Run) => need_config().and_then(|path| {
+            let cfg = clio_relay::config::Config::load(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            clio_relay::server::run(&cfg).map_err(|e| e.to_string())
+        }),
+        Some(Command::CheckConfig) => need_config().and_then(|path| match clio_relay::cli::check_config(&path) {
+            Ok(summary) => {
+                print!("{summary}");
+                println!("{}: configuration is valid", path.display());
+                Ok(())
+            }
+            Err(e) => Err(e.problems.iter().map(|p| format!("{}: {p}", path.display())).collect::<Vec<_>>().join("\n")),
+        }),
+        Some(Command::MintToken { device, ttl }) => need_config().and_then(|path| {
+            let token = clio_relay::cli::mint_token(&path, device, *ttl).map_err(|e| e.to_string())?;
+            println!("{token}");
+            Ok(())
+        }),
+        Some(Command::Demo(args)) => clio_relay::demo::run(args).map_err(|e| e.to_string()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("{msg}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_logging(quiet: bool) {
+    let default = if quiet { "warn" } else { "info" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}

@@ -1,0 +1,255 @@
+//! A shard: one glommio executor on one core, with its own listener on the
+//! client port (SO_REUSEPORT: the kernel spreads connections), its own key
+//! ring, buffer pool, mask keys and metrics. A stream lives on the shard that
+//! accepted it, client and upstream sockets alike.
+//!
+//! The control plane talks to a shard only by message ([`ShardMsg`]); the
+//! shard answers between events.
+
+use std::cell::{Cell, RefCell};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_lite::future;
+use glommio::net::TcpListener;
+use glommio::{LocalExecutorBuilder, Placement};
+
+use crate::config::LimitsConfig;
+use crate::io::BufferPool;
+use crate::keyring::{AccountState, KeyRing};
+use crate::mask::MaskKeys;
+use crate::metrics::{MetricsSnapshot, ShardMetrics};
+use crate::token::TokenKeys;
+use crate::upstream::UpstreamTarget;
+
+/// Size of each pooled read buffer: a stream uses two (one per direction).
+/// Audio frames are 3–4 KiB; results are smaller. Larger frames stream
+/// through in pieces.
+pub const BUFFER_SIZE: usize = 16 * 1024;
+
+/// io_uring registered memory per executor. The relay reads into its own
+/// pooled buffers, so glommio's registered-buffer arena is barely used; the
+/// process's locked-memory limit (often 8 MiB) must fit every executor's.
+pub const IO_MEMORY: usize = 64 * 1024;
+
+/// Process-wide facts every shard reads: the stream count behind
+/// `server.max_streams`, the draining flag, and the accounts.
+#[derive(Debug)]
+pub struct ProcessState {
+    live: AtomicU32,
+    max_streams: u32,
+    draining: AtomicBool,
+    /// Random per process start, part of every stream id.
+    boot_id: u32,
+    /// Every account, shared by all shards' key rings.
+    pub accounts: Vec<Arc<AccountState>>,
+}
+
+impl ProcessState {
+    /// State for a process with these limits and accounts.
+    pub fn new(max_streams: u32, accounts: Vec<Arc<AccountState>>) -> Arc<Self> {
+        let mut masks = MaskKeys::default();
+        let boot_id = u32::from_le_bytes(masks.next_key());
+        Arc::new(ProcessState { live: AtomicU32::new(0), max_streams, draining: AtomicBool::new(false), boot_id, accounts })
+    }
+
+    /// Counts a new stream against `max_streams`, or `None` when full.
+    pub fn admit(self: &Arc<Self>) -> Option<AdmitPermit> {
+        let max = self.max_streams;
+        self.live
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| (n < max).then_some(n + 1))
+            .ok()
+            .map(|_| AdmitPermit(self.clone()))
+    }
+
+    /// Streams admitted and not yet ended, across all shards.
+    pub fn live_streams(&self) -> u32 {
+        self.live.load(Ordering::Relaxed)
+    }
+
+    /// The `server.max_streams` limit.
+    pub fn max_streams(&self) -> u32 {
+        self.max_streams
+    }
+
+    /// Whether the relay is draining (no new streams).
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Starts or stops draining.
+    pub fn set_draining(&self, on: bool) {
+        self.draining.store(on, Ordering::Relaxed);
+    }
+}
+
+/// One admitted stream's place under `max_streams`; freed on drop.
+#[derive(Debug)]
+pub struct AdmitPermit(Arc<ProcessState>);
+
+impl Drop for AdmitPermit {
+    fn drop(&mut self) {
+        self.0.live.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Messages from the control plane to a shard.
+#[derive(Debug)]
+pub enum ShardMsg {
+    /// Send back a snapshot of the shard's metrics.
+    Snapshot(async_channel::Sender<MetricsSnapshot>),
+    /// Stop accepting and end the executor.
+    Stop,
+}
+
+/// Everything a shard needs, built by the server before the thread starts.
+#[derive(Debug, Clone)]
+pub struct ShardSetup {
+    /// Client listen address (with the port already fixed for shards after the first).
+    pub listen: SocketAddr,
+    /// Pin to this CPU, if any.
+    pub cpu: Option<usize>,
+    /// Stream limits.
+    pub limits: LimitsConfig,
+    /// Whether the account key goes in the upgrade's Authorization header.
+    pub key_in_header: bool,
+    /// Upstream connect + upgrade time limit.
+    pub connect_timeout: Duration,
+    /// `upstream.url`.
+    pub upstream_url: String,
+    /// TLS for a wss:// upstream.
+    pub upstream_tls: Option<Arc<rustls::ClientConfig>>,
+    /// Session token keys.
+    pub tokens: Arc<TokenKeys>,
+    /// Process-wide state.
+    pub process: Arc<ProcessState>,
+}
+
+/// A shard's state, shared by its tasks (`Rc`: it never leaves its thread).
+#[derive(Debug)]
+pub struct Shard {
+    /// Shard number (0-based).
+    pub index: usize,
+    /// Stream limits.
+    pub limits: LimitsConfig,
+    /// Where the account key goes: the upgrade header or the first message.
+    pub key_in_header: bool,
+    /// Upstream connect + upgrade time limit.
+    pub connect_timeout: Duration,
+    /// Verifies session tokens.
+    pub tokens: Arc<TokenKeys>,
+    /// Process-wide limits and flags.
+    pub process: Arc<ProcessState>,
+    /// This shard's account slots.
+    pub ring: RefCell<KeyRing>,
+    /// This shard's counters and histograms.
+    pub metrics: ShardMetrics,
+    /// Read buffers, two per live stream.
+    pub pool: Rc<BufferPool>,
+    /// Fresh mask keys for client→upstream frames.
+    pub masks: RefCell<MaskKeys>,
+    /// Where upstream is and how to reach it.
+    pub upstream: UpstreamTarget,
+    next_stream: Cell<u64>,
+}
+
+impl Shard {
+    /// A new stream id, unique across shards and restarts in practice.
+    pub fn new_stream_id(&self) -> String {
+        let n = self.next_stream.get();
+        self.next_stream.set(n + 1);
+        format!("clio-{:08x}-{}-{}", self.process.boot_id, self.index, n)
+    }
+}
+
+/// A running shard thread.
+#[derive(Debug)]
+pub struct ShardHandle {
+    /// Where the shard listens.
+    pub addr: SocketAddr,
+    /// Control messages in.
+    pub tx: async_channel::Sender<ShardMsg>,
+    /// The executor's thread.
+    pub join: glommio::ExecutorJoinHandle<()>,
+}
+
+/// Starts shard `index` and returns once it listens.
+pub fn start(index: usize, setup: ShardSetup) -> std::io::Result<ShardHandle> {
+    let (tx, rx) = async_channel::unbounded::<ShardMsg>();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<std::io::Result<SocketAddr>>();
+    let placement = match setup.cpu {
+        Some(cpu) => Placement::Fixed(cpu),
+        None => Placement::Unbound,
+    };
+    let join = LocalExecutorBuilder::new(placement)
+        .name(&format!("clio-shard-{index}"))
+        .io_memory(IO_MEMORY)
+        .spawn(move || async move {
+            let listener = match TcpListener::bind(setup.listen) {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e.into()));
+                    return;
+                }
+            };
+            let upstream = match UpstreamTarget::new(&setup.upstream_url, setup.upstream_tls.clone()) {
+                Ok(u) => u,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)));
+                    return;
+                }
+            };
+            let ids: Vec<String> = setup.process.accounts.iter().map(|a| a.id.clone()).collect();
+            let shard = Rc::new(Shard {
+                index,
+                limits: setup.limits.clone(),
+                key_in_header: setup.key_in_header,
+                connect_timeout: setup.connect_timeout,
+                tokens: setup.tokens.clone(),
+                process: setup.process.clone(),
+                ring: RefCell::new(KeyRing::new(&setup.process.accounts)),
+                metrics: ShardMetrics::new(index, &ids),
+                pool: BufferPool::new(BUFFER_SIZE, 64, 4096),
+                masks: RefCell::new(MaskKeys::default()),
+                upstream,
+                next_stream: Cell::new(0),
+            });
+            let _ = ready_tx.send(listener.local_addr().map_err(Into::into));
+            let stop = Rc::new(Cell::new(false));
+            let control = {
+                let shard = shard.clone();
+                async move {
+                    while let Ok(msg) = rx.recv().await {
+                        match msg {
+                            ShardMsg::Snapshot(reply) => {
+                                let _ = reply.send(shard.metrics.snapshot()).await;
+                            }
+                            ShardMsg::Stop => break,
+                        }
+                    }
+                }
+            };
+            let accept = async {
+                loop {
+                    match listener.accept().await {
+                        Ok(stream) => {
+                            glommio::spawn_local(crate::session::serve(shard.clone(), stream)).detach();
+                        }
+                        Err(e) => {
+                            tracing::warn!(shard = index, error = %e, "accept failed");
+                            glommio::timer::Timer::new(Duration::from_millis(10)).await;
+                        }
+                    }
+                }
+            };
+            future::or(control, accept).await;
+            stop.set(true);
+        })?;
+    let addr = ready_rx
+        .recv()
+        .map_err(|_| std::io::Error::other("shard thread ended before listening"))??;
+    Ok(ShardHandle { addr, tx, join })
+}

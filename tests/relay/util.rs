@@ -1,0 +1,271 @@
+//! Shared helpers: a fake Soniox, a relay in-process, real WebSocket clients.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant, SystemTime};
+
+use clio_relay::config::{AccountConfig, AuthMode, Config, LimitsConfig, ServerConfig, TokensConfig, UpstreamConfig};
+use clio_relay::fake_soniox::{FakeConfig, FakeKey, FakeSoniox};
+use clio_relay::secret::Secret;
+use clio_relay::server::RelayHandle;
+use clio_relay::token::TokenKeys;
+use serde_json::Value;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::CloseFrame;
+use tungstenite::{Message, WebSocket};
+
+pub type Ws = WebSocket<TcpStream>;
+
+/// A fake Soniox with the given valid keys (each allowing 50 streams),
+/// recording audio, and refusing to ever see `forbidden` strings.
+pub fn fake(keys: &[&str], tweak: impl FnOnce(&mut FakeConfig)) -> FakeSoniox {
+    let mut cfg = FakeConfig {
+        keys: keys.iter().map(|k| FakeKey::new(k, 50)).collect(),
+        record_audio: true,
+        ..FakeConfig::default()
+    };
+    tweak(&mut cfg);
+    FakeSoniox::start(cfg).expect("fake-soniox starts")
+}
+
+/// A random token secret for one test.
+pub fn secret() -> Secret {
+    let mut keys = clio_relay::mask::MaskKeys::default();
+    let hex: String = (0..10).flat_map(|_| keys.next_key()).map(|b| format!("{b:02x}")).collect();
+    Secret::new(hex)
+}
+
+/// A relay config pointing at `upstream`, one shard, accounts `(id, key)`.
+pub fn relay_config(upstream: &str, accounts: &[(&str, &str)]) -> Config {
+    Config {
+        server: ServerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            admin_listen: "127.0.0.1:0".parse().unwrap(),
+            shards: 1,
+            max_streams: 100,
+        },
+        upstream: UpstreamConfig {
+            url: upstream.to_string(),
+            auth: AuthMode::Header,
+            ca_file: None,
+            connect_timeout: Duration::from_secs(5),
+        },
+        tokens: TokensConfig::new(secret()),
+        limits: LimitsConfig::default(),
+        accounts: accounts.iter().map(|(id, key)| AccountConfig::new(*id, Secret::new(*key))).collect(),
+    }
+}
+
+/// A started relay and the config it runs with.
+pub struct Relay {
+    pub cfg: Config,
+    pub handle: RelayHandle,
+}
+
+impl Relay {
+    pub fn start(cfg: Config) -> Relay {
+        let handle = clio_relay::server::start(&cfg).expect("relay starts");
+        Relay { cfg, handle }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.handle.client_addr
+    }
+
+    pub fn token(&self, device: &str) -> String {
+        TokenKeys::from_config(&self.cfg.tokens).mint(device, Duration::from_secs(600), SystemTime::now()).unwrap()
+    }
+
+    /// Waits until no stream is live on any shard (gauges back to zero).
+    pub fn wait_idle(&self, limit: Duration) -> bool {
+        wait_until(limit, || self.handle.metrics().active_streams() == 0 && self.handle.process.live_streams() == 0)
+    }
+}
+
+pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cond()
+}
+
+/// Where a client puts its token.
+#[derive(Clone, Copy, Debug)]
+pub enum Via {
+    Header,
+    Subprotocol,
+    Query,
+    FirstMessage,
+    Nowhere,
+}
+
+/// Opens a WebSocket to the relay, with `token` placed per `via`.
+pub fn connect(addr: SocketAddr, token: &str, via: Via) -> Result<(Ws, tungstenite::handshake::client::Response), tungstenite::Error> {
+    use tungstenite::client::IntoClientRequest;
+    let url = match via {
+        Via::Query => format!("ws://{addr}/v1/transcribe?token={token}"),
+        _ => format!("ws://{addr}/v1/transcribe"),
+    };
+    let mut req = url.into_client_request().unwrap();
+    match via {
+        Via::Header => {
+            req.headers_mut().insert("Authorization", format!("Bearer {token}").parse().unwrap());
+        }
+        Via::Subprotocol => {
+            req.headers_mut().insert("Sec-WebSocket-Protocol", format!("soniox-api-key, {token}").parse().unwrap());
+        }
+        _ => {}
+    }
+    let tcp = TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    tungstenite::client::client(req, tcp).map_err(|e| match e {
+        tungstenite::HandshakeError::Failure(e) => e,
+        tungstenite::HandshakeError::Interrupted(_) => panic!("blocking handshake interrupted"),
+    })
+}
+
+/// The config message a Clio client sends, with the token as `api_key` if given.
+pub fn config_message(api_key: Option<&str>) -> String {
+    let mut v = serde_json::json!({
+        "model": "stt-rt-v4",
+        "audio_format": "pcm_s16le",
+        "sample_rate": 16000,
+        "num_channels": 1,
+        "language_hints": ["en"],
+        "enable_endpoint_detection": true,
+        "x_unknown_field": {"kept": [1, 2, 3]},
+    });
+    if let Some(k) = api_key {
+        v["api_key"] = Value::String(k.to_string());
+    }
+    v.to_string()
+}
+
+/// `n` frames of 100 ms 16 kHz s16le audio, each with distinct bytes.
+pub fn audio_frames(n: usize, seed: u8) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|i| (0..3200).map(|j| (j as u32 * 31 + i as u32 * 7 + seed as u32) as u8).collect())
+        .collect()
+}
+
+/// Everything a client received until the server closed.
+#[derive(Debug, Default)]
+pub struct Received {
+    pub messages: Vec<Value>,
+    pub close: Option<CloseFrame>,
+    /// The connection ended without a close frame.
+    pub abrupt: bool,
+}
+
+impl Received {
+    pub fn text(&self) -> String {
+        self.messages
+            .iter()
+            .flat_map(|m| m["tokens"].as_array().cloned().unwrap_or_default())
+            .filter(|t| t["is_final"] == true)
+            .map(|t| t["text"].as_str().unwrap_or("").to_string())
+            .collect()
+    }
+    pub fn finished(&self) -> bool {
+        self.messages.iter().any(|m| m["finished"] == true)
+    }
+    pub fn error_code(&self) -> Option<u64> {
+        self.messages.iter().find_map(|m| m["error_code"].as_u64())
+    }
+    pub fn close_code(&self) -> Option<u16> {
+        self.close.as_ref().map(|c| u16::from(c.code))
+    }
+}
+
+/// Reads until the server's close (answering it) or the end of the connection.
+pub fn read_all(ws: &mut Ws) -> Received {
+    let mut r = Received::default();
+    loop {
+        match ws.read() {
+            Ok(Message::Text(t)) => r.messages.push(serde_json::from_str(&t).expect("server text is JSON")),
+            Ok(Message::Close(c)) => {
+                r.close = c;
+                // Let tungstenite send the close reply.
+                let _ = ws.flush();
+                while ws.read().is_ok() {}
+                return r;
+            }
+            Ok(_) => {}
+            Err(_) => {
+                r.abrupt = true;
+                return r;
+            }
+        }
+    }
+}
+
+/// Streams a whole session: config, audio, end of audio; returns what came back.
+pub fn stream_session(ws: &mut Ws, first: &str, frames: &[Vec<u8>]) -> Received {
+    ws.send(Message::text(first)).unwrap();
+    for f in frames {
+        ws.send(Message::binary(f.clone())).unwrap();
+    }
+    ws.send(Message::binary(Vec::<u8>::new())).unwrap();
+    read_all(ws)
+}
+
+/// A raw TCP connection that has done the upgrade, for sending bytes no
+/// WebSocket library would (unmasked frames, bad opcodes).
+pub fn raw_upgrade(addr: SocketAddr, token: &str) -> (TcpStream, Vec<u8>) {
+    let mut tcp = TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    write!(
+        tcp,
+        "GET /v1/transcribe HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nAuthorization: Bearer {token}\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        tcp.read_exact(&mut b).unwrap();
+        head.push(b[0]);
+    }
+    (tcp, head)
+}
+
+/// A masked client frame.
+pub fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let op = match opcode {
+        1 => clio_relay::frame::Opcode::Text,
+        2 => clio_relay::frame::Opcode::Binary,
+        8 => clio_relay::frame::Opcode::Close,
+        _ => panic!("opcode"),
+    };
+    clio_relay::frame::build_frame(op, payload, Some([0x12, 0x34, 0x56, 0x78]))
+}
+
+/// Reads server frames from a raw socket until close or EOF: (opcode, payload) pairs.
+pub fn raw_read_frames(tcp: &mut TcpStream) -> Vec<(u8, Vec<u8>)> {
+    let mut data = Vec::new();
+    let _ = tcp.read_to_end(&mut data);
+    let mut out = Vec::new();
+    let mut at = 0;
+    while let Ok(Some(h)) = clio_relay::frame::parse_header(&data[at..], clio_relay::frame::Sender::Server, 1 << 30) {
+        let end = at + h.header_len + h.payload_len as usize;
+        if end > data.len() {
+            break;
+        }
+        out.push((h.opcode as u8, data[at + h.header_len..end].to_vec()));
+        at = end;
+    }
+    out
+}
+
+/// Close frame code from a close payload.
+pub fn close_code_of(payload: &[u8]) -> u16 {
+    u16::from_be_bytes([payload[0], payload[1]])
+}
+
+#[allow(dead_code)]
+pub fn normal_close() -> CloseFrame {
+    CloseFrame { code: CloseCode::Normal, reason: "".into() }
+}
