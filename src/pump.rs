@@ -125,6 +125,8 @@ impl FrameScanner {
 pub enum End {
     /// Upstream sent a close frame and it reached the client: the normal end.
     UpstreamClosed,
+    /// The client's close frame went upstream; the stream ends when upstream answers it.
+    ClientClosed,
     /// The client's connection ended (EOF, reset, write failure) without a close handshake.
     ClientGone,
     /// The client broke the protocol.
@@ -185,11 +187,13 @@ pub struct ClientSide {
     pub scanner: FrameScanner,
     /// Bytes at the front of the buffer already scanned and re-masked.
     pub processed: usize,
+    /// The client's close frame has gone upstream.
+    pub close_seen: bool,
 }
 
-/// Moves client frames upstream until the client closes, vanishes or
-/// misbehaves. After forwarding a client close frame it waits for ever: the
-/// stream then ends when upstream answers the close.
+/// Moves client frames upstream until the client closes (its close frame is
+/// forwarded: [`End::ClientClosed`]), vanishes or misbehaves. Resumable: all
+/// its state is in `buf` and `side`.
 pub async fn client_to_upstream(
     client: &Duplex,
     upstream: &Duplex,
@@ -200,6 +204,9 @@ pub async fn client_to_upstream(
     metrics: &ShardMetrics,
 ) -> End {
     let mut read_at = Instant::now();
+    if side.close_seen {
+        return End::ClientClosed;
+    }
     loop {
         let processed = side.processed;
         let scan = {
@@ -234,7 +241,8 @@ pub async fn client_to_upstream(
             metrics.frames_client_to_upstream(scan.frames_done as u64, n as u64);
         }
         if scan.close_done {
-            return std::future::pending().await;
+            side.close_seen = true;
+            return End::ClientClosed;
         }
         buf.compact();
         match buf.read_from(client).await {

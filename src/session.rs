@@ -10,7 +10,7 @@ use futures_lite::future;
 use glommio::net::TcpStream;
 use serde_json::{Map, Value};
 
-use crate::frame::{build_frame, close_payload, parse_header, Opcode, Sender};
+use crate::frame::{build_frame, close_payload, parse_header, FrameError, FrameHeader, Opcode, Sender};
 use crate::http::{self, HeadError};
 use crate::io::{timeout, Buf, Conn, Duplex};
 use crate::keyring::Lease;
@@ -19,6 +19,9 @@ use crate::metrics::Side;
 use crate::pump::{self, ClientSide, End, FrameScanner, StreamState};
 use crate::shard::{AdmitPermit, Shard};
 use crate::token::Claims;
+
+/// How long the relay waits for a peer's half of a close handshake.
+const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A refusal after the upgrade: one Soniox-shaped error frame, then a close.
 #[derive(Debug, Clone)]
@@ -204,7 +207,7 @@ impl Stream {
         tracing::debug!(stream = %self.id, shard = self.shard.index, device = %claims.device_id, account = %up.lease.account.id, "stream open");
         let started = Instant::now();
         let state = StreamState::new(started);
-        let mut cside = ClientSide { scanner: FrameScanner::new(Sender::Client, self.shard.limits.max_frame_bytes as u64), processed: 0 };
+        let mut cside = ClientSide { scanner: FrameScanner::new(Sender::Client, self.shard.limits.max_frame_bytes as u64), processed: 0, close_seen: false };
         let end = loop {
             if let Err(r) = self.send_config(&up, &config).await {
                 break Err(r);
@@ -232,7 +235,7 @@ impl Stream {
         if let Some(code) = state.first_upstream_error.get() {
             self.note_refusal(&up.lease, code);
         }
-        self.finish(&client, &up, end, &state).await;
+        self.finish(&client, &up, end, &state, &mut cbuf, &mut cside).await;
         self.shard.metrics.stream_closed(up.lease.index);
         tracing::debug!(stream = %self.id, ?end, secs = started.elapsed().as_secs_f64(), "stream end");
     }
@@ -241,57 +244,71 @@ impl Stream {
     /// object. Pings before it are answered here; a close ends the stream.
     async fn read_first_message(&self, client: &Duplex, buf: &mut Buf) -> Result<Map<String, Value>, Refusal> {
         let lim = &self.shard.limits;
-        let idle = Refusal::new(408, "request_timeout", "No start request received in time.", 1000, Side::Client);
         loop {
-            let parsed = parse_header(buf.filled(), Sender::Client, lim.max_first_message_bytes as u64);
-            let h = match parsed {
-                Err(e) if e == crate::frame::FrameError::TooBig => {
+            let h = match parse_header(buf.filled(), Sender::Client, lim.max_first_message_bytes as u64) {
+                Err(FrameError::TooBig) => {
                     return Err(Refusal::new(400, "bad_request", "Start request is too large.", 1009, Side::Client))
                 }
                 Err(e) => return Err(Refusal::new(400, "bad_request", e.reason(), e.close_code(), Side::Client)),
                 Ok(h) => h,
             };
-            let need = h.map(|h| h.header_len + h.payload_len as usize);
-            match (h, need) {
-                (Some(h), Some(n)) if buf.len() >= n => {
-                    let mask = h.mask.expect("client frames are masked");
+            if let Some(h) = h {
+                let n = h.header_len + h.payload_len as usize;
+                let mask = h.mask.expect("client frames are masked");
+                if n > buf.capacity() {
+                    // A config larger than the read buffer (a long `context`):
+                    // gathered into its own vector, once per stream.
+                    return self.read_large_first_message(client, buf, h).await;
+                }
+                if buf.len() >= n {
                     let (start, hl) = (buf.start, h.header_len);
+                    buf.start += n;
                     let payload = &mut buf.raw()[start + hl..start + n];
                     apply_mask(payload, mask, 0);
-                    let result = match h.opcode {
+                    match h.opcode {
                         Opcode::Ping => {
                             let pong = build_frame(Opcode::Pong, payload, None);
-                            buf.start += n;
                             let _ = client.write_all(&pong).await;
-                            continue;
                         }
-                        Opcode::Pong => {
-                            buf.start += n;
-                            continue;
-                        }
-                        Opcode::Close => Err(Refusal::silent(1000)),
-                        Opcode::Text if !h.fin => Err(Refusal::bad_request("Start request must be a single text frame.")),
-                        Opcode::Text => match serde_json::from_slice::<Value>(payload) {
-                            Ok(Value::Object(map)) => Ok(map),
-                            _ => Err(Refusal::bad_request("Start request must be a JSON object.")),
-                        },
-                        _ => Err(Refusal::bad_request("Start request must be a text message.")),
-                    };
-                    buf.start += n;
-                    return result;
-                }
-                _ => {
-                    if buf.end == buf.capacity() {
-                        buf.compact();
+                        Opcode::Pong => {}
+                        Opcode::Close => return Err(Refusal::silent(1000)),
+                        op => return parse_config(op, h.fin, payload),
                     }
-                    match timeout(lim.idle_timeout, buf.read_from(client)).await {
-                        None => return Err(idle),
-                        Some(Ok(0)) | Some(Err(_)) => return Err(Refusal::silent(0)),
-                        Some(Ok(_)) => {}
-                    }
+                    continue;
                 }
             }
+            self.read_more(client, buf).await?;
         }
+    }
+
+    /// Reads more client bytes while waiting for the first message.
+    async fn read_more(&self, client: &Duplex, buf: &mut Buf) -> Result<(), Refusal> {
+        match timeout(self.shard.limits.idle_timeout, buf.read_from(client)).await {
+            None => Err(Refusal::new(408, "request_timeout", "No start request received in time.", 1000, Side::Client)),
+            Some(Ok(0)) | Some(Err(_)) => Err(Refusal::silent(0)),
+            Some(Ok(_)) => Ok(()),
+        }
+    }
+
+    async fn read_large_first_message(&self, client: &Duplex, buf: &mut Buf, h: FrameHeader) -> Result<Map<String, Value>, Refusal> {
+        if h.opcode != Opcode::Text {
+            return parse_config(h.opcode, h.fin, &[]);
+        }
+        let mask = h.mask.expect("client frames are masked");
+        let total = h.payload_len as usize;
+        buf.start += h.header_len;
+        let mut payload = Vec::with_capacity(total);
+        while payload.len() < total {
+            if buf.is_empty() {
+                self.read_more(client, buf).await?;
+            }
+            let take = buf.len().min(total - payload.len());
+            let at = payload.len();
+            payload.extend_from_slice(&buf.filled()[..take]);
+            apply_mask(&mut payload[at..], mask, at);
+            buf.start += take;
+        }
+        parse_config(h.opcode, h.fin, &payload)
     }
 
     /// The claims of a token carried as `api_key` in the first message.
@@ -380,13 +397,19 @@ impl Stream {
         // whatever followed the upgrade answer.
         let mut uscanner = FrameScanner::new(Sender::Server, shard.limits.max_frame_bytes as u64);
         let retry_allowed = || state.data_frames_up.get() == 0 && state.upstream_at_boundary.get();
-        let c2u = pump::client_to_upstream(client, conn, cbuf, cside, state, &shard.masks, &shard.metrics);
+        let c2u = async {
+            match pump::client_to_upstream(client, conn, cbuf, cside, state, &shard.masks, &shard.metrics).await {
+                // The client said goodbye; the stream ends when upstream answers.
+                End::ClientClosed => future::pending().await,
+                end => end,
+            }
+        };
         let u2c = pump::upstream_to_client(conn, client, ubuf, &mut uscanner, state, &shard.metrics, &retry_allowed);
         future::or(future::or(u2c, c2u), pump::idle_watch(state, shard.limits.idle_timeout)).await
     }
 
     /// Ends a stream the way `end` calls for.
-    async fn finish(&self, client: &Duplex, up: &Upstream, end: End, state: &StreamState) {
+    async fn finish(&self, client: &Duplex, up: &Upstream, end: End, state: &StreamState, cbuf: &mut Buf, cside: &mut ClientSide) {
         let shard = &self.shard;
         let to_client = |r: &Refusal| r.frames(&self.id);
         let close_upstream = |code: u16, reason: &str| {
@@ -394,7 +417,14 @@ impl Stream {
             build_frame(Opcode::Close, &close_payload(code, reason), Some(key))
         };
         match end {
-            End::UpstreamClosed => {}
+            End::UpstreamClosed => {
+                // Upstream closed first (after `finished`): carry the client's
+                // close reply up, so both close handshakes complete.
+                if !cside.close_seen {
+                    let c2u = pump::client_to_upstream(client, &up.conn, cbuf, cside, state, &shard.masks, &shard.metrics);
+                    let _ = timeout(CLOSE_WAIT, c2u).await;
+                }
+            }
             End::ClientGone => {
                 if state.upstream_at_boundary.get() {
                     let _ = timeout(std::time::Duration::from_secs(1), up.conn.write_all(&close_upstream(1001, "client went away"))).await;
@@ -427,7 +457,7 @@ impl Stream {
                     let _ = up.conn.write_all(&close_upstream(1000, "idle")).await;
                 }
             }
-            End::Retry(_) => unreachable!("retries are handled by the caller"),
+            End::Retry(_) | End::ClientClosed => unreachable!("handled by the caller"),
         }
         let _ = up.conn.close().await;
         close_client(client).await;
@@ -446,13 +476,25 @@ impl Stream {
     }
 }
 
+/// Checks and parses the first message: one text frame holding a JSON object.
+fn parse_config(opcode: Opcode, fin: bool, payload: &[u8]) -> Result<Map<String, Value>, Refusal> {
+    match opcode {
+        Opcode::Text if !fin => Err(Refusal::bad_request("Start request must be a single text frame.")),
+        Opcode::Text => match serde_json::from_slice::<Value>(payload) {
+            Ok(Value::Object(map)) => Ok(map),
+            _ => Err(Refusal::bad_request("Start request must be a JSON object.")),
+        },
+        _ => Err(Refusal::bad_request("Start request must be a text message.")),
+    }
+}
+
 /// Closes the client side after the relay's last frame: FIN, then read and
 /// discard until the client closes too (bounded), so no unread byte turns
 /// the close into a reset that could cost the client its last frames.
 async fn close_client(client: &Duplex) {
     let _ = client.close().await;
     let mut scratch = [0u8; 512];
-    let _ = timeout(std::time::Duration::from_secs(2), async {
+    let _ = timeout(CLOSE_WAIT, async {
         while let Ok(n) = client.read(&mut scratch).await {
             if n == 0 {
                 break;

@@ -15,8 +15,11 @@ fn streams_with(via: Via) {
     assert!(got.finished(), "{via:?}: {got:?}");
     assert!(!got.text().is_empty());
     assert_eq!(got.close_code(), Some(1000));
-    // The key went upstream in the header; the token never did.
+    // Both close handshakes completed: the client's close reply reached upstream.
+    assert!(fake.wait_for(std::time::Duration::from_secs(10), |s| s.len() == 1 && s[0].closed));
     let s = &fake.sessions()[0];
+    assert_eq!(s.client_close_code, Some(1000), "{via:?}");
+    // The key went upstream in the header; the token never did.
     assert_eq!(s.key.as_deref(), Some("key-a"));
     assert_eq!(s.auth_via, Some(clio_relay::fake_soniox::AuthVia::Header));
     let seen = format!("{:?} {:?} {:?}", s.request_path, s.request_headers, s.text_messages);
