@@ -44,22 +44,35 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(matches!(cli.command, Some(Command::Demo(_))));
-    let need_config = || -> Result<PathBuf, String> { cli.config.clone().ok_or_else(|| "--config FILE is required".to_string()) };
+    let need_config = || -> Result<PathBuf, String> {
+        cli.config
+            .clone()
+            .ok_or_else(|| "--config FILE is required".to_string())
+    };
     let result: Result<(), String> = match &cli.command {
         None | Some(Command::Run) => need_config().and_then(|path| {
-            let cfg = clio_relay::config::Config::load(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let cfg = clio_relay::config::Config::load(&path)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
             clio_relay::server::run(&cfg).map_err(|e| e.to_string())
         }),
-        Some(Command::CheckConfig) => need_config().and_then(|path| match clio_relay::cli::check_config(&path) {
-            Ok(summary) => {
-                print!("{summary}");
-                println!("{}: configuration is valid", path.display());
-                Ok(())
-            }
-            Err(e) => Err(e.problems.iter().map(|p| format!("{}: {p}", path.display())).collect::<Vec<_>>().join("\n")),
-        }),
+        Some(Command::CheckConfig) => {
+            need_config().and_then(|path| match clio_relay::cli::check_config(&path) {
+                Ok(summary) => {
+                    print!("{summary}");
+                    println!("{}: configuration is valid", path.display());
+                    Ok(())
+                }
+                Err(e) => Err(e
+                    .problems
+                    .iter()
+                    .map(|p| format!("{}: {p}", path.display()))
+                    .collect::<Vec<_>>()
+                    .join("\n")),
+            })
+        }
         Some(Command::MintToken { device, ttl }) => need_config().and_then(|path| {
-            let token = clio_relay::cli::mint_token(&path, device, *ttl).map_err(|e| e.to_string())?;
+            let token =
+                clio_relay::cli::mint_token(&path, device, *ttl).map_err(|e| e.to_string())?;
             println!("{token}");
             Ok(())
         }),
@@ -76,6 +89,10 @@ fn main() -> ExitCode {
 
 fn init_logging(quiet: bool) {
     let default = if quiet { "warn" } else { "info" };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }

@@ -4,7 +4,9 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant, SystemTime};
 
-use clio_relay::config::{AccountConfig, AuthMode, Config, LimitsConfig, ServerConfig, TokensConfig, UpstreamConfig};
+use clio_relay::config::{
+    AccountConfig, AuthMode, Config, LimitsConfig, ServerConfig, TokensConfig, UpstreamConfig,
+};
 use clio_relay::fake_soniox::{FakeConfig, FakeKey, FakeSoniox};
 use clio_relay::secret::Secret;
 use clio_relay::server::RelayHandle;
@@ -31,7 +33,10 @@ pub fn fake(keys: &[&str], tweak: impl FnOnce(&mut FakeConfig)) -> FakeSoniox {
 /// A random token secret for one test.
 pub fn secret() -> Secret {
     let mut keys = clio_relay::mask::MaskKeys::default();
-    let hex: String = (0..10).flat_map(|_| keys.next_key()).map(|b| format!("{b:02x}")).collect();
+    let hex: String = (0..10)
+        .flat_map(|_| keys.next_key())
+        .map(|b| format!("{b:02x}"))
+        .collect();
     Secret::new(hex)
 }
 
@@ -52,7 +57,10 @@ pub fn relay_config(upstream: &str, accounts: &[(&str, &str)]) -> Config {
         },
         tokens: TokensConfig::new(secret()),
         limits: LimitsConfig::default(),
-        accounts: accounts.iter().map(|(id, key)| AccountConfig::new(*id, Secret::new(*key))).collect(),
+        accounts: accounts
+            .iter()
+            .map(|(id, key)| AccountConfig::new(*id, Secret::new(*key)))
+            .collect(),
     }
 }
 
@@ -73,12 +81,16 @@ impl Relay {
     }
 
     pub fn token(&self, device: &str) -> String {
-        TokenKeys::from_config(&self.cfg.tokens).mint(device, Duration::from_secs(600), SystemTime::now()).unwrap()
+        TokenKeys::from_config(&self.cfg.tokens)
+            .mint(device, Duration::from_secs(600), SystemTime::now())
+            .unwrap()
     }
 
     /// Waits until no stream is live on any shard (gauges back to zero).
     pub fn wait_idle(&self, limit: Duration) -> bool {
-        wait_until(limit, || self.handle.metrics().active_streams() == 0 && self.handle.process.live_streams() == 0)
+        wait_until(limit, || {
+            self.handle.metrics().active_streams() == 0 && self.handle.process.live_streams() == 0
+        })
     }
 }
 
@@ -104,7 +116,11 @@ pub enum Via {
 }
 
 /// Opens a WebSocket to the relay, with `token` placed per `via`.
-pub fn connect(addr: SocketAddr, token: &str, via: Via) -> Result<(Ws, tungstenite::handshake::client::Response), tungstenite::Error> {
+pub fn connect(
+    addr: SocketAddr,
+    token: &str,
+    via: Via,
+) -> Result<(Ws, tungstenite::handshake::client::Response), tungstenite::Error> {
     use tungstenite::client::IntoClientRequest;
     let url = match via {
         Via::Query => format!("ws://{addr}/v1/transcribe?token={token}"),
@@ -113,10 +129,14 @@ pub fn connect(addr: SocketAddr, token: &str, via: Via) -> Result<(Ws, tungsteni
     let mut req = url.into_client_request().unwrap();
     match via {
         Via::Header => {
-            req.headers_mut().insert("Authorization", format!("Bearer {token}").parse().unwrap());
+            req.headers_mut()
+                .insert("Authorization", format!("Bearer {token}").parse().unwrap());
         }
         Via::Subprotocol => {
-            req.headers_mut().insert("Sec-WebSocket-Protocol", format!("soniox-api-key, {token}").parse().unwrap());
+            req.headers_mut().insert(
+                "Sec-WebSocket-Protocol",
+                format!("soniox-api-key, {token}").parse().unwrap(),
+            );
         }
         _ => {}
     }
@@ -148,7 +168,11 @@ pub fn config_message(api_key: Option<&str>) -> String {
 /// `n` frames of 100 ms 16 kHz s16le audio, each with distinct bytes.
 pub fn audio_frames(n: usize, seed: u8) -> Vec<Vec<u8>> {
     (0..n)
-        .map(|i| (0..3200).map(|j| (j as u32 * 31 + i as u32 * 7 + seed as u32) as u8).collect())
+        .map(|i| {
+            (0..3200)
+                .map(|j| (j as u32 * 31 + i as u32 * 7 + seed as u32) as u8)
+                .collect()
+        })
         .collect()
 }
 
@@ -186,7 +210,9 @@ pub fn read_all(ws: &mut Ws) -> Received {
     let mut r = Received::default();
     loop {
         match ws.read() {
-            Ok(Message::Text(t)) => r.messages.push(serde_json::from_str(&t).expect("server text is JSON")),
+            Ok(Message::Text(t)) => r
+                .messages
+                .push(serde_json::from_str(&t).expect("server text is JSON")),
             Ok(Message::Close(c)) => {
                 r.close = c;
                 // Let tungstenite send the close reply.
@@ -249,7 +275,9 @@ pub fn raw_read_frames(tcp: &mut TcpStream) -> Vec<(u8, Vec<u8>)> {
     let _ = tcp.read_to_end(&mut data);
     let mut out = Vec::new();
     let mut at = 0;
-    while let Ok(Some(h)) = clio_relay::frame::parse_header(&data[at..], clio_relay::frame::Sender::Server, 1 << 30) {
+    while let Ok(Some(h)) =
+        clio_relay::frame::parse_header(&data[at..], clio_relay::frame::Sender::Server, 1 << 30)
+    {
         let end = at + h.header_len + h.payload_len as usize;
         if end > data.len() {
             break;
@@ -267,5 +295,8 @@ pub fn close_code_of(payload: &[u8]) -> u16 {
 
 #[allow(dead_code)]
 pub fn normal_close() -> CloseFrame {
-    CloseFrame { code: CloseCode::Normal, reason: "".into() }
+    CloseFrame {
+        code: CloseCode::Normal,
+        reason: "".into(),
+    }
 }
