@@ -85,10 +85,16 @@ pub fn start(setup: AdminSetup) -> std::io::Result<AdminHandle> {
                     glommio::spawn_local(async move {
                         let conn = Duplex::new(Conn::Plain(tcp));
                         let mut buf = pool.get();
-                        let head = timeout(std::time::Duration::from_secs(10), http::read_head(&conn, &mut buf, 8192)).await;
+                        let head = timeout(
+                            std::time::Duration::from_secs(10),
+                            http::read_head(&conn, &mut buf, 8192),
+                        )
+                        .await;
                         let answer = match head {
                             Some(Ok(n)) => answer(&setup, &buf.filled()[..n]).await,
-                            Some(Err(http::HeadError::TooLarge)) => http::json_error(431, "request head too large"),
+                            Some(Err(http::HeadError::TooLarge)) => {
+                                http::json_error(431, "request head too large")
+                            }
                             _ => return,
                         };
                         let _ = conn.write_all(&answer).await;
@@ -102,8 +108,14 @@ pub fn start(setup: AdminSetup) -> std::io::Result<AdminHandle> {
             })
             .await;
         })?;
-    let addr = ready_rx.recv().map_err(|_| std::io::Error::other("admin thread ended before listening"))??;
-    Ok(AdminHandle { addr, stop: stop_tx, join: Some(join) })
+    let addr = ready_rx
+        .recv()
+        .map_err(|_| std::io::Error::other("admin thread ended before listening"))??;
+    Ok(AdminHandle {
+        addr,
+        stop: stop_tx,
+        join: Some(join),
+    })
 }
 
 /// Answers one admin request.
@@ -140,7 +152,10 @@ async fn answer(setup: &AdminSetup, head: &[u8]) -> Vec<u8> {
         }
         "/readyz" => {
             let now = Instant::now();
-            let usable = process.accounts.iter().any(|a| a.healthy(now) && a.available(now));
+            let usable = process
+                .accounts
+                .iter()
+                .any(|a| a.healthy(now) && a.available(now));
             if process.draining() {
                 http::response(503, "text/plain", "", b"draining\n")
             } else if !usable {
@@ -152,14 +167,18 @@ async fn answer(setup: &AdminSetup, head: &[u8]) -> Vec<u8> {
         "/v1/config" => {
             let body = remote_config(process);
             let etag = etag(&body);
-            let matches = req
-                .headers
-                .iter()
-                .any(|h| h.name.eq_ignore_ascii_case("if-none-match") && h.value == etag.as_bytes());
+            let matches = req.headers.iter().any(|h| {
+                h.name.eq_ignore_ascii_case("if-none-match") && h.value == etag.as_bytes()
+            });
             if matches {
                 http::response(304, "application/json", &format!("ETag: {etag}\r\n"), b"")
             } else {
-                http::response(200, "application/json", &format!("ETag: {etag}\r\n"), body.as_bytes())
+                http::response(
+                    200,
+                    "application/json",
+                    &format!("ETag: {etag}\r\n"),
+                    body.as_bytes(),
+                )
             }
         }
         _ => http::json_error(404, "not found"),

@@ -15,13 +15,16 @@ pub fn check_config(path: &Path) -> Result<String, ConfigError> {
 
 /// `mint-token`: one session token for `device`, valid for `ttl` (default
 /// `tokens.default_ttl`; more than `tokens.max_ttl` is an error).
+///
+/// Only `[tokens]` is resolved (the file must still parse, with no unknown
+/// keys): minting needs the token secret, not the Soniox keys, which an
+/// operator's shell often cannot read.
 pub fn mint_token(
     path: &Path,
     device: &str,
     ttl: Option<Duration>,
 ) -> Result<String, Box<dyn std::error::Error>> {
-    let config = Config::load(path)?;
-    let tokens = &config.tokens;
+    let tokens = &Config::load_tokens(path)?;
     let ttl = ttl.unwrap_or(tokens.default_ttl);
     if ttl > tokens.max_ttl {
         return Err(format!(
@@ -39,4 +42,100 @@ pub fn mint_token(
 /// same syntax as the config file: `500ms`, `5s`, `15m`, `2h`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     crate::config::parse_duration(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+    use std::time::UNIX_EPOCH;
+
+    const SECRET: &str = "cli-test-secret-0123456789-0123456789";
+
+    /// Writes a config whose secrets live in files beside it.
+    fn write_config(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("clio-relay-cli-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("token-secret"), format!("{SECRET}\n")).unwrap();
+        std::fs::write(dir.join("key"), "cli-test-soniox-key\n").unwrap();
+        let path = dir.join("relay.toml");
+        std::fs::write(
+            &path,
+            "[tokens]\nsecret_file = \"token-secret\"\ndefault_ttl = \"10m\"\nmax_ttl = \"1h\"\n\
+             [[account]]\nid = \"acc-1\"\nkey_file = \"key\"\nregion = \"eu\"\n",
+        )
+        .unwrap();
+        path
+    }
+
+    #[test]
+    fn check_config_summarises() {
+        let path = write_config("check");
+        let s = check_config(&path).unwrap();
+        assert!(s.contains("acc-1: region eu, enabled"), "{s}");
+        assert!(
+            !s.contains(SECRET) && !s.contains("cli-test-soniox-key"),
+            "{s}"
+        );
+        let err = check_config(&path.with_file_name("absent.toml")).unwrap_err();
+        assert_eq!(err.problems.len(), 1);
+    }
+
+    #[test]
+    fn mint_token_uses_config_ttls() {
+        let path = write_config("mint");
+        let keys = TokenKeys::new(&crate::secret::Secret::new(SECRET), None, Duration::ZERO);
+        let tok = mint_token(&path, "phone-7", None).unwrap();
+        let c = keys.verify(&tok, SystemTime::now()).unwrap();
+        assert_eq!(c.device_id, "phone-7");
+        assert_eq!(c.expires_at - c.issued_at, 600);
+        assert!(
+            c.issued_at
+                <= SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap()
+                    .as_secs()
+        );
+
+        let tok = mint_token(&path, "phone-7", Some(Duration::from_secs(3600))).unwrap();
+        let c = keys.verify(&tok, SystemTime::now()).unwrap();
+        assert_eq!(c.expires_at - c.issued_at, 3600);
+
+        let err = mint_token(&path, "phone-7", Some(Duration::from_secs(3601))).unwrap_err();
+        assert!(err.to_string().contains("tokens.max_ttl"), "{err}");
+        let err = mint_token(&path, "bad device", None).unwrap_err();
+        assert!(err.to_string().contains("device id"), "{err}");
+        assert!(!err.to_string().contains(SECRET));
+    }
+
+    #[test]
+    fn mint_token_needs_no_account_keys() {
+        let path = write_config("nokeys");
+        std::fs::remove_file(path.with_file_name("key")).unwrap();
+        assert!(check_config(&path).is_err());
+        assert!(mint_token(&path, "phone-7", None).is_ok());
+        // But the file must still be a valid file, and [tokens] valid.
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, format!("{text}typo = 1\n")).unwrap();
+        let err = mint_token(&path, "phone-7", None).unwrap_err();
+        assert!(err.to_string().contains("unknown field `typo`"), "{err}");
+        std::fs::write(&path, text.replace("max_ttl = \"1h\"", "max_ttl = \"5m\"")).unwrap();
+        let err = mint_token(&path, "phone-7", None).unwrap_err();
+        assert!(err.to_string().contains("tokens.default_ttl"), "{err}");
+    }
+
+    #[test]
+    fn mint_token_bad_device() {
+        let path = write_config("baddev");
+        let err = mint_token(&path, "bad device", None).unwrap_err();
+        assert!(err.to_string().contains("device id"), "{err}");
+        assert!(!err.to_string().contains(SECRET));
+    }
+
+    #[test]
+    fn parse_duration_matches_config_syntax() {
+        assert_eq!(parse_duration("15m"), Ok(Duration::from_secs(900)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert!(parse_duration("15x").is_err());
+    }
 }

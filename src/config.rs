@@ -10,15 +10,21 @@
 //! reports them all at once (like `nginx -t`), one line per problem, each
 //! naming the key it is about. No problem message ever contains a secret.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
-
 use crate::secret::Secret;
+
+mod load;
+mod url;
+mod validate;
+
+pub use url::{parse_ws_url, WsEndpoint};
+pub use validate::valid_account_id;
+use validate::{check_token_secret, validate_semantics};
 
 /// The shortest token signing secret accepted, in bytes (HMAC-SHA256 wants
 /// at least its output size of key material).
@@ -200,8 +206,6 @@ pub struct LimitsConfig {
     pub max_frame_bytes: usize,
     /// Largest first client message (the config JSON the relay rewrites).
     pub max_first_message_bytes: usize,
-    /// Bytes of client frames queued while the upstream connection is opening.
-    pub pre_upstream_queue_bytes: usize,
     /// A stream with no frame in either direction for this long is closed.
     pub idle_timeout: Duration,
 }
@@ -213,7 +217,6 @@ impl Default for LimitsConfig {
             max_header_bytes: 8192,
             max_frame_bytes: 1 << 20,
             max_first_message_bytes: 64 << 10,
-            pre_upstream_queue_bytes: 256 << 10,
             idle_timeout: Duration::from_secs(30),
         }
     }
@@ -247,79 +250,6 @@ impl AccountConfig {
             max_concurrent_streams: 10,
         }
     }
-}
-
-/// The parts of a `ws://` or `wss://` URL.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WsEndpoint {
-    /// `wss://`: connect with TLS.
-    pub tls: bool,
-    /// Host name or IP address (IPv6 without brackets).
-    pub host: String,
-    /// Port, explicit or the scheme's default (80 / 443).
-    pub port: u16,
-    /// Path and query for the request line; at least `/`.
-    pub path: String,
-}
-
-/// Parses a `ws://` or `wss://` URL. Credentials in the URL are refused:
-/// API keys belong in `[[account]]`.
-pub fn parse_ws_url(url: &str) -> Result<WsEndpoint, String> {
-    let (tls, rest) = if let Some(rest) = url.strip_prefix("wss://") {
-        (true, rest)
-    } else if let Some(rest) = url.strip_prefix("ws://") {
-        (false, rest)
-    } else {
-        return Err(format!("{url:?} must start with ws:// or wss://"));
-    };
-    let split = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(split);
-    if path.contains('#') {
-        return Err(format!("{url:?} must not have a fragment"));
-    }
-    if authority.contains('@') {
-        return Err(format!("{url:?} must not contain credentials"));
-    }
-    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-        let end = v6
-            .find(']')
-            .ok_or_else(|| format!("{url:?} has an unclosed IPv6 address"))?;
-        (&v6[..end], &v6[end + 1..])
-    } else {
-        match authority.find(':') {
-            Some(i) => (&authority[..i], &authority[i..]),
-            None => (authority, ""),
-        }
-    };
-    if host.is_empty() {
-        return Err(format!("{url:?} has no host"));
-    }
-    let port = match port {
-        "" => {
-            if tls {
-                443
-            } else {
-                80
-            }
-        }
-        p => match p.strip_prefix(':').map(str::parse::<u16>) {
-            Some(Ok(port)) if port > 0 => port,
-            _ => return Err(format!("{url:?} has an invalid port")),
-        },
-    };
-    let path = if path.is_empty() {
-        "/".to_string()
-    } else if path.starts_with('?') {
-        format!("/{path}")
-    } else {
-        path.to_string()
-    };
-    Ok(WsEndpoint {
-        tls,
-        host: host.to_string(),
-        port,
-        path,
-    })
 }
 
 /// Parses a duration in the config syntax: `500ms`, `5s`, `15m`, `2h`,
@@ -382,76 +312,6 @@ impl Problems {
 }
 
 // ---------------------------------------------------------------------------
-// Raw layer: the file as written
-// ---------------------------------------------------------------------------
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawFile {
-    #[serde(default)]
-    server: RawServer,
-    #[serde(default)]
-    upstream: RawUpstream,
-    tokens: Option<RawTokens>,
-    #[serde(default)]
-    limits: RawLimits,
-    #[serde(default)]
-    account: Vec<RawAccount>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawServer {
-    listen: Option<String>,
-    admin_listen: Option<String>,
-    shards: Option<usize>,
-    max_streams: Option<u32>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawUpstream {
-    url: Option<String>,
-    auth: Option<String>,
-    ca_file: Option<PathBuf>,
-    connect_timeout: Option<String>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawTokens {
-    secret_env: Option<String>,
-    secret_file: Option<PathBuf>,
-    previous_secret_env: Option<String>,
-    previous_secret_file: Option<PathBuf>,
-    default_ttl: Option<String>,
-    max_ttl: Option<String>,
-    clock_skew: Option<String>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawLimits {
-    handshake_timeout: Option<String>,
-    max_header_bytes: Option<usize>,
-    max_frame_bytes: Option<usize>,
-    max_first_message_bytes: Option<usize>,
-    pre_upstream_queue_bytes: Option<usize>,
-    idle_timeout: Option<String>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawAccount {
-    id: Option<String>,
-    key_env: Option<String>,
-    key_file: Option<PathBuf>,
-    region: Option<String>,
-    enabled: Option<bool>,
-    max_concurrent_streams: Option<u32>,
-}
-
-// ---------------------------------------------------------------------------
 // Loading
 // ---------------------------------------------------------------------------
 
@@ -459,21 +319,23 @@ impl Config {
     /// Reads, parses, resolves and validates the config file at `path`.
     /// Relative `*_file` paths resolve against the file's directory.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::one(format!("config file {}: {e}", path.display())))?;
-        let base = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        Config::from_toml_str(&text, base)
+        let (text, base) = read_config_file(path)?;
+        Config::from_toml_str(&text, &base)
     }
 
     /// Parses, resolves and validates config text; relative `key_file`,
     /// `secret_file` and `ca_file` paths resolve against `base_dir`.
     pub fn from_toml_str(text: &str, base_dir: &Path) -> Result<Config, ConfigError> {
-        let raw: RawFile =
-            toml::from_str(text).map_err(|e| ConfigError::one(describe_toml_error(&e, text)))?;
-        resolve(raw, base_dir)
+        load::load_all(text, base_dir)
+    }
+
+    /// Reads only what minting a token needs: the whole file is parsed
+    /// (unknown keys are still errors) but only `[tokens]` is resolved and
+    /// checked, so `mint-token` works where the account keys cannot be read
+    /// (e.g. systemd credentials visible only to the service).
+    pub fn load_tokens(path: &Path) -> Result<TokensConfig, ConfigError> {
+        let (text, base) = read_config_file(path)?;
+        load::load_tokens(&text, &base)
     }
 
     /// Checks a configuration built in code (the file loader runs the same
@@ -540,13 +402,12 @@ impl Config {
         let _ = writeln!(
             s,
             "limits: handshake_timeout {}, idle_timeout {}, max_header_bytes {}, max_frame_bytes {}, \
-             max_first_message_bytes {}, pre_upstream_queue_bytes {}",
+             max_first_message_bytes {}",
             d(l.handshake_timeout),
             d(l.idle_timeout),
             l.max_header_bytes,
             l.max_frame_bytes,
-            l.max_first_message_bytes,
-            l.pre_upstream_queue_bytes
+            l.max_first_message_bytes
         );
         let enabled: Vec<_> = self.accounts.iter().filter(|a| a.enabled).collect();
         let capacity: u64 = enabled
@@ -570,370 +431,60 @@ impl Config {
                 a.key.fingerprint()
             );
         }
+        for w in self.warnings() {
+            let _ = writeln!(s, "warning: {w}");
+        }
         s
     }
-}
 
-/// One line for a toml parse error: toml's own message, plus the section and
-/// line it points at.
-fn describe_toml_error(e: &toml::de::Error, text: &str) -> String {
-    let msg = e.message().trim().replace('\n', "; ");
-    let Some(span) = e.span() else {
-        return msg;
-    };
-    let start = span.start.min(text.len());
-    let before = &text[..start];
-    let line = before.matches('\n').count() + 1;
-    // The section the error is in: the last table header before it.
-    let mut section = None;
-    let mut counts: HashMap<String, usize> = HashMap::new();
-    for l in before.lines() {
-        let l = l.trim();
-        if let Some(name) = l.strip_prefix("[[").and_then(|r| r.split_once("]]")) {
-            let name = name.0.trim().to_string();
-            let n = counts.entry(name.clone()).or_insert(0);
-            section = Some(format!("{name}[{}]", *n));
-            *n += 1;
-        } else if let Some(name) = l.strip_prefix('[').and_then(|r| r.split_once(']')) {
-            section = Some(format!("[{}]", name.0.trim()));
+    /// Things that are valid but probably not meant, one line each, naming
+    /// the key (shown by `check-config`, logged at startup). Never a secret.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        let enabled: Vec<_> = self.accounts.iter().filter(|a| a.enabled).collect();
+        if !self.accounts.is_empty() && enabled.is_empty() {
+            w.push("account: no account is enabled; every stream will be refused".to_string());
         }
-    }
-    match section {
-        Some(s) => format!("{msg} in {s} (line {line})"),
-        None => format!("{msg} (line {line})"),
-    }
-}
-
-/// Turns the raw file into a [`Config`], collecting every problem.
-fn resolve(raw: RawFile, base: &Path) -> Result<Config, ConfigError> {
-    let mut p = Problems::default();
-    let defaults_server = ServerConfig::default();
-    let defaults_up = UpstreamConfig::default();
-    let defaults_limits = LimitsConfig::default();
-    let defaults_tokens = TokensConfig::new(Secret::new(""));
-
-    let addr = |key: &str, v: Option<String>, default: SocketAddr, p: &mut Problems| match v {
-        None => default,
-        Some(s) => s.trim().parse().unwrap_or_else(|_| {
-            p.push(key, format!("invalid socket address {s:?} (want IP:PORT)"));
-            default
-        }),
-    };
-    let dur = |key: &str, v: Option<String>, default: Duration, p: &mut Problems| match v {
-        None => default,
-        Some(s) => parse_duration(&s).unwrap_or_else(|e| {
-            p.push(key, e);
-            default
-        }),
-    };
-
-    let server = ServerConfig {
-        listen: addr("server.listen", raw.server.listen, defaults_server.listen, &mut p),
-        admin_listen: addr(
-            "server.admin_listen",
-            raw.server.admin_listen,
-            defaults_server.admin_listen,
-            &mut p,
-        ),
-        shards: raw.server.shards.unwrap_or(defaults_server.shards),
-        max_streams: raw.server.max_streams.unwrap_or(defaults_server.max_streams),
-    };
-
-    let auth = match raw.upstream.auth.as_deref() {
-        None | Some("header") => AuthMode::Header,
-        Some("config") => AuthMode::Config,
-        Some(other) => {
-            p.push(
-                "upstream.auth",
-                format!("must be \"header\" or \"config\", not {other:?}"),
-            );
-            AuthMode::Header
+        let capacity: u64 = enabled
+            .iter()
+            .map(|a| u64::from(a.max_concurrent_streams))
+            .sum();
+        if !enabled.is_empty() && capacity < u64::from(self.server.max_streams) {
+            w.push(format!(
+                "server.max_streams: {} is more than the enabled accounts carry ({capacity}); \
+                 the accounts are the limit",
+                self.server.max_streams
+            ));
         }
-    };
-    let upstream = UpstreamConfig {
-        url: raw.upstream.url.unwrap_or(defaults_up.url),
-        auth,
-        ca_file: raw.upstream.ca_file.map(|f| base.join(f)),
-        connect_timeout: dur(
-            "upstream.connect_timeout",
-            raw.upstream.connect_timeout,
-            defaults_up.connect_timeout,
-            &mut p,
-        ),
-    };
-
-    let tokens = match raw.tokens {
-        None => {
-            p.push(
-                "tokens",
-                "missing [tokens] section: set tokens.secret_env or tokens.secret_file",
-            );
-            None
-        }
-        Some(t) => {
-            let secret = resolve_secret(
-                "tokens",
-                ("secret_env", t.secret_env),
-                ("secret_file", t.secret_file),
-                true,
-                base,
-                &mut p,
-            )
-            .flatten();
-            let previous = resolve_secret(
-                "tokens",
-                ("previous_secret_env", t.previous_secret_env),
-                ("previous_secret_file", t.previous_secret_file),
-                false,
-                base,
-                &mut p,
-            );
-            for (key, s) in [("tokens.secret", &secret), ("tokens.previous_secret", &previous.clone().flatten())] {
-                if let Some(s) = s {
-                    check_token_secret(key, s, &mut p);
-                }
+        // Soniox limits concurrency per key: two entries with one key would
+        // each believe they own the whole budget.
+        let mut by_key: std::collections::HashMap<&str, usize> = Default::default();
+        for (i, a) in self.accounts.iter().enumerate() {
+            if let Some(first) = by_key.insert(a.key.expose(), i) {
+                by_key.insert(a.key.expose(), first);
+                w.push(format!(
+                    "account[{i}]: has the same key as account[{first}] ({:?}); \
+                     Soniox's limit is per key, so max_concurrent_streams would be counted twice",
+                    self.accounts[first].id
+                ));
             }
-            let tokens = TokensConfig {
-                secret: secret.unwrap_or_else(|| Secret::new("")),
-                previous_secret: previous.flatten(),
-                default_ttl: dur("tokens.default_ttl", t.default_ttl, defaults_tokens.default_ttl, &mut p),
-                max_ttl: dur("tokens.max_ttl", t.max_ttl, defaults_tokens.max_ttl, &mut p),
-                clock_skew: dur("tokens.clock_skew", t.clock_skew, defaults_tokens.clock_skew, &mut p),
-            };
-            Some(tokens)
         }
-    };
-
-    let l = raw.limits;
-    let limits = LimitsConfig {
-        handshake_timeout: dur(
-            "limits.handshake_timeout",
-            l.handshake_timeout,
-            defaults_limits.handshake_timeout,
-            &mut p,
-        ),
-        max_header_bytes: l.max_header_bytes.unwrap_or(defaults_limits.max_header_bytes),
-        max_frame_bytes: l.max_frame_bytes.unwrap_or(defaults_limits.max_frame_bytes),
-        max_first_message_bytes: l
-            .max_first_message_bytes
-            .unwrap_or(defaults_limits.max_first_message_bytes),
-        pre_upstream_queue_bytes: l
-            .pre_upstream_queue_bytes
-            .unwrap_or(defaults_limits.pre_upstream_queue_bytes),
-        idle_timeout: dur("limits.idle_timeout", l.idle_timeout, defaults_limits.idle_timeout, &mut p),
-    };
-
-    let mut accounts = Vec::with_capacity(raw.account.len());
-    for (i, a) in raw.account.into_iter().enumerate() {
-        let prefix = format!("account[{i}]");
-        let key = resolve_secret(
-            &prefix,
-            ("key_env", a.key_env),
-            ("key_file", a.key_file),
-            true,
-            base,
-            &mut p,
-        )
-        .flatten();
-        let id = match a.id {
-            Some(id) => id,
-            None => {
-                p.push(&format!("{prefix}.id"), "missing");
-                String::new()
-            }
-        };
-        let mut acc = AccountConfig::new(id, key.unwrap_or_else(|| Secret::new("")));
-        acc.region = a.region.unwrap_or_default();
-        acc.enabled = a.enabled.unwrap_or(true);
-        acc.max_concurrent_streams = a.max_concurrent_streams.unwrap_or(acc.max_concurrent_streams);
-        accounts.push(acc);
-    }
-
-    let config = Config {
-        server,
-        upstream,
-        tokens: tokens.unwrap_or(defaults_tokens),
-        limits,
-        accounts,
-    };
-    if let Some(ca) = &config.upstream.ca_file {
-        if !ca.is_file() {
-            p.push("upstream.ca_file", format!("{} does not exist or is not a file", ca.display()));
+        if self.tokens.previous_secret.as_ref() == Some(&self.tokens.secret) {
+            w.push("tokens.previous_secret: is the same as tokens.secret".to_string());
         }
-    }
-    validate_semantics(&config, &mut p);
-    if p.lines.is_empty() {
-        Ok(config)
-    } else {
-        Err(ConfigError { problems: p.lines })
+        w
     }
 }
 
-/// Reads a secret given as `<env>` or `<file>` under `section`. Returns
-/// `None` when the configuration is wrong (problem recorded), `Some(None)`
-/// when an optional secret is absent, `Some(Some(secret))` otherwise.
-fn resolve_secret(
-    section: &str,
-    (env_key, env): (&str, Option<String>),
-    (file_key, file): (&str, Option<PathBuf>),
-    required: bool,
-    base: &Path,
-    p: &mut Problems,
-) -> Option<Option<Secret>> {
-    let value = match (env, file) {
-        (Some(_), Some(_)) => {
-            p.push(section, format!("set only one of {env_key} or {file_key}"));
-            return None;
-        }
-        (None, None) if required => {
-            p.push(section, format!("set one of {env_key} or {file_key}"));
-            return None;
-        }
-        (None, None) => return Some(None),
-        (Some(var), None) => match std::env::var(&var) {
-            Ok(v) if v.is_empty() => {
-                p.push(section, format!("{env_key} {var} is empty"));
-                return None;
-            }
-            Ok(v) => v,
-            Err(std::env::VarError::NotPresent) => {
-                p.push(section, format!("{env_key} {var} is not set"));
-                return None;
-            }
-            Err(std::env::VarError::NotUnicode(_)) => {
-                p.push(section, format!("{env_key} {var} is not valid UTF-8"));
-                return None;
-            }
-        },
-        (None, Some(path)) => {
-            let path = base.join(path);
-            // The io::Error never quotes file contents, so it is safe to show.
-            let bytes = match std::fs::read(&path) {
-                Ok(b) => b,
-                Err(e) => {
-                    p.push(section, format!("{file_key} {}: {e}", path.display()));
-                    return None;
-                }
-            };
-            let Ok(mut text) = String::from_utf8(bytes) else {
-                p.push(section, format!("{file_key} {}: not valid UTF-8", path.display()));
-                return None;
-            };
-            while text.ends_with(['\n', '\r']) {
-                text.pop();
-            }
-            if text.is_empty() {
-                p.push(section, format!("{file_key} {} is empty", path.display()));
-                return None;
-            }
-            text
-        }
+/// The file's text and the directory its relative paths are relative to.
+fn read_config_file(path: &Path) -> Result<(String, PathBuf), ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::one(format!("config file {}: {e}", path.display())))?;
+    let base = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
     };
-    Some(Some(Secret::new(value)))
-}
-
-fn check_token_secret(key: &str, secret: &Secret, p: &mut Problems) {
-    let len = secret.expose().len();
-    if len == 0 {
-        p.push(key, "is empty");
-    } else if len < MIN_TOKEN_SECRET_BYTES {
-        p.push(
-            key,
-            format!("is {len} bytes; a token secret needs at least {MIN_TOKEN_SECRET_BYTES}"),
-        );
-    }
-}
-
-/// Whether `id` is a valid account id: non-empty, `[A-Za-z0-9._-]`.
-pub fn valid_account_id(id: &str) -> bool {
-    !id.is_empty()
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-}
-
-/// The checks that need no secrets and no file system: ranges, relations
-/// between keys, account ids.
-fn validate_semantics(c: &Config, p: &mut Problems) {
-    let s = &c.server;
-    if s.shards > MAX_SHARDS {
-        p.push("server.shards", format!("{} is more than {MAX_SHARDS}", s.shards));
-    }
-    if s.max_streams < 1 {
-        p.push("server.max_streams", "must be at least 1");
-    }
-    if !p.reported("server.listen")
-        && !p.reported("server.admin_listen")
-        && s.listen == s.admin_listen
-        && s.listen.port() != 0
-    {
-        p.push("server.admin_listen", format!("is the same as server.listen ({})", s.listen));
-    }
-
-    if let Err(e) = parse_ws_url(&c.upstream.url) {
-        p.push("upstream.url", e);
-    }
-    if c.upstream.connect_timeout.is_zero() && !p.reported("upstream.connect_timeout") {
-        p.push("upstream.connect_timeout", "must be more than 0");
-    }
-
-    let t = &c.tokens;
-    for (key, d) in [("tokens.default_ttl", t.default_ttl), ("tokens.max_ttl", t.max_ttl)] {
-        if d < Duration::from_secs(1) && !p.reported(key) {
-            p.push(key, "must be at least 1s");
-        }
-    }
-    if !p.reported("tokens.default_ttl") && !p.reported("tokens.max_ttl") && t.default_ttl > t.max_ttl {
-        p.push(
-            "tokens.default_ttl",
-            format!(
-                "{} is longer than tokens.max_ttl {}",
-                humantime::format_duration(t.default_ttl),
-                humantime::format_duration(t.max_ttl)
-            ),
-        );
-    }
-
-    let l = &c.limits;
-    for (key, d) in [
-        ("limits.handshake_timeout", l.handshake_timeout),
-        ("limits.idle_timeout", l.idle_timeout),
-    ] {
-        if d.is_zero() && !p.reported(key) {
-            p.push(key, "must be more than 0");
-        }
-    }
-    for (key, n) in [
-        ("limits.max_header_bytes", l.max_header_bytes),
-        ("limits.max_frame_bytes", l.max_frame_bytes),
-        ("limits.max_first_message_bytes", l.max_first_message_bytes),
-        ("limits.pre_upstream_queue_bytes", l.pre_upstream_queue_bytes),
-    ] {
-        if n == 0 {
-            p.push(key, "must be more than 0");
-        }
-    }
-
-    if c.accounts.is_empty() {
-        p.push("account", "at least one [[account]] is needed");
-    }
-    let mut seen: HashMap<&str, usize> = HashMap::new();
-    for (i, a) in c.accounts.iter().enumerate() {
-        let key = format!("account[{i}].id");
-        if !p.reported(&key) {
-            if a.id.is_empty() {
-                p.push(&key, "is empty");
-            } else if !valid_account_id(&a.id) {
-                p.push(&key, format!("{:?} may only use A-Z a-z 0-9 . _ -", a.id));
-            } else if let Some(first) = seen.insert(&a.id, i) {
-                seen.insert(&a.id, first);
-                p.push(&key, format!("duplicate id {:?} (also account[{first}])", a.id));
-            }
-        }
-        if a.max_concurrent_streams < 1 {
-            p.push(&format!("account[{i}].max_concurrent_streams"), "must be at least 1");
-        }
-    }
+    Ok((text, base))
 }
 
 #[cfg(test)]

@@ -250,8 +250,14 @@ mod tests {
             for mask in [None, Some([1, 2, 3, 4])] {
                 let mut out = [0u8; MAX_HEADER_LEN];
                 let n = write_header(&mut out, true, Opcode::Binary, mask, len);
-                let from = if mask.is_some() { Sender::Client } else { Sender::Server };
-                let h = parse_header(&out[..n], from, u64::MAX >> 1).unwrap().unwrap();
+                let from = if mask.is_some() {
+                    Sender::Client
+                } else {
+                    Sender::Server
+                };
+                let h = parse_header(&out[..n], from, u64::MAX >> 1)
+                    .unwrap()
+                    .unwrap();
                 assert_eq!(h.payload_len, len);
                 assert_eq!(h.header_len, n);
                 assert_eq!(h.mask, mask);
@@ -269,17 +275,29 @@ mod tests {
     fn rejects_protocol_violations() {
         let lim = 1 << 20;
         // Unmasked client frame.
-        assert_eq!(parse_header(&[0x82, 0x01, 0], Sender::Client, lim), Err(FrameError::Masking));
+        assert_eq!(
+            parse_header(&[0x82, 0x01, 0], Sender::Client, lim),
+            Err(FrameError::Masking)
+        );
         // Masked server frame.
         assert_eq!(
             parse_header(&[0x82, 0x81, 0, 0, 0, 0], Sender::Server, lim),
             Err(FrameError::Masking)
         );
         // Reserved opcode 0x3 and RSV1 (deflate) set.
-        assert_eq!(parse_header(&[0x83, 0x80], Sender::Client, lim), Err(FrameError::BadOpcode));
-        assert_eq!(parse_header(&[0xC2, 0x80], Sender::Client, lim), Err(FrameError::ReservedBits));
+        assert_eq!(
+            parse_header(&[0x83, 0x80], Sender::Client, lim),
+            Err(FrameError::BadOpcode)
+        );
+        assert_eq!(
+            parse_header(&[0xC2, 0x80], Sender::Client, lim),
+            Err(FrameError::ReservedBits)
+        );
         // Fragmented ping, and a 126-byte ping.
-        assert_eq!(parse_header(&[0x09, 0x80], Sender::Client, lim), Err(FrameError::BadControl));
+        assert_eq!(
+            parse_header(&[0x09, 0x80], Sender::Client, lim),
+            Err(FrameError::BadControl)
+        );
         assert_eq!(
             parse_header(&[0x89, 0xFE, 0, 126, 0, 0, 0, 0], Sender::Client, lim),
             Err(FrameError::BadControl)
@@ -287,9 +305,15 @@ mod tests {
         // Over the size limit, and the top length bit set.
         let mut out = [0u8; MAX_HEADER_LEN];
         let n = write_header(&mut out, true, Opcode::Binary, Some([0; 4]), lim + 1);
-        assert_eq!(parse_header(&out[..n], Sender::Client, lim), Err(FrameError::TooBig));
+        assert_eq!(
+            parse_header(&out[..n], Sender::Client, lim),
+            Err(FrameError::TooBig)
+        );
         let bad = [0x82, 0xFF, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-        assert_eq!(parse_header(&bad, Sender::Client, u64::MAX), Err(FrameError::BadLength));
+        assert_eq!(
+            parse_header(&bad, Sender::Client, u64::MAX),
+            Err(FrameError::BadLength)
+        );
         assert_eq!(FrameError::TooBig.close_code(), 1009);
         assert_eq!(FrameError::Masking.close_code(), 1002);
     }

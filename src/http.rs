@@ -45,7 +45,10 @@ pub async fn read_head(conn: &Duplex, buf: &mut Buf, max: usize) -> Result<usize
 }
 
 fn find_head_end(bytes: &[u8], from: usize) -> Option<usize> {
-    bytes[from..].windows(4).position(|w| w == b"\r\n\r\n").map(|p| from + p + 4)
+    bytes[from..]
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|p| from + p + 4)
 }
 
 /// Where the client put its session token.
@@ -85,16 +88,26 @@ pub fn parse_client_request(head: &[u8]) -> Result<ClientRequest, HeadError> {
     let mut builder = http::Request::builder()
         .method(req.method.ok_or(HeadError::Malformed)?)
         .uri(target)
-        .version(if req.version == Some(1) { http::Version::HTTP_11 } else { http::Version::HTTP_10 });
+        .version(if req.version == Some(1) {
+            http::Version::HTTP_11
+        } else {
+            http::Version::HTTP_10
+        });
     let mut token = None;
     for h in req.headers.iter() {
         builder = builder.header(h.name, h.value);
         if h.name.eq_ignore_ascii_case("authorization") {
-            if let Some(t) = std::str::from_utf8(h.value).ok().and_then(|v| strip_bearer(v.trim())) {
+            if let Some(t) = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| strip_bearer(v.trim()))
+            {
                 token = Some((t.to_string(), TokenSource::Header));
             }
         } else if h.name.eq_ignore_ascii_case("sec-websocket-protocol") && token.is_none() {
-            if let Some(t) = std::str::from_utf8(h.value).ok().and_then(subprotocol_token) {
+            if let Some(t) = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(subprotocol_token)
+            {
                 token = Some((t.to_string(), TokenSource::Subprotocol));
             }
         }
@@ -109,12 +122,19 @@ pub fn parse_client_request(head: &[u8]) -> Result<ClientRequest, HeadError> {
         }
     }
     let request = builder.body(()).map_err(|_| HeadError::Malformed)?;
-    Ok(ClientRequest { path: path.to_string(), token, request })
+    Ok(ClientRequest {
+        path: path.to_string(),
+        token,
+        request,
+    })
 }
 
 fn strip_bearer(v: &str) -> Option<&str> {
     let (scheme, rest) = v.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim()).filter(|t| !t.is_empty())
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| rest.trim())
+        .filter(|t| !t.is_empty())
 }
 
 /// `soniox-api-key, <token>`: the token is the item after the marker.
@@ -221,7 +241,11 @@ pub fn check_upstream_answer(head: &[u8], sent_key: &str) -> Result<UpstreamAnsw
             return Ok(UpstreamAnswer::Invalid);
         }
     }
-    Ok(if accept_ok { UpstreamAnswer::Upgraded } else { UpstreamAnswer::Invalid })
+    Ok(if accept_ok {
+        UpstreamAnswer::Upgraded
+    } else {
+        UpstreamAnswer::Invalid
+    })
 }
 
 #[cfg(test)]
@@ -241,7 +265,10 @@ mod tests {
     fn finds_the_token_in_each_place() {
         let r = req("Authorization: Bearer abc.def\r\n", "/v1/transcribe");
         assert_eq!(r.token, Some(("abc.def".into(), TokenSource::Header)));
-        let r = req("Sec-WebSocket-Protocol: soniox-api-key, tok1\r\n", "/v1/transcribe");
+        let r = req(
+            "Sec-WebSocket-Protocol: soniox-api-key, tok1\r\n",
+            "/v1/transcribe",
+        );
         assert_eq!(r.token, Some(("tok1".into(), TokenSource::Subprotocol)));
         let r = req("", "/v1/transcribe?x=1&token=tok2");
         assert_eq!(r.token, Some(("tok2".into(), TokenSource::Query)));
@@ -272,10 +299,19 @@ mod tests {
             "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
             tungstenite::handshake::derive_accept_key(KEY.as_bytes())
         );
-        assert_eq!(check_upstream_answer(ok.as_bytes(), KEY).unwrap(), UpstreamAnswer::Upgraded);
-        assert_eq!(check_upstream_answer(ok.as_bytes(), "other").unwrap(), UpstreamAnswer::Invalid);
+        assert_eq!(
+            check_upstream_answer(ok.as_bytes(), KEY).unwrap(),
+            UpstreamAnswer::Upgraded
+        );
+        assert_eq!(
+            check_upstream_answer(ok.as_bytes(), "other").unwrap(),
+            UpstreamAnswer::Invalid
+        );
         let refused = b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n";
-        assert_eq!(check_upstream_answer(refused, KEY).unwrap(), UpstreamAnswer::Refused(401));
+        assert_eq!(
+            check_upstream_answer(refused, KEY).unwrap(),
+            UpstreamAnswer::Refused(401)
+        );
         assert!(find_head_end(b"abc\r\n\r\nrest", 0) == Some(7));
     }
 }

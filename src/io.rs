@@ -50,13 +50,21 @@ macro_rules! delegate {
 }
 
 impl AsyncRead for Conn {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
         delegate!(self, s => s.poll_read(cx, buf))
     }
 }
 
 impl AsyncWrite for Conn {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         delegate!(self, s => s.poll_write(cx, buf))
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -85,7 +93,9 @@ impl Duplex {
     /// Writes all of `buf` and flushes it (TLS keeps records until flushed).
     pub async fn write_all(&self, mut buf: &[u8]) -> io::Result<()> {
         while !buf.is_empty() {
-            let n = std::future::poll_fn(|cx| Pin::new(&mut *self.0.borrow_mut()).poll_write(cx, buf)).await?;
+            let n =
+                std::future::poll_fn(|cx| Pin::new(&mut *self.0.borrow_mut()).poll_write(cx, buf))
+                    .await?;
             if n == 0 {
                 return Err(io::ErrorKind::WriteZero.into());
             }
@@ -127,14 +137,29 @@ pub struct BufferPool {
 impl BufferPool {
     /// A pool of `size`-byte buffers with `prealloc` made now.
     pub fn new(size: usize, prealloc: usize, keep: usize) -> Rc<BufferPool> {
-        let free = (0..prealloc).map(|_| vec![0u8; size].into_boxed_slice()).collect();
-        Rc::new(BufferPool { free: RefCell::new(free), size, keep })
+        let free = (0..prealloc)
+            .map(|_| vec![0u8; size].into_boxed_slice())
+            .collect();
+        Rc::new(BufferPool {
+            free: RefCell::new(free),
+            size,
+            keep,
+        })
     }
 
     /// Takes a buffer; it goes back to the pool when dropped.
     pub fn get(self: &Rc<Self>) -> Buf {
-        let data = self.free.borrow_mut().pop().unwrap_or_else(|| vec![0u8; self.size].into_boxed_slice());
-        Buf { data: Some(data), start: 0, end: 0, pool: self.clone() }
+        let data = self
+            .free
+            .borrow_mut()
+            .pop()
+            .unwrap_or_else(|| vec![0u8; self.size].into_boxed_slice());
+        Buf {
+            data: Some(data),
+            start: 0,
+            end: 0,
+            pool: self.clone(),
+        }
     }
 
     /// Buffers on the free list now.

@@ -53,7 +53,14 @@ pub struct AccountState {
 
 impl AccountState {
     /// A new, healthy account.
-    pub fn new(id: &str, key: Secret, region: &str, enabled: bool, max_concurrent: u32, epoch: Instant) -> Arc<Self> {
+    pub fn new(
+        id: &str,
+        key: Secret,
+        region: &str,
+        enabled: bool,
+        max_concurrent: u32,
+        epoch: Instant,
+    ) -> Arc<Self> {
         Arc::new(AccountState {
             id: id.to_string(),
             key,
@@ -74,31 +81,41 @@ impl AccountState {
 
     /// Whether a stream may be given to this account at `now`.
     pub fn available(&self, now: Instant) -> bool {
-        self.enabled.load(Ordering::Relaxed) && self.blocked_until_ms.load(Ordering::Relaxed) <= self.ms(now)
+        self.enabled.load(Ordering::Relaxed)
+            && self.blocked_until_ms.load(Ordering::Relaxed) <= self.ms(now)
     }
 
     /// Whether the account is healthy (not held off after a 401/402) at `now`.
     pub fn healthy(&self, now: Instant) -> bool {
-        !(self.unhealthy.load(Ordering::Relaxed) && self.blocked_until_ms.load(Ordering::Relaxed) > self.ms(now))
+        !(self.unhealthy.load(Ordering::Relaxed)
+            && self.blocked_until_ms.load(Ordering::Relaxed) > self.ms(now))
     }
 
     /// Free stream slots now.
     pub fn headroom(&self) -> u32 {
-        self.max_concurrent.load(Ordering::Relaxed).saturating_sub(self.live.load(Ordering::Relaxed))
+        self.max_concurrent
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.live.load(Ordering::Relaxed))
     }
 
     /// Upstream refused the key (401, 402): leave it out of every shard's picks.
     pub fn mark_unhealthy(&self, now: Instant) {
         self.unhealthy.store(true, Ordering::Relaxed);
-        self.blocked_until_ms.store(self.ms(now + UNHEALTHY_HOLDOFF), Ordering::Relaxed);
+        self.blocked_until_ms
+            .store(self.ms(now + UNHEALTHY_HOLDOFF), Ordering::Relaxed);
     }
 
     /// Upstream said 429: cool down, twice as long as last time, up to the cap.
     pub fn mark_rate_limited(&self, now: Instant) {
         let prev = self.backoff_ms.load(Ordering::Relaxed);
-        let next = if prev == 0 { COOLDOWN_START.as_millis() as u64 } else { (prev * 2).min(COOLDOWN_MAX.as_millis() as u64) };
+        let next = if prev == 0 {
+            COOLDOWN_START.as_millis() as u64
+        } else {
+            (prev * 2).min(COOLDOWN_MAX.as_millis() as u64)
+        };
         self.backoff_ms.store(next, Ordering::Relaxed);
-        self.blocked_until_ms.store(self.ms(now) + next, Ordering::Relaxed);
+        self.blocked_until_ms
+            .store(self.ms(now) + next, Ordering::Relaxed);
     }
 
     /// Upstream accepted a stream: clear backoff and health marks.
@@ -113,7 +130,9 @@ impl AccountState {
     fn try_reserve(&self) -> bool {
         let max = self.max_concurrent.load(Ordering::Relaxed);
         self.live
-            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |live| (live < max).then_some(live + 1))
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |live| {
+                (live < max).then_some(live + 1)
+            })
             .is_ok()
     }
 }
@@ -180,7 +199,10 @@ impl KeyRing {
             let (i, _) = best?;
             if self.slots[i].try_reserve() {
                 self.cursor = (i + 1) % n;
-                return Some(Lease { account: self.slots[i].clone(), index: i });
+                return Some(Lease {
+                    account: self.slots[i].clone(),
+                    index: i,
+                });
             }
             excluded |= 1 << i; // lost a race with another shard: next best
         }
@@ -197,7 +219,16 @@ mod tests {
         limits
             .iter()
             .enumerate()
-            .map(|(i, &m)| AccountState::new(&format!("a{i}"), Secret::new(format!("k{i}")), "r", true, m, epoch))
+            .map(|(i, &m)| {
+                AccountState::new(
+                    &format!("a{i}"),
+                    Secret::new(format!("k{i}")),
+                    "r",
+                    true,
+                    m,
+                    epoch,
+                )
+            })
             .collect()
     }
 
@@ -219,7 +250,10 @@ mod tests {
         assert!(ring1.pick(now, 0).is_none());
         assert_eq!(accts[0].live.load(Ordering::Relaxed), 2);
         held.pop();
-        assert!(ring1.pick(now, 0).is_some(), "a released slot is free again");
+        assert!(
+            ring1.pick(now, 0).is_some(),
+            "a released slot is free again"
+        );
     }
 
     #[test]
@@ -237,10 +271,16 @@ mod tests {
         assert!(ring.pick(now, 0).is_none());
         assert!(ring.pick(now + Duration::from_millis(1001), 0).is_some());
         accts[1].mark_rate_limited(now);
-        assert!(!accts[1].available(now + Duration::from_millis(1500)), "backoff doubled to 2 s");
+        assert!(
+            !accts[1].available(now + Duration::from_millis(1500)),
+            "backoff doubled to 2 s"
+        );
         accts[1].mark_ok();
         accts[1].mark_rate_limited(now);
-        assert!(accts[1].available(now + Duration::from_millis(1001)), "reset after success");
+        assert!(
+            accts[1].available(now + Duration::from_millis(1001)),
+            "reset after success"
+        );
     }
 
     #[test]

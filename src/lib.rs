@@ -26,12 +26,12 @@ pub mod pump;
 pub mod secret;
 pub mod upstream;
 
-#[path = "../tools/fake_soniox/mod.rs"]
-pub mod fake_soniox;
 pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod demo;
+#[path = "../tools/fake_soniox/mod.rs"]
+pub mod fake_soniox;
 pub mod server;
 pub mod session;
 pub mod shard;

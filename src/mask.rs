@@ -43,7 +43,12 @@ pub fn apply_mask_bytewise(buf: &mut [u8], key: [u8; 4], phase: usize) {
 /// `from` into the same payload masked with `to`.
 #[inline]
 pub fn rekey(from: [u8; 4], to: [u8; 4]) -> [u8; 4] {
-    [from[0] ^ to[0], from[1] ^ to[1], from[2] ^ to[2], from[3] ^ to[3]]
+    [
+        from[0] ^ to[0],
+        from[1] ^ to[1],
+        from[2] ^ to[2],
+        from[3] ^ to[3],
+    ]
 }
 
 /// Fresh, unpredictable mask keys from the kernel's CSPRNG, fetched 256 at a
@@ -56,13 +61,19 @@ pub struct MaskKeys {
 
 impl std::fmt::Debug for MaskKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MaskKeys").field("left", &((1024 - self.next) / 4)).finish()
+        f.debug_struct("MaskKeys")
+            .field("left", &((1024 - self.next) / 4))
+            .finish()
     }
 }
 
 impl Default for MaskKeys {
     fn default() -> Self {
-        MaskKeys { rng: SystemRandom::new(), pool: [0; 1024], next: 1024 }
+        MaskKeys {
+            rng: SystemRandom::new(),
+            pool: [0; 1024],
+            next: 1024,
+        }
     }
 }
 
@@ -71,7 +82,9 @@ impl MaskKeys {
     #[inline]
     pub fn next_key(&mut self) -> [u8; 4] {
         if self.next == self.pool.len() {
-            self.rng.fill(&mut self.pool).expect("the OS random source failed");
+            self.rng
+                .fill(&mut self.pool)
+                .expect("the OS random source failed");
             self.next = 0;
         }
         let k = &self.pool[self.next..self.next + 4];

@@ -52,7 +52,14 @@ pub struct FrameScanner {
 impl FrameScanner {
     /// A scanner for frames sent by `from`, refusing payloads over `max_payload`.
     pub fn new(from: Sender, max_payload: u64) -> Self {
-        FrameScanner { from, max_payload, remaining: 0, xor: [0; 4], phase: 0, in_close: false }
+        FrameScanner {
+            from,
+            max_payload,
+            remaining: 0,
+            xor: [0; 4],
+            phase: 0,
+            in_close: false,
+        }
     }
 
     /// True between frames (a partial header not yet scanned counts as between).
@@ -64,7 +71,11 @@ impl FrameScanner {
     /// `masks`. Stops after a close frame, or before a partial header (those
     /// bytes stay for the next read). Allocation-free.
     #[inline]
-    pub fn scan(&mut self, window: &mut [u8], masks: Option<&mut MaskKeys>) -> Result<Scan, FrameError> {
+    pub fn scan(
+        &mut self,
+        window: &mut [u8],
+        masks: Option<&mut MaskKeys>,
+    ) -> Result<Scan, FrameError> {
         let mut masks = masks;
         let mut out = Scan::default();
         let len = window.len();
@@ -211,7 +222,10 @@ pub async fn client_to_upstream(
         let processed = side.processed;
         let scan = {
             let mut masks = masks.borrow_mut();
-            match side.scanner.scan(&mut buf.filled()[processed..], Some(&mut masks)) {
+            match side
+                .scanner
+                .scan(&mut buf.filled()[processed..], Some(&mut masks))
+            {
                 Ok(s) => s,
                 Err(e) => return End::ClientProtocol(e),
             }
@@ -221,7 +235,9 @@ pub async fn client_to_upstream(
             if state.first_audio_at.get().is_none() {
                 state.first_audio_at.set(Some(read_at));
             }
-            state.data_frames_up.set(state.data_frames_up.get() + scan.data_frames_started as u64);
+            state
+                .data_frames_up
+                .set(state.data_frames_up.get() + scan.data_frames_started as u64);
         }
         if side.processed > 0 {
             let n = side.processed;
@@ -360,7 +376,9 @@ fn first_message_error(bytes: &[u8]) -> FirstMessage {
         error_code: Option<u16>,
     }
     match serde_json::from_slice::<ErrorShape>(&bytes[h.header_len..total as usize]) {
-        Ok(ErrorShape { error_code: Some(code) }) => FirstMessage::Error(code),
+        Ok(ErrorShape {
+            error_code: Some(code),
+        }) => FirstMessage::Error(code),
         _ => FirstMessage::Other,
     }
 }
@@ -385,8 +403,11 @@ mod tests {
         let mut out = vec![];
         let mut at = 0;
         while at < bytes.len() {
-            let h = parse_header(&bytes[at..], Sender::Client, 1 << 30).unwrap().unwrap();
-            let mut p = bytes[at + h.header_len..at + h.header_len + h.payload_len as usize].to_vec();
+            let h = parse_header(&bytes[at..], Sender::Client, 1 << 30)
+                .unwrap()
+                .unwrap();
+            let mut p =
+                bytes[at + h.header_len..at + h.header_len + h.payload_len as usize].to_vec();
             apply_mask(&mut p, h.mask.unwrap(), 0);
             out.push((h.opcode, p));
             at += h.header_len + h.payload_len as usize;
@@ -431,18 +452,31 @@ mod tests {
 
     #[test]
     fn stops_after_close_and_rejects_violations() {
-        let mut wire = build_frame(Opcode::Close, &crate::frame::close_payload(1000, "bye"), Some([1, 2, 3, 4]));
+        let mut wire = build_frame(
+            Opcode::Close,
+            &crate::frame::close_payload(1000, "bye"),
+            Some([1, 2, 3, 4]),
+        );
         let close_len = wire.len();
         wire.extend(build_frame(Opcode::Binary, b"after", Some([1, 2, 3, 4])));
         let mut s = FrameScanner::new(Sender::Client, 100);
         let scan = s.scan(&mut wire, Some(&mut MaskKeys::default())).unwrap();
-        assert_eq!((scan.ready, scan.close_done, scan.frames_done), (close_len, true, 1));
+        assert_eq!(
+            (scan.ready, scan.close_done, scan.frames_done),
+            (close_len, true, 1)
+        );
 
         let mut unmasked = build_frame(Opcode::Binary, b"x", None);
         let mut s = FrameScanner::new(Sender::Client, 100);
-        assert_eq!(s.scan(&mut unmasked, Some(&mut MaskKeys::default())), Err(FrameError::Masking));
+        assert_eq!(
+            s.scan(&mut unmasked, Some(&mut MaskKeys::default())),
+            Err(FrameError::Masking)
+        );
         let mut big = build_frame(Opcode::Binary, &[0; 101], Some([0; 4]));
-        assert_eq!(s.scan(&mut big, Some(&mut MaskKeys::default())), Err(FrameError::TooBig));
+        assert_eq!(
+            s.scan(&mut big, Some(&mut MaskKeys::default())),
+            Err(FrameError::TooBig)
+        );
     }
 
     #[test]
@@ -454,8 +488,14 @@ mod tests {
         let scan = s.scan(&mut wire, None).unwrap();
         assert_eq!((scan.ready, scan.frames_done), (wire.len(), 1));
         assert_eq!(wire, original);
-        assert!(matches!(first_message_error(&wire), FirstMessage::Error(401)));
-        assert!(matches!(first_message_error(&wire[..wire.len() - 1]), FirstMessage::Incomplete));
+        assert!(matches!(
+            first_message_error(&wire),
+            FirstMessage::Error(401)
+        ));
+        assert!(matches!(
+            first_message_error(&wire[..wire.len() - 1]),
+            FirstMessage::Incomplete
+        ));
         let ok = build_frame(Opcode::Text, br#"{"tokens":[{"text":"hi"}]}"#, None);
         assert!(matches!(first_message_error(&ok), FirstMessage::Other));
     }

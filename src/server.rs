@@ -33,7 +33,16 @@ pub fn start(cfg: &Config) -> std::io::Result<RelayHandle> {
     let accounts: Vec<Arc<AccountState>> = cfg
         .accounts
         .iter()
-        .map(|a| AccountState::new(&a.id, a.key.clone(), &a.region, a.enabled, a.max_concurrent_streams, epoch))
+        .map(|a| {
+            AccountState::new(
+                &a.id,
+                a.key.clone(),
+                &a.region,
+                a.enabled,
+                a.max_concurrent_streams,
+                epoch,
+            )
+        })
         .collect();
     let process = ProcessState::new(cfg.server.max_streams, accounts);
     let tls = if cfg.upstream.url.starts_with("wss://") {
@@ -68,7 +77,13 @@ pub fn start(cfg: &Config) -> std::io::Result<RelayHandle> {
         process: process.clone(),
     })?;
     tracing::info!(client = %shards[0].addr, admin = %admin.addr, shards = n, accounts = process.accounts.len(), "clio-relay listening");
-    Ok(RelayHandle { client_addr: shards[0].addr, admin_addr: admin.addr, process, shards, admin: Some(admin) })
+    Ok(RelayHandle {
+        client_addr: shards[0].addr,
+        admin_addr: admin.addr,
+        process,
+        shards,
+        admin: Some(admin),
+    })
 }
 
 impl RelayHandle {
@@ -126,7 +141,9 @@ pub fn run(cfg: &Config) -> std::io::Result<()> {
     let relay = start(cfg)?;
     loop {
         match set.wait().map_err(std::io::Error::from)? {
-            Signal::SIGHUP => tracing::info!("SIGHUP: live reload is not implemented yet; configuration unchanged"),
+            Signal::SIGHUP => tracing::info!(
+                "SIGHUP: live reload is not implemented yet; configuration unchanged"
+            ),
             sig => {
                 tracing::info!(signal = %sig, "stopping");
                 break;

@@ -10,7 +10,9 @@ use futures_lite::future;
 use glommio::net::TcpStream;
 use serde_json::{Map, Value};
 
-use crate::frame::{build_frame, close_payload, parse_header, FrameError, FrameHeader, Opcode, Sender};
+use crate::frame::{
+    build_frame, close_payload, parse_header, FrameError, FrameHeader, Opcode, Sender,
+};
 use crate::http::{self, HeadError};
 use crate::io::{timeout, Buf, Conn, Duplex};
 use crate::keyring::Lease;
@@ -39,8 +41,20 @@ pub struct Refusal {
 }
 
 impl Refusal {
-    fn new(code: u16, kind: &'static str, message: impl Into<String>, close: u16, side: Side) -> Self {
-        Refusal { code, kind, message: message.into(), close, side }
+    fn new(
+        code: u16,
+        kind: &'static str,
+        message: impl Into<String>,
+        close: u16,
+        side: Side,
+    ) -> Self {
+        Refusal {
+            code,
+            kind,
+            message: message.into(),
+            close,
+            side,
+        }
     }
     /// No error frame: just a close frame with `close` (0: not even that).
     fn silent(close: u16) -> Self {
@@ -53,13 +67,31 @@ impl Refusal {
         Refusal::new(401, "unauthenticated", message, 1008, Side::Client)
     }
     fn no_account() -> Self {
-        Refusal::new(429, "too_many_requests", "No Soniox account can take another stream now; try again later.", 1013, Side::Upstream)
+        Refusal::new(
+            429,
+            "too_many_requests",
+            "No Soniox account can take another stream now; try again later.",
+            1013,
+            Side::Upstream,
+        )
     }
     fn upstream_unavailable() -> Self {
-        Refusal::new(502, "upstream_unavailable", "The transcription service is unreachable; try again later.", 1011, Side::Upstream)
+        Refusal::new(
+            502,
+            "upstream_unavailable",
+            "The transcription service is unreachable; try again later.",
+            1011,
+            Side::Upstream,
+        )
     }
     fn upstream_lost() -> Self {
-        Refusal::new(503, "service_unavailable", "Cannot continue request: the upstream connection was lost. Reconnect.", 1011, Side::Upstream)
+        Refusal::new(
+            503,
+            "service_unavailable",
+            "Cannot continue request: the upstream connection was lost. Reconnect.",
+            1011,
+            Side::Upstream,
+        )
     }
 
     /// The error frame and the close frame, as the relay writes them to a client.
@@ -73,7 +105,11 @@ impl Refusal {
         })
         .to_string();
         let mut out = build_frame(Opcode::Text, body.as_bytes(), None);
-        out.extend(build_frame(Opcode::Close, &close_payload(self.close, &self.message), None));
+        out.extend(build_frame(
+            Opcode::Close,
+            &close_payload(self.close, &self.message),
+            None,
+        ));
         out
     }
 }
@@ -87,31 +123,57 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream) {
     let Some((claims, permit)) = handshake(&shard, &client, &mut cbuf).await else {
         return;
     };
-    shard.metrics.record(crate::metrics::Hist::ClientHandshake, accepted.elapsed().as_micros() as u64);
-    let stream = Stream { id: shard.new_stream_id(), shard: shard.clone(), _permit: permit };
+    shard.metrics.record(
+        crate::metrics::Hist::ClientHandshake,
+        accepted.elapsed().as_micros() as u64,
+    );
+    let stream = Stream {
+        id: shard.new_stream_id(),
+        shard: shard.clone(),
+        _permit: permit,
+    };
     stream.run(client, cbuf, claims).await;
 }
 
 /// Reads and answers the HTTP request. Returns the token's claims (if the
 /// token came on the request) once the connection is a WebSocket.
-async fn handshake(shard: &Shard, client: &Duplex, buf: &mut Buf) -> Option<(Option<Claims>, AdmitPermit)> {
+async fn handshake(
+    shard: &Shard,
+    client: &Duplex,
+    buf: &mut Buf,
+) -> Option<(Option<Claims>, AdmitPermit)> {
     let lim = &shard.limits;
     let refuse = |status: u16, msg: &str, side: Side| {
         shard.metrics.stream_rejected(side, status);
         http::json_error(status, msg)
     };
-    let head_len = match timeout(lim.handshake_timeout, http::read_head(client, buf, lim.max_header_bytes)).await {
+    let head_len = match timeout(
+        lim.handshake_timeout,
+        http::read_head(client, buf, lim.max_header_bytes),
+    )
+    .await
+    {
         None => {
-            let _ = client.write_all(&refuse(408, "request head not received in time", Side::Client)).await;
+            let _ = client
+                .write_all(&refuse(
+                    408,
+                    "request head not received in time",
+                    Side::Client,
+                ))
+                .await;
             return None;
         }
         Some(Err(HeadError::Io(_))) => return None,
         Some(Err(HeadError::TooLarge)) => {
-            let _ = client.write_all(&refuse(431, "request head too large", Side::Client)).await;
+            let _ = client
+                .write_all(&refuse(431, "request head too large", Side::Client))
+                .await;
             return None;
         }
         Some(Err(HeadError::Malformed)) => {
-            let _ = client.write_all(&refuse(400, "malformed HTTP request", Side::Client)).await;
+            let _ = client
+                .write_all(&refuse(400, "malformed HTTP request", Side::Client))
+                .await;
             return None;
         }
         Some(Ok(n)) => n,
@@ -119,7 +181,9 @@ async fn handshake(shard: &Shard, client: &Duplex, buf: &mut Buf) -> Option<(Opt
     let req = match http::parse_client_request(&buf.filled()[..head_len]) {
         Ok(r) => r,
         Err(_) => {
-            let _ = client.write_all(&refuse(400, "malformed HTTP request", Side::Client)).await;
+            let _ = client
+                .write_all(&refuse(400, "malformed HTTP request", Side::Client))
+                .await;
             return None;
         }
     };
@@ -127,12 +191,24 @@ async fn handshake(shard: &Shard, client: &Duplex, buf: &mut Buf) -> Option<(Opt
     match req.path.as_str() {
         "/v1/transcribe" => {}
         "/healthz" => {
-            let (status, body) = if shard.process.draining() { (503, "draining\n") } else { (200, "ok\n") };
-            let _ = client.write_all(&http::response(status, "text/plain", "", body.as_bytes())).await;
+            let (status, body) = if shard.process.draining() {
+                (503, "draining\n")
+            } else {
+                (200, "ok\n")
+            };
+            let _ = client
+                .write_all(&http::response(status, "text/plain", "", body.as_bytes()))
+                .await;
             return None;
         }
         _ => {
-            let _ = client.write_all(&refuse(404, "not found: the stream endpoint is /v1/transcribe", Side::Client)).await;
+            let _ = client
+                .write_all(&refuse(
+                    404,
+                    "not found: the stream endpoint is /v1/transcribe",
+                    Side::Client,
+                ))
+                .await;
             return None;
         }
     }
@@ -140,22 +216,42 @@ async fn handshake(shard: &Shard, client: &Duplex, buf: &mut Buf) -> Option<(Opt
         Some((token, _)) => match shard.tokens.verify(token, SystemTime::now()) {
             Ok(c) => Some(c),
             Err(e) => {
-                let _ = client.write_all(&refuse(401, &format!("session token refused: {e}"), Side::Client)).await;
+                let _ = client
+                    .write_all(&refuse(
+                        401,
+                        &format!("session token refused: {e}"),
+                        Side::Client,
+                    ))
+                    .await;
                 return None;
             }
         },
         None => None,
     };
     if shard.process.draining() {
-        let _ = client.write_all(&refuse(503, "relay is draining; reconnect", Side::Internal)).await;
+        let _ = client
+            .write_all(&refuse(503, "relay is draining; reconnect", Side::Internal))
+            .await;
         return None;
     }
     let Some(permit) = shard.process.admit() else {
-        let _ = client.write_all(&refuse(503, "relay at capacity (server.max_streams); try again later", Side::Internal)).await;
+        let _ = client
+            .write_all(&refuse(
+                503,
+                "relay at capacity (server.max_streams); try again later",
+                Side::Internal,
+            ))
+            .await;
         return None;
     };
     let Some(answer) = http::upgrade_response(&req) else {
-        let _ = client.write_all(&refuse(400, "not a WebSocket upgrade request", Side::Client)).await;
+        let _ = client
+            .write_all(&refuse(
+                400,
+                "not a WebSocket upgrade request",
+                Side::Client,
+            ))
+            .await;
         return None;
     };
     if client.write_all(&answer).await.is_err() {
@@ -196,7 +292,10 @@ impl Stream {
                 Err(r) => Err(r),
                 Ok(first) => match self.first_message_claims(&first) {
                     Err(r) => Err(r),
-                    Ok(c) => self.open_upstream(&mut tried).await.map(|up| (first, up, c)),
+                    Ok(c) => self
+                        .open_upstream(&mut tried)
+                        .await
+                        .map(|up| (first, up, c)),
                 },
             },
         };
@@ -207,12 +306,18 @@ impl Stream {
         tracing::debug!(stream = %self.id, shard = self.shard.index, device = %claims.device_id, account = %up.lease.account.id, "stream open");
         let started = Instant::now();
         let state = StreamState::new(started);
-        let mut cside = ClientSide { scanner: FrameScanner::new(Sender::Client, self.shard.limits.max_frame_bytes as u64), processed: 0, close_seen: false };
+        let mut cside = ClientSide {
+            scanner: FrameScanner::new(Sender::Client, self.shard.limits.max_frame_bytes as u64),
+            processed: 0,
+            close_seen: false,
+        };
         let end = loop {
             if let Err(r) = self.send_config(&up, &config).await {
                 break Err(r);
             }
-            let end = self.pump(&client, &mut up, &mut cbuf, &mut cside, &state).await;
+            let end = self
+                .pump(&client, &mut up, &mut cbuf, &mut cside, &state)
+                .await;
             match end {
                 End::Retry(code) => {
                     self.note_refusal(&up.lease, code);
@@ -235,21 +340,44 @@ impl Stream {
         if let Some(code) = state.first_upstream_error.get() {
             self.note_refusal(&up.lease, code);
         }
-        self.finish(&client, &up, end, &state, &mut cbuf, &mut cside).await;
+        self.finish(&client, &up, end, &state, &mut cbuf, &mut cside)
+            .await;
         self.shard.metrics.stream_closed(up.lease.index);
         tracing::debug!(stream = %self.id, ?end, secs = started.elapsed().as_secs_f64(), "stream end");
     }
 
     /// Reads the client's first message: one whole text frame with a JSON
     /// object. Pings before it are answered here; a close ends the stream.
-    async fn read_first_message(&self, client: &Duplex, buf: &mut Buf) -> Result<Map<String, Value>, Refusal> {
+    async fn read_first_message(
+        &self,
+        client: &Duplex,
+        buf: &mut Buf,
+    ) -> Result<Map<String, Value>, Refusal> {
         let lim = &self.shard.limits;
         loop {
-            let h = match parse_header(buf.filled(), Sender::Client, lim.max_first_message_bytes as u64) {
+            let h = match parse_header(
+                buf.filled(),
+                Sender::Client,
+                lim.max_first_message_bytes as u64,
+            ) {
                 Err(FrameError::TooBig) => {
-                    return Err(Refusal::new(400, "bad_request", "Start request is too large.", 1009, Side::Client))
+                    return Err(Refusal::new(
+                        400,
+                        "bad_request",
+                        "Start request is too large.",
+                        1009,
+                        Side::Client,
+                    ))
                 }
-                Err(e) => return Err(Refusal::new(400, "bad_request", e.reason(), e.close_code(), Side::Client)),
+                Err(e) => {
+                    return Err(Refusal::new(
+                        400,
+                        "bad_request",
+                        e.reason(),
+                        e.close_code(),
+                        Side::Client,
+                    ))
+                }
                 Ok(h) => h,
             };
             if let Some(h) = h {
@@ -284,13 +412,24 @@ impl Stream {
     /// Reads more client bytes while waiting for the first message.
     async fn read_more(&self, client: &Duplex, buf: &mut Buf) -> Result<(), Refusal> {
         match timeout(self.shard.limits.idle_timeout, buf.read_from(client)).await {
-            None => Err(Refusal::new(408, "request_timeout", "No start request received in time.", 1000, Side::Client)),
+            None => Err(Refusal::new(
+                408,
+                "request_timeout",
+                "No start request received in time.",
+                1000,
+                Side::Client,
+            )),
             Some(Ok(0)) | Some(Err(_)) => Err(Refusal::silent(0)),
             Some(Ok(_)) => Ok(()),
         }
     }
 
-    async fn read_large_first_message(&self, client: &Duplex, buf: &mut Buf, h: FrameHeader) -> Result<Map<String, Value>, Refusal> {
+    async fn read_large_first_message(
+        &self,
+        client: &Duplex,
+        buf: &mut Buf,
+        h: FrameHeader,
+    ) -> Result<Map<String, Value>, Refusal> {
         if h.opcode != Opcode::Text {
             return parse_config(h.opcode, h.fin, &[]);
         }
@@ -330,15 +469,31 @@ impl Stream {
         loop {
             let lease = shard.ring.borrow_mut().pick(Instant::now(), *tried);
             let Some(lease) = lease else {
-                return Err(if unreachable { Refusal::upstream_unavailable() } else { Refusal::no_account() });
+                return Err(if unreachable {
+                    Refusal::upstream_unavailable()
+                } else {
+                    Refusal::no_account()
+                });
             };
             *tried |= 1 << lease.index;
             let mut buf = shard.pool.get();
             let t0 = Instant::now();
             let key_in_header = shard.key_in_header;
-            match shard.upstream.connect(&lease.account.key, key_in_header, &mut buf, shard.connect_timeout).await {
+            match shard
+                .upstream
+                .connect(
+                    &lease.account.key,
+                    key_in_header,
+                    &mut buf,
+                    shard.connect_timeout,
+                )
+                .await
+            {
                 Ok(conn) => {
-                    shard.metrics.record(crate::metrics::Hist::UpstreamConnect, t0.elapsed().as_micros() as u64);
+                    shard.metrics.record(
+                        crate::metrics::Hist::UpstreamConnect,
+                        t0.elapsed().as_micros() as u64,
+                    );
                     lease.account.mark_ok();
                     shard.metrics.stream_opened(lease.index);
                     return Ok(Upstream { conn, lease, buf });
@@ -377,7 +532,10 @@ impl Stream {
         let mut config = config.clone();
         config.remove("api_key");
         if !self.shard.key_in_header {
-            config.insert("api_key".into(), Value::String(up.lease.account.key.expose().to_string()));
+            config.insert(
+                "api_key".into(),
+                Value::String(up.lease.account.key.expose().to_string()),
+            );
         }
         if !config.contains_key("client_reference_id") {
             config.insert("client_reference_id".into(), Value::String(self.id.clone()));
@@ -385,31 +543,73 @@ impl Stream {
         let text = serde_json::to_vec(&config).expect("a JSON map serializes");
         let key = self.shard.masks.borrow_mut().next_key();
         let frame = build_frame(Opcode::Text, &text, Some(key));
-        up.conn.write_all(&frame).await.map_err(|_| Refusal::upstream_unavailable())
+        up.conn
+            .write_all(&frame)
+            .await
+            .map_err(|_| Refusal::upstream_unavailable())
     }
 
     /// Runs both pumps and the idle watch until one of them ends the stream.
-    async fn pump(&self, client: &Duplex, up: &mut Upstream, cbuf: &mut Buf, cside: &mut ClientSide, state: &StreamState) -> End {
+    async fn pump(
+        &self,
+        client: &Duplex,
+        up: &mut Upstream,
+        cbuf: &mut Buf,
+        cside: &mut ClientSide,
+        state: &StreamState,
+    ) -> End {
         let shard = &self.shard;
-        let Upstream { conn, buf: ubuf, .. } = up;
+        let Upstream {
+            conn, buf: ubuf, ..
+        } = up;
         let conn = &*conn;
         // A fresh scanner per upstream connection; the buffer already holds
         // whatever followed the upgrade answer.
         let mut uscanner = FrameScanner::new(Sender::Server, shard.limits.max_frame_bytes as u64);
         let retry_allowed = || state.data_frames_up.get() == 0 && state.upstream_at_boundary.get();
         let c2u = async {
-            match pump::client_to_upstream(client, conn, cbuf, cside, state, &shard.masks, &shard.metrics).await {
+            match pump::client_to_upstream(
+                client,
+                conn,
+                cbuf,
+                cside,
+                state,
+                &shard.masks,
+                &shard.metrics,
+            )
+            .await
+            {
                 // The client said goodbye; the stream ends when upstream answers.
                 End::ClientClosed => future::pending().await,
                 end => end,
             }
         };
-        let u2c = pump::upstream_to_client(conn, client, ubuf, &mut uscanner, state, &shard.metrics, &retry_allowed);
-        future::or(future::or(u2c, c2u), pump::idle_watch(state, shard.limits.idle_timeout)).await
+        let u2c = pump::upstream_to_client(
+            conn,
+            client,
+            ubuf,
+            &mut uscanner,
+            state,
+            &shard.metrics,
+            &retry_allowed,
+        );
+        future::or(
+            future::or(u2c, c2u),
+            pump::idle_watch(state, shard.limits.idle_timeout),
+        )
+        .await
     }
 
     /// Ends a stream the way `end` calls for.
-    async fn finish(&self, client: &Duplex, up: &Upstream, end: End, state: &StreamState, cbuf: &mut Buf, cside: &mut ClientSide) {
+    async fn finish(
+        &self,
+        client: &Duplex,
+        up: &Upstream,
+        end: End,
+        state: &StreamState,
+        cbuf: &mut Buf,
+        cside: &mut ClientSide,
+    ) {
         let shard = &self.shard;
         let to_client = |r: &Refusal| r.frames(&self.id);
         let close_upstream = |code: u16, reason: &str| {
@@ -421,13 +621,25 @@ impl Stream {
                 // Upstream closed first (after `finished`): carry the client's
                 // close reply up, so both close handshakes complete.
                 if !cside.close_seen {
-                    let c2u = pump::client_to_upstream(client, &up.conn, cbuf, cside, state, &shard.masks, &shard.metrics);
+                    let c2u = pump::client_to_upstream(
+                        client,
+                        &up.conn,
+                        cbuf,
+                        cside,
+                        state,
+                        &shard.masks,
+                        &shard.metrics,
+                    );
                     let _ = timeout(CLOSE_WAIT, c2u).await;
                 }
             }
             End::ClientGone => {
                 if state.upstream_at_boundary.get() {
-                    let _ = timeout(std::time::Duration::from_secs(1), up.conn.write_all(&close_upstream(1001, "client went away"))).await;
+                    let _ = timeout(
+                        std::time::Duration::from_secs(1),
+                        up.conn.write_all(&close_upstream(1001, "client went away")),
+                    )
+                    .await;
                 }
             }
             End::ClientProtocol(e) => {
@@ -437,7 +649,10 @@ impl Stream {
                     let _ = client.write_all(&to_client(&r)).await;
                 }
                 if state.upstream_at_boundary.get() {
-                    let _ = up.conn.write_all(&close_upstream(1001, "client protocol error")).await;
+                    let _ = up
+                        .conn
+                        .write_all(&close_upstream(1001, "client protocol error"))
+                        .await;
                 }
             }
             End::UpstreamGone | End::UpstreamProtocol(_) => {
@@ -448,7 +663,13 @@ impl Stream {
                 }
             }
             End::Idle => {
-                let r = Refusal::new(408, "request_timeout", "No audio or messages in time; the stream was idle.", 1000, Side::Client);
+                let r = Refusal::new(
+                    408,
+                    "request_timeout",
+                    "No audio or messages in time; the stream was idle.",
+                    1000,
+                    Side::Client,
+                );
                 shard.metrics.error(Side::Client, 408);
                 if state.client_at_boundary.get() {
                     let _ = client.write_all(&to_client(&r)).await;
@@ -470,7 +691,13 @@ impl Stream {
             let _ = client.write_all(&r.frames(&self.id)).await;
         } else if r.close != 0 {
             // The client closed before its first message: answer its close.
-            let _ = client.write_all(&build_frame(Opcode::Close, &close_payload(r.close, ""), None)).await;
+            let _ = client
+                .write_all(&build_frame(
+                    Opcode::Close,
+                    &close_payload(r.close, ""),
+                    None,
+                ))
+                .await;
         }
         close_client(client).await;
     }
@@ -479,12 +706,16 @@ impl Stream {
 /// Checks and parses the first message: one text frame holding a JSON object.
 fn parse_config(opcode: Opcode, fin: bool, payload: &[u8]) -> Result<Map<String, Value>, Refusal> {
     match opcode {
-        Opcode::Text if !fin => Err(Refusal::bad_request("Start request must be a single text frame.")),
+        Opcode::Text if !fin => Err(Refusal::bad_request(
+            "Start request must be a single text frame.",
+        )),
         Opcode::Text => match serde_json::from_slice::<Value>(payload) {
             Ok(Value::Object(map)) => Ok(map),
             _ => Err(Refusal::bad_request("Start request must be a JSON object.")),
         },
-        _ => Err(Refusal::bad_request("Start request must be a text message.")),
+        _ => Err(Refusal::bad_request(
+            "Start request must be a text message.",
+        )),
     }
 }
 

@@ -53,14 +53,22 @@ impl ProcessState {
     pub fn new(max_streams: u32, accounts: Vec<Arc<AccountState>>) -> Arc<Self> {
         let mut masks = MaskKeys::default();
         let boot_id = u32::from_le_bytes(masks.next_key());
-        Arc::new(ProcessState { live: AtomicU32::new(0), max_streams, draining: AtomicBool::new(false), boot_id, accounts })
+        Arc::new(ProcessState {
+            live: AtomicU32::new(0),
+            max_streams,
+            draining: AtomicBool::new(false),
+            boot_id,
+            accounts,
+        })
     }
 
     /// Counts a new stream against `max_streams`, or `None` when full.
     pub fn admit(self: &Arc<Self>) -> Option<AdmitPermit> {
         let max = self.max_streams;
         self.live
-            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| (n < max).then_some(n + 1))
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
             .ok()
             .map(|_| AdmitPermit(self.clone()))
     }
@@ -195,14 +203,23 @@ pub fn start(index: usize, setup: ShardSetup) -> std::io::Result<ShardHandle> {
                     return;
                 }
             };
-            let upstream = match UpstreamTarget::new(&setup.upstream_url, setup.upstream_tls.clone()) {
-                Ok(u) => u,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)));
-                    return;
-                }
-            };
-            let ids: Vec<String> = setup.process.accounts.iter().map(|a| a.id.clone()).collect();
+            let upstream =
+                match UpstreamTarget::new(&setup.upstream_url, setup.upstream_tls.clone()) {
+                    Ok(u) => u,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(std::io::Error::new(
+                            std::io::ErrorKind::InvalidInput,
+                            e,
+                        )));
+                        return;
+                    }
+                };
+            let ids: Vec<String> = setup
+                .process
+                .accounts
+                .iter()
+                .map(|a| a.id.clone())
+                .collect();
             let shard = Rc::new(Shard {
                 index,
                 limits: setup.limits.clone(),
@@ -236,7 +253,8 @@ pub fn start(index: usize, setup: ShardSetup) -> std::io::Result<ShardHandle> {
                 loop {
                     match listener.accept().await {
                         Ok(stream) => {
-                            glommio::spawn_local(crate::session::serve(shard.clone(), stream)).detach();
+                            glommio::spawn_local(crate::session::serve(shard.clone(), stream))
+                                .detach();
                         }
                         Err(e) => {
                             tracing::warn!(shard = index, error = %e, "accept failed");

@@ -15,6 +15,7 @@ use futures_rustls::TlsConnector;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 
+use crate::config::{parse_ws_url, WsEndpoint};
 use crate::http::{self, UpstreamAnswer};
 use crate::io::{Buf, Conn, Duplex};
 use crate::secret::Secret;
@@ -67,10 +68,15 @@ pub fn tls_client_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientCon
             .collect::<Result<_, _>>()
             .map_err(|e| format!("upstream.ca_file {}: {e}", path.display()))?;
         if certs.is_empty() {
-            return Err(format!("upstream.ca_file {}: no certificate found", path.display()));
+            return Err(format!(
+                "upstream.ca_file {}: no certificate found",
+                path.display()
+            ));
         }
         for c in certs {
-            roots.add(c).map_err(|e| format!("upstream.ca_file {}: {e}", path.display()))?;
+            roots
+                .add(c)
+                .map_err(|e| format!("upstream.ca_file {}: {e}", path.display()))?;
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -85,41 +91,43 @@ pub fn tls_client_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientCon
 
 impl UpstreamTarget {
     /// Parses a `ws://` or `wss://` URL; `tls` is required for `wss://`.
-    pub fn new(url: &str, tls: Option<Arc<rustls::ClientConfig>>) -> Result<UpstreamTarget, String> {
-        let (secure, rest) = if let Some(r) = url.strip_prefix("wss://") {
-            (true, r)
-        } else if let Some(r) = url.strip_prefix("ws://") {
-            (false, r)
-        } else {
-            return Err(format!("upstream.url must start with ws:// or wss://: {url}"));
-        };
-        let (authority, path) = match rest.find('/') {
-            Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, "/"),
-        };
+    pub fn new(
+        url: &str,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Result<UpstreamTarget, String> {
+        let WsEndpoint {
+            tls: secure,
+            host,
+            port,
+            path,
+        } = parse_ws_url(url)?;
         let default_port = if secure { 443 } else { 80 };
-        let (host, port) = if let Some(stripped) = authority.strip_prefix('[') {
-            let (h, p) = stripped.split_once(']').ok_or("upstream.url: bad IPv6 host")?;
-            (h.to_string(), p.strip_prefix(':').map(str::parse).transpose().map_err(|_| "upstream.url: bad port")?)
+        let bracketed = if host.contains(':') {
+            format!("[{host}]")
         } else {
-            match authority.rsplit_once(':') {
-                Some((h, p)) => (h.to_string(), Some(p.parse().map_err(|_| "upstream.url: bad port")?)),
-                None => (authority.to_string(), None),
-            }
+            host.clone()
         };
-        if host.is_empty() {
-            return Err("upstream.url has no host".into());
-        }
-        let port = port.unwrap_or(default_port);
-        let host_header = if port == default_port { authority_host(&host) } else { format!("{}:{port}", authority_host(&host)) };
+        let host_header = if port == default_port {
+            bracketed
+        } else {
+            format!("{bracketed}:{port}")
+        };
         let tls = if secure {
             let cfg = tls.ok_or("a wss:// upstream needs a TLS config")?;
-            let name = ServerName::try_from(host.clone()).map_err(|e| format!("upstream.url host: {e}"))?;
+            let name = ServerName::try_from(host.clone())
+                .map_err(|e| format!("upstream.url host: {e}"))?;
             Some((TlsConnector::from(cfg), name))
         } else {
             None
         };
-        Ok(UpstreamTarget { host, port, path: path.to_string(), host_header, tls, resolved: RefCell::new(None) })
+        Ok(UpstreamTarget {
+            host,
+            port,
+            path,
+            host_header,
+            tls,
+            resolved: RefCell::new(None),
+        })
     }
 
     async fn resolve(&self) -> io::Result<Vec<SocketAddr>> {
@@ -131,10 +139,17 @@ impl UpstreamTarget {
         let (host, port) = (self.host.clone(), self.port);
         // getaddrinfo blocks: run it on glommio's blocking pool, not the shard.
         let addrs: Vec<SocketAddr> = glommio::executor()
-            .spawn_blocking(move || (host.as_str(), port).to_socket_addrs().map(|a| a.collect::<Vec<_>>()))
+            .spawn_blocking(move || {
+                (host.as_str(), port)
+                    .to_socket_addrs()
+                    .map(|a| a.collect::<Vec<_>>())
+            })
             .await?;
         if addrs.is_empty() {
-            return Err(io::Error::new(io::ErrorKind::NotFound, "upstream host resolved to no address"));
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                "upstream host resolved to no address",
+            ));
         }
         *self.resolved.borrow_mut() = Some((addrs.clone(), Instant::now()));
         Ok(addrs)
@@ -143,16 +158,33 @@ impl UpstreamTarget {
     /// Opens a WebSocket to upstream with `key`, on the header (`Authorization`)
     /// or leaving it to the first message (`key_in_header == false`). The answer
     /// head is consumed from `buf`; whatever followed it stays there.
-    pub async fn connect(&self, key: &Secret, key_in_header: bool, buf: &mut Buf, limit: Duration) -> Result<Duplex, ConnectError> {
+    pub async fn connect(
+        &self,
+        key: &Secret,
+        key_in_header: bool,
+        buf: &mut Buf,
+        limit: Duration,
+    ) -> Result<Duplex, ConnectError> {
         match crate::io::timeout(limit, self.connect_inner(key, key_in_header, buf, limit)).await {
             Some(r) => r,
             None => Err(ConnectError::Timeout),
         }
     }
 
-    async fn connect_inner(&self, key: &Secret, key_in_header: bool, buf: &mut Buf, limit: Duration) -> Result<Duplex, ConnectError> {
-        let unavailable = |what: &str, e: &dyn std::fmt::Display| ConnectError::Unavailable(format!("{what}: {e}"));
-        let addrs = self.resolve().await.map_err(|e| unavailable("resolve", &e))?;
+    async fn connect_inner(
+        &self,
+        key: &Secret,
+        key_in_header: bool,
+        buf: &mut Buf,
+        limit: Duration,
+    ) -> Result<Duplex, ConnectError> {
+        let unavailable = |what: &str, e: &dyn std::fmt::Display| {
+            ConnectError::Unavailable(format!("{what}: {e}"))
+        };
+        let addrs = self
+            .resolve()
+            .await
+            .map_err(|e| unavailable("resolve", &e))?;
         let mut last = None;
         let mut tcp = None;
         for addr in addrs {
@@ -164,12 +196,20 @@ impl UpstreamTarget {
                 Err(e) => last = Some(e),
             }
         }
-        let tcp = tcp.ok_or_else(|| unavailable("connect", &last.map_or("no address".into(), |e| e.to_string())))?;
+        let tcp = tcp.ok_or_else(|| {
+            unavailable(
+                "connect",
+                &last.map_or("no address".into(), |e| e.to_string()),
+            )
+        })?;
         let _ = tcp.set_nodelay(true);
         let conn = match &self.tls {
             None => Conn::Plain(tcp),
             Some((connector, name)) => {
-                let tls = connector.connect(name.clone(), tcp).await.map_err(|e| unavailable("tls", &e))?;
+                let tls = connector
+                    .connect(name.clone(), tcp)
+                    .await
+                    .map_err(|e| unavailable("tls", &e))?;
                 Conn::TlsClient(Box::new(tls))
             }
         };
@@ -187,24 +227,24 @@ impl UpstreamTarget {
             req.push_str("\r\n");
         }
         req.push_str("\r\n");
-        conn.write_all(req.as_bytes()).await.map_err(|e| unavailable("write upgrade", &e))?;
+        conn.write_all(req.as_bytes())
+            .await
+            .map_err(|e| unavailable("write upgrade", &e))?;
         drop(req);
-        let head_len = http::read_head(&conn, buf, MAX_ANSWER_HEAD.min(buf.capacity())).await.map_err(|e| unavailable("upgrade answer", &format!("{e:?}")))?;
-        let answer = http::check_upstream_answer(&buf.filled()[..head_len], &ws_key).map_err(|_| unavailable("upgrade answer", &"malformed"))?;
+        let head_len = http::read_head(&conn, buf, MAX_ANSWER_HEAD.min(buf.capacity()))
+            .await
+            .map_err(|e| unavailable("upgrade answer", &format!("{e:?}")))?;
+        let answer = http::check_upstream_answer(&buf.filled()[..head_len], &ws_key)
+            .map_err(|_| unavailable("upgrade answer", &"malformed"))?;
         buf.start += head_len;
         match answer {
             UpstreamAnswer::Upgraded => Ok(conn),
             UpstreamAnswer::Refused(status) => Err(ConnectError::Refused(status)),
-            UpstreamAnswer::Invalid => Err(unavailable("upgrade answer", &"bad accept key or unrequested extension")),
+            UpstreamAnswer::Invalid => Err(unavailable(
+                "upgrade answer",
+                &"bad accept key or unrequested extension",
+            )),
         }
-    }
-}
-
-fn authority_host(host: &str) -> String {
-    if host.contains(':') {
-        format!("[{host}]")
-    } else {
-        host.to_string()
     }
 }
 
@@ -215,14 +255,29 @@ mod tests {
     #[test]
     fn parses_urls() {
         let t = UpstreamTarget::new("ws://127.0.0.1:7300/transcribe-websocket", None).unwrap();
-        assert_eq!((t.host.as_str(), t.port, t.path.as_str()), ("127.0.0.1", 7300, "/transcribe-websocket"));
+        assert_eq!(
+            (t.host.as_str(), t.port, t.path.as_str()),
+            ("127.0.0.1", 7300, "/transcribe-websocket")
+        );
         assert_eq!(t.host_header, "127.0.0.1:7300");
         let tls = tls_client_config(None).unwrap();
-        let t = UpstreamTarget::new("wss://stt-rt.soniox.com/transcribe-websocket", Some(tls)).unwrap();
+        let t =
+            UpstreamTarget::new("wss://stt-rt.soniox.com/transcribe-websocket", Some(tls)).unwrap();
         assert_eq!((t.port, t.host_header.as_str()), (443, "stt-rt.soniox.com"));
         let t = UpstreamTarget::new("ws://[::1]:81/x?y=1", None).unwrap();
-        assert_eq!((t.host.as_str(), t.port, t.path.as_str(), t.host_header.as_str()), ("::1", 81, "/x?y=1", "[::1]:81"));
+        assert_eq!(
+            (
+                t.host.as_str(),
+                t.port,
+                t.path.as_str(),
+                t.host_header.as_str()
+            ),
+            ("::1", 81, "/x?y=1", "[::1]:81")
+        );
         assert!(UpstreamTarget::new("http://x", None).is_err());
-        assert!(UpstreamTarget::new("wss://x/", None).is_err(), "wss needs TLS");
+        assert!(
+            UpstreamTarget::new("wss://x/", None).is_err(),
+            "wss needs TLS"
+        );
     }
 }

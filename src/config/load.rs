@@ -1,0 +1,465 @@
+//! The raw layer: serde structs mirroring the file, and their resolution
+//! into a [`Config`] (defaults, durations, addresses, secrets).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::validate::{check_token_secret, validate_semantics, validate_tokens};
+use super::*;
+
+// ---------------------------------------------------------------------------
+// Raw layer: the file as written
+// ---------------------------------------------------------------------------
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    upstream: RawUpstream,
+    tokens: Option<RawTokens>,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    account: Vec<RawAccount>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Option<String>,
+    admin_listen: Option<String>,
+    shards: Option<usize>,
+    max_streams: Option<u32>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    url: Option<String>,
+    auth: Option<String>,
+    ca_file: Option<PathBuf>,
+    connect_timeout: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTokens {
+    secret_env: Option<String>,
+    secret_file: Option<PathBuf>,
+    previous_secret_env: Option<String>,
+    previous_secret_file: Option<PathBuf>,
+    default_ttl: Option<String>,
+    max_ttl: Option<String>,
+    clock_skew: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    handshake_timeout: Option<String>,
+    max_header_bytes: Option<usize>,
+    max_frame_bytes: Option<usize>,
+    max_first_message_bytes: Option<usize>,
+    idle_timeout: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAccount {
+    id: Option<String>,
+    key_env: Option<String>,
+    key_file: Option<PathBuf>,
+    region: Option<String>,
+    enabled: Option<bool>,
+    max_concurrent_streams: Option<u32>,
+}
+
+/// One line for a toml parse error: toml's own message, plus the key,
+/// section and line it points at.
+fn describe_toml_error(e: &toml::de::Error, text: &str) -> String {
+    let msg = e.message().trim().replace('\n', "; ");
+    let Some(span) = e.span() else {
+        return msg;
+    };
+    let start = span.start.min(text.len());
+    let before = &text[..start];
+    let line_no = before.matches('\n').count() + 1;
+    // The section the error is in: the last table header before it.
+    let mut section = None;
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for l in before.lines() {
+        let l = l.trim();
+        if let Some((name, _)) = l.strip_prefix("[[").and_then(|r| r.split_once("]]")) {
+            let name = name.trim().to_string();
+            let n = counts.entry(name.clone()).or_insert(0);
+            section = Some(format!("{name}[{n}]"));
+            *n += 1;
+        } else if let Some((name, _)) = l.strip_prefix('[').and_then(|r| r.split_once(']')) {
+            section = Some(name.trim().to_string());
+        }
+    }
+    // The key on the line the error points at, if it is a `key = value` line.
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or("");
+    let key = match line.split_once('=') {
+        Some((k, _)) if !k.trim().is_empty() && !k.trim_start().starts_with('[') => Some(k.trim()),
+        _ => None,
+    };
+    if msg.starts_with("unknown field") {
+        let (what, expected) = match msg.split_once(", expected") {
+            Some((w, rest)) => (w, format!(", expected{rest}")),
+            None => (msg.as_str(), String::new()),
+        };
+        let header_line = line.trim_start().starts_with('[');
+        let place = match &section {
+            _ if header_line => "the top level".to_string(),
+            Some(s) if s.ends_with(']') => s.clone(),
+            Some(s) => format!("[{s}]"),
+            None => "the top level".to_string(),
+        };
+        return format!("{what} in {place} (line {line_no}){expected}");
+    }
+    match (section, key) {
+        (Some(s), Some(k)) => format!("{s}.{k}: {msg} (line {line_no})"),
+        (None, Some(k)) => format!("{k}: {msg} (line {line_no})"),
+        (Some(s), None) => format!("{s}: {msg} (line {line_no})"),
+        (None, None) => format!("{msg} (line {line_no})"),
+    }
+}
+
+/// Parses the file text into the raw layer; a toml error is one problem.
+fn parse(text: &str) -> Result<RawFile, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::one(describe_toml_error(&e, text)))
+}
+
+/// Parses and resolves a whole file.
+pub(super) fn load_all(text: &str, base: &Path) -> Result<Config, ConfigError> {
+    resolve(parse(text)?, base)
+}
+
+/// Parses a whole file (unknown keys are still errors) but resolves and
+/// checks only `[tokens]`: what minting a token needs, without reading any
+/// account key.
+pub(super) fn load_tokens(text: &str, base: &Path) -> Result<TokensConfig, ConfigError> {
+    let raw = parse(text)?;
+    let mut p = Problems::default();
+    let tokens = resolve_tokens(raw.tokens, base, &mut p);
+    if let Some(t) = &tokens {
+        validate_tokens(t, &mut p);
+    }
+    match tokens {
+        Some(t) if p.lines.is_empty() => Ok(t),
+        _ => Err(ConfigError { problems: p.lines }),
+    }
+}
+
+/// A duration value, or its default (with a problem recorded) if it does not parse.
+fn duration(key: &str, v: Option<String>, default: Duration, p: &mut Problems) -> Duration {
+    match v {
+        None => default,
+        Some(s) => parse_duration(&s).unwrap_or_else(|e| {
+            p.push(key, e);
+            default
+        }),
+    }
+}
+
+/// Resolves `[tokens]`; `None` if the section is missing.
+fn resolve_tokens(raw: Option<RawTokens>, base: &Path, p: &mut Problems) -> Option<TokensConfig> {
+    let defaults_tokens = TokensConfig::new(Secret::new(""));
+    match raw {
+        None => {
+            p.push(
+                "tokens",
+                "missing [tokens] section: set tokens.secret_env or tokens.secret_file",
+            );
+            None
+        }
+        Some(t) => {
+            let secret = resolve_secret(
+                "tokens",
+                ("secret_env", t.secret_env),
+                ("secret_file", t.secret_file),
+                true,
+                base,
+                p,
+            )
+            .flatten();
+            let previous = resolve_secret(
+                "tokens",
+                ("previous_secret_env", t.previous_secret_env),
+                ("previous_secret_file", t.previous_secret_file),
+                false,
+                base,
+                p,
+            );
+            for (key, s) in [
+                ("tokens.secret", &secret),
+                ("tokens.previous_secret", &previous.clone().flatten()),
+            ] {
+                if let Some(s) = s {
+                    check_token_secret(key, s, p);
+                }
+            }
+            let tokens = TokensConfig {
+                secret: secret.unwrap_or_else(|| Secret::new("")),
+                previous_secret: previous.flatten(),
+                default_ttl: duration(
+                    "tokens.default_ttl",
+                    t.default_ttl,
+                    defaults_tokens.default_ttl,
+                    p,
+                ),
+                max_ttl: duration("tokens.max_ttl", t.max_ttl, defaults_tokens.max_ttl, p),
+                clock_skew: duration(
+                    "tokens.clock_skew",
+                    t.clock_skew,
+                    defaults_tokens.clock_skew,
+                    p,
+                ),
+            };
+            Some(tokens)
+        }
+    }
+}
+
+/// Turns the raw file into a [`Config`], collecting every problem.
+fn resolve(raw: RawFile, base: &Path) -> Result<Config, ConfigError> {
+    let mut p = Problems::default();
+    let defaults_server = ServerConfig::default();
+    let defaults_up = UpstreamConfig::default();
+    let defaults_limits = LimitsConfig::default();
+
+    let addr = |key: &str, v: Option<String>, default: SocketAddr, p: &mut Problems| match v {
+        None => default,
+        Some(s) => s.trim().parse().unwrap_or_else(|_| {
+            p.push(key, format!("invalid socket address {s:?} (want IP:PORT)"));
+            default
+        }),
+    };
+    let server = ServerConfig {
+        listen: addr(
+            "server.listen",
+            raw.server.listen,
+            defaults_server.listen,
+            &mut p,
+        ),
+        admin_listen: addr(
+            "server.admin_listen",
+            raw.server.admin_listen,
+            defaults_server.admin_listen,
+            &mut p,
+        ),
+        shards: raw.server.shards.unwrap_or(defaults_server.shards),
+        max_streams: raw
+            .server
+            .max_streams
+            .unwrap_or(defaults_server.max_streams),
+    };
+
+    let auth = match raw.upstream.auth.as_deref() {
+        None | Some("header") => AuthMode::Header,
+        Some("config") => AuthMode::Config,
+        Some(other) => {
+            p.push(
+                "upstream.auth",
+                format!("must be \"header\" or \"config\", not {other:?}"),
+            );
+            AuthMode::Header
+        }
+    };
+    let upstream = UpstreamConfig {
+        url: raw.upstream.url.unwrap_or(defaults_up.url),
+        auth,
+        ca_file: raw.upstream.ca_file.map(|f| base.join(f)),
+        connect_timeout: duration(
+            "upstream.connect_timeout",
+            raw.upstream.connect_timeout,
+            defaults_up.connect_timeout,
+            &mut p,
+        ),
+    };
+
+    let tokens = resolve_tokens(raw.tokens, base, &mut p);
+
+    let l = raw.limits;
+    let limits = LimitsConfig {
+        handshake_timeout: duration(
+            "limits.handshake_timeout",
+            l.handshake_timeout,
+            defaults_limits.handshake_timeout,
+            &mut p,
+        ),
+        max_header_bytes: l
+            .max_header_bytes
+            .unwrap_or(defaults_limits.max_header_bytes),
+        max_frame_bytes: l.max_frame_bytes.unwrap_or(defaults_limits.max_frame_bytes),
+        max_first_message_bytes: l
+            .max_first_message_bytes
+            .unwrap_or(defaults_limits.max_first_message_bytes),
+        idle_timeout: duration(
+            "limits.idle_timeout",
+            l.idle_timeout,
+            defaults_limits.idle_timeout,
+            &mut p,
+        ),
+    };
+
+    let mut accounts = Vec::with_capacity(raw.account.len());
+    for (i, a) in raw.account.into_iter().enumerate() {
+        let prefix = format!("account[{i}]");
+        let key = resolve_secret(
+            &prefix,
+            ("key_env", a.key_env),
+            ("key_file", a.key_file),
+            true,
+            base,
+            &mut p,
+        )
+        .flatten();
+        let id = match a.id {
+            Some(id) => id,
+            None => {
+                p.push(&format!("{prefix}.id"), "missing");
+                String::new()
+            }
+        };
+        let mut acc = AccountConfig::new(id, key.unwrap_or_else(|| Secret::new("")));
+        acc.region = a.region.unwrap_or_default();
+        acc.enabled = a.enabled.unwrap_or(true);
+        acc.max_concurrent_streams = a
+            .max_concurrent_streams
+            .unwrap_or(acc.max_concurrent_streams);
+        accounts.push(acc);
+    }
+
+    let config = Config {
+        server,
+        upstream,
+        tokens: tokens.unwrap_or_else(|| TokensConfig::new(Secret::new(""))),
+        limits,
+        accounts,
+    };
+    if let Some(ca) = &config.upstream.ca_file {
+        if !ca.is_file() {
+            p.push(
+                "upstream.ca_file",
+                format!("{} does not exist or is not a file", ca.display()),
+            );
+        }
+    }
+    validate_semantics(&config, &mut p);
+    if p.lines.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigError { problems: p.lines })
+    }
+}
+
+/// Reads a secret given as `<env>` or `<file>` under `section`. Returns
+/// `None` when the configuration is wrong (problem recorded), `Some(None)`
+/// when an optional secret is absent, `Some(Some(secret))` otherwise.
+fn resolve_secret(
+    section: &str,
+    (env_key, env): (&str, Option<String>),
+    (file_key, file): (&str, Option<PathBuf>),
+    required: bool,
+    base: &Path,
+    p: &mut Problems,
+) -> Option<Option<Secret>> {
+    let value = match (env, file) {
+        (Some(_), Some(_)) => {
+            p.push(section, format!("set only one of {env_key} or {file_key}"));
+            return None;
+        }
+        (None, None) if required => {
+            p.push(section, format!("set one of {env_key} or {file_key}"));
+            return None;
+        }
+        (None, None) => return Some(None),
+        (Some(var), None) => {
+            // An operator may paste the key itself where its variable's name
+            // belongs; such a value is refused without being echoed.
+            if !valid_env_name(&var) {
+                p.push(
+                    section,
+                    format!(
+                        "{env_key} must name an environment variable \
+                         ([A-Za-z_][A-Za-z0-9_]*); the value is not shown in case it is a secret"
+                    ),
+                );
+                return None;
+            }
+            let shown = if shown_env_name(&var) {
+                format!("{env_key} {var}")
+            } else {
+                format!("the variable named by {env_key}")
+            };
+            match std::env::var(&var) {
+                Ok(v) if v.is_empty() => {
+                    p.push(section, format!("{shown} is empty"));
+                    return None;
+                }
+                Ok(v) => v,
+                Err(std::env::VarError::NotPresent) => {
+                    p.push(section, format!("{shown} is not set"));
+                    return None;
+                }
+                Err(std::env::VarError::NotUnicode(_)) => {
+                    p.push(section, format!("{shown} is not valid UTF-8"));
+                    return None;
+                }
+            }
+        }
+        (None, Some(path)) => {
+            let path = base.join(path);
+            // The io::Error never quotes file contents, so it is safe to show.
+            let bytes = match std::fs::read(&path) {
+                Ok(b) => b,
+                Err(e) => {
+                    p.push(section, format!("{file_key} {}: {e}", path.display()));
+                    return None;
+                }
+            };
+            let Ok(mut text) = String::from_utf8(bytes) else {
+                p.push(
+                    section,
+                    format!("{file_key} {}: not valid UTF-8", path.display()),
+                );
+                return None;
+            };
+            while text.ends_with(['\n', '\r']) {
+                text.pop();
+            }
+            if text.is_empty() {
+                p.push(section, format!("{file_key} {} is empty", path.display()));
+                return None;
+            }
+            text
+        }
+    };
+    Some(Some(Secret::new(value)))
+}
+
+/// Whether `name` is a portable environment variable name.
+fn valid_env_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    matches!(bytes.next(), Some(b) if b.is_ascii_alphabetic() || b == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// Whether an env var name is safe to print: the conventional upper-case
+/// shape and not key-length. Anything else might be a key pasted in by
+/// mistake, so messages describe it instead of quoting it.
+fn shown_env_name(name: &str) -> bool {
+    name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+}

@@ -1,0 +1,131 @@
+//! The checks that look at values and relations between keys.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use super::*;
+
+pub(super) fn check_token_secret(key: &str, secret: &Secret, p: &mut Problems) {
+    let len = secret.expose().len();
+    if len == 0 {
+        p.push(key, "is empty");
+    } else if len < MIN_TOKEN_SECRET_BYTES {
+        p.push(
+            key,
+            format!("is {len} bytes; a token secret needs at least {MIN_TOKEN_SECRET_BYTES}"),
+        );
+    }
+}
+
+/// Whether `id` is a valid account id: non-empty, `[A-Za-z0-9._-]`.
+pub fn valid_account_id(id: &str) -> bool {
+    !id.is_empty()
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// The checks that need no secrets and no file system: ranges, relations
+/// between keys, account ids.
+pub(super) fn validate_semantics(c: &Config, p: &mut Problems) {
+    let s = &c.server;
+    if s.shards > MAX_SHARDS {
+        p.push(
+            "server.shards",
+            format!("{} is more than {MAX_SHARDS}", s.shards),
+        );
+    }
+    if s.max_streams < 1 {
+        p.push("server.max_streams", "must be at least 1");
+    }
+    if !p.reported("server.listen")
+        && !p.reported("server.admin_listen")
+        && s.listen == s.admin_listen
+        && s.listen.port() != 0
+    {
+        p.push(
+            "server.admin_listen",
+            format!("is the same as server.listen ({})", s.listen),
+        );
+    }
+
+    if let Err(e) = parse_ws_url(&c.upstream.url) {
+        p.push("upstream.url", e);
+    }
+    if c.upstream.connect_timeout.is_zero() && !p.reported("upstream.connect_timeout") {
+        p.push("upstream.connect_timeout", "must be more than 0");
+    }
+
+    validate_tokens(&c.tokens, p);
+
+    let l = &c.limits;
+    for (key, d) in [
+        ("limits.handshake_timeout", l.handshake_timeout),
+        ("limits.idle_timeout", l.idle_timeout),
+    ] {
+        if d.is_zero() && !p.reported(key) {
+            p.push(key, "must be more than 0");
+        }
+    }
+    for (key, n) in [
+        ("limits.max_header_bytes", l.max_header_bytes),
+        ("limits.max_frame_bytes", l.max_frame_bytes),
+        ("limits.max_first_message_bytes", l.max_first_message_bytes),
+    ] {
+        if n == 0 {
+            p.push(key, "must be more than 0");
+        }
+    }
+
+    if c.accounts.is_empty() {
+        p.push("account", "at least one [[account]] is needed");
+    }
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for (i, a) in c.accounts.iter().enumerate() {
+        let key = format!("account[{i}].id");
+        if !p.reported(&key) {
+            if a.id.is_empty() {
+                p.push(&key, "is empty");
+            } else if !valid_account_id(&a.id) {
+                p.push(&key, format!("{:?} may only use A-Z a-z 0-9 . _ -", a.id));
+            } else if let Some(first) = seen.insert(&a.id, i) {
+                seen.insert(&a.id, first);
+                p.push(
+                    &key,
+                    format!("duplicate id {:?} (also account[{first}])", a.id),
+                );
+            }
+        }
+        if a.max_concurrent_streams < 1 {
+            p.push(
+                &format!("account[{i}].max_concurrent_streams"),
+                "must be at least 1",
+            );
+        }
+    }
+}
+
+/// The checks on `[tokens]` durations (secrets are checked where they are read).
+pub(super) fn validate_tokens(t: &TokensConfig, p: &mut Problems) {
+    for (key, d) in [
+        ("tokens.default_ttl", t.default_ttl),
+        ("tokens.max_ttl", t.max_ttl),
+    ] {
+        if d < Duration::from_secs(1) && !p.reported(key) {
+            p.push(key, "must be at least 1s");
+        }
+    }
+    if !p.reported("tokens.default_ttl")
+        && !p.reported("tokens.max_ttl")
+        && t.default_ttl > t.max_ttl
+    {
+        p.push(
+            "tokens.default_ttl",
+            format!(
+                "{} is longer than tokens.max_ttl {}",
+                humantime::format_duration(t.default_ttl),
+                humantime::format_duration(t.max_ttl)
+            ),
+        );
+    }
+}
