@@ -12,13 +12,14 @@ use std::time::Instant;
 use glommio::net::TcpListener;
 use glommio::{LocalExecutorBuilder, Placement};
 
+use crate::control::Accounts;
 use crate::http;
 use crate::io::{timeout, BufferPool, Conn, Duplex};
 use crate::metrics::{render_prometheus, MetricsSnapshot, ProcessGauges};
 use crate::shard::{ProcessState, ShardMsg, IO_MEMORY};
 
 /// What the admin server needs.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct AdminSetup {
     /// Where to listen.
     pub listen: SocketAddr,
@@ -26,6 +27,8 @@ pub struct AdminSetup {
     pub shards: Vec<async_channel::Sender<ShardMsg>>,
     /// Process-wide state (accounts, draining, stream count).
     pub process: Arc<ProcessState>,
+    /// The authoritative account set; the admin thread owns it from here on.
+    pub accounts: Accounts,
 }
 
 /// A running admin server.
@@ -137,8 +140,9 @@ async fn answer(setup: &AdminSetup, head: &[u8]) -> Vec<u8> {
             let gauges = ProcessGauges {
                 max_streams: process.max_streams() as u64,
                 draining: process.draining(),
-                accounts_healthy: process.accounts.iter().filter(|a| a.healthy(now)).count() as u64,
-                accounts_total: process.accounts.len() as u64,
+                accounts_healthy: process.accounts().iter().filter(|a| a.healthy(now)).count()
+                    as u64,
+                accounts_total: process.accounts().len() as u64,
             };
             let body = render_prometheus(&snaps, &gauges);
             http::response(200, "text/plain; version=0.0.4", "", body.as_bytes())
@@ -153,7 +157,7 @@ async fn answer(setup: &AdminSetup, head: &[u8]) -> Vec<u8> {
         "/readyz" => {
             let now = Instant::now();
             let usable = process
-                .accounts
+                .accounts()
                 .iter()
                 .any(|a| a.healthy(now) && a.available(now));
             if process.draining() {
@@ -189,7 +193,7 @@ async fn answer(setup: &AdminSetup, head: &[u8]) -> Vec<u8> {
 /// feature flags. Never a key.
 pub fn remote_config(process: &ProcessState) -> String {
     let accounts: Vec<serde_json::Value> = process
-        .accounts
+        .accounts()
         .iter()
         .map(|a| {
             serde_json::json!({

@@ -27,13 +27,47 @@ pub const COOLDOWN_START: Duration = Duration::from_secs(1);
 /// Longest cooldown after repeated 429s.
 pub const COOLDOWN_MAX: Duration = Duration::from_secs(60);
 
+/// One API key of an account, shared by every shard. An account has one
+/// current key and, during a rotation, retiring keys that keep the streams
+/// they already carry.
+#[derive(Debug)]
+pub struct KeySlot {
+    /// The key. Only the upstream handshake reads it.
+    pub key: Secret,
+    /// `Secret::fingerprint` of the key, computed once: what the admin API,
+    /// logs and metrics show instead of the key.
+    pub fingerprint: String,
+    /// When the key was added (Unix seconds), for key-age warnings.
+    pub created_at: u64,
+    /// Live streams on this key, across all shards.
+    pub live: AtomicU32,
+    /// Streams ever started on this key.
+    pub streams_total: AtomicU64,
+    /// 0 for a current key; for a retiring key, when its overlap ends (Unix seconds).
+    pub retire_at: AtomicU64,
+}
+
+impl KeySlot {
+    /// A current key created at `created_at`.
+    pub fn new(key: Secret, created_at: u64) -> Arc<KeySlot> {
+        Arc::new(KeySlot {
+            fingerprint: key.fingerprint(),
+            key,
+            created_at,
+            live: AtomicU32::new(0),
+            streams_total: AtomicU64::new(0),
+            retire_at: AtomicU64::new(0),
+        })
+    }
+}
+
 /// One account's state, shared by every shard.
 #[derive(Debug)]
 pub struct AccountState {
     /// Account id from the config (public).
     pub id: String,
-    /// The account's API key. Only the upstream handshake reads it.
-    pub key: Secret,
+    /// Index of the account in the shards' metrics (stable for the process's life).
+    pub metrics_index: usize,
     /// Region label (public).
     pub region: String,
     /// Disabled accounts take no new streams.
@@ -55,7 +89,7 @@ impl AccountState {
     /// A new, healthy account.
     pub fn new(
         id: &str,
-        key: Secret,
+        metrics_index: usize,
         region: &str,
         enabled: bool,
         max_concurrent: u32,
@@ -63,7 +97,7 @@ impl AccountState {
     ) -> Arc<Self> {
         Arc::new(AccountState {
             id: id.to_string(),
-            key,
+            metrics_index,
             region: region.to_string(),
             enabled: AtomicBool::new(enabled),
             max_concurrent: AtomicU32::new(max_concurrent),
@@ -137,25 +171,40 @@ impl AccountState {
     }
 }
 
-/// A stream's hold on one account slot; released when dropped.
+/// One slot of a key ring: an account and the key new streams on it use.
+#[derive(Debug, Clone)]
+pub struct RingSlot {
+    /// The account.
+    pub account: Arc<AccountState>,
+    /// Its current key.
+    pub key: Arc<KeySlot>,
+}
+
+/// A stream's hold on one account and key; released when dropped.
 #[derive(Debug)]
 pub struct Lease {
     /// The account.
     pub account: Arc<AccountState>,
-    /// Its index in the ring (and in the shard's metrics).
-    pub index: usize,
+    /// The key the stream uses for its whole life.
+    pub key: Arc<KeySlot>,
+    /// The slot's position in the ring (for the stream's tried-set).
+    pub slot: usize,
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
         self.account.live.fetch_sub(1, Ordering::AcqRel);
+        self.key.live.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
-/// One shard's ring of account slots.
+/// One shard's ring of account slots. Replaced whole when the control plane
+/// publishes a new version (accounts added, removed, keys rotated); enabling,
+/// disabling, limits and health are atomics in [`AccountState`] and reach
+/// every shard at once.
 #[derive(Debug)]
 pub struct KeyRing {
-    slots: Vec<Arc<AccountState>>,
+    slots: Vec<RingSlot>,
     /// Where the next tie-break starts, so equal accounts share the load.
     cursor: usize,
 }
@@ -164,15 +213,25 @@ pub struct KeyRing {
 pub const MAX_ACCOUNTS: usize = 64;
 
 impl KeyRing {
-    /// A ring over the given accounts (the same `Arc`s on every shard).
-    pub fn new(accounts: &[Arc<AccountState>]) -> KeyRing {
-        let mut slots = Vec::with_capacity(MAX_ACCOUNTS);
-        slots.extend(accounts.iter().take(MAX_ACCOUNTS).cloned());
-        KeyRing { slots, cursor: 0 }
+    /// A ring over the given slots (the same `Arc`s on every shard).
+    pub fn new(slots: &[RingSlot]) -> KeyRing {
+        let mut ring = KeyRing {
+            slots: Vec::with_capacity(MAX_ACCOUNTS),
+            cursor: 0,
+        };
+        ring.replace(slots);
+        ring
     }
 
-    /// The accounts in ring order.
-    pub fn accounts(&self) -> &[Arc<AccountState>] {
+    /// Installs a new version of the slots, reusing the preallocated vector.
+    pub fn replace(&mut self, slots: &[RingSlot]) {
+        self.slots.clear();
+        self.slots.extend(slots.iter().take(MAX_ACCOUNTS).cloned());
+        self.cursor = 0;
+    }
+
+    /// The slots in ring order.
+    pub fn slots(&self) -> &[RingSlot] {
         &self.slots
     }
 
@@ -187,7 +246,7 @@ impl KeyRing {
             let mut best: Option<(usize, u32)> = None;
             for k in 0..n {
                 let i = (self.cursor + k) % n;
-                let a = &self.slots[i];
+                let a = &self.slots[i].account;
                 if excluded & (1 << i) != 0 || !a.available(now) {
                     continue;
                 }
@@ -197,11 +256,15 @@ impl KeyRing {
                 }
             }
             let (i, _) = best?;
-            if self.slots[i].try_reserve() {
+            let slot = &self.slots[i];
+            if slot.account.try_reserve() {
                 self.cursor = (i + 1) % n;
+                slot.key.live.fetch_add(1, Ordering::AcqRel);
+                slot.key.streams_total.fetch_add(1, Ordering::Relaxed);
                 return Some(Lease {
-                    account: self.slots[i].clone(),
-                    index: i,
+                    account: slot.account.clone(),
+                    key: slot.key.clone(),
+                    slot: i,
                 });
             }
             excluded |= 1 << i; // lost a race with another shard: next best
@@ -214,20 +277,14 @@ impl KeyRing {
 mod tests {
     use super::*;
 
-    fn accounts(limits: &[u32]) -> Vec<Arc<AccountState>> {
+    fn accounts(limits: &[u32]) -> Vec<RingSlot> {
         let epoch = Instant::now();
         limits
             .iter()
             .enumerate()
-            .map(|(i, &m)| {
-                AccountState::new(
-                    &format!("a{i}"),
-                    Secret::new(format!("k{i}")),
-                    "r",
-                    true,
-                    m,
-                    epoch,
-                )
+            .map(|(i, &m)| RingSlot {
+                account: AccountState::new(&format!("a{i}"), i, "r", true, m, epoch),
+                key: KeySlot::new(Secret::new(format!("k{i}")), 0),
             })
             .collect()
     }
@@ -239,7 +296,7 @@ mod tests {
         let mut ring1 = KeyRing::new(&accts);
         let now = Instant::now();
         let a = ring0.pick(now, 0).unwrap();
-        assert_eq!(a.index, 1, "3 free beats 2 free");
+        assert_eq!(a.slot, 1, "3 free beats 2 free");
         let mut held = vec![a];
         // Two shards share the same limits: 5 streams in all, then none.
         for i in 0..4 {
@@ -248,7 +305,13 @@ mod tests {
         }
         assert!(ring0.pick(now, 0).is_none());
         assert!(ring1.pick(now, 0).is_none());
-        assert_eq!(accts[0].live.load(Ordering::Relaxed), 2);
+        assert_eq!(accts[0].account.live.load(Ordering::Relaxed), 2);
+        assert_eq!(
+            accts[0].key.live.load(Ordering::Relaxed),
+            2,
+            "per-key counts too"
+        );
+        assert_eq!(accts[1].key.streams_total.load(Ordering::Relaxed), 3);
         held.pop();
         assert!(
             ring1.pick(now, 0).is_some(),
@@ -261,24 +324,30 @@ mod tests {
         let accts = accounts(&[5, 5]);
         let mut ring = KeyRing::new(&accts);
         let now = Instant::now();
-        accts[0].mark_unhealthy(now);
-        assert!(!accts[0].healthy(now));
+        accts[0].account.mark_unhealthy(now);
+        assert!(!accts[0].account.healthy(now));
         for _ in 0..3 {
-            assert_eq!(ring.pick(now, 0).unwrap().index, 1);
+            assert_eq!(ring.pick(now, 0).unwrap().slot, 1);
         }
-        assert!(accts[0].healthy(now + UNHEALTHY_HOLDOFF + Duration::from_millis(1)));
-        accts[1].mark_rate_limited(now);
+        assert!(accts[0]
+            .account
+            .healthy(now + UNHEALTHY_HOLDOFF + Duration::from_millis(1)));
+        accts[1].account.mark_rate_limited(now);
         assert!(ring.pick(now, 0).is_none());
         assert!(ring.pick(now + Duration::from_millis(1001), 0).is_some());
-        accts[1].mark_rate_limited(now);
+        accts[1].account.mark_rate_limited(now);
         assert!(
-            !accts[1].available(now + Duration::from_millis(1500)),
+            !accts[1]
+                .account
+                .available(now + Duration::from_millis(1500)),
             "backoff doubled to 2 s"
         );
-        accts[1].mark_ok();
-        accts[1].mark_rate_limited(now);
+        accts[1].account.mark_ok();
+        accts[1].account.mark_rate_limited(now);
         assert!(
-            accts[1].available(now + Duration::from_millis(1001)),
+            accts[1]
+                .account
+                .available(now + Duration::from_millis(1001)),
             "reset after success"
         );
     }
@@ -288,9 +357,9 @@ mod tests {
         let accts = accounts(&[5, 5, 5]);
         let mut ring = KeyRing::new(&accts);
         let now = Instant::now();
-        accts[2].enabled.store(false, Ordering::Relaxed);
+        accts[2].account.enabled.store(false, Ordering::Relaxed);
         let l = ring.pick(now, 0b001).unwrap();
-        assert_eq!(l.index, 1);
+        assert_eq!(l.slot, 1);
         assert!(ring.pick(now, 0b011).is_none());
     }
 }

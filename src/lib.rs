@@ -10,6 +10,7 @@
 //! - [`metrics`]: per-shard counters and latency histograms, merged and
 //!   rendered as Prometheus text only when scraped.
 //! - [`pump`]: the frame path: in-place scanning, re-masking and forwarding.
+//! - [`control`]: the control plane's authoritative account set; changes become ring versions.
 //! - [`secret`]: secret values that only ever print as fingerprints.
 //! - [`upstream`]: TCP, TLS and the WebSocket client upgrade to Soniox.
 //! - [`fake_soniox`]: a local stand-in for Soniox's real-time WebSocket API (tests, load).
@@ -29,6 +30,7 @@ pub mod upstream;
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod demo;
 #[path = "../tools/fake_soniox/mod.rs"]
 pub mod fake_soniox;

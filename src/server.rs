@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use crate::admin::{self, AdminHandle, AdminSetup};
 use crate::config::{AuthMode, Config};
-use crate::keyring::AccountState;
+use crate::control::Accounts;
 use crate::metrics::MetricsSnapshot;
 use crate::shard::{self, ProcessState, ShardHandle, ShardMsg, ShardSetup};
 use crate::token::TokenKeys;
@@ -30,21 +30,12 @@ pub struct RelayHandle {
 pub fn start(cfg: &Config) -> std::io::Result<RelayHandle> {
     let invalid = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
     let epoch = Instant::now();
-    let accounts: Vec<Arc<AccountState>> = cfg
-        .accounts
-        .iter()
-        .map(|a| {
-            AccountState::new(
-                &a.id,
-                a.key.clone(),
-                &a.region,
-                a.enabled,
-                a.max_concurrent_streams,
-                epoch,
-            )
-        })
-        .collect();
-    let process = ProcessState::new(cfg.server.max_streams, accounts);
+    let accounts = Accounts::from_config(&cfg.accounts, epoch);
+    let process = ProcessState::new(
+        cfg.server.max_streams,
+        accounts.ring(),
+        accounts.metrics_ids(),
+    );
     let tls = if cfg.upstream.url.starts_with("wss://") {
         Some(crate::upstream::tls_client_config(cfg.upstream.ca_file.as_deref()).map_err(invalid)?)
     } else {
@@ -75,8 +66,9 @@ pub fn start(cfg: &Config) -> std::io::Result<RelayHandle> {
         listen: cfg.server.admin_listen,
         shards: shards.iter().map(|s| s.tx.clone()).collect(),
         process: process.clone(),
+        accounts,
     })?;
-    tracing::info!(client = %shards[0].addr, admin = %admin.addr, shards = n, accounts = process.accounts.len(), "clio-relay listening");
+    tracing::info!(client = %shards[0].addr, admin = %admin.addr, shards = n, accounts = process.accounts().len(), "clio-relay listening");
     Ok(RelayHandle {
         client_addr: shards[0].addr,
         admin_addr: admin.addr,

@@ -322,7 +322,9 @@ impl Stream {
                 End::Retry(code) => {
                     self.note_refusal(&up.lease, code);
                     tracing::info!(stream = %self.id, account = %up.lease.account.id, code, "upstream refused the account on its first message; moving the stream");
-                    self.shard.metrics.stream_closed(up.lease.index);
+                    self.shard
+                        .metrics
+                        .stream_closed(up.lease.account.metrics_index);
                     // The refused connection is dropped when `up` is replaced.
                     state.inspect_first_upstream.set(true);
                     match self.open_upstream(&mut tried).await {
@@ -342,7 +344,9 @@ impl Stream {
         }
         self.finish(&client, &up, end, &state, &mut cbuf, &mut cside)
             .await;
-        self.shard.metrics.stream_closed(up.lease.index);
+        self.shard
+            .metrics
+            .stream_closed(up.lease.account.metrics_index);
         tracing::debug!(stream = %self.id, ?end, secs = started.elapsed().as_secs_f64(), "stream end");
     }
 
@@ -475,14 +479,14 @@ impl Stream {
                     Refusal::no_account()
                 });
             };
-            *tried |= 1 << lease.index;
+            *tried |= 1 << lease.slot;
             let mut buf = shard.pool.get();
             let t0 = Instant::now();
             let key_in_header = shard.key_in_header;
             match shard
                 .upstream
                 .connect(
-                    &lease.account.key,
+                    &lease.key.key,
                     key_in_header,
                     &mut buf,
                     shard.connect_timeout,
@@ -495,13 +499,13 @@ impl Stream {
                         t0.elapsed().as_micros() as u64,
                     );
                     lease.account.mark_ok();
-                    shard.metrics.stream_opened(lease.index);
+                    shard.metrics.stream_opened(lease.account.metrics_index);
                     return Ok(Upstream { conn, lease, buf });
                 }
                 Err(crate::upstream::ConnectError::Refused(status)) => {
                     self.note_refusal(&lease, status);
                     shard.metrics.error(Side::Upstream, status);
-                    shard.metrics.account_retry(lease.index);
+                    shard.metrics.account_retry(lease.account.metrics_index);
                     tracing::info!(stream = %self.id, account = %lease.account.id, status, "upstream refused the account; trying the next");
                     if status >= 500 {
                         unreachable = true;
@@ -534,7 +538,7 @@ impl Stream {
         if !self.shard.key_in_header {
             config.insert(
                 "api_key".into(),
-                Value::String(up.lease.account.key.expose().to_string()),
+                Value::String(up.lease.key.key.expose().to_string()),
             );
         }
         if !config.contains_key("client_reference_id") {

@@ -10,7 +10,7 @@ use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_lite::future;
@@ -19,7 +19,7 @@ use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::config::LimitsConfig;
 use crate::io::BufferPool;
-use crate::keyring::{AccountState, KeyRing};
+use crate::keyring::{AccountState, KeyRing, RingSlot};
 use crate::mask::MaskKeys;
 use crate::metrics::{MetricsSnapshot, ShardMetrics};
 use crate::token::TokenKeys;
@@ -44,13 +44,15 @@ pub struct ProcessState {
     draining: AtomicBool,
     /// Random per process start, part of every stream id.
     boot_id: u32,
-    /// Every account, shared by all shards' key rings.
-    pub accounts: Vec<Arc<AccountState>>,
+    /// The ring version last published, and account ids by metrics index:
+    /// what a shard starts with, and what the admin side reports. Locked only
+    /// on control-plane changes and reads, never by a stream.
+    published: Mutex<(Arc<[RingSlot]>, Arc<[String]>)>,
 }
 
 impl ProcessState {
     /// State for a process with these limits and accounts.
-    pub fn new(max_streams: u32, accounts: Vec<Arc<AccountState>>) -> Arc<Self> {
+    pub fn new(max_streams: u32, ring: Arc<[RingSlot]>, metrics_ids: Arc<[String]>) -> Arc<Self> {
         let mut masks = MaskKeys::default();
         let boot_id = u32::from_le_bytes(masks.next_key());
         Arc::new(ProcessState {
@@ -58,8 +60,36 @@ impl ProcessState {
             max_streams,
             draining: AtomicBool::new(false),
             boot_id,
-            accounts,
+            published: Mutex::new((ring, metrics_ids)),
         })
+    }
+
+    /// Records a new ring version (the caller also sends it to every shard).
+    pub fn publish(&self, ring: Arc<[RingSlot]>, metrics_ids: Arc<[String]>) {
+        *self.published.lock().unwrap_or_else(|e| e.into_inner()) = (ring, metrics_ids);
+    }
+
+    /// The ring version last published.
+    pub fn ring(&self) -> Arc<[RingSlot]> {
+        self.published
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .clone()
+    }
+
+    /// Account ids by metrics index.
+    pub fn metrics_ids(&self) -> Arc<[String]> {
+        self.published
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .clone()
+    }
+
+    /// The accounts of the ring version last published.
+    pub fn accounts(&self) -> Vec<Arc<AccountState>> {
+        self.ring().iter().map(|s| s.account.clone()).collect()
     }
 
     /// Counts a new stream against `max_streams`, or `None` when full.
@@ -109,6 +139,8 @@ impl Drop for AdmitPermit {
 pub enum ShardMsg {
     /// Send back a snapshot of the shard's metrics.
     Snapshot(async_channel::Sender<MetricsSnapshot>),
+    /// Install a new key-ring version; the ids are the accounts by metrics index.
+    Ring(Arc<[RingSlot]>, Arc<[String]>),
     /// Stop accepting and end the executor.
     Stop,
 }
@@ -214,12 +246,7 @@ pub fn start(index: usize, setup: ShardSetup) -> std::io::Result<ShardHandle> {
                         return;
                     }
                 };
-            let ids: Vec<String> = setup
-                .process
-                .accounts
-                .iter()
-                .map(|a| a.id.clone())
-                .collect();
+            let ids = setup.process.metrics_ids();
             let shard = Rc::new(Shard {
                 index,
                 limits: setup.limits.clone(),
@@ -227,7 +254,7 @@ pub fn start(index: usize, setup: ShardSetup) -> std::io::Result<ShardHandle> {
                 connect_timeout: setup.connect_timeout,
                 tokens: setup.tokens.clone(),
                 process: setup.process.clone(),
-                ring: RefCell::new(KeyRing::new(&setup.process.accounts)),
+                ring: RefCell::new(KeyRing::new(&setup.process.ring())),
                 metrics: ShardMetrics::new(index, &ids),
                 pool: BufferPool::new(BUFFER_SIZE, 64, 4096),
                 masks: RefCell::new(MaskKeys::default()),
@@ -243,6 +270,10 @@ pub fn start(index: usize, setup: ShardSetup) -> std::io::Result<ShardHandle> {
                         match msg {
                             ShardMsg::Snapshot(reply) => {
                                 let _ = reply.send(shard.metrics.snapshot()).await;
+                            }
+                            ShardMsg::Ring(ring, ids) => {
+                                shard.metrics.set_accounts(&ids);
+                                shard.ring.borrow_mut().replace(&ring);
                             }
                             ShardMsg::Stop => break,
                         }

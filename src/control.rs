@@ -1,0 +1,358 @@
+//! The control plane's account set: the one authoritative list of accounts
+//! and keys, owned by the admin thread. Every change becomes a new ring
+//! version published to every shard ([`crate::shard::ShardMsg::Ring`]);
+//! shards install it between events.
+//!
+//! Enabling, disabling and limits are atomics in [`AccountState`], so they
+//! take effect on every shard at once; adding, removing and rotating change
+//! which slots and keys exist, so they go through a new ring version.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::config::AccountConfig;
+use crate::keyring::{AccountState, KeySlot, RingSlot, MAX_ACCOUNTS};
+use crate::secret::Secret;
+
+/// Where an account's definition comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// The config file.
+    Config,
+    /// Added or changed at runtime (the admin API), kept in the key store.
+    Store,
+}
+
+/// One account as the control plane knows it.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// Shared state (limits, health, live count).
+    pub state: Arc<AccountState>,
+    /// The key every new stream takes.
+    pub current: Arc<KeySlot>,
+    /// Keys being rotated out: they keep the streams they carry until their
+    /// overlap ends.
+    pub retiring: Vec<Arc<KeySlot>>,
+    /// Config file or runtime.
+    pub source: Source,
+}
+
+/// Why an account change was refused. Messages never contain key material.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChangeError {
+    /// No account with that id.
+    NotFound(String),
+    /// An account with that id exists already.
+    Exists(String),
+    /// A field is out of range or malformed.
+    Invalid(String),
+}
+
+impl std::fmt::Display for ChangeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ChangeError::NotFound(id) => write!(f, "no account {id:?}"),
+            ChangeError::Exists(id) => write!(f, "account {id:?} exists already"),
+            ChangeError::Invalid(why) => f.write_str(why),
+        }
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The authoritative account set.
+#[derive(Debug)]
+pub struct Accounts {
+    epoch: Instant,
+    entries: Vec<Entry>,
+    /// Account ids by metrics index. Append-only, so the index a live
+    /// stream recorded stays valid whatever changes.
+    metrics_ids: Vec<String>,
+}
+
+impl Accounts {
+    /// The accounts of the config file, keys dated now.
+    pub fn from_config(accounts: &[AccountConfig], epoch: Instant) -> Accounts {
+        let mut set = Accounts {
+            epoch,
+            entries: Vec::new(),
+            metrics_ids: Vec::new(),
+        };
+        let now = unix_now();
+        for a in accounts {
+            // Config validation already refused duplicates and bad ids.
+            let _ = set.add(
+                &a.id,
+                a.key.clone(),
+                &a.region,
+                a.enabled,
+                a.max_concurrent_streams,
+                now,
+                Source::Config,
+            );
+        }
+        set
+    }
+
+    /// All entries, in ring order.
+    pub fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+
+    /// Account ids by metrics index.
+    pub fn metrics_ids(&self) -> Arc<[String]> {
+        self.metrics_ids.clone().into()
+    }
+
+    /// The ring version shards should run: every account with its current key.
+    pub fn ring(&self) -> Arc<[RingSlot]> {
+        self.entries
+            .iter()
+            .map(|e| RingSlot {
+                account: e.state.clone(),
+                key: e.current.clone(),
+            })
+            .collect()
+    }
+
+    fn find(&self, id: &str) -> Result<usize, ChangeError> {
+        self.entries
+            .iter()
+            .position(|e| e.state.id == id)
+            .ok_or_else(|| ChangeError::NotFound(id.to_string()))
+    }
+
+    /// The entry for `id`.
+    pub fn get(&self, id: &str) -> Option<&Entry> {
+        self.entries.iter().find(|e| e.state.id == id)
+    }
+
+    /// Adds an account. Its live count starts at zero; if an account of the
+    /// same id was removed earlier, its metrics index is reused.
+    #[allow(clippy::too_many_arguments)]
+    pub fn add(
+        &mut self,
+        id: &str,
+        key: Secret,
+        region: &str,
+        enabled: bool,
+        max_concurrent: u32,
+        key_created_at: u64,
+        source: Source,
+    ) -> Result<(), ChangeError> {
+        if !crate::config::valid_account_id(id) {
+            return Err(ChangeError::Invalid(format!(
+                "account id {id:?} must be 1-64 of A-Z a-z 0-9 . _ -"
+            )));
+        }
+        if self.find(id).is_ok() {
+            return Err(ChangeError::Exists(id.to_string()));
+        }
+        if key.expose().trim().is_empty() {
+            return Err(ChangeError::Invalid("the key is empty".into()));
+        }
+        if max_concurrent == 0 {
+            return Err(ChangeError::Invalid(
+                "max_concurrent_streams must be at least 1".into(),
+            ));
+        }
+        if self.entries.len() >= MAX_ACCOUNTS {
+            return Err(ChangeError::Invalid(format!(
+                "at most {MAX_ACCOUNTS} accounts"
+            )));
+        }
+        let metrics_index = match self.metrics_ids.iter().position(|m| m == id) {
+            Some(i) => i,
+            None => {
+                self.metrics_ids.push(id.to_string());
+                self.metrics_ids.len() - 1
+            }
+        };
+        let state = AccountState::new(
+            id,
+            metrics_index,
+            region,
+            enabled,
+            max_concurrent,
+            self.epoch,
+        );
+        self.entries.push(Entry {
+            state,
+            current: KeySlot::new(key, key_created_at),
+            retiring: Vec::new(),
+            source,
+        });
+        Ok(())
+    }
+
+    /// Removes an account: it takes no new stream; streams on it go on to their end.
+    pub fn remove(&mut self, id: &str) -> Result<Entry, ChangeError> {
+        let i = self.find(id)?;
+        Ok(self.entries.remove(i))
+    }
+
+    /// Enables or disables an account (takes effect on every shard at once).
+    pub fn set_enabled(&mut self, id: &str, enabled: bool) -> Result<(), ChangeError> {
+        let i = self.find(id)?;
+        self.entries[i]
+            .state
+            .enabled
+            .store(enabled, Ordering::Relaxed);
+        self.entries[i].source = Source::Store;
+        Ok(())
+    }
+
+    /// Sets an account's concurrent-stream limit (streams over a lowered
+    /// limit go on; new ones wait for room).
+    pub fn set_max_concurrent(&mut self, id: &str, max: u32) -> Result<(), ChangeError> {
+        if max == 0 {
+            return Err(ChangeError::Invalid(
+                "max_concurrent_streams must be at least 1".into(),
+            ));
+        }
+        let i = self.find(id)?;
+        self.entries[i]
+            .state
+            .max_concurrent
+            .store(max, Ordering::Relaxed);
+        self.entries[i].source = Source::Store;
+        Ok(())
+    }
+
+    /// Rotates an account's key: `key` takes every new stream at once; the
+    /// old key keeps its streams until they end or `overlap` passes.
+    pub fn rotate(
+        &mut self,
+        id: &str,
+        key: Secret,
+        overlap: Duration,
+        now: u64,
+    ) -> Result<(), ChangeError> {
+        let i = self.find(id)?;
+        if key.expose().trim().is_empty() {
+            return Err(ChangeError::Invalid("the key is empty".into()));
+        }
+        let e = &mut self.entries[i];
+        if key == e.current.key || e.retiring.iter().any(|k| k.key == key) {
+            return Err(ChangeError::Invalid(
+                "the new key is one the account already has".into(),
+            ));
+        }
+        let old = std::mem::replace(&mut e.current, KeySlot::new(key, now));
+        old.retire_at
+            .store(now + overlap.as_secs(), Ordering::Relaxed);
+        e.retiring.push(old);
+        e.source = Source::Store;
+        // The new key has not been refused by anyone yet.
+        e.state.mark_ok();
+        Ok(())
+    }
+
+    /// Drops retiring keys whose overlap has ended and that carry no stream
+    /// any more; returns those past their overlap that still carry streams
+    /// (for the caller to end), once each call.
+    pub fn expire_retiring(&mut self, now: u64) -> Vec<Arc<KeySlot>> {
+        let mut overdue = Vec::new();
+        for e in &mut self.entries {
+            e.retiring.retain(|k| {
+                let due = k.retire_at.load(Ordering::Relaxed) <= now;
+                let live = k.live.load(Ordering::Relaxed);
+                if due && live > 0 {
+                    overdue.push(k.clone());
+                }
+                !(due && live == 0)
+            });
+        }
+        overdue
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set() -> Accounts {
+        let cfg = vec![
+            AccountConfig::new("a", Secret::new("key-a")),
+            AccountConfig::new("b", Secret::new("key-b")),
+        ];
+        Accounts::from_config(&cfg, Instant::now())
+    }
+
+    #[test]
+    fn changes_publish_new_rings_with_stable_metrics_indices() {
+        let mut s = set();
+        assert_eq!(s.ring().len(), 2);
+        s.remove("a").unwrap();
+        s.add("c", Secret::new("key-c"), "eu", true, 5, 0, Source::Store)
+            .unwrap();
+        s.add("a", Secret::new("key-a2"), "us", true, 5, 0, Source::Store)
+            .unwrap();
+        let ids: Vec<_> = s
+            .ring()
+            .iter()
+            .map(|r| (r.account.id.clone(), r.account.metrics_index))
+            .collect();
+        assert_eq!(ids, vec![("b".into(), 1), ("c".into(), 2), ("a".into(), 0)]);
+        assert_eq!(
+            &*s.metrics_ids(),
+            &["a".to_string(), "b".into(), "c".into()]
+        );
+        assert_eq!(
+            s.add("b", Secret::new("x"), "", true, 1, 0, Source::Store),
+            Err(ChangeError::Exists("b".into()))
+        );
+        assert!(matches!(
+            s.add("bad id", Secret::new("x"), "", true, 1, 0, Source::Store),
+            Err(ChangeError::Invalid(_))
+        ));
+        assert_eq!(
+            s.remove("zz").unwrap_err(),
+            ChangeError::NotFound("zz".into())
+        );
+    }
+
+    #[test]
+    fn rotation_moves_new_streams_and_retires_after_overlap() {
+        let mut s = set();
+        let mut ring = crate::keyring::KeyRing::new(&s.ring());
+        let old_stream = ring.pick(Instant::now(), 0b10).unwrap();
+        assert_eq!(old_stream.key.key.expose(), "key-a");
+        s.rotate("a", Secret::new("key-a-new"), Duration::from_secs(60), 1000)
+            .unwrap();
+        ring.replace(&s.ring());
+        let new_stream = ring.pick(Instant::now(), 0b10).unwrap();
+        assert_eq!(new_stream.key.key.expose(), "key-a-new");
+        let e = s.get("a").unwrap();
+        assert_eq!(e.retiring.len(), 1);
+        assert_eq!(
+            e.retiring[0].live.load(Ordering::Relaxed),
+            1,
+            "the old key still carries its stream"
+        );
+        assert!(s.expire_retiring(1059).is_empty(), "inside the overlap");
+        assert_eq!(
+            s.expire_retiring(1060).len(),
+            1,
+            "overdue with a live stream"
+        );
+        drop(old_stream);
+        assert!(s.expire_retiring(1061).is_empty());
+        assert!(
+            s.get("a").unwrap().retiring.is_empty(),
+            "retired once its streams ended"
+        );
+        assert!(
+            s.rotate("a", Secret::new("key-a-new"), Duration::ZERO, 0)
+                .is_err(),
+            "same key again"
+        );
+    }
+}
