@@ -62,6 +62,50 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// The Soniox accounts whose API keys carry the streams.
     pub accounts: Vec<AccountConfig>,
+    /// The admin API, key store, rotation and health checks.
+    pub admin: AdminConfig,
+}
+
+/// `[admin]`: who may use the admin port, where runtime changes are kept,
+/// and how keys are rotated and checked.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    /// Bearer token for the admin API, the dashboard and `clio-relay keys`.
+    /// Without one, those answer 401 to everyone.
+    pub token: Option<Secret>,
+    /// Networks allowed on the admin port (`/metrics` and health included);
+    /// empty means any. Others get their connection closed.
+    pub allow: Vec<ipnet::IpNet>,
+    /// Directory of the encrypted key store (`accounts.store`).
+    pub state_dir: PathBuf,
+    /// AES-256-GCM master key of the store (64 hex digits). Without it,
+    /// runtime account changes live only until the process exits.
+    pub master_key: Option<Secret>,
+    /// A key older than this is flagged (log and metric) as due for rotation.
+    pub rotation_period: Duration,
+    /// How long a rotated-out key keeps the streams it carries, by default.
+    pub rotation_overlap: Duration,
+    /// How often each account's key is checked against upstream's REST API
+    /// (`GET /v1/models`, `GET /v1/concurrency-limits`); zero turns it off.
+    pub health_interval: Duration,
+    /// Upstream's REST base URL; derived from `upstream.url` when not set
+    /// (`wss://stt-rt.X/…` → `https://api.X`).
+    pub rest_url: Option<String>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            token: None,
+            allow: Vec::new(),
+            state_dir: PathBuf::from("/var/lib/clio-relay"),
+            master_key: None,
+            rotation_period: Duration::from_secs(90 * 24 * 3600),
+            rotation_overlap: Duration::from_secs(3600),
+            health_interval: Duration::from_secs(30),
+            rest_url: None,
+        }
+    }
 }
 
 /// `[server]`: listening sockets and process-wide capacity.

@@ -27,6 +27,23 @@ struct RawFile {
     limits: RawLimits,
     #[serde(default)]
     account: Vec<RawAccount>,
+    #[serde(default)]
+    admin: RawAdmin,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    token_env: Option<String>,
+    token_file: Option<PathBuf>,
+    allow: Option<Vec<String>>,
+    state_dir: Option<PathBuf>,
+    master_key_env: Option<String>,
+    master_key_file: Option<PathBuf>,
+    rotation_period: Option<String>,
+    rotation_overlap: Option<String>,
+    health_interval: Option<String>,
+    rest_url: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -339,12 +356,14 @@ fn resolve(raw: RawFile, base: &Path) -> Result<Config, ConfigError> {
         accounts.push(acc);
     }
 
+    let admin = resolve_admin(raw.admin, base, &mut p);
     let config = Config {
         server,
         upstream,
         tokens: tokens.unwrap_or_else(|| TokensConfig::new(Secret::new(""))),
         limits,
         accounts,
+        admin,
     };
     if let Some(ca) = &config.upstream.ca_file {
         if !ca.is_file() {
@@ -359,6 +378,87 @@ fn resolve(raw: RawFile, base: &Path) -> Result<Config, ConfigError> {
         Ok(config)
     } else {
         Err(ConfigError { problems: p.lines })
+    }
+}
+
+/// Resolves `[admin]`.
+fn resolve_admin(a: RawAdmin, base: &Path, p: &mut Problems) -> AdminConfig {
+    let d = AdminConfig::default();
+    let token = resolve_secret(
+        "admin",
+        ("token_env", a.token_env),
+        ("token_file", a.token_file),
+        false,
+        base,
+        p,
+    )
+    .flatten();
+    if let Some(t) = &token {
+        if t.expose().len() < 16 {
+            p.push("admin.token", "must be at least 16 characters");
+        }
+    }
+    let master_key = resolve_secret(
+        "admin",
+        ("master_key_env", a.master_key_env),
+        ("master_key_file", a.master_key_file),
+        false,
+        base,
+        p,
+    )
+    .flatten();
+    if let Some(k) = &master_key {
+        let k = k.expose().trim();
+        if k.len() != 64 || !k.bytes().all(|b| b.is_ascii_hexdigit()) {
+            p.push(
+                "admin.master_key",
+                "must be 64 hex digits (32 bytes; `openssl rand -hex 32`)",
+            );
+        }
+    }
+    let mut allow = Vec::new();
+    for (i, net) in a.allow.unwrap_or_default().iter().enumerate() {
+        let text = net.trim();
+        let parsed = text
+            .parse::<ipnet::IpNet>()
+            .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+        match parsed {
+            Ok(n) => allow.push(n),
+            Err(_) => p.push(
+                &format!("admin.allow[{i}]"),
+                format!("invalid network {text:?} (want e.g. 10.0.0.0/8 or ::1)"),
+            ),
+        }
+    }
+    if let Some(u) = &a.rest_url {
+        if !(u.starts_with("http://") || u.starts_with("https://")) {
+            p.push("admin.rest_url", "must start with http:// or https://");
+        }
+    }
+    AdminConfig {
+        token,
+        allow,
+        state_dir: a.state_dir.map(|d| base.join(d)).unwrap_or(d.state_dir),
+        master_key,
+        rotation_period: duration(
+            "admin.rotation_period",
+            a.rotation_period,
+            d.rotation_period,
+            p,
+        ),
+        rotation_overlap: duration(
+            "admin.rotation_overlap",
+            a.rotation_overlap,
+            d.rotation_overlap,
+            p,
+        ),
+        health_interval: duration(
+            "admin.health_interval",
+            a.health_interval,
+            d.health_interval,
+            p,
+        ),
+        rest_url: a.rest_url,
     }
 }
 

@@ -477,6 +477,7 @@ fn validate_built_config() {
         tokens: TokensConfig::new(Secret::new(TOKEN_SECRET)),
         limits: LimitsConfig::default(),
         accounts: vec![AccountConfig::new("a", Secret::new(KEY_A))],
+        admin: AdminConfig::default(),
     };
     assert!(c.validate().is_ok());
     let mut bad = c.clone();
@@ -562,6 +563,7 @@ fn warnings() {
             AccountConfig::new("a", Secret::new(KEY_A)),
             AccountConfig::new("b", Secret::new(KEY_A)),
         ],
+        admin: AdminConfig::default(),
     };
     c.server.max_streams = 15;
     let w = c.warnings();

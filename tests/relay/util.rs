@@ -5,7 +5,8 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant, SystemTime};
 
 use clio_relay::config::{
-    AccountConfig, AuthMode, Config, LimitsConfig, ServerConfig, TokensConfig, UpstreamConfig,
+    AccountConfig, AdminConfig, AuthMode, Config, LimitsConfig, ServerConfig, TokensConfig,
+    UpstreamConfig,
 };
 use clio_relay::fake_soniox::{FakeConfig, FakeKey, FakeSoniox};
 use clio_relay::secret::Secret;
@@ -61,6 +62,7 @@ pub fn relay_config(upstream: &str, accounts: &[(&str, &str)]) -> Config {
             .iter()
             .map(|(id, key)| AccountConfig::new(*id, Secret::new(*key)))
             .collect(),
+        admin: AdminConfig::default(),
     }
 }
 
