@@ -255,9 +255,9 @@ impl Accounts {
         Ok(())
     }
 
-    /// Drops retiring keys whose overlap has ended and that carry no stream
-    /// any more; returns those past their overlap that still carry streams
-    /// (for the caller to end), once each call.
+    /// Retires keys that carry no stream any more (their overlap is only a
+    /// deadline for the streams they carry); returns those past the deadline
+    /// that still carry streams, for the caller to report or end.
     pub fn expire_retiring(&mut self, now: u64) -> Vec<Arc<KeySlot>> {
         let mut overdue = Vec::new();
         for e in &mut self.entries {
@@ -267,7 +267,7 @@ impl Accounts {
                 if due && live > 0 {
                     overdue.push(k.clone());
                 }
-                !(due && live == 0)
+                live > 0
             });
         }
         overdue

@@ -67,6 +67,7 @@ pub fn start(cfg: &Config) -> std::io::Result<RelayHandle> {
         shards: shards.iter().map(|s| s.tx.clone()).collect(),
         process: process.clone(),
         accounts,
+        config: cfg.admin.clone(),
     })?;
     tracing::info!(client = %shards[0].addr, admin = %admin.addr, shards = n, accounts = process.accounts().len(), "clio-relay listening");
     Ok(RelayHandle {

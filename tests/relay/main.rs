@@ -4,4 +4,5 @@
 mod util;
 
 mod auth;
+mod keys_api;
 mod streaming;

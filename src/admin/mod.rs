@@ -1,0 +1,384 @@
+//! The admin port: `/metrics`, `/healthz`, `/readyz`, `/v1/config`, and,
+//! behind the admin token, the account API (`/admin/…`).
+//!
+//! Runs on its own executor thread, off the streaming path. It owns the
+//! control plane's account set; shards learn of changes only by message
+//! ([`ShardMsg::Ring`]), and answer metrics requests ([`ShardMsg::Snapshot`])
+//! that a scrape merges.
+
+mod api;
+
+use std::cell::RefCell;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use glommio::net::TcpListener;
+use glommio::{LocalExecutorBuilder, Placement};
+
+use crate::config::AdminConfig;
+use crate::control::Accounts;
+use crate::http;
+use crate::io::{timeout, Buf, BufferPool, Conn, Duplex};
+use crate::metrics::{render_prometheus, MetricsSnapshot, ProcessGauges};
+use crate::shard::{ProcessState, ShardMsg, IO_MEMORY};
+
+/// Largest request body the admin API reads.
+const MAX_BODY: usize = 64 * 1024;
+
+/// What the admin server needs.
+#[derive(Debug)]
+pub struct AdminSetup {
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// Control channels of every shard.
+    pub shards: Vec<async_channel::Sender<ShardMsg>>,
+    /// Process-wide state (accounts, draining, stream count).
+    pub process: Arc<ProcessState>,
+    /// The authoritative account set; the admin thread owns it from here on.
+    pub accounts: Accounts,
+    /// Token, allowlist, rotation settings.
+    pub config: AdminConfig,
+}
+
+/// The admin thread's state.
+struct Admin {
+    shards: Vec<async_channel::Sender<ShardMsg>>,
+    process: Arc<ProcessState>,
+    accounts: RefCell<Accounts>,
+    config: AdminConfig,
+    /// HMAC key and tag of the admin token, so a presented token is compared
+    /// in constant time (ring's `hmac::verify`).
+    token_check: Option<(ring::hmac::Key, ring::hmac::Tag)>,
+}
+
+impl Admin {
+    /// Sends the current ring version to every shard.
+    fn publish(&self) {
+        let accounts = self.accounts.borrow();
+        let (ring, ids) = (accounts.ring(), accounts.metrics_ids());
+        self.process.publish(ring.clone(), ids.clone());
+        for tx in &self.shards {
+            let _ = tx.try_send(ShardMsg::Ring(ring.clone(), ids.clone()));
+        }
+    }
+
+    fn authorized(&self, req: &Request<'_>) -> bool {
+        let Some((key, tag)) = &self.token_check else {
+            return false;
+        };
+        let presented = req
+            .header("authorization")
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .map(str::trim);
+        presented.is_some_and(|t| ring::hmac::verify(key, t.as_bytes(), tag.as_ref()).is_ok())
+    }
+
+    fn allowed(&self, peer: Option<SocketAddr>) -> bool {
+        if self.config.allow.is_empty() {
+            return true;
+        }
+        peer.is_some_and(|p| {
+            let ip = match p.ip() {
+                std::net::IpAddr::V6(v6) => v6
+                    .to_ipv4_mapped()
+                    .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
+                v4 => v4,
+            };
+            self.config.allow.iter().any(|n| n.contains(&ip))
+        })
+    }
+}
+
+/// A parsed admin request.
+#[derive(Debug)]
+pub(crate) struct Request<'a> {
+    method: &'a str,
+    path: &'a str,
+    headers: Vec<(&'a str, &'a str)>,
+    body: &'a [u8],
+}
+
+impl Request<'_> {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| *v)
+    }
+}
+
+/// A running admin server.
+#[derive(Debug)]
+pub struct AdminHandle {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    stop: async_channel::Sender<()>,
+    join: Option<glommio::ExecutorJoinHandle<()>>,
+}
+
+impl AdminHandle {
+    /// Stops the admin server and waits for its thread.
+    pub fn stop(mut self) {
+        self.stop.close();
+        if let Some(j) = self.join.take() {
+            let _ = j.join();
+        }
+    }
+}
+
+/// Asks every shard for its metrics and returns the snapshots, in shard order.
+pub async fn collect(shards: &[async_channel::Sender<ShardMsg>]) -> Vec<MetricsSnapshot> {
+    let mut out = Vec::with_capacity(shards.len());
+    for tx in shards {
+        let (rtx, rrx) = async_channel::bounded(1);
+        if tx.send(ShardMsg::Snapshot(rtx)).await.is_ok() {
+            if let Ok(s) = rrx.recv().await {
+                out.push(s);
+            }
+        }
+    }
+    out
+}
+
+/// Starts the admin server on its own thread; returns once it listens.
+pub fn start(setup: AdminSetup) -> std::io::Result<AdminHandle> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<std::io::Result<SocketAddr>>();
+    let (stop_tx, stop_rx) = async_channel::bounded::<()>(1);
+    let join = LocalExecutorBuilder::new(Placement::Unbound)
+        .name("clio-admin")
+        .io_memory(IO_MEMORY)
+        .spawn(move || async move {
+            let listener = match TcpListener::bind(setup.listen) {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e.into()));
+                    return;
+                }
+            };
+            let _ = ready_tx.send(listener.local_addr().map_err(Into::into));
+            let token_check = setup.config.token.as_ref().map(|t| {
+                let mut salt = [0u8; 32];
+                let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut salt);
+                let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &salt);
+                let tag = ring::hmac::sign(&key, t.expose().as_bytes());
+                (key, tag)
+            });
+            let admin = Rc::new(Admin {
+                shards: setup.shards,
+                process: setup.process,
+                accounts: RefCell::new(setup.accounts),
+                config: setup.config,
+                token_check,
+            });
+            let pool = BufferPool::new(MAX_BODY + 8192, 2, 16);
+            let accept = async {
+                while let Ok(tcp) = listener.accept().await {
+                    if !admin.allowed(tcp.peer_addr().ok()) {
+                        continue; // dropped: not on the allowlist
+                    }
+                    let (admin, pool) = (admin.clone(), pool.clone());
+                    glommio::spawn_local(async move {
+                        let conn = Duplex::new(Conn::Plain(tcp));
+                        let mut buf = pool.get();
+                        let answer =
+                            match timeout(Duration::from_secs(10), read_request(&conn, &mut buf))
+                                .await
+                            {
+                                Some(Ok(n)) => match parse_request(&buf.filled()[..n]) {
+                                    Some(req) => route(&admin, &req).await,
+                                    None => http::json_error(400, "malformed HTTP request"),
+                                },
+                                Some(Err(status)) => {
+                                    http::json_error(status, "request too large or malformed")
+                                }
+                                None => return,
+                            };
+                        let _ = conn.write_all(&answer).await;
+                        let _ = conn.close().await;
+                    })
+                    .detach();
+                }
+            };
+            let housekeeping = async {
+                loop {
+                    glommio::timer::Timer::new(Duration::from_secs(1)).await;
+                    api::housekeeping(&admin);
+                }
+            };
+            futures_lite::future::or(futures_lite::future::or(accept, housekeeping), async {
+                let _ = stop_rx.recv().await;
+            })
+            .await;
+        })?;
+    let addr = ready_rx
+        .recv()
+        .map_err(|_| std::io::Error::other("admin thread ended before listening"))??;
+    Ok(AdminHandle {
+        addr,
+        stop: stop_tx,
+        join: Some(join),
+    })
+}
+
+/// Reads a request head and its body (by `Content-Length`) into `buf`;
+/// returns the total length, or an HTTP status to refuse with.
+async fn read_request(conn: &Duplex, buf: &mut Buf) -> Result<usize, u16> {
+    let head = http::read_head(conn, buf, 8192)
+        .await
+        .map_err(|e| match e {
+            http::HeadError::TooLarge => 431u16,
+            _ => 400u16,
+        })?;
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut req = httparse::Request::new(&mut headers);
+    if req.parse(&buf.filled()[..head]).is_err() {
+        return Err(400);
+    }
+    let length = req
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+        .map(|h| {
+            std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .ok_or(400u16)
+        })
+        .transpose()?
+        .unwrap_or(0);
+    if length > MAX_BODY {
+        return Err(413);
+    }
+    while buf.len() < head + length {
+        match buf.read_from(conn).await {
+            Ok(0) | Err(_) => return Err(400),
+            Ok(_) => {}
+        }
+    }
+    Ok(head + length)
+}
+
+fn parse_request(bytes: &[u8]) -> Option<Request<'_>> {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut req = httparse::Request::new(&mut headers);
+    let head = match req.parse(bytes) {
+        Ok(httparse::Status::Complete(n)) => n,
+        _ => return None,
+    };
+    let target = req.path?;
+    let path = target.split_once('?').map_or(target, |(p, _)| p);
+    let headers = req
+        .headers
+        .iter()
+        .filter_map(|h| Some((h.name, std::str::from_utf8(h.value).ok()?)))
+        .collect();
+    Some(Request {
+        method: req.method?,
+        path,
+        headers,
+        body: &bytes[head..],
+    })
+}
+
+/// Answers one admin request.
+async fn route(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
+    let process = &admin.process;
+    if req.path.starts_with("/admin/") || req.path == "/admin" {
+        if !admin.authorized(req) {
+            return http::json_error(401, "admin token required");
+        }
+        return api::handle(admin, req);
+    }
+    if req.method != "GET" {
+        return http::json_error(405, "only GET is served here");
+    }
+    match req.path {
+        "/metrics" => {
+            let snaps = collect(&admin.shards).await;
+            let now = Instant::now();
+            let accounts = process.accounts();
+            let gauges = ProcessGauges {
+                max_streams: process.max_streams() as u64,
+                draining: process.draining(),
+                accounts_healthy: accounts.iter().filter(|a| a.healthy(now)).count() as u64,
+                accounts_total: accounts.len() as u64,
+            };
+            let mut body = render_prometheus(&snaps, &gauges);
+            api::render_key_metrics(admin, &mut body);
+            http::response(200, "text/plain; version=0.0.4", "", body.as_bytes())
+        }
+        "/healthz" => {
+            if process.draining() {
+                http::response(503, "text/plain", "", b"draining\n")
+            } else {
+                http::response(200, "text/plain", "", b"ok\n")
+            }
+        }
+        "/readyz" => {
+            let now = Instant::now();
+            let usable = process
+                .accounts()
+                .iter()
+                .any(|a| a.healthy(now) && a.available(now));
+            if process.draining() {
+                http::response(503, "text/plain", "", b"draining\n")
+            } else if !usable {
+                http::response(503, "text/plain", "", b"no healthy account\n")
+            } else {
+                http::response(200, "text/plain", "", b"ready\n")
+            }
+        }
+        "/v1/config" => {
+            let body = remote_config(process);
+            let etag = etag(&body);
+            if req.header("if-none-match") == Some(etag.as_str()) {
+                http::response(304, "application/json", &format!("ETag: {etag}\r\n"), b"")
+            } else {
+                http::response(
+                    200,
+                    "application/json",
+                    &format!("ETag: {etag}\r\n"),
+                    body.as_bytes(),
+                )
+            }
+        }
+        _ => http::json_error(404, "not found"),
+    }
+}
+
+/// The seed's remote-configuration document: accounts' public fields and
+/// feature flags. Never a key.
+pub fn remote_config(process: &ProcessState) -> String {
+    let accounts: Vec<serde_json::Value> = process
+        .accounts()
+        .iter()
+        .map(|a| {
+            serde_json::json!({
+                "id": a.id,
+                "endpoint": "/v1/transcribe",
+                "region": a.region,
+                "isEnabled": a.enabled.load(std::sync::atomic::Ordering::Relaxed),
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "sonioxAccounts": accounts,
+        "features": {
+            "useProxyServer": true,
+            "maxConcurrentStreams": process.max_streams(),
+        }
+    })
+    .to_string()
+}
+
+/// A strong ETag: the first 16 hex digits of the body's SHA-256.
+fn etag(body: &str) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, body.as_bytes());
+    let hex: String = d.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!("\"{hex}\"")
+}

@@ -1,0 +1,287 @@
+//! The admin account API: runtime accounts, enable/disable, limits,
+//! rotation with overlap, the admin token and the allowlist.
+
+use std::time::{Duration, Instant};
+
+use clio_relay::secret::Secret;
+use tungstenite::Message;
+
+use crate::util::*;
+
+const ADMIN: &str = "admin-token-for-tests-0123456789";
+
+fn relay_with_admin(
+    fake: &clio_relay::fake_soniox::FakeSoniox,
+    accounts: &[(&str, &str)],
+) -> Relay {
+    let mut cfg = relay_config(&fake.url(), accounts);
+    cfg.admin.token = Some(Secret::new(ADMIN));
+    Relay::start(cfg)
+}
+
+fn accounts_json(relay: &Relay) -> serde_json::Value {
+    let (status, body) = http(
+        relay.handle.admin_addr,
+        "GET",
+        "/admin/accounts",
+        Some(ADMIN),
+        None,
+    );
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+fn one_session(relay: &Relay) -> Received {
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    stream_session(&mut ws, &config_message(None), &audio_frames(3, 9))
+}
+
+#[test]
+fn without_the_admin_token_only_401() {
+    let fake = fake(&["k1"], |_| {});
+    let relay = relay_with_admin(&fake, &[("a", "k1")]);
+    let admin = relay.handle.admin_addr;
+    assert_eq!(http(admin, "GET", "/admin/accounts", None, None).0, 401);
+    assert_eq!(
+        http(
+            admin,
+            "GET",
+            "/admin/accounts",
+            Some("wrong-token-wrong-token"),
+            None
+        )
+        .0,
+        401
+    );
+    let (status, body) = http(
+        admin,
+        "POST",
+        "/admin/accounts",
+        Some("x"),
+        Some(r#"{"id":"z","key":"zz"}"#),
+    );
+    assert_eq!(status, 401);
+    assert!(!body.contains("accounts\""), "nothing else: {body}");
+    // A relay with no admin token configured refuses everyone.
+    let plain = Relay::start(relay_config(&fake.url(), &[("a", "k1")]));
+    assert_eq!(
+        http(
+            plain.handle.admin_addr,
+            "GET",
+            "/admin/accounts",
+            Some(ADMIN),
+            None
+        )
+        .0,
+        401
+    );
+}
+
+#[test]
+fn allowlist_drops_other_networks() {
+    let fake = fake(&["k1"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.admin.allow = vec!["10.0.0.0/8".parse().unwrap()];
+    let relay = Relay::start(cfg);
+    assert_eq!(
+        http(relay.handle.admin_addr, "GET", "/healthz", None, None).0,
+        0,
+        "127.0.0.1 is not allowed"
+    );
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.admin.allow = vec!["127.0.0.0/8".parse().unwrap()];
+    let relay = Relay::start(cfg);
+    assert_eq!(
+        http(relay.handle.admin_addr, "GET", "/healthz", None, None).0,
+        200
+    );
+}
+
+#[test]
+fn add_disable_enable_remove_at_runtime() {
+    let fake = fake(&["k1", "k2"], |_| {});
+    let relay = relay_with_admin(&fake, &[("a", "k1")]);
+    let admin = relay.handle.admin_addr;
+    let (status, body) = http(
+        admin,
+        "POST",
+        "/admin/accounts",
+        Some(ADMIN),
+        Some(r#"{"id":"b","key":"k2","region":"eu","max_concurrent_streams":5}"#),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(!body.contains("k2\""), "the key is never echoed: {body}");
+    // Disable `a`: within a second every new stream goes to `b`.
+    let (status, _) = http(
+        admin,
+        "POST",
+        "/admin/accounts/a/disable",
+        Some(ADMIN),
+        None,
+    );
+    assert_eq!(status, 200);
+    let disabled_at = Instant::now();
+    for _ in 0..4 {
+        assert!(one_session(&relay).finished());
+    }
+    assert!(disabled_at.elapsed() < Duration::from_secs(10));
+    let keys: Vec<_> = fake
+        .sessions()
+        .iter()
+        .filter_map(|s| s.key.clone())
+        .collect();
+    assert_eq!(
+        keys,
+        vec!["k2"; 4],
+        "a disabled account serves no new stream"
+    );
+    let list = accounts_json(&relay);
+    let b = &list["accounts"][1];
+    assert_eq!(
+        (b["id"].as_str(), b["region"].as_str(), b["source"].as_str()),
+        (Some("b"), Some("eu"), Some("store"))
+    );
+    assert_eq!(b["key"]["streams_total"], 4);
+    assert_eq!(
+        b["key"]["fingerprint"].as_str().unwrap(),
+        Secret::new("k2").fingerprint()
+    );
+    // Enable `a`, remove `b`: streams go to `a` again.
+    assert_eq!(
+        http(admin, "POST", "/admin/accounts/a/enable", Some(ADMIN), None).0,
+        200
+    );
+    assert_eq!(
+        http(admin, "DELETE", "/admin/accounts/b", Some(ADMIN), None).0,
+        200
+    );
+    assert!(one_session(&relay).finished());
+    assert_eq!(fake.sessions().last().unwrap().key.as_deref(), Some("k1"));
+    // Errors name the problem.
+    assert_eq!(
+        http(admin, "DELETE", "/admin/accounts/nope", Some(ADMIN), None).0,
+        404
+    );
+    assert_eq!(
+        http(
+            admin,
+            "POST",
+            "/admin/accounts",
+            Some(ADMIN),
+            Some(r#"{"id":"a","key":"k9"}"#)
+        )
+        .0,
+        409
+    );
+    let (status, body) = http(
+        admin,
+        "POST",
+        "/admin/accounts",
+        Some(ADMIN),
+        Some(r#"{"id":"c","key":"secret-in-bad-body","bogus":1}"#),
+    );
+    assert_eq!(status, 400);
+    assert!(!body.contains("secret-in-bad-body"));
+}
+
+#[test]
+fn limit_changes_apply_to_new_streams() {
+    let fake = fake(&["k1"], |_| {});
+    let relay = relay_with_admin(&fake, &[("a", "k1")]);
+    let admin = relay.handle.admin_addr;
+    assert_eq!(
+        http(
+            admin,
+            "POST",
+            "/admin/accounts/a/limit",
+            Some(ADMIN),
+            Some(r#"{"max_concurrent_streams":1}"#)
+        )
+        .0,
+        200
+    );
+    let (mut held, _) = connect(relay.addr(), &relay.token("d1"), Via::Header).unwrap();
+    held.send(Message::text(config_message(None))).unwrap();
+    assert!(wait_until(Duration::from_secs(10), || fake
+        .active_streams()
+        == 1));
+    let got = one_session(&relay);
+    assert_eq!(
+        (got.error_code(), got.close_code()),
+        (Some(429), Some(1013))
+    );
+    assert_eq!(
+        http(
+            admin,
+            "POST",
+            "/admin/accounts/a/limit",
+            Some(ADMIN),
+            Some(r#"{"max_concurrent_streams":2}"#)
+        )
+        .0,
+        200
+    );
+    assert!(one_session(&relay).finished());
+}
+
+#[test]
+fn rotation_under_a_live_stream_loses_no_frame() {
+    let fake = fake(&["old-key", "new-key"], |_| {});
+    let relay = relay_with_admin(&fake, &[("a", "old-key")]);
+    let admin = relay.handle.admin_addr;
+    // A stream on the old key, half sent.
+    let (mut live, _) = connect(relay.addr(), &relay.token("d1"), Via::Header).unwrap();
+    live.send(Message::text(config_message(None))).unwrap();
+    let frames = audio_frames(40, 5);
+    for f in &frames[..20] {
+        live.send(Message::binary(f.clone())).unwrap();
+    }
+    let (status, body) = http(
+        admin,
+        "POST",
+        "/admin/accounts/a/rotate",
+        Some(ADMIN),
+        Some(r#"{"key":"new-key","overlap":"10m"}"#),
+    );
+    assert_eq!(status, 200, "{body}");
+    let list = accounts_json(&relay);
+    let retiring = &list["accounts"][0]["retiring_keys"][0];
+    assert_eq!(
+        retiring["fingerprint"].as_str().unwrap(),
+        Secret::new("old-key").fingerprint()
+    );
+    assert_eq!(
+        retiring["live_streams"], 1,
+        "the old key still carries the live stream"
+    );
+    // New streams take the new key at once.
+    assert!(one_session(&relay).finished());
+    assert_eq!(
+        fake.sessions().last().unwrap().key.as_deref(),
+        Some("new-key")
+    );
+    // The live stream finishes on the old key, every byte in order.
+    for f in &frames[20..] {
+        live.send(Message::binary(f.clone())).unwrap();
+    }
+    live.send(Message::binary(Vec::<u8>::new())).unwrap();
+    let got = read_all(&mut live);
+    assert!(got.finished(), "{got:?}");
+    let first = &fake.sessions()[0];
+    assert_eq!(first.key.as_deref(), Some("old-key"));
+    assert_eq!(first.audio, frames.concat());
+    // Metrics show streams per key, labelled by fingerprint only.
+    let (_, metrics) = http(admin, "GET", "/metrics", None, None);
+    assert!(
+        metrics.contains("clio_relay_key_streams_active{account=\"a\""),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("old-key") && !metrics.contains("new-key"));
+    // Its streams ended: the old key is retired at the next housekeeping pass.
+    assert!(wait_until(Duration::from_secs(5), || {
+        accounts_json(&relay)["accounts"][0]["retiring_keys"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    }));
+}
