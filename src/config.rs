@@ -382,6 +382,13 @@ impl Config {
         load::load_tokens(&text, &base)
     }
 
+    /// Reads only `server.admin_listen` and the admin token: what
+    /// `clio-relay keys` needs to talk to a running relay.
+    pub fn load_admin_client(path: &Path) -> Result<(SocketAddr, Secret), ConfigError> {
+        let (text, base) = read_config_file(path)?;
+        load::load_admin_client(&text, &base)
+    }
+
     /// Checks a configuration built in code (the file loader runs the same
     /// checks). Every problem is reported, one line each.
     pub fn validate(&self) -> Result<(), ConfigError> {

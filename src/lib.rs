@@ -6,6 +6,7 @@
 //! - [`http`]: the HTTP/1.1 edge: request heads, upgrades, JSON errors.
 //! - [`io`]: connections, the shared duplex wrapper, pooled read buffers.
 //! - [`keyring`]: per-shard account slots; which account serves a new stream.
+//! - [`keys_cli`]: `clio-relay keys`: the admin account API from the command line.
 //! - [`mask`]: in-place re-masking and fresh mask keys.
 //! - [`metrics`]: per-shard counters and latency histograms, merged and
 //!   rendered as Prometheus text only when scraped.
@@ -21,6 +22,7 @@ pub mod frame;
 pub mod http;
 pub mod io;
 pub mod keyring;
+pub mod keys_cli;
 pub mod mask;
 pub mod metrics;
 pub mod pump;

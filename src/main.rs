@@ -37,6 +37,11 @@ enum Command {
         #[arg(long, value_parser = clio_relay::cli::parse_duration)]
         ttl: Option<Duration>,
     },
+    /// Manage accounts and keys of a running relay (through its admin API).
+    Keys {
+        #[command(subcommand)]
+        action: clio_relay::keys_cli::KeysAction,
+    },
     /// Start a fake Soniox, a relay and a short load on loopback, and print what happened.
     Demo(clio_relay::demo::DemoArgs),
 }
@@ -74,6 +79,10 @@ fn main() -> ExitCode {
             let token =
                 clio_relay::cli::mint_token(&path, device, *ttl).map_err(|e| e.to_string())?;
             println!("{token}");
+            Ok(())
+        }),
+        Some(Command::Keys { action }) => need_config().and_then(|path| {
+            print!("{}", clio_relay::keys_cli::run(&path, action)?);
             Ok(())
         }),
         Some(Command::Demo(args)) => clio_relay::demo::run(args).map_err(|e| e.to_string()),

@@ -176,6 +176,42 @@ pub(super) fn load_tokens(text: &str, base: &Path) -> Result<TokensConfig, Confi
     }
 }
 
+/// Parses a whole file but resolves only what talking to the admin API
+/// needs: `server.admin_listen` and `admin.token`.
+pub(super) fn load_admin_client(
+    text: &str,
+    base: &Path,
+) -> Result<(SocketAddr, Secret), ConfigError> {
+    let raw = parse(text)?;
+    let mut p = Problems::default();
+    let addr = match raw.server.admin_listen {
+        None => ServerConfig::default().admin_listen,
+        Some(s) => s.trim().parse().unwrap_or_else(|_| {
+            p.push(
+                "server.admin_listen",
+                format!("invalid socket address {s:?}"),
+            );
+            ServerConfig::default().admin_listen
+        }),
+    };
+    let token = resolve_secret(
+        "admin",
+        ("token_env", raw.admin.token_env),
+        ("token_file", raw.admin.token_file),
+        false,
+        base,
+        &mut p,
+    )
+    .flatten();
+    match token {
+        Some(t) if p.lines.is_empty() => Ok((addr, t)),
+        None if p.lines.is_empty() => Err(ConfigError::one(
+            "admin: no admin token (admin.token_env or admin.token_file)".to_string(),
+        )),
+        _ => Err(ConfigError { problems: p.lines }),
+    }
+}
+
 /// A duration value, or its default (with a problem recorded) if it does not parse.
 fn duration(key: &str, v: Option<String>, default: Duration, p: &mut Problems) -> Duration {
     match v {

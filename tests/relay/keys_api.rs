@@ -285,3 +285,57 @@ fn rotation_under_a_live_stream_loses_no_frame() {
             .is_empty()
     }));
 }
+
+#[test]
+fn keys_cli_talks_to_a_running_relay() {
+    let fake = fake(&["k1", "k2"], |_| {});
+    let relay = relay_with_admin(&fake, &[("a", "k1")]);
+    let dir = std::env::temp_dir().join(format!("clio-keys-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("relay.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[server]\nadmin_listen = \"{}\"\n[tokens]\nsecret_env = \"CLI_TEST_TOKEN_SECRET\"\n[admin]\ntoken_env = \"CLI_TEST_ADMIN\"\n",
+            relay.handle.admin_addr
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_clio-relay"))
+            .args(["--config", cfg.to_str().unwrap(), "keys"])
+            .args(args)
+            .env("CLI_TEST_ADMIN", ADMIN)
+            .env("CLI_TEST_NEW_KEY", "k2")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (ok, out) = run(&["list"]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(&Secret::new("k1").fingerprint()) && out.starts_with("ACCOUNT"),
+        "{out}"
+    );
+    let (ok, out) = run(&[
+        "add",
+        "--id",
+        "b",
+        "--region",
+        "eu",
+        "--key-env",
+        "CLI_TEST_NEW_KEY",
+    ]);
+    assert!(ok, "{out}");
+    assert!(out.contains(&Secret::new("k2").fingerprint()), "{out}");
+    assert!(run(&["disable", "a"]).0);
+    assert!(one_session(&relay).finished());
+    assert_eq!(fake.sessions().last().unwrap().key.as_deref(), Some("k2"));
+    let (ok, out) = run(&["remove", "nope"]);
+    assert!(!ok && out.contains("404"), "{out}");
+    std::fs::remove_dir_all(&dir).ok();
+}
