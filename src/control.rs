@@ -255,6 +255,65 @@ impl Accounts {
         Ok(())
     }
 
+    /// Applies the config file's accounts (a reload): accounts the file adds
+    /// are added; accounts that came from the file and are gone from it are
+    /// removed; for the rest, region, enabled and the limit follow the file,
+    /// and a changed key is rotated in with `overlap`. Accounts changed at
+    /// runtime (source `store`) are left alone: the admin API's change wins
+    /// until the account is removed. Returns one line per change.
+    pub fn apply_config(
+        &mut self,
+        accounts: &[AccountConfig],
+        overlap: Duration,
+        now: u64,
+    ) -> Vec<String> {
+        let mut log = Vec::new();
+        let stale: Vec<String> = self
+            .entries
+            .iter()
+            .filter(|e| e.source == Source::Config && !accounts.iter().any(|a| a.id == e.state.id))
+            .map(|e| e.state.id.clone())
+            .collect();
+        for id in stale {
+            let _ = self.remove(&id);
+            log.push(format!("removed {id}"));
+        }
+        for a in accounts {
+            let Some(i) = self.entries.iter().position(|e| e.state.id == a.id) else {
+                match self.add(
+                    &a.id,
+                    a.key.clone(),
+                    &a.region,
+                    a.enabled,
+                    a.max_concurrent_streams,
+                    now,
+                    Source::Config,
+                ) {
+                    Ok(()) => log.push(format!("added {}", a.id)),
+                    Err(e) => log.push(format!("not added {}: {e}", a.id)),
+                }
+                continue;
+            };
+            if self.entries[i].source == Source::Store {
+                continue;
+            }
+            let st = &self.entries[i].state;
+            *st.region.lock().unwrap_or_else(|e| e.into_inner()) = a.region.clone();
+            st.enabled.store(a.enabled, Ordering::Relaxed);
+            st.max_concurrent
+                .store(a.max_concurrent_streams, Ordering::Relaxed);
+            if self.entries[i].current.key != a.key {
+                let _ = self.rotate(&a.id, a.key.clone(), overlap, now);
+                self.entries[i].source = Source::Config;
+                log.push(format!(
+                    "rotated {} to key {}",
+                    a.id, self.entries[i].current.fingerprint
+                ));
+            }
+        }
+        log
+    }
+
     /// Retires keys that carry no stream any more (their overlap is only a
     /// deadline for the streams they carry); returns those past the deadline
     /// that still carry streams, for the caller to report or end.

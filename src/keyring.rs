@@ -69,7 +69,7 @@ pub struct AccountState {
     /// Index of the account in the shards' metrics (stable for the process's life).
     pub metrics_index: usize,
     /// Region label (public).
-    pub region: String,
+    pub region: std::sync::Mutex<String>,
     /// Disabled accounts take no new streams.
     pub enabled: AtomicBool,
     /// Limit on live streams across all shards.
@@ -98,7 +98,7 @@ impl AccountState {
         Arc::new(AccountState {
             id: id.to_string(),
             metrics_index,
-            region: region.to_string(),
+            region: std::sync::Mutex::new(region.to_string()),
             enabled: AtomicBool::new(enabled),
             max_concurrent: AtomicU32::new(max_concurrent),
             live: AtomicU32::new(0),
@@ -107,6 +107,14 @@ impl AccountState {
             backoff_ms: AtomicU64::new(0),
             epoch,
         })
+    }
+
+    /// The region label (read by the control plane only).
+    pub fn region(&self) -> String {
+        self.region
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn ms(&self, t: Instant) -> u64 {

@@ -55,11 +55,9 @@ fn main() -> ExitCode {
             .ok_or_else(|| "--config FILE is required".to_string())
     };
     let result: Result<(), String> = match &cli.command {
-        None | Some(Command::Run) => need_config().and_then(|path| {
-            let cfg = clio_relay::config::Config::load(&path)
-                .map_err(|e| format!("{}: {e}", path.display()))?;
-            clio_relay::server::run(&cfg).map_err(|e| e.to_string())
-        }),
+        None | Some(Command::Run) => {
+            need_config().and_then(|path| clio_relay::server::run(&path).map_err(|e| e.to_string()))
+        }
         Some(Command::CheckConfig) => {
             need_config().and_then(|path| match clio_relay::cli::check_config(&path) {
                 Ok(summary) => {

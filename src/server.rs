@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::admin::{self, AdminHandle, AdminSetup};
+use crate::admin::{self, AdminHandle, AdminMsg, AdminSetup};
 use crate::config::{AuthMode, Config};
 use crate::control::Accounts;
 use crate::metrics::MetricsSnapshot;
@@ -22,6 +22,9 @@ pub struct RelayHandle {
     pub process: Arc<ProcessState>,
     shards: Vec<ShardHandle>,
     admin: Option<AdminHandle>,
+    admin_tx: async_channel::Sender<AdminMsg>,
+    /// The config the process started with: what a reload cannot change.
+    started_with: Config,
 }
 
 /// Starts a relay with `cfg`: one shard per `server.shards` (pinned when
@@ -62,12 +65,14 @@ pub fn start(cfg: &Config) -> std::io::Result<RelayHandle> {
         setup.listen = handle.addr;
         shards.push(handle);
     }
+    let (admin_tx, admin_rx) = async_channel::unbounded();
     let admin = admin::start(AdminSetup {
         listen: cfg.server.admin_listen,
         shards: shards.iter().map(|s| s.tx.clone()).collect(),
         process: process.clone(),
         accounts,
         config: cfg.admin.clone(),
+        inbox: admin_rx,
     })?;
     tracing::info!(client = %shards[0].addr, admin = %admin.addr, shards = n, accounts = process.accounts().len(), "clio-relay listening");
     Ok(RelayHandle {
@@ -76,6 +81,8 @@ pub fn start(cfg: &Config) -> std::io::Result<RelayHandle> {
         process,
         shards,
         admin: Some(admin),
+        admin_tx,
+        started_with: cfg.clone(),
     })
 }
 
@@ -89,6 +96,37 @@ impl RelayHandle {
             merged.merge(s);
         }
         merged
+    }
+
+    /// Applies a re-read config (what SIGHUP does): accounts, limits, token
+    /// secrets and admin settings change live, nothing in flight is dropped.
+    /// Settings that need a restart (listen addresses, shards, upstream) are
+    /// reported and kept. Returns one line per change.
+    pub fn reload(&self, cfg: &Config) -> Result<Vec<String>, String> {
+        let old = &self.started_with;
+        let mut kept = Vec::new();
+        if cfg.server.listen != old.server.listen
+            || cfg.server.admin_listen != old.server.admin_listen
+        {
+            kept.push("server.listen/admin_listen (restart to change)".to_string());
+        }
+        if cfg.server.shards != old.server.shards
+            || cfg.server.max_streams != old.server.max_streams
+        {
+            kept.push("server.shards/max_streams (restart to change)".to_string());
+        }
+        if cfg.upstream != old.upstream {
+            kept.push("[upstream] (restart to change)".to_string());
+        }
+        let (tx, rx) = async_channel::bounded(1);
+        self.admin_tx
+            .try_send(AdminMsg::Reload(Box::new(cfg.clone()), tx))
+            .map_err(|_| "the admin thread is gone".to_string())?;
+        let mut log = rx
+            .recv_blocking()
+            .map_err(|_| "the admin thread did not answer".to_string())?;
+        log.extend(kept.into_iter().map(|k| format!("unchanged: {k}")));
+        Ok(log)
     }
 
     /// Per-shard metrics (blocking).
@@ -121,8 +159,17 @@ impl Drop for RelayHandle {
     }
 }
 
-/// Runs the relay until SIGTERM or SIGINT.
-pub fn run(cfg: &Config) -> std::io::Result<()> {
+/// Runs the relay from the config file at `path` until SIGTERM or SIGINT.
+/// SIGHUP re-reads the file and applies it live; an invalid file is refused
+/// with its problems logged, and the running configuration is kept.
+pub fn run(path: &std::path::Path) -> std::io::Result<()> {
+    let cfg = Config::load(path).map_err(|e| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{}: {e}", path.display()),
+        )
+    })?;
+    let cfg = &cfg;
     use nix::sys::signal::{SigSet, Signal};
     // Block the signals before any thread starts so every thread inherits the
     // mask and only this one receives them, synchronously.
@@ -134,9 +181,21 @@ pub fn run(cfg: &Config) -> std::io::Result<()> {
     let relay = start(cfg)?;
     loop {
         match set.wait().map_err(std::io::Error::from)? {
-            Signal::SIGHUP => tracing::info!(
-                "SIGHUP: live reload is not implemented yet; configuration unchanged"
-            ),
+            Signal::SIGHUP => match Config::load(path) {
+                Err(e) => {
+                    for p in &e.problems {
+                        tracing::error!(problem = %p, "SIGHUP: reload refused, the running configuration is kept");
+                    }
+                }
+                Ok(new) => match relay.reload(&new) {
+                    Ok(changes) => {
+                        for c in changes {
+                            tracing::info!(change = %c, "SIGHUP: reloaded");
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "SIGHUP: reload failed"),
+                },
+            },
             sig => {
                 tracing::info!(signal = %sig, "stopping");
                 break;

@@ -19,7 +19,7 @@ use crate::keyring::Lease;
 use crate::mask::apply_mask;
 use crate::metrics::Side;
 use crate::pump::{self, ClientSide, End, FrameScanner, StreamState};
-use crate::shard::{AdmitPermit, Shard};
+use crate::shard::{AdmitPermit, Settings, Shard};
 use crate::token::Claims;
 
 /// How long the relay waits for a peer's half of a close handshake.
@@ -120,7 +120,8 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream) {
     let _ = tcp.set_nodelay(true);
     let client = Duplex::new(Conn::Plain(tcp));
     let mut cbuf = shard.pool.get();
-    let Some((claims, permit)) = handshake(&shard, &client, &mut cbuf).await else {
+    let settings = shard.settings();
+    let Some((claims, permit)) = handshake(&shard, &settings, &client, &mut cbuf).await else {
         return;
     };
     shard.metrics.record(
@@ -130,6 +131,7 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream) {
     let stream = Stream {
         id: shard.new_stream_id(),
         shard: shard.clone(),
+        settings,
         _permit: permit,
     };
     stream.run(client, cbuf, claims).await;
@@ -139,10 +141,11 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream) {
 /// token came on the request) once the connection is a WebSocket.
 async fn handshake(
     shard: &Shard,
+    settings: &Settings,
     client: &Duplex,
     buf: &mut Buf,
 ) -> Option<(Option<Claims>, AdmitPermit)> {
-    let lim = &shard.limits;
+    let lim = &settings.limits;
     let refuse = |status: u16, msg: &str, side: Side| {
         shard.metrics.stream_rejected(side, status);
         http::json_error(status, msg)
@@ -213,7 +216,7 @@ async fn handshake(
         }
     }
     let claims = match &req.token {
-        Some((token, _)) => match shard.tokens.verify(token, SystemTime::now()) {
+        Some((token, _)) => match settings.tokens.verify(token, SystemTime::now()) {
             Ok(c) => Some(c),
             Err(e) => {
                 let _ = client
@@ -266,6 +269,8 @@ struct Stream {
     /// client gives none, and `request_id` in the relay's own errors.
     id: String,
     shard: Rc<Shard>,
+    /// Limits and token keys as they were when the stream started.
+    settings: Rc<Settings>,
     /// Counts the stream against `server.max_streams` until dropped.
     _permit: AdmitPermit,
 }
@@ -307,7 +312,7 @@ impl Stream {
         let started = Instant::now();
         let state = StreamState::new(started);
         let mut cside = ClientSide {
-            scanner: FrameScanner::new(Sender::Client, self.shard.limits.max_frame_bytes as u64),
+            scanner: FrameScanner::new(Sender::Client, self.settings.limits.max_frame_bytes as u64),
             processed: 0,
             close_seen: false,
         };
@@ -357,7 +362,7 @@ impl Stream {
         client: &Duplex,
         buf: &mut Buf,
     ) -> Result<Map<String, Value>, Refusal> {
-        let lim = &self.shard.limits;
+        let lim = &self.settings.limits;
         loop {
             let h = match parse_header(
                 buf.filled(),
@@ -415,7 +420,7 @@ impl Stream {
 
     /// Reads more client bytes while waiting for the first message.
     async fn read_more(&self, client: &Duplex, buf: &mut Buf) -> Result<(), Refusal> {
-        match timeout(self.shard.limits.idle_timeout, buf.read_from(client)).await {
+        match timeout(self.settings.limits.idle_timeout, buf.read_from(client)).await {
             None => Err(Refusal::new(
                 408,
                 "request_timeout",
@@ -458,7 +463,7 @@ impl Stream {
     fn first_message_claims(&self, first: &Map<String, Value>) -> Result<Claims, Refusal> {
         match first.get("api_key") {
             Some(Value::String(token)) => self
-                .shard
+                .settings
                 .tokens
                 .verify(token, SystemTime::now())
                 .map_err(|e| Refusal::unauthorized(format!("Session token refused: {e}."))),
@@ -569,7 +574,8 @@ impl Stream {
         let conn = &*conn;
         // A fresh scanner per upstream connection; the buffer already holds
         // whatever followed the upgrade answer.
-        let mut uscanner = FrameScanner::new(Sender::Server, shard.limits.max_frame_bytes as u64);
+        let mut uscanner =
+            FrameScanner::new(Sender::Server, self.settings.limits.max_frame_bytes as u64);
         let retry_allowed = || state.data_frames_up.get() == 0 && state.upstream_at_boundary.get();
         let c2u = async {
             match pump::client_to_upstream(
@@ -599,7 +605,7 @@ impl Stream {
         );
         future::or(
             future::or(u2c, c2u),
-            pump::idle_watch(state, shard.limits.idle_timeout),
+            pump::idle_watch(state, self.settings.limits.idle_timeout),
         )
         .await
     }

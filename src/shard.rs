@@ -139,6 +139,9 @@ impl Drop for AdmitPermit {
 pub enum ShardMsg {
     /// Send back a snapshot of the shard's metrics.
     Snapshot(async_channel::Sender<MetricsSnapshot>),
+    /// Install new limits and token keys (a reload); streams already open
+    /// keep the version they started with.
+    Settings(Settings),
     /// Install a new key-ring version; the ids are the accounts by metrics index.
     Ring(Arc<[RingSlot]>, Arc<[String]>),
     /// Stop accepting and end the executor.
@@ -173,14 +176,13 @@ pub struct ShardSetup {
 pub struct Shard {
     /// Shard number (0-based).
     pub index: usize,
-    /// Stream limits.
-    pub limits: LimitsConfig,
+    /// Limits and token keys; replaced whole on reload, and each stream keeps
+    /// the version it started with.
+    settings: RefCell<Rc<Settings>>,
     /// Where the account key goes: the upgrade header or the first message.
     pub key_in_header: bool,
     /// Upstream connect + upgrade time limit.
     pub connect_timeout: Duration,
-    /// Verifies session tokens.
-    pub tokens: Arc<TokenKeys>,
     /// Process-wide limits and flags.
     pub process: Arc<ProcessState>,
     /// This shard's account slots.
@@ -196,7 +198,21 @@ pub struct Shard {
     next_stream: Cell<u64>,
 }
 
+/// What a reload can change on a running shard.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Stream limits.
+    pub limits: LimitsConfig,
+    /// Session token keys.
+    pub tokens: Arc<TokenKeys>,
+}
+
 impl Shard {
+    /// The current settings; a stream takes them once, at its start.
+    pub fn settings(&self) -> Rc<Settings> {
+        self.settings.borrow().clone()
+    }
+
     /// A new stream id, unique across shards and restarts in practice.
     pub fn new_stream_id(&self) -> String {
         let n = self.next_stream.get();
@@ -249,10 +265,12 @@ pub fn start(index: usize, setup: ShardSetup) -> std::io::Result<ShardHandle> {
             let ids = setup.process.metrics_ids();
             let shard = Rc::new(Shard {
                 index,
-                limits: setup.limits.clone(),
+                settings: RefCell::new(Rc::new(Settings {
+                    limits: setup.limits.clone(),
+                    tokens: setup.tokens.clone(),
+                })),
                 key_in_header: setup.key_in_header,
                 connect_timeout: setup.connect_timeout,
-                tokens: setup.tokens.clone(),
                 process: setup.process.clone(),
                 ring: RefCell::new(KeyRing::new(&setup.process.ring())),
                 metrics: ShardMetrics::new(index, &ids),
@@ -270,6 +288,9 @@ pub fn start(index: usize, setup: ShardSetup) -> std::io::Result<ShardHandle> {
                         match msg {
                             ShardMsg::Snapshot(reply) => {
                                 let _ = reply.send(shard.metrics.snapshot()).await;
+                            }
+                            ShardMsg::Settings(settings) => {
+                                *shard.settings.borrow_mut() = Rc::new(settings);
                             }
                             ShardMsg::Ring(ring, ids) => {
                                 shard.metrics.set_accounts(&ids);

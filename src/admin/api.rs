@@ -157,7 +157,7 @@ fn add(admin: &Admin, req: &Request<'_>) -> Result<(), Vec<u8>> {
 fn rotate(admin: &Admin, id: &str, req: &Request<'_>) -> Result<(), Vec<u8>> {
     let b: RotateBody = body(req)?;
     let overlap = match b.overlap {
-        None => admin.config.rotation_overlap,
+        None => admin.config.borrow().rotation_overlap,
         Some(text) => crate::config::parse_duration(&text)
             .map_err(|e| http::json_error(400, &format!("overlap: {e}")))?,
     };
@@ -172,7 +172,7 @@ fn rotate(admin: &Admin, id: &str, req: &Request<'_>) -> Result<(), Vec<u8>> {
 pub(super) fn list(admin: &Admin) -> serde_json::Value {
     let now = Instant::now();
     let unix = unix_now();
-    let period = admin.config.rotation_period.as_secs();
+    let period = admin.config.borrow().rotation_period.as_secs();
     let accounts = admin.accounts.borrow();
     let items: Vec<_> = accounts
         .entries()
@@ -183,7 +183,7 @@ pub(super) fn list(admin: &Admin) -> serde_json::Value {
             let age = unix.saturating_sub(k.created_at);
             json!({
                 "id": a.id,
-                "region": a.region,
+                "region": a.region(),
                 "enabled": a.enabled.load(Ordering::Relaxed),
                 "healthy": a.healthy(now),
                 "available": a.available(now),
@@ -233,7 +233,7 @@ pub(super) fn housekeeping(admin: &Admin) {
         due
     });
     if due {
-        let period = admin.config.rotation_period.as_secs();
+        let period = admin.config.borrow().rotation_period.as_secs();
         for e in admin.accounts.borrow().entries() {
             let age = now.saturating_sub(e.current.created_at);
             if age >= period {
@@ -248,7 +248,7 @@ pub(super) fn housekeeping(admin: &Admin) {
 pub(super) fn render_key_metrics(admin: &Admin, out: &mut String) {
     use std::fmt::Write;
     let now = unix_now();
-    let period = admin.config.rotation_period.as_secs();
+    let period = admin.config.borrow().rotation_period.as_secs();
     let accounts = admin.accounts.borrow();
     out.push_str("# HELP clio_relay_key_age_seconds Age of each account's current key.\n# TYPE clio_relay_key_age_seconds gauge\n");
     for e in accounts.entries() {

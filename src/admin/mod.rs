@@ -17,12 +17,15 @@ use std::time::{Duration, Instant};
 use glommio::net::TcpListener;
 use glommio::{LocalExecutorBuilder, Placement};
 
-use crate::config::AdminConfig;
+use crate::config::{AdminConfig, Config};
 use crate::control::Accounts;
 use crate::http;
 use crate::io::{timeout, Buf, BufferPool, Conn, Duplex};
 use crate::metrics::{render_prometheus, MetricsSnapshot, ProcessGauges};
+use crate::secret::Secret;
+use crate::shard::Settings;
 use crate::shard::{ProcessState, ShardMsg, IO_MEMORY};
+use crate::token::TokenKeys;
 
 /// Largest request body the admin API reads.
 const MAX_BODY: usize = 64 * 1024;
@@ -40,6 +43,8 @@ pub struct AdminSetup {
     pub accounts: Accounts,
     /// Token, allowlist, rotation settings.
     pub config: AdminConfig,
+    /// Messages from the main thread (reloads).
+    pub inbox: async_channel::Receiver<AdminMsg>,
 }
 
 /// The admin thread's state.
@@ -47,10 +52,27 @@ struct Admin {
     shards: Vec<async_channel::Sender<ShardMsg>>,
     process: Arc<ProcessState>,
     accounts: RefCell<Accounts>,
-    config: AdminConfig,
+    config: RefCell<AdminConfig>,
     /// HMAC key and tag of the admin token, so a presented token is compared
     /// in constant time (ring's `hmac::verify`).
-    token_check: Option<(ring::hmac::Key, ring::hmac::Tag)>,
+    token_check: RefCell<Option<(ring::hmac::Key, ring::hmac::Tag)>>,
+}
+
+/// Messages from the main thread to the admin thread.
+#[derive(Debug)]
+pub enum AdminMsg {
+    /// Apply a re-read config file; the reply lists what changed.
+    Reload(Box<Config>, async_channel::Sender<Vec<String>>),
+}
+
+fn token_check(token: Option<&Secret>) -> Option<(ring::hmac::Key, ring::hmac::Tag)> {
+    token.map(|t| {
+        let mut salt = [0u8; 32];
+        let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut salt);
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &salt);
+        let tag = ring::hmac::sign(&key, t.expose().as_bytes());
+        (key, tag)
+    })
 }
 
 impl Admin {
@@ -64,8 +86,35 @@ impl Admin {
         }
     }
 
+    /// Applies a reloaded config: accounts, stream limits, token keys, and
+    /// the admin settings. Listen addresses, shards and upstream need a restart.
+    fn reload(&self, cfg: &Config) -> Vec<String> {
+        let overlap = cfg.admin.rotation_overlap;
+        let mut log = self.accounts.borrow_mut().apply_config(
+            &cfg.accounts,
+            overlap,
+            crate::control::unix_now(),
+        );
+        self.publish();
+        let settings = Settings {
+            limits: cfg.limits.clone(),
+            tokens: Arc::new(TokenKeys::from_config(&cfg.tokens)),
+        };
+        for tx in &self.shards {
+            let _ = tx.try_send(ShardMsg::Settings(settings.clone()));
+        }
+        log.push(format!(
+            "limits and token keys applied (signing key id {})",
+            settings.tokens.current_kid()
+        ));
+        *self.token_check.borrow_mut() = token_check(cfg.admin.token.as_ref());
+        *self.config.borrow_mut() = cfg.admin.clone();
+        log
+    }
+
     fn authorized(&self, req: &Request<'_>) -> bool {
-        let Some((key, tag)) = &self.token_check else {
+        let check = self.token_check.borrow();
+        let Some((key, tag)) = &*check else {
             return false;
         };
         let presented = req
@@ -79,7 +128,7 @@ impl Admin {
     }
 
     fn allowed(&self, peer: Option<SocketAddr>) -> bool {
-        if self.config.allow.is_empty() {
+        if self.config.borrow().allow.is_empty() {
             return true;
         }
         peer.is_some_and(|p| {
@@ -89,7 +138,7 @@ impl Admin {
                     .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
                 v4 => v4,
             };
-            self.config.allow.iter().any(|n| n.contains(&ip))
+            self.config.borrow().allow.iter().any(|n| n.contains(&ip))
         })
     }
 }
@@ -161,20 +210,14 @@ pub fn start(setup: AdminSetup) -> std::io::Result<AdminHandle> {
                 }
             };
             let _ = ready_tx.send(listener.local_addr().map_err(Into::into));
-            let token_check = setup.config.token.as_ref().map(|t| {
-                let mut salt = [0u8; 32];
-                let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut salt);
-                let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &salt);
-                let tag = ring::hmac::sign(&key, t.expose().as_bytes());
-                (key, tag)
-            });
             let admin = Rc::new(Admin {
                 shards: setup.shards,
                 process: setup.process,
                 accounts: RefCell::new(setup.accounts),
-                config: setup.config,
-                token_check,
+                token_check: RefCell::new(token_check(setup.config.token.as_ref())),
+                config: RefCell::new(setup.config),
             });
+            let inbox = setup.inbox;
             let pool = BufferPool::new(MAX_BODY + 8192, 2, 16);
             let accept = async {
                 while let Ok(tcp) = listener.accept().await {
@@ -210,6 +253,17 @@ pub fn start(setup: AdminSetup) -> std::io::Result<AdminHandle> {
                     api::housekeeping(&admin);
                 }
             };
+            let messages = async {
+                while let Ok(msg) = inbox.recv().await {
+                    match msg {
+                        AdminMsg::Reload(cfg, reply) => {
+                            let _ = reply.send(admin.reload(&cfg)).await;
+                        }
+                    }
+                }
+                futures_lite::future::pending::<()>().await;
+            };
+            let housekeeping = futures_lite::future::or(housekeeping, messages);
             futures_lite::future::or(futures_lite::future::or(accept, housekeeping), async {
                 let _ = stop_rx.recv().await;
             })
@@ -361,7 +415,7 @@ pub fn remote_config(process: &ProcessState) -> String {
             serde_json::json!({
                 "id": a.id,
                 "endpoint": "/v1/transcribe",
-                "region": a.region,
+                "region": a.region(),
                 "isEnabled": a.enabled.load(std::sync::atomic::Ordering::Relaxed),
             })
         })

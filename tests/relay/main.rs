@@ -5,4 +5,5 @@ mod util;
 
 mod auth;
 mod keys_api;
+mod reload;
 mod streaming;

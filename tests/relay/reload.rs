@@ -1,0 +1,170 @@
+//! Live reload: SIGHUP re-reads the config file and applies it without
+//! dropping anything in flight; an invalid file is refused and the running
+//! configuration kept.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use clio_relay::secret::Secret;
+use clio_relay::token::TokenKeys;
+use tungstenite::Message;
+
+use crate::util::*;
+
+const ADMIN: &str = "reload-admin-token-0123456789";
+
+fn write_config(path: &std::path::Path, upstream: &str, accounts: &str, extra: &str) {
+    std::fs::write(
+        path,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshards = 1\n[upstream]\nurl = \"{upstream}\"\n[tokens]\nsecret_env = \"RELOAD_TEST_SECRET\"\n[admin]\ntoken_env = \"RELOAD_TEST_ADMIN\"\n{extra}\n{accounts}"
+        ),
+    )
+    .unwrap();
+}
+
+#[test]
+fn sighup_applies_the_new_file_and_refuses_a_broken_one() {
+    let fake = fake(&["k1", "k2"], |_| {});
+    let dir = std::env::temp_dir().join(format!("clio-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("k1"), "k1\n").unwrap();
+    std::fs::write(dir.join("k2"), "k2\n").unwrap();
+    let cfg = dir.join("relay.toml");
+    let one = "[[account]]\nid = \"a\"\nkey_file = \"k1\"\n";
+    write_config(&cfg, &fake.url(), one, "");
+    let secret = secret();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_clio-relay"))
+        .args(["run", "--config", cfg.to_str().unwrap()])
+        .env("RELOAD_TEST_SECRET", secret.expose())
+        .env("RELOAD_TEST_ADMIN", ADMIN)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let listening = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find(|l| l.contains("listening"))
+        .expect("relay starts");
+    let field = |name: &str| -> std::net::SocketAddr {
+        let at = listening.find(&format!("{name}=")).unwrap() + name.len() + 1;
+        listening[at..]
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (client, admin) = (field("client"), field("admin"));
+    let (log_tx, log_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in lines.map_while(Result::ok) {
+            let _ = log_tx.send(l);
+        }
+    });
+    let ids = || -> Vec<String> {
+        let (_, body) = http(admin, "GET", "/admin/accounts", Some(ADMIN), None);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["accounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| {
+                format!(
+                    "{}:{}",
+                    a["id"].as_str().unwrap(),
+                    a["max_concurrent_streams"]
+                )
+            })
+            .collect()
+    };
+    assert_eq!(ids(), vec!["a:10"]);
+
+    // A stream open across the reload.
+    let token = TokenKeys::new(&secret, None, Duration::from_secs(30))
+        .mint(
+            "dev",
+            Duration::from_secs(600),
+            std::time::SystemTime::now(),
+        )
+        .unwrap();
+    let (mut ws, _) = connect(client, &token, Via::Header).unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    let frames = audio_frames(10, 2);
+    for f in &frames[..5] {
+        ws.send(Message::binary(f.clone())).unwrap();
+    }
+
+    let two = "[[account]]\nid = \"a\"\nkey_file = \"k1\"\nmax_concurrent_streams = 3\n[[account]]\nid = \"b\"\nkey_file = \"k2\"\n";
+    write_config(&cfg, &fake.url(), two, "");
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(5), || ids() == vec!["a:3", "b:10"]),
+        "{:?}",
+        ids()
+    );
+
+    // A broken file is refused, the running configuration kept.
+    write_config(&cfg, &fake.url(), two, "[limits]\nbogus_key = 1\n");
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    let refused = (0..50).find_map(|_| {
+        log_rx
+            .recv_timeout(Duration::from_millis(200))
+            .ok()
+            .filter(|l| l.contains("reload refused"))
+    });
+    let refused = refused.expect("the refusal is logged");
+    assert!(refused.contains("bogus_key"), "{refused}");
+    assert_eq!(ids(), vec!["a:3", "b:10"]);
+
+    // The stream opened before both reloads finishes with every frame.
+    for f in &frames[5..] {
+        ws.send(Message::binary(f.clone())).unwrap();
+    }
+    ws.send(Message::binary(Vec::<u8>::new())).unwrap();
+    assert!(read_all(&mut ws).finished());
+    assert_eq!(fake.sessions()[0].audio, frames.concat());
+
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    assert!(child.wait().unwrap().success());
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn reload_rotates_token_secrets_and_limits() {
+    let fake = fake(&["k1"], |_| {});
+    let relay = Relay::start(relay_config(&fake.url(), &[("a", "k1")]));
+    let old_token = relay.token("dev");
+    let mut cfg = relay.cfg.clone();
+    let old_secret = cfg.tokens.secret.clone();
+    cfg.tokens.previous_secret = Some(old_secret.clone());
+    cfg.tokens.secret = Secret::new("n".repeat(40));
+    let log = relay.handle.reload(&cfg).unwrap();
+    assert!(log.iter().any(|l| l.contains("token keys")), "{log:?}");
+    // Tokens of both secrets verify; a token of a third does not.
+    let new_token = TokenKeys::from_config(&cfg.tokens)
+        .mint("dev", Duration::from_secs(60), std::time::SystemTime::now())
+        .unwrap();
+    for t in [&old_token, &new_token] {
+        let (mut ws, _) = connect(relay.addr(), t, Via::Header).unwrap();
+        assert!(stream_session(&mut ws, &config_message(None), &audio_frames(2, 1)).finished());
+    }
+    let stranger = TokenKeys::new(&Secret::new("s".repeat(40)), None, Duration::ZERO)
+        .mint("dev", Duration::from_secs(60), std::time::SystemTime::now())
+        .unwrap();
+    assert!(connect(relay.addr(), &stranger, Via::Header).is_err());
+    // A new frame limit applies to new streams: 3,200-byte frames are now too big.
+    cfg.limits.max_frame_bytes = 1000;
+    relay.handle.reload(&cfg).unwrap();
+    let (mut ws, _) = connect(relay.addr(), &new_token, Via::Header).unwrap();
+    let got = stream_session(&mut ws, &config_message(None), &audio_frames(1, 1));
+    assert_eq!(got.close_code(), Some(1009), "{got:?}");
+    // Removing the previous secret retires the old tokens.
+    cfg.tokens.previous_secret = None;
+    relay.handle.reload(&cfg).unwrap();
+    assert!(connect(relay.addr(), &old_token, Via::Header).is_err());
+}
