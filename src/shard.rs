@@ -35,6 +35,9 @@ pub const BUFFER_SIZE: usize = 16 * 1024;
 /// process's locked-memory limit (often 8 MiB) must fit every executor's.
 pub const IO_MEMORY: usize = 64 * 1024;
 
+/// A ring version and the account ids by metrics index.
+type Published = (Arc<[RingSlot]>, Arc<[String]>);
+
 /// Process-wide facts every shard reads: the stream count behind
 /// `server.max_streams`, the draining flag, and the accounts.
 #[derive(Debug)]
@@ -47,7 +50,7 @@ pub struct ProcessState {
     /// The ring version last published, and account ids by metrics index:
     /// what a shard starts with, and what the admin side reports. Locked only
     /// on control-plane changes and reads, never by a stream.
-    published: Mutex<(Arc<[RingSlot]>, Arc<[String]>)>,
+    published: Mutex<Published>,
 }
 
 impl ProcessState {
