@@ -432,8 +432,8 @@ type Final = (Counters, Histogram<u64>, Histogram<u64>);
 
 /// From an executor to the main thread.
 enum Msg {
-    /// Each second: counters and round trips so far.
-    Progress(usize, Counters, Histogram<u64>),
+    /// Each second (tick n): counters and round trips so far.
+    Progress(usize, u64, Counters, Histogram<u64>),
     /// At the end.
     Done(usize, Counters, Histogram<u64>, Histogram<u64>),
 }
@@ -521,33 +521,40 @@ pub fn run(opts: &LoadOptions) -> std::io::Result<LoadReport> {
     }
     drop(tx);
 
+    // Latest counters and round trips of each executor, and the tick they are from.
     let mut latest: Vec<Option<(Counters, Histogram<u64>)>> = vec![None; threads];
+    let mut ticks = vec![0u64; threads];
     let mut done: Vec<Option<Final>> = vec![None; threads];
-    let mut last_tick = Instant::now();
+    let mut printed = 0u64;
     let mut last_frames = 0u64;
     let mut progress = report::Progress::new(opts.progress);
     loop {
-        match rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(Msg::Progress(t, c, h)) => latest[t] = Some((c, h)),
+        match rx.recv() {
+            Ok(Msg::Progress(t, tick, c, h)) => {
+                latest[t] = Some((c, h));
+                ticks[t] = tick;
+            }
             Ok(Msg::Done(t, c, rtt, conn)) => {
                 latest[t] = Some((c.clone(), rtt.clone()));
+                ticks[t] = u64::MAX;
                 done[t] = Some((c, rtt, conn));
             }
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(_) => break,
         }
-        if last_tick.elapsed() >= Duration::from_secs(1) {
+        // One line per second, once every running executor has reported it.
+        let tick = ticks.iter().copied().min().unwrap_or(0);
+        if tick > printed && tick != u64::MAX {
             let mut c = Counters::default();
             let mut h = new_histogram();
             for (lc, lh) in latest.iter().flatten() {
                 c.merge(lc);
                 let _ = h.add(lh);
             }
-            let dt = last_tick.elapsed().as_secs_f64();
-            let fps = c.frames_received.saturating_sub(last_frames) as f64 / dt;
+            let fps =
+                c.frames_received.saturating_sub(last_frames) as f64 / (tick - printed) as f64;
             last_frames = c.frames_received;
-            last_tick = Instant::now();
-            progress.line(epoch.elapsed(), &c, fps, &h);
+            printed = tick;
+            progress.line(Duration::from_secs(tick), &c, fps, &h);
         }
     }
     for h in handles {
@@ -583,11 +590,11 @@ async fn executor_main(worker: Rc<Worker>, t: usize, threads: usize, tx: mpsc::S
     let ticker = {
         let worker = worker.clone();
         glommio::spawn_local(async move {
-            loop {
-                glommio::timer::sleep(Duration::from_millis(1000)).await;
+            for tick in 1.. {
+                sleep_until(worker.epoch + Duration::from_secs(tick)).await;
                 let c = worker.counters.borrow().clone();
                 let h = worker.rtt.borrow().clone();
-                if tx.send(Msg::Progress(t, c, h)).is_err() {
+                if tx.send(Msg::Progress(t, tick, c, h)).is_err() {
                     return;
                 }
             }

@@ -307,6 +307,16 @@ async fn body(w: &Rc<Worker>, id: u64) -> Result<u64, Fail> {
         }
     };
 
+    // A write fails when the server has closed, usually after an error
+    // message: let the reader report that message (or the close) instead.
+    let writer = async {
+        let result = writer.await;
+        if result.is_err() {
+            ended.set(true);
+            future::pending::<()>().await;
+        }
+        result
+    };
     let ((), distinct) = future::try_zip(writer, reader).await?;
     Ok(sent.get().saturating_sub(distinct))
 }
