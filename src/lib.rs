@@ -15,6 +15,7 @@
 //! - [`secret`]: secret values that only ever print as fingerprints.
 //! - [`upstream`]: TCP, TLS and the WebSocket client upgrade to Soniox.
 //! - [`fake_soniox`]: a local stand-in for Soniox's real-time WebSocket API (tests, load).
+//! - [`relay_load`]: the `relay-load` load generator (client side of the protocol).
 
 #![warn(missing_debug_implementations, rust_2018_idioms)]
 
@@ -36,6 +37,8 @@ pub mod control;
 pub mod demo;
 #[path = "../tools/fake_soniox/mod.rs"]
 pub mod fake_soniox;
+#[path = "../tools/relay_load/mod.rs"]
+pub mod relay_load;
 pub mod server;
 pub mod session;
 pub mod shard;

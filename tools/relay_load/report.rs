@@ -1,0 +1,317 @@
+//! What a run measured: [`LoadReport`], its table, JSON and `.hgrm` files,
+//! and the live progress line.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::{IsTerminal, Write as _};
+use std::path::Path;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+
+use super::{Counters, LoadOptions, Mode};
+
+/// The outcome of a run. Latencies are in microseconds.
+#[derive(Debug, Clone)]
+pub struct LoadReport {
+    /// `stream`, `idle` or `churn`.
+    pub mode: &'static str,
+    /// Streams (connections) started.
+    pub streams_started: u64,
+    /// Streams that ended in order: `finished`, then the close.
+    pub streams_ok: u64,
+    /// Streams still running when `--duration` ran out (not failures).
+    pub streams_cut: u64,
+    /// Failed streams by cause: `http N` (status before the upgrade),
+    /// `error N` (a Soniox error message after it), `close N` (a close
+    /// before `finished`), `eof`, `reset`, `timeout`, `refused`, ...
+    pub streams_failed: BTreeMap<String, u64>,
+    /// Audio frames sent (end-of-audio frames not counted).
+    pub frames_sent: u64,
+    /// Echoed frames received (duplicates included).
+    pub frames_received: u64,
+    /// Frames of streams that ended in order that never came back.
+    pub lost: u64,
+    /// Frames that came back more than once (extra copies).
+    pub duplicated: u64,
+    /// Frames that came back after a later frame of their stream.
+    pub reordered: u64,
+    /// Result tokens that were not an echo of a frame of this stream (a
+    /// non-echo upstream sends words).
+    pub unexpected: u64,
+    /// Bytes written to the sockets (handshakes included).
+    pub bytes_sent: u64,
+    /// Bytes read from the sockets.
+    pub bytes_received: u64,
+    /// Idle mode: streams still open when the hold ended.
+    pub idle_held: u64,
+    /// Wall time of the run.
+    pub elapsed: Duration,
+    /// Echoed frames received per second of the run.
+    pub frames_per_sec: f64,
+    /// Churn mode: complete cycles (streams ended in order) per second.
+    pub cycles_per_sec: f64,
+    /// Round trip of each echoed frame (sent to its result read), µs.
+    pub rtt: Histogram<u64>,
+    /// Connect time: TCP + upgrade + auth + first result, µs (idle mode:
+    /// until the upgrade answer).
+    pub connect: Histogram<u64>,
+}
+
+impl LoadReport {
+    pub(crate) fn new(
+        opts: &LoadOptions,
+        c: Counters,
+        rtt: Histogram<u64>,
+        connect: Histogram<u64>,
+        elapsed: Duration,
+    ) -> LoadReport {
+        let secs = elapsed.as_secs_f64().max(1e-9);
+        LoadReport {
+            mode: match opts.mode {
+                Mode::Stream => "stream",
+                Mode::Idle => "idle",
+                Mode::Churn => "churn",
+            },
+            streams_started: c.started,
+            streams_ok: c.ok,
+            streams_cut: c.cut,
+            streams_failed: c.failed.clone(),
+            frames_sent: c.frames_sent,
+            frames_received: c.frames_received,
+            lost: c.lost,
+            duplicated: c.duplicated,
+            reordered: c.reordered,
+            unexpected: c.unexpected,
+            bytes_sent: c.bytes_sent,
+            bytes_received: c.bytes_received,
+            idle_held: c.idle_held,
+            elapsed,
+            frames_per_sec: c.frames_received as f64 / secs,
+            cycles_per_sec: c.ok as f64 / secs,
+            rtt,
+            connect,
+        }
+    }
+
+    /// All failed streams.
+    pub fn failed_total(&self) -> u64 {
+        self.streams_failed.values().sum()
+    }
+
+    /// Whether every stream ended in order and every frame came back once, in order.
+    pub fn clean(&self) -> bool {
+        self.failed_total() == 0 && self.lost == 0 && self.duplicated == 0 && self.reordered == 0
+    }
+
+    /// The end-of-run table.
+    pub fn table(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "{:<10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+            "latency", "p50", "p90", "p99", "p99.9", "max", "count"
+        );
+        for (name, h) in [("connect", &self.connect), ("rtt", &self.rtt)] {
+            let q = |q: f64| ms(h.value_at_quantile(q));
+            let _ = writeln!(
+                s,
+                "{:<10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+                name,
+                q(0.5),
+                q(0.9),
+                q(0.99),
+                q(0.999),
+                ms(h.max()),
+                h.len()
+            );
+        }
+        let _ = writeln!(s, "(latencies in ms)");
+        let _ = writeln!(s);
+        let failed = if self.streams_failed.is_empty() {
+            "0".to_string()
+        } else {
+            let parts: Vec<String> = self
+                .streams_failed
+                .iter()
+                .map(|(k, v)| format!("{k}: {v}"))
+                .collect();
+            format!("{} ({})", self.failed_total(), parts.join(", "))
+        };
+        let rows: Vec<(&str, String)> = vec![
+            ("mode", self.mode.to_string()),
+            ("elapsed", format!("{:.1} s", self.elapsed.as_secs_f64())),
+            ("streams started", self.streams_started.to_string()),
+            ("streams ok", self.streams_ok.to_string()),
+            ("streams failed", failed),
+            ("streams cut", self.streams_cut.to_string()),
+            ("frames sent", self.frames_sent.to_string()),
+            ("frames received", self.frames_received.to_string()),
+            ("lost", self.lost.to_string()),
+            ("duplicated", self.duplicated.to_string()),
+            ("reordered", self.reordered.to_string()),
+            ("unexpected tokens", self.unexpected.to_string()),
+            ("bytes sent", self.bytes_sent.to_string()),
+            ("bytes received", self.bytes_received.to_string()),
+            ("frames/s", format!("{:.0}", self.frames_per_sec)),
+        ];
+        for (k, v) in rows {
+            let _ = writeln!(s, "{k:<18} {v}");
+        }
+        match self.mode {
+            "idle" => {
+                let _ = writeln!(s, "{:<18} {}", "idle streams held", self.idle_held);
+            }
+            "churn" => {
+                let _ = writeln!(s, "{:<18} {:.1}", "cycles/s", self.cycles_per_sec);
+            }
+            _ => {}
+        }
+        s
+    }
+
+    /// The report as one JSON object (latencies in ms).
+    pub fn to_json(&self) -> serde_json::Value {
+        let lat = |h: &Histogram<u64>| {
+            serde_json::json!({
+                "count": h.len(),
+                "p50_ms": h.value_at_quantile(0.5) as f64 / 1000.0,
+                "p90_ms": h.value_at_quantile(0.9) as f64 / 1000.0,
+                "p99_ms": h.value_at_quantile(0.99) as f64 / 1000.0,
+                "p999_ms": h.value_at_quantile(0.999) as f64 / 1000.0,
+                "max_ms": h.max() as f64 / 1000.0,
+                "mean_ms": h.mean() / 1000.0,
+            })
+        };
+        serde_json::json!({
+            "mode": self.mode,
+            "elapsed_s": self.elapsed.as_secs_f64(),
+            "streams_started": self.streams_started,
+            "streams_ok": self.streams_ok,
+            "streams_failed": self.failed_total(),
+            "streams_failed_by_code": self.streams_failed,
+            "streams_cut": self.streams_cut,
+            "frames_sent": self.frames_sent,
+            "frames_received": self.frames_received,
+            "lost": self.lost,
+            "duplicated": self.duplicated,
+            "reordered": self.reordered,
+            "unexpected_tokens": self.unexpected,
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+            "frames_per_sec": self.frames_per_sec,
+            "cycles_per_sec": self.cycles_per_sec,
+            "idle_held": self.idle_held,
+            "connect": lat(&self.connect),
+            "rtt": lat(&self.rtt),
+        })
+    }
+
+    /// Writes `connect.hgrm` and `rtt.hgrm` into `dir` (created if needed).
+    pub fn write_hgrm(&self, dir: &Path) -> std::io::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(dir.join("connect.hgrm"), hgrm(&self.connect))?;
+        std::fs::write(dir.join("rtt.hgrm"), hgrm(&self.rtt))?;
+        Ok(())
+    }
+}
+
+fn ms(us: u64) -> String {
+    format!("{:.3}", us as f64 / 1000.0)
+}
+
+/// A histogram (µs) in HdrHistogram's classic percentile-distribution text
+/// format, values in milliseconds, 5 ticks per half distance.
+pub fn hgrm(h: &Histogram<u64>) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{:>12} {:>14} {:>10} {:>14}\n",
+        "Value", "Percentile", "TotalCount", "1/(1-Percentile)"
+    );
+    let mut total = 0u64;
+    if !h.is_empty() {
+        for v in h.iter_quantiles(5) {
+            total += v.count_since_last_iteration();
+            let value = v.value_iterated_to() as f64 / 1000.0;
+            let q = v.quantile_iterated_to();
+            if q < 1.0 {
+                let _ = writeln!(
+                    s,
+                    "{value:12.3} {q:2.12} {total:10} {:14.2}",
+                    1.0 / (1.0 - q)
+                );
+            } else {
+                let _ = writeln!(s, "{value:12.3} {q:2.12} {total:10}");
+            }
+        }
+    }
+    let _ = writeln!(
+        s,
+        "#[Mean    = {:12.3}, StdDeviation   = {:12.3}]",
+        h.mean() / 1000.0,
+        h.stdev() / 1000.0
+    );
+    let _ = writeln!(
+        s,
+        "#[Max     = {:12.3}, Total count    = {:12}]",
+        h.max() as f64 / 1000.0,
+        h.len()
+    );
+    let _ = writeln!(
+        s,
+        "#[Buckets = {:12}, SubBuckets     = {:12}]",
+        h.buckets(),
+        // The counts array holds (buckets + 1) half-ranges of sub-buckets.
+        2 * h.distinct_values() / (usize::from(h.buckets()) + 1)
+    );
+    s
+}
+
+/// The one-line live display on stderr (rewritten in place on a terminal).
+pub(crate) struct Progress {
+    on: bool,
+    tty: bool,
+    printed: bool,
+}
+
+impl Progress {
+    pub(crate) fn new(on: bool) -> Progress {
+        Progress {
+            on,
+            tty: std::io::stderr().is_terminal(),
+            printed: false,
+        }
+    }
+
+    pub(crate) fn line(&mut self, t: Duration, c: &Counters, fps: f64, rtt: &Histogram<u64>) {
+        if !self.on {
+            return;
+        }
+        let line = format!(
+            "[{:>5.1}s] open {} done {} failed {} cut {} | {:.0} frames/s | rtt p50 {} p99 {} ms",
+            t.as_secs_f64(),
+            c.open,
+            c.ok,
+            c.failed_total(),
+            c.cut,
+            fps,
+            ms(rtt.value_at_quantile(0.5)),
+            ms(rtt.value_at_quantile(0.99)),
+        );
+        let mut err = std::io::stderr().lock();
+        if self.tty {
+            let _ = write!(err, "\r\x1b[2K{line}");
+        } else {
+            let _ = writeln!(err, "{line}");
+        }
+        let _ = err.flush();
+        self.printed = true;
+    }
+
+    pub(crate) fn finish(&mut self) {
+        if self.on && self.tty && self.printed {
+            let _ = writeln!(std::io::stderr());
+        }
+    }
+}
