@@ -9,7 +9,7 @@ use std::hint::black_box;
 use std::time::{Duration, Instant, SystemTime};
 
 use clio_relay::frame::{build_frame, parse_header, write_header, Opcode, Sender, MAX_HEADER_LEN};
-use clio_relay::keyring::{AccountState, KeyRing};
+use clio_relay::keyring::{AccountState, KeyRing, KeySlot, RingSlot};
 use clio_relay::mask::{apply_mask, apply_mask_bytewise, rekey, MaskKeys};
 use clio_relay::pump::FrameScanner;
 use clio_relay::secret::Secret;
@@ -141,15 +141,9 @@ fn tokens(c: &mut Criterion) {
 fn keyring(c: &mut Criterion) {
     let epoch = Instant::now();
     let accounts: Vec<_> = (0..8)
-        .map(|i| {
-            AccountState::new(
-                &format!("a{i}"),
-                Secret::new(format!("k{i}")),
-                "r",
-                true,
-                1000,
-                epoch,
-            )
+        .map(|i| RingSlot {
+            account: AccountState::new(&format!("a{i}"), i, "r", true, 1000, epoch),
+            key: KeySlot::new(Secret::new(format!("k{i}")), 0),
         })
         .collect();
     let mut ring = KeyRing::new(&accounts);

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clio_relay::config::{
-    AccountConfig, AuthMode, Config, LimitsConfig, ServerConfig, TokensConfig, UpstreamConfig,
+    AccountConfig, AdminConfig, AuthMode, Config, LimitsConfig, ServerConfig, TokensConfig,
+    UpstreamConfig,
 };
 use clio_relay::fake_soniox::{FakeConfig, FakeKey, FakeSoniox};
 use clio_relay::relay_load::{
@@ -47,6 +48,7 @@ fn relay_config(upstream: &str) -> Config {
         )),
         limits: LimitsConfig::default(),
         accounts: vec![account],
+        admin: AdminConfig::default(),
     }
 }
 
