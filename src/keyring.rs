@@ -61,6 +61,55 @@ impl KeySlot {
     }
 }
 
+/// Which level a Soniox 429 was about: limits apply per project and per
+/// organisation, and back off separately.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateScope {
+    /// The project's limit (the usual case).
+    Project,
+    /// The organisation's limit (the message names the organisation).
+    Organization,
+}
+
+impl RateScope {
+    /// Reads the scope from a Soniox 429 message.
+    pub fn from_message(message: &str) -> RateScope {
+        let m = message.to_ascii_lowercase();
+        if m.contains("organization") || m.contains("organisation") || m.contains(" org ") || m.contains("org-level") || m.contains("org level") {
+            RateScope::Organization
+        } else {
+            RateScope::Project
+        }
+    }
+}
+
+/// A cooldown that doubles on each further 429, up to [`COOLDOWN_MAX`].
+#[derive(Debug, Default)]
+struct Backoff {
+    until_ms: AtomicU64,
+    step_ms: AtomicU64,
+}
+
+impl Backoff {
+    fn hit(&self, now_ms: u64) {
+        let prev = self.step_ms.load(Ordering::Relaxed);
+        let next = if prev == 0 { COOLDOWN_START.as_millis() as u64 } else { (prev * 2).min(COOLDOWN_MAX.as_millis() as u64) };
+        self.step_ms.store(next, Ordering::Relaxed);
+        self.until_ms.store(now_ms + next, Ordering::Relaxed);
+    }
+    fn reset(&self) {
+        if self.step_ms.load(Ordering::Relaxed) != 0 {
+            self.step_ms.store(0, Ordering::Relaxed);
+        }
+    }
+    fn active(&self, now_ms: u64) -> bool {
+        self.until_ms.load(Ordering::Relaxed) > now_ms
+    }
+}
+
+/// No limit known from upstream.
+pub const NO_UPSTREAM_CAP: u32 = u32::MAX;
+
 /// One account's state, shared by every shard.
 #[derive(Debug)]
 pub struct AccountState {
@@ -76,12 +125,19 @@ pub struct AccountState {
     pub max_concurrent: AtomicU32,
     /// Live streams across all shards.
     pub live: AtomicU32,
-    /// Not picked before this time (ms since `epoch`): 401/402 holdoff or 429 cooldown.
-    blocked_until_ms: AtomicU64,
-    /// Whether the block is for bad credentials (401/402) rather than rate (429).
-    unhealthy: AtomicBool,
-    /// Current 429 backoff in ms; 0 after a success.
-    backoff_ms: AtomicU64,
+    /// Streams upstream will still take on this key, from the last health
+    /// check's `/v1/concurrency-limits` (its limit minus use by others);
+    /// [`NO_UPSTREAM_CAP`] when unknown.
+    pub upstream_cap: AtomicU32,
+    /// Left out of picks until this time (ms since `epoch`) after a 401/402.
+    unhealthy_until_ms: AtomicU64,
+    /// How long a 401/402 holds the account off: short without active health
+    /// checks, long with them (a passing check clears it).
+    unhealthy_holdoff_ms: AtomicU64,
+    /// Cooldown after project-level 429s.
+    project: Backoff,
+    /// Cooldown after organisation-level 429s.
+    organization: Backoff,
     epoch: Instant,
 }
 
@@ -102,19 +158,18 @@ impl AccountState {
             enabled: AtomicBool::new(enabled),
             max_concurrent: AtomicU32::new(max_concurrent),
             live: AtomicU32::new(0),
-            blocked_until_ms: AtomicU64::new(0),
-            unhealthy: AtomicBool::new(false),
-            backoff_ms: AtomicU64::new(0),
+            upstream_cap: AtomicU32::new(NO_UPSTREAM_CAP),
+            unhealthy_until_ms: AtomicU64::new(0),
+            unhealthy_holdoff_ms: AtomicU64::new(UNHEALTHY_HOLDOFF.as_millis() as u64),
+            project: Backoff::default(),
+            organization: Backoff::default(),
             epoch,
         })
     }
 
     /// The region label (read by the control plane only).
     pub fn region(&self) -> String {
-        self.region
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.region.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     fn ms(&self, t: Instant) -> u64 {
@@ -123,58 +178,71 @@ impl AccountState {
 
     /// Whether a stream may be given to this account at `now`.
     pub fn available(&self, now: Instant) -> bool {
-        self.enabled.load(Ordering::Relaxed)
-            && self.blocked_until_ms.load(Ordering::Relaxed) <= self.ms(now)
+        let ms = self.ms(now);
+        self.enabled.load(Ordering::Relaxed) && self.healthy(now) && !self.project.active(ms) && !self.organization.active(ms)
     }
 
     /// Whether the account is healthy (not held off after a 401/402) at `now`.
     pub fn healthy(&self, now: Instant) -> bool {
-        !(self.unhealthy.load(Ordering::Relaxed)
-            && self.blocked_until_ms.load(Ordering::Relaxed) > self.ms(now))
+        self.unhealthy_until_ms.load(Ordering::Relaxed) <= self.ms(now)
+    }
+
+    /// Whether a 429 cooldown is running at `now`, and at which level.
+    pub fn cooling_down(&self, now: Instant) -> Option<RateScope> {
+        let ms = self.ms(now);
+        if self.organization.active(ms) {
+            Some(RateScope::Organization)
+        } else if self.project.active(ms) {
+            Some(RateScope::Project)
+        } else {
+            None
+        }
+    }
+
+    /// The limit in force: the configured one, or less if upstream said so.
+    pub fn effective_max(&self) -> u32 {
+        self.max_concurrent.load(Ordering::Relaxed).min(self.upstream_cap.load(Ordering::Relaxed))
     }
 
     /// Free stream slots now.
     pub fn headroom(&self) -> u32 {
-        self.max_concurrent
-            .load(Ordering::Relaxed)
-            .saturating_sub(self.live.load(Ordering::Relaxed))
+        self.effective_max().saturating_sub(self.live.load(Ordering::Relaxed))
+    }
+
+    /// Sets how long a 401/402 holds the account off.
+    pub fn set_unhealthy_holdoff(&self, holdoff: Duration) {
+        self.unhealthy_holdoff_ms.store(holdoff.as_millis() as u64, Ordering::Relaxed);
     }
 
     /// Upstream refused the key (401, 402): leave it out of every shard's picks.
     pub fn mark_unhealthy(&self, now: Instant) {
-        self.unhealthy.store(true, Ordering::Relaxed);
-        self.blocked_until_ms
-            .store(self.ms(now + UNHEALTHY_HOLDOFF), Ordering::Relaxed);
+        let holdoff = self.unhealthy_holdoff_ms.load(Ordering::Relaxed);
+        self.unhealthy_until_ms.store(self.ms(now) + holdoff.max(1), Ordering::Relaxed);
     }
 
-    /// Upstream said 429: cool down, twice as long as last time, up to the cap.
-    pub fn mark_rate_limited(&self, now: Instant) {
-        let prev = self.backoff_ms.load(Ordering::Relaxed);
-        let next = if prev == 0 {
-            COOLDOWN_START.as_millis() as u64
-        } else {
-            (prev * 2).min(COOLDOWN_MAX.as_millis() as u64)
-        };
-        self.backoff_ms.store(next, Ordering::Relaxed);
-        self.blocked_until_ms
-            .store(self.ms(now) + next, Ordering::Relaxed);
-    }
-
-    /// Upstream accepted a stream: clear backoff and health marks.
-    pub fn mark_ok(&self) {
-        if self.backoff_ms.load(Ordering::Relaxed) != 0 || self.unhealthy.load(Ordering::Relaxed) {
-            self.backoff_ms.store(0, Ordering::Relaxed);
-            self.unhealthy.store(false, Ordering::Relaxed);
+    /// Upstream said 429: cool down at that level, twice as long as last time.
+    pub fn mark_rate_limited(&self, now: Instant, scope: RateScope) {
+        match scope {
+            RateScope::Project => self.project.hit(self.ms(now)),
+            RateScope::Organization => self.organization.hit(self.ms(now)),
         }
+    }
+
+    /// Upstream accepted a stream, or an active check passed: healthy again,
+    /// backoffs reset.
+    pub fn mark_ok(&self) {
+        if self.unhealthy_until_ms.load(Ordering::Relaxed) != 0 {
+            self.unhealthy_until_ms.store(0, Ordering::Relaxed);
+        }
+        self.project.reset();
+        self.organization.reset();
     }
 
     /// Reserves one stream slot if under the limit.
     fn try_reserve(&self) -> bool {
-        let max = self.max_concurrent.load(Ordering::Relaxed);
+        let max = self.effective_max();
         self.live
-            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |live| {
-                (live < max).then_some(live + 1)
-            })
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |live| (live < max).then_some(live + 1))
             .is_ok()
     }
 }
@@ -340,10 +408,10 @@ mod tests {
         assert!(accts[0]
             .account
             .healthy(now + UNHEALTHY_HOLDOFF + Duration::from_millis(1)));
-        accts[1].account.mark_rate_limited(now);
+        accts[1].account.mark_rate_limited(now, RateScope::Project);
         assert!(ring.pick(now, 0).is_none());
         assert!(ring.pick(now + Duration::from_millis(1001), 0).is_some());
-        accts[1].account.mark_rate_limited(now);
+        accts[1].account.mark_rate_limited(now, RateScope::Project);
         assert!(
             !accts[1]
                 .account
@@ -351,7 +419,7 @@ mod tests {
             "backoff doubled to 2 s"
         );
         accts[1].account.mark_ok();
-        accts[1].account.mark_rate_limited(now);
+        accts[1].account.mark_rate_limited(now, RateScope::Project);
         assert!(
             accts[1]
                 .account

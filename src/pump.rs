@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use crate::frame::{parse_header, FrameError, Opcode, Sender};
 use crate::io::{Buf, Duplex};
+use crate::keyring::RateScope;
 use crate::mask::{apply_mask, rekey, MaskKeys};
 use crate::metrics::{Hist, ShardMetrics};
 
@@ -32,6 +33,9 @@ pub struct Scan {
     pub data_frames_started: u32,
     /// The ready region ends with a close frame: nothing after it is read.
     pub close_done: bool,
+    /// The frame after the ready region breaks the protocol. The ready
+    /// frames before it are still forwarded, then the stream ends.
+    pub violation: Option<FrameError>,
 }
 
 /// Walks frames across reads. For client frames it also re-masks in place.
@@ -68,14 +72,11 @@ impl FrameScanner {
     }
 
     /// Scans `window` from its start. Client frames get a fresh key from
-    /// `masks`. Stops after a close frame, or before a partial header (those
-    /// bytes stay for the next read). Allocation-free.
+    /// `masks`. Stops after a close frame, before a partial header (those
+    /// bytes stay for the next read), or before a frame that breaks the
+    /// protocol ([`Scan::violation`]). Allocation-free.
     #[inline]
-    pub fn scan(
-        &mut self,
-        window: &mut [u8],
-        masks: Option<&mut MaskKeys>,
-    ) -> Result<Scan, FrameError> {
+    pub fn scan(&mut self, window: &mut [u8], masks: Option<&mut MaskKeys>) -> Scan {
         let mut masks = masks;
         let mut out = Scan::default();
         let len = window.len();
@@ -102,8 +103,13 @@ impl FrameScanner {
             if pos == len {
                 break;
             }
-            let Some(h) = parse_header(&window[pos..], self.from, self.max_payload)? else {
-                break; // partial header: keep it for the next read
+            let h = match parse_header(&window[pos..], self.from, self.max_payload) {
+                Ok(Some(h)) => h,
+                Ok(None) => break, // partial header: keep it for the next read
+                Err(e) => {
+                    out.violation = Some(e);
+                    break;
+                }
             };
             if let (Some(client_key), Some(masks)) = (h.mask, masks.as_deref_mut()) {
                 let fresh = masks.next_key();
@@ -127,7 +133,7 @@ impl FrameScanner {
             }
         }
         out.ready = pos;
-        Ok(out)
+        out
     }
 }
 
@@ -148,7 +154,7 @@ pub enum End {
     UpstreamProtocol(FrameError),
     /// Upstream's first message was this error code (401, 402, 429) and no
     /// client data has gone up yet: the stream can move to another account.
-    Retry(u16),
+    Retry(u16, RateScope),
     /// No frame in either direction for the idle timeout.
     Idle,
 }
@@ -171,7 +177,7 @@ pub struct StreamState {
     /// The first upstream message still has to be looked at.
     pub inspect_first_upstream: Cell<bool>,
     /// The first upstream message carried this error code.
-    pub first_upstream_error: Cell<Option<u16>>,
+    pub first_upstream_error: Cell<Option<(u16, RateScope)>>,
 }
 
 impl StreamState {
@@ -220,16 +226,7 @@ pub async fn client_to_upstream(
     }
     loop {
         let processed = side.processed;
-        let scan = {
-            let mut masks = masks.borrow_mut();
-            match side
-                .scanner
-                .scan(&mut buf.filled()[processed..], Some(&mut masks))
-            {
-                Ok(s) => s,
-                Err(e) => return End::ClientProtocol(e),
-            }
-        };
+        let scan = side.scanner.scan(&mut buf.filled()[processed..], Some(&mut masks.borrow_mut()));
         side.processed += scan.ready;
         if scan.data_frames_started > 0 {
             if state.first_audio_at.get().is_none() {
@@ -255,6 +252,9 @@ pub async fn client_to_upstream(
                 }
             }
             metrics.frames_client_to_upstream(scan.frames_done as u64, n as u64);
+        }
+        if let Some(e) = scan.violation {
+            return End::ClientProtocol(e);
         }
         if scan.close_done {
             side.close_seen = true;
@@ -298,20 +298,17 @@ pub async fn upstream_to_client(
                         }
                     }
                 }
-                FirstMessage::Error(code) => {
+                FirstMessage::Error(code, scope) => {
                     state.inspect_first_upstream.set(false);
-                    state.first_upstream_error.set(Some(code));
+                    state.first_upstream_error.set(Some((code, scope)));
                     if matches!(code, 401 | 402 | 429) && retry_allowed() {
-                        return End::Retry(code);
+                        return End::Retry(code, scope);
                     }
                 }
                 _ => state.inspect_first_upstream.set(false),
             }
         }
-        let scan = match scanner.scan(buf.filled(), None) {
-            Ok(s) => s,
-            Err(e) => return End::UpstreamProtocol(e),
-        };
+        let scan = scanner.scan(buf.filled(), None);
         if scan.ready > 0 {
             state.client_at_boundary.set(false);
             if client.write_all(&buf.filled()[..scan.ready]).await.is_err() {
@@ -333,6 +330,9 @@ pub async fn upstream_to_client(
             }
             metrics.frames_upstream_to_client(scan.frames_done as u64, scan.ready as u64);
         }
+        if let Some(e) = scan.violation {
+            return End::UpstreamProtocol(e);
+        }
         if scan.close_done {
             return End::UpstreamClosed;
         }
@@ -350,8 +350,8 @@ pub async fn upstream_to_client(
 enum FirstMessage {
     /// The first frame is not all here yet.
     Incomplete,
-    /// A whole text frame carrying `error_code`.
-    Error(u16),
+    /// A whole text frame carrying `error_code` (and, for 429, its level).
+    Error(u16, RateScope),
     /// Anything else (a result, a control frame, a frame too big to hold).
     Other,
 }
@@ -374,11 +374,13 @@ fn first_message_error(bytes: &[u8]) -> FirstMessage {
     #[derive(serde::Deserialize)]
     struct ErrorShape {
         error_code: Option<u16>,
+        #[serde(default)]
+        error_message: String,
     }
     match serde_json::from_slice::<ErrorShape>(&bytes[h.header_len..total as usize]) {
-        Ok(ErrorShape {
-            error_code: Some(code),
-        }) => FirstMessage::Error(code),
+        Ok(ErrorShape { error_code: Some(code), error_message }) => {
+            FirstMessage::Error(code, RateScope::from_message(&error_message))
+        }
         _ => FirstMessage::Other,
     }
 }
@@ -436,7 +438,7 @@ mod tests {
             let (mut done, mut data) = (0, 0);
             for piece in wire.chunks(chunk) {
                 carry.extend_from_slice(piece);
-                let s = scanner.scan(&mut carry, Some(&mut masks)).unwrap();
+                let s = scanner.scan(&mut carry, Some(&mut masks));
                 sent.extend_from_slice(&carry[..s.ready]);
                 carry.drain(..s.ready);
                 done += s.frames_done;
@@ -460,23 +462,24 @@ mod tests {
         let close_len = wire.len();
         wire.extend(build_frame(Opcode::Binary, b"after", Some([1, 2, 3, 4])));
         let mut s = FrameScanner::new(Sender::Client, 100);
-        let scan = s.scan(&mut wire, Some(&mut MaskKeys::default())).unwrap();
+        let scan = s.scan(&mut wire, Some(&mut MaskKeys::default()));
         assert_eq!(
             (scan.ready, scan.close_done, scan.frames_done),
             (close_len, true, 1)
         );
 
-        let mut unmasked = build_frame(Opcode::Binary, b"x", None);
+        // A good frame, then an unmasked one in the same read: the good one
+        // is still ready to forward, and the violation is reported after it.
+        let mut wire = build_frame(Opcode::Binary, b"good", Some([1, 2, 3, 4]));
+        let good = wire.len();
+        wire.extend(build_frame(Opcode::Binary, b"x", None));
         let mut s = FrameScanner::new(Sender::Client, 100);
-        assert_eq!(
-            s.scan(&mut unmasked, Some(&mut MaskKeys::default())),
-            Err(FrameError::Masking)
-        );
+        let scan = s.scan(&mut wire, Some(&mut MaskKeys::default()));
+        assert_eq!((scan.ready, scan.frames_done, scan.violation), (good, 1, Some(FrameError::Masking)));
         let mut big = build_frame(Opcode::Binary, &[0; 101], Some([0; 4]));
-        assert_eq!(
-            s.scan(&mut big, Some(&mut MaskKeys::default())),
-            Err(FrameError::TooBig)
-        );
+        let mut s = FrameScanner::new(Sender::Client, 100);
+        let scan = s.scan(&mut big, Some(&mut MaskKeys::default()));
+        assert_eq!((scan.ready, scan.violation), (0, Some(FrameError::TooBig)));
     }
 
     #[test]
@@ -485,12 +488,12 @@ mod tests {
         let mut wire = build_frame(Opcode::Text, err, None);
         let original = wire.clone();
         let mut s = FrameScanner::new(Sender::Server, 1 << 20);
-        let scan = s.scan(&mut wire, None).unwrap();
+        let scan = s.scan(&mut wire, None);
         assert_eq!((scan.ready, scan.frames_done), (wire.len(), 1));
         assert_eq!(wire, original);
         assert!(matches!(
             first_message_error(&wire),
-            FirstMessage::Error(401)
+            FirstMessage::Error(401, RateScope::Project)
         ));
         assert!(matches!(
             first_message_error(&wire[..wire.len() - 1]),

@@ -15,7 +15,7 @@ use crate::frame::{
 };
 use crate::http::{self, HeadError};
 use crate::io::{timeout, Buf, Conn, Duplex};
-use crate::keyring::Lease;
+use crate::keyring::{Lease, RateScope};
 use crate::mask::apply_mask;
 use crate::metrics::Side;
 use crate::pump::{self, ClientSide, End, FrameScanner, StreamState};
@@ -324,8 +324,8 @@ impl Stream {
                 .pump(&client, &mut up, &mut cbuf, &mut cside, &state)
                 .await;
             match end {
-                End::Retry(code) => {
-                    self.note_refusal(&up.lease, code);
+                End::Retry(code, scope) => {
+                    self.note_refusal(&up.lease, code, scope);
                     tracing::info!(stream = %self.id, account = %up.lease.account.id, code, "upstream refused the account on its first message; moving the stream");
                     self.shard
                         .metrics
@@ -344,8 +344,8 @@ impl Stream {
             Ok(end) => end,
             Err(r) => return self.refuse(&client, &r).await,
         };
-        if let Some(code) = state.first_upstream_error.get() {
-            self.note_refusal(&up.lease, code);
+        if let Some((code, scope)) = state.first_upstream_error.get() {
+            self.note_refusal(&up.lease, code, scope);
         }
         self.finish(&client, &up, end, &state, &mut cbuf, &mut cside)
             .await;
@@ -507,8 +507,8 @@ impl Stream {
                     shard.metrics.stream_opened(lease.account.metrics_index);
                     return Ok(Upstream { conn, lease, buf });
                 }
-                Err(crate::upstream::ConnectError::Refused(status)) => {
-                    self.note_refusal(&lease, status);
+                Err(crate::upstream::ConnectError::Refused(status, scope)) => {
+                    self.note_refusal(&lease, status, scope);
                     shard.metrics.error(Side::Upstream, status);
                     shard.metrics.account_retry(lease.account.metrics_index);
                     tracing::info!(stream = %self.id, account = %lease.account.id, status, "upstream refused the account; trying the next");
@@ -526,10 +526,10 @@ impl Stream {
     }
 
     /// Marks the account after upstream refused it with `code`.
-    fn note_refusal(&self, lease: &Lease, code: u16) {
+    fn note_refusal(&self, lease: &Lease, code: u16, scope: RateScope) {
         match code {
             401 | 402 => lease.account.mark_unhealthy(Instant::now()),
-            429 => lease.account.mark_rate_limited(Instant::now()),
+            429 => lease.account.mark_rate_limited(Instant::now(), scope),
             _ => {}
         }
     }
@@ -665,6 +665,13 @@ impl Stream {
                         .await;
                 }
             }
+            End::UpstreamGone if cside.close_seen => {
+                // The client closed and upstream hung up instead of answering
+                // the close: answer it in upstream's place.
+                if state.client_at_boundary.get() {
+                    let _ = client.write_all(&build_frame(Opcode::Close, &close_payload(1000, ""), None)).await;
+                }
+            }
             End::UpstreamGone | End::UpstreamProtocol(_) => {
                 let r = Refusal::upstream_lost();
                 shard.metrics.error(Side::Upstream, r.code);
@@ -688,7 +695,7 @@ impl Stream {
                     let _ = up.conn.write_all(&close_upstream(1000, "idle")).await;
                 }
             }
-            End::Retry(_) | End::ClientClosed => unreachable!("handled by the caller"),
+            End::Retry(..) | End::ClientClosed => unreachable!("handled by the caller"),
         }
         let _ = up.conn.close().await;
         close_client(client).await;

@@ -18,6 +18,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use crate::config::{parse_ws_url, WsEndpoint};
 use crate::http::{self, UpstreamAnswer};
 use crate::io::{Buf, Conn, Duplex};
+use crate::keyring::RateScope;
 use crate::secret::Secret;
 
 /// How long a resolved upstream address is reused before resolving again.
@@ -29,7 +30,7 @@ const MAX_ANSWER_HEAD: usize = 16 * 1024;
 #[derive(Debug)]
 pub enum ConnectError {
     /// Upstream answered the upgrade with this HTTP status (401, 402, 429, 5xx…).
-    Refused(u16),
+    Refused(u16, RateScope),
     /// DNS, TCP, TLS or a broken answer: upstream is unreachable or not speaking WebSocket.
     Unavailable(String),
     /// The whole attempt took longer than `upstream.connect_timeout`.
@@ -239,7 +240,13 @@ impl UpstreamTarget {
         buf.start += head_len;
         match answer {
             UpstreamAnswer::Upgraded => Ok(conn),
-            UpstreamAnswer::Refused(status) => Err(ConnectError::Refused(status)),
+            UpstreamAnswer::Refused(status) => {
+                // The body (what of it came with the head) says, for a 429,
+                // whether the project's or the organisation's limit was hit.
+                let body = buf.filled();
+                let body = String::from_utf8_lossy(&body[..body.len().min(2048)]);
+                Err(ConnectError::Refused(status, RateScope::from_message(&body)))
+            }
             UpstreamAnswer::Invalid => Err(unavailable(
                 "upgrade answer",
                 &"bad accept key or unrequested extension",
