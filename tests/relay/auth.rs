@@ -8,7 +8,10 @@ fn streams_with(via: Via) {
     let token = relay.token("device-1");
     let (mut ws, resp) = connect(relay.addr(), &token, via).expect("upgrade accepted");
     if matches!(via, Via::Subprotocol) {
-        assert_eq!(resp.headers().get("sec-websocket-protocol").unwrap(), "soniox-api-key");
+        assert_eq!(
+            resp.headers().get("sec-websocket-protocol").unwrap(),
+            "soniox-api-key"
+        );
     }
     let first = config_message(matches!(via, Via::FirstMessage).then_some(token.as_str()));
     let got = stream_session(&mut ws, &first, &audio_frames(20, 1));
@@ -19,8 +22,14 @@ fn streams_with(via: Via) {
     let s = &fake.sessions()[0];
     assert_eq!(s.key.as_deref(), Some("key-a"));
     assert_eq!(s.auth_via, Some(clio_relay::fake_soniox::AuthVia::Header));
-    let seen = format!("{:?} {:?} {:?}", s.request_path, s.request_headers, s.text_messages);
-    assert!(!seen.contains(&token), "{via:?}: the session token reached upstream");
+    let seen = format!(
+        "{:?} {:?} {:?}",
+        s.request_path, s.request_headers, s.text_messages
+    );
+    assert!(
+        !seen.contains(&token),
+        "{via:?}: the session token reached upstream"
+    );
     assert!(s.config.as_ref().unwrap().get("api_key").is_none());
 }
 

@@ -1,1 +1,218 @@
 //! The frame path end to end.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use tungstenite::Message;
+
+use crate::util::*;
+
+const LIMIT: Duration = Duration::from_secs(10);
+
+fn relay_for(fake: &clio_relay::fake_soniox::FakeSoniox) -> Relay {
+    Relay::start(relay_config(&fake.url(), &[("acct-a", "key-a")]))
+}
+
+/// Waits until the fake saw `n` sessions, all closed, and returns them.
+fn closed_sessions(
+    fake: &clio_relay::fake_soniox::FakeSoniox,
+    n: usize,
+) -> Vec<clio_relay::fake_soniox::SessionRecord> {
+    assert!(
+        fake.wait_for(LIMIT, |s| s.len() == n && s.iter().all(|r| r.closed)),
+        "fake sessions: {:?}",
+        fake.sessions()
+    );
+    fake.sessions()
+}
+
+#[test]
+fn audio_and_control_messages_arrive_byte_for_byte_in_order() {
+    let fake = fake(&["key-a"], |_| {});
+    let relay = relay_for(&fake);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    let frames = audio_frames(50, 3);
+    let keepalive = r#"{"type":"keepalive"}"#;
+    ws.send(Message::text(config_message(None))).unwrap();
+    for (i, f) in frames.iter().enumerate() {
+        ws.send(Message::binary(f.clone())).unwrap();
+        if i == 24 {
+            ws.send(Message::text(keepalive)).unwrap();
+        }
+    }
+    ws.send(Message::binary(Vec::<u8>::new())).unwrap();
+    let got = read_all(&mut ws);
+    assert!(got.finished(), "{got:?}");
+    assert_eq!(got.close_code(), Some(1000));
+    assert_eq!(got.error_code(), None, "{got:?}");
+
+    let s = &closed_sessions(&fake, 1)[0];
+    assert_eq!(s.audio_frames, 50);
+    assert_eq!(s.audio, frames.concat(), "audio differs upstream");
+    assert_eq!(s.audio_bytes, frames.concat().len() as u64);
+    assert_eq!(s.text_messages.len(), 2, "{:?}", s.text_messages);
+    assert_eq!(s.text_messages[1], keepalive);
+    assert!(s.empty_frame_received);
+    assert!(fake.violations().is_empty(), "{:?}", fake.violations());
+}
+
+#[test]
+fn frames_larger_than_the_read_buffer_arrive_intact() {
+    let fake = fake(&["key-a"], |_| {});
+    let relay = relay_for(&fake);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    let frames: Vec<Vec<u8>> = (0..5u32)
+        .map(|i| {
+            (0..100 * 1024u32)
+                .map(|j| (j.wrapping_mul(13) ^ (j >> 8) ^ (i * 101)) as u8)
+                .collect()
+        })
+        .collect();
+    let got = stream_session(&mut ws, &config_message(None), &frames);
+    assert!(got.finished(), "{got:?}");
+    assert_eq!(got.close_code(), Some(1000));
+    let s = &closed_sessions(&fake, 1)[0];
+    assert_eq!(s.audio_frames, 5);
+    assert_eq!(s.audio.len(), 5 * 100 * 1024);
+    assert!(
+        s.audio == frames.concat(),
+        "large frames were altered on the way"
+    );
+}
+
+fn ends_with(end: Message) {
+    let fake = fake(&["key-a"], |_| {});
+    let relay = relay_for(&fake);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    for f in audio_frames(10, 5) {
+        ws.send(Message::binary(f)).unwrap();
+    }
+    ws.send(end).unwrap();
+    let got = read_all(&mut ws);
+    assert!(got.finished(), "{got:?}");
+    assert_eq!(got.error_code(), None, "{got:?}");
+    assert_eq!(got.close_code(), Some(1000), "{got:?}");
+    assert!(!got.abrupt);
+    let s = &closed_sessions(&fake, 1)[0];
+    assert!(s.empty_frame_received, "{s:?}");
+    assert!(s.finished_sent);
+    assert!(s.closed);
+    assert_eq!(s.audio_frames, 10);
+}
+
+#[test]
+fn empty_binary_frame_ends_the_audio() {
+    ends_with(Message::binary(Vec::<u8>::new()));
+}
+
+#[test]
+fn empty_text_frame_ends_the_audio() {
+    ends_with(Message::text(""));
+}
+
+#[test]
+fn client_vanishing_mid_stream_frees_everything() {
+    let fake = fake(&["key-a"], |_| {});
+    let relay = relay_for(&fake);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    for f in audio_frames(5, 7) {
+        ws.send(Message::binary(f)).unwrap();
+    }
+    assert!(
+        fake.wait_for(LIMIT, |s| s.len() == 1 && s[0].audio_frames == 5),
+        "{:?}",
+        fake.sessions()
+    );
+    assert!(wait_until(LIMIT, || relay.handle.process.accounts[0]
+        .live
+        .load(std::sync::atomic::Ordering::Relaxed)
+        == 1));
+    assert_eq!(relay.handle.metrics().active_streams(), 1);
+    // No close frame: the TCP connection just goes.
+    drop(ws);
+    assert!(
+        fake.wait_for(LIMIT, |s| s[0].closed),
+        "upstream session still open: {:?}",
+        fake.sessions()
+    );
+    assert!(
+        relay.wait_idle(LIMIT),
+        "relay gauges stay up: {:?}",
+        relay.handle.metrics().active_streams()
+    );
+    assert_eq!(relay.handle.metrics().active_streams(), 0);
+    assert!(wait_until(LIMIT, || relay.handle.process.accounts[0]
+        .live
+        .load(std::sync::atomic::Ordering::Relaxed)
+        == 0));
+    assert!(!fake.sessions()[0].finished_sent);
+}
+
+#[test]
+fn client_config_passes_through_with_a_reference_id() {
+    let fake = fake(&["key-a"], |_| {});
+    let relay = relay_for(&fake);
+
+    // No client_reference_id: the relay adds one; everything else is kept.
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    let got = stream_session(&mut ws, &config_message(None), &audio_frames(3, 1));
+    assert!(got.finished(), "{got:?}");
+    // With one: kept as is.
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    let mut mine: Value = serde_json::from_str(&config_message(None)).unwrap();
+    mine["client_reference_id"] = Value::String("my-own-ref-42".into());
+    let got = stream_session(&mut ws, &mine.to_string(), &audio_frames(3, 1));
+    assert!(got.finished(), "{got:?}");
+
+    let sessions = closed_sessions(&fake, 2);
+    let sent: Value = serde_json::from_str(&config_message(None)).unwrap();
+    let up = sessions[0].config.clone().unwrap();
+    let up = up.as_object().unwrap();
+    for (k, v) in sent.as_object().unwrap() {
+        assert_eq!(up.get(k), Some(v), "field {k} changed on the way");
+    }
+    assert_eq!(
+        up["x_unknown_field"],
+        serde_json::json!({"kept": [1, 2, 3]})
+    );
+    let rid = up
+        .get("client_reference_id")
+        .and_then(Value::as_str)
+        .expect("relay sets client_reference_id");
+    assert!(!rid.is_empty());
+    assert_eq!(
+        up.len(),
+        sent.as_object().unwrap().len() + 1,
+        "extra fields upstream: {up:?}"
+    );
+
+    let up2 = sessions[1].config.clone().unwrap();
+    assert_eq!(up2["client_reference_id"], "my-own-ref-42");
+    assert_eq!(
+        up2["x_unknown_field"],
+        serde_json::json!({"kept": [1, 2, 3]})
+    );
+    assert_eq!(
+        up2.as_object().unwrap().len(),
+        mine.as_object().unwrap().len()
+    );
+}
+
+#[test]
+fn frames_sent_before_upstream_opens_are_not_lost() {
+    let fake = fake(&["key-a"], |c| {
+        c.faults.handshake_delay = Duration::from_millis(500)
+    });
+    let relay = relay_for(&fake);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    let frames = audio_frames(10, 9);
+    let got = stream_session(&mut ws, &config_message(None), &frames);
+    assert!(got.finished(), "{got:?}");
+    assert_eq!(got.close_code(), Some(1000));
+    let s = &closed_sessions(&fake, 1)[0];
+    assert_eq!(s.audio_frames, 10);
+    assert_eq!(s.audio, frames.concat());
+    assert!(s.empty_frame_received);
+}
