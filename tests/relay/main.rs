@@ -3,5 +3,10 @@
 
 mod util;
 
+mod accounts;
+mod admin;
 mod auth;
+mod errors;
+mod shards;
 mod streaming;
+mod tls;
