@@ -189,3 +189,37 @@ fn keys_never_reach_the_client_or_the_admin_port() {
         );
     }
 }
+
+#[test]
+fn config_auth_refusal_on_the_first_message_moves_the_stream() {
+    // With the key in the config message, the fake refuses it with a Soniox
+    // error after the upgrade; no audio has gone up yet, so the relay can
+    // still move the stream to the next account.
+    let fake = fake(&["key-ok"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("bad", "nope"), ("good", "key-ok")]);
+    cfg.upstream.auth = AuthMode::Config;
+    let relay = Relay::start(cfg);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    assert!(
+        fake.wait_for(LIMIT, |s| s
+            .iter()
+            .any(|r| r.key.as_deref() == Some("key-ok") && r.config.is_some())),
+        "{:?}",
+        fake.sessions()
+    );
+    let frames = audio_frames(10, 4);
+    let got = stream_session(&mut ws, r#"{"type":"keepalive"}"#, &frames);
+    assert!(got.finished(), "{got:?}");
+    assert_eq!(
+        got.error_code(),
+        None,
+        "the client saw the refusal: {got:?}"
+    );
+    assert!(fake.wait_for(LIMIT, |s| s.len() == 2 && s.iter().all(|r| r.closed)));
+    let s = fake.sessions();
+    assert_eq!(s[0].error_sent, Some(401), "{s:?}");
+    assert_eq!(s[1].key.as_deref(), Some("key-ok"));
+    assert_eq!(s[1].audio, frames.concat());
+    assert!(!relay.handle.process.accounts[0].healthy(Instant::now()));
+}

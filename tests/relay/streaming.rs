@@ -216,3 +216,45 @@ fn frames_sent_before_upstream_opens_are_not_lost() {
     assert_eq!(s.audio, frames.concat());
     assert!(s.empty_frame_received);
 }
+
+#[test]
+fn more_than_the_pre_upstream_queue_before_upstream_opens_is_not_lost() {
+    // 30 × 16 KiB = 480 KiB, beyond the 256 KiB pre-upstream queue: the
+    // excess must wait in TCP (back-pressure), not be dropped.
+    let fake = fake(&["key-a"], |c| {
+        c.faults.handshake_delay = Duration::from_millis(500)
+    });
+    let relay = relay_for(&fake);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    let frames: Vec<Vec<u8>> = (0..30u32)
+        .map(|i| (0..16 * 1024u32).map(|j| (j ^ (i * 37)) as u8).collect())
+        .collect();
+    let got = stream_session(&mut ws, &config_message(None), &frames);
+    assert!(got.finished(), "{got:?}");
+    let s = &closed_sessions(&fake, 1)[0];
+    assert_eq!(s.audio_frames, 30);
+    assert!(s.audio == frames.concat(), "queued audio altered or lost");
+}
+
+#[test]
+fn client_pings_mid_stream_are_answered() {
+    let fake = fake(&["key-a"], |_| {});
+    let relay = relay_for(&fake);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    ws.send(Message::binary(audio_frames(1, 1)[0].clone()))
+        .unwrap();
+    ws.send(Message::Ping(b"ping-42".to_vec().into())).unwrap();
+    let pong = loop {
+        match ws.read().expect("stream stays open") {
+            Message::Pong(p) => break p,
+            Message::Close(c) => panic!("closed instead of pong: {c:?}"),
+            _ => {}
+        }
+    };
+    assert_eq!(&pong[..], b"ping-42");
+    let got = stream_session(&mut ws, r#"{"type":"keepalive"}"#, &audio_frames(3, 2));
+    assert!(got.finished(), "{got:?}");
+    let s = &closed_sessions(&fake, 1)[0];
+    assert_eq!(s.audio_frames, 4);
+}
