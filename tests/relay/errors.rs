@@ -329,3 +329,19 @@ fn frame_just_before_a_protocol_error_still_reaches_upstream() {
         good.len()
     );
 }
+
+#[test]
+fn draining_relay_refuses_new_streams_with_503() {
+    let (fake, relay) = setup(|_| {});
+    relay.handle.process.set_draining(true);
+    assert_eq!(http_get(relay.addr(), "/healthz", "").0, 503);
+    assert_eq!(http_get(relay.handle.admin_addr, "/healthz", "").0, 503);
+    let (status, body) = refused_upgrade(connect(relay.addr(), &relay.token("dev"), Via::Header));
+    assert_eq!(status, 503);
+    assert_http_error_body(&body, 503);
+    assert!(fake.sessions().is_empty());
+    relay.handle.process.set_draining(false);
+    assert_eq!(http_get(relay.addr(), "/healthz", "").0, 200);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    assert!(stream_session(&mut ws, &config_message(None), &audio_frames(2, 1)).finished());
+}

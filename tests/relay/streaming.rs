@@ -258,3 +258,58 @@ fn client_pings_mid_stream_are_answered() {
     let s = &closed_sessions(&fake, 1)[0];
     assert_eq!(s.audio_frames, 4);
 }
+
+/// Streams `frames` straight to the fake (no relay), as the relay would.
+fn direct_session(
+    fake: &clio_relay::fake_soniox::FakeSoniox,
+    key: &str,
+    frames: &[Vec<u8>],
+) -> Received {
+    use tungstenite::client::IntoClientRequest;
+    let mut req = fake.url().into_client_request().unwrap();
+    req.headers_mut()
+        .insert("Authorization", format!("Bearer {key}").parse().unwrap());
+    let tcp = std::net::TcpStream::connect(fake.addr()).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let (mut ws, _) = tungstenite::client::client(req, tcp).unwrap();
+    stream_session(&mut ws, &config_message(None), frames)
+}
+
+#[test]
+fn upstream_messages_reach_the_client_unchanged_and_in_order() {
+    let fake = fake(&["key-a"], |_| {});
+    let relay = relay_for(&fake);
+    let frames = audio_frames(60, 2);
+    let direct = direct_session(&fake, "key-a", &frames);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    let relayed = stream_session(&mut ws, &config_message(None), &frames);
+    assert!(direct.finished() && relayed.finished(), "{relayed:?}");
+    assert!(!relayed.text().is_empty());
+    assert_eq!(relayed.messages, direct.messages);
+    assert_eq!(relayed.close_code(), direct.close_code());
+}
+
+#[test]
+fn client_close_mid_stream_reaches_upstream() {
+    let fake = fake(&["key-a"], |_| {});
+    let relay = relay_for(&fake);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    for f in audio_frames(5, 1) {
+        ws.send(Message::binary(f)).unwrap();
+    }
+    ws.close(Some(tungstenite::protocol::CloseFrame {
+        code: tungstenite::protocol::frame::coding::CloseCode::Away,
+        reason: "bye".into(),
+    }))
+    .unwrap();
+    let got = read_all(&mut ws);
+    // The fake drops the connection without answering a client's close (seen
+    // on a direct connection too), which the relay reports as an upstream
+    // loss; so only a close, not its code, is asserted here.
+    assert!(got.close.is_some(), "no close answer: {got:?}");
+    let s = &closed_sessions(&fake, 1)[0];
+    assert_eq!(s.client_close_code, Some(1001));
+    assert_eq!(s.audio_frames, 5);
+    assert!(relay.wait_idle(LIMIT));
+}
