@@ -75,7 +75,12 @@ impl RateScope {
     /// Reads the scope from a Soniox 429 message.
     pub fn from_message(message: &str) -> RateScope {
         let m = message.to_ascii_lowercase();
-        if m.contains("organization") || m.contains("organisation") || m.contains(" org ") || m.contains("org-level") || m.contains("org level") {
+        if m.contains("organization")
+            || m.contains("organisation")
+            || m.contains(" org ")
+            || m.contains("org-level")
+            || m.contains("org level")
+        {
             RateScope::Organization
         } else {
             RateScope::Project
@@ -93,7 +98,11 @@ struct Backoff {
 impl Backoff {
     fn hit(&self, now_ms: u64) {
         let prev = self.step_ms.load(Ordering::Relaxed);
-        let next = if prev == 0 { COOLDOWN_START.as_millis() as u64 } else { (prev * 2).min(COOLDOWN_MAX.as_millis() as u64) };
+        let next = if prev == 0 {
+            COOLDOWN_START.as_millis() as u64
+        } else {
+            (prev * 2).min(COOLDOWN_MAX.as_millis() as u64)
+        };
         self.step_ms.store(next, Ordering::Relaxed);
         self.until_ms.store(now_ms + next, Ordering::Relaxed);
     }
@@ -169,7 +178,10 @@ impl AccountState {
 
     /// The region label (read by the control plane only).
     pub fn region(&self) -> String {
-        self.region.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.region
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn ms(&self, t: Instant) -> u64 {
@@ -179,7 +191,10 @@ impl AccountState {
     /// Whether a stream may be given to this account at `now`.
     pub fn available(&self, now: Instant) -> bool {
         let ms = self.ms(now);
-        self.enabled.load(Ordering::Relaxed) && self.healthy(now) && !self.project.active(ms) && !self.organization.active(ms)
+        self.enabled.load(Ordering::Relaxed)
+            && self.healthy(now)
+            && !self.project.active(ms)
+            && !self.organization.active(ms)
     }
 
     /// Whether the account is healthy (not held off after a 401/402) at `now`.
@@ -201,23 +216,28 @@ impl AccountState {
 
     /// The limit in force: the configured one, or less if upstream said so.
     pub fn effective_max(&self) -> u32 {
-        self.max_concurrent.load(Ordering::Relaxed).min(self.upstream_cap.load(Ordering::Relaxed))
+        self.max_concurrent
+            .load(Ordering::Relaxed)
+            .min(self.upstream_cap.load(Ordering::Relaxed))
     }
 
     /// Free stream slots now.
     pub fn headroom(&self) -> u32 {
-        self.effective_max().saturating_sub(self.live.load(Ordering::Relaxed))
+        self.effective_max()
+            .saturating_sub(self.live.load(Ordering::Relaxed))
     }
 
     /// Sets how long a 401/402 holds the account off.
     pub fn set_unhealthy_holdoff(&self, holdoff: Duration) {
-        self.unhealthy_holdoff_ms.store(holdoff.as_millis() as u64, Ordering::Relaxed);
+        self.unhealthy_holdoff_ms
+            .store(holdoff.as_millis() as u64, Ordering::Relaxed);
     }
 
     /// Upstream refused the key (401, 402): leave it out of every shard's picks.
     pub fn mark_unhealthy(&self, now: Instant) {
         let holdoff = self.unhealthy_holdoff_ms.load(Ordering::Relaxed);
-        self.unhealthy_until_ms.store(self.ms(now) + holdoff.max(1), Ordering::Relaxed);
+        self.unhealthy_until_ms
+            .store(self.ms(now) + holdoff.max(1), Ordering::Relaxed);
     }
 
     /// Upstream said 429: cool down at that level, twice as long as last time.
@@ -242,7 +262,9 @@ impl AccountState {
     fn try_reserve(&self) -> bool {
         let max = self.effective_max();
         self.live
-            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |live| (live < max).then_some(live + 1))
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |live| {
+                (live < max).then_some(live + 1)
+            })
             .is_ok()
     }
 }

@@ -226,7 +226,10 @@ pub async fn client_to_upstream(
     }
     loop {
         let processed = side.processed;
-        let scan = side.scanner.scan(&mut buf.filled()[processed..], Some(&mut masks.borrow_mut()));
+        let scan = side.scanner.scan(
+            &mut buf.filled()[processed..],
+            Some(&mut masks.borrow_mut()),
+        );
         side.processed += scan.ready;
         if scan.data_frames_started > 0 {
             if state.first_audio_at.get().is_none() {
@@ -378,9 +381,10 @@ fn first_message_error(bytes: &[u8]) -> FirstMessage {
         error_message: String,
     }
     match serde_json::from_slice::<ErrorShape>(&bytes[h.header_len..total as usize]) {
-        Ok(ErrorShape { error_code: Some(code), error_message }) => {
-            FirstMessage::Error(code, RateScope::from_message(&error_message))
-        }
+        Ok(ErrorShape {
+            error_code: Some(code),
+            error_message,
+        }) => FirstMessage::Error(code, RateScope::from_message(&error_message)),
         _ => FirstMessage::Other,
     }
 }
@@ -475,7 +479,10 @@ mod tests {
         wire.extend(build_frame(Opcode::Binary, b"x", None));
         let mut s = FrameScanner::new(Sender::Client, 100);
         let scan = s.scan(&mut wire, Some(&mut MaskKeys::default()));
-        assert_eq!((scan.ready, scan.frames_done, scan.violation), (good, 1, Some(FrameError::Masking)));
+        assert_eq!(
+            (scan.ready, scan.frames_done, scan.violation),
+            (good, 1, Some(FrameError::Masking))
+        );
         let mut big = build_frame(Opcode::Binary, &[0; 101], Some([0; 4]));
         let mut s = FrameScanner::new(Sender::Client, 100);
         let scan = s.scan(&mut big, Some(&mut MaskKeys::default()));

@@ -669,7 +669,9 @@ impl Stream {
                 // The client closed and upstream hung up instead of answering
                 // the close: answer it in upstream's place.
                 if state.client_at_boundary.get() {
-                    let _ = client.write_all(&build_frame(Opcode::Close, &close_payload(1000, ""), None)).await;
+                    let _ = client
+                        .write_all(&build_frame(Opcode::Close, &close_payload(1000, ""), None))
+                        .await;
                 }
             }
             End::UpstreamGone | End::UpstreamProtocol(_) => {

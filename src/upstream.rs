@@ -245,7 +245,10 @@ impl UpstreamTarget {
                 // whether the project's or the organisation's limit was hit.
                 let body = buf.filled();
                 let body = String::from_utf8_lossy(&body[..body.len().min(2048)]);
-                Err(ConnectError::Refused(status, RateScope::from_message(&body)))
+                Err(ConnectError::Refused(
+                    status,
+                    RateScope::from_message(&body),
+                ))
             }
             UpstreamAnswer::Invalid => Err(unavailable(
                 "upgrade answer",

@@ -3,7 +3,12 @@
 
 mod util;
 
+mod accounts;
+mod admin;
 mod auth;
+mod errors;
 mod keys_api;
 mod reload;
+mod shards;
 mod streaming;
+mod tls;

@@ -1,1 +1,316 @@
 //! The frame path end to end.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use tungstenite::Message;
+
+use crate::util::*;
+
+const LIMIT: Duration = Duration::from_secs(10);
+
+fn relay_for(fake: &clio_relay::fake_soniox::FakeSoniox) -> Relay {
+    Relay::start(relay_config(&fake.url(), &[("acct-a", "key-a")]))
+}
+
+/// Waits until the fake saw `n` sessions, all closed, and returns them.
+fn closed_sessions(
+    fake: &clio_relay::fake_soniox::FakeSoniox,
+    n: usize,
+) -> Vec<clio_relay::fake_soniox::SessionRecord> {
+    assert!(
+        fake.wait_for(LIMIT, |s| s.len() == n && s.iter().all(|r| r.closed)),
+        "fake sessions: {:?}",
+        fake.sessions()
+    );
+    fake.sessions()
+}
+
+#[test]
+fn audio_and_control_messages_arrive_byte_for_byte_in_order() {
+    let fake = fake(&["key-a"], |_| {});
+    let relay = relay_for(&fake);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    let frames = audio_frames(50, 3);
+    let keepalive = r#"{"type":"keepalive"}"#;
+    ws.send(Message::text(config_message(None))).unwrap();
+    for (i, f) in frames.iter().enumerate() {
+        ws.send(Message::binary(f.clone())).unwrap();
+        if i == 24 {
+            ws.send(Message::text(keepalive)).unwrap();
+        }
+    }
+    ws.send(Message::binary(Vec::<u8>::new())).unwrap();
+    let got = read_all(&mut ws);
+    assert!(got.finished(), "{got:?}");
+    assert_eq!(got.close_code(), Some(1000));
+    assert_eq!(got.error_code(), None, "{got:?}");
+
+    let s = &closed_sessions(&fake, 1)[0];
+    assert_eq!(s.audio_frames, 50);
+    assert_eq!(s.audio, frames.concat(), "audio differs upstream");
+    assert_eq!(s.audio_bytes, frames.concat().len() as u64);
+    assert_eq!(s.text_messages.len(), 2, "{:?}", s.text_messages);
+    assert_eq!(s.text_messages[1], keepalive);
+    assert!(s.empty_frame_received);
+    assert!(fake.violations().is_empty(), "{:?}", fake.violations());
+}
+
+#[test]
+fn frames_larger_than_the_read_buffer_arrive_intact() {
+    let fake = fake(&["key-a"], |_| {});
+    let relay = relay_for(&fake);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    let frames: Vec<Vec<u8>> = (0..5u32)
+        .map(|i| {
+            (0..100 * 1024u32)
+                .map(|j| (j.wrapping_mul(13) ^ (j >> 8) ^ (i * 101)) as u8)
+                .collect()
+        })
+        .collect();
+    let got = stream_session(&mut ws, &config_message(None), &frames);
+    assert!(got.finished(), "{got:?}");
+    assert_eq!(got.close_code(), Some(1000));
+    let s = &closed_sessions(&fake, 1)[0];
+    assert_eq!(s.audio_frames, 5);
+    assert_eq!(s.audio.len(), 5 * 100 * 1024);
+    assert!(
+        s.audio == frames.concat(),
+        "large frames were altered on the way"
+    );
+}
+
+fn ends_with(end: Message) {
+    let fake = fake(&["key-a"], |_| {});
+    let relay = relay_for(&fake);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    for f in audio_frames(10, 5) {
+        ws.send(Message::binary(f)).unwrap();
+    }
+    ws.send(end).unwrap();
+    let got = read_all(&mut ws);
+    assert!(got.finished(), "{got:?}");
+    assert_eq!(got.error_code(), None, "{got:?}");
+    assert_eq!(got.close_code(), Some(1000), "{got:?}");
+    assert!(!got.abrupt);
+    let s = &closed_sessions(&fake, 1)[0];
+    assert!(s.empty_frame_received, "{s:?}");
+    assert!(s.finished_sent);
+    assert!(s.closed);
+    assert_eq!(s.audio_frames, 10);
+}
+
+#[test]
+fn empty_binary_frame_ends_the_audio() {
+    ends_with(Message::binary(Vec::<u8>::new()));
+}
+
+#[test]
+fn empty_text_frame_ends_the_audio() {
+    ends_with(Message::text(""));
+}
+
+#[test]
+fn client_vanishing_mid_stream_frees_everything() {
+    let fake = fake(&["key-a"], |_| {});
+    let relay = relay_for(&fake);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    for f in audio_frames(5, 7) {
+        ws.send(Message::binary(f)).unwrap();
+    }
+    assert!(
+        fake.wait_for(LIMIT, |s| s.len() == 1 && s[0].audio_frames == 5),
+        "{:?}",
+        fake.sessions()
+    );
+    assert!(wait_until(LIMIT, || relay.handle.process.accounts()[0]
+        .live
+        .load(std::sync::atomic::Ordering::Relaxed)
+        == 1));
+    assert_eq!(relay.handle.metrics().active_streams(), 1);
+    // No close frame: the TCP connection just goes.
+    drop(ws);
+    assert!(
+        fake.wait_for(LIMIT, |s| s[0].closed),
+        "upstream session still open: {:?}",
+        fake.sessions()
+    );
+    assert!(
+        relay.wait_idle(LIMIT),
+        "relay gauges stay up: {:?}",
+        relay.handle.metrics().active_streams()
+    );
+    assert_eq!(relay.handle.metrics().active_streams(), 0);
+    assert!(wait_until(LIMIT, || relay.handle.process.accounts()[0]
+        .live
+        .load(std::sync::atomic::Ordering::Relaxed)
+        == 0));
+    assert!(!fake.sessions()[0].finished_sent);
+}
+
+#[test]
+fn client_config_passes_through_with_a_reference_id() {
+    let fake = fake(&["key-a"], |_| {});
+    let relay = relay_for(&fake);
+
+    // No client_reference_id: the relay adds one; everything else is kept.
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    let got = stream_session(&mut ws, &config_message(None), &audio_frames(3, 1));
+    assert!(got.finished(), "{got:?}");
+    // With one: kept as is.
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    let mut mine: Value = serde_json::from_str(&config_message(None)).unwrap();
+    mine["client_reference_id"] = Value::String("my-own-ref-42".into());
+    let got = stream_session(&mut ws, &mine.to_string(), &audio_frames(3, 1));
+    assert!(got.finished(), "{got:?}");
+
+    let sessions = closed_sessions(&fake, 2);
+    let sent: Value = serde_json::from_str(&config_message(None)).unwrap();
+    let up = sessions[0].config.clone().unwrap();
+    let up = up.as_object().unwrap();
+    for (k, v) in sent.as_object().unwrap() {
+        assert_eq!(up.get(k), Some(v), "field {k} changed on the way");
+    }
+    assert_eq!(
+        up["x_unknown_field"],
+        serde_json::json!({"kept": [1, 2, 3]})
+    );
+    let rid = up
+        .get("client_reference_id")
+        .and_then(Value::as_str)
+        .expect("relay sets client_reference_id");
+    assert!(!rid.is_empty());
+    assert_eq!(
+        up.len(),
+        sent.as_object().unwrap().len() + 1,
+        "extra fields upstream: {up:?}"
+    );
+
+    let up2 = sessions[1].config.clone().unwrap();
+    assert_eq!(up2["client_reference_id"], "my-own-ref-42");
+    assert_eq!(
+        up2["x_unknown_field"],
+        serde_json::json!({"kept": [1, 2, 3]})
+    );
+    assert_eq!(
+        up2.as_object().unwrap().len(),
+        mine.as_object().unwrap().len()
+    );
+}
+
+#[test]
+fn frames_sent_before_upstream_opens_are_not_lost() {
+    let fake = fake(&["key-a"], |c| {
+        c.faults.handshake_delay = Duration::from_millis(500)
+    });
+    let relay = relay_for(&fake);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    let frames = audio_frames(10, 9);
+    let got = stream_session(&mut ws, &config_message(None), &frames);
+    assert!(got.finished(), "{got:?}");
+    assert_eq!(got.close_code(), Some(1000));
+    let s = &closed_sessions(&fake, 1)[0];
+    assert_eq!(s.audio_frames, 10);
+    assert_eq!(s.audio, frames.concat());
+    assert!(s.empty_frame_received);
+}
+
+#[test]
+fn more_than_the_pre_upstream_queue_before_upstream_opens_is_not_lost() {
+    // 30 × 16 KiB = 480 KiB, beyond the 256 KiB pre-upstream queue: the
+    // excess must wait in TCP (back-pressure), not be dropped.
+    let fake = fake(&["key-a"], |c| {
+        c.faults.handshake_delay = Duration::from_millis(500)
+    });
+    let relay = relay_for(&fake);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    let frames: Vec<Vec<u8>> = (0..30u32)
+        .map(|i| (0..16 * 1024u32).map(|j| (j ^ (i * 37)) as u8).collect())
+        .collect();
+    let got = stream_session(&mut ws, &config_message(None), &frames);
+    assert!(got.finished(), "{got:?}");
+    let s = &closed_sessions(&fake, 1)[0];
+    assert_eq!(s.audio_frames, 30);
+    assert!(s.audio == frames.concat(), "queued audio altered or lost");
+}
+
+#[test]
+fn client_pings_mid_stream_are_answered() {
+    let fake = fake(&["key-a"], |_| {});
+    let relay = relay_for(&fake);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    ws.send(Message::binary(audio_frames(1, 1)[0].clone()))
+        .unwrap();
+    ws.send(Message::Ping(b"ping-42".to_vec().into())).unwrap();
+    let pong = loop {
+        match ws.read().expect("stream stays open") {
+            Message::Pong(p) => break p,
+            Message::Close(c) => panic!("closed instead of pong: {c:?}"),
+            _ => {}
+        }
+    };
+    assert_eq!(&pong[..], b"ping-42");
+    let got = stream_session(&mut ws, r#"{"type":"keepalive"}"#, &audio_frames(3, 2));
+    assert!(got.finished(), "{got:?}");
+    let s = &closed_sessions(&fake, 1)[0];
+    assert_eq!(s.audio_frames, 4);
+}
+
+/// Streams `frames` straight to the fake (no relay), as the relay would.
+fn direct_session(
+    fake: &clio_relay::fake_soniox::FakeSoniox,
+    key: &str,
+    frames: &[Vec<u8>],
+) -> Received {
+    use tungstenite::client::IntoClientRequest;
+    let mut req = fake.url().into_client_request().unwrap();
+    req.headers_mut()
+        .insert("Authorization", format!("Bearer {key}").parse().unwrap());
+    let tcp = std::net::TcpStream::connect(fake.addr()).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let (mut ws, _) = tungstenite::client::client(req, tcp).unwrap();
+    stream_session(&mut ws, &config_message(None), frames)
+}
+
+#[test]
+fn upstream_messages_reach_the_client_unchanged_and_in_order() {
+    let fake = fake(&["key-a"], |_| {});
+    let relay = relay_for(&fake);
+    let frames = audio_frames(60, 2);
+    let direct = direct_session(&fake, "key-a", &frames);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    let relayed = stream_session(&mut ws, &config_message(None), &frames);
+    assert!(direct.finished() && relayed.finished(), "{relayed:?}");
+    assert!(!relayed.text().is_empty());
+    assert_eq!(relayed.messages, direct.messages);
+    assert_eq!(relayed.close_code(), direct.close_code());
+}
+
+#[test]
+fn client_close_mid_stream_reaches_upstream() {
+    let fake = fake(&["key-a"], |_| {});
+    let relay = relay_for(&fake);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    for f in audio_frames(5, 1) {
+        ws.send(Message::binary(f)).unwrap();
+    }
+    ws.close(Some(tungstenite::protocol::CloseFrame {
+        code: tungstenite::protocol::frame::coding::CloseCode::Away,
+        reason: "bye".into(),
+    }))
+    .unwrap();
+    let got = read_all(&mut ws);
+    // Upstream either answers the close or just hangs up (the fake hangs
+    // up); either way the client's close is answered as a normal close, not
+    // reported as an upstream failure.
+    assert_eq!(got.close_code(), Some(1000), "{got:?}");
+    assert_eq!(got.error_code(), None, "{got:?}");
+    let s = &closed_sessions(&fake, 1)[0];
+    assert_eq!(s.client_close_code, Some(1001));
+    assert_eq!(s.audio_frames, 5);
+    assert!(relay.wait_idle(LIMIT));
+}

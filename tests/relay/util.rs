@@ -303,7 +303,133 @@ pub fn normal_close() -> CloseFrame {
     }
 }
 
-/// One HTTP/1.1 request on a fresh connection; returns (status, body).
+/// A plain HTTP/1.1 GET over a std `TcpStream`: (status, head, body).
+/// `extra` is added to the request head as is (each line ending in `\r\n`).
+pub fn http_get(addr: SocketAddr, path: &str, extra: &str) -> (u16, String, String) {
+    let mut tcp = TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    write!(
+        tcp,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{extra}\r\n"
+    )
+    .unwrap();
+    let mut data = Vec::new();
+    let _ = tcp.read_to_end(&mut data);
+    let text = String::from_utf8_lossy(&data).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((text.as_str(), ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, head.to_string(), body.to_string())
+}
+
+/// The value of header `name` (case-insensitive) in an HTTP response head.
+pub fn header_of(head: &str, name: &str) -> Option<String> {
+    head.lines().skip(1).find_map(|l| {
+        let (n, v) = l.split_once(':')?;
+        n.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| v.trim().to_string())
+    })
+}
+
+/// The HTTP status and JSON body of an upgrade the relay refused.
+pub fn refused_upgrade(
+    r: Result<(Ws, tungstenite::handshake::client::Response), tungstenite::Error>,
+) -> (u16, Value) {
+    match r {
+        Err(tungstenite::Error::Http(resp)) => {
+            let body = resp.body().clone().unwrap_or_default();
+            let json = serde_json::from_slice(&body).unwrap_or_else(|e| {
+                panic!("body {:?} is not JSON: {e}", String::from_utf8_lossy(&body))
+            });
+            (resp.status().as_u16(), json)
+        }
+        Err(e) => panic!("expected an HTTP refusal, got {e:?}"),
+        Ok((_, resp)) => panic!("expected an HTTP refusal, the upgrade was accepted: {resp:?}"),
+    }
+}
+
+/// Asserts `v` is the contract's pre-upgrade error body with `code`.
+pub fn assert_http_error_body(v: &Value, code: u64) {
+    assert_eq!(v["error_code"].as_u64(), Some(code), "{v}");
+    assert!(
+        v["error_message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{v}"
+    );
+}
+
+/// Asserts `r` holds exactly one error message in the contract's shape
+/// (`tokens`, `error_code`, `error_message`, `error_type`) with `code`, and a
+/// close frame with `close`.
+pub fn assert_error_frame(r: &Received, code: u64, close: u16) {
+    let errors: Vec<&Value> = r
+        .messages
+        .iter()
+        .filter(|m| m.get("error_code").is_some())
+        .collect();
+    assert_eq!(errors.len(), 1, "one error message expected: {r:?}");
+    let e = errors[0];
+    assert_eq!(e["error_code"].as_u64(), Some(code), "{r:?}");
+    assert_eq!(e["tokens"], serde_json::json!([]), "{r:?}");
+    assert!(
+        e["error_message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{r:?}"
+    );
+    assert!(
+        e["error_type"].as_str().is_some_and(|m| !m.is_empty()),
+        "{r:?}"
+    );
+    assert_eq!(r.close_code(), Some(close), "{r:?}");
+    assert!(!r.finished(), "{r:?}");
+}
+
+/// A raw frame: `first` is the FIN/RSV/opcode byte; masked with `mask` if given.
+pub fn raw_frame(first: u8, mask: Option<[u8; 4]>, payload: &[u8]) -> Vec<u8> {
+    let mut out = vec![first];
+    let m = if mask.is_some() { 0x80 } else { 0 };
+    match payload.len() {
+        n if n < 126 => out.push(m | n as u8),
+        n if n <= 0xffff => {
+            out.push(m | 126);
+            out.extend((n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(m | 127);
+            out.extend((n as u64).to_be_bytes());
+        }
+    }
+    match mask {
+        Some(k) => {
+            out.extend(k);
+            out.extend(payload.iter().enumerate().map(|(i, b)| b ^ k[i % 4]));
+        }
+        None => out.extend_from_slice(payload),
+    }
+    out
+}
+
+/// The close frame among raw frames, as its close code.
+pub fn raw_close_code(frames: &[(u8, Vec<u8>)]) -> Option<u16> {
+    frames
+        .iter()
+        .find(|(op, _)| *op == 8)
+        .map(|(_, p)| close_code_of(p))
+}
+
+/// The JSON text messages among raw frames.
+pub fn raw_texts(frames: &[(u8, Vec<u8>)]) -> Vec<Value> {
+    frames
+        .iter()
+        .filter(|(op, _)| *op == 1)
+        .map(|(_, p)| serde_json::from_slice(p).expect("server text is JSON"))
+        .collect()
+}
+
+/// One HTTP/1.1 request on a fresh connection; returns (status, body), or
+/// status 0 when the connection was dropped without an answer.
 pub fn http(
     addr: SocketAddr,
     method: &str,

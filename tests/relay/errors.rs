@@ -1,0 +1,346 @@
+//! What a client sees when something goes wrong: HTTP errors before the
+//! upgrade, one Soniox-shaped error frame and a close after it.
+
+use std::io::Write;
+use std::time::{Duration, SystemTime};
+
+use clio_relay::config::TokensConfig;
+use clio_relay::fake_soniox::FakeSoniox;
+use clio_relay::token::TokenKeys;
+use tungstenite::Message;
+
+use crate::util::*;
+
+const LIMIT: Duration = Duration::from_secs(10);
+
+fn setup(tweak: impl FnOnce(&mut clio_relay::config::Config)) -> (FakeSoniox, Relay) {
+    let fake = fake(&["key-a"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("acct-a", "key-a")]);
+    tweak(&mut cfg);
+    let relay = Relay::start(cfg);
+    (fake, relay)
+}
+
+fn bad_tokens(relay: &Relay) -> Vec<(&'static str, String)> {
+    let ours = TokenKeys::from_config(&relay.cfg.tokens);
+    let hour_ago = SystemTime::now() - Duration::from_secs(3600);
+    let expired = ours
+        .mint("dev-1", Duration::from_secs(600), hour_ago)
+        .unwrap();
+    let theirs = TokenKeys::from_config(&TokensConfig::new(secret()));
+    let foreign = theirs
+        .mint("dev-1", Duration::from_secs(600), SystemTime::now())
+        .unwrap();
+    vec![
+        ("garbage", "not-a-token-at-all".to_string()),
+        ("expired", expired),
+        ("other secret", foreign),
+    ]
+}
+
+#[test]
+fn bad_tokens_get_401_before_the_upgrade() {
+    let (fake, relay) = setup(|_| {});
+    for (what, token) in bad_tokens(&relay) {
+        for via in [Via::Header, Via::Query] {
+            let (status, body) = refused_upgrade(connect(relay.addr(), &token, via));
+            assert_eq!(status, 401, "{what} via {via:?}");
+            assert_http_error_body(&body, 401);
+        }
+    }
+    assert!(
+        fake.sessions().is_empty(),
+        "a refused client reached upstream"
+    );
+    // A good token still works on the same relay.
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Query).unwrap();
+    assert!(stream_session(&mut ws, &config_message(None), &audio_frames(2, 1)).finished());
+}
+
+#[test]
+fn missing_token_gets_an_error_frame_and_1008() {
+    let (fake, relay) = setup(|_| {});
+    let (mut ws, _) = connect(relay.addr(), "", Via::Nowhere).unwrap();
+    let got = stream_session(&mut ws, &config_message(None), &audio_frames(2, 1));
+    assert_error_frame(&got, 401, 1008);
+    assert!(fake.sessions().is_empty());
+}
+
+#[test]
+fn bad_token_in_api_key_gets_an_error_frame_and_1008() {
+    let (fake, relay) = setup(|_| {});
+    for (what, token) in bad_tokens(&relay) {
+        let (mut ws, _) = connect(relay.addr(), "", Via::FirstMessage).unwrap();
+        ws.send(Message::text(config_message(Some(&token))))
+            .unwrap();
+        let got = read_all(&mut ws);
+        assert_error_frame(&got, 401, 1008);
+        let text = format!("{got:?}");
+        assert!(!text.contains(&token), "{what}: the token was echoed back");
+    }
+    assert!(fake.sessions().is_empty());
+}
+
+#[test]
+fn oversized_frame_gets_400_and_1009() {
+    let (fake, relay) = setup(|c| c.limits.max_frame_bytes = 64 * 1024);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    ws.send(Message::binary(audio_frames(1, 1)[0].clone()))
+        .unwrap();
+    assert!(fake.wait_for(LIMIT, |s| s.len() == 1 && s[0].audio_frames == 1));
+    // The relay may close while this is still being written.
+    let _ = ws.send(Message::binary(vec![7u8; 100 * 1024]));
+    let got = read_all(&mut ws);
+    assert_error_frame(&got, 400, 1009);
+    assert!(
+        fake.wait_for(LIMIT, |s| s.len() == 1 && s[0].closed),
+        "{:?}",
+        fake.sessions()
+    );
+    assert_eq!(
+        fake.sessions()[0].audio_frames,
+        1,
+        "the oversized frame went upstream"
+    );
+    assert!(relay.wait_idle(LIMIT));
+}
+
+/// Sends config and one audio frame on a raw upgraded socket, waits for the
+/// fake to see that frame (it is session number `nth`), then sends `bad`;
+/// returns the server's frames.
+fn raw_bad_frame(fake: &FakeSoniox, nth: usize, relay: &Relay, bad: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let (mut tcp, head) = raw_upgrade(relay.addr(), &relay.token("dev"));
+    assert!(
+        String::from_utf8_lossy(&head).starts_with("HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    tcp.write_all(&client_frame(1, config_message(None).as_bytes()))
+        .unwrap();
+    tcp.write_all(&client_frame(2, &audio_frames(1, 1)[0]))
+        .unwrap();
+    assert!(
+        fake.wait_for(LIMIT, |s| s.len() >= nth && s[nth - 1].audio_frames == 1),
+        "{:?}",
+        fake.sessions()
+    );
+    tcp.write_all(bad).unwrap();
+    raw_read_frames(&mut tcp)
+}
+
+#[test]
+fn unmasked_client_frame_gets_1002() {
+    let (fake, relay) = setup(|_| {});
+    let frames = raw_bad_frame(
+        &fake,
+        1,
+        &relay,
+        &raw_frame(0x82, None, &[1, 2, 3, 4, 5, 6]),
+    );
+    assert_eq!(raw_close_code(&frames), Some(1002), "{frames:?}");
+    let errs = raw_texts(&frames);
+    assert!(errs.iter().any(|m| m["error_code"] == 400), "{errs:?}");
+    assert!(fake.wait_for(LIMIT, |s| s.len() == 1 && s[0].closed));
+    assert_eq!(fake.sessions()[0].audio_frames, 1);
+}
+
+#[test]
+fn reserved_opcode_gets_1002() {
+    let (fake, relay) = setup(|_| {});
+    let frames = raw_bad_frame(
+        &fake,
+        1,
+        &relay,
+        &raw_frame(0x83, Some([9, 8, 7, 6]), b"abc"),
+    );
+    assert_eq!(raw_close_code(&frames), Some(1002), "{frames:?}");
+}
+
+#[test]
+fn binary_first_message_gets_400() {
+    let (fake, relay) = setup(|_| {});
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    ws.send(Message::binary(audio_frames(1, 1)[0].clone()))
+        .unwrap();
+    let got = read_all(&mut ws);
+    assert_error_frame(&got, 400, 1002);
+    assert!(fake.wait_for(LIMIT, |s| s.iter().all(|r| r.closed && r.audio_frames == 0)));
+}
+
+#[test]
+fn first_message_not_json_gets_400() {
+    let (_fake, relay) = setup(|_| {});
+    for first in ["hello, relay", "[1,2,3]", "{\"model\": "] {
+        let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+        ws.send(Message::text(first)).unwrap();
+        let got = read_all(&mut ws);
+        assert_eq!(got.error_code(), Some(400), "{first}: {got:?}");
+        assert!(got.close.is_some(), "{first}: {got:?}");
+        assert!(!got.finished());
+    }
+}
+
+#[test]
+fn max_streams_gets_503_before_the_upgrade() {
+    let (fake, relay) = setup(|c| c.server.max_streams = 2);
+    let token = relay.token("dev");
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let (mut ws, _) = connect(relay.addr(), &token, Via::Header).unwrap();
+        ws.send(Message::text(config_message(None))).unwrap();
+        held.push(ws);
+    }
+    assert!(fake.wait_for(LIMIT, |s| s.len() == 2));
+    let (status, body) = refused_upgrade(connect(relay.addr(), &token, Via::Header));
+    assert_eq!(status, 503);
+    assert_http_error_body(&body, 503);
+
+    let mut first = held.remove(0);
+    first.send(Message::binary(Vec::<u8>::new())).unwrap();
+    assert!(read_all(&mut first).finished());
+    assert!(wait_until(LIMIT, || relay.handle.process.live_streams() <= 1));
+    let (mut ws, _) =
+        connect(relay.addr(), &token, Via::Header).expect("room again after one ended");
+    assert!(stream_session(&mut ws, &config_message(None), &audio_frames(2, 1)).finished());
+    drop(held);
+}
+
+#[test]
+fn wrong_path_is_404_and_healthz_is_200() {
+    let (_fake, relay) = setup(|_| {});
+    let (status, _, body) = http_get(relay.addr(), "/nope", "");
+    assert_eq!(status, 404);
+    assert_http_error_body(&serde_json::from_str(&body).expect("JSON body"), 404);
+    let (status, _, _) = http_get(relay.addr(), "/healthz", "");
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn other_streams_survive_a_bad_one() {
+    let (fake, relay) = setup(|_| {});
+    let (mut a, _) = connect(relay.addr(), &relay.token("a"), Via::Header).unwrap();
+    a.send(Message::text(config_message(None))).unwrap();
+    let frames = audio_frames(20, 4);
+    for f in &frames[..10] {
+        a.send(Message::binary(f.clone())).unwrap();
+    }
+    assert!(fake.wait_for(LIMIT, |s| s.len() == 1 && s[0].audio_frames == 10));
+    let bad = raw_bad_frame(&fake, 2, &relay, &raw_frame(0x82, None, b"unmasked"));
+    assert_eq!(raw_close_code(&bad), Some(1002));
+    for f in &frames[10..] {
+        a.send(Message::binary(f.clone())).unwrap();
+    }
+    a.send(Message::binary(Vec::<u8>::new())).unwrap();
+    let got = read_all(&mut a);
+    assert!(got.finished(), "{got:?}");
+    assert_eq!(got.error_code(), None);
+    assert_eq!(got.close_code(), Some(1000));
+    assert!(fake.wait_for(LIMIT, |s| s.len() == 2 && s.iter().all(|r| r.closed)));
+    let full = fake
+        .sessions()
+        .into_iter()
+        .find(|s| s.audio_frames == 20)
+        .expect("stream A's session");
+    assert_eq!(full.audio, frames.concat());
+}
+
+#[test]
+fn idle_stream_gets_408() {
+    let (_fake, relay) = setup(|c| c.limits.idle_timeout = Duration::from_secs(1));
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    let got = read_all(&mut ws);
+    assert_eq!(got.error_code(), Some(408), "{got:?}");
+    assert!(got.close.is_some(), "{got:?}");
+    assert!(!got.abrupt);
+    assert!(relay.wait_idle(LIMIT));
+}
+
+#[test]
+fn upstream_dying_mid_stream_gets_503_and_1011() {
+    let fake = fake(&["key-a"], |c| c.faults.close_after_frames = Some(5));
+    let relay = Relay::start(relay_config(&fake.url(), &[("acct-a", "key-a")]));
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    for f in audio_frames(5, 2) {
+        ws.send(Message::binary(f)).unwrap();
+    }
+    let got = read_all(&mut ws);
+    assert_error_frame(&got, 503, 1011);
+    assert!(relay.wait_idle(LIMIT));
+}
+
+#[test]
+fn upstream_error_mid_stream_passes_through() {
+    let fake = fake(&["key-a"], |c| c.faults.error_after_frames = Some((5, 500)));
+    let relay = Relay::start(relay_config(&fake.url(), &[("acct-a", "key-a")]));
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    for f in audio_frames(5, 2) {
+        ws.send(Message::binary(f)).unwrap();
+    }
+    let got = read_all(&mut ws);
+    assert!(fake.wait_for(LIMIT, |s| s.len() == 1 && s[0].closed));
+    assert_eq!(fake.sessions()[0].error_sent, Some(500));
+    let errs: Vec<_> = got
+        .messages
+        .iter()
+        .filter(|m| m.get("error_code").is_some())
+        .collect();
+    assert_eq!(errs.len(), 1, "{got:?}");
+    let e = errs[0];
+    assert_eq!(e["error_code"], 500);
+    // Soniox's own message, not one the relay made up.
+    assert_eq!(e["error_message"], "Internal error.");
+    assert_eq!(e["error_type"], "internal_error");
+    assert!(
+        e["request_id"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("fake-")),
+        "{e}"
+    );
+    assert!(got.close.is_some(), "{got:?}");
+    assert!(!got.finished());
+}
+
+#[test]
+fn frame_just_before_a_protocol_error_still_reaches_upstream() {
+    // A valid audio frame and a bad one in the same TCP segment: the valid
+    // frame was sent before the violation and must not be lost.
+    let (fake, relay) = setup(|_| {});
+    let (mut tcp, _) = raw_upgrade(relay.addr(), &relay.token("dev"));
+    tcp.write_all(&client_frame(1, config_message(None).as_bytes()))
+        .unwrap();
+    assert!(fake.wait_for(LIMIT, |s| s.len() == 1 && s[0].config.is_some()));
+    let good = audio_frames(1, 3).remove(0);
+    let mut bytes = client_frame(2, &good);
+    bytes.extend(raw_frame(0x82, None, b"unmasked"));
+    tcp.write_all(&bytes).unwrap();
+    let frames = raw_read_frames(&mut tcp);
+    assert_eq!(raw_close_code(&frames), Some(1002), "{frames:?}");
+    assert!(fake.wait_for(LIMIT, |s| s[0].closed));
+    let audio = fake.sessions()[0].audio.clone();
+    assert!(
+        audio == good,
+        "the valid frame before the bad one was dropped: {} of {} bytes arrived",
+        audio.len(),
+        good.len()
+    );
+}
+
+#[test]
+fn draining_relay_refuses_new_streams_with_503() {
+    let (fake, relay) = setup(|_| {});
+    relay.handle.process.set_draining(true);
+    assert_eq!(http_get(relay.addr(), "/healthz", "").0, 503);
+    assert_eq!(http_get(relay.handle.admin_addr, "/healthz", "").0, 503);
+    let (status, body) = refused_upgrade(connect(relay.addr(), &relay.token("dev"), Via::Header));
+    assert_eq!(status, 503);
+    assert_http_error_body(&body, 503);
+    assert!(fake.sessions().is_empty());
+    relay.handle.process.set_draining(false);
+    assert_eq!(http_get(relay.addr(), "/healthz", "").0, 200);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    assert!(stream_session(&mut ws, &config_message(None), &audio_frames(2, 1)).finished());
+}
