@@ -3,6 +3,7 @@
 //!
 //! # Layout
 //! - [`frame`]: WebSocket frame headers, parsed and written in place.
+//! - [`health`]: active health checks of each key against upstream's REST API.
 //! - [`http`]: the HTTP/1.1 edge: request heads, upgrades, JSON errors.
 //! - [`io`]: connections, the shared duplex wrapper, pooled read buffers.
 //! - [`keyring`]: per-shard account slots; which account serves a new stream.
@@ -20,6 +21,7 @@
 #![warn(missing_debug_implementations, rust_2018_idioms)]
 
 pub mod frame;
+pub mod health;
 pub mod http;
 pub mod io;
 pub mod keyring;

@@ -39,10 +39,14 @@ pub fn start(cfg: &Config) -> std::io::Result<RelayHandle> {
         accounts.ring(),
         accounts.metrics_ids(),
     );
-    let tls = if cfg.upstream.url.starts_with("wss://") {
-        Some(crate::upstream::tls_client_config(cfg.upstream.ca_file.as_deref()).map_err(invalid)?)
-    } else {
-        None
+    // One TLS client config for the WebSocket upstream and its REST API.
+    let tls = Some(crate::upstream::tls_client_config(cfg.upstream.ca_file.as_deref()).map_err(invalid)?);
+    let rest = match crate::health::RestTarget::new(&cfg.upstream.url, cfg.admin.rest_url.as_deref(), tls.clone()) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            tracing::warn!(error = %e, "no REST URL for health checks; they are off");
+            None
+        }
     };
     let n = cfg.server.shard_count();
     let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
@@ -73,6 +77,7 @@ pub fn start(cfg: &Config) -> std::io::Result<RelayHandle> {
         accounts,
         config: cfg.admin.clone(),
         inbox: admin_rx,
+        rest,
     })?;
     tracing::info!(client = %shards[0].addr, admin = %admin.addr, shards = n, accounts = process.accounts().len(), "clio-relay listening");
     Ok(RelayHandle {

@@ -214,6 +214,47 @@ pub(super) fn list(admin: &Admin) -> serde_json::Value {
     json!({ "accounts": items, "rotation_period_seconds": period })
 }
 
+/// `GET /admin/stats`: merged stream, traffic, error and latency figures.
+pub(super) fn stats(shards: &[crate::metrics::MetricsSnapshot]) -> Vec<u8> {
+    use crate::metrics::{Direction, Hist, MetricsSnapshot};
+    let mut m = MetricsSnapshot::empty(0);
+    for s in shards {
+        m.merge(s);
+    }
+    let hist: Vec<_> = Hist::ALL
+        .iter()
+        .map(|&h| {
+            let hg = m.histogram(h);
+            let ms = |v: u64| v as f64 * 1000.0 / h.units_per_second() as f64;
+            json!({
+                "name": h.display_name(),
+                "count": hg.len(),
+                "p50_ms": ms(hg.value_at_quantile(0.5)),
+                "p90_ms": ms(hg.value_at_quantile(0.9)),
+                "p99_ms": ms(hg.value_at_quantile(0.99)),
+                "p999_ms": ms(hg.value_at_quantile(0.999)),
+                "max_ms": ms(hg.max()),
+            })
+        })
+        .collect();
+    let accounts: Vec<_> = m
+        .accounts()
+        .iter()
+        .map(|a| json!({"id": a.id, "streams_active": a.streams_active, "streams_total": a.streams_total, "retries": a.retries}))
+        .collect();
+    let errors: Vec<_> = m.error_counts().map(|(side, code, n)| json!({"side": side.label(), "code": code, "count": n})).collect();
+    ok(json!({
+        "streams_active": m.active_streams(),
+        "streams_total": m.streams_total(),
+        "streams_rejected": m.streams_rejected(),
+        "frames": {"client_to_upstream": m.frames(Direction::ClientToUpstream), "upstream_to_client": m.frames(Direction::UpstreamToClient)},
+        "bytes": {"client_to_upstream": m.bytes(Direction::ClientToUpstream), "upstream_to_client": m.bytes(Direction::UpstreamToClient)},
+        "accounts": accounts,
+        "errors": errors,
+        "latency": hist,
+    }))
+}
+
 /// Once a second on the admin thread: retire keys whose overlap is over,
 /// and warn (once a day per key) about keys due for rotation.
 pub(super) fn housekeeping(admin: &Admin) {

@@ -19,6 +19,7 @@ use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::config::{AdminConfig, Config};
 use crate::control::Accounts;
+use crate::health::{CheckCounts, RestTarget};
 use crate::http;
 use crate::io::{timeout, Buf, BufferPool, Conn, Duplex};
 use crate::metrics::{render_prometheus, MetricsSnapshot, ProcessGauges};
@@ -26,6 +27,9 @@ use crate::secret::Secret;
 use crate::shard::Settings;
 use crate::shard::{ProcessState, ShardMsg, IO_MEMORY};
 use crate::token::TokenKeys;
+
+/// The dashboard page: plain HTML and JavaScript, no build step.
+const DASHBOARD: &str = include_str!("dashboard.html");
 
 /// Largest request body the admin API reads.
 const MAX_BODY: usize = 64 * 1024;
@@ -45,6 +49,8 @@ pub struct AdminSetup {
     pub config: AdminConfig,
     /// Messages from the main thread (reloads).
     pub inbox: async_channel::Receiver<AdminMsg>,
+    /// Upstream's REST API, for active health checks.
+    pub rest: Option<RestTarget>,
 }
 
 /// The admin thread's state.
@@ -56,6 +62,10 @@ struct Admin {
     /// HMAC key and tag of the admin token, so a presented token is compared
     /// in constant time (ring's `hmac::verify`).
     token_check: RefCell<Option<(ring::hmac::Key, ring::hmac::Tag)>>,
+    /// Upstream's REST API (health checks).
+    rest: Option<RestTarget>,
+    /// Health check outcomes so far.
+    checks: CheckCounts,
 }
 
 /// Messages from the main thread to the admin thread.
@@ -79,6 +89,13 @@ impl Admin {
     /// Sends the current ring version to every shard.
     fn publish(&self) {
         let accounts = self.accounts.borrow();
+        // With active checks a 401/402 holds an account off until a check
+        // passes; without them, for a minute.
+        let checks_on = self.rest.is_some() && !self.config.borrow().health_interval.is_zero();
+        let holdoff = if checks_on { Duration::from_secs(3600) } else { crate::keyring::UNHEALTHY_HOLDOFF };
+        for e in accounts.entries() {
+            e.state.set_unhealthy_holdoff(holdoff);
+        }
         let (ring, ids) = (accounts.ring(), accounts.metrics_ids());
         self.process.publish(ring.clone(), ids.clone());
         for tx in &self.shards {
@@ -216,7 +233,10 @@ pub fn start(setup: AdminSetup) -> std::io::Result<AdminHandle> {
                 accounts: RefCell::new(setup.accounts),
                 token_check: RefCell::new(token_check(setup.config.token.as_ref())),
                 config: RefCell::new(setup.config),
+                rest: setup.rest,
+                checks: CheckCounts::default(),
             });
+            admin.publish();
             let inbox = setup.inbox;
             let pool = BufferPool::new(MAX_BODY + 8192, 2, 16);
             let accept = async {
@@ -263,7 +283,29 @@ pub fn start(setup: AdminSetup) -> std::io::Result<AdminHandle> {
                 }
                 futures_lite::future::pending::<()>().await;
             };
-            let housekeeping = futures_lite::future::or(housekeeping, messages);
+            let health = async {
+                loop {
+                    let interval = admin.config.borrow().health_interval;
+                    let Some(rest) = admin.rest.as_ref().filter(|_| !interval.is_zero()) else {
+                        glommio::timer::Timer::new(Duration::from_secs(1)).await;
+                        continue;
+                    };
+                    let targets: Vec<_> = admin.accounts.borrow().entries().iter().map(|e| (e.state.clone(), e.current.clone())).collect();
+                    for (account, key) in targets {
+                        let before = account.healthy(Instant::now());
+                        let verdict = rest.check(&account, &key, Duration::from_secs(10)).await;
+                        admin.checks.add(verdict);
+                        let after = account.healthy(Instant::now());
+                        if before != after {
+                            tracing::warn!(account = %account.id, key = %key.fingerprint, ?verdict, healthy = after, "health check changed the account's health");
+                        } else if verdict == crate::health::Verdict::Unknown {
+                            tracing::debug!(account = %account.id, "health check could not reach the REST API");
+                        }
+                    }
+                    glommio::timer::Timer::new(interval).await;
+                }
+            };
+            let housekeeping = futures_lite::future::or(futures_lite::future::or(housekeeping, messages), health);
             futures_lite::future::or(futures_lite::future::or(accept, housekeeping), async {
                 let _ = stop_rx.recv().await;
             })
@@ -346,7 +388,15 @@ async fn route(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
         if !admin.authorized(req) {
             return http::json_error(401, "admin token required");
         }
+        if req.method == "GET" && req.path == "/admin/stats" {
+            return api::stats(&collect(&admin.shards).await);
+        }
         return api::handle(admin, req);
+    }
+    if req.path == "/dashboard" || req.path == "/" {
+        // The page holds no data: it asks for the admin token and reads
+        // everything through the token-protected API.
+        return http::response(200, "text/html; charset=utf-8", "Content-Security-Policy: default-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'\r\n", DASHBOARD.as_bytes());
     }
     if req.method != "GET" {
         return http::json_error(405, "only GET is served here");
@@ -364,6 +414,13 @@ async fn route(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
             };
             let mut body = render_prometheus(&snaps, &gauges);
             api::render_key_metrics(admin, &mut body);
+            let c = &admin.checks;
+            body.push_str(&format!(
+                "# HELP clio_relay_health_checks_total Active key checks against upstream's REST API, by result.\n# TYPE clio_relay_health_checks_total counter\nclio_relay_health_checks_total{{result=\"healthy\"}} {}\nclio_relay_health_checks_total{{result=\"refused\"}} {}\nclio_relay_health_checks_total{{result=\"unreachable\"}} {}\n",
+                c.healthy.get(),
+                c.refused.get(),
+                c.unknown.get()
+            ));
             http::response(200, "text/plain; version=0.0.4", "", body.as_bytes())
         }
         "/healthz" => {
