@@ -47,23 +47,46 @@ impl RestTarget {
     /// The REST base: `rest_url` if set, else derived from the WebSocket URL
     /// (`wss://stt-rt.X/…` → `https://api.X`, and for other hosts the same
     /// host and port, which is how fake-soniox serves both).
-    pub fn new(ws_url: &str, rest_url: Option<&str>, tls: Option<Arc<rustls::ClientConfig>>) -> Result<RestTarget, String> {
+    pub fn new(
+        ws_url: &str,
+        rest_url: Option<&str>,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Result<RestTarget, String> {
         let url = match rest_url {
-            Some(u) => u.replacen("https://", "wss://", 1).replacen("http://", "ws://", 1),
+            Some(u) => u
+                .replacen("https://", "wss://", 1)
+                .replacen("http://", "ws://", 1),
             None => {
                 let ws = parse_ws_url(ws_url)?;
-                let host = ws.host.strip_prefix("stt-rt.").map(|rest| format!("api.{rest}")).unwrap_or(ws.host.clone());
+                let host = ws
+                    .host
+                    .strip_prefix("stt-rt.")
+                    .map(|rest| format!("api.{rest}"))
+                    .unwrap_or(ws.host.clone());
                 let scheme = if ws.tls { "wss" } else { "ws" };
                 format!("{scheme}://{host}:{}/", ws.port)
             }
         };
         let ep = parse_ws_url(&url)?;
-        let tls = if ep.tls { Some(tls.ok_or("an https REST URL needs a TLS config")?) } else { None };
-        Ok(RestTarget { host: ep.host, port: ep.port, tls })
+        let tls = if ep.tls {
+            Some(tls.ok_or("an https REST URL needs a TLS config")?)
+        } else {
+            None
+        };
+        Ok(RestTarget {
+            host: ep.host,
+            port: ep.port,
+            tls,
+        })
     }
 
     /// `GET path` with the key as bearer token; returns status and body.
-    pub async fn get(&self, path: &str, key: &KeySlot, limit: Duration) -> Result<(u16, Vec<u8>), String> {
+    pub async fn get(
+        &self,
+        path: &str,
+        key: &KeySlot,
+        limit: Duration,
+    ) -> Result<(u16, Vec<u8>), String> {
         match timeout(limit, self.get_inner(path, key)).await {
             Some(r) => r,
             None => Err("timed out".into()),
@@ -73,38 +96,61 @@ impl RestTarget {
     async fn get_inner(&self, path: &str, key: &KeySlot) -> Result<(u16, Vec<u8>), String> {
         let (host, port) = (self.host.clone(), self.port);
         let addrs: Vec<std::net::SocketAddr> = glommio::executor()
-            .spawn_blocking(move || std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port)).map(|a| a.collect()))
+            .spawn_blocking(move || {
+                std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))
+                    .map(|a| a.collect())
+            })
             .await
             .map_err(|e| format!("resolve: {e}"))?;
         let addr = addrs.first().ok_or("no address")?;
-        let tcp = glommio::net::TcpStream::connect(*addr).await.map_err(|e| format!("connect: {e}"))?;
+        let tcp = glommio::net::TcpStream::connect(*addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
         let conn = match &self.tls {
             None => Conn::Plain(tcp),
             Some(cfg) => {
                 let name = ServerName::try_from(self.host.clone()).map_err(|e| e.to_string())?;
-                let tls = TlsConnector::from(cfg.clone()).connect(name, tcp).await.map_err(|e| format!("tls: {e}"))?;
+                let tls = TlsConnector::from(cfg.clone())
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| format!("tls: {e}"))?;
                 Conn::TlsClient(Box::new(tls))
             }
         };
         let conn = Duplex::new(conn);
-        let host_header = if self.host.contains(':') { format!("[{}]", self.host) } else { self.host.clone() };
+        let host_header = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
         let mut req = format!("GET {path} HTTP/1.1\r\nHost: {host_header}\r\nConnection: close\r\nAccept: application/json\r\nUser-Agent: clio-relay/{}\r\nAuthorization: Bearer ", env!("CARGO_PKG_VERSION"));
         req.push_str(key.key.expose());
         req.push_str("\r\n\r\n");
-        conn.write_all(req.as_bytes()).await.map_err(|e| format!("write: {e}"))?;
+        conn.write_all(req.as_bytes())
+            .await
+            .map_err(|e| format!("write: {e}"))?;
         drop(req);
         let pool = BufferPool::new(64 * 1024, 1, 1);
         let mut buf = pool.get();
-        let head = http::read_head(&conn, &mut buf, 16 * 1024).await.map_err(|e| format!("answer: {e:?}"))?;
+        let head = http::read_head(&conn, &mut buf, 16 * 1024)
+            .await
+            .map_err(|e| format!("answer: {e:?}"))?;
         let mut headers = [httparse::EMPTY_HEADER; 32];
         let mut resp = httparse::Response::new(&mut headers);
-        resp.parse(&buf.filled()[..head]).map_err(|e| format!("answer: {e}"))?;
+        resp.parse(&buf.filled()[..head])
+            .map_err(|e| format!("answer: {e}"))?;
         let status = resp.code.ok_or("answer without status")?;
         let length = resp
             .headers
             .iter()
             .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-            .and_then(|h| std::str::from_utf8(h.value).ok()?.trim().parse::<usize>().ok());
+            .and_then(|h| {
+                std::str::from_utf8(h.value)
+                    .ok()?
+                    .trim()
+                    .parse::<usize>()
+                    .ok()
+            });
         buf.start += head;
         let mut body = buf.filled().to_vec();
         let mut chunk = [0u8; 4096];
@@ -132,7 +178,9 @@ impl RestTarget {
         }
         if verdict == Verdict::Healthy {
             if let Ok((200, body)) = self.get("/v1/concurrency-limits", key, limit).await {
-                account.upstream_cap.store(upstream_room(&body, account), Ordering::Relaxed);
+                account
+                    .upstream_cap
+                    .store(upstream_room(&body, account), Ordering::Relaxed);
             }
         }
         verdict
@@ -147,7 +195,10 @@ fn upstream_room(body: &[u8], account: &AccountState) -> u32 {
         return NO_UPSTREAM_CAP;
     };
     let p = &v["project"];
-    let (Some(current), Some(limit)) = (p["current"]["transcribe_concurrent"].as_u64(), p["limits"]["transcribe_concurrent"].as_u64()) else {
+    let (Some(current), Some(limit)) = (
+        p["current"]["transcribe_concurrent"].as_u64(),
+        p["limits"]["transcribe_concurrent"].as_u64(),
+    ) else {
         return NO_UPSTREAM_CAP;
     };
     let ours = account.live.load(Ordering::Relaxed) as u64;
@@ -185,11 +236,23 @@ mod tests {
     #[test]
     fn rest_url_is_derived_from_the_websocket_url() {
         let tls = crate::upstream::tls_client_config(None).unwrap();
-        let t = RestTarget::new("wss://stt-rt.eu.soniox.com/transcribe-websocket", None, Some(tls.clone())).unwrap();
-        assert_eq!((t.host.as_str(), t.port, t.tls.is_some()), ("api.eu.soniox.com", 443, true));
+        let t = RestTarget::new(
+            "wss://stt-rt.eu.soniox.com/transcribe-websocket",
+            None,
+            Some(tls.clone()),
+        )
+        .unwrap();
+        assert_eq!(
+            (t.host.as_str(), t.port, t.tls.is_some()),
+            ("api.eu.soniox.com", 443, true)
+        );
         let t = RestTarget::new("ws://127.0.0.1:7300/transcribe-websocket", None, None).unwrap();
-        assert_eq!((t.host.as_str(), t.port, t.tls.is_some()), ("127.0.0.1", 7300, false));
-        let t = RestTarget::new("ws://x/", Some("https://api.example.com:8443"), Some(tls)).unwrap();
+        assert_eq!(
+            (t.host.as_str(), t.port, t.tls.is_some()),
+            ("127.0.0.1", 7300, false)
+        );
+        let t =
+            RestTarget::new("ws://x/", Some("https://api.example.com:8443"), Some(tls)).unwrap();
         assert_eq!((t.host.as_str(), t.port), ("api.example.com", 8443));
     }
 

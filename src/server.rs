@@ -40,8 +40,13 @@ pub fn start(cfg: &Config) -> std::io::Result<RelayHandle> {
         accounts.metrics_ids(),
     );
     // One TLS client config for the WebSocket upstream and its REST API.
-    let tls = Some(crate::upstream::tls_client_config(cfg.upstream.ca_file.as_deref()).map_err(invalid)?);
-    let rest = match crate::health::RestTarget::new(&cfg.upstream.url, cfg.admin.rest_url.as_deref(), tls.clone()) {
+    let tls =
+        Some(crate::upstream::tls_client_config(cfg.upstream.ca_file.as_deref()).map_err(invalid)?);
+    let rest = match crate::health::RestTarget::new(
+        &cfg.upstream.url,
+        cfg.admin.rest_url.as_deref(),
+        tls.clone(),
+    ) {
         Ok(r) => Some(r),
         Err(e) => {
             tracing::warn!(error = %e, "no REST URL for health checks; they are off");

@@ -242,7 +242,10 @@ pub(super) fn stats(shards: &[crate::metrics::MetricsSnapshot]) -> Vec<u8> {
         .iter()
         .map(|a| json!({"id": a.id, "streams_active": a.streams_active, "streams_total": a.streams_total, "retries": a.retries}))
         .collect();
-    let errors: Vec<_> = m.error_counts().map(|(side, code, n)| json!({"side": side.label(), "code": code, "count": n})).collect();
+    let errors: Vec<_> = m
+        .error_counts()
+        .map(|(side, code, n)| json!({"side": side.label(), "code": code, "count": n}))
+        .collect();
     ok(json!({
         "streams_active": m.active_streams(),
         "streams_total": m.streams_total(),

@@ -92,7 +92,11 @@ impl Admin {
         // With active checks a 401/402 holds an account off until a check
         // passes; without them, for a minute.
         let checks_on = self.rest.is_some() && !self.config.borrow().health_interval.is_zero();
-        let holdoff = if checks_on { Duration::from_secs(3600) } else { crate::keyring::UNHEALTHY_HOLDOFF };
+        let holdoff = if checks_on {
+            Duration::from_secs(3600)
+        } else {
+            crate::keyring::UNHEALTHY_HOLDOFF
+        };
         for e in accounts.entries() {
             e.state.set_unhealthy_holdoff(holdoff);
         }
