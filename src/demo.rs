@@ -120,8 +120,10 @@ pub fn run_demo(args: &DemoArgs) -> std::io::Result<DemoReport> {
         a.region = "loopback".into();
         a.max_concurrent_streams = per_key;
     }
-    let mut admin = AdminConfig::default();
-    admin.health_interval = Duration::ZERO;
+    let admin = AdminConfig {
+        health_interval: Duration::ZERO,
+        ..AdminConfig::default()
+    };
     let cfg = Config {
         server: ServerConfig {
             listen: "127.0.0.1:0".parse().expect("literal address"),

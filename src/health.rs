@@ -168,7 +168,7 @@ impl RestTarget {
     pub async fn check(&self, account: &AccountState, key: &KeySlot, limit: Duration) -> Verdict {
         let verdict = match self.get("/v1/models", key, limit).await {
             Ok((200, _)) => Verdict::Healthy,
-            Ok((s @ (401 | 402 | 403), _)) => Verdict::Refused(s),
+            Ok((s @ 401..=403, _)) => Verdict::Refused(s),
             Ok(_) | Err(_) => Verdict::Unknown,
         };
         match verdict {
