@@ -64,6 +64,107 @@ pub struct Config {
     pub accounts: Vec<AccountConfig>,
     /// The admin API, key store, rotation and health checks.
     pub admin: AdminConfig,
+    /// Per-device limits, by default and per tier.
+    pub devices: DevicesConfig,
+    /// Usage metering, cost, reconciliation and alerts.
+    pub usage: UsageConfig,
+}
+
+/// Limits on one device's streams; 0 (or a zero duration) means no limit.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct DeviceLimits {
+    /// Streams a device may have open at once, across all shards.
+    pub max_concurrent_streams: u32,
+    /// New streams a device may open per minute (a token bucket of this size,
+    /// refilled evenly over the minute).
+    pub streams_per_minute: u32,
+    /// Seconds of audio a device may stream per UTC day.
+    pub audio_seconds_per_day: u64,
+    /// The longest a single stream may last.
+    pub max_stream_length: Duration,
+}
+
+/// `[devices]`: the default limits, and named tiers a token may carry.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct DevicesConfig {
+    /// Limits for tokens without a tier (or with an unknown one).
+    pub default: DeviceLimits,
+    /// `[devices.tier.NAME]`: limits for tokens minted with `--tier NAME`;
+    /// unset fields take the default's value.
+    pub tiers: std::collections::BTreeMap<String, DeviceLimits>,
+}
+
+impl DevicesConfig {
+    /// The limits for a token's tier.
+    pub fn limits(&self, tier: Option<&str>) -> &DeviceLimits {
+        tier.and_then(|t| self.tiers.get(t))
+            .unwrap_or(&self.default)
+    }
+}
+
+/// `[usage]` and `[alerts]`: metering, cost and the in-process alerts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UsageConfig {
+    /// Currency the accounts' prices and budgets are in (a label only).
+    pub currency: String,
+    /// How often usage counters are written to `admin.state_dir/usage.json`.
+    pub persist_interval: Duration,
+    /// How often the relay's meter is compared with Soniox's usage logs; 0 = off.
+    pub reconcile_interval: Duration,
+    /// Alert thresholds and the optional webhook.
+    pub alerts: AlertsConfig,
+}
+
+impl Default for UsageConfig {
+    fn default() -> Self {
+        UsageConfig {
+            currency: "USD".into(),
+            persist_interval: Duration::from_secs(10),
+            reconcile_interval: Duration::from_secs(3600),
+            alerts: AlertsConfig::default(),
+        }
+    }
+}
+
+/// `[alerts]`: when the in-process alerts fire.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AlertsConfig {
+    /// How often alerts are evaluated.
+    pub interval: Duration,
+    /// An account's live streams over this share of its limit.
+    pub concurrency_ratio: f64,
+    /// An account's cost this month over this share of its monthly budget.
+    pub budget_ratio: f64,
+    /// A device or account using this many times its own hourly baseline
+    /// (the average hour of the previous 24) in the last hour…
+    pub unusual_factor: f64,
+    /// …and at least this many audio seconds in that hour.
+    pub unusual_min_audio_seconds: u64,
+    /// Errors (not counting client mistakes) over this share of streams in
+    /// the last evaluation window…
+    pub error_rate: f64,
+    /// …once at least this many streams started in it.
+    pub error_min_streams: u64,
+    /// p99 time to first result over this, in the last window.
+    pub slow_first_result: Duration,
+    /// Where each alert is also POSTed as JSON when it fires or resolves.
+    pub webhook_url: Option<String>,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        AlertsConfig {
+            interval: Duration::from_secs(10),
+            concurrency_ratio: 0.9,
+            budget_ratio: 0.9,
+            unusual_factor: 5.0,
+            unusual_min_audio_seconds: 600,
+            error_rate: 0.05,
+            error_min_streams: 20,
+            slow_first_result: Duration::from_secs(2),
+            webhook_url: None,
+        }
+    }
 }
 
 /// `[admin]`: who may use the admin port, where runtime changes are kept,
@@ -122,6 +223,9 @@ pub struct ServerConfig {
     /// Streams the whole process carries at most; beyond it new clients get
     /// HTTP 503 before the upgrade. This is what bounds process memory.
     pub max_streams: u32,
+    /// Networks clients may connect from; empty means any. Others have their
+    /// connection closed at accept.
+    pub allow: Vec<ipnet::IpNet>,
 }
 
 impl ServerConfig {
@@ -143,6 +247,7 @@ impl Default for ServerConfig {
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
             shards: 0,
             max_streams: 9000,
+            allow: Vec::new(),
         }
     }
 }
@@ -281,6 +386,10 @@ pub struct AccountConfig {
     /// Streams this account may carry at once (Soniox's own per-key limit;
     /// 10 is Soniox's default).
     pub max_concurrent_streams: u32,
+    /// Price per hour of audio, in `usage.currency`, for the cost figures.
+    pub price_per_hour: f64,
+    /// Monthly budget in `usage.currency`; 0 = none.
+    pub monthly_budget: f64,
 }
 
 impl AccountConfig {
@@ -292,6 +401,8 @@ impl AccountConfig {
             region: String::new(),
             enabled: true,
             max_concurrent_streams: 10,
+            price_per_hour: 0.0,
+            monthly_budget: 0.0,
         }
     }
 }

@@ -130,6 +130,7 @@ pub fn run_demo(args: &DemoArgs) -> std::io::Result<DemoReport> {
             admin_listen: "127.0.0.1:0".parse().expect("literal address"),
             shards,
             max_streams: 1000,
+            allow: Vec::new(),
         },
         upstream: UpstreamConfig {
             url: fake.url(),
@@ -141,6 +142,8 @@ pub fn run_demo(args: &DemoArgs) -> std::io::Result<DemoReport> {
         limits: LimitsConfig::default(),
         accounts,
         admin,
+        devices: Default::default(),
+        usage: Default::default(),
     };
     let relay = crate::server::start(&cfg)?;
     let tokens = TokenKeys::from_config(&cfg.tokens);

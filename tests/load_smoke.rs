@@ -36,6 +36,7 @@ fn relay_config(upstream: &str) -> Config {
             admin_listen: "127.0.0.1:0".parse().unwrap(),
             shards: 1,
             max_streams: 100,
+            allow: Vec::new(),
         },
         upstream: UpstreamConfig {
             url: upstream.to_string(),
@@ -49,6 +50,8 @@ fn relay_config(upstream: &str) -> Config {
         limits: LimitsConfig::default(),
         accounts: vec![account],
         admin: AdminConfig::default(),
+        devices: Default::default(),
+        usage: Default::default(),
     }
 }
 

@@ -29,6 +29,52 @@ struct RawFile {
     account: Vec<RawAccount>,
     #[serde(default)]
     admin: RawAdmin,
+    #[serde(default)]
+    devices: RawDevices,
+    #[serde(default)]
+    usage: RawUsage,
+    #[serde(default)]
+    alerts: RawAlerts,
+}
+
+#[derive(Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+struct RawDeviceLimits {
+    max_concurrent_streams: Option<u32>,
+    streams_per_minute: Option<u32>,
+    audio_seconds_per_day: Option<u64>,
+    max_stream_length: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDevices {
+    #[serde(flatten)]
+    default: RawDeviceLimits,
+    #[serde(default)]
+    tier: std::collections::BTreeMap<String, RawDeviceLimits>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawUsage {
+    currency: Option<String>,
+    persist_interval: Option<String>,
+    reconcile_interval: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAlerts {
+    interval: Option<String>,
+    concurrency_ratio: Option<f64>,
+    budget_ratio: Option<f64>,
+    unusual_factor: Option<f64>,
+    unusual_min_audio_seconds: Option<u64>,
+    error_rate: Option<f64>,
+    error_min_streams: Option<u64>,
+    slow_first_result: Option<String>,
+    webhook_url: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -53,6 +99,7 @@ struct RawServer {
     admin_listen: Option<String>,
     shards: Option<usize>,
     max_streams: Option<u32>,
+    allow: Option<Vec<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -95,6 +142,8 @@ struct RawAccount {
     region: Option<String>,
     enabled: Option<bool>,
     max_concurrent_streams: Option<u32>,
+    price_per_hour: Option<f64>,
+    monthly_budget: Option<f64>,
 }
 
 /// One line for a toml parse error: toml's own message, plus the key,
@@ -314,6 +363,7 @@ fn resolve(raw: RawFile, base: &Path) -> Result<Config, ConfigError> {
             .server
             .max_streams
             .unwrap_or(defaults_server.max_streams),
+        allow: networks("server.allow", raw.server.allow, &mut p),
     };
 
     let auth = match raw.upstream.auth.as_deref() {
@@ -389,10 +439,20 @@ fn resolve(raw: RawFile, base: &Path) -> Result<Config, ConfigError> {
         acc.max_concurrent_streams = a
             .max_concurrent_streams
             .unwrap_or(acc.max_concurrent_streams);
+        acc.price_per_hour = a.price_per_hour.unwrap_or(0.0);
+        acc.monthly_budget = a.monthly_budget.unwrap_or(0.0);
+        if acc.price_per_hour < 0.0 || acc.monthly_budget < 0.0 {
+            p.push(
+                &format!("{prefix}"),
+                "price_per_hour and monthly_budget must not be negative",
+            );
+        }
         accounts.push(acc);
     }
 
     let admin = resolve_admin(raw.admin, base, &mut p);
+    let devices = resolve_devices(raw.devices, &mut p);
+    let usage = resolve_usage(raw.usage, raw.alerts, &mut p);
     let config = Config {
         server,
         upstream,
@@ -400,6 +460,8 @@ fn resolve(raw: RawFile, base: &Path) -> Result<Config, ConfigError> {
         limits,
         accounts,
         admin,
+        devices,
+        usage,
     };
     if let Some(ca) = &config.upstream.ca_file {
         if !ca.is_file() {
@@ -414,6 +476,120 @@ fn resolve(raw: RawFile, base: &Path) -> Result<Config, ConfigError> {
         Ok(config)
     } else {
         Err(ConfigError { problems: p.lines })
+    }
+}
+
+/// Parses a list of networks (`10.0.0.0/8`, or a bare address).
+fn networks(key: &str, list: Option<Vec<String>>, p: &mut Problems) -> Vec<ipnet::IpNet> {
+    let mut out = Vec::new();
+    for (i, net) in list.unwrap_or_default().iter().enumerate() {
+        let text = net.trim();
+        let parsed = text
+            .parse::<ipnet::IpNet>()
+            .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+        match parsed {
+            Ok(n) => out.push(n),
+            Err(_) => p.push(
+                &format!("{key}[{i}]"),
+                format!("invalid network {text:?} (want e.g. 10.0.0.0/8 or ::1)"),
+            ),
+        }
+    }
+    out
+}
+
+fn device_limits(
+    key: &str,
+    raw: &RawDeviceLimits,
+    base: &DeviceLimits,
+    p: &mut Problems,
+) -> DeviceLimits {
+    DeviceLimits {
+        max_concurrent_streams: raw
+            .max_concurrent_streams
+            .unwrap_or(base.max_concurrent_streams),
+        streams_per_minute: raw.streams_per_minute.unwrap_or(base.streams_per_minute),
+        audio_seconds_per_day: raw
+            .audio_seconds_per_day
+            .unwrap_or(base.audio_seconds_per_day),
+        max_stream_length: duration(
+            &format!("{key}.max_stream_length"),
+            raw.max_stream_length.clone(),
+            base.max_stream_length,
+            p,
+        ),
+    }
+}
+
+/// Resolves `[devices]` and its tiers (a tier's unset fields take the default's).
+fn resolve_devices(raw: RawDevices, p: &mut Problems) -> DevicesConfig {
+    let default = device_limits("devices", &raw.default, &DeviceLimits::default(), p);
+    let mut tiers = std::collections::BTreeMap::new();
+    for (name, t) in &raw.tier {
+        if !valid_account_id(name) {
+            p.push(
+                &format!("devices.tier.{name}"),
+                "tier names are 1-64 of A-Z a-z 0-9 . _ -",
+            );
+        }
+        tiers.insert(
+            name.clone(),
+            device_limits(&format!("devices.tier.{name}"), t, &default, p),
+        );
+    }
+    DevicesConfig { default, tiers }
+}
+
+/// Resolves `[usage]` and `[alerts]`.
+fn resolve_usage(u: RawUsage, a: RawAlerts, p: &mut Problems) -> UsageConfig {
+    let d = UsageConfig::default();
+    let da = AlertsConfig::default();
+    for (key, v) in [
+        ("alerts.concurrency_ratio", a.concurrency_ratio),
+        ("alerts.budget_ratio", a.budget_ratio),
+        ("alerts.error_rate", a.error_rate),
+    ] {
+        if v.is_some_and(|v| !(0.0..=1.0).contains(&v)) {
+            p.push(key, "must be between 0 and 1");
+        }
+    }
+    if let Some(u) = &a.webhook_url {
+        if !u.starts_with("http://") && !u.starts_with("https://") {
+            p.push("alerts.webhook_url", "must start with http:// or https://");
+        }
+    }
+    UsageConfig {
+        currency: u.currency.unwrap_or(d.currency),
+        persist_interval: duration(
+            "usage.persist_interval",
+            u.persist_interval,
+            d.persist_interval,
+            p,
+        ),
+        reconcile_interval: duration(
+            "usage.reconcile_interval",
+            u.reconcile_interval,
+            d.reconcile_interval,
+            p,
+        ),
+        alerts: AlertsConfig {
+            interval: duration("alerts.interval", a.interval, da.interval, p),
+            concurrency_ratio: a.concurrency_ratio.unwrap_or(da.concurrency_ratio),
+            budget_ratio: a.budget_ratio.unwrap_or(da.budget_ratio),
+            unusual_factor: a.unusual_factor.unwrap_or(da.unusual_factor),
+            unusual_min_audio_seconds: a
+                .unusual_min_audio_seconds
+                .unwrap_or(da.unusual_min_audio_seconds),
+            error_rate: a.error_rate.unwrap_or(da.error_rate),
+            error_min_streams: a.error_min_streams.unwrap_or(da.error_min_streams),
+            slow_first_result: duration(
+                "alerts.slow_first_result",
+                a.slow_first_result,
+                da.slow_first_result,
+                p,
+            ),
+            webhook_url: a.webhook_url,
+        },
     }
 }
 
@@ -452,20 +628,7 @@ fn resolve_admin(a: RawAdmin, base: &Path, p: &mut Problems) -> AdminConfig {
             );
         }
     }
-    let mut allow = Vec::new();
-    for (i, net) in a.allow.unwrap_or_default().iter().enumerate() {
-        let text = net.trim();
-        let parsed = text
-            .parse::<ipnet::IpNet>()
-            .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
-        match parsed {
-            Ok(n) => allow.push(n),
-            Err(_) => p.push(
-                &format!("admin.allow[{i}]"),
-                format!("invalid network {text:?} (want e.g. 10.0.0.0/8 or ::1)"),
-            ),
-        }
-    }
+    let allow = networks("admin.allow", a.allow, p);
     if let Some(u) = &a.rest_url {
         if !(u.starts_with("http://") || u.starts_with("https://")) {
             p.push("admin.rest_url", "must start with http:// or https://");

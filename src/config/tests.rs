@@ -478,6 +478,8 @@ fn validate_built_config() {
         limits: LimitsConfig::default(),
         accounts: vec![AccountConfig::new("a", Secret::new(KEY_A))],
         admin: AdminConfig::default(),
+        devices: Default::default(),
+        usage: Default::default(),
     };
     assert!(c.validate().is_ok());
     let mut bad = c.clone();
@@ -564,6 +566,8 @@ fn warnings() {
             AccountConfig::new("b", Secret::new(KEY_A)),
         ],
         admin: AdminConfig::default(),
+        devices: Default::default(),
+        usage: Default::default(),
     };
     c.server.max_streams = 15;
     let w = c.warnings();

@@ -49,6 +49,7 @@ pub fn relay_config(upstream: &str, accounts: &[(&str, &str)]) -> Config {
             admin_listen: "127.0.0.1:0".parse().unwrap(),
             shards: 1,
             max_streams: 100,
+            allow: Vec::new(),
         },
         upstream: UpstreamConfig {
             url: upstream.to_string(),
@@ -63,6 +64,8 @@ pub fn relay_config(upstream: &str, accounts: &[(&str, &str)]) -> Config {
             .map(|(id, key)| AccountConfig::new(*id, Secret::new(*key)))
             .collect(),
         admin: AdminConfig::default(),
+        devices: Default::default(),
+        usage: Default::default(),
     }
 }
 
