@@ -38,6 +38,34 @@ pub fn mint_token(
     Ok(keys.mint(device, ttl, SystemTime::now())?)
 }
 
+/// `mint-token --tier NAME`: like [`mint_token`], for a device tier; the
+/// tier must exist in `[devices.tier.NAME]`.
+pub fn mint_token_with_tier(
+    path: &Path,
+    device: &str,
+    tier: &str,
+    ttl: Option<Duration>,
+) -> Result<String, Box<dyn std::error::Error>> {
+    let cfg = Config::load(path)?;
+    if !cfg.devices.tiers.contains_key(tier) {
+        return Err(format!("no [devices.tier.{tier}] in {}", path.display()).into());
+    }
+    let ttl = ttl.unwrap_or(cfg.tokens.default_ttl);
+    if ttl > cfg.tokens.max_ttl {
+        return Err(format!(
+            "--ttl is longer than tokens.max_ttl {}",
+            humantime::format_duration(cfg.tokens.max_ttl)
+        )
+        .into());
+    }
+    Ok(TokenKeys::from_config(&cfg.tokens).mint_with_tier(
+        device,
+        Some(tier),
+        ttl,
+        SystemTime::now(),
+    )?)
+}
+
 /// Parses a duration for a command-line flag (clap `value_parser`), in the
 /// same syntax as the config file: `500ms`, `5s`, `15m`, `2h`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {

@@ -36,6 +36,9 @@ enum Command {
         /// Lifetime, like 15m or 2h (default: tokens.default_ttl).
         #[arg(long, value_parser = clio_relay::cli::parse_duration)]
         ttl: Option<Duration>,
+        /// Device tier the token grants ([devices.tier.NAME] limits).
+        #[arg(long)]
+        tier: Option<String>,
     },
     /// Manage accounts and keys of a running relay (through its admin API).
     Keys {
@@ -73,9 +76,12 @@ fn main() -> ExitCode {
                     .join("\n")),
             })
         }
-        Some(Command::MintToken { device, ttl }) => need_config().and_then(|path| {
-            let token =
-                clio_relay::cli::mint_token(&path, device, *ttl).map_err(|e| e.to_string())?;
+        Some(Command::MintToken { device, ttl, tier }) => need_config().and_then(|path| {
+            let token = match tier {
+                None => clio_relay::cli::mint_token(&path, device, *ttl),
+                Some(t) => clio_relay::cli::mint_token_with_tier(&path, device, t, *ttl),
+            }
+            .map_err(|e| e.to_string())?;
             println!("{token}");
             Ok(())
         }),

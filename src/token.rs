@@ -128,6 +128,8 @@ pub struct Claims {
     pub token_id: String,
     /// The kid of the secret that signed it.
     pub key_id: String,
+    /// The device tier the token grants (`[devices.tier.NAME]`), if any.
+    pub tier: Option<String>,
 }
 
 /// The JSON payload, as minted.
@@ -137,6 +139,8 @@ struct PayloadOut<'a> {
     i: u64,
     e: u64,
     t: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    r: Option<&'a str>,
 }
 
 /// The JSON payload, as read: extra fields (the reserved `r`) are ignored.
@@ -146,6 +150,8 @@ struct PayloadIn {
     i: u64,
     e: u64,
     t: String,
+    #[serde(default)]
+    r: Option<String>,
 }
 
 /// One signing secret, by its key id.
@@ -216,7 +222,18 @@ impl TokenKeys {
         ttl: Duration,
         now: SystemTime,
     ) -> Result<String, TokenError> {
-        if !valid_device_id(device_id) {
+        self.mint_with_tier(device_id, None, ttl, now)
+    }
+
+    /// Like [`TokenKeys::mint`], for a device tier (`[devices.tier.NAME]`).
+    pub fn mint_with_tier(
+        &self,
+        device_id: &str,
+        tier: Option<&str>,
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<String, TokenError> {
+        if !valid_device_id(device_id) || tier.is_some_and(|t| !valid_device_id(t)) {
             return Err(TokenError::BadDeviceId);
         }
         if ttl.as_secs() < 1 {
@@ -241,6 +258,7 @@ impl TokenKeys {
             i: issued,
             e: expires,
             t: &token_id,
+            r: tier,
         })
         .map_err(|_| TokenError::Malformed)?;
         let mut token = format!(
@@ -306,6 +324,7 @@ impl TokenKeys {
             expires_at: p.e,
             token_id: p.t,
             key_id: key.kid.clone(),
+            tier: p.r,
         })
     }
 }

@@ -2,21 +2,28 @@
 //! (config) message, the choice of account and the upstream connection (with
 //! invisible retries on another account), the pumps, and an orderly end with
 //! the contract's error shapes and close codes.
+//!
+//! - `handshake`: accept, the HTTP request, the token on it, the 101.
+//! - `first`: the first (config) message and a token inside it.
+//! - `refusal`: the error frame + close the relay sends when it ends a stream.
+//! - this file: the stream after the upgrade — account, upstream, pumps, end.
+
+mod first;
+mod handshake;
+mod refusal;
+
+pub use handshake::serve;
+pub use refusal::Refusal;
 
 use std::rc::Rc;
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use futures_lite::future;
-use glommio::net::TcpStream;
 use serde_json::{Map, Value};
 
-use crate::frame::{
-    build_frame, close_payload, parse_header, FrameError, FrameHeader, Opcode, Sender,
-};
-use crate::http::{self, HeadError};
-use crate::io::{timeout, Buf, Conn, Duplex};
+use crate::frame::{build_frame, close_payload, Opcode, Sender};
+use crate::io::{timeout, Buf, Duplex};
 use crate::keyring::{Lease, RateScope};
-use crate::mask::apply_mask;
 use crate::metrics::Side;
 use crate::pump::{self, ClientSide, End, FrameScanner, StreamState};
 use crate::shard::{AdmitPermit, Settings, Shard};
@@ -24,244 +31,6 @@ use crate::token::Claims;
 
 /// How long the relay waits for a peer's half of a close handshake.
 const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// A refusal after the upgrade: one Soniox-shaped error frame, then a close.
-#[derive(Debug, Clone)]
-pub struct Refusal {
-    /// Soniox error code (400, 401, 408, 429, 502, 503).
-    pub code: u16,
-    /// Soniox `error_type`.
-    pub kind: &'static str,
-    /// Human message. Never contains a token or key.
-    pub message: String,
-    /// WebSocket close code.
-    pub close: u16,
-    /// Who caused it, for metrics.
-    pub side: Side,
-}
-
-impl Refusal {
-    fn new(
-        code: u16,
-        kind: &'static str,
-        message: impl Into<String>,
-        close: u16,
-        side: Side,
-    ) -> Self {
-        Refusal {
-            code,
-            kind,
-            message: message.into(),
-            close,
-            side,
-        }
-    }
-    /// No error frame: just a close frame with `close` (0: not even that).
-    fn silent(close: u16) -> Self {
-        Refusal::new(0, "", "", close, Side::Client)
-    }
-    fn bad_request(message: impl Into<String>) -> Self {
-        Refusal::new(400, "bad_request", message, 1002, Side::Client)
-    }
-    fn unauthorized(message: impl Into<String>) -> Self {
-        Refusal::new(401, "unauthenticated", message, 1008, Side::Client)
-    }
-    fn no_account() -> Self {
-        Refusal::new(
-            429,
-            "too_many_requests",
-            "No Soniox account can take another stream now; try again later.",
-            1013,
-            Side::Upstream,
-        )
-    }
-    fn upstream_unavailable() -> Self {
-        Refusal::new(
-            502,
-            "upstream_unavailable",
-            "The transcription service is unreachable; try again later.",
-            1011,
-            Side::Upstream,
-        )
-    }
-    fn upstream_lost() -> Self {
-        Refusal::new(
-            503,
-            "service_unavailable",
-            "Cannot continue request: the upstream connection was lost. Reconnect.",
-            1011,
-            Side::Upstream,
-        )
-    }
-
-    /// The error frame and the close frame, as the relay writes them to a client.
-    pub fn frames(&self, request_id: &str) -> Vec<u8> {
-        let body = serde_json::json!({
-            "tokens": [],
-            "error_code": self.code,
-            "error_message": self.message,
-            "error_type": self.kind,
-            "request_id": request_id,
-        })
-        .to_string();
-        let mut out = build_frame(Opcode::Text, body.as_bytes(), None);
-        out.extend(build_frame(
-            Opcode::Close,
-            &close_payload(self.close, &self.message),
-            None,
-        ));
-        out
-    }
-}
-
-/// Serves one accepted client connection to the end.
-pub async fn serve(shard: Rc<Shard>, tcp: TcpStream) {
-    let accepted = Instant::now();
-    let _ = tcp.set_nodelay(true);
-    let client = Duplex::new(Conn::Plain(tcp));
-    let mut cbuf = shard.pool.get();
-    let settings = shard.settings();
-    let Some((claims, permit)) = handshake(&shard, &settings, &client, &mut cbuf).await else {
-        return;
-    };
-    shard.metrics.record(
-        crate::metrics::Hist::ClientHandshake,
-        accepted.elapsed().as_micros() as u64,
-    );
-    let stream = Stream {
-        id: shard.new_stream_id(),
-        shard: shard.clone(),
-        settings,
-        _permit: permit,
-    };
-    stream.run(client, cbuf, claims).await;
-}
-
-/// Reads and answers the HTTP request. Returns the token's claims (if the
-/// token came on the request) once the connection is a WebSocket.
-async fn handshake(
-    shard: &Shard,
-    settings: &Settings,
-    client: &Duplex,
-    buf: &mut Buf,
-) -> Option<(Option<Claims>, AdmitPermit)> {
-    let lim = &settings.limits;
-    let refuse = |status: u16, msg: &str, side: Side| {
-        shard.metrics.stream_rejected(side, status);
-        http::json_error(status, msg)
-    };
-    let head_len = match timeout(
-        lim.handshake_timeout,
-        http::read_head(client, buf, lim.max_header_bytes),
-    )
-    .await
-    {
-        None => {
-            let _ = client
-                .write_all(&refuse(
-                    408,
-                    "request head not received in time",
-                    Side::Client,
-                ))
-                .await;
-            return None;
-        }
-        Some(Err(HeadError::Io(_))) => return None,
-        Some(Err(HeadError::TooLarge)) => {
-            let _ = client
-                .write_all(&refuse(431, "request head too large", Side::Client))
-                .await;
-            return None;
-        }
-        Some(Err(HeadError::Malformed)) => {
-            let _ = client
-                .write_all(&refuse(400, "malformed HTTP request", Side::Client))
-                .await;
-            return None;
-        }
-        Some(Ok(n)) => n,
-    };
-    let req = match http::parse_client_request(&buf.filled()[..head_len]) {
-        Ok(r) => r,
-        Err(_) => {
-            let _ = client
-                .write_all(&refuse(400, "malformed HTTP request", Side::Client))
-                .await;
-            return None;
-        }
-    };
-    buf.start += head_len;
-    match req.path.as_str() {
-        "/v1/transcribe" => {}
-        "/healthz" => {
-            let (status, body) = if shard.process.draining() {
-                (503, "draining\n")
-            } else {
-                (200, "ok\n")
-            };
-            let _ = client
-                .write_all(&http::response(status, "text/plain", "", body.as_bytes()))
-                .await;
-            return None;
-        }
-        _ => {
-            let _ = client
-                .write_all(&refuse(
-                    404,
-                    "not found: the stream endpoint is /v1/transcribe",
-                    Side::Client,
-                ))
-                .await;
-            return None;
-        }
-    }
-    let claims = match &req.token {
-        Some((token, _)) => match settings.tokens.verify(token, SystemTime::now()) {
-            Ok(c) => Some(c),
-            Err(e) => {
-                let _ = client
-                    .write_all(&refuse(
-                        401,
-                        &format!("session token refused: {e}"),
-                        Side::Client,
-                    ))
-                    .await;
-                return None;
-            }
-        },
-        None => None,
-    };
-    if shard.process.draining() {
-        let _ = client
-            .write_all(&refuse(503, "relay is draining; reconnect", Side::Internal))
-            .await;
-        return None;
-    }
-    let Some(permit) = shard.process.admit() else {
-        let _ = client
-            .write_all(&refuse(
-                503,
-                "relay at capacity (server.max_streams); try again later",
-                Side::Internal,
-            ))
-            .await;
-        return None;
-    };
-    let Some(answer) = http::upgrade_response(&req) else {
-        let _ = client
-            .write_all(&refuse(
-                400,
-                "not a WebSocket upgrade request",
-                Side::Client,
-            ))
-            .await;
-        return None;
-    };
-    if client.write_all(&answer).await.is_err() {
-        return None;
-    }
-    Some((claims, permit))
-}
 
 /// One upgraded stream on one shard.
 struct Stream {
@@ -357,119 +126,6 @@ impl Stream {
 
     /// Reads the client's first message: one whole text frame with a JSON
     /// object. Pings before it are answered here; a close ends the stream.
-    async fn read_first_message(
-        &self,
-        client: &Duplex,
-        buf: &mut Buf,
-    ) -> Result<Map<String, Value>, Refusal> {
-        let lim = &self.settings.limits;
-        loop {
-            let h = match parse_header(
-                buf.filled(),
-                Sender::Client,
-                lim.max_first_message_bytes as u64,
-            ) {
-                Err(FrameError::TooBig) => {
-                    return Err(Refusal::new(
-                        400,
-                        "bad_request",
-                        "Start request is too large.",
-                        1009,
-                        Side::Client,
-                    ))
-                }
-                Err(e) => {
-                    return Err(Refusal::new(
-                        400,
-                        "bad_request",
-                        e.reason(),
-                        e.close_code(),
-                        Side::Client,
-                    ))
-                }
-                Ok(h) => h,
-            };
-            if let Some(h) = h {
-                let n = h.header_len + h.payload_len as usize;
-                let mask = h.mask.expect("client frames are masked");
-                if n > buf.capacity() {
-                    // A config larger than the read buffer (a long `context`):
-                    // gathered into its own vector, once per stream.
-                    return self.read_large_first_message(client, buf, h).await;
-                }
-                if buf.len() >= n {
-                    let (start, hl) = (buf.start, h.header_len);
-                    buf.start += n;
-                    let payload = &mut buf.raw()[start + hl..start + n];
-                    apply_mask(payload, mask, 0);
-                    match h.opcode {
-                        Opcode::Ping => {
-                            let pong = build_frame(Opcode::Pong, payload, None);
-                            let _ = client.write_all(&pong).await;
-                        }
-                        Opcode::Pong => {}
-                        Opcode::Close => return Err(Refusal::silent(1000)),
-                        op => return parse_config(op, h.fin, payload),
-                    }
-                    continue;
-                }
-            }
-            self.read_more(client, buf).await?;
-        }
-    }
-
-    /// Reads more client bytes while waiting for the first message.
-    async fn read_more(&self, client: &Duplex, buf: &mut Buf) -> Result<(), Refusal> {
-        match timeout(self.settings.limits.idle_timeout, buf.read_from(client)).await {
-            None => Err(Refusal::new(
-                408,
-                "request_timeout",
-                "No start request received in time.",
-                1000,
-                Side::Client,
-            )),
-            Some(Ok(0)) | Some(Err(_)) => Err(Refusal::silent(0)),
-            Some(Ok(_)) => Ok(()),
-        }
-    }
-
-    async fn read_large_first_message(
-        &self,
-        client: &Duplex,
-        buf: &mut Buf,
-        h: FrameHeader,
-    ) -> Result<Map<String, Value>, Refusal> {
-        if h.opcode != Opcode::Text {
-            return parse_config(h.opcode, h.fin, &[]);
-        }
-        let mask = h.mask.expect("client frames are masked");
-        let total = h.payload_len as usize;
-        buf.start += h.header_len;
-        let mut payload = Vec::with_capacity(total);
-        while payload.len() < total {
-            if buf.is_empty() {
-                self.read_more(client, buf).await?;
-            }
-            let take = buf.len().min(total - payload.len());
-            let at = payload.len();
-            payload.extend_from_slice(&buf.filled()[..take]);
-            apply_mask(&mut payload[at..], mask, at);
-            buf.start += take;
-        }
-        parse_config(h.opcode, h.fin, &payload)
-    }
-
-    /// The claims of a token carried as `api_key` in the first message.
-    fn first_message_claims(&self, first: &Map<String, Value>) -> Result<Claims, Refusal> {
-        match first.get("api_key") {
-            Some(Value::String(token)) => self
-                .settings
-                .tokens
-                .verify(token, SystemTime::now())
-                .map_err(|e| Refusal::unauthorized(format!("Session token refused: {e}."))),
-            _ => Err(Refusal::unauthorized("Missing session token.")),
-        }
-    }
 
     /// Picks an account and connects; on a refusal tries the next account.
     async fn open_upstream(&self, tried: &mut u64) -> Result<Upstream, Refusal> {
@@ -719,22 +375,6 @@ impl Stream {
                 .await;
         }
         close_client(client).await;
-    }
-}
-
-/// Checks and parses the first message: one text frame holding a JSON object.
-fn parse_config(opcode: Opcode, fin: bool, payload: &[u8]) -> Result<Map<String, Value>, Refusal> {
-    match opcode {
-        Opcode::Text if !fin => Err(Refusal::bad_request(
-            "Start request must be a single text frame.",
-        )),
-        Opcode::Text => match serde_json::from_slice::<Value>(payload) {
-            Ok(Value::Object(map)) => Ok(map),
-            _ => Err(Refusal::bad_request("Start request must be a JSON object.")),
-        },
-        _ => Err(Refusal::bad_request(
-            "Start request must be a text message.",
-        )),
     }
 }
 

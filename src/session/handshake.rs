@@ -1,0 +1,164 @@
+//! Accepting a client: the HTTP request head, the session token on it,
+//! capacity, and the 101 answer.
+
+use std::rc::Rc;
+use std::time::{Instant, SystemTime};
+
+use glommio::net::TcpStream;
+
+use crate::http::{self, HeadError};
+use crate::io::{timeout, Buf, Conn, Duplex};
+use crate::metrics::Side;
+use crate::shard::{AdmitPermit, Settings, Shard};
+use crate::token::Claims;
+
+use super::Stream;
+
+/// Serves one accepted client connection to the end.
+pub async fn serve(shard: Rc<Shard>, tcp: TcpStream) {
+    let accepted = Instant::now();
+    let _ = tcp.set_nodelay(true);
+    let client = Duplex::new(Conn::Plain(tcp));
+    let mut cbuf = shard.pool.get();
+    let settings = shard.settings();
+    let Some((claims, permit)) = handshake(&shard, &settings, &client, &mut cbuf).await else {
+        return;
+    };
+    shard.metrics.record(
+        crate::metrics::Hist::ClientHandshake,
+        accepted.elapsed().as_micros() as u64,
+    );
+    let stream = Stream {
+        id: shard.new_stream_id(),
+        shard: shard.clone(),
+        settings,
+        _permit: permit,
+    };
+    stream.run(client, cbuf, claims).await;
+}
+
+/// Reads and answers the HTTP request. Returns the token's claims (if the
+/// token came on the request) once the connection is a WebSocket.
+async fn handshake(
+    shard: &Shard,
+    settings: &Settings,
+    client: &Duplex,
+    buf: &mut Buf,
+) -> Option<(Option<Claims>, AdmitPermit)> {
+    let lim = &settings.limits;
+    let refuse = |status: u16, msg: &str, side: Side| {
+        shard.metrics.stream_rejected(side, status);
+        http::json_error(status, msg)
+    };
+    let head_len = match timeout(
+        lim.handshake_timeout,
+        http::read_head(client, buf, lim.max_header_bytes),
+    )
+    .await
+    {
+        None => {
+            let _ = client
+                .write_all(&refuse(
+                    408,
+                    "request head not received in time",
+                    Side::Client,
+                ))
+                .await;
+            return None;
+        }
+        Some(Err(HeadError::Io(_))) => return None,
+        Some(Err(HeadError::TooLarge)) => {
+            let _ = client
+                .write_all(&refuse(431, "request head too large", Side::Client))
+                .await;
+            return None;
+        }
+        Some(Err(HeadError::Malformed)) => {
+            let _ = client
+                .write_all(&refuse(400, "malformed HTTP request", Side::Client))
+                .await;
+            return None;
+        }
+        Some(Ok(n)) => n,
+    };
+    let req = match http::parse_client_request(&buf.filled()[..head_len]) {
+        Ok(r) => r,
+        Err(_) => {
+            let _ = client
+                .write_all(&refuse(400, "malformed HTTP request", Side::Client))
+                .await;
+            return None;
+        }
+    };
+    buf.start += head_len;
+    match req.path.as_str() {
+        "/v1/transcribe" => {}
+        "/healthz" => {
+            let (status, body) = if shard.process.draining() {
+                (503, "draining\n")
+            } else {
+                (200, "ok\n")
+            };
+            let _ = client
+                .write_all(&http::response(status, "text/plain", "", body.as_bytes()))
+                .await;
+            return None;
+        }
+        _ => {
+            let _ = client
+                .write_all(&refuse(
+                    404,
+                    "not found: the stream endpoint is /v1/transcribe",
+                    Side::Client,
+                ))
+                .await;
+            return None;
+        }
+    }
+    let claims = match &req.token {
+        Some((token, _)) => match settings.tokens.verify(token, SystemTime::now()) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                let _ = client
+                    .write_all(&refuse(
+                        401,
+                        &format!("session token refused: {e}"),
+                        Side::Client,
+                    ))
+                    .await;
+                return None;
+            }
+        },
+        None => None,
+    };
+    if shard.process.draining() {
+        let _ = client
+            .write_all(&refuse(503, "relay is draining; reconnect", Side::Internal))
+            .await;
+        return None;
+    }
+    let Some(permit) = shard.process.admit() else {
+        let _ = client
+            .write_all(&refuse(
+                503,
+                "relay at capacity (server.max_streams); try again later",
+                Side::Internal,
+            ))
+            .await;
+        return None;
+    };
+    let Some(answer) = http::upgrade_response(&req) else {
+        let _ = client
+            .write_all(&refuse(
+                400,
+                "not a WebSocket upgrade request",
+                Side::Client,
+            ))
+            .await;
+        return None;
+    };
+    if client.write_all(&answer).await.is_err() {
+        return None;
+    }
+    Some((claims, permit))
+}

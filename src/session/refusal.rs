@@ -1,0 +1,94 @@
+//! The refusal the relay sends when it ends a stream itself: one text frame
+//! in Soniox's error shape, then a close frame.
+
+use crate::frame::{build_frame, close_payload, Opcode};
+use crate::metrics::Side;
+
+/// A refusal after the upgrade: one Soniox-shaped error frame, then a close.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    /// Soniox error code (400, 401, 408, 429, 502, 503).
+    pub code: u16,
+    /// Soniox `error_type`.
+    pub kind: &'static str,
+    /// Human message. Never contains a token or key.
+    pub message: String,
+    /// WebSocket close code.
+    pub close: u16,
+    /// Who caused it, for metrics.
+    pub side: Side,
+}
+
+impl Refusal {
+    pub(super) fn new(
+        code: u16,
+        kind: &'static str,
+        message: impl Into<String>,
+        close: u16,
+        side: Side,
+    ) -> Self {
+        Refusal {
+            code,
+            kind,
+            message: message.into(),
+            close,
+            side,
+        }
+    }
+    /// No error frame: just a close frame with `close` (0: not even that).
+    pub(super) fn silent(close: u16) -> Self {
+        Refusal::new(0, "", "", close, Side::Client)
+    }
+    pub(super) fn bad_request(message: impl Into<String>) -> Self {
+        Refusal::new(400, "bad_request", message, 1002, Side::Client)
+    }
+    pub(super) fn unauthorized(message: impl Into<String>) -> Self {
+        Refusal::new(401, "unauthenticated", message, 1008, Side::Client)
+    }
+    pub(super) fn no_account() -> Self {
+        Refusal::new(
+            429,
+            "too_many_requests",
+            "No Soniox account can take another stream now; try again later.",
+            1013,
+            Side::Upstream,
+        )
+    }
+    pub(super) fn upstream_unavailable() -> Self {
+        Refusal::new(
+            502,
+            "upstream_unavailable",
+            "The transcription service is unreachable; try again later.",
+            1011,
+            Side::Upstream,
+        )
+    }
+    pub(super) fn upstream_lost() -> Self {
+        Refusal::new(
+            503,
+            "service_unavailable",
+            "Cannot continue request: the upstream connection was lost. Reconnect.",
+            1011,
+            Side::Upstream,
+        )
+    }
+
+    /// The error frame and the close frame, as the relay writes them to a client.
+    pub fn frames(&self, request_id: &str) -> Vec<u8> {
+        let body = serde_json::json!({
+            "tokens": [],
+            "error_code": self.code,
+            "error_message": self.message,
+            "error_type": self.kind,
+            "request_id": request_id,
+        })
+        .to_string();
+        let mut out = build_frame(Opcode::Text, body.as_bytes(), None);
+        out.extend(build_frame(
+            Opcode::Close,
+            &close_payload(self.close, &self.message),
+            None,
+        ));
+        out
+    }
+}
