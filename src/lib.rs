@@ -2,6 +2,7 @@
 //! real-time transcription WebSocket API. See ARCHITECTURE.md for the map.
 //!
 //! # Layout
+//! - [`devices`]: per-device limits (concurrency, rate, daily audio) and revocation.
 //! - [`frame`]: WebSocket frame headers, parsed and written in place.
 //! - [`health`]: active health checks of each key against upstream's REST API.
 //! - [`http`]: the HTTP/1.1 edge: request heads, upgrades, JSON errors.
@@ -37,6 +38,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod demo;
+pub mod devices;
 #[path = "../tools/fake_soniox/mod.rs"]
 pub mod fake_soniox;
 #[path = "../tools/relay_load/mod.rs"]

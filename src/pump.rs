@@ -36,6 +36,14 @@ pub struct Scan {
     /// The frame after the ready region breaks the protocol. The ready
     /// frames before it are still forwarded, then the stream ends.
     pub violation: Option<FrameError>,
+    /// Payload bytes of binary messages in the ready region (audio, for the
+    /// usage meter and the daily allowance).
+    pub binary_bytes: u64,
+    /// Where the payload of the last text frame that lies wholly in the
+    /// ready region is (server frames are unmasked, so it is readable): how
+    /// the relay spots upstream's `finished` figures without parsing every
+    /// result.
+    pub last_text: Option<(usize, usize)>,
 }
 
 /// Walks frames across reads. For client frames it also re-masks in place.
@@ -51,6 +59,13 @@ pub struct FrameScanner {
     phase: usize,
     /// The current frame is a close frame.
     in_close: bool,
+    /// The message being sent is binary (continuations inherit it).
+    msg_binary: bool,
+    /// The current frame's payload counts as audio.
+    counts_audio: bool,
+    /// Where the current text frame's payload starts in this window, if it
+    /// started in it.
+    text_start: Option<usize>,
 }
 
 impl FrameScanner {
@@ -63,6 +78,9 @@ impl FrameScanner {
             xor: [0; 4],
             phase: 0,
             in_close: false,
+            msg_binary: false,
+            counts_audio: false,
+            text_start: None,
         }
     }
 
@@ -89,11 +107,18 @@ impl FrameScanner {
                 }
                 self.phase = (self.phase + n) & 3;
                 self.remaining -= n as u64;
+                if self.counts_audio {
+                    out.binary_bytes += n as u64;
+                }
                 pos += n;
                 if self.remaining > 0 {
+                    self.text_start = None; // continues past this window
                     break; // the payload goes on in the next read
                 }
                 out.frames_done += 1;
+                if let Some(start) = self.text_start.take() {
+                    out.last_text = Some((start, pos));
+                }
                 if self.in_close {
                     out.close_done = true;
                     break;
@@ -119,7 +144,14 @@ impl FrameScanner {
             }
             if !h.opcode.is_control() {
                 out.data_frames_started += 1;
+                match h.opcode {
+                    Opcode::Binary => self.msg_binary = true,
+                    Opcode::Text => self.msg_binary = false,
+                    _ => {}
+                }
             }
+            self.counts_audio = !h.opcode.is_control() && self.msg_binary;
+            self.text_start = (h.opcode == Opcode::Text && h.fin).then_some(pos + h.header_len);
             self.in_close = h.opcode == Opcode::Close;
             self.phase = 0;
             self.remaining = h.payload_len;
