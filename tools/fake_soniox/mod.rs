@@ -583,7 +583,7 @@ impl Drop for Slot {
 /// Soniox's `error_type` for a code (best guess where the docs are silent).
 pub(crate) fn error_type(code: u16) -> &'static str {
     match code {
-        400 => "invalid_request",
+        400 | 411 | 413 => "invalid_request",
         401 => "unauthenticated",
         402 => "payment_required",
         404 => "not_found",
