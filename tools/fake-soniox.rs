@@ -14,6 +14,11 @@ use nix::sys::signal::{SigSet, Signal};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// A faithful local stand-in for the Soniox real-time STT WebSocket API.
+///
+/// The same port also serves Soniox's REST API (requests without
+/// `Upgrade: websocket`, `Authorization: Bearer <key>`): GET /v1/models,
+/// GET /v1/concurrency-limits, GET /v1/usage-logs, GET /v1/usage/summary and
+/// POST /v1/auth/temporary-api-key. See `clio_relay::fake_soniox` for details.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
@@ -53,6 +58,10 @@ struct Args {
     /// Code of the error sent by --error-after-frames.
     #[arg(long, requires = "error_after_frames")]
     error_code: Option<u16>,
+    /// Answer every REST call with this HTTP status (e.g. 503), for testing
+    /// health checks.
+    #[arg(long)]
+    rest_status: Option<u16>,
     /// One final word per this many ms of audio.
     #[arg(long, default_value_t = 480)]
     ms_per_word: u32,
@@ -90,6 +99,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             handshake_delay: args.handshake_delay,
             close_after_frames: args.close_after_frames,
             error_after_frames: args.error_after_frames.zip(args.error_code),
+            rest_status: args.rest_status,
         },
         record_audio: false,
         forbidden: Vec::new(),
@@ -103,8 +113,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let scheme = if cfg.tls.is_some() { "wss" } else { "ws" };
     let fake = FakeSoniox::start(cfg)?;
     println!(
-        "fake-soniox listening on {scheme}://{}/transcribe-websocket",
-        fake.addr()
+        "fake-soniox listening on {scheme}://{}/transcribe-websocket, REST at {}",
+        fake.addr(),
+        fake.rest_url()
     );
     let signal = signals.wait()?;
     eprintln!("fake-soniox: {signal}, stopping");

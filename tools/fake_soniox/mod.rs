@@ -8,12 +8,17 @@
 //! answered by `finished` and a close; errors are one Soniox-shaped message and
 //! a close. Faults (slow handshake, abrupt drop, injected error) are opt-in.
 //!
+//! The same listener (same port, plain or TLS) also answers Soniox's REST
+//! API: a request without `Upgrade: websocket` is served as plain HTTP/1.1
+//! (see "REST API" below).
+//!
 //! # Layout
 //! - `server`: executors (one per shard, each with its own `SO_REUSEPORT`
 //!   listener), TLS, and the upgrade-time checks (path, key, concurrency).
 //! - `session`: one upgraded connection: config message, audio, control
 //!   messages, idle timeout, faults, and how a session ends.
 //! - `transcript`: the audio clock and the deterministic words it turns into.
+//! - `rest`: the REST endpoints, on the same connections as the upgrade.
 //!
 //! # Endings
 //! After an error or `finished` the fake sends close 1000 and waits up to 2 s
@@ -28,7 +33,49 @@
 //! (`bytes / (sample_rate * num_channels * bytes_per_sample)`); for containers
 //! and `auto` it assumes 16 000 bytes per second (128 kbit/s, a typical
 //! compressed bitrate), since the fake does not decode them.
-
+//!
+//! # REST API
+//! Base URL [`FakeSoniox::rest_url`] (`http://127.0.0.1:PORT/v1`, or
+//! `https://localhost:PORT/v1` with TLS). HTTP/1.1 with keep-alive
+//! (`Connection: close` is honoured); request bodies need `Content-Length`.
+//! Every call needs `Authorization: Bearer <key>` with one of the configured
+//! keys (temporary keys are for WebSocket sessions only, as at Soniox).
+//! Errors carry Soniox's REST error body
+//! `{"status_code":401,"error_type":"unauthenticated","message":"Invalid API key.","request_id":"..."}`.
+//! Checks, in order: the [`Faults::rest_status`] switch (see
+//! [`FakeSoniox::set_rest_status`]) answers every call with its status; an
+//! unknown path is 404 and a known path with the wrong method 405; a missing
+//! or unknown key is 401; a key with `reject: Some(code)` (see
+//! [`FakeSoniox::set_key_reject`]) gets `code` (e.g. 402) on every endpoint.
+//! Every call is recorded in [`FakeSoniox::rest_calls`].
+//!
+//! - `GET /v1/models` → `{"models":[{"id":"stt-rt-v4","name":...,"transcription_mode":"real_time","languages":[...]},...]}`:
+//!   the models the WebSocket accepts.
+//! - `GET /v1/concurrency-limits` →
+//!   `{"project":{"current":{"transcribe_concurrent":N},"limits":{"transcribe_concurrent":M}},"organization":{...same shape...}}`.
+//!   The fake has one project per key: `project` is the key's live WebSocket
+//!   sessions (those opened with its temporary keys included) and its
+//!   `max_concurrent`; `organization` sums the live sessions and the limits
+//!   of all configured keys.
+//! - `GET /v1/usage-logs[?limit=N&cursor=C]` →
+//!   `{"logs":[{"id":"usage-7","client_reference_id":"abc"|null,"model":"stt-rt-v4"|null,"audio_duration_ms":2000,"created_at":"RFC 3339","status":"completed"|"error"},...],"next_page_cursor":"7"|null}`:
+//!   the key's finished sessions (upgraded, authenticated and over, also
+//!   via its temporary keys), oldest first. `audio_duration_ms` is the
+//!   fake's audio clock; `client_reference_id` comes from the config message
+//!   (else from the temporary key); `status` is `error` if the fake sent a
+//!   Soniox error, else `completed`; `created_at` is when the connection
+//!   arrived. `limit` is 1..=1000 (default 100); a non-null
+//!   `next_page_cursor` is passed back as `cursor` for the next page.
+//! - `GET /v1/usage/summary` → `{"audio_duration_ms":total,"sessions":count}`
+//!   over the same sessions. This shape is the fake's own (Soniox's real
+//!   summary reports cost, which the fake does not model).
+//! - `POST /v1/auth/temporary-api-key` with
+//!   `{"usage_type":"transcribe_websocket","expires_in_seconds":1..3600,"client_reference_id"?:"...","single_use"?:bool}`
+//!   → `{"api_key":"temp:...","expires_at":"RFC 3339"}`. The key is valid for
+//!   WebSocket sessions until it expires (401 after; a used `single_use` key
+//!   is 401 too); its sessions count against, and are logged under, the
+//!   parent key. `max_session_duration_seconds` is accepted and ignored.
+//!
 //! # Use
 //! ```no_run
 //! use clio_relay::fake_soniox::{FakeConfig, FakeSoniox};
@@ -43,10 +90,13 @@
 //! The binary `fake-soniox` runs the same server from the command line
 //! (`fake-soniox --help`).
 
+mod rest;
 mod server;
 mod session;
 mod transcript;
 
+#[cfg(test)]
+mod rest_tests;
 #[cfg(test)]
 mod tests;
 
@@ -54,7 +104,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 /// Everything a [`FakeSoniox`] needs to run. `Default` gives a plain-`ws`
 /// server on `127.0.0.1:0` with one key `fake-key-1` (10 concurrent streams).
@@ -145,6 +195,25 @@ pub struct Faults {
     /// When audio frame number N arrives, send a Soniox error with this code
     /// instead of answering it, then close.
     pub error_after_frames: Option<(u64, u16)>,
+    /// `Some(code)`: every REST call is answered with this status and
+    /// Soniox's REST error body (e.g. 500 or 503), for the relay's health
+    /// checks. Changed at run time by [`FakeSoniox::set_rest_status`].
+    pub rest_status: Option<u16>,
+}
+
+/// One REST request the fake answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestCall {
+    /// `GET`, `POST`, ...
+    pub method: String,
+    /// The path without the query, e.g. `/v1/usage-logs`.
+    pub path: String,
+    /// The query string (without `?`), empty if none.
+    pub query: String,
+    /// The bearer key sent, if any (known or not).
+    pub key: Option<String>,
+    /// The HTTP status answered.
+    pub status: u16,
 }
 
 /// Where a session's API key came from.
@@ -193,6 +262,11 @@ pub struct SessionRecord {
     pub closed: bool,
     /// Close code of the client's close frame, if it sent one.
     pub client_close_code: Option<u16>,
+    /// Audio received, in ms of the fake's audio clock (0 before the config
+    /// message); what the REST usage endpoints report.
+    pub audio_ms: u64,
+    /// When the connection's request arrived.
+    pub created_at: Option<SystemTime>,
 }
 
 /// A running fake server. Dropping it stops the executors and joins them.
@@ -287,6 +361,36 @@ impl FakeSoniox {
         self.shared.lock().violations.clone()
     }
 
+    /// The REST calls answered so far, in order.
+    pub fn rest_calls(&self) -> Vec<RestCall> {
+        self.shared.lock().rest_calls.clone()
+    }
+
+    /// Base URL of the REST API: `http://127.0.0.1:PORT/v1`, or
+    /// `https://localhost:PORT/v1` with TLS.
+    pub fn rest_url(&self) -> String {
+        if self.tls {
+            format!("https://localhost:{}/v1", self.addr.port())
+        } else {
+            format!("http://{}/v1", self.addr)
+        }
+    }
+
+    /// Changes a configured key's [`FakeKey::reject`] while the server runs
+    /// (WebSocket and REST alike; live sessions are not touched), so a test
+    /// can make a key go bad and recover. An unknown key is ignored.
+    pub fn set_key_reject(&self, key: &str, reject: Option<u16>) {
+        let mut st = self.shared.lock();
+        if let Some(k) = st.keys.iter_mut().find(|k| k.key == key) {
+            k.reject = reject;
+        }
+    }
+
+    /// Sets (or with `None` clears) [`Faults::rest_status`] while the server runs.
+    pub fn set_rest_status(&self, status: Option<u16>) {
+        self.shared.lock().rest_status = status;
+    }
+
     /// Sessions upgraded and not yet over.
     pub fn active_streams(&self) -> usize {
         self.shared.lock().active
@@ -329,19 +433,54 @@ pub(crate) struct State {
     /// Index `id - 1`.
     pub(crate) sessions: Vec<SessionRecord>,
     pub(crate) violations: Vec<String>,
-    /// Live sessions per key, for the concurrency limit.
+    /// Live sessions per (configured) key, for the concurrency limit.
     pub(crate) live: HashMap<String, u32>,
     pub(crate) active: usize,
+    /// The configured keys; `reject` changes at run time.
+    pub(crate) keys: Vec<FakeKey>,
+    /// Temporary keys issued by the REST API.
+    pub(crate) temp_keys: HashMap<String, TempKey>,
+    pub(crate) rest_status: Option<u16>,
+    pub(crate) rest_calls: Vec<RestCall>,
 }
+
+/// A temporary API key and the configured key it was issued for.
+#[derive(Debug, Clone)]
+pub(crate) struct TempKey {
+    pub(crate) parent: String,
+    pub(crate) expires: Instant,
+    pub(crate) single_use: bool,
+    pub(crate) used: bool,
+    pub(crate) client_reference_id: Option<String>,
+}
+
+impl State {
+    /// The configured key that `key` is or was issued for.
+    pub(crate) fn owner<'a>(&'a self, key: &'a str) -> Option<&'a str> {
+        if self.keys.iter().any(|k| k.key == key) {
+            Some(key)
+        } else {
+            self.temp_keys.get(key).map(|t| t.parent.as_str())
+        }
+    }
+}
+
+/// Models the fake knows (WebSocket `model` and `GET /v1/models`).
+pub(crate) const MODELS: [&str; 4] = ["stt-rt-v3", "stt-rt-v4", "stt-rt-v5", "stt-rt-preview"];
 
 /// Why a key was refused: HTTP/Soniox code and message.
 pub(crate) type Refusal = (u16, &'static str);
 
 impl Shared {
     fn new(cfg: FakeConfig) -> Shared {
+        let state = State {
+            keys: cfg.keys.clone(),
+            rest_status: cfg.faults.rest_status,
+            ..State::default()
+        };
         Shared {
             cfg,
-            state: Mutex::new(State::default()),
+            state: Mutex::new(state),
             next_request: AtomicU64::new(1),
         }
     }
@@ -365,6 +504,7 @@ impl Shared {
             id,
             request_path: path,
             request_headers: headers,
+            created_at: Some(SystemTime::now()),
             ..SessionRecord::default()
         });
         id
@@ -381,26 +521,45 @@ impl Shared {
         self.lock().violations.push(what);
     }
 
-    /// Checks `key` and takes one of its concurrency slots.
+    /// Checks `key` (configured, or a live temporary key) and takes one of
+    /// its (parent's) concurrency slots.
     pub(crate) fn claim(self: &Arc<Self>, key: &str) -> Result<Slot, Refusal> {
-        let Some(k) = self.cfg.keys.iter().find(|k| k.key == key) else {
+        let mut st = self.lock();
+        let parent = if st.keys.iter().any(|k| k.key == key) {
+            key.to_owned()
+        } else {
+            match st.temp_keys.get(key) {
+                None => return Err((401, "Invalid API key.")),
+                Some(t) if t.expires <= Instant::now() => {
+                    return Err((401, "Temporary API key expired."))
+                }
+                Some(t) if t.single_use && t.used => {
+                    return Err((401, "Temporary API key already used."))
+                }
+                Some(t) => t.parent.clone(),
+            }
+        };
+        let Some(k) = st.keys.iter().find(|k| k.key == parent) else {
             return Err((401, "Invalid API key."));
         };
         if let Some(code) = k.reject {
             return Err((code, refusal_message(code)));
         }
-        let mut st = self.lock();
-        let live = st.live.entry(k.key.clone()).or_insert(0);
-        if *live >= k.max_concurrent {
+        let max = k.max_concurrent;
+        let live = st.live.entry(parent.clone()).or_insert(0);
+        if *live >= max {
             return Err((
                 429,
                 "Too many concurrent requests: project level concurrency limit exceeded.",
             ));
         }
         *live += 1;
+        if let Some(t) = st.temp_keys.get_mut(key) {
+            t.used = true;
+        }
         Ok(Slot {
             shared: self.clone(),
-            key: k.key.clone(),
+            key: parent,
         })
     }
 }
@@ -424,10 +583,11 @@ impl Drop for Slot {
 /// Soniox's `error_type` for a code (best guess where the docs are silent).
 pub(crate) fn error_type(code: u16) -> &'static str {
     match code {
-        400 => "invalid_request",
+        400 | 411 | 413 => "invalid_request",
         401 => "unauthenticated",
         402 => "payment_required",
         404 => "not_found",
+        405 => "method_not_allowed",
         408 => "request_timeout",
         429 => "rate_limit_exceeded",
         503 => "service_unavailable",
@@ -441,6 +601,8 @@ pub(crate) fn refusal_message(code: u16) -> &'static str {
         400 => "Bad request.",
         401 => "Invalid API key.",
         402 => "Organization balance exhausted.",
+        404 => "Not found.",
+        405 => "Method not allowed.",
         408 => "Request timeout.",
         429 => "Rate limit exceeded.",
         503 => "Cannot continue request.",

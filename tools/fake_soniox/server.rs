@@ -1,10 +1,14 @@
-//! Executors, listeners, TLS and the upgrade-time checks.
+//! Executors, listeners, TLS, the split between WebSocket upgrades and REST
+//! requests, and the upgrade-time checks.
 
 use std::cell::{Cell, RefCell};
+use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use async_tungstenite::WebSocketStream;
 use futures_lite::future;
@@ -15,6 +19,7 @@ use tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tungstenite::http::{HeaderValue, StatusCode};
 use tungstenite::protocol::WebSocketConfig;
 
+use super::rest;
 use super::session::{Session, Upgrade};
 use super::{AuthVia, Shared};
 
@@ -131,10 +136,84 @@ async fn handle_conn(tcp: TcpStream, shared: Arc<Shared>) {
     let fd = tcp.as_raw_fd();
     match shared.cfg.tls.clone() {
         Some(tls) => match futures_rustls::TlsAcceptor::from(tls).accept(tcp).await {
-            Ok(stream) => upgrade(stream, fd, shared).await,
+            Ok(stream) => dispatch(stream, fd, shared).await,
             Err(e) => tracing::debug!("fake-soniox TLS accept: {e}"),
         },
-        None => upgrade(tcp, fd, shared).await,
+        None => dispatch(tcp, fd, shared).await,
+    }
+}
+
+/// Reads the request head: a WebSocket upgrade goes to [`upgrade`] (with the
+/// bytes already read replayed first), anything else is a REST request.
+async fn dispatch<S>(mut stream: S, fd: RawFd, shared: Arc<Shared>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut buf = Vec::new();
+    match rest::read_head(&mut stream, &mut buf).await {
+        Ok(Some(head)) if head.is_websocket_upgrade() => {
+            upgrade(Replay::new(buf, stream), fd, shared).await;
+        }
+        Ok(Some(head)) => rest::serve(stream, buf, head, &shared).await,
+        Ok(None) => {}
+        Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+            tracing::debug!("fake-soniox bad request head: {e}");
+            rest::bad_request(stream, &shared, &e.to_string()).await;
+        }
+        Err(e) => tracing::debug!("fake-soniox reading a request head: {e}"),
+    }
+}
+
+/// A stream that yields `buf[pos..]` before reading from `inner`: hands the
+/// request head read by [`dispatch`] to the WebSocket handshake.
+struct Replay<S> {
+    buf: Vec<u8>,
+    pos: usize,
+    inner: S,
+}
+
+impl<S> Replay<S> {
+    fn new(buf: Vec<u8>, inner: S) -> Replay<S> {
+        Replay { buf, pos: 0, inner }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Replay<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.pos < this.buf.len() {
+            let n = out.len().min(this.buf.len() - this.pos);
+            out[..n].copy_from_slice(&this.buf[this.pos..this.pos + n]);
+            this.pos += n;
+            if this.pos == this.buf.len() {
+                this.buf = Vec::new();
+                this.pos = 0;
+            }
+            return Poll::Ready(Ok(n));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, out)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Replay<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_close(cx)
     }
 }
 

@@ -11,10 +11,7 @@ use tungstenite::protocol::CloseFrame;
 use tungstenite::Message;
 
 use super::transcript::{self, Token, Transcript};
-use super::{refusal_message, AuthVia, SessionRecord, Shared, Slot};
-
-/// Models the fake knows.
-const MODELS: [&str; 4] = ["stt-rt-v3", "stt-rt-v4", "stt-rt-v5", "stt-rt-preview"];
+use super::{refusal_message, AuthVia, SessionRecord, Shared, Slot, MODELS};
 
 /// How long to wait for the client's close reply before dropping the socket.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
@@ -371,6 +368,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Pushes the local record (all but the audio) to the shared one.
     fn sync(&mut self) {
         self.unsynced_frames = 0;
+        if let Some(t) = &self.transcript {
+            self.rec.audio_ms = t.total_ms();
+        }
         let rec = &self.rec;
         self.shared.with_record(rec.id, |r| {
             let audio = std::mem::take(&mut r.audio);

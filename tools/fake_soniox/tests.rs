@@ -13,21 +13,21 @@ use tungstenite::{Message, WebSocket};
 
 use super::*;
 
-type Ws = WebSocket<MaybeTlsStream<TcpStream>>;
+pub(super) type Ws = WebSocket<MaybeTlsStream<TcpStream>>;
 
-const KEY: &str = "fake-key-1";
-const CONFIG: &str =
+pub(super) const KEY: &str = "fake-key-1";
+pub(super) const CONFIG: &str =
     r#"{"model":"stt-rt-v4","audio_format":"pcm_s16le","sample_rate":16000,"num_channels":1}"#;
 /// 120 ms of 16 kHz s16le mono.
 const FRAME: usize = 3840;
 /// Bound on every blocking read, so a broken fake fails a test instead of hanging it.
-const READ_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
-fn start(cfg: FakeConfig) -> FakeSoniox {
+pub(super) fn start(cfg: FakeConfig) -> FakeSoniox {
     FakeSoniox::start(cfg).expect("fake starts")
 }
 
-fn request(fake: &FakeSoniox, headers: &[(&str, &str)]) -> Request {
+pub(super) fn request(fake: &FakeSoniox, headers: &[(&str, &str)]) -> Request {
     let mut req = fake.url().into_client_request().unwrap();
     for (k, v) in headers {
         let name = tungstenite::http::HeaderName::from_bytes(k.as_bytes()).unwrap();
@@ -36,11 +36,11 @@ fn request(fake: &FakeSoniox, headers: &[(&str, &str)]) -> Request {
     req
 }
 
-fn bearer() -> (&'static str, &'static str) {
+pub(super) fn bearer() -> (&'static str, &'static str) {
     ("authorization", "Bearer fake-key-1")
 }
 
-fn connect(fake: &FakeSoniox, headers: &[(&str, &str)]) -> tungstenite::Result<Ws> {
+pub(super) fn connect(fake: &FakeSoniox, headers: &[(&str, &str)]) -> tungstenite::Result<Ws> {
     let (mut ws, _) = tungstenite::connect(request(fake, headers))?;
     if let MaybeTlsStream::Plain(s) = ws.get_mut() {
         s.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
@@ -49,7 +49,7 @@ fn connect(fake: &FakeSoniox, headers: &[(&str, &str)]) -> tungstenite::Result<W
 }
 
 /// The HTTP status and JSON body of a refused upgrade.
-fn refused(fake: &FakeSoniox, headers: &[(&str, &str)]) -> (u16, Value) {
+pub(super) fn refused(fake: &FakeSoniox, headers: &[(&str, &str)]) -> (u16, Value) {
     match connect(fake, headers) {
         Err(tungstenite::Error::Http(resp)) => {
             let body = resp.body().clone().expect("error body");
@@ -63,11 +63,11 @@ fn refused(fake: &FakeSoniox, headers: &[(&str, &str)]) -> (u16, Value) {
     }
 }
 
-fn send_text<S: Read + Write>(ws: &mut WebSocket<S>, text: &str) {
+pub(super) fn send_text<S: Read + Write>(ws: &mut WebSocket<S>, text: &str) {
     ws.send(Message::text(text)).unwrap();
 }
 
-fn send_audio<S: Read + Write>(ws: &mut WebSocket<S>, data: &[u8]) {
+pub(super) fn send_audio<S: Read + Write>(ws: &mut WebSocket<S>, data: &[u8]) {
     ws.send(Message::binary(data.to_vec())).unwrap();
 }
 
@@ -84,7 +84,7 @@ fn read_json<S: Read + Write>(ws: &mut WebSocket<S>) -> Value {
 
 /// Reads text messages until the server's close frame; returns them and its
 /// code, then finishes the closing handshake.
-fn read_to_close<S: Read + Write>(ws: &mut WebSocket<S>) -> (Vec<Value>, u16) {
+pub(super) fn read_to_close<S: Read + Write>(ws: &mut WebSocket<S>) -> (Vec<Value>, u16) {
     let mut msgs = Vec::new();
     loop {
         match ws.read().expect("read until close") {
@@ -101,7 +101,7 @@ fn read_to_close<S: Read + Write>(ws: &mut WebSocket<S>) -> (Vec<Value>, u16) {
 }
 
 /// Expects exactly one Soniox error message and then a close.
-fn expect_error<S: Read + Write>(ws: &mut WebSocket<S>, code: u16) -> Value {
+pub(super) fn expect_error<S: Read + Write>(ws: &mut WebSocket<S>, code: u16) -> Value {
     let (msgs, close) = read_to_close(ws);
     assert_eq!(msgs.len(), 1, "one error message: {msgs:?}");
     let err = msgs[0].clone();
@@ -114,7 +114,7 @@ fn expect_error<S: Read + Write>(ws: &mut WebSocket<S>, code: u16) -> Value {
 }
 
 /// Waits (bounded) until the fake's records satisfy `pred`.
-fn wait_for(fake: &FakeSoniox, what: &str, pred: impl Fn(&[SessionRecord]) -> bool) {
+pub(super) fn wait_for(fake: &FakeSoniox, what: &str, pred: impl Fn(&[SessionRecord]) -> bool) {
     assert!(
         fake.wait_for(READ_TIMEOUT, pred),
         "timed out waiting for {what}: {:?}",
@@ -590,8 +590,9 @@ fn shards_share_the_port() {
     fake.stop();
 }
 
-#[test]
-fn tls_with_a_test_ca() {
+/// A server configuration for `localhost` signed by a fresh test CA, and a
+/// client configuration trusting that CA.
+pub(super) fn test_tls() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -611,12 +612,6 @@ fn tls_with_a_test_ca() {
             rustls_pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
         )
         .unwrap();
-    let fake = start(FakeConfig {
-        tls: Some(Arc::new(server)),
-        ..FakeConfig::default()
-    });
-    assert!(fake.url().starts_with("wss://localhost:"));
-
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca.der().clone()).unwrap();
     let client = rustls::ClientConfig::builder_with_provider(provider)
@@ -624,11 +619,31 @@ fn tls_with_a_test_ca() {
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
+    (Arc::new(server), Arc::new(client))
+}
+
+/// A TLS client connection to the fake, for `localhost`.
+pub(super) fn tls_connect(
+    fake: &FakeSoniox,
+    client: Arc<rustls::ClientConfig>,
+) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
     let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-    let conn = rustls::ClientConnection::new(Arc::new(client), name).unwrap();
+    let conn = rustls::ClientConnection::new(client, name).unwrap();
     let tcp = TcpStream::connect(fake.addr()).unwrap();
     tcp.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
-    let tls = rustls::StreamOwned::new(conn, tcp);
+    rustls::StreamOwned::new(conn, tcp)
+}
+
+#[test]
+fn tls_with_a_test_ca() {
+    let (server, client) = test_tls();
+    let fake = start(FakeConfig {
+        tls: Some(server),
+        ..FakeConfig::default()
+    });
+    assert!(fake.url().starts_with("wss://localhost:"));
+
+    let tls = tls_connect(&fake, client);
     let (mut ws, _) = tungstenite::client::client(request(&fake, &[bearer()]), tls).unwrap();
     send_text(&mut ws, CONFIG);
     send_audio(&mut ws, &pattern(FRAME * 4, 9));
