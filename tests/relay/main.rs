@@ -7,6 +7,7 @@ mod accounts;
 mod admin;
 mod auth;
 mod errors;
+mod health;
 mod keys_api;
 mod reload;
 mod shards;
