@@ -16,6 +16,7 @@
 //! - [`control`]: the control plane's authoritative account set; changes become ring versions.
 //! - [`secret`]: secret values that only ever print as fingerprints.
 //! - [`upstream`]: TCP, TLS and the WebSocket client upgrade to Soniox.
+//! - [`usage`]: the usage ledger: per day, by account and device; persisted.
 //! - [`fake_soniox`]: a local stand-in for Soniox's real-time WebSocket API (tests, load).
 //! - [`relay_load`]: the `relay-load` load generator (client side of the protocol).
 
@@ -32,6 +33,7 @@ pub mod metrics;
 pub mod pump;
 pub mod secret;
 pub mod upstream;
+pub mod usage;
 
 pub mod admin;
 pub mod cli;
