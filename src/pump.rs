@@ -189,6 +189,9 @@ pub enum End {
     Retry(u16, RateScope),
     /// No frame in either direction for the idle timeout.
     Idle,
+    /// The relay ended the stream: a device limit was reached mid-stream
+    /// or the device was revoked.
+    Stopped(crate::devices::Limit),
 }
 
 /// What the two pumps of one stream share. Plain cells: both run in one task.
@@ -210,6 +213,84 @@ pub struct StreamState {
     pub inspect_first_upstream: Cell<bool>,
     /// The first upstream message carried this error code.
     pub first_upstream_error: Cell<Option<(u16, RateScope)>>,
+    /// Bytes from the client forwarded upstream.
+    pub bytes_up: Cell<u64>,
+    /// Bytes from upstream forwarded to the client.
+    pub bytes_down: Cell<u64>,
+    /// Audio payload bytes forwarded (binary messages).
+    pub audio_bytes: Cell<u64>,
+    /// Audio bytes already counted against the device's daily allowance.
+    pub audio_counted: Cell<u64>,
+    /// Audio bytes per millisecond for the stream's raw format (0 when the
+    /// format is compressed and only upstream can tell the duration).
+    pub bytes_per_ms: Cell<f64>,
+    /// The device's hold on its limits, once admitted.
+    pub device: std::cell::RefCell<Option<crate::devices::DevicePermit>>,
+    /// Upstream's `total_audio_proc_ms` from its `finished` message.
+    pub upstream_audio_ms: Cell<Option<u64>>,
+    /// The last `error_code` upstream sent.
+    pub upstream_error: Cell<Option<u16>>,
+}
+
+impl StreamState {
+    /// Counts forwarded audio against the device's daily allowance, one
+    /// second of audio at a time (a shared counter, so not per frame).
+    /// Returns false once the allowance is used up.
+    pub fn count_audio(&self, bytes: u64) -> bool {
+        let total = self.audio_bytes.get() + bytes;
+        self.audio_bytes.set(total);
+        let per_ms = self.bytes_per_ms.get();
+        if per_ms <= 0.0 {
+            return true;
+        }
+        let pending = total - self.audio_counted.get();
+        if (pending as f64) < per_ms * 1000.0 {
+            return true;
+        }
+        self.audio_counted.set(total);
+        let device = self.device.borrow();
+        device.as_ref().is_none_or(|d| {
+            d.add_audio(
+                (pending as f64 / per_ms) as u64,
+                std::time::SystemTime::now(),
+            )
+        })
+    }
+
+    /// Audio milliseconds by the relay's own meter.
+    pub fn audio_ms(&self) -> u64 {
+        let per_ms = self.bytes_per_ms.get();
+        if per_ms > 0.0 {
+            (self.audio_bytes.get() as f64 / per_ms) as u64
+        } else {
+            0
+        }
+    }
+
+    /// Looks at a whole upstream text message for the figures usage needs:
+    /// `total_audio_proc_ms` of `finished`, and an `error_code`. A byte
+    /// search first, so ordinary results cost almost nothing.
+    pub fn note_upstream_text(&self, payload: &[u8]) {
+        let has = |needle: &[u8]| payload.windows(needle.len()).any(|w| w == needle);
+        if !(has(b"\"finished\"") || has(b"\"error_code\"")) {
+            return;
+        }
+        #[derive(serde::Deserialize)]
+        struct Tail {
+            total_audio_proc_ms: Option<u64>,
+            error_code: Option<u16>,
+            #[serde(default)]
+            finished: bool,
+        }
+        if let Ok(t) = serde_json::from_slice::<Tail>(payload) {
+            if t.finished {
+                self.upstream_audio_ms.set(t.total_audio_proc_ms);
+            }
+            if t.error_code.is_some() {
+                self.upstream_error.set(t.error_code);
+            }
+        }
+    }
 }
 
 impl StreamState {
@@ -224,6 +305,14 @@ impl StreamState {
             upstream_at_boundary: Cell::new(true),
             inspect_first_upstream: Cell::new(true),
             first_upstream_error: Cell::new(None),
+            bytes_up: Cell::new(0),
+            bytes_down: Cell::new(0),
+            audio_bytes: Cell::new(0),
+            audio_counted: Cell::new(0),
+            bytes_per_ms: Cell::new(0.0),
+            device: std::cell::RefCell::new(None),
+            upstream_audio_ms: Cell::new(None),
+            upstream_error: Cell::new(None),
         }
     }
 }
@@ -287,6 +376,10 @@ pub async fn client_to_upstream(
                 }
             }
             metrics.frames_client_to_upstream(scan.frames_done as u64, n as u64);
+            state.bytes_up.set(state.bytes_up.get() + n as u64);
+        }
+        if scan.binary_bytes > 0 && !state.count_audio(scan.binary_bytes) {
+            return End::Stopped(crate::devices::Limit::DailyAudio);
         }
         if let Some(e) = scan.violation {
             return End::ClientProtocol(e);
@@ -344,6 +437,9 @@ pub async fn upstream_to_client(
             }
         }
         let scan = scanner.scan(buf.filled(), None);
+        if let Some((from, to)) = scan.last_text {
+            state.note_upstream_text(&buf.filled()[from..to]);
+        }
         if scan.ready > 0 {
             state.client_at_boundary.set(false);
             if client.write_all(&buf.filled()[..scan.ready]).await.is_err() {
@@ -364,6 +460,9 @@ pub async fn upstream_to_client(
                 }
             }
             metrics.frames_upstream_to_client(scan.frames_done as u64, scan.ready as u64);
+            state
+                .bytes_down
+                .set(state.bytes_down.get() + scan.ready as u64);
         }
         if let Some(e) = scan.violation {
             return End::UpstreamProtocol(e);

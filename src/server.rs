@@ -65,6 +65,7 @@ pub fn start(cfg: &Config) -> std::io::Result<RelayHandle> {
         upstream_tls: tls,
         tokens: Arc::new(TokenKeys::from_config(&cfg.tokens)),
         process: process.clone(),
+        devices: Arc::new(cfg.devices.clone()),
     };
     let mut shards: Vec<ShardHandle> = Vec::with_capacity(n);
     for i in 0..n {

@@ -51,6 +51,10 @@ pub struct ProcessState {
     /// what a shard starts with, and what the admin side reports. Locked only
     /// on control-plane changes and reads, never by a stream.
     published: Mutex<Published>,
+    /// Per-device limits and revocations, shared by every shard.
+    pub devices: crate::devices::Devices,
+    /// Streams refused or ended by a device limit, by [`crate::devices::Limit`].
+    pub device_rejections: [std::sync::atomic::AtomicU64; 5],
 }
 
 impl ProcessState {
@@ -64,6 +68,8 @@ impl ProcessState {
             draining: AtomicBool::new(false),
             boot_id,
             published: Mutex::new((ring, metrics_ids)),
+            devices: crate::devices::Devices::default(),
+            device_rejections: Default::default(),
         })
     }
 
@@ -145,6 +151,15 @@ pub enum ShardMsg {
     /// Install new limits and token keys (a reload); streams already open
     /// keep the version they started with.
     Settings(Settings),
+    /// End the live streams of this device or token (a revocation).
+    EndStreams {
+        /// Device id to match.
+        device: Option<String>,
+        /// Token id to match.
+        token: Option<String>,
+    },
+    /// Hand over the usage records of streams ended since the last call.
+    TakeUsage(async_channel::Sender<Vec<crate::usage::UsageRecord>>),
     /// Install a new key-ring version; the ids are the accounts by metrics index.
     Ring(Arc<[RingSlot]>, Arc<[String]>),
     /// Stop accepting and end the executor.
@@ -171,6 +186,8 @@ pub struct ShardSetup {
     /// Session token keys.
     pub tokens: Arc<TokenKeys>,
     /// Process-wide state.
+    /// Per-device limits and tiers.
+    pub devices: Arc<crate::config::DevicesConfig>,
     pub process: Arc<ProcessState>,
 }
 
@@ -199,6 +216,53 @@ pub struct Shard {
     /// Where upstream is and how to reach it.
     pub upstream: UpstreamTarget,
     next_stream: Cell<u64>,
+    /// Live streams on this shard, for ending some on request (revocation).
+    pub live: RefCell<std::collections::HashMap<u64, Rc<LiveStream>>>,
+    /// Usage of streams ended since the admin thread last collected it.
+    pub usage: RefCell<Vec<crate::usage::UsageRecord>>,
+}
+
+/// A live stream as its shard tracks it.
+#[derive(Debug)]
+pub struct LiveStream {
+    /// The device its token was minted for.
+    pub device: String,
+    /// Its token's id.
+    pub token_id: String,
+    stop: Cell<Option<crate::devices::Limit>>,
+    waker: RefCell<Option<std::task::Waker>>,
+}
+
+impl LiveStream {
+    /// A live stream of `device` with token `token_id`.
+    pub fn new(device: &str, token_id: &str) -> Rc<LiveStream> {
+        Rc::new(LiveStream {
+            device: device.into(),
+            token_id: token_id.into(),
+            stop: Cell::new(None),
+            waker: RefCell::new(None),
+        })
+    }
+
+    /// Asks the stream to end, for `why`.
+    pub fn stop(&self, why: crate::devices::Limit) {
+        self.stop.set(Some(why));
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    /// Resolves when the stream is asked to end.
+    pub async fn stopped(&self) -> crate::devices::Limit {
+        std::future::poll_fn(|cx| match self.stop.get() {
+            Some(why) => std::task::Poll::Ready(why),
+            None => {
+                *self.waker.borrow_mut() = Some(cx.waker().clone());
+                std::task::Poll::Pending
+            }
+        })
+        .await
+    }
 }
 
 /// What a reload can change on a running shard.
@@ -208,9 +272,18 @@ pub struct Settings {
     pub limits: LimitsConfig,
     /// Session token keys.
     pub tokens: Arc<TokenKeys>,
+    /// Per-device limits and tiers.
+    pub devices: Arc<crate::config::DevicesConfig>,
 }
 
 impl Shard {
+    /// A key for the live-stream registry.
+    pub fn next_live_id(&self) -> u64 {
+        let n = self.next_stream.get();
+        self.next_stream.set(n + 1);
+        n
+    }
+
     /// The current settings; a stream takes them once, at its start.
     pub fn settings(&self) -> Rc<Settings> {
         self.settings.borrow().clone()
@@ -271,6 +344,7 @@ pub fn start(index: usize, setup: ShardSetup) -> std::io::Result<ShardHandle> {
                 settings: RefCell::new(Rc::new(Settings {
                     limits: setup.limits.clone(),
                     tokens: setup.tokens.clone(),
+                    devices: setup.devices.clone(),
                 })),
                 key_in_header: setup.key_in_header,
                 connect_timeout: setup.connect_timeout,
@@ -281,6 +355,8 @@ pub fn start(index: usize, setup: ShardSetup) -> std::io::Result<ShardHandle> {
                 masks: RefCell::new(MaskKeys::default()),
                 upstream,
                 next_stream: Cell::new(0),
+                live: RefCell::new(std::collections::HashMap::new()),
+                usage: RefCell::new(Vec::new()),
             });
             let _ = ready_tx.send(listener.local_addr().map_err(Into::into));
             let stop = Rc::new(Cell::new(false));
@@ -298,6 +374,19 @@ pub fn start(index: usize, setup: ShardSetup) -> std::io::Result<ShardHandle> {
                             ShardMsg::Ring(ring, ids) => {
                                 shard.metrics.set_accounts(&ids);
                                 shard.ring.borrow_mut().replace(&ring);
+                            }
+                            ShardMsg::EndStreams { device, token } => {
+                                for s in shard.live.borrow().values() {
+                                    if device.as_deref() == Some(s.device.as_str())
+                                        || token.as_deref() == Some(s.token_id.as_str())
+                                    {
+                                        s.stop(crate::devices::Limit::Revoked);
+                                    }
+                                }
+                            }
+                            ShardMsg::TakeUsage(reply) => {
+                                let taken = std::mem::take(&mut *shard.usage.borrow_mut());
+                                let _ = reply.send(taken).await;
                             }
                             ShardMsg::Stop => break,
                         }

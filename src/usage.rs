@@ -122,14 +122,25 @@ impl UsageBook {
     /// Adds ended streams.
     pub fn add(&mut self, records: &[UsageRecord]) {
         for r in records {
-            self.by_account.entry(r.day).or_default().entry(r.account.clone()).or_default().add(r);
-            self.by_device.entry(r.day).or_default().entry(r.device.clone()).or_default().add(r);
+            self.by_account
+                .entry(r.day)
+                .or_default()
+                .entry(r.account.clone())
+                .or_default()
+                .add(r);
+            self.by_device
+                .entry(r.day)
+                .or_default()
+                .entry(r.device.clone())
+                .or_default()
+                .add(r);
             if self.recent.len() == RECENT_STREAMS {
                 if let Some((id, _, _)) = self.recent.pop_front() {
                     self.recent_index.remove(&id);
                 }
             }
-            self.recent.push_back((r.reference_id.clone(), r.account.clone(), r.audio_ms()));
+            self.recent
+                .push_back((r.reference_id.clone(), r.account.clone(), r.audio_ms()));
             self.dirty = true;
         }
         if self.recent_index.len() != self.recent.len() {
@@ -143,12 +154,20 @@ impl UsageBook {
     }
 
     fn reindex(&mut self) {
-        self.recent_index = self.recent.iter().enumerate().map(|(i, (id, _, _))| (id.clone(), i)).collect();
+        self.recent_index = self
+            .recent
+            .iter()
+            .enumerate()
+            .map(|(i, (id, _, _))| (id.clone(), i))
+            .collect();
     }
 
     /// The relay's audio milliseconds for a stream it ended recently, by reference id.
     pub fn stream_audio_ms(&self, reference_id: &str) -> Option<(&str, u64)> {
-        self.recent_index.get(reference_id).and_then(|&i| self.recent.get(i)).map(|(_, a, ms)| (a.as_str(), *ms))
+        self.recent_index
+            .get(reference_id)
+            .and_then(|&i| self.recent.get(i))
+            .map(|(_, a, ms)| (a.as_str(), *ms))
     }
 
     /// Totals per account or device over the days `from..=to`.
@@ -168,13 +187,17 @@ impl UsageBook {
 
     /// Audio milliseconds per account over `from..=to`.
     pub fn audio_ms_by_account(&self, from: u64, to: u64) -> BTreeMap<String, u64> {
-        self.query(from, to, GroupBy::Account).into_iter().map(|(k, t)| (k, t.audio_ms)).collect()
+        self.query(from, to, GroupBy::Account)
+            .into_iter()
+            .map(|(k, t)| (k, t.audio_ms))
+            .collect()
     }
 
     /// Loads the book from `dir/usage.json` (a missing file is an empty book).
     pub fn load(dir: &Path) -> std::io::Result<UsageBook> {
         match std::fs::read(dir.join("usage.json")) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(UsageBook::default()),
             Err(e) => Err(e),
         }
@@ -211,7 +234,11 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// Parses `YYYY-MM-DD` into a UTC day number.
 pub fn parse_day(text: &str) -> Option<u64> {
     let mut it = text.trim().splitn(3, '-');
-    let (y, m, d): (i64, u32, u32) = (it.next()?.parse().ok()?, it.next()?.parse().ok()?, it.next()?.parse().ok()?);
+    let (y, m, d): (i64, u32, u32) = (
+        it.next()?.parse().ok()?,
+        it.next()?.parse().ok()?,
+        it.next()?.parse().ok()?,
+    );
     if !(1..=12).contains(&m) || !(1..=31).contains(&d) {
         return None;
     }
@@ -278,9 +305,21 @@ mod tests {
     #[test]
     fn groups_by_account_and_device_over_a_range() {
         let mut b = UsageBook::default();
-        b.add(&[rec(10, "a", "d1", "s1", 1000), rec(10, "a", "d2", "s2", 2000), rec(11, "b", "d1", "s3", 500), rec(12, "a", "d1", "s4", 0)]);
+        b.add(&[
+            rec(10, "a", "d1", "s1", 1000),
+            rec(10, "a", "d2", "s2", 2000),
+            rec(11, "b", "d1", "s3", 500),
+            rec(12, "a", "d1", "s4", 0),
+        ]);
         let by_acc = b.query(10, 11, GroupBy::Account);
-        assert_eq!((by_acc["a"].streams, by_acc["a"].audio_ms, by_acc["b"].audio_ms), (2, 3000, 500));
+        assert_eq!(
+            (
+                by_acc["a"].streams,
+                by_acc["a"].audio_ms,
+                by_acc["b"].audio_ms
+            ),
+            (2, 3000, 500)
+        );
         let by_dev = b.query(10, 12, GroupBy::Device);
         assert_eq!((by_dev["d1"].streams, by_dev["d1"].audio_ms), (3, 1500));
         assert_eq!(by_dev["d1"].errors.get(&503), Some(&1));
@@ -288,7 +327,11 @@ mod tests {
         let mut up = rec(13, "a", "d1", "s5", 1000);
         up.audio_ms_upstream = Some(1100);
         b.add(&[up]);
-        assert_eq!(b.query(13, 13, GroupBy::Account)["a"].audio_ms, 1100, "upstream's figure wins");
+        assert_eq!(
+            b.query(13, 13, GroupBy::Account)["a"].audio_ms,
+            1100,
+            "upstream's figure wins"
+        );
     }
 
     #[test]
@@ -298,7 +341,10 @@ mod tests {
         b.add(&[rec(10, "a", "d1", "s1", 1000)]);
         b.save_if_dirty(&dir).unwrap();
         let loaded = UsageBook::load(&dir).unwrap();
-        assert_eq!(loaded.query(0, 100, GroupBy::Account), b.query(0, 100, GroupBy::Account));
+        assert_eq!(
+            loaded.query(0, 100, GroupBy::Account),
+            b.query(0, 100, GroupBy::Account)
+        );
         std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -120,6 +120,7 @@ impl Admin {
         let settings = Settings {
             limits: cfg.limits.clone(),
             tokens: Arc::new(TokenKeys::from_config(&cfg.tokens)),
+            devices: Arc::new(cfg.devices.clone()),
         };
         for tx in &self.shards {
             let _ = tx.try_send(ShardMsg::Settings(settings.clone()));

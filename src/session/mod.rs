@@ -16,18 +16,20 @@ pub use handshake::serve;
 pub use refusal::Refusal;
 
 use std::rc::Rc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use futures_lite::future;
 use serde_json::{Map, Value};
 
+use crate::devices::{DevicePermit, Limit};
 use crate::frame::{build_frame, close_payload, Opcode, Sender};
 use crate::io::{timeout, Buf, Duplex};
 use crate::keyring::{Lease, RateScope};
 use crate::metrics::Side;
 use crate::pump::{self, ClientSide, End, FrameScanner, StreamState};
-use crate::shard::{AdmitPermit, Settings, Shard};
+use crate::shard::{AdmitPermit, LiveStream, Settings, Shard};
 use crate::token::Claims;
+use crate::usage::UsageRecord;
 
 /// How long the relay waits for a peer's half of a close handshake.
 const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -54,32 +56,43 @@ struct Upstream {
 impl Stream {
     async fn run(self, client: Duplex, mut cbuf: Buf, claims: Option<Claims>) {
         let mut tried = 0u64;
+        let state = StreamState::new(Instant::now());
         // With the token on the request, connect upstream while the client
-        // prepares its config message; otherwise authenticate first.
-        let opened = match claims {
-            Some(c) => future::try_zip(self.read_first_message(&client, &mut cbuf), async {
-                self.open_upstream(&mut tried).await
-            })
-            .await
-            .map(|(first, up)| (first, up, c)),
-            None => match self.read_first_message(&client, &mut cbuf).await {
-                Err(r) => Err(r),
-                Ok(first) => match self.first_message_claims(&first) {
-                    Err(r) => Err(r),
-                    Ok(c) => self
-                        .open_upstream(&mut tried)
-                        .await
-                        .map(|up| (first, up, c)),
-                },
-            },
-        };
+        // prepares its config message; otherwise authenticate first. Either
+        // way the device's limits are checked before upstream is touched.
+        let opened: Result<_, Refusal> = async {
+            match claims {
+                Some(c) => {
+                    *state.device.borrow_mut() = Some(self.admit(&c)?);
+                    let (first, up) = future::try_zip(
+                        self.read_first_message(&client, &mut cbuf),
+                        self.open_upstream(&mut tried),
+                    )
+                    .await?;
+                    Ok((first, up, c))
+                }
+                None => {
+                    let first = self.read_first_message(&client, &mut cbuf).await?;
+                    let c = self.first_message_claims(&first)?;
+                    *state.device.borrow_mut() = Some(self.admit(&c)?);
+                    let up = self.open_upstream(&mut tried).await?;
+                    Ok((first, up, c))
+                }
+            }
+        }
+        .await;
         let (config, mut up, claims) = match opened {
             Ok(x) => x,
             Err(r) => return self.refuse(&client, &r).await,
         };
         tracing::debug!(stream = %self.id, shard = self.shard.index, device = %claims.device_id, account = %up.lease.account.id, "stream open");
+        state.bytes_per_ms.set(audio_bytes_per_ms(&config));
+        let reference_id = match config.get("client_reference_id") {
+            Some(Value::String(r)) => r.clone(),
+            _ => self.id.clone(),
+        };
+        let live = LiveGuard::register(&self.shard, &claims);
         let started = Instant::now();
-        let state = StreamState::new(started);
         let mut cside = ClientSide {
             scanner: FrameScanner::new(Sender::Client, self.settings.limits.max_frame_bytes as u64),
             processed: 0,
@@ -90,7 +103,15 @@ impl Stream {
                 break Err(r);
             }
             let end = self
-                .pump(&client, &mut up, &mut cbuf, &mut cside, &state)
+                .pump(
+                    &client,
+                    &mut up,
+                    &mut cbuf,
+                    &mut cside,
+                    &state,
+                    &live.stream,
+                    started,
+                )
                 .await;
             match end {
                 End::Retry(code, scope) => {
@@ -116,12 +137,68 @@ impl Stream {
         if let Some((code, scope)) = state.first_upstream_error.get() {
             self.note_refusal(&up.lease, code, scope);
         }
-        self.finish(&client, &up, end, &state, &mut cbuf, &mut cside)
+        let error = self
+            .finish(&client, &up, end, &state, &mut cbuf, &mut cside)
             .await;
         self.shard
             .metrics
             .stream_closed(up.lease.account.metrics_index);
+        self.record_usage(&up, &claims, reference_id, &state, error);
         tracing::debug!(stream = %self.id, ?end, secs = started.elapsed().as_secs_f64(), "stream end");
+    }
+
+    /// Checks the device's limits and revocations for a new stream.
+    fn admit(&self, claims: &Claims) -> Result<DevicePermit, Refusal> {
+        let limits = self.settings.devices.limits(claims.tier.as_deref());
+        let process = &self.shard.process;
+        process
+            .devices
+            .admit(claims, limits, SystemTime::now())
+            .map_err(|r| {
+                process.device_rejections[r.limit as usize]
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Refusal::device(r.limit, r.message)
+            })
+    }
+
+    /// Writes the stream's usage record for the admin thread to collect,
+    /// and settles the device's daily audio with the final figure.
+    fn record_usage(
+        &self,
+        up: &Upstream,
+        claims: &Claims,
+        reference_id: String,
+        state: &StreamState,
+        error: Option<u16>,
+    ) {
+        let relay_ms = state.audio_ms();
+        let upstream_ms = state.upstream_audio_ms.get();
+        if let Some(device) = state.device.borrow().as_ref() {
+            // What was not yet counted: the last partial second of raw audio,
+            // or (compressed formats) upstream's whole figure.
+            let counted_ms = if state.bytes_per_ms.get() > 0.0 {
+                (state.audio_counted.get() as f64 / state.bytes_per_ms.get()) as u64
+            } else {
+                0
+            };
+            let total = if relay_ms > 0 {
+                relay_ms
+            } else {
+                upstream_ms.unwrap_or(0)
+            };
+            device.add_audio(total.saturating_sub(counted_ms), SystemTime::now());
+        }
+        self.shard.usage.borrow_mut().push(UsageRecord {
+            day: crate::devices::utc_day(SystemTime::now()),
+            account: up.lease.account.id.clone(),
+            device: claims.device_id.clone(),
+            reference_id,
+            audio_ms_relay: relay_ms,
+            audio_ms_upstream: upstream_ms,
+            bytes_up: state.bytes_up.get(),
+            bytes_down: state.bytes_down.get(),
+            error: error.or(state.upstream_error.get()),
+        });
     }
 
     /// Reads the client's first message: one whole text frame with a JSON
@@ -222,6 +299,8 @@ impl Stream {
         cbuf: &mut Buf,
         cside: &mut ClientSide,
         state: &StreamState,
+        live: &LiveStream,
+        started: Instant,
     ) -> End {
         let shard = &self.shard;
         let Upstream {
@@ -259,9 +338,29 @@ impl Stream {
             &shard.metrics,
             &retry_allowed,
         );
+        // The relay's own reasons to end the stream: a revocation, or the
+        // device's longest stream length.
+        let max_len = state
+            .device
+            .borrow()
+            .as_ref()
+            .map_or(std::time::Duration::ZERO, |d| d.limits.max_stream_length);
+        let stop = async {
+            let too_long = async {
+                if max_len.is_zero() {
+                    future::pending::<()>().await;
+                }
+                glommio::timer::Timer::new(max_len.saturating_sub(started.elapsed())).await;
+                Limit::MaxLength
+            };
+            End::Stopped(future::or(live.stopped(), too_long).await)
+        };
         future::or(
-            future::or(u2c, c2u),
-            pump::idle_watch(state, self.settings.limits.idle_timeout),
+            future::or(
+                future::or(u2c, c2u),
+                pump::idle_watch(state, self.settings.limits.idle_timeout),
+            ),
+            stop,
         )
         .await
     }
@@ -275,8 +374,9 @@ impl Stream {
         state: &StreamState,
         cbuf: &mut Buf,
         cside: &mut ClientSide,
-    ) {
+    ) -> Option<u16> {
         let shard = &self.shard;
+        let mut error = None;
         let to_client = |r: &Refusal| r.frames(&self.id);
         let close_upstream = |code: u16, reason: &str| {
             let key = shard.masks.borrow_mut().next_key();
@@ -311,6 +411,7 @@ impl Stream {
             End::ClientProtocol(e) => {
                 shard.metrics.error(Side::Client, e.close_code());
                 let r = Refusal::new(400, "bad_request", e.reason(), e.close_code(), Side::Client);
+                error = Some(400);
                 if state.client_at_boundary.get() {
                     let _ = client.write_all(&to_client(&r)).await;
                 }
@@ -333,6 +434,7 @@ impl Stream {
             End::UpstreamGone | End::UpstreamProtocol(_) => {
                 let r = Refusal::upstream_lost();
                 shard.metrics.error(Side::Upstream, r.code);
+                error = Some(r.code);
                 if state.client_at_boundary.get() {
                     let _ = client.write_all(&to_client(&r)).await;
                 }
@@ -346,6 +448,7 @@ impl Stream {
                     Side::Client,
                 );
                 shard.metrics.error(Side::Client, 408);
+                error = Some(408);
                 if state.client_at_boundary.get() {
                     let _ = client.write_all(&to_client(&r)).await;
                 }
@@ -353,10 +456,34 @@ impl Stream {
                     let _ = up.conn.write_all(&close_upstream(1000, "idle")).await;
                 }
             }
+            End::Stopped(limit) => {
+                shard.process.device_rejections[limit as usize]
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let message = match limit {
+                    Limit::Revoked => "This device or session token has been revoked.".to_string(),
+                    Limit::DailyAudio => {
+                        "Device limit reached: daily audio allowance used up.".to_string()
+                    }
+                    _ => "Device limit reached: the longest a stream may last.".to_string(),
+                };
+                let r = Refusal::device(limit, message);
+                shard.metrics.error(Side::Client, r.code);
+                error = Some(r.code);
+                if state.client_at_boundary.get() {
+                    let _ = client.write_all(&to_client(&r)).await;
+                }
+                if state.upstream_at_boundary.get() {
+                    let _ = up
+                        .conn
+                        .write_all(&close_upstream(1000, "ended by the relay"))
+                        .await;
+                }
+            }
             End::Retry(..) | End::ClientClosed => unreachable!("handled by the caller"),
         }
         let _ = up.conn.close().await;
         close_client(client).await;
+        error
     }
 
     /// Sends a refusal (error frame + close) to the client and ends.
@@ -375,6 +502,48 @@ impl Stream {
                 .await;
         }
         close_client(client).await;
+    }
+}
+
+/// Audio bytes per millisecond for a raw `audio_format` in the config
+/// message; 0 for compressed formats, whose duration only upstream knows.
+fn audio_bytes_per_ms(config: &Map<String, Value>) -> f64 {
+    let sample_bytes = match config.get("audio_format").and_then(Value::as_str) {
+        Some("pcm_s16le" | "pcm_s16be") => 2.0,
+        Some("pcm_f32le" | "pcm_f32be" | "pcm_s32le" | "pcm_s32be") => 4.0,
+        Some("mulaw" | "alaw" | "pcm_s8" | "pcm_u8") => 1.0,
+        _ => return 0.0,
+    };
+    let rate = config
+        .get("sample_rate")
+        .and_then(Value::as_f64)
+        .unwrap_or(0.0);
+    let channels = config
+        .get("num_channels")
+        .and_then(Value::as_f64)
+        .unwrap_or(1.0);
+    rate * channels * sample_bytes / 1000.0
+}
+
+/// Keeps a stream in its shard's registry of live streams while it runs.
+struct LiveGuard<'a> {
+    shard: &'a Shard,
+    id: u64,
+    stream: Rc<LiveStream>,
+}
+
+impl<'a> LiveGuard<'a> {
+    fn register(shard: &'a Shard, claims: &Claims) -> Self {
+        let stream = LiveStream::new(&claims.device_id, &claims.token_id);
+        let id = shard.next_live_id();
+        shard.live.borrow_mut().insert(id, stream.clone());
+        LiveGuard { shard, id, stream }
+    }
+}
+
+impl Drop for LiveGuard<'_> {
+    fn drop(&mut self) {
+        self.shard.live.borrow_mut().remove(&self.id);
     }
 }
 

@@ -63,6 +63,20 @@ impl Refusal {
             Side::Upstream,
         )
     }
+    /// A device limit or a revocation.
+    pub(super) fn device(limit: crate::devices::Limit, message: String) -> Self {
+        use crate::devices::Limit;
+        match limit {
+            Limit::Revoked => Refusal::new(401, "unauthenticated", message, 1008, Side::Client),
+            Limit::Concurrent | Limit::Rate => {
+                Refusal::new(429, "too_many_requests", message, 1013, Side::Client)
+            }
+            Limit::DailyAudio | Limit::MaxLength => {
+                Refusal::new(429, "too_many_requests", message, 1008, Side::Client)
+            }
+        }
+    }
+
     pub(super) fn upstream_lost() -> Self {
         Refusal::new(
             503,
