@@ -120,8 +120,11 @@ pub fn run_demo(args: &DemoArgs) -> std::io::Result<DemoReport> {
         a.region = "loopback".into();
         a.max_concurrent_streams = per_key;
     }
+    // Nothing the demo does outlives it: its state goes to a temp dir.
+    let state_dir = std::env::temp_dir().join(format!("clio-relay-demo-{}", std::process::id()));
     let admin = AdminConfig {
         health_interval: Duration::ZERO,
+        state_dir: state_dir.clone(),
         ..AdminConfig::default()
     };
     let cfg = Config {
@@ -189,6 +192,7 @@ pub fn run_demo(args: &DemoArgs) -> std::io::Result<DemoReport> {
     };
     relay.shutdown();
     fake.stop();
+    let _ = std::fs::remove_dir_all(&state_dir);
     Ok(report)
 }
 

@@ -84,6 +84,8 @@ pub fn start(cfg: &Config) -> std::io::Result<RelayHandle> {
         config: cfg.admin.clone(),
         inbox: admin_rx,
         rest,
+        usage: cfg.usage.clone(),
+        account_configs: cfg.accounts.clone(),
     })?;
     tracing::info!(client = %shards[0].addr, admin = %admin.addr, shards = n, accounts = process.accounts().len(), "clio-relay listening");
     Ok(RelayHandle {

@@ -49,7 +49,10 @@ fn relay_config(upstream: &str) -> Config {
         )),
         limits: LimitsConfig::default(),
         accounts: vec![account],
-        admin: AdminConfig::default(),
+        admin: AdminConfig {
+            state_dir: std::env::temp_dir().join(format!("clio-load-smoke-{}", std::process::id())),
+            ..AdminConfig::default()
+        },
         devices: Default::default(),
         usage: Default::default(),
     }

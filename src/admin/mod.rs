@@ -7,6 +7,7 @@
 //! that a scrape merges.
 
 mod api;
+mod meter;
 
 use std::cell::RefCell;
 use std::net::SocketAddr;
@@ -17,6 +18,7 @@ use std::time::{Duration, Instant};
 use glommio::net::TcpListener;
 use glommio::{LocalExecutorBuilder, Placement};
 
+use crate::config::UsageConfig;
 use crate::config::{AdminConfig, Config};
 use crate::control::Accounts;
 use crate::health::{CheckCounts, RestTarget};
@@ -27,6 +29,8 @@ use crate::secret::Secret;
 use crate::shard::Settings;
 use crate::shard::{ProcessState, ShardMsg, IO_MEMORY};
 use crate::token::TokenKeys;
+use crate::usage::UsageBook;
+use std::collections::HashMap;
 
 /// The dashboard page: plain HTML and JavaScript, no build step.
 const DASHBOARD: &str = include_str!("dashboard.html");
@@ -51,6 +55,25 @@ pub struct AdminSetup {
     pub inbox: async_channel::Receiver<AdminMsg>,
     /// Upstream's REST API, for active health checks.
     pub rest: Option<RestTarget>,
+    /// Usage, cost and alert settings.
+    pub usage: UsageConfig,
+    /// The config file's accounts (for prices and budgets).
+    pub account_configs: Vec<crate::config::AccountConfig>,
+}
+
+fn prices(accounts: &[crate::config::AccountConfig]) -> HashMap<String, meter::Price> {
+    accounts
+        .iter()
+        .map(|a| {
+            (
+                a.id.clone(),
+                meter::Price {
+                    per_hour: a.price_per_hour,
+                    monthly_budget: a.monthly_budget,
+                },
+            )
+        })
+        .collect()
 }
 
 /// The admin thread's state.
@@ -66,6 +89,12 @@ struct Admin {
     rest: Option<RestTarget>,
     /// Health check outcomes so far.
     checks: CheckCounts,
+    /// The usage ledger.
+    usage: RefCell<UsageBook>,
+    /// Currency, persistence and alert settings.
+    usage_cfg: RefCell<UsageConfig>,
+    /// Price and budget per account id.
+    prices: RefCell<HashMap<String, meter::Price>>,
 }
 
 /// Messages from the main thread to the admin thread.
@@ -130,6 +159,8 @@ impl Admin {
             settings.tokens.current_kid()
         ));
         *self.token_check.borrow_mut() = token_check(cfg.admin.token.as_ref());
+        *self.prices.borrow_mut() = prices(&cfg.accounts);
+        *self.usage_cfg.borrow_mut() = cfg.usage.clone();
         *self.config.borrow_mut() = cfg.admin.clone();
         log
     }
@@ -170,6 +201,7 @@ impl Admin {
 pub(crate) struct Request<'a> {
     method: &'a str,
     path: &'a str,
+    query: &'a str,
     headers: Vec<(&'a str, &'a str)>,
     body: &'a [u8],
 }
@@ -232,6 +264,10 @@ pub fn start(setup: AdminSetup) -> std::io::Result<AdminHandle> {
                 }
             };
             let _ = ready_tx.send(listener.local_addr().map_err(Into::into));
+            let book = UsageBook::load(&setup.config.state_dir).unwrap_or_else(|e| {
+                tracing::warn!(dir = %setup.config.state_dir.display(), error = %e, "usage ledger not loaded; starting empty");
+                UsageBook::default()
+            });
             let admin = Rc::new(Admin {
                 shards: setup.shards,
                 process: setup.process,
@@ -240,6 +276,9 @@ pub fn start(setup: AdminSetup) -> std::io::Result<AdminHandle> {
                 config: RefCell::new(setup.config),
                 rest: setup.rest,
                 checks: CheckCounts::default(),
+                usage: RefCell::new(book),
+                prices: RefCell::new(prices(&setup.account_configs)),
+                usage_cfg: RefCell::new(setup.usage),
             });
             admin.publish();
             let inbox = setup.inbox;
@@ -273,9 +312,26 @@ pub fn start(setup: AdminSetup) -> std::io::Result<AdminHandle> {
                 }
             };
             let housekeeping = async {
+                let mut last_save = Instant::now();
+                let mut save_failed = false;
                 loop {
                     glommio::timer::Timer::new(Duration::from_secs(1)).await;
                     api::housekeeping(&admin);
+                    let records = meter::collect(&admin).await;
+                    admin.usage.borrow_mut().add(&records);
+                    if last_save.elapsed() >= admin.usage_cfg.borrow().persist_interval {
+                        last_save = Instant::now();
+                        let dir = admin.config.borrow().state_dir.clone();
+                        match admin.usage.borrow_mut().save_if_dirty(&dir) {
+                            Ok(()) => save_failed = false,
+                            Err(e) if !save_failed => {
+                                save_failed = true;
+                                tracing::error!(dir = %dir.display(), error = %e, "cannot write the usage ledger");
+                            }
+                            Err(_) => {}
+                        }
+                    }
+                    admin.process.devices.sweep(std::time::SystemTime::now());
                 }
             };
             let messages = async {
@@ -372,7 +428,7 @@ fn parse_request(bytes: &[u8]) -> Option<Request<'_>> {
         _ => return None,
     };
     let target = req.path?;
-    let path = target.split_once('?').map_or(target, |(p, _)| p);
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let headers = req
         .headers
         .iter()
@@ -381,6 +437,7 @@ fn parse_request(bytes: &[u8]) -> Option<Request<'_>> {
     Some(Request {
         method: req.method?,
         path,
+        query,
         headers,
         body: &bytes[head..],
     })
@@ -395,6 +452,15 @@ async fn route(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
         }
         if req.method == "GET" && req.path == "/admin/stats" {
             return api::stats(&collect(&admin.shards).await);
+        }
+        if req.method == "GET" && req.path == "/admin/usage" {
+            // Fresh: take what the shards hold before answering.
+            let records = meter::collect(admin).await;
+            admin.usage.borrow_mut().add(&records);
+            return meter::usage(admin, req);
+        }
+        if req.path == "/admin/revocations" {
+            return meter::revocations(admin, req);
         }
         return api::handle(admin, req);
     }
@@ -419,6 +485,7 @@ async fn route(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
             };
             let mut body = render_prometheus(&snaps, &gauges);
             api::render_key_metrics(admin, &mut body);
+            meter::render_metrics(admin, &mut body);
             let c = &admin.checks;
             body.push_str(&format!(
                 "# HELP clio_relay_health_checks_total Active key checks against upstream's REST API, by result.\n# TYPE clio_relay_health_checks_total counter\nclio_relay_health_checks_total{{result=\"healthy\"}} {}\nclio_relay_health_checks_total{{result=\"refused\"}} {}\nclio_relay_health_checks_total{{result=\"unreachable\"}} {}\n",

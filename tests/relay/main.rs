@@ -6,6 +6,7 @@ mod util;
 mod accounts;
 mod admin;
 mod auth;
+mod devices;
 mod errors;
 mod health;
 mod keys_api;

@@ -67,6 +67,7 @@ pub fn relay_config(upstream: &str, accounts: &[(&str, &str)]) -> Config {
         // tests' own account refusals.
         admin: AdminConfig {
             health_interval: Duration::ZERO,
+            state_dir: state_dir(),
             ..AdminConfig::default()
         },
         devices: Default::default(),
@@ -470,4 +471,15 @@ pub fn http(
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     (status, body)
+}
+
+/// A fresh state directory under the system temp dir (never /var/lib).
+pub fn state_dir() -> std::path::PathBuf {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    std::env::temp_dir().join(format!(
+        "clio-relay-test-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ))
 }

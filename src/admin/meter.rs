@@ -1,0 +1,240 @@
+//! Usage, cost and revocations on the admin thread: collecting usage
+//! records from the shards, keeping and persisting the ledger, the
+//! `/admin/usage` and `/admin/revocations` API, and the usage metrics.
+
+use std::collections::HashMap;
+use std::fmt::Write;
+use std::sync::atomic::Ordering;
+use std::time::SystemTime;
+
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{Admin, Request};
+use crate::devices::{utc_day, Limit};
+use crate::http;
+use crate::shard::ShardMsg;
+use crate::usage::{format_day, month_start, parse_day, GroupBy, UsageRecord};
+
+/// Price per audio hour and monthly budget of one account.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(super) struct Price {
+    pub per_hour: f64,
+    pub monthly_budget: f64,
+}
+
+/// Asks every shard for the usage records of streams ended since last time.
+pub(super) async fn collect(admin: &Admin) -> Vec<UsageRecord> {
+    let mut all = Vec::new();
+    for tx in &admin.shards {
+        let (rtx, rrx) = async_channel::bounded(1);
+        if tx.send(ShardMsg::TakeUsage(rtx)).await.is_ok() {
+            if let Ok(mut r) = rrx.recv().await {
+                all.append(&mut r);
+            }
+        }
+    }
+    all
+}
+
+/// Cost of `audio_ms` at `price` per hour.
+pub(super) fn cost(audio_ms: u64, price: f64) -> f64 {
+    audio_ms as f64 / 3_600_000.0 * price
+}
+
+/// This month's audio milliseconds per account.
+pub(super) fn month_audio(admin: &Admin) -> HashMap<String, u64> {
+    let today = utc_day(SystemTime::now());
+    admin
+        .usage
+        .borrow()
+        .audio_ms_by_account(month_start(today), today)
+        .into_iter()
+        .collect()
+}
+
+/// `GET /admin/usage?from=YYYY-MM-DD&to=YYYY-MM-DD&group_by=account|device`.
+pub(super) fn usage(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
+    let q = |name: &str| {
+        req.query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+    };
+    let today = utc_day(SystemTime::now());
+    let parse = |name: &str, default: u64| match q(name) {
+        None | Some("") => Ok(default),
+        Some(t) => {
+            parse_day(t).ok_or_else(|| http::json_error(400, &format!("{name}: want YYYY-MM-DD")))
+        }
+    };
+    let (from, to) = match (parse("from", month_start(today)), parse("to", today)) {
+        (Ok(f), Ok(t)) if f <= t => (f, t),
+        (Err(e), _) | (_, Err(e)) => return e,
+        _ => return http::json_error(400, "from is after to"),
+    };
+    let group = match q("group_by") {
+        None | Some("account") => GroupBy::Account,
+        Some("device") => GroupBy::Device,
+        Some(_) => return http::json_error(400, "group_by: account or device"),
+    };
+    let prices = admin.prices.borrow();
+    let currency = admin.usage_cfg.borrow().currency.clone();
+    let rows: Vec<_> = admin
+        .usage
+        .borrow()
+        .query(from, to, group)
+        .into_iter()
+        .map(|(key, t)| {
+            let mut row = json!({
+                "key": key,
+                "streams": t.streams,
+                "audio_seconds": t.audio_ms as f64 / 1000.0,
+                "audio_seconds_relay_meter": t.audio_ms_relay as f64 / 1000.0,
+                "bytes_up": t.bytes_up,
+                "bytes_down": t.bytes_down,
+                "errors": t.errors,
+            });
+            if group == GroupBy::Account {
+                let p = prices.get(&key).copied().unwrap_or_default();
+                row["cost"] = json!(cost(t.audio_ms, p.per_hour));
+            }
+            row
+        })
+        .collect();
+    let group_name = if group == GroupBy::Account {
+        "account"
+    } else {
+        "device"
+    };
+    let body = json!({"from": format_day(from), "to": format_day(to), "group_by": group_name, "currency": currency, "rows": rows});
+    http::response(200, "application/json", "", body.to_string().as_bytes())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokeBody {
+    device_id: Option<String>,
+    token_id: Option<String>,
+    #[serde(default)]
+    end_live_streams: bool,
+}
+
+/// `GET`, `POST` and `DELETE /admin/revocations`.
+pub(super) fn revocations(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
+    let devices = &admin.process.devices;
+    if req.method != "GET" {
+        let b: RevokeBody = match serde_json::from_slice(req.body) {
+            Ok(b) => b,
+            Err(_) => {
+                return http::json_error(
+                    400,
+                    "want {\"device_id\"?, \"token_id\"?, \"end_live_streams\"?}",
+                )
+            }
+        };
+        if b.device_id.is_none() && b.token_id.is_none() {
+            return http::json_error(400, "give a device_id or a token_id");
+        }
+        match req.method {
+            "POST" => {
+                if let Some(d) = &b.device_id {
+                    devices.revoke_device(d);
+                }
+                if let Some(t) = &b.token_id {
+                    devices.revoke_token(t);
+                }
+                if b.end_live_streams {
+                    for tx in &admin.shards {
+                        let _ = tx.try_send(ShardMsg::EndStreams {
+                            device: b.device_id.clone(),
+                            token: b.token_id.clone(),
+                        });
+                    }
+                }
+                tracing::warn!(
+                    device = b.device_id.as_deref().unwrap_or(""),
+                    token_id = b.token_id.as_deref().unwrap_or(""),
+                    end_live_streams = b.end_live_streams,
+                    "revoked"
+                );
+            }
+            "DELETE" => {
+                devices.unrevoke(b.device_id.as_deref(), b.token_id.as_deref());
+            }
+            _ => return http::json_error(405, "GET, POST or DELETE"),
+        }
+    }
+    let (d, t) = devices.revoked();
+    http::response(
+        200,
+        "application/json",
+        "",
+        json!({"devices": d, "token_ids": t}).to_string().as_bytes(),
+    )
+}
+
+/// Usage, cost and device metrics appended to `/metrics`.
+pub(super) fn render_metrics(admin: &Admin, out: &mut String) {
+    let rejections = &admin.process.device_rejections;
+    out.push_str("# HELP clio_relay_device_rejections_total Streams refused or ended by a device limit or revocation.\n# TYPE clio_relay_device_rejections_total counter\n");
+    for l in Limit::ALL {
+        let _ = writeln!(
+            out,
+            "clio_relay_device_rejections_total{{limit=\"{}\"}} {}",
+            l.label(),
+            rejections[l as usize].load(Ordering::Relaxed)
+        );
+    }
+    let currency = admin.usage_cfg.borrow().currency.clone();
+    let month = month_audio(admin);
+    let prices = admin.prices.borrow();
+    let accounts = admin.accounts.borrow();
+    out.push_str("# HELP clio_relay_account_max_concurrent_streams The concurrent-stream limit in force per account.\n# TYPE clio_relay_account_max_concurrent_streams gauge\n");
+    for e in accounts.entries() {
+        let _ = writeln!(
+            out,
+            "clio_relay_account_max_concurrent_streams{{account=\"{}\"}} {}",
+            e.state.id,
+            e.state.effective_max()
+        );
+    }
+    out.push_str("# HELP clio_relay_usage_month_audio_seconds Audio seconds this calendar month (UTC), per account.\n# TYPE clio_relay_usage_month_audio_seconds gauge\n");
+    for e in accounts.entries() {
+        let ms = month.get(&e.state.id).copied().unwrap_or(0);
+        let _ = writeln!(
+            out,
+            "clio_relay_usage_month_audio_seconds{{account=\"{}\"}} {}",
+            e.state.id,
+            ms as f64 / 1000.0
+        );
+    }
+    out.push_str("# HELP clio_relay_cost_month Cost this calendar month, per account.\n# TYPE clio_relay_cost_month gauge\n");
+    for e in accounts.entries() {
+        let p = prices.get(&e.state.id).copied().unwrap_or_default();
+        let ms = month.get(&e.state.id).copied().unwrap_or(0);
+        let _ = writeln!(
+            out,
+            "clio_relay_cost_month{{account=\"{}\",currency=\"{currency}\"}} {}",
+            e.state.id,
+            cost(ms, p.per_hour)
+        );
+    }
+    out.push_str("# HELP clio_relay_budget_month Monthly budget per account (0 = none).\n# TYPE clio_relay_budget_month gauge\n");
+    for e in accounts.entries() {
+        let p = prices.get(&e.state.id).copied().unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "clio_relay_budget_month{{account=\"{}\",currency=\"{currency}\"}} {}",
+            e.state.id, p.monthly_budget
+        );
+    }
+    let totals = admin.usage.borrow().query(0, u64::MAX, GroupBy::Account);
+    out.push_str("# HELP clio_relay_audio_seconds_total Audio seconds relayed, per account (kept across restarts).\n# TYPE clio_relay_audio_seconds_total counter\n");
+    for (id, t) in totals {
+        let _ = writeln!(
+            out,
+            "clio_relay_audio_seconds_total{{account=\"{id}\"}} {}",
+            t.audio_ms as f64 / 1000.0
+        );
+    }
+}

@@ -1,0 +1,356 @@
+//! Per-device limits, revocation and usage, end to end with real streams.
+
+use std::time::{Duration, SystemTime};
+
+use clio_relay::config::DeviceLimits;
+use clio_relay::secret::Secret;
+use clio_relay::token::TokenKeys;
+use tungstenite::Message;
+
+use crate::util::*;
+
+const ADMIN: &str = "devices-admin-token-0123456789";
+
+fn relay_with(fake: &clio_relay::fake_soniox::FakeSoniox, limits: DeviceLimits) -> Relay {
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.accounts[0].max_concurrent_streams = 50;
+    cfg.accounts[0].price_per_hour = 0.36;
+    cfg.accounts[0].monthly_budget = 100.0;
+    cfg.devices.default = limits;
+    cfg.devices.tiers.insert(
+        "pro".into(),
+        DeviceLimits {
+            max_concurrent_streams: 3,
+            ..Default::default()
+        },
+    );
+    cfg.admin.token = Some(Secret::new(ADMIN));
+    Relay::start(cfg)
+}
+
+fn open(relay: &Relay, token: &str) -> Ws {
+    let (mut ws, _) = connect(relay.addr(), token, Via::Header).unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    ws
+}
+
+fn refused(relay: &Relay, token: &str) -> Received {
+    let (mut ws, _) = connect(relay.addr(), token, Via::Header).unwrap();
+    stream_session(&mut ws, &config_message(None), &[])
+}
+
+#[test]
+fn concurrent_streams_per_device_hold_across_shards_and_tiers() {
+    let fake = fake(&["k1"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.server.shards = 2;
+    cfg.devices.default = DeviceLimits {
+        max_concurrent_streams: 2,
+        ..Default::default()
+    };
+    cfg.devices.tiers.insert(
+        "pro".into(),
+        DeviceLimits {
+            max_concurrent_streams: 3,
+            ..Default::default()
+        },
+    );
+    let relay = Relay::start(cfg);
+    let token = relay.token("phone");
+    // Several connections land on both shards; the device still has two.
+    let _a = open(&relay, &token);
+    let _b = open(&relay, &token);
+    assert!(wait_until(Duration::from_secs(10), || fake
+        .active_streams()
+        == 2));
+    for _ in 0..4 {
+        let got = refused(&relay, &token);
+        assert_eq!(
+            (got.error_code(), got.close_code()),
+            (Some(429), Some(1013)),
+            "{got:?}"
+        );
+        assert!(
+            got.messages[0]["error_message"]
+                .as_str()
+                .unwrap()
+                .contains("2 concurrent streams"),
+            "{got:?}"
+        );
+    }
+    // Another device is not affected; a "pro" token of the same device gets 3.
+    assert!(refused(&relay, &relay.token("tablet"))
+        .error_code()
+        .is_none());
+    let keys = TokenKeys::from_config(&relay.cfg.tokens);
+    let pro = keys
+        .mint_with_tier(
+            "laptop",
+            Some("pro"),
+            Duration::from_secs(60),
+            SystemTime::now(),
+        )
+        .unwrap();
+    let _p: Vec<Ws> = (0..3).map(|_| open(&relay, &pro)).collect();
+    assert!(wait_until(Duration::from_secs(10), || fake
+        .active_streams()
+        == 5));
+    assert_eq!(refused(&relay, &pro).error_code(), Some(429));
+}
+
+#[test]
+fn new_streams_per_minute_are_a_token_bucket() {
+    let fake = fake(&["k1"], |_| {});
+    let relay = relay_with(
+        &fake,
+        DeviceLimits {
+            streams_per_minute: 3,
+            ..Default::default()
+        },
+    );
+    let token = relay.token("phone");
+    for _ in 0..3 {
+        let (mut ws, _) = connect(relay.addr(), &token, Via::Header).unwrap();
+        assert!(stream_session(&mut ws, &config_message(None), &audio_frames(1, 1)).finished());
+    }
+    let got = refused(&relay, &token);
+    assert_eq!(got.error_code(), Some(429));
+    assert!(got.messages[0]["error_message"]
+        .as_str()
+        .unwrap()
+        .contains("3 new streams per minute"));
+    let (_, metrics) = http(relay.handle.admin_addr, "GET", "/metrics", None, None);
+    assert!(
+        metrics.contains("clio_relay_device_rejections_total{limit=\"rate\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn daily_audio_allowance_ends_the_stream_that_crosses_it() {
+    let fake = fake(&["k1"], |_| {});
+    // 3 s a day; 100 ms frames of 16 kHz s16le: the 31st second of audio crosses it.
+    let relay = relay_with(
+        &fake,
+        DeviceLimits {
+            audio_seconds_per_day: 3,
+            ..Default::default()
+        },
+    );
+    let token = relay.token("phone");
+    let (mut ws, _) = connect(relay.addr(), &token, Via::Header).unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    let mut sent = 0;
+    for f in audio_frames(60, 3) {
+        if ws.send(Message::binary(f)).is_err() {
+            break;
+        }
+        sent += 1;
+    }
+    let got = read_all(&mut ws);
+    assert_eq!(
+        (got.error_code(), got.close_code()),
+        (Some(429), Some(1008)),
+        "after {sent} frames: {got:?}"
+    );
+    assert!(got.messages.iter().any(|m| m["error_message"]
+        .as_str()
+        .is_some_and(|t| t.contains("daily audio"))));
+    // The next stream of the device is refused at once; another device is fine.
+    assert_eq!(refused(&relay, &token).error_code(), Some(429));
+    assert!(refused(&relay, &relay.token("other"))
+        .error_code()
+        .is_none());
+}
+
+#[test]
+fn max_stream_length_ends_a_long_stream() {
+    let fake = fake(&["k1"], |_| {});
+    let relay = relay_with(
+        &fake,
+        DeviceLimits {
+            max_stream_length: Duration::from_millis(300),
+            ..Default::default()
+        },
+    );
+    let mut ws = open(&relay, &relay.token("phone"));
+    let got = read_all(&mut ws);
+    assert_eq!(
+        (got.error_code(), got.close_code()),
+        (Some(429), Some(1008)),
+        "{got:?}"
+    );
+    assert!(got.messages[0]["error_message"]
+        .as_str()
+        .unwrap()
+        .contains("longest a stream may last"));
+}
+
+#[test]
+fn revoking_a_device_refuses_new_streams_and_can_end_live_ones() {
+    let fake = fake(&["k1"], |_| {});
+    let relay = relay_with(&fake, DeviceLimits::default());
+    let admin = relay.handle.admin_addr;
+    let token = relay.token("lost-phone");
+    let mut live = open(&relay, &token);
+    assert!(wait_until(Duration::from_secs(10), || fake
+        .active_streams()
+        == 1));
+    // Revoke without ending: the live stream goes on, new ones are refused.
+    let (status, body) = http(
+        admin,
+        "POST",
+        "/admin/revocations",
+        Some(ADMIN),
+        Some(r#"{"device_id":"lost-phone"}"#),
+    );
+    assert_eq!(status, 200, "{body}");
+    let got = refused(&relay, &token);
+    assert_eq!(
+        (got.error_code(), got.close_code()),
+        (Some(401), Some(1008))
+    );
+    assert_eq!(fake.active_streams(), 1);
+    // Now end its live streams too.
+    let (status, _) = http(
+        admin,
+        "POST",
+        "/admin/revocations",
+        Some(ADMIN),
+        Some(r#"{"device_id":"lost-phone","end_live_streams":true}"#),
+    );
+    assert_eq!(status, 200);
+    let got = read_all(&mut live);
+    assert_eq!(
+        (got.error_code(), got.close_code()),
+        (Some(401), Some(1008)),
+        "{got:?}"
+    );
+    // A token id can be revoked on its own; lifting a revocation works.
+    let other = relay.token("phone-2");
+    let token_id = TokenKeys::from_config(&relay.cfg.tokens)
+        .verify(&other, SystemTime::now())
+        .unwrap()
+        .token_id;
+    http(
+        admin,
+        "POST",
+        "/admin/revocations",
+        Some(ADMIN),
+        Some(&format!(r#"{{"token_id":"{token_id}"}}"#)),
+    );
+    assert_eq!(refused(&relay, &other).error_code(), Some(401));
+    assert!(
+        refused(&relay, &relay.token("phone-2"))
+            .error_code()
+            .is_none(),
+        "a new token of the device works"
+    );
+    http(
+        admin,
+        "DELETE",
+        "/admin/revocations",
+        Some(ADMIN),
+        Some(r#"{"device_id":"lost-phone"}"#),
+    );
+    assert!(refused(&relay, &relay.token("lost-phone"))
+        .error_code()
+        .is_none());
+    assert_eq!(
+        http(admin, "GET", "/admin/revocations", None, None).0,
+        401,
+        "behind the admin token"
+    );
+}
+
+#[test]
+fn usage_counts_audio_bytes_and_cost_per_account_and_device() {
+    let fake = fake(&["k1"], |_| {});
+    let relay = relay_with(&fake, DeviceLimits::default());
+    for (device, frames) in [("phone", 20), ("phone", 10), ("tablet", 5)] {
+        let (mut ws, _) = connect(relay.addr(), &relay.token(device), Via::Header).unwrap();
+        assert!(
+            stream_session(&mut ws, &config_message(None), &audio_frames(frames, 1)).finished()
+        );
+    }
+    let usage = |group: &str| -> serde_json::Value {
+        let (status, body) = http(
+            relay.handle.admin_addr,
+            "GET",
+            &format!("/admin/usage?group_by={group}"),
+            Some(ADMIN),
+            None,
+        );
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    };
+    let by_device = usage("device");
+    let rows = by_device["rows"].as_array().unwrap();
+    let row = |k: &str| rows.iter().find(|r| r["key"] == k).unwrap().clone();
+    // 100 ms frames: 3 s for the phone over two streams, 0.5 s for the tablet.
+    assert_eq!(
+        (
+            row("phone")["streams"].as_u64(),
+            row("phone")["audio_seconds_relay_meter"].as_f64()
+        ),
+        (Some(2), Some(3.0))
+    );
+    assert_eq!(
+        row("tablet")["audio_seconds_relay_meter"].as_f64(),
+        Some(0.5)
+    );
+    // Upstream's `total_audio_proc_ms` agrees with the relay's own meter.
+    assert_eq!(
+        row("phone")["audio_seconds"].as_f64(),
+        Some(3.0),
+        "{by_device}"
+    );
+    let by_account = usage("account");
+    let a = &by_account["rows"][0];
+    assert_eq!(
+        (
+            a["key"].as_str(),
+            a["streams"].as_u64(),
+            a["audio_seconds"].as_f64()
+        ),
+        (Some("a"), Some(3), Some(3.5))
+    );
+    // 3.5 s at 0.36 per hour.
+    assert!((a["cost"].as_f64().unwrap() - 0.00035).abs() < 1e-9, "{a}");
+    assert!(a["bytes_up"].as_u64().unwrap() > 35 * 3200);
+    let (_, metrics) = http(relay.handle.admin_addr, "GET", "/metrics", None, None);
+    assert!(
+        metrics.contains("clio_relay_usage_month_audio_seconds{account=\"a\"} 3.5"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("clio_relay_budget_month{account=\"a\",currency=\"USD\"} 100"));
+}
+
+#[test]
+fn usage_survives_a_restart() {
+    let fake = fake(&["k1"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.admin.token = Some(Secret::new(ADMIN));
+    cfg.usage.persist_interval = Duration::from_millis(100);
+    let relay = Relay::start(cfg.clone());
+    let (mut ws, _) = connect(relay.addr(), &relay.token("phone"), Via::Header).unwrap();
+    assert!(stream_session(&mut ws, &config_message(None), &audio_frames(10, 1)).finished());
+    assert!(wait_until(Duration::from_secs(10), || cfg
+        .admin
+        .state_dir
+        .join("usage.json")
+        .exists()));
+    std::thread::sleep(Duration::from_millis(300));
+    drop(relay);
+    let relay = Relay::start(cfg.clone());
+    let (_, body) = http(
+        relay.handle.admin_addr,
+        "GET",
+        "/admin/usage?group_by=device",
+        Some(ADMIN),
+        None,
+    );
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["rows"][0]["audio_seconds"].as_f64(), Some(1.0), "{v}");
+    std::fs::remove_dir_all(&cfg.admin.state_dir).ok();
+}
