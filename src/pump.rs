@@ -197,6 +197,8 @@ pub enum End {
 /// What the two pumps of one stream share. Plain cells: both run in one task.
 #[derive(Debug)]
 pub struct StreamState {
+    /// When the stream started (after the upgrade).
+    pub started: Instant,
     /// Last time bytes arrived from either side (idle detection).
     pub last_activity: Cell<Instant>,
     /// Client data frames sent upstream after the config message.
@@ -297,6 +299,7 @@ impl StreamState {
     /// Fresh state at `now`.
     pub fn new(now: Instant) -> Self {
         StreamState {
+            started: now,
             last_activity: Cell::new(now),
             data_frames_up: Cell::new(0),
             first_audio_at: Cell::new(None),

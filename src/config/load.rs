@@ -443,7 +443,7 @@ fn resolve(raw: RawFile, base: &Path) -> Result<Config, ConfigError> {
         acc.monthly_budget = a.monthly_budget.unwrap_or(0.0);
         if acc.price_per_hour < 0.0 || acc.monthly_budget < 0.0 {
             p.push(
-                &format!("{prefix}"),
+                &prefix,
                 "price_per_hour and monthly_budget must not be negative",
             );
         }

@@ -14,6 +14,8 @@ use crate::token::Claims;
 use super::{Refusal, Stream};
 
 impl Stream {
+    /// Reads the client's first message: one whole text frame with a JSON
+    /// object. Pings before it are answered here; a close ends the stream.
     pub(super) async fn read_first_message(
         &self,
         client: &Duplex,

@@ -110,7 +110,6 @@ impl Stream {
                     &mut cside,
                     &state,
                     &live.stream,
-                    started,
                 )
                 .await;
             match end {
@@ -200,9 +199,6 @@ impl Stream {
             error: error.or(state.upstream_error.get()),
         });
     }
-
-    /// Reads the client's first message: one whole text frame with a JSON
-    /// object. Pings before it are answered here; a close ends the stream.
 
     /// Picks an account and connects; on a refusal tries the next account.
     async fn open_upstream(&self, tried: &mut u64) -> Result<Upstream, Refusal> {
@@ -300,7 +296,6 @@ impl Stream {
         cside: &mut ClientSide,
         state: &StreamState,
         live: &LiveStream,
-        started: Instant,
     ) -> End {
         let shard = &self.shard;
         let Upstream {
@@ -350,7 +345,7 @@ impl Stream {
                 if max_len.is_zero() {
                     future::pending::<()>().await;
                 }
-                glommio::timer::Timer::new(max_len.saturating_sub(started.elapsed())).await;
+                glommio::timer::Timer::new(max_len.saturating_sub(state.started.elapsed())).await;
                 Limit::MaxLength
             };
             End::Stopped(future::or(live.stopped(), too_long).await)
