@@ -94,6 +94,38 @@ impl RestTarget {
     }
 
     async fn get_inner(&self, path: &str, key: &KeySlot) -> Result<(u16, Vec<u8>), String> {
+        self.send("GET", path, Some(key.key.expose()), b"").await
+    }
+
+    /// A target and request path for an `http://` or `https://` URL (the
+    /// alert webhook).
+    pub fn from_http_url(
+        url: &str,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Result<(RestTarget, String), String> {
+        let t = RestTarget::new("ws://unused/", Some(url), tls)?;
+        let ws = url
+            .replacen("https://", "wss://", 1)
+            .replacen("http://", "ws://", 1);
+        Ok((t, parse_ws_url(&ws)?.path))
+    }
+
+    /// `POST path` with a JSON body; returns the status.
+    pub async fn post_json(&self, path: &str, body: &[u8], limit: Duration) -> Result<u16, String> {
+        match timeout(limit, self.send("POST", path, None, body)).await {
+            Some(r) => r.map(|(s, _)| s),
+            None => Err("timed out".into()),
+        }
+    }
+
+    /// One HTTP/1.1 request on a fresh connection.
+    async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        bearer: Option<&str>,
+        body: &[u8],
+    ) -> Result<(u16, Vec<u8>), String> {
         let (host, port) = (self.host.clone(), self.port);
         let addrs: Vec<std::net::SocketAddr> = glommio::executor()
             .spawn_blocking(move || {
@@ -123,10 +155,25 @@ impl RestTarget {
         } else {
             self.host.clone()
         };
-        let mut req = format!("GET {path} HTTP/1.1\r\nHost: {host_header}\r\nConnection: close\r\nAccept: application/json\r\nUser-Agent: clio-relay/{}\r\nAuthorization: Bearer ", env!("CARGO_PKG_VERSION"));
-        req.push_str(key.key.expose());
-        req.push_str("\r\n\r\n");
-        conn.write_all(req.as_bytes())
+        let mut req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {host_header}\r\nConnection: close\r\nAccept: application/json\r\nUser-Agent: clio-relay/{}\r\n",
+            env!("CARGO_PKG_VERSION")
+        );
+        if !body.is_empty() || method == "POST" {
+            req.push_str(&format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                body.len()
+            ));
+        }
+        if let Some(b) = bearer {
+            req.push_str("Authorization: Bearer ");
+            req.push_str(b);
+            req.push_str("\r\n");
+        }
+        req.push_str("\r\n");
+        let mut req = req.into_bytes();
+        req.extend_from_slice(body);
+        conn.write_all(&req)
             .await
             .map_err(|e| format!("write: {e}"))?;
         drop(req);

@@ -62,7 +62,7 @@ pub fn start(cfg: &Config) -> std::io::Result<RelayHandle> {
         key_in_header: cfg.upstream.auth == AuthMode::Header,
         connect_timeout: cfg.upstream.connect_timeout,
         upstream_url: cfg.upstream.url.clone(),
-        upstream_tls: tls,
+        upstream_tls: tls.clone(),
         tokens: Arc::new(TokenKeys::from_config(&cfg.tokens)),
         process: process.clone(),
         devices: Arc::new(cfg.devices.clone()),
@@ -86,6 +86,7 @@ pub fn start(cfg: &Config) -> std::io::Result<RelayHandle> {
         rest,
         usage: cfg.usage.clone(),
         account_configs: cfg.accounts.clone(),
+        tls: tls.clone(),
     })?;
     tracing::info!(client = %shards[0].addr, admin = %admin.addr, shards = n, accounts = process.accounts().len(), "clio-relay listening");
     Ok(RelayHandle {

@@ -6,6 +6,7 @@
 //! ([`ShardMsg::Ring`]), and answer metrics requests ([`ShardMsg::Snapshot`])
 //! that a scrape merges.
 
+mod alerts;
 mod api;
 mod meter;
 
@@ -59,6 +60,8 @@ pub struct AdminSetup {
     pub usage: UsageConfig,
     /// The config file's accounts (for prices and budgets).
     pub account_configs: Vec<crate::config::AccountConfig>,
+    /// TLS client config for https webhooks.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 fn prices(accounts: &[crate::config::AccountConfig]) -> HashMap<String, meter::Price> {
@@ -95,6 +98,10 @@ struct Admin {
     usage_cfg: RefCell<UsageConfig>,
     /// Price and budget per account id.
     prices: RefCell<HashMap<String, meter::Price>>,
+    /// In-process alert state.
+    alerts: RefCell<alerts::AlertState>,
+    /// TLS client config (https webhooks and REST).
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// Messages from the main thread to the admin thread.
@@ -279,6 +286,8 @@ pub fn start(setup: AdminSetup) -> std::io::Result<AdminHandle> {
                 usage: RefCell::new(book),
                 prices: RefCell::new(prices(&setup.account_configs)),
                 usage_cfg: RefCell::new(setup.usage),
+                alerts: RefCell::new(alerts::AlertState::default()),
+                tls: setup.tls,
             });
             admin.publish();
             let inbox = setup.inbox;
@@ -313,12 +322,18 @@ pub fn start(setup: AdminSetup) -> std::io::Result<AdminHandle> {
             };
             let housekeeping = async {
                 let mut last_save = Instant::now();
+                let mut last_alerts = Instant::now();
                 let mut save_failed = false;
                 loop {
                     glommio::timer::Timer::new(Duration::from_secs(1)).await;
                     api::housekeeping(&admin);
                     let records = meter::collect(&admin).await;
                     admin.usage.borrow_mut().add(&records);
+                    admin.alerts.borrow_mut().feed(&records);
+                    if last_alerts.elapsed() >= admin.usage_cfg.borrow().alerts.interval {
+                        last_alerts = Instant::now();
+                        alerts::evaluate(&admin).await;
+                    }
                     if last_save.elapsed() >= admin.usage_cfg.borrow().persist_interval {
                         last_save = Instant::now();
                         let dir = admin.config.borrow().state_dir.clone();
@@ -457,6 +472,7 @@ async fn route(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
             // Fresh: take what the shards hold before answering.
             let records = meter::collect(admin).await;
             admin.usage.borrow_mut().add(&records);
+            admin.alerts.borrow_mut().feed(&records);
             return meter::usage(admin, req);
         }
         if req.path == "/admin/revocations" {
@@ -486,6 +502,7 @@ async fn route(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
             let mut body = render_prometheus(&snaps, &gauges);
             api::render_key_metrics(admin, &mut body);
             meter::render_metrics(admin, &mut body);
+            alerts::render_metrics(admin, &mut body);
             let c = &admin.checks;
             body.push_str(&format!(
                 "# HELP clio_relay_health_checks_total Active key checks against upstream's REST API, by result.\n# TYPE clio_relay_health_checks_total counter\nclio_relay_health_checks_total{{result=\"healthy\"}} {}\nclio_relay_health_checks_total{{result=\"refused\"}} {}\nclio_relay_health_checks_total{{result=\"unreachable\"}} {}\n",

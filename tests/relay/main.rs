@@ -5,6 +5,7 @@ mod util;
 
 mod accounts;
 mod admin;
+mod alerts;
 mod auth;
 mod devices;
 mod errors;

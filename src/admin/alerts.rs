@@ -1,0 +1,254 @@
+//! In-process alerts, evaluated on the admin thread every `alerts.interval`:
+//!
+//! | alert | fires when |
+//! |---|---|
+//! | `account_near_concurrency` | an account's live streams reach `concurrency_ratio` of its limit |
+//! | `account_near_budget` | an account's cost this month reaches `budget_ratio` of its monthly budget |
+//! | `unusual_usage` | a device or account streamed, in the current hour, `unusual_factor` × its average hour of the previous 24 (and at least `unusual_min_audio_seconds`) |
+//! | `high_error_rate` | upstream and internal errors reach `error_rate` of the streams started in the last window (once `error_min_streams` started) |
+//! | `slow_first_result` | p99 time to first result in the last window is over `slow_first_result` |
+//!
+//! Each change (firing or resolved) is a structured log event, the gauge
+//! `clio_relay_alerts_firing{alert,subject}`, and optionally a JSON POST to
+//! `alerts.webhook_url`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::json;
+
+use super::{meter, Admin};
+use crate::metrics::{Hist, MetricsSnapshot, Side};
+use crate::usage::UsageRecord;
+
+/// Hours of history kept per subject for the usage baseline.
+const HOURS: usize = 25;
+
+/// What the alert evaluator remembers between passes.
+#[derive(Debug, Default)]
+pub(super) struct AlertState {
+    /// (alert, subject) → firing now; resolved ones stay, at false.
+    states: BTreeMap<(String, String), bool>,
+    /// The merged metrics at the last pass (for window deltas).
+    prev: Option<MetricsSnapshot>,
+    /// Subject → audio ms per hour slot, with the hour each slot holds.
+    hourly: HashMap<String, [(u64, u64); HOURS]>,
+}
+
+fn hour_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() / 3600)
+}
+
+impl AlertState {
+    /// Adds ended streams' audio to the hourly history.
+    pub(super) fn feed(&mut self, records: &[UsageRecord]) {
+        let hour = hour_now();
+        for r in records {
+            for subject in [
+                format!("account:{}", r.account),
+                format!("device:{}", r.device),
+            ] {
+                let slots = self.hourly.entry(subject).or_insert([(0, 0); HOURS]);
+                let slot = &mut slots[(hour % HOURS as u64) as usize];
+                if slot.0 != hour {
+                    *slot = (hour, 0);
+                }
+                slot.1 += r.audio_ms();
+            }
+        }
+    }
+
+    /// (this hour, average of the previous 24 hours) for a subject, in ms.
+    fn usage(&self, slots: &[(u64, u64); HOURS], hour: u64) -> (u64, f64) {
+        let now = slots.iter().find(|(h, _)| *h == hour).map_or(0, |s| s.1);
+        let past: u64 = slots
+            .iter()
+            .filter(|(h, _)| *h < hour && hour - *h <= 24)
+            .map(|s| s.1)
+            .sum();
+        (now, past as f64 / 24.0)
+    }
+}
+
+/// One alert's finding.
+struct Finding {
+    alert: &'static str,
+    subject: String,
+    value: f64,
+    threshold: f64,
+}
+
+/// Evaluates every alert once; reports changes.
+pub(super) async fn evaluate(admin: &Admin) {
+    let cfg = admin.usage_cfg.borrow().alerts.clone();
+    let mut found: Vec<Finding> = Vec::new();
+    // Concurrency and budget, per account.
+    let month = meter::month_audio(admin);
+    {
+        let prices = admin.prices.borrow();
+        for e in admin.accounts.borrow().entries() {
+            let a = &e.state;
+            let max = a.effective_max();
+            let live = a.live.load(Ordering::Relaxed);
+            if max > 0 && live as f64 >= cfg.concurrency_ratio * max as f64 {
+                found.push(Finding {
+                    alert: "account_near_concurrency",
+                    subject: a.id.clone(),
+                    value: live as f64 / max as f64,
+                    threshold: cfg.concurrency_ratio,
+                });
+            }
+            let p = prices.get(&a.id).copied().unwrap_or_default();
+            if p.monthly_budget > 0.0 {
+                let spent = meter::cost(month.get(&a.id).copied().unwrap_or(0), p.per_hour);
+                if spent >= cfg.budget_ratio * p.monthly_budget {
+                    found.push(Finding {
+                        alert: "account_near_budget",
+                        subject: a.id.clone(),
+                        value: spent / p.monthly_budget,
+                        threshold: cfg.budget_ratio,
+                    });
+                }
+            }
+        }
+    }
+    // Unusual usage against each subject's own baseline.
+    {
+        let state = admin.alerts.borrow();
+        let hour = hour_now();
+        for (subject, slots) in &state.hourly {
+            let (now, baseline) = state.usage(slots, hour);
+            let floor = cfg.unusual_min_audio_seconds * 1000;
+            if now >= floor && now as f64 > cfg.unusual_factor * baseline.max(1.0) {
+                found.push(Finding {
+                    alert: "unusual_usage",
+                    subject: subject.clone(),
+                    value: now as f64 / 1000.0,
+                    threshold: cfg.unusual_factor * baseline / 1000.0,
+                });
+            }
+        }
+    }
+    // Error rate and first-result latency over the window since the last pass.
+    let snaps = super::collect(&admin.shards).await;
+    let mut now = MetricsSnapshot::empty(0);
+    for s in &snaps {
+        now.merge(s);
+    }
+    // The first window runs from the relay's start.
+    let prev = admin
+        .alerts
+        .borrow_mut()
+        .prev
+        .replace(now.clone())
+        .unwrap_or_else(|| MetricsSnapshot::empty(0));
+    {
+        let streams = now.streams_total().saturating_sub(prev.streams_total())
+            + now
+                .streams_rejected()
+                .saturating_sub(prev.streams_rejected());
+        let errors = |m: &MetricsSnapshot| {
+            m.error_counts()
+                .filter(|(side, _, _)| *side != Side::Client)
+                .map(|(_, _, n)| n)
+                .sum::<u64>()
+        };
+        let errs = errors(&now).saturating_sub(errors(&prev));
+        if streams >= cfg.error_min_streams
+            && streams > 0
+            && errs as f64 >= cfg.error_rate * streams as f64
+        {
+            found.push(Finding {
+                alert: "high_error_rate",
+                subject: "relay".into(),
+                value: errs as f64 / streams as f64,
+                threshold: cfg.error_rate,
+            });
+        }
+        let mut window = now.histogram(Hist::FirstResult).clone();
+        if window.subtract(prev.histogram(Hist::FirstResult)).is_ok() && !window.is_empty() {
+            let p99 = Duration::from_micros(window.value_at_quantile(0.99));
+            if p99 > cfg.slow_first_result {
+                found.push(Finding {
+                    alert: "slow_first_result",
+                    subject: "relay".into(),
+                    value: p99.as_secs_f64(),
+                    threshold: cfg.slow_first_result.as_secs_f64(),
+                });
+            }
+        }
+    }
+    // Transitions.
+    let mut changes = Vec::new();
+    {
+        let mut state = admin.alerts.borrow_mut();
+        let firing: HashMap<(String, String), &Finding> = found
+            .iter()
+            .map(|f| ((f.alert.to_string(), f.subject.clone()), f))
+            .collect();
+        for (key, f) in &firing {
+            if !state.states.get(key).copied().unwrap_or(false) {
+                changes.push(json!({"alert": f.alert, "subject": f.subject, "state": "firing", "value": f.value, "threshold": f.threshold}));
+            }
+        }
+        for (key, was) in state.states.iter_mut() {
+            let is = firing.contains_key(key);
+            if *was && !is {
+                changes.push(json!({"alert": key.0, "subject": key.1, "state": "resolved"}));
+            }
+            *was = is;
+        }
+        for key in firing.keys() {
+            state.states.insert(key.clone(), true);
+        }
+    }
+    for c in changes {
+        if c["state"] == "firing" {
+            tracing::warn!(alert = %c["alert"].as_str().unwrap_or(""), subject = %c["subject"].as_str().unwrap_or(""), value = c["value"].as_f64().unwrap_or(0.0), threshold = c["threshold"].as_f64().unwrap_or(0.0), "alert firing");
+        } else {
+            tracing::info!(alert = %c["alert"].as_str().unwrap_or(""), subject = %c["subject"].as_str().unwrap_or(""), "alert resolved");
+        }
+        if let Some(url) = &cfg.webhook_url {
+            post(admin, url, &c).await;
+        }
+    }
+}
+
+/// POSTs one alert change to the webhook; failures are logged, not retried.
+async fn post(admin: &Admin, url: &str, change: &serde_json::Value) {
+    let mut body = change.clone();
+    body["source"] = json!("clio-relay");
+    body["at"] = json!(SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs()));
+    let result = match crate::health::RestTarget::from_http_url(url, admin.tls.clone()) {
+        Ok((target, path)) => {
+            target
+                .post_json(&path, body.to_string().as_bytes(), Duration::from_secs(5))
+                .await
+        }
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(s) if (200..300).contains(&s) => {}
+        Ok(s) => tracing::warn!(status = s, "alert webhook refused the alert"),
+        Err(e) => tracing::warn!(error = %e, "alert webhook unreachable"),
+    }
+}
+
+/// `clio_relay_alerts_firing{alert,subject}` for `/metrics`.
+pub(super) fn render_metrics(admin: &Admin, out: &mut String) {
+    out.push_str("# HELP clio_relay_alerts_firing In-process alerts: 1 while firing, 0 once resolved.\n# TYPE clio_relay_alerts_firing gauge\n");
+    for ((alert, subject), firing) in &admin.alerts.borrow().states {
+        let subject = subject.replace('\\', "\\\\").replace('"', "\\\"");
+        let _ = writeln!(
+            out,
+            "clio_relay_alerts_firing{{alert=\"{alert}\",subject=\"{subject}\"}} {}",
+            u8::from(*firing)
+        );
+    }
+}

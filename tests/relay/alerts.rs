@@ -1,0 +1,144 @@
+//! In-process alerts: log, metric and webhook, driven by real streams.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use tungstenite::Message;
+
+use crate::util::*;
+
+/// A webhook receiver on 127.0.0.1:0; every POST body arrives on the channel.
+fn webhook() -> (String, mpsc::Receiver<serde_json::Value>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hooks/clio", listener.local_addr().unwrap());
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let mut reader = BufReader::new(conn);
+            let (mut line, mut len, mut path) = (String::new(), 0usize, String::new());
+            while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+                if line.starts_with("POST ") {
+                    path = line.split(' ').nth(1).unwrap_or("").to_string();
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+                if line == "\r\n" {
+                    break;
+                }
+                line.clear();
+            }
+            let mut body = vec![0; len];
+            let _ = reader.read_exact(&mut body);
+            let _ = reader
+                .get_mut()
+                .write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n");
+            if let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&body) {
+                v["path"] = serde_json::Value::String(path);
+                let _ = tx.send(v);
+            }
+        }
+    });
+    (url, rx)
+}
+
+/// Waits for a webhook call for `alert` in `state` (calls come in any order).
+fn next(rx: &mpsc::Receiver<serde_json::Value>, alert: &str, state: &str) -> serde_json::Value {
+    thread_local! {
+        static SEEN: std::cell::RefCell<Vec<serde_json::Value>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let matches = |v: &serde_json::Value| v["alert"] == alert && v["state"] == state;
+    if let Some(v) = SEEN.with(|s| s.borrow().iter().find(|v| matches(v)).cloned()) {
+        return v;
+    }
+    loop {
+        let v = rx
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("no {alert} {state} webhook"));
+        SEEN.with(|s| s.borrow_mut().push(v.clone()));
+        if matches(&v) {
+            return v;
+        }
+    }
+}
+
+#[test]
+fn concurrency_and_budget_alerts_fire_and_resolve_with_a_webhook() {
+    let fake = fake(&["k1"], |_| {});
+    let (url, rx) = webhook();
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.accounts[0].max_concurrent_streams = 2;
+    cfg.accounts[0].price_per_hour = 3600.0; // 1 per second of audio
+    cfg.accounts[0].monthly_budget = 1.0;
+    cfg.usage.alerts.interval = Duration::from_millis(100);
+    cfg.usage.alerts.concurrency_ratio = 0.5;
+    cfg.usage.alerts.webhook_url = Some(url);
+    let relay = Relay::start(cfg);
+    // One live stream of two allowed: at the 50% threshold.
+    let (mut ws, _) = connect(relay.addr(), &relay.token("d"), Via::Header).unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    let fired = next(&rx, "account_near_concurrency", "firing");
+    assert_eq!(
+        (
+            fired["subject"].as_str(),
+            fired["path"].as_str(),
+            fired["source"].as_str()
+        ),
+        (Some("a"), Some("/hooks/clio"), Some("clio-relay"))
+    );
+    let (_, metrics) = http(relay.handle.admin_addr, "GET", "/metrics", None, None);
+    assert!(
+        metrics.contains(
+            "clio_relay_alerts_firing{alert=\"account_near_concurrency\",subject=\"a\"} 1"
+        ),
+        "{metrics}"
+    );
+    // 1 s of audio costs 1 of a budget of 1: the budget alert fires too.
+    for f in audio_frames(10, 1) {
+        ws.send(Message::binary(f)).unwrap();
+    }
+    ws.send(Message::binary(Vec::<u8>::new())).unwrap();
+    assert!(read_all(&mut ws).finished());
+    next(&rx, "account_near_concurrency", "resolved");
+    let budget = next(&rx, "account_near_budget", "firing");
+    assert!(budget["value"].as_f64().unwrap() >= 0.9, "{budget}");
+}
+
+#[test]
+fn high_error_rate_and_slow_first_result_fire() {
+    let dying = fake(&["k1"], |c| c.faults.close_after_frames = Some(2));
+    let (url, rx) = webhook();
+    let mut cfg = relay_config(&dying.url(), &[("a", "k1")]);
+    cfg.usage.alerts.interval = Duration::from_millis(200);
+    cfg.usage.alerts.error_min_streams = 3;
+    cfg.usage.alerts.webhook_url = Some(url);
+    let relay = Relay::start(cfg);
+    for _ in 0..4 {
+        let (mut ws, _) = connect(relay.addr(), &relay.token("d"), Via::Header).unwrap();
+        let got = stream_session(&mut ws, &config_message(None), &audio_frames(4, 1));
+        assert_eq!(got.error_code(), Some(503));
+    }
+    let v = next(&rx, "high_error_rate", "firing");
+    assert!(v["value"].as_f64().unwrap() >= 0.5, "{v}");
+
+    // First results slower than 50 ms: audio at real-time pace, one word per 480 ms.
+    let healthy = fake(&["k1"], |_| {});
+    let (url, rx) = webhook();
+    let mut cfg = relay_config(&healthy.url(), &[("a", "k1")]);
+    cfg.usage.alerts.interval = Duration::from_millis(200);
+    cfg.usage.alerts.slow_first_result = Duration::from_millis(50);
+    cfg.usage.alerts.webhook_url = Some(url);
+    let relay = Relay::start(cfg);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("d"), Via::Header).unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    for f in audio_frames(6, 1) {
+        ws.send(Message::binary(f)).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    ws.send(Message::binary(Vec::<u8>::new())).unwrap();
+    assert!(read_all(&mut ws).finished());
+    let v = next(&rx, "slow_first_result", "firing");
+    assert!(v["value"].as_f64().unwrap() > 0.05, "{v}");
+}
