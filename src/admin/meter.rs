@@ -238,3 +238,106 @@ pub(super) fn render_metrics(admin: &Admin, out: &mut String) {
         );
     }
 }
+
+/// The last comparison of the relay's meter with Soniox's usage logs, per account.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub(super) struct Reconciliation {
+    /// Streams found in both.
+    pub matched: u64,
+    /// Soniox's log entries with no stream of this relay (other clients of the key, or streams older than the relay remembers).
+    pub unmatched: u64,
+    /// Audio seconds of the matched streams by the relay's meter.
+    pub relay_seconds: f64,
+    /// … and by Soniox.
+    pub soniox_seconds: f64,
+    /// relay − Soniox.
+    pub drift_seconds: f64,
+    /// When (Unix seconds).
+    pub at: u64,
+}
+
+/// Reads each account's `GET /v1/usage-logs` and compares it, stream by
+/// stream (`client_reference_id`), with the relay's own meter.
+pub(super) async fn reconcile(admin: &Admin) {
+    let Some(rest) = admin.rest.as_ref() else {
+        return;
+    };
+    let targets: Vec<_> = admin
+        .accounts
+        .borrow()
+        .entries()
+        .iter()
+        .map(|e| (e.state.id.clone(), e.current.clone()))
+        .collect();
+    for (id, key) in targets {
+        let mut r = Reconciliation {
+            at: crate::control::unix_now(),
+            ..Default::default()
+        };
+        let mut cursor: Option<String> = None;
+        for _page in 0..10 {
+            let path = match &cursor {
+                None => "/v1/usage-logs?limit=1000".to_string(),
+                Some(c) => format!("/v1/usage-logs?limit=1000&cursor={c}"),
+            };
+            let Ok((200, body)) = rest
+                .get(&path, &key, std::time::Duration::from_secs(10))
+                .await
+            else {
+                tracing::debug!(account = %id, "usage logs not readable; reconciliation skipped");
+                break;
+            };
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) else {
+                break;
+            };
+            for log in v["logs"].as_array().into_iter().flatten() {
+                let theirs = log["audio_duration_ms"].as_u64().unwrap_or(0);
+                match log["client_reference_id"].as_str().and_then(|rid| {
+                    admin
+                        .usage
+                        .borrow()
+                        .stream_audio_ms(rid)
+                        .map(|(a, ms)| (a == id, ms))
+                }) {
+                    Some((true, ours)) => {
+                        r.matched += 1;
+                        r.relay_seconds += ours as f64 / 1000.0;
+                        r.soniox_seconds += theirs as f64 / 1000.0;
+                    }
+                    _ => r.unmatched += 1,
+                }
+            }
+            cursor = v["next_page_cursor"]
+                .as_str()
+                .map(str::to_string)
+                .or_else(|| v["next_page_cursor"].as_u64().map(|n| n.to_string()));
+            if cursor.is_none() {
+                break;
+            }
+        }
+        r.drift_seconds = r.relay_seconds - r.soniox_seconds;
+        if r.drift_seconds.abs() > 60.0_f64.max(r.soniox_seconds * 0.05) {
+            tracing::warn!(account = %id, drift_seconds = r.drift_seconds, matched = r.matched, "the relay's usage meter and Soniox's usage logs disagree");
+        }
+        admin.reconciliation.borrow_mut().insert(id, r);
+    }
+}
+
+/// `GET /admin/reconciliation`.
+pub(super) fn reconciliation(admin: &Admin) -> Vec<u8> {
+    let body =
+        serde_json::to_string(&*admin.reconciliation.borrow()).unwrap_or_else(|_| "{}".into());
+    http::response(200, "application/json", "", body.as_bytes())
+}
+
+/// `clio_relay_usage_drift_seconds{account}`.
+pub(super) fn render_drift(admin: &Admin, out: &mut String) {
+    out.push_str("# HELP clio_relay_usage_drift_seconds The relay's audio meter minus Soniox's usage logs, last reconciliation.\n# TYPE clio_relay_usage_drift_seconds gauge\n");
+    for (id, r) in admin.reconciliation.borrow().iter() {
+        let _ = writeln!(
+            out,
+            "clio_relay_usage_drift_seconds{{account=\"{id}\"}} {}",
+            r.drift_seconds
+        );
+    }
+}

@@ -100,6 +100,8 @@ struct Admin {
     prices: RefCell<HashMap<String, meter::Price>>,
     /// In-process alert state.
     alerts: RefCell<alerts::AlertState>,
+    /// Last usage reconciliation per account.
+    reconciliation: RefCell<std::collections::BTreeMap<String, meter::Reconciliation>>,
     /// TLS client config (https webhooks and REST).
     tls: Option<Arc<rustls::ClientConfig>>,
 }
@@ -287,6 +289,7 @@ pub fn start(setup: AdminSetup) -> std::io::Result<AdminHandle> {
                 prices: RefCell::new(prices(&setup.account_configs)),
                 usage_cfg: RefCell::new(setup.usage),
                 alerts: RefCell::new(alerts::AlertState::default()),
+                reconciliation: RefCell::new(Default::default()),
                 tls: setup.tls,
             });
             admin.publish();
@@ -323,6 +326,7 @@ pub fn start(setup: AdminSetup) -> std::io::Result<AdminHandle> {
             let housekeeping = async {
                 let mut last_save = Instant::now();
                 let mut last_alerts = Instant::now();
+                let mut last_reconcile: Option<Instant> = None;
                 let mut save_failed = false;
                 loop {
                     glommio::timer::Timer::new(Duration::from_secs(1)).await;
@@ -333,6 +337,11 @@ pub fn start(setup: AdminSetup) -> std::io::Result<AdminHandle> {
                     if last_alerts.elapsed() >= admin.usage_cfg.borrow().alerts.interval {
                         last_alerts = Instant::now();
                         alerts::evaluate(&admin).await;
+                    }
+                    let every = admin.usage_cfg.borrow().reconcile_interval;
+                    if !every.is_zero() && last_reconcile.is_none_or(|t| t.elapsed() >= every) {
+                        last_reconcile = Some(Instant::now());
+                        meter::reconcile(&admin).await;
                     }
                     if last_save.elapsed() >= admin.usage_cfg.borrow().persist_interval {
                         last_save = Instant::now();
@@ -475,6 +484,9 @@ async fn route(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
             admin.alerts.borrow_mut().feed(&records);
             return meter::usage(admin, req);
         }
+        if req.method == "GET" && req.path == "/admin/reconciliation" {
+            return meter::reconciliation(admin);
+        }
         if req.path == "/admin/revocations" {
             return meter::revocations(admin, req);
         }
@@ -503,6 +515,7 @@ async fn route(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
             api::render_key_metrics(admin, &mut body);
             meter::render_metrics(admin, &mut body);
             alerts::render_metrics(admin, &mut body);
+            meter::render_drift(admin, &mut body);
             let c = &admin.checks;
             body.push_str(&format!(
                 "# HELP clio_relay_health_checks_total Active key checks against upstream's REST API, by result.\n# TYPE clio_relay_health_checks_total counter\nclio_relay_health_checks_total{{result=\"healthy\"}} {}\nclio_relay_health_checks_total{{result=\"refused\"}} {}\nclio_relay_health_checks_total{{result=\"unreachable\"}} {}\n",

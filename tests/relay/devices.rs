@@ -354,3 +354,48 @@ fn usage_survives_a_restart() {
     assert_eq!(v["rows"][0]["audio_seconds"].as_f64(), Some(1.0), "{v}");
     std::fs::remove_dir_all(&cfg.admin.state_dir).ok();
 }
+
+#[test]
+fn reconciliation_matches_soniox_usage_logs_stream_by_stream() {
+    let fake = fake(&["k1"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.admin.token = Some(Secret::new(ADMIN));
+    cfg.usage.reconcile_interval = Duration::from_millis(300);
+    let relay = Relay::start(cfg);
+    for frames in [10, 20, 5] {
+        let (mut ws, _) = connect(relay.addr(), &relay.token("phone"), Via::Header).unwrap();
+        assert!(
+            stream_session(&mut ws, &config_message(None), &audio_frames(frames, 1)).finished()
+        );
+    }
+    let report = || -> serde_json::Value {
+        let (_, body) = http(
+            relay.handle.admin_addr,
+            "GET",
+            "/admin/reconciliation",
+            Some(ADMIN),
+            None,
+        );
+        serde_json::from_str(&body).unwrap_or_default()
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || report()["a"]["matched"] == 3),
+        "{}",
+        report()
+    );
+    let r = report();
+    assert_eq!(
+        (
+            r["a"]["relay_seconds"].as_f64(),
+            r["a"]["soniox_seconds"].as_f64(),
+            r["a"]["drift_seconds"].as_f64()
+        ),
+        (Some(3.5), Some(3.5), Some(0.0)),
+        "{r}"
+    );
+    let (_, metrics) = http(relay.handle.admin_addr, "GET", "/metrics", None, None);
+    assert!(
+        metrics.contains("clio_relay_usage_drift_seconds{account=\"a\"} 0"),
+        "{metrics}"
+    );
+}
