@@ -6,6 +6,8 @@
 //! - [`http`]: the HTTP/1.1 edge: request heads, upgrades, JSON errors.
 //! - [`io`]: connections, the shared duplex wrapper, pooled read buffers.
 //! - [`keyring`]: per-shard account slots; which account serves a new stream.
+//! - [`keystore`]: the encrypted, crash-safe store of accounts and keys added
+//!   at runtime, and how it merges with the config file's accounts.
 //! - [`mask`]: in-place re-masking and fresh mask keys.
 //! - [`metrics`]: per-shard counters and latency histograms, merged and
 //!   rendered as Prometheus text only when scraped.
@@ -20,6 +22,7 @@ pub mod frame;
 pub mod http;
 pub mod io;
 pub mod keyring;
+pub mod keystore;
 pub mod mask;
 pub mod metrics;
 pub mod pump;
