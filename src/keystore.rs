@@ -156,7 +156,9 @@ impl KeyStore {
     /// the generation on disk (what [`KeyStore::load`] returned, or the value
     /// the last successful save left in `data`); it is incremented and the
     /// new value is what the file holds. On error nothing changes, on disk or
-    /// in `data`.
+    /// in `data`, with one exception: if only the final fsync of the
+    /// directory fails, the new store is already in place (readers see it,
+    /// `data.generation` is its generation) but may not survive a power loss.
     pub fn save(&self, data: &mut StoreData) -> Result<(), StoreError> {
         data.validate().map_err(StoreError::Invalid)?;
         let _guard = self
@@ -175,11 +177,14 @@ impl KeyStore {
         let mut json = data.to_json();
         let sealed = format::seal(&self.master, &json);
         master::wipe(&mut json);
-        let result = sealed.and_then(|bytes| atomic::replace(&self.dir, &self.path, &bytes));
-        if result.is_err() {
+        if let Err(e) = sealed.and_then(|b| atomic::write_and_rename(&self.dir, &self.path, &b)) {
             data.generation -= 1;
+            return Err(e);
         }
-        result
+        // The new store is in place (and `data.generation` is its
+        // generation) even if this fails: the error then means only that
+        // the rename may not survive a power loss.
+        atomic::sync_dir(&self.dir)
     }
 
     /// The store file's path (`<dir>/accounts.store`).

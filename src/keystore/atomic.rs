@@ -40,8 +40,12 @@ pub fn ensure_dir(dir: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Replaces `target` (in `dir`) with `bytes`, mode 0600, crash-safely.
-pub fn replace(dir: &Path, target: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+/// Replaces `target` (in `dir`) with `bytes`, mode 0600: after this returns
+/// `Ok`, readers see the new content, but it is durable only once
+/// [`sync_dir`] on `dir` has succeeded too (the caller does that, because a
+/// failure there means "replaced, durability unknown", not "unchanged").
+/// On `Err` the target is untouched.
+pub fn write_and_rename(dir: &Path, target: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
     let temp = dir.join(format!("{TEMP_PREFIX}{}-{n}", std::process::id()));
     let result = write_synced(&temp, bytes).and_then(|()| {
@@ -56,9 +60,8 @@ pub fn replace(dir: &Path, target: &Path, bytes: &[u8]) -> Result<(), StoreError
         // Best effort: the write already failed; a leftover is removed on
         // the next open anyway.
         let _ = fs::remove_file(&temp);
-        return result;
     }
-    sync_dir(dir)
+    result
 }
 
 /// Writes a new file (it must not exist) with mode 0600 and fsyncs it.

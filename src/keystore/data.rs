@@ -209,10 +209,16 @@ impl StoreData {
 
     /// Parses and validates a decrypted document.
     pub(super) fn from_json(json: &[u8]) -> Result<StoreData, StoreError> {
-        // serde_json's messages quote at most a position and a type, never
-        // the input, so they are safe to show.
-        let doc: Doc = serde_json::from_slice(json)
-            .map_err(|e| StoreError::Corrupt(format!("document does not parse: {e}")))?;
+        // serde_json's own messages can quote a value from the input (a
+        // key, say); only the error's category and position are shown.
+        let doc: Doc = serde_json::from_slice(json).map_err(|e| {
+            StoreError::Corrupt(format!(
+                "document does not parse ({:?} error at line {} column {})",
+                e.classify(),
+                e.line(),
+                e.column()
+            ))
+        })?;
         if doc.version != DOC_VERSION {
             return Err(StoreError::Corrupt(format!(
                 "document version {} is not supported (this build reads {DOC_VERSION})",

@@ -134,6 +134,35 @@ fn stale_data_is_refused_not_overwritten() {
 }
 
 #[test]
+fn concurrent_writers_lose_no_update() {
+    let dir = TempDir::new("concurrent");
+    let store = KeyStore::open(&dir.0, master()).unwrap();
+    std::thread::scope(|s| {
+        for t in 0..4 {
+            let store = &store;
+            s.spawn(move || {
+                for i in 0..5 {
+                    // Read, change, save; on a conflict read again (what an
+                    // admin API handler does).
+                    loop {
+                        let mut data = store.load().unwrap();
+                        data.upsert(account(&format!("t{t}-{i}"), KEY_A, 0));
+                        match store.save(&mut data) {
+                            Ok(()) => break,
+                            Err(StoreError::Conflict { .. }) => continue,
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let data = store.load().unwrap();
+    assert_eq!(data.accounts.len(), 20);
+    assert_eq!(data.generation, 20);
+}
+
+#[test]
 fn invalid_data_is_refused() {
     let dir = TempDir::new("invalid");
     let store = KeyStore::open(&dir.0, master()).unwrap();
@@ -225,6 +254,24 @@ fn garbled_file_is_corrupt() {
     }
     std::fs::write(store.path(), [0xff, 0xfe, 0x00, b'\n']).unwrap();
     assert!(matches!(store.load(), Err(StoreError::Corrupt(_))));
+}
+
+#[test]
+fn bad_document_inside_a_good_seal_is_corrupt_and_not_quoted() {
+    let dir = TempDir::new("baddoc");
+    let store = KeyStore::open(&dir.0, master()).unwrap();
+    for doc in [
+        format!(r#"{{"version":1,"generation":"{KEY_A}"}}"#),
+        format!(r#"{{"version":1,"generation":1,"accounts":[{{"id":"{KEY_B}"}}]}}"#),
+        r#"{"version":2,"generation":1}"#.to_string(),
+    ] {
+        let sealed = format::seal(&master(), doc.as_bytes()).unwrap();
+        std::fs::write(store.path(), sealed).unwrap();
+        let err = store.load().unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt(_)), "{err}");
+        let shown = format!("{err} {err:?}");
+        assert!(!shown.contains("sk_test"), "{shown}");
+    }
 }
 
 #[test]
