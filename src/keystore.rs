@@ -47,6 +47,29 @@
 //!
 //! Config accounts keep their file order; store-only accounts follow in
 //! store order.
+//!
+//! # Example
+//! ```
+//! use clio_relay::keystore::{merge, unix_now, KeyStore, MasterKey, StoredAccount, StoredKey};
+//! use clio_relay::secret::Secret;
+//!
+//! let dir = std::env::temp_dir().join(format!("clio-keystore-doc-{}", std::process::id()));
+//! let store = KeyStore::open(&dir, MasterKey::from_hex(&"5a".repeat(32))?)?;
+//! let mut data = store.load()?; // empty the first time
+//! data.upsert(StoredAccount {
+//!     id: "runtime-1".into(),
+//!     region: "us-east".into(),
+//!     enabled: true,
+//!     max_concurrent_streams: 100,
+//!     key: StoredKey { key: Secret::new("soniox-key"), created_at: unix_now() },
+//!     retiring: Vec::new(),
+//! });
+//! store.save(&mut data)?; // generation 0 -> 1, atomically
+//! let accounts = merge(&[], &store.load()?, unix_now());
+//! assert_eq!(accounts[0].id, "runtime-1");
+//! # std::fs::remove_dir_all(&dir).unwrap();
+//! # Ok::<(), clio_relay::keystore::StoreError>(())
+//! ```
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
