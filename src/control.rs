@@ -101,6 +101,101 @@ impl Accounts {
         set
     }
 
+    /// The accounts of the config file merged with the key store's
+    /// (`keystore::merge`: a store entry wins by id, removed ids stay gone,
+    /// overrides apply).
+    pub fn from_merged(merged: &[crate::keystore::MergedAccount], epoch: Instant) -> Accounts {
+        let mut set = Accounts {
+            epoch,
+            entries: Vec::new(),
+            metrics_ids: Vec::new(),
+        };
+        let now = unix_now();
+        for m in merged {
+            let source = match m.source {
+                crate::keystore::Source::Config => Source::Config,
+                crate::keystore::Source::Store => Source::Store,
+            };
+            let created = now.saturating_sub(m.key_age_secs.unwrap_or(0));
+            if let Err(e) = set.add(
+                &m.id,
+                m.key.clone(),
+                &m.region,
+                m.enabled,
+                m.max_concurrent_streams,
+                created,
+                source,
+            ) {
+                tracing::warn!(account = %m.id, error = %e, "stored account not loaded");
+            }
+        }
+        set
+    }
+
+    /// The key-store document that reproduces this set over the config
+    /// file's `config` accounts: runtime accounts in full, flags changed on
+    /// config accounts as overrides, config accounts removed at runtime as
+    /// `removed`.
+    pub fn to_store(
+        &self,
+        config: &[AccountConfig],
+        generation: u64,
+    ) -> crate::keystore::StoreData {
+        use crate::keystore::{AccountOverride, RetiringKey, StoreData, StoredAccount, StoredKey};
+        let mut data = StoreData {
+            generation,
+            ..StoreData::default()
+        };
+        for e in &self.entries {
+            let st = &e.state;
+            let (enabled, max) = (
+                st.enabled.load(Ordering::Relaxed),
+                st.max_concurrent.load(Ordering::Relaxed),
+            );
+            match e.source {
+                Source::Store => data.accounts.push(StoredAccount {
+                    id: st.id.clone(),
+                    region: st.region(),
+                    enabled,
+                    max_concurrent_streams: max,
+                    key: StoredKey {
+                        key: e.current.key.clone(),
+                        created_at: e.current.created_at,
+                    },
+                    retiring: e
+                        .retiring
+                        .iter()
+                        .map(|k| RetiringKey {
+                            key: StoredKey {
+                                key: k.key.clone(),
+                                created_at: k.created_at,
+                            },
+                            retire_at: k.retire_at.load(Ordering::Relaxed),
+                        })
+                        .collect(),
+                }),
+                Source::Config => {
+                    if let Some(c) = config.iter().find(|c| c.id == st.id) {
+                        if c.enabled != enabled || c.max_concurrent_streams != max {
+                            data.overrides.push(AccountOverride {
+                                id: st.id.clone(),
+                                enabled: (c.enabled != enabled).then_some(enabled),
+                                max_concurrent_streams: (c.max_concurrent_streams != max)
+                                    .then_some(max),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        for c in config {
+            if self.get(&c.id).is_none() {
+                data.removed.push(c.id.clone());
+            }
+        }
+        data
+    }
+
     /// All entries, in ring order.
     pub fn entries(&self) -> &[Entry] {
         &self.entries
@@ -205,7 +300,6 @@ impl Accounts {
             .state
             .enabled
             .store(enabled, Ordering::Relaxed);
-        self.entries[i].source = Source::Store;
         Ok(())
     }
 
@@ -222,7 +316,6 @@ impl Accounts {
             .state
             .max_concurrent
             .store(max, Ordering::Relaxed);
-        self.entries[i].source = Source::Store;
         Ok(())
     }
 

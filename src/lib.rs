@@ -9,6 +9,8 @@
 //! - [`io`]: connections, the shared duplex wrapper, pooled read buffers.
 //! - [`keyring`]: per-shard account slots; which account serves a new stream.
 //! - [`keys_cli`]: `clio-relay keys`: the admin account API from the command line.
+//! - [`keystore`]: the encrypted, crash-safe store of accounts and keys added
+//!   at runtime, and how it merges with the config file's accounts.
 //! - [`mask`]: in-place re-masking and fresh mask keys.
 //! - [`metrics`]: per-shard counters and latency histograms, merged and
 //!   rendered as Prometheus text only when scraped.
@@ -28,6 +30,7 @@ pub mod http;
 pub mod io;
 pub mod keyring;
 pub mod keys_cli;
+pub mod keystore;
 pub mod mask;
 pub mod metrics;
 pub mod pump;

@@ -33,7 +33,29 @@ pub struct RelayHandle {
 pub fn start(cfg: &Config) -> std::io::Result<RelayHandle> {
     let invalid = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
     let epoch = Instant::now();
-    let accounts = Accounts::from_config(&cfg.accounts, epoch);
+    // With a master key, runtime changes live in the encrypted key store and
+    // merge with the config file's accounts; without one, only the file.
+    let (accounts, store) = match &cfg.admin.master_key {
+        None => (Accounts::from_config(&cfg.accounts, epoch), None),
+        Some(k) => {
+            let store_err = |e: crate::keystore::StoreError| {
+                std::io::Error::other(format!(
+                    "key store in {}: {e}",
+                    cfg.admin.state_dir.display()
+                ))
+            };
+            let master = crate::keystore::MasterKey::from_hex(k.expose()).map_err(store_err)?;
+            let store =
+                crate::keystore::KeyStore::open(&cfg.admin.state_dir, master).map_err(store_err)?;
+            let data = store.load().map_err(store_err)?;
+            let merged = crate::keystore::merge(&cfg.accounts, &data, crate::control::unix_now());
+            tracing::info!(dir = %cfg.admin.state_dir.display(), generation = data.generation, runtime_accounts = data.accounts.len(), "key store loaded");
+            (
+                Accounts::from_merged(&merged, epoch),
+                Some((store, data.generation)),
+            )
+        }
+    };
     let process = ProcessState::new(
         cfg.server.max_streams,
         accounts.ring(),
@@ -87,6 +109,7 @@ pub fn start(cfg: &Config) -> std::io::Result<RelayHandle> {
         usage: cfg.usage.clone(),
         account_configs: cfg.accounts.clone(),
         tls: tls.clone(),
+        store,
     })?;
     tracing::info!(client = %shards[0].addr, admin = %admin.addr, shards = n, accounts = process.accounts().len(), "clio-relay listening");
     Ok(RelayHandle {

@@ -124,6 +124,13 @@ pub(super) fn handle(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
     match result {
         Ok(()) => {
             admin.publish();
+            if let Err(e) = admin.persist() {
+                tracing::error!(error = %e, "account change applied but not saved to the key store");
+                return http::json_error(
+                    500,
+                    &format!("applied, but not saved to the key store: {e}"),
+                );
+            }
             let id = parts.get(1).copied().unwrap_or_default();
             tracing::info!(
                 method = req.method,

@@ -62,6 +62,8 @@ pub struct AdminSetup {
     pub account_configs: Vec<crate::config::AccountConfig>,
     /// TLS client config for https webhooks.
     pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// The encrypted key store and the generation last loaded, if any.
+    pub store: Option<(crate::keystore::KeyStore, u64)>,
 }
 
 fn prices(accounts: &[crate::config::AccountConfig]) -> HashMap<String, meter::Price> {
@@ -100,6 +102,12 @@ struct Admin {
     prices: RefCell<HashMap<String, meter::Price>>,
     /// In-process alert state.
     alerts: RefCell<alerts::AlertState>,
+    /// The key store, where account changes are saved (none without a master key).
+    store: Option<crate::keystore::KeyStore>,
+    /// The store generation last written or read.
+    store_generation: std::cell::Cell<u64>,
+    /// The config file's accounts (the base the store's changes apply to).
+    account_configs: RefCell<Vec<crate::config::AccountConfig>>,
     /// Last usage reconciliation per account.
     reconciliation: RefCell<std::collections::BTreeMap<String, meter::Reconciliation>>,
     /// TLS client config (https webhooks and REST).
@@ -124,6 +132,20 @@ fn token_check(token: Option<&Secret>) -> Option<(ring::hmac::Key, ring::hmac::T
 }
 
 impl Admin {
+    /// Saves the account set to the key store (if there is one).
+    fn persist(&self) -> Result<(), String> {
+        let Some(store) = &self.store else {
+            return Ok(());
+        };
+        let mut data = self
+            .accounts
+            .borrow()
+            .to_store(&self.account_configs.borrow(), self.store_generation.get());
+        store.save(&mut data).map_err(|e| e.to_string())?;
+        self.store_generation.set(data.generation);
+        Ok(())
+    }
+
     /// Sends the current ring version to every shard.
     fn publish(&self) {
         let accounts = self.accounts.borrow();
@@ -169,6 +191,10 @@ impl Admin {
         ));
         *self.token_check.borrow_mut() = token_check(cfg.admin.token.as_ref());
         *self.prices.borrow_mut() = prices(&cfg.accounts);
+        *self.account_configs.borrow_mut() = cfg.accounts.clone();
+        if let Err(e) = self.persist() {
+            log.push(format!("key store not updated: {e}"));
+        }
         *self.usage_cfg.borrow_mut() = cfg.usage.clone();
         *self.config.borrow_mut() = cfg.admin.clone();
         log
@@ -290,6 +316,9 @@ pub fn start(setup: AdminSetup) -> std::io::Result<AdminHandle> {
                 usage_cfg: RefCell::new(setup.usage),
                 alerts: RefCell::new(alerts::AlertState::default()),
                 reconciliation: RefCell::new(Default::default()),
+                store_generation: std::cell::Cell::new(setup.store.as_ref().map_or(0, |(_, g)| *g)),
+                store: setup.store.map(|(s, _)| s),
+                account_configs: RefCell::new(setup.account_configs.clone()),
                 tls: setup.tls,
             });
             admin.publish();

@@ -339,3 +339,82 @@ fn keys_cli_talks_to_a_running_relay() {
     assert!(!ok && out.contains("404"), "{out}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn runtime_changes_survive_a_restart_in_the_encrypted_store() {
+    let fake = fake(&["k1", "k2", "k3"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1"), ("c", "k3")]);
+    cfg.admin.token = Some(Secret::new(ADMIN));
+    cfg.admin.master_key = Some(Secret::new("0123456789abcdef".repeat(4)));
+    let relay = Relay::start(cfg.clone());
+    let admin = relay.handle.admin_addr;
+    assert_eq!(
+        http(
+            admin,
+            "POST",
+            "/admin/accounts",
+            Some(ADMIN),
+            Some(r#"{"id":"b","key":"k2","region":"eu"}"#)
+        )
+        .0,
+        200
+    );
+    assert_eq!(
+        http(
+            admin,
+            "POST",
+            "/admin/accounts/a/disable",
+            Some(ADMIN),
+            None
+        )
+        .0,
+        200
+    );
+    assert_eq!(
+        http(admin, "DELETE", "/admin/accounts/c", Some(ADMIN), None).0,
+        200
+    );
+    drop(relay);
+    // The store holds the key encrypted: not in the file's bytes.
+    let bytes = std::fs::read(cfg.admin.state_dir.join("accounts.store")).unwrap();
+    assert!(
+        !bytes.windows(2).any(|w| w == b"k2"),
+        "the key is not stored in the clear"
+    );
+
+    let relay = Relay::start(cfg.clone());
+    let list = accounts_json(&relay);
+    let ids: Vec<_> = list["accounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                a["id"].as_str().unwrap().to_string(),
+                a["enabled"].as_bool().unwrap(),
+                a["source"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        ids,
+        vec![
+            ("a".into(), false, "config".into()),
+            ("b".into(), true, "store".into())
+        ],
+        "{list}"
+    );
+    assert!(one_session(&relay).finished());
+    assert_eq!(fake.sessions().last().unwrap().key.as_deref(), Some("k2"));
+    drop(relay);
+
+    // The wrong master key: the relay refuses to start, and says why.
+    let mut wrong = cfg.clone();
+    wrong.admin.master_key = Some(Secret::new("f".repeat(64)));
+    let err = clio_relay::server::start(&wrong).unwrap_err().to_string();
+    assert!(
+        err.contains("key store") && !err.contains(&"f".repeat(64)),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&cfg.admin.state_dir).ok();
+}
