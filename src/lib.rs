@@ -17,6 +17,8 @@
 //! - [`pump`]: the frame path: in-place scanning, re-masking and forwarding.
 //! - [`control`]: the control plane's authoritative account set; changes become ring versions.
 //! - [`secret`]: secret values that only ever print as fingerprints.
+//! - [`systemd`]: sd_notify (ready, status, watchdog, reload, stop) and
+//!   socket activation (`LISTEN_FDS`), written by hand.
 //! - [`upstream`]: TCP, TLS and the WebSocket client upgrade to Soniox.
 //! - [`usage`]: the usage ledger: per day, by account and device; persisted.
 //! - [`fake_soniox`]: a local stand-in for Soniox's real-time WebSocket API (tests, load).
@@ -51,4 +53,5 @@ pub mod relay_load;
 pub mod server;
 pub mod session;
 pub mod shard;
+pub mod systemd;
 pub mod token;

@@ -1,0 +1,265 @@
+//! The systemd units and the installer: `systemd-analyze verify` and
+//! `systemd-analyze security` on the units (skipped, with the reason
+//! printed, where systemd-analyze cannot run), the sockets' names against
+//! what `clio_relay::systemd` looks for, and `tools/install.sh` staged into a
+//! directory, its config accepted by `clio-relay check-config`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const UNITS: [&str; 3] = [
+    "clio-relay.service",
+    "clio-relay.socket",
+    "clio-relay-admin.socket",
+];
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn unit(name: &str) -> String {
+    std::fs::read_to_string(repo().join("systemd").join(name)).unwrap()
+}
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("clio-relay-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// The units in a temp dir, ExecStart pointing at the binary cargo built
+/// (verify checks the command exists).
+fn staged_units() -> PathBuf {
+    let d = temp_dir("units");
+    for u in UNITS {
+        let text = unit(u).replace(
+            "/usr/local/bin/clio-relay",
+            env!("CARGO_BIN_EXE_clio-relay"),
+        );
+        std::fs::write(d.join(u), text).unwrap();
+    }
+    d
+}
+
+/// `systemd-analyze` if it runs here, else why not.
+fn systemd_analyze() -> Result<(), String> {
+    match Command::new("systemd-analyze").arg("--version").output() {
+        Ok(o) if o.status.success() => Ok(()),
+        Ok(o) => Err(format!(
+            "systemd-analyze --version failed: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        )),
+        Err(e) => Err(format!(
+            "systemd-analyze not runnable ({e}); install the systemd package"
+        )),
+    }
+}
+
+#[test]
+fn units_pass_systemd_analyze_verify() {
+    if let Err(why) = systemd_analyze() {
+        println!("SKIPPED units_pass_systemd_analyze_verify: {why}");
+        return;
+    }
+    let d = staged_units();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .args(UNITS.iter().map(|u| d.join(u)))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "systemd-analyze verify failed:\n{stderr}"
+    );
+    // Other units on the host may draw warnings; ours must draw none.
+    let ours: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("clio-relay"))
+        .collect();
+    assert!(
+        ours.is_empty(),
+        "systemd-analyze verify warns:\n{}",
+        ours.join("\n")
+    );
+}
+
+#[test]
+fn service_exposure_is_at_most_2() {
+    if let Err(why) = systemd_analyze() {
+        println!("SKIPPED service_exposure_is_at_most_2: {why}");
+        return;
+    }
+    let d = staged_units();
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=yes", "--no-pager"])
+        .arg(d.join("clio-relay.service"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let Some(line) = stdout
+        .lines()
+        .find(|l| l.contains("Overall exposure level"))
+    else {
+        println!(
+            "SKIPPED service_exposure_is_at_most_2: no exposure figure (systemd older than 250?): {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        return;
+    };
+    let figure: f64 = line
+        .split(':')
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("cannot read {line:?}"));
+    println!("{}", line.trim());
+    assert!(figure <= 2.0, "exposure {figure} > 2.0:\n{stdout}");
+    // The figure written in the unit and the README is the one measured.
+    let written = format!("exposure {figure:.1}");
+    assert!(
+        unit("clio-relay.service").contains(&written),
+        "unit should say {written:?}"
+    );
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    assert!(
+        readme.contains(&format!("**{figure:.1} (OK)**")),
+        "README should say {figure:.1}"
+    );
+}
+
+#[test]
+fn units_say_what_the_relay_expects() {
+    let service = unit("clio-relay.service");
+    for line in [
+        "Type=notify",
+        "NotifyAccess=main",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "StateDirectory=clio-relay",
+        "NoNewPrivileges=yes",
+        "CapabilityBoundingSet=",
+        "ProtectSystem=strict",
+        "SystemCallFilter=@system-service",
+    ] {
+        assert!(service.lines().any(|l| l == line), "service lacks {line:?}");
+    }
+    assert!(service.contains("WatchdogSec="));
+    assert!(service.contains("LoadCredential="));
+    let client = unit("clio-relay.socket");
+    let admin = unit("clio-relay-admin.socket");
+    assert!(client.contains(&format!(
+        "FileDescriptorName={}\n",
+        clio_relay::systemd::CLIENT_FD_NAME
+    )));
+    assert!(admin.contains(&format!(
+        "FileDescriptorName={}\n",
+        clio_relay::systemd::ADMIN_FD_NAME
+    )));
+    assert!(client.contains("ReusePort=yes"));
+    for s in [&client, &admin] {
+        assert!(s.contains("Service=clio-relay.service"));
+    }
+    // The socket addresses are the example config's.
+    let example = std::fs::read_to_string(repo().join("config/example.toml")).unwrap();
+    assert!(
+        example.contains(r#"listen = "0.0.0.0:8080""#)
+            && client.contains("ListenStream=0.0.0.0:8080")
+    );
+    assert!(
+        example.contains(r#"admin_listen = "127.0.0.1:9464""#)
+            && admin.contains("ListenStream=127.0.0.1:9464")
+    );
+}
+
+#[test]
+fn install_sh_stages_a_working_layout() {
+    let root = temp_dir("install");
+    let out = Command::new("sh")
+        .arg(repo().join("tools/install.sh"))
+        .arg(env!("CARGO_BIN_EXE_clio-relay"))
+        .env("DESTDIR", &root)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "install.sh failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("missing: token-secret admin-token soniox-01"),
+        "{stdout}"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&root.join("usr/local/bin/clio-relay")), 0o755);
+    assert_eq!(mode(&root.join("etc/clio-relay/credentials")), 0o700);
+    for u in UNITS {
+        assert_eq!(
+            std::fs::read_to_string(root.join("etc/systemd/system").join(u)).unwrap(),
+            unit(u)
+        );
+    }
+    // The generated config reads every secret from a credential the unit loads.
+    let conf = root.join("etc/clio-relay/clio-relay.toml");
+    let text = std::fs::read_to_string(&conf).unwrap();
+    let creds = "/run/credentials/clio-relay.service/";
+    let service = unit("clio-relay.service");
+    let mut used = 0;
+    for l in text.lines().filter(|l| !l.trim_start().starts_with('#')) {
+        assert!(!l.contains("_env"), "secret from the environment: {l}");
+        if let Some(i) = l.find(creds) {
+            let name: String = l[i + creds.len()..]
+                .chars()
+                .take_while(|c| *c != '"')
+                .collect();
+            assert!(
+                service.contains(&format!(
+                    "LoadCredential={name}:/etc/clio-relay/credentials/{name}\n"
+                )),
+                "no LoadCredential for {name}"
+            );
+            used += 1;
+        }
+    }
+    assert_eq!(used, 3, "{text}");
+    // With the credentials in place, check-config accepts it.
+    let cred_dir = temp_dir("creds");
+    std::fs::write(
+        cred_dir.join("token-secret"),
+        "0123456789abcdef0123456789abcdef0123\n",
+    )
+    .unwrap();
+    std::fs::write(cred_dir.join("admin-token"), "admin-token-0123456789\n").unwrap();
+    std::fs::write(cred_dir.join("soniox-01"), "soniox-test-key-01\n").unwrap();
+    let local = cred_dir.join("clio-relay.toml");
+    std::fs::write(
+        &local,
+        text.replace(creds, &format!("{}/", cred_dir.display())),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_clio-relay"))
+        .args(["check-config", "--config"])
+        .arg(&local)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "check-config refused the installed config:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A second run keeps the config.
+    std::fs::write(&conf, "# edited\n").unwrap();
+    let out = Command::new("sh")
+        .arg(repo().join("tools/install.sh"))
+        .arg(env!("CARGO_BIN_EXE_clio-relay"))
+        .env("DESTDIR", &root)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(std::fs::read_to_string(&conf).unwrap(), "# edited\n");
+    let _ = std::fs::remove_dir_all(&root);
+    let _ = std::fs::remove_dir_all(&cred_dir);
+}
