@@ -357,6 +357,9 @@ pub struct LimitsConfig {
     pub max_first_message_bytes: usize,
     /// A stream with no frame in either direction for this long is closed.
     pub idle_timeout: Duration,
+    /// After SIGTERM, how long live streams may run to their end before the
+    /// relay finalizes them and tells their clients to reconnect.
+    pub drain_timeout: Duration,
 }
 
 impl Default for LimitsConfig {
@@ -367,6 +370,7 @@ impl Default for LimitsConfig {
             max_frame_bytes: 1 << 20,
             max_first_message_bytes: 64 << 10,
             idle_timeout: Duration::from_secs(30),
+            drain_timeout: Duration::from_secs(30),
         }
     }
 }

@@ -192,6 +192,8 @@ pub enum End {
     /// The relay ended the stream: a device limit was reached mid-stream
     /// or the device was revoked.
     Stopped(crate::devices::Limit),
+    /// The relay is shutting down: finalize, deliver, then "reconnect".
+    Drain,
 }
 
 /// What the two pumps of one stream share. Plain cells: both run in one task.
@@ -232,6 +234,8 @@ pub struct StreamState {
     pub upstream_audio_ms: Cell<Option<u64>>,
     /// The last `error_code` upstream sent.
     pub upstream_error: Cell<Option<u16>>,
+    /// Upstream sent the `<fin>` token (the answer to a finalize).
+    pub fin_seen: Cell<bool>,
 }
 
 impl StreamState {
@@ -274,6 +278,9 @@ impl StreamState {
     /// search first, so ordinary results cost almost nothing.
     pub fn note_upstream_text(&self, payload: &[u8]) {
         let has = |needle: &[u8]| payload.windows(needle.len()).any(|w| w == needle);
+        if has(b"<fin>") {
+            self.fin_seen.set(true);
+        }
         if !(has(b"\"finished\"") || has(b"\"error_code\"")) {
             return;
         }
@@ -316,6 +323,7 @@ impl StreamState {
             device: std::cell::RefCell::new(None),
             upstream_audio_ms: Cell::new(None),
             upstream_error: Cell::new(None),
+            fin_seen: Cell::new(false),
         }
     }
 }

@@ -31,6 +31,17 @@ pub struct RelayHandle {
 /// there are no more shards than cores), then the admin server. Returns once
 /// everything listens.
 pub fn start(cfg: &Config) -> std::io::Result<RelayHandle> {
+    start_with(cfg, crate::systemd::Activated::default())
+}
+
+/// Like [`start`], with listening sockets systemd passed (socket activation):
+/// the client socket is shared by every shard, the admin socket used as is.
+pub fn start_with(
+    cfg: &Config,
+    sockets: crate::systemd::Activated,
+) -> std::io::Result<RelayHandle> {
+    let client_fd = sockets.client.map(Arc::new);
+    let admin_fd = sockets.admin.map(Arc::new);
     let invalid = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
     let epoch = Instant::now();
     // With a master key, runtime changes live in the encrypted key store and
@@ -88,6 +99,7 @@ pub fn start(cfg: &Config) -> std::io::Result<RelayHandle> {
         tokens: Arc::new(TokenKeys::from_config(&cfg.tokens)),
         process: process.clone(),
         devices: Arc::new(cfg.devices.clone()),
+        listen_fd: client_fd,
     };
     let mut shards: Vec<ShardHandle> = Vec::with_capacity(n);
     for i in 0..n {
@@ -110,6 +122,7 @@ pub fn start(cfg: &Config) -> std::io::Result<RelayHandle> {
         account_configs: cfg.accounts.clone(),
         tls: tls.clone(),
         store,
+        listen_fd: admin_fd,
     })?;
     tracing::info!(client = %shards[0].addr, admin = %admin.addr, shards = n, accounts = process.accounts().len(), "clio-relay listening");
     Ok(RelayHandle {
@@ -166,6 +179,53 @@ impl RelayHandle {
         Ok(log)
     }
 
+    /// Graceful stop (SIGTERM): stop accepting (`/healthz` 503, listeners
+    /// closed so a new process takes new connections), let live streams
+    /// finish for up to `deadline`, then finalize the rest: upstream is
+    /// asked for its final tokens, the client gets them, then Soniox's 503
+    /// "reconnect" and close 1012. Returns the streams that had to be cut.
+    pub fn drain(&self, deadline: std::time::Duration) -> u32 {
+        self.process.set_draining(true);
+        for s in &self.shards {
+            let _ = s.tx.try_send(ShardMsg::StopAccepting);
+        }
+        let end = Instant::now() + deadline;
+        while self.process.live_streams() > 0 && Instant::now() < end {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let cut = self.process.live_streams();
+        if cut > 0 {
+            tracing::info!(
+                streams = cut,
+                "drain deadline: finalizing the streams still live"
+            );
+            for s in &self.shards {
+                let _ = s.tx.try_send(ShardMsg::Drain);
+            }
+            let end = Instant::now() + std::time::Duration::from_secs(8);
+            while self.process.live_streams() > 0 && Instant::now() < end {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+        cut
+    }
+
+    /// Whether every shard answers a control message within `limit` (the
+    /// systemd watchdog's liveness check).
+    pub fn shards_alive(&self, limit: std::time::Duration) -> Result<(), String> {
+        let txs: Vec<_> = self.shards.iter().map(|s| s.tx.clone()).collect();
+        let n = txs.len();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(futures_lite::future::block_on(admin::collect(&txs)).len());
+        });
+        match rx.recv_timeout(limit) {
+            Ok(k) if k == n => Ok(()),
+            Ok(k) => Err(format!("{} of {n} shards answered", k)),
+            Err(_) => Err("a shard did not answer in time".into()),
+        }
+    }
+
     /// Per-shard metrics (blocking).
     pub fn shard_metrics(&self) -> Vec<MetricsSnapshot> {
         let txs: Vec<_> = self.shards.iter().map(|s| s.tx.clone()).collect();
@@ -197,48 +257,87 @@ impl Drop for RelayHandle {
 }
 
 /// Runs the relay from the config file at `path` until SIGTERM or SIGINT.
-/// SIGHUP re-reads the file and applies it live; an invalid file is refused
-/// with its problems logged, and the running configuration is kept.
+///
+/// - Under systemd: takes the listening sockets it passed (socket
+///   activation), sends READY=1 once everything listens, STATUS= with live
+///   streams and WATCHDOG=1 while every shard answers, RELOADING=1 around
+///   SIGHUP, STOPPING=1 on SIGTERM/SIGINT.
+/// - SIGHUP re-reads the file and applies it live; an invalid file is
+///   refused with its problems logged, and the running configuration kept.
+/// - SIGTERM drains (see [`RelayHandle::drain`]); SIGINT stops at once.
 pub fn run(path: &std::path::Path) -> std::io::Result<()> {
+    use crate::systemd::{Notifier, Watchdog};
+    use nix::sys::signal::{SigSet, Signal};
+    let notify = Notifier::from_env();
+    // Before any thread starts: the sockets systemd passed, and the signal
+    // mask every thread inherits (only this thread receives them).
+    let sockets = crate::systemd::listen_fds()?;
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGHUP);
+    set.thread_block().map_err(std::io::Error::from)?;
     let cfg = Config::load(path).map_err(|e| {
         std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
             format!("{}: {e}", path.display()),
         )
     })?;
-    let cfg = &cfg;
-    use nix::sys::signal::{SigSet, Signal};
-    // Block the signals before any thread starts so every thread inherits the
-    // mask and only this one receives them, synchronously.
-    let mut set = SigSet::empty();
-    set.add(Signal::SIGTERM);
-    set.add(Signal::SIGINT);
-    set.add(Signal::SIGHUP);
-    set.thread_block().map_err(std::io::Error::from)?;
-    let relay = start(cfg)?;
-    loop {
+    if !sockets.is_empty() {
+        tracing::info!(
+            client = sockets.client.is_some(),
+            admin = sockets.admin.is_some(),
+            "using sockets passed by systemd"
+        );
+    }
+    let mut drain_timeout = cfg.limits.drain_timeout;
+    let relay = Arc::new(start_with(&cfg, sockets)?);
+    notify.ready();
+    let watchdog = {
+        let relay = relay.clone();
+        let every = Notifier::watchdog_interval().unwrap_or(std::time::Duration::from_secs(5));
+        Watchdog::spawn(notify.clone(), every, move || {
+            relay.shards_alive(std::time::Duration::from_secs(2))?;
+            Ok(format!("{} live streams", relay.process.live_streams()))
+        })?
+    };
+    let signal = loop {
         match set.wait().map_err(std::io::Error::from)? {
-            Signal::SIGHUP => match Config::load(path) {
-                Err(e) => {
-                    for p in &e.problems {
-                        tracing::error!(problem = %p, "SIGHUP: reload refused, the running configuration is kept");
-                    }
-                }
-                Ok(new) => match relay.reload(&new) {
-                    Ok(changes) => {
-                        for c in changes {
-                            tracing::info!(change = %c, "SIGHUP: reloaded");
+            Signal::SIGHUP => {
+                notify.reloading();
+                match Config::load(path) {
+                    Err(e) => {
+                        for p in &e.problems {
+                            tracing::error!(problem = %p, "SIGHUP: reload refused, the running configuration is kept");
                         }
                     }
-                    Err(e) => tracing::error!(error = %e, "SIGHUP: reload failed"),
-                },
-            },
-            sig => {
-                tracing::info!(signal = %sig, "stopping");
-                break;
+                    Ok(new) => match relay.reload(&new) {
+                        Ok(changes) => {
+                            drain_timeout = new.limits.drain_timeout;
+                            for c in changes {
+                                tracing::info!(change = %c, "SIGHUP: reloaded");
+                            }
+                        }
+                        Err(e) => tracing::error!(error = %e, "SIGHUP: reload failed"),
+                    },
+                }
+                notify.ready();
             }
+            sig => break sig,
         }
+    };
+    notify.stopping();
+    if signal == Signal::SIGTERM {
+        tracing::info!(deadline = ?drain_timeout, live = relay.process.live_streams(), "SIGTERM: draining");
+        let cut = relay.drain(drain_timeout);
+        tracing::info!(finalized = cut, "drained");
+    } else {
+        tracing::info!(signal = %signal, "stopping now");
     }
-    relay.shutdown();
+    watchdog.stop();
+    match Arc::try_unwrap(relay) {
+        Ok(relay) => relay.shutdown(),
+        Err(relay) => drop(relay),
+    }
     Ok(())
 }

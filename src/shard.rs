@@ -158,6 +158,11 @@ pub enum ShardMsg {
         /// Token id to match.
         token: Option<String>,
     },
+    /// The drain deadline passed: finalize and end every live stream.
+    Drain,
+    /// Close the listener: new connections go to another process (a
+    /// restart) while this one drains.
+    StopAccepting,
     /// Hand over the usage records of streams ended since the last call.
     TakeUsage(async_channel::Sender<Vec<crate::usage::UsageRecord>>),
     /// Install a new key-ring version; the ids are the accounts by metrics index.
@@ -185,9 +190,11 @@ pub struct ShardSetup {
     pub upstream_tls: Option<Arc<rustls::ClientConfig>>,
     /// Session token keys.
     pub tokens: Arc<TokenKeys>,
-    /// Process-wide state.
     /// Per-device limits and tiers.
     pub devices: Arc<crate::config::DevicesConfig>,
+    /// A listening socket passed by systemd, used instead of binding.
+    pub listen_fd: Option<Arc<std::os::fd::OwnedFd>>,
+    /// Process-wide state.
     pub process: Arc<ProcessState>,
 }
 
@@ -222,6 +229,16 @@ pub struct Shard {
     pub usage: RefCell<Vec<crate::usage::UsageRecord>>,
 }
 
+/// Why the relay ends a live stream itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// A device limit or a revocation.
+    Limit(crate::devices::Limit),
+    /// The relay is shutting down and the drain deadline passed: finalize,
+    /// deliver the last results, then tell the client to reconnect.
+    Drain,
+}
+
 /// A live stream as its shard tracks it.
 #[derive(Debug)]
 pub struct LiveStream {
@@ -229,7 +246,7 @@ pub struct LiveStream {
     pub device: String,
     /// Its token's id.
     pub token_id: String,
-    stop: Cell<Option<crate::devices::Limit>>,
+    stop: Cell<Option<StopReason>>,
     waker: RefCell<Option<std::task::Waker>>,
 }
 
@@ -245,7 +262,7 @@ impl LiveStream {
     }
 
     /// Asks the stream to end, for `why`.
-    pub fn stop(&self, why: crate::devices::Limit) {
+    pub fn stop(&self, why: StopReason) {
         self.stop.set(Some(why));
         if let Some(w) = self.waker.borrow_mut().take() {
             w.wake();
@@ -253,7 +270,7 @@ impl LiveStream {
     }
 
     /// Resolves when the stream is asked to end.
-    pub async fn stopped(&self) -> crate::devices::Limit {
+    pub async fn stopped(&self) -> StopReason {
         std::future::poll_fn(|cx| match self.stop.get() {
             Some(why) => std::task::Poll::Ready(why),
             None => {
@@ -320,10 +337,21 @@ pub fn start(index: usize, setup: ShardSetup) -> std::io::Result<ShardHandle> {
         .name(&format!("clio-shard-{index}"))
         .io_memory(IO_MEMORY)
         .spawn(move || async move {
-            let listener = match TcpListener::bind(setup.listen) {
+            // A socket systemd passed (socket activation) or one bound here.
+            let bound = match &setup.listen_fd {
+                Some(fd) => fd.try_clone().map(|fd| {
+                    use std::os::fd::IntoRawFd;
+                    // SAFETY: a fresh duplicate of a listening TCP socket, owned from here on.
+                    unsafe {
+                        <TcpListener as std::os::fd::FromRawFd>::from_raw_fd(fd.into_raw_fd())
+                    }
+                }),
+                None => TcpListener::bind(setup.listen).map_err(Into::into),
+            };
+            let listener = match bound {
                 Ok(l) => l,
                 Err(e) => {
-                    let _ = ready_tx.send(Err(e.into()));
+                    let _ = ready_tx.send(Err(e));
                     return;
                 }
             };
@@ -359,7 +387,7 @@ pub fn start(index: usize, setup: ShardSetup) -> std::io::Result<ShardHandle> {
                 usage: RefCell::new(Vec::new()),
             });
             let _ = ready_tx.send(listener.local_addr().map_err(Into::into));
-            let stop = Rc::new(Cell::new(false));
+            let (stop_accepting_tx, stop_accepting_rx) = async_channel::bounded::<()>(1);
             let control = {
                 let shard = shard.clone();
                 async move {
@@ -380,8 +408,16 @@ pub fn start(index: usize, setup: ShardSetup) -> std::io::Result<ShardHandle> {
                                     if device.as_deref() == Some(s.device.as_str())
                                         || token.as_deref() == Some(s.token_id.as_str())
                                     {
-                                        s.stop(crate::devices::Limit::Revoked);
+                                        s.stop(StopReason::Limit(crate::devices::Limit::Revoked));
                                     }
+                                }
+                            }
+                            ShardMsg::StopAccepting => {
+                                let _ = stop_accepting_tx.try_send(());
+                            }
+                            ShardMsg::Drain => {
+                                for s in shard.live.borrow().values() {
+                                    s.stop(StopReason::Drain);
                                 }
                             }
                             ShardMsg::TakeUsage(reply) => {
@@ -394,21 +430,29 @@ pub fn start(index: usize, setup: ShardSetup) -> std::io::Result<ShardHandle> {
                 }
             };
             let accept = async {
-                loop {
-                    match listener.accept().await {
-                        Ok(stream) => {
-                            glommio::spawn_local(crate::session::serve(shard.clone(), stream))
-                                .detach();
-                        }
-                        Err(e) => {
-                            tracing::warn!(shard = index, error = %e, "accept failed");
-                            glommio::timer::Timer::new(Duration::from_millis(10)).await;
+                let listener = listener;
+                let accept_loop = async {
+                    loop {
+                        match listener.accept().await {
+                            Ok(stream) => {
+                                glommio::spawn_local(crate::session::serve(shard.clone(), stream))
+                                    .detach();
+                            }
+                            Err(e) => {
+                                tracing::warn!(shard = index, error = %e, "accept failed");
+                                glommio::timer::Timer::new(Duration::from_millis(10)).await;
+                            }
                         }
                     }
-                }
+                };
+                futures_lite::future::or(accept_loop, async {
+                    let _ = stop_accepting_rx.recv().await;
+                })
+                .await;
+                drop(listener);
+                futures_lite::future::pending::<()>().await;
             };
             future::or(control, accept).await;
-            stop.set(true);
         })?;
     let addr = ready_rx
         .recv()

@@ -62,6 +62,8 @@ pub struct AdminSetup {
     pub account_configs: Vec<crate::config::AccountConfig>,
     /// TLS client config for https webhooks.
     pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// A listening socket passed by systemd, used instead of binding.
+    pub listen_fd: Option<Arc<std::os::fd::OwnedFd>>,
     /// The encrypted key store and the generation last loaded, if any.
     pub store: Option<(crate::keystore::KeyStore, u64)>,
 }
@@ -291,10 +293,19 @@ pub fn start(setup: AdminSetup) -> std::io::Result<AdminHandle> {
         .name("clio-admin")
         .io_memory(IO_MEMORY)
         .spawn(move || async move {
-            let listener = match TcpListener::bind(setup.listen) {
+            // A socket systemd passed (socket activation) or one bound here.
+            let bound = match &setup.listen_fd {
+                Some(fd) => fd.try_clone().map(|fd| {
+                    use std::os::fd::IntoRawFd;
+                    // SAFETY: a fresh duplicate of a listening TCP socket, owned from here on.
+                    unsafe { <TcpListener as std::os::fd::FromRawFd>::from_raw_fd(fd.into_raw_fd()) }
+                }),
+                None => TcpListener::bind(setup.listen).map_err(Into::into),
+            };
+            let listener = match bound {
                 Ok(l) => l,
                 Err(e) => {
-                    let _ = ready_tx.send(Err(e.into()));
+                    let _ = ready_tx.send(Err(e));
                     return;
                 }
             };

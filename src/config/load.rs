@@ -131,6 +131,7 @@ struct RawLimits {
     max_frame_bytes: Option<usize>,
     max_first_message_bytes: Option<usize>,
     idle_timeout: Option<String>,
+    drain_timeout: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -410,6 +411,12 @@ fn resolve(raw: RawFile, base: &Path) -> Result<Config, ConfigError> {
             "limits.idle_timeout",
             l.idle_timeout,
             defaults_limits.idle_timeout,
+            &mut p,
+        ),
+        drain_timeout: duration(
+            "limits.drain_timeout",
+            l.drain_timeout,
+            defaults_limits.drain_timeout,
             &mut p,
         ),
     };

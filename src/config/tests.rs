@@ -143,6 +143,7 @@ enabled = false
             max_frame_bytes: 65536,
             max_first_message_bytes: 4096,
             idle_timeout: Duration::from_secs(60),
+            drain_timeout: Duration::from_secs(30),
         }
     );
     assert_eq!(c.accounts.len(), 2);

@@ -27,9 +27,12 @@ use crate::io::{timeout, Buf, Duplex};
 use crate::keyring::{Lease, RateScope};
 use crate::metrics::Side;
 use crate::pump::{self, ClientSide, End, FrameScanner, StreamState};
-use crate::shard::{AdmitPermit, LiveStream, Settings, Shard};
+use crate::shard::{AdmitPermit, LiveStream, Settings, Shard, StopReason};
 use crate::token::Claims;
 use crate::usage::UsageRecord;
+
+/// How long a draining stream waits for upstream's answer to its finalize.
+const FINALIZE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// How long the relay waits for a peer's half of a close handshake.
 const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -51,6 +54,9 @@ struct Upstream {
     conn: Duplex,
     lease: Lease,
     buf: Buf,
+    /// Where the upstream→client pump is in the frame stream; kept here so
+    /// a drain can pick up exactly where the pump stopped.
+    scanner: FrameScanner,
 }
 
 impl Stream {
@@ -137,7 +143,7 @@ impl Stream {
             self.note_refusal(&up.lease, code, scope);
         }
         let error = self
-            .finish(&client, &up, end, &state, &mut cbuf, &mut cside)
+            .finish(&client, &mut up, end, &state, &mut cbuf, &mut cside)
             .await;
         self.shard
             .metrics
@@ -234,7 +240,16 @@ impl Stream {
                     );
                     lease.account.mark_ok();
                     shard.metrics.stream_opened(lease.account.metrics_index);
-                    return Ok(Upstream { conn, lease, buf });
+                    let scanner = FrameScanner::new(
+                        Sender::Server,
+                        self.settings.limits.max_frame_bytes as u64,
+                    );
+                    return Ok(Upstream {
+                        conn,
+                        lease,
+                        buf,
+                        scanner,
+                    });
                 }
                 Err(crate::upstream::ConnectError::Refused(status, scope)) => {
                     self.note_refusal(&lease, status, scope);
@@ -299,13 +314,14 @@ impl Stream {
     ) -> End {
         let shard = &self.shard;
         let Upstream {
-            conn, buf: ubuf, ..
+            conn,
+            buf: ubuf,
+            scanner: uscanner,
+            ..
         } = up;
         let conn = &*conn;
         // A fresh scanner per upstream connection; the buffer already holds
         // whatever followed the upgrade answer.
-        let mut uscanner =
-            FrameScanner::new(Sender::Server, self.settings.limits.max_frame_bytes as u64);
         let retry_allowed = || state.data_frames_up.get() == 0 && state.upstream_at_boundary.get();
         let c2u = async {
             match pump::client_to_upstream(
@@ -328,7 +344,7 @@ impl Stream {
             conn,
             client,
             ubuf,
-            &mut uscanner,
+            uscanner,
             state,
             &shard.metrics,
             &retry_allowed,
@@ -348,7 +364,25 @@ impl Stream {
                 glommio::timer::Timer::new(max_len.saturating_sub(state.started.elapsed())).await;
                 Limit::MaxLength
             };
-            End::Stopped(future::or(live.stopped(), too_long).await)
+            let limit = async {
+                match live.stopped().await {
+                    StopReason::Limit(l) => l,
+                    StopReason::Drain => future::pending().await,
+                }
+            };
+            let drain = async {
+                loop {
+                    if live.stopped().await == StopReason::Drain {
+                        return End::Drain;
+                    }
+                    future::pending::<()>().await;
+                }
+            };
+            future::or(
+                async { End::Stopped(future::or(limit, too_long).await) },
+                drain,
+            )
+            .await
         };
         future::or(
             future::or(
@@ -364,7 +398,7 @@ impl Stream {
     async fn finish(
         &self,
         client: &Duplex,
-        up: &Upstream,
+        up: &mut Upstream,
         end: End,
         state: &StreamState,
         cbuf: &mut Buf,
@@ -471,6 +505,54 @@ impl Stream {
                     let _ = up
                         .conn
                         .write_all(&close_upstream(1000, "ended by the relay"))
+                        .await;
+                }
+            }
+            End::Drain => {
+                // Ask upstream for the final tokens, deliver them, then tell the
+                // client to reconnect (Soniox's 503) with close 1012.
+                if state.upstream_at_boundary.get() && state.client_at_boundary.get() {
+                    let key = shard.masks.borrow_mut().next_key();
+                    let finalize = build_frame(Opcode::Text, br#"{"type":"finalize"}"#, Some(key));
+                    if up.conn.write_all(&finalize).await.is_ok() {
+                        let never = || false;
+                        let Upstream {
+                            conn, buf, scanner, ..
+                        } = &mut *up;
+                        let u2c = pump::upstream_to_client(
+                            conn,
+                            client,
+                            buf,
+                            scanner,
+                            state,
+                            &shard.metrics,
+                            &never,
+                        );
+                        let fin = async {
+                            while !(state.fin_seen.get() && state.client_at_boundary.get()) {
+                                glommio::timer::Timer::new(std::time::Duration::from_millis(10))
+                                    .await;
+                            }
+                            End::Drain
+                        };
+                        let _ = timeout(FINALIZE_WAIT, future::or(fin, u2c)).await;
+                    }
+                }
+                let r = Refusal::new(
+                    503,
+                    "service_unavailable",
+                    "The relay is restarting; reconnect to continue.",
+                    1012,
+                    Side::Internal,
+                );
+                error = Some(503);
+                if state.client_at_boundary.get() {
+                    let _ = client.write_all(&to_client(&r)).await;
+                }
+                if state.upstream_at_boundary.get() {
+                    let _ = up
+                        .conn
+                        .write_all(&close_upstream(1001, "relay restarting"))
                         .await;
                 }
             }

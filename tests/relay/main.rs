@@ -8,6 +8,7 @@ mod admin;
 mod alerts;
 mod auth;
 mod devices;
+mod drain;
 mod errors;
 mod health;
 mod keys_api;
