@@ -53,6 +53,8 @@ def fmt(v, unit=""):
         return "—"
     if isinstance(v, str):
         return v
+    if isinstance(v, int):
+        return f"{v:,}" + unit
     a = abs(v)
     if a >= 1000:
         s = f"{v:,.0f}"
