@@ -18,7 +18,9 @@
 # process started here is stopped on exit, failure included.
 #
 # Environment: CARGO_TARGET_DIR (default ./target), H2H_WORK, H2H_PROXIES
-# (default "direct clio nginx node"), H2H_WORKLOADS (default "W1 W2 W3 W4").
+# (default "direct clio nginx node"), H2H_WORKLOADS (default "W1 W2 W3 W4"),
+# H2H_W1_STREAMS and H2H_W1_SECONDS (W1's size), H2H_CLIO_SHARDS (default: cores;
+# more shards than cores leaves them unpinned).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -28,7 +30,7 @@ for a in "$@"; do
   case "$a" in
     --quick) QUICK=1 ;;
     --write-readme) WRITE_README=1 ;;
-    -h|--help) sed -n 2,21p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,24p "$0"; exit 0 ;;
     *) echo "head-to-head: unknown argument $a" >&2; exit 2 ;;
   esac
 done
@@ -102,7 +104,7 @@ cat > "$WORK/relay.toml" <<EOF
 [server]
 listen = "127.0.0.1:$CLIO_PORT"
 admin_listen = "127.0.0.1:$CLIO_ADMIN_PORT"
-shards = $NPROC
+shards = ${H2H_CLIO_SHARDS:-$NPROC}
 max_streams = 9500
 
 [upstream]
@@ -286,6 +288,14 @@ else
   W3_ARGS=(--churn --concurrency 50 --duration 20s);            W3_CAP=80
   W4_ARGS=(--idle -n 9000 --ramp 1000 --duration 30s);          W4_CAP=100
   W1_STREAMS=5000; W4_STREAMS=9000
+fi
+# W1 at another size (e.g. one the direct path is not saturated by):
+# H2H_W1_STREAMS=N H2H_W1_SECONDS=S.
+if [ -n "${H2H_W1_STREAMS:-}${H2H_W1_SECONDS:-}" ]; then
+  W1_STREAMS=${H2H_W1_STREAMS:-$W1_STREAMS}
+  W1_SECS=${H2H_W1_SECONDS:-${W1_ARGS[3]}}
+  W1_ARGS=(-n "$W1_STREAMS" --stream-seconds "$W1_SECS")
+  W1_CAP=$((W1_STREAMS / 500 + W1_SECS + 60))
 fi
 
 # run_workload PROXY W: one relay-load run with CPU and RSS samples around it.
