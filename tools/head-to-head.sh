@@ -23,6 +23,9 @@
 # more shards than cores leaves them unpinned).
 set -euo pipefail
 
+# The whole script is one compound command, parsed before it runs: editing
+# this file during a run cannot change what the run does.
+{
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 QUICK=0
 WRITE_README=0
@@ -30,7 +33,7 @@ for a in "$@"; do
   case "$a" in
     --quick) QUICK=1 ;;
     --write-readme) WRITE_README=1 ;;
-    -h|--help) sed -n 2,24p "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "head-to-head: unknown argument $a" >&2; exit 2 ;;
   esac
 done
@@ -365,3 +368,5 @@ SUMMARY_ARGS=("$WORK")
 [ "$WRITE_README" = 1 ] && SUMMARY_ARGS+=(--write-readme "$ROOT/benches/README.md")
 python3 "$ROOT/tools/head-to-head/summary.py" "${SUMMARY_ARGS[@]}"
 log "raw outputs in $WORK"
+exit 0
+}
