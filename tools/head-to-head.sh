@@ -1,0 +1,372 @@
+#!/usr/bin/env bash
+# Head-to-head: clio-relay against nginx and the seed's Node.js proxy.
+#
+#   bash tools/head-to-head.sh [--quick] [--write-readme]
+#
+# Runs the same workloads, one proxy after another, through
+#   direct  relay-load -> fake-soniox (the baseline)
+#   clio    relay-load -> clio-relay -> fake-soniox
+#   nginx   relay-load -> nginx (Upgrade proxying, key injected as a header) -> fake-soniox
+#   node    relay-load -> tools/head-to-head/node-proxy.js (npm `ws`) -> fake-soniox
+# Workloads: W1 real time, W2 flood, W3 churn, W4 idle (see benches/README.md).
+# Samples each proxy's CPU time (utime+stime, /proc/PID/stat, nginx master +
+# workers) before/after each workload and its RSS (VmRSS) during it, then
+# prints one markdown table (tools/head-to-head/summary.py). Raw outputs stay
+# in the work dir (printed at the start; H2H_WORK=DIR to choose it).
+#
+# Everything listens on 127.0.0.1; every load run is bounded in time; every
+# process started here is stopped on exit, failure included.
+#
+# Environment: CARGO_TARGET_DIR (default ./target), H2H_WORK, H2H_PROXIES
+# (default "direct clio nginx node"), H2H_WORKLOADS (default "W1 W2 W3 W4"),
+# H2H_W1_STREAMS and H2H_W1_SECONDS (W1's size), H2H_CLIO_SHARDS (default: cores;
+# more shards than cores leaves them unpinned).
+set -euo pipefail
+
+# The whole script is one compound command, parsed before it runs: editing
+# this file during a run cannot change what the run does.
+{
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+QUICK=0
+WRITE_README=0
+for a in "$@"; do
+  case "$a" in
+    --quick) QUICK=1 ;;
+    --write-readme) WRITE_README=1 ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
+    *) echo "head-to-head: unknown argument $a" >&2; exit 2 ;;
+  esac
+done
+COMMAND="bash tools/head-to-head.sh${*:+ $*}"
+
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+BIN=$TARGET_DIR/release
+NPROC=$(nproc)
+CLK_TCK=$(getconf CLK_TCK)
+PROXIES=${H2H_PROXIES:-direct clio nginx node}
+WORKLOADS=${H2H_WORKLOADS:-W1 W2 W3 W4}
+
+FAKE_PORT=17300
+CLIO_PORT=18081
+CLIO_ADMIN_PORT=19464
+NGINX_PORT=18082
+NODE_PORT=18083
+
+log() { printf '[h2h %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# ---------------------------------------------------------------- cleanup
+CHILDREN=()
+cleanup() {
+  local rc=$?
+  set +e
+  for pid in "${CHILDREN[@]}"; do
+    kill -TERM "$pid" 2>/dev/null
+  done
+  for pid in "${CHILDREN[@]}"; do
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null
+    wait "$pid" 2>/dev/null
+  done
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# ---------------------------------------------------------------- install
+if ! command -v nginx >/dev/null 2>&1; then
+  log "installing nginx (Debian)"
+  apt-get install -y nginx >/dev/null || { apt-get update >/dev/null && apt-get install -y nginx >/dev/null; }
+fi
+command -v node >/dev/null 2>&1 || die "node is missing (apt-get install -y nodejs npm)"
+command -v python3 >/dev/null 2>&1 || die "python3 is missing"
+
+NODE_DIR=$TARGET_DIR/h2h-node
+if [ ! -d "$NODE_DIR/node_modules/ws" ]; then
+  log "npm install ws into $NODE_DIR"
+  mkdir -p "$NODE_DIR"
+  (cd "$NODE_DIR" && { [ -f package.json ] || echo '{"private":true}' > package.json; } \
+    && npm install --no-audit --no-fund --loglevel=error ws@8 >/dev/null)
+fi
+
+log "cargo build --release --bins"
+(cd "$ROOT" && cargo build --release --bins --quiet)
+
+# ---------------------------------------------------------------- work dir
+WORK=${H2H_WORK:-$(mktemp -d /tmp/h2h.XXXXXX)}
+mkdir -p "$WORK"
+log "work dir: $WORK"
+
+export CLIO_RELAY_TOKEN_SECRET
+CLIO_RELAY_TOKEN_SECRET=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
+export H2H_SONIOX_KEY="h2h-fake-key-$(head -c 6 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+NODE_TOKEN="h2h-node-token-$(head -c 6 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+
+mkdir -p "$WORK/relay-state"
+cat > "$WORK/relay.toml" <<EOF
+[server]
+listen = "127.0.0.1:$CLIO_PORT"
+admin_listen = "127.0.0.1:$CLIO_ADMIN_PORT"
+shards = ${H2H_CLIO_SHARDS:-$NPROC}
+max_streams = 9500
+
+[upstream]
+url = "ws://127.0.0.1:$FAKE_PORT/transcribe-websocket"
+auth = "header"
+connect_timeout = "5s"
+
+[tokens]
+secret_env = "CLIO_RELAY_TOKEN_SECRET"
+default_ttl = "15m"
+max_ttl = "24h"
+
+[limits]
+idle_timeout = "60s"
+
+[admin]
+state_dir = "$WORK/relay-state"
+health_interval = "0s"
+
+[[account]]
+id = "h2h-account-1"
+key_env = "H2H_SONIOX_KEY"
+region = "local"
+enabled = true
+max_concurrent_streams = 20000
+EOF
+"$BIN/clio-relay" check-config --config "$WORK/relay.toml" > "$WORK/relay-check.txt" 2>&1 \
+  || { cat "$WORK/relay-check.txt" >&2; die "relay config refused"; }
+
+mkdir -p "$WORK/nginx/logs" "$WORK/nginx/tmp"
+cat > "$WORK/nginx.conf" <<EOF
+worker_processes $NPROC;
+worker_rlimit_nofile 20000;
+daemon off;
+pid $WORK/nginx/nginx.pid;
+error_log $WORK/nginx/logs/error.log warn;
+events {
+    worker_connections 19000;
+    multi_accept on;
+}
+http {
+    access_log off;
+    client_body_temp_path $WORK/nginx/tmp/body;
+    proxy_temp_path $WORK/nginx/tmp/proxy;
+    fastcgi_temp_path $WORK/nginx/tmp/fastcgi;
+    uwsgi_temp_path $WORK/nginx/tmp/uwsgi;
+    scgi_temp_path $WORK/nginx/tmp/scgi;
+    map \$http_upgrade \$connection_upgrade {
+        default upgrade;
+        ''      close;
+    }
+    server {
+        listen 127.0.0.1:$NGINX_PORT reuseport backlog=4096;
+        location /v1/transcribe {
+            proxy_pass http://127.0.0.1:$FAKE_PORT/transcribe-websocket;
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade \$http_upgrade;
+            proxy_set_header Connection \$connection_upgrade;
+            proxy_set_header Host 127.0.0.1:$FAKE_PORT;
+            proxy_set_header Authorization "Bearer $H2H_SONIOX_KEY";
+            proxy_read_timeout 3600s;
+            proxy_send_timeout 3600s;
+            proxy_buffering off;
+        }
+    }
+}
+EOF
+nginx -t -q -c "$WORK/nginx.conf" -p "$WORK/nginx/" 2> "$WORK/nginx-t.txt" \
+  || { cat "$WORK/nginx-t.txt" >&2; die "nginx config refused"; }
+
+# ---------------------------------------------------------------- helpers
+# wait_port PORT: until something accepts on 127.0.0.1:PORT (at most 10 s).
+wait_port() {
+  for _ in $(seq 100); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  return 1
+}
+
+# The pids whose CPU and RSS are the proxy's: the process and its children
+# (nginx's workers).
+PROXY_PID=""
+proxy_pids() {
+  [ -n "$PROXY_PID" ] || return 0
+  echo "$PROXY_PID"
+  ps -o pid= --ppid "$PROXY_PID" 2>/dev/null | tr -d ' ' || true
+}
+
+# cpu_ticks PID...: utime + stime summed (fields 14 and 15 of /proc/PID/stat).
+cpu_ticks() {
+  local total=0 pid rest
+  for pid in "$@"; do
+    rest=$(cat "/proc/$pid/stat" 2>/dev/null) || continue
+    rest=${rest##*) }
+    # after "comm) ": field 3 is state, so utime/stime are words 12 and 13.
+    read -r -a f <<< "$rest"
+    total=$((total + f[11] + f[12]))
+  done
+  echo "$total"
+}
+
+# rss_kb PID...: VmRSS summed, in KiB.
+rss_kb() {
+  local total=0 pid v
+  for pid in "$@"; do
+    v=$(awk '/^VmRSS:/ {print $2}' "/proc/$pid/status" 2>/dev/null || true)
+    total=$((total + ${v:-0}))
+  done
+  echo "$total"
+}
+
+# rss_sampler FILE: one line "KiB" every 0.5 s, until killed.
+rss_sampler() {
+  while :; do
+    # shellcheck disable=SC2046
+    rss_kb $(proxy_pids) >> "$1"
+    sleep 0.5
+  done
+}
+
+start_fake() {
+  log "starting fake-soniox on 127.0.0.1:$FAKE_PORT"
+  "$BIN/fake-soniox" --echo --shards 2 --max-concurrent 20000 --key "$H2H_SONIOX_KEY" \
+    --listen "127.0.0.1:$FAKE_PORT" > "$WORK/fake-soniox.log" 2>&1 &
+  FAKE_PID=$!
+  CHILDREN+=("$FAKE_PID")
+  wait_port "$FAKE_PORT" || die "fake-soniox did not start (see $WORK/fake-soniox.log)"
+}
+
+# start_proxy NAME: starts it, sets PROXY_PID and TARGET_ARGS.
+start_proxy() {
+  PROXY_PID=""
+  case "$1" in
+    direct)
+      TARGET_ARGS=(--direct --target "127.0.0.1:$FAKE_PORT" --key "$H2H_SONIOX_KEY")
+      return 0 ;;
+    clio)
+      "$BIN/clio-relay" run --config "$WORK/relay.toml" > "$WORK/clio-relay.log" 2>&1 &
+      PROXY_PID=$!
+      TARGET_ARGS=(--target "127.0.0.1:$CLIO_PORT" --relay-config "$WORK/relay.toml")
+      port=$CLIO_PORT ;;
+    nginx)
+      nginx -c "$WORK/nginx.conf" -p "$WORK/nginx/" > "$WORK/nginx/stdout.log" 2>&1 &
+      PROXY_PID=$!
+      TARGET_ARGS=(--url "ws://127.0.0.1:$NGINX_PORT/v1/transcribe" --auth none)
+      port=$NGINX_PORT ;;
+    node)
+      LISTEN_PORT=$NODE_PORT UPSTREAM_URL="ws://127.0.0.1:$FAKE_PORT/transcribe-websocket" \
+        CLIENT_TOKEN="$NODE_TOKEN" API_KEY="$H2H_SONIOX_KEY" NODE_PATH="$NODE_DIR/node_modules" \
+        node "$ROOT/tools/head-to-head/node-proxy.js" > "$WORK/node-proxy.log" 2>&1 &
+      PROXY_PID=$!
+      TARGET_ARGS=(--url "ws://127.0.0.1:$NODE_PORT/v1/transcribe" --auth query --key "$NODE_TOKEN")
+      port=$NODE_PORT ;;
+    *) die "unknown proxy $1" ;;
+  esac
+  CHILDREN+=("$PROXY_PID")
+  wait_port "$port" || die "$1 did not start"
+  sleep 1
+}
+
+stop_proxy() {
+  [ -n "$PROXY_PID" ] || return 0
+  kill -TERM "$PROXY_PID" 2>/dev/null || true
+  for _ in $(seq 100); do kill -0 "$PROXY_PID" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL "$PROXY_PID" 2>/dev/null || true
+  wait "$PROXY_PID" 2>/dev/null || true
+  PROXY_PID=""
+}
+
+# Workload arguments and hard caps (seconds of wall time for relay-load).
+if [ "$QUICK" = 1 ]; then
+  W1_ARGS=(-n 500 --stream-seconds 10);                         W1_CAP=60
+  W2_ARGS=(-n 200 --pace flood --stream-seconds 100000 --duration 10s); W2_CAP=40
+  W3_ARGS=(--churn --concurrency 50 --duration 5s);             W3_CAP=40
+  W4_ARGS=(--idle -n 1000 --ramp 1000 --duration 10s);          W4_CAP=40
+  W1_STREAMS=500; W4_STREAMS=1000
+else
+  W1_ARGS=(-n 5000 --stream-seconds 60);                        W1_CAP=150
+  W2_ARGS=(-n 200 --pace flood --stream-seconds 100000 --duration 30s); W2_CAP=90
+  W3_ARGS=(--churn --concurrency 50 --duration 20s);            W3_CAP=80
+  W4_ARGS=(--idle -n 9000 --ramp 1000 --duration 30s);          W4_CAP=100
+  W1_STREAMS=5000; W4_STREAMS=9000
+fi
+# W1 at another size (e.g. one the direct path is not saturated by):
+# H2H_W1_STREAMS=N H2H_W1_SECONDS=S.
+if [ -n "${H2H_W1_STREAMS:-}${H2H_W1_SECONDS:-}" ]; then
+  W1_STREAMS=${H2H_W1_STREAMS:-$W1_STREAMS}
+  W1_SECS=${H2H_W1_SECONDS:-${W1_ARGS[3]}}
+  W1_ARGS=(-n "$W1_STREAMS" --stream-seconds "$W1_SECS")
+  W1_CAP=$((W1_STREAMS / 500 + W1_SECS + 60))
+fi
+
+# run_workload PROXY W: one relay-load run with CPU and RSS samples around it.
+run_workload() {
+  local proxy=$1 w=$2 args cap out pids cpu0 cpu1 fcpu0 fcpu1 rss0 sampler rc=0
+  eval "args=(\"\${${w}_ARGS[@]}\")"
+  eval "cap=\$${w}_CAP"
+  out=$WORK/$proxy-$w
+  rm -f "$out.rss"
+  # shellcheck disable=SC2046
+  pids=$(proxy_pids | tr '\n' ' ')
+  # shellcheck disable=SC2086
+  cpu0=$(cpu_ticks $pids); rss0=$(rss_kb $pids)
+  fcpu0=$(cpu_ticks "$FAKE_PID")
+  rss_sampler "$out.rss" &
+  sampler=$!
+  log "$proxy $w: relay-load ${args[*]}"
+  timeout --kill-after=10 "$cap" "$BIN/relay-load" "${TARGET_ARGS[@]}" "${args[@]}" --json -q \
+    > "$out.json" 2> "$out.err" || rc=$?
+  kill "$sampler" 2>/dev/null; wait "$sampler" 2>/dev/null || true
+  # shellcheck disable=SC2046
+  pids=$(proxy_pids | tr '\n' ' ')
+  # shellcheck disable=SC2086
+  cpu1=$(cpu_ticks $pids)
+  fcpu1=$(cpu_ticks "$FAKE_PID")
+  local peak
+  peak=$(sort -n "$out.rss" 2>/dev/null | tail -1)
+  cat > "$out.meta.json" <<EOF
+{"proxy": "$proxy", "workload": "$w", "rc": $rc, "clk_tck": $CLK_TCK,
+ "cpu_ticks_before": $cpu0, "cpu_ticks_after": $cpu1,
+ "fake_cpu_ticks_before": $fcpu0, "fake_cpu_ticks_after": $fcpu1,
+ "rss_kb_before": $rss0, "rss_kb_peak": ${peak:-0},
+ "streams": $(eval "echo \${${w}_STREAMS:-0}"), "proxy_pids": "$pids"}
+EOF
+  if [ -s "$out.json" ]; then
+    python3 -c 'import json,sys; j=json.load(open(sys.argv[1])); print("  frames/s %.0f  cycles/s %.1f  rtt p99 %.2f ms  failed %d  lost %d  held %d" % (j["frames_per_sec"], j["cycles_per_sec"], j["rtt"]["p99_ms"], j["streams_failed"], j["lost"], j["idle_held"]))' "$out.json" >&2 || true
+  else
+    log "  $proxy $w: no JSON (exit $rc); see $out.err"
+  fi
+  # Let the sockets of this run close everywhere before the next one.
+  sleep 3
+}
+
+# ---------------------------------------------------------------- run
+{
+  echo "{\"date\": \"$(date -u +%Y-%m-%d)\", \"started\": \"$(date -u +%FT%TZ)\","
+  echo " \"quick\": $QUICK, \"command\": \"$COMMAND\", \"nproc\": $NPROC,"
+  echo " \"cpu\": \"$(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)\","
+  echo " \"mem_gib\": $(awk '/MemTotal/ {printf "%.0f", $2/1048576}' /proc/meminfo),"
+  echo " \"kernel\": \"$(uname -r)\", \"nginx\": \"$(nginx -v 2>&1 | sed 's/.*\///')\","
+  echo " \"node\": \"$(node --version)\", \"ws\": \"$(node -p "require('$NODE_DIR/node_modules/ws/package.json').version")\","
+  echo " \"proxies\": \"$PROXIES\", \"workloads\": \"$WORKLOADS\"}"
+} > "$WORK/run.json"
+
+start_fake
+for proxy in $PROXIES; do
+  log "=== $proxy"
+  start_proxy "$proxy"
+  for w in $WORKLOADS; do
+    run_workload "$proxy" "$w"
+  done
+  stop_proxy
+done
+echo "{\"finished\": \"$(date -u +%FT%TZ)\"}" > "$WORK/finished.json"
+
+SUMMARY_ARGS=("$WORK")
+[ "$WRITE_README" = 1 ] && SUMMARY_ARGS+=(--write-readme "$ROOT/benches/README.md")
+python3 "$ROOT/tools/head-to-head/summary.py" "${SUMMARY_ARGS[@]}"
+log "raw outputs in $WORK"
+exit 0
+}

@@ -1,0 +1,253 @@
+#!/usr/bin/env python3
+"""Summary of a head-to-head run (tools/head-to-head.sh): one markdown table.
+
+    python3 tools/head-to-head/summary.py WORK_DIR [--write-readme benches/README.md]
+
+Reads WORK_DIR/run.json, PROXY-W.json (relay-load --json) and
+PROXY-W.meta.json (CPU ticks and RSS samples), prints the table and one line
+per target, and with --write-readme replaces the section between
+`<!-- h2h:start -->` and `<!-- h2h:end -->` of the given README.
+
+- Added latency = proxy percentile - direct percentile, same workload
+  (frame round trip for W1/W2; open-to-first-result for W3).
+- CPU s / 1,000 audio-s = proxy CPU seconds / (frames x frame_ms / 1000 / 1000).
+- RSS per stream = (peak RSS during the workload - RSS just before it) / streams.
+"""
+
+import json
+import os
+import sys
+
+PROXIES = ["direct", "clio", "nginx", "node"]
+NAMES = {"direct": "direct", "clio": "clio-relay", "nginx": "nginx", "node": "node (ws)"}
+FRAME_MS = 100
+START, END = "<!-- h2h:start -->", "<!-- h2h:end -->"
+
+
+def load(work, proxy, w):
+    try:
+        with open(os.path.join(work, f"{proxy}-{w}.meta.json")) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return None, None
+    try:
+        with open(os.path.join(work, f"{proxy}-{w}.json")) as f:
+            rep = json.load(f)
+    except (OSError, ValueError):
+        rep = None
+    return rep, meta
+
+
+def cpu_s(meta):
+    if meta is None or meta["proxy"] == "direct":
+        return None
+    return (meta["cpu_ticks_after"] - meta["cpu_ticks_before"]) / meta["clk_tck"]
+
+
+def audio_s(rep):
+    return rep["frames_received"] * FRAME_MS / 1000.0 if rep else 0.0
+
+
+def fmt(v, unit=""):
+    if v is None:
+        return "—"
+    if isinstance(v, str):
+        return v
+    if isinstance(v, int):
+        return f"{v:,}" + unit
+    a = abs(v)
+    if a >= 1000:
+        s = f"{v:,.0f}"
+    elif a >= 100:
+        s = f"{v:.0f}"
+    elif a >= 10:
+        s = f"{v:.1f}"
+    elif a >= 1:
+        s = f"{v:.2f}"
+    else:
+        s = f"{v:.3f}"
+    return s + unit
+
+
+def ratio(a, b):
+    if a is None or b is None or isinstance(a, str) or isinstance(b, str):
+        return "—"
+    if b == 0:
+        return "—" if a == 0 else "∞"
+    return f"{a / b:.2f}×"
+
+
+def main():
+    args = sys.argv[1:]
+    if not args:
+        sys.exit(__doc__)
+    work = args[0]
+    readme = None
+    if "--write-readme" in args:
+        readme = args[args.index("--write-readme") + 1]
+    with open(os.path.join(work, "run.json")) as f:
+        run = json.load(f)
+    workloads = run["workloads"].split()
+
+    data = {(p, w): load(work, p, w) for p in PROXIES for w in workloads}
+    rows = []  # (label, {proxy: value}, unit)
+    vals = {}  # (w, metric, proxy) -> value, for the targets
+
+    def row(w, metric, unit, fn, proxies=PROXIES):
+        cells = {}
+        for p in PROXIES:
+            rep, meta = data[(p, w)]
+            v = None
+            if p in proxies and meta is not None:
+                try:
+                    v = fn(p, rep, meta)
+                except (KeyError, TypeError, ZeroDivisionError):
+                    v = None
+            cells[p] = v
+            vals[(w, metric, p)] = v
+        rows.append((f"{w} {metric}", cells, unit))
+
+    def added(q, hist):
+        def fn(p, rep, meta):
+            base, _ = data[("direct", w_now[0])]
+            if rep is None or base is None or rep[hist]["count"] == 0:
+                return None
+            return rep[hist][q] - base[hist][q]
+
+        return fn
+
+    proxies_only = [p for p in PROXIES if p != "direct"]
+    w_now = [None]
+    titles = {
+        "W1": "W1 real time",
+        "W2": "W2 flood",
+        "W3": "W3 churn",
+        "W4": "W4 idle",
+    }
+    for w in workloads:
+        w_now[0] = w
+        if w in ("W1", "W2"):
+            row(w, "frames/s", "", lambda p, r, m: r["frames_per_sec"])
+            for q, name in (("p50_ms", "p50"), ("p99_ms", "p99"), ("p999_ms", "p99.9")):
+                row(w, f"added rtt {name} (ms)", "", added(q, "rtt"), proxies_only)
+            row(w, "lost frames", "", lambda p, r, m: r["lost"])
+            row(w, "failed streams", "", lambda p, r, m: r["streams_failed"])
+            row(w, "CPU s / 1,000 audio-s", "",
+                lambda p, r, m: cpu_s(m) / (audio_s(r) / 1000.0), proxies_only)
+            if w == "W1":
+                row(w, "RSS / stream (KiB)", "",
+                    lambda p, r, m: (m["rss_kb_peak"] - m["rss_kb_before"]) / m["streams"],
+                    proxies_only)
+        elif w == "W3":
+            row(w, "cycles/s", "", lambda p, r, m: r["cycles_per_sec"])
+            for q, name in (("p50_ms", "p50"), ("p99_ms", "p99"), ("p999_ms", "p99.9")):
+                row(w, f"added open-to-result {name} (ms)", "", added(q, "connect"), proxies_only)
+            row(w, "failed streams", "", lambda p, r, m: r["streams_failed"])
+            row(w, "CPU ms / cycle", "",
+                lambda p, r, m: cpu_s(m) * 1000.0 / r["streams_ok"], proxies_only)
+        elif w == "W4":
+            row(w, "streams held", "", lambda p, r, m: r["idle_held"])
+            row(w, "failed streams", "", lambda p, r, m: r["streams_failed"])
+            row(w, "RSS / stream (KiB)", "",
+                lambda p, r, m: (m["rss_kb_peak"] - m["rss_kb_before"]) / max(r["idle_held"], 1),
+                proxies_only)
+            row(w, "peak RSS (MiB)", "", lambda p, r, m: m["rss_kb_peak"] / 1024.0, proxies_only)
+            row(w, "CPU s", "", lambda p, r, m: cpu_s(m), proxies_only)
+
+    lines = []
+    lines.append("| workload · metric | " + " | ".join(NAMES[p] for p in PROXIES)
+                 + " | clio-relay / nginx |")
+    lines.append("|---|" + "---:|" * (len(PROXIES) + 1))
+    for label, cells, unit in rows:
+        lines.append(f"| {label} | " + " | ".join(fmt(cells[p], unit) for p in PROXIES)
+                     + f" | {ratio(cells['clio'], cells['nginx'])} |")
+    table = "\n".join(lines)
+
+    def v(w, m, p):
+        return vals.get((w, m, p))
+
+    targets = []
+
+    def target(text, ok, detail):
+        state = "not measurable" if ok is None else ("**met**" if ok else "**not met**")
+        targets.append(f"- {text}: {state} ({detail})")
+
+    def cmp(a, b, f):
+        return None if a is None or b is None else f(a, b)
+
+    notes = []
+    if "W1" in workloads:
+        # The offered rate: every stream sends one frame per frame_ms.
+        meta = data[("direct", "W1")][1]
+        direct_fps = v("W1", "frames/s", "direct")
+        offered = (meta or {}).get("streams", 0) * 1000.0 / FRAME_MS
+        saturated = direct_fps is not None and offered > 0 and direct_fps < 0.9 * offered
+        if saturated:
+            notes.append(
+                f"- W1: the direct path itself carried {fmt(direct_fps)} of the {fmt(offered)} "
+                "frames/s offered: the machine (load generator and fake upstream included) was "
+                "saturated, so round trips are queueing times in seconds and the added latencies "
+                "(differences of saturated runs) are not meaningful.")
+        lost, failed = v("W1", "lost frames", "clio"), v("W1", "failed streams", "clio")
+        # A failed stream's frames never all came back either: count it against the target.
+        target("W1: clio-relay loses 0 frames (and fails no stream)",
+               cmp(lost, failed, lambda a, b: a == 0 and b == 0),
+               f"lost {fmt(lost)}, failed streams {fmt(failed)}")
+        a, b = v("W1", "added rtt p99 (ms)", "clio"), v("W1", "added rtt p99 (ms)", "nginx")
+        ok = cmp(a, b, lambda a, b: a <= 0.5 * b)
+        if saturated or (b is not None and b <= 0):
+            ok = None
+        target("W1: clio-relay's added p99 ≤ 0.5× nginx's", ok,
+               f"{fmt(a)} ms vs {fmt(b)} ms, {ratio(a, b)}"
+               + ("; not measurable in a saturated run" if ok is None and a is not None else ""))
+        a, b = v("W1", "CPU s / 1,000 audio-s", "clio"), v("W1", "CPU s / 1,000 audio-s", "nginx")
+        target("W1: clio-relay's CPU ≤ 0.5× nginx's", cmp(a, b, lambda a, b: a <= 0.5 * b),
+               f"{fmt(a)} vs {fmt(b)} CPU s per 1,000 audio-s, {ratio(a, b)}")
+    if "W2" in workloads:
+        a, b, c = (v("W2", "frames/s", p) for p in ("clio", "nginx", "node"))
+        target("W2: clio-relay ≥ 1.5× nginx's frames/s", cmp(a, b, lambda a, b: a >= 1.5 * b),
+               f"{fmt(a)} vs {fmt(b)}, {ratio(a, b)}")
+        target("W2: clio-relay ≥ 10× the Node proxy's frames/s",
+               cmp(a, c, lambda a, c: a >= 10 * c), f"{fmt(a)} vs {fmt(c)}, {ratio(a, c)}")
+    if "W3" in workloads:
+        a, b = v("W3", "cycles/s", "clio"), v("W3", "cycles/s", "nginx")
+        target("W3: clio-relay's churn ≥ nginx's", cmp(a, b, lambda a, b: a >= b),
+               f"{fmt(a)} vs {fmt(b)} cycles/s, {ratio(a, b)}")
+    if "W4" in workloads:
+        a = v("W4", "RSS / stream (KiB)", "clio")
+        held = v("W4", "streams held", "clio")
+        target("W4: clio-relay ≤ 8 KiB RSS per stream", None if a is None else a <= 8,
+               f"{fmt(a)} KiB per stream over {fmt(held)} streams held")
+
+    machine = (f"{run['nproc']} cores ({run['cpu']}), {run['mem_gib']} GiB, Linux {run['kernel']}; "
+               f"nginx {run['nginx']}, Node {run['node']} with ws {run['ws']}")
+    text = "\n".join([table, "", "Targets:", "", *targets] + (["", "Notes:", "", *notes] if notes else []))
+    print(f"Head-to-head, {run['date']}{' (--quick)' if run['quick'] else ''}: {machine}")
+    print()
+    print(text)
+
+    if readme:
+        section = "\n".join([
+            START,
+            f"Run on {run['date']} with `{run['command']}`"
+            + (" (quick, shortened workloads)" if run["quick"] else "") + ".",
+            "",
+            f"Machine: {machine}. The machine was shared with other work during the run, "
+            "so absolute numbers are noisy; read the ratios.",
+            "",
+            text,
+            END,
+        ])
+        with open(readme) as f:
+            old = f.read()
+        if START in old and END in old:
+            new = old[: old.index(START)] + section + old[old.index(END) + len(END):]
+        else:
+            new = old.rstrip("\n") + "\n\n" + section + "\n"
+        with open(readme, "w") as f:
+            f.write(new)
+        print(f"\n(wrote {readme})", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
