@@ -68,6 +68,18 @@ pub struct Config {
     pub devices: DevicesConfig,
     /// Usage metering, cost, reconciliation and alerts.
     pub usage: UsageConfig,
+    /// TLS on the client port; `None` serves plain `ws://` (behind a TLS
+    /// terminator, or for tests).
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[tls]`: the client port's certificate. Re-read on SIGHUP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert_file: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
 }
 
 /// Limits on one device's streams; 0 (or a zero duration) means no limit.

@@ -147,6 +147,7 @@ pub fn run_demo(args: &DemoArgs) -> std::io::Result<DemoReport> {
         admin,
         devices: Default::default(),
         usage: Default::default(),
+        tls: None,
     };
     let relay = crate::server::start(&cfg)?;
     let tokens = TokenKeys::from_config(&cfg.tokens);

@@ -23,6 +23,8 @@ pub enum Conn {
     Plain(TcpStream),
     /// TLS to a `wss://` upstream.
     TlsClient(Box<futures_rustls::client::TlsStream<TcpStream>>),
+    /// TLS from a client (`[tls]` on the client port).
+    TlsServer(Box<futures_rustls::server::TlsStream<TcpStream>>),
 }
 
 impl std::fmt::Debug for Conn {
@@ -30,6 +32,7 @@ impl std::fmt::Debug for Conn {
         f.write_str(match self {
             Conn::Plain(_) => "Conn::Plain",
             Conn::TlsClient(_) => "Conn::TlsClient",
+            Conn::TlsServer(_) => "Conn::TlsServer",
         })
     }
 }
@@ -42,6 +45,10 @@ macro_rules! delegate {
                 $e
             }
             Conn::TlsClient($s) => {
+                let $s = Pin::new(&mut **$s);
+                $e
+            }
+            Conn::TlsServer($s) => {
                 let $s = Pin::new(&mut **$s);
                 $e
             }

@@ -54,4 +54,5 @@ pub mod server;
 pub mod session;
 pub mod shard;
 pub mod systemd;
+pub mod tls;
 pub mod token;

@@ -100,6 +100,12 @@ pub fn start_with(
         process: process.clone(),
         devices: Arc::new(cfg.devices.clone()),
         listen_fd: client_fd,
+        client_tls: cfg
+            .tls
+            .as_ref()
+            .map(crate::tls::server_config)
+            .transpose()
+            .map_err(invalid)?,
     };
     let mut shards: Vec<ShardHandle> = Vec::with_capacity(n);
     for i in 0..n {

@@ -194,6 +194,8 @@ pub struct ShardSetup {
     pub devices: Arc<crate::config::DevicesConfig>,
     /// A listening socket passed by systemd, used instead of binding.
     pub listen_fd: Option<Arc<std::os::fd::OwnedFd>>,
+    /// TLS for the client port.
+    pub client_tls: Option<Arc<rustls::ServerConfig>>,
     /// Process-wide state.
     pub process: Arc<ProcessState>,
 }
@@ -291,6 +293,8 @@ pub struct Settings {
     pub tokens: Arc<TokenKeys>,
     /// Per-device limits and tiers.
     pub devices: Arc<crate::config::DevicesConfig>,
+    /// TLS for the client port, if `[tls]` is set.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Shard {
@@ -373,6 +377,7 @@ pub fn start(index: usize, setup: ShardSetup) -> std::io::Result<ShardHandle> {
                     limits: setup.limits.clone(),
                     tokens: setup.tokens.clone(),
                     devices: setup.devices.clone(),
+                    tls: setup.client_tls.clone(),
                 })),
                 key_in_header: setup.key_in_header,
                 connect_timeout: setup.connect_timeout,

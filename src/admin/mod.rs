@@ -183,6 +183,13 @@ impl Admin {
             limits: cfg.limits.clone(),
             tokens: Arc::new(TokenKeys::from_config(&cfg.tokens)),
             devices: Arc::new(cfg.devices.clone()),
+            tls: match cfg.tls.as_ref().map(crate::tls::server_config).transpose() {
+                Ok(t) => t,
+                Err(e) => {
+                    log.push(format!("TLS certificate not reloaded: {e}"));
+                    return log;
+                }
+            },
         };
         for tx in &self.shards {
             let _ = tx.try_send(ShardMsg::Settings(settings.clone()));

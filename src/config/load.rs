@@ -35,6 +35,14 @@ struct RawFile {
     usage: RawUsage,
     #[serde(default)]
     alerts: RawAlerts,
+    tls: Option<RawTls>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default, Clone)]
@@ -460,6 +468,22 @@ fn resolve(raw: RawFile, base: &Path) -> Result<Config, ConfigError> {
     let admin = resolve_admin(raw.admin, base, &mut p);
     let devices = resolve_devices(raw.devices, &mut p);
     let usage = resolve_usage(raw.usage, raw.alerts, &mut p);
+    let tls = raw.tls.and_then(|t| match (t.cert_file, t.key_file) {
+        (Some(c), Some(k)) => {
+            let tls = TlsConfig {
+                cert_file: base.join(c),
+                key_file: base.join(k),
+            };
+            if let Err(e) = crate::tls::server_config(&tls) {
+                p.push("tls", e);
+            }
+            Some(tls)
+        }
+        _ => {
+            p.push("tls", "needs both cert_file and key_file");
+            None
+        }
+    });
     let config = Config {
         server,
         upstream,
@@ -469,6 +493,7 @@ fn resolve(raw: RawFile, base: &Path) -> Result<Config, ConfigError> {
         admin,
         devices,
         usage,
+        tls,
     };
     if let Some(ca) = &config.upstream.ca_file {
         if !ca.is_file() {

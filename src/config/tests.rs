@@ -481,6 +481,7 @@ fn validate_built_config() {
         admin: AdminConfig::default(),
         devices: Default::default(),
         usage: Default::default(),
+        tls: None,
     };
     assert!(c.validate().is_ok());
     let mut bad = c.clone();
@@ -569,6 +570,7 @@ fn warnings() {
         admin: AdminConfig::default(),
         devices: Default::default(),
         usage: Default::default(),
+        tls: None,
     };
     c.server.max_streams = 15;
     let w = c.warnings();

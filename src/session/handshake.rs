@@ -18,9 +18,22 @@ use super::Stream;
 pub async fn serve(shard: Rc<Shard>, tcp: TcpStream) {
     let accepted = Instant::now();
     let _ = tcp.set_nodelay(true);
-    let client = Duplex::new(Conn::Plain(tcp));
-    let mut cbuf = shard.pool.get();
     let settings = shard.settings();
+    let conn = match &settings.tls {
+        None => Conn::Plain(tcp),
+        Some(tls) => {
+            let accept = futures_rustls::TlsAcceptor::from(tls.clone()).accept(tcp);
+            match timeout(settings.limits.handshake_timeout, accept).await {
+                Some(Ok(s)) => Conn::TlsServer(Box::new(s)),
+                _ => {
+                    shard.metrics.stream_rejected(Side::Client, 400);
+                    return;
+                }
+            }
+        }
+    };
+    let client = Duplex::new(conn);
+    let mut cbuf = shard.pool.get();
     let Some((claims, permit)) = handshake(&shard, &settings, &client, &mut cbuf).await else {
         return;
     };

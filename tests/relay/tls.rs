@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use clio_relay::fake_soniox::{FakeConfig, FakeKey, FakeSoniox};
 
+use tungstenite::Message;
+
 use crate::util::*;
 
 /// A fake Soniox serving `wss` for "localhost", and the PEM of its CA.
@@ -92,4 +94,115 @@ fn upstream_tls_without_the_ca_fails_with_502() {
         "{:?}",
         fake.sessions()
     );
+}
+
+/// A CA and a "localhost" certificate it signed, as PEM: (ca, cert, key).
+fn localhost_cert() -> (String, String, String) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca, &ca_key)
+        .unwrap();
+    (ca.pem(), leaf.pem(), leaf_key.serialize_pem())
+}
+
+/// A wss:// client that trusts only `ca_pem`.
+fn wss_connect(
+    addr: std::net::SocketAddr,
+    ca_pem: &str,
+    token: &str,
+) -> Result<
+    tungstenite::WebSocket<rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>>,
+    String,
+> {
+    use rustls::pki_types::pem::PemObject;
+    use tungstenite::client::IntoClientRequest;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
+        .unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let conn =
+        rustls::ClientConnection::new(std::sync::Arc::new(cfg), "localhost".try_into().unwrap())
+            .unwrap();
+    let tcp = std::net::TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    // Finish the TLS handshake first so a refused certificate shows as an error here.
+    while tls.conn.is_handshaking() {
+        tls.conn
+            .complete_io(&mut tls.sock)
+            .map_err(|e| e.to_string())?;
+    }
+    assert_eq!(tls.conn.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let mut req = format!("wss://localhost:{}/v1/transcribe", addr.port())
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("Authorization", format!("Bearer {token}").parse().unwrap());
+    tungstenite::client::client(req, tls)
+        .map(|(ws, _)| ws)
+        .map_err(|e| e.to_string())
+}
+
+#[test]
+fn client_port_serves_tls_and_reloads_its_certificate() {
+    let fake = fake(&["k1"], |_| {});
+    let dir = state_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let (ca1, cert1, key1) = localhost_cert();
+    std::fs::write(dir.join("cert.pem"), &cert1).unwrap();
+    std::fs::write(dir.join("key.pem"), &key1).unwrap();
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.tls = Some(clio_relay::config::TlsConfig {
+        cert_file: dir.join("cert.pem"),
+        key_file: dir.join("key.pem"),
+    });
+    let relay = Relay::start(cfg.clone());
+    let token = relay.token("d");
+    // A full session over wss://.
+    let mut ws = wss_connect(relay.addr(), &ca1, &token).unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    for f in audio_frames(5, 1) {
+        ws.send(Message::binary(f)).unwrap();
+    }
+    // A new certificate (another CA) on reload: new connections get it, the
+    // live stream goes on on the old one.
+    let (ca2, cert2, key2) = localhost_cert();
+    std::fs::write(dir.join("cert.pem"), &cert2).unwrap();
+    std::fs::write(dir.join("key.pem"), &key2).unwrap();
+    relay.handle.reload(&cfg).unwrap();
+    assert!(
+        wss_connect(relay.addr(), &ca1, &token).is_err(),
+        "the old certificate is gone"
+    );
+    let mut fresh = wss_connect(relay.addr(), &ca2, &token).unwrap();
+    fresh.send(Message::text(config_message(None))).unwrap();
+    fresh.send(Message::binary(Vec::<u8>::new())).unwrap();
+    for f in audio_frames(5, 2) {
+        ws.send(Message::binary(f)).unwrap();
+    }
+    ws.send(Message::binary(Vec::<u8>::new())).unwrap();
+    let mut finished = false;
+    while let Ok(m) = ws.read() {
+        if let Message::Text(t) = m {
+            finished |= t.contains("\"finished\":true");
+        }
+    }
+    assert!(finished, "the stream across the reload finished");
+    assert!(fake.sessions()[0].audio_frames == 10);
+    // A plain ws:// client gets nothing from a TLS port.
+    assert!(connect(relay.addr(), &token, Via::Header).is_err());
+    std::fs::remove_dir_all(&dir).ok();
 }
