@@ -2,26 +2,44 @@
 //! real-time transcription WebSocket API. See ARCHITECTURE.md for the map.
 //!
 //! # Layout
-//! - [`devices`]: per-device limits (concurrency, rate, daily audio) and revocation.
+//!
+//! The frame path:
 //! - [`frame`]: WebSocket frame headers, parsed and written in place.
-//! - [`health`]: active health checks of each key against upstream's REST API.
-//! - [`http`]: the HTTP/1.1 edge: request heads, upgrades, JSON errors.
+//! - [`mask`]: in-place re-masking and fresh mask keys.
+//! - [`pump`]: the frame path: in-place scanning, re-masking and forwarding.
 //! - [`io`]: connections, the shared duplex wrapper, pooled read buffers.
+//!
+//! A stream's life:
+//! - [`shard`]: one executor per core: listener, live streams, control messages.
+//! - [`session`]: one stream: upgrade, token, first message, account, pumps, end.
+//! - [`http`]: the HTTP/1.1 edge: request heads, upgrades, JSON errors.
+//! - [`upstream`]: TCP, TLS and the WebSocket client upgrade to Soniox.
+//! - [`tls`]: TLS on the client port: the rustls server config from PEM files.
 //! - [`keyring`]: per-shard account slots; which account serves a new stream.
-//! - [`keys_cli`]: `clio-relay keys`: the admin account API from the command line.
+//! - [`devices`]: per-device limits (concurrency, rate, daily audio) and revocation.
+//! - [`token`]: session tokens (HMAC-signed, short-lived device credentials).
+//!
+//! The control plane:
+//! - [`server`]: starting, reloading, draining and stopping a relay; signals.
+//! - [`admin`]: the admin port: metrics, health, the account, usage and
+//!   revocation APIs, alerts, the dashboard.
+//! - [`control`]: the authoritative account set; changes become ring versions.
+//! - [`health`]: active health checks of each key against upstream's REST API.
 //! - [`keystore`]: the encrypted, crash-safe store of accounts and keys added
 //!   at runtime, and how it merges with the config file's accounts.
-//! - [`mask`]: in-place re-masking and fresh mask keys.
+//! - [`usage`]: the usage ledger: per day, by account and device; persisted.
 //! - [`metrics`]: per-shard counters and latency histograms, merged and
 //!   rendered as Prometheus text only when scraped.
-//! - [`pump`]: the frame path: in-place scanning, re-masking and forwarding.
-//! - [`control`]: the control plane's authoritative account set; changes become ring versions.
+//! - [`systemd`]: sd_notify and socket activation, written by hand.
+//!
+//! Configuration and commands:
+//! - [`config`]: the TOML config file, parsed, validated, secrets resolved.
 //! - [`secret`]: secret values that only ever print as fingerprints.
-//! - [`systemd`]: sd_notify (ready, status, watchdog, reload, stop) and
-//!   socket activation (`LISTEN_FDS`), written by hand.
-//! - [`upstream`]: TCP, TLS and the WebSocket client upgrade to Soniox.
-//! - [`usage`]: the usage ledger: per day, by account and device; persisted.
-//! - [`fake_soniox`]: a local stand-in for Soniox's real-time WebSocket API (tests, load).
+//! - [`cli`], [`keys_cli`]: `check-config`, `mint-token` and `keys`.
+//! - [`demo`]: `clio-relay demo`.
+//!
+//! Tools (source under `tools/`):
+//! - [`fake_soniox`]: a local stand-in for Soniox's real-time API (WebSocket and REST).
 //! - [`relay_load`]: the `relay-load` load generator (client side of the protocol).
 
 #![warn(missing_debug_implementations, rust_2018_idioms)]
