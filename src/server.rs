@@ -100,6 +100,7 @@ pub fn start_with(
         process: process.clone(),
         devices: Arc::new(cfg.devices.clone()),
         listen_fd: client_fd,
+        allow: Arc::new(cfg.server.allow.clone()),
         client_tls: cfg
             .tls
             .as_ref()

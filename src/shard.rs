@@ -196,6 +196,8 @@ pub struct ShardSetup {
     pub listen_fd: Option<Arc<std::os::fd::OwnedFd>>,
     /// TLS for the client port.
     pub client_tls: Option<Arc<rustls::ServerConfig>>,
+    /// `server.allow`.
+    pub allow: Arc<Vec<ipnet::IpNet>>,
     /// Process-wide state.
     pub process: Arc<ProcessState>,
 }
@@ -295,6 +297,24 @@ pub struct Settings {
     pub devices: Arc<crate::config::DevicesConfig>,
     /// TLS for the client port, if `[tls]` is set.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Networks clients may connect from (`server.allow`); empty = any.
+    pub allow: Arc<Vec<ipnet::IpNet>>,
+}
+
+impl Settings {
+    /// Whether a client at `peer` may connect.
+    pub fn allows(&self, peer: Option<std::net::SocketAddr>) -> bool {
+        self.allow.is_empty()
+            || peer.is_some_and(|p| {
+                let ip = match p.ip() {
+                    std::net::IpAddr::V6(v6) => v6
+                        .to_ipv4_mapped()
+                        .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
+                    v4 => v4,
+                };
+                self.allow.iter().any(|n| n.contains(&ip))
+            })
+    }
 }
 
 impl Shard {
@@ -378,6 +398,7 @@ pub fn start(index: usize, setup: ShardSetup) -> std::io::Result<ShardHandle> {
                     tokens: setup.tokens.clone(),
                     devices: setup.devices.clone(),
                     tls: setup.client_tls.clone(),
+                    allow: setup.allow.clone(),
                 })),
                 key_in_header: setup.key_in_header,
                 connect_timeout: setup.connect_timeout,

@@ -183,6 +183,7 @@ impl Admin {
             limits: cfg.limits.clone(),
             tokens: Arc::new(TokenKeys::from_config(&cfg.tokens)),
             devices: Arc::new(cfg.devices.clone()),
+            allow: Arc::new(cfg.server.allow.clone()),
             tls: match cfg.tls.as_ref().map(crate::tls::server_config).transpose() {
                 Ok(t) => t,
                 Err(e) => {

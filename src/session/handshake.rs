@@ -19,6 +19,10 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream) {
     let accepted = Instant::now();
     let _ = tcp.set_nodelay(true);
     let settings = shard.settings();
+    if !settings.allows(tcp.peer_addr().ok()) {
+        shard.metrics.stream_rejected(Side::Client, 403);
+        return; // not on server.allow: the connection is closed
+    }
     let conn = match &settings.tls {
         None => Conn::Plain(tcp),
         Some(tls) => {

@@ -344,3 +344,20 @@ fn draining_relay_refuses_new_streams_with_503() {
     let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
     assert!(stream_session(&mut ws, &config_message(None), &audio_frames(2, 1)).finished());
 }
+
+#[test]
+fn client_port_allowlist_closes_other_networks() {
+    let fake = fake(&["k1"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.server.allow = vec!["10.0.0.0/8".parse().unwrap()];
+    let relay = Relay::start(cfg.clone());
+    assert!(
+        connect(relay.addr(), &relay.token("d"), Via::Header).is_err(),
+        "127.0.0.1 is not on the list"
+    );
+    // A reload that adds loopback opens the door.
+    cfg.server.allow.push("127.0.0.0/8".parse().unwrap());
+    relay.handle.reload(&cfg).unwrap();
+    let (mut ws, _) = connect(relay.addr(), &relay.token("d"), Via::Header).unwrap();
+    assert!(stream_session(&mut ws, &config_message(None), &audio_frames(2, 1)).finished());
+}
