@@ -45,6 +45,8 @@ pub struct KeySlot {
     pub streams_total: AtomicU64,
     /// 0 for a current key; for a retiring key, when its overlap ends (Unix seconds).
     pub retire_at: AtomicU64,
+    /// The overlap ended and the streams still on the key were told to end.
+    pub ending: AtomicBool,
 }
 
 impl KeySlot {
@@ -57,6 +59,7 @@ impl KeySlot {
             live: AtomicU32::new(0),
             streams_total: AtomicU64::new(0),
             retire_at: AtomicU64::new(0),
+            ending: AtomicBool::new(false),
         })
     }
 }

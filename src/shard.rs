@@ -163,6 +163,9 @@ pub enum ShardMsg {
     /// Close the listener: new connections go to another process (a
     /// restart) while this one drains.
     StopAccepting,
+    /// A rotated-out key's overlap is over: finalize and end the streams
+    /// still on it (clients reconnect onto the new key).
+    EndKey(String),
     /// Hand over the usage records of streams ended since the last call.
     TakeUsage(async_channel::Sender<Vec<crate::usage::UsageRecord>>),
     /// Install a new key-ring version; the ids are the accounts by metrics index.
@@ -250,6 +253,8 @@ pub struct LiveStream {
     pub device: String,
     /// Its token's id.
     pub token_id: String,
+    /// Fingerprint of the account key it runs on.
+    pub key: RefCell<String>,
     stop: Cell<Option<StopReason>>,
     waker: RefCell<Option<std::task::Waker>>,
 }
@@ -260,6 +265,7 @@ impl LiveStream {
         Rc::new(LiveStream {
             device: device.into(),
             token_id: token_id.into(),
+            key: RefCell::new(String::new()),
             stop: Cell::new(None),
             waker: RefCell::new(None),
         })
@@ -440,6 +446,13 @@ pub fn start(index: usize, setup: ShardSetup) -> std::io::Result<ShardHandle> {
                             }
                             ShardMsg::StopAccepting => {
                                 let _ = stop_accepting_tx.try_send(());
+                            }
+                            ShardMsg::EndKey(fingerprint) => {
+                                for s in shard.live.borrow().values() {
+                                    if *s.key.borrow() == fingerprint {
+                                        s.stop(StopReason::Drain);
+                                    }
+                                }
                             }
                             ShardMsg::Drain => {
                                 for s in shard.live.borrow().values() {

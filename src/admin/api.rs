@@ -271,7 +271,14 @@ pub(super) fn housekeeping(admin: &Admin) {
     let now = unix_now();
     let overdue = admin.accounts.borrow_mut().expire_retiring(now);
     for k in overdue {
-        tracing::warn!(key = %k.fingerprint, live = k.live.load(Ordering::Relaxed), "rotated-out key is past its overlap and still carries streams");
+        // Once per key: its streams are finalized and told to reconnect
+        // (onto the new key); the key is retired when the last one ends.
+        if !k.ending.swap(true, Ordering::Relaxed) {
+            tracing::warn!(key = %k.fingerprint, live = k.live.load(Ordering::Relaxed), "rotated-out key is past its overlap; ending its streams");
+            for tx in &admin.shards {
+                let _ = tx.try_send(crate::shard::ShardMsg::EndKey(k.fingerprint.clone()));
+            }
+        }
     }
     thread_local! {
         static LAST_WARNED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };

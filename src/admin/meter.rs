@@ -97,6 +97,7 @@ pub(super) fn usage(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
             if group == GroupBy::Account {
                 let p = prices.get(&key).copied().unwrap_or_default();
                 row["cost"] = json!(cost(t.audio_ms, p.per_hour));
+                row["monthly_budget"] = json!(p.monthly_budget);
             }
             row
         })

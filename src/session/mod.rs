@@ -105,6 +105,7 @@ impl Stream {
             close_seen: false,
         };
         let end = loop {
+            *live.stream.key.borrow_mut() = up.lease.key.fingerprint.clone();
             if let Err(r) = self.send_config(&up, &config).await {
                 break Err(r);
             }

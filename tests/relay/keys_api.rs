@@ -418,3 +418,48 @@ fn runtime_changes_survive_a_restart_in_the_encrypted_store() {
     );
     std::fs::remove_dir_all(&cfg.admin.state_dir).ok();
 }
+
+#[test]
+fn streams_still_on_a_key_when_its_overlap_ends_are_finalized_and_moved() {
+    let fake = fake(&["old-key", "new-key"], |_| {});
+    let relay = relay_with_admin(&fake, &[("a", "old-key")]);
+    let (mut live, _) = connect(relay.addr(), &relay.token("d1"), Via::Header).unwrap();
+    live.send(Message::text(config_message(None))).unwrap();
+    for f in audio_frames(5, 1) {
+        live.send(Message::binary(f)).unwrap();
+    }
+    assert!(fake.wait_for(Duration::from_secs(10), |s| s.len() == 1
+        && s[0].audio_frames == 5));
+    let (status, _) = http(
+        relay.handle.admin_addr,
+        "POST",
+        "/admin/accounts/a/rotate",
+        Some(ADMIN),
+        Some(r#"{"key":"new-key","overlap":"1s"}"#),
+    );
+    assert_eq!(status, 200);
+    // After the overlap: the final tokens, then "reconnect" (503) and 1012.
+    let got = read_all(&mut live);
+    assert_eq!(
+        (got.error_code(), got.close_code()),
+        (Some(503), Some(1012)),
+        "{got:?}"
+    );
+    assert!(
+        got.messages.iter().any(|m| m["tokens"]
+            .as_array()
+            .is_some_and(|t| t.iter().any(|t| t["text"] == "<fin>"))),
+        "{got:?}"
+    );
+    // The client reconnects: onto the new key. The old key is retired.
+    assert!(one_session(&relay).finished());
+    assert_eq!(
+        fake.sessions().last().unwrap().key.as_deref(),
+        Some("new-key")
+    );
+    assert!(wait_until(Duration::from_secs(5), || accounts_json(&relay)
+        ["accounts"][0]["retiring_keys"]
+        .as_array()
+        .unwrap()
+        .is_empty()));
+}

@@ -21,6 +21,7 @@ try {
   const page = await browser.newPage({ viewport: { width: 1400, height: 900 } });
   const errors = [];
   page.on("pageerror", (e) => errors.push(String(e)));
+  page.on("console", (m) => { if (m.type() === "error" && !m.text().includes("404")) console.error("page console:", m.text()); });
   await page.goto(`http://${admin}/dashboard#token=${encodeURIComponent(token)}`);
   await page.waitForSelector('tr[data-account="acct-a"]', { timeout: 10000 });
 
@@ -48,6 +49,9 @@ try {
   if (now["acct-a"] !== before["acct-a"]) fail(`a disabled account took new streams: ${before["acct-a"]} -> ${now["acct-a"]}`);
   if (!(now["acct-b"] > before["acct-b"])) fail("acct-b took no new stream");
 
+  // Usage so far, per account: the streams that ended show up.
+  await page.waitForFunction(() => Number(document.querySelector('tr[data-usage="acct-b"] .streams')?.textContent) > 0, null, { timeout: 5000 })
+    .catch(() => fail("the usage table shows no stream for acct-b"));
   await page.waitForTimeout(1200); // one refresh, for the screenshot
   await page.screenshot({ path: shot, fullPage: true });
   if (errors.length) fail(`page errors: ${errors.join("; ")}`);

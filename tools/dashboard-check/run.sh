@@ -33,7 +33,7 @@ bin="$root/target/debug"
 "$bin/fake-soniox" --echo --listen 127.0.0.1:0 --key dash-key-a --key dash-key-b --max-concurrent 100 > "$work/fake.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 50); do grep -q "listening on" "$work/fake.log" && break; sleep 0.1; done
-fake_url=$(grep -o 'ws://[^ ]*' "$work/fake.log" | head -1)
+fake_url=$(grep -o 'ws://[^ ,]*' "$work/fake.log" | head -1)
 
 export DASH_TOKEN_SECRET=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
 export DASH_ADMIN_TOKEN=$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')
@@ -69,5 +69,6 @@ admin=$(grep -o 'admin=[^ ]*' "$work/relay.log" | head -1 | cut -d= -f2)
 pids+=($!)
 
 mkdir -p "$(dirname "$shot")"
+trap 'rc=$?; if [ $rc -ne 0 ]; then echo "--- relay log"; tail -20 "$work/relay.log"; echo "--- load log"; tail -20 "$work/load.log"; fi; cleanup' EXIT
 node "$work/check.mjs" "$admin" "$DASH_ADMIN_TOKEN" "$shot" \
   "$bin/relay-load" --relay-config "$work/relay.toml" --target "$client" -n 4 --stream-seconds 1 --pace x4 -q
