@@ -122,6 +122,40 @@ impl Duplex {
     }
 }
 
+/// The listener of an executor: a duplicate of a socket systemd passed
+/// (socket activation), or a new one bound to `addr` (with SO_REUSEPORT).
+/// Must run inside the executor that will accept on it.
+pub fn listener(
+    passed: Option<&std::os::fd::OwnedFd>,
+    addr: std::net::SocketAddr,
+) -> io::Result<glommio::net::TcpListener> {
+    match passed {
+        Some(fd) => fd.try_clone().map(|fd| {
+            use std::os::fd::IntoRawFd;
+            // SAFETY: a fresh duplicate of a listening TCP socket, owned from here on.
+            unsafe {
+                <glommio::net::TcpListener as std::os::fd::FromRawFd>::from_raw_fd(fd.into_raw_fd())
+            }
+        }),
+        None => glommio::net::TcpListener::bind(addr).map_err(Into::into),
+    }
+}
+
+/// Whether `peer` is in one of `allow`'s networks (an empty list allows
+/// everyone). IPv4-mapped IPv6 peers match IPv4 networks.
+pub fn allowed(allow: &[ipnet::IpNet], peer: Option<std::net::SocketAddr>) -> bool {
+    allow.is_empty()
+        || peer.is_some_and(|p| {
+            let ip = match p.ip() {
+                std::net::IpAddr::V6(v6) => v6
+                    .to_ipv4_mapped()
+                    .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
+                v4 => v4,
+            };
+            allow.iter().any(|n| n.contains(&ip))
+        })
+}
+
 /// Runs `fut`, giving up after `dur`.
 pub async fn timeout<T>(dur: Duration, fut: impl Future<Output = T>) -> Option<T> {
     futures_lite::future::or(async { Some(fut.await) }, async {

@@ -14,7 +14,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_lite::future;
-use glommio::net::TcpListener;
 use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::config::LimitsConfig;
@@ -310,16 +309,7 @@ pub struct Settings {
 impl Settings {
     /// Whether a client at `peer` may connect.
     pub fn allows(&self, peer: Option<std::net::SocketAddr>) -> bool {
-        self.allow.is_empty()
-            || peer.is_some_and(|p| {
-                let ip = match p.ip() {
-                    std::net::IpAddr::V6(v6) => v6
-                        .to_ipv4_mapped()
-                        .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
-                    v4 => v4,
-                };
-                self.allow.iter().any(|n| n.contains(&ip))
-            })
+        crate::io::allowed(&self.allow, peer)
     }
 }
 
@@ -367,18 +357,7 @@ pub fn start(index: usize, setup: ShardSetup) -> std::io::Result<ShardHandle> {
         .name(&format!("clio-shard-{index}"))
         .io_memory(IO_MEMORY)
         .spawn(move || async move {
-            // A socket systemd passed (socket activation) or one bound here.
-            let bound = match &setup.listen_fd {
-                Some(fd) => fd.try_clone().map(|fd| {
-                    use std::os::fd::IntoRawFd;
-                    // SAFETY: a fresh duplicate of a listening TCP socket, owned from here on.
-                    unsafe {
-                        <TcpListener as std::os::fd::FromRawFd>::from_raw_fd(fd.into_raw_fd())
-                    }
-                }),
-                None => TcpListener::bind(setup.listen).map_err(Into::into),
-            };
-            let listener = match bound {
+            let listener = match crate::io::listener(setup.listen_fd.as_deref(), setup.listen) {
                 Ok(l) => l,
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));

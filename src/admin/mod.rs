@@ -16,7 +16,6 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use glommio::net::TcpListener;
 use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::config::UsageConfig;
@@ -226,18 +225,7 @@ impl Admin {
     }
 
     fn allowed(&self, peer: Option<SocketAddr>) -> bool {
-        if self.config.borrow().allow.is_empty() {
-            return true;
-        }
-        peer.is_some_and(|p| {
-            let ip = match p.ip() {
-                std::net::IpAddr::V6(v6) => v6
-                    .to_ipv4_mapped()
-                    .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
-                v4 => v4,
-            };
-            self.config.borrow().allow.iter().any(|n| n.contains(&ip))
-        })
+        crate::io::allowed(&self.config.borrow().allow, peer)
     }
 }
 
@@ -301,16 +289,7 @@ pub fn start(setup: AdminSetup) -> std::io::Result<AdminHandle> {
         .name("clio-admin")
         .io_memory(IO_MEMORY)
         .spawn(move || async move {
-            // A socket systemd passed (socket activation) or one bound here.
-            let bound = match &setup.listen_fd {
-                Some(fd) => fd.try_clone().map(|fd| {
-                    use std::os::fd::IntoRawFd;
-                    // SAFETY: a fresh duplicate of a listening TCP socket, owned from here on.
-                    unsafe { <TcpListener as std::os::fd::FromRawFd>::from_raw_fd(fd.into_raw_fd()) }
-                }),
-                None => TcpListener::bind(setup.listen).map_err(Into::into),
-            };
-            let listener = match bound {
+            let listener = match crate::io::listener(setup.listen_fd.as_deref(), setup.listen) {
                 Ok(l) => l,
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
