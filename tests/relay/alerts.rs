@@ -142,3 +142,37 @@ fn high_error_rate_and_slow_first_result_fire() {
     let v = next(&rx, "slow_first_result", "firing");
     assert!(v["value"].as_f64().unwrap() > 0.05, "{v}");
 }
+
+#[test]
+fn unusual_usage_fires_for_the_device_and_the_account() {
+    let fake = fake(&["k1"], |_| {});
+    let (url, rx) = webhook();
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.usage.alerts.interval = Duration::from_millis(100);
+    // No history yet: anything over the floor is far above its baseline.
+    cfg.usage.alerts.unusual_min_audio_seconds = 1;
+    cfg.usage.alerts.webhook_url = Some(url);
+    let relay = Relay::start(cfg);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("chatty-phone"), Via::Header).unwrap();
+    assert!(stream_session(&mut ws, &config_message(None), &audio_frames(20, 1)).finished());
+    let mut subjects = std::collections::BTreeMap::new();
+    while subjects.len() < 2 {
+        let v = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("unusual_usage webhooks");
+        if v["alert"] == "unusual_usage" && v["state"] == "firing" {
+            subjects.insert(
+                v["subject"].as_str().unwrap().to_string(),
+                v["value"].as_f64().unwrap(),
+            );
+        }
+    }
+    assert_eq!(
+        subjects.keys().collect::<Vec<_>>(),
+        vec!["account:a", "device:chatty-phone"]
+    );
+    assert!(
+        subjects.values().all(|&secs| secs >= 2.0),
+        "2 s of audio this hour: {subjects:?}"
+    );
+}
