@@ -19,11 +19,9 @@ fn demo_streams_every_client_to_the_end() {
     let m = &report.metrics;
     assert_eq!(m.streams_total(), 3);
     assert_eq!(m.accounts().iter().map(|a| a.streams_total).sum::<u64>(), 3);
-    assert!(
-        m.accounts().iter().all(|a| a.streams_total >= 1),
-        "both accounts used: {:?}",
-        m.accounts()
-    );
+    // Which account each stream lands on depends on timing (in --fast mode
+    // the streams barely overlap), so only the sum is checked.
+    assert_eq!(m.accounts().len(), 2);
     let text = render(&args, &report);
     assert!(text.contains("all 3 streams finished, 0 errors"), "{text}");
 }
