@@ -37,13 +37,6 @@ pub const IO_MEMORY: usize = 64 * 1024;
 /// A ring version and the account ids by metrics index.
 type Published = (Arc<[RingSlot]>, Arc<[String]>);
 
-/// How long a shard runs ready tasks before it looks at io_uring again.
-/// glommio's default is 100 ms: with thousands of streams there is always a
-/// task ready, so completions (the next frame's read) waited up to a whole
-/// period, and frames queued for tens of milliseconds. A relay wants short
-/// turns.
-pub const PREEMPT_TIMER: Duration = Duration::from_micros(500);
-
 /// Process-wide facts every shard reads: the stream count behind
 /// `server.max_streams`, the draining flag, and the accounts.
 #[derive(Debug)]
@@ -363,7 +356,6 @@ pub fn start(index: usize, setup: ShardSetup) -> std::io::Result<ShardHandle> {
     let join = LocalExecutorBuilder::new(placement)
         .name(&format!("clio-shard-{index}"))
         .io_memory(IO_MEMORY)
-        .preempt_timer(PREEMPT_TIMER)
         .spawn(move || async move {
             let listener = match crate::io::listener(setup.listen_fd.as_deref(), setup.listen) {
                 Ok(l) => l,
