@@ -11,25 +11,19 @@ use crate::util::*;
 
 /// A fake Soniox serving `wss` for "localhost", and the PEM of its CA.
 fn tls_fake() -> (FakeSoniox, String) {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let leaf_key = rcgen::KeyPair::generate().unwrap();
-    let leaf = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
-        .unwrap()
-        .signed_by(&leaf_key, &ca, &ca_key)
-        .unwrap();
-    let server = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![leaf.der().clone()],
-            rustls_pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
-        )
-        .unwrap();
+    use rustls::pki_types::pem::PemObject;
+    let (ca, cert, key) = localhost_cert();
+    let server = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![rustls::pki_types::CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()],
+        rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+    )
+    .unwrap();
     let fake = FakeSoniox::start(FakeConfig {
         keys: vec![FakeKey::new("key-a", 50)],
         tls: Some(Arc::new(server)),
@@ -37,7 +31,7 @@ fn tls_fake() -> (FakeSoniox, String) {
         ..FakeConfig::default()
     })
     .unwrap();
-    (fake, ca.pem())
+    (fake, ca)
 }
 
 /// A temp file holding `pem`, removed on drop.
