@@ -9,6 +9,9 @@
 mod alerts;
 mod api;
 mod meter;
+mod remote;
+
+pub use remote::remote_config;
 
 use std::cell::RefCell;
 use std::net::SocketAddr;
@@ -574,8 +577,8 @@ async fn route(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
             }
         }
         "/v1/config" => {
-            let body = remote_config(process);
-            let etag = etag(&body);
+            let body = remote::remote_config(process);
+            let etag = remote::etag(&body);
             if req.header("if-none-match") == Some(etag.as_str()) {
                 http::response(304, "application/json", &format!("ETag: {etag}\r\n"), b"")
             } else {
@@ -589,36 +592,4 @@ async fn route(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
         }
         _ => http::json_error(404, "not found"),
     }
-}
-
-/// The seed's remote-configuration document: accounts' public fields and
-/// feature flags. Never a key.
-pub fn remote_config(process: &ProcessState) -> String {
-    let accounts: Vec<serde_json::Value> = process
-        .accounts()
-        .iter()
-        .map(|a| {
-            serde_json::json!({
-                "id": a.id,
-                "endpoint": "/v1/transcribe",
-                "region": a.region(),
-                "isEnabled": a.enabled.load(std::sync::atomic::Ordering::Relaxed),
-            })
-        })
-        .collect();
-    serde_json::json!({
-        "sonioxAccounts": accounts,
-        "features": {
-            "useProxyServer": true,
-            "maxConcurrentStreams": process.max_streams(),
-        }
-    })
-    .to_string()
-}
-
-/// A strong ETag: the first 16 hex digits of the body's SHA-256.
-fn etag(body: &str) -> String {
-    let d = ring::digest::digest(&ring::digest::SHA256, body.as_bytes());
-    let hex: String = d.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect();
-    format!("\"{hex}\"")
 }
