@@ -378,7 +378,7 @@ pub async fn client_to_upstream(
                 return End::UpstreamGone;
             }
             state.upstream_at_boundary.set(side.scanner.at_boundary());
-            buf.start += n;
+            buf.consume(n);
             side.processed = 0;
             if scan.frames_done > 0 {
                 let took = read_at.elapsed().as_nanos() as u64;
@@ -457,7 +457,7 @@ pub async fn upstream_to_client(
                 return End::ClientGone;
             }
             state.client_at_boundary.set(scanner.at_boundary());
-            buf.start += scan.ready;
+            buf.consume(scan.ready);
             if scan.frames_done > 0 {
                 let took = read_at.elapsed().as_nanos() as u64;
                 for _ in 0..scan.frames_done {

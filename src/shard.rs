@@ -405,7 +405,10 @@ pub fn start(index: usize, setup: ShardSetup) -> std::io::Result<ShardHandle> {
                     while let Ok(msg) = rx.recv().await {
                         match msg {
                             ShardMsg::Snapshot(reply) => {
-                                let _ = reply.send(shard.metrics.snapshot()).await;
+                                let mut snapshot = shard.metrics.snapshot();
+                                snapshot.read_buffers =
+                                    (shard.pool.in_use() as u64, shard.pool.available() as u64);
+                                let _ = reply.send(snapshot).await;
                             }
                             ShardMsg::Settings(settings) => {
                                 *shard.settings.borrow_mut() = Rc::new(settings);

@@ -237,7 +237,7 @@ impl UpstreamTarget {
             .map_err(|e| unavailable("upgrade answer", &format!("{e:?}")))?;
         let answer = http::check_upstream_answer(&buf.filled()[..head_len], &ws_key)
             .map_err(|_| unavailable("upgrade answer", &"malformed"))?;
-        buf.start += head_len;
+        buf.consume(head_len);
         match answer {
             UpstreamAnswer::Upgraded => Ok(conn),
             UpstreamAnswer::Refused(status) => {

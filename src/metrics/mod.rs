@@ -335,6 +335,7 @@ impl ShardMetrics {
             streams_active: self.streams_active.get(),
             streams_total: self.streams_total.get(),
             streams_rejected: self.streams_rejected.get(),
+            read_buffers: (0, 0),
             traffic: [self.traffic[0].get(), self.traffic[1].get()],
             accounts: self.accounts.borrow().clone(),
             errors,
@@ -362,6 +363,9 @@ pub struct MetricsSnapshot {
     streams_active: u64,
     streams_total: u64,
     streams_rejected: u64,
+    /// The shard's read buffers: `(in use, on the free list)`, filled in by
+    /// the shard when it takes the snapshot.
+    pub read_buffers: (u64, u64),
     traffic: [Traffic; 2],
     accounts: Vec<AccountStats>,
     /// Sorted by `(side, code)`.

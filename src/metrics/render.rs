@@ -104,6 +104,23 @@ pub fn render_prometheus(shards: &[MetricsSnapshot], gauges: &ProcessGauges) -> 
     }
     family(
         o,
+        "clio_relay_read_buffers",
+        "gauge",
+        "Pooled read buffers per shard: in_use holds a stream's unread bytes or a read, free waits on the pool's list.",
+    );
+    for s in shards {
+        let shard = s.shard.to_string();
+        for (state, n) in [("in_use", s.read_buffers.0), ("free", s.read_buffers.1)] {
+            sample(
+                o,
+                "clio_relay_read_buffers",
+                &[("shard", &shard), ("state", state)],
+                n,
+            );
+        }
+    }
+    family(
+        o,
         "clio_relay_streams_rejected_total",
         "counter",
         "Streams refused before or after the upgrade (also counted in errors).",

@@ -103,7 +103,7 @@ impl Stream {
         }
         let mask = h.mask.expect("client frames are masked");
         let total = h.payload_len as usize;
-        buf.start += h.header_len;
+        buf.consume(h.header_len);
         let mut payload = Vec::with_capacity(total);
         while payload.len() < total {
             if buf.is_empty() {
@@ -113,7 +113,7 @@ impl Stream {
             let at = payload.len();
             payload.extend_from_slice(&buf.filled()[..take]);
             apply_mask(&mut payload[at..], mask, at);
-            buf.start += take;
+            buf.consume(take);
         }
         parse_config(h.opcode, h.fin, &payload)
     }

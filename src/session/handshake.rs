@@ -107,7 +107,7 @@ async fn handshake(
             return None;
         }
     };
-    buf.start += head_len;
+    buf.consume(head_len);
     match req.path.as_str() {
         "/v1/transcribe" => {}
         "/healthz" => {

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use serde_json::Value;
+use tungstenite::Message;
 
 use crate::util::*;
 
@@ -107,4 +108,54 @@ fn remote_config_with_etag() {
         "If-None-Match: \"something-else\"\r\n",
     );
     assert_eq!(status, 200);
+}
+
+/// The sum over shards of `metric`'s samples whose labels contain `labels`.
+fn shard_sum(body: &str, metric: &str, labels: &str) -> f64 {
+    body.lines()
+        .filter(|l| l.starts_with(&format!("{metric}{{")) && l.contains(labels))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+/// Open streams that are not moving data hold no read buffers: a buffer is
+/// lent to a stream only while bytes are in it, and the gauge says so.
+#[test]
+fn idle_streams_hold_no_read_buffers() {
+    let fake = fake(&["key-a"], |_| {});
+    let relay = Relay::start(relay_config(&fake.url(), &[("acct-a", "key-a")]));
+    let frames = audio_frames(3, 7);
+    let mut streams: Vec<Ws> = (0..8)
+        .map(|i| {
+            let (mut ws, _) =
+                connect(relay.addr(), &relay.token(&format!("dev-{i}")), Via::Header).unwrap();
+            ws.send(Message::text(config_message(None))).unwrap();
+            for f in &frames {
+                ws.send(Message::binary(f.clone())).unwrap();
+            }
+            ws
+        })
+        .collect();
+    let mut last = (0.0, 0.0, 0.0);
+    let settled = wait_until(LIMIT, || {
+        let (_, _, body) = http_get(relay.handle.admin_addr, "/metrics", "");
+        last = (
+            shard_sum(&body, "clio_relay_streams_active", ""),
+            shard_sum(&body, "clio_relay_read_buffers", "state=\"in_use\""),
+            shard_sum(&body, "clio_relay_read_buffers", "state=\"free\""),
+        );
+        last.0 == 8.0 && last.1 == 0.0
+    });
+    assert!(settled, "(active, in use, free) = {last:?}");
+    assert!(last.2 > 0.0, "the pool keeps its free buffers: {last:?}");
+    // Every stream carries on once it has data again.
+    for ws in &mut streams {
+        for f in &frames {
+            ws.send(Message::binary(f.clone())).unwrap();
+        }
+        ws.send(Message::binary(Vec::<u8>::new())).unwrap();
+    }
+    for ws in &mut streams {
+        assert!(read_all(ws).finished());
+    }
 }
