@@ -69,7 +69,10 @@ impl Stream {
         // With the token on the request, connect upstream while the client
         // prepares its config message; otherwise authenticate first. Either
         // way the device's limits are checked before upstream is touched.
-        let opened: Result<_, Refusal> = async {
+        // Boxed: opening (an upstream TLS handshake among it) is the largest
+        // state the stream's task ever has, and it is over once the stream
+        // flows; unboxed, every open stream would carry its size for life.
+        let opened: Result<_, Refusal> = Box::pin(async {
             match claims {
                 Some(c) => {
                     *state.device.borrow_mut() = Some(self.admit(&c)?);
@@ -88,7 +91,7 @@ impl Stream {
                     Ok((first, up, c))
                 }
             }
-        }
+        })
         .await;
         let (config, mut up, claims) = match opened {
             Ok(x) => x,
@@ -131,7 +134,7 @@ impl Stream {
                         .stream_closed(up.lease.account.metrics_index);
                     // The refused connection is dropped when `up` is replaced.
                     state.inspect_first_upstream.set(true);
-                    match self.open_upstream(&mut tried).await {
+                    match Box::pin(self.open_upstream(&mut tried)).await {
                         Ok(next) => up = next,
                         Err(r) => break Err(r),
                     }
@@ -146,9 +149,9 @@ impl Stream {
         if let Some((code, scope)) = state.first_upstream_error.get() {
             self.note_refusal(&up.lease, code, scope);
         }
-        let error = self
-            .finish(&client, &mut up, end, &state, &mut cbuf, &mut cside)
-            .await;
+        // Boxed for the same reason as the opening: only the end needs it.
+        let error =
+            Box::pin(self.finish(&client, &mut up, end, &state, &mut cbuf, &mut cside)).await;
         self.shard
             .metrics
             .stream_closed(up.lease.account.metrics_index);
