@@ -26,7 +26,9 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream) {
     let conn = match &settings.tls {
         None => Conn::Plain(tcp),
         Some(tls) => {
-            let accept = futures_rustls::TlsAcceptor::from(tls.clone()).accept(tcp);
+            // Boxed: a TLS handshake's state is larger than everything a
+            // streaming task keeps, and is needed only for the first RTTs.
+            let accept = Box::pin(futures_rustls::TlsAcceptor::from(tls.clone()).accept(tcp));
             match timeout(settings.limits.handshake_timeout, accept).await {
                 Some(Ok(s)) => Conn::TlsServer(Box::new(s)),
                 _ => {
