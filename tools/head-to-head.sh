@@ -220,11 +220,14 @@ rss_kb() {
   echo "$total"
 }
 
-# rss_sampler FILE: one line "KiB" every 0.5 s, until killed.
+# rss_sampler FILE: one line "MS KiB" (ms since it started) every 0.5 s,
+# until killed.
 rss_sampler() {
+  local t0
+  t0=$(date +%s%3N)
   while :; do
     # shellcheck disable=SC2046
-    rss_kb $(proxy_pids) >> "$1"
+    echo "$(( $(date +%s%3N) - t0 )) $(rss_kb $(proxy_pids))" >> "$1"
     sleep 0.5
   done
 }
@@ -283,13 +286,13 @@ if [ "$QUICK" = 1 ]; then
   W1_ARGS=(-n 500 --stream-seconds 10);                         W1_CAP=60
   W2_ARGS=(-n 200 --pace flood --stream-seconds 100000 --duration 10s); W2_CAP=40
   W3_ARGS=(--churn --concurrency 50 --duration 5s);             W3_CAP=40
-  W4_ARGS=(--idle -n 1000 --ramp 1000 --duration 10s);          W4_CAP=40
+  W4_ARGS=(--idle -n 1000 --ramp 1000 --duration 10s);          W4_CAP=40; W4_HOLD_S=10
   W1_STREAMS=500; W4_STREAMS=1000
 else
   W1_ARGS=(-n 5000 --stream-seconds 60);                        W1_CAP=150
   W2_ARGS=(-n 200 --pace flood --stream-seconds 100000 --duration 30s); W2_CAP=90
   W3_ARGS=(--churn --concurrency 50 --duration 20s);            W3_CAP=80
-  W4_ARGS=(--idle -n 9000 --ramp 1000 --duration 30s);          W4_CAP=100
+  W4_ARGS=(--idle -n 9000 --ramp 1000 --duration 30s);          W4_CAP=100; W4_HOLD_S=30
   W1_STREAMS=5000; W4_STREAMS=9000
 fi
 # W1 at another size (e.g. one the direct path is not saturated by):
@@ -324,13 +327,19 @@ run_workload() {
   # shellcheck disable=SC2086
   cpu1=$(cpu_ticks $pids)
   fcpu1=$(cpu_ticks "$FAKE_PID")
-  local peak
-  peak=$(sort -n "$out.rss" 2>/dev/null | tail -1)
+  # Peak over the whole run; "held" only over samples taken before the
+  # workload's hold ends (W4: its --duration, after which every stream
+  # closes at once), i.e. with all streams open and idle.
+  local peak held hold_ms
+  hold_ms=$(( $(eval "echo \${${w}_HOLD_S:-0}") * 1000 - 500 ))
+  peak=$(awk '$2 > m { m = $2 } END { print m + 0 }' "$out.rss" 2>/dev/null || echo 0)
+  held=$(awk -v lim="$hold_ms" 'lim <= 0 || $1 <= lim { if ($2 > m) m = $2 } END { print m + 0 }' \
+    "$out.rss" 2>/dev/null || echo 0)
   cat > "$out.meta.json" <<EOF
 {"proxy": "$proxy", "workload": "$w", "rc": $rc, "clk_tck": $CLK_TCK,
  "cpu_ticks_before": $cpu0, "cpu_ticks_after": $cpu1,
  "fake_cpu_ticks_before": $fcpu0, "fake_cpu_ticks_after": $fcpu1,
- "rss_kb_before": $rss0, "rss_kb_peak": ${peak:-0},
+ "rss_kb_before": $rss0, "rss_kb_peak": ${peak:-0}, "rss_kb_held": ${held:-0},
  "streams": $(eval "echo \${${w}_STREAMS:-0}"), "proxy_pids": "$pids"}
 EOF
   if [ -s "$out.json" ]; then
