@@ -40,6 +40,8 @@ pub(crate) fn spawn_shard(
     let handle = LocalExecutorBuilder::new(Placement::Unbound)
         // The locked-memory limit is 8 MiB; glommio's default is 10 MiB.
         .io_memory(512 << 10)
+        // Thousands of waiting sockets: see `shard::RING_DEPTH`.
+        .ring_depth(crate::shard::RING_DEPTH)
         .name(&format!("fake-soniox-{n}"))
         .spawn(move || async move {
             // glommio's bind sets SO_REUSEPORT, so shards share the port.

@@ -496,6 +496,8 @@ pub fn run(opts: &LoadOptions) -> std::io::Result<LoadReport> {
         let handle = LocalExecutorBuilder::new(Placement::Unbound)
             // The locked-memory limit is 8 MiB; glommio's default is 10 MiB.
             .io_memory(64 << 10)
+            // Thousands of waiting sockets: see `shard::RING_DEPTH`.
+            .ring_depth(crate::shard::RING_DEPTH)
             .name(&format!("relay-load-{t}"))
             .spawn(move || async move {
                 let worker = Rc::new(Worker {
