@@ -1,0 +1,208 @@
+//! The file as written: serde structs mirroring it key for key (unknown
+//! keys are errors), and the parse step with toml errors made readable
+//! (key, section and line). `load` resolves these into a [`Config`].
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use super::ConfigError;
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawFile {
+    #[serde(default)]
+    pub(super) server: RawServer,
+    #[serde(default)]
+    pub(super) upstream: RawUpstream,
+    pub(super) tokens: Option<RawTokens>,
+    #[serde(default)]
+    pub(super) limits: RawLimits,
+    #[serde(default)]
+    pub(super) account: Vec<RawAccount>,
+    #[serde(default)]
+    pub(super) admin: RawAdmin,
+    #[serde(default)]
+    pub(super) devices: RawDevices,
+    #[serde(default)]
+    pub(super) usage: RawUsage,
+    #[serde(default)]
+    pub(super) alerts: RawAlerts,
+    pub(super) tls: Option<RawTls>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTls {
+    pub(super) cert_file: Option<PathBuf>,
+    pub(super) key_file: Option<PathBuf>,
+}
+
+#[derive(Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDeviceLimits {
+    pub(super) max_concurrent_streams: Option<u32>,
+    pub(super) streams_per_minute: Option<u32>,
+    pub(super) audio_seconds_per_day: Option<u64>,
+    pub(super) max_stream_length: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDevices {
+    #[serde(flatten)]
+    pub(super) default: RawDeviceLimits,
+    #[serde(default)]
+    pub(super) tier: std::collections::BTreeMap<String, RawDeviceLimits>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawUsage {
+    pub(super) currency: Option<String>,
+    pub(super) persist_interval: Option<String>,
+    pub(super) reconcile_interval: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAlerts {
+    pub(super) interval: Option<String>,
+    pub(super) concurrency_ratio: Option<f64>,
+    pub(super) budget_ratio: Option<f64>,
+    pub(super) unusual_factor: Option<f64>,
+    pub(super) unusual_min_audio_seconds: Option<u64>,
+    pub(super) error_rate: Option<f64>,
+    pub(super) error_min_streams: Option<u64>,
+    pub(super) slow_first_result: Option<String>,
+    pub(super) webhook_url: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAdmin {
+    pub(super) token_env: Option<String>,
+    pub(super) token_file: Option<PathBuf>,
+    pub(super) allow: Option<Vec<String>>,
+    pub(super) state_dir: Option<PathBuf>,
+    pub(super) master_key_env: Option<String>,
+    pub(super) master_key_file: Option<PathBuf>,
+    pub(super) rotation_period: Option<String>,
+    pub(super) rotation_overlap: Option<String>,
+    pub(super) health_interval: Option<String>,
+    pub(super) rest_url: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawServer {
+    pub(super) listen: Option<String>,
+    pub(super) admin_listen: Option<String>,
+    pub(super) shards: Option<usize>,
+    pub(super) max_streams: Option<u32>,
+    pub(super) allow: Option<Vec<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawUpstream {
+    pub(super) url: Option<String>,
+    pub(super) auth: Option<String>,
+    pub(super) ca_file: Option<PathBuf>,
+    pub(super) connect_timeout: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTokens {
+    pub(super) secret_env: Option<String>,
+    pub(super) secret_file: Option<PathBuf>,
+    pub(super) previous_secret_env: Option<String>,
+    pub(super) previous_secret_file: Option<PathBuf>,
+    pub(super) default_ttl: Option<String>,
+    pub(super) max_ttl: Option<String>,
+    pub(super) clock_skew: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawLimits {
+    pub(super) handshake_timeout: Option<String>,
+    pub(super) max_header_bytes: Option<usize>,
+    pub(super) max_frame_bytes: Option<usize>,
+    pub(super) max_first_message_bytes: Option<usize>,
+    pub(super) idle_timeout: Option<String>,
+    pub(super) drain_timeout: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAccount {
+    pub(super) id: Option<String>,
+    pub(super) key_env: Option<String>,
+    pub(super) key_file: Option<PathBuf>,
+    pub(super) region: Option<String>,
+    pub(super) enabled: Option<bool>,
+    pub(super) max_concurrent_streams: Option<u32>,
+    pub(super) price_per_hour: Option<f64>,
+    pub(super) monthly_budget: Option<f64>,
+}
+
+/// One line for a toml parse error: toml's own message, plus the key,
+/// section and line it points at.
+fn describe_toml_error(e: &toml::de::Error, text: &str) -> String {
+    let msg = e.message().trim().replace('\n', "; ");
+    let Some(span) = e.span() else {
+        return msg;
+    };
+    let start = span.start.min(text.len());
+    let before = &text[..start];
+    let line_no = before.matches('\n').count() + 1;
+    // The section the error is in: the last table header before it.
+    let mut section = None;
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for l in before.lines() {
+        let l = l.trim();
+        if let Some((name, _)) = l.strip_prefix("[[").and_then(|r| r.split_once("]]")) {
+            let name = name.trim().to_string();
+            let n = counts.entry(name.clone()).or_insert(0);
+            section = Some(format!("{name}[{n}]"));
+            *n += 1;
+        } else if let Some((name, _)) = l.strip_prefix('[').and_then(|r| r.split_once(']')) {
+            section = Some(name.trim().to_string());
+        }
+    }
+    // The key on the line the error points at, if it is a `key = value` line.
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or("");
+    let key = match line.split_once('=') {
+        Some((k, _)) if !k.trim().is_empty() && !k.trim_start().starts_with('[') => Some(k.trim()),
+        _ => None,
+    };
+    if msg.starts_with("unknown field") {
+        let (what, expected) = match msg.split_once(", expected") {
+            Some((w, rest)) => (w, format!(", expected{rest}")),
+            None => (msg.as_str(), String::new()),
+        };
+        let header_line = line.trim_start().starts_with('[');
+        let place = match &section {
+            _ if header_line => "the top level".to_string(),
+            Some(s) if s.ends_with(']') => s.clone(),
+            Some(s) => format!("[{s}]"),
+            None => "the top level".to_string(),
+        };
+        return format!("{what} in {place} (line {line_no}){expected}");
+    }
+    match (section, key) {
+        (Some(s), Some(k)) => format!("{s}.{k}: {msg} (line {line_no})"),
+        (None, Some(k)) => format!("{k}: {msg} (line {line_no})"),
+        (Some(s), None) => format!("{s}: {msg} (line {line_no})"),
+        (None, None) => format!("{msg} (line {line_no})"),
+    }
+}
+
+/// Parses the file text into the raw layer; a toml error is one problem.
+pub(super) fn parse(text: &str) -> Result<RawFile, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::one(describe_toml_error(&e, text)))
+}
