@@ -9,7 +9,7 @@ use clio_relay::config::{
     AccountConfig, AdminConfig, AuthMode, Config, LimitsConfig, ServerConfig, TokensConfig,
     UpstreamConfig,
 };
-use clio_relay::fake_soniox::{FakeConfig, FakeKey, FakeSoniox};
+use clio_relay::fake_soniox::{FakeConfig, FakeKey, FakeSoniox, Faults};
 use clio_relay::relay_load::{
     self, AuthVia, Credentials, LoadOptions, LoadReport, Mode, Pace, Target,
 };
@@ -210,4 +210,37 @@ fn churn_and_idle_modes_end_by_themselves() {
     assert_eq!(report.idle_held, 5, "{}", report.table());
     assert_eq!(report.streams_ok, 5, "{}", report.table());
     assert_eq!(report.frames_sent, 0);
+}
+
+/// An idle stream's `finished` gets the whole read timeout from its end of
+/// audio, however long the stream was held before: a hold longer than the
+/// timeout and a slow finalization still end cleanly.
+#[test]
+fn an_idle_stream_waits_for_finished_from_its_end_not_its_start() {
+    let fake = FakeSoniox::start(FakeConfig {
+        echo: true,
+        keys: vec![FakeKey::new(KEY, 100)],
+        faults: Faults {
+            finish_delay: Duration::from_millis(1500),
+            ..Faults::default()
+        },
+        ..FakeConfig::default()
+    })
+    .expect("fake-soniox starts");
+    let mut opts = smoke_options(
+        Target::direct(fake.addr()),
+        AuthVia::Header,
+        Credentials::Fixed(KEY.into()),
+    );
+    opts.mode = Mode::Idle;
+    opts.streams = 3;
+    // Held until 8 s (the last fifth of the run is for closing); reads time
+    // out every 3 s while held, so one is 2 s old when the end of audio goes
+    // out at 8 s, and `finished` comes 1.5 s later, at 9.5 s.
+    opts.keepalive_every = Duration::from_secs(20);
+    opts.io_timeout = Duration::from_secs(3);
+    opts.duration = Duration::from_secs(10);
+    let report = relay_load::run(&opts).expect("idle runs");
+    assert!(report.streams_failed.is_empty(), "{}", report.table());
+    assert_eq!(report.streams_ok, 3, "{}", report.table());
 }

@@ -49,6 +49,9 @@ struct Args {
     /// Wait this long before answering each upgrade.
     #[arg(long, default_value = "0ms", value_parser = humantime::parse_duration)]
     handshake_delay: Duration,
+    /// Wait this long after the end of audio before the last words and `finished`.
+    #[arg(long, default_value = "0ms", value_parser = humantime::parse_duration)]
+    finish_delay: Duration,
     /// Drop the TCP connection abruptly when audio frame N arrives.
     #[arg(long)]
     close_after_frames: Option<u64>,
@@ -97,6 +100,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         ms_per_word: args.ms_per_word,
         faults: Faults {
             handshake_delay: args.handshake_delay,
+            finish_delay: args.finish_delay,
             close_after_frames: args.close_after_frames,
             error_after_frames: args.error_after_frames.zip(args.error_code),
             rest_status: args.rest_status,

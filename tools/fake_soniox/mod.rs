@@ -190,6 +190,9 @@ impl FakeKey {
 pub struct Faults {
     /// Wait this long after the TCP (and TLS) accept before answering the upgrade.
     pub handshake_delay: Duration,
+    /// Wait this long after the end of audio before the last words and
+    /// `finished` (a slow finalization).
+    pub finish_delay: Duration,
     /// When audio frame number N arrives, drop the TCP connection abruptly
     /// (RST, no close frame): "upstream dies".
     pub close_after_frames: Option<u64>,

@@ -323,6 +323,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// Last words and `finished`.
     async fn finish(&mut self) -> Step {
+        let delay = self.shared.cfg.faults.finish_delay;
+        if !delay.is_zero() {
+            glommio::timer::sleep(delay).await;
+        }
         if let Some(t) = self.transcript.as_mut() {
             let tokens = t.flush();
             let (fin, total) = (t.final_ms(), t.total_ms());

@@ -164,7 +164,9 @@ async fn body(w: &Rc<Worker>, id: u64) -> Result<u64, Fail> {
     let mask_key = (w.next_random() as u32).to_le_bytes();
     let frames = o.frames_per_stream();
     let sent = Cell::new(0u64);
-    let ended = Cell::new(false);
+    // When the end of audio went out: the answer to it (`finished`) gets
+    // `io_timeout` from then, not from whenever the pending read began.
+    let ended_at: Cell<Option<Instant>> = Cell::new(None);
     let (first_tx, first_rx) = async_channel::bounded::<()>(1);
 
     let config = config_message(w, cred.as_deref());
@@ -216,7 +218,7 @@ async fn body(w: &Rc<Worker>, id: u64) -> Result<u64, Fail> {
                 w.counters.borrow_mut().idle_held += 1;
             }
         }
-        ended.set(true);
+        ended_at.set(Some(Instant::now()));
         wire.send(w, &frame::build_frame(Opcode::Binary, &[], Some(mask_key)))
             .await
     };
@@ -298,10 +300,19 @@ async fn body(w: &Rc<Worker>, id: u64) -> Result<u64, Fail> {
                 }
                 rb.consume(total);
             }
-            match rb.fill(w, &wire.conn, o.io_timeout).await {
+            // An idle stream gets nothing until its end of audio, so it
+            // reads in short slices and only its time since the end counts.
+            let slice = if o.mode == Mode::Idle {
+                o.io_timeout.min(Duration::from_secs(1))
+            } else {
+                o.io_timeout
+            };
+            match rb.fill(w, &wire.conn, slice).await {
                 Ok(()) => {}
-                // An idle stream gets nothing until its end of audio.
-                Err(e) if e == "timeout" && o.mode == Mode::Idle && !ended.get() => {}
+                Err(e)
+                    if e == "timeout"
+                        && o.mode == Mode::Idle
+                        && ended_at.get().is_none_or(|t| t.elapsed() < o.io_timeout) => {}
                 Err(e) => return Err(e),
             }
         }
@@ -312,7 +323,7 @@ async fn body(w: &Rc<Worker>, id: u64) -> Result<u64, Fail> {
     let writer = async {
         let result = writer.await;
         if result.is_err() {
-            ended.set(true);
+            ended_at.set(Some(Instant::now()));
             future::pending::<()>().await;
         }
         result
