@@ -13,7 +13,7 @@ mod handshake;
 mod refusal;
 mod support;
 
-use support::{audio_bytes_per_ms, close_client, LiveGuard};
+use support::{audio_bytes_per_ms, close_client, upstream_config_text, with_api_key, LiveGuard};
 
 pub use handshake::serve;
 pub use refusal::Refusal;
@@ -22,7 +22,7 @@ use std::rc::Rc;
 use std::time::{Instant, SystemTime};
 
 use futures_lite::future;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::devices::{DevicePermit, Limit};
 use crate::frame::{build_frame, close_payload, Opcode, Sender};
@@ -103,6 +103,9 @@ impl Stream {
             Some(Value::String(r)) => r.clone(),
             _ => self.id.clone(),
         };
+        // Kept for the stream's life (a retry sends it again) as the bytes
+        // upstream gets, not as a JSON map: a fraction of the memory.
+        let config = upstream_config_text(config, &self.id);
         let live = LiveGuard::register(&self.shard, &claims);
         let started = Instant::now();
         let mut cside = ClientSide {
@@ -285,24 +288,18 @@ impl Stream {
         }
     }
 
-    /// Writes the client's config upstream: without the client's `api_key`,
-    /// with the account key when `upstream.auth = "config"`, and with a
-    /// `client_reference_id` (the stream id) when the client gave none.
-    async fn send_config(&self, up: &Upstream, config: &Map<String, Value>) -> Result<(), Refusal> {
-        let mut config = config.clone();
-        config.remove("api_key");
-        if !self.shard.key_in_header {
-            config.insert(
-                "api_key".into(),
-                Value::String(up.lease.key.key.expose().to_string()),
-            );
-        }
-        if !config.contains_key("client_reference_id") {
-            config.insert("client_reference_id".into(), Value::String(self.id.clone()));
-        }
-        let text = serde_json::to_vec(&config).expect("a JSON map serializes");
+    /// Writes the client's config (see [`upstream_config_text`]) upstream,
+    /// with the account key as `api_key` when `upstream.auth = "config"`.
+    async fn send_config(&self, up: &Upstream, config: &[u8]) -> Result<(), Refusal> {
+        let with_key;
+        let text = if self.shard.key_in_header {
+            config
+        } else {
+            with_key = with_api_key(config, up.lease.key.key.expose());
+            &with_key
+        };
         let key = self.shard.masks.borrow_mut().next_key();
-        let frame = build_frame(Opcode::Text, &text, Some(key));
+        let frame = build_frame(Opcode::Text, text, Some(key));
         up.conn
             .write_all(&frame)
             .await

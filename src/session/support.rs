@@ -1,5 +1,6 @@
 //! Small pieces of a stream's life: its place in the shard's live-stream
-//! registry, the audio byte rate of its format, and closing the client.
+//! registry, the audio byte rate of its format, the config message as
+//! upstream gets it, and closing the client.
 
 use std::rc::Rc;
 
@@ -66,4 +67,65 @@ pub(super) async fn close_client(client: &Duplex) {
         }
     })
     .await;
+}
+
+/// The client's config as upstream gets it (before any key): without the
+/// client's `api_key` (its session token), and with a `client_reference_id`
+/// (the stream id) when the client gave none. A JSON object.
+pub(super) fn upstream_config_text(mut config: Map<String, Value>, stream_id: &str) -> Box<[u8]> {
+    config.remove("api_key");
+    if !config.contains_key("client_reference_id") {
+        config.insert(
+            "client_reference_id".into(),
+            Value::String(stream_id.to_string()),
+        );
+    }
+    serde_json::to_vec(&config)
+        .expect("a JSON map serializes")
+        .into_boxed_slice()
+}
+
+/// `config` (a JSON object from [`upstream_config_text`]) with `api_key`
+/// set to `key`, as its first member.
+pub(super) fn with_api_key(config: &[u8], key: &str) -> Vec<u8> {
+    debug_assert!(config.first() == Some(&b'{') && config.last() == Some(&b'}'));
+    let mut out = Vec::with_capacity(config.len() + key.len() + 16);
+    out.extend_from_slice(b"{\"api_key\":");
+    serde_json::to_writer(&mut out, key).expect("a string serializes");
+    if config.len() > 2 {
+        out.push(b',');
+    }
+    out.extend_from_slice(&config[1..]);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn the_config_upstream_gets() {
+        let client = map(serde_json::json!({"model": "m", "api_key": "clio1.token"}));
+        let text = upstream_config_text(client, "s-1");
+        let v: Value = serde_json::from_slice(&text).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"model": "m", "client_reference_id": "s-1"})
+        );
+
+        let keyed: Value = serde_json::from_slice(&with_api_key(&text, "k\"ey")).unwrap();
+        assert_eq!(
+            keyed,
+            serde_json::json!({"model": "m", "client_reference_id": "s-1", "api_key": "k\"ey"})
+        );
+        let own = map(serde_json::json!({"client_reference_id": "mine"}));
+        let v: Value = serde_json::from_slice(&upstream_config_text(own, "s-2")).unwrap();
+        assert_eq!(v["client_reference_id"], "mine");
+        let empty: Value = serde_json::from_slice(&with_api_key(b"{}", "k")).unwrap();
+        assert_eq!(empty, serde_json::json!({"api_key": "k"}));
+    }
 }
