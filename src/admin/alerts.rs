@@ -34,7 +34,12 @@ pub(super) struct AlertState {
     /// The merged metrics at the last pass (for window deltas).
     prev: Option<MetricsSnapshot>,
     /// Subject → audio ms per hour slot, with the hour each slot holds.
+    /// Subjects with no audio in the last 24 hours are dropped (see
+    /// [`AlertState::feed_at`]), so the map holds the devices and accounts
+    /// seen in a day, not every one ever seen.
     hourly: HashMap<String, [(u64, u64); HOURS]>,
+    /// The hour of the last pruning of `hourly`.
+    pruned_hour: u64,
 }
 
 fn hour_now() -> u64 {
@@ -46,7 +51,21 @@ fn hour_now() -> u64 {
 impl AlertState {
     /// Adds ended streams' audio to the hourly history.
     pub(super) fn feed(&mut self, records: &[UsageRecord]) {
-        let hour = hour_now();
+        self.feed_at(records, hour_now());
+    }
+
+    /// [`feed`](Self::feed) at `hour` (hours since the epoch). Once per new
+    /// hour it first drops the subjects whose every slot is over 24 hours
+    /// old: they have no baseline left and nothing this hour.
+    fn feed_at(&mut self, records: &[UsageRecord], hour: u64) {
+        if hour != self.pruned_hour {
+            self.pruned_hour = hour;
+            self.hourly.retain(|_, slots| {
+                slots
+                    .iter()
+                    .any(|&(h, ms)| ms > 0 && h <= hour && hour - h <= 24)
+            });
+        }
         for r in records {
             for subject in [
                 format!("account:{}", r.account),
@@ -250,5 +269,46 @@ pub(super) fn render_metrics(admin: &Admin, out: &mut String) {
             "clio_relay_alerts_firing{{alert=\"{alert}\",subject=\"{subject}\"}} {}",
             u8::from(*firing)
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(device: &str, ms: u64) -> UsageRecord {
+        UsageRecord {
+            day: 0,
+            account: "acct".into(),
+            device: device.into(),
+            reference_id: "r".into(),
+            audio_ms_relay: ms,
+            audio_ms_upstream: None,
+            bytes_up: 0,
+            bytes_down: 0,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn subjects_silent_for_a_day_are_dropped() {
+        let mut s = AlertState::default();
+        let h = 500_000;
+        s.feed_at(&[record("old", 1_000)], h);
+        s.feed_at(&[record("new", 1_000)], h + 10);
+        assert_eq!(s.hourly.len(), 3, "account + two devices");
+        // 24 hours after "old" streamed it is still part of a baseline.
+        s.feed_at(&[], h + 24);
+        assert!(s.hourly.contains_key("device:old"));
+        // One more hour and it is gone; "new" and the account stay.
+        s.feed_at(&[], h + 25);
+        assert!(!s.hourly.contains_key("device:old"));
+        assert!(s.hourly.contains_key("device:new"));
+        assert!(s.hourly.contains_key("account:acct"));
+        let slots = &s.hourly["device:new"];
+        assert_eq!(s.usage(slots, h + 11), (0, 1_000.0 / 24.0));
+        // A day of silence for everyone empties the map.
+        s.feed_at(&[], h + 10 + 25);
+        assert!(s.hourly.is_empty());
     }
 }
