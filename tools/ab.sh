@@ -1,37 +1,45 @@
 #!/usr/bin/env bash
-# Idle-stream memory and CPU of clio-relay builds, side by side in one session.
+# Same-session A/B of clio-relay builds on one workload, alternating them.
 #
-#   bash tools/ab-idle.sh [-n STREAMS] [-r ROUNDS] DIR [DIR...]
+#   bash tools/ab.sh [-w idle|churn] [-n STREAMS] [-r ROUNDS] DIR [DIR...]
 #
 # Each DIR holds a `clio-relay` binary (e.g. target/release of two worktrees).
 # For each round and each DIR in turn: a 2-shard relay in front of
-# fake-soniox (echo mode), `relay-load --idle -n STREAMS --ramp 1000
-# --duration 20s` through it (keepalives only), VmRSS sampled every 0.5 s,
-# the relay's CPU (utime + stime) at the end. Prints, per run, RSS per stream
-# while held (median of the samples in the second half of the hold, minus
-# the RSS before), including the closing (peak minus before), and CPU
-# seconds. fake-soniox and relay-load come from ./target/release (built if
-# missing). Everything listens on 127.0.0.1; every run is bounded in time.
+# fake-soniox (echo mode), one relay-load run through it, the relay's CPU
+# (utime + stime) at the end. Workloads:
+#   idle   (default) `relay-load --idle -n STREAMS --ramp 1000 --duration 20s`
+#          (keepalives only), VmRSS sampled every 0.5 s. Prints RSS per stream
+#          while held (median of the samples in the second half of the hold,
+#          minus the RSS before), including the closing (peak minus before),
+#          and CPU seconds.
+#   churn  `relay-load --churn --concurrency 50 --duration 10s` (open,
+#          authenticate, first result, close; W3 of the head-to-head). Prints
+#          cycles/s, CPU ms per cycle and open-to-result p50/p99.
+# fake-soniox and relay-load come from ./target/release (built if missing).
+# Everything listens on 127.0.0.1; every run is bounded in time.
 set -euo pipefail
 {
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 N=3000
 ROUNDS=2
-while getopts "n:r:h" o; do
+WORKLOAD=idle
+while getopts "w:n:r:h" o; do
   case "$o" in
+    w) WORKLOAD=$OPTARG ;;
     n) N=$OPTARG ;;
     r) ROUNDS=$OPTARG ;;
     *) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
   esac
 done
 shift $((OPTIND - 1))
-[ $# -ge 1 ] || { echo "ab-idle: give at least one directory with a clio-relay binary" >&2; exit 2; }
-for d in "$@"; do [ -x "$d/clio-relay" ] || { echo "ab-idle: no $d/clio-relay" >&2; exit 2; }; done
+case "$WORKLOAD" in idle|churn) ;; *) echo "ab: unknown workload $WORKLOAD (idle or churn)" >&2; exit 2 ;; esac
+[ $# -ge 1 ] || { echo "ab: give at least one directory with a clio-relay binary" >&2; exit 2; }
+for d in "$@"; do [ -x "$d/clio-relay" ] || { echo "ab: no $d/clio-relay" >&2; exit 2; }; done
 
 BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
 [ -x "$BIN/fake-soniox" ] && [ -x "$BIN/relay-load" ] \
   || (cd "$ROOT" && cargo build --release --bin fake-soniox --bin relay-load)
-WORK=$(mktemp -d /tmp/ab-idle.XXXXXX)
+WORK=$(mktemp -d /tmp/ab.XXXXXX)
 FAKE_PORT=17400 RELAY_PORT=17401 ADMIN_PORT=17402
 export AB_SECRET AB_KEY
 AB_SECRET=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
@@ -68,8 +76,15 @@ EOF
 
 rss() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
 
-echo "| round | build | streams held | failed | KiB / stream held | KiB / stream incl. closing | relay CPU s |"
-echo "|---:|---|---:|---:|---:|---:|---:|"
+if [ "$WORKLOAD" = idle ]; then
+  LOAD_ARGS=(--idle -n "$N" --ramp 1000 --duration 20s)
+  echo "| round | build | streams held | failed | KiB / stream held | KiB / stream incl. closing | relay CPU s |"
+  echo "|---:|---|---:|---:|---:|---:|---:|"
+else
+  LOAD_ARGS=(--churn --concurrency 50 --duration 10s)
+  echo "| round | build | cycles/s | failed | relay CPU ms / cycle | open-to-result p50 (ms) | p99 (ms) |"
+  echo "|---:|---|---:|---:|---:|---:|---:|"
+fi
 for round in $(seq 1 "$ROUNDS"); do
   for dir in "$@"; do
     rm -rf "$WORK/state"; mkdir -p "$WORK/state"
@@ -78,20 +93,28 @@ for round in $(seq 1 "$ROUNDS"); do
     PIDS+=("$rp")
     for _ in $(seq 50); do (exec 3<>"/dev/tcp/127.0.0.1/$RELAY_PORT") 2>/dev/null && break; sleep 0.1; done
     before=$(rss "$rp")
+    ticks0=$(awk '{ print $14 + $15 }' "/proc/$rp/stat")
     : > "$WORK/samples"
     timeout --kill-after=10 60 "$BIN/relay-load" --relay-config "$WORK/relay.toml" \
-      --target "127.0.0.1:$RELAY_PORT" --idle -n "$N" --ramp 1000 --duration 20s -q --json \
+      --target "127.0.0.1:$RELAY_PORT" "${LOAD_ARGS[@]}" -q --json \
       > "$WORK/load.json" 2> "$WORK/load.err" &
     lp=$!
     while kill -0 "$lp" 2>/dev/null; do rss "$rp" >> "$WORK/samples"; sleep 0.5; done
     wait "$lp" || true
-    ticks=$(awk '{ print $14 + $15 }' "/proc/$rp/stat")
+    ticks=$(( $(awk '{ print $14 + $15 }' "/proc/$rp/stat") - ticks0 ))
     kill -INT "$rp"; wait "$rp" 2>/dev/null || true
-    python3 - "$WORK" "$before" "$ticks" "$(getconf CLK_TCK)" "$round" "$dir" <<'PY'
+    python3 - "$WORK" "$before" "$ticks" "$(getconf CLK_TCK)" "$round" "$dir" "$WORKLOAD" <<'PY'
 import json, statistics, sys
-work, before, ticks, tck, rnd, build = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6]
+work, before, ticks, tck, rnd, build, workload = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6], sys.argv[7]
 report = json.load(open(f"{work}/load.json"))
-held, failed = report["idle_held"], report["streams_failed"]
+failed = report["streams_failed"]
+if workload == "churn":
+    cycles = report["streams_ok"]
+    cpu_ms = ticks * 1000.0 / tck / max(cycles, 1)
+    c = report["connect"]
+    print(f"| {rnd} | {build} | {report['cycles_per_sec']:.0f} | {failed} | {cpu_ms:.4f} | {c['p50_ms']:.2f} | {c['p99_ms']:.2f} |")
+    sys.exit(0)
+held = report["idle_held"]
 rs = [int(l) for l in open(f"{work}/samples") if l.strip()]
 # The hold is the flat middle: the second half of the samples, minus the last
 # two (the closing), and its median.
