@@ -217,6 +217,10 @@ def main():
         target("W1: clio-relay's CPU ≤ 0.5× nginx's", cmp(a, b, lambda a, b: a <= 0.5 * b),
                f"{fmt(a)} vs {fmt(b)} CPU s per 1,000 audio-s, {ratio(a, b)}")
     if "W2" in workloads:
+        notes.append(
+            "- W2: a flood keeps every socket buffer on the path full, so its round trips are "
+            "the time a frame waits behind the backlog (seconds), not a proxy's latency; "
+            "differences between paths can be negative. Read W2 for frames/s and CPU.")
         a, b, c = (v("W2", "frames/s", p) for p in ("clio", "nginx", "node"))
         target("W2: clio-relay ≥ 1.5× nginx's frames/s", cmp(a, b, lambda a, b: a >= 1.5 * b),
                f"{fmt(a)} vs {fmt(b)}, {ratio(a, b)}")
