@@ -66,7 +66,27 @@ impl AsyncRead for Conn {
     }
 }
 
+/// One non-blocking `sendmsg` of `bufs` on a plain socket.
+fn send_vectored(tcp: &TcpStream, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+    use nix::sys::socket::{sendmsg, MsgFlags};
+    use std::os::fd::AsRawFd;
+    let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
+    loop {
+        match sendmsg::<()>(tcp.as_raw_fd(), bufs, &[], flags, None) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            r => return r.map_err(io::Error::from),
+        }
+    }
+}
+
 impl AsyncWrite for Conn {
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        delegate!(self, s => s.poll_write_vectored(cx, bufs))
+    }
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -112,6 +132,46 @@ impl Duplex {
                 return Err(io::ErrorKind::WriteZero.into());
             }
             buf = &buf[n..];
+        }
+        std::future::poll_fn(|cx| Pin::new(&mut *self.0.borrow_mut()).poll_flush(cx)).await
+    }
+
+    /// Writes `a` then `b` and flushes, as one send where the connection
+    /// allows: on plain TCP one `sendmsg` with both buffers (no copy), over
+    /// TLS one record holding both. The relay uses it to send the config
+    /// message together with the client frames read along with it.
+    pub async fn write_two(&self, a: &[u8], b: &[u8]) -> io::Result<()> {
+        let total = a.len() + b.len();
+        let mut sent = 0;
+        while sent < total {
+            let n = std::future::poll_fn(|cx| {
+                let rest = [
+                    io::IoSlice::new(&a[sent.min(a.len())..]),
+                    io::IoSlice::new(&b[sent.saturating_sub(a.len())..]),
+                ];
+                let mut conn = self.0.borrow_mut();
+                match &mut *conn {
+                    Conn::Plain(tcp) => {
+                        // glommio has no vectored write: try one directly,
+                        // and let glommio wait for room if the socket is full.
+                        match send_vectored(tcp, &rest) {
+                            Ok(n) => Poll::Ready(Ok(n)),
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                                let first =
+                                    rest.iter().find(|s| !s.is_empty()).expect("bytes left");
+                                Pin::new(tcp).poll_write(cx, first)
+                            }
+                            Err(e) => Poll::Ready(Err(e)),
+                        }
+                    }
+                    other => Pin::new(other).poll_write_vectored(cx, &rest),
+                }
+            })
+            .await?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            sent += n;
         }
         std::future::poll_fn(|cx| Pin::new(&mut *self.0.borrow_mut()).poll_flush(cx)).await
     }
@@ -405,6 +465,36 @@ mod tests {
         });
         drop(extra);
         assert_eq!(pool.available(), 3, "keeps at most `keep`");
+    }
+
+    /// `write_two` delivers both buffers whole and in order, also when the
+    /// socket fills up part-way and the rest waits for the peer to read.
+    #[test]
+    fn write_two_sends_both_buffers_in_order() {
+        use futures_lite::AsyncReadExt;
+        glommio::LocalExecutorBuilder::default()
+            .make()
+            .unwrap()
+            .run(async {
+                let listener = glommio::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                let addr = listener.local_addr().unwrap();
+                let mut peer = glommio::net::TcpStream::connect(addr).await.unwrap();
+                let conn = Duplex::new(Conn::Plain(listener.accept().await.unwrap()));
+                let a: Vec<u8> = (0..143u32).map(|i| i as u8).collect();
+                // Far more than loopback's socket buffers hold at once.
+                let b: Vec<u8> = (0..8u32 << 20).map(|i| (i * 7 + 3) as u8).collect();
+                let expected = [a.as_slice(), b.as_slice(), b"tail"].concat();
+                let reader = glommio::spawn_local(async move {
+                    let mut got = vec![0u8; expected.len()];
+                    // Read slowly at first, so the writer meets a full socket.
+                    glommio::timer::sleep(Duration::from_millis(50)).await;
+                    peer.read_exact(&mut got).await.unwrap();
+                    assert!(got == expected, "bytes arrived changed or out of order");
+                });
+                conn.write_two(&a, &b).await.unwrap();
+                conn.write_two(b"", b"tail").await.unwrap();
+                reader.await;
+            });
     }
 
     /// An idle stream's read holds no buffer; bytes that arrive are read

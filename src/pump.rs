@@ -338,6 +338,9 @@ pub struct ClientSide {
     pub processed: usize,
     /// The client's close frame has gone upstream.
     pub close_seen: bool,
+    /// The config message for a new upstream connection, not yet written:
+    /// it goes up in the same send as the client frames already read.
+    pub config_frame: Option<Vec<u8>>,
 }
 
 /// Moves client frames upstream until the client closes (its close frame is
@@ -371,10 +374,15 @@ pub async fn client_to_upstream(
                 .data_frames_up
                 .set(state.data_frames_up.get() + scan.data_frames_started as u64);
         }
+        let config = side.config_frame.take();
         if side.processed > 0 {
             let n = side.processed;
             state.upstream_at_boundary.set(false);
-            if upstream.write_all(&buf.filled()[..n]).await.is_err() {
+            let written = match &config {
+                Some(c) => upstream.write_two(c, &buf.filled()[..n]).await,
+                None => upstream.write_all(&buf.filled()[..n]).await,
+            };
+            if written.is_err() {
                 return End::UpstreamGone;
             }
             state.upstream_at_boundary.set(side.scanner.at_boundary());
@@ -388,6 +396,10 @@ pub async fn client_to_upstream(
             }
             metrics.frames_client_to_upstream(scan.frames_done as u64, n as u64);
             state.bytes_up.set(state.bytes_up.get() + n as u64);
+        } else if let Some(c) = &config {
+            if upstream.write_all(c).await.is_err() {
+                return End::UpstreamGone;
+            }
         }
         if scan.binary_bytes > 0 && !state.count_audio(scan.binary_bytes) {
             return End::Stopped(crate::devices::Limit::DailyAudio);

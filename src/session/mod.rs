@@ -112,12 +112,13 @@ impl Stream {
             scanner: FrameScanner::new(Sender::Client, self.settings.limits.max_frame_bytes as u64),
             processed: 0,
             close_seen: false,
+            config_frame: None,
         };
         let end = loop {
             *live.stream.key.borrow_mut() = up.lease.key.fingerprint.clone();
-            if let Err(r) = self.send_config(&up, &config).await {
-                break Err(r);
-            }
+            // Written by the client→upstream pump, in the same send as the
+            // client frames already read (often the first audio).
+            cside.config_frame = Some(self.config_frame(&up, &config));
             let end = self
                 .pump(
                     &client,
@@ -288,9 +289,10 @@ impl Stream {
         }
     }
 
-    /// Writes the client's config (see [`upstream_config_text`]) upstream,
-    /// with the account key as `api_key` when `upstream.auth = "config"`.
-    async fn send_config(&self, up: &Upstream, config: &[u8]) -> Result<(), Refusal> {
+    /// The client's config (see [`upstream_config_text`]) as the masked
+    /// text frame upstream gets, with the account key as `api_key` when
+    /// `upstream.auth = "config"`.
+    fn config_frame(&self, up: &Upstream, config: &[u8]) -> Vec<u8> {
         let with_key;
         let text = if self.shard.key_in_header {
             config
@@ -299,11 +301,7 @@ impl Stream {
             &with_key
         };
         let key = self.shard.masks.borrow_mut().next_key();
-        let frame = build_frame(Opcode::Text, text, Some(key));
-        up.conn
-            .write_all(&frame)
-            .await
-            .map_err(|_| Refusal::upstream_unavailable())
+        build_frame(Opcode::Text, text, Some(key))
     }
 
     /// Runs both pumps and the idle watch until one of them ends the stream.
