@@ -138,7 +138,7 @@ impl Duplex {
 
     /// Writes `a` then `b` and flushes, as one send where the connection
     /// allows: on plain TCP one `sendmsg` with both buffers (no copy), over
-    /// TLS one record holding both. The relay uses it to send the config
+    /// TLS both in one record (up to 16 KiB). The relay uses it to send the config
     /// message together with the client frames read along with it.
     pub async fn write_two(&self, a: &[u8], b: &[u8]) -> io::Result<()> {
         let total = a.len() + b.len();
