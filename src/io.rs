@@ -467,34 +467,46 @@ mod tests {
         assert_eq!(pool.available(), 3, "keeps at most `keep`");
     }
 
+    /// Runs `test` on a glommio executor with a connected pair of plain
+    /// sockets on 127.0.0.1: ours as a [`Duplex`], and the peer's.
+    fn on_socket_pair<F, Fut>(test: F)
+    where
+        F: FnOnce(Duplex, glommio::net::TcpStream) -> Fut + 'static,
+        Fut: Future<Output = ()> + 'static,
+    {
+        glommio::LocalExecutorBuilder::default()
+            .make()
+            .unwrap()
+            .run(async move {
+                let listener = glommio::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                let addr = listener.local_addr().unwrap();
+                let peer = glommio::net::TcpStream::connect(addr).await.unwrap();
+                let conn = Duplex::new(Conn::Plain(listener.accept().await.unwrap()));
+                test(conn, peer).await;
+            });
+    }
+
     /// `write_two` delivers both buffers whole and in order, also when the
     /// socket fills up part-way and the rest waits for the peer to read.
     #[test]
     fn write_two_sends_both_buffers_in_order() {
         use futures_lite::AsyncReadExt;
-        glommio::LocalExecutorBuilder::default()
-            .make()
-            .unwrap()
-            .run(async {
-                let listener = glommio::net::TcpListener::bind("127.0.0.1:0").unwrap();
-                let addr = listener.local_addr().unwrap();
-                let mut peer = glommio::net::TcpStream::connect(addr).await.unwrap();
-                let conn = Duplex::new(Conn::Plain(listener.accept().await.unwrap()));
-                let a: Vec<u8> = (0..143u32).map(|i| i as u8).collect();
-                // Far more than loopback's socket buffers hold at once.
-                let b: Vec<u8> = (0..8u32 << 20).map(|i| (i * 7 + 3) as u8).collect();
-                let expected = [a.as_slice(), b.as_slice(), b"tail"].concat();
-                let reader = glommio::spawn_local(async move {
-                    let mut got = vec![0u8; expected.len()];
-                    // Read slowly at first, so the writer meets a full socket.
-                    glommio::timer::sleep(Duration::from_millis(50)).await;
-                    peer.read_exact(&mut got).await.unwrap();
-                    assert!(got == expected, "bytes arrived changed or out of order");
-                });
-                conn.write_two(&a, &b).await.unwrap();
-                conn.write_two(b"", b"tail").await.unwrap();
-                reader.await;
+        on_socket_pair(|conn, mut peer| async move {
+            let a: Vec<u8> = (0..143u32).map(|i| i as u8).collect();
+            // Far more than loopback's socket buffers hold at once.
+            let b: Vec<u8> = (0..8u32 << 20).map(|i| (i * 7 + 3) as u8).collect();
+            let expected = [a.as_slice(), b.as_slice(), b"tail"].concat();
+            let reader = glommio::spawn_local(async move {
+                let mut got = vec![0u8; expected.len()];
+                // Read slowly at first, so the writer meets a full socket.
+                glommio::timer::sleep(Duration::from_millis(50)).await;
+                peer.read_exact(&mut got).await.unwrap();
+                assert!(got == expected, "bytes arrived changed or out of order");
             });
+            conn.write_two(&a, &b).await.unwrap();
+            conn.write_two(b"", b"tail").await.unwrap();
+            reader.await;
+        });
     }
 
     /// An idle stream's read holds no buffer; bytes that arrive are read
@@ -502,32 +514,25 @@ mod tests {
     #[test]
     fn a_waiting_read_holds_no_storage() {
         use futures_lite::AsyncWriteExt;
-        glommio::LocalExecutorBuilder::default()
-            .make()
-            .unwrap()
-            .run(async {
-                let listener = glommio::net::TcpListener::bind("127.0.0.1:0").unwrap();
-                let addr = listener.local_addr().unwrap();
-                let mut peer = glommio::net::TcpStream::connect(addr).await.unwrap();
-                let conn = Duplex::new(Conn::Plain(listener.accept().await.unwrap()));
-                let pool = BufferPool::new(1024, 1, 4);
-                let mut buf = pool.get();
-                let reader = glommio::spawn_local(async move {
-                    let n = buf.read_from(&conn).await.unwrap();
-                    (n, buf)
-                });
-                for _ in 0..3 {
-                    glommio::timer::sleep(Duration::from_millis(20)).await;
-                    assert_eq!(pool.available(), 1, "a pending read gives storage back");
-                }
-                peer.write_all(b"hello").await.unwrap();
-                let (n, mut buf) = reader.await;
-                assert_eq!(n, 5);
-                assert_eq!(buf.filled(), b"hello");
-                assert_eq!(pool.available(), 0, "bytes not yet consumed keep it");
-                buf.start = buf.end;
-                buf.compact();
-                assert_eq!(pool.available(), 1);
+        on_socket_pair(|conn, mut peer| async move {
+            let pool = BufferPool::new(1024, 1, 4);
+            let mut buf = pool.get();
+            let reader = glommio::spawn_local(async move {
+                let n = buf.read_from(&conn).await.unwrap();
+                (n, buf)
             });
+            for _ in 0..3 {
+                glommio::timer::sleep(Duration::from_millis(20)).await;
+                assert_eq!(pool.available(), 1, "a pending read gives storage back");
+            }
+            peer.write_all(b"hello").await.unwrap();
+            let (n, mut buf) = reader.await;
+            assert_eq!(n, 5);
+            assert_eq!(buf.filled(), b"hello");
+            assert_eq!(pool.available(), 0, "bytes not yet consumed keep it");
+            buf.start = buf.end;
+            buf.compact();
+            assert_eq!(pool.available(), 1);
+        });
     }
 }
