@@ -159,6 +159,9 @@ impl Drop for AdmitPermit {
 pub enum ShardMsg {
     /// Send back a snapshot of the shard's metrics.
     Snapshot(async_channel::Sender<MetricsSnapshot>),
+    /// Answer, to show the shard's event loop turns (the watchdog's
+    /// liveness check; a snapshot would copy every histogram).
+    Ping(async_channel::Sender<()>),
     /// Install new limits and token keys (a reload); streams already open
     /// keep the version they started with.
     Settings(Settings),
@@ -457,6 +460,9 @@ pub fn start(index: usize, setup: ShardSetup) -> std::io::Result<ShardHandle> {
                             ShardMsg::TakeUsage(reply) => {
                                 let taken = std::mem::take(&mut *shard.usage.borrow_mut());
                                 let _ = reply.send(taken).await;
+                            }
+                            ShardMsg::Ping(reply) => {
+                                let _ = reply.send(()).await;
                             }
                             ShardMsg::Stop => break,
                         }
