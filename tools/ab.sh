@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Same-session A/B of clio-relay builds on one workload, alternating them.
 #
-#   bash tools/ab.sh [-w idle|churn] [-n STREAMS] [-r ROUNDS] DIR [DIR...]
+#   bash tools/ab.sh [-w idle|churn|realtime] [-n STREAMS] [-r ROUNDS] DIR [DIR...]
 #
 # Each DIR holds a `clio-relay` binary (e.g. target/release of two worktrees).
 # For each round and each DIR in turn: a 2-shard relay in front of
@@ -15,6 +15,9 @@
 #   churn  `relay-load --churn --concurrency 50 --duration 10s` (open,
 #          authenticate, first result, close; W3 of the head-to-head). Prints
 #          cycles/s, CPU ms per cycle and open-to-result p50/p99.
+#   realtime `relay-load -n STREAMS --ramp 500 --stream-seconds 20` (W1:
+#          100 ms frames at real-time pace, echoed). Prints lost frames,
+#          CPU s per 1,000 audio-seconds and round-trip p50/p99/p99.9.
 # fake-soniox and relay-load come from ./target/release (built if missing).
 # Everything listens on 127.0.0.1; every run is bounded in time.
 set -euo pipefail
@@ -32,7 +35,7 @@ while getopts "w:n:r:h" o; do
   esac
 done
 shift $((OPTIND - 1))
-case "$WORKLOAD" in idle|churn) ;; *) echo "ab: unknown workload $WORKLOAD (idle or churn)" >&2; exit 2 ;; esac
+case "$WORKLOAD" in idle|churn|realtime) ;; *) echo "ab: unknown workload $WORKLOAD (idle, churn or realtime)" >&2; exit 2 ;; esac
 [ $# -ge 1 ] || { echo "ab: give at least one directory with a clio-relay binary" >&2; exit 2; }
 for d in "$@"; do [ -x "$d/clio-relay" ] || { echo "ab: no $d/clio-relay" >&2; exit 2; }; done
 
@@ -80,6 +83,10 @@ if [ "$WORKLOAD" = idle ]; then
   LOAD_ARGS=(--idle -n "$N" --ramp 1000 --duration 20s)
   echo "| round | build | streams held | failed | KiB / stream held | KiB / stream incl. closing | relay CPU s |"
   echo "|---:|---|---:|---:|---:|---:|---:|"
+elif [ "$WORKLOAD" = realtime ]; then
+  LOAD_ARGS=(-n "$N" --ramp 500 --stream-seconds 20)
+  echo "| round | build | lost | failed | relay CPU s / 1,000 audio-s | rtt p50 (ms) | p99 (ms) | p99.9 (ms) |"
+  echo "|---:|---|---:|---:|---:|---:|---:|---:|"
 else
   LOAD_ARGS=(--churn --concurrency 50 --duration 10s)
   echo "| round | build | cycles/s | failed | relay CPU ms / cycle | open-to-result p50 (ms) | p99 (ms) |"
@@ -108,6 +115,12 @@ import json, statistics, sys
 work, before, ticks, tck, rnd, build, workload = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6], sys.argv[7]
 report = json.load(open(f"{work}/load.json"))
 failed = report["streams_failed"]
+if workload == "realtime":
+    audio_s = report["frames_received"] * 0.1
+    cpu = ticks / tck / max(audio_s / 1000.0, 1e-9)
+    r = report["rtt"]
+    print(f"| {rnd} | {build} | {report['lost']} | {failed} | {cpu:.3f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['p999_ms']:.2f} |")
+    sys.exit(0)
 if workload == "churn":
     cycles = report["streams_ok"]
     cpu_ms = ticks * 1000.0 / tck / max(cycles, 1)
