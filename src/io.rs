@@ -133,7 +133,7 @@ impl Duplex {
             }
             buf = &buf[n..];
         }
-        std::future::poll_fn(|cx| Pin::new(&mut *self.0.borrow_mut()).poll_flush(cx)).await
+        self.flush().await
     }
 
     /// Writes `a` then `b` and flushes, as one send where the connection
@@ -173,6 +173,11 @@ impl Duplex {
             }
             sent += n;
         }
+        self.flush().await
+    }
+
+    /// Pushes out what TLS holds back until flushed (nothing on plain TCP).
+    async fn flush(&self) -> io::Result<()> {
         std::future::poll_fn(|cx| Pin::new(&mut *self.0.borrow_mut()).poll_flush(cx)).await
     }
 
@@ -208,9 +213,13 @@ pub fn listener(
 
 /// Whether `peer` is in one of `allow`'s networks (an empty list allows
 /// everyone). IPv4-mapped IPv6 peers match IPv4 networks.
-pub fn allowed(allow: &[ipnet::IpNet], peer: Option<std::net::SocketAddr>) -> bool {
+pub fn allowed(
+    allow: &[ipnet::IpNet],
+    peer: impl FnOnce() -> Option<std::net::SocketAddr>,
+) -> bool {
+    // `peer` is a system call (`getpeername`): asked only with a list.
     allow.is_empty()
-        || peer.is_some_and(|p| {
+        || peer().is_some_and(|p| {
             let ip = match p.ip() {
                 std::net::IpAddr::V6(v6) => v6
                     .to_ipv4_mapped()

@@ -553,12 +553,12 @@ fn first_message_error(bytes: &[u8]) -> FirstMessage {
 /// wake-up instead of a remove and an insert).
 pub async fn idle_watch(state: &StreamState, idle: Duration) -> End {
     loop {
-        let quiet = state.last_activity.get().elapsed();
-        if quiet >= idle {
+        let deadline = state.last_activity.get() + idle;
+        let now = Instant::now();
+        if now >= deadline {
             return End::Idle;
         }
-        let deadline = Instant::now() + (idle - quiet);
-        let mut timer = glommio::timer::Timer::new(idle - quiet);
+        let mut timer = glommio::timer::Timer::new(deadline - now);
         let mut armed = false;
         std::future::poll_fn(|cx| {
             if armed && Instant::now() < deadline {

@@ -224,17 +224,8 @@ impl RelayHandle {
         let n = txs.len();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let answered = futures_lite::future::block_on(async {
-                let mut answered = 0;
-                for shard in &txs {
-                    let (ptx, prx) = async_channel::bounded(1);
-                    if shard.send(ShardMsg::Ping(ptx)).await.is_ok() && prx.recv().await.is_ok() {
-                        answered += 1;
-                    }
-                }
-                answered
-            });
-            let _ = tx.send(answered);
+            let answered = futures_lite::future::block_on(admin::ask(&txs, ShardMsg::Ping));
+            let _ = tx.send(answered.len());
         });
         match rx.recv_timeout(limit) {
             Ok(k) if k == n => Ok(()),

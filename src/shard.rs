@@ -323,7 +323,7 @@ pub struct Settings {
 
 impl Settings {
     /// Whether a client at `peer` may connect.
-    pub fn allows(&self, peer: Option<std::net::SocketAddr>) -> bool {
+    pub fn allows(&self, peer: impl FnOnce() -> Option<std::net::SocketAddr>) -> bool {
         crate::io::allowed(&self.allow, peer)
     }
 }

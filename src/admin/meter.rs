@@ -25,16 +25,11 @@ pub(super) struct Price {
 
 /// Asks every shard for the usage records of streams ended since last time.
 pub(super) async fn collect(admin: &Admin) -> Vec<UsageRecord> {
-    let mut all = Vec::new();
-    for tx in &admin.shards {
-        let (rtx, rrx) = async_channel::bounded(1);
-        if tx.send(ShardMsg::TakeUsage(rtx)).await.is_ok() {
-            if let Ok(mut r) = rrx.recv().await {
-                all.append(&mut r);
-            }
-        }
-    }
-    all
+    super::ask(&admin.shards, ShardMsg::TakeUsage)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
 }
 
 /// Cost of `audio_ms` at `price` per hour.

@@ -227,7 +227,7 @@ impl Admin {
         presented.is_some_and(|t| ring::hmac::verify(key, t.as_bytes(), tag.as_ref()).is_ok())
     }
 
-    fn allowed(&self, peer: Option<SocketAddr>) -> bool {
+    fn allowed(&self, peer: impl FnOnce() -> Option<SocketAddr>) -> bool {
         crate::io::allowed(&self.config.borrow().allow, peer)
     }
 }
@@ -270,18 +270,27 @@ impl AdminHandle {
     }
 }
 
-/// Asks every shard for its metrics and returns the snapshots, in shard order.
-pub async fn collect(shards: &[async_channel::Sender<ShardMsg>]) -> Vec<MetricsSnapshot> {
+/// Sends every shard the message `ask` makes around a reply channel and
+/// returns the answers, in shard order; a shard that is gone is left out.
+pub async fn ask<T>(
+    shards: &[async_channel::Sender<ShardMsg>],
+    ask: impl Fn(async_channel::Sender<T>) -> ShardMsg,
+) -> Vec<T> {
     let mut out = Vec::with_capacity(shards.len());
     for tx in shards {
         let (rtx, rrx) = async_channel::bounded(1);
-        if tx.send(ShardMsg::Snapshot(rtx)).await.is_ok() {
-            if let Ok(s) = rrx.recv().await {
-                out.push(s);
+        if tx.send(ask(rtx)).await.is_ok() {
+            if let Ok(answer) = rrx.recv().await {
+                out.push(answer);
             }
         }
     }
     out
+}
+
+/// Asks every shard for its metrics and returns the snapshots, in shard order.
+pub async fn collect(shards: &[async_channel::Sender<ShardMsg>]) -> Vec<MetricsSnapshot> {
+    ask(shards, ShardMsg::Snapshot).await
 }
 
 /// Starts the admin server on its own thread; returns once it listens.
@@ -327,7 +336,7 @@ pub fn start(setup: AdminSetup) -> std::io::Result<AdminHandle> {
             let pool = BufferPool::new(MAX_BODY + 8192, 2, 16);
             let accept = async {
                 while let Ok(tcp) = listener.accept().await {
-                    if !admin.allowed(tcp.peer_addr().ok()) {
+                    if !admin.allowed(|| tcp.peer_addr().ok()) {
                         continue; // dropped: not on the allowlist
                     }
                     let (admin, pool) = (admin.clone(), pool.clone());

@@ -19,8 +19,7 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream) {
     let accepted = Instant::now();
     let _ = tcp.set_nodelay(true);
     let settings = shard.settings();
-    // The peer's address costs a system call; only an allowlist needs it.
-    if !settings.allow.is_empty() && !settings.allows(tcp.peer_addr().ok()) {
+    if !settings.allows(|| tcp.peer_addr().ok()) {
         shard.metrics.stream_rejected(Side::Client, 403);
         return; // not on server.allow: the connection is closed
     }
