@@ -303,6 +303,17 @@ impl Config {
         if self.tokens.previous_secret.as_ref() == Some(&self.tokens.secret) {
             w.push("tokens.previous_secret: is the same as tokens.secret".to_string());
         }
+        // The admin API changes accounts at runtime; without a master key
+        // there is no key store, so those changes end with the process.
+        if self.admin.token.is_some() && self.admin.master_key.is_none() {
+            w.push(
+                "admin.master_key: not set, so accounts added, rotated, disabled or removed \
+                 at runtime (admin API, `clio-relay keys`, dashboard) are lost at the next \
+                 restart; set admin.master_key_env or admin.master_key_file \
+                 (`openssl rand -hex 32`)"
+                    .to_string(),
+            );
+        }
         w
     }
 }

@@ -188,7 +188,7 @@ fn install_sh_stages_a_working_layout() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        stdout.contains("missing: token-secret admin-token soniox-01"),
+        stdout.contains("missing: token-secret admin-token master-key soniox-01"),
         "{stdout}"
     );
     use std::os::unix::fs::PermissionsExt;
@@ -223,7 +223,7 @@ fn install_sh_stages_a_working_layout() {
             used += 1;
         }
     }
-    assert_eq!(used, 3, "{text}");
+    assert_eq!(used, 4, "{text}");
     // With the credentials in place, check-config accepts it.
     let cred_dir = temp_dir("creds");
     std::fs::write(
@@ -233,6 +233,11 @@ fn install_sh_stages_a_working_layout() {
     .unwrap();
     std::fs::write(cred_dir.join("admin-token"), "admin-token-0123456789\n").unwrap();
     std::fs::write(cred_dir.join("soniox-01"), "soniox-test-key-01\n").unwrap();
+    std::fs::write(
+        cred_dir.join("master-key"),
+        format!("{}\n", "5a".repeat(32)),
+    )
+    .unwrap();
     let local = cred_dir.join("clio-relay.toml");
     std::fs::write(
         &local,
@@ -250,6 +255,16 @@ fn install_sh_stages_a_working_layout() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    // Runtime key changes persist: the master key is set, so check-config
+    // has no warning (it warns when the admin API is on without one).
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(summary.contains("configuration is valid"), "{summary}");
+    assert!(!summary.contains("admin.master_key"), "{summary}");
+    assert!(
+        text.contains("state_dir = \"/var/lib/clio-relay\""),
+        "{text}"
+    );
+    assert!(service.contains("StateDirectory=clio-relay\n"));
     // A second run keeps the config.
     std::fs::write(&conf, "# edited\n").unwrap();
     let out = Command::new("sh")

@@ -10,6 +10,7 @@
 #   /etc/clio-relay/clio-relay.toml       only if absent (from config/example.toml,
 #                                         secrets switched to systemd credentials)
 #   /etc/clio-relay/credentials/          root-only (0700): the secret files
+#                                         (token-secret, admin-token, master-key, soniox-01)
 #   /usr/local/share/doc/clio-relay/README.md
 # Then it reloads systemd and enables the units; it starts nothing.
 #
@@ -77,6 +78,10 @@ else
             print ""
             print "[admin]"
             print "token_file = \"" creds "/admin-token\""
+            print "# The key store (StateDirectory= in the unit): accounts added, rotated,"
+            print "# disabled or removed at runtime survive restarts."
+            print "state_dir = \"/var/lib/clio-relay\""
+            print "master_key_file = \"" creds "/master-key\""
         }
     ' "$here/config/example.toml" > "$conf.new"
     chmod 0644 "$conf.new"
@@ -88,7 +93,7 @@ fi
 #    service under /run/credentials/clio-relay.service/.
 install -d -m 0700 "$root/etc/clio-relay/credentials"
 missing=
-for c in token-secret admin-token soniox-01; do
+for c in token-secret admin-token master-key soniox-01; do
     [ -s "$root/etc/clio-relay/credentials/$c" ] || missing="$missing $c"
 done
 
@@ -108,6 +113,7 @@ if [ -n "$missing" ]; then
     say "     umask 077"
     say "     openssl rand -hex 32 > token-secret        # session-token signing secret"
     say "     openssl rand -hex 24 > admin-token         # bearer token for the admin API and \`clio-relay keys\`"
+    say "     openssl rand -hex 32 > master-key          # key-store master key: runtime account changes survive restarts"
     say "     cat > soniox-01                            # paste the Soniox API key, then Ctrl-D"
 else
     say "1. The secrets in /etc/clio-relay/credentials/ are in place."

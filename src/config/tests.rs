@@ -603,6 +603,31 @@ fn warnings() {
 }
 
 #[test]
+fn warns_when_runtime_changes_would_not_persist() {
+    let mut c = Config {
+        server: ServerConfig::default(),
+        upstream: UpstreamConfig::default(),
+        tokens: TokensConfig::new(Secret::new(TOKEN_SECRET)),
+        limits: LimitsConfig::default(),
+        accounts: vec![AccountConfig::new("a", Secret::new(KEY_A))],
+        admin: AdminConfig::default(),
+        devices: Default::default(),
+        usage: Default::default(),
+        tls: None,
+    };
+    c.server.max_streams = 10;
+    // No admin token: no runtime changes are possible, nothing to warn about.
+    assert!(c.warnings().is_empty(), "{:?}", c.warnings());
+    c.admin.token = Some(Secret::new("admin-token-0123456789"));
+    let w = c.warnings();
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(w[0].starts_with("admin.master_key: not set"), "{w:?}");
+    assert!(c.summary().contains("\nwarning: admin.master_key: not set"));
+    c.admin.master_key = Some(Secret::new("00".repeat(32)));
+    assert!(c.warnings().is_empty(), "{:?}", c.warnings());
+}
+
+#[test]
 fn a_key_pasted_as_env_name_is_not_echoed() {
     let (tok, _, _) = env("PASTE");
     for pasted in [
