@@ -11,6 +11,9 @@
 //! - `sig`: base64url (no padding) of HMAC-SHA256 over the ASCII
 //!   `clio1.<kid>.<payload>` under the secret.
 //!
+//! `clients/README.md` is the specification for minters outside the relay,
+//! with test vectors.
+//!
 //! Expiry is exact: a token is refused from the instant `now >= expires_at`.
 //! The clock-skew allowance applies only to the issue time. Tokens are
 //! credentials: nothing here ever prints one.
@@ -252,12 +255,35 @@ impl TokenKeys {
             .ok_or(TokenError::BadTtl)?;
         let mut id = [0u8; 8];
         self.rng.fill(&mut id).map_err(|_| TokenError::Random)?;
-        let token_id = hex(&id);
+        self.mint_exact(device_id, tier, issued, expires, &hex(&id))
+    }
+
+    /// Mints the token with exactly these claims (times in Unix seconds),
+    /// signed with the current secret: what the specification's test
+    /// vectors are made with (`clients/README.md`). A live token needs a
+    /// fresh random `token_id`; [`TokenKeys::mint`] draws one.
+    pub fn mint_exact(
+        &self,
+        device_id: &str,
+        tier: Option<&str>,
+        issued: u64,
+        expires: u64,
+        token_id: &str,
+    ) -> Result<String, TokenError> {
+        if !valid_device_id(device_id)
+            || tier.is_some_and(|t| !valid_device_id(t))
+            || !valid_device_id(token_id)
+        {
+            return Err(TokenError::BadDeviceId);
+        }
+        if expires <= issued {
+            return Err(TokenError::BadTtl);
+        }
         let json = serde_json::to_vec(&PayloadOut {
             d: device_id,
             i: issued,
             e: expires,
-            t: &token_id,
+            t: token_id,
             r: tier,
         })
         .map_err(|_| TokenError::Malformed)?;

@@ -7,6 +7,7 @@ mod accounts;
 mod admin;
 mod alerts;
 mod auth;
+mod clients;
 mod devices;
 mod drain;
 mod errors;
