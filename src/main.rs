@@ -12,11 +12,13 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Relay between Clio clients and Soniox real-time transcription: devices
 /// connect with short-lived session tokens; Soniox API keys stay here.
+///
+/// `clio-relay --config FILE` with no command runs the relay (`run`).
 #[derive(Parser, Debug)]
-#[command(name = "clio-relay", version, about)]
+#[command(name = "clio-relay", version, about, long_about)]
 struct Cli {
-    /// Config file; with no command, `run` is implied.
-    #[arg(long, short = 'c', global = true)]
+    /// The relay's TOML config file (see config/example.toml).
+    #[arg(long, short = 'c', global = true, value_name = "FILE")]
     config: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
@@ -45,12 +47,25 @@ enum Command {
         #[command(subcommand)]
         action: clio_relay::keys_cli::KeysAction,
     },
-    /// Start a fake Soniox, a relay and a short load on loopback, and print what happened.
+    /// Start a fake Soniox, a relay and a short load on loopback, and print
+    /// what happened (needs no config file and reads none).
     Demo(clio_relay::demo::DemoArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.command.is_none() && cli.config.is_none() {
+        // Bare `clio-relay`: the help, not just the missing flag.
+        let _ = <Cli as clap::CommandFactory>::command().print_help();
+        return ExitCode::from(2);
+    }
+    if matches!(cli.command, Some(Command::Demo(_))) && cli.config.is_some() {
+        eprintln!(
+            "demo reads no config file: it runs its own fake Soniox and relay on loopback; \
+             drop --config (to serve with a config, use `clio-relay run --config FILE`)"
+        );
+        return ExitCode::from(2);
+    }
     init_logging(matches!(cli.command, Some(Command::Demo(_))));
     let need_config = || -> Result<PathBuf, String> {
         cli.config

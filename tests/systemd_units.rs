@@ -145,6 +145,22 @@ fn units_say_what_the_relay_expects() {
         assert!(service.lines().any(|l| l == line), "service lacks {line:?}");
     }
     assert!(service.contains("WatchdogSec="));
+    // The drain the comment describes is the relay's default, and the stop
+    // timeout covers it plus the finalize.
+    let drain = clio_relay::config::LimitsConfig::default()
+        .drain_timeout
+        .as_secs();
+    assert!(
+        service.contains(&format!("(limits.drain_timeout, default {drain} s)")),
+        "the unit's comment should give the default drain of {drain} s"
+    );
+    let stop: u64 = service
+        .lines()
+        .find_map(|l| l.strip_prefix("TimeoutStopSec="))
+        .and_then(|v| v.strip_suffix('s'))
+        .and_then(|v| v.parse().ok())
+        .expect("TimeoutStopSec=Ns");
+    assert!(stop > drain + 8, "TimeoutStopSec={stop}s");
     assert!(service.contains("LoadCredential="));
     let client = unit("clio-relay.socket");
     let admin = unit("clio-relay-admin.socket");

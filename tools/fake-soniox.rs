@@ -18,9 +18,13 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// The same port also serves Soniox's REST API (requests without
 /// `Upgrade: websocket`, `Authorization: Bearer <key>`): GET /v1/models,
 /// GET /v1/concurrency-limits, GET /v1/usage-logs, GET /v1/usage/summary and
-/// POST /v1/auth/temporary-api-key. See `clio_relay::fake_soniox` for details.
+/// POST /v1/auth/temporary-api-key.
+///
+/// Keys are checked from the Authorization header, the `soniox-api-key`
+/// subprotocol or the first message's `api_key`. README.md ("Tools") and
+/// benches/README.md show it in use.
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(name = "fake-soniox", version)]
 struct Args {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:7300")]

@@ -17,7 +17,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// Load generator for clio-relay: N concurrent streams of echo-stamped audio,
 /// every frame's round trip measured, lost/duplicated/reordered frames counted.
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(name = "relay-load", version)]
 struct Args {
     /// Relay (or, with --direct, fake-soniox) address.
     /// [default: 127.0.0.1:8080, with --direct 127.0.0.1:7300]

@@ -34,6 +34,11 @@ fn drain_finalizes_live_streams_then_asks_clients_to_reconnect() {
             None
         )
         .0 == 503));
+        // Without socket activation the client port closes: new connections
+        // are refused (README, "Draining").
+        assert!(wait_until(Duration::from_secs(5), || {
+            std::net::TcpStream::connect(relay.addr()).is_err()
+        }));
         d.join().unwrap()
     });
     assert_eq!(cut, 1);
