@@ -193,22 +193,21 @@ impl Duplex {
 }
 
 /// The listener of an executor: a duplicate of a socket systemd passed
-/// (socket activation), or a new one bound to `addr` (with SO_REUSEPORT).
-/// Must run inside the executor that will accept on it.
+/// (socket activation), or a new one bound to `addr`, with `SO_REUSEPORT`
+/// when `share` (see [`crate::listen`]). Must run inside the executor that
+/// will accept on it.
 pub fn listener(
     passed: Option<&std::os::fd::OwnedFd>,
     addr: std::net::SocketAddr,
+    share: bool,
 ) -> io::Result<glommio::net::TcpListener> {
-    match passed {
-        Some(fd) => fd.try_clone().map(|fd| {
-            use std::os::fd::IntoRawFd;
-            // SAFETY: a fresh duplicate of a listening TCP socket, owned from here on.
-            unsafe {
-                <glommio::net::TcpListener as std::os::fd::FromRawFd>::from_raw_fd(fd.into_raw_fd())
-            }
-        }),
-        None => glommio::net::TcpListener::bind(addr).map_err(Into::into),
-    }
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    let fd = match passed {
+        Some(fd) => fd.try_clone()?,
+        None => crate::listen::bind(addr, share)?.into(),
+    };
+    // SAFETY: a listening TCP socket we own (a fresh duplicate, or just bound).
+    Ok(unsafe { glommio::net::TcpListener::from_raw_fd(fd.into_raw_fd()) })
 }
 
 /// Whether `peer` is in one of `allow`'s networks (an empty list allows

@@ -31,6 +31,7 @@
 //! - [`metrics`]: per-shard counters and latency histograms, merged and
 //!   rendered as Prometheus text only when scraped.
 //! - [`systemd`]: sd_notify and socket activation, written by hand.
+//! - [`listen`]: binding the ports; a second relay cannot join them by mistake.
 //!
 //! Configuration and commands:
 //! - [`config`]: the TOML config file, parsed, validated, secrets resolved.
@@ -51,6 +52,7 @@ pub mod io;
 pub mod keyring;
 pub mod keys_cli;
 pub mod keystore;
+pub mod listen;
 pub mod mask;
 pub mod metrics;
 pub mod pump;

@@ -27,7 +27,14 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Serve streams (the default when only --config is given).
-    Run,
+    Run {
+        /// Share the client port with a relay already listening on it (a
+        /// hand-over restart: start this one, then SIGTERM the old one). The
+        /// admin port is never shared, so it needs another server.admin_listen.
+        /// Without this flag a client port in use is an error.
+        #[arg(long)]
+        join_client_port: bool,
+    },
     /// Validate the config file and print a summary; exit 1 with one line per problem.
     CheckConfig,
     /// Print one session token for a device on stdout.
@@ -73,9 +80,11 @@ fn main() -> ExitCode {
             .ok_or_else(|| "--config FILE is required".to_string())
     };
     let result: Result<(), String> = match &cli.command {
-        None | Some(Command::Run) => {
-            need_config().and_then(|path| clio_relay::server::run(&path).map_err(|e| e.to_string()))
-        }
+        None => need_config()
+            .and_then(|path| clio_relay::server::run(&path, false).map_err(|e| e.to_string())),
+        Some(Command::Run { join_client_port }) => need_config().and_then(|path| {
+            clio_relay::server::run(&path, *join_client_port).map_err(|e| e.to_string())
+        }),
         Some(Command::CheckConfig) => {
             need_config().and_then(|path| match clio_relay::cli::check_config(&path) {
                 Ok(summary) => {

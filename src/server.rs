@@ -40,6 +40,29 @@ pub fn start_with(
     cfg: &Config,
     sockets: crate::systemd::Activated,
 ) -> std::io::Result<RelayHandle> {
+    start_joining(cfg, sockets, false)
+}
+
+/// Like [`start_with`]. With `join_client_port`, the shards bind the client
+/// port even when another process listens there with `SO_REUSEPORT` (a
+/// running relay, for a hand-over restart: start the new one, then SIGTERM
+/// the old one). Without it, a client port already in use is an error that
+/// names it. The admin port is never shared. See [`crate::listen`].
+pub fn start_joining(
+    cfg: &Config,
+    sockets: crate::systemd::Activated,
+    join_client_port: bool,
+) -> std::io::Result<RelayHandle> {
+    use crate::listen::{check_free, in_use};
+    // Before anything starts: a port in use is a second relay by mistake.
+    if sockets.client.is_none() && !join_client_port {
+        let addr = cfg.server.listen;
+        check_free(addr).map_err(|e| in_use(addr, "server.listen", e))?;
+    }
+    if sockets.admin.is_none() {
+        let addr = cfg.server.admin_listen;
+        check_free(addr).map_err(|e| in_use(addr, "server.admin_listen", e))?;
+    }
     let client_fd = sockets.client.map(Arc::new);
     let admin_fd = sockets.admin.map(Arc::new);
     let invalid = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
@@ -111,7 +134,10 @@ pub fn start_with(
     let mut shards: Vec<ShardHandle> = Vec::with_capacity(n);
     for i in 0..n {
         setup.cpu = (n <= cores).then_some(i);
-        let handle = shard::start(i, setup.clone())?;
+        let handle = shard::start(i, setup.clone()).map_err(|e| match e.kind() {
+            std::io::ErrorKind::AddrInUse => in_use(setup.listen, "server.listen", e),
+            _ => e,
+        })?;
         // Port 0 picks a port for the first shard; the others join it.
         setup.listen = handle.addr;
         shards.push(handle);
@@ -130,6 +156,10 @@ pub fn start_with(
         tls: tls.clone(),
         store,
         listen_fd: admin_fd,
+    })
+    .map_err(|e| match e.kind() {
+        std::io::ErrorKind::AddrInUse => in_use(cfg.server.admin_listen, "server.admin_listen", e),
+        _ => e,
     })?;
     tracing::info!(client = %shards[0].addr, admin = %admin.addr, shards = n, accounts = process.accounts().len(), "clio-relay listening");
     Ok(RelayHandle {
@@ -273,7 +303,8 @@ impl Drop for RelayHandle {
 /// - SIGHUP re-reads the file and applies it live; an invalid file is
 ///   refused with its problems logged, and the running configuration kept.
 /// - SIGTERM drains (see [`RelayHandle::drain`]); SIGINT stops at once.
-pub fn run(path: &std::path::Path) -> std::io::Result<()> {
+/// - `join_client_port`: see [`start_joining`].
+pub fn run(path: &std::path::Path, join_client_port: bool) -> std::io::Result<()> {
     use crate::systemd::{Notifier, Watchdog};
     use nix::sys::signal::{SigSet, Signal};
     let notify = Notifier::from_env();
@@ -299,7 +330,7 @@ pub fn run(path: &std::path::Path) -> std::io::Result<()> {
         );
     }
     let mut drain_timeout = cfg.limits.drain_timeout;
-    let relay = Arc::new(start_with(&cfg, sockets)?);
+    let relay = Arc::new(start_joining(&cfg, sockets, join_client_port)?);
     notify.ready();
     let watchdog = {
         let relay = relay.clone();

@@ -373,7 +373,8 @@ pub fn start(index: usize, setup: ShardSetup) -> std::io::Result<ShardHandle> {
         .io_memory(IO_MEMORY)
         .ring_depth(RING_DEPTH)
         .spawn(move || async move {
-            let listener = match crate::io::listener(setup.listen_fd.as_deref(), setup.listen) {
+            let listener = match crate::io::listener(setup.listen_fd.as_deref(), setup.listen, true)
+            {
                 Ok(l) => l,
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));

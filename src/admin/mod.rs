@@ -301,7 +301,7 @@ pub fn start(setup: AdminSetup) -> std::io::Result<AdminHandle> {
         .name("clio-admin")
         .io_memory(IO_MEMORY)
         .spawn(move || async move {
-            let listener = match crate::io::listener(setup.listen_fd.as_deref(), setup.listen) {
+            let listener = match crate::io::listener(setup.listen_fd.as_deref(), setup.listen, false) {
                 Ok(l) => l,
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));

@@ -13,6 +13,7 @@ mod drain;
 mod errors;
 mod health;
 mod keys_api;
+mod ports;
 mod reload;
 mod shards;
 mod streaming;
