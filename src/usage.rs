@@ -4,14 +4,16 @@
 //!
 //! A shard writes one [`UsageRecord`] when a stream ends; the admin thread
 //! collects them every second or two ([`crate::shard::ShardMsg::TakeUsage`])
-//! into the [`UsageBook`], which it writes to `admin.state_dir/usage.json`
-//! atomically (temp file, fsync, rename, fsync of the directory).
+//! into the [`UsageBook`], which adds what changed to an SQLite database,
+//! `admin.state_dir/usage.db`, every `usage.persist_interval` ([`store`]).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+
+pub mod store;
 
 /// How many ended streams are remembered for reconciliation.
 pub const RECENT_STREAMS: usize = 100_000;
@@ -96,44 +98,52 @@ impl Totals {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GroupBy {
     /// Per account.
-    Account,
+    Account = 0,
     /// Per device.
-    Device,
+    Device = 1,
 }
 
 /// The admin thread's usage ledger.
-#[derive(Debug, Default, Serialize, Deserialize)]
+///
+/// Counters live in an SQLite database in the state directory
+/// ([`store`]); what changed since the last persist waits in memory and is
+/// added to the database in one transaction by [`UsageBook::save_if_dirty`].
+/// Queries merge the two, so they see every record added.
+#[derive(Debug, Default)]
 pub struct UsageBook {
-    /// Day → account → totals.
-    by_account: BTreeMap<u64, BTreeMap<String, Totals>>,
-    /// Day → device → totals.
-    by_device: BTreeMap<u64, BTreeMap<String, Totals>>,
+    /// The database, once opened.
+    store: Option<store::Store>,
+    /// Counters added since the last persist: `[by account, by device]`,
+    /// each day → key → totals.
+    pending: store::Pending,
+    /// Days with data, stored or pending; at most [`KEEP_DAYS`].
+    days: BTreeSet<u64>,
+    /// The latest day dropped past [`KEEP_DAYS`]; it and every earlier day
+    /// are deleted at the next persist and hidden from queries until then.
+    prune_through: Option<u64>,
     /// The last ended streams: reference id → (account, audio ms by the relay).
-    #[serde(skip)]
     recent: VecDeque<(String, String, u64)>,
-    #[serde(skip)]
     recent_index: HashMap<String, usize>,
-    /// Unsaved changes since the last write.
-    #[serde(skip)]
-    dirty: bool,
 }
 
 impl UsageBook {
     /// Adds ended streams.
     pub fn add(&mut self, records: &[UsageRecord]) {
         for r in records {
-            self.by_account
+            let [by_account, by_device] = &mut self.pending;
+            by_account
                 .entry(r.day)
                 .or_default()
                 .entry(r.account.clone())
                 .or_default()
                 .add(r);
-            self.by_device
+            by_device
                 .entry(r.day)
                 .or_default()
                 .entry(r.device.clone())
                 .or_default()
                 .add(r);
+            self.days.insert(r.day);
             if self.recent.len() == RECENT_STREAMS {
                 if let Some((id, _, _)) = self.recent.pop_front() {
                     self.recent_index.remove(&id);
@@ -141,15 +151,21 @@ impl UsageBook {
             }
             self.recent
                 .push_back((r.reference_id.clone(), r.account.clone(), r.audio_ms()));
-            self.dirty = true;
         }
         if self.recent_index.len() != self.recent.len() {
             self.reindex();
         }
-        while self.by_account.len() as u64 > KEEP_DAYS {
-            let first = *self.by_account.keys().next().expect("non-empty");
-            self.by_account.remove(&first);
-            self.by_device.remove(&first);
+        self.prune();
+    }
+
+    /// Drops the oldest days past [`KEEP_DAYS`].
+    fn prune(&mut self) {
+        while self.days.len() as u64 > KEEP_DAYS {
+            let first = self.days.pop_first().expect("non-empty");
+            for book in &mut self.pending {
+                book.remove(&first);
+            }
+            self.prune_through = Some(self.prune_through.map_or(first, |p| p.max(first)));
         }
     }
 
@@ -171,13 +187,25 @@ impl UsageBook {
     }
 
     /// Totals per account or device over the days `from..=to`.
+    ///
+    /// A database that cannot be read is logged, and the answer then holds
+    /// only what is not yet persisted.
     pub fn query(&self, from: u64, to: u64, group: GroupBy) -> BTreeMap<String, Totals> {
-        let book = match group {
-            GroupBy::Account => &self.by_account,
-            GroupBy::Device => &self.by_device,
+        let from = match self.prune_through {
+            Some(p) => from.max(p.saturating_add(1)),
+            None => from,
         };
-        let mut out: BTreeMap<String, Totals> = BTreeMap::new();
-        for (_, day) in book.range(from..=to) {
+        if from > to {
+            return BTreeMap::new();
+        }
+        let mut out = match &self.store {
+            Some(s) => s.query(group, from, to).unwrap_or_else(|e| {
+                tracing::error!(error = %e, "cannot read the usage ledger database");
+                BTreeMap::new()
+            }),
+            None => BTreeMap::new(),
+        };
+        for (_, day) in self.pending[group as usize].range(from..=to) {
             for (k, t) in day {
                 out.entry(k.clone()).or_default().merge(t);
             }
@@ -193,24 +221,39 @@ impl UsageBook {
             .collect()
     }
 
-    /// Loads the book from `dir/usage.json` (a missing file is an empty book).
+    /// Opens the ledger in `dir` (`usage.db`, created 0600 when missing),
+    /// importing a `usage.json` left by an older relay.
     pub fn load(dir: &Path) -> std::io::Result<UsageBook> {
-        match std::fs::read(dir.join("usage.json")) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(UsageBook::default()),
-            Err(e) => Err(e),
-        }
+        let mut book = UsageBook::default();
+        book.open(dir)?;
+        Ok(book)
     }
 
-    /// Writes the book to `dir/usage.json` if it changed, atomically.
+    fn open(&mut self, dir: &Path) -> std::io::Result<()> {
+        let store = store::Store::open(dir)?;
+        self.days.extend(store.days()?);
+        self.store = Some(store);
+        self.prune();
+        Ok(())
+    }
+
+    /// Writes what changed since the last call to the database, in one
+    /// transaction. A book not yet open (its [`UsageBook::load`] failed, or
+    /// it was made with `default`) opens `dir` first; an open book keeps
+    /// the directory it was opened in. On an error nothing is written and
+    /// the changes stay pending for the next call.
     pub fn save_if_dirty(&mut self, dir: &Path) -> std::io::Result<()> {
-        if !self.dirty {
+        let dirty = self.pending.iter().any(|b| !b.is_empty());
+        if !dirty && self.prune_through.is_none() {
             return Ok(());
         }
-        let bytes = serde_json::to_vec(self).map_err(std::io::Error::other)?;
-        write_atomically(&dir.join("usage.json"), &bytes)?;
-        self.dirty = false;
+        if self.store.is_none() {
+            self.open(dir)?;
+        }
+        let store = self.store.as_mut().expect("opened above");
+        store.flush(&self.pending, self.prune_through)?;
+        self.pending = Default::default();
+        self.prune_through = None;
         Ok(())
     }
 }
@@ -274,77 +317,4 @@ pub fn month_start(day: u64) -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn rec(day: u64, account: &str, device: &str, id: &str, ms: u64) -> UsageRecord {
-        UsageRecord {
-            day,
-            account: account.into(),
-            device: device.into(),
-            reference_id: id.into(),
-            audio_ms_relay: ms,
-            audio_ms_upstream: None,
-            bytes_up: ms * 32,
-            bytes_down: 10,
-            error: (ms == 0).then_some(503),
-        }
-    }
-
-    #[test]
-    fn days_round_trip() {
-        assert_eq!(parse_day("1970-01-01"), Some(0));
-        assert_eq!(parse_day("2026-11-25"), Some(20_782));
-        for d in [0, 59, 60, 365, 11_016, 20_782, 30_000] {
-            assert_eq!(parse_day(&format_day(d)), Some(d));
-        }
-        assert_eq!(format_day(month_start(20_782)), "2026-11-01");
-        assert_eq!(parse_day("2026-13-01"), None);
-    }
-
-    #[test]
-    fn groups_by_account_and_device_over_a_range() {
-        let mut b = UsageBook::default();
-        b.add(&[
-            rec(10, "a", "d1", "s1", 1000),
-            rec(10, "a", "d2", "s2", 2000),
-            rec(11, "b", "d1", "s3", 500),
-            rec(12, "a", "d1", "s4", 0),
-        ]);
-        let by_acc = b.query(10, 11, GroupBy::Account);
-        assert_eq!(
-            (
-                by_acc["a"].streams,
-                by_acc["a"].audio_ms,
-                by_acc["b"].audio_ms
-            ),
-            (2, 3000, 500)
-        );
-        let by_dev = b.query(10, 12, GroupBy::Device);
-        assert_eq!((by_dev["d1"].streams, by_dev["d1"].audio_ms), (3, 1500));
-        assert_eq!(by_dev["d1"].errors.get(&503), Some(&1));
-        assert_eq!(b.stream_audio_ms("s2"), Some(("a", 2000)));
-        let mut up = rec(13, "a", "d1", "s5", 1000);
-        up.audio_ms_upstream = Some(1100);
-        b.add(&[up]);
-        assert_eq!(
-            b.query(13, 13, GroupBy::Account)["a"].audio_ms,
-            1100,
-            "upstream's figure wins"
-        );
-    }
-
-    #[test]
-    fn survives_a_restart() {
-        let dir = std::env::temp_dir().join(format!("clio-usage-{}", std::process::id()));
-        let mut b = UsageBook::default();
-        b.add(&[rec(10, "a", "d1", "s1", 1000)]);
-        b.save_if_dirty(&dir).unwrap();
-        let loaded = UsageBook::load(&dir).unwrap();
-        assert_eq!(
-            loaded.query(0, 100, GroupBy::Account),
-            b.query(0, 100, GroupBy::Account)
-        );
-        std::fs::remove_dir_all(&dir).ok();
-    }
-}
+mod tests;

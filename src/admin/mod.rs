@@ -310,7 +310,7 @@ pub fn start(setup: AdminSetup) -> std::io::Result<AdminHandle> {
             };
             let _ = ready_tx.send(listener.local_addr().map_err(Into::into));
             let book = UsageBook::load(&setup.config.state_dir).unwrap_or_else(|e| {
-                tracing::warn!(dir = %setup.config.state_dir.display(), error = %e, "usage ledger not loaded; starting empty");
+                tracing::error!(dir = %setup.config.state_dir.display(), error = %e, "usage ledger not opened; counting in memory and trying again at each persist");
                 UsageBook::default()
             });
             let admin = Rc::new(Admin {

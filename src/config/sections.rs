@@ -53,7 +53,8 @@ impl DevicesConfig {
 pub struct UsageConfig {
     /// Currency the accounts' prices and budgets are in (a label only).
     pub currency: String,
-    /// How often usage counters are written to `admin.state_dir/usage.json`.
+    /// How often the usage counters changed since the last persist are added
+    /// to `admin.state_dir/usage.db`.
     pub persist_interval: Duration,
     /// How often the relay's meter is compared with Soniox's usage logs; 0 = off.
     pub reconcile_interval: Duration,

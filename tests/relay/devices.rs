@@ -326,6 +326,23 @@ fn usage_counts_audio_bytes_and_cost_per_account_and_device() {
     assert!(metrics.contains("clio_relay_budget_month{account=\"a\",currency=\"USD\"} 100"));
 }
 
+/// Streams counted in the usage ledger's database file, read beside the
+/// running relay (SQLite allows readers while it writes).
+fn streams_on_disk(dir: &std::path::Path) -> i64 {
+    let Ok(db) = rusqlite::Connection::open_with_flags(
+        dir.join("usage.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    ) else {
+        return 0;
+    };
+    db.query_row(
+        "SELECT coalesce(sum(streams), 0) FROM totals WHERE grp = 0",
+        [],
+        |r| r.get(0),
+    )
+    .unwrap_or(0)
+}
+
 #[test]
 fn usage_survives_a_restart() {
     let fake = fake(&["k1"], |_| {});
@@ -335,12 +352,9 @@ fn usage_survives_a_restart() {
     let relay = Relay::start(cfg.clone());
     let (mut ws, _) = connect(relay.addr(), &relay.token("phone"), Via::Header).unwrap();
     assert!(stream_session(&mut ws, &config_message(None), &audio_frames(10, 1)).finished());
-    assert!(wait_until(Duration::from_secs(10), || cfg
-        .admin
-        .state_dir
-        .join("usage.json")
-        .exists()));
-    std::thread::sleep(Duration::from_millis(300));
+    assert!(wait_until(Duration::from_secs(10), || streams_on_disk(
+        &cfg.admin.state_dir
+    ) == 1));
     drop(relay);
     let relay = Relay::start(cfg.clone());
     let (_, body) = http(
@@ -353,6 +367,53 @@ fn usage_survives_a_restart() {
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["rows"][0]["audio_seconds"].as_f64(), Some(1.0), "{v}");
     std::fs::remove_dir_all(&cfg.admin.state_dir).ok();
+}
+
+/// An older relay's `usage.json` is taken into the database at start, with
+/// the same figures, and new streams add to it.
+#[test]
+fn usage_json_of_an_older_relay_is_migrated_at_start() {
+    let fake = fake(&["k1"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.admin.token = Some(Secret::new(ADMIN));
+    cfg.usage.persist_interval = Duration::from_millis(100);
+    let today = clio_relay::devices::utc_day(SystemTime::now());
+    let dir = &cfg.admin.state_dir;
+    std::fs::create_dir_all(dir).unwrap();
+    let old = serde_json::json!({
+        "by_account": {today.to_string(): {"a": {"streams": 7, "audio_ms": 70000, "audio_ms_relay": 69000, "bytes_up": 2240000, "bytes_down": 900, "errors": {"503": 2}}}},
+        "by_device": {today.to_string(): {"phone": {"streams": 7, "audio_ms": 70000, "audio_ms_relay": 69000, "bytes_up": 2240000, "bytes_down": 900, "errors": {"503": 2}}}}
+    });
+    std::fs::write(dir.join("usage.json"), old.to_string()).unwrap();
+    let relay = Relay::start(cfg.clone());
+    let (mut ws, _) = connect(relay.addr(), &relay.token("phone"), Via::Header).unwrap();
+    assert!(stream_session(&mut ws, &config_message(None), &audio_frames(10, 1)).finished());
+    assert!(wait_until(Duration::from_secs(10), || streams_on_disk(dir) == 8));
+    assert!(!dir.join("usage.json").exists());
+    assert!(dir.join("usage.json.migrated").exists());
+    let (_, body) = http(
+        relay.handle.admin_addr,
+        "GET",
+        &format!(
+            "/admin/usage?group_by=account&from={}&to={}",
+            clio_relay::usage::format_day(today),
+            clio_relay::usage::format_day(today + 1)
+        ),
+        Some(ADMIN),
+        None,
+    );
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let row = &v["rows"][0];
+    assert_eq!(
+        (
+            row["streams"].as_u64(),
+            row["audio_seconds"].as_f64(),
+            row["errors"]["503"].as_u64()
+        ),
+        (Some(8), Some(71.0), Some(2)),
+        "{v}"
+    );
+    std::fs::remove_dir_all(dir).ok();
 }
 
 #[test]
