@@ -67,6 +67,8 @@ async fn handshake(
     let lim = &settings.limits;
     let refuse = |status: u16, msg: &str, side: Side| {
         shard.metrics.stream_rejected(side, status);
+        // Every refusal leaves one line at INFO; `msg` never holds a token.
+        tracing::info!(shard = shard.index, status, reason = msg, "request refused");
         http::json_error(status, msg)
     };
     let head_len = match timeout(

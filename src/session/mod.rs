@@ -569,6 +569,9 @@ impl Stream {
     async fn refuse(&self, client: &Duplex, r: &Refusal) {
         if r.code != 0 {
             self.shard.metrics.stream_rejected(r.side, r.code);
+            // Every refusal leaves one line at INFO; the message never holds
+            // a token or a key.
+            tracing::info!(stream = %self.id, code = r.code, close = r.close, reason = %r.message, "stream refused");
             let _ = client.write_all(&r.frames(&self.id)).await;
         } else if r.close != 0 {
             // The client closed before its first message: answer its close.

@@ -1,0 +1,93 @@
+//! Every stream the relay refuses leaves one line at the default log level
+//! (INFO), with its code and reason, and never the token.
+//!
+//! Its own test binary, because it installs a process-wide log subscriber.
+
+#[path = "relay/util.rs"]
+#[allow(dead_code)]
+mod util;
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use util::*;
+
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Capture {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+#[test]
+fn refusals_are_logged_at_info() {
+    let capture = Capture::default();
+    let writer = capture.clone();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .init();
+
+    let fake = fake(&["key-l"], |c| c.forbidden = vec![]);
+    let mut cfg = relay_config(&fake.url(), &[("acct-l", "key-l")]);
+    // No account takes streams: every authenticated stream is refused 429.
+    cfg.accounts[0].enabled = false;
+    let relay = Relay::start(cfg);
+    let token = relay.token("device-l");
+
+    // 401 before the upgrade: a tampered token on the request.
+    let mut bad = token.clone();
+    bad.pop();
+    bad.push(if token.ends_with('A') { 'B' } else { 'A' });
+    let (status, _) = refused_upgrade(connect(relay.addr(), &bad, Via::Header));
+    assert_eq!(status, 401);
+
+    // 401 after the upgrade: a bad token in the first message.
+    let (mut ws, _) = connect(relay.addr(), "", Via::Nowhere).unwrap();
+    let got = stream_session(&mut ws, &config_message(Some(&bad)), &[]);
+    assert_eq!(got.error_code(), Some(401), "{got:?}");
+
+    // 429: no account can take the stream.
+    let (mut ws, _) = connect(relay.addr(), &token, Via::Header).unwrap();
+    let got = stream_session(&mut ws, &config_message(None), &audio_frames(1, 1));
+    assert_eq!(got.error_code(), Some(429), "{got:?}");
+
+    assert!(wait_until(std::time::Duration::from_secs(5), || {
+        capture.text().matches("refused").count() >= 3
+    }));
+    let logs = capture.text();
+    let lines: Vec<&str> = logs.lines().filter(|l| l.contains("refused")).collect();
+    assert!(
+        lines.iter().any(|l| l.contains(" INFO ")
+            && l.contains("request refused")
+            && l.contains("status=401")),
+        "{logs}"
+    );
+    assert!(
+        lines.iter().any(|l| l.contains(" INFO ")
+            && l.contains("stream refused")
+            && l.contains("code=401")),
+        "{logs}"
+    );
+    assert!(
+        lines.iter().any(|l| l.contains(" INFO ")
+            && l.contains("stream refused")
+            && l.contains("code=429")
+            && l.contains("close=1013")),
+        "{logs}"
+    );
+    assert!(!logs.contains(&token) && !logs.contains(&bad), "{logs}");
+}
