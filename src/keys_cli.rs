@@ -189,12 +189,25 @@ fn request(
     Ok((status, body))
 }
 
-/// The account list as a table.
+/// The account list as a table: one row per account, every column padded
+/// to its widest cell (JSON values are turned into text first; `{:<8}` on a
+/// `serde_json::Value` pads nothing).
 fn table(v: &serde_json::Value) -> String {
-    let mut out = format!(
-        "{:<20} {:<10} {:<8} {:<8} {:>5}/{:<5} {:<14} {:>8}  {}\n",
-        "ACCOUNT", "REGION", "ENABLED", "HEALTHY", "LIVE", "MAX", "KEY", "AGE", "RETIRING KEYS"
-    );
+    let text = |x: &serde_json::Value| match x {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".to_string(),
+        other => other.to_string(),
+    };
+    let mut rows: Vec<[String; 8]> = vec![[
+        "ACCOUNT".into(),
+        "REGION".into(),
+        "ENABLED".into(),
+        "HEALTHY".into(),
+        "LIVE/MAX".into(),
+        "KEY".into(),
+        "AGE".into(),
+        "RETIRING KEYS".into(),
+    ]];
     for a in v["accounts"].as_array().into_iter().flatten() {
         let age_days = a["key"]["age_seconds"].as_u64().unwrap_or(0) / 86400;
         let due = if a["key"]["due_for_rotation"] == true {
@@ -214,19 +227,86 @@ fn table(v: &serde_json::Value) -> String {
                 )
             })
             .collect();
-        out.push_str(&format!(
-            "{:<20} {:<10} {:<8} {:<8} {:>5}/{:<5} {:<14} {:>7}d{}  {}\n",
-            a["id"].as_str().unwrap_or("?"),
-            a["region"].as_str().unwrap_or(""),
-            a["enabled"],
-            a["healthy"],
-            a["live_streams"],
-            a["max_concurrent_streams"],
-            a["key"]["fingerprint"].as_str().unwrap_or("?"),
-            age_days,
-            due,
-            retiring.join(", ")
-        ));
+        let region = text(&a["region"]);
+        rows.push([
+            text(&a["id"]),
+            if region.is_empty() {
+                "-".into()
+            } else {
+                region
+            },
+            text(&a["enabled"]),
+            text(&a["healthy"]),
+            format!(
+                "{}/{}",
+                text(&a["live_streams"]),
+                text(&a["max_concurrent_streams"])
+            ),
+            text(&a["key"]["fingerprint"]),
+            format!("{age_days}d{due}"),
+            retiring.join(", "),
+        ]);
+    }
+    let mut widths = [0usize; 8];
+    for r in &rows {
+        for (w, cell) in widths.iter_mut().zip(r) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for r in &rows {
+        let mut line = String::new();
+        for (i, cell) in r.iter().enumerate() {
+            if i > 0 {
+                line.push_str("  ");
+            }
+            // Numbers right-aligned; the last column is not padded.
+            match i {
+                4 | 6 => line.push_str(&format!("{cell:>w$}", w = widths[i])),
+                7 => line.push_str(cell),
+                _ => line.push_str(&format!("{cell:<w$}", w = widths[i])),
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::table;
+
+    #[test]
+    fn the_account_table_lines_up() {
+        let v = serde_json::json!({"accounts": [
+            {"id": "prod-account-1", "region": "us-east", "enabled": true, "healthy": true,
+             "live_streams": 12, "max_concurrent_streams": 100,
+             "key": {"fingerprint": "25cc70b72eb7", "age_seconds": 86400 * 3, "due_for_rotation": false},
+             "retiring_keys": []},
+            {"id": "b", "region": "", "enabled": false, "healthy": false,
+             "live_streams": 0, "max_concurrent_streams": 5,
+             "key": {"fingerprint": "0123456789ab", "age_seconds": 86400 * 120, "due_for_rotation": true},
+             "retiring_keys": [{"fingerprint": "ba9876543210", "live_streams": 2}]},
+        ]});
+        let t = table(&v);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 3, "{t}");
+        // Each column starts at the same place on every line.
+        for header in ["REGION", "ENABLED", "HEALTHY", "KEY", "RETIRING KEYS"] {
+            let col = lines[0].find(header).unwrap();
+            for l in lines[1..].iter().filter(|l| l.len() > col) {
+                assert_eq!(&l[col - 2..col], "  ", "{header} misaligned:\n{t}");
+                assert_ne!(&l[col..col + 1], " ", "{header} misaligned:\n{t}");
+            }
+        }
+        assert!(lines[1].contains("true     true"), "{t}");
+        assert!(lines[2].contains("false    false"), "{t}");
+        // Right-aligned numbers end where their header ends.
+        let live_end = lines[0].find("LIVE/MAX").unwrap() + "LIVE/MAX".len();
+        assert!(lines[1][..live_end].ends_with("12/100"), "{t}");
+        assert!(lines[2][..live_end].ends_with("0/5"), "{t}");
+        assert!(lines[2].contains("120d (rotate!)"), "{t}");
+        assert!(lines[2].ends_with("ba9876543210 (2 live)"), "{t}");
+    }
 }
