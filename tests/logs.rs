@@ -1,5 +1,6 @@
-//! Every stream the relay refuses leaves one line at the default log level
-//! (INFO), with its code and reason, and never the token.
+//! What the relay logs at the default level (INFO): every refused stream
+//! or request, with its code and reason and never the token; every admin
+//! change, naming the account.
 //!
 //! Its own test binary, because it installs a process-wide log subscriber.
 
@@ -8,7 +9,7 @@
 mod util;
 
 use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use util::*;
 
@@ -31,15 +32,24 @@ impl Capture {
     }
 }
 
+/// The process's log, captured at INFO (installed once for every test).
+fn logs() -> &'static Capture {
+    static CAPTURE: OnceLock<Capture> = OnceLock::new();
+    CAPTURE.get_or_init(|| {
+        let capture = Capture::default();
+        let writer = capture.clone();
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .init();
+        capture
+    })
+}
+
 #[test]
 fn refusals_are_logged_at_info() {
-    let capture = Capture::default();
-    let writer = capture.clone();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .init();
+    let capture = logs();
 
     let fake = fake(&["key-l"], |c| c.forbidden = vec![]);
     let mut cfg = relay_config(&fake.url(), &[("acct-l", "key-l")]);
@@ -90,4 +100,51 @@ fn refusals_are_logged_at_info() {
         "{logs}"
     );
     assert!(!logs.contains(&token) && !logs.contains(&bad), "{logs}");
+}
+
+#[test]
+fn admin_changes_are_logged_with_the_account_id() {
+    const ADMIN: &str = "admin-token-for-log-tests-0123";
+    let capture = logs();
+    let fake = fake(&["key-x"], |c| c.forbidden = vec![]);
+    let mut cfg = relay_config(&fake.url(), &[("acct-x", "key-x")]);
+    cfg.admin.token = Some(clio_relay::secret::Secret::new(ADMIN));
+    let relay = Relay::start(cfg);
+    let admin = relay.handle.admin_addr;
+    let (status, body) = http(
+        admin,
+        "POST",
+        "/admin/accounts",
+        Some(ADMIN),
+        Some(r#"{"id":"added-by-test","key":"key-added-0123"}"#),
+    );
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = http(
+        admin,
+        "POST",
+        "/admin/accounts/acct-x/disable",
+        Some(ADMIN),
+        None,
+    );
+    assert_eq!(status, 200, "{body}");
+    let logs = capture.text();
+    let applied: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("admin change applied"))
+        .collect();
+    assert!(
+        applied
+            .iter()
+            .any(|l| l.contains("path=\"/admin/accounts\" ") && l.contains("account=added-by-test")),
+        "{logs}"
+    );
+    assert!(
+        applied.iter().any(|l| l.contains("account=acct-x")),
+        "{logs}"
+    );
+    assert!(!logs.contains("account=\"\""), "{logs}");
+    assert!(
+        !logs.contains("key-added-0123") && !logs.contains(ADMIN),
+        "{logs}"
+    );
 }

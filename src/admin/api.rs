@@ -91,38 +91,42 @@ fn body<'a, T: Deserialize<'a>>(req: &'a Request<'_>) -> Result<T, Vec<u8>> {
 /// Answers one request under `/admin/`.
 pub(super) fn handle(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
     let parts: Vec<&str> = req.path.trim_end_matches('/').split('/').skip(2).collect();
-    let result = match (req.method, parts.as_slice()) {
+    // Each change answers the id of the account it changed, for the log.
+    let result: Result<String, Vec<u8>> = match (req.method, parts.as_slice()) {
         ("GET", ["accounts"]) => return ok(list(admin)),
         ("POST", ["accounts"]) => add(admin, req),
         ("POST", ["accounts", id, "enable"]) => admin
             .accounts
             .borrow_mut()
             .set_enabled(id, true)
+            .map(|()| id.to_string())
             .map_err(refused),
         ("POST", ["accounts", id, "disable"]) => admin
             .accounts
             .borrow_mut()
             .set_enabled(id, false)
+            .map(|()| id.to_string())
             .map_err(refused),
         ("POST" | "PUT", ["accounts", id, "limit"]) => body::<LimitBody>(req).and_then(|b| {
             admin
                 .accounts
                 .borrow_mut()
                 .set_max_concurrent(id, b.max_concurrent_streams)
+                .map(|()| id.to_string())
                 .map_err(refused)
         }),
-        ("POST", ["accounts", id, "rotate"]) => rotate(admin, id, req),
+        ("POST", ["accounts", id, "rotate"]) => rotate(admin, id, req).map(|()| id.to_string()),
         ("DELETE", ["accounts", id]) => admin
             .accounts
             .borrow_mut()
             .remove(id)
-            .map(|_| ())
+            .map(|_| id.to_string())
             .map_err(refused),
         (_, ["accounts", ..]) => return http::json_error(405, "method not allowed here"),
         _ => return http::json_error(404, "not found"),
     };
     match result {
-        Ok(()) => {
+        Ok(account) => {
             admin.publish();
             if let Err(e) = admin.persist() {
                 tracing::error!(error = %e, "account change applied but not saved to the key store");
@@ -131,11 +135,10 @@ pub(super) fn handle(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
                     &format!("applied, but not saved to the key store: {e}"),
                 );
             }
-            let id = parts.get(1).copied().unwrap_or_default();
             tracing::info!(
                 method = req.method,
                 path = req.path,
-                account = id,
+                account = %account,
                 "admin change applied"
             );
             ok(list(admin))
@@ -144,7 +147,8 @@ pub(super) fn handle(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
     }
 }
 
-fn add(admin: &Admin, req: &Request<'_>) -> Result<(), Vec<u8>> {
+/// Adds the account in the body; its id.
+fn add(admin: &Admin, req: &Request<'_>) -> Result<String, Vec<u8>> {
     let b: AddBody = body(req)?;
     admin
         .accounts
@@ -158,6 +162,7 @@ fn add(admin: &Admin, req: &Request<'_>) -> Result<(), Vec<u8>> {
             unix_now(),
             Source::Store,
         )
+        .map(|()| b.id.clone())
         .map_err(refused)
 }
 
