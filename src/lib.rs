@@ -18,6 +18,7 @@
 //! - [`keyring`]: per-shard account slots; which account serves a new stream.
 //! - [`devices`]: per-device limits (concurrency, rate, daily audio) and revocation.
 //! - [`token`]: session tokens (HMAC-signed, short-lived device credentials).
+//! - [`unauth`]: the bounded pool of connections waiting for a first-message token.
 //!
 //! The control plane:
 //! - [`server`]: starting, reloading, draining and stopping a relay; signals.
@@ -76,3 +77,4 @@ pub mod shard;
 pub mod systemd;
 pub mod tls;
 pub mod token;
+pub mod unauth;

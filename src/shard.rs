@@ -66,6 +66,8 @@ pub struct ProcessState {
     pub devices: crate::devices::Devices,
     /// Streams refused or ended by a device limit, by [`crate::devices::Limit`].
     pub device_rejections: [std::sync::atomic::AtomicU64; 5],
+    /// Connections waiting for a first-message token, by client address.
+    pub unauthenticated: crate::unauth::AddressPool,
 }
 
 impl ProcessState {
@@ -81,6 +83,7 @@ impl ProcessState {
             published: Mutex::new((ring, metrics_ids)),
             devices: crate::devices::Devices::default(),
             device_rejections: Default::default(),
+            unauthenticated: Default::default(),
         })
     }
 
@@ -248,6 +251,9 @@ pub struct Shard {
     pub live: RefCell<std::collections::HashMap<u64, Rc<LiveStream>>>,
     /// Usage of streams ended since the admin thread last collected it.
     pub usage: RefCell<Vec<crate::usage::UsageRecord>>,
+    /// Upgraded connections still waiting for their first-message token;
+    /// they hold no `max_streams` slot.
+    pub unauthenticated: crate::unauth::ShardPool,
 }
 
 /// Why the relay ends a live stream itself.
@@ -413,6 +419,7 @@ pub fn start(index: usize, setup: ShardSetup) -> std::io::Result<ShardHandle> {
                 next_stream: Cell::new(0),
                 live: RefCell::new(std::collections::HashMap::new()),
                 usage: RefCell::new(Vec::new()),
+                unauthenticated: Default::default(),
             });
             let _ = ready_tx.send(listener.local_addr().map_err(Into::into));
             let (stop_accepting_tx, stop_accepting_rx) = async_channel::bounded::<()>(1);
@@ -425,6 +432,7 @@ pub fn start(index: usize, setup: ShardSetup) -> std::io::Result<ShardHandle> {
                                 let mut snapshot = shard.metrics.snapshot();
                                 snapshot.read_buffers =
                                     (shard.pool.in_use() as u64, shard.pool.available() as u64);
+                                snapshot.unauthenticated = shard.unauthenticated.open() as u64;
                                 let _ = reply.send(snapshot).await;
                             }
                             ShardMsg::Settings(settings) => {

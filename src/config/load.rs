@@ -223,6 +223,12 @@ fn resolve(raw: RawFile, base: &Path) -> Result<Config, ConfigError> {
             defaults_limits.drain_timeout,
             &mut p,
         ),
+        max_unauthenticated: l
+            .max_unauthenticated
+            .unwrap_or(defaults_limits.max_unauthenticated),
+        max_unauthenticated_per_address: l
+            .max_unauthenticated_per_address
+            .unwrap_or(defaults_limits.max_unauthenticated_per_address),
     };
 
     let mut accounts = Vec::with_capacity(raw.account.len());

@@ -307,6 +307,11 @@ pub struct LimitsConfig {
     /// After SIGTERM, how long live streams may run to their end before the
     /// relay finalizes them and tells their clients to reconnect.
     pub drain_timeout: Duration,
+    /// Upgraded connections per shard still waiting for a token in their
+    /// first message (they hold no `max_streams` slot); 503 beyond.
+    pub max_unauthenticated: usize,
+    /// The same, per client address across the whole process; 429 beyond.
+    pub max_unauthenticated_per_address: usize,
 }
 
 impl Default for LimitsConfig {
@@ -318,6 +323,8 @@ impl Default for LimitsConfig {
             max_first_message_bytes: 64 << 10,
             idle_timeout: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(30),
+            max_unauthenticated: 256,
+            max_unauthenticated_per_address: 32,
         }
     }
 }

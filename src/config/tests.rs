@@ -105,6 +105,8 @@ max_header_bytes = 4096
 max_frame_bytes = 65536
 max_first_message_bytes = 4096
 idle_timeout = "1m"
+max_unauthenticated = 10
+max_unauthenticated_per_address = 2
 
 [[account]]
 id = "prod-1"
@@ -144,6 +146,8 @@ enabled = false
             max_first_message_bytes: 4096,
             idle_timeout: Duration::from_secs(60),
             drain_timeout: Duration::from_secs(30),
+            max_unauthenticated: 10,
+            max_unauthenticated_per_address: 2,
         }
     );
     assert_eq!(c.accounts.len(), 2);

@@ -71,6 +71,11 @@ pub(super) fn validate_semantics(c: &Config, p: &mut Problems) {
         ("limits.max_header_bytes", l.max_header_bytes),
         ("limits.max_frame_bytes", l.max_frame_bytes),
         ("limits.max_first_message_bytes", l.max_first_message_bytes),
+        ("limits.max_unauthenticated", l.max_unauthenticated),
+        (
+            "limits.max_unauthenticated_per_address",
+            l.max_unauthenticated_per_address,
+        ),
     ] {
         if n == 0 {
             p.push(key, "must be more than 0");

@@ -336,6 +336,7 @@ impl ShardMetrics {
             streams_total: self.streams_total.get(),
             streams_rejected: self.streams_rejected.get(),
             read_buffers: (0, 0),
+            unauthenticated: 0,
             traffic: [self.traffic[0].get(), self.traffic[1].get()],
             accounts: self.accounts.borrow().clone(),
             errors,
@@ -366,6 +367,9 @@ pub struct MetricsSnapshot {
     /// The shard's read buffers: `(in use, on the free list)`, filled in by
     /// the shard when it takes the snapshot.
     pub read_buffers: (u64, u64),
+    /// Upgraded connections waiting for a first-message token, filled in
+    /// by the shard when it takes the snapshot.
+    pub unauthenticated: u64,
     traffic: [Traffic; 2],
     accounts: Vec<AccountStats>,
     /// Sorted by `(side, code)`.
@@ -386,6 +390,7 @@ impl MetricsSnapshot {
         self.streams_active += other.streams_active;
         self.streams_total += other.streams_total;
         self.streams_rejected += other.streams_rejected;
+        self.unauthenticated += other.unauthenticated;
         for (mine, theirs) in self.traffic.iter_mut().zip(&other.traffic) {
             mine.frames += theirs.frames;
             mine.bytes += theirs.bytes;

@@ -121,6 +121,20 @@ pub fn render_prometheus(shards: &[MetricsSnapshot], gauges: &ProcessGauges) -> 
     }
     family(
         o,
+        "clio_relay_unauthenticated_connections",
+        "gauge",
+        "Upgraded connections waiting for a token in their first message, per shard; they hold no max_streams slot.",
+    );
+    for s in shards {
+        sample(
+            o,
+            "clio_relay_unauthenticated_connections",
+            &[("shard", &s.shard.to_string())],
+            s.unauthenticated,
+        );
+    }
+    family(
+        o,
         "clio_relay_streams_rejected_total",
         "counter",
         "Streams refused before or after the upgrade (also counted in errors).",

@@ -22,6 +22,9 @@ impl Stream {
         buf: &mut Buf,
     ) -> Result<Map<String, Value>, Refusal> {
         let lim = &self.settings.limits;
+        // One deadline for the whole wait: pings and partial frames do not
+        // extend it.
+        let deadline = std::time::Instant::now() + lim.idle_timeout;
         loop {
             let h = match parse_header(
                 buf.filled(),
@@ -54,7 +57,9 @@ impl Stream {
                 if n > buf.capacity() {
                     // A config larger than the read buffer (a long `context`):
                     // gathered into its own vector, once per stream.
-                    return self.read_large_first_message(client, buf, h).await;
+                    return self
+                        .read_large_first_message(client, buf, h, deadline)
+                        .await;
                 }
                 if buf.len() >= n {
                     let (start, hl) = (buf.start, h.header_len);
@@ -73,13 +78,20 @@ impl Stream {
                     continue;
                 }
             }
-            self.read_more(client, buf).await?;
+            self.read_more(client, buf, deadline).await?;
         }
     }
 
-    /// Reads more client bytes while waiting for the first message.
-    async fn read_more(&self, client: &Duplex, buf: &mut Buf) -> Result<(), Refusal> {
-        match timeout(self.settings.limits.idle_timeout, buf.read_from(client)).await {
+    /// Reads more client bytes while waiting for the first message, until
+    /// `deadline`.
+    async fn read_more(
+        &self,
+        client: &Duplex,
+        buf: &mut Buf,
+        deadline: std::time::Instant,
+    ) -> Result<(), Refusal> {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match timeout(left, buf.read_from(client)).await {
             None => Err(Refusal::new(
                 408,
                 "request_timeout",
@@ -97,6 +109,7 @@ impl Stream {
         client: &Duplex,
         buf: &mut Buf,
         h: FrameHeader,
+        deadline: std::time::Instant,
     ) -> Result<Map<String, Value>, Refusal> {
         if h.opcode != Opcode::Text {
             return parse_config(h.opcode, h.fin, &[]);
@@ -107,7 +120,7 @@ impl Stream {
         let mut payload = Vec::with_capacity(total);
         while payload.len() < total {
             if buf.is_empty() {
-                self.read_more(client, buf).await?;
+                self.read_more(client, buf, deadline).await?;
             }
             let take = buf.len().min(total - payload.len());
             let at = payload.len();

@@ -11,6 +11,7 @@ use crate::io::{timeout, Buf, Conn, Duplex};
 use crate::metrics::Side;
 use crate::shard::{AdmitPermit, Settings, Shard};
 use crate::token::Claims;
+use crate::unauth;
 
 use super::Stream;
 
@@ -18,6 +19,14 @@ use super::Stream;
 pub async fn serve(shard: Rc<Shard>, tcp: TcpStream) {
     let accepted = Instant::now();
     let _ = tcp.set_nodelay(true);
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&tcp);
+    // The client's address, asked (a system call) only when needed.
+    let peer = move || {
+        // SAFETY: `fd` is the client socket, open for as long as `client`
+        // below lives, and the closure is only called while it does.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        socket2::SockRef::from(&fd).peer_addr().ok()?.as_socket()
+    };
     let settings = shard.settings();
     if !settings.allows(|| tcp.peer_addr().ok()) {
         shard.metrics.stream_rejected(Side::Client, 403);
@@ -40,8 +49,13 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream) {
     };
     let client = Duplex::new(conn);
     let mut cbuf = shard.pool.get();
-    let Some((claims, permit)) = handshake(&shard, &settings, &client, &mut cbuf).await else {
+    let Some((claims, admission)) = handshake(&shard, &settings, &client, &mut cbuf, peer).await
+    else {
         return;
+    };
+    let (permit, pending) = match admission {
+        Admission::Stream(p) => (Some(p), None),
+        Admission::Pending(p) => (None, Some(p)),
     };
     shard.metrics.record(
         crate::metrics::Hist::ClientHandshake,
@@ -53,17 +67,27 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream) {
         settings,
         _permit: permit,
     };
-    stream.run(client, cbuf, claims).await;
+    stream.run(client, cbuf, claims, pending).await;
+}
+
+/// What a connection holds once upgraded.
+enum Admission {
+    /// The token came on the request: a `server.max_streams` slot.
+    Stream(AdmitPermit),
+    /// No token yet: a place in the unauthenticated pool, until the first
+    /// message brings one (then the stream asks for its slot).
+    Pending(unauth::Place),
 }
 
 /// Reads and answers the HTTP request. Returns the token's claims (if the
 /// token came on the request) once the connection is a WebSocket.
 async fn handshake(
-    shard: &Shard,
+    shard: &Rc<Shard>,
     settings: &Settings,
     client: &Duplex,
     buf: &mut Buf,
-) -> Option<(Option<Claims>, AdmitPermit)> {
+    peer: impl FnOnce() -> Option<std::net::SocketAddr>,
+) -> Option<(Option<Claims>, Admission)> {
     let lim = &settings.limits;
     let refuse = |status: u16, msg: &str, side: Side| {
         shard.metrics.stream_rejected(side, status);
@@ -158,15 +182,49 @@ async fn handshake(
             .await;
         return None;
     }
-    let Some(permit) = shard.process.admit() else {
-        let _ = client
-            .write_all(&refuse(
-                503,
-                "relay at capacity (server.max_streams); try again later",
-                Side::Internal,
-            ))
-            .await;
-        return None;
+    let admission = if claims.is_some() {
+        let Some(permit) = shard.process.admit() else {
+            let _ = client
+                .write_all(&refuse(
+                    503,
+                    "relay at capacity (server.max_streams); try again later",
+                    Side::Internal,
+                ))
+                .await;
+            return None;
+        };
+        Admission::Stream(permit)
+    } else {
+        // The token will come in the first message: no stream slot until it
+        // has, only a place in the bounded pool of such connections.
+        match unauth::admit(
+            shard,
+            peer().map(unauth::address_of),
+            lim.max_unauthenticated,
+            lim.max_unauthenticated_per_address,
+        ) {
+            Ok(place) => Admission::Pending(place),
+            Err(unauth::Full::Shard) => {
+                let _ = client
+                    .write_all(&refuse(
+                        503,
+                        "too many connections waiting to authenticate (limits.max_unauthenticated); send the token on the request, or try again later",
+                        Side::Internal,
+                    ))
+                    .await;
+                return None;
+            }
+            Err(unauth::Full::Address) => {
+                let _ = client
+                    .write_all(&refuse(
+                        429,
+                        "too many connections without a session token from this address (limits.max_unauthenticated_per_address)",
+                        Side::Client,
+                    ))
+                    .await;
+                return None;
+            }
+        }
     };
     let Some(answer) = http::upgrade_response(&req) else {
         let _ = client
@@ -181,5 +239,5 @@ async fn handshake(
     if client.write_all(&answer).await.is_err() {
         return None;
     }
-    Some((claims, permit))
+    Some((claims, admission))
 }

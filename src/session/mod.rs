@@ -48,8 +48,9 @@ struct Stream {
     shard: Rc<Shard>,
     /// Limits and token keys as they were when the stream started.
     settings: Rc<Settings>,
-    /// Counts the stream against `server.max_streams` until dropped.
-    _permit: AdmitPermit,
+    /// Counts the stream against `server.max_streams` until dropped; taken
+    /// after the first message when the token comes in it.
+    _permit: Option<AdmitPermit>,
 }
 
 /// An open upstream: the connection, the account it holds, and its read buffer.
@@ -63,7 +64,13 @@ struct Upstream {
 }
 
 impl Stream {
-    async fn run(self, client: Duplex, mut cbuf: Buf, claims: Option<Claims>) {
+    async fn run(
+        self,
+        client: Duplex,
+        mut cbuf: Buf,
+        claims: Option<Claims>,
+        pending: Option<crate::unauth::Place>,
+    ) {
         let mut tried = 0u64;
         let state = StreamState::new(Instant::now());
         // With the token on the request, connect upstream while the client
@@ -81,19 +88,23 @@ impl Stream {
                         self.open_upstream(&mut tried),
                     )
                     .await?;
-                    Ok((first, up, c))
+                    Ok((first, up, c, None))
                 }
                 None => {
-                    let first = self.read_first_message(&client, &mut cbuf).await?;
+                    let first = self.read_first_message(&client, &mut cbuf).await;
+                    // Out of the unauthenticated pool, whatever came.
+                    drop(pending);
+                    let first = first?;
                     let c = self.first_message_claims(&first)?;
+                    let permit = self.admit_stream()?;
                     *state.device.borrow_mut() = Some(self.admit(&c)?);
                     let up = self.open_upstream(&mut tried).await?;
-                    Ok((first, up, c))
+                    Ok((first, up, c, Some(permit)))
                 }
             }
         })
         .await;
-        let (config, mut up, claims) = match opened {
+        let (config, mut up, claims, _late_permit) = match opened {
             Ok(x) => x,
             Err(r) => return self.refuse(&client, &r).await,
         };
@@ -161,6 +172,30 @@ impl Stream {
             .stream_closed(up.lease.account.metrics_index);
         self.record_usage(&up, &claims, reference_id, &state, error);
         tracing::debug!(stream = %self.id, ?end, secs = started.elapsed().as_secs_f64(), "stream end");
+    }
+
+    /// A `server.max_streams` slot for a stream whose token came in its
+    /// first message.
+    fn admit_stream(&self) -> Result<AdmitPermit, Refusal> {
+        let process = &self.shard.process;
+        if process.draining() {
+            return Err(Refusal::new(
+                503,
+                "service_unavailable",
+                "The relay is restarting; reconnect.",
+                1012,
+                Side::Internal,
+            ));
+        }
+        process.admit().ok_or_else(|| {
+            Refusal::new(
+                503,
+                "service_unavailable",
+                "Relay at capacity (server.max_streams); try again later.",
+                1013,
+                Side::Internal,
+            )
+        })
     }
 
     /// Checks the device's limits and revocations for a new stream.

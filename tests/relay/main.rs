@@ -18,3 +18,4 @@ mod reload;
 mod shards;
 mod streaming;
 mod tls;
+mod unauthenticated;
