@@ -74,6 +74,8 @@ pub struct Config {
     /// TLS on the client port; `None` serves plain `ws://` (behind a TLS
     /// terminator, or for tests).
     pub tls: Option<TlsConfig>,
+    /// The fleet's shared store; `None` for a relay on its own.
+    pub cluster: Option<ClusterConfig>,
 }
 
 /// Parses a duration in the config syntax: `500ms`, `5s`, `15m`, `2h`,

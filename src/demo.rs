@@ -148,6 +148,7 @@ pub fn run_demo(args: &DemoArgs) -> std::io::Result<DemoReport> {
         devices: Default::default(),
         usage: Default::default(),
         tls: None,
+        cluster: None,
     };
     let relay = crate::server::start(&cfg)?;
     let tokens = TokenKeys::from_config(&cfg.tokens);

@@ -76,8 +76,13 @@ pub struct DeviceState {
     bucket: Mutex<(f64, Instant)>,
     /// The UTC day `audio_ms` counts for.
     day: AtomicU64,
-    /// Audio milliseconds streamed on `day`.
+    /// Audio milliseconds streamed on `day` (by this process).
     audio_ms: AtomicU64,
+    /// In a fleet: audio the other nodes streamed on `day`, as of the last
+    /// flush to the shared store.
+    others_ms: AtomicU64,
+    /// In a fleet: how much of `audio_ms` the shared store has.
+    reported_ms: AtomicU64,
 }
 
 impl DeviceState {
@@ -87,30 +92,61 @@ impl DeviceState {
             bucket: Mutex::new((f64::MAX, now)),
             day: AtomicU64::new(0),
             audio_ms: AtomicU64::new(0),
+            others_ms: AtomicU64::new(0),
+            reported_ms: AtomicU64::new(0),
         }
     }
 
-    /// Audio milliseconds streamed today (0 if the counter is from another day).
+    /// Audio milliseconds streamed today, fleet-wide as far as known (0 if
+    /// the counters are from another day).
     fn audio_ms_on(&self, day: u64) -> u64 {
         if self.day.load(Ordering::Acquire) == day {
-            self.audio_ms.load(Ordering::Relaxed)
+            self.audio_ms.load(Ordering::Relaxed) + self.others_ms.load(Ordering::Relaxed)
         } else {
             0
         }
     }
 
-    /// Adds audio, rolling the counter over at midnight UTC; returns the day's total.
-    fn add_audio_ms(&self, ms: u64, day: u64) -> u64 {
+    /// Moves the counters to `day` if they are from an earlier one.
+    fn roll(&self, day: u64) {
         let seen = self.day.load(Ordering::Acquire);
-        if seen != day
+        if seen < day
             && self
                 .day
                 .compare_exchange(seen, day, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
         {
             self.audio_ms.store(0, Ordering::Release);
+            self.others_ms.store(0, Ordering::Release);
+            self.reported_ms.store(0, Ordering::Release);
         }
-        self.audio_ms.fetch_add(ms, Ordering::AcqRel) + ms
+    }
+
+    /// Adds audio, rolling the counter over at midnight UTC; returns the
+    /// day's total (fleet-wide as far as known).
+    fn add_audio_ms(&self, ms: u64, day: u64) -> u64 {
+        self.roll(day);
+        self.audio_ms.fetch_add(ms, Ordering::AcqRel) + ms + self.others_ms.load(Ordering::Relaxed)
+    }
+
+    /// This process's audio on `day` and the part the shared store lacks.
+    pub fn unreported_audio(&self, day: u64) -> (u64, u64) {
+        self.roll(day);
+        let local = self.audio_ms.load(Ordering::Acquire);
+        (
+            local,
+            local.saturating_sub(self.reported_ms.load(Ordering::Relaxed)),
+        )
+    }
+
+    /// The shared store has `local` of this process's audio on `day`, and
+    /// `total` from the whole fleet.
+    pub fn set_fleet_audio(&self, day: u64, local: u64, total: u64) {
+        if self.day.load(Ordering::Acquire) == day {
+            self.reported_ms.store(local, Ordering::Relaxed);
+            self.others_ms
+                .store(total.saturating_sub(local), Ordering::Relaxed);
+        }
     }
 }
 
@@ -128,6 +164,8 @@ pub struct DevicePermit {
     state: Arc<DeviceState>,
     /// The limits the stream runs under (from its token's tier).
     pub limits: DeviceLimits,
+    /// In a fleet: the stream's count in the shared store.
+    pub fleet: Option<crate::cluster::FleetHold>,
 }
 
 impl Drop for DevicePermit {
@@ -171,12 +209,7 @@ impl Devices {
                 message: "This device or session token has been revoked.".into(),
             });
         }
-        let state = {
-            let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-            map.entry(claims.device_id.clone())
-                .or_insert_with(|| Arc::new(DeviceState::new(Instant::now())))
-                .clone()
-        };
+        let state = self.state(&claims.device_id);
         let day = utc_day(now);
         if limits.audio_seconds_per_day > 0
             && state.audio_ms_on(day) >= limits.audio_seconds_per_day * 1000
@@ -209,6 +242,7 @@ impl Devices {
         let permit = DevicePermit {
             state,
             limits: limits.clone(),
+            fleet: None,
         };
         let per_minute = limits.streams_per_minute;
         if per_minute > 0 {
@@ -233,6 +267,48 @@ impl Devices {
             *bucket = (tokens - 1.0, now_i);
         }
         Ok(permit)
+    }
+
+    fn state(&self, device: &str) -> Arc<DeviceState> {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(device.to_string())
+            .or_insert_with(|| Arc::new(DeviceState::new(Instant::now())))
+            .clone()
+    }
+
+    /// Counts a stream the shared store already admitted (no check here).
+    pub fn hold(&self, claims: &Claims, limits: &DeviceLimits) -> DevicePermit {
+        let state = self.state(&claims.device_id);
+        state.live.fetch_add(1, Ordering::AcqRel);
+        DevicePermit {
+            state,
+            limits: limits.clone(),
+            fleet: None,
+        }
+    }
+
+    /// Devices whose audio the shared store should hear about: a live
+    /// stream, or audio it does not have yet.
+    pub fn fleet_audio_pending(&self, day: u64) -> Vec<(String, Arc<DeviceState>)> {
+        self.map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(_, s)| s.live.load(Ordering::Relaxed) > 0 || s.unreported_audio(day).1 > 0)
+            .map(|(k, s)| (k.clone(), s.clone()))
+            .collect()
+    }
+
+    /// Replaces both revocation lists (the fleet's, from the shared store).
+    pub fn replace_revoked(&self, devices: HashSet<String>, tokens: HashSet<String>) {
+        *self
+            .revoked_devices
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = devices;
+        *self
+            .revoked_tokens
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = tokens;
     }
 
     /// Denies a device id (its new streams are refused from now on).

@@ -137,6 +137,9 @@ pub struct AccountState {
     pub max_concurrent: AtomicU32,
     /// Live streams across all shards.
     pub live: AtomicU32,
+    /// In a fleet whose shared store is unreachable: the number of nodes
+    /// the limit is shared among (1 otherwise).
+    share: AtomicU32,
     /// Streams upstream will still take on this key, from the last health
     /// check's `/v1/concurrency-limits` (its limit minus use by others);
     /// [`NO_UPSTREAM_CAP`] when unknown.
@@ -170,6 +173,7 @@ impl AccountState {
             enabled: AtomicBool::new(enabled),
             max_concurrent: AtomicU32::new(max_concurrent),
             live: AtomicU32::new(0),
+            share: AtomicU32::new(1),
             upstream_cap: AtomicU32::new(NO_UPSTREAM_CAP),
             unhealthy_until_ms: AtomicU64::new(0),
             unhealthy_holdoff_ms: AtomicU64::new(UNHEALTHY_HOLDOFF.as_millis() as u64),
@@ -217,11 +221,27 @@ impl AccountState {
         }
     }
 
-    /// The limit in force: the configured one, or less if upstream said so.
-    pub fn effective_max(&self) -> u32 {
+    /// The fleet-wide limit: the configured one, or less if upstream said so.
+    pub fn fleet_max(&self) -> u32 {
         self.max_concurrent
             .load(Ordering::Relaxed)
             .min(self.upstream_cap.load(Ordering::Relaxed))
+    }
+
+    /// The limit in force in this process: [`AccountState::fleet_max`], or
+    /// this node's share of it while a fleet's shared store is unreachable.
+    pub fn effective_max(&self) -> u32 {
+        let max = self.fleet_max();
+        match self.share.load(Ordering::Relaxed) {
+            0 | 1 => max,
+            n if max == 0 => max / n,
+            n => (max / n).max(1),
+        }
+    }
+
+    /// Shares the limit among `nodes` (1: the whole limit is this node's).
+    pub fn set_share(&self, nodes: u32) {
+        self.share.store(nodes.max(1), Ordering::Relaxed);
     }
 
     /// Free stream slots now.
@@ -290,6 +310,8 @@ pub struct Lease {
     pub key: Arc<KeySlot>,
     /// The slot's position in the ring (for the stream's tried-set).
     pub slot: usize,
+    /// In a fleet: the stream's count in the shared store.
+    pub fleet: Option<crate::cluster::FleetHold>,
 }
 
 impl Drop for Lease {
@@ -366,11 +388,46 @@ impl KeyRing {
                     account: slot.account.clone(),
                     key: slot.key.clone(),
                     slot: i,
+                    fleet: None,
                 });
             }
             excluded |= 1 << i; // lost a race with another shard: next best
         }
         None
+    }
+}
+
+impl KeyRing {
+    /// The accounts a new stream may go to (available, not in `tried`), in
+    /// ring order from the tie-break cursor, with their fleet-wide limits:
+    /// what a fleet's shared store chooses from.
+    pub fn candidates(&self, now: Instant, tried: u64) -> Vec<(String, u32)> {
+        let n = self.slots.len();
+        (0..n)
+            .map(|k| (self.cursor + k) % n)
+            .filter(|&i| tried & (1 << i) == 0 && self.slots[i].account.available(now))
+            .map(|i| {
+                let a = &self.slots[i].account;
+                (a.id.clone(), a.fleet_max())
+            })
+            .collect()
+    }
+
+    /// Reserves a slot on the account `id` (chosen by the shared store).
+    pub fn reserve(&mut self, id: &str) -> Option<Lease> {
+        let n = self.slots.len();
+        let i = self.slots.iter().position(|s| s.account.id == id)?;
+        let slot = &self.slots[i];
+        slot.account.live.fetch_add(1, Ordering::AcqRel);
+        self.cursor = (i + 1) % n;
+        slot.key.live.fetch_add(1, Ordering::AcqRel);
+        slot.key.streams_total.fetch_add(1, Ordering::Relaxed);
+        Some(Lease {
+            account: slot.account.clone(),
+            key: slot.key.clone(),
+            slot: i,
+            fleet: None,
+        })
     }
 }
 

@@ -63,6 +63,7 @@ pub mod usage;
 
 pub mod admin;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod demo;

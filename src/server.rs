@@ -23,6 +23,8 @@ pub struct RelayHandle {
     shards: Vec<ShardHandle>,
     admin: Option<AdminHandle>,
     admin_tx: async_channel::Sender<AdminMsg>,
+    /// The cluster thread (`[cluster]`), stopped after the shards.
+    cluster: Option<std::thread::JoinHandle<()>>,
     /// The config the process started with: what a reload cannot change.
     started_with: Config,
 }
@@ -109,6 +111,13 @@ pub fn start_joining(
             None
         }
     };
+    // The fleet handle is in place before any shard takes a stream; its
+    // thread starts once the shards exist (it sends them "end" requests).
+    let fleet = cfg.cluster.as_ref().map(|c| {
+        let (fleet, rx) = crate::cluster::channel(c);
+        let _ = process.fleet.set(fleet.clone());
+        (c, fleet, rx)
+    });
     let n = cfg.server.shard_count();
     let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
     let mut setup = ShardSetup {
@@ -161,6 +170,19 @@ pub fn start_joining(
         std::io::ErrorKind::AddrInUse => in_use(cfg.server.admin_listen, "server.admin_listen", e),
         _ => e,
     })?;
+    let cluster = match fleet {
+        None => None,
+        Some((c, fleet, rx)) => Some(crate::cluster::start(
+            c,
+            fleet,
+            rx,
+            crate::cluster::Links {
+                process: process.clone(),
+                shards: shards.iter().map(|s| s.tx.clone()).collect(),
+                accounts: None,
+            },
+        )?),
+    };
     tracing::info!(client = %shards[0].addr, admin = %admin.addr, shards = n, accounts = process.accounts().len(), "clio-relay listening");
     Ok(RelayHandle {
         client_addr: shards[0].addr,
@@ -169,6 +191,7 @@ pub fn start_joining(
         shards,
         admin: Some(admin),
         admin_tx,
+        cluster,
         started_with: cfg.clone(),
     })
 }
@@ -284,6 +307,14 @@ impl RelayHandle {
         }
         if let Some(a) = self.admin.take() {
             a.stop();
+        }
+        // After the shards: their streams' ends are queued before the stop,
+        // and the node leaves the fleet with nothing held.
+        if let Some(c) = self.cluster.take() {
+            if let Some(f) = self.process.fleet.get() {
+                f.stop();
+            }
+            let _ = c.join();
         }
     }
 }

@@ -68,6 +68,8 @@ pub struct ProcessState {
     pub device_rejections: [std::sync::atomic::AtomicU64; 5],
     /// Connections waiting for a first-message token, by client address.
     pub unauthenticated: crate::unauth::AddressPool,
+    /// The fleet's shared store (`[cluster]`), set once before any stream.
+    pub fleet: std::sync::OnceLock<Arc<crate::cluster::Fleet>>,
 }
 
 impl ProcessState {
@@ -84,6 +86,7 @@ impl ProcessState {
             devices: crate::devices::Devices::default(),
             device_rejections: Default::default(),
             unauthenticated: Default::default(),
+            fleet: std::sync::OnceLock::new(),
         })
     }
 

@@ -56,6 +56,7 @@ fn relay_config(upstream: &str) -> Config {
         devices: Default::default(),
         usage: Default::default(),
         tls: None,
+        cluster: None,
     }
 }
 

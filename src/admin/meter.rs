@@ -115,8 +115,10 @@ struct RevokeBody {
     end_live_streams: bool,
 }
 
-/// `GET`, `POST` and `DELETE /admin/revocations`.
-pub(super) fn revocations(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
+/// `GET`, `POST` and `DELETE /admin/revocations`. In a fleet the change
+/// goes to the shared store too, and every node applies it (and ends the
+/// live streams, when asked) within a poll interval.
+pub(super) async fn revocations(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
     let devices = &admin.process.devices;
     if req.method != "GET" {
         let b: RevokeBody = match serde_json::from_slice(req.body) {
@@ -158,6 +160,23 @@ pub(super) fn revocations(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
                 devices.unrevoke(b.device_id.as_deref(), b.token_id.as_deref());
             }
             _ => return http::json_error(405, "GET, POST or DELETE"),
+        }
+        if let Some(fleet) = admin.process.fleet.get() {
+            let shared = fleet
+                .revoke(
+                    b.device_id.clone(),
+                    b.token_id.clone(),
+                    b.end_live_streams,
+                    req.method == "DELETE",
+                )
+                .await;
+            if let Err(e) = shared {
+                tracing::error!(error = %e, "revocation applied on this node only");
+                return http::json_error(
+                    503,
+                    &format!("applied on this node only, not fleet-wide: {e}"),
+                );
+            }
         }
     }
     let (d, t) = devices.revoked();

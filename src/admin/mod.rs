@@ -527,7 +527,7 @@ async fn route(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
             return meter::reconciliation(admin);
         }
         if req.path == "/admin/revocations" {
-            return meter::revocations(admin, req);
+            return meter::revocations(admin, req).await;
         }
         return api::handle(admin, req);
     }
@@ -555,6 +555,9 @@ async fn route(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
             meter::render_metrics(admin, &mut body);
             alerts::render_metrics(admin, &mut body);
             meter::render_drift(admin, &mut body);
+            if let Some(fleet) = process.fleet.get() {
+                fleet.render_metrics(&mut body);
+            }
             let c = &admin.checks;
             body.push_str(&format!(
                 "# HELP clio_relay_health_checks_total Active key checks against upstream's REST API, by result.\n# TYPE clio_relay_health_checks_total counter\nclio_relay_health_checks_total{{result=\"healthy\"}} {}\nclio_relay_health_checks_total{{result=\"refused\"}} {}\nclio_relay_health_checks_total{{result=\"unreachable\"}} {}\n",
@@ -577,10 +580,25 @@ async fn route(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
                 .accounts()
                 .iter()
                 .any(|a| a.healthy(now) && a.available(now));
+            let store_down = process.fleet.get().filter(|f| !f.store_up());
             if process.draining() {
                 http::response(503, "text/plain", "", b"draining\n")
             } else if !usable {
                 http::response(503, "text/plain", "", b"no healthy account\n")
+            } else if let Some(f) = store_down {
+                // With `refuse` this node takes no stream; with `local` it
+                // does (its shares), and says so.
+                match f.on_store_down {
+                    crate::config::StoreDown::Refuse => {
+                        http::response(503, "text/plain", "", b"cluster store unreachable\n")
+                    }
+                    crate::config::StoreDown::Local => http::response(
+                        200,
+                        "text/plain",
+                        "",
+                        b"ready (cluster store unreachable: this node's share of each limit)\n",
+                    ),
+                }
             } else {
                 http::response(200, "text/plain", "", b"ready\n")
             }

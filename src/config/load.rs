@@ -286,6 +286,9 @@ fn resolve(raw: RawFile, base: &Path) -> Result<Config, ConfigError> {
             None
         }
     });
+    let cluster = raw
+        .cluster
+        .map(|c| resolve_cluster(c, base, admin.master_key.is_some(), &mut p));
     let config = Config {
         server,
         upstream,
@@ -296,6 +299,7 @@ fn resolve(raw: RawFile, base: &Path) -> Result<Config, ConfigError> {
         devices,
         usage,
         tls,
+        cluster,
     };
     if let Some(ca) = &config.upstream.ca_file {
         if !ca.is_file() {
@@ -492,6 +496,91 @@ fn resolve_admin(a: RawAdmin, base: &Path, p: &mut Problems) -> AdminConfig {
             p,
         ),
         rest_url: a.rest_url,
+    }
+}
+
+/// Resolves `[cluster]`.
+fn resolve_cluster(
+    c: RawCluster,
+    base: &Path,
+    has_master_key: bool,
+    p: &mut Problems,
+) -> ClusterConfig {
+    let redis_url = c.redis_url.unwrap_or_default();
+    let rest = redis_url
+        .strip_prefix("redis://")
+        .or_else(|| redis_url.strip_prefix("rediss://"));
+    match rest {
+        None => p.push(
+            "cluster.redis_url",
+            "must start with redis:// or rediss:// (TLS)",
+        ),
+        // The authority ends at the first '/'; an '@' in it carries a
+        // password, which belongs in password_env or password_file.
+        Some(r) if r.split('/').next().unwrap_or("").contains('@') => p.push(
+            "cluster.redis_url",
+            "must not hold credentials (the URL is not shown); \
+             put the password in cluster.password_env or cluster.password_file",
+        ),
+        Some(r) if r.split('/').next().unwrap_or("").is_empty() => {
+            p.push("cluster.redis_url", "has no host")
+        }
+        Some(_) => {}
+    }
+    let password = resolve_secret(
+        "cluster",
+        ("password_env", c.password_env),
+        ("password_file", c.password_file),
+        false,
+        base,
+        p,
+    )
+    .flatten();
+    let node_id = c.node_id.unwrap_or_else(crate::cluster::host_name);
+    if node_id.is_empty()
+        || node_id.len() > 64
+        || !node_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    {
+        p.push(
+            "cluster.node_id",
+            "must be 1 to 64 of A-Z a-z 0-9 . _ - (set it when the host name is not)",
+        );
+    }
+    let lease_ttl = duration("cluster.lease_ttl", c.lease_ttl, Duration::from_secs(15), p);
+    if lease_ttl < Duration::from_secs(1) {
+        p.push("cluster.lease_ttl", "must be at least 1s");
+    }
+    let timeout = duration("cluster.timeout", c.timeout, Duration::from_millis(250), p);
+    if timeout.is_zero() || timeout > Duration::from_secs(5) {
+        p.push("cluster.timeout", "must be more than 0 and at most 5s");
+    }
+    let on_store_down = match c.on_store_down.as_deref() {
+        None | Some("local") => StoreDown::Local,
+        Some("refuse") => StoreDown::Refuse,
+        Some(other) => {
+            p.push(
+                "cluster.on_store_down",
+                format!("must be \"local\" or \"refuse\", not {other:?}"),
+            );
+            StoreDown::Local
+        }
+    };
+    if !has_master_key {
+        p.push(
+            "cluster",
+            "needs admin.master_key_env or admin.master_key_file: \
+             accounts are shared through Redis encrypted under the master key",
+        );
+    }
+    ClusterConfig {
+        redis_url,
+        password,
+        node_id,
+        lease_ttl,
+        on_store_down,
+        timeout,
     }
 }
 

@@ -30,6 +30,19 @@ pub(super) struct RawFile {
     #[serde(default)]
     pub(super) alerts: RawAlerts,
     pub(super) tls: Option<RawTls>,
+    pub(super) cluster: Option<RawCluster>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCluster {
+    pub(super) redis_url: Option<String>,
+    pub(super) password_env: Option<String>,
+    pub(super) password_file: Option<PathBuf>,
+    pub(super) node_id: Option<String>,
+    pub(super) lease_ttl: Option<String>,
+    pub(super) on_store_down: Option<String>,
+    pub(super) timeout: Option<String>,
 }
 
 #[derive(Deserialize, Default)]

@@ -114,6 +114,34 @@ impl Default for AlertsConfig {
     }
 }
 
+/// What a node does with new streams while the shared store is unreachable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreDown {
+    /// Enforce this node's share of each limit (the limit divided by the
+    /// number of nodes last seen alive), from its own counts.
+    Local,
+    /// Refuse new streams with 503 and `Retry-After`.
+    Refuse,
+}
+
+/// `[cluster]`: a fleet of relays sharing limits, revocations, accounts and
+/// usage through one Redis. Absent: the relay stands alone, with no Redis.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// `redis://host:port/db` or `rediss://…` (TLS); no password in it.
+    pub redis_url: String,
+    /// Redis password (`AUTH`), from `password_env` or `password_file`.
+    pub password: Option<Secret>,
+    /// This node's name in the fleet (default: the host name).
+    pub node_id: String,
+    /// How long a node's counts outlive its last heartbeat.
+    pub lease_ttl: Duration,
+    /// New streams while Redis is unreachable.
+    pub on_store_down: StoreDown,
+    /// The deadline of every Redis call.
+    pub timeout: Duration,
+}
+
 /// `[admin]`: who may use the admin port, where runtime changes are kept,
 /// and how keys are rotated and checked.
 #[derive(Debug, Clone)]

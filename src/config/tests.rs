@@ -486,6 +486,7 @@ fn validate_built_config() {
         devices: Default::default(),
         usage: Default::default(),
         tls: None,
+        cluster: None,
     };
     assert!(c.validate().is_ok());
     let mut bad = c.clone();
@@ -575,6 +576,7 @@ fn warnings() {
         devices: Default::default(),
         usage: Default::default(),
         tls: None,
+        cluster: None,
     };
     c.server.max_streams = 15;
     let w = c.warnings();
@@ -618,6 +620,7 @@ fn warns_when_runtime_changes_would_not_persist() {
         devices: Default::default(),
         usage: Default::default(),
         tls: None,
+        cluster: None,
     };
     c.server.max_streams = 10;
     // No admin token: no runtime changes are possible, nothing to warn about.

@@ -82,10 +82,11 @@ impl Stream {
         let opened: Result<_, Refusal> = Box::pin(async {
             match claims {
                 Some(c) => {
-                    *state.device.borrow_mut() = Some(self.admit(&c)?);
+                    let (permit, lease) = self.admit(&c).await?;
+                    *state.device.borrow_mut() = Some(permit);
                     let (first, up) = future::try_zip(
                         self.read_first_message(&client, &mut cbuf),
-                        self.open_upstream(&mut tried),
+                        self.open_upstream(&mut tried, lease),
                     )
                     .await?;
                     Ok((first, up, c, None))
@@ -96,10 +97,11 @@ impl Stream {
                     drop(pending);
                     let first = first?;
                     let c = self.first_message_claims(&first)?;
-                    let permit = self.admit_stream()?;
-                    *state.device.borrow_mut() = Some(self.admit(&c)?);
-                    let up = self.open_upstream(&mut tried).await?;
-                    Ok((first, up, c, Some(permit)))
+                    let slot = self.admit_stream()?;
+                    let (permit, lease) = self.admit(&c).await?;
+                    *state.device.borrow_mut() = Some(permit);
+                    let up = self.open_upstream(&mut tried, lease).await?;
+                    Ok((first, up, c, Some(slot)))
                 }
             }
         })
@@ -149,7 +151,7 @@ impl Stream {
                         .stream_closed(up.lease.account.metrics_index);
                     // The refused connection is dropped when `up` is replaced.
                     state.inspect_first_upstream.set(true);
-                    match Box::pin(self.open_upstream(&mut tried)).await {
+                    match Box::pin(self.open_upstream(&mut tried, None)).await {
                         Ok(next) => up = next,
                         Err(r) => break Err(r),
                     }
@@ -198,17 +200,36 @@ impl Stream {
         })
     }
 
-    /// Checks the device's limits and revocations for a new stream.
-    fn admit(&self, claims: &Claims) -> Result<DevicePermit, Refusal> {
+    /// Checks the device's limits and revocations for a new stream. In a
+    /// fleet (`[cluster]`) the shared store checks them and picks the
+    /// account in the same round trip (the lease returned).
+    async fn admit(&self, claims: &Claims) -> Result<(DevicePermit, Option<Lease>), Refusal> {
         let limits = self.settings.devices.limits(claims.tier.as_deref());
         let process = &self.shard.process;
-        process
-            .devices
-            .admit(claims, limits, SystemTime::now())
-            .map_err(|r| {
-                process.device_rejections[r.limit as usize]
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                Refusal::device(r.limit, r.message)
+        let count = |limit: Limit| {
+            process.device_rejections[limit as usize]
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        };
+        let Some(fleet) = process.fleet.get() else {
+            return process
+                .devices
+                .admit(claims, limits, SystemTime::now())
+                .map(|p| (p, None))
+                .map_err(|r| {
+                    count(r.limit);
+                    Refusal::device(r.limit, r.message)
+                });
+        };
+        fleet
+            .admit(&process.devices, &self.shard.ring, claims, limits, 0)
+            .await
+            .map_err(|r| match r {
+                crate::cluster::FleetRefusal::Device(r) => {
+                    count(r.limit);
+                    Refusal::device(r.limit, r.message)
+                }
+                crate::cluster::FleetRefusal::NoAccount => Refusal::no_account(),
+                crate::cluster::FleetRefusal::StoreDown => Refusal::store_down(),
             })
     }
 
@@ -253,11 +274,21 @@ impl Stream {
     }
 
     /// Picks an account and connects; on a refusal tries the next account.
-    async fn open_upstream(&self, tried: &mut u64) -> Result<Upstream, Refusal> {
+    /// `first`: the account a fleet's shared store already reserved.
+    async fn open_upstream(
+        &self,
+        tried: &mut u64,
+        mut first: Option<Lease>,
+    ) -> Result<Upstream, Refusal> {
         let shard = &self.shard;
         let mut unreachable = false;
         loop {
-            let lease = shard.ring.borrow_mut().pick(Instant::now(), *tried);
+            let lease = match (first.take(), shard.process.fleet.get()) {
+                (Some(l), _) => Some(l),
+                (None, Some(fleet)) if fleet.store_up() => fleet.pick(&shard.ring, *tried).await,
+                (None, Some(fleet)) => fleet.pick_local(&shard.ring, *tried),
+                (None, None) => shard.ring.borrow_mut().pick(Instant::now(), *tried),
+            };
             let Some(lease) = lease else {
                 return Err(if unreachable {
                     Refusal::upstream_unavailable()

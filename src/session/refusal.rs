@@ -63,6 +63,18 @@ impl Refusal {
             Side::Upstream,
         )
     }
+    /// A fleet's shared store is unreachable and `cluster.on_store_down`
+    /// is `refuse`. After the upgrade there is no HTTP header, so the
+    /// retry hint is in the message; close 1013 is "try again later".
+    pub(super) fn store_down() -> Self {
+        Refusal::new(
+            503,
+            "service_unavailable",
+            "The relay fleet's shared store is unreachable; retry after 5 seconds.",
+            1013,
+            Side::Upstream,
+        )
+    }
     /// A device limit or a revocation.
     pub(super) fn device(limit: crate::devices::Limit, message: String) -> Self {
         use crate::devices::Limit;

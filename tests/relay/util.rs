@@ -73,6 +73,7 @@ pub fn relay_config(upstream: &str, accounts: &[(&str, &str)]) -> Config {
         devices: Default::default(),
         usage: Default::default(),
         tls: None,
+        cluster: None,
     }
 }
 

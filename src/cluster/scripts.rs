@@ -1,0 +1,130 @@
+//! The Lua scripts the fleet runs in Redis. Each is one round trip and runs
+//! atomically, so two nodes can never both take the last slot of a limit.
+//!
+//! Key layout (every key starts with `clio:`):
+//!
+//! | key | type | what |
+//! |---|---|---|
+//! | `clio:nodes` | sorted set | node id → lease end (ms, Redis clock) |
+//! | `clio:n:<node>:dev` | hash | device id → live streams on that node |
+//! | `clio:n:<node>:acct` | hash | account id → live streams on that node |
+//! | `clio:rev:dev`, `clio:rev:tok` | sets | revoked device ids, token ids |
+//! | `clio:ver` | hash | `rev`, `acct`: bumped on every change |
+//! | `clio:ends` | stream | "end the live streams of …" requests |
+//! | `clio:rate:<device>` | hash | new-stream token bucket (`t`, `ts`) |
+//! | `clio:audio:<day>` | hash | device id → audio ms streamed that UTC day |
+//! | `clio:accounts` | string | the account set, sealed like `accounts.store` |
+//!
+//! A node's streams count only while its lease in `clio:nodes` is current:
+//! a node that dies stops counting `lease_ttl` after its last heartbeat,
+//! and its hashes expire with it.
+
+/// Stream open: revocation, daily audio, the device's live streams, the
+/// account with the most fleet-wide headroom among the candidates, the
+/// new-stream rate; then counts the stream for this node.
+///
+/// ARGV: node, device, token id, max concurrent (0 = none), streams per
+/// minute (0 = none), audio cap ms (0 = none), UTC day, lease ttl ms, then
+/// pairs of (account id, limit). Returns `{"ok", index}` (index into the
+/// pairs, -1 when none were given) or `{"refused", limit}`.
+pub const OPEN: &str = r#"
+local node, dev, tok = ARGV[1], ARGV[2], ARGV[3]
+local maxc, perm, cap = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local day, ttl = ARGV[7], tonumber(ARGV[8])
+if redis.call('SISMEMBER', 'clio:rev:dev', dev) == 1
+  or redis.call('SISMEMBER', 'clio:rev:tok', tok) == 1 then
+  return {'refused', 'revoked'}
+end
+if cap > 0 then
+  local a = tonumber(redis.call('HGET', 'clio:audio:' .. day, dev) or '0')
+  if a >= cap then return {'refused', 'daily_audio'} end
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local nodes = redis.call('ZRANGEBYSCORE', 'clio:nodes', now, '+inf')
+local function live(kind, id)
+  local n = 0
+  for _, name in ipairs(nodes) do
+    n = n + tonumber(redis.call('HGET', 'clio:n:' .. name .. ':' .. kind, id) or '0')
+  end
+  return n
+end
+if maxc > 0 and live('dev', dev) >= maxc then
+  return {'refused', 'concurrent'}
+end
+local best, room = -1, 0
+for i = 9, #ARGV, 2 do
+  local r = tonumber(ARGV[i + 1]) - live('acct', ARGV[i])
+  if r > room then best, room = (i - 9) / 2, r end
+end
+if #ARGV >= 9 and best < 0 then return {'refused', 'no_account'} end
+if perm > 0 then
+  local key = 'clio:rate:' .. dev
+  local b = redis.call('HMGET', key, 't', 'ts')
+  local tokens, ts = tonumber(b[1]), tonumber(b[2])
+  if tokens == nil then tokens, ts = perm, now end
+  tokens = math.min(perm, tokens + (now - ts) * perm / 60000)
+  if tokens < 1 then
+    redis.call('HSET', key, 't', tostring(tokens), 'ts', now)
+    redis.call('PEXPIRE', key, 120000)
+    return {'refused', 'rate'}
+  end
+  redis.call('HSET', key, 't', tostring(tokens - 1), 'ts', now)
+  redis.call('PEXPIRE', key, 120000)
+end
+local hd = 'clio:n:' .. node .. ':dev'
+redis.call('HINCRBY', hd, dev, 1)
+redis.call('PEXPIRE', hd, ttl)
+if best >= 0 then
+  local ha = 'clio:n:' .. node .. ':acct'
+  redis.call('HINCRBY', ha, ARGV[9 + best * 2], 1)
+  redis.call('PEXPIRE', ha, ttl)
+end
+return {'ok', best}
+"#;
+
+/// A stream ended (or a hold is given back): one less on this node.
+/// ARGV: node, kind (`dev` or `acct`), id, delta.
+pub const ADJUST: &str = r#"
+local h = 'clio:n:' .. ARGV[1] .. ':' .. ARGV[2]
+local n = redis.call('HINCRBY', h, ARGV[3], tonumber(ARGV[4]))
+if n <= 0 then redis.call('HDEL', h, ARGV[3]) end
+return n
+"#;
+
+/// Heartbeat: extends this node's lease and its hashes' lifetime. Returns
+/// `{lapsed, nodes alive}`: `lapsed` is 1 when the lease had already ended
+/// (the node was cut off or Redis lost its data), so the node must
+/// re-register what it holds.
+/// ARGV: node, lease ttl ms.
+pub const HEARTBEAT: &str = r#"
+local node, ttl = ARGV[1], tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local old = tonumber(redis.call('ZSCORE', 'clio:nodes', node) or '0')
+redis.call('ZADD', 'clio:nodes', now + ttl, node)
+redis.call('ZREMRANGEBYSCORE', 'clio:nodes', '-inf', now - 86400000)
+redis.call('PEXPIRE', 'clio:n:' .. node .. ':dev', ttl)
+redis.call('PEXPIRE', 'clio:n:' .. node .. ':acct', ttl)
+local lapsed = 0
+if old < now then lapsed = 1 end
+return {lapsed, redis.call('ZCOUNT', 'clio:nodes', now, '+inf')}
+"#;
+
+/// Re-registration: replaces this node's counts with what it holds (so a
+/// node coming back neither counts twice nor leaves a count behind) and
+/// renews its lease. ARGV: node, lease ttl ms, number of device pairs, then
+/// (device, count) pairs, then (account, count) pairs.
+pub const REGISTER: &str = r#"
+local node, ttl, ndev = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local hd, ha = 'clio:n:' .. node .. ':dev', 'clio:n:' .. node .. ':acct'
+redis.call('DEL', hd, ha)
+for i = 4, 3 + ndev * 2, 2 do redis.call('HSET', hd, ARGV[i], ARGV[i + 1]) end
+for i = 4 + ndev * 2, #ARGV, 2 do redis.call('HSET', ha, ARGV[i], ARGV[i + 1]) end
+redis.call('PEXPIRE', hd, ttl)
+redis.call('PEXPIRE', ha, ttl)
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', 'clio:nodes', now + ttl, node)
+return redis.call('ZCOUNT', 'clio:nodes', now, '+inf')
+"#;

@@ -1,0 +1,172 @@
+//! Per-device limits and revocations, fleet-wide.
+
+use std::time::Duration;
+
+use clio_relay::config::DeviceLimits;
+use clio_relay::secret::Secret;
+use tungstenite::Message;
+
+use crate::redis::RedisServer;
+use crate::util::*;
+
+const ADMIN: &str = "fleet-admin-token-0123456789";
+
+fn open(relay: &Relay, token: &str) -> Ws {
+    let (mut ws, _) = connect(relay.addr(), token, Via::Header).unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    ws
+}
+
+fn refused(relay: &Relay, token: &str) -> Received {
+    let (mut ws, _) = connect(relay.addr(), token, Via::Header).unwrap();
+    stream_session(&mut ws, &config_message(None), &[])
+}
+
+/// Two relays on one Redis, one account (`k1`), device `limits`.
+fn pair(
+    fake: &clio_relay::fake_soniox::FakeSoniox,
+    redis: &RedisServer,
+    limits: DeviceLimits,
+) -> (Relay, Relay) {
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.accounts[0].max_concurrent_streams = 50;
+    cfg.devices.default = limits;
+    cfg.admin.token = Some(Secret::new(ADMIN));
+    let a = Relay::start(crate::node(&cfg, redis, "node-a"));
+    let b = Relay::start(crate::node(&cfg, redis, "node-b"));
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            [&a, &b]
+                .iter()
+                .all(|r| r.handle.process.fleet.get().unwrap().store_up())
+        }),
+        "both nodes reach Redis"
+    );
+    (a, b)
+}
+
+#[test]
+fn a_device_stream_limit_is_exact_across_nodes() {
+    let redis = RedisServer::start();
+    let fake = fake(&["k1"], |_| {});
+    let (a, b) = pair(
+        &fake,
+        &redis,
+        DeviceLimits {
+            max_concurrent_streams: 2,
+            ..Default::default()
+        },
+    );
+    let token = a.token("phone");
+    let first = open(&a, &token);
+    let _second = open(&b, &token);
+    assert!(wait_until(Duration::from_secs(10), || fake
+        .active_streams()
+        == 2));
+    // The device has its two streams, one on each node: a third is refused
+    // on either.
+    for relay in [&a, &b, &a] {
+        let got = refused(relay, &token);
+        assert_eq!(
+            (got.error_code(), got.close_code()),
+            (Some(429), Some(1013)),
+            "{got:?}"
+        );
+        assert!(
+            got.messages[0]["error_message"]
+                .as_str()
+                .unwrap()
+                .contains("2 concurrent streams"),
+            "{got:?}"
+        );
+    }
+    // Another device is not affected.
+    assert!(refused(&b, &b.token("tablet")).error_code().is_none());
+    // A stream that ends on A frees a place for B.
+    drop(first);
+    assert!(wait_until(Duration::from_secs(10), || fake
+        .active_streams()
+        == 1));
+    assert!(wait_until(Duration::from_secs(10), || {
+        redis
+            .command("HGET clio:n:node-a:dev phone")
+            .starts_with("$-1")
+    }));
+    let _third = open(&b, &token);
+    assert!(wait_until(Duration::from_secs(10), || fake
+        .active_streams()
+        == 2));
+    assert_eq!(refused(&a, &token).error_code(), Some(429));
+}
+
+#[test]
+fn new_streams_per_minute_hold_across_nodes() {
+    let redis = RedisServer::start();
+    let fake = fake(&["k1"], |_| {});
+    let (a, b) = pair(
+        &fake,
+        &redis,
+        DeviceLimits {
+            streams_per_minute: 3,
+            ..Default::default()
+        },
+    );
+    let token = a.token("phone");
+    for relay in [&a, &b, &a] {
+        let (mut ws, _) = connect(relay.addr(), &token, Via::Header).unwrap();
+        assert!(stream_session(&mut ws, &config_message(None), &audio_frames(1, 1)).finished());
+    }
+    let got = refused(&b, &token);
+    assert_eq!(got.error_code(), Some(429), "{got:?}");
+    assert!(got.messages[0]["error_message"]
+        .as_str()
+        .unwrap()
+        .contains("3 new streams per minute"));
+}
+
+#[test]
+fn a_revocation_on_one_node_refuses_and_ends_streams_on_another() {
+    let redis = RedisServer::start();
+    let fake = fake(&["k1"], |_| {});
+    let (a, b) = pair(&fake, &redis, DeviceLimits::default());
+    let token = a.token("lost-phone");
+    let mut live = open(&b, &token);
+    assert!(wait_until(Duration::from_secs(10), || fake
+        .active_streams()
+        == 1));
+    let (status, body) = http(
+        a.handle.admin_addr,
+        "POST",
+        "/admin/revocations",
+        Some(ADMIN),
+        Some(r#"{"device_id":"lost-phone","end_live_streams":true}"#),
+    );
+    assert_eq!(status, 200, "{body}");
+    // B ends the live stream and refuses new ones.
+    let got = read_all(&mut live);
+    assert_eq!(
+        (got.error_code(), got.close_code()),
+        (Some(401), Some(1008)),
+        "{got:?}"
+    );
+    let got = refused(&b, &token);
+    assert_eq!(got.error_code(), Some(401), "{got:?}");
+    // B lists it too; lifting it on B frees the device on A.
+    let (_, list) = http(
+        b.handle.admin_addr,
+        "GET",
+        "/admin/revocations",
+        Some(ADMIN),
+        None,
+    );
+    assert!(list.contains("lost-phone"), "{list}");
+    let (status, _) = http(
+        b.handle.admin_addr,
+        "DELETE",
+        "/admin/revocations",
+        Some(ADMIN),
+        Some(r#"{"device_id":"lost-phone"}"#),
+    );
+    assert_eq!(status, 200);
+    assert!(refused(&a, &token).error_code().is_none());
+}

@@ -1,0 +1,116 @@
+//! A real `redis-server` on 127.0.0.1, started by the test and killed when
+//! dropped.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct RedisServer {
+    child: Option<Child>,
+    pub port: u16,
+    dir: std::path::PathBuf,
+}
+
+/// A port free on 127.0.0.1 right now (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        let dir = crate::util::state_dir();
+        std::fs::create_dir_all(&dir).unwrap();
+        for _ in 0..5 {
+            let mut r = RedisServer {
+                child: None,
+                port: free_port(),
+                dir: dir.clone(),
+            };
+            if r.spawn() {
+                return r;
+            }
+        }
+        panic!("redis-server did not start (is it installed? .ci/run installs it)");
+    }
+
+    /// Starts the server on `self.port`; false if it did not come up.
+    fn spawn(&mut self) -> bool {
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port"])
+            .arg(self.port.to_string())
+            .args(["--save", "", "--appendonly", "no", "--dir"])
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server runs");
+        self.child = Some(child);
+        let end = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < end {
+            if self.command("PING").starts_with("+PONG") {
+                return true;
+            }
+            if let Some(Ok(Some(_))) = self.child.as_mut().map(|c| c.try_wait()) {
+                return false; // exited: the port was taken meanwhile
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill();
+        false
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Kills the server (SIGKILL): everything in it is lost.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port, empty.
+    pub fn restart(&mut self) {
+        self.kill();
+        assert!(self.spawn(), "redis-server restarts on port {}", self.port);
+    }
+
+    /// Sends one inline command; returns the raw reply ("" on failure).
+    pub fn command(&self, cmd: &str) -> String {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {
+            return String::new();
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        if s.write_all(format!("{cmd}\r\n").as_bytes()).is_err() {
+            return String::new();
+        }
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut out = Vec::new();
+        // One read is enough for the small replies the tests ask for, but
+        // a reply may arrive in pieces: read until it looks whole.
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+            if out.ends_with(b"\r\n") {
+                break;
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
