@@ -407,6 +407,75 @@ impl Accounts {
         log
     }
 
+    /// Makes the set what `merged` says (another node of a fleet changed
+    /// it): accounts missing from it are removed, new ones added; the rest
+    /// take its region, flags, limit and source, and a different key is
+    /// rotated in (the old key keeps its streams until the retire time the
+    /// other node gave it, or `overlap`). Live counts, health and metrics
+    /// indices of the accounts that stay are kept. Returns one line per change.
+    pub fn apply_merged(
+        &mut self,
+        merged: &[crate::keystore::MergedAccount],
+        overlap: Duration,
+        now: u64,
+    ) -> Vec<String> {
+        let mut log = Vec::new();
+        let stale: Vec<String> = self
+            .entries
+            .iter()
+            .filter(|e| !merged.iter().any(|m| m.id == e.state.id))
+            .map(|e| e.state.id.clone())
+            .collect();
+        for id in stale {
+            let _ = self.remove(&id);
+            log.push(format!("removed {id}"));
+        }
+        for m in merged {
+            let source = match m.source {
+                crate::keystore::Source::Config => Source::Config,
+                crate::keystore::Source::Store => Source::Store,
+            };
+            let Some(i) = self.entries.iter().position(|e| e.state.id == m.id) else {
+                let created = now.saturating_sub(m.key_age_secs.unwrap_or(0));
+                match self.add(
+                    &m.id,
+                    m.key.clone(),
+                    &m.region,
+                    m.enabled,
+                    m.max_concurrent_streams,
+                    created,
+                    source,
+                ) {
+                    Ok(()) => log.push(format!("added {}", m.id)),
+                    Err(e) => log.push(format!("not added {}: {e}", m.id)),
+                }
+                continue;
+            };
+            let st = &self.entries[i].state;
+            *st.region.lock().unwrap_or_else(|e| e.into_inner()) = m.region.clone();
+            st.enabled.store(m.enabled, Ordering::Relaxed);
+            st.max_concurrent
+                .store(m.max_concurrent_streams, Ordering::Relaxed);
+            if self.entries[i].current.key != m.key {
+                let old = &self.entries[i].current.key;
+                let overlap = m
+                    .retiring
+                    .iter()
+                    .find(|r| &r.key == old)
+                    .map_or(overlap, |r| {
+                        Duration::from_secs(r.retire_at.saturating_sub(now))
+                    });
+                let _ = self.rotate(&m.id, m.key.clone(), overlap, now);
+                log.push(format!(
+                    "rotated {} to key {}",
+                    m.id, self.entries[i].current.fingerprint
+                ));
+            }
+            self.entries[i].source = source;
+        }
+        log
+    }
+
     /// Retires keys that carry no stream any more (their overlap is only a
     /// deadline for the streams they carry); returns those past the deadline
     /// that still carry streams, for the caller to report or end.

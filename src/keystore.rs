@@ -210,6 +210,26 @@ impl KeyStore {
         atomic::sync_dir(&self.dir)
     }
 
+    /// `data` sealed in the store file's format (AES-256-GCM under the
+    /// master key): what a fleet keeps in its shared store, so keys are
+    /// never there in the clear.
+    pub fn seal_data(&self, data: &StoreData) -> Result<Vec<u8>, StoreError> {
+        data.validate().map_err(StoreError::Invalid)?;
+        let mut json = data.to_json();
+        let sealed = format::seal(&self.master, &json);
+        master::wipe(&mut json);
+        sealed
+    }
+
+    /// Opens what [`KeyStore::seal_data`] sealed (under the same master key).
+    pub fn open_data(&self, sealed: &[u8]) -> Result<StoreData, StoreError> {
+        format::open(&self.master, sealed).and_then(|mut json| {
+            let data = StoreData::from_json(&json);
+            master::wipe(&mut json);
+            data
+        })
+    }
+
     /// The store file's path (`<dir>/accounts.store`).
     pub fn path(&self) -> &Path {
         &self.path

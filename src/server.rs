@@ -118,6 +118,14 @@ pub fn start_joining(
         let _ = process.fleet.set(fleet.clone());
         (c, fleet, rx)
     });
+    // The account set other nodes store, from the cluster thread to the admin thread.
+    let (accounts_tx, accounts_rx) = match fleet {
+        Some(_) => {
+            let (tx, rx) = async_channel::bounded(16);
+            (Some(tx), Some(rx))
+        }
+        None => (None, None),
+    };
     let n = cfg.server.shard_count();
     let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
     let mut setup = ShardSetup {
@@ -165,6 +173,7 @@ pub fn start_joining(
         tls: tls.clone(),
         store,
         listen_fd: admin_fd,
+        fleet_accounts: accounts_rx,
     })
     .map_err(|e| match e.kind() {
         std::io::ErrorKind::AddrInUse => in_use(cfg.server.admin_listen, "server.admin_listen", e),
@@ -179,7 +188,7 @@ pub fn start_joining(
             crate::cluster::Links {
                 process: process.clone(),
                 shards: shards.iter().map(|s| s.tx.clone()).collect(),
-                accounts: None,
+                accounts: accounts_tx,
             },
         )?),
     };

@@ -89,7 +89,7 @@ fn body<'a, T: Deserialize<'a>>(req: &'a Request<'_>) -> Result<T, Vec<u8>> {
 }
 
 /// Answers one request under `/admin/`.
-pub(super) fn handle(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
+pub(super) async fn handle(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
     let parts: Vec<&str> = req.path.trim_end_matches('/').split('/').skip(2).collect();
     // Each change answers the id of the account it changed, for the log.
     let result: Result<String, Vec<u8>> = match (req.method, parts.as_slice()) {
@@ -133,6 +133,13 @@ pub(super) fn handle(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
                 return http::json_error(
                     500,
                     &format!("applied, but not saved to the key store: {e}"),
+                );
+            }
+            if let Err(e) = admin.share_accounts().await {
+                tracing::error!(error = %e, "account change applied on this node only");
+                return http::json_error(
+                    503,
+                    &format!("applied on this node only, not fleet-wide: {e}"),
                 );
             }
             tracing::info!(

@@ -68,6 +68,9 @@ pub struct AdminSetup {
     pub listen_fd: Option<Arc<std::os::fd::OwnedFd>>,
     /// The encrypted key store and the generation last loaded, if any.
     pub store: Option<(crate::keystore::KeyStore, u64)>,
+    /// In a fleet: the account set other nodes stored (sealed), from the
+    /// cluster thread.
+    pub fleet_accounts: Option<async_channel::Receiver<Vec<u8>>>,
 }
 
 fn prices(accounts: &[crate::config::AccountConfig]) -> HashMap<String, meter::Price> {
@@ -148,6 +151,51 @@ impl Admin {
         store.save(&mut data).map_err(|e| e.to_string())?;
         self.store_generation.set(data.generation);
         Ok(())
+    }
+
+    /// In a fleet: stores the account set, sealed under the master key, for
+    /// every node to apply.
+    async fn share_accounts(&self) -> Result<(), String> {
+        let (Some(fleet), Some(store)) = (self.process.fleet.get(), &self.store) else {
+            return Ok(());
+        };
+        let data = self
+            .accounts
+            .borrow()
+            .to_store(&self.account_configs.borrow(), self.store_generation.get());
+        let sealed = store.seal_data(&data).map_err(|e| e.to_string())?;
+        fleet.publish_accounts(sealed).await
+    }
+
+    /// Applies the account set another node of the fleet stored.
+    fn apply_fleet_accounts(&self, sealed: &[u8]) {
+        let Some(store) = &self.store else {
+            return;
+        };
+        let data = match store.open_data(sealed) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(error = %e, "the fleet's account set cannot be opened here (is admin.master_key the same on every node?)");
+                return;
+            }
+        };
+        let now = crate::control::unix_now();
+        let merged = crate::keystore::merge(&self.account_configs.borrow(), &data, now);
+        let overlap = self.config.borrow().rotation_overlap;
+        let log = self
+            .accounts
+            .borrow_mut()
+            .apply_merged(&merged, overlap, now);
+        if log.is_empty() {
+            return;
+        }
+        self.publish();
+        if let Err(e) = self.persist() {
+            tracing::error!(error = %e, "fleet account change applied but not saved to the key store");
+        }
+        for change in log {
+            tracing::info!(change = %change, "account change from the fleet");
+        }
     }
 
     /// Sends the current ring version to every shard.
@@ -333,6 +381,15 @@ pub fn start(setup: AdminSetup) -> std::io::Result<AdminHandle> {
             });
             admin.publish();
             let inbox = setup.inbox;
+            let fleet_accounts = setup.fleet_accounts;
+            let from_fleet = async {
+                if let Some(rx) = fleet_accounts {
+                    while let Ok(sealed) = rx.recv().await {
+                        admin.apply_fleet_accounts(&sealed);
+                    }
+                }
+                futures_lite::future::pending::<()>().await;
+            };
             let pool = BufferPool::new(MAX_BODY + 8192, 2, 16);
             let accept = async {
                 while let Ok(tcp) = listener.accept().await {
@@ -430,6 +487,7 @@ pub fn start(setup: AdminSetup) -> std::io::Result<AdminHandle> {
                 }
             };
             let housekeeping = futures_lite::future::or(futures_lite::future::or(housekeeping, messages), health);
+            let housekeeping = futures_lite::future::or(housekeeping, from_fleet);
             futures_lite::future::or(futures_lite::future::or(accept, housekeeping), async {
                 let _ = stop_rx.recv().await;
             })
@@ -529,7 +587,7 @@ async fn route(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
         if req.path == "/admin/revocations" {
             return meter::revocations(admin, req).await;
         }
-        return api::handle(admin, req);
+        return api::handle(admin, req).await;
     }
     if req.path == "/dashboard" || req.path == "/" {
         // The page holds no data: it asks for the admin token and reads

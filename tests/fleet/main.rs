@@ -8,11 +8,16 @@ mod util;
 
 mod redis;
 
+mod accounts;
 mod limits;
 
 use std::time::Duration;
 
 use clio_relay::config::{ClusterConfig, Config, StoreDown};
+use clio_relay::secret::Secret;
+
+pub const ADMIN: &str = "fleet-admin-token-0123456789";
+pub const MASTER: &str = "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0";
 
 /// `cfg` joined to the fleet in `redis` as `node`.
 pub fn node(cfg: &Config, redis: &redis::RedisServer, node: &str) -> Config {
@@ -27,4 +32,30 @@ pub fn node(cfg: &Config, redis: &redis::RedisServer, node: &str) -> Config {
         timeout: Duration::from_millis(500),
     });
     c
+}
+
+/// Two relays on one Redis with account `a` (key `key`, 50 streams), the
+/// admin token and one master key; `tweak` changes the shared config.
+pub fn pair(
+    fake: &clio_relay::fake_soniox::FakeSoniox,
+    redis: &redis::RedisServer,
+    key: &str,
+    tweak: impl FnOnce(&mut Config),
+) -> (util::Relay, util::Relay) {
+    let mut cfg = util::relay_config(&fake.url(), &[("a", key)]);
+    cfg.accounts[0].max_concurrent_streams = 50;
+    cfg.admin.token = Some(Secret::new(ADMIN));
+    cfg.admin.master_key = Some(Secret::new(MASTER));
+    tweak(&mut cfg);
+    let a = util::Relay::start(node(&cfg, redis, "node-a"));
+    let b = util::Relay::start(node(&cfg, redis, "node-b"));
+    assert!(
+        util::wait_until(Duration::from_secs(10), || {
+            [&a, &b]
+                .iter()
+                .all(|r| r.handle.process.fleet.get().unwrap().store_up())
+        }),
+        "both nodes reach Redis"
+    );
+    (a, b)
 }

@@ -82,6 +82,14 @@ impl RedisServer {
         assert!(self.spawn(), "redis-server restarts on port {}", self.port);
     }
 
+    /// A hash field's value, `None` when absent.
+    pub fn hget(&self, key: &str, field: &str) -> Option<String> {
+        let reply = self.command(&format!("HGET {key} {field}"));
+        let (len, rest) = reply.strip_prefix('$')?.split_once("\r\n")?;
+        let len: usize = len.parse().ok()?; // "$-1": absent
+        rest.get(..len).map(str::to_string)
+    }
+
     /// Sends one inline command; returns the raw reply ("" on failure).
     pub fn command(&self, cmd: &str) -> String {
         let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {

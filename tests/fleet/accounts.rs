@@ -1,0 +1,146 @@
+//! The account set and account limits, fleet-wide.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use tungstenite::Message;
+
+use crate::redis::RedisServer;
+use crate::util::*;
+use crate::ADMIN;
+
+const K1: &str = "soniox-key-aaaa-1111-fleet";
+const K2: &str = "soniox-key-bbbb-2222-fleet";
+const K3: &str = "soniox-key-cccc-3333-fleet";
+
+fn accounts(relay: &Relay) -> Vec<Value> {
+    let (status, body) = http(
+        relay.handle.admin_addr,
+        "GET",
+        "/admin/accounts",
+        Some(ADMIN),
+        None,
+    );
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    v["accounts"].as_array().unwrap().clone()
+}
+
+fn account(relay: &Relay, id: &str) -> Option<Value> {
+    accounts(relay).into_iter().find(|a| a["id"] == id)
+}
+
+fn change(relay: &Relay, method: &str, path: &str, body: Option<&str>) {
+    let (status, answer) = http(relay.handle.admin_addr, method, path, Some(ADMIN), body);
+    assert_eq!(status, 200, "{method} {path}: {answer}");
+}
+
+/// Streams one short session on `relay`; returns the key upstream saw.
+fn stream_key(relay: &Relay, fake: &clio_relay::fake_soniox::FakeSoniox) -> String {
+    let before = fake.sessions().len();
+    let (mut ws, _) = connect(relay.addr(), &relay.token("phone"), Via::Header).unwrap();
+    let got = stream_session(&mut ws, &config_message(None), &audio_frames(1, 1));
+    assert!(got.finished(), "{got:?}");
+    let sessions = fake.sessions();
+    assert_eq!(sessions.len(), before + 1);
+    sessions.last().unwrap().key.clone().unwrap()
+}
+
+#[test]
+fn account_changes_on_one_node_reach_the_other() {
+    let redis = RedisServer::start();
+    let fake = fake(&[K1, K2, K3], |_| {});
+    let (a, b) = crate::pair(&fake, &redis, K1, |_| {});
+    let soon = Duration::from_secs(10);
+    change(
+        &a,
+        "POST",
+        "/admin/accounts",
+        Some(&format!(
+            r#"{{"id":"b2","key":"{K2}","max_concurrent_streams":5}}"#
+        )),
+    );
+    assert!(wait_until(soon, || account(&b, "b2").is_some()));
+    // With `a` disabled on A, B's streams go to the account A added.
+    change(&a, "POST", "/admin/accounts/a/disable", None);
+    assert!(wait_until(soon, || account(&b, "a").unwrap()["enabled"] == false));
+    assert_eq!(stream_key(&b, &fake), K2);
+    // A key rotated on A serves B's next stream.
+    change(
+        &a,
+        "POST",
+        "/admin/accounts/b2/rotate",
+        Some(&format!(r#"{{"key":"{K3}","overlap":"10m"}}"#)),
+    );
+    let rotated = account(&a, "b2").unwrap()["key"]["fingerprint"].clone();
+    assert!(wait_until(soon, || account(&b, "b2").unwrap()["key"]
+        ["fingerprint"]
+        == rotated));
+    assert_eq!(stream_key(&b, &fake), K3);
+    // Limits, enabling and removal travel too.
+    change(
+        &a,
+        "POST",
+        "/admin/accounts/b2/limit",
+        Some(r#"{"max_concurrent_streams":7}"#),
+    );
+    assert!(wait_until(soon, || account(&b, "b2").unwrap()
+        ["max_concurrent_streams"]
+        == 7));
+    change(&b, "POST", "/admin/accounts/a/enable", None);
+    assert!(wait_until(soon, || account(&a, "a").unwrap()["enabled"] == true));
+    change(&a, "DELETE", "/admin/accounts/b2", None);
+    assert!(wait_until(soon, || account(&b, "b2").is_none()));
+    assert_eq!(stream_key(&b, &fake), K1);
+    // Redis holds the set sealed under the master key, never a key in the clear.
+    let sealed = redis.command("GET clio:accounts");
+    assert!(sealed.contains("CLIO-KEYSTORE v1"), "{sealed}");
+    let mut everything = sealed;
+    for k in ["clio:rev:dev", "clio:nodes"] {
+        everything.push_str(&redis.command(&format!("DUMP {k}")));
+    }
+    for key in [K1, K2, K3] {
+        assert!(!everything.contains(key), "a key in the clear in Redis");
+    }
+}
+
+#[test]
+fn an_account_limit_holds_across_nodes() {
+    let redis = RedisServer::start();
+    let fake = fake(&[K1], |_| {});
+    let (a, b) = crate::pair(&fake, &redis, K1, |c| {
+        c.accounts[0].max_concurrent_streams = 3
+    });
+    let open = |relay: &Relay, device: &str| {
+        let (mut ws, _) = connect(relay.addr(), &relay.token(device), Via::Header).unwrap();
+        ws.send(Message::text(config_message(None))).unwrap();
+        ws
+    };
+    let first = open(&a, "d1");
+    let _others = [open(&b, "d2"), open(&a, "d3")];
+    assert!(wait_until(Duration::from_secs(10), || fake
+        .active_streams()
+        == 3));
+    for relay in [&b, &a] {
+        let (mut ws, _) = connect(relay.addr(), &relay.token("d4"), Via::Header).unwrap();
+        let got = stream_session(&mut ws, &config_message(None), &[]);
+        assert_eq!(
+            (got.error_code(), got.close_code()),
+            (Some(429), Some(1013)),
+            "the account is full fleet-wide: {got:?}"
+        );
+    }
+    assert_eq!(
+        fake.active_streams(),
+        3,
+        "never more than the limit upstream"
+    );
+    drop(first);
+    assert!(wait_until(Duration::from_secs(10), || {
+        fake.active_streams() == 2 && redis.hget("clio:n:node-a:acct", "a").as_deref() == Some("1")
+    }));
+    let _again = open(&b, "d5");
+    assert!(wait_until(Duration::from_secs(10), || fake
+        .active_streams()
+        == 3));
+}
