@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use clio_relay::fake_soniox::{FakeConfig, FakeKey, FakeSoniox, Faults};
+use clio_relay::fake_soniox::{FakeConfig, FakeKey, FakeSoniox, FaultKind, Faults, RandomFaults};
 use nix::sys::signal::{SigSet, Signal};
 
 #[global_allocator]
@@ -72,6 +72,33 @@ struct Args {
     /// One final word per this many ms of audio.
     #[arg(long, default_value_t = 480)]
     ms_per_word: u32,
+    /// Accept KEY at the upgrade, then answer its config message with this
+    /// Soniox error (KEY=401, KEY=402, KEY=429); repeatable. KEY becomes a
+    /// known key.
+    #[arg(long = "refuse-key", value_name = "KEY=CODE", value_parser = key_code)]
+    refuse_keys: Vec<(String, u16)>,
+    /// Fail this share of sessions (0 to 1) at a random audio frame.
+    #[arg(long, default_value_t = 0.0)]
+    fail_share: f64,
+    /// How a failing session fails, picked at random: drop (TCP reset),
+    /// or a Soniox error code (503, 500).
+    #[arg(long, value_delimiter = ',', default_value = "drop,503,500")]
+    fail_kinds: Vec<FaultKind>,
+    /// The failing audio frame is picked from 1 to this.
+    #[arg(long, default_value_t = 50)]
+    fail_within_frames: u64,
+    /// Seed of the random failures (the same seed repeats a run).
+    #[arg(long, default_value_t = 1)]
+    fail_seed: u64,
+}
+
+fn key_code(s: &str) -> Result<(String, u16), String> {
+    let (key, code) = s.rsplit_once('=').ok_or("expected KEY=CODE")?;
+    let code: u16 = code.parse().map_err(|_| format!("bad code {code:?}"))?;
+    if key.is_empty() || !(400..600).contains(&code) {
+        return Err("expected KEY=CODE with a 4xx or 5xx code".into());
+    }
+    Ok((key.to_owned(), code))
 }
 
 fn main() {
@@ -95,6 +122,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         keys: args
             .keys
             .iter()
+            .chain(args.refuse_keys.iter().map(|(k, _)| k))
             .map(|k| FakeKey::new(k, args.max_concurrent))
             .collect(),
         tls,
@@ -108,6 +136,13 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             close_after_frames: args.close_after_frames,
             error_after_frames: args.error_after_frames.zip(args.error_code),
             rest_status: args.rest_status,
+            refuse_at_first_message: args.refuse_keys.clone(),
+            random: (args.fail_share > 0.0).then(|| RandomFaults {
+                share: args.fail_share.min(1.0),
+                kinds: args.fail_kinds.clone(),
+                within_frames: args.fail_within_frames,
+                seed: args.fail_seed,
+            }),
         },
         record_audio: false,
         forbidden: Vec::new(),

@@ -203,6 +203,77 @@ pub struct Faults {
     /// Soniox's REST error body (e.g. 500 or 503), for the relay's health
     /// checks. Changed at run time by [`FakeSoniox::set_rest_status`].
     pub rest_status: Option<u16>,
+    /// Keys accepted at the upgrade whose config message is answered with
+    /// this Soniox error (401, 402, 429, ...): how Soniox refuses a key it
+    /// only checks once the stream starts.
+    pub refuse_at_first_message: Vec<(String, u16)>,
+    /// A share of sessions fails at a random audio frame.
+    pub random: Option<RandomFaults>,
+}
+
+/// How [`Faults::random`] fails sessions: each session, on its config
+/// message, is picked with probability `share`; a picked one fails with one
+/// of `kinds` when audio frame N arrives, N uniform in `1..=within_frames`
+/// (a session that ends sooner does not fail). The choice is a function of
+/// `seed` and the session id, so a run can be repeated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RandomFaults {
+    /// Share of sessions that fail, 0.0 to 1.0.
+    pub share: f64,
+    /// What a failing session does (picked uniformly).
+    pub kinds: Vec<FaultKind>,
+    /// The failing frame is picked from `1..=within_frames`.
+    pub within_frames: u64,
+    /// Seed of the choices.
+    pub seed: u64,
+}
+
+/// One way a session fails mid-stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultKind {
+    /// The TCP connection is dropped (RST, no close frame).
+    Drop,
+    /// A Soniox error with this code (500, 503), then close.
+    Error(u16),
+}
+
+impl std::str::FromStr for FaultKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "drop" => Ok(FaultKind::Drop),
+            _ => s
+                .parse::<u16>()
+                .ok()
+                .filter(|c| (400..600).contains(c))
+                .map(FaultKind::Error)
+                .ok_or_else(|| format!("fault {s:?}: expected drop or an error code such as 503")),
+        }
+    }
+}
+
+impl RandomFaults {
+    /// The fault of session `id`, if it gets one: (audio frame, kind).
+    pub(crate) fn pick(&self, id: u64) -> Option<(u64, FaultKind)> {
+        if self.kinds.is_empty() || self.within_frames == 0 {
+            return None;
+        }
+        let mut x = self.seed ^ id.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let mut next = || {
+            // splitmix64
+            x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = x;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        };
+        let roll = (next() >> 11) as f64 / (1u64 << 53) as f64;
+        if roll >= self.share {
+            return None;
+        }
+        let kind = self.kinds[(next() % self.kinds.len() as u64) as usize];
+        Some((1 + next() % self.within_frames, kind))
+    }
 }
 
 /// One REST request the fake answered.

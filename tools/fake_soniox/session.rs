@@ -11,7 +11,7 @@ use tungstenite::protocol::CloseFrame;
 use tungstenite::Message;
 
 use super::transcript::{self, Token, Transcript};
-use super::{refusal_message, AuthVia, SessionRecord, Shared, Slot, MODELS};
+use super::{refusal_message, AuthVia, FaultKind, SessionRecord, Shared, Slot, MODELS};
 
 /// How long to wait for the client's close reply before dropping the socket.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
@@ -65,6 +65,8 @@ pub(crate) struct Session<S> {
     transcript: Option<Transcript>,
     last_activity: Instant,
     unsynced_frames: u32,
+    /// This session's random fault: at which audio frame, and what.
+    fault: Option<(u64, FaultKind)>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
@@ -82,6 +84,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             transcript: None,
             last_activity: Instant::now(),
             unsynced_frames: 0,
+            fault: None,
         }
     }
 
@@ -234,6 +237,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             channels = positive(cfg.get("num_channels"))
                 .ok_or_else(|| error(400, "num_channels is required for raw audio formats."))?;
         }
+        let refused = self.rec.key.as_deref().and_then(|key| {
+            let faults = &self.shared.cfg.faults.refuse_at_first_message;
+            faults.iter().find(|(k, _)| k == key).map(|&(_, c)| c)
+        });
+        if let Some(code) = refused {
+            return Err(error(code, refusal_message(code)));
+        }
+        self.fault = self
+            .shared
+            .cfg
+            .faults
+            .random
+            .as_ref()
+            .and_then(|r| r.pick(self.rec.id));
         let bps = Transcript::bytes_per_sec(sample_bytes, rate, channels);
         self.transcript = Some(Transcript::new(bps, self.shared.cfg.ms_per_word));
         Ok(())
@@ -286,7 +303,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 transcript::result_json(std::slice::from_ref(&token), end, end)
             })
         } else {
-            let tokens = t.push_audio(data.len());
+            let tokens = t.push_audio(data);
             (!tokens.is_empty())
                 .then(|| transcript::result_json(&tokens, t.final_ms(), t.total_ms()))
         };
@@ -307,6 +324,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             if frames >= n {
                 return Err(error(code, refusal_message(code)));
             }
+        }
+        match self.fault {
+            Some((n, FaultKind::Drop)) if frames >= n => return Err(Ending::Abort),
+            Some((n, FaultKind::Error(code))) if frames >= n => {
+                return Err(error(code, refusal_message(code)));
+            }
+            _ => {}
         }
         match msg {
             Some(msg) => self.send(msg).await,

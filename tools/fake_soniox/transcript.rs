@@ -2,10 +2,29 @@
 
 use std::fmt::Write as _;
 
-/// The words the fake "hears", cycled.
-const WORDS: [&str; 9] = [
-    "the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog",
+/// The words the fake "hears": each stretch of audio becomes the word its
+/// bytes hash to, so the same audio gives the same words on any connection
+/// that starts at a word boundary.
+const WORDS: [&str; 16] = [
+    "the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "and", "runs", "far",
+    "into", "green", "hills", "today",
 ];
+
+/// FNV-1a offset basis: the hash of no bytes.
+const FNV_START: u64 = 0xcbf2_9ce4_8422_2325;
+
+fn fnv(mut h: u64, bytes: &[u8]) -> u64 {
+    for &b in bytes {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// The word for a stretch of audio whose bytes hash to `h`, with the space
+/// that follows it (so a token's text never depends on what came before).
+fn word_for(h: u64) -> String {
+    format!("{} ", WORDS[(h % WORDS.len() as u64) as usize])
+}
 
 /// Bytes per second assumed for `auto` and container formats, which the fake
 /// does not decode: 16 kB/s (128 kbit/s, a typical compressed bitrate).
@@ -40,7 +59,8 @@ pub(crate) struct Transcript {
     bytes: u64,
     /// End of the last final token: `final_audio_proc_ms`.
     final_ms: u64,
-    words: usize,
+    /// Hash of the audio bytes since the last final token.
+    hash: u64,
 }
 
 impl Transcript {
@@ -51,7 +71,7 @@ impl Transcript {
             ms_per_word: u64::from(ms_per_word.max(1)),
             bytes: 0,
             final_ms: 0,
-            words: 0,
+            hash: FNV_START,
         }
     }
 
@@ -83,38 +103,51 @@ impl Transcript {
         (before, after)
     }
 
-    fn next_word(&mut self, start_ms: u64, end_ms: u64, is_final: bool) -> Token {
-        let word = WORDS[self.words % WORDS.len()];
-        let text = if self.words == 0 {
-            word.to_owned()
-        } else {
-            format!(" {word}")
-        };
-        if is_final {
-            self.words += 1;
-            self.final_ms = end_ms;
-        }
+    /// The first byte at or after `ms` on the audio clock.
+    fn byte_at(&self, ms: u64) -> u64 {
+        (u128::from(ms) * u128::from(self.bytes_per_sec)).div_ceil(1000) as u64
+    }
+
+    fn final_word(&mut self, start_ms: u64, end_ms: u64) -> Token {
+        let text = word_for(self.hash);
+        self.hash = FNV_START;
+        self.final_ms = end_ms;
         Token {
             text,
             start_ms,
             end_ms,
-            is_final,
+            is_final: true,
         }
     }
 
-    /// Adds `len` bytes of audio; returns the words that became final and,
-    /// if at least half a word is pending, a non-final token for it.
-    pub(crate) fn push_audio(&mut self, len: usize) -> Vec<Token> {
-        self.bytes += len as u64;
-        let total = self.total_ms();
+    /// Adds a frame of audio; returns the words that became final and, if
+    /// at least half a word is pending, a non-final token for it. A word is
+    /// final once `ms_per_word` of audio is in; its text comes from those
+    /// bytes alone.
+    pub(crate) fn push_audio(&mut self, mut data: &[u8]) -> Vec<Token> {
         let mut tokens = Vec::new();
-        while total >= self.final_ms + self.ms_per_word {
-            let start = self.final_ms;
-            tokens.push(self.next_word(start, start + self.ms_per_word, true));
+        loop {
+            let boundary = self.byte_at(self.final_ms + self.ms_per_word);
+            let take = (boundary.saturating_sub(self.bytes) as usize).min(data.len());
+            self.hash = fnv(self.hash, &data[..take]);
+            self.bytes += take as u64;
+            data = &data[take..];
+            if self.bytes >= boundary {
+                let start = self.final_ms;
+                tokens.push(self.final_word(start, start + self.ms_per_word));
+            }
+            if data.is_empty() {
+                break;
+            }
         }
-        if total - self.final_ms >= self.ms_per_word / 2 && total > self.final_ms {
-            let start = self.final_ms;
-            tokens.push(self.next_word(start, total, false));
+        let total = self.total_ms();
+        if total > self.final_ms && total - self.final_ms >= self.ms_per_word / 2 {
+            tokens.push(Token {
+                text: word_for(self.hash),
+                start_ms: self.final_ms,
+                end_ms: total,
+                is_final: false,
+            });
         }
         tokens
     }
@@ -126,9 +159,10 @@ impl Transcript {
         let mut tokens = Vec::new();
         if total > self.final_ms && total - self.final_ms >= self.ms_per_word / 2 {
             let start = self.final_ms;
-            tokens.push(self.next_word(start, total, true));
+            tokens.push(self.final_word(start, total));
         }
         self.final_ms = total;
+        self.hash = FNV_START;
         tokens
     }
 }
@@ -194,24 +228,55 @@ mod tests {
     use super::*;
 
     #[test]
-    fn words_follow_the_clock() {
+    fn words_follow_the_clock_and_the_bytes() {
         // 16 kHz s16le mono: 32 bytes per ms.
+        let audio: Vec<u8> = (0..32 * 800u32).map(|i| (i * 7 % 251) as u8).collect();
         let mut t = Transcript::new(32_000, 480);
-        assert!(t.push_audio(32 * 200).is_empty());
-        let toks = t.push_audio(32 * 300); // 500 ms
-        assert_eq!(toks[0].text, "the");
+        assert!(t.push_audio(&audio[..32 * 200]).is_empty());
+        let toks = t.push_audio(&audio[32 * 200..32 * 500]);
         assert!(toks[0].is_final);
+        assert_eq!(toks[0].text, word_for(fnv(FNV_START, &audio[..32 * 480])));
         assert_eq!((toks[0].start_ms, toks[0].end_ms), (0, 480));
         assert_eq!(toks.len(), 1, "20 ms pending is less than half a word");
-        let toks = t.push_audio(32 * 300); // 800 ms: 320 pending => partial
+        let toks = t.push_audio(&audio[32 * 500..]); // 320 ms pending => partial
         assert_eq!(toks.len(), 1);
-        assert_eq!(toks[0].text, " quick");
         assert!(!toks[0].is_final);
         let toks = t.flush();
-        assert_eq!(toks[0].text, " quick");
         assert!(toks[0].is_final);
+        assert_eq!(toks[0].text, word_for(fnv(FNV_START, &audio[32 * 480..])));
         assert_eq!((toks[0].start_ms, toks[0].end_ms), (480, 800));
         assert_eq!(t.final_ms(), 800);
+
+        // The same audio from a word boundary gives the same words, however
+        // it is cut into frames.
+        let mut whole = Transcript::new(32_000, 480);
+        let a: Vec<String> = whole
+            .push_audio(&audio)
+            .into_iter()
+            .filter(|t| t.is_final)
+            .map(|t| t.text)
+            .collect();
+        let mut split = Transcript::new(32_000, 480);
+        let mut b = vec![];
+        for chunk in audio.chunks(333) {
+            b.extend(
+                split
+                    .push_audio(chunk)
+                    .into_iter()
+                    .filter(|t| t.is_final)
+                    .map(|t| t.text),
+            );
+        }
+        assert_eq!(a, b);
+        let mut later = Transcript::new(32_000, 480);
+        let c: Vec<String> = later
+            .push_audio(&audio[32 * 480..])
+            .into_iter()
+            .filter(|t| t.is_final)
+            .map(|t| t.text)
+            .collect();
+        assert!(c.is_empty(), "320 ms is not a whole word");
+        assert_eq!(later.flush()[0].text, whole.flush()[0].text);
     }
 
     #[test]

@@ -130,6 +130,11 @@ fn final_text(msgs: &[Value]) -> String {
         .collect()
 }
 
+/// How many final words (each token's text is a word and a space).
+fn final_words(msgs: &[Value]) -> usize {
+    final_text(msgs).split_whitespace().count()
+}
+
 fn pattern(n: usize, seed: u8) -> Vec<u8> {
     (0..n)
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))

@@ -15,7 +15,7 @@ fn finalize_makes_pending_audio_final_and_sends_fin() {
     let fin = read_json(&mut ws);
     let tokens = fin["tokens"].as_array().unwrap();
     assert_eq!(tokens.len(), 2, "{fin}");
-    assert_eq!(tokens[0]["text"], "the");
+    assert_eq!(tokens[0]["text"], partial["tokens"][0]["text"]);
     assert_eq!(tokens[0]["is_final"], true);
     assert_eq!(tokens[1]["text"], "<fin>");
     assert_eq!(tokens[1]["is_final"], true);
@@ -116,6 +116,61 @@ fn error_after_frames_sends_the_error_and_closes() {
     wait_for(&fake, "closed", |s| s[0].closed);
     let rec = &fake.sessions()[0];
     assert_eq!((rec.audio_frames, rec.error_sent), (3, Some(503)));
+}
+
+#[test]
+fn random_faults_fail_the_chosen_share_at_a_chosen_frame() {
+    let r = RandomFaults {
+        share: 0.5,
+        kinds: vec![
+            FaultKind::Drop,
+            FaultKind::Error(503),
+            FaultKind::Error(500),
+        ],
+        within_frames: 20,
+        seed: 7,
+    };
+    let picks: Vec<_> = (1..=1000).map(|id| r.pick(id)).collect();
+    let failing = picks.iter().flatten().count();
+    assert!((400..600).contains(&failing), "{failing} of 1000");
+    for kind in &r.kinds {
+        assert!(picks.iter().flatten().any(|(_, k)| k == kind), "{kind:?}");
+    }
+    assert!(picks.iter().flatten().all(|(n, _)| (1..=20).contains(n)));
+    assert_eq!(picks, (1..=1000).map(|id| r.pick(id)).collect::<Vec<_>>());
+
+    // Every session fails with 500 at its first audio frame.
+    let fake = start(FakeConfig {
+        faults: Faults {
+            random: Some(RandomFaults {
+                share: 1.0,
+                kinds: vec![FaultKind::Error(500)],
+                within_frames: 1,
+                seed: 1,
+            }),
+            ..Faults::default()
+        },
+        ..FakeConfig::default()
+    });
+    let mut ws = connect(&fake, &[bearer()]).unwrap();
+    send_text(&mut ws, CONFIG);
+    send_audio(&mut ws, &[0; 320]);
+    expect_error(&mut ws, 500);
+}
+
+#[test]
+fn refuse_at_first_message_answers_the_config_with_the_error() {
+    let fake = start(FakeConfig {
+        faults: Faults {
+            refuse_at_first_message: vec![(KEY.to_owned(), 402)],
+            ..Faults::default()
+        },
+        ..FakeConfig::default()
+    });
+    // The upgrade succeeds; the config message gets the refusal.
+    let mut ws = connect(&fake, &[bearer()]).unwrap();
+    send_text(&mut ws, CONFIG);
+    expect_error(&mut ws, 402);
 }
 
 #[test]
