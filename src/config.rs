@@ -76,6 +76,8 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     /// The fleet's shared store; `None` for a relay on its own.
     pub cluster: Option<ClusterConfig>,
+    /// Failover at open and mid-stream.
+    pub failover: FailoverConfig,
 }
 
 /// Parses a duration in the config syntax: `500ms`, `5s`, `15m`, `2h`,

@@ -147,6 +147,7 @@ pub fn run_demo(args: &DemoArgs) -> std::io::Result<DemoReport> {
         admin,
         devices: Default::default(),
         usage: Default::default(),
+        failover: Default::default(),
         tls: None,
         cluster: None,
     };

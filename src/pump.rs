@@ -185,8 +185,9 @@ pub enum End {
     UpstreamGone,
     /// Upstream broke the protocol.
     UpstreamProtocol(FrameError),
-    /// Upstream's first message was this error code (401, 402, 429) and no
-    /// client data has gone up yet: the stream can move to another account.
+    /// Upstream's first message was this error code (401, 402, 429, 500,
+    /// 503) and all the stream sent it is still in the replay copy (or
+    /// nothing went up): the stream can move to another account.
     Retry(u16, RateScope),
     /// No frame in either direction for the idle timeout.
     Idle,
@@ -237,6 +238,13 @@ pub struct StreamState {
     pub upstream_error: Cell<Option<u16>>,
     /// Upstream sent the `<fin>` token (the answer to a finalize).
     pub fin_seen: Cell<bool>,
+    /// Everything sent upstream on this connection after the config is in
+    /// the replay copy ([`ClientSide::replay`]): a failure can still move
+    /// the stream to another account unseen.
+    pub replayable: Cell<bool>,
+    /// Upstream answered with a first message that is not an error: the
+    /// stream is committed to this connection and the copy is let go.
+    pub accepted: Cell<bool>,
 }
 
 impl StreamState {
@@ -325,6 +333,8 @@ impl StreamState {
             upstream_audio_ms: Cell::new(None),
             upstream_error: Cell::new(None),
             fin_seen: Cell::new(false),
+            replayable: Cell::new(true),
+            accepted: Cell::new(false),
         }
     }
 }
@@ -340,8 +350,56 @@ pub struct ClientSide {
     /// The client's close frame has gone upstream.
     pub close_seen: bool,
     /// The config message for a new upstream connection, not yet written:
-    /// it goes up in the same send as the client frames already read.
+    /// it goes up in the same send as the client frames already read. After
+    /// a failover it carries the replay copy too.
     pub config_frame: Option<Vec<u8>>,
+    /// Open-time replay copy: every byte written upstream after the config
+    /// (frames as re-masked), kept until upstream accepts the stream or the
+    /// copy would pass `replay_limit`. `None` once let go.
+    pub replay: Option<Vec<u8>>,
+    /// `failover.replay_bytes`.
+    pub replay_limit: usize,
+}
+
+impl ClientSide {
+    /// A client side for frames up to `max_frame` bytes, keeping a replay
+    /// copy of up to `replay_limit` bytes (0: none).
+    pub fn new(max_frame: u64, replay_limit: usize) -> Self {
+        ClientSide {
+            scanner: FrameScanner::new(crate::frame::Sender::Client, max_frame),
+            processed: 0,
+            close_seen: false,
+            config_frame: None,
+            replay: (replay_limit > 0).then(Vec::new),
+            replay_limit,
+        }
+    }
+
+    /// Adds `sent` (bytes just written upstream) to the replay copy, or
+    /// lets the copy go when upstream has accepted the stream or the copy
+    /// would pass its bound. One flag test once the copy is gone.
+    #[inline]
+    fn keep_for_replay(&mut self, sent: &[u8], state: &StreamState) {
+        if !state.replayable.get() {
+            return;
+        }
+        let limit = self.replay_limit;
+        match &mut self.replay {
+            Some(r) if !state.accepted.get() && r.len() + sent.len() <= limit => {
+                let need = r.len() + sent.len();
+                if need > r.capacity() {
+                    // Grow by doubling but never past the bound.
+                    let want = need.max(r.capacity() * 2).min(limit);
+                    r.reserve_exact(want - r.len());
+                }
+                r.extend_from_slice(sent);
+            }
+            _ => {
+                self.replay = None;
+                state.replayable.set(false);
+            }
+        }
+    }
 }
 
 /// Moves client frames upstream until the client closes (its close frame is
@@ -387,6 +445,7 @@ pub async fn client_to_upstream(
                 return End::UpstreamGone;
             }
             state.upstream_at_boundary.set(side.scanner.at_boundary());
+            side.keep_for_replay(&buf.filled()[..n], state);
             buf.consume(n);
             side.processed = 0;
             if scan.frames_done > 0 {
@@ -398,9 +457,11 @@ pub async fn client_to_upstream(
             metrics.frames_client_to_upstream(scan.frames_done as u64, n as u64);
             state.bytes_up.set(state.bytes_up.get() + n as u64);
         } else if let Some(c) = &config {
+            state.upstream_at_boundary.set(false);
             if upstream.write_all(c).await.is_err() {
                 return End::UpstreamGone;
             }
+            state.upstream_at_boundary.set(side.scanner.at_boundary());
         }
         if scan.binary_bytes > 0 && !state.count_audio(scan.binary_bytes) {
             return End::Stopped(crate::devices::Limit::DailyAudio);
@@ -453,11 +514,14 @@ pub async fn upstream_to_client(
                 FirstMessage::Error(code, scope) => {
                     state.inspect_first_upstream.set(false);
                     state.first_upstream_error.set(Some((code, scope)));
-                    if matches!(code, 401 | 402 | 429) && retry_allowed() {
+                    if matches!(code, 401 | 402 | 429 | 500 | 503) && retry_allowed() {
                         return End::Retry(code, scope);
                     }
                 }
-                _ => state.inspect_first_upstream.set(false),
+                _ => {
+                    state.inspect_first_upstream.set(false);
+                    state.accepted.set(true);
+                }
             }
         }
         let scan = scanner.scan(buf.filled(), None);

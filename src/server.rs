@@ -132,6 +132,7 @@ pub fn start_joining(
         listen: cfg.server.listen,
         cpu: None,
         limits: cfg.limits.clone(),
+        failover: cfg.failover.clone(),
         key_in_header: cfg.upstream.auth == AuthMode::Header,
         connect_timeout: cfg.upstream.connect_timeout,
         upstream_url: cfg.upstream.url.clone(),

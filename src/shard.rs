@@ -203,6 +203,8 @@ pub struct ShardSetup {
     pub cpu: Option<usize>,
     /// Stream limits.
     pub limits: LimitsConfig,
+    /// `[failover]`.
+    pub failover: crate::config::FailoverConfig,
     /// Whether the account key goes in the upgrade's Authorization header.
     pub key_in_header: bool,
     /// Upstream connect + upgrade time limit.
@@ -320,6 +322,8 @@ impl LiveStream {
 pub struct Settings {
     /// Stream limits.
     pub limits: LimitsConfig,
+    /// Open-time replay and mid-stream resume.
+    pub failover: crate::config::FailoverConfig,
     /// Session token keys.
     pub tokens: Arc<TokenKeys>,
     /// Per-device limits and tiers.
@@ -406,6 +410,7 @@ pub fn start(index: usize, setup: ShardSetup) -> std::io::Result<ShardHandle> {
                 index,
                 settings: RefCell::new(Rc::new(Settings {
                     limits: setup.limits.clone(),
+                    failover: setup.failover.clone(),
                     tokens: setup.tokens.clone(),
                     devices: setup.devices.clone(),
                     tls: setup.client_tls.clone(),

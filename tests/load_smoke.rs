@@ -55,6 +55,7 @@ fn relay_config(upstream: &str) -> Config {
         },
         devices: Default::default(),
         usage: Default::default(),
+        failover: Default::default(),
         tls: None,
         cluster: None,
     }

@@ -231,6 +231,7 @@ impl Admin {
         self.publish();
         let settings = Settings {
             limits: cfg.limits.clone(),
+            failover: cfg.failover.clone(),
             tokens: Arc::new(TokenKeys::from_config(&cfg.tokens)),
             devices: Arc::new(cfg.devices.clone()),
             allow: Arc::new(cfg.server.allow.clone()),

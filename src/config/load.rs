@@ -231,6 +231,14 @@ fn resolve(raw: RawFile, base: &Path) -> Result<Config, ConfigError> {
             .unwrap_or(defaults_limits.max_unauthenticated_per_address),
     };
 
+    let defaults_failover = FailoverConfig::default();
+    let failover = FailoverConfig {
+        replay_bytes: raw
+            .failover
+            .replay_bytes
+            .unwrap_or(defaults_failover.replay_bytes),
+    };
+
     let mut accounts = Vec::with_capacity(raw.account.len());
     for (i, a) in raw.account.into_iter().enumerate() {
         let prefix = format!("account[{i}]");
@@ -300,6 +308,7 @@ fn resolve(raw: RawFile, base: &Path) -> Result<Config, ConfigError> {
         usage,
         tls,
         cluster,
+        failover,
     };
     if let Some(ca) = &config.upstream.ca_file {
         if !ca.is_file() {

@@ -31,6 +31,8 @@ pub(super) struct RawFile {
     pub(super) alerts: RawAlerts,
     pub(super) tls: Option<RawTls>,
     pub(super) cluster: Option<RawCluster>,
+    #[serde(default)]
+    pub(super) failover: RawFailover,
 }
 
 #[derive(Deserialize, Default)]
@@ -43,6 +45,12 @@ pub(super) struct RawCluster {
     pub(super) lease_ttl: Option<String>,
     pub(super) on_store_down: Option<String>,
     pub(super) timeout: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawFailover {
+    pub(super) replay_bytes: Option<usize>,
 }
 
 #[derive(Deserialize, Default)]

@@ -357,6 +357,26 @@ impl Default for LimitsConfig {
     }
 }
 
+/// `[failover]`: how the relay hides an upstream failure from the client
+/// (see the README's "Failover").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailoverConfig {
+    /// Bytes a stream keeps of what it sent upstream until upstream has
+    /// accepted it (its first result), to replay on another account when
+    /// the first one refuses or fails. Past it the stream is committed to
+    /// its account. 0 turns open-time replay off.
+    pub replay_bytes: usize,
+}
+
+impl Default for FailoverConfig {
+    fn default() -> Self {
+        FailoverConfig {
+            // 4 s of 16 kHz 16-bit mono audio.
+            replay_bytes: 128 << 10,
+        }
+    }
+}
+
 /// `[[account]]`: one Soniox account and its API key.
 #[derive(Debug, Clone)]
 pub struct AccountConfig {

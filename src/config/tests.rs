@@ -196,6 +196,10 @@ fn defaults() {
     assert_eq!(c.tokens.clock_skew, Duration::from_secs(30));
     assert!(c.tokens.previous_secret.is_none());
     assert_eq!(c.limits, LimitsConfig::default());
+    assert_eq!(c.failover.replay_bytes, 128 * 1024);
+    let set = minimal("FOV", "[failover]\nreplay_bytes = 0\n");
+    let f = Config::from_toml_str(&set, Path::new(".")).unwrap();
+    assert_eq!(f.failover.replay_bytes, 0);
     assert_eq!(c.limits.max_frame_bytes, 1024 * 1024);
     assert_eq!(c.limits.max_first_message_bytes, 64 * 1024);
     let a = &c.accounts[0];
@@ -485,6 +489,7 @@ fn validate_built_config() {
         admin: AdminConfig::default(),
         devices: Default::default(),
         usage: Default::default(),
+        failover: Default::default(),
         tls: None,
         cluster: None,
     };
@@ -575,6 +580,7 @@ fn warnings() {
         admin: AdminConfig::default(),
         devices: Default::default(),
         usage: Default::default(),
+        failover: Default::default(),
         tls: None,
         cluster: None,
     };
@@ -621,6 +627,7 @@ fn warns_when_runtime_changes_would_not_persist() {
         usage: Default::default(),
         tls: None,
         cluster: None,
+        failover: Default::default(),
     };
     c.server.max_streams = 10;
     // No admin token: no runtime changes are possible, nothing to warn about.

@@ -121,17 +121,23 @@ impl Stream {
         let config = upstream_config_text(config, &self.id);
         let live = LiveGuard::register(&self.shard, &claims);
         let started = Instant::now();
-        let mut cside = ClientSide {
-            scanner: FrameScanner::new(Sender::Client, self.settings.limits.max_frame_bytes as u64),
-            processed: 0,
-            close_seen: false,
-            config_frame: None,
-        };
+        let mut cside = ClientSide::new(
+            self.settings.limits.max_frame_bytes as u64,
+            self.settings.failover.replay_bytes,
+        );
+        // The last failover was for a lost connection, not a refusal.
+        let mut lost: bool;
         let end = loop {
             *live.stream.key.borrow_mut() = up.lease.key.fingerprint.clone();
             // Written by the client→upstream pump, in the same send as the
-            // client frames already read (often the first audio).
-            cside.config_frame = Some(self.config_frame(&up, &config));
+            // client frames already read (often the first audio). After a
+            // failover the replay copy follows it: the new connection gets
+            // every byte the old one got, once.
+            let mut first = self.config_frame(&up, &config);
+            if let Some(copy) = &cside.replay {
+                first.extend_from_slice(copy);
+            }
+            cside.config_frame = Some(first);
             let end = self
                 .pump(
                     &client,
@@ -144,19 +150,35 @@ impl Stream {
                 .await;
             match end {
                 End::Retry(code, scope) => {
+                    lost = false;
                     self.note_refusal(&up.lease, code, scope);
-                    tracing::info!(stream = %self.id, account = %up.lease.account.id, code, "upstream refused the account on its first message; moving the stream");
-                    self.shard
-                        .metrics
-                        .stream_closed(up.lease.account.metrics_index);
-                    // The refused connection is dropped when `up` is replaced.
-                    state.inspect_first_upstream.set(true);
-                    match Box::pin(self.open_upstream(&mut tried, None)).await {
-                        Ok(next) => up = next,
-                        Err(r) => break Err(r),
-                    }
+                    self.shard.metrics.error(Side::Upstream, code);
+                    tracing::info!(stream = %self.id, account = %up.lease.account.id, code, replayed = cside.replay.as_ref().map_or(0, Vec::len), "upstream refused the stream before accepting it; moving it to the next account");
+                }
+                End::UpstreamGone | End::UpstreamProtocol(_)
+                    if state.replayable.get() && !state.accepted.get() && !cside.close_seen =>
+                {
+                    lost = true;
+                    self.shard.metrics.error(Side::Upstream, 502);
+                    tracing::info!(stream = %self.id, account = %up.lease.account.id, ?end, replayed = cside.replay.as_ref().map_or(0, Vec::len), "upstream failed before accepting the stream; moving it to the next account");
                 }
                 other => break Ok(other),
+            }
+            self.shard
+                .metrics
+                .stream_closed(up.lease.account.metrics_index);
+            self.shard
+                .metrics
+                .account_retry(up.lease.account.metrics_index);
+            // The failed connection is dropped when `up` is replaced.
+            state.inspect_first_upstream.set(true);
+            state.first_upstream_error.set(None);
+            match Box::pin(self.open_upstream(&mut tried, None)).await {
+                Ok(next) => up = next,
+                // No other account: the client learns what happened to its
+                // stream (lost), not that no account was free.
+                Err(r) if lost && r.code == 429 => break Err(Refusal::upstream_lost()),
+                Err(r) => break Err(r),
             }
         };
         let end = match end {
@@ -390,7 +412,7 @@ impl Stream {
         let conn = &*conn;
         // A fresh scanner per upstream connection; the buffer already holds
         // whatever followed the upgrade answer.
-        let retry_allowed = || state.data_frames_up.get() == 0 && state.upstream_at_boundary.get();
+        let retry_allowed = || state.replayable.get() && !state.accepted.get();
         let c2u = async {
             match pump::client_to_upstream(
                 client,

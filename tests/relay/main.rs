@@ -11,6 +11,7 @@ mod clients;
 mod devices;
 mod drain;
 mod errors;
+mod failover;
 mod health;
 mod keys_api;
 mod ports;

@@ -72,6 +72,7 @@ pub fn relay_config(upstream: &str, accounts: &[(&str, &str)]) -> Config {
         },
         devices: Default::default(),
         usage: Default::default(),
+        failover: Default::default(),
         tls: None,
         cluster: None,
     }

@@ -254,7 +254,7 @@ impl std::str::FromStr for FaultKind {
 
 impl RandomFaults {
     /// The fault of session `id`, if it gets one: (audio frame, kind).
-    pub(crate) fn pick(&self, id: u64) -> Option<(u64, FaultKind)> {
+    pub fn pick(&self, id: u64) -> Option<(u64, FaultKind)> {
         if self.kinds.is_empty() || self.within_frames == 0 {
             return None;
         }

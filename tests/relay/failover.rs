@@ -1,0 +1,200 @@
+//! Failover the client never sees: at open, with the config and the first
+//! audio already sent upstream in one go (as the official SDKs send them).
+
+use std::time::{Duration, Instant};
+
+use clio_relay::config::AuthMode;
+use clio_relay::fake_soniox::{FakeKey, FakeSoniox, FaultKind, RandomFaults};
+
+use crate::util::*;
+
+const LIMIT: Duration = Duration::from_secs(10);
+
+/// A fake that knows "key-bad" and "key-ok" and refuses "key-bad" with
+/// `code` at its first message (after the upgrade), and a relay with the
+/// accounts "bad" then "good".
+fn refused_at_first_message(code: u16, auth: AuthMode, replay_bytes: usize) -> (FakeSoniox, Relay) {
+    let fake = fake(&[], |c| {
+        c.keys = vec![FakeKey::new("key-bad", 50), FakeKey::new("key-ok", 50)];
+        if auth == AuthMode::Header {
+            c.faults.refuse_at_first_message = vec![("key-bad".into(), code)];
+        } else {
+            c.keys[0].reject = Some(code);
+        }
+    });
+    let mut cfg = relay_config(&fake.url(), &[("bad", "key-bad"), ("good", "key-ok")]);
+    cfg.upstream.auth = auth;
+    cfg.failover.replay_bytes = replay_bytes;
+    (fake, Relay::start(cfg))
+}
+
+fn moves_with_audio_already_sent(code: u16, auth: AuthMode) {
+    let (fake, relay) = refused_at_first_message(code, auth, 128 << 10);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    // Config, audio and the end of audio leave at once: the relay reads them
+    // together and sends them upstream in the same send as the config.
+    let frames = audio_frames(12, 9);
+    let got = stream_session(&mut ws, &config_message(None), &frames);
+    assert!(got.finished(), "{got:?}");
+    assert_eq!(
+        got.error_code(),
+        None,
+        "the client saw the failover: {got:?}"
+    );
+    assert_eq!(got.close_code(), Some(1000));
+    assert!(!got.text().is_empty());
+
+    assert!(
+        fake.wait_for(LIMIT, |s| s.len() == 2 && s.iter().all(|r| r.closed)),
+        "{:?}",
+        fake.sessions()
+    );
+    let s = fake.sessions();
+    assert_eq!(s[0].error_sent, Some(code), "{s:?}");
+    assert_eq!(s[1].key.as_deref(), Some("key-ok"));
+    // Every audio byte exactly once on the connection that served it.
+    assert_eq!(s[1].audio, frames.concat());
+    assert!(s[1].empty_frame_received);
+    assert_eq!(
+        s[1].text_messages.len(),
+        1,
+        "the config once: {:?}",
+        s[1].text_messages
+    );
+    if matches!(code, 401 | 402) {
+        assert!(!relay.handle.process.accounts()[0].healthy(Instant::now()));
+    }
+    let m = relay.handle.metrics();
+    assert!(m.account("bad").unwrap().retries >= 1, "{:?}", m.accounts());
+    assert_eq!(m.account("good").unwrap().streams_total, 1);
+}
+
+#[test]
+fn header_key_refused_401_after_audio_went_up_moves_the_stream() {
+    moves_with_audio_already_sent(401, AuthMode::Header);
+}
+
+#[test]
+fn header_key_refused_402_and_429_move_the_stream() {
+    moves_with_audio_already_sent(402, AuthMode::Header);
+    moves_with_audio_already_sent(429, AuthMode::Header);
+}
+
+#[test]
+fn upstream_500_before_accepting_moves_the_stream() {
+    moves_with_audio_already_sent(500, AuthMode::Header);
+}
+
+#[test]
+fn config_key_refused_after_audio_went_up_moves_the_stream() {
+    moves_with_audio_already_sent(401, AuthMode::Config);
+}
+
+#[test]
+fn past_the_replay_bound_the_stream_stays_on_its_account() {
+    // 12 frames of 3,200 bytes leave at once: more than a 4,000-byte copy
+    // holds, so the stream is committed to the first account and its
+    // refusal reaches the client as Soniox sent it.
+    let (fake, relay) = refused_at_first_message(401, AuthMode::Header, 4000);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    let got = stream_session(&mut ws, &config_message(None), &audio_frames(12, 9));
+    assert_eq!(got.error_code(), Some(401), "{got:?}");
+    assert!(fake.wait_for(LIMIT, |s| s.iter().all(|r| r.closed)));
+    assert_eq!(fake.sessions().len(), 1);
+}
+
+#[test]
+fn no_account_left_gets_the_documented_error() {
+    let fake = fake(&[], |c| {
+        c.keys = vec![FakeKey::new("key-a", 50), FakeKey::new("key-b", 50)];
+        c.faults.refuse_at_first_message = vec![("key-a".into(), 401), ("key-b".into(), 402)];
+    });
+    let relay = Relay::start(relay_config(&fake.url(), &[("a", "key-a"), ("b", "key-b")]));
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    let got = stream_session(&mut ws, &config_message(None), &audio_frames(5, 1));
+    assert_error_frame(&got, 429, 1013);
+    assert!(fake.wait_for(LIMIT, |s| s.len() == 2 && s.iter().all(|r| r.closed)));
+}
+
+/// Whether `python3` can import the official Soniox SDK (`.ci/run` installs it).
+fn soniox_sdk() -> bool {
+    let ok = std::process::Command::new("python3")
+        .args(["-c", "import soniox"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!(
+            "\n!!!!!!!! SKIPPED: the official Soniox Python SDK is not installed \
+             (pip install soniox); .ci/run installs it !!!!!!!!\n"
+        );
+    }
+    ok
+}
+
+#[test]
+fn official_python_sdk_never_sees_an_open_time_failover() {
+    if !soniox_sdk() {
+        return;
+    }
+    let (fake, relay) = refused_at_first_message(401, AuthMode::Header, 128 << 10);
+    let audio = audio_frames(15, 3).concat();
+    let dir = state_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("audio.raw");
+    std::fs::write(&file, &audio).unwrap();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/sdk/soniox_python_stream.py"
+    );
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .arg(format!("ws://{}/v1/transcribe", relay.addr()))
+        .arg(relay.token("dev"))
+        .arg(&file)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(got["error"], serde_json::Value::Null, "{got}");
+    assert_eq!(got["finished"], true, "{got}");
+    assert!(!got["text"].as_str().unwrap().is_empty(), "{got}");
+    assert!(fake.wait_for(LIMIT, |s| s.len() == 2 && s.iter().all(|r| r.closed)));
+    let s = fake.sessions();
+    assert_eq!(s[0].error_sent, Some(401));
+    assert_eq!(s[1].key.as_deref(), Some("key-ok"));
+    assert_eq!(s[1].audio, audio, "upstream got every audio byte once");
+}
+
+#[test]
+fn connection_lost_before_upstream_accepted_moves_the_stream() {
+    // The first upstream session is dropped (TCP reset) at its first audio
+    // frame, before any result; the second is not.
+    let mut faults = RandomFaults {
+        share: 0.5,
+        kinds: vec![FaultKind::Drop],
+        within_frames: 1,
+        seed: 0,
+    };
+    while !(faults.pick(1).is_some() && faults.pick(2).is_none()) {
+        faults.seed += 1;
+    }
+    let fake = fake(&["k1", "k2"], |c| c.faults.random = Some(faults));
+    let relay = Relay::start(relay_config(&fake.url(), &[("a", "k1"), ("b", "k2")]));
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    let frames = audio_frames(12, 5);
+    let got = stream_session(&mut ws, &config_message(None), &frames);
+    assert!(got.finished(), "{got:?}");
+    assert_eq!(got.error_code(), None, "{got:?}");
+    assert!(fake.wait_for(LIMIT, |s| s.len() == 2 && s.iter().all(|r| r.closed)));
+    let s = fake.sessions();
+    assert_eq!(s[0].error_sent, None);
+    assert!(!s[0].finished_sent);
+    assert_eq!(s[1].audio, frames.concat());
+    // A lost connection is no reason to hold the account off.
+    assert!(relay.handle.process.accounts()[0].healthy(Instant::now()));
+}
