@@ -7,6 +7,7 @@
 //! | `unusual_usage` | a device or account streamed, in the current hour, `unusual_factor` × its average hour of the previous 24 (and at least `unusual_min_audio_seconds`) |
 //! | `high_error_rate` | upstream and internal errors reach `error_rate` of the streams started in the last window (once `error_min_streams` started) |
 //! | `slow_first_result` | p99 time to first result in the last window is over `slow_first_result` |
+//! | `cluster_store_down` | in a fleet (`[cluster]`), this node cannot reach the shared store (Redis) |
 //!
 //! Each change (firing or resolved) is a structured log event, the gauge
 //! `clio_relay_alerts_firing{alert,subject}`, and optionally a JSON POST to
@@ -134,6 +135,15 @@ pub(super) async fn evaluate(admin: &Admin) {
                 }
             }
         }
+    }
+    // The fleet's shared store, seen from this node.
+    if let Some(f) = admin.process.fleet.get().filter(|f| !f.store_up()) {
+        found.push(Finding {
+            alert: "cluster_store_down",
+            subject: f.node_id.clone(),
+            value: 0.0,
+            threshold: 1.0,
+        });
     }
     // Unusual usage against each subject's own baseline.
     {

@@ -128,3 +128,10 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZADD', 'clio:nodes', now + ttl, node)
 return redis.call('ZCOUNT', 'clio:nodes', now, '+inf')
 "#;
+
+/// The nodes with a current lease (what the local shares divide by).
+pub const NODES: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return redis.call('ZCOUNT', 'clio:nodes', now, '+inf')
+"#;

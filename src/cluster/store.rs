@@ -92,6 +92,7 @@ struct Scripts {
     adjust: redis::Script,
     heartbeat: redis::Script,
     register: redis::Script,
+    nodes: redis::Script,
 }
 
 impl Scripts {
@@ -101,6 +102,7 @@ impl Scripts {
             adjust: redis::Script::new(scripts::ADJUST),
             heartbeat: redis::Script::new(scripts::HEARTBEAT),
             register: redis::Script::new(scripts::REGISTER),
+            nodes: redis::Script::new(scripts::NODES),
         }
     }
 }
@@ -252,6 +254,7 @@ impl Worker {
             scripts::ADJUST,
             scripts::HEARTBEAT,
             scripts::REGISTER,
+            scripts::NODES,
         ] {
             pipe.cmd("SCRIPT").arg("LOAD").arg(s);
         }
@@ -567,7 +570,8 @@ impl Worker {
             }
         }
         let ends_id = self.ends_id.clone().unwrap_or_else(|| "0-0".into());
-        let r: Result<(Vec<Option<i64>>, Value), _> = redis::pipe()
+        let r: Result<(i64, Vec<Option<i64>>, Value), _> = redis::pipe()
+            .invoke_script(&self.scripts.nodes.prepare_invoke())
             .cmd("HMGET")
             .arg("clio:ver")
             .arg("rev")
@@ -579,11 +583,14 @@ impl Worker {
             .arg("clio:ends")
             .arg(&ends_id)
             .query(con);
-        let (vers, ends) = match r {
+        let (nodes, vers, ends) = match r {
             Ok(x) => x,
             Err(e) => return self.failed("poll", &e),
         };
         self.ok();
+        self.fleet
+            .nodes
+            .store(nodes.max(1) as u32, Ordering::Relaxed);
         let rev = vers.first().copied().flatten().unwrap_or(0);
         let acct = vers.get(1).copied().flatten().unwrap_or(0);
         if self.rev_ver != Some(rev) {

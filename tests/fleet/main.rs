@@ -9,7 +9,10 @@ mod util;
 mod redis;
 
 mod accounts;
+mod leases;
 mod limits;
+mod outage;
+mod process;
 
 use std::time::Duration;
 
@@ -51,11 +54,12 @@ pub fn pair(
     let b = util::Relay::start(node(&cfg, redis, "node-b"));
     assert!(
         util::wait_until(Duration::from_secs(10), || {
-            [&a, &b]
-                .iter()
-                .all(|r| r.handle.process.fleet.get().unwrap().store_up())
+            [&a, &b].iter().all(|r| {
+                let f = r.handle.process.fleet.get().unwrap();
+                f.store_up() && f.nodes() == 2
+            })
         }),
-        "both nodes reach Redis"
+        "both nodes reach Redis and see each other"
     );
     (a, b)
 }

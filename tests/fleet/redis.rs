@@ -90,6 +90,24 @@ impl RedisServer {
         rest.get(..len).map(str::to_string)
     }
 
+    /// Redis's clock, in ms (what leases are measured by).
+    pub fn time_ms(&self) -> u64 {
+        let reply = self.command("TIME");
+        let parts: Vec<u64> = reply.split("\r\n").filter_map(|l| l.parse().ok()).collect();
+        parts[0] * 1000 + parts[1] / 1000
+    }
+
+    /// When `node`'s lease ends (Redis ms), if it has one.
+    pub fn lease_end(&self, node: &str) -> Option<u64> {
+        let reply = self.command(&format!("ZSCORE clio:nodes {node}"));
+        reply
+            .split("\r\n")
+            .nth(1)?
+            .parse::<f64>()
+            .ok()
+            .map(|f| f as u64)
+    }
+
     /// Sends one inline command; returns the raw reply ("" on failure).
     pub fn command(&self, cmd: &str) -> String {
         let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {

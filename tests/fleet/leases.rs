@@ -1,0 +1,66 @@
+//! Leases: a node killed with SIGKILL stops counting when its lease ends,
+//! not before and not never.
+
+use std::time::Duration;
+
+use clio_relay::config::DeviceLimits;
+use tungstenite::Message;
+
+use crate::process::Node;
+use crate::redis::RedisServer;
+use crate::util::*;
+
+#[test]
+fn a_killed_node_stops_counting_when_its_lease_ends() {
+    let redis = RedisServer::start();
+    let fake = fake(&["k1"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.devices.default = DeviceLimits {
+        max_concurrent_streams: 2,
+        ..Default::default()
+    };
+    let mut a = Node::spawn(
+        &fake.url(),
+        &redis.url(),
+        "node-a",
+        "3s",
+        &cfg.tokens.secret,
+        "k1",
+        "[devices]\nmax_concurrent_streams = 2\n",
+    );
+    let b = Relay::start(crate::node(&cfg, &redis, "node-b"));
+    let token = b.token("phone");
+    let _streams: Vec<Ws> = (0..2)
+        .map(|_| {
+            let (mut ws, _) = connect(a.client, &token, Via::Header).unwrap();
+            ws.send(Message::text(config_message(None))).unwrap();
+            ws
+        })
+        .collect();
+    assert!(wait_until(Duration::from_secs(10), || fake
+        .active_streams()
+        == 2));
+    let refused = || {
+        let (mut ws, _) = connect(b.addr(), &token, Via::Header).unwrap();
+        stream_session(&mut ws, &config_message(None), &audio_frames(1, 1))
+    };
+    assert_eq!(refused().error_code(), Some(429));
+    let (_, metrics) = http(a.admin, "GET", "/metrics", None, None);
+    assert!(
+        metrics.contains("clio_relay_cluster_store_up 1"),
+        "{metrics}"
+    );
+    a.kill9();
+    let lease_end = redis.lease_end("node-a").expect("node-a holds a lease");
+    // Not before: while the dead node's lease runs, its streams count.
+    let got = refused();
+    if redis.time_ms() < lease_end {
+        assert_eq!(got.error_code(), Some(429), "{got:?}");
+    }
+    // Not never: once it has ended, the device has its streams back.
+    assert!(wait_until(Duration::from_secs(30), || refused().finished()));
+    assert!(
+        redis.time_ms() >= lease_end,
+        "released only after the lease"
+    );
+}

@@ -1,0 +1,94 @@
+//! A relay node as its own process (`clio-relay run`), for tests that kill it.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+
+use clio_relay::secret::Secret;
+
+pub struct Node {
+    child: Child,
+    pub client: SocketAddr,
+    pub admin: SocketAddr,
+    dir: std::path::PathBuf,
+}
+
+impl Node {
+    /// Starts `clio-relay run` with account `a` (key `key`), the fleet in
+    /// `redis_url` as `node`, and `extra` TOML (sections).
+    pub fn spawn(
+        upstream: &str,
+        redis_url: &str,
+        node: &str,
+        lease_ttl: &str,
+        secret: &Secret,
+        key: &str,
+        extra: &str,
+    ) -> Node {
+        let dir = crate::util::state_dir();
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("key"), key).unwrap();
+        let cfg = dir.join("relay.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshards = 1\n\
+                 [upstream]\nurl = \"{upstream}\"\n\
+                 [tokens]\nsecret_env = \"FLEET_TEST_SECRET\"\n\
+                 [admin]\ntoken_env = \"FLEET_TEST_ADMIN\"\nmaster_key_env = \"FLEET_TEST_MASTER\"\n\
+                 state_dir = \"{}\"\nhealth_interval = \"0s\"\n\
+                 [cluster]\nredis_url = \"{redis_url}\"\nnode_id = \"{node}\"\nlease_ttl = \"{lease_ttl}\"\n\
+                 {extra}\n\
+                 [[account]]\nid = \"a\"\nkey_file = \"key\"\nmax_concurrent_streams = 50\n",
+                dir.join("state").display()
+            ),
+        )
+        .unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_clio-relay"))
+            .args(["run", "--config", cfg.to_str().unwrap()])
+            .env("FLEET_TEST_SECRET", secret.expose())
+            .env("FLEET_TEST_ADMIN", crate::ADMIN)
+            .env("FLEET_TEST_MASTER", crate::MASTER)
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let listening = lines
+            .by_ref()
+            .map_while(Result::ok)
+            .find(|l| l.contains("listening"))
+            .expect("relay starts");
+        let field = |name: &str| -> SocketAddr {
+            let at = listening.find(&format!("{name}=")).unwrap() + name.len() + 1;
+            listening[at..]
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        let (client, admin) = (field("client"), field("admin"));
+        // Keep reading so the relay never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines.map_while(Result::ok) {});
+        Node {
+            child,
+            client,
+            admin,
+            dir,
+        }
+    }
+
+    /// SIGKILL: the node dies holding whatever it holds.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill9();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
