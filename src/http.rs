@@ -51,6 +51,28 @@ fn find_head_end(bytes: &[u8], from: usize) -> Option<usize> {
         .map(|p| from + p + 4)
 }
 
+/// The most a graceful close reads and discards from a client.
+const MAX_DRAIN: usize = 1 << 20;
+
+/// Ends a connection after the relay's answer without a reset: FIN, then
+/// read and discard what the client still sends (for up to `wait` and
+/// 1 MiB), so unread bytes do not turn the close into a TCP reset that
+/// could cost a client that reads late the answer.
+pub async fn close_gracefully(conn: &Duplex, wait: std::time::Duration) {
+    let _ = conn.close().await;
+    let mut scratch = [0u8; 2048];
+    let mut left = MAX_DRAIN;
+    let _ = crate::io::timeout(wait, async {
+        while let Ok(n) = conn.read(&mut scratch).await {
+            if n == 0 || n >= left {
+                break;
+            }
+            left -= n;
+        }
+    })
+    .await;
+}
+
 /// Where the client put its session token.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TokenSource {

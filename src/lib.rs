@@ -10,6 +10,7 @@
 //! - [`io`]: connections, the shared duplex wrapper, pooled read buffers.
 //!
 //! A stream's life:
+//! - [`accept`]: accept loops that survive errors; the file limit, said plainly.
 //! - [`shard`]: one executor per core: listener, live streams, control messages.
 //! - [`session`]: one stream: upgrade, token, first message, account, pumps, end.
 //! - [`http`]: the HTTP/1.1 edge: request heads, upgrades, JSON errors.
@@ -46,6 +47,7 @@
 
 #![warn(missing_debug_implementations, rust_2018_idioms)]
 
+pub mod accept;
 pub mod frame;
 pub mod health;
 pub mod http;

@@ -127,6 +127,7 @@ pub fn start_joining(
         None => (None, None),
     };
     let n = cfg.server.shard_count();
+    crate::accept::check_file_limit(cfg.server.max_streams, n);
     let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
     let mut setup = ShardSetup {
         listen: cfg.server.listen,
@@ -280,20 +281,43 @@ impl RelayHandle {
         cut
     }
 
-    /// Whether every shard answers a control message within `limit` (the
-    /// systemd watchdog's liveness check).
-    pub fn shards_alive(&self, limit: std::time::Duration) -> Result<(), String> {
-        let txs: Vec<_> = self.shards.iter().map(|s| s.tx.clone()).collect();
-        let n = txs.len();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let answered = futures_lite::future::block_on(admin::ask(&txs, ShardMsg::Ping));
-            let _ = tx.send(answered.len());
-        });
-        match rx.recv_timeout(limit) {
-            Ok(k) if k == n => Ok(()),
-            Ok(k) => Err(format!("{} of {n} shards answered", k)),
-            Err(_) => Err("a shard did not answer in time".into()),
+    /// Whether every shard and the admin thread answer a ping within
+    /// `limit` (the systemd watchdog's liveness check). It waits on the
+    /// calling thread, with a deadline: no thread is started, so a hung
+    /// executor leaves nothing behind but its missing answer.
+    pub fn alive(&self, limit: std::time::Duration) -> Result<(), String> {
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        let mut waiting = std::collections::BTreeSet::new();
+        for (i, s) in self.shards.iter().enumerate() {
+            waiting.insert(format!("shard {i}"));
+            let _ = s.tx.try_send(ShardMsg::Ping(tx.clone()));
+        }
+        waiting.insert("admin".to_string());
+        let _ = self.admin_tx.try_send(AdminMsg::Ping(tx));
+        let deadline = Instant::now() + limit;
+        while !waiting.is_empty() {
+            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(name) => {
+                    waiting.remove(&name);
+                }
+                // Timed out, or every thread still waited for is gone.
+                Err(_) => break,
+            }
+        }
+        if waiting.is_empty() {
+            Ok(())
+        } else {
+            let names: Vec<_> = waiting.into_iter().collect();
+            Err(format!("no answer from {}", names.join(", ")))
+        }
+    }
+
+    /// Stops the admin thread alone, as if it had died: what the watchdog
+    /// must notice. For tests.
+    #[doc(hidden)]
+    pub fn stop_admin_thread(&mut self) {
+        if let Some(a) = self.admin.take() {
+            a.stop();
         }
     }
 
@@ -377,7 +401,7 @@ pub fn run(path: &std::path::Path, join_client_port: bool) -> std::io::Result<()
         let relay = relay.clone();
         let every = Notifier::watchdog_interval().unwrap_or(std::time::Duration::from_secs(5));
         Watchdog::spawn(notify.clone(), every, move || {
-            relay.shards_alive(std::time::Duration::from_secs(2))?;
+            relay.alive(std::time::Duration::from_secs(2))?;
             Ok(format!("{} live streams", relay.process.live_streams()))
         })?
     };

@@ -70,6 +70,8 @@ pub struct ProcessState {
     pub unauthenticated: crate::unauth::AddressPool,
     /// The fleet's shared store (`[cluster]`), set once before any stream.
     pub fleet: std::sync::OnceLock<Arc<crate::cluster::Fleet>>,
+    /// Accept errors and file-limit hits, for the metrics.
+    pub faults: crate::accept::Faults,
 }
 
 impl ProcessState {
@@ -87,6 +89,7 @@ impl ProcessState {
             device_rejections: Default::default(),
             unauthenticated: Default::default(),
             fleet: std::sync::OnceLock::new(),
+            faults: Default::default(),
         })
     }
 
@@ -167,7 +170,9 @@ pub enum ShardMsg {
     Snapshot(async_channel::Sender<MetricsSnapshot>),
     /// Answer, to show the shard's event loop turns (the watchdog's
     /// liveness check; a snapshot would copy every histogram).
-    Ping(async_channel::Sender<()>),
+    /// The reply is the shard's name; a plain channel, so the watchdog
+    /// thread waits for it with a deadline and no thread of its own.
+    Ping(std::sync::mpsc::Sender<String>),
     /// Install new limits and token keys (a reload); streams already open
     /// keep the version they started with.
     Settings(Settings),
@@ -259,6 +264,8 @@ pub struct Shard {
     /// Upgraded connections still waiting for their first-message token;
     /// they hold no `max_streams` slot.
     pub unauthenticated: crate::unauth::ShardPool,
+    /// Streams refused at the file limit: logged once per interval, with a count.
+    pub file_limit_log: crate::accept::Rate,
 }
 
 /// Why the relay ends a live stream itself.
@@ -428,6 +435,9 @@ pub fn start(index: usize, setup: ShardSetup) -> std::io::Result<ShardHandle> {
                 live: RefCell::new(std::collections::HashMap::new()),
                 usage: RefCell::new(Vec::new()),
                 unauthenticated: Default::default(),
+                file_limit_log: crate::accept::Rate::new(
+                    "relay at its file limit: streams refused with 503",
+                ),
             });
             let _ = ready_tx.send(listener.local_addr().map_err(Into::into));
             let (stop_accepting_tx, stop_accepting_rx) = async_channel::bounded::<()>(1);
@@ -479,7 +489,7 @@ pub fn start(index: usize, setup: ShardSetup) -> std::io::Result<ShardHandle> {
                                 let _ = reply.send(taken).await;
                             }
                             ShardMsg::Ping(reply) => {
-                                let _ = reply.send(()).await;
+                                let _ = reply.send(format!("shard {index}"));
                             }
                             ShardMsg::Stop => break,
                         }
@@ -489,15 +499,24 @@ pub fn start(index: usize, setup: ShardSetup) -> std::io::Result<ShardHandle> {
             let accept = async {
                 let listener = listener;
                 let accept_loop = async {
+                    let errors = crate::accept::AcceptErrors::new("client", false);
+                    let spare = crate::accept::Spare::new(1);
                     loop {
                         match listener.accept().await {
                             Ok(stream) => {
+                                errors.succeeded();
                                 glommio::spawn_local(crate::session::serve(shard.clone(), stream))
                                     .detach();
                             }
                             Err(e) => {
-                                tracing::warn!(shard = index, error = %e, "accept failed");
-                                glommio::timer::Timer::new(Duration::from_millis(10)).await;
+                                crate::accept::client_accept_failed(
+                                    &shard,
+                                    &listener,
+                                    &errors,
+                                    &spare,
+                                    e.into(),
+                                )
+                                .await
                             }
                         }
                     }

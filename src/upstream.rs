@@ -35,6 +35,9 @@ pub enum ConnectError {
     Unavailable(String),
     /// The whole attempt took longer than `upstream.connect_timeout`.
     Timeout,
+    /// The relay is at its file-descriptor limit: no socket to connect with.
+    /// The relay's own fault, not upstream's, and the same for any account.
+    FileLimit,
 }
 
 /// The parsed `upstream.url` with what a shard needs to connect to it.
@@ -182,10 +185,13 @@ impl UpstreamTarget {
         let unavailable = |what: &str, e: &dyn std::fmt::Display| {
             ConnectError::Unavailable(format!("{what}: {e}"))
         };
-        let addrs = self
-            .resolve()
-            .await
-            .map_err(|e| unavailable("resolve", &e))?;
+        let addrs = self.resolve().await.map_err(|e| {
+            if crate::accept::is_file_limit(&e) {
+                ConnectError::FileLimit
+            } else {
+                unavailable("resolve", &e)
+            }
+        })?;
         let mut last = None;
         let mut tcp = None;
         for addr in addrs {
@@ -194,7 +200,13 @@ impl UpstreamTarget {
                     tcp = Some(s);
                     break;
                 }
-                Err(e) => last = Some(e),
+                Err(e) => {
+                    let e = io::Error::from(e);
+                    if crate::accept::is_file_limit(&e) {
+                        return Err(ConnectError::FileLimit);
+                    }
+                    last = Some(e)
+                }
             }
         }
         let tcp = tcp.ok_or_else(|| {

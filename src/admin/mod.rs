@@ -38,6 +38,9 @@ use std::collections::HashMap;
 /// The dashboard page: plain HTML and JavaScript, no build step.
 const DASHBOARD: &str = include_str!("dashboard.html");
 
+/// Descriptors the admin thread holds in reserve for its own port.
+const ADMIN_SPARE_FDS: usize = 4;
+
 /// Largest request body the admin API reads.
 const MAX_BODY: usize = 64 * 1024;
 
@@ -126,6 +129,9 @@ struct Admin {
 pub enum AdminMsg {
     /// Apply a re-read config file; the reply lists what changed.
     Reload(Box<Config>, async_channel::Sender<Vec<String>>),
+    /// Answer (with "admin"), to show the admin thread's event loop turns:
+    /// the watchdog's liveness check.
+    Ping(std::sync::mpsc::Sender<String>),
 }
 
 fn token_check(token: Option<&Secret>) -> Option<(ring::hmac::Key, ring::hmac::Tag)> {
@@ -392,8 +398,29 @@ pub fn start(setup: AdminSetup) -> std::io::Result<AdminHandle> {
                 futures_lite::future::pending::<()>().await;
             };
             let pool = BufferPool::new(MAX_BODY + 8192, 2, 16);
+            // Descriptors in reserve: at the file limit, one is given up so
+            // the admin port still answers while the client port is full.
+            let spare = crate::accept::Spare::new(ADMIN_SPARE_FDS);
             let accept = async {
-                while let Ok(tcp) = listener.accept().await {
+                let errors = crate::accept::AcceptErrors::new("admin", true);
+                loop {
+                    let tcp = match listener.accept().await {
+                        Ok(tcp) => {
+                            errors.succeeded();
+                            spare.refill();
+                            tcp
+                        }
+                        Err(e) => {
+                            let e = std::io::Error::from(e);
+                            let wait = errors.failed(&admin.process.faults, &e);
+                            if crate::accept::is_file_limit(&e) && spare.release() {
+                                continue; // a descriptor is free now: accept again at once
+                            }
+                            glommio::timer::Timer::new(wait).await;
+                            spare.refill();
+                            continue;
+                        }
+                    };
                     if !admin.allowed(|| tcp.peer_addr().ok()) {
                         continue; // dropped: not on the allowlist
                     }
@@ -428,6 +455,7 @@ pub fn start(setup: AdminSetup) -> std::io::Result<AdminHandle> {
                 loop {
                     glommio::timer::Timer::new(Duration::from_secs(1)).await;
                     api::housekeeping(&admin);
+                    spare.refill();
                     let records = meter::collect(&admin).await;
                     admin.usage.borrow_mut().add(&records);
                     admin.alerts.borrow_mut().feed(&records);
@@ -460,6 +488,9 @@ pub fn start(setup: AdminSetup) -> std::io::Result<AdminHandle> {
                     match msg {
                         AdminMsg::Reload(cfg, reply) => {
                             let _ = reply.send(admin.reload(&cfg)).await;
+                        }
+                        AdminMsg::Ping(reply) => {
+                            let _ = reply.send("admin".into());
                         }
                     }
                 }
@@ -617,6 +648,7 @@ async fn route(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
             if let Some(fleet) = process.fleet.get() {
                 fleet.render_metrics(&mut body);
             }
+            process.faults.render(&mut body);
             let c = &admin.checks;
             body.push_str(&format!(
                 "# HELP clio_relay_health_checks_total Active key checks against upstream's REST API, by result.\n# TYPE clio_relay_health_checks_total counter\nclio_relay_health_checks_total{{result=\"healthy\"}} {}\nclio_relay_health_checks_total{{result=\"refused\"}} {}\nclio_relay_health_checks_total{{result=\"unreachable\"}} {}\n",

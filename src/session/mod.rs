@@ -359,6 +359,17 @@ impl Stream {
                         unreachable = true;
                     }
                 }
+                Err(crate::upstream::ConnectError::FileLimit) => {
+                    // The relay's own limit: no account would do better.
+                    shard
+                        .process
+                        .faults
+                        .file_limit(crate::accept::At::UpstreamConnect);
+                    shard
+                        .file_limit_log
+                        .hit("upstream connect", &"too many open files");
+                    return Err(Refusal::file_limit());
+                }
                 Err(e) => {
                     unreachable = true;
                     shard.metrics.error(Side::Upstream, 502);
@@ -659,7 +670,10 @@ impl Stream {
             self.shard.metrics.stream_rejected(r.side, r.code);
             // Every refusal leaves one line at INFO; the message never holds
             // a token or a key.
-            tracing::info!(stream = %self.id, code = r.code, close = r.close, reason = %r.message, "stream refused");
+            if !r.is_file_limit() {
+                tracing::info!(stream = %self.id, code = r.code, close = r.close, reason = %r.message, "stream refused");
+            } // at the file limit, the shard's rate-limited warning says it
+
             let _ = client.write_all(&r.frames(&self.id)).await;
         } else if r.close != 0 {
             // The client closed before its first message: answer its close.

@@ -4,6 +4,9 @@
 use crate::frame::{build_frame, close_payload, Opcode};
 use crate::metrics::Side;
 
+/// What a stream refused at the file limit is told.
+const FILE_LIMIT: &str = "Relay at its file limit; try again later.";
+
 /// A refusal after the upgrade: one Soniox-shaped error frame, then a close.
 #[derive(Debug, Clone)]
 pub struct Refusal {
@@ -87,6 +90,17 @@ impl Refusal {
                 Refusal::new(429, "too_many_requests", message, 1008, Side::Client)
             }
         }
+    }
+
+    /// The relay is at its file-descriptor limit (its own fault, not upstream's).
+    pub(super) fn file_limit() -> Self {
+        Refusal::new(503, "service_unavailable", FILE_LIMIT, 1013, Side::Internal)
+    }
+
+    /// Whether this is [`Refusal::file_limit`], which is logged once per
+    /// interval with a count rather than once per stream.
+    pub(super) fn is_file_limit(&self) -> bool {
+        self.code == 503 && self.message == FILE_LIMIT
     }
 
     pub(super) fn upstream_lost() -> Self {

@@ -20,3 +20,4 @@ mod shards;
 mod streaming;
 mod tls;
 mod unauthenticated;
+mod watchdog;

@@ -1,0 +1,288 @@
+//! A relay at its file-descriptor limit: the real `clio-relay` binary, run
+//! with a small `RLIMIT_NOFILE`, filled with real streams until it has no
+//! descriptor left. It must say so (503 "file limit", counted as its own,
+//! logged once per interval), keep its admin port answering, and recover
+//! once streams end.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use clio_relay::config::TokensConfig;
+use clio_relay::fake_soniox::{FakeConfig, FakeKey, FakeSoniox};
+use clio_relay::secret::Secret;
+use clio_relay::token::TokenKeys;
+use tungstenite::Message;
+
+const SECRET: &str = "0123456789abcdef0123456789abcdef0123456789abcdef";
+
+/// The relay as a child process, and every line of its log.
+struct Relay {
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+    client: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Relay {
+    fn log_lines(&self, needle: &str) -> Vec<String> {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .cloned()
+            .collect()
+    }
+}
+
+/// Starts `clio-relay run` against `upstream` with an open-file limit of `nofile`.
+fn start_relay(upstream: &str, nofile: u64, dir: &std::path::Path) -> Relay {
+    let config = dir.join("relay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+shards = 1
+max_streams = 1000
+
+[upstream]
+url = "{upstream}"
+
+[tokens]
+secret_env = "CLIO_FILE_LIMIT_TEST_SECRET"
+
+[admin]
+state_dir = "{state}"
+health_interval = "0s"
+
+[[account]]
+id = "acct-a"
+key_env = "CLIO_FILE_LIMIT_TEST_KEY"
+max_concurrent_streams = 1000
+"#,
+            state = dir.join("state").display()
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_clio-relay"));
+    cmd.args(["run", "--config"])
+        .arg(&config)
+        .env("CLIO_FILE_LIMIT_TEST_SECRET", SECRET)
+        .env("CLIO_FILE_LIMIT_TEST_KEY", "key-a")
+        .env("RUST_LOG", "info")
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_FDS")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: setrlimit is a plain system call, safe between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::resource::setrlimit(
+                nix::sys::resource::Resource::RLIMIT_NOFILE,
+                nofile,
+                nofile,
+            )
+            .map_err(std::io::Error::from)
+        });
+    }
+    let mut child = cmd.spawn().expect("clio-relay starts");
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    {
+        let log = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("clio-relay listening") {
+                    let field = |name: &str| -> SocketAddr {
+                        let at = line.find(&format!("{name}=")).unwrap() + name.len() + 1;
+                        line[at..].split(' ').next().unwrap().parse().unwrap()
+                    };
+                    let _ = addr_tx.send((field("client"), field("admin")));
+                }
+                log.lock().unwrap().push(line);
+            }
+        });
+    }
+    let (client, admin) = addr_rx
+        .recv_timeout(Duration::from_secs(30))
+        .unwrap_or_else(|_| panic!("the relay did not start: {:?}", log.lock().unwrap()));
+    Relay {
+        child,
+        log,
+        client,
+        admin,
+    }
+}
+
+/// One HTTP GET; (status, body), status 0 when no answer came.
+fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let Ok(mut tcp) = TcpStream::connect(addr) else {
+        return (0, String::new());
+    };
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = write!(
+        tcp,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    );
+    let mut out = String::new();
+    let _ = tcp.read_to_string(&mut out);
+    let status = out
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    (status, body)
+}
+
+/// What one attempt to open a stream came to.
+enum Opened {
+    Stream(Box<tungstenite::WebSocket<TcpStream>>),
+    /// Refused: the HTTP status or error-frame code, and its message.
+    Refused(u16, String),
+}
+
+fn open_stream(addr: SocketAddr, token: &str) -> Opened {
+    use tungstenite::client::IntoClientRequest;
+    let mut req = format!("ws://{addr}/v1/transcribe")
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("Authorization", format!("Bearer {token}").parse().unwrap());
+    let tcp = TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let mut ws = match tungstenite::client::client(req, tcp) {
+        Ok((ws, _)) => ws,
+        Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(resp))) => {
+            let body = resp.body().clone().unwrap_or_default();
+            return Opened::Refused(
+                resp.status().as_u16(),
+                String::from_utf8_lossy(&body).into_owned(),
+            );
+        }
+        Err(e) => panic!("upgrade failed: {e:?}"),
+    };
+    ws.send(Message::text(
+        r#"{"model":"stt-rt-v4","audio_format":"pcm_s16le","sample_rate":16000,"num_channels":1}"#,
+    ))
+    .unwrap();
+    ws.send(Message::binary(vec![1u8; 3200])).unwrap();
+    loop {
+        match ws.read() {
+            Ok(Message::Text(t)) => {
+                let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                return match v["error_code"].as_u64() {
+                    Some(code) => Opened::Refused(code as u16, t.to_string()),
+                    None => Opened::Stream(Box::new(ws)),
+                };
+            }
+            Ok(_) => {}
+            Err(e) => panic!("stream broke before its first answer: {e}"),
+        }
+    }
+}
+
+#[test]
+fn at_the_file_limit_the_relay_says_so_and_its_admin_port_answers() {
+    let fake = FakeSoniox::start(FakeConfig {
+        keys: vec![FakeKey::new("key-a", 1000)],
+        echo: true,
+        ..FakeConfig::default()
+    })
+    .unwrap();
+    let dir = std::env::temp_dir().join(format!("clio-relay-file-limit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let relay = start_relay(&fake.url(), 96, &dir);
+    assert!(
+        !relay.log_lines("exceeds the open-file limit").is_empty(),
+        "no start-time warning: {:?}",
+        relay.log.lock().unwrap()
+    );
+    let keys = TokenKeys::from_config(&TokensConfig::new(Secret::new(SECRET)));
+    let token = keys
+        .mint("dev-1", Duration::from_secs(600), SystemTime::now())
+        .unwrap();
+
+    // Fill the relay until it refuses a few streams.
+    let mut streams = Vec::new();
+    let mut refusals = Vec::new();
+    while refusals.len() < 4 {
+        assert!(streams.len() < 200, "96 descriptors never ran out");
+        match open_stream(relay.client, &token) {
+            Opened::Stream(ws) => streams.push(ws),
+            Opened::Refused(code, message) => refusals.push((code, message)),
+        }
+    }
+    assert!(streams.len() >= 5, "only {} streams fit", streams.len());
+    for (code, message) in &refusals {
+        assert_eq!(*code, 503, "{message}");
+        assert!(message.contains("file limit"), "{message}");
+    }
+
+    // The admin port answers while the client port is full.
+    let (status, _) = get(relay.admin, "/healthz");
+    assert_eq!(
+        status, 200,
+        "the admin port did not answer at the file limit"
+    );
+    let (status, metrics) = get(relay.admin, "/metrics");
+    assert_eq!(status, 200);
+    let file_limit: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("clio_relay_file_limit_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert!(file_limit >= 4, "{metrics}");
+    assert!(
+        !metrics
+            .lines()
+            .any(|l| l.starts_with("clio_relay_errors_total{side=\"upstream\"")),
+        "the file limit was counted as upstream's:\n{metrics}"
+    );
+
+    // Streams end; the relay takes new ones again, and the admin port lives.
+    for mut ws in streams.drain(..) {
+        let _ = ws.close(None);
+        let end = Instant::now() + Duration::from_secs(10);
+        while ws.read().is_ok() && Instant::now() < end {}
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let stream = loop {
+        match open_stream(relay.client, &token) {
+            Opened::Stream(ws) => break ws,
+            Opened::Refused(..) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(100))
+            }
+            Opened::Refused(code, m) => panic!("no recovery: {code} {m}"),
+        }
+    };
+    drop(stream);
+    assert_eq!(get(relay.admin, "/healthz").0, 200);
+
+    // Said once per interval, not once per failure.
+    let lines = relay.log_lines("file limit").len() + relay.log_lines("accept failed").len();
+    assert!(
+        lines <= 12,
+        "{lines} log lines about the file limit: {:?}",
+        relay.log.lock().unwrap()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
