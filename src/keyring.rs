@@ -26,6 +26,11 @@ pub const UNHEALTHY_HOLDOFF: Duration = Duration::from_secs(60);
 pub const COOLDOWN_START: Duration = Duration::from_secs(1);
 /// Longest cooldown after repeated 429s.
 pub const COOLDOWN_MAX: Duration = Duration::from_secs(60);
+/// First hold-off after a connect or upgrade timeout; doubled on each
+/// further timeout, up to [`COOLDOWN_MAX`]. Longer than a 429's: a
+/// black-holed endpoint costs every stream that tries it a whole
+/// `upstream.connect_timeout`.
+pub const TIMEOUT_HOLDOFF_START: Duration = Duration::from_secs(5);
 
 /// One API key of an account, shared by every shard. An account has one
 /// current key and, during a rotation, retiring keys that keep the streams
@@ -99,10 +104,10 @@ struct Backoff {
 }
 
 impl Backoff {
-    fn hit(&self, now_ms: u64) {
+    fn hit(&self, now_ms: u64, start: Duration) {
         let prev = self.step_ms.load(Ordering::Relaxed);
         let next = if prev == 0 {
-            COOLDOWN_START.as_millis() as u64
+            start.as_millis() as u64
         } else {
             (prev * 2).min(COOLDOWN_MAX.as_millis() as u64)
         };
@@ -153,6 +158,8 @@ pub struct AccountState {
     project: Backoff,
     /// Cooldown after organisation-level 429s.
     organization: Backoff,
+    /// Hold-off after connect or upgrade timeouts.
+    timed_out: Backoff,
     epoch: Instant,
 }
 
@@ -179,6 +186,7 @@ impl AccountState {
             unhealthy_holdoff_ms: AtomicU64::new(UNHEALTHY_HOLDOFF.as_millis() as u64),
             project: Backoff::default(),
             organization: Backoff::default(),
+            timed_out: Backoff::default(),
             epoch,
         })
     }
@@ -204,9 +212,23 @@ impl AccountState {
             && !self.organization.active(ms)
     }
 
-    /// Whether the account is healthy (not held off after a 401/402) at `now`.
+    /// Whether the account is healthy (not held off after a 401/402 or a
+    /// connect timeout) at `now`.
     pub fn healthy(&self, now: Instant) -> bool {
-        self.unhealthy_until_ms.load(Ordering::Relaxed) <= self.ms(now)
+        let ms = self.ms(now);
+        self.unhealthy_until_ms.load(Ordering::Relaxed) <= ms && !self.timed_out.active(ms)
+    }
+
+    /// Whether the account is held off after a connect or upgrade timeout.
+    pub fn timed_out(&self, now: Instant) -> bool {
+        self.timed_out.active(self.ms(now))
+    }
+
+    /// Connecting or upgrading with this account timed out: leave it out of
+    /// every shard's picks for a hold-off that doubles on each further
+    /// timeout (from [`TIMEOUT_HOLDOFF_START`] up to [`COOLDOWN_MAX`]).
+    pub fn mark_timed_out(&self, now: Instant) {
+        self.timed_out.hit(self.ms(now), TIMEOUT_HOLDOFF_START);
     }
 
     /// Whether a 429 cooldown is running at `now`, and at which level.
@@ -266,8 +288,8 @@ impl AccountState {
     /// Upstream said 429: cool down at that level, twice as long as last time.
     pub fn mark_rate_limited(&self, now: Instant, scope: RateScope) {
         match scope {
-            RateScope::Project => self.project.hit(self.ms(now)),
-            RateScope::Organization => self.organization.hit(self.ms(now)),
+            RateScope::Project => self.project.hit(self.ms(now), COOLDOWN_START),
+            RateScope::Organization => self.organization.hit(self.ms(now), COOLDOWN_START),
         }
     }
 
@@ -279,6 +301,7 @@ impl AccountState {
         }
         self.project.reset();
         self.organization.reset();
+        self.timed_out.reset();
     }
 
     /// Reserves one stream slot if under the limit.

@@ -312,7 +312,18 @@ impl Stream {
                 (None, None) => shard.ring.borrow_mut().pick(Instant::now(), *tried),
             };
             let Some(lease) = lease else {
-                return Err(if unreachable {
+                // Accounts held off after connect timeouts are an unreachable
+                // upstream, not a lack of capacity.
+                let now = Instant::now();
+                let timed_out = || {
+                    shard
+                        .ring
+                        .borrow()
+                        .slots()
+                        .iter()
+                        .any(|s| s.account.timed_out(now))
+                };
+                return Err(if unreachable || timed_out() {
                     Refusal::upstream_unavailable()
                 } else {
                     Refusal::no_account()
@@ -369,6 +380,15 @@ impl Stream {
                         .file_limit_log
                         .hit("upstream connect", &"too many open files");
                     return Err(Refusal::file_limit());
+                }
+                Err(crate::upstream::ConnectError::Timeout) => {
+                    // Held off on every shard, so later streams do not wait
+                    // the whole timeout on it again.
+                    unreachable = true;
+                    lease.account.mark_timed_out(Instant::now());
+                    shard.metrics.error(Side::Upstream, 502);
+                    shard.metrics.account_retry(lease.account.metrics_index);
+                    tracing::warn!(stream = %self.id, account = %lease.account.id, timeout = ?shard.connect_timeout, "upstream connect timed out; the account is held off");
                 }
                 Err(e) => {
                     unreachable = true;

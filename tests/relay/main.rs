@@ -18,6 +18,7 @@ mod ports;
 mod reload;
 mod shards;
 mod streaming;
+mod timeouts;
 mod tls;
 mod unauthenticated;
 mod watchdog;
