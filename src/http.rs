@@ -30,7 +30,13 @@ pub async fn read_head(conn: &Duplex, buf: &mut Buf, max: usize) -> Result<usize
     loop {
         let filled = &buf.filled()[..];
         if let Some(at) = find_head_end(filled, scanned) {
-            return Ok(at);
+            // However it arrived: a head over the limit in one read is
+            // still over the limit.
+            return if at > max {
+                Err(HeadError::TooLarge)
+            } else {
+                Ok(at)
+            };
         }
         scanned = filled.len().saturating_sub(3);
         if buf.len() >= max || buf.end == buf.capacity() {
@@ -42,6 +48,14 @@ pub async fn read_head(conn: &Duplex, buf: &mut Buf, max: usize) -> Result<usize
             Err(e) => return Err(HeadError::Io(e)),
         }
     }
+}
+
+/// Header slots for parsing `head`: one per line, so any number of headers
+/// that fits the byte limit parses (a fixed array refused more than 48).
+pub fn header_slots(head: &[u8]) -> Vec<httparse::Header<'_>> {
+    let end = find_head_end(head, 0).unwrap_or(head.len());
+    let lines = head[..end].iter().filter(|&&b| b == b'\n').count();
+    vec![httparse::EMPTY_HEADER; lines.max(1)]
 }
 
 fn find_head_end(bytes: &[u8], from: usize) -> Option<usize> {
@@ -100,7 +114,7 @@ pub struct ClientRequest {
 
 /// Parses a client request head.
 pub fn parse_client_request(head: &[u8]) -> Result<ClientRequest, HeadError> {
-    let mut headers = [httparse::EMPTY_HEADER; 48];
+    let mut headers = header_slots(head);
     let mut req = httparse::Request::new(&mut headers);
     match req.parse(head) {
         Ok(httparse::Status::Complete(_)) => {}
@@ -169,6 +183,15 @@ fn subprotocol_token(v: &str) -> Option<&str> {
 /// The subprotocol marker Soniox's browser clients send before their key.
 pub const SUBPROTOCOL: &str = "soniox-api-key";
 
+/// Whether the request asks for a WebSocket version other than 13, the one
+/// the relay speaks (RFC 6455 §4.4: answer with `Sec-WebSocket-Version: 13`).
+pub fn wrong_websocket_version(req: &ClientRequest) -> bool {
+    req.request
+        .headers()
+        .get("sec-websocket-version")
+        .is_some_and(|v| v.as_bytes().trim_ascii() != b"13")
+}
+
 /// The 101 answer to a valid upgrade request, or `None` if the request is
 /// not a valid WebSocket upgrade. No extension is ever accepted, which is how
 /// permessage-deflate is refused.
@@ -222,6 +245,8 @@ pub fn reason(status: u16) -> &'static str {
         404 => "Not Found",
         405 => "Method Not Allowed",
         408 => "Request Timeout",
+        413 => "Content Too Large",
+        426 => "Upgrade Required",
         429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",

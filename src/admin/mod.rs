@@ -442,7 +442,9 @@ pub fn start(setup: AdminSetup) -> std::io::Result<AdminHandle> {
                                 None => return,
                             };
                         let _ = conn.write_all(&answer).await;
-                        let _ = conn.close().await;
+                        // No reset: a client still sending (a 413 body) that
+                        // reads late still gets the answer.
+                        http::close_gracefully(&conn, Duration::from_secs(2)).await;
                     })
                     .detach();
                 }
@@ -544,9 +546,10 @@ async fn read_request(conn: &Duplex, buf: &mut Buf) -> Result<usize, u16> {
             http::HeadError::TooLarge => 431u16,
             _ => 400u16,
         })?;
-    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let head_bytes = &buf.filled()[..head];
+    let mut headers = http::header_slots(head_bytes);
     let mut req = httparse::Request::new(&mut headers);
-    if req.parse(&buf.filled()[..head]).is_err() {
+    if req.parse(head_bytes).is_err() {
         return Err(400);
     }
     let length = req
@@ -574,7 +577,7 @@ async fn read_request(conn: &Duplex, buf: &mut Buf) -> Result<usize, u16> {
 }
 
 fn parse_request(bytes: &[u8]) -> Option<Request<'_>> {
-    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut headers = http::header_slots(bytes);
     let mut req = httparse::Request::new(&mut headers);
     let head = match req.parse(bytes) {
         Ok(httparse::Status::Complete(n)) => n,

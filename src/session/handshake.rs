@@ -51,6 +51,10 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream) {
     let mut cbuf = shard.pool.get();
     let Some((claims, admission)) = handshake(&shard, &settings, &client, &mut cbuf, peer).await
     else {
+        // Answered (or gone): FIN and drain, so a client still sending
+        // that reads late gets the answer rather than a reset.
+        drop(cbuf);
+        http::close_gracefully(&client, std::time::Duration::from_secs(2)).await;
         return;
     };
     let (permit, pending) = match admission {
@@ -137,6 +141,32 @@ async fn handshake(
     };
     buf.consume(head_len);
     match req.path.as_str() {
+        "/v1/transcribe" if req.request.method().as_str() != "GET" => {
+            shard.metrics.stream_rejected(Side::Client, 405);
+            tracing::info!(shard = shard.index, status = 405, "request refused");
+            let _ = client
+                .write_all(&http::response(
+                    405,
+                    "application/json",
+                    "Allow: GET\r\n",
+                    br#"{"error_code":405,"error_message":"the stream endpoint takes GET (a WebSocket upgrade)"}"#,
+                ))
+                .await;
+            return None;
+        }
+        "/v1/transcribe" if http::wrong_websocket_version(&req) => {
+            shard.metrics.stream_rejected(Side::Client, 426);
+            tracing::info!(shard = shard.index, status = 426, "request refused");
+            let _ = client
+                .write_all(&http::response(
+                    426,
+                    "application/json",
+                    "Sec-WebSocket-Version: 13\r\n",
+                    br#"{"error_code":426,"error_message":"unsupported WebSocket version; this relay speaks version 13"}"#,
+                ))
+                .await;
+            return None;
+        }
         "/v1/transcribe" => {}
         "/healthz" => {
             let (status, body) = if shard.process.draining() {

@@ -12,6 +12,7 @@ mod devices;
 mod drain;
 mod errors;
 mod failover;
+mod heads;
 mod health;
 mod keys_api;
 mod ports;

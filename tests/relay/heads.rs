@@ -1,0 +1,113 @@
+//! Request heads: the limits as documented, whatever the head's shape, and
+//! answers that reach a client even if it is still sending.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use crate::util::*;
+
+const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+/// Writes `request` in one write (and then `more`, if any, ignoring
+/// errors), waits a moment as a slow client would, then reads the answer:
+/// up to the end of a 101's head, or to the end of the connection. The flag
+/// says whether a refusal's connection ended cleanly (FIN) rather than with
+/// a reset.
+fn send_raw(addr: SocketAddr, request: &[u8], more: &[u8]) -> (String, bool) {
+    let mut tcp = TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    tcp.write_all(request).unwrap();
+    let _ = tcp.write_all(more);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut out = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let clean = loop {
+        match tcp.read(&mut chunk) {
+            Ok(0) => break true,
+            Ok(n) => {
+                out.extend_from_slice(&chunk[..n]);
+                if out.starts_with(b"HTTP/1.1 101") && out.windows(4).any(|w| w == b"\r\n\r\n") {
+                    break true;
+                }
+            }
+            Err(_) => break false,
+        }
+    };
+    (String::from_utf8_lossy(&out).into_owned(), clean)
+}
+
+fn upgrade_head(token: &str, extra: &str) -> String {
+    format!(
+        "GET /v1/transcribe HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\nAuthorization: Bearer {token}\r\n{extra}\r\n"
+    )
+}
+
+#[test]
+fn head_limits_hold_however_the_head_arrives() {
+    let fake = fake(&["key-a"], |_| {});
+    let relay = Relay::start(relay_config(&fake.url(), &[("acct-a", "key-a")]));
+    let token = relay.token("dev-1");
+
+    // 12 KiB of head in one write: over limits.max_header_bytes (8,192).
+    let big = upgrade_head(&token, &format!("X-Pad: {}\r\n", "a".repeat(12 * 1024)));
+    let (answer, _) = send_raw(relay.addr(), big.as_bytes(), b"");
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+
+    // Many small headers are fine while the head is under the limit.
+    let many: String = (0..200).map(|i| format!("X-H-{i}: v\r\n")).collect();
+    let head = upgrade_head(&token, &many);
+    assert!(head.len() < 8192);
+    let (answer, _) = send_raw(relay.addr(), head.as_bytes(), b"");
+    assert!(answer.starts_with("HTTP/1.1 101"), "{answer}");
+
+    // A wrong WebSocket version is told the one the relay speaks.
+    let v8 =
+        upgrade_head(&token, "").replace("Sec-WebSocket-Version: 13", "Sec-WebSocket-Version: 8");
+    let (answer, _) = send_raw(relay.addr(), v8.as_bytes(), b"");
+    assert!(answer.starts_with("HTTP/1.1 426"), "{answer}");
+    assert_eq!(
+        header_of(&answer, "sec-websocket-version").as_deref(),
+        Some("13"),
+        "{answer}"
+    );
+
+    // The stream endpoint is GET only.
+    let post = upgrade_head(&token, "").replacen("GET", "POST", 1);
+    let (answer, _) = send_raw(relay.addr(), post.as_bytes(), b"");
+    assert!(answer.starts_with("HTTP/1.1 405"), "{answer}");
+    assert_eq!(
+        header_of(&answer, "allow").as_deref(),
+        Some("GET"),
+        "{answer}"
+    );
+
+    // A long path on the admin port is over the head limit too.
+    let path = format!("/{}", "p".repeat(9 * 1024));
+    let (answer, _) = send_raw(
+        relay.handle.admin_addr,
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
+        b"",
+    );
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+}
+
+#[test]
+fn refusals_reach_a_client_that_is_still_sending() {
+    let fake = fake(&["key-a"], |_| {});
+    let relay = Relay::start(relay_config(&fake.url(), &[("acct-a", "key-a")]));
+    let token = relay.token("dev-1");
+    let junk = vec![b'x'; 64 * 1024];
+
+    // 431 on the client port, with more head bytes still coming.
+    let big = upgrade_head(&token, &format!("X-Pad: {}\r\n", "a".repeat(12 * 1024)));
+    let (answer, clean) = send_raw(relay.addr(), big.as_bytes(), &junk);
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    assert!(clean, "the 431 was followed by a reset");
+
+    // 413 on the admin port, with the body still coming.
+    let head = "POST /admin/accounts HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000000\r\n\r\n";
+    let (answer, clean) = send_raw(relay.handle.admin_addr, head.as_bytes(), &junk);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(clean, "the 413 was followed by a reset");
+}
