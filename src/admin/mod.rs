@@ -606,6 +606,23 @@ async fn route(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
         if !admin.authorized(req) {
             return http::json_error(401, "admin token required");
         }
+        let get_only = ["/admin/stats", "/admin/usage", "/admin/reconciliation"];
+        if get_only.contains(&req.path) && req.method != "GET" {
+            return http::response(
+                405,
+                "application/json",
+                "Allow: GET\r\n",
+                br#"{"error_code":405,"error_message":"only GET is served here"}"#,
+            );
+        }
+        if req.path == "/admin/revocations" && !["GET", "POST", "DELETE"].contains(&req.method) {
+            return http::response(
+                405,
+                "application/json",
+                "Allow: GET, POST, DELETE\r\n",
+                br#"{"error_code":405,"error_message":"GET, POST or DELETE"}"#,
+            );
+        }
         if req.method == "GET" && req.path == "/admin/stats" {
             return api::stats(&collect(&admin.shards).await);
         }
@@ -624,13 +641,18 @@ async fn route(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
         }
         return api::handle(admin, req).await;
     }
+    if req.method != "GET" {
+        return http::response(
+            405,
+            "application/json",
+            "Allow: GET\r\n",
+            br#"{"error_code":405,"error_message":"only GET is served here"}"#,
+        );
+    }
     if req.path == "/dashboard" || req.path == "/" {
         // The page holds no data: it asks for the admin token and reads
         // everything through the token-protected API.
         return http::response(200, "text/html; charset=utf-8", "Content-Security-Policy: default-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'\r\n", DASHBOARD.as_bytes());
-    }
-    if req.method != "GET" {
-        return http::json_error(405, "only GET is served here");
     }
     match req.path {
         "/metrics" => {

@@ -311,7 +311,7 @@ id = ""
         "account[0].max_concurrent_streams: must be at least 1",
         "account[1].id: duplicate id \"prod-1\"",
         "account[1]: key_env CLIO_T_MANY_UNSET_X is not set",
-        "account[2].id: \"bad id!\" may only use",
+        "account[2].id: \"bad id!\" must be 1-64 characters of",
         "account[2]: set only one of key_env or key_file",
         "account[3]: set one of key_env or key_file",
         "account[3].id: is empty",

@@ -19,7 +19,7 @@ pub(super) fn check_token_secret(key: &str, secret: &Secret, p: &mut Problems) {
 
 /// Whether `id` is a valid account id: non-empty, `[A-Za-z0-9._-]`.
 pub fn valid_account_id(id: &str) -> bool {
-    !id.is_empty()
+    (1..=64).contains(&id.len())
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
@@ -92,7 +92,10 @@ pub(super) fn validate_semantics(c: &Config, p: &mut Problems) {
             if a.id.is_empty() {
                 p.push(&key, "is empty");
             } else if !valid_account_id(&a.id) {
-                p.push(&key, format!("{:?} may only use A-Z a-z 0-9 . _ -", a.id));
+                p.push(
+                    &key,
+                    format!("{:?} must be 1-64 characters of A-Z a-z 0-9 . _ -", a.id),
+                );
             } else if let Some(first) = seen.insert(&a.id, i) {
                 seen.insert(&a.id, first);
                 p.push(

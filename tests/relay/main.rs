@@ -5,6 +5,7 @@ mod util;
 
 mod accounts;
 mod admin;
+mod admin_validation;
 mod alerts;
 mod auth;
 mod clients;
