@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Same-session A/B of clio-relay builds on one workload, alternating them.
 #
-#   bash tools/ab.sh [-w idle|churn|realtime] [-n STREAMS] [-r ROUNDS] DIR [DIR...]
+#   bash tools/ab.sh [-w idle|churn|realtime] [-n STREAMS] [-r ROUNDS] [-c] DIR [DIR...]
 #
 # Each DIR holds a `clio-relay` binary (e.g. target/release of two worktrees).
+# -c also runs each DIR with a [cluster] section, against a redis-server the
+# script starts on 127.0.0.1 (labelled "DIR +cluster"): the cost of the
+# fleet's shared store, from the same run.
 # For each round and each DIR in turn: a 2-shard relay in front of
 # fake-soniox (echo mode), one relay-load run through it, the relay's CPU
 # (utime + stime) at the end. Workloads:
@@ -26,8 +29,10 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 N=3000
 ROUNDS=2
 WORKLOAD=idle
-while getopts "w:n:r:h" o; do
+CLUSTER=0
+while getopts "w:n:r:ch" o; do
   case "$o" in
+    c) CLUSTER=1 ;;
     w) WORKLOAD=$OPTARG ;;
     n) N=$OPTARG ;;
     r) ROUNDS=$OPTARG ;;
@@ -43,9 +48,10 @@ BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
 [ -x "$BIN/fake-soniox" ] && [ -x "$BIN/relay-load" ] \
   || (cd "$ROOT" && cargo build --release --bin fake-soniox --bin relay-load)
 WORK=$(mktemp -d /tmp/ab.XXXXXX)
-FAKE_PORT=17400 RELAY_PORT=17401 ADMIN_PORT=17402
-export AB_SECRET AB_KEY
+FAKE_PORT=17400 RELAY_PORT=17401 ADMIN_PORT=17402 REDIS_PORT=17403
+export AB_SECRET AB_KEY AB_MASTER
 AB_SECRET=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
+AB_MASTER=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
 AB_KEY="ab-key-$(head -c 6 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 
 PIDS=()
@@ -71,11 +77,23 @@ idle_timeout = "60s"
 [admin]
 state_dir = "$WORK/state"
 health_interval = "0s"
+master_key_env = "AB_MASTER"
 [[account]]
 id = "ab"
 key_env = "AB_KEY"
 max_concurrent_streams = 20000
 EOF
+
+CONFIGS=(relay)
+if [ "$CLUSTER" = 1 ]; then
+  redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save "" --appendonly no \
+    > "$WORK/redis.log" 2>&1 &
+  PIDS+=($!)
+  for _ in $(seq 50); do (exec 3<>"/dev/tcp/127.0.0.1/$REDIS_PORT") 2>/dev/null && break; sleep 0.1; done
+  { cat "$WORK/relay.toml"; printf '[cluster]\nredis_url = "redis://127.0.0.1:%s/0"\nnode_id = "ab"\n' "$REDIS_PORT"; } \
+    > "$WORK/relay-cluster.toml"
+  CONFIGS+=(relay-cluster)
+fi
 
 rss() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
 
@@ -94,8 +112,14 @@ else
 fi
 for round in $(seq 1 "$ROUNDS"); do
   for dir in "$@"; do
+  for conf in "${CONFIGS[@]}"; do
+    label=$dir
+    if [ "$conf" = relay-cluster ]; then
+      label="$dir +cluster"
+      redis-cli -p "$REDIS_PORT" FLUSHALL > /dev/null
+    fi
     rm -rf "$WORK/state"; mkdir -p "$WORK/state"
-    "$dir/clio-relay" run --config "$WORK/relay.toml" > "$WORK/relay.log" 2>&1 &
+    "$dir/clio-relay" run --config "$WORK/$conf.toml" > "$WORK/relay.log" 2>&1 &
     rp=$!
     PIDS+=("$rp")
     for _ in $(seq 50); do (exec 3<>"/dev/tcp/127.0.0.1/$RELAY_PORT") 2>/dev/null && break; sleep 0.1; done
@@ -110,7 +134,7 @@ for round in $(seq 1 "$ROUNDS"); do
     wait "$lp" || true
     ticks=$(( $(awk '{ print $14 + $15 }' "/proc/$rp/stat") - ticks0 ))
     kill -INT "$rp"; wait "$rp" 2>/dev/null || true
-    python3 - "$WORK" "$before" "$ticks" "$(getconf CLK_TCK)" "$round" "$dir" "$WORKLOAD" <<'PY'
+    python3 - "$WORK" "$before" "$ticks" "$(getconf CLK_TCK)" "$round" "$label" "$WORKLOAD" <<'PY'
 import json, statistics, sys
 work, before, ticks, tck, rnd, build, workload = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6], sys.argv[7]
 report = json.load(open(f"{work}/load.json"))
@@ -135,6 +159,7 @@ hold = statistics.median(rs[len(rs) // 2:-2] or rs)
 per = lambda v: (v - before) / max(held, 1)
 print(f"| {rnd} | {build} | {held} | {failed} | {per(hold):.1f} | {per(max(rs)):.1f} | {ticks / tck:.2f} |")
 PY
+  done
   done
 done
 }

@@ -9,6 +9,7 @@ mod util;
 mod redis;
 
 mod accounts;
+mod haproxy;
 mod leases;
 mod limits;
 mod outage;

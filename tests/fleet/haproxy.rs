@@ -1,0 +1,215 @@
+//! The fleet behind a real HAProxy (the shape of deploy/haproxy.cfg):
+//! relay-load spreads 1,000 streams over two nodes and loses no frame;
+//! draining one node moves new streams to the other with none failed.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use clio_relay::fake_soniox::FakeKey;
+
+use crate::redis::{free_port, RedisServer};
+use crate::util::*;
+
+struct HaProxy {
+    child: Child,
+    port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl HaProxy {
+    /// HAProxy on 127.0.0.1 with deploy/haproxy.cfg's settings, in front of
+    /// `nodes` (client address, admin address).
+    fn start(nodes: &[(std::net::SocketAddr, std::net::SocketAddr)]) -> HaProxy {
+        let shipped = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/haproxy.cfg"),
+        )
+        .unwrap();
+        let dir = state_dir();
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = free_port();
+        // The shipped file, with this test's addresses and faster checks.
+        let mut cfg = String::new();
+        for line in shipped.lines() {
+            let t = line.trim_start();
+            if t.starts_with("server ") || t.starts_with("log stdout") {
+                continue;
+            }
+            if t.starts_with("maxconn") {
+                // Within this machine's open-file limit (HAProxy wants two
+                // descriptors per connection).
+                cfg.push_str("    maxconn 5000\n");
+            } else if t.starts_with("bind :8080") {
+                cfg.push_str(&format!("    bind 127.0.0.1:{port}\n"));
+            } else if t.starts_with("default-server") {
+                // Checks every 200 ms; three misses in a row (a drain) take
+                // a node out. A loaded test machine answers slowly, not never.
+                cfg.push_str("    default-server check inter 200ms fall 3 rise 1 maxconn 9000\n");
+            } else if t.starts_with("timeout check") {
+                cfg.push_str("    timeout check 10s\n");
+            } else {
+                cfg.push_str(line);
+                cfg.push('\n');
+            }
+        }
+        for (i, (client, admin)) in nodes.iter().enumerate() {
+            cfg.push_str(&format!(
+                "    server relay-{i} {client} port {}\n",
+                admin.port()
+            ));
+        }
+        let path = dir.join("haproxy.cfg");
+        std::fs::write(&path, cfg).unwrap();
+        let child = Command::new("haproxy")
+            .arg("-db")
+            .arg("-f")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("haproxy.log")).unwrap())
+            .spawn()
+            .expect("haproxy runs (.ci/run installs it)");
+        let h = HaProxy { child, port, dir };
+        assert!(
+            wait_until(Duration::from_secs(10), || std::net::TcpStream::connect((
+                "127.0.0.1",
+                port
+            ))
+            .is_ok()),
+            "haproxy listens"
+        );
+        h
+    }
+}
+
+impl Drop for HaProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Runs relay-load through HAProxy; returns its JSON report.
+fn load(port: u16, relay: &Relay, args: &[&str]) -> Child {
+    let dir = state_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let tokens = dir.join("tokens.toml");
+    std::fs::write(&tokens, "[tokens]\nsecret_env = \"FLEET_LB_SECRET\"\n").unwrap();
+    Command::new(env!("CARGO_BIN_EXE_relay-load"))
+        .arg("--url")
+        .arg(format!("ws://127.0.0.1:{port}/v1/transcribe"))
+        .arg("--relay-config")
+        .arg(&tokens)
+        .args(args)
+        .args(["--json", "-q"])
+        .env("FLEET_LB_SECRET", relay.cfg.tokens.secret.expose())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn report(child: Child) -> serde_json::Value {
+    let out = child.wait_with_output().unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "relay-load report: {e}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+fn failed(r: &serde_json::Value) -> u64 {
+    r["streams_failed"]
+        .as_object()
+        .map_or(0, |m| m.values().filter_map(|v| v.as_u64()).sum())
+}
+
+// Heavy (1,300 streams, about 35 s here) and, run beside the other tests
+// on a loaded 2-core machine, it failed one drain run in three: run it on
+// its own with `cargo test --test fleet -- --ignored`.
+#[test]
+#[ignore = "heavy: cargo test --test fleet -- --ignored"]
+fn haproxy_spreads_streams_and_a_draining_node_loses_none() {
+    let redis = RedisServer::start();
+    let fake = fake(&[], |c| {
+        c.keys = vec![FakeKey::new("k1", 20_000)];
+        c.echo = true;
+        c.record_audio = false;
+    });
+    let (a, b) = crate::pair(&fake, &redis, "k1", |c| {
+        c.accounts[0].max_concurrent_streams = 20_000;
+        c.server.max_streams = 5_000;
+        c.upstream.connect_timeout = Duration::from_secs(30);
+    });
+    let lb = HaProxy::start(&[
+        (a.addr(), a.handle.admin_addr),
+        (b.addr(), b.handle.admin_addr),
+    ]);
+    let r = report(load(
+        lb.port,
+        &a,
+        &[
+            "-n",
+            "1000",
+            "--ramp",
+            "200",
+            "--stream-seconds",
+            "2",
+            "--pace",
+            "x4",
+            "--timeout",
+            "60s",
+        ],
+    ));
+    assert_eq!(r["streams_ok"], 1000, "{r}");
+    assert_eq!(failed(&r), 0, "{r}");
+    assert_eq!(r["lost"], 0, "{r}");
+    let (on_a, on_b) = (
+        a.handle.metrics().streams_total(),
+        b.handle.metrics().streams_total(),
+    );
+    assert_eq!(on_a + on_b, 1000);
+    assert!(
+        on_a > 0 && on_b > 0,
+        "both nodes took streams: {on_a} / {on_b}"
+    );
+    // Drain A while streams keep arriving: none fails, B takes the new ones.
+    let run = load(
+        lb.port,
+        &a,
+        &[
+            "-n",
+            "300",
+            "--ramp",
+            "60",
+            "--stream-seconds",
+            "2",
+            "--pace",
+            "x2",
+            "--timeout",
+            "30s",
+        ],
+    );
+    assert!(wait_until(Duration::from_secs(20), || a
+        .handle
+        .metrics()
+        .streams_total()
+        > on_a + 20));
+    let drained = std::thread::scope(|s| {
+        let d = s.spawn(|| a.handle.drain(Duration::from_secs(20)));
+        let r = report(run);
+        (d.join().unwrap(), r)
+    });
+    let (cut, r) = drained;
+    assert_eq!(cut, 0, "A's live streams finished within the drain");
+    assert_eq!(r["streams_ok"], 300, "{r}");
+    assert_eq!(failed(&r), 0, "{r}");
+    assert_eq!(r["lost"], 0, "{r}");
+    let b_after = b.handle.metrics().streams_total();
+    assert!(b_after > on_b, "the drained node's share went to the other");
+    assert_eq!(
+        a.handle.metrics().streams_total() + b_after,
+        1300,
+        "every stream was served once"
+    );
+}
