@@ -8,19 +8,26 @@
 #   clio    relay-load -> clio-relay -> fake-soniox
 #   nginx   relay-load -> nginx (Upgrade proxying, key injected as a header) -> fake-soniox
 #   node    relay-load -> tools/head-to-head/node-proxy.js (npm `ws`) -> fake-soniox
-# Workloads: W1 real time, W2 flood, W3 churn, W4 idle (see benches/README.md).
+# Workloads: W1s real time at 1,500 streams, W1 real time at 5,000, W2 flood,
+# W3 churn, W4 idle (see benches/README.md).
 # Samples each proxy's CPU time (utime+stime, /proc/PID/stat, nginx master +
-# workers) before/after each workload and its RSS (VmRSS) during it, then
-# prints one markdown table (tools/head-to-head/summary.py). Raw outputs stay
-# in the work dir (printed at the start; H2H_WORK=DIR to choose it).
+# workers) before/after each workload and its RSS (VmRSS) during it. During
+# W1s and W3 it also runs `perf record -g` on each proxy for a window in the
+# middle of the run, and counts the share of the proxy's samples spent in the
+# kernel's socket send and receive paths (tools/head-to-head/kernel_floor.py):
+# the kernel socket floor per echoed frame and per churn cycle. Then it
+# prints one markdown table (tools/head-to-head/summary.py). Raw outputs
+# (perf data and reports included) stay in the work dir (printed at the
+# start; H2H_WORK=DIR to choose it).
 #
 # Everything listens on 127.0.0.1; every load run is bounded in time; every
 # process started here is stopped on exit, failure included.
 #
 # Environment: CARGO_TARGET_DIR (default ./target), H2H_WORK, H2H_PROXIES
-# (default "direct clio nginx node"), H2H_WORKLOADS (default "W1 W2 W3 W4"),
+# (default "direct clio nginx node"), H2H_WORKLOADS (default "W1s W1 W2 W3 W4"),
 # H2H_W1_STREAMS and H2H_W1_SECONDS (W1's size), H2H_CLIO_SHARDS (default: cores;
-# more shards than cores leaves them unpinned).
+# more shards than cores leaves them unpinned), H2H_PERF=0 (no perf windows),
+# H2H_FRESH=1 (a fresh proxy process for every workload, not one per proxy).
 set -euo pipefail
 
 # The whole script is one compound command, parsed before it runs: editing
@@ -44,7 +51,16 @@ BIN=$TARGET_DIR/release
 NPROC=$(nproc)
 CLK_TCK=$(getconf CLK_TCK)
 PROXIES=${H2H_PROXIES:-direct clio nginx node}
-WORKLOADS=${H2H_WORKLOADS:-W1 W2 W3 W4}
+WORKLOADS=${H2H_WORKLOADS:-W1s W1 W2 W3 W4}
+FRESH=${H2H_FRESH:-0}
+# Workloads profiled for the kernel socket floor.
+PERF_WORKLOADS="W1s W3"
+for w in $WORKLOADS; do
+  case "$w" in
+    W1s|W1|W2|W3|W4) ;;
+    *) echo "head-to-head: unknown workload $w (W1s W1 W2 W3 W4)" >&2; exit 2 ;;
+  esac
+done
 
 FAKE_PORT=17300
 CLIO_PORT=18081
@@ -80,6 +96,12 @@ if ! command -v nginx >/dev/null 2>&1; then
 fi
 command -v node >/dev/null 2>&1 || die "node is missing (apt-get install -y nodejs npm)"
 command -v python3 >/dev/null 2>&1 || die "python3 is missing"
+PERF_ON=${H2H_PERF:-1}
+if [ "$PERF_ON" = 1 ] && ! command -v perf >/dev/null 2>&1; then
+  log "installing linux-perf (Debian)"
+  apt-get install -y linux-perf >/dev/null 2>&1 \
+    || { apt-get update >/dev/null 2>&1 && apt-get install -y linux-perf >/dev/null 2>&1; } || true
+fi
 
 NODE_DIR=$TARGET_DIR/h2h-node
 if [ ! -d "$NODE_DIR/node_modules/ws" ]; then
@@ -96,6 +118,20 @@ log "cargo build --release --bins"
 WORK=${H2H_WORK:-$(mktemp -d /tmp/h2h.XXXXXX)}
 mkdir -p "$WORK"
 log "work dir: $WORK"
+
+# Can perf record here (installed, allowed by perf_event_paranoid, a kernel
+# with callchains)? If not, the floor is skipped and the summary says why.
+PERF_NOTE=""
+if [ "$PERF_ON" != 1 ]; then
+  PERF_NOTE="H2H_PERF=0"
+elif ! command -v perf >/dev/null 2>&1; then
+  PERF_NOTE="perf is not installed (apt-get install -y linux-perf failed)"
+elif ! perf record -q -F 999 -g -e cpu-clock -o "$WORK/perf-probe.data" -- sleep 0.2 \
+    > "$WORK/perf-probe.txt" 2>&1 || [ ! -s "$WORK/perf-probe.data" ]; then
+  PERF_NOTE="perf cannot record: $(grep -m1 -v '^ *$' "$WORK/perf-probe.txt" | tr -d '"\\' | cut -c1-160)"
+fi
+rm -f "$WORK/perf-probe.data"
+[ -z "$PERF_NOTE" ] || log "no kernel floor: $PERF_NOTE"
 
 export CLIO_RELAY_TOKEN_SECRET
 CLIO_RELAY_TOKEN_SECRET=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
@@ -282,18 +318,22 @@ stop_proxy() {
 }
 
 # Workload arguments and hard caps (seconds of wall time for relay-load).
+# X_PERF="START LENGTH": the perf window, seconds after relay-load starts
+# (after the ramp of 500 streams/s, before the streams end).
 if [ "$QUICK" = 1 ]; then
+  W1s_ARGS=(-n 300 --stream-seconds 10);                        W1s_CAP=60; W1s_PERF="3 5"
   W1_ARGS=(-n 500 --stream-seconds 10);                         W1_CAP=60
   W2_ARGS=(-n 200 --pace flood --stream-seconds 100000 --duration 10s); W2_CAP=40
-  W3_ARGS=(--churn --concurrency 50 --duration 5s);             W3_CAP=40
+  W3_ARGS=(--churn --concurrency 50 --duration 5s);             W3_CAP=40; W3_PERF="1 3"
   W4_ARGS=(--idle -n 1000 --ramp 1000 --duration 10s);          W4_CAP=40; W4_HOLD_S=10
-  W1_STREAMS=500; W4_STREAMS=1000
+  W1s_STREAMS=300; W1_STREAMS=500; W4_STREAMS=1000
 else
+  W1s_ARGS=(-n 1500 --stream-seconds 30);                       W1s_CAP=100; W1s_PERF="8 8"
   W1_ARGS=(-n 5000 --stream-seconds 60);                        W1_CAP=150
   W2_ARGS=(-n 200 --pace flood --stream-seconds 100000 --duration 30s); W2_CAP=90
-  W3_ARGS=(--churn --concurrency 50 --duration 20s);            W3_CAP=80
+  W3_ARGS=(--churn --concurrency 50 --duration 20s);            W3_CAP=80; W3_PERF="5 8"
   W4_ARGS=(--idle -n 9000 --ramp 1000 --duration 30s);          W4_CAP=100; W4_HOLD_S=30
-  W1_STREAMS=5000; W4_STREAMS=9000
+  W1s_STREAMS=1500; W1_STREAMS=5000; W4_STREAMS=9000
 fi
 # W1 at another size (e.g. one the direct path is not saturated by):
 # H2H_W1_STREAMS=N H2H_W1_SECONDS=S.
@@ -304,24 +344,127 @@ if [ -n "${H2H_W1_STREAMS:-}${H2H_W1_SECONDS:-}" ]; then
   W1_CAP=$((W1_STREAMS / 500 + W1_SECS + 60))
 fi
 
+# Profiling a proxy: perf attaches before the run with its events disabled
+# (attaching can take seconds on a busy machine), and a control FIFO turns
+# the sampling on and off at the window's ends, so the window is exactly
+# where it is asked for. 999 Hz of cpu-clock: a sample is about 1 ms of the
+# proxy's CPU time (the VM has no hardware cycle counter), and the sampling
+# costs the proxy little.
+#
+# perf_ctl OUT COMMAND [TIMEOUT]: sends COMMAND (enable, disable, ping) to
+# the perf of OUT and waits for its ack.
+perf_ctl() {
+  # shellcheck disable=SC2016
+  timeout "${3:-10}" sh -c 'echo "$1" > "$0.perf.ctl" && read -r _ < "$0.perf.ack"' "$1" "$2" \
+    2>/dev/null
+}
+
+# perf_attach OUT PIDS: perf record -g on PIDS (comma-separated), events
+# off, into OUT.perf.data; sets PERF_PID. Fails if perf is not ready in 60 s.
+perf_attach() {
+  rm -f "$1.perf.ctl" "$1.perf.ack"
+  mkfifo "$1.perf.ctl" "$1.perf.ack"
+  perf record -D -1 --control "fifo:$1.perf.ctl,$1.perf.ack" -q -F 999 -g -e cpu-clock \
+    -p "$2" -o "$1.perf.data" > "$1.perf.txt" 2>&1 &
+  PERF_PID=$!
+  CHILDREN+=("$PERF_PID")
+  perf_ctl "$1" ping 60
+}
+
+# perf_window OUT START LENGTH: from START seconds from now, samples for
+# LENGTH seconds; notes when the window really opened and closed
+# (OUT.perf.t0, OUT.perf.t1: ms since the epoch).
+perf_window() {
+  sleep "$2"
+  perf_ctl "$1" enable || exit 0
+  date +%s%3N > "$1.perf.t0"
+  sleep "$3"
+  perf_ctl "$1" disable || exit 0
+  date +%s%3N > "$1.perf.t1"
+}
+
+# perf_detach: perf writes its file and exits (at most 30 s).
+perf_detach() {
+  kill -INT "$PERF_PID" 2>/dev/null || true
+  for _ in $(seq 300); do kill -0 "$PERF_PID" 2>/dev/null || break; sleep 0.1; done
+  kill -TERM "$PERF_PID" 2>/dev/null || true
+  wait "$PERF_PID" 2>/dev/null || true
+}
+
+# perf_floor OUT: the share of OUT.perf.data's samples in the kernel's socket
+# send and receive paths (OUT.floor.json), and `perf report --children` of
+# it to read (OUT.perf-report.txt).
+perf_floor() {
+  local out=$1
+  if [ ! -s "$out.perf.data" ]; then
+    echo '{"error": "perf wrote no data (see '"$(basename "$out")"'.perf.txt)"}' > "$out.floor.json"
+    return 0
+  fi
+  perf script -i "$out.perf.data" -F comm,tid,ip,sym 2> "$out.perf-script.err" \
+    | python3 "$ROOT/tools/head-to-head/kernel_floor.py" > "$out.floor.json" \
+    || echo '{"error": "perf script failed"}' > "$out.floor.json"
+  perf report -i "$out.perf.data" --children --stdio --percent-limit 0.5 -g none --sort dso,sym \
+    > "$out.perf-report.txt" 2>/dev/null || true
+  python3 -c 'import json,sys; j=json.load(open(sys.argv[1])); print("  kernel socket share %.1f%% of %d samples" % (100 * j["share"], j["samples"]))' \
+    "$out.floor.json" >&2 2>/dev/null || log "  no kernel floor; see $out.floor.json"
+}
+
 # run_workload PROXY W: one relay-load run with CPU and RSS samples around it.
 run_workload() {
   local proxy=$1 w=$2 args cap out pids cpu0 cpu1 fcpu0 fcpu1 rss0 sampler rc=0
+  local perf_win="" perf_job="" perf_attached=0 perf_cut=0 t_start t_end perf_t0=0 perf_t1=0
   eval "args=(\"\${${w}_ARGS[@]}\")"
   eval "cap=\$${w}_CAP"
+  eval "perf_win=\${${w}_PERF:-}"
+  case " $PERF_WORKLOADS " in *" $w "*) ;; *) perf_win="" ;; esac
+  [ -n "$PROXY_PID" ] && [ -z "$PERF_NOTE" ] || perf_win=""
   out=$WORK/$proxy-$w
-  rm -f "$out.rss"
+  rm -f "$out.rss" "$out.perf.data" "$out.floor.json" "$out.perf.t0" "$out.perf.t1"
   # shellcheck disable=SC2046
   pids=$(proxy_pids | tr '\n' ' ')
+  if [ -n "$perf_win" ]; then
+    # shellcheck disable=SC2086
+    if perf_attach "$out" "$(echo $pids | tr ' ' ',')"; then
+      perf_attached=1
+    else
+      log "  perf did not attach (see $out.perf.txt): no kernel floor for this run"
+      perf_detach
+      echo '{"error": "perf did not attach (see '"$(basename "$out")"'.perf.txt)"}' \
+        > "$out.floor.json"
+      perf_win=""
+    fi
+  fi
   # shellcheck disable=SC2086
   cpu0=$(cpu_ticks $pids); rss0=$(rss_kb $pids)
   fcpu0=$(cpu_ticks "$FAKE_PID")
   rss_sampler "$out.rss" &
   sampler=$!
-  log "$proxy $w: relay-load ${args[*]}"
+  if [ -n "$perf_win" ]; then
+    # shellcheck disable=SC2086
+    perf_window "$out" $perf_win &
+    perf_job=$!
+    CHILDREN+=("$perf_job")
+  fi
+  log "$proxy $w: relay-load ${args[*]}${perf_win:+ (perf from ${perf_win% *} s for ${perf_win#* } s)}"
+  t_start=$(date +%s%3N)
   timeout --kill-after=10 "$cap" "$BIN/relay-load" "${TARGET_ARGS[@]}" "${args[@]}" --json -q \
     > "$out.json" 2> "$out.err" || rc=$?
+  t_end=$(date +%s%3N)
   kill "$sampler" 2>/dev/null; wait "$sampler" 2>/dev/null || true
+  if [ -n "$perf_job" ]; then
+    # The window should close inside the run. If the run ended first, the
+    # samples stop here and include its end (the summary says so).
+    if [ ! -s "$out.perf.t1" ]; then
+      perf_cut=1
+      log "  the run ended before the perf window closed"
+      kill -TERM "$perf_job" 2>/dev/null || true
+      perf_ctl "$out" disable || true
+    fi
+    wait "$perf_job" 2>/dev/null || true
+    perf_t0=$(cat "$out.perf.t0" 2>/dev/null || echo "$t_end")
+    perf_t1=$(cat "$out.perf.t1" 2>/dev/null || echo "$t_end")
+    perf_t0=$(( perf_t0 - t_start )); perf_t1=$(( perf_t1 - t_start ))
+  fi
   # shellcheck disable=SC2046
   pids=$(proxy_pids | tr '\n' ' ')
   # shellcheck disable=SC2086
@@ -340,13 +483,22 @@ run_workload() {
  "cpu_ticks_before": $cpu0, "cpu_ticks_after": $cpu1,
  "fake_cpu_ticks_before": $fcpu0, "fake_cpu_ticks_after": $fcpu1,
  "rss_kb_before": $rss0, "rss_kb_peak": ${peak:-0}, "rss_kb_held": ${held:-0},
- "streams": $(eval "echo \${${w}_STREAMS:-0}"), "proxy_pids": "$pids"}
+ "streams": $(eval "echo \${${w}_STREAMS:-0}"), "proxy_pids": "$pids",
+ "run_ms": $(( t_end - t_start )), "perf_window_s": "$perf_win", "perf_cut": $perf_cut,
+ "perf_from_ms": $perf_t0, "perf_to_ms": $perf_t1}
 EOF
   if [ -s "$out.json" ]; then
     python3 -c 'import json,sys; j=json.load(open(sys.argv[1])); print("  frames/s %.0f  cycles/s %.1f  rtt p99 %.2f ms  failed %d  lost %d  held %d" % (j["frames_per_sec"], j["cycles_per_sec"], j["rtt"]["p99_ms"], j["streams_failed"], j["lost"], j["idle_held"]))' "$out.json" >&2 || true
   else
     log "  $proxy $w: no JSON (exit $rc); see $out.err"
   fi
+  # After the CPU sample: writing and reading the perf data is not the
+  # proxy's cost.
+  if [ "$perf_attached" = 1 ]; then
+    perf_detach
+    rm -f "$out.perf.ctl" "$out.perf.ack"
+  fi
+  [ -z "$perf_job" ] || perf_floor "$out"
   # Let the sockets of this run close everywhere before the next one.
   sleep 3
 }
@@ -359,14 +511,21 @@ EOF
   echo " \"mem_gib\": $(awk '/MemTotal/ {printf "%.0f", $2/1048576}' /proc/meminfo),"
   echo " \"kernel\": \"$(uname -r)\", \"nginx\": \"$(nginx -v 2>&1 | sed 's/.*\///')\","
   echo " \"node\": \"$(node --version)\", \"ws\": \"$(node -p "require('$NODE_DIR/node_modules/ws/package.json').version")\","
-  echo " \"proxies\": \"$PROXIES\", \"workloads\": \"$WORKLOADS\"}"
+  echo " \"proxies\": \"$PROXIES\", \"workloads\": \"$WORKLOADS\","
+  echo " \"perf_workloads\": \"$PERF_WORKLOADS\", \"perf_note\": \"$PERF_NOTE\", \"fresh\": $FRESH}"
 } > "$WORK/run.json"
 
 start_fake
 for proxy in $PROXIES; do
   log "=== $proxy"
   start_proxy "$proxy"
+  first=1
   for w in $WORKLOADS; do
+    if [ "$FRESH" = 1 ] && [ "$first" = 0 ]; then
+      stop_proxy
+      start_proxy "$proxy"
+    fi
+    first=0
     run_workload "$proxy" "$w"
   done
   stop_proxy
