@@ -104,6 +104,55 @@ impl LoadReport {
         self.failed_total() == 0 && self.lost == 0 && self.duplicated == 0 && self.reordered == 0
     }
 
+    /// Likely causes of what went wrong, one line each (empty on a clean
+    /// run): what the numbers alone do not say.
+    pub fn hints(&self) -> Vec<String> {
+        let mut h = Vec::new();
+        let by = |prefixes: &[&str]| -> u64 {
+            self.streams_failed
+                .iter()
+                .filter(|(k, _)| prefixes.contains(&k.as_str()))
+                .map(|(_, v)| v)
+                .sum()
+        };
+        if self.unexpected > 0 && self.frames_sent > 0 && self.frames_received == 0 {
+            h.push(format!(
+                "upstream answered with {} words and no echo: it is not in echo mode, so every \
+                 frame counts as lost; run fake-soniox with --echo behind the relay",
+                self.unexpected
+            ));
+        } else if self.unexpected > 0 {
+            h.push(format!(
+                "{} result tokens were not echoes of this run's frames: is upstream a fake-soniox \
+                 with --echo?",
+                self.unexpected
+            ));
+        }
+        let limited = by(&["error 429", "http 429"]);
+        if limited > 0 {
+            h.push(format!(
+                "{limited} streams refused with 429: a concurrency limit was full, either the \
+                 relay's (the enabled accounts' max_concurrent_streams together, or [devices] \
+                 limits; the relay's log names it) or upstream's (fake-soniox --max-concurrent); \
+                 raise it or run fewer streams (-n)"
+            ));
+        }
+        let full = by(&["http 503"]);
+        if full > 0 {
+            h.push(format!(
+                "{full} streams refused with HTTP 503: the relay is at server.max_streams or draining"
+            ));
+        }
+        let auth = by(&["http 401", "error 401"]);
+        if auth > 0 {
+            h.push(format!(
+                "{auth} streams refused with 401: the credentials are not the relay's (with \
+                 --relay-config, use the relay's own config file and token secret)"
+            ));
+        }
+        h
+    }
+
     /// The end-of-run table.
     pub fn table(&self) -> String {
         let mut s = String::new();
@@ -167,6 +216,9 @@ impl LoadReport {
             }
             _ => {}
         }
+        for hint in self.hints() {
+            let _ = writeln!(s, "hint: {hint}");
+        }
         s
     }
 
@@ -204,6 +256,7 @@ impl LoadReport {
             "idle_held": self.idle_held,
             "connect": lat(&self.connect),
             "rtt": lat(&self.rtt),
+            "hints": self.hints(),
         })
     }
 

@@ -1,0 +1,165 @@
+//! What relay-load tells a user beyond the numbers: hints when upstream is
+//! not echoing or a limit refused streams, and its `.hgrm` files plotted
+//! side by side by `tools/plot-hgrm.py`. Against a real fake Soniox on
+//! loopback, in-process.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use clio_relay::fake_soniox::{FakeConfig, FakeKey, FakeSoniox};
+use clio_relay::relay_load::{self, AuthVia, Credentials, LoadOptions, LoadReport, Pace, Target};
+
+const KEY: &str = "load-report-key";
+
+fn fake(echo: bool, limit: u32) -> FakeSoniox {
+    FakeSoniox::start(FakeConfig {
+        keys: vec![FakeKey::new(KEY, limit)],
+        echo,
+        // Each stream holds its slot a while after its audio, so streams
+        // opened together overlap however slow the machine is.
+        faults: clio_relay::fake_soniox::Faults {
+            finish_delay: Duration::from_millis(500),
+            ..Default::default()
+        },
+        ..FakeConfig::default()
+    })
+    .expect("fake-soniox starts")
+}
+
+fn direct(fake: &FakeSoniox, streams: usize) -> LoadReport {
+    let opts = LoadOptions {
+        target: Target::direct(fake.addr()),
+        auth: AuthVia::Header,
+        credentials: Credentials::Fixed(KEY.to_string()),
+        streams,
+        ramp_per_sec: 0.0,
+        stream_seconds: 1.0,
+        pace: Pace::Flood,
+        duration: Duration::from_secs(30),
+        threads: 1,
+        progress: false,
+        ..LoadOptions::default()
+    };
+    relay_load::run(&opts).expect("load runs")
+}
+
+#[test]
+fn a_non_echo_upstream_gets_a_hint() {
+    let fake = fake(false, 10);
+    let r = direct(&fake, 2);
+    let table = r.table();
+    assert!(r.unexpected > 0 && r.frames_received == 0, "{table}");
+    assert!(r.lost > 0, "{table}");
+    assert!(
+        table.contains("hint: upstream answered with") && table.contains("--echo"),
+        "{table}"
+    );
+    assert_eq!(r.to_json()["hints"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn streams_refused_by_a_limit_get_a_hint() {
+    let fake = fake(true, 1);
+    let r = direct(&fake, 3);
+    let table = r.table();
+    assert_eq!(r.streams_ok, 1, "{table}");
+    assert_eq!(
+        r.streams_failed
+            .get("http 429")
+            .or(r.streams_failed.get("error 429")),
+        Some(&2),
+        "{table}"
+    );
+    assert!(
+        table.contains("streams refused with 429") && table.contains("max_concurrent_streams"),
+        "{table}"
+    );
+}
+
+#[test]
+fn a_clean_run_has_no_hint() {
+    let fake = fake(true, 10);
+    let r = direct(&fake, 2);
+    assert!(r.clean(), "{}", r.table());
+    assert!(r.hints().is_empty(), "{:?}", r.hints());
+    assert!(!r.table().contains("hint:"));
+}
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("clio-load-report-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn plot(args: &[&str]) -> std::process::Output {
+    Command::new("python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/plot-hgrm.py"))
+        .args(args)
+        .output()
+        .expect("python3 runs")
+}
+
+/// Data rows of an .hgrm file.
+fn rows(path: &Path) -> usize {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .filter(|l| {
+            l.split_whitespace()
+                .next()
+                .is_some_and(|v| v.parse::<f64>().is_ok())
+        })
+        .count()
+}
+
+#[test]
+fn hgrm_files_of_two_runs_plot_side_by_side() {
+    let fake = fake(true, 10);
+    let dir = temp_dir("plot");
+    for run in ["one", "two"] {
+        direct(&fake, 2).write_hgrm(&dir.join(run)).unwrap();
+    }
+    let svg = dir.join("rtt.svg");
+    let (one, two) = (dir.join("one/rtt.hgrm"), dir.join("two/rtt.hgrm"));
+    let out = plot(&[
+        "-o",
+        svg.to_str().unwrap(),
+        "--title",
+        "rtt <two runs>",
+        &format!("first={}", one.display()),
+        two.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&svg).unwrap();
+    assert!(text.starts_with("<svg xmlns=\"http://www.w3.org/2000/svg\""));
+    assert!(
+        text.contains("rtt &lt;two runs&gt;"),
+        "the title is escaped"
+    );
+    // One line per file, each with a point per percentile row of its file.
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("<polyline class=\"series\""))
+        .collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(lines[0].contains("data-label=\"first\""));
+    assert!(lines[1].contains("data-label=\"two/rtt.hgrm\""));
+    for (line, file) in lines.iter().zip([&one, &two]) {
+        let points = line.split("points=\"").nth(1).unwrap();
+        let n = points.trim_end_matches("\"/>").split_whitespace().count();
+        assert_eq!(n, rows(file), "{line}");
+    }
+    // A file that is not an .hgrm is refused with a reason.
+    let bad = dir.join("bad.hgrm");
+    std::fs::write(&bad, "not a histogram\n").unwrap();
+    let out = plot(&["-o", svg.to_str().unwrap(), bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no percentile rows"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
