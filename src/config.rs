@@ -27,7 +27,7 @@ mod validate;
 pub use sections::*;
 pub use url::{parse_ws_url, WsEndpoint};
 pub use validate::valid_account_id;
-use validate::{check_token_secret, validate_semantics};
+use validate::{account_label, check_token_secret, validate_semantics};
 
 /// The shortest token signing secret accepted, in bytes (HMAC-SHA256 wants
 /// at least its output size of key material).
@@ -182,8 +182,12 @@ impl Config {
             check_token_secret("tokens.previous_secret", prev, &mut p);
         }
         for (i, a) in self.accounts.iter().enumerate() {
-            if a.key.expose().is_empty() {
-                p.push(&format!("account[{i}].key"), "is empty");
+            // A disabled account may wait for its key (it is not loaded).
+            if a.key.expose().is_empty() && a.enabled {
+                p.push(
+                    &format!("{}.key", account_label(i, Some(&a.id))),
+                    "is empty",
+                );
             }
         }
         validate_semantics(self, &mut p);
@@ -258,12 +262,16 @@ impl Config {
         for a in &self.accounts {
             let _ = writeln!(
                 s,
-                "  {}: region {}, {}, max_concurrent_streams {}, key fp:{}",
+                "  {}: region {}, {}, max_concurrent_streams {}, {}",
                 a.id,
                 if a.region.is_empty() { "-" } else { &a.region },
                 if a.enabled { "enabled" } else { "disabled" },
                 a.max_concurrent_streams,
-                a.key.fingerprint()
+                if a.has_key() {
+                    format!("key fp:{}", a.key.fingerprint())
+                } else {
+                    "no key (not loaded)".to_string()
+                }
             );
         }
         for w in self.warnings() {
@@ -295,12 +303,21 @@ impl Config {
         // each believe they own the whole budget.
         let mut by_key: std::collections::HashMap<&str, usize> = Default::default();
         for (i, a) in self.accounts.iter().enumerate() {
+            if !a.has_key() {
+                w.push(format!(
+                    "{}: disabled and its key is not there (key_env unset or key_file missing), \
+                     so it is not loaded; give it its key and reload to use it",
+                    account_label(i, Some(&a.id))
+                ));
+                continue;
+            }
             if let Some(first) = by_key.insert(a.key.expose(), i) {
                 by_key.insert(a.key.expose(), first);
                 w.push(format!(
-                    "account[{i}]: has the same key as account[{first}] ({:?}); \
+                    "{}: has the same key as {}; \
                      Soniox's limit is per key, so max_concurrent_streams would be counted twice",
-                    self.accounts[first].id
+                    account_label(i, Some(&a.id)),
+                    account_label(first, Some(&self.accounts[first].id)),
                 ));
             }
         }

@@ -86,7 +86,8 @@ impl Accounts {
             metrics_ids: Vec::new(),
         };
         let now = unix_now();
-        for a in accounts {
+        // A disabled account still waiting for its key is not loaded.
+        for a in accounts.iter().filter(|a| a.has_key()) {
             // Config validation already refused duplicates and bad ids.
             let _ = set.add(
                 &a.id,
@@ -188,7 +189,8 @@ impl Accounts {
                 }
             }
         }
-        for c in config {
+        // A keyless (disabled) config account is absent, not removed.
+        for c in config.iter().filter(|c| c.has_key()) {
             if self.get(&c.id).is_none() {
                 data.removed.push(c.id.clone());
             }
@@ -361,6 +363,8 @@ impl Accounts {
         now: u64,
     ) -> Vec<String> {
         let mut log = Vec::new();
+        // A disabled account whose key is not there is as if not in the file.
+        let accounts: Vec<&AccountConfig> = accounts.iter().filter(|a| a.has_key()).collect();
         let stale: Vec<String> = self
             .entries
             .iter()

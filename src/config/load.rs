@@ -241,16 +241,29 @@ fn resolve(raw: RawFile, base: &Path) -> Result<Config, ConfigError> {
 
     let mut accounts = Vec::with_capacity(raw.account.len());
     for (i, a) in raw.account.into_iter().enumerate() {
-        let prefix = format!("account[{i}]");
-        let key = resolve_secret(
-            &prefix,
-            ("key_env", a.key_env),
-            ("key_file", a.key_file),
-            true,
-            base,
-            &mut p,
-        )
-        .flatten();
+        let prefix = account_label(i, a.id.as_deref());
+        // A disabled account may be listed before its key exists: an unset
+        // variable or a missing file leaves it keyless (it is not loaded,
+        // and check-config warns) instead of failing the whole file.
+        let key_absent = a.enabled == Some(false)
+            && match (&a.key_env, &a.key_file) {
+                (Some(var), None) => std::env::var_os(var).is_none_or(|v| v.is_empty()),
+                (None, Some(f)) => !base.join(f).exists(),
+                _ => false,
+            };
+        let key = if key_absent {
+            None
+        } else {
+            resolve_secret(
+                &prefix,
+                ("key_env", a.key_env),
+                ("key_file", a.key_file),
+                true,
+                base,
+                &mut p,
+            )
+            .flatten()
+        };
         let id = match a.id {
             Some(id) => id,
             None => {

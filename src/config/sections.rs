@@ -411,4 +411,11 @@ impl AccountConfig {
             monthly_budget: 0.0,
         }
     }
+
+    /// Whether the account has a key. Only a disabled account can be
+    /// without one (its `key_env` unset or `key_file` missing); the relay
+    /// does not load it until the key is there.
+    pub fn has_key(&self) -> bool {
+        !self.key.expose().is_empty()
+    }
 }

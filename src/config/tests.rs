@@ -308,9 +308,9 @@ id = ""
         "tokens.clock_skew: invalid duration \"soon\"",
         "limits.max_frame_bytes: must be more than 0",
         "limits.idle_timeout: must be more than 0",
-        "account[0].max_concurrent_streams: must be at least 1",
+        "account \"prod-1\".max_concurrent_streams: must be at least 1",
         "account[1].id: duplicate id \"prod-1\"",
-        "account[1]: key_env CLIO_T_MANY_UNSET_X is not set",
+        "account \"prod-1\": key_env CLIO_T_MANY_UNSET_X is not set",
         "account[2].id: \"bad id!\" must be 1-64 characters of",
         "account[2]: set only one of key_env or key_file",
         "account[3]: set one of key_env or key_file",
@@ -435,7 +435,7 @@ key_file = "{}"
     ));
     assert_has(&p, "tokens: secret_file");
     assert_has(&p, "empty");
-    assert_has(&p, "account[0]: key_file");
+    assert_has(&p, "account \"a\": key_file");
     assert_has(&p, "missing");
 }
 
@@ -498,7 +498,7 @@ fn validate_built_config() {
     bad.accounts.push(AccountConfig::new("a", Secret::new("")));
     bad.server.admin_listen = bad.server.listen;
     let p = bad.validate().unwrap_err().problems;
-    assert_has(&p, "account[1].key: is empty");
+    assert_has(&p, "account \"a\".key: is empty");
     assert_has(&p, "account[1].id: duplicate id \"a\"");
     assert_has(&p, "server.admin_listen: is the same as server.listen");
 }
@@ -588,7 +588,7 @@ fn warnings() {
     let w = c.warnings();
     assert_eq!(w.len(), 1, "{w:?}");
     assert!(
-        w[0].starts_with("account[1]: has the same key as account[0] (\"a\")"),
+        w[0].starts_with("account \"b\": has the same key as account \"a\""),
         "{w:?}"
     );
     c.server.max_streams = 25;
@@ -655,6 +655,58 @@ fn a_key_pasted_as_env_name_is_not_echoed() {
         let p = problems(&text);
         assert_eq!(p.len(), 1, "{p:?}");
         assert!(!p[0].contains(pasted), "{p:?}");
-        assert!(p[0].starts_with("account[0]: "), "{p:?}");
+        assert!(p[0].starts_with("account \"a\": "), "{p:?}");
     }
+}
+
+#[test]
+fn a_disabled_account_does_not_need_its_key() {
+    let (tok, a, _) = env("DISKEY");
+    let dir = temp_dir("diskey");
+    let text = format!(
+        "[tokens]\nsecret_env = \"{tok}\"\n\
+         [[account]]\nid = \"on\"\nkey_env = \"{a}\"\n\
+         [[account]]\nid = \"off-env\"\nkey_env = \"CLIO_T_DISKEY_UNSET\"\nenabled = false\n\
+         [[account]]\nid = \"off-file\"\nkey_file = \"absent-key\"\nenabled = false\n"
+    );
+    let c = Config::from_toml_str(&text, &dir).unwrap();
+    assert_eq!(c.accounts.len(), 3);
+    assert!(c.accounts[0].has_key());
+    assert!(!c.accounts[1].has_key() && !c.accounts[2].has_key());
+    let w = c.warnings();
+    assert!(
+        w.iter()
+            .any(|w| w.starts_with("account \"off-env\": disabled and its key is not there")),
+        "{w:?}"
+    );
+    assert!(
+        w.iter().any(|w| w.starts_with("account \"off-file\"")),
+        "{w:?}"
+    );
+    assert!(c
+        .summary()
+        .contains("off-env: region -, disabled, max_concurrent_streams 10, no key (not loaded)"));
+    // The relay leaves them out; the enabled one is there.
+    let set = crate::control::Accounts::from_config(&c.accounts, std::time::Instant::now());
+    let ids: Vec<&str> = set.entries().iter().map(|e| e.state.id.as_str()).collect();
+    assert_eq!(ids, ["on"]);
+    // An enabled account still needs its key, and the error names it by id.
+    let p = problems(&text.replace(
+        "enabled = false\n[[account]]\nid = \"off-file\"",
+        "[[account]]\nid = \"off-file\"",
+    ));
+    assert_eq!(
+        p,
+        ["account \"off-env\": key_env CLIO_T_DISKEY_UNSET is not set"],
+        "{p:?}"
+    );
+    // A disabled account with a broken key setting is still an error.
+    let p = problems(&text.replace(
+        "key_file = \"absent-key\"",
+        "key_file = \"absent-key\"\nkey_env = \"X\"",
+    ));
+    assert_has(
+        &p,
+        "account \"off-file\": set only one of key_env or key_file",
+    );
 }

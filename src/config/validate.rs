@@ -17,6 +17,15 @@ pub(super) fn check_token_secret(key: &str, secret: &Secret, p: &mut Problems) {
     }
 }
 
+/// How problems name the `i`th `[[account]]`: by its id (`account
+/// "prod-1"`) when it has a usable one, else by position (`account[1]`).
+pub(super) fn account_label(i: usize, id: Option<&str>) -> String {
+    match id {
+        Some(id) if valid_account_id(id) => format!("account {id:?}"),
+        _ => format!("account[{i}]"),
+    }
+}
+
 /// Whether `id` is a valid account id: non-empty, `[A-Za-z0-9._-]`.
 pub fn valid_account_id(id: &str) -> bool {
     (1..=64).contains(&id.len())
@@ -106,7 +115,7 @@ pub(super) fn validate_semantics(c: &Config, p: &mut Problems) {
         }
         if a.max_concurrent_streams < 1 {
             p.push(
-                &format!("account[{i}].max_concurrent_streams"),
+                &format!("{}.max_concurrent_streams", account_label(i, Some(&a.id))),
                 "must be at least 1",
             );
         }

@@ -89,7 +89,8 @@ pub fn merge(config: &[AccountConfig], store: &StoreData, now: u64) -> Vec<Merge
     };
     let mut out = Vec::with_capacity(config.len() + store.accounts.len());
     let mut seen = HashSet::new();
-    for c in config {
+    // A disabled config account still waiting for its key is not loaded.
+    for c in config.iter().filter(|c| c.has_key()) {
         if !seen.insert(c.id.as_str()) {
             continue; // the config loader refuses duplicates; be safe anyway
         }
