@@ -1,0 +1,214 @@
+//! Every shell block in README.md and clients/README.md runs as written on
+//! a fresh copy of the repository.
+//!
+//! Each ```sh block is marked on the line before it:
+//! `<!-- readme-test: run -->`, or `<!-- readme-test: skip: why -->` for
+//! the few that need root, systemd, a running relay with its secrets, or
+//! are `cargo test` itself. An unmarked block fails the test, so a new
+//! block is either run here or says why not.
+//!
+//! A block runs with `bash -euo pipefail` in a copy of the repository's
+//! files (tracked and new, not ignored: no `target/`, no state), inside a
+//! private network namespace (`unshare -n`) so that the recipes' fixed
+//! ports (8080, 9464, 7300) are free whatever else runs on the machine.
+//! `cargo build --release` there links the binaries `cargo test` built
+//! into `target/release/` instead of building them again. Background jobs
+//! a block leaves are stopped when it ends.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+#[derive(Debug)]
+struct Block {
+    file: &'static str,
+    line: usize,
+    run: bool,
+    text: String,
+}
+
+/// The ```sh blocks of `file` (relative to the repository), with their markers.
+fn blocks(file: &'static str) -> Vec<Block> {
+    let text = std::fs::read_to_string(repo().join(file)).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < lines.len() {
+        if lines[i].trim_end() != "```sh" {
+            i += 1;
+            continue;
+        }
+        let marker = lines[..i]
+            .iter()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .map(|l| l.trim())
+            .unwrap_or("");
+        let run = if marker == "<!-- readme-test: run -->" {
+            true
+        } else if marker.starts_with("<!-- readme-test: skip: ") && marker.ends_with("-->") {
+            false
+        } else {
+            panic!(
+                "{file}:{}: a ```sh block without a readme-test marker on the line before it \
+                 (<!-- readme-test: run --> or <!-- readme-test: skip: why -->)",
+                i + 1
+            );
+        };
+        let end = (i + 1..lines.len())
+            .find(|&j| lines[j].trim_end() == "```")
+            .unwrap_or_else(|| panic!("{file}:{}: unclosed block", i + 1));
+        out.push(Block {
+            file,
+            line: i + 1,
+            run,
+            text: lines[i + 1..end].join("\n"),
+        });
+        i = end + 1;
+    }
+    out
+}
+
+/// A copy of the repository's files as a fresh clone has them.
+fn fresh_copy(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("clio-readme-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = Command::new("git")
+        .args([
+            "ls-files",
+            "-z",
+            "--cached",
+            "--others",
+            "--exclude-standard",
+        ])
+        .current_dir(repo())
+        .output()
+        .expect("git runs");
+    assert!(out.status.success(), "git ls-files failed");
+    for name in out.stdout.split(|b| *b == 0).filter(|n| !n.is_empty()) {
+        let name = std::str::from_utf8(name).unwrap();
+        let from = repo().join(name);
+        if !from.is_file() {
+            continue; // deleted in the working tree
+        }
+        let to = dir.join(name);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(&from, &to).unwrap();
+    }
+    dir
+}
+
+/// Runs one block in `dir`; its combined output, or a panic that shows it.
+fn run_block(b: &Block, dir: &Path) -> String {
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_clio-relay"))
+        .parent()
+        .unwrap();
+    let script = format!(
+        r#"set -euo pipefail
+ip link set lo up
+cd "$BLOCK_DIR"
+cargo() {{
+    if [ "$*" = "build --release" ]; then
+        mkdir -p target/release
+        for b in clio-relay fake-soniox relay-load; do ln -sf "$BIN_DIR/$b" "target/release/$b"; done
+    else
+        echo "readme test: only 'cargo build --release' is provided, not: cargo $*" >&2
+        return 1
+    fi
+}}
+stop_jobs() {{
+    local j
+    j=$(jobs -p)
+    if [ -n "$j" ]; then kill $j 2>/dev/null || true; wait 2>/dev/null || true; fi
+}}
+trap stop_jobs EXIT
+{}
+"#,
+        b.text
+    );
+    // As root, a plain network namespace; otherwise a user namespace too
+    // (where io_uring's locked memory may run short: run the tests as root).
+    use std::os::unix::fs::MetadataExt as _;
+    let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
+    let unshare = if root { "-n" } else { "-rn" };
+    let out = Command::new("timeout")
+        .args([
+            "--kill-after=10",
+            "300",
+            "unshare",
+            unshare,
+            "bash",
+            "-c",
+            &script,
+        ])
+        .env("BLOCK_DIR", dir)
+        .env("BIN_DIR", bin_dir)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("timeout, unshare and bash run");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "{}:{}: the block failed ({}):\n{}\n--- output ---\n{text}",
+        b.file,
+        b.line,
+        out.status,
+        b.text
+    );
+    text
+}
+
+fn run_all(file: &'static str, tag: &str) -> usize {
+    let mut ran = 0;
+    for (n, b) in blocks(file).iter().filter(|b| b.run).enumerate() {
+        let dir = fresh_copy(&format!("{tag}-{n}"));
+        let out = run_block(b, &dir);
+        // What each kind of block must show, beyond its exit status.
+        if b.text.contains("mint-token") || b.text.contains("mint.py") {
+            assert!(
+                out.contains("clio1."),
+                "{}:{}: no token:\n{out}",
+                b.file,
+                b.line
+            );
+        }
+        if b.text.contains("check-config") {
+            assert!(out.contains("configuration is valid"), "{out}");
+        }
+        if b.text.contains("-o rtt.svg") {
+            let svg = std::fs::read_to_string(dir.join("rtt.svg")).unwrap();
+            assert_eq!(svg.matches("<polyline class=\"series\"").count(), 2);
+        }
+        if b.text.contains("relay-load") {
+            assert!(!out.contains("hint:"), "{out}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        ran += 1;
+    }
+    ran
+}
+
+#[test]
+fn every_sh_block_is_marked() {
+    let readme = blocks("README.md");
+    assert!(readme.iter().filter(|b| b.run).count() >= 2, "{readme:#?}");
+    let clients = blocks("clients/README.md");
+    assert!(clients.iter().all(|b| b.run), "{clients:#?}");
+}
+
+#[test]
+fn readme_blocks_run_as_written() {
+    assert!(run_all("README.md", "readme") >= 2);
+}
+
+#[test]
+fn clients_readme_blocks_run_as_written() {
+    assert!(run_all("clients/README.md", "clients") >= 2);
+}
