@@ -83,11 +83,13 @@ use nix::fcntl::{Flock, FlockArg};
 mod atomic;
 mod data;
 mod format;
+mod key_dates;
 mod master;
 mod merge;
 
 pub use data::{AccountOverride, RetiringKey, StoreData, StoredAccount, StoredKey};
 pub use format::MAGIC;
+pub use key_dates::KeyDates;
 pub use master::{MasterKey, MASTER_KEY_BYTES};
 pub use merge::{merge, MergedAccount, MergedRetiring, Source};
 

@@ -69,10 +69,29 @@ pub fn start_joining(
     let admin_fd = sockets.admin.map(Arc::new);
     let invalid = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
     let epoch = Instant::now();
+    // Config-file keys are dated from when this state directory first saw
+    // them, so their age (and the rotation warning) survives restarts.
+    let now = crate::control::unix_now();
+    let key_dates = crate::keystore::KeyDates::record(&cfg.admin.state_dir, &cfg.accounts, now);
+    let dated = |mut merged: Vec<crate::keystore::MergedAccount>| {
+        for m in &mut merged {
+            if m.source == crate::keystore::Source::Config {
+                m.key_age_secs = key_dates.get(&m.id).map(|at| now.saturating_sub(*at));
+            }
+        }
+        Accounts::from_merged(&merged, epoch)
+    };
     // With a master key, runtime changes live in the encrypted key store and
     // merge with the config file's accounts; without one, only the file.
     let (accounts, store) = match &cfg.admin.master_key {
-        None => (Accounts::from_config(&cfg.accounts, epoch), None),
+        None => (
+            dated(crate::keystore::merge(
+                &cfg.accounts,
+                &crate::keystore::StoreData::default(),
+                now,
+            )),
+            None,
+        ),
         Some(k) => {
             let store_err = |e: crate::keystore::StoreError| {
                 std::io::Error::other(format!(
@@ -84,12 +103,9 @@ pub fn start_joining(
             let store =
                 crate::keystore::KeyStore::open(&cfg.admin.state_dir, master).map_err(store_err)?;
             let data = store.load().map_err(store_err)?;
-            let merged = crate::keystore::merge(&cfg.accounts, &data, crate::control::unix_now());
+            let merged = crate::keystore::merge(&cfg.accounts, &data, now);
             tracing::info!(dir = %cfg.admin.state_dir.display(), generation = data.generation, runtime_accounts = data.accounts.len(), "key store loaded");
-            (
-                Accounts::from_merged(&merged, epoch),
-                Some((store, data.generation)),
-            )
+            (dated(merged), Some((store, data.generation)))
         }
     };
     let process = ProcessState::new(

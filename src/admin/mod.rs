@@ -229,11 +229,13 @@ impl Admin {
     /// the admin settings. Listen addresses, shards and upstream need a restart.
     fn reload(&self, cfg: &Config) -> Vec<String> {
         let overlap = cfg.admin.rotation_overlap;
-        let mut log = self.accounts.borrow_mut().apply_config(
-            &cfg.accounts,
-            overlap,
-            crate::control::unix_now(),
-        );
+        let now = crate::control::unix_now();
+        // Keys new to the file are dated now, here and after restarts.
+        crate::keystore::KeyDates::record(&self.config.borrow().state_dir, &cfg.accounts, now);
+        let mut log = self
+            .accounts
+            .borrow_mut()
+            .apply_config(&cfg.accounts, overlap, now);
         self.publish();
         let settings = Settings {
             limits: cfg.limits.clone(),

@@ -15,6 +15,7 @@ mod errors;
 mod failover;
 mod heads;
 mod health;
+mod key_age;
 mod keys_api;
 mod ports;
 mod reload;
