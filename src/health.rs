@@ -253,6 +253,96 @@ fn upstream_room(body: &[u8], account: &AccountState) -> u32 {
     limit.saturating_sub(others).min(u32::MAX as u64 - 1) as u32
 }
 
+/// A configuration fault upstream has shown: it answered the WebSocket
+/// upgrade with 400 or 404, so `upstream.url` (its path, most likely) is
+/// wrong. That is the same for every account, so it is not held against any
+/// of them: streams get a 502 that says so, `/readyz` is 503, and
+/// `clio_relay_upstream_config_fault` and the `upstream_config_fault` alert
+/// name it. Set by a stream's upgrade or by [`probe_websocket`]; cleared by
+/// the next upgrade upstream accepts. Shared by every shard (one atomic,
+/// read once per stream open).
+#[derive(Debug, Default)]
+pub struct UpstreamFault(std::sync::atomic::AtomicU16);
+
+impl UpstreamFault {
+    /// Whether an upgrade answered `status` is a configuration fault.
+    pub fn is_config_fault(status: u16) -> bool {
+        matches!(status, 400 | 404)
+    }
+
+    /// Records that upstream answered the upgrade with `status`; true when
+    /// this is news (the caller logs it once, not per stream).
+    pub fn set(&self, status: u16) -> bool {
+        self.0.swap(status, Ordering::Relaxed) != status
+    }
+
+    /// Upstream accepted an upgrade; true when a fault stood until now.
+    pub fn clear(&self) -> bool {
+        self.0.load(Ordering::Relaxed) != 0 && self.0.swap(0, Ordering::Relaxed) != 0
+    }
+
+    /// The status of the standing fault, if any.
+    pub fn get(&self) -> Option<u16> {
+        Some(self.0.load(Ordering::Relaxed)).filter(|s| *s != 0)
+    }
+
+    /// What `/readyz`, logs and errors say about it.
+    pub fn describe(status: u16) -> String {
+        format!(
+            "upstream answered the WebSocket upgrade with HTTP {status}: upstream.url is \
+             misconfigured (check its path; Soniox's is /transcribe-websocket)"
+        )
+    }
+}
+
+/// Tries the real WebSocket endpoint (`upstream.url`) with an upgrade that
+/// carries no key, and records what it shows in `fault`:
+///
+/// - 400 or 404: the URL is wrong; the fault is set (true when that is news);
+/// - 101, or any other refusal (a 401 for the missing key): the endpoint is
+///   there; a standing fault is cleared;
+/// - unreachable: nothing is learnt, nothing changes.
+///
+/// Returns the status upstream answered, if it answered.
+pub async fn probe_websocket(
+    target: &crate::upstream::UpstreamTarget,
+    fault: &UpstreamFault,
+    limit: Duration,
+) -> Option<u16> {
+    use crate::upstream::ConnectError;
+    let pool = BufferPool::new(16 * 1024, 1, 1);
+    let mut buf = pool.get();
+    let no_key = crate::secret::Secret::new(String::new());
+    let status = match target.connect(&no_key, false, &mut buf, limit).await {
+        Ok(conn) => {
+            // Upgraded: say goodbye at once (a masked close, no config sent).
+            let close = crate::frame::build_frame(
+                crate::frame::Opcode::Close,
+                &crate::frame::close_payload(1000, ""),
+                Some([0x5a, 0xa5, 0x3c, 0xc3]),
+            );
+            let _ = conn.write_all(&close).await;
+            101
+        }
+        Err(ConnectError::Refused(status, _)) => status,
+        Err(e) => {
+            tracing::debug!(error = ?e, "WebSocket probe could not reach upstream");
+            return None;
+        }
+    };
+    if UpstreamFault::is_config_fault(status) {
+        if fault.set(status) {
+            tracing::error!(status, "{}", UpstreamFault::describe(status));
+        }
+    } else if fault.clear() {
+        tracing::info!(
+            status,
+            "upstream's WebSocket endpoint answers again; the configuration fault is cleared"
+        );
+    }
+    Some(status)
+}
+
 /// Counts of check outcomes, for `/metrics`.
 #[derive(Debug, Default)]
 pub struct CheckCounts {

@@ -192,6 +192,7 @@ pub fn start_joining(
         store,
         listen_fd: admin_fd,
         fleet_accounts: accounts_rx,
+        upstream_url: cfg.upstream.url.clone(),
     })
     .map_err(|e| match e.kind() {
         std::io::ErrorKind::AddrInUse => in_use(cfg.server.admin_listen, "server.admin_listen", e),

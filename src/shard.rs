@@ -72,6 +72,8 @@ pub struct ProcessState {
     pub fleet: std::sync::OnceLock<Arc<crate::cluster::Fleet>>,
     /// Accept errors and file-limit hits, for the metrics.
     pub faults: crate::accept::Faults,
+    /// Upstream answered an upgrade with 400 or 404: `upstream.url` is wrong.
+    pub upstream_fault: crate::health::UpstreamFault,
 }
 
 impl ProcessState {
@@ -90,6 +92,7 @@ impl ProcessState {
             unauthenticated: Default::default(),
             fleet: std::sync::OnceLock::new(),
             faults: Default::default(),
+            upstream_fault: Default::default(),
         })
     }
 

@@ -8,6 +8,7 @@
 //! | `high_error_rate` | upstream and internal errors reach `error_rate` of the streams started in the last window (once `error_min_streams` started) |
 //! | `slow_first_result` | p99 time to first result in the last window is over `slow_first_result` |
 //! | `cluster_store_down` | in a fleet (`[cluster]`), this node cannot reach the shared store (Redis) |
+//! | `upstream_config_fault` | upstream answered the WebSocket upgrade with 400 or 404 (a wrong `upstream.url`) |
 //!
 //! Each change (firing or resolved) is a structured log event, the gauge
 //! `clio_relay_alerts_firing{alert,subject}`, and optionally a JSON POST to
@@ -143,6 +144,15 @@ pub(super) async fn evaluate(admin: &Admin) {
             subject: f.node_id.clone(),
             value: 0.0,
             threshold: 1.0,
+        });
+    }
+    // A wrong upstream.url: every stream fails until it is fixed.
+    if let Some(status) = admin.process.upstream_fault.get() {
+        found.push(Finding {
+            alert: "upstream_config_fault",
+            subject: "upstream".into(),
+            value: status as f64,
+            threshold: 0.0,
         });
     }
     // Unusual usage against each subject's own baseline.

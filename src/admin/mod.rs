@@ -74,6 +74,8 @@ pub struct AdminSetup {
     /// In a fleet: the account set other nodes stored (sealed), from the
     /// cluster thread.
     pub fleet_accounts: Option<async_channel::Receiver<Vec<u8>>>,
+    /// `upstream.url`: the health checks probe its WebSocket endpoint.
+    pub upstream_url: String,
 }
 
 fn prices(accounts: &[crate::config::AccountConfig]) -> HashMap<String, meter::Price> {
@@ -500,9 +502,19 @@ pub fn start(setup: AdminSetup) -> std::io::Result<AdminHandle> {
                 }
                 futures_lite::future::pending::<()>().await;
             };
+            let ws_target = crate::upstream::UpstreamTarget::new(&setup.upstream_url, admin.tls.clone()).ok();
             let health = async {
+                let mut probed = false;
                 loop {
                     let interval = admin.config.borrow().health_interval;
+                    // The WebSocket endpoint itself, at the first check and
+                    // while a configuration fault stands: a wrong upstream.url
+                    // is found at start, not by the first user.
+                    if let Some(t) = ws_target.as_ref().filter(|_| !interval.is_zero()) {
+                        if !probed || admin.process.upstream_fault.get().is_some() {
+                            probed = crate::health::probe_websocket(t, &admin.process.upstream_fault, Duration::from_secs(10)).await.is_some();
+                        }
+                    }
                     let Some(rest) = admin.rest.as_ref().filter(|_| !interval.is_zero()) else {
                         glommio::timer::Timer::new(Duration::from_secs(1)).await;
                         continue;
@@ -676,6 +688,10 @@ async fn route(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
                 fleet.render_metrics(&mut body);
             }
             process.faults.render(&mut body);
+            body.push_str(&format!(
+                "# HELP clio_relay_upstream_config_fault The HTTP status (400, 404) upstream answered the WebSocket upgrade with while upstream.url is misconfigured; 0 when it is not.\n# TYPE clio_relay_upstream_config_fault gauge\nclio_relay_upstream_config_fault {}\n",
+                process.upstream_fault.get().unwrap_or(0)
+            ));
             let c = &admin.checks;
             body.push_str(&format!(
                 "# HELP clio_relay_health_checks_total Active key checks against upstream's REST API, by result.\n# TYPE clio_relay_health_checks_total counter\nclio_relay_health_checks_total{{result=\"healthy\"}} {}\nclio_relay_health_checks_total{{result=\"refused\"}} {}\nclio_relay_health_checks_total{{result=\"unreachable\"}} {}\n",
@@ -701,6 +717,9 @@ async fn route(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
             let store_down = process.fleet.get().filter(|f| !f.store_up());
             if process.draining() {
                 http::response(503, "text/plain", "", b"draining\n")
+            } else if let Some(status) = process.upstream_fault.get() {
+                let why = format!("{}\n", crate::health::UpstreamFault::describe(status));
+                http::response(503, "text/plain", "", why.as_bytes())
             } else if !usable {
                 http::response(503, "text/plain", "", b"no healthy account\n")
             } else if let Some(f) = store_down {

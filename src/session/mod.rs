@@ -26,6 +26,7 @@ use serde_json::Value;
 
 use crate::devices::{DevicePermit, Limit};
 use crate::frame::{build_frame, close_payload, Opcode, Sender};
+use crate::health::UpstreamFault;
 use crate::io::{timeout, Buf, Duplex};
 use crate::keyring::{Lease, RateScope};
 use crate::metrics::Side;
@@ -348,6 +349,11 @@ impl Stream {
                         crate::metrics::Hist::UpstreamConnect,
                         t0.elapsed().as_micros() as u64,
                     );
+                    if shard.process.upstream_fault.clear() {
+                        tracing::info!(
+                            "upstream accepted an upgrade; the configuration fault is cleared"
+                        );
+                    }
                     lease.account.mark_ok();
                     shard.metrics.stream_opened(lease.account.metrics_index);
                     let scanner = FrameScanner::new(
@@ -360,6 +366,16 @@ impl Stream {
                         buf,
                         scanner,
                     });
+                }
+                Err(crate::upstream::ConnectError::Refused(status, _))
+                    if UpstreamFault::is_config_fault(status) =>
+                {
+                    // The URL, not the account: every account would get the same.
+                    shard.metrics.error(Side::Upstream, status);
+                    if shard.process.upstream_fault.set(status) {
+                        tracing::error!(stream = %self.id, status, "{}", UpstreamFault::describe(status));
+                    }
+                    return Err(Refusal::upstream_misconfigured(status));
                 }
                 Err(crate::upstream::ConnectError::Refused(status, scope)) => {
                     self.note_refusal(&lease, status, scope);

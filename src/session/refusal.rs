@@ -78,6 +78,21 @@ impl Refusal {
             Side::Upstream,
         )
     }
+    /// Upstream answered the upgrade with 400 or 404: the relay's
+    /// `upstream.url` is wrong. No account is to blame and none is tried.
+    pub(super) fn upstream_misconfigured(status: u16) -> Self {
+        Refusal::new(
+            502,
+            "upstream_misconfigured",
+            format!(
+                "The relay is misconfigured: the transcription service answered its \
+                 WebSocket upgrade with HTTP {status} (wrong upstream URL). This is not a \
+                 capacity limit; retrying will not help until the relay's operator fixes it."
+            ),
+            1011,
+            Side::Upstream,
+        )
+    }
     /// A device limit or a revocation.
     pub(super) fn device(limit: crate::devices::Limit, message: String) -> Self {
         use crate::devices::Limit;

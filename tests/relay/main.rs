@@ -24,4 +24,5 @@ mod streaming;
 mod timeouts;
 mod tls;
 mod unauthenticated;
+mod upstream_fault;
 mod watchdog;
