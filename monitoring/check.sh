@@ -66,7 +66,7 @@ KNOWN = {
     "clio_relay_audio_seconds_total", "clio_relay_usage_month_audio_seconds",
     "clio_relay_cost_month", "clio_relay_budget_month",
     "clio_relay_device_rejections_total", "clio_relay_usage_drift_seconds",
-    "clio_relay_alerts_firing", "clio_relay_upstream_config_fault",
+    "clio_relay_alerts_firing", "clio_relay_upstream_config_fault", "clio_relay_refusals_total",
     "up", "ALERTS",
 }
 for summary in ("frame_forward_seconds", "client_handshake_seconds",

@@ -265,10 +265,15 @@ pub(super) fn stats(shards: &[crate::metrics::MetricsSnapshot]) -> Vec<u8> {
         .error_counts()
         .map(|(side, code, n)| json!({"side": side.label(), "code": code, "count": n}))
         .collect();
+    let refusals: serde_json::Map<String, serde_json::Value> = crate::metrics::RefusedBy::ALL
+        .iter()
+        .map(|by| (by.label().to_string(), json!(m.refusals(*by))))
+        .collect();
     ok(json!({
         "streams_active": m.active_streams(),
         "streams_total": m.streams_total(),
         "streams_rejected": m.streams_rejected(),
+        "refusals": refusals,
         "frames": {"client_to_upstream": m.frames(Direction::ClientToUpstream), "upstream_to_client": m.frames(Direction::UpstreamToClient)},
         "bytes": {"client_to_upstream": m.bytes(Direction::ClientToUpstream), "upstream_to_client": m.bytes(Direction::UpstreamToClient)},
         "accounts": accounts,

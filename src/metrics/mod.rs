@@ -45,6 +45,70 @@ impl Side {
     }
 }
 
+/// Who refused a stream; the `by` label of `clio_relay_refusals_total`.
+/// Kept apart from [`Side`] so the relay's own limits never read as
+/// upstream's errors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RefusedBy {
+    /// The client: bad request, bad or missing token, no first message.
+    Client,
+    /// A device limit (concurrency, rate, daily audio, stream length).
+    DeviceLimit,
+    /// A revoked device or token.
+    Revoked,
+    /// The relay's account limits: every usable account is at its
+    /// configured `max_concurrent_streams` (or none is enabled).
+    RelayLimit,
+    /// The relay as a whole: `server.max_streams`, draining, or a fault.
+    Relay,
+    /// Upstream: it refused the accounts (401, 402, 429, its own
+    /// concurrency limit, cooldowns after those), was unreachable, or
+    /// dropped the stream.
+    Upstream,
+    /// Upstream answered the upgrade with 400 or 404: `upstream.url` is wrong.
+    UpstreamConfig,
+}
+
+impl RefusedBy {
+    /// Every value, in label order.
+    pub const ALL: [RefusedBy; 7] = [
+        RefusedBy::Client,
+        RefusedBy::DeviceLimit,
+        RefusedBy::Revoked,
+        RefusedBy::RelayLimit,
+        RefusedBy::Relay,
+        RefusedBy::Upstream,
+        RefusedBy::UpstreamConfig,
+    ];
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            RefusedBy::Client => "client",
+            RefusedBy::DeviceLimit => "device_limit",
+            RefusedBy::Revoked => "revoked",
+            RefusedBy::RelayLimit => "relay_limit",
+            RefusedBy::Relay => "relay",
+            RefusedBy::Upstream => "upstream",
+            RefusedBy::UpstreamConfig => "upstream_config",
+        }
+    }
+
+    /// Who refused, when only the error's side is known (refusals before
+    /// the upgrade: client errors, and the relay's 503s).
+    pub fn from_side(side: Side) -> RefusedBy {
+        match side {
+            Side::Client => RefusedBy::Client,
+            Side::Upstream => RefusedBy::Upstream,
+            Side::Internal => RefusedBy::Relay,
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
 /// Direction of forwarded traffic; the `direction` label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Direction {
@@ -196,6 +260,8 @@ pub struct ShardMetrics {
     streams_total: Cell<u64>,
     /// Streams refused (before or after the upgrade); each is also an error.
     streams_rejected: Cell<u64>,
+    /// The same refusals by who made them, indexed by [`RefusedBy`].
+    refusals: [Cell<u64>; 7],
     /// Forwarded frames and bytes, indexed by [`Direction`]. Plain cells: the
     /// per-frame path does two adds, no allocation.
     traffic: [Cell<Traffic>; 2],
@@ -218,6 +284,7 @@ impl ShardMetrics {
             streams_active: Cell::new(0),
             streams_total: Cell::new(0),
             streams_rejected: Cell::new(0),
+            refusals: Default::default(),
             traffic: Default::default(),
             accounts: RefCell::new(account_ids.iter().map(|id| AccountStats::new(id)).collect()),
             errors: RefCell::new(Vec::new()),
@@ -262,8 +329,17 @@ impl ShardMetrics {
 
     /// A stream was refused, before or after the upgrade. Counted in
     /// `clio_relay_streams_rejected_total` and in the error table.
+    /// Who refused it follows from `side` (see [`RefusedBy::from_side`]).
     pub fn stream_rejected(&self, side: Side, code: u16) {
+        self.stream_refused(RefusedBy::from_side(side), side, code);
+    }
+
+    /// A stream was refused by `by`: counted in
+    /// `clio_relay_streams_rejected_total`, `clio_relay_refusals_total{by}`
+    /// and as an error of `(side, code)`.
+    pub fn stream_refused(&self, by: RefusedBy, side: Side, code: u16) {
         bump(&self.streams_rejected, 1);
+        bump(&self.refusals[by.index()], 1);
         self.error(side, code);
     }
 
@@ -335,6 +411,7 @@ impl ShardMetrics {
             streams_active: self.streams_active.get(),
             streams_total: self.streams_total.get(),
             streams_rejected: self.streams_rejected.get(),
+            refusals: self.refusals.each_ref().map(Cell::get),
             read_buffers: (0, 0),
             unauthenticated: 0,
             traffic: [self.traffic[0].get(), self.traffic[1].get()],
@@ -364,6 +441,7 @@ pub struct MetricsSnapshot {
     streams_active: u64,
     streams_total: u64,
     streams_rejected: u64,
+    refusals: [u64; 7],
     /// The shard's read buffers: `(in use, on the free list)`, filled in by
     /// the shard when it takes the snapshot.
     pub read_buffers: (u64, u64),
@@ -391,6 +469,9 @@ impl MetricsSnapshot {
         self.streams_total += other.streams_total;
         self.streams_rejected += other.streams_rejected;
         self.unauthenticated += other.unauthenticated;
+        for (mine, theirs) in self.refusals.iter_mut().zip(&other.refusals) {
+            *mine += theirs;
+        }
         for (mine, theirs) in self.traffic.iter_mut().zip(&other.traffic) {
             mine.frames += theirs.frames;
             mine.bytes += theirs.bytes;
@@ -433,6 +514,11 @@ impl MetricsSnapshot {
     /// Streams refused before or after the upgrade.
     pub fn streams_rejected(&self) -> u64 {
         self.streams_rejected
+    }
+
+    /// Streams refused by `by`.
+    pub fn refusals(&self, by: RefusedBy) -> u64 {
+        self.refusals[by.index()]
     }
 
     /// Frames forwarded in `direction`.

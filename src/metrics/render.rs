@@ -222,6 +222,21 @@ pub fn render_prometheus(shards: &[MetricsSnapshot], gauges: &ProcessGauges) -> 
 
     family(
         o,
+        "clio_relay_refusals_total",
+        "counter",
+        "Streams refused, by who refused them: client, device_limit, revoked, relay_limit (every account at its max_concurrent_streams), relay (max_streams, draining), upstream, upstream_config (a wrong upstream.url).",
+    );
+    for by in crate::metrics::RefusedBy::ALL {
+        sample(
+            o,
+            "clio_relay_refusals_total",
+            &[("by", by.label())],
+            merged.refusals(by),
+        );
+    }
+
+    family(
+        o,
         "clio_relay_errors_total",
         "counter",
         "Errors by side and code.",

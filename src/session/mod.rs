@@ -251,7 +251,10 @@ impl Stream {
                     count(r.limit);
                     Refusal::device(r.limit, r.message)
                 }
-                crate::cluster::FleetRefusal::NoAccount => Refusal::no_account(),
+                // Every account at its limit across the fleet: the relays' own limit.
+                crate::cluster::FleetRefusal::NoAccount => {
+                    Refusal::no_account(crate::metrics::RefusedBy::RelayLimit)
+                }
                 crate::cluster::FleetRefusal::StoreDown => Refusal::store_down(),
             })
     }
@@ -305,12 +308,14 @@ impl Stream {
     ) -> Result<Upstream, Refusal> {
         let shard = &self.shard;
         let mut unreachable = false;
+        let mut upstream_refused = false;
         loop {
+            let now = Instant::now();
             let lease = match (first.take(), shard.process.fleet.get()) {
                 (Some(l), _) => Some(l),
                 (None, Some(fleet)) if fleet.store_up() => fleet.pick(&shard.ring, *tried).await,
                 (None, Some(fleet)) => fleet.pick_local(&shard.ring, *tried),
-                (None, None) => shard.ring.borrow_mut().pick(Instant::now(), *tried),
+                (None, None) => shard.ring.borrow_mut().pick(now, *tried),
             };
             let Some(lease) = lease else {
                 // Accounts held off after connect timeouts are an unreachable
@@ -327,7 +332,12 @@ impl Stream {
                 return Err(if unreachable || timed_out() {
                     Refusal::upstream_unavailable()
                 } else {
-                    Refusal::no_account()
+                    let ring = shard.ring.borrow();
+                    Refusal::no_account(refusal::why_no_account(
+                        ring.slots(),
+                        now,
+                        upstream_refused,
+                    ))
                 });
             };
             *tried |= 1 << lease.slot;
@@ -378,6 +388,7 @@ impl Stream {
                     return Err(Refusal::upstream_misconfigured(status));
                 }
                 Err(crate::upstream::ConnectError::Refused(status, scope)) => {
+                    upstream_refused = true;
                     self.note_refusal(&lease, status, scope);
                     shard.metrics.error(Side::Upstream, status);
                     shard.metrics.account_retry(lease.account.metrics_index);
@@ -703,11 +714,11 @@ impl Stream {
     /// Sends a refusal (error frame + close) to the client and ends.
     async fn refuse(&self, client: &Duplex, r: &Refusal) {
         if r.code != 0 {
-            self.shard.metrics.stream_rejected(r.side, r.code);
-            // Every refusal leaves one line at INFO; the message never holds
-            // a token or a key.
+            self.shard.metrics.stream_refused(r.by, r.side, r.code);
+            // Every refusal leaves one line at INFO, saying who refused; the
+            // message never holds a token or a key.
             if !r.is_file_limit() {
-                tracing::info!(stream = %self.id, code = r.code, close = r.close, reason = %r.message, "stream refused");
+                tracing::info!(stream = %self.id, by = r.by.label(), code = r.code, close = r.close, reason = %r.message, "stream refused");
             } // at the file limit, the shard's rate-limited warning says it
 
             let _ = client.write_all(&r.frames(&self.id)).await;

@@ -2,7 +2,8 @@
 //! in Soniox's error shape, then a close frame.
 
 use crate::frame::{build_frame, close_payload, Opcode};
-use crate::metrics::Side;
+use crate::keyring::RingSlot;
+use crate::metrics::{RefusedBy, Side};
 
 /// What a stream refused at the file limit is told.
 const FILE_LIMIT: &str = "Relay at its file limit; try again later.";
@@ -20,6 +21,8 @@ pub struct Refusal {
     pub close: u16,
     /// Who caused it, for metrics.
     pub side: Side,
+    /// Who refused the stream, for `clio_relay_refusals_total` and the log.
+    pub by: RefusedBy,
 }
 
 impl Refusal {
@@ -36,7 +39,12 @@ impl Refusal {
             message: message.into(),
             close,
             side,
+            by: RefusedBy::from_side(side),
         }
+    }
+    fn by(mut self, by: RefusedBy) -> Self {
+        self.by = by;
+        self
     }
     /// No error frame: just a close frame with `close` (0: not even that).
     pub(super) fn silent(close: u16) -> Self {
@@ -48,14 +56,26 @@ impl Refusal {
     pub(super) fn unauthorized(message: impl Into<String>) -> Self {
         Refusal::new(401, "unauthenticated", message, 1008, Side::Client)
     }
-    pub(super) fn no_account() -> Self {
-        Refusal::new(
-            429,
-            "too_many_requests",
-            "No Soniox account can take another stream now; try again later.",
-            1013,
-            Side::Upstream,
-        )
+    /// No account could take the stream: `by` says whether the relay's own
+    /// limits ([`RefusedBy::RelayLimit`]) or upstream's refusals did it.
+    pub(super) fn no_account(by: RefusedBy) -> Self {
+        match by {
+            RefusedBy::RelayLimit => Refusal::new(
+                429,
+                "too_many_requests",
+                "Every Soniox account is at the relay's stream limit; try again later.",
+                1013,
+                Side::Internal,
+            ),
+            _ => Refusal::new(
+                429,
+                "too_many_requests",
+                "No Soniox account can take another stream now; try again later.",
+                1013,
+                Side::Upstream,
+            ),
+        }
+        .by(by)
     }
     pub(super) fn upstream_unavailable() -> Self {
         Refusal::new(
@@ -77,6 +97,7 @@ impl Refusal {
             1013,
             Side::Upstream,
         )
+        .by(RefusedBy::Relay)
     }
     /// Upstream answered the upgrade with 400 or 404: the relay's
     /// `upstream.url` is wrong. No account is to blame and none is tried.
@@ -92,17 +113,21 @@ impl Refusal {
             1011,
             Side::Upstream,
         )
+        .by(RefusedBy::UpstreamConfig)
     }
     /// A device limit or a revocation.
     pub(super) fn device(limit: crate::devices::Limit, message: String) -> Self {
         use crate::devices::Limit;
         match limit {
-            Limit::Revoked => Refusal::new(401, "unauthenticated", message, 1008, Side::Client),
+            Limit::Revoked => Refusal::new(401, "unauthenticated", message, 1008, Side::Client)
+                .by(RefusedBy::Revoked),
             Limit::Concurrent | Limit::Rate => {
                 Refusal::new(429, "too_many_requests", message, 1013, Side::Client)
+                    .by(RefusedBy::DeviceLimit)
             }
             Limit::DailyAudio | Limit::MaxLength => {
                 Refusal::new(429, "too_many_requests", message, 1008, Side::Client)
+                    .by(RefusedBy::DeviceLimit)
             }
         }
     }
@@ -145,5 +170,47 @@ impl Refusal {
             None,
         ));
         out
+    }
+}
+
+/// Why no account could take a stream, once the ring had none left.
+///
+/// - Upstream, if it refused an account for this very stream (401, 402,
+///   429, 5xx), or if every account is out because of upstream: held off
+///   after a 401/402, cooling down after a 429, or full at the concurrency
+///   limit upstream reported.
+/// - The relay's limit, if an account upstream would still serve is full at
+///   its configured `max_concurrent_streams`, or if no account is enabled.
+pub(super) fn why_no_account(
+    slots: &[RingSlot],
+    now: std::time::Instant,
+    upstream_refused: bool,
+) -> RefusedBy {
+    use std::sync::atomic::Ordering;
+    if upstream_refused {
+        return RefusedBy::Upstream;
+    }
+    let mut upstream = false;
+    for s in slots {
+        let a = &s.account;
+        if !a.enabled.load(Ordering::Relaxed) {
+            continue;
+        }
+        if !a.healthy(now) || a.cooling_down(now).is_some() {
+            upstream = true;
+            continue;
+        }
+        let live = a.live.load(Ordering::Relaxed);
+        if live >= a.max_concurrent.load(Ordering::Relaxed) {
+            return RefusedBy::RelayLimit;
+        }
+        if live >= a.effective_max() {
+            upstream = true; // upstream's own concurrency limit
+        }
+    }
+    if upstream {
+        RefusedBy::Upstream
+    } else {
+        RefusedBy::RelayLimit
     }
 }

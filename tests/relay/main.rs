@@ -18,6 +18,7 @@ mod health;
 mod key_age;
 mod keys_api;
 mod ports;
+mod refusals;
 mod reload;
 mod shards;
 mod streaming;
