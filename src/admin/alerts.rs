@@ -4,7 +4,7 @@
 //! |---|---|
 //! | `account_near_concurrency` | an account's live streams reach `concurrency_ratio` of its limit |
 //! | `account_near_budget` | an account's cost this month reaches `budget_ratio` of its monthly budget |
-//! | `unusual_usage` | a device or account streamed, in the current hour, `unusual_factor` × its average hour of the previous 24 (and at least `unusual_min_audio_seconds`) |
+//! | `unusual_usage` | a device or account streamed, in the current hour, `unusual_factor` × its average hour of the previous 24 (and at least `unusual_min_audio_seconds`); never without a baseline (no audio in the previous 24 hours) |
 //! | `high_error_rate` | upstream and internal errors reach `error_rate` of the streams started in the last window (once `error_min_streams` started) |
 //! | `slow_first_result` | p99 time to first result in the last window is over `slow_first_result` |
 //! | `cluster_store_down` | in a fleet (`[cluster]`), this node cannot reach the shared store (Redis) |
@@ -42,6 +42,18 @@ pub(super) struct AlertState {
     hourly: HashMap<String, [(u64, u64); HOURS]>,
     /// The hour of the last pruning of `hourly`.
     pruned_hour: u64,
+    /// (alert, subject) → what is firing now: value, threshold, and since
+    /// when (Unix seconds); for the dashboard.
+    firing: BTreeMap<(String, String), (f64, f64, u64)>,
+}
+
+/// Whether a subject's audio this hour (`now_ms`) is unusual against its
+/// average hour of the previous 24 (`baseline_ms`). No baseline, no alert:
+/// a subject with no audio in the previous 24 hours (a new device, or any
+/// subject on a relay less than an hour old, since the history lives in
+/// memory) has nothing to be unusual against.
+fn unusual(now_ms: u64, baseline_ms: f64, factor: f64, floor_ms: u64) -> bool {
+    baseline_ms > 0.0 && now_ms >= floor_ms && now_ms as f64 > factor * baseline_ms
 }
 
 fn hour_now() -> u64 {
@@ -162,7 +174,7 @@ pub(super) async fn evaluate(admin: &Admin) {
         for (subject, slots) in &state.hourly {
             let (now, baseline) = state.usage(slots, hour);
             let floor = cfg.unusual_min_audio_seconds * 1000;
-            if now >= floor && now as f64 > cfg.unusual_factor * baseline.max(1.0) {
+            if unusual(now, baseline, cfg.unusual_factor, floor) {
                 found.push(Finding {
                     alert: "unusual_usage",
                     subject: subject.clone(),
@@ -244,6 +256,16 @@ pub(super) async fn evaluate(admin: &Admin) {
         for key in firing.keys() {
             state.states.insert(key.clone(), true);
         }
+        let at = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let before = std::mem::take(&mut state.firing);
+        for (key, f) in &firing {
+            let since = before.get(key).map_or(at, |b| b.2);
+            state
+                .firing
+                .insert(key.clone(), (f.value, f.threshold, since));
+        }
     }
     for c in changes {
         if c["state"] == "firing" {
@@ -277,6 +299,20 @@ async fn post(admin: &Admin, url: &str, change: &serde_json::Value) {
         Ok(s) => tracing::warn!(status = s, "alert webhook refused the alert"),
         Err(e) => tracing::warn!(error = %e, "alert webhook unreachable"),
     }
+}
+
+/// The alerts firing now, for `/admin/stats` and the dashboard.
+pub(super) fn firing_json(admin: &Admin) -> serde_json::Value {
+    let state = admin.alerts.borrow();
+    serde_json::Value::Array(
+        state
+            .firing
+            .iter()
+            .map(|((alert, subject), (value, threshold, since))| {
+                json!({"alert": alert, "subject": subject, "value": value, "threshold": threshold, "since": since})
+            })
+            .collect(),
+    )
 }
 
 /// `clio_relay_alerts_firing{alert,subject}` for `/metrics`.
@@ -330,5 +366,32 @@ mod tests {
         // A day of silence for everyone empties the map.
         s.feed_at(&[], h + 10 + 25);
         assert!(s.hourly.is_empty());
+    }
+
+    #[test]
+    fn unusual_usage_needs_a_baseline() {
+        let (factor, floor) = (5.0, 600_000);
+        let mut s = AlertState::default();
+        let h = 500_000;
+        // A new subject: an hour of audio and no history. Not unusual.
+        s.feed_at(&[record("new", 3_600_000)], h);
+        let (now, baseline) = s.usage(&s.hourly["device:new"], h);
+        assert_eq!((now, baseline), (3_600_000, 0.0));
+        assert!(!unusual(now, baseline, factor, floor));
+        // With history: 2 minutes an hour on average over the last day...
+        let mut s = AlertState::default();
+        for k in (1..=24).rev() {
+            s.feed_at(&[record("old", 120_000)], h - k);
+        }
+        s.feed_at(&[record("old", 601_000)], h);
+        let (now, baseline) = s.usage(&s.hourly["device:old"], h);
+        assert_eq!(baseline, 120_000.0);
+        // ...601 s this hour is over 5 × 120 s and over the floor.
+        assert!(unusual(now, baseline, factor, floor));
+        assert!(
+            !unusual(now, baseline, 6.0, floor),
+            "under 6 × the baseline"
+        );
+        assert!(!unusual(599_000, baseline, 1.0, floor), "under the floor");
     }
 }

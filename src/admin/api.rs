@@ -234,7 +234,7 @@ pub(super) fn list(admin: &Admin) -> serde_json::Value {
 }
 
 /// `GET /admin/stats`: merged stream, traffic, error and latency figures.
-pub(super) fn stats(shards: &[crate::metrics::MetricsSnapshot]) -> Vec<u8> {
+pub(super) fn stats(admin: &Admin, shards: &[crate::metrics::MetricsSnapshot]) -> Vec<u8> {
     use crate::metrics::{Direction, Hist, MetricsSnapshot};
     let mut m = MetricsSnapshot::empty(0);
     for s in shards {
@@ -278,6 +278,7 @@ pub(super) fn stats(shards: &[crate::metrics::MetricsSnapshot]) -> Vec<u8> {
         "bytes": {"client_to_upstream": m.bytes(Direction::ClientToUpstream), "upstream_to_client": m.bytes(Direction::UpstreamToClient)},
         "accounts": accounts,
         "errors": errors,
+        "alerts_firing": super::alerts::firing_json(admin),
         "latency": hist,
     }))
 }

@@ -638,7 +638,7 @@ async fn route(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
             );
         }
         if req.method == "GET" && req.path == "/admin/stats" {
-            return api::stats(&collect(&admin.shards).await);
+            return api::stats(admin, &collect(&admin.shards).await);
         }
         if req.method == "GET" && req.path == "/admin/usage" {
             // Fresh: take what the shards hold before answering.

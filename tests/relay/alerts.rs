@@ -144,35 +144,47 @@ fn high_error_rate_and_slow_first_result_fire() {
 }
 
 #[test]
-fn unusual_usage_fires_for_the_device_and_the_account() {
+fn unusual_usage_needs_a_baseline_and_the_stats_list_firing_alerts() {
+    const ADMIN: &str = "alerts-admin-token-0123456789";
     let fake = fake(&["k1"], |_| {});
     let (url, rx) = webhook();
     let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.accounts[0].max_concurrent_streams = 2;
     cfg.usage.alerts.interval = Duration::from_millis(100);
-    // No history yet: anything over the floor is far above its baseline.
+    cfg.usage.alerts.concurrency_ratio = 0.5;
+    // Any audio is over the floor: only the missing baseline holds it back.
     cfg.usage.alerts.unusual_min_audio_seconds = 1;
     cfg.usage.alerts.webhook_url = Some(url);
+    cfg.admin.token = Some(clio_relay::secret::Secret::new(ADMIN));
     let relay = Relay::start(cfg);
+    let admin = relay.handle.admin_addr;
     let (mut ws, _) = connect(relay.addr(), &relay.token("chatty-phone"), Via::Header).unwrap();
     assert!(stream_session(&mut ws, &config_message(None), &audio_frames(20, 1)).finished());
-    let mut subjects = std::collections::BTreeMap::new();
-    while subjects.len() < 2 {
-        let v = rx
-            .recv_timeout(Duration::from_secs(10))
-            .expect("unusual_usage webhooks");
-        if v["alert"] == "unusual_usage" && v["state"] == "firing" {
-            subjects.insert(
-                v["subject"].as_str().unwrap().to_string(),
-                v["value"].as_f64().unwrap(),
-            );
-        }
-    }
-    assert_eq!(
-        subjects.keys().collect::<Vec<_>>(),
-        vec!["account:a", "device:chatty-phone"]
-    );
+    // The stream's audio is in the ledger, and so in the alerts' history.
+    assert!(wait_until(Duration::from_secs(10), || http(
+        admin,
+        "GET",
+        "/admin/usage?group_by=device",
+        Some(ADMIN),
+        None
+    )
+    .1
+    .contains("chatty-phone")));
+    // A later evaluation: a live stream makes the concurrency alert fire.
+    let (mut held, _) = connect(relay.addr(), &relay.token("other"), Via::Header).unwrap();
+    held.send(Message::text(config_message(None))).unwrap();
+    next(&rx, "account_near_concurrency", "firing");
+    // That pass saw 2 s of audio with no history: no unusual_usage.
+    let (_, metrics) = http(admin, "GET", "/metrics", None, None);
+    assert!(!metrics.contains("alert=\"unusual_usage\""), "{metrics}");
+    // The dashboard's data lists what fires.
+    let (_, stats) = http(admin, "GET", "/admin/stats", Some(ADMIN), None);
+    let v: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    let firing = v["alerts_firing"].as_array().unwrap();
     assert!(
-        subjects.values().all(|&secs| secs >= 2.0),
-        "2 s of audio this hour: {subjects:?}"
+        firing
+            .iter()
+            .any(|a| a["alert"] == "account_near_concurrency" && a["subject"] == "a"),
+        "{v}"
     );
 }

@@ -1,5 +1,5 @@
 // Drives headless Chromium against a running relay's dashboard:
-// the page shows live data, and "disable" clicked on the page takes effect.
+// the page shows live data and the alerts firing, and "disable" clicked on the page takes effect.
 // Usage: node check.mjs ADMIN_ADDR ADMIN_TOKEN SCREENSHOT RELAY_LOAD_CMD...
 import { chromium } from "playwright-core";
 import { execFileSync } from "node:child_process";
@@ -32,6 +32,10 @@ try {
   const latencyRows = await page.$$eval("#latency tbody tr", (rows) => rows.map((r) => r.textContent));
   if (!latencyRows.some((t) => /frame client->upstream\s*\d+/.test(t) && !t.includes("no samples"))) fail(`no frame latency shown: ${latencyRows}`);
   if (!(await page.textContent('tr[data-account="acct-a"] .state')).includes("healthy")) fail("acct-a not shown healthy");
+
+  // The alerts firing: the live streams are over the (low) concurrency ratio.
+  await page.waitForSelector('#alerts tr[data-alert="account_near_concurrency"]', { timeout: 15000 })
+    .catch(() => fail("the page does not list the firing account_near_concurrency alert"));
 
   // Disable acct-a from the page.
   await page.click('tr[data-account="acct-a"] button[data-act="disable"]');

@@ -2,7 +2,7 @@
 # Checks the admin dashboard in a real browser (Debian's headless Chromium,
 # driven by playwright-core): it starts fake-soniox and a relay on loopback,
 # keeps a few streams open with relay-load, opens the page, checks it shows
-# live data, clicks "disable" on an account and checks that the account then
+# live data and the alerts firing, clicks "disable" on an account and checks that the account then
 # takes no new stream.
 #
 # Usage: bash tools/dashboard-check/run.sh [--screenshot FILE]
@@ -49,6 +49,10 @@ url = "$fake_url"
 secret_env = "DASH_TOKEN_SECRET"
 [admin]
 token_env = "DASH_ADMIN_TOKEN"
+[alerts]
+interval = "1s"
+# 3 of 50 streams per account is over it: the page must list the alert.
+concurrency_ratio = 0.05
 [[account]]
 id = "acct-a"
 key_env = "DASH_KEY_A"
