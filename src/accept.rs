@@ -311,7 +311,7 @@ pub fn check_file_limit(max_streams: u32, shards: usize) {
 /// the backoff.
 pub async fn client_accept_failed(
     shard: &crate::shard::Shard,
-    listener: &glommio::net::TcpListener,
+    listener: &crate::uring::RingListener,
     errors: &AcceptErrors,
     spare: &Spare,
     e: io::Error,
@@ -319,11 +319,11 @@ pub async fn client_accept_failed(
     let wait = errors.failed(&shard.process.faults, &e);
     if is_file_limit(&e) && spare.release() {
         // Only a client already waiting: the accept is not left armed.
-        if let Some(Ok(tcp)) = crate::io::timeout(Duration::ZERO, listener.accept()).await {
+        if let Some(Ok(socket)) = crate::io::timeout(Duration::ZERO, listener.accept()).await {
             shard
                 .metrics
                 .stream_rejected(crate::metrics::Side::Internal, 503);
-            let conn = crate::io::Duplex::new(crate::io::Conn::Plain(tcp));
+            let conn = crate::io::Duplex::new(crate::io::Conn::Plain(socket.into()));
             let answer = crate::http::json_error(503, FILE_LIMIT_MESSAGE);
             // Bounded: the loop must get back to accepting.
             let _ = crate::io::timeout(Duration::from_millis(200), async {

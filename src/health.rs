@@ -139,11 +139,11 @@ impl RestTarget {
             .await
             .map_err(|e| format!("connect: {e}"))?;
         let conn = match &self.tls {
-            None => Conn::Plain(tcp),
+            None => Conn::Plain(tcp.into()),
             Some(cfg) => {
                 let name = ServerName::try_from(self.host.clone()).map_err(|e| e.to_string())?;
                 let tls = TlsConnector::from(cfg.clone())
-                    .connect(name, tcp)
+                    .connect(name, tcp.into())
                     .await
                     .map_err(|e| format!("tls: {e}"))?;
                 Conn::TlsClient(Box::new(tls))

@@ -17,14 +17,98 @@ use std::time::Duration;
 use futures_lite::io::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
 
+use crate::uring::RingSocket;
+
+/// A TCP socket: on a shard's data plane ([`RingSocket`], every stream
+/// socket), or glommio's (the control plane: admin port, health checks).
+#[derive(Debug)]
+pub enum Tcp {
+    /// Registered with the shard's data-plane ring for its whole life.
+    Ring(RingSocket),
+    /// glommio's socket, for connections off the streaming path.
+    Glommio(TcpStream),
+}
+
+impl From<TcpStream> for Tcp {
+    fn from(s: TcpStream) -> Tcp {
+        Tcp::Glommio(s)
+    }
+}
+
+impl From<RingSocket> for Tcp {
+    fn from(s: RingSocket) -> Tcp {
+        Tcp::Ring(s)
+    }
+}
+
+macro_rules! delegate_tcp {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            Tcp::Ring($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+            Tcp::Glommio($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+        }
+    };
+}
+
+impl AsyncRead for Tcp {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        delegate_tcp!(self, s => s.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Tcp {
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Tcp::Ring(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            // glommio has no vectored write: try one `sendmsg` directly,
+            // and let glommio wait for room if the socket is full.
+            Tcp::Glommio(tcp) => match send_vectored(tcp, bufs) {
+                Ok(n) => Poll::Ready(Ok(n)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let first = bufs.iter().find(|s| !s.is_empty()).map_or(&[][..], |s| s);
+                    Pin::new(tcp).poll_write(cx, first)
+                }
+                Err(e) => Poll::Ready(Err(e)),
+            },
+        }
+    }
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        delegate_tcp!(self, s => s.poll_write(cx, buf))
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate_tcp!(self, s => s.poll_flush(cx))
+    }
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate_tcp!(self, s => s.poll_close(cx))
+    }
+}
+
 /// One end of a stream: a plain TCP socket or TLS over one.
 pub enum Conn {
     /// Plain TCP (client side without TLS, or a `ws://` upstream).
-    Plain(TcpStream),
+    Plain(Tcp),
     /// TLS to a `wss://` upstream.
-    TlsClient(Box<futures_rustls::client::TlsStream<TcpStream>>),
+    TlsClient(Box<futures_rustls::client::TlsStream<Tcp>>),
     /// TLS from a client (`[tls]` on the client port).
-    TlsServer(Box<futures_rustls::server::TlsStream<TcpStream>>),
+    TlsServer(Box<futures_rustls::server::TlsStream<Tcp>>),
 }
 
 impl std::fmt::Debug for Conn {
@@ -149,23 +233,7 @@ impl Duplex {
                     io::IoSlice::new(&a[sent.min(a.len())..]),
                     io::IoSlice::new(&b[sent.saturating_sub(a.len())..]),
                 ];
-                let mut conn = self.0.borrow_mut();
-                match &mut *conn {
-                    Conn::Plain(tcp) => {
-                        // glommio has no vectored write: try one directly,
-                        // and let glommio wait for room if the socket is full.
-                        match send_vectored(tcp, &rest) {
-                            Ok(n) => Poll::Ready(Ok(n)),
-                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                                let first =
-                                    rest.iter().find(|s| !s.is_empty()).expect("bytes left");
-                                Pin::new(tcp).poll_write(cx, first)
-                            }
-                            Err(e) => Poll::Ready(Err(e)),
-                        }
-                    }
-                    other => Pin::new(other).poll_write_vectored(cx, &rest),
-                }
+                Pin::new(&mut *self.0.borrow_mut()).poll_write_vectored(cx, &rest)
             })
             .await?;
             if n == 0 {
@@ -208,6 +276,20 @@ pub fn listener(
     };
     // SAFETY: a listening TCP socket we own (a fresh duplicate, or just bound).
     Ok(unsafe { glommio::net::TcpListener::from_raw_fd(fd.into_raw_fd()) })
+}
+
+/// The client listener of a shard, for its data plane: a duplicate of a
+/// socket systemd passed (socket activation), or a new one bound to `addr`,
+/// with `SO_REUSEPORT` when `share` (as [`listener`] binds).
+pub fn stream_listener(
+    passed: Option<&std::os::fd::OwnedFd>,
+    addr: std::net::SocketAddr,
+    share: bool,
+) -> io::Result<std::net::TcpListener> {
+    match passed {
+        Some(fd) => fd.try_clone().map(std::net::TcpListener::from),
+        None => crate::listen::bind(addr, share),
+    }
 }
 
 /// Whether `peer` is in one of `allow`'s networks (an empty list allows
@@ -489,7 +571,7 @@ mod tests {
                 let listener = glommio::net::TcpListener::bind("127.0.0.1:0").unwrap();
                 let addr = listener.local_addr().unwrap();
                 let peer = glommio::net::TcpStream::connect(addr).await.unwrap();
-                let conn = Duplex::new(Conn::Plain(listener.accept().await.unwrap()));
+                let conn = Duplex::new(Conn::Plain(listener.accept().await.unwrap().into()));
                 test(conn, peer).await;
             });
     }

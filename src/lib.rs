@@ -8,6 +8,8 @@
 //! - [`mask`]: in-place re-masking and fresh mask keys.
 //! - [`pump`]: the frame path: in-place scanning, re-masking and forwarding.
 //! - [`io`]: connections, the shared duplex wrapper, pooled read buffers.
+//! - [`uring`]: the data plane's own io_uring per shard: every stream socket
+//!   registered once (multishot poll), completions dispatched in batches.
 //!
 //! A stream's life:
 //! - [`accept`]: accept loops that survive errors; the file limit, said plainly.
@@ -61,6 +63,7 @@ pub mod metrics;
 pub mod pump;
 pub mod secret;
 pub mod upstream;
+pub mod uring;
 pub mod usage;
 
 pub mod admin;

@@ -391,148 +391,178 @@ pub fn start(index: usize, setup: ShardSetup) -> std::io::Result<ShardHandle> {
         Some(cpu) => Placement::Fixed(cpu),
         None => Placement::Unbound,
     };
-    let join = LocalExecutorBuilder::new(placement)
+    let wake = crate::uring::Wake::from_env();
+    let mut builder = LocalExecutorBuilder::new(placement);
+    builder = builder
         .name(&format!("clio-shard-{index}"))
         .io_memory(IO_MEMORY)
-        .ring_depth(RING_DEPTH)
-        .spawn(move || async move {
-            let listener = match crate::io::listener(setup.listen_fd.as_deref(), setup.listen, true)
-            {
+        .ring_depth(RING_DEPTH);
+    if wake == crate::uring::Wake::Ring {
+        // glommio's own loop gets a pass at least this often (see `uring`).
+        builder = builder.preempt_timer(crate::uring::PASS_INTERVAL);
+    }
+    let join = builder.spawn(move || async move {
+        let plane = match crate::uring::Plane::new() {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = ready_tx.send(Err(e));
+                return;
+            }
+        };
+        crate::uring::install(plane.clone());
+        let plane_stop = Rc::new(Cell::new(false));
+        glommio::spawn_local(crate::uring::drive(plane.clone(), wake, plane_stop.clone())).detach();
+        let listener =
+            match crate::io::stream_listener(setup.listen_fd.as_deref(), setup.listen, true) {
                 Ok(l) => l,
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
                     return;
                 }
             };
-            let upstream =
-                match UpstreamTarget::new(&setup.upstream_url, setup.upstream_tls.clone()) {
-                    Ok(u) => u,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(std::io::Error::new(
-                            std::io::ErrorKind::InvalidInput,
-                            e,
-                        )));
-                        return;
-                    }
-                };
-            let ids = setup.process.metrics_ids();
-            let shard = Rc::new(Shard {
-                index,
-                settings: RefCell::new(Rc::new(Settings {
-                    limits: setup.limits.clone(),
-                    failover: setup.failover.clone(),
-                    tokens: setup.tokens.clone(),
-                    devices: setup.devices.clone(),
-                    tls: setup.client_tls.clone(),
-                    allow: setup.allow.clone(),
-                })),
-                key_in_header: setup.key_in_header,
-                connect_timeout: setup.connect_timeout,
-                process: setup.process.clone(),
-                ring: RefCell::new(KeyRing::new(&setup.process.ring())),
-                metrics: ShardMetrics::new(index, &ids),
-                pool: BufferPool::new(BUFFER_SIZE, 64, 4096),
-                masks: RefCell::new(MaskKeys::default()),
-                upstream,
-                next_stream: Cell::new(0),
-                live: RefCell::new(std::collections::HashMap::new()),
-                usage: RefCell::new(Vec::new()),
-                unauthenticated: Default::default(),
-                file_limit_log: crate::accept::Rate::new(
-                    "relay at its file limit: streams refused with 503",
-                ),
-            });
-            let _ = ready_tx.send(listener.local_addr().map_err(Into::into));
-            let (stop_accepting_tx, stop_accepting_rx) = async_channel::bounded::<()>(1);
-            let control = {
-                let shard = shard.clone();
-                async move {
-                    while let Ok(msg) = rx.recv().await {
-                        match msg {
-                            ShardMsg::Snapshot(reply) => {
-                                let mut snapshot = shard.metrics.snapshot();
-                                snapshot.read_buffers =
-                                    (shard.pool.in_use() as u64, shard.pool.available() as u64);
-                                snapshot.unauthenticated = shard.unauthenticated.open() as u64;
-                                let _ = reply.send(snapshot).await;
-                            }
-                            ShardMsg::Settings(settings) => {
-                                *shard.settings.borrow_mut() = Rc::new(settings);
-                            }
-                            ShardMsg::Ring(ring, ids) => {
-                                shard.metrics.set_accounts(&ids);
-                                shard.ring.borrow_mut().replace(&ring);
-                            }
-                            ShardMsg::EndStreams { device, token } => {
-                                for s in shard.live.borrow().values() {
-                                    if device.as_deref() == Some(s.device.as_str())
-                                        || token.as_deref() == Some(s.token_id.as_str())
-                                    {
-                                        s.stop(StopReason::Limit(crate::devices::Limit::Revoked));
-                                    }
+        let upstream = match UpstreamTarget::new(&setup.upstream_url, setup.upstream_tls.clone()) {
+            Ok(u) => u,
+            Err(e) => {
+                let _ = ready_tx.send(Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    e,
+                )));
+                return;
+            }
+        };
+        let ids = setup.process.metrics_ids();
+        let shard = Rc::new(Shard {
+            index,
+            settings: RefCell::new(Rc::new(Settings {
+                limits: setup.limits.clone(),
+                failover: setup.failover.clone(),
+                tokens: setup.tokens.clone(),
+                devices: setup.devices.clone(),
+                tls: setup.client_tls.clone(),
+                allow: setup.allow.clone(),
+            })),
+            key_in_header: setup.key_in_header,
+            connect_timeout: setup.connect_timeout,
+            process: setup.process.clone(),
+            ring: RefCell::new(KeyRing::new(&setup.process.ring())),
+            metrics: ShardMetrics::new(index, &ids),
+            pool: BufferPool::new(BUFFER_SIZE, 64, 4096),
+            masks: RefCell::new(MaskKeys::default()),
+            upstream,
+            next_stream: Cell::new(0),
+            live: RefCell::new(std::collections::HashMap::new()),
+            usage: RefCell::new(Vec::new()),
+            unauthenticated: Default::default(),
+            file_limit_log: crate::accept::Rate::new(
+                "relay at its file limit: streams refused with 503",
+            ),
+        });
+        let _ = ready_tx.send(listener.local_addr());
+        let (stop_accepting_tx, stop_accepting_rx) = async_channel::bounded::<()>(1);
+        let control = {
+            let shard = shard.clone();
+            async move {
+                while let Ok(msg) = rx.recv().await {
+                    match msg {
+                        ShardMsg::Snapshot(reply) => {
+                            let mut snapshot = shard.metrics.snapshot();
+                            snapshot.read_buffers =
+                                (shard.pool.in_use() as u64, shard.pool.available() as u64);
+                            snapshot.unauthenticated = shard.unauthenticated.open() as u64;
+                            let _ = reply.send(snapshot).await;
+                        }
+                        ShardMsg::Settings(settings) => {
+                            *shard.settings.borrow_mut() = Rc::new(settings);
+                        }
+                        ShardMsg::Ring(ring, ids) => {
+                            shard.metrics.set_accounts(&ids);
+                            shard.ring.borrow_mut().replace(&ring);
+                        }
+                        ShardMsg::EndStreams { device, token } => {
+                            for s in shard.live.borrow().values() {
+                                if device.as_deref() == Some(s.device.as_str())
+                                    || token.as_deref() == Some(s.token_id.as_str())
+                                {
+                                    s.stop(StopReason::Limit(crate::devices::Limit::Revoked));
                                 }
                             }
-                            ShardMsg::StopAccepting => {
-                                let _ = stop_accepting_tx.try_send(());
-                            }
-                            ShardMsg::EndKey(fingerprint) => {
-                                for s in shard.live.borrow().values() {
-                                    if *s.key.borrow() == fingerprint {
-                                        s.stop(StopReason::Drain);
-                                    }
-                                }
-                            }
-                            ShardMsg::Drain => {
-                                for s in shard.live.borrow().values() {
+                        }
+                        ShardMsg::StopAccepting => {
+                            let _ = stop_accepting_tx.try_send(());
+                        }
+                        ShardMsg::EndKey(fingerprint) => {
+                            for s in shard.live.borrow().values() {
+                                if *s.key.borrow() == fingerprint {
                                     s.stop(StopReason::Drain);
                                 }
                             }
-                            ShardMsg::TakeUsage(reply) => {
-                                let taken = std::mem::take(&mut *shard.usage.borrow_mut());
-                                let _ = reply.send(taken).await;
+                        }
+                        ShardMsg::Drain => {
+                            for s in shard.live.borrow().values() {
+                                s.stop(StopReason::Drain);
                             }
-                            ShardMsg::Ping(reply) => {
-                                let _ = reply.send(format!("shard {index}"));
-                            }
-                            ShardMsg::Stop => break,
+                        }
+                        ShardMsg::TakeUsage(reply) => {
+                            let taken = std::mem::take(&mut *shard.usage.borrow_mut());
+                            let _ = reply.send(taken).await;
+                        }
+                        ShardMsg::Ping(reply) => {
+                            let _ = reply.send(format!("shard {index}"));
+                        }
+                        ShardMsg::Stop => break,
+                    }
+                }
+            }
+        };
+        let accept = async {
+            let listener = listener;
+            let ring_listener = match crate::uring::RingListener::new(
+                &plane,
+                std::os::fd::AsRawFd::as_raw_fd(&listener),
+            ) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!(shard = index, error = %e, "listener not registered");
+                    return;
+                }
+            };
+            let accept_loop = async {
+                let errors = crate::accept::AcceptErrors::new("client", false);
+                let spare = crate::accept::Spare::new(1);
+                loop {
+                    match ring_listener.accept().await {
+                        Ok(socket) => {
+                            errors.succeeded();
+                            glommio::spawn_local(crate::uring::Counted(crate::session::serve(
+                                shard.clone(),
+                                socket,
+                            )))
+                            .detach();
+                        }
+                        Err(e) => {
+                            crate::accept::client_accept_failed(
+                                &shard,
+                                &ring_listener,
+                                &errors,
+                                &spare,
+                                e,
+                            )
+                            .await
                         }
                     }
                 }
             };
-            let accept = async {
-                let listener = listener;
-                let accept_loop = async {
-                    let errors = crate::accept::AcceptErrors::new("client", false);
-                    let spare = crate::accept::Spare::new(1);
-                    loop {
-                        match listener.accept().await {
-                            Ok(stream) => {
-                                errors.succeeded();
-                                glommio::spawn_local(crate::session::serve(shard.clone(), stream))
-                                    .detach();
-                            }
-                            Err(e) => {
-                                crate::accept::client_accept_failed(
-                                    &shard,
-                                    &listener,
-                                    &errors,
-                                    &spare,
-                                    e.into(),
-                                )
-                                .await
-                            }
-                        }
-                    }
-                };
-                futures_lite::future::or(accept_loop, async {
-                    let _ = stop_accepting_rx.recv().await;
-                })
-                .await;
-                drop(listener);
-                futures_lite::future::pending::<()>().await;
-            };
-            future::or(control, accept).await;
-        })?;
+            futures_lite::future::or(accept_loop, async {
+                let _ = stop_accepting_rx.recv().await;
+            })
+            .await;
+            drop(ring_listener);
+            drop(listener);
+            futures_lite::future::pending::<()>().await;
+        };
+        future::or(control, accept).await;
+        plane_stop.set(true);
+    })?;
     let addr = ready_rx
         .recv()
         .map_err(|_| std::io::Error::other("shard thread ended before listening"))??;

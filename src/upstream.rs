@@ -17,7 +17,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 
 use crate::config::{parse_ws_url, WsEndpoint};
 use crate::http::{self, UpstreamAnswer};
-use crate::io::{Buf, Conn, Duplex};
+use crate::io::{Buf, Conn, Duplex, Tcp};
 use crate::keyring::RateScope;
 use crate::secret::Secret;
 
@@ -195,13 +195,12 @@ impl UpstreamTarget {
         let mut last = None;
         let mut tcp = None;
         for addr in addrs {
-            match glommio::net::TcpStream::connect_timeout(addr, limit).await {
+            match connect_tcp(addr, limit).await {
                 Ok(s) => {
                     tcp = Some(s);
                     break;
                 }
                 Err(e) => {
-                    let e = io::Error::from(e);
                     if crate::accept::is_file_limit(&e) {
                         return Err(ConnectError::FileLimit);
                     }
@@ -215,7 +214,6 @@ impl UpstreamTarget {
                 &last.map_or("no address".into(), |e| e.to_string()),
             )
         })?;
-        let _ = tcp.set_nodelay(true);
         let conn = match &self.tls {
             None => Conn::Plain(tcp),
             Some((connector, name)) => {
@@ -267,6 +265,24 @@ impl UpstreamTarget {
                 &"bad accept key or unrequested extension",
             )),
         }
+    }
+}
+
+/// A TCP connection to `addr` with Nagle off, within `limit`: on this
+/// shard's data plane when there is one (every stream), else glommio's.
+async fn connect_tcp(addr: std::net::SocketAddr, limit: Duration) -> std::io::Result<Tcp> {
+    let Some(plane) = crate::uring::current() else {
+        let tcp = glommio::net::TcpStream::connect_timeout(addr, limit).await?;
+        let _ = tcp.set_nodelay(true);
+        return Ok(Tcp::Glommio(tcp));
+    };
+    match crate::io::timeout(limit, crate::uring::RingSocket::connect(&plane, addr)).await {
+        Some(Ok(s)) => {
+            let _ = s.set_nodelay();
+            Ok(Tcp::Ring(s))
+        }
+        Some(Err(e)) => Err(e),
+        None => Err(std::io::ErrorKind::TimedOut.into()),
     }
 }
 

@@ -430,7 +430,7 @@ pub fn start(setup: AdminSetup) -> std::io::Result<AdminHandle> {
                     }
                     let (admin, pool) = (admin.clone(), pool.clone());
                     glommio::spawn_local(async move {
-                        let conn = Duplex::new(Conn::Plain(tcp));
+                        let conn = Duplex::new(Conn::Plain(tcp.into()));
                         let mut buf = pool.get();
                         let answer =
                             match timeout(Duration::from_secs(10), read_request(&conn, &mut buf))

@@ -4,7 +4,7 @@
 use std::rc::Rc;
 use std::time::{Instant, SystemTime};
 
-use glommio::net::TcpStream;
+use crate::uring::RingSocket;
 
 use crate::http::{self, HeadError};
 use crate::io::{timeout, Buf, Conn, Duplex};
@@ -16,9 +16,9 @@ use crate::unauth;
 use super::Stream;
 
 /// Serves one accepted client connection to the end.
-pub async fn serve(shard: Rc<Shard>, tcp: TcpStream) {
+pub async fn serve(shard: Rc<Shard>, tcp: RingSocket) {
     let accepted = Instant::now();
-    let _ = tcp.set_nodelay(true);
+    let _ = tcp.set_nodelay();
     let fd = std::os::fd::AsRawFd::as_raw_fd(&tcp);
     // The client's address, asked (a system call) only when needed.
     let peer = move || {
@@ -33,11 +33,12 @@ pub async fn serve(shard: Rc<Shard>, tcp: TcpStream) {
         return; // not on server.allow: the connection is closed
     }
     let conn = match &settings.tls {
-        None => Conn::Plain(tcp),
+        None => Conn::Plain(tcp.into()),
         Some(tls) => {
             // Boxed: a TLS handshake's state is larger than everything a
             // streaming task keeps, and is needed only for the first RTTs.
-            let accept = Box::pin(futures_rustls::TlsAcceptor::from(tls.clone()).accept(tcp));
+            let accept =
+                Box::pin(futures_rustls::TlsAcceptor::from(tls.clone()).accept(tcp.into()));
             match timeout(settings.limits.handshake_timeout, accept).await {
                 Some(Ok(s)) => Conn::TlsServer(Box::new(s)),
                 _ => {

@@ -128,7 +128,7 @@ async fn body(w: &Rc<Worker>, id: u64) -> Result<u64, Fail> {
         })?;
     let _ = tcp.set_nodelay(true);
     let wire = Wire {
-        conn: Duplex::new(Conn::Plain(tcp)),
+        conn: Duplex::new(Conn::Plain(tcp.into())),
         write_lock: Semaphore::new(1),
     };
     wire.send(w, upgrade_request(w, cred.as_deref()).as_bytes())

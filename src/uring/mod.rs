@@ -1,0 +1,563 @@
+//! The data plane's own io_uring: one per shard, holding every stream
+//! socket (and the client listener) for its whole life.
+//!
+//! glommio 0.9 waits for a socket by arming a one-shot `POLL_ADD`, with a
+//! new `Source`, after every read that comes up short (every audio frame),
+//! and each of its sleeps replaces two timers and calls `membarrier`. Here a
+//! socket is registered once, with a *multishot* poll for readability: the
+//! kernel posts a completion each time bytes arrive, until the socket is
+//! deregistered. Reads and writes are plain non-blocking `recv`/`send`
+//! system calls made by the stream's task when its socket is ready, so
+//! bytes land straight in the stream's pooled buffer (no provided-buffer
+//! ring: a buffer is lent to a stream only while it holds bytes, as
+//! before). A write that finds the socket full arms a one-shot `POLLOUT`.
+//!
+//! ## Who drives the ring
+//!
+//! [`drive`] is one task per shard. It drains the completion queue in a
+//! batch, marks sockets ready and wakes their tasks, then lets them run.
+//! When nothing is left to do it sleeps, in one of two ways ([`Wake`]):
+//!
+//! - [`Wake::Ring`] (the default): the shard thread sleeps in this ring's
+//!   `io_uring_enter`, like nginx in `epoll_wait`, for at most
+//!   [`PASS_INTERVAL`]. glommio's own loop (timers, channels from the
+//!   control plane, its blocking pool) gets a pass whenever its preemption
+//!   timer says so, which this task checks between batches; the shard is
+//!   built with `preempt_timer(PASS_INTERVAL)`. glommio's per-sleep timer
+//!   churn and `membarrier` are then paid once per pass, not once per frame.
+//! - [`Wake::Eventfd`]: an eventfd is registered with the ring, and the task
+//!   waits for it with a glommio read, so glommio sleeps as usual. Kept for
+//!   the A/B in benches/README.md.
+//!
+//! Nothing here allocates per frame: slots are reused, wakers are cloned
+//! only when they change, and completions are dispatched in place.
+
+mod socket;
+#[cfg(test)]
+mod tests;
+
+pub use socket::{RingListener, RingSocket};
+
+use std::cell::{Cell, RefCell};
+use std::io;
+use std::os::fd::RawFd;
+use std::rc::Rc;
+use std::task::Waker;
+use std::time::Duration;
+
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+
+/// How long the shard may sleep in the data-plane ring before glommio gets
+/// a pass (timers, control messages). Also the shard's preemption timer.
+pub const PASS_INTERVAL: Duration = Duration::from_millis(5);
+
+/// Submission-queue entries of a data-plane ring. Only registrations,
+/// removals and `POLLOUT` waits are submitted, once per batch.
+const SQ_ENTRIES: u32 = 1024;
+
+/// Completion-queue entries: one readiness event per socket per batch fits
+/// for 16,384 sockets; beyond that the kernel keeps the overflow
+/// (`IORING_FEAT_NODROP`) and [`Plane::dispatch`] asks for it.
+const CQ_ENTRIES: u32 = 16384;
+
+/// What a completion is about (the low 2 bits of its user data).
+const KIND_READ: u64 = 0;
+const KIND_WRITE: u64 = 1;
+const KIND_REMOVE: u64 = 2;
+
+/// Readable, or an error or hang-up (always reported).
+const POLL_IN: u32 = (libc::POLLIN | libc::POLLRDHUP) as u32;
+const POLL_OUT: u32 = libc::POLLOUT as u32;
+/// The peer shut down, or the socket failed.
+const POLL_END: u32 = (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) as u32;
+
+/// How the shard sleeps when the data plane has nothing to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// In the data-plane ring's `io_uring_enter`, at most [`PASS_INTERVAL`].
+    Ring,
+    /// In glommio, woken by an eventfd the ring signals.
+    Eventfd,
+}
+
+impl Wake {
+    /// `CLIO_RELAY_DATAPLANE_WAKE=eventfd` picks [`Wake::Eventfd`] (for A/B
+    /// runs); anything else, or nothing, [`Wake::Ring`].
+    pub fn from_env() -> Wake {
+        match std::env::var("CLIO_RELAY_DATAPLANE_WAKE").as_deref() {
+            Ok("eventfd") => Wake::Eventfd,
+            _ => Wake::Ring,
+        }
+    }
+}
+
+/// One registered socket's readiness and waiters.
+#[derive(Debug, Default)]
+struct Slot {
+    /// Bumped on every reuse, so a late completion for an earlier socket in
+    /// this slot is recognised and ignored.
+    gen: u32,
+    fd: RawFd,
+    in_use: bool,
+    /// Bytes (or EOF, or an error) may be waiting: the next read tries.
+    readable: bool,
+    /// The peer shut down its side, or the socket failed: reads never
+    /// block again, so a short read does not mean "wait for more".
+    hup: bool,
+    /// The multishot poll is armed (or its SQE is queued).
+    read_armed: bool,
+    /// A one-shot `POLLOUT` is armed.
+    write_armed: bool,
+    reader: Option<Waker>,
+    writer: Option<Waker>,
+}
+
+/// A registration: which slot, and which use of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Token {
+    index: u32,
+    gen: u32,
+}
+
+impl Token {
+    fn user_data(self, kind: u64) -> u64 {
+        (u64::from(self.index) << 32) | (u64::from(self.gen & 0x3fff_ffff) << 2) | kind
+    }
+
+    fn from_user_data(ud: u64) -> (Token, u64) {
+        let token = Token {
+            index: (ud >> 32) as u32,
+            gen: ((ud >> 2) & 0x3fff_ffff) as u32,
+        };
+        (token, ud & 3)
+    }
+}
+
+/// A shard's data-plane ring and the sockets registered with it.
+pub struct Plane {
+    ring: RefCell<IoUring>,
+    slots: RefCell<Vec<Slot>>,
+    free: RefCell<Vec<u32>>,
+    /// SQEs queued since the last submit.
+    unsubmitted: Cell<bool>,
+    /// Wakers collected during a dispatch, woken after the borrows end.
+    to_wake: RefCell<Vec<Waker>>,
+    /// Sockets registered now (a gauge for tests and metrics).
+    registered: Cell<usize>,
+    /// Completions handled, and batches they came in (for the benches).
+    completions: Cell<u64>,
+    batches: Cell<u64>,
+    /// Multishot polls the kernel ended that were armed again.
+    rearmed: Cell<u64>,
+}
+
+impl std::fmt::Debug for Plane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plane")
+            .field("registered", &self.registered.get())
+            .field("completions", &self.completions.get())
+            .finish_non_exhaustive()
+    }
+}
+
+thread_local! {
+    static CURRENT: RefCell<Option<Rc<Plane>>> = const { RefCell::new(None) };
+    /// Polls of the shard's stream tasks ([`Counted`]): how the driver knows
+    /// whether anything but itself ran since it last looked.
+    static POLLS: Cell<u64> = const { Cell::new(0) };
+}
+
+/// The data plane of this thread, if its shard made one.
+pub fn current() -> Option<Rc<Plane>> {
+    CURRENT.with(|c| c.borrow().clone())
+}
+
+/// Makes `plane` this thread's data plane.
+pub fn install(plane: Rc<Plane>) {
+    CURRENT.with(|c| *c.borrow_mut() = Some(plane));
+}
+
+impl Plane {
+    /// A data-plane ring with the default sizes.
+    pub fn new() -> io::Result<Rc<Plane>> {
+        Plane::with_sizes(SQ_ENTRIES, CQ_ENTRIES)
+    }
+
+    /// A ring of `sq` submission and `cq` completion entries (tests use a
+    /// small completion queue to make the kernel end multishot polls).
+    pub fn with_sizes(sq: u32, cq: u32) -> io::Result<Rc<Plane>> {
+        let ring = IoUring::builder()
+            .setup_cqsize(cq)
+            .setup_clamp()
+            .setup_single_issuer()
+            .build(sq)?;
+        Ok(Rc::new(Plane {
+            ring: RefCell::new(ring),
+            slots: RefCell::new(Vec::new()),
+            free: RefCell::new(Vec::new()),
+            unsubmitted: Cell::new(false),
+            to_wake: RefCell::new(Vec::new()),
+            registered: Cell::new(0),
+            completions: Cell::new(0),
+            batches: Cell::new(0),
+            rearmed: Cell::new(0),
+        }))
+    }
+
+    /// Sockets registered now.
+    pub fn registered(&self) -> usize {
+        self.registered.get()
+    }
+
+    /// Completions handled so far, and the batches they came in.
+    pub fn completions(&self) -> (u64, u64) {
+        (self.completions.get(), self.batches.get())
+    }
+
+    /// Multishot polls the kernel ended that were armed again.
+    pub fn rearmed(&self) -> u64 {
+        self.rearmed.get()
+    }
+
+    /// Registers `fd` for readiness for as long as the returned token lives
+    /// (until [`Plane::deregister`]). The first read is tried at once.
+    fn register(&self, fd: RawFd) -> Token {
+        let index = self.free.borrow_mut().pop().unwrap_or_else(|| {
+            let mut slots = self.slots.borrow_mut();
+            slots.push(Slot::default());
+            (slots.len() - 1) as u32
+        });
+        let token = {
+            let mut slots = self.slots.borrow_mut();
+            let slot = &mut slots[index as usize];
+            slot.gen = slot.gen.wrapping_add(1) & 0x3fff_ffff;
+            slot.fd = fd;
+            slot.in_use = true;
+            slot.readable = true;
+            slot.hup = false;
+            slot.read_armed = true;
+            slot.write_armed = false;
+            Token {
+                index,
+                gen: slot.gen,
+            }
+        };
+        self.push(
+            opcode::PollAdd::new(types::Fd(fd), POLL_IN)
+                .multi(true)
+                .build()
+                .user_data(token.user_data(KIND_READ)),
+        );
+        self.registered.set(self.registered.get() + 1);
+        token
+    }
+
+    /// Ends a registration: the poll is removed (the kernel holds the
+    /// socket open until it is) and the slot is free for reuse. Late
+    /// completions of this registration are ignored by generation.
+    fn deregister(&self, token: Token) {
+        {
+            let mut slots = self.slots.borrow_mut();
+            let slot = &mut slots[token.index as usize];
+            debug_assert!(slot.in_use && slot.gen == token.gen);
+            slot.in_use = false;
+            slot.reader = None;
+            slot.writer = None;
+        }
+        self.push(
+            opcode::PollRemove::new(token.user_data(KIND_READ))
+                .build()
+                .user_data(token.user_data(KIND_REMOVE)),
+        );
+        self.free.borrow_mut().push(token.index);
+        self.registered.set(self.registered.get() - 1);
+        // The remove must reach the kernel now: until it does, the socket
+        // stays open (the poll holds a reference to it).
+        let _ = self.submit();
+    }
+
+    /// Queues one SQE; submits first if the queue is full.
+    fn push(&self, sqe: squeue::Entry) {
+        let mut ring = self.ring.borrow_mut();
+        loop {
+            // SAFETY: poll SQEs carry no pointers into our memory; the
+            // user data is a plain number.
+            if unsafe { ring.submission().push(&sqe) }.is_ok() {
+                break;
+            }
+            let _ = ring.submit();
+        }
+        self.unsubmitted.set(true);
+    }
+
+    /// Hands queued SQEs to the kernel (one `io_uring_enter`, no wait).
+    pub fn submit(&self) -> io::Result<()> {
+        if self.unsubmitted.replace(false) {
+            self.ring.borrow_mut().submit()?;
+        }
+        Ok(())
+    }
+
+    /// Whether `token`'s socket may have bytes; if not, `waker` is kept to
+    /// be woken when it does.
+    fn poll_readable(&self, token: Token, waker: &Waker) -> bool {
+        let mut slots = self.slots.borrow_mut();
+        let slot = &mut slots[token.index as usize];
+        if slot.readable {
+            return true;
+        }
+        set_waker(&mut slot.reader, waker);
+        false
+    }
+
+    /// The socket had no more bytes: wait for the next readiness event
+    /// (unless the peer has shut down: then EOF is always there to read).
+    fn clear_readable(&self, token: Token) {
+        let mut slots = self.slots.borrow_mut();
+        let slot = &mut slots[token.index as usize];
+        slot.readable = slot.hup;
+    }
+
+    /// The socket is full: keep `waker` and arm a one-shot `POLLOUT`.
+    fn wait_writable(&self, token: Token, waker: &Waker) {
+        let arm = {
+            let mut slots = self.slots.borrow_mut();
+            let slot = &mut slots[token.index as usize];
+            set_waker(&mut slot.writer, waker);
+            (!std::mem::replace(&mut slot.write_armed, true)).then_some(slot.fd)
+        };
+        if let Some(fd) = arm {
+            self.push(
+                opcode::PollAdd::new(types::Fd(fd), POLL_OUT)
+                    .build()
+                    .user_data(token.user_data(KIND_WRITE)),
+            );
+        }
+    }
+
+    /// Whether a `POLLOUT` wait of `token` is still armed.
+    fn write_armed(&self, token: Token) -> bool {
+        self.slots.borrow()[token.index as usize].write_armed
+    }
+
+    /// Drains the completion queue: marks sockets ready, re-arms multishot
+    /// polls the kernel ended, and wakes the waiting tasks. Returns the
+    /// completions handled.
+    pub fn dispatch(&self) -> usize {
+        let mut handled = 0;
+        let mut rearm = None::<Vec<(Token, RawFd)>>;
+        let mut stale = None::<Vec<u64>>;
+        {
+            let mut ring = self.ring.borrow_mut();
+            let mut slots = self.slots.borrow_mut();
+            let mut to_wake = self.to_wake.borrow_mut();
+            let (submitter, sq, mut cq) = ring.split();
+            if sq.cq_overflow() {
+                // The kernel kept completions the queue had no room for
+                // (`IORING_FEAT_NODROP`): have them moved in.
+                let _ = submitter.submit_and_wait(0);
+                cq.sync();
+            }
+            for cqe in &mut cq {
+                handled += 1;
+                let (token, kind) = Token::from_user_data(cqe.user_data());
+                if kind == KIND_REMOVE {
+                    continue;
+                }
+                let Some(slot) = slots.get_mut(token.index as usize) else {
+                    continue;
+                };
+                if !slot.in_use || slot.gen != token.gen {
+                    // A late completion of a socket already deregistered.
+                    // If its poll is still armed, the remove met it while
+                    // it was firing (EALREADY): remove it again, or it
+                    // would hold the closed socket open.
+                    if kind == KIND_READ && cqueue::more(cqe.flags()) {
+                        stale.get_or_insert_with(Vec::new).push(cqe.user_data());
+                    }
+                    continue;
+                }
+                match kind {
+                    KIND_READ => {
+                        slot.readable = true;
+                        // One completion may stand for several wake-ups
+                        // (data, then FIN): remember a hang-up for good.
+                        if cqe.result() < 0 || cqe.result() as u32 & POLL_END != 0 {
+                            slot.hup = true;
+                        }
+                        if !cqueue::more(cqe.flags()) {
+                            slot.read_armed = false;
+                            // Ended by the kernel (an overflowing queue, or
+                            // a poll error): arm it again unless the socket
+                            // itself failed (then reads see the error).
+                            if cqe.result() >= 0 {
+                                rearm.get_or_insert_with(Vec::new).push((token, slot.fd));
+                            }
+                        }
+                        if let Some(w) = slot.reader.take() {
+                            to_wake.push(w);
+                        }
+                    }
+                    KIND_WRITE => {
+                        slot.write_armed = false;
+                        if let Some(w) = slot.writer.take() {
+                            to_wake.push(w);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if let Some(rearm) = rearm {
+            for (token, fd) in rearm {
+                self.slots.borrow_mut()[token.index as usize].read_armed = true;
+                self.rearmed.set(self.rearmed.get() + 1);
+                self.push(
+                    opcode::PollAdd::new(types::Fd(fd), POLL_IN)
+                        .multi(true)
+                        .build()
+                        .user_data(token.user_data(KIND_READ)),
+                );
+            }
+        }
+        for ud in stale.into_iter().flatten() {
+            self.push(
+                opcode::PollRemove::new(ud)
+                    .build()
+                    .user_data((ud & !3) | KIND_REMOVE),
+            );
+        }
+        if handled > 0 {
+            self.completions
+                .set(self.completions.get() + handled as u64);
+            self.batches.set(self.batches.get() + 1);
+        }
+        let mut to_wake = std::mem::take(&mut *self.to_wake.borrow_mut());
+        for w in to_wake.drain(..) {
+            w.wake();
+        }
+        *self.to_wake.borrow_mut() = to_wake;
+        handled
+    }
+
+    /// Submits what is queued and sleeps until a completion arrives or
+    /// `limit` passes.
+    fn sleep(&self, limit: Duration) -> io::Result<()> {
+        self.unsubmitted.set(false);
+        let ring = self.ring.borrow();
+        let ts = types::Timespec::from(limit);
+        let args = types::SubmitArgs::new().timespec(&ts);
+        match ring.submitter().submit_with_args(1, &args) {
+            Ok(_) => Ok(()),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Registers `fd` (an eventfd) to be signalled on every completion.
+    fn register_eventfd(&self, fd: RawFd) -> io::Result<()> {
+        self.ring.borrow().submitter().register_eventfd(fd)
+    }
+
+    /// Whether completions are waiting.
+    fn has_completions(&self) -> bool {
+        !self.ring.borrow_mut().completion().is_empty()
+    }
+}
+
+/// Keeps `waker` in `slot`, cloning only when it changed.
+fn set_waker(slot: &mut Option<Waker>, waker: &Waker) {
+    match slot {
+        Some(w) if w.will_wake(waker) => {}
+        _ => *slot = Some(waker.clone()),
+    }
+}
+
+/// A future whose polls are counted for the driver (see [`drive`]). Every
+/// task the shard spawns for a stream is wrapped in one.
+#[derive(Debug)]
+pub struct Counted<F>(pub F);
+
+impl<F: std::future::Future> std::future::Future for Counted<F> {
+    type Output = F::Output;
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        POLLS.with(|p| p.set(p.get() + 1));
+        // SAFETY: `Counted` is a plain wrapper: the inner future is pinned
+        // exactly where `self` is and never moved out.
+        unsafe { self.map_unchecked_mut(|c| &mut c.0) }.poll(cx)
+    }
+}
+
+/// Lets every other runnable task on this executor run once.
+async fn yield_now() {
+    let mut yielded = false;
+    std::future::poll_fn(|cx| {
+        if std::mem::replace(&mut yielded, true) {
+            std::task::Poll::Ready(())
+        } else {
+            cx.waker().wake_by_ref();
+            std::task::Poll::Pending
+        }
+    })
+    .await
+}
+
+/// Drives `plane` on this shard until `stop` is set: dispatches
+/// completions in batches and sleeps as `wake` says (see the module docs).
+pub async fn drive(plane: Rc<Plane>, wake: Wake, stop: Rc<Cell<bool>>) {
+    let eventfd = match wake {
+        Wake::Ring => None,
+        Wake::Eventfd => {
+            // SAFETY: a fresh eventfd, owned by the file from here on.
+            let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+            if fd < 0 || plane.register_eventfd(fd).is_err() {
+                tracing::error!("data plane: eventfd registration failed; sleeping in the ring");
+                None
+            } else {
+                // SAFETY: `fd` is the eventfd made above, owned by the file.
+                Some(unsafe {
+                    <glommio::io::BufferedFile as std::os::fd::FromRawFd>::from_raw_fd(fd)
+                })
+            }
+        }
+    };
+    let mut seen_polls = POLLS.with(Cell::get);
+    // After glommio's pass, tasks it woke (timers, control messages) are
+    // queued: let them run before sleeping.
+    let mut after_pass = true;
+    while !stop.get() {
+        let handled = plane.dispatch();
+        if let Err(e) = plane.submit() {
+            tracing::warn!(error = %e, "data plane: submit failed");
+        }
+        let polls = POLLS.with(Cell::get);
+        if handled > 0 || polls != seen_polls || after_pass {
+            seen_polls = polls;
+            after_pass = false;
+            yield_now().await;
+            continue;
+        }
+        if glommio::executor().need_preempt() {
+            glommio::executor().yield_if_needed().await;
+            after_pass = true;
+            continue;
+        }
+        match &eventfd {
+            None => {
+                if let Err(e) = plane.sleep(PASS_INTERVAL) {
+                    tracing::warn!(error = %e, "data plane: wait failed");
+                    glommio::timer::sleep(PASS_INTERVAL).await;
+                }
+            }
+            Some(file) => {
+                if !plane.has_completions() {
+                    let _ = file.read_at(0, 8).await;
+                }
+                after_pass = true;
+            }
+        }
+    }
+}

@@ -1,0 +1,286 @@
+//! Sockets registered with the data plane: a stream socket ([`RingSocket`])
+//! and the client listener ([`RingListener`]).
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+
+use futures_lite::io::{AsyncRead, AsyncWrite};
+
+use super::{Plane, Token};
+
+/// A TCP socket registered with a shard's data plane for its whole life.
+/// Reads and writes are non-blocking system calls made when the plane says
+/// the socket is ready.
+pub struct RingSocket {
+    fd: OwnedFd,
+    token: Token,
+    plane: Rc<Plane>,
+}
+
+impl std::fmt::Debug for RingSocket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RingSocket")
+            .field("fd", &self.fd.as_raw_fd())
+            .finish_non_exhaustive()
+    }
+}
+
+fn errno() -> io::Error {
+    io::Error::last_os_error()
+}
+
+impl RingSocket {
+    /// Registers a connected, non-blocking TCP socket with `plane`.
+    pub fn new(plane: &Rc<Plane>, fd: OwnedFd) -> RingSocket {
+        let token = plane.register(fd.as_raw_fd());
+        RingSocket {
+            fd,
+            token,
+            plane: plane.clone(),
+        }
+    }
+
+    /// Connects to `addr` (non-blocking `connect`, then waits for the
+    /// socket to become writable). The caller bounds the wait.
+    pub async fn connect(plane: &Rc<Plane>, addr: SocketAddr) -> io::Result<RingSocket> {
+        let domain = match addr {
+            SocketAddr::V4(_) => socket2::Domain::IPV4,
+            SocketAddr::V6(_) => socket2::Domain::IPV6,
+        };
+        let socket = socket2::Socket::new(
+            domain,
+            socket2::Type::STREAM.nonblocking().cloexec(),
+            Some(socket2::Protocol::TCP),
+        )?;
+        let in_progress = match socket.connect(&addr.into()) {
+            Ok(()) => false,
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => true,
+            Err(e) => return Err(e),
+        };
+        let sock = RingSocket::new(plane, socket.into());
+        if in_progress {
+            // Writable once the handshake is done, or failed.
+            let mut armed = false;
+            std::future::poll_fn(|cx| {
+                if armed && !sock.plane.write_armed(sock.token) {
+                    return Poll::Ready(());
+                }
+                sock.plane.wait_writable(sock.token, cx.waker());
+                armed = true;
+                Poll::Pending
+            })
+            .await;
+            if let Some(e) = socket2::SockRef::from(&sock.fd).take_error()? {
+                return Err(e);
+            }
+        }
+        Ok(sock)
+    }
+
+    /// Disables Nagle's algorithm: frames leave when written.
+    pub fn set_nodelay(&self) -> io::Result<()> {
+        socket2::SockRef::from(&self.fd).set_nodelay(true)
+    }
+
+    /// The peer's address.
+    pub fn peer_addr(&self) -> io::Result<SocketAddr> {
+        socket2::SockRef::from(&self.fd)
+            .peer_addr()?
+            .as_socket()
+            .ok_or_else(|| io::Error::other("not an IP socket"))
+    }
+
+    /// One non-blocking `recv`, once the plane says bytes may be there.
+    fn poll_recv(&self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        loop {
+            if !self.plane.poll_readable(self.token, cx.waker()) {
+                return Poll::Pending;
+            }
+            // SAFETY: `buf` is valid for `buf.len()` bytes of writes.
+            let n = unsafe {
+                libc::recv(
+                    self.fd.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n >= 0 {
+                let n = n as usize;
+                if n > 0 && n < buf.len() {
+                    // Drained: more bytes bring another readiness event
+                    // (the poll is multishot), so no `recv` to find EAGAIN.
+                    self.plane.clear_readable(self.token);
+                }
+                return Poll::Ready(Ok(n));
+            }
+            let e = errno();
+            match e.raw_os_error() {
+                Some(libc::EAGAIN) => self.plane.clear_readable(self.token),
+                Some(libc::EINTR) => {}
+                _ => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    /// One non-blocking `sendmsg` of `bufs`; a full socket arms `POLLOUT`.
+    fn poll_send(&self, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        loop {
+            // SAFETY: a zeroed msghdr with only the iovec set; `IoSlice` is
+            // ABI-compatible with `iovec`, and both outlive the call.
+            let n = unsafe {
+                let mut msg: libc::msghdr = std::mem::zeroed();
+                msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
+                msg.msg_iovlen = bufs.len() as _;
+                libc::sendmsg(
+                    self.fd.as_raw_fd(),
+                    &msg,
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            };
+            if n >= 0 {
+                return Poll::Ready(Ok(n as usize));
+            }
+            let e = errno();
+            match e.raw_os_error() {
+                Some(libc::EAGAIN) => {
+                    self.plane.wait_writable(self.token, cx.waker());
+                    return Poll::Pending;
+                }
+                Some(libc::EINTR) => {}
+                _ => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl AsRawFd for RingSocket {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+impl Drop for RingSocket {
+    fn drop(&mut self) {
+        // The poll goes first: it holds the socket open in the kernel.
+        self.plane.deregister(self.token);
+    }
+}
+
+impl AsyncRead for RingSocket {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        self.poll_recv(cx, buf)
+    }
+}
+
+impl AsyncWrite for RingSocket {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_send(cx, &[io::IoSlice::new(buf)])
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_send(cx, bufs)
+    }
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+    fn poll_close(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // SAFETY: shutdown on our own descriptor.
+        let r = unsafe { libc::shutdown(self.fd.as_raw_fd(), libc::SHUT_WR) };
+        Poll::Ready(if r == 0 { Ok(()) } else { Err(errno()) })
+    }
+}
+
+/// A listening socket registered with the data plane: accepts are
+/// `accept4` calls made when the plane says connections are waiting.
+pub struct RingListener {
+    fd: RawFd,
+    token: Token,
+    plane: Rc<Plane>,
+}
+
+impl std::fmt::Debug for RingListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RingListener")
+            .field("fd", &self.fd)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RingListener {
+    /// Registers the listening socket `fd`, which the caller keeps open for
+    /// longer than this value; it is made non-blocking.
+    pub fn new(plane: &Rc<Plane>, fd: RawFd) -> io::Result<RingListener> {
+        // SAFETY: fcntl on a descriptor the caller owns.
+        unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFL);
+            if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
+                return Err(errno());
+            }
+        }
+        Ok(RingListener {
+            fd,
+            token: plane.register(fd),
+            plane: plane.clone(),
+        })
+    }
+
+    /// The next connection, registered with the same data plane.
+    pub async fn accept(&self) -> io::Result<RingSocket> {
+        let fd = self.accept_fd().await?;
+        Ok(RingSocket::new(&self.plane, fd))
+    }
+
+    /// The next connection, as a non-blocking socket not yet registered.
+    async fn accept_fd(&self) -> io::Result<OwnedFd> {
+        std::future::poll_fn(|cx| loop {
+            if !self.plane.poll_readable(self.token, cx.waker()) {
+                return Poll::Pending;
+            }
+            // SAFETY: accept4 with no address buffers.
+            let fd = unsafe {
+                libc::accept4(
+                    self.fd,
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                )
+            };
+            if fd >= 0 {
+                // SAFETY: a new descriptor, owned from here on.
+                return Poll::Ready(Ok(unsafe { OwnedFd::from_raw_fd(fd) }));
+            }
+            let e = errno();
+            match e.raw_os_error() {
+                Some(libc::EAGAIN) => self.plane.clear_readable(self.token),
+                Some(libc::EINTR) => {}
+                _ => return Poll::Ready(Err(e)),
+            }
+        })
+        .await
+    }
+}
+
+impl Drop for RingListener {
+    fn drop(&mut self) {
+        self.plane.deregister(self.token);
+    }
+}
