@@ -273,10 +273,16 @@ impl RelayHandle {
     /// asked for its final tokens, the client gets them, then Soniox's 503
     /// "reconnect" and close 1012. Returns the streams that had to be cut.
     pub fn drain(&self, deadline: std::time::Duration) -> u32 {
-        self.process.set_draining(true);
         for s in &self.shards {
             let _ = s.tx.try_send(ShardMsg::StopAccepting);
         }
+        // Each shard handles its messages in order, so once every shard
+        // answers a ping its listener is closed. Only then does the relay
+        // refuse new streams: a connection it accepted until then is
+        // served, not refused (a shard sees control messages within one
+        // data-plane pass, a few milliseconds).
+        let _ = self.alive(std::time::Duration::from_secs(2));
+        self.process.set_draining(true);
         let end = Instant::now() + deadline;
         while self.process.live_streams() > 0 && Instant::now() < end {
             std::thread::sleep(std::time::Duration::from_millis(50));
