@@ -342,7 +342,10 @@ fn keys_cli_talks_to_a_running_relay() {
 
 #[test]
 fn runtime_changes_survive_a_restart_in_the_encrypted_store() {
-    let fake = fake(&["k1", "k2", "k3"], |_| {});
+    // A key long enough that random ciphertext cannot contain it by chance
+    // (a 2-byte key did, about once in 60 runs).
+    const K2: &str = "runtime-key-two-held-only-encrypted";
+    let fake = fake(&["k1", K2, "k3"], |_| {});
     let mut cfg = relay_config(&fake.url(), &[("a", "k1"), ("c", "k3")]);
     cfg.admin.token = Some(Secret::new(ADMIN));
     cfg.admin.master_key = Some(Secret::new("0123456789abcdef".repeat(4)));
@@ -354,7 +357,7 @@ fn runtime_changes_survive_a_restart_in_the_encrypted_store() {
             "POST",
             "/admin/accounts",
             Some(ADMIN),
-            Some(r#"{"id":"b","key":"k2","region":"eu"}"#)
+            Some(&format!(r#"{{"id":"b","key":"{K2}","region":"eu"}}"#))
         )
         .0,
         200
@@ -378,7 +381,7 @@ fn runtime_changes_survive_a_restart_in_the_encrypted_store() {
     // The store holds the key encrypted: not in the file's bytes.
     let bytes = std::fs::read(cfg.admin.state_dir.join("accounts.store")).unwrap();
     assert!(
-        !bytes.windows(2).any(|w| w == b"k2"),
+        !bytes.windows(K2.len()).any(|w| w == K2.as_bytes()),
         "the key is not stored in the clear"
     );
 
@@ -405,7 +408,7 @@ fn runtime_changes_survive_a_restart_in_the_encrypted_store() {
         "{list}"
     );
     assert!(one_session(&relay).finished());
-    assert_eq!(fake.sessions().last().unwrap().key.as_deref(), Some("k2"));
+    assert_eq!(fake.sessions().last().unwrap().key.as_deref(), Some(K2));
     drop(relay);
 
     // The wrong master key: the relay refuses to start, and says why.
