@@ -119,7 +119,12 @@ for round in $(seq 1 "$ROUNDS"); do
       redis-cli -p "$REDIS_PORT" FLUSHALL > /dev/null
     fi
     rm -rf "$WORK/state"; mkdir -p "$WORK/state"
-    "$dir/clio-relay" run --config "$WORK/$conf.toml" > "$WORK/relay.log" 2>&1 &
+    # A new client port each run: the last run's closing connections hold
+    # its port for a while, and a relay refuses a port in use.
+    RELAY_PORT=$((RELAY_PORT + 10))
+    sed -E "s/^listen = \"127.0.0.1:[0-9]+\"/listen = \"127.0.0.1:$RELAY_PORT\"/" \
+      "$WORK/$conf.toml" > "$WORK/run.toml"
+    "$dir/clio-relay" run --config "$WORK/run.toml" > "$WORK/relay.log" 2>&1 &
     rp=$!
     PIDS+=("$rp")
     for _ in $(seq 50); do (exec 3<>"/dev/tcp/127.0.0.1/$RELAY_PORT") 2>/dev/null && break; sleep 0.1; done
@@ -134,9 +139,6 @@ for round in $(seq 1 "$ROUNDS"); do
     wait "$lp" || true
     ticks=$(( $(awk '{ print $14 + $15 }' "/proc/$rp/stat") - ticks0 ))
     kill -INT "$rp"; wait "$rp" 2>/dev/null || true
-    # The next relay refuses a port still held (a second relay by mistake):
-    # wait until the kernel has let go of this one's listeners.
-    for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$RELAY_PORT") 2>/dev/null || break; sleep 0.1; done
     python3 - "$WORK" "$before" "$ticks" "$(getconf CLK_TCK)" "$round" "$label" "$WORKLOAD" <<'PY'
 import json, statistics, sys
 work, before, ticks, tck, rnd, build, workload = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6], sys.argv[7]
