@@ -13,7 +13,8 @@ mod handshake;
 mod refusal;
 mod support;
 
-use support::{audio_bytes_per_ms, close_client, upstream_config_text, with_api_key, LiveGuard};
+use support::{audio_bytes_per_ms, close_client, LiveGuard};
+pub use support::{upstream_config_text, with_api_key};
 
 pub use handshake::serve;
 pub use refusal::Refusal;

@@ -72,7 +72,7 @@ pub(super) async fn close_client(client: &Duplex) {
 /// The client's config as upstream gets it (before any key): without the
 /// client's `api_key` (its session token), and with a `client_reference_id`
 /// (the stream id) when the client gave none. A JSON object.
-pub(super) fn upstream_config_text(mut config: Map<String, Value>, stream_id: &str) -> Box<[u8]> {
+pub fn upstream_config_text(mut config: Map<String, Value>, stream_id: &str) -> Box<[u8]> {
     config.remove("api_key");
     if !config.contains_key("client_reference_id") {
         config.insert(
@@ -87,7 +87,7 @@ pub(super) fn upstream_config_text(mut config: Map<String, Value>, stream_id: &s
 
 /// `config` (a JSON object from [`upstream_config_text`]) with `api_key`
 /// set to `key`, as its first member.
-pub(super) fn with_api_key(config: &[u8], key: &str) -> Vec<u8> {
+pub fn with_api_key(config: &[u8], key: &str) -> Vec<u8> {
     debug_assert!(config.first() == Some(&b'{') && config.last() == Some(&b'}'));
     let mut out = Vec::with_capacity(config.len() + key.len() + 16);
     out.extend_from_slice(b"{\"api_key\":");
