@@ -1,9 +1,10 @@
 //! `FrameScanner`, `parse_header` and masking.
 
 use clio_relay::frame::{parse_header, write_header, FrameError, Opcode, Sender, MAX_HEADER_LEN};
-use clio_relay::mask::{apply_mask, apply_mask_bytewise, rekey, MaskKeys};
-use clio_relay::pump::FrameScanner;
+use clio_relay::mask::{apply_mask, apply_mask_bytewise, rekey};
 use proptest::prelude::*;
+
+use crate::checks::{decode, pump};
 
 /// One frame to send: what a peer means, before encoding.
 #[derive(Debug, Clone)]
@@ -65,82 +66,6 @@ fn encode(frames: &[Frame], from: Sender) -> Vec<u8> {
         if let Some(k) = key {
             apply_mask(&mut out[at..], k, 0);
         }
-    }
-    out
-}
-
-/// Decodes forwarded bytes back into (fin, opcode, payload), unmasking with
-/// whatever key each frame now carries (the relay's fresh ones, for client
-/// frames).
-fn decode(mut bytes: &[u8], from: Sender) -> Vec<(bool, Opcode, Vec<u8>)> {
-    let mut out = Vec::new();
-    while !bytes.is_empty() {
-        let h = parse_header(bytes, from, u64::MAX >> 1)
-            .expect("forwarded bytes are valid frames")
-            .expect("forwarded bytes end at a frame boundary");
-        // The last frame may be cut short: the input ended inside it.
-        let end = (h.header_len + h.payload_len as usize).min(bytes.len());
-        let mut payload = bytes[h.header_len..end].to_vec();
-        if let Some(k) = h.mask {
-            apply_mask(&mut payload, k, 0);
-        }
-        out.push((h.fin, h.opcode, payload));
-        bytes = &bytes[end..];
-    }
-    out
-}
-
-/// What a pump makes of a byte stream that arrives in `chunks`: the bytes
-/// it forwards and the scanner's counts. Like the pump, it keeps a partial
-/// header for the next read, and stops at a close or a violation.
-#[derive(Debug, PartialEq)]
-struct Pumped {
-    forwarded: Vec<u8>,
-    frames: u32,
-    data_frames: u32,
-    binary_bytes: u64,
-    close: bool,
-    violation: Option<FrameError>,
-}
-
-fn pump(input: &[u8], cuts: &[usize], from: Sender, max: u64) -> Pumped {
-    let mut scanner = FrameScanner::new(from, max);
-    let mut masks = MaskKeys::default();
-    let mut window: Vec<u8> = Vec::new();
-    let mut out = Pumped {
-        forwarded: Vec::new(),
-        frames: 0,
-        data_frames: 0,
-        binary_bytes: 0,
-        close: false,
-        violation: None,
-    };
-    let mut points: Vec<usize> = cuts.iter().map(|c| c % (input.len() + 1)).collect();
-    points.push(input.len());
-    points.sort_unstable();
-    let mut last = 0;
-    for p in points {
-        window.extend_from_slice(&input[last..p]);
-        last = p;
-        let masks = (from == Sender::Client).then_some(&mut masks);
-        let s = scanner.scan(&mut window, masks);
-        assert!(s.ready <= window.len());
-        out.forwarded.extend_from_slice(&window[..s.ready]);
-        window.drain(..s.ready);
-        out.frames += s.frames_done;
-        out.data_frames += s.data_frames_started;
-        out.binary_bytes += s.binary_bytes;
-        if s.close_done || s.violation.is_some() {
-            out.close = s.close_done;
-            out.violation = s.violation;
-            break;
-        }
-        // A partial header is all a window may keep between reads.
-        assert!(
-            window.len() < MAX_HEADER_LEN,
-            "{} bytes held back",
-            window.len()
-        );
     }
     out
 }

@@ -7,6 +7,10 @@
 //! A failing case is shrunk and printed; proptest also saves its seed under
 //! `tests/proptest-regressions/` so the next run tries it first.
 
+/// The fuzz targets' checks; the frame pump is shared with them.
+#[allow(dead_code)]
+#[path = "../../fuzz/src/checks.rs"]
+mod checks;
 mod first_message;
 mod frames;
 mod head;

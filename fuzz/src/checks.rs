@@ -1,0 +1,307 @@
+//! What each fuzz target checks, on any bytes. A check panics when the
+//! relay's code breaks a property; libFuzzer then saves the input.
+//!
+//! The same file is compiled into the relay's tests (`tests/fuzz_seeds.rs`
+//! runs every check over the seeds in `fuzz/seeds/`, and
+//! `tests/properties` uses its frame pump), so the checks cannot rot while
+//! nobody fuzzes.
+
+use clio_relay::frame::{parse_header, write_header, FrameError, Opcode, Sender, MAX_HEADER_LEN};
+use clio_relay::http::{check_upstream_answer, parse_client_request, upgrade_response};
+use clio_relay::mask::{apply_mask, apply_mask_bytewise, rekey, MaskKeys};
+use clio_relay::pump::FrameScanner;
+
+/// What a pump makes of a byte stream that arrives in pieces: the bytes it
+/// forwards and the scanner's counts.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Pumped {
+    /// Bytes forwarded, in order.
+    pub forwarded: Vec<u8>,
+    /// Frames completed.
+    pub frames: u32,
+    /// Data frames started.
+    pub data_frames: u32,
+    /// Payload bytes of binary messages.
+    pub binary_bytes: u64,
+    /// Ended at a close frame.
+    pub close: bool,
+    /// Ended at a protocol violation.
+    pub violation: Option<FrameError>,
+}
+
+/// Feeds `input` to a [`FrameScanner`] in the pieces that the cut points
+/// `cuts` (taken modulo the input's length) make, the way the pump does:
+/// a partial header stays for the next read, and a close or a violation
+/// ends it.
+pub fn pump(input: &[u8], cuts: &[usize], from: Sender, max: u64) -> Pumped {
+    let mut scanner = FrameScanner::new(from, max);
+    let mut masks = MaskKeys::default();
+    let mut window: Vec<u8> = Vec::new();
+    let mut out = Pumped {
+        forwarded: Vec::new(),
+        frames: 0,
+        data_frames: 0,
+        binary_bytes: 0,
+        close: false,
+        violation: None,
+    };
+    let mut points: Vec<usize> = cuts.iter().map(|c| c % (input.len() + 1)).collect();
+    points.push(input.len());
+    points.sort_unstable();
+    let mut last = 0;
+    for p in points {
+        window.extend_from_slice(&input[last..p]);
+        last = p;
+        let masks = (from == Sender::Client).then_some(&mut masks);
+        let s = scanner.scan(&mut window, masks);
+        assert!(s.ready <= window.len());
+        out.forwarded.extend_from_slice(&window[..s.ready]);
+        window.drain(..s.ready);
+        out.frames += s.frames_done;
+        out.data_frames += s.data_frames_started;
+        out.binary_bytes += s.binary_bytes;
+        if s.close_done || s.violation.is_some() {
+            out.close = s.close_done;
+            out.violation = s.violation;
+            break;
+        }
+        // A partial header is all a window may keep between reads.
+        assert!(
+            window.len() < MAX_HEADER_LEN,
+            "{} bytes held back",
+            window.len()
+        );
+    }
+    out
+}
+
+/// Decodes forwarded bytes back into (fin, opcode, payload), unmasking with
+/// whatever key each frame now carries (the relay's fresh ones, for client
+/// frames). The last frame may be cut short: the input ended inside it.
+pub fn decode(mut bytes: &[u8], from: Sender) -> Vec<(bool, Opcode, Vec<u8>)> {
+    let mut out = Vec::new();
+    while !bytes.is_empty() {
+        let h = parse_header(bytes, from, u64::MAX >> 1)
+            .expect("forwarded bytes are valid frames")
+            .expect("forwarded bytes hold whole headers");
+        let end = (h.header_len as u64 + h.payload_len).min(bytes.len() as u64) as usize;
+        let mut payload = bytes[h.header_len..end].to_vec();
+        if let Some(k) = h.mask {
+            apply_mask(&mut payload, k, 0);
+        }
+        out.push((h.fin, h.opcode, payload));
+        bytes = &bytes[end..];
+    }
+    out
+}
+
+/// Any byte stream, cut anywhere, is scanned as the whole is: byte 0 picks
+/// the direction, bytes 1..9 the limit, then up to 16 cut points (2 bytes
+/// each, after a count byte), then the stream.
+pub fn frame_scanner(data: &[u8]) {
+    let Some((&dir, rest)) = data.split_first() else {
+        return;
+    };
+    let from = if dir & 1 == 0 {
+        Sender::Client
+    } else {
+        Sender::Server
+    };
+    let Some((limit, rest)) = rest.split_first_chunk::<2>() else {
+        return;
+    };
+    let max = u64::from(u16::from_le_bytes(*limit)) * 4;
+    let Some((&ncuts, rest)) = rest.split_first() else {
+        return;
+    };
+    let ncuts = usize::from(ncuts % 17).min(rest.len() / 2);
+    let (cuts, input) = rest.split_at(ncuts * 2);
+    let cuts: Vec<usize> = cuts
+        .chunks(2)
+        .map(|c| usize::from(u16::from_le_bytes([c[0], c[1]])))
+        .collect();
+    let whole = pump(input, &[], from, max);
+    let chunked = pump(input, &cuts, from, max);
+    assert_eq!(
+        (
+            chunked.frames,
+            chunked.data_frames,
+            chunked.binary_bytes,
+            chunked.close,
+            chunked.violation
+        ),
+        (
+            whole.frames,
+            whole.data_frames,
+            whole.binary_bytes,
+            whole.close,
+            whole.violation
+        )
+    );
+    assert_eq!(chunked.forwarded.len(), whole.forwarded.len());
+    let decoded = decode(&whole.forwarded, from);
+    assert_eq!(decode(&chunked.forwarded, from), decoded);
+    // What is forwarded is what came in: the same frames, client frames
+    // only re-masked.
+    assert!(whole.forwarded.len() <= input.len());
+    assert_eq!(decode(&input[..whole.forwarded.len()], from), decoded);
+    if from == Sender::Server {
+        assert_eq!(whole.forwarded, input[..whole.forwarded.len()]);
+    }
+}
+
+/// Any bytes as a frame header: a prefix parses as need-more or as the
+/// whole does; a parsed header keeps the RFC's rules and writes back to a
+/// header that parses the same.
+pub fn frame_header(data: &[u8]) {
+    let Some((&flags, bytes)) = data.split_first() else {
+        return;
+    };
+    let from = if flags & 1 == 0 {
+        Sender::Client
+    } else {
+        Sender::Server
+    };
+    let max = if flags & 2 == 0 {
+        u64::MAX
+    } else {
+        1 << (flags >> 2)
+    };
+    let whole = parse_header(bytes, from, max);
+    for k in 0..bytes.len().min(MAX_HEADER_LEN + 1) {
+        match parse_header(&bytes[..k], from, max) {
+            Ok(None) => {}
+            prefix => assert_eq!(prefix, whole, "prefix of {k} bytes"),
+        }
+    }
+    if let Ok(Some(h)) = whole {
+        assert!((2..=MAX_HEADER_LEN).contains(&h.header_len) && h.header_len <= bytes.len());
+        assert!(h.payload_len <= max && h.payload_len >> 63 == 0);
+        assert_eq!(h.mask.is_some(), from == Sender::Client);
+        assert!(!h.opcode.is_control() || (h.fin && h.payload_len <= 125));
+        let mut out = [0u8; MAX_HEADER_LEN];
+        let n = write_header(&mut out, h.fin, h.opcode, h.mask, h.payload_len);
+        let again = parse_header(&out[..n], from, max).unwrap().unwrap();
+        assert_eq!(
+            (again.fin, again.opcode, again.mask, again.payload_len),
+            (h.fin, h.opcode, h.mask, h.payload_len)
+        );
+        assert!(n <= h.header_len, "the shortest encoding");
+    }
+}
+
+/// The 8-bytes-at-a-time mask against the bytewise reference: bytes 0..4
+/// are the key, byte 4 the phase, byte 5 the alignment offset and a split
+/// point; the rest is the payload.
+pub fn mask(data: &[u8]) {
+    let Some((head, payload)) = data.split_first_chunk::<6>() else {
+        return;
+    };
+    let key = [head[0], head[1], head[2], head[3]];
+    let phase = usize::from(head[4]);
+    let offset = usize::from(head[5] & 7).min(payload.len());
+    let mut fast = payload.to_vec();
+    let mut slow = payload.to_vec();
+    apply_mask(&mut fast[offset..], key, phase);
+    apply_mask_bytewise(&mut slow[offset..], key, phase);
+    assert_eq!(fast, slow);
+    let split = usize::from(head[5] >> 3).min(payload.len());
+    let mut pieces = payload.to_vec();
+    apply_mask(&mut pieces[..split], key, phase);
+    apply_mask(&mut pieces[split..], key, phase + split);
+    let mut whole = payload.to_vec();
+    apply_mask(&mut whole, key, phase);
+    assert_eq!(pieces, whole);
+    let new = [head[4], head[5], head[0], head[1]];
+    apply_mask(&mut whole, rekey(key, new), phase);
+    let mut again = payload.to_vec();
+    apply_mask(&mut again, new, phase);
+    assert_eq!(
+        whole, again,
+        "rekey(old, new) turns old's masking into new's"
+    );
+}
+
+/// Any bytes as a client request head and as an upstream upgrade answer:
+/// an answer, never a panic; a token found is in the bytes; a request the
+/// parser takes gets an upgrade answer or a refusal, never a panic.
+pub fn http_head(data: &[u8]) {
+    if let Ok(req) = parse_client_request(data) {
+        if let Some((t, _)) = &req.token {
+            assert!(!t.is_empty() && data.windows(t.len()).any(|w| w == t.as_bytes()));
+        }
+        if let Some(answer) = upgrade_response(&req) {
+            assert!(answer.starts_with(b"HTTP/1.1 101 ") && answer.ends_with(b"\r\n\r\n"));
+        }
+    }
+    let _ = check_upstream_answer(data, "dGhlIHNhbXBsZSBub25jZQ==");
+}
+
+/// Any bytes as the client's config: when they are a JSON object, upstream
+/// gets it without `api_key`, with `client_reference_id`, every other field
+/// unchanged; and with the account key when asked.
+pub fn first_message(data: &[u8]) {
+    let Ok(serde_json::Value::Object(client)) = serde_json::from_slice(data) else {
+        return;
+    };
+    let text = clio_relay::session::upstream_config_text(client.clone(), "s-1");
+    let got: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&text).unwrap();
+    let mut want = client;
+    want.remove("api_key");
+    want.entry("client_reference_id")
+        .or_insert_with(|| "s-1".into());
+    assert_eq!(got, want);
+    let keyed = clio_relay::session::with_api_key(&text, "key\"\u{1F511}");
+    let keyed: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&keyed).unwrap();
+    want.insert("api_key".into(), "key\"\u{1F511}".into());
+    assert_eq!(keyed, want);
+}
+
+/// Any bytes as a session token, and any edit of a real one: refused,
+/// never a panic; only the token as minted verifies.
+pub fn token(data: &[u8]) {
+    use std::sync::OnceLock;
+    use std::time::{Duration, UNIX_EPOCH};
+    static KEYS: OnceLock<(clio_relay::token::TokenKeys, String)> = OnceLock::new();
+    let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+    let (keys, minted) = KEYS.get_or_init(|| {
+        let keys = clio_relay::token::TokenKeys::new(
+            &clio_relay::secret::Secret::new("fuzz-token-secret-0123456789abcdef"),
+            None,
+            Duration::from_secs(30),
+        );
+        let t = keys
+            .mint_exact(
+                "device-1",
+                None,
+                1_800_000_000 - 10,
+                1_800_000_600,
+                "0011223344556677",
+            )
+            .unwrap();
+        (keys, t)
+    });
+    if let Ok(s) = std::str::from_utf8(data) {
+        if let Ok(c) = keys.verify(s, now) {
+            assert_eq!(s, minted.as_str(), "only the minted token verifies");
+            assert_eq!(c.device_id, "device-1");
+        }
+    }
+    // Overwrite part of the minted token with the input, at a place the
+    // first byte picks.
+    let Some((&at, patch)) = data.split_first() else {
+        return;
+    };
+    let mut edited = minted.clone().into_bytes();
+    let at = usize::from(at) % edited.len();
+    let end = (at + patch.len()).min(edited.len());
+    edited[at..end].copy_from_slice(&patch[..end - at]);
+    if let Ok(s) = String::from_utf8(edited) {
+        if s != *minted {
+            assert!(
+                keys.verify(&s, now).is_err(),
+                "an edited token verified: {s}"
+            );
+        }
+    }
+}
