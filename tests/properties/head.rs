@@ -132,7 +132,7 @@ fn read_in_pieces(bytes: &[u8], cuts: &[usize], max: usize) -> (Result<usize, St
             let addr = listener.local_addr().unwrap();
             let mut peer = glommio::net::TcpStream::connect(addr).await.unwrap();
             peer.set_nodelay(true).unwrap();
-            let conn = Duplex::new(Conn::Plain(listener.accept().await.unwrap()));
+            let conn = Duplex::new(Conn::Plain(listener.accept().await.unwrap().into()));
             let writer = async {
                 use futures_lite::AsyncWriteExt;
                 let mut last = 0;
