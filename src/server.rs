@@ -263,6 +263,11 @@ impl RelayHandle {
         let mut log = rx
             .recv_blocking()
             .map_err(|_| "the admin thread did not answer".to_string())?;
+        // The admin thread has sent the shards their new settings; a shard
+        // handles messages in order, so once each answers a ping the reload
+        // is in force for every new stream (a shard reads control messages
+        // once per data-plane pass, a few milliseconds).
+        let _ = self.alive(std::time::Duration::from_secs(2));
         log.extend(kept.into_iter().map(|k| format!("unchanged: {k}")));
         Ok(log)
     }
