@@ -67,6 +67,13 @@ pub struct FrameScanner {
     /// Where the current text frame's payload starts in this window, if it
     /// started in it.
     text_start: Option<usize>,
+    /// The current client frame's own mask key, and the relay's key that
+    /// replaced it (for [`FrameScanner::scan_capture`] and a resume).
+    client_key: [u8; 4],
+    fresh: [u8; 4],
+    /// The current frame's FIN bit and opcode.
+    fin: bool,
+    opcode: Opcode,
 }
 
 impl FrameScanner {
@@ -82,7 +89,37 @@ impl FrameScanner {
             msg_binary: false,
             counts_audio: false,
             text_start: None,
+            client_key: [0; 4],
+            fresh: [0; 4],
+            fin: true,
+            opcode: Opcode::Binary,
         }
+    }
+
+    /// Mid-frame in an audio frame: the header a new connection needs so
+    /// that the rest of this frame's payload, re-masked as the scanner
+    /// does it, reads as a whole frame there. `None` between frames;
+    /// `Some(None)` mid-frame in anything but audio.
+    pub fn rest_of_frame_header(&self) -> Option<Option<Vec<u8>>> {
+        if self.remaining == 0 {
+            return None;
+        }
+        if !self.counts_audio {
+            return Some(None);
+        }
+        // The rest is masked with `fresh` from phase `phase`: as a frame of
+        // its own, its key is `fresh` rotated by the phase.
+        let p = self.phase;
+        let key = [
+            self.fresh[p & 3],
+            self.fresh[(p + 1) & 3],
+            self.fresh[(p + 2) & 3],
+            self.fresh[(p + 3) & 3],
+        ];
+        let mut h = [0u8; crate::frame::MAX_HEADER_LEN];
+        let n =
+            crate::frame::write_header(&mut h, self.fin, Opcode::Binary, Some(key), self.remaining);
+        Some(Some(h[..n].to_vec()))
     }
 
     /// True between frames (a partial header not yet scanned counts as between).
@@ -96,6 +133,28 @@ impl FrameScanner {
     /// protocol ([`Scan::violation`]). Allocation-free.
     #[inline]
     pub fn scan(&mut self, window: &mut [u8], masks: Option<&mut MaskKeys>) -> Scan {
+        self.scan_inner(window, masks, None)
+    }
+
+    /// [`scan`](Self::scan) that also copies what a resume needs into
+    /// `capture`: audio payloads unmasked, and whether a `finalize` or the
+    /// end of audio went by. Client frames only.
+    pub fn scan_capture(
+        &mut self,
+        window: &mut [u8],
+        masks: &mut MaskKeys,
+        capture: &mut resume::Capture,
+    ) -> Scan {
+        self.scan_inner(window, Some(masks), Some(capture))
+    }
+
+    #[inline(always)]
+    fn scan_inner(
+        &mut self,
+        window: &mut [u8],
+        masks: Option<&mut MaskKeys>,
+        mut capture: Option<&mut resume::Capture>,
+    ) -> Scan {
         let mut masks = masks;
         let mut out = Scan::default();
         let len = window.len();
@@ -104,6 +163,9 @@ impl FrameScanner {
             if self.remaining > 0 {
                 let n = (self.remaining.min((len - pos) as u64)) as usize;
                 if self.from == Sender::Client {
+                    if let Some(c) = capture.as_deref_mut() {
+                        self.capture_payload(&window[pos..pos + n], c);
+                    }
                     apply_mask(&mut window[pos..pos + n], self.xor, self.phase);
                 }
                 self.phase = (self.phase + n) & 3;
@@ -117,6 +179,12 @@ impl FrameScanner {
                     break; // the payload goes on in the next read
                 }
                 out.frames_done += 1;
+                if let Some(c) = capture.as_deref_mut() {
+                    if self.counts_audio {
+                        c.frame_ends.push(c.audio.len());
+                    }
+                    Self::frame_done(c, self.opcode, self.fin);
+                }
                 if let Some(start) = self.text_start.take() {
                     out.last_text = Some((start, pos));
                 }
@@ -142,7 +210,11 @@ impl FrameScanner {
                 let at = pos + h.header_len - 4;
                 window[at..at + 4].copy_from_slice(&fresh);
                 self.xor = rekey(client_key, fresh);
+                self.client_key = client_key;
+                self.fresh = fresh;
             }
+            self.fin = h.fin;
+            self.opcode = h.opcode;
             if !h.opcode.is_control() {
                 out.data_frames_started += 1;
                 match h.opcode {
@@ -159,6 +231,12 @@ impl FrameScanner {
             pos += h.header_len;
             if h.payload_len == 0 {
                 out.frames_done += 1;
+                if let Some(c) = capture.as_deref_mut() {
+                    if h.fin && matches!(h.opcode, Opcode::Binary | Opcode::Text) {
+                        c.end_of_audio = true;
+                    }
+                    Self::frame_done(c, h.opcode, h.fin);
+                }
                 if self.in_close {
                     out.close_done = true;
                     break;
@@ -167,6 +245,37 @@ impl FrameScanner {
         }
         out.ready = pos;
         out
+    }
+}
+
+impl FrameScanner {
+    /// Copies `masked` (the client's bytes of the current frame, before
+    /// re-masking) into `c`, unmasked: audio to `c.audio`, text (up to a
+    /// bound) to `c.text`.
+    fn capture_payload(&self, masked: &[u8], c: &mut resume::Capture) {
+        let to = if self.counts_audio {
+            &mut c.audio
+        } else if !self.opcode.is_control() && !self.msg_binary {
+            if c.text.len() + masked.len() > resume::MAX_CONTROL_TEXT {
+                return;
+            }
+            &mut c.text
+        } else {
+            return;
+        };
+        let at = to.len();
+        to.extend_from_slice(masked);
+        apply_mask(&mut to[at..], self.client_key, self.phase);
+    }
+
+    /// A frame ended: a whole text message is checked for `finalize`.
+    fn frame_done(c: &mut resume::Capture, opcode: Opcode, fin: bool) {
+        if fin && !opcode.is_control() && !c.text.is_empty() {
+            if c.text.windows(8).any(|w| w == b"finalize") {
+                c.finalize = true;
+            }
+            c.text.clear();
+        }
     }
 }
 
@@ -185,6 +294,9 @@ pub enum End {
     UpstreamGone,
     /// Upstream broke the protocol.
     UpstreamProtocol(FrameError),
+    /// Upstream failed mid-stream with this error (500, 503; or refused a
+    /// resumed connection) and the stream can resume on a new connection.
+    Resume(u16, RateScope),
     /// Upstream's first message was this error code (401, 402, 429, 500,
     /// 503) and all the stream sent it is still in the replay copy (or
     /// nothing went up): the stream can move to another account.
@@ -245,6 +357,8 @@ pub struct StreamState {
     /// Upstream answered with a first message that is not an error: the
     /// stream is committed to this connection and the copy is let go.
     pub accepted: Cell<bool>,
+    /// Raw-audio streams: the copy and timeline for a mid-stream resume.
+    pub resume: std::cell::RefCell<Option<Box<resume::Resume>>>,
 }
 
 impl StreamState {
@@ -335,6 +449,7 @@ impl StreamState {
             fin_seen: Cell::new(false),
             replayable: Cell::new(true),
             accepted: Cell::new(false),
+            resume: std::cell::RefCell::new(None),
         }
     }
 }
@@ -420,10 +535,21 @@ pub async fn client_to_upstream(
     }
     loop {
         let processed = side.processed;
-        let scan = side.scanner.scan(
-            &mut buf.filled()[processed..],
-            Some(&mut masks.borrow_mut()),
-        );
+        let scan = match state.resume.borrow_mut().as_deref_mut() {
+            None => side.scanner.scan(
+                &mut buf.filled()[processed..],
+                Some(&mut masks.borrow_mut()),
+            ),
+            Some(r) => {
+                let scan = side.scanner.scan_capture(
+                    &mut buf.filled()[processed..],
+                    &mut masks.borrow_mut(),
+                    &mut r.capture,
+                );
+                r.absorb_capture();
+                scan
+            }
+        };
         side.processed += scan.ready;
         if scan.data_frames_started > 0 {
             if state.first_audio_at.get().is_none() {
@@ -481,6 +607,33 @@ pub async fn client_to_upstream(
                 state.last_activity.set(read_at);
             }
         }
+    }
+}
+
+/// The upstream→client pump the stream needs: [`resume::upstream_to_client`]
+/// for a raw-audio stream that can resume, else [`upstream_to_client`].
+pub async fn upstream_to_client_any(
+    upstream: &Duplex,
+    client: &Duplex,
+    buf: &mut Buf,
+    scanner: &mut FrameScanner,
+    state: &StreamState,
+    metrics: &ShardMetrics,
+    retry_allowed: &dyn Fn() -> bool,
+) -> End {
+    if state.resume.borrow().is_some() {
+        resume::upstream_to_client(upstream, client, buf, state, metrics, retry_allowed).await
+    } else {
+        upstream_to_client(
+            upstream,
+            client,
+            buf,
+            scanner,
+            state,
+            metrics,
+            retry_allowed,
+        )
+        .await
     }
 }
 
@@ -634,6 +787,8 @@ pub async fn idle_watch(state: &StreamState, idle: Duration) -> End {
         .await;
     }
 }
+
+pub mod resume;
 
 #[cfg(test)]
 mod tests;

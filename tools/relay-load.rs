@@ -96,6 +96,44 @@ struct Args {
     /// No live progress line on stderr.
     #[arg(short, long)]
     quiet: bool,
+    /// The relay's admin address (HOST:PORT): its /metrics is read before
+    /// and after the run, to report the failovers and resumes the clients
+    /// never saw.
+    #[arg(long)]
+    relay_metrics: Option<SocketAddr>,
+}
+
+/// The relay's failover counters: resumes, failovers at open, mid-stream.
+fn relay_failovers(admin: SocketAddr) -> Result<[u64; 3], String> {
+    use std::io::{Read, Write};
+    let mut tcp = std::net::TcpStream::connect_timeout(&admin, Duration::from_secs(5))
+        .map_err(|e| format!("--relay-metrics {admin}: {e}"))?;
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    write!(
+        tcp,
+        "GET /metrics HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| format!("--relay-metrics {admin}: {e}"))?;
+    let mut body = String::new();
+    tcp.read_to_string(&mut body)
+        .map_err(|e| format!("--relay-metrics {admin}: {e}"))?;
+    let mut out = [0u64; 3];
+    for line in body.lines() {
+        let value = || {
+            line.rsplit(' ')
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0) as u64
+        };
+        if line.starts_with("clio_relay_streams_resumed_total ") {
+            out[0] += value();
+        } else if line.starts_with("clio_relay_failovers_total{phase=\"open\"") {
+            out[1] += value();
+        } else if line.starts_with("clio_relay_failovers_total{phase=\"mid\"") {
+            out[2] += value();
+        }
+    }
+    Ok(out)
 }
 
 fn main() {
@@ -180,16 +218,39 @@ fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
     } else {
         Credentials::None
     };
+    let before = args.relay_metrics.map(relay_failovers).transpose()?;
     let report = relay_load::run(&opts)?;
+    let failovers = match (args.relay_metrics, before) {
+        (Some(admin), Some(b)) => {
+            let a = relay_failovers(admin)?;
+            Some([
+                a[0] - b[0].min(a[0]),
+                a[1] - b[1].min(a[1]),
+                a[2] - b[2].min(a[2]),
+            ])
+        }
+        _ => None,
+    };
     if let Some(dir) = &args.hgrm_dir {
         report
             .write_hgrm(dir)
             .map_err(|e| format!("{}: {e}", dir.display()))?;
     }
     if args.json {
-        println!("{}", report.to_json());
+        let mut json = report.to_json();
+        if let Some([resumed, open, mid]) = failovers {
+            json["relay_streams_resumed"] = resumed.into();
+            json["relay_failovers_open"] = open.into();
+            json["relay_failovers_mid"] = mid.into();
+        }
+        println!("{json}");
     } else {
         print!("{}", report.table());
+        if let Some([resumed, open, mid]) = failovers {
+            println!(
+                "relay failovers the clients never saw: {resumed} resumes mid-stream ({mid} mid-stream failures), {open} at open"
+            );
+        }
     }
     Ok(report.clean())
 }

@@ -237,6 +237,16 @@ fn resolve(raw: RawFile, base: &Path) -> Result<Config, ConfigError> {
             .failover
             .replay_bytes
             .unwrap_or(defaults_failover.replay_bytes),
+        resume_audio: duration(
+            "failover.resume_audio",
+            raw.failover.resume_audio,
+            defaults_failover.resume_audio,
+            &mut p,
+        ),
+        max_resumes: raw
+            .failover
+            .max_resumes
+            .unwrap_or(defaults_failover.max_resumes),
     };
 
     let mut accounts = Vec::with_capacity(raw.account.len());

@@ -51,6 +51,8 @@ pub(super) struct RawCluster {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawFailover {
     pub(super) replay_bytes: Option<usize>,
+    pub(super) resume_audio: Option<String>,
+    pub(super) max_resumes: Option<u32>,
 }
 
 #[derive(Deserialize, Default)]

@@ -366,6 +366,12 @@ pub struct FailoverConfig {
     /// the first one refuses or fails. Past it the stream is committed to
     /// its account. 0 turns open-time replay off.
     pub replay_bytes: usize,
+    /// Raw-audio streams keep the audio after the last final token, up to
+    /// this much, to resume on a new upstream connection mid-stream.
+    pub resume_audio: Duration,
+    /// Mid-stream resumes one stream may take; the next failure reaches the
+    /// client as today. 0 turns mid-stream resume off.
+    pub max_resumes: u32,
 }
 
 impl Default for FailoverConfig {
@@ -373,6 +379,8 @@ impl Default for FailoverConfig {
         FailoverConfig {
             // 4 s of 16 kHz 16-bit mono audio.
             replay_bytes: 128 << 10,
+            resume_audio: Duration::from_secs(30),
+            max_resumes: 3,
         }
     }
 }

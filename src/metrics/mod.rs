@@ -150,16 +150,20 @@ pub enum Hist {
     UpstreamConnect,
     /// Stream start to the first upstream result, microseconds.
     FirstResult,
+    /// A mid-stream upstream failure to the new connection that resumes
+    /// the stream, microseconds.
+    Resume,
 }
 
 impl Hist {
     /// Every histogram, in index order.
-    pub const ALL: [Hist; 5] = [
+    pub const ALL: [Hist; 6] = [
         Hist::FrameClientToUpstream,
         Hist::FrameUpstreamToClient,
         Hist::ClientHandshake,
         Hist::UpstreamConnect,
         Hist::FirstResult,
+        Hist::Resume,
     ];
 
     fn index(self) -> usize {
@@ -170,7 +174,9 @@ impl Hist {
     pub fn units_per_second(self) -> u64 {
         match self {
             Hist::FrameClientToUpstream | Hist::FrameUpstreamToClient => 1_000_000_000,
-            Hist::ClientHandshake | Hist::UpstreamConnect | Hist::FirstResult => 1_000_000,
+            Hist::ClientHandshake | Hist::UpstreamConnect | Hist::FirstResult | Hist::Resume => {
+                1_000_000
+            }
         }
     }
 
@@ -187,6 +193,7 @@ impl Hist {
             Hist::ClientHandshake => "client handshake",
             Hist::UpstreamConnect => "upstream connect",
             Hist::FirstResult => "first result",
+            Hist::Resume => "mid-stream resume",
         }
     }
 
@@ -272,7 +279,36 @@ pub struct ShardMetrics {
     errors: RefCell<Vec<ErrorCount>>,
     /// Latency histograms indexed by [`Hist`], preallocated at their full
     /// range so recording never allocates.
-    hists: [RefCell<HistData>; 5],
+    hists: [RefCell<HistData>; 6],
+    /// Failovers and resumes (see [`Failovers`]).
+    failovers: Cell<Failovers>,
+}
+
+/// Failovers a client never saw, by phase and reason, and resumed streams.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Failovers {
+    /// Before upstream accepted the stream: refused (an error message), or
+    /// the connection lost.
+    pub open_refused: u64,
+    pub open_lost: u64,
+    /// Mid-stream: an error message (500, 503), or the connection lost.
+    pub mid_error: u64,
+    pub mid_lost: u64,
+    /// Resumes done (a stream resumed twice counts twice).
+    pub resumed: u64,
+    /// Audio replayed by those resumes, milliseconds.
+    pub replayed_ms: u64,
+}
+
+impl Failovers {
+    fn add(&mut self, o: &Failovers) {
+        self.open_refused += o.open_refused;
+        self.open_lost += o.open_lost;
+        self.mid_error += o.mid_error;
+        self.mid_lost += o.mid_lost;
+        self.resumed += o.resumed;
+        self.replayed_ms += o.replayed_ms;
+    }
 }
 
 impl ShardMetrics {
@@ -294,7 +330,32 @@ impl ShardMetrics {
                     sum: 0,
                 })
             }),
+            failovers: Cell::new(Failovers::default()),
         }
+    }
+
+    /// A failover the client did not see: `phase` "open" (before upstream
+    /// accepted the stream) or "mid"; `lost`: the connection failed (else
+    /// upstream sent an error).
+    pub fn failover(&self, phase: &str, lost: bool) {
+        let mut f = self.failovers.get();
+        match (phase, lost) {
+            ("open", false) => f.open_refused += 1,
+            ("open", true) => f.open_lost += 1,
+            (_, false) => f.mid_error += 1,
+            (_, true) => f.mid_lost += 1,
+        }
+        self.failovers.set(f);
+    }
+
+    /// A stream resumed on a new connection, replaying `secs` of audio,
+    /// `took` after its upstream failed.
+    pub fn resumed(&self, secs: f64, took: std::time::Duration) {
+        let mut f = self.failovers.get();
+        f.resumed += 1;
+        f.replayed_ms += (secs * 1000.0) as u64;
+        self.failovers.set(f);
+        self.record(Hist::Resume, took.as_micros() as u64);
     }
 
     /// Records one latency sample in `h`'s unit (see [`Hist`]); values above
@@ -418,6 +479,7 @@ impl ShardMetrics {
             accounts: self.accounts.borrow().clone(),
             errors,
             hists: Hist::ALL.map(|h| self.hists[h.index()].borrow().clone()),
+            failovers: self.failovers.get(),
         }
     }
 }
@@ -452,7 +514,8 @@ pub struct MetricsSnapshot {
     accounts: Vec<AccountStats>,
     /// Sorted by `(side, code)`.
     errors: Vec<ErrorCount>,
-    hists: [HistData; 5],
+    hists: [HistData; 6],
+    failovers: Failovers,
 }
 
 impl MetricsSnapshot {
@@ -493,6 +556,7 @@ impl MetricsSnapshot {
             }
         }
         self.errors.sort_by_key(|e| (e.side, e.code));
+        self.failovers.add(&other.failovers);
         for (mine, theirs) in self.hists.iter_mut().zip(&other.hists) {
             mine.hist
                 .add(&theirs.hist)
@@ -519,6 +583,16 @@ impl MetricsSnapshot {
     /// Streams refused by `by`.
     pub fn refusals(&self, by: RefusedBy) -> u64 {
         self.refusals[by.index()]
+    }
+
+    /// Failovers and resumes.
+    pub fn failovers(&self) -> Failovers {
+        self.failovers
+    }
+
+    /// Mid-stream resumes done.
+    pub fn streams_resumed(&self) -> u64 {
+        self.failovers.resumed
     }
 
     /// Frames forwarded in `direction`.

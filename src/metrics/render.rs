@@ -28,7 +28,7 @@ struct Summary {
 }
 
 /// The summary families, in output order.
-const SUMMARIES: [Summary; 4] = [
+const SUMMARIES: [Summary; 5] = [
     Summary {
         name: "clio_relay_frame_forward_seconds",
         help: "Time from the read that completed a frame to the write that forwarded it.",
@@ -57,6 +57,12 @@ const SUMMARIES: [Summary; 4] = [
         name: "clio_relay_first_result_seconds",
         help: "Time from stream start to the first upstream result.",
         members: &[(Hist::FirstResult, None)],
+    },
+    Summary {
+        name: "clio_relay_resume_seconds",
+        help:
+            "Time from a mid-stream upstream failure to the new connection that resumes the stream.",
+        members: &[(Hist::Resume, None)],
     },
 ];
 
@@ -219,6 +225,45 @@ pub fn render_prometheus(shards: &[MetricsSnapshot], gauges: &ProcessGauges) -> 
             merged.bytes(d),
         );
     }
+
+    let f = merged.failovers();
+    family(
+        o,
+        "clio_relay_failovers_total",
+        "counter",
+        "Upstream failures the client did not see, by phase (open: before upstream accepted the stream; mid) and reason.",
+    );
+    for (phase, reason, n) in [
+        ("open", "refused", f.open_refused),
+        ("open", "lost", f.open_lost),
+        ("mid", "error", f.mid_error),
+        ("mid", "lost", f.mid_lost),
+    ] {
+        sample(
+            o,
+            "clio_relay_failovers_total",
+            &[("phase", phase), ("reason", reason)],
+            n,
+        );
+    }
+    family(
+        o,
+        "clio_relay_streams_resumed_total",
+        "counter",
+        "Mid-stream resumes on a new upstream connection.",
+    );
+    sample(o, "clio_relay_streams_resumed_total", &[], f.resumed);
+    family(
+        o,
+        "clio_relay_replayed_audio_seconds_total",
+        "counter",
+        "Audio replayed to upstream by mid-stream resumes.",
+    );
+    let _ = writeln!(
+        o,
+        "clio_relay_replayed_audio_seconds_total {:.3}",
+        f.replayed_ms as f64 / 1000.0
+    );
 
     family(
         o,

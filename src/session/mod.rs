@@ -13,7 +13,7 @@ mod handshake;
 mod refusal;
 mod support;
 
-use support::{audio_bytes_per_ms, close_client, LiveGuard};
+use support::{audio_bytes_per_ms, close_client, raw_audio_rate, LiveGuard};
 pub use support::{upstream_config_text, with_api_key};
 
 pub use handshake::serve;
@@ -114,6 +114,18 @@ impl Stream {
         };
         tracing::debug!(stream = %self.id, shard = self.shard.index, device = %claims.device_id, account = %up.lease.account.id, "stream open");
         state.bytes_per_ms.set(audio_bytes_per_ms(&config));
+        let failover = &self.settings.failover;
+        if failover.max_resumes > 0 {
+            if let Some((per_sec, frame)) = raw_audio_rate(&config) {
+                let cap = (failover.resume_audio.as_secs_f64() * per_sec as f64) as usize;
+                *state.resume.borrow_mut() = Some(Box::new(pump::resume::Resume::new(
+                    per_sec,
+                    frame,
+                    cap,
+                    failover.max_resumes,
+                )));
+            }
+        }
         let reference_id = match config.get("client_reference_id") {
             Some(Value::String(r)) => r.clone(),
             _ => self.id.clone(),
@@ -135,11 +147,13 @@ impl Stream {
             // client frames already read (often the first audio). After a
             // failover the replay copy follows it: the new connection gets
             // every byte the old one got, once.
-            let mut first = self.config_frame(&up, &config);
-            if let Some(copy) = &cside.replay {
-                first.extend_from_slice(copy);
+            if cside.config_frame.is_none() {
+                let mut first = self.config_frame(&up, &config);
+                if let Some(copy) = &cside.replay {
+                    first.extend_from_slice(copy);
+                }
+                cside.config_frame = Some(first);
             }
-            cside.config_frame = Some(first);
             let end = self
                 .pump(
                     &client,
@@ -164,8 +178,22 @@ impl Stream {
                     self.shard.metrics.error(Side::Upstream, 502);
                     tracing::info!(stream = %self.id, account = %up.lease.account.id, ?end, replayed = cside.replay.as_ref().map_or(0, Vec::len), "upstream failed before accepting the stream; moving it to the next account");
                 }
+                End::UpstreamGone | End::UpstreamProtocol(_) | End::Resume(..)
+                    if self.resumable(&state, &cside) =>
+                {
+                    match Box::pin(
+                        self.resume(&mut up, end, &config, &state, &mut cbuf, &mut cside),
+                    )
+                    .await
+                    {
+                        Ok(()) => continue,
+                        Err(r) => break Err(r),
+                    }
+                }
                 other => break Ok(other),
             }
+            self.shard.metrics.failover("open", lost);
+            cside.config_frame = None;
             self.shard
                 .metrics
                 .stream_closed(up.lease.account.metrics_index);
@@ -197,7 +225,12 @@ impl Stream {
             .metrics
             .stream_closed(up.lease.account.metrics_index);
         self.record_usage(&up, &claims, reference_id, &state, error);
-        tracing::debug!(stream = %self.id, ?end, secs = started.elapsed().as_secs_f64(), "stream end");
+        let resume_copy_peak = state
+            .resume
+            .borrow()
+            .as_ref()
+            .map_or(0, |r| r.peak_capacity);
+        tracing::debug!(stream = %self.id, ?end, secs = started.elapsed().as_secs_f64(), resume_copy_peak, "stream end");
     }
 
     /// A `server.max_streams` slot for a stream whose token came in its
@@ -427,6 +460,78 @@ impl Stream {
         }
     }
 
+    /// Whether the stream can resume on a new upstream connection now: a
+    /// raw-audio stream with resumes left, its copy whole, the client not
+    /// gone and not in the middle of a text frame.
+    fn resumable(&self, state: &StreamState, cside: &ClientSide) -> bool {
+        !cside.close_seen
+            && state
+                .resume
+                .borrow()
+                .as_ref()
+                .is_some_and(|r| r.can_resume())
+            && !matches!(cside.scanner.rest_of_frame_header(), Some(None))
+    }
+
+    /// Resumes the stream after its upstream connection failed mid-stream
+    /// (`end`): a new connection (the same account if it is still the best
+    /// choice), the config, the audio after the last final token, a
+    /// pending finalize or end of audio, then the live audio.
+    async fn resume(
+        &self,
+        up: &mut Upstream,
+        end: End,
+        config: &[u8],
+        state: &StreamState,
+        cbuf: &mut Buf,
+        cside: &mut ClientSide,
+    ) -> Result<(), Refusal> {
+        let t0 = Instant::now();
+        let reason = match end {
+            End::Resume(code, scope) => {
+                self.note_refusal(&up.lease, code, scope);
+                code
+            }
+            _ => 0,
+        };
+        let shard = &self.shard;
+        shard
+            .metrics
+            .error(Side::Upstream, if reason == 0 { 502 } else { reason });
+        shard.metrics.stream_closed(up.lease.account.metrics_index);
+        let failed_account = up.lease.account.id.clone();
+        let mut tried = 0;
+        *up = Box::pin(self.open_upstream(&mut tried, None))
+            .await
+            .map_err(|_| Refusal::upstream_lost())?;
+        // What the old connection got of the client's bytes is in the copy:
+        // the frames already re-masked for it are not sent again.
+        let rest = cside.scanner.rest_of_frame_header();
+        cbuf.consume(cside.processed);
+        cside.processed = 0;
+        let mut first = self.config_frame(up, config);
+        let (n, secs) = {
+            let mut r = state.resume.borrow_mut();
+            let r = r.as_mut().expect("a resumable stream");
+            let secs = r.replay_seconds();
+            first.extend(r.begin(&mut shard.masks.borrow_mut()));
+            (r.resumes, secs)
+        };
+        if let Some(Some(header)) = rest {
+            first.extend_from_slice(&header);
+        }
+        cside.config_frame = Some(first);
+        cside.replay = None;
+        state.replayable.set(false);
+        state.accepted.set(false);
+        state.inspect_first_upstream.set(true);
+        state.first_upstream_error.set(None);
+        shard.metrics.failover("mid", reason == 0);
+        shard.metrics.resumed(secs, t0.elapsed());
+        tracing::info!(stream = %self.id, failed_account = %failed_account, account = %up.lease.account.id, resume = n, reason, replayed_secs = secs, "upstream failed mid-stream; resumed on a new connection");
+        Ok(())
+    }
+
     /// Marks the account after upstream refused it with `code`.
     fn note_refusal(&self, lease: &Lease, code: u16, scope: RateScope) {
         match code {
@@ -489,7 +594,7 @@ impl Stream {
                 end => end,
             }
         };
-        let u2c = pump::upstream_to_client(
+        let u2c = pump::upstream_to_client_any(
             conn,
             client,
             ubuf,
@@ -668,7 +773,7 @@ impl Stream {
                         let Upstream {
                             conn, buf, scanner, ..
                         } = &mut *up;
-                        let u2c = pump::upstream_to_client(
+                        let u2c = pump::upstream_to_client_any(
                             conn,
                             client,
                             buf,
@@ -703,6 +808,15 @@ impl Stream {
                         .conn
                         .write_all(&close_upstream(1001, "relay restarting"))
                         .await;
+                }
+            }
+            End::Resume(..) => {
+                // An error the stream could not resume from (its resumes
+                // used up, or its copy no longer whole).
+                let r = Refusal::upstream_lost();
+                error = Some(r.code);
+                if state.client_at_boundary.get() {
+                    let _ = client.write_all(&to_client(&r)).await;
                 }
             }
             End::Retry(..) | End::ClientClosed => unreachable!("handled by the caller"),

@@ -31,6 +31,22 @@ pub(super) fn audio_bytes_per_ms(config: &Map<String, Value>) -> f64 {
     rate * channels * sample_bytes / 1000.0
 }
 
+/// A raw `audio_format`'s bytes per second and bytes per sample frame (all
+/// channels), from whole-number `sample_rate` and `num_channels`; `None`
+/// for compressed formats and `auto`, which cannot be cut mid-stream.
+pub(super) fn raw_audio_rate(config: &Map<String, Value>) -> Option<(u64, u64)> {
+    let sample_bytes = match config.get("audio_format").and_then(Value::as_str)? {
+        "pcm_s16le" | "pcm_s16be" => 2,
+        "pcm_f32le" | "pcm_f32be" | "pcm_s32le" | "pcm_s32be" => 4,
+        "mulaw" | "alaw" | "pcm_s8" | "pcm_u8" => 1,
+        _ => return None,
+    };
+    let rate = config.get("sample_rate").and_then(Value::as_u64)?;
+    let channels = config.get("num_channels").map_or(Some(1), Value::as_u64)?;
+    let frame = sample_bytes * channels;
+    (rate > 0 && frame > 0).then_some((rate * frame, frame))
+}
+
 /// Keeps a stream in its shard's registry of live streams while it runs.
 pub(super) struct LiveGuard<'a> {
     shard: &'a Shard,

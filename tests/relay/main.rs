@@ -20,6 +20,7 @@ mod keys_api;
 mod ports;
 mod refusals;
 mod reload;
+mod resume;
 mod shards;
 mod streaming;
 mod timeouts;

@@ -107,6 +107,24 @@ use std::time::{Duration, SystemTime};
 
 pub(crate) use state::{error_type, refusal_message, Shared, Slot, State, TempKey, MODELS};
 
+/// The final tokens the fake gives for `audio` (raw, `bytes_per_sec`)
+/// sent in one stream and ended, as (text, start_ms, end_ms): the
+/// fault-free transcript a test compares a relayed stream with.
+pub fn transcript_of(
+    audio: &[u8],
+    bytes_per_sec: u64,
+    ms_per_word: u32,
+) -> Vec<(String, u64, u64)> {
+    let mut t = transcript::Transcript::new(bytes_per_sec, ms_per_word);
+    let mut tokens = t.push_audio(audio);
+    tokens.extend(t.flush());
+    tokens
+        .into_iter()
+        .filter(|t| t.is_final)
+        .map(|t| (t.text, t.start_ms, t.end_ms))
+        .collect()
+}
+
 /// Everything a [`FakeSoniox`] needs to run. `Default` gives a plain-`ws`
 /// server on `127.0.0.1:0` with one key `fake-key-1` (10 concurrent streams).
 #[derive(Debug, Clone)]

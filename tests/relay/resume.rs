@@ -1,0 +1,204 @@
+//! Mid-stream resume: a raw-audio stream whose upstream connection fails
+//! (dropped, 503, 500) goes on, on a new connection, with one continuous
+//! transcript.
+
+use std::time::Duration;
+
+use clio_relay::fake_soniox::{transcript_of, FakeKey, FaultKind, RandomFaults};
+use serde_json::Value;
+use tungstenite::Message;
+
+use crate::util::*;
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+/// The final tokens a client got, as (text, start_ms, end_ms).
+fn finals(got: &Received) -> Vec<(String, u64, u64)> {
+    got.messages
+        .iter()
+        .flat_map(|m| m["tokens"].as_array().cloned().unwrap_or_default())
+        .filter(|t| t["is_final"] == true)
+        .map(|t| {
+            (
+                t["text"].as_str().unwrap().to_string(),
+                t["start_ms"].as_u64().unwrap(),
+                t["end_ms"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// `n` frames of 100 ms of 16 kHz s16le audio, distinct per `stream`.
+fn stream_audio(stream: u32, n: u32) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|f| {
+            (0..3200u32)
+                .map(|j| {
+                    let x = j.wrapping_mul(2_654_435_761)
+                        ^ stream.wrapping_mul(40_503)
+                        ^ f.wrapping_mul(97);
+                    (x >> 13) as u8
+                })
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn two_hundred_streams_with_faults_keep_their_transcripts() {
+    let fake = fake(&[], |c| {
+        c.keys = ["k1", "k2", "k3"]
+            .iter()
+            .map(|k| FakeKey::new(k, 1000))
+            .collect();
+        c.record_audio = false;
+        c.faults.random = Some(RandomFaults {
+            share: 0.5,
+            kinds: vec![
+                FaultKind::Drop,
+                FaultKind::Error(503),
+                FaultKind::Error(500),
+            ],
+            within_frames: 30,
+            seed: 11,
+        });
+    });
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1"), ("b", "k2"), ("c", "k3")]);
+    cfg.server.max_streams = 1000;
+    cfg.failover.max_resumes = 12;
+    let relay = Relay::start(cfg);
+    let token = relay.token("dev");
+    let addr = relay.addr();
+    let threads: Vec<_> = (0..8u32)
+        .map(|t| {
+            let token = token.clone();
+            std::thread::spawn(move || {
+                let mut bad = vec![];
+                for i in 0..25u32 {
+                    let id = t * 25 + i;
+                    let frames = stream_audio(id, 30);
+                    let want = transcript_of(&frames.concat(), 32_000, 480);
+                    let (mut ws, _) = connect(addr, &token, Via::Header).unwrap();
+                    let got = stream_session(&mut ws, &config_message(None), &frames);
+                    let have = finals(&got);
+                    if got.error_code().is_some() || !got.finished() || have != want {
+                        bad.push(format!("stream {id}: {:?} error {:?} finished {}\n  want {want:?}\n  have {have:?}", got.close_code(), got.error_code(), got.finished()));
+                    }
+                }
+                bad
+            })
+        })
+        .collect();
+    let bad: Vec<String> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "{} streams differ:\n{}",
+        bad.len(),
+        bad.join("\n")
+    );
+    let words: std::collections::BTreeSet<String> =
+        transcript_of(&stream_audio(0, 30).concat(), 32_000, 480)
+            .into_iter()
+            .map(|w| w.0)
+            .collect();
+    assert!(words.len() > 3, "the audio gives varied words: {words:?}");
+    assert!(fake.wait_for(LIMIT, |s| s.iter().all(|r| r.closed)));
+    let sessions = fake.sessions();
+    let failed = sessions
+        .iter()
+        .filter(|r| r.config.is_some() && !r.finished_sent)
+        .count();
+    assert!(
+        failed >= 50,
+        "only {failed} of {} connections failed",
+        sessions.len()
+    );
+    let m = relay.handle.metrics();
+    assert!(m.streams_resumed() >= 50, "{}", m.streams_resumed());
+}
+
+#[test]
+fn a_stream_past_max_resumes_gets_the_documented_error() {
+    // Every connection fails at its fifth audio frame.
+    let fake = fake(&["k1"], |c| c.faults.error_after_frames = Some((5, 503)));
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.failover.max_resumes = 2;
+    let relay = Relay::start(cfg);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    let got = stream_session(&mut ws, &config_message(None), &stream_audio(1, 40));
+    assert_eq!(got.error_code(), Some(503), "{got:?}");
+    assert!(fake.wait_for(LIMIT, |s| s.iter().all(|r| r.closed)));
+    assert_eq!(
+        fake.sessions().len(),
+        3,
+        "the first connection and two resumes"
+    );
+    assert_eq!(relay.handle.metrics().streams_resumed(), 2);
+}
+
+#[test]
+fn compressed_formats_do_not_resume() {
+    let fake = fake(&["k1"], |c| c.faults.error_after_frames = Some((5, 503)));
+    let relay = Relay::start(relay_config(&fake.url(), &[("a", "k1")]));
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    let mut config: Value = serde_json::from_str(&config_message(None)).unwrap();
+    config["audio_format"] = "ogg".into();
+    let got = stream_session(&mut ws, &config.to_string(), &stream_audio(2, 10));
+    assert_eq!(got.error_code(), Some(503), "{got:?}");
+    assert!(fake.wait_for(LIMIT, |s| s.iter().all(|r| r.closed)));
+    assert_eq!(fake.sessions().len(), 1);
+}
+
+#[test]
+fn a_pending_finalize_is_answered_after_a_resume() {
+    // The first connection fails (503) at its eighth audio frame, before it
+    // reads the finalize the client sent after its tenth; the second does not fail.
+    let mut faults = RandomFaults {
+        share: 0.5,
+        kinds: vec![FaultKind::Error(503)],
+        within_frames: 8,
+        seed: 0,
+    };
+    while !(faults.pick(1).is_some_and(|(n, _)| n == 8) && faults.pick(2).is_none()) {
+        faults.seed += 1;
+    }
+    let fake = fake(&["k1"], |c| c.faults.random = Some(faults));
+    let relay = Relay::start(relay_config(&fake.url(), &[("a", "k1")]));
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    let frames = stream_audio(3, 10);
+    ws.send(Message::text(config_message(None))).unwrap();
+    for f in &frames {
+        ws.send(Message::binary(f.clone())).unwrap();
+    }
+    ws.send(Message::text(r#"{"type":"finalize"}"#)).unwrap();
+    let mut before_fin = Received::default();
+    loop {
+        let m: Value = match ws.read().unwrap() {
+            Message::Text(t) => serde_json::from_str(&t).unwrap(),
+            other => panic!("{other:?}"),
+        };
+        assert!(m.get("error_code").is_none(), "{m}");
+        let fin = m["tokens"]
+            .as_array()
+            .is_some_and(|t| t.iter().any(|t| t["text"] == "<fin>"));
+        before_fin.messages.push(m);
+        if fin {
+            break;
+        }
+    }
+    let mut want = transcript_of(&frames.concat(), 32_000, 480);
+    // The last 40 ms are less than half a word: no word, but final.
+    want.push(("<fin>".into(), 1000, 1000));
+    assert_eq!(finals(&before_fin), want);
+    ws.send(Message::binary(Vec::<u8>::new())).unwrap();
+    let rest = read_all(&mut ws);
+    assert!(rest.finished(), "{rest:?}");
+    assert!(fake.wait_for(LIMIT, |s| s.len() == 2 && s.iter().all(|r| r.closed)));
+    let s = fake.sessions();
+    assert_eq!(s[0].error_sent, Some(503));
+    assert!(s[1].text_messages.iter().any(|t| t.contains("finalize")));
+    assert_eq!(relay.handle.metrics().streams_resumed(), 1);
+}
