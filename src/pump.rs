@@ -303,6 +303,9 @@ pub enum End {
     Retry(u16, RateScope),
     /// No frame in either direction for the idle timeout.
     Idle,
+    /// A write upstream waited the whole idle timeout: upstream stopped
+    /// reading. Ended (or resumed) as an upstream failure.
+    UpstreamStalled,
     /// The relay ended the stream: a device limit was reached mid-stream
     /// or the device was revoked.
     Stopped(crate::devices::Limit),
@@ -357,6 +360,10 @@ pub struct StreamState {
     /// Upstream answered with a first message that is not an error: the
     /// stream is committed to this connection and the copy is let go.
     pub accepted: Cell<bool>,
+    /// Since when a write upstream has been waiting (the time of the client
+    /// read it forwards); `None` between writes. A stream idle for the idle
+    /// timeout with a write still waiting has a stalled upstream.
+    pub upstream_write_since: Cell<Option<Instant>>,
     /// Raw-audio streams: the copy and timeline for a mid-stream resume.
     pub resume: std::cell::RefCell<Option<Box<resume::Resume>>>,
 }
@@ -450,6 +457,7 @@ impl StreamState {
             replayable: Cell::new(true),
             accepted: Cell::new(false),
             resume: std::cell::RefCell::new(None),
+            upstream_write_since: Cell::new(None),
         }
     }
 }
@@ -563,6 +571,7 @@ pub async fn client_to_upstream(
         if side.processed > 0 {
             let n = side.processed;
             state.upstream_at_boundary.set(false);
+            state.upstream_write_since.set(Some(read_at));
             let written = match &config {
                 Some(c) => upstream.write_two(c, &buf.filled()[..n]).await,
                 None => upstream.write_all(&buf.filled()[..n]).await,
@@ -570,6 +579,7 @@ pub async fn client_to_upstream(
             if written.is_err() {
                 return End::UpstreamGone;
             }
+            state.upstream_write_since.set(None);
             state.upstream_at_boundary.set(side.scanner.at_boundary());
             side.keep_for_replay(&buf.filled()[..n], state);
             buf.consume(n);
@@ -584,9 +594,11 @@ pub async fn client_to_upstream(
             state.bytes_up.set(state.bytes_up.get() + n as u64);
         } else if let Some(c) = &config {
             state.upstream_at_boundary.set(false);
+            state.upstream_write_since.set(Some(read_at));
             if upstream.write_all(c).await.is_err() {
                 return End::UpstreamGone;
             }
+            state.upstream_write_since.set(None);
             state.upstream_at_boundary.set(side.scanner.at_boundary());
         }
         if scan.binary_bytes > 0 && !state.count_audio(scan.binary_bytes) {
@@ -761,7 +773,10 @@ fn first_message_error(bytes: &[u8]) -> FirstMessage {
     }
 }
 
-/// Ends with [`End::Idle`] once nothing has moved either way for `idle`.
+/// Ends with [`End::Idle`] once nothing has moved either way for `idle`,
+/// or with [`End::UpstreamStalled`] when, by then, a write upstream has
+/// been waiting all that time: upstream stopped reading, and the client,
+/// whose frames the relay can no longer take, is not to blame.
 ///
 /// It shares its task with the pumps, so it is polled on every frame's
 /// wake-up. A glommio timer re-registers itself in the reactor's timer map
@@ -773,7 +788,10 @@ pub async fn idle_watch(state: &StreamState, idle: Duration) -> End {
         let deadline = state.last_activity.get() + idle;
         let now = Instant::now();
         if now >= deadline {
-            return End::Idle;
+            return match state.upstream_write_since.get() {
+                Some(since) if since + idle <= now => End::UpstreamStalled,
+                _ => End::Idle,
+            };
         }
         let mut timer = glommio::timer::Timer::new(deadline - now);
         let mut armed = false;

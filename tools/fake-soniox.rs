@@ -137,6 +137,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             error_after_frames: args.error_after_frames.zip(args.error_code),
             rest_status: args.rest_status,
             refuse_at_first_message: args.refuse_keys.clone(),
+            stall_after_frames: None,
             random: (args.fail_share > 0.0).then(|| RandomFaults {
                 share: args.fail_share.min(1.0),
                 kinds: args.fail_kinds.clone(),

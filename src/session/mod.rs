@@ -178,7 +178,10 @@ impl Stream {
                     self.shard.metrics.error(Side::Upstream, 502);
                     tracing::info!(stream = %self.id, account = %up.lease.account.id, ?end, replayed = cside.replay.as_ref().map_or(0, Vec::len), "upstream failed before accepting the stream; moving it to the next account");
                 }
-                End::UpstreamGone | End::UpstreamProtocol(_) | End::Resume(..)
+                End::UpstreamGone
+                | End::UpstreamProtocol(_)
+                | End::UpstreamStalled
+                | End::Resume(..)
                     if self.resumable(&state, &cside) =>
                 {
                     match Box::pin(
@@ -714,7 +717,10 @@ impl Stream {
                         .await;
                 }
             }
-            End::UpstreamGone | End::UpstreamProtocol(_) => {
+            End::UpstreamGone | End::UpstreamProtocol(_) | End::UpstreamStalled => {
+                if end == End::UpstreamStalled {
+                    tracing::warn!(stream = %self.id, account = %up.lease.account.id, idle = ?self.settings.limits.idle_timeout, "upstream stopped reading the stream's audio; ending it as an upstream failure");
+                }
                 let r = Refusal::upstream_lost();
                 shard.metrics.error(Side::Upstream, r.code);
                 error = Some(r.code);

@@ -202,3 +202,42 @@ fn a_pending_finalize_is_answered_after_a_resume() {
     assert!(s[1].text_messages.iter().any(|t| t.contains("finalize")));
     assert_eq!(relay.handle.metrics().streams_resumed(), 1);
 }
+
+#[test]
+fn a_stalled_upstream_is_an_upstream_failure_not_an_idle_client() {
+    // Upstream stops reading at the third audio frame and never closes;
+    // the client goes on sending as fast as it can.
+    let fake = fake(&["k1"], |c| {
+        c.faults.stall_after_frames = Some(3);
+        c.record_audio = false;
+    });
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.limits.idle_timeout = Duration::from_secs(2);
+    cfg.failover.max_resumes = 0;
+    let relay = Relay::start(cfg);
+    let (mut tcp, head) = raw_upgrade(relay.addr(), &relay.token("dev"));
+    assert!(String::from_utf8_lossy(&head).contains(" 101 "));
+    let mut writer = tcp.try_clone().unwrap();
+    writer
+        .set_write_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let sender = std::thread::spawn(move || {
+        use std::io::Write;
+        let audio = vec![1u8; 32_000];
+        let _ = writer.write_all(&client_frame(1, config_message(None).as_bytes()));
+        for _ in 0..2000 {
+            if writer.write_all(&client_frame(2, &audio)).is_err() {
+                break;
+            }
+        }
+    });
+    let frames = raw_read_frames(&mut tcp);
+    let texts = raw_texts(&frames);
+    assert!(
+        texts.iter().any(|t| t["error_code"] == 503),
+        "reported as something else: {texts:?}"
+    );
+    assert_eq!(raw_close_code(&frames), Some(1011));
+    drop(tcp);
+    sender.join().unwrap();
+}

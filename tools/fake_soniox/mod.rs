@@ -227,6 +227,9 @@ pub struct Faults {
     pub refuse_at_first_message: Vec<(String, u16)>,
     /// A share of sessions fails at a random audio frame.
     pub random: Option<RandomFaults>,
+    /// When audio frame N arrives, stop reading (and answering) for good,
+    /// with the connection left open: a stalled upstream.
+    pub stall_after_frames: Option<u64>,
 }
 
 /// How [`Faults::random`] fails sessions: each session, on its config

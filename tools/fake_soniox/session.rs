@@ -317,6 +317,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
         }
         let faults = &shared.cfg.faults;
+        if faults.stall_after_frames.is_some_and(|n| frames >= n) {
+            // Never read again; the connection stays until the peer goes.
+            glommio::timer::sleep(Duration::from_secs(24 * 3600)).await;
+        }
         if faults.close_after_frames.is_some_and(|n| frames >= n) {
             return Err(Ending::Abort);
         }
