@@ -273,8 +273,11 @@ fn upstream_dying_mid_stream_gets_503_and_1011() {
 
 #[test]
 fn upstream_error_mid_stream_passes_through() {
+    // With mid-stream resume off (raw audio would resume otherwise).
     let fake = fake(&["key-a"], |c| c.faults.error_after_frames = Some((5, 500)));
-    let relay = Relay::start(relay_config(&fake.url(), &[("acct-a", "key-a")]));
+    let mut cfg = relay_config(&fake.url(), &[("acct-a", "key-a")]);
+    cfg.failover.max_resumes = 0;
+    let relay = Relay::start(cfg);
     let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
     ws.send(Message::text(config_message(None))).unwrap();
     for f in audio_frames(5, 2) {
