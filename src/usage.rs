@@ -71,7 +71,8 @@ pub struct Totals {
 }
 
 impl Totals {
-    fn add(&mut self, r: &UsageRecord) {
+    /// Counts one ended stream.
+    pub fn add(&mut self, r: &UsageRecord) {
         self.streams += 1;
         self.audio_ms += r.audio_ms();
         self.audio_ms_relay += r.audio_ms_relay;
@@ -82,7 +83,13 @@ impl Totals {
         }
     }
 
-    fn merge(&mut self, o: &Totals) {
+    /// No stream counted.
+    pub fn is_empty(&self) -> bool {
+        *self == Totals::default()
+    }
+
+    /// Adds another set of counters.
+    pub fn merge(&mut self, o: &Totals) {
         self.streams += o.streams;
         self.audio_ms += o.audio_ms;
         self.audio_ms_relay += o.audio_ms_relay;
@@ -95,7 +102,7 @@ impl Totals {
 }
 
 /// Grouping for queries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum GroupBy {
     /// Per account.
     Account = 0,

@@ -48,8 +48,12 @@ pub(super) fn month_audio(admin: &Admin) -> HashMap<String, u64> {
         .collect()
 }
 
-/// `GET /admin/usage?from=YYYY-MM-DD&to=YYYY-MM-DD&group_by=account|device`.
-pub(super) fn usage(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
+/// `GET /admin/usage?from=YYYY-MM-DD&to=YYYY-MM-DD&group_by=account|device&scope=fleet|node`.
+///
+/// In a fleet (`[cluster]`), `rows` are the fleet's totals and `nodes` each
+/// node's share, read from Redis; `scope=node`, or Redis unreachable (then
+/// `fleet_error` says why), answers from this node's own ledger.
+pub(super) async fn usage(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
     let q = |name: &str| {
         req.query
             .split('&')
@@ -72,13 +76,60 @@ pub(super) fn usage(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
         Some("device") => GroupBy::Device,
         Some(_) => return http::json_error(400, "group_by: account or device"),
     };
-    let prices = admin.prices.borrow();
+    let fleet_scope = match q("scope") {
+        None | Some("fleet") => true,
+        Some("node") => false,
+        Some(_) => return http::json_error(400, "scope: fleet or node"),
+    };
+    let group_name = if group == GroupBy::Account {
+        "account"
+    } else {
+        "device"
+    };
     let currency = admin.usage_cfg.borrow().currency.clone();
-    let rows: Vec<_> = admin
-        .usage
-        .borrow()
-        .query(from, to, group)
-        .into_iter()
+    let mut body = json!({"from": format_day(from), "to": format_day(to), "group_by": group_name, "currency": currency});
+    let fleet = admin.process.fleet.get().cloned();
+    let shared = match &fleet {
+        Some(f) if fleet_scope => Some(f.usage(from, to, group).await),
+        _ => None,
+    };
+    let rows = match shared {
+        Some(Ok(by_node)) => {
+            body["scope"] = json!("fleet");
+            body["nodes"] = by_node
+                .iter()
+                .map(|(node, totals)| (node.clone(), usage_rows(admin, totals, group)))
+                .collect::<serde_json::Map<_, _>>()
+                .into();
+            crate::cluster::usage::fleet_totals(&by_node)
+        }
+        other => {
+            if let Some(Err(e)) = other {
+                tracing::warn!(error = %e, "fleet usage unreadable; answering with this node's");
+                body["fleet_error"] = json!(e);
+            }
+            if fleet.is_some() {
+                body["scope"] = json!("node");
+            }
+            admin.usage.borrow().query(from, to, group)
+        }
+    };
+    if let Some(f) = &fleet {
+        body["node"] = json!(f.node_id);
+    }
+    body["rows"] = usage_rows(admin, &rows, group);
+    http::response(200, "application/json", "", body.to_string().as_bytes())
+}
+
+/// `/admin/usage` rows: one per account or device, accounts with their cost.
+fn usage_rows(
+    admin: &Admin,
+    totals: &std::collections::BTreeMap<String, crate::usage::Totals>,
+    group: GroupBy,
+) -> serde_json::Value {
+    let prices = admin.prices.borrow();
+    totals
+        .iter()
         .map(|(key, t)| {
             let mut row = json!({
                 "key": key,
@@ -90,20 +141,14 @@ pub(super) fn usage(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
                 "errors": t.errors,
             });
             if group == GroupBy::Account {
-                let p = prices.get(&key).copied().unwrap_or_default();
+                let p = prices.get(key).copied().unwrap_or_default();
                 row["cost"] = json!(cost(t.audio_ms, p.per_hour));
                 row["monthly_budget"] = json!(p.monthly_budget);
             }
             row
         })
-        .collect();
-    let group_name = if group == GroupBy::Account {
-        "account"
-    } else {
-        "device"
-    };
-    let body = json!({"from": format_day(from), "to": format_day(to), "group_by": group_name, "currency": currency, "rows": rows});
-    http::response(200, "application/json", "", body.to_string().as_bytes())
+        .collect::<Vec<_>>()
+        .into()
 }
 
 #[derive(Deserialize)]

@@ -465,6 +465,9 @@ pub fn start(setup: AdminSetup) -> std::io::Result<AdminHandle> {
                     let records = meter::collect(&admin).await;
                     admin.usage.borrow_mut().add(&records);
                     admin.alerts.borrow_mut().feed(&records);
+                    if let Some(fleet) = admin.process.fleet.get() {
+                        fleet.add_usage(records);
+                    }
                     if last_alerts.elapsed() >= admin.usage_cfg.borrow().alerts.interval {
                         last_alerts = Instant::now();
                         alerts::evaluate(&admin).await;
@@ -645,7 +648,10 @@ async fn route(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
             let records = meter::collect(admin).await;
             admin.usage.borrow_mut().add(&records);
             admin.alerts.borrow_mut().feed(&records);
-            return meter::usage(admin, req);
+            if let Some(fleet) = process.fleet.get() {
+                fleet.add_usage(records);
+            }
+            return meter::usage(admin, req).await;
         }
         if req.method == "GET" && req.path == "/admin/reconciliation" {
             return meter::reconciliation(admin);

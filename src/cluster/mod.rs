@@ -28,6 +28,7 @@
 
 pub mod scripts;
 mod store;
+pub mod usage;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -38,6 +39,7 @@ use crate::config::{ClusterConfig, DeviceLimits, StoreDown};
 use crate::devices::{utc_day, DevicePermit, Devices, Limit, Refused};
 use crate::keyring::{KeyRing, Lease};
 use crate::token::Claims;
+use crate::usage::{GroupBy, UsageRecord};
 
 pub use store::{channel, start, Links};
 
@@ -89,6 +91,11 @@ pub enum Job {
     },
     /// Store the sealed account set and tell every node.
     Accounts(Vec<u8>, async_channel::Sender<Result<(), String>>),
+    /// Usage of streams that ended on this node, for the fleet's totals
+    /// (added to Redis at the next flush, at most once a second).
+    Usage(Vec<UsageRecord>),
+    /// Add the usage waiting now, then answer (before a fleet query).
+    UsageFlush(async_channel::Sender<Result<(), String>>),
     /// Leave the fleet (this node's counts and lease are deleted) and end
     /// the thread.
     Stop,
@@ -163,6 +170,8 @@ pub struct Fleet {
     nodes: AtomicU32,
     /// Counters for `/metrics`.
     pub stats: FleetStats,
+    /// For usage queries, which read on connections of their own.
+    client: std::sync::OnceLock<redis::Client>,
 }
 
 /// A stream's count on a device or account fleet-wide; given back when
@@ -204,6 +213,7 @@ impl Fleet {
             up: AtomicBool::new(false),
             nodes: AtomicU32::new(1),
             stats: FleetStats::default(),
+            client: std::sync::OnceLock::new(),
         })
     }
 
@@ -431,6 +441,38 @@ impl Fleet {
             get(&s.open_us_sum) as f64 / 1e6,
             get(&s.open_us_count),
         );
+    }
+
+    /// Hands the usage of ended streams to the cluster thread for the
+    /// fleet's totals (no Redis call now).
+    pub fn add_usage(&self, records: Vec<UsageRecord>) {
+        if !records.is_empty() {
+            self.send(Job::Usage(records));
+        }
+    }
+
+    /// The fleet's usage over the days `from..=to`, by node: this node's
+    /// usage so far is added first, then every node's is read from Redis
+    /// (on glommio's blocking pool, with a connection of its own). An error
+    /// when Redis is unreachable.
+    pub async fn usage(&self, from: u64, to: u64, group: GroupBy) -> Result<usage::ByNode, String> {
+        let (reply, rx) = async_channel::bounded(1);
+        self.send(Job::UsageFlush(reply));
+        let bound = self.timeout * (usage::FLUSH_CHUNKS as u32 + 2) + Duration::from_secs(1);
+        crate::io::timeout(bound, rx.recv())
+            .await
+            .and_then(Result::ok)
+            .unwrap_or_else(|| Err("the cluster thread did not answer".into()))?;
+        let client = self
+            .client
+            .get()
+            .cloned()
+            .ok_or_else(|| "the cluster store is not configured".to_string())?;
+        let timeout = self.timeout;
+        let today = utc_day(SystemTime::now());
+        glommio::executor()
+            .spawn_blocking(move || usage::query(&client, timeout, from, to, today, group))
+            .await
     }
 
     /// Ends the cluster thread after the jobs queued before this.

@@ -14,6 +14,9 @@
 //! | `clio:rate:<device>` | hash | new-stream token bucket (`t`, `ts`) |
 //! | `clio:audio:<day>` | hash | device id → audio ms streamed that UTC day |
 //! | `clio:accounts` | string | the account set, sealed like `accounts.store` |
+//! | `clio:u:<day>:<node>:acct`, `…:dev` | hash | that node's usage that UTC day: `s:<id>` streams, `a:` audio ms, `r:` audio ms by the relay's meter, `u:`/`d:` bytes up/down, `e<code>:` errors |
+//! | `clio:u:<day>:nodes` | set | the nodes with usage that day |
+//! | `clio:useq` | hash | node → id of the last usage batch added |
 //!
 //! A node's streams count only while its lease in `clio:nodes` is current:
 //! a node that dies stops counting `lease_ttl` after its last heartbeat,
@@ -134,4 +137,39 @@ pub const NODES: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 return redis.call('ZCOUNT', 'clio:nodes', now, '+inf')
+"#;
+
+/// Usage: adds a batch of one node's per-day counters (deltas) to its
+/// hashes, once. A batch whose id is the node's last one was already added
+/// (its answer was lost) and is skipped, so a retry never counts twice.
+/// ARGV: node, batch id, seconds to keep account hashes, seconds to keep
+/// device hashes, then per entry: day, `acct` or `dev`, id, streams, audio
+/// ms, audio ms (relay meter), bytes up, bytes down, errors as
+/// `code:n,code:n`. Returns 1, or 0 for a batch already added.
+pub const USAGE: &str = r#"
+local node, batch = ARGV[1], ARGV[2]
+local keep = {acct = tonumber(ARGV[3]), dev = tonumber(ARGV[4])}
+if redis.call('HGET', 'clio:useq', node) == batch then return 0 end
+local names = {'s', 'a', 'r', 'u', 'd'}
+local days = {}
+for i = 5, #ARGV, 9 do
+  local day, grp, id = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local h = 'clio:u:' .. day .. ':' .. node .. ':' .. grp
+  for j = 1, 5 do
+    local n = ARGV[i + 2 + j]
+    if n ~= '0' then redis.call('HINCRBY', h, names[j] .. ':' .. id, n) end
+  end
+  for code, n in string.gmatch(ARGV[i + 8], '(%d+):(%d+)') do
+    redis.call('HINCRBY', h, 'e' .. code .. ':' .. id, n)
+  end
+  redis.call('EXPIRE', h, keep[grp])
+  days[day] = true
+end
+for day in pairs(days) do
+  local k = 'clio:u:' .. day .. ':nodes'
+  redis.call('SADD', k, node)
+  redis.call('EXPIRE', k, keep.acct)
+end
+redis.call('HSET', 'clio:useq', node, batch)
+return 1
 "#;

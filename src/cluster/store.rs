@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use redis::{IntoConnectionInfo, Value};
 
-use super::{scripts, Fleet, Held, Job, Kind, OpenAnswer};
+use super::{scripts, usage, Fleet, Held, Job, Kind, OpenAnswer};
 use crate::config::ClusterConfig;
 use crate::devices::{utc_day, Limit};
 use crate::shard::{ProcessState, ShardMsg};
@@ -18,7 +18,8 @@ use crate::shard::{ProcessState, ShardMsg};
 /// How often the thread looks for revocations, account changes and "end"
 /// requests other nodes made (well under the one-second promise).
 pub const POLL: Duration = Duration::from_millis(200);
-/// How often device audio is added to the fleet's daily totals.
+/// How often device audio is added to the fleet's daily totals, and
+/// usage to the fleet's usage.
 const AUDIO_FLUSH: Duration = Duration::from_secs(1);
 /// How often an unreachable Redis is tried again.
 const RECONNECT: Duration = Duration::from_secs(1);
@@ -64,6 +65,10 @@ pub fn start(
     };
     let client = redis::Client::open(info)
         .map_err(|e| std::io::Error::other(format!("cluster.redis_url: {}", e)))?;
+    let _ = fleet.client.set(client.clone());
+    let started = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
     let mut w = Worker {
         fleet,
         client,
@@ -81,6 +86,11 @@ pub fn start(
         acct_ver: None,
         ends_id: None,
         failed_logged: false,
+        usage: usage::Pending::new(),
+        usage_sent: None,
+        usage_seq: 0,
+        process: started ^ (u64::from(std::process::id()) << 40),
+        last_usage: Instant::now(),
     };
     std::thread::Builder::new()
         .name("clio-cluster".into())
@@ -93,6 +103,7 @@ struct Scripts {
     heartbeat: redis::Script,
     register: redis::Script,
     nodes: redis::Script,
+    usage: redis::Script,
 }
 
 impl Scripts {
@@ -103,6 +114,7 @@ impl Scripts {
             heartbeat: redis::Script::new(scripts::HEARTBEAT),
             register: redis::Script::new(scripts::REGISTER),
             nodes: redis::Script::new(scripts::NODES),
+            usage: redis::Script::new(scripts::USAGE),
         }
     }
 }
@@ -133,7 +145,17 @@ struct Worker {
     acct_ver: Option<i64>,
     ends_id: Option<String>,
     failed_logged: bool,
+    /// Usage not yet added to Redis.
+    usage: usage::Pending,
+    /// A usage batch sent but not answered: sent again, same id, until it is.
+    usage_sent: Option<(String, UsageChunk)>,
+    usage_seq: u64,
+    /// This process's part of usage batch ids.
+    process: u64,
+    last_usage: Instant,
 }
+
+type UsageChunk = Vec<((u64, crate::usage::GroupBy, String), crate::usage::Totals)>;
 
 fn int(v: &Value) -> i64 {
     match v {
@@ -255,6 +277,7 @@ impl Worker {
             scripts::HEARTBEAT,
             scripts::REGISTER,
             scripts::NODES,
+            scripts::USAGE,
         ] {
             pipe.cmd("SCRIPT").arg("LOAD").arg(s);
         }
@@ -314,6 +337,9 @@ impl Worker {
     /// Leaves the fleet: this node's lease and counts are deleted, so its
     /// streams stop counting now rather than after the lease ends.
     fn leave(&mut self) {
+        if let Err(e) = self.flush_usage() {
+            tracing::warn!(error = %e, "this node's last usage is not in the fleet's totals (its own ledger has it)");
+        }
         let Some(con) = self.con.as_mut() else { return };
         let node = &self.fleet.node_id;
         let r: Result<(), _> = redis::pipe()
@@ -332,6 +358,59 @@ impl Worker {
     }
 
     fn jobs(&mut self, batch: Vec<Job>) {
+        let mut flushes = Vec::new();
+        let mut rest = Vec::with_capacity(batch.len());
+        for job in batch {
+            match job {
+                Job::Usage(records) => usage::add(&mut self.usage, &records),
+                Job::UsageFlush(reply) => flushes.push(reply),
+                j => rest.push(j),
+            }
+        }
+        self.pipeline(rest);
+        if !flushes.is_empty() {
+            let r = self.flush_usage();
+            for reply in flushes {
+                let _ = reply.try_send(r.clone());
+            }
+        }
+    }
+
+    /// Adds the usage waiting to Redis: the batch sent but not answered
+    /// first (same id: the script skips it if it was added), then new
+    /// batches of at most [`usage::CHUNK`] entries.
+    fn flush_usage(&mut self) -> Result<(), String> {
+        self.last_usage = Instant::now();
+        for _ in 0..usage::FLUSH_CHUNKS {
+            if self.usage_sent.is_none() {
+                if self.usage.is_empty() {
+                    return Ok(());
+                }
+                self.usage_seq += 1;
+                let id = usage::batch_id(self.process, self.usage_seq);
+                self.usage_sent = Some((id, usage::take_chunk(&mut self.usage)));
+            }
+            let Some(con) = self.con.as_mut() else {
+                return Err("the cluster store is unreachable".into());
+            };
+            let (id, chunk) = self.usage_sent.as_ref().expect("set above");
+            let inv = usage::invocation(&self.scripts.usage, &self.fleet.node_id, id, chunk);
+            let r = inv.invoke::<i64>(con);
+            match r {
+                Ok(_) => {
+                    self.ok();
+                    self.usage_sent = None;
+                }
+                Err(e) => {
+                    self.failed("usage", &e);
+                    return Err("the cluster store did not answer".into());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn pipeline(&mut self, batch: Vec<Job>) {
         let up = self.con.is_some();
         let mut pipe = redis::pipe();
         let mut pending: Vec<Pending> = Vec::new();
@@ -417,7 +496,7 @@ impl Worker {
                     pending.push(Pending::Reply(reply));
                     pipe.cmd("ECHO").arg("ok");
                 }
-                Job::Stop => {}
+                Job::Stop | Job::Usage(_) | Job::UsageFlush(_) => {}
             }
         }
         if pending.is_empty() {
@@ -516,6 +595,10 @@ impl Worker {
         }
         if self.last_audio.elapsed() >= AUDIO_FLUSH {
             self.flush_audio();
+        }
+        let usage_waits = !self.usage.is_empty() || self.usage_sent.is_some();
+        if usage_waits && self.last_usage.elapsed() >= AUDIO_FLUSH {
+            let _ = self.flush_usage();
         }
     }
 

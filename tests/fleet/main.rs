@@ -14,6 +14,7 @@ mod leases;
 mod limits;
 mod outage;
 mod process;
+mod usage;
 
 use std::time::Duration;
 

@@ -1,0 +1,189 @@
+//! Usage across the fleet: three relay processes on one Redis. Every
+//! node's `/admin/usage` shows the fleet's totals, which are what the
+//! clients sent, and each node's share, which is that node's own ledger.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime};
+
+use clio_relay::token::TokenKeys;
+
+use crate::process::Node;
+use crate::redis::RedisServer;
+use crate::util::*;
+
+/// key → (streams, audio seconds by the relay's meter, by upstream).
+type Sums = BTreeMap<String, (u64, f64, f64)>;
+
+fn sums(rows: &serde_json::Value) -> Sums {
+    rows.as_array()
+        .unwrap_or(&Vec::new())
+        .iter()
+        .map(|r| {
+            (
+                r["key"].as_str().unwrap().to_string(),
+                (
+                    r["streams"].as_u64().unwrap(),
+                    r["audio_seconds_relay_meter"].as_f64().unwrap(),
+                    r["audio_seconds"].as_f64().unwrap(),
+                ),
+            )
+        })
+        .collect()
+}
+
+fn usage(node: &Node, query: &str) -> serde_json::Value {
+    let (status, body) = http(
+        node.admin,
+        "GET",
+        &format!("/admin/usage?{query}"),
+        Some(crate::ADMIN),
+        None,
+    );
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+fn expect(list: &[(&str, u64, f64)]) -> Sums {
+    list.iter()
+        .map(|(k, n, s)| (k.to_string(), (*n, *s, *s)))
+        .collect()
+}
+
+#[test]
+fn usage_sums_agree_on_every_node_and_split_by_node() {
+    let redis = RedisServer::start();
+    let fake = fake(&["k1"], |_| {});
+    let cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    let names = ["node-a", "node-b", "node-c"];
+    let nodes: Vec<Node> = names
+        .iter()
+        .map(|n| {
+            Node::spawn(
+                &fake.url(),
+                &redis.url(),
+                n,
+                "15s",
+                &cfg.tokens.secret,
+                "k1",
+                "",
+            )
+        })
+        .collect();
+    let keys = TokenKeys::from_config(&cfg.tokens);
+    // (node, device, 100 ms frames)
+    let plan = [
+        (0, "phone", 20),
+        (0, "tablet", 5),
+        (1, "phone", 10),
+        (1, "watch", 1),
+        (2, "phone", 3),
+        (2, "watch", 7),
+    ];
+    for (n, device, frames) in plan {
+        let token = keys
+            .mint(device, Duration::from_secs(600), SystemTime::now())
+            .unwrap();
+        let (mut ws, _) = connect(nodes[n].client, &token, Via::Header).unwrap();
+        let got = stream_session(&mut ws, &config_message(None), &audio_frames(frames, 1));
+        assert!(got.finished(), "{got:?}");
+    }
+    let devices = expect(&[("phone", 3, 3.3), ("tablet", 1, 0.5), ("watch", 2, 0.8)]);
+    let accounts = expect(&[("a", 6, 4.6)]);
+    let per_node = [
+        expect(&[("a", 2, 2.5)]),
+        expect(&[("a", 2, 1.1)]),
+        expect(&[("a", 2, 1.0)]),
+    ];
+    // Every node shows the same fleet totals, and the same split by node.
+    for node in &nodes {
+        let mut last = serde_json::Value::Null;
+        let agreed = wait_until(Duration::from_secs(20), || {
+            last = usage(node, "group_by=device");
+            last["scope"] == "fleet" && sums(&last["rows"]) == devices
+        });
+        assert!(agreed, "fleet usage by device: {last}");
+        let by_account = usage(node, "group_by=account");
+        assert_eq!(by_account["scope"], "fleet", "{by_account}");
+        assert_eq!(sums(&by_account["rows"]), accounts, "{by_account}");
+        for (name, share) in names.iter().zip(&per_node) {
+            assert_eq!(&sums(&by_account["nodes"][name]), share, "{by_account}");
+        }
+    }
+    // Each node's share is its own ledger, bytes included, and the fleet's
+    // bytes are their sum.
+    let mut bytes = 0;
+    for (i, node) in nodes.iter().enumerate() {
+        let own = usage(node, "group_by=account&scope=node");
+        assert_eq!(own["scope"], "node");
+        assert_eq!(sums(&own["rows"]), per_node[i], "{own}");
+        let fleet = usage(node, "group_by=account");
+        assert_eq!(
+            fleet["nodes"][names[i]][0]["bytes_up"], own["rows"][0]["bytes_up"],
+            "{fleet} / {own}"
+        );
+        bytes += own["rows"][0]["bytes_up"].as_u64().unwrap();
+    }
+    let fleet = usage(&nodes[0], "group_by=account");
+    assert_eq!(fleet["rows"][0]["bytes_up"].as_u64(), Some(bytes));
+    assert!(bytes > 46 * 3200, "every frame's payload counted: {bytes}");
+}
+
+/// A usage batch whose answer was lost is sent again with the same id;
+/// Redis adds it once.
+#[test]
+fn a_usage_batch_sent_twice_counts_once() {
+    use clio_relay::cluster::usage;
+    use clio_relay::usage::{GroupBy, UsageRecord};
+    let redis = RedisServer::start();
+    let client = ::redis::Client::open(redis.url()).unwrap();
+    let mut con = client.get_connection().unwrap();
+    let mut pending = usage::Pending::new();
+    let record = UsageRecord {
+        day: 20_000,
+        account: "a".into(),
+        device: "phone".into(),
+        reference_id: "r1".into(),
+        audio_ms_relay: 1500,
+        audio_ms_upstream: Some(1600),
+        bytes_up: 48_000,
+        bytes_down: 300,
+        error: Some(503),
+    };
+    usage::add(&mut pending, &[record]);
+    let chunk = usage::take_chunk(&mut pending);
+    let script = ::redis::Script::new(clio_relay::cluster::scripts::USAGE);
+    let send = |con: &mut ::redis::Connection, id: &str| -> i64 {
+        usage::invocation(&script, "node-x", id, &chunk)
+            .invoke(con)
+            .unwrap()
+    };
+    assert_eq!(send(&mut con, "p-1"), 1);
+    assert_eq!(send(&mut con, "p-1"), 0, "a retry is recognised");
+    let read = |group| {
+        usage::query(
+            &client,
+            Duration::from_secs(2),
+            20_000,
+            20_000,
+            20_000,
+            group,
+        )
+        .unwrap()
+    };
+    let by_node = read(GroupBy::Device);
+    let t = &by_node["node-x"]["phone"];
+    assert_eq!(
+        (
+            t.streams,
+            t.audio_ms,
+            t.audio_ms_relay,
+            t.bytes_up,
+            t.bytes_down
+        ),
+        (1, 1600, 1500, 48_000, 300)
+    );
+    assert_eq!(t.errors[&503], 1);
+    // The next batch (a new id) adds.
+    assert_eq!(send(&mut con, "p-2"), 1);
+    assert_eq!(read(GroupBy::Account)["node-x"]["a"].streams, 2);
+}
