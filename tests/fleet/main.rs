@@ -9,6 +9,7 @@ mod util;
 mod redis;
 
 mod accounts;
+mod cutoff;
 mod haproxy;
 mod leases;
 mod limits;

@@ -10,6 +10,11 @@ pub struct RedisServer {
     child: Option<Child>,
     pub port: u16,
     dir: std::path::PathBuf,
+    /// Where the test reaches it.
+    host: String,
+    /// Run inside this network namespace (`ip netns exec`), bound to
+    /// these addresses; `None`: 127.0.0.1 here.
+    netns: Option<(String, Vec<String>)>,
 }
 
 /// A port free on 127.0.0.1 right now (bound, then released).
@@ -30,6 +35,8 @@ impl RedisServer {
                 child: None,
                 port: free_port(),
                 dir: dir.clone(),
+                host: "127.0.0.1".into(),
+                netns: None,
             };
             if r.spawn() {
                 return r;
@@ -38,10 +45,46 @@ impl RedisServer {
         panic!("redis-server did not start (is it installed? .ci/run installs it)");
     }
 
+    /// A server inside network namespace `ns`, listening on `binds` (the
+    /// namespace's own addresses) port 6379; the test reaches it at `host`.
+    pub fn start_in_netns(ns: &str, binds: &[&str], host: &str) -> RedisServer {
+        let dir = crate::util::state_dir();
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut r = RedisServer {
+            child: None,
+            port: 6379,
+            dir,
+            host: host.into(),
+            netns: Some((ns.into(), binds.iter().map(|b| b.to_string()).collect())),
+        };
+        assert!(r.spawn(), "redis-server starts in namespace {ns}");
+        r
+    }
+
     /// Starts the server on `self.port`; false if it did not come up.
     fn spawn(&mut self) -> bool {
-        let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port"])
+        let (mut cmd, binds) = match &self.netns {
+            Some((ns, binds)) => {
+                let mut c = Command::new("ip");
+                // Reached over veth links, not loopback: protected mode
+                // would refuse those clients (the links exist only on this
+                // machine, to the test's own namespace).
+                c.args([
+                    "netns",
+                    "exec",
+                    ns,
+                    "redis-server",
+                    "--protected-mode",
+                    "no",
+                ]);
+                (c, binds.clone())
+            }
+            None => (Command::new("redis-server"), vec!["127.0.0.1".to_string()]),
+        };
+        let child = cmd
+            .arg("--bind")
+            .args(binds)
+            .arg("--port")
             .arg(self.port.to_string())
             .args(["--save", "", "--appendonly", "no", "--dir"])
             .arg(&self.dir)
@@ -65,7 +108,7 @@ impl RedisServer {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        format!("redis://{}:{}/0", self.host, self.port)
     }
 
     /// Kills the server (SIGKILL): everything in it is lost.
@@ -110,7 +153,7 @@ impl RedisServer {
 
     /// Sends one inline command; returns the raw reply ("" on failure).
     pub fn command(&self, cmd: &str) -> String {
-        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {
+        let Ok(mut s) = TcpStream::connect((self.host.as_str(), self.port)) else {
             return String::new();
         };
         let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
