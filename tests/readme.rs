@@ -2,9 +2,11 @@
 //! a fresh copy of the repository.
 //!
 //! Each ```sh block is marked on the line before it:
-//! `<!-- readme-test: run -->`, or `<!-- readme-test: skip: why -->` for
-//! the few that need root, systemd, a running relay with its secrets, or
-//! are `cargo test` itself. An unmarked block fails the test, so a new
+//! `<!-- readme-test: run -->`, `<!-- readme-test: run against a relay -->`
+//! for a block that talks to a running relay (the text before it says what
+//! that relay has; [`RELAY_PRELUDE`] starts one like it first), or
+//! `<!-- readme-test: skip: why -->` for the few that need root, systemd,
+//! or are `cargo test` itself. An unmarked block fails the test, so a new
 //! block is either run here or says why not.
 //!
 //! A block runs with `bash -euo pipefail` in a copy of the repository's
@@ -27,8 +29,46 @@ struct Block {
     file: &'static str,
     line: usize,
     run: bool,
+    /// Runs after [`RELAY_PRELUDE`].
+    relay: bool,
     text: String,
 }
+
+/// What a `run against a relay` block finds, as the README describes it:
+/// `clio-relay` on the PATH; a relay running from `relay.toml`, with
+/// accounts `prod-1` and `prod-2`, its admin port on 127.0.0.1:9464 and the
+/// admin token from `CLIO_RELAY_ADMIN_TOKEN`, also in `$ADMIN`; new keys in
+/// `prod-3.key` and `new-key.txt`.
+const RELAY_PRELUDE: &str = r#"
+export PATH="$BIN_DIR:$PATH"
+export CLIO_RELAY_TOKEN_SECRET=$(openssl rand -hex 32) CLIO_RELAY_ADMIN_TOKEN=$(openssl rand -hex 16)
+export CLIO_RELAY_MASTER_KEY=$(openssl rand -hex 32) ADMIN=$CLIO_RELAY_ADMIN_TOKEN
+export SONIOX_PROD_ACCOUNT_01=readme-key-1 SONIOX_PROD_ACCOUNT_02=readme-key-2
+echo readme-key-3 > prod-3.key
+echo readme-key-4 > new-key.txt
+cat > relay.toml <<'EOF'
+[server]
+listen = "127.0.0.1:8080"
+admin_listen = "127.0.0.1:9464"
+[upstream]
+url = "ws://127.0.0.1:7300/transcribe-websocket"
+[tokens]
+secret_env = "CLIO_RELAY_TOKEN_SECRET"
+[admin]
+token_env = "CLIO_RELAY_ADMIN_TOKEN"
+master_key_env = "CLIO_RELAY_MASTER_KEY"
+state_dir = "state"
+health_interval = "0s"
+[[account]]
+id = "prod-1"
+key_env = "SONIOX_PROD_ACCOUNT_01"
+[[account]]
+id = "prod-2"
+key_env = "SONIOX_PROD_ACCOUNT_02"
+EOF
+clio-relay run --config relay.toml 2> relay.log &
+curl -sS -o /dev/null --retry 30 --retry-connrefused --retry-delay 1 127.0.0.1:9464/healthz
+"#;
 
 /// The ```sh blocks of `file` (relative to the repository), with their markers.
 fn blocks(file: &'static str) -> Vec<Block> {
@@ -47,7 +87,8 @@ fn blocks(file: &'static str) -> Vec<Block> {
             .find(|l| !l.trim().is_empty())
             .map(|l| l.trim())
             .unwrap_or("");
-        let run = if marker == "<!-- readme-test: run -->" {
+        let relay = marker == "<!-- readme-test: run against a relay -->";
+        let run = if marker == "<!-- readme-test: run -->" || relay {
             true
         } else if marker.starts_with("<!-- readme-test: skip: ") && marker.ends_with("-->") {
             false
@@ -65,6 +106,7 @@ fn blocks(file: &'static str) -> Vec<Block> {
             file,
             line: i + 1,
             run,
+            relay,
             text: lines[i + 1..end].join("\n"),
         });
         i = end + 1;
@@ -126,7 +168,9 @@ stop_jobs() {{
 }}
 trap stop_jobs EXIT
 {}
+{}
 "#,
+        if b.relay { RELAY_PRELUDE } else { "" },
         b.text
     );
     // As root, a plain network namespace; otherwise a user namespace too
@@ -185,6 +229,23 @@ fn run_all(file: &'static str, tag: &str) -> usize {
         if b.text.contains("-o rtt.svg") {
             let svg = std::fs::read_to_string(dir.join("rtt.svg")).unwrap();
             assert_eq!(svg.matches("<polyline class=\"series\"").count(), 2);
+        }
+        if b.text.contains("clio-relay keys") {
+            // The last `list` shows every change the block made.
+            assert!(
+                out.contains("prod-3") && out.contains("eu-west"),
+                "{}:{}: keys did not show the new account:\n{out}",
+                b.file,
+                b.line
+            );
+        }
+        if b.text.contains("/admin/usage") {
+            assert!(
+                out.contains(r#""group_by":"account""#) && out.contains(r#""rows":"#),
+                "{}:{}: no usage answer:\n{out}",
+                b.file,
+                b.line
+            );
         }
         if b.text.contains("relay-load") {
             assert!(!out.contains("hint:"), "{out}");
