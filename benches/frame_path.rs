@@ -142,15 +142,16 @@ fn keyring(c: &mut Criterion) {
     let epoch = Instant::now();
     let accounts: Vec<_> = (0..8)
         .map(|i| RingSlot {
-            account: AccountState::new(&format!("a{i}"), i, "r", true, 1000, epoch),
+            account: AccountState::new(&format!("a{i}"), i, "r", "default", true, 1000, epoch),
             key: KeySlot::new(Secret::new(format!("k{i}")), 0),
         })
         .collect();
     let mut ring = KeyRing::new(&accounts);
+    let pools = vec!["default".to_string()];
     let mut g = c.benchmark_group("keyring");
     g.throughput(Throughput::Elements(1));
     g.bench_function("pick_and_release_8_accounts", |b| {
-        b.iter(|| drop(black_box(ring.pick(Instant::now(), 0))))
+        b.iter(|| drop(black_box(ring.pick(Instant::now(), 0, &pools))))
     });
     g.finish();
 }

@@ -24,18 +24,7 @@ pub fn mint_token(
     device: &str,
     ttl: Option<Duration>,
 ) -> Result<String, Box<dyn std::error::Error>> {
-    let tokens = &Config::load_tokens(path)?;
-    let ttl = ttl.unwrap_or(tokens.default_ttl);
-    if ttl > tokens.max_ttl {
-        return Err(format!(
-            "--ttl {} is longer than tokens.max_ttl {}",
-            humantime::format_duration(ttl),
-            humantime::format_duration(tokens.max_ttl)
-        )
-        .into());
-    }
-    let keys = TokenKeys::from_config(tokens);
-    Ok(keys.mint(device, ttl, SystemTime::now())?)
+    mint_token_for(path, device, None, &[], ttl)
 }
 
 /// `mint-token --tier NAME`: like [`mint_token`], for a device tier; the
@@ -46,24 +35,78 @@ pub fn mint_token_with_tier(
     tier: &str,
     ttl: Option<Duration>,
 ) -> Result<String, Box<dyn std::error::Error>> {
-    let cfg = Config::load(path)?;
-    if !cfg.devices.tiers.contains_key(tier) {
-        return Err(format!("no [devices.tier.{tier}] in {}", path.display()).into());
-    }
-    let ttl = ttl.unwrap_or(cfg.tokens.default_ttl);
-    if ttl > cfg.tokens.max_ttl {
+    mint_token_for(path, device, Some(tier), &[], ttl)
+}
+
+/// `mint-token [--tier NAME] [--pool NAME]...`: a token for `device`, for
+/// the accounts of `pools` only. Each pool must be declared in the file.
+/// With no `--pool`, the token is for the default pool, or, when
+/// `tokens.pools` binds the secret to exactly one pool, for that one. A
+/// secret bound to pools refuses to mint for any other (the relay refuses
+/// such a token too).
+pub fn mint_token_for(
+    path: &Path,
+    device: &str,
+    tier: Option<&str>,
+    pools: &[String],
+    ttl: Option<Duration>,
+) -> Result<String, Box<dyn std::error::Error>> {
+    let tokens = match tier {
+        // Tiers live in [devices]: the whole file is resolved.
+        Some(tier) => {
+            let cfg = Config::load(path)?;
+            if !cfg.devices.tiers.contains_key(tier) {
+                return Err(format!("no [devices.tier.{tier}] in {}", path.display()).into());
+            }
+            cfg.tokens
+        }
+        None => Config::load_tokens(path)?,
+    };
+    let ttl = ttl.unwrap_or(tokens.default_ttl);
+    if ttl > tokens.max_ttl {
         return Err(format!(
-            "--ttl is longer than tokens.max_ttl {}",
-            humantime::format_duration(cfg.tokens.max_ttl)
+            "--ttl {} is longer than tokens.max_ttl {}",
+            humantime::format_duration(ttl),
+            humantime::format_duration(tokens.max_ttl)
         )
         .into());
     }
-    Ok(TokenKeys::from_config(&cfg.tokens).mint_with_tier(
-        device,
-        Some(tier),
-        ttl,
-        SystemTime::now(),
-    )?)
+    for pool in pools {
+        if !tokens.known_pools.contains(pool) {
+            return Err(format!(
+                "--pool {pool}: no such pool in {} (pools: {})",
+                path.display(),
+                tokens.known_pools.join(", ")
+            )
+            .into());
+        }
+    }
+    let pools: Vec<String> = match (&tokens.pools, pools) {
+        (Some(bound), []) if bound.len() == 1 => bound.clone(),
+        (Some(bound), []) if !bound.iter().any(|b| b == crate::config::DEFAULT_POOL) => {
+            return Err(format!(
+                "tokens.pools binds the token secret to pools {}: name one with --pool",
+                bound.join(", ")
+            )
+            .into())
+        }
+        (Some(bound), asked) if !asked.iter().all(|p| bound.contains(p)) => {
+            return Err(format!(
+                "tokens.pools binds the token secret to pools {}: it cannot mint a token for {}",
+                bound.join(", "),
+                asked
+                    .iter()
+                    .filter(|p| !bound.contains(p))
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+            .into())
+        }
+        (_, asked) => asked.to_vec(),
+    };
+    let keys = TokenKeys::from_config(&tokens);
+    Ok(keys.mint_in(device, tier, &pools, ttl, SystemTime::now())?)
 }
 
 /// Parses a duration for a command-line flag (clap `value_parser`), in the
@@ -134,6 +177,44 @@ mod tests {
         let err = mint_token(&path, "bad device", None).unwrap_err();
         assert!(err.to_string().contains("device id"), "{err}");
         assert!(!err.to_string().contains(SECRET));
+    }
+
+    #[test]
+    fn mint_token_names_pools_and_a_bound_secret_refuses_others() {
+        let path = write_config("pools");
+        let text = std::fs::read_to_string(&path).unwrap().replace(
+            "max_ttl = \"1h\"\n",
+            "max_ttl = \"1h\"\npools = [\"dev\"]\n\
+             [pool.dev]\nurl = \"ws://127.0.0.1:7301/x\"\n\
+             [pool.prod]\nurl = \"ws://127.0.0.1:7302/x\"\n",
+        );
+        std::fs::write(&path, &text).unwrap();
+        let keys = TokenKeys::new(&crate::secret::Secret::new(SECRET), None, Duration::ZERO);
+        let pools = |tok: &str| keys.verify(tok, SystemTime::now()).unwrap().pools;
+        // One bound pool: it is the default of a token minted without --pool.
+        assert_eq!(pools(&mint_token(&path, "phone-7", None).unwrap()), ["dev"]);
+        let dev = ["dev".to_string()];
+        let tok = mint_token_for(&path, "phone-7", None, &dev, None).unwrap();
+        assert_eq!(pools(&tok), dev);
+        let err = mint_token_for(&path, "phone-7", None, &["prod".into()], None).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "tokens.pools binds the token secret to pools dev: it cannot mint a token for prod"
+        );
+        let err = mint_token_for(&path, "phone-7", None, &["default".into()], None).unwrap_err();
+        assert!(err.to_string().contains("cannot mint a token for default"), "{err}");
+        let err = mint_token_for(&path, "phone-7", None, &["eu".into()], None).unwrap_err();
+        assert!(
+            err.to_string().contains("--pool eu: no such pool in")
+                && err.to_string().ends_with("(pools: default, dev, prod)"),
+            "{err}"
+        );
+        // Unbound: any declared pool, several at once.
+        std::fs::write(&path, text.replace("pools = [\"dev\"]\n", "")).unwrap();
+        let both = ["prod".to_string(), "dev".to_string()];
+        let tok = mint_token_for(&path, "phone-7", None, &both, None).unwrap();
+        assert_eq!(pools(&tok), both);
+        assert_eq!(pools(&mint_token(&path, "phone-7", None).unwrap()), ["default"]);
     }
 
     #[test]

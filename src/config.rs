@@ -36,6 +36,10 @@ pub const MIN_TOKEN_SECRET_BYTES: usize = 32;
 /// The largest `server.shards` accepted.
 pub const MAX_SHARDS: usize = 1024;
 
+/// The pool an account without `pool` belongs to, and the one a token that
+/// names no pool may use.
+pub const DEFAULT_POOL: &str = "default";
+
 /// The upstream URL used when `upstream.url` is not set.
 pub const DEFAULT_UPSTREAM_URL: &str = "wss://stt-rt.soniox.com/transcribe-websocket";
 
@@ -78,6 +82,9 @@ pub struct Config {
     pub cluster: Option<ClusterConfig>,
     /// Failover at open and mid-stream.
     pub failover: FailoverConfig,
+    /// `[pool.NAME]`: the account pools besides the default one, by name.
+    /// The default pool's endpoint is `upstream.url` (see [`Config::pools`]).
+    pub pools: Vec<PoolConfig>,
 }
 
 /// Parses a duration in the config syntax: `500ms`, `5s`, `15m`, `2h`,
@@ -144,6 +151,24 @@ impl Problems {
 // ---------------------------------------------------------------------------
 
 impl Config {
+    /// Every pool with its endpoint: the default pool (`upstream.url`,
+    /// `admin.rest_url`) first, then each `[pool.NAME]` by name.
+    pub fn all_pools(&self) -> Vec<PoolConfig> {
+        let mut all = Vec::with_capacity(self.pools.len() + 1);
+        all.push(PoolConfig {
+            name: DEFAULT_POOL.to_string(),
+            url: self.upstream.url.clone(),
+            rest_url: self.admin.rest_url.clone(),
+        });
+        all.extend(self.pools.iter().cloned());
+        all
+    }
+
+    /// The names of every pool, the default pool first.
+    pub fn pool_names(&self) -> Vec<String> {
+        self.all_pools().into_iter().map(|p| p.name).collect()
+    }
+
     /// Reads, parses, resolves and validates the config file at `path`.
     /// Relative `*_file` paths resolve against the file's directory.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -225,12 +250,33 @@ impl Config {
                 None => String::new(),
             }
         );
+        for pool in &self.pools {
+            let _ = writeln!(
+                s,
+                "pool {}: {}{}",
+                pool.name,
+                pool.url,
+                match &pool.rest_url {
+                    Some(r) => format!(", rest {r}"),
+                    None => String::new(),
+                }
+            );
+        }
+        let bound = |pools: &Option<Vec<String>>| match pools {
+            Some(p) => format!(" (pools {})", p.join(", ")),
+            None => String::new(),
+        };
         let _ = writeln!(
             s,
-            "tokens: key id {}{}, default_ttl {}, max_ttl {}, clock_skew {}",
+            "tokens: key id {}{}{}, default_ttl {}, max_ttl {}, clock_skew {}",
             crate::token::key_id(&self.tokens.secret),
+            bound(&self.tokens.pools),
             match &self.tokens.previous_secret {
-                Some(prev) => format!(" (previous {} still accepted)", crate::token::key_id(prev)),
+                Some(prev) => format!(
+                    " (previous {}{} still accepted)",
+                    crate::token::key_id(prev),
+                    bound(&self.tokens.previous_pools)
+                ),
                 None => String::new(),
             },
             d(self.tokens.default_ttl),
@@ -262,8 +308,13 @@ impl Config {
         for a in &self.accounts {
             let _ = writeln!(
                 s,
-                "  {}: region {}, {}, max_concurrent_streams {}, {}",
+                "  {}: {}region {}, {}, max_concurrent_streams {}, {}",
                 a.id,
+                if a.pool == DEFAULT_POOL {
+                    String::new()
+                } else {
+                    format!("pool {}, ", a.pool)
+                },
                 if a.region.is_empty() { "-" } else { &a.region },
                 if a.enabled { "enabled" } else { "disabled" },
                 a.max_concurrent_streams,

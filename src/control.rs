@@ -71,6 +71,9 @@ pub fn unix_now() -> u64 {
 #[derive(Debug)]
 pub struct Accounts {
     epoch: Instant,
+    /// The pools this relay serves (the default pool and `[pool.NAME]`, as
+    /// at start): an account must belong to one of them.
+    pools: Vec<String>,
     entries: Vec<Entry>,
     /// Account ids by metrics index. Append-only, so the index a live
     /// stream recorded stays valid whatever changes.
@@ -78,10 +81,12 @@ pub struct Accounts {
 }
 
 impl Accounts {
-    /// The accounts of the config file, keys dated now.
-    pub fn from_config(accounts: &[AccountConfig], epoch: Instant) -> Accounts {
+    /// The accounts of the config file, keys dated now; `pools`: the pools
+    /// the relay serves.
+    pub fn from_config(accounts: &[AccountConfig], pools: &[String], epoch: Instant) -> Accounts {
         let mut set = Accounts {
             epoch,
+            pools: pools.to_vec(),
             entries: Vec::new(),
             metrics_ids: Vec::new(),
         };
@@ -93,6 +98,7 @@ impl Accounts {
                 &a.id,
                 a.key.clone(),
                 &a.region,
+                &a.pool,
                 a.enabled,
                 a.max_concurrent_streams,
                 now,
@@ -105,9 +111,14 @@ impl Accounts {
     /// The accounts of the config file merged with the key store's
     /// (`keystore::merge`: a store entry wins by id, removed ids stay gone,
     /// overrides apply).
-    pub fn from_merged(merged: &[crate::keystore::MergedAccount], epoch: Instant) -> Accounts {
+    pub fn from_merged(
+        merged: &[crate::keystore::MergedAccount],
+        pools: &[String],
+        epoch: Instant,
+    ) -> Accounts {
         let mut set = Accounts {
             epoch,
+            pools: pools.to_vec(),
             entries: Vec::new(),
             metrics_ids: Vec::new(),
         };
@@ -122,6 +133,7 @@ impl Accounts {
                 &m.id,
                 m.key.clone(),
                 &m.region,
+                &m.pool,
                 m.enabled,
                 m.max_concurrent_streams,
                 created,
@@ -157,6 +169,7 @@ impl Accounts {
                 Source::Store => data.accounts.push(StoredAccount {
                     id: st.id.clone(),
                     region: st.region(),
+                    pool: st.pool.clone(),
                     enabled,
                     max_concurrent_streams: max,
                     key: StoredKey {
@@ -203,6 +216,11 @@ impl Accounts {
         &self.entries
     }
 
+    /// The pools this relay serves, the default pool first.
+    pub fn pools(&self) -> &[String] {
+        &self.pools
+    }
+
     /// Account ids by metrics index.
     pub fn metrics_ids(&self) -> Arc<[String]> {
         self.metrics_ids.clone().into()
@@ -239,6 +257,7 @@ impl Accounts {
         id: &str,
         key: Secret,
         region: &str,
+        pool: &str,
         enabled: bool,
         max_concurrent: u32,
         key_created_at: u64,
@@ -247,6 +266,12 @@ impl Accounts {
         if !crate::config::valid_account_id(id) {
             return Err(ChangeError::Invalid(format!(
                 "account id {id:?} must be 1-64 of A-Z a-z 0-9 . _ -"
+            )));
+        }
+        if !self.pools.iter().any(|p| p == pool) {
+            return Err(ChangeError::Invalid(format!(
+                "pool {pool:?} is not one of this relay's pools ({}); a new [pool.NAME] needs a restart",
+                self.pools.join(", ")
             )));
         }
         if self.find(id).is_ok() {
@@ -276,6 +301,7 @@ impl Accounts {
             id,
             metrics_index,
             region,
+            pool,
             enabled,
             max_concurrent,
             self.epoch,
@@ -376,11 +402,20 @@ impl Accounts {
             log.push(format!("removed {id}"));
         }
         for a in accounts {
+            // An account moved to another pool is a new account there: its
+            // live streams finish where they are, new ones go to the new pool.
+            if self.get(&a.id).is_some_and(|e| {
+                e.source == Source::Config && e.state.pool != a.pool
+            }) {
+                let _ = self.remove(&a.id);
+                log.push(format!("moved {} to pool {}", a.id, a.pool));
+            }
             let Some(i) = self.entries.iter().position(|e| e.state.id == a.id) else {
                 match self.add(
                     &a.id,
                     a.key.clone(),
                     &a.region,
+                    &a.pool,
                     a.enabled,
                     a.max_concurrent_streams,
                     now,
@@ -439,12 +474,17 @@ impl Accounts {
                 crate::keystore::Source::Config => Source::Config,
                 crate::keystore::Source::Store => Source::Store,
             };
+            if self.get(&m.id).is_some_and(|e| e.state.pool != m.pool) {
+                let _ = self.remove(&m.id);
+                log.push(format!("moved {} to pool {}", m.id, m.pool));
+            }
             let Some(i) = self.entries.iter().position(|e| e.state.id == m.id) else {
                 let created = now.saturating_sub(m.key_age_secs.unwrap_or(0));
                 match self.add(
                     &m.id,
                     m.key.clone(),
                     &m.region,
+                    &m.pool,
                     m.enabled,
                     m.max_concurrent_streams,
                     created,
@@ -508,7 +548,7 @@ mod tests {
             AccountConfig::new("a", Secret::new("key-a")),
             AccountConfig::new("b", Secret::new("key-b")),
         ];
-        Accounts::from_config(&cfg, Instant::now())
+        Accounts::from_config(&cfg, &["default".to_string()], Instant::now())
     }
 
     #[test]
@@ -516,9 +556,9 @@ mod tests {
         let mut s = set();
         assert_eq!(s.ring().len(), 2);
         s.remove("a").unwrap();
-        s.add("c", Secret::new("key-c"), "eu", true, 5, 0, Source::Store)
+        s.add("c", Secret::new("key-c"), "eu", "default", true, 5, 0, Source::Store)
             .unwrap();
-        s.add("a", Secret::new("key-a2"), "us", true, 5, 0, Source::Store)
+        s.add("a", Secret::new("key-a2"), "us", "default", true, 5, 0, Source::Store)
             .unwrap();
         let ids: Vec<_> = s
             .ring()
@@ -531,11 +571,11 @@ mod tests {
             &["a".to_string(), "b".into(), "c".into()]
         );
         assert_eq!(
-            s.add("b", Secret::new("x"), "", true, 1, 0, Source::Store),
+            s.add("b", Secret::new("x"), "", "default", true, 1, 0, Source::Store),
             Err(ChangeError::Exists("b".into()))
         );
         assert!(matches!(
-            s.add("bad id", Secret::new("x"), "", true, 1, 0, Source::Store),
+            s.add("bad id", Secret::new("x"), "", "default", true, 1, 0, Source::Store),
             Err(ChangeError::Invalid(_))
         ));
         assert_eq!(
@@ -548,12 +588,12 @@ mod tests {
     fn rotation_moves_new_streams_and_retires_after_overlap() {
         let mut s = set();
         let mut ring = crate::keyring::KeyRing::new(&s.ring());
-        let old_stream = ring.pick(Instant::now(), 0b10).unwrap();
+        let old_stream = ring.pick(Instant::now(), 0b10, &["default".to_string()]).unwrap();
         assert_eq!(old_stream.key.key.expose(), "key-a");
         s.rotate("a", Secret::new("key-a-new"), Duration::from_secs(60), 1000)
             .unwrap();
         ring.replace(&s.ring());
-        let new_stream = ring.pick(Instant::now(), 0b10).unwrap();
+        let new_stream = ring.pick(Instant::now(), 0b10, &["default".to_string()]).unwrap();
         assert_eq!(new_stream.key.key.expose(), "key-a-new");
         let e = s.get("a").unwrap();
         assert_eq!(e.retiring.len(), 1);

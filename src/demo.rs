@@ -150,6 +150,7 @@ pub fn run_demo(args: &DemoArgs) -> std::io::Result<DemoReport> {
         failover: Default::default(),
         tls: None,
         cluster: None,
+        pools: Vec::new(),
     };
     let relay = crate::server::start(&cfg)?;
     let tokens = TokenKeys::from_config(&cfg.tokens);

@@ -396,6 +396,7 @@ mod tests {
             token_id: token.into(),
             key_id: "k".into(),
             tier: None,
+            pools: vec!["default".into()],
         }
     }
 

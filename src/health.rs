@@ -395,7 +395,7 @@ mod tests {
 
     #[test]
     fn room_is_the_limit_minus_what_others_use() {
-        let a = AccountState::new("a", 0, "", true, 100, Instant::now());
+        let a = AccountState::new("a", 0, "", "default", true, 100, Instant::now());
         a.live.store(3, Ordering::Relaxed);
         let body = br#"{"project":{"current":{"transcribe_concurrent":5},"limits":{"transcribe_concurrent":10}}}"#;
         assert_eq!(upstream_room(body, &a), 8, "10 - (5 - our 3)");

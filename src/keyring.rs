@@ -136,6 +136,10 @@ pub struct AccountState {
     pub metrics_index: usize,
     /// Region label (public).
     pub region: std::sync::Mutex<String>,
+    /// The pool the account belongs to: which endpoint its streams go to
+    /// and which tokens may use it. Fixed for the state's life (moving an
+    /// account to another pool makes a new state).
+    pub pool: String,
     /// Disabled accounts take no new streams.
     pub enabled: AtomicBool,
     /// Limit on live streams across all shards.
@@ -169,6 +173,7 @@ impl AccountState {
         id: &str,
         metrics_index: usize,
         region: &str,
+        pool: &str,
         enabled: bool,
         max_concurrent: u32,
         epoch: Instant,
@@ -177,6 +182,7 @@ impl AccountState {
             id: id.to_string(),
             metrics_index,
             region: std::sync::Mutex::new(region.to_string()),
+            pool: pool.to_string(),
             enabled: AtomicBool::new(enabled),
             max_concurrent: AtomicU32::new(max_concurrent),
             live: AtomicU32::new(0),
@@ -381,13 +387,14 @@ impl KeyRing {
         &self.slots
     }
 
-    /// Picks the available account with the most headroom that is not in
-    /// `tried` (bit i = slot i), and reserves a slot on it. Local apart from
-    /// the reservation's compare-and-swap.
-    pub fn pick(&mut self, now: Instant, tried: u64) -> Option<Lease> {
+    /// Picks the available account of one of `pools` (a stream's token's
+    /// pools: never an account outside them) with the most headroom that
+    /// is not in `tried` (bit i = slot i), and reserves a slot on it. Local
+    /// apart from the reservation's compare-and-swap.
+    pub fn pick(&mut self, now: Instant, tried: u64, pools: &[String]) -> Option<Lease> {
         let n = self.slots.len();
         // Few accounts: try best-first without sorting or allocating.
-        let mut excluded = tried;
+        let mut excluded = tried | self.outside(pools);
         for _ in 0..n {
             let mut best: Option<(usize, u32)> = None;
             for k in 0..n {
@@ -421,14 +428,25 @@ impl KeyRing {
 }
 
 impl KeyRing {
-    /// The accounts a new stream may go to (available, not in `tried`), in
-    /// ring order from the tie-break cursor, with their fleet-wide limits:
-    /// what a fleet's shared store chooses from.
-    pub fn candidates(&self, now: Instant, tried: u64) -> Vec<(String, u32)> {
+    /// The slots whose account is in none of `pools` (bit i = slot i), in
+    /// this version of the ring.
+    fn outside(&self, pools: &[String]) -> u64 {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !pools.iter().any(|p| *p == s.account.pool))
+            .fold(0, |mask, (i, _)| mask | 1 << i)
+    }
+
+    /// The accounts a new stream may go to (of one of `pools`, available,
+    /// not in `tried`), in ring order from the tie-break cursor, with their
+    /// fleet-wide limits: what a fleet's shared store chooses from.
+    pub fn candidates(&self, now: Instant, tried: u64, pools: &[String]) -> Vec<(String, u32)> {
         let n = self.slots.len();
+        let excluded = tried | self.outside(pools);
         (0..n)
             .map(|k| (self.cursor + k) % n)
-            .filter(|&i| tried & (1 << i) == 0 && self.slots[i].account.available(now))
+            .filter(|&i| excluded & (1 << i) == 0 && self.slots[i].account.available(now))
             .map(|i| {
                 let a = &self.slots[i].account;
                 (a.id.clone(), a.fleet_max())
@@ -436,10 +454,13 @@ impl KeyRing {
             .collect()
     }
 
-    /// Reserves a slot on the account `id` (chosen by the shared store).
-    pub fn reserve(&mut self, id: &str) -> Option<Lease> {
+    /// Reserves a slot on the account `id` (chosen by the shared store),
+    /// if it is (still) of one of `pools`.
+    pub fn reserve(&mut self, id: &str, pools: &[String]) -> Option<Lease> {
         let n = self.slots.len();
-        let i = self.slots.iter().position(|s| s.account.id == id)?;
+        let i = self.slots.iter().position(|s| {
+            s.account.id == id && pools.iter().any(|p| *p == s.account.pool)
+        })?;
         let slot = &self.slots[i];
         slot.account.live.fetch_add(1, Ordering::AcqRel);
         self.cursor = (i + 1) % n;
@@ -458,13 +479,17 @@ impl KeyRing {
 mod tests {
     use super::*;
 
+    fn any() -> Vec<String> {
+        vec!["default".to_string()]
+    }
+
     fn accounts(limits: &[u32]) -> Vec<RingSlot> {
         let epoch = Instant::now();
         limits
             .iter()
             .enumerate()
             .map(|(i, &m)| RingSlot {
-                account: AccountState::new(&format!("a{i}"), i, "r", true, m, epoch),
+                account: AccountState::new(&format!("a{i}"), i, "r", "default", true, m, epoch),
                 key: KeySlot::new(Secret::new(format!("k{i}")), 0),
             })
             .collect()
@@ -476,16 +501,16 @@ mod tests {
         let mut ring0 = KeyRing::new(&accts);
         let mut ring1 = KeyRing::new(&accts);
         let now = Instant::now();
-        let a = ring0.pick(now, 0).unwrap();
+        let a = ring0.pick(now, 0, &any()).unwrap();
         assert_eq!(a.slot, 1, "3 free beats 2 free");
         let mut held = vec![a];
         // Two shards share the same limits: 5 streams in all, then none.
         for i in 0..4 {
             let ring = if i % 2 == 0 { &mut ring1 } else { &mut ring0 };
-            held.push(ring.pick(now, 0).unwrap());
+            held.push(ring.pick(now, 0, &any()).unwrap());
         }
-        assert!(ring0.pick(now, 0).is_none());
-        assert!(ring1.pick(now, 0).is_none());
+        assert!(ring0.pick(now, 0, &any()).is_none());
+        assert!(ring1.pick(now, 0, &any()).is_none());
         assert_eq!(accts[0].account.live.load(Ordering::Relaxed), 2);
         assert_eq!(
             accts[0].key.live.load(Ordering::Relaxed),
@@ -495,7 +520,7 @@ mod tests {
         assert_eq!(accts[1].key.streams_total.load(Ordering::Relaxed), 3);
         held.pop();
         assert!(
-            ring1.pick(now, 0).is_some(),
+            ring1.pick(now, 0, &any()).is_some(),
             "a released slot is free again"
         );
     }
@@ -508,14 +533,14 @@ mod tests {
         accts[0].account.mark_unhealthy(now);
         assert!(!accts[0].account.healthy(now));
         for _ in 0..3 {
-            assert_eq!(ring.pick(now, 0).unwrap().slot, 1);
+            assert_eq!(ring.pick(now, 0, &any()).unwrap().slot, 1);
         }
         assert!(accts[0]
             .account
             .healthy(now + UNHEALTHY_HOLDOFF + Duration::from_millis(1)));
         accts[1].account.mark_rate_limited(now, RateScope::Project);
-        assert!(ring.pick(now, 0).is_none());
-        assert!(ring.pick(now + Duration::from_millis(1001), 0).is_some());
+        assert!(ring.pick(now, 0, &any()).is_none());
+        assert!(ring.pick(now + Duration::from_millis(1001), 0, &any()).is_some());
         accts[1].account.mark_rate_limited(now, RateScope::Project);
         assert!(
             !accts[1]
@@ -539,8 +564,44 @@ mod tests {
         let mut ring = KeyRing::new(&accts);
         let now = Instant::now();
         accts[2].account.enabled.store(false, Ordering::Relaxed);
-        let l = ring.pick(now, 0b001).unwrap();
+        let l = ring.pick(now, 0b001, &any()).unwrap();
         assert_eq!(l.slot, 1);
-        assert!(ring.pick(now, 0b011).is_none());
+        assert!(ring.pick(now, 0b011, &any()).is_none());
+    }
+
+    #[test]
+    fn picks_only_inside_the_pools_asked_for() {
+        let epoch = Instant::now();
+        let slot = |id: &str, pool: &str, max: u32, i: usize| RingSlot {
+            account: AccountState::new(id, i, "", pool, true, max, epoch),
+            key: KeySlot::new(Secret::new(format!("k-{id}")), 0),
+        };
+        // The US account has far more room; an EU stream still never gets it.
+        let accts = vec![
+            slot("us-1", "us", 100, 0),
+            slot("eu-1", "eu", 1, 1),
+            slot("eu-2", "eu", 1, 2),
+        ];
+        let mut ring = KeyRing::new(&accts);
+        let now = Instant::now();
+        let eu = vec!["eu".to_string()];
+        let a = ring.pick(now, 0, &eu).unwrap();
+        let b = ring.pick(now, 0, &eu).unwrap();
+        assert_eq!(
+            [a.account.pool.as_str(), b.account.pool.as_str()],
+            ["eu", "eu"]
+        );
+        assert!(ring.pick(now, 0, &eu).is_none(), "EU full: none, not US");
+        // What a fleet's store chooses from: the EU accounts only.
+        let ids: Vec<_> = ring.candidates(now, 0, &eu).into_iter().map(|c| c.0).collect();
+        assert!(ids.len() == 2 && !ids.contains(&"us-1".to_string()), "{ids:?}");
+        assert!(ring.reserve("us-1", &eu).is_none(), "the store cannot pick US");
+        assert_eq!(ring.pick(now, 0, &["us".into()]).unwrap().account.id, "us-1");
+        let both = vec!["eu".to_string(), "us".to_string()];
+        assert_eq!(ring.candidates(now, 0, &both).len(), 3);
+        assert!(ring.pick(now, 0, &["default".into()]).is_none());
+        drop(a);
+        assert_eq!(ring.pick(now, 0, &eu).unwrap().account.pool, "eu");
+        assert!(ring.reserve("eu-1", &eu).is_some());
     }
 }

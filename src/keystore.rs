@@ -59,6 +59,7 @@
 //! data.upsert(StoredAccount {
 //!     id: "runtime-1".into(),
 //!     region: "us-east".into(),
+//!     pool: "default".into(),
 //!     enabled: true,
 //!     max_concurrent_streams: 100,
 //!     key: StoredKey { key: Secret::new("soniox-key"), created_at: unix_now() },

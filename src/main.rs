@@ -48,6 +48,11 @@ enum Command {
         /// Device tier the token grants ([devices.tier.NAME] limits).
         #[arg(long)]
         tier: Option<String>,
+        /// Pool whose accounts may carry the token's streams ([pool.NAME], or
+        /// default); repeat for several. Default: the default pool, or the one
+        /// pool tokens.pools binds the secret to.
+        #[arg(long = "pool", value_name = "NAME")]
+        pools: Vec<String>,
     },
     /// Manage accounts and keys of a running relay (through its admin API).
     Keys {
@@ -100,12 +105,15 @@ fn main() -> ExitCode {
                     .join("\n")),
             })
         }
-        Some(Command::MintToken { device, ttl, tier }) => need_config().and_then(|path| {
-            let token = match tier {
-                None => clio_relay::cli::mint_token(&path, device, *ttl),
-                Some(t) => clio_relay::cli::mint_token_with_tier(&path, device, t, *ttl),
-            }
-            .map_err(|e| e.to_string())?;
+        Some(Command::MintToken {
+            device,
+            ttl,
+            tier,
+            pools,
+        }) => need_config().and_then(|path| {
+            let token =
+                clio_relay::cli::mint_token_for(&path, device, tier.as_deref(), pools, *ttl)
+                    .map_err(|e| e.to_string())?;
             println!("{token}");
             Ok(())
         }),

@@ -73,13 +73,14 @@ pub fn start_joining(
     // them, so their age (and the rotation warning) survives restarts.
     let now = crate::control::unix_now();
     let key_dates = crate::keystore::KeyDates::record(&cfg.admin.state_dir, &cfg.accounts, now);
+    let pool_names = cfg.pool_names();
     let dated = |mut merged: Vec<crate::keystore::MergedAccount>| {
         for m in &mut merged {
             if m.source == crate::keystore::Source::Config {
                 m.key_age_secs = key_dates.get(&m.id).map(|at| now.saturating_sub(*at));
             }
         }
-        Accounts::from_merged(&merged, epoch)
+        Accounts::from_merged(&merged, &pool_names, epoch)
     };
     // With a master key, runtime changes live in the encrypted key store and
     // merge with the config file's accounts; without one, only the file.
@@ -152,7 +153,7 @@ pub fn start_joining(
         failover: cfg.failover.clone(),
         key_in_header: cfg.upstream.auth == AuthMode::Header,
         connect_timeout: cfg.upstream.connect_timeout,
-        upstream_url: cfg.upstream.url.clone(),
+        pools: cfg.all_pools(),
         upstream_tls: tls.clone(),
         tokens: Arc::new(TokenKeys::from_config(&cfg.tokens)),
         process: process.clone(),

@@ -217,8 +217,8 @@ pub struct ShardSetup {
     pub key_in_header: bool,
     /// Upstream connect + upgrade time limit.
     pub connect_timeout: Duration,
-    /// `upstream.url`.
-    pub upstream_url: String,
+    /// The pools and their endpoints (the default pool's is `upstream.url`).
+    pub pools: Vec<crate::config::PoolConfig>,
     /// TLS for a wss:// upstream.
     pub upstream_tls: Option<Arc<rustls::ClientConfig>>,
     /// Session token keys.
@@ -257,8 +257,8 @@ pub struct Shard {
     pub pool: Rc<BufferPool>,
     /// Fresh mask keys for client→upstream frames.
     pub masks: RefCell<MaskKeys>,
-    /// Where upstream is and how to reach it.
-    pub upstream: UpstreamTarget,
+    /// Where each pool's upstream is and how to reach it, by pool name.
+    pub upstreams: Vec<(String, UpstreamTarget)>,
     next_stream: Cell<u64>,
     /// Live streams on this shard, for ending some on request (revocation).
     pub live: RefCell<std::collections::HashMap<u64, Rc<LiveStream>>>,
@@ -364,6 +364,13 @@ impl Shard {
         self.settings.borrow().clone()
     }
 
+    /// Where the accounts of `pool` connect to.
+    pub fn upstream(&self, pool: &str) -> Option<&UpstreamTarget> {
+        self.upstreams
+            .iter()
+            .find_map(|(name, t)| (name == pool).then_some(t))
+    }
+
     /// A new stream id, unique across shards and restarts in practice.
     pub fn new_stream_id(&self) -> String {
         let n = self.next_stream.get();
@@ -420,7 +427,16 @@ pub fn start(index: usize, setup: ShardSetup) -> std::io::Result<ShardHandle> {
                     return;
                 }
             };
-        let upstream = match UpstreamTarget::new(&setup.upstream_url, setup.upstream_tls.clone()) {
+        let upstreams = match setup
+            .pools
+            .iter()
+            .map(|p| {
+                UpstreamTarget::new(&p.url, setup.upstream_tls.clone())
+                    .map(|t| (p.name.clone(), t))
+                    .map_err(|e| format!("pool {}: {e}", p.name))
+            })
+            .collect::<Result<Vec<_>, _>>()
+        {
             Ok(u) => u,
             Err(e) => {
                 let _ = ready_tx.send(Err(std::io::Error::new(
@@ -448,7 +464,7 @@ pub fn start(index: usize, setup: ShardSetup) -> std::io::Result<ShardHandle> {
             metrics: ShardMetrics::new(index, &ids),
             pool: BufferPool::new(BUFFER_SIZE, 64, 4096),
             masks: RefCell::new(MaskKeys::default()),
-            upstream,
+            upstreams,
             next_stream: Cell::new(0),
             live: RefCell::new(std::collections::HashMap::new()),
             usage: RefCell::new(Vec::new()),

@@ -6,8 +6,9 @@
 //!   HMAC-SHA256(secret, "clio-relay token key id")), so the current and the
 //!   previous secret can both verify during a rotation;
 //! - `payload`: base64url (no padding) of compact JSON
-//!   `{"d":device_id,"i":issued_unix_secs,"e":expires_unix_secs,"t":token_id}`;
-//!   unknown fields (such as the reserved `"r"` tier) are ignored;
+//!   `{"d":device_id,"i":issued_unix_secs,"e":expires_unix_secs,"t":token_id}`,
+//!   plus `"r":tier` and `"p":[pool,…]` when given (no `p`: the default pool
+//!   only); unknown fields are ignored;
 //! - `sig`: base64url (no padding) of HMAC-SHA256 over the ASCII
 //!   `clio1.<kid>.<payload>` under the secret.
 //!
@@ -17,6 +18,10 @@
 //! Expiry is exact: a token is refused from the instant `now >= expires_at`.
 //! The clock-skew allowance applies only to the issue time. Tokens are
 //! credentials: nothing here ever prints one.
+//!
+//! A secret may be bound to pools (`tokens.pools`, `tokens.previous_pools`):
+//! it then neither mints nor verifies a token naming any other pool, so a
+//! development secret cannot open a production stream even by mistake.
 //!
 //! ```
 //! use std::time::{Duration, SystemTime};
@@ -97,6 +102,9 @@ pub enum TokenError {
     BadTtl,
     /// Minting: the system random generator failed.
     Random,
+    /// The token names a pool its signing secret is not bound to
+    /// (`tokens.pools`), or a pool name that is not one.
+    PoolNotAllowed,
 }
 
 impl fmt::Display for TokenError {
@@ -112,6 +120,9 @@ impl fmt::Display for TokenError {
             }
             TokenError::BadTtl => "token ttl must be at least 1s",
             TokenError::Random => "system random generator failed",
+            TokenError::PoolNotAllowed => {
+                "session token names a pool its signing secret may not mint for"
+            }
         })
     }
 }
@@ -133,6 +144,16 @@ pub struct Claims {
     pub key_id: String,
     /// The device tier the token grants (`[devices.tier.NAME]`), if any.
     pub tier: Option<String>,
+    /// The pools whose accounts may carry the stream; never empty (a token
+    /// that names none gets the default pool).
+    pub pools: Vec<String>,
+}
+
+impl Claims {
+    /// Whether the token lets a stream use an account of `pool`.
+    pub fn allows_pool(&self, pool: &str) -> bool {
+        self.pools.iter().any(|p| p == pool)
+    }
 }
 
 /// The JSON payload, as minted.
@@ -144,6 +165,8 @@ struct PayloadOut<'a> {
     t: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     r: Option<&'a str>,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    p: &'a [String],
 }
 
 /// The JSON payload, as read: extra fields (the reserved `r`) are ignored.
@@ -155,12 +178,16 @@ struct PayloadIn {
     t: String,
     #[serde(default)]
     r: Option<String>,
+    #[serde(default)]
+    p: Option<Vec<String>>,
 }
 
 /// One signing secret, by its key id.
 struct SigningKey {
     kid: String,
     key: hmac::Key,
+    /// The pools tokens signed with it may name; `None`: any.
+    pools: Option<Vec<String>>,
 }
 
 impl SigningKey {
@@ -168,7 +195,25 @@ impl SigningKey {
         SigningKey {
             kid: key_id(secret),
             key: hmac::Key::new(hmac::HMAC_SHA256, secret.expose().as_bytes()),
+            pools: None,
         }
+    }
+
+    /// Whether a token signed with this key may name every one of `pools`.
+    fn allows(&self, pools: &[String]) -> bool {
+        pools.iter().all(|p| {
+            crate::config::valid_account_id(p)
+                && self.pools.as_ref().is_none_or(|bound| bound.contains(p))
+        })
+    }
+}
+
+/// The pools a token's `p` claim stands for: the default pool when empty.
+fn effective_pools(pools: &[String]) -> Vec<String> {
+    if pools.is_empty() {
+        vec![crate::config::DEFAULT_POOL.to_string()]
+    } else {
+        pools.to_vec()
     }
 }
 
@@ -189,7 +234,12 @@ impl fmt::Debug for TokenKeys {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TokenKeys")
             .field("current_kid", &self.current.kid)
+            .field("current_pools", &self.current.pools)
             .field("previous_kid", &self.previous.as_ref().map(|k| &k.kid))
+            .field(
+                "previous_pools",
+                &self.previous.as_ref().map(|k| &k.pools),
+            )
             .field("clock_skew", &self.clock_skew)
             .finish()
     }
@@ -206,9 +256,30 @@ impl TokenKeys {
         }
     }
 
+    /// Binds the current secret to `current` pools and the previous one to
+    /// `previous` (`None`: any pool): a token naming another pool is
+    /// neither minted nor verified.
+    pub fn bind_pools(
+        mut self,
+        current: Option<Vec<String>>,
+        previous: Option<Vec<String>>,
+    ) -> TokenKeys {
+        self.current.pools = current;
+        if let Some(prev) = &mut self.previous {
+            prev.pools = previous;
+        }
+        self
+    }
+
     /// Keys from the `[tokens]` configuration.
     pub fn from_config(cfg: &TokensConfig) -> TokenKeys {
         TokenKeys::new(&cfg.secret, cfg.previous_secret.as_ref(), cfg.clock_skew)
+            .bind_pools(cfg.pools.clone(), cfg.previous_pools.clone())
+    }
+
+    /// The pools the current secret is bound to (`None`: any).
+    pub fn current_pools(&self) -> Option<&[String]> {
+        self.current.pools.as_deref()
     }
 
     /// The kid new tokens are signed with.
@@ -236,6 +307,20 @@ impl TokenKeys {
         ttl: Duration,
         now: SystemTime,
     ) -> Result<String, TokenError> {
+        self.mint_in(device_id, tier, &[], ttl, now)
+    }
+
+    /// Like [`TokenKeys::mint_with_tier`], for streams on the accounts of
+    /// `pools` only (empty: the default pool). A secret bound to pools
+    /// (`tokens.pools`) refuses any other with [`TokenError::PoolNotAllowed`].
+    pub fn mint_in(
+        &self,
+        device_id: &str,
+        tier: Option<&str>,
+        pools: &[String],
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<String, TokenError> {
         if !valid_device_id(device_id) || tier.is_some_and(|t| !valid_device_id(t)) {
             return Err(TokenError::BadDeviceId);
         }
@@ -255,7 +340,7 @@ impl TokenKeys {
             .ok_or(TokenError::BadTtl)?;
         let mut id = [0u8; 8];
         self.rng.fill(&mut id).map_err(|_| TokenError::Random)?;
-        self.mint_exact(device_id, tier, issued, expires, &hex(&id))
+        self.mint_exact_in(device_id, tier, pools, issued, expires, &hex(&id))
     }
 
     /// Mints the token with exactly these claims (times in Unix seconds),
@@ -270,6 +355,22 @@ impl TokenKeys {
         expires: u64,
         token_id: &str,
     ) -> Result<String, TokenError> {
+        self.mint_exact_in(device_id, tier, &[], issued, expires, token_id)
+    }
+
+    /// [`TokenKeys::mint_exact`] with the `p` claim: the pools named.
+    pub fn mint_exact_in(
+        &self,
+        device_id: &str,
+        tier: Option<&str>,
+        pools: &[String],
+        issued: u64,
+        expires: u64,
+        token_id: &str,
+    ) -> Result<String, TokenError> {
+        if !self.current.allows(&effective_pools(pools)) {
+            return Err(TokenError::PoolNotAllowed);
+        }
         if !valid_device_id(device_id)
             || tier.is_some_and(|t| !valid_device_id(t))
             || !valid_device_id(token_id)
@@ -285,6 +386,7 @@ impl TokenKeys {
             e: expires,
             t: token_id,
             r: tier,
+            p: pools,
         })
         .map_err(|_| TokenError::Malformed)?;
         let mut token = format!(
@@ -340,6 +442,15 @@ impl TokenKeys {
         if now >= expires {
             return Err(TokenError::Expired);
         }
+        let pools = match p.p {
+            None => effective_pools(&[]),
+            // A token that names no pool at all is not one for the default.
+            Some(list) if list.is_empty() => return Err(TokenError::Malformed),
+            Some(list) => list,
+        };
+        if !key.allows(&pools) {
+            return Err(TokenError::PoolNotAllowed);
+        }
         match now.checked_add(self.clock_skew) {
             Some(latest) if issued > latest => return Err(TokenError::NotYetValid),
             _ => {}
@@ -351,6 +462,7 @@ impl TokenKeys {
             token_id: p.t,
             key_id: key.kid.clone(),
             tier: p.r,
+            pools,
         })
     }
 }

@@ -58,6 +58,7 @@ fn relay_config(upstream: &str) -> Config {
         failover: Default::default(),
         tls: None,
         cluster: None,
+        pools: Vec::new(),
     }
 }
 

@@ -21,6 +21,7 @@ const fs = require("fs");
 const PREFIX = "clio1";
 const MIN_SECRET_BYTES = 32;
 const ID = /^[A-Za-z0-9._:@-]{1,128}$/;
+const POOL = /^[A-Za-z0-9._-]{1,64}$/;
 
 function b64url(buf) {
   return Buffer.from(buf).toString("base64").replace(/=+$/, "").replace(/\+/g, "-").replace(/\//g, "_");
@@ -45,15 +46,22 @@ function keyId(secret) {
  *
  * secret: the relay's tokens.secret, as a string (its UTF-8 bytes are the
  * key) or a Buffer. tier: a [devices.tier.NAME] of the relay, or undefined.
+ * pools: the relay's pools ([pool.NAME] or "default") whose accounts may
+ * carry the streams, or undefined for the default pool only.
  * tokenId: 16 hex digits from a CSPRNG unless given (only test vectors fix it).
  */
-function mint({ secret, deviceId, ttlSeconds, tier, now, tokenId }) {
+function mint({ secret, deviceId, ttlSeconds, tier, pools, now, tokenId }) {
   const key = secretBytes(secret);
   if (typeof deviceId !== "string" || !ID.test(deviceId)) {
     throw new Error("device id must be 1 to 128 characters of A-Z a-z 0-9 . _ : @ -");
   }
   if (tier !== undefined && tier !== null && !ID.test(tier)) {
     throw new Error("tier must be 1 to 128 characters of A-Z a-z 0-9 . _ : @ -");
+  }
+  if (pools !== undefined && pools !== null) {
+    if (!Array.isArray(pools) || pools.length === 0 || !pools.every((p) => typeof p === "string" && POOL.test(p))) {
+      throw new Error("pools must be a non-empty list of pool names (1 to 64 characters of A-Z a-z 0-9 . _ -)");
+    }
   }
   const ttl = Math.floor(Number(ttlSeconds));
   if (!Number.isSafeInteger(ttl) || ttl < 1) throw new Error("ttl must be at least 1 second");
@@ -64,9 +72,11 @@ function mint({ secret, deviceId, ttlSeconds, tier, now, tokenId }) {
   } else if (!ID.test(tokenId)) {
     throw new Error("token id must be 1 to 128 characters of A-Z a-z 0-9 . _ : @ -");
   }
-  // Key order is part of the format: d, i, e, t, then r if there is a tier.
+  // Key order is part of the format: d, i, e, t, then r if there is a
+  // tier, then p if there are pools.
   const claims = { d: deviceId, i: issued, e: issued + ttl, t: tokenId };
   if (tier !== undefined && tier !== null) claims.r = tier;
+  if (pools !== undefined && pools !== null) claims.p = pools;
   const signed = `${PREFIX}.${keyId(key)}.${b64url(Buffer.from(JSON.stringify(claims), "utf8"))}`;
   const sig = crypto.createHmac("sha256", key).update(signed, "ascii").digest();
   return `${signed}.${b64url(sig)}`;
@@ -81,7 +91,7 @@ function parseTtl(text) {
   return Number(m[1]) * UNITS[m[2] || "s"];
 }
 
-const USAGE = `usage: node mint.js --device ID [--ttl 15m] [--tier NAME]
+const USAGE = `usage: node mint.js --device ID [--ttl 15m] [--tier NAME] [--pool NAME]...
                     [--secret-env VAR | --secret-file FILE]
                     [--issued-at UNIX] [--token-id ID]
 
@@ -89,6 +99,8 @@ Mint a clio-relay session token (printed on stdout).
   --device ID         device id the token is for
   --ttl T             lifetime: 900, 15m, 2h (default 15m)
   --tier NAME         device tier ([devices.tier.NAME] on the relay)
+  --pool NAME         pool whose accounts may carry the streams ([pool.NAME]
+                      on the relay); repeat for several (default: the default pool)
   --secret-env VAR    environment variable holding the secret (default CLIO_RELAY_TOKEN_SECRET)
   --secret-file FILE  file holding the secret (trailing newline ignored)
   --issued-at UNIX    issue time, Unix seconds (default now; for test vectors)
@@ -105,6 +117,10 @@ function main(argv) {
     if (argv[i] === "-h" || argv[i] === "--help") {
       process.stdout.write(USAGE);
       return 0;
+    }
+    if (argv[i] === "--pool" && i + 1 < argv.length) {
+      (opts.pools = opts.pools || []).push(argv[++i]);
+      continue;
     }
     const name = names[argv[i]];
     if (!name || i + 1 >= argv.length) {
@@ -131,6 +147,7 @@ function main(argv) {
       deviceId: opts.device,
       ttlSeconds: parseTtl(opts.ttl),
       tier: opts.tier,
+      pools: opts.pools,
       now: opts.issuedAt === undefined ? undefined : Number(opts.issuedAt),
       tokenId: opts.tokenId,
     });

@@ -29,6 +29,7 @@ import time
 PREFIX = "clio1"
 MIN_SECRET_BYTES = 32
 _ID = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
+_POOL = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
 def _b64url(data: bytes) -> str:
@@ -49,12 +50,14 @@ def key_id(secret) -> str:
     return mac.digest()[:4].hex()
 
 
-def mint(secret, device_id, ttl_seconds, tier=None, now=None, token_id=None) -> str:
+def mint(secret, device_id, ttl_seconds, tier=None, now=None, token_id=None, pools=None) -> str:
     """A session token for device_id, valid for ttl_seconds (whole seconds, at
     least 1) from now (Unix seconds, default the current time, rounded down).
 
     secret: the relay's tokens.secret, as str (its UTF-8 bytes are the key)
-    or bytes. tier: a [devices.tier.NAME] of the relay, or None. token_id:
+    or bytes. tier: a [devices.tier.NAME] of the relay, or None. pools: the
+    relay's pools ([pool.NAME] or "default") whose accounts may carry the
+    streams, or None for the default pool only. token_id:
     16 hex digits from a CSPRNG unless given (only test vectors fix it).
     """
     key = _secret_bytes(secret)
@@ -62,6 +65,11 @@ def mint(secret, device_id, ttl_seconds, tier=None, now=None, token_id=None) -> 
         raise ValueError("device id must be 1 to 128 characters of A-Z a-z 0-9 . _ : @ -")
     if tier is not None and not _ID.match(tier):
         raise ValueError("tier must be 1 to 128 characters of A-Z a-z 0-9 . _ : @ -")
+    if pools is not None:
+        pools = list(pools)
+        if not pools or not all(isinstance(p, str) and _POOL.match(p) for p in pools):
+            raise ValueError("pools must be a non-empty list of pool names "
+                             "(1 to 64 characters of A-Z a-z 0-9 . _ -)")
     ttl = int(ttl_seconds)
     if ttl < 1:
         raise ValueError("ttl must be at least 1 second")
@@ -73,6 +81,8 @@ def mint(secret, device_id, ttl_seconds, tier=None, now=None, token_id=None) -> 
     claims = {"d": device_id, "i": issued, "e": issued + ttl, "t": token_id}
     if tier is not None:
         claims["r"] = tier
+    if pools is not None:
+        claims["p"] = pools
     payload = json.dumps(claims, separators=(",", ":"), ensure_ascii=True).encode("ascii")
     signed = "%s.%s.%s" % (PREFIX, key_id(key), _b64url(payload))
     sig = hmac.new(key, signed.encode("ascii"), hashlib.sha256).digest()
@@ -107,6 +117,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", required=True, help="device id the token is for")
     p.add_argument("--ttl", default="15m", help="lifetime: 900, 15m, 2h (default 15m)")
     p.add_argument("--tier", help="device tier ([devices.tier.NAME] on the relay)")
+    p.add_argument("--pool", action="append", dest="pools", metavar="NAME",
+                   help="pool whose accounts may carry the streams ([pool.NAME] on the relay); "
+                        "repeat for several (default: the default pool)")
     p.add_argument("--secret-env", default="CLIO_RELAY_TOKEN_SECRET",
                    help="environment variable holding the secret (default CLIO_RELAY_TOKEN_SECRET)")
     p.add_argument("--secret-file", help="file holding the secret (trailing newline ignored)")
@@ -115,7 +128,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         token = mint(_read_secret(args), args.device, parse_ttl(args.ttl), tier=args.tier,
-                     now=args.issued_at, token_id=args.token_id)
+                     now=args.issued_at, token_id=args.token_id, pools=args.pools)
     except (ValueError, OSError) as e:
         print("mint.py: %s" % e, file=sys.stderr)
         return 1

@@ -30,12 +30,17 @@ struct AddBody {
     key: String,
     #[serde(default)]
     region: String,
+    #[serde(default = "default_pool")]
+    pool: String,
     #[serde(default = "yes")]
     enabled: bool,
     #[serde(default = "ten")]
     max_concurrent_streams: u32,
 }
 
+fn default_pool() -> String {
+    crate::config::DEFAULT_POOL.to_string()
+}
 fn yes() -> bool {
     true
 }
@@ -164,6 +169,7 @@ fn add(admin: &Admin, req: &Request<'_>) -> Result<String, Vec<u8>> {
             &b.id,
             Secret::new(b.key),
             &b.region,
+            &b.pool,
             b.enabled,
             b.max_concurrent_streams,
             unix_now(),

@@ -274,8 +274,8 @@ impl Fleet {
     }
 
     /// Admits a new stream of `claims`: device limits and revocations
-    /// fleet-wide, and an account from `ring` (skipping `tried`) with room
-    /// fleet-wide. One Redis round trip. While Redis is unreachable, follows
+    /// fleet-wide, and an account of the token's pools from `ring`
+    /// (skipping `tried`) with room fleet-wide. One Redis round trip. While Redis is unreachable, follows
     /// `on_store_down`.
     pub async fn admit(
         self: &Arc<Self>,
@@ -285,7 +285,9 @@ impl Fleet {
         limits: &DeviceLimits,
         tried: u64,
     ) -> Result<(DevicePermit, Option<Lease>), FleetRefusal> {
-        let candidates = ring.borrow().candidates(Instant::now(), tried);
+        let candidates = ring
+            .borrow()
+            .candidates(Instant::now(), tried, &claims.pools);
         let t0 = Instant::now();
         let answer = self
             .ask_open(
@@ -304,7 +306,7 @@ impl Fleet {
                     Some(i) => {
                         let id = &candidates[i].0;
                         let held = self.hold(Kind::Account, id);
-                        match ring.borrow_mut().reserve(id) {
+                        match ring.borrow_mut().reserve(id, &claims.pools) {
                             Some(mut l) => {
                                 l.fleet = Some(held);
                                 Some(l)
@@ -361,14 +363,15 @@ impl Fleet {
         Ok((permit, None))
     }
 
-    /// Reserves an account fleet-wide for a stream moving off a refused
-    /// one (the device is already counted).
+    /// Reserves an account of `pools` fleet-wide for a stream moving off a
+    /// refused one (the device is already counted).
     pub async fn pick(
         self: &Arc<Self>,
         ring: &std::cell::RefCell<KeyRing>,
         tried: u64,
+        pools: &[String],
     ) -> Option<Lease> {
-        let candidates = ring.borrow().candidates(Instant::now(), tried);
+        let candidates = ring.borrow().candidates(Instant::now(), tried, pools);
         if candidates.is_empty() {
             return None;
         }
@@ -376,11 +379,11 @@ impl Fleet {
             OpenAnswer::Ok(Some(i)) => {
                 let id = &candidates[i].0;
                 let held = self.hold(Kind::Account, id);
-                let mut l = ring.borrow_mut().reserve(id)?;
+                let mut l = ring.borrow_mut().reserve(id, pools)?;
                 l.fleet = Some(held);
                 Some(l)
             }
-            OpenAnswer::Down => self.pick_local(ring, tried),
+            OpenAnswer::Down => self.pick_local(ring, tried, pools),
             _ => None,
         }
     }
@@ -391,11 +394,12 @@ impl Fleet {
         self: &Arc<Self>,
         ring: &std::cell::RefCell<KeyRing>,
         tried: u64,
+        pools: &[String],
     ) -> Option<Lease> {
         if self.on_store_down == StoreDown::Refuse {
             return None;
         }
-        let mut l = ring.borrow_mut().pick(Instant::now(), tried)?;
+        let mut l = ring.borrow_mut().pick(Instant::now(), tried, pools)?;
         self.send(Job::Adjust(Kind::Account, l.account.id.clone(), 1));
         l.fleet = Some(self.hold(Kind::Account, &l.account.id));
         Some(l)

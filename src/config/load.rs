@@ -20,7 +20,8 @@ pub(super) fn load_all(text: &str, base: &Path) -> Result<Config, ConfigError> {
 pub(super) fn load_tokens(text: &str, base: &Path) -> Result<TokensConfig, ConfigError> {
     let raw = parse(text)?;
     let mut p = Problems::default();
-    let tokens = resolve_tokens(raw.tokens, base, &mut p);
+    let known = pool_names(&raw);
+    let tokens = resolve_tokens(raw.tokens, known, base, &mut p);
     if let Some(t) = &tokens {
         validate_tokens(t, &mut p);
     }
@@ -77,8 +78,21 @@ fn duration(key: &str, v: Option<String>, default: Duration, p: &mut Problems) -
     }
 }
 
-/// Resolves `[tokens]`; `None` if the section is missing.
-fn resolve_tokens(raw: Option<RawTokens>, base: &Path, p: &mut Problems) -> Option<TokensConfig> {
+/// The pools a file declares: the default pool, then each `[pool.NAME]`.
+fn pool_names(raw: &RawFile) -> Vec<String> {
+    std::iter::once(DEFAULT_POOL.to_string())
+        .chain(raw.pool.keys().filter(|n| *n != DEFAULT_POOL).cloned())
+        .collect()
+}
+
+/// Resolves `[tokens]`; `None` if the section is missing. `known`: the
+/// pools the file declares.
+fn resolve_tokens(
+    raw: Option<RawTokens>,
+    known: Vec<String>,
+    base: &Path,
+    p: &mut Problems,
+) -> Option<TokensConfig> {
     let defaults_tokens = TokensConfig::new(Secret::new(""));
     match raw {
         None => {
@@ -130,6 +144,9 @@ fn resolve_tokens(raw: Option<RawTokens>, base: &Path, p: &mut Problems) -> Opti
                     defaults_tokens.clock_skew,
                     p,
                 ),
+                pools: t.pools,
+                previous_pools: t.previous_pools,
+                known_pools: known,
             };
             Some(tokens)
         }
@@ -139,6 +156,7 @@ fn resolve_tokens(raw: Option<RawTokens>, base: &Path, p: &mut Problems) -> Opti
 /// Turns the raw file into a [`Config`], collecting every problem.
 fn resolve(raw: RawFile, base: &Path) -> Result<Config, ConfigError> {
     let mut p = Problems::default();
+    let known_pools = pool_names(&raw);
     let defaults_server = ServerConfig::default();
     let defaults_up = UpstreamConfig::default();
     let defaults_limits = LimitsConfig::default();
@@ -182,6 +200,7 @@ fn resolve(raw: RawFile, base: &Path) -> Result<Config, ConfigError> {
             AuthMode::Header
         }
     };
+    let explicit_url = (raw.upstream.url.is_some(), raw.admin.rest_url.is_some());
     let upstream = UpstreamConfig {
         url: raw.upstream.url.unwrap_or(defaults_up.url),
         auth,
@@ -194,7 +213,7 @@ fn resolve(raw: RawFile, base: &Path) -> Result<Config, ConfigError> {
         ),
     };
 
-    let tokens = resolve_tokens(raw.tokens, base, &mut p);
+    let tokens = resolve_tokens(raw.tokens, known_pools, base, &mut p);
 
     let l = raw.limits;
     let limits = LimitsConfig {
@@ -283,6 +302,7 @@ fn resolve(raw: RawFile, base: &Path) -> Result<Config, ConfigError> {
         };
         let mut acc = AccountConfig::new(id, key.unwrap_or_else(|| Secret::new("")));
         acc.region = a.region.unwrap_or_default();
+        acc.pool = a.pool.unwrap_or(acc.pool);
         acc.enabled = a.enabled.unwrap_or(true);
         acc.max_concurrent_streams = a
             .max_concurrent_streams
@@ -298,7 +318,9 @@ fn resolve(raw: RawFile, base: &Path) -> Result<Config, ConfigError> {
         accounts.push(acc);
     }
 
-    let admin = resolve_admin(raw.admin, base, &mut p);
+    let mut admin = resolve_admin(raw.admin, base, &mut p);
+    let mut upstream = upstream;
+    let pools = resolve_pools(raw.pool, explicit_url, &mut upstream, &mut admin, &mut p);
     let devices = resolve_devices(raw.devices, &mut p);
     let usage = resolve_usage(raw.usage, raw.alerts, &mut p);
     let tls = raw.tls.and_then(|t| match (t.cert_file, t.key_file) {
@@ -332,6 +354,7 @@ fn resolve(raw: RawFile, base: &Path) -> Result<Config, ConfigError> {
         tls,
         cluster,
         failover,
+        pools,
     };
     if let Some(ca) = &config.upstream.ca_file {
         if !ca.is_file() {
@@ -347,6 +370,63 @@ fn resolve(raw: RawFile, base: &Path) -> Result<Config, ConfigError> {
     } else {
         Err(ConfigError { problems: p.lines })
     }
+}
+
+/// Resolves `[pool.NAME]` into the pool list (the default pool is not in it).
+/// `[pool.default]` may give the default pool's endpoint instead of
+/// `upstream.url` and `admin.rest_url` (`explicit`: whether those were set),
+/// not as well.
+fn resolve_pools(
+    raw: std::collections::BTreeMap<String, RawPool>,
+    (explicit_url, explicit_rest): (bool, bool),
+    upstream: &mut UpstreamConfig,
+    admin: &mut AdminConfig,
+    p: &mut Problems,
+) -> Vec<PoolConfig> {
+    let mut pools = Vec::with_capacity(raw.len());
+    for (name, rp) in raw {
+        let key = format!("pool.{name}");
+        if let Some(u) = &rp.rest_url {
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                p.push(&format!("{key}.rest_url"), "must start with http:// or https://");
+            }
+        }
+        if name == DEFAULT_POOL {
+            match rp.url {
+                Some(_) if explicit_url => p.push(
+                    "pool.default.url",
+                    "the default pool's endpoint is upstream.url: set only one of them",
+                ),
+                Some(u) => upstream.url = u,
+                None => {}
+            }
+            match rp.rest_url {
+                Some(_) if explicit_rest => p.push(
+                    "pool.default.rest_url",
+                    "the default pool's REST base is admin.rest_url: set only one of them",
+                ),
+                Some(u) => admin.rest_url = Some(u),
+                None => {}
+            }
+            continue;
+        }
+        if !valid_account_id(&name) {
+            p.push(&key, "pool names are 1-64 of A-Z a-z 0-9 . _ -");
+        }
+        let Some(url) = rp.url else {
+            p.push(
+                &format!("{key}.url"),
+                "missing: every pool needs its WebSocket endpoint",
+            );
+            continue;
+        };
+        pools.push(PoolConfig {
+            name,
+            url,
+            rest_url: rp.rest_url,
+        });
+    }
+    pools
 }
 
 /// Parses a list of networks (`10.0.0.0/8`, or a bare address).

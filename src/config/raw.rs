@@ -33,6 +33,15 @@ pub(super) struct RawFile {
     pub(super) cluster: Option<RawCluster>,
     #[serde(default)]
     pub(super) failover: RawFailover,
+    #[serde(default)]
+    pub(super) pool: std::collections::BTreeMap<String, RawPool>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPool {
+    pub(super) url: Option<String>,
+    pub(super) rest_url: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -146,6 +155,8 @@ pub(super) struct RawTokens {
     pub(super) default_ttl: Option<String>,
     pub(super) max_ttl: Option<String>,
     pub(super) clock_skew: Option<String>,
+    pub(super) pools: Option<Vec<String>>,
+    pub(super) previous_pools: Option<Vec<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -168,6 +179,7 @@ pub(super) struct RawAccount {
     pub(super) key_env: Option<String>,
     pub(super) key_file: Option<PathBuf>,
     pub(super) region: Option<String>,
+    pub(super) pool: Option<String>,
     pub(super) enabled: Option<bool>,
     pub(super) max_concurrent_streams: Option<u32>,
     pub(super) price_per_hour: Option<f64>,

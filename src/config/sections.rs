@@ -261,6 +261,30 @@ impl Default for UpstreamConfig {
     }
 }
 
+/// One pool of accounts and where its streams go: `[pool.NAME]`, or the
+/// default pool (`upstream.url` and `admin.rest_url`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolConfig {
+    /// The pool's name (`[A-Za-z0-9._-]`, 1-64).
+    pub name: String,
+    /// The pool's real-time WebSocket endpoint (`ws://` or `wss://`).
+    pub url: String,
+    /// The pool's REST base for health checks and reconciliation; `None`:
+    /// derived from `url` (see `admin.rest_url`).
+    pub rest_url: Option<String>,
+}
+
+impl PoolConfig {
+    /// The default pool at `url` (its REST base derived from it).
+    pub fn default_pool(url: impl Into<String>) -> PoolConfig {
+        PoolConfig {
+            name: DEFAULT_POOL.to_string(),
+            url: url.into(),
+            rest_url: None,
+        }
+    }
+}
+
 /// How the relay gives the account's API key to upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AuthMode {
@@ -303,6 +327,14 @@ pub struct TokensConfig {
     /// How far in the future a token's issue time may be (clocks of the
     /// minter and the relay differ). It never extends expiry.
     pub clock_skew: Duration,
+    /// `tokens.pools`: the only pools tokens signed with `secret` may name
+    /// (`None`: any pool).
+    pub pools: Option<Vec<String>>,
+    /// `tokens.previous_pools`: the same for `previous_secret`.
+    pub previous_pools: Option<Vec<String>>,
+    /// The pools the file declares (the default pool and each
+    /// `[pool.NAME]`): what `mint-token --pool` may name.
+    pub known_pools: Vec<String>,
 }
 
 impl TokensConfig {
@@ -314,6 +346,9 @@ impl TokensConfig {
             default_ttl: Duration::from_secs(15 * 60),
             max_ttl: Duration::from_secs(24 * 3600),
             clock_skew: Duration::from_secs(30),
+            pools: None,
+            previous_pools: None,
+            known_pools: vec![DEFAULT_POOL.to_string()],
         }
     }
 }
@@ -395,6 +430,10 @@ pub struct AccountConfig {
     pub key: Secret,
     /// Free-form region label (e.g. `us-east`), published to clients; may be empty.
     pub region: String,
+    /// The pool the account belongs to (`[pool.NAME]`, or
+    /// [`DEFAULT_POOL`]): which endpoint its streams go to, and which
+    /// tokens may use it.
+    pub pool: String,
     /// A disabled account keeps its slot but takes no new streams.
     pub enabled: bool,
     /// Streams this account may carry at once (Soniox's own per-key limit;
@@ -413,6 +452,7 @@ impl AccountConfig {
             id: id.into(),
             key,
             region: String::new(),
+            pool: DEFAULT_POOL.to_string(),
             enabled: true,
             max_concurrent_streams: 10,
             price_per_hour: 0.0,

@@ -492,6 +492,7 @@ fn validate_built_config() {
         failover: Default::default(),
         tls: None,
         cluster: None,
+        pools: Vec::new(),
     };
     assert!(c.validate().is_ok());
     let mut bad = c.clone();
@@ -583,6 +584,7 @@ fn warnings() {
         failover: Default::default(),
         tls: None,
         cluster: None,
+        pools: Vec::new(),
     };
     c.server.max_streams = 15;
     let w = c.warnings();
@@ -628,6 +630,7 @@ fn warns_when_runtime_changes_would_not_persist() {
         tls: None,
         cluster: None,
         failover: Default::default(),
+        pools: Vec::new(),
     };
     c.server.max_streams = 10;
     // No admin token: no runtime changes are possible, nothing to warn about.
@@ -687,7 +690,7 @@ fn a_disabled_account_does_not_need_its_key() {
         .summary()
         .contains("off-env: region -, disabled, max_concurrent_streams 10, no key (not loaded)"));
     // The relay leaves them out; the enabled one is there.
-    let set = crate::control::Accounts::from_config(&c.accounts, std::time::Instant::now());
+    let set = crate::control::Accounts::from_config(&c.accounts, &["default".to_string()], std::time::Instant::now());
     let ids: Vec<&str> = set.entries().iter().map(|e| e.state.id.as_str()).collect();
     assert_eq!(ids, ["on"]);
     // An enabled account still needs its key, and the error names it by id.
@@ -709,4 +712,103 @@ fn a_disabled_account_does_not_need_its_key() {
         &p,
         "account \"off-file\": set only one of key_env or key_file",
     );
+}
+
+#[test]
+fn pools_and_their_endpoints() {
+    let (tok, a, b) = env("POOLS");
+    let text = format!(
+        r#"
+[upstream]
+url = "wss://stt-rt.soniox.com/transcribe-websocket"
+
+[tokens]
+secret_env = "{tok}"
+pools = ["prod-eu", "default"]
+
+[pool.prod-eu]
+url = "wss://stt-rt.eu.soniox.com/transcribe-websocket"
+
+[pool.dev]
+url = "ws://127.0.0.1:7301/transcribe-websocket"
+rest_url = "http://127.0.0.1:7301"
+
+[[account]]
+id = "us-1"
+key_env = "{a}"
+
+[[account]]
+id = "eu-1"
+key_env = "{b}"
+pool = "prod-eu"
+region = "eu"
+"#
+    );
+    let c = Config::from_toml_str(&text, Path::new("/")).unwrap();
+    assert_eq!(c.pool_names(), ["default", "dev", "prod-eu"]);
+    let pools = c.all_pools();
+    assert_eq!(pools[0].url, c.upstream.url);
+    assert_eq!(pools[1].rest_url.as_deref(), Some("http://127.0.0.1:7301"));
+    assert_eq!(
+        pools[2].url,
+        "wss://stt-rt.eu.soniox.com/transcribe-websocket"
+    );
+    assert_eq!(c.accounts[0].pool, DEFAULT_POOL);
+    assert_eq!(c.accounts[1].pool, "prod-eu");
+    assert_eq!(
+        c.tokens.pools.as_deref(),
+        Some(&["prod-eu".to_string(), "default".to_string()][..])
+    );
+    assert_eq!(c.tokens.known_pools, ["default", "dev", "prod-eu"]);
+    let summary = c.summary();
+    assert!(summary.contains("pool prod-eu: wss://stt-rt.eu.soniox.com"), "{summary}");
+    assert!(summary.contains("eu-1: pool prod-eu, region eu"), "{summary}");
+    assert!(summary.contains("(pools prod-eu, default)"), "{summary}");
+}
+
+#[test]
+fn a_file_without_pools_has_the_default_pool_only() {
+    let c = Config::from_toml_str(&minimal("NOPOOL", ""), Path::new("/")).unwrap();
+    assert!(c.pools.is_empty());
+    assert_eq!(c.all_pools(), [PoolConfig::default_pool(DEFAULT_UPSTREAM_URL)]);
+    assert_eq!(c.accounts[0].pool, DEFAULT_POOL);
+    assert_eq!(c.tokens.pools, None);
+    assert!(!c.summary().contains("pool"), "{}", c.summary());
+}
+
+#[test]
+fn pool_problems_name_their_key() {
+    let p = problems(&minimal("POOLBAD", "pool = \"eu\"\n"));
+    assert_has(&p, "account \"a\".pool: \"eu\" is not a pool");
+    let p = problems(&minimal("POOLBAD2", "[pool.eu]\nrest_url = \"ftp://x\"\n"));
+    assert_has(&p, "pool.eu.url: missing");
+    assert_has(&p, "pool.eu.rest_url: must start with http://");
+    let p = problems(&minimal("POOLBAD3", "[pool.eu]\nurl = \"https://x\"\n"));
+    assert_has(&p, "pool.eu.url: \"https://x\" must start with ws://");
+    let p = problems(&minimal("POOLBAD4", "[pool.\"e u\"]\nurl = \"ws://x\"\n"));
+    assert_has(&p, "pool.e u: pool names are 1-64");
+    let p = problems(&format!(
+        "[upstream]\nurl = \"ws://a\"\n{}[pool.default]\nurl = \"ws://b\"\n",
+        minimal("POOLBAD5", "")
+    ));
+    assert_has(&p, "pool.default.url: the default pool's endpoint is upstream.url");
+    let (tok, a, _) = env("POOLBAD6");
+    let p = problems(&format!(
+        "[tokens]\nsecret_env = \"{tok}\"\npools = [\"prod\"]\nprevious_pools = []\n\n\
+         [[account]]\nid = \"a\"\nkey_env = \"{a}\"\n"
+    ));
+    assert_has(&p, "tokens.pools: \"prod\" is not a pool (the file declares default)");
+    assert_has(&p, "tokens.previous_pools: is empty");
+    assert_has(&p, "tokens.previous_pools: binds the previous secret, but there is none");
+}
+
+#[test]
+fn the_default_pool_may_be_declared_instead_of_upstream_url() {
+    let c = Config::from_toml_str(
+        &minimal("POOLDEF", "[pool.default]\nurl = \"ws://127.0.0.1:9/x\"\n"),
+        Path::new("/"),
+    )
+    .unwrap();
+    assert_eq!(c.upstream.url, "ws://127.0.0.1:9/x");
+    assert_eq!(c.all_pools(), [PoolConfig::default_pool("ws://127.0.0.1:9/x")]);
 }

@@ -61,6 +61,18 @@ pub(super) fn validate_semantics(c: &Config, p: &mut Problems) {
     if let Err(e) = parse_ws_url(&c.upstream.url) {
         p.push("upstream.url", e);
     }
+    for pool in &c.pools {
+        if pool.name == DEFAULT_POOL || c.pools.iter().filter(|q| q.name == pool.name).count() > 1
+        {
+            p.push(
+                &format!("pool.{}", pool.name),
+                "is declared twice (the default pool's endpoint is upstream.url)",
+            );
+        }
+        if let Err(e) = parse_ws_url(&pool.url) {
+            p.push(&format!("pool.{}.url", pool.name), e);
+        }
+    }
     if c.upstream.connect_timeout.is_zero() && !p.reported("upstream.connect_timeout") {
         p.push("upstream.connect_timeout", "must be more than 0");
     }
@@ -113,6 +125,15 @@ pub(super) fn validate_semantics(c: &Config, p: &mut Problems) {
                 );
             }
         }
+        if a.pool != DEFAULT_POOL && !c.pools.iter().any(|pool| pool.name == a.pool) {
+            p.push(
+                &format!("{}.pool", account_label(i, Some(&a.id))),
+                format!(
+                    "{:?} is not a pool: declare [pool.{}] with its url, or use {DEFAULT_POOL:?}",
+                    a.pool, a.pool
+                ),
+            );
+        }
         if a.max_concurrent_streams < 1 {
             p.push(
                 &format!("{}.max_concurrent_streams", account_label(i, Some(&a.id))),
@@ -122,8 +143,39 @@ pub(super) fn validate_semantics(c: &Config, p: &mut Problems) {
     }
 }
 
-/// The checks on `[tokens]` durations (secrets are checked where they are read).
+/// The checks on `[tokens]` durations and pool bindings (secrets are
+/// checked where they are read).
 pub(super) fn validate_tokens(t: &TokensConfig, p: &mut Problems) {
+    for (key, pools) in [
+        ("tokens.pools", &t.pools),
+        ("tokens.previous_pools", &t.previous_pools),
+    ] {
+        let Some(pools) = pools else { continue };
+        if pools.is_empty() {
+            p.push(
+                key,
+                "is empty, so every token would be refused: name at least one pool, \
+                 or leave it out for any pool",
+            );
+        }
+        for name in pools {
+            if !t.known_pools.contains(name) {
+                p.push(
+                    key,
+                    format!(
+                        "{name:?} is not a pool (the file declares {})",
+                        t.known_pools.join(", ")
+                    ),
+                );
+            }
+        }
+    }
+    if t.previous_pools.is_some() && t.previous_secret.is_none() {
+        p.push(
+            "tokens.previous_pools",
+            "binds the previous secret, but there is none (tokens.previous_secret_env or _file)",
+        );
+    }
     for (key, d) in [
         ("tokens.default_ttl", t.default_ttl),
         ("tokens.max_ttl", t.max_ttl),

@@ -42,6 +42,8 @@ pub struct StoredAccount {
     pub id: String,
     /// Free-form region label published to clients.
     pub region: String,
+    /// The pool the account belongs to (`default` unless set).
+    pub pool: String,
     /// A disabled account takes no new streams.
     pub enabled: bool,
     /// Streams the account may carry at once.
@@ -180,6 +182,7 @@ impl StoreData {
                 .map(|a| DocAccount {
                     id: a.id.clone(),
                     region: a.region.clone(),
+                    pool: a.pool.clone(),
                     enabled: a.enabled,
                     max_concurrent_streams: a.max_concurrent_streams,
                     key: DocKey::from(&a.key),
@@ -233,6 +236,7 @@ impl StoreData {
                 .map(|a| StoredAccount {
                     id: a.id,
                     region: a.region,
+                    pool: a.pool,
                     enabled: a.enabled,
                     max_concurrent_streams: a.max_concurrent_streams,
                     key: a.key.into(),
@@ -284,6 +288,10 @@ struct Doc {
 struct DocAccount {
     id: String,
     region: String,
+    /// Absent for the default pool, so a document without pools reads as
+    /// it did before pools (and an older relay of a fleet still opens it).
+    #[serde(default = "default_pool", skip_serializing_if = "is_default_pool")]
+    pool: String,
     enabled: bool,
     max_concurrent_streams: u32,
     key: DocKey,
@@ -313,6 +321,14 @@ struct DocOverride {
     enabled: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     max_concurrent_streams: Option<u32>,
+}
+
+fn default_pool() -> String {
+    crate::config::DEFAULT_POOL.to_string()
+}
+
+fn is_default_pool(pool: &str) -> bool {
+    pool == crate::config::DEFAULT_POOL
 }
 
 impl From<&StoredKey> for DocKey {

@@ -42,6 +42,8 @@ pub struct MergedAccount {
     pub id: String,
     /// Region label.
     pub region: String,
+    /// The pool it belongs to.
+    pub pool: String,
     /// Whether new streams may use it.
     pub enabled: bool,
     /// Streams it may carry at once.
@@ -70,6 +72,7 @@ pub fn merge(config: &[AccountConfig], store: &StoreData, now: u64) -> Vec<Merge
         store.account(id).map(|a| MergedAccount {
             id: a.id.clone(),
             region: a.region.clone(),
+            pool: a.pool.clone(),
             enabled: a.enabled,
             max_concurrent_streams: a.max_concurrent_streams,
             key: a.key.key.clone(),
@@ -103,6 +106,7 @@ pub fn merge(config: &[AccountConfig], store: &StoreData, now: u64) -> Vec<Merge
             out.push(MergedAccount {
                 id: c.id.clone(),
                 region: c.region.clone(),
+                pool: c.pool.clone(),
                 enabled: o.and_then(|o| o.enabled).unwrap_or(c.enabled),
                 max_concurrent_streams: o
                     .and_then(|o| o.max_concurrent_streams)

@@ -46,6 +46,7 @@ fn account(id: &str, key: &str, created_at: u64) -> StoredAccount {
     StoredAccount {
         id: id.to_string(),
         region: "eu-west".to_string(),
+        pool: "default".to_string(),
         enabled: true,
         max_concurrent_streams: 25,
         key: StoredKey {

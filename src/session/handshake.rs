@@ -71,6 +71,7 @@ pub async fn serve(shard: Rc<Shard>, tcp: RingSocket) {
         shard: shard.clone(),
         settings,
         _permit: permit,
+        pools: Default::default(),
     };
     stream.run(client, cbuf, claims, pending).await;
 }

@@ -53,6 +53,10 @@ struct Stream {
     /// Counts the stream against `server.max_streams` until dropped; taken
     /// after the first message when the token comes in it.
     _permit: Option<AdmitPermit>,
+    /// The token's pools, once the token is verified: every account the
+    /// stream ever gets (at open, on failover, on resume) is of one of them.
+    /// Empty until then, which no account matches.
+    pools: std::cell::RefCell<Vec<String>>,
 }
 
 /// An open upstream: the connection, the account it holds, and its read buffer.
@@ -84,6 +88,7 @@ impl Stream {
         let opened: Result<_, Refusal> = Box::pin(async {
             match claims {
                 Some(c) => {
+                    *self.pools.borrow_mut() = c.pools.clone();
                     let (permit, lease) = self.admit(&c).await?;
                     *state.device.borrow_mut() = Some(permit);
                     let (first, up) = future::try_zip(
@@ -99,6 +104,7 @@ impl Stream {
                     drop(pending);
                     let first = first?;
                     let c = self.first_message_claims(&first)?;
+                    *self.pools.borrow_mut() = c.pools.clone();
                     let slot = self.admit_stream()?;
                     let (permit, lease) = self.admit(&c).await?;
                     *state.device.borrow_mut() = Some(permit);
@@ -346,43 +352,52 @@ impl Stream {
         let shard = &self.shard;
         let mut unreachable = false;
         let mut upstream_refused = false;
+        // Never an account outside the token's pools, whoever picks it.
+        let pools = self.pools.borrow().clone();
         loop {
             let now = Instant::now();
             let lease = match (first.take(), shard.process.fleet.get()) {
                 (Some(l), _) => Some(l),
-                (None, Some(fleet)) if fleet.store_up() => fleet.pick(&shard.ring, *tried).await,
-                (None, Some(fleet)) => fleet.pick_local(&shard.ring, *tried),
-                (None, None) => shard.ring.borrow_mut().pick(now, *tried),
+                (None, Some(fleet)) if fleet.store_up() => {
+                    fleet.pick(&shard.ring, *tried, &pools).await
+                }
+                (None, Some(fleet)) => fleet.pick_local(&shard.ring, *tried, &pools),
+                (None, None) => shard.ring.borrow_mut().pick(now, *tried, &pools),
             };
-            let Some(lease) = lease else {
+            let Some(lease) = lease.filter(|l| pools.contains(&l.account.pool)) else {
                 // Accounts held off after connect timeouts are an unreachable
-                // upstream, not a lack of capacity.
+                // upstream, not a lack of capacity. Only the token's pools
+                // count: an EU stream is not refused for a US account's state.
                 let now = Instant::now();
-                let timed_out = || {
-                    shard
-                        .ring
-                        .borrow()
-                        .slots()
-                        .iter()
-                        .any(|s| s.account.timed_out(now))
-                };
-                return Err(if unreachable || timed_out() {
-                    Refusal::upstream_unavailable()
-                } else {
-                    let ring = shard.ring.borrow();
-                    Refusal::no_account(refusal::why_no_account(
-                        ring.slots(),
-                        now,
-                        upstream_refused,
-                    ))
-                });
+                let ring = shard.ring.borrow();
+                let mine: Vec<_> = ring
+                    .slots()
+                    .iter()
+                    .filter(|s| pools.contains(&s.account.pool))
+                    .cloned()
+                    .collect();
+                return Err(
+                    if unreachable || mine.iter().any(|s| s.account.timed_out(now)) {
+                        Refusal::upstream_unavailable()
+                    } else {
+                        Refusal::no_account(refusal::why_no_account(
+                            &mine,
+                            now,
+                            upstream_refused,
+                        ))
+                    },
+                );
+            };
+            let Some(target) = shard.upstream(&lease.account.pool) else {
+                // Accounts are checked against the pools at start; kept safe anyway.
+                tracing::error!(stream = %self.id, account = %lease.account.id, pool = %lease.account.pool, "no endpoint for the account's pool");
+                return Err(Refusal::upstream_unavailable());
             };
             *tried |= 1 << lease.slot;
             let mut buf = shard.pool.get();
             let t0 = Instant::now();
             let key_in_header = shard.key_in_header;
-            match shard
-                .upstream
+            match target
                 .connect(
                     &lease.key.key,
                     key_in_header,

@@ -310,3 +310,80 @@ fn nothing_prints_the_token_or_secret() {
         }
     }
 }
+
+#[test]
+fn pools_claim_round_trips_and_defaults() {
+    let k = keys();
+    let eu = vec!["prod-eu".to_string()];
+    let tok = k
+        .mint_in("dev", None, &eu, Duration::from_secs(60), t(NOW))
+        .unwrap();
+    let payload = tok.split('.').nth(2).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap();
+    assert_eq!(json["p"], serde_json::json!(["prod-eu"]));
+    let c = k.verify(&tok, t(NOW)).unwrap();
+    assert_eq!(c.pools, eu);
+    assert!(c.allows_pool("prod-eu") && !c.allows_pool("default"));
+    // No pool named: the default pool only, and no `p` in the payload.
+    let tok = k.mint("dev", Duration::from_secs(60), t(NOW)).unwrap();
+    assert_eq!(k.verify(&tok, t(NOW)).unwrap().pools, ["default"]);
+    // An empty list or a name that is not a pool name is refused.
+    let forged = forge(
+        SECRET,
+        &format!(r#"{{"d":"dev","i":{NOW},"e":{},"t":"0011","p":[]}}"#, NOW + 60),
+    );
+    assert_eq!(k.verify(&forged, t(NOW)), Err(TokenError::Malformed));
+    let forged = forge(
+        SECRET,
+        &format!(r#"{{"d":"dev","i":{NOW},"e":{},"t":"0011","p":["a b"]}}"#, NOW + 60),
+    );
+    assert_eq!(k.verify(&forged, t(NOW)), Err(TokenError::PoolNotAllowed));
+}
+
+#[test]
+fn a_secret_bound_to_pools_neither_mints_nor_verifies_others() {
+    let dev = vec!["dev".to_string()];
+    let prod = vec!["prod".to_string()];
+    let bound = keys().bind_pools(Some(dev.clone()), None);
+    assert_eq!(bound.current_pools(), Some(&dev[..]));
+    let ttl = Duration::from_secs(60);
+    assert_eq!(
+        bound.mint_in("d", None, &prod, ttl, t(NOW)),
+        Err(TokenError::PoolNotAllowed)
+    );
+    assert_eq!(
+        bound.mint("d", ttl, t(NOW)),
+        Err(TokenError::PoolNotAllowed),
+        "no pool means the default pool, which dev is not"
+    );
+    let ok = bound.mint_in("d", None, &dev, ttl, t(NOW)).unwrap();
+    assert_eq!(bound.verify(&ok, t(NOW)).unwrap().pools, dev);
+    // A claim forged with the dev secret (as a careless or hostile minter
+    // would) is refused by a relay that binds that secret to dev.
+    let forged = forge(
+        SECRET,
+        &format!(r#"{{"d":"d","i":{NOW},"e":{},"t":"0011","p":["dev","prod"]}}"#, NOW + 60),
+    );
+    assert_eq!(bound.verify(&forged, t(NOW)), Err(TokenError::PoolNotAllowed));
+    let no_pool = forge(
+        SECRET,
+        &format!(r#"{{"d":"d","i":{NOW},"e":{}, "t":"0011"}}"#, NOW + 60),
+    );
+    assert_eq!(bound.verify(&no_pool, t(NOW)), Err(TokenError::PoolNotAllowed));
+    // During a rotation each secret keeps its own binding.
+    let old = TokenKeys::new(&Secret::new(OLD), None, Duration::ZERO)
+        .bind_pools(Some(prod.clone()), None);
+    let old_prod = old.mint_in("d", None, &prod, ttl, t(NOW)).unwrap();
+    let rotating = TokenKeys::new(&Secret::new(SECRET), Some(&Secret::new(OLD)), Duration::ZERO)
+        .bind_pools(Some(dev.clone()), Some(prod.clone()));
+    assert_eq!(rotating.verify(&old_prod, t(NOW)).unwrap().pools, prod);
+    let rotating_dev_only =
+        TokenKeys::new(&Secret::new(SECRET), Some(&Secret::new(OLD)), Duration::ZERO)
+            .bind_pools(Some(dev.clone()), Some(dev));
+    assert_eq!(
+        rotating_dev_only.verify(&old_prod, t(NOW)),
+        Err(TokenError::PoolNotAllowed)
+    );
+    assert!(!format!("{rotating:?}").contains(SECRET));
+}

@@ -51,7 +51,7 @@ fn run_minter(program: &str, script: &str, secret: &str, args: &[&str]) -> Strin
 fn the_relay_mints_and_accepts_the_test_vectors() {
     let doc = std::fs::read_to_string(repo().join("clients/README.md")).unwrap();
     let vectors = vectors();
-    assert!(vectors.len() >= 3);
+    assert!(vectors.len() >= 4);
     for v in &vectors {
         let secret = Secret::new(v["secret"].as_str().unwrap());
         let keys = TokenKeys::new(&secret, None, Duration::from_secs(30));
@@ -60,10 +60,15 @@ fn the_relay_mints_and_accepts_the_test_vectors() {
             v["expires_at"].as_u64().unwrap(),
         );
         let token = v["token"].as_str().unwrap();
+        let pools: Vec<String> = v["pools"]
+            .as_array()
+            .map(|a| a.iter().map(|p| p.as_str().unwrap().to_string()).collect())
+            .unwrap_or_default();
         assert_eq!(
-            keys.mint_exact(
+            keys.mint_exact_in(
                 v["device_id"].as_str().unwrap(),
                 v["tier"].as_str(),
+                &pools,
                 issued,
                 expires,
                 v["token_id"].as_str().unwrap(),
@@ -81,6 +86,11 @@ fn the_relay_mints_and_accepts_the_test_vectors() {
         assert_eq!((c.issued_at, c.expires_at), (issued, expires));
         assert_eq!(c.token_id, v["token_id"].as_str().unwrap());
         assert_eq!(c.tier.as_deref(), v["tier"].as_str());
+        if pools.is_empty() {
+            assert_eq!(c.pools, ["default"]);
+        } else {
+            assert_eq!(c.pools, pools);
+        }
         // The documented pieces are the token's own.
         assert!(token.starts_with(&format!("{}.", v["signed_input"].as_str().unwrap())));
         // The specification shows every vector as it is in the JSON file.
@@ -112,6 +122,9 @@ fn each_minter_reproduces_the_test_vectors() {
             ];
             if let Some(t) = v["tier"].as_str() {
                 args.extend(["--tier", t]);
+            }
+            for p in v["pools"].as_array().into_iter().flatten() {
+                args.extend(["--pool", p.as_str().unwrap()]);
             }
             let token = run_minter(program, script, v["secret"].as_str().unwrap(), &args);
             assert_eq!(token, v["token"].as_str().unwrap(), "{name}: {}", v["name"]);

@@ -14,6 +14,7 @@ mod drain;
 mod errors;
 mod failover;
 mod heads;
+mod pools;
 mod health;
 mod key_age;
 mod keys_api;

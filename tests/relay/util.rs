@@ -75,6 +75,7 @@ pub fn relay_config(upstream: &str, accounts: &[(&str, &str)]) -> Config {
         failover: Default::default(),
         tls: None,
         cluster: None,
+        pools: Vec::new(),
     }
 }
 

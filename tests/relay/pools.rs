@@ -1,0 +1,218 @@
+//! Account pools: two fake upstreams, "us" and "eu", each its own pool in
+//! one relay. A token for a pool only ever reaches that pool's upstream:
+//! when its accounts are full (429, not the other pool), through open-time
+//! failover, and for a forged claim its secret may not mint.
+
+use std::time::{Duration, SystemTime};
+
+use clio_relay::config::{AccountConfig, PoolConfig};
+use clio_relay::fake_soniox::{FakeKey, FakeSoniox};
+use clio_relay::secret::Secret;
+use clio_relay::token::TokenKeys;
+use tungstenite::Message;
+
+use crate::util::*;
+
+const LIMIT: Duration = Duration::from_secs(10);
+
+/// The US fake (keys us-key-1) and the EU fake (eu-key-1, eu-key-2), and a
+/// relay with pools "us" and "eu": "us-1" (limit 10) in us, "eu-1" and
+/// "eu-2" (limit 1 each) in eu, and no account in the default pool.
+/// `tweak_eu` changes the EU fake (its faults).
+fn us_and_eu(
+    tweak_eu: impl FnOnce(&mut clio_relay::fake_soniox::FakeConfig),
+) -> (FakeSoniox, FakeSoniox, Relay) {
+    let (us, eu, cfg) = us_and_eu_config(tweak_eu);
+    (us, eu, Relay::start(cfg))
+}
+
+/// What [`us_and_eu`] starts, not started yet.
+fn us_and_eu_config(
+    tweak_eu: impl FnOnce(&mut clio_relay::fake_soniox::FakeConfig),
+) -> (FakeSoniox, FakeSoniox, clio_relay::config::Config) {
+    let us = fake(&["us-key-1"], |_| {});
+    let eu = fake(&[], |c| {
+        c.keys = vec![FakeKey::new("eu-key-1", 50), FakeKey::new("eu-key-2", 50)];
+        tweak_eu(c);
+    });
+    let mut cfg = relay_config(&us.url(), &[]);
+    cfg.pools = vec![
+        PoolConfig {
+            name: "eu".into(),
+            url: eu.url(),
+            rest_url: None,
+        },
+        PoolConfig {
+            name: "us".into(),
+            url: us.url(),
+            rest_url: None,
+        },
+    ];
+    let account = |id: &str, key: &str, pool: &str, max: u32| {
+        let mut a = AccountConfig::new(id, Secret::new(key));
+        a.pool = pool.into();
+        a.max_concurrent_streams = max;
+        a
+    };
+    // The US account first and with the most room: a pick that ignored
+    // pools would choose it.
+    cfg.accounts = vec![
+        account("us-1", "us-key-1", "us", 10),
+        account("eu-1", "eu-key-1", "eu", 1),
+        account("eu-2", "eu-key-2", "eu", 1),
+    ];
+    (us, eu, cfg)
+}
+
+fn token(relay: &Relay, device: &str, pools: &[&str]) -> String {
+    let pools: Vec<String> = pools.iter().map(|p| p.to_string()).collect();
+    TokenKeys::from_config(&relay.cfg.tokens)
+        .mint_in(device, None, &pools, Duration::from_secs(600), SystemTime::now())
+        .unwrap()
+}
+
+/// A whole session on `token`; what the client got.
+fn session(relay: &Relay, token: &str) -> Received {
+    let (mut ws, _) = connect(relay.addr(), token, Via::Header).unwrap();
+    stream_session(&mut ws, &config_message(None), &audio_frames(3, 1))
+}
+
+/// Opens a stream and keeps it live (config and one audio frame sent).
+fn hold(relay: &Relay, token: &str) -> Ws {
+    let (mut ws, _) = connect(relay.addr(), token, Via::Header).unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    ws.send(Message::binary(audio_frames(1, 1).remove(0)))
+        .unwrap();
+    ws
+}
+
+fn keys_seen(fake: &FakeSoniox) -> Vec<String> {
+    fake.sessions().iter().filter_map(|s| s.key.clone()).collect()
+}
+
+#[test]
+fn an_eu_token_reaches_only_the_eu_upstream_and_gets_429_when_eu_is_full() {
+    let (us, eu, relay) = us_and_eu(|_| {});
+    let got = session(&relay, &token(&relay, "eu-phone", &["eu"]));
+    assert!(got.finished() && got.error_code().is_none(), "{got:?}");
+    assert!(eu.wait_for(LIMIT, |s| s.len() == 1 && s[0].closed));
+    assert!(us.sessions().is_empty(), "{:?}", us.sessions());
+
+    // Both EU accounts busy: the third EU stream is refused, with the US
+    // account idle and ten slots free.
+    let _a = hold(&relay, &token(&relay, "eu-a", &["eu"]));
+    let _b = hold(&relay, &token(&relay, "eu-b", &["eu"]));
+    assert!(eu.wait_for(LIMIT, |s| s.len() == 3
+        && s[1..].iter().all(|r| r.audio_frames == 1)));
+    let got = session(&relay, &token(&relay, "eu-c", &["eu"]));
+    assert_error_frame(&got, 429, 1013);
+    assert!(us.sessions().is_empty(), "EU audio went to the US: {:?}", us.sessions());
+    assert_eq!(eu.sessions().len(), 3);
+
+    // The US pool has room, and its tokens go there.
+    let got = session(&relay, &token(&relay, "us-phone", &["us"]));
+    assert!(got.finished() && got.error_code().is_none(), "{got:?}");
+    assert!(us.wait_for(LIMIT, |s| s.len() == 1 && s[0].closed));
+    assert_eq!(keys_seen(&us), ["us-key-1"]);
+    // A token naming both may use either; a token naming none uses the
+    // default pool, which has no account here.
+    let got = session(&relay, &token(&relay, "both", &["eu", "us"]));
+    assert!(got.finished(), "{got:?}");
+    assert!(us.wait_for(LIMIT, |s| s.len() == 2));
+    assert_error_frame(&session(&relay, &relay.token("no-pool")), 429, 1013);
+    assert!(keys_seen(&eu).iter().all(|k| k.starts_with("eu-")));
+}
+
+#[test]
+fn open_time_failover_stays_in_the_tokens_pool() {
+    // eu-key-1 is refused at its first message, after the upgrade: the
+    // stream moves, and only to the other EU account.
+    let (us, eu, relay) = us_and_eu(|c| {
+        c.faults.refuse_at_first_message = vec![("eu-key-1".into(), 401)];
+    });
+    for i in 0..2 {
+        let got = session(&relay, &token(&relay, &format!("eu-{i}"), &["eu"]));
+        assert!(got.finished() && got.error_code().is_none(), "{got:?}");
+    }
+    assert!(eu.wait_for(LIMIT, |s| s.iter().filter(|r| r.key.as_deref() == Some("eu-key-2")).count() == 2));
+    assert!(us.sessions().is_empty(), "{:?}", us.sessions());
+
+    // Every EU account refusing: the documented 429, never the US account.
+    eu.set_key_reject("eu-key-2", Some(402));
+    let got = session(&relay, &token(&relay, "eu-x", &["eu"]));
+    assert_error_frame(&got, 429, 1013);
+    assert!(us.sessions().is_empty(), "{:?}", us.sessions());
+}
+
+#[test]
+fn a_secret_bound_to_a_pool_refuses_a_forged_claim_for_another() {
+    let (us, eu, mut cfg) = us_and_eu_config(|_| {});
+    cfg.tokens.pools = Some(vec!["eu".into()]);
+    let relay = Relay::start(cfg);
+    // A minter holding the secret but ignoring the binding (another
+    // backend, or a hand-made token) signs a claim for us.
+    let unbound = TokenKeys::new(&relay.cfg.tokens.secret, None, Duration::from_secs(30));
+    let forged = unbound
+        .mint_in("dev", None, &["us".into()], Duration::from_secs(600), SystemTime::now())
+        .unwrap();
+    let (status, body) = refused_upgrade(connect(relay.addr(), &forged, Via::Header));
+    assert_eq!(status, 401, "{body}");
+    assert_http_error_body(&body, 401);
+    assert!(body["error_message"].as_str().unwrap().contains("pool"), "{body}");
+    // Also when the token comes in the first message.
+    let (mut ws, _) = connect(relay.addr(), "", Via::Nowhere).unwrap();
+    let got = stream_session(&mut ws, &config_message(Some(&forged)), &[]);
+    assert_error_frame(&got, 401, 1008);
+    assert!(us.sessions().is_empty() && eu.sessions().is_empty());
+    // The relay's own minter refuses too; an eu token streams.
+    assert!(TokenKeys::from_config(&relay.cfg.tokens)
+        .mint_in("dev", None, &["us".into()], Duration::from_secs(60), SystemTime::now())
+        .is_err());
+    let got = session(&relay, &token(&relay, "ok", &["eu"]));
+    assert!(got.finished(), "{got:?}");
+    assert!(us.sessions().is_empty());
+}
+
+#[test]
+fn mid_stream_resume_stays_in_the_tokens_pool() {
+    use clio_relay::fake_soniox::{FaultKind, RandomFaults};
+    // The EU upstream fails the first connection (503) at its eighth audio
+    // frame and not the second: the stream resumes, on an EU account.
+    let mut faults = RandomFaults {
+        share: 0.5,
+        kinds: vec![FaultKind::Error(503)],
+        within_frames: 8,
+        seed: 0,
+    };
+    while !(faults.pick(1).is_some_and(|(n, _)| n == 8) && faults.pick(2).is_none()) {
+        faults.seed += 1;
+    }
+    let (us, eu, relay) = us_and_eu(|c| c.faults.random = Some(faults));
+    let got = session_of(&relay, &token(&relay, "eu-resumed", &["eu"]), 20);
+    assert!(got.finished() && got.error_code().is_none(), "{got:?}");
+    assert!(eu.wait_for(LIMIT, |s| s.len() == 2 && s.iter().all(|r| r.closed)));
+    assert_eq!(eu.sessions()[0].error_sent, Some(503));
+    assert_eq!(relay.handle.metrics().streams_resumed(), 1);
+    assert!(us.sessions().is_empty(), "resumed in the US: {:?}", us.sessions());
+}
+
+#[test]
+fn resumes_past_the_pools_failures_end_with_the_error_not_another_pool() {
+    // Every EU connection fails at its fifth audio frame; the US account
+    // is healthy and idle. The stream resumes on EU accounts only, until
+    // its resumes are used up.
+    let (us, eu, mut cfg) = us_and_eu_config(|c| c.faults.error_after_frames = Some((5, 503)));
+    cfg.failover.max_resumes = 2;
+    let relay = Relay::start(cfg);
+    let got = session_of(&relay, &token(&relay, "eu-failing", &["eu"]), 40);
+    assert_eq!(got.error_code(), Some(503), "{got:?}");
+    assert!(eu.wait_for(LIMIT, |s| s.len() == 3 && s.iter().all(|r| r.closed)));
+    assert_eq!(relay.handle.metrics().streams_resumed(), 2);
+    assert!(us.sessions().is_empty(), "resumed in the US: {:?}", us.sessions());
+}
+
+/// A whole session of `frames` frames of audio on `token`.
+fn session_of(relay: &Relay, token: &str, frames: usize) -> Received {
+    let (mut ws, _) = connect(relay.addr(), token, Via::Header).unwrap();
+    stream_session(&mut ws, &config_message(None), &audio_frames(frames, 3))
+}
