@@ -202,7 +202,10 @@ mod tests {
             "tokens.pools binds the token secret to pools dev: it cannot mint a token for prod"
         );
         let err = mint_token_for(&path, "phone-7", None, &["default".into()], None).unwrap_err();
-        assert!(err.to_string().contains("cannot mint a token for default"), "{err}");
+        assert!(
+            err.to_string().contains("cannot mint a token for default"),
+            "{err}"
+        );
         let err = mint_token_for(&path, "phone-7", None, &["eu".into()], None).unwrap_err();
         assert!(
             err.to_string().contains("--pool eu: no such pool in")
@@ -214,7 +217,10 @@ mod tests {
         let both = ["prod".to_string(), "dev".to_string()];
         let tok = mint_token_for(&path, "phone-7", None, &both, None).unwrap();
         assert_eq!(pools(&tok), both);
-        assert_eq!(pools(&mint_token(&path, "phone-7", None).unwrap()), ["default"]);
+        assert_eq!(
+            pools(&mint_token(&path, "phone-7", None).unwrap()),
+            ["default"]
+        );
     }
 
     #[test]

@@ -404,9 +404,10 @@ impl Accounts {
         for a in accounts {
             // An account moved to another pool is a new account there: its
             // live streams finish where they are, new ones go to the new pool.
-            if self.get(&a.id).is_some_and(|e| {
-                e.source == Source::Config && e.state.pool != a.pool
-            }) {
+            if self
+                .get(&a.id)
+                .is_some_and(|e| e.source == Source::Config && e.state.pool != a.pool)
+            {
                 let _ = self.remove(&a.id);
                 log.push(format!("moved {} to pool {}", a.id, a.pool));
             }
@@ -556,10 +557,28 @@ mod tests {
         let mut s = set();
         assert_eq!(s.ring().len(), 2);
         s.remove("a").unwrap();
-        s.add("c", Secret::new("key-c"), "eu", "default", true, 5, 0, Source::Store)
-            .unwrap();
-        s.add("a", Secret::new("key-a2"), "us", "default", true, 5, 0, Source::Store)
-            .unwrap();
+        s.add(
+            "c",
+            Secret::new("key-c"),
+            "eu",
+            "default",
+            true,
+            5,
+            0,
+            Source::Store,
+        )
+        .unwrap();
+        s.add(
+            "a",
+            Secret::new("key-a2"),
+            "us",
+            "default",
+            true,
+            5,
+            0,
+            Source::Store,
+        )
+        .unwrap();
         let ids: Vec<_> = s
             .ring()
             .iter()
@@ -571,11 +590,29 @@ mod tests {
             &["a".to_string(), "b".into(), "c".into()]
         );
         assert_eq!(
-            s.add("b", Secret::new("x"), "", "default", true, 1, 0, Source::Store),
+            s.add(
+                "b",
+                Secret::new("x"),
+                "",
+                "default",
+                true,
+                1,
+                0,
+                Source::Store
+            ),
             Err(ChangeError::Exists("b".into()))
         );
         assert!(matches!(
-            s.add("bad id", Secret::new("x"), "", "default", true, 1, 0, Source::Store),
+            s.add(
+                "bad id",
+                Secret::new("x"),
+                "",
+                "default",
+                true,
+                1,
+                0,
+                Source::Store
+            ),
             Err(ChangeError::Invalid(_))
         ));
         assert_eq!(
@@ -588,12 +625,16 @@ mod tests {
     fn rotation_moves_new_streams_and_retires_after_overlap() {
         let mut s = set();
         let mut ring = crate::keyring::KeyRing::new(&s.ring());
-        let old_stream = ring.pick(Instant::now(), 0b10, &["default".to_string()]).unwrap();
+        let old_stream = ring
+            .pick(Instant::now(), 0b10, &["default".to_string()])
+            .unwrap();
         assert_eq!(old_stream.key.key.expose(), "key-a");
         s.rotate("a", Secret::new("key-a-new"), Duration::from_secs(60), 1000)
             .unwrap();
         ring.replace(&s.ring());
-        let new_stream = ring.pick(Instant::now(), 0b10, &["default".to_string()]).unwrap();
+        let new_stream = ring
+            .pick(Instant::now(), 0b10, &["default".to_string()])
+            .unwrap();
         assert_eq!(new_stream.key.key.expose(), "key-a-new");
         let e = s.get("a").unwrap();
         assert_eq!(e.retiring.len(), 1);

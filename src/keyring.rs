@@ -458,9 +458,10 @@ impl KeyRing {
     /// if it is (still) of one of `pools`.
     pub fn reserve(&mut self, id: &str, pools: &[String]) -> Option<Lease> {
         let n = self.slots.len();
-        let i = self.slots.iter().position(|s| {
-            s.account.id == id && pools.iter().any(|p| *p == s.account.pool)
-        })?;
+        let i = self
+            .slots
+            .iter()
+            .position(|s| s.account.id == id && pools.iter().any(|p| *p == s.account.pool))?;
         let slot = &self.slots[i];
         slot.account.live.fetch_add(1, Ordering::AcqRel);
         self.cursor = (i + 1) % n;
@@ -540,7 +541,9 @@ mod tests {
             .healthy(now + UNHEALTHY_HOLDOFF + Duration::from_millis(1)));
         accts[1].account.mark_rate_limited(now, RateScope::Project);
         assert!(ring.pick(now, 0, &any()).is_none());
-        assert!(ring.pick(now + Duration::from_millis(1001), 0, &any()).is_some());
+        assert!(ring
+            .pick(now + Duration::from_millis(1001), 0, &any())
+            .is_some());
         accts[1].account.mark_rate_limited(now, RateScope::Project);
         assert!(
             !accts[1]
@@ -593,10 +596,23 @@ mod tests {
         );
         assert!(ring.pick(now, 0, &eu).is_none(), "EU full: none, not US");
         // What a fleet's store chooses from: the EU accounts only.
-        let ids: Vec<_> = ring.candidates(now, 0, &eu).into_iter().map(|c| c.0).collect();
-        assert!(ids.len() == 2 && !ids.contains(&"us-1".to_string()), "{ids:?}");
-        assert!(ring.reserve("us-1", &eu).is_none(), "the store cannot pick US");
-        assert_eq!(ring.pick(now, 0, &["us".into()]).unwrap().account.id, "us-1");
+        let ids: Vec<_> = ring
+            .candidates(now, 0, &eu)
+            .into_iter()
+            .map(|c| c.0)
+            .collect();
+        assert!(
+            ids.len() == 2 && !ids.contains(&"us-1".to_string()),
+            "{ids:?}"
+        );
+        assert!(
+            ring.reserve("us-1", &eu).is_none(),
+            "the store cannot pick US"
+        );
+        assert_eq!(
+            ring.pick(now, 0, &["us".into()]).unwrap().account.id,
+            "us-1"
+        );
         let both = vec!["eu".to_string(), "us".to_string()];
         assert_eq!(ring.candidates(now, 0, &both).len(), 3);
         assert!(ring.pick(now, 0, &["default".into()]).is_none());

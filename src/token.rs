@@ -236,10 +236,7 @@ impl fmt::Debug for TokenKeys {
             .field("current_kid", &self.current.kid)
             .field("current_pools", &self.current.pools)
             .field("previous_kid", &self.previous.as_ref().map(|k| &k.kid))
-            .field(
-                "previous_pools",
-                &self.previous.as_ref().map(|k| &k.pools),
-            )
+            .field("previous_pools", &self.previous.as_ref().map(|k| &k.pools))
             .field("clock_skew", &self.clock_skew)
             .finish()
     }

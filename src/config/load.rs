@@ -388,7 +388,10 @@ fn resolve_pools(
         let key = format!("pool.{name}");
         if let Some(u) = &rp.rest_url {
             if !(u.starts_with("http://") || u.starts_with("https://")) {
-                p.push(&format!("{key}.rest_url"), "must start with http:// or https://");
+                p.push(
+                    &format!("{key}.rest_url"),
+                    "must start with http:// or https://",
+                );
             }
         }
         if name == DEFAULT_POOL {

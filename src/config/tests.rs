@@ -690,7 +690,11 @@ fn a_disabled_account_does_not_need_its_key() {
         .summary()
         .contains("off-env: region -, disabled, max_concurrent_streams 10, no key (not loaded)"));
     // The relay leaves them out; the enabled one is there.
-    let set = crate::control::Accounts::from_config(&c.accounts, &["default".to_string()], std::time::Instant::now());
+    let set = crate::control::Accounts::from_config(
+        &c.accounts,
+        &["default".to_string()],
+        std::time::Instant::now(),
+    );
     let ids: Vec<&str> = set.entries().iter().map(|e| e.state.id.as_str()).collect();
     assert_eq!(ids, ["on"]);
     // An enabled account still needs its key, and the error names it by id.
@@ -761,8 +765,14 @@ region = "eu"
     );
     assert_eq!(c.tokens.known_pools, ["default", "dev", "prod-eu"]);
     let summary = c.summary();
-    assert!(summary.contains("pool prod-eu: wss://stt-rt.eu.soniox.com"), "{summary}");
-    assert!(summary.contains("eu-1: pool prod-eu, region eu"), "{summary}");
+    assert!(
+        summary.contains("pool prod-eu: wss://stt-rt.eu.soniox.com"),
+        "{summary}"
+    );
+    assert!(
+        summary.contains("eu-1: pool prod-eu, region eu"),
+        "{summary}"
+    );
     assert!(summary.contains("(pools prod-eu, default)"), "{summary}");
 }
 
@@ -770,7 +780,10 @@ region = "eu"
 fn a_file_without_pools_has_the_default_pool_only() {
     let c = Config::from_toml_str(&minimal("NOPOOL", ""), Path::new("/")).unwrap();
     assert!(c.pools.is_empty());
-    assert_eq!(c.all_pools(), [PoolConfig::default_pool(DEFAULT_UPSTREAM_URL)]);
+    assert_eq!(
+        c.all_pools(),
+        [PoolConfig::default_pool(DEFAULT_UPSTREAM_URL)]
+    );
     assert_eq!(c.accounts[0].pool, DEFAULT_POOL);
     assert_eq!(c.tokens.pools, None);
     assert!(!c.summary().contains("pool"), "{}", c.summary());
@@ -791,15 +804,24 @@ fn pool_problems_name_their_key() {
         "[upstream]\nurl = \"ws://a\"\n{}[pool.default]\nurl = \"ws://b\"\n",
         minimal("POOLBAD5", "")
     ));
-    assert_has(&p, "pool.default.url: the default pool's endpoint is upstream.url");
+    assert_has(
+        &p,
+        "pool.default.url: the default pool's endpoint is upstream.url",
+    );
     let (tok, a, _) = env("POOLBAD6");
     let p = problems(&format!(
         "[tokens]\nsecret_env = \"{tok}\"\npools = [\"prod\"]\nprevious_pools = []\n\n\
          [[account]]\nid = \"a\"\nkey_env = \"{a}\"\n"
     ));
-    assert_has(&p, "tokens.pools: \"prod\" is not a pool (the file declares default)");
+    assert_has(
+        &p,
+        "tokens.pools: \"prod\" is not a pool (the file declares default)",
+    );
     assert_has(&p, "tokens.previous_pools: is empty");
-    assert_has(&p, "tokens.previous_pools: binds the previous secret, but there is none");
+    assert_has(
+        &p,
+        "tokens.previous_pools: binds the previous secret, but there is none",
+    );
 }
 
 #[test]
@@ -810,5 +832,8 @@ fn the_default_pool_may_be_declared_instead_of_upstream_url() {
     )
     .unwrap();
     assert_eq!(c.upstream.url, "ws://127.0.0.1:9/x");
-    assert_eq!(c.all_pools(), [PoolConfig::default_pool("ws://127.0.0.1:9/x")]);
+    assert_eq!(
+        c.all_pools(),
+        [PoolConfig::default_pool("ws://127.0.0.1:9/x")]
+    );
 }

@@ -62,8 +62,7 @@ pub(super) fn validate_semantics(c: &Config, p: &mut Problems) {
         p.push("upstream.url", e);
     }
     for pool in &c.pools {
-        if pool.name == DEFAULT_POOL || c.pools.iter().filter(|q| q.name == pool.name).count() > 1
-        {
+        if pool.name == DEFAULT_POOL || c.pools.iter().filter(|q| q.name == pool.name).count() > 1 {
             p.push(
                 &format!("pool.{}", pool.name),
                 "is declared twice (the default pool's endpoint is upstream.url)",

@@ -380,11 +380,7 @@ impl Stream {
                     if unreachable || mine.iter().any(|s| s.account.timed_out(now)) {
                         Refusal::upstream_unavailable()
                     } else {
-                        Refusal::no_account(refusal::why_no_account(
-                            &mine,
-                            now,
-                            upstream_refused,
-                        ))
+                        Refusal::no_account(refusal::why_no_account(&mine, now, upstream_refused))
                     },
                 );
             };

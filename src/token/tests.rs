@@ -331,12 +331,18 @@ fn pools_claim_round_trips_and_defaults() {
     // An empty list or a name that is not a pool name is refused.
     let forged = forge(
         SECRET,
-        &format!(r#"{{"d":"dev","i":{NOW},"e":{},"t":"0011","p":[]}}"#, NOW + 60),
+        &format!(
+            r#"{{"d":"dev","i":{NOW},"e":{},"t":"0011","p":[]}}"#,
+            NOW + 60
+        ),
     );
     assert_eq!(k.verify(&forged, t(NOW)), Err(TokenError::Malformed));
     let forged = forge(
         SECRET,
-        &format!(r#"{{"d":"dev","i":{NOW},"e":{},"t":"0011","p":["a b"]}}"#, NOW + 60),
+        &format!(
+            r#"{{"d":"dev","i":{NOW},"e":{},"t":"0011","p":["a b"]}}"#,
+            NOW + 60
+        ),
     );
     assert_eq!(k.verify(&forged, t(NOW)), Err(TokenError::PoolNotAllowed));
 }
@@ -363,24 +369,40 @@ fn a_secret_bound_to_pools_neither_mints_nor_verifies_others() {
     // would) is refused by a relay that binds that secret to dev.
     let forged = forge(
         SECRET,
-        &format!(r#"{{"d":"d","i":{NOW},"e":{},"t":"0011","p":["dev","prod"]}}"#, NOW + 60),
+        &format!(
+            r#"{{"d":"d","i":{NOW},"e":{},"t":"0011","p":["dev","prod"]}}"#,
+            NOW + 60
+        ),
     );
-    assert_eq!(bound.verify(&forged, t(NOW)), Err(TokenError::PoolNotAllowed));
+    assert_eq!(
+        bound.verify(&forged, t(NOW)),
+        Err(TokenError::PoolNotAllowed)
+    );
     let no_pool = forge(
         SECRET,
         &format!(r#"{{"d":"d","i":{NOW},"e":{}, "t":"0011"}}"#, NOW + 60),
     );
-    assert_eq!(bound.verify(&no_pool, t(NOW)), Err(TokenError::PoolNotAllowed));
+    assert_eq!(
+        bound.verify(&no_pool, t(NOW)),
+        Err(TokenError::PoolNotAllowed)
+    );
     // During a rotation each secret keeps its own binding.
     let old = TokenKeys::new(&Secret::new(OLD), None, Duration::ZERO)
         .bind_pools(Some(prod.clone()), None);
     let old_prod = old.mint_in("d", None, &prod, ttl, t(NOW)).unwrap();
-    let rotating = TokenKeys::new(&Secret::new(SECRET), Some(&Secret::new(OLD)), Duration::ZERO)
-        .bind_pools(Some(dev.clone()), Some(prod.clone()));
+    let rotating = TokenKeys::new(
+        &Secret::new(SECRET),
+        Some(&Secret::new(OLD)),
+        Duration::ZERO,
+    )
+    .bind_pools(Some(dev.clone()), Some(prod.clone()));
     assert_eq!(rotating.verify(&old_prod, t(NOW)).unwrap().pools, prod);
-    let rotating_dev_only =
-        TokenKeys::new(&Secret::new(SECRET), Some(&Secret::new(OLD)), Duration::ZERO)
-            .bind_pools(Some(dev.clone()), Some(dev));
+    let rotating_dev_only = TokenKeys::new(
+        &Secret::new(SECRET),
+        Some(&Secret::new(OLD)),
+        Duration::ZERO,
+    )
+    .bind_pools(Some(dev.clone()), Some(dev));
     assert_eq!(
         rotating_dev_only.verify(&old_prod, t(NOW)),
         Err(TokenError::PoolNotAllowed)

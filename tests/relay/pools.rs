@@ -67,7 +67,13 @@ fn us_and_eu_config(
 fn token(relay: &Relay, device: &str, pools: &[&str]) -> String {
     let pools: Vec<String> = pools.iter().map(|p| p.to_string()).collect();
     TokenKeys::from_config(&relay.cfg.tokens)
-        .mint_in(device, None, &pools, Duration::from_secs(600), SystemTime::now())
+        .mint_in(
+            device,
+            None,
+            &pools,
+            Duration::from_secs(600),
+            SystemTime::now(),
+        )
         .unwrap()
 }
 
@@ -87,7 +93,10 @@ fn hold(relay: &Relay, token: &str) -> Ws {
 }
 
 fn keys_seen(fake: &FakeSoniox) -> Vec<String> {
-    fake.sessions().iter().filter_map(|s| s.key.clone()).collect()
+    fake.sessions()
+        .iter()
+        .filter_map(|s| s.key.clone())
+        .collect()
 }
 
 #[test]
@@ -106,7 +115,11 @@ fn an_eu_token_reaches_only_the_eu_upstream_and_gets_429_when_eu_is_full() {
         && s[1..].iter().all(|r| r.audio_frames == 1)));
     let got = session(&relay, &token(&relay, "eu-c", &["eu"]));
     assert_error_frame(&got, 429, 1013);
-    assert!(us.sessions().is_empty(), "EU audio went to the US: {:?}", us.sessions());
+    assert!(
+        us.sessions().is_empty(),
+        "EU audio went to the US: {:?}",
+        us.sessions()
+    );
     assert_eq!(eu.sessions().len(), 3);
 
     // The US pool has room, and its tokens go there.
@@ -134,7 +147,11 @@ fn open_time_failover_stays_in_the_tokens_pool() {
         let got = session(&relay, &token(&relay, &format!("eu-{i}"), &["eu"]));
         assert!(got.finished() && got.error_code().is_none(), "{got:?}");
     }
-    assert!(eu.wait_for(LIMIT, |s| s.iter().filter(|r| r.key.as_deref() == Some("eu-key-2")).count() == 2));
+    assert!(eu.wait_for(LIMIT, |s| s
+        .iter()
+        .filter(|r| r.key.as_deref() == Some("eu-key-2"))
+        .count()
+        == 2));
     assert!(us.sessions().is_empty(), "{:?}", us.sessions());
 
     // Every EU account refusing: the documented 429, never the US account.
@@ -153,12 +170,21 @@ fn a_secret_bound_to_a_pool_refuses_a_forged_claim_for_another() {
     // backend, or a hand-made token) signs a claim for us.
     let unbound = TokenKeys::new(&relay.cfg.tokens.secret, None, Duration::from_secs(30));
     let forged = unbound
-        .mint_in("dev", None, &["us".into()], Duration::from_secs(600), SystemTime::now())
+        .mint_in(
+            "dev",
+            None,
+            &["us".into()],
+            Duration::from_secs(600),
+            SystemTime::now(),
+        )
         .unwrap();
     let (status, body) = refused_upgrade(connect(relay.addr(), &forged, Via::Header));
     assert_eq!(status, 401, "{body}");
     assert_http_error_body(&body, 401);
-    assert!(body["error_message"].as_str().unwrap().contains("pool"), "{body}");
+    assert!(
+        body["error_message"].as_str().unwrap().contains("pool"),
+        "{body}"
+    );
     // Also when the token comes in the first message.
     let (mut ws, _) = connect(relay.addr(), "", Via::Nowhere).unwrap();
     let got = stream_session(&mut ws, &config_message(Some(&forged)), &[]);
@@ -166,7 +192,13 @@ fn a_secret_bound_to_a_pool_refuses_a_forged_claim_for_another() {
     assert!(us.sessions().is_empty() && eu.sessions().is_empty());
     // The relay's own minter refuses too; an eu token streams.
     assert!(TokenKeys::from_config(&relay.cfg.tokens)
-        .mint_in("dev", None, &["us".into()], Duration::from_secs(60), SystemTime::now())
+        .mint_in(
+            "dev",
+            None,
+            &["us".into()],
+            Duration::from_secs(60),
+            SystemTime::now()
+        )
         .is_err());
     let got = session(&relay, &token(&relay, "ok", &["eu"]));
     assert!(got.finished(), "{got:?}");
@@ -193,7 +225,11 @@ fn mid_stream_resume_stays_in_the_tokens_pool() {
     assert!(eu.wait_for(LIMIT, |s| s.len() == 2 && s.iter().all(|r| r.closed)));
     assert_eq!(eu.sessions()[0].error_sent, Some(503));
     assert_eq!(relay.handle.metrics().streams_resumed(), 1);
-    assert!(us.sessions().is_empty(), "resumed in the US: {:?}", us.sessions());
+    assert!(
+        us.sessions().is_empty(),
+        "resumed in the US: {:?}",
+        us.sessions()
+    );
 }
 
 #[test]
@@ -208,7 +244,11 @@ fn resumes_past_the_pools_failures_end_with_the_error_not_another_pool() {
     assert_eq!(got.error_code(), Some(503), "{got:?}");
     assert!(eu.wait_for(LIMIT, |s| s.len() == 3 && s.iter().all(|r| r.closed)));
     assert_eq!(relay.handle.metrics().streams_resumed(), 2);
-    assert!(us.sessions().is_empty(), "resumed in the US: {:?}", us.sessions());
+    assert!(
+        us.sessions().is_empty(),
+        "resumed in the US: {:?}",
+        us.sessions()
+    );
 }
 
 /// A whole session of `frames` frames of audio on `token`.
