@@ -25,6 +25,9 @@ pub enum KeysAction {
         /// Region label.
         #[arg(long, default_value = "")]
         region: String,
+        /// The pool it belongs to ([pool.NAME] of the relay, or default).
+        #[arg(long, default_value = "default")]
+        pool: String,
         /// Concurrent streams allowed on the account.
         #[arg(long, default_value_t = 10)]
         max_concurrent_streams: u32,
@@ -118,6 +121,7 @@ pub fn run(config: &Path, action: &KeysAction) -> Result<String, String> {
         KeysAction::Add {
             id,
             region,
+            pool,
             max_concurrent_streams,
             disabled,
             key,
@@ -125,7 +129,7 @@ pub fn run(config: &Path, action: &KeysAction) -> Result<String, String> {
             "POST",
             "/admin/accounts".into(),
             Some(
-                serde_json::json!({"id": id, "key": key.read()?, "region": region, "enabled": !disabled, "max_concurrent_streams": max_concurrent_streams}),
+                serde_json::json!({"id": id, "key": key.read()?, "region": region, "pool": pool, "enabled": !disabled, "max_concurrent_streams": max_concurrent_streams}),
             ),
         ),
         KeysAction::Enable { id } => ("POST", format!("/admin/accounts/{id}/enable"), None),
@@ -198,9 +202,10 @@ fn table(v: &serde_json::Value) -> String {
         serde_json::Value::Null => "-".to_string(),
         other => other.to_string(),
     };
-    let mut rows: Vec<[String; 8]> = vec![[
+    let mut rows: Vec<[String; 9]> = vec![[
         "ACCOUNT".into(),
         "REGION".into(),
+        "POOL".into(),
         "ENABLED".into(),
         "HEALTHY".into(),
         "LIVE/MAX".into(),
@@ -235,6 +240,7 @@ fn table(v: &serde_json::Value) -> String {
             } else {
                 region
             },
+            text(&a["pool"]),
             text(&a["enabled"]),
             text(&a["healthy"]),
             format!(
@@ -247,7 +253,7 @@ fn table(v: &serde_json::Value) -> String {
             retiring.join(", "),
         ]);
     }
-    let mut widths = [0usize; 8];
+    let mut widths = [0usize; 9];
     for r in &rows {
         for (w, cell) in widths.iter_mut().zip(r) {
             *w = (*w).max(cell.chars().count());
@@ -262,8 +268,8 @@ fn table(v: &serde_json::Value) -> String {
             }
             // Numbers right-aligned; the last column is not padded.
             match i {
-                4 | 6 => line.push_str(&format!("{cell:>w$}", w = widths[i])),
-                7 => line.push_str(cell),
+                5 | 7 => line.push_str(&format!("{cell:>w$}", w = widths[i])),
+                8 => line.push_str(cell),
                 _ => line.push_str(&format!("{cell:<w$}", w = widths[i])),
             }
         }
@@ -280,11 +286,11 @@ mod tests {
     #[test]
     fn the_account_table_lines_up() {
         let v = serde_json::json!({"accounts": [
-            {"id": "prod-account-1", "region": "us-east", "enabled": true, "healthy": true,
+            {"id": "prod-account-1", "region": "us-east", "pool": "default", "enabled": true, "healthy": true,
              "live_streams": 12, "max_concurrent_streams": 100,
              "key": {"fingerprint": "25cc70b72eb7", "age_seconds": 86400 * 3, "due_for_rotation": false},
              "retiring_keys": []},
-            {"id": "b", "region": "", "enabled": false, "healthy": false,
+            {"id": "b", "region": "", "pool": "prod-eu", "enabled": false, "healthy": false,
              "live_streams": 0, "max_concurrent_streams": 5,
              "key": {"fingerprint": "0123456789ab", "age_seconds": 86400 * 120, "due_for_rotation": true},
              "retiring_keys": [{"fingerprint": "ba9876543210", "live_streams": 2}]},
@@ -293,7 +299,14 @@ mod tests {
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(lines.len(), 3, "{t}");
         // Each column starts at the same place on every line.
-        for header in ["REGION", "ENABLED", "HEALTHY", "KEY", "RETIRING KEYS"] {
+        for header in [
+            "REGION",
+            "POOL",
+            "ENABLED",
+            "HEALTHY",
+            "KEY",
+            "RETIRING KEYS",
+        ] {
             let col = lines[0].find(header).unwrap();
             for l in lines[1..].iter().filter(|l| l.len() > col) {
                 assert_eq!(&l[col - 2..col], "  ", "{header} misaligned:\n{t}");

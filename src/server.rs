@@ -117,17 +117,20 @@ pub fn start_joining(
     // One TLS client config for the WebSocket upstream and its REST API.
     let tls =
         Some(crate::upstream::tls_client_config(cfg.upstream.ca_file.as_deref()).map_err(invalid)?);
-    let rest = match crate::health::RestTarget::new(
-        &cfg.upstream.url,
-        cfg.admin.rest_url.as_deref(),
-        tls.clone(),
-    ) {
-        Ok(r) => Some(r),
-        Err(e) => {
-            tracing::warn!(error = %e, "no REST URL for health checks; they are off");
-            None
-        }
-    };
+    // Each pool's REST API, for its accounts' health checks and usage logs.
+    let rests: Vec<_> = cfg
+        .all_pools()
+        .into_iter()
+        .filter_map(|p| {
+            match crate::health::RestTarget::new(&p.url, p.rest_url.as_deref(), tls.clone()) {
+                Ok(r) => Some((p.name, r)),
+                Err(e) => {
+                    tracing::warn!(pool = %p.name, error = %e, "no REST URL for the pool's health checks; they are off for its accounts");
+                    None
+                }
+            }
+        })
+        .collect();
     // The fleet handle is in place before any shard takes a stream; its
     // thread starts once the shards exist (it sends them "end" requests).
     let fleet = cfg.cluster.as_ref().map(|c| {
@@ -186,14 +189,14 @@ pub fn start_joining(
         accounts,
         config: cfg.admin.clone(),
         inbox: admin_rx,
-        rest,
+        rests,
         usage: cfg.usage.clone(),
         account_configs: cfg.accounts.clone(),
         tls: tls.clone(),
         store,
         listen_fd: admin_fd,
         fleet_accounts: accounts_rx,
-        upstream_url: cfg.upstream.url.clone(),
+        pools: cfg.all_pools(),
     })
     .map_err(|e| match e.kind() {
         std::io::ErrorKind::AddrInUse => in_use(cfg.server.admin_listen, "server.admin_listen", e),

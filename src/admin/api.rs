@@ -5,7 +5,7 @@
 //! | method and path | body | effect |
 //! |---|---|---|
 //! | `GET /admin/accounts` | | every account, its health, live streams and keys (fingerprints) |
-//! | `POST /admin/accounts` | `{"id","key","region"?,"enabled"?,"max_concurrent_streams"?}` | add |
+//! | `POST /admin/accounts` | `{"id","key","region"?,"pool"?,"enabled"?,"max_concurrent_streams"?}` | add |
 //! | `POST /admin/accounts/{id}/enable` | | take new streams again |
 //! | `POST /admin/accounts/{id}/disable` | | take no new stream (live ones go on) |
 //! | `POST /admin/accounts/{id}/limit` | `{"max_concurrent_streams":N}` | set the limit |
@@ -209,6 +209,7 @@ pub(super) fn list(admin: &Admin) -> serde_json::Value {
             json!({
                 "id": a.id,
                 "region": a.region(),
+                "pool": a.pool,
                 "enabled": a.enabled.load(Ordering::Relaxed),
                 "healthy": a.healthy(now),
                 "available": a.available(now),
@@ -236,7 +237,11 @@ pub(super) fn list(admin: &Admin) -> serde_json::Value {
             })
         })
         .collect();
-    json!({ "accounts": items, "rotation_period_seconds": period })
+    let pools: Vec<_> = super::pools::views(&admin.pools, &accounts.ring(), now)
+        .iter()
+        .map(super::pools::PoolView::json)
+        .collect();
+    json!({ "accounts": items, "pools": pools, "rotation_period_seconds": period })
 }
 
 /// `GET /admin/stats`: merged stream, traffic, error and latency figures.

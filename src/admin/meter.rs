@@ -319,17 +319,18 @@ pub(super) struct Reconciliation {
 /// Reads each account's `GET /v1/usage-logs` and compares it, stream by
 /// stream (`client_reference_id`), with the relay's own meter.
 pub(super) async fn reconcile(admin: &Admin) {
-    let Some(rest) = admin.rest.as_ref() else {
-        return;
-    };
     let targets: Vec<_> = admin
         .accounts
         .borrow()
         .entries()
         .iter()
-        .map(|e| (e.state.id.clone(), e.current.clone()))
+        .map(|e| (e.state.id.clone(), e.state.pool.clone(), e.current.clone()))
         .collect();
-    for (id, key) in targets {
+    for (id, pool, key) in targets {
+        // Each account's usage logs live on its own pool's REST API.
+        let Some(rest) = admin.rest_for(&pool) else {
+            continue;
+        };
         let mut r = Reconciliation {
             at: crate::control::unix_now(),
             ..Default::default()

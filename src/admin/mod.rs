@@ -9,6 +9,7 @@
 mod alerts;
 mod api;
 mod meter;
+pub mod pools;
 mod remote;
 
 pub use remote::remote_config;
@@ -59,8 +60,9 @@ pub struct AdminSetup {
     pub config: AdminConfig,
     /// Messages from the main thread (reloads).
     pub inbox: async_channel::Receiver<AdminMsg>,
-    /// Upstream's REST API, for active health checks.
-    pub rest: Option<RestTarget>,
+    /// Each pool's upstream REST API, by pool name, for active health
+    /// checks and reconciliation (a pool whose REST URL is unusable is absent).
+    pub rests: Vec<(String, RestTarget)>,
     /// Usage, cost and alert settings.
     pub usage: UsageConfig,
     /// The config file's accounts (for prices and budgets).
@@ -74,8 +76,10 @@ pub struct AdminSetup {
     /// In a fleet: the account set other nodes stored (sealed), from the
     /// cluster thread.
     pub fleet_accounts: Option<async_channel::Receiver<Vec<u8>>>,
-    /// `upstream.url`: the health checks probe its WebSocket endpoint.
-    pub upstream_url: String,
+    /// Every pool and its endpoints (the default pool's is `upstream.url`):
+    /// the health checks probe each WebSocket endpoint, `/v1/config` and
+    /// the metrics list them.
+    pub pools: Vec<crate::config::PoolConfig>,
 }
 
 fn prices(accounts: &[crate::config::AccountConfig]) -> HashMap<String, meter::Price> {
@@ -102,8 +106,10 @@ struct Admin {
     /// HMAC key and tag of the admin token, so a presented token is compared
     /// in constant time (ring's `hmac::verify`).
     token_check: RefCell<Option<(ring::hmac::Key, ring::hmac::Tag)>>,
-    /// Upstream's REST API (health checks).
-    rest: Option<RestTarget>,
+    /// Each pool's upstream REST API (health checks, reconciliation).
+    rests: Vec<(String, RestTarget)>,
+    /// Every pool and its endpoints, the default pool first.
+    pools: Vec<crate::config::PoolConfig>,
     /// Health check outcomes so far.
     checks: CheckCounts,
     /// The usage ledger.
@@ -147,6 +153,13 @@ fn token_check(token: Option<&Secret>) -> Option<(ring::hmac::Key, ring::hmac::T
 }
 
 impl Admin {
+    /// The REST API of `pool`'s upstream.
+    fn rest_for(&self, pool: &str) -> Option<&RestTarget> {
+        self.rests
+            .iter()
+            .find_map(|(name, r)| (name == pool).then_some(r))
+    }
+
     /// Saves the account set to the key store (if there is one).
     fn persist(&self) -> Result<(), String> {
         let Some(store) = &self.store else {
@@ -211,7 +224,7 @@ impl Admin {
         let accounts = self.accounts.borrow();
         // With active checks a 401/402 holds an account off until a check
         // passes; without them, for a minute.
-        let checks_on = self.rest.is_some() && !self.config.borrow().health_interval.is_zero();
+        let checks_on = !self.rests.is_empty() && !self.config.borrow().health_interval.is_zero();
         let holdoff = if checks_on {
             Duration::from_secs(3600)
         } else {
@@ -378,7 +391,8 @@ pub fn start(setup: AdminSetup) -> std::io::Result<AdminHandle> {
                 accounts: RefCell::new(setup.accounts),
                 token_check: RefCell::new(token_check(setup.config.token.as_ref())),
                 config: RefCell::new(setup.config),
-                rest: setup.rest,
+                rests: setup.rests,
+                pools: setup.pools.clone(),
                 checks: CheckCounts::default(),
                 usage: RefCell::new(book),
                 prices: RefCell::new(prices(&setup.account_configs)),
@@ -505,7 +519,11 @@ pub fn start(setup: AdminSetup) -> std::io::Result<AdminHandle> {
                 }
                 futures_lite::future::pending::<()>().await;
             };
-            let ws_target = crate::upstream::UpstreamTarget::new(&setup.upstream_url, admin.tls.clone()).ok();
+            let ws_targets: Vec<_> = setup
+                .pools
+                .iter()
+                .filter_map(|p| crate::upstream::UpstreamTarget::new(&p.url, admin.tls.clone()).ok())
+                .collect();
             let health = async {
                 let mut probed = false;
                 loop {
@@ -513,17 +531,28 @@ pub fn start(setup: AdminSetup) -> std::io::Result<AdminHandle> {
                     // The WebSocket endpoint itself, at the first check and
                     // while a configuration fault stands: a wrong upstream.url
                     // is found at start, not by the first user.
-                    if let Some(t) = ws_target.as_ref().filter(|_| !interval.is_zero()) {
-                        if !probed || admin.process.upstream_fault.get().is_some() {
-                            probed = crate::health::probe_websocket(t, &admin.process.upstream_fault, Duration::from_secs(10)).await.is_some();
+                    // Every pool's endpoint, in order; the first wrong one
+                    // keeps the fault (a later good one does not clear it).
+                    if !interval.is_zero() && (!probed || admin.process.upstream_fault.get().is_some()) {
+                        for t in &ws_targets {
+                            let status = crate::health::probe_websocket(t, &admin.process.upstream_fault, Duration::from_secs(10)).await;
+                            probed = status.is_some();
+                            if status.is_some_and(crate::health::UpstreamFault::is_config_fault) {
+                                break;
+                            }
                         }
                     }
-                    let Some(rest) = admin.rest.as_ref().filter(|_| !interval.is_zero()) else {
+                    if admin.rests.is_empty() || interval.is_zero() {
                         glommio::timer::Timer::new(Duration::from_secs(1)).await;
                         continue;
-                    };
+                    }
                     let targets: Vec<_> = admin.accounts.borrow().entries().iter().map(|e| (e.state.clone(), e.current.clone())).collect();
                     for (account, key) in targets {
+                        // Each key is checked against its own pool's REST API:
+                        // an EU key is unknown to the US host.
+                        let Some(rest) = admin.rest_for(&account.pool) else {
+                            continue;
+                        };
                         let before = account.healthy(Instant::now());
                         let verdict = rest.check(&account, &key, Duration::from_secs(10)).await;
                         admin.checks.add(verdict);
@@ -687,6 +716,9 @@ async fn route(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
             };
             let mut body = render_prometheus(&snaps, &gauges);
             api::render_key_metrics(admin, &mut body);
+            let ring = admin.process.ring();
+            let views = pools::views(&admin.pools, &ring, Instant::now());
+            pools::render_metrics(&views, &ring, &mut body);
             meter::render_metrics(admin, &mut body);
             alerts::render_metrics(admin, &mut body);
             meter::render_drift(admin, &mut body);
@@ -747,7 +779,7 @@ async fn route(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
             }
         }
         "/v1/config" => {
-            let body = remote::remote_config(process);
+            let body = remote::remote_config(process, &admin.pools);
             let etag = remote::etag(&body);
             if req.header("if-none-match") == Some(etag.as_str()) {
                 http::response(304, "application/json", &format!("ETag: {etag}\r\n"), b"")

@@ -1,24 +1,47 @@
 //! `GET /v1/config`: the seed's remote-configuration document.
 
+use crate::config::PoolConfig;
 use crate::shard::ProcessState;
 
-/// The seed's remote-configuration document: accounts' public fields and
-/// feature flags. Never a key.
-pub fn remote_config(process: &ProcessState) -> String {
-    let accounts: Vec<serde_json::Value> = process
-        .accounts()
+/// The seed's remote-configuration document: accounts' public fields,
+/// the pools and where their streams go, and feature flags. Never a key.
+///
+/// An app reads `pools` to learn which pools exist, their regions and
+/// upstream hosts, and asks its backend for a token of the pool it should
+/// use; every pool is served at the same relay `endpoint`, the token
+/// decides which accounts carry the stream.
+pub fn remote_config(process: &ProcessState, pools: &[PoolConfig]) -> String {
+    let ring = process.ring();
+    let accounts: Vec<serde_json::Value> = ring
         .iter()
-        .map(|a| {
+        .map(|s| {
+            let a = &s.account;
             serde_json::json!({
                 "id": a.id,
                 "endpoint": "/v1/transcribe",
                 "region": a.region(),
+                "pool": a.pool,
                 "isEnabled": a.enabled.load(std::sync::atomic::Ordering::Relaxed),
             })
         })
         .collect();
+    let pools: Vec<serde_json::Value> =
+        super::pools::views(pools, &ring, std::time::Instant::now())
+            .iter()
+            .map(|v| {
+                serde_json::json!({
+                    "name": v.name,
+                    "endpoint": "/v1/transcribe",
+                    "upstreamHost": v.upstream_host,
+                    "regions": v.regions,
+                    "isAvailable": v.enabled > 0,
+                })
+            })
+            .collect();
     serde_json::json!({
         "sonioxAccounts": accounts,
+        "pools": pools,
+        "defaultPool": crate::config::DEFAULT_POOL,
         "features": {
             "useProxyServer": true,
             "maxConcurrentStreams": process.max_streams(),

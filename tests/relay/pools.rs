@@ -256,3 +256,104 @@ fn session_of(relay: &Relay, token: &str, frames: usize) -> Received {
     let (mut ws, _) = connect(relay.addr(), token, Via::Header).unwrap();
     stream_session(&mut ws, &config_message(None), &audio_frames(frames, 3))
 }
+
+#[test]
+fn health_checks_ask_each_pools_own_rest_api() {
+    let (us, eu, mut cfg) = us_and_eu_config(|_| {});
+    cfg.admin.health_interval = Duration::from_millis(100);
+    let relay = Relay::start(cfg);
+    let checked = |fake: &FakeSoniox, key: &str| {
+        fake.rest_calls()
+            .iter()
+            .any(|c| c.path == "/v1/models" && c.key.as_deref() == Some(key))
+    };
+    assert!(wait_until(LIMIT, || checked(&eu, "eu-key-1")
+        && checked(&eu, "eu-key-2")
+        && checked(&us, "us-key-1")));
+    // No key went to the other region's host, so none was refused there
+    // and every account is still healthy.
+    assert!(us
+        .rest_calls()
+        .iter()
+        .all(|c| c.key.as_deref() == Some("us-key-1")));
+    assert!(eu
+        .rest_calls()
+        .iter()
+        .all(|c| c.key.as_deref() != Some("us-key-1")));
+    let now = std::time::Instant::now();
+    assert!(relay
+        .handle
+        .process
+        .accounts()
+        .iter()
+        .all(|a| a.healthy(now)));
+}
+
+#[test]
+fn config_metrics_and_the_admin_api_show_each_pool() {
+    const ADMIN: &str = "pools-admin-token-0123456789";
+    let (_us, eu, mut cfg) = us_and_eu_config(|_| {});
+    cfg.admin.token = Some(Secret::new(ADMIN));
+    cfg.accounts[1].region = "eu-west".into();
+    let relay = Relay::start(cfg);
+    let admin = relay.handle.admin_addr;
+    let _live = hold(&relay, &token(&relay, "eu-live", &["eu"]));
+    assert!(eu.wait_for(LIMIT, |s| s.len() == 1 && s[0].audio_frames == 1));
+
+    let (status, _, body) = http_get(admin, "/v1/config", "");
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let pools: Vec<_> = v["pools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(pools, ["default", "eu", "us"], "{v}");
+    assert_eq!(v["pools"][1]["upstreamHost"], "127.0.0.1");
+    assert_eq!(v["pools"][1]["regions"], serde_json::json!(["eu-west"]));
+    assert_eq!(v["pools"][1]["endpoint"], "/v1/transcribe");
+    assert_eq!(v["pools"][0]["isAvailable"], false, "no account in default");
+    assert_eq!(v["defaultPool"], "default");
+    assert_eq!(v["sonioxAccounts"][1]["pool"], "eu");
+
+    let metrics = http(admin, "GET", "/metrics", None, None).1;
+    for line in [
+        r#"clio_relay_pool_streams_active{pool="eu"} 1"#,
+        r#"clio_relay_pool_streams_active{pool="us"} 0"#,
+        r#"clio_relay_pool_max_concurrent_streams{pool="eu"} 2"#,
+        r#"clio_relay_pool_accounts{pool="default"} 0"#,
+        r#"clio_relay_account_info{account="eu-1",pool="eu",region="eu-west"} 1"#,
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line} missing:\n{metrics}"
+        );
+    }
+    assert!(!metrics.contains("eu-key-"), "a key in the metrics");
+
+    let (status, body) = http(admin, "GET", "/admin/accounts", Some(ADMIN), None);
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["accounts"][2]["pool"], "eu");
+    assert_eq!(v["pools"][1]["live_streams"], 1, "{v}");
+    // An account added at runtime names its pool, which must exist.
+    let (status, body) = http(
+        admin,
+        "POST",
+        "/admin/accounts",
+        Some(ADMIN),
+        Some(r#"{"id":"eu-3","key":"eu-key-3","pool":"eu"}"#),
+    );
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = http(
+        admin,
+        "POST",
+        "/admin/accounts",
+        Some(ADMIN),
+        Some(r#"{"id":"jp-1","key":"jp-key-1","pool":"jp"}"#),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("not one of this relay's pools"), "{body}");
+    assert!(!body.contains("jp-key-1"), "{body}");
+}

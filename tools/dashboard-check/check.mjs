@@ -32,6 +32,9 @@ try {
   const latencyRows = await page.$$eval("#latency tbody tr", (rows) => rows.map((r) => r.textContent));
   if (!latencyRows.some((t) => /frame client->upstream\s*\d+/.test(t) && !t.includes("no samples"))) fail(`no frame latency shown: ${latencyRows}`);
   if (!(await page.textContent('tr[data-account="acct-a"] .state')).includes("healthy")) fail("acct-a not shown healthy");
+  // Each pool, with its live streams (both accounts are in the default pool).
+  await page.waitForFunction(() => Number(document.querySelector('#pools tr[data-pool="default"] .live')?.textContent.split("/")[0]) > 0, null, { timeout: 5000 })
+    .catch(() => fail("the pools table does not show the default pool's live streams"));
 
   // The alerts firing: the live streams are over the (low) concurrency ratio.
   await page.waitForSelector('#alerts tr[data-alert="account_near_concurrency"]', { timeout: 15000 })
