@@ -283,6 +283,14 @@ impl Config {
             d(self.tokens.max_ttl),
             d(self.tokens.clock_skew)
         );
+        for x in &self.tokens.extra {
+            let _ = writeln!(
+                s,
+                "tokens: key id {} also verifies, for pools {} only",
+                crate::token::key_id(&x.secret),
+                x.pools.join(", ")
+            );
+        }
         let l = &self.limits;
         let _ = writeln!(
             s,

@@ -224,6 +224,8 @@ pub struct TokenKeys {
     current: SigningKey,
     /// The secret being rotated out: verifies only.
     previous: Option<SigningKey>,
+    /// `[[tokens.extra]]`: more secrets, verify only, each bound to its pools.
+    extra: Vec<SigningKey>,
     /// How far in the future an issue time may be.
     clock_skew: Duration,
     /// Source of token ids.
@@ -237,6 +239,14 @@ impl fmt::Debug for TokenKeys {
             .field("current_pools", &self.current.pools)
             .field("previous_kid", &self.previous.as_ref().map(|k| &k.kid))
             .field("previous_pools", &self.previous.as_ref().map(|k| &k.pools))
+            .field(
+                "extra",
+                &self
+                    .extra
+                    .iter()
+                    .map(|k| (&k.kid, &k.pools))
+                    .collect::<Vec<_>>(),
+            )
             .field("clock_skew", &self.clock_skew)
             .finish()
     }
@@ -248,6 +258,7 @@ impl TokenKeys {
         TokenKeys {
             current: SigningKey::new(current),
             previous: previous.map(SigningKey::new),
+            extra: Vec::new(),
             clock_skew,
             rng: SystemRandom::new(),
         }
@@ -270,8 +281,21 @@ impl TokenKeys {
 
     /// Keys from the `[tokens]` configuration.
     pub fn from_config(cfg: &TokensConfig) -> TokenKeys {
-        TokenKeys::new(&cfg.secret, cfg.previous_secret.as_ref(), cfg.clock_skew)
-            .bind_pools(cfg.pools.clone(), cfg.previous_pools.clone())
+        let mut keys = TokenKeys::new(&cfg.secret, cfg.previous_secret.as_ref(), cfg.clock_skew)
+            .bind_pools(cfg.pools.clone(), cfg.previous_pools.clone());
+        for x in &cfg.extra {
+            keys = keys.with_extra(&x.secret, x.pools.clone());
+        }
+        keys
+    }
+
+    /// Adds a secret that verifies tokens (never signs them) naming only
+    /// `pools`: another backend's, e.g. a development build's.
+    pub fn with_extra(mut self, secret: &Secret, pools: Vec<String>) -> TokenKeys {
+        let mut key = SigningKey::new(secret);
+        key.pools = Some(pools);
+        self.extra.push(key);
+        self
     }
 
     /// The pools the current secret is bound to (`None`: any).
@@ -418,7 +442,11 @@ impl TokenKeys {
         } else {
             match &self.previous {
                 Some(prev) if kid == prev.kid => prev,
-                _ => return Err(TokenError::UnknownKey),
+                _ => self
+                    .extra
+                    .iter()
+                    .find(|k| k.kid == kid)
+                    .ok_or(TokenError::UnknownKey)?,
             }
         };
         let sig = URL_SAFE_NO_PAD

@@ -147,7 +147,32 @@ fn resolve_tokens(
                 pools: t.pools,
                 previous_pools: t.previous_pools,
                 known_pools: known,
+                extra: Vec::new(),
             };
+            let mut tokens = tokens;
+            for (i, x) in t.extra.into_iter().enumerate() {
+                let key = format!("tokens.extra[{i}]");
+                let secret = resolve_secret(
+                    &key,
+                    ("secret_env", x.secret_env),
+                    ("secret_file", x.secret_file),
+                    true,
+                    base,
+                    p,
+                )
+                .flatten();
+                let Some(pools) = x.pools else {
+                    p.push(
+                        &format!("{key}.pools"),
+                        "missing: an extra secret is always bound to its pools",
+                    );
+                    continue;
+                };
+                if let Some(secret) = secret {
+                    check_token_secret(&format!("{key}.secret"), &secret, p);
+                    tokens.extra.push(ExtraSecret { secret, pools });
+                }
+            }
             Some(tokens)
         }
     }

@@ -157,6 +157,16 @@ pub(super) struct RawTokens {
     pub(super) clock_skew: Option<String>,
     pub(super) pools: Option<Vec<String>>,
     pub(super) previous_pools: Option<Vec<String>>,
+    #[serde(default)]
+    pub(super) extra: Vec<RawExtraSecret>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawExtraSecret {
+    pub(super) secret_env: Option<String>,
+    pub(super) secret_file: Option<PathBuf>,
+    pub(super) pools: Option<Vec<String>>,
 }
 
 #[derive(Deserialize, Default)]

@@ -335,6 +335,19 @@ pub struct TokensConfig {
     /// The pools the file declares (the default pool and each
     /// `[pool.NAME]`): what `mint-token --pool` may name.
     pub known_pools: Vec<String>,
+    /// `[[tokens.extra]]`: more secrets, each bound to its pools, that
+    /// verify tokens (never sign them): one relay serving production and
+    /// development pools takes each backend's tokens under its own secret.
+    pub extra: Vec<ExtraSecret>,
+}
+
+/// One `[[tokens.extra]]` secret: it verifies tokens for `pools` only.
+#[derive(Debug, Clone)]
+pub struct ExtraSecret {
+    /// The secret (at least 32 bytes).
+    pub secret: Secret,
+    /// The only pools its tokens may name.
+    pub pools: Vec<String>,
 }
 
 impl TokensConfig {
@@ -349,6 +362,7 @@ impl TokensConfig {
             pools: None,
             previous_pools: None,
             known_pools: vec![DEFAULT_POOL.to_string()],
+            extra: Vec::new(),
         }
     }
 }

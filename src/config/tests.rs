@@ -837,3 +837,33 @@ fn the_default_pool_may_be_declared_instead_of_upstream_url() {
         [PoolConfig::default_pool("ws://127.0.0.1:9/x")]
     );
 }
+
+#[test]
+fn extra_token_secrets_are_bound_to_their_pools() {
+    let (tok, a, b) = env("EXTRA");
+    let base = format!(
+        "[tokens]\nsecret_env = \"{tok}\"\npools = [\"prod\"]\n\n\
+         [[tokens.extra]]\nsecret_env = \"{a}_DEV\"\npools = [\"dev\"]\n\n\
+         [pool.prod]\nurl = \"ws://127.0.0.1:9/p\"\n[pool.dev]\nurl = \"ws://127.0.0.1:9/d\"\n\n\
+         [[account]]\nid = \"a\"\nkey_env = \"{b}\"\npool = \"prod\"\n"
+    );
+    std::env::set_var(format!("{a}_DEV"), "dev-token-secret-0123456789-0123456789");
+    let c = Config::from_toml_str(&base, Path::new("/")).unwrap();
+    assert_eq!(c.tokens.extra.len(), 1);
+    assert_eq!(c.tokens.extra[0].pools, ["dev"]);
+    let summary = c.summary();
+    assert!(
+        summary.contains("also verifies, for pools dev only"),
+        "{summary}"
+    );
+    assert!(!summary.contains("dev-token-secret"), "{summary}");
+    let p = problems(&base.replace("pools = [\"dev\"]\n", ""));
+    assert_has(&p, "tokens.extra[0].pools: missing");
+    let p = problems(&base.replace("pools = [\"dev\"]\n", "pools = [\"qa\"]\n"));
+    assert_has(&p, "tokens.extra[0].pools: \"qa\" is not a pool");
+    let p = problems(&base.replace(
+        &format!("secret_env = \"{a}_DEV\""),
+        &format!("secret_env = \"{tok}\""),
+    ));
+    assert_has(&p, "tokens.extra[0]: has the same secret as tokens.secret");
+}

@@ -169,6 +169,35 @@ pub(super) fn validate_tokens(t: &TokensConfig, p: &mut Problems) {
             }
         }
     }
+    let mut kids = vec![("tokens.secret".to_string(), crate::token::key_id(&t.secret))];
+    if let Some(prev) = &t.previous_secret {
+        kids.push(("tokens.previous_secret".into(), crate::token::key_id(prev)));
+    }
+    for (i, x) in t.extra.iter().enumerate() {
+        let key = format!("tokens.extra[{i}].pools");
+        if x.pools.is_empty() {
+            p.push(&key, "is empty: name the pools its tokens may use");
+        }
+        for name in &x.pools {
+            if !t.known_pools.contains(name) {
+                p.push(
+                    &key,
+                    format!(
+                        "{name:?} is not a pool (the file declares {})",
+                        t.known_pools.join(", ")
+                    ),
+                );
+            }
+        }
+        let kid = crate::token::key_id(&x.secret);
+        if let Some((other, _)) = kids.iter().find(|(_, k)| *k == kid) {
+            p.push(
+                &format!("tokens.extra[{i}]"),
+                format!("has the same secret as {other}: each secret is bound once"),
+            );
+        }
+        kids.push((format!("tokens.extra[{i}]"), kid));
+    }
     if t.previous_pools.is_some() && t.previous_secret.is_none() {
         p.push(
             "tokens.previous_pools",

@@ -409,3 +409,28 @@ fn a_secret_bound_to_pools_neither_mints_nor_verifies_others() {
     );
     assert!(!format!("{rotating:?}").contains(SECRET));
 }
+
+#[test]
+fn an_extra_secret_verifies_only_tokens_for_its_pools_and_never_signs() {
+    let dev = vec!["dev".to_string()];
+    let dev_backend = TokenKeys::new(&Secret::new(OLD), None, Duration::ZERO);
+    let relay = keys()
+        .bind_pools(Some(vec!["prod".into()]), None)
+        .with_extra(&Secret::new(OLD), dev.clone());
+    let ttl = Duration::from_secs(60);
+    let dev_token = dev_backend.mint_in("d", None, &dev, ttl, t(NOW)).unwrap();
+    assert_eq!(relay.verify(&dev_token, t(NOW)).unwrap().pools, dev);
+    let dev_for_prod = dev_backend
+        .mint_in("d", None, &["prod".into()], ttl, t(NOW))
+        .unwrap();
+    assert_eq!(
+        relay.verify(&dev_for_prod, t(NOW)),
+        Err(TokenError::PoolNotAllowed)
+    );
+    // The relay's own minting uses the current secret only.
+    let minted = relay
+        .mint_in("d", None, &["prod".into()], ttl, t(NOW))
+        .unwrap();
+    assert!(minted.starts_with(&format!("clio1.{}.", relay.current_kid())));
+    assert!(!format!("{relay:?}").contains(OLD));
+}

@@ -357,3 +357,42 @@ fn config_metrics_and_the_admin_api_show_each_pool() {
     assert!(body.contains("not one of this relay's pools"), "{body}");
     assert!(!body.contains("jp-key-1"), "{body}");
 }
+
+#[test]
+fn one_relay_takes_each_backends_secret_for_its_own_pools_only() {
+    // "us" plays production, "eu" development: the relay's own secret is
+    // bound to us, the development backend's secret (an extra one) to eu.
+    let (us, eu, mut cfg) = us_and_eu_config(|_| {});
+    cfg.tokens.pools = Some(vec!["us".into()]);
+    let dev_secret = secret();
+    cfg.tokens.extra = vec![clio_relay::config::ExtraSecret {
+        secret: dev_secret.clone(),
+        pools: vec!["eu".into()],
+    }];
+    let relay = Relay::start(cfg);
+    let dev_backend = TokenKeys::new(&dev_secret, None, Duration::from_secs(30));
+    let mint = |keys: &TokenKeys, pool: &str| {
+        keys.mint_in(
+            "d",
+            None,
+            &[pool.to_string()],
+            Duration::from_secs(600),
+            SystemTime::now(),
+        )
+        .unwrap()
+    };
+    let got = session(&relay, &mint(&dev_backend, "eu"));
+    assert!(got.finished() && got.error_code().is_none(), "{got:?}");
+    assert!(eu.wait_for(LIMIT, |s| s.len() == 1 && s[0].closed));
+    // The development secret cannot open a production stream.
+    let (status, body) = refused_upgrade(connect(
+        relay.addr(),
+        &mint(&dev_backend, "us"),
+        Via::Header,
+    ));
+    assert_eq!(status, 401, "{body}");
+    let got = session(&relay, &token(&relay, "prod", &["us"]));
+    assert!(got.finished(), "{got:?}");
+    assert!(us.wait_for(LIMIT, |s| s.len() == 1 && s[0].closed));
+    assert_eq!(eu.sessions().len(), 1);
+}
