@@ -3,6 +3,7 @@
 //! | alert | fires when |
 //! |---|---|
 //! | `account_near_concurrency` | an account's live streams reach `concurrency_ratio` of its limit |
+//! | `pool_near_concurrency` | a pool's live streams reach `concurrency_ratio` of what its enabled accounts carry (its streams cannot go to another pool) |
 //! | `account_near_budget` | an account's cost this month reaches `budget_ratio` of its monthly budget |
 //! | `unusual_usage` | a device or account streamed, in the current hour, `unusual_factor` × its average hour of the previous 24 (and at least `unusual_min_audio_seconds`); never without a baseline (no audio in the previous 24 hours) |
 //! | `high_error_rate` | upstream and internal errors reach `error_rate` of the streams started in the last window (once `error_min_streams` started) |
@@ -147,6 +148,21 @@ pub(super) async fn evaluate(admin: &Admin) {
                     });
                 }
             }
+        }
+    }
+    // Concurrency per pool: a pool's streams never spill into another, so a
+    // full pool refuses streams while others have room.
+    let ring = admin.process.ring();
+    for v in super::pools::views(&admin.pools, &ring, std::time::Instant::now()) {
+        let max = v.max_concurrent_streams;
+        let live = u64::from(v.live_streams);
+        if max > 0 && live as f64 >= cfg.concurrency_ratio * max as f64 {
+            found.push(Finding {
+                alert: "pool_near_concurrency",
+                subject: v.name.clone(),
+                value: live as f64 / max as f64,
+                threshold: cfg.concurrency_ratio,
+            });
         }
     }
     // The fleet's shared store, seen from this node.

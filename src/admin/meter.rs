@@ -48,7 +48,10 @@ pub(super) fn month_audio(admin: &Admin) -> HashMap<String, u64> {
         .collect()
 }
 
-/// `GET /admin/usage?from=YYYY-MM-DD&to=YYYY-MM-DD&group_by=account|device&scope=fleet|node`.
+/// `GET /admin/usage?from=YYYY-MM-DD&to=YYYY-MM-DD&group_by=account|device|pool&scope=fleet|node`.
+///
+/// `group_by=pool` sums the accounts' rows (and costs) by each account's
+/// pool.
 ///
 /// In a fleet (`[cluster]`), `rows` are the fleet's totals and `nodes` each
 /// node's share, read from Redis; `scope=node`, or Redis unreachable (then
@@ -71,20 +74,28 @@ pub(super) async fn usage(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
         (Err(e), _) | (_, Err(e)) => return e,
         _ => return http::json_error(400, "from is after to"),
     };
+    let by_pool = q("group_by") == Some("pool");
     let group = match q("group_by") {
-        None | Some("account") => GroupBy::Account,
+        None | Some("account") | Some("pool") => GroupBy::Account,
         Some("device") => GroupBy::Device,
-        Some(_) => return http::json_error(400, "group_by: account or device"),
+        Some(_) => return http::json_error(400, "group_by: account, device or pool"),
     };
     let fleet_scope = match q("scope") {
         None | Some("fleet") => true,
         Some("node") => false,
         Some(_) => return http::json_error(400, "scope: fleet or node"),
     };
-    let group_name = if group == GroupBy::Account {
-        "account"
-    } else {
-        "device"
+    let group_name = match group {
+        _ if by_pool => "pool",
+        GroupBy::Account => "account",
+        _ => "device",
+    };
+    let rows_of = |totals: &std::collections::BTreeMap<String, crate::usage::Totals>| {
+        if by_pool {
+            pool_rows(admin, totals)
+        } else {
+            usage_rows(admin, totals, group)
+        }
     };
     let currency = admin.usage_cfg.borrow().currency.clone();
     let mut body = json!({"from": format_day(from), "to": format_day(to), "group_by": group_name, "currency": currency});
@@ -98,7 +109,7 @@ pub(super) async fn usage(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
             body["scope"] = json!("fleet");
             body["nodes"] = by_node
                 .iter()
-                .map(|(node, totals)| (node.clone(), usage_rows(admin, totals, group)))
+                .map(|(node, totals)| (node.clone(), rows_of(totals)))
                 .collect::<serde_json::Map<_, _>>()
                 .into();
             crate::cluster::usage::fleet_totals(&by_node)
@@ -117,8 +128,63 @@ pub(super) async fn usage(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
     if let Some(f) = &fleet {
         body["node"] = json!(f.node_id);
     }
-    body["rows"] = usage_rows(admin, &rows, group);
+    body["rows"] = rows_of(&rows);
     http::response(200, "application/json", "", body.to_string().as_bytes())
+}
+
+/// `/admin/usage?group_by=pool` rows: the accounts' rows summed by pool,
+/// with their cost. An account's pool is the one it has now (or in the
+/// config file); an account gone from both is under `-`.
+fn pool_rows(
+    admin: &Admin,
+    totals: &std::collections::BTreeMap<String, crate::usage::Totals>,
+) -> serde_json::Value {
+    let accounts = admin.accounts.borrow();
+    let configs = admin.account_configs.borrow();
+    let prices = admin.prices.borrow();
+    let mut pools: std::collections::BTreeMap<String, (crate::usage::Totals, f64, f64)> =
+        Default::default();
+    for (account, t) in totals {
+        let pool = accounts
+            .get(account)
+            .map(|e| e.state.pool.clone())
+            .or_else(|| {
+                configs
+                    .iter()
+                    .find(|c| &c.id == account)
+                    .map(|c| c.pool.clone())
+            })
+            .unwrap_or_else(|| "-".to_string());
+        let p = prices.get(account).copied().unwrap_or_default();
+        let (sum, cost_sum, budget) = pools.entry(pool).or_default();
+        sum.streams += t.streams;
+        sum.audio_ms += t.audio_ms;
+        sum.audio_ms_relay += t.audio_ms_relay;
+        sum.bytes_up += t.bytes_up;
+        sum.bytes_down += t.bytes_down;
+        for (code, n) in &t.errors {
+            *sum.errors.entry(*code).or_default() += n;
+        }
+        *cost_sum += cost(t.audio_ms, p.per_hour);
+        *budget += p.monthly_budget;
+    }
+    pools
+        .into_iter()
+        .map(|(pool, (t, cost, budget))| {
+            json!({
+                "key": pool,
+                "streams": t.streams,
+                "audio_seconds": t.audio_ms as f64 / 1000.0,
+                "audio_seconds_relay_meter": t.audio_ms_relay as f64 / 1000.0,
+                "bytes_up": t.bytes_up,
+                "bytes_down": t.bytes_down,
+                "errors": t.errors,
+                "cost": cost,
+                "monthly_budget": budget,
+            })
+        })
+        .collect::<Vec<_>>()
+        .into()
 }
 
 /// `/admin/usage` rows: one per account or device, accounts with their cost.

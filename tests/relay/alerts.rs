@@ -88,6 +88,9 @@ fn concurrency_and_budget_alerts_fire_and_resolve_with_a_webhook() {
         ),
         (Some("a"), Some("/hooks/clio"), Some("clio-relay"))
     );
+    // The account is its pool's only one: the pool is as full.
+    let pool = next(&rx, "pool_near_concurrency", "firing");
+    assert_eq!(pool["subject"], "default", "{pool}");
     let (_, metrics) = http(relay.handle.admin_addr, "GET", "/metrics", None, None);
     assert!(
         metrics.contains(

@@ -396,3 +396,55 @@ fn one_relay_takes_each_backends_secret_for_its_own_pools_only() {
     assert!(us.wait_for(LIMIT, |s| s.len() == 1 && s[0].closed));
     assert_eq!(eu.sessions().len(), 1);
 }
+
+#[test]
+fn usage_and_cost_sum_by_pool() {
+    const ADMIN: &str = "pools-usage-token-0123456789";
+    let (_us, _eu, mut cfg) = us_and_eu_config(|_| {});
+    cfg.admin.token = Some(Secret::new(ADMIN));
+    for a in &mut cfg.accounts {
+        a.price_per_hour = 3.6; // 0.001 per second of audio
+    }
+    let relay = Relay::start(cfg);
+    // 2 s of audio in eu over two streams, 1 s in us.
+    for (pool, frames) in [("eu", 10), ("eu", 10), ("us", 10)] {
+        let got = session_of(&relay, &token(&relay, "d", &[pool]), frames);
+        assert!(got.finished(), "{got:?}");
+    }
+    let usage = || -> serde_json::Value {
+        let (status, body) = http(
+            relay.handle.admin_addr,
+            "GET",
+            "/admin/usage?group_by=pool",
+            Some(ADMIN),
+            None,
+        );
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    };
+    assert!(wait_until(LIMIT, || usage()["rows"]
+        .as_array()
+        .is_some_and(|r| r
+            .iter()
+            .map(|r| r["streams"].as_u64().unwrap())
+            .sum::<u64>()
+            == 3)));
+    let v = usage();
+    assert_eq!(v["group_by"], "pool");
+    let row = |k: &str| {
+        v["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["key"] == k)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(row("eu")["streams"], 2, "{v}");
+    assert_eq!(row("eu")["audio_seconds"].as_f64(), Some(2.0), "{v}");
+    assert!(
+        (row("eu")["cost"].as_f64().unwrap() - 0.002).abs() < 1e-9,
+        "{v}"
+    );
+    assert_eq!(row("us")["audio_seconds"].as_f64(), Some(1.0), "{v}");
+}
