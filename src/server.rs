@@ -260,6 +260,12 @@ impl RelayHandle {
         if cfg.upstream != old.upstream {
             kept.push("[upstream] (restart to change)".to_string());
         }
+        if cfg.pools != old.pools {
+            kept.push(
+                "[pool.NAME] (restart to change; accounts of a pool this relay does not have are not added)"
+                    .to_string(),
+            );
+        }
         let (tx, rx) = async_channel::bounded(1);
         self.admin_tx
             .try_send(AdminMsg::Reload(Box::new(cfg.clone()), tx))

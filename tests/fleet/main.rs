@@ -14,6 +14,7 @@ mod haproxy;
 mod leases;
 mod limits;
 mod outage;
+mod pools;
 mod process;
 mod usage;
 

@@ -448,3 +448,37 @@ fn usage_and_cost_sum_by_pool() {
     );
     assert_eq!(row("us")["audio_seconds"].as_f64(), Some(1.0), "{v}");
 }
+
+#[test]
+fn a_reload_moves_accounts_between_pools_but_adds_no_pool() {
+    let (_us, eu, cfg) = us_and_eu_config(|_| {});
+    let relay = Relay::start(cfg.clone());
+    let mut next = cfg.clone();
+    next.accounts[2].pool = "us".into(); // eu-2 moves to us
+    next.pools.push(PoolConfig {
+        name: "jp".into(),
+        url: eu.url(),
+        rest_url: None,
+    });
+    let mut jp = AccountConfig::new("jp-1", Secret::new("jp-key-1"));
+    jp.pool = "jp".into();
+    next.accounts.push(jp);
+    let log = relay.handle.reload(&next).unwrap();
+    let has = |needle: &str| log.iter().any(|l| l.contains(needle));
+    assert!(has("moved eu-2 to pool us"), "{log:?}");
+    assert!(has("not added jp-1"), "{log:?}");
+    assert!(has("unchanged: [pool.NAME]"), "{log:?}");
+    let pools: Vec<(String, String)> = relay
+        .handle
+        .process
+        .accounts()
+        .iter()
+        .map(|a| (a.id.clone(), a.pool.clone()))
+        .collect();
+    assert!(pools.contains(&("eu-2".into(), "us".into())), "{pools:?}");
+    assert!(!pools.iter().any(|(id, _)| id == "jp-1"), "{pools:?}");
+    // eu-1 is now eu's only account: a second EU stream is refused.
+    let _held = hold(&relay, &token(&relay, "eu-a", &["eu"]));
+    assert!(eu.wait_for(LIMIT, |s| s.len() == 1 && s[0].audio_frames == 1));
+    assert_error_frame(&session(&relay, &token(&relay, "eu-b", &["eu"])), 429, 1013);
+}

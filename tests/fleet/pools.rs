@@ -1,0 +1,96 @@
+//! Account pools across a fleet: the shared account set carries each
+//! account's pool, and the fleet-wide choice of account stays inside the
+//! token's pools (full pool: 429, never an account of another pool).
+
+use std::time::{Duration, SystemTime};
+
+use clio_relay::config::{AccountConfig, PoolConfig};
+use clio_relay::secret::Secret;
+use clio_relay::token::TokenKeys;
+use tungstenite::Message;
+
+use crate::redis::RedisServer;
+use crate::util::*;
+use crate::ADMIN;
+
+const US: &str = "soniox-key-us-1111-fleet";
+const EU1: &str = "soniox-key-eu-2222-fleet";
+const EU2: &str = "soniox-key-eu-3333-fleet";
+
+fn eu_token(relay: &Relay, device: &str) -> String {
+    TokenKeys::from_config(&relay.cfg.tokens)
+        .mint_in(
+            device,
+            None,
+            &["eu".into()],
+            Duration::from_secs(600),
+            SystemTime::now(),
+        )
+        .unwrap()
+}
+
+/// Opens an EU stream on `relay` and keeps it live.
+fn hold(relay: &Relay, device: &str) -> Ws {
+    let (mut ws, _) = connect(relay.addr(), &eu_token(relay, device), Via::Header).unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    ws.send(Message::binary(audio_frames(1, 1).remove(0)))
+        .unwrap();
+    ws
+}
+
+#[test]
+fn the_fleet_keeps_each_pools_streams_in_the_pool() {
+    let redis = RedisServer::start();
+    let us = fake(&[US], |_| {});
+    let eu = fake(&[EU1, EU2], |_| {});
+    let eu_url = eu.url();
+    let (a, b) = crate::pair(&us, &redis, US, |cfg| {
+        cfg.pools = vec![PoolConfig {
+            name: "eu".into(),
+            url: eu_url,
+            rest_url: None,
+        }];
+        let mut eu1 = AccountConfig::new("eu-1", Secret::new(EU1));
+        eu1.pool = "eu".into();
+        eu1.max_concurrent_streams = 1;
+        cfg.accounts.push(eu1);
+    });
+    // An EU account added on A reaches B with its pool.
+    let (status, body) = http(
+        a.handle.admin_addr,
+        "POST",
+        "/admin/accounts",
+        Some(ADMIN),
+        Some(&format!(
+            r#"{{"id":"eu-2","key":"{EU2}","pool":"eu","max_concurrent_streams":1}}"#
+        )),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(wait_until(Duration::from_secs(10), || b
+        .handle
+        .process
+        .accounts()
+        .iter()
+        .any(|x| x.id == "eu-2" && x.pool == "eu")));
+    // One EU stream on each node fills both EU accounts fleet-wide; a third,
+    // on either node, is refused while the US account (limit 50) is idle.
+    let _one = hold(&b, "eu-one");
+    let _two = hold(&a, "eu-two");
+    assert!(eu.wait_for(Duration::from_secs(10), |s| s.len() == 2
+        && s.iter().all(|r| r.audio_frames == 1)));
+    let keys: Vec<_> = eu.sessions().iter().filter_map(|s| s.key.clone()).collect();
+    assert!(
+        keys.contains(&EU1.to_string()) && keys.contains(&EU2.to_string()),
+        "{keys:?}"
+    );
+    for relay in [&a, &b] {
+        let (mut ws, _) = connect(relay.addr(), &eu_token(relay, "eu-three"), Via::Header).unwrap();
+        let got = stream_session(&mut ws, &config_message(None), &audio_frames(1, 1));
+        assert_error_frame(&got, 429, 1013);
+    }
+    assert!(
+        us.sessions().is_empty(),
+        "EU streams went to the US: {:?}",
+        us.sessions()
+    );
+}
