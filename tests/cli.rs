@@ -79,3 +79,47 @@ fn fake_soniox_help_points_at_what_a_user_has() {
     assert!(!t.contains("clio_relay::"), "{t}");
     assert!(t.contains("README.md"), "{t}");
 }
+
+#[test]
+fn mint_token_refuses_a_pool_its_secret_is_not_bound_to() {
+    let dir = std::env::temp_dir().join(format!("clio-relay-cli-pools-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    const SECRET: &str = "dev-secret-for-the-cli-test-0123456789";
+    std::fs::write(dir.join("secret"), SECRET).unwrap();
+    let config = dir.join("dev.toml");
+    std::fs::write(
+        &config,
+        "[tokens]\nsecret_file = \"secret\"\npools = [\"dev\"]\n\n\
+         [pool.dev]\nurl = \"ws://127.0.0.1:7301/transcribe-websocket\"\n\
+         [pool.prod]\nurl = \"wss://stt-rt.soniox.com/transcribe-websocket\"\n",
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let mint = |pool: &str| {
+        run(
+            RELAY,
+            &[
+                "mint-token",
+                "--config",
+                config,
+                "--device",
+                "phone-1",
+                "--pool",
+                pool,
+            ],
+        )
+    };
+    let o = mint("prod");
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(o.stdout.is_empty(), "{}", text(&o));
+    assert!(
+        text(&o).contains("binds the token secret to pools dev: it cannot mint a token for prod"),
+        "{}",
+        text(&o)
+    );
+    assert!(!text(&o).contains(SECRET));
+    let o = mint("dev");
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with("clio1."));
+    std::fs::remove_dir_all(&dir).ok();
+}
