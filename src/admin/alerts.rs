@@ -4,7 +4,7 @@
 //! |---|---|
 //! | `account_near_concurrency` | an account's live streams reach `concurrency_ratio` of its limit |
 //! | `pool_near_concurrency` | a pool's live streams reach `concurrency_ratio` of what its enabled accounts carry (its streams cannot go to another pool) |
-//! | `account_near_budget` | an account's cost this month reaches `budget_ratio` of its monthly budget |
+//! | `account_near_budget` | an account's cost this month (in a fleet, the fleet's) reaches `budget_ratio` of its monthly budget |
 //! | `unusual_usage` | a device or account streamed, in the current hour, `unusual_factor` × its average hour of the previous 24 (and at least `unusual_min_audio_seconds`); never without a baseline (no audio in the previous 24 hours) |
 //! | `high_error_rate` | upstream and internal errors reach `error_rate` of the streams started in the last window (once `error_min_streams` started) |
 //! | `slow_first_result` | p99 time to first result in the last window is over `slow_first_result` |
@@ -120,8 +120,20 @@ struct Finding {
 pub(super) async fn evaluate(admin: &Admin) {
     let cfg = admin.usage_cfg.borrow().alerts.clone();
     let mut found: Vec<Finding> = Vec::new();
-    // Concurrency and budget, per account.
-    let month = meter::month_audio(admin);
+    // Concurrency and budget, per account. In a fleet the budget is the
+    // fleet's: this month's audio of every node (this node's own while
+    // Redis is unreachable).
+    let mut month = meter::month_audio(admin);
+    if let Some(f) = admin.process.fleet.get().filter(|f| f.store_up()) {
+        let today = crate::devices::utc_day(SystemTime::now());
+        let from = crate::usage::month_start(today);
+        if let Ok(by_node) = f.usage(from, today, crate::usage::GroupBy::Account).await {
+            month = crate::cluster::usage::fleet_totals(&by_node)
+                .into_iter()
+                .map(|(k, t)| (k, t.audio_ms))
+                .collect();
+        }
+    }
     {
         let prices = admin.prices.borrow();
         for e in admin.accounts.borrow().entries() {

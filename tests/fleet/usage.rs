@@ -187,3 +187,30 @@ fn a_usage_batch_sent_twice_counts_once() {
     assert_eq!(send(&mut con, "p-2"), 1);
     assert_eq!(read(GroupBy::Account)["node-x"]["a"].streams, 2);
 }
+
+/// A monthly budget holds for the fleet: two nodes each under it, together
+/// over it, fire `account_near_budget` on both.
+#[test]
+fn the_budget_alert_counts_the_fleets_usage() {
+    let redis = RedisServer::start();
+    let fake = fake(&["k1"], |_| {});
+    let (a, b) = crate::pair(&fake, &redis, "k1", |c| {
+        // Cost = audio seconds; 3 s per node is under 0.9 × 6, 6 s is not.
+        c.accounts[0].price_per_hour = 3600.0;
+        c.accounts[0].monthly_budget = 6.0;
+        c.usage.alerts.interval = Duration::from_millis(100);
+    });
+    let firing = |relay: &Relay| {
+        http(relay.handle.admin_addr, "GET", "/metrics", None, None)
+            .1
+            .contains("clio_relay_alerts_firing{alert=\"account_near_budget\",subject=\"a\"} 1")
+    };
+    for relay in [&a, &b] {
+        let (mut ws, _) = connect(relay.addr(), &relay.token("phone"), Via::Header).unwrap();
+        assert!(stream_session(&mut ws, &config_message(None), &audio_frames(30, 1)).finished());
+    }
+    assert!(
+        wait_until(Duration::from_secs(20), || firing(&a) && firing(&b)),
+        "the fleet's 6 s reach the budget on every node"
+    );
+}
