@@ -149,5 +149,8 @@ fn a_revocation_on_one_node_refuses_and_ends_streams_on_another() {
         Some(r#"{"device_id":"lost-phone"}"#),
     );
     assert_eq!(status, 200);
-    assert!(refused(&a, &token).error_code().is_none());
+    // A applies the lift at its next poll (every 200 ms).
+    assert!(wait_until(Duration::from_secs(5), || refused(&a, &token)
+        .error_code()
+        .is_none()));
 }
