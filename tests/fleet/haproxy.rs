@@ -31,7 +31,12 @@ impl HaProxy {
         let mut cfg = String::new();
         for line in shipped.lines() {
             let t = line.trim_start();
-            if t.starts_with("server ") || t.starts_with("log stdout") {
+            if t.starts_with("server ") {
+                continue;
+            }
+            if t.starts_with("log stdout") {
+                // One line per stream, kept for the failure messages.
+                cfg.push_str("    log stderr format raw local0 info\n");
                 continue;
             }
             if t.starts_with("maxconn") {
@@ -80,6 +85,24 @@ impl HaProxy {
     }
 }
 
+impl HaProxy {
+    /// HAProxy's log lines of streams that did not get their upgrade (101),
+    /// or were retried: what to look at when a stream failed.
+    fn trouble(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.join("haproxy.log")).unwrap_or_default();
+        let odd: Vec<&str> = log
+            .lines()
+            .filter(|l| !l.contains(" 101 ") || l.contains("+1/") || l.contains("/+"))
+            .collect();
+        format!(
+            "haproxy: {} of {} lines not a plain 101:\n{}",
+            odd.len(),
+            log.lines().count(),
+            odd.join("\n")
+        )
+    }
+}
+
 impl Drop for HaProxy {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -124,11 +147,13 @@ fn failed(r: &serde_json::Value) -> u64 {
         .map_or(0, |m| m.values().filter_map(|v| v.as_u64()).sum())
 }
 
-// Heavy (1,300 streams, about 35 s here) and, run beside the other tests
-// on a loaded 2-core machine, it failed one drain run in three: run it on
-// its own with `cargo test --test fleet -- --ignored`.
+// 1,300 streams, about 20 s here. It was once #[ignore]d after a failed
+// stream in the drain run, seen beside the other tests before the drain
+// closed its listeners ahead of refusing (and before the data plane); it
+// did not recur in 10 runs since (alone, beside the whole fleet suite, and
+// beside the relay suite). A failure prints HAProxy's line for every stream
+// that was not a plain 101, with its retries and termination state.
 #[test]
-#[ignore = "heavy: cargo test --test fleet -- --ignored"]
 fn haproxy_spreads_streams_and_a_draining_node_loses_none() {
     let redis = RedisServer::start();
     let fake = fake(&[], |c| {
@@ -161,14 +186,14 @@ fn haproxy_spreads_streams_and_a_draining_node_loses_none() {
             "60s",
         ],
     ));
-    assert_eq!(r["streams_ok"], 1000, "{r}");
-    assert_eq!(failed(&r), 0, "{r}");
-    assert_eq!(r["lost"], 0, "{r}");
+    assert_eq!(r["streams_ok"], 1000, "{r}\n{}", lb.trouble());
+    assert_eq!(failed(&r), 0, "{r}\n{}", lb.trouble());
+    assert_eq!(r["lost"], 0, "{r}\n{}", lb.trouble());
     let (on_a, on_b) = (
         a.handle.metrics().streams_total(),
         b.handle.metrics().streams_total(),
     );
-    assert_eq!(on_a + on_b, 1000);
+    assert_eq!(on_a + on_b, 1000, "{}", lb.trouble());
     assert!(
         on_a > 0 && on_b > 0,
         "both nodes took streams: {on_a} / {on_b}"
@@ -202,14 +227,15 @@ fn haproxy_spreads_streams_and_a_draining_node_loses_none() {
     });
     let (cut, r) = drained;
     assert_eq!(cut, 0, "A's live streams finished within the drain");
-    assert_eq!(r["streams_ok"], 300, "{r}");
-    assert_eq!(failed(&r), 0, "{r}");
-    assert_eq!(r["lost"], 0, "{r}");
     let b_after = b.handle.metrics().streams_total();
+    assert_eq!(r["streams_ok"], 300, "{r}\n{}", lb.trouble());
+    assert_eq!(failed(&r), 0, "{r}\n{}", lb.trouble());
+    assert_eq!(r["lost"], 0, "{r}\n{}", lb.trouble());
     assert!(b_after > on_b, "the drained node's share went to the other");
     assert_eq!(
         a.handle.metrics().streams_total() + b_after,
         1300,
-        "every stream was served once"
+        "every stream was served once\n{}",
+        lb.trouble()
     );
 }
