@@ -337,7 +337,7 @@ impl Worker {
     /// Leaves the fleet: this node's lease and counts are deleted, so its
     /// streams stop counting now rather than after the lease ends.
     fn leave(&mut self) {
-        if let Err(e) = self.flush_usage() {
+        if let Err(e) = self.flush_usage(usage::FLUSH_CHUNKS) {
             tracing::warn!(error = %e, "this node's last usage is not in the fleet's totals (its own ledger has it)");
         }
         let Some(con) = self.con.as_mut() else { return };
@@ -369,19 +369,19 @@ impl Worker {
         }
         self.pipeline(rest);
         if !flushes.is_empty() {
-            let r = self.flush_usage();
+            let r = self.flush_usage(usage::FLUSH_CHUNKS);
             for reply in flushes {
                 let _ = reply.try_send(r.clone());
             }
         }
     }
 
-    /// Adds the usage waiting to Redis: the batch sent but not answered
-    /// first (same id: the script skips it if it was added), then new
-    /// batches of at most [`usage::CHUNK`] entries.
-    fn flush_usage(&mut self) -> Result<(), String> {
+    /// Adds the usage waiting to Redis, in at most `chunks` calls: the
+    /// batch sent but not answered first (same id: the script skips it if
+    /// it was added), then new batches of at most [`usage::CHUNK`] entries.
+    fn flush_usage(&mut self, chunks: usize) -> Result<(), String> {
         self.last_usage = Instant::now();
-        for _ in 0..usage::FLUSH_CHUNKS {
+        for _ in 0..chunks {
             if self.usage_sent.is_none() {
                 if self.usage.is_empty() {
                     return Ok(());
@@ -596,9 +596,12 @@ impl Worker {
         if self.last_audio.elapsed() >= AUDIO_FLUSH {
             self.flush_audio();
         }
+        // One batch per pass, so stream opens queued meanwhile wait for one
+        // call at most; a backlog (after an outage) goes out a batch a pass.
         let usage_waits = !self.usage.is_empty() || self.usage_sent.is_some();
-        if usage_waits && self.last_usage.elapsed() >= AUDIO_FLUSH {
-            let _ = self.flush_usage();
+        let backlog = self.usage.len() >= usage::CHUNK || self.usage_sent.is_some();
+        if usage_waits && (backlog || self.last_usage.elapsed() >= AUDIO_FLUSH) {
+            let _ = self.flush_usage(1);
         }
     }
 
