@@ -398,18 +398,18 @@ pub fn start(index: usize, setup: ShardSetup) -> std::io::Result<ShardHandle> {
         Some(cpu) => Placement::Fixed(cpu),
         None => Placement::Unbound,
     };
-    let wake = crate::uring::Wake::from_env();
+    let waiting = crate::uring::Waiting::from_env();
     let mut builder = LocalExecutorBuilder::new(placement);
     builder = builder
         .name(&format!("clio-shard-{index}"))
         .io_memory(IO_MEMORY)
         .ring_depth(RING_DEPTH);
-    if wake == crate::uring::Wake::Ring {
+    if waiting.wake == crate::uring::Wake::Ring {
         // glommio's own loop gets a pass at least this often (see `uring`).
         builder = builder.preempt_timer(crate::uring::PASS_INTERVAL);
     }
     let join = builder.spawn(move || async move {
-        let plane = match crate::uring::Plane::new() {
+        let plane = match crate::uring::Plane::new(waiting) {
             Ok(p) => p,
             Err(e) => {
                 let _ = ready_tx.send(Err(e));
@@ -418,7 +418,7 @@ pub fn start(index: usize, setup: ShardSetup) -> std::io::Result<ShardHandle> {
         };
         crate::uring::install(plane.clone());
         let plane_stop = Rc::new(Cell::new(false));
-        glommio::spawn_local(crate::uring::drive(plane.clone(), wake, plane_stop.clone())).detach();
+        glommio::spawn_local(crate::uring::drive(plane.clone(), plane_stop.clone())).detach();
         let listener =
             match crate::io::stream_listener(setup.listen_fd.as_deref(), setup.listen, true) {
                 Ok(l) => l,

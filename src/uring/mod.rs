@@ -16,7 +16,7 @@
 //!
 //! [`drive`] is one task per shard. It drains the completion queue in a
 //! batch, marks sockets ready and wakes their tasks, then lets them run.
-//! When nothing is left to do it sleeps, in one of two ways ([`Wake`]):
+//! When nothing is left to do it sleeps, as [`Waiting`] says:
 //!
 //! - [`Wake::Ring`] (the default): the shard thread sleeps in this ring's
 //!   `io_uring_enter`, like nginx in `epoll_wait`, for at most
@@ -25,6 +25,16 @@
 //!   timer says so, which this task checks between batches; the shard is
 //!   built with `preempt_timer(PASS_INTERVAL)`. glommio's per-sleep timer
 //!   churn and `membarrier` are then paid once per pass, not once per frame.
+//!   The ring is made with `IORING_SETUP_DEFER_TASKRUN`: a socket's
+//!   readiness is queued as deferred work that this thread collects when it
+//!   enters the ring (the ring's `IORING_SQ_TASKRUN` flag says when there is
+//!   some), instead of interrupting the thread once per event. A sleep
+//!   carries a batch window (`min_wait_usec`, kernel 6.13): events that
+//!   arrive while the shard sleeps gather for up to
+//!   [`Waiting::batch_window`] and are handled in one wake-up; after a quiet
+//!   window the next event wakes the shard at once. At real-time load most
+//!   wake-ups served one event; the window trades at most that long of
+//!   added latency for fewer wake-ups (benches/README.md has the A/B).
 //! - [`Wake::Eventfd`]: an eventfd is registered with the ring, and the task
 //!   waits for it with a glommio read, so glommio sleeps as usual. Kept for
 //!   the A/B in benches/README.md.
@@ -80,14 +90,63 @@ pub enum Wake {
     Eventfd,
 }
 
-impl Wake {
-    /// `CLIO_RELAY_DATAPLANE_WAKE=eventfd` picks [`Wake::Eventfd`] (for A/B
-    /// runs); anything else, or nothing, [`Wake::Ring`].
-    pub fn from_env() -> Wake {
-        match std::env::var("CLIO_RELAY_DATAPLANE_WAKE").as_deref() {
-            Ok("eventfd") => Wake::Eventfd,
-            _ => Wake::Ring,
+/// How a shard's data plane waits for its sockets. The defaults are what
+/// benches/README.md measured best; the environment variables exist for
+/// the A/B runs recorded there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Waiting {
+    /// Where the shard sleeps (`CLIO_RELAY_DATAPLANE_WAKE=eventfd` for
+    /// [`Wake::Eventfd`]).
+    pub wake: Wake,
+    /// The kernel keeps readiness events as deferred work until the shard
+    /// asks for them (`IORING_SETUP_DEFER_TASKRUN`), instead of
+    /// interrupting the shard for each one. Only with [`Wake::Ring`]: the
+    /// events must be collected by the thread that sleeps in the ring.
+    /// `CLIO_RELAY_DATAPLANE_DEFER=0` turns it off.
+    pub defer: bool,
+    /// Once asleep, the shard waits up to this long for events to gather
+    /// before it wakes for the first (the ring's `min_wait_usec`); an
+    /// event after a quiet window still wakes it at once.
+    /// `CLIO_RELAY_DATAPLANE_BATCH_US`; 0 wakes on every event.
+    pub batch_window: Duration,
+}
+
+impl Default for Waiting {
+    fn default() -> Self {
+        Waiting {
+            wake: Wake::Ring,
+            defer: true,
+            batch_window: DEFAULT_BATCH_WINDOW,
         }
+    }
+}
+
+/// See [`Waiting::batch_window`].
+pub const DEFAULT_BATCH_WINDOW: Duration = Duration::from_micros(100);
+
+/// Events a sleeping shard waits for before the batch window is up.
+const WAKE_BATCH: usize = 64;
+
+impl Waiting {
+    /// The defaults, changed by the `CLIO_RELAY_DATAPLANE_*` variables.
+    pub fn from_env() -> Waiting {
+        let mut w = Waiting::default();
+        if std::env::var("CLIO_RELAY_DATAPLANE_WAKE").as_deref() == Ok("eventfd") {
+            w.wake = Wake::Eventfd;
+        }
+        if std::env::var("CLIO_RELAY_DATAPLANE_DEFER").as_deref() == Ok("0") {
+            w.defer = false;
+        }
+        if let Some(us) = std::env::var("CLIO_RELAY_DATAPLANE_BATCH_US")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            w.batch_window = Duration::from_micros(us);
+        }
+        if w.wake == Wake::Eventfd {
+            w.defer = false;
+        }
+        w
     }
 }
 
@@ -136,6 +195,9 @@ impl Token {
 /// A shard's data-plane ring and the sockets registered with it.
 pub struct Plane {
     ring: RefCell<IoUring>,
+    waiting: Waiting,
+    /// The kernel takes a batch window in its wait (`IORING_FEAT_MIN_TIMEOUT`, 6.13).
+    min_timeout: bool,
     slots: RefCell<Vec<Slot>>,
     free: RefCell<Vec<u32>>,
     /// SQEs queued since the last submit.
@@ -179,20 +241,26 @@ pub fn install(plane: Rc<Plane>) {
 
 impl Plane {
     /// A data-plane ring with the default sizes.
-    pub fn new() -> io::Result<Rc<Plane>> {
-        Plane::with_sizes(SQ_ENTRIES, CQ_ENTRIES)
+    pub fn new(waiting: Waiting) -> io::Result<Rc<Plane>> {
+        Plane::with_sizes(SQ_ENTRIES, CQ_ENTRIES, waiting)
     }
 
     /// A ring of `sq` submission and `cq` completion entries (tests use a
     /// small completion queue to make the kernel end multishot polls).
-    pub fn with_sizes(sq: u32, cq: u32) -> io::Result<Rc<Plane>> {
-        let ring = IoUring::builder()
-            .setup_cqsize(cq)
-            .setup_clamp()
-            .setup_single_issuer()
-            .build(sq)?;
+    pub fn with_sizes(sq: u32, cq: u32, waiting: Waiting) -> io::Result<Rc<Plane>> {
+        let mut builder = IoUring::builder();
+        builder.setup_cqsize(cq).setup_clamp().setup_single_issuer();
+        if waiting.defer {
+            // Readiness events wait as deferred work, flagged in the SQ
+            // ring, until this thread enters the ring to collect them.
+            builder.setup_defer_taskrun().setup_taskrun_flag();
+        }
+        let ring = builder.build(sq)?;
+        let min_timeout = ring.params().is_feature_min_timeout();
         Ok(Rc::new(Plane {
             ring: RefCell::new(ring),
+            waiting,
+            min_timeout,
             slots: RefCell::new(Vec::new()),
             free: RefCell::new(Vec::new()),
             unsubmitted: Cell::new(false),
@@ -287,6 +355,12 @@ impl Plane {
             }
             let _ = ring.submit();
         }
+        if self.waiting.wake == Wake::Eventfd {
+            // The driver may be asleep in glommio, waiting for a completion
+            // this request would bring: hand it to the kernel now.
+            let _ = ring.submit();
+            return;
+        }
         self.unsubmitted.set(true);
     }
 
@@ -352,9 +426,10 @@ impl Plane {
             let mut slots = self.slots.borrow_mut();
             let mut to_wake = self.to_wake.borrow_mut();
             let (submitter, sq, mut cq) = ring.split();
-            if sq.cq_overflow() {
-                // The kernel kept completions the queue had no room for
-                // (`IORING_FEAT_NODROP`): have them moved in.
+            if sq.cq_overflow() || sq.taskrun() {
+                // Readiness events wait as deferred work (the ring flags
+                // them), or the kernel kept completions the queue had no
+                // room for (`IORING_FEAT_NODROP`): one enter posts them all.
                 let _ = submitter.submit_and_wait(0);
                 cq.sync();
             }
@@ -440,14 +515,22 @@ impl Plane {
         handled
     }
 
-    /// Submits what is queued and sleeps until a completion arrives or
-    /// `limit` passes.
+    /// Submits what is queued and sleeps until completions arrive or
+    /// `limit` passes. With a batch window, the first completion waits for
+    /// others until the window (counted from the start of the sleep) is
+    /// over; after a quiet window the next completion wakes at once.
     fn sleep(&self, limit: Duration) -> io::Result<()> {
         self.unsubmitted.set(false);
         let ring = self.ring.borrow();
         let ts = types::Timespec::from(limit);
-        let args = types::SubmitArgs::new().timespec(&ts);
-        match ring.submitter().submit_with_args(1, &args) {
+        let window = self.waiting.batch_window.as_micros() as u32;
+        let (want, args) = if window > 0 && self.min_timeout {
+            let args = types::SubmitArgs::new().min_wait_usec(window).timespec(&ts);
+            (WAKE_BATCH, args)
+        } else {
+            (1, types::SubmitArgs::new().timespec(&ts))
+        };
+        match ring.submitter().submit_with_args(want, &args) {
             Ok(_) => Ok(()),
             Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR)) => Ok(()),
             Err(e) => Err(e),
@@ -507,8 +590,8 @@ async fn yield_now() {
 
 /// Drives `plane` on this shard until `stop` is set: dispatches
 /// completions in batches and sleeps as `wake` says (see the module docs).
-pub async fn drive(plane: Rc<Plane>, wake: Wake, stop: Rc<Cell<bool>>) {
-    let eventfd = match wake {
+pub async fn drive(plane: Rc<Plane>, stop: Rc<Cell<bool>>) {
+    let eventfd = match plane.waiting.wake {
         Wake::Ring => None,
         Wake::Eventfd => {
             // SAFETY: a fresh eventfd, owned by the file from here on.

@@ -13,25 +13,44 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 
 use super::*;
 
+/// The ways a shard can wait: each test runs under every one of them.
+fn waitings() -> [Waiting; 3] {
+    let batched = Waiting::default();
+    let every_event = Waiting {
+        defer: false,
+        batch_window: Duration::ZERO,
+        ..batched
+    };
+    let eventfd = Waiting {
+        wake: Wake::Eventfd,
+        defer: false,
+        ..batched
+    };
+    [batched, every_event, eventfd]
+}
+
 /// Runs `test` on an executor with a data plane of `sq`/`cq` entries and its
-/// driver, as a shard has.
+/// driver, as a shard has, once for each way of waiting ([`waitings`]).
 fn on_plane<F, Fut>(sq: u32, cq: u32, test: F)
 where
-    F: FnOnce(Rc<Plane>) -> Fut + 'static,
+    F: Fn(Rc<Plane>) -> Fut + Clone + 'static,
     Fut: Future<Output = ()> + 'static,
 {
-    glommio::LocalExecutorBuilder::default()
-        .preempt_timer(PASS_INTERVAL)
-        .make()
-        .unwrap()
-        .run(async move {
-            let plane = Plane::with_sizes(sq, cq).unwrap();
-            let stop = Rc::new(Cell::new(false));
-            let driver = glommio::spawn_local(drive(plane.clone(), Wake::Ring, stop.clone()));
-            test(plane).await;
-            stop.set(true);
-            driver.await;
-        });
+    for waiting in waitings() {
+        let test = test.clone();
+        glommio::LocalExecutorBuilder::default()
+            .preempt_timer(PASS_INTERVAL)
+            .make()
+            .unwrap()
+            .run(async move {
+                let plane = Plane::with_sizes(sq, cq, waiting).unwrap();
+                let stop = Rc::new(Cell::new(false));
+                let driver = glommio::spawn_local(drive(plane.clone(), stop.clone()));
+                test(plane).await;
+                stop.set(true);
+                driver.await;
+            });
+    }
 }
 
 /// A connected pair: the accepted end as a non-blocking fd, and the peer as
