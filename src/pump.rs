@@ -777,12 +777,6 @@ fn first_message_error(bytes: &[u8]) -> FirstMessage {
 /// or with [`End::UpstreamStalled`] when, by then, a write upstream has
 /// been waiting all that time: upstream stopped reading, and the client,
 /// whose frames the relay can no longer take, is not to blame.
-///
-/// It shares its task with the pumps, so it is polled on every frame's
-/// wake-up. A glommio timer re-registers itself in the reactor's timer map
-/// each time it is polled; this one is polled once to register the task's
-/// waker and then only when its deadline has passed (one clock read per
-/// wake-up instead of a remove and an insert).
 pub async fn idle_watch(state: &StreamState, idle: Duration) -> End {
     loop {
         let deadline = state.last_activity.get() + idle;
@@ -793,17 +787,32 @@ pub async fn idle_watch(state: &StreamState, idle: Duration) -> End {
                 _ => End::Idle,
             };
         }
-        let mut timer = glommio::timer::Timer::new(deadline - now);
-        let mut armed = false;
-        std::future::poll_fn(|cx| {
-            if armed && Instant::now() < deadline {
-                return std::task::Poll::Pending;
-            }
-            armed = true;
-            std::pin::Pin::new(&mut timer).poll(cx).map(|_| ())
-        })
-        .await;
+        until(deadline).await;
     }
+}
+
+/// Waits until `deadline`.
+///
+/// The stream's own deadlines share its task with the pumps, so they are
+/// polled on every frame's wake-up. A glommio timer re-registers itself in
+/// the reactor's timer map each time it is polled (a remove, an insert and
+/// a waker clone); this one is polled once to register the task's waker
+/// and then only when its deadline has passed: one clock read per wake-up.
+pub async fn until(deadline: Instant) {
+    let now = Instant::now();
+    if now >= deadline {
+        return;
+    }
+    let mut timer = glommio::timer::Timer::new(deadline - now);
+    let mut armed = false;
+    std::future::poll_fn(|cx| {
+        if armed && Instant::now() < deadline {
+            return std::task::Poll::Pending;
+        }
+        armed = true;
+        std::pin::Pin::new(&mut timer).poll(cx).map(|_| ())
+    })
+    .await
 }
 
 pub mod resume;

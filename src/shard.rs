@@ -319,7 +319,12 @@ impl LiveStream {
         std::future::poll_fn(|cx| match self.stop.get() {
             Some(why) => std::task::Poll::Ready(why),
             None => {
-                *self.waker.borrow_mut() = Some(cx.waker().clone());
+                // Polled on every wake-up of the stream's task: clone the
+                // waker only when it changed.
+                let mut waker = self.waker.borrow_mut();
+                if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    *waker = Some(cx.waker().clone());
+                }
                 std::task::Poll::Pending
             }
         })

@@ -629,7 +629,7 @@ impl Stream {
                 if max_len.is_zero() {
                     future::pending::<()>().await;
                 }
-                glommio::timer::Timer::new(max_len.saturating_sub(state.started.elapsed())).await;
+                pump::until(state.started + max_len).await;
                 Limit::MaxLength
             };
             let limit = async {
