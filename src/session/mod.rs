@@ -147,6 +147,11 @@ impl Stream {
         );
         // The last failover was for a lost connection, not a refusal.
         let mut lost: bool;
+        // ... or for something that was not the account's fault (a lost
+        // connection, 500, 503): with no other account left, the same one
+        // is tried again, up to `failover.max_resumes` times.
+        let mut not_the_account: bool;
+        let mut same_account_retries = 0u32;
         let end = loop {
             *live.stream.key.borrow_mut() = up.lease.key.fingerprint.clone();
             // Written by the client→upstream pump, in the same send as the
@@ -173,6 +178,7 @@ impl Stream {
             match end {
                 End::Retry(code, scope) => {
                     lost = false;
+                    not_the_account = matches!(code, 500 | 503);
                     self.note_refusal(&up.lease, code, scope);
                     self.shard.metrics.error(Side::Upstream, code);
                     tracing::info!(stream = %self.id, account = %up.lease.account.id, code, replayed = cside.replay.as_ref().map_or(0, Vec::len), "upstream refused the stream before accepting it; moving it to the next account");
@@ -181,6 +187,7 @@ impl Stream {
                     if state.replayable.get() && !state.accepted.get() && !cside.close_seen =>
                 {
                     lost = true;
+                    not_the_account = true;
                     self.shard.metrics.error(Side::Upstream, 502);
                     tracing::info!(stream = %self.id, account = %up.lease.account.id, ?end, replayed = cside.replay.as_ref().map_or(0, Vec::len), "upstream failed before accepting the stream; moving it to the next account");
                 }
@@ -212,7 +219,17 @@ impl Stream {
             // The failed connection is dropped when `up` is replaced.
             state.inspect_first_upstream.set(true);
             state.first_upstream_error.set(None);
-            match Box::pin(self.open_upstream(&mut tried, None)).await {
+            let mut next = Box::pin(self.open_upstream(&mut tried, None)).await;
+            if matches!(&next, Err(r) if r.code == 429)
+                && not_the_account
+                && same_account_retries < self.settings.failover.max_resumes
+            {
+                // Every account tried, none refused the stream: try again.
+                same_account_retries += 1;
+                tried = 0;
+                next = Box::pin(self.open_upstream(&mut tried, None)).await;
+            }
+            match next {
                 Ok(next) => up = next,
                 // No other account: the client learns what happened to its
                 // stream (lost), not that no account was free.

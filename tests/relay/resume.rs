@@ -131,12 +131,47 @@ fn a_stream_past_max_resumes_gets_the_documented_error() {
     let got = stream_session(&mut ws, &config_message(None), &stream_audio(1, 40));
     assert_eq!(got.error_code(), Some(503), "{got:?}");
     assert!(fake.wait_for(LIMIT, |s| s.iter().all(|r| r.closed)));
+    // An error as a connection's first message is a failure at open: the
+    // same account again (there is no other), not a resume.
+    let m = relay.handle.metrics();
     assert_eq!(
-        fake.sessions().len(),
-        3,
-        "the first connection and two resumes"
+        fake.sessions().len() as u64,
+        3 + m.failovers().open_refused,
+        "the first connection, two resumes and any reconnect at open"
     );
-    assert_eq!(relay.handle.metrics().streams_resumed(), 2);
+    assert_eq!(m.streams_resumed(), 2);
+}
+
+#[test]
+fn a_stream_whose_connections_keep_dropping_gets_503_close_1011() {
+    // Every connection is dropped (no error message, no close) at its
+    // fifth audio frame: after two resumes the client gets the relay's
+    // "connection lost" error, as documented.
+    let fake = fake(&["k1"], |c| c.faults.close_after_frames = Some(5));
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.failover.max_resumes = 2;
+    let relay = Relay::start(cfg);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    let got = stream_session(&mut ws, &config_message(None), &stream_audio(5, 40));
+    assert_eq!(got.error_code(), Some(503), "{got:?}");
+    assert_eq!(got.close_code(), Some(1011), "{got:?}");
+    let last = got.messages.last().unwrap();
+    assert!(
+        last["error_message"]
+            .as_str()
+            .is_some_and(|m| m.contains("Reconnect")),
+        "{last}"
+    );
+    assert!(fake.wait_for(LIMIT, |s| s.iter().all(|r| r.closed)));
+    // A connection lost before its first result was read is moved at
+    // open: the same account again (there is no other), not a resume.
+    let m = relay.handle.metrics();
+    assert_eq!(
+        fake.sessions().len() as u64,
+        3 + m.failovers().open_lost,
+        "the first connection, two resumes and any reconnect at open"
+    );
+    assert_eq!(m.streams_resumed(), 2);
 }
 
 #[test]
@@ -240,4 +275,32 @@ fn a_stalled_upstream_is_an_upstream_failure_not_an_idle_client() {
     assert_eq!(raw_close_code(&frames), Some(1011));
     drop(tcp);
     sender.join().unwrap();
+}
+
+#[test]
+fn a_connection_lost_at_open_with_one_account_reconnects_to_it() {
+    // The first connection drops at its first audio frame, before any
+    // result: nothing was accepted, and there is no other account. The
+    // relay opens the same account again and replays; the client sees
+    // nothing of it.
+    let mut faults = RandomFaults {
+        share: 0.5,
+        kinds: vec![FaultKind::Drop],
+        within_frames: 1,
+        seed: 0,
+    };
+    while !(faults.pick(1).is_some() && faults.pick(2).is_none()) {
+        faults.seed += 1;
+    }
+    let fake = fake(&["k1"], |c| c.faults.random = Some(faults));
+    let relay = Relay::start(relay_config(&fake.url(), &[("a", "k1")]));
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    let frames = stream_audio(4, 10);
+    let got = stream_session(&mut ws, &config_message(None), &frames);
+    assert_eq!(got.error_code(), None, "{got:?}");
+    assert!(got.finished(), "{got:?}");
+    assert_eq!(finals(&got), transcript_of(&frames.concat(), 32_000, 480));
+    assert!(fake.wait_for(LIMIT, |s| s.len() == 2 && s.iter().all(|r| r.closed)));
+    let s = fake.sessions();
+    assert_eq!(s[1].audio, frames.concat(), "every byte once, in order");
 }
