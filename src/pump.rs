@@ -96,30 +96,23 @@ impl FrameScanner {
         }
     }
 
-    /// Mid-frame in an audio frame: the header a new connection needs so
-    /// that the rest of this frame's payload, re-masked as the scanner
-    /// does it, reads as a whole frame there. `None` between frames;
-    /// `Some(None)` mid-frame in anything but audio.
-    pub fn rest_of_frame_header(&self) -> Option<Option<Vec<u8>>> {
+    /// Mid-frame in an audio frame: how the rest of this frame, re-masked
+    /// as the scanner does it, continues on a new connection (see
+    /// [`resume::CutFrame`]). `None` between frames; `Some(None)` mid-frame
+    /// in anything but audio.
+    pub fn cut_frame(&self) -> Option<Option<resume::CutFrame>> {
         if self.remaining == 0 {
             return None;
         }
         if !self.counts_audio {
             return Some(None);
         }
-        // The rest is masked with `fresh` from phase `phase`: as a frame of
-        // its own, its key is `fresh` rotated by the phase.
-        let p = self.phase;
-        let key = [
-            self.fresh[p & 3],
-            self.fresh[(p + 1) & 3],
-            self.fresh[(p + 2) & 3],
-            self.fresh[(p + 3) & 3],
-        ];
-        let mut h = [0u8; crate::frame::MAX_HEADER_LEN];
-        let n =
-            crate::frame::write_header(&mut h, self.fin, Opcode::Binary, Some(key), self.remaining);
-        Some(Some(h[..n].to_vec()))
+        Some(Some(resume::CutFrame {
+            remaining: self.remaining,
+            key: self.fresh,
+            phase: self.phase,
+            fin: self.fin,
+        }))
     }
 
     /// True between frames (a partial header not yet scanned counts as between).

@@ -247,3 +247,49 @@ fn an_idle_stream_waits_for_finished_from_its_end_not_its_start() {
     assert!(report.streams_failed.is_empty(), "{}", report.table());
     assert_eq!(report.streams_ok, 3, "{}", report.table());
 }
+
+#[test]
+fn through_the_relay_with_faults_every_frame_comes_back_once_in_order() {
+    // Half the upstream connections fail (drop, 503, 500) within their
+    // first 12 frames; the relay resumes them. Frames of 500 ms (16,000
+    // bytes) are often split across the relay's reads, so failures cut
+    // frames: upstream must still get each client frame as one frame (an
+    // echo of a piece would be an unexpected token).
+    let fake = FakeSoniox::start(FakeConfig {
+        keys: vec![FakeKey::new(KEY, 100)],
+        echo: true,
+        faults: Faults {
+            random: Some(clio_relay::fake_soniox::RandomFaults {
+                share: 0.5,
+                kinds: vec![
+                    clio_relay::fake_soniox::FaultKind::Drop,
+                    clio_relay::fake_soniox::FaultKind::Error(503),
+                    clio_relay::fake_soniox::FaultKind::Error(500),
+                ],
+                within_frames: 12,
+                seed: 7,
+            }),
+            ..Faults::default()
+        },
+        ..FakeConfig::default()
+    })
+    .expect("fake-soniox starts");
+    let mut cfg = relay_config(&fake.url());
+    cfg.failover.max_resumes = 30;
+    let relay = clio_relay::server::start(&cfg).expect("relay starts");
+    let keys = Arc::new(TokenKeys::from_config(&cfg.tokens));
+    let mut opts = smoke_options(
+        Target::relay(relay.client_addr),
+        AuthVia::Header,
+        Credentials::Mint(keys, Duration::from_secs(600)),
+    );
+    opts.streams = 30;
+    opts.stream_seconds = 8.0;
+    opts.frame_ms = 500;
+    opts.pace = Pace::Times(8.0);
+    let report = relay_load::run(&opts).expect("load runs");
+    assert_clean(&report, 30);
+    let m = relay.metrics();
+    assert!(m.streams_resumed() >= 5, "{}", m.streams_resumed());
+    relay.shutdown();
+}

@@ -41,6 +41,22 @@ pub struct Capture {
     pub end_of_audio: bool,
 }
 
+/// A client audio frame the failure cut: part of it went to the old
+/// connection, the rest is still to be read from the client. On the new
+/// connection the part in the copy and the rest make one frame again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CutFrame {
+    /// Payload bytes of the frame not yet read.
+    pub remaining: u64,
+    /// The relay's mask key for the frame, and the payload offset (mod 4)
+    /// the rest continues at under it: the client→upstream pump re-masks
+    /// the rest with these, as for the old connection.
+    pub key: [u8; 4],
+    pub phase: usize,
+    /// The frame's FIN bit.
+    pub fin: bool,
+}
+
 /// A raw-audio stream's resume state: the copy and the timeline.
 #[derive(Debug)]
 pub struct Resume {
@@ -195,9 +211,14 @@ impl Resume {
 
     /// Starts a resume: counts it, moves the timeline to the resume point,
     /// and returns what the new connection gets after its config: the
-    /// copy as binary frames, then a pending `finalize`, then the end of
-    /// audio if the client sent it (masked with keys from `masks`).
-    pub fn begin(&mut self, masks: &mut MaskKeys) -> Vec<u8> {
+    /// copy as binary frames, the client's frame lengths kept, then a
+    /// pending `finalize`, then the end of audio if the client sent it
+    /// (masked with keys from `masks`). When the failure `cut` a client
+    /// frame, last comes that frame's start from the copy, with a header
+    /// for the whole frame and a key under which the rest, re-masked as
+    /// for the old connection, continues it: upstream gets the client's
+    /// frames as the client sent them.
+    pub fn begin(&mut self, masks: &mut MaskKeys, cut: Option<CutFrame>) -> Vec<u8> {
         self.resumes += 1;
         // The copy starts at (or, aligned down, just before) the last
         // final token's end: the new connection's time 0.
@@ -206,22 +227,11 @@ impl Resume {
         let mut out = Vec::with_capacity(self.audio.len() + self.audio.len() / 4096 * 14 + 64);
         let mut chunk = Vec::new();
         let mut at = 0;
-        for len in self
-            .lens
-            .iter()
-            .copied()
-            .chain((self.open > 0).then_some(self.open))
-        {
+        for &len in &self.lens {
             chunk.clear();
             chunk.extend(self.audio.range(at..at + len));
             at += len;
             out.extend(build_frame(Opcode::Binary, &chunk, Some(masks.next_key())));
-        }
-        // The frame still arriving went as a frame of its own: what is left
-        // of it comes as another (see `FrameScanner::rest_of_frame_header`).
-        if self.open > 0 {
-            self.lens.push_back(self.open);
-            self.open = 0;
         }
         if self.finalize_pending {
             out.extend(build_frame(
@@ -232,6 +242,38 @@ impl Resume {
         }
         if self.end_of_audio {
             out.extend(build_frame(Opcode::Binary, b"", Some(masks.next_key())));
+        }
+        // The frame the failure cut comes last: the rest of it follows
+        // from the client.
+        match cut {
+            Some(cut) => {
+                // Payload byte `open + i` of the new frame is byte `phase +
+                // i` of the old one's key: rotate the key by the difference.
+                let open = self.open;
+                let turn = (cut.phase + 4 - open % 4) & 3;
+                let key = std::array::from_fn(|j| cut.key[(j + turn) & 3]);
+                let mut h = [0u8; crate::frame::MAX_HEADER_LEN];
+                let n = crate::frame::write_header(
+                    &mut h,
+                    cut.fin,
+                    Opcode::Binary,
+                    Some(key),
+                    open as u64 + cut.remaining,
+                );
+                out.extend_from_slice(&h[..n]);
+                let from = out.len();
+                out.extend(self.audio.range(at..at + open));
+                crate::mask::apply_mask(&mut out[from..], key, 0);
+            }
+            None if self.open > 0 => {
+                // Not expected (an open frame is a cut one); sent whole.
+                chunk.clear();
+                chunk.extend(self.audio.range(at..at + self.open));
+                out.extend(build_frame(Opcode::Binary, &chunk, Some(masks.next_key())));
+                self.lens.push_back(self.open);
+                self.open = 0;
+            }
+            None => {}
         }
         out
     }
@@ -436,7 +478,7 @@ mod tests {
         let mut masks = MaskKeys::default();
         r.capture.end_of_audio = true;
         r.absorb_capture();
-        let replay = r.begin(&mut masks);
+        let replay = r.begin(&mut masks, None);
         assert_eq!(r.shift_ms, 40);
         assert!(!replay.is_empty());
         // A result of the new connection at its 0..480 ms is 40..520 ms.

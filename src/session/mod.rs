@@ -501,7 +501,7 @@ impl Stream {
                 .borrow()
                 .as_ref()
                 .is_some_and(|r| r.can_resume())
-            && !matches!(cside.scanner.rest_of_frame_header(), Some(None))
+            && !matches!(cside.scanner.cut_frame(), Some(None))
     }
 
     /// Resumes the stream after its upstream connection failed mid-stream
@@ -537,7 +537,7 @@ impl Stream {
             .map_err(|_| Refusal::upstream_lost())?;
         // What the old connection got of the client's bytes is in the copy:
         // the frames already re-masked for it are not sent again.
-        let rest = cside.scanner.rest_of_frame_header();
+        let cut = cside.scanner.cut_frame().flatten();
         cbuf.consume(cside.processed);
         cside.processed = 0;
         let mut first = self.config_frame(up, config);
@@ -545,12 +545,9 @@ impl Stream {
             let mut r = state.resume.borrow_mut();
             let r = r.as_mut().expect("a resumable stream");
             let secs = r.replay_seconds();
-            first.extend(r.begin(&mut shard.masks.borrow_mut()));
+            first.extend(r.begin(&mut shard.masks.borrow_mut(), cut));
             (r.resumes, secs)
         };
-        if let Some(Some(header)) = rest {
-            first.extend_from_slice(&header);
-        }
         cside.config_frame = Some(first);
         cside.replay = None;
         state.replayable.set(false);
