@@ -250,6 +250,16 @@ fn run_all(file: &'static str, tag: &str) -> usize {
         if b.text.contains("relay-load") {
             assert!(!out.contains("hint:"), "{out}");
         }
+        if b.text.contains("--fail-share") {
+            // relay-load reports the resumes its clients never saw.
+            let resumed: u64 = out
+                .lines()
+                .find_map(|l| l.strip_prefix("relay failovers the clients never saw: "))
+                .and_then(|l| l.split(' ').next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("{}:{}: no failover line:\n{out}", b.file, b.line));
+            assert!(resumed > 0, "{}:{}: no resume:\n{out}", b.file, b.line);
+        }
         let _ = std::fs::remove_dir_all(&dir);
         ran += 1;
     }
