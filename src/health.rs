@@ -313,7 +313,7 @@ pub async fn probe_websocket(
     let pool = BufferPool::new(16 * 1024, 1, 1);
     let mut buf = pool.get();
     let no_key = crate::secret::Secret::new(String::new());
-    let status = match target.connect(&no_key, false, &mut buf, limit).await {
+    let status = match target.connect(&no_key, false, &mut buf, limit, 0).await {
         Ok(conn) => {
             // Upgraded: say goodbye at once (a masked close, no config sent).
             let close = crate::frame::build_frame(

@@ -766,21 +766,51 @@ fn first_message_error(bytes: &[u8]) -> FirstMessage {
     }
 }
 
-/// Ends with [`End::Idle`] once nothing has moved either way for `idle`,
-/// or with [`End::UpstreamStalled`] when, by then, a write upstream has
-/// been waiting all that time: upstream stopped reading, and the client,
-/// whose frames the relay can no longer take, is not to blame.
-pub async fn idle_watch(state: &StreamState, idle: Duration) -> End {
+/// Ends with [`End::UpstreamStalled`] once a write upstream has waited
+/// `stall` (upstream stopped reading: the client, whose frames the relay
+/// can no longer take, is not to blame), or with [`End::Idle`] once nothing
+/// has moved either way for `idle` (a write waiting then is a stall too).
+///
+/// It shares its task with the pumps, so it is polled on every frame's
+/// wake-up. A glommio timer re-registers itself in the reactor's timer map
+/// each time it is polled; this one is polled once to register the task's
+/// waker and then only when its deadline has passed, or when a write
+/// upstream began whose stall deadline comes first (one clock read per
+/// wake-up instead of a remove and an insert).
+pub async fn idle_watch(state: &StreamState, idle: Duration, stall: Duration) -> End {
     loop {
-        let deadline = state.last_activity.get() + idle;
         let now = Instant::now();
-        if now >= deadline {
+        let idle_at = state.last_activity.get() + idle;
+        let stall_at = state.upstream_write_since.get().map(|s| s + stall);
+        if stall_at.is_some_and(|at| now >= at) {
+            return End::UpstreamStalled;
+        }
+        if now >= idle_at {
             return match state.upstream_write_since.get() {
                 Some(since) if since + idle <= now => End::UpstreamStalled,
                 _ => End::Idle,
             };
         }
-        until(deadline).await;
+        let deadline = stall_at.map_or(idle_at, |at| at.min(idle_at));
+        let mut timer = glommio::timer::Timer::new(deadline - now);
+        let mut armed = false;
+        std::future::poll_fn(|cx| {
+            if armed && Instant::now() < deadline {
+                // A write upstream that began since: look again.
+                let sooner = state
+                    .upstream_write_since
+                    .get()
+                    .is_some_and(|s| s + stall < deadline);
+                return if sooner {
+                    std::task::Poll::Ready(())
+                } else {
+                    std::task::Poll::Pending
+                };
+            }
+            armed = true;
+            std::pin::Pin::new(&mut timer).poll(cx).map(|_| ())
+        })
+        .await;
     }
 }
 

@@ -162,14 +162,17 @@ impl UpstreamTarget {
     /// Opens a WebSocket to upstream with `key`, on the header (`Authorization`)
     /// or leaving it to the first message (`key_in_header == false`). The answer
     /// head is consumed from `buf`; whatever followed it stays there.
+    /// `sndbuf`: the socket's send buffer, bytes (0: the kernel's).
     pub async fn connect(
         &self,
         key: &Secret,
         key_in_header: bool,
         buf: &mut Buf,
         limit: Duration,
+        sndbuf: usize,
     ) -> Result<Duplex, ConnectError> {
-        match crate::io::timeout(limit, self.connect_inner(key, key_in_header, buf, limit)).await {
+        let open = self.connect_inner(key, key_in_header, buf, limit, sndbuf);
+        match crate::io::timeout(limit, open).await {
             Some(r) => r,
             None => Err(ConnectError::Timeout),
         }
@@ -181,6 +184,7 @@ impl UpstreamTarget {
         key_in_header: bool,
         buf: &mut Buf,
         limit: Duration,
+        sndbuf: usize,
     ) -> Result<Duplex, ConnectError> {
         let unavailable = |what: &str, e: &dyn std::fmt::Display| {
             ConnectError::Unavailable(format!("{what}: {e}"))
@@ -195,7 +199,7 @@ impl UpstreamTarget {
         let mut last = None;
         let mut tcp = None;
         for addr in addrs {
-            match connect_tcp(addr, limit).await {
+            match connect_tcp(addr, limit, sndbuf).await {
                 Ok(s) => {
                     tcp = Some(s);
                     break;
@@ -268,22 +272,46 @@ impl UpstreamTarget {
     }
 }
 
-/// A TCP connection to `addr` with Nagle off, within `limit`: on this
-/// shard's data plane when there is one (every stream), else glommio's.
-async fn connect_tcp(addr: std::net::SocketAddr, limit: Duration) -> std::io::Result<Tcp> {
+/// A TCP connection to `addr` with Nagle off and a send buffer of
+/// `sndbuf` bytes (0: the kernel's), within `limit`: on this shard's data
+/// plane when there is one (every stream), else glommio's.
+async fn connect_tcp(
+    addr: std::net::SocketAddr,
+    limit: Duration,
+    sndbuf: usize,
+) -> std::io::Result<Tcp> {
     let Some(plane) = crate::uring::current() else {
         let tcp = glommio::net::TcpStream::connect_timeout(addr, limit).await?;
         let _ = tcp.set_nodelay(true);
+        cap_buffer(&tcp, sndbuf, false);
         return Ok(Tcp::Glommio(tcp));
     };
     match crate::io::timeout(limit, crate::uring::RingSocket::connect(&plane, addr)).await {
         Some(Ok(s)) => {
             let _ = s.set_nodelay();
+            cap_buffer(&s, sndbuf, false);
             Ok(Tcp::Ring(s))
         }
         Some(Err(e)) => Err(e),
         None => Err(std::io::ErrorKind::TimedOut.into()),
     }
+}
+
+/// Sets a socket's receive (`recv`) or send buffer to `bytes` (0: leaves
+/// the kernel's autotuned one). The kernel doubles the figure for its own
+/// bookkeeping; what the socket holds of payload stays near `bytes`.
+pub fn cap_buffer(fd: &impl std::os::fd::AsRawFd, bytes: usize, recv: bool) {
+    if bytes == 0 {
+        return;
+    }
+    // SAFETY: `fd` is an open socket for the duration of the call.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd.as_raw_fd()) };
+    let sock = socket2::SockRef::from(&fd);
+    let _ = if recv {
+        sock.set_recv_buffer_size(bytes)
+    } else {
+        sock.set_send_buffer_size(bytes)
+    };
 }
 
 #[cfg(test)]

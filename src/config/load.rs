@@ -261,6 +261,13 @@ fn resolve(raw: RawFile, base: &Path) -> Result<Config, ConfigError> {
             defaults_limits.idle_timeout,
             &mut p,
         ),
+        stall_timeout: duration(
+            "limits.stall_timeout",
+            l.stall_timeout,
+            defaults_limits.stall_timeout,
+            &mut p,
+        ),
+        socket_buffer: l.socket_buffer.unwrap_or(defaults_limits.socket_buffer),
         drain_timeout: duration(
             "limits.drain_timeout",
             l.drain_timeout,

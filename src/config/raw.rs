@@ -177,6 +177,8 @@ pub(super) struct RawLimits {
     pub(super) max_frame_bytes: Option<usize>,
     pub(super) max_first_message_bytes: Option<usize>,
     pub(super) idle_timeout: Option<String>,
+    pub(super) stall_timeout: Option<String>,
+    pub(super) socket_buffer: Option<usize>,
     pub(super) drain_timeout: Option<String>,
     pub(super) max_unauthenticated: Option<usize>,
     pub(super) max_unauthenticated_per_address: Option<usize>,

@@ -381,6 +381,13 @@ pub struct LimitsConfig {
     pub max_first_message_bytes: usize,
     /// A stream with no frame in either direction for this long is closed.
     pub idle_timeout: Duration,
+    /// A write upstream that waits this long (upstream stopped reading)
+    /// ends the stream as an upstream failure, or resumes it.
+    pub stall_timeout: Duration,
+    /// `SO_RCVBUF` of client sockets and `SO_SNDBUF` of upstream sockets,
+    /// bytes (0: the kernel's own, autotuned): bounds the audio a stalled
+    /// upstream can hide in the relay's socket buffers.
+    pub socket_buffer: usize,
     /// After SIGTERM, how long live streams may run to their end before the
     /// relay finalizes them and tells their clients to reconnect.
     pub drain_timeout: Duration,
@@ -399,6 +406,8 @@ impl Default for LimitsConfig {
             max_frame_bytes: 1 << 20,
             max_first_message_bytes: 64 << 10,
             idle_timeout: Duration::from_secs(30),
+            stall_timeout: Duration::from_secs(10),
+            socket_buffer: 128 << 10,
             drain_timeout: Duration::from_secs(30),
             max_unauthenticated: 256,
             max_unauthenticated_per_address: 32,

@@ -19,6 +19,7 @@ use super::Stream;
 pub async fn serve(shard: Rc<Shard>, tcp: RingSocket) {
     let accepted = Instant::now();
     let _ = tcp.set_nodelay();
+    crate::upstream::cap_buffer(&tcp, shard.settings().limits.socket_buffer, true);
     let fd = std::os::fd::AsRawFd::as_raw_fd(&tcp);
     // The client's address, asked (a system call) only when needed.
     let peer = move || {

@@ -416,6 +416,7 @@ impl Stream {
                     key_in_header,
                     &mut buf,
                     shard.connect_timeout,
+                    self.settings.limits.socket_buffer,
                 )
                 .await
             {
@@ -669,7 +670,11 @@ impl Stream {
         future::or(
             future::or(
                 future::or(u2c, c2u),
-                pump::idle_watch(state, self.settings.limits.idle_timeout),
+                pump::idle_watch(
+                    state,
+                    self.settings.limits.idle_timeout,
+                    self.settings.limits.stall_timeout,
+                ),
             ),
             stop,
         )
@@ -744,7 +749,7 @@ impl Stream {
             }
             End::UpstreamGone | End::UpstreamProtocol(_) | End::UpstreamStalled => {
                 if end == End::UpstreamStalled {
-                    tracing::warn!(stream = %self.id, account = %up.lease.account.id, idle = ?self.settings.limits.idle_timeout, "upstream stopped reading the stream's audio; ending it as an upstream failure");
+                    tracing::warn!(stream = %self.id, account = %up.lease.account.id, stall = ?self.settings.limits.stall_timeout, "upstream stopped reading the stream's audio; ending it as an upstream failure");
                 }
                 let r = Refusal::upstream_lost();
                 shard.metrics.error(Side::Upstream, r.code);

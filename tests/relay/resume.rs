@@ -304,3 +304,111 @@ fn a_connection_lost_at_open_with_one_account_reconnects_to_it() {
     let s = fake.sessions();
     assert_eq!(s[1].audio, frames.concat(), "every byte once, in order");
 }
+
+#[test]
+fn a_stall_mid_stream_resumes_after_the_stall_timeout() {
+    // The first connection stops reading at its fifth audio frame and
+    // never closes; the second does not fail. The client writes 20 s of
+    // audio flat out, far more than the socket buffers hold.
+    let mut faults = RandomFaults {
+        share: 0.5,
+        kinds: vec![FaultKind::Stall],
+        within_frames: 5,
+        seed: 0,
+    };
+    while !(faults.pick(1).is_some_and(|(n, _)| n == 5) && faults.pick(2).is_none()) {
+        faults.seed += 1;
+    }
+    let fake = fake(&["k1"], |c| {
+        c.faults.random = Some(faults);
+        c.record_audio = false;
+    });
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    // Only the stall timeout can end the wait: the idle timeout is far off.
+    cfg.limits.idle_timeout = Duration::from_secs(3600);
+    cfg.limits.stall_timeout = Duration::from_secs(1);
+    cfg.limits.socket_buffer = 16 << 10;
+    cfg.failover.resume_audio = Duration::from_secs(600);
+    let relay = Relay::start(cfg);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    // A bound for a test that would otherwise hang, not a speed check.
+    ws.get_mut()
+        .set_read_timeout(Some(Duration::from_secs(120)))
+        .unwrap();
+    ws.get_mut()
+        .set_write_timeout(Some(Duration::from_secs(120)))
+        .unwrap();
+    let frames = stream_audio(6, 200);
+    let got = stream_session(&mut ws, &config_message(None), &frames);
+    assert_eq!(got.error_code(), None, "{got:?}");
+    assert!(got.finished(), "{got:?}");
+    assert_eq!(finals(&got), transcript_of(&frames.concat(), 32_000, 480));
+    assert_eq!(relay.handle.metrics().streams_resumed(), 1);
+}
+
+/// `rb` and `tb` (receive and send buffer bytes) of the TCP socket from
+/// `local` to `peer`, as `ss -tmn` shows them.
+fn socket_buffers(local: std::net::SocketAddr, peer: std::net::SocketAddr) -> (u64, u64) {
+    let out = std::process::Command::new("ss")
+        .args(["-tmn"])
+        .output()
+        .expect("ss runs (iproute2)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines = text.lines();
+    while let Some(line) = lines.next() {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        if cols.len() < 5 || cols[3] != local.to_string() || cols[4] != peer.to_string() {
+            continue;
+        }
+        let mem = lines.next().unwrap_or_default();
+        let field = |name: &str| {
+            mem.split([',', '(', ')'])
+                .find_map(|f| f.trim().strip_prefix(name)?.parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("no {name} in {mem:?}"))
+        };
+        return (field("rb"), field("tb"));
+    }
+    panic!("no socket {local} -> {peer} in:\n{text}");
+}
+
+#[test]
+fn socket_buffers_are_capped_by_limits_socket_buffer() {
+    // The audio a stalled upstream can hide in the relay's socket buffers
+    // is bounded: the client socket's receive buffer and the upstream
+    // socket's send buffer are limits.socket_buffer (the kernel doubles it).
+    let fake = fake(&["k1"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.limits.socket_buffer = 16 << 10;
+    let relay = Relay::start(cfg);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    for f in stream_audio(7, 5) {
+        ws.send(Message::binary(f)).unwrap();
+    }
+    // A result: the upstream connection is open.
+    assert!(matches!(ws.read().unwrap(), Message::Text(_)));
+    let client = ws.get_ref().local_addr().unwrap();
+    let (rb, _) = socket_buffers(relay.addr(), client);
+    assert!(rb <= 2 * (16 << 10), "client socket rb {rb}");
+    let sessions = fake.sessions();
+    assert_eq!(sessions.len(), 1);
+    let upstream = std::process::Command::new("ss")
+        .args([
+            "-tn",
+            "state",
+            "established",
+            "dst",
+            &fake.addr().to_string(),
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&upstream.stdout);
+    let local: std::net::SocketAddr = text
+        .lines()
+        .find_map(|l| l.split_whitespace().rev().nth(1)?.parse().ok())
+        .unwrap_or_else(|| panic!("no upstream socket in:\n{text}"));
+    let (_, tb) = socket_buffers(local, fake.addr());
+    assert!(tb <= 2 * (16 << 10), "upstream socket tb {tb}");
+    ws.send(Message::binary(Vec::<u8>::new())).unwrap();
+    assert!(read_all(&mut ws).finished());
+}

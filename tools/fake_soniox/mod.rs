@@ -256,6 +256,8 @@ pub enum FaultKind {
     Drop,
     /// A Soniox error with this code (500, 503), then close.
     Error(u16),
+    /// Stops reading (and answering) for good, the connection left open.
+    Stall,
 }
 
 impl std::str::FromStr for FaultKind {
@@ -263,12 +265,15 @@ impl std::str::FromStr for FaultKind {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "drop" => Ok(FaultKind::Drop),
+            "stall" => Ok(FaultKind::Stall),
             _ => s
                 .parse::<u16>()
                 .ok()
                 .filter(|c| (400..600).contains(c))
                 .map(FaultKind::Error)
-                .ok_or_else(|| format!("fault {s:?}: expected drop or an error code such as 503")),
+                .ok_or_else(|| {
+                    format!("fault {s:?}: expected drop, stall or an error code such as 503")
+                }),
         }
     }
 }

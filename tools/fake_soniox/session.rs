@@ -317,7 +317,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
         }
         let faults = &shared.cfg.faults;
-        if faults.stall_after_frames.is_some_and(|n| frames >= n) {
+        let stall = matches!(self.fault, Some((n, FaultKind::Stall)) if frames >= n);
+        if stall || faults.stall_after_frames.is_some_and(|n| frames >= n) {
             // Never read again; the connection stays until the peer goes.
             glommio::timer::sleep(Duration::from_secs(24 * 3600)).await;
         }
