@@ -542,9 +542,11 @@ impl Plane {
         self.ring.borrow().submitter().register_eventfd(fd)
     }
 
-    /// Whether completions are waiting.
+    /// Whether completions are waiting, in the queue or kept aside by the
+    /// kernel when the queue was full.
     fn has_completions(&self) -> bool {
-        !self.ring.borrow_mut().completion().is_empty()
+        let mut ring = self.ring.borrow_mut();
+        ring.submission().cq_overflow() || !ring.completion().is_empty()
     }
 }
 
@@ -637,7 +639,16 @@ pub async fn drive(plane: Rc<Plane>, stop: Rc<Cell<bool>>) {
             }
             Some(file) => {
                 if !plane.has_completions() {
-                    let _ = file.read_at(0, 8).await;
+                    // Completions the kernel had to keep aside (a full
+                    // queue) may never signal the eventfd: never wait
+                    // longer than a pass, and look again.
+                    futures_lite::future::or(
+                        async {
+                            let _ = file.read_at(0, 8).await;
+                        },
+                        glommio::timer::sleep(PASS_INTERVAL),
+                    )
+                    .await;
                 }
                 after_pass = true;
             }
