@@ -604,13 +604,9 @@ pub async fn client_to_upstream(
             side.close_seen = true;
             return End::ClientClosed;
         }
-        buf.compact();
-        match buf.read_from(client).await {
-            Ok(0) | Err(_) => return End::ClientGone,
-            Ok(_) => {
-                read_at = Instant::now();
-                state.last_activity.set(read_at);
-            }
+        match read_more(buf, client, state).await {
+            Some(at) => read_at = at,
+            None => return End::ClientGone,
         }
     }
 }
@@ -659,14 +655,12 @@ pub async fn upstream_to_client(
         if state.inspect_first_upstream.get() && !buf.is_empty() {
             match first_message_error(buf.filled()) {
                 FirstMessage::Incomplete if buf.end < buf.capacity() || buf.start > 0 => {
-                    buf.compact();
-                    match buf.read_from(upstream).await {
-                        Ok(0) | Err(_) => return End::UpstreamGone,
-                        Ok(_) => {
-                            read_at = Instant::now();
-                            state.last_activity.set(read_at);
+                    match read_more(buf, upstream, state).await {
+                        Some(at) => {
+                            read_at = at;
                             continue;
                         }
+                        None => return End::UpstreamGone,
                     }
                 }
                 FirstMessage::Error(code, scope) => {
@@ -716,13 +710,28 @@ pub async fn upstream_to_client(
         if scan.close_done {
             return End::UpstreamClosed;
         }
-        buf.compact();
-        match buf.read_from(upstream).await {
-            Ok(0) | Err(_) => return End::UpstreamGone,
-            Ok(_) => {
-                read_at = Instant::now();
-                state.last_activity.set(read_at);
-            }
+        match read_more(buf, upstream, state).await {
+            Some(at) => read_at = at,
+            None => return End::UpstreamGone,
+        }
+    }
+}
+
+/// Reads more of `conn` into `buf` (after moving what is left to its
+/// front) and marks the stream active. Returns when the bytes arrived, or
+/// `None` once `conn` has ended or failed.
+pub(crate) async fn read_more(
+    buf: &mut Buf,
+    conn: &Duplex,
+    state: &StreamState,
+) -> Option<Instant> {
+    buf.compact();
+    match buf.read_from(conn).await {
+        Ok(0) | Err(_) => None,
+        Ok(_) => {
+            let at = Instant::now();
+            state.last_activity.set(at);
+            Some(at)
         }
     }
 }

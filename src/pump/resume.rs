@@ -444,13 +444,9 @@ pub async fn upstream_to_client(
             }
         }
         if need_more {
-            buf.compact();
-            match buf.read_from(upstream).await {
-                Ok(0) | Err(_) => return End::UpstreamGone,
-                Ok(_) => {
-                    read_at = Instant::now();
-                    state.last_activity.set(read_at);
-                }
+            match super::read_more(buf, upstream, state).await {
+                Some(at) => read_at = at,
+                None => return End::UpstreamGone,
             }
         }
     }
