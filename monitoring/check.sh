@@ -67,6 +67,9 @@ KNOWN = {
     "clio_relay_cost_month", "clio_relay_budget_month",
     "clio_relay_device_rejections_total", "clio_relay_usage_drift_seconds",
     "clio_relay_alerts_firing", "clio_relay_upstream_config_fault", "clio_relay_refusals_total",
+    "clio_relay_account_info", "clio_relay_pool_streams_active",
+    "clio_relay_pool_max_concurrent_streams", "clio_relay_pool_accounts",
+    "clio_relay_pool_accounts_healthy",
     "up", "ALERTS",
 }
 for summary in ("frame_forward_seconds", "client_handshake_seconds",
