@@ -8,12 +8,12 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant, SystemTime};
 
-use clio_relay::frame::{build_frame, parse_header, write_header, Opcode, Sender, MAX_HEADER_LEN};
-use clio_relay::keyring::{AccountState, KeyRing, KeySlot, RingSlot};
-use clio_relay::mask::{apply_mask, apply_mask_bytewise, rekey, MaskKeys};
-use clio_relay::pump::FrameScanner;
-use clio_relay::secret::Secret;
-use clio_relay::token::TokenKeys;
+use clio_frame::frame::{build_frame, parse_header, write_header, Opcode, Sender, MAX_HEADER_LEN};
+use clio_frame::mask::{apply_mask, apply_mask_bytewise, rekey, MaskKeys};
+use clio_frame::scanner::FrameScanner;
+use clio_relay::core::keyring::{AccountState, KeyRing, KeySlot, RingSlot};
+use clio_relay::core::secret::Secret;
+use clio_relay::core::token::TokenKeys;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
 fn masking(c: &mut Criterion) {

@@ -51,8 +51,8 @@ import json, re, sys
 
 dash_path, rules_path, out_path = sys.argv[1:4]
 
-# Every metric a query may name: what the relay exports (src/metrics/render.rs,
-# src/admin/api.rs, src/admin/mod.rs and the metrics being added, see
+# Every metric a query may name: what the relay exports (src/core/metrics/render.rs,
+# src/control/admin/api.rs, src/control/admin/mod.rs and the metrics being added, see
 # monitoring/README.md), plus Prometheus's own `up` and `ALERTS`.
 KNOWN = {
     "clio_relay_streams_active", "clio_relay_streams_total", "clio_relay_streams_rejected_total",

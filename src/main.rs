@@ -57,11 +57,12 @@ enum Command {
     /// Manage accounts and keys of a running relay (through its admin API).
     Keys {
         #[command(subcommand)]
-        action: clio_relay::keys_cli::KeysAction,
+        action: clio_relay::cli::keys::KeysAction,
     },
     /// Start a fake Soniox, a relay and a short load on loopback, and print
     /// what happened (needs no config file and reads none).
-    Demo(clio_relay::demo::DemoArgs),
+    #[cfg(feature = "demo")]
+    Demo(clio_relay::cli::demo::DemoArgs),
 }
 
 fn main() -> ExitCode {
@@ -71,6 +72,7 @@ fn main() -> ExitCode {
         let _ = <Cli as clap::CommandFactory>::command().print_help();
         return ExitCode::from(2);
     }
+    #[cfg(feature = "demo")]
     if matches!(cli.command, Some(Command::Demo(_))) && cli.config.is_some() {
         eprintln!(
             "demo reads no config file: it runs its own fake Soniox and relay on loopback; \
@@ -78,7 +80,11 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(2);
     }
-    init_logging(matches!(cli.command, Some(Command::Demo(_))));
+    #[cfg(feature = "demo")]
+    let demo = matches!(cli.command, Some(Command::Demo(_)));
+    #[cfg(not(feature = "demo"))]
+    let demo = false;
+    init_logging(demo);
     let need_config = || -> Result<PathBuf, String> {
         cli.config
             .clone()
@@ -86,9 +92,9 @@ fn main() -> ExitCode {
     };
     let result: Result<(), String> = match &cli.command {
         None => need_config()
-            .and_then(|path| clio_relay::server::run(&path, false).map_err(|e| e.to_string())),
+            .and_then(|path| clio_relay::cli::server::run(&path, false).map_err(|e| e.to_string())),
         Some(Command::Run { join_client_port }) => need_config().and_then(|path| {
-            clio_relay::server::run(&path, *join_client_port).map_err(|e| e.to_string())
+            clio_relay::cli::server::run(&path, *join_client_port).map_err(|e| e.to_string())
         }),
         Some(Command::CheckConfig) => {
             need_config().and_then(|path| match clio_relay::cli::check_config(&path) {
@@ -118,10 +124,11 @@ fn main() -> ExitCode {
             Ok(())
         }),
         Some(Command::Keys { action }) => need_config().and_then(|path| {
-            print!("{}", clio_relay::keys_cli::run(&path, action)?);
+            print!("{}", clio_relay::cli::keys::run(&path, action)?);
             Ok(())
         }),
-        Some(Command::Demo(args)) => clio_relay::demo::run(args).map_err(|e| e.to_string()),
+        #[cfg(feature = "demo")]
+        Some(Command::Demo(args)) => clio_relay::cli::demo::run(args).map_err(|e| e.to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

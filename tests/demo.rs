@@ -1,6 +1,6 @@
 //! `clio-relay demo`: in-process, and the real binary as a newcomer runs it.
 
-use clio_relay::demo::{render, run_demo, DemoArgs};
+use clio_relay::cli::demo::{render, run_demo, DemoArgs};
 
 #[test]
 fn demo_streams_every_client_to_the_end() {

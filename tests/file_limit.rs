@@ -11,10 +11,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use clio_relay::config::TokensConfig;
-use clio_relay::fake_soniox::{FakeConfig, FakeKey, FakeSoniox};
-use clio_relay::secret::Secret;
-use clio_relay::token::TokenKeys;
+use clio_relay::core::config::TokensConfig;
+use clio_relay::core::secret::Secret;
+use clio_relay::core::token::TokenKeys;
+use fake_soniox::{FakeConfig, FakeKey, FakeSoniox};
 use tungstenite::Message;
 
 const SECRET: &str = "0123456789abcdef0123456789abcdef0123456789abcdef";

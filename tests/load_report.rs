@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use clio_relay::fake_soniox::{FakeConfig, FakeKey, FakeSoniox};
-use clio_relay::relay_load::{self, AuthVia, Credentials, LoadOptions, LoadReport, Pace, Target};
+use fake_soniox::{FakeConfig, FakeKey, FakeSoniox};
+use relay_load::{self, AuthVia, Credentials, LoadOptions, LoadReport, Pace, Target};
 
 const KEY: &str = "load-report-key";
 
@@ -18,7 +18,7 @@ fn fake(echo: bool, limit: u32) -> FakeSoniox {
         echo,
         // Each stream holds its slot a while after its audio, so streams
         // opened together overlap however slow the machine is.
-        faults: clio_relay::fake_soniox::Faults {
+        faults: fake_soniox::Faults {
             finish_delay: Duration::from_millis(500),
             ..Default::default()
         },

@@ -5,16 +5,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use clio_relay::config::{
+use clio_relay::core::config::{
     AccountConfig, AdminConfig, AuthMode, Config, LimitsConfig, ServerConfig, TokensConfig,
     UpstreamConfig,
 };
-use clio_relay::fake_soniox::{FakeConfig, FakeKey, FakeSoniox, Faults};
-use clio_relay::relay_load::{
-    self, AuthVia, Credentials, LoadOptions, LoadReport, Mode, Pace, Target,
-};
-use clio_relay::secret::Secret;
-use clio_relay::token::TokenKeys;
+use clio_relay::core::secret::Secret;
+use clio_relay::core::token::TokenKeys;
+use fake_soniox::{FakeConfig, FakeKey, FakeSoniox, Faults};
+use relay_load::{self, AuthVia, Credentials, LoadOptions, LoadReport, Mode, Pace, Target};
 
 const KEY: &str = "load-test-key";
 
@@ -98,7 +96,7 @@ fn assert_clean(r: &LoadReport, streams: u64) {
 fn through_the_relay_every_frame_comes_back_once_in_order() {
     let fake = echo_fake();
     let cfg = relay_config(&fake.url());
-    let relay = clio_relay::server::start(&cfg).expect("relay starts");
+    let relay = clio_relay::cli::server::start(&cfg).expect("relay starts");
     let keys = Arc::new(TokenKeys::from_config(&cfg.tokens));
     let opts = smoke_options(
         Target::relay(relay.client_addr),
@@ -115,7 +113,7 @@ fn through_the_relay_every_frame_comes_back_once_in_order() {
 fn tokens_in_the_first_message_and_from_a_list() {
     let fake = echo_fake();
     let cfg = relay_config(&fake.url());
-    let relay = clio_relay::server::start(&cfg).expect("relay starts");
+    let relay = clio_relay::cli::server::start(&cfg).expect("relay starts");
     let keys = TokenKeys::from_config(&cfg.tokens);
     let tokens: Vec<String> = (0..3)
         .map(|i| {
@@ -156,7 +154,7 @@ fn directly_against_fake_soniox() {
 fn refusals_are_counted_by_code() {
     let fake = echo_fake();
     let cfg = relay_config(&fake.url());
-    let relay = clio_relay::server::start(&cfg).expect("relay starts");
+    let relay = clio_relay::cli::server::start(&cfg).expect("relay starts");
     let mut opts = smoke_options(
         Target::relay(relay.client_addr),
         AuthVia::Header,
@@ -259,12 +257,12 @@ fn through_the_relay_with_faults_every_frame_comes_back_once_in_order() {
         keys: vec![FakeKey::new(KEY, 100)],
         echo: true,
         faults: Faults {
-            random: Some(clio_relay::fake_soniox::RandomFaults {
+            random: Some(fake_soniox::RandomFaults {
                 share: 0.5,
                 kinds: vec![
-                    clio_relay::fake_soniox::FaultKind::Drop,
-                    clio_relay::fake_soniox::FaultKind::Error(503),
-                    clio_relay::fake_soniox::FaultKind::Error(500),
+                    fake_soniox::FaultKind::Drop,
+                    fake_soniox::FaultKind::Error(503),
+                    fake_soniox::FaultKind::Error(500),
                 ],
                 within_frames: 12,
                 seed: 7,
@@ -276,7 +274,7 @@ fn through_the_relay_with_faults_every_frame_comes_back_once_in_order() {
     .expect("fake-soniox starts");
     let mut cfg = relay_config(&fake.url());
     cfg.failover.max_resumes = 30;
-    let relay = clio_relay::server::start(&cfg).expect("relay starts");
+    let relay = clio_relay::cli::server::start(&cfg).expect("relay starts");
     let keys = Arc::new(TokenKeys::from_config(&cfg.tokens));
     let mut opts = smoke_options(
         Target::relay(relay.client_addr),

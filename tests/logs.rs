@@ -108,7 +108,7 @@ fn admin_changes_are_logged_with_the_account_id() {
     let capture = logs();
     let fake = fake(&["key-x"], |c| c.forbidden = vec![]);
     let mut cfg = relay_config(&fake.url(), &[("acct-x", "key-x")]);
-    cfg.admin.token = Some(clio_relay::secret::Secret::new(ADMIN));
+    cfg.admin.token = Some(clio_relay::core::secret::Secret::new(ADMIN));
     let relay = Relay::start(cfg);
     let admin = relay.handle.admin_addr;
     let (status, body) = http(

@@ -1,7 +1,7 @@
 //! Socket activation end to end: a child process gets listening sockets the
 //! way systemd passes them (fds 3 and 4, `LISTEN_FDS`, `LISTEN_FDNAMES`,
 //! and `LISTEN_PID` set to the child's own pid by an `exec`ing shell), takes
-//! them with `clio_relay::systemd::listen_fds` and accepts on them.
+//! them with `clio_relay::cli::systemd::listen_fds` and accepts on them.
 //!
 //! The child is this test binary again, running only [`child`], selected by
 //! `CLIO_RELAY_ACTIVATION_CHILD`.
@@ -22,7 +22,7 @@ fn child() {
     let Ok(mode) = std::env::var(CHILD) else {
         return;
     };
-    let got = clio_relay::systemd::listen_fds().expect("listen_fds");
+    let got = clio_relay::cli::systemd::listen_fds().expect("listen_fds");
     for k in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
         assert!(std::env::var_os(k).is_none(), "{k} left in the environment");
     }
@@ -33,8 +33,8 @@ fn child() {
     }
     let client = got.client.expect("a client socket");
     let admin = got.admin.expect("an admin socket");
-    let client_addr = clio_relay::systemd::local_addr(&client).unwrap();
-    let admin_addr = clio_relay::systemd::local_addr(&admin).unwrap();
+    let client_addr = clio_relay::cli::systemd::local_addr(&client).unwrap();
+    let admin_addr = clio_relay::cli::systemd::local_addr(&admin).unwrap();
     println!("CHILD-ADDRS client={client_addr} admin={admin_addr}");
     for (name, fd) in [("client", client), ("admin", admin)] {
         let l = TcpListener::from(fd);

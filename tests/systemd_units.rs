@@ -1,7 +1,7 @@
 //! The systemd units and the installer: `systemd-analyze verify` and
 //! `systemd-analyze security` on the units (skipped, with the reason
 //! printed, where systemd-analyze cannot run), the sockets' names against
-//! what `clio_relay::systemd` looks for, and `tools/install.sh` staged into a
+//! what `clio_relay::cli::systemd` looks for, and `tools/install.sh` staged into a
 //! directory, its config accepted by `clio-relay check-config`.
 
 use std::path::{Path, PathBuf};
@@ -147,7 +147,7 @@ fn units_say_what_the_relay_expects() {
     assert!(service.contains("WatchdogSec="));
     // The drain the comment describes is the relay's default, and the stop
     // timeout covers it plus the finalize.
-    let drain = clio_relay::config::LimitsConfig::default()
+    let drain = clio_relay::core::config::LimitsConfig::default()
         .drain_timeout
         .as_secs();
     assert!(
@@ -166,11 +166,11 @@ fn units_say_what_the_relay_expects() {
     let admin = unit("clio-relay-admin.socket");
     assert!(client.contains(&format!(
         "FileDescriptorName={}\n",
-        clio_relay::systemd::CLIENT_FD_NAME
+        clio_relay::cli::systemd::CLIENT_FD_NAME
     )));
     assert!(admin.contains(&format!(
         "FileDescriptorName={}\n",
-        clio_relay::systemd::ADMIN_FD_NAME
+        clio_relay::cli::systemd::ADMIN_FD_NAME
     )));
     assert!(client.contains("ReusePort=yes"));
     for s in [&client, &admin] {

@@ -5,7 +5,7 @@
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
-use clio_relay::usage::{GroupBy, UsageBook, UsageRecord};
+use clio_relay::control::usage::{GroupBy, UsageBook, UsageRecord};
 
 /// Records per persist: a persist is whole when the stream count is a
 /// multiple of this.

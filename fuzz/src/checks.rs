@@ -6,10 +6,10 @@
 //! `tests/properties` uses its frame pump), so the checks cannot rot while
 //! nobody fuzzes.
 
-use clio_relay::frame::{parse_header, write_header, FrameError, Opcode, Sender, MAX_HEADER_LEN};
-use clio_relay::http::{check_upstream_answer, parse_client_request, upgrade_response};
-use clio_relay::mask::{apply_mask, apply_mask_bytewise, rekey, MaskKeys};
-use clio_relay::pump::FrameScanner;
+use clio_frame::frame::{parse_header, write_header, FrameError, Opcode, Sender, MAX_HEADER_LEN};
+use clio_frame::mask::{apply_mask, apply_mask_bytewise, rekey, MaskKeys};
+use clio_frame::scanner::FrameScanner;
+use clio_relay::dataplane::http::{check_upstream_answer, parse_client_request, upgrade_response};
 
 /// What a pump makes of a byte stream that arrives in pieces: the bytes it
 /// forwards and the scanner's counts.
@@ -244,14 +244,14 @@ pub fn first_message(data: &[u8]) {
     let Ok(serde_json::Value::Object(client)) = serde_json::from_slice(data) else {
         return;
     };
-    let text = clio_relay::session::upstream_config_text(client.clone(), "s-1");
+    let text = clio_relay::dataplane::session::upstream_config_text(client.clone(), "s-1");
     let got: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&text).unwrap();
     let mut want = client;
     want.remove("api_key");
     want.entry("client_reference_id")
         .or_insert_with(|| "s-1".into());
     assert_eq!(got, want);
-    let keyed = clio_relay::session::with_api_key(&text, "key\"\u{1F511}");
+    let keyed = clio_relay::dataplane::session::with_api_key(&text, "key\"\u{1F511}");
     let keyed: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&keyed).unwrap();
     want.insert("api_key".into(), "key\"\u{1F511}".into());
     assert_eq!(keyed, want);
@@ -262,11 +262,11 @@ pub fn first_message(data: &[u8]) {
 pub fn token(data: &[u8]) {
     use std::sync::OnceLock;
     use std::time::{Duration, UNIX_EPOCH};
-    static KEYS: OnceLock<(clio_relay::token::TokenKeys, String)> = OnceLock::new();
+    static KEYS: OnceLock<(clio_relay::core::token::TokenKeys, String)> = OnceLock::new();
     let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
     let (keys, minted) = KEYS.get_or_init(|| {
-        let keys = clio_relay::token::TokenKeys::new(
-            &clio_relay::secret::Secret::new("fuzz-token-secret-0123456789abcdef"),
+        let keys = clio_relay::core::token::TokenKeys::new(
+            &clio_relay::core::secret::Secret::new("fuzz-token-secret-0123456789abcdef"),
             None,
             Duration::from_secs(30),
         );

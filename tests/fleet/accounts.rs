@@ -36,7 +36,7 @@ fn change(relay: &Relay, method: &str, path: &str, body: Option<&str>) {
 }
 
 /// Streams one short session on `relay`; returns the key upstream saw.
-fn stream_key(relay: &Relay, fake: &clio_relay::fake_soniox::FakeSoniox) -> String {
+fn stream_key(relay: &Relay, fake: &fake_soniox::FakeSoniox) -> String {
     let before = fake.sessions().len();
     let (mut ws, _) = connect(relay.addr(), &relay.token("phone"), Via::Header).unwrap();
     let got = stream_session(&mut ws, &config_message(None), &audio_frames(1, 1));

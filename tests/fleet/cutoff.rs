@@ -9,8 +9,8 @@
 use std::process::Command;
 use std::time::Duration;
 
-use clio_relay::config::DeviceLimits;
-use clio_relay::secret::Secret;
+use clio_relay::core::config::DeviceLimits;
+use clio_relay::core::secret::Secret;
 use tungstenite::Message;
 
 use crate::redis::RedisServer;

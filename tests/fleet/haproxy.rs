@@ -5,7 +5,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use clio_relay::fake_soniox::FakeKey;
+use fake_soniox::FakeKey;
 
 use crate::redis::{free_port, RedisServer};
 use crate::util::*;
@@ -117,7 +117,15 @@ fn load(port: u16, relay: &Relay, args: &[&str]) -> Child {
     std::fs::create_dir_all(&dir).unwrap();
     let tokens = dir.join("tokens.toml");
     std::fs::write(&tokens, "[tokens]\nsecret_env = \"FLEET_LB_SECRET\"\n").unwrap();
-    Command::new(env!("CARGO_BIN_EXE_relay-load"))
+    // relay-load is its own crate: the workspace's `cargo test` builds it
+    // beside clio-relay.
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_clio-relay")).with_file_name("relay-load");
+    assert!(
+        bin.exists(),
+        "{} is not built: run `cargo build -p relay-load`",
+        bin.display()
+    );
+    Command::new(bin)
         .arg("--url")
         .arg(format!("ws://127.0.0.1:{port}/v1/transcribe"))
         .arg("--relay-config")

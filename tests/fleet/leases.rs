@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use clio_relay::config::DeviceLimits;
+use clio_relay::core::config::DeviceLimits;
 use tungstenite::Message;
 
 use crate::process::Node;

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use clio_relay::config::DeviceLimits;
+use clio_relay::core::config::DeviceLimits;
 use tungstenite::Message;
 
 use crate::redis::RedisServer;
@@ -21,7 +21,7 @@ fn refused(relay: &Relay, token: &str) -> Received {
 }
 
 fn pair(
-    fake: &clio_relay::fake_soniox::FakeSoniox,
+    fake: &fake_soniox::FakeSoniox,
     redis: &RedisServer,
     limits: DeviceLimits,
 ) -> (Relay, Relay) {

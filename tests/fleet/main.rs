@@ -20,8 +20,8 @@ mod usage;
 
 use std::time::Duration;
 
-use clio_relay::config::{ClusterConfig, Config, StoreDown};
-use clio_relay::secret::Secret;
+use clio_relay::core::config::{ClusterConfig, Config, StoreDown};
+use clio_relay::core::secret::Secret;
 
 pub const ADMIN: &str = "fleet-admin-token-0123456789";
 pub const MASTER: &str = "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0";
@@ -44,7 +44,7 @@ pub fn node(cfg: &Config, redis: &redis::RedisServer, node: &str) -> Config {
 /// Two relays on one Redis with account `a` (key `key`, 50 streams), the
 /// admin token and one master key; `tweak` changes the shared config.
 pub fn pair(
-    fake: &clio_relay::fake_soniox::FakeSoniox,
+    fake: &fake_soniox::FakeSoniox,
     redis: &redis::RedisServer,
     key: &str,
     tweak: impl FnOnce(&mut Config),

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use clio_relay::config::{DeviceLimits, StoreDown};
+use clio_relay::core::config::{DeviceLimits, StoreDown};
 use tungstenite::Message;
 
 use crate::redis::RedisServer;

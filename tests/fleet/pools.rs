@@ -4,9 +4,9 @@
 
 use std::time::{Duration, SystemTime};
 
-use clio_relay::config::{AccountConfig, PoolConfig};
-use clio_relay::secret::Secret;
-use clio_relay::token::TokenKeys;
+use clio_relay::core::config::{AccountConfig, PoolConfig};
+use clio_relay::core::secret::Secret;
+use clio_relay::core::token::TokenKeys;
 use tungstenite::Message;
 
 use crate::redis::RedisServer;

@@ -4,7 +4,7 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 
-use clio_relay::secret::Secret;
+use clio_relay::core::secret::Secret;
 
 pub struct Node {
     child: Child,

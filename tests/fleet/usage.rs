@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
-use clio_relay::token::TokenKeys;
+use clio_relay::core::token::TokenKeys;
 
 use crate::process::Node;
 use crate::redis::RedisServer;
@@ -132,8 +132,8 @@ fn usage_sums_agree_on_every_node_and_split_by_node() {
 /// Redis adds it once.
 #[test]
 fn a_usage_batch_sent_twice_counts_once() {
-    use clio_relay::cluster::usage;
-    use clio_relay::usage::{GroupBy, UsageRecord};
+    use clio_relay::control::usage::{GroupBy, UsageRecord};
+    use clio_relay::core::cluster::usage;
     let redis = RedisServer::start();
     let client = ::redis::Client::open(redis.url()).unwrap();
     let mut con = client.get_connection().unwrap();
@@ -151,7 +151,7 @@ fn a_usage_batch_sent_twice_counts_once() {
     };
     usage::add(&mut pending, &[record]);
     let chunk = usage::take_chunk(&mut pending);
-    let script = ::redis::Script::new(clio_relay::cluster::scripts::USAGE);
+    let script = ::redis::Script::new(clio_relay::core::cluster::scripts::USAGE);
     let send = |con: &mut ::redis::Connection, id: &str| -> i64 {
         usage::invocation(&script, "node-x", id, &chunk)
             .invoke(con)

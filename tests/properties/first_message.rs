@@ -1,6 +1,6 @@
 //! The first-message rewrite: what upstream gets from the client's config.
 
-use clio_relay::session::{upstream_config_text, with_api_key};
+use clio_relay::dataplane::session::{upstream_config_text, with_api_key};
 use proptest::prelude::*;
 use serde_json::{Map, Value};
 

@@ -1,7 +1,7 @@
 //! `FrameScanner`, `parse_header` and masking.
 
-use clio_relay::frame::{parse_header, write_header, FrameError, Opcode, Sender, MAX_HEADER_LEN};
-use clio_relay::mask::{apply_mask, apply_mask_bytewise, rekey};
+use clio_frame::frame::{parse_header, write_header, FrameError, Opcode, Sender, MAX_HEADER_LEN};
+use clio_frame::mask::{apply_mask, apply_mask_bytewise, rekey};
 use proptest::prelude::*;
 
 use crate::checks::{decode, pump};

@@ -2,8 +2,8 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use clio_relay::secret::Secret;
-use clio_relay::token::{TokenError, TokenKeys};
+use clio_relay::core::secret::Secret;
+use clio_relay::core::token::{TokenError, TokenKeys};
 use proptest::prelude::*;
 
 fn keys() -> TokenKeys {

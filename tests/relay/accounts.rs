@@ -4,8 +4,8 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use clio_relay::config::AuthMode;
-use clio_relay::fake_soniox::{AuthVia, FakeKey};
+use clio_relay::core::config::AuthMode;
+use fake_soniox::{AuthVia, FakeKey};
 use tungstenite::Message;
 
 use crate::util::*;

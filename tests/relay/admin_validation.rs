@@ -1,7 +1,7 @@
 //! The admin API validates as it says: account ids of 1-64 characters of
 //! `[A-Za-z0-9._-]`, and 405 for a method a path does not serve.
 
-use clio_relay::secret::Secret;
+use clio_relay::core::secret::Secret;
 
 use crate::util::*;
 

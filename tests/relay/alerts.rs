@@ -158,7 +158,7 @@ fn unusual_usage_needs_a_baseline_and_the_stats_list_firing_alerts() {
     // Any audio is over the floor: only the missing baseline holds it back.
     cfg.usage.alerts.unusual_min_audio_seconds = 1;
     cfg.usage.alerts.webhook_url = Some(url);
-    cfg.admin.token = Some(clio_relay::secret::Secret::new(ADMIN));
+    cfg.admin.token = Some(clio_relay::core::secret::Secret::new(ADMIN));
     let relay = Relay::start(cfg);
     let admin = relay.handle.admin_addr;
     let (mut ws, _) = connect(relay.addr(), &relay.token("chatty-phone"), Via::Header).unwrap();

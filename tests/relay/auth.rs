@@ -27,7 +27,7 @@ fn streams_with(via: Via) {
     assert_eq!(s.client_close_code, Some(1000), "{via:?}");
     // The key went upstream in the header; the token never did.
     assert_eq!(s.key.as_deref(), Some("key-a"));
-    assert_eq!(s.auth_via, Some(clio_relay::fake_soniox::AuthVia::Header));
+    assert_eq!(s.auth_via, Some(fake_soniox::AuthVia::Header));
     let seen = format!(
         "{:?} {:?} {:?}",
         s.request_path, s.request_headers, s.text_messages

@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, UNIX_EPOCH};
 
-use clio_relay::secret::Secret;
-use clio_relay::token::TokenKeys;
+use clio_relay::core::secret::Secret;
+use clio_relay::core::token::TokenKeys;
 use serde_json::Value;
 
 use crate::util::*;

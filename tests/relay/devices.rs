@@ -2,16 +2,16 @@
 
 use std::time::{Duration, SystemTime};
 
-use clio_relay::config::DeviceLimits;
-use clio_relay::secret::Secret;
-use clio_relay::token::TokenKeys;
+use clio_relay::core::config::DeviceLimits;
+use clio_relay::core::secret::Secret;
+use clio_relay::core::token::TokenKeys;
 use tungstenite::Message;
 
 use crate::util::*;
 
 const ADMIN: &str = "devices-admin-token-0123456789";
 
-fn relay_with(fake: &clio_relay::fake_soniox::FakeSoniox, limits: DeviceLimits) -> Relay {
+fn relay_with(fake: &fake_soniox::FakeSoniox, limits: DeviceLimits) -> Relay {
     let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
     cfg.accounts[0].max_concurrent_streams = 50;
     cfg.accounts[0].price_per_hour = 0.36;
@@ -377,7 +377,7 @@ fn usage_json_of_an_older_relay_is_migrated_at_start() {
     let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
     cfg.admin.token = Some(Secret::new(ADMIN));
     cfg.usage.persist_interval = Duration::from_millis(100);
-    let today = clio_relay::devices::utc_day(SystemTime::now());
+    let today = clio_relay::core::devices::utc_day(SystemTime::now());
     let dir = &cfg.admin.state_dir;
     std::fs::create_dir_all(dir).unwrap();
     let old = serde_json::json!({
@@ -396,8 +396,8 @@ fn usage_json_of_an_older_relay_is_migrated_at_start() {
         "GET",
         &format!(
             "/admin/usage?group_by=account&from={}&to={}",
-            clio_relay::usage::format_day(today),
-            clio_relay::usage::format_day(today + 1)
+            clio_relay::control::usage::format_day(today),
+            clio_relay::control::usage::format_day(today + 1)
         ),
         Some(ADMIN),
         None,

@@ -4,7 +4,7 @@ use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clio_relay::systemd::Activated;
+use clio_relay::cli::systemd::Activated;
 use tungstenite::Message;
 
 use crate::util::*;
@@ -64,7 +64,7 @@ fn drain_finalizes_live_streams_then_asks_clients_to_reconnect() {
 
 #[test]
 fn a_restart_on_a_shared_socket_refuses_nothing_and_loses_nothing() {
-    use clio_relay::relay_load::{self, AuthVia, Credentials, LoadOptions, Pace, Target};
+    use relay_load::{self, AuthVia, Credentials, LoadOptions, Pace, Target};
     // Echo mode: relay-load then checks every frame comes back once, in order.
     let fake = fake(&["k1"], |c| c.echo = true);
     // The socket systemd would hold across the restart.
@@ -77,8 +77,8 @@ fn a_restart_on_a_shared_socket_refuses_nothing_and_loses_nothing() {
     };
     let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
     cfg.accounts[0].max_concurrent_streams = 100;
-    let old = clio_relay::server::start_with(&cfg, activated()).unwrap();
-    let keys = Arc::new(clio_relay::token::TokenKeys::from_config(&cfg.tokens));
+    let old = clio_relay::cli::server::start_with(&cfg, activated()).unwrap();
+    let keys = Arc::new(clio_relay::core::token::TokenKeys::from_config(&cfg.tokens));
     let load = std::thread::spawn(move || {
         relay_load::run(&LoadOptions {
             target: Target::relay(addr),
@@ -97,7 +97,7 @@ fn a_restart_on_a_shared_socket_refuses_nothing_and_loses_nothing() {
     });
     std::thread::sleep(Duration::from_millis(1000));
     // The new process takes the same socket, then the old one drains.
-    let new = clio_relay::server::start_with(&cfg, activated()).unwrap();
+    let new = clio_relay::cli::server::start_with(&cfg, activated()).unwrap();
     let old_total = old.metrics().streams_total();
     assert_eq!(
         old.drain(Duration::from_secs(5)),

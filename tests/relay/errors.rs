@@ -4,16 +4,16 @@
 use std::io::Write;
 use std::time::{Duration, SystemTime};
 
-use clio_relay::config::TokensConfig;
-use clio_relay::fake_soniox::FakeSoniox;
-use clio_relay::token::TokenKeys;
+use clio_relay::core::config::TokensConfig;
+use clio_relay::core::token::TokenKeys;
+use fake_soniox::FakeSoniox;
 use tungstenite::Message;
 
 use crate::util::*;
 
 const LIMIT: Duration = Duration::from_secs(10);
 
-fn setup(tweak: impl FnOnce(&mut clio_relay::config::Config)) -> (FakeSoniox, Relay) {
+fn setup(tweak: impl FnOnce(&mut clio_relay::core::config::Config)) -> (FakeSoniox, Relay) {
     let fake = fake(&["key-a"], |_| {});
     let mut cfg = relay_config(&fake.url(), &[("acct-a", "key-a")]);
     tweak(&mut cfg);

@@ -3,8 +3,8 @@
 
 use std::time::{Duration, Instant};
 
-use clio_relay::config::AuthMode;
-use clio_relay::fake_soniox::{FakeKey, FakeSoniox, FaultKind, RandomFaults};
+use clio_relay::core::config::AuthMode;
+use fake_soniox::{FakeKey, FakeSoniox, FaultKind, RandomFaults};
 
 use crate::util::*;
 

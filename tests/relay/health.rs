@@ -96,8 +96,8 @@ fn upstream_concurrency_limit_caps_the_account() {
     // Soniox allows 2 live streams on k1; the relay's config says 10.
     let fake = fake(&[], |c| {
         c.keys = vec![
-            clio_relay::fake_soniox::FakeKey::new("k1", 2),
-            clio_relay::fake_soniox::FakeKey::new("k2", 10),
+            fake_soniox::FakeKey::new("k1", 2),
+            fake_soniox::FakeKey::new("k2", 10),
         ]
     });
     let mut cfg = relay_config(&fake.url(), &[("a", "k1"), ("b", "k2")]);

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use clio_relay::secret::Secret;
+use clio_relay::core::secret::Secret;
 
 use crate::util::*;
 

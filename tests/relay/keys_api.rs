@@ -3,17 +3,14 @@
 
 use std::time::{Duration, Instant};
 
-use clio_relay::secret::Secret;
+use clio_relay::core::secret::Secret;
 use tungstenite::Message;
 
 use crate::util::*;
 
 const ADMIN: &str = "admin-token-for-tests-0123456789";
 
-fn relay_with_admin(
-    fake: &clio_relay::fake_soniox::FakeSoniox,
-    accounts: &[(&str, &str)],
-) -> Relay {
+fn relay_with_admin(fake: &fake_soniox::FakeSoniox, accounts: &[(&str, &str)]) -> Relay {
     let mut cfg = relay_config(&fake.url(), accounts);
     cfg.admin.token = Some(Secret::new(ADMIN));
     Relay::start(cfg)
@@ -414,7 +411,9 @@ fn runtime_changes_survive_a_restart_in_the_encrypted_store() {
     // The wrong master key: the relay refuses to start, and says why.
     let mut wrong = cfg.clone();
     wrong.admin.master_key = Some(Secret::new("f".repeat(64)));
-    let err = clio_relay::server::start(&wrong).unwrap_err().to_string();
+    let err = clio_relay::cli::server::start(&wrong)
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("key store") && !err.contains(&"f".repeat(64)),
         "{err}"

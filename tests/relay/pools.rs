@@ -5,10 +5,10 @@
 
 use std::time::{Duration, SystemTime};
 
-use clio_relay::config::{AccountConfig, PoolConfig};
-use clio_relay::fake_soniox::{FakeKey, FakeSoniox};
-use clio_relay::secret::Secret;
-use clio_relay::token::TokenKeys;
+use clio_relay::core::config::{AccountConfig, PoolConfig};
+use clio_relay::core::secret::Secret;
+use clio_relay::core::token::TokenKeys;
+use fake_soniox::{FakeKey, FakeSoniox};
 use tungstenite::Message;
 
 use crate::util::*;
@@ -20,7 +20,7 @@ const LIMIT: Duration = Duration::from_secs(10);
 /// "eu-2" (limit 1 each) in eu, and no account in the default pool.
 /// `tweak_eu` changes the EU fake (its faults).
 fn us_and_eu(
-    tweak_eu: impl FnOnce(&mut clio_relay::fake_soniox::FakeConfig),
+    tweak_eu: impl FnOnce(&mut fake_soniox::FakeConfig),
 ) -> (FakeSoniox, FakeSoniox, Relay) {
     let (us, eu, cfg) = us_and_eu_config(tweak_eu);
     (us, eu, Relay::start(cfg))
@@ -28,8 +28,8 @@ fn us_and_eu(
 
 /// What [`us_and_eu`] starts, not started yet.
 fn us_and_eu_config(
-    tweak_eu: impl FnOnce(&mut clio_relay::fake_soniox::FakeConfig),
-) -> (FakeSoniox, FakeSoniox, clio_relay::config::Config) {
+    tweak_eu: impl FnOnce(&mut fake_soniox::FakeConfig),
+) -> (FakeSoniox, FakeSoniox, clio_relay::core::config::Config) {
     let us = fake(&["us-key-1"], |_| {});
     let eu = fake(&[], |c| {
         c.keys = vec![FakeKey::new("eu-key-1", 50), FakeKey::new("eu-key-2", 50)];
@@ -207,7 +207,7 @@ fn a_secret_bound_to_a_pool_refuses_a_forged_claim_for_another() {
 
 #[test]
 fn mid_stream_resume_stays_in_the_tokens_pool() {
-    use clio_relay::fake_soniox::{FaultKind, RandomFaults};
+    use fake_soniox::{FaultKind, RandomFaults};
     // The EU upstream fails the first connection (503) at its eighth audio
     // frame and not the second: the stream resumes, on an EU account.
     let mut faults = RandomFaults {
@@ -365,7 +365,7 @@ fn one_relay_takes_each_backends_secret_for_its_own_pools_only() {
     let (us, eu, mut cfg) = us_and_eu_config(|_| {});
     cfg.tokens.pools = Some(vec!["us".into()]);
     let dev_secret = secret();
-    cfg.tokens.extra = vec![clio_relay::config::ExtraSecret {
+    cfg.tokens.extra = vec![clio_relay::core::config::ExtraSecret {
         secret: dev_secret.clone(),
         pools: vec!["eu".into()],
     }];

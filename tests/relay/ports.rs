@@ -109,15 +109,15 @@ fn join_client_port_shares_the_client_port_but_never_the_admin_port() {
     let mut cfg = relay_config(&fake.url(), &[("b", "k1")]);
     cfg.server.listen = client;
     cfg.server.admin_listen = any;
-    let e = clio_relay::server::start(&cfg).unwrap_err();
+    let e = clio_relay::cli::server::start(&cfg).unwrap_err();
     assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse, "{e}");
-    let second = clio_relay::server::start_joining(&cfg, Default::default(), true).unwrap();
+    let second = clio_relay::cli::server::start_joining(&cfg, Default::default(), true).unwrap();
     assert_eq!(second.client_addr, client);
     // The first one leaves; the second serves the port alone.
     first.handle.drain(Duration::from_millis(100));
     drop(first);
     let token = {
-        let keys = clio_relay::token::TokenKeys::from_config(&cfg.tokens);
+        let keys = clio_relay::core::token::TokenKeys::from_config(&cfg.tokens);
         keys.mint(
             "phone",
             Duration::from_secs(60),
@@ -186,9 +186,11 @@ fn a_restart_binds_the_ports_its_predecessor_just_left() {
     let first = start();
     // A finished stream and an admin request leave the relay's ends of those
     // connections in TIME_WAIT on its ports.
-    let keys = clio_relay::token::TokenKeys::from_config(&clio_relay::config::TokensConfig::new(
-        clio_relay::secret::Secret::new("s".repeat(40)),
-    ));
+    let keys = clio_relay::core::token::TokenKeys::from_config(
+        &clio_relay::core::config::TokensConfig::new(clio_relay::core::secret::Secret::new(
+            "s".repeat(40),
+        )),
+    );
     let token = keys
         .mint(
             "phone",

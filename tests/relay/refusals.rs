@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use clio_relay::fake_soniox::FakeKey;
+use fake_soniox::FakeKey;
 use tungstenite::Message;
 
 use crate::util::*;
@@ -75,7 +75,7 @@ fn upstreams_refusal_and_a_device_limit_are_labelled_as_theirs() {
     let fake = fake(&[], |c| c.keys = vec![FakeKey::new("k1", 1)]);
     let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
     cfg.devices.default.max_concurrent_streams = 1;
-    cfg.admin.token = Some(clio_relay::secret::Secret::new(ADMIN));
+    cfg.admin.token = Some(clio_relay::core::secret::Secret::new(ADMIN));
     let relay = Relay::start(cfg);
     let _held = hold(&relay, "one");
     assert!(fake.wait_for(Duration::from_secs(10), |s| s.len() == 1

@@ -6,8 +6,8 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use clio_relay::secret::Secret;
-use clio_relay::token::TokenKeys;
+use clio_relay::core::secret::Secret;
+use clio_relay::core::token::TokenKeys;
 use tungstenite::Message;
 
 use crate::util::*;

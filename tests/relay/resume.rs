@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use clio_relay::fake_soniox::{transcript_of, FakeKey, FaultKind, RandomFaults};
+use fake_soniox::{transcript_of, FakeKey, FaultKind, RandomFaults};
 use serde_json::Value;
 use tungstenite::Message;
 

@@ -9,15 +9,12 @@ use crate::util::*;
 
 const LIMIT: Duration = Duration::from_secs(10);
 
-fn relay_for(fake: &clio_relay::fake_soniox::FakeSoniox) -> Relay {
+fn relay_for(fake: &fake_soniox::FakeSoniox) -> Relay {
     Relay::start(relay_config(&fake.url(), &[("acct-a", "key-a")]))
 }
 
 /// Waits until the fake saw `n` sessions, all closed, and returns them.
-fn closed_sessions(
-    fake: &clio_relay::fake_soniox::FakeSoniox,
-    n: usize,
-) -> Vec<clio_relay::fake_soniox::SessionRecord> {
+fn closed_sessions(fake: &fake_soniox::FakeSoniox, n: usize) -> Vec<fake_soniox::SessionRecord> {
     assert!(
         fake.wait_for(LIMIT, |s| s.len() == n && s.iter().all(|r| r.closed)),
         "fake sessions: {:?}",
@@ -260,11 +257,7 @@ fn client_pings_mid_stream_are_answered() {
 }
 
 /// Streams `frames` straight to the fake (no relay), as the relay would.
-fn direct_session(
-    fake: &clio_relay::fake_soniox::FakeSoniox,
-    key: &str,
-    frames: &[Vec<u8>],
-) -> Received {
+fn direct_session(fake: &fake_soniox::FakeSoniox, key: &str, frames: &[Vec<u8>]) -> Received {
     use tungstenite::client::IntoClientRequest;
     let mut req = fake.url().into_client_request().unwrap();
     req.headers_mut()

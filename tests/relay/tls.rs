@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use clio_relay::fake_soniox::{FakeConfig, FakeKey, FakeSoniox};
+use fake_soniox::{FakeConfig, FakeKey, FakeSoniox};
 
 use tungstenite::Message;
 
@@ -159,7 +159,7 @@ fn client_port_serves_tls_and_reloads_its_certificate() {
     std::fs::write(dir.join("cert.pem"), &cert1).unwrap();
     std::fs::write(dir.join("key.pem"), &key1).unwrap();
     let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
-    cfg.tls = Some(clio_relay::config::TlsConfig {
+    cfg.tls = Some(clio_relay::core::config::TlsConfig {
         cert_file: dir.join("cert.pem"),
         key_file: dir.join("key.pem"),
     });

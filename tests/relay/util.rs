@@ -4,14 +4,14 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant, SystemTime};
 
-use clio_relay::config::{
+use clio_relay::cli::server::RelayHandle;
+use clio_relay::core::config::{
     AccountConfig, AdminConfig, AuthMode, Config, LimitsConfig, ServerConfig, TokensConfig,
     UpstreamConfig,
 };
-use clio_relay::fake_soniox::{FakeConfig, FakeKey, FakeSoniox};
-use clio_relay::secret::Secret;
-use clio_relay::server::RelayHandle;
-use clio_relay::token::TokenKeys;
+use clio_relay::core::secret::Secret;
+use clio_relay::core::token::TokenKeys;
+use fake_soniox::{FakeConfig, FakeKey, FakeSoniox};
 use serde_json::Value;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::CloseFrame;
@@ -33,7 +33,7 @@ pub fn fake(keys: &[&str], tweak: impl FnOnce(&mut FakeConfig)) -> FakeSoniox {
 
 /// A random token secret for one test.
 pub fn secret() -> Secret {
-    let mut keys = clio_relay::mask::MaskKeys::default();
+    let mut keys = clio_frame::mask::MaskKeys::default();
     let hex: String = (0..10)
         .flat_map(|_| keys.next_key())
         .map(|b| format!("{b:02x}"))
@@ -87,7 +87,7 @@ pub struct Relay {
 
 impl Relay {
     pub fn start(cfg: Config) -> Relay {
-        let handle = clio_relay::server::start(&cfg).expect("relay starts");
+        let handle = clio_relay::cli::server::start(&cfg).expect("relay starts");
         Relay { cfg, handle }
     }
 
@@ -276,12 +276,12 @@ pub fn raw_upgrade(addr: SocketAddr, token: &str) -> (TcpStream, Vec<u8>) {
 /// A masked client frame.
 pub fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
     let op = match opcode {
-        1 => clio_relay::frame::Opcode::Text,
-        2 => clio_relay::frame::Opcode::Binary,
-        8 => clio_relay::frame::Opcode::Close,
+        1 => clio_frame::frame::Opcode::Text,
+        2 => clio_frame::frame::Opcode::Binary,
+        8 => clio_frame::frame::Opcode::Close,
         _ => panic!("opcode"),
     };
-    clio_relay::frame::build_frame(op, payload, Some([0x12, 0x34, 0x56, 0x78]))
+    clio_frame::frame::build_frame(op, payload, Some([0x12, 0x34, 0x56, 0x78]))
 }
 
 /// Reads server frames from a raw socket until close or EOF: (opcode, payload) pairs.
@@ -291,7 +291,7 @@ pub fn raw_read_frames(tcp: &mut TcpStream) -> Vec<(u8, Vec<u8>)> {
     let mut out = Vec::new();
     let mut at = 0;
     while let Ok(Some(h)) =
-        clio_relay::frame::parse_header(&data[at..], clio_relay::frame::Sender::Server, 1 << 30)
+        clio_frame::frame::parse_header(&data[at..], clio_frame::frame::Sender::Server, 1 << 30)
     {
         let end = at + h.header_len + h.payload_len as usize;
         if end > data.len() {

@@ -1,0 +1,386 @@
+//! The frame scanner: walks WebSocket frames where they lie in a read
+//! buffer, across reads of any size, and re-masks client frames in place.
+//!
+//! It owns no buffer and does no I/O: the pumps hand it each window they
+//! read and forward the ready region it reports. A frame's header and
+//! payload are contiguous in the buffer, so every ready region is one
+//! contiguous write; a payload larger than the buffer streams through in
+//! pieces (the scanner keeps the mask phase across reads). Nothing here
+//! allocates, except [`FrameScanner::scan_capture`], which copies audio
+//! into the caller's [`Capture`] for a resume.
+
+use crate::frame::{parse_header, FrameError, Opcode, Sender};
+use crate::mask::{apply_mask, rekey, MaskKeys};
+
+/// What one pass of [`FrameScanner::scan`] found.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Scan {
+    /// Bytes from the start of the window that are ready to forward.
+    pub ready: usize,
+    /// Frames whose last byte is in the ready region.
+    pub frames_done: u32,
+    /// Data (non-control) frames whose header is in the ready region.
+    pub data_frames_started: u32,
+    /// The ready region ends with a close frame: nothing after it is read.
+    pub close_done: bool,
+    /// The frame after the ready region breaks the protocol. The ready
+    /// frames before it are still forwarded, then the stream ends.
+    pub violation: Option<FrameError>,
+    /// Payload bytes of binary messages in the ready region (audio, for the
+    /// usage meter and the daily allowance).
+    pub binary_bytes: u64,
+    /// Where the payload of the last text frame that lies wholly in the
+    /// ready region is (server frames are unmasked, so it is readable): how
+    /// the relay spots upstream's `finished` figures without parsing every
+    /// result.
+    pub last_text: Option<(usize, usize)>,
+}
+
+/// Walks frames across reads. For client frames it also re-masks in place.
+#[derive(Debug)]
+pub struct FrameScanner {
+    from: Sender,
+    max_payload: u64,
+    /// Payload bytes of the current frame not yet seen.
+    remaining: u64,
+    /// `client key ⊕ fresh key` for the current frame (client frames only).
+    xor: [u8; 4],
+    /// Payload offset (mod 4) of the next payload byte.
+    phase: usize,
+    /// The current frame is a close frame.
+    in_close: bool,
+    /// The message being sent is binary (continuations inherit it).
+    msg_binary: bool,
+    /// The current frame's payload counts as audio.
+    counts_audio: bool,
+    /// Where the current text frame's payload starts in this window, if it
+    /// started in it.
+    text_start: Option<usize>,
+    /// The current client frame's own mask key, and the relay's key that
+    /// replaced it (for [`FrameScanner::scan_capture`] and a resume).
+    client_key: [u8; 4],
+    fresh: [u8; 4],
+    /// The current frame's FIN bit and opcode.
+    fin: bool,
+    opcode: Opcode,
+}
+
+impl FrameScanner {
+    /// A scanner for frames sent by `from`, refusing payloads over `max_payload`.
+    pub fn new(from: Sender, max_payload: u64) -> Self {
+        FrameScanner {
+            from,
+            max_payload,
+            remaining: 0,
+            xor: [0; 4],
+            phase: 0,
+            in_close: false,
+            msg_binary: false,
+            counts_audio: false,
+            text_start: None,
+            client_key: [0; 4],
+            fresh: [0; 4],
+            fin: true,
+            opcode: Opcode::Binary,
+        }
+    }
+
+    /// Mid-frame in an audio frame: how the rest of this frame, re-masked
+    /// as the scanner does it, continues on a new connection (see
+    /// [`CutFrame`]). `None` between frames; `Some(None)` mid-frame
+    /// in anything but audio.
+    pub fn cut_frame(&self) -> Option<Option<CutFrame>> {
+        if self.remaining == 0 {
+            return None;
+        }
+        if !self.counts_audio {
+            return Some(None);
+        }
+        Some(Some(CutFrame {
+            remaining: self.remaining,
+            key: self.fresh,
+            phase: self.phase,
+            fin: self.fin,
+        }))
+    }
+
+    /// True between frames (a partial header not yet scanned counts as between).
+    pub fn at_boundary(&self) -> bool {
+        self.remaining == 0
+    }
+
+    /// Scans `window` from its start. Client frames get a fresh key from
+    /// `masks`. Stops after a close frame, before a partial header (those
+    /// bytes stay for the next read), or before a frame that breaks the
+    /// protocol ([`Scan::violation`]). Allocation-free.
+    #[inline]
+    pub fn scan(&mut self, window: &mut [u8], masks: Option<&mut MaskKeys>) -> Scan {
+        self.scan_inner(window, masks, None)
+    }
+
+    /// [`scan`](Self::scan) that also copies what a resume needs into
+    /// `capture`: audio payloads unmasked, and whether a `finalize` or the
+    /// end of audio went by. Client frames only.
+    pub fn scan_capture(
+        &mut self,
+        window: &mut [u8],
+        masks: &mut MaskKeys,
+        capture: &mut Capture,
+    ) -> Scan {
+        self.scan_inner(window, Some(masks), Some(capture))
+    }
+
+    #[inline(always)]
+    fn scan_inner(
+        &mut self,
+        window: &mut [u8],
+        masks: Option<&mut MaskKeys>,
+        mut capture: Option<&mut Capture>,
+    ) -> Scan {
+        let mut masks = masks;
+        let mut out = Scan::default();
+        let len = window.len();
+        let mut pos = 0;
+        loop {
+            if self.remaining > 0 {
+                let n = (self.remaining.min((len - pos) as u64)) as usize;
+                if self.from == Sender::Client {
+                    if let Some(c) = capture.as_deref_mut() {
+                        self.capture_payload(&window[pos..pos + n], c);
+                    }
+                    apply_mask(&mut window[pos..pos + n], self.xor, self.phase);
+                }
+                self.phase = (self.phase + n) & 3;
+                self.remaining -= n as u64;
+                if self.counts_audio {
+                    out.binary_bytes += n as u64;
+                }
+                pos += n;
+                if self.remaining > 0 {
+                    self.text_start = None; // continues past this window
+                    break; // the payload goes on in the next read
+                }
+                out.frames_done += 1;
+                if let Some(c) = capture.as_deref_mut() {
+                    if self.counts_audio {
+                        c.frame_ends.push(c.audio.len());
+                    }
+                    Self::frame_done(c, self.opcode, self.fin);
+                }
+                if let Some(start) = self.text_start.take() {
+                    out.last_text = Some((start, pos));
+                }
+                if self.in_close {
+                    out.close_done = true;
+                    break;
+                }
+                continue;
+            }
+            if pos == len {
+                break;
+            }
+            let h = match parse_header(&window[pos..], self.from, self.max_payload) {
+                Ok(Some(h)) => h,
+                Ok(None) => break, // partial header: keep it for the next read
+                Err(e) => {
+                    out.violation = Some(e);
+                    break;
+                }
+            };
+            if let (Some(client_key), Some(masks)) = (h.mask, masks.as_deref_mut()) {
+                let fresh = masks.next_key();
+                let at = pos + h.header_len - 4;
+                window[at..at + 4].copy_from_slice(&fresh);
+                self.xor = rekey(client_key, fresh);
+                self.client_key = client_key;
+                self.fresh = fresh;
+            }
+            self.fin = h.fin;
+            self.opcode = h.opcode;
+            if !h.opcode.is_control() {
+                out.data_frames_started += 1;
+                match h.opcode {
+                    Opcode::Binary => self.msg_binary = true,
+                    Opcode::Text => self.msg_binary = false,
+                    _ => {}
+                }
+            }
+            self.counts_audio = !h.opcode.is_control() && self.msg_binary;
+            self.text_start = (h.opcode == Opcode::Text && h.fin).then_some(pos + h.header_len);
+            self.in_close = h.opcode == Opcode::Close;
+            self.phase = 0;
+            self.remaining = h.payload_len;
+            pos += h.header_len;
+            if h.payload_len == 0 {
+                out.frames_done += 1;
+                if let Some(c) = capture.as_deref_mut() {
+                    if h.fin && matches!(h.opcode, Opcode::Binary | Opcode::Text) {
+                        c.end_of_audio = true;
+                    }
+                    Self::frame_done(c, h.opcode, h.fin);
+                }
+                if self.in_close {
+                    out.close_done = true;
+                    break;
+                }
+            }
+        }
+        out.ready = pos;
+        out
+    }
+}
+
+impl FrameScanner {
+    /// Copies `masked` (the client's bytes of the current frame, before
+    /// re-masking) into `c`, unmasked: audio to `c.audio`, text (up to a
+    /// bound) to `c.text`.
+    fn capture_payload(&self, masked: &[u8], c: &mut Capture) {
+        let to = if self.counts_audio {
+            &mut c.audio
+        } else if !self.opcode.is_control() && !self.msg_binary {
+            if c.text.len() + masked.len() > MAX_CONTROL_TEXT {
+                return;
+            }
+            &mut c.text
+        } else {
+            return;
+        };
+        let at = to.len();
+        to.extend_from_slice(masked);
+        apply_mask(&mut to[at..], self.client_key, self.phase);
+    }
+
+    /// A frame ended: a whole text message is checked for `finalize`.
+    fn frame_done(c: &mut Capture, opcode: Opcode, fin: bool) {
+        if fin && !opcode.is_control() && !c.text.is_empty() {
+            if c.text.windows(8).any(|w| w == b"finalize") {
+                c.finalize = true;
+            }
+            c.text.clear();
+        }
+    }
+}
+
+/// Largest client text message whose content is looked at (for `finalize`).
+pub const MAX_CONTROL_TEXT: usize = 4096;
+
+/// What [`FrameScanner::scan_capture`] saw in one window, beyond [`Scan`].
+#[derive(Debug, Default)]
+pub struct Capture {
+    /// Raw audio payload bytes, unmasked, in order.
+    pub audio: Vec<u8>,
+    /// Where in `audio` a client audio frame ended.
+    pub frame_ends: Vec<usize>,
+    /// The payload of the client text frame being read, unmasked.
+    pub text: Vec<u8>,
+    /// A client `finalize` message went by.
+    pub finalize: bool,
+    /// The client's end of audio (an empty data frame) went by.
+    pub end_of_audio: bool,
+}
+
+/// A client audio frame the failure cut: part of it went to the old
+/// connection, the rest is still to be read from the client. On the new
+/// connection the part in the copy and the rest make one frame again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CutFrame {
+    /// Payload bytes of the frame not yet read.
+    pub remaining: u64,
+    /// The relay's mask key for the frame, and the payload offset (mod 4)
+    /// the rest continues at under it: the client→upstream pump re-masks
+    /// the rest with these, as for the old connection.
+    pub key: [u8; 4],
+    pub phase: usize,
+    /// The frame's FIN bit.
+    pub fin: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::build_frame;
+
+    fn unmask_frames(bytes: &[u8]) -> Vec<(Opcode, Vec<u8>)> {
+        let mut out = vec![];
+        let mut at = 0;
+        while at < bytes.len() {
+            let h = parse_header(&bytes[at..], Sender::Client, 1 << 30)
+                .unwrap()
+                .unwrap();
+            let mut p =
+                bytes[at + h.header_len..at + h.header_len + h.payload_len as usize].to_vec();
+            apply_mask(&mut p, h.mask.unwrap(), 0);
+            out.push((h.opcode, p));
+            at += h.header_len + h.payload_len as usize;
+        }
+        out
+    }
+
+    #[test]
+    fn remasks_frames_split_at_every_byte() {
+        let frames: Vec<(Opcode, Vec<u8>)> = vec![
+            (Opcode::Binary, (0..3200u32).map(|i| i as u8).collect()),
+            (Opcode::Text, br#"{"type":"keepalive"}"#.to_vec()),
+            (Opcode::Ping, b"p".to_vec()),
+            (Opcode::Binary, vec![]),
+            (Opcode::Binary, vec![7; 70_000]),
+        ];
+        let mut wire = vec![];
+        for (i, (op, p)) in frames.iter().enumerate() {
+            wire.extend(build_frame(*op, p, Some([i as u8, 0x55, 0xAA, 3])));
+        }
+        for chunk in [1usize, 2, 5, 13, 100, 4096, 1 << 20] {
+            let mut scanner = FrameScanner::new(Sender::Client, 1 << 20);
+            let mut masks = MaskKeys::default();
+            let mut carry: Vec<u8> = vec![];
+            let mut sent = vec![];
+            let (mut done, mut data) = (0, 0);
+            for piece in wire.chunks(chunk) {
+                carry.extend_from_slice(piece);
+                let s = scanner.scan(&mut carry, Some(&mut masks));
+                sent.extend_from_slice(&carry[..s.ready]);
+                carry.drain(..s.ready);
+                done += s.frames_done;
+                data += s.data_frames_started;
+            }
+            assert!(carry.is_empty());
+            assert_eq!((done, data), (5, 4), "chunk {chunk}");
+            assert_eq!(sent.len(), wire.len());
+            assert_ne!(sent, wire, "keys changed");
+            assert_eq!(unmask_frames(&sent), frames, "chunk {chunk}");
+        }
+    }
+
+    #[test]
+    fn stops_after_close_and_rejects_violations() {
+        let mut wire = build_frame(
+            Opcode::Close,
+            &crate::frame::close_payload(1000, "bye"),
+            Some([1, 2, 3, 4]),
+        );
+        let close_len = wire.len();
+        wire.extend(build_frame(Opcode::Binary, b"after", Some([1, 2, 3, 4])));
+        let mut s = FrameScanner::new(Sender::Client, 100);
+        let scan = s.scan(&mut wire, Some(&mut MaskKeys::default()));
+        assert_eq!(
+            (scan.ready, scan.close_done, scan.frames_done),
+            (close_len, true, 1)
+        );
+
+        // A good frame, then an unmasked one in the same read: the good one
+        // is still ready to forward, and the violation is reported after it.
+        let mut wire = build_frame(Opcode::Binary, b"good", Some([1, 2, 3, 4]));
+        let good = wire.len();
+        wire.extend(build_frame(Opcode::Binary, b"x", None));
+        let mut s = FrameScanner::new(Sender::Client, 100);
+        let scan = s.scan(&mut wire, Some(&mut MaskKeys::default()));
+        assert_eq!(
+            (scan.ready, scan.frames_done, scan.violation),
+            (good, 1, Some(FrameError::Masking))
+        );
+        let mut big = build_frame(Opcode::Binary, &[0; 101], Some([0; 4]));
+        let mut s = FrameScanner::new(Sender::Client, 100);
+        let scan = s.scan(&mut big, Some(&mut MaskKeys::default()));
+        assert_eq!((scan.ready, scan.violation), (0, Some(FrameError::TooBig)));
+    }
+}

@@ -1,0 +1,278 @@
+//! The binary's commands and the process they run. `main` parses the
+//! command line and calls these; each returns an error it can print.
+//!
+//! - [`server`]: `run`: starting, reloading, draining and stopping a relay; signals.
+//! - [`systemd`]: sd_notify and socket activation, written by hand.
+//! - [`keys`]: `keys`, the admin API's client for accounts and keys.
+//! - `demo` (with the `demo` feature, on by default): `clio-relay demo`, a
+//!   relay and a local fake Soniox in one process.
+//! - this module: the helpers behind `check-config` and `mint-token`, kept
+//!   in the library so they are tested here and `main` stays a thin shell.
+
+#[cfg(feature = "demo")]
+pub mod demo;
+pub mod keys;
+pub mod server;
+pub mod systemd;
+
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use crate::core::config::{Config, ConfigError};
+use crate::core::token::TokenKeys;
+
+/// `check-config`: loads and validates the file, returns the summary to print.
+/// On error, print the [`ConfigError`] (one line per problem) and exit 1.
+pub fn check_config(path: &Path) -> Result<String, ConfigError> {
+    Config::load(path).map(|c| c.summary())
+}
+
+/// `mint-token`: one session token for `device`, valid for `ttl` (default
+/// `tokens.default_ttl`; more than `tokens.max_ttl` is an error).
+///
+/// Only `[tokens]` is resolved (the file must still parse, with no unknown
+/// keys): minting needs the token secret, not the Soniox keys, which an
+/// operator's shell often cannot read.
+pub fn mint_token(
+    path: &Path,
+    device: &str,
+    ttl: Option<Duration>,
+) -> Result<String, Box<dyn std::error::Error>> {
+    mint_token_for(path, device, None, &[], ttl)
+}
+
+/// `mint-token --tier NAME`: like [`mint_token`], for a device tier; the
+/// tier must exist in `[devices.tier.NAME]`.
+pub fn mint_token_with_tier(
+    path: &Path,
+    device: &str,
+    tier: &str,
+    ttl: Option<Duration>,
+) -> Result<String, Box<dyn std::error::Error>> {
+    mint_token_for(path, device, Some(tier), &[], ttl)
+}
+
+/// `mint-token [--tier NAME] [--pool NAME]...`: a token for `device`, for
+/// the accounts of `pools` only. Each pool must be declared in the file.
+/// With no `--pool`, the token is for the default pool, or, when
+/// `tokens.pools` binds the secret to exactly one pool, for that one. A
+/// secret bound to pools refuses to mint for any other (the relay refuses
+/// such a token too).
+pub fn mint_token_for(
+    path: &Path,
+    device: &str,
+    tier: Option<&str>,
+    pools: &[String],
+    ttl: Option<Duration>,
+) -> Result<String, Box<dyn std::error::Error>> {
+    let tokens = match tier {
+        // Tiers live in [devices]: the whole file is resolved.
+        Some(tier) => {
+            let cfg = Config::load(path)?;
+            if !cfg.devices.tiers.contains_key(tier) {
+                return Err(format!("no [devices.tier.{tier}] in {}", path.display()).into());
+            }
+            cfg.tokens
+        }
+        None => Config::load_tokens(path)?,
+    };
+    let ttl = ttl.unwrap_or(tokens.default_ttl);
+    if ttl > tokens.max_ttl {
+        return Err(format!(
+            "--ttl {} is longer than tokens.max_ttl {}",
+            humantime::format_duration(ttl),
+            humantime::format_duration(tokens.max_ttl)
+        )
+        .into());
+    }
+    for pool in pools {
+        if !tokens.known_pools.contains(pool) {
+            return Err(format!(
+                "--pool {pool}: no such pool in {} (pools: {})",
+                path.display(),
+                tokens.known_pools.join(", ")
+            )
+            .into());
+        }
+    }
+    let pools: Vec<String> = match (&tokens.pools, pools) {
+        (Some(bound), []) if bound.len() == 1 => bound.clone(),
+        (Some(bound), []) if !bound.iter().any(|b| b == crate::core::config::DEFAULT_POOL) => {
+            return Err(format!(
+                "tokens.pools binds the token secret to pools {}: name one with --pool",
+                bound.join(", ")
+            )
+            .into())
+        }
+        (Some(bound), asked) if !asked.iter().all(|p| bound.contains(p)) => {
+            return Err(format!(
+                "tokens.pools binds the token secret to pools {}: it cannot mint a token for {}",
+                bound.join(", "),
+                asked
+                    .iter()
+                    .filter(|p| !bound.contains(p))
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+            .into())
+        }
+        (_, asked) => asked.to_vec(),
+    };
+    let keys = TokenKeys::from_config(&tokens);
+    Ok(keys.mint_in(device, tier, &pools, ttl, SystemTime::now())?)
+}
+
+/// Parses a duration for a command-line flag (clap `value_parser`), in the
+/// same syntax as the config file: `500ms`, `5s`, `15m`, `2h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    crate::core::config::parse_duration(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+    use std::time::UNIX_EPOCH;
+
+    const SECRET: &str = "cli-test-secret-0123456789-0123456789";
+
+    /// Writes a config whose secrets live in files beside it.
+    fn write_config(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("clio-relay-cli-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("token-secret"), format!("{SECRET}\n")).unwrap();
+        std::fs::write(dir.join("key"), "cli-test-soniox-key\n").unwrap();
+        let path = dir.join("relay.toml");
+        std::fs::write(
+            &path,
+            "[tokens]\nsecret_file = \"token-secret\"\ndefault_ttl = \"10m\"\nmax_ttl = \"1h\"\n\
+             [[account]]\nid = \"acc-1\"\nkey_file = \"key\"\nregion = \"eu\"\n",
+        )
+        .unwrap();
+        path
+    }
+
+    #[test]
+    fn check_config_summarises() {
+        let path = write_config("check");
+        let s = check_config(&path).unwrap();
+        assert!(s.contains("acc-1: region eu, enabled"), "{s}");
+        assert!(
+            !s.contains(SECRET) && !s.contains("cli-test-soniox-key"),
+            "{s}"
+        );
+        let err = check_config(&path.with_file_name("absent.toml")).unwrap_err();
+        assert_eq!(err.problems.len(), 1);
+    }
+
+    #[test]
+    fn mint_token_uses_config_ttls() {
+        let path = write_config("mint");
+        let keys = TokenKeys::new(
+            &crate::core::secret::Secret::new(SECRET),
+            None,
+            Duration::ZERO,
+        );
+        let tok = mint_token(&path, "phone-7", None).unwrap();
+        let c = keys.verify(&tok, SystemTime::now()).unwrap();
+        assert_eq!(c.device_id, "phone-7");
+        assert_eq!(c.expires_at - c.issued_at, 600);
+        assert!(
+            c.issued_at
+                <= SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap()
+                    .as_secs()
+        );
+
+        let tok = mint_token(&path, "phone-7", Some(Duration::from_secs(3600))).unwrap();
+        let c = keys.verify(&tok, SystemTime::now()).unwrap();
+        assert_eq!(c.expires_at - c.issued_at, 3600);
+
+        let err = mint_token(&path, "phone-7", Some(Duration::from_secs(3601))).unwrap_err();
+        assert!(err.to_string().contains("tokens.max_ttl"), "{err}");
+        let err = mint_token(&path, "bad device", None).unwrap_err();
+        assert!(err.to_string().contains("device id"), "{err}");
+        assert!(!err.to_string().contains(SECRET));
+    }
+
+    #[test]
+    fn mint_token_names_pools_and_a_bound_secret_refuses_others() {
+        let path = write_config("pools");
+        let text = std::fs::read_to_string(&path).unwrap().replace(
+            "max_ttl = \"1h\"\n",
+            "max_ttl = \"1h\"\npools = [\"dev\"]\n\
+             [pool.dev]\nurl = \"ws://127.0.0.1:7301/x\"\n\
+             [pool.prod]\nurl = \"ws://127.0.0.1:7302/x\"\n",
+        );
+        std::fs::write(&path, &text).unwrap();
+        let keys = TokenKeys::new(
+            &crate::core::secret::Secret::new(SECRET),
+            None,
+            Duration::ZERO,
+        );
+        let pools = |tok: &str| keys.verify(tok, SystemTime::now()).unwrap().pools;
+        // One bound pool: it is the default of a token minted without --pool.
+        assert_eq!(pools(&mint_token(&path, "phone-7", None).unwrap()), ["dev"]);
+        let dev = ["dev".to_string()];
+        let tok = mint_token_for(&path, "phone-7", None, &dev, None).unwrap();
+        assert_eq!(pools(&tok), dev);
+        let err = mint_token_for(&path, "phone-7", None, &["prod".into()], None).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "tokens.pools binds the token secret to pools dev: it cannot mint a token for prod"
+        );
+        let err = mint_token_for(&path, "phone-7", None, &["default".into()], None).unwrap_err();
+        assert!(
+            err.to_string().contains("cannot mint a token for default"),
+            "{err}"
+        );
+        let err = mint_token_for(&path, "phone-7", None, &["eu".into()], None).unwrap_err();
+        assert!(
+            err.to_string().contains("--pool eu: no such pool in")
+                && err.to_string().ends_with("(pools: default, dev, prod)"),
+            "{err}"
+        );
+        // Unbound: any declared pool, several at once.
+        std::fs::write(&path, text.replace("pools = [\"dev\"]\n", "")).unwrap();
+        let both = ["prod".to_string(), "dev".to_string()];
+        let tok = mint_token_for(&path, "phone-7", None, &both, None).unwrap();
+        assert_eq!(pools(&tok), both);
+        assert_eq!(
+            pools(&mint_token(&path, "phone-7", None).unwrap()),
+            ["default"]
+        );
+    }
+
+    #[test]
+    fn mint_token_needs_no_account_keys() {
+        let path = write_config("nokeys");
+        std::fs::remove_file(path.with_file_name("key")).unwrap();
+        assert!(check_config(&path).is_err());
+        assert!(mint_token(&path, "phone-7", None).is_ok());
+        // But the file must still be a valid file, and [tokens] valid.
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, format!("{text}typo = 1\n")).unwrap();
+        let err = mint_token(&path, "phone-7", None).unwrap_err();
+        assert!(err.to_string().contains("unknown field `typo`"), "{err}");
+        std::fs::write(&path, text.replace("max_ttl = \"1h\"", "max_ttl = \"5m\"")).unwrap();
+        let err = mint_token(&path, "phone-7", None).unwrap_err();
+        assert!(err.to_string().contains("tokens.default_ttl"), "{err}");
+    }
+
+    #[test]
+    fn mint_token_bad_device() {
+        let path = write_config("baddev");
+        let err = mint_token(&path, "bad device", None).unwrap_err();
+        assert!(err.to_string().contains("device id"), "{err}");
+        assert!(!err.to_string().contains(SECRET));
+    }
+
+    #[test]
+    fn parse_duration_matches_config_syntax() {
+        assert_eq!(parse_duration("15m"), Ok(Duration::from_secs(900)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert!(parse_duration("15x").is_err());
+    }
+}

@@ -1,0 +1,489 @@
+//! Starting and stopping a whole relay: shards, the admin server, signals.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::control::accounts::Accounts;
+use crate::control::admin::{self, AdminHandle, AdminMsg, AdminSetup};
+use crate::core::config::{AuthMode, Config};
+use crate::core::metrics::MetricsSnapshot;
+use crate::core::token::TokenKeys;
+use crate::dataplane::shard::{self, ProcessState, ShardHandle, ShardMsg, ShardSetup};
+
+/// A running relay.
+#[derive(Debug)]
+pub struct RelayHandle {
+    /// The client port's address (every shard listens on it).
+    pub client_addr: SocketAddr,
+    /// The admin port's address.
+    pub admin_addr: SocketAddr,
+    /// Process-wide state: accounts, stream count, draining flag.
+    pub process: Arc<ProcessState>,
+    shards: Vec<ShardHandle>,
+    admin: Option<AdminHandle>,
+    admin_tx: async_channel::Sender<AdminMsg>,
+    /// The cluster thread (`[cluster]`), stopped after the shards.
+    cluster: Option<std::thread::JoinHandle<()>>,
+    /// The config the process started with: what a reload cannot change.
+    started_with: Config,
+}
+
+/// Starts a relay with `cfg`: one shard per `server.shards` (pinned when
+/// there are no more shards than cores), then the admin server. Returns once
+/// everything listens.
+pub fn start(cfg: &Config) -> std::io::Result<RelayHandle> {
+    start_with(cfg, crate::cli::systemd::Activated::default())
+}
+
+/// Like [`start`], with listening sockets systemd passed (socket activation):
+/// the client socket is shared by every shard, the admin socket used as is.
+pub fn start_with(
+    cfg: &Config,
+    sockets: crate::cli::systemd::Activated,
+) -> std::io::Result<RelayHandle> {
+    start_joining(cfg, sockets, false)
+}
+
+/// Like [`start_with`]. With `join_client_port`, the shards bind the client
+/// port even when another process listens there with `SO_REUSEPORT` (a
+/// running relay, for a hand-over restart: start the new one, then SIGTERM
+/// the old one). Without it, a client port already in use is an error that
+/// names it. The admin port is never shared. See [`crate::dataplane::listen`].
+pub fn start_joining(
+    cfg: &Config,
+    sockets: crate::cli::systemd::Activated,
+    join_client_port: bool,
+) -> std::io::Result<RelayHandle> {
+    use crate::dataplane::listen::{check_free, in_use};
+    // Before anything starts: a port in use is a second relay by mistake.
+    if sockets.client.is_none() && !join_client_port {
+        let addr = cfg.server.listen;
+        check_free(addr).map_err(|e| in_use(addr, "server.listen", e))?;
+    }
+    if sockets.admin.is_none() {
+        let addr = cfg.server.admin_listen;
+        check_free(addr).map_err(|e| in_use(addr, "server.admin_listen", e))?;
+    }
+    let client_fd = sockets.client.map(Arc::new);
+    let admin_fd = sockets.admin.map(Arc::new);
+    let invalid = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
+    let epoch = Instant::now();
+    // Config-file keys are dated from when this state directory first saw
+    // them, so their age (and the rotation warning) survives restarts.
+    let now = crate::control::accounts::unix_now();
+    let key_dates =
+        crate::control::keystore::KeyDates::record(&cfg.admin.state_dir, &cfg.accounts, now);
+    let pool_names = cfg.pool_names();
+    let dated = |mut merged: Vec<crate::control::keystore::MergedAccount>| {
+        for m in &mut merged {
+            if m.source == crate::control::keystore::Source::Config {
+                m.key_age_secs = key_dates.get(&m.id).map(|at| now.saturating_sub(*at));
+            }
+        }
+        Accounts::from_merged(&merged, &pool_names, epoch)
+    };
+    // With a master key, runtime changes live in the encrypted key store and
+    // merge with the config file's accounts; without one, only the file.
+    let (accounts, store) = match &cfg.admin.master_key {
+        None => (
+            dated(crate::control::keystore::merge(
+                &cfg.accounts,
+                &crate::control::keystore::StoreData::default(),
+                now,
+            )),
+            None,
+        ),
+        Some(k) => {
+            let store_err = |e: crate::control::keystore::StoreError| {
+                std::io::Error::other(format!(
+                    "key store in {}: {e}",
+                    cfg.admin.state_dir.display()
+                ))
+            };
+            let master =
+                crate::control::keystore::MasterKey::from_hex(k.expose()).map_err(store_err)?;
+            let store = crate::control::keystore::KeyStore::open(&cfg.admin.state_dir, master)
+                .map_err(store_err)?;
+            let data = store.load().map_err(store_err)?;
+            let merged = crate::control::keystore::merge(&cfg.accounts, &data, now);
+            tracing::info!(dir = %cfg.admin.state_dir.display(), generation = data.generation, runtime_accounts = data.accounts.len(), "key store loaded");
+            (dated(merged), Some((store, data.generation)))
+        }
+    };
+    let process = ProcessState::new(
+        cfg.server.max_streams,
+        accounts.ring(),
+        accounts.metrics_ids(),
+    );
+    // One TLS client config for the WebSocket upstream and its REST API.
+    let tls = Some(
+        crate::dataplane::upstream::tls_client_config(cfg.upstream.ca_file.as_deref())
+            .map_err(invalid)?,
+    );
+    // Each pool's REST API, for its accounts' health checks and usage logs.
+    let rests: Vec<_> = cfg
+        .all_pools()
+        .into_iter()
+        .filter_map(|p| {
+            match crate::control::health::RestTarget::new(&p.url, p.rest_url.as_deref(), tls.clone()) {
+                Ok(r) => Some((p.name, r)),
+                Err(e) => {
+                    tracing::warn!(pool = %p.name, error = %e, "no REST URL for the pool's health checks; they are off for its accounts");
+                    None
+                }
+            }
+        })
+        .collect();
+    // The fleet handle is in place before any shard takes a stream; its
+    // thread starts once the shards exist (it sends them "end" requests).
+    let fleet = cfg.cluster.as_ref().map(|c| {
+        let (fleet, rx) = crate::core::cluster::channel(c);
+        let _ = process.fleet.set(fleet.clone());
+        (c, fleet, rx)
+    });
+    // The account set other nodes store, from the cluster thread to the admin thread.
+    let (accounts_tx, accounts_rx) = match fleet {
+        Some(_) => {
+            let (tx, rx) = async_channel::bounded(16);
+            (Some(tx), Some(rx))
+        }
+        None => (None, None),
+    };
+    let n = cfg.server.shard_count();
+    crate::dataplane::accept::check_file_limit(cfg.server.max_streams, n);
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    let mut setup = ShardSetup {
+        listen: cfg.server.listen,
+        cpu: None,
+        limits: cfg.limits.clone(),
+        failover: cfg.failover.clone(),
+        key_in_header: cfg.upstream.auth == AuthMode::Header,
+        connect_timeout: cfg.upstream.connect_timeout,
+        pools: cfg.all_pools(),
+        upstream_tls: tls.clone(),
+        tokens: Arc::new(TokenKeys::from_config(&cfg.tokens)),
+        process: process.clone(),
+        devices: Arc::new(cfg.devices.clone()),
+        listen_fd: client_fd,
+        allow: Arc::new(cfg.server.allow.clone()),
+        client_tls: cfg
+            .tls
+            .as_ref()
+            .map(crate::core::tls::server_config)
+            .transpose()
+            .map_err(invalid)?,
+    };
+    let mut shards: Vec<ShardHandle> = Vec::with_capacity(n);
+    for i in 0..n {
+        setup.cpu = (n <= cores).then_some(i);
+        let handle = shard::start(i, setup.clone()).map_err(|e| match e.kind() {
+            std::io::ErrorKind::AddrInUse => in_use(setup.listen, "server.listen", e),
+            _ => e,
+        })?;
+        // Port 0 picks a port for the first shard; the others join it.
+        setup.listen = handle.addr;
+        shards.push(handle);
+    }
+    let (admin_tx, admin_rx) = async_channel::unbounded();
+    let admin = admin::start(AdminSetup {
+        listen: cfg.server.admin_listen,
+        shards: shards.iter().map(|s| s.tx.clone()).collect(),
+        process: process.clone(),
+        accounts,
+        config: cfg.admin.clone(),
+        inbox: admin_rx,
+        rests,
+        usage: cfg.usage.clone(),
+        account_configs: cfg.accounts.clone(),
+        tls: tls.clone(),
+        store,
+        listen_fd: admin_fd,
+        fleet_accounts: accounts_rx,
+        pools: cfg.all_pools(),
+    })
+    .map_err(|e| match e.kind() {
+        std::io::ErrorKind::AddrInUse => in_use(cfg.server.admin_listen, "server.admin_listen", e),
+        _ => e,
+    })?;
+    let cluster = match fleet {
+        None => None,
+        Some((c, fleet, rx)) => Some(crate::core::cluster::start(
+            c,
+            fleet,
+            rx,
+            crate::core::cluster::Links {
+                process: process.clone(),
+                shards: shards.iter().map(|s| s.tx.clone()).collect(),
+                accounts: accounts_tx,
+            },
+        )?),
+    };
+    tracing::info!(client = %shards[0].addr, admin = %admin.addr, shards = n, accounts = process.accounts().len(), "clio-relay listening");
+    Ok(RelayHandle {
+        client_addr: shards[0].addr,
+        admin_addr: admin.addr,
+        process,
+        shards,
+        admin: Some(admin),
+        admin_tx,
+        cluster,
+        started_with: cfg.clone(),
+    })
+}
+
+impl RelayHandle {
+    /// Every shard's metrics, merged (blocking; for tests and the demo).
+    pub fn metrics(&self) -> MetricsSnapshot {
+        let txs: Vec<_> = self.shards.iter().map(|s| s.tx.clone()).collect();
+        let snaps = futures_lite::future::block_on(admin::collect(&txs));
+        let mut merged = MetricsSnapshot::empty(0);
+        for s in &snaps {
+            merged.merge(s);
+        }
+        merged
+    }
+
+    /// Applies a re-read config (what SIGHUP does): accounts, limits, token
+    /// secrets and admin settings change live, nothing in flight is dropped.
+    /// Settings that need a restart (listen addresses, shards, upstream) are
+    /// reported and kept. Returns one line per change.
+    pub fn reload(&self, cfg: &Config) -> Result<Vec<String>, String> {
+        let old = &self.started_with;
+        let mut kept = Vec::new();
+        if cfg.server.listen != old.server.listen
+            || cfg.server.admin_listen != old.server.admin_listen
+        {
+            kept.push("server.listen/admin_listen (restart to change)".to_string());
+        }
+        if cfg.server.shards != old.server.shards
+            || cfg.server.max_streams != old.server.max_streams
+        {
+            kept.push("server.shards/max_streams (restart to change)".to_string());
+        }
+        if cfg.upstream != old.upstream {
+            kept.push("[upstream] (restart to change)".to_string());
+        }
+        if cfg.pools != old.pools {
+            kept.push(
+                "[pool.NAME] (restart to change; accounts of a pool this relay does not have are not added)"
+                    .to_string(),
+            );
+        }
+        let (tx, rx) = async_channel::bounded(1);
+        self.admin_tx
+            .try_send(AdminMsg::Reload(Box::new(cfg.clone()), tx))
+            .map_err(|_| "the admin thread is gone".to_string())?;
+        let mut log = rx
+            .recv_blocking()
+            .map_err(|_| "the admin thread did not answer".to_string())?;
+        // The admin thread has sent the shards their new settings; a shard
+        // handles messages in order, so once each answers a ping the reload
+        // is in force for every new stream (a shard reads control messages
+        // once per data-plane pass, a few milliseconds).
+        let _ = self.alive(std::time::Duration::from_secs(2));
+        log.extend(kept.into_iter().map(|k| format!("unchanged: {k}")));
+        Ok(log)
+    }
+
+    /// Graceful stop (SIGTERM): stop accepting (`/healthz` 503, listeners
+    /// closed so a new process takes new connections), let live streams
+    /// finish for up to `deadline`, then finalize the rest: upstream is
+    /// asked for its final tokens, the client gets them, then Soniox's 503
+    /// "reconnect" and close 1012. Returns the streams that had to be cut.
+    pub fn drain(&self, deadline: std::time::Duration) -> u32 {
+        for s in &self.shards {
+            let _ = s.tx.try_send(ShardMsg::StopAccepting);
+        }
+        // Each shard handles its messages in order, so once every shard
+        // answers a ping its listener is closed. Only then does the relay
+        // refuse new streams: a connection it accepted until then is
+        // served, not refused (a shard sees control messages within one
+        // data-plane pass, a few milliseconds).
+        let _ = self.alive(std::time::Duration::from_secs(2));
+        self.process.set_draining(true);
+        let end = Instant::now() + deadline;
+        while self.process.live_streams() > 0 && Instant::now() < end {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let cut = self.process.live_streams();
+        if cut > 0 {
+            tracing::info!(
+                streams = cut,
+                "drain deadline: finalizing the streams still live"
+            );
+            for s in &self.shards {
+                let _ = s.tx.try_send(ShardMsg::Drain);
+            }
+            let end = Instant::now() + std::time::Duration::from_secs(8);
+            while self.process.live_streams() > 0 && Instant::now() < end {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+        cut
+    }
+
+    /// Whether every shard and the admin thread answer a ping within
+    /// `limit` (the systemd watchdog's liveness check). It waits on the
+    /// calling thread, with a deadline: no thread is started, so a hung
+    /// executor leaves nothing behind but its missing answer.
+    pub fn alive(&self, limit: std::time::Duration) -> Result<(), String> {
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        let mut waiting = std::collections::BTreeSet::new();
+        for (i, s) in self.shards.iter().enumerate() {
+            waiting.insert(format!("shard {i}"));
+            let _ = s.tx.try_send(ShardMsg::Ping(tx.clone()));
+        }
+        waiting.insert("admin".to_string());
+        let _ = self.admin_tx.try_send(AdminMsg::Ping(tx));
+        let deadline = Instant::now() + limit;
+        while !waiting.is_empty() {
+            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(name) => {
+                    waiting.remove(&name);
+                }
+                // Timed out, or every thread still waited for is gone.
+                Err(_) => break,
+            }
+        }
+        if waiting.is_empty() {
+            Ok(())
+        } else {
+            let names: Vec<_> = waiting.into_iter().collect();
+            Err(format!("no answer from {}", names.join(", ")))
+        }
+    }
+
+    /// Stops the admin thread alone, as if it had died: what the watchdog
+    /// must notice. For tests.
+    #[doc(hidden)]
+    pub fn stop_admin_thread(&mut self) {
+        if let Some(a) = self.admin.take() {
+            a.stop();
+        }
+    }
+
+    /// Per-shard metrics (blocking).
+    pub fn shard_metrics(&self) -> Vec<MetricsSnapshot> {
+        let txs: Vec<_> = self.shards.iter().map(|s| s.tx.clone()).collect();
+        futures_lite::future::block_on(admin::collect(&txs))
+    }
+
+    /// Stops accepting, ends every shard and the admin server, and waits.
+    pub fn shutdown(mut self) {
+        self.stop_all();
+    }
+
+    fn stop_all(&mut self) {
+        for s in &self.shards {
+            let _ = s.tx.try_send(ShardMsg::Stop);
+        }
+        for s in self.shards.drain(..) {
+            let _ = s.join.join();
+        }
+        if let Some(a) = self.admin.take() {
+            a.stop();
+        }
+        // After the shards: their streams' ends are queued before the stop,
+        // and the node leaves the fleet with nothing held.
+        if let Some(c) = self.cluster.take() {
+            if let Some(f) = self.process.fleet.get() {
+                f.stop();
+            }
+            let _ = c.join();
+        }
+    }
+}
+
+impl Drop for RelayHandle {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
+}
+
+/// Runs the relay from the config file at `path` until SIGTERM or SIGINT.
+///
+/// - Under systemd: takes the listening sockets it passed (socket
+///   activation), sends READY=1 once everything listens, STATUS= with live
+///   streams and WATCHDOG=1 while every shard answers, RELOADING=1 around
+///   SIGHUP, STOPPING=1 on SIGTERM/SIGINT.
+/// - SIGHUP re-reads the file and applies it live; an invalid file is
+///   refused with its problems logged, and the running configuration kept.
+/// - SIGTERM drains (see [`RelayHandle::drain`]); SIGINT stops at once.
+/// - `join_client_port`: see [`start_joining`].
+pub fn run(path: &std::path::Path, join_client_port: bool) -> std::io::Result<()> {
+    use crate::cli::systemd::{Notifier, Watchdog};
+    use nix::sys::signal::{SigSet, Signal};
+    let notify = Notifier::from_env();
+    // Before any thread starts: the sockets systemd passed, and the signal
+    // mask every thread inherits (only this thread receives them).
+    let sockets = crate::cli::systemd::listen_fds()?;
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGHUP);
+    set.thread_block().map_err(std::io::Error::from)?;
+    let cfg = Config::load(path).map_err(|e| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{}: {e}", path.display()),
+        )
+    })?;
+    if !sockets.is_empty() {
+        tracing::info!(
+            client = sockets.client.is_some(),
+            admin = sockets.admin.is_some(),
+            "using sockets passed by systemd"
+        );
+    }
+    let mut drain_timeout = cfg.limits.drain_timeout;
+    let relay = Arc::new(start_joining(&cfg, sockets, join_client_port)?);
+    notify.ready();
+    let watchdog = {
+        let relay = relay.clone();
+        let every = Notifier::watchdog_interval().unwrap_or(std::time::Duration::from_secs(5));
+        Watchdog::spawn(notify.clone(), every, move || {
+            relay.alive(std::time::Duration::from_secs(2))?;
+            Ok(format!("{} live streams", relay.process.live_streams()))
+        })?
+    };
+    let signal = loop {
+        match set.wait().map_err(std::io::Error::from)? {
+            Signal::SIGHUP => {
+                notify.reloading();
+                match Config::load(path) {
+                    Err(e) => {
+                        for p in &e.problems {
+                            tracing::error!(problem = %p, "SIGHUP: reload refused, the running configuration is kept");
+                        }
+                    }
+                    Ok(new) => match relay.reload(&new) {
+                        Ok(changes) => {
+                            drain_timeout = new.limits.drain_timeout;
+                            for c in changes {
+                                tracing::info!(change = %c, "SIGHUP: reloaded");
+                            }
+                        }
+                        Err(e) => tracing::error!(error = %e, "SIGHUP: reload failed"),
+                    },
+                }
+                notify.ready();
+            }
+            sig => break sig,
+        }
+    };
+    notify.stopping();
+    if signal == Signal::SIGTERM {
+        tracing::info!(deadline = ?drain_timeout, live = relay.process.live_streams(), "SIGTERM: draining");
+        let cut = relay.drain(drain_timeout);
+        tracing::info!(finalized = cut, "drained");
+    } else {
+        tracing::info!(signal = %signal, "stopping now");
+    }
+    watchdog.stop();
+    match Arc::try_unwrap(relay) {
+        Ok(relay) => relay.shutdown(),
+        Err(relay) => drop(relay),
+    }
+    Ok(())
+}

@@ -1,0 +1,428 @@
+//! In-process alerts, evaluated on the admin thread every `alerts.interval`:
+//!
+//! | alert | fires when |
+//! |---|---|
+//! | `account_near_concurrency` | an account's live streams reach `concurrency_ratio` of its limit |
+//! | `pool_near_concurrency` | a pool's live streams reach `concurrency_ratio` of what its enabled accounts carry (its streams cannot go to another pool) |
+//! | `account_near_budget` | an account's cost this month (in a fleet, the fleet's) reaches `budget_ratio` of its monthly budget |
+//! | `unusual_usage` | a device or account streamed, in the current hour, `unusual_factor` × its average hour of the previous 24 (and at least `unusual_min_audio_seconds`); never without a baseline (no audio in the previous 24 hours) |
+//! | `high_error_rate` | upstream and internal errors reach `error_rate` of the streams started in the last window (once `error_min_streams` started) |
+//! | `slow_first_result` | p99 time to first result in the last window is over `slow_first_result` |
+//! | `cluster_store_down` | in a fleet (`[cluster]`), this node cannot reach the shared store (Redis) |
+//! | `upstream_config_fault` | upstream answered the WebSocket upgrade with 400 or 404 (a wrong `upstream.url`) |
+//!
+//! Each change (firing or resolved) is a structured log event, the gauge
+//! `clio_relay_alerts_firing{alert,subject}`, and optionally a JSON POST to
+//! `alerts.webhook_url`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::json;
+
+use super::{meter, Admin};
+use crate::core::metrics::{Hist, MetricsSnapshot, Side};
+use crate::core::usage::UsageRecord;
+
+/// Hours of history kept per subject for the usage baseline.
+const HOURS: usize = 25;
+
+/// What the alert evaluator remembers between passes.
+#[derive(Debug, Default)]
+pub(super) struct AlertState {
+    /// (alert, subject) → firing now; resolved ones stay, at false.
+    states: BTreeMap<(String, String), bool>,
+    /// The merged metrics at the last pass (for window deltas).
+    prev: Option<MetricsSnapshot>,
+    /// Subject → audio ms per hour slot, with the hour each slot holds.
+    /// Subjects with no audio in the last 24 hours are dropped (see
+    /// [`AlertState::feed_at`]), so the map holds the devices and accounts
+    /// seen in a day, not every one ever seen.
+    hourly: HashMap<String, [(u64, u64); HOURS]>,
+    /// The hour of the last pruning of `hourly`.
+    pruned_hour: u64,
+    /// (alert, subject) → what is firing now: value, threshold, and since
+    /// when (Unix seconds); for the dashboard.
+    firing: BTreeMap<(String, String), (f64, f64, u64)>,
+}
+
+/// Whether a subject's audio this hour (`now_ms`) is unusual against its
+/// average hour of the previous 24 (`baseline_ms`). No baseline, no alert:
+/// a subject with no audio in the previous 24 hours (a new device, or any
+/// subject on a relay less than an hour old, since the history lives in
+/// memory) has nothing to be unusual against.
+fn unusual(now_ms: u64, baseline_ms: f64, factor: f64, floor_ms: u64) -> bool {
+    baseline_ms > 0.0 && now_ms >= floor_ms && now_ms as f64 > factor * baseline_ms
+}
+
+fn hour_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() / 3600)
+}
+
+impl AlertState {
+    /// Adds ended streams' audio to the hourly history.
+    pub(super) fn feed(&mut self, records: &[UsageRecord]) {
+        self.feed_at(records, hour_now());
+    }
+
+    /// [`feed`](Self::feed) at `hour` (hours since the epoch). Once per new
+    /// hour it first drops the subjects whose every slot is over 24 hours
+    /// old: they have no baseline left and nothing this hour.
+    fn feed_at(&mut self, records: &[UsageRecord], hour: u64) {
+        if hour != self.pruned_hour {
+            self.pruned_hour = hour;
+            self.hourly.retain(|_, slots| {
+                slots
+                    .iter()
+                    .any(|&(h, ms)| ms > 0 && h <= hour && hour - h <= 24)
+            });
+        }
+        for r in records {
+            for subject in [
+                format!("account:{}", r.account),
+                format!("device:{}", r.device),
+            ] {
+                let slots = self.hourly.entry(subject).or_insert([(0, 0); HOURS]);
+                let slot = &mut slots[(hour % HOURS as u64) as usize];
+                if slot.0 != hour {
+                    *slot = (hour, 0);
+                }
+                slot.1 += r.audio_ms();
+            }
+        }
+    }
+
+    /// (this hour, average of the previous 24 hours) for a subject, in ms.
+    fn usage(&self, slots: &[(u64, u64); HOURS], hour: u64) -> (u64, f64) {
+        let now = slots.iter().find(|(h, _)| *h == hour).map_or(0, |s| s.1);
+        let past: u64 = slots
+            .iter()
+            .filter(|(h, _)| *h < hour && hour - *h <= 24)
+            .map(|s| s.1)
+            .sum();
+        (now, past as f64 / 24.0)
+    }
+}
+
+/// One alert's finding.
+struct Finding {
+    alert: &'static str,
+    subject: String,
+    value: f64,
+    threshold: f64,
+}
+
+/// Evaluates every alert once; reports changes.
+pub(super) async fn evaluate(admin: &Admin) {
+    let cfg = admin.usage_cfg.borrow().alerts.clone();
+    let mut found: Vec<Finding> = Vec::new();
+    // Concurrency and budget, per account. In a fleet the budget is the
+    // fleet's: this month's audio of every node (this node's own while
+    // Redis is unreachable).
+    let mut month = meter::month_audio(admin);
+    if let Some(f) = admin.process.fleet.get().filter(|f| f.store_up()) {
+        let today = crate::core::devices::utc_day(SystemTime::now());
+        let from = crate::control::usage::month_start(today);
+        if let Ok(by_node) = f
+            .usage(from, today, crate::core::usage::GroupBy::Account)
+            .await
+        {
+            month = crate::core::cluster::usage::fleet_totals(&by_node)
+                .into_iter()
+                .map(|(k, t)| (k, t.audio_ms))
+                .collect();
+        }
+    }
+    {
+        let prices = admin.prices.borrow();
+        for e in admin.accounts.borrow().entries() {
+            let a = &e.state;
+            let max = a.effective_max();
+            let live = a.live.load(Ordering::Relaxed);
+            if max > 0 && live as f64 >= cfg.concurrency_ratio * max as f64 {
+                found.push(Finding {
+                    alert: "account_near_concurrency",
+                    subject: a.id.clone(),
+                    value: live as f64 / max as f64,
+                    threshold: cfg.concurrency_ratio,
+                });
+            }
+            let p = prices.get(&a.id).copied().unwrap_or_default();
+            if p.monthly_budget > 0.0 {
+                let spent = meter::cost(month.get(&a.id).copied().unwrap_or(0), p.per_hour);
+                if spent >= cfg.budget_ratio * p.monthly_budget {
+                    found.push(Finding {
+                        alert: "account_near_budget",
+                        subject: a.id.clone(),
+                        value: spent / p.monthly_budget,
+                        threshold: cfg.budget_ratio,
+                    });
+                }
+            }
+        }
+    }
+    // Concurrency per pool: a pool's streams never spill into another, so a
+    // full pool refuses streams while others have room.
+    let ring = admin.process.ring();
+    for v in super::pools::views(&admin.pools, &ring, std::time::Instant::now()) {
+        let max = v.max_concurrent_streams;
+        let live = u64::from(v.live_streams);
+        if max > 0 && live as f64 >= cfg.concurrency_ratio * max as f64 {
+            found.push(Finding {
+                alert: "pool_near_concurrency",
+                subject: v.name.clone(),
+                value: live as f64 / max as f64,
+                threshold: cfg.concurrency_ratio,
+            });
+        }
+    }
+    // The fleet's shared store, seen from this node.
+    if let Some(f) = admin.process.fleet.get().filter(|f| !f.store_up()) {
+        found.push(Finding {
+            alert: "cluster_store_down",
+            subject: f.node_id.clone(),
+            value: 0.0,
+            threshold: 1.0,
+        });
+    }
+    // A wrong upstream.url: every stream fails until it is fixed.
+    if let Some(status) = admin.process.upstream_fault.get() {
+        found.push(Finding {
+            alert: "upstream_config_fault",
+            subject: "upstream".into(),
+            value: status as f64,
+            threshold: 0.0,
+        });
+    }
+    // Unusual usage against each subject's own baseline.
+    {
+        let state = admin.alerts.borrow();
+        let hour = hour_now();
+        for (subject, slots) in &state.hourly {
+            let (now, baseline) = state.usage(slots, hour);
+            let floor = cfg.unusual_min_audio_seconds * 1000;
+            if unusual(now, baseline, cfg.unusual_factor, floor) {
+                found.push(Finding {
+                    alert: "unusual_usage",
+                    subject: subject.clone(),
+                    value: now as f64 / 1000.0,
+                    threshold: cfg.unusual_factor * baseline / 1000.0,
+                });
+            }
+        }
+    }
+    // Error rate and first-result latency over the window since the last pass.
+    let snaps = super::collect(&admin.shards).await;
+    let mut now = MetricsSnapshot::empty(0);
+    for s in &snaps {
+        now.merge(s);
+    }
+    // The first window runs from the relay's start.
+    let prev = admin
+        .alerts
+        .borrow_mut()
+        .prev
+        .replace(now.clone())
+        .unwrap_or_else(|| MetricsSnapshot::empty(0));
+    {
+        let streams = now.streams_total().saturating_sub(prev.streams_total())
+            + now
+                .streams_rejected()
+                .saturating_sub(prev.streams_rejected());
+        let errors = |m: &MetricsSnapshot| {
+            m.error_counts()
+                .filter(|(side, _, _)| *side != Side::Client)
+                .map(|(_, _, n)| n)
+                .sum::<u64>()
+        };
+        let errs = errors(&now).saturating_sub(errors(&prev));
+        if streams >= cfg.error_min_streams
+            && streams > 0
+            && errs as f64 >= cfg.error_rate * streams as f64
+        {
+            found.push(Finding {
+                alert: "high_error_rate",
+                subject: "relay".into(),
+                value: errs as f64 / streams as f64,
+                threshold: cfg.error_rate,
+            });
+        }
+        let mut window = now.histogram(Hist::FirstResult).clone();
+        if window.subtract(prev.histogram(Hist::FirstResult)).is_ok() && !window.is_empty() {
+            let p99 = Duration::from_micros(window.value_at_quantile(0.99));
+            if p99 > cfg.slow_first_result {
+                found.push(Finding {
+                    alert: "slow_first_result",
+                    subject: "relay".into(),
+                    value: p99.as_secs_f64(),
+                    threshold: cfg.slow_first_result.as_secs_f64(),
+                });
+            }
+        }
+    }
+    // Transitions.
+    let mut changes = Vec::new();
+    {
+        let mut state = admin.alerts.borrow_mut();
+        let firing: HashMap<(String, String), &Finding> = found
+            .iter()
+            .map(|f| ((f.alert.to_string(), f.subject.clone()), f))
+            .collect();
+        for (key, f) in &firing {
+            if !state.states.get(key).copied().unwrap_or(false) {
+                changes.push(json!({"alert": f.alert, "subject": f.subject, "state": "firing", "value": f.value, "threshold": f.threshold}));
+            }
+        }
+        for (key, was) in state.states.iter_mut() {
+            let is = firing.contains_key(key);
+            if *was && !is {
+                changes.push(json!({"alert": key.0, "subject": key.1, "state": "resolved"}));
+            }
+            *was = is;
+        }
+        for key in firing.keys() {
+            state.states.insert(key.clone(), true);
+        }
+        let at = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let before = std::mem::take(&mut state.firing);
+        for (key, f) in &firing {
+            let since = before.get(key).map_or(at, |b| b.2);
+            state
+                .firing
+                .insert(key.clone(), (f.value, f.threshold, since));
+        }
+    }
+    for c in changes {
+        if c["state"] == "firing" {
+            tracing::warn!(alert = %c["alert"].as_str().unwrap_or(""), subject = %c["subject"].as_str().unwrap_or(""), value = c["value"].as_f64().unwrap_or(0.0), threshold = c["threshold"].as_f64().unwrap_or(0.0), "alert firing");
+        } else {
+            tracing::info!(alert = %c["alert"].as_str().unwrap_or(""), subject = %c["subject"].as_str().unwrap_or(""), "alert resolved");
+        }
+        if let Some(url) = &cfg.webhook_url {
+            post(admin, url, &c).await;
+        }
+    }
+}
+
+/// POSTs one alert change to the webhook; failures are logged, not retried.
+async fn post(admin: &Admin, url: &str, change: &serde_json::Value) {
+    let mut body = change.clone();
+    body["source"] = json!("clio-relay");
+    body["at"] = json!(SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs()));
+    let result = match crate::control::health::RestTarget::from_http_url(url, admin.tls.clone()) {
+        Ok((target, path)) => {
+            target
+                .post_json(&path, body.to_string().as_bytes(), Duration::from_secs(5))
+                .await
+        }
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(s) if (200..300).contains(&s) => {}
+        Ok(s) => tracing::warn!(status = s, "alert webhook refused the alert"),
+        Err(e) => tracing::warn!(error = %e, "alert webhook unreachable"),
+    }
+}
+
+/// The alerts firing now, for `/admin/stats` and the dashboard.
+pub(super) fn firing_json(admin: &Admin) -> serde_json::Value {
+    let state = admin.alerts.borrow();
+    serde_json::Value::Array(
+        state
+            .firing
+            .iter()
+            .map(|((alert, subject), (value, threshold, since))| {
+                json!({"alert": alert, "subject": subject, "value": value, "threshold": threshold, "since": since})
+            })
+            .collect(),
+    )
+}
+
+/// `clio_relay_alerts_firing{alert,subject}` for `/metrics`.
+pub(super) fn render_metrics(admin: &Admin, out: &mut String) {
+    out.push_str("# HELP clio_relay_alerts_firing In-process alerts: 1 while firing, 0 once resolved.\n# TYPE clio_relay_alerts_firing gauge\n");
+    for ((alert, subject), firing) in &admin.alerts.borrow().states {
+        let subject = subject.replace('\\', "\\\\").replace('"', "\\\"");
+        let _ = writeln!(
+            out,
+            "clio_relay_alerts_firing{{alert=\"{alert}\",subject=\"{subject}\"}} {}",
+            u8::from(*firing)
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(device: &str, ms: u64) -> UsageRecord {
+        UsageRecord {
+            day: 0,
+            account: "acct".into(),
+            device: device.into(),
+            reference_id: "r".into(),
+            audio_ms_relay: ms,
+            audio_ms_upstream: None,
+            bytes_up: 0,
+            bytes_down: 0,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn subjects_silent_for_a_day_are_dropped() {
+        let mut s = AlertState::default();
+        let h = 500_000;
+        s.feed_at(&[record("old", 1_000)], h);
+        s.feed_at(&[record("new", 1_000)], h + 10);
+        assert_eq!(s.hourly.len(), 3, "account + two devices");
+        // 24 hours after "old" streamed it is still part of a baseline.
+        s.feed_at(&[], h + 24);
+        assert!(s.hourly.contains_key("device:old"));
+        // One more hour and it is gone; "new" and the account stay.
+        s.feed_at(&[], h + 25);
+        assert!(!s.hourly.contains_key("device:old"));
+        assert!(s.hourly.contains_key("device:new"));
+        assert!(s.hourly.contains_key("account:acct"));
+        let slots = &s.hourly["device:new"];
+        assert_eq!(s.usage(slots, h + 11), (0, 1_000.0 / 24.0));
+        // A day of silence for everyone empties the map.
+        s.feed_at(&[], h + 10 + 25);
+        assert!(s.hourly.is_empty());
+    }
+
+    #[test]
+    fn unusual_usage_needs_a_baseline() {
+        let (factor, floor) = (5.0, 600_000);
+        let mut s = AlertState::default();
+        let h = 500_000;
+        // A new subject: an hour of audio and no history. Not unusual.
+        s.feed_at(&[record("new", 3_600_000)], h);
+        let (now, baseline) = s.usage(&s.hourly["device:new"], h);
+        assert_eq!((now, baseline), (3_600_000, 0.0));
+        assert!(!unusual(now, baseline, factor, floor));
+        // With history: 2 minutes an hour on average over the last day...
+        let mut s = AlertState::default();
+        for k in (1..=24).rev() {
+            s.feed_at(&[record("old", 120_000)], h - k);
+        }
+        s.feed_at(&[record("old", 601_000)], h);
+        let (now, baseline) = s.usage(&s.hourly["device:old"], h);
+        assert_eq!(baseline, 120_000.0);
+        // ...601 s this hour is over 5 × 120 s and over the floor.
+        assert!(unusual(now, baseline, factor, floor));
+        assert!(
+            !unusual(now, baseline, 6.0, floor),
+            "under 6 × the baseline"
+        );
+        assert!(!unusual(599_000, baseline, 1.0, floor), "under the floor");
+    }
+}

@@ -1,0 +1,372 @@
+//! The account API behind the admin token: list, add, enable, disable,
+//! remove, set limits, rotate keys. Every change is published to every shard
+//! at once; key material is shown only as fingerprints.
+//!
+//! | method and path | body | effect |
+//! |---|---|---|
+//! | `GET /admin/accounts` | | every account, its health, live streams and keys (fingerprints) |
+//! | `POST /admin/accounts` | `{"id","key","region"?,"pool"?,"enabled"?,"max_concurrent_streams"?}` | add |
+//! | `POST /admin/accounts/{id}/enable` | | take new streams again |
+//! | `POST /admin/accounts/{id}/disable` | | take no new stream (live ones go on) |
+//! | `POST /admin/accounts/{id}/limit` | `{"max_concurrent_streams":N}` | set the limit |
+//! | `POST /admin/accounts/{id}/rotate` | `{"key","overlap"?:"1h"}` | new key takes new streams now |
+//! | `DELETE /admin/accounts/{id}` | | remove (live streams go on to their end) |
+
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{Admin, Request};
+use crate::control::accounts::{unix_now, ChangeError, Source};
+use crate::core::secret::Secret;
+use crate::dataplane::http;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddBody {
+    id: String,
+    key: String,
+    #[serde(default)]
+    region: String,
+    #[serde(default = "default_pool")]
+    pool: String,
+    #[serde(default = "yes")]
+    enabled: bool,
+    #[serde(default = "ten")]
+    max_concurrent_streams: u32,
+}
+
+fn default_pool() -> String {
+    crate::core::config::DEFAULT_POOL.to_string()
+}
+fn yes() -> bool {
+    true
+}
+fn ten() -> u32 {
+    10
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitBody {
+    max_concurrent_streams: u32,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RotateBody {
+    key: String,
+    overlap: Option<String>,
+}
+
+fn ok(value: serde_json::Value) -> Vec<u8> {
+    http::response(200, "application/json", "", value.to_string().as_bytes())
+}
+
+fn refused(e: ChangeError) -> Vec<u8> {
+    let status = match e {
+        ChangeError::NotFound(_) => 404,
+        ChangeError::Exists(_) => 409,
+        ChangeError::Invalid(_) => 400,
+    };
+    http::json_error(status, &e.to_string())
+}
+
+/// A JSON body, or a 400 that says what is wrong without echoing the body
+/// (it may hold a key).
+fn body<'a, T: Deserialize<'a>>(req: &'a Request<'_>) -> Result<T, Vec<u8>> {
+    serde_json::from_slice(req.body).map_err(|e| {
+        let what = match e.classify() {
+            serde_json::error::Category::Data => "a field is missing, unknown or of the wrong type",
+            _ => "the body is not valid JSON",
+        };
+        http::json_error(
+            400,
+            &format!(
+                "bad request body: {what} (line {}, column {})",
+                e.line(),
+                e.column()
+            ),
+        )
+    })
+}
+
+/// Answers one request under `/admin/`.
+pub(super) async fn handle(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
+    let parts: Vec<&str> = req.path.trim_end_matches('/').split('/').skip(2).collect();
+    // Each change answers the id of the account it changed, for the log.
+    let result: Result<String, Vec<u8>> = match (req.method, parts.as_slice()) {
+        ("GET", ["accounts"]) => return ok(list(admin)),
+        ("POST", ["accounts"]) => add(admin, req),
+        ("POST", ["accounts", id, "enable"]) => admin
+            .accounts
+            .borrow_mut()
+            .set_enabled(id, true)
+            .map(|()| id.to_string())
+            .map_err(refused),
+        ("POST", ["accounts", id, "disable"]) => admin
+            .accounts
+            .borrow_mut()
+            .set_enabled(id, false)
+            .map(|()| id.to_string())
+            .map_err(refused),
+        ("POST" | "PUT", ["accounts", id, "limit"]) => body::<LimitBody>(req).and_then(|b| {
+            admin
+                .accounts
+                .borrow_mut()
+                .set_max_concurrent(id, b.max_concurrent_streams)
+                .map(|()| id.to_string())
+                .map_err(refused)
+        }),
+        ("POST", ["accounts", id, "rotate"]) => rotate(admin, id, req).map(|()| id.to_string()),
+        ("DELETE", ["accounts", id]) => admin
+            .accounts
+            .borrow_mut()
+            .remove(id)
+            .map(|_| id.to_string())
+            .map_err(refused),
+        (_, ["accounts", ..]) => return http::json_error(405, "method not allowed here"),
+        _ => return http::json_error(404, "not found"),
+    };
+    match result {
+        Ok(account) => {
+            admin.publish();
+            if let Err(e) = admin.persist() {
+                tracing::error!(error = %e, "account change applied but not saved to the key store");
+                return http::json_error(
+                    500,
+                    &format!("applied, but not saved to the key store: {e}"),
+                );
+            }
+            if let Err(e) = admin.share_accounts().await {
+                tracing::error!(error = %e, "account change applied on this node only");
+                return http::json_error(
+                    503,
+                    &format!("applied on this node only, not fleet-wide: {e}"),
+                );
+            }
+            tracing::info!(
+                method = req.method,
+                path = req.path,
+                account = %account,
+                "admin change applied"
+            );
+            ok(list(admin))
+        }
+        Err(answer) => answer,
+    }
+}
+
+/// Adds the account in the body; its id.
+fn add(admin: &Admin, req: &Request<'_>) -> Result<String, Vec<u8>> {
+    let b: AddBody = body(req)?;
+    admin
+        .accounts
+        .borrow_mut()
+        .add(
+            &b.id,
+            Secret::new(b.key),
+            &b.region,
+            &b.pool,
+            b.enabled,
+            b.max_concurrent_streams,
+            unix_now(),
+            Source::Store,
+        )
+        .map(|()| b.id.clone())
+        .map_err(refused)
+}
+
+fn rotate(admin: &Admin, id: &str, req: &Request<'_>) -> Result<(), Vec<u8>> {
+    let b: RotateBody = body(req)?;
+    let overlap = match b.overlap {
+        None => admin.config.borrow().rotation_overlap,
+        Some(text) => crate::core::config::parse_duration(&text)
+            .map_err(|e| http::json_error(400, &format!("overlap: {e}")))?,
+    };
+    admin
+        .accounts
+        .borrow_mut()
+        .rotate(id, Secret::new(b.key), overlap, unix_now())
+        .map_err(refused)
+}
+
+/// Every account, as the API and the dashboard show it.
+pub(super) fn list(admin: &Admin) -> serde_json::Value {
+    let now = Instant::now();
+    let unix = unix_now();
+    let period = admin.config.borrow().rotation_period.as_secs();
+    let accounts = admin.accounts.borrow();
+    let items: Vec<_> = accounts
+        .entries()
+        .iter()
+        .map(|e| {
+            let a = &e.state;
+            let k = &e.current;
+            let age = unix.saturating_sub(k.created_at);
+            json!({
+                "id": a.id,
+                "region": a.region(),
+                "pool": a.pool,
+                "enabled": a.enabled.load(Ordering::Relaxed),
+                "healthy": a.healthy(now),
+                "available": a.available(now),
+                "live_streams": a.live.load(Ordering::Relaxed),
+                "max_concurrent_streams": a.max_concurrent.load(Ordering::Relaxed),
+                "source": e.source,
+                "key": {
+                    "fingerprint": k.fingerprint,
+                    "created_at": k.created_at,
+                    "age_seconds": age,
+                    "due_for_rotation": age >= period,
+                    "live_streams": k.live.load(Ordering::Relaxed),
+                    "streams_total": k.streams_total.load(Ordering::Relaxed),
+                },
+                "retiring_keys": e.retiring.iter().map(|r| {
+                    let retire_at = r.retire_at.load(Ordering::Relaxed);
+                    json!({
+                        "fingerprint": r.fingerprint,
+                        "retire_at": retire_at,
+                        "overdue": retire_at <= unix,
+                        "live_streams": r.live.load(Ordering::Relaxed),
+                        "streams_total": r.streams_total.load(Ordering::Relaxed),
+                    })
+                }).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let pools: Vec<_> = super::pools::views(&admin.pools, &accounts.ring(), now)
+        .iter()
+        .map(super::pools::PoolView::json)
+        .collect();
+    json!({ "accounts": items, "pools": pools, "rotation_period_seconds": period })
+}
+
+/// `GET /admin/stats`: merged stream, traffic, error and latency figures.
+pub(super) fn stats(admin: &Admin, shards: &[crate::core::metrics::MetricsSnapshot]) -> Vec<u8> {
+    use crate::core::metrics::{Direction, Hist, MetricsSnapshot};
+    let mut m = MetricsSnapshot::empty(0);
+    for s in shards {
+        m.merge(s);
+    }
+    let hist: Vec<_> = Hist::ALL
+        .iter()
+        .map(|&h| {
+            let hg = m.histogram(h);
+            let ms = |v: u64| v as f64 * 1000.0 / h.units_per_second() as f64;
+            json!({
+                "name": h.display_name(),
+                "count": hg.len(),
+                "p50_ms": ms(hg.value_at_quantile(0.5)),
+                "p90_ms": ms(hg.value_at_quantile(0.9)),
+                "p99_ms": ms(hg.value_at_quantile(0.99)),
+                "p999_ms": ms(hg.value_at_quantile(0.999)),
+                "max_ms": ms(hg.max()),
+            })
+        })
+        .collect();
+    let accounts: Vec<_> = m
+        .accounts()
+        .iter()
+        .map(|a| json!({"id": a.id, "streams_active": a.streams_active, "streams_total": a.streams_total, "retries": a.retries}))
+        .collect();
+    let errors: Vec<_> = m
+        .error_counts()
+        .map(|(side, code, n)| json!({"side": side.label(), "code": code, "count": n}))
+        .collect();
+    let refusals: serde_json::Map<String, serde_json::Value> = crate::core::metrics::RefusedBy::ALL
+        .iter()
+        .map(|by| (by.label().to_string(), json!(m.refusals(*by))))
+        .collect();
+    ok(json!({
+        "streams_active": m.active_streams(),
+        "streams_total": m.streams_total(),
+        "streams_rejected": m.streams_rejected(),
+        "refusals": refusals,
+        "frames": {"client_to_upstream": m.frames(Direction::ClientToUpstream), "upstream_to_client": m.frames(Direction::UpstreamToClient)},
+        "bytes": {"client_to_upstream": m.bytes(Direction::ClientToUpstream), "upstream_to_client": m.bytes(Direction::UpstreamToClient)},
+        "accounts": accounts,
+        "errors": errors,
+        "alerts_firing": super::alerts::firing_json(admin),
+        "latency": hist,
+    }))
+}
+
+/// Once a second on the admin thread: retire keys whose overlap is over,
+/// and warn (once a day per key) about keys due for rotation.
+pub(super) fn housekeeping(admin: &Admin) {
+    let now = unix_now();
+    let overdue = admin.accounts.borrow_mut().expire_retiring(now);
+    for k in overdue {
+        // Once per key: its streams are finalized and told to reconnect
+        // (onto the new key); the key is retired when the last one ends.
+        if !k.ending.swap(true, Ordering::Relaxed) {
+            tracing::warn!(key = %k.fingerprint, live = k.live.load(Ordering::Relaxed), "rotated-out key is past its overlap; ending its streams");
+            for tx in &admin.shards {
+                let _ = tx.try_send(crate::dataplane::shard::ShardMsg::EndKey(
+                    k.fingerprint.clone(),
+                ));
+            }
+        }
+    }
+    thread_local! {
+        static LAST_WARNED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    }
+    let due = LAST_WARNED.with(|c| {
+        let due = now >= c.get() + 24 * 3600;
+        if due {
+            c.set(now);
+        }
+        due
+    });
+    if due {
+        let period = admin.config.borrow().rotation_period.as_secs();
+        for e in admin.accounts.borrow().entries() {
+            let age = now.saturating_sub(e.current.created_at);
+            if age >= period {
+                tracing::warn!(account = %e.state.id, key = %e.current.fingerprint, age_days = age / 86400, "key is older than the rotation period; rotate it");
+            }
+        }
+    }
+}
+
+/// Per-key metrics appended to `/metrics`: key age, keys due for rotation,
+/// streams on retiring keys. Fingerprints label keys; keys never appear.
+pub(super) fn render_key_metrics(admin: &Admin, out: &mut String) {
+    use std::fmt::Write;
+    let now = unix_now();
+    let period = admin.config.borrow().rotation_period.as_secs();
+    let accounts = admin.accounts.borrow();
+    out.push_str("# HELP clio_relay_key_age_seconds Age of each account's current key.\n# TYPE clio_relay_key_age_seconds gauge\n");
+    for e in accounts.entries() {
+        let _ = writeln!(
+            out,
+            "clio_relay_key_age_seconds{{account=\"{}\",key=\"{}\"}} {}",
+            e.state.id,
+            e.current.fingerprint,
+            now.saturating_sub(e.current.created_at)
+        );
+    }
+    let due = accounts
+        .entries()
+        .iter()
+        .filter(|e| now.saturating_sub(e.current.created_at) >= period)
+        .count();
+    let _ = writeln!(out, "# HELP clio_relay_keys_due_for_rotation Current keys older than the rotation period.\n# TYPE clio_relay_keys_due_for_rotation gauge\nclio_relay_keys_due_for_rotation {due}");
+    out.push_str("# HELP clio_relay_key_streams_active Live streams per key, current and retiring.\n# TYPE clio_relay_key_streams_active gauge\n");
+    for e in accounts.entries() {
+        let keys = std::iter::once((&e.current, "current"))
+            .chain(e.retiring.iter().map(|k| (k, "retiring")));
+        for (k, state) in keys {
+            let _ = writeln!(
+                out,
+                "clio_relay_key_streams_active{{account=\"{}\",key=\"{}\",state=\"{state}\"}} {}",
+                e.state.id,
+                k.fingerprint,
+                k.live.load(Ordering::Relaxed)
+            );
+        }
+    }
+}

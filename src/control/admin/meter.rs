@@ -1,0 +1,470 @@
+//! Usage, cost and revocations on the admin thread: collecting usage
+//! records from the shards, keeping and persisting the ledger, the
+//! `/admin/usage` and `/admin/revocations` API, and the usage metrics.
+
+use std::collections::HashMap;
+use std::fmt::Write;
+use std::sync::atomic::Ordering;
+use std::time::SystemTime;
+
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{Admin, Request};
+use crate::control::usage::{format_day, month_start, parse_day, GroupBy, UsageRecord};
+use crate::core::devices::{utc_day, Limit};
+use crate::dataplane::http;
+use crate::dataplane::shard::ShardMsg;
+
+/// Price per audio hour and monthly budget of one account.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(super) struct Price {
+    pub per_hour: f64,
+    pub monthly_budget: f64,
+}
+
+/// Asks every shard for the usage records of streams ended since last time.
+pub(super) async fn collect(admin: &Admin) -> Vec<UsageRecord> {
+    super::ask(&admin.shards, ShardMsg::TakeUsage)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+/// Cost of `audio_ms` at `price` per hour.
+pub(super) fn cost(audio_ms: u64, price: f64) -> f64 {
+    audio_ms as f64 / 3_600_000.0 * price
+}
+
+/// This month's audio milliseconds per account.
+pub(super) fn month_audio(admin: &Admin) -> HashMap<String, u64> {
+    let today = utc_day(SystemTime::now());
+    admin
+        .usage
+        .borrow()
+        .audio_ms_by_account(month_start(today), today)
+        .into_iter()
+        .collect()
+}
+
+/// `GET /admin/usage?from=YYYY-MM-DD&to=YYYY-MM-DD&group_by=account|device|pool&scope=fleet|node`.
+///
+/// `group_by=pool` sums the accounts' rows (and costs) by each account's
+/// pool.
+///
+/// In a fleet (`[cluster]`), `rows` are the fleet's totals and `nodes` each
+/// node's share, read from Redis; `scope=node`, or Redis unreachable (then
+/// `fleet_error` says why), answers from this node's own ledger.
+pub(super) async fn usage(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
+    let q = |name: &str| {
+        req.query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+    };
+    let today = utc_day(SystemTime::now());
+    let parse = |name: &str, default: u64| match q(name) {
+        None | Some("") => Ok(default),
+        Some(t) => {
+            parse_day(t).ok_or_else(|| http::json_error(400, &format!("{name}: want YYYY-MM-DD")))
+        }
+    };
+    let (from, to) = match (parse("from", month_start(today)), parse("to", today)) {
+        (Ok(f), Ok(t)) if f <= t => (f, t),
+        (Err(e), _) | (_, Err(e)) => return e,
+        _ => return http::json_error(400, "from is after to"),
+    };
+    let by_pool = q("group_by") == Some("pool");
+    let group = match q("group_by") {
+        None | Some("account") | Some("pool") => GroupBy::Account,
+        Some("device") => GroupBy::Device,
+        Some(_) => return http::json_error(400, "group_by: account, device or pool"),
+    };
+    let fleet_scope = match q("scope") {
+        None | Some("fleet") => true,
+        Some("node") => false,
+        Some(_) => return http::json_error(400, "scope: fleet or node"),
+    };
+    let group_name = match group {
+        _ if by_pool => "pool",
+        GroupBy::Account => "account",
+        _ => "device",
+    };
+    let rows_of = |totals: &std::collections::BTreeMap<String, crate::core::usage::Totals>| {
+        if by_pool {
+            pool_rows(admin, totals)
+        } else {
+            usage_rows(admin, totals, group)
+        }
+    };
+    let currency = admin.usage_cfg.borrow().currency.clone();
+    let mut body = json!({"from": format_day(from), "to": format_day(to), "group_by": group_name, "currency": currency});
+    let fleet = admin.process.fleet.get().cloned();
+    let shared = match &fleet {
+        Some(f) if fleet_scope => Some(f.usage(from, to, group).await),
+        _ => None,
+    };
+    let rows = match shared {
+        Some(Ok(by_node)) => {
+            body["scope"] = json!("fleet");
+            body["nodes"] = by_node
+                .iter()
+                .map(|(node, totals)| (node.clone(), rows_of(totals)))
+                .collect::<serde_json::Map<_, _>>()
+                .into();
+            crate::core::cluster::usage::fleet_totals(&by_node)
+        }
+        other => {
+            if let Some(Err(e)) = other {
+                tracing::warn!(error = %e, "fleet usage unreadable; answering with this node's");
+                body["fleet_error"] = json!(e);
+            }
+            if fleet.is_some() {
+                body["scope"] = json!("node");
+            }
+            admin.usage.borrow().query(from, to, group)
+        }
+    };
+    if let Some(f) = &fleet {
+        body["node"] = json!(f.node_id);
+    }
+    body["rows"] = rows_of(&rows);
+    http::response(200, "application/json", "", body.to_string().as_bytes())
+}
+
+/// `/admin/usage?group_by=pool` rows: the accounts' rows summed by pool,
+/// with their cost. An account's pool is the one it has now (or in the
+/// config file); an account gone from both is under `-`.
+fn pool_rows(
+    admin: &Admin,
+    totals: &std::collections::BTreeMap<String, crate::core::usage::Totals>,
+) -> serde_json::Value {
+    let accounts = admin.accounts.borrow();
+    let configs = admin.account_configs.borrow();
+    let prices = admin.prices.borrow();
+    let mut pools: std::collections::BTreeMap<String, (crate::core::usage::Totals, f64, f64)> =
+        Default::default();
+    for (account, t) in totals {
+        let pool = accounts
+            .get(account)
+            .map(|e| e.state.pool.clone())
+            .or_else(|| {
+                configs
+                    .iter()
+                    .find(|c| &c.id == account)
+                    .map(|c| c.pool.clone())
+            })
+            .unwrap_or_else(|| "-".to_string());
+        let p = prices.get(account).copied().unwrap_or_default();
+        let (sum, cost_sum, budget) = pools.entry(pool).or_default();
+        sum.streams += t.streams;
+        sum.audio_ms += t.audio_ms;
+        sum.audio_ms_relay += t.audio_ms_relay;
+        sum.bytes_up += t.bytes_up;
+        sum.bytes_down += t.bytes_down;
+        for (code, n) in &t.errors {
+            *sum.errors.entry(*code).or_default() += n;
+        }
+        *cost_sum += cost(t.audio_ms, p.per_hour);
+        *budget += p.monthly_budget;
+    }
+    pools
+        .into_iter()
+        .map(|(pool, (t, cost, budget))| {
+            json!({
+                "key": pool,
+                "streams": t.streams,
+                "audio_seconds": t.audio_ms as f64 / 1000.0,
+                "audio_seconds_relay_meter": t.audio_ms_relay as f64 / 1000.0,
+                "bytes_up": t.bytes_up,
+                "bytes_down": t.bytes_down,
+                "errors": t.errors,
+                "cost": cost,
+                "monthly_budget": budget,
+            })
+        })
+        .collect::<Vec<_>>()
+        .into()
+}
+
+/// `/admin/usage` rows: one per account or device, accounts with their cost.
+fn usage_rows(
+    admin: &Admin,
+    totals: &std::collections::BTreeMap<String, crate::core::usage::Totals>,
+    group: GroupBy,
+) -> serde_json::Value {
+    let prices = admin.prices.borrow();
+    totals
+        .iter()
+        .map(|(key, t)| {
+            let mut row = json!({
+                "key": key,
+                "streams": t.streams,
+                "audio_seconds": t.audio_ms as f64 / 1000.0,
+                "audio_seconds_relay_meter": t.audio_ms_relay as f64 / 1000.0,
+                "bytes_up": t.bytes_up,
+                "bytes_down": t.bytes_down,
+                "errors": t.errors,
+            });
+            if group == GroupBy::Account {
+                let p = prices.get(key).copied().unwrap_or_default();
+                row["cost"] = json!(cost(t.audio_ms, p.per_hour));
+                row["monthly_budget"] = json!(p.monthly_budget);
+            }
+            row
+        })
+        .collect::<Vec<_>>()
+        .into()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokeBody {
+    device_id: Option<String>,
+    token_id: Option<String>,
+    #[serde(default)]
+    end_live_streams: bool,
+}
+
+/// `GET`, `POST` and `DELETE /admin/revocations`. In a fleet the change
+/// goes to the shared store too, and every node applies it (and ends the
+/// live streams, when asked) within a poll interval.
+pub(super) async fn revocations(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
+    let devices = &admin.process.devices;
+    if req.method != "GET" {
+        let b: RevokeBody = match serde_json::from_slice(req.body) {
+            Ok(b) => b,
+            Err(_) => {
+                return http::json_error(
+                    400,
+                    "want {\"device_id\"?, \"token_id\"?, \"end_live_streams\"?}",
+                )
+            }
+        };
+        if b.device_id.is_none() && b.token_id.is_none() {
+            return http::json_error(400, "give a device_id or a token_id");
+        }
+        match req.method {
+            "POST" => {
+                if let Some(d) = &b.device_id {
+                    devices.revoke_device(d);
+                }
+                if let Some(t) = &b.token_id {
+                    devices.revoke_token(t);
+                }
+                if b.end_live_streams {
+                    for tx in &admin.shards {
+                        let _ = tx.try_send(ShardMsg::EndStreams {
+                            device: b.device_id.clone(),
+                            token: b.token_id.clone(),
+                        });
+                    }
+                }
+                tracing::warn!(
+                    device = b.device_id.as_deref().unwrap_or(""),
+                    token_id = b.token_id.as_deref().unwrap_or(""),
+                    end_live_streams = b.end_live_streams,
+                    "revoked"
+                );
+            }
+            "DELETE" => {
+                devices.unrevoke(b.device_id.as_deref(), b.token_id.as_deref());
+            }
+            _ => return http::json_error(405, "GET, POST or DELETE"),
+        }
+        if let Some(fleet) = admin.process.fleet.get() {
+            let shared = fleet
+                .revoke(
+                    b.device_id.clone(),
+                    b.token_id.clone(),
+                    b.end_live_streams,
+                    req.method == "DELETE",
+                )
+                .await;
+            if let Err(e) = shared {
+                tracing::error!(error = %e, "revocation applied on this node only");
+                return http::json_error(
+                    503,
+                    &format!("applied on this node only, not fleet-wide: {e}"),
+                );
+            }
+        }
+    }
+    let (d, t) = devices.revoked();
+    http::response(
+        200,
+        "application/json",
+        "",
+        json!({"devices": d, "token_ids": t}).to_string().as_bytes(),
+    )
+}
+
+/// Usage, cost and device metrics appended to `/metrics`.
+pub(super) fn render_metrics(admin: &Admin, out: &mut String) {
+    let rejections = &admin.process.device_rejections;
+    out.push_str("# HELP clio_relay_device_rejections_total Streams refused or ended by a device limit or revocation.\n# TYPE clio_relay_device_rejections_total counter\n");
+    for l in Limit::ALL {
+        let _ = writeln!(
+            out,
+            "clio_relay_device_rejections_total{{limit=\"{}\"}} {}",
+            l.label(),
+            rejections[l as usize].load(Ordering::Relaxed)
+        );
+    }
+    let currency = admin.usage_cfg.borrow().currency.clone();
+    let month = month_audio(admin);
+    let prices = admin.prices.borrow();
+    let accounts = admin.accounts.borrow();
+    out.push_str("# HELP clio_relay_account_max_concurrent_streams The concurrent-stream limit in force per account.\n# TYPE clio_relay_account_max_concurrent_streams gauge\n");
+    for e in accounts.entries() {
+        let _ = writeln!(
+            out,
+            "clio_relay_account_max_concurrent_streams{{account=\"{}\"}} {}",
+            e.state.id,
+            e.state.effective_max()
+        );
+    }
+    out.push_str("# HELP clio_relay_usage_month_audio_seconds Audio seconds this calendar month (UTC), per account.\n# TYPE clio_relay_usage_month_audio_seconds gauge\n");
+    for e in accounts.entries() {
+        let ms = month.get(&e.state.id).copied().unwrap_or(0);
+        let _ = writeln!(
+            out,
+            "clio_relay_usage_month_audio_seconds{{account=\"{}\"}} {}",
+            e.state.id,
+            ms as f64 / 1000.0
+        );
+    }
+    out.push_str("# HELP clio_relay_cost_month Cost this calendar month, per account.\n# TYPE clio_relay_cost_month gauge\n");
+    for e in accounts.entries() {
+        let p = prices.get(&e.state.id).copied().unwrap_or_default();
+        let ms = month.get(&e.state.id).copied().unwrap_or(0);
+        let _ = writeln!(
+            out,
+            "clio_relay_cost_month{{account=\"{}\",currency=\"{currency}\"}} {}",
+            e.state.id,
+            cost(ms, p.per_hour)
+        );
+    }
+    out.push_str("# HELP clio_relay_budget_month Monthly budget per account (0 = none).\n# TYPE clio_relay_budget_month gauge\n");
+    for e in accounts.entries() {
+        let p = prices.get(&e.state.id).copied().unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "clio_relay_budget_month{{account=\"{}\",currency=\"{currency}\"}} {}",
+            e.state.id, p.monthly_budget
+        );
+    }
+    let totals = admin.usage.borrow().query(0, u64::MAX, GroupBy::Account);
+    out.push_str("# HELP clio_relay_audio_seconds_total Audio seconds relayed, per account (kept across restarts).\n# TYPE clio_relay_audio_seconds_total counter\n");
+    for (id, t) in totals {
+        let _ = writeln!(
+            out,
+            "clio_relay_audio_seconds_total{{account=\"{id}\"}} {}",
+            t.audio_ms as f64 / 1000.0
+        );
+    }
+}
+
+/// The last comparison of the relay's meter with Soniox's usage logs, per account.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub(super) struct Reconciliation {
+    /// Streams found in both.
+    pub matched: u64,
+    /// Soniox's log entries with no stream of this relay (other clients of the key, or streams older than the relay remembers).
+    pub unmatched: u64,
+    /// Audio seconds of the matched streams by the relay's meter.
+    pub relay_seconds: f64,
+    /// … and by Soniox.
+    pub soniox_seconds: f64,
+    /// relay − Soniox.
+    pub drift_seconds: f64,
+    /// When (Unix seconds).
+    pub at: u64,
+}
+
+/// Reads each account's `GET /v1/usage-logs` and compares it, stream by
+/// stream (`client_reference_id`), with the relay's own meter.
+pub(super) async fn reconcile(admin: &Admin) {
+    let targets: Vec<_> = admin
+        .accounts
+        .borrow()
+        .entries()
+        .iter()
+        .map(|e| (e.state.id.clone(), e.state.pool.clone(), e.current.clone()))
+        .collect();
+    for (id, pool, key) in targets {
+        // Each account's usage logs live on its own pool's REST API.
+        let Some(rest) = admin.rest_for(&pool) else {
+            continue;
+        };
+        let mut r = Reconciliation {
+            at: crate::control::accounts::unix_now(),
+            ..Default::default()
+        };
+        let mut cursor: Option<String> = None;
+        for _page in 0..10 {
+            let path = match &cursor {
+                None => "/v1/usage-logs?limit=1000".to_string(),
+                Some(c) => format!("/v1/usage-logs?limit=1000&cursor={c}"),
+            };
+            let Ok((200, body)) = rest
+                .get(&path, &key, std::time::Duration::from_secs(10))
+                .await
+            else {
+                tracing::debug!(account = %id, "usage logs not readable; reconciliation skipped");
+                break;
+            };
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) else {
+                break;
+            };
+            for log in v["logs"].as_array().into_iter().flatten() {
+                let theirs = log["audio_duration_ms"].as_u64().unwrap_or(0);
+                match log["client_reference_id"].as_str().and_then(|rid| {
+                    admin
+                        .usage
+                        .borrow()
+                        .stream_audio_ms(rid)
+                        .map(|(a, ms)| (a == id, ms))
+                }) {
+                    Some((true, ours)) => {
+                        r.matched += 1;
+                        r.relay_seconds += ours as f64 / 1000.0;
+                        r.soniox_seconds += theirs as f64 / 1000.0;
+                    }
+                    _ => r.unmatched += 1,
+                }
+            }
+            cursor = v["next_page_cursor"]
+                .as_str()
+                .map(str::to_string)
+                .or_else(|| v["next_page_cursor"].as_u64().map(|n| n.to_string()));
+            if cursor.is_none() {
+                break;
+            }
+        }
+        r.drift_seconds = r.relay_seconds - r.soniox_seconds;
+        if r.drift_seconds.abs() > 60.0_f64.max(r.soniox_seconds * 0.05) {
+            tracing::warn!(account = %id, drift_seconds = r.drift_seconds, matched = r.matched, "the relay's usage meter and Soniox's usage logs disagree");
+        }
+        admin.reconciliation.borrow_mut().insert(id, r);
+    }
+}
+
+/// `GET /admin/reconciliation`.
+pub(super) fn reconciliation(admin: &Admin) -> Vec<u8> {
+    let body =
+        serde_json::to_string(&*admin.reconciliation.borrow()).unwrap_or_else(|_| "{}".into());
+    http::response(200, "application/json", "", body.as_bytes())
+}
+
+/// `clio_relay_usage_drift_seconds{account}`.
+pub(super) fn render_drift(admin: &Admin, out: &mut String) {
+    out.push_str("# HELP clio_relay_usage_drift_seconds The relay's audio meter minus Soniox's usage logs, last reconciliation.\n# TYPE clio_relay_usage_drift_seconds gauge\n");
+    for (id, r) in admin.reconciliation.borrow().iter() {
+        let _ = writeln!(
+            out,
+            "clio_relay_usage_drift_seconds{{account=\"{id}\"}} {}",
+            r.drift_seconds
+        );
+    }
+}

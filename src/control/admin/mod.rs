@@ -1,0 +1,809 @@
+//! The admin port: `/metrics`, `/healthz`, `/readyz`, `/v1/config`, and,
+//! behind the admin token, the account API (`/admin/…`).
+//!
+//! Runs on its own executor thread, off the streaming path. It owns the
+//! control plane's account set; shards learn of changes only by message
+//! ([`ShardMsg::Ring`]), and answer metrics requests ([`ShardMsg::Snapshot`])
+//! that a scrape merges.
+
+mod alerts;
+mod api;
+mod meter;
+pub mod pools;
+mod remote;
+
+pub use remote::remote_config;
+
+use std::cell::RefCell;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use glommio::{LocalExecutorBuilder, Placement};
+
+use crate::control::accounts::Accounts;
+use crate::control::health::{CheckCounts, RestTarget};
+use crate::control::usage::UsageBook;
+use crate::core::config::UsageConfig;
+use crate::core::config::{AdminConfig, Config};
+use crate::core::metrics::{render_prometheus, MetricsSnapshot, ProcessGauges};
+use crate::core::secret::Secret;
+use crate::core::token::TokenKeys;
+use crate::dataplane::http;
+use crate::dataplane::io::{timeout, Buf, BufferPool, Conn, Duplex};
+use crate::dataplane::shard::Settings;
+use crate::dataplane::shard::{ProcessState, ShardMsg, IO_MEMORY};
+use std::collections::HashMap;
+
+/// The dashboard page: plain HTML and JavaScript, no build step.
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+/// Descriptors the admin thread holds in reserve for its own port.
+const ADMIN_SPARE_FDS: usize = 4;
+
+/// Largest request body the admin API reads.
+const MAX_BODY: usize = 64 * 1024;
+
+/// What the admin server needs.
+#[derive(Debug)]
+pub struct AdminSetup {
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// Control channels of every shard.
+    pub shards: Vec<async_channel::Sender<ShardMsg>>,
+    /// Process-wide state (accounts, draining, stream count).
+    pub process: Arc<ProcessState>,
+    /// The authoritative account set; the admin thread owns it from here on.
+    pub accounts: Accounts,
+    /// Token, allowlist, rotation settings.
+    pub config: AdminConfig,
+    /// Messages from the main thread (reloads).
+    pub inbox: async_channel::Receiver<AdminMsg>,
+    /// Each pool's upstream REST API, by pool name, for active health
+    /// checks and reconciliation (a pool whose REST URL is unusable is absent).
+    pub rests: Vec<(String, RestTarget)>,
+    /// Usage, cost and alert settings.
+    pub usage: UsageConfig,
+    /// The config file's accounts (for prices and budgets).
+    pub account_configs: Vec<crate::core::config::AccountConfig>,
+    /// TLS client config for https webhooks.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// A listening socket passed by systemd, used instead of binding.
+    pub listen_fd: Option<Arc<std::os::fd::OwnedFd>>,
+    /// The encrypted key store and the generation last loaded, if any.
+    pub store: Option<(crate::control::keystore::KeyStore, u64)>,
+    /// In a fleet: the account set other nodes stored (sealed), from the
+    /// cluster thread.
+    pub fleet_accounts: Option<async_channel::Receiver<Vec<u8>>>,
+    /// Every pool and its endpoints (the default pool's is `upstream.url`):
+    /// the health checks probe each WebSocket endpoint, `/v1/config` and
+    /// the metrics list them.
+    pub pools: Vec<crate::core::config::PoolConfig>,
+}
+
+fn prices(accounts: &[crate::core::config::AccountConfig]) -> HashMap<String, meter::Price> {
+    accounts
+        .iter()
+        .map(|a| {
+            (
+                a.id.clone(),
+                meter::Price {
+                    per_hour: a.price_per_hour,
+                    monthly_budget: a.monthly_budget,
+                },
+            )
+        })
+        .collect()
+}
+
+/// The admin thread's state.
+struct Admin {
+    shards: Vec<async_channel::Sender<ShardMsg>>,
+    process: Arc<ProcessState>,
+    accounts: RefCell<Accounts>,
+    config: RefCell<AdminConfig>,
+    /// HMAC key and tag of the admin token, so a presented token is compared
+    /// in constant time (ring's `hmac::verify`).
+    token_check: RefCell<Option<(ring::hmac::Key, ring::hmac::Tag)>>,
+    /// Each pool's upstream REST API (health checks, reconciliation).
+    rests: Vec<(String, RestTarget)>,
+    /// Every pool and its endpoints, the default pool first.
+    pools: Vec<crate::core::config::PoolConfig>,
+    /// Health check outcomes so far.
+    checks: CheckCounts,
+    /// The usage ledger.
+    usage: RefCell<UsageBook>,
+    /// Currency, persistence and alert settings.
+    usage_cfg: RefCell<UsageConfig>,
+    /// Price and budget per account id.
+    prices: RefCell<HashMap<String, meter::Price>>,
+    /// In-process alert state.
+    alerts: RefCell<alerts::AlertState>,
+    /// The key store, where account changes are saved (none without a master key).
+    store: Option<crate::control::keystore::KeyStore>,
+    /// The store generation last written or read.
+    store_generation: std::cell::Cell<u64>,
+    /// The config file's accounts (the base the store's changes apply to).
+    account_configs: RefCell<Vec<crate::core::config::AccountConfig>>,
+    /// Last usage reconciliation per account.
+    reconciliation: RefCell<std::collections::BTreeMap<String, meter::Reconciliation>>,
+    /// TLS client config (https webhooks and REST).
+    tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+/// Messages from the main thread to the admin thread.
+#[derive(Debug)]
+pub enum AdminMsg {
+    /// Apply a re-read config file; the reply lists what changed.
+    Reload(Box<Config>, async_channel::Sender<Vec<String>>),
+    /// Answer (with "admin"), to show the admin thread's event loop turns:
+    /// the watchdog's liveness check.
+    Ping(std::sync::mpsc::Sender<String>),
+}
+
+fn token_check(token: Option<&Secret>) -> Option<(ring::hmac::Key, ring::hmac::Tag)> {
+    token.map(|t| {
+        let mut salt = [0u8; 32];
+        let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut salt);
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &salt);
+        let tag = ring::hmac::sign(&key, t.expose().as_bytes());
+        (key, tag)
+    })
+}
+
+impl Admin {
+    /// The REST API of `pool`'s upstream.
+    fn rest_for(&self, pool: &str) -> Option<&RestTarget> {
+        self.rests
+            .iter()
+            .find_map(|(name, r)| (name == pool).then_some(r))
+    }
+
+    /// Saves the account set to the key store (if there is one).
+    fn persist(&self) -> Result<(), String> {
+        let Some(store) = &self.store else {
+            return Ok(());
+        };
+        let mut data = self
+            .accounts
+            .borrow()
+            .to_store(&self.account_configs.borrow(), self.store_generation.get());
+        store.save(&mut data).map_err(|e| e.to_string())?;
+        self.store_generation.set(data.generation);
+        Ok(())
+    }
+
+    /// In a fleet: stores the account set, sealed under the master key, for
+    /// every node to apply.
+    async fn share_accounts(&self) -> Result<(), String> {
+        let (Some(fleet), Some(store)) = (self.process.fleet.get(), &self.store) else {
+            return Ok(());
+        };
+        let data = self
+            .accounts
+            .borrow()
+            .to_store(&self.account_configs.borrow(), self.store_generation.get());
+        let sealed = store.seal_data(&data).map_err(|e| e.to_string())?;
+        fleet.publish_accounts(sealed).await
+    }
+
+    /// Applies the account set another node of the fleet stored.
+    fn apply_fleet_accounts(&self, sealed: &[u8]) {
+        let Some(store) = &self.store else {
+            return;
+        };
+        let data = match store.open_data(sealed) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(error = %e, "the fleet's account set cannot be opened here (is admin.master_key the same on every node?)");
+                return;
+            }
+        };
+        let now = crate::control::accounts::unix_now();
+        let merged = crate::control::keystore::merge(&self.account_configs.borrow(), &data, now);
+        let overlap = self.config.borrow().rotation_overlap;
+        let log = self
+            .accounts
+            .borrow_mut()
+            .apply_merged(&merged, overlap, now);
+        if log.is_empty() {
+            return;
+        }
+        self.publish();
+        if let Err(e) = self.persist() {
+            tracing::error!(error = %e, "fleet account change applied but not saved to the key store");
+        }
+        for change in log {
+            tracing::info!(change = %change, "account change from the fleet");
+        }
+    }
+
+    /// Sends the current ring version to every shard.
+    fn publish(&self) {
+        let accounts = self.accounts.borrow();
+        // With active checks a 401/402 holds an account off until a check
+        // passes; without them, for a minute.
+        let checks_on = !self.rests.is_empty() && !self.config.borrow().health_interval.is_zero();
+        let holdoff = if checks_on {
+            Duration::from_secs(3600)
+        } else {
+            crate::core::keyring::UNHEALTHY_HOLDOFF
+        };
+        for e in accounts.entries() {
+            e.state.set_unhealthy_holdoff(holdoff);
+        }
+        let (ring, ids) = (accounts.ring(), accounts.metrics_ids());
+        self.process.publish(ring.clone(), ids.clone());
+        for tx in &self.shards {
+            let _ = tx.try_send(ShardMsg::Ring(ring.clone(), ids.clone()));
+        }
+    }
+
+    /// Applies a reloaded config: accounts, stream limits, token keys, and
+    /// the admin settings. Listen addresses, shards and upstream need a restart.
+    fn reload(&self, cfg: &Config) -> Vec<String> {
+        let overlap = cfg.admin.rotation_overlap;
+        let now = crate::control::accounts::unix_now();
+        // Keys new to the file are dated now, here and after restarts.
+        crate::control::keystore::KeyDates::record(
+            &self.config.borrow().state_dir,
+            &cfg.accounts,
+            now,
+        );
+        let mut log = self
+            .accounts
+            .borrow_mut()
+            .apply_config(&cfg.accounts, overlap, now);
+        self.publish();
+        let settings = Settings {
+            limits: cfg.limits.clone(),
+            failover: cfg.failover.clone(),
+            tokens: Arc::new(TokenKeys::from_config(&cfg.tokens)),
+            devices: Arc::new(cfg.devices.clone()),
+            allow: Arc::new(cfg.server.allow.clone()),
+            tls: match cfg
+                .tls
+                .as_ref()
+                .map(crate::core::tls::server_config)
+                .transpose()
+            {
+                Ok(t) => t,
+                Err(e) => {
+                    log.push(format!("TLS certificate not reloaded: {e}"));
+                    return log;
+                }
+            },
+        };
+        for tx in &self.shards {
+            let _ = tx.try_send(ShardMsg::Settings(settings.clone()));
+        }
+        log.push(format!(
+            "limits and token keys applied (signing key id {})",
+            settings.tokens.current_kid()
+        ));
+        *self.token_check.borrow_mut() = token_check(cfg.admin.token.as_ref());
+        *self.prices.borrow_mut() = prices(&cfg.accounts);
+        *self.account_configs.borrow_mut() = cfg.accounts.clone();
+        if let Err(e) = self.persist() {
+            log.push(format!("key store not updated: {e}"));
+        }
+        *self.usage_cfg.borrow_mut() = cfg.usage.clone();
+        *self.config.borrow_mut() = cfg.admin.clone();
+        log
+    }
+
+    fn authorized(&self, req: &Request<'_>) -> bool {
+        let check = self.token_check.borrow();
+        let Some((key, tag)) = &*check else {
+            return false;
+        };
+        let presented = req
+            .header("authorization")
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .map(str::trim);
+        presented.is_some_and(|t| ring::hmac::verify(key, t.as_bytes(), tag.as_ref()).is_ok())
+    }
+
+    fn allowed(&self, peer: impl FnOnce() -> Option<SocketAddr>) -> bool {
+        crate::dataplane::io::allowed(&self.config.borrow().allow, peer)
+    }
+}
+
+/// A parsed admin request.
+#[derive(Debug)]
+pub(crate) struct Request<'a> {
+    method: &'a str,
+    path: &'a str,
+    query: &'a str,
+    headers: Vec<(&'a str, &'a str)>,
+    body: &'a [u8],
+}
+
+impl Request<'_> {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| *v)
+    }
+}
+
+/// A running admin server.
+#[derive(Debug)]
+pub struct AdminHandle {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    stop: async_channel::Sender<()>,
+    join: Option<glommio::ExecutorJoinHandle<()>>,
+}
+
+impl AdminHandle {
+    /// Stops the admin server and waits for its thread.
+    pub fn stop(mut self) {
+        self.stop.close();
+        if let Some(j) = self.join.take() {
+            let _ = j.join();
+        }
+    }
+}
+
+/// Sends every shard the message `ask` makes around a reply channel and
+/// returns the answers, in shard order; a shard that is gone is left out.
+pub async fn ask<T>(
+    shards: &[async_channel::Sender<ShardMsg>],
+    ask: impl Fn(async_channel::Sender<T>) -> ShardMsg,
+) -> Vec<T> {
+    let mut out = Vec::with_capacity(shards.len());
+    for tx in shards {
+        let (rtx, rrx) = async_channel::bounded(1);
+        if tx.send(ask(rtx)).await.is_ok() {
+            if let Ok(answer) = rrx.recv().await {
+                out.push(answer);
+            }
+        }
+    }
+    out
+}
+
+/// Asks every shard for its metrics and returns the snapshots, in shard order.
+pub async fn collect(shards: &[async_channel::Sender<ShardMsg>]) -> Vec<MetricsSnapshot> {
+    ask(shards, ShardMsg::Snapshot).await
+}
+
+/// Starts the admin server on its own thread; returns once it listens.
+pub fn start(setup: AdminSetup) -> std::io::Result<AdminHandle> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<std::io::Result<SocketAddr>>();
+    let (stop_tx, stop_rx) = async_channel::bounded::<()>(1);
+    let join = LocalExecutorBuilder::new(Placement::Unbound)
+        .name("clio-admin")
+        .io_memory(IO_MEMORY)
+        .spawn(move || async move {
+            let listener = match crate::dataplane::io::listener(setup.listen_fd.as_deref(), setup.listen, false) {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            let _ = ready_tx.send(listener.local_addr().map_err(Into::into));
+            let book = UsageBook::load(&setup.config.state_dir).unwrap_or_else(|e| {
+                tracing::error!(dir = %setup.config.state_dir.display(), error = %e, "usage ledger not opened; counting in memory and trying again at each persist");
+                UsageBook::default()
+            });
+            let admin = Rc::new(Admin {
+                shards: setup.shards,
+                process: setup.process,
+                accounts: RefCell::new(setup.accounts),
+                token_check: RefCell::new(token_check(setup.config.token.as_ref())),
+                config: RefCell::new(setup.config),
+                rests: setup.rests,
+                pools: setup.pools.clone(),
+                checks: CheckCounts::default(),
+                usage: RefCell::new(book),
+                prices: RefCell::new(prices(&setup.account_configs)),
+                usage_cfg: RefCell::new(setup.usage),
+                alerts: RefCell::new(alerts::AlertState::default()),
+                reconciliation: RefCell::new(Default::default()),
+                store_generation: std::cell::Cell::new(setup.store.as_ref().map_or(0, |(_, g)| *g)),
+                store: setup.store.map(|(s, _)| s),
+                account_configs: RefCell::new(setup.account_configs.clone()),
+                tls: setup.tls,
+            });
+            admin.publish();
+            let inbox = setup.inbox;
+            let fleet_accounts = setup.fleet_accounts;
+            let from_fleet = async {
+                if let Some(rx) = fleet_accounts {
+                    while let Ok(sealed) = rx.recv().await {
+                        admin.apply_fleet_accounts(&sealed);
+                    }
+                }
+                futures_lite::future::pending::<()>().await;
+            };
+            let pool = BufferPool::new(MAX_BODY + 8192, 2, 16);
+            // Descriptors in reserve: at the file limit, one is given up so
+            // the admin port still answers while the client port is full.
+            let spare = crate::dataplane::accept::Spare::new(ADMIN_SPARE_FDS);
+            let accept = async {
+                let errors = crate::dataplane::accept::AcceptErrors::new("admin", true);
+                loop {
+                    let tcp = match listener.accept().await {
+                        Ok(tcp) => {
+                            errors.succeeded();
+                            spare.refill();
+                            tcp
+                        }
+                        Err(e) => {
+                            let e = std::io::Error::from(e);
+                            let wait = errors.failed(&admin.process.faults, &e);
+                            if crate::dataplane::accept::is_file_limit(&e) && spare.release() {
+                                continue; // a descriptor is free now: accept again at once
+                            }
+                            glommio::timer::Timer::new(wait).await;
+                            spare.refill();
+                            continue;
+                        }
+                    };
+                    if !admin.allowed(|| tcp.peer_addr().ok()) {
+                        continue; // dropped: not on the allowlist
+                    }
+                    let (admin, pool) = (admin.clone(), pool.clone());
+                    glommio::spawn_local(async move {
+                        let conn = Duplex::new(Conn::Plain(tcp.into()));
+                        let mut buf = pool.get();
+                        let answer =
+                            match timeout(Duration::from_secs(10), read_request(&conn, &mut buf))
+                                .await
+                            {
+                                Some(Ok(n)) => match parse_request(&buf.filled()[..n]) {
+                                    Some(req) => route(&admin, &req).await,
+                                    None => http::json_error(400, "malformed HTTP request"),
+                                },
+                                Some(Err(status)) => {
+                                    http::json_error(status, "request too large or malformed")
+                                }
+                                None => return,
+                            };
+                        let _ = conn.write_all(&answer).await;
+                        // No reset: a client still sending (a 413 body) that
+                        // reads late still gets the answer.
+                        http::close_gracefully(&conn, Duration::from_secs(2)).await;
+                    })
+                    .detach();
+                }
+            };
+            let housekeeping = async {
+                let mut last_save = Instant::now();
+                let mut last_alerts = Instant::now();
+                let mut last_reconcile: Option<Instant> = None;
+                let mut save_failed = false;
+                loop {
+                    glommio::timer::Timer::new(Duration::from_secs(1)).await;
+                    api::housekeeping(&admin);
+                    spare.refill();
+                    let records = meter::collect(&admin).await;
+                    admin.usage.borrow_mut().add(&records);
+                    admin.alerts.borrow_mut().feed(&records);
+                    if let Some(fleet) = admin.process.fleet.get() {
+                        fleet.add_usage(records);
+                    }
+                    if last_alerts.elapsed() >= admin.usage_cfg.borrow().alerts.interval {
+                        last_alerts = Instant::now();
+                        alerts::evaluate(&admin).await;
+                    }
+                    let every = admin.usage_cfg.borrow().reconcile_interval;
+                    if !every.is_zero() && last_reconcile.is_none_or(|t| t.elapsed() >= every) {
+                        last_reconcile = Some(Instant::now());
+                        meter::reconcile(&admin).await;
+                    }
+                    if last_save.elapsed() >= admin.usage_cfg.borrow().persist_interval {
+                        last_save = Instant::now();
+                        let dir = admin.config.borrow().state_dir.clone();
+                        match admin.usage.borrow_mut().save_if_dirty(&dir) {
+                            Ok(()) => save_failed = false,
+                            Err(e) if !save_failed => {
+                                save_failed = true;
+                                tracing::error!(dir = %dir.display(), error = %e, "cannot write the usage ledger");
+                            }
+                            Err(_) => {}
+                        }
+                    }
+                    admin.process.devices.sweep(std::time::SystemTime::now());
+                }
+            };
+            let messages = async {
+                while let Ok(msg) = inbox.recv().await {
+                    match msg {
+                        AdminMsg::Reload(cfg, reply) => {
+                            let _ = reply.send(admin.reload(&cfg)).await;
+                        }
+                        AdminMsg::Ping(reply) => {
+                            let _ = reply.send("admin".into());
+                        }
+                    }
+                }
+                futures_lite::future::pending::<()>().await;
+            };
+            let ws_targets: Vec<_> = setup
+                .pools
+                .iter()
+                .filter_map(|p| crate::dataplane::upstream::UpstreamTarget::new(&p.url, admin.tls.clone()).ok())
+                .collect();
+            let health = async {
+                let mut probed = false;
+                loop {
+                    let interval = admin.config.borrow().health_interval;
+                    // The WebSocket endpoint itself, at the first check and
+                    // while a configuration fault stands: a wrong upstream.url
+                    // is found at start, not by the first user.
+                    // Every pool's endpoint, in order; the first wrong one
+                    // keeps the fault (a later good one does not clear it).
+                    if !interval.is_zero() && (!probed || admin.process.upstream_fault.get().is_some()) {
+                        for t in &ws_targets {
+                            let status = crate::control::health::probe_websocket(t, &admin.process.upstream_fault, Duration::from_secs(10)).await;
+                            probed = status.is_some();
+                            if status.is_some_and(crate::dataplane::upstream::UpstreamFault::is_config_fault) {
+                                break;
+                            }
+                        }
+                    }
+                    if admin.rests.is_empty() || interval.is_zero() {
+                        glommio::timer::Timer::new(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                    let targets: Vec<_> = admin.accounts.borrow().entries().iter().map(|e| (e.state.clone(), e.current.clone())).collect();
+                    for (account, key) in targets {
+                        // Each key is checked against its own pool's REST API:
+                        // an EU key is unknown to the US host.
+                        let Some(rest) = admin.rest_for(&account.pool) else {
+                            continue;
+                        };
+                        let before = account.healthy(Instant::now());
+                        let verdict = rest.check(&account, &key, Duration::from_secs(10)).await;
+                        admin.checks.add(verdict);
+                        let after = account.healthy(Instant::now());
+                        if before != after {
+                            tracing::warn!(account = %account.id, key = %key.fingerprint, ?verdict, healthy = after, "health check changed the account's health");
+                        } else if verdict == crate::control::health::Verdict::Unknown {
+                            tracing::debug!(account = %account.id, "health check could not reach the REST API");
+                        }
+                    }
+                    glommio::timer::Timer::new(interval).await;
+                }
+            };
+            let housekeeping = futures_lite::future::or(futures_lite::future::or(housekeeping, messages), health);
+            let housekeeping = futures_lite::future::or(housekeeping, from_fleet);
+            futures_lite::future::or(futures_lite::future::or(accept, housekeeping), async {
+                let _ = stop_rx.recv().await;
+            })
+            .await;
+        })?;
+    let addr = ready_rx
+        .recv()
+        .map_err(|_| std::io::Error::other("admin thread ended before listening"))??;
+    Ok(AdminHandle {
+        addr,
+        stop: stop_tx,
+        join: Some(join),
+    })
+}
+
+/// Reads a request head and its body (by `Content-Length`) into `buf`;
+/// returns the total length, or an HTTP status to refuse with.
+async fn read_request(conn: &Duplex, buf: &mut Buf) -> Result<usize, u16> {
+    let head = http::read_head(conn, buf, 8192)
+        .await
+        .map_err(|e| match e {
+            http::HeadError::TooLarge => 431u16,
+            _ => 400u16,
+        })?;
+    let head_bytes = &buf.filled()[..head];
+    let mut headers = http::header_slots(head_bytes);
+    let mut req = httparse::Request::new(&mut headers);
+    if req.parse(head_bytes).is_err() {
+        return Err(400);
+    }
+    let length = req
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+        .map(|h| {
+            std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .ok_or(400u16)
+        })
+        .transpose()?
+        .unwrap_or(0);
+    if length > MAX_BODY {
+        return Err(413);
+    }
+    while buf.len() < head + length {
+        match buf.read_from(conn).await {
+            Ok(0) | Err(_) => return Err(400),
+            Ok(_) => {}
+        }
+    }
+    Ok(head + length)
+}
+
+fn parse_request(bytes: &[u8]) -> Option<Request<'_>> {
+    let mut headers = http::header_slots(bytes);
+    let mut req = httparse::Request::new(&mut headers);
+    let head = match req.parse(bytes) {
+        Ok(httparse::Status::Complete(n)) => n,
+        _ => return None,
+    };
+    let target = req.path?;
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let headers = req
+        .headers
+        .iter()
+        .filter_map(|h| Some((h.name, std::str::from_utf8(h.value).ok()?)))
+        .collect();
+    Some(Request {
+        method: req.method?,
+        path,
+        query,
+        headers,
+        body: &bytes[head..],
+    })
+}
+
+/// Answers one admin request.
+async fn route(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
+    let process = &admin.process;
+    if req.path.starts_with("/admin/") || req.path == "/admin" {
+        if !admin.authorized(req) {
+            return http::json_error(401, "admin token required");
+        }
+        let get_only = ["/admin/stats", "/admin/usage", "/admin/reconciliation"];
+        if get_only.contains(&req.path) && req.method != "GET" {
+            return http::response(
+                405,
+                "application/json",
+                "Allow: GET\r\n",
+                br#"{"error_code":405,"error_message":"only GET is served here"}"#,
+            );
+        }
+        if req.path == "/admin/revocations" && !["GET", "POST", "DELETE"].contains(&req.method) {
+            return http::response(
+                405,
+                "application/json",
+                "Allow: GET, POST, DELETE\r\n",
+                br#"{"error_code":405,"error_message":"GET, POST or DELETE"}"#,
+            );
+        }
+        if req.method == "GET" && req.path == "/admin/stats" {
+            return api::stats(admin, &collect(&admin.shards).await);
+        }
+        if req.method == "GET" && req.path == "/admin/usage" {
+            // Fresh: take what the shards hold before answering.
+            let records = meter::collect(admin).await;
+            admin.usage.borrow_mut().add(&records);
+            admin.alerts.borrow_mut().feed(&records);
+            if let Some(fleet) = process.fleet.get() {
+                fleet.add_usage(records);
+            }
+            return meter::usage(admin, req).await;
+        }
+        if req.method == "GET" && req.path == "/admin/reconciliation" {
+            return meter::reconciliation(admin);
+        }
+        if req.path == "/admin/revocations" {
+            return meter::revocations(admin, req).await;
+        }
+        return api::handle(admin, req).await;
+    }
+    if req.method != "GET" {
+        return http::response(
+            405,
+            "application/json",
+            "Allow: GET\r\n",
+            br#"{"error_code":405,"error_message":"only GET is served here"}"#,
+        );
+    }
+    if req.path == "/dashboard" || req.path == "/" {
+        // The page holds no data: it asks for the admin token and reads
+        // everything through the token-protected API.
+        return http::response(200, "text/html; charset=utf-8", "Content-Security-Policy: default-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'\r\n", DASHBOARD.as_bytes());
+    }
+    match req.path {
+        "/metrics" => {
+            let snaps = collect(&admin.shards).await;
+            let now = Instant::now();
+            let accounts = process.accounts();
+            let gauges = ProcessGauges {
+                max_streams: process.max_streams() as u64,
+                draining: process.draining(),
+                accounts_healthy: accounts.iter().filter(|a| a.healthy(now)).count() as u64,
+                accounts_total: accounts.len() as u64,
+            };
+            let mut body = render_prometheus(&snaps, &gauges);
+            api::render_key_metrics(admin, &mut body);
+            let ring = admin.process.ring();
+            let views = pools::views(&admin.pools, &ring, Instant::now());
+            pools::render_metrics(&views, &ring, &mut body);
+            meter::render_metrics(admin, &mut body);
+            alerts::render_metrics(admin, &mut body);
+            meter::render_drift(admin, &mut body);
+            if let Some(fleet) = process.fleet.get() {
+                fleet.render_metrics(&mut body);
+            }
+            process.faults.render(&mut body);
+            body.push_str(&format!(
+                "# HELP clio_relay_upstream_config_fault The HTTP status (400, 404) upstream answered the WebSocket upgrade with while upstream.url is misconfigured; 0 when it is not.\n# TYPE clio_relay_upstream_config_fault gauge\nclio_relay_upstream_config_fault {}\n",
+                process.upstream_fault.get().unwrap_or(0)
+            ));
+            let c = &admin.checks;
+            body.push_str(&format!(
+                "# HELP clio_relay_health_checks_total Active key checks against upstream's REST API, by result.\n# TYPE clio_relay_health_checks_total counter\nclio_relay_health_checks_total{{result=\"healthy\"}} {}\nclio_relay_health_checks_total{{result=\"refused\"}} {}\nclio_relay_health_checks_total{{result=\"unreachable\"}} {}\n",
+                c.healthy.get(),
+                c.refused.get(),
+                c.unknown.get()
+            ));
+            http::response(200, "text/plain; version=0.0.4", "", body.as_bytes())
+        }
+        "/healthz" => {
+            if process.draining() {
+                http::response(503, "text/plain", "", b"draining\n")
+            } else {
+                http::response(200, "text/plain", "", b"ok\n")
+            }
+        }
+        "/readyz" => {
+            let now = Instant::now();
+            let usable = process
+                .accounts()
+                .iter()
+                .any(|a| a.healthy(now) && a.available(now));
+            let store_down = process.fleet.get().filter(|f| !f.store_up());
+            if process.draining() {
+                http::response(503, "text/plain", "", b"draining\n")
+            } else if let Some(status) = process.upstream_fault.get() {
+                let why = format!(
+                    "{}\n",
+                    crate::dataplane::upstream::UpstreamFault::describe(status)
+                );
+                http::response(503, "text/plain", "", why.as_bytes())
+            } else if !usable {
+                http::response(503, "text/plain", "", b"no healthy account\n")
+            } else if let Some(f) = store_down {
+                // With `refuse` this node takes no stream; with `local` it
+                // does (its shares), and says so.
+                match f.on_store_down {
+                    crate::core::config::StoreDown::Refuse => {
+                        http::response(503, "text/plain", "", b"cluster store unreachable\n")
+                    }
+                    crate::core::config::StoreDown::Local => http::response(
+                        200,
+                        "text/plain",
+                        "",
+                        b"ready (cluster store unreachable: this node's share of each limit)\n",
+                    ),
+                }
+            } else {
+                http::response(200, "text/plain", "", b"ready\n")
+            }
+        }
+        "/v1/config" => {
+            let body = remote::remote_config(process, &admin.pools);
+            let etag = remote::etag(&body);
+            if req.header("if-none-match") == Some(etag.as_str()) {
+                http::response(304, "application/json", &format!("ETag: {etag}\r\n"), b"")
+            } else {
+                http::response(
+                    200,
+                    "application/json",
+                    &format!("ETag: {etag}\r\n"),
+                    body.as_bytes(),
+                )
+            }
+        }
+        _ => http::json_error(404, "not found"),
+    }
+}

@@ -1,0 +1,363 @@
+//! Active health checks: every `admin.health_interval`, each account's
+//! current key is tried against upstream's REST API on the admin thread.
+//!
+//! - `GET /v1/models` answers whether the key is valid: 200 clears an
+//!   account held off after a 401/402; 401/402 marks it unhealthy on every
+//!   shard until a later check passes.
+//! - `GET /v1/concurrency-limits` gives the project's live use and limit;
+//!   the room it leaves (limit − use by others) caps the account's headroom
+//!   in every key ring.
+//!
+//! An unreachable REST API (network error, 5xx) says nothing about the key
+//! and changes nothing; it is counted and logged.
+
+use std::cell::Cell;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_rustls::TlsConnector;
+use rustls::pki_types::ServerName;
+
+use crate::core::config::parse_ws_url;
+use crate::core::keyring::{AccountState, KeySlot, NO_UPSTREAM_CAP};
+use crate::dataplane::http;
+use crate::dataplane::io::{timeout, BufferPool, Conn, Duplex};
+use crate::dataplane::upstream::UpstreamFault;
+
+/// Where upstream's REST API is.
+#[derive(Debug, Clone)]
+pub struct RestTarget {
+    host: String,
+    port: u16,
+    tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+/// What one check found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The key works.
+    Healthy,
+    /// Upstream refused the key with this status (401, 402).
+    Refused(u16),
+    /// The REST API could not be asked (network, TLS, 5xx): no verdict.
+    Unknown,
+}
+
+impl RestTarget {
+    /// The REST base: `rest_url` if set, else derived from the WebSocket URL
+    /// (`wss://stt-rt.X/…` → `https://api.X`, and for other hosts the same
+    /// host and port, which is how fake-soniox serves both).
+    pub fn new(
+        ws_url: &str,
+        rest_url: Option<&str>,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Result<RestTarget, String> {
+        let url = match rest_url {
+            Some(u) => u
+                .replacen("https://", "wss://", 1)
+                .replacen("http://", "ws://", 1),
+            None => {
+                let ws = parse_ws_url(ws_url)?;
+                let host = ws
+                    .host
+                    .strip_prefix("stt-rt.")
+                    .map(|rest| format!("api.{rest}"))
+                    .unwrap_or(ws.host.clone());
+                let scheme = if ws.tls { "wss" } else { "ws" };
+                format!("{scheme}://{host}:{}/", ws.port)
+            }
+        };
+        let ep = parse_ws_url(&url)?;
+        let tls = if ep.tls {
+            Some(tls.ok_or("an https REST URL needs a TLS config")?)
+        } else {
+            None
+        };
+        Ok(RestTarget {
+            host: ep.host,
+            port: ep.port,
+            tls,
+        })
+    }
+
+    /// `GET path` with the key as bearer token; returns status and body.
+    pub async fn get(
+        &self,
+        path: &str,
+        key: &KeySlot,
+        limit: Duration,
+    ) -> Result<(u16, Vec<u8>), String> {
+        match timeout(limit, self.get_inner(path, key)).await {
+            Some(r) => r,
+            None => Err("timed out".into()),
+        }
+    }
+
+    async fn get_inner(&self, path: &str, key: &KeySlot) -> Result<(u16, Vec<u8>), String> {
+        self.send("GET", path, Some(key.key.expose()), b"").await
+    }
+
+    /// A target and request path for an `http://` or `https://` URL (the
+    /// alert webhook).
+    pub fn from_http_url(
+        url: &str,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Result<(RestTarget, String), String> {
+        let t = RestTarget::new("ws://unused/", Some(url), tls)?;
+        let ws = url
+            .replacen("https://", "wss://", 1)
+            .replacen("http://", "ws://", 1);
+        Ok((t, parse_ws_url(&ws)?.path))
+    }
+
+    /// `POST path` with a JSON body; returns the status.
+    pub async fn post_json(&self, path: &str, body: &[u8], limit: Duration) -> Result<u16, String> {
+        match timeout(limit, self.send("POST", path, None, body)).await {
+            Some(r) => r.map(|(s, _)| s),
+            None => Err("timed out".into()),
+        }
+    }
+
+    /// One HTTP/1.1 request on a fresh connection.
+    async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        bearer: Option<&str>,
+        body: &[u8],
+    ) -> Result<(u16, Vec<u8>), String> {
+        let (host, port) = (self.host.clone(), self.port);
+        let addrs: Vec<std::net::SocketAddr> = glommio::executor()
+            .spawn_blocking(move || {
+                std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))
+                    .map(|a| a.collect())
+            })
+            .await
+            .map_err(|e| format!("resolve: {e}"))?;
+        let addr = addrs.first().ok_or("no address")?;
+        let tcp = glommio::net::TcpStream::connect(*addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let conn = match &self.tls {
+            None => Conn::Plain(tcp.into()),
+            Some(cfg) => {
+                let name = ServerName::try_from(self.host.clone()).map_err(|e| e.to_string())?;
+                let tls = TlsConnector::from(cfg.clone())
+                    .connect(name, tcp.into())
+                    .await
+                    .map_err(|e| format!("tls: {e}"))?;
+                Conn::TlsClient(Box::new(tls))
+            }
+        };
+        let conn = Duplex::new(conn);
+        let host_header = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        let mut req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {host_header}\r\nConnection: close\r\nAccept: application/json\r\nUser-Agent: clio-relay/{}\r\n",
+            env!("CARGO_PKG_VERSION")
+        );
+        if !body.is_empty() || method == "POST" {
+            req.push_str(&format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                body.len()
+            ));
+        }
+        if let Some(b) = bearer {
+            req.push_str("Authorization: Bearer ");
+            req.push_str(b);
+            req.push_str("\r\n");
+        }
+        req.push_str("\r\n");
+        let mut req = req.into_bytes();
+        req.extend_from_slice(body);
+        conn.write_all(&req)
+            .await
+            .map_err(|e| format!("write: {e}"))?;
+        drop(req);
+        let pool = BufferPool::new(64 * 1024, 1, 1);
+        let mut buf = pool.get();
+        let head = http::read_head(&conn, &mut buf, 16 * 1024)
+            .await
+            .map_err(|e| format!("answer: {e:?}"))?;
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut resp = httparse::Response::new(&mut headers);
+        resp.parse(&buf.filled()[..head])
+            .map_err(|e| format!("answer: {e}"))?;
+        let status = resp.code.ok_or("answer without status")?;
+        let length = resp
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+            .and_then(|h| {
+                std::str::from_utf8(h.value)
+                    .ok()?
+                    .trim()
+                    .parse::<usize>()
+                    .ok()
+            });
+        buf.start += head;
+        let mut body = buf.filled().to_vec();
+        let mut chunk = [0u8; 4096];
+        while length.is_none_or(|n| body.len() < n) && body.len() < 1 << 20 {
+            match conn.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => body.extend_from_slice(&chunk[..n]),
+            }
+        }
+        Ok((status, body))
+    }
+
+    /// Checks one account's current key and applies the result to the
+    /// shared account state (seen by every shard at once).
+    pub async fn check(&self, account: &AccountState, key: &KeySlot, limit: Duration) -> Verdict {
+        let verdict = match self.get("/v1/models", key, limit).await {
+            Ok((200, _)) => Verdict::Healthy,
+            Ok((s @ 401..=403, _)) => Verdict::Refused(s),
+            Ok(_) | Err(_) => Verdict::Unknown,
+        };
+        match verdict {
+            Verdict::Healthy => account.mark_ok(),
+            Verdict::Refused(_) => account.mark_unhealthy(Instant::now()),
+            Verdict::Unknown => return verdict,
+        }
+        if verdict == Verdict::Healthy {
+            if let Ok((200, body)) = self.get("/v1/concurrency-limits", key, limit).await {
+                account
+                    .upstream_cap
+                    .store(upstream_room(&body, account), Ordering::Relaxed);
+            }
+        }
+        verdict
+    }
+}
+
+/// From a `/v1/concurrency-limits` answer, how many streams this relay may
+/// have on the key: the limit minus what others use (upstream's count
+/// includes this relay's own live streams).
+fn upstream_room(body: &[u8], account: &AccountState) -> u32 {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return NO_UPSTREAM_CAP;
+    };
+    let p = &v["project"];
+    let (Some(current), Some(limit)) = (
+        p["current"]["transcribe_concurrent"].as_u64(),
+        p["limits"]["transcribe_concurrent"].as_u64(),
+    ) else {
+        return NO_UPSTREAM_CAP;
+    };
+    let ours = account.live.load(Ordering::Relaxed) as u64;
+    let others = current.saturating_sub(ours);
+    limit.saturating_sub(others).min(u32::MAX as u64 - 1) as u32
+}
+
+/// Tries the real WebSocket endpoint (`upstream.url`) with an upgrade that
+/// carries no key, and records what it shows in `fault`:
+///
+/// - 400 or 404: the URL is wrong; the fault is set (true when that is news);
+/// - 101, or any other refusal (a 401 for the missing key): the endpoint is
+///   there; a standing fault is cleared;
+/// - unreachable: nothing is learnt, nothing changes.
+///
+/// Returns the status upstream answered, if it answered.
+pub async fn probe_websocket(
+    target: &crate::dataplane::upstream::UpstreamTarget,
+    fault: &UpstreamFault,
+    limit: Duration,
+) -> Option<u16> {
+    use crate::dataplane::upstream::ConnectError;
+    let pool = BufferPool::new(16 * 1024, 1, 1);
+    let mut buf = pool.get();
+    let no_key = crate::core::secret::Secret::new(String::new());
+    let status = match target.connect(&no_key, false, &mut buf, limit, 0).await {
+        Ok(conn) => {
+            // Upgraded: say goodbye at once (a masked close, no config sent).
+            let close = clio_frame::frame::build_frame(
+                clio_frame::frame::Opcode::Close,
+                &clio_frame::frame::close_payload(1000, ""),
+                Some([0x5a, 0xa5, 0x3c, 0xc3]),
+            );
+            let _ = conn.write_all(&close).await;
+            101
+        }
+        Err(ConnectError::Refused(status, _)) => status,
+        Err(e) => {
+            tracing::debug!(error = ?e, "WebSocket probe could not reach upstream");
+            return None;
+        }
+    };
+    if UpstreamFault::is_config_fault(status) {
+        if fault.set(status) {
+            tracing::error!(status, "{}", UpstreamFault::describe(status));
+        }
+    } else if fault.clear() {
+        tracing::info!(
+            status,
+            "upstream's WebSocket endpoint answers again; the configuration fault is cleared"
+        );
+    }
+    Some(status)
+}
+
+/// Counts of check outcomes, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct CheckCounts {
+    /// Checks that found the key valid.
+    pub healthy: Cell<u64>,
+    /// Checks where upstream refused the key.
+    pub refused: Cell<u64>,
+    /// Checks that could not reach the REST API.
+    pub unknown: Cell<u64>,
+}
+
+impl CheckCounts {
+    /// Adds one outcome.
+    pub fn add(&self, v: Verdict) {
+        let c = match v {
+            Verdict::Healthy => &self.healthy,
+            Verdict::Refused(_) => &self.refused,
+            Verdict::Unknown => &self.unknown,
+        };
+        c.set(c.get() + 1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rest_url_is_derived_from_the_websocket_url() {
+        let tls = crate::dataplane::upstream::tls_client_config(None).unwrap();
+        let t = RestTarget::new(
+            "wss://stt-rt.eu.soniox.com/transcribe-websocket",
+            None,
+            Some(tls.clone()),
+        )
+        .unwrap();
+        assert_eq!(
+            (t.host.as_str(), t.port, t.tls.is_some()),
+            ("api.eu.soniox.com", 443, true)
+        );
+        let t = RestTarget::new("ws://127.0.0.1:7300/transcribe-websocket", None, None).unwrap();
+        assert_eq!(
+            (t.host.as_str(), t.port, t.tls.is_some()),
+            ("127.0.0.1", 7300, false)
+        );
+        let t =
+            RestTarget::new("ws://x/", Some("https://api.example.com:8443"), Some(tls)).unwrap();
+        assert_eq!((t.host.as_str(), t.port), ("api.example.com", 8443));
+    }
+
+    #[test]
+    fn room_is_the_limit_minus_what_others_use() {
+        let a = AccountState::new("a", 0, "", "default", true, 100, Instant::now());
+        a.live.store(3, Ordering::Relaxed);
+        let body = br#"{"project":{"current":{"transcribe_concurrent":5},"limits":{"transcribe_concurrent":10}}}"#;
+        assert_eq!(upstream_room(body, &a), 8, "10 - (5 - our 3)");
+        assert_eq!(upstream_room(b"{}", &a), NO_UPSTREAM_CAP);
+    }
+}

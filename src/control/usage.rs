@@ -1,0 +1,237 @@
+//! Usage metering: what each stream used, kept per day by account and by
+//! device, priced, persisted across restarts, and compared with Soniox's
+//! own usage logs.
+//!
+//! A shard writes one [`UsageRecord`] when a stream ends; the admin thread
+//! collects them every second or two ([`crate::dataplane::shard::ShardMsg::TakeUsage`])
+//! into the [`UsageBook`], which adds what changed to an SQLite database,
+//! `admin.state_dir/usage.db`, every `usage.persist_interval` ([`store`]).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+pub use crate::core::usage::{GroupBy, Totals, UsageRecord};
+
+pub mod store;
+
+/// How many ended streams are remembered for reconciliation.
+pub const RECENT_STREAMS: usize = 100_000;
+/// How many days of daily counters are kept.
+pub const KEEP_DAYS: u64 = 400;
+
+/// The admin thread's usage ledger.
+///
+/// Counters live in an SQLite database in the state directory
+/// ([`store`]); what changed since the last persist waits in memory and is
+/// added to the database in one transaction by [`UsageBook::save_if_dirty`].
+/// Queries merge the two, so they see every record added.
+#[derive(Debug, Default)]
+pub struct UsageBook {
+    /// The database, once opened.
+    store: Option<store::Store>,
+    /// Counters added since the last persist: `[by account, by device]`,
+    /// each day → key → totals.
+    pending: store::Pending,
+    /// Days with data, stored or pending; at most [`KEEP_DAYS`].
+    days: BTreeSet<u64>,
+    /// The latest day dropped past [`KEEP_DAYS`]; it and every earlier day
+    /// are deleted at the next persist and hidden from queries until then.
+    prune_through: Option<u64>,
+    /// The last ended streams: reference id → (account, audio ms by the relay).
+    recent: VecDeque<(String, String, u64)>,
+    recent_index: HashMap<String, usize>,
+}
+
+impl UsageBook {
+    /// Adds ended streams.
+    pub fn add(&mut self, records: &[UsageRecord]) {
+        for r in records {
+            let [by_account, by_device] = &mut self.pending;
+            by_account
+                .entry(r.day)
+                .or_default()
+                .entry(r.account.clone())
+                .or_default()
+                .add(r);
+            by_device
+                .entry(r.day)
+                .or_default()
+                .entry(r.device.clone())
+                .or_default()
+                .add(r);
+            self.days.insert(r.day);
+            if self.recent.len() == RECENT_STREAMS {
+                if let Some((id, _, _)) = self.recent.pop_front() {
+                    self.recent_index.remove(&id);
+                }
+            }
+            self.recent
+                .push_back((r.reference_id.clone(), r.account.clone(), r.audio_ms()));
+        }
+        if self.recent_index.len() != self.recent.len() {
+            self.reindex();
+        }
+        self.prune();
+    }
+
+    /// Drops the oldest days past [`KEEP_DAYS`].
+    fn prune(&mut self) {
+        while self.days.len() as u64 > KEEP_DAYS {
+            let first = self.days.pop_first().expect("non-empty");
+            for book in &mut self.pending {
+                book.remove(&first);
+            }
+            self.prune_through = Some(self.prune_through.map_or(first, |p| p.max(first)));
+        }
+    }
+
+    fn reindex(&mut self) {
+        self.recent_index = self
+            .recent
+            .iter()
+            .enumerate()
+            .map(|(i, (id, _, _))| (id.clone(), i))
+            .collect();
+    }
+
+    /// The relay's audio milliseconds for a stream it ended recently, by reference id.
+    pub fn stream_audio_ms(&self, reference_id: &str) -> Option<(&str, u64)> {
+        self.recent_index
+            .get(reference_id)
+            .and_then(|&i| self.recent.get(i))
+            .map(|(_, a, ms)| (a.as_str(), *ms))
+    }
+
+    /// Totals per account or device over the days `from..=to`.
+    ///
+    /// A database that cannot be read is logged, and the answer then holds
+    /// only what is not yet persisted.
+    pub fn query(&self, from: u64, to: u64, group: GroupBy) -> BTreeMap<String, Totals> {
+        let from = match self.prune_through {
+            Some(p) => from.max(p.saturating_add(1)),
+            None => from,
+        };
+        if from > to {
+            return BTreeMap::new();
+        }
+        let mut out = match &self.store {
+            Some(s) => s.query(group, from, to).unwrap_or_else(|e| {
+                tracing::error!(error = %e, "cannot read the usage ledger database");
+                BTreeMap::new()
+            }),
+            None => BTreeMap::new(),
+        };
+        for (_, day) in self.pending[group as usize].range(from..=to) {
+            for (k, t) in day {
+                out.entry(k.clone()).or_default().merge(t);
+            }
+        }
+        out
+    }
+
+    /// Audio milliseconds per account over `from..=to`.
+    pub fn audio_ms_by_account(&self, from: u64, to: u64) -> BTreeMap<String, u64> {
+        self.query(from, to, GroupBy::Account)
+            .into_iter()
+            .map(|(k, t)| (k, t.audio_ms))
+            .collect()
+    }
+
+    /// Opens the ledger in `dir` (`usage.db`, created 0600 when missing),
+    /// importing a `usage.json` left by an older relay.
+    pub fn load(dir: &Path) -> std::io::Result<UsageBook> {
+        let mut book = UsageBook::default();
+        book.open(dir)?;
+        Ok(book)
+    }
+
+    fn open(&mut self, dir: &Path) -> std::io::Result<()> {
+        let store = store::Store::open(dir)?;
+        self.days.extend(store.days()?);
+        self.store = Some(store);
+        self.prune();
+        Ok(())
+    }
+
+    /// Writes what changed since the last call to the database, in one
+    /// transaction. A book not yet open (its [`UsageBook::load`] failed, or
+    /// it was made with `default`) opens `dir` first; an open book keeps
+    /// the directory it was opened in. On an error nothing is written and
+    /// the changes stay pending for the next call.
+    pub fn save_if_dirty(&mut self, dir: &Path) -> std::io::Result<()> {
+        let dirty = self.pending.iter().any(|b| !b.is_empty());
+        if !dirty && self.prune_through.is_none() {
+            return Ok(());
+        }
+        if self.store.is_none() {
+            self.open(dir)?;
+        }
+        let store = self.store.as_mut().expect("opened above");
+        store.flush(&self.pending, self.prune_through)?;
+        self.pending = Default::default();
+        self.prune_through = None;
+        Ok(())
+    }
+}
+
+/// Writes `bytes` to `path` so that a crash at any moment leaves either the
+/// old file or the new one: temp file, fsync, rename, fsync of the directory.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp: PathBuf = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Parses `YYYY-MM-DD` into a UTC day number.
+pub fn parse_day(text: &str) -> Option<u64> {
+    let mut it = text.trim().splitn(3, '-');
+    let (y, m, d): (i64, u32, u32) = (
+        it.next()?.parse().ok()?,
+        it.next()?.parse().ok()?,
+        it.next()?.parse().ok()?,
+    );
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) {
+        return None;
+    }
+    // Days from civil (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = if y >= 0 { y } else { y - 399 } / 400;
+    let yoe = y - era * 400;
+    let mp = (m as i64 + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d as i64 - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    u64::try_from(days).ok()
+}
+
+/// Formats a UTC day number as `YYYY-MM-DD`.
+pub fn format_day(day: u64) -> String {
+    let z = day as i64 + 719_468;
+    let era = if z >= 0 { z } else { z - 146_096 } / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    format!("{:04}-{:02}-{:02}", if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+/// The first day of the month `day` is in.
+pub fn month_start(day: u64) -> u64 {
+    let s = format_day(day);
+    parse_day(&format!("{}-01", &s[..7])).unwrap_or(day)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,310 @@
+//! The usage ledger on disk: an SQLite database, `state_dir/usage.db`.
+//!
+//! One row per (group, day, key) holds that day's counters for one account
+//! or one device; errors by code sit in a second table keyed the same way
+//! plus the code. A persist is one transaction that *adds* the counters
+//! changed since the last one (`INSERT … ON CONFLICT DO UPDATE SET n = n +
+//! excluded.n`), so it writes the rows that changed and the B-tree pages
+//! above them, never the whole ledger.
+//!
+//! Crash safety is SQLite's: write-ahead log, `synchronous = FULL` (the log
+//! is synced at every commit; one commit per `usage.persist_interval`), so
+//! a crash or power cut at any moment leaves the ledger as of the last
+//! commit. The file and its `-wal`/`-shm` companions are mode 0600 (SQLite
+//! gives the companions the database file's mode).
+//!
+//! A `usage.json` from an older relay is imported at open, in the same
+//! transaction that records its SHA-256, and then renamed
+//! `usage.json.migrated`; a crash between the commit and the rename finds
+//! the digest and only renames, so nothing is counted twice.
+
+use std::collections::BTreeMap;
+use std::fs::{OpenOptions, Permissions};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use rusqlite::types::Value;
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::{GroupBy, Totals};
+
+/// The database's file name in the state directory.
+pub const DB_FILE: &str = "usage.db";
+/// The ledger file of relays before the database.
+pub const JSON_FILE: &str = "usage.json";
+
+/// The schema. `WITHOUT ROWID` keeps each row in its primary key's B-tree
+/// (one tree per table, no separate rowid tree to update).
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS totals (
+    grp INTEGER NOT NULL,
+    day INTEGER NOT NULL,
+    key TEXT NOT NULL,
+    streams INTEGER NOT NULL,
+    audio_ms INTEGER NOT NULL,
+    audio_ms_relay INTEGER NOT NULL,
+    bytes_up INTEGER NOT NULL,
+    bytes_down INTEGER NOT NULL,
+    PRIMARY KEY (grp, day, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS errors (
+    grp INTEGER NOT NULL,
+    day INTEGER NOT NULL,
+    key TEXT NOT NULL,
+    code INTEGER NOT NULL,
+    n INTEGER NOT NULL,
+    PRIMARY KEY (grp, day, key, code)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS migrations (
+    sha256 TEXT PRIMARY KEY,
+    at INTEGER NOT NULL
+);
+";
+
+/// Changed counters waiting to be written: group → day → key → totals.
+pub(super) type Pending = [BTreeMap<u64, BTreeMap<String, Totals>>; 2];
+
+/// The open database.
+#[derive(Debug)]
+pub(super) struct Store {
+    conn: Connection,
+    /// The state directory it lives in.
+    pub dir: PathBuf,
+}
+
+/// The shape of `usage.json`.
+#[derive(serde::Deserialize)]
+struct JsonBook {
+    #[serde(default)]
+    by_account: BTreeMap<u64, BTreeMap<String, Totals>>,
+    #[serde(default)]
+    by_device: BTreeMap<u64, BTreeMap<String, Totals>>,
+}
+
+fn grp(g: GroupBy) -> i64 {
+    match g {
+        GroupBy::Account => 0,
+        GroupBy::Device => 1,
+    }
+}
+
+/// u64 → SQLite integer. Counters never reach 2^63; saturate if one did.
+fn int(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// SQLite value → u64 (an addition that overflowed i64 becomes a REAL in
+/// SQLite; it is read back saturated rather than failing the query).
+fn uint(v: Value) -> u64 {
+    match v {
+        Value::Integer(i) => u64::try_from(i).unwrap_or(0),
+        Value::Real(f) if f > 0.0 => f as u64,
+        _ => 0,
+    }
+}
+
+fn io_err(e: rusqlite::Error) -> std::io::Error {
+    std::io::Error::other(format!("usage ledger database: {e}"))
+}
+
+impl Store {
+    /// Opens (or creates) `dir/usage.db` and imports a `usage.json` found
+    /// beside it.
+    pub fn open(dir: &Path) -> std::io::Result<Store> {
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join(DB_FILE);
+        // Create it 0600 before SQLite does (SQLite would use 0644 less
+        // the umask), and correct the mode of a file made otherwise.
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&path)?;
+        for suffix in ["", "-wal", "-shm"] {
+            let p = dir.join(format!("{DB_FILE}{suffix}"));
+            if p.exists() {
+                std::fs::set_permissions(&p, Permissions::from_mode(0o600))?;
+            }
+        }
+        let conn = Connection::open(&path).map_err(io_err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(io_err)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(io_err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(io_err)?;
+        conn.execute_batch(SCHEMA).map_err(io_err)?;
+        let mut store = Store {
+            conn,
+            dir: dir.to_path_buf(),
+        };
+        store.migrate_json()?;
+        Ok(store)
+    }
+
+    /// Imports `usage.json` once (see the module docs).
+    fn migrate_json(&mut self) -> std::io::Result<()> {
+        let json = self.dir.join(JSON_FILE);
+        let bytes = match std::fs::read(&json) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let digest = hex(ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref());
+        let done: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT at FROM migrations WHERE sha256 = ?1",
+                [&digest],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(io_err)?;
+        if done.is_none() {
+            let book: JsonBook = serde_json::from_slice(&bytes).map_err(|e| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!(
+                        "{} is not a usage ledger ({e}); move it away to start without it",
+                        json.display()
+                    ),
+                )
+            })?;
+            let tx = self.conn.transaction().map_err(io_err)?;
+            write(&tx, &[book.by_account, book.by_device], None).map_err(io_err)?;
+            tx.execute(
+                "INSERT INTO migrations (sha256, at) VALUES (?1, ?2)",
+                params![digest, int(crate::control::accounts::unix_now())],
+            )
+            .map_err(io_err)?;
+            tx.commit().map_err(io_err)?;
+            tracing::info!(file = %json.display(), "usage.json imported into the usage ledger database");
+        }
+        std::fs::rename(&json, self.dir.join(format!("{JSON_FILE}.migrated")))?;
+        std::fs::File::open(&self.dir)?.sync_all()
+    }
+
+    /// Adds `pending` to the stored counters and deletes every day up to
+    /// `prune_through`, in one transaction.
+    pub fn flush(&mut self, pending: &Pending, prune_through: Option<u64>) -> std::io::Result<()> {
+        let tx = self.conn.transaction().map_err(io_err)?;
+        write(&tx, pending, prune_through).map_err(io_err)?;
+        tx.commit().map_err(io_err)
+    }
+
+    /// The days with data, from the account rows (every record adds to an
+    /// account row and a device row of the same day).
+    pub fn days(&self) -> std::io::Result<Vec<u64>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT DISTINCT day FROM totals WHERE grp = 0 ORDER BY day")
+            .map_err(io_err)?;
+        let days = st
+            .query_map([], |r| r.get::<_, Value>(0))
+            .map_err(io_err)?
+            .map(|d| d.map(uint))
+            .collect::<rusqlite::Result<Vec<u64>>>()
+            .map_err(io_err)?;
+        Ok(days)
+    }
+
+    /// Stored rows of `group` over the days `from..=to`, each key's days
+    /// merged.
+    pub fn query(
+        &self,
+        group: GroupBy,
+        from: u64,
+        to: u64,
+    ) -> rusqlite::Result<BTreeMap<String, Totals>> {
+        let (g, from, to) = (grp(group), int(from), int(to));
+        let mut out: BTreeMap<String, Totals> = BTreeMap::new();
+        let mut st = self.conn.prepare_cached(
+            "SELECT key, streams, audio_ms, audio_ms_relay, bytes_up, bytes_down FROM totals
+             WHERE grp = ?1 AND day BETWEEN ?2 AND ?3",
+        )?;
+        let mut rows = st.query(params![g, from, to])?;
+        while let Some(r) = rows.next()? {
+            let t = Totals {
+                streams: uint(r.get(1)?),
+                audio_ms: uint(r.get(2)?),
+                audio_ms_relay: uint(r.get(3)?),
+                bytes_up: uint(r.get(4)?),
+                bytes_down: uint(r.get(5)?),
+                errors: BTreeMap::new(),
+            };
+            out.entry(r.get(0)?).or_default().merge(&t);
+        }
+        let mut st = self.conn.prepare_cached(
+            "SELECT key, code, n FROM errors WHERE grp = ?1 AND day BETWEEN ?2 AND ?3",
+        )?;
+        let mut rows = st.query(params![g, from, to])?;
+        while let Some(r) = rows.next()? {
+            let code = u16::try_from(uint(r.get(1)?)).unwrap_or(u16::MAX);
+            let n = uint(r.get(2)?);
+            *out.entry(r.get(0)?)
+                .or_default()
+                .errors
+                .entry(code)
+                .or_default() += n;
+        }
+        Ok(out)
+    }
+
+    /// Moves the write-ahead log into the database file and empties it
+    /// (SQLite also does this by itself every 1,000 pages).
+    #[cfg(test)]
+    pub fn checkpoint(&self) -> rusqlite::Result<()> {
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+    }
+}
+
+/// Adds `pending` into the tables and prunes, inside `tx`.
+fn write(
+    tx: &rusqlite::Transaction<'_>,
+    pending: &Pending,
+    prune_through: Option<u64>,
+) -> rusqlite::Result<()> {
+    let mut totals = tx.prepare_cached(
+        "INSERT INTO totals (grp, day, key, streams, audio_ms, audio_ms_relay, bytes_up, bytes_down)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+         ON CONFLICT (grp, day, key) DO UPDATE SET
+            streams = streams + excluded.streams,
+            audio_ms = audio_ms + excluded.audio_ms,
+            audio_ms_relay = audio_ms_relay + excluded.audio_ms_relay,
+            bytes_up = bytes_up + excluded.bytes_up,
+            bytes_down = bytes_down + excluded.bytes_down",
+    )?;
+    let mut errors = tx.prepare_cached(
+        "INSERT INTO errors (grp, day, key, code, n) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (grp, day, key, code) DO UPDATE SET n = n + excluded.n",
+    )?;
+    for (g, book) in [GroupBy::Account, GroupBy::Device].into_iter().zip(pending) {
+        for (day, keys) in book {
+            for (key, t) in keys {
+                totals.execute(params![
+                    grp(g),
+                    int(*day),
+                    key,
+                    int(t.streams),
+                    int(t.audio_ms),
+                    int(t.audio_ms_relay),
+                    int(t.bytes_up),
+                    int(t.bytes_down)
+                ])?;
+                for (code, n) in &t.errors {
+                    errors.execute(params![grp(g), int(*day), key, i64::from(*code), int(*n)])?;
+                }
+            }
+        }
+    }
+    if let Some(last) = prune_through {
+        tx.execute("DELETE FROM totals WHERE day <= ?1", [int(last)])?;
+        tx.execute("DELETE FROM errors WHERE day <= ?1", [int(last)])?;
+    }
+    Ok(())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

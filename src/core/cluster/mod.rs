@@ -1,0 +1,570 @@
+//! A fleet of relays sharing one Redis: per-device limits, revocations,
+//! account live counts and the account set hold across every node.
+//!
+//! # How the calls run
+//! glommio shards must never block, and the `redis` crate's async client
+//! needs tokio. So one dedicated thread per process (`clio-cluster`, see
+//! [`store`]) owns a blocking Redis connection with read and write
+//! deadlines of `cluster.timeout`. Shards hand it [`Job`]s through a
+//! channel and await the answer on an `async_channel`, so a shard waits
+//! like it waits for a socket: other streams run meanwhile. The thread
+//! takes every job queued at once and sends them as one pipeline, so under
+//! load many stream opens share one round trip.
+//!
+//! # What a stream open costs
+//! One script ([`scripts::OPEN`]) per stream open: revocation, daily audio,
+//! the device's live streams and rate, and the account with the most
+//! fleet-wide headroom, all checked and counted at once. A stream's end is
+//! one `HINCRBY` (fire and forget, pipelined). Nothing is sent per frame;
+//! audio for the daily allowance is flushed once a second per device.
+//!
+//! # When Redis is unreachable
+//! Live streams are not touched. New streams follow `on_store_down`:
+//! `local` enforces this node's share of each limit (the limit divided by
+//! the nodes alive when Redis was last seen), `refuse` answers 503. The
+//! thread keeps what this node holds (device and account counts); when
+//! Redis answers again it replaces the node's counts with those
+//! ([`scripts::REGISTER`]), so nothing is counted twice or left behind.
+
+pub mod scripts;
+mod store;
+pub mod usage;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::control::usage::{GroupBy, UsageRecord};
+use crate::core::config::{ClusterConfig, DeviceLimits, StoreDown};
+use crate::core::devices::{utc_day, DevicePermit, Devices, Limit, Refused};
+use crate::core::keyring::{KeyRing, Lease};
+use crate::core::token::Claims;
+
+pub use store::{channel, start, Links};
+
+/// The host name (the default `cluster.node_id`), or "" when unknown.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Which count a hold is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// A device's live streams.
+    Device,
+    /// An account's live streams.
+    Account,
+}
+
+impl Kind {
+    fn field(self) -> &'static str {
+        match self {
+            Kind::Device => "dev",
+            Kind::Account => "acct",
+        }
+    }
+}
+
+/// Work for the cluster thread.
+#[derive(Debug)]
+pub enum Job {
+    /// A stream open (see [`scripts::OPEN`]).
+    Open(OpenJob),
+    /// This node's count of `id` changes by `delta` (a stream ended, or a
+    /// stream was let in by local shares while Redis was unreachable).
+    Adjust(Kind, String, i32),
+    /// Revoke (or, with `lift`, un-revoke) a device or token id fleet-wide.
+    Revoke {
+        /// Device id.
+        device: Option<String>,
+        /// Token id.
+        token: Option<String>,
+        /// Also end the live streams on every node.
+        end_live: bool,
+        /// Lift the revocation instead.
+        lift: bool,
+        /// Ok, or why Redis did not take it.
+        reply: async_channel::Sender<Result<(), String>>,
+    },
+    /// Store the sealed account set and tell every node.
+    Accounts(Vec<u8>, async_channel::Sender<Result<(), String>>),
+    /// Usage of streams that ended on this node, for the fleet's totals
+    /// (added to Redis at the next flush, at most once a second).
+    Usage(Vec<UsageRecord>),
+    /// Add the usage waiting now, then answer (before a fleet query).
+    UsageFlush(async_channel::Sender<Result<(), String>>),
+    /// Leave the fleet (this node's counts and lease are deleted) and end
+    /// the thread.
+    Stop,
+}
+
+/// A stream open for the cluster thread.
+#[derive(Debug)]
+pub struct OpenJob {
+    /// Device id ("" to reserve an account only).
+    pub device: String,
+    /// Token id.
+    pub token: String,
+    /// Concurrent streams, streams per minute, audio ms per day (0 = none).
+    pub limits: [u64; 3],
+    /// The UTC day.
+    pub day: u64,
+    /// Account ids and their limits, in the ring's order.
+    pub candidates: Vec<(String, u32)>,
+    /// After this the job is answered [`OpenAnswer::Down`] without a call.
+    pub deadline: Instant,
+    /// Where the answer goes.
+    pub reply: async_channel::Sender<OpenAnswer>,
+}
+
+/// The cluster thread's answer to a stream open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpenAnswer {
+    /// Counted fleet-wide; the index of the chosen candidate, if any.
+    Ok(Option<usize>),
+    /// A device limit or a revocation refused it.
+    Refused(Limit),
+    /// No candidate account has room fleet-wide.
+    NoAccount,
+    /// Redis did not answer in time: follow `on_store_down`.
+    Down,
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct FleetStats {
+    /// Redis calls (pipelines) that succeeded.
+    pub calls_ok: AtomicU64,
+    /// Redis calls that failed or timed out.
+    pub calls_failed: AtomicU64,
+    /// Stream opens decided by Redis.
+    pub opens_shared: AtomicU64,
+    /// Stream opens decided by local shares (Redis unreachable).
+    pub opens_local: AtomicU64,
+    /// Stream opens refused because Redis was unreachable (`refuse`).
+    pub opens_refused_down: AtomicU64,
+    /// Times this node re-registered its counts.
+    pub registrations: AtomicU64,
+    /// Sum and count of stream-open round trips, in microseconds.
+    pub open_us_sum: AtomicU64,
+    /// Count for `open_us_sum`.
+    pub open_us_count: AtomicU64,
+}
+
+/// A process's handle on the fleet (shared by every shard and the admin
+/// thread).
+#[derive(Debug)]
+pub struct Fleet {
+    tx: mpsc::Sender<Job>,
+    /// This node's id.
+    pub node_id: String,
+    /// What new streams do while Redis is unreachable.
+    pub on_store_down: StoreDown,
+    /// Lease lifetime.
+    pub lease_ttl: Duration,
+    timeout: Duration,
+    up: AtomicBool,
+    nodes: AtomicU32,
+    /// Counters for `/metrics`.
+    pub stats: FleetStats,
+    /// For usage queries, which read on connections of their own.
+    client: std::sync::OnceLock<redis::Client>,
+}
+
+/// A stream's count on a device or account fleet-wide; given back when
+/// dropped.
+#[derive(Debug)]
+pub struct FleetHold {
+    fleet: Arc<Fleet>,
+    kind: Kind,
+    id: String,
+}
+
+impl Drop for FleetHold {
+    fn drop(&mut self) {
+        self.fleet
+            .send(Job::Adjust(self.kind, std::mem::take(&mut self.id), -1));
+    }
+}
+
+/// Why the fleet refused a stream open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FleetRefusal {
+    /// A device limit or revocation.
+    Device(Refused),
+    /// No account has room.
+    NoAccount,
+    /// Redis is unreachable and `on_store_down = "refuse"`.
+    StoreDown,
+}
+
+impl Fleet {
+    /// A handle whose jobs go to `tx`.
+    pub fn new(cfg: &ClusterConfig, tx: mpsc::Sender<Job>) -> Arc<Fleet> {
+        Arc::new(Fleet {
+            tx,
+            node_id: cfg.node_id.clone(),
+            on_store_down: cfg.on_store_down,
+            lease_ttl: cfg.lease_ttl,
+            timeout: cfg.timeout,
+            up: AtomicBool::new(false),
+            nodes: AtomicU32::new(1),
+            stats: FleetStats::default(),
+            client: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// Whether Redis answered the last call.
+    pub fn store_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// Nodes alive when Redis was last seen (at least 1).
+    pub fn nodes(&self) -> u32 {
+        self.nodes.load(Ordering::Relaxed).max(1)
+    }
+
+    fn send(&self, job: Job) {
+        let _ = self.tx.send(job);
+    }
+
+    fn hold(self: &Arc<Self>, kind: Kind, id: &str) -> FleetHold {
+        FleetHold {
+            fleet: self.clone(),
+            kind,
+            id: id.to_string(),
+        }
+    }
+
+    /// Asks the cluster thread to open a stream; waits without blocking
+    /// the shard.
+    async fn ask_open(
+        &self,
+        device: (&str, &str),
+        limits: Option<&DeviceLimits>,
+        candidates: Vec<(String, u32)>,
+    ) -> OpenAnswer {
+        let (reply, rx) = async_channel::bounded(1);
+        let lim = limits.map_or([0; 3], |l| {
+            [
+                u64::from(l.max_concurrent_streams),
+                u64::from(l.streams_per_minute),
+                l.audio_seconds_per_day.saturating_mul(1000),
+            ]
+        });
+        self.send(Job::Open(OpenJob {
+            device: device.0.to_string(),
+            token: device.1.to_string(),
+            limits: lim,
+            day: utc_day(SystemTime::now()),
+            candidates,
+            deadline: Instant::now() + self.timeout,
+            reply,
+        }));
+        // The thread answers every job within its deadlines; this bound
+        // only guards against a thread that is gone or stuck.
+        let bound = self.timeout * 4 + Duration::from_secs(1);
+        crate::dataplane::io::timeout(bound, rx.recv())
+            .await
+            .and_then(Result::ok)
+            .unwrap_or(OpenAnswer::Down)
+    }
+
+    /// Admits a new stream of `claims`: device limits and revocations
+    /// fleet-wide, and an account of the token's pools from `ring`
+    /// (skipping `tried`) with room fleet-wide. One Redis round trip. While Redis is unreachable, follows
+    /// `on_store_down`.
+    pub async fn admit(
+        self: &Arc<Self>,
+        devices: &Devices,
+        ring: &std::cell::RefCell<KeyRing>,
+        claims: &Claims,
+        limits: &DeviceLimits,
+        tried: u64,
+    ) -> Result<(DevicePermit, Option<Lease>), FleetRefusal> {
+        let candidates = ring
+            .borrow()
+            .candidates(Instant::now(), tried, &claims.pools);
+        let t0 = Instant::now();
+        let answer = self
+            .ask_open(
+                (&claims.device_id, &claims.token_id),
+                Some(limits),
+                candidates.clone(),
+            )
+            .await;
+        match answer {
+            OpenAnswer::Ok(pick) => {
+                self.note_open(t0);
+                let mut permit = devices.hold(claims, limits);
+                permit.fleet = Some(self.hold(Kind::Device, &claims.device_id));
+                let lease = match pick {
+                    None => None,
+                    Some(i) => {
+                        let id = &candidates[i].0;
+                        let held = self.hold(Kind::Account, id);
+                        match ring.borrow_mut().reserve(id, &claims.pools) {
+                            Some(mut l) => {
+                                l.fleet = Some(held);
+                                Some(l)
+                            }
+                            // Gone from this shard's ring meanwhile.
+                            None => return Err(FleetRefusal::NoAccount),
+                        }
+                    }
+                };
+                Ok((permit, lease))
+            }
+            OpenAnswer::Refused(limit) => {
+                self.note_open(t0);
+                Err(FleetRefusal::Device(refusal(limit, limits)))
+            }
+            OpenAnswer::NoAccount => {
+                self.note_open(t0);
+                Err(FleetRefusal::NoAccount)
+            }
+            OpenAnswer::Down => self.admit_local(devices, claims, limits),
+        }
+    }
+
+    fn note_open(&self, t0: Instant) {
+        self.stats.opens_shared.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .open_us_sum
+            .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+        self.stats.open_us_count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Redis is unreachable: refuse, or admit under this node's share of
+    /// the device's limits (the account is picked by the caller's ring,
+    /// whose limits are shared the same way while the store is down).
+    fn admit_local(
+        self: &Arc<Self>,
+        devices: &Devices,
+        claims: &Claims,
+        limits: &DeviceLimits,
+    ) -> Result<(DevicePermit, Option<Lease>), FleetRefusal> {
+        if self.on_store_down == StoreDown::Refuse {
+            self.stats
+                .opens_refused_down
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(FleetRefusal::StoreDown);
+        }
+        self.stats.opens_local.fetch_add(1, Ordering::Relaxed);
+        let share = share_of(limits, self.nodes());
+        let mut permit = devices
+            .admit(claims, &share, SystemTime::now())
+            .map_err(FleetRefusal::Device)?;
+        self.send(Job::Adjust(Kind::Device, claims.device_id.clone(), 1));
+        permit.fleet = Some(self.hold(Kind::Device, &claims.device_id));
+        Ok((permit, None))
+    }
+
+    /// Reserves an account of `pools` fleet-wide for a stream moving off a
+    /// refused one (the device is already counted).
+    pub async fn pick(
+        self: &Arc<Self>,
+        ring: &std::cell::RefCell<KeyRing>,
+        tried: u64,
+        pools: &[String],
+    ) -> Option<Lease> {
+        let candidates = ring.borrow().candidates(Instant::now(), tried, pools);
+        if candidates.is_empty() {
+            return None;
+        }
+        match self.ask_open(("", ""), None, candidates.clone()).await {
+            OpenAnswer::Ok(Some(i)) => {
+                let id = &candidates[i].0;
+                let held = self.hold(Kind::Account, id);
+                let mut l = ring.borrow_mut().reserve(id, pools)?;
+                l.fleet = Some(held);
+                Some(l)
+            }
+            OpenAnswer::Down => self.pick_local(ring, tried, pools),
+            _ => None,
+        }
+    }
+
+    /// An account by this node's share (Redis unreachable), counted for
+    /// re-registration.
+    pub fn pick_local(
+        self: &Arc<Self>,
+        ring: &std::cell::RefCell<KeyRing>,
+        tried: u64,
+        pools: &[String],
+    ) -> Option<Lease> {
+        if self.on_store_down == StoreDown::Refuse {
+            return None;
+        }
+        let mut l = ring.borrow_mut().pick(Instant::now(), tried, pools)?;
+        self.send(Job::Adjust(Kind::Account, l.account.id.clone(), 1));
+        l.fleet = Some(self.hold(Kind::Account, &l.account.id));
+        Some(l)
+    }
+
+    /// The fleet's lines for `/metrics`.
+    pub fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let s = &self.stats;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let _ = write!(
+            out,
+            "# HELP clio_relay_cluster_store_up Whether the fleet's shared store (Redis) answered the last call.\n\
+             # TYPE clio_relay_cluster_store_up gauge\n\
+             clio_relay_cluster_store_up {}\n\
+             # HELP clio_relay_cluster_nodes Nodes with a current lease, when the store was last seen.\n\
+             # TYPE clio_relay_cluster_nodes gauge\n\
+             clio_relay_cluster_nodes {}\n\
+             # HELP clio_relay_cluster_calls_total Calls (pipelines) to the shared store, by result.\n\
+             # TYPE clio_relay_cluster_calls_total counter\n\
+             clio_relay_cluster_calls_total{{result=\"ok\"}} {}\n\
+             clio_relay_cluster_calls_total{{result=\"failed\"}} {}\n\
+             # HELP clio_relay_cluster_stream_opens_total Stream opens by who decided: the shared store, this node's shares (store down), or refused (store down).\n\
+             # TYPE clio_relay_cluster_stream_opens_total counter\n\
+             clio_relay_cluster_stream_opens_total{{decided_by=\"store\"}} {}\n\
+             clio_relay_cluster_stream_opens_total{{decided_by=\"local\"}} {}\n\
+             clio_relay_cluster_stream_opens_total{{decided_by=\"refused\"}} {}\n\
+             # HELP clio_relay_cluster_registrations_total Times this node wrote what it holds to the store (start, and after the store came back).\n\
+             # TYPE clio_relay_cluster_registrations_total counter\n\
+             clio_relay_cluster_registrations_total {}\n\
+             # HELP clio_relay_cluster_open_seconds Time a stream open waited for the store.\n\
+             # TYPE clio_relay_cluster_open_seconds summary\n\
+             clio_relay_cluster_open_seconds_sum {}\n\
+             clio_relay_cluster_open_seconds_count {}\n",
+            u8::from(self.store_up()),
+            self.nodes(),
+            get(&s.calls_ok),
+            get(&s.calls_failed),
+            get(&s.opens_shared),
+            get(&s.opens_local),
+            get(&s.opens_refused_down),
+            get(&s.registrations),
+            get(&s.open_us_sum) as f64 / 1e6,
+            get(&s.open_us_count),
+        );
+    }
+
+    /// Hands the usage of ended streams to the cluster thread for the
+    /// fleet's totals (no Redis call now).
+    pub fn add_usage(&self, records: Vec<UsageRecord>) {
+        if !records.is_empty() {
+            self.send(Job::Usage(records));
+        }
+    }
+
+    /// The fleet's usage over the days `from..=to`, by node: this node's
+    /// usage so far is added first, then every node's is read from Redis
+    /// (on glommio's blocking pool, with a connection of its own). An error
+    /// when Redis is unreachable.
+    pub async fn usage(&self, from: u64, to: u64, group: GroupBy) -> Result<usage::ByNode, String> {
+        let (reply, rx) = async_channel::bounded(1);
+        self.send(Job::UsageFlush(reply));
+        let bound = self.timeout * (usage::FLUSH_CHUNKS as u32 + 2) + Duration::from_secs(1);
+        crate::dataplane::io::timeout(bound, rx.recv())
+            .await
+            .and_then(Result::ok)
+            .unwrap_or_else(|| Err("the cluster thread did not answer".into()))?;
+        let client = self
+            .client
+            .get()
+            .cloned()
+            .ok_or_else(|| "the cluster store is not configured".to_string())?;
+        let timeout = self.timeout;
+        let today = utc_day(SystemTime::now());
+        glommio::executor()
+            .spawn_blocking(move || usage::query(&client, timeout, from, to, today, group))
+            .await
+    }
+
+    /// Ends the cluster thread after the jobs queued before this.
+    pub fn stop(&self) {
+        self.send(Job::Stop);
+    }
+
+    /// Revokes (or lifts) fleet-wide; every node refuses or ends within a
+    /// poll interval.
+    pub async fn revoke(
+        &self,
+        device: Option<String>,
+        token: Option<String>,
+        end_live: bool,
+        lift: bool,
+    ) -> Result<(), String> {
+        let (reply, rx) = async_channel::bounded(1);
+        self.send(Job::Revoke {
+            device,
+            token,
+            end_live,
+            lift,
+            reply,
+        });
+        rx.recv()
+            .await
+            .unwrap_or_else(|_| Err("the cluster thread is gone".into()))
+    }
+
+    /// Stores the sealed account set for every node.
+    pub async fn publish_accounts(&self, sealed: Vec<u8>) -> Result<(), String> {
+        let (reply, rx) = async_channel::bounded(1);
+        self.send(Job::Accounts(sealed, reply));
+        rx.recv()
+            .await
+            .unwrap_or_else(|_| Err("the cluster thread is gone".into()))
+    }
+}
+
+/// This node's share of `limits` among `nodes` (Redis unreachable): each
+/// count limit divided by the node count, at least 1. The daily audio
+/// allowance is not divided: each device's fleet total was last known from
+/// Redis and is counted on from there.
+pub fn share_of(limits: &DeviceLimits, nodes: u32) -> DeviceLimits {
+    let div = |v: u32| if v == 0 { 0 } else { (v / nodes.max(1)).max(1) };
+    DeviceLimits {
+        max_concurrent_streams: div(limits.max_concurrent_streams),
+        streams_per_minute: div(limits.streams_per_minute),
+        ..limits.clone()
+    }
+}
+
+/// The refusal message for `limit` (the same words a single relay uses).
+fn refusal(limit: Limit, limits: &DeviceLimits) -> Refused {
+    let message = match limit {
+        Limit::Revoked => "This device or session token has been revoked.".to_string(),
+        Limit::Concurrent => format!(
+            "Device limit reached: {} concurrent streams.",
+            limits.max_concurrent_streams
+        ),
+        Limit::Rate => format!(
+            "Device limit reached: {} new streams per minute.",
+            limits.streams_per_minute
+        ),
+        Limit::DailyAudio | Limit::MaxLength => format!(
+            "Device limit reached: {} audio seconds per day.",
+            limits.audio_seconds_per_day
+        ),
+    };
+    Refused { limit, message }
+}
+
+/// What this node holds, as the cluster thread keeps it.
+#[derive(Debug, Default)]
+pub(crate) struct Held {
+    pub(crate) counts: HashMap<(Kind, String), i64>,
+}
+
+impl Held {
+    pub(crate) fn adjust(&mut self, kind: Kind, id: &str, delta: i64) {
+        let key = (kind, id.to_string());
+        let n = self.counts.entry(key.clone()).or_insert(0);
+        *n += delta;
+        if *n <= 0 {
+            self.counts.remove(&key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

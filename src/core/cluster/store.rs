@@ -1,0 +1,790 @@
+//! The cluster thread: one blocking Redis connection with deadlines, the
+//! jobs of every shard batched into pipelines, and the periodic duties
+//! (heartbeat, polling for revocations, account changes and "end" requests,
+//! the daily-audio flush, reconnecting).
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant, SystemTime};
+
+use redis::{IntoConnectionInfo, Value};
+
+use super::{scripts, usage, Fleet, Held, Job, Kind, OpenAnswer};
+use crate::core::config::ClusterConfig;
+use crate::core::devices::{utc_day, Limit};
+use crate::dataplane::shard::{ProcessState, ShardMsg};
+
+/// How often the thread looks for revocations, account changes and "end"
+/// requests other nodes made (well under the one-second promise).
+pub const POLL: Duration = Duration::from_millis(200);
+/// How often device audio is added to the fleet's daily totals, and
+/// usage to the fleet's usage.
+const AUDIO_FLUSH: Duration = Duration::from_secs(1);
+/// How often an unreachable Redis is tried again.
+const RECONNECT: Duration = Duration::from_secs(1);
+/// Most jobs sent in one pipeline.
+const BATCH: usize = 256;
+
+/// Where the thread's findings go.
+#[derive(Debug)]
+pub struct Links {
+    /// Process-wide state: devices (revocations, audio) and accounts.
+    pub process: Arc<ProcessState>,
+    /// Every shard, for "end the live streams of …".
+    pub shards: Vec<async_channel::Sender<ShardMsg>>,
+    /// The admin thread, for account-set changes (the sealed document).
+    pub accounts: Option<async_channel::Sender<Vec<u8>>>,
+}
+
+/// A fleet handle and the receiving end of its jobs.
+pub fn channel(cfg: &ClusterConfig) -> (Arc<Fleet>, mpsc::Receiver<Job>) {
+    let (tx, rx) = mpsc::channel();
+    (Fleet::new(cfg, tx), rx)
+}
+
+/// Starts the cluster thread. It connects in the background: a relay
+/// starts (and follows `on_store_down`) while Redis is unreachable.
+pub fn start(
+    cfg: &ClusterConfig,
+    fleet: Arc<Fleet>,
+    rx: mpsc::Receiver<Job>,
+    links: Links,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let info = cfg
+        .redis_url
+        .as_str()
+        .into_connection_info()
+        .map_err(|e| std::io::Error::other(format!("cluster.redis_url: {}", e)))?;
+    let info = match &cfg.password {
+        Some(p) => {
+            let settings = info.redis_settings().clone().set_password(p.expose());
+            info.set_redis_settings(settings)
+        }
+        None => info,
+    };
+    let client = redis::Client::open(info)
+        .map_err(|e| std::io::Error::other(format!("cluster.redis_url: {}", e)))?;
+    let _ = fleet.client.set(client.clone());
+    let started = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let mut w = Worker {
+        fleet,
+        client,
+        con: None,
+        held: Held::default(),
+        timeout: cfg.timeout,
+        ttl_ms: cfg.lease_ttl.as_millis() as u64,
+        links,
+        scripts: Scripts::new(),
+        last_heartbeat: Instant::now(),
+        last_poll: Instant::now(),
+        last_audio: Instant::now(),
+        last_try: None,
+        rev_ver: None,
+        acct_ver: None,
+        ends_id: None,
+        failed_logged: false,
+        usage: usage::Pending::new(),
+        usage_sent: None,
+        usage_seq: 0,
+        process: started ^ (u64::from(std::process::id()) << 40),
+        last_usage: Instant::now(),
+    };
+    std::thread::Builder::new()
+        .name("clio-cluster".into())
+        .spawn(move || w.run(rx))
+}
+
+struct Scripts {
+    open: redis::Script,
+    adjust: redis::Script,
+    heartbeat: redis::Script,
+    register: redis::Script,
+    nodes: redis::Script,
+    usage: redis::Script,
+}
+
+impl Scripts {
+    fn new() -> Scripts {
+        Scripts {
+            open: redis::Script::new(scripts::OPEN),
+            adjust: redis::Script::new(scripts::ADJUST),
+            heartbeat: redis::Script::new(scripts::HEARTBEAT),
+            register: redis::Script::new(scripts::REGISTER),
+            nodes: redis::Script::new(scripts::NODES),
+            usage: redis::Script::new(scripts::USAGE),
+        }
+    }
+}
+
+/// What a pipeline slot's answer is for.
+enum Pending {
+    Open(super::OpenJob),
+    Adjust,
+    Reply(async_channel::Sender<Result<(), String>>),
+    /// The account version after a publish.
+    AccountVersion,
+}
+
+struct Worker {
+    fleet: Arc<Fleet>,
+    client: redis::Client,
+    con: Option<redis::Connection>,
+    held: Held,
+    timeout: Duration,
+    ttl_ms: u64,
+    links: Links,
+    scripts: Scripts,
+    last_heartbeat: Instant,
+    last_poll: Instant,
+    last_audio: Instant,
+    last_try: Option<Instant>,
+    rev_ver: Option<i64>,
+    acct_ver: Option<i64>,
+    ends_id: Option<String>,
+    failed_logged: bool,
+    /// Usage not yet added to Redis.
+    usage: usage::Pending,
+    /// A usage batch sent but not answered: sent again, same id, until it is.
+    usage_sent: Option<(String, UsageChunk)>,
+    usage_seq: u64,
+    /// This process's part of usage batch ids.
+    process: u64,
+    last_usage: Instant,
+}
+
+type UsageChunk = Vec<(
+    (u64, crate::core::usage::GroupBy, String),
+    crate::core::usage::Totals,
+)>;
+
+fn int(v: &Value) -> i64 {
+    match v {
+        Value::Int(n) => *n,
+        Value::BulkString(b) => std::str::from_utf8(b)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0),
+        Value::SimpleString(s) => s.parse().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+        Value::SimpleString(s) => s.clone(),
+        Value::Int(n) => n.to_string(),
+        _ => String::new(),
+    }
+}
+
+fn items(v: &Value) -> &[Value] {
+    match v {
+        Value::Array(a) => a,
+        _ => &[],
+    }
+}
+
+fn limit_of(label: &str) -> Option<Limit> {
+    Limit::ALL.into_iter().find(|l| l.label() == label)
+}
+
+impl Worker {
+    fn run(&mut self, rx: mpsc::Receiver<Job>) {
+        self.connect();
+        loop {
+            let wait = POLL.saturating_sub(self.last_poll.elapsed());
+            match rx.recv_timeout(wait.max(Duration::from_millis(1))) {
+                Ok(job) => {
+                    let mut batch = vec![job];
+                    while batch.len() < BATCH {
+                        match rx.try_recv() {
+                            Ok(j) => batch.push(j),
+                            Err(_) => break,
+                        }
+                    }
+                    let stop = batch.iter().position(|j| matches!(j, Job::Stop));
+                    if let Some(i) = stop {
+                        batch.truncate(i);
+                        self.jobs(batch);
+                        return self.leave();
+                    }
+                    self.jobs(batch);
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+            self.duties();
+        }
+    }
+
+    fn set_up(&mut self, up: bool) {
+        let was = self.fleet.up.swap(up, Ordering::Relaxed);
+        if was != up {
+            // While the store is down, each node takes its share of every
+            // account's limit.
+            let share = if up { 1 } else { self.fleet.nodes() };
+            for a in self.links.process.accounts() {
+                a.set_share(share);
+            }
+            if up {
+                tracing::info!(node = %self.fleet.node_id, nodes = self.fleet.nodes(), "cluster store reachable; counts registered");
+            } else {
+                tracing::error!(node = %self.fleet.node_id, on_store_down = ?self.fleet.on_store_down, "cluster store unreachable; live streams go on");
+            }
+        }
+    }
+
+    fn failed(&mut self, what: &str, e: &redis::RedisError) {
+        self.fleet
+            .stats
+            .calls_failed
+            .fetch_add(1, Ordering::Relaxed);
+        if !self.failed_logged {
+            // Redis errors name the server and the failure, never the
+            // password (it is not in the URL).
+            tracing::warn!(call = what, error = %e, "cluster store call failed");
+            self.failed_logged = true;
+        }
+        self.con = None;
+        self.set_up(false);
+    }
+
+    fn ok(&mut self) {
+        self.fleet.stats.calls_ok.fetch_add(1, Ordering::Relaxed);
+        self.failed_logged = false;
+    }
+
+    /// Connects, loads the scripts and registers what this node holds.
+    fn connect(&mut self) {
+        self.last_try = Some(Instant::now());
+        let con = self
+            .client
+            .get_connection_with_timeout(self.timeout)
+            .and_then(|c| {
+                c.set_read_timeout(Some(self.timeout))?;
+                c.set_write_timeout(Some(self.timeout))?;
+                Ok(c)
+            });
+        let mut con = match con {
+            Ok(c) => c,
+            Err(e) => return self.failed("connect", &e),
+        };
+        let mut pipe = redis::pipe();
+        for s in [
+            scripts::OPEN,
+            scripts::ADJUST,
+            scripts::HEARTBEAT,
+            scripts::REGISTER,
+            scripts::NODES,
+            scripts::USAGE,
+        ] {
+            pipe.cmd("SCRIPT").arg("LOAD").arg(s);
+        }
+        if let Err(e) = pipe.query::<Vec<String>>(&mut con) {
+            return self.failed("script load", &e);
+        }
+        self.con = Some(con);
+        self.ok();
+        if self.register() {
+            self.poll();
+        }
+    }
+
+    /// Replaces this node's counts in Redis with what it holds.
+    fn register(&mut self) -> bool {
+        let mut inv = self.scripts.register.prepare_invoke();
+        inv.arg(&self.fleet.node_id).arg(self.ttl_ms);
+        let devs: Vec<_> = self
+            .held
+            .counts
+            .iter()
+            .filter(|((k, _), _)| *k == Kind::Device)
+            .collect();
+        inv.arg(devs.len());
+        for ((_, id), n) in &devs {
+            inv.arg(id.as_str()).arg(**n);
+        }
+        for ((k, id), n) in &self.held.counts {
+            if *k == Kind::Account {
+                inv.arg(id.as_str()).arg(*n);
+            }
+        }
+        let Some(con) = self.con.as_mut() else {
+            return false;
+        };
+        match inv.invoke::<i64>(con) {
+            Ok(nodes) => {
+                self.ok();
+                self.fleet
+                    .nodes
+                    .store(nodes.max(1) as u32, Ordering::Relaxed);
+                self.fleet
+                    .stats
+                    .registrations
+                    .fetch_add(1, Ordering::Relaxed);
+                self.last_heartbeat = Instant::now();
+                self.set_up(true);
+                true
+            }
+            Err(e) => {
+                self.failed("register", &e);
+                false
+            }
+        }
+    }
+
+    /// Leaves the fleet: this node's lease and counts are deleted, so its
+    /// streams stop counting now rather than after the lease ends.
+    fn leave(&mut self) {
+        if let Err(e) = self.flush_usage(usage::FLUSH_CHUNKS) {
+            tracing::warn!(error = %e, "this node's last usage is not in the fleet's totals (its own ledger has it)");
+        }
+        let Some(con) = self.con.as_mut() else { return };
+        let node = &self.fleet.node_id;
+        let r: Result<(), _> = redis::pipe()
+            .cmd("ZREM")
+            .arg("clio:nodes")
+            .arg(node)
+            .ignore()
+            .cmd("DEL")
+            .arg(format!("clio:n:{node}:dev"))
+            .arg(format!("clio:n:{node}:acct"))
+            .ignore()
+            .query(con);
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "could not leave the fleet; this node's counts end with its lease");
+        }
+    }
+
+    fn jobs(&mut self, batch: Vec<Job>) {
+        let mut flushes = Vec::new();
+        let mut rest = Vec::with_capacity(batch.len());
+        for job in batch {
+            match job {
+                Job::Usage(records) => usage::add(&mut self.usage, &records),
+                Job::UsageFlush(reply) => flushes.push(reply),
+                j => rest.push(j),
+            }
+        }
+        self.pipeline(rest);
+        if !flushes.is_empty() {
+            let r = self.flush_usage(usage::FLUSH_CHUNKS);
+            for reply in flushes {
+                let _ = reply.try_send(r.clone());
+            }
+        }
+    }
+
+    /// Adds the usage waiting to Redis, in at most `chunks` calls: the
+    /// batch sent but not answered first (same id: the script skips it if
+    /// it was added), then new batches of at most [`usage::CHUNK`] entries.
+    fn flush_usage(&mut self, chunks: usize) -> Result<(), String> {
+        self.last_usage = Instant::now();
+        for _ in 0..chunks {
+            if self.usage_sent.is_none() {
+                if self.usage.is_empty() {
+                    return Ok(());
+                }
+                self.usage_seq += 1;
+                let id = usage::batch_id(self.process, self.usage_seq);
+                self.usage_sent = Some((id, usage::take_chunk(&mut self.usage)));
+            }
+            let Some(con) = self.con.as_mut() else {
+                return Err("the cluster store is unreachable".into());
+            };
+            let (id, chunk) = self.usage_sent.as_ref().expect("set above");
+            let inv = usage::invocation(&self.scripts.usage, &self.fleet.node_id, id, chunk);
+            let r = inv.invoke::<i64>(con);
+            match r {
+                Ok(_) => {
+                    self.ok();
+                    self.usage_sent = None;
+                }
+                Err(e) => {
+                    self.failed("usage", &e);
+                    return Err("the cluster store did not answer".into());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn pipeline(&mut self, batch: Vec<Job>) {
+        let up = self.con.is_some();
+        let mut pipe = redis::pipe();
+        let mut pending: Vec<Pending> = Vec::new();
+        let node = self.fleet.node_id.clone();
+        for job in batch {
+            match job {
+                Job::Adjust(kind, id, delta) => {
+                    self.held.adjust(kind, &id, i64::from(delta));
+                    if up {
+                        pipe.invoke_script(
+                            self.scripts
+                                .adjust
+                                .arg(&node)
+                                .arg(kind.field())
+                                .arg(&id)
+                                .arg(delta),
+                        );
+                        pending.push(Pending::Adjust);
+                    }
+                }
+                Job::Open(o) => {
+                    if !up || Instant::now() > o.deadline {
+                        let _ = o.reply.try_send(OpenAnswer::Down);
+                        continue;
+                    }
+                    let mut inv = self.scripts.open.prepare_invoke();
+                    inv.arg(&node)
+                        .arg(&o.device)
+                        .arg(&o.token)
+                        .arg(o.limits[0])
+                        .arg(o.limits[1])
+                        .arg(o.limits[2])
+                        .arg(o.day)
+                        .arg(self.ttl_ms);
+                    for (id, max) in &o.candidates {
+                        inv.arg(id.as_str()).arg(*max);
+                    }
+                    pipe.invoke_script(&inv);
+                    pending.push(Pending::Open(o));
+                }
+                Job::Revoke {
+                    device,
+                    token,
+                    end_live,
+                    lift,
+                    reply,
+                } => {
+                    if !up {
+                        let _ = reply.try_send(Err("the cluster store is unreachable".into()));
+                        continue;
+                    }
+                    let op = if lift { "SREM" } else { "SADD" };
+                    if let Some(d) = &device {
+                        pipe.cmd(op).arg("clio:rev:dev").arg(d).ignore();
+                    }
+                    if let Some(t) = &token {
+                        pipe.cmd(op).arg("clio:rev:tok").arg(t).ignore();
+                    }
+                    if end_live && !lift {
+                        pipe.cmd("XADD")
+                            .arg("clio:ends")
+                            .arg("MAXLEN")
+                            .arg("~")
+                            .arg(1000)
+                            .arg("*")
+                            .arg("device")
+                            .arg(device.as_deref().unwrap_or(""))
+                            .arg("token")
+                            .arg(token.as_deref().unwrap_or(""))
+                            .ignore();
+                    }
+                    pipe.cmd("HINCRBY").arg("clio:ver").arg("rev").arg(1);
+                    pending.push(Pending::Reply(reply));
+                }
+                Job::Accounts(sealed, reply) => {
+                    if !up {
+                        let _ = reply.try_send(Err("the cluster store is unreachable".into()));
+                        continue;
+                    }
+                    pipe.cmd("SET").arg("clio:accounts").arg(sealed).ignore();
+                    pipe.cmd("HINCRBY").arg("clio:ver").arg("acct").arg(1);
+                    pending.push(Pending::AccountVersion);
+                    pending.push(Pending::Reply(reply));
+                    pipe.cmd("ECHO").arg("ok");
+                }
+                Job::Stop | Job::Usage(_) | Job::UsageFlush(_) => {}
+            }
+        }
+        if pending.is_empty() {
+            return;
+        }
+        let Some(con) = self.con.as_mut() else {
+            return;
+        };
+        let answers: Result<Vec<Value>, _> = pipe.query(con);
+        let answers = match answers {
+            Ok(a) => {
+                self.ok();
+                a
+            }
+            Err(e) => {
+                self.failed("pipeline", &e);
+                for p in pending {
+                    match p {
+                        Pending::Open(o) => {
+                            let _ = o.reply.try_send(OpenAnswer::Down);
+                        }
+                        Pending::Reply(r) => {
+                            let _ = r.try_send(Err("the cluster store did not answer".into()));
+                        }
+                        _ => {}
+                    }
+                }
+                return;
+            }
+        };
+        let mut undo = Vec::new();
+        for (p, v) in pending.into_iter().zip(answers.iter()) {
+            match p {
+                Pending::Open(o) => {
+                    let a = items(v);
+                    let answer = match (a.first().map(text).as_deref(), a.get(1)) {
+                        (Some("ok"), Some(i)) => {
+                            let i = int(i);
+                            if !o.device.is_empty() {
+                                self.held.adjust(Kind::Device, &o.device, 1);
+                            }
+                            let pick = usize::try_from(i).ok();
+                            if let Some(i) = pick {
+                                self.held.adjust(Kind::Account, &o.candidates[i].0, 1);
+                            }
+                            OpenAnswer::Ok(pick)
+                        }
+                        (Some("refused"), Some(l)) if text(l) == "no_account" => {
+                            OpenAnswer::NoAccount
+                        }
+                        (Some("refused"), Some(l)) => {
+                            OpenAnswer::Refused(limit_of(&text(l)).unwrap_or(Limit::Revoked))
+                        }
+                        _ => OpenAnswer::Down,
+                    };
+                    if o.reply.try_send(answer.clone()).is_err() {
+                        // The stream gave up waiting: give back what was taken.
+                        if let OpenAnswer::Ok(pick) = answer {
+                            if !o.device.is_empty() {
+                                undo.push(Job::Adjust(Kind::Device, o.device.clone(), -1));
+                            }
+                            if let Some(i) = pick {
+                                undo.push(Job::Adjust(
+                                    Kind::Account,
+                                    o.candidates[i].0.clone(),
+                                    -1,
+                                ));
+                            }
+                        }
+                    }
+                }
+                Pending::Reply(r) => {
+                    let _ = r.try_send(Ok(()));
+                }
+                Pending::AccountVersion => self.acct_ver = Some(int(v)),
+                Pending::Adjust => {}
+            }
+        }
+        if !undo.is_empty() {
+            self.jobs(undo);
+        }
+    }
+
+    fn duties(&mut self) {
+        if self.con.is_none() {
+            if self.last_try.is_none_or(|t| t.elapsed() >= RECONNECT) {
+                self.connect();
+            }
+            return;
+        }
+        if self.last_heartbeat.elapsed().as_millis() as u64 >= self.ttl_ms / 3 {
+            self.heartbeat();
+        }
+        if self.last_poll.elapsed() >= POLL {
+            self.poll();
+        }
+        if self.last_audio.elapsed() >= AUDIO_FLUSH {
+            self.flush_audio();
+        }
+        // One batch per pass, so stream opens queued meanwhile wait for one
+        // call at most; a backlog (after an outage) goes out a batch a pass.
+        let usage_waits = !self.usage.is_empty() || self.usage_sent.is_some();
+        let backlog = self.usage.len() >= usage::CHUNK || self.usage_sent.is_some();
+        if usage_waits && (backlog || self.last_usage.elapsed() >= AUDIO_FLUSH) {
+            let _ = self.flush_usage(1);
+        }
+    }
+
+    fn heartbeat(&mut self) {
+        self.last_heartbeat = Instant::now();
+        let Some(con) = self.con.as_mut() else { return };
+        let r: Result<(i64, i64), _> = self
+            .scripts
+            .heartbeat
+            .arg(&self.fleet.node_id)
+            .arg(self.ttl_ms)
+            .invoke(con);
+        match r {
+            Ok((lapsed, nodes)) => {
+                self.ok();
+                self.fleet
+                    .nodes
+                    .store(nodes.max(1) as u32, Ordering::Relaxed);
+                if lapsed == 1 {
+                    tracing::warn!(node = %self.fleet.node_id, "this node's lease had lapsed; registering its counts again");
+                    self.register();
+                }
+            }
+            Err(e) => self.failed("heartbeat", &e),
+        }
+    }
+
+    /// Revocations, account changes and "end" requests from other nodes.
+    fn poll(&mut self) {
+        self.last_poll = Instant::now();
+        let Some(con) = self.con.as_mut() else { return };
+        if self.ends_id.is_none() {
+            // Start after the newest request: older ones were for streams
+            // that ended before this node started.
+            let last: Result<Value, _> = redis::cmd("XREVRANGE")
+                .arg("clio:ends")
+                .arg("+")
+                .arg("-")
+                .arg("COUNT")
+                .arg(1)
+                .query(con);
+            match last {
+                Ok(v) => {
+                    let id = items(&v)
+                        .first()
+                        .and_then(|e| items(e).first())
+                        .map(text)
+                        .unwrap_or_else(|| "0-0".into());
+                    self.ends_id = Some(id);
+                }
+                Err(e) => return self.failed("poll", &e),
+            }
+        }
+        let ends_id = self.ends_id.clone().unwrap_or_else(|| "0-0".into());
+        let r: Result<(i64, Vec<Option<i64>>, Value), _> = redis::pipe()
+            .invoke_script(&self.scripts.nodes.prepare_invoke())
+            .cmd("HMGET")
+            .arg("clio:ver")
+            .arg("rev")
+            .arg("acct")
+            .cmd("XREAD")
+            .arg("COUNT")
+            .arg(100)
+            .arg("STREAMS")
+            .arg("clio:ends")
+            .arg(&ends_id)
+            .query(con);
+        let (nodes, vers, ends) = match r {
+            Ok(x) => x,
+            Err(e) => return self.failed("poll", &e),
+        };
+        self.ok();
+        self.fleet
+            .nodes
+            .store(nodes.max(1) as u32, Ordering::Relaxed);
+        let rev = vers.first().copied().flatten().unwrap_or(0);
+        let acct = vers.get(1).copied().flatten().unwrap_or(0);
+        if self.rev_ver != Some(rev) {
+            self.load_revocations(rev);
+        }
+        if self.acct_ver != Some(acct) {
+            self.load_accounts(acct);
+        }
+        self.end_streams(&ends);
+    }
+
+    fn load_revocations(&mut self, ver: i64) {
+        let Some(con) = self.con.as_mut() else { return };
+        let r: Result<(HashSet<String>, HashSet<String>), _> = redis::pipe()
+            .cmd("SMEMBERS")
+            .arg("clio:rev:dev")
+            .cmd("SMEMBERS")
+            .arg("clio:rev:tok")
+            .query(con);
+        match r {
+            Ok((d, t)) => {
+                self.rev_ver = Some(ver);
+                self.links.process.devices.replace_revoked(d, t);
+            }
+            Err(e) => self.failed("revocations", &e),
+        }
+    }
+
+    fn load_accounts(&mut self, ver: i64) {
+        let Some(tx) = self.links.accounts.clone() else {
+            self.acct_ver = Some(ver);
+            return;
+        };
+        let Some(con) = self.con.as_mut() else { return };
+        let r: Result<Option<Vec<u8>>, _> = redis::cmd("GET").arg("clio:accounts").query(con);
+        match r {
+            Ok(blob) => {
+                self.acct_ver = Some(ver);
+                if let Some(b) = blob {
+                    let _ = tx.try_send(b);
+                }
+            }
+            Err(e) => self.failed("accounts", &e),
+        }
+    }
+
+    fn end_streams(&mut self, ends: &Value) {
+        // XREAD: [[stream, [[id, [field, value, ...]], ...]]]
+        for stream in items(ends) {
+            for entry in items(items(stream).get(1).unwrap_or(&Value::Nil)) {
+                let e = items(entry);
+                let Some(id) = e.first().map(text) else {
+                    continue;
+                };
+                let fields = items(e.get(1).unwrap_or(&Value::Nil));
+                let mut device = None;
+                let mut token = None;
+                for kv in fields.chunks(2) {
+                    if let [k, v] = kv {
+                        let v = text(v);
+                        match text(k).as_str() {
+                            "device" if !v.is_empty() => device = Some(v),
+                            "token" if !v.is_empty() => token = Some(v),
+                            _ => {}
+                        }
+                    }
+                }
+                for tx in &self.links.shards {
+                    let _ = tx.try_send(ShardMsg::EndStreams {
+                        device: device.clone(),
+                        token: token.clone(),
+                    });
+                }
+                self.ends_id = Some(id);
+            }
+        }
+    }
+
+    /// Adds each device's new audio to the fleet's daily total and learns
+    /// what the other nodes streamed.
+    fn flush_audio(&mut self) {
+        self.last_audio = Instant::now();
+        let day = utc_day(SystemTime::now());
+        let states = self.links.process.devices.fleet_audio_pending(day);
+        if states.is_empty() {
+            return;
+        }
+        let key = format!("clio:audio:{day}");
+        let mut pipe = redis::pipe();
+        let mut sent = Vec::with_capacity(states.len());
+        for (id, state) in &states {
+            let (local, delta) = state.unreported_audio(day);
+            pipe.cmd("HINCRBY").arg(&key).arg(id).arg(delta);
+            sent.push(local);
+        }
+        pipe.cmd("EXPIRE").arg(&key).arg(2 * 86_400).ignore();
+        let Some(con) = self.con.as_mut() else { return };
+        match pipe.query::<Vec<u64>>(con) {
+            Ok(totals) => {
+                self.ok();
+                for (((_, state), local), total) in states.iter().zip(sent).zip(totals) {
+                    state.set_fleet_audio(day, local, total);
+                }
+            }
+            Err(e) => self.failed("audio", &e),
+        }
+    }
+}

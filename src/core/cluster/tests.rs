@@ -1,0 +1,121 @@
+//! The `[cluster]` section and the local shares.
+
+use std::path::Path;
+use std::time::Duration;
+
+use super::share_of;
+use crate::core::config::{Config, DeviceLimits, StoreDown};
+
+const MASTER: &str = "5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a";
+
+fn file(cluster: &str, master: bool) -> String {
+    std::env::set_var(
+        "CLIO_T_CLUSTER_TOKEN",
+        "tok-secret-0123456789-0123456789-abcdef",
+    );
+    std::env::set_var("CLIO_T_CLUSTER_KEY", "soniox-key-AAAA-1111");
+    std::env::set_var("CLIO_T_CLUSTER_MASTER", MASTER);
+    std::env::set_var("CLIO_T_CLUSTER_REDIS_PW", "redis-password-sekrit");
+    let admin = if master {
+        "[admin]\nmaster_key_env = \"CLIO_T_CLUSTER_MASTER\"\n"
+    } else {
+        ""
+    };
+    format!(
+        "[tokens]\nsecret_env = \"CLIO_T_CLUSTER_TOKEN\"\n[[account]]\nid = \"a\"\n\
+         key_env = \"CLIO_T_CLUSTER_KEY\"\n{admin}[cluster]\n{cluster}"
+    )
+}
+
+fn problems(text: &str) -> String {
+    let e = Config::from_toml_str(text, Path::new("/nonexistent")).unwrap_err();
+    let shown = format!("{e}\n{e:?}");
+    for secret in ["redis-password-sekrit", "hunter2", MASTER] {
+        assert!(!shown.contains(secret), "secret leaked: {shown}");
+    }
+    shown
+}
+
+#[test]
+fn cluster_section_defaults_and_values() {
+    let c = Config::from_toml_str(
+        &file(
+            "redis_url = \"redis://127.0.0.1:6379/0\"\nnode_id = \"relay-1\"\n\
+             password_env = \"CLIO_T_CLUSTER_REDIS_PW\"",
+            true,
+        ),
+        Path::new("."),
+    )
+    .unwrap();
+    let k = c.cluster.unwrap();
+    assert_eq!(k.node_id, "relay-1");
+    assert_eq!(k.lease_ttl, Duration::from_secs(15));
+    assert_eq!(k.on_store_down, StoreDown::Local);
+    assert_eq!(k.timeout, Duration::from_millis(250));
+    assert_eq!(k.password.unwrap().expose(), "redis-password-sekrit");
+    let c = Config::from_toml_str(
+        &file(
+            "redis_url = \"rediss://redis.internal:6380\"\nnode_id = \"r2\"\n\
+             lease_ttl = \"5s\"\non_store_down = \"refuse\"\ntimeout = \"100ms\"",
+            true,
+        ),
+        Path::new("."),
+    )
+    .unwrap();
+    let k = c.cluster.unwrap();
+    assert_eq!(
+        (k.lease_ttl, k.on_store_down, k.timeout),
+        (
+            Duration::from_secs(5),
+            StoreDown::Refuse,
+            Duration::from_millis(100)
+        )
+    );
+    let alone = Config::from_toml_str(&file("", true).replace("[cluster]\n", ""), Path::new("."));
+    assert!(alone.unwrap().cluster.is_none(), "no section, no fleet");
+}
+
+#[test]
+fn bad_cluster_settings_are_named_and_never_echo_a_password() {
+    let p = problems(&file(
+        "redis_url = \"redis://:hunter2@10.0.0.5:6379\"\nnode_id = \"bad id!\"\n\
+         on_store_down = \"maybe\"\nlease_ttl = \"0s\"",
+        false,
+    ));
+    for needle in [
+        "cluster.redis_url: must not hold credentials",
+        "cluster.node_id",
+        "cluster.on_store_down",
+        "cluster.lease_ttl",
+        "needs admin.master_key_env",
+    ] {
+        assert!(p.contains(needle), "{needle:?} not in {p}");
+    }
+    let p = problems(&file(
+        "redis_url = \"http://10.0.0.5\"\nnode_id = \"n\"",
+        true,
+    ));
+    assert!(p.contains("must start with redis:// or rediss://"), "{p}");
+}
+
+#[test]
+fn local_shares_divide_count_limits_among_nodes() {
+    let l = DeviceLimits {
+        max_concurrent_streams: 5,
+        streams_per_minute: 30,
+        audio_seconds_per_day: 100,
+        ..Default::default()
+    };
+    let s = share_of(&l, 2);
+    assert_eq!((s.max_concurrent_streams, s.streams_per_minute), (2, 15));
+    assert_eq!(
+        s.audio_seconds_per_day, 100,
+        "audio counts on from the fleet total"
+    );
+    let s = share_of(&l, 10);
+    assert_eq!(s.max_concurrent_streams, 1, "never below one");
+    assert_eq!(
+        share_of(&DeviceLimits::default(), 3),
+        DeviceLimits::default()
+    );
+}

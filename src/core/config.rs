@@ -1,0 +1,413 @@
+//! The relay's configuration: one TOML file, loaded in two layers.
+//!
+//! The *raw* layer is a set of serde structs that mirror the file exactly and
+//! refuse unknown keys. The *resolved* layer ([`Config`] and its parts) is what
+//! the rest of the relay uses: addresses parsed, durations turned into
+//! [`Duration`]s, defaults filled in and secrets read from the environment or
+//! from files into [`Secret`]s. Secrets are never written inline in the file.
+//!
+//! Loading collects every problem it can find in one pass, so `check-config`
+//! reports them all at once (like `nginx -t`), one line per problem, each
+//! naming the key it is about. No problem message ever contains a secret.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::core::secret::Secret;
+
+mod load;
+mod raw;
+mod sections;
+mod url;
+mod validate;
+
+pub use sections::*;
+pub use url::{parse_ws_url, WsEndpoint};
+pub use validate::valid_account_id;
+use validate::{account_label, check_token_secret, validate_semantics};
+
+/// The shortest token signing secret accepted, in bytes (HMAC-SHA256 wants
+/// at least its output size of key material).
+pub const MIN_TOKEN_SECRET_BYTES: usize = 32;
+
+/// The largest `server.shards` accepted.
+pub const MAX_SHARDS: usize = 1024;
+
+/// The pool an account without `pool` belongs to, and the one a token that
+/// names no pool may use.
+pub const DEFAULT_POOL: &str = "default";
+
+/// The upstream URL used when `upstream.url` is not set.
+pub const DEFAULT_UPSTREAM_URL: &str = "wss://stt-rt.soniox.com/transcribe-websocket";
+
+/// A commented example configuration; the same text as `config/example.toml`.
+const EXAMPLE_CONFIG: &str = include_str!("../../config/example.toml");
+
+/// A commented example configuration file (the text of `config/example.toml`).
+/// It parses once the environment variables it names are set.
+pub fn example_config() -> &'static str {
+    EXAMPLE_CONFIG
+}
+
+// ---------------------------------------------------------------------------
+// Resolved configuration
+// ---------------------------------------------------------------------------
+
+/// The whole, validated relay configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the relay listens and how many streams it takes.
+    pub server: ServerConfig,
+    /// How the relay reaches Soniox.
+    pub upstream: UpstreamConfig,
+    /// How session tokens are signed and checked.
+    pub tokens: TokensConfig,
+    /// Per-stream bounds on time and memory.
+    pub limits: LimitsConfig,
+    /// The Soniox accounts whose API keys carry the streams.
+    pub accounts: Vec<AccountConfig>,
+    /// The admin API, key store, rotation and health checks.
+    pub admin: AdminConfig,
+    /// Per-device limits, by default and per tier.
+    pub devices: DevicesConfig,
+    /// Usage metering, cost, reconciliation and alerts.
+    pub usage: UsageConfig,
+    /// TLS on the client port; `None` serves plain `ws://` (behind a TLS
+    /// terminator, or for tests).
+    pub tls: Option<TlsConfig>,
+    /// The fleet's shared store; `None` for a relay on its own.
+    pub cluster: Option<ClusterConfig>,
+    /// Failover at open and mid-stream.
+    pub failover: FailoverConfig,
+    /// `[pool.NAME]`: the account pools besides the default one, by name.
+    /// The default pool's endpoint is `upstream.url` (see [`Config::pools`]).
+    pub pools: Vec<PoolConfig>,
+}
+
+/// Parses a duration in the config syntax: `500ms`, `5s`, `15m`, `2h`,
+/// `1h 30m` (humantime).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim()).map_err(|e| format!("invalid duration {s:?}: {e}"))
+}
+
+// ---------------------------------------------------------------------------
+// Errors
+// ---------------------------------------------------------------------------
+
+/// Everything wrong with a configuration, one line per problem, each naming
+/// the key it is about. Never contains a secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// One human-readable line per problem.
+    pub problems: Vec<String>,
+}
+
+impl ConfigError {
+    fn one(problem: String) -> Self {
+        ConfigError {
+            problems: vec![problem],
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            f.write_str(p)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Problems found so far, and the keys they were about (so later checks
+/// that depend on a key already reported stay quiet).
+#[derive(Default)]
+struct Problems {
+    lines: Vec<String>,
+    keys: HashSet<String>,
+}
+
+impl Problems {
+    fn push(&mut self, key: &str, msg: impl fmt::Display) {
+        self.keys.insert(key.to_string());
+        self.lines.push(format!("{key}: {msg}"));
+    }
+
+    fn reported(&self, key: &str) -> bool {
+        self.keys.contains(key)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Loading
+// ---------------------------------------------------------------------------
+
+impl Config {
+    /// Every pool with its endpoint: the default pool (`upstream.url`,
+    /// `admin.rest_url`) first, then each `[pool.NAME]` by name.
+    pub fn all_pools(&self) -> Vec<PoolConfig> {
+        let mut all = Vec::with_capacity(self.pools.len() + 1);
+        all.push(PoolConfig {
+            name: DEFAULT_POOL.to_string(),
+            url: self.upstream.url.clone(),
+            rest_url: self.admin.rest_url.clone(),
+        });
+        all.extend(self.pools.iter().cloned());
+        all
+    }
+
+    /// The names of every pool, the default pool first.
+    pub fn pool_names(&self) -> Vec<String> {
+        self.all_pools().into_iter().map(|p| p.name).collect()
+    }
+
+    /// Reads, parses, resolves and validates the config file at `path`.
+    /// Relative `*_file` paths resolve against the file's directory.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let (text, base) = read_config_file(path)?;
+        Config::from_toml_str(&text, &base)
+    }
+
+    /// Parses, resolves and validates config text; relative `key_file`,
+    /// `secret_file` and `ca_file` paths resolve against `base_dir`.
+    pub fn from_toml_str(text: &str, base_dir: &Path) -> Result<Config, ConfigError> {
+        load::load_all(text, base_dir)
+    }
+
+    /// Reads only what minting a token needs: the whole file is parsed
+    /// (unknown keys are still errors) but only `[tokens]` is resolved and
+    /// checked, so `mint-token` works where the account keys cannot be read
+    /// (e.g. systemd credentials visible only to the service).
+    pub fn load_tokens(path: &Path) -> Result<TokensConfig, ConfigError> {
+        let (text, base) = read_config_file(path)?;
+        load::load_tokens(&text, &base)
+    }
+
+    /// Reads only `server.admin_listen` and the admin token: what
+    /// `clio-relay keys` needs to talk to a running relay.
+    pub fn load_admin_client(path: &Path) -> Result<(SocketAddr, Secret), ConfigError> {
+        let (text, base) = read_config_file(path)?;
+        load::load_admin_client(&text, &base)
+    }
+
+    /// Checks a configuration built in code (the file loader runs the same
+    /// checks). Every problem is reported, one line each.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut p = Problems::default();
+        check_token_secret("tokens.secret", &self.tokens.secret, &mut p);
+        if let Some(prev) = &self.tokens.previous_secret {
+            check_token_secret("tokens.previous_secret", prev, &mut p);
+        }
+        for (i, a) in self.accounts.iter().enumerate() {
+            // A disabled account may wait for its key (it is not loaded).
+            if a.key.expose().is_empty() && a.enabled {
+                p.push(
+                    &format!("{}.key", account_label(i, Some(&a.id))),
+                    "is empty",
+                );
+            }
+        }
+        validate_semantics(self, &mut p);
+        if p.lines.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError { problems: p.lines })
+        }
+    }
+
+    /// A multi-line human summary for `check-config`. Keys appear only as
+    /// fingerprints.
+    pub fn summary(&self) -> String {
+        use std::fmt::Write as _;
+        let d = |d: Duration| humantime::format_duration(d).to_string();
+        let mut s = String::new();
+        let shards = if self.server.shards == 0 {
+            format!("{} (one per core)", self.server.shard_count())
+        } else {
+            self.server.shards.to_string()
+        };
+        let _ = writeln!(
+            s,
+            "server: listen {}, admin {}, shards {shards}, max_streams {}",
+            self.server.listen, self.server.admin_listen, self.server.max_streams
+        );
+        let _ = writeln!(
+            s,
+            "upstream: {} (auth {}), connect_timeout {}{}",
+            self.upstream.url,
+            self.upstream.auth,
+            d(self.upstream.connect_timeout),
+            match &self.upstream.ca_file {
+                Some(p) => format!(", ca_file {}", p.display()),
+                None => String::new(),
+            }
+        );
+        for pool in &self.pools {
+            let _ = writeln!(
+                s,
+                "pool {}: {}{}",
+                pool.name,
+                pool.url,
+                match &pool.rest_url {
+                    Some(r) => format!(", rest {r}"),
+                    None => String::new(),
+                }
+            );
+        }
+        let bound = |pools: &Option<Vec<String>>| match pools {
+            Some(p) => format!(" (pools {})", p.join(", ")),
+            None => String::new(),
+        };
+        let _ = writeln!(
+            s,
+            "tokens: key id {}{}{}, default_ttl {}, max_ttl {}, clock_skew {}",
+            crate::core::token::key_id(&self.tokens.secret),
+            bound(&self.tokens.pools),
+            match &self.tokens.previous_secret {
+                Some(prev) => format!(
+                    " (previous {}{} still accepted)",
+                    crate::core::token::key_id(prev),
+                    bound(&self.tokens.previous_pools)
+                ),
+                None => String::new(),
+            },
+            d(self.tokens.default_ttl),
+            d(self.tokens.max_ttl),
+            d(self.tokens.clock_skew)
+        );
+        for x in &self.tokens.extra {
+            let _ = writeln!(
+                s,
+                "tokens: key id {} also verifies, for pools {} only",
+                crate::core::token::key_id(&x.secret),
+                x.pools.join(", ")
+            );
+        }
+        let l = &self.limits;
+        let _ = writeln!(
+            s,
+            "limits: handshake_timeout {}, idle_timeout {}, max_header_bytes {}, max_frame_bytes {}, \
+             max_first_message_bytes {}",
+            d(l.handshake_timeout),
+            d(l.idle_timeout),
+            l.max_header_bytes,
+            l.max_frame_bytes,
+            l.max_first_message_bytes
+        );
+        let enabled: Vec<_> = self.accounts.iter().filter(|a| a.enabled).collect();
+        let capacity: u64 = enabled
+            .iter()
+            .map(|a| u64::from(a.max_concurrent_streams))
+            .sum();
+        let _ = writeln!(
+            s,
+            "accounts: {} ({} enabled, {capacity} concurrent streams in all)",
+            self.accounts.len(),
+            enabled.len()
+        );
+        for a in &self.accounts {
+            let _ = writeln!(
+                s,
+                "  {}: {}region {}, {}, max_concurrent_streams {}, {}",
+                a.id,
+                if a.pool == DEFAULT_POOL {
+                    String::new()
+                } else {
+                    format!("pool {}, ", a.pool)
+                },
+                if a.region.is_empty() { "-" } else { &a.region },
+                if a.enabled { "enabled" } else { "disabled" },
+                a.max_concurrent_streams,
+                if a.has_key() {
+                    format!("key fp:{}", a.key.fingerprint())
+                } else {
+                    "no key (not loaded)".to_string()
+                }
+            );
+        }
+        for w in self.warnings() {
+            let _ = writeln!(s, "warning: {w}");
+        }
+        s
+    }
+
+    /// Things that are valid but probably not meant, one line each, naming
+    /// the key (shown by `check-config`, logged at startup). Never a secret.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        let enabled: Vec<_> = self.accounts.iter().filter(|a| a.enabled).collect();
+        if !self.accounts.is_empty() && enabled.is_empty() {
+            w.push("account: no account is enabled; every stream will be refused".to_string());
+        }
+        let capacity: u64 = enabled
+            .iter()
+            .map(|a| u64::from(a.max_concurrent_streams))
+            .sum();
+        if !enabled.is_empty() && capacity < u64::from(self.server.max_streams) {
+            w.push(format!(
+                "server.max_streams: {} is more than the enabled accounts carry ({capacity}); \
+                 the accounts are the limit",
+                self.server.max_streams
+            ));
+        }
+        // Soniox limits concurrency per key: two entries with one key would
+        // each believe they own the whole budget.
+        let mut by_key: std::collections::HashMap<&str, usize> = Default::default();
+        for (i, a) in self.accounts.iter().enumerate() {
+            if !a.has_key() {
+                w.push(format!(
+                    "{}: disabled and its key is not there (key_env unset or key_file missing), \
+                     so it is not loaded; give it its key and reload to use it",
+                    account_label(i, Some(&a.id))
+                ));
+                continue;
+            }
+            if let Some(first) = by_key.insert(a.key.expose(), i) {
+                by_key.insert(a.key.expose(), first);
+                w.push(format!(
+                    "{}: has the same key as {}; \
+                     Soniox's limit is per key, so max_concurrent_streams would be counted twice",
+                    account_label(i, Some(&a.id)),
+                    account_label(first, Some(&self.accounts[first].id)),
+                ));
+            }
+        }
+        if self.tokens.previous_secret.as_ref() == Some(&self.tokens.secret) {
+            w.push("tokens.previous_secret: is the same as tokens.secret".to_string());
+        }
+        // The admin API changes accounts at runtime; without a master key
+        // there is no key store, so those changes end with the process.
+        if self.admin.token.is_some() && self.admin.master_key.is_none() {
+            w.push(
+                "admin.master_key: not set, so accounts added, rotated, disabled or removed \
+                 at runtime (admin API, `clio-relay keys`, dashboard) are lost at the next \
+                 restart; set admin.master_key_env or admin.master_key_file \
+                 (`openssl rand -hex 32`)"
+                    .to_string(),
+            );
+        }
+        w
+    }
+}
+
+/// The file's text and the directory its relative paths are relative to.
+fn read_config_file(path: &Path) -> Result<(String, PathBuf), ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::one(format!("config file {}: {e}", path.display())))?;
+    let base = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    Ok((text, base))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,834 @@
+//! Resolution of the raw layer (`raw`) into a [`Config`]: defaults,
+//! durations, addresses, secrets.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::raw::*;
+use super::validate::{check_token_secret, validate_semantics, validate_tokens};
+use super::*;
+
+/// Parses and resolves a whole file.
+pub(super) fn load_all(text: &str, base: &Path) -> Result<Config, ConfigError> {
+    resolve(parse(text)?, base)
+}
+
+/// Parses a whole file (unknown keys are still errors) but resolves and
+/// checks only `[tokens]`: what minting a token needs, without reading any
+/// account key.
+pub(super) fn load_tokens(text: &str, base: &Path) -> Result<TokensConfig, ConfigError> {
+    let raw = parse(text)?;
+    let mut p = Problems::default();
+    let known = pool_names(&raw);
+    let tokens = resolve_tokens(raw.tokens, known, base, &mut p);
+    if let Some(t) = &tokens {
+        validate_tokens(t, &mut p);
+    }
+    match tokens {
+        Some(t) if p.lines.is_empty() => Ok(t),
+        _ => Err(ConfigError { problems: p.lines }),
+    }
+}
+
+/// Parses a whole file but resolves only what talking to the admin API
+/// needs: `server.admin_listen` and `admin.token`.
+pub(super) fn load_admin_client(
+    text: &str,
+    base: &Path,
+) -> Result<(SocketAddr, Secret), ConfigError> {
+    let raw = parse(text)?;
+    let mut p = Problems::default();
+    let addr = match raw.server.admin_listen {
+        None => ServerConfig::default().admin_listen,
+        Some(s) => s.trim().parse().unwrap_or_else(|_| {
+            p.push(
+                "server.admin_listen",
+                format!("invalid socket address {s:?}"),
+            );
+            ServerConfig::default().admin_listen
+        }),
+    };
+    let token = resolve_secret(
+        "admin",
+        ("token_env", raw.admin.token_env),
+        ("token_file", raw.admin.token_file),
+        false,
+        base,
+        &mut p,
+    )
+    .flatten();
+    match token {
+        Some(t) if p.lines.is_empty() => Ok((addr, t)),
+        None if p.lines.is_empty() => Err(ConfigError::one(
+            "admin: no admin token (admin.token_env or admin.token_file)".to_string(),
+        )),
+        _ => Err(ConfigError { problems: p.lines }),
+    }
+}
+
+/// A duration value, or its default (with a problem recorded) if it does not parse.
+fn duration(key: &str, v: Option<String>, default: Duration, p: &mut Problems) -> Duration {
+    match v {
+        None => default,
+        Some(s) => parse_duration(&s).unwrap_or_else(|e| {
+            p.push(key, e);
+            default
+        }),
+    }
+}
+
+/// The pools a file declares: the default pool, then each `[pool.NAME]`.
+fn pool_names(raw: &RawFile) -> Vec<String> {
+    std::iter::once(DEFAULT_POOL.to_string())
+        .chain(raw.pool.keys().filter(|n| *n != DEFAULT_POOL).cloned())
+        .collect()
+}
+
+/// Resolves `[tokens]`; `None` if the section is missing. `known`: the
+/// pools the file declares.
+fn resolve_tokens(
+    raw: Option<RawTokens>,
+    known: Vec<String>,
+    base: &Path,
+    p: &mut Problems,
+) -> Option<TokensConfig> {
+    let defaults_tokens = TokensConfig::new(Secret::new(""));
+    match raw {
+        None => {
+            p.push(
+                "tokens",
+                "missing [tokens] section: set tokens.secret_env or tokens.secret_file",
+            );
+            None
+        }
+        Some(t) => {
+            let secret = resolve_secret(
+                "tokens",
+                ("secret_env", t.secret_env),
+                ("secret_file", t.secret_file),
+                true,
+                base,
+                p,
+            )
+            .flatten();
+            let previous = resolve_secret(
+                "tokens",
+                ("previous_secret_env", t.previous_secret_env),
+                ("previous_secret_file", t.previous_secret_file),
+                false,
+                base,
+                p,
+            );
+            for (key, s) in [
+                ("tokens.secret", &secret),
+                ("tokens.previous_secret", &previous.clone().flatten()),
+            ] {
+                if let Some(s) = s {
+                    check_token_secret(key, s, p);
+                }
+            }
+            let tokens = TokensConfig {
+                secret: secret.unwrap_or_else(|| Secret::new("")),
+                previous_secret: previous.flatten(),
+                default_ttl: duration(
+                    "tokens.default_ttl",
+                    t.default_ttl,
+                    defaults_tokens.default_ttl,
+                    p,
+                ),
+                max_ttl: duration("tokens.max_ttl", t.max_ttl, defaults_tokens.max_ttl, p),
+                clock_skew: duration(
+                    "tokens.clock_skew",
+                    t.clock_skew,
+                    defaults_tokens.clock_skew,
+                    p,
+                ),
+                pools: t.pools,
+                previous_pools: t.previous_pools,
+                known_pools: known,
+                extra: Vec::new(),
+            };
+            let mut tokens = tokens;
+            for (i, x) in t.extra.into_iter().enumerate() {
+                let key = format!("tokens.extra[{i}]");
+                let secret = resolve_secret(
+                    &key,
+                    ("secret_env", x.secret_env),
+                    ("secret_file", x.secret_file),
+                    true,
+                    base,
+                    p,
+                )
+                .flatten();
+                let Some(pools) = x.pools else {
+                    p.push(
+                        &format!("{key}.pools"),
+                        "missing: an extra secret is always bound to its pools",
+                    );
+                    continue;
+                };
+                if let Some(secret) = secret {
+                    check_token_secret(&format!("{key}.secret"), &secret, p);
+                    tokens.extra.push(ExtraSecret { secret, pools });
+                }
+            }
+            Some(tokens)
+        }
+    }
+}
+
+/// Turns the raw file into a [`Config`], collecting every problem.
+fn resolve(raw: RawFile, base: &Path) -> Result<Config, ConfigError> {
+    let mut p = Problems::default();
+    let known_pools = pool_names(&raw);
+    let defaults_server = ServerConfig::default();
+    let defaults_up = UpstreamConfig::default();
+    let defaults_limits = LimitsConfig::default();
+
+    let addr = |key: &str, v: Option<String>, default: SocketAddr, p: &mut Problems| match v {
+        None => default,
+        Some(s) => s.trim().parse().unwrap_or_else(|_| {
+            p.push(key, format!("invalid socket address {s:?} (want IP:PORT)"));
+            default
+        }),
+    };
+    let server = ServerConfig {
+        listen: addr(
+            "server.listen",
+            raw.server.listen,
+            defaults_server.listen,
+            &mut p,
+        ),
+        admin_listen: addr(
+            "server.admin_listen",
+            raw.server.admin_listen,
+            defaults_server.admin_listen,
+            &mut p,
+        ),
+        shards: raw.server.shards.unwrap_or(defaults_server.shards),
+        max_streams: raw
+            .server
+            .max_streams
+            .unwrap_or(defaults_server.max_streams),
+        allow: networks("server.allow", raw.server.allow, &mut p),
+    };
+
+    let auth = match raw.upstream.auth.as_deref() {
+        None | Some("header") => AuthMode::Header,
+        Some("config") => AuthMode::Config,
+        Some(other) => {
+            p.push(
+                "upstream.auth",
+                format!("must be \"header\" or \"config\", not {other:?}"),
+            );
+            AuthMode::Header
+        }
+    };
+    let explicit_url = (raw.upstream.url.is_some(), raw.admin.rest_url.is_some());
+    let upstream = UpstreamConfig {
+        url: raw.upstream.url.unwrap_or(defaults_up.url),
+        auth,
+        ca_file: raw.upstream.ca_file.map(|f| base.join(f)),
+        connect_timeout: duration(
+            "upstream.connect_timeout",
+            raw.upstream.connect_timeout,
+            defaults_up.connect_timeout,
+            &mut p,
+        ),
+    };
+
+    let tokens = resolve_tokens(raw.tokens, known_pools, base, &mut p);
+
+    let l = raw.limits;
+    let limits = LimitsConfig {
+        handshake_timeout: duration(
+            "limits.handshake_timeout",
+            l.handshake_timeout,
+            defaults_limits.handshake_timeout,
+            &mut p,
+        ),
+        max_header_bytes: l
+            .max_header_bytes
+            .unwrap_or(defaults_limits.max_header_bytes),
+        max_frame_bytes: l.max_frame_bytes.unwrap_or(defaults_limits.max_frame_bytes),
+        max_first_message_bytes: l
+            .max_first_message_bytes
+            .unwrap_or(defaults_limits.max_first_message_bytes),
+        idle_timeout: duration(
+            "limits.idle_timeout",
+            l.idle_timeout,
+            defaults_limits.idle_timeout,
+            &mut p,
+        ),
+        stall_timeout: duration(
+            "limits.stall_timeout",
+            l.stall_timeout,
+            defaults_limits.stall_timeout,
+            &mut p,
+        ),
+        socket_buffer: l.socket_buffer.unwrap_or(defaults_limits.socket_buffer),
+        drain_timeout: duration(
+            "limits.drain_timeout",
+            l.drain_timeout,
+            defaults_limits.drain_timeout,
+            &mut p,
+        ),
+        max_unauthenticated: l
+            .max_unauthenticated
+            .unwrap_or(defaults_limits.max_unauthenticated),
+        max_unauthenticated_per_address: l
+            .max_unauthenticated_per_address
+            .unwrap_or(defaults_limits.max_unauthenticated_per_address),
+    };
+
+    let defaults_failover = FailoverConfig::default();
+    let failover = FailoverConfig {
+        replay_bytes: raw
+            .failover
+            .replay_bytes
+            .unwrap_or(defaults_failover.replay_bytes),
+        resume_audio: duration(
+            "failover.resume_audio",
+            raw.failover.resume_audio,
+            defaults_failover.resume_audio,
+            &mut p,
+        ),
+        max_resumes: raw
+            .failover
+            .max_resumes
+            .unwrap_or(defaults_failover.max_resumes),
+    };
+
+    let mut accounts = Vec::with_capacity(raw.account.len());
+    for (i, a) in raw.account.into_iter().enumerate() {
+        let prefix = account_label(i, a.id.as_deref());
+        // A disabled account may be listed before its key exists: an unset
+        // variable or a missing file leaves it keyless (it is not loaded,
+        // and check-config warns) instead of failing the whole file.
+        let key_absent = a.enabled == Some(false)
+            && match (&a.key_env, &a.key_file) {
+                (Some(var), None) => std::env::var_os(var).is_none_or(|v| v.is_empty()),
+                (None, Some(f)) => !base.join(f).exists(),
+                _ => false,
+            };
+        let key = if key_absent {
+            None
+        } else {
+            resolve_secret(
+                &prefix,
+                ("key_env", a.key_env),
+                ("key_file", a.key_file),
+                true,
+                base,
+                &mut p,
+            )
+            .flatten()
+        };
+        let id = match a.id {
+            Some(id) => id,
+            None => {
+                p.push(&format!("{prefix}.id"), "missing");
+                String::new()
+            }
+        };
+        let mut acc = AccountConfig::new(id, key.unwrap_or_else(|| Secret::new("")));
+        acc.region = a.region.unwrap_or_default();
+        acc.pool = a.pool.unwrap_or(acc.pool);
+        acc.enabled = a.enabled.unwrap_or(true);
+        acc.max_concurrent_streams = a
+            .max_concurrent_streams
+            .unwrap_or(acc.max_concurrent_streams);
+        acc.price_per_hour = a.price_per_hour.unwrap_or(0.0);
+        acc.monthly_budget = a.monthly_budget.unwrap_or(0.0);
+        if acc.price_per_hour < 0.0 || acc.monthly_budget < 0.0 {
+            p.push(
+                &prefix,
+                "price_per_hour and monthly_budget must not be negative",
+            );
+        }
+        accounts.push(acc);
+    }
+
+    let mut admin = resolve_admin(raw.admin, base, &mut p);
+    let mut upstream = upstream;
+    let pools = resolve_pools(raw.pool, explicit_url, &mut upstream, &mut admin, &mut p);
+    let devices = resolve_devices(raw.devices, &mut p);
+    let usage = resolve_usage(raw.usage, raw.alerts, &mut p);
+    let tls = raw.tls.and_then(|t| match (t.cert_file, t.key_file) {
+        (Some(c), Some(k)) => {
+            let tls = TlsConfig {
+                cert_file: base.join(c),
+                key_file: base.join(k),
+            };
+            if let Err(e) = crate::core::tls::server_config(&tls) {
+                p.push("tls", e);
+            }
+            Some(tls)
+        }
+        _ => {
+            p.push("tls", "needs both cert_file and key_file");
+            None
+        }
+    });
+    let cluster = raw
+        .cluster
+        .map(|c| resolve_cluster(c, base, admin.master_key.is_some(), &mut p));
+    let config = Config {
+        server,
+        upstream,
+        tokens: tokens.unwrap_or_else(|| TokensConfig::new(Secret::new(""))),
+        limits,
+        accounts,
+        admin,
+        devices,
+        usage,
+        tls,
+        cluster,
+        failover,
+        pools,
+    };
+    if let Some(ca) = &config.upstream.ca_file {
+        if !ca.is_file() {
+            p.push(
+                "upstream.ca_file",
+                format!("{} does not exist or is not a file", ca.display()),
+            );
+        }
+    }
+    validate_semantics(&config, &mut p);
+    if p.lines.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigError { problems: p.lines })
+    }
+}
+
+/// Resolves `[pool.NAME]` into the pool list (the default pool is not in it).
+/// `[pool.default]` may give the default pool's endpoint instead of
+/// `upstream.url` and `admin.rest_url` (`explicit`: whether those were set),
+/// not as well.
+fn resolve_pools(
+    raw: std::collections::BTreeMap<String, RawPool>,
+    (explicit_url, explicit_rest): (bool, bool),
+    upstream: &mut UpstreamConfig,
+    admin: &mut AdminConfig,
+    p: &mut Problems,
+) -> Vec<PoolConfig> {
+    let mut pools = Vec::with_capacity(raw.len());
+    for (name, rp) in raw {
+        let key = format!("pool.{name}");
+        if let Some(u) = &rp.rest_url {
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                p.push(
+                    &format!("{key}.rest_url"),
+                    "must start with http:// or https://",
+                );
+            }
+        }
+        if name == DEFAULT_POOL {
+            match rp.url {
+                Some(_) if explicit_url => p.push(
+                    "pool.default.url",
+                    "the default pool's endpoint is upstream.url: set only one of them",
+                ),
+                Some(u) => upstream.url = u,
+                None => {}
+            }
+            match rp.rest_url {
+                Some(_) if explicit_rest => p.push(
+                    "pool.default.rest_url",
+                    "the default pool's REST base is admin.rest_url: set only one of them",
+                ),
+                Some(u) => admin.rest_url = Some(u),
+                None => {}
+            }
+            continue;
+        }
+        if !valid_account_id(&name) {
+            p.push(&key, "pool names are 1-64 of A-Z a-z 0-9 . _ -");
+        }
+        let Some(url) = rp.url else {
+            p.push(
+                &format!("{key}.url"),
+                "missing: every pool needs its WebSocket endpoint",
+            );
+            continue;
+        };
+        pools.push(PoolConfig {
+            name,
+            url,
+            rest_url: rp.rest_url,
+        });
+    }
+    pools
+}
+
+/// Parses a list of networks (`10.0.0.0/8`, or a bare address).
+fn networks(key: &str, list: Option<Vec<String>>, p: &mut Problems) -> Vec<ipnet::IpNet> {
+    let mut out = Vec::new();
+    for (i, net) in list.unwrap_or_default().iter().enumerate() {
+        let text = net.trim();
+        let parsed = text
+            .parse::<ipnet::IpNet>()
+            .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+        match parsed {
+            Ok(n) => out.push(n),
+            Err(_) => p.push(
+                &format!("{key}[{i}]"),
+                format!("invalid network {text:?} (want e.g. 10.0.0.0/8 or ::1)"),
+            ),
+        }
+    }
+    out
+}
+
+fn device_limits(
+    key: &str,
+    raw: &RawDeviceLimits,
+    base: &DeviceLimits,
+    p: &mut Problems,
+) -> DeviceLimits {
+    DeviceLimits {
+        max_concurrent_streams: raw
+            .max_concurrent_streams
+            .unwrap_or(base.max_concurrent_streams),
+        streams_per_minute: raw.streams_per_minute.unwrap_or(base.streams_per_minute),
+        audio_seconds_per_day: raw
+            .audio_seconds_per_day
+            .unwrap_or(base.audio_seconds_per_day),
+        max_stream_length: duration(
+            &format!("{key}.max_stream_length"),
+            raw.max_stream_length.clone(),
+            base.max_stream_length,
+            p,
+        ),
+    }
+}
+
+/// Resolves `[devices]` and its tiers (a tier's unset fields take the default's).
+fn resolve_devices(raw: RawDevices, p: &mut Problems) -> DevicesConfig {
+    let default = device_limits("devices", &raw.default, &DeviceLimits::default(), p);
+    let mut tiers = std::collections::BTreeMap::new();
+    for (name, t) in &raw.tier {
+        if !valid_account_id(name) {
+            p.push(
+                &format!("devices.tier.{name}"),
+                "tier names are 1-64 of A-Z a-z 0-9 . _ -",
+            );
+        }
+        tiers.insert(
+            name.clone(),
+            device_limits(&format!("devices.tier.{name}"), t, &default, p),
+        );
+    }
+    DevicesConfig { default, tiers }
+}
+
+/// Resolves `[usage]` and `[alerts]`.
+fn resolve_usage(u: RawUsage, a: RawAlerts, p: &mut Problems) -> UsageConfig {
+    let d = UsageConfig::default();
+    let da = AlertsConfig::default();
+    for (key, v) in [
+        ("alerts.concurrency_ratio", a.concurrency_ratio),
+        ("alerts.budget_ratio", a.budget_ratio),
+        ("alerts.error_rate", a.error_rate),
+    ] {
+        if v.is_some_and(|v| !(0.0..=1.0).contains(&v)) {
+            p.push(key, "must be between 0 and 1");
+        }
+    }
+    if let Some(u) = &a.webhook_url {
+        if !u.starts_with("http://") && !u.starts_with("https://") {
+            p.push("alerts.webhook_url", "must start with http:// or https://");
+        }
+    }
+    UsageConfig {
+        currency: u.currency.unwrap_or(d.currency),
+        persist_interval: duration(
+            "usage.persist_interval",
+            u.persist_interval,
+            d.persist_interval,
+            p,
+        ),
+        reconcile_interval: duration(
+            "usage.reconcile_interval",
+            u.reconcile_interval,
+            d.reconcile_interval,
+            p,
+        ),
+        alerts: AlertsConfig {
+            interval: duration("alerts.interval", a.interval, da.interval, p),
+            concurrency_ratio: a.concurrency_ratio.unwrap_or(da.concurrency_ratio),
+            budget_ratio: a.budget_ratio.unwrap_or(da.budget_ratio),
+            unusual_factor: a.unusual_factor.unwrap_or(da.unusual_factor),
+            unusual_min_audio_seconds: a
+                .unusual_min_audio_seconds
+                .unwrap_or(da.unusual_min_audio_seconds),
+            error_rate: a.error_rate.unwrap_or(da.error_rate),
+            error_min_streams: a.error_min_streams.unwrap_or(da.error_min_streams),
+            slow_first_result: duration(
+                "alerts.slow_first_result",
+                a.slow_first_result,
+                da.slow_first_result,
+                p,
+            ),
+            webhook_url: a.webhook_url,
+        },
+    }
+}
+
+/// Resolves `[admin]`.
+fn resolve_admin(a: RawAdmin, base: &Path, p: &mut Problems) -> AdminConfig {
+    let d = AdminConfig::default();
+    let token = resolve_secret(
+        "admin",
+        ("token_env", a.token_env),
+        ("token_file", a.token_file),
+        false,
+        base,
+        p,
+    )
+    .flatten();
+    if let Some(t) = &token {
+        if t.expose().len() < 16 {
+            p.push("admin.token", "must be at least 16 characters");
+        }
+    }
+    let master_key = resolve_secret(
+        "admin",
+        ("master_key_env", a.master_key_env),
+        ("master_key_file", a.master_key_file),
+        false,
+        base,
+        p,
+    )
+    .flatten();
+    if let Some(k) = &master_key {
+        let k = k.expose().trim();
+        if k.len() != 64 || !k.bytes().all(|b| b.is_ascii_hexdigit()) {
+            p.push(
+                "admin.master_key",
+                "must be 64 hex digits (32 bytes; `openssl rand -hex 32`)",
+            );
+        }
+    }
+    let allow = networks("admin.allow", a.allow, p);
+    if let Some(u) = &a.rest_url {
+        if !(u.starts_with("http://") || u.starts_with("https://")) {
+            p.push("admin.rest_url", "must start with http:// or https://");
+        }
+    }
+    AdminConfig {
+        token,
+        allow,
+        state_dir: a.state_dir.map(|d| base.join(d)).unwrap_or(d.state_dir),
+        master_key,
+        rotation_period: duration(
+            "admin.rotation_period",
+            a.rotation_period,
+            d.rotation_period,
+            p,
+        ),
+        rotation_overlap: duration(
+            "admin.rotation_overlap",
+            a.rotation_overlap,
+            d.rotation_overlap,
+            p,
+        ),
+        health_interval: duration(
+            "admin.health_interval",
+            a.health_interval,
+            d.health_interval,
+            p,
+        ),
+        rest_url: a.rest_url,
+    }
+}
+
+/// Resolves `[cluster]`.
+fn resolve_cluster(
+    c: RawCluster,
+    base: &Path,
+    has_master_key: bool,
+    p: &mut Problems,
+) -> ClusterConfig {
+    let redis_url = c.redis_url.unwrap_or_default();
+    let rest = redis_url
+        .strip_prefix("redis://")
+        .or_else(|| redis_url.strip_prefix("rediss://"));
+    match rest {
+        None => p.push(
+            "cluster.redis_url",
+            "must start with redis:// or rediss:// (TLS)",
+        ),
+        // The authority ends at the first '/'; an '@' in it carries a
+        // password, which belongs in password_env or password_file.
+        Some(r) if r.split('/').next().unwrap_or("").contains('@') => p.push(
+            "cluster.redis_url",
+            "must not hold credentials (the URL is not shown); \
+             put the password in cluster.password_env or cluster.password_file",
+        ),
+        Some(r) if r.split('/').next().unwrap_or("").is_empty() => {
+            p.push("cluster.redis_url", "has no host")
+        }
+        Some(_) => {}
+    }
+    let password = resolve_secret(
+        "cluster",
+        ("password_env", c.password_env),
+        ("password_file", c.password_file),
+        false,
+        base,
+        p,
+    )
+    .flatten();
+    let node_id = c.node_id.unwrap_or_else(crate::core::cluster::host_name);
+    if node_id.is_empty()
+        || node_id.len() > 64
+        || !node_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    {
+        p.push(
+            "cluster.node_id",
+            "must be 1 to 64 of A-Z a-z 0-9 . _ - (set it when the host name is not)",
+        );
+    }
+    let lease_ttl = duration("cluster.lease_ttl", c.lease_ttl, Duration::from_secs(15), p);
+    if lease_ttl < Duration::from_secs(1) {
+        p.push("cluster.lease_ttl", "must be at least 1s");
+    }
+    let timeout = duration("cluster.timeout", c.timeout, Duration::from_millis(250), p);
+    if timeout.is_zero() || timeout > Duration::from_secs(5) {
+        p.push("cluster.timeout", "must be more than 0 and at most 5s");
+    }
+    let on_store_down = match c.on_store_down.as_deref() {
+        None | Some("local") => StoreDown::Local,
+        Some("refuse") => StoreDown::Refuse,
+        Some(other) => {
+            p.push(
+                "cluster.on_store_down",
+                format!("must be \"local\" or \"refuse\", not {other:?}"),
+            );
+            StoreDown::Local
+        }
+    };
+    if !has_master_key {
+        p.push(
+            "cluster",
+            "needs admin.master_key_env or admin.master_key_file: \
+             accounts are shared through Redis encrypted under the master key",
+        );
+    }
+    ClusterConfig {
+        redis_url,
+        password,
+        node_id,
+        lease_ttl,
+        on_store_down,
+        timeout,
+    }
+}
+
+/// Reads a secret given as `<env>` or `<file>` under `section`. Returns
+/// `None` when the configuration is wrong (problem recorded), `Some(None)`
+/// when an optional secret is absent, `Some(Some(secret))` otherwise.
+fn resolve_secret(
+    section: &str,
+    (env_key, env): (&str, Option<String>),
+    (file_key, file): (&str, Option<PathBuf>),
+    required: bool,
+    base: &Path,
+    p: &mut Problems,
+) -> Option<Option<Secret>> {
+    let value = match (env, file) {
+        (Some(_), Some(_)) => {
+            p.push(section, format!("set only one of {env_key} or {file_key}"));
+            return None;
+        }
+        (None, None) if required => {
+            p.push(section, format!("set one of {env_key} or {file_key}"));
+            return None;
+        }
+        (None, None) => return Some(None),
+        (Some(var), None) => {
+            // An operator may paste the key itself where its variable's name
+            // belongs; such a value is refused without being echoed.
+            if !valid_env_name(&var) {
+                p.push(
+                    section,
+                    format!(
+                        "{env_key} must name an environment variable \
+                         ([A-Za-z_][A-Za-z0-9_]*); the value is not shown in case it is a secret"
+                    ),
+                );
+                return None;
+            }
+            let shown = if shown_env_name(&var) {
+                format!("{env_key} {var}")
+            } else {
+                format!("the variable named by {env_key}")
+            };
+            match std::env::var(&var) {
+                Ok(v) if v.is_empty() => {
+                    p.push(section, format!("{shown} is empty"));
+                    return None;
+                }
+                Ok(v) => v,
+                Err(std::env::VarError::NotPresent) => {
+                    p.push(section, format!("{shown} is not set"));
+                    return None;
+                }
+                Err(std::env::VarError::NotUnicode(_)) => {
+                    p.push(section, format!("{shown} is not valid UTF-8"));
+                    return None;
+                }
+            }
+        }
+        (None, Some(path)) => {
+            let path = base.join(path);
+            // The io::Error never quotes file contents, so it is safe to show.
+            let bytes = match std::fs::read(&path) {
+                Ok(b) => b,
+                Err(e) => {
+                    p.push(section, format!("{file_key} {}: {e}", path.display()));
+                    return None;
+                }
+            };
+            let Ok(mut text) = String::from_utf8(bytes) else {
+                p.push(
+                    section,
+                    format!("{file_key} {}: not valid UTF-8", path.display()),
+                );
+                return None;
+            };
+            while text.ends_with(['\n', '\r']) {
+                text.pop();
+            }
+            if text.is_empty() {
+                p.push(section, format!("{file_key} {} is empty", path.display()));
+                return None;
+            }
+            text
+        }
+    };
+    Some(Some(Secret::new(value)))
+}
+
+/// Whether `name` is a portable environment variable name.
+fn valid_env_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    matches!(bytes.next(), Some(b) if b.is_ascii_alphabetic() || b == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// Whether an env var name is safe to print: the conventional upper-case
+/// shape and not key-length. Anything else might be a key pasted in by
+/// mistake, so messages describe it instead of quoting it.
+fn shown_env_name(name: &str) -> bool {
+    name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+}

@@ -1,0 +1,492 @@
+//! The parts of a resolved [`Config`](super::Config), one per section of
+//! the file, with their defaults.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::*;
+
+/// `[tls]`: the client port's certificate. Re-read on SIGHUP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert_file: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+}
+
+/// Limits on one device's streams; 0 (or a zero duration) means no limit.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct DeviceLimits {
+    /// Streams a device may have open at once, across all shards.
+    pub max_concurrent_streams: u32,
+    /// New streams a device may open per minute (a token bucket of this size,
+    /// refilled evenly over the minute).
+    pub streams_per_minute: u32,
+    /// Seconds of audio a device may stream per UTC day.
+    pub audio_seconds_per_day: u64,
+    /// The longest a single stream may last.
+    pub max_stream_length: Duration,
+}
+
+/// `[devices]`: the default limits, and named tiers a token may carry.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct DevicesConfig {
+    /// Limits for tokens without a tier (or with an unknown one).
+    pub default: DeviceLimits,
+    /// `[devices.tier.NAME]`: limits for tokens minted with `--tier NAME`;
+    /// unset fields take the default's value.
+    pub tiers: std::collections::BTreeMap<String, DeviceLimits>,
+}
+
+impl DevicesConfig {
+    /// The limits for a token's tier.
+    pub fn limits(&self, tier: Option<&str>) -> &DeviceLimits {
+        tier.and_then(|t| self.tiers.get(t))
+            .unwrap_or(&self.default)
+    }
+}
+
+/// `[usage]` and `[alerts]`: metering, cost and the in-process alerts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UsageConfig {
+    /// Currency the accounts' prices and budgets are in (a label only).
+    pub currency: String,
+    /// How often the usage counters changed since the last persist are added
+    /// to `admin.state_dir/usage.db`.
+    pub persist_interval: Duration,
+    /// How often the relay's meter is compared with Soniox's usage logs; 0 = off.
+    pub reconcile_interval: Duration,
+    /// Alert thresholds and the optional webhook.
+    pub alerts: AlertsConfig,
+}
+
+impl Default for UsageConfig {
+    fn default() -> Self {
+        UsageConfig {
+            currency: "USD".into(),
+            persist_interval: Duration::from_secs(10),
+            reconcile_interval: Duration::from_secs(3600),
+            alerts: AlertsConfig::default(),
+        }
+    }
+}
+
+/// `[alerts]`: when the in-process alerts fire.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AlertsConfig {
+    /// How often alerts are evaluated.
+    pub interval: Duration,
+    /// An account's live streams over this share of its limit.
+    pub concurrency_ratio: f64,
+    /// An account's cost this month over this share of its monthly budget.
+    pub budget_ratio: f64,
+    /// A device or account using this many times its own hourly baseline
+    /// (the average hour of the previous 24) in the last hour…
+    pub unusual_factor: f64,
+    /// …and at least this many audio seconds in that hour.
+    pub unusual_min_audio_seconds: u64,
+    /// Errors (not counting client mistakes) over this share of streams in
+    /// the last evaluation window…
+    pub error_rate: f64,
+    /// …once at least this many streams started in it.
+    pub error_min_streams: u64,
+    /// p99 time to first result over this, in the last window.
+    pub slow_first_result: Duration,
+    /// Where each alert is also POSTed as JSON when it fires or resolves.
+    pub webhook_url: Option<String>,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        AlertsConfig {
+            interval: Duration::from_secs(10),
+            concurrency_ratio: 0.9,
+            budget_ratio: 0.9,
+            unusual_factor: 5.0,
+            unusual_min_audio_seconds: 600,
+            error_rate: 0.05,
+            error_min_streams: 20,
+            slow_first_result: Duration::from_secs(2),
+            webhook_url: None,
+        }
+    }
+}
+
+/// What a node does with new streams while the shared store is unreachable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreDown {
+    /// Enforce this node's share of each limit (the limit divided by the
+    /// number of nodes last seen alive), from its own counts.
+    Local,
+    /// Refuse new streams with 503 and `Retry-After`.
+    Refuse,
+}
+
+/// `[cluster]`: a fleet of relays sharing limits, revocations, accounts and
+/// usage through one Redis. Absent: the relay stands alone, with no Redis.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// `redis://host:port/db` or `rediss://…` (TLS); no password in it.
+    pub redis_url: String,
+    /// Redis password (`AUTH`), from `password_env` or `password_file`.
+    pub password: Option<Secret>,
+    /// This node's name in the fleet (default: the host name).
+    pub node_id: String,
+    /// How long a node's counts outlive its last heartbeat.
+    pub lease_ttl: Duration,
+    /// New streams while Redis is unreachable.
+    pub on_store_down: StoreDown,
+    /// The deadline of every Redis call.
+    pub timeout: Duration,
+}
+
+/// `[admin]`: who may use the admin port, where runtime changes are kept,
+/// and how keys are rotated and checked.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    /// Bearer token for the admin API, the dashboard and `clio-relay keys`.
+    /// Without one, those answer 401 to everyone.
+    pub token: Option<Secret>,
+    /// Networks allowed on the admin port (`/metrics` and health included);
+    /// empty means any. Others get their connection closed.
+    pub allow: Vec<ipnet::IpNet>,
+    /// Directory of the encrypted key store (`accounts.store`).
+    pub state_dir: PathBuf,
+    /// AES-256-GCM master key of the store (64 hex digits). Without it,
+    /// runtime account changes live only until the process exits.
+    pub master_key: Option<Secret>,
+    /// A key older than this is flagged (log and metric) as due for rotation.
+    pub rotation_period: Duration,
+    /// How long a rotated-out key keeps the streams it carries, by default.
+    pub rotation_overlap: Duration,
+    /// How often each account's key is checked against upstream's REST API
+    /// (`GET /v1/models`, `GET /v1/concurrency-limits`); zero turns it off.
+    pub health_interval: Duration,
+    /// Upstream's REST base URL; derived from `upstream.url` when not set
+    /// (`wss://stt-rt.X/…` → `https://api.X`).
+    pub rest_url: Option<String>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            token: None,
+            allow: Vec::new(),
+            state_dir: PathBuf::from("/var/lib/clio-relay"),
+            master_key: None,
+            rotation_period: Duration::from_secs(90 * 24 * 3600),
+            rotation_overlap: Duration::from_secs(3600),
+            health_interval: Duration::from_secs(30),
+            rest_url: None,
+        }
+    }
+}
+
+/// `[server]`: listening sockets and process-wide capacity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// The client WebSocket port (`GET /v1/transcribe`, `/healthz`).
+    pub listen: SocketAddr,
+    /// The admin port: metrics, health, remote config and the admin API.
+    /// Kept apart from `listen` so it can stay on loopback.
+    pub admin_listen: SocketAddr,
+    /// Number of shards (pinned executors); 0 means one per available core.
+    /// Use [`ServerConfig::shard_count`] for the resolved number.
+    pub shards: usize,
+    /// Streams the whole process carries at most; beyond it new clients get
+    /// HTTP 503 before the upgrade. This is what bounds process memory.
+    pub max_streams: u32,
+    /// Networks clients may connect from; empty means any. Others have their
+    /// connection closed at accept.
+    pub allow: Vec<ipnet::IpNet>,
+}
+
+impl ServerConfig {
+    /// The number of shards to start: `shards`, or one per available core
+    /// when it is 0 (1 if the core count cannot be read).
+    pub fn shard_count(&self) -> usize {
+        if self.shards > 0 {
+            self.shards
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        }
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            shards: 0,
+            max_streams: 9000,
+            allow: Vec::new(),
+        }
+    }
+}
+
+/// `[upstream]`: the Soniox real-time endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamConfig {
+    /// The upstream WebSocket URL (`ws://` or `wss://`, with a host). Tests
+    /// point it at `fake-soniox`.
+    pub url: String,
+    /// How the account's API key is presented upstream.
+    pub auth: AuthMode,
+    /// Extra PEM trust roots for the upstream TLS connection, on top of the
+    /// built-in web roots (tests use a local CA). Must exist if given.
+    pub ca_file: Option<PathBuf>,
+    /// How long connecting to upstream (TCP + TLS + upgrade) may take before
+    /// the stream fails with 502.
+    pub connect_timeout: Duration,
+}
+
+impl UpstreamConfig {
+    /// The parts of [`UpstreamConfig::url`] a connector needs.
+    pub fn endpoint(&self) -> Result<WsEndpoint, String> {
+        parse_ws_url(&self.url)
+    }
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            url: DEFAULT_UPSTREAM_URL.to_string(),
+            auth: AuthMode::Header,
+            ca_file: None,
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// One pool of accounts and where its streams go: `[pool.NAME]`, or the
+/// default pool (`upstream.url` and `admin.rest_url`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolConfig {
+    /// The pool's name (`[A-Za-z0-9._-]`, 1-64).
+    pub name: String,
+    /// The pool's real-time WebSocket endpoint (`ws://` or `wss://`).
+    pub url: String,
+    /// The pool's REST base for health checks and reconciliation; `None`:
+    /// derived from `url` (see `admin.rest_url`).
+    pub rest_url: Option<String>,
+}
+
+impl PoolConfig {
+    /// The default pool at `url` (its REST base derived from it).
+    pub fn default_pool(url: impl Into<String>) -> PoolConfig {
+        PoolConfig {
+            name: DEFAULT_POOL.to_string(),
+            url: url.into(),
+            rest_url: None,
+        }
+    }
+}
+
+/// How the relay gives the account's API key to upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AuthMode {
+    /// `Authorization: Bearer <key>` on the upgrade request (`"header"`).
+    #[default]
+    Header,
+    /// The `api_key` field of the first JSON message (`"config"`, legacy).
+    Config,
+}
+
+impl AuthMode {
+    /// The name used in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMode::Header => "header",
+            AuthMode::Config => "config",
+        }
+    }
+}
+
+impl fmt::Display for AuthMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `[tokens]`: session tokens, the short-lived credentials devices present
+/// instead of an API key (see [`crate::core::token`]).
+#[derive(Debug, Clone)]
+pub struct TokensConfig {
+    /// The signing secret for new tokens (at least 32 bytes).
+    pub secret: Secret,
+    /// The secret being rotated out: tokens signed with it still verify, new
+    /// tokens are never signed with it.
+    pub previous_secret: Option<Secret>,
+    /// Lifetime of a minted token when none is asked for.
+    pub default_ttl: Duration,
+    /// The longest lifetime a token may be minted with.
+    pub max_ttl: Duration,
+    /// How far in the future a token's issue time may be (clocks of the
+    /// minter and the relay differ). It never extends expiry.
+    pub clock_skew: Duration,
+    /// `tokens.pools`: the only pools tokens signed with `secret` may name
+    /// (`None`: any pool).
+    pub pools: Option<Vec<String>>,
+    /// `tokens.previous_pools`: the same for `previous_secret`.
+    pub previous_pools: Option<Vec<String>>,
+    /// The pools the file declares (the default pool and each
+    /// `[pool.NAME]`): what `mint-token --pool` may name.
+    pub known_pools: Vec<String>,
+    /// `[[tokens.extra]]`: more secrets, each bound to its pools, that
+    /// verify tokens (never sign them): one relay serving production and
+    /// development pools takes each backend's tokens under its own secret.
+    pub extra: Vec<ExtraSecret>,
+}
+
+/// One `[[tokens.extra]]` secret: it verifies tokens for `pools` only.
+#[derive(Debug, Clone)]
+pub struct ExtraSecret {
+    /// The secret (at least 32 bytes).
+    pub secret: Secret,
+    /// The only pools its tokens may name.
+    pub pools: Vec<String>,
+}
+
+impl TokensConfig {
+    /// Token settings with the default lifetimes for `secret`.
+    pub fn new(secret: Secret) -> Self {
+        TokensConfig {
+            secret,
+            previous_secret: None,
+            default_ttl: Duration::from_secs(15 * 60),
+            max_ttl: Duration::from_secs(24 * 3600),
+            clock_skew: Duration::from_secs(30),
+            pools: None,
+            previous_pools: None,
+            known_pools: vec![DEFAULT_POOL.to_string()],
+            extra: Vec::new(),
+        }
+    }
+}
+
+/// `[limits]`: per-stream bounds, so a slow or hostile client cannot hold
+/// time or memory without limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitsConfig {
+    /// Time from TCP accept to a completed WebSocket upgrade.
+    pub handshake_timeout: Duration,
+    /// Largest HTTP upgrade request head accepted (431 beyond).
+    pub max_header_bytes: usize,
+    /// Largest WebSocket frame payload accepted in either direction (close 1009).
+    pub max_frame_bytes: usize,
+    /// Largest first client message (the config JSON the relay rewrites).
+    pub max_first_message_bytes: usize,
+    /// A stream with no frame in either direction for this long is closed.
+    pub idle_timeout: Duration,
+    /// A write upstream that waits this long (upstream stopped reading)
+    /// ends the stream as an upstream failure, or resumes it.
+    pub stall_timeout: Duration,
+    /// `SO_RCVBUF` of client sockets and `SO_SNDBUF` of upstream sockets,
+    /// bytes (0: the kernel's own, autotuned): bounds the audio a stalled
+    /// upstream can hide in the relay's socket buffers.
+    pub socket_buffer: usize,
+    /// After SIGTERM, how long live streams may run to their end before the
+    /// relay finalizes them and tells their clients to reconnect.
+    pub drain_timeout: Duration,
+    /// Upgraded connections per shard still waiting for a token in their
+    /// first message (they hold no `max_streams` slot); 503 beyond.
+    pub max_unauthenticated: usize,
+    /// The same, per client address across the whole process; 429 beyond.
+    pub max_unauthenticated_per_address: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            handshake_timeout: Duration::from_secs(10),
+            max_header_bytes: 8192,
+            max_frame_bytes: 1 << 20,
+            max_first_message_bytes: 64 << 10,
+            idle_timeout: Duration::from_secs(30),
+            stall_timeout: Duration::from_secs(10),
+            socket_buffer: 128 << 10,
+            drain_timeout: Duration::from_secs(30),
+            max_unauthenticated: 256,
+            max_unauthenticated_per_address: 32,
+        }
+    }
+}
+
+/// `[failover]`: how the relay hides an upstream failure from the client
+/// (see the README's "Failover").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailoverConfig {
+    /// Bytes a stream keeps of what it sent upstream until upstream has
+    /// accepted it (its first result), to replay on another account when
+    /// the first one refuses or fails. Past it the stream is committed to
+    /// its account. 0 turns open-time replay off.
+    pub replay_bytes: usize,
+    /// Raw-audio streams keep the audio after the last final token, up to
+    /// this much, to resume on a new upstream connection mid-stream.
+    pub resume_audio: Duration,
+    /// Mid-stream resumes one stream may take; the next failure reaches the
+    /// client as today. 0 turns mid-stream resume off.
+    pub max_resumes: u32,
+}
+
+impl Default for FailoverConfig {
+    fn default() -> Self {
+        FailoverConfig {
+            // 4 s of 16 kHz 16-bit mono audio.
+            replay_bytes: 128 << 10,
+            resume_audio: Duration::from_secs(30),
+            max_resumes: 3,
+        }
+    }
+}
+
+/// `[[account]]`: one Soniox account and its API key.
+#[derive(Debug, Clone)]
+pub struct AccountConfig {
+    /// Stable name of the account, used in metrics, logs and the remote
+    /// config document; `[A-Za-z0-9._-]`, unique.
+    pub id: String,
+    /// The account's Soniox API key.
+    pub key: Secret,
+    /// Free-form region label (e.g. `us-east`), published to clients; may be empty.
+    pub region: String,
+    /// The pool the account belongs to (`[pool.NAME]`, or
+    /// [`DEFAULT_POOL`]): which endpoint its streams go to, and which
+    /// tokens may use it.
+    pub pool: String,
+    /// A disabled account keeps its slot but takes no new streams.
+    pub enabled: bool,
+    /// Streams this account may carry at once (Soniox's own per-key limit;
+    /// 10 is Soniox's default).
+    pub max_concurrent_streams: u32,
+    /// Price per hour of audio, in `usage.currency`, for the cost figures.
+    pub price_per_hour: f64,
+    /// Monthly budget in `usage.currency`; 0 = none.
+    pub monthly_budget: f64,
+}
+
+impl AccountConfig {
+    /// An enabled account with the default limits.
+    pub fn new(id: impl Into<String>, key: Secret) -> Self {
+        AccountConfig {
+            id: id.into(),
+            key,
+            region: String::new(),
+            pool: DEFAULT_POOL.to_string(),
+            enabled: true,
+            max_concurrent_streams: 10,
+            price_per_hour: 0.0,
+            monthly_budget: 0.0,
+        }
+    }
+
+    /// Whether the account has a key. Only a disabled account can be
+    /// without one (its `key_env` unset or `key_file` missing); the relay
+    /// does not load it until the key is there.
+    pub fn has_key(&self) -> bool {
+        !self.key.expose().is_empty()
+    }
+}

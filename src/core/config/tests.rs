@@ -1,0 +1,871 @@
+//! Unit tests for the config loader. Each test uses its own environment
+//! variable names, so tests running in parallel do not disturb each other.
+
+use super::*;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+const TOKEN_SECRET: &str = "tok-secret-0123456789-0123456789-abcdef";
+const KEY_A: &str = "soniox-key-AAAA-1111";
+const KEY_B: &str = "soniox-key-BBBB-2222";
+
+/// A fresh directory under the system temp dir.
+fn temp_dir(tag: &str) -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "clio-relay-config-{tag}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Sets `CLIO_T_<tag>_{TOKEN,A,B}` and returns their names.
+fn env(tag: &str) -> (String, String, String) {
+    let names = (
+        format!("CLIO_T_{tag}_TOKEN"),
+        format!("CLIO_T_{tag}_A"),
+        format!("CLIO_T_{tag}_B"),
+    );
+    std::env::set_var(&names.0, TOKEN_SECRET);
+    std::env::set_var(&names.1, KEY_A);
+    std::env::set_var(&names.2, KEY_B);
+    names
+}
+
+/// A minimal valid file for `tag`, plus `extra` appended.
+fn minimal(tag: &str, extra: &str) -> String {
+    let (tok, a, _) = env(tag);
+    format!(
+        "[tokens]\nsecret_env = \"{tok}\"\n\n[[account]]\nid = \"a\"\nkey_env = \"{a}\"\n{extra}"
+    )
+}
+
+fn problems(text: &str) -> Vec<String> {
+    match Config::from_toml_str(text, Path::new("/nonexistent")) {
+        Ok(_) => panic!("expected an error for:\n{text}"),
+        Err(e) => {
+            assert_no_secrets(&e.to_string());
+            assert_no_secrets(&format!("{e:?}"));
+            e.problems
+        }
+    }
+}
+
+fn assert_has(problems: &[String], needle: &str) {
+    assert!(
+        problems.iter().any(|p| p.contains(needle)),
+        "no problem contains {needle:?}: {problems:#?}"
+    );
+}
+
+fn assert_no_secrets(shown: &str) {
+    for s in [
+        TOKEN_SECRET,
+        KEY_A,
+        KEY_B,
+        "tok-secret",
+        "soniox-key",
+        "file-secret",
+    ] {
+        assert!(!shown.contains(s), "secret {s:?} leaked in:\n{shown}");
+    }
+}
+
+#[test]
+fn full_valid_file() {
+    let (tok, a, b) = env("FULL");
+    let dir = temp_dir("full");
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, "not checked here").unwrap();
+    let text = format!(
+        r#"
+[server]
+listen = "127.0.0.1:18080"
+admin_listen = "127.0.0.1:19464"
+shards = 3
+max_streams = 500
+
+[upstream]
+url = "ws://127.0.0.1:9000/transcribe-websocket"
+auth = "config"
+ca_file = "ca.pem"
+connect_timeout = "750ms"
+
+[tokens]
+secret_env = "{tok}"
+previous_secret_env = "{b}"
+default_ttl = "10m"
+max_ttl = "2h"
+clock_skew = "5s"
+
+[limits]
+handshake_timeout = "3s"
+max_header_bytes = 4096
+max_frame_bytes = 65536
+max_first_message_bytes = 4096
+idle_timeout = "1m"
+max_unauthenticated = 10
+max_unauthenticated_per_address = 2
+
+[[account]]
+id = "prod-1"
+key_env = "{a}"
+region = "us-east"
+enabled = true
+max_concurrent_streams = 100
+
+[[account]]
+id = "prod_2.b"
+key_env = "{b}"
+enabled = false
+"#
+    );
+    // The previous secret must itself be long enough.
+    std::env::set_var(&b, "previous-0123456789-0123456789-0123");
+    let c = Config::from_toml_str(&text, &dir).unwrap();
+    assert_eq!(c.server.listen, "127.0.0.1:18080".parse().unwrap());
+    assert_eq!(c.server.admin_listen, "127.0.0.1:19464".parse().unwrap());
+    assert_eq!((c.server.shards, c.server.shard_count()), (3, 3));
+    assert_eq!(c.server.max_streams, 500);
+    assert_eq!(c.upstream.url, "ws://127.0.0.1:9000/transcribe-websocket");
+    assert_eq!(c.upstream.auth, AuthMode::Config);
+    assert_eq!(c.upstream.ca_file.as_deref(), Some(ca.as_path()));
+    assert_eq!(c.upstream.connect_timeout, Duration::from_millis(750));
+    assert_eq!(c.tokens.secret.expose(), TOKEN_SECRET);
+    assert!(c.tokens.previous_secret.is_some());
+    assert_eq!(c.tokens.default_ttl, Duration::from_secs(600));
+    assert_eq!(c.tokens.max_ttl, Duration::from_secs(7200));
+    assert_eq!(c.tokens.clock_skew, Duration::from_secs(5));
+    assert_eq!(
+        c.limits,
+        LimitsConfig {
+            handshake_timeout: Duration::from_secs(3),
+            max_header_bytes: 4096,
+            max_frame_bytes: 65536,
+            max_first_message_bytes: 4096,
+            idle_timeout: Duration::from_secs(60),
+            stall_timeout: Duration::from_secs(10),
+            socket_buffer: 128 << 10,
+            drain_timeout: Duration::from_secs(30),
+            max_unauthenticated: 10,
+            max_unauthenticated_per_address: 2,
+        }
+    );
+    assert_eq!(c.accounts.len(), 2);
+    let a0 = &c.accounts[0];
+    assert_eq!(
+        (a0.id.as_str(), a0.key.expose(), a0.region.as_str()),
+        ("prod-1", KEY_A, "us-east")
+    );
+    assert!(a0.enabled);
+    assert_eq!(a0.max_concurrent_streams, 100);
+    let a1 = &c.accounts[1];
+    assert_eq!(
+        (a1.id.as_str(), a1.region.as_str(), a1.enabled),
+        ("prod_2.b", "", false)
+    );
+    assert_eq!(a1.max_concurrent_streams, 10);
+    assert!(c.validate().is_ok());
+    assert_eq!(
+        c.upstream.endpoint().unwrap(),
+        WsEndpoint {
+            tls: false,
+            host: "127.0.0.1".into(),
+            port: 9000,
+            path: "/transcribe-websocket".into()
+        }
+    );
+}
+
+#[test]
+fn defaults() {
+    let c = Config::from_toml_str(&minimal("DEF", ""), Path::new(".")).unwrap();
+    assert_eq!(c.server, ServerConfig::default());
+    assert_eq!(c.server.listen, "0.0.0.0:8080".parse().unwrap());
+    assert_eq!(c.server.admin_listen, "127.0.0.1:9464".parse().unwrap());
+    assert_eq!(c.server.max_streams, 9000);
+    assert!(c.server.shard_count() >= 1);
+    assert_eq!(c.upstream, UpstreamConfig::default());
+    assert_eq!(
+        c.upstream.url,
+        "wss://stt-rt.soniox.com/transcribe-websocket"
+    );
+    assert_eq!(c.upstream.auth, AuthMode::Header);
+    assert_eq!(c.upstream.connect_timeout, Duration::from_secs(5));
+    assert_eq!(c.tokens.default_ttl, Duration::from_secs(15 * 60));
+    assert_eq!(c.tokens.max_ttl, Duration::from_secs(24 * 3600));
+    assert_eq!(c.tokens.clock_skew, Duration::from_secs(30));
+    assert!(c.tokens.previous_secret.is_none());
+    assert_eq!(c.limits, LimitsConfig::default());
+    assert_eq!(c.failover.replay_bytes, 128 * 1024);
+    let set = minimal("FOV", "[failover]\nreplay_bytes = 0\n");
+    let f = Config::from_toml_str(&set, Path::new(".")).unwrap();
+    assert_eq!(f.failover.replay_bytes, 0);
+    assert_eq!(c.limits.max_frame_bytes, 1024 * 1024);
+    assert_eq!(c.limits.max_first_message_bytes, 64 * 1024);
+    let a = &c.accounts[0];
+    assert_eq!(
+        (a.region.as_str(), a.enabled, a.max_concurrent_streams),
+        ("", true, 10)
+    );
+}
+
+#[test]
+fn example_parses() {
+    std::env::set_var("CLIO_RELAY_TOKEN_SECRET", TOKEN_SECRET);
+    std::env::set_var("SONIOX_PROD_ACCOUNT_01", KEY_A);
+    std::env::set_var("SONIOX_PROD_ACCOUNT_02", KEY_B);
+    let c = Config::from_toml_str(example_config(), Path::new(".")).unwrap();
+    println!("{}", c.summary());
+    assert_eq!(c.accounts.len(), 2);
+    assert_eq!(c.accounts[0].id, "prod-account-1");
+    assert_eq!(c.accounts[0].max_concurrent_streams, 100);
+    // The file on disk is the same text.
+    let on_disk = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/example.toml");
+    assert_eq!(std::fs::read_to_string(&on_disk).unwrap(), example_config());
+    let c2 = Config::load(&on_disk).unwrap();
+    assert_eq!(c2.summary(), c.summary());
+}
+
+#[test]
+fn unknown_keys_are_errors() {
+    let p = problems(&minimal("UNK1", "\n[server]\nfoo = 1\n"));
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_has(&p, "unknown field `foo`");
+    assert_has(&p, "in [server]");
+    let p = problems(&minimal("UNK2", "bogus = true\n"));
+    assert_has(&p, "unknown field `bogus`");
+    assert_has(&p, "account[0]");
+    let p = problems(&format!("{}\n[nope]\n", minimal("UNK3", "")));
+    assert_has(&p, "unknown field `nope` in the top level");
+    // An inline secret is an unknown key, and the message does not echo it.
+    let p = problems(&minimal("UNK4", &format!("key = \"{KEY_B}\"\n")));
+    assert_has(&p, "unknown field `key`");
+}
+
+#[test]
+fn toml_syntax_and_type_errors() {
+    let p = problems("[server\nlisten = 1");
+    assert_eq!(p.len(), 1);
+    let p = problems(&minimal("TYPE", "\n[server]\nmax_streams = \"many\"\n"));
+    assert_eq!(p.len(), 1);
+    assert_has(&p, "server.max_streams: invalid type");
+    let p = problems(&minimal("NEG", "\n[server]\nshards = -1\n"));
+    assert_has(&p, "server.shards: ");
+}
+
+#[test]
+fn many_problems_in_one_pass() {
+    let (tok, a, _) = env("MANY");
+    let text = format!(
+        r#"
+[server]
+listen = "nowhere"
+shards = 2000
+max_streams = 0
+
+[upstream]
+url = "https://example.com/"
+auth = "magic"
+ca_file = "/definitely/not/here.pem"
+
+[tokens]
+secret_env = "{tok}"
+default_ttl = "15x"
+max_ttl = "1h"
+clock_skew = "soon"
+
+[limits]
+max_frame_bytes = 0
+idle_timeout = "0s"
+
+[[account]]
+id = "prod-1"
+key_env = "{a}"
+max_concurrent_streams = 0
+
+[[account]]
+id = "prod-1"
+key_env = "CLIO_T_MANY_UNSET_X"
+
+[[account]]
+id = "bad id!"
+key_env = "{a}"
+key_file = "k"
+
+[[account]]
+id = ""
+"#
+    );
+    let p = problems(&text);
+    for needle in [
+        "server.listen: invalid socket address \"nowhere\"",
+        "server.shards: 2000 is more than 1024",
+        "server.max_streams: must be at least 1",
+        "upstream.url: \"https://example.com/\" must start with ws:// or wss://",
+        "upstream.auth: must be \"header\" or \"config\"",
+        "upstream.ca_file: /definitely/not/here.pem does not exist",
+        "tokens.default_ttl: invalid duration \"15x\"",
+        "tokens.clock_skew: invalid duration \"soon\"",
+        "limits.max_frame_bytes: must be more than 0",
+        "limits.idle_timeout: must be more than 0",
+        "account \"prod-1\".max_concurrent_streams: must be at least 1",
+        "account[1].id: duplicate id \"prod-1\"",
+        "account \"prod-1\": key_env CLIO_T_MANY_UNSET_X is not set",
+        "account[2].id: \"bad id!\" must be 1-64 characters of",
+        "account[2]: set only one of key_env or key_file",
+        "account[3]: set one of key_env or key_file",
+        "account[3].id: is empty",
+    ] {
+        assert_has(&p, needle);
+    }
+    // Every line names a key: no line starts with a bare message.
+    for line in &p {
+        assert!(line.contains(": "), "{line}");
+    }
+}
+
+#[test]
+fn ttl_relations() {
+    let p = problems(&minimal("TTL1", "").replacen(
+        "\n\n[[account]]",
+        "\ndefault_ttl = \"2h\"\nmax_ttl = \"1h\"\n\n[[account]]",
+        1,
+    ));
+    assert_eq!(
+        p,
+        vec!["tokens.default_ttl: 2h is longer than tokens.max_ttl 1h".to_string()]
+    );
+    // A bad duration does not also produce a follow-on relation complaint.
+    let p = problems(&minimal("TTL2", "").replacen(
+        "\n\n[[account]]",
+        "\ndefault_ttl = \"2h\"\nmax_ttl = \"1 fortnight\"\n\n[[account]]",
+        1,
+    ));
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_has(&p, "tokens.max_ttl: invalid duration");
+}
+
+#[test]
+fn no_accounts_no_tokens() {
+    let p = problems("");
+    assert_has(&p, "tokens: missing [tokens] section");
+    assert_has(&p, "account: at least one [[account]] is needed");
+}
+
+#[test]
+fn token_secret_rules() {
+    let short = "CLIO_T_TOOSHORT_SECRET";
+    std::env::set_var(short, "too-short-secret");
+    let (_, a, _) = env("SHORT");
+    let p = problems(&format!(
+        "[tokens]\nsecret_env = \"{short}\"\n[[account]]\nid = \"a\"\nkey_env = \"{a}\"\n"
+    ));
+    assert_eq!(
+        p,
+        vec!["tokens.secret: is 16 bytes; a token secret needs at least 32".to_string()]
+    );
+    assert!(!p[0].contains("too-short-secret"));
+
+    let empty = "CLIO_T_EMPTYVAL_SECRET";
+    std::env::set_var(empty, "");
+    let p = problems(&format!(
+        "[tokens]\nsecret_env = \"{empty}\"\n[[account]]\nid = \"a\"\nkey_env = \"{a}\"\n"
+    ));
+    assert_eq!(p, vec![format!("tokens: secret_env {empty} is empty")]);
+
+    let p = problems(&format!(
+        "[tokens]\nsecret_env = \"{empty}\"\nsecret_file = \"x\"\n[[account]]\nid = \"a\"\nkey_env = \"{a}\"\n"
+    ));
+    assert_has(&p, "tokens: set only one of secret_env or secret_file");
+
+    let p = problems(&format!(
+        "[tokens]\n[[account]]\nid = \"a\"\nkey_env = \"{a}\"\n"
+    ));
+    assert_has(&p, "tokens: set one of secret_env or secret_file");
+
+    let p = problems(&minimal("PREV", "").replacen(
+        "\n\n[[account]]",
+        &format!("\nprevious_secret_env = \"{short}\"\n\n[[account]]"),
+        1,
+    ));
+    assert_has(&p, "tokens.previous_secret: is 16 bytes");
+}
+
+#[test]
+fn file_secrets() {
+    let dir = temp_dir("files");
+    std::fs::write(
+        dir.join("token"),
+        "file-secret-token-0123456789-0123456789\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("key"), "file-secret-key\r\n").unwrap();
+    std::fs::write(dir.join("empty"), "\n").unwrap();
+    let abs_key = dir.join("key");
+    let text = format!(
+        r#"
+[tokens]
+secret_file = "token"
+[[account]]
+id = "rel"
+key_file = "key"
+[[account]]
+id = "abs"
+key_file = "{}"
+"#,
+        abs_key.display()
+    );
+    let c = Config::from_toml_str(&text, &dir).unwrap();
+    assert_eq!(
+        c.tokens.secret.expose(),
+        "file-secret-token-0123456789-0123456789"
+    );
+    assert_eq!(c.accounts[0].key.expose(), "file-secret-key");
+    assert_eq!(c.accounts[1].key.expose(), "file-secret-key");
+
+    // Config::load resolves relative paths against the file's directory.
+    std::fs::write(dir.join("relay.toml"), &text).unwrap();
+    let c = Config::load(&dir.join("relay.toml")).unwrap();
+    assert_eq!(c.accounts[0].key.expose(), "file-secret-key");
+
+    let p = problems(&format!(
+        "[tokens]\nsecret_file = \"{}\"\n[[account]]\nid = \"a\"\nkey_file = \"{}\"\n",
+        dir.join("empty").display(),
+        dir.join("missing").display()
+    ));
+    assert_has(&p, "tokens: secret_file");
+    assert_has(&p, "empty");
+    assert_has(&p, "account \"a\": key_file");
+    assert_has(&p, "missing");
+}
+
+#[test]
+fn missing_config_file() {
+    let err = Config::load(Path::new("/definitely/not/here/relay.toml")).unwrap_err();
+    assert_eq!(err.problems.len(), 1);
+    assert!(err.problems[0].starts_with("config file /definitely/not/here/relay.toml:"));
+}
+
+#[test]
+fn secrets_never_shown() {
+    let (tok, a, b) = env("SHOW");
+    let text = format!(
+        "[tokens]\nsecret_env = \"{tok}\"\nprevious_secret_env = \"{tok}\"\n\
+         [[account]]\nid = \"a\"\nkey_env = \"{a}\"\n[[account]]\nid = \"b\"\nkey_env = \"{b}\"\n"
+    );
+    let c = Config::from_toml_str(&text, Path::new(".")).unwrap();
+    let summary = c.summary();
+    assert_no_secrets(&summary);
+    assert_no_secrets(&format!("{c:?}"));
+    assert_no_secrets(&format!("{c:#?}"));
+    assert!(
+        summary.contains(&c.accounts[0].key.fingerprint()),
+        "{summary}"
+    );
+    assert!(
+        summary.contains(&crate::core::token::key_id(&c.tokens.secret)),
+        "{summary}"
+    );
+    assert!(
+        summary.contains("a: region -, enabled, max_concurrent_streams 10"),
+        "{summary}"
+    );
+    // Errors caused by the values of secrets do not quote them either.
+    let mut bad = c.clone();
+    bad.tokens.secret = Secret::new("soniox-key-short");
+    let e = bad.validate().unwrap_err();
+    assert_no_secrets(&e.to_string());
+    assert_no_secrets(&format!("{e:?}"));
+}
+
+#[test]
+fn validate_built_config() {
+    let c = Config {
+        server: ServerConfig::default(),
+        upstream: UpstreamConfig::default(),
+        tokens: TokensConfig::new(Secret::new(TOKEN_SECRET)),
+        limits: LimitsConfig::default(),
+        accounts: vec![AccountConfig::new("a", Secret::new(KEY_A))],
+        admin: AdminConfig::default(),
+        devices: Default::default(),
+        usage: Default::default(),
+        failover: Default::default(),
+        tls: None,
+        cluster: None,
+        pools: Vec::new(),
+    };
+    assert!(c.validate().is_ok());
+    let mut bad = c.clone();
+    bad.accounts.push(AccountConfig::new("a", Secret::new("")));
+    bad.server.admin_listen = bad.server.listen;
+    let p = bad.validate().unwrap_err().problems;
+    assert_has(&p, "account \"a\".key: is empty");
+    assert_has(&p, "account[1].id: duplicate id \"a\"");
+    assert_has(&p, "server.admin_listen: is the same as server.listen");
+}
+
+#[test]
+fn ws_urls() {
+    let ok = |u: &str| parse_ws_url(u).unwrap();
+    assert_eq!(
+        ok("wss://stt-rt.soniox.com/transcribe-websocket"),
+        WsEndpoint {
+            tls: true,
+            host: "stt-rt.soniox.com".into(),
+            port: 443,
+            path: "/transcribe-websocket".into()
+        }
+    );
+    assert_eq!(ok("ws://h").path, "/");
+    assert_eq!(ok("ws://h").port, 80);
+    assert_eq!(ok("ws://h?x=1").path, "/?x=1");
+    let v6 = ok("ws://[::1]:9000/p");
+    assert_eq!((v6.host.as_str(), v6.port), ("::1", 9000));
+    for bad in [
+        "http://h/",
+        "wss://",
+        "wss:///path",
+        "ws://:80/",
+        "ws://h:0/",
+        "ws://h:99999/",
+        "ws://h:x/",
+        "ws://user:pw@h/",
+        "ws://[::1/",
+        "ws://h/#frag",
+    ] {
+        assert!(parse_ws_url(bad).is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn durations() {
+    assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+    assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
+    assert_eq!(parse_duration("15m").unwrap(), Duration::from_secs(900));
+    assert_eq!(parse_duration("2h").unwrap(), Duration::from_secs(7200));
+    assert!(parse_duration("15x")
+        .unwrap_err()
+        .starts_with("invalid duration \"15x\""));
+    assert!(parse_duration("").is_err());
+    assert!(parse_duration("5").is_err());
+}
+
+#[test]
+fn show_parse_messages() {
+    // Not an assertion of exact wording (that is toml's), only of shape.
+    for (tag, extra) in [
+        ("SHOW1", "\n[server]\nfoo = 1\n"),
+        ("SHOW2", "bogus = true\n"),
+        ("SHOW3", "max_concurrent_streams = -3\n"),
+        ("SHOW4", "\n[nope]\n"),
+        ("SHOW5", "\n[server]\nlisten = \n"),
+    ] {
+        let p = problems(&minimal(tag, extra));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].contains("(line "), "{p:?}");
+        println!("{}", p[0]);
+    }
+}
+
+#[test]
+fn warnings() {
+    let mut c = Config {
+        server: ServerConfig::default(),
+        upstream: UpstreamConfig::default(),
+        tokens: TokensConfig::new(Secret::new(TOKEN_SECRET)),
+        limits: LimitsConfig::default(),
+        accounts: vec![
+            AccountConfig::new("a", Secret::new(KEY_A)),
+            AccountConfig::new("b", Secret::new(KEY_A)),
+        ],
+        admin: AdminConfig::default(),
+        devices: Default::default(),
+        usage: Default::default(),
+        failover: Default::default(),
+        tls: None,
+        cluster: None,
+        pools: Vec::new(),
+    };
+    c.server.max_streams = 15;
+    let w = c.warnings();
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(
+        w[0].starts_with("account \"b\": has the same key as account \"a\""),
+        "{w:?}"
+    );
+    c.server.max_streams = 25;
+    c.accounts[1].key = Secret::new(KEY_B);
+    c.tokens.previous_secret = Some(c.tokens.secret.clone());
+    let w = c.warnings();
+    assert_eq!(w.len(), 2, "{w:?}");
+    assert!(
+        w[0].starts_with("server.max_streams: 25 is more than"),
+        "{w:?}"
+    );
+    assert!(w[1].starts_with("tokens.previous_secret"), "{w:?}");
+    for a in &mut c.accounts {
+        a.enabled = false;
+    }
+    let w = c.warnings();
+    assert!(w[0].starts_with("account: no account is enabled"), "{w:?}");
+    let summary = c.summary();
+    assert!(
+        summary.contains("\nwarning: account: no account is enabled"),
+        "{summary}"
+    );
+    assert_no_secrets(&summary);
+}
+
+#[test]
+fn warns_when_runtime_changes_would_not_persist() {
+    let mut c = Config {
+        server: ServerConfig::default(),
+        upstream: UpstreamConfig::default(),
+        tokens: TokensConfig::new(Secret::new(TOKEN_SECRET)),
+        limits: LimitsConfig::default(),
+        accounts: vec![AccountConfig::new("a", Secret::new(KEY_A))],
+        admin: AdminConfig::default(),
+        devices: Default::default(),
+        usage: Default::default(),
+        tls: None,
+        cluster: None,
+        failover: Default::default(),
+        pools: Vec::new(),
+    };
+    c.server.max_streams = 10;
+    // No admin token: no runtime changes are possible, nothing to warn about.
+    assert!(c.warnings().is_empty(), "{:?}", c.warnings());
+    c.admin.token = Some(Secret::new("admin-token-0123456789"));
+    let w = c.warnings();
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(w[0].starts_with("admin.master_key: not set"), "{w:?}");
+    assert!(c.summary().contains("\nwarning: admin.master_key: not set"));
+    c.admin.master_key = Some(Secret::new("00".repeat(32)));
+    assert!(c.warnings().is_empty(), "{:?}", c.warnings());
+}
+
+#[test]
+fn a_key_pasted_as_env_name_is_not_echoed() {
+    let (tok, _, _) = env("PASTE");
+    for pasted in [
+        "sk-live-0123456789abcdef",
+        "a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718",
+        "lowercase_name_but_maybe_a_key",
+    ] {
+        let text = format!(
+            "[tokens]\nsecret_env = \"{tok}\"\n[[account]]\nid = \"a\"\nkey_env = \"{pasted}\"\n"
+        );
+        let p = problems(&text);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(!p[0].contains(pasted), "{p:?}");
+        assert!(p[0].starts_with("account \"a\": "), "{p:?}");
+    }
+}
+
+#[test]
+fn a_disabled_account_does_not_need_its_key() {
+    let (tok, a, _) = env("DISKEY");
+    let dir = temp_dir("diskey");
+    let text = format!(
+        "[tokens]\nsecret_env = \"{tok}\"\n\
+         [[account]]\nid = \"on\"\nkey_env = \"{a}\"\n\
+         [[account]]\nid = \"off-env\"\nkey_env = \"CLIO_T_DISKEY_UNSET\"\nenabled = false\n\
+         [[account]]\nid = \"off-file\"\nkey_file = \"absent-key\"\nenabled = false\n"
+    );
+    let c = Config::from_toml_str(&text, &dir).unwrap();
+    assert_eq!(c.accounts.len(), 3);
+    assert!(c.accounts[0].has_key());
+    assert!(!c.accounts[1].has_key() && !c.accounts[2].has_key());
+    let w = c.warnings();
+    assert!(
+        w.iter()
+            .any(|w| w.starts_with("account \"off-env\": disabled and its key is not there")),
+        "{w:?}"
+    );
+    assert!(
+        w.iter().any(|w| w.starts_with("account \"off-file\"")),
+        "{w:?}"
+    );
+    assert!(c
+        .summary()
+        .contains("off-env: region -, disabled, max_concurrent_streams 10, no key (not loaded)"));
+    // The relay leaves them out; the enabled one is there.
+    let set = crate::control::accounts::Accounts::from_config(
+        &c.accounts,
+        &["default".to_string()],
+        std::time::Instant::now(),
+    );
+    let ids: Vec<&str> = set.entries().iter().map(|e| e.state.id.as_str()).collect();
+    assert_eq!(ids, ["on"]);
+    // An enabled account still needs its key, and the error names it by id.
+    let p = problems(&text.replace(
+        "enabled = false\n[[account]]\nid = \"off-file\"",
+        "[[account]]\nid = \"off-file\"",
+    ));
+    assert_eq!(
+        p,
+        ["account \"off-env\": key_env CLIO_T_DISKEY_UNSET is not set"],
+        "{p:?}"
+    );
+    // A disabled account with a broken key setting is still an error.
+    let p = problems(&text.replace(
+        "key_file = \"absent-key\"",
+        "key_file = \"absent-key\"\nkey_env = \"X\"",
+    ));
+    assert_has(
+        &p,
+        "account \"off-file\": set only one of key_env or key_file",
+    );
+}
+
+#[test]
+fn pools_and_their_endpoints() {
+    let (tok, a, b) = env("POOLS");
+    let text = format!(
+        r#"
+[upstream]
+url = "wss://stt-rt.soniox.com/transcribe-websocket"
+
+[tokens]
+secret_env = "{tok}"
+pools = ["prod-eu", "default"]
+
+[pool.prod-eu]
+url = "wss://stt-rt.eu.soniox.com/transcribe-websocket"
+
+[pool.dev]
+url = "ws://127.0.0.1:7301/transcribe-websocket"
+rest_url = "http://127.0.0.1:7301"
+
+[[account]]
+id = "us-1"
+key_env = "{a}"
+
+[[account]]
+id = "eu-1"
+key_env = "{b}"
+pool = "prod-eu"
+region = "eu"
+"#
+    );
+    let c = Config::from_toml_str(&text, Path::new("/")).unwrap();
+    assert_eq!(c.pool_names(), ["default", "dev", "prod-eu"]);
+    let pools = c.all_pools();
+    assert_eq!(pools[0].url, c.upstream.url);
+    assert_eq!(pools[1].rest_url.as_deref(), Some("http://127.0.0.1:7301"));
+    assert_eq!(
+        pools[2].url,
+        "wss://stt-rt.eu.soniox.com/transcribe-websocket"
+    );
+    assert_eq!(c.accounts[0].pool, DEFAULT_POOL);
+    assert_eq!(c.accounts[1].pool, "prod-eu");
+    assert_eq!(
+        c.tokens.pools.as_deref(),
+        Some(&["prod-eu".to_string(), "default".to_string()][..])
+    );
+    assert_eq!(c.tokens.known_pools, ["default", "dev", "prod-eu"]);
+    let summary = c.summary();
+    assert!(
+        summary.contains("pool prod-eu: wss://stt-rt.eu.soniox.com"),
+        "{summary}"
+    );
+    assert!(
+        summary.contains("eu-1: pool prod-eu, region eu"),
+        "{summary}"
+    );
+    assert!(summary.contains("(pools prod-eu, default)"), "{summary}");
+}
+
+#[test]
+fn a_file_without_pools_has_the_default_pool_only() {
+    let c = Config::from_toml_str(&minimal("NOPOOL", ""), Path::new("/")).unwrap();
+    assert!(c.pools.is_empty());
+    assert_eq!(
+        c.all_pools(),
+        [PoolConfig::default_pool(DEFAULT_UPSTREAM_URL)]
+    );
+    assert_eq!(c.accounts[0].pool, DEFAULT_POOL);
+    assert_eq!(c.tokens.pools, None);
+    assert!(!c.summary().contains("pool"), "{}", c.summary());
+}
+
+#[test]
+fn pool_problems_name_their_key() {
+    let p = problems(&minimal("POOLBAD", "pool = \"eu\"\n"));
+    assert_has(&p, "account \"a\".pool: \"eu\" is not a pool");
+    let p = problems(&minimal("POOLBAD2", "[pool.eu]\nrest_url = \"ftp://x\"\n"));
+    assert_has(&p, "pool.eu.url: missing");
+    assert_has(&p, "pool.eu.rest_url: must start with http://");
+    let p = problems(&minimal("POOLBAD3", "[pool.eu]\nurl = \"https://x\"\n"));
+    assert_has(&p, "pool.eu.url: \"https://x\" must start with ws://");
+    let p = problems(&minimal("POOLBAD4", "[pool.\"e u\"]\nurl = \"ws://x\"\n"));
+    assert_has(&p, "pool.e u: pool names are 1-64");
+    let p = problems(&format!(
+        "[upstream]\nurl = \"ws://a\"\n{}[pool.default]\nurl = \"ws://b\"\n",
+        minimal("POOLBAD5", "")
+    ));
+    assert_has(
+        &p,
+        "pool.default.url: the default pool's endpoint is upstream.url",
+    );
+    let (tok, a, _) = env("POOLBAD6");
+    let p = problems(&format!(
+        "[tokens]\nsecret_env = \"{tok}\"\npools = [\"prod\"]\nprevious_pools = []\n\n\
+         [[account]]\nid = \"a\"\nkey_env = \"{a}\"\n"
+    ));
+    assert_has(
+        &p,
+        "tokens.pools: \"prod\" is not a pool (the file declares default)",
+    );
+    assert_has(&p, "tokens.previous_pools: is empty");
+    assert_has(
+        &p,
+        "tokens.previous_pools: binds the previous secret, but there is none",
+    );
+}
+
+#[test]
+fn the_default_pool_may_be_declared_instead_of_upstream_url() {
+    let c = Config::from_toml_str(
+        &minimal("POOLDEF", "[pool.default]\nurl = \"ws://127.0.0.1:9/x\"\n"),
+        Path::new("/"),
+    )
+    .unwrap();
+    assert_eq!(c.upstream.url, "ws://127.0.0.1:9/x");
+    assert_eq!(
+        c.all_pools(),
+        [PoolConfig::default_pool("ws://127.0.0.1:9/x")]
+    );
+}
+
+#[test]
+fn extra_token_secrets_are_bound_to_their_pools() {
+    let (tok, a, b) = env("EXTRA");
+    let base = format!(
+        "[tokens]\nsecret_env = \"{tok}\"\npools = [\"prod\"]\n\n\
+         [[tokens.extra]]\nsecret_env = \"{a}_DEV\"\npools = [\"dev\"]\n\n\
+         [pool.prod]\nurl = \"ws://127.0.0.1:9/p\"\n[pool.dev]\nurl = \"ws://127.0.0.1:9/d\"\n\n\
+         [[account]]\nid = \"a\"\nkey_env = \"{b}\"\npool = \"prod\"\n"
+    );
+    std::env::set_var(format!("{a}_DEV"), "dev-token-secret-0123456789-0123456789");
+    let c = Config::from_toml_str(&base, Path::new("/")).unwrap();
+    assert_eq!(c.tokens.extra.len(), 1);
+    assert_eq!(c.tokens.extra[0].pools, ["dev"]);
+    let summary = c.summary();
+    assert!(
+        summary.contains("also verifies, for pools dev only"),
+        "{summary}"
+    );
+    assert!(!summary.contains("dev-token-secret"), "{summary}");
+    let p = problems(&base.replace("pools = [\"dev\"]\n", ""));
+    assert_has(&p, "tokens.extra[0].pools: missing");
+    let p = problems(&base.replace("pools = [\"dev\"]\n", "pools = [\"qa\"]\n"));
+    assert_has(&p, "tokens.extra[0].pools: \"qa\" is not a pool");
+    let p = problems(&base.replace(
+        &format!("secret_env = \"{a}_DEV\""),
+        &format!("secret_env = \"{tok}\""),
+    ));
+    assert_has(&p, "tokens.extra[0]: has the same secret as tokens.secret");
+}

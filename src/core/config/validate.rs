@@ -1,0 +1,235 @@
+//! The checks that look at values and relations between keys.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use super::*;
+
+pub(super) fn check_token_secret(key: &str, secret: &Secret, p: &mut Problems) {
+    let len = secret.expose().len();
+    if len == 0 {
+        p.push(key, "is empty");
+    } else if len < MIN_TOKEN_SECRET_BYTES {
+        p.push(
+            key,
+            format!("is {len} bytes; a token secret needs at least {MIN_TOKEN_SECRET_BYTES}"),
+        );
+    }
+}
+
+/// How problems name the `i`th `[[account]]`: by its id (`account
+/// "prod-1"`) when it has a usable one, else by position (`account[1]`).
+pub(super) fn account_label(i: usize, id: Option<&str>) -> String {
+    match id {
+        Some(id) if valid_account_id(id) => format!("account {id:?}"),
+        _ => format!("account[{i}]"),
+    }
+}
+
+/// Whether `id` is a valid account id: non-empty, `[A-Za-z0-9._-]`.
+pub fn valid_account_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// The checks that need no secrets and no file system: ranges, relations
+/// between keys, account ids.
+pub(super) fn validate_semantics(c: &Config, p: &mut Problems) {
+    let s = &c.server;
+    if s.shards > MAX_SHARDS {
+        p.push(
+            "server.shards",
+            format!("{} is more than {MAX_SHARDS}", s.shards),
+        );
+    }
+    if s.max_streams < 1 {
+        p.push("server.max_streams", "must be at least 1");
+    }
+    if !p.reported("server.listen")
+        && !p.reported("server.admin_listen")
+        && s.listen == s.admin_listen
+        && s.listen.port() != 0
+    {
+        p.push(
+            "server.admin_listen",
+            format!("is the same as server.listen ({})", s.listen),
+        );
+    }
+
+    if let Err(e) = parse_ws_url(&c.upstream.url) {
+        p.push("upstream.url", e);
+    }
+    for pool in &c.pools {
+        if pool.name == DEFAULT_POOL || c.pools.iter().filter(|q| q.name == pool.name).count() > 1 {
+            p.push(
+                &format!("pool.{}", pool.name),
+                "is declared twice (the default pool's endpoint is upstream.url)",
+            );
+        }
+        if let Err(e) = parse_ws_url(&pool.url) {
+            p.push(&format!("pool.{}.url", pool.name), e);
+        }
+    }
+    if c.upstream.connect_timeout.is_zero() && !p.reported("upstream.connect_timeout") {
+        p.push("upstream.connect_timeout", "must be more than 0");
+    }
+
+    validate_tokens(&c.tokens, p);
+
+    let l = &c.limits;
+    for (key, d) in [
+        ("limits.handshake_timeout", l.handshake_timeout),
+        ("limits.idle_timeout", l.idle_timeout),
+        ("limits.stall_timeout", l.stall_timeout),
+    ] {
+        if d.is_zero() && !p.reported(key) {
+            p.push(key, "must be more than 0");
+        }
+    }
+    for (key, n) in [
+        ("limits.max_header_bytes", l.max_header_bytes),
+        ("limits.max_frame_bytes", l.max_frame_bytes),
+        ("limits.max_first_message_bytes", l.max_first_message_bytes),
+        ("limits.max_unauthenticated", l.max_unauthenticated),
+        (
+            "limits.max_unauthenticated_per_address",
+            l.max_unauthenticated_per_address,
+        ),
+    ] {
+        if n == 0 {
+            p.push(key, "must be more than 0");
+        }
+    }
+
+    if c.accounts.is_empty() {
+        p.push("account", "at least one [[account]] is needed");
+    }
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for (i, a) in c.accounts.iter().enumerate() {
+        let key = format!("account[{i}].id");
+        if !p.reported(&key) {
+            if a.id.is_empty() {
+                p.push(&key, "is empty");
+            } else if !valid_account_id(&a.id) {
+                p.push(
+                    &key,
+                    format!("{:?} must be 1-64 characters of A-Z a-z 0-9 . _ -", a.id),
+                );
+            } else if let Some(first) = seen.insert(&a.id, i) {
+                seen.insert(&a.id, first);
+                p.push(
+                    &key,
+                    format!("duplicate id {:?} (also account[{first}])", a.id),
+                );
+            }
+        }
+        if a.pool != DEFAULT_POOL && !c.pools.iter().any(|pool| pool.name == a.pool) {
+            p.push(
+                &format!("{}.pool", account_label(i, Some(&a.id))),
+                format!(
+                    "{:?} is not a pool: declare [pool.{}] with its url, or use {DEFAULT_POOL:?}",
+                    a.pool, a.pool
+                ),
+            );
+        }
+        if a.max_concurrent_streams < 1 {
+            p.push(
+                &format!("{}.max_concurrent_streams", account_label(i, Some(&a.id))),
+                "must be at least 1",
+            );
+        }
+    }
+}
+
+/// The checks on `[tokens]` durations and pool bindings (secrets are
+/// checked where they are read).
+pub(super) fn validate_tokens(t: &TokensConfig, p: &mut Problems) {
+    for (key, pools) in [
+        ("tokens.pools", &t.pools),
+        ("tokens.previous_pools", &t.previous_pools),
+    ] {
+        let Some(pools) = pools else { continue };
+        if pools.is_empty() {
+            p.push(
+                key,
+                "is empty, so every token would be refused: name at least one pool, \
+                 or leave it out for any pool",
+            );
+        }
+        for name in pools {
+            if !t.known_pools.contains(name) {
+                p.push(
+                    key,
+                    format!(
+                        "{name:?} is not a pool (the file declares {})",
+                        t.known_pools.join(", ")
+                    ),
+                );
+            }
+        }
+    }
+    let mut kids = vec![(
+        "tokens.secret".to_string(),
+        crate::core::token::key_id(&t.secret),
+    )];
+    if let Some(prev) = &t.previous_secret {
+        kids.push((
+            "tokens.previous_secret".into(),
+            crate::core::token::key_id(prev),
+        ));
+    }
+    for (i, x) in t.extra.iter().enumerate() {
+        let key = format!("tokens.extra[{i}].pools");
+        if x.pools.is_empty() {
+            p.push(&key, "is empty: name the pools its tokens may use");
+        }
+        for name in &x.pools {
+            if !t.known_pools.contains(name) {
+                p.push(
+                    &key,
+                    format!(
+                        "{name:?} is not a pool (the file declares {})",
+                        t.known_pools.join(", ")
+                    ),
+                );
+            }
+        }
+        let kid = crate::core::token::key_id(&x.secret);
+        if let Some((other, _)) = kids.iter().find(|(_, k)| *k == kid) {
+            p.push(
+                &format!("tokens.extra[{i}]"),
+                format!("has the same secret as {other}: each secret is bound once"),
+            );
+        }
+        kids.push((format!("tokens.extra[{i}]"), kid));
+    }
+    if t.previous_pools.is_some() && t.previous_secret.is_none() {
+        p.push(
+            "tokens.previous_pools",
+            "binds the previous secret, but there is none (tokens.previous_secret_env or _file)",
+        );
+    }
+    for (key, d) in [
+        ("tokens.default_ttl", t.default_ttl),
+        ("tokens.max_ttl", t.max_ttl),
+    ] {
+        if d < Duration::from_secs(1) && !p.reported(key) {
+            p.push(key, "must be at least 1s");
+        }
+    }
+    if !p.reported("tokens.default_ttl")
+        && !p.reported("tokens.max_ttl")
+        && t.default_ttl > t.max_ttl
+    {
+        p.push(
+            "tokens.default_ttl",
+            format!(
+                "{} is longer than tokens.max_ttl {}",
+                humantime::format_duration(t.default_ttl),
+                humantime::format_duration(t.max_ttl)
+            ),
+        );
+    }
+}

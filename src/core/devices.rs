@@ -1,0 +1,490 @@
+//! Per-device access control: concurrent streams, new streams per minute,
+//! audio seconds per day, and revocation of devices and tokens.
+//!
+//! The state of a device is shared by every shard (one [`DeviceState`] per
+//! device id, behind `Arc`), so each limit holds exactly whichever shard a
+//! device's streams land on. It is touched when a stream opens or ends, and
+//! once per second of audio a stream carries, never per frame.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use crate::core::config::DeviceLimits;
+use crate::core::token::Claims;
+
+/// Which limit refused a stream (also the `limit` label of
+/// `clio_relay_device_rejections_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Limit {
+    /// The device or the token was revoked.
+    Revoked,
+    /// Too many streams open at once.
+    Concurrent,
+    /// Too many new streams in the last minute.
+    Rate,
+    /// The day's audio allowance is used up.
+    DailyAudio,
+    /// The stream reached the longest a stream may last.
+    MaxLength,
+}
+
+impl Limit {
+    /// Every limit, for metrics.
+    pub const ALL: [Limit; 5] = [
+        Limit::Revoked,
+        Limit::Concurrent,
+        Limit::Rate,
+        Limit::DailyAudio,
+        Limit::MaxLength,
+    ];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Limit::Revoked => "revoked",
+            Limit::Concurrent => "concurrent",
+            Limit::Rate => "rate",
+            Limit::DailyAudio => "daily_audio",
+            Limit::MaxLength => "max_length",
+        }
+    }
+}
+
+/// A refusal, with the message the client sees (never the token).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    /// Which limit.
+    pub limit: Limit,
+    /// What the client is told.
+    pub message: String,
+}
+
+/// The UTC day number (days since the Unix epoch).
+pub fn utc_day(now: SystemTime) -> u64 {
+    now.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() / 86_400)
+}
+
+/// One device's shared state.
+#[derive(Debug)]
+pub struct DeviceState {
+    /// Streams open now, across all shards.
+    live: AtomicU32,
+    /// New-stream token bucket: tokens left and when it was last refilled.
+    bucket: Mutex<(f64, Instant)>,
+    /// The UTC day `audio_ms` counts for.
+    day: AtomicU64,
+    /// Audio milliseconds streamed on `day` (by this process).
+    audio_ms: AtomicU64,
+    /// In a fleet: audio the other nodes streamed on `day`, as of the last
+    /// flush to the shared store.
+    others_ms: AtomicU64,
+    /// In a fleet: how much of `audio_ms` the shared store has.
+    reported_ms: AtomicU64,
+}
+
+impl DeviceState {
+    fn new(now: Instant) -> Self {
+        DeviceState {
+            live: AtomicU32::new(0),
+            bucket: Mutex::new((f64::MAX, now)),
+            day: AtomicU64::new(0),
+            audio_ms: AtomicU64::new(0),
+            others_ms: AtomicU64::new(0),
+            reported_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// Audio milliseconds streamed today, fleet-wide as far as known (0 if
+    /// the counters are from another day).
+    fn audio_ms_on(&self, day: u64) -> u64 {
+        if self.day.load(Ordering::Acquire) == day {
+            self.audio_ms.load(Ordering::Relaxed) + self.others_ms.load(Ordering::Relaxed)
+        } else {
+            0
+        }
+    }
+
+    /// Moves the counters to `day` if they are from an earlier one.
+    fn roll(&self, day: u64) {
+        let seen = self.day.load(Ordering::Acquire);
+        if seen < day
+            && self
+                .day
+                .compare_exchange(seen, day, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            self.audio_ms.store(0, Ordering::Release);
+            self.others_ms.store(0, Ordering::Release);
+            self.reported_ms.store(0, Ordering::Release);
+        }
+    }
+
+    /// Adds audio, rolling the counter over at midnight UTC; returns the
+    /// day's total (fleet-wide as far as known).
+    fn add_audio_ms(&self, ms: u64, day: u64) -> u64 {
+        self.roll(day);
+        self.audio_ms.fetch_add(ms, Ordering::AcqRel) + ms + self.others_ms.load(Ordering::Relaxed)
+    }
+
+    /// This process's audio on `day` and the part the shared store lacks.
+    pub fn unreported_audio(&self, day: u64) -> (u64, u64) {
+        self.roll(day);
+        let local = self.audio_ms.load(Ordering::Acquire);
+        (
+            local,
+            local.saturating_sub(self.reported_ms.load(Ordering::Relaxed)),
+        )
+    }
+
+    /// The shared store has `local` of this process's audio on `day`, and
+    /// `total` from the whole fleet.
+    pub fn set_fleet_audio(&self, day: u64, local: u64, total: u64) {
+        if self.day.load(Ordering::Acquire) == day {
+            self.reported_ms.store(local, Ordering::Relaxed);
+            self.others_ms
+                .store(total.saturating_sub(local), Ordering::Relaxed);
+        }
+    }
+}
+
+/// Every device the process has seen lately, plus the revocation lists.
+#[derive(Debug, Default)]
+pub struct Devices {
+    map: Mutex<HashMap<String, Arc<DeviceState>>>,
+    revoked_devices: RwLock<HashSet<String>>,
+    revoked_tokens: RwLock<HashSet<String>>,
+}
+
+/// A stream's place under its device's limits; released when dropped.
+#[derive(Debug)]
+pub struct DevicePermit {
+    state: Arc<DeviceState>,
+    /// The limits the stream runs under (from its token's tier).
+    pub limits: DeviceLimits,
+    /// In a fleet: the stream's count in the shared store.
+    pub fleet: Option<crate::core::cluster::FleetHold>,
+}
+
+impl Drop for DevicePermit {
+    fn drop(&mut self) {
+        self.state.live.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl DevicePermit {
+    /// Counts `ms` more audio for the device today. Returns false once the
+    /// day's allowance is exceeded.
+    pub fn add_audio(&self, ms: u64, now: SystemTime) -> bool {
+        let total = self.state.add_audio_ms(ms, utc_day(now));
+        let cap = self.limits.audio_seconds_per_day;
+        cap == 0 || total <= cap * 1000
+    }
+}
+
+impl Devices {
+    /// Checks a new stream of `claims` against revocations and `limits`;
+    /// on success the stream counts against the device until the permit drops.
+    pub fn admit(
+        &self,
+        claims: &Claims,
+        limits: &DeviceLimits,
+        now: SystemTime,
+    ) -> Result<DevicePermit, Refused> {
+        if self
+            .revoked_devices
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&claims.device_id)
+            || self
+                .revoked_tokens
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(&claims.token_id)
+        {
+            return Err(Refused {
+                limit: Limit::Revoked,
+                message: "This device or session token has been revoked.".into(),
+            });
+        }
+        let state = self.state(&claims.device_id);
+        let day = utc_day(now);
+        if limits.audio_seconds_per_day > 0
+            && state.audio_ms_on(day) >= limits.audio_seconds_per_day * 1000
+        {
+            return Err(Refused {
+                limit: Limit::DailyAudio,
+                message: format!(
+                    "Device limit reached: {} audio seconds per day.",
+                    limits.audio_seconds_per_day
+                ),
+            });
+        }
+        let max = limits.max_concurrent_streams;
+        if max > 0
+            && state
+                .live
+                .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                    (n < max).then_some(n + 1)
+                })
+                .is_err()
+        {
+            return Err(Refused {
+                limit: Limit::Concurrent,
+                message: format!("Device limit reached: {max} concurrent streams."),
+            });
+        }
+        if max == 0 {
+            state.live.fetch_add(1, Ordering::AcqRel);
+        }
+        let permit = DevicePermit {
+            state,
+            limits: limits.clone(),
+            fleet: None,
+        };
+        let per_minute = limits.streams_per_minute;
+        if per_minute > 0 {
+            let mut bucket = permit
+                .state
+                .bucket
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let now_i = Instant::now();
+            let (tokens, last) = *bucket;
+            let refill =
+                now_i.saturating_duration_since(last).as_secs_f64() * per_minute as f64 / 60.0;
+            let tokens = (tokens.min(per_minute as f64) + refill).min(per_minute as f64);
+            if tokens < 1.0 {
+                *bucket = (tokens, now_i);
+                drop(bucket);
+                return Err(Refused {
+                    limit: Limit::Rate,
+                    message: format!("Device limit reached: {per_minute} new streams per minute."),
+                });
+            }
+            *bucket = (tokens - 1.0, now_i);
+        }
+        Ok(permit)
+    }
+
+    fn state(&self, device: &str) -> Arc<DeviceState> {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(device.to_string())
+            .or_insert_with(|| Arc::new(DeviceState::new(Instant::now())))
+            .clone()
+    }
+
+    /// Counts a stream the shared store already admitted (no check here).
+    pub fn hold(&self, claims: &Claims, limits: &DeviceLimits) -> DevicePermit {
+        let state = self.state(&claims.device_id);
+        state.live.fetch_add(1, Ordering::AcqRel);
+        DevicePermit {
+            state,
+            limits: limits.clone(),
+            fleet: None,
+        }
+    }
+
+    /// Devices whose audio the shared store should hear about: a live
+    /// stream, or audio it does not have yet.
+    pub fn fleet_audio_pending(&self, day: u64) -> Vec<(String, Arc<DeviceState>)> {
+        self.map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(_, s)| s.live.load(Ordering::Relaxed) > 0 || s.unreported_audio(day).1 > 0)
+            .map(|(k, s)| (k.clone(), s.clone()))
+            .collect()
+    }
+
+    /// Replaces both revocation lists (the fleet's, from the shared store).
+    pub fn replace_revoked(&self, devices: HashSet<String>, tokens: HashSet<String>) {
+        *self
+            .revoked_devices
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = devices;
+        *self
+            .revoked_tokens
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = tokens;
+    }
+
+    /// Denies a device id (its new streams are refused from now on).
+    pub fn revoke_device(&self, device: &str) -> bool {
+        self.revoked_devices
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(device.to_string())
+    }
+
+    /// Denies a token id.
+    pub fn revoke_token(&self, token_id: &str) -> bool {
+        self.revoked_tokens
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(token_id.to_string())
+    }
+
+    /// Lifts a device or token revocation.
+    pub fn unrevoke(&self, device: Option<&str>, token_id: Option<&str>) -> bool {
+        let mut any = false;
+        if let Some(d) = device {
+            any |= self
+                .revoked_devices
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(d);
+        }
+        if let Some(t) = token_id {
+            any |= self
+                .revoked_tokens
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(t);
+        }
+        any
+    }
+
+    /// The revoked device ids and token ids, sorted.
+    pub fn revoked(&self) -> (Vec<String>, Vec<String>) {
+        let mut d: Vec<_> = self
+            .revoked_devices
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect();
+        let mut t: Vec<_> = self
+            .revoked_tokens
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect();
+        d.sort();
+        t.sort();
+        (d, t)
+    }
+
+    /// Forgets devices with no live stream and no audio today (bounded memory).
+    pub fn sweep(&self, now: SystemTime) {
+        let day = utc_day(now);
+        self.map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, s| s.live.load(Ordering::Relaxed) > 0 || s.audio_ms_on(day) > 0);
+    }
+
+    /// Devices tracked now.
+    pub fn tracked(&self) -> usize {
+        self.map.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn claims(device: &str, token: &str) -> Claims {
+        Claims {
+            device_id: device.into(),
+            issued_at: 0,
+            expires_at: u64::MAX,
+            token_id: token.into(),
+            key_id: "k".into(),
+            tier: None,
+            pools: vec!["default".into()],
+        }
+    }
+
+    #[test]
+    fn concurrent_limit_holds_and_frees() {
+        let d = Devices::default();
+        let lim = DeviceLimits {
+            max_concurrent_streams: 2,
+            ..Default::default()
+        };
+        let now = SystemTime::now();
+        let a = d.admit(&claims("dev", "t1"), &lim, now).unwrap();
+        let _b = d.admit(&claims("dev", "t2"), &lim, now).unwrap();
+        assert_eq!(
+            d.admit(&claims("dev", "t3"), &lim, now).unwrap_err().limit,
+            Limit::Concurrent
+        );
+        assert!(
+            d.admit(&claims("other", "t4"), &lim, now).is_ok(),
+            "limits are per device"
+        );
+        drop(a);
+        assert!(d.admit(&claims("dev", "t5"), &lim, now).is_ok());
+    }
+
+    #[test]
+    fn rate_limit_is_a_token_bucket() {
+        let d = Devices::default();
+        let lim = DeviceLimits {
+            streams_per_minute: 3,
+            ..Default::default()
+        };
+        let now = SystemTime::now();
+        for _ in 0..3 {
+            drop(d.admit(&claims("dev", "t"), &lim, now).unwrap());
+        }
+        let e = d.admit(&claims("dev", "t"), &lim, now).unwrap_err();
+        assert_eq!(e.limit, Limit::Rate);
+        assert!(e.message.contains("3 new streams per minute"));
+        // One token comes back every 20 s; fake the passage of time.
+        d.map.lock().unwrap()["dev"].bucket.lock().unwrap().1 -= Duration::from_secs(21);
+        assert!(d.admit(&claims("dev", "t"), &lim, now).is_ok());
+    }
+
+    #[test]
+    fn daily_audio_counts_and_rolls_over() {
+        let d = Devices::default();
+        let lim = DeviceLimits {
+            audio_seconds_per_day: 10,
+            ..Default::default()
+        };
+        let day1 = UNIX_EPOCH + Duration::from_secs(86_400 * 20_000 + 100);
+        let p = d.admit(&claims("dev", "t"), &lim, day1).unwrap();
+        assert!(p.add_audio(6_000, day1));
+        assert!(!p.add_audio(5_000, day1), "11 s > 10 s");
+        drop(p);
+        assert_eq!(
+            d.admit(&claims("dev", "t"), &lim, day1).unwrap_err().limit,
+            Limit::DailyAudio
+        );
+        let day2 = day1 + Duration::from_secs(86_400);
+        let p = d.admit(&claims("dev", "t"), &lim, day2).expect("a new day");
+        assert!(p.add_audio(1_000, day2));
+    }
+
+    #[test]
+    fn revocation_by_device_or_token() {
+        let d = Devices::default();
+        let lim = DeviceLimits::default();
+        let now = SystemTime::now();
+        d.revoke_device("lost-phone");
+        d.revoke_token("abcd");
+        assert_eq!(
+            d.admit(&claims("lost-phone", "x"), &lim, now)
+                .unwrap_err()
+                .limit,
+            Limit::Revoked
+        );
+        assert_eq!(
+            d.admit(&claims("fine", "abcd"), &lim, now)
+                .unwrap_err()
+                .limit,
+            Limit::Revoked
+        );
+        assert!(d.admit(&claims("fine", "other"), &lim, now).is_ok());
+        assert!(d.unrevoke(Some("lost-phone"), None));
+        assert!(d.admit(&claims("lost-phone", "x"), &lim, now).is_ok());
+        d.sweep(now);
+        assert_eq!(d.tracked(), 0, "no live stream, no audio today");
+    }
+}

@@ -1,0 +1,24 @@
+//! What the data plane and the control plane share.
+//!
+//! - [`config`]: the TOML config file, parsed, validated, secrets resolved.
+//! - [`secret`]: secret values that only ever print as fingerprints.
+//! - [`token`]: session tokens (HMAC-signed, short-lived device credentials).
+//! - [`keyring`]: per-shard account slots; which account serves a new stream.
+//! - [`devices`]: per-device limits (concurrency, rate, daily audio) and revocation.
+//! - [`metrics`]: per-shard counters and latency histograms, merged and
+//!   rendered as Prometheus text only when scraped.
+//! - [`tls`]: TLS material: the rustls server config from PEM files (the
+//!   client port serves it; config validation loads it once to check it).
+//! - [`usage`]: what a stream used: the record a shard writes at its end.
+//! - [`cluster`]: the fleet's shared store in Redis: device and account
+//!   leases, revocations, the account set, usage.
+
+pub mod cluster;
+pub mod config;
+pub mod devices;
+pub mod keyring;
+pub mod metrics;
+pub mod secret;
+pub mod tls;
+pub mod token;
+pub mod usage;

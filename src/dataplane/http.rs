@@ -1,0 +1,364 @@
+//! The HTTP/1.1 edge of a stream: reading a request head into the stream's
+//! read buffer, the client upgrade (tungstenite builds the 101 answer), the
+//! upstream upgrade response, and the JSON error answers of the contract.
+//!
+//! Bytes after the head stay in the buffer: they are the first WebSocket
+//! frames and are never lost or copied.
+
+use std::io;
+
+use tungstenite::handshake::server::create_response;
+use tungstenite::http;
+
+use crate::dataplane::io::{Buf, Duplex};
+
+/// Why a request head could not be read.
+#[derive(Debug)]
+pub enum HeadError {
+    /// The peer closed or the socket failed before a full head arrived.
+    Io(io::Error),
+    /// The head is over the size limit.
+    TooLarge,
+    /// Not parseable HTTP/1.1.
+    Malformed,
+}
+
+/// Reads until a full HTTP head (ending in an empty line) is in `buf`.
+/// Returns the head's length; `buf.start` is left at the head's start.
+pub async fn read_head(conn: &Duplex, buf: &mut Buf, max: usize) -> Result<usize, HeadError> {
+    let mut scanned = 0;
+    loop {
+        let filled = &buf.filled()[..];
+        if let Some(at) = find_head_end(filled, scanned) {
+            // However it arrived: a head over the limit in one read is
+            // still over the limit.
+            return if at > max {
+                Err(HeadError::TooLarge)
+            } else {
+                Ok(at)
+            };
+        }
+        scanned = filled.len().saturating_sub(3);
+        if buf.len() >= max || buf.end == buf.capacity() {
+            return Err(HeadError::TooLarge);
+        }
+        match buf.read_from(conn).await {
+            Ok(0) => return Err(HeadError::Io(io::ErrorKind::UnexpectedEof.into())),
+            Ok(_) => {}
+            Err(e) => return Err(HeadError::Io(e)),
+        }
+    }
+}
+
+/// Header slots for parsing `head`: one per line, so any number of headers
+/// that fits the byte limit parses (a fixed array refused more than 48).
+pub fn header_slots(head: &[u8]) -> Vec<httparse::Header<'_>> {
+    let end = find_head_end(head, 0).unwrap_or(head.len());
+    let lines = head[..end].iter().filter(|&&b| b == b'\n').count();
+    vec![httparse::EMPTY_HEADER; lines.max(1)]
+}
+
+fn find_head_end(bytes: &[u8], from: usize) -> Option<usize> {
+    bytes[from..]
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|p| from + p + 4)
+}
+
+/// The most a graceful close reads and discards from a client.
+const MAX_DRAIN: usize = 1 << 20;
+
+/// Ends a connection after the relay's answer without a reset: FIN, then
+/// read and discard what the client still sends (for up to `wait` and
+/// 1 MiB), so unread bytes do not turn the close into a TCP reset that
+/// could cost a client that reads late the answer.
+pub async fn close_gracefully(conn: &Duplex, wait: std::time::Duration) {
+    let _ = conn.close().await;
+    let mut scratch = [0u8; 2048];
+    let mut left = MAX_DRAIN;
+    let _ = crate::dataplane::io::timeout(wait, async {
+        while let Ok(n) = conn.read(&mut scratch).await {
+            if n == 0 || n >= left {
+                break;
+            }
+            left -= n;
+        }
+    })
+    .await;
+}
+
+/// Where the client put its session token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenSource {
+    /// `Authorization: Bearer <token>`.
+    Header,
+    /// `Sec-WebSocket-Protocol: soniox-api-key, <token>` (browsers).
+    Subprotocol,
+    /// `?token=<token>`.
+    Query,
+    /// The `api_key` field of the first message (Soniox SDKs).
+    FirstMessage,
+}
+
+/// A parsed client request.
+#[derive(Debug)]
+pub struct ClientRequest {
+    /// The request path without the query.
+    pub path: String,
+    /// The session token found on the request, and where. The token is a
+    /// credential: never log it.
+    pub token: Option<(String, TokenSource)>,
+    /// The request as tungstenite wants it for the upgrade answer.
+    pub request: http::Request<()>,
+}
+
+/// Parses a client request head.
+pub fn parse_client_request(head: &[u8]) -> Result<ClientRequest, HeadError> {
+    let mut headers = header_slots(head);
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        _ => return Err(HeadError::Malformed),
+    }
+    let target = req.path.ok_or(HeadError::Malformed)?;
+    let mut builder = http::Request::builder()
+        .method(req.method.ok_or(HeadError::Malformed)?)
+        .uri(target)
+        .version(if req.version == Some(1) {
+            http::Version::HTTP_11
+        } else {
+            http::Version::HTTP_10
+        });
+    let mut token = None;
+    for h in req.headers.iter() {
+        builder = builder.header(h.name, h.value);
+        if h.name.eq_ignore_ascii_case("authorization") {
+            if let Some(t) = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| strip_bearer(v.trim()))
+            {
+                token = Some((t.to_string(), TokenSource::Header));
+            }
+        } else if h.name.eq_ignore_ascii_case("sec-websocket-protocol") && token.is_none() {
+            if let Some(t) = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(subprotocol_token)
+            {
+                token = Some((t.to_string(), TokenSource::Subprotocol));
+            }
+        }
+    }
+    let (path, query) = match target.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (target, None),
+    };
+    if token.is_none() {
+        if let Some(t) = query.and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("token="))) {
+            token = Some((t.to_string(), TokenSource::Query));
+        }
+    }
+    let request = builder.body(()).map_err(|_| HeadError::Malformed)?;
+    Ok(ClientRequest {
+        path: path.to_string(),
+        token,
+        request,
+    })
+}
+
+fn strip_bearer(v: &str) -> Option<&str> {
+    let (scheme, rest) = v.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| rest.trim())
+        .filter(|t| !t.is_empty())
+}
+
+/// `soniox-api-key, <token>`: the token is the item after the marker.
+fn subprotocol_token(v: &str) -> Option<&str> {
+    let mut items = v.split(',').map(str::trim);
+    items.by_ref().find(|i| *i == SUBPROTOCOL)?;
+    items.next().filter(|t| !t.is_empty())
+}
+
+/// The subprotocol marker Soniox's browser clients send before their key.
+pub const SUBPROTOCOL: &str = "soniox-api-key";
+
+/// Whether the request asks for a WebSocket version other than 13, the one
+/// the relay speaks (RFC 6455 §4.4: answer with `Sec-WebSocket-Version: 13`).
+pub fn wrong_websocket_version(req: &ClientRequest) -> bool {
+    req.request
+        .headers()
+        .get("sec-websocket-version")
+        .is_some_and(|v| v.as_bytes().trim_ascii() != b"13")
+}
+
+/// The 101 answer to a valid upgrade request, or `None` if the request is
+/// not a valid WebSocket upgrade. No extension is ever accepted, which is how
+/// permessage-deflate is refused.
+pub fn upgrade_response(req: &ClientRequest) -> Option<Vec<u8>> {
+    let resp = create_response(&req.request).ok()?;
+    let mut out = String::with_capacity(256);
+    out.push_str("HTTP/1.1 101 Switching Protocols\r\n");
+    for (name, value) in resp.headers() {
+        out.push_str(name.as_str());
+        out.push_str(": ");
+        out.push_str(value.to_str().ok()?);
+        out.push_str("\r\n");
+    }
+    if matches!(req.token, Some((_, TokenSource::Subprotocol))) {
+        out.push_str("Sec-WebSocket-Protocol: ");
+        out.push_str(SUBPROTOCOL);
+        out.push_str("\r\n");
+    }
+    out.push_str("\r\n");
+    Some(out.into_bytes())
+}
+
+/// A complete HTTP response with a body; `Connection: close`.
+pub fn response(status: u16, content_type: &str, extra_headers: &str, body: &[u8]) -> Vec<u8> {
+    let mut out = format!(
+        "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\nCache-Control: no-store\r\n{extra_headers}\r\n",
+        reason(status),
+        body.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(body);
+    out
+}
+
+/// The contract's pre-upgrade error: `{"error_code":N,"error_message":"..."}`.
+pub fn json_error(status: u16, message: &str) -> Vec<u8> {
+    let body = serde_json::json!({ "error_code": status, "error_message": message }).to_string();
+    response(status, "application/json", "", body.as_bytes())
+}
+
+/// The standard reason phrase for the statuses the relay uses.
+pub fn reason(status: u16) -> &'static str {
+    match status {
+        101 => "Switching Protocols",
+        200 => "OK",
+        304 => "Not Modified",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        402 => "Payment Required",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        413 => "Content Too Large",
+        426 => "Upgrade Required",
+        429 => "Too Many Requests",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        _ => "Unknown",
+    }
+}
+
+/// What an upstream answered to our upgrade request.
+#[derive(Debug, PartialEq, Eq)]
+pub enum UpstreamAnswer {
+    /// 101 with the right `Sec-WebSocket-Accept` and no extension.
+    Upgraded,
+    /// Any other status.
+    Refused(u16),
+    /// 101 with a wrong accept key or an extension we did not ask for.
+    Invalid,
+}
+
+/// Checks an upstream's answer head against the key we sent.
+pub fn check_upstream_answer(head: &[u8], sent_key: &str) -> Result<UpstreamAnswer, HeadError> {
+    let mut headers = [httparse::EMPTY_HEADER; 48];
+    let mut resp = httparse::Response::new(&mut headers);
+    match resp.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        _ => return Err(HeadError::Malformed),
+    }
+    let code = resp.code.ok_or(HeadError::Malformed)?;
+    if code != 101 {
+        return Ok(UpstreamAnswer::Refused(code));
+    }
+    let expected = tungstenite::handshake::derive_accept_key(sent_key.as_bytes());
+    let mut accept_ok = false;
+    for h in resp.headers.iter() {
+        if h.name.eq_ignore_ascii_case("sec-websocket-accept") {
+            accept_ok = h.value == expected.as_bytes();
+        } else if h.name.eq_ignore_ascii_case("sec-websocket-extensions") {
+            return Ok(UpstreamAnswer::Invalid);
+        }
+    }
+    Ok(if accept_ok {
+        UpstreamAnswer::Upgraded
+    } else {
+        UpstreamAnswer::Invalid
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+    fn req(extra: &str, target: &str) -> ClientRequest {
+        let head = format!(
+            "GET {target} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+        );
+        parse_client_request(head.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn finds_the_token_in_each_place() {
+        let r = req("Authorization: Bearer abc.def\r\n", "/v1/transcribe");
+        assert_eq!(r.token, Some(("abc.def".into(), TokenSource::Header)));
+        let r = req(
+            "Sec-WebSocket-Protocol: soniox-api-key, tok1\r\n",
+            "/v1/transcribe",
+        );
+        assert_eq!(r.token, Some(("tok1".into(), TokenSource::Subprotocol)));
+        let r = req("", "/v1/transcribe?x=1&token=tok2");
+        assert_eq!(r.token, Some(("tok2".into(), TokenSource::Query)));
+        assert_eq!(r.path, "/v1/transcribe");
+        assert_eq!(req("", "/v1/transcribe").token, None);
+        assert_eq!(req("Authorization: Basic zzz\r\n", "/").token, None);
+    }
+
+    #[test]
+    fn upgrade_answer_echoes_subprotocol_and_refuses_deflate() {
+        let r = req(
+            "Sec-WebSocket-Protocol: soniox-api-key, tok1\r\nSec-WebSocket-Extensions: permessage-deflate\r\n",
+            "/v1/transcribe",
+        );
+        let text = String::from_utf8(upgrade_response(&r).unwrap()).unwrap();
+        assert!(text.starts_with("HTTP/1.1 101"));
+        assert!(text.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{text}");
+        assert!(text.contains("Sec-WebSocket-Protocol: soniox-api-key\r\n"));
+        assert!(!text.contains("tok1"), "the token is never echoed");
+        assert!(!text.to_ascii_lowercase().contains("extensions"));
+        let bad = parse_client_request(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        assert!(upgrade_response(&bad).is_none());
+    }
+
+    #[test]
+    fn checks_upstream_answers() {
+        let ok = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+            tungstenite::handshake::derive_accept_key(KEY.as_bytes())
+        );
+        assert_eq!(
+            check_upstream_answer(ok.as_bytes(), KEY).unwrap(),
+            UpstreamAnswer::Upgraded
+        );
+        assert_eq!(
+            check_upstream_answer(ok.as_bytes(), "other").unwrap(),
+            UpstreamAnswer::Invalid
+        );
+        let refused = b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n";
+        assert_eq!(
+            check_upstream_answer(refused, KEY).unwrap(),
+            UpstreamAnswer::Refused(401)
+        );
+        assert!(find_head_end(b"abc\r\n\r\nrest", 0) == Some(7));
+    }
+}

@@ -1,0 +1,28 @@
+//! The data plane: the streaming path, run by one shard per core.
+//!
+//! The frame path:
+//! - [`pump`]: the two loops that move a stream's frames (the in-place
+//!   scanning and re-masking is `clio_frame`'s).
+//! - [`io`]: connections, the shared duplex wrapper, pooled read buffers.
+//! - [`uring`]: the data plane's own io_uring per shard: every stream socket
+//!   registered once (multishot poll), completions dispatched in batches.
+//!
+//! A stream's life:
+//! - [`listen`]: binding the ports; a second relay cannot join them by mistake.
+//! - [`accept`]: accept loops that survive errors; the file limit, said plainly.
+//! - [`shard`]: one executor per core: listener, live streams, control messages.
+//! - [`session`]: one stream: upgrade, token, first message, account, pumps, end.
+//! - [`unauth`]: the bounded pool of connections waiting for a first-message token.
+//! - [`http`]: the HTTP/1.1 edge: request heads, upgrades, JSON errors.
+//! - [`upstream`]: TCP, TLS and the WebSocket client upgrade to Soniox.
+
+pub mod accept;
+pub mod http;
+pub mod io;
+pub mod listen;
+pub mod pump;
+pub mod session;
+pub mod shard;
+pub mod unauth;
+pub mod upstream;
+pub mod uring;

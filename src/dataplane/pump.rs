@@ -1,0 +1,605 @@
+//! The frame path: the two loops that move a stream's frames after the
+//! handshake, and the scanner that walks frames in place.
+//!
+//! Client→upstream: read into the stream's pooled buffer, walk the frame
+//! headers where they lie, give each frame a fresh mask key by XOR-ing its
+//! payload once with `client key ⊕ fresh key` and overwriting the 4 key bytes
+//! in the header, then write the processed bytes, headers and payloads
+//! together, in one write. Upstream→client: walk the headers (to validate,
+//! count and find the close frame) and write the bytes as they were read.
+//!
+//! A frame's header and payload are contiguous in the buffer, so every write
+//! is one contiguous region; a payload larger than the buffer streams through
+//! in pieces (the scanner keeps the mask phase across reads). Nothing on this
+//! path allocates, locks, or touches an atomic.
+
+use std::cell::Cell;
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use crate::core::keyring::RateScope;
+use crate::core::metrics::{Hist, ShardMetrics};
+use crate::dataplane::io::{Buf, Duplex};
+use clio_frame::frame::{parse_header, FrameError, Opcode, Sender};
+use clio_frame::mask::MaskKeys;
+use clio_frame::scanner::FrameScanner;
+
+/// How a stream's pumping ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// Upstream sent a close frame and it reached the client: the normal end.
+    UpstreamClosed,
+    /// The client's close frame went upstream; the stream ends when upstream answers it.
+    ClientClosed,
+    /// The client's connection ended (EOF, reset, write failure) without a close handshake.
+    ClientGone,
+    /// The client broke the protocol.
+    ClientProtocol(FrameError),
+    /// The upstream connection ended without a close frame, or failed.
+    UpstreamGone,
+    /// Upstream broke the protocol.
+    UpstreamProtocol(FrameError),
+    /// Upstream failed mid-stream with this error (500, 503; or refused a
+    /// resumed connection) and the stream can resume on a new connection.
+    Resume(u16, RateScope),
+    /// Upstream's first message was this error code (401, 402, 429, 500,
+    /// 503) and all the stream sent it is still in the replay copy (or
+    /// nothing went up): the stream can move to another account.
+    Retry(u16, RateScope),
+    /// No frame in either direction for the idle timeout.
+    Idle,
+    /// A write upstream waited the whole idle timeout: upstream stopped
+    /// reading. Ended (or resumed) as an upstream failure.
+    UpstreamStalled,
+    /// The relay ended the stream: a device limit was reached mid-stream
+    /// or the device was revoked.
+    Stopped(crate::core::devices::Limit),
+    /// The relay is shutting down: finalize, deliver, then "reconnect".
+    Drain,
+}
+
+/// What the two pumps of one stream share. Plain cells: both run in one task.
+#[derive(Debug)]
+pub struct StreamState {
+    /// When the stream started (after the upgrade).
+    pub started: Instant,
+    /// Last time bytes arrived from either side (idle detection).
+    pub last_activity: Cell<Instant>,
+    /// Client data frames sent upstream after the config message.
+    pub data_frames_up: Cell<u64>,
+    /// When the first client data frame went upstream.
+    pub first_audio_at: Cell<Option<Instant>>,
+    /// Whether time-to-first-result has been recorded.
+    pub first_result_seen: Cell<bool>,
+    /// The client socket is between frames (the relay may write its own frame).
+    pub client_at_boundary: Cell<bool>,
+    /// The upstream socket is between frames.
+    pub upstream_at_boundary: Cell<bool>,
+    /// The first upstream message still has to be looked at.
+    pub inspect_first_upstream: Cell<bool>,
+    /// The first upstream message carried this error code.
+    pub first_upstream_error: Cell<Option<(u16, RateScope)>>,
+    /// Bytes from the client forwarded upstream.
+    pub bytes_up: Cell<u64>,
+    /// Bytes from upstream forwarded to the client.
+    pub bytes_down: Cell<u64>,
+    /// Audio payload bytes forwarded (binary messages).
+    pub audio_bytes: Cell<u64>,
+    /// Audio bytes already counted against the device's daily allowance.
+    pub audio_counted: Cell<u64>,
+    /// Audio bytes per millisecond for the stream's raw format (0 when the
+    /// format is compressed and only upstream can tell the duration).
+    pub bytes_per_ms: Cell<f64>,
+    /// The device's hold on its limits, once admitted.
+    pub device: std::cell::RefCell<Option<crate::core::devices::DevicePermit>>,
+    /// Upstream's `total_audio_proc_ms` from its `finished` message.
+    pub upstream_audio_ms: Cell<Option<u64>>,
+    /// The last `error_code` upstream sent.
+    pub upstream_error: Cell<Option<u16>>,
+    /// Upstream sent the `<fin>` token (the answer to a finalize).
+    pub fin_seen: Cell<bool>,
+    /// Everything sent upstream on this connection after the config is in
+    /// the replay copy ([`ClientSide::replay`]): a failure can still move
+    /// the stream to another account unseen.
+    pub replayable: Cell<bool>,
+    /// Upstream answered with a first message that is not an error: the
+    /// stream is committed to this connection and the copy is let go.
+    pub accepted: Cell<bool>,
+    /// Since when a write upstream has been waiting (the time of the client
+    /// read it forwards); `None` between writes. A stream idle for the idle
+    /// timeout with a write still waiting has a stalled upstream.
+    pub upstream_write_since: Cell<Option<Instant>>,
+    /// Raw-audio streams: the copy and timeline for a mid-stream resume.
+    pub resume: std::cell::RefCell<Option<Box<resume::Resume>>>,
+}
+
+impl StreamState {
+    /// Counts forwarded audio against the device's daily allowance, one
+    /// second of audio at a time (a shared counter, so not per frame).
+    /// Returns false once the allowance is used up.
+    pub fn count_audio(&self, bytes: u64) -> bool {
+        let total = self.audio_bytes.get() + bytes;
+        self.audio_bytes.set(total);
+        let per_ms = self.bytes_per_ms.get();
+        if per_ms <= 0.0 {
+            return true;
+        }
+        let pending = total - self.audio_counted.get();
+        if (pending as f64) < per_ms * 1000.0 {
+            return true;
+        }
+        self.audio_counted.set(total);
+        let device = self.device.borrow();
+        device.as_ref().is_none_or(|d| {
+            d.add_audio(
+                (pending as f64 / per_ms) as u64,
+                std::time::SystemTime::now(),
+            )
+        })
+    }
+
+    /// Audio milliseconds by the relay's own meter.
+    pub fn audio_ms(&self) -> u64 {
+        let per_ms = self.bytes_per_ms.get();
+        if per_ms > 0.0 {
+            (self.audio_bytes.get() as f64 / per_ms) as u64
+        } else {
+            0
+        }
+    }
+
+    /// Looks at a whole upstream text message for the figures usage needs:
+    /// `total_audio_proc_ms` of `finished`, and an `error_code`. A byte
+    /// search first, so ordinary results cost almost nothing.
+    pub fn note_upstream_text(&self, payload: &[u8]) {
+        let has = |needle: &[u8]| payload.windows(needle.len()).any(|w| w == needle);
+        if has(b"<fin>") {
+            self.fin_seen.set(true);
+        }
+        if !(has(b"\"finished\"") || has(b"\"error_code\"")) {
+            return;
+        }
+        #[derive(serde::Deserialize)]
+        struct Tail {
+            total_audio_proc_ms: Option<u64>,
+            error_code: Option<u16>,
+            #[serde(default)]
+            finished: bool,
+        }
+        if let Ok(t) = serde_json::from_slice::<Tail>(payload) {
+            if t.finished {
+                self.upstream_audio_ms.set(t.total_audio_proc_ms);
+            }
+            if t.error_code.is_some() {
+                self.upstream_error.set(t.error_code);
+            }
+        }
+    }
+}
+
+impl StreamState {
+    /// Fresh state at `now`.
+    pub fn new(now: Instant) -> Self {
+        StreamState {
+            started: now,
+            last_activity: Cell::new(now),
+            data_frames_up: Cell::new(0),
+            first_audio_at: Cell::new(None),
+            first_result_seen: Cell::new(false),
+            client_at_boundary: Cell::new(true),
+            upstream_at_boundary: Cell::new(true),
+            inspect_first_upstream: Cell::new(true),
+            first_upstream_error: Cell::new(None),
+            bytes_up: Cell::new(0),
+            bytes_down: Cell::new(0),
+            audio_bytes: Cell::new(0),
+            audio_counted: Cell::new(0),
+            bytes_per_ms: Cell::new(0.0),
+            device: std::cell::RefCell::new(None),
+            upstream_audio_ms: Cell::new(None),
+            upstream_error: Cell::new(None),
+            fin_seen: Cell::new(false),
+            replayable: Cell::new(true),
+            accepted: Cell::new(false),
+            resume: std::cell::RefCell::new(None),
+            upstream_write_since: Cell::new(None),
+        }
+    }
+}
+
+/// Client→upstream state that must survive a retry on another account:
+/// bytes already re-masked but not yet written are not re-masked again.
+#[derive(Debug)]
+pub struct ClientSide {
+    /// The scanner (mask phase of a frame split across reads).
+    pub scanner: FrameScanner,
+    /// Bytes at the front of the buffer already scanned and re-masked.
+    pub processed: usize,
+    /// The client's close frame has gone upstream.
+    pub close_seen: bool,
+    /// The config message for a new upstream connection, not yet written:
+    /// it goes up in the same send as the client frames already read. After
+    /// a failover it carries the replay copy too.
+    pub config_frame: Option<Vec<u8>>,
+    /// Open-time replay copy: every byte written upstream after the config
+    /// (frames as re-masked), kept until upstream accepts the stream or the
+    /// copy would pass `replay_limit`. `None` once let go.
+    pub replay: Option<Vec<u8>>,
+    /// `failover.replay_bytes`.
+    pub replay_limit: usize,
+}
+
+impl ClientSide {
+    /// A client side for frames up to `max_frame` bytes, keeping a replay
+    /// copy of up to `replay_limit` bytes (0: none).
+    pub fn new(max_frame: u64, replay_limit: usize) -> Self {
+        ClientSide {
+            scanner: FrameScanner::new(clio_frame::frame::Sender::Client, max_frame),
+            processed: 0,
+            close_seen: false,
+            config_frame: None,
+            replay: (replay_limit > 0).then(Vec::new),
+            replay_limit,
+        }
+    }
+
+    /// Adds `sent` (bytes just written upstream) to the replay copy, or
+    /// lets the copy go when upstream has accepted the stream or the copy
+    /// would pass its bound. One flag test once the copy is gone.
+    #[inline]
+    fn keep_for_replay(&mut self, sent: &[u8], state: &StreamState) {
+        if !state.replayable.get() {
+            return;
+        }
+        let limit = self.replay_limit;
+        match &mut self.replay {
+            Some(r) if !state.accepted.get() && r.len() + sent.len() <= limit => {
+                let need = r.len() + sent.len();
+                if need > r.capacity() {
+                    // Grow by doubling but never past the bound.
+                    let want = need.max(r.capacity() * 2).min(limit);
+                    r.reserve_exact(want - r.len());
+                }
+                r.extend_from_slice(sent);
+            }
+            _ => {
+                self.replay = None;
+                state.replayable.set(false);
+            }
+        }
+    }
+}
+
+/// Moves client frames upstream until the client closes (its close frame is
+/// forwarded: [`End::ClientClosed`]), vanishes or misbehaves. Resumable: all
+/// its state is in `buf` and `side`.
+pub async fn client_to_upstream(
+    client: &Duplex,
+    upstream: &Duplex,
+    buf: &mut Buf,
+    side: &mut ClientSide,
+    state: &StreamState,
+    masks: &std::cell::RefCell<MaskKeys>,
+    metrics: &ShardMetrics,
+) -> End {
+    let mut read_at = Instant::now();
+    if side.close_seen {
+        return End::ClientClosed;
+    }
+    loop {
+        let processed = side.processed;
+        let scan = match state.resume.borrow_mut().as_deref_mut() {
+            None => side.scanner.scan(
+                &mut buf.filled()[processed..],
+                Some(&mut masks.borrow_mut()),
+            ),
+            Some(r) => {
+                let scan = side.scanner.scan_capture(
+                    &mut buf.filled()[processed..],
+                    &mut masks.borrow_mut(),
+                    &mut r.capture,
+                );
+                r.absorb_capture();
+                scan
+            }
+        };
+        side.processed += scan.ready;
+        if scan.data_frames_started > 0 {
+            if state.first_audio_at.get().is_none() {
+                state.first_audio_at.set(Some(read_at));
+            }
+            state
+                .data_frames_up
+                .set(state.data_frames_up.get() + scan.data_frames_started as u64);
+        }
+        let config = side.config_frame.take();
+        if side.processed > 0 {
+            let n = side.processed;
+            state.upstream_at_boundary.set(false);
+            state.upstream_write_since.set(Some(read_at));
+            let written = match &config {
+                Some(c) => upstream.write_two(c, &buf.filled()[..n]).await,
+                None => upstream.write_all(&buf.filled()[..n]).await,
+            };
+            if written.is_err() {
+                return End::UpstreamGone;
+            }
+            state.upstream_write_since.set(None);
+            state.upstream_at_boundary.set(side.scanner.at_boundary());
+            side.keep_for_replay(&buf.filled()[..n], state);
+            buf.consume(n);
+            side.processed = 0;
+            if scan.frames_done > 0 {
+                let took = read_at.elapsed().as_nanos() as u64;
+                for _ in 0..scan.frames_done {
+                    metrics.record(Hist::FrameClientToUpstream, took);
+                }
+            }
+            metrics.frames_client_to_upstream(scan.frames_done as u64, n as u64);
+            state.bytes_up.set(state.bytes_up.get() + n as u64);
+        } else if let Some(c) = &config {
+            state.upstream_at_boundary.set(false);
+            state.upstream_write_since.set(Some(read_at));
+            if upstream.write_all(c).await.is_err() {
+                return End::UpstreamGone;
+            }
+            state.upstream_write_since.set(None);
+            state.upstream_at_boundary.set(side.scanner.at_boundary());
+        }
+        if scan.binary_bytes > 0 && !state.count_audio(scan.binary_bytes) {
+            return End::Stopped(crate::core::devices::Limit::DailyAudio);
+        }
+        if let Some(e) = scan.violation {
+            return End::ClientProtocol(e);
+        }
+        if scan.close_done {
+            side.close_seen = true;
+            return End::ClientClosed;
+        }
+        match read_more(buf, client, state).await {
+            Some(at) => read_at = at,
+            None => return End::ClientGone,
+        }
+    }
+}
+
+/// The upstream→client pump the stream needs: [`resume::upstream_to_client`]
+/// for a raw-audio stream that can resume, else [`upstream_to_client`].
+pub async fn upstream_to_client_any(
+    upstream: &Duplex,
+    client: &Duplex,
+    buf: &mut Buf,
+    scanner: &mut FrameScanner,
+    state: &StreamState,
+    metrics: &ShardMetrics,
+    retry_allowed: &dyn Fn() -> bool,
+) -> End {
+    if state.resume.borrow().is_some() {
+        resume::upstream_to_client(upstream, client, buf, state, metrics, retry_allowed).await
+    } else {
+        upstream_to_client(
+            upstream,
+            client,
+            buf,
+            scanner,
+            state,
+            metrics,
+            retry_allowed,
+        )
+        .await
+    }
+}
+
+/// Moves upstream frames to the client as read, until upstream closes or
+/// fails. Holds back upstream's first message until it is whole, to see
+/// whether it is an account error the stream can still recover from.
+pub async fn upstream_to_client(
+    upstream: &Duplex,
+    client: &Duplex,
+    buf: &mut Buf,
+    scanner: &mut FrameScanner,
+    state: &StreamState,
+    metrics: &ShardMetrics,
+    retry_allowed: &dyn Fn() -> bool,
+) -> End {
+    let mut read_at = Instant::now();
+    loop {
+        if state.inspect_first_upstream.get() && !buf.is_empty() {
+            match first_message_error(buf.filled()) {
+                FirstMessage::Incomplete if buf.end < buf.capacity() || buf.start > 0 => {
+                    match read_more(buf, upstream, state).await {
+                        Some(at) => {
+                            read_at = at;
+                            continue;
+                        }
+                        None => return End::UpstreamGone,
+                    }
+                }
+                FirstMessage::Error(code, scope) => {
+                    state.inspect_first_upstream.set(false);
+                    state.first_upstream_error.set(Some((code, scope)));
+                    if matches!(code, 401 | 402 | 429 | 500 | 503) && retry_allowed() {
+                        return End::Retry(code, scope);
+                    }
+                }
+                _ => {
+                    state.inspect_first_upstream.set(false);
+                    state.accepted.set(true);
+                }
+            }
+        }
+        let scan = scanner.scan(buf.filled(), None);
+        if let Some((from, to)) = scan.last_text {
+            state.note_upstream_text(&buf.filled()[from..to]);
+        }
+        if scan.ready > 0 {
+            state.client_at_boundary.set(false);
+            if client.write_all(&buf.filled()[..scan.ready]).await.is_err() {
+                return End::ClientGone;
+            }
+            state.client_at_boundary.set(scanner.at_boundary());
+            buf.consume(scan.ready);
+            if scan.frames_done > 0 {
+                let took = read_at.elapsed().as_nanos() as u64;
+                for _ in 0..scan.frames_done {
+                    metrics.record(Hist::FrameUpstreamToClient, took);
+                }
+                if !state.first_result_seen.get() && scan.data_frames_started > 0 {
+                    if let Some(t0) = state.first_audio_at.get() {
+                        state.first_result_seen.set(true);
+                        metrics.record(Hist::FirstResult, t0.elapsed().as_micros() as u64);
+                    }
+                }
+            }
+            metrics.frames_upstream_to_client(scan.frames_done as u64, scan.ready as u64);
+            state
+                .bytes_down
+                .set(state.bytes_down.get() + scan.ready as u64);
+        }
+        if let Some(e) = scan.violation {
+            return End::UpstreamProtocol(e);
+        }
+        if scan.close_done {
+            return End::UpstreamClosed;
+        }
+        match read_more(buf, upstream, state).await {
+            Some(at) => read_at = at,
+            None => return End::UpstreamGone,
+        }
+    }
+}
+
+/// Reads more of `conn` into `buf` (after moving what is left to its
+/// front) and marks the stream active. Returns when the bytes arrived, or
+/// `None` once `conn` has ended or failed.
+pub(crate) async fn read_more(
+    buf: &mut Buf,
+    conn: &Duplex,
+    state: &StreamState,
+) -> Option<Instant> {
+    buf.compact();
+    match buf.read_from(conn).await {
+        Ok(0) | Err(_) => None,
+        Ok(_) => {
+            let at = Instant::now();
+            state.last_activity.set(at);
+            Some(at)
+        }
+    }
+}
+
+enum FirstMessage {
+    /// The first frame is not all here yet.
+    Incomplete,
+    /// A whole text frame carrying `error_code` (and, for 429, its level).
+    Error(u16, RateScope),
+    /// Anything else (a result, a control frame, a frame too big to hold).
+    Other,
+}
+
+/// Looks at the upstream frame at the start of `bytes`: the only upstream
+/// message the relay parses, once per stream.
+fn first_message_error(bytes: &[u8]) -> FirstMessage {
+    let h = match parse_header(bytes, Sender::Server, u64::MAX >> 1) {
+        Ok(Some(h)) => h,
+        Ok(None) => return FirstMessage::Incomplete,
+        Err(_) => return FirstMessage::Other,
+    };
+    if h.opcode != Opcode::Text || !h.fin {
+        return FirstMessage::Other;
+    }
+    let total = h.header_len as u64 + h.payload_len;
+    if (bytes.len() as u64) < total {
+        return FirstMessage::Incomplete;
+    }
+    #[derive(serde::Deserialize)]
+    struct ErrorShape {
+        error_code: Option<u16>,
+        #[serde(default)]
+        error_message: String,
+    }
+    match serde_json::from_slice::<ErrorShape>(&bytes[h.header_len..total as usize]) {
+        Ok(ErrorShape {
+            error_code: Some(code),
+            error_message,
+        }) => FirstMessage::Error(code, RateScope::from_message(&error_message)),
+        _ => FirstMessage::Other,
+    }
+}
+
+/// Ends with [`End::UpstreamStalled`] once a write upstream has waited
+/// `stall` (upstream stopped reading: the client, whose frames the relay
+/// can no longer take, is not to blame), or with [`End::Idle`] once nothing
+/// has moved either way for `idle` (a write waiting then is a stall too).
+///
+/// It shares its task with the pumps, so it is polled on every frame's
+/// wake-up. A glommio timer re-registers itself in the reactor's timer map
+/// each time it is polled; this one is polled once to register the task's
+/// waker and then only when its deadline has passed, or when a write
+/// upstream began whose stall deadline comes first (one clock read per
+/// wake-up instead of a remove and an insert).
+pub async fn idle_watch(state: &StreamState, idle: Duration, stall: Duration) -> End {
+    loop {
+        let now = Instant::now();
+        let idle_at = state.last_activity.get() + idle;
+        let stall_at = state.upstream_write_since.get().map(|s| s + stall);
+        if stall_at.is_some_and(|at| now >= at) {
+            return End::UpstreamStalled;
+        }
+        if now >= idle_at {
+            return match state.upstream_write_since.get() {
+                Some(since) if since + idle <= now => End::UpstreamStalled,
+                _ => End::Idle,
+            };
+        }
+        let deadline = stall_at.map_or(idle_at, |at| at.min(idle_at));
+        let mut timer = glommio::timer::Timer::new(deadline - now);
+        let mut armed = false;
+        std::future::poll_fn(|cx| {
+            if armed && Instant::now() < deadline {
+                // A write upstream that began since: look again.
+                let sooner = state
+                    .upstream_write_since
+                    .get()
+                    .is_some_and(|s| s + stall < deadline);
+                return if sooner {
+                    std::task::Poll::Ready(())
+                } else {
+                    std::task::Poll::Pending
+                };
+            }
+            armed = true;
+            std::pin::Pin::new(&mut timer).poll(cx).map(|_| ())
+        })
+        .await;
+    }
+}
+
+/// Waits until `deadline`.
+///
+/// The stream's own deadlines share its task with the pumps, so they are
+/// polled on every frame's wake-up. A glommio timer re-registers itself in
+/// the reactor's timer map each time it is polled (a remove, an insert and
+/// a waker clone); this one is polled once to register the task's waker
+/// and then only when its deadline has passed: one clock read per wake-up.
+pub async fn until(deadline: Instant) {
+    let now = Instant::now();
+    if now >= deadline {
+        return;
+    }
+    let mut timer = glommio::timer::Timer::new(deadline - now);
+    let mut armed = false;
+    std::future::poll_fn(|cx| {
+        if armed && Instant::now() < deadline {
+            return std::task::Poll::Pending;
+        }
+        armed = true;
+        std::pin::Pin::new(&mut timer).poll(cx).map(|_| ())
+    })
+    .await
+}
+
+pub mod resume;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,462 @@
+//! Mid-stream resume for raw-audio streams: the rolling copy of the audio
+//! after the last final token, and the upstream→client pump that rewrites a
+//! resumed connection's results onto the stream's own timeline.
+//!
+//! The copy is the raw (unmasked) audio, captured by the client→upstream
+//! pump as it re-masks each frame ([`FrameScanner::scan_capture`]). Each
+//! result's `final_audio_proc_ms` trims it. When the upstream connection
+//! fails (a drop, a protocol error, or a 500/503 error message), the
+//! session opens a new one, sends the config and the copy, and this pump
+//! shifts the new connection's `start_ms`/`end_ms` and
+//! `final_audio_proc_ms`/`total_audio_proc_ms` by the resume point, so the
+//! client sees one stream.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use serde_json::Value;
+
+use super::{End, StreamState};
+use crate::core::keyring::RateScope;
+use crate::core::metrics::{Hist, ShardMetrics};
+use crate::dataplane::io::{Buf, Duplex};
+use clio_frame::frame::{build_frame, parse_header, FrameError, Opcode, Sender};
+use clio_frame::mask::MaskKeys;
+use clio_frame::scanner::{Capture, CutFrame};
+
+/// A raw-audio stream's resume state: the copy and the timeline.
+#[derive(Debug)]
+pub struct Resume {
+    /// Audio bytes per second, and bytes per sample frame (all channels).
+    bytes_per_sec: u64,
+    align: u64,
+    /// Audio from absolute byte `base` on, raw.
+    audio: VecDeque<u8>,
+    /// The client's frame lengths in `audio` (the first may be cut short
+    /// by a trim), then `open` bytes of a frame still arriving: a resume
+    /// replays the audio in the client's own frames.
+    lens: VecDeque<usize>,
+    open: usize,
+    base: u64,
+    /// Bound of `audio` (`failover.resume_audio`).
+    cap: usize,
+    /// What the scanner captured in the current window.
+    pub capture: Capture,
+    /// `final_audio_proc_ms` the client has seen, on its timeline.
+    final_ms: u64,
+    /// Added to the current connection's times.
+    shift_ms: u64,
+    /// Resumes so far, and the bound.
+    pub resumes: u32,
+    max_resumes: u32,
+    /// The client sent `finalize` and no `<fin>` came back yet.
+    finalize_pending: bool,
+    /// The client sent its end of audio.
+    end_of_audio: bool,
+    /// The largest the copy's storage grew to, bytes (for the stream-end log).
+    pub peak_capacity: usize,
+}
+
+impl Resume {
+    /// For a raw format of `bytes_per_sec` with `frame_bytes` per sample
+    /// frame, keeping up to `cap` bytes of audio, resuming at most `max` times.
+    pub fn new(bytes_per_sec: u64, frame_bytes: u64, cap: usize, max: u32) -> Self {
+        Resume {
+            bytes_per_sec: bytes_per_sec.max(1),
+            align: frame_bytes.max(1),
+            audio: VecDeque::new(),
+            lens: VecDeque::new(),
+            open: 0,
+            base: 0,
+            cap,
+            capture: Capture::default(),
+            final_ms: 0,
+            shift_ms: 0,
+            resumes: 0,
+            max_resumes: max,
+            finalize_pending: false,
+            end_of_audio: false,
+            peak_capacity: 0,
+        }
+    }
+
+    /// The byte where `ms` of audio starts, aligned down to a sample frame.
+    fn byte_at(&self, ms: u64) -> u64 {
+        let b = (u128::from(ms) * u128::from(self.bytes_per_sec)).div_ceil(1000) as u64;
+        b - b % self.align
+    }
+
+    /// Moves what the scanner captured into the copy (dropping the oldest
+    /// past the bound).
+    pub fn absorb_capture(&mut self) {
+        if self.capture.finalize {
+            self.finalize_pending = true;
+            self.capture.finalize = false;
+        }
+        if self.capture.end_of_audio {
+            self.end_of_audio = true;
+            self.capture.end_of_audio = false;
+        }
+        let new = std::mem::take(&mut self.capture.audio);
+        let mut from = 0;
+        for &end in &self.capture.frame_ends {
+            self.lens.push_back(self.open + end - from);
+            self.open = 0;
+            from = end;
+        }
+        self.capture.frame_ends.clear();
+        self.open += new.len() - from;
+        if !new.is_empty() {
+            let need = self.audio.len() + new.len();
+            if need > self.audio.capacity() && need <= self.cap {
+                let want = need.max(self.audio.capacity() * 2).min(self.cap);
+                self.audio.reserve_exact(want - self.audio.len());
+            }
+            self.audio.extend(new.iter());
+            let over = self.audio.len().saturating_sub(self.cap);
+            self.trim_front(over);
+        }
+        self.peak_capacity = self.peak_capacity.max(self.audio.capacity());
+        self.capture.audio = new;
+        self.capture.audio.clear();
+    }
+
+    /// Drops the first `n` bytes of the copy, and of its frame lengths.
+    fn trim_front(&mut self, n: usize) {
+        let n = n.min(self.audio.len());
+        if n == 0 {
+            return;
+        }
+        self.audio.drain(..n);
+        self.base += n as u64;
+        let mut left = n;
+        while left > 0 {
+            match self.lens.front_mut() {
+                Some(len) if *len <= left => {
+                    left -= *len;
+                    self.lens.pop_front();
+                }
+                Some(len) => {
+                    *len -= left;
+                    left = 0;
+                }
+                None => {
+                    self.open -= left;
+                    left = 0;
+                }
+            }
+        }
+    }
+
+    /// A result said `final_ms` (on the current connection's timeline):
+    /// the copy lets go of the audio before it.
+    fn note_final(&mut self, final_ms: u64) {
+        let ms = final_ms + self.shift_ms;
+        if ms <= self.final_ms {
+            return;
+        }
+        self.final_ms = ms;
+        let to = self.byte_at(ms);
+        if to > self.base {
+            self.trim_front((to - self.base) as usize);
+        }
+        if self.audio.is_empty() && self.audio.capacity() > 64 << 10 {
+            self.audio.shrink_to(0);
+        }
+    }
+
+    /// Whether another resume is possible: resumes left, and the copy still
+    /// holds everything after the last final token.
+    pub fn can_resume(&self) -> bool {
+        self.resumes < self.max_resumes && self.base <= self.byte_at(self.final_ms)
+    }
+
+    /// Seconds of audio a resume replays now.
+    pub fn replay_seconds(&self) -> f64 {
+        self.audio.len() as f64 / self.bytes_per_sec as f64
+    }
+
+    /// Starts a resume: counts it, moves the timeline to the resume point,
+    /// and returns what the new connection gets after its config: the
+    /// copy as binary frames, the client's frame lengths kept, then a
+    /// pending `finalize`, then the end of audio if the client sent it
+    /// (masked with keys from `masks`). When the failure `cut` a client
+    /// frame, last comes that frame's start from the copy, with a header
+    /// for the whole frame and a key under which the rest, re-masked as
+    /// for the old connection, continues it: upstream gets the client's
+    /// frames as the client sent them.
+    pub fn begin(&mut self, masks: &mut MaskKeys, cut: Option<CutFrame>) -> Vec<u8> {
+        self.resumes += 1;
+        // The copy starts at (or, aligned down, just before) the last
+        // final token's end: the new connection's time 0.
+        self.shift_ms = self.base * 1000 / self.bytes_per_sec;
+        self.final_ms = self.final_ms.max(self.shift_ms);
+        let mut out = Vec::with_capacity(self.audio.len() + self.audio.len() / 4096 * 14 + 64);
+        let mut chunk = Vec::new();
+        let mut at = 0;
+        for &len in &self.lens {
+            chunk.clear();
+            chunk.extend(self.audio.range(at..at + len));
+            at += len;
+            out.extend(build_frame(Opcode::Binary, &chunk, Some(masks.next_key())));
+        }
+        if self.finalize_pending {
+            out.extend(build_frame(
+                Opcode::Text,
+                br#"{"type":"finalize"}"#,
+                Some(masks.next_key()),
+            ));
+        }
+        if self.end_of_audio {
+            out.extend(build_frame(Opcode::Binary, b"", Some(masks.next_key())));
+        }
+        // The frame the failure cut comes last: the rest of it follows
+        // from the client.
+        match cut {
+            Some(cut) => {
+                // Payload byte `open + i` of the new frame is byte `phase +
+                // i` of the old one's key: rotate the key by the difference.
+                let open = self.open;
+                let turn = (cut.phase + 4 - open % 4) & 3;
+                let key = std::array::from_fn(|j| cut.key[(j + turn) & 3]);
+                let mut h = [0u8; clio_frame::frame::MAX_HEADER_LEN];
+                let n = clio_frame::frame::write_header(
+                    &mut h,
+                    cut.fin,
+                    Opcode::Binary,
+                    Some(key),
+                    open as u64 + cut.remaining,
+                );
+                out.extend_from_slice(&h[..n]);
+                let from = out.len();
+                out.extend(self.audio.range(at..at + open));
+                clio_frame::mask::apply_mask(&mut out[from..], key, 0);
+            }
+            None if self.open > 0 => {
+                // Not expected (an open frame is a cut one); sent whole.
+                chunk.clear();
+                chunk.extend(self.audio.range(at..at + self.open));
+                out.extend(build_frame(Opcode::Binary, &chunk, Some(masks.next_key())));
+                self.lens.push_back(self.open);
+                self.open = 0;
+            }
+            None => {}
+        }
+        out
+    }
+
+    /// Puts a resumed connection's result on the stream's timeline: times
+    /// shifted, final tokens the client already has dropped. `None` when
+    /// the message is not JSON (it then goes through as it is).
+    fn rewrite(&mut self, payload: &[u8]) -> Option<Vec<u8>> {
+        let mut v: Value = serde_json::from_slice(payload).ok()?;
+        let shift = self.shift_ms;
+        let delivered = self.final_ms;
+        let obj = v.as_object_mut()?;
+        if let Some(Value::Array(tokens)) = obj.get_mut("tokens") {
+            tokens.retain_mut(|t| {
+                let is_final = t.get("is_final").and_then(Value::as_bool) == Some(true);
+                for k in ["start_ms", "end_ms"] {
+                    if let Some(ms) = t.get(k).and_then(Value::as_u64) {
+                        t[k] = Value::from(ms + shift);
+                    }
+                }
+                let start = t
+                    .get("start_ms")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(u64::MAX);
+                let special = t
+                    .get("text")
+                    .and_then(Value::as_str)
+                    .is_some_and(|s| s.starts_with('<'));
+                !(is_final && !special && start < delivered)
+            });
+        }
+        for k in ["final_audio_proc_ms", "total_audio_proc_ms"] {
+            if let Some(ms) = obj.get(k).and_then(Value::as_u64) {
+                obj.insert(k.into(), Value::from(ms + shift));
+            }
+        }
+        serde_json::to_vec(&v).ok()
+    }
+}
+
+/// The number after `"final_audio_proc_ms":` in a result, by byte search.
+fn final_ms_of(payload: &[u8]) -> Option<u64> {
+    const KEY: &[u8] = b"\"final_audio_proc_ms\":";
+    let at = payload.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
+    let digits = payload[at..]
+        .iter()
+        .skip_while(|b| b.is_ascii_whitespace())
+        .take_while(|b| b.is_ascii_digit());
+    let mut n: u64 = 0;
+    let mut any = false;
+    for d in digits {
+        n = n.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
+        any = true;
+    }
+    any.then_some(n)
+}
+
+/// The `error_code` of an error message, by a byte search first.
+fn error_code_of(payload: &[u8]) -> Option<(u16, RateScope)> {
+    if !payload.windows(12).any(|w| w == b"\"error_code\"") {
+        return None;
+    }
+    #[derive(serde::Deserialize)]
+    struct ErrorShape {
+        error_code: Option<u16>,
+        #[serde(default)]
+        error_message: String,
+    }
+    let e: ErrorShape = serde_json::from_slice(payload).ok()?;
+    Some((e.error_code?, RateScope::from_message(&e.error_message)))
+}
+
+/// The upstream→client pump of a resumable stream: frame by frame (whole
+/// frames only), each result's final point noted, a resumed connection's
+/// results rewritten, and an upstream error it can recover from returned
+/// as [`End::Retry`] (before upstream accepted the stream, when
+/// `retry_allowed`) or [`End::Resume`] instead of reaching the client.
+pub async fn upstream_to_client(
+    upstream: &Duplex,
+    client: &Duplex,
+    buf: &mut Buf,
+    state: &StreamState,
+    metrics: &ShardMetrics,
+    retry_allowed: &dyn Fn() -> bool,
+) -> End {
+    let resume = &state.resume;
+    let can_resume = || resume.borrow().as_ref().is_some_and(|r| r.can_resume());
+    let mut read_at = Instant::now();
+    loop {
+        let mut need_more = true;
+        if !buf.is_empty() {
+            match parse_header(buf.filled(), Sender::Server, u64::MAX >> 1) {
+                Err(e) => return End::UpstreamProtocol(e),
+                Ok(None) => {}
+                Ok(Some(h)) => {
+                    let total = h.header_len + h.payload_len as usize;
+                    if total > buf.capacity() {
+                        return End::UpstreamProtocol(FrameError::TooBig);
+                    }
+                    if buf.len() >= total {
+                        need_more = false;
+                        let first = state.inspect_first_upstream.replace(false);
+                        let mut out = None;
+                        if h.opcode == Opcode::Text && h.fin {
+                            let payload = &buf.filled()[h.header_len..total];
+                            if let Some((code, scope)) = error_code_of(payload) {
+                                if first {
+                                    state.first_upstream_error.set(Some((code, scope)));
+                                }
+                                let recoverable = matches!(code, 401 | 402 | 429 | 500 | 503);
+                                if recoverable && first && retry_allowed() {
+                                    return End::Retry(code, scope);
+                                }
+                                if recoverable && can_resume() {
+                                    return End::Resume(code, scope);
+                                }
+                            } else {
+                                state.accepted.set(true);
+                            }
+                            let mut r = resume.borrow_mut();
+                            let Some(r) = r.as_mut() else {
+                                return End::UpstreamGone;
+                            };
+                            if r.resumes > 0 {
+                                out = r.rewrite(payload);
+                            }
+                            let text = out.as_deref().unwrap_or(payload);
+                            if let Some(ms) = final_ms_of(text) {
+                                // Rewritten: already on the client's timeline.
+                                let shift = if out.is_some() { r.shift_ms } else { 0 };
+                                r.note_final(ms.saturating_sub(shift));
+                            }
+                            if text.windows(5).any(|w| w == b"<fin>") {
+                                r.finalize_pending = false;
+                            }
+                            state.note_upstream_text(text);
+                        } else {
+                            state.accepted.set(true);
+                        }
+                        let close = h.opcode == Opcode::Close;
+                        let written = match out {
+                            Some(text) => {
+                                client
+                                    .write_all(&build_frame(Opcode::Text, &text, None))
+                                    .await
+                            }
+                            None => client.write_all(&buf.filled()[..total]).await,
+                        };
+                        if written.is_err() {
+                            return End::ClientGone;
+                        }
+                        buf.consume(total);
+                        let took = read_at.elapsed().as_nanos() as u64;
+                        metrics.record(Hist::FrameUpstreamToClient, took);
+                        metrics.frames_upstream_to_client(1, total as u64);
+                        state.bytes_down.set(state.bytes_down.get() + total as u64);
+                        if !state.first_result_seen.get() && !h.opcode.is_control() {
+                            if let Some(t0) = state.first_audio_at.get() {
+                                state.first_result_seen.set(true);
+                                metrics.record(Hist::FirstResult, t0.elapsed().as_micros() as u64);
+                            }
+                        }
+                        if close {
+                            return End::UpstreamClosed;
+                        }
+                    }
+                }
+            }
+        }
+        if need_more {
+            match super::read_more(buf, upstream, state).await {
+                Some(at) => read_at = at,
+                None => return End::UpstreamGone,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_copy_follows_the_final_point_and_its_bound() {
+        // 32 bytes a ms, 2-byte samples, 1,000 bytes at most.
+        let mut r = Resume::new(32_000, 2, 1000, 2);
+        r.capture.audio.extend((0..640u32).map(|i| i as u8));
+        r.absorb_capture();
+        r.note_final(10); // 320 bytes are final
+        assert_eq!((r.base, r.audio.len()), (320, 320));
+        assert!(r.can_resume());
+        r.capture.audio.extend(std::iter::repeat_n(7u8, 900));
+        r.absorb_capture();
+        assert_eq!(r.audio.len(), 1000, "bounded");
+        assert!(!r.can_resume(), "audio after the final point was lost");
+        r.note_final(40); // 1,280 bytes
+        assert!(r.can_resume());
+        let mut masks = MaskKeys::default();
+        r.capture.end_of_audio = true;
+        r.absorb_capture();
+        let replay = r.begin(&mut masks, None);
+        assert_eq!(r.shift_ms, 40);
+        assert!(!replay.is_empty());
+        // A result of the new connection at its 0..480 ms is 40..520 ms.
+        let out = r
+            .rewrite(br#"{"tokens":[{"text":"a ","start_ms":0,"end_ms":480,"is_final":true}],"final_audio_proc_ms":480,"total_audio_proc_ms":500}"#)
+            .unwrap();
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["tokens"][0]["start_ms"], 40);
+        assert_eq!(v["tokens"][0]["end_ms"], 520);
+        assert_eq!(v["final_audio_proc_ms"], 520);
+        assert_eq!(v["total_audio_proc_ms"], 540);
+        assert_eq!(
+            final_ms_of(br#"{"final_audio_proc_ms": 123,"x":1}"#),
+            Some(123)
+        );
+        assert_eq!(final_ms_of(br#"{"tokens":[]}"#), None);
+    }
+}

@@ -1,0 +1,164 @@
+//! The client's first message: one text frame with the config JSON (the
+//! only client message the relay parses), and a token carried in it.
+
+use std::time::SystemTime;
+
+use serde_json::{Map, Value};
+
+use crate::core::metrics::Side;
+use crate::core::token::Claims;
+use crate::dataplane::io::{timeout, Buf, Duplex};
+use clio_frame::frame::{build_frame, parse_header, FrameError, FrameHeader, Opcode, Sender};
+use clio_frame::mask::apply_mask;
+
+use super::{Refusal, Stream};
+
+impl Stream {
+    /// Reads the client's first message: one whole text frame with a JSON
+    /// object. Pings before it are answered here; a close ends the stream.
+    pub(super) async fn read_first_message(
+        &self,
+        client: &Duplex,
+        buf: &mut Buf,
+    ) -> Result<Map<String, Value>, Refusal> {
+        let lim = &self.settings.limits;
+        // One deadline for the whole wait: pings and partial frames do not
+        // extend it.
+        let deadline = std::time::Instant::now() + lim.idle_timeout;
+        loop {
+            let h = match parse_header(
+                buf.filled(),
+                Sender::Client,
+                lim.max_first_message_bytes as u64,
+            ) {
+                Err(FrameError::TooBig) => {
+                    return Err(Refusal::new(
+                        400,
+                        "bad_request",
+                        "Start request is too large.",
+                        1009,
+                        Side::Client,
+                    ))
+                }
+                Err(e) => {
+                    return Err(Refusal::new(
+                        400,
+                        "bad_request",
+                        e.reason(),
+                        e.close_code(),
+                        Side::Client,
+                    ))
+                }
+                Ok(h) => h,
+            };
+            if let Some(h) = h {
+                let n = h.header_len + h.payload_len as usize;
+                let mask = h.mask.expect("client frames are masked");
+                if n > buf.capacity() {
+                    // A config larger than the read buffer (a long `context`):
+                    // gathered into its own vector, once per stream.
+                    return self
+                        .read_large_first_message(client, buf, h, deadline)
+                        .await;
+                }
+                if buf.len() >= n {
+                    let (start, hl) = (buf.start, h.header_len);
+                    buf.start += n;
+                    let payload = &mut buf.raw()[start + hl..start + n];
+                    apply_mask(payload, mask, 0);
+                    match h.opcode {
+                        Opcode::Ping => {
+                            let pong = build_frame(Opcode::Pong, payload, None);
+                            let _ = client.write_all(&pong).await;
+                        }
+                        Opcode::Pong => {}
+                        Opcode::Close => return Err(Refusal::silent(1000)),
+                        op => return parse_config(op, h.fin, payload),
+                    }
+                    continue;
+                }
+            }
+            self.read_more(client, buf, deadline).await?;
+        }
+    }
+
+    /// Reads more client bytes while waiting for the first message, until
+    /// `deadline`.
+    async fn read_more(
+        &self,
+        client: &Duplex,
+        buf: &mut Buf,
+        deadline: std::time::Instant,
+    ) -> Result<(), Refusal> {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match timeout(left, buf.read_from(client)).await {
+            None => Err(Refusal::new(
+                408,
+                "request_timeout",
+                "No start request received in time.",
+                1000,
+                Side::Client,
+            )),
+            Some(Ok(0)) | Some(Err(_)) => Err(Refusal::silent(0)),
+            Some(Ok(_)) => Ok(()),
+        }
+    }
+
+    async fn read_large_first_message(
+        &self,
+        client: &Duplex,
+        buf: &mut Buf,
+        h: FrameHeader,
+        deadline: std::time::Instant,
+    ) -> Result<Map<String, Value>, Refusal> {
+        if h.opcode != Opcode::Text {
+            return parse_config(h.opcode, h.fin, &[]);
+        }
+        let mask = h.mask.expect("client frames are masked");
+        let total = h.payload_len as usize;
+        buf.consume(h.header_len);
+        let mut payload = Vec::with_capacity(total);
+        while payload.len() < total {
+            if buf.is_empty() {
+                self.read_more(client, buf, deadline).await?;
+            }
+            let take = buf.len().min(total - payload.len());
+            let at = payload.len();
+            payload.extend_from_slice(&buf.filled()[..take]);
+            apply_mask(&mut payload[at..], mask, at);
+            buf.consume(take);
+        }
+        parse_config(h.opcode, h.fin, &payload)
+    }
+
+    /// The claims of a token carried as `api_key` in the first message.
+    pub(super) fn first_message_claims(
+        &self,
+        first: &Map<String, Value>,
+    ) -> Result<Claims, Refusal> {
+        match first.get("api_key") {
+            Some(Value::String(token)) => self
+                .settings
+                .tokens
+                .verify(token, SystemTime::now())
+                .map_err(|e| Refusal::unauthorized(format!("Session token refused: {e}."))),
+            _ => Err(Refusal::unauthorized("Missing session token.")),
+        }
+    }
+}
+
+/// Checks and parses the first message: one text frame holding a JSON object.
+fn parse_config(opcode: Opcode, fin: bool, payload: &[u8]) -> Result<Map<String, Value>, Refusal> {
+    match opcode {
+        Opcode::Text if !fin => Err(Refusal::bad_request(
+            "Start request must be a single text frame.",
+        )),
+        Opcode::Text => match serde_json::from_slice::<Value>(payload) {
+            Ok(Value::Object(map)) => Ok(map),
+            _ => Err(Refusal::bad_request("Start request must be a JSON object.")),
+        },
+        _ => Err(Refusal::bad_request(
+            "Start request must be a text message.",
+        )),
+    }
+}

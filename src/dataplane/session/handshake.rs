@@ -1,0 +1,276 @@
+//! Accepting a client: the HTTP request head, the session token on it,
+//! capacity, and the 101 answer.
+
+use std::rc::Rc;
+use std::time::{Instant, SystemTime};
+
+use crate::dataplane::uring::RingSocket;
+
+use crate::core::metrics::Side;
+use crate::core::token::Claims;
+use crate::dataplane::http::{self, HeadError};
+use crate::dataplane::io::{timeout, Buf, Conn, Duplex};
+use crate::dataplane::shard::{AdmitPermit, Settings, Shard};
+use crate::dataplane::unauth;
+
+use super::Stream;
+
+/// Serves one accepted client connection to the end.
+pub async fn serve(shard: Rc<Shard>, tcp: RingSocket) {
+    let accepted = Instant::now();
+    let _ = tcp.set_nodelay();
+    crate::dataplane::upstream::cap_buffer(&tcp, shard.settings().limits.socket_buffer, true);
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&tcp);
+    // The client's address, asked (a system call) only when needed.
+    let peer = move || {
+        // SAFETY: `fd` is the client socket, open for as long as `client`
+        // below lives, and the closure is only called while it does.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        socket2::SockRef::from(&fd).peer_addr().ok()?.as_socket()
+    };
+    let settings = shard.settings();
+    if !settings.allows(|| tcp.peer_addr().ok()) {
+        shard.metrics.stream_rejected(Side::Client, 403);
+        return; // not on server.allow: the connection is closed
+    }
+    let conn = match &settings.tls {
+        None => Conn::Plain(tcp.into()),
+        Some(tls) => {
+            // Boxed: a TLS handshake's state is larger than everything a
+            // streaming task keeps, and is needed only for the first RTTs.
+            let accept =
+                Box::pin(futures_rustls::TlsAcceptor::from(tls.clone()).accept(tcp.into()));
+            match timeout(settings.limits.handshake_timeout, accept).await {
+                Some(Ok(s)) => Conn::TlsServer(Box::new(s)),
+                _ => {
+                    shard.metrics.stream_rejected(Side::Client, 400);
+                    return;
+                }
+            }
+        }
+    };
+    let client = Duplex::new(conn);
+    let mut cbuf = shard.pool.get();
+    let Some((claims, admission)) = handshake(&shard, &settings, &client, &mut cbuf, peer).await
+    else {
+        // Answered (or gone): FIN and drain, so a client still sending
+        // that reads late gets the answer rather than a reset.
+        drop(cbuf);
+        http::close_gracefully(&client, std::time::Duration::from_secs(2)).await;
+        return;
+    };
+    let (permit, pending) = match admission {
+        Admission::Stream(p) => (Some(p), None),
+        Admission::Pending(p) => (None, Some(p)),
+    };
+    shard.metrics.record(
+        crate::core::metrics::Hist::ClientHandshake,
+        accepted.elapsed().as_micros() as u64,
+    );
+    let stream = Stream {
+        id: shard.new_stream_id(),
+        shard: shard.clone(),
+        settings,
+        _permit: permit,
+        pools: Default::default(),
+    };
+    stream.run(client, cbuf, claims, pending).await;
+}
+
+/// What a connection holds once upgraded.
+enum Admission {
+    /// The token came on the request: a `server.max_streams` slot.
+    Stream(AdmitPermit),
+    /// No token yet: a place in the unauthenticated pool, until the first
+    /// message brings one (then the stream asks for its slot).
+    Pending(unauth::Place),
+}
+
+/// Reads and answers the HTTP request. Returns the token's claims (if the
+/// token came on the request) once the connection is a WebSocket.
+async fn handshake(
+    shard: &Rc<Shard>,
+    settings: &Settings,
+    client: &Duplex,
+    buf: &mut Buf,
+    peer: impl FnOnce() -> Option<std::net::SocketAddr>,
+) -> Option<(Option<Claims>, Admission)> {
+    let lim = &settings.limits;
+    let refuse = |status: u16, msg: &str, side: Side| {
+        shard.metrics.stream_rejected(side, status);
+        // Every refusal leaves one line at INFO; `msg` never holds a token.
+        tracing::info!(shard = shard.index, status, reason = msg, "request refused");
+        http::json_error(status, msg)
+    };
+    let head_len = match timeout(
+        lim.handshake_timeout,
+        http::read_head(client, buf, lim.max_header_bytes),
+    )
+    .await
+    {
+        None => {
+            let _ = client
+                .write_all(&refuse(
+                    408,
+                    "request head not received in time",
+                    Side::Client,
+                ))
+                .await;
+            return None;
+        }
+        Some(Err(HeadError::Io(_))) => return None,
+        Some(Err(HeadError::TooLarge)) => {
+            let _ = client
+                .write_all(&refuse(431, "request head too large", Side::Client))
+                .await;
+            return None;
+        }
+        Some(Err(HeadError::Malformed)) => {
+            let _ = client
+                .write_all(&refuse(400, "malformed HTTP request", Side::Client))
+                .await;
+            return None;
+        }
+        Some(Ok(n)) => n,
+    };
+    let req = match http::parse_client_request(&buf.filled()[..head_len]) {
+        Ok(r) => r,
+        Err(_) => {
+            let _ = client
+                .write_all(&refuse(400, "malformed HTTP request", Side::Client))
+                .await;
+            return None;
+        }
+    };
+    buf.consume(head_len);
+    match req.path.as_str() {
+        "/v1/transcribe" if req.request.method().as_str() != "GET" => {
+            shard.metrics.stream_rejected(Side::Client, 405);
+            tracing::info!(shard = shard.index, status = 405, "request refused");
+            let _ = client
+                .write_all(&http::response(
+                    405,
+                    "application/json",
+                    "Allow: GET\r\n",
+                    br#"{"error_code":405,"error_message":"the stream endpoint takes GET (a WebSocket upgrade)"}"#,
+                ))
+                .await;
+            return None;
+        }
+        "/v1/transcribe" if http::wrong_websocket_version(&req) => {
+            shard.metrics.stream_rejected(Side::Client, 426);
+            tracing::info!(shard = shard.index, status = 426, "request refused");
+            let _ = client
+                .write_all(&http::response(
+                    426,
+                    "application/json",
+                    "Sec-WebSocket-Version: 13\r\n",
+                    br#"{"error_code":426,"error_message":"unsupported WebSocket version; this relay speaks version 13"}"#,
+                ))
+                .await;
+            return None;
+        }
+        "/v1/transcribe" => {}
+        "/healthz" => {
+            let (status, body) = if shard.process.draining() {
+                (503, "draining\n")
+            } else {
+                (200, "ok\n")
+            };
+            let _ = client
+                .write_all(&http::response(status, "text/plain", "", body.as_bytes()))
+                .await;
+            return None;
+        }
+        _ => {
+            let _ = client
+                .write_all(&refuse(
+                    404,
+                    "not found: the stream endpoint is /v1/transcribe",
+                    Side::Client,
+                ))
+                .await;
+            return None;
+        }
+    }
+    let claims = match &req.token {
+        Some((token, _)) => match settings.tokens.verify(token, SystemTime::now()) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                let _ = client
+                    .write_all(&refuse(
+                        401,
+                        &format!("session token refused: {e}"),
+                        Side::Client,
+                    ))
+                    .await;
+                return None;
+            }
+        },
+        None => None,
+    };
+    if shard.process.draining() {
+        let _ = client
+            .write_all(&refuse(503, "relay is draining; reconnect", Side::Internal))
+            .await;
+        return None;
+    }
+    let admission = if claims.is_some() {
+        let Some(permit) = shard.process.admit() else {
+            let _ = client
+                .write_all(&refuse(
+                    503,
+                    "relay at capacity (server.max_streams); try again later",
+                    Side::Internal,
+                ))
+                .await;
+            return None;
+        };
+        Admission::Stream(permit)
+    } else {
+        // The token will come in the first message: no stream slot until it
+        // has, only a place in the bounded pool of such connections.
+        match unauth::admit(
+            shard,
+            peer().map(unauth::address_of),
+            lim.max_unauthenticated,
+            lim.max_unauthenticated_per_address,
+        ) {
+            Ok(place) => Admission::Pending(place),
+            Err(unauth::Full::Shard) => {
+                let _ = client
+                    .write_all(&refuse(
+                        503,
+                        "too many connections waiting to authenticate (limits.max_unauthenticated); send the token on the request, or try again later",
+                        Side::Internal,
+                    ))
+                    .await;
+                return None;
+            }
+            Err(unauth::Full::Address) => {
+                let _ = client
+                    .write_all(&refuse(
+                        429,
+                        "too many connections without a session token from this address (limits.max_unauthenticated_per_address)",
+                        Side::Client,
+                    ))
+                    .await;
+                return None;
+            }
+        }
+    };
+    let Some(answer) = http::upgrade_response(&req) else {
+        let _ = client
+            .write_all(&refuse(
+                400,
+                "not a WebSocket upgrade request",
+                Side::Client,
+            ))
+            .await;
+        return None;
+    };
+    if client.write_all(&answer).await.is_err() {
+        return None;
+    }
+    Some((claims, admission))
+}

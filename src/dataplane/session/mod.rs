@@ -1,0 +1,889 @@
+//! One stream's life: the client's HTTP upgrade and session token, its first
+//! (config) message, the choice of account and the upstream connection (with
+//! invisible retries on another account), the pumps, and an orderly end with
+//! the contract's error shapes and close codes.
+//!
+//! - `handshake`: accept, the HTTP request, the token on it, the 101.
+//! - `first`: the first (config) message and a token inside it.
+//! - `refusal`: the error frame + close the relay sends when it ends a stream.
+//! - this file: the stream after the upgrade — account, upstream, pumps, end.
+
+mod first;
+mod handshake;
+mod refusal;
+mod support;
+
+use support::{audio_bytes_per_ms, close_client, raw_audio_rate, LiveGuard};
+pub use support::{upstream_config_text, with_api_key};
+
+pub use handshake::serve;
+pub use refusal::Refusal;
+
+use std::rc::Rc;
+use std::time::{Instant, SystemTime};
+
+use futures_lite::future;
+use serde_json::Value;
+
+use crate::core::devices::{DevicePermit, Limit};
+use crate::core::keyring::{Lease, RateScope};
+use crate::core::metrics::Side;
+use crate::core::token::Claims;
+use crate::core::usage::UsageRecord;
+use crate::dataplane::io::{timeout, Buf, Duplex};
+use crate::dataplane::pump::{self, ClientSide, End, StreamState};
+use crate::dataplane::shard::{AdmitPermit, LiveStream, Settings, Shard, StopReason};
+use crate::dataplane::upstream::UpstreamFault;
+use clio_frame::frame::{build_frame, close_payload, Opcode, Sender};
+use clio_frame::scanner::FrameScanner;
+
+/// How long a draining stream waits for upstream's answer to its finalize.
+const FINALIZE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// How long the relay waits for a peer's half of a close handshake.
+const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// One upgraded stream on one shard.
+struct Stream {
+    /// The relay's id for the stream: `client_reference_id` upstream when the
+    /// client gives none, and `request_id` in the relay's own errors.
+    id: String,
+    shard: Rc<Shard>,
+    /// Limits and token keys as they were when the stream started.
+    settings: Rc<Settings>,
+    /// Counts the stream against `server.max_streams` until dropped; taken
+    /// after the first message when the token comes in it.
+    _permit: Option<AdmitPermit>,
+    /// The token's pools, once the token is verified: every account the
+    /// stream ever gets (at open, on failover, on resume) is of one of them.
+    /// Empty until then, which no account matches.
+    pools: std::cell::RefCell<Vec<String>>,
+}
+
+/// An open upstream: the connection, the account it holds, and its read buffer.
+struct Upstream {
+    conn: Duplex,
+    lease: Lease,
+    buf: Buf,
+    /// Where the upstream→client pump is in the frame stream; kept here so
+    /// a drain can pick up exactly where the pump stopped.
+    scanner: FrameScanner,
+}
+
+impl Stream {
+    async fn run(
+        self,
+        client: Duplex,
+        mut cbuf: Buf,
+        claims: Option<Claims>,
+        pending: Option<crate::dataplane::unauth::Place>,
+    ) {
+        let mut tried = 0u64;
+        let state = StreamState::new(Instant::now());
+        // With the token on the request, connect upstream while the client
+        // prepares its config message; otherwise authenticate first. Either
+        // way the device's limits are checked before upstream is touched.
+        // Boxed: opening (an upstream TLS handshake among it) is the largest
+        // state the stream's task ever has, and it is over once the stream
+        // flows; unboxed, every open stream would carry its size for life.
+        let opened: Result<_, Refusal> = Box::pin(async {
+            match claims {
+                Some(c) => {
+                    *self.pools.borrow_mut() = c.pools.clone();
+                    let (permit, lease) = self.admit(&c).await?;
+                    *state.device.borrow_mut() = Some(permit);
+                    let (first, up) = future::try_zip(
+                        self.read_first_message(&client, &mut cbuf),
+                        self.open_upstream(&mut tried, lease),
+                    )
+                    .await?;
+                    Ok((first, up, c, None))
+                }
+                None => {
+                    let first = self.read_first_message(&client, &mut cbuf).await;
+                    // Out of the unauthenticated pool, whatever came.
+                    drop(pending);
+                    let first = first?;
+                    let c = self.first_message_claims(&first)?;
+                    *self.pools.borrow_mut() = c.pools.clone();
+                    let slot = self.admit_stream()?;
+                    let (permit, lease) = self.admit(&c).await?;
+                    *state.device.borrow_mut() = Some(permit);
+                    let up = self.open_upstream(&mut tried, lease).await?;
+                    Ok((first, up, c, Some(slot)))
+                }
+            }
+        })
+        .await;
+        let (config, mut up, claims, _late_permit) = match opened {
+            Ok(x) => x,
+            Err(r) => return self.refuse(&client, &r).await,
+        };
+        tracing::debug!(stream = %self.id, shard = self.shard.index, device = %claims.device_id, account = %up.lease.account.id, "stream open");
+        state.bytes_per_ms.set(audio_bytes_per_ms(&config));
+        let failover = &self.settings.failover;
+        if failover.max_resumes > 0 {
+            if let Some((per_sec, frame)) = raw_audio_rate(&config) {
+                let cap = (failover.resume_audio.as_secs_f64() * per_sec as f64) as usize;
+                *state.resume.borrow_mut() = Some(Box::new(pump::resume::Resume::new(
+                    per_sec,
+                    frame,
+                    cap,
+                    failover.max_resumes,
+                )));
+            }
+        }
+        let reference_id = match config.get("client_reference_id") {
+            Some(Value::String(r)) => r.clone(),
+            _ => self.id.clone(),
+        };
+        // Kept for the stream's life (a retry sends it again) as the bytes
+        // upstream gets, not as a JSON map: a fraction of the memory.
+        let config = upstream_config_text(config, &self.id);
+        let live = LiveGuard::register(&self.shard, &claims);
+        let started = Instant::now();
+        let mut cside = ClientSide::new(
+            self.settings.limits.max_frame_bytes as u64,
+            self.settings.failover.replay_bytes,
+        );
+        // The last failover was for a lost connection, not a refusal.
+        let mut lost: bool;
+        // ... or for something that was not the account's fault (a lost
+        // connection, 500, 503): with no other account left, the same one
+        // is tried again, up to `failover.max_resumes` times.
+        let mut not_the_account: bool;
+        let mut same_account_retries = 0u32;
+        let end = loop {
+            *live.stream.key.borrow_mut() = up.lease.key.fingerprint.clone();
+            // Written by the client→upstream pump, in the same send as the
+            // client frames already read (often the first audio). After a
+            // failover the replay copy follows it: the new connection gets
+            // every byte the old one got, once.
+            if cside.config_frame.is_none() {
+                let mut first = self.config_frame(&up, &config);
+                if let Some(copy) = &cside.replay {
+                    first.extend_from_slice(copy);
+                }
+                cside.config_frame = Some(first);
+            }
+            let end = self
+                .pump(
+                    &client,
+                    &mut up,
+                    &mut cbuf,
+                    &mut cside,
+                    &state,
+                    &live.stream,
+                )
+                .await;
+            match end {
+                End::Retry(code, scope) => {
+                    lost = false;
+                    not_the_account = matches!(code, 500 | 503);
+                    self.note_refusal(&up.lease, code, scope);
+                    self.shard.metrics.error(Side::Upstream, code);
+                    tracing::info!(stream = %self.id, account = %up.lease.account.id, code, replayed = cside.replay.as_ref().map_or(0, Vec::len), "upstream refused the stream before accepting it; moving it to the next account");
+                }
+                End::UpstreamGone | End::UpstreamProtocol(_)
+                    if state.replayable.get() && !state.accepted.get() && !cside.close_seen =>
+                {
+                    lost = true;
+                    not_the_account = true;
+                    self.shard.metrics.error(Side::Upstream, 502);
+                    tracing::info!(stream = %self.id, account = %up.lease.account.id, ?end, replayed = cside.replay.as_ref().map_or(0, Vec::len), "upstream failed before accepting the stream; moving it to the next account");
+                }
+                End::UpstreamGone
+                | End::UpstreamProtocol(_)
+                | End::UpstreamStalled
+                | End::Resume(..)
+                    if self.resumable(&state, &cside) =>
+                {
+                    match Box::pin(
+                        self.resume(&mut up, end, &config, &state, &mut cbuf, &mut cside),
+                    )
+                    .await
+                    {
+                        Ok(()) => continue,
+                        Err(r) => break Err(r),
+                    }
+                }
+                other => break Ok(other),
+            }
+            self.shard.metrics.failover("open", lost);
+            cside.config_frame = None;
+            self.shard
+                .metrics
+                .stream_closed(up.lease.account.metrics_index);
+            self.shard
+                .metrics
+                .account_retry(up.lease.account.metrics_index);
+            // The failed connection is dropped when `up` is replaced.
+            state.inspect_first_upstream.set(true);
+            state.first_upstream_error.set(None);
+            let mut next = Box::pin(self.open_upstream(&mut tried, None)).await;
+            if matches!(&next, Err(r) if r.code == 429)
+                && not_the_account
+                && same_account_retries < self.settings.failover.max_resumes
+            {
+                // Every account tried, none refused the stream: try again.
+                same_account_retries += 1;
+                tried = 0;
+                next = Box::pin(self.open_upstream(&mut tried, None)).await;
+            }
+            match next {
+                Ok(next) => up = next,
+                // No other account: the client learns what happened to its
+                // stream (lost), not that no account was free.
+                Err(r) if lost && r.code == 429 => break Err(Refusal::upstream_lost()),
+                Err(r) => break Err(r),
+            }
+        };
+        let end = match end {
+            Ok(end) => end,
+            Err(r) => return self.refuse(&client, &r).await,
+        };
+        if let Some((code, scope)) = state.first_upstream_error.get() {
+            self.note_refusal(&up.lease, code, scope);
+        }
+        // Boxed for the same reason as the opening: only the end needs it.
+        let error =
+            Box::pin(self.finish(&client, &mut up, end, &state, &mut cbuf, &mut cside)).await;
+        self.shard
+            .metrics
+            .stream_closed(up.lease.account.metrics_index);
+        self.record_usage(&up, &claims, reference_id, &state, error);
+        let resume_copy_peak = state
+            .resume
+            .borrow()
+            .as_ref()
+            .map_or(0, |r| r.peak_capacity);
+        tracing::debug!(stream = %self.id, ?end, secs = started.elapsed().as_secs_f64(), resume_copy_peak, "stream end");
+    }
+
+    /// A `server.max_streams` slot for a stream whose token came in its
+    /// first message.
+    fn admit_stream(&self) -> Result<AdmitPermit, Refusal> {
+        let process = &self.shard.process;
+        if process.draining() {
+            return Err(Refusal::new(
+                503,
+                "service_unavailable",
+                "The relay is restarting; reconnect.",
+                1012,
+                Side::Internal,
+            ));
+        }
+        process.admit().ok_or_else(|| {
+            Refusal::new(
+                503,
+                "service_unavailable",
+                "Relay at capacity (server.max_streams); try again later.",
+                1013,
+                Side::Internal,
+            )
+        })
+    }
+
+    /// Checks the device's limits and revocations for a new stream. In a
+    /// fleet (`[cluster]`) the shared store checks them and picks the
+    /// account in the same round trip (the lease returned).
+    async fn admit(&self, claims: &Claims) -> Result<(DevicePermit, Option<Lease>), Refusal> {
+        let limits = self.settings.devices.limits(claims.tier.as_deref());
+        let process = &self.shard.process;
+        let count = |limit: Limit| {
+            process.device_rejections[limit as usize]
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        };
+        let Some(fleet) = process.fleet.get() else {
+            return process
+                .devices
+                .admit(claims, limits, SystemTime::now())
+                .map(|p| (p, None))
+                .map_err(|r| {
+                    count(r.limit);
+                    Refusal::device(r.limit, r.message)
+                });
+        };
+        fleet
+            .admit(&process.devices, &self.shard.ring, claims, limits, 0)
+            .await
+            .map_err(|r| match r {
+                crate::core::cluster::FleetRefusal::Device(r) => {
+                    count(r.limit);
+                    Refusal::device(r.limit, r.message)
+                }
+                // Every account at its limit across the fleet: the relays' own limit.
+                crate::core::cluster::FleetRefusal::NoAccount => {
+                    Refusal::no_account(crate::core::metrics::RefusedBy::RelayLimit)
+                }
+                crate::core::cluster::FleetRefusal::StoreDown => Refusal::store_down(),
+            })
+    }
+
+    /// Writes the stream's usage record for the admin thread to collect,
+    /// and settles the device's daily audio with the final figure.
+    fn record_usage(
+        &self,
+        up: &Upstream,
+        claims: &Claims,
+        reference_id: String,
+        state: &StreamState,
+        error: Option<u16>,
+    ) {
+        let relay_ms = state.audio_ms();
+        let upstream_ms = state.upstream_audio_ms.get();
+        if let Some(device) = state.device.borrow().as_ref() {
+            // What was not yet counted: the last partial second of raw audio,
+            // or (compressed formats) upstream's whole figure.
+            let counted_ms = if state.bytes_per_ms.get() > 0.0 {
+                (state.audio_counted.get() as f64 / state.bytes_per_ms.get()) as u64
+            } else {
+                0
+            };
+            let total = if relay_ms > 0 {
+                relay_ms
+            } else {
+                upstream_ms.unwrap_or(0)
+            };
+            device.add_audio(total.saturating_sub(counted_ms), SystemTime::now());
+        }
+        self.shard.usage.borrow_mut().push(UsageRecord {
+            day: crate::core::devices::utc_day(SystemTime::now()),
+            account: up.lease.account.id.clone(),
+            device: claims.device_id.clone(),
+            reference_id,
+            audio_ms_relay: relay_ms,
+            audio_ms_upstream: upstream_ms,
+            bytes_up: state.bytes_up.get(),
+            bytes_down: state.bytes_down.get(),
+            error: error.or(state.upstream_error.get()),
+        });
+    }
+
+    /// Picks an account and connects; on a refusal tries the next account.
+    /// `first`: the account a fleet's shared store already reserved.
+    async fn open_upstream(
+        &self,
+        tried: &mut u64,
+        mut first: Option<Lease>,
+    ) -> Result<Upstream, Refusal> {
+        let shard = &self.shard;
+        let mut unreachable = false;
+        let mut upstream_refused = false;
+        // Never an account outside the token's pools, whoever picks it.
+        let pools = self.pools.borrow().clone();
+        loop {
+            let now = Instant::now();
+            let lease = match (first.take(), shard.process.fleet.get()) {
+                (Some(l), _) => Some(l),
+                (None, Some(fleet)) if fleet.store_up() => {
+                    fleet.pick(&shard.ring, *tried, &pools).await
+                }
+                (None, Some(fleet)) => fleet.pick_local(&shard.ring, *tried, &pools),
+                (None, None) => shard.ring.borrow_mut().pick(now, *tried, &pools),
+            };
+            let Some(lease) = lease.filter(|l| pools.contains(&l.account.pool)) else {
+                // Accounts held off after connect timeouts are an unreachable
+                // upstream, not a lack of capacity. Only the token's pools
+                // count: an EU stream is not refused for a US account's state.
+                let now = Instant::now();
+                let ring = shard.ring.borrow();
+                let mine: Vec<_> = ring
+                    .slots()
+                    .iter()
+                    .filter(|s| pools.contains(&s.account.pool))
+                    .cloned()
+                    .collect();
+                return Err(
+                    if unreachable || mine.iter().any(|s| s.account.timed_out(now)) {
+                        Refusal::upstream_unavailable()
+                    } else {
+                        Refusal::no_account(refusal::why_no_account(&mine, now, upstream_refused))
+                    },
+                );
+            };
+            let Some(target) = shard.upstream(&lease.account.pool) else {
+                // Accounts are checked against the pools at start; kept safe anyway.
+                tracing::error!(stream = %self.id, account = %lease.account.id, pool = %lease.account.pool, "no endpoint for the account's pool");
+                return Err(Refusal::upstream_unavailable());
+            };
+            *tried |= 1 << lease.slot;
+            let mut buf = shard.pool.get();
+            let t0 = Instant::now();
+            let key_in_header = shard.key_in_header;
+            match target
+                .connect(
+                    &lease.key.key,
+                    key_in_header,
+                    &mut buf,
+                    shard.connect_timeout,
+                    self.settings.limits.socket_buffer,
+                )
+                .await
+            {
+                Ok(conn) => {
+                    shard.metrics.record(
+                        crate::core::metrics::Hist::UpstreamConnect,
+                        t0.elapsed().as_micros() as u64,
+                    );
+                    if shard.process.upstream_fault.clear() {
+                        tracing::info!(
+                            "upstream accepted an upgrade; the configuration fault is cleared"
+                        );
+                    }
+                    lease.account.mark_ok();
+                    shard.metrics.stream_opened(lease.account.metrics_index);
+                    let scanner = FrameScanner::new(
+                        Sender::Server,
+                        self.settings.limits.max_frame_bytes as u64,
+                    );
+                    return Ok(Upstream {
+                        conn,
+                        lease,
+                        buf,
+                        scanner,
+                    });
+                }
+                Err(crate::dataplane::upstream::ConnectError::Refused(status, _))
+                    if UpstreamFault::is_config_fault(status) =>
+                {
+                    // The URL, not the account: every account would get the same.
+                    shard.metrics.error(Side::Upstream, status);
+                    if shard.process.upstream_fault.set(status) {
+                        tracing::error!(stream = %self.id, status, "{}", UpstreamFault::describe(status));
+                    }
+                    return Err(Refusal::upstream_misconfigured(status));
+                }
+                Err(crate::dataplane::upstream::ConnectError::Refused(status, scope)) => {
+                    upstream_refused = true;
+                    self.note_refusal(&lease, status, scope);
+                    shard.metrics.error(Side::Upstream, status);
+                    shard.metrics.account_retry(lease.account.metrics_index);
+                    tracing::info!(stream = %self.id, account = %lease.account.id, status, "upstream refused the account; trying the next");
+                    if status >= 500 {
+                        unreachable = true;
+                    }
+                }
+                Err(crate::dataplane::upstream::ConnectError::FileLimit) => {
+                    // The relay's own limit: no account would do better.
+                    shard
+                        .process
+                        .faults
+                        .file_limit(crate::dataplane::accept::At::UpstreamConnect);
+                    shard
+                        .file_limit_log
+                        .hit("upstream connect", &"too many open files");
+                    return Err(Refusal::file_limit());
+                }
+                Err(crate::dataplane::upstream::ConnectError::Timeout) => {
+                    // Held off on every shard, so later streams do not wait
+                    // the whole timeout on it again.
+                    unreachable = true;
+                    lease.account.mark_timed_out(Instant::now());
+                    shard.metrics.error(Side::Upstream, 502);
+                    shard.metrics.account_retry(lease.account.metrics_index);
+                    tracing::warn!(stream = %self.id, account = %lease.account.id, timeout = ?shard.connect_timeout, "upstream connect timed out; the account is held off");
+                }
+                Err(e) => {
+                    unreachable = true;
+                    shard.metrics.error(Side::Upstream, 502);
+                    tracing::warn!(stream = %self.id, account = %lease.account.id, error = ?e, "upstream connect failed");
+                }
+            }
+        }
+    }
+
+    /// Whether the stream can resume on a new upstream connection now: a
+    /// raw-audio stream with resumes left, its copy whole, the client not
+    /// gone and not in the middle of a text frame.
+    fn resumable(&self, state: &StreamState, cside: &ClientSide) -> bool {
+        !cside.close_seen
+            && state
+                .resume
+                .borrow()
+                .as_ref()
+                .is_some_and(|r| r.can_resume())
+            && !matches!(cside.scanner.cut_frame(), Some(None))
+    }
+
+    /// Resumes the stream after its upstream connection failed mid-stream
+    /// (`end`): a new connection (the same account if it is still the best
+    /// choice), the config, the audio after the last final token, a
+    /// pending finalize or end of audio, then the live audio.
+    async fn resume(
+        &self,
+        up: &mut Upstream,
+        end: End,
+        config: &[u8],
+        state: &StreamState,
+        cbuf: &mut Buf,
+        cside: &mut ClientSide,
+    ) -> Result<(), Refusal> {
+        let t0 = Instant::now();
+        let reason = match end {
+            End::Resume(code, scope) => {
+                self.note_refusal(&up.lease, code, scope);
+                code
+            }
+            _ => 0,
+        };
+        let shard = &self.shard;
+        shard
+            .metrics
+            .error(Side::Upstream, if reason == 0 { 502 } else { reason });
+        shard.metrics.stream_closed(up.lease.account.metrics_index);
+        let failed_account = up.lease.account.id.clone();
+        let mut tried = 0;
+        *up = Box::pin(self.open_upstream(&mut tried, None))
+            .await
+            .map_err(|_| Refusal::upstream_lost())?;
+        // What the old connection got of the client's bytes is in the copy:
+        // the frames already re-masked for it are not sent again.
+        let cut = cside.scanner.cut_frame().flatten();
+        cbuf.consume(cside.processed);
+        cside.processed = 0;
+        let mut first = self.config_frame(up, config);
+        let (n, secs) = {
+            let mut r = state.resume.borrow_mut();
+            let r = r.as_mut().expect("a resumable stream");
+            let secs = r.replay_seconds();
+            first.extend(r.begin(&mut shard.masks.borrow_mut(), cut));
+            (r.resumes, secs)
+        };
+        cside.config_frame = Some(first);
+        cside.replay = None;
+        state.replayable.set(false);
+        state.accepted.set(false);
+        state.inspect_first_upstream.set(true);
+        state.first_upstream_error.set(None);
+        shard.metrics.failover("mid", reason == 0);
+        shard.metrics.resumed(secs, t0.elapsed());
+        tracing::info!(stream = %self.id, failed_account = %failed_account, account = %up.lease.account.id, resume = n, reason, replayed_secs = secs, "upstream failed mid-stream; resumed on a new connection");
+        Ok(())
+    }
+
+    /// Marks the account after upstream refused it with `code`.
+    fn note_refusal(&self, lease: &Lease, code: u16, scope: RateScope) {
+        match code {
+            401 | 402 => lease.account.mark_unhealthy(Instant::now()),
+            429 => lease.account.mark_rate_limited(Instant::now(), scope),
+            _ => {}
+        }
+    }
+
+    /// The client's config (see [`upstream_config_text`]) as the masked
+    /// text frame upstream gets, with the account key as `api_key` when
+    /// `upstream.auth = "config"`.
+    fn config_frame(&self, up: &Upstream, config: &[u8]) -> Vec<u8> {
+        let with_key;
+        let text = if self.shard.key_in_header {
+            config
+        } else {
+            with_key = with_api_key(config, up.lease.key.key.expose());
+            &with_key
+        };
+        let key = self.shard.masks.borrow_mut().next_key();
+        build_frame(Opcode::Text, text, Some(key))
+    }
+
+    /// Runs both pumps and the idle watch until one of them ends the stream.
+    async fn pump(
+        &self,
+        client: &Duplex,
+        up: &mut Upstream,
+        cbuf: &mut Buf,
+        cside: &mut ClientSide,
+        state: &StreamState,
+        live: &LiveStream,
+    ) -> End {
+        let shard = &self.shard;
+        let Upstream {
+            conn,
+            buf: ubuf,
+            scanner: uscanner,
+            ..
+        } = up;
+        let conn = &*conn;
+        // A fresh scanner per upstream connection; the buffer already holds
+        // whatever followed the upgrade answer.
+        let retry_allowed = || state.replayable.get() && !state.accepted.get();
+        let c2u = async {
+            match pump::client_to_upstream(
+                client,
+                conn,
+                cbuf,
+                cside,
+                state,
+                &shard.masks,
+                &shard.metrics,
+            )
+            .await
+            {
+                // The client said goodbye; the stream ends when upstream answers.
+                End::ClientClosed => future::pending().await,
+                end => end,
+            }
+        };
+        let u2c = pump::upstream_to_client_any(
+            conn,
+            client,
+            ubuf,
+            uscanner,
+            state,
+            &shard.metrics,
+            &retry_allowed,
+        );
+        // The relay's own reasons to end the stream: a revocation, or the
+        // device's longest stream length.
+        let max_len = state
+            .device
+            .borrow()
+            .as_ref()
+            .map_or(std::time::Duration::ZERO, |d| d.limits.max_stream_length);
+        let stop = async {
+            let too_long = async {
+                if max_len.is_zero() {
+                    future::pending::<()>().await;
+                }
+                pump::until(state.started + max_len).await;
+                Limit::MaxLength
+            };
+            let limit = async {
+                match live.stopped().await {
+                    StopReason::Limit(l) => l,
+                    StopReason::Drain => future::pending().await,
+                }
+            };
+            let drain = async {
+                loop {
+                    if live.stopped().await == StopReason::Drain {
+                        return End::Drain;
+                    }
+                    future::pending::<()>().await;
+                }
+            };
+            future::or(
+                async { End::Stopped(future::or(limit, too_long).await) },
+                drain,
+            )
+            .await
+        };
+        future::or(
+            future::or(
+                future::or(u2c, c2u),
+                pump::idle_watch(
+                    state,
+                    self.settings.limits.idle_timeout,
+                    self.settings.limits.stall_timeout,
+                ),
+            ),
+            stop,
+        )
+        .await
+    }
+
+    /// Ends a stream the way `end` calls for.
+    async fn finish(
+        &self,
+        client: &Duplex,
+        up: &mut Upstream,
+        end: End,
+        state: &StreamState,
+        cbuf: &mut Buf,
+        cside: &mut ClientSide,
+    ) -> Option<u16> {
+        let shard = &self.shard;
+        let mut error = None;
+        let to_client = |r: &Refusal| r.frames(&self.id);
+        let close_upstream = |code: u16, reason: &str| {
+            let key = shard.masks.borrow_mut().next_key();
+            build_frame(Opcode::Close, &close_payload(code, reason), Some(key))
+        };
+        match end {
+            End::UpstreamClosed => {
+                // Upstream closed first (after `finished`): carry the client's
+                // close reply up, so both close handshakes complete.
+                if !cside.close_seen {
+                    let c2u = pump::client_to_upstream(
+                        client,
+                        &up.conn,
+                        cbuf,
+                        cside,
+                        state,
+                        &shard.masks,
+                        &shard.metrics,
+                    );
+                    let _ = timeout(CLOSE_WAIT, c2u).await;
+                }
+            }
+            End::ClientGone => {
+                if state.upstream_at_boundary.get() {
+                    let _ = timeout(
+                        std::time::Duration::from_secs(1),
+                        up.conn.write_all(&close_upstream(1001, "client went away")),
+                    )
+                    .await;
+                }
+            }
+            End::ClientProtocol(e) => {
+                shard.metrics.error(Side::Client, e.close_code());
+                let r = Refusal::new(400, "bad_request", e.reason(), e.close_code(), Side::Client);
+                error = Some(400);
+                if state.client_at_boundary.get() {
+                    let _ = client.write_all(&to_client(&r)).await;
+                }
+                if state.upstream_at_boundary.get() {
+                    let _ = up
+                        .conn
+                        .write_all(&close_upstream(1001, "client protocol error"))
+                        .await;
+                }
+            }
+            End::UpstreamGone if cside.close_seen => {
+                // The client closed and upstream hung up instead of answering
+                // the close: answer it in upstream's place.
+                if state.client_at_boundary.get() {
+                    let _ = client
+                        .write_all(&build_frame(Opcode::Close, &close_payload(1000, ""), None))
+                        .await;
+                }
+            }
+            End::UpstreamGone | End::UpstreamProtocol(_) | End::UpstreamStalled => {
+                if end == End::UpstreamStalled {
+                    tracing::warn!(stream = %self.id, account = %up.lease.account.id, stall = ?self.settings.limits.stall_timeout, "upstream stopped reading the stream's audio; ending it as an upstream failure");
+                }
+                let r = Refusal::upstream_lost();
+                shard.metrics.error(Side::Upstream, r.code);
+                error = Some(r.code);
+                if state.client_at_boundary.get() {
+                    let _ = client.write_all(&to_client(&r)).await;
+                }
+            }
+            End::Idle => {
+                let r = Refusal::new(
+                    408,
+                    "request_timeout",
+                    "No audio or messages in time; the stream was idle.",
+                    1000,
+                    Side::Client,
+                );
+                shard.metrics.error(Side::Client, 408);
+                error = Some(408);
+                if state.client_at_boundary.get() {
+                    let _ = client.write_all(&to_client(&r)).await;
+                }
+                if state.upstream_at_boundary.get() {
+                    let _ = up.conn.write_all(&close_upstream(1000, "idle")).await;
+                }
+            }
+            End::Stopped(limit) => {
+                shard.process.device_rejections[limit as usize]
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let message = match limit {
+                    Limit::Revoked => "This device or session token has been revoked.".to_string(),
+                    Limit::DailyAudio => {
+                        "Device limit reached: daily audio allowance used up.".to_string()
+                    }
+                    _ => "Device limit reached: the longest a stream may last.".to_string(),
+                };
+                let r = Refusal::device(limit, message);
+                shard.metrics.error(Side::Client, r.code);
+                error = Some(r.code);
+                if state.client_at_boundary.get() {
+                    let _ = client.write_all(&to_client(&r)).await;
+                }
+                if state.upstream_at_boundary.get() {
+                    let _ = up
+                        .conn
+                        .write_all(&close_upstream(1000, "ended by the relay"))
+                        .await;
+                }
+            }
+            End::Drain => {
+                // Ask upstream for the final tokens, deliver them, then tell the
+                // client to reconnect (Soniox's 503) with close 1012.
+                if state.upstream_at_boundary.get() && state.client_at_boundary.get() {
+                    let key = shard.masks.borrow_mut().next_key();
+                    let finalize = build_frame(Opcode::Text, br#"{"type":"finalize"}"#, Some(key));
+                    if up.conn.write_all(&finalize).await.is_ok() {
+                        let never = || false;
+                        let Upstream {
+                            conn, buf, scanner, ..
+                        } = &mut *up;
+                        let u2c = pump::upstream_to_client_any(
+                            conn,
+                            client,
+                            buf,
+                            scanner,
+                            state,
+                            &shard.metrics,
+                            &never,
+                        );
+                        let fin = async {
+                            while !(state.fin_seen.get() && state.client_at_boundary.get()) {
+                                glommio::timer::Timer::new(std::time::Duration::from_millis(10))
+                                    .await;
+                            }
+                            End::Drain
+                        };
+                        let _ = timeout(FINALIZE_WAIT, future::or(fin, u2c)).await;
+                    }
+                }
+                let r = Refusal::new(
+                    503,
+                    "service_unavailable",
+                    "The relay is restarting; reconnect to continue.",
+                    1012,
+                    Side::Internal,
+                );
+                error = Some(503);
+                if state.client_at_boundary.get() {
+                    let _ = client.write_all(&to_client(&r)).await;
+                }
+                if state.upstream_at_boundary.get() {
+                    let _ = up
+                        .conn
+                        .write_all(&close_upstream(1001, "relay restarting"))
+                        .await;
+                }
+            }
+            End::Resume(..) => {
+                // An error the stream could not resume from (its resumes
+                // used up, or its copy no longer whole).
+                let r = Refusal::upstream_lost();
+                error = Some(r.code);
+                if state.client_at_boundary.get() {
+                    let _ = client.write_all(&to_client(&r)).await;
+                }
+            }
+            End::Retry(..) | End::ClientClosed => unreachable!("handled by the caller"),
+        }
+        let _ = up.conn.close().await;
+        close_client(client).await;
+        error
+    }
+
+    /// Sends a refusal (error frame + close) to the client and ends.
+    async fn refuse(&self, client: &Duplex, r: &Refusal) {
+        if r.code != 0 {
+            self.shard.metrics.stream_refused(r.by, r.side, r.code);
+            // Every refusal leaves one line at INFO, saying who refused; the
+            // message never holds a token or a key.
+            if !r.is_file_limit() {
+                tracing::info!(stream = %self.id, by = r.by.label(), code = r.code, close = r.close, reason = %r.message, "stream refused");
+            } // at the file limit, the shard's rate-limited warning says it
+
+            let _ = client.write_all(&r.frames(&self.id)).await;
+        } else if r.close != 0 {
+            // The client closed before its first message: answer its close.
+            let _ = client
+                .write_all(&build_frame(
+                    Opcode::Close,
+                    &close_payload(r.close, ""),
+                    None,
+                ))
+                .await;
+        }
+        close_client(client).await;
+    }
+}

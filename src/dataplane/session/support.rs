@@ -1,0 +1,147 @@
+//! Small pieces of a stream's life: its place in the shard's live-stream
+//! registry, the audio byte rate of its format, the config message as
+//! upstream gets it, and closing the client.
+
+use std::rc::Rc;
+
+use serde_json::{Map, Value};
+
+use super::CLOSE_WAIT;
+use crate::core::token::Claims;
+use crate::dataplane::io::{timeout, Duplex};
+use crate::dataplane::shard::{LiveStream, Shard};
+
+/// Audio bytes per millisecond for a raw `audio_format` in the config
+/// message; 0 for compressed formats, whose duration only upstream knows.
+pub(super) fn audio_bytes_per_ms(config: &Map<String, Value>) -> f64 {
+    let sample_bytes = match config.get("audio_format").and_then(Value::as_str) {
+        Some("pcm_s16le" | "pcm_s16be") => 2.0,
+        Some("pcm_f32le" | "pcm_f32be" | "pcm_s32le" | "pcm_s32be") => 4.0,
+        Some("mulaw" | "alaw" | "pcm_s8" | "pcm_u8") => 1.0,
+        _ => return 0.0,
+    };
+    let rate = config
+        .get("sample_rate")
+        .and_then(Value::as_f64)
+        .unwrap_or(0.0);
+    let channels = config
+        .get("num_channels")
+        .and_then(Value::as_f64)
+        .unwrap_or(1.0);
+    rate * channels * sample_bytes / 1000.0
+}
+
+/// A raw `audio_format`'s bytes per second and bytes per sample frame (all
+/// channels), from whole-number `sample_rate` and `num_channels`; `None`
+/// for compressed formats and `auto`, which cannot be cut mid-stream.
+pub(super) fn raw_audio_rate(config: &Map<String, Value>) -> Option<(u64, u64)> {
+    let sample_bytes = match config.get("audio_format").and_then(Value::as_str)? {
+        "pcm_s16le" | "pcm_s16be" => 2,
+        "pcm_f32le" | "pcm_f32be" | "pcm_s32le" | "pcm_s32be" => 4,
+        "mulaw" | "alaw" | "pcm_s8" | "pcm_u8" => 1,
+        _ => return None,
+    };
+    let rate = config.get("sample_rate").and_then(Value::as_u64)?;
+    let channels = config.get("num_channels").map_or(Some(1), Value::as_u64)?;
+    let frame = sample_bytes * channels;
+    (rate > 0 && frame > 0).then_some((rate * frame, frame))
+}
+
+/// Keeps a stream in its shard's registry of live streams while it runs.
+pub(super) struct LiveGuard<'a> {
+    shard: &'a Shard,
+    id: u64,
+    pub(super) stream: Rc<LiveStream>,
+}
+
+impl<'a> LiveGuard<'a> {
+    pub(super) fn register(shard: &'a Shard, claims: &Claims) -> Self {
+        let stream = LiveStream::new(&claims.device_id, &claims.token_id);
+        let id = shard.next_live_id();
+        shard.live.borrow_mut().insert(id, stream.clone());
+        LiveGuard { shard, id, stream }
+    }
+}
+
+impl Drop for LiveGuard<'_> {
+    fn drop(&mut self) {
+        self.shard.live.borrow_mut().remove(&self.id);
+    }
+}
+
+/// Closes the client side after the relay's last frame: FIN, then read and
+/// discard until the client closes too (bounded), so no unread byte turns
+/// the close into a reset that could cost the client its last frames.
+pub(super) async fn close_client(client: &Duplex) {
+    let _ = client.close().await;
+    let mut scratch = [0u8; 512];
+    let _ = timeout(CLOSE_WAIT, async {
+        while let Ok(n) = client.read(&mut scratch).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+/// The client's config as upstream gets it (before any key): without the
+/// client's `api_key` (its session token), and with a `client_reference_id`
+/// (the stream id) when the client gave none. A JSON object.
+pub fn upstream_config_text(mut config: Map<String, Value>, stream_id: &str) -> Box<[u8]> {
+    config.remove("api_key");
+    if !config.contains_key("client_reference_id") {
+        config.insert(
+            "client_reference_id".into(),
+            Value::String(stream_id.to_string()),
+        );
+    }
+    serde_json::to_vec(&config)
+        .expect("a JSON map serializes")
+        .into_boxed_slice()
+}
+
+/// `config` (a JSON object from [`upstream_config_text`]) with `api_key`
+/// set to `key`, as its first member.
+pub fn with_api_key(config: &[u8], key: &str) -> Vec<u8> {
+    debug_assert!(config.first() == Some(&b'{') && config.last() == Some(&b'}'));
+    let mut out = Vec::with_capacity(config.len() + key.len() + 16);
+    out.extend_from_slice(b"{\"api_key\":");
+    serde_json::to_writer(&mut out, key).expect("a string serializes");
+    if config.len() > 2 {
+        out.push(b',');
+    }
+    out.extend_from_slice(&config[1..]);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn the_config_upstream_gets() {
+        let client = map(serde_json::json!({"model": "m", "api_key": "clio1.token"}));
+        let text = upstream_config_text(client, "s-1");
+        let v: Value = serde_json::from_slice(&text).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"model": "m", "client_reference_id": "s-1"})
+        );
+
+        let keyed: Value = serde_json::from_slice(&with_api_key(&text, "k\"ey")).unwrap();
+        assert_eq!(
+            keyed,
+            serde_json::json!({"model": "m", "client_reference_id": "s-1", "api_key": "k\"ey"})
+        );
+        let own = map(serde_json::json!({"client_reference_id": "mine"}));
+        let v: Value = serde_json::from_slice(&upstream_config_text(own, "s-2")).unwrap();
+        assert_eq!(v["client_reference_id"], "mine");
+        let empty: Value = serde_json::from_slice(&with_api_key(b"{}", "k")).unwrap();
+        assert_eq!(empty, serde_json::json!({"api_key": "k"}));
+    }
+}

@@ -1,0 +1,597 @@
+//! A shard: one glommio executor on one core, with its own listener on the
+//! client port (SO_REUSEPORT: the kernel spreads connections), its own key
+//! ring, buffer pool, mask keys and metrics. A stream lives on the shard that
+//! accepted it, client and upstream sockets alike.
+//!
+//! The control plane talks to a shard only by message ([`ShardMsg`]); the
+//! shard answers between events.
+
+use std::cell::{Cell, RefCell};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_lite::future;
+use glommio::{LocalExecutorBuilder, Placement};
+
+use crate::core::config::LimitsConfig;
+use crate::core::keyring::{AccountState, KeyRing, RingSlot};
+use crate::core::metrics::{MetricsSnapshot, ShardMetrics};
+use crate::core::token::TokenKeys;
+use crate::dataplane::io::BufferPool;
+use crate::dataplane::upstream::UpstreamTarget;
+use clio_frame::mask::MaskKeys;
+
+/// Size of each pooled read buffer: a stream uses two (one per direction).
+/// Audio frames are 3–4 KiB; results are smaller. Larger frames stream
+/// through in pieces.
+pub const BUFFER_SIZE: usize = 16 * 1024;
+
+/// io_uring registered memory per executor. The relay reads into its own
+/// pooled buffers, so glommio's registered-buffer arena is barely used; the
+/// process's locked-memory limit (often 8 MiB) must fit every executor's.
+pub const IO_MEMORY: usize = 64 * 1024;
+
+/// Submission-queue depth of each of an executor's io_uring rings (glommio's
+/// default is 128). Every socket a shard waits on is an armed poll in its
+/// main ring, and the kernel finds a request to cancel (glommio cancels its
+/// preemption timer on every reactor turn) by walking one bucket of the
+/// ring's cancel hash table, which has `2^(log2(completion entries) - 5)`
+/// buckets, at most 256. At 128 that is 8 buckets: with 18,000 sockets
+/// waiting, every turn walked chains of about 2,000 polls, and
+/// `io_poll_find` was 45% of an idle relay's CPU (`perf`, 9,000 idle
+/// streams). 4,096 gives the full 256 buckets for about 400 KiB of ring
+/// memory per ring.
+pub const RING_DEPTH: usize = 4096;
+
+/// A ring version and the account ids by metrics index.
+type Published = (Arc<[RingSlot]>, Arc<[String]>);
+
+/// Process-wide facts every shard reads: the stream count behind
+/// `server.max_streams`, the draining flag, and the accounts.
+#[derive(Debug)]
+pub struct ProcessState {
+    live: AtomicU32,
+    max_streams: u32,
+    draining: AtomicBool,
+    /// Random per process start, part of every stream id.
+    boot_id: u32,
+    /// The ring version last published, and account ids by metrics index:
+    /// what a shard starts with, and what the admin side reports. Locked only
+    /// on control-plane changes and reads, never by a stream.
+    published: Mutex<Published>,
+    /// Per-device limits and revocations, shared by every shard.
+    pub devices: crate::core::devices::Devices,
+    /// Streams refused or ended by a device limit, by [`crate::core::devices::Limit`].
+    pub device_rejections: [std::sync::atomic::AtomicU64; 5],
+    /// Connections waiting for a first-message token, by client address.
+    pub unauthenticated: crate::dataplane::unauth::AddressPool,
+    /// The fleet's shared store (`[cluster]`), set once before any stream.
+    pub fleet: std::sync::OnceLock<Arc<crate::core::cluster::Fleet>>,
+    /// Accept errors and file-limit hits, for the metrics.
+    pub faults: crate::dataplane::accept::Faults,
+    /// Upstream answered an upgrade with 400 or 404: `upstream.url` is wrong.
+    pub upstream_fault: crate::dataplane::upstream::UpstreamFault,
+}
+
+impl ProcessState {
+    /// State for a process with these limits and accounts.
+    pub fn new(max_streams: u32, ring: Arc<[RingSlot]>, metrics_ids: Arc<[String]>) -> Arc<Self> {
+        let mut masks = MaskKeys::default();
+        let boot_id = u32::from_le_bytes(masks.next_key());
+        Arc::new(ProcessState {
+            live: AtomicU32::new(0),
+            max_streams,
+            draining: AtomicBool::new(false),
+            boot_id,
+            published: Mutex::new((ring, metrics_ids)),
+            devices: crate::core::devices::Devices::default(),
+            device_rejections: Default::default(),
+            unauthenticated: Default::default(),
+            fleet: std::sync::OnceLock::new(),
+            faults: Default::default(),
+            upstream_fault: Default::default(),
+        })
+    }
+
+    /// Records a new ring version (the caller also sends it to every shard).
+    pub fn publish(&self, ring: Arc<[RingSlot]>, metrics_ids: Arc<[String]>) {
+        *self.published.lock().unwrap_or_else(|e| e.into_inner()) = (ring, metrics_ids);
+    }
+
+    /// The ring version last published.
+    pub fn ring(&self) -> Arc<[RingSlot]> {
+        self.published
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .clone()
+    }
+
+    /// Account ids by metrics index.
+    pub fn metrics_ids(&self) -> Arc<[String]> {
+        self.published
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .clone()
+    }
+
+    /// The accounts of the ring version last published.
+    pub fn accounts(&self) -> Vec<Arc<AccountState>> {
+        self.ring().iter().map(|s| s.account.clone()).collect()
+    }
+
+    /// Counts a new stream against `max_streams`, or `None` when full.
+    pub fn admit(self: &Arc<Self>) -> Option<AdmitPermit> {
+        let max = self.max_streams;
+        self.live
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| AdmitPermit(self.clone()))
+    }
+
+    /// Streams admitted and not yet ended, across all shards.
+    pub fn live_streams(&self) -> u32 {
+        self.live.load(Ordering::Relaxed)
+    }
+
+    /// The `server.max_streams` limit.
+    pub fn max_streams(&self) -> u32 {
+        self.max_streams
+    }
+
+    /// Whether the relay is draining (no new streams).
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Starts or stops draining.
+    pub fn set_draining(&self, on: bool) {
+        self.draining.store(on, Ordering::Relaxed);
+    }
+}
+
+/// One admitted stream's place under `max_streams`; freed on drop.
+#[derive(Debug)]
+pub struct AdmitPermit(Arc<ProcessState>);
+
+impl Drop for AdmitPermit {
+    fn drop(&mut self) {
+        self.0.live.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Messages from the control plane to a shard.
+#[derive(Debug)]
+pub enum ShardMsg {
+    /// Send back a snapshot of the shard's metrics.
+    Snapshot(async_channel::Sender<MetricsSnapshot>),
+    /// Answer, to show the shard's event loop turns (the watchdog's
+    /// liveness check; a snapshot would copy every histogram).
+    /// The reply is the shard's name; a plain channel, so the watchdog
+    /// thread waits for it with a deadline and no thread of its own.
+    Ping(std::sync::mpsc::Sender<String>),
+    /// Install new limits and token keys (a reload); streams already open
+    /// keep the version they started with.
+    Settings(Settings),
+    /// End the live streams of this device or token (a revocation).
+    EndStreams {
+        /// Device id to match.
+        device: Option<String>,
+        /// Token id to match.
+        token: Option<String>,
+    },
+    /// The drain deadline passed: finalize and end every live stream.
+    Drain,
+    /// Close the listener: new connections go to another process (a
+    /// restart) while this one drains.
+    StopAccepting,
+    /// A rotated-out key's overlap is over: finalize and end the streams
+    /// still on it (clients reconnect onto the new key).
+    EndKey(String),
+    /// Hand over the usage records of streams ended since the last call.
+    TakeUsage(async_channel::Sender<Vec<crate::core::usage::UsageRecord>>),
+    /// Install a new key-ring version; the ids are the accounts by metrics index.
+    Ring(Arc<[RingSlot]>, Arc<[String]>),
+    /// Stop accepting and end the executor.
+    Stop,
+}
+
+/// Everything a shard needs, built by the server before the thread starts.
+#[derive(Debug, Clone)]
+pub struct ShardSetup {
+    /// Client listen address (with the port already fixed for shards after the first).
+    pub listen: SocketAddr,
+    /// Pin to this CPU, if any.
+    pub cpu: Option<usize>,
+    /// Stream limits.
+    pub limits: LimitsConfig,
+    /// `[failover]`.
+    pub failover: crate::core::config::FailoverConfig,
+    /// Whether the account key goes in the upgrade's Authorization header.
+    pub key_in_header: bool,
+    /// Upstream connect + upgrade time limit.
+    pub connect_timeout: Duration,
+    /// The pools and their endpoints (the default pool's is `upstream.url`).
+    pub pools: Vec<crate::core::config::PoolConfig>,
+    /// TLS for a wss:// upstream.
+    pub upstream_tls: Option<Arc<rustls::ClientConfig>>,
+    /// Session token keys.
+    pub tokens: Arc<TokenKeys>,
+    /// Per-device limits and tiers.
+    pub devices: Arc<crate::core::config::DevicesConfig>,
+    /// A listening socket passed by systemd, used instead of binding.
+    pub listen_fd: Option<Arc<std::os::fd::OwnedFd>>,
+    /// TLS for the client port.
+    pub client_tls: Option<Arc<rustls::ServerConfig>>,
+    /// `server.allow`.
+    pub allow: Arc<Vec<ipnet::IpNet>>,
+    /// Process-wide state.
+    pub process: Arc<ProcessState>,
+}
+
+/// A shard's state, shared by its tasks (`Rc`: it never leaves its thread).
+#[derive(Debug)]
+pub struct Shard {
+    /// Shard number (0-based).
+    pub index: usize,
+    /// Limits and token keys; replaced whole on reload, and each stream keeps
+    /// the version it started with.
+    settings: RefCell<Rc<Settings>>,
+    /// Where the account key goes: the upgrade header or the first message.
+    pub key_in_header: bool,
+    /// Upstream connect + upgrade time limit.
+    pub connect_timeout: Duration,
+    /// Process-wide limits and flags.
+    pub process: Arc<ProcessState>,
+    /// This shard's account slots.
+    pub ring: RefCell<KeyRing>,
+    /// This shard's counters and histograms.
+    pub metrics: ShardMetrics,
+    /// Read buffers, two per live stream.
+    pub pool: Rc<BufferPool>,
+    /// Fresh mask keys for client→upstream frames.
+    pub masks: RefCell<MaskKeys>,
+    /// Where each pool's upstream is and how to reach it, by pool name.
+    pub upstreams: Vec<(String, UpstreamTarget)>,
+    next_stream: Cell<u64>,
+    /// Live streams on this shard, for ending some on request (revocation).
+    pub live: RefCell<std::collections::HashMap<u64, Rc<LiveStream>>>,
+    /// Usage of streams ended since the admin thread last collected it.
+    pub usage: RefCell<Vec<crate::core::usage::UsageRecord>>,
+    /// Upgraded connections still waiting for their first-message token;
+    /// they hold no `max_streams` slot.
+    pub unauthenticated: crate::dataplane::unauth::ShardPool,
+    /// Streams refused at the file limit: logged once per interval, with a count.
+    pub file_limit_log: crate::dataplane::accept::Rate,
+}
+
+/// Why the relay ends a live stream itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// A device limit or a revocation.
+    Limit(crate::core::devices::Limit),
+    /// The relay is shutting down and the drain deadline passed: finalize,
+    /// deliver the last results, then tell the client to reconnect.
+    Drain,
+}
+
+/// A live stream as its shard tracks it.
+#[derive(Debug)]
+pub struct LiveStream {
+    /// The device its token was minted for.
+    pub device: String,
+    /// Its token's id.
+    pub token_id: String,
+    /// Fingerprint of the account key it runs on.
+    pub key: RefCell<String>,
+    stop: Cell<Option<StopReason>>,
+    waker: RefCell<Option<std::task::Waker>>,
+}
+
+impl LiveStream {
+    /// A live stream of `device` with token `token_id`.
+    pub fn new(device: &str, token_id: &str) -> Rc<LiveStream> {
+        Rc::new(LiveStream {
+            device: device.into(),
+            token_id: token_id.into(),
+            key: RefCell::new(String::new()),
+            stop: Cell::new(None),
+            waker: RefCell::new(None),
+        })
+    }
+
+    /// Asks the stream to end, for `why`.
+    pub fn stop(&self, why: StopReason) {
+        self.stop.set(Some(why));
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    /// Resolves when the stream is asked to end.
+    pub async fn stopped(&self) -> StopReason {
+        std::future::poll_fn(|cx| match self.stop.get() {
+            Some(why) => std::task::Poll::Ready(why),
+            None => {
+                // Polled on every wake-up of the stream's task: clone the
+                // waker only when it changed.
+                let mut waker = self.waker.borrow_mut();
+                if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    *waker = Some(cx.waker().clone());
+                }
+                std::task::Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
+/// What a reload can change on a running shard.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Stream limits.
+    pub limits: LimitsConfig,
+    /// Open-time replay and mid-stream resume.
+    pub failover: crate::core::config::FailoverConfig,
+    /// Session token keys.
+    pub tokens: Arc<TokenKeys>,
+    /// Per-device limits and tiers.
+    pub devices: Arc<crate::core::config::DevicesConfig>,
+    /// TLS for the client port, if `[tls]` is set.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Networks clients may connect from (`server.allow`); empty = any.
+    pub allow: Arc<Vec<ipnet::IpNet>>,
+}
+
+impl Settings {
+    /// Whether a client at `peer` may connect.
+    pub fn allows(&self, peer: impl FnOnce() -> Option<std::net::SocketAddr>) -> bool {
+        crate::dataplane::io::allowed(&self.allow, peer)
+    }
+}
+
+impl Shard {
+    /// A key for the live-stream registry.
+    pub fn next_live_id(&self) -> u64 {
+        let n = self.next_stream.get();
+        self.next_stream.set(n + 1);
+        n
+    }
+
+    /// The current settings; a stream takes them once, at its start.
+    pub fn settings(&self) -> Rc<Settings> {
+        self.settings.borrow().clone()
+    }
+
+    /// Where the accounts of `pool` connect to.
+    pub fn upstream(&self, pool: &str) -> Option<&UpstreamTarget> {
+        self.upstreams
+            .iter()
+            .find_map(|(name, t)| (name == pool).then_some(t))
+    }
+
+    /// A new stream id, unique across shards and restarts in practice.
+    pub fn new_stream_id(&self) -> String {
+        let n = self.next_stream.get();
+        self.next_stream.set(n + 1);
+        format!("clio-{:08x}-{}-{}", self.process.boot_id, self.index, n)
+    }
+}
+
+/// A running shard thread.
+#[derive(Debug)]
+pub struct ShardHandle {
+    /// Where the shard listens.
+    pub addr: SocketAddr,
+    /// Control messages in.
+    pub tx: async_channel::Sender<ShardMsg>,
+    /// The executor's thread.
+    pub join: glommio::ExecutorJoinHandle<()>,
+}
+
+/// Starts shard `index` and returns once it listens.
+pub fn start(index: usize, setup: ShardSetup) -> std::io::Result<ShardHandle> {
+    let (tx, rx) = async_channel::unbounded::<ShardMsg>();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<std::io::Result<SocketAddr>>();
+    let placement = match setup.cpu {
+        Some(cpu) => Placement::Fixed(cpu),
+        None => Placement::Unbound,
+    };
+    let waiting = crate::dataplane::uring::Waiting::from_env();
+    let mut builder = LocalExecutorBuilder::new(placement);
+    builder = builder
+        .name(&format!("clio-shard-{index}"))
+        .io_memory(IO_MEMORY)
+        .ring_depth(RING_DEPTH);
+    if waiting.wake == crate::dataplane::uring::Wake::Ring {
+        // glommio's own loop gets a pass at least this often (see `uring`).
+        builder = builder.preempt_timer(crate::dataplane::uring::PASS_INTERVAL);
+    }
+    let join = builder.spawn(move || async move {
+        let plane = match crate::dataplane::uring::Plane::new(waiting) {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = ready_tx.send(Err(e));
+                return;
+            }
+        };
+        crate::dataplane::uring::install(plane.clone());
+        let plane_stop = Rc::new(Cell::new(false));
+        glommio::spawn_local(crate::dataplane::uring::drive(
+            plane.clone(),
+            plane_stop.clone(),
+        ))
+        .detach();
+        let listener = match crate::dataplane::io::stream_listener(
+            setup.listen_fd.as_deref(),
+            setup.listen,
+            true,
+        ) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = ready_tx.send(Err(e));
+                return;
+            }
+        };
+        let upstreams = match setup
+            .pools
+            .iter()
+            .map(|p| {
+                UpstreamTarget::new(&p.url, setup.upstream_tls.clone())
+                    .map(|t| (p.name.clone(), t))
+                    .map_err(|e| format!("pool {}: {e}", p.name))
+            })
+            .collect::<Result<Vec<_>, _>>()
+        {
+            Ok(u) => u,
+            Err(e) => {
+                let _ = ready_tx.send(Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    e,
+                )));
+                return;
+            }
+        };
+        let ids = setup.process.metrics_ids();
+        let shard = Rc::new(Shard {
+            index,
+            settings: RefCell::new(Rc::new(Settings {
+                limits: setup.limits.clone(),
+                failover: setup.failover.clone(),
+                tokens: setup.tokens.clone(),
+                devices: setup.devices.clone(),
+                tls: setup.client_tls.clone(),
+                allow: setup.allow.clone(),
+            })),
+            key_in_header: setup.key_in_header,
+            connect_timeout: setup.connect_timeout,
+            process: setup.process.clone(),
+            ring: RefCell::new(KeyRing::new(&setup.process.ring())),
+            metrics: ShardMetrics::new(index, &ids),
+            pool: BufferPool::new(BUFFER_SIZE, 64, 4096),
+            masks: RefCell::new(MaskKeys::default()),
+            upstreams,
+            next_stream: Cell::new(0),
+            live: RefCell::new(std::collections::HashMap::new()),
+            usage: RefCell::new(Vec::new()),
+            unauthenticated: Default::default(),
+            file_limit_log: crate::dataplane::accept::Rate::new(
+                "relay at its file limit: streams refused with 503",
+            ),
+        });
+        let _ = ready_tx.send(listener.local_addr());
+        let (stop_accepting_tx, stop_accepting_rx) = async_channel::bounded::<()>(1);
+        let control = {
+            let shard = shard.clone();
+            async move {
+                while let Ok(msg) = rx.recv().await {
+                    match msg {
+                        ShardMsg::Snapshot(reply) => {
+                            let mut snapshot = shard.metrics.snapshot();
+                            snapshot.read_buffers =
+                                (shard.pool.in_use() as u64, shard.pool.available() as u64);
+                            snapshot.unauthenticated = shard.unauthenticated.open() as u64;
+                            let _ = reply.send(snapshot).await;
+                        }
+                        ShardMsg::Settings(settings) => {
+                            *shard.settings.borrow_mut() = Rc::new(settings);
+                        }
+                        ShardMsg::Ring(ring, ids) => {
+                            shard.metrics.set_accounts(&ids);
+                            shard.ring.borrow_mut().replace(&ring);
+                        }
+                        ShardMsg::EndStreams { device, token } => {
+                            for s in shard.live.borrow().values() {
+                                if device.as_deref() == Some(s.device.as_str())
+                                    || token.as_deref() == Some(s.token_id.as_str())
+                                {
+                                    s.stop(StopReason::Limit(crate::core::devices::Limit::Revoked));
+                                }
+                            }
+                        }
+                        ShardMsg::StopAccepting => {
+                            let _ = stop_accepting_tx.try_send(());
+                        }
+                        ShardMsg::EndKey(fingerprint) => {
+                            for s in shard.live.borrow().values() {
+                                if *s.key.borrow() == fingerprint {
+                                    s.stop(StopReason::Drain);
+                                }
+                            }
+                        }
+                        ShardMsg::Drain => {
+                            for s in shard.live.borrow().values() {
+                                s.stop(StopReason::Drain);
+                            }
+                        }
+                        ShardMsg::TakeUsage(reply) => {
+                            let taken = std::mem::take(&mut *shard.usage.borrow_mut());
+                            let _ = reply.send(taken).await;
+                        }
+                        ShardMsg::Ping(reply) => {
+                            let _ = reply.send(format!("shard {index}"));
+                        }
+                        ShardMsg::Stop => break,
+                    }
+                }
+            }
+        };
+        let accept = async {
+            let listener = listener;
+            let ring_listener = match crate::dataplane::uring::RingListener::new(
+                &plane,
+                std::os::fd::AsRawFd::as_raw_fd(&listener),
+            ) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!(shard = index, error = %e, "listener not registered");
+                    return;
+                }
+            };
+            let accept_loop = async {
+                let errors = crate::dataplane::accept::AcceptErrors::new("client", false);
+                let spare = crate::dataplane::accept::Spare::new(1);
+                loop {
+                    match ring_listener.accept().await {
+                        Ok(socket) => {
+                            errors.succeeded();
+                            glommio::spawn_local(crate::dataplane::uring::Counted(
+                                crate::dataplane::session::serve(shard.clone(), socket),
+                            ))
+                            .detach();
+                        }
+                        Err(e) => {
+                            crate::dataplane::accept::client_accept_failed(
+                                &shard,
+                                &ring_listener,
+                                &errors,
+                                &spare,
+                                e,
+                            )
+                            .await
+                        }
+                    }
+                }
+            };
+            futures_lite::future::or(accept_loop, async {
+                let _ = stop_accepting_rx.recv().await;
+            })
+            .await;
+            drop(ring_listener);
+            drop(listener);
+            futures_lite::future::pending::<()>().await;
+        };
+        future::or(control, accept).await;
+        plane_stop.set(true);
+    })?;
+    let addr = ready_rx
+        .recv()
+        .map_err(|_| std::io::Error::other("shard thread ended before listening"))??;
+    Ok(ShardHandle { addr, tx, join })
+}

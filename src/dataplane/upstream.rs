@@ -1,0 +1,397 @@
+//! Connecting to Soniox: TCP, TLS (rustls + ring), and the WebSocket client
+//! upgrade with the account's key where `upstream.auth` puts it.
+//!
+//! The upgrade answer is read into the stream's upstream read buffer; bytes
+//! after it are the first upstream frames and stay where they are.
+
+use std::cell::RefCell;
+use std::io;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_rustls::TlsConnector;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+
+use crate::core::config::{parse_ws_url, WsEndpoint};
+use crate::core::keyring::RateScope;
+use crate::core::secret::Secret;
+use crate::dataplane::http::{self, UpstreamAnswer};
+use crate::dataplane::io::{Buf, Conn, Duplex, Tcp};
+
+/// How long a resolved upstream address is reused before resolving again.
+const DNS_TTL: Duration = Duration::from_secs(30);
+/// Largest upgrade answer head accepted from upstream.
+const MAX_ANSWER_HEAD: usize = 16 * 1024;
+
+/// Why an upstream connection attempt failed.
+#[derive(Debug)]
+pub enum ConnectError {
+    /// Upstream answered the upgrade with this HTTP status (401, 402, 429, 5xx…).
+    Refused(u16, RateScope),
+    /// DNS, TCP, TLS or a broken answer: upstream is unreachable or not speaking WebSocket.
+    Unavailable(String),
+    /// The whole attempt took longer than `upstream.connect_timeout`.
+    Timeout,
+    /// The relay is at its file-descriptor limit: no socket to connect with.
+    /// The relay's own fault, not upstream's, and the same for any account.
+    FileLimit,
+}
+
+/// The parsed `upstream.url` with what a shard needs to connect to it.
+pub struct UpstreamTarget {
+    host: String,
+    port: u16,
+    path: String,
+    host_header: String,
+    tls: Option<(TlsConnector, ServerName<'static>)>,
+    /// Resolved addresses and when; refreshed after [`DNS_TTL`].
+    resolved: RefCell<Option<(Vec<SocketAddr>, Instant)>>,
+}
+
+impl std::fmt::Debug for UpstreamTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamTarget")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("path", &self.path)
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
+}
+
+/// Builds the TLS client config: the webpki roots plus any PEM certificates in `ca_file`.
+pub fn tls_client_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = ca_file {
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+            .map_err(|e| format!("upstream.ca_file {}: {e}", path.display()))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("upstream.ca_file {}: {e}", path.display()))?;
+        if certs.is_empty() {
+            return Err(format!(
+                "upstream.ca_file {}: no certificate found",
+                path.display()
+            ));
+        }
+        for c in certs {
+            roots
+                .add(c)
+                .map_err(|e| format!("upstream.ca_file {}: {e}", path.display()))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+impl UpstreamTarget {
+    /// Parses a `ws://` or `wss://` URL; `tls` is required for `wss://`.
+    pub fn new(
+        url: &str,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Result<UpstreamTarget, String> {
+        let WsEndpoint {
+            tls: secure,
+            host,
+            port,
+            path,
+        } = parse_ws_url(url)?;
+        let default_port = if secure { 443 } else { 80 };
+        let bracketed = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host.clone()
+        };
+        let host_header = if port == default_port {
+            bracketed
+        } else {
+            format!("{bracketed}:{port}")
+        };
+        let tls = if secure {
+            let cfg = tls.ok_or("a wss:// upstream needs a TLS config")?;
+            let name = ServerName::try_from(host.clone())
+                .map_err(|e| format!("upstream.url host: {e}"))?;
+            Some((TlsConnector::from(cfg), name))
+        } else {
+            None
+        };
+        Ok(UpstreamTarget {
+            host,
+            port,
+            path,
+            host_header,
+            tls,
+            resolved: RefCell::new(None),
+        })
+    }
+
+    async fn resolve(&self) -> io::Result<Vec<SocketAddr>> {
+        if let Some((addrs, at)) = &*self.resolved.borrow() {
+            if at.elapsed() < DNS_TTL {
+                return Ok(addrs.clone());
+            }
+        }
+        let (host, port) = (self.host.clone(), self.port);
+        // getaddrinfo blocks: run it on glommio's blocking pool, not the shard.
+        let addrs: Vec<SocketAddr> = glommio::executor()
+            .spawn_blocking(move || {
+                (host.as_str(), port)
+                    .to_socket_addrs()
+                    .map(|a| a.collect::<Vec<_>>())
+            })
+            .await?;
+        if addrs.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                "upstream host resolved to no address",
+            ));
+        }
+        *self.resolved.borrow_mut() = Some((addrs.clone(), Instant::now()));
+        Ok(addrs)
+    }
+
+    /// Opens a WebSocket to upstream with `key`, on the header (`Authorization`)
+    /// or leaving it to the first message (`key_in_header == false`). The answer
+    /// head is consumed from `buf`; whatever followed it stays there.
+    /// `sndbuf`: the socket's send buffer, bytes (0: the kernel's).
+    pub async fn connect(
+        &self,
+        key: &Secret,
+        key_in_header: bool,
+        buf: &mut Buf,
+        limit: Duration,
+        sndbuf: usize,
+    ) -> Result<Duplex, ConnectError> {
+        let open = self.connect_inner(key, key_in_header, buf, limit, sndbuf);
+        match crate::dataplane::io::timeout(limit, open).await {
+            Some(r) => r,
+            None => Err(ConnectError::Timeout),
+        }
+    }
+
+    async fn connect_inner(
+        &self,
+        key: &Secret,
+        key_in_header: bool,
+        buf: &mut Buf,
+        limit: Duration,
+        sndbuf: usize,
+    ) -> Result<Duplex, ConnectError> {
+        let unavailable = |what: &str, e: &dyn std::fmt::Display| {
+            ConnectError::Unavailable(format!("{what}: {e}"))
+        };
+        let addrs = self.resolve().await.map_err(|e| {
+            if crate::dataplane::accept::is_file_limit(&e) {
+                ConnectError::FileLimit
+            } else {
+                unavailable("resolve", &e)
+            }
+        })?;
+        let mut last = None;
+        let mut tcp = None;
+        for addr in addrs {
+            match connect_tcp(addr, limit, sndbuf).await {
+                Ok(s) => {
+                    tcp = Some(s);
+                    break;
+                }
+                Err(e) => {
+                    if crate::dataplane::accept::is_file_limit(&e) {
+                        return Err(ConnectError::FileLimit);
+                    }
+                    last = Some(e)
+                }
+            }
+        }
+        let tcp = tcp.ok_or_else(|| {
+            unavailable(
+                "connect",
+                &last.map_or("no address".into(), |e| e.to_string()),
+            )
+        })?;
+        let conn = match &self.tls {
+            None => Conn::Plain(tcp),
+            Some((connector, name)) => {
+                let tls = connector
+                    .connect(name.clone(), tcp)
+                    .await
+                    .map_err(|e| unavailable("tls", &e))?;
+                Conn::TlsClient(Box::new(tls))
+            }
+        };
+        let conn = Duplex::new(conn);
+        let ws_key = tungstenite::handshake::client::generate_key();
+        let mut req = format!(
+            "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {ws_key}\r\nSec-WebSocket-Version: 13\r\nUser-Agent: clio-relay/{}\r\n",
+            self.path,
+            self.host_header,
+            env!("CARGO_PKG_VERSION")
+        );
+        if key_in_header {
+            req.push_str("Authorization: Bearer ");
+            req.push_str(key.expose());
+            req.push_str("\r\n");
+        }
+        req.push_str("\r\n");
+        conn.write_all(req.as_bytes())
+            .await
+            .map_err(|e| unavailable("write upgrade", &e))?;
+        drop(req);
+        let head_len = http::read_head(&conn, buf, MAX_ANSWER_HEAD.min(buf.capacity()))
+            .await
+            .map_err(|e| unavailable("upgrade answer", &format!("{e:?}")))?;
+        let answer = http::check_upstream_answer(&buf.filled()[..head_len], &ws_key)
+            .map_err(|_| unavailable("upgrade answer", &"malformed"))?;
+        buf.consume(head_len);
+        match answer {
+            UpstreamAnswer::Upgraded => Ok(conn),
+            UpstreamAnswer::Refused(status) => {
+                // The body (what of it came with the head) says, for a 429,
+                // whether the project's or the organisation's limit was hit.
+                let body = buf.filled();
+                let body = String::from_utf8_lossy(&body[..body.len().min(2048)]);
+                Err(ConnectError::Refused(
+                    status,
+                    RateScope::from_message(&body),
+                ))
+            }
+            UpstreamAnswer::Invalid => Err(unavailable(
+                "upgrade answer",
+                &"bad accept key or unrequested extension",
+            )),
+        }
+    }
+}
+
+/// A TCP connection to `addr` with Nagle off and a send buffer of
+/// `sndbuf` bytes (0: the kernel's), within `limit`: on this shard's data
+/// plane when there is one (every stream), else glommio's.
+async fn connect_tcp(
+    addr: std::net::SocketAddr,
+    limit: Duration,
+    sndbuf: usize,
+) -> std::io::Result<Tcp> {
+    let Some(plane) = crate::dataplane::uring::current() else {
+        let tcp = glommio::net::TcpStream::connect_timeout(addr, limit).await?;
+        let _ = tcp.set_nodelay(true);
+        cap_buffer(&tcp, sndbuf, false);
+        return Ok(Tcp::Glommio(tcp));
+    };
+    match crate::dataplane::io::timeout(
+        limit,
+        crate::dataplane::uring::RingSocket::connect(&plane, addr),
+    )
+    .await
+    {
+        Some(Ok(s)) => {
+            let _ = s.set_nodelay();
+            cap_buffer(&s, sndbuf, false);
+            Ok(Tcp::Ring(s))
+        }
+        Some(Err(e)) => Err(e),
+        None => Err(std::io::ErrorKind::TimedOut.into()),
+    }
+}
+
+/// Sets a socket's receive (`recv`) or send buffer to `bytes` (0: leaves
+/// the kernel's autotuned one). The kernel doubles the figure for its own
+/// bookkeeping; what the socket holds of payload stays near `bytes`.
+pub fn cap_buffer(fd: &impl std::os::fd::AsRawFd, bytes: usize, recv: bool) {
+    if bytes == 0 {
+        return;
+    }
+    // SAFETY: `fd` is an open socket for the duration of the call.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd.as_raw_fd()) };
+    let sock = socket2::SockRef::from(&fd);
+    let _ = if recv {
+        sock.set_recv_buffer_size(bytes)
+    } else {
+        sock.set_send_buffer_size(bytes)
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_urls() {
+        let t = UpstreamTarget::new("ws://127.0.0.1:7300/transcribe-websocket", None).unwrap();
+        assert_eq!(
+            (t.host.as_str(), t.port, t.path.as_str()),
+            ("127.0.0.1", 7300, "/transcribe-websocket")
+        );
+        assert_eq!(t.host_header, "127.0.0.1:7300");
+        let tls = tls_client_config(None).unwrap();
+        let t =
+            UpstreamTarget::new("wss://stt-rt.soniox.com/transcribe-websocket", Some(tls)).unwrap();
+        assert_eq!((t.port, t.host_header.as_str()), (443, "stt-rt.soniox.com"));
+        let t = UpstreamTarget::new("ws://[::1]:81/x?y=1", None).unwrap();
+        assert_eq!(
+            (
+                t.host.as_str(),
+                t.port,
+                t.path.as_str(),
+                t.host_header.as_str()
+            ),
+            ("::1", 81, "/x?y=1", "[::1]:81")
+        );
+        assert!(UpstreamTarget::new("http://x", None).is_err());
+        assert!(
+            UpstreamTarget::new("wss://x/", None).is_err(),
+            "wss needs TLS"
+        );
+    }
+}
+
+/// A configuration fault upstream has shown: it answered the WebSocket
+/// upgrade with 400 or 404, so `upstream.url` (its path, most likely) is
+/// wrong. That is the same for every account, so it is not held against any
+/// of them: streams get a 502 that says so, `/readyz` is 503, and
+/// `clio_relay_upstream_config_fault` and the `upstream_config_fault` alert
+/// name it. Set by a stream's upgrade or by [`probe_websocket`]; cleared by
+/// the next upgrade upstream accepts. Shared by every shard (one atomic,
+/// read once per stream open).
+#[derive(Debug, Default)]
+pub struct UpstreamFault(std::sync::atomic::AtomicU16);
+
+impl UpstreamFault {
+    /// Whether an upgrade answered `status` is a configuration fault.
+    pub fn is_config_fault(status: u16) -> bool {
+        matches!(status, 400 | 404)
+    }
+
+    /// Records that upstream answered the upgrade with `status`; true when
+    /// this is news (the caller logs it once, not per stream).
+    pub fn set(&self, status: u16) -> bool {
+        self.0.swap(status, Ordering::Relaxed) != status
+    }
+
+    /// Upstream accepted an upgrade; true when a fault stood until now.
+    pub fn clear(&self) -> bool {
+        self.0.load(Ordering::Relaxed) != 0 && self.0.swap(0, Ordering::Relaxed) != 0
+    }
+
+    /// The status of the standing fault, if any.
+    pub fn get(&self) -> Option<u16> {
+        Some(self.0.load(Ordering::Relaxed)).filter(|s| *s != 0)
+    }
+
+    /// What `/readyz`, logs and errors say about it.
+    pub fn describe(status: u16) -> String {
+        format!(
+            "upstream answered the WebSocket upgrade with HTTP {status}: upstream.url is \
+             misconfigured (check its path; Soniox's is /transcribe-websocket)"
+        )
+    }
+}

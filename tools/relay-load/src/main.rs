@@ -1,0 +1,256 @@
+//! `relay-load`: the load generator for clio-relay. See
+//! `relay_load` for what it measures and README.md for the flags.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use clio_relay::core::config::Config;
+use clio_relay::core::token::TokenKeys;
+use relay_load::{self, AuthVia, Credentials, LoadOptions, Mode, Pace, Target};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Load generator for clio-relay: N concurrent streams of echo-stamped audio,
+/// every frame's round trip measured, lost/duplicated/reordered frames counted.
+#[derive(Debug, Parser)]
+#[command(name = "relay-load", version)]
+struct Args {
+    /// Relay (or, with --direct, fake-soniox) address.
+    /// [default: 127.0.0.1:8080, with --direct 127.0.0.1:7300]
+    #[arg(long)]
+    target: Option<SocketAddr>,
+    /// Full ws:// URL of any WebSocket endpoint (overrides --target and the path).
+    #[arg(long, conflicts_with = "target")]
+    url: Option<String>,
+    /// Talk to fake-soniox (or Soniox) directly: path /transcribe-websocket, --key as Bearer.
+    #[arg(long, requires = "key")]
+    direct: bool,
+    /// API key for --direct (or a fixed credential for --url).
+    #[arg(long, conflicts_with_all = ["relay_config", "tokens"])]
+    key: Option<String>,
+    /// Mint a token per stream from this relay config's [tokens] section (needs its secret env var or file).
+    #[arg(long, conflicts_with = "tokens")]
+    relay_config: Option<PathBuf>,
+    /// Session tokens, one per line, used round robin.
+    #[arg(long)]
+    tokens: Option<PathBuf>,
+    /// Where the credential goes: header, query, subprotocol, first-message, none.
+    #[arg(long, default_value = "header")]
+    auth: AuthVia,
+    /// Concurrent streams.
+    #[arg(short = 'n', long, default_value_t = 10)]
+    streams: usize,
+    /// Streams opened per second (0 = all at once).
+    #[arg(long, default_value_t = 500.0)]
+    ramp: f64,
+    /// Seconds of audio per stream (wall time is this divided by the pace).
+    #[arg(long, default_value_t = 10.0)]
+    stream_seconds: f64,
+    /// Audio pace: realtime, xK (K times real time, e.g. x4) or flood.
+    #[arg(long, default_value = "realtime")]
+    pace: Pace,
+    /// Audio frame length in ms (100 ms = 3,200 bytes of 16 kHz s16le mono).
+    #[arg(long, default_value_t = 100)]
+    frame_ms: u32,
+    /// Sample rate of the s16le mono audio.
+    #[arg(long, default_value_t = 16_000)]
+    sample_rate: u32,
+    /// Hard cap on the whole run; what still runs then is cut.
+    /// [default: ramp + one stream + --timeout; idle 60s; churn 10s]
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// Start a new stream in each slot when one ends, until --duration.
+    #[arg(long = "loop")]
+    repeat: bool,
+    /// Idle mode: config and a keepalive every --keepalive-every only, held for --duration.
+    #[arg(long, conflicts_with = "churn")]
+    idle: bool,
+    /// Churn mode: open, config, one frame, its result, end of audio, close; repeated by --concurrency workers.
+    #[arg(long)]
+    churn: bool,
+    /// Churn mode: concurrent workers.
+    #[arg(long, default_value_t = 50)]
+    concurrency: usize,
+    /// Idle mode: keepalive interval.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    keepalive_every: Duration,
+    /// Longest wait for any one step (connect, upgrade, a result, the close).
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+    /// Executor threads (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// The model named in the config message.
+    #[arg(long, default_value = "stt-rt-v4")]
+    model: String,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Write connect.hgrm and rtt.hgrm (HdrHistogram percentile distributions, ms) here.
+    #[arg(long)]
+    hgrm_dir: Option<PathBuf>,
+    /// No live progress line on stderr.
+    #[arg(short, long)]
+    quiet: bool,
+    /// The relay's admin address (HOST:PORT): its /metrics is read before
+    /// and after the run, to report the failovers and resumes the clients
+    /// never saw.
+    #[arg(long)]
+    relay_metrics: Option<SocketAddr>,
+}
+
+/// The relay's failover counters: resumes, failovers at open, mid-stream.
+fn relay_failovers(admin: SocketAddr) -> Result<[u64; 3], String> {
+    use std::io::{Read, Write};
+    let mut tcp = std::net::TcpStream::connect_timeout(&admin, Duration::from_secs(5))
+        .map_err(|e| format!("--relay-metrics {admin}: {e}"))?;
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    write!(
+        tcp,
+        "GET /metrics HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| format!("--relay-metrics {admin}: {e}"))?;
+    let mut body = String::new();
+    tcp.read_to_string(&mut body)
+        .map_err(|e| format!("--relay-metrics {admin}: {e}"))?;
+    let mut out = [0u64; 3];
+    for line in body.lines() {
+        let value = || {
+            line.rsplit(' ')
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0) as u64
+        };
+        if line.starts_with("clio_relay_streams_resumed_total ") {
+            out[0] += value();
+        } else if line.starts_with("clio_relay_failovers_total{phase=\"open\"") {
+            out[1] += value();
+        } else if line.starts_with("clio_relay_failovers_total{phase=\"mid\"") {
+            out[2] += value();
+        }
+    }
+    Ok(out)
+}
+
+fn main() {
+    let args = Args::parse();
+    match run(args) {
+        Ok(clean) => std::process::exit(if clean { 0 } else { 3 }),
+        Err(e) => {
+            eprintln!("relay-load: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
+    let target = if let Some(url) = &args.url {
+        Target::from_url(url)?
+    } else if args.direct {
+        Target::direct(
+            args.target
+                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 7300))),
+        )
+    } else {
+        Target::relay(
+            args.target
+                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8080))),
+        )
+    };
+    let mode = if args.idle {
+        Mode::Idle
+    } else if args.churn {
+        Mode::Churn
+    } else {
+        Mode::Stream
+    };
+    let mut opts = LoadOptions {
+        target,
+        auth: args.auth,
+        credentials: Credentials::None,
+        mode,
+        streams: if mode == Mode::Churn {
+            args.concurrency
+        } else {
+            args.streams
+        },
+        ramp_per_sec: args.ramp,
+        stream_seconds: args.stream_seconds,
+        pace: args.pace,
+        frame_ms: args.frame_ms,
+        sample_rate: args.sample_rate,
+        duration: Duration::ZERO,
+        repeat: args.repeat,
+        threads: args.threads,
+        keepalive_every: args.keepalive_every,
+        io_timeout: args.timeout,
+        model: args.model,
+        progress: !args.quiet,
+    };
+    opts.duration = args.duration.unwrap_or(match mode {
+        Mode::Stream => opts.natural_duration(),
+        Mode::Idle => Duration::from_secs(60),
+        Mode::Churn => Duration::from_secs(10),
+    });
+    // Tokens outlive the run, with room for a slow start.
+    let ttl = opts.duration + Duration::from_secs(600);
+    opts.credentials = if let Some(key) = args.key {
+        Credentials::Fixed(key)
+    } else if let Some(path) = &args.relay_config {
+        let tokens = Config::load_tokens(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        Credentials::Mint(Arc::new(TokenKeys::from_config(&tokens)), ttl)
+    } else if let Some(path) = &args.tokens {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let list: Vec<String> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(str::to_owned)
+            .collect();
+        if list.is_empty() {
+            return Err(format!("{}: no tokens", path.display()).into());
+        }
+        Credentials::List(Arc::new(list))
+    } else {
+        Credentials::None
+    };
+    let before = args.relay_metrics.map(relay_failovers).transpose()?;
+    let report = relay_load::run(&opts)?;
+    let failovers = match (args.relay_metrics, before) {
+        (Some(admin), Some(b)) => {
+            let a = relay_failovers(admin)?;
+            Some([
+                a[0] - b[0].min(a[0]),
+                a[1] - b[1].min(a[1]),
+                a[2] - b[2].min(a[2]),
+            ])
+        }
+        _ => None,
+    };
+    if let Some(dir) = &args.hgrm_dir {
+        report
+            .write_hgrm(dir)
+            .map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    if args.json {
+        let mut json = report.to_json();
+        if let Some([resumed, open, mid]) = failovers {
+            json["relay_streams_resumed"] = resumed.into();
+            json["relay_failovers_open"] = open.into();
+            json["relay_failovers_mid"] = mid.into();
+        }
+        println!("{json}");
+    } else {
+        print!("{}", report.table());
+        if let Some([resumed, open, mid]) = failovers {
+            println!(
+                "relay failovers the clients never saw: {resumed} resumes mid-stream ({mid} mid-stream failures), {open} at open"
+            );
+        }
+    }
+    Ok(report.clean())
+}
