@@ -323,6 +323,20 @@ impl CheckCounts {
         };
         c.set(c.get() + 1);
     }
+
+    /// `clio_relay_health_checks_total{result}` for `/metrics`.
+    pub fn render(&self, out: &mut String) {
+        use crate::core::metrics::text::{family, Kind};
+        family(
+            out,
+            "clio_relay_health_checks_total",
+            Kind::Counter,
+            "Active key checks against upstream's REST API, by result.",
+        )
+        .sample(&[("result", "healthy")], self.healthy.get())
+        .sample(&[("result", "refused")], self.refused.get())
+        .sample(&[("result", "unreachable")], self.unknown.get());
+    }
 }
 
 #[cfg(test)]

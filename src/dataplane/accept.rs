@@ -92,23 +92,24 @@ impl Faults {
 
     /// The Prometheus text of these counters.
     pub fn render(&self, out: &mut String) {
-        use std::fmt::Write as _;
-        out.push_str("# HELP clio_relay_file_limit_total Times the relay was at its file-descriptor limit, by where.\n# TYPE clio_relay_file_limit_total counter\n");
+        use crate::core::metrics::text::{family, Kind};
+        let mut f = family(
+            out,
+            "clio_relay_file_limit_total",
+            Kind::Counter,
+            "Times the relay was at its file-descriptor limit, by where.",
+        );
         for at in At::ALL {
-            let _ = writeln!(
-                out,
-                "clio_relay_file_limit_total{{at=\"{}\"}} {}",
-                at.label(),
-                self.file_limit_count(at)
-            );
+            f.sample(&[("at", at.label())], self.file_limit_count(at));
         }
-        out.push_str("# HELP clio_relay_accept_errors_total Failed accepts, by listener; the listener goes on.\n# TYPE clio_relay_accept_errors_total counter\n");
+        let mut f = family(
+            out,
+            "clio_relay_accept_errors_total",
+            Kind::Counter,
+            "Failed accepts, by listener; the listener goes on.",
+        );
         for (listener, admin) in [("client", false), ("admin", true)] {
-            let _ = writeln!(
-                out,
-                "clio_relay_accept_errors_total{{listener=\"{listener}\"}} {}",
-                self.accept_error_count(admin)
-            );
+            f.sample(&[("listener", listener)], self.accept_error_count(admin));
         }
     }
 }

@@ -16,13 +16,13 @@
 //! `alerts.webhook_url`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fmt::Write;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::json;
 
 use super::{meter, Admin};
+use crate::core::metrics::text::{family, Kind};
 use crate::core::metrics::{Hist, MetricsSnapshot, Side};
 use crate::core::usage::UsageRecord;
 
@@ -347,15 +347,15 @@ pub(super) fn firing_json(admin: &Admin) -> serde_json::Value {
 }
 
 /// `clio_relay_alerts_firing{alert,subject}` for `/metrics`.
-pub(super) fn render_metrics(admin: &Admin, out: &mut String) {
-    out.push_str("# HELP clio_relay_alerts_firing In-process alerts: 1 while firing, 0 once resolved.\n# TYPE clio_relay_alerts_firing gauge\n");
-    for ((alert, subject), firing) in &admin.alerts.borrow().states {
-        let subject = subject.replace('\\', "\\\\").replace('"', "\\\"");
-        let _ = writeln!(
-            out,
-            "clio_relay_alerts_firing{{alert=\"{alert}\",subject=\"{subject}\"}} {}",
-            u8::from(*firing)
-        );
+pub(super) fn render_metrics(state: &AlertState, out: &mut String) {
+    let mut f = family(
+        out,
+        "clio_relay_alerts_firing",
+        Kind::Gauge,
+        "In-process alerts: 1 while firing, 0 once resolved.",
+    );
+    for ((alert, subject), firing) in &state.states {
+        f.sample(&[("alert", alert), ("subject", subject)], u8::from(*firing));
     }
 }
 
@@ -375,6 +375,22 @@ mod tests {
             bytes_down: 0,
             error: None,
         }
+    }
+
+    #[test]
+    fn alert_subjects_are_escaped_in_the_metrics() {
+        // Ids are checked where they enter; the text must not rely on it.
+        let mut s = AlertState::default();
+        let subject = "dev \"7\"\\x\ny";
+        s.states
+            .insert(("unusual_usage".into(), subject.into()), true);
+        let mut out = String::new();
+        render_metrics(&s, &mut out);
+        assert!(
+            out.lines().any(|l| l
+                == r#"clio_relay_alerts_firing{alert="unusual_usage",subject="dev \"7\"\\x\ny"} 1"#),
+            "{out}"
+        );
     }
 
     #[test]

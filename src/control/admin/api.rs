@@ -20,6 +20,7 @@ use serde_json::json;
 
 use super::{Admin, Request};
 use crate::control::accounts::{unix_now, ChangeError, Source};
+use crate::core::metrics::text::{family, Kind};
 use crate::core::secret::Secret;
 use crate::dataplane::http;
 
@@ -335,18 +336,19 @@ pub(super) fn housekeeping(admin: &Admin) {
 /// Per-key metrics appended to `/metrics`: key age, keys due for rotation,
 /// streams on retiring keys. Fingerprints label keys; keys never appear.
 pub(super) fn render_key_metrics(admin: &Admin, out: &mut String) {
-    use std::fmt::Write;
     let now = unix_now();
     let period = admin.config.borrow().rotation_period.as_secs();
     let accounts = admin.accounts.borrow();
-    out.push_str("# HELP clio_relay_key_age_seconds Age of each account's current key.\n# TYPE clio_relay_key_age_seconds gauge\n");
+    let mut f = family(
+        out,
+        "clio_relay_key_age_seconds",
+        Kind::Gauge,
+        "Age of each account's current key.",
+    );
     for e in accounts.entries() {
-        let _ = writeln!(
-            out,
-            "clio_relay_key_age_seconds{{account=\"{}\",key=\"{}\"}} {}",
-            e.state.id,
-            e.current.fingerprint,
-            now.saturating_sub(e.current.created_at)
+        f.sample(
+            &[("account", &e.state.id), ("key", &e.current.fingerprint)],
+            now.saturating_sub(e.current.created_at),
         );
     }
     let due = accounts
@@ -354,18 +356,30 @@ pub(super) fn render_key_metrics(admin: &Admin, out: &mut String) {
         .iter()
         .filter(|e| now.saturating_sub(e.current.created_at) >= period)
         .count();
-    let _ = writeln!(out, "# HELP clio_relay_keys_due_for_rotation Current keys older than the rotation period.\n# TYPE clio_relay_keys_due_for_rotation gauge\nclio_relay_keys_due_for_rotation {due}");
-    out.push_str("# HELP clio_relay_key_streams_active Live streams per key, current and retiring.\n# TYPE clio_relay_key_streams_active gauge\n");
+    family(
+        out,
+        "clio_relay_keys_due_for_rotation",
+        Kind::Gauge,
+        "Current keys older than the rotation period.",
+    )
+    .sample(&[], due);
+    let mut f = family(
+        out,
+        "clio_relay_key_streams_active",
+        Kind::Gauge,
+        "Live streams per key, current and retiring.",
+    );
     for e in accounts.entries() {
         let keys = std::iter::once((&e.current, "current"))
             .chain(e.retiring.iter().map(|k| (k, "retiring")));
         for (k, state) in keys {
-            let _ = writeln!(
-                out,
-                "clio_relay_key_streams_active{{account=\"{}\",key=\"{}\",state=\"{state}\"}} {}",
-                e.state.id,
-                k.fingerprint,
-                k.live.load(Ordering::Relaxed)
+            f.sample(
+                &[
+                    ("account", &e.state.id),
+                    ("key", &k.fingerprint),
+                    ("state", state),
+                ],
+                k.live.load(Ordering::Relaxed),
             );
         }
     }

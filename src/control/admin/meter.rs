@@ -3,7 +3,6 @@
 //! `/admin/usage` and `/admin/revocations` API, and the usage metrics.
 
 use std::collections::HashMap;
-use std::fmt::Write;
 use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
@@ -13,6 +12,7 @@ use serde_json::json;
 use super::{Admin, Request};
 use crate::control::usage::{format_day, month_start, parse_day, GroupBy, UsageRecord};
 use crate::core::devices::{utc_day, Limit};
+use crate::core::metrics::text::{family, Kind};
 use crate::dataplane::http;
 use crate::dataplane::shard::ShardMsg;
 
@@ -302,66 +302,77 @@ pub(super) async fn revocations(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
 /// Usage, cost and device metrics appended to `/metrics`.
 pub(super) fn render_metrics(admin: &Admin, out: &mut String) {
     let rejections = &admin.process.device_rejections;
-    out.push_str("# HELP clio_relay_device_rejections_total Streams refused or ended by a device limit or revocation.\n# TYPE clio_relay_device_rejections_total counter\n");
+    let mut f = family(
+        out,
+        "clio_relay_device_rejections_total",
+        Kind::Counter,
+        "Streams refused or ended by a device limit or revocation.",
+    );
     for l in Limit::ALL {
-        let _ = writeln!(
-            out,
-            "clio_relay_device_rejections_total{{limit=\"{}\"}} {}",
-            l.label(),
-            rejections[l as usize].load(Ordering::Relaxed)
+        f.sample(
+            &[("limit", l.label())],
+            rejections[l as usize].load(Ordering::Relaxed),
         );
     }
     let currency = admin.usage_cfg.borrow().currency.clone();
     let month = month_audio(admin);
     let prices = admin.prices.borrow();
     let accounts = admin.accounts.borrow();
-    out.push_str("# HELP clio_relay_account_max_concurrent_streams The concurrent-stream limit in force per account.\n# TYPE clio_relay_account_max_concurrent_streams gauge\n");
+    let mut f = family(
+        out,
+        "clio_relay_account_max_concurrent_streams",
+        Kind::Gauge,
+        "The concurrent-stream limit in force per account.",
+    );
     for e in accounts.entries() {
-        let _ = writeln!(
-            out,
-            "clio_relay_account_max_concurrent_streams{{account=\"{}\"}} {}",
-            e.state.id,
-            e.state.effective_max()
-        );
+        f.sample(&[("account", &e.state.id)], e.state.effective_max());
     }
-    out.push_str("# HELP clio_relay_usage_month_audio_seconds Audio seconds this calendar month (UTC), per account.\n# TYPE clio_relay_usage_month_audio_seconds gauge\n");
+    let mut f = family(
+        out,
+        "clio_relay_usage_month_audio_seconds",
+        Kind::Gauge,
+        "Audio seconds this calendar month (UTC), per account.",
+    );
     for e in accounts.entries() {
         let ms = month.get(&e.state.id).copied().unwrap_or(0);
-        let _ = writeln!(
-            out,
-            "clio_relay_usage_month_audio_seconds{{account=\"{}\"}} {}",
-            e.state.id,
-            ms as f64 / 1000.0
-        );
+        f.sample(&[("account", &e.state.id)], ms as f64 / 1000.0);
     }
-    out.push_str("# HELP clio_relay_cost_month Cost this calendar month, per account.\n# TYPE clio_relay_cost_month gauge\n");
+    let mut f = family(
+        out,
+        "clio_relay_cost_month",
+        Kind::Gauge,
+        "Cost this calendar month, per account.",
+    );
     for e in accounts.entries() {
         let p = prices.get(&e.state.id).copied().unwrap_or_default();
         let ms = month.get(&e.state.id).copied().unwrap_or(0);
-        let _ = writeln!(
-            out,
-            "clio_relay_cost_month{{account=\"{}\",currency=\"{currency}\"}} {}",
-            e.state.id,
-            cost(ms, p.per_hour)
+        f.sample(
+            &[("account", &e.state.id), ("currency", &currency)],
+            cost(ms, p.per_hour),
         );
     }
-    out.push_str("# HELP clio_relay_budget_month Monthly budget per account (0 = none).\n# TYPE clio_relay_budget_month gauge\n");
+    let mut f = family(
+        out,
+        "clio_relay_budget_month",
+        Kind::Gauge,
+        "Monthly budget per account (0 = none).",
+    );
     for e in accounts.entries() {
         let p = prices.get(&e.state.id).copied().unwrap_or_default();
-        let _ = writeln!(
-            out,
-            "clio_relay_budget_month{{account=\"{}\",currency=\"{currency}\"}} {}",
-            e.state.id, p.monthly_budget
+        f.sample(
+            &[("account", &e.state.id), ("currency", &currency)],
+            p.monthly_budget,
         );
     }
     let totals = admin.usage.borrow().query(0, u64::MAX, GroupBy::Account);
-    out.push_str("# HELP clio_relay_audio_seconds_total Audio seconds relayed, per account (kept across restarts).\n# TYPE clio_relay_audio_seconds_total counter\n");
+    let mut f = family(
+        out,
+        "clio_relay_audio_seconds_total",
+        Kind::Counter,
+        "Audio seconds relayed, per account (kept across restarts).",
+    );
     for (id, t) in totals {
-        let _ = writeln!(
-            out,
-            "clio_relay_audio_seconds_total{{account=\"{id}\"}} {}",
-            t.audio_ms as f64 / 1000.0
-        );
+        f.sample(&[("account", &id)], t.audio_ms as f64 / 1000.0);
     }
 }
 
@@ -458,13 +469,17 @@ pub(super) fn reconciliation(admin: &Admin) -> Vec<u8> {
 }
 
 /// `clio_relay_usage_drift_seconds{account}`.
-pub(super) fn render_drift(admin: &Admin, out: &mut String) {
-    out.push_str("# HELP clio_relay_usage_drift_seconds The relay's audio meter minus Soniox's usage logs, last reconciliation.\n# TYPE clio_relay_usage_drift_seconds gauge\n");
-    for (id, r) in admin.reconciliation.borrow().iter() {
-        let _ = writeln!(
-            out,
-            "clio_relay_usage_drift_seconds{{account=\"{id}\"}} {}",
-            r.drift_seconds
-        );
+pub(super) fn render_drift(
+    reconciliation: &std::collections::BTreeMap<String, Reconciliation>,
+    out: &mut String,
+) {
+    let mut f = family(
+        out,
+        "clio_relay_usage_drift_seconds",
+        Kind::Gauge,
+        "The relay's audio meter minus Soniox's usage logs, last reconciliation.",
+    );
+    for (id, r) in reconciliation {
+        f.sample(&[("account", id)], r.drift_seconds);
     }
 }

@@ -27,6 +27,7 @@ use crate::control::health::{CheckCounts, RestTarget};
 use crate::control::usage::UsageBook;
 use crate::core::config::UsageConfig;
 use crate::core::config::{AdminConfig, Config};
+use crate::core::metrics::text::{family, Kind};
 use crate::core::metrics::{render_prometheus, MetricsSnapshot, ProcessGauges};
 use crate::core::secret::Secret;
 use crate::core::token::TokenKeys;
@@ -654,6 +655,42 @@ fn parse_request(bytes: &[u8]) -> Option<Request<'_>> {
     })
 }
 
+/// The `/metrics` text: the shards' merged metrics, then every family
+/// the admin thread keeps.
+async fn metrics(admin: &Admin) -> String {
+    let process = &admin.process;
+    let snaps = collect(&admin.shards).await;
+    let now = Instant::now();
+    let accounts = process.accounts();
+    let gauges = ProcessGauges {
+        max_streams: process.max_streams() as u64,
+        draining: process.draining(),
+        accounts_healthy: accounts.iter().filter(|a| a.healthy(now)).count() as u64,
+        accounts_total: accounts.len() as u64,
+    };
+    let mut body = render_prometheus(&snaps, &gauges);
+    api::render_key_metrics(admin, &mut body);
+    let ring = admin.process.ring();
+    let views = pools::views(&admin.pools, &ring, Instant::now());
+    pools::render_metrics(&views, &ring, &mut body);
+    meter::render_metrics(admin, &mut body);
+    alerts::render_metrics(&admin.alerts.borrow(), &mut body);
+    meter::render_drift(&admin.reconciliation.borrow(), &mut body);
+    if let Some(fleet) = process.fleet.get() {
+        fleet.render_metrics(&mut body);
+    }
+    process.faults.render(&mut body);
+    family(
+        &mut body,
+        "clio_relay_upstream_config_fault",
+        Kind::Gauge,
+        "The HTTP status (400, 404) upstream answered the WebSocket upgrade with while upstream.url is misconfigured; 0 when it is not.",
+    )
+    .sample(&[], process.upstream_fault.get().unwrap_or(0));
+    admin.checks.render(&mut body);
+    body
+}
+
 /// Answers one admin request.
 async fn route(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
     let process = &admin.process;
@@ -714,38 +751,7 @@ async fn route(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
     }
     match req.path {
         "/metrics" => {
-            let snaps = collect(&admin.shards).await;
-            let now = Instant::now();
-            let accounts = process.accounts();
-            let gauges = ProcessGauges {
-                max_streams: process.max_streams() as u64,
-                draining: process.draining(),
-                accounts_healthy: accounts.iter().filter(|a| a.healthy(now)).count() as u64,
-                accounts_total: accounts.len() as u64,
-            };
-            let mut body = render_prometheus(&snaps, &gauges);
-            api::render_key_metrics(admin, &mut body);
-            let ring = admin.process.ring();
-            let views = pools::views(&admin.pools, &ring, Instant::now());
-            pools::render_metrics(&views, &ring, &mut body);
-            meter::render_metrics(admin, &mut body);
-            alerts::render_metrics(admin, &mut body);
-            meter::render_drift(admin, &mut body);
-            if let Some(fleet) = process.fleet.get() {
-                fleet.render_metrics(&mut body);
-            }
-            process.faults.render(&mut body);
-            body.push_str(&format!(
-                "# HELP clio_relay_upstream_config_fault The HTTP status (400, 404) upstream answered the WebSocket upgrade with while upstream.url is misconfigured; 0 when it is not.\n# TYPE clio_relay_upstream_config_fault gauge\nclio_relay_upstream_config_fault {}\n",
-                process.upstream_fault.get().unwrap_or(0)
-            ));
-            let c = &admin.checks;
-            body.push_str(&format!(
-                "# HELP clio_relay_health_checks_total Active key checks against upstream's REST API, by result.\n# TYPE clio_relay_health_checks_total counter\nclio_relay_health_checks_total{{result=\"healthy\"}} {}\nclio_relay_health_checks_total{{result=\"refused\"}} {}\nclio_relay_health_checks_total{{result=\"unreachable\"}} {}\n",
-                c.healthy.get(),
-                c.refused.get(),
-                c.unknown.get()
-            ));
+            let body = metrics(admin).await;
             http::response(200, "text/plain; version=0.0.4", "", body.as_bytes())
         }
         "/healthz" => {

@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use crate::core::config::PoolConfig;
 use crate::core::keyring::RingSlot;
+use crate::core::metrics::text::{family, Kind};
 
 /// One pool's accounts, summed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,24 +87,21 @@ impl PoolView {
 /// which gives each account's pool (and region) to join the per-account
 /// series on.
 pub fn render_metrics(views: &[PoolView], ring: &[RingSlot], out: &mut String) {
-    use std::fmt::Write as _;
-    let esc = |s: &str| {
-        s.replace('\\', "\\\\")
-            .replace('"', "\\\"")
-            .replace('\n', "\\n")
-    };
-    let _ = writeln!(
+    let mut f = family(
         out,
-        "# HELP clio_relay_account_info Each account's pool and region (always 1), to join the per-account series on.\n# TYPE clio_relay_account_info gauge"
+        "clio_relay_account_info",
+        Kind::Gauge,
+        "Each account's pool and region (always 1), to join the per-account series on.",
     );
     for s in ring {
         let a = &s.account;
-        let _ = writeln!(
-            out,
-            "clio_relay_account_info{{account=\"{}\",pool=\"{}\",region=\"{}\"}} 1",
-            esc(&a.id),
-            esc(&a.pool),
-            esc(&a.region())
+        f.sample(
+            &[
+                ("account", &a.id),
+                ("pool", &a.pool),
+                ("region", &a.region()),
+            ],
+            1,
         );
     }
     type Family = (&'static str, &'static str, fn(&PoolView) -> u64);
@@ -130,9 +128,9 @@ pub fn render_metrics(views: &[PoolView], ring: &[RingSlot], out: &mut String) {
         ),
     ];
     for (name, help, value) in families {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        let mut f = family(out, name, Kind::Gauge, help);
         for v in views {
-            let _ = writeln!(out, "{name}{{pool=\"{}\"}} {}", esc(&v.name), value(v));
+            f.sample(&[("pool", &v.name)], value(v));
         }
     }
 }

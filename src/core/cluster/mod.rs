@@ -407,44 +407,55 @@ impl Fleet {
 
     /// The fleet's lines for `/metrics`.
     pub fn render_metrics(&self, out: &mut String) {
-        use std::fmt::Write as _;
+        use crate::core::metrics::text::{family, Kind};
         let s = &self.stats;
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let _ = write!(
+        family(
             out,
-            "# HELP clio_relay_cluster_store_up Whether the fleet's shared store (Redis) answered the last call.\n\
-             # TYPE clio_relay_cluster_store_up gauge\n\
-             clio_relay_cluster_store_up {}\n\
-             # HELP clio_relay_cluster_nodes Nodes with a current lease, when the store was last seen.\n\
-             # TYPE clio_relay_cluster_nodes gauge\n\
-             clio_relay_cluster_nodes {}\n\
-             # HELP clio_relay_cluster_calls_total Calls (pipelines) to the shared store, by result.\n\
-             # TYPE clio_relay_cluster_calls_total counter\n\
-             clio_relay_cluster_calls_total{{result=\"ok\"}} {}\n\
-             clio_relay_cluster_calls_total{{result=\"failed\"}} {}\n\
-             # HELP clio_relay_cluster_stream_opens_total Stream opens by who decided: the shared store, this node's shares (store down), or refused (store down).\n\
-             # TYPE clio_relay_cluster_stream_opens_total counter\n\
-             clio_relay_cluster_stream_opens_total{{decided_by=\"store\"}} {}\n\
-             clio_relay_cluster_stream_opens_total{{decided_by=\"local\"}} {}\n\
-             clio_relay_cluster_stream_opens_total{{decided_by=\"refused\"}} {}\n\
-             # HELP clio_relay_cluster_registrations_total Times this node wrote what it holds to the store (start, and after the store came back).\n\
-             # TYPE clio_relay_cluster_registrations_total counter\n\
-             clio_relay_cluster_registrations_total {}\n\
-             # HELP clio_relay_cluster_open_seconds Time a stream open waited for the store.\n\
-             # TYPE clio_relay_cluster_open_seconds summary\n\
-             clio_relay_cluster_open_seconds_sum {}\n\
-             clio_relay_cluster_open_seconds_count {}\n",
-            u8::from(self.store_up()),
-            self.nodes(),
-            get(&s.calls_ok),
-            get(&s.calls_failed),
-            get(&s.opens_shared),
-            get(&s.opens_local),
-            get(&s.opens_refused_down),
-            get(&s.registrations),
-            get(&s.open_us_sum) as f64 / 1e6,
-            get(&s.open_us_count),
-        );
+            "clio_relay_cluster_store_up",
+            Kind::Gauge,
+            "Whether the fleet's shared store (Redis) answered the last call.",
+        )
+        .sample(&[], u8::from(self.store_up()));
+        family(
+            out,
+            "clio_relay_cluster_nodes",
+            Kind::Gauge,
+            "Nodes with a current lease, when the store was last seen.",
+        )
+        .sample(&[], self.nodes());
+        family(
+            out,
+            "clio_relay_cluster_calls_total",
+            Kind::Counter,
+            "Calls (pipelines) to the shared store, by result.",
+        )
+        .sample(&[("result", "ok")], get(&s.calls_ok))
+        .sample(&[("result", "failed")], get(&s.calls_failed));
+        family(
+            out,
+            "clio_relay_cluster_stream_opens_total",
+            Kind::Counter,
+            "Stream opens by who decided: the shared store, this node's shares (store down), or refused (store down).",
+        )
+        .sample(&[("decided_by", "store")], get(&s.opens_shared))
+        .sample(&[("decided_by", "local")], get(&s.opens_local))
+        .sample(&[("decided_by", "refused")], get(&s.opens_refused_down));
+        family(
+            out,
+            "clio_relay_cluster_registrations_total",
+            Kind::Counter,
+            "Times this node wrote what it holds to the store (start, and after the store came back).",
+        )
+        .sample(&[], get(&s.registrations));
+        family(
+            out,
+            "clio_relay_cluster_open_seconds",
+            Kind::Summary,
+            "Time a stream open waited for the store.",
+        )
+        .sample_named("_sum", &[], get(&s.open_us_sum) as f64 / 1e6)
+        .sample_named("_count", &[], get(&s.open_us_count));
     }
 
     /// Hands the usage of ended streams to the cluster thread for the

@@ -19,6 +19,7 @@ use hdrhistogram::Histogram;
 mod render;
 #[cfg(test)]
 mod tests;
+pub mod text;
 
 pub use render::{render_histogram_table, render_prometheus, ProcessGauges};
 

@@ -2,8 +2,9 @@
 //! admin endpoint, and a human latency table for the CLI demo. Runs on the
 //! admin thread at scrape time, never on a shard's frame path.
 
-use std::fmt::{self, Write as _};
+use std::fmt::Write as _;
 
+use super::text::{family, Kind};
 use super::{Direction, Hist, MetricsSnapshot};
 
 /// Process-wide facts the caller adds to the scrape.
@@ -80,220 +81,151 @@ pub fn render_prometheus(shards: &[MetricsSnapshot], gauges: &ProcessGauges) -> 
     let mut out = String::with_capacity(8 * 1024);
     let o = &mut out;
 
-    family(
+    let mut f = family(
         o,
         "clio_relay_streams_active",
-        "gauge",
+        Kind::Gauge,
         "Streams open now, per shard.",
     );
     for s in shards {
-        sample(
-            o,
-            "clio_relay_streams_active",
-            &[("shard", &s.shard.to_string())],
-            s.streams_active,
-        );
+        f.sample(&[("shard", &s.shard.to_string())], s.streams_active);
     }
-    family(
+    let mut f = family(
         o,
         "clio_relay_streams_total",
-        "counter",
+        Kind::Counter,
         "Streams opened, per shard.",
     );
     for s in shards {
-        sample(
-            o,
-            "clio_relay_streams_total",
-            &[("shard", &s.shard.to_string())],
-            s.streams_total,
-        );
+        f.sample(&[("shard", &s.shard.to_string())], s.streams_total);
     }
-    family(
+    let mut f = family(
         o,
         "clio_relay_read_buffers",
-        "gauge",
+        Kind::Gauge,
         "Pooled read buffers per shard: in_use holds a stream's unread bytes or a read, free waits on the pool's list.",
     );
     for s in shards {
         let shard = s.shard.to_string();
         for (state, n) in [("in_use", s.read_buffers.0), ("free", s.read_buffers.1)] {
-            sample(
-                o,
-                "clio_relay_read_buffers",
-                &[("shard", &shard), ("state", state)],
-                n,
-            );
+            f.sample(&[("shard", &shard), ("state", state)], n);
         }
     }
-    family(
+    let mut f = family(
         o,
         "clio_relay_unauthenticated_connections",
-        "gauge",
+        Kind::Gauge,
         "Upgraded connections waiting for a token in their first message, per shard; they hold no max_streams slot.",
     );
     for s in shards {
-        sample(
-            o,
-            "clio_relay_unauthenticated_connections",
-            &[("shard", &s.shard.to_string())],
-            s.unauthenticated,
-        );
+        f.sample(&[("shard", &s.shard.to_string())], s.unauthenticated);
     }
     family(
         o,
         "clio_relay_streams_rejected_total",
-        "counter",
+        Kind::Counter,
         "Streams refused before or after the upgrade (also counted in errors).",
-    );
-    sample(
-        o,
-        "clio_relay_streams_rejected_total",
-        &[],
-        merged.streams_rejected,
-    );
+    )
+    .sample(&[], merged.streams_rejected);
 
     let accounts = &merged.accounts;
-    family(
+    let mut f = family(
         o,
         "clio_relay_account_streams_active",
-        "gauge",
+        Kind::Gauge,
         "Streams open now, per account.",
     );
     for a in accounts {
-        sample(
-            o,
-            "clio_relay_account_streams_active",
-            &[("account", &a.id)],
-            a.streams_active,
-        );
+        f.sample(&[("account", &a.id)], a.streams_active);
     }
-    family(
+    let mut f = family(
         o,
         "clio_relay_account_streams_total",
-        "counter",
+        Kind::Counter,
         "Streams opened, per account.",
     );
     for a in accounts {
-        sample(
-            o,
-            "clio_relay_account_streams_total",
-            &[("account", &a.id)],
-            a.streams_total,
-        );
+        f.sample(&[("account", &a.id)], a.streams_total);
     }
-    family(
+    let mut f = family(
         o,
         "clio_relay_account_retries_total",
-        "counter",
+        Kind::Counter,
         "Streams moved off an account before the client saw anything.",
     );
     for a in accounts {
-        sample(
-            o,
-            "clio_relay_account_retries_total",
-            &[("account", &a.id)],
-            a.retries,
-        );
+        f.sample(&[("account", &a.id)], a.retries);
     }
 
     let directions = [Direction::ClientToUpstream, Direction::UpstreamToClient];
-    family(
+    let mut f = family(
         o,
         "clio_relay_frames_total",
-        "counter",
+        Kind::Counter,
         "WebSocket frames forwarded.",
     );
     for d in directions {
-        sample(
-            o,
-            "clio_relay_frames_total",
-            &[("direction", d.label())],
-            merged.frames(d),
-        );
+        f.sample(&[("direction", d.label())], merged.frames(d));
     }
-    family(
+    let mut f = family(
         o,
         "clio_relay_bytes_total",
-        "counter",
+        Kind::Counter,
         "WebSocket frame bytes forwarded.",
     );
     for d in directions {
-        sample(
-            o,
-            "clio_relay_bytes_total",
-            &[("direction", d.label())],
-            merged.bytes(d),
-        );
+        f.sample(&[("direction", d.label())], merged.bytes(d));
     }
 
-    let f = merged.failovers();
-    family(
+    let fo = merged.failovers();
+    let mut f = family(
         o,
         "clio_relay_failovers_total",
-        "counter",
+        Kind::Counter,
         "Upstream failures the client did not see, by phase (open: before upstream accepted the stream; mid) and reason.",
     );
     for (phase, reason, n) in [
-        ("open", "refused", f.open_refused),
-        ("open", "lost", f.open_lost),
-        ("mid", "error", f.mid_error),
-        ("mid", "lost", f.mid_lost),
+        ("open", "refused", fo.open_refused),
+        ("open", "lost", fo.open_lost),
+        ("mid", "error", fo.mid_error),
+        ("mid", "lost", fo.mid_lost),
     ] {
-        sample(
-            o,
-            "clio_relay_failovers_total",
-            &[("phase", phase), ("reason", reason)],
-            n,
-        );
+        f.sample(&[("phase", phase), ("reason", reason)], n);
     }
     family(
         o,
         "clio_relay_streams_resumed_total",
-        "counter",
+        Kind::Counter,
         "Mid-stream resumes on a new upstream connection.",
-    );
-    sample(o, "clio_relay_streams_resumed_total", &[], f.resumed);
+    )
+    .sample(&[], fo.resumed);
     family(
         o,
         "clio_relay_replayed_audio_seconds_total",
-        "counter",
+        Kind::Counter,
         "Audio replayed to upstream by mid-stream resumes.",
-    );
-    let _ = writeln!(
-        o,
-        "clio_relay_replayed_audio_seconds_total {:.3}",
-        f.replayed_ms as f64 / 1000.0
-    );
+    )
+    .sample(&[], format_args!("{:.3}", fo.replayed_ms as f64 / 1000.0));
 
-    family(
+    let mut f = family(
         o,
         "clio_relay_refusals_total",
-        "counter",
+        Kind::Counter,
         "Streams refused, by who refused them: client, device_limit, revoked, relay_limit (every account at its max_concurrent_streams), relay (max_streams, draining), upstream, upstream_config (a wrong upstream.url).",
     );
     for by in crate::core::metrics::RefusedBy::ALL {
-        sample(
-            o,
-            "clio_relay_refusals_total",
-            &[("by", by.label())],
-            merged.refusals(by),
-        );
+        f.sample(&[("by", by.label())], merged.refusals(by));
     }
 
-    family(
+    let mut f = family(
         o,
         "clio_relay_errors_total",
-        "counter",
+        Kind::Counter,
         "Errors by side and code.",
     );
     for (side, code, count) in merged.error_counts() {
         let code = code.to_string();
-        sample(
-            o,
-            "clio_relay_errors_total",
-            &[("side", side.label()), ("code", &code)],
-            count,
-        );
+        f.sample(&[("side", side.label()), ("code", &code)], count);
     }
 
     for Summary {
@@ -302,7 +234,7 @@ pub fn render_prometheus(shards: &[MetricsSnapshot], gauges: &ProcessGauges) -> 
         members,
     } in SUMMARIES
     {
-        family(o, name, "summary", help);
+        let mut f = family(o, name, Kind::Summary, help);
         for &(h, label) in members {
             let hist = merged.histogram(h);
             let unit = h.units_per_second() as f64;
@@ -316,108 +248,55 @@ pub fn render_prometheus(shards: &[MetricsSnapshot], gauges: &ProcessGauges) -> 
                 } else {
                     hist.value_at_quantile(q) as f64 / unit
                 };
-                sample(o, name, &labels, v);
+                f.sample(&labels, v);
             }
-            sample(
-                o,
-                &format!("{name}_sum"),
-                &base,
-                merged.histogram_sum(h) as f64 / unit,
-            );
-            sample(o, &format!("{name}_count"), &base, hist.len());
+            f.sample_named("_sum", &base, merged.histogram_sum(h) as f64 / unit);
+            f.sample_named("_count", &base, hist.len());
         }
         let max_name = format!("{name}_max");
-        family(
+        let mut f = family(
             o,
             &max_name,
-            "gauge",
+            Kind::Gauge,
             "Largest value observed since start (0 before any).",
         );
         for &(h, label) in members {
             let base: Vec<(&str, &str)> = label.into_iter().collect();
             let hist = merged.histogram(h);
             let max = if hist.is_empty() { 0 } else { hist.max() };
-            sample(
-                o,
-                &max_name,
-                &base,
-                max as f64 / h.units_per_second() as f64,
-            );
+            f.sample(&base, max as f64 / h.units_per_second() as f64);
         }
     }
 
     family(
         o,
         "clio_relay_max_streams",
-        "gauge",
+        Kind::Gauge,
         "Configured process-wide stream limit.",
-    );
-    sample(o, "clio_relay_max_streams", &[], gauges.max_streams);
+    )
+    .sample(&[], gauges.max_streams);
     family(
         o,
         "clio_relay_draining",
-        "gauge",
+        Kind::Gauge,
         "1 while draining (refusing new streams), else 0.",
-    );
-    sample(o, "clio_relay_draining", &[], u8::from(gauges.draining));
+    )
+    .sample(&[], u8::from(gauges.draining));
     family(
         o,
         "clio_relay_accounts_healthy",
-        "gauge",
+        Kind::Gauge,
         "Accounts currently healthy.",
-    );
-    sample(
-        o,
-        "clio_relay_accounts_healthy",
-        &[],
-        gauges.accounts_healthy,
-    );
+    )
+    .sample(&[], gauges.accounts_healthy);
     family(
         o,
         "clio_relay_accounts_total",
-        "gauge",
+        Kind::Gauge,
         "Accounts configured.",
-    );
-    sample(o, "clio_relay_accounts_total", &[], gauges.accounts_total);
+    )
+    .sample(&[], gauges.accounts_total);
     out
-}
-
-/// Writes the `# HELP` and `# TYPE` lines of a metric family.
-fn family(out: &mut String, name: &str, kind: &str, help: &str) {
-    // Writing to a String cannot fail.
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-}
-
-/// Writes one sample line, escaping label values.
-fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], value: impl fmt::Display) {
-    out.push_str(name);
-    if !labels.is_empty() {
-        out.push('{');
-        for (i, (k, v)) in labels.iter().enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            out.push_str(k);
-            out.push_str("=\"");
-            escape_label_value(out, v);
-            out.push('"');
-        }
-        out.push('}');
-    }
-    let _ = writeln!(out, " {value}");
-}
-
-/// Escapes a label value per the exposition format: `\`, `"` and newline.
-pub(super) fn escape_label_value(out: &mut String, value: &str) {
-    for c in value.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '"' => out.push_str("\\\""),
-            '\n' => out.push_str("\\n"),
-            c => out.push(c),
-        }
-    }
 }
 
 /// A human-readable latency table (for the CLI demo): one row per histogram

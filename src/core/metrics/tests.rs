@@ -1,6 +1,7 @@
 //! Unit tests of the metrics module: recording, merging, rendering.
 
-use super::render::{escape_label_value, human_ns};
+use super::render::human_ns;
+use super::text::escape_label_value;
 use super::*;
 
 fn ids(list: &[&str]) -> Vec<String> {
