@@ -94,74 +94,80 @@ fn body<'a, T: Deserialize<'a>>(req: &'a Request<'_>) -> Result<T, Vec<u8>> {
     })
 }
 
-/// Answers one request under `/admin/`.
-pub(super) async fn handle(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
-    let parts: Vec<&str> = req.path.trim_end_matches('/').split('/').skip(2).collect();
-    // Each change answers the id of the account it changed, for the log.
-    let result: Result<String, Vec<u8>> = match (req.method, parts.as_slice()) {
-        ("GET", ["accounts"]) => return ok(list(admin)),
-        ("POST", ["accounts"]) => add(admin, req),
-        ("POST", ["accounts", id, "enable"]) => admin
-            .accounts
-            .borrow_mut()
-            .set_enabled(id, true)
-            .map(|()| id.to_string())
-            .map_err(refused),
-        ("POST", ["accounts", id, "disable"]) => admin
-            .accounts
-            .borrow_mut()
-            .set_enabled(id, false)
-            .map(|()| id.to_string())
-            .map_err(refused),
-        ("POST" | "PUT", ["accounts", id, "limit"]) => body::<LimitBody>(req).and_then(|b| {
-            admin
-                .accounts
-                .borrow_mut()
-                .set_max_concurrent(id, b.max_concurrent_streams)
-                .map(|()| id.to_string())
-                .map_err(refused)
-        }),
-        ("POST", ["accounts", id, "rotate"]) => rotate(admin, id, req).map(|()| id.to_string()),
-        ("DELETE", ["accounts", id]) => admin
-            .accounts
-            .borrow_mut()
-            .remove(id)
-            .map(|_| id.to_string())
-            .map_err(refused),
-        (_, ["accounts", ..]) => return http::json_error(405, "method not allowed here"),
-        _ => return http::json_error(404, "not found"),
-    };
-    match result {
-        Ok(account) => {
-            admin.publish();
-            if let Err(e) = admin.persist() {
-                tracing::error!(error = %e, "account change applied but not saved to the key store");
-                return http::json_error(
-                    500,
-                    &format!("applied, but not saved to the key store: {e}"),
-                );
-            }
-            if let Err(e) = admin.share_accounts().await {
-                tracing::error!(error = %e, "account change applied on this node only");
-                return http::json_error(
-                    503,
-                    &format!("applied on this node only, not fleet-wide: {e}"),
-                );
-            }
-            tracing::info!(
-                method = req.method,
-                path = req.path,
-                account = %account,
-                "admin change applied"
-            );
-            ok(list(admin))
-        }
-        Err(answer) => answer,
-    }
+/// `GET /admin/accounts`.
+pub(super) fn accounts(admin: &Admin) -> Vec<u8> {
+    ok(list(admin))
 }
 
-/// Adds the account in the body; its id.
-fn add(admin: &Admin, req: &Request<'_>) -> Result<String, Vec<u8>> {
+/// `POST /admin/accounts/{id}/enable` (`on`) and `…/disable`.
+pub(super) fn set_enabled(admin: &Admin, id: &str, on: bool) -> Result<String, Vec<u8>> {
+    admin
+        .accounts
+        .borrow_mut()
+        .set_enabled(id, on)
+        .map(|()| id.to_string())
+        .map_err(refused)
+}
+
+/// `POST` or `PUT /admin/accounts/{id}/limit`.
+pub(super) fn limit(admin: &Admin, id: &str, req: &Request<'_>) -> Result<String, Vec<u8>> {
+    let b = body::<LimitBody>(req)?;
+    admin
+        .accounts
+        .borrow_mut()
+        .set_max_concurrent(id, b.max_concurrent_streams)
+        .map(|()| id.to_string())
+        .map_err(refused)
+}
+
+/// `DELETE /admin/accounts/{id}`.
+pub(super) fn remove(admin: &Admin, id: &str) -> Result<String, Vec<u8>> {
+    admin
+        .accounts
+        .borrow_mut()
+        .remove(id)
+        .map(|_| id.to_string())
+        .map_err(refused)
+}
+
+/// Answers an account change: `change` is the id of the account changed,
+/// or the refusal. A change is published to every shard, saved to the key
+/// store, shared with the fleet and logged; the answer is the account list.
+pub(super) async fn changed(
+    admin: &Admin,
+    req: &Request<'_>,
+    change: Result<String, Vec<u8>>,
+) -> Vec<u8> {
+    let account = match change {
+        Ok(account) => account,
+        Err(answer) => return answer,
+    };
+    admin.publish();
+    if let Err(e) = admin.persist() {
+        tracing::error!(error = %e, "account change applied but not saved to the key store");
+        return http::json_error(
+            500,
+            &format!("applied, but not saved to the key store: {e}"),
+        );
+    }
+    if let Err(e) = admin.share_accounts().await {
+        tracing::error!(error = %e, "account change applied on this node only");
+        return http::json_error(
+            503,
+            &format!("applied on this node only, not fleet-wide: {e}"),
+        );
+    }
+    tracing::info!(
+        method = req.method,
+        path = req.path,
+        account = %account,
+        "admin change applied"
+    );
+    ok(list(admin))
+}
+
+/// `POST /admin/accounts`: adds the account in the body; its id.
+pub(super) fn add(admin: &Admin, req: &Request<'_>) -> Result<String, Vec<u8>> {
     let b: AddBody = body(req)?;
     admin
         .accounts
@@ -180,7 +186,8 @@ fn add(admin: &Admin, req: &Request<'_>) -> Result<String, Vec<u8>> {
         .map_err(refused)
 }
 
-fn rotate(admin: &Admin, id: &str, req: &Request<'_>) -> Result<(), Vec<u8>> {
+/// `POST /admin/accounts/{id}/rotate`.
+pub(super) fn rotate(admin: &Admin, id: &str, req: &Request<'_>) -> Result<String, Vec<u8>> {
     let b: RotateBody = body(req)?;
     let overlap = match b.overlap {
         None => admin.config.borrow().rotation_overlap,
@@ -191,6 +198,7 @@ fn rotate(admin: &Admin, id: &str, req: &Request<'_>) -> Result<(), Vec<u8>> {
         .accounts
         .borrow_mut()
         .rotate(id, Secret::new(b.key), overlap, unix_now())
+        .map(|()| id.to_string())
         .map_err(refused)
 }
 

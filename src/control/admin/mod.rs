@@ -11,6 +11,7 @@ mod api;
 mod meter;
 pub mod pools;
 mod remote;
+mod routes;
 
 pub use remote::remote_config;
 
@@ -27,8 +28,7 @@ use crate::control::health::{CheckCounts, RestTarget};
 use crate::control::usage::UsageBook;
 use crate::core::config::UsageConfig;
 use crate::core::config::{AdminConfig, Config};
-use crate::core::metrics::text::{family, Kind};
-use crate::core::metrics::{render_prometheus, MetricsSnapshot, ProcessGauges};
+use crate::core::metrics::MetricsSnapshot;
 use crate::core::secret::Secret;
 use crate::core::token::TokenKeys;
 use crate::dataplane::http;
@@ -36,9 +36,6 @@ use crate::dataplane::io::{timeout, Buf, BufferPool, Conn, Duplex};
 use crate::dataplane::shard::Settings;
 use crate::dataplane::shard::{ProcessState, ShardMsg, IO_MEMORY};
 use std::collections::HashMap;
-
-/// The dashboard page: plain HTML and JavaScript, no build step.
-const DASHBOARD: &str = include_str!("dashboard.html");
 
 /// Descriptors the admin thread holds in reserve for its own port.
 const ADMIN_SPARE_FDS: usize = 4;
@@ -461,7 +458,7 @@ pub fn start(setup: AdminSetup) -> std::io::Result<AdminHandle> {
                                 .await
                             {
                                 Some(Ok(n)) => match parse_request(&buf.filled()[..n]) {
-                                    Some(req) => route(&admin, &req).await,
+                                    Some(req) => routes::route(&admin, &req).await,
                                     None => http::json_error(400, "malformed HTTP request"),
                                 },
                                 Some(Err(status)) => {
@@ -653,163 +650,4 @@ fn parse_request(bytes: &[u8]) -> Option<Request<'_>> {
         headers,
         body: &bytes[head..],
     })
-}
-
-/// The `/metrics` text: the shards' merged metrics, then every family
-/// the admin thread keeps.
-async fn metrics(admin: &Admin) -> String {
-    let process = &admin.process;
-    let snaps = collect(&admin.shards).await;
-    let now = Instant::now();
-    let accounts = process.accounts();
-    let gauges = ProcessGauges {
-        max_streams: process.max_streams() as u64,
-        draining: process.draining(),
-        accounts_healthy: accounts.iter().filter(|a| a.healthy(now)).count() as u64,
-        accounts_total: accounts.len() as u64,
-    };
-    let mut body = render_prometheus(&snaps, &gauges);
-    api::render_key_metrics(admin, &mut body);
-    let ring = admin.process.ring();
-    let views = pools::views(&admin.pools, &ring, Instant::now());
-    pools::render_metrics(&views, &ring, &mut body);
-    meter::render_metrics(admin, &mut body);
-    alerts::render_metrics(&admin.alerts.borrow(), &mut body);
-    meter::render_drift(&admin.reconciliation.borrow(), &mut body);
-    if let Some(fleet) = process.fleet.get() {
-        fleet.render_metrics(&mut body);
-    }
-    process.faults.render(&mut body);
-    family(
-        &mut body,
-        "clio_relay_upstream_config_fault",
-        Kind::Gauge,
-        "The HTTP status (400, 404) upstream answered the WebSocket upgrade with while upstream.url is misconfigured; 0 when it is not.",
-    )
-    .sample(&[], process.upstream_fault.get().unwrap_or(0));
-    admin.checks.render(&mut body);
-    body
-}
-
-/// Answers one admin request.
-async fn route(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
-    let process = &admin.process;
-    if req.path.starts_with("/admin/") || req.path == "/admin" {
-        if !admin.authorized(req) {
-            return http::json_error(401, "admin token required");
-        }
-        let get_only = ["/admin/stats", "/admin/usage", "/admin/reconciliation"];
-        if get_only.contains(&req.path) && req.method != "GET" {
-            return http::response(
-                405,
-                "application/json",
-                "Allow: GET\r\n",
-                br#"{"error_code":405,"error_message":"only GET is served here"}"#,
-            );
-        }
-        if req.path == "/admin/revocations" && !["GET", "POST", "DELETE"].contains(&req.method) {
-            return http::response(
-                405,
-                "application/json",
-                "Allow: GET, POST, DELETE\r\n",
-                br#"{"error_code":405,"error_message":"GET, POST or DELETE"}"#,
-            );
-        }
-        if req.method == "GET" && req.path == "/admin/stats" {
-            return api::stats(admin, &collect(&admin.shards).await);
-        }
-        if req.method == "GET" && req.path == "/admin/usage" {
-            // Fresh: take what the shards hold before answering.
-            let records = meter::collect(admin).await;
-            admin.usage.borrow_mut().add(&records);
-            admin.alerts.borrow_mut().feed(&records);
-            if let Some(fleet) = process.fleet.get() {
-                fleet.add_usage(records);
-            }
-            return meter::usage(admin, req).await;
-        }
-        if req.method == "GET" && req.path == "/admin/reconciliation" {
-            return meter::reconciliation(admin);
-        }
-        if req.path == "/admin/revocations" {
-            return meter::revocations(admin, req).await;
-        }
-        return api::handle(admin, req).await;
-    }
-    if req.method != "GET" {
-        return http::response(
-            405,
-            "application/json",
-            "Allow: GET\r\n",
-            br#"{"error_code":405,"error_message":"only GET is served here"}"#,
-        );
-    }
-    if req.path == "/dashboard" || req.path == "/" {
-        // The page holds no data: it asks for the admin token and reads
-        // everything through the token-protected API.
-        return http::response(200, "text/html; charset=utf-8", "Content-Security-Policy: default-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'\r\n", DASHBOARD.as_bytes());
-    }
-    match req.path {
-        "/metrics" => {
-            let body = metrics(admin).await;
-            http::response(200, "text/plain; version=0.0.4", "", body.as_bytes())
-        }
-        "/healthz" => {
-            if process.draining() {
-                http::response(503, "text/plain", "", b"draining\n")
-            } else {
-                http::response(200, "text/plain", "", b"ok\n")
-            }
-        }
-        "/readyz" => {
-            let now = Instant::now();
-            let usable = process
-                .accounts()
-                .iter()
-                .any(|a| a.healthy(now) && a.available(now));
-            let store_down = process.fleet.get().filter(|f| !f.store_up());
-            if process.draining() {
-                http::response(503, "text/plain", "", b"draining\n")
-            } else if let Some(status) = process.upstream_fault.get() {
-                let why = format!(
-                    "{}\n",
-                    crate::dataplane::upstream::UpstreamFault::describe(status)
-                );
-                http::response(503, "text/plain", "", why.as_bytes())
-            } else if !usable {
-                http::response(503, "text/plain", "", b"no healthy account\n")
-            } else if let Some(f) = store_down {
-                // With `refuse` this node takes no stream; with `local` it
-                // does (its shares), and says so.
-                match f.on_store_down {
-                    crate::core::config::StoreDown::Refuse => {
-                        http::response(503, "text/plain", "", b"cluster store unreachable\n")
-                    }
-                    crate::core::config::StoreDown::Local => http::response(
-                        200,
-                        "text/plain",
-                        "",
-                        b"ready (cluster store unreachable: this node's share of each limit)\n",
-                    ),
-                }
-            } else {
-                http::response(200, "text/plain", "", b"ready\n")
-            }
-        }
-        "/v1/config" => {
-            let body = remote::remote_config(process, &admin.pools);
-            let etag = remote::etag(&body);
-            if req.header("if-none-match") == Some(etag.as_str()) {
-                http::response(304, "application/json", &format!("ETag: {etag}\r\n"), b"")
-            } else {
-                http::response(
-                    200,
-                    "application/json",
-                    &format!("ETag: {etag}\r\n"),
-                    body.as_bytes(),
-                )
-            }
-        }
-        _ => http::json_error(404, "not found"),
-    }
 }
