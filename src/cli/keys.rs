@@ -34,6 +34,7 @@ pub enum KeysAction {
         /// Add it disabled.
         #[arg(long)]
         disabled: bool,
+        /// Where the key comes from.
         #[command(flatten)]
         key: KeySource,
     },
@@ -67,6 +68,7 @@ pub enum KeysAction {
         /// How long the old key may keep its streams (default admin.rotation_overlap).
         #[arg(long)]
         overlap: Option<String>,
+        /// Where the key comes from.
         #[command(flatten)]
         key: KeySource,
     },

@@ -386,7 +386,7 @@ pub(crate) unsafe fn activated_from(
         nix::fcntl::fcntl(fd, nix::fcntl::F_GETFD)
             .map_err(|e| bad(format!("LISTEN_FDS: fd {fd} is not open ({e})")))?;
         // SAFETY: open, and ours by the caller's promise.
-        fds.push(OwnedFd::from_raw_fd(fd));
+        fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
     }
     let mut names: Vec<&str> = names_env
         .map(|s| s.split(':').collect())

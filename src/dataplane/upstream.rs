@@ -359,7 +359,7 @@ mod tests {
 /// wrong. That is the same for every account, so it is not held against any
 /// of them: streams get a 502 that says so, `/readyz` is 503, and
 /// `clio_relay_upstream_config_fault` and the `upstream_config_fault` alert
-/// name it. Set by a stream's upgrade or by [`probe_websocket`]; cleared by
+/// name it. Set by a stream's upgrade or by [`crate::control::health::probe_websocket`]; cleared by
 /// the next upgrade upstream accepts. Shared by every shard (one atomic,
 /// read once per stream open).
 #[derive(Debug, Default)]

@@ -23,7 +23,9 @@ use std::time::Duration;
 use clio_relay::core::config::{ClusterConfig, Config, StoreDown};
 use clio_relay::core::secret::Secret;
 
+/// The admin token every node of the test fleet shares.
 pub const ADMIN: &str = "fleet-admin-token-0123456789";
+/// The master key every node of the test fleet shares.
 pub const MASTER: &str = "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0";
 
 /// `cfg` joined to the fleet in `redis` as `node`.

@@ -80,6 +80,7 @@ pub fn relay_config(upstream: &str, accounts: &[(&str, &str)]) -> Config {
 }
 
 /// A started relay and the config it runs with.
+#[derive(Debug)]
 pub struct Relay {
     pub cfg: Config,
     pub handle: RelayHandle,

@@ -16,6 +16,8 @@ pub fn apply_mask(buf: &mut [u8], key: [u8; 4], phase: usize) {
     let mut key = key;
     key.rotate_left(phase & 3);
     // Head: bytes until 8-byte alignment.
+    // SAFETY: every bit pattern is a valid u8 and a valid u64, so viewing
+    // the aligned middle as u64s (what `align_to_mut` requires) is sound.
     let (head, middle, tail) = unsafe { buf.align_to_mut::<u64>() };
     for (i, b) in head.iter_mut().enumerate() {
         *b ^= key[i & 3];

@@ -286,10 +286,10 @@ pub struct Capture {
 pub struct CutFrame {
     /// Payload bytes of the frame not yet read.
     pub remaining: u64,
-    /// The relay's mask key for the frame, and the payload offset (mod 4)
-    /// the rest continues at under it: the client→upstream pump re-masks
-    /// the rest with these, as for the old connection.
+    /// The relay's mask key for the frame: the client→upstream pump
+    /// re-masks the rest with it, as for the old connection.
     pub key: [u8; 4],
+    /// The payload offset (mod 4) the rest continues at under `key`.
     pub phase: usize,
     /// The frame's FIN bit.
     pub fin: bool,

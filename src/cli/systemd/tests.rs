@@ -254,13 +254,26 @@ fn accepts(fd: OwnedFd, addr: SocketAddr) {
 
 const ME: u32 = 777;
 
+/// [`activated_from`] over this test's own fd range.
+fn activate(
+    our_pid: u32,
+    pid_env: Option<&str>,
+    fds_env: Option<&str>,
+    names_env: Option<&str>,
+    first_fd: RawFd,
+) -> io::Result<Activated> {
+    // SAFETY: each test passes the range [`place`] filled for it (or a range
+    // nothing holds, to see the error): fds no other owner in this process
+    // has, so taking them over (and closing them) is ours to do.
+    unsafe { activated_from(our_pid, pid_env, fds_env, names_env, first_fd) }
+}
+
 #[test]
 fn sockets_by_name_in_any_order() {
     let (a, a_addr) = listener();
     let (c, c_addr) = listener();
     let first = place(600, vec![a, c]);
-    let got =
-        unsafe { activated_from(ME, Some("777"), Some("2"), Some("admin:client"), first) }.unwrap();
+    let got = activate(ME, Some("777"), Some("2"), Some("admin:client"), first).unwrap();
     let client = got.client.unwrap();
     let admin = got.admin.unwrap();
     assert_eq!(client.as_raw_fd(), 601);
@@ -286,15 +299,13 @@ fn unnamed_sockets_are_client_then_admin() {
     let (a, a_addr) = listener();
     let first = place(610, vec![c, a]);
     // Without FileDescriptorName= systemd names them after the socket unit.
-    let got = unsafe {
-        activated_from(
-            ME,
-            Some("777"),
-            Some("2"),
-            Some("clio-relay.socket:clio-relay.socket"),
-            first,
-        )
-    }
+    let got = activate(
+        ME,
+        Some("777"),
+        Some("2"),
+        Some("clio-relay.socket:clio-relay.socket"),
+        first,
+    )
     .unwrap();
     assert_eq!(local_addr(got.client.as_ref().unwrap()).unwrap(), c_addr);
     assert_eq!(local_addr(got.admin.as_ref().unwrap()).unwrap(), a_addr);
@@ -302,7 +313,7 @@ fn unnamed_sockets_are_client_then_admin() {
 
     let (c, c_addr) = listener();
     let first = place(612, vec![c]);
-    let got = unsafe { activated_from(ME, Some("777"), Some("1"), None, first) }.unwrap();
+    let got = activate(ME, Some("777"), Some("1"), None, first).unwrap();
     assert_eq!(local_addr(got.client.as_ref().unwrap()).unwrap(), c_addr);
     assert!(got.admin.is_none());
 }
@@ -311,7 +322,7 @@ fn unnamed_sockets_are_client_then_admin() {
 fn only_the_admin_socket() {
     let (a, a_addr) = listener();
     let first = place(615, vec![a]);
-    let got = unsafe { activated_from(ME, Some("777"), Some("1"), Some("admin"), first) }.unwrap();
+    let got = activate(ME, Some("777"), Some("1"), Some("admin"), first).unwrap();
     assert!(got.client.is_none());
     assert_eq!(local_addr(got.admin.as_ref().unwrap()).unwrap(), a_addr);
 }
@@ -322,7 +333,7 @@ fn extra_sockets_are_closed() {
     let (a, _) = listener();
     let (x, _) = listener();
     let first = place(620, vec![c, a, x]);
-    let got = unsafe { activated_from(ME, Some("777"), Some("3"), None, first) }.unwrap();
+    let got = activate(ME, Some("777"), Some("3"), None, first).unwrap();
     assert!(got.client.is_some() && got.admin.is_some());
     assert!(is_open(620) && is_open(621) && !is_open(622));
 }
@@ -332,35 +343,35 @@ fn not_for_us_takes_nothing() {
     let (c, _) = listener();
     let first = place(625, vec![c]);
     for pid in [None, Some("1"), Some("x")] {
-        let got = unsafe { activated_from(ME, pid, Some("1"), Some("client"), first) }.unwrap();
+        let got = activate(ME, pid, Some("1"), Some("client"), first).unwrap();
         assert!(got.is_empty());
         assert!(
             is_open(first),
             "an fd meant for another process is left alone"
         );
     }
-    let got = unsafe { activated_from(ME, Some("777"), None, None, first) }.unwrap();
+    let got = activate(ME, Some("777"), None, None, first).unwrap();
     assert!(got.is_empty());
-    let got = unsafe { activated_from(ME, Some("777"), Some("0"), None, first) }.unwrap();
+    let got = activate(ME, Some("777"), Some("0"), None, first).unwrap();
     assert!(got.is_empty());
+    // SAFETY: `first` was placed by this test and not taken over above.
     drop(unsafe { OwnedFd::from_raw_fd(first) });
 }
 
 #[test]
 fn malformed_activation_is_an_error() {
     for n in ["two", "-1", "100000"] {
-        let e = unsafe { activated_from(ME, Some("777"), Some(n), None, 630) }.unwrap_err();
+        let e = activate(ME, Some("777"), Some(n), None, 630).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{n}: {e}");
     }
     // Counted but not open.
-    let e = unsafe { activated_from(ME, Some("777"), Some("1"), None, 631) }.unwrap_err();
+    let e = activate(ME, Some("777"), Some("1"), None, 631).unwrap_err();
     assert!(e.to_string().contains("fd 631 is not open"), "{e}");
     // The same name twice.
     let (c1, _) = listener();
     let (c2, _) = listener();
     let first = place(632, vec![c1, c2]);
-    let e = unsafe { activated_from(ME, Some("777"), Some("2"), Some("client:client"), first) }
-        .unwrap_err();
+    let e = activate(ME, Some("777"), Some("2"), Some("client:client"), first).unwrap_err();
     assert!(e.to_string().contains("two sockets"), "{e}");
     assert!(!is_open(632) && !is_open(633), "closed on error");
 }
@@ -390,8 +401,7 @@ fn only_listening_tcp_sockets_are_taken() {
     .enumerate()
     {
         let first = place(640 + i as RawFd, vec![fd]);
-        let e = unsafe { activated_from(ME, Some("777"), Some("1"), Some("client"), first) }
-            .unwrap_err();
+        let e = activate(ME, Some("777"), Some("1"), Some("client"), first).unwrap_err();
         assert!(e.to_string().contains(what), "{e}");
         assert!(!is_open(first));
     }

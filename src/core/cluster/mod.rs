@@ -4,7 +4,7 @@
 //! # How the calls run
 //! glommio shards must never block, and the `redis` crate's async client
 //! needs tokio. So one dedicated thread per process (`clio-cluster`, see
-//! [`store`]) owns a blocking Redis connection with read and write
+//! `store.rs`) owns a blocking Redis connection with read and write
 //! deadlines of `cluster.timeout`. Shards hand it [`Job`]s through a
 //! channel and await the answer on an `async_channel`, so a shard waits
 //! like it waits for a socket: other streams run meanwhile. The thread

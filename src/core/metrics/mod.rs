@@ -288,12 +288,13 @@ pub struct ShardMetrics {
 /// Failovers a client never saw, by phase and reason, and resumed streams.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Failovers {
-    /// Before upstream accepted the stream: refused (an error message), or
-    /// the connection lost.
+    /// Before upstream accepted the stream: refused (an error message).
     pub open_refused: u64,
+    /// Before upstream accepted the stream: the connection lost.
     pub open_lost: u64,
-    /// Mid-stream: an error message (500, 503), or the connection lost.
+    /// Mid-stream: an error message (500, 503).
     pub mid_error: u64,
+    /// Mid-stream: the connection lost.
     pub mid_lost: u64,
     /// Resumes done (a stream resumed twice counts twice).
     pub resumed: u64,

@@ -3,7 +3,8 @@
 //! resumed connection's results onto the stream's own timeline.
 //!
 //! The copy is the raw (unmasked) audio, captured by the client→upstream
-//! pump as it re-masks each frame ([`FrameScanner::scan_capture`]). Each
+//! pump as it re-masks each frame
+//! ([`clio_frame::scanner::FrameScanner::scan_capture`]). Each
 //! result's `final_audio_proc_ms` trims it. When the upstream connection
 //! fails (a drop, a protocol error, or a 500/503 error message), the
 //! session opens a new one, sends the config and the copy, and this pump
