@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use clio_relay::cli::CliError;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -85,17 +86,16 @@ fn main() -> ExitCode {
     #[cfg(not(feature = "demo"))]
     let demo = false;
     init_logging(demo);
-    let need_config = || -> Result<PathBuf, String> {
+    let need_config = || -> Result<PathBuf, CliError> {
         cli.config
             .clone()
-            .ok_or_else(|| "--config FILE is required".to_string())
+            .ok_or_else(|| CliError::Usage("--config FILE is required".to_string()))
     };
-    let result: Result<(), String> = match &cli.command {
-        None => need_config()
-            .and_then(|path| clio_relay::cli::server::run(&path, false).map_err(|e| e.to_string())),
-        Some(Command::Run { join_client_port }) => need_config().and_then(|path| {
-            clio_relay::cli::server::run(&path, *join_client_port).map_err(|e| e.to_string())
-        }),
+    let result: Result<(), CliError> = match &cli.command {
+        None => need_config().and_then(|path| clio_relay::cli::server::run(&path, false)),
+        Some(Command::Run { join_client_port }) => {
+            need_config().and_then(|path| clio_relay::cli::server::run(&path, *join_client_port))
+        }
         Some(Command::CheckConfig) => {
             need_config().and_then(|path| match clio_relay::cli::check_config(&path) {
                 Ok(summary) => {
@@ -103,12 +103,13 @@ fn main() -> ExitCode {
                     println!("{}: configuration is valid", path.display());
                     Ok(())
                 }
-                Err(e) => Err(e
-                    .problems
-                    .iter()
-                    .map(|p| format!("{}: {p}", path.display()))
-                    .collect::<Vec<_>>()
-                    .join("\n")),
+                Err(e) => Err(CliError::Config(
+                    e.problems
+                        .iter()
+                        .map(|p| format!("{}: {p}", path.display()))
+                        .collect::<Vec<_>>()
+                        .join("\n"),
+                )),
             })
         }
         Some(Command::MintToken {
@@ -119,7 +120,16 @@ fn main() -> ExitCode {
         }) => need_config().and_then(|path| {
             let token =
                 clio_relay::cli::mint_token_for(&path, device, tier.as_deref(), pools, *ttl)
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| {
+                        // The file's problems are a configuration error; a
+                        // tier, pool or TTL the file does not allow is the
+                        // command line's.
+                        if e.is::<clio_relay::core::config::ConfigError>() {
+                            CliError::Config(e.to_string())
+                        } else {
+                            CliError::Usage(e.to_string())
+                        }
+                    })?;
             println!("{token}");
             Ok(())
         }),
@@ -128,13 +138,13 @@ fn main() -> ExitCode {
             Ok(())
         }),
         #[cfg(feature = "demo")]
-        Some(Command::Demo(args)) => clio_relay::cli::demo::run(args).map_err(|e| e.to_string()),
+        Some(Command::Demo(args)) => clio_relay::cli::demo::run(args).map_err(CliError::from),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(msg) => {
-            eprintln!("{msg}");
-            ExitCode::from(1)
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(e.exit_code())
         }
     }
 }

@@ -95,7 +95,7 @@ fn mint_token_refuses_a_pool_its_secret_is_not_bound_to() {
         )
     };
     let o = mint("prod");
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(o.stdout.is_empty(), "{}", text(&o));
     assert!(
         text(&o).contains("binds the token secret to pools dev: it cannot mint a token for prod"),
@@ -106,5 +106,87 @@ fn mint_token_refuses_a_pool_its_secret_is_not_bound_to() {
     let o = mint("dev");
     assert!(o.status.success(), "{}", text(&o));
     assert!(String::from_utf8_lossy(&o.stdout).starts_with("clio1."));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A config for `run`: a relay on `listen` with one account, its admin API
+/// on `admin` with a token.
+fn relay_config(dir: &std::path::Path, listen: &str, admin: &str) -> String {
+    std::fs::create_dir_all(dir).unwrap();
+    let config = dir.join("relay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\"\nshards = 1\n\n\
+             [upstream]\nurl = \"ws://127.0.0.1:9/transcribe-websocket\"\n\n\
+             [tokens]\nsecret_env = \"CLI_EXIT_SECRET\"\n\n\
+             [admin]\ntoken_env = \"CLI_EXIT_ADMIN\"\n\n\
+             [[account]]\nid = \"a\"\nkey_env = \"CLI_EXIT_KEY\"\nmax_concurrent_streams = 5\n"
+        ),
+    )
+    .unwrap();
+    config.to_str().unwrap().to_string()
+}
+
+fn run_env(args: &[&str]) -> Output {
+    Command::new(RELAY)
+        .args(args)
+        .env("CLI_EXIT_SECRET", "cli-exit-secret-0123456789abcdef0123")
+        .env("CLI_EXIT_ADMIN", "cli-exit-admin-token-0123456789")
+        .env("CLI_EXIT_KEY", "cli-exit-soniox-key")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn each_kind_of_failure_has_its_own_exit_status() {
+    let dir = std::env::temp_dir().join(format!("clio-relay-cli-exit-{}", std::process::id()));
+    // 2: the command line (no --config for a command that needs one).
+    let o = run(RELAY, &["check-config"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("--config FILE is required"),
+        "{}",
+        text(&o)
+    );
+
+    // 3: the configuration (a key no section has), for check-config and run.
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[server]\nlisten = \"127.0.0.1:0\"\nno_such_key = 1\n",
+    )
+    .unwrap();
+    let bad = bad.to_str().unwrap();
+    for cmd in ["check-config", "run"] {
+        let o = run_env(&[cmd, "--config", bad]);
+        assert_eq!(o.status.code(), Some(3), "{cmd}: {}", text(&o));
+        assert!(text(&o).contains("no_such_key"), "{cmd}: {}", text(&o));
+    }
+
+    // 4: a port taken.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen = taken.local_addr().unwrap().to_string();
+    let config = relay_config(&dir, &listen, "127.0.0.1:0");
+    let o = run_env(&["run", "--config", &config]);
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    assert!(text(&o).contains("already in use"), "{}", text(&o));
+
+    // 5: `keys` with no relay listening on the admin port.
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let admin = free.local_addr().unwrap().to_string();
+    drop(free);
+    let config = relay_config(&dir, "127.0.0.1:0", &admin);
+    let o = run_env(&["keys", "--config", &config, "list"]);
+    assert_eq!(o.status.code(), Some(5), "{}", text(&o));
+    assert!(text(&o).contains("admin API at"), "{}", text(&o));
+    for secret in [
+        "cli-exit-admin-token",
+        "cli-exit-soniox-key",
+        "cli-exit-secret",
+    ] {
+        assert!(!text(&o).contains(secret), "{}", text(&o));
+    }
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -10,6 +10,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::cli::CliError;
 use crate::core::config::Config;
 
 /// What to do.
@@ -108,8 +109,9 @@ impl KeySource {
 
 /// Runs one `keys` action against the relay the config file describes;
 /// returns what to print.
-pub fn run(config: &Path, action: &KeysAction) -> Result<String, String> {
-    let (mut addr, token) = Config::load_admin_client(config).map_err(|e| e.to_string())?;
+pub fn run(config: &Path, action: &KeysAction) -> Result<String, CliError> {
+    let (mut addr, token) =
+        Config::load_admin_client(config).map_err(|e| CliError::Config(e.to_string()))?;
     if addr.ip().is_unspecified() {
         addr.set_ip(if addr.is_ipv4() {
             [127, 0, 0, 1].into()
@@ -131,7 +133,7 @@ pub fn run(config: &Path, action: &KeysAction) -> Result<String, String> {
             "POST",
             "/admin/accounts".into(),
             Some(
-                serde_json::json!({"id": id, "key": key.read()?, "region": region, "pool": pool, "enabled": !disabled, "max_concurrent_streams": max_concurrent_streams}),
+                serde_json::json!({"id": id, "key": key.read().map_err(CliError::Usage)?, "region": region, "pool": pool, "enabled": !disabled, "max_concurrent_streams": max_concurrent_streams}),
             ),
         ),
         KeysAction::Enable { id } => ("POST", format!("/admin/accounts/{id}/enable"), None),
@@ -146,7 +148,7 @@ pub fn run(config: &Path, action: &KeysAction) -> Result<String, String> {
             Some(serde_json::json!({"max_concurrent_streams": max_concurrent_streams})),
         ),
         KeysAction::Rotate { id, overlap, key } => {
-            let mut b = serde_json::json!({"key": key.read()?});
+            let mut b = serde_json::json!({"key": key.read().map_err(CliError::Usage)?});
             if let Some(o) = overlap {
                 b["overlap"] = serde_json::Value::String(o.clone());
             }
@@ -154,14 +156,14 @@ pub fn run(config: &Path, action: &KeysAction) -> Result<String, String> {
         }
     };
     let (status, text) = request(addr, method, &path, token, body.map(|b| b.to_string()))
-        .map_err(|e| format!("admin API at {addr}: {e}"))?;
-    let value: serde_json::Value =
-        serde_json::from_str(&text).map_err(|_| format!("admin API answered {status}: {text}"))?;
+        .map_err(|e| CliError::AdminUnreachable(format!("admin API at {addr}: {e}")))?;
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|_| CliError::AdminRefused(format!("admin API answered {status}: {text}")))?;
     if status != 200 {
-        return Err(format!(
+        return Err(CliError::AdminRefused(format!(
             "{status}: {}",
             value["error_message"].as_str().unwrap_or(&text)
-        ));
+        )));
     }
     Ok(table(&value))
 }

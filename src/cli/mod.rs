@@ -21,6 +21,67 @@ use std::time::{Duration, SystemTime};
 use crate::core::config::{Config, ConfigError};
 use crate::core::token::TokenKeys;
 
+/// Why a command failed. Each kind has its own exit status, so scripts and
+/// systemd can tell them apart (README, "Exit status"); the message never
+/// holds a key, a secret or a token.
+#[derive(Debug)]
+pub enum CliError {
+    /// Exit 1: the command started and then failed (the relay stopped on an
+    /// error, the demo's streams failed, a socket systemd passed was wrong).
+    Failed(String),
+    /// Exit 2: the command line asks for something that cannot be done.
+    Usage(String),
+    /// Exit 3: the configuration file is missing, unreadable or invalid.
+    Config(String),
+    /// Exit 4: a port the relay needs is taken (another relay, most likely).
+    PortInUse(String),
+    /// Exit 5: `keys`: the relay's admin API could not be reached.
+    AdminUnreachable(String),
+    /// Exit 6: `keys`: the admin API answered, and refused the request.
+    AdminRefused(String),
+}
+
+impl CliError {
+    /// The process exit status for this error.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Failed(_) => 1,
+            CliError::Usage(_) => 2,
+            CliError::Config(_) => 3,
+            CliError::PortInUse(_) => 4,
+            CliError::AdminUnreachable(_) => 5,
+            CliError::AdminRefused(_) => 6,
+        }
+    }
+}
+
+impl std::fmt::Display for CliError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CliError::Failed(m)
+            | CliError::Usage(m)
+            | CliError::Config(m)
+            | CliError::PortInUse(m)
+            | CliError::AdminUnreachable(m)
+            | CliError::AdminRefused(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for CliError {}
+
+impl From<std::io::Error> for CliError {
+    /// A port taken is [`CliError::PortInUse`]; any other I/O failure is
+    /// [`CliError::Failed`].
+    fn from(e: std::io::Error) -> Self {
+        if e.kind() == std::io::ErrorKind::AddrInUse {
+            CliError::PortInUse(e.to_string())
+        } else {
+            CliError::Failed(e.to_string())
+        }
+    }
+}
+
 /// `check-config`: loads and validates the file, returns the summary to print.
 /// On error, print the [`ConfigError`] (one line per problem) and exit 1.
 pub fn check_config(path: &Path) -> Result<String, ConfigError> {

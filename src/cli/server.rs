@@ -411,7 +411,7 @@ impl Drop for RelayHandle {
 ///   refused with its problems logged, and the running configuration kept.
 /// - SIGTERM drains (see [`RelayHandle::drain`]); SIGINT stops at once.
 /// - `join_client_port`: see [`start_joining`].
-pub fn run(path: &std::path::Path, join_client_port: bool) -> std::io::Result<()> {
+pub fn run(path: &std::path::Path, join_client_port: bool) -> Result<(), crate::cli::CliError> {
     use crate::cli::systemd::{Notifier, Watchdog};
     use nix::sys::signal::{SigSet, Signal};
     let notify = Notifier::from_env();
@@ -423,12 +423,8 @@ pub fn run(path: &std::path::Path, join_client_port: bool) -> std::io::Result<()
     set.add(Signal::SIGINT);
     set.add(Signal::SIGHUP);
     set.thread_block().map_err(std::io::Error::from)?;
-    let cfg = Config::load(path).map_err(|e| {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            format!("{}: {e}", path.display()),
-        )
-    })?;
+    let cfg = Config::load(path)
+        .map_err(|e| crate::cli::CliError::Config(format!("{}: {e}", path.display())))?;
     if !sockets.is_empty() {
         tracing::info!(
             client = sockets.client.is_some(),

@@ -60,6 +60,8 @@ impl std::fmt::Display for ChangeError {
     }
 }
 
+impl std::error::Error for ChangeError {}
+
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> u64 {
     SystemTime::now()

@@ -23,6 +23,25 @@ pub enum HeadError {
     Malformed,
 }
 
+impl std::fmt::Display for HeadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HeadError::Io(e) => write!(f, "the request head could not be read: {e}"),
+            HeadError::TooLarge => f.write_str("the request head is over the size limit"),
+            HeadError::Malformed => f.write_str("the request head is not valid HTTP/1.1"),
+        }
+    }
+}
+
+impl std::error::Error for HeadError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            HeadError::Io(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
 /// Reads until a full HTTP head (ending in an empty line) is in `buf`.
 /// Returns the head's length; `buf.start` is left at the head's start.
 pub async fn read_head(conn: &Duplex, buf: &mut Buf, max: usize) -> Result<usize, HeadError> {

@@ -41,6 +41,26 @@ pub enum ConnectError {
     FileLimit,
 }
 
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConnectError::Refused(status, _) => {
+                write!(
+                    f,
+                    "upstream refused the WebSocket upgrade with HTTP {status}"
+                )
+            }
+            ConnectError::Unavailable(why) => write!(f, "upstream is unavailable: {why}"),
+            ConnectError::Timeout => f.write_str("upstream did not answer within connect_timeout"),
+            ConnectError::FileLimit => {
+                f.write_str("the relay is at its file limit: no socket to connect upstream with")
+            }
+        }
+    }
+}
+
+impl std::error::Error for ConnectError {}
+
 /// The parsed `upstream.url` with what a shard needs to connect to it.
 pub struct UpstreamTarget {
     host: String,

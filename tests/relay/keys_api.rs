@@ -307,18 +307,18 @@ fn keys_cli_talks_to_a_running_relay() {
             .output()
             .unwrap();
         (
-            out.status.success(),
+            out.status.code(),
             String::from_utf8_lossy(&out.stdout).to_string()
                 + &String::from_utf8_lossy(&out.stderr),
         )
     };
-    let (ok, out) = run(&["list"]);
-    assert!(ok, "{out}");
+    let (code, out) = run(&["list"]);
+    assert_eq!(code, Some(0), "{out}");
     assert!(
         out.contains(&Secret::new("k1").fingerprint()) && out.starts_with("ACCOUNT"),
         "{out}"
     );
-    let (ok, out) = run(&[
+    let (code, out) = run(&[
         "add",
         "--id",
         "b",
@@ -327,13 +327,15 @@ fn keys_cli_talks_to_a_running_relay() {
         "--key-env",
         "CLI_TEST_NEW_KEY",
     ]);
-    assert!(ok, "{out}");
+    assert_eq!(code, Some(0), "{out}");
     assert!(out.contains(&Secret::new("k2").fingerprint()), "{out}");
-    assert!(run(&["disable", "a"]).0);
+    assert_eq!(run(&["disable", "a"]).0, Some(0));
     assert!(one_session(&relay).finished());
     assert_eq!(fake.sessions().last().unwrap().key.as_deref(), Some("k2"));
-    let (ok, out) = run(&["remove", "nope"]);
-    assert!(!ok && out.contains("404"), "{out}");
+    // The admin API answered and refused: exit status 6.
+    let (code, out) = run(&["remove", "nope"]);
+    assert_eq!(code, Some(6), "{out}");
+    assert!(out.contains("404"), "{out}");
     std::fs::remove_dir_all(&dir).ok();
 }
 

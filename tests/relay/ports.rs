@@ -77,7 +77,7 @@ fn a_second_relay_on_the_same_ports_exits_naming_the_port() {
     ] {
         let cfg = config_file(&fake.url(), c, a, tag);
         let (code, err) = exits(relay_binary(&["run", "--config", &cfg]));
-        assert_eq!(code, Some(1), "{tag}: {err}");
+        assert_eq!(code, Some(4), "{tag}: {err}");
         assert!(
             err.contains(&format!("{key} {port} is already in use")),
             "{tag}: {err}"
@@ -103,7 +103,7 @@ fn join_client_port_shares_the_client_port_but_never_the_admin_port() {
         "--config",
         &cfg,
     ]));
-    assert_eq!(code, Some(1), "{err}");
+    assert_eq!(code, Some(4), "{err}");
     assert!(err.contains("server.admin_listen"), "{err}");
     // With its own admin port, it joins the client port (a hand-over).
     let mut cfg = relay_config(&fake.url(), &[("b", "k1")]);
