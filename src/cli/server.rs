@@ -302,10 +302,7 @@ impl RelayHandle {
         // data-plane pass, a few milliseconds).
         let _ = self.alive(std::time::Duration::from_secs(2));
         self.process.set_draining(true);
-        let end = Instant::now() + deadline;
-        while self.process.live_streams() > 0 && Instant::now() < end {
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
+        self.process.wait_all_ended(Instant::now() + deadline);
         let cut = self.process.live_streams();
         if cut > 0 {
             tracing::info!(
@@ -315,10 +312,8 @@ impl RelayHandle {
             for s in &self.shards {
                 let _ = s.tx.try_send(ShardMsg::Drain);
             }
-            let end = Instant::now() + std::time::Duration::from_secs(8);
-            while self.process.live_streams() > 0 && Instant::now() < end {
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
+            self.process
+                .wait_all_ended(Instant::now() + std::time::Duration::from_secs(8));
         }
         cut
     }

@@ -10,8 +10,8 @@ use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use futures_lite::future;
 use glommio::{LocalExecutorBuilder, Placement};
@@ -54,6 +54,9 @@ type Published = (Arc<[RingSlot]>, Arc<[String]>);
 #[derive(Debug)]
 pub struct ProcessState {
     live: AtomicU32,
+    /// Notified when `live` falls to zero: a drain waits on it rather than
+    /// polling the count.
+    all_ended: (Mutex<()>, Condvar),
     max_streams: u32,
     draining: AtomicBool,
     /// Random per process start, part of every stream id.
@@ -83,6 +86,7 @@ impl ProcessState {
         let boot_id = u32::from_le_bytes(masks.next_key());
         Arc::new(ProcessState {
             live: AtomicU32::new(0),
+            all_ended: (Mutex::new(()), Condvar::new()),
             max_streams,
             draining: AtomicBool::new(false),
             boot_id,
@@ -140,6 +144,26 @@ impl ProcessState {
         self.live.load(Ordering::Relaxed)
     }
 
+    /// Blocks the calling thread (never a shard) until no stream is live or
+    /// `until` has passed; true when none is live.
+    pub fn wait_all_ended(&self, until: Instant) -> bool {
+        let (lock, cv) = &self.all_ended;
+        let mut guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if self.live.load(Ordering::Acquire) == 0 {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= until {
+                return false;
+            }
+            guard = cv
+                .wait_timeout(guard, until - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
     /// The `server.max_streams` limit.
     pub fn max_streams(&self) -> u32 {
         self.max_streams
@@ -162,7 +186,14 @@ pub struct AdmitPermit(Arc<ProcessState>);
 
 impl Drop for AdmitPermit {
     fn drop(&mut self) {
-        self.0.live.fetch_sub(1, Ordering::AcqRel);
+        if self.0.live.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // The last live stream ended: wake a waiting drain. Taking the
+            // lock orders this with the waiter's check of the count, so the
+            // wake-up cannot fall between its check and its wait.
+            let (lock, cv) = &self.0.all_ended;
+            let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+            cv.notify_all();
+        }
     }
 }
 

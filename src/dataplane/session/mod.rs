@@ -819,14 +819,18 @@ impl Stream {
                             &shard.metrics,
                             &never,
                         );
-                        let fin = async {
-                            while !(state.fin_seen.get() && state.client_at_boundary.get()) {
-                                glommio::timer::Timer::new(std::time::Duration::from_millis(10))
-                                    .await;
+                        // Done once upstream's `finished` has reached the
+                        // client. Only the pump changes these flags, in this
+                        // task, so this is checked right after each of the
+                        // pump's polls: no timer, no waker of its own.
+                        let fin = future::poll_fn(|_| {
+                            if state.fin_seen.get() && state.client_at_boundary.get() {
+                                std::task::Poll::Ready(End::Drain)
+                            } else {
+                                std::task::Poll::Pending
                             }
-                            End::Drain
-                        };
-                        let _ = timeout(FINALIZE_WAIT, future::or(fin, u2c)).await;
+                        });
+                        let _ = timeout(FINALIZE_WAIT, future::or(u2c, fin)).await;
                     }
                 }
                 let r = Refusal::new(
