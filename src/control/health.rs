@@ -199,7 +199,7 @@ impl RestTarget {
                     .parse::<usize>()
                     .ok()
             });
-        buf.start += head;
+        buf.advance(head);
         let mut body = buf.filled().to_vec();
         let mut chunk = [0u8; 4096];
         while length.is_none_or(|n| body.len() < n) && body.len() < 1 << 20 {

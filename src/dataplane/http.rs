@@ -43,7 +43,7 @@ impl std::error::Error for HeadError {
 }
 
 /// Reads until a full HTTP head (ending in an empty line) is in `buf`.
-/// Returns the head's length; `buf.start` is left at the head's start.
+/// Returns the head's length; the buffer's start is left at the head's start.
 pub async fn read_head(conn: &Duplex, buf: &mut Buf, max: usize) -> Result<usize, HeadError> {
     let mut scanned = 0;
     loop {
@@ -58,7 +58,7 @@ pub async fn read_head(conn: &Duplex, buf: &mut Buf, max: usize) -> Result<usize
             };
         }
         scanned = filled.len().saturating_sub(3);
-        if buf.len() >= max || buf.end == buf.capacity() {
+        if buf.len() >= max || buf.end() == buf.capacity() {
             return Err(HeadError::TooLarge);
         }
         match buf.read_from(conn).await {

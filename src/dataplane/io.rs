@@ -395,13 +395,35 @@ impl BufferPool {
 pub struct Buf {
     data: Option<Box<[u8]>>,
     /// First unconsumed byte.
-    pub start: usize,
+    start: usize,
     /// One past the last byte read.
-    pub end: usize,
+    end: usize,
     pool: Rc<BufferPool>,
 }
 
 impl Buf {
+    /// Where the unconsumed bytes start in [`raw`](Self::raw).
+    #[inline]
+    pub fn start(&self) -> usize {
+        self.start
+    }
+
+    /// One past the last byte read, in [`raw`](Self::raw).
+    #[inline]
+    pub fn end(&self) -> usize {
+        self.end
+    }
+
+    /// Marks `n` bytes at the front as used while they stay readable
+    /// through [`raw`](Self::raw) (for a message handled in place after it
+    /// is taken off the front). Unlike [`consume`](Self::consume) it keeps
+    /// the storage even when nothing unconsumed is left.
+    #[inline]
+    pub fn advance(&mut self, n: usize) {
+        debug_assert!(n <= self.len());
+        self.start += n;
+    }
+
     /// The whole backing storage (taken from the pool if the buffer has none).
     #[inline]
     pub fn raw(&mut self) -> &mut [u8] {

@@ -406,7 +406,7 @@ pub async fn upstream_to_client(
     loop {
         if state.inspect_first_upstream.get() && !buf.is_empty() {
             match first_message_error(buf.filled()) {
-                FirstMessage::Incomplete if buf.end < buf.capacity() || buf.start > 0 => {
+                FirstMessage::Incomplete if buf.end() < buf.capacity() || buf.start() > 0 => {
                     match read_more(buf, upstream, state).await {
                         Some(at) => {
                             read_at = at;

@@ -62,8 +62,8 @@ impl Stream {
                         .await;
                 }
                 if buf.len() >= n {
-                    let (start, hl) = (buf.start, h.header_len);
-                    buf.start += n;
+                    let (start, hl) = (buf.start(), h.header_len);
+                    buf.advance(n);
                     let payload = &mut buf.raw()[start + hl..start + n];
                     apply_mask(payload, mask, 0);
                     match h.opcode {
