@@ -8,11 +8,13 @@
 //! - `refusal`: the error frame + close the relay sends when it ends a stream.
 //! - this file: the stream after the upgrade — account, upstream, pumps, end.
 
+mod ending;
 mod first;
 mod handshake;
 mod refusal;
 mod support;
 
+use ending::{Ending, ToClient};
 use support::{audio_bytes_per_ms, close_client, raw_audio_rate, LiveGuard};
 pub use support::{upstream_config_text, with_api_key};
 
@@ -42,6 +44,9 @@ const FINALIZE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// How long the relay waits for a peer's half of a close handshake.
 const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+/// The longest the relay waits to hand upstream its close frame when a
+/// stream ends (a peer that stopped reading does not hold the stream).
+const UPSTREAM_CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// One upgraded stream on one shard.
 struct Stream {
@@ -682,7 +687,9 @@ impl Stream {
         .await
     }
 
-    /// Ends a stream the way `end` calls for.
+    /// Ends a stream the way `end` calls for: what it needs first (a close
+    /// handshake carried on, a drain's finalize), then its row of the
+    /// table in `ending.rs`.
     async fn finish(
         &self,
         client: &Duplex,
@@ -693,178 +700,91 @@ impl Stream {
         cside: &mut ClientSide,
     ) -> Option<u16> {
         let shard = &self.shard;
-        let mut error = None;
-        let to_client = |r: &Refusal| r.frames(&self.id);
-        let close_upstream = |code: u16, reason: &str| {
-            let key = shard.masks.borrow_mut().next_key();
-            build_frame(Opcode::Close, &close_payload(code, reason), Some(key))
-        };
+        // What this ending needs before the table's two steps.
         match end {
-            End::UpstreamClosed => {
+            End::UpstreamClosed if !cside.close_seen => {
                 // Upstream closed first (after `finished`): carry the client's
                 // close reply up, so both close handshakes complete.
-                if !cside.close_seen {
-                    let c2u = pump::client_to_upstream(
-                        client,
-                        &up.conn,
-                        cbuf,
-                        cside,
-                        state,
-                        &shard.masks,
-                        &shard.metrics,
-                    );
-                    let _ = timeout(CLOSE_WAIT, c2u).await;
-                }
-            }
-            End::ClientGone => {
-                if state.upstream_at_boundary.get() {
-                    let _ = timeout(
-                        std::time::Duration::from_secs(1),
-                        up.conn.write_all(&close_upstream(1001, "client went away")),
-                    )
-                    .await;
-                }
-            }
-            End::ClientProtocol(e) => {
-                shard.metrics.error(Side::Client, e.close_code());
-                let r = Refusal::new(400, "bad_request", e.reason(), e.close_code(), Side::Client);
-                error = Some(400);
-                if state.client_at_boundary.get() {
-                    let _ = client.write_all(&to_client(&r)).await;
-                }
-                if state.upstream_at_boundary.get() {
-                    let _ = up
-                        .conn
-                        .write_all(&close_upstream(1001, "client protocol error"))
-                        .await;
-                }
-            }
-            End::UpstreamGone if cside.close_seen => {
-                // The client closed and upstream hung up instead of answering
-                // the close: answer it in upstream's place.
-                if state.client_at_boundary.get() {
-                    let _ = client
-                        .write_all(&build_frame(Opcode::Close, &close_payload(1000, ""), None))
-                        .await;
-                }
-            }
-            End::UpstreamGone | End::UpstreamProtocol(_) | End::UpstreamStalled => {
-                if end == End::UpstreamStalled {
-                    tracing::warn!(stream = %self.id, account = %up.lease.account.id, stall = ?self.settings.limits.stall_timeout, "upstream stopped reading the stream's audio; ending it as an upstream failure");
-                }
-                let r = Refusal::upstream_lost();
-                shard.metrics.error(Side::Upstream, r.code);
-                error = Some(r.code);
-                if state.client_at_boundary.get() {
-                    let _ = client.write_all(&to_client(&r)).await;
-                }
-            }
-            End::Idle => {
-                let r = Refusal::new(
-                    408,
-                    "request_timeout",
-                    "No audio or messages in time; the stream was idle.",
-                    1000,
-                    Side::Client,
+                let c2u = pump::client_to_upstream(
+                    client,
+                    &up.conn,
+                    cbuf,
+                    cside,
+                    state,
+                    &shard.masks,
+                    &shard.metrics,
                 );
-                shard.metrics.error(Side::Client, 408);
-                error = Some(408);
-                if state.client_at_boundary.get() {
-                    let _ = client.write_all(&to_client(&r)).await;
-                }
-                if state.upstream_at_boundary.get() {
-                    let _ = up.conn.write_all(&close_upstream(1000, "idle")).await;
-                }
+                let _ = timeout(CLOSE_WAIT, c2u).await;
+            }
+            End::UpstreamStalled => {
+                tracing::warn!(stream = %self.id, account = %up.lease.account.id, stall = ?self.settings.limits.stall_timeout, "upstream stopped reading the stream's audio; ending it as an upstream failure");
             }
             End::Stopped(limit) => {
                 shard.process.device_rejections[limit as usize]
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let message = match limit {
-                    Limit::Revoked => "This device or session token has been revoked.".to_string(),
-                    Limit::DailyAudio => {
-                        "Device limit reached: daily audio allowance used up.".to_string()
-                    }
-                    _ => "Device limit reached: the longest a stream may last.".to_string(),
-                };
-                let r = Refusal::device(limit, message);
-                shard.metrics.error(Side::Client, r.code);
-                error = Some(r.code);
-                if state.client_at_boundary.get() {
-                    let _ = client.write_all(&to_client(&r)).await;
-                }
-                if state.upstream_at_boundary.get() {
-                    let _ = up
-                        .conn
-                        .write_all(&close_upstream(1000, "ended by the relay"))
-                        .await;
-                }
             }
-            End::Drain => {
-                // Ask upstream for the final tokens, deliver them, then tell the
-                // client to reconnect (Soniox's 503) with close 1012.
-                if state.upstream_at_boundary.get() && state.client_at_boundary.get() {
-                    let key = shard.masks.borrow_mut().next_key();
-                    let finalize = build_frame(Opcode::Text, br#"{"type":"finalize"}"#, Some(key));
-                    if up.conn.write_all(&finalize).await.is_ok() {
-                        let never = || false;
-                        let Upstream {
-                            conn, buf, scanner, ..
-                        } = &mut *up;
-                        let u2c = pump::upstream_to_client_any(
-                            conn,
-                            client,
-                            buf,
-                            scanner,
-                            state,
-                            &shard.metrics,
-                            &never,
-                        );
-                        // Done once upstream's `finished` has reached the
-                        // client. Only the pump changes these flags, in this
-                        // task, so this is checked right after each of the
-                        // pump's polls: no timer, no waker of its own.
-                        let fin = future::poll_fn(|_| {
-                            if state.fin_seen.get() && state.client_at_boundary.get() {
-                                std::task::Poll::Ready(End::Drain)
-                            } else {
-                                std::task::Poll::Pending
-                            }
-                        });
-                        let _ = timeout(FINALIZE_WAIT, future::or(u2c, fin)).await;
-                    }
-                }
-                let r = Refusal::new(
-                    503,
-                    "service_unavailable",
-                    "The relay is restarting; reconnect to continue.",
-                    1012,
-                    Side::Internal,
-                );
-                error = Some(503);
-                if state.client_at_boundary.get() {
-                    let _ = client.write_all(&to_client(&r)).await;
-                }
-                if state.upstream_at_boundary.get() {
-                    let _ = up
-                        .conn
-                        .write_all(&close_upstream(1001, "relay restarting"))
-                        .await;
-                }
+            End::Drain if state.upstream_at_boundary.get() && state.client_at_boundary.get() => {
+                self.finalize_for_drain(client, up, state).await;
             }
-            End::Resume(..) => {
-                // An error the stream could not resume from (its resumes
-                // used up, or its copy no longer whole).
-                let r = Refusal::upstream_lost();
-                error = Some(r.code);
-                if state.client_at_boundary.get() {
-                    let _ = client.write_all(&to_client(&r)).await;
-                }
-            }
-            End::Retry(..) | End::ClientClosed => unreachable!("handled by the caller"),
+            _ => {}
         }
+        let ending = Ending::of(end, cside.close_seen);
+        if let Some((side, code)) = ending.counted {
+            shard.metrics.error(side, code);
+        }
+        if state.client_at_boundary.get() {
+            let frames = match &ending.client {
+                ToClient::Nothing => None,
+                ToClient::Close(code) => {
+                    Some(build_frame(Opcode::Close, &close_payload(*code, ""), None))
+                }
+                ToClient::Error(r) => Some(r.frames(&self.id)),
+            };
+            if let Some(frames) = frames {
+                let _ = client.write_all(&frames).await;
+            }
+        }
+        if let (Some((code, reason)), true) = (ending.upstream, state.upstream_at_boundary.get()) {
+            let key = shard.masks.borrow_mut().next_key();
+            let close = build_frame(Opcode::Close, &close_payload(code, reason), Some(key));
+            let _ = timeout(UPSTREAM_CLOSE_WAIT, up.conn.write_all(&close)).await;
+        }
+        let error = match ending.client {
+            ToClient::Error(r) => Some(r.code),
+            _ => None,
+        };
         let _ = up.conn.close().await;
         close_client(client).await;
         error
+    }
+
+    /// A drain's last service to a stream between frames: ask upstream for
+    /// its final tokens and deliver them (up to [`FINALIZE_WAIT`]), before
+    /// the client is told to reconnect.
+    async fn finalize_for_drain(&self, client: &Duplex, up: &mut Upstream, state: &StreamState) {
+        let shard = &self.shard;
+        let key = shard.masks.borrow_mut().next_key();
+        let finalize = build_frame(Opcode::Text, br#"{"type":"finalize"}"#, Some(key));
+        if up.conn.write_all(&finalize).await.is_err() {
+            return;
+        }
+        let never = || false;
+        let Upstream {
+            conn, buf, scanner, ..
+        } = &mut *up;
+        let u2c =
+            pump::upstream_to_client_any(conn, client, buf, scanner, state, &shard.metrics, &never);
+        // Done once upstream's `finished` has reached the client. Only the
+        // pump changes these flags, in this task, so this is checked right
+        // after each of the pump's polls: no timer, no waker of its own.
+        let fin = future::poll_fn(|_| {
+            if state.fin_seen.get() && state.client_at_boundary.get() {
+                std::task::Poll::Ready(End::Drain)
+            } else {
+                std::task::Poll::Pending
+            }
+        });
+        let _ = timeout(FINALIZE_WAIT, future::or(u2c, fin)).await;
     }
 
     /// Sends a refusal (error frame + close) to the client and ends.

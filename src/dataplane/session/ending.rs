@@ -1,0 +1,150 @@
+//! How a stream ends, as a table: for each way a stream's pumping can end
+//! ([`End`]), what the client gets, what upstream gets, and which error
+//! the metrics count. `Session::finish` carries a row out: the error (or
+//! close) to the client if it is between frames, then the close frame to
+//! upstream if it is between frames, each at most once.
+
+use super::refusal::Refusal;
+use crate::core::devices::Limit;
+use crate::core::metrics::Side;
+use crate::dataplane::pump::End;
+
+/// What the client gets.
+#[derive(Debug)]
+pub(super) enum ToClient {
+    /// Nothing more (it left, or its close already completed the stream).
+    Nothing,
+    /// A close frame with this code and no error message.
+    Close(u16),
+    /// A Soniox-shaped error frame and its close; the stream's error code.
+    Error(Refusal),
+}
+
+/// One row of the table.
+#[derive(Debug)]
+pub(super) struct Ending {
+    /// What the client gets.
+    pub client: ToClient,
+    /// The close frame upstream gets: code and reason.
+    pub upstream: Option<(u16, &'static str)>,
+    /// The error the metrics count, against whom.
+    pub counted: Option<(Side, u16)>,
+}
+
+impl Ending {
+    /// The row for `end`; `client_closed`: the client's close frame went
+    /// upstream before the end.
+    pub(super) fn of(end: End, client_closed: bool) -> Ending {
+        let row = |client, upstream, counted| Ending {
+            client,
+            upstream,
+            counted,
+        };
+        match end {
+            // The normal end, and the ends where the caller already did
+            // what there was to do (a retry, a client close answered).
+            End::UpstreamClosed | End::Retry(..) | End::ClientClosed => {
+                row(ToClient::Nothing, None, None)
+            }
+            End::ClientGone => row(ToClient::Nothing, Some((1001, "client went away")), None),
+            End::ClientProtocol(e) => row(
+                ToClient::Error(Refusal::new(
+                    400,
+                    "bad_request",
+                    e.reason(),
+                    e.close_code(),
+                    Side::Client,
+                )),
+                Some((1001, "client protocol error")),
+                Some((Side::Client, e.close_code())),
+            ),
+            // The client closed and upstream hung up instead of answering
+            // the close: the relay answers it in upstream's place.
+            End::UpstreamGone if client_closed => row(ToClient::Close(1000), None, None),
+            End::UpstreamGone | End::UpstreamProtocol(_) | End::UpstreamStalled => {
+                let r = Refusal::upstream_lost();
+                let counted = Some((Side::Upstream, r.code));
+                row(ToClient::Error(r), None, counted)
+            }
+            End::Idle => row(
+                ToClient::Error(Refusal::new(
+                    408,
+                    "request_timeout",
+                    "No audio or messages in time; the stream was idle.",
+                    1000,
+                    Side::Client,
+                )),
+                Some((1000, "idle")),
+                Some((Side::Client, 408)),
+            ),
+            End::Stopped(limit) => {
+                let message = match limit {
+                    Limit::Revoked => "This device or session token has been revoked.",
+                    Limit::DailyAudio => "Device limit reached: daily audio allowance used up.",
+                    _ => "Device limit reached: the longest a stream may last.",
+                };
+                let r = Refusal::device(limit, message.to_string());
+                let counted = Some((Side::Client, r.code));
+                row(
+                    ToClient::Error(r),
+                    Some((1000, "ended by the relay")),
+                    counted,
+                )
+            }
+            // After the drain's finalize (if the stream was between frames):
+            // reconnect, as Soniox says it (503, close 1012).
+            End::Drain => row(
+                ToClient::Error(Refusal::new(
+                    503,
+                    "service_unavailable",
+                    "The relay is restarting; reconnect to continue.",
+                    1012,
+                    Side::Internal,
+                )),
+                Some((1001, "relay restarting")),
+                None,
+            ),
+            // An error the stream could not resume from (its resumes used
+            // up, or its copy no longer whole).
+            End::Resume(..) => row(ToClient::Error(Refusal::upstream_lost()), None, None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clio_frame::frame::FrameError;
+
+    /// Every way a stream ends that tells the client an error also says so
+    /// in its error code, and only the relay's own ends (drain, a resume
+    /// that could not be made) go uncounted as a client or upstream error.
+    #[test]
+    fn each_end_tells_the_client_and_upstream_what_the_contract_says() {
+        let code = |e: &Ending| match &e.client {
+            ToClient::Error(r) => Some((r.code, r.close)),
+            ToClient::Close(c) => Some((0, *c)),
+            ToClient::Nothing => None,
+        };
+        let idle = Ending::of(End::Idle, false);
+        assert_eq!(code(&idle), Some((408, 1000)));
+        assert_eq!(idle.upstream, Some((1000, "idle")));
+        let gone = Ending::of(End::UpstreamGone, false);
+        assert_eq!(code(&gone), Some((503, 1011)));
+        assert_eq!(gone.counted, Some((Side::Upstream, 503)));
+        assert_eq!(code(&Ending::of(End::UpstreamGone, true)), Some((0, 1000)));
+        let bad = Ending::of(End::ClientProtocol(FrameError::Masking), false);
+        assert_eq!(code(&bad), Some((400, 1002)));
+        assert_eq!(bad.counted, Some((Side::Client, 1002)));
+        let drain = Ending::of(End::Drain, false);
+        assert_eq!(code(&drain), Some((503, 1012)));
+        assert_eq!(drain.counted, None);
+        let revoked = Ending::of(End::Stopped(Limit::Revoked), false);
+        assert_eq!(code(&revoked), Some((401, 1008)));
+        assert!(Ending::of(End::UpstreamClosed, false).upstream.is_none());
+        assert_eq!(
+            Ending::of(End::ClientGone, false).upstream,
+            Some((1001, "client went away"))
+        );
+    }
+}
