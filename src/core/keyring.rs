@@ -341,6 +341,9 @@ pub struct Lease {
     pub slot: usize,
     /// In a fleet: the stream's count in the shared store.
     pub fleet: Option<crate::core::cluster::FleetHold>,
+    /// The stream's place in its pool (`[pool.NAME] max_streams`), taken
+    /// by the stream before it connects.
+    pub pool: Option<crate::core::pool_limits::PoolHold>,
 }
 
 impl Drop for Lease {
@@ -419,6 +422,7 @@ impl KeyRing {
                     key: slot.key.clone(),
                     slot: i,
                     fleet: None,
+                    pool: None,
                 });
             }
             excluded |= 1 << i; // lost a race with another shard: next best
@@ -472,6 +476,7 @@ impl KeyRing {
             key: slot.key.clone(),
             slot: i,
             fleet: None,
+            pool: None,
         })
     }
 }

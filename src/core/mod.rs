@@ -5,6 +5,7 @@
 //! - [`token`]: session tokens (HMAC-signed, short-lived device credentials).
 //! - [`keyring`]: per-shard account slots; which account serves a new stream.
 //! - [`devices`]: per-device limits (concurrency, rate, daily audio) and revocation.
+//! - [`pool_limits`]: a pool's own cap on its live streams, and its refusals.
 //! - [`metrics`]: per-shard counters and latency histograms, merged and
 //!   rendered as Prometheus text only when scraped.
 //! - [`tls`]: TLS material: the rustls server config from PEM files (the
@@ -18,6 +19,7 @@ pub mod config;
 pub mod devices;
 pub mod keyring;
 pub mod metrics;
+pub mod pool_limits;
 pub mod secret;
 pub mod tls;
 pub mod token;

@@ -69,6 +69,8 @@ pub struct ProcessState {
     pub devices: crate::core::devices::Devices,
     /// Streams refused or ended by a device limit, by [`crate::core::devices::Limit`].
     pub device_rejections: [std::sync::atomic::AtomicU64; 5],
+    /// Each pool's live streams (`[pool.NAME] max_streams`) and refusals.
+    pub pools: crate::core::pool_limits::PoolCounts,
     /// Connections waiting for a first-message token, by client address.
     pub unauthenticated: crate::dataplane::unauth::AddressPool,
     /// The fleet's shared store (`[cluster]`), set once before any stream.
@@ -93,6 +95,7 @@ impl ProcessState {
             published: Mutex::new((ring, metrics_ids)),
             devices: crate::core::devices::Devices::default(),
             device_rejections: Default::default(),
+            pools: Default::default(),
             unauthenticated: Default::default(),
             fleet: std::sync::OnceLock::new(),
             faults: Default::default(),

@@ -94,3 +94,55 @@ fn the_fleet_keeps_each_pools_streams_in_the_pool() {
         us.sessions()
     );
 }
+
+#[test]
+fn a_pools_device_limits_hold_across_the_fleet() {
+    use clio_relay::core::config::{DeviceLimits, PoolLimits};
+    let redis = RedisServer::start();
+    let us = fake(&[US], |_| {});
+    let eu = fake(&[EU1], |_| {});
+    let eu_url = eu.url();
+    let (a, b) = crate::pair(&us, &redis, US, |cfg| {
+        cfg.pools = vec![PoolConfig {
+            name: "eu".into(),
+            url: eu_url,
+            rest_url: None,
+        }];
+        let mut eu1 = AccountConfig::new("eu-1", Secret::new(EU1));
+        eu1.pool = "eu".into();
+        eu1.max_concurrent_streams = 10;
+        cfg.accounts.push(eu1);
+        cfg.devices.default.max_concurrent_streams = 3;
+        cfg.devices.pools = [(
+            "eu".to_string(),
+            PoolLimits {
+                max_streams: 0,
+                devices: DeviceLimits {
+                    max_concurrent_streams: 1,
+                    ..Default::default()
+                },
+            },
+        )]
+        .into();
+    });
+    // The device's one EU stream, on A, counts on B too.
+    let _one = hold(&a, "phone");
+    assert!(eu.wait_for(Duration::from_secs(10), |s| s.len() == 1
+        && s[0].audio_frames == 1));
+    let (mut ws, _) = connect(b.addr(), &eu_token(&b, "phone"), Via::Header).unwrap();
+    let got = stream_session(&mut ws, &config_message(None), &audio_frames(1, 1));
+    assert_error_frame(&got, 429, 1013);
+    let text = got.messages[0]["error_message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        text.contains("1 concurrent streams") && text.contains("pool.eu.devices"),
+        "{text}"
+    );
+    assert_eq!(eu.sessions().len(), 1);
+    // Its default-pool tokens keep the tier's 3, on either node.
+    let (mut ws, _) = connect(b.addr(), &b.token("phone"), Via::Header).unwrap();
+    let got = stream_session(&mut ws, &config_message(None), &audio_frames(1, 1));
+    assert!(got.finished() && got.error_code().is_none(), "{got:?}");
+    assert_eq!(us.sessions().len(), 1);
+}

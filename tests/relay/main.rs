@@ -17,6 +17,7 @@ mod heads;
 mod health;
 mod key_age;
 mod keys_api;
+mod pool_limits;
 mod pools;
 mod ports;
 mod refusals;

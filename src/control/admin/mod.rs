@@ -273,6 +273,7 @@ impl Admin {
                 }
             },
         };
+        self.process.pools.set_caps(&cfg.devices);
         for tx in &self.shards {
             let _ = tx.try_send(ShardMsg::Settings(settings.clone()));
         }

@@ -338,6 +338,8 @@ async fn metrics(admin: &Admin) -> String {
     let ring = admin.process.ring();
     let views = pools::views(&admin.pools, &ring, Instant::now());
     pools::render_metrics(&views, &ring, &mut body);
+    let names: Vec<String> = admin.pools.iter().map(|p| p.name.clone()).collect();
+    process.pools.render_metrics(&names, &mut body);
     meter::render_metrics(admin, &mut body);
     alerts::render_metrics(&admin.alerts.borrow(), &mut body);
     meter::render_drift(&admin.reconciliation.borrow(), &mut body);

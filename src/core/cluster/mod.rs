@@ -274,20 +274,20 @@ impl Fleet {
     }
 
     /// Admits a new stream of `claims`: device limits and revocations
-    /// fleet-wide, and an account of the token's pools from `ring`
-    /// (skipping `tried`) with room fleet-wide. One Redis round trip. While Redis is unreachable, follows
-    /// `on_store_down`.
+    /// fleet-wide, and an account of `pools` (the token's, less those at
+    /// their `max_streams` here) from `ring` (skipping `tried`) with room
+    /// fleet-wide. One Redis round trip. While Redis is unreachable,
+    /// follows `on_store_down`.
     pub async fn admit(
         self: &Arc<Self>,
         devices: &Devices,
         ring: &std::cell::RefCell<KeyRing>,
         claims: &Claims,
+        pools: &[String],
         limits: &DeviceLimits,
         tried: u64,
     ) -> Result<(DevicePermit, Option<Lease>), FleetRefusal> {
-        let candidates = ring
-            .borrow()
-            .candidates(Instant::now(), tried, &claims.pools);
+        let candidates = ring.borrow().candidates(Instant::now(), tried, pools);
         let t0 = Instant::now();
         let answer = self
             .ask_open(
@@ -306,7 +306,7 @@ impl Fleet {
                     Some(i) => {
                         let id = &candidates[i].0;
                         let held = self.hold(Kind::Account, id);
-                        match ring.borrow_mut().reserve(id, &claims.pools) {
+                        match ring.borrow_mut().reserve(id, pools) {
                             Some(mut l) => {
                                 l.fleet = Some(held);
                                 Some(l)

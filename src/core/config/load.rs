@@ -352,8 +352,10 @@ fn resolve(raw: RawFile, base: &Path) -> Result<Config, ConfigError> {
 
     let mut admin = resolve_admin(raw.admin, base, &mut p);
     let mut upstream = upstream;
+    let pool_limits = resolve_pool_limits(&raw.pool, &mut p);
     let pools = resolve_pools(raw.pool, explicit_url, &mut upstream, &mut admin, &mut p);
-    let devices = resolve_devices(raw.devices, &mut p);
+    let mut devices = resolve_devices(raw.devices, &mut p);
+    devices.pools = pool_limits;
     let usage = resolve_usage(raw.usage, raw.alerts, &mut p);
     let tls = raw.tls.and_then(|t| match (t.cert_file, t.key_file) {
         (Some(c), Some(k)) => {
@@ -402,6 +404,33 @@ fn resolve(raw: RawFile, base: &Path) -> Result<Config, ConfigError> {
     } else {
         Err(ConfigError { problems: p.lines })
     }
+}
+
+/// Each pool's own limits: `[pool.NAME] max_streams` and
+/// `[pool.NAME.devices]` (unset fields: no limit of the pool's own; the
+/// tier's still hold). `[pool.default]` may set them for the default pool.
+fn resolve_pool_limits(
+    raw: &std::collections::BTreeMap<String, RawPool>,
+    p: &mut Problems,
+) -> std::collections::BTreeMap<String, PoolLimits> {
+    raw.iter()
+        .filter(|(_, rp)| rp.max_streams.is_some() || rp.devices.is_some())
+        .map(|(name, rp)| {
+            let devices = rp.devices.as_ref().map_or_else(DeviceLimits::default, |d| {
+                device_limits(
+                    &format!("pool.{name}.devices"),
+                    d,
+                    &DeviceLimits::default(),
+                    p,
+                )
+            });
+            let limits = PoolLimits {
+                max_streams: rp.max_streams.unwrap_or(0),
+                devices,
+            };
+            (name.clone(), limits)
+        })
+        .collect()
 }
 
 /// Resolves `[pool.NAME]` into the pool list (the default pool is not in it).
@@ -522,7 +551,11 @@ fn resolve_devices(raw: RawDevices, p: &mut Problems) -> DevicesConfig {
             device_limits(&format!("devices.tier.{name}"), t, &default, p),
         );
     }
-    DevicesConfig { default, tiers }
+    DevicesConfig {
+        default,
+        tiers,
+        pools: Default::default(),
+    }
 }
 
 /// Resolves `[usage]` and `[alerts]`.

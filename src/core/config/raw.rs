@@ -42,6 +42,8 @@ pub(super) struct RawFile {
 pub(super) struct RawPool {
     pub(super) url: Option<String>,
     pub(super) rest_url: Option<String>,
+    pub(super) max_streams: Option<u32>,
+    pub(super) devices: Option<RawDeviceLimits>,
 }
 
 #[derive(Deserialize, Default)]

@@ -30,7 +30,10 @@ pub struct DeviceLimits {
     pub max_stream_length: Duration,
 }
 
-/// `[devices]`: the default limits, and named tiers a token may carry.
+/// `[devices]`: the default limits, and named tiers a token may carry;
+/// also each pool's own limits (`[pool.NAME] max_streams` and
+/// `[pool.NAME.devices]`), which apply to new streams on a reload like
+/// the device limits.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct DevicesConfig {
     /// Limits for tokens without a tier (or with an unknown one).
@@ -38,6 +41,31 @@ pub struct DevicesConfig {
     /// `[devices.tier.NAME]`: limits for tokens minted with `--tier NAME`;
     /// unset fields take the default's value.
     pub tiers: std::collections::BTreeMap<String, DeviceLimits>,
+    /// Each pool's own limits, by pool name (absent: none).
+    pub pools: std::collections::BTreeMap<String, PoolLimits>,
+}
+
+/// A pool's own limits, so that one pool (a development one, say) is held
+/// to small caps and cannot crowd out another. 0 means no limit.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct PoolLimits {
+    /// `[pool.NAME] max_streams`: streams on the pool's accounts at once in
+    /// this relay process, across its shards (as `server.max_streams` is
+    /// for the whole process).
+    pub max_streams: u32,
+    /// `[pool.NAME.devices]`: per-device limits for streams of tokens that
+    /// name the pool. They tighten the tier's limits, never loosen them.
+    pub devices: DeviceLimits,
+}
+
+/// The stricter of two limits where 0 means none.
+fn stricter<T: PartialOrd + Default + Copy>(a: T, b: T) -> T {
+    let none = T::default();
+    if a == none || (b != none && b < a) {
+        b
+    } else {
+        a
+    }
 }
 
 impl DevicesConfig {
@@ -45,6 +73,64 @@ impl DevicesConfig {
     pub fn limits(&self, tier: Option<&str>) -> &DeviceLimits {
         tier.and_then(|t| self.tiers.get(t))
             .unwrap_or(&self.default)
+    }
+
+    /// The limits a stream of a token with `tier` and `pools` runs under:
+    /// the tier's, each tightened by the pools' `[pool.NAME.devices]` (a
+    /// token naming several pools gets the strictest of them, since it may
+    /// land on any).
+    pub fn limits_in(&self, tier: Option<&str>, pools: &[String]) -> DeviceLimits {
+        let mut l = self.limits(tier).clone();
+        for pool in pools {
+            if let Some(p) = self.pools.get(pool) {
+                let d = &p.devices;
+                l.max_concurrent_streams =
+                    stricter(l.max_concurrent_streams, d.max_concurrent_streams);
+                l.streams_per_minute = stricter(l.streams_per_minute, d.streams_per_minute);
+                l.audio_seconds_per_day =
+                    stricter(l.audio_seconds_per_day, d.audio_seconds_per_day);
+                l.max_stream_length = stricter(l.max_stream_length, d.max_stream_length);
+            }
+        }
+        l
+    }
+
+    /// The pool whose `[pool.NAME.devices]` value of `limit` is the one in
+    /// force for a token with `tier` and `pools`, when it is stricter than
+    /// the tier's own: what a refusal by that limit names.
+    pub fn pool_setting<'a>(
+        &self,
+        tier: Option<&str>,
+        pools: &'a [String],
+        limit: crate::core::devices::Limit,
+    ) -> Option<&'a str> {
+        use crate::core::devices::Limit;
+        let value = |l: &DeviceLimits| -> u64 {
+            match limit {
+                Limit::Concurrent => u64::from(l.max_concurrent_streams),
+                Limit::Rate => u64::from(l.streams_per_minute),
+                Limit::DailyAudio => l.audio_seconds_per_day,
+                Limit::MaxLength => l.max_stream_length.as_millis() as u64,
+                Limit::Revoked => 0,
+            }
+        };
+        let in_force = value(&self.limits_in(tier, pools));
+        if in_force == 0 || in_force == value(self.limits(tier)) {
+            return None;
+        }
+        pools
+            .iter()
+            .find(|p| {
+                self.pools
+                    .get(*p)
+                    .is_some_and(|l| value(&l.devices) == in_force)
+            })
+            .map(String::as_str)
+    }
+
+    /// `[pool.NAME] max_streams` (0: none).
+    pub fn pool_max_streams(&self, pool: &str) -> u32 {
+        self.pools.get(pool).map_or(0, |p| p.max_streams)
     }
 }
 

@@ -779,6 +779,77 @@ region = "eu"
 }
 
 #[test]
+fn pool_limits_tighten_the_tiers_and_name_their_pool() {
+    use crate::core::devices::Limit;
+    let text = format!(
+        "{}[devices]\nmax_concurrent_streams = 3\naudio_seconds_per_day = 600\n\
+         [devices.tier.pro]\nmax_concurrent_streams = 10\n\
+         [pool.default]\nmax_streams = 50\n\
+         [pool.dev]\nurl = \"ws://127.0.0.1:7301/x\"\nmax_streams = 2\n\
+         [pool.dev.devices]\nmax_concurrent_streams = 1\nstreams_per_minute = 5\n\
+         audio_seconds_per_day = 6000\nmax_stream_length = \"10m\"\n\
+         [pool.eu]\nurl = \"ws://127.0.0.1:7302/x\"\n",
+        minimal("POOLLIM", "")
+    );
+    let c = Config::from_toml_str(&text, Path::new("/")).unwrap();
+    let d = &c.devices;
+    assert_eq!(d.pool_max_streams("dev"), 2);
+    assert_eq!(d.pool_max_streams("default"), 50);
+    assert_eq!(d.pool_max_streams("eu"), 0, "no cap of its own");
+    let pools = |p: &[&str]| p.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    // dev tightens; its larger daily audio does not loosen the default's.
+    let l = d.limits_in(None, &pools(&["dev"]));
+    assert_eq!(
+        (
+            l.max_concurrent_streams,
+            l.streams_per_minute,
+            l.audio_seconds_per_day,
+            l.max_stream_length
+        ),
+        (1, 5, 600, Duration::from_secs(600))
+    );
+    assert_eq!(
+        d.limits_in(Some("pro"), &pools(&["eu"])),
+        *d.limits(Some("pro"))
+    );
+    // A token naming several pools runs under the strictest.
+    assert_eq!(
+        d.limits_in(Some("pro"), &pools(&["eu", "dev"]))
+            .max_concurrent_streams,
+        1
+    );
+    let dev = pools(&["eu", "dev"]);
+    assert_eq!(d.pool_setting(None, &dev, Limit::Concurrent), Some("dev"));
+    assert_eq!(d.pool_setting(None, &dev, Limit::Rate), Some("dev"));
+    assert_eq!(
+        d.pool_setting(None, &dev, Limit::DailyAudio),
+        None,
+        "the tier's"
+    );
+    assert_eq!(
+        d.pool_setting(None, &pools(&["eu"]), Limit::Concurrent),
+        None
+    );
+    // A file without pool limits: the tier's limits, whatever the pools.
+    let plain = Config::from_toml_str(&minimal("POOLLIM2", ""), Path::new("/")).unwrap();
+    assert!(plain.devices.pools.is_empty());
+    assert_eq!(
+        plain.devices.limits_in(None, &pools(&["default"])),
+        plain.devices.default
+    );
+    let p = problems(&minimal(
+        "POOLLIM3",
+        "[pool.dev]\nurl = \"ws://x\"\nmax_streams = -1\n[pool.dev.devices]\nburst = 3\n",
+    ));
+    assert!(!p.is_empty());
+    let p = problems(&minimal(
+        "POOLLIM4",
+        "[pool.dev]\nurl = \"ws://x\"\n[pool.dev.devices]\nmax_stream_length = \"soon\"\n",
+    ));
+    assert_has(&p, "pool.dev.devices.max_stream_length");
+}
+
+#[test]
 fn a_file_without_pools_has_the_default_pool_only() {
     let c = Config::from_toml_str(&minimal("NOPOOL", ""), Path::new("/")).unwrap();
     assert!(c.pools.is_empty());

@@ -68,11 +68,13 @@ pub enum RefusedBy {
     Upstream,
     /// Upstream answered the upgrade with 400 or 404: `upstream.url` is wrong.
     UpstreamConfig,
+    /// Every pool of the token at its `[pool.NAME] max_streams`.
+    PoolLimit,
 }
 
 impl RefusedBy {
     /// Every value, in label order.
-    pub const ALL: [RefusedBy; 7] = [
+    pub const ALL: [RefusedBy; 8] = [
         RefusedBy::Client,
         RefusedBy::DeviceLimit,
         RefusedBy::Revoked,
@@ -80,6 +82,7 @@ impl RefusedBy {
         RefusedBy::Relay,
         RefusedBy::Upstream,
         RefusedBy::UpstreamConfig,
+        RefusedBy::PoolLimit,
     ];
 
     /// The label value.
@@ -92,6 +95,7 @@ impl RefusedBy {
             RefusedBy::Relay => "relay",
             RefusedBy::Upstream => "upstream",
             RefusedBy::UpstreamConfig => "upstream_config",
+            RefusedBy::PoolLimit => "pool_limit",
         }
     }
 
@@ -269,7 +273,7 @@ pub struct ShardMetrics {
     /// Streams refused (before or after the upgrade); each is also an error.
     streams_rejected: Cell<u64>,
     /// The same refusals by who made them, indexed by [`RefusedBy`].
-    refusals: [Cell<u64>; 7],
+    refusals: [Cell<u64>; 8],
     /// Forwarded frames and bytes, indexed by [`Direction`]. Plain cells: the
     /// per-frame path does two adds, no allocation.
     traffic: [Cell<Traffic>; 2],
@@ -505,7 +509,7 @@ pub struct MetricsSnapshot {
     streams_active: u64,
     streams_total: u64,
     streams_rejected: u64,
-    refusals: [u64; 7],
+    refusals: [u64; 8],
     /// The shard's read buffers: `(in use, on the free list)`, filled in by
     /// the shard when it takes the snapshot.
     pub read_buffers: (u64, u64),

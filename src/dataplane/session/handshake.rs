@@ -73,6 +73,7 @@ pub async fn serve(shard: Rc<Shard>, tcp: RingSocket) {
         settings,
         _permit: permit,
         pools: Default::default(),
+        placed: Default::default(),
     };
     stream.run(client, cbuf, claims, pending).await;
 }

@@ -63,6 +63,10 @@ struct Stream {
     /// stream ever gets (at open, on failover, on resume) is of one of them.
     /// Empty until then, which no account matches.
     pools: std::cell::RefCell<Vec<String>>,
+    /// The stream has connected on its first account, under its pool's
+    /// `max_streams`: the accounts it moves to later (failover, resume)
+    /// are not checked against that cap again.
+    placed: std::cell::Cell<bool>,
 }
 
 /// An open upstream: the connection, the account it holds, and its read buffer.
@@ -293,36 +297,82 @@ impl Stream {
     /// fleet (`[cluster]`) the shared store checks them and picks the
     /// account in the same round trip (the lease returned).
     async fn admit(&self, claims: &Claims) -> Result<(DevicePermit, Option<Lease>), Refusal> {
-        let limits = self.settings.devices.limits(claims.tier.as_deref());
+        // Every pool of the token at its `max_streams`: refused before the
+        // device's counts are touched.
+        let pools = self.pools_with_room()?;
+        let devices = &self.settings.devices;
+        let tier = claims.tier.as_deref();
+        let limits = &devices.limits_in(tier, &claims.pools);
         let process = &self.shard.process;
-        let count = |limit: Limit| {
-            process.device_rejections[limit as usize]
+        // A refusal by a limit a pool set names the pool, and counts for it.
+        let refused = |r: crate::core::devices::Refused| {
+            process.device_rejections[r.limit as usize]
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let mut message = r.message;
+            if let Some(pool) = devices.pool_setting(tier, &claims.pools, r.limit) {
+                if let Some(limit) = crate::core::pool_limits::PoolLimit::of_device(r.limit) {
+                    process.pools.get(pool).refused(limit);
+                }
+                message = format!("{} (pool.{pool}.devices)", message.trim_end_matches('.'));
+            }
+            Refusal::device(r.limit, message)
         };
         let Some(fleet) = process.fleet.get() else {
             return process
                 .devices
                 .admit(claims, limits, SystemTime::now())
                 .map(|p| (p, None))
-                .map_err(|r| {
-                    count(r.limit);
-                    Refusal::device(r.limit, r.message)
-                });
+                .map_err(refused);
         };
         fleet
-            .admit(&process.devices, &self.shard.ring, claims, limits, 0)
+            .admit(
+                &process.devices,
+                &self.shard.ring,
+                claims,
+                &pools,
+                limits,
+                0,
+            )
             .await
             .map_err(|r| match r {
-                crate::core::cluster::FleetRefusal::Device(r) => {
-                    count(r.limit);
-                    Refusal::device(r.limit, r.message)
-                }
+                crate::core::cluster::FleetRefusal::Device(r) => refused(r),
                 // Every account at its limit across the fleet: the relays' own limit.
                 crate::core::cluster::FleetRefusal::NoAccount => {
                     Refusal::no_account(crate::core::metrics::RefusedBy::RelayLimit)
                 }
                 crate::core::cluster::FleetRefusal::StoreDown => Refusal::store_down(),
             })
+    }
+
+    /// The token's pools with room under their `[pool.NAME] max_streams`
+    /// in this process; a 429 naming the limit when none has.
+    fn pools_with_room(&self) -> Result<Vec<String>, Refusal> {
+        let devices = &self.settings.devices;
+        let counts = &self.shard.process.pools;
+        let pools = self.pools.borrow();
+        let open: Vec<String> = pools
+            .iter()
+            .filter(|p| counts.get(p).has_room(devices.pool_max_streams(p)))
+            .cloned()
+            .collect();
+        if !open.is_empty() || pools.is_empty() {
+            return Ok(open);
+        }
+        for p in pools.iter() {
+            counts
+                .get(p)
+                .refused(crate::core::pool_limits::PoolLimit::MaxStreams);
+        }
+        let names: Vec<String> = pools
+            .iter()
+            .map(|p| {
+                format!(
+                    "{p} ({} streams, pool.{p}.max_streams)",
+                    devices.pool_max_streams(p)
+                )
+            })
+            .collect();
+        Err(Refusal::pool_limit(&names.join(", ")))
     }
 
     /// Writes the stream's usage record for the admin thread to collect,
@@ -375,9 +425,17 @@ impl Stream {
         let shard = &self.shard;
         let mut unreachable = false;
         let mut upstream_refused = false;
-        // Never an account outside the token's pools, whoever picks it.
-        let pools = self.pools.borrow().clone();
+        // Races lost for a pool's last place (bounded: the pool is seen
+        // full on the next turn, unless a place came free meanwhile).
+        let mut raced = 0u32;
         loop {
+            // Never an account outside the token's pools, whoever picks it;
+            // for the stream's first account, only of a pool with room.
+            let pools = if self.placed.get() {
+                self.pools.borrow().clone()
+            } else {
+                self.pools_with_room()?
+            };
             let now = Instant::now();
             let lease = match (first.take(), shard.process.fleet.get()) {
                 (Some(l), _) => Some(l),
@@ -407,6 +465,29 @@ impl Stream {
                     },
                 );
             };
+            let mut lease = lease;
+            let count = shard.process.pools.get(&lease.account.pool);
+            let cap = if self.placed.get() {
+                0
+            } else {
+                self.settings.devices.pool_max_streams(&lease.account.pool)
+            };
+            match crate::core::pool_limits::PoolHold::take(&count, cap) {
+                Some(hold) => lease.pool = Some(hold),
+                // Another shard took the pool's last place meanwhile: the
+                // next turn sees the pool full.
+                None if raced < 8 => {
+                    raced += 1;
+                    continue;
+                }
+                None => {
+                    count.refused(crate::core::pool_limits::PoolLimit::MaxStreams);
+                    let pool = &lease.account.pool;
+                    return Err(Refusal::pool_limit(&format!(
+                        "{pool} ({cap} streams, pool.{pool}.max_streams)"
+                    )));
+                }
+            }
             let Some(target) = shard.upstream(&lease.account.pool) else {
                 // Accounts are checked against the pools at start; kept safe anyway.
                 tracing::error!(stream = %self.id, account = %lease.account.id, pool = %lease.account.pool, "no endpoint for the account's pool");
@@ -437,6 +518,7 @@ impl Stream {
                         );
                     }
                     lease.account.mark_ok();
+                    self.placed.set(true);
                     shard.metrics.stream_opened(lease.account.metrics_index);
                     let scanner = FrameScanner::new(
                         Sender::Server,

@@ -115,6 +115,19 @@ impl Refusal {
         )
         .by(RefusedBy::UpstreamConfig)
     }
+    /// Every pool of the stream's token is at its `[pool.NAME] max_streams`
+    /// (`pools`: each with its cap and key). A limit the operator set on
+    /// purpose, like a device limit: not counted as the relay's error.
+    pub(super) fn pool_limit(pools: &str) -> Self {
+        Refusal::new(
+            429,
+            "too_many_requests",
+            format!("Pool limit reached: {pools}; try again later."),
+            1013,
+            Side::Client,
+        )
+        .by(RefusedBy::PoolLimit)
+    }
     /// A device limit or a revocation.
     pub(super) fn device(limit: crate::core::devices::Limit, message: String) -> Self {
         use crate::core::devices::Limit;
