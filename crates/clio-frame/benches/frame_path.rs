@@ -1,19 +1,15 @@
 //! Microbenchmarks of the frame path's kernels, each beside its baseline:
 //! in-place re-masking against a plain byte loop, header parse and write,
-//! a whole read buffer of audio frames scanned and re-masked, token
-//! sign/verify, and the key ring's pick.
+//! and a whole read buffer of audio frames scanned and re-masked. No I/O:
+//! this crate alone.
 //!
-//! `cargo bench --bench frame_path` (criterion prints throughput per input).
+//! `cargo bench -p clio-frame` (criterion prints throughput per input).
 
 use std::hint::black_box;
-use std::time::{Duration, Instant, SystemTime};
 
 use clio_frame::frame::{build_frame, parse_header, write_header, Opcode, Sender, MAX_HEADER_LEN};
 use clio_frame::mask::{apply_mask, apply_mask_bytewise, rekey, MaskKeys};
 use clio_frame::scanner::FrameScanner;
-use clio_relay::core::keyring::{AccountState, KeyRing, KeySlot, RingSlot};
-use clio_relay::core::secret::Secret;
-use clio_relay::core::token::TokenKeys;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
 fn masking(c: &mut Criterion) {
@@ -116,45 +112,5 @@ fn scan(c: &mut Criterion) {
     g.finish();
 }
 
-fn tokens(c: &mut Criterion) {
-    let keys = TokenKeys::new(&Secret::new("a".repeat(64)), None, Duration::from_secs(30));
-    let token = keys
-        .mint("device-1", Duration::from_secs(900), SystemTime::now())
-        .unwrap();
-    let mut g = c.benchmark_group("token");
-    g.throughput(Throughput::Elements(1));
-    g.bench_function("mint", |b| {
-        b.iter(|| {
-            keys.mint(
-                black_box("device-1"),
-                Duration::from_secs(900),
-                SystemTime::now(),
-            )
-        })
-    });
-    g.bench_function("verify", |b| {
-        b.iter(|| keys.verify(black_box(&token), SystemTime::now()))
-    });
-    g.finish();
-}
-
-fn keyring(c: &mut Criterion) {
-    let epoch = Instant::now();
-    let accounts: Vec<_> = (0..8)
-        .map(|i| RingSlot {
-            account: AccountState::new(&format!("a{i}"), i, "r", "default", true, 1000, epoch),
-            key: KeySlot::new(Secret::new(format!("k{i}")), 0),
-        })
-        .collect();
-    let mut ring = KeyRing::new(&accounts);
-    let pools = vec!["default".to_string()];
-    let mut g = c.benchmark_group("keyring");
-    g.throughput(Throughput::Elements(1));
-    g.bench_function("pick_and_release_8_accounts", |b| {
-        b.iter(|| drop(black_box(ring.pick(Instant::now(), 0, &pools))))
-    });
-    g.finish();
-}
-
-criterion_group!(benches, masking, headers, scan, tokens, keyring);
+criterion_group!(benches, masking, headers, scan);
 criterion_main!(benches);
