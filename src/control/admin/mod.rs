@@ -24,17 +24,20 @@ use std::time::{Duration, Instant};
 use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::control::accounts::Accounts;
-use crate::control::health::{CheckCounts, RestTarget};
+use crate::control::health::{self, CheckCounts, RestTarget};
 use crate::control::usage::UsageBook;
 use crate::core::config::UsageConfig;
 use crate::core::config::{AdminConfig, Config};
 use crate::core::metrics::MetricsSnapshot;
 use crate::core::secret::Secret;
 use crate::core::token::TokenKeys;
+use crate::dataplane::accept::Spare;
 use crate::dataplane::http;
 use crate::dataplane::io::{timeout, Buf, BufferPool, Conn, Duplex};
 use crate::dataplane::shard::Settings;
 use crate::dataplane::shard::{ProcessState, ShardMsg, IO_MEMORY};
+use crate::dataplane::upstream::{UpstreamFault, UpstreamTarget};
+use futures_lite::future::or;
 use std::collections::HashMap;
 
 /// Descriptors the admin thread holds in reserve for its own port.
@@ -151,6 +154,34 @@ fn token_check(token: Option<&Secret>) -> Option<(ring::hmac::Key, ring::hmac::T
 }
 
 impl Admin {
+    /// The admin thread's state from its setup; the usage ledger is read
+    /// from the state dir (in memory only if it cannot be).
+    fn new(setup: AdminSetup) -> Admin {
+        let book = UsageBook::load(&setup.config.state_dir).unwrap_or_else(|e| {
+            tracing::error!(dir = %setup.config.state_dir.display(), error = %e, "usage ledger not opened; counting in memory and trying again at each persist");
+            UsageBook::default()
+        });
+        Admin {
+            shards: setup.shards,
+            process: setup.process,
+            accounts: RefCell::new(setup.accounts),
+            token_check: RefCell::new(token_check(setup.config.token.as_ref())),
+            config: RefCell::new(setup.config),
+            rests: setup.rests,
+            pools: setup.pools,
+            checks: CheckCounts::default(),
+            usage: RefCell::new(book),
+            prices: RefCell::new(prices(&setup.account_configs)),
+            usage_cfg: RefCell::new(setup.usage),
+            alerts: RefCell::new(alerts::AlertState::default()),
+            reconciliation: RefCell::new(Default::default()),
+            store_generation: std::cell::Cell::new(setup.store.as_ref().map_or(0, |(_, g)| *g)),
+            store: setup.store.map(|(s, _)| s),
+            account_configs: RefCell::new(setup.account_configs),
+            tls: setup.tls,
+        }
+    }
+
     /// The REST API of `pool`'s upstream.
     fn rest_for(&self, pool: &str) -> Option<&RestTarget> {
         self.rests
@@ -380,207 +411,7 @@ pub fn start(setup: AdminSetup) -> std::io::Result<AdminHandle> {
     let join = LocalExecutorBuilder::new(Placement::Unbound)
         .name("clio-admin")
         .io_memory(IO_MEMORY)
-        .spawn(move || async move {
-            let listener = match crate::dataplane::io::listener(setup.listen_fd.as_deref(), setup.listen, false) {
-                Ok(l) => l,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
-                    return;
-                }
-            };
-            let _ = ready_tx.send(listener.local_addr().map_err(Into::into));
-            let book = UsageBook::load(&setup.config.state_dir).unwrap_or_else(|e| {
-                tracing::error!(dir = %setup.config.state_dir.display(), error = %e, "usage ledger not opened; counting in memory and trying again at each persist");
-                UsageBook::default()
-            });
-            let admin = Rc::new(Admin {
-                shards: setup.shards,
-                process: setup.process,
-                accounts: RefCell::new(setup.accounts),
-                token_check: RefCell::new(token_check(setup.config.token.as_ref())),
-                config: RefCell::new(setup.config),
-                rests: setup.rests,
-                pools: setup.pools.clone(),
-                checks: CheckCounts::default(),
-                usage: RefCell::new(book),
-                prices: RefCell::new(prices(&setup.account_configs)),
-                usage_cfg: RefCell::new(setup.usage),
-                alerts: RefCell::new(alerts::AlertState::default()),
-                reconciliation: RefCell::new(Default::default()),
-                store_generation: std::cell::Cell::new(setup.store.as_ref().map_or(0, |(_, g)| *g)),
-                store: setup.store.map(|(s, _)| s),
-                account_configs: RefCell::new(setup.account_configs.clone()),
-                tls: setup.tls,
-            });
-            admin.publish();
-            let inbox = setup.inbox;
-            let fleet_accounts = setup.fleet_accounts;
-            let from_fleet = async {
-                if let Some(rx) = fleet_accounts {
-                    while let Ok(sealed) = rx.recv().await {
-                        admin.apply_fleet_accounts(&sealed);
-                    }
-                }
-                futures_lite::future::pending::<()>().await;
-            };
-            let pool = BufferPool::new(MAX_BODY + 8192, 2, 16);
-            // Descriptors in reserve: at the file limit, one is given up so
-            // the admin port still answers while the client port is full.
-            let spare = crate::dataplane::accept::Spare::new(ADMIN_SPARE_FDS);
-            let accept = async {
-                let errors = crate::dataplane::accept::AcceptErrors::new("admin", true);
-                loop {
-                    let tcp = match listener.accept().await {
-                        Ok(tcp) => {
-                            errors.succeeded();
-                            spare.refill();
-                            tcp
-                        }
-                        Err(e) => {
-                            let e = std::io::Error::from(e);
-                            let wait = errors.failed(&admin.process.faults, &e);
-                            if crate::dataplane::accept::is_file_limit(&e) && spare.release() {
-                                continue; // a descriptor is free now: accept again at once
-                            }
-                            glommio::timer::Timer::new(wait).await;
-                            spare.refill();
-                            continue;
-                        }
-                    };
-                    if !admin.allowed(|| tcp.peer_addr().ok()) {
-                        continue; // dropped: not on the allowlist
-                    }
-                    let (admin, pool) = (admin.clone(), pool.clone());
-                    glommio::spawn_local(async move {
-                        let conn = Duplex::new(Conn::Plain(tcp.into()));
-                        let mut buf = pool.get();
-                        let answer =
-                            match timeout(Duration::from_secs(10), read_request(&conn, &mut buf))
-                                .await
-                            {
-                                Some(Ok(n)) => match parse_request(&buf.filled()[..n]) {
-                                    Some(req) => routes::route(&admin, &req).await,
-                                    None => http::json_error(400, "malformed HTTP request"),
-                                },
-                                Some(Err(status)) => {
-                                    http::json_error(status, "request too large or malformed")
-                                }
-                                None => return,
-                            };
-                        let _ = conn.write_all(&answer).await;
-                        // No reset: a client still sending (a 413 body) that
-                        // reads late still gets the answer.
-                        http::close_gracefully(&conn, Duration::from_secs(2)).await;
-                    })
-                    .detach();
-                }
-            };
-            let housekeeping = async {
-                let mut last_save = Instant::now();
-                let mut last_alerts = Instant::now();
-                let mut last_reconcile: Option<Instant> = None;
-                let mut save_failed = false;
-                loop {
-                    glommio::timer::Timer::new(Duration::from_secs(1)).await;
-                    api::housekeeping(&admin);
-                    spare.refill();
-                    let records = meter::collect(&admin).await;
-                    admin.usage.borrow_mut().add(&records);
-                    admin.alerts.borrow_mut().feed(&records);
-                    if let Some(fleet) = admin.process.fleet.get() {
-                        fleet.add_usage(records);
-                    }
-                    if last_alerts.elapsed() >= admin.usage_cfg.borrow().alerts.interval {
-                        last_alerts = Instant::now();
-                        alerts::evaluate(&admin).await;
-                    }
-                    let every = admin.usage_cfg.borrow().reconcile_interval;
-                    if !every.is_zero() && last_reconcile.is_none_or(|t| t.elapsed() >= every) {
-                        last_reconcile = Some(Instant::now());
-                        meter::reconcile(&admin).await;
-                    }
-                    if last_save.elapsed() >= admin.usage_cfg.borrow().persist_interval {
-                        last_save = Instant::now();
-                        let dir = admin.config.borrow().state_dir.clone();
-                        match admin.usage.borrow_mut().save_if_dirty(&dir) {
-                            Ok(()) => save_failed = false,
-                            Err(e) if !save_failed => {
-                                save_failed = true;
-                                tracing::error!(dir = %dir.display(), error = %e, "cannot write the usage ledger");
-                            }
-                            Err(_) => {}
-                        }
-                    }
-                    admin.process.devices.sweep(std::time::SystemTime::now());
-                }
-            };
-            let messages = async {
-                while let Ok(msg) = inbox.recv().await {
-                    match msg {
-                        AdminMsg::Reload(cfg, reply) => {
-                            let _ = reply.send(admin.reload(&cfg)).await;
-                        }
-                        AdminMsg::Ping(reply) => {
-                            let _ = reply.send("admin".into());
-                        }
-                    }
-                }
-                futures_lite::future::pending::<()>().await;
-            };
-            let ws_targets: Vec<_> = setup
-                .pools
-                .iter()
-                .filter_map(|p| crate::dataplane::upstream::UpstreamTarget::new(&p.url, admin.tls.clone()).ok())
-                .collect();
-            let health = async {
-                let mut probed = false;
-                loop {
-                    let interval = admin.config.borrow().health_interval;
-                    // The WebSocket endpoint itself, at the first check and
-                    // while a configuration fault stands: a wrong upstream.url
-                    // is found at start, not by the first user.
-                    // Every pool's endpoint, in order; the first wrong one
-                    // keeps the fault (a later good one does not clear it).
-                    if !interval.is_zero() && (!probed || admin.process.upstream_fault.get().is_some()) {
-                        for t in &ws_targets {
-                            let status = crate::control::health::probe_websocket(t, &admin.process.upstream_fault, Duration::from_secs(10)).await;
-                            probed = status.is_some();
-                            if status.is_some_and(crate::dataplane::upstream::UpstreamFault::is_config_fault) {
-                                break;
-                            }
-                        }
-                    }
-                    if admin.rests.is_empty() || interval.is_zero() {
-                        glommio::timer::Timer::new(Duration::from_secs(1)).await;
-                        continue;
-                    }
-                    let targets: Vec<_> = admin.accounts.borrow().entries().iter().map(|e| (e.state.clone(), e.current.clone())).collect();
-                    for (account, key) in targets {
-                        // Each key is checked against its own pool's REST API:
-                        // an EU key is unknown to the US host.
-                        let Some(rest) = admin.rest_for(&account.pool) else {
-                            continue;
-                        };
-                        let before = account.healthy(Instant::now());
-                        let verdict = rest.check(&account, &key, Duration::from_secs(10)).await;
-                        admin.checks.add(verdict);
-                        let after = account.healthy(Instant::now());
-                        if before != after {
-                            tracing::warn!(account = %account.id, key = %key.fingerprint, ?verdict, healthy = after, "health check changed the account's health");
-                        } else if verdict == crate::control::health::Verdict::Unknown {
-                            tracing::debug!(account = %account.id, "health check could not reach the REST API");
-                        }
-                    }
-                    glommio::timer::Timer::new(interval).await;
-                }
-            };
-            let housekeeping = futures_lite::future::or(futures_lite::future::or(housekeeping, messages), health);
-            let housekeeping = futures_lite::future::or(housekeeping, from_fleet);
-            futures_lite::future::or(futures_lite::future::or(accept, housekeeping), async {
-                let _ = stop_rx.recv().await;
-            })
-            .await;
-        })?;
+        .spawn(move || run(setup, ready_tx, stop_rx))?;
     let addr = ready_rx
         .recv()
         .map_err(|_| std::io::Error::other("admin thread ended before listening"))??;
@@ -589,6 +420,238 @@ pub fn start(setup: AdminSetup) -> std::io::Result<AdminHandle> {
         stop: stop_tx,
         join: Some(join),
     })
+}
+
+/// The admin thread: listens (and says so on `ready`), then runs its tasks
+/// until `stop` closes.
+async fn run(
+    setup: AdminSetup,
+    ready: std::sync::mpsc::Sender<std::io::Result<SocketAddr>>,
+    stop: async_channel::Receiver<()>,
+) {
+    let listener =
+        match crate::dataplane::io::listener(setup.listen_fd.as_deref(), setup.listen, false) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = ready.send(Err(e));
+                return;
+            }
+        };
+    let _ = ready.send(listener.local_addr().map_err(Into::into));
+    let ws_targets: Vec<_> = setup
+        .pools
+        .iter()
+        .filter_map(|p| UpstreamTarget::new(&p.url, setup.tls.clone()).ok())
+        .collect();
+    let inbox = setup.inbox.clone();
+    let fleet_accounts = setup.fleet_accounts.clone();
+    let admin = Rc::new(Admin::new(setup));
+    admin.publish();
+    // Descriptors in reserve: at the file limit, one is given up so
+    // the admin port still answers while the client port is full.
+    let spare = Spare::new(ADMIN_SPARE_FDS);
+    let serve = or(
+        accept_loop(&admin, listener, &spare),
+        housekeeping(&admin, &spare),
+    );
+    let control = or(
+        messages(&admin, inbox),
+        or(
+            health_checks(&admin, &ws_targets),
+            from_fleet(&admin, fleet_accounts),
+        ),
+    );
+    or(or(serve, control), async {
+        let _ = stop.recv().await;
+    })
+    .await;
+}
+
+/// Accepts admin connections (allowlisted peers only) and answers each on
+/// its own task; never ends.
+async fn accept_loop(admin: &Rc<Admin>, listener: glommio::net::TcpListener, spare: &Spare) {
+    let pool = BufferPool::new(MAX_BODY + 8192, 2, 16);
+    let errors = crate::dataplane::accept::AcceptErrors::new("admin", true);
+    loop {
+        let tcp = match listener.accept().await {
+            Ok(tcp) => {
+                errors.succeeded();
+                spare.refill();
+                tcp
+            }
+            Err(e) => {
+                let e = std::io::Error::from(e);
+                let wait = errors.failed(&admin.process.faults, &e);
+                if crate::dataplane::accept::is_file_limit(&e) && spare.release() {
+                    continue; // a descriptor is free now: accept again at once
+                }
+                glommio::timer::Timer::new(wait).await;
+                spare.refill();
+                continue;
+            }
+        };
+        if !admin.allowed(|| tcp.peer_addr().ok()) {
+            continue; // dropped: not on the allowlist
+        }
+        glommio::spawn_local(serve(admin.clone(), pool.clone(), tcp)).detach();
+    }
+}
+
+/// Reads one request from `tcp`, answers it and closes.
+async fn serve(admin: Rc<Admin>, pool: Rc<BufferPool>, tcp: glommio::net::TcpStream) {
+    let conn = Duplex::new(Conn::Plain(tcp.into()));
+    let mut buf = pool.get();
+    let answer = match timeout(Duration::from_secs(10), read_request(&conn, &mut buf)).await {
+        Some(Ok(n)) => match parse_request(&buf.filled()[..n]) {
+            Some(req) => routes::route(&admin, &req).await,
+            None => http::json_error(400, "malformed HTTP request"),
+        },
+        Some(Err(status)) => http::json_error(status, "request too large or malformed"),
+        None => return,
+    };
+    let _ = conn.write_all(&answer).await;
+    // No reset: a client still sending (a 413 body) that reads late still
+    // gets the answer.
+    http::close_gracefully(&conn, Duration::from_secs(2)).await;
+}
+
+/// Once a second: key housekeeping, the shards' usage into the ledger, the
+/// alerts, reconciliation and the ledger's save when due, the devices'
+/// sweep. Never ends.
+async fn housekeeping(admin: &Admin, spare: &Spare) {
+    let mut last_save = Instant::now();
+    let mut last_alerts = Instant::now();
+    let mut last_reconcile: Option<Instant> = None;
+    let mut save_failed = false;
+    loop {
+        glommio::timer::Timer::new(Duration::from_secs(1)).await;
+        api::housekeeping(admin);
+        spare.refill();
+        let records = meter::collect(admin).await;
+        admin.usage.borrow_mut().add(&records);
+        admin.alerts.borrow_mut().feed(&records);
+        if let Some(fleet) = admin.process.fleet.get() {
+            fleet.add_usage(records);
+        }
+        if last_alerts.elapsed() >= admin.usage_cfg.borrow().alerts.interval {
+            last_alerts = Instant::now();
+            alerts::evaluate(admin).await;
+        }
+        let every = admin.usage_cfg.borrow().reconcile_interval;
+        if !every.is_zero() && last_reconcile.is_none_or(|t| t.elapsed() >= every) {
+            last_reconcile = Some(Instant::now());
+            meter::reconcile(admin).await;
+        }
+        if last_save.elapsed() >= admin.usage_cfg.borrow().persist_interval {
+            last_save = Instant::now();
+            save_failed = save_usage(admin, save_failed);
+        }
+        admin.process.devices.sweep(std::time::SystemTime::now());
+    }
+}
+
+/// Saves the usage ledger if it changed; whether saving fails, logging a
+/// failure only when the last save did not fail too.
+fn save_usage(admin: &Admin, failed_before: bool) -> bool {
+    let dir = admin.config.borrow().state_dir.clone();
+    match admin.usage.borrow_mut().save_if_dirty(&dir) {
+        Ok(()) => false,
+        Err(e) => {
+            if !failed_before {
+                tracing::error!(dir = %dir.display(), error = %e, "cannot write the usage ledger");
+            }
+            true
+        }
+    }
+}
+
+/// Answers the main thread's messages (reloads, the watchdog's ping).
+async fn messages(admin: &Admin, inbox: async_channel::Receiver<AdminMsg>) {
+    while let Ok(msg) = inbox.recv().await {
+        match msg {
+            AdminMsg::Reload(cfg, reply) => {
+                let _ = reply.send(admin.reload(&cfg)).await;
+            }
+            AdminMsg::Ping(reply) => {
+                let _ = reply.send("admin".into());
+            }
+        }
+    }
+    futures_lite::future::pending::<()>().await;
+}
+
+/// Applies the account sets other nodes of the fleet store.
+async fn from_fleet(admin: &Admin, fleet_accounts: Option<async_channel::Receiver<Vec<u8>>>) {
+    if let Some(rx) = fleet_accounts {
+        while let Ok(sealed) = rx.recv().await {
+            admin.apply_fleet_accounts(&sealed);
+        }
+    }
+    futures_lite::future::pending::<()>().await;
+}
+
+/// Active health checks, every `admin.health_interval`: each pool's
+/// WebSocket endpoint (see [`probe_endpoints`]), then each key against
+/// its own pool's REST API. Never ends.
+async fn health_checks(admin: &Admin, ws_targets: &[UpstreamTarget]) {
+    let mut probed = false;
+    loop {
+        let interval = admin.config.borrow().health_interval;
+        // The WebSocket endpoint itself, at the first check and while a
+        // configuration fault stands: a wrong upstream.url is found at
+        // start, not by the first user.
+        if !interval.is_zero() && (!probed || admin.process.upstream_fault.get().is_some()) {
+            probed = probe_endpoints(admin, ws_targets).await;
+        }
+        if admin.rests.is_empty() || interval.is_zero() {
+            glommio::timer::Timer::new(Duration::from_secs(1)).await;
+            continue;
+        }
+        check_keys(admin).await;
+        glommio::timer::Timer::new(interval).await;
+    }
+}
+
+/// Probes every pool's WebSocket endpoint, in order; the first wrong one
+/// keeps the fault (a later good one does not clear it). Whether the last
+/// probe got an answer.
+async fn probe_endpoints(admin: &Admin, ws_targets: &[UpstreamTarget]) -> bool {
+    let mut probed = false;
+    for t in ws_targets {
+        let fault = &admin.process.upstream_fault;
+        let status = health::probe_websocket(t, fault, Duration::from_secs(10)).await;
+        probed = status.is_some();
+        if status.is_some_and(UpstreamFault::is_config_fault) {
+            break;
+        }
+    }
+    probed
+}
+
+/// Checks each account's current key against its own pool's REST API (an
+/// EU key is unknown to the US host), logging changes of health.
+async fn check_keys(admin: &Admin) {
+    let targets: Vec<_> = admin
+        .accounts
+        .borrow()
+        .entries()
+        .iter()
+        .map(|e| (e.state.clone(), e.current.clone()))
+        .collect();
+    for (account, key) in targets {
+        let Some(rest) = admin.rest_for(&account.pool) else {
+            continue;
+        };
+        let before = account.healthy(Instant::now());
+        let verdict = rest.check(&account, &key, Duration::from_secs(10)).await;
+        admin.checks.add(verdict);
+        let after = account.healthy(Instant::now());
+        if before != after {
+            tracing::warn!(account = %account.id, key = %key.fingerprint, ?verdict, healthy = after, "health check changed the account's health");
+        } else if verdict == health::Verdict::Unknown {
+            tracing::debug!(account = %account.id, "health check could not reach the REST API");
+        }
+    }
 }
 
 /// Reads a request head and its body (by `Content-Length`) into `buf`;
