@@ -118,7 +118,7 @@ struct Finding {
 
 /// Evaluates every alert once; reports changes.
 pub(super) async fn evaluate(admin: &Admin) {
-    let cfg = admin.usage_cfg.borrow().alerts.clone();
+    let cfg = admin.usage.cfg.borrow().alerts.clone();
     let mut found: Vec<Finding> = Vec::new();
     // Concurrency and budget, per account. In a fleet the budget is the
     // fleet's: this month's audio of every node (this node's own while
@@ -138,8 +138,8 @@ pub(super) async fn evaluate(admin: &Admin) {
         }
     }
     {
-        let prices = admin.prices.borrow();
-        for e in admin.accounts.borrow().entries() {
+        let prices = admin.usage.prices.borrow();
+        for e in admin.accounts.set.borrow().entries() {
             let a = &e.state;
             let max = a.effective_max();
             let live = a.live.load(Ordering::Relaxed);
@@ -200,7 +200,7 @@ pub(super) async fn evaluate(admin: &Admin) {
     }
     // Unusual usage against each subject's own baseline.
     {
-        let state = admin.alerts.borrow();
+        let state = admin.usage.alerts.borrow();
         let hour = hour_now();
         for (subject, slots) in &state.hourly {
             let (now, baseline) = state.usage(slots, hour);
@@ -223,6 +223,7 @@ pub(super) async fn evaluate(admin: &Admin) {
     }
     // The first window runs from the relay's start.
     let prev = admin
+        .usage
         .alerts
         .borrow_mut()
         .prev
@@ -267,7 +268,7 @@ pub(super) async fn evaluate(admin: &Admin) {
     // Transitions.
     let mut changes = Vec::new();
     {
-        let mut state = admin.alerts.borrow_mut();
+        let mut state = admin.usage.alerts.borrow_mut();
         let firing: HashMap<(String, String), &Finding> = found
             .iter()
             .map(|f| ((f.alert.to_string(), f.subject.clone()), f))
@@ -334,7 +335,7 @@ async fn post(admin: &Admin, url: &str, change: &serde_json::Value) {
 
 /// The alerts firing now, for `/admin/stats` and the dashboard.
 pub(super) fn firing_json(admin: &Admin) -> serde_json::Value {
-    let state = admin.alerts.borrow();
+    let state = admin.usage.alerts.borrow();
     serde_json::Value::Array(
         state
             .firing

@@ -103,6 +103,7 @@ pub(super) fn accounts(admin: &Admin) -> Vec<u8> {
 pub(super) fn set_enabled(admin: &Admin, id: &str, on: bool) -> Result<String, Vec<u8>> {
     admin
         .accounts
+        .set
         .borrow_mut()
         .set_enabled(id, on)
         .map(|()| id.to_string())
@@ -114,6 +115,7 @@ pub(super) fn limit(admin: &Admin, id: &str, req: &Request<'_>) -> Result<String
     let b = body::<LimitBody>(req)?;
     admin
         .accounts
+        .set
         .borrow_mut()
         .set_max_concurrent(id, b.max_concurrent_streams)
         .map(|()| id.to_string())
@@ -124,6 +126,7 @@ pub(super) fn limit(admin: &Admin, id: &str, req: &Request<'_>) -> Result<String
 pub(super) fn remove(admin: &Admin, id: &str) -> Result<String, Vec<u8>> {
     admin
         .accounts
+        .set
         .borrow_mut()
         .remove(id)
         .map(|_| id.to_string())
@@ -171,6 +174,7 @@ pub(super) fn add(admin: &Admin, req: &Request<'_>) -> Result<String, Vec<u8>> {
     let b: AddBody = body(req)?;
     admin
         .accounts
+        .set
         .borrow_mut()
         .add(
             &b.id,
@@ -196,6 +200,7 @@ pub(super) fn rotate(admin: &Admin, id: &str, req: &Request<'_>) -> Result<Strin
     };
     admin
         .accounts
+        .set
         .borrow_mut()
         .rotate(id, Secret::new(b.key), overlap, unix_now())
         .map(|()| id.to_string())
@@ -207,7 +212,7 @@ pub(super) fn list(admin: &Admin) -> serde_json::Value {
     let now = Instant::now();
     let unix = unix_now();
     let period = admin.config.borrow().rotation_period.as_secs();
-    let accounts = admin.accounts.borrow();
+    let accounts = admin.accounts.set.borrow();
     let items: Vec<_> = accounts
         .entries()
         .iter()
@@ -307,7 +312,7 @@ pub(super) fn stats(admin: &Admin, shards: &[crate::core::metrics::MetricsSnapsh
 /// and warn (once a day per key) about keys due for rotation.
 pub(super) fn housekeeping(admin: &Admin) {
     let now = unix_now();
-    let overdue = admin.accounts.borrow_mut().expire_retiring(now);
+    let overdue = admin.accounts.set.borrow_mut().expire_retiring(now);
     for k in overdue {
         // Once per key: its streams are finalized and told to reconnect
         // (onto the new key); the key is retired when the last one ends.
@@ -332,7 +337,7 @@ pub(super) fn housekeeping(admin: &Admin) {
     });
     if due {
         let period = admin.config.borrow().rotation_period.as_secs();
-        for e in admin.accounts.borrow().entries() {
+        for e in admin.accounts.set.borrow().entries() {
             let age = now.saturating_sub(e.current.created_at);
             if age >= period {
                 tracing::warn!(account = %e.state.id, key = %e.current.fingerprint, age_days = age / 86400, "key is older than the rotation period; rotate it");
@@ -346,7 +351,7 @@ pub(super) fn housekeeping(admin: &Admin) {
 pub(super) fn render_key_metrics(admin: &Admin, out: &mut String) {
     let now = unix_now();
     let period = admin.config.borrow().rotation_period.as_secs();
-    let accounts = admin.accounts.borrow();
+    let accounts = admin.accounts.set.borrow();
     let mut f = family(
         out,
         "clio_relay_key_age_seconds",

@@ -32,6 +32,17 @@ pub(super) async fn collect(admin: &Admin) -> Vec<UsageRecord> {
         .collect()
 }
 
+/// Takes the usage records the shards hold into the ledger, the alerts'
+/// hourly counts and, in a fleet, the fleet's totals.
+pub(super) async fn take_usage(admin: &Admin) {
+    let records = collect(admin).await;
+    admin.usage.book.borrow_mut().add(&records);
+    admin.usage.alerts.borrow_mut().feed(&records);
+    if let Some(fleet) = admin.process.fleet.get() {
+        fleet.add_usage(records);
+    }
+}
+
 /// Cost of `audio_ms` at `price` per hour.
 pub(super) fn cost(audio_ms: u64, price: f64) -> f64 {
     audio_ms as f64 / 3_600_000.0 * price
@@ -42,6 +53,7 @@ pub(super) fn month_audio(admin: &Admin) -> HashMap<String, u64> {
     let today = utc_day(SystemTime::now());
     admin
         .usage
+        .book
         .borrow()
         .audio_ms_by_account(month_start(today), today)
         .into_iter()
@@ -97,7 +109,7 @@ pub(super) async fn usage(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
             usage_rows(admin, totals, group)
         }
     };
-    let currency = admin.usage_cfg.borrow().currency.clone();
+    let currency = admin.usage.cfg.borrow().currency.clone();
     let mut body = json!({"from": format_day(from), "to": format_day(to), "group_by": group_name, "currency": currency});
     let fleet = admin.process.fleet.get().cloned();
     let shared = match &fleet {
@@ -122,7 +134,7 @@ pub(super) async fn usage(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
             if fleet.is_some() {
                 body["scope"] = json!("node");
             }
-            admin.usage.borrow().query(from, to, group)
+            admin.usage.book.borrow().query(from, to, group)
         }
     };
     if let Some(f) = &fleet {
@@ -139,9 +151,9 @@ fn pool_rows(
     admin: &Admin,
     totals: &std::collections::BTreeMap<String, crate::core::usage::Totals>,
 ) -> serde_json::Value {
-    let accounts = admin.accounts.borrow();
-    let configs = admin.account_configs.borrow();
-    let prices = admin.prices.borrow();
+    let accounts = admin.accounts.set.borrow();
+    let configs = admin.accounts.configs.borrow();
+    let prices = admin.usage.prices.borrow();
     let mut pools: std::collections::BTreeMap<String, (crate::core::usage::Totals, f64, f64)> =
         Default::default();
     for (account, t) in totals {
@@ -193,7 +205,7 @@ fn usage_rows(
     totals: &std::collections::BTreeMap<String, crate::core::usage::Totals>,
     group: GroupBy,
 ) -> serde_json::Value {
-    let prices = admin.prices.borrow();
+    let prices = admin.usage.prices.borrow();
     totals
         .iter()
         .map(|(key, t)| {
@@ -314,10 +326,10 @@ pub(super) fn render_metrics(admin: &Admin, out: &mut String) {
             rejections[l as usize].load(Ordering::Relaxed),
         );
     }
-    let currency = admin.usage_cfg.borrow().currency.clone();
+    let currency = admin.usage.cfg.borrow().currency.clone();
     let month = month_audio(admin);
-    let prices = admin.prices.borrow();
-    let accounts = admin.accounts.borrow();
+    let prices = admin.usage.prices.borrow();
+    let accounts = admin.accounts.set.borrow();
     let mut f = family(
         out,
         "clio_relay_account_max_concurrent_streams",
@@ -364,7 +376,11 @@ pub(super) fn render_metrics(admin: &Admin, out: &mut String) {
             p.monthly_budget,
         );
     }
-    let totals = admin.usage.borrow().query(0, u64::MAX, GroupBy::Account);
+    let totals = admin
+        .usage
+        .book
+        .borrow()
+        .query(0, u64::MAX, GroupBy::Account);
     let mut f = family(
         out,
         "clio_relay_audio_seconds_total",
@@ -398,6 +414,7 @@ pub(super) struct Reconciliation {
 pub(super) async fn reconcile(admin: &Admin) {
     let targets: Vec<_> = admin
         .accounts
+        .set
         .borrow()
         .entries()
         .iter()
@@ -433,6 +450,7 @@ pub(super) async fn reconcile(admin: &Admin) {
                 match log["client_reference_id"].as_str().and_then(|rid| {
                     admin
                         .usage
+                        .book
                         .borrow()
                         .stream_audio_ms(rid)
                         .map(|(a, ms)| (a == id, ms))
@@ -457,14 +475,14 @@ pub(super) async fn reconcile(admin: &Admin) {
         if r.drift_seconds.abs() > 60.0_f64.max(r.soniox_seconds * 0.05) {
             tracing::warn!(account = %id, drift_seconds = r.drift_seconds, matched = r.matched, "the relay's usage meter and Soniox's usage logs disagree");
         }
-        admin.reconciliation.borrow_mut().insert(id, r);
+        admin.usage.reconciliation.borrow_mut().insert(id, r);
     }
 }
 
 /// `GET /admin/reconciliation`.
 pub(super) fn reconciliation(admin: &Admin) -> Vec<u8> {
-    let body =
-        serde_json::to_string(&*admin.reconciliation.borrow()).unwrap_or_else(|_| "{}".into());
+    let body = serde_json::to_string(&*admin.usage.reconciliation.borrow())
+        .unwrap_or_else(|_| "{}".into());
     http::response(200, "application/json", "", body.as_bytes())
 }
 

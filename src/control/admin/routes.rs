@@ -92,12 +92,7 @@ const ROUTES: &[Route] = &[
         handler: |a, r, _| {
             Box::pin(async move {
                 // Fresh: take what the shards hold before answering.
-                let records = meter::collect(a).await;
-                a.usage.borrow_mut().add(&records);
-                a.alerts.borrow_mut().feed(&records);
-                if let Some(fleet) = a.process.fleet.get() {
-                    fleet.add_usage(records);
-                }
+                meter::take_usage(a).await;
                 meter::usage(a, r).await
             })
         },
@@ -341,8 +336,8 @@ async fn metrics(admin: &Admin) -> String {
     let names: Vec<String> = admin.pools.iter().map(|p| p.name.clone()).collect();
     process.pools.render_metrics(&names, &mut body);
     meter::render_metrics(admin, &mut body);
-    alerts::render_metrics(&admin.alerts.borrow(), &mut body);
-    meter::render_drift(&admin.reconciliation.borrow(), &mut body);
+    alerts::render_metrics(&admin.usage.alerts.borrow(), &mut body);
+    meter::render_drift(&admin.usage.reconciliation.borrow(), &mut body);
     if let Some(fleet) = process.fleet.get() {
         fleet.render_metrics(&mut body);
     }
@@ -354,7 +349,7 @@ async fn metrics(admin: &Admin) -> String {
         "The HTTP status (400, 404) upstream answered the WebSocket upgrade with while upstream.url is misconfigured; 0 when it is not.",
     )
     .sample(&[], process.upstream_fault.get().unwrap_or(0));
-    admin.checks.render(&mut body);
+    admin.health.checks.render(&mut body);
     body
 }
 

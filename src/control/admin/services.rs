@@ -1,0 +1,173 @@
+//! The admin thread's services, each a task that never ends: accounts
+//! (key retirement and rotation warnings, the fleet's account sets), usage
+//! (the ledger, alerts, reconciliation, saving), health (endpoint probes
+//! and key checks), the process's own upkeep, and the main thread's
+//! messages.
+
+use std::time::{Duration, Instant};
+
+use futures_lite::future::or;
+
+use super::{alerts, api, meter, Admin, AdminMsg};
+use crate::control::health;
+use crate::dataplane::accept::Spare;
+use crate::dataplane::upstream::UpstreamFault;
+
+/// The accounts service: once a second, keys past their overlap are
+/// retired and keys due for rotation are warned about; the account sets
+/// other nodes of the fleet store are applied as they come. Never ends.
+pub(super) async fn accounts(
+    admin: &Admin,
+    fleet_accounts: Option<async_channel::Receiver<Vec<u8>>>,
+) {
+    let keys = async {
+        loop {
+            glommio::timer::Timer::new(Duration::from_secs(1)).await;
+            api::housekeeping(admin);
+        }
+    };
+    or(keys, from_fleet(admin, fleet_accounts)).await
+}
+
+/// The usage service: once a second the shards' usage goes into the
+/// ledger (and the fleet's), and, when due, the alerts are evaluated,
+/// usage is reconciled with Soniox's logs and the ledger is saved. Never
+/// ends.
+pub(super) async fn usage(admin: &Admin) {
+    let mut last_save = Instant::now();
+    let mut last_alerts = Instant::now();
+    let mut last_reconcile: Option<Instant> = None;
+    let mut save_failed = false;
+    loop {
+        glommio::timer::Timer::new(Duration::from_secs(1)).await;
+        meter::take_usage(admin).await;
+        if last_alerts.elapsed() >= admin.usage.cfg.borrow().alerts.interval {
+            last_alerts = Instant::now();
+            alerts::evaluate(admin).await;
+        }
+        let every = admin.usage.cfg.borrow().reconcile_interval;
+        if !every.is_zero() && last_reconcile.is_none_or(|t| t.elapsed() >= every) {
+            last_reconcile = Some(Instant::now());
+            meter::reconcile(admin).await;
+        }
+        if last_save.elapsed() >= admin.usage.cfg.borrow().persist_interval {
+            last_save = Instant::now();
+            save_failed = save_usage(admin, save_failed);
+        }
+    }
+}
+
+/// Once a second: the admin port's spare descriptors are refilled and
+/// the devices' idle states swept. Never ends.
+pub(super) async fn process(admin: &Admin, spare: &Spare) {
+    loop {
+        glommio::timer::Timer::new(Duration::from_secs(1)).await;
+        spare.refill();
+        admin.process.devices.sweep(std::time::SystemTime::now());
+    }
+}
+
+/// Saves the usage ledger if it changed; whether saving fails, logging a
+/// failure only when the last save did not fail too.
+fn save_usage(admin: &Admin, failed_before: bool) -> bool {
+    let dir = admin.config.borrow().state_dir.clone();
+    match admin.usage.book.borrow_mut().save_if_dirty(&dir) {
+        Ok(()) => false,
+        Err(e) => {
+            if !failed_before {
+                tracing::error!(dir = %dir.display(), error = %e, "cannot write the usage ledger");
+            }
+            true
+        }
+    }
+}
+
+/// Answers the main thread's messages (reloads, the watchdog's ping).
+pub(super) async fn messages(admin: &Admin, inbox: async_channel::Receiver<AdminMsg>) {
+    while let Ok(msg) = inbox.recv().await {
+        match msg {
+            AdminMsg::Reload(cfg, reply) => {
+                let _ = reply.send(admin.reload(&cfg)).await;
+            }
+            AdminMsg::Ping(reply) => {
+                let _ = reply.send("admin".into());
+            }
+        }
+    }
+    futures_lite::future::pending::<()>().await;
+}
+
+/// Applies the account sets other nodes of the fleet store.
+async fn from_fleet(admin: &Admin, fleet_accounts: Option<async_channel::Receiver<Vec<u8>>>) {
+    if let Some(rx) = fleet_accounts {
+        while let Ok(sealed) = rx.recv().await {
+            admin.apply_fleet_accounts(&sealed);
+        }
+    }
+    futures_lite::future::pending::<()>().await;
+}
+
+/// The health service: every `admin.health_interval`, each pool's
+/// WebSocket endpoint (see [`probe_endpoints`]), then each key against
+/// its own pool's REST API. Never ends.
+pub(super) async fn health(admin: &Admin) {
+    let mut probed = false;
+    loop {
+        let interval = admin.config.borrow().health_interval;
+        // The WebSocket endpoint itself, at the first check and while a
+        // configuration fault stands: a wrong upstream.url is found at
+        // start, not by the first user.
+        if !interval.is_zero() && (!probed || admin.process.upstream_fault.get().is_some()) {
+            probed = probe_endpoints(admin).await;
+        }
+        if admin.health.rests.is_empty() || interval.is_zero() {
+            glommio::timer::Timer::new(Duration::from_secs(1)).await;
+            continue;
+        }
+        check_keys(admin).await;
+        glommio::timer::Timer::new(interval).await;
+    }
+}
+
+/// Probes every pool's WebSocket endpoint, in order; the first wrong one
+/// keeps the fault (a later good one does not clear it). Whether the last
+/// probe got an answer.
+async fn probe_endpoints(admin: &Admin) -> bool {
+    let mut probed = false;
+    for t in &admin.health.endpoints {
+        let fault = &admin.process.upstream_fault;
+        let status = health::probe_websocket(t, fault, Duration::from_secs(10)).await;
+        probed = status.is_some();
+        if status.is_some_and(UpstreamFault::is_config_fault) {
+            break;
+        }
+    }
+    probed
+}
+
+/// Checks each account's current key against its own pool's REST API (an
+/// EU key is unknown to the US host), logging changes of health.
+async fn check_keys(admin: &Admin) {
+    let targets: Vec<_> = admin
+        .accounts
+        .set
+        .borrow()
+        .entries()
+        .iter()
+        .map(|e| (e.state.clone(), e.current.clone()))
+        .collect();
+    for (account, key) in targets {
+        let Some(rest) = admin.rest_for(&account.pool) else {
+            continue;
+        };
+        let before = account.healthy(Instant::now());
+        let verdict = rest.check(&account, &key, Duration::from_secs(10)).await;
+        admin.health.checks.add(verdict);
+        let after = account.healthy(Instant::now());
+        if before != after {
+            tracing::warn!(account = %account.id, key = %key.fingerprint, ?verdict, healthy = after, "health check changed the account's health");
+        } else if verdict == health::Verdict::Unknown {
+            tracing::debug!(account = %account.id, "health check could not reach the REST API");
+        }
+    }
+}
