@@ -71,9 +71,21 @@ pub fn connect_any(addrs: &[SocketAddr], deadline: Instant) -> Result<TcpStream,
     Err(Error::Connect(addrs.len(), last))
 }
 
+/// Writes the request and reads the answer. A server may answer and close
+/// before taking the whole request (a 413 for a large body): when the
+/// write fails, what it answered is still read, and the write's error is
+/// returned only if there is no whole answer.
 fn exchange(mut s: impl Read + Write, bytes: &[u8], parser: &mut Parser) -> Result<(), Error> {
-    s.write_all(bytes).map_err(|e| io_error(e, Error::Io))?;
-    s.flush().map_err(|e| io_error(e, Error::Io))?;
+    match s.write_all(bytes).and_then(|_| s.flush()) {
+        Ok(()) => read_answer(s, parser),
+        Err(e) => match io_error(e, Error::Io) {
+            Error::Timeout => Err(Error::Timeout),
+            write_error => read_answer(s, parser).map_err(|_| write_error),
+        },
+    }
+}
+
+fn read_answer(mut s: impl Read, parser: &mut Parser) -> Result<(), Error> {
     let mut chunk = [0u8; 8192];
     while !parser.done() {
         match s.read(&mut chunk) {

@@ -123,8 +123,19 @@ async fn exchange(
     bytes: &[u8],
     parser: &mut Parser,
 ) -> Result<(), Error> {
-    s.write_all(bytes).await.map_err(Error::Io)?;
-    s.flush().await.map_err(Error::Io)?;
+    // As in the blocking form: an answer sent before the server took the
+    // whole request is still read.
+    let wrote = match s.write_all(bytes).await {
+        Ok(()) => s.flush().await,
+        Err(e) => Err(e),
+    };
+    match wrote {
+        Ok(()) => read_answer(s, parser).await,
+        Err(e) => read_answer(s, parser).await.map_err(|_| Error::Io(e)),
+    }
+}
+
+async fn read_answer(mut s: impl AsyncRead + Unpin, parser: &mut Parser) -> Result<(), Error> {
     let mut chunk = vec![0u8; 8192];
     while !parser.done() {
         match s.read(&mut chunk).await {

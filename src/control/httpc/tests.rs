@@ -501,3 +501,40 @@ fn https_with_the_upstream_tls_setup() {
         assert!(!err.to_string().contains(TOKEN));
     });
 }
+
+/// A server that answers 413 after the head and closes without reading the
+/// body: the client's write fails, and the answer is still read.
+#[test]
+fn an_answer_before_the_whole_request_is_read() {
+    let addr = server_head_only();
+    let big = vec![b'x'; 8 << 20];
+    let ep = Endpoint::plain(addr);
+    let r = blocking::send(&ep, &Request::post_json("/up", &big), LIMIT).unwrap();
+    assert_eq!(r.status, 413);
+    on_glommio(move || async move {
+        let big = vec![b'x'; 8 << 20];
+        let r = client::send(&ep, &Request::post_json("/up", &big), LIMIT)
+            .await
+            .unwrap();
+        assert_eq!(r.status, 413);
+    });
+}
+
+/// Reads each request's head only, answers 413 and closes.
+fn server_head_only() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && conn.read(&mut byte).unwrap_or(0) == 1 {
+                head.push(byte[0]);
+            }
+            let _ = conn.write_all(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\n\r\n");
+            let _ = conn.shutdown(std::net::Shutdown::Write);
+        }
+    });
+    addr
+}
