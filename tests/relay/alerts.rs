@@ -2,7 +2,8 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use tungstenite::Message;
@@ -11,9 +12,20 @@ use crate::util::*;
 
 /// A webhook receiver on 127.0.0.1:0; every POST body arrives on the channel.
 fn webhook() -> (String, mpsc::Receiver<serde_json::Value>) {
+    let (url, rx, _) = webhook_failing(0);
+    (url, rx)
+}
+
+/// [`webhook`] that answers its first `failures` POSTs with 503 (their
+/// bodies are not passed on); also returns the count of POSTs received.
+fn webhook_failing(
+    failures: usize,
+) -> (String, mpsc::Receiver<serde_json::Value>, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/hooks/clio", listener.local_addr().unwrap());
     let (tx, rx) = mpsc::channel();
+    let posts = Arc::new(AtomicUsize::new(0));
+    let counted = posts.clone();
     std::thread::spawn(move || {
         for conn in listener.incoming().flatten() {
             let mut reader = BufReader::new(conn);
@@ -32,6 +44,12 @@ fn webhook() -> (String, mpsc::Receiver<serde_json::Value>) {
             }
             let mut body = vec![0; len];
             let _ = reader.read_exact(&mut body);
+            if counted.fetch_add(1, Ordering::SeqCst) < failures {
+                let _ = reader
+                    .get_mut()
+                    .write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n");
+                continue;
+            }
             let _ = reader
                 .get_mut()
                 .write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n");
@@ -41,7 +59,7 @@ fn webhook() -> (String, mpsc::Receiver<serde_json::Value>) {
             }
         }
     });
-    (url, rx)
+    (url, rx, posts)
 }
 
 /// Waits for a webhook call for `alert` in `state` (calls come in any order).
@@ -107,6 +125,26 @@ fn concurrency_and_budget_alerts_fire_and_resolve_with_a_webhook() {
     next(&rx, "account_near_concurrency", "resolved");
     let budget = next(&rx, "account_near_budget", "firing");
     assert!(budget["value"].as_f64().unwrap() >= 0.9, "{budget}");
+}
+
+/// A webhook that answers 503 twice gets the alert on the third try.
+#[test]
+fn a_failing_webhook_is_retried() {
+    let fake = fake(&["k1"], |_| {});
+    let (url, rx, posts) = webhook_failing(2);
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.accounts[0].max_concurrent_streams = 2;
+    cfg.usage.alerts.interval = Duration::from_millis(100);
+    cfg.usage.alerts.concurrency_ratio = 0.5;
+    cfg.usage.alerts.webhook_url = Some(url);
+    let relay = Relay::start(cfg);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("d"), Via::Header).unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    // The pass that fires finds the account and its pool near their limits:
+    // the first change is refused twice and sent again, then both arrive.
+    next(&rx, "account_near_concurrency", "firing");
+    next(&rx, "pool_near_concurrency", "firing");
+    assert!(posts.load(Ordering::SeqCst) >= 4, "2 refused + 2 taken");
 }
 
 #[test]

@@ -13,15 +13,19 @@
 //!
 //! Each change (firing or resolved) is a structured log event, the gauge
 //! `clio_relay_alerts_firing{alert,subject}`, and optionally a JSON POST to
-//! `alerts.webhook_url`.
+//! `alerts.webhook_url`, sent in order by a task of its own and retried on
+//! network errors, 5xx and 429 (4 tries within 30 s).
 
-use std::collections::{BTreeMap, HashMap};
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::json;
 
 use super::{meter, Admin};
+use crate::control::httpc::{client, Endpoint, Request, Retry};
 use crate::core::metrics::text::{family, Kind};
 use crate::core::metrics::{Hist, MetricsSnapshot, Side};
 use crate::core::usage::UsageRecord;
@@ -46,6 +50,8 @@ pub(super) struct AlertState {
     /// (alert, subject) → what is firing now: value, threshold, and since
     /// when (Unix seconds); for the dashboard.
     firing: BTreeMap<(String, String), (f64, f64, u64)>,
+    /// Changes on their way to `alerts.webhook_url`.
+    webhook: Rc<WebhookQueue>,
 }
 
 /// Whether a subject's audio this hour (`now_ms`) is unusual against its
@@ -306,30 +312,77 @@ pub(super) async fn evaluate(admin: &Admin) {
             tracing::info!(alert = %c["alert"].as_str().unwrap_or(""), subject = %c["subject"].as_str().unwrap_or(""), "alert resolved");
         }
         if let Some(url) = &cfg.webhook_url {
-            post(admin, url, &c).await;
+            post(admin, url, &c);
         }
     }
 }
 
-/// POSTs one alert change to the webhook; failures are logged, not retried.
-async fn post(admin: &Admin, url: &str, change: &serde_json::Value) {
+/// Alert changes waiting for the webhook, in order, and whether a task is
+/// sending them. One task at a time sends, so a resolution never overtakes
+/// its firing; it runs apart from the evaluation, so the admin thread's
+/// other work never waits for a slow or failing webhook.
+#[derive(Debug, Default)]
+pub(super) struct WebhookQueue {
+    /// (URL, body) of each change not sent yet.
+    pending: RefCell<VecDeque<(String, String)>>,
+    sending: Cell<bool>,
+}
+
+/// Changes held for a webhook that does not take them; older ones are
+/// dropped (and logged) beyond this.
+const WEBHOOK_QUEUE: usize = 256;
+
+/// Queues one alert change for the webhook and starts the sender if idle.
+fn post(admin: &Admin, url: &str, change: &serde_json::Value) {
     let mut body = change.clone();
     body["source"] = json!("clio-relay");
     body["at"] = json!(SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs()));
-    let result = match crate::control::health::RestTarget::from_http_url(url, admin.tls.clone()) {
-        Ok((target, path)) => {
-            target
-                .post_json(&path, body.to_string().as_bytes(), Duration::from_secs(5))
-                .await
+    let queue = admin.usage.alerts.borrow().webhook.clone();
+    {
+        let mut pending = queue.pending.borrow_mut();
+        if pending.len() >= WEBHOOK_QUEUE {
+            pending.pop_front();
+            tracing::warn!(
+                held = WEBHOOK_QUEUE,
+                "alert webhook backlog full; the oldest change is dropped"
+            );
         }
-        Err(e) => Err(e),
+        pending.push_back((url.to_string(), body.to_string()));
+    }
+    if queue.sending.replace(true) {
+        return;
+    }
+    let tls = admin.tls.clone();
+    glommio::spawn_local(async move {
+        loop {
+            let next = queue.pending.borrow_mut().pop_front();
+            let Some((url, body)) = next else { break };
+            send(&url, body.as_bytes(), tls.clone()).await;
+        }
+        queue.sending.set(false);
+    })
+    .detach();
+}
+
+/// POSTs one change, retrying on network errors, 5xx and 429
+/// ([`Retry::WEBHOOK`]: 4 tries within 30 s); what still fails is logged.
+async fn send(url: &str, body: &[u8], tls: Option<std::sync::Arc<rustls::ClientConfig>>) {
+    let (ep, target) = match Endpoint::parse_url(url, tls) {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::warn!(error = %e, "alert webhook URL unusable");
+            return;
+        }
     };
-    match result {
-        Ok(s) if (200..300).contains(&s) => {}
-        Ok(s) => tracing::warn!(status = s, "alert webhook refused the alert"),
-        Err(e) => tracing::warn!(error = %e, "alert webhook unreachable"),
+    let req = Request::post_json(&target, body);
+    let (outcome, tries) =
+        client::send_with_retry(&ep, &req, Duration::from_secs(5), Retry::WEBHOOK).await;
+    match outcome {
+        Ok(r) if (200..300).contains(&r.status) => {}
+        Ok(r) => tracing::warn!(status = r.status, tries, "alert webhook refused the alert"),
+        Err(e) => tracing::warn!(error = %e, tries, "alert webhook unreachable"),
     }
 }
 
