@@ -16,14 +16,14 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_rustls::TlsConnector;
-use rustls::pki_types::ServerName;
-
+use crate::control::httpc::{client, Endpoint, Request};
 use crate::core::config::parse_ws_url;
 use crate::core::keyring::{AccountState, KeySlot, NO_UPSTREAM_CAP};
-use crate::dataplane::http;
-use crate::dataplane::io::{timeout, BufferPool, Conn, Duplex};
+use crate::dataplane::io::BufferPool;
 use crate::dataplane::upstream::UpstreamFault;
+
+/// The bound on a REST answer: a page of 1000 usage logs fits.
+const MAX_REST_BODY: usize = 4 << 20;
 
 /// Where upstream's REST API is.
 #[derive(Debug, Clone)]
@@ -88,127 +88,19 @@ impl RestTarget {
         key: &KeySlot,
         limit: Duration,
     ) -> Result<(u16, Vec<u8>), String> {
-        match timeout(limit, self.get_inner(path, key)).await {
-            Some(r) => r,
-            None => Err("timed out".into()),
-        }
-    }
-
-    async fn get_inner(&self, path: &str, key: &KeySlot) -> Result<(u16, Vec<u8>), String> {
-        self.send("GET", path, Some(key.key.expose()), b"").await
-    }
-
-    /// A target and request path for an `http://` or `https://` URL (the
-    /// alert webhook).
-    pub fn from_http_url(
-        url: &str,
-        tls: Option<Arc<rustls::ClientConfig>>,
-    ) -> Result<(RestTarget, String), String> {
-        let t = RestTarget::new("ws://unused/", Some(url), tls)?;
-        let ws = url
-            .replacen("https://", "wss://", 1)
-            .replacen("http://", "ws://", 1);
-        Ok((t, parse_ws_url(&ws)?.path))
-    }
-
-    /// `POST path` with a JSON body; returns the status.
-    pub async fn post_json(&self, path: &str, body: &[u8], limit: Duration) -> Result<u16, String> {
-        match timeout(limit, self.send("POST", path, None, body)).await {
-            Some(r) => r.map(|(s, _)| s),
-            None => Err("timed out".into()),
-        }
-    }
-
-    /// One HTTP/1.1 request on a fresh connection.
-    async fn send(
-        &self,
-        method: &str,
-        path: &str,
-        bearer: Option<&str>,
-        body: &[u8],
-    ) -> Result<(u16, Vec<u8>), String> {
-        let (host, port) = (self.host.clone(), self.port);
-        let addrs: Vec<std::net::SocketAddr> = glommio::executor()
-            .spawn_blocking(move || {
-                std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))
-                    .map(|a| a.collect())
-            })
-            .await
-            .map_err(|e| format!("resolve: {e}"))?;
-        let addr = addrs.first().ok_or("no address")?;
-        let tcp = glommio::net::TcpStream::connect(*addr)
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
-        let conn = match &self.tls {
-            None => Conn::Plain(tcp.into()),
-            Some(cfg) => {
-                let name = ServerName::try_from(self.host.clone()).map_err(|e| e.to_string())?;
-                let tls = TlsConnector::from(cfg.clone())
-                    .connect(name, tcp.into())
-                    .await
-                    .map_err(|e| format!("tls: {e}"))?;
-                Conn::TlsClient(Box::new(tls))
-            }
+        let ep = Endpoint {
+            host: self.host.clone(),
+            port: self.port,
+            tls: self.tls.clone(),
         };
-        let conn = Duplex::new(conn);
-        let host_header = if self.host.contains(':') {
-            format!("[{}]", self.host)
-        } else {
-            self.host.clone()
-        };
-        let mut req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {host_header}\r\nConnection: close\r\nAccept: application/json\r\nUser-Agent: clio-relay/{}\r\n",
-            env!("CARGO_PKG_VERSION")
-        );
-        if !body.is_empty() || method == "POST" {
-            req.push_str(&format!(
-                "Content-Type: application/json\r\nContent-Length: {}\r\n",
-                body.len()
-            ));
+        let req = Request::get(path)
+            .header("Accept", "application/json")
+            .bearer(key.key.expose())
+            .max_body(MAX_REST_BODY);
+        match client::send(&ep, &req, limit).await {
+            Ok(r) => Ok((r.status, r.body)),
+            Err(e) => Err(e.to_string()),
         }
-        if let Some(b) = bearer {
-            req.push_str("Authorization: Bearer ");
-            req.push_str(b);
-            req.push_str("\r\n");
-        }
-        req.push_str("\r\n");
-        let mut req = req.into_bytes();
-        req.extend_from_slice(body);
-        conn.write_all(&req)
-            .await
-            .map_err(|e| format!("write: {e}"))?;
-        drop(req);
-        let pool = BufferPool::new(64 * 1024, 1, 1);
-        let mut buf = pool.get();
-        let head = http::read_head(&conn, &mut buf, 16 * 1024)
-            .await
-            .map_err(|e| format!("answer: {e:?}"))?;
-        let mut headers = [httparse::EMPTY_HEADER; 32];
-        let mut resp = httparse::Response::new(&mut headers);
-        resp.parse(&buf.filled()[..head])
-            .map_err(|e| format!("answer: {e}"))?;
-        let status = resp.code.ok_or("answer without status")?;
-        let length = resp
-            .headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-            .and_then(|h| {
-                std::str::from_utf8(h.value)
-                    .ok()?
-                    .trim()
-                    .parse::<usize>()
-                    .ok()
-            });
-        buf.advance(head);
-        let mut body = buf.filled().to_vec();
-        let mut chunk = [0u8; 4096];
-        while length.is_none_or(|n| body.len() < n) && body.len() < 1 << 20 {
-            match conn.read(&mut chunk).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => body.extend_from_slice(&chunk[..n]),
-            }
-        }
-        Ok((status, body))
     }
 
     /// Checks one account's current key and applies the result to the
