@@ -5,12 +5,13 @@
 //! a file, an environment variable or standard input, never from the
 //! command line (where `ps` would show them).
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::Read;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::cli::CliError;
+use crate::control::httpc::{self, blocking, Endpoint, Request};
 use crate::core::config::Config;
 
 /// What to do.
@@ -168,33 +169,21 @@ pub fn run(config: &Path, action: &KeysAction) -> Result<String, CliError> {
     Ok(table(&value))
 }
 
+/// One request to the admin API, through the relay's HTTP client.
 fn request(
     addr: SocketAddr,
     method: &str,
     path: &str,
     token: &str,
     body: Option<String>,
-) -> std::io::Result<(u16, String)> {
-    let mut tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+) -> Result<(u16, String), httpc::Error> {
     let body = body.unwrap_or_default();
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\nAuthorization: Bearer ", body.len());
-    req.push_str(token);
-    req.push_str("\r\n\r\n");
-    req.push_str(&body);
-    tcp.write_all(req.as_bytes())?;
-    let mut out = String::new();
-    tcp.read_to_string(&mut out)?;
-    let status = out
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((status, body))
+    let req = Request::new(method, path)
+        .header("Content-Type", "application/json")
+        .bearer(token)
+        .body(body.as_bytes());
+    let r = blocking::send(&Endpoint::plain(addr), &req, Duration::from_secs(15))?;
+    Ok((r.status, r.text()))
 }
 
 /// The account list as a table: one row per account, every column padded
