@@ -4,13 +4,14 @@
 //! logged once per interval), keep its admin port answering, and recover
 //! once streams end.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use clio_relay::control::httpc::{blocking, Endpoint, Request};
 use clio_relay::core::config::TokensConfig;
 use clio_relay::core::secret::Secret;
 use clio_relay::core::token::TokenKeys;
@@ -129,28 +130,17 @@ max_concurrent_streams = 1000
     }
 }
 
-/// One HTTP GET; (status, body), status 0 when no answer came.
+/// One HTTP GET with the relay's HTTP client; (status, body), status 0
+/// when no answer came.
 fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let Ok(mut tcp) = TcpStream::connect(addr) else {
-        return (0, String::new());
-    };
-    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let _ = write!(
-        tcp,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    );
-    let mut out = String::new();
-    let _ = tcp.read_to_string(&mut out);
-    let status = out
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = out
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_string();
-    (status, body)
+    match blocking::send(
+        &Endpoint::plain(addr),
+        &Request::get(path),
+        Duration::from_secs(10),
+    ) {
+        Ok(r) => (r.status, r.text()),
+        Err(_) => (0, String::new()),
+    }
 }
 
 /// What one attempt to open a stream came to.

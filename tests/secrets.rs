@@ -7,7 +7,7 @@
 #[allow(dead_code)]
 mod util;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,12 +26,11 @@ impl Write for Capture {
     }
 }
 
+/// The whole answer to a GET: head lines and body.
 fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    let mut tcp = std::net::TcpStream::connect(addr).unwrap();
-    write!(tcp, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-    let mut out = String::new();
-    tcp.read_to_string(&mut out).unwrap();
-    out
+    let (status, head, body) = util::http_get(addr, path, "");
+    assert_ne!(status, 0, "{head}");
+    format!("{head}\r\n\r\n{body}")
 }
 
 #[test]

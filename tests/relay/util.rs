@@ -5,6 +5,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant, SystemTime};
 
 use clio_relay::cli::server::RelayHandle;
+use clio_relay::control::httpc::{blocking, Endpoint, Request};
 use clio_relay::core::config::{
     AccountConfig, AdminConfig, AuthMode, Config, LimitsConfig, ServerConfig, TokensConfig,
     UpstreamConfig,
@@ -317,26 +318,25 @@ pub fn normal_close() -> CloseFrame {
     }
 }
 
-/// A plain HTTP/1.1 GET over a std `TcpStream`: (status, head, body).
-/// `extra` is added to the request head as is (each line ending in `\r\n`).
+/// A GET with the relay's HTTP client: (status, head, body), status 0
+/// (and the error as the head) when there is no answer. `extra` is added
+/// to the request head (each line `Name: value\r\n`).
 pub fn http_get(addr: SocketAddr, path: &str, extra: &str) -> (u16, String, String) {
-    let mut tcp = TcpStream::connect(addr).unwrap();
-    tcp.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-    write!(
-        tcp,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{extra}\r\n"
-    )
-    .unwrap();
-    let mut data = Vec::new();
-    let _ = tcp.read_to_end(&mut data);
-    let text = String::from_utf8_lossy(&data).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((text.as_str(), ""));
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, head.to_string(), body.to_string())
+    let mut req = Request::get(path);
+    for line in extra.split("\r\n").filter(|l| !l.is_empty()) {
+        let (name, value) = line.split_once(':').expect("a header line");
+        req = req.header(name.trim(), value.trim());
+    }
+    match blocking::send(&Endpoint::plain(addr), &req, Duration::from_secs(15)) {
+        Ok(r) => {
+            let mut head = format!("HTTP/1.1 {} {}", r.status, r.reason);
+            for (name, value) in &r.headers {
+                head.push_str(&format!("\r\n{name}: {value}"));
+            }
+            (r.status, head, r.text())
+        }
+        Err(e) => (0, e.to_string(), String::new()),
+    }
 }
 
 /// The value of header `name` (case-insensitive) in an HTTP response head.
@@ -442,8 +442,8 @@ pub fn raw_texts(frames: &[(u8, Vec<u8>)]) -> Vec<Value> {
         .collect()
 }
 
-/// One HTTP/1.1 request on a fresh connection; returns (status, body), or
-/// status 0 when the connection was dropped without an answer.
+/// One HTTP/1.1 request with the relay's HTTP client; returns (status,
+/// body), or status 0 when the connection was dropped without an answer.
 pub fn http(
     addr: SocketAddr,
     method: &str,
@@ -451,31 +451,16 @@ pub fn http(
     token: Option<&str>,
     body: Option<&str>,
 ) -> (u16, String) {
-    let mut tcp = TcpStream::connect(addr).unwrap();
-    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    let body = body.unwrap_or("");
-    let _ = write!(
-        tcp,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let mut out = String::new();
-    if tcp.read_to_string(&mut out).is_err() || out.is_empty() {
-        return (0, String::new());
+    let mut req = Request::new(method, path)
+        .header("Content-Type", "application/json")
+        .body(body.unwrap_or("").as_bytes());
+    if let Some(t) = token {
+        req = req.bearer(t);
     }
-    let status = out
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+    match blocking::send(&Endpoint::plain(addr), &req, Duration::from_secs(10)) {
+        Ok(r) => (r.status, r.text()),
+        Err(_) => (0, String::new()),
+    }
 }
 
 /// A fresh state directory under the system temp dir (never /var/lib).

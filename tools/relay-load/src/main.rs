@@ -105,18 +105,17 @@ struct Args {
 
 /// The relay's failover counters: resumes, failovers at open, mid-stream.
 fn relay_failovers(admin: SocketAddr) -> Result<[u64; 3], String> {
-    use std::io::{Read, Write};
-    let mut tcp = std::net::TcpStream::connect_timeout(&admin, Duration::from_secs(5))
-        .map_err(|e| format!("--relay-metrics {admin}: {e}"))?;
-    tcp.set_read_timeout(Some(Duration::from_secs(5))).ok();
-    write!(
-        tcp,
-        "GET /metrics HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n"
+    use clio_relay::control::httpc::{blocking, Endpoint, Request};
+    let r = blocking::send(
+        &Endpoint::plain(admin),
+        &Request::get("/metrics"),
+        Duration::from_secs(10),
     )
     .map_err(|e| format!("--relay-metrics {admin}: {e}"))?;
-    let mut body = String::new();
-    tcp.read_to_string(&mut body)
-        .map_err(|e| format!("--relay-metrics {admin}: {e}"))?;
+    if r.status != 200 {
+        return Err(format!("--relay-metrics {admin}: status {}", r.status));
+    }
+    let body = r.text();
     let mut out = [0u64; 3];
     for line in body.lines() {
         let value = || {
