@@ -154,6 +154,7 @@ pub fn start_joining(
     let n = cfg.server.shard_count();
     crate::dataplane::accept::check_file_limit(cfg.server.max_streams, n);
     let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    process.devices.set_daily_audio(cfg.devices.daily_audio());
     let mut setup = ShardSetup {
         listen: cfg.server.listen,
         cpu: None,

@@ -5,11 +5,17 @@
 //! device id, behind `Arc`), so each limit holds exactly whichever shard a
 //! device's streams land on. It is touched when a stream opens or ends, and
 //! once per second of audio a stream carries, never per frame.
+//!
+//! A device's state is kept only while a limit needs it ([`Devices::sweep`]):
+//! a stream holds it, its new-stream bucket is still refilling, or a daily
+//! audio allowance is configured and it streamed today. Every other device
+//! is forgotten, so memory follows the devices that are streaming, not the
+//! devices seen today.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::core::config::DeviceLimits;
 use crate::core::token::Claims;
@@ -60,6 +66,9 @@ pub struct Refused {
     /// What the client is told.
     pub message: String,
 }
+
+/// The time in which any new-stream bucket refills completely.
+const BUCKET_REFILL: Duration = Duration::from_secs(60);
 
 /// The UTC day number (days since the Unix epoch).
 pub fn utc_day(now: SystemTime) -> u64 {
@@ -150,10 +159,13 @@ impl DeviceState {
     }
 }
 
-/// Every device the process has seen lately, plus the revocation lists.
+/// The devices a limit needs to remember, plus the revocation lists.
 #[derive(Debug, Default)]
 pub struct Devices {
     map: Mutex<HashMap<String, Arc<DeviceState>>>,
+    /// Whether a daily audio allowance is configured (the default limits or
+    /// any tier): then a device's audio today is kept all day.
+    daily_audio: AtomicBool,
     revoked_devices: RwLock<HashSet<String>>,
     revoked_tokens: RwLock<HashSet<String>>,
 }
@@ -368,13 +380,44 @@ impl Devices {
         (d, t)
     }
 
-    /// Forgets devices with no live stream and no audio today (bounded memory).
-    pub fn sweep(&self, now: SystemTime) {
+    /// Says whether a daily audio allowance is configured (at start and at
+    /// each reload). Without one, a device's audio today is not kept once
+    /// its streams end. A reload that adds an allowance counts, for a device
+    /// forgotten before it, the audio from the reload on (as after a restart,
+    /// the day's audio lives in memory).
+    pub fn set_daily_audio(&self, configured: bool) {
+        self.daily_audio.store(configured, Ordering::Relaxed);
+    }
+
+    /// Forgets every device no limit needs (bounded memory): one with no
+    /// stream (nothing holds its state but the map), a full new-stream
+    /// bucket (a minute since its last stream opened refills any bucket),
+    /// and no audio today that counts: none, or no daily allowance
+    /// configured. In a fleet (`fleet`), audio the shared store has not
+    /// heard of yet keeps the device until it is sent. A forgotten device
+    /// starts again as a new one would: no stream, a full bucket, no audio.
+    pub fn sweep(&self, now: SystemTime, fleet: bool) {
         let day = utc_day(now);
+        let daily_audio = self.daily_audio.load(Ordering::Relaxed);
+        let now_i = Instant::now();
         self.map
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .retain(|_, s| s.live.load(Ordering::Relaxed) > 0 || s.audio_ms_on(day) > 0);
+            .retain(|_, s| {
+                // A permit, or an open or a fleet flush under way, holds a
+                // clone; none can take one without the map's lock.
+                if Arc::strong_count(s) > 1 || s.live.load(Ordering::Relaxed) > 0 {
+                    return true;
+                }
+                let (tokens, last) = *s.bucket.lock().unwrap_or_else(|e| e.into_inner());
+                if tokens != f64::MAX && now_i.saturating_duration_since(last) < BUCKET_REFILL {
+                    return true;
+                }
+                if fleet && s.unreported_audio(day).1 > 0 {
+                    return true;
+                }
+                daily_audio && s.audio_ms_on(day) > 0
+            });
     }
 
     /// Devices tracked now.
@@ -484,7 +527,98 @@ mod tests {
         assert!(d.admit(&claims("fine", "other"), &lim, now).is_ok());
         assert!(d.unrevoke(Some("lost-phone"), None));
         assert!(d.admit(&claims("lost-phone", "x"), &lim, now).is_ok());
-        d.sweep(now);
+        d.sweep(now, false);
         assert_eq!(d.tracked(), 0, "no live stream, no audio today");
+    }
+
+    /// One new device per stream, as relay-load makes them: with no daily
+    /// allowance configured, the map holds the devices with a live stream,
+    /// not every device that streamed today.
+    #[test]
+    fn sweep_forgets_devices_no_limit_needs() {
+        let d = Devices::default();
+        let lim = DeviceLimits::default();
+        let now = SystemTime::now();
+        let live: Vec<_> = (0..3)
+            .map(|i| {
+                d.admit(&claims(&format!("live-{i}"), "t"), &lim, now)
+                    .unwrap()
+            })
+            .collect();
+        for i in 0..1000 {
+            let p = d
+                .admit(&claims(&format!("dev-{i}"), "t"), &lim, now)
+                .unwrap();
+            assert!(p.add_audio(20_000, now));
+        }
+        assert_eq!(d.tracked(), 1003);
+        d.sweep(now, false);
+        assert_eq!(d.tracked(), 3, "only the devices with a live stream");
+        drop(live);
+        d.sweep(now, false);
+        assert_eq!(d.tracked(), 0);
+    }
+
+    #[test]
+    fn sweep_keeps_what_a_limit_needs() {
+        let d = Devices::default();
+        let now = SystemTime::now();
+        // A daily allowance: the day's audio outlives the streams.
+        d.set_daily_audio(true);
+        let daily = DeviceLimits {
+            audio_seconds_per_day: 10,
+            ..Default::default()
+        };
+        let p = d.admit(&claims("talker", "t"), &daily, now).unwrap();
+        assert!(!p.add_audio(11_000, now));
+        drop(p);
+        d.sweep(now, false);
+        assert_eq!(
+            d.admit(&claims("talker", "t"), &daily, now)
+                .unwrap_err()
+                .limit,
+            Limit::DailyAudio,
+            "kept across the sweep"
+        );
+        d.set_daily_audio(false);
+        d.sweep(now, false);
+        assert_eq!(d.tracked(), 0, "no allowance configured: nothing to keep");
+
+        // A new-stream bucket still refilling, even with no audio at all.
+        let rate = DeviceLimits {
+            streams_per_minute: 2,
+            ..Default::default()
+        };
+        for _ in 0..2 {
+            drop(d.admit(&claims("opener", "t"), &rate, now).unwrap());
+        }
+        d.sweep(now, false);
+        assert_eq!(
+            d.admit(&claims("opener", "t"), &rate, now)
+                .unwrap_err()
+                .limit,
+            Limit::Rate,
+            "the bucket is not refilled by forgetting it"
+        );
+        // A minute on, the bucket is full again: the same as a new device.
+        d.map.lock().unwrap()["opener"].bucket.lock().unwrap().1 -= Duration::from_secs(61);
+        d.sweep(now, false);
+        assert_eq!(d.tracked(), 0);
+        assert!(d.admit(&claims("opener", "t"), &rate, now).is_ok());
+
+        // In a fleet, audio the shared store has not heard of stays until sent.
+        let d = Devices::default();
+        let lim = DeviceLimits::default();
+        let p = d.admit(&claims("fleet-dev", "t"), &lim, now).unwrap();
+        assert!(p.add_audio(5_000, now));
+        drop(p);
+        d.sweep(now, true);
+        assert_eq!(d.tracked(), 1, "unsent audio");
+        let pending = d.fleet_audio_pending(utc_day(now));
+        assert_eq!(pending.len(), 1);
+        pending[0].1.set_fleet_audio(utc_day(now), 5_000, 5_000);
+        drop(pending);
+        d.sweep(now, true);
+        assert_eq!(d.tracked(), 0, "sent");
     }
 }

@@ -350,6 +350,9 @@ impl Admin {
             },
         };
         self.process.pools.set_caps(&cfg.devices);
+        self.process
+            .devices
+            .set_daily_audio(settings.devices.daily_audio());
         for tx in &self.shards {
             let _ = tx.try_send(ShardMsg::Settings(settings.clone()));
         }

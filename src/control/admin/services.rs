@@ -63,7 +63,10 @@ pub(super) async fn process(admin: &Admin, spare: &Spare) {
     loop {
         glommio::timer::Timer::new(Duration::from_secs(1)).await;
         spare.refill();
-        admin.process.devices.sweep(std::time::SystemTime::now());
+        admin.process.devices.sweep(
+            std::time::SystemTime::now(),
+            admin.process.fleet.get().is_some(),
+        );
     }
 }
 

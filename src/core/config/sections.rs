@@ -132,6 +132,15 @@ impl DevicesConfig {
     pub fn pool_max_streams(&self, pool: &str) -> u32 {
         self.pools.get(pool).map_or(0, |p| p.max_streams)
     }
+
+    /// Whether any stream's limits can hold a daily audio allowance: the
+    /// default's, a tier's or a pool's (`[pool.NAME.devices]`).
+    pub fn daily_audio(&self) -> bool {
+        std::iter::once(&self.default)
+            .chain(self.tiers.values())
+            .chain(self.pools.values().map(|p| &p.devices))
+            .any(|l| l.audio_seconds_per_day > 0)
+    }
 }
 
 /// `[usage]` and `[alerts]`: metering, cost and the in-process alerts.
