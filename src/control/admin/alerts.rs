@@ -40,11 +40,13 @@ pub(super) struct AlertState {
     states: BTreeMap<(String, String), bool>,
     /// The merged metrics at the last pass (for window deltas).
     prev: Option<MetricsSnapshot>,
-    /// Subject → audio ms per hour slot, with the hour each slot holds.
-    /// Subjects with no audio in the last 24 hours are dropped (see
-    /// [`AlertState::feed_at`]), so the map holds the devices and accounts
-    /// seen in a day, not every one ever seen.
-    hourly: HashMap<String, [(u64, u64); HOURS]>,
+    /// Subject → (hour, audio ms) for each hour of the last 24 and this one
+    /// in which it streamed, oldest first: at most [`HOURS`] entries, and
+    /// one for a device that streamed in one hour (16 bytes, not a slot for
+    /// every hour). Subjects with no audio in the last 24 hours are dropped
+    /// (see [`AlertState::feed_at`]), so the map holds the devices and
+    /// accounts seen in a day, not every one ever seen.
+    hourly: HashMap<String, Vec<(u64, u64)>>,
     /// The hour of the last pruning of `hourly`.
     pruned_hour: u64,
     /// (alert, subject) → what is firing now: value, threshold, and since
@@ -92,18 +94,21 @@ impl AlertState {
                 format!("account:{}", r.account),
                 format!("device:{}", r.device),
             ] {
-                let slots = self.hourly.entry(subject).or_insert([(0, 0); HOURS]);
-                let slot = &mut slots[(hour % HOURS as u64) as usize];
-                if slot.0 != hour {
-                    *slot = (hour, 0);
+                let slots = self.hourly.entry(subject).or_default();
+                match slots.last_mut() {
+                    Some(slot) if slot.0 == hour => slot.1 += r.audio_ms(),
+                    _ => {
+                        // A new hour: what no baseline will count again goes.
+                        slots.retain(|&(h, _)| h < hour && hour - h < HOURS as u64);
+                        slots.push((hour, r.audio_ms()));
+                    }
                 }
-                slot.1 += r.audio_ms();
             }
         }
     }
 
     /// (this hour, average of the previous 24 hours) for a subject, in ms.
-    fn usage(&self, slots: &[(u64, u64); HOURS], hour: u64) -> (u64, f64) {
+    fn usage(&self, slots: &[(u64, u64)], hour: u64) -> (u64, f64) {
         let now = slots.iter().find(|(h, _)| *h == hour).map_or(0, |s| s.1);
         let past: u64 = slots
             .iter()
@@ -463,6 +468,7 @@ mod tests {
         assert!(s.hourly.contains_key("device:new"));
         assert!(s.hourly.contains_key("account:acct"));
         let slots = &s.hourly["device:new"];
+        assert_eq!(slots.len(), 1, "one hour with audio, one entry");
         assert_eq!(s.usage(slots, h + 11), (0, 1_000.0 / 24.0));
         // A day of silence for everyone empties the map.
         s.feed_at(&[], h + 10 + 25);
@@ -487,6 +493,13 @@ mod tests {
         s.feed_at(&[record("old", 601_000)], h);
         let (now, baseline) = s.usage(&s.hourly["device:old"], h);
         assert_eq!(baseline, 120_000.0);
+        assert_eq!(
+            s.hourly["device:old"].len(),
+            HOURS,
+            "this hour and 24 before"
+        );
+        s.feed_at(&[record("old", 1)], h + 1);
+        assert_eq!(s.hourly["device:old"].len(), HOURS, "the oldest hour went");
         // ...601 s this hour is over 5 × 120 s and over the floor.
         assert!(unusual(now, baseline, factor, floor));
         assert!(
