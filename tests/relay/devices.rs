@@ -39,6 +39,61 @@ fn refused(relay: &Relay, token: &str) -> Received {
     stream_session(&mut ws, &config_message(None), &[])
 }
 
+/// `clio_relay_devices_tracked`: the devices the relay remembers now.
+fn devices_tracked(relay: &Relay) -> Option<u64> {
+    let (_, metrics) = http(relay.handle.admin_addr, "GET", "/metrics", None, None);
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("clio_relay_devices_tracked "))
+        .and_then(|n| n.trim().parse().ok())
+}
+
+/// `clio_relay_streams_active`, summed over the shards.
+fn streams_active(relay: &Relay) -> u64 {
+    let (_, metrics) = http(relay.handle.admin_addr, "GET", "/metrics", None, None);
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("clio_relay_streams_active"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// relay-load's pattern: a new device for every stream. With no daily
+/// allowance, the relay remembers the devices streaming now, not every
+/// device that streamed today.
+#[test]
+fn devices_no_limit_needs_are_forgotten() {
+    let fake = fake(&["k1"], |_| {});
+    let relay = relay_with(&fake, DeviceLimits::default());
+    let live = open(&relay, &relay.token("live-phone"));
+    assert!(wait_until(Duration::from_secs(10), || fake
+        .active_streams()
+        == 1));
+    for i in 0..40 {
+        let (mut ws, _) = connect(
+            relay.addr(),
+            &relay.token(&format!("phone-{i}")),
+            Via::Header,
+        )
+        .unwrap();
+        let got = stream_session(&mut ws, &config_message(None), &audio_frames(2, 1));
+        assert!(got.finished(), "{got:?}");
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || devices_tracked(&relay)
+            == Some(1)),
+        "40 ended streams, one live: {:?} devices remembered",
+        devices_tracked(&relay)
+    );
+    drop(live);
+    assert!(
+        wait_until(Duration::from_secs(10), || devices_tracked(&relay)
+            == Some(0)),
+        "{:?}",
+        devices_tracked(&relay)
+    );
+}
+
 #[test]
 fn concurrent_streams_per_device_hold_across_shards_and_tiers() {
     let fake = fake(&["k1"], |_| {});
@@ -156,11 +211,25 @@ fn daily_audio_allowance_ends_the_stream_that_crosses_it() {
     assert!(got.messages.iter().any(|m| m["error_message"]
         .as_str()
         .is_some_and(|t| t.contains("daily audio"))));
-    // The next stream of the device is refused at once; another device is fine.
+    // The next stream of the device is refused at once.
     assert_eq!(refused(&relay, &token).error_code(), Some(429));
+    // The day's audio outlives the streams. Once every stream of "phone"
+    // is over on the relay's side, a device with no audio streams; when it
+    // is forgotten, a sweep ran after "phone" ended, and "phone" is still
+    // remembered and refused. Another device is fine.
+    assert!(wait_until(Duration::from_secs(10), || streams_active(
+        &relay
+    ) == 0));
     assert!(refused(&relay, &relay.token("other"))
         .error_code()
         .is_none());
+    assert!(
+        wait_until(Duration::from_secs(10), || streams_active(&relay) == 0
+            && devices_tracked(&relay) == Some(1)),
+        "{:?}",
+        devices_tracked(&relay)
+    );
+    assert_eq!(refused(&relay, &token).error_code(), Some(429));
 }
 
 #[test]

@@ -326,6 +326,13 @@ pub(super) fn render_metrics(admin: &Admin, out: &mut String) {
             rejections[l as usize].load(Ordering::Relaxed),
         );
     }
+    family(
+        out,
+        "clio_relay_devices_tracked",
+        Kind::Gauge,
+        "Devices whose state a limit needs now (a live stream, a refilling bucket, or audio today under a daily allowance).",
+    )
+    .sample(&[], admin.process.devices.tracked());
     let currency = admin.usage.cfg.borrow().currency.clone();
     let month = month_audio(admin);
     let prices = admin.usage.prices.borrow();
