@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # A soak: real-time streams through clio-relay for a long while, with clients
 # vanishing, clients stalling and upstream connections dropping, all on
-# loopback. It reports the relay's memory (RSS) and open descriptors over the
-# run, and the frames lost on streams that completed.
+# loopback. It reports the relay's memory (RSS), open descriptors and the
+# devices it remembers over the run, and the frames lost on completed streams.
 #
 #   tools/soak.sh                       # 10 minutes, 100 streams
 #   tools/soak.sh --minutes 1 --streams 20
@@ -129,6 +129,10 @@ active() {
   curl -fs "http://127.0.0.1:$ADMIN_PORT/metrics" \
     | awk '/^clio_relay_streams_active/ {s += $2} END {print s + 0}'
 }
+tracked() {
+  curl -fs "http://127.0.0.1:$ADMIN_PORT/metrics" \
+    | awk '/^clio_relay_devices_tracked / {print $2}'
+}
 
 sleep 1
 RSS_IDLE0=$(rss)
@@ -177,18 +181,18 @@ stall() {
 vanish & CHILDREN+=($!)
 stall & CHILDREN+=($!)
 
-printf 'seconds\trss_kb\tfds\tstreams_active\n' > "$WORK/samples.tsv"
+printf 'seconds\trss_kb\tfds\tstreams_active\tdevices_tracked\n' > "$WORK/samples.tsv"
 RSS_WARM=
 while kill -0 "$LOAD" 2>/dev/null; do
   t=$(( $(date +%s) - START ))
-  r=$(rss); f=$(fds); a=$(active || echo '?')
-  printf '%s\t%s\t%s\t%s\n' "$t" "$r" "$f" "$a" >> "$WORK/samples.tsv"
+  r=$(rss); f=$(fds); a=$(active || echo '?'); d=$(tracked || echo '?')
+  printf '%s\t%s\t%s\t%s\t%s\n' "$t" "$r" "$f" "$a" "$d" >> "$WORK/samples.tsv"
   if [ -z "$RSS_WARM" ] && [ "$t" -ge "$WARM" ]; then
     RSS_WARM=$r
     WARM_AT=$t
     log "after ${t}s: RSS ${r} kB, ${f} fds, ${a} streams"
   fi
-  [ $(( t % 60 )) -lt 10 ] && log "${t}s: RSS ${r} kB, ${f} fds, ${a} streams"
+  [ $(( t % 60 )) -lt 10 ] && log "${t}s: RSS ${r} kB, ${f} fds, ${a} streams, ${d} devices remembered"
   sleep 10
 done
 wait "$LOAD" || true
@@ -202,11 +206,15 @@ for _ in $(seq 120); do
   sleep 0.5
 done
 FDS1=$(fds)
+# The devices map forgets a device within a second of its last stream.
+for _ in $(seq 10); do [ "$(tracked)" = 0 ] && break; sleep 0.5; done
+DEV1=$(tracked || echo '?')
+DEV_MAX=$(awk -F'\t' 'NR > 1 && $5 ~ /^[0-9]+$/ && $5 > m {m = $5} END {print m + 0}' "$WORK/samples.tsv")
 RSS_IDLE1=$(rss)
 
-python3 - "$WORK" "$RSS_WARM" "$RSS_END" "$RSS_IDLE0" "$RSS_IDLE1" "$FDS0" "$FDS1" "$SECS" "$WARM_AT" <<'EOF'
+python3 - "$WORK" "$RSS_WARM" "$RSS_END" "$RSS_IDLE0" "$RSS_IDLE1" "$FDS0" "$FDS1" "$SECS" "$WARM_AT" "$DEV_MAX" "$DEV1" <<'EOF'
 import json, sys
-work, warm, end, idle0, idle1, fds0, fds1, secs, warm_s = sys.argv[1:]
+work, warm, end, idle0, idle1, fds0, fds1, secs, warm_s, dev_max, dev1 = sys.argv[1:]
 warm, end, idle0, idle1, fds0, fds1 = map(int, (warm, end, idle0, idle1, fds0, fds1))
 r = json.load(open(f"{work}/load.json"))
 vanish = open(f"{work}/vanish.count").read().strip()
@@ -223,6 +231,7 @@ print(f"  RSS after {warm_s}s {warm} kB, at the end {end} kB: drift {drift:+.2f}
 print(f"  lost {r['lost']}, duplicated {r['duplicated']}, reordered {r['reordered']} on completed streams  [{'ok' if ok_lost else 'FAIL'}: 0]")
 print(f"  fds before the load {fds0}, after every stream ended {fds1}  [{'ok' if ok_fds else 'FAIL'}: back to the start]")
 print(f"  idle RSS before {idle0} kB, after {idle1} kB")
+print(f"  devices remembered: at most {dev_max} in a sample, {dev1} once every stream ended")
 print("PASS" if ok_rss and ok_lost and ok_fds else "FAIL")
 sys.exit(0 if ok_rss and ok_lost and ok_fds else 3)
 EOF
