@@ -163,8 +163,8 @@ impl DeviceState {
 #[derive(Debug, Default)]
 pub struct Devices {
     map: Mutex<HashMap<String, Arc<DeviceState>>>,
-    /// Whether a daily audio allowance is configured (the default limits or
-    /// any tier): then a device's audio today is kept all day.
+    /// Whether a daily audio allowance is configured (the default limits,
+    /// a tier or a pool): then a device's audio today is kept all day.
     daily_audio: AtomicBool,
     revoked_devices: RwLock<HashSet<String>>,
     revoked_tokens: RwLock<HashSet<String>>,

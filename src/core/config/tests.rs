@@ -837,6 +837,21 @@ fn pool_limits_tighten_the_tiers_and_name_their_pool() {
         plain.devices.limits_in(None, &pools(&["default"])),
         plain.devices.default
     );
+    // Whether any stream can run under a daily allowance (only then does
+    // the devices map keep the day's audio): yes above, no in a plain
+    // file, and a pool's allowance alone is enough.
+    assert!(d.daily_audio());
+    assert!(!plain.devices.daily_audio());
+    let pool_only = Config::from_toml_str(
+        &format!(
+            "{}[pool.dev]\nurl = \"ws://127.0.0.1:7301/x\"\n\
+             [pool.dev.devices]\naudio_seconds_per_day = 60\n",
+            minimal("POOLLIM5", "")
+        ),
+        Path::new("/"),
+    )
+    .unwrap();
+    assert!(pool_only.devices.daily_audio());
     let p = problems(&minimal(
         "POOLLIM3",
         "[pool.dev]\nurl = \"ws://x\"\nmax_streams = -1\n[pool.dev.devices]\nburst = 3\n",
