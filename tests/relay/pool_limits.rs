@@ -249,3 +249,22 @@ fn a_pools_device_limits_tighten_the_tiers_for_its_tokens_only() {
         assert!(has_line(&m, line), "{line} missing:\n{m}");
     }
 }
+
+#[test]
+fn a_reload_changes_a_pools_limits_for_new_streams() {
+    let (_us, eu, mut cfg) = us_and_eu(|_| {});
+    cfg.devices.pools = [eu_limits(1, DeviceLimits::default())].into();
+    let relay = Relay::start(cfg.clone());
+    let _one = hold(&relay, &token(&relay, "eu-a", &["eu"]));
+    assert!(eu.wait_for(LIMIT, |s| s.len() == 1 && s[0].audio_frames == 1));
+    assert_error_frame(&session(&relay, &token(&relay, "eu-b", &["eu"])), 429, 1013);
+    // Raised to 2: the next EU stream goes through; the metric follows.
+    cfg.devices.pools = [eu_limits(2, DeviceLimits::default())].into();
+    relay.handle.reload(&cfg).unwrap();
+    let got = session(&relay, &token(&relay, "eu-c", &["eu"]));
+    assert!(got.finished() && got.error_code().is_none(), "{got:?}");
+    assert!(has_line(
+        &metrics(&relay),
+        r#"clio_relay_pool_max_streams{pool="eu"} 2"#
+    ));
+}
