@@ -95,11 +95,21 @@ fn config_key_refused_after_audio_went_up_moves_the_stream() {
 
 #[test]
 fn past_the_replay_bound_the_stream_stays_on_its_account() {
-    // 12 frames of 3,200 bytes leave at once: more than a 4,000-byte copy
-    // holds, so the stream is committed to the first account and its
-    // refusal reaches the client as Soniox sent it.
-    // (Mid-stream resume off: a raw-audio stream would resume instead.)
-    let (fake, relay) = refused_at_first_message(401, AuthMode::Header, 4000);
+    // Upstream refuses once its second audio frame has arrived: by then the
+    // relay has sent it more than 6,000 bytes of audio, more than a
+    // 4,000-byte copy holds, so the stream is committed to its account and
+    // the refusal reaches the client as Soniox sent it. (A refusal of the
+    // config message alone could arrive before the relay has read the
+    // audio, while the copy still holds all of it: then moving is right.)
+    // Mid-stream resume off: a raw-audio stream would resume instead.
+    let fake = fake(&[], |c| {
+        c.keys = vec![FakeKey::new("key-bad", 50), FakeKey::new("key-ok", 50)];
+        c.faults.error_after_frames = Some((2, 401));
+    });
+    let mut cfg = relay_config(&fake.url(), &[("bad", "key-bad"), ("good", "key-ok")]);
+    cfg.failover.replay_bytes = 4000;
+    cfg.failover.max_resumes = 0;
+    let relay = Relay::start(cfg);
     let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
     let got = stream_session(&mut ws, &config_message(None), &audio_frames(12, 9));
     assert_eq!(got.error_code(), Some(401), "{got:?}");
