@@ -172,7 +172,13 @@ pub fn parse_client_request(head: &[u8]) -> Result<ClientRequest, HeadError> {
         None => (target, None),
     };
     if token.is_none() {
-        if let Some(t) = query.and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("token="))) {
+        // `?token=` with nothing after it is no token, as an empty bearer
+        // or subprotocol item is.
+        let in_query = query.and_then(|q| {
+            q.split('&')
+                .find_map(|kv| kv.strip_prefix("token=").filter(|t| !t.is_empty()))
+        });
+        if let Some(t) = in_query {
             token = Some((t.to_string(), TokenSource::Query));
         }
     }
@@ -340,6 +346,14 @@ mod tests {
         assert_eq!(r.token, Some(("tok2".into(), TokenSource::Query)));
         assert_eq!(r.path, "/v1/transcribe");
         assert_eq!(req("", "/v1/transcribe").token, None);
+        // An empty value is no token, wherever it is (found by fuzzing).
+        assert_eq!(req("", "/v1/transcribe?token=").token, None);
+        assert_eq!(
+            req("Authorization: Bearer \r\n", "/v1/transcribe").token,
+            None
+        );
+        let r = req("", "/v1/transcribe?token=&token=tok3");
+        assert_eq!(r.token, Some(("tok3".into(), TokenSource::Query)));
         assert_eq!(req("Authorization: Basic zzz\r\n", "/").token, None);
     }
 
