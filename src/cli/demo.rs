@@ -181,10 +181,9 @@ pub fn run_demo(args: &DemoArgs) -> std::io::Result<DemoReport> {
         })
         .collect();
     // Let the relay see the last closes before reading its counters.
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while relay.process.live_streams() > 0 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    relay
+        .process
+        .wait_all_ended(Instant::now() + Duration::from_secs(3));
     let metrics = relay.metrics();
     let report = DemoReport {
         fake_url: fake.url(),

@@ -13,8 +13,10 @@
 //! in pieces (the scanner keeps the mask phase across reads). Nothing on this
 //! path allocates, locks, or touches an atomic.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::future::Future;
+use std::pin::Pin;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use crate::core::keyring::RateScope;
@@ -59,61 +61,201 @@ pub enum End {
 }
 
 /// What the two pumps of one stream share. Plain cells: both run in one task.
+///
+/// Each direction writes its own half ([`UpHalf`], [`DownHalf`]); what
+/// the stream is counted and billed for is in its [`Meter`].
 #[derive(Debug)]
 pub struct StreamState {
     /// When the stream started (after the upgrade).
     pub started: Instant,
     /// Last time bytes arrived from either side (idle detection).
     pub last_activity: Cell<Instant>,
-    /// Client data frames sent upstream after the config message.
-    pub data_frames_up: Cell<u64>,
+    /// The client→upstream direction.
+    pub up: UpHalf,
+    /// The upstream→client direction.
+    pub down: DownHalf,
+    /// Bytes, audio and upstream's own figures, for limits and usage.
+    pub meter: Meter,
+    /// Raw-audio streams: the copy and timeline for a mid-stream resume.
+    pub resume: RefCell<Option<Box<resume::Resume>>>,
+}
+
+impl StreamState {
+    /// Fresh state at `now`.
+    pub fn new(now: Instant) -> Self {
+        StreamState {
+            started: now,
+            last_activity: Cell::new(now),
+            up: UpHalf {
+                at_boundary: Cell::new(true),
+                write_since: Cell::new(None),
+                first_audio_at: Cell::new(None),
+                replayable: Cell::new(true),
+            },
+            down: DownHalf {
+                at_boundary: Cell::new(true),
+                inspect_first: Cell::new(true),
+                first_error: Cell::new(None),
+                accepted: Cell::new(false),
+                first_result_seen: Cell::new(false),
+                fin_seen: Cell::new(false),
+            },
+            meter: Meter::default(),
+            resume: RefCell::new(None),
+        }
+    }
+
+    /// Whether upstream's refusal can still move the stream to another
+    /// account unseen: everything sent up is in the replay copy and
+    /// upstream has not accepted the stream.
+    pub fn retry_allowed(&self) -> bool {
+        self.up.replayable.get() && !self.down.accepted.get()
+    }
+
+    /// Looks at a whole upstream text message for `<fin>` and for the
+    /// figures usage needs: `total_audio_proc_ms` of `finished`, and an
+    /// `error_code`. A byte search first, so ordinary results cost almost
+    /// nothing.
+    pub fn note_upstream_text(&self, payload: &[u8]) {
+        let has = |needle: &[u8]| payload.windows(needle.len()).any(|w| w == needle);
+        if has(b"<fin>") {
+            self.down.fin_seen.set(true);
+        }
+        if !(has(b"\"finished\"") || has(b"\"error_code\"")) {
+            return;
+        }
+        #[derive(serde::Deserialize)]
+        struct Tail {
+            total_audio_proc_ms: Option<u64>,
+            error_code: Option<u16>,
+            #[serde(default)]
+            finished: bool,
+        }
+        if let Ok(t) = serde_json::from_slice::<Tail>(payload) {
+            if t.finished {
+                self.meter.upstream_audio_ms.set(t.total_audio_proc_ms);
+            }
+            if t.error_code.is_some() {
+                self.meter.upstream_error.set(t.error_code);
+            }
+        }
+    }
+}
+
+/// The client→upstream half, written by [`client_to_upstream`].
+#[derive(Debug)]
+pub struct UpHalf {
+    /// The upstream socket is between frames (the relay may write its own frame).
+    pub at_boundary: Cell<bool>,
+    /// Since when a write upstream has been waiting (the time of the client
+    /// read it forwards); `None` between writes. A stream idle for the idle
+    /// timeout with a write still waiting has a stalled upstream.
+    pub write_since: Cell<Option<Instant>>,
     /// When the first client data frame went upstream.
     pub first_audio_at: Cell<Option<Instant>>,
-    /// Whether time-to-first-result has been recorded.
-    pub first_result_seen: Cell<bool>,
-    /// The client socket is between frames (the relay may write its own frame).
-    pub client_at_boundary: Cell<bool>,
-    /// The upstream socket is between frames.
-    pub upstream_at_boundary: Cell<bool>,
-    /// The first upstream message still has to be looked at.
-    pub inspect_first_upstream: Cell<bool>,
-    /// The first upstream message carried this error code.
-    pub first_upstream_error: Cell<Option<(u16, RateScope)>>,
-    /// Bytes from the client forwarded upstream.
-    pub bytes_up: Cell<u64>,
-    /// Bytes from upstream forwarded to the client.
-    pub bytes_down: Cell<u64>,
-    /// Audio payload bytes forwarded (binary messages).
-    pub audio_bytes: Cell<u64>,
-    /// Audio bytes already counted against the device's daily allowance.
-    pub audio_counted: Cell<u64>,
-    /// Audio bytes per millisecond for the stream's raw format (0 when the
-    /// format is compressed and only upstream can tell the duration).
-    pub bytes_per_ms: Cell<f64>,
-    /// The device's hold on its limits, once admitted.
-    pub device: std::cell::RefCell<Option<crate::core::devices::DevicePermit>>,
-    /// Upstream's `total_audio_proc_ms` from its `finished` message.
-    pub upstream_audio_ms: Cell<Option<u64>>,
-    /// The last `error_code` upstream sent.
-    pub upstream_error: Cell<Option<u16>>,
-    /// Upstream sent the `<fin>` token (the answer to a finalize).
-    pub fin_seen: Cell<bool>,
     /// Everything sent upstream on this connection after the config is in
     /// the replay copy ([`ClientSide::replay`]): a failure can still move
     /// the stream to another account unseen.
     pub replayable: Cell<bool>,
+}
+
+/// The upstream→client half, written by the upstream→client pumps.
+#[derive(Debug)]
+pub struct DownHalf {
+    /// The client socket is between frames (the relay may write its own frame).
+    pub at_boundary: Cell<bool>,
+    /// The first upstream message still has to be looked at.
+    pub inspect_first: Cell<bool>,
+    /// The first upstream message carried this error code.
+    pub first_error: Cell<Option<(u16, RateScope)>>,
     /// Upstream answered with a first message that is not an error: the
     /// stream is committed to this connection and the copy is let go.
     pub accepted: Cell<bool>,
-    /// Since when a write upstream has been waiting (the time of the client
-    /// read it forwards); `None` between writes. A stream idle for the idle
-    /// timeout with a write still waiting has a stalled upstream.
-    pub upstream_write_since: Cell<Option<Instant>>,
-    /// Raw-audio streams: the copy and timeline for a mid-stream resume.
-    pub resume: std::cell::RefCell<Option<Box<resume::Resume>>>,
+    /// Whether time-to-first-result has been recorded.
+    pub first_result_seen: Cell<bool>,
+    /// Upstream sent the `<fin>` token (the answer to a finalize).
+    pub fin_seen: Cell<bool>,
 }
 
-impl StreamState {
+impl DownHalf {
+    /// A new upstream connection (after a failover or a resume): its first
+    /// message is looked at again and it has accepted nothing yet.
+    pub fn new_connection(&self) {
+        self.inspect_first.set(true);
+        self.first_error.set(None);
+        self.accepted.set(false);
+    }
+}
+
+/// What a stream is counted and billed for: bytes each way, its audio
+/// against the device's daily allowance, and upstream's own figures.
+#[derive(Debug, Default)]
+pub struct Meter {
+    /// Bytes from the client forwarded upstream.
+    bytes_up: Cell<u64>,
+    /// Bytes from upstream forwarded to the client.
+    bytes_down: Cell<u64>,
+    /// Audio payload bytes forwarded (binary messages).
+    audio_bytes: Cell<u64>,
+    /// Audio bytes already counted against the device's daily allowance.
+    audio_counted: Cell<u64>,
+    /// Audio bytes per millisecond for the stream's raw format (0 when the
+    /// format is compressed and only upstream can tell the duration).
+    bytes_per_ms: Cell<f64>,
+    /// The device's hold on its limits, once admitted.
+    device: RefCell<Option<crate::core::devices::DevicePermit>>,
+    /// Upstream's `total_audio_proc_ms` from its `finished` message.
+    upstream_audio_ms: Cell<Option<u64>>,
+    /// The last `error_code` upstream sent.
+    upstream_error: Cell<Option<u16>>,
+}
+
+/// A stream's figures at its end, for its usage record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Metered {
+    /// Audio milliseconds by the relay's own meter (0 for compressed formats).
+    pub audio_ms_relay: u64,
+    /// Upstream's `total_audio_proc_ms`, when it sent `finished`.
+    pub audio_ms_upstream: Option<u64>,
+    /// Bytes forwarded upstream.
+    pub bytes_up: u64,
+    /// Bytes forwarded to the client.
+    pub bytes_down: u64,
+    /// The last `error_code` upstream sent.
+    pub upstream_error: Option<u16>,
+}
+
+impl Meter {
+    /// The device's hold on its limits, once admitted.
+    pub fn admit(&self, permit: crate::core::devices::DevicePermit) {
+        *self.device.borrow_mut() = Some(permit);
+    }
+
+    /// The device's longest stream length (zero: no limit, or no device).
+    pub fn max_stream_length(&self) -> Duration {
+        self.device
+            .borrow()
+            .as_ref()
+            .map_or(Duration::ZERO, |d| d.limits.max_stream_length)
+    }
+
+    /// The stream's raw audio format, in bytes per millisecond (0: compressed).
+    pub fn set_audio_rate(&self, bytes_per_ms: f64) {
+        self.bytes_per_ms.set(bytes_per_ms);
+    }
+
+    /// Adds `n` bytes forwarded upstream.
+    #[inline]
+    pub fn add_up(&self, n: u64) {
+        self.bytes_up.set(self.bytes_up.get() + n);
+    }
+
+    /// Adds `n` bytes forwarded to the client.
+    #[inline]
+    pub fn add_down(&self, n: u64) {
+        self.bytes_down.set(self.bytes_down.get() + n);
+    }
+
     /// Counts forwarded audio against the device's daily allowance, one
     /// second of audio at a time (a shared counter, so not per frame).
     /// Returns false once the allowance is used up.
@@ -148,61 +290,32 @@ impl StreamState {
         }
     }
 
-    /// Looks at a whole upstream text message for the figures usage needs:
-    /// `total_audio_proc_ms` of `finished`, and an `error_code`. A byte
-    /// search first, so ordinary results cost almost nothing.
-    pub fn note_upstream_text(&self, payload: &[u8]) {
-        let has = |needle: &[u8]| payload.windows(needle.len()).any(|w| w == needle);
-        if has(b"<fin>") {
-            self.fin_seen.set(true);
+    /// Ends the metering: settles the device's daily audio with what was
+    /// not counted yet (the last partial second of raw audio, or for
+    /// compressed formats upstream's whole figure) and returns the figures.
+    pub fn settle(&self, now: std::time::SystemTime) -> Metered {
+        let relay_ms = self.audio_ms();
+        let upstream_ms = self.upstream_audio_ms.get();
+        if let Some(device) = self.device.borrow().as_ref() {
+            let per_ms = self.bytes_per_ms.get();
+            let counted_ms = if per_ms > 0.0 {
+                (self.audio_counted.get() as f64 / per_ms) as u64
+            } else {
+                0
+            };
+            let total = if relay_ms > 0 {
+                relay_ms
+            } else {
+                upstream_ms.unwrap_or(0)
+            };
+            device.add_audio(total.saturating_sub(counted_ms), now);
         }
-        if !(has(b"\"finished\"") || has(b"\"error_code\"")) {
-            return;
-        }
-        #[derive(serde::Deserialize)]
-        struct Tail {
-            total_audio_proc_ms: Option<u64>,
-            error_code: Option<u16>,
-            #[serde(default)]
-            finished: bool,
-        }
-        if let Ok(t) = serde_json::from_slice::<Tail>(payload) {
-            if t.finished {
-                self.upstream_audio_ms.set(t.total_audio_proc_ms);
-            }
-            if t.error_code.is_some() {
-                self.upstream_error.set(t.error_code);
-            }
-        }
-    }
-}
-
-impl StreamState {
-    /// Fresh state at `now`.
-    pub fn new(now: Instant) -> Self {
-        StreamState {
-            started: now,
-            last_activity: Cell::new(now),
-            data_frames_up: Cell::new(0),
-            first_audio_at: Cell::new(None),
-            first_result_seen: Cell::new(false),
-            client_at_boundary: Cell::new(true),
-            upstream_at_boundary: Cell::new(true),
-            inspect_first_upstream: Cell::new(true),
-            first_upstream_error: Cell::new(None),
-            bytes_up: Cell::new(0),
-            bytes_down: Cell::new(0),
-            audio_bytes: Cell::new(0),
-            audio_counted: Cell::new(0),
-            bytes_per_ms: Cell::new(0.0),
-            device: std::cell::RefCell::new(None),
-            upstream_audio_ms: Cell::new(None),
-            upstream_error: Cell::new(None),
-            fin_seen: Cell::new(false),
-            replayable: Cell::new(true),
-            accepted: Cell::new(false),
-            resume: std::cell::RefCell::new(None),
-            upstream_write_since: Cell::new(None),
+        Metered {
+            audio_ms_relay: relay_ms,
+            audio_ms_upstream: upstream_ms,
+            bytes_up: self.bytes_up.get(),
+            bytes_down: self.bytes_down.get(),
+            upstream_error: self.upstream_error.get(),
         }
     }
 }
@@ -248,12 +361,12 @@ impl ClientSide {
     /// would pass its bound. One flag test once the copy is gone.
     #[inline]
     fn keep_for_replay(&mut self, sent: &[u8], state: &StreamState) {
-        if !state.replayable.get() {
+        if !state.up.replayable.get() {
             return;
         }
         let limit = self.replay_limit;
         match &mut self.replay {
-            Some(r) if !state.accepted.get() && r.len() + sent.len() <= limit => {
+            Some(r) if !state.down.accepted.get() && r.len() + sent.len() <= limit => {
                 let need = r.len() + sent.len();
                 if need > r.capacity() {
                     // Grow by doubling but never past the bound.
@@ -264,24 +377,50 @@ impl ClientSide {
             }
             _ => {
                 self.replay = None;
-                state.replayable.set(false);
+                state.up.replayable.set(false);
             }
         }
     }
 }
 
+/// What a stream's pumps work with besides their sockets: the stream's
+/// shared state, and its shard's mask keys and metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamCx<'a> {
+    /// The stream's state, shared by its pumps.
+    pub state: &'a StreamState,
+    /// The shard's mask keys (client→upstream frames are re-masked).
+    pub masks: &'a RefCell<MaskKeys>,
+    /// The shard's metrics.
+    pub metrics: &'a ShardMetrics,
+}
+
+/// One direction of a stream: bytes are read from `from` into `buf` and
+/// written to `to`.
+#[derive(Debug)]
+pub struct Link<'a> {
+    /// The socket read from.
+    pub from: &'a Duplex,
+    /// The socket written to.
+    pub to: &'a Duplex,
+    /// The read buffer of `from`.
+    pub buf: &'a mut Buf,
+}
+
 /// Moves client frames upstream until the client closes (its close frame is
 /// forwarded: [`End::ClientClosed`]), vanishes or misbehaves. Resumable: all
-/// its state is in `buf` and `side`.
-pub async fn client_to_upstream(
-    client: &Duplex,
-    upstream: &Duplex,
-    buf: &mut Buf,
-    side: &mut ClientSide,
-    state: &StreamState,
-    masks: &std::cell::RefCell<MaskKeys>,
-    metrics: &ShardMetrics,
-) -> End {
+/// its state is in `link.buf` and `side`.
+pub async fn client_to_upstream(link: Link<'_>, side: &mut ClientSide, cx: StreamCx<'_>) -> End {
+    let Link {
+        from: client,
+        to: upstream,
+        buf,
+    } = link;
+    let StreamCx {
+        state,
+        masks,
+        metrics,
+    } = cx;
     let mut read_at = Instant::now();
     if side.close_seen {
         return End::ClientClosed;
@@ -304,19 +443,14 @@ pub async fn client_to_upstream(
             }
         };
         side.processed += scan.ready;
-        if scan.data_frames_started > 0 {
-            if state.first_audio_at.get().is_none() {
-                state.first_audio_at.set(Some(read_at));
-            }
-            state
-                .data_frames_up
-                .set(state.data_frames_up.get() + scan.data_frames_started as u64);
+        if scan.data_frames_started > 0 && state.up.first_audio_at.get().is_none() {
+            state.up.first_audio_at.set(Some(read_at));
         }
         let config = side.config_frame.take();
         if side.processed > 0 {
             let n = side.processed;
-            state.upstream_at_boundary.set(false);
-            state.upstream_write_since.set(Some(read_at));
+            state.up.at_boundary.set(false);
+            state.up.write_since.set(Some(read_at));
             let written = match &config {
                 Some(c) => upstream.write_two(c, &buf.filled()[..n]).await,
                 None => upstream.write_all(&buf.filled()[..n]).await,
@@ -324,8 +458,8 @@ pub async fn client_to_upstream(
             if written.is_err() {
                 return End::UpstreamGone;
             }
-            state.upstream_write_since.set(None);
-            state.upstream_at_boundary.set(side.scanner.at_boundary());
+            state.up.write_since.set(None);
+            state.up.at_boundary.set(side.scanner.at_boundary());
             side.keep_for_replay(&buf.filled()[..n], state);
             buf.consume(n);
             side.processed = 0;
@@ -336,17 +470,17 @@ pub async fn client_to_upstream(
                 }
             }
             metrics.frames_client_to_upstream(scan.frames_done as u64, n as u64);
-            state.bytes_up.set(state.bytes_up.get() + n as u64);
+            state.meter.add_up(n as u64);
         } else if let Some(c) = &config {
-            state.upstream_at_boundary.set(false);
-            state.upstream_write_since.set(Some(read_at));
+            state.up.at_boundary.set(false);
+            state.up.write_since.set(Some(read_at));
             if upstream.write_all(c).await.is_err() {
                 return End::UpstreamGone;
             }
-            state.upstream_write_since.set(None);
-            state.upstream_at_boundary.set(side.scanner.at_boundary());
+            state.up.write_since.set(None);
+            state.up.at_boundary.set(side.scanner.at_boundary());
         }
-        if scan.binary_bytes > 0 && !state.count_audio(scan.binary_bytes) {
+        if scan.binary_bytes > 0 && !state.meter.count_audio(scan.binary_bytes) {
             return End::Stopped(crate::core::devices::Limit::DailyAudio);
         }
         if let Some(e) = scan.violation {
@@ -366,45 +500,36 @@ pub async fn client_to_upstream(
 /// The upstream→client pump the stream needs: [`resume::upstream_to_client`]
 /// for a raw-audio stream that can resume, else [`upstream_to_client`].
 pub async fn upstream_to_client_any(
-    upstream: &Duplex,
-    client: &Duplex,
-    buf: &mut Buf,
+    link: Link<'_>,
     scanner: &mut FrameScanner,
-    state: &StreamState,
-    metrics: &ShardMetrics,
-    retry_allowed: &dyn Fn() -> bool,
+    cx: StreamCx<'_>,
 ) -> End {
-    if state.resume.borrow().is_some() {
-        resume::upstream_to_client(upstream, client, buf, state, metrics, retry_allowed).await
+    if cx.state.resume.borrow().is_some() {
+        resume::upstream_to_client(link, cx).await
     } else {
-        upstream_to_client(
-            upstream,
-            client,
-            buf,
-            scanner,
-            state,
-            metrics,
-            retry_allowed,
-        )
-        .await
+        upstream_to_client(link, scanner, cx).await
     }
 }
 
 /// Moves upstream frames to the client as read, until upstream closes or
 /// fails. Holds back upstream's first message until it is whole, to see
-/// whether it is an account error the stream can still recover from.
+/// whether it is an account error the stream can still recover from (see
+/// [`StreamState::retry_allowed`]).
 pub async fn upstream_to_client(
-    upstream: &Duplex,
-    client: &Duplex,
-    buf: &mut Buf,
+    link: Link<'_>,
     scanner: &mut FrameScanner,
-    state: &StreamState,
-    metrics: &ShardMetrics,
-    retry_allowed: &dyn Fn() -> bool,
+    cx: StreamCx<'_>,
 ) -> End {
+    let Link {
+        from: upstream,
+        to: client,
+        buf,
+    } = link;
+    let StreamCx { state, metrics, .. } = cx;
+    let down = &state.down;
     let mut read_at = Instant::now();
     loop {
-        if state.inspect_first_upstream.get() && !buf.is_empty() {
+        if down.inspect_first.get() && !buf.is_empty() {
             match first_message_error(buf.filled()) {
                 FirstMessage::Incomplete if buf.end() < buf.capacity() || buf.start() > 0 => {
                     match read_more(buf, upstream, state).await {
@@ -416,15 +541,15 @@ pub async fn upstream_to_client(
                     }
                 }
                 FirstMessage::Error(code, scope) => {
-                    state.inspect_first_upstream.set(false);
-                    state.first_upstream_error.set(Some((code, scope)));
-                    if matches!(code, 401 | 402 | 429 | 500 | 503) && retry_allowed() {
+                    down.inspect_first.set(false);
+                    down.first_error.set(Some((code, scope)));
+                    if matches!(code, 401 | 402 | 429 | 500 | 503) && state.retry_allowed() {
                         return End::Retry(code, scope);
                     }
                 }
                 _ => {
-                    state.inspect_first_upstream.set(false);
-                    state.accepted.set(true);
+                    down.inspect_first.set(false);
+                    down.accepted.set(true);
                 }
             }
         }
@@ -433,28 +558,26 @@ pub async fn upstream_to_client(
             state.note_upstream_text(&buf.filled()[from..to]);
         }
         if scan.ready > 0 {
-            state.client_at_boundary.set(false);
+            down.at_boundary.set(false);
             if client.write_all(&buf.filled()[..scan.ready]).await.is_err() {
                 return End::ClientGone;
             }
-            state.client_at_boundary.set(scanner.at_boundary());
+            down.at_boundary.set(scanner.at_boundary());
             buf.consume(scan.ready);
             if scan.frames_done > 0 {
                 let took = read_at.elapsed().as_nanos() as u64;
                 for _ in 0..scan.frames_done {
                     metrics.record(Hist::FrameUpstreamToClient, took);
                 }
-                if !state.first_result_seen.get() && scan.data_frames_started > 0 {
-                    if let Some(t0) = state.first_audio_at.get() {
-                        state.first_result_seen.set(true);
+                if !down.first_result_seen.get() && scan.data_frames_started > 0 {
+                    if let Some(t0) = state.up.first_audio_at.get() {
+                        down.first_result_seen.set(true);
                         metrics.record(Hist::FirstResult, t0.elapsed().as_micros() as u64);
                     }
                 }
             }
             metrics.frames_upstream_to_client(scan.frames_done as u64, scan.ready as u64);
-            state
-                .bytes_down
-                .set(state.bytes_down.get() + scan.ready as u64);
+            state.meter.add_down(scan.ready as u64);
         }
         if let Some(e) = scan.violation {
             return End::UpstreamProtocol(e);
@@ -542,12 +665,12 @@ pub async fn idle_watch(state: &StreamState, idle: Duration, stall: Duration) ->
     loop {
         let now = Instant::now();
         let idle_at = state.last_activity.get() + idle;
-        let stall_at = state.upstream_write_since.get().map(|s| s + stall);
+        let stall_at = state.up.write_since.get().map(|s| s + stall);
         if stall_at.is_some_and(|at| now >= at) {
             return End::UpstreamStalled;
         }
         if now >= idle_at {
-            return match state.upstream_write_since.get() {
+            return match state.up.write_since.get() {
                 Some(since) if since + idle <= now => End::UpstreamStalled,
                 _ => End::Idle,
             };
@@ -559,7 +682,8 @@ pub async fn idle_watch(state: &StreamState, idle: Duration, stall: Duration) ->
             if armed && Instant::now() < deadline {
                 // A write upstream that began since: look again.
                 let sooner = state
-                    .upstream_write_since
+                    .up
+                    .write_since
                     .get()
                     .is_some_and(|s| s + stall < deadline);
                 return if sooner {
@@ -573,6 +697,21 @@ pub async fn idle_watch(state: &StreamState, idle: Duration, stall: Duration) ->
         })
         .await;
     }
+}
+
+/// Runs `futures` in one task and ends with the first of them to finish.
+/// Each wake-up polls them in the order given, so an earlier one wins a
+/// tie (a stream's results reach the client before its own end is seen).
+pub async fn first_of(futures: &mut [Pin<&mut dyn Future<Output = End>>]) -> End {
+    std::future::poll_fn(|cx| {
+        for f in futures.iter_mut() {
+            if let Poll::Ready(end) = f.as_mut().poll(cx) {
+                return Poll::Ready(end);
+            }
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 /// Waits until `deadline`.

@@ -17,10 +17,9 @@ use std::time::Instant;
 
 use serde_json::Value;
 
-use super::{End, StreamState};
+use super::{End, Link, StreamCx};
 use crate::core::keyring::RateScope;
-use crate::core::metrics::{Hist, ShardMetrics};
-use crate::dataplane::io::{Buf, Duplex};
+use crate::core::metrics::Hist;
 use clio_frame::frame::{build_frame, parse_header, FrameError, Opcode, Sender};
 use clio_frame::mask::MaskKeys;
 use clio_frame::scanner::{Capture, CutFrame};
@@ -318,15 +317,16 @@ fn error_code_of(payload: &[u8]) -> Option<(u16, RateScope)> {
 /// frames only), each result's final point noted, a resumed connection's
 /// results rewritten, and an upstream error it can recover from returned
 /// as [`End::Retry`] (before upstream accepted the stream, when
-/// `retry_allowed`) or [`End::Resume`] instead of reaching the client.
-pub async fn upstream_to_client(
-    upstream: &Duplex,
-    client: &Duplex,
-    buf: &mut Buf,
-    state: &StreamState,
-    metrics: &ShardMetrics,
-    retry_allowed: &dyn Fn() -> bool,
-) -> End {
+/// [`StreamState::retry_allowed`](super::StreamState::retry_allowed)) or
+/// [`End::Resume`] instead of reaching the client.
+pub async fn upstream_to_client(link: Link<'_>, cx: StreamCx<'_>) -> End {
+    let Link {
+        from: upstream,
+        to: client,
+        buf,
+    } = link;
+    let StreamCx { state, metrics, .. } = cx;
+    let down = &state.down;
     let resume = &state.resume;
     let can_resume = || resume.borrow().as_ref().is_some_and(|r| r.can_resume());
     let mut read_at = Instant::now();
@@ -343,23 +343,23 @@ pub async fn upstream_to_client(
                     }
                     if buf.len() >= total {
                         need_more = false;
-                        let first = state.inspect_first_upstream.replace(false);
+                        let first = down.inspect_first.replace(false);
                         let mut out = None;
                         if h.opcode == Opcode::Text && h.fin {
                             let payload = &buf.filled()[h.header_len..total];
                             if let Some((code, scope)) = error_code_of(payload) {
                                 if first {
-                                    state.first_upstream_error.set(Some((code, scope)));
+                                    down.first_error.set(Some((code, scope)));
                                 }
                                 let recoverable = matches!(code, 401 | 402 | 429 | 500 | 503);
-                                if recoverable && first && retry_allowed() {
+                                if recoverable && first && state.retry_allowed() {
                                     return End::Retry(code, scope);
                                 }
                                 if recoverable && can_resume() {
                                     return End::Resume(code, scope);
                                 }
                             } else {
-                                state.accepted.set(true);
+                                down.accepted.set(true);
                             }
                             let mut r = resume.borrow_mut();
                             let Some(r) = r.as_mut() else {
@@ -379,7 +379,7 @@ pub async fn upstream_to_client(
                             }
                             state.note_upstream_text(text);
                         } else {
-                            state.accepted.set(true);
+                            down.accepted.set(true);
                         }
                         let close = h.opcode == Opcode::Close;
                         let written = match out {
@@ -397,10 +397,10 @@ pub async fn upstream_to_client(
                         let took = read_at.elapsed().as_nanos() as u64;
                         metrics.record(Hist::FrameUpstreamToClient, took);
                         metrics.frames_upstream_to_client(1, total as u64);
-                        state.bytes_down.set(state.bytes_down.get() + total as u64);
-                        if !state.first_result_seen.get() && !h.opcode.is_control() {
-                            if let Some(t0) = state.first_audio_at.get() {
-                                state.first_result_seen.set(true);
+                        state.meter.add_down(total as u64);
+                        if !down.first_result_seen.get() && !h.opcode.is_control() {
+                            if let Some(t0) = state.up.first_audio_at.get() {
+                                down.first_result_seen.set(true);
                                 metrics.record(Hist::FirstResult, t0.elapsed().as_micros() as u64);
                             }
                         }

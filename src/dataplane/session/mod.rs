@@ -33,7 +33,7 @@ use crate::core::metrics::Side;
 use crate::core::token::Claims;
 use crate::core::usage::UsageRecord;
 use crate::dataplane::io::{timeout, Buf, Duplex};
-use crate::dataplane::pump::{self, ClientSide, End, StreamState};
+use crate::dataplane::pump::{self, ClientSide, End, Link, StreamCx, StreamState};
 use crate::dataplane::shard::{AdmitPermit, LiveStream, Settings, Shard, StopReason};
 use crate::dataplane::upstream::UpstreamFault;
 use clio_frame::frame::{build_frame, close_payload, Opcode, Sender};
@@ -100,7 +100,7 @@ impl Stream {
                 Some(c) => {
                     *self.pools.borrow_mut() = c.pools.clone();
                     let (permit, lease) = self.admit(&c).await?;
-                    *state.device.borrow_mut() = Some(permit);
+                    state.meter.admit(permit);
                     let (first, up) = future::try_zip(
                         self.read_first_message(&client, &mut cbuf),
                         self.open_upstream(&mut tried, lease),
@@ -117,7 +117,7 @@ impl Stream {
                     *self.pools.borrow_mut() = c.pools.clone();
                     let slot = self.admit_stream()?;
                     let (permit, lease) = self.admit(&c).await?;
-                    *state.device.borrow_mut() = Some(permit);
+                    state.meter.admit(permit);
                     let up = self.open_upstream(&mut tried, lease).await?;
                     Ok((first, up, c, Some(slot)))
                 }
@@ -129,7 +129,7 @@ impl Stream {
             Err(r) => return self.refuse(&client, &r).await,
         };
         tracing::debug!(stream = %self.id, shard = self.shard.index, device = %claims.device_id, account = %up.lease.account.id, "stream open");
-        state.bytes_per_ms.set(audio_bytes_per_ms(&config));
+        state.meter.set_audio_rate(audio_bytes_per_ms(&config));
         let failover = &self.settings.failover;
         if failover.max_resumes > 0 {
             if let Some((per_sec, frame)) = raw_audio_rate(&config) {
@@ -194,7 +194,7 @@ impl Stream {
                     tracing::info!(stream = %self.id, account = %up.lease.account.id, code, replayed = cside.replay.as_ref().map_or(0, Vec::len), "upstream refused the stream before accepting it; moving it to the next account");
                 }
                 End::UpstreamGone | End::UpstreamProtocol(_)
-                    if state.replayable.get() && !state.accepted.get() && !cside.close_seen =>
+                    if state.retry_allowed() && !cside.close_seen =>
                 {
                     lost = true;
                     not_the_account = true;
@@ -227,8 +227,7 @@ impl Stream {
                 .metrics
                 .account_retry(up.lease.account.metrics_index);
             // The failed connection is dropped when `up` is replaced.
-            state.inspect_first_upstream.set(true);
-            state.first_upstream_error.set(None);
+            state.down.new_connection();
             let mut next = Box::pin(self.open_upstream(&mut tried, None)).await;
             if matches!(&next, Err(r) if r.code == 429)
                 && not_the_account
@@ -251,7 +250,7 @@ impl Stream {
             Ok(end) => end,
             Err(r) => return self.refuse(&client, &r).await,
         };
-        if let Some((code, scope)) = state.first_upstream_error.get() {
+        if let Some((code, scope)) = state.down.first_error.get() {
             self.note_refusal(&up.lease, code, scope);
         }
         // Boxed for the same reason as the opening: only the end needs it.
@@ -385,33 +384,18 @@ impl Stream {
         state: &StreamState,
         error: Option<u16>,
     ) {
-        let relay_ms = state.audio_ms();
-        let upstream_ms = state.upstream_audio_ms.get();
-        if let Some(device) = state.device.borrow().as_ref() {
-            // What was not yet counted: the last partial second of raw audio,
-            // or (compressed formats) upstream's whole figure.
-            let counted_ms = if state.bytes_per_ms.get() > 0.0 {
-                (state.audio_counted.get() as f64 / state.bytes_per_ms.get()) as u64
-            } else {
-                0
-            };
-            let total = if relay_ms > 0 {
-                relay_ms
-            } else {
-                upstream_ms.unwrap_or(0)
-            };
-            device.add_audio(total.saturating_sub(counted_ms), SystemTime::now());
-        }
+        let now = SystemTime::now();
+        let m = state.meter.settle(now);
         self.shard.usage.borrow_mut().push(UsageRecord {
-            day: crate::core::devices::utc_day(SystemTime::now()),
+            day: crate::core::devices::utc_day(now),
             account: up.lease.account.id.clone(),
             device: claims.device_id.clone(),
             reference_id,
-            audio_ms_relay: relay_ms,
-            audio_ms_upstream: upstream_ms,
-            bytes_up: state.bytes_up.get(),
-            bytes_down: state.bytes_down.get(),
-            error: error.or(state.upstream_error.get()),
+            audio_ms_relay: m.audio_ms_relay,
+            audio_ms_upstream: m.audio_ms_upstream,
+            bytes_up: m.bytes_up,
+            bytes_down: m.bytes_down,
+            error: error.or(m.upstream_error),
         });
     }
 
@@ -639,10 +623,8 @@ impl Stream {
         };
         cside.config_frame = Some(first);
         cside.replay = None;
-        state.replayable.set(false);
-        state.accepted.set(false);
-        state.inspect_first_upstream.set(true);
-        state.first_upstream_error.set(None);
+        state.up.replayable.set(false);
+        state.down.new_connection();
         shard.metrics.failover("mid", reason == 0);
         shard.metrics.resumed(secs, t0.elapsed());
         tracing::info!(stream = %self.id, failed_account = %failed_account, account = %up.lease.account.id, resume = n, reason, replayed_secs = secs, "upstream failed mid-stream; resumed on a new connection");
@@ -673,7 +655,8 @@ impl Stream {
         build_frame(Opcode::Text, text, Some(key))
     }
 
-    /// Runs both pumps and the idle watch until one of them ends the stream.
+    /// Runs both pumps, the idle watch and the relay's own reasons to end
+    /// a stream until one of them ends it.
     async fn pump(
         &self,
         client: &Duplex,
@@ -683,7 +666,7 @@ impl Stream {
         state: &StreamState,
         live: &LiveStream,
     ) -> End {
-        let shard = &self.shard;
+        let cx = self.cx(state);
         let Upstream {
             conn,
             buf: ubuf,
@@ -691,82 +674,62 @@ impl Stream {
             ..
         } = up;
         let conn = &*conn;
-        // A fresh scanner per upstream connection; the buffer already holds
-        // whatever followed the upgrade answer.
-        let retry_allowed = || state.replayable.get() && !state.accepted.get();
         let c2u = async {
-            match pump::client_to_upstream(
-                client,
-                conn,
-                cbuf,
-                cside,
-                state,
-                &shard.masks,
-                &shard.metrics,
-            )
-            .await
-            {
+            let link = Link {
+                from: client,
+                to: conn,
+                buf: cbuf,
+            };
+            match pump::client_to_upstream(link, cside, cx).await {
                 // The client said goodbye; the stream ends when upstream answers.
                 End::ClientClosed => future::pending().await,
                 end => end,
             }
         };
-        let u2c = pump::upstream_to_client_any(
-            conn,
-            client,
-            ubuf,
-            uscanner,
-            state,
-            &shard.metrics,
-            &retry_allowed,
-        );
-        // The relay's own reasons to end the stream: a revocation, or the
-        // device's longest stream length.
-        let max_len = state
-            .device
-            .borrow()
-            .as_ref()
-            .map_or(std::time::Duration::ZERO, |d| d.limits.max_stream_length);
-        let stop = async {
-            let too_long = async {
-                if max_len.is_zero() {
-                    future::pending::<()>().await;
-                }
-                pump::until(state.started + max_len).await;
-                Limit::MaxLength
-            };
-            let limit = async {
-                match live.stopped().await {
-                    StopReason::Limit(l) => l,
-                    StopReason::Drain => future::pending().await,
-                }
-            };
-            let drain = async {
-                loop {
-                    if live.stopped().await == StopReason::Drain {
-                        return End::Drain;
-                    }
-                    future::pending::<()>().await;
-                }
-            };
-            future::or(
-                async { End::Stopped(future::or(limit, too_long).await) },
-                drain,
-            )
-            .await
+        let link = Link {
+            from: conn,
+            to: client,
+            buf: ubuf,
         };
-        future::or(
-            future::or(
-                future::or(u2c, c2u),
-                pump::idle_watch(
-                    state,
-                    self.settings.limits.idle_timeout,
-                    self.settings.limits.stall_timeout,
-                ),
-            ),
-            stop,
-        )
-        .await
+        let u2c = pump::upstream_to_client_any(link, uscanner, cx);
+        let limits = &self.settings.limits;
+        let idle = pump::idle_watch(state, limits.idle_timeout, limits.stall_timeout);
+        // The relay's own reasons: a revocation, a device limit reached
+        // elsewhere, a drain, or the device's longest stream length.
+        let stopped = async {
+            match live.stopped().await {
+                StopReason::Limit(l) => End::Stopped(l),
+                StopReason::Drain => End::Drain,
+            }
+        };
+        let max_len = state.meter.max_stream_length();
+        let too_long = async {
+            if max_len.is_zero() {
+                future::pending::<()>().await;
+            }
+            pump::until(state.started + max_len).await;
+            End::Stopped(Limit::MaxLength)
+        };
+        // Bound before it is returned: the pinned futures borrow this
+        // function's locals, so they must be gone before the locals are.
+        let end = pump::first_of(&mut [
+            std::pin::pin!(u2c),
+            std::pin::pin!(c2u),
+            std::pin::pin!(idle),
+            std::pin::pin!(stopped),
+            std::pin::pin!(too_long),
+        ])
+        .await;
+        end
+    }
+
+    /// What this stream's pumps work with besides their sockets.
+    fn cx<'a>(&'a self, state: &'a StreamState) -> StreamCx<'a> {
+        StreamCx {
+            state,
+            masks: &self.shard.masks,
+            metrics: &self.shard.metrics,
+        }
     }
 
     /// Ends a stream the way `end` calls for: what it needs first (a close
@@ -787,15 +750,12 @@ impl Stream {
             End::UpstreamClosed if !cside.close_seen => {
                 // Upstream closed first (after `finished`): carry the client's
                 // close reply up, so both close handshakes complete.
-                let c2u = pump::client_to_upstream(
-                    client,
-                    &up.conn,
-                    cbuf,
-                    cside,
-                    state,
-                    &shard.masks,
-                    &shard.metrics,
-                );
+                let link = Link {
+                    from: client,
+                    to: &up.conn,
+                    buf: cbuf,
+                };
+                let c2u = pump::client_to_upstream(link, cside, self.cx(state));
                 let _ = timeout(CLOSE_WAIT, c2u).await;
             }
             End::UpstreamStalled => {
@@ -805,7 +765,7 @@ impl Stream {
                 shard.process.device_rejections[limit as usize]
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
-            End::Drain if state.upstream_at_boundary.get() && state.client_at_boundary.get() => {
+            End::Drain if state.up.at_boundary.get() && state.down.at_boundary.get() => {
                 self.finalize_for_drain(client, up, state).await;
             }
             _ => {}
@@ -814,7 +774,7 @@ impl Stream {
         if let Some((side, code)) = ending.counted {
             shard.metrics.error(side, code);
         }
-        if state.client_at_boundary.get() {
+        if state.down.at_boundary.get() {
             let frames = match &ending.client {
                 ToClient::Nothing => None,
                 ToClient::Close(code) => {
@@ -826,7 +786,7 @@ impl Stream {
                 let _ = client.write_all(&frames).await;
             }
         }
-        if let (Some((code, reason)), true) = (ending.upstream, state.upstream_at_boundary.get()) {
+        if let (Some((code, reason)), true) = (ending.upstream, state.up.at_boundary.get()) {
             let key = shard.masks.borrow_mut().next_key();
             let close = build_frame(Opcode::Close, &close_payload(code, reason), Some(key));
             let _ = timeout(UPSTREAM_CLOSE_WAIT, up.conn.write_all(&close)).await;
@@ -850,17 +810,22 @@ impl Stream {
         if up.conn.write_all(&finalize).await.is_err() {
             return;
         }
-        let never = || false;
+        // A draining stream moves to no other account.
+        state.up.replayable.set(false);
         let Upstream {
             conn, buf, scanner, ..
         } = &mut *up;
-        let u2c =
-            pump::upstream_to_client_any(conn, client, buf, scanner, state, &shard.metrics, &never);
+        let link = Link {
+            from: conn,
+            to: client,
+            buf,
+        };
+        let u2c = pump::upstream_to_client_any(link, scanner, self.cx(state));
         // Done once upstream's `finished` has reached the client. Only the
         // pump changes these flags, in this task, so this is checked right
         // after each of the pump's polls: no timer, no waker of its own.
         let fin = future::poll_fn(|_| {
-            if state.fin_seen.get() && state.client_at_boundary.get() {
+            if state.down.fin_seen.get() && state.down.at_boundary.get() {
                 std::task::Poll::Ready(End::Drain)
             } else {
                 std::task::Poll::Pending
