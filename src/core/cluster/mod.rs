@@ -116,8 +116,8 @@ pub struct OpenJob {
     pub candidates: Vec<(String, u32)>,
     /// After this the job is answered [`OpenAnswer::Down`] without a call.
     pub deadline: Instant,
-    /// Where the answer goes.
-    pub reply: async_channel::Sender<OpenAnswer>,
+    /// Where the answer goes (through the asking shard's doorbell).
+    pub reply: crate::core::doorbell::Sender<OpenAnswer>,
 }
 
 /// The cluster thread's answer to a stream open.
@@ -247,7 +247,7 @@ impl Fleet {
         limits: Option<&DeviceLimits>,
         candidates: Vec<(String, u32)>,
     ) -> OpenAnswer {
-        let (reply, rx) = async_channel::bounded(1);
+        let (reply, rx) = crate::core::doorbell::oneshot();
         let lim = limits.map_or([0; 3], |l| {
             [
                 u64::from(l.max_concurrent_streams),
@@ -267,9 +267,9 @@ impl Fleet {
         // The thread answers every job within its deadlines; this bound
         // only guards against a thread that is gone or stuck.
         let bound = self.timeout * 4 + Duration::from_secs(1);
-        crate::dataplane::io::timeout(bound, rx.recv())
+        crate::dataplane::io::timeout(bound, rx)
             .await
-            .and_then(Result::ok)
+            .flatten()
             .unwrap_or(OpenAnswer::Down)
     }
 

@@ -436,7 +436,7 @@ impl Worker {
                 }
                 Job::Open(o) => {
                     if !up || Instant::now() > o.deadline {
-                        let _ = o.reply.try_send(OpenAnswer::Down);
+                        let _ = o.reply.send(OpenAnswer::Down);
                         continue;
                     }
                     let mut inv = self.scripts.open.prepare_invoke();
@@ -519,7 +519,7 @@ impl Worker {
                 for p in pending {
                     match p {
                         Pending::Open(o) => {
-                            let _ = o.reply.try_send(OpenAnswer::Down);
+                            let _ = o.reply.send(OpenAnswer::Down);
                         }
                         Pending::Reply(r) => {
                             let _ = r.try_send(Err("the cluster store did not answer".into()));
@@ -555,7 +555,7 @@ impl Worker {
                         }
                         _ => OpenAnswer::Down,
                     };
-                    if o.reply.try_send(answer.clone()).is_err() {
+                    if o.reply.send(answer.clone()).is_err() {
                         // The stream gave up waiting: give back what was taken.
                         if let OpenAnswer::Ok(pick) = answer {
                             if !o.device.is_empty() {

@@ -52,8 +52,11 @@ use std::cell::{Cell, RefCell};
 use std::io;
 use std::os::fd::RawFd;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::task::Waker;
 use std::time::Duration;
+
+use crate::core::doorbell::Doorbell;
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
@@ -74,6 +77,8 @@ const CQ_ENTRIES: u32 = 16384;
 const KIND_READ: u64 = 0;
 const KIND_WRITE: u64 = 1;
 const KIND_REMOVE: u64 = 2;
+/// The user data of the doorbell's poll (no socket slot has this index).
+const DOORBELL: u64 = u64::MAX;
 
 /// Readable, or an error or hang-up (always reported).
 const POLL_IN: u32 = (libc::POLLIN | libc::POLLRDHUP) as u32;
@@ -211,6 +216,10 @@ pub struct Plane {
     batches: Cell<u64>,
     /// Multishot polls the kernel ended that were armed again.
     rearmed: Cell<u64>,
+    /// Wake-ups from other threads ([`Wake::Ring`] only: in glommio's
+    /// sleep they reach the shard without it). Its eventfd is polled here
+    /// for the plane's life.
+    doorbell: Option<Arc<Doorbell>>,
 }
 
 impl std::fmt::Debug for Plane {
@@ -234,8 +243,12 @@ pub fn current() -> Option<Rc<Plane>> {
     CURRENT.with(|c| c.borrow().clone())
 }
 
-/// Makes `plane` this thread's data plane.
+/// Makes `plane` this thread's data plane (and its doorbell this
+/// thread's, see [`crate::core::doorbell`]).
 pub fn install(plane: Rc<Plane>) {
+    if let Some(bell) = plane.doorbell() {
+        crate::core::doorbell::install(bell.clone());
+    }
     CURRENT.with(|c| *c.borrow_mut() = Some(plane));
 }
 
@@ -257,7 +270,11 @@ impl Plane {
         }
         let ring = builder.build(sq)?;
         let min_timeout = ring.params().is_feature_min_timeout();
-        Ok(Rc::new(Plane {
+        let doorbell = match waiting.wake {
+            Wake::Ring => Some(Doorbell::new()?),
+            Wake::Eventfd => None,
+        };
+        let plane = Rc::new(Plane {
             ring: RefCell::new(ring),
             waiting,
             min_timeout,
@@ -269,7 +286,27 @@ impl Plane {
             completions: Cell::new(0),
             batches: Cell::new(0),
             rearmed: Cell::new(0),
-        }))
+            doorbell,
+        });
+        plane.arm_doorbell();
+        Ok(plane)
+    }
+
+    /// The doorbell other threads ring to wake this shard's tasks.
+    pub fn doorbell(&self) -> Option<&Arc<Doorbell>> {
+        self.doorbell.as_ref()
+    }
+
+    /// Polls the doorbell's eventfd (multishot, for the plane's life).
+    fn arm_doorbell(&self) {
+        if let Some(bell) = &self.doorbell {
+            self.push(
+                opcode::PollAdd::new(types::Fd(bell.fd()), POLL_IN)
+                    .multi(true)
+                    .build()
+                    .user_data(DOORBELL),
+            );
+        }
     }
 
     /// Sockets registered now.
@@ -419,6 +456,7 @@ impl Plane {
     /// completions handled.
     pub fn dispatch(&self) -> usize {
         let mut handled = 0;
+        let mut rearm_doorbell = false;
         let mut rearm = None::<Vec<(Token, RawFd)>>;
         let mut stale = None::<Vec<u64>>;
         {
@@ -435,6 +473,12 @@ impl Plane {
             }
             for cqe in &mut cq {
                 handled += 1;
+                if cqe.user_data() == DOORBELL {
+                    // The sleep is over; `drive` wakes the tasks. Armed
+                    // again if the kernel ended the poll.
+                    rearm_doorbell |= !cqueue::more(cqe.flags());
+                    continue;
+                }
                 let (token, kind) = Token::from_user_data(cqe.user_data());
                 if kind == KIND_REMOVE {
                     continue;
@@ -482,6 +526,10 @@ impl Plane {
                     _ => {}
                 }
             }
+        }
+        if rearm_doorbell {
+            self.rearmed.set(self.rearmed.get() + 1);
+            self.arm_doorbell();
         }
         if let Some(rearm) = rearm {
             for (token, fd) in rearm {
@@ -609,12 +657,17 @@ pub async fn drive(plane: Rc<Plane>, stop: Rc<Cell<bool>>) {
             }
         }
     };
+    let bell = plane.doorbell().cloned();
     let mut seen_polls = POLLS.with(Cell::get);
     // After glommio's pass, tasks it woke (timers, control messages) are
     // queued: let them run before sleeping.
     let mut after_pass = true;
     while !stop.get() {
-        let handled = plane.dispatch();
+        let mut handled = plane.dispatch();
+        if let Some(bell) = &bell {
+            // Tasks other threads answered (the fleet's store), woken here.
+            handled += bell.answer();
+        }
         if let Err(e) = plane.submit() {
             tracing::warn!(error = %e, "data plane: submit failed");
         }
@@ -632,9 +685,16 @@ pub async fn drive(plane: Rc<Plane>, stop: Rc<Cell<bool>>) {
         }
         match &eventfd {
             None => {
-                if let Err(e) = plane.sleep(PASS_INTERVAL) {
-                    tracing::warn!(error = %e, "data plane: wait failed");
-                    glommio::timer::sleep(PASS_INTERVAL).await;
+                // Not when another thread has just rung: its task runs first.
+                if bell.as_ref().is_none_or(|b| b.prepare_sleep()) {
+                    let slept = plane.sleep(PASS_INTERVAL);
+                    if let Some(bell) = &bell {
+                        bell.woke();
+                    }
+                    if let Err(e) = slept {
+                        tracing::warn!(error = %e, "data plane: wait failed");
+                        glommio::timer::sleep(PASS_INTERVAL).await;
+                    }
                 }
             }
             Some(file) => {

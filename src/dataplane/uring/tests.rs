@@ -240,3 +240,47 @@ fn nine_thousand_registered_sockets() {
         assert_eq!(plane.registered(), 0);
     });
 }
+
+/// A shard asleep in its ring is woken by its doorbell: another thread's
+/// answer does not wait for the sleep to time out.
+#[test]
+fn the_doorbell_ends_the_rings_sleep() {
+    let plane = Plane::new(Waiting::default()).unwrap();
+    let bell = plane
+        .doorbell()
+        .expect("sleeping in the ring has a doorbell")
+        .clone();
+    plane.submit().unwrap();
+    for round in 0..3 {
+        assert!(bell.prepare_sleep());
+        let ringer = bell.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(30));
+            ringer.ring(std::task::Waker::noop().clone());
+        });
+        let t0 = std::time::Instant::now();
+        plane.sleep(Duration::from_secs(30)).unwrap();
+        // A hang, not a timing: without the doorbell the sleep lasts 30 s.
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "round {round}: slept through the doorbell"
+        );
+        bell.woke();
+        t.join().unwrap();
+        assert!(plane.dispatch() >= 1, "the doorbell's completion");
+        assert_eq!(bell.answer(), 1);
+        plane.submit().unwrap();
+    }
+}
+
+/// A shard's executor has no doorbell when glommio is where it sleeps.
+#[test]
+fn sleeping_in_glommio_needs_no_doorbell() {
+    let plane = Plane::new(Waiting {
+        wake: Wake::Eventfd,
+        defer: false,
+        ..Waiting::default()
+    })
+    .unwrap();
+    assert!(plane.doorbell().is_none());
+}
