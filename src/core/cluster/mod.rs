@@ -73,9 +73,14 @@ impl Kind {
 pub enum Job {
     /// A stream open (see [`scripts::OPEN`]).
     Open(OpenJob),
-    /// This node's count of `id` changes by `delta` (a stream ended, or a
-    /// stream was let in by local shares while Redis was unreachable).
+    /// This node's count of `id` changes by `delta` (a stream was let in
+    /// by local shares while Redis was unreachable, or an answer no one
+    /// waited for is given back).
     Adjust(Kind, String, i32),
+    /// Holds were given back (streams ended) into [`Fleet`]'s release
+    /// queue, which was empty: send them within [`RELEASE_DELAY`], or with
+    /// the next stream open if that comes first.
+    Released,
     /// Revoke (or, with `lift`, un-revoke) a device or token id fleet-wide.
     Revoke {
         /// Device id.
@@ -172,6 +177,9 @@ pub struct Fleet {
     pub stats: FleetStats,
     /// For usage queries, which read on connections of their own.
     client: std::sync::OnceLock<redis::Client>,
+    /// Holds given back and not yet sent: a stream's end does not wake
+    /// the cluster thread (see [`Job::Released`]).
+    releases: std::sync::Mutex<Vec<(Kind, String)>>,
 }
 
 /// A stream's count on a device or account fleet-wide; given back when
@@ -185,10 +193,14 @@ pub struct FleetHold {
 
 impl Drop for FleetHold {
     fn drop(&mut self) {
-        self.fleet
-            .send(Job::Adjust(self.kind, std::mem::take(&mut self.id), -1));
+        self.fleet.release(self.kind, std::mem::take(&mut self.id));
     }
 }
+
+/// The longest a given-back hold waits to be sent to Redis. Until then the
+/// fleet counts the ended stream as live (never one too few); a stream
+/// open on this node sends the waiting ones first.
+pub const RELEASE_DELAY: Duration = Duration::from_millis(10);
 
 /// Why the fleet refused a stream open.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -214,7 +226,34 @@ impl Fleet {
             nodes: AtomicU32::new(1),
             stats: FleetStats::default(),
             client: std::sync::OnceLock::new(),
+            releases: std::sync::Mutex::new(Vec::new()),
         })
+    }
+
+    /// Queues a given-back hold; only the first into an empty queue tells
+    /// the cluster thread.
+    fn release(&self, kind: Kind, id: String) {
+        let first = {
+            let mut q = self.releases.lock().unwrap_or_else(|e| e.into_inner());
+            q.push((kind, id));
+            q.len() == 1
+        };
+        if first {
+            self.send(Job::Released);
+        }
+    }
+
+    /// Takes the given-back holds waiting, as adjustments, the same ids
+    /// summed (for the cluster thread).
+    pub(crate) fn take_releases(&self) -> Vec<Job> {
+        let q = std::mem::take(&mut *self.releases.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut sums: HashMap<(Kind, String), i32> = HashMap::with_capacity(q.len());
+        for key in q {
+            *sums.entry(key).or_insert(0) -= 1;
+        }
+        sums.into_iter()
+            .map(|((k, id), d)| Job::Adjust(k, id, d))
+            .collect()
     }
 
     /// Whether Redis answered the last call.

@@ -86,13 +86,17 @@ end
 return {'ok', best}
 "#;
 
-/// A stream ended (or a hold is given back): one less on this node.
-/// ARGV: node, kind (`dev` or `acct`), id, delta.
+/// Streams ended (or holds given back): this node's counts change. One
+/// call for every change a batch carries.
+/// ARGV: node, then for each change: kind (`dev` or `acct`), id, delta.
 pub const ADJUST: &str = r#"
-local h = 'clio:n:' .. ARGV[1] .. ':' .. ARGV[2]
-local n = redis.call('HINCRBY', h, ARGV[3], tonumber(ARGV[4]))
-if n <= 0 then redis.call('HDEL', h, ARGV[3]) end
-return n
+local node = ARGV[1]
+for i = 2, #ARGV, 3 do
+  local h = 'clio:n:' .. node .. ':' .. ARGV[i]
+  local n = redis.call('HINCRBY', h, ARGV[i + 1], tonumber(ARGV[i + 2]))
+  if n <= 0 then redis.call('HDEL', h, ARGV[i + 1]) end
+end
+return (#ARGV - 1) / 3
 "#;
 
 /// Heartbeat: extends this node's lease and its hashes' lifetime. Returns

@@ -91,6 +91,7 @@ pub fn start(
         usage_seq: 0,
         process: started ^ (u64::from(std::process::id()) << 40),
         last_usage: Instant::now(),
+        release_at: None,
     };
     std::thread::Builder::new()
         .name("clio-cluster".into())
@@ -153,6 +154,8 @@ struct Worker {
     /// This process's part of usage batch ids.
     process: u64,
     last_usage: Instant,
+    /// When the holds given back must be sent (see [`super::RELEASE_DELAY`]).
+    release_at: Option<Instant>,
 }
 
 type UsageChunk = Vec<(
@@ -196,7 +199,10 @@ impl Worker {
     fn run(&mut self, rx: mpsc::Receiver<Job>) {
         self.connect();
         loop {
-            let wait = POLL.saturating_sub(self.last_poll.elapsed());
+            let mut wait = POLL.saturating_sub(self.last_poll.elapsed());
+            if let Some(at) = self.release_at {
+                wait = wait.min(at.saturating_duration_since(Instant::now()));
+            }
             match rx.recv_timeout(wait.max(Duration::from_millis(1))) {
                 Ok(job) => {
                     let mut batch = vec![job];
@@ -205,6 +211,17 @@ impl Worker {
                             Ok(j) => batch.push(j),
                             Err(_) => break,
                         }
+                    }
+                    let released = batch.iter().any(|j| matches!(j, Job::Released));
+                    if released && self.release_at.is_none() {
+                        self.release_at = Some(Instant::now() + super::RELEASE_DELAY);
+                    }
+                    if batch.iter().any(|j| matches!(j, Job::Open(_) | Job::Stop)) {
+                        // Streams that ended go first: a device reopening
+                        // at its limit finds its place free.
+                        let mut all = self.take_releases();
+                        all.append(&mut batch);
+                        batch = all;
                     }
                     let stop = batch.iter().position(|j| matches!(j, Job::Stop));
                     if let Some(i) = stop {
@@ -217,8 +234,18 @@ impl Worker {
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => return,
             }
+            if self.release_at.is_some_and(|at| Instant::now() >= at) {
+                let releases = self.take_releases();
+                self.jobs(releases);
+            }
             self.duties();
         }
+    }
+
+    /// The holds given back since the last call, as adjustments.
+    fn take_releases(&mut self) -> Vec<Job> {
+        self.release_at = None;
+        self.fleet.take_releases()
     }
 
     fn set_up(&mut self, up: bool) {
@@ -418,22 +445,24 @@ impl Worker {
         let mut pipe = redis::pipe();
         let mut pending: Vec<Pending> = Vec::new();
         let node = self.fleet.node_id.clone();
+        // Every count change of the batch in one call, before its opens.
+        let mut adjust = self.scripts.adjust.prepare_invoke();
+        adjust.arg(&node);
+        let mut adjusts = 0;
+        for job in &batch {
+            if let Job::Adjust(kind, id, delta) = job {
+                self.held.adjust(*kind, id, i64::from(*delta));
+                adjust.arg(kind.field()).arg(id.as_str()).arg(*delta);
+                adjusts += 1;
+            }
+        }
+        if up && adjusts > 0 {
+            pipe.invoke_script(&adjust);
+            pending.push(Pending::Adjust);
+        }
         for job in batch {
             match job {
-                Job::Adjust(kind, id, delta) => {
-                    self.held.adjust(kind, &id, i64::from(delta));
-                    if up {
-                        pipe.invoke_script(
-                            self.scripts
-                                .adjust
-                                .arg(&node)
-                                .arg(kind.field())
-                                .arg(&id)
-                                .arg(delta),
-                        );
-                        pending.push(Pending::Adjust);
-                    }
-                }
+                Job::Adjust(..) | Job::Released => {}
                 Job::Open(o) => {
                     if !up || Instant::now() > o.deadline {
                         let _ = o.reply.send(OpenAnswer::Down);

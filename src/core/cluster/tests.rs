@@ -119,3 +119,54 @@ fn local_shares_divide_count_limits_among_nodes() {
         DeviceLimits::default()
     );
 }
+
+#[test]
+fn given_back_holds_wait_in_one_queue_and_wake_the_thread_once() {
+    use super::{Job, Kind};
+    let cfg = Config::from_toml_str(
+        &file(
+            "redis_url = \"redis://127.0.0.1:9/0\"\nnode_id = \"n1\"",
+            true,
+        ),
+        Path::new("."),
+    )
+    .unwrap()
+    .cluster
+    .unwrap();
+    let (fleet, rx) = super::store::channel(&cfg);
+    let holds = [
+        fleet.hold(Kind::Device, "phone"),
+        fleet.hold(Kind::Device, "phone"),
+        fleet.hold(Kind::Account, "a"),
+    ];
+    assert!(rx.try_recv().is_err(), "taking a hold sends nothing");
+    drop(holds);
+    assert!(matches!(rx.try_recv(), Ok(Job::Released)));
+    assert!(
+        rx.try_recv().is_err(),
+        "only the first release into an empty queue wakes the thread"
+    );
+    let mut sent: Vec<_> = fleet
+        .take_releases()
+        .into_iter()
+        .map(|j| match j {
+            Job::Adjust(kind, id, delta) => (kind == Kind::Device, id, delta),
+            other => panic!("not an adjustment: {other:?}"),
+        })
+        .collect();
+    sent.sort();
+    assert_eq!(
+        sent,
+        [
+            (false, "a".to_string(), -1),
+            (true, "phone".to_string(), -2)
+        ],
+        "the same id summed"
+    );
+    assert!(fleet.take_releases().is_empty());
+    drop(fleet.hold(Kind::Account, "a"));
+    assert!(
+        matches!(rx.try_recv(), Ok(Job::Released)),
+        "an emptied queue wakes it again"
+    );
+}
