@@ -127,6 +127,9 @@ impl Backoff {
 /// No limit known from upstream.
 pub const NO_UPSTREAM_CAP: u32 = u32::MAX;
 
+/// [`AccountState`]'s fleet-wide count is not known.
+const NOT_KNOWN: u32 = u32::MAX;
+
 /// One account's state, shared by every shard.
 #[derive(Debug)]
 pub struct AccountState {
@@ -149,6 +152,9 @@ pub struct AccountState {
     /// In a fleet whose shared store is unreachable: the number of nodes
     /// the limit is shared among (1 otherwise).
     share: AtomicU32,
+    /// In a fleet: live streams on every node, as the store last said
+    /// (polled every 200 ms); [`NOT_KNOWN`] alone or while it is unreachable.
+    fleet_live: AtomicU32,
     /// Streams upstream will still take on this key, from the last health
     /// check's `/v1/concurrency-limits` (its limit minus use by others);
     /// [`NO_UPSTREAM_CAP`] when unknown.
@@ -187,6 +193,7 @@ impl AccountState {
             max_concurrent: AtomicU32::new(max_concurrent),
             live: AtomicU32::new(0),
             share: AtomicU32::new(1),
+            fleet_live: AtomicU32::new(NOT_KNOWN),
             upstream_cap: AtomicU32::new(NO_UPSTREAM_CAP),
             unhealthy_until_ms: AtomicU64::new(0),
             unhealthy_holdoff_ms: AtomicU64::new(UNHEALTHY_HOLDOFF.as_millis() as u64),
@@ -265,6 +272,24 @@ impl AccountState {
             n if max == 0 => max / n,
             n => (max / n).max(1),
         }
+    }
+
+    /// Live streams on the account for the limit it is held to: the
+    /// fleet's (at most 200 ms old, and never below this node's own) when
+    /// the shared store is reachable, else this node's.
+    pub fn live_for_limit(&self) -> u32 {
+        let here = self.live.load(Ordering::Relaxed);
+        match self.fleet_live.load(Ordering::Relaxed) {
+            NOT_KNOWN => here,
+            fleet => fleet.max(here),
+        }
+    }
+
+    /// The fleet's live streams on the account, from the shared store
+    /// (`None`: not known).
+    pub fn set_fleet_live(&self, live: Option<u32>) {
+        self.fleet_live
+            .store(live.unwrap_or(NOT_KNOWN), Ordering::Relaxed);
     }
 
     /// Shares the limit among `nodes` (1: the whole limit is this node's).

@@ -144,3 +144,45 @@ fn an_account_limit_holds_across_nodes() {
         .active_streams()
         == 3));
 }
+
+/// An account's concurrency alert counts the fleet: one stream on each of
+/// two nodes is 2 of 3 (over 0.6) on both, though each node alone has 1.
+#[test]
+fn the_concurrency_alert_counts_every_nodes_streams() {
+    let redis = RedisServer::start();
+    let fake = fake(&[K1], |_| {});
+    let (a, b) = crate::pair(&fake, &redis, K1, |c| {
+        c.accounts[0].max_concurrent_streams = 3;
+        c.usage.alerts.concurrency_ratio = 0.6;
+        c.usage.alerts.interval = Duration::from_millis(100);
+    });
+    let firing = |relay: &Relay| {
+        http(relay.handle.admin_addr, "GET", "/metrics", None, None)
+            .1
+            .contains(
+                "clio_relay_alerts_firing{alert=\"account_near_concurrency\",subject=\"a\"} 1",
+            )
+    };
+    let open = |relay: &Relay, device: &str| {
+        let (mut ws, _) = connect(relay.addr(), &relay.token(device), Via::Header).unwrap();
+        ws.send(Message::text(config_message(None))).unwrap();
+        ws
+    };
+    let first = open(&a, "d1");
+    assert!(wait_until(Duration::from_secs(10), || fake
+        .active_streams()
+        == 1));
+    // One of three: under the ratio everywhere (given time to fire).
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(!firing(&a) && !firing(&b), "1 of 3 is under 0.6");
+    let second = open(&b, "d2");
+    assert!(
+        wait_until(Duration::from_secs(10), || firing(&a) && firing(&b)),
+        "2 of 3 streams fleet-wide, one on each node, fire on both"
+    );
+    drop((first, second));
+    assert!(
+        wait_until(Duration::from_secs(10), || !firing(&a) && !firing(&b)),
+        "and it clears when they end"
+    );
+}

@@ -19,7 +19,6 @@
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::rc::Rc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::json;
@@ -153,7 +152,8 @@ pub(super) async fn evaluate(admin: &Admin) {
         for e in admin.accounts.set.borrow().entries() {
             let a = &e.state;
             let max = a.effective_max();
-            let live = a.live.load(Ordering::Relaxed);
+            // In a fleet, every node's streams count against the limit.
+            let live = a.live_for_limit();
             if max > 0 && live as f64 >= cfg.concurrency_ratio * max as f64 {
                 found.push(Finding {
                     alert: "account_near_concurrency",

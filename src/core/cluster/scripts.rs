@@ -136,11 +136,26 @@ redis.call('ZADD', 'clio:nodes', now + ttl, node)
 return redis.call('ZCOUNT', 'clio:nodes', now, '+inf')
 "#;
 
-/// The nodes with a current lease (what the local shares divide by).
+/// The nodes with a current lease (what the local shares divide by), and
+/// each account's live streams summed over them (for the alerts).
+/// Returns `{nodes, {account, live, account, live, ...}}`.
 pub const NODES: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-return redis.call('ZCOUNT', 'clio:nodes', now, '+inf')
+local nodes = redis.call('ZRANGEBYSCORE', 'clio:nodes', now, '+inf')
+local live = {}
+for _, name in ipairs(nodes) do
+  local h = redis.call('HGETALL', 'clio:n:' .. name .. ':acct')
+  for i = 1, #h, 2 do
+    live[h[i]] = (live[h[i]] or 0) + tonumber(h[i + 1])
+  end
+end
+local out = {}
+for id, n in pairs(live) do
+  out[#out + 1] = id
+  out[#out + 1] = n
+end
+return {#nodes, out}
 "#;
 
 /// Usage: adds a batch of one node's per-day counters (deltas) to its

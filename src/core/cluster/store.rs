@@ -3,7 +3,7 @@
 //! (heartbeat, polling for revocations, account changes and "end" requests,
 //! the daily-audio flush, reconnecting).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant, SystemTime};
@@ -256,6 +256,10 @@ impl Worker {
             let share = if up { 1 } else { self.fleet.nodes() };
             for a in self.links.process.accounts() {
                 a.set_share(share);
+                if !up {
+                    // Until the store answers a poll again: this node's own.
+                    a.set_fleet_live(None);
+                }
             }
             if up {
                 tracing::info!(node = %self.fleet.node_id, nodes = self.fleet.nodes(), "cluster store reachable; counts registered");
@@ -688,7 +692,7 @@ impl Worker {
             }
         }
         let ends_id = self.ends_id.clone().unwrap_or_else(|| "0-0".into());
-        let r: Result<(i64, Vec<Option<i64>>, Value), _> = redis::pipe()
+        let r: Result<(Value, Vec<Option<i64>>, Value), _> = redis::pipe()
             .invoke_script(&self.scripts.nodes.prepare_invoke())
             .cmd("HMGET")
             .arg("clio:ver")
@@ -706,9 +710,23 @@ impl Worker {
             Err(e) => return self.failed("poll", &e),
         };
         self.ok();
+        let nodes = items(&nodes);
+        let count = nodes.first().map_or(1, int);
         self.fleet
             .nodes
-            .store(nodes.max(1) as u32, Ordering::Relaxed);
+            .store(count.max(1) as u32, Ordering::Relaxed);
+        // Each account's live streams on every node, for its alert.
+        let live: HashMap<String, i64> = nodes
+            .get(1)
+            .map(items)
+            .unwrap_or_default()
+            .chunks(2)
+            .filter_map(|p| Some((text(p.first()?), int(p.get(1)?))))
+            .collect();
+        for a in self.links.process.accounts() {
+            let n = live.get(&a.id).copied().unwrap_or(0);
+            a.set_fleet_live(Some(u32::try_from(n.max(0)).unwrap_or(u32::MAX - 1)));
+        }
         let rev = vers.first().copied().flatten().unwrap_or(0);
         let acct = vers.get(1).copied().flatten().unwrap_or(0);
         if self.rev_ver != Some(rev) {
