@@ -13,11 +13,13 @@
 //! - [`usage`]: what a stream used: the record a shard writes at its end.
 //! - [`cluster`]: the fleet's shared store in Redis: device and account
 //!   leases, revocations, the account set, usage.
+//! - [`deadline`]: a deadline for any future on a glommio executor.
 //! - [`doorbell`]: answers from other threads (the fleet's store) that
 //!   reach a shard's task at once, also while the shard sleeps in its ring.
 
 pub mod cluster;
 pub mod config;
+pub mod deadline;
 pub mod devices;
 pub mod doorbell;
 pub mod keyring;

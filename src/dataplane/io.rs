@@ -7,12 +7,10 @@
 //! No lock, no atomic.
 
 use std::cell::RefCell;
-use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use futures_lite::io::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
@@ -311,14 +309,7 @@ pub fn allowed(
         })
 }
 
-/// Runs `fut`, giving up after `dur`.
-pub async fn timeout<T>(dur: Duration, fut: impl Future<Output = T>) -> Option<T> {
-    futures_lite::future::or(async { Some(fut.await) }, async {
-        glommio::timer::Timer::new(dur).await;
-        None
-    })
-    .await
-}
+pub use crate::core::deadline::timeout;
 
 /// A shard's free list of read buffers, all the same size. Preallocated at
 /// start so the first streams allocate nothing; grows on demand and keeps at
@@ -542,6 +533,8 @@ impl Drop for Buf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::future::Future;
+    use std::time::Duration;
 
     #[test]
     fn buffers_return_to_the_pool_and_compact() {

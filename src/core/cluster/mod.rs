@@ -35,11 +35,11 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::control::usage::{GroupBy, UsageRecord};
 use crate::core::config::{ClusterConfig, DeviceLimits, StoreDown};
 use crate::core::devices::{utc_day, DevicePermit, Devices, Limit, Refused};
 use crate::core::keyring::{KeyRing, Lease};
 use crate::core::token::Claims;
+use crate::core::usage::{GroupBy, UsageRecord};
 
 pub use store::{channel, start, Links};
 
@@ -306,7 +306,7 @@ impl Fleet {
         // The thread answers every job within its deadlines; this bound
         // only guards against a thread that is gone or stuck.
         let bound = self.timeout * 4 + Duration::from_secs(1);
-        crate::dataplane::io::timeout(bound, rx)
+        crate::core::deadline::timeout(bound, rx)
             .await
             .flatten()
             .unwrap_or(OpenAnswer::Down)
@@ -513,7 +513,7 @@ impl Fleet {
         let (reply, rx) = async_channel::bounded(1);
         self.send(Job::UsageFlush(reply));
         let bound = self.timeout * (usage::FLUSH_CHUNKS as u32 + 2) + Duration::from_secs(1);
-        crate::dataplane::io::timeout(bound, rx.recv())
+        crate::core::deadline::timeout(bound, rx.recv())
             .await
             .and_then(Result::ok)
             .unwrap_or_else(|| Err("the cluster thread did not answer".into()))?;

@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use redis::Value;
 
-use crate::control::usage::{GroupBy, Totals, UsageRecord};
+use crate::core::usage::{GroupBy, Totals, UsageRecord};
 
 /// Days an account's fleet usage is kept in Redis (like the local ledger).
 pub const KEEP_ACCOUNT_DAYS: u64 = 400;
