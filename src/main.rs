@@ -44,7 +44,7 @@ enum Command {
         #[arg(long)]
         device: String,
         /// Lifetime, like 15m or 2h (default: tokens.default_ttl).
-        #[arg(long, value_parser = clio_relay::cli::parse_duration)]
+        #[arg(long, value_parser = clio_relay::core::config::parse_duration)]
         ttl: Option<Duration>,
         /// Device tier the token grants ([devices.tier.NAME] limits).
         #[arg(long)]

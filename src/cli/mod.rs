@@ -184,12 +184,6 @@ pub fn mint_token_for(
     Ok(keys.mint_in(device, tier, &pools, ttl, SystemTime::now())?)
 }
 
-/// Parses a duration for a command-line flag (clap `value_parser`), in the
-/// same syntax as the config file: `500ms`, `5s`, `15m`, `2h`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    crate::core::config::parse_duration(s)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -330,8 +324,10 @@ mod tests {
         assert!(!err.to_string().contains(SECRET));
     }
 
+    /// `mint-token --ttl` uses the config file's duration parser.
     #[test]
     fn parse_duration_matches_config_syntax() {
+        use crate::core::config::parse_duration;
         assert_eq!(parse_duration("15m"), Ok(Duration::from_secs(900)));
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert!(parse_duration("15x").is_err());

@@ -6,7 +6,8 @@ use std::time::Instant;
 
 use crate::control::accounts::Accounts;
 use crate::control::admin::{self, AdminHandle, AdminMsg, AdminSetup};
-use crate::core::config::{AuthMode, Config};
+use crate::control::health::RestTarget;
+use crate::core::config::{AuthMode, Config, PoolConfig};
 use crate::core::metrics::MetricsSnapshot;
 use crate::core::token::TokenKeys;
 use crate::dataplane::shard::{self, ProcessState, ShardHandle, ShardMsg, ShardSetup};
@@ -27,6 +28,26 @@ pub struct RelayHandle {
     cluster: Option<std::thread::JoinHandle<()>>,
     /// The config the process started with: what a reload cannot change.
     started_with: Config,
+}
+
+/// A config problem found while starting (an unusable URL, TLS file...).
+fn invalid(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidInput, e)
+}
+
+/// `pool`'s REST API for its accounts' health checks; `None` (logged) if
+/// it cannot be derived: the checks are then off for the pool's accounts.
+fn rest_target(
+    pool: PoolConfig,
+    tls: &Option<Arc<rustls::ClientConfig>>,
+) -> Option<(String, RestTarget)> {
+    match RestTarget::new(&pool.url, pool.rest_url.as_deref(), tls.clone()) {
+        Ok(r) => Some((pool.name, r)),
+        Err(e) => {
+            tracing::warn!(pool = %pool.name, error = %e, "no REST URL for the pool's health checks; they are off for its accounts");
+            None
+        }
+    }
 }
 
 /// Starts a relay with `cfg`: one shard per `server.shards` (pinned when
@@ -67,7 +88,6 @@ pub fn start_joining(
     }
     let client_fd = sockets.client.map(Arc::new);
     let admin_fd = sockets.admin.map(Arc::new);
-    let invalid = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
     let epoch = Instant::now();
     // Config-file keys are dated from when this state directory first saw
     // them, so their age (and the rotation warning) survives restarts.
@@ -126,15 +146,7 @@ pub fn start_joining(
     let rests: Vec<_> = cfg
         .all_pools()
         .into_iter()
-        .filter_map(|p| {
-            match crate::control::health::RestTarget::new(&p.url, p.rest_url.as_deref(), tls.clone()) {
-                Ok(r) => Some((p.name, r)),
-                Err(e) => {
-                    tracing::warn!(pool = %p.name, error = %e, "no REST URL for the pool's health checks; they are off for its accounts");
-                    None
-                }
-            }
-        })
+        .filter_map(|p| rest_target(p, &tls))
         .collect();
     // The fleet handle is in place before any shard takes a stream; its
     // thread starts once the shards exist (it sends them "end" requests).

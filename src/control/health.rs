@@ -16,8 +16,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::control::httpc::{client, Endpoint, Request};
-use crate::core::config::parse_ws_url;
+use crate::control::httpc::{self, client, Endpoint, Request};
+use crate::core::config::{parse_ws_url, UrlError};
 use crate::core::keyring::{AccountState, KeySlot, NO_UPSTREAM_CAP};
 use crate::dataplane::io::BufferPool;
 use crate::dataplane::upstream::UpstreamFault;
@@ -31,6 +31,40 @@ pub struct RestTarget {
     host: String,
     port: u16,
     tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+/// Why a pool's REST API cannot be reached at all (its health checks are
+/// then off).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RestUrlError {
+    /// The WebSocket URL, or the REST URL made from it, does not parse.
+    Url(UrlError),
+    /// The REST URL is `https` but no TLS client config was given.
+    NoTls,
+}
+
+impl std::fmt::Display for RestUrlError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RestUrlError::Url(e) => e.fmt(f),
+            RestUrlError::NoTls => f.write_str("an https REST URL needs a TLS config"),
+        }
+    }
+}
+
+impl std::error::Error for RestUrlError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            RestUrlError::Url(e) => Some(e),
+            RestUrlError::NoTls => None,
+        }
+    }
+}
+
+impl From<UrlError> for RestUrlError {
+    fn from(e: UrlError) -> Self {
+        RestUrlError::Url(e)
+    }
 }
 
 /// What one check found.
@@ -52,7 +86,7 @@ impl RestTarget {
         ws_url: &str,
         rest_url: Option<&str>,
         tls: Option<Arc<rustls::ClientConfig>>,
-    ) -> Result<RestTarget, String> {
+    ) -> Result<RestTarget, RestUrlError> {
         let url = match rest_url {
             Some(u) => u
                 .replacen("https://", "wss://", 1)
@@ -70,7 +104,7 @@ impl RestTarget {
         };
         let ep = parse_ws_url(&url)?;
         let tls = if ep.tls {
-            Some(tls.ok_or("an https REST URL needs a TLS config")?)
+            Some(tls.ok_or(RestUrlError::NoTls)?)
         } else {
             None
         };
@@ -87,7 +121,7 @@ impl RestTarget {
         path: &str,
         key: &KeySlot,
         limit: Duration,
-    ) -> Result<(u16, Vec<u8>), String> {
+    ) -> Result<(u16, Vec<u8>), httpc::Error> {
         let ep = Endpoint {
             host: self.host.clone(),
             port: self.port,
@@ -97,10 +131,8 @@ impl RestTarget {
             .header("Accept", "application/json")
             .bearer(key.key.expose())
             .max_body(MAX_REST_BODY);
-        match client::send(&ep, &req, limit).await {
-            Ok(r) => Ok((r.status, r.body)),
-            Err(e) => Err(e.to_string()),
-        }
+        let r = client::send(&ep, &req, limit).await?;
+        Ok((r.status, r.body))
     }
 
     /// Checks one account's current key and applies the result to the

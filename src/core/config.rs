@@ -25,7 +25,7 @@ mod url;
 mod validate;
 
 pub use sections::*;
-pub use url::{parse_ws_url, WsEndpoint};
+pub use url::{parse_ws_url, UrlError, WsEndpoint};
 pub use validate::valid_account_id;
 use validate::{account_label, check_token_secret, validate_semantics};
 
@@ -89,8 +89,11 @@ pub struct Config {
 
 /// Parses a duration in the config syntax: `500ms`, `5s`, `15m`, `2h`,
 /// `1h 30m` (humantime).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim()).map_err(|e| format!("invalid duration {s:?}: {e}"))
+pub fn parse_duration(s: &str) -> Result<Duration, DurationError> {
+    humantime::parse_duration(s.trim()).map_err(|source| DurationError {
+        text: s.to_string(),
+        source,
+    })
 }
 
 // ---------------------------------------------------------------------------
@@ -126,6 +129,28 @@ impl fmt::Display for ConfigError {
 }
 
 impl std::error::Error for ConfigError {}
+
+/// A duration that is not in the config syntax (`500ms`, `5s`, `1h 30m`).
+/// Durations are never secret, so the message quotes the text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DurationError {
+    /// The text that did not parse, as given.
+    pub text: String,
+    /// What the duration parser found wrong with it.
+    pub source: humantime::DurationError,
+}
+
+impl fmt::Display for DurationError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid duration {:?}: {}", self.text, self.source)
+    }
+}
+
+impl std::error::Error for DurationError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
 
 /// Problems found so far, and the keys they were about (so later checks
 /// that depend on a key already reported stay quiet).

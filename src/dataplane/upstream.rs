@@ -7,7 +7,7 @@
 use std::cell::RefCell;
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,7 +16,7 @@ use futures_rustls::TlsConnector;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 
-use crate::core::config::{parse_ws_url, WsEndpoint};
+use crate::core::config::{parse_ws_url, UrlError, WsEndpoint};
 use crate::core::keyring::RateScope;
 use crate::core::secret::Secret;
 use crate::dataplane::http::{self, UpstreamAnswer};
@@ -61,6 +61,79 @@ impl std::fmt::Display for ConnectError {
 
 impl std::error::Error for ConnectError {}
 
+/// Why an upstream endpoint cannot be set up from the config (at startup,
+/// before any stream): a bad URL, a missing TLS config or CA file.
+#[derive(Debug)]
+pub enum TargetError {
+    /// The URL is not a valid `ws://` / `wss://` URL.
+    Url(UrlError),
+    /// A `wss://` upstream was given no TLS client config.
+    NoTls,
+    /// The URL's host is not a valid TLS server name.
+    ServerName(rustls::pki_types::InvalidDnsNameError),
+    /// `upstream.ca_file` could not be read as PEM certificates.
+    CaFile {
+        /// The file named by `upstream.ca_file`.
+        path: PathBuf,
+        /// What reading it found.
+        source: rustls::pki_types::pem::Error,
+    },
+    /// `upstream.ca_file` holds no certificate.
+    NoCertificate(PathBuf),
+    /// A certificate in `upstream.ca_file` is not a usable trust root.
+    BadCertificate {
+        /// The file named by `upstream.ca_file`.
+        path: PathBuf,
+        /// Why rustls refused the certificate.
+        source: rustls::Error,
+    },
+    /// rustls refused to build the client config.
+    Tls(rustls::Error),
+}
+
+impl From<UrlError> for TargetError {
+    fn from(e: UrlError) -> Self {
+        TargetError::Url(e)
+    }
+}
+
+impl std::fmt::Display for TargetError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TargetError::Url(e) => e.fmt(f),
+            TargetError::NoTls => f.write_str("a wss:// upstream needs a TLS config"),
+            TargetError::ServerName(e) => write!(f, "upstream.url host: {e}"),
+            TargetError::CaFile { path, source } => {
+                write!(f, "upstream.ca_file {}: {source}", path.display())
+            }
+            TargetError::NoCertificate(path) => {
+                write!(
+                    f,
+                    "upstream.ca_file {}: no certificate found",
+                    path.display()
+                )
+            }
+            TargetError::BadCertificate { path, source } => {
+                write!(f, "upstream.ca_file {}: {source}", path.display())
+            }
+            TargetError::Tls(e) => e.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for TargetError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            TargetError::Url(e) => Some(e),
+            TargetError::ServerName(e) => Some(e),
+            TargetError::CaFile { source, .. } => Some(source),
+            TargetError::BadCertificate { source, .. } => Some(source),
+            TargetError::Tls(e) => Some(e),
+            TargetError::NoTls | TargetError::NoCertificate(_) => None,
+        }
+    }
+}
+
 /// The parsed `upstream.url` with what a shard needs to connect to it.
 pub struct UpstreamTarget {
     host: String,
@@ -84,30 +157,32 @@ impl std::fmt::Debug for UpstreamTarget {
 }
 
 /// Builds the TLS client config: the webpki roots plus any PEM certificates in `ca_file`.
-pub fn tls_client_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, String> {
+pub fn tls_client_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, TargetError> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = ca_file {
+        let pem = |source| TargetError::CaFile {
+            path: path.to_path_buf(),
+            source,
+        };
         let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-            .map_err(|e| format!("upstream.ca_file {}: {e}", path.display()))?
+            .map_err(pem)?
             .collect::<Result<_, _>>()
-            .map_err(|e| format!("upstream.ca_file {}: {e}", path.display()))?;
+            .map_err(pem)?;
         if certs.is_empty() {
-            return Err(format!(
-                "upstream.ca_file {}: no certificate found",
-                path.display()
-            ));
+            return Err(TargetError::NoCertificate(path.to_path_buf()));
         }
         for c in certs {
-            roots
-                .add(c)
-                .map_err(|e| format!("upstream.ca_file {}: {e}", path.display()))?;
+            roots.add(c).map_err(|source| TargetError::BadCertificate {
+                path: path.to_path_buf(),
+                source,
+            })?;
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .map_err(TargetError::Tls)?
         .with_root_certificates(roots)
         .with_no_client_auth();
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -119,7 +194,7 @@ impl UpstreamTarget {
     pub fn new(
         url: &str,
         tls: Option<Arc<rustls::ClientConfig>>,
-    ) -> Result<UpstreamTarget, String> {
+    ) -> Result<UpstreamTarget, TargetError> {
         let WsEndpoint {
             tls: secure,
             host,
@@ -138,9 +213,8 @@ impl UpstreamTarget {
             format!("{bracketed}:{port}")
         };
         let tls = if secure {
-            let cfg = tls.ok_or("a wss:// upstream needs a TLS config")?;
-            let name = ServerName::try_from(host.clone())
-                .map_err(|e| format!("upstream.url host: {e}"))?;
+            let cfg = tls.ok_or(TargetError::NoTls)?;
+            let name = ServerName::try_from(host.clone()).map_err(TargetError::ServerName)?;
             Some((TlsConnector::from(cfg), name))
         } else {
             None

@@ -340,7 +340,7 @@ pub struct UpstreamConfig {
 
 impl UpstreamConfig {
     /// The parts of [`UpstreamConfig::url`] a connector needs.
-    pub fn endpoint(&self) -> Result<WsEndpoint, String> {
+    pub fn endpoint(&self) -> Result<WsEndpoint, UrlError> {
         parse_ws_url(&self.url)
     }
 }

@@ -547,6 +547,7 @@ fn durations() {
     assert_eq!(parse_duration("2h").unwrap(), Duration::from_secs(7200));
     assert!(parse_duration("15x")
         .unwrap_err()
+        .to_string()
         .starts_with("invalid duration \"15x\""));
     assert!(parse_duration("").is_err());
     assert!(parse_duration("5").is_err());
