@@ -88,7 +88,7 @@ mod key_dates;
 mod master;
 mod merge;
 
-pub use data::{AccountOverride, RetiringKey, StoreData, StoredAccount, StoredKey};
+pub use data::{AccountOverride, DataError, RetiringKey, StoreData, StoredAccount, StoredKey};
 pub use format::MAGIC;
 pub use key_dates::KeyDates;
 pub use master::{MasterKey, MASTER_KEY_BYTES};
@@ -283,7 +283,7 @@ pub enum StoreError {
     /// The master key could not be read or is not 32 bytes of hex.
     BadMasterKey(String),
     /// The data to save breaks the store's rules (duplicate id, empty key...).
-    Invalid(String),
+    Invalid(DataError),
     /// The store changed since `data` was loaded: reload and reapply.
     Conflict {
         /// The generation in the file.
@@ -325,6 +325,7 @@ impl std::error::Error for StoreError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             StoreError::Io { source, .. } => Some(source),
+            StoreError::Invalid(e) => Some(e),
             _ => None,
         }
     }

@@ -13,6 +13,38 @@ use super::StoreError;
 use crate::core::config::valid_account_id;
 use crate::core::secret::Secret;
 
+/// Which of the store's rules a [`StoreData`] breaks. Names the account
+/// (ids are not secret), never a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DataError {
+    /// An account id is not `[A-Za-z0-9._-]+`.
+    BadId(String),
+    /// Two accounts have this id.
+    DuplicateId(String),
+    /// This account's current or a retiring key is empty.
+    EmptyKey(String),
+    /// This account is both stored and in the removed list.
+    StoredAndRemoved(String),
+    /// Two overrides are for this account.
+    DuplicateOverride(String),
+}
+
+impl std::fmt::Display for DataError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DataError::BadId(id) => write!(f, "account id {id:?} is not [A-Za-z0-9._-]+"),
+            DataError::DuplicateId(id) => write!(f, "account id {id} appears twice"),
+            DataError::EmptyKey(id) => write!(f, "account {id} has an empty key"),
+            DataError::StoredAndRemoved(id) => {
+                write!(f, "account {id} is both stored and removed")
+            }
+            DataError::DuplicateOverride(id) => write!(f, "override for {id} appears twice"),
+        }
+    }
+}
+
+impl std::error::Error for DataError {}
+
 /// Version of the JSON document inside the sealed file.
 const DOC_VERSION: u32 = 1;
 
@@ -144,28 +176,28 @@ impl StoreData {
 
     /// Checks what the merge and the relay rely on: valid, unique ids,
     /// non-empty keys, no id both stored and removed. Never quotes a key.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), DataError> {
         let mut ids = HashSet::new();
         for a in &self.accounts {
             if !valid_account_id(&a.id) {
-                return Err(format!("account id {:?} is not [A-Za-z0-9._-]+", a.id));
+                return Err(DataError::BadId(a.id.clone()));
             }
             if !ids.insert(a.id.as_str()) {
-                return Err(format!("account id {} appears twice", a.id));
+                return Err(DataError::DuplicateId(a.id.clone()));
             }
             if a.key.key.expose().is_empty()
                 || a.retiring.iter().any(|r| r.key.key.expose().is_empty())
             {
-                return Err(format!("account {} has an empty key", a.id));
+                return Err(DataError::EmptyKey(a.id.clone()));
             }
             if self.removed.contains(&a.id) {
-                return Err(format!("account {} is both stored and removed", a.id));
+                return Err(DataError::StoredAndRemoved(a.id.clone()));
             }
         }
         let mut overridden = HashSet::new();
         for o in &self.overrides {
             if !overridden.insert(o.id.as_str()) {
-                return Err(format!("override for {} appears twice", o.id));
+                return Err(DataError::DuplicateOverride(o.id.clone()));
             }
         }
         Ok(())
@@ -261,7 +293,8 @@ impl StoreData {
                 })
                 .collect(),
         };
-        data.validate().map_err(StoreError::Corrupt)?;
+        data.validate()
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         Ok(data)
     }
 }
