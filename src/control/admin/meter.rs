@@ -129,7 +129,7 @@ pub(super) async fn usage(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
         other => {
             if let Some(Err(e)) = other {
                 tracing::warn!(error = %e, "fleet usage unreadable; answering with this node's");
-                body["fleet_error"] = json!(e);
+                body["fleet_error"] = json!(e.to_string());
             }
             if fleet.is_some() {
                 body["scope"] = json!("node");

@@ -33,7 +33,9 @@ use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::control::accounts::Accounts;
 use crate::control::health::{CheckCounts, RestTarget};
+use crate::control::keystore::StoreError;
 use crate::control::usage::UsageBook;
+use crate::core::cluster::ClusterError;
 use crate::core::config::UsageConfig;
 use crate::core::config::{AdminConfig, Config};
 use crate::core::metrics::MetricsSnapshot;
@@ -99,6 +101,45 @@ fn prices(accounts: &[crate::core::config::AccountConfig]) -> HashMap<String, me
             )
         })
         .collect()
+}
+
+/// Why an account change applied here was not shared with the fleet.
+#[derive(Debug)]
+enum ShareError {
+    /// The account set could not be sealed under the master key.
+    Seal(StoreError),
+    /// The cluster store did not take the sealed set.
+    Fleet(ClusterError),
+}
+
+impl std::fmt::Display for ShareError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ShareError::Seal(e) => e.fmt(f),
+            ShareError::Fleet(e) => e.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for ShareError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ShareError::Seal(e) => Some(e),
+            ShareError::Fleet(e) => Some(e),
+        }
+    }
+}
+
+impl From<StoreError> for ShareError {
+    fn from(e: StoreError) -> Self {
+        ShareError::Seal(e)
+    }
+}
+
+impl From<ClusterError> for ShareError {
+    fn from(e: ClusterError) -> Self {
+        ShareError::Fleet(e)
+    }
 }
 
 /// The admin thread's state: what the admin port and the reloads need,
@@ -232,7 +273,7 @@ impl Admin {
     }
 
     /// Saves the account set to the key store (if there is one).
-    fn persist(&self) -> Result<(), String> {
+    fn persist(&self) -> Result<(), StoreError> {
         let Some(store) = &self.accounts.store else {
             return Ok(());
         };
@@ -240,14 +281,14 @@ impl Admin {
             &self.accounts.configs.borrow(),
             self.accounts.store_generation.get(),
         );
-        store.save(&mut data).map_err(|e| e.to_string())?;
+        store.save(&mut data)?;
         self.accounts.store_generation.set(data.generation);
         Ok(())
     }
 
     /// In a fleet: stores the account set, sealed under the master key, for
     /// every node to apply.
-    async fn share_accounts(&self) -> Result<(), String> {
+    async fn share_accounts(&self) -> Result<(), ShareError> {
         let (Some(fleet), Some(store)) = (self.process.fleet.get(), &self.accounts.store) else {
             return Ok(());
         };
@@ -255,8 +296,8 @@ impl Admin {
             &self.accounts.configs.borrow(),
             self.accounts.store_generation.get(),
         );
-        let sealed = store.seal_data(&data).map_err(|e| e.to_string())?;
-        fleet.publish_accounts(sealed).await
+        let sealed = store.seal_data(&data)?;
+        Ok(fleet.publish_accounts(sealed).await?)
     }
 
     /// Applies the account set another node of the fleet stored.

@@ -26,9 +26,12 @@
 //! Redis answers again it replaces the node's counts with those
 //! ([`scripts::REGISTER`]), so nothing is counted twice or left behind.
 
+mod error;
 pub mod scripts;
 mod store;
 pub mod usage;
+
+pub use error::ClusterError;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -92,15 +95,15 @@ pub enum Job {
         /// Lift the revocation instead.
         lift: bool,
         /// Ok, or why Redis did not take it.
-        reply: async_channel::Sender<Result<(), String>>,
+        reply: async_channel::Sender<Result<(), ClusterError>>,
     },
     /// Store the sealed account set and tell every node.
-    Accounts(Vec<u8>, async_channel::Sender<Result<(), String>>),
+    Accounts(Vec<u8>, async_channel::Sender<Result<(), ClusterError>>),
     /// Usage of streams that ended on this node, for the fleet's totals
     /// (added to Redis at the next flush, at most once a second).
     Usage(Vec<UsageRecord>),
     /// Add the usage waiting now, then answer (before a fleet query).
-    UsageFlush(async_channel::Sender<Result<(), String>>),
+    UsageFlush(async_channel::Sender<Result<(), ClusterError>>),
     /// Leave the fleet (this node's counts and lease are deleted) and end
     /// the thread.
     Stop,
@@ -509,19 +512,24 @@ impl Fleet {
     /// usage so far is added first, then every node's is read from Redis
     /// (on glommio's blocking pool, with a connection of its own). An error
     /// when Redis is unreachable.
-    pub async fn usage(&self, from: u64, to: u64, group: GroupBy) -> Result<usage::ByNode, String> {
+    pub async fn usage(
+        &self,
+        from: u64,
+        to: u64,
+        group: GroupBy,
+    ) -> Result<usage::ByNode, ClusterError> {
         let (reply, rx) = async_channel::bounded(1);
         self.send(Job::UsageFlush(reply));
         let bound = self.timeout * (usage::FLUSH_CHUNKS as u32 + 2) + Duration::from_secs(1);
         crate::core::deadline::timeout(bound, rx.recv())
             .await
             .and_then(Result::ok)
-            .unwrap_or_else(|| Err("the cluster thread did not answer".into()))?;
+            .unwrap_or_else(|| Err(ClusterError::ThreadSilent))?;
         let client = self
             .client
             .get()
             .cloned()
-            .ok_or_else(|| "the cluster store is not configured".to_string())?;
+            .ok_or(ClusterError::NotConfigured)?;
         let timeout = self.timeout;
         let today = utc_day(SystemTime::now());
         glommio::executor()
@@ -542,7 +550,7 @@ impl Fleet {
         token: Option<String>,
         end_live: bool,
         lift: bool,
-    ) -> Result<(), String> {
+    ) -> Result<(), ClusterError> {
         let (reply, rx) = async_channel::bounded(1);
         self.send(Job::Revoke {
             device,
@@ -553,16 +561,16 @@ impl Fleet {
         });
         rx.recv()
             .await
-            .unwrap_or_else(|_| Err("the cluster thread is gone".into()))
+            .unwrap_or_else(|_| Err(ClusterError::ThreadGone))
     }
 
     /// Stores the sealed account set for every node.
-    pub async fn publish_accounts(&self, sealed: Vec<u8>) -> Result<(), String> {
+    pub async fn publish_accounts(&self, sealed: Vec<u8>) -> Result<(), ClusterError> {
         let (reply, rx) = async_channel::bounded(1);
         self.send(Job::Accounts(sealed, reply));
         rx.recv()
             .await
-            .unwrap_or_else(|_| Err("the cluster thread is gone".into()))
+            .unwrap_or_else(|_| Err(ClusterError::ThreadGone))
     }
 }
 

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use redis::{IntoConnectionInfo, Value};
 
-use super::{scripts, usage, Fleet, Held, Job, Kind, OpenAnswer};
+use super::{scripts, usage, ClusterError, Fleet, Held, Job, Kind, OpenAnswer};
 use crate::core::config::ClusterConfig;
 use crate::core::devices::{utc_day, Limit};
 use crate::dataplane::shard::{ProcessState, ShardMsg};
@@ -124,7 +124,7 @@ impl Scripts {
 enum Pending {
     Open(super::OpenJob),
     Adjust,
-    Reply(async_channel::Sender<Result<(), String>>),
+    Reply(async_channel::Sender<Result<(), ClusterError>>),
     /// The account version after a publish.
     AccountVersion,
 }
@@ -413,7 +413,7 @@ impl Worker {
     /// Adds the usage waiting to Redis, in at most `chunks` calls: the
     /// batch sent but not answered first (same id: the script skips it if
     /// it was added), then new batches of at most [`usage::CHUNK`] entries.
-    fn flush_usage(&mut self, chunks: usize) -> Result<(), String> {
+    fn flush_usage(&mut self, chunks: usize) -> Result<(), ClusterError> {
         self.last_usage = Instant::now();
         for _ in 0..chunks {
             if self.usage_sent.is_none() {
@@ -425,7 +425,7 @@ impl Worker {
                 self.usage_sent = Some((id, usage::take_chunk(&mut self.usage)));
             }
             let Some(con) = self.con.as_mut() else {
-                return Err("the cluster store is unreachable".into());
+                return Err(ClusterError::Unreachable);
             };
             let (id, chunk) = self.usage_sent.as_ref().expect("set above");
             let inv = usage::invocation(&self.scripts.usage, &self.fleet.node_id, id, chunk);
@@ -437,7 +437,7 @@ impl Worker {
                 }
                 Err(e) => {
                     self.failed("usage", &e);
-                    return Err("the cluster store did not answer".into());
+                    return Err(ClusterError::NoAnswer);
                 }
             }
         }
@@ -495,7 +495,7 @@ impl Worker {
                     reply,
                 } => {
                     if !up {
-                        let _ = reply.try_send(Err("the cluster store is unreachable".into()));
+                        let _ = reply.try_send(Err(ClusterError::Unreachable));
                         continue;
                     }
                     let op = if lift { "SREM" } else { "SADD" };
@@ -523,7 +523,7 @@ impl Worker {
                 }
                 Job::Accounts(sealed, reply) => {
                     if !up {
-                        let _ = reply.try_send(Err("the cluster store is unreachable".into()));
+                        let _ = reply.try_send(Err(ClusterError::Unreachable));
                         continue;
                     }
                     pipe.cmd("SET").arg("clio:accounts").arg(sealed).ignore();
@@ -555,7 +555,7 @@ impl Worker {
                             let _ = o.reply.send(OpenAnswer::Down);
                         }
                         Pending::Reply(r) => {
-                            let _ = r.try_send(Err("the cluster store did not answer".into()));
+                            let _ = r.try_send(Err(ClusterError::NoAnswer));
                         }
                         _ => {}
                     }

@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use redis::Value;
 
+use super::ClusterError;
 use crate::core::usage::{GroupBy, Totals, UsageRecord};
 
 /// Days an account's fleet usage is kept in Redis (like the local ledger).
@@ -142,7 +143,7 @@ pub fn query(
     to: u64,
     today: u64,
     group: GroupBy,
-) -> Result<ByNode, String> {
+) -> Result<ByNode, ClusterError> {
     let keep = match group {
         GroupBy::Account => KEEP_ACCOUNT_DAYS,
         GroupBy::Device => KEEP_DEVICE_DAYS,
@@ -153,21 +154,17 @@ pub fn query(
     if from > to {
         return Ok(out);
     }
-    let mut con = client
-        .get_connection_with_timeout(timeout)
-        .map_err(|e| e.to_string())?;
+    let mut con = client.get_connection_with_timeout(timeout)?;
     // A month of devices is a large answer: more time than a stream open's
     // deadline, still bounded.
     let read = timeout.max(Duration::from_secs(5));
-    con.set_read_timeout(Some(read))
-        .map_err(|e| e.to_string())?;
-    con.set_write_timeout(Some(read))
-        .map_err(|e| e.to_string())?;
+    con.set_read_timeout(Some(read))?;
+    con.set_write_timeout(Some(read))?;
     let mut pipe = redis::pipe();
     for day in from..=to {
         pipe.cmd("SMEMBERS").arg(format!("clio:u:{day}:nodes"));
     }
-    let nodes: Vec<Vec<String>> = pipe.query(&mut con).map_err(|e| e.to_string())?;
+    let nodes: Vec<Vec<String>> = pipe.query(&mut con)?;
     let mut pipe = redis::pipe();
     let mut which = Vec::new();
     for (day, names) in (from..=to).zip(nodes) {
@@ -180,7 +177,7 @@ pub fn query(
     if which.is_empty() {
         return Ok(out);
     }
-    let hashes: Vec<Value> = pipe.query(&mut con).map_err(|e| e.to_string())?;
+    let hashes: Vec<Value> = pipe.query(&mut con)?;
     for (node, h) in which.into_iter().zip(hashes) {
         let totals = out.entry(node).or_default();
         let pairs: Vec<&Value> = match &h {
