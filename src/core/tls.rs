@@ -2,6 +2,8 @@
 //! files, with HTTP/1.1 as the only ALPN protocol. Re-read on SIGHUP; a
 //! stream keeps the config it was accepted with.
 
+use std::fmt;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
@@ -9,31 +11,81 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::core::config::TlsConfig;
 
+/// Why the client port's TLS config cannot be built from `[tls]`. Names
+/// the file, never quotes the private key.
+#[derive(Debug)]
+pub enum TlsError {
+    /// `tls.cert_file` could not be read as PEM certificates.
+    CertFile {
+        /// The file named by `tls.cert_file`.
+        path: PathBuf,
+        /// What reading it found.
+        source: rustls::pki_types::pem::Error,
+    },
+    /// `tls.cert_file` holds no certificate.
+    NoCertificate(PathBuf),
+    /// `tls.key_file` holds no readable PEM private key (the reader's
+    /// error is dropped: it may quote the key).
+    KeyFile(PathBuf),
+    /// rustls refused to build the server config.
+    Tls(rustls::Error),
+    /// The certificate and the private key are not a pair.
+    Mismatch(rustls::Error),
+}
+
+impl fmt::Display for TlsError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TlsError::CertFile { path, source } => {
+                write!(f, "tls.cert_file {}: {source}", path.display())
+            }
+            TlsError::NoCertificate(path) => {
+                write!(f, "tls.cert_file {}: no certificate", path.display())
+            }
+            TlsError::KeyFile(path) => write!(
+                f,
+                "tls.key_file {}: no readable PEM private key",
+                path.display()
+            ),
+            TlsError::Tls(e) => e.fmt(f),
+            TlsError::Mismatch(e) => {
+                write!(f, "tls: the certificate and key do not go together: {e}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for TlsError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            TlsError::CertFile { source, .. } => Some(source),
+            TlsError::Tls(e) | TlsError::Mismatch(e) => Some(e),
+            TlsError::NoCertificate(_) | TlsError::KeyFile(_) => None,
+        }
+    }
+}
+
 /// Builds the client port's TLS config from `[tls]`; the error names the file.
-pub fn server_config(cfg: &TlsConfig) -> Result<Arc<rustls::ServerConfig>, String> {
+pub fn server_config(cfg: &TlsConfig) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cfg.cert_file)
         .and_then(|i| i.collect::<Result<_, _>>())
-        .map_err(|e| format!("tls.cert_file {}: {e}", cfg.cert_file.display()))?;
+        .map_err(|source| TlsError::CertFile {
+            path: cfg.cert_file.clone(),
+            source,
+        })?;
     if certs.is_empty() {
-        return Err(format!(
-            "tls.cert_file {}: no certificate",
-            cfg.cert_file.display()
-        ));
+        return Err(TlsError::NoCertificate(cfg.cert_file.clone()));
     }
     // The error never quotes the file: it holds a private key.
-    let key = PrivateKeyDer::from_pem_file(&cfg.key_file).map_err(|_| {
-        format!(
-            "tls.key_file {}: no readable PEM private key",
-            cfg.key_file.display()
-        )
-    })?;
+    let key = PrivateKeyDer::from_pem_file(&cfg.key_file)
+        .map_err(|_| TlsError::KeyFile(cfg.key_file.clone()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .map_err(TlsError::Tls)?
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .map_err(|e| format!("tls: the certificate and key do not go together: {e}"))?;
+        .map_err(TlsError::Mismatch)?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
