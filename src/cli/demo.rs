@@ -43,6 +43,56 @@ impl Default for DemoArgs {
     }
 }
 
+/// Why one demo client's stream failed on its side (the relay's own
+/// errors arrive as results). Never holds the client's token.
+#[derive(Debug)]
+enum DemoError {
+    /// The relay's address does not make a WebSocket request.
+    Request(tungstenite::Error),
+    /// The token is not a valid HTTP header value (not quoted).
+    BadToken,
+    /// TCP to the relay failed.
+    Connect(std::io::Error),
+    /// The WebSocket upgrade failed.
+    Upgrade(tungstenite::Error),
+    /// A message could not be sent.
+    Send(tungstenite::Error),
+    /// The socket's read timeout could not be set.
+    Socket(std::io::Error),
+    /// The relay sent a text message that is not JSON.
+    NotJson,
+    /// Reading from the relay failed.
+    Read(tungstenite::Error),
+}
+
+impl std::fmt::Display for DemoError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DemoError::Request(e) => write!(f, "{e}"),
+            DemoError::BadToken => f.write_str("bad token"),
+            DemoError::Connect(e) => write!(f, "connect: {e}"),
+            DemoError::Upgrade(e) => write!(f, "upgrade: {e}"),
+            DemoError::Send(e) => write!(f, "send: {e}"),
+            DemoError::Socket(e) => write!(f, "{e}"),
+            DemoError::NotJson => f.write_str("a result that is not JSON"),
+            DemoError::Read(e) => write!(f, "read: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for DemoError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            DemoError::Request(e)
+            | DemoError::Upgrade(e)
+            | DemoError::Send(e)
+            | DemoError::Read(e) => Some(e),
+            DemoError::Connect(e) | DemoError::Socket(e) => Some(e),
+            DemoError::BadToken | DemoError::NotJson => None,
+        }
+    }
+}
+
 /// What one demo client saw.
 #[derive(Debug, Clone)]
 pub struct ClientResult {
@@ -245,7 +295,7 @@ fn run_client(
     let mut ws = match connect(addr, token) {
         Ok(ws) => ws,
         Err(e) => {
-            out.error = Some(e);
+            out.error = Some(e.to_string());
             return out;
         }
     };
@@ -261,9 +311,8 @@ fn run_client(
         .and_then(|d| d.parse().ok())
         .unwrap_or(0);
     let frames = (seconds * 10) as usize;
-    let send =
-        |ws: &mut WebSocket<TcpStream>, m: Message| ws.send(m).map_err(|e| format!("send: {e}"));
-    let result = (|| -> Result<(), String> {
+    let send = |ws: &mut WebSocket<TcpStream>, m: Message| ws.send(m).map_err(DemoError::Send);
+    let result = (|| -> Result<(), DemoError> {
         send(&mut ws, Message::text(config.to_string()))?;
         for f in 0..frames {
             send(&mut ws, Message::binary(tone_frame(n, f)))?;
@@ -281,25 +330,31 @@ fn run_client(
         drain(&mut ws, &mut out, started, true)
     })();
     if let Err(e) = result {
-        out.error.get_or_insert(e);
+        out.error.get_or_insert(e.to_string());
     }
     out
 }
 
-fn connect(addr: SocketAddr, token: &str) -> Result<WebSocket<TcpStream>, String> {
+fn connect(addr: SocketAddr, token: &str) -> Result<WebSocket<TcpStream>, DemoError> {
     use tungstenite::client::IntoClientRequest;
     let mut req = format!("ws://{addr}/v1/transcribe")
         .into_client_request()
-        .map_err(|e| e.to_string())?;
+        .map_err(DemoError::Request)?;
     req.headers_mut().insert(
         "Authorization",
         format!("Bearer {token}")
             .parse()
-            .map_err(|_| "bad token".to_string())?,
+            .map_err(|_| DemoError::BadToken)?,
     );
-    let tcp = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+    let tcp = TcpStream::connect(addr).map_err(DemoError::Connect)?;
     tcp.set_nodelay(true).ok();
-    let (ws, _) = tungstenite::client::client(req, tcp).map_err(|e| format!("upgrade: {e}"))?;
+    let (ws, _) = tungstenite::client::client(req, tcp).map_err(|e| match e {
+        tungstenite::HandshakeError::Failure(e) => DemoError::Upgrade(e),
+        // Only a non-blocking socket interrupts a handshake; this one blocks.
+        tungstenite::HandshakeError::Interrupted(_) => {
+            DemoError::Upgrade(tungstenite::Error::Io(ErrorKind::WouldBlock.into()))
+        }
+    })?;
     Ok(ws)
 }
 
@@ -309,7 +364,7 @@ fn drain(
     out: &mut ClientResult,
     started: Instant,
     to_end: bool,
-) -> Result<(), String> {
+) -> Result<(), DemoError> {
     let timeout = if to_end {
         Duration::from_secs(10)
     } else {
@@ -317,12 +372,12 @@ fn drain(
     };
     ws.get_mut()
         .set_read_timeout(Some(timeout))
-        .map_err(|e| e.to_string())?;
+        .map_err(DemoError::Socket)?;
     loop {
         match ws.read() {
             Ok(Message::Text(t)) => {
-                let v: serde_json::Value = serde_json::from_str(&t)
-                    .map_err(|_| "a result that is not JSON".to_string())?;
+                let v: serde_json::Value =
+                    serde_json::from_str(&t).map_err(|_| DemoError::NotJson)?;
                 if let Some(code) = v["error_code"].as_u64() {
                     out.error = Some(format!(
                         "{code}: {}",
@@ -353,7 +408,7 @@ fn drain(
             Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
                 return Ok(())
             }
-            Err(e) => return Err(format!("read: {e}")),
+            Err(e) => return Err(DemoError::Read(e)),
         }
     }
 }

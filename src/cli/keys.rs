@@ -88,21 +88,25 @@ pub struct KeySource {
 }
 
 impl KeySource {
-    fn read(&self) -> Result<String, String> {
+    /// The key, trimmed; a [`CliError::Usage`] that names the source (never
+    /// the key) if it cannot be read or is empty.
+    fn read(&self) -> Result<String, CliError> {
+        let usage = CliError::Usage;
         let key = if let Some(f) = &self.key_file {
-            std::fs::read_to_string(f).map_err(|e| format!("--key-file {}: {e}", f.display()))?
+            std::fs::read_to_string(f)
+                .map_err(|e| usage(format!("--key-file {}: {e}", f.display())))?
         } else if let Some(v) = &self.key_env {
-            std::env::var(v).map_err(|_| format!("--key-env {v}: not set"))?
+            std::env::var(v).map_err(|_| usage(format!("--key-env {v}: not set")))?
         } else {
             let mut s = String::new();
             std::io::stdin()
                 .read_to_string(&mut s)
-                .map_err(|e| format!("stdin: {e}"))?;
+                .map_err(|e| usage(format!("stdin: {e}")))?;
             s
         };
         let key = key.trim().to_string();
         if key.is_empty() {
-            return Err("the key is empty".into());
+            return Err(usage("the key is empty".into()));
         }
         Ok(key)
     }
@@ -134,7 +138,7 @@ pub fn run(config: &Path, action: &KeysAction) -> Result<String, CliError> {
             "POST",
             "/admin/accounts".into(),
             Some(
-                serde_json::json!({"id": id, "key": key.read().map_err(CliError::Usage)?, "region": region, "pool": pool, "enabled": !disabled, "max_concurrent_streams": max_concurrent_streams}),
+                serde_json::json!({"id": id, "key": key.read()?, "region": region, "pool": pool, "enabled": !disabled, "max_concurrent_streams": max_concurrent_streams}),
             ),
         ),
         KeysAction::Enable { id } => ("POST", format!("/admin/accounts/{id}/enable"), None),
@@ -149,7 +153,7 @@ pub fn run(config: &Path, action: &KeysAction) -> Result<String, CliError> {
             Some(serde_json::json!({"max_concurrent_streams": max_concurrent_streams})),
         ),
         KeysAction::Rotate { id, overlap, key } => {
-            let mut b = serde_json::json!({"key": key.read().map_err(CliError::Usage)?});
+            let mut b = serde_json::json!({"key": key.read()?});
             if let Some(o) = overlap {
                 b["overlap"] = serde_json::Value::String(o.clone());
             }

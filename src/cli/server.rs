@@ -30,6 +30,43 @@ pub struct RelayHandle {
     started_with: Config,
 }
 
+/// Which of the relay's threads did not answer a liveness ping in time
+/// ([`RelayHandle::alive`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotAlive {
+    /// The threads that did not answer (`shard N`, `admin`), sorted.
+    pub silent: Vec<String>,
+}
+
+impl std::fmt::Display for NotAlive {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "no answer from {}", self.silent.join(", "))
+    }
+}
+
+impl std::error::Error for NotAlive {}
+
+/// Why a reload ([`RelayHandle::reload`]) did not reach the admin thread;
+/// the running configuration is then kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReloadError {
+    /// The admin thread has ended: nothing takes the new config.
+    AdminGone,
+    /// The admin thread took the new config but ended without answering.
+    AdminSilent,
+}
+
+impl std::fmt::Display for ReloadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ReloadError::AdminGone => "the admin thread is gone",
+            ReloadError::AdminSilent => "the admin thread did not answer",
+        })
+    }
+}
+
+impl std::error::Error for ReloadError {}
+
 /// A config problem found while starting (an unusable URL, TLS file...).
 fn invalid(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidInput, e)
@@ -262,7 +299,7 @@ impl RelayHandle {
     /// secrets and admin settings change live, nothing in flight is dropped.
     /// Settings that need a restart (listen addresses, shards, upstream) are
     /// reported and kept. Returns one line per change.
-    pub fn reload(&self, cfg: &Config) -> Result<Vec<String>, String> {
+    pub fn reload(&self, cfg: &Config) -> Result<Vec<String>, ReloadError> {
         let old = &self.started_with;
         let mut kept = Vec::new();
         if cfg.server.listen != old.server.listen
@@ -287,10 +324,8 @@ impl RelayHandle {
         let (tx, rx) = async_channel::bounded(1);
         self.admin_tx
             .try_send(AdminMsg::Reload(Box::new(cfg.clone()), tx))
-            .map_err(|_| "the admin thread is gone".to_string())?;
-        let mut log = rx
-            .recv_blocking()
-            .map_err(|_| "the admin thread did not answer".to_string())?;
+            .map_err(|_| ReloadError::AdminGone)?;
+        let mut log = rx.recv_blocking().map_err(|_| ReloadError::AdminSilent)?;
         // The admin thread has sent the shards their new settings; a shard
         // handles messages in order, so once each answers a ping the reload
         // is in force for every new stream (a shard reads control messages
@@ -336,7 +371,7 @@ impl RelayHandle {
     /// `limit` (the systemd watchdog's liveness check). It waits on the
     /// calling thread, with a deadline: no thread is started, so a hung
     /// executor leaves nothing behind but its missing answer.
-    pub fn alive(&self, limit: std::time::Duration) -> Result<(), String> {
+    pub fn alive(&self, limit: std::time::Duration) -> Result<(), NotAlive> {
         let (tx, rx) = std::sync::mpsc::channel::<String>();
         let mut waiting = std::collections::BTreeSet::new();
         for (i, s) in self.shards.iter().enumerate() {
@@ -358,8 +393,9 @@ impl RelayHandle {
         if waiting.is_empty() {
             Ok(())
         } else {
-            let names: Vec<_> = waiting.into_iter().collect();
-            Err(format!("no answer from {}", names.join(", ")))
+            Err(NotAlive {
+                silent: waiting.into_iter().collect(),
+            })
         }
     }
 

@@ -216,8 +216,9 @@ fn watchdog_interval_from(usec: Option<&str>, pid: Option<&str>, our_pid: u32) -
     (usec > 0).then(|| Duration::from_micros(usec / 2))
 }
 
-/// What a watchdog tick found.
-pub type Tick = Result<String, String>;
+/// What a watchdog tick found: a status line, or why the relay is not
+/// alive (shown in systemd's status and logged; never holds a secret).
+pub type Tick = Result<String, Box<dyn std::error::Error + Send + Sync>>;
 
 /// A thread that, every `every`, calls a check and reports to systemd: on
 /// `Ok(status)` it sends `WATCHDOG=1` and `STATUS=status`; on `Err(why)` it

@@ -185,7 +185,7 @@ fn watchdog_loop_keeps_alive_only_while_the_check_passes() {
     let n = Notifier::for_socket(sd.path.to_str().unwrap()).unwrap();
     let mut ticks = vec![
         Ok("3 live streams".to_string()),
-        Err("shard 1 did not answer in 1s".to_string()),
+        Err("shard 1 did not answer in 1s".into()),
         Ok("1 live stream".to_string()),
     ]
     .into_iter();
