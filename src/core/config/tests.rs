@@ -539,6 +539,38 @@ fn ws_urls() {
     }
 }
 
+/// A URL refused for its credentials, or for anything else, never repeats
+/// them: not in the message, not in `Debug`, nor in the config's error.
+#[test]
+fn a_refused_url_never_repeats_its_credentials() {
+    for (url, shown) in [
+        (
+            "ws://user:s3cret-pw@h/p",
+            "\"ws://***@h/p\" must not contain credentials",
+        ),
+        (
+            "https://user:s3cret-pw@h/",
+            "\"https://***@h/\" must start with ws:// or wss://",
+        ),
+        (
+            "wss://a@b:s3cret-pw@h:1/",
+            "\"wss://***@h:1/\" must not contain credentials",
+        ),
+    ] {
+        let e = parse_ws_url(url).unwrap_err();
+        assert_eq!(e.to_string(), shown);
+        assert!(!format!("{e:?}").contains("s3cret-pw"));
+    }
+    let text = minimal(
+        "URLCRED",
+        "[upstream]\nurl = \"wss://key:s3cret-pw@stt.example/ws\"\n",
+    );
+    let e = Config::from_toml_str(&text, Path::new(".")).unwrap_err();
+    let shown = format!("{e}\n{e:?}");
+    assert!(shown.contains("must not contain credentials"), "{shown}");
+    assert!(!shown.contains("s3cret-pw"), "{shown}");
+}
+
 #[test]
 fn durations() {
     assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));

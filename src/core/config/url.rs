@@ -77,10 +77,11 @@ pub fn parse_ws_url(url: &str) -> Result<WsEndpoint, UrlError> {
 }
 
 /// Why a `ws://` / `wss://` URL was refused; the message quotes the URL
-/// as given (the same text as before this type existed).
+/// as given, less any user info (`user:password@` becomes `***@`): a URL
+/// refused for carrying credentials must not repeat them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UrlError {
-    /// The URL as given.
+    /// The URL as given, user info replaced by `***`.
     pub url: String,
     /// What is wrong with it.
     pub problem: UrlProblem,
@@ -106,9 +107,21 @@ pub enum UrlProblem {
 impl UrlError {
     fn new(url: &str, problem: UrlProblem) -> UrlError {
         UrlError {
-            url: url.to_string(),
+            url: without_user_info(url),
             problem,
         }
+    }
+}
+
+/// `url` with the user info of its authority (all before its last `@`)
+/// replaced by `***`, whatever the scheme.
+fn without_user_info(url: &str) -> String {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let rest = &url[start..];
+    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+    match authority.rfind('@') {
+        Some(at) => format!("{}***{}", &url[..start], &url[start + at..]),
+        None => url.to_string(),
     }
 }
 
