@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use crate::core::keyring::RateScope;
 use crate::core::metrics::{Hist, ShardMetrics};
+use crate::core::usage::UsageRecord;
 use crate::dataplane::io::{Buf, Duplex};
 use clio_frame::frame::{parse_header, FrameError, Opcode, Sender};
 use clio_frame::mask::MaskKeys;
@@ -210,21 +211,6 @@ pub struct Meter {
     upstream_error: Cell<Option<u16>>,
 }
 
-/// A stream's figures at its end, for its usage record.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Metered {
-    /// Audio milliseconds by the relay's own meter (0 for compressed formats).
-    pub audio_ms_relay: u64,
-    /// Upstream's `total_audio_proc_ms`, when it sent `finished`.
-    pub audio_ms_upstream: Option<u64>,
-    /// Bytes forwarded upstream.
-    pub bytes_up: u64,
-    /// Bytes forwarded to the client.
-    pub bytes_down: u64,
-    /// The last `error_code` upstream sent.
-    pub upstream_error: Option<u16>,
-}
-
 impl Meter {
     /// The device's hold on its limits, once admitted.
     pub fn admit(&self, permit: crate::core::devices::DevicePermit) {
@@ -292,8 +278,10 @@ impl Meter {
 
     /// Ends the metering: settles the device's daily audio with what was
     /// not counted yet (the last partial second of raw audio, or for
-    /// compressed formats upstream's whole figure) and returns the figures.
-    pub fn settle(&self, now: std::time::SystemTime) -> Metered {
+    /// compressed formats upstream's whole figure) and returns the stream's
+    /// usage record with the meter's figures; whose stream it was (account,
+    /// device, reference id) is the caller's to fill in.
+    pub fn settle(&self, now: std::time::SystemTime) -> UsageRecord {
         let relay_ms = self.audio_ms();
         let upstream_ms = self.upstream_audio_ms.get();
         if let Some(device) = self.device.borrow().as_ref() {
@@ -310,12 +298,16 @@ impl Meter {
             };
             device.add_audio(total.saturating_sub(counted_ms), now);
         }
-        Metered {
+        UsageRecord {
+            day: crate::core::devices::utc_day(now),
+            account: String::new(),
+            device: String::new(),
+            reference_id: String::new(),
             audio_ms_relay: relay_ms,
             audio_ms_upstream: upstream_ms,
             bytes_up: self.bytes_up.get(),
             bytes_down: self.bytes_down.get(),
-            upstream_error: self.upstream_error.get(),
+            error: self.upstream_error.get(),
         }
     }
 }

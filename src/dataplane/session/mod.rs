@@ -384,18 +384,13 @@ impl Stream {
         state: &StreamState,
         error: Option<u16>,
     ) {
-        let now = SystemTime::now();
-        let m = state.meter.settle(now);
+        let metered = state.meter.settle(SystemTime::now());
         self.shard.usage.borrow_mut().push(UsageRecord {
-            day: crate::core::devices::utc_day(now),
             account: up.lease.account.id.clone(),
             device: claims.device_id.clone(),
             reference_id,
-            audio_ms_relay: m.audio_ms_relay,
-            audio_ms_upstream: m.audio_ms_upstream,
-            bytes_up: m.bytes_up,
-            bytes_down: m.bytes_down,
-            error: error.or(m.upstream_error),
+            error: error.or(metered.error),
+            ..metered
         });
     }
 
