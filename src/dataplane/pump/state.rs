@@ -1,0 +1,261 @@
+//! What the two pumps of one stream share: a half per direction, each
+//! written by its own pump, and the meter of what the stream is counted and
+//! billed for. Plain cells: both pumps run in the stream's one task.
+
+use std::cell::{Cell, RefCell};
+use std::time::{Duration, Instant};
+
+use super::resume;
+use crate::core::keyring::RateScope;
+use crate::core::usage::UsageRecord;
+
+/// What the two pumps of one stream share. Plain cells: both run in one task.
+///
+/// Each direction writes its own half ([`UpHalf`], [`DownHalf`]); what
+/// the stream is counted and billed for is in its [`Meter`].
+#[derive(Debug)]
+pub struct StreamState {
+    /// When the stream started (after the upgrade).
+    pub started: Instant,
+    /// Last time bytes arrived from either side (idle detection).
+    pub last_activity: Cell<Instant>,
+    /// The client→upstream direction.
+    pub up: UpHalf,
+    /// The upstream→client direction.
+    pub down: DownHalf,
+    /// Bytes, audio and upstream's own figures, for limits and usage.
+    pub meter: Meter,
+    /// Raw-audio streams: the copy and timeline for a mid-stream resume.
+    pub resume: RefCell<Option<Box<resume::Resume>>>,
+}
+
+impl StreamState {
+    /// Fresh state at `now`.
+    pub fn new(now: Instant) -> Self {
+        StreamState {
+            started: now,
+            last_activity: Cell::new(now),
+            up: UpHalf {
+                at_boundary: Cell::new(true),
+                write_since: Cell::new(None),
+                first_audio_at: Cell::new(None),
+                replayable: Cell::new(true),
+            },
+            down: DownHalf {
+                at_boundary: Cell::new(true),
+                inspect_first: Cell::new(true),
+                first_error: Cell::new(None),
+                accepted: Cell::new(false),
+                first_result_seen: Cell::new(false),
+                fin_seen: Cell::new(false),
+            },
+            meter: Meter::default(),
+            resume: RefCell::new(None),
+        }
+    }
+
+    /// Whether upstream's refusal can still move the stream to another
+    /// account unseen: everything sent up is in the replay copy and
+    /// upstream has not accepted the stream.
+    pub fn retry_allowed(&self) -> bool {
+        self.up.replayable.get() && !self.down.accepted.get()
+    }
+
+    /// Looks at a whole upstream text message for `<fin>` and for the
+    /// figures usage needs: `total_audio_proc_ms` of `finished`, and an
+    /// `error_code`. A byte search first, so ordinary results cost almost
+    /// nothing.
+    pub fn note_upstream_text(&self, payload: &[u8]) {
+        let has = |needle: &[u8]| payload.windows(needle.len()).any(|w| w == needle);
+        if has(b"<fin>") {
+            self.down.fin_seen.set(true);
+        }
+        if !(has(b"\"finished\"") || has(b"\"error_code\"")) {
+            return;
+        }
+        #[derive(serde::Deserialize)]
+        struct Tail {
+            total_audio_proc_ms: Option<u64>,
+            error_code: Option<u16>,
+            #[serde(default)]
+            finished: bool,
+        }
+        if let Ok(t) = serde_json::from_slice::<Tail>(payload) {
+            if t.finished {
+                self.meter.upstream_audio_ms.set(t.total_audio_proc_ms);
+            }
+            if t.error_code.is_some() {
+                self.meter.upstream_error.set(t.error_code);
+            }
+        }
+    }
+}
+
+/// The client→upstream half, written by [`client_to_upstream`](super::client_to_upstream).
+#[derive(Debug)]
+pub struct UpHalf {
+    /// The upstream socket is between frames (the relay may write its own frame).
+    pub at_boundary: Cell<bool>,
+    /// Since when a write upstream has been waiting (the time of the client
+    /// read it forwards); `None` between writes. A stream idle for the idle
+    /// timeout with a write still waiting has a stalled upstream.
+    pub write_since: Cell<Option<Instant>>,
+    /// When the first client data frame went upstream.
+    pub first_audio_at: Cell<Option<Instant>>,
+    /// Everything sent upstream on this connection after the config is in
+    /// the replay copy ([`ClientSide::replay`](super::ClientSide::replay)): a failure can still move
+    /// the stream to another account unseen.
+    pub replayable: Cell<bool>,
+}
+
+/// The upstream→client half, written by the upstream→client pumps.
+#[derive(Debug)]
+pub struct DownHalf {
+    /// The client socket is between frames (the relay may write its own frame).
+    pub at_boundary: Cell<bool>,
+    /// The first upstream message still has to be looked at.
+    pub inspect_first: Cell<bool>,
+    /// The first upstream message carried this error code.
+    pub first_error: Cell<Option<(u16, RateScope)>>,
+    /// Upstream answered with a first message that is not an error: the
+    /// stream is committed to this connection and the copy is let go.
+    pub accepted: Cell<bool>,
+    /// Whether time-to-first-result has been recorded.
+    pub first_result_seen: Cell<bool>,
+    /// Upstream sent the `<fin>` token (the answer to a finalize).
+    pub fin_seen: Cell<bool>,
+}
+
+impl DownHalf {
+    /// A new upstream connection (after a failover or a resume): its first
+    /// message is looked at again and it has accepted nothing yet.
+    pub fn new_connection(&self) {
+        self.inspect_first.set(true);
+        self.first_error.set(None);
+        self.accepted.set(false);
+    }
+}
+
+/// What a stream is counted and billed for: bytes each way, its audio
+/// against the device's daily allowance, and upstream's own figures.
+#[derive(Debug, Default)]
+pub struct Meter {
+    /// Bytes from the client forwarded upstream.
+    bytes_up: Cell<u64>,
+    /// Bytes from upstream forwarded to the client.
+    bytes_down: Cell<u64>,
+    /// Audio payload bytes forwarded (binary messages).
+    audio_bytes: Cell<u64>,
+    /// Audio bytes already counted against the device's daily allowance.
+    audio_counted: Cell<u64>,
+    /// Audio bytes per millisecond for the stream's raw format (0 when the
+    /// format is compressed and only upstream can tell the duration).
+    bytes_per_ms: Cell<f64>,
+    /// The device's hold on its limits, once admitted.
+    device: RefCell<Option<crate::core::devices::DevicePermit>>,
+    /// Upstream's `total_audio_proc_ms` from its `finished` message.
+    upstream_audio_ms: Cell<Option<u64>>,
+    /// The last `error_code` upstream sent.
+    upstream_error: Cell<Option<u16>>,
+}
+
+impl Meter {
+    /// The device's hold on its limits, once admitted.
+    pub fn admit(&self, permit: crate::core::devices::DevicePermit) {
+        *self.device.borrow_mut() = Some(permit);
+    }
+
+    /// The device's longest stream length (zero: no limit, or no device).
+    pub fn max_stream_length(&self) -> Duration {
+        self.device
+            .borrow()
+            .as_ref()
+            .map_or(Duration::ZERO, |d| d.limits.max_stream_length)
+    }
+
+    /// The stream's raw audio format, in bytes per millisecond (0: compressed).
+    pub fn set_audio_rate(&self, bytes_per_ms: f64) {
+        self.bytes_per_ms.set(bytes_per_ms);
+    }
+
+    /// Adds `n` bytes forwarded upstream.
+    #[inline]
+    pub fn add_up(&self, n: u64) {
+        self.bytes_up.set(self.bytes_up.get() + n);
+    }
+
+    /// Adds `n` bytes forwarded to the client.
+    #[inline]
+    pub fn add_down(&self, n: u64) {
+        self.bytes_down.set(self.bytes_down.get() + n);
+    }
+
+    /// Counts forwarded audio against the device's daily allowance, one
+    /// second of audio at a time (a shared counter, so not per frame).
+    /// Returns false once the allowance is used up.
+    pub fn count_audio(&self, bytes: u64) -> bool {
+        let total = self.audio_bytes.get() + bytes;
+        self.audio_bytes.set(total);
+        let per_ms = self.bytes_per_ms.get();
+        if per_ms <= 0.0 {
+            return true;
+        }
+        let pending = total - self.audio_counted.get();
+        if (pending as f64) < per_ms * 1000.0 {
+            return true;
+        }
+        self.audio_counted.set(total);
+        let device = self.device.borrow();
+        device.as_ref().is_none_or(|d| {
+            d.add_audio(
+                (pending as f64 / per_ms) as u64,
+                std::time::SystemTime::now(),
+            )
+        })
+    }
+
+    /// Audio milliseconds by the relay's own meter.
+    pub fn audio_ms(&self) -> u64 {
+        let per_ms = self.bytes_per_ms.get();
+        if per_ms > 0.0 {
+            (self.audio_bytes.get() as f64 / per_ms) as u64
+        } else {
+            0
+        }
+    }
+
+    /// Ends the metering: settles the device's daily audio with what was
+    /// not counted yet (the last partial second of raw audio, or for
+    /// compressed formats upstream's whole figure) and returns the stream's
+    /// usage record with the meter's figures; whose stream it was (account,
+    /// device, reference id) is the caller's to fill in.
+    pub fn settle(&self, now: std::time::SystemTime) -> UsageRecord {
+        let relay_ms = self.audio_ms();
+        let upstream_ms = self.upstream_audio_ms.get();
+        if let Some(device) = self.device.borrow().as_ref() {
+            let per_ms = self.bytes_per_ms.get();
+            let counted_ms = if per_ms > 0.0 {
+                (self.audio_counted.get() as f64 / per_ms) as u64
+            } else {
+                0
+            };
+            let total = if relay_ms > 0 {
+                relay_ms
+            } else {
+                upstream_ms.unwrap_or(0)
+            };
+            device.add_audio(total.saturating_sub(counted_ms), now);
+        }
+        UsageRecord {
+            day: crate::core::devices::utc_day(now),
+            account: String::new(),
+            device: String::new(),
+            reference_id: String::new(),
+            audio_ms_relay: relay_ms,
+            audio_ms_upstream: upstream_ms,
+            bytes_up: self.bytes_up.get(),
+            bytes_down: self.bytes_down.get(),
+            error: self.upstream_error.get(),
+        }
+    }
+}
