@@ -325,45 +325,50 @@ pub async fn upstream_to_client(link: Link<'_>, cx: StreamCx<'_>) -> End {
         to: client,
         buf,
     } = link;
-    let StreamCx { state, metrics, .. } = cx;
+    let StreamCx { state, .. } = cx;
     let down = &state.down;
     let resume = &state.resume;
     let can_resume = || resume.borrow().as_ref().is_some_and(|r| r.can_resume());
-    let mut read_at = Instant::now();
-    loop {
+    // Frames passed on as they came wait at the front of `buf` and leave in
+    // one write: before the next read, before a rewritten frame, and at
+    // the end (upstream's last result and its close frame, read together,
+    // reach the client in one send).
+    let mut held = Held::default();
+    let end = loop {
         let mut need_more = true;
-        if !buf.is_empty() {
-            match parse_header(buf.filled(), Sender::Server, u64::MAX >> 1) {
-                Err(e) => return End::UpstreamProtocol(e),
+        if buf.len() > held.bytes {
+            match parse_header(&buf.filled()[held.bytes..], Sender::Server, u64::MAX >> 1) {
+                Err(e) => break End::UpstreamProtocol(e),
                 Ok(None) => {}
                 Ok(Some(h)) => {
                     let total = h.header_len + h.payload_len as usize;
                     if total > buf.capacity() {
-                        return End::UpstreamProtocol(FrameError::TooBig);
+                        break End::UpstreamProtocol(FrameError::TooBig);
                     }
-                    if buf.len() >= total {
+                    if buf.len() - held.bytes >= total {
                         need_more = false;
                         let first = down.inspect_first.replace(false);
                         let mut out = None;
+                        let at = held.bytes;
                         if h.opcode == Opcode::Text && h.fin {
-                            let payload = &buf.filled()[h.header_len..total];
+                            let payload = &buf.filled()[at + h.header_len..at + total];
                             if let Some((code, scope)) = error_code_of(payload) {
                                 if first {
                                     down.first_error.set(Some((code, scope)));
                                 }
                                 let recoverable = matches!(code, 401 | 402 | 429 | 500 | 503);
                                 if recoverable && first && state.retry_allowed() {
-                                    return End::Retry(code, scope);
+                                    break End::Retry(code, scope);
                                 }
                                 if recoverable && can_resume() {
-                                    return End::Resume(code, scope);
+                                    break End::Resume(code, scope);
                                 }
                             } else {
                                 down.accepted.set(true);
                             }
                             let mut r = resume.borrow_mut();
                             let Some(r) = r.as_mut() else {
-                                return End::UpstreamGone;
+                                break End::UpstreamGone;
                             };
                             if r.resumes > 0 {
                                 out = r.rewrite(payload);
@@ -382,39 +387,111 @@ pub async fn upstream_to_client(link: Link<'_>, cx: StreamCx<'_>) -> End {
                             down.accepted.set(true);
                         }
                         let close = h.opcode == Opcode::Close;
-                        let written = match out {
+                        match out {
                             Some(text) => {
-                                client
-                                    .write_all(&build_frame(Opcode::Text, &text, None))
-                                    .await
+                                // Its own bytes: what waits goes first.
+                                if held.flush(client, buf, cx).await.is_err() {
+                                    return End::ClientGone;
+                                }
+                                let frame = build_frame(Opcode::Text, &text, None);
+                                if client.write_all(&frame).await.is_err() {
+                                    return End::ClientGone;
+                                }
+                                buf.consume(total);
+                                Held::delivered(1, total, true, held.read_at, cx);
                             }
-                            None => client.write_all(&buf.filled()[..total]).await,
-                        };
-                        if written.is_err() {
-                            return End::ClientGone;
-                        }
-                        buf.consume(total);
-                        let took = read_at.elapsed().as_nanos() as u64;
-                        metrics.record(Hist::FrameUpstreamToClient, took);
-                        metrics.frames_upstream_to_client(1, total as u64);
-                        state.meter.add_down(total as u64);
-                        if !down.first_result_seen.get() && !h.opcode.is_control() {
-                            if let Some(t0) = state.up.first_audio_at.get() {
-                                down.first_result_seen.set(true);
-                                metrics.record(Hist::FirstResult, t0.elapsed().as_micros() as u64);
-                            }
+                            None => held.add(total, !h.opcode.is_control()),
                         }
                         if close {
-                            return End::UpstreamClosed;
+                            break End::UpstreamClosed;
                         }
                     }
                 }
             }
         }
         if need_more {
+            if held.flush(client, buf, cx).await.is_err() {
+                return End::ClientGone;
+            }
             match super::read_more(buf, upstream, state).await {
-                Some(at) => read_at = at,
+                Some(at) => held.read_at = at,
                 None => return End::UpstreamGone,
+            }
+        }
+    };
+    // Whatever ends the pump, the frames before it reach the client first.
+    if held.flush(client, buf, cx).await.is_err() {
+        return End::ClientGone;
+    }
+    end
+}
+
+/// Upstream frames the pump passed on unchanged but has not written yet:
+/// the first `bytes` of its buffer.
+#[derive(Debug)]
+struct Held {
+    bytes: usize,
+    frames: u64,
+    /// A data frame is among them (the stream's first result, if not seen).
+    data: bool,
+    /// When their bytes were read.
+    read_at: Instant,
+}
+
+impl Default for Held {
+    fn default() -> Self {
+        Held {
+            bytes: 0,
+            frames: 0,
+            data: false,
+            read_at: Instant::now(),
+        }
+    }
+}
+
+impl Held {
+    fn add(&mut self, bytes: usize, data: bool) {
+        self.bytes += bytes;
+        self.frames += 1;
+        self.data |= data;
+    }
+
+    /// Writes the held frames to the client in one write and counts them.
+    async fn flush(
+        &mut self,
+        client: &crate::dataplane::io::Duplex,
+        buf: &mut crate::dataplane::io::Buf,
+        cx: StreamCx<'_>,
+    ) -> std::io::Result<()> {
+        if self.bytes == 0 {
+            return Ok(());
+        }
+        client.write_all(&buf.filled()[..self.bytes]).await?;
+        buf.consume(self.bytes);
+        Held::delivered(self.frames, self.bytes, self.data, self.read_at, cx);
+        let read_at = self.read_at;
+        *self = Held {
+            read_at,
+            ..Held::default()
+        };
+        Ok(())
+    }
+
+    /// Counts `frames` frames of `bytes` that reached the client, read at
+    /// `read_at`.
+    fn delivered(frames: u64, bytes: usize, data: bool, read_at: Instant, cx: StreamCx<'_>) {
+        let StreamCx { state, metrics, .. } = cx;
+        let took = read_at.elapsed().as_nanos() as u64;
+        for _ in 0..frames {
+            metrics.record(Hist::FrameUpstreamToClient, took);
+        }
+        metrics.frames_upstream_to_client(frames, bytes as u64);
+        state.meter.add_down(bytes as u64);
+        let down = &state.down;
+        if data && !down.first_result_seen.get() {
+            if let Some(t0) = state.up.first_audio_at.get() {
+                down.first_result_seen.set(true);
+                metrics.record(Hist::FirstResult, t0.elapsed().as_micros() as u64);
             }
         }
     }
