@@ -357,9 +357,15 @@ impl Plane {
         token
     }
 
-    /// Ends a registration: the poll is removed (the kernel holds the
-    /// socket open until it is) and the slot is free for reuse. Late
-    /// completions of this registration are ignored by generation.
+    /// Ends a registration: the poll's removal is queued and the slot is
+    /// free for reuse. Late completions of this registration are ignored
+    /// by generation.
+    ///
+    /// The kernel holds the socket open until the removal reaches it, so
+    /// the caller's `close` takes effect (the FIN leaves) then: with the
+    /// driver's submit at the end of this pass, in the same system call as
+    /// the pass's other requests, not one of its own per socket. A caller
+    /// that needs the socket gone at once (a listener) submits itself.
     fn deregister(&self, token: Token) {
         {
             let mut slots = self.slots.borrow_mut();
@@ -376,9 +382,6 @@ impl Plane {
         );
         self.free.borrow_mut().push(token.index);
         self.registered.set(self.registered.get() - 1);
-        // The remove must reach the kernel now: until it does, the socket
-        // stays open (the poll holds a reference to it).
-        let _ = self.submit();
     }
 
     /// Queues one SQE; submits first if the queue is full.

@@ -166,7 +166,8 @@ impl AsRawFd for RingSocket {
 
 impl Drop for RingSocket {
     fn drop(&mut self) {
-        // The poll goes first: it holds the socket open in the kernel.
+        // The poll holds the socket open in the kernel: the connection
+        // closes when the plane submits its removal, later in this pass.
         self.plane.deregister(self.token);
     }
 }
@@ -282,5 +283,8 @@ impl RingListener {
 impl Drop for RingListener {
     fn drop(&mut self) {
         self.plane.deregister(self.token);
+        // Now, not at the end of the pass: until the kernel drops the poll
+        // the listening socket stays open, and keeps taking connections.
+        let _ = self.plane.submit();
     }
 }
