@@ -325,8 +325,11 @@ impl Plane {
     }
 
     /// Registers `fd` for readiness for as long as the returned token lives
-    /// (until [`Plane::deregister`]). The first read is tried at once.
-    fn register(&self, fd: RawFd) -> Token {
+    /// (until [`Plane::deregister`]). With `readable`, the first read is
+    /// tried at once; without, it waits for the poll, which reports bytes
+    /// already there as soon as it is armed (a socket just connected has
+    /// none yet: no `recv` to find EAGAIN).
+    fn register(&self, fd: RawFd, readable: bool) -> Token {
         let index = self.free.borrow_mut().pop().unwrap_or_else(|| {
             let mut slots = self.slots.borrow_mut();
             slots.push(Slot::default());
@@ -338,7 +341,7 @@ impl Plane {
             slot.gen = slot.gen.wrapping_add(1) & 0x3fff_ffff;
             slot.fd = fd;
             slot.in_use = true;
-            slot.readable = true;
+            slot.readable = readable;
             slot.hup = false;
             slot.read_armed = true;
             slot.write_armed = false;

@@ -36,7 +36,12 @@ fn errno() -> io::Error {
 impl RingSocket {
     /// Registers a connected, non-blocking TCP socket with `plane`.
     pub fn new(plane: &Rc<Plane>, fd: OwnedFd) -> RingSocket {
-        let token = plane.register(fd.as_raw_fd());
+        RingSocket::registered(plane, fd, true)
+    }
+
+    /// Registers `fd`; `readable`: see [`Plane::register`].
+    fn registered(plane: &Rc<Plane>, fd: OwnedFd, readable: bool) -> RingSocket {
+        let token = plane.register(fd.as_raw_fd(), readable);
         RingSocket {
             fd,
             token,
@@ -61,7 +66,8 @@ impl RingSocket {
             Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => true,
             Err(e) => return Err(e),
         };
-        let sock = RingSocket::new(plane, socket.into());
+        // Nothing to read until the peer answers what we send.
+        let sock = RingSocket::registered(plane, socket.into(), false);
         if in_progress {
             // Writable once the handshake is done, or failed.
             let mut armed = false;
@@ -239,7 +245,7 @@ impl RingListener {
         }
         Ok(RingListener {
             fd,
-            token: plane.register(fd),
+            token: plane.register(fd, true),
             plane: plane.clone(),
         })
     }
