@@ -284,7 +284,7 @@ impl Resume {
 /// The number after `"final_audio_proc_ms":` in a result, by byte search.
 fn final_ms_of(payload: &[u8]) -> Option<u64> {
     const KEY: &[u8] = b"\"final_audio_proc_ms\":";
-    let at = payload.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
+    let at = memchr::memmem::find(payload, KEY)? + KEY.len();
     let digits = payload[at..]
         .iter()
         .skip_while(|b| b.is_ascii_whitespace())
@@ -300,7 +300,7 @@ fn final_ms_of(payload: &[u8]) -> Option<u64> {
 
 /// The `error_code` of an error message, by a byte search first.
 fn error_code_of(payload: &[u8]) -> Option<(u16, RateScope)> {
-    if !payload.windows(12).any(|w| w == b"\"error_code\"") {
+    if !super::state::contains(payload, b"\"error_code\"") {
         return None;
     }
     #[derive(serde::Deserialize)]
@@ -379,10 +379,10 @@ pub async fn upstream_to_client(link: Link<'_>, cx: StreamCx<'_>) -> End {
                                 let shift = if out.is_some() { r.shift_ms } else { 0 };
                                 r.note_final(ms.saturating_sub(shift));
                             }
-                            if text.windows(5).any(|w| w == b"<fin>") {
+                            if state.note_upstream_text(text) {
+                                // `<fin>`: the client's finalize is answered.
                                 r.finalize_pending = false;
                             }
-                            state.note_upstream_text(text);
                         } else {
                             down.accepted.set(true);
                         }
