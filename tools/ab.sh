@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Same-session A/B of clio-relay builds on one workload, alternating them.
 #
-#   bash tools/ab.sh [-w idle|churn|realtime] [-n STREAMS] [-r ROUNDS] [-c] DIR [DIR...]
+#   bash tools/ab.sh [-w idle|churn|realtime|flood] [-n STREAMS] [-r ROUNDS] [-c] DIR [DIR...]
 #
 # Each DIR holds a `clio-relay` binary (e.g. target/release of two worktrees).
 # -c also runs each DIR with a [cluster] section, against a redis-server the
@@ -21,6 +21,9 @@
 #   realtime `relay-load -n STREAMS --ramp 500 --stream-seconds 20` (W1:
 #          100 ms frames at real-time pace, echoed). Prints lost frames,
 #          CPU s per 1,000 audio-seconds and round-trip p50/p99/p99.9.
+#   flood  `relay-load -n 200 --pace flood --duration 15s` (W2 of the
+#          head-to-head: frames as fast as the sockets take them). Prints
+#          frames/s, failed streams and CPU s per 1,000 audio-seconds.
 # fake-soniox and relay-load come from ./target/release (built if missing).
 # Everything listens on 127.0.0.1; every run is bounded in time.
 set -euo pipefail
@@ -40,7 +43,7 @@ while getopts "w:n:r:ch" o; do
   esac
 done
 shift $((OPTIND - 1))
-case "$WORKLOAD" in idle|churn|realtime) ;; *) echo "ab: unknown workload $WORKLOAD (idle, churn or realtime)" >&2; exit 2 ;; esac
+case "$WORKLOAD" in idle|churn|realtime|flood) ;; *) echo "ab: unknown workload $WORKLOAD (idle, churn, realtime or flood)" >&2; exit 2 ;; esac
 [ $# -ge 1 ] || { echo "ab: give at least one directory with a clio-relay binary" >&2; exit 2; }
 for d in "$@"; do [ -x "$d/clio-relay" ] || { echo "ab: no $d/clio-relay" >&2; exit 2; }; done
 
@@ -105,6 +108,10 @@ elif [ "$WORKLOAD" = realtime ]; then
   LOAD_ARGS=(-n "$N" --ramp 500 --stream-seconds 20)
   echo "| round | build | lost | failed | relay CPU s / 1,000 audio-s | rtt p50 (ms) | p99 (ms) | p99.9 (ms) |"
   echo "|---:|---|---:|---:|---:|---:|---:|---:|"
+elif [ "$WORKLOAD" = flood ]; then
+  LOAD_ARGS=(-n 200 --pace flood --stream-seconds 100000 --duration 15s)
+  echo "| round | build | frames/s | failed | relay CPU s / 1,000 audio-s |"
+  echo "|---:|---|---:|---:|---:|"
 else
   LOAD_ARGS=(--churn --concurrency 50 --duration 10s)
   echo "| round | build | cycles/s | failed | relay CPU ms / cycle | open-to-result p50 (ms) | p99 (ms) |"
@@ -149,6 +156,11 @@ if workload == "realtime":
     cpu = ticks / tck / max(audio_s / 1000.0, 1e-9)
     r = report["rtt"]
     print(f"| {rnd} | {build} | {report['lost']} | {failed} | {cpu:.3f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['p999_ms']:.2f} |")
+    sys.exit(0)
+if workload == "flood":
+    audio_s = report["frames_received"] * 0.1
+    cpu = ticks / tck / max(audio_s / 1000.0, 1e-9)
+    print(f"| {rnd} | {build} | {report['frames_per_sec']:.0f} | {failed} | {cpu:.3f} |")
     sys.exit(0)
 if workload == "churn":
     cycles = report["streams_ok"]
