@@ -13,7 +13,10 @@
 //! client sees one stream.
 
 use std::collections::VecDeque;
+use std::sync::LazyLock;
 use std::time::Instant;
+
+use memchr::memmem::Finder;
 
 use serde_json::Value;
 
@@ -284,7 +287,8 @@ impl Resume {
 /// The number after `"final_audio_proc_ms":` in a result, by byte search.
 fn final_ms_of(payload: &[u8]) -> Option<u64> {
     const KEY: &[u8] = b"\"final_audio_proc_ms\":";
-    let at = memchr::memmem::find(payload, KEY)? + KEY.len();
+    static AT: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(KEY));
+    let at = AT.find(payload)? + KEY.len();
     let digits = payload[at..]
         .iter()
         .skip_while(|b| b.is_ascii_whitespace())
@@ -300,9 +304,8 @@ fn final_ms_of(payload: &[u8]) -> Option<u64> {
 
 /// The `error_code` of an error message, by a byte search first.
 fn error_code_of(payload: &[u8]) -> Option<(u16, RateScope)> {
-    if !super::state::contains(payload, b"\"error_code\"") {
-        return None;
-    }
+    // A byte search first: the JSON is parsed only for an error.
+    super::state::ERROR_CODE.find(payload)?;
     #[derive(serde::Deserialize)]
     struct ErrorShape {
         error_code: Option<u16>,

@@ -3,7 +3,10 @@
 //! billed for. Plain cells: both pumps run in the stream's one task.
 
 use std::cell::{Cell, RefCell};
+use std::sync::LazyLock;
 use std::time::{Duration, Instant};
+
+use memchr::memmem::Finder;
 
 use super::resume;
 use crate::core::keyring::RateScope;
@@ -66,11 +69,11 @@ impl StreamState {
     /// `error_code`. A byte search first, so ordinary results cost almost
     /// nothing. Returns whether `<fin>` was there.
     pub fn note_upstream_text(&self, payload: &[u8]) -> bool {
-        let fin = contains(payload, b"<fin>");
+        let fin = FIN.find(payload).is_some();
         if fin {
             self.down.fin_seen.set(true);
         }
-        if !(contains(payload, b"\"finished\"") || contains(payload, b"\"error_code\"")) {
+        if FINISHED.find(payload).is_none() && ERROR_CODE.find(payload).is_none() {
             return fin;
         }
         #[derive(serde::Deserialize)]
@@ -92,12 +95,13 @@ impl StreamState {
     }
 }
 
-/// Whether `needle` occurs in `hay`: the byte search the pumps run over
-/// every upstream result, so a SIMD one (a compare at every offset showed
-/// in the profile of a flood, benches/README.md).
-pub(crate) fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    memchr::memmem::find(hay, needle).is_some()
-}
+// The byte searches run over every upstream result: SIMD searchers (a
+// compare at every offset showed in the profile of a flood), each built
+// once rather than per search (building one showed too).
+static FIN: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"<fin>"));
+static FINISHED: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"finished\""));
+pub(crate) static ERROR_CODE: LazyLock<Finder<'static>> =
+    LazyLock::new(|| Finder::new(b"\"error_code\""));
 
 /// The client→upstream half, written by [`client_to_upstream`](super::client_to_upstream).
 #[derive(Debug)]
