@@ -307,3 +307,59 @@ fn client_close_mid_stream_reaches_upstream() {
     assert_eq!(s.audio_frames, 5);
     assert!(relay.wait_idle(LIMIT));
 }
+
+/// After the close handshake the relay, upstream's WebSocket client, leaves
+/// the TCP close to upstream (RFC 6455 §7.1.1): it sends no FIN until
+/// upstream has sent its own, so the TIME_WAIT stays with upstream and
+/// the relay's ephemeral ports do not run out under churn. Then it closes
+/// at once.
+#[test]
+fn the_relay_lets_upstream_close_the_connection_first() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("ws://{}/transcribe-websocket", listener.local_addr().unwrap());
+    let (report_tx, report_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let (tcp, _) = listener.accept().unwrap();
+        let mut ws = tungstenite::accept(tcp).unwrap();
+        // Config, then audio until the end of audio (an empty frame).
+        loop {
+            match ws.read().unwrap() {
+                Message::Binary(b) if b.is_empty() => break,
+                _ => {}
+            }
+        }
+        ws.send(Message::text(
+            r#"{"tokens":[],"final_audio_proc_ms":100,"total_audio_proc_ms":100,"finished":true}"#,
+        ))
+        .unwrap();
+        ws.close(Some(normal_close())).unwrap();
+        // The client's close reply, carried up by the relay.
+        let replied = loop {
+            match ws.read() {
+                Ok(_) => {}
+                Err(tungstenite::Error::ConnectionClosed) => break true,
+                Err(_) => break false,
+            }
+        };
+        let mut tcp = ws.into_inner();
+        // Upstream has not closed yet: the relay must not have either.
+        tcp.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let mut b = [0u8; 64];
+        let early_fin = matches!(std::io::Read::read(&mut tcp, &mut b), Ok(0));
+        // Now upstream closes; the relay follows.
+        tcp.shutdown(std::net::Shutdown::Write).unwrap();
+        tcp.set_read_timeout(Some(LIMIT)).unwrap();
+        let fin_after = matches!(std::io::Read::read(&mut tcp, &mut b), Ok(0));
+        report_tx.send((replied, early_fin, fin_after)).unwrap();
+    });
+    let relay = Relay::start(relay_config(&url, &[("acct-a", "key-a")]));
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev-1"), Via::Header).unwrap();
+    let got = stream_session(&mut ws, &config_message(None), &audio_frames(3, 1));
+    assert!(got.finished(), "upstream's last result reached the client");
+    assert_eq!(got.close_code(), Some(1000));
+    let (replied, early_fin, fin_after) = report_rx.recv_timeout(LIMIT * 2).unwrap();
+    assert!(replied, "the client's close reply reached upstream");
+    assert!(!early_fin, "the relay closed upstream's connection before upstream did");
+    assert!(fin_after, "the relay closes once upstream has");
+}

@@ -15,7 +15,7 @@ mod refusal;
 mod support;
 
 use ending::{Ending, ToClient};
-use support::{audio_bytes_per_ms, close_client, raw_audio_rate, LiveGuard};
+use support::{audio_bytes_per_ms, close_client, close_upstream, raw_audio_rate, LiveGuard};
 pub use support::{upstream_config_text, with_api_key};
 
 pub use handshake::serve;
@@ -781,17 +781,20 @@ impl Stream {
                 let _ = client.write_all(&frames).await;
             }
         }
+        // A close frame went upstream, the client's or the relay's own:
+        // upstream, the server, is the one to close the connection first.
+        let mut closing = cside.close_seen;
         if let (Some((code, reason)), true) = (ending.upstream, state.up.at_boundary.get()) {
             let key = shard.masks.borrow_mut().next_key();
             let close = build_frame(Opcode::Close, &close_payload(code, reason), Some(key));
-            let _ = timeout(UPSTREAM_CLOSE_WAIT, up.conn.write_all(&close)).await;
+            let sent = timeout(UPSTREAM_CLOSE_WAIT, up.conn.write_all(&close)).await;
+            closing |= matches!(sent, Some(Ok(())));
         }
         let error = match ending.client {
             ToClient::Error(r) => Some(r.code),
             _ => None,
         };
-        let _ = up.conn.close().await;
-        close_client(client).await;
+        future::zip(close_upstream(&up.conn, closing), close_client(client)).await;
         error
     }
 

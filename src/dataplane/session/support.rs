@@ -85,6 +85,30 @@ pub(super) async fn close_client(client: &Duplex) {
     .await;
 }
 
+/// Closes the upstream side. After a close frame went upstream, the relay
+/// lets upstream, the server, close the TCP connection first, as a
+/// WebSocket client should (RFC 6455 §7.1.1): it waits (bounded) for
+/// upstream's FIN, discarding what comes, and only then closes its own
+/// side. The side that closes first keeps the connection's TIME_WAIT for a
+/// minute. Closing first, the relay kept one for every stream, each on an
+/// ephemeral port towards the same upstream address; with Linux's
+/// defaults (no reuse beyond loopback) those ports run out at about
+/// 28,000 stream opens a minute to one upstream address.
+pub(super) async fn close_upstream(upstream: &Duplex, after_close_frame: bool) {
+    if after_close_frame {
+        let mut scratch = [0u8; 512];
+        let _ = timeout(CLOSE_WAIT, async {
+            while let Ok(n) = upstream.read(&mut scratch).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+    let _ = upstream.close().await;
+}
+
 /// The client's config as upstream gets it (before any key): without the
 /// client's `api_key` (its session token), and with a `client_reference_id`
 /// (the stream id) when the client gave none. A JSON object.
