@@ -316,7 +316,10 @@ fn client_close_mid_stream_reaches_upstream() {
 #[test]
 fn the_relay_lets_upstream_close_the_connection_first() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("ws://{}/transcribe-websocket", listener.local_addr().unwrap());
+    let url = format!(
+        "ws://{}/transcribe-websocket",
+        listener.local_addr().unwrap()
+    );
     let (report_tx, report_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let (tcp, _) = listener.accept().unwrap();
@@ -360,6 +363,9 @@ fn the_relay_lets_upstream_close_the_connection_first() {
     assert_eq!(got.close_code(), Some(1000));
     let (replied, early_fin, fin_after) = report_rx.recv_timeout(LIMIT * 2).unwrap();
     assert!(replied, "the client's close reply reached upstream");
-    assert!(!early_fin, "the relay closed upstream's connection before upstream did");
+    assert!(
+        !early_fin,
+        "the relay closed upstream's connection before upstream did"
+    );
     assert!(fin_after, "the relay closes once upstream has");
 }
