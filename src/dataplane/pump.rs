@@ -173,6 +173,7 @@ pub async fn client_to_upstream(link: Link<'_>, side: &mut ClientSide, cx: Strea
                 Some(&mut masks.borrow_mut()),
             ),
             Some(r) => {
+                r.reserve_for(buf.len() - processed);
                 let scan = side.scanner.scan_capture(
                     &mut buf.filled()[processed..],
                     &mut masks.borrow_mut(),

@@ -9,6 +9,8 @@
 //! allocates, except [`FrameScanner::scan_capture`], which copies audio
 //! into the caller's [`Capture`] for a resume.
 
+use std::collections::VecDeque;
+
 use crate::frame::{parse_header, FrameError, Opcode, Sender};
 use crate::mask::{apply_mask, rekey, MaskKeys};
 
@@ -235,9 +237,24 @@ impl FrameScanner {
     /// re-masking) into `c`, unmasked: audio to `c.audio`, text (up to a
     /// bound) to `c.text`.
     fn capture_payload(&self, masked: &[u8], c: &mut Capture) {
-        let to = if self.counts_audio {
-            &mut c.audio
-        } else if !self.opcode.is_control() && !self.msg_binary {
+        if self.counts_audio {
+            // Appended where the copy lives, then unmasked there: the new
+            // bytes are the last `n` of the deque's two parts.
+            c.audio.extend(masked);
+            let n = masked.len();
+            let (front, back) = c.audio.as_mut_slices();
+            if back.len() >= n {
+                let at = back.len() - n;
+                apply_mask(&mut back[at..], self.client_key, self.phase);
+            } else {
+                let k = n - back.len();
+                let at = front.len() - k;
+                apply_mask(&mut front[at..], self.client_key, self.phase);
+                apply_mask(back, self.client_key, (self.phase + k) & 3);
+            }
+            return;
+        }
+        let to = if !self.opcode.is_control() && !self.msg_binary {
             if c.text.len() + masked.len() > MAX_CONTROL_TEXT {
                 return;
             }
@@ -267,9 +284,12 @@ pub const MAX_CONTROL_TEXT: usize = 4096;
 /// What [`FrameScanner::scan_capture`] saw in one window, beyond [`Scan`].
 #[derive(Debug, Default)]
 pub struct Capture {
-    /// Raw audio payload bytes, unmasked, in order.
-    pub audio: Vec<u8>,
-    /// Where in `audio` a client audio frame ended.
+    /// Raw audio payload bytes, unmasked, in order, appended at the back.
+    /// Its owner may drop bytes at the front between scans: it is the
+    /// stream's whole copy, not one scan's, so audio is copied once.
+    pub audio: VecDeque<u8>,
+    /// Where in `audio` (as indexed when it was pushed) a client audio
+    /// frame ended.
     pub frame_ends: Vec<usize>,
     /// The payload of the client text frame being read, unmasked.
     pub text: Vec<u8>,
@@ -348,6 +368,64 @@ mod tests {
             assert_eq!(sent.len(), wire.len());
             assert_ne!(sent, wire, "keys changed");
             assert_eq!(unmask_frames(&sent), frames, "chunk {chunk}");
+        }
+    }
+
+    /// The capture is the caller's copy, trimmed at the front between
+    /// scans, so new audio lands across the deque's wrap point: whatever
+    /// the split of the reads, the copy holds the client's audio unmasked,
+    /// with each frame's end, and the wire is re-masked as by `scan`.
+    #[test]
+    fn captures_audio_unmasked_across_the_copys_wrap_point() {
+        let frames: Vec<Vec<u8>> = (0..6u32)
+            .map(|f| (0..1001u32).map(|i| (i * 7 + f * 13) as u8).collect())
+            .collect();
+        let mut wire = vec![];
+        for (i, p) in frames.iter().enumerate() {
+            wire.extend(build_frame(
+                Opcode::Binary,
+                p,
+                Some([i as u8, 0x5A, 0xC3, 9]),
+            ));
+            wire.extend(build_frame(Opcode::Text, b"{}", Some([1, 2, 3, 4])));
+        }
+        // One byte left from before, at the deque's physical byte 1,200.
+        let all: Vec<u8> = [vec![0u8], frames.concat()].concat();
+        for chunk in [1usize, 3, 333, 1000, 4096] {
+            let mut scanner = FrameScanner::new(Sender::Client, 1 << 20);
+            let mut masks = MaskKeys::default();
+            let mut c = Capture::default();
+            // A deque with its head moved on: appends soon wrap.
+            c.audio.reserve_exact(1500);
+            c.audio.extend(std::iter::repeat_n(0u8, 1201));
+            c.audio.drain(..1200);
+            let (mut kept, mut trimmed, mut ends) = (vec![], 0, vec![]);
+            let mut wrapped = false;
+            let mut carry: Vec<u8> = vec![];
+            let mut sent = vec![];
+            for piece in wire.chunks(chunk) {
+                carry.extend_from_slice(piece);
+                let s = scanner.scan_capture(&mut carry, &mut masks, &mut c);
+                sent.extend_from_slice(&carry[..s.ready]);
+                carry.drain(..s.ready);
+                wrapped |= !c.audio.as_slices().1.is_empty();
+                ends.extend(c.frame_ends.drain(..).map(|e| e + trimmed));
+                // The owner trims the front, as a final token would.
+                let n = c.audio.len() / 2;
+                kept.extend(c.audio.drain(..n));
+                trimmed += n;
+            }
+            kept.extend(c.audio.drain(..));
+            assert!(wrapped, "chunk {chunk}: the appends never wrapped");
+            assert_eq!(kept, all, "chunk {chunk}");
+            let want: Vec<usize> = (1..=6).map(|f| 1 + f * 1001).collect();
+            assert_eq!(ends, want, "chunk {chunk}");
+            let got: Vec<Vec<u8>> = unmask_frames(&sent)
+                .into_iter()
+                .filter(|(op, _)| *op == Opcode::Binary)
+                .map(|(_, p)| p)
+                .collect();
+            assert_eq!(got, frames, "chunk {chunk}");
         }
     }
 

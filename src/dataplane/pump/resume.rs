@@ -33,9 +33,7 @@ pub struct Resume {
     /// Audio bytes per second, and bytes per sample frame (all channels).
     bytes_per_sec: u64,
     align: u64,
-    /// Audio from absolute byte `base` on, raw.
-    audio: VecDeque<u8>,
-    /// The client's frame lengths in `audio` (the first may be cut short
+    /// The client's frame lengths in the copy (the first may be cut short
     /// by a trim), then `open` bytes of a frame still arriving: a resume
     /// replays the audio in the client's own frames.
     lens: VecDeque<usize>,
@@ -43,8 +41,11 @@ pub struct Resume {
     base: u64,
     /// Bound of `audio` (`failover.resume_audio`).
     cap: usize,
-    /// What the scanner captured in the current window.
+    /// What the scanner captures: its `audio` is the copy itself, the raw
+    /// audio from absolute byte `base` on (the scanner appends, this trims).
     pub capture: Capture,
+    /// Length of the copy when the scanner's last captures were taken in.
+    absorbed: usize,
     /// `final_audio_proc_ms` the client has seen, on its timeline.
     final_ms: u64,
     /// Added to the current connection's times.
@@ -67,12 +68,12 @@ impl Resume {
         Resume {
             bytes_per_sec: bytes_per_sec.max(1),
             align: frame_bytes.max(1),
-            audio: VecDeque::new(),
             lens: VecDeque::new(),
             open: 0,
             base: 0,
             cap,
             capture: Capture::default(),
+            absorbed: 0,
             final_ms: 0,
             shift_ms: 0,
             resumes: 0,
@@ -89,8 +90,24 @@ impl Resume {
         b - b % self.align
     }
 
-    /// Moves what the scanner captured into the copy (dropping the oldest
-    /// past the bound).
+    /// Makes room in the copy for the audio of a window of `window` bytes
+    /// before the scanner appends it, growing by doubling but never past
+    /// the bound and one window (a deque left to grow by itself doubles
+    /// past the bound). A copy with no storage yet gets it from the
+    /// scanner's first audio: a stream that sends none (keepalives only)
+    /// holds none.
+    pub fn reserve_for(&mut self, window: usize) {
+        let audio = &mut self.capture.audio;
+        let need = audio.len() + window;
+        if audio.capacity() > 0 && need > audio.capacity() {
+            let want = need.max(audio.capacity() * 2).min(self.cap + window);
+            audio.reserve_exact(want - audio.len());
+        }
+    }
+
+    /// Takes in what the scanner appended to the copy: the client's frame
+    /// lengths, a `finalize` or the end of audio, and drops the oldest
+    /// audio past the bound.
     pub fn absorb_capture(&mut self) {
         if self.capture.finalize {
             self.finalize_pending = true;
@@ -100,37 +117,28 @@ impl Resume {
             self.end_of_audio = true;
             self.capture.end_of_audio = false;
         }
-        let new = std::mem::take(&mut self.capture.audio);
-        let mut from = 0;
+        let len = self.capture.audio.len();
+        let mut from = self.absorbed;
         for &end in &self.capture.frame_ends {
             self.lens.push_back(self.open + end - from);
             self.open = 0;
             from = end;
         }
         self.capture.frame_ends.clear();
-        self.open += new.len() - from;
-        if !new.is_empty() {
-            let need = self.audio.len() + new.len();
-            if need > self.audio.capacity() && need <= self.cap {
-                let want = need.max(self.audio.capacity() * 2).min(self.cap);
-                self.audio.reserve_exact(want - self.audio.len());
-            }
-            self.audio.extend(new.iter());
-            let over = self.audio.len().saturating_sub(self.cap);
-            self.trim_front(over);
-        }
-        self.peak_capacity = self.peak_capacity.max(self.audio.capacity());
-        self.capture.audio = new;
-        self.capture.audio.clear();
+        self.open += len - from;
+        self.trim_front(len.saturating_sub(self.cap));
+        self.absorbed = self.capture.audio.len();
+        self.peak_capacity = self.peak_capacity.max(self.capture.audio.capacity());
     }
 
     /// Drops the first `n` bytes of the copy, and of its frame lengths.
     fn trim_front(&mut self, n: usize) {
-        let n = n.min(self.audio.len());
+        let n = n.min(self.capture.audio.len());
         if n == 0 {
             return;
         }
-        self.audio.drain(..n);
+        self.capture.audio.drain(..n);
+        self.absorbed = self.absorbed.saturating_sub(n);
         self.base += n as u64;
         let mut left = n;
         while left > 0 {
@@ -163,8 +171,8 @@ impl Resume {
         if to > self.base {
             self.trim_front((to - self.base) as usize);
         }
-        if self.audio.is_empty() && self.audio.capacity() > 64 << 10 {
-            self.audio.shrink_to(0);
+        if self.capture.audio.is_empty() && self.capture.audio.capacity() > 64 << 10 {
+            self.capture.audio.shrink_to(0);
         }
     }
 
@@ -176,7 +184,7 @@ impl Resume {
 
     /// Seconds of audio a resume replays now.
     pub fn replay_seconds(&self) -> f64 {
-        self.audio.len() as f64 / self.bytes_per_sec as f64
+        self.capture.audio.len() as f64 / self.bytes_per_sec as f64
     }
 
     /// Starts a resume: counts it, moves the timeline to the resume point,
@@ -194,12 +202,14 @@ impl Resume {
         // final token's end: the new connection's time 0.
         self.shift_ms = self.base * 1000 / self.bytes_per_sec;
         self.final_ms = self.final_ms.max(self.shift_ms);
-        let mut out = Vec::with_capacity(self.audio.len() + self.audio.len() / 4096 * 14 + 64);
+        let mut out = Vec::with_capacity(
+            self.capture.audio.len() + self.capture.audio.len() / 4096 * 14 + 64,
+        );
         let mut chunk = Vec::new();
         let mut at = 0;
         for &len in &self.lens {
             chunk.clear();
-            chunk.extend(self.audio.range(at..at + len));
+            chunk.extend(self.capture.audio.range(at..at + len));
             at += len;
             out.extend(build_frame(Opcode::Binary, &chunk, Some(masks.next_key())));
         }
@@ -232,13 +242,13 @@ impl Resume {
                 );
                 out.extend_from_slice(&h[..n]);
                 let from = out.len();
-                out.extend(self.audio.range(at..at + open));
+                out.extend(self.capture.audio.range(at..at + open));
                 clio_frame::mask::apply_mask(&mut out[from..], key, 0);
             }
             None if self.open > 0 => {
                 // Not expected (an open frame is a cut one); sent whole.
                 chunk.clear();
-                chunk.extend(self.audio.range(at..at + self.open));
+                chunk.extend(self.capture.audio.range(at..at + self.open));
                 out.extend(build_frame(Opcode::Binary, &chunk, Some(masks.next_key())));
                 self.lens.push_back(self.open);
                 self.open = 0;
@@ -508,14 +518,16 @@ mod tests {
     fn the_copy_follows_the_final_point_and_its_bound() {
         // 32 bytes a ms, 2-byte samples, 1,000 bytes at most.
         let mut r = Resume::new(32_000, 2, 1000, 2);
+        r.reserve_for(640);
         r.capture.audio.extend((0..640u32).map(|i| i as u8));
         r.absorb_capture();
         r.note_final(10); // 320 bytes are final
-        assert_eq!((r.base, r.audio.len()), (320, 320));
+        assert_eq!((r.base, r.capture.audio.len()), (320, 320));
         assert!(r.can_resume());
+        r.reserve_for(900);
         r.capture.audio.extend(std::iter::repeat_n(7u8, 900));
         r.absorb_capture();
-        assert_eq!(r.audio.len(), 1000, "bounded");
+        assert_eq!(r.capture.audio.len(), 1000, "bounded");
         assert!(!r.can_resume(), "audio after the final point was lost");
         r.note_final(40); // 1,280 bytes
         assert!(r.can_resume());
