@@ -39,7 +39,7 @@ pub struct Resume {
     lens: VecDeque<usize>,
     open: usize,
     base: u64,
-    /// Bound of `audio` (`failover.resume_audio`).
+    /// Bound of the copy (`failover.resume_audio`).
     cap: usize,
     /// What the scanner captures: its `audio` is the copy itself, the raw
     /// audio from absolute byte `base` on (the scanner appends, this trims).
