@@ -74,15 +74,7 @@ impl Drop for LiveGuard<'_> {
 /// the close into a reset that could cost the client its last frames.
 pub(super) async fn close_client(client: &Duplex) {
     let _ = client.close().await;
-    let mut scratch = [0u8; 512];
-    let _ = timeout(CLOSE_WAIT, async {
-        while let Ok(n) = client.read(&mut scratch).await {
-            if n == 0 {
-                break;
-            }
-        }
-    })
-    .await;
+    until_peer_closes(client).await;
 }
 
 /// Closes the upstream side. After a close frame went upstream, the relay
@@ -96,17 +88,23 @@ pub(super) async fn close_client(client: &Duplex) {
 /// 28,000 stream opens a minute to one upstream address.
 pub(super) async fn close_upstream(upstream: &Duplex, after_close_frame: bool) {
     if after_close_frame {
-        let mut scratch = [0u8; 512];
-        let _ = timeout(CLOSE_WAIT, async {
-            while let Ok(n) = upstream.read(&mut scratch).await {
-                if n == 0 {
-                    break;
-                }
-            }
-        })
-        .await;
+        until_peer_closes(upstream).await;
     }
     let _ = upstream.close().await;
+}
+
+/// Reads and discards until the peer closes its side (EOF or an error),
+/// for at most [`CLOSE_WAIT`].
+async fn until_peer_closes(conn: &Duplex) {
+    let mut scratch = [0u8; 512];
+    let _ = timeout(CLOSE_WAIT, async {
+        while let Ok(n) = conn.read(&mut scratch).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 /// The client's config as upstream gets it (before any key): without the
