@@ -482,11 +482,10 @@ impl Held {
         client.write_all(&buf.filled()[..self.bytes]).await?;
         buf.consume(self.bytes);
         Held::delivered(self.frames, self.bytes, self.data, self.read_at, cx);
-        let read_at = self.read_at;
-        *self = Held {
-            read_at,
-            ..Held::default()
-        };
+        // Emptied; `read_at` stays the time of the read they came from.
+        self.bytes = 0;
+        self.frames = 0;
+        self.data = false;
         Ok(())
     }
 
