@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use crate::control::httpc::{self, client, Endpoint, Request};
 use crate::core::config::{parse_ws_url, UrlError};
 use crate::core::keyring::{AccountState, KeySlot, NO_UPSTREAM_CAP};
-use crate::dataplane::io::BufferPool;
+use crate::dataplane::buf::BufferPool;
 use crate::dataplane::upstream::UpstreamFault;
 
 /// The bound on a REST answer: a page of 1000 usage logs fits.

@@ -10,7 +10,8 @@ use std::io;
 use tungstenite::handshake::server::create_response;
 use tungstenite::http;
 
-use crate::dataplane::io::{Buf, Duplex};
+use crate::dataplane::buf::Buf;
+use crate::dataplane::io::Duplex;
 
 /// Why a request head could not be read.
 #[derive(Debug)]

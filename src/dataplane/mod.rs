@@ -17,6 +17,7 @@
 //! - [`upstream`]: TCP, TLS and the WebSocket client upgrade to Soniox.
 
 pub mod accept;
+pub mod buf;
 pub mod http;
 pub mod io;
 pub mod listen;

@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 
 use crate::core::keyring::RateScope;
 use crate::core::metrics::{Hist, ShardMetrics};
-use crate::dataplane::io::{Buf, Duplex};
+use crate::dataplane::buf::Buf;
+use crate::dataplane::io::Duplex;
 use clio_frame::frame::{parse_header, FrameError, Opcode, Sender};
 use clio_frame::mask::MaskKeys;
 use clio_frame::scanner::FrameScanner;

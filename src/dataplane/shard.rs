@@ -20,7 +20,7 @@ use crate::core::config::LimitsConfig;
 use crate::core::keyring::{AccountState, KeyRing, RingSlot};
 use crate::core::metrics::{MetricsSnapshot, ShardMetrics};
 use crate::core::token::TokenKeys;
-use crate::dataplane::io::BufferPool;
+use crate::dataplane::buf::BufferPool;
 use crate::dataplane::upstream::UpstreamTarget;
 use clio_frame::mask::MaskKeys;
 

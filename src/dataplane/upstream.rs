@@ -19,8 +19,9 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use crate::core::config::{parse_ws_url, UrlError, WsEndpoint};
 use crate::core::keyring::RateScope;
 use crate::core::secret::Secret;
+use crate::dataplane::buf::Buf;
 use crate::dataplane::http::{self, UpstreamAnswer};
-use crate::dataplane::io::{Buf, Conn, Duplex, Tcp};
+use crate::dataplane::io::{Conn, Duplex, Tcp};
 
 /// How long a resolved upstream address is reused before resolving again.
 const DNS_TTL: Duration = Duration::from_secs(30);

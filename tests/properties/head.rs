@@ -3,8 +3,9 @@
 
 use std::time::Duration;
 
+use clio_relay::dataplane::buf::BufferPool;
 use clio_relay::dataplane::http::{parse_client_request, read_head, upgrade_response, TokenSource};
-use clio_relay::dataplane::io::{BufferPool, Conn, Duplex};
+use clio_relay::dataplane::io::{Conn, Duplex};
 use proptest::prelude::*;
 
 /// A generated upgrade request: where its token goes, filler headers, and

@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use super::{routes, Admin};
 use crate::dataplane::accept::Spare;
+use crate::dataplane::buf::{Buf, BufferPool};
 use crate::dataplane::http;
-use crate::dataplane::io::{timeout, Buf, BufferPool, Conn, Duplex};
+use crate::dataplane::io::{timeout, Conn, Duplex};
 
 /// Largest request body the admin API reads.
 const MAX_BODY: usize = 64 * 1024;

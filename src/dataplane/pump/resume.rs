@@ -473,7 +473,7 @@ impl Held {
     async fn flush(
         &mut self,
         client: &crate::dataplane::io::Duplex,
-        buf: &mut crate::dataplane::io::Buf,
+        buf: &mut crate::dataplane::buf::Buf,
         cx: StreamCx<'_>,
     ) -> std::io::Result<()> {
         if self.bytes == 0 {

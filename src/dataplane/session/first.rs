@@ -7,7 +7,8 @@ use serde_json::{Map, Value};
 
 use crate::core::metrics::Side;
 use crate::core::token::Claims;
-use crate::dataplane::io::{timeout, Buf, Duplex};
+use crate::dataplane::buf::Buf;
+use crate::dataplane::io::{timeout, Duplex};
 use clio_frame::frame::{build_frame, parse_header, FrameError, FrameHeader, Opcode, Sender};
 use clio_frame::mask::apply_mask;
 

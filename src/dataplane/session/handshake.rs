@@ -8,8 +8,9 @@ use crate::dataplane::uring::RingSocket;
 
 use crate::core::metrics::Side;
 use crate::core::token::Claims;
+use crate::dataplane::buf::Buf;
 use crate::dataplane::http::{self, HeadError};
-use crate::dataplane::io::{timeout, Buf, Conn, Duplex};
+use crate::dataplane::io::{timeout, Conn, Duplex};
 use crate::dataplane::shard::{AdmitPermit, Settings, Shard};
 use crate::dataplane::unauth;
 
