@@ -77,10 +77,19 @@ fn token(relay: &Relay, device: &str, pools: &[&str]) -> String {
         .unwrap()
 }
 
-/// A whole session on `token`; what the client got.
+/// A whole session on `token`; what the client got. Returns once the relay
+/// has ended the stream too: its account slot is held until upstream has
+/// closed the connection, a moment after the client saw the end, and the
+/// next session on a one-stream account needs that slot.
 fn session(relay: &Relay, token: &str) -> Received {
+    let before = relay.handle.process.live_streams();
     let (mut ws, _) = connect(relay.addr(), token, Via::Header).unwrap();
-    stream_session(&mut ws, &config_message(None), &audio_frames(3, 1))
+    let got = stream_session(&mut ws, &config_message(None), &audio_frames(3, 1));
+    assert!(
+        wait_until(LIMIT, || relay.handle.process.live_streams() <= before),
+        "the relay never ended the stream: {got:?}"
+    );
+    got
 }
 
 /// Opens a stream and keeps it live (config and one audio frame sent).
