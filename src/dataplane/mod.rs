@@ -15,9 +15,12 @@
 //! - [`unauth`]: the bounded pool of connections waiting for a first-message token.
 //! - [`http`]: the HTTP/1.1 edge: request heads, upgrades, JSON errors.
 //! - [`upstream`]: TCP, TLS and the WebSocket client upgrade to Soniox.
+//! - [`fleet_link`]: a shard's own connection to the fleet's store, for
+//!   stream opens without waking the cluster thread.
 
 pub mod accept;
 pub mod buf;
+pub mod fleet_link;
 pub mod http;
 pub mod io;
 pub mod listen;

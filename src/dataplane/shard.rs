@@ -303,6 +303,9 @@ pub struct Shard {
     pub unauthenticated: crate::dataplane::unauth::ShardPool,
     /// Streams refused at the file limit: logged once per interval, with a count.
     pub file_limit_log: crate::dataplane::accept::Rate,
+    /// This shard's own connection to the fleet's store, made on its first
+    /// stream open (`None` without `[cluster]`).
+    fleet_link: std::cell::OnceCell<Option<Rc<crate::dataplane::fleet_link::FleetLink>>>,
 }
 
 /// Why the relay ends a live stream itself.
@@ -391,6 +394,18 @@ impl Settings {
 }
 
 impl Shard {
+    /// This shard's link to the fleet's store, if the relay is in a fleet.
+    pub fn fleet_link(&self) -> Option<&crate::dataplane::fleet_link::FleetLink> {
+        self.fleet_link
+            .get_or_init(|| {
+                self.process
+                    .fleet
+                    .get()
+                    .map(|f| crate::dataplane::fleet_link::FleetLink::new(f.clone()))
+            })
+            .as_deref()
+    }
+
     /// A key for the live-stream registry.
     pub fn next_live_id(&self) -> u64 {
         let n = self.next_stream.get();
@@ -518,6 +533,7 @@ pub fn start(index: usize, setup: ShardSetup) -> std::io::Result<ShardHandle> {
             file_limit_log: crate::dataplane::accept::Rate::new(
                 "relay at its file limit: streams refused with 503",
             ),
+            fleet_link: std::cell::OnceCell::new(),
         });
         let _ = ready_tx.send(listener.local_addr());
         let (stop_accepting_tx, stop_accepting_rx) = async_channel::bounded::<()>(1);

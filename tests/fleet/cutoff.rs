@@ -15,6 +15,7 @@ use tungstenite::Message;
 
 use crate::redis::RedisServer;
 use crate::util::*;
+use crate::{finish, open, try_stream, up};
 
 /// A network namespace with two veth links to this one.
 struct Net {
@@ -99,26 +100,6 @@ impl Drop for Net {
             let _ = Command::new("ip").args(["link", "del", end]).output();
         }
     }
-}
-
-fn up(relay: &Relay) -> bool {
-    relay.handle.process.fleet.get().unwrap().store_up()
-}
-
-fn open(relay: &Relay, device: &str) -> Ws {
-    let (mut ws, _) = connect(relay.addr(), &relay.token(device), Via::Header).unwrap();
-    ws.send(Message::text(config_message(None))).unwrap();
-    ws
-}
-
-fn try_stream(relay: &Relay, device: &str) -> Received {
-    let (mut ws, _) = connect(relay.addr(), &relay.token(device), Via::Header).unwrap();
-    stream_session(&mut ws, &config_message(None), &audio_frames(1, 1))
-}
-
-fn finish(mut ws: Ws) -> Received {
-    ws.send(Message::binary(Vec::<u8>::new())).unwrap();
-    read_all(&mut ws)
 }
 
 #[test]

@@ -13,6 +13,7 @@ mod cutoff;
 mod haproxy;
 mod leases;
 mod limits;
+mod links;
 mod outage;
 mod pools;
 mod process;
@@ -68,4 +69,34 @@ pub fn pair(
         "both nodes reach Redis and see each other"
     );
     (a, b)
+}
+
+/// Whether `relay`'s cluster thread has the store.
+pub fn up(relay: &util::Relay) -> bool {
+    relay.handle.process.fleet.get().unwrap().store_up()
+}
+
+/// Opens a stream for `device` on `relay` and sends its config.
+pub fn open(relay: &util::Relay, device: &str) -> util::Ws {
+    let (mut ws, _) = util::connect(relay.addr(), &relay.token(device), util::Via::Header).unwrap();
+    ws.send(tungstenite::Message::text(util::config_message(None)))
+        .unwrap();
+    ws
+}
+
+/// A whole short stream for `device` on `relay`; what the client got.
+pub fn try_stream(relay: &util::Relay, device: &str) -> util::Received {
+    let (mut ws, _) = util::connect(relay.addr(), &relay.token(device), util::Via::Header).unwrap();
+    util::stream_session(
+        &mut ws,
+        &util::config_message(None),
+        &util::audio_frames(1, 1),
+    )
+}
+
+/// Ends a stream's audio and reads to its end; the socket is closed.
+pub fn finish(mut ws: util::Ws) -> util::Received {
+    ws.send(tungstenite::Message::binary(Vec::<u8>::new()))
+        .unwrap();
+    util::read_all(&mut ws)
 }

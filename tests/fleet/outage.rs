@@ -8,27 +8,7 @@ use tungstenite::Message;
 
 use crate::redis::RedisServer;
 use crate::util::*;
-
-fn up(relay: &Relay) -> bool {
-    relay.handle.process.fleet.get().unwrap().store_up()
-}
-
-fn open(relay: &Relay, device: &str) -> Ws {
-    let (mut ws, _) = connect(relay.addr(), &relay.token(device), Via::Header).unwrap();
-    ws.send(Message::text(config_message(None))).unwrap();
-    ws
-}
-
-fn try_stream(relay: &Relay, device: &str) -> Received {
-    let (mut ws, _) = connect(relay.addr(), &relay.token(device), Via::Header).unwrap();
-    stream_session(&mut ws, &config_message(None), &audio_frames(1, 1))
-}
-
-/// Ends a stream's audio and reads to its end; the socket is closed.
-fn finish(mut ws: Ws) -> Received {
-    ws.send(Message::binary(Vec::<u8>::new())).unwrap();
-    read_all(&mut ws)
-}
+use crate::{finish, open, try_stream, up};
 
 fn metrics(relay: &Relay) -> String {
     http(relay.handle.admin_addr, "GET", "/metrics", None, None).1

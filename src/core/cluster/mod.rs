@@ -18,6 +18,18 @@
 //! one `HINCRBY` (fire and forget, pipelined). Nothing is sent per frame;
 //! audio for the daily allowance is flushed once a second per device.
 //!
+//! # A shard's own connection
+//! Handing each open to the thread costs two thread wake-ups and a futex
+//! per open. So while the store is up, a shard sends its opens on a Redis
+//! connection of its own ([`OpenLink`], the data plane's `fleet_link`),
+//! pipelined, with the holds given back meanwhile in front of them. The
+//! thread still keeps the tally of what this node holds: the link puts
+//! every count the store took into the same queue as the releases
+//! ([`Fleet::counted`]). Any failure on a link (an error, a deadline
+//! missed) is a failure of the store: the thread goes down, waits until
+//! every open sent before has passed its deadline, and registers the tally
+//! again, so an open whose answer was lost is neither kept nor counted.
+//!
 //! # When Redis is unreachable
 //! Live streams are not touched. New streams follow `on_store_down`:
 //! `local` enforces this node's share of each limit (the limit divided by
@@ -27,6 +39,7 @@
 //! ([`scripts::REGISTER`]), so nothing is counted twice or left behind.
 
 mod error;
+pub mod resp;
 pub mod scripts;
 mod store;
 pub mod usage;
@@ -63,7 +76,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    fn field(self) -> &'static str {
+    pub(crate) fn field(self) -> &'static str {
         match self {
             Kind::Device => "dev",
             Kind::Account => "acct",
@@ -80,6 +93,13 @@ pub enum Job {
     /// by local shares while Redis was unreachable, or an answer no one
     /// waited for is given back).
     Adjust(Kind, String, i32),
+    /// Like [`Job::Adjust`], for Redis only: the thread's tally already
+    /// has it (holds given back, taken from the queue).
+    Sync(Kind, String, i32),
+    /// A shard's own connection failed: whether Redis took its last open
+    /// is not known, so the thread treats the store as down and registers
+    /// what this node holds when it reconnects.
+    LinkFailed,
     /// Holds were given back (streams ended) into [`Fleet`]'s release
     /// queue, which was empty: send them within [`RELEASE_DELAY`], or with
     /// the next stream open if that comes first.
@@ -109,9 +129,9 @@ pub enum Job {
     Stop,
 }
 
-/// A stream open for the cluster thread.
-#[derive(Debug)]
-pub struct OpenJob {
+/// What a stream open asks the store (see [`scripts::OPEN`]).
+#[derive(Debug, Clone)]
+pub struct OpenRequest {
     /// Device id ("" to reserve an account only).
     pub device: String,
     /// Token id.
@@ -122,10 +142,74 @@ pub struct OpenJob {
     pub day: u64,
     /// Account ids and their limits, in the ring's order.
     pub candidates: Vec<(String, u32)>,
+}
+
+impl OpenRequest {
+    /// The arguments of [`scripts::OPEN`] for `node`, into `out`.
+    pub fn args(&self, node: &str, ttl_ms: u64, out: &mut impl scripts::Args) {
+        out.push(node);
+        out.push(&self.device);
+        out.push(&self.token);
+        for l in self.limits {
+            out.push(l);
+        }
+        out.push(self.day);
+        out.push(ttl_ms);
+        for (id, max) in &self.candidates {
+            out.push(id.as_str());
+            out.push(*max);
+        }
+    }
+}
+
+/// A stream open for the cluster thread.
+#[derive(Debug)]
+pub struct OpenJob {
+    /// What is asked.
+    pub req: OpenRequest,
     /// After this the job is answered [`OpenAnswer::Down`] without a call.
     pub deadline: Instant,
     /// Where the answer goes (through the asking shard's doorbell).
     pub reply: crate::core::doorbell::Sender<OpenAnswer>,
+}
+
+/// The counts a stream open took fleet-wide, given back when dropped.
+#[derive(Debug, Default)]
+pub struct Taken {
+    /// The device's.
+    pub device: Option<FleetHold>,
+    /// The chosen account's.
+    pub account: Option<FleetHold>,
+}
+
+/// A shard's own way to the store for stream opens (the data plane's
+/// `fleet_link`): answers like the cluster thread, without waking it.
+pub trait OpenLink {
+    /// Sends `req`, and waits for the answer and the counts taken; gives
+    /// `req` back when the link cannot take it now (not connected yet), for
+    /// the cluster thread.
+    #[allow(clippy::type_complexity)]
+    fn open(
+        &self,
+        req: OpenRequest,
+    ) -> Result<
+        std::pin::Pin<Box<dyn std::future::Future<Output = (OpenAnswer, Taken)> + '_>>,
+        OpenRequest,
+    >;
+}
+
+/// Where a shard's own connection goes: Redis's address as the cluster
+/// thread last resolved it, and how to log in.
+#[derive(Debug, Clone)]
+pub struct LinkTarget {
+    /// Redis's address.
+    pub addr: std::net::SocketAddr,
+    /// `AUTH` user name, if any.
+    pub username: Option<String>,
+    /// `AUTH` password, if any.
+    pub password: Option<crate::core::secret::Secret>,
+    /// `SELECT` database.
+    pub db: i64,
 }
 
 /// The cluster thread's answer to a stream open.
@@ -160,6 +244,10 @@ pub struct FleetStats {
     pub open_us_sum: AtomicU64,
     /// Count for `open_us_sum`.
     pub open_us_count: AtomicU64,
+    /// Stream opens sent on a shard's own connection.
+    pub opens_link: AtomicU64,
+    /// Stream opens sent through the cluster thread.
+    pub opens_thread: AtomicU64,
 }
 
 /// A process's handle on the fleet (shared by every shard and the admin
@@ -180,9 +268,24 @@ pub struct Fleet {
     pub stats: FleetStats,
     /// For usage queries, which read on connections of their own.
     client: std::sync::OnceLock<redis::Client>,
-    /// Holds given back and not yet sent: a stream's end does not wake
-    /// the cluster thread (see [`Job::Released`]).
-    releases: std::sync::Mutex<Vec<(Kind, String)>>,
+    /// Count changes the thread has not taken yet: holds given back (not
+    /// yet sent to Redis, unless a shard's link took them) and counts a
+    /// link's opens took (in Redis already). A change does not wake the
+    /// cluster thread (see [`Job::Released`]).
+    changes: std::sync::Mutex<Vec<Change>>,
+    /// Where shards' own connections go; `None` while the store is down or
+    /// when it is reached over TLS or a Unix socket (the thread only).
+    link: std::sync::Mutex<Option<LinkTarget>>,
+}
+
+/// A count change waiting in [`Fleet`]'s queue.
+#[derive(Debug)]
+struct Change {
+    kind: Kind,
+    id: String,
+    delta: i32,
+    /// Redis has it already: only the thread's tally is behind.
+    in_store: bool,
 }
 
 /// A stream's count on a device or account fleet-wide; given back when
@@ -229,16 +332,17 @@ impl Fleet {
             nodes: AtomicU32::new(1),
             stats: FleetStats::default(),
             client: std::sync::OnceLock::new(),
-            releases: std::sync::Mutex::new(Vec::new()),
+            changes: std::sync::Mutex::new(Vec::new()),
+            link: std::sync::Mutex::new(None),
         })
     }
 
-    /// Queues a given-back hold; only the first into an empty queue tells
-    /// the cluster thread.
-    fn release(&self, kind: Kind, id: String) {
+    /// Queues a count change; only the first into an empty queue tells the
+    /// cluster thread.
+    fn change(&self, c: Change) {
         let first = {
-            let mut q = self.releases.lock().unwrap_or_else(|e| e.into_inner());
-            q.push((kind, id));
+            let mut q = self.changes.lock().unwrap_or_else(|e| e.into_inner());
+            q.push(c);
             q.len() == 1
         };
         if first {
@@ -246,17 +350,84 @@ impl Fleet {
         }
     }
 
-    /// Takes the given-back holds waiting, as adjustments, the same ids
-    /// summed (for the cluster thread).
-    pub(crate) fn take_releases(&self) -> Vec<Job> {
-        let q = std::mem::take(&mut *self.releases.lock().unwrap_or_else(|e| e.into_inner()));
-        let mut sums: HashMap<(Kind, String), i32> = HashMap::with_capacity(q.len());
-        for key in q {
-            *sums.entry(key).or_insert(0) -= 1;
+    /// Queues a given-back hold.
+    fn release(&self, kind: Kind, id: String) {
+        self.change(Change {
+            kind,
+            id,
+            delta: -1,
+            in_store: false,
+        });
+    }
+
+    /// A count a shard's link saw Redis take: the thread's tally learns it
+    /// through the queue, and the hold gives it back when dropped.
+    pub fn counted(self: &Arc<Self>, kind: Kind, id: &str) -> FleetHold {
+        self.change(Change {
+            kind,
+            id: id.to_string(),
+            delta: 1,
+            in_store: true,
+        });
+        self.hold(kind, id)
+    }
+
+    /// For a shard's link: the holds given back and not yet sent, summed by
+    /// id, marked as sent (the link sends them before its next open, so a
+    /// device reopening at its limit finds its place free).
+    pub fn take_unsent(&self) -> Vec<(Kind, String, i32)> {
+        let mut q = self.changes.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<(Kind, String, i32)> = Vec::new();
+        for c in q.iter_mut().filter(|c| !c.in_store) {
+            c.in_store = true;
+            match out
+                .iter_mut()
+                .find(|(k, id, _)| *k == c.kind && *id == c.id)
+            {
+                Some(o) => o.2 += c.delta,
+                None => out.push((c.kind, c.id.clone(), c.delta)),
+            }
         }
-        sums.into_iter()
-            .map(|((k, id), d)| Job::Adjust(k, id, d))
-            .collect()
+        out
+    }
+
+    /// Takes every change waiting (for the cluster thread): the net change
+    /// of each id for its tally, and the changes Redis does not have yet,
+    /// summed by id, as [`Job::Sync`]s to send.
+    pub(crate) fn take_changes(&self) -> (HashMap<(Kind, String), i64>, Vec<Job>) {
+        let q = std::mem::take(&mut *self.changes.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut net: HashMap<(Kind, String), i64> = HashMap::with_capacity(q.len());
+        let mut unsent: HashMap<(Kind, String), i32> = HashMap::new();
+        for c in q {
+            if !c.in_store {
+                *unsent.entry((c.kind, c.id.clone())).or_insert(0) += c.delta;
+            }
+            *net.entry((c.kind, c.id)).or_insert(0) += i64::from(c.delta);
+        }
+        let jobs = unsent
+            .into_iter()
+            .filter(|(_, d)| *d != 0)
+            .map(|((k, id), d)| Job::Sync(k, id, d))
+            .collect();
+        (net, jobs)
+    }
+
+    /// Where shards' own connections go now (`None`: use the thread).
+    pub fn link_target(&self) -> Option<LinkTarget> {
+        if !self.store_up() {
+            return None;
+        }
+        self.link.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// A shard's link failed (see [`Job::LinkFailed`]).
+    pub fn link_failed(&self) {
+        self.send(Job::LinkFailed);
+    }
+
+    /// How long a shard waits for Redis's answer to a stream open.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     /// Whether Redis answered the last call.
@@ -281,15 +452,16 @@ impl Fleet {
         }
     }
 
-    /// Asks the cluster thread to open a stream; waits without blocking
-    /// the shard.
+    /// Opens a stream in the store: on the shard's own `link` when it can
+    /// take it, else through the cluster thread; waits without blocking
+    /// the shard. The counts taken come with an `Ok`.
     async fn ask_open(
-        &self,
+        self: &Arc<Self>,
         device: (&str, &str),
         limits: Option<&DeviceLimits>,
         candidates: Vec<(String, u32)>,
-    ) -> OpenAnswer {
-        let (reply, rx) = crate::core::doorbell::oneshot();
+        link: Option<&dyn OpenLink>,
+    ) -> (OpenAnswer, Taken) {
         let lim = limits.map_or([0; 3], |l| {
             [
                 u64::from(l.max_concurrent_streams),
@@ -297,29 +469,55 @@ impl Fleet {
                 l.audio_seconds_per_day.saturating_mul(1000),
             ]
         });
-        self.send(Job::Open(OpenJob {
+        let mut req = OpenRequest {
             device: device.0.to_string(),
             token: device.1.to_string(),
             limits: lim,
             day: utc_day(SystemTime::now()),
             candidates,
+        };
+        if let Some(link) = link.filter(|_| self.store_up()) {
+            match link.open(req) {
+                Ok(answer) => {
+                    self.stats.opens_link.fetch_add(1, Ordering::Relaxed);
+                    return answer.await;
+                }
+                Err(back) => req = back,
+            }
+        }
+        self.stats.opens_thread.fetch_add(1, Ordering::Relaxed);
+        let (reply, rx) = crate::core::doorbell::oneshot();
+        let account_ids: Vec<String> = req.candidates.iter().map(|c| c.0.clone()).collect();
+        let dev = req.device.clone();
+        self.send(Job::Open(OpenJob {
+            req,
             deadline: Instant::now() + self.timeout,
             reply,
         }));
         // The thread answers every job within its deadlines; this bound
         // only guards against a thread that is gone or stuck.
         let bound = self.timeout * 4 + Duration::from_secs(1);
-        crate::core::deadline::timeout(bound, rx)
+        let answer = crate::core::deadline::timeout(bound, rx)
             .await
             .flatten()
-            .unwrap_or(OpenAnswer::Down)
+            .unwrap_or(OpenAnswer::Down);
+        let mut taken = Taken::default();
+        if let OpenAnswer::Ok(pick) = answer {
+            // The thread's tally has these already.
+            if !dev.is_empty() {
+                taken.device = Some(self.hold(Kind::Device, &dev));
+            }
+            taken.account = pick.map(|i| self.hold(Kind::Account, &account_ids[i]));
+        }
+        (answer, taken)
     }
 
     /// Admits a new stream of `claims`: device limits and revocations
     /// fleet-wide, and an account of `pools` (the token's, less those at
     /// their `max_streams` here) from `ring` (skipping `tried`) with room
-    /// fleet-wide. One Redis round trip. While Redis is unreachable,
-    /// follows `on_store_down`.
+    /// fleet-wide. One Redis round trip, on the shard's `link` when it has
+    /// one. While Redis is unreachable, follows `on_store_down`.
+    #[allow(clippy::too_many_arguments)]
     pub async fn admit(
         self: &Arc<Self>,
         devices: &Devices,
@@ -328,29 +526,30 @@ impl Fleet {
         pools: &[String],
         limits: &DeviceLimits,
         tried: u64,
+        link: Option<&dyn OpenLink>,
     ) -> Result<(DevicePermit, Option<Lease>), FleetRefusal> {
         let candidates = ring.borrow().candidates(Instant::now(), tried, pools);
         let t0 = Instant::now();
-        let answer = self
+        let (answer, taken) = self
             .ask_open(
                 (&claims.device_id, &claims.token_id),
                 Some(limits),
                 candidates.clone(),
+                link,
             )
             .await;
         match answer {
             OpenAnswer::Ok(pick) => {
                 self.note_open(t0);
                 let mut permit = devices.hold(claims, limits);
-                permit.fleet = Some(self.hold(Kind::Device, &claims.device_id));
+                permit.fleet = taken.device;
                 let lease = match pick {
                     None => None,
                     Some(i) => {
                         let id = &candidates[i].0;
-                        let held = self.hold(Kind::Account, id);
                         match ring.borrow_mut().reserve(id, pools) {
                             Some(mut l) => {
-                                l.fleet = Some(held);
+                                l.fleet = taken.account;
                                 Some(l)
                             }
                             // Gone from this shard's ring meanwhile.
@@ -412,20 +611,23 @@ impl Fleet {
         ring: &std::cell::RefCell<KeyRing>,
         tried: u64,
         pools: &[String],
+        link: Option<&dyn OpenLink>,
     ) -> Option<Lease> {
         let candidates = ring.borrow().candidates(Instant::now(), tried, pools);
         if candidates.is_empty() {
             return None;
         }
-        match self.ask_open(("", ""), None, candidates.clone()).await {
-            OpenAnswer::Ok(Some(i)) => {
+        match self
+            .ask_open(("", ""), None, candidates.clone(), link)
+            .await
+        {
+            (OpenAnswer::Ok(Some(i)), taken) => {
                 let id = &candidates[i].0;
-                let held = self.hold(Kind::Account, id);
                 let mut l = ring.borrow_mut().reserve(id, pools)?;
-                l.fleet = Some(held);
+                l.fleet = taken.account;
                 Some(l)
             }
-            OpenAnswer::Down => self.pick_local(ring, tried, pools),
+            (OpenAnswer::Down, _) => self.pick_local(ring, tried, pools),
             _ => None,
         }
     }
@@ -483,6 +685,14 @@ impl Fleet {
         .sample(&[("decided_by", "store")], get(&s.opens_shared))
         .sample(&[("decided_by", "local")], get(&s.opens_local))
         .sample(&[("decided_by", "refused")], get(&s.opens_refused_down));
+        family(
+            out,
+            "clio_relay_cluster_open_calls_total",
+            Kind::Counter,
+            "Stream opens sent to the shared store, by the way they went: a shard's own connection, or the cluster thread.",
+        )
+        .sample(&[("via", "shard")], get(&s.opens_link))
+        .sample(&[("via", "thread")], get(&s.opens_thread));
         family(
             out,
             "clio_relay_cluster_registrations_total",

@@ -22,6 +22,97 @@
 //! a node that dies stops counting `lease_ttl` after its last heartbeat,
 //! and its hashes expire with it.
 
+use std::sync::LazyLock;
+
+use redis::Value;
+
+use super::OpenAnswer;
+use crate::core::devices::Limit;
+
+/// Where a script's arguments go: a pipeline's invocation (the cluster
+/// thread) or a bare `EVALSHA` (a shard's own connection).
+pub trait Args {
+    /// Appends one argument.
+    fn push<T: redis::ToRedisArgs>(&mut self, v: T);
+}
+
+impl Args for redis::ScriptInvocation<'_> {
+    fn push<T: redis::ToRedisArgs>(&mut self, v: T) {
+        self.arg(v);
+    }
+}
+
+impl Args for redis::Cmd {
+    fn push<T: redis::ToRedisArgs>(&mut self, v: T) {
+        self.arg(v);
+    }
+}
+
+/// `EVALSHA` of `script` with no keys, its arguments to follow (Redis
+/// knows the script once anyone has loaded it; see `SCRIPT LOAD`).
+pub fn evalsha(hash: &str) -> redis::Cmd {
+    let mut c = redis::cmd("EVALSHA");
+    c.arg(hash).arg(0);
+    c
+}
+
+/// The SHA-1 of [`OPEN`], as `EVALSHA` names it.
+pub static OPEN_HASH: LazyLock<String> =
+    LazyLock::new(|| redis::Script::new(OPEN).get_hash().to_string());
+/// The SHA-1 of [`ADJUST`].
+pub static ADJUST_HASH: LazyLock<String> =
+    LazyLock::new(|| redis::Script::new(ADJUST).get_hash().to_string());
+
+/// An integer reply, or a number in a string.
+pub(crate) fn int(v: &Value) -> i64 {
+    match v {
+        Value::Int(n) => *n,
+        Value::BulkString(b) => std::str::from_utf8(b)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0),
+        Value::SimpleString(s) => s.parse().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// A string reply.
+pub(crate) fn text(v: &Value) -> String {
+    match v {
+        Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+        Value::SimpleString(s) => s.clone(),
+        Value::Int(n) => n.to_string(),
+        _ => String::new(),
+    }
+}
+
+/// An array reply's items.
+pub(crate) fn items(v: &Value) -> &[Value] {
+    match v {
+        Value::Array(a) => a,
+        _ => &[],
+    }
+}
+
+/// What [`OPEN`]'s reply says; anything else is [`OpenAnswer::Down`].
+pub fn open_answer(v: &Value) -> OpenAnswer {
+    let a = items(v);
+    match (a.first().map(text).as_deref(), a.get(1)) {
+        (Some("ok"), Some(i)) => OpenAnswer::Ok(usize::try_from(int(i)).ok()),
+        (Some("refused"), Some(l)) if text(l) == "no_account" => OpenAnswer::NoAccount,
+        (Some("refused"), Some(l)) => {
+            let l = text(l);
+            OpenAnswer::Refused(
+                Limit::ALL
+                    .into_iter()
+                    .find(|x| x.label() == l)
+                    .unwrap_or(Limit::Revoked),
+            )
+        }
+        _ => OpenAnswer::Down,
+    }
+}
+
 /// Stream open: revocation, daily audio, the device's live streams, the
 /// account with the most fleet-wide headroom among the candidates, the
 /// new-stream rate; then counts the stream for this node.

@@ -10,9 +10,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use redis::{IntoConnectionInfo, Value};
 
-use super::{scripts, usage, ClusterError, Fleet, Held, Job, Kind, OpenAnswer};
+use super::scripts::{int, items, text};
+use super::{scripts, usage, ClusterError, Fleet, Held, Job, Kind, LinkTarget, OpenAnswer};
 use crate::core::config::ClusterConfig;
-use crate::core::devices::{utc_day, Limit};
+use crate::core::devices::utc_day;
 use crate::dataplane::shard::{ProcessState, ShardMsg};
 
 /// How often the thread looks for revocations, account changes and "end"
@@ -163,38 +164,6 @@ type UsageChunk = Vec<(
     crate::core::usage::Totals,
 )>;
 
-fn int(v: &Value) -> i64 {
-    match v {
-        Value::Int(n) => *n,
-        Value::BulkString(b) => std::str::from_utf8(b)
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0),
-        Value::SimpleString(s) => s.parse().unwrap_or(0),
-        _ => 0,
-    }
-}
-
-fn text(v: &Value) -> String {
-    match v {
-        Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
-        Value::SimpleString(s) => s.clone(),
-        Value::Int(n) => n.to_string(),
-        _ => String::new(),
-    }
-}
-
-fn items(v: &Value) -> &[Value] {
-    match v {
-        Value::Array(a) => a,
-        _ => &[],
-    }
-}
-
-fn limit_of(label: &str) -> Option<Limit> {
-    Limit::ALL.into_iter().find(|l| l.label() == label)
-}
-
 impl Worker {
     fn run(&mut self, rx: mpsc::Receiver<Job>) {
         self.connect();
@@ -242,10 +211,48 @@ impl Worker {
         }
     }
 
-    /// The holds given back since the last call, as adjustments.
+    /// The count changes since the last call: the tally takes each id's
+    /// net change now; what Redis does not have yet comes back to send.
     fn take_releases(&mut self) -> Vec<Job> {
         self.release_at = None;
-        self.fleet.take_releases()
+        let (net, unsent) = self.fleet.take_changes();
+        for ((kind, id), n) in net {
+            self.held.adjust(kind, &id, n);
+        }
+        unsent
+    }
+
+    /// How long after a failure the thread waits to reconnect: at least
+    /// [`RECONNECT`], and past the deadline of every open a shard's link
+    /// sent before the failure, so none is answered after the tally is
+    /// registered again.
+    fn reconnect_wait(&self) -> Duration {
+        RECONNECT.max(self.timeout + Duration::from_millis(100))
+    }
+
+    /// A shard's link failed: the store is treated as down (see
+    /// [`Job::LinkFailed`]).
+    fn link_failed(&mut self) {
+        if self.con.is_none() {
+            return;
+        }
+        self.fleet
+            .stats
+            .calls_failed
+            .fetch_add(1, Ordering::Relaxed);
+        if !self.failed_logged {
+            tracing::warn!(call = "shard link", "cluster store call failed");
+            self.failed_logged = true;
+        }
+        self.down();
+    }
+
+    /// Drops the connection and goes down until the next reconnect.
+    fn down(&mut self) {
+        self.con = None;
+        self.last_try = Some(Instant::now());
+        self.set_up(false);
+        *self.fleet.link.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     fn set_up(&mut self, up: bool) {
@@ -280,8 +287,7 @@ impl Worker {
             tracing::warn!(call = what, error = %e, "cluster store call failed");
             self.failed_logged = true;
         }
-        self.con = None;
-        self.set_up(false);
+        self.down();
     }
 
     fn ok(&mut self) {
@@ -321,12 +327,34 @@ impl Worker {
         self.con = Some(con);
         self.ok();
         if self.register() {
+            *self.fleet.link.lock().unwrap_or_else(|e| e.into_inner()) = self.link_target();
             self.poll();
         }
     }
 
-    /// Replaces this node's counts in Redis with what it holds.
+    /// Where shards' own connections go: Redis's address, resolved now
+    /// (a managed Redis's name may move), for a plain TCP URL only.
+    fn link_target(&self) -> Option<LinkTarget> {
+        use std::net::ToSocketAddrs;
+        let info = self.client.get_connection_info();
+        let redis::ConnectionAddr::Tcp(host, port) = info.addr() else {
+            return None;
+        };
+        let addr = (host.as_str(), *port).to_socket_addrs().ok()?.next()?;
+        let settings = info.redis_settings();
+        Some(LinkTarget {
+            addr,
+            username: settings.username().map(str::to_string),
+            password: settings.password().map(crate::core::secret::Secret::new),
+            db: settings.db(),
+        })
+    }
+
+    /// Replaces this node's counts in Redis with what it holds (the
+    /// changes queued so far counted in first).
     fn register(&mut self) -> bool {
+        // Redis takes the whole tally: the unsent changes are in it.
+        let _ = self.take_releases();
         let mut inv = self.scripts.register.prepare_invoke();
         inv.arg(&self.fleet.node_id).arg(self.ttl_ms);
         let devs: Vec<_> = self
@@ -445,6 +473,9 @@ impl Worker {
     }
 
     fn pipeline(&mut self, batch: Vec<Job>) {
+        if batch.iter().any(|j| matches!(j, Job::LinkFailed)) {
+            self.link_failed();
+        }
         let up = self.con.is_some();
         let mut pipe = redis::pipe();
         let mut pending: Vec<Pending> = Vec::new();
@@ -454,11 +485,16 @@ impl Worker {
         adjust.arg(&node);
         let mut adjusts = 0;
         for job in &batch {
-            if let Job::Adjust(kind, id, delta) = job {
-                self.held.adjust(*kind, id, i64::from(*delta));
-                adjust.arg(kind.field()).arg(id.as_str()).arg(*delta);
-                adjusts += 1;
-            }
+            let (kind, id, delta) = match job {
+                Job::Adjust(kind, id, delta) => {
+                    self.held.adjust(*kind, id, i64::from(*delta));
+                    (kind, id, delta)
+                }
+                Job::Sync(kind, id, delta) => (kind, id, delta),
+                _ => continue,
+            };
+            adjust.arg(kind.field()).arg(id.as_str()).arg(*delta);
+            adjusts += 1;
         }
         if up && adjusts > 0 {
             pipe.invoke_script(&adjust);
@@ -466,24 +502,14 @@ impl Worker {
         }
         for job in batch {
             match job {
-                Job::Adjust(..) | Job::Released => {}
+                Job::Adjust(..) | Job::Sync(..) | Job::Released | Job::LinkFailed => {}
                 Job::Open(o) => {
                     if !up || Instant::now() > o.deadline {
                         let _ = o.reply.send(OpenAnswer::Down);
                         continue;
                     }
                     let mut inv = self.scripts.open.prepare_invoke();
-                    inv.arg(&node)
-                        .arg(&o.device)
-                        .arg(&o.token)
-                        .arg(o.limits[0])
-                        .arg(o.limits[1])
-                        .arg(o.limits[2])
-                        .arg(o.day)
-                        .arg(self.ttl_ms);
-                    for (id, max) in &o.candidates {
-                        inv.arg(id.as_str()).arg(*max);
-                    }
+                    o.req.args(&node, self.ttl_ms, &mut inv);
                     pipe.invoke_script(&inv);
                     pending.push(Pending::Open(o));
                 }
@@ -567,39 +593,25 @@ impl Worker {
         for (p, v) in pending.into_iter().zip(answers.iter()) {
             match p {
                 Pending::Open(o) => {
-                    let a = items(v);
-                    let answer = match (a.first().map(text).as_deref(), a.get(1)) {
-                        (Some("ok"), Some(i)) => {
-                            let i = int(i);
-                            if !o.device.is_empty() {
-                                self.held.adjust(Kind::Device, &o.device, 1);
-                            }
-                            let pick = usize::try_from(i).ok();
-                            if let Some(i) = pick {
-                                self.held.adjust(Kind::Account, &o.candidates[i].0, 1);
-                            }
-                            OpenAnswer::Ok(pick)
+                    let answer = scripts::open_answer(v);
+                    let o_req = &o.req;
+                    if let OpenAnswer::Ok(pick) = answer {
+                        if !o_req.device.is_empty() {
+                            self.held.adjust(Kind::Device, &o_req.device, 1);
                         }
-                        (Some("refused"), Some(l)) if text(l) == "no_account" => {
-                            OpenAnswer::NoAccount
+                        if let Some(i) = pick {
+                            self.held.adjust(Kind::Account, &o_req.candidates[i].0, 1);
                         }
-                        (Some("refused"), Some(l)) => {
-                            OpenAnswer::Refused(limit_of(&text(l)).unwrap_or(Limit::Revoked))
-                        }
-                        _ => OpenAnswer::Down,
-                    };
+                    }
+                    let (device, candidates) = (o.req.device, o.req.candidates);
                     if o.reply.send(answer.clone()).is_err() {
                         // The stream gave up waiting: give back what was taken.
                         if let OpenAnswer::Ok(pick) = answer {
-                            if !o.device.is_empty() {
-                                undo.push(Job::Adjust(Kind::Device, o.device.clone(), -1));
+                            if !device.is_empty() {
+                                undo.push(Job::Adjust(Kind::Device, device, -1));
                             }
                             if let Some(i) = pick {
-                                undo.push(Job::Adjust(
-                                    Kind::Account,
-                                    o.candidates[i].0.clone(),
-                                    -1,
-                                ));
+                                undo.push(Job::Adjust(Kind::Account, candidates[i].0.clone(), -1));
                             }
                         }
                     }
@@ -618,7 +630,10 @@ impl Worker {
 
     fn duties(&mut self) {
         if self.con.is_none() {
-            if self.last_try.is_none_or(|t| t.elapsed() >= RECONNECT) {
+            if self
+                .last_try
+                .is_none_or(|t| t.elapsed() >= self.reconnect_wait())
+            {
                 self.connect();
             }
             return;
@@ -657,8 +672,10 @@ impl Worker {
                     .nodes
                     .store(nodes.max(1) as u32, Ordering::Relaxed);
                 if lapsed == 1 {
+                    // Shards' links may have opens in flight: go down and
+                    // register at the reconnect, past their deadlines.
                     tracing::warn!(node = %self.fleet.node_id, "this node's lease had lapsed; registering its counts again");
-                    self.register();
+                    self.down();
                 }
             }
             Err(e) => self.failed("heartbeat", &e),

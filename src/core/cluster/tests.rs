@@ -120,9 +120,11 @@ fn local_shares_divide_count_limits_among_nodes() {
     );
 }
 
-#[test]
-fn given_back_holds_wait_in_one_queue_and_wake_the_thread_once() {
-    use super::{Job, Kind};
+/// A fleet handle for node n1 (no thread: the test takes its jobs).
+fn fleet_of_n1() -> (
+    std::sync::Arc<super::Fleet>,
+    std::sync::mpsc::Receiver<super::Job>,
+) {
     let cfg = Config::from_toml_str(
         &file(
             "redis_url = \"redis://127.0.0.1:9/0\"\nnode_id = \"n1\"",
@@ -133,7 +135,13 @@ fn given_back_holds_wait_in_one_queue_and_wake_the_thread_once() {
     .unwrap()
     .cluster
     .unwrap();
-    let (fleet, rx) = super::store::channel(&cfg);
+    super::store::channel(&cfg)
+}
+
+#[test]
+fn given_back_holds_wait_in_one_queue_and_wake_the_thread_once() {
+    use super::{Job, Kind};
+    let (fleet, rx) = fleet_of_n1();
     let holds = [
         fleet.hold(Kind::Device, "phone"),
         fleet.hold(Kind::Device, "phone"),
@@ -146,11 +154,12 @@ fn given_back_holds_wait_in_one_queue_and_wake_the_thread_once() {
         rx.try_recv().is_err(),
         "only the first release into an empty queue wakes the thread"
     );
-    let mut sent: Vec<_> = fleet
-        .take_releases()
+    let (net, jobs) = fleet.take_changes();
+    assert_eq!(net[&(Kind::Device, "phone".to_string())], -2);
+    let mut sent: Vec<_> = jobs
         .into_iter()
         .map(|j| match j {
-            Job::Adjust(kind, id, delta) => (kind == Kind::Device, id, delta),
+            Job::Sync(kind, id, delta) => (kind == Kind::Device, id, delta),
             other => panic!("not an adjustment: {other:?}"),
         })
         .collect();
@@ -163,10 +172,37 @@ fn given_back_holds_wait_in_one_queue_and_wake_the_thread_once() {
         ],
         "the same id summed"
     );
-    assert!(fleet.take_releases().is_empty());
+    assert!(fleet.take_changes().1.is_empty());
     drop(fleet.hold(Kind::Account, "a"));
     assert!(
         matches!(rx.try_recv(), Ok(Job::Released)),
         "an emptied queue wakes it again"
     );
+}
+
+#[test]
+fn counts_a_shards_link_took_reach_the_tally_but_are_not_sent_again() {
+    use super::{Job, Kind};
+    let (fleet, rx) = fleet_of_n1();
+    // A stream that ended before: its release is waiting, unsent.
+    drop(fleet.hold(Kind::Device, "phone"));
+    assert!(matches!(rx.try_recv(), Ok(Job::Released)));
+    // A link sends it in front of its open, and Redis takes the open.
+    assert_eq!(
+        fleet.take_unsent(),
+        [(Kind::Device, "phone".to_string(), -1)]
+    );
+    assert!(fleet.take_unsent().is_empty(), "sent once");
+    let held = fleet.counted(Kind::Device, "phone");
+    let (net, jobs) = fleet.take_changes();
+    assert_eq!(net[&(Kind::Device, "phone".to_string())], 0);
+    assert!(
+        jobs.is_empty(),
+        "nothing left for the thread to send: {jobs:?}"
+    );
+    // Its end is the thread's to send.
+    drop(held);
+    let (net, jobs) = fleet.take_changes();
+    assert_eq!(net[&(Kind::Device, "phone".to_string())], -1);
+    assert!(matches!(&jobs[..], [Job::Sync(Kind::Device, id, -1)] if id == "phone"));
 }

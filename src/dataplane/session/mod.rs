@@ -332,6 +332,9 @@ impl Stream {
                 &pools,
                 limits,
                 0,
+                self.shard
+                    .fleet_link()
+                    .map(|l| l as &dyn crate::core::cluster::OpenLink),
             )
             .await
             .map_err(|r| match r {
@@ -420,7 +423,10 @@ impl Stream {
             let lease = match (first.take(), shard.process.fleet.get()) {
                 (Some(l), _) => Some(l),
                 (None, Some(fleet)) if fleet.store_up() => {
-                    fleet.pick(&shard.ring, *tried, &pools).await
+                    let link = shard
+                        .fleet_link()
+                        .map(|l| l as &dyn crate::core::cluster::OpenLink);
+                    fleet.pick(&shard.ring, *tried, &pools, link).await
                 }
                 (None, Some(fleet)) => fleet.pick_local(&shard.ring, *tried, &pools),
                 (None, None) => shard.ring.borrow_mut().pick(now, *tried, &pools),

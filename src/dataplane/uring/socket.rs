@@ -101,7 +101,11 @@ impl RingSocket {
     }
 
     /// One non-blocking `recv`, once the plane says bytes may be there.
-    fn poll_recv(&self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+    pub(crate) fn poll_recv(
+        &self,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
         loop {
             if !self.plane.poll_readable(self.token, cx.waker()) {
                 return Poll::Pending;
@@ -134,7 +138,11 @@ impl RingSocket {
     }
 
     /// One non-blocking `sendmsg` of `bufs`; a full socket arms `POLLOUT`.
-    fn poll_send(&self, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+    pub(crate) fn poll_send(
+        &self,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         loop {
             // SAFETY: a zeroed msghdr with only the iovec set; `IoSlice` is
             // ABI-compatible with `iovec`, and both outlive the call.
