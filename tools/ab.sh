@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Same-session A/B of clio-relay builds on one workload, alternating them.
 #
-#   bash tools/ab.sh [-w idle|churn|realtime|flood] [-n STREAMS] [-r ROUNDS] [-c] DIR [DIR...]
+#   bash tools/ab.sh [-w idle|churn|realtime|flood] [-n STREAMS] [-r ROUNDS] [-c] [-t] DIR [DIR...]
 #
 # Each DIR holds a `clio-relay` binary (e.g. target/release of two worktrees).
 # -c also runs each DIR with a [cluster] section, against a redis-server the
 # script starts on 127.0.0.1 (labelled "DIR +cluster"): the cost of the
 # fleet's shared store, from the same run.
+# -t adds a column: the relay's CPU by thread (shards, cluster, admin, ...;
+# ticks from /proc/PID/task/*/stat), in µs per cycle for churn and in ms
+# otherwise.
 # For each round and each DIR in turn: a 2-shard relay in front of
 # fake-soniox (echo mode), one relay-load run through it, the relay's CPU
 # (utime + stime) at the end. Workloads:
@@ -33,9 +36,11 @@ N=3000
 ROUNDS=2
 WORKLOAD=idle
 CLUSTER=0
-while getopts "w:n:r:ch" o; do
+THREADS=0
+while getopts "w:n:r:cth" o; do
   case "$o" in
     c) CLUSTER=1 ;;
+    t) THREADS=1 ;;
     w) WORKLOAD=$OPTARG ;;
     n) N=$OPTARG ;;
     r) ROUNDS=$OPTARG ;;
@@ -99,23 +104,32 @@ if [ "$CLUSTER" = 1 ]; then
 fi
 
 rss() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
+# "NAME TICKS" for each thread of process $1.
+thread_ticks() {
+  for t in /proc/"$1"/task/*; do
+    printf '%s %s\n' "$(cat "$t/comm")" "$(awk '{ print $14 + $15 }' "$t/stat")"
+  done 2>/dev/null
+}
+# The -t column's header and its rule.
+THEAD= TRULE=
+[ "$THREADS" = 1 ] && THEAD=" CPU by thread |" TRULE="---|"
 
 if [ "$WORKLOAD" = idle ]; then
   LOAD_ARGS=(--idle -n "$N" --ramp 1000 --duration 20s)
-  echo "| round | build | streams held | failed | KiB / stream held | KiB / stream incl. closing | relay CPU s |"
-  echo "|---:|---|---:|---:|---:|---:|---:|"
+  echo "| round | build | streams held | failed | KiB / stream held | KiB / stream incl. closing | relay CPU s |$THEAD"
+  echo "|---:|---|---:|---:|---:|---:|---:|$TRULE"
 elif [ "$WORKLOAD" = realtime ]; then
   LOAD_ARGS=(-n "$N" --ramp 500 --stream-seconds 20)
-  echo "| round | build | lost | failed | relay CPU s / 1,000 audio-s | rtt p50 (ms) | p99 (ms) | p99.9 (ms) |"
-  echo "|---:|---|---:|---:|---:|---:|---:|---:|"
+  echo "| round | build | lost | failed | relay CPU s / 1,000 audio-s | rtt p50 (ms) | p99 (ms) | p99.9 (ms) |$THEAD"
+  echo "|---:|---|---:|---:|---:|---:|---:|---:|$TRULE"
 elif [ "$WORKLOAD" = flood ]; then
   LOAD_ARGS=(-n 200 --pace flood --stream-seconds 100000 --duration 15s)
-  echo "| round | build | frames/s | failed | relay CPU s / 1,000 audio-s |"
-  echo "|---:|---|---:|---:|---:|"
+  echo "| round | build | frames/s | failed | relay CPU s / 1,000 audio-s |$THEAD"
+  echo "|---:|---|---:|---:|---:|$TRULE"
 else
   LOAD_ARGS=(--churn --concurrency 50 --duration 10s)
-  echo "| round | build | cycles/s | failed | relay CPU ms / cycle | open-to-result p50 (ms) | p99 (ms) |"
-  echo "|---:|---|---:|---:|---:|---:|---:|"
+  echo "| round | build | cycles/s | failed | relay CPU ms / cycle | open-to-result p50 (ms) | p99 (ms) |$THEAD"
+  echo "|---:|---|---:|---:|---:|---:|---:|$TRULE"
 fi
 for round in $(seq 1 "$ROUNDS"); do
   for dir in "$@"; do
@@ -137,6 +151,7 @@ for round in $(seq 1 "$ROUNDS"); do
     for _ in $(seq 50); do (exec 3<>"/dev/tcp/127.0.0.1/$RELAY_PORT") 2>/dev/null && break; sleep 0.1; done
     before=$(rss "$rp")
     ticks0=$(awk '{ print $14 + $15 }' "/proc/$rp/stat")
+    thread_ticks "$rp" > "$WORK/threads0"
     : > "$WORK/samples"
     timeout --kill-after=10 60 "$BIN/relay-load" --relay-config "$WORK/relay.toml" \
       --target "127.0.0.1:$RELAY_PORT" "${LOAD_ARGS[@]}" -q --json \
@@ -145,12 +160,39 @@ for round in $(seq 1 "$ROUNDS"); do
     while kill -0 "$lp" 2>/dev/null; do rss "$rp" >> "$WORK/samples"; sleep 0.5; done
     wait "$lp" || true
     ticks=$(( $(awk '{ print $14 + $15 }' "/proc/$rp/stat") - ticks0 ))
+    if [ "$THREADS" = 1 ]; then thread_ticks "$rp" > "$WORK/threads1"; else : > "$WORK/threads1"; fi
     kill -INT "$rp"; wait "$rp" 2>/dev/null || true
     python3 - "$WORK" "$before" "$ticks" "$(getconf CLK_TCK)" "$round" "$label" "$WORKLOAD" <<'PY'
-import json, statistics, sys
+import builtins, collections, json, re, statistics, sys
 work, before, ticks, tck, rnd, build, workload = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6], sys.argv[7]
 report = json.load(open(f"{work}/load.json"))
 failed = report["streams_failed"]
+
+def by_thread(name):
+    """Ticks per thread kind (clio-shard-0-1 and clio-shard-1-2 are "shards")."""
+    out = collections.Counter()
+    for line in open(f"{work}/{name}"):
+        comm, _, t = line.rstrip("\n").rpartition(" ")
+        kind = "shards" if comm.startswith("clio-shard") else re.sub(r"^clio-|-[0-9]+$", "", comm)
+        out[kind] += int(t)
+    return out
+
+def thread_column():
+    """The -t column: µs per cycle (churn) or ms per thread kind."""
+    after = by_thread("threads1")
+    if not after:
+        return ""
+    first = by_thread("threads0")
+    cycles = report.get("streams_ok", 0) if workload == "churn" else 0
+    parts = []
+    for kind, t in sorted(after.items(), key=lambda kv: -kv[1]):
+        d = (t - first.get(kind, 0)) * 1000.0 / tck
+        if d > 0:
+            parts.append(f"{kind} {d * 1000 / cycles:.1f} µs" if cycles else f"{kind} {d:.0f} ms")
+    return " " + ", ".join(parts) + " |"
+
+def print(row):
+    builtins.print(row + thread_column())
 if workload == "realtime":
     audio_s = report["frames_received"] * 0.1
     cpu = ticks / tck / max(audio_s / 1000.0, 1e-9)
