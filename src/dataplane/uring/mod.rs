@@ -25,6 +25,9 @@
 //!   timer says so, which this task checks between batches; the shard is
 //!   built with `preempt_timer(PASS_INTERVAL)`. glommio's per-sleep timer
 //!   churn and `membarrier` are then paid once per pass, not once per frame.
+//!   This needs glommio never to park while this task is queued (nothing
+//!   in glommio's rings would wake it): 0.9.0 did, when its preemption
+//!   timer fired before a pass ran anything; `vendor/glommio` fixes that.
 //!   The ring is made with `IORING_SETUP_DEFER_TASKRUN`: a socket's
 //!   readiness is queued as deferred work that this thread collects when it
 //!   enters the ring (the ring's `IORING_SQ_TASKRUN` flag says when there is

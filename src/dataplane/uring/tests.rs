@@ -284,3 +284,54 @@ fn sleeping_in_glommio_needs_no_doorbell() {
     .unwrap();
     assert!(plane.doorbell().is_none());
 }
+
+/// A shard keeps serving its sockets when glommio's preemption timer fires
+/// before glommio has run a task in a pass. glommio 0.9.0 then took the
+/// pass for an idle one and parked in its own ring with the data-plane
+/// driver still queued; nothing in that ring belongs to the data plane, so
+/// the shard slept until some glommio event came (observed: 2 s and more,
+/// under CPU load; vendor/glommio carries the fix). A preemption timer of
+/// 1 µs makes that case happen on most passes. Each round trip must come
+/// back; a hang is what fails, read through a 10 s timeout, not a timing.
+#[test]
+fn an_early_preemption_does_not_park_the_shard() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (fd, mut peer) = pair(&listener);
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    // The executor runs on its own thread: if it hangs, the test fails
+    // instead of hanging with it.
+    std::thread::spawn(move || {
+        glommio::LocalExecutorBuilder::default()
+            .preempt_timer(Duration::from_micros(1))
+            .make()
+            .unwrap()
+            .run(async move {
+                let plane = Plane::new(Waiting::default()).unwrap();
+                let stop = Rc::new(Cell::new(false));
+                let driver = glommio::spawn_local(drive(plane.clone(), stop.clone()));
+                let mut sock = RingSocket::new(&plane, fd);
+                let mut byte = [0u8; 1];
+                // Echo until the peer closes.
+                while sock.read(&mut byte).await.unwrap_or(0) == 1 {
+                    sock.write_all(&byte).await.unwrap();
+                }
+                stop.set(true);
+                driver.await;
+            });
+        let _ = done_tx.send(());
+    });
+    peer.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    for round in 0..2_000u32 {
+        let b = [round as u8];
+        peer.write_all(&b).unwrap();
+        let mut back = [0u8; 1];
+        peer.read_exact(&mut back)
+            .unwrap_or_else(|e| panic!("round {round}: no echo ({e}): the shard parked"));
+        assert_eq!(back, b);
+    }
+    drop(peer);
+    done_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the executor ends once the peer closes");
+}
