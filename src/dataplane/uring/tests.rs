@@ -291,8 +291,9 @@ fn sleeping_in_glommio_needs_no_doorbell() {
 /// driver still queued; nothing in that ring belongs to the data plane, so
 /// the shard slept until some glommio event came (observed: 2 s and more,
 /// under CPU load; vendor/glommio carries the fix). A preemption timer of
-/// 1 µs makes that case happen on most passes. Each round trip must come
-/// back; a hang is what fails, read through a 10 s timeout, not a timing.
+/// 1 µs makes that case frequent: on 0.9.0 the first echo never came. Each
+/// round trip must come back; a hang is what fails, read through a 10 s
+/// timeout, not a timing.
 #[test]
 fn an_early_preemption_does_not_park_the_shard() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
