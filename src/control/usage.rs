@@ -38,9 +38,15 @@ pub struct UsageBook {
     /// The latest day dropped past [`KEEP_DAYS`]; it and every earlier day
     /// are deleted at the next persist and hidden from queries until then.
     prune_through: Option<u64>,
-    /// The last ended streams: reference id → (account, audio ms by the relay).
+    /// The last ended streams, oldest first: (reference id, account, audio
+    /// ms by the relay).
     recent: VecDeque<(String, String, u64)>,
-    recent_index: HashMap<String, usize>,
+    /// Reference id → the number of its latest entry in `recent`, counted
+    /// from the first stream ever added, so entries keep their number as
+    /// older ones leave (one insert and at most one removal per stream).
+    recent_index: HashMap<String, u64>,
+    /// The number of the entry at the front of `recent`.
+    recent_front: u64,
 }
 
 impl UsageBook {
@@ -63,14 +69,17 @@ impl UsageBook {
             self.days.insert(r.day);
             if self.recent.len() == RECENT_STREAMS {
                 if let Some((id, _, _)) = self.recent.pop_front() {
-                    self.recent_index.remove(&id);
+                    // Unless a later stream reused the id.
+                    if self.recent_index.get(&id) == Some(&self.recent_front) {
+                        self.recent_index.remove(&id);
+                    }
+                    self.recent_front += 1;
                 }
             }
+            let number = self.recent_front + self.recent.len() as u64;
+            self.recent_index.insert(r.reference_id.clone(), number);
             self.recent
                 .push_back((r.reference_id.clone(), r.account.clone(), r.audio_ms()));
-        }
-        if self.recent_index.len() != self.recent.len() {
-            self.reindex();
         }
         self.prune();
     }
@@ -86,20 +95,11 @@ impl UsageBook {
         }
     }
 
-    fn reindex(&mut self) {
-        self.recent_index = self
-            .recent
-            .iter()
-            .enumerate()
-            .map(|(i, (id, _, _))| (id.clone(), i))
-            .collect();
-    }
-
     /// The relay's audio milliseconds for a stream it ended recently, by reference id.
     pub fn stream_audio_ms(&self, reference_id: &str) -> Option<(&str, u64)> {
-        self.recent_index
-            .get(reference_id)
-            .and_then(|&i| self.recent.get(i))
+        let number = self.recent_index.get(reference_id)?;
+        self.recent
+            .get((number - self.recent_front) as usize)
             .map(|(_, a, ms)| (a.as_str(), *ms))
     }
 

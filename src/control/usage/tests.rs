@@ -94,6 +94,40 @@ fn rec(day: u64, account: &str, device: &str, id: &str, ms: u64) -> UsageRecord 
     }
 }
 
+/// The last `RECENT_STREAMS` streams answer by reference id, the oldest
+/// leave as new ones come, and a reused id answers with its latest stream
+/// until that one leaves.
+#[test]
+fn recent_streams_answer_by_reference_id_up_to_the_bound() {
+    let mut b = UsageBook::default();
+    let batch: Vec<_> = (0..RECENT_STREAMS as u64)
+        .map(|i| rec(10, "a", "d1", &format!("s{i}"), i + 1))
+        .collect();
+    for part in batch.chunks(250) {
+        b.add(part);
+    }
+    assert_eq!(b.stream_audio_ms("s0"), Some(("a", 1)));
+    let last = format!("s{}", RECENT_STREAMS - 1);
+    assert_eq!(b.stream_audio_ms(&last), Some(("a", RECENT_STREAMS as u64)));
+    // "s1" again, on another account: "s0" leaves, "s1" is the new one.
+    b.add(&[rec(10, "b", "d1", "s1", 7)]);
+    assert_eq!(b.stream_audio_ms("s0"), None);
+    assert_eq!(b.stream_audio_ms("s1"), Some(("b", 7)));
+    // The first "s1" leaves; the second still answers.
+    b.add(&[rec(10, "a", "d1", "x", 9)]);
+    assert_eq!(b.stream_audio_ms("s1"), Some(("b", 7)));
+    assert_eq!(b.stream_audio_ms("s2"), Some(("a", 3)));
+    assert_eq!(b.stream_audio_ms("x"), Some(("a", 9)));
+    assert_eq!(b.stream_audio_ms(&last), Some(("a", RECENT_STREAMS as u64)));
+    // Pushed through a whole bound more: only the newest are left.
+    for i in 0..RECENT_STREAMS as u64 {
+        b.add(&[rec(10, "c", "d1", &format!("t{i}"), 1)]);
+    }
+    assert_eq!(b.stream_audio_ms("s1"), None);
+    assert_eq!(b.stream_audio_ms("x"), None);
+    assert_eq!(b.stream_audio_ms("t0"), Some(("c", 1)));
+}
+
 #[test]
 fn days_round_trip() {
     assert_eq!(parse_day("1970-01-01"), Some(0));
