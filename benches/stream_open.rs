@@ -1,5 +1,6 @@
 //! Microbenchmarks of a stream's open beside the frame path: token mint
-//! and verify, and the key ring's pick of an account. (The frame path's
+//! and verify, the key ring's pick of an account, and the client's upgrade
+//! (its request head parsed and the 101 answer built). (The frame path's
 //! own kernels are `clio-frame`'s benchmark: `cargo bench -p clio-frame`.)
 //!
 //! `cargo bench --bench stream_open` (criterion prints throughput per input).
@@ -10,6 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 use clio_relay::core::keyring::{AccountState, KeyRing, KeySlot, RingSlot};
 use clio_relay::core::secret::Secret;
 use clio_relay::core::token::TokenKeys;
+use clio_relay::dataplane::http;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 fn tokens(c: &mut Criterion) {
@@ -52,5 +54,64 @@ fn keyring(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, tokens, keyring);
+/// The head `relay-load` sends (the token in `Authorization`).
+const LOAD_HEAD: &str = "GET /v1/transcribe HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: x3JJHMbDL1EzLkh9GBhXDw==\r\nSec-WebSocket-Version: 13\r\nAuthorization: Bearer clio1.ZGV2aWNlLTE.AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA\r\n\r\n";
+
+/// A browser's head (the token in the subprotocol).
+const BROWSER_HEAD: &str = "GET /v1/transcribe HTTP/1.1\r\nHost: relay.example.com\r\nConnection: Upgrade\r\nPragma: no-cache\r\nCache-Control: no-cache\r\nUser-Agent: Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36\r\nUpgrade: websocket\r\nOrigin: https://app.example.com\r\nSec-WebSocket-Version: 13\r\nAccept-Encoding: gzip, deflate, br, zstd\r\nAccept-Language: en-US,en;q=0.9\r\nSec-WebSocket-Key: x3JJHMbDL1EzLkh9GBhXDw==\r\nSec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\nSec-WebSocket-Protocol: soniox-api-key, clio1.ZGV2aWNlLTE.AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA\r\n\r\n";
+
+/// The baseline: the head turned into an `http::Request` (a header map,
+/// each name and value copied) and the 101 built by tungstenite's
+/// `create_response`, as the relay did until 2026-12-04.
+fn answer_via_http_request(head: &[u8]) -> Option<Vec<u8>> {
+    use tungstenite::http as h;
+    let mut headers = vec![httparse::EMPTY_HEADER; 32];
+    let mut req = httparse::Request::new(&mut headers);
+    req.parse(head).ok()?;
+    let mut b = h::Request::builder()
+        .method(req.method?)
+        .uri(req.path?)
+        .version(h::Version::HTTP_11);
+    let mut token = None;
+    for x in req.headers.iter() {
+        b = b.header(x.name, x.value);
+        if x.name.eq_ignore_ascii_case("authorization") {
+            token = std::str::from_utf8(x.value).ok().map(str::to_string);
+        }
+    }
+    let request = b.body(()).ok()?;
+    let path = request.uri().path().to_string();
+    let resp = tungstenite::handshake::server::create_response(&request).ok()?;
+    let mut out = String::with_capacity(256);
+    out.push_str("HTTP/1.1 101 Switching Protocols\r\n");
+    for (name, value) in resp.headers() {
+        out.push_str(name.as_str());
+        out.push_str(": ");
+        out.push_str(value.to_str().ok()?);
+        out.push_str("\r\n");
+    }
+    out.push_str("\r\n");
+    black_box((path, token));
+    Some(out.into_bytes())
+}
+
+fn upgrade(c: &mut Criterion) {
+    let mut g = c.benchmark_group("upgrade");
+    g.throughput(Throughput::Elements(1));
+    for (name, head) in [("relay_load", LOAD_HEAD), ("browser", BROWSER_HEAD)] {
+        let head = head.as_bytes();
+        g.bench_function(format!("{name}/in_place"), |b| {
+            b.iter(|| {
+                let req = http::parse_client_request(black_box(head)).unwrap();
+                http::upgrade_response(&req).unwrap()
+            })
+        });
+        g.bench_function(format!("{name}/via_http_request"), |b| {
+            b.iter(|| answer_via_http_request(black_box(head)).unwrap())
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, tokens, keyring, upgrade);
 criterion_main!(benches);

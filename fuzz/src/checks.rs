@@ -9,7 +9,9 @@
 use clio_frame::frame::{parse_header, write_header, FrameError, Opcode, Sender, MAX_HEADER_LEN};
 use clio_frame::mask::{apply_mask, apply_mask_bytewise, rekey, MaskKeys};
 use clio_frame::scanner::FrameScanner;
-use clio_relay::dataplane::http::{check_upstream_answer, parse_client_request, upgrade_response};
+use clio_relay::dataplane::http::{
+    check_upstream_answer, header_slots, parse_client_request, upgrade_response, TokenSource,
+};
 
 /// What a pump makes of a byte stream that arrives in pieces: the bytes it
 /// forwards and the scanner's counts.
@@ -224,17 +226,80 @@ pub fn mask(data: &[u8]) {
 
 /// Any bytes as a client request head and as an upstream upgrade answer:
 /// an answer, never a panic; a token found is in the bytes; a request the
-/// parser takes gets an upgrade answer or a refusal, never a panic.
+/// parser takes gets an upgrade answer or a refusal, never a panic; and the
+/// relay upgrades exactly the heads tungstenite's `create_response` would,
+/// with the same answer (the relay reads the head in place, tungstenite
+/// through an `http::Request`).
 pub fn http_head(data: &[u8]) {
-    if let Ok(req) = parse_client_request(data) {
+    let ours = parse_client_request(data).ok().map(|req| {
         if let Some((t, _)) = &req.token {
             assert!(!t.is_empty() && data.windows(t.len()).any(|w| w == t.as_bytes()));
         }
-        if let Some(answer) = upgrade_response(&req) {
-            assert!(answer.starts_with(b"HTTP/1.1 101 ") && answer.ends_with(b"\r\n\r\n"));
+        let answer = upgrade_response(&req);
+        if let Some(a) = &answer {
+            assert!(a.starts_with(b"HTTP/1.1 101 ") && a.ends_with(b"\r\n\r\n"));
         }
+        (
+            answer,
+            req.token
+                .is_some_and(|(_, s)| s == TokenSource::Subprotocol),
+        )
+    });
+    let reference = tungstenite_answer(data);
+    match ours {
+        Some((answer, subprotocol)) => {
+            let answer = answer.map(|mut a| {
+                if subprotocol {
+                    // The one header the relay adds: its subprotocol.
+                    let line = b"Sec-WebSocket-Protocol: soniox-api-key\r\n";
+                    let at = a.len() - 2 - line.len();
+                    assert_eq!(&a[at..a.len() - 2], line);
+                    a.drain(at..a.len() - 2);
+                }
+                a
+            });
+            assert_eq!(answer, reference.flatten(), "the upgrade answer");
+        }
+        None => assert!(reference.is_none(), "a head tungstenite's parse takes"),
     }
     let _ = check_upstream_answer(data, "dGhlIHNhbXBsZSBub25jZQ==");
+}
+
+/// The 101 answer as tungstenite builds it: `None` when the head does not
+/// parse into an `http::Request`, `Some(None)` when `create_response`
+/// refuses it.
+fn tungstenite_answer(head: &[u8]) -> Option<Option<Vec<u8>>> {
+    use tungstenite::http;
+    let mut headers = header_slots(head);
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        _ => return None,
+    }
+    let mut b = http::Request::builder()
+        .method(req.method?)
+        .uri(req.path?)
+        .version(if req.version == Some(1) {
+            http::Version::HTTP_11
+        } else {
+            http::Version::HTTP_10
+        });
+    for h in req.headers.iter() {
+        b = b.header(h.name, h.value);
+    }
+    let request = b.body(()).ok()?;
+    let Ok(resp) = tungstenite::handshake::server::create_response(&request) else {
+        return Some(None);
+    };
+    let mut out = b"HTTP/1.1 101 Switching Protocols\r\n".to_vec();
+    for (name, value) in resp.headers() {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    Some(Some(out))
 }
 
 /// Any bytes as the client's config: when they are a JSON object, upstream

@@ -1,14 +1,11 @@
 //! The HTTP/1.1 edge of a stream: reading a request head into the stream's
-//! read buffer, the client upgrade (tungstenite builds the 101 answer), the
+//! read buffer, the client upgrade and its 101 answer, the
 //! upstream upgrade response, and the JSON error answers of the contract.
 //!
 //! Bytes after the head stay in the buffer: they are the first WebSocket
 //! frames and are never lost or copied.
 
 use std::io;
-
-use tungstenite::handshake::server::create_response;
-use tungstenite::http;
 
 use crate::dataplane::buf::Buf;
 use crate::dataplane::io::Duplex;
@@ -120,16 +117,46 @@ pub enum TokenSource {
     FirstMessage,
 }
 
-/// A parsed client request.
+/// A parsed client request: what routing, the token and the upgrade answer
+/// need, read from the head where it lies (no header map is built).
 #[derive(Debug)]
 pub struct ClientRequest {
+    /// The method is `GET`.
+    pub get: bool,
     /// The request path without the query.
     pub path: String,
     /// The session token found on the request, and where. The token is a
     /// credential: never log it.
     pub token: Option<(String, TokenSource)>,
-    /// The request as tungstenite wants it for the upgrade answer.
-    pub request: http::Request<()>,
+    /// What the 101 answer depends on.
+    upgrade: Upgrade,
+}
+
+/// The upgrade's parts of a request head, each from the first header of
+/// its name (as an HTTP header map would give it).
+#[derive(Debug, Default)]
+struct Upgrade {
+    /// HTTP/1.1 (a WebSocket upgrade needs at least 1.1).
+    http11: bool,
+    /// `Connection` lists `Upgrade`.
+    connection_upgrade: bool,
+    /// `Upgrade: websocket`.
+    websocket: bool,
+    /// `Sec-WebSocket-Version`, if sent.
+    version: Option<WsVersion>,
+    /// `Sec-WebSocket-Key`, if it is 16 bytes in base64.
+    key: Option<[u8; 24]>,
+}
+
+/// What a request's `Sec-WebSocket-Version` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WsVersion {
+    /// Exactly `13`.
+    Thirteen,
+    /// `13` with spaces around it: not wrong, but not an upgrade either.
+    Padded,
+    /// Any other version.
+    Other,
 }
 
 /// Parses a client request head.
@@ -140,32 +167,57 @@ pub fn parse_client_request(head: &[u8]) -> Result<ClientRequest, HeadError> {
         Ok(httparse::Status::Complete(_)) => {}
         _ => return Err(HeadError::Malformed),
     }
+    let method = req.method.ok_or(HeadError::Malformed)?;
     let target = req.path.ok_or(HeadError::Malformed)?;
-    let mut builder = http::Request::builder()
-        .method(req.method.ok_or(HeadError::Malformed)?)
-        .uri(target)
-        .version(if req.version == Some(1) {
-            http::Version::HTTP_11
-        } else {
-            http::Version::HTTP_10
-        });
+    // The target must be a URI (origin-, absolute- or asterisk-form), as
+    // HTTP's own rules say; one small copy, only to check it.
+    tungstenite::http::Uri::try_from(target).map_err(|_| HeadError::Malformed)?;
+    let mut up = Upgrade {
+        http11: req.version == Some(1),
+        ..Upgrade::default()
+    };
+    let (mut connection, mut upgrade, mut version, mut key) = (false, false, false, false);
     let mut token = None;
     for h in req.headers.iter() {
-        builder = builder.header(h.name, h.value);
-        if h.name.eq_ignore_ascii_case("authorization") {
+        let name = h.name;
+        if name.eq_ignore_ascii_case("authorization") {
             if let Some(t) = std::str::from_utf8(h.value)
                 .ok()
                 .and_then(|v| strip_bearer(v.trim()))
             {
                 token = Some((t.to_string(), TokenSource::Header));
             }
-        } else if h.name.eq_ignore_ascii_case("sec-websocket-protocol") && token.is_none() {
-            if let Some(t) = std::str::from_utf8(h.value)
-                .ok()
-                .and_then(subprotocol_token)
-            {
-                token = Some((t.to_string(), TokenSource::Subprotocol));
+        } else if name.eq_ignore_ascii_case("sec-websocket-protocol") {
+            if token.is_none() {
+                if let Some(t) = std::str::from_utf8(h.value)
+                    .ok()
+                    .and_then(subprotocol_token)
+                {
+                    token = Some((t.to_string(), TokenSource::Subprotocol));
+                }
             }
+        } else if name.eq_ignore_ascii_case("connection")
+            && !std::mem::replace(&mut connection, true)
+        {
+            up.connection_upgrade = visible_ascii(h.value).is_some_and(|v| {
+                v.split([' ', ','])
+                    .any(|item| item.eq_ignore_ascii_case("upgrade"))
+            });
+        } else if name.eq_ignore_ascii_case("upgrade") && !std::mem::replace(&mut upgrade, true) {
+            up.websocket =
+                visible_ascii(h.value).is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+        } else if name.eq_ignore_ascii_case("sec-websocket-version")
+            && !std::mem::replace(&mut version, true)
+        {
+            up.version = Some(match h.value {
+                b"13" => WsVersion::Thirteen,
+                v if v.trim_ascii() == b"13" => WsVersion::Padded,
+                _ => WsVersion::Other,
+            });
+        } else if name.eq_ignore_ascii_case("sec-websocket-key")
+            && !std::mem::replace(&mut key, true)
+        {
+            up.key = valid_key(h.value);
         }
     }
     let (path, query) = match target.split_once('?') {
@@ -183,12 +235,33 @@ pub fn parse_client_request(head: &[u8]) -> Result<ClientRequest, HeadError> {
             token = Some((t.to_string(), TokenSource::Query));
         }
     }
-    let request = builder.body(()).map_err(|_| HeadError::Malformed)?;
     Ok(ClientRequest {
+        get: method == "GET",
         path: path.to_string(),
         token,
-        request,
+        upgrade: up,
     })
+}
+
+/// `value` as text if it is visible ASCII (or tabs and spaces), as an HTTP
+/// header value must be to be read as a string.
+fn visible_ascii(value: &[u8]) -> Option<&str> {
+    value
+        .iter()
+        .all(|&b| b == b'\t' || (b' '..0x7f).contains(&b))
+        .then(|| std::str::from_utf8(value).ok())
+        .flatten()
+}
+
+/// A `Sec-WebSocket-Key` is 16 bytes in padded base64: 24 characters.
+fn valid_key(value: &[u8]) -> Option<[u8; 24]> {
+    use base64::Engine as _;
+    let key: [u8; 24] = value.try_into().ok()?;
+    let mut raw = [0u8; 18];
+    match base64::engine::general_purpose::STANDARD.decode_slice(key, &mut raw) {
+        Ok(16) => Some(key),
+        _ => None,
+    }
 }
 
 fn strip_bearer(v: &str) -> Option<&str> {
@@ -212,32 +285,35 @@ pub const SUBPROTOCOL: &str = "soniox-api-key";
 /// Whether the request asks for a WebSocket version other than 13, the one
 /// the relay speaks (RFC 6455 §4.4: answer with `Sec-WebSocket-Version: 13`).
 pub fn wrong_websocket_version(req: &ClientRequest) -> bool {
-    req.request
-        .headers()
-        .get("sec-websocket-version")
-        .is_some_and(|v| v.as_bytes().trim_ascii() != b"13")
+    req.upgrade.version == Some(WsVersion::Other)
 }
 
-/// The 101 answer to a valid upgrade request, or `None` if the request is
-/// not a valid WebSocket upgrade. No extension is ever accepted, which is how
-/// permessage-deflate is refused.
+/// The 101 answer to a valid upgrade request (RFC 6455 §4.2), or `None` if
+/// the request is not a valid WebSocket upgrade. No extension is ever
+/// accepted, which is how permessage-deflate is refused.
 pub fn upgrade_response(req: &ClientRequest) -> Option<Vec<u8>> {
-    let resp = create_response(&req.request).ok()?;
-    let mut out = String::with_capacity(256);
-    out.push_str("HTTP/1.1 101 Switching Protocols\r\n");
-    for (name, value) in resp.headers() {
-        out.push_str(name.as_str());
-        out.push_str(": ");
-        out.push_str(value.to_str().ok()?);
-        out.push_str("\r\n");
-    }
+    let up = &req.upgrade;
+    let key = up.key.filter(|_| {
+        req.get
+            && up.http11
+            && up.connection_upgrade
+            && up.websocket
+            && up.version == Some(WsVersion::Thirteen)
+    })?;
+    let accept = tungstenite::handshake::derive_accept_key(&key);
+    let mut out = Vec::with_capacity(160);
+    out.extend_from_slice(
+        b"HTTP/1.1 101 Switching Protocols\r\nconnection: Upgrade\r\nupgrade: websocket\r\nsec-websocket-accept: ",
+    );
+    out.extend_from_slice(accept.as_bytes());
+    out.extend_from_slice(b"\r\n");
     if matches!(req.token, Some((_, TokenSource::Subprotocol))) {
-        out.push_str("Sec-WebSocket-Protocol: ");
-        out.push_str(SUBPROTOCOL);
-        out.push_str("\r\n");
+        out.extend_from_slice(b"Sec-WebSocket-Protocol: ");
+        out.extend_from_slice(SUBPROTOCOL.as_bytes());
+        out.extend_from_slice(b"\r\n");
     }
-    out.push_str("\r\n");
-    Some(out.into_bytes())
+    out.extend_from_slice(b"\r\n");
+    Some(out)
 }
 
 /// A complete HTTP response with a body; `Connection: close`.
@@ -372,6 +448,56 @@ mod tests {
         assert!(!text.to_ascii_lowercase().contains("extensions"));
         let bad = parse_client_request(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
         assert!(upgrade_response(&bad).is_none());
+    }
+
+    #[test]
+    fn answers_only_valid_upgrades() {
+        let upgrade = |version: &str, extra: &str| {
+            format!("GET /v1/transcribe {version}\r\nHost: x\r\n{extra}\r\n")
+        };
+        let ok = format!("Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n");
+        let with = |from: &str, to: &str| upgrade("HTTP/1.1", &ok.replace(from, to));
+        let cases = [
+            (upgrade("HTTP/1.1", &ok), true),
+            (upgrade("HTTP/1.0", &ok), false),
+            (
+                with("Connection: Upgrade", "Connection: keep-alive, UPGRADE"),
+                true,
+            ),
+            (with("Connection: Upgrade", "Connection: keep-alive"), false),
+            // A repeated header counts by its first value.
+            (
+                upgrade("HTTP/1.1", &format!("Connection: close\r\n{ok}")),
+                false,
+            ),
+            (with("Upgrade: websocket", "Upgrade: WebSocket"), true),
+            (with("Upgrade: websocket", "Upgrade: h2c"), false),
+            (
+                with("Upgrade: websocket", "Upgrade: websocket\u{e9}"),
+                false,
+            ),
+            (with("Version: 13", "Version: 12"), false),
+            (
+                upgrade("HTTP/1.1", &format!("{ok}Sec-WebSocket-Version: 8\r\n")),
+                true,
+            ),
+            (with(KEY, "dGhlIHNhbXBsZSBub25jZQ"), false),
+            (with(KEY, "dGhlIHNhbXBsZSBub25jZR=="), false),
+            (with(KEY, "AAAAAAAAAAAAAAAAAAAAAAAA"), false),
+            (with("Sec-WebSocket-Key", "X-Key"), false),
+            (format!("POST /v1/transcribe HTTP/1.1\r\n{ok}\r\n"), false),
+        ];
+        for (head, upgrades) in &cases {
+            let answer = upgrade_response(&parse_client_request(head.as_bytes()).unwrap());
+            assert_eq!(answer.is_some(), *upgrades, "{head:?}");
+        }
+        let text = upgrade_response(&parse_client_request(cases[0].0.as_bytes()).unwrap()).unwrap();
+        assert_eq!(
+            String::from_utf8(text).unwrap(),
+            "HTTP/1.1 101 Switching Protocols\r\nconnection: Upgrade\r\nupgrade: websocket\r\nsec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
+        );
+        let wrong = parse_client_request(with("Version: 13", "Version: 12").as_bytes()).unwrap();
+        assert!(wrong_websocket_version(&wrong));
     }
 
     #[test]

@@ -146,7 +146,7 @@ async fn handshake(
     };
     buf.consume(head_len);
     match req.path.as_str() {
-        "/v1/transcribe" if req.request.method().as_str() != "GET" => {
+        "/v1/transcribe" if !req.get => {
             shard.metrics.stream_rejected(Side::Client, 405);
             tracing::info!(shard = shard.index, status = 405, "request refused");
             let _ = client
