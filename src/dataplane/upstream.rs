@@ -369,8 +369,10 @@ impl UpstreamTarget {
 }
 
 /// A TCP connection to `addr` with Nagle off and a send buffer of
-/// `sndbuf` bytes (0: the kernel's), within `limit`: on this shard's data
-/// plane when there is one (every stream), else glommio's.
+/// `sndbuf` bytes (0: the kernel's): on this shard's data plane when there
+/// is one (every stream; the wait is bounded by the caller's deadline for
+/// the whole open, [`UpstreamTarget::connect`], so it needs no timer of
+/// its own), else glommio's, within `limit`.
 async fn connect_tcp(
     addr: std::net::SocketAddr,
     limit: Duration,
@@ -382,20 +384,10 @@ async fn connect_tcp(
         cap_buffer(&tcp, sndbuf, false);
         return Ok(Tcp::Glommio(tcp));
     };
-    match crate::dataplane::io::timeout(
-        limit,
-        crate::dataplane::uring::RingSocket::connect(&plane, addr),
-    )
-    .await
-    {
-        Some(Ok(s)) => {
-            let _ = s.set_nodelay();
-            cap_buffer(&s, sndbuf, false);
-            Ok(Tcp::Ring(s))
-        }
-        Some(Err(e)) => Err(e),
-        None => Err(std::io::ErrorKind::TimedOut.into()),
-    }
+    let s = crate::dataplane::uring::RingSocket::connect(&plane, addr).await?;
+    let _ = s.set_nodelay();
+    cap_buffer(&s, sndbuf, false);
+    Ok(Tcp::Ring(s))
 }
 
 /// Sets a socket's receive (`recv`) or send buffer to `bytes` (0: leaves
