@@ -1,6 +1,7 @@
 //! Microbenchmarks of a stream's open beside the frame path: token mint
 //! and verify, the key ring's pick of an account, and the client's upgrade
-//! (its request head parsed and the 101 answer built). (The frame path's
+//! (its request head parsed and the 101 answer built), and the device
+//! table every open goes through beside the once-a-second sweep of it. (The frame path's
 //! own kernels are `clio-frame`'s benchmark: `cargo bench -p clio-frame`.)
 //!
 //! `cargo bench --bench stream_open` (criterion prints throughput per input).
@@ -8,9 +9,11 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant, SystemTime};
 
+use clio_relay::core::config::DeviceLimits;
+use clio_relay::core::devices::Devices;
 use clio_relay::core::keyring::{AccountState, KeyRing, KeySlot, RingSlot};
 use clio_relay::core::secret::Secret;
-use clio_relay::core::token::TokenKeys;
+use clio_relay::core::token::{Claims, TokenKeys};
 use clio_relay::dataplane::http;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
@@ -113,5 +116,72 @@ fn upgrade(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, tokens, keyring, upgrade);
+/// Devices a busy relay tracks: with a daily audio allowance, every device
+/// that streamed today is kept all day.
+const TRACKED_DEVICES: usize = 100_000;
+
+fn claims(device: String) -> Claims {
+    Claims {
+        device_id: device,
+        issued_at: 0,
+        expires_at: u64::MAX,
+        token_id: "0011223344556677".into(),
+        key_id: "k1".into(),
+        tier: None,
+        pools: vec!["default".into()],
+    }
+}
+
+/// The device table: an open's admission with 100,000 devices tracked,
+/// and the admin thread's once-a-second sweep over all of them. The sweep
+/// holds the table's lock for as long as it takes on each part it locks,
+/// and an open on a shard waits for that lock.
+fn devices(c: &mut Criterion) {
+    let devices = Devices::default();
+    devices.set_daily_audio(true);
+    let limits = DeviceLimits {
+        max_concurrent_streams: 4,
+        streams_per_minute: 0,
+        audio_seconds_per_day: 3600,
+        max_stream_length: Duration::ZERO,
+    };
+    let now = SystemTime::now();
+    for i in 0..TRACKED_DEVICES {
+        let permit = devices
+            .admit(&claims(format!("device-{i}")), &limits, now)
+            .unwrap();
+        assert!(permit.add_audio(1000, now));
+    }
+    let mut g = c.benchmark_group("devices");
+    g.throughput(Throughput::Elements(1));
+    let open = claims("device-7".into());
+    g.bench_function("admit_with_100k_tracked", |b| {
+        b.iter(|| devices.admit(black_box(&open), &limits, now).unwrap())
+    });
+    g.bench_function("sweep_100k_tracked", |b| {
+        b.iter(|| devices.sweep(black_box(now), false))
+    });
+    // The worst case for an open: the sweep always under way beside it
+    // (once a second in the relay, so an open meets it now and then).
+    let sweeping = std::sync::atomic::AtomicBool::new(true);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while sweeping.load(std::sync::atomic::Ordering::Relaxed) {
+                devices.sweep(now, false);
+            }
+        });
+        g.bench_function("admit_while_sweeping", |b| {
+            b.iter(|| devices.admit(black_box(&open), &limits, now).unwrap())
+        });
+        sweeping.store(false, std::sync::atomic::Ordering::Relaxed);
+    });
+    g.finish();
+    assert_eq!(
+        devices.tracked(),
+        TRACKED_DEVICES,
+        "a device with audio today is kept"
+    );
+}
+
+criterion_group!(benches, tokens, keyring, upgrade, devices);
 criterion_main!(benches);

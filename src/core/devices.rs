@@ -12,10 +12,12 @@
 //! is forgotten, so memory follows the devices that are streaming, not the
 //! devices seen today.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use dashmap::DashMap;
 
 use crate::core::config::DeviceLimits;
 use crate::core::token::Claims;
@@ -160,14 +162,33 @@ impl DeviceState {
 }
 
 /// The devices a limit needs to remember, plus the revocation lists.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Devices {
-    map: Mutex<HashMap<String, Arc<DeviceState>>>,
+    /// Device id → state. Locked in parts ([`TABLE_PARTS`]): the sweep
+    /// holds one part at a time, so an open on a shard waits at most for
+    /// one part's share of the sweep, not for all of it.
+    map: DashMap<String, Arc<DeviceState>>,
     /// Whether a daily audio allowance is configured (the default limits,
     /// a tier or a pool): then a device's audio today is kept all day.
     daily_audio: AtomicBool,
     revoked_devices: RwLock<HashSet<String>>,
     revoked_tokens: RwLock<HashSet<String>>,
+}
+
+/// Parts of the device table, each behind its own lock. With 100,000
+/// devices tracked the whole sweep takes milliseconds (benches/README.md);
+/// one part's share is tens of microseconds.
+const TABLE_PARTS: usize = 64;
+
+impl Default for Devices {
+    fn default() -> Self {
+        Devices {
+            map: DashMap::with_shard_amount(TABLE_PARTS),
+            daily_audio: AtomicBool::new(false),
+            revoked_devices: RwLock::default(),
+            revoked_tokens: RwLock::default(),
+        }
+    }
 }
 
 /// A stream's place under its device's limits; released when dropped.
@@ -282,10 +303,14 @@ impl Devices {
     }
 
     fn state(&self, device: &str) -> Arc<DeviceState> {
-        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        map.entry(device.to_string())
-            .or_insert_with(|| Arc::new(DeviceState::new(Instant::now())))
-            .clone()
+        if let Some(s) = self.map.get(device) {
+            return Arc::clone(&s);
+        }
+        let entry = self
+            .map
+            .entry(device.to_string())
+            .or_insert_with(|| Arc::new(DeviceState::new(Instant::now())));
+        Arc::clone(&entry)
     }
 
     /// Counts a stream the shared store already admitted (no check here).
@@ -303,11 +328,9 @@ impl Devices {
     /// stream, or audio it does not have yet.
     pub fn fleet_audio_pending(&self, day: u64) -> Vec<(String, Arc<DeviceState>)> {
         self.map
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .filter(|(_, s)| s.live.load(Ordering::Relaxed) > 0 || s.unreported_audio(day).1 > 0)
-            .map(|(k, s)| (k.clone(), s.clone()))
+            .filter(|e| e.live.load(Ordering::Relaxed) > 0 || e.unreported_audio(day).1 > 0)
+            .map(|e| (e.key().clone(), Arc::clone(e.value())))
             .collect()
     }
 
@@ -400,29 +423,27 @@ impl Devices {
         let day = utc_day(now);
         let daily_audio = self.daily_audio.load(Ordering::Relaxed);
         let now_i = Instant::now();
-        self.map
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|_, s| {
-                // A permit, or an open or a fleet flush under way, holds a
-                // clone; none can take one without the map's lock.
-                if Arc::strong_count(s) > 1 || s.live.load(Ordering::Relaxed) > 0 {
-                    return true;
-                }
-                let (tokens, last) = *s.bucket.lock().unwrap_or_else(|e| e.into_inner());
-                if tokens != f64::MAX && now_i.saturating_duration_since(last) < BUCKET_REFILL {
-                    return true;
-                }
-                if fleet && s.unreported_audio(day).1 > 0 {
-                    return true;
-                }
-                daily_audio && s.audio_ms_on(day) > 0
-            });
+        self.map.retain(|_, s| {
+            // A permit, or an open or a fleet flush under way, holds a
+            // clone; none can take one without the lock of the device's
+            // part, which this holds.
+            if Arc::strong_count(s) > 1 || s.live.load(Ordering::Relaxed) > 0 {
+                return true;
+            }
+            let (tokens, last) = *s.bucket.lock().unwrap_or_else(|e| e.into_inner());
+            if tokens != f64::MAX && now_i.saturating_duration_since(last) < BUCKET_REFILL {
+                return true;
+            }
+            if fleet && s.unreported_audio(day).1 > 0 {
+                return true;
+            }
+            daily_audio && s.audio_ms_on(day) > 0
+        });
     }
 
     /// Devices tracked now.
     pub fn tracked(&self) -> usize {
-        self.map.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.map.len()
     }
 }
 
@@ -441,6 +462,46 @@ mod tests {
             tier: None,
             pools: vec!["default".into()],
         }
+    }
+
+    /// The sweep runs on the admin thread while shards open streams: a
+    /// device's state is never forgotten while a stream holds it, so a
+    /// device's one allowed stream stays its one stream.
+    #[test]
+    fn a_sweep_beside_opens_never_forgets_a_held_device() {
+        let d = Devices::default();
+        let limits = DeviceLimits {
+            max_concurrent_streams: 1,
+            ..DeviceLimits::default()
+        };
+        let c = claims("busy", "t1");
+        let sweeping = AtomicBool::new(true);
+        let twice = std::thread::scope(|s| {
+            s.spawn(|| {
+                while sweeping.load(Ordering::Relaxed) {
+                    d.sweep(SystemTime::now(), false);
+                }
+            });
+            // Counted, not asserted here: a panic would leave the sweeper
+            // running and the scope waiting for it.
+            let mut twice = 0;
+            for _ in 0..200_000 {
+                let held = d.admit(&c, &limits, SystemTime::now());
+                // A state swept away under `held` would admit this one.
+                if held.is_err() || d.admit(&c, &limits, SystemTime::now()).is_ok() {
+                    twice += 1;
+                }
+            }
+            sweeping.store(false, Ordering::Relaxed);
+            twice
+        });
+        assert_eq!(twice, 0, "the device's one stream was admitted twice");
+        d.sweep(SystemTime::now(), false);
+        assert_eq!(
+            d.tracked(),
+            0,
+            "with no stream left, the device is forgotten"
+        );
     }
 
     #[test]
@@ -480,7 +541,7 @@ mod tests {
         assert_eq!(e.limit, Limit::Rate);
         assert!(e.message.contains("3 new streams per minute"));
         // One token comes back every 20 s; fake the passage of time.
-        d.map.lock().unwrap()["dev"].bucket.lock().unwrap().1 -= Duration::from_secs(21);
+        d.map.get("dev").unwrap().bucket.lock().unwrap().1 -= Duration::from_secs(21);
         assert!(d.admit(&claims("dev", "t"), &lim, now).is_ok());
     }
 
@@ -601,7 +662,7 @@ mod tests {
             "the bucket is not refilled by forgetting it"
         );
         // A minute on, the bucket is full again: the same as a new device.
-        d.map.lock().unwrap()["opener"].bucket.lock().unwrap().1 -= Duration::from_secs(61);
+        d.map.get("opener").unwrap().bucket.lock().unwrap().1 -= Duration::from_secs(61);
         d.sweep(now, false);
         assert_eq!(d.tracked(), 0);
         assert!(d.admit(&claims("opener", "t"), &rate, now).is_ok());
