@@ -142,21 +142,11 @@ struct Upgrade {
     connection_upgrade: bool,
     /// `Upgrade: websocket`.
     websocket: bool,
-    /// `Sec-WebSocket-Version`, if sent.
-    version: Option<WsVersion>,
+    /// `Sec-WebSocket-Version`, if sent: whether it is 13 (httparse has
+    /// trimmed the spaces around it).
+    version_13: Option<bool>,
     /// `Sec-WebSocket-Key`, if it is 16 bytes in base64.
     key: Option<[u8; 24]>,
-}
-
-/// What a request's `Sec-WebSocket-Version` says.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum WsVersion {
-    /// Exactly `13`.
-    Thirteen,
-    /// `13` with spaces around it: not wrong, but not an upgrade either.
-    Padded,
-    /// Any other version.
-    Other,
 }
 
 /// Parses a client request head.
@@ -176,7 +166,7 @@ pub fn parse_client_request(head: &[u8]) -> Result<ClientRequest, HeadError> {
         http11: req.version == Some(1),
         ..Upgrade::default()
     };
-    let (mut connection, mut upgrade, mut version, mut key) = (false, false, false, false);
+    let (mut connection, mut upgrade, mut key) = (false, false, false);
     let mut token = None;
     for h in req.headers.iter() {
         let name = h.name;
@@ -206,14 +196,8 @@ pub fn parse_client_request(head: &[u8]) -> Result<ClientRequest, HeadError> {
         } else if name.eq_ignore_ascii_case("upgrade") && !std::mem::replace(&mut upgrade, true) {
             up.websocket =
                 visible_ascii(h.value).is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
-        } else if name.eq_ignore_ascii_case("sec-websocket-version")
-            && !std::mem::replace(&mut version, true)
-        {
-            up.version = Some(match h.value {
-                b"13" => WsVersion::Thirteen,
-                v if v.trim_ascii() == b"13" => WsVersion::Padded,
-                _ => WsVersion::Other,
-            });
+        } else if name.eq_ignore_ascii_case("sec-websocket-version") && up.version_13.is_none() {
+            up.version_13 = Some(h.value == b"13");
         } else if name.eq_ignore_ascii_case("sec-websocket-key")
             && !std::mem::replace(&mut key, true)
         {
@@ -285,7 +269,7 @@ pub const SUBPROTOCOL: &str = "soniox-api-key";
 /// Whether the request asks for a WebSocket version other than 13, the one
 /// the relay speaks (RFC 6455 §4.4: answer with `Sec-WebSocket-Version: 13`).
 pub fn wrong_websocket_version(req: &ClientRequest) -> bool {
-    req.upgrade.version == Some(WsVersion::Other)
+    req.upgrade.version_13 == Some(false)
 }
 
 /// The 101 answer to a valid upgrade request (RFC 6455 §4.2), or `None` if
@@ -294,11 +278,7 @@ pub fn wrong_websocket_version(req: &ClientRequest) -> bool {
 pub fn upgrade_response(req: &ClientRequest) -> Option<Vec<u8>> {
     let up = &req.upgrade;
     let key = up.key.filter(|_| {
-        req.get
-            && up.http11
-            && up.connection_upgrade
-            && up.websocket
-            && up.version == Some(WsVersion::Thirteen)
+        req.get && up.http11 && up.connection_upgrade && up.websocket && up.version_13 == Some(true)
     })?;
     let accept = tungstenite::handshake::derive_accept_key(&key);
     let mut out = Vec::with_capacity(160);
