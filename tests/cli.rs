@@ -190,3 +190,45 @@ fn each_kind_of_failure_has_its_own_exit_status() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A running relay has transparent huge pages off (the allocator's huge
+/// pages cost it most of its CPU under load), unless `CLIO_RELAY_THP=on`.
+#[test]
+fn a_running_relay_has_huge_pages_off() {
+    let dir = std::env::temp_dir().join(format!("clio-relay-cli-thp-{}", std::process::id()));
+    for (env, expect) in [(None, "0"), (Some("on"), "1")] {
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let admin = free.local_addr().unwrap();
+        drop(free);
+        let config = relay_config(&dir, "127.0.0.1:0", &admin.to_string());
+        let mut cmd = Command::new(RELAY);
+        cmd.args(["run", "--config", &config])
+            .env("CLI_EXIT_SECRET", "cli-exit-secret-0123456789abcdef0123")
+            .env("CLI_EXIT_ADMIN", "cli-exit-admin-token-0123456789")
+            .env("CLI_EXIT_KEY", "cli-exit-soniox-key")
+            .env_remove("CLIO_RELAY_THP")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        if let Some(v) = env {
+            cmd.env("CLIO_RELAY_THP", v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::net::TcpStream::connect(admin).is_err() {
+            assert!(std::time::Instant::now() < deadline, "relay never listened");
+            assert!(child.try_wait().unwrap().is_none(), "relay exited");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+        let thp = status
+            .lines()
+            .find_map(|l| l.strip_prefix("THP_enabled:"))
+            .expect("the kernel reports THP_enabled (Linux 5.0 on)")
+            .trim()
+            .to_string();
+        assert_eq!(thp, expect, "CLIO_RELAY_THP={env:?}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

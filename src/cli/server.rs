@@ -87,6 +87,26 @@ fn rest_target(
     }
 }
 
+/// Turns transparent huge pages off for this process (`PR_SET_THP_DISABLE`).
+///
+/// The allocator (mimalloc) asks for huge pages on its arenas and gives
+/// memory back to the kernel 10 ms after it is freed; the next touch of
+/// that memory then faults in, and zeroes, a whole 2 MiB page. A relay's
+/// memory comes and goes with its streams (read buffers, each stream's
+/// resume copy as it grows), so under load it did little else: at 3,000
+/// real-time streams 60% of its CPU was the kernel zeroing huge pages
+/// (benches/README.md has the profile and the A/B). Off, whether the host
+/// has THP on always or on request. `CLIO_RELAY_THP=on` leaves it as the
+/// host has it, for that A/B.
+fn huge_pages_off() {
+    if std::env::var("CLIO_RELAY_THP").as_deref() == Ok("on") {
+        return;
+    }
+    if let Err(e) = nix::sys::prctl::set_thp_disable(true) {
+        tracing::warn!(error = %e, "could not turn transparent huge pages off; under load the kernel may spend much of the relay's CPU zeroing them");
+    }
+}
+
 /// Starts a relay with `cfg`: one shard per `server.shards` (pinned when
 /// there are no more shards than cores), then the admin server. Returns once
 /// everything listens.
@@ -114,6 +134,7 @@ pub fn start_joining(
     join_client_port: bool,
 ) -> std::io::Result<RelayHandle> {
     use crate::dataplane::listen::{check_free, in_use};
+    huge_pages_off();
     // Before anything starts: a port in use is a second relay by mistake.
     if sockets.client.is_none() && !join_client_port {
         let addr = cfg.server.listen;
