@@ -96,7 +96,12 @@ impl RateScope {
     }
 }
 
-/// A cooldown that doubles on each further 429, up to [`COOLDOWN_MAX`].
+/// A cooldown that doubles on each further 429 (or timeout), up to
+/// [`COOLDOWN_MAX`]. Failures while it runs do not double it: they are of
+/// opens already under way when it began, the same episode. Counting them
+/// held the only account of a relay off for the whole minute after one
+/// overloaded second in which 230 opens timed out together, and every
+/// stream of the next 30 s was refused.
 #[derive(Debug, Default)]
 struct Backoff {
     until_ms: AtomicU64,
@@ -105,6 +110,9 @@ struct Backoff {
 
 impl Backoff {
     fn hit(&self, now_ms: u64, start: Duration) {
+        if self.active(now_ms) {
+            return;
+        }
         let prev = self.step_ms.load(Ordering::Relaxed);
         let next = if prev == 0 {
             start.as_millis() as u64
@@ -574,20 +582,55 @@ mod tests {
         assert!(ring
             .pick(now + Duration::from_millis(1001), 0, &any())
             .is_some());
-        accts[1].account.mark_rate_limited(now, RateScope::Project);
+        // Refused again while the cooldown runs (an open already under
+        // way): the same episode, not doubled.
+        accts[1]
+            .account
+            .mark_rate_limited(now + Duration::from_millis(500), RateScope::Project);
+        assert!(accts[1]
+            .account
+            .available(now + Duration::from_millis(1001)));
+        // Refused again after it: doubled.
+        let again = now + Duration::from_millis(1001);
+        accts[1]
+            .account
+            .mark_rate_limited(again, RateScope::Project);
         assert!(
             !accts[1]
                 .account
-                .available(now + Duration::from_millis(1500)),
+                .available(again + Duration::from_millis(1500)),
             "backoff doubled to 2 s"
         );
         accts[1].account.mark_ok();
-        accts[1].account.mark_rate_limited(now, RateScope::Project);
+        let later = again + Duration::from_millis(2001);
+        accts[1]
+            .account
+            .mark_rate_limited(later, RateScope::Project);
         assert!(
             accts[1]
                 .account
-                .available(now + Duration::from_millis(1001)),
+                .available(later + Duration::from_millis(1001)),
             "reset after success"
+        );
+    }
+
+    /// Many opens that time out together hold the account off once, for
+    /// the first hold-off; a timeout after it ends doubles it.
+    #[test]
+    fn timeouts_of_one_burst_do_not_stretch_the_hold_off() {
+        let accts = accounts(&[5]);
+        let now = Instant::now();
+        let a = &accts[0].account;
+        for ms in 0..230 {
+            a.mark_timed_out(now + Duration::from_millis(ms));
+        }
+        let end = now + TIMEOUT_HOLDOFF_START;
+        assert!(a.timed_out(end - Duration::from_millis(1)));
+        assert!(!a.timed_out(end), "one hold-off for the burst");
+        a.mark_timed_out(end);
+        assert!(
+            a.timed_out(end + TIMEOUT_HOLDOFF_START + Duration::from_millis(1)),
+            "a timeout after the hold-off doubles it"
         );
     }
 
