@@ -149,7 +149,13 @@ max_streams = 9500
 [upstream]
 url = "ws://127.0.0.1:$FAKE_PORT/transcribe-websocket"
 auth = "header"
-connect_timeout = "5s"
+# The relay is given nginx's patience below: proxy_connect_timeout's
+# default (60 s) for the open, proxy_send_timeout (3600 s) for an upstream
+# that stops reading. On a host the 5,000-stream W1 overloads, fake-soniox
+# answers upgrades seconds late and stops reading for seconds at a time;
+# with its defaults (5 s to open, 10 s stalled) the relay ended or moved
+# those streams, which nginx waited out.
+connect_timeout = "60s"
 
 [tokens]
 secret_env = "CLIO_RELAY_TOKEN_SECRET"
@@ -158,6 +164,7 @@ max_ttl = "24h"
 
 [limits]
 idle_timeout = "60s"
+stall_timeout = "3600s"
 
 [admin]
 state_dir = "$WORK/relay-state"
