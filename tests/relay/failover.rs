@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use clio_relay::core::config::AuthMode;
-use fake_soniox::{FakeKey, FakeSoniox, FaultKind, RandomFaults};
+use fake_soniox::{FakeKey, FakeSoniox, FaultKind};
 
 use crate::util::*;
 
@@ -188,15 +188,7 @@ fn official_python_sdk_never_sees_an_open_time_failover() {
 fn connection_lost_before_upstream_accepted_moves_the_stream() {
     // The first upstream session is dropped (TCP reset) at its first audio
     // frame, before any result; the second is not.
-    let mut faults = RandomFaults {
-        share: 0.5,
-        kinds: vec![FaultKind::Drop],
-        within_frames: 1,
-        seed: 0,
-    };
-    while !(faults.pick(1).is_some() && faults.pick(2).is_none()) {
-        faults.seed += 1;
-    }
+    let faults = only_first_connection_fails(FaultKind::Drop, 1, |_| true);
     let fake = fake(&["k1", "k2"], |c| c.faults.random = Some(faults));
     let relay = Relay::start(relay_config(&fake.url(), &[("a", "k1"), ("b", "k2")]));
     let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();

@@ -216,18 +216,10 @@ fn a_secret_bound_to_a_pool_refuses_a_forged_claim_for_another() {
 
 #[test]
 fn mid_stream_resume_stays_in_the_tokens_pool() {
-    use fake_soniox::{FaultKind, RandomFaults};
+    use fake_soniox::FaultKind;
     // The EU upstream fails the first connection (503) at its eighth audio
     // frame and not the second: the stream resumes, on an EU account.
-    let mut faults = RandomFaults {
-        share: 0.5,
-        kinds: vec![FaultKind::Error(503)],
-        within_frames: 8,
-        seed: 0,
-    };
-    while !(faults.pick(1).is_some_and(|(n, _)| n == 8) && faults.pick(2).is_none()) {
-        faults.seed += 1;
-    }
+    let faults = only_first_connection_fails(FaultKind::Error(503), 8, |n| n == 8);
     let (us, eu, relay) = us_and_eu(|c| c.faults.random = Some(faults));
     let got = session_of(&relay, &token(&relay, "eu-resumed", &["eu"]), 20);
     assert!(got.finished() && got.error_code().is_none(), "{got:?}");

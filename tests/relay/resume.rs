@@ -191,15 +191,7 @@ fn compressed_formats_do_not_resume() {
 fn a_pending_finalize_is_answered_after_a_resume() {
     // The first connection fails (503) at its eighth audio frame, before it
     // reads the finalize the client sent after its tenth; the second does not fail.
-    let mut faults = RandomFaults {
-        share: 0.5,
-        kinds: vec![FaultKind::Error(503)],
-        within_frames: 8,
-        seed: 0,
-    };
-    while !(faults.pick(1).is_some_and(|(n, _)| n == 8) && faults.pick(2).is_none()) {
-        faults.seed += 1;
-    }
+    let faults = only_first_connection_fails(FaultKind::Error(503), 8, |n| n == 8);
     let fake = fake(&["k1"], |c| c.faults.random = Some(faults));
     let relay = Relay::start(relay_config(&fake.url(), &[("a", "k1")]));
     let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
@@ -283,15 +275,7 @@ fn a_connection_lost_at_open_with_one_account_reconnects_to_it() {
     // result: nothing was accepted, and there is no other account. The
     // relay opens the same account again and replays; the client sees
     // nothing of it.
-    let mut faults = RandomFaults {
-        share: 0.5,
-        kinds: vec![FaultKind::Drop],
-        within_frames: 1,
-        seed: 0,
-    };
-    while !(faults.pick(1).is_some() && faults.pick(2).is_none()) {
-        faults.seed += 1;
-    }
+    let faults = only_first_connection_fails(FaultKind::Drop, 1, |_| true);
     let fake = fake(&["k1"], |c| c.faults.random = Some(faults));
     let relay = Relay::start(relay_config(&fake.url(), &[("a", "k1")]));
     let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
@@ -310,15 +294,7 @@ fn a_stall_mid_stream_resumes_after_the_stall_timeout() {
     // The first connection stops reading at its fifth audio frame and
     // never closes; the second does not fail. The client writes 20 s of
     // audio flat out, far more than the socket buffers hold.
-    let mut faults = RandomFaults {
-        share: 0.5,
-        kinds: vec![FaultKind::Stall],
-        within_frames: 5,
-        seed: 0,
-    };
-    while !(faults.pick(1).is_some_and(|(n, _)| n == 5) && faults.pick(2).is_none()) {
-        faults.seed += 1;
-    }
+    let faults = only_first_connection_fails(FaultKind::Stall, 5, |n| n == 5);
     let fake = fake(&["k1"], |c| {
         c.faults.random = Some(faults);
         c.record_audio = false;

@@ -473,3 +473,22 @@ pub fn state_dir() -> std::path::PathBuf {
         N.fetch_add(1, Ordering::Relaxed)
     ))
 }
+
+/// Faults that fail only the fake's first connection, with `kind`, at an
+/// audio frame (of the first `within`) for which `at` holds.
+pub fn only_first_connection_fails(
+    kind: fake_soniox::FaultKind,
+    within: u64,
+    at: impl Fn(u64) -> bool,
+) -> fake_soniox::RandomFaults {
+    let mut faults = fake_soniox::RandomFaults {
+        share: 0.5,
+        kinds: vec![kind],
+        within_frames: within,
+        seed: 0,
+    };
+    while !(faults.pick(1).is_some_and(|(n, _)| at(n)) && faults.pick(2).is_none()) {
+        faults.seed += 1;
+    }
+    faults
+}
