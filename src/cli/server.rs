@@ -195,6 +195,7 @@ pub fn start_joining(
         accounts.metrics_ids(),
     );
     process.pools.set_caps(&cfg.devices);
+    process.resume_copies.set_limit(cfg.failover.resume_memory);
     // One TLS client config for the WebSocket upstream and its REST API.
     let tls = Some(
         crate::dataplane::upstream::tls_client_config(cfg.upstream.ca_file.as_deref())

@@ -169,11 +169,7 @@ pub async fn client_to_upstream(link: Link<'_>, side: &mut ClientSide, cx: Strea
     loop {
         let processed = side.processed;
         let scan = match state.resume.borrow_mut().as_deref_mut() {
-            None => side.scanner.scan(
-                &mut buf.filled()[processed..],
-                Some(&mut masks.borrow_mut()),
-            ),
-            Some(r) => {
+            Some(r) if r.keeps_copy() => {
                 r.reserve_for(buf.len() - processed);
                 let scan = side.scanner.scan_capture(
                     &mut buf.filled()[processed..],
@@ -183,6 +179,10 @@ pub async fn client_to_upstream(link: Link<'_>, side: &mut ClientSide, cx: Strea
                 r.absorb_capture();
                 scan
             }
+            _ => side.scanner.scan(
+                &mut buf.filled()[processed..],
+                Some(&mut masks.borrow_mut()),
+            ),
         };
         side.processed += scan.ready;
         if scan.data_frames_started > 0 && state.up.first_audio_at.get().is_none() {
@@ -480,6 +480,7 @@ pub async fn until(deadline: Instant) {
     .await
 }
 
+pub mod copy_budget;
 pub mod resume;
 mod state;
 

@@ -79,6 +79,8 @@ pub struct ProcessState {
     pub faults: crate::dataplane::accept::Faults,
     /// Upstream answered an upgrade with 400 or 404: `upstream.url` is wrong.
     pub upstream_fault: crate::dataplane::upstream::UpstreamFault,
+    /// The resume copies' memory (`failover.resume_memory`).
+    pub resume_copies: Arc<crate::dataplane::pump::copy_budget::CopyBudget>,
 }
 
 impl ProcessState {
@@ -100,6 +102,9 @@ impl ProcessState {
             fleet: std::sync::OnceLock::new(),
             faults: Default::default(),
             upstream_fault: Default::default(),
+            resume_copies: Arc::new(crate::dataplane::pump::copy_budget::CopyBudget::new(
+                crate::core::config::FailoverConfig::default().resume_memory,
+            )),
         })
     }
 

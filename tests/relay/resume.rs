@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use fake_soniox::{transcript_of, FakeKey, FaultKind, RandomFaults};
+use fake_soniox::{transcript_of, FakeConfig, FakeKey, FakeSoniox, FaultKind, RandomFaults};
 use serde_json::Value;
 use tungstenite::Message;
 
@@ -387,4 +387,88 @@ fn socket_buffers_are_capped_by_limits_socket_buffer() {
     assert!(tb <= 2 * (16 << 10), "upstream socket tb {tb}");
     ws.send(Message::binary(Vec::<u8>::new())).unwrap();
     assert!(read_all(&mut ws).finished());
+}
+
+/// The value of the unlabelled metric `name` in `/metrics`.
+fn metric(relay: &Relay, name: &str) -> u64 {
+    let (status, _, body) = http_get(relay.handle.admin_addr, "/metrics", "");
+    assert_eq!(status, 200);
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics"))
+}
+
+/// Whether the resume copies' budget falls back to 0 (streams just ended
+/// may still be letting go).
+fn copies_freed(relay: &Relay) -> bool {
+    wait_until(LIMIT, || relay.handle.process.resume_copies.used() == 0)
+}
+
+/// A fake whose final tokens never come within these streams: every
+/// resume copy keeps all of its stream's audio.
+fn fake_without_finals(tweak: impl FnOnce(&mut FakeConfig)) -> FakeSoniox {
+    fake(&["k1"], |c| {
+        c.ms_per_word = 1_000_000;
+        tweak(c);
+    })
+}
+
+#[test]
+fn a_copy_past_resume_memory_is_let_go_and_the_stream_loses_nothing() {
+    let fake = fake_without_finals(|_| {});
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    // 40 frames of 3,200 bytes need a copy of 128,000.
+    cfg.failover.resume_memory = 64_000;
+    let relay = Relay::start(cfg);
+    assert_eq!(metric(&relay, "clio_relay_resume_copy_limit_bytes"), 64_000);
+    let frames = stream_audio(7, 40);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    let got = stream_session(&mut ws, &config_message(None), &frames);
+    assert!(got.finished() && got.error_code().is_none(), "{got:?}");
+    assert!(fake.wait_for(LIMIT, |s| s.iter().all(|r| r.closed)));
+    let s = fake.sessions();
+    assert_eq!(s.len(), 1);
+    assert!(
+        s[0].audio == frames.concat(),
+        "upstream got every byte, in order"
+    );
+    assert_eq!(metric(&relay, "clio_relay_resume_copies_dropped_total"), 1);
+    assert!(copies_freed(&relay), "every copy's storage went back");
+    assert_eq!(metric(&relay, "clio_relay_resume_copy_bytes"), 0);
+    // A reload moves the limit.
+    let mut cfg = relay.cfg.clone();
+    cfg.failover.resume_memory = 1 << 20;
+    relay.handle.reload(&cfg).unwrap();
+    assert_eq!(
+        metric(&relay, "clio_relay_resume_copy_limit_bytes"),
+        1 << 20
+    );
+}
+
+#[test]
+fn a_stream_that_let_go_of_its_copy_no_longer_resumes() {
+    // The first connection fails (503) at its 25th to 30th audio frame,
+    // long after upstream accepted the stream (its first word comes at
+    // 480 ms of audio); the second does not fail. Final words every 480 ms
+    // keep the copy under 20,000 bytes, so 10,000 lets it go.
+    let faults = only_first_connection_fails(FaultKind::Error(503), 30, |n| n >= 25);
+    for memory in [1 << 30, 10_000] {
+        let fake = fake(&["k1"], |c| c.faults.random = Some(faults.clone()));
+        let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+        cfg.failover.resume_memory = memory;
+        let relay = Relay::start(cfg);
+        let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+        let got = stream_session(&mut ws, &config_message(None), &stream_audio(8, 40));
+        let m = relay.handle.metrics();
+        let dropped = metric(&relay, "clio_relay_resume_copies_dropped_total");
+        if memory == 1 << 30 {
+            assert!(got.finished() && got.error_code().is_none(), "{got:?}");
+            assert_eq!((m.streams_resumed(), dropped), (1, 0));
+        } else {
+            assert_eq!(got.error_code(), Some(503), "{got:?}");
+            assert!(!got.finished());
+            assert_eq!((m.streams_resumed(), dropped), (0, 1));
+        }
+        assert!(copies_freed(&relay), "every copy's storage went back");
+    }
 }

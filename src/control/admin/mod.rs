@@ -392,6 +392,9 @@ impl Admin {
         };
         self.process.pools.set_caps(&cfg.devices);
         self.process
+            .resume_copies
+            .set_limit(cfg.failover.resume_memory);
+        self.process
             .devices
             .set_daily_audio(settings.devices.daily_audio());
         for tx in &self.shards {

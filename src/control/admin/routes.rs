@@ -342,6 +342,7 @@ async fn metrics(admin: &Admin) -> String {
         fleet.render_metrics(&mut body);
     }
     process.faults.render(&mut body);
+    process.resume_copies.render(&mut body);
     family(
         &mut body,
         "clio_relay_upstream_config_fault",

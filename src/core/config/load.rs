@@ -298,6 +298,10 @@ fn resolve(raw: RawFile, base: &Path) -> Result<Config, ConfigError> {
             .failover
             .max_resumes
             .unwrap_or(defaults_failover.max_resumes),
+        resume_memory: raw
+            .failover
+            .resume_memory
+            .unwrap_or_else(|| FailoverConfig::resume_memory_for(server.max_streams)),
     };
 
     let mut accounts = Vec::with_capacity(raw.account.len());

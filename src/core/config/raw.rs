@@ -64,6 +64,7 @@ pub(super) struct RawFailover {
     pub(super) replay_bytes: Option<usize>,
     pub(super) resume_audio: Option<String>,
     pub(super) max_resumes: Option<u32>,
+    pub(super) resume_memory: Option<usize>,
 }
 
 #[derive(Deserialize, Default)]

@@ -525,6 +525,23 @@ pub struct FailoverConfig {
     /// Mid-stream resumes one stream may take; the next failure reaches the
     /// client as today. 0 turns mid-stream resume off.
     pub max_resumes: u32,
+    /// Bytes the resume copies of all streams may hold together in this
+    /// process; a copy that would grow past it is let go (that stream can
+    /// no longer resume). 0 keeps no copies. Default:
+    /// [`FailoverConfig::resume_memory_for`] `server.max_streams`.
+    pub resume_memory: usize,
+}
+
+impl FailoverConfig {
+    /// Copy storage a stream needs when upstream's final tokens lag by
+    /// Soniox's usual 1-3 s (ARCHITECTURE.md measured 131 / 205 / 261 KB
+    /// p50 / p90 / max at a 2 s lag, 16 kHz 16-bit mono).
+    pub const RESUME_MEMORY_PER_STREAM: usize = 256 << 10;
+
+    /// The default `resume_memory` for `max_streams` streams.
+    pub fn resume_memory_for(max_streams: u32) -> usize {
+        max_streams as usize * Self::RESUME_MEMORY_PER_STREAM
+    }
 }
 
 impl Default for FailoverConfig {
@@ -534,6 +551,7 @@ impl Default for FailoverConfig {
             replay_bytes: 128 << 10,
             resume_audio: Duration::from_secs(30),
             max_resumes: 3,
+            resume_memory: FailoverConfig::resume_memory_for(ServerConfig::default().max_streams),
         }
     }
 }

@@ -202,6 +202,20 @@ fn defaults() {
     let set = minimal("FOV", "[failover]\nreplay_bytes = 0\n");
     let f = Config::from_toml_str(&set, Path::new(".")).unwrap();
     assert_eq!(f.failover.replay_bytes, 0);
+    assert_eq!(
+        c.failover.resume_memory,
+        c.server.max_streams as usize * (256 << 10)
+    );
+    let set = minimal("FOV", "[server]\nmax_streams = 10\n");
+    let f = Config::from_toml_str(&set, Path::new(".")).unwrap();
+    assert_eq!(
+        f.failover.resume_memory,
+        10 * 256 * 1024,
+        "follows max_streams"
+    );
+    let set = minimal("FOV", "[failover]\nresume_memory = 5000000\n");
+    let f = Config::from_toml_str(&set, Path::new(".")).unwrap();
+    assert_eq!(f.failover.resume_memory, 5_000_000);
     assert_eq!(c.limits.max_frame_bytes, 1024 * 1024);
     assert_eq!(c.limits.max_first_message_bytes, 64 * 1024);
     let a = &c.accounts[0];

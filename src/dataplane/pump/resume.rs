@@ -13,13 +13,14 @@
 //! client sees one stream.
 
 use std::collections::VecDeque;
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 use std::time::Instant;
 
 use memchr::memmem::Finder;
 
 use serde_json::Value;
 
+use super::copy_budget::CopyBudget;
 use super::{End, Link, StreamCx};
 use crate::core::keyring::RateScope;
 use crate::core::metrics::Hist;
@@ -59,12 +60,24 @@ pub struct Resume {
     end_of_audio: bool,
     /// The largest the copy's storage grew to, bytes (for the stream-end log).
     pub peak_capacity: usize,
+    /// The process's budget for copies, and what this copy holds of it.
+    budget: Arc<CopyBudget>,
+    charged: usize,
+    /// The copy was let go at the budget's limit: no more resumes.
+    let_go: bool,
 }
 
 impl Resume {
     /// For a raw format of `bytes_per_sec` with `frame_bytes` per sample
-    /// frame, keeping up to `cap` bytes of audio, resuming at most `max` times.
-    pub fn new(bytes_per_sec: u64, frame_bytes: u64, cap: usize, max: u32) -> Self {
+    /// frame, keeping up to `cap` bytes of audio within `budget`, resuming
+    /// at most `max` times.
+    pub fn new(
+        bytes_per_sec: u64,
+        frame_bytes: u64,
+        cap: usize,
+        max: u32,
+        budget: Arc<CopyBudget>,
+    ) -> Self {
         Resume {
             bytes_per_sec: bytes_per_sec.max(1),
             align: frame_bytes.max(1),
@@ -81,7 +94,39 @@ impl Resume {
             finalize_pending: false,
             end_of_audio: false,
             peak_capacity: 0,
+            budget,
+            charged: 0,
+            let_go: false,
         }
+    }
+
+    /// Whether the stream still keeps a copy (it was not let go at the
+    /// budget's limit): the client→upstream pump captures audio only then.
+    pub fn keeps_copy(&self) -> bool {
+        !self.let_go
+    }
+
+    /// Brings the budget in line with the copy's storage now.
+    fn settle(&mut self) {
+        let cap = self.capture.audio.capacity();
+        if cap > self.charged {
+            self.budget.take(cap - self.charged);
+        } else {
+            self.budget.give_back(self.charged - cap);
+        }
+        self.charged = cap;
+    }
+
+    /// Lets go of the copy for good: its storage goes back to the budget
+    /// and the stream cannot resume.
+    fn let_go(&mut self) {
+        self.let_go = true;
+        self.capture = Capture::default();
+        self.lens = VecDeque::new();
+        self.open = 0;
+        self.absorbed = 0;
+        self.settle();
+        self.budget.count_dropped();
     }
 
     /// The byte where `ms` of audio starts, aligned down to a sample frame.
@@ -96,19 +141,34 @@ impl Resume {
     /// past the bound). A copy with no storage yet gets it from the
     /// scanner's first audio: a stream that sends none (keepalives only)
     /// holds none.
+    ///
+    /// Growth past the budget lets the copy go instead.
     pub fn reserve_for(&mut self, window: usize) {
         let audio = &mut self.capture.audio;
         let need = audio.len() + window;
-        if audio.capacity() > 0 && need > audio.capacity() {
-            let want = need.max(audio.capacity() * 2).min(self.cap + window);
-            audio.reserve_exact(want - audio.len());
+        if self.let_go || audio.capacity() == 0 || need <= audio.capacity() {
+            return;
         }
+        let want = need.max(audio.capacity() * 2).min(self.cap + window);
+        if !self.budget.try_take(want - audio.capacity()) {
+            self.let_go();
+            return;
+        }
+        self.charged += want - audio.capacity();
+        audio.reserve_exact(want - audio.len());
+        self.settle();
     }
 
     /// Takes in what the scanner appended to the copy: the client's frame
     /// lengths, a `finalize` or the end of audio, and drops the oldest
     /// audio past the bound.
     pub fn absorb_capture(&mut self) {
+        if self.let_go {
+            // Let go while the scanner had this window to capture.
+            self.capture = Capture::default();
+            self.settle();
+            return;
+        }
         if self.capture.finalize {
             self.finalize_pending = true;
             self.capture.finalize = false;
@@ -129,6 +189,13 @@ impl Resume {
         self.trim_front(len.saturating_sub(self.cap));
         self.absorbed = self.capture.audio.len();
         self.peak_capacity = self.peak_capacity.max(self.capture.audio.capacity());
+        // The first storage comes from the scanner's first audio.
+        if self.charged == 0 && self.capture.audio.capacity() > 0 {
+            self.settle();
+            if self.budget.over() {
+                self.let_go();
+            }
+        }
     }
 
     /// Drops the first `n` bytes of the copy, and of its frame lengths.
@@ -173,13 +240,14 @@ impl Resume {
         }
         if self.capture.audio.is_empty() && self.capture.audio.capacity() > 64 << 10 {
             self.capture.audio.shrink_to(0);
+            self.settle();
         }
     }
 
     /// Whether another resume is possible: resumes left, and the copy still
     /// holds everything after the last final token.
     pub fn can_resume(&self) -> bool {
-        self.resumes < self.max_resumes && self.base <= self.byte_at(self.final_ms)
+        !self.let_go && self.resumes < self.max_resumes && self.base <= self.byte_at(self.final_ms)
     }
 
     /// Seconds of audio a resume replays now.
@@ -291,6 +359,12 @@ impl Resume {
             }
         }
         serde_json::to_vec(&v).ok()
+    }
+}
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        self.budget.give_back(self.charged);
     }
 }
 
@@ -516,7 +590,7 @@ mod tests {
     #[test]
     fn the_copy_follows_the_final_point_and_its_bound() {
         // 32 bytes a ms, 2-byte samples, 1,000 bytes at most.
-        let mut r = Resume::new(32_000, 2, 1000, 2);
+        let mut r = Resume::new(32_000, 2, 1000, 2, Arc::new(CopyBudget::new(1 << 20)));
         r.reserve_for(640);
         r.capture.audio.extend((0..640u32).map(|i| i as u8));
         r.absorb_capture();
@@ -550,5 +624,70 @@ mod tests {
             Some(123)
         );
         assert_eq!(final_ms_of(br#"{"tokens":[]}"#), None);
+    }
+
+    /// `n` bytes of audio through `r` as the client→upstream pump takes
+    /// them in (the scanner's own part: appending to the copy).
+    fn capture(r: &mut Resume, n: usize) {
+        r.reserve_for(n);
+        if r.keeps_copy() {
+            r.capture.audio.extend(std::iter::repeat_n(1u8, n));
+        }
+        r.absorb_capture();
+    }
+
+    #[test]
+    fn copies_share_one_budget_and_the_one_past_it_lets_go() {
+        let budget = Arc::new(CopyBudget::new(40_000));
+        let new = || Resume::new(32_000, 2, 1 << 20, 3, budget.clone());
+        let (mut a, mut b) = (new(), new());
+        for _ in 0..5 {
+            capture(&mut a, 3200);
+        }
+        assert!(a.keeps_copy() && a.can_resume());
+        let held_a = budget.used();
+        assert!(held_a >= 16_000, "a's storage is counted: {held_a}");
+        capture(&mut b, 3200);
+        assert!(b.keeps_copy());
+        while b.keeps_copy() {
+            capture(&mut b, 3200);
+        }
+        assert!(!b.can_resume(), "a copy let go cannot resume");
+        assert_eq!(b.capture.audio.capacity(), 0, "its storage went back");
+        assert_eq!(budget.used(), held_a, "only a's copy is held");
+        assert_eq!(budget.dropped(), 1);
+        // b goes on without a copy; a is untouched and still resumes.
+        capture(&mut b, 3200);
+        assert_eq!(budget.used(), held_a);
+        assert!(a.can_resume());
+        a.note_final(1000);
+        assert!(budget.used() <= held_a);
+        drop(a);
+        drop(b);
+        assert_eq!(budget.used(), 0, "every byte counted is given back");
+    }
+
+    #[test]
+    fn no_budget_keeps_no_copy() {
+        let budget = Arc::new(CopyBudget::new(0));
+        let mut r = Resume::new(32_000, 2, 1 << 20, 3, budget.clone());
+        capture(&mut r, 3200);
+        assert!(!r.keeps_copy() && !r.can_resume());
+        assert_eq!((budget.used(), budget.dropped()), (0, 1));
+    }
+
+    #[test]
+    fn a_copy_emptied_by_final_tokens_gives_its_storage_back() {
+        let budget = Arc::new(CopyBudget::new(1 << 20));
+        let mut r = Resume::new(32_000, 2, 1 << 20, 3, budget.clone());
+        for _ in 0..40 {
+            capture(&mut r, 3200);
+        }
+        assert!(budget.used() > 64 << 10);
+        r.note_final(4000); // all 128,000 bytes are final
+        assert_eq!(budget.used(), 0);
+        capture(&mut r, 3200);
+        assert_eq!(budget.used(), r.capture.audio.capacity());
+        assert!(r.can_resume());
     }
 }

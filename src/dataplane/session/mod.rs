@@ -140,6 +140,7 @@ impl Stream {
                     frame,
                     cap,
                     failover.max_resumes,
+                    self.shard.process.resume_copies.clone(),
                 )));
             }
         }
