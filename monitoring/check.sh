@@ -70,7 +70,8 @@ KNOWN = {
     "clio_relay_account_info", "clio_relay_pool_streams_active",
     "clio_relay_pool_max_concurrent_streams", "clio_relay_pool_accounts",
     "clio_relay_pool_accounts_healthy", "clio_relay_pool_max_streams",
-    "clio_relay_pool_refusals_total",
+    "clio_relay_pool_refusals_total", "clio_relay_resume_copy_bytes",
+    "clio_relay_resume_copy_limit_bytes", "clio_relay_resume_copies_dropped_total",
     "up", "ALERTS",
 }
 for summary in ("frame_forward_seconds", "client_handshake_seconds",
