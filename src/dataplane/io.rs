@@ -23,13 +23,15 @@ use crate::dataplane::uring::RingSocket;
 pub enum Tcp {
     /// Registered with the shard's data-plane ring for its whole life.
     Ring(RingSocket),
-    /// glommio's socket, for connections off the streaming path.
-    Glommio(TcpStream),
+    /// glommio's socket, for connections off the streaming path. Boxed:
+    /// it is four times the size of a `RingSocket`, and every stream keeps
+    /// two of these in its task's state.
+    Glommio(Box<TcpStream>),
 }
 
 impl From<TcpStream> for Tcp {
     fn from(s: TcpStream) -> Tcp {
-        Tcp::Glommio(s)
+        Tcp::Glommio(Box::new(s))
     }
 }
 
@@ -47,7 +49,7 @@ macro_rules! delegate_tcp {
                 $e
             }
             Tcp::Glommio($s) => {
-                let $s = Pin::new($s);
+                let $s = Pin::new(&mut **$s);
                 $e
             }
         }
@@ -78,7 +80,7 @@ impl AsyncWrite for Tcp {
                 Ok(n) => Poll::Ready(Ok(n)),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     let first = bufs.iter().find(|s| !s.is_empty()).map_or(&[][..], |s| s);
-                    Pin::new(tcp).poll_write(cx, first)
+                    Pin::new(&mut **tcp).poll_write(cx, first)
                 }
                 Err(e) => Poll::Ready(Err(e)),
             },

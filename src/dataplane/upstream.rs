@@ -382,7 +382,7 @@ async fn connect_tcp(
         let tcp = glommio::net::TcpStream::connect_timeout(addr, limit).await?;
         let _ = tcp.set_nodelay(true);
         cap_buffer(&tcp, sndbuf, false);
-        return Ok(Tcp::Glommio(tcp));
+        return Ok(tcp.into());
     };
     let s = crate::dataplane::uring::RingSocket::connect(&plane, addr).await?;
     let _ = s.set_nodelay();
