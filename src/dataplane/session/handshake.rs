@@ -18,65 +18,73 @@ use super::Stream;
 
 /// Serves one accepted client connection to the end.
 pub async fn serve(shard: Rc<Shard>, tcp: RingSocket) {
-    let accepted = Instant::now();
-    let _ = tcp.set_nodelay();
-    crate::dataplane::upstream::cap_buffer(&tcp, shard.settings().limits.socket_buffer, true);
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&tcp);
-    // The client's address, asked (a system call) only when needed.
-    let peer = move || {
-        // SAFETY: `fd` is the client socket, open for as long as `client`
-        // below lives, and the closure is only called while it does.
-        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-        socket2::SockRef::from(&fd).peer_addr().ok()?.as_socket()
-    };
-    let settings = shard.settings();
-    if !settings.allows(|| tcp.peer_addr().ok()) {
-        shard.metrics.stream_rejected(Side::Client, 403);
-        return; // not on server.allow: the connection is closed
-    }
-    let conn = match &settings.tls {
-        None => Conn::Plain(tcp.into()),
-        Some(tls) => {
-            // Boxed: a TLS handshake's state is larger than everything a
-            // streaming task keeps, and is needed only for the first RTTs.
-            let accept =
-                Box::pin(futures_rustls::TlsAcceptor::from(tls.clone()).accept(tcp.into()));
-            match timeout(settings.limits.handshake_timeout, accept).await {
-                Some(Ok(s)) => Conn::TlsServer(Box::new(s)),
-                _ => {
-                    shard.metrics.stream_rejected(Side::Client, 400);
-                    return;
+    // Everything before the upgrade is done in this block, which ends
+    // before the stream's future is awaited: nothing of it (the socket
+    // moved into the connection, the handshake's results) is kept in this
+    // task while the stream runs, which is most of the stream's life.
+    {
+        let accepted = Instant::now();
+        let _ = tcp.set_nodelay();
+        crate::dataplane::upstream::cap_buffer(&tcp, shard.settings().limits.socket_buffer, true);
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&tcp);
+        // The client's address, asked (a system call) only when needed.
+        let peer = move || {
+            // SAFETY: `fd` is the client socket, open for as long as `client`
+            // below lives, and the closure is only called while it does.
+            let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+            socket2::SockRef::from(&fd).peer_addr().ok()?.as_socket()
+        };
+        let settings = shard.settings();
+        if !settings.allows(|| tcp.peer_addr().ok()) {
+            shard.metrics.stream_rejected(Side::Client, 403);
+            return; // not on server.allow: the connection is closed
+        }
+        let conn = match &settings.tls {
+            None => Conn::Plain(tcp.into()),
+            Some(tls) => {
+                // Boxed: a TLS handshake's state is larger than everything a
+                // streaming task keeps, and is needed only for the first RTTs.
+                let accept =
+                    Box::pin(futures_rustls::TlsAcceptor::from(tls.clone()).accept(tcp.into()));
+                match timeout(settings.limits.handshake_timeout, accept).await {
+                    Some(Ok(s)) => Conn::TlsServer(Box::new(s)),
+                    _ => {
+                        shard.metrics.stream_rejected(Side::Client, 400);
+                        return;
+                    }
                 }
             }
-        }
-    };
-    let client = Duplex::new(conn);
-    let mut cbuf = shard.pool.get();
-    let Some((claims, admission)) = handshake(&shard, &settings, &client, &mut cbuf, peer).await
-    else {
-        // Answered (or gone): FIN and drain, so a client still sending
-        // that reads late gets the answer rather than a reset.
-        drop(cbuf);
-        http::close_gracefully(&client, std::time::Duration::from_secs(2)).await;
-        return;
-    };
-    let (permit, pending) = match admission {
-        Admission::Stream(p) => (Some(p), None),
-        Admission::Pending(p) => (None, Some(p)),
-    };
-    shard.metrics.record(
-        crate::core::metrics::Hist::ClientHandshake,
-        accepted.elapsed().as_micros() as u64,
-    );
-    let stream = Stream {
-        id: shard.new_stream_id(),
-        shard: shard.clone(),
-        settings,
-        _permit: permit,
-        pools: Default::default(),
-        placed: Default::default(),
-    };
-    stream.run(client, cbuf, claims, pending).await;
+        };
+        let client = Duplex::new(conn);
+        let mut cbuf = shard.pool.get();
+        let Some((claims, admission)) =
+            handshake(&shard, &settings, &client, &mut cbuf, peer).await
+        else {
+            // Answered (or gone): FIN and drain, so a client still sending
+            // that reads late gets the answer rather than a reset.
+            drop(cbuf);
+            http::close_gracefully(&client, std::time::Duration::from_secs(2)).await;
+            return;
+        };
+        let (permit, pending) = match admission {
+            Admission::Stream(p) => (Some(p), None),
+            Admission::Pending(p) => (None, Some(p)),
+        };
+        shard.metrics.record(
+            crate::core::metrics::Hist::ClientHandshake,
+            accepted.elapsed().as_micros() as u64,
+        );
+        let stream = Stream {
+            id: shard.new_stream_id(),
+            shard: shard.clone(),
+            settings,
+            _permit: permit,
+            pools: Default::default(),
+            placed: Default::default(),
+        };
+        stream.run(client, cbuf, claims, pending)
+    }
+    .await;
 }
 
 /// What a connection holds once upgraded.

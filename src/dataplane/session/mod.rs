@@ -81,193 +81,212 @@ struct Upstream {
 }
 
 impl Stream {
-    async fn run(
+    /// The stream's whole life after the upgrade: open, pump, fail over or
+    /// resume, end.
+    ///
+    /// Its future is most of what an open stream holds, so it is written
+    /// for size: an `async move` block rather than an `async fn` (whose
+    /// arguments would be kept twice, as captured and as locals), and the
+    /// open phase in a block of its own, so that what it leaves behind
+    /// (its result, the config as JSON) is not kept while the stream flows.
+    #[allow(clippy::manual_async_fn)] // the point: see above
+    fn run(
         self,
         client: Duplex,
         mut cbuf: Buf,
         claims: Option<Claims>,
         pending: Option<crate::dataplane::unauth::Place>,
-    ) {
-        let mut tried = 0u64;
-        let state = StreamState::new(Instant::now());
-        // With the token on the request, connect upstream while the client
-        // prepares its config message; otherwise authenticate first. Either
-        // way the device's limits are checked before upstream is touched.
-        // Boxed: opening (an upstream TLS handshake among it) is the largest
-        // state the stream's task ever has, and it is over once the stream
-        // flows; unboxed, every open stream would carry its size for life.
-        let opened: Result<_, Refusal> = Box::pin(async {
-            match claims {
-                Some(c) => {
-                    *self.pools.borrow_mut() = c.pools.clone();
-                    let (permit, lease) = self.admit(&c).await?;
-                    state.meter.admit(permit);
-                    let (first, up) = future::try_zip(
-                        self.read_first_message(&client, &mut cbuf),
-                        self.open_upstream(&mut tried, lease),
-                    )
-                    .await?;
-                    Ok((first, up, c, None))
-                }
-                None => {
-                    let first = self.read_first_message(&client, &mut cbuf).await;
-                    // Out of the unauthenticated pool, whatever came.
-                    drop(pending);
-                    let first = first?;
-                    let c = self.first_message_claims(&first)?;
-                    *self.pools.borrow_mut() = c.pools.clone();
-                    let slot = self.admit_stream()?;
-                    let (permit, lease) = self.admit(&c).await?;
-                    state.meter.admit(permit);
-                    let up = self.open_upstream(&mut tried, lease).await?;
-                    Ok((first, up, c, Some(slot)))
-                }
-            }
-        })
-        .await;
-        let (config, mut up, claims, _late_permit) = match opened {
-            Ok(x) => x,
-            Err(r) => return self.refuse(&client, &r).await,
-        };
-        tracing::debug!(stream = %self.id, shard = self.shard.index, device = %claims.device_id, account = %up.lease.account.id, "stream open");
-        state.meter.set_audio_rate(audio_bytes_per_ms(&config));
-        let failover = &self.settings.failover;
-        if failover.max_resumes > 0 {
-            if let Some((per_sec, frame)) = raw_audio_rate(&config) {
-                let cap = (failover.resume_audio.as_secs_f64() * per_sec as f64) as usize;
-                *state.resume.borrow_mut() = Some(Box::new(pump::resume::Resume::new(
-                    per_sec,
-                    frame,
-                    cap,
-                    failover.max_resumes,
-                    self.shard.process.resume_copies.clone(),
-                )));
-            }
-        }
-        let reference_id = match config.get("client_reference_id") {
-            Some(Value::String(r)) => r.clone(),
-            _ => self.id.clone(),
-        };
-        // Kept for the stream's life (a retry sends it again) as the bytes
-        // upstream gets, not as a JSON map: a fraction of the memory.
-        let config = upstream_config_text(config, &self.id);
-        let live = LiveGuard::register(&self.shard, &claims);
-        let started = Instant::now();
-        let mut cside = ClientSide::new(
-            self.settings.limits.max_frame_bytes as u64,
-            self.settings.failover.replay_bytes,
-        );
-        // The last failover was for a lost connection, not a refusal.
-        let mut lost: bool;
-        // ... or for something that was not the account's fault (a lost
-        // connection, 500, 503): with no other account left, the same one
-        // is tried again, up to `failover.max_resumes` times.
-        let mut not_the_account: bool;
-        let mut same_account_retries = 0u32;
-        let end = loop {
-            *live.stream.key.borrow_mut() = up.lease.key.fingerprint.clone();
-            // Written by the client→upstream pump, in the same send as the
-            // client frames already read (often the first audio). After a
-            // failover the replay copy follows it: the new connection gets
-            // every byte the old one got, once.
-            if cside.config_frame.is_none() {
-                let mut first = self.config_frame(&up, &config);
-                if let Some(copy) = &cside.replay {
-                    first.extend_from_slice(copy);
-                }
-                cside.config_frame = Some(first);
-            }
-            let end = self
-                .pump(
-                    &client,
-                    &mut up,
-                    &mut cbuf,
-                    &mut cside,
-                    &state,
-                    &live.stream,
-                )
+    ) -> impl std::future::Future<Output = ()> {
+        async move {
+            let mut tried = 0u64;
+            let state = StreamState::new(Instant::now());
+            // With the token on the request, connect upstream while the client
+            // prepares its config message; otherwise authenticate first. Either
+            // way the device's limits are checked before upstream is touched.
+            // Boxed: opening (an upstream TLS handshake among it) is the largest
+            // state the stream's task ever has, and it is over once the stream
+            // flows; unboxed, every open stream would carry its size for life.
+            let (config, mut up, claims, _late_permit, reference_id) = {
+                let opened: Result<_, Refusal> = Box::pin(async {
+                    match claims {
+                        Some(c) => {
+                            *self.pools.borrow_mut() = c.pools.clone();
+                            let (permit, lease) = self.admit(&c).await?;
+                            state.meter.admit(permit);
+                            let (first, up) = future::try_zip(
+                                self.read_first_message(&client, &mut cbuf),
+                                self.open_upstream(&mut tried, lease),
+                            )
+                            .await?;
+                            Ok((first, up, c, None))
+                        }
+                        None => {
+                            let first = self.read_first_message(&client, &mut cbuf).await;
+                            // Out of the unauthenticated pool, whatever came.
+                            drop(pending);
+                            let first = first?;
+                            let c = self.first_message_claims(&first)?;
+                            *self.pools.borrow_mut() = c.pools.clone();
+                            let slot = self.admit_stream()?;
+                            let (permit, lease) = self.admit(&c).await?;
+                            state.meter.admit(permit);
+                            let up = self.open_upstream(&mut tried, lease).await?;
+                            Ok((first, up, c, Some(slot)))
+                        }
+                    }
+                })
                 .await;
-            match end {
-                End::Retry(code, scope) => {
-                    lost = false;
-                    not_the_account = matches!(code, 500 | 503);
-                    self.note_refusal(&up.lease, code, scope);
-                    self.shard.metrics.error(Side::Upstream, code);
-                    tracing::info!(stream = %self.id, account = %up.lease.account.id, code, replayed = cside.replay.as_ref().map_or(0, Vec::len), "upstream refused the stream before accepting it; moving it to the next account");
-                }
-                End::UpstreamGone | End::UpstreamProtocol(_)
-                    if state.retry_allowed() && !cside.close_seen =>
-                {
-                    lost = true;
-                    not_the_account = true;
-                    self.shard.metrics.error(Side::Upstream, 502);
-                    tracing::info!(stream = %self.id, account = %up.lease.account.id, ?end, replayed = cside.replay.as_ref().map_or(0, Vec::len), "upstream failed before accepting the stream; moving it to the next account");
-                }
-                End::UpstreamGone
-                | End::UpstreamProtocol(_)
-                | End::UpstreamStalled
-                | End::Resume(..)
-                    if self.resumable(&state, &cside) =>
-                {
-                    match Box::pin(
-                        self.resume(&mut up, end, &config, &state, &mut cbuf, &mut cside),
-                    )
-                    .await
-                    {
-                        Ok(()) => continue,
-                        Err(r) => break Err(r),
+                let (config, up, claims, late_permit) = match opened {
+                    Ok(x) => x,
+                    Err(r) => return self.refuse(&client, &r).await,
+                };
+                tracing::debug!(stream = %self.id, shard = self.shard.index, device = %claims.device_id, account = %up.lease.account.id, "stream open");
+                state.meter.set_audio_rate(audio_bytes_per_ms(&config));
+                let failover = &self.settings.failover;
+                if failover.max_resumes > 0 {
+                    if let Some((per_sec, frame)) = raw_audio_rate(&config) {
+                        let cap = (failover.resume_audio.as_secs_f64() * per_sec as f64) as usize;
+                        *state.resume.borrow_mut() = Some(Box::new(pump::resume::Resume::new(
+                            per_sec,
+                            frame,
+                            cap,
+                            failover.max_resumes,
+                            self.shard.process.resume_copies.clone(),
+                        )));
                     }
                 }
-                other => break Ok(other),
+                let reference_id = match config.get("client_reference_id") {
+                    Some(Value::String(r)) => r.clone(),
+                    _ => self.id.clone(),
+                };
+                // Kept for the stream's life (a retry sends it again) as the bytes
+                // upstream gets, not as a JSON map: a fraction of the memory.
+                (
+                    upstream_config_text(config, &self.id),
+                    up,
+                    claims,
+                    late_permit,
+                    reference_id,
+                )
+            };
+            let live = LiveGuard::register(&self.shard, &claims);
+            let started = Instant::now();
+            let mut cside = ClientSide::new(
+                self.settings.limits.max_frame_bytes as u64,
+                self.settings.failover.replay_bytes,
+            );
+            // The last failover was for a lost connection, not a refusal.
+            let mut lost: bool;
+            // ... or for something that was not the account's fault (a lost
+            // connection, 500, 503): with no other account left, the same one
+            // is tried again, up to `failover.max_resumes` times.
+            let mut not_the_account: bool;
+            let mut same_account_retries = 0u32;
+            let end = loop {
+                *live.stream.key.borrow_mut() = up.lease.key.fingerprint.clone();
+                // Written by the client→upstream pump, in the same send as the
+                // client frames already read (often the first audio). After a
+                // failover the replay copy follows it: the new connection gets
+                // every byte the old one got, once.
+                if cside.config_frame.is_none() {
+                    let mut first = self.config_frame(&up, &config);
+                    if let Some(copy) = &cside.replay {
+                        first.extend_from_slice(copy);
+                    }
+                    cside.config_frame = Some(first);
+                }
+                let end = self
+                    .pump(
+                        &client,
+                        &mut up,
+                        &mut cbuf,
+                        &mut cside,
+                        &state,
+                        &live.stream,
+                    )
+                    .await;
+                match end {
+                    End::Retry(code, scope) => {
+                        lost = false;
+                        not_the_account = matches!(code, 500 | 503);
+                        self.note_refusal(&up.lease, code, scope);
+                        self.shard.metrics.error(Side::Upstream, code);
+                        tracing::info!(stream = %self.id, account = %up.lease.account.id, code, replayed = cside.replay.as_ref().map_or(0, Vec::len), "upstream refused the stream before accepting it; moving it to the next account");
+                    }
+                    End::UpstreamGone | End::UpstreamProtocol(_)
+                        if state.retry_allowed() && !cside.close_seen =>
+                    {
+                        lost = true;
+                        not_the_account = true;
+                        self.shard.metrics.error(Side::Upstream, 502);
+                        tracing::info!(stream = %self.id, account = %up.lease.account.id, ?end, replayed = cside.replay.as_ref().map_or(0, Vec::len), "upstream failed before accepting the stream; moving it to the next account");
+                    }
+                    End::UpstreamGone
+                    | End::UpstreamProtocol(_)
+                    | End::UpstreamStalled
+                    | End::Resume(..)
+                        if self.resumable(&state, &cside) =>
+                    {
+                        match Box::pin(
+                            self.resume(&mut up, end, &config, &state, &mut cbuf, &mut cside),
+                        )
+                        .await
+                        {
+                            Ok(()) => continue,
+                            Err(r) => break Err(r),
+                        }
+                    }
+                    other => break Ok(other),
+                }
+                self.shard.metrics.failover("open", lost);
+                cside.config_frame = None;
+                self.shard
+                    .metrics
+                    .stream_closed(up.lease.account.metrics_index);
+                self.shard
+                    .metrics
+                    .account_retry(up.lease.account.metrics_index);
+                // The failed connection is dropped when `up` is replaced.
+                state.down.new_connection();
+                let mut next = Box::pin(self.open_upstream(&mut tried, None)).await;
+                if matches!(&next, Err(r) if r.code == 429)
+                    && not_the_account
+                    && same_account_retries < self.settings.failover.max_resumes
+                {
+                    // Every account tried, none refused the stream: try again.
+                    same_account_retries += 1;
+                    tried = 0;
+                    next = Box::pin(self.open_upstream(&mut tried, None)).await;
+                }
+                match next {
+                    Ok(next) => up = next,
+                    // No other account: the client learns what happened to its
+                    // stream (lost), not that no account was free.
+                    Err(r) if lost && r.code == 429 => break Err(Refusal::upstream_lost()),
+                    Err(r) => break Err(r),
+                }
+            };
+            let end = match end {
+                Ok(end) => end,
+                Err(r) => return self.refuse(&client, &r).await,
+            };
+            if let Some((code, scope)) = state.down.first_error.get() {
+                self.note_refusal(&up.lease, code, scope);
             }
-            self.shard.metrics.failover("open", lost);
-            cside.config_frame = None;
+            // Boxed for the same reason as the opening: only the end needs it.
+            let error =
+                Box::pin(self.finish(&client, &mut up, end, &state, &mut cbuf, &mut cside)).await;
             self.shard
                 .metrics
                 .stream_closed(up.lease.account.metrics_index);
-            self.shard
-                .metrics
-                .account_retry(up.lease.account.metrics_index);
-            // The failed connection is dropped when `up` is replaced.
-            state.down.new_connection();
-            let mut next = Box::pin(self.open_upstream(&mut tried, None)).await;
-            if matches!(&next, Err(r) if r.code == 429)
-                && not_the_account
-                && same_account_retries < self.settings.failover.max_resumes
-            {
-                // Every account tried, none refused the stream: try again.
-                same_account_retries += 1;
-                tried = 0;
-                next = Box::pin(self.open_upstream(&mut tried, None)).await;
-            }
-            match next {
-                Ok(next) => up = next,
-                // No other account: the client learns what happened to its
-                // stream (lost), not that no account was free.
-                Err(r) if lost && r.code == 429 => break Err(Refusal::upstream_lost()),
-                Err(r) => break Err(r),
-            }
-        };
-        let end = match end {
-            Ok(end) => end,
-            Err(r) => return self.refuse(&client, &r).await,
-        };
-        if let Some((code, scope)) = state.down.first_error.get() {
-            self.note_refusal(&up.lease, code, scope);
+            self.record_usage(&up, &claims, reference_id, &state, error);
+            let resume_copy_peak = state
+                .resume
+                .borrow()
+                .as_ref()
+                .map_or(0, |r| r.peak_capacity);
+            tracing::debug!(stream = %self.id, ?end, secs = started.elapsed().as_secs_f64(), resume_copy_peak, "stream end");
         }
-        // Boxed for the same reason as the opening: only the end needs it.
-        let error =
-            Box::pin(self.finish(&client, &mut up, end, &state, &mut cbuf, &mut cside)).await;
-        self.shard
-            .metrics
-            .stream_closed(up.lease.account.metrics_index);
-        self.record_usage(&up, &claims, reference_id, &state, error);
-        let resume_copy_peak = state
-            .resume
-            .borrow()
-            .as_ref()
-            .map_or(0, |r| r.peak_capacity);
-        tracing::debug!(stream = %self.id, ?end, secs = started.elapsed().as_secs_f64(), resume_copy_peak, "stream end");
     }
 
     /// A `server.max_streams` slot for a stream whose token came in its
