@@ -165,6 +165,10 @@ max_ttl = "24h"
 [limits]
 idle_timeout = "60s"
 stall_timeout = "3600s"
+# nginx's client_header_timeout default (60 s) for the client's request
+# head: at 5,000 streams relay-load sends its heads seconds late, and the
+# relay's default (10 s) refused 169 of them with 408 where nginx waited.
+handshake_timeout = "60s"
 
 [admin]
 state_dir = "$WORK/relay-state"
