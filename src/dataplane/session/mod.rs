@@ -94,7 +94,7 @@ impl Stream {
         self,
         client: Duplex,
         mut cbuf: Buf,
-        claims: Option<Claims>,
+        mut claims: Option<Claims>,
         pending: Option<crate::dataplane::unauth::Place>,
     ) -> impl std::future::Future<Output = ()> {
         async move {
@@ -106,19 +106,21 @@ impl Stream {
             // Boxed: opening (an upstream TLS handshake among it) is the largest
             // state the stream's task ever has, and it is over once the stream
             // flows; unboxed, every open stream would carry its size for life.
-            let (config, mut up, claims, _late_permit, reference_id) = {
+            // A token that comes in the first message is put in `claims`,
+            // so the stream keeps one copy of them whichever way they came.
+            let (config, mut up, _late_permit, reference_id) = {
                 let opened: Result<_, Refusal> = Box::pin(async {
-                    match claims {
+                    match &claims {
                         Some(c) => {
                             *self.pools.borrow_mut() = c.pools.clone();
-                            let (permit, lease) = self.admit(&c).await?;
+                            let (permit, lease) = self.admit(c).await?;
                             state.meter.admit(permit);
                             let (first, up) = future::try_zip(
                                 self.read_first_message(&client, &mut cbuf),
                                 self.open_upstream(&mut tried, lease),
                             )
                             .await?;
-                            Ok((first, up, c, None))
+                            Ok((first, up, None))
                         }
                         None => {
                             let first = self.read_first_message(&client, &mut cbuf).await;
@@ -131,16 +133,16 @@ impl Stream {
                             let (permit, lease) = self.admit(&c).await?;
                             state.meter.admit(permit);
                             let up = self.open_upstream(&mut tried, lease).await?;
-                            Ok((first, up, c, Some(slot)))
+                            claims = Some(c);
+                            Ok((first, up, Some(slot)))
                         }
                     }
                 })
                 .await;
-                let (config, up, claims, late_permit) = match opened {
+                let (config, up, late_permit) = match opened {
                     Ok(x) => x,
                     Err(r) => return self.refuse(&client, &r).await,
                 };
-                tracing::debug!(stream = %self.id, shard = self.shard.index, device = %claims.device_id, account = %up.lease.account.id, "stream open");
                 state.meter.set_audio_rate(audio_bytes_per_ms(&config));
                 let failover = &self.settings.failover;
                 if failover.max_resumes > 0 {
@@ -164,12 +166,15 @@ impl Stream {
                 (
                     upstream_config_text(config, &self.id),
                     up,
-                    claims,
                     late_permit,
                     reference_id,
                 )
             };
-            let live = LiveGuard::register(&self.shard, &claims);
+            // Set on every way here (the token on the request, or in the
+            // first message): never taken.
+            let Some(claims) = &claims else { return };
+            tracing::debug!(stream = %self.id, shard = self.shard.index, device = %claims.device_id, account = %up.lease.account.id, "stream open");
+            let live = LiveGuard::register(&self.shard, claims);
             let started = Instant::now();
             let mut cside = ClientSide::new(
                 self.settings.limits.max_frame_bytes as u64,
@@ -279,7 +284,7 @@ impl Stream {
             self.shard
                 .metrics
                 .stream_closed(up.lease.account.metrics_index);
-            self.record_usage(&up, &claims, reference_id, &state, error);
+            self.record_usage(&up, claims, reference_id, &state, error);
             let resume_copy_peak = state
                 .resume
                 .borrow()
