@@ -505,8 +505,8 @@ pub fn run(path: &std::path::Path, join_client_port: bool) -> Result<(), crate::
     let watchdog = {
         let relay = relay.clone();
         let every = Notifier::watchdog_interval().unwrap_or(std::time::Duration::from_secs(5));
-        Watchdog::spawn(notify.clone(), every, move || {
-            relay.alive(std::time::Duration::from_secs(2))?;
+        Watchdog::spawn(notify.clone(), every, move |limit| {
+            relay.alive(limit)?;
             Ok(format!("{} live streams", relay.process.live_streams()))
         })?
     };

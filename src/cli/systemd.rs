@@ -19,7 +19,7 @@ use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr as UnixAddr, UnixDatagram};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The environment variable naming systemd's notification socket.
 pub const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
@@ -225,20 +225,40 @@ pub type Tick = Result<String, Box<dyn std::error::Error + Send + Sync>>;
 /// sends only `STATUS=watchdog: why` and logs it, so that systemd, seeing no
 /// keep-alive within `WatchdogSec=`, kills and restarts the relay.
 /// Stopped (and joined) by [`Watchdog::stop`] or on drop.
+///
+/// The check is given how long it may take: all the time systemd allows
+/// before it would kill ([`check_limit`]), so a thread that is slow to
+/// answer, not hung, keeps the relay alive. A shorter, fixed limit would
+/// kill a relay under heavy load: with keep-alives every `WatchdogSec/2`,
+/// one check that fails leaves the next too late.
 #[derive(Debug)]
 pub struct Watchdog {
     stop: Arc<(Mutex<bool>, Condvar)>,
     join: Option<JoinHandle<()>>,
 }
 
+/// How long a watchdog check started at `now` may take, when the last
+/// keep-alive went at `last_ok` and keep-alives are due every `every`
+/// (half of `WatchdogSec=`): until a tenth of `every` before systemd's
+/// deadline (`last_ok + 2 * every`), and never less than that tenth, so
+/// that a check past the deadline still runs and reports.
+pub fn check_limit(last_ok: Instant, now: Instant, every: Duration) -> Duration {
+    let margin = every / 10;
+    (last_ok + every * 2)
+        .saturating_duration_since(now + margin)
+        .max(margin)
+}
+
 impl Watchdog {
     /// Starts the loop. `every` is usually [`Notifier::watchdog_interval`],
     /// or a few seconds for status updates alone when there is no watchdog
-    /// (then `WATCHDOG=1` is still sent and systemd ignores it).
-    /// The first tick runs at once.
+    /// (then `WATCHDOG=1` is still sent and systemd ignores it). The first
+    /// tick runs at once; then one every `every`, counted from when the
+    /// last one began, not ended. `check` gets the time it may take
+    /// ([`check_limit`]).
     pub fn spawn<F>(notifier: Notifier, every: Duration, mut check: F) -> io::Result<Watchdog>
     where
-        F: FnMut() -> Tick + Send + 'static,
+        F: FnMut(Duration) -> Tick + Send + 'static,
     {
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let flag = stop.clone();
@@ -246,26 +266,37 @@ impl Watchdog {
             .name("clio-watchdog".into())
             .spawn(move || {
                 let (lock, cv) = &*flag;
+                // systemd's timer runs from the start (READY=1 came just before).
+                let mut last_ok = Instant::now();
+                let mut next = last_ok;
                 let mut stopped = lock.lock().unwrap_or_else(|e| e.into_inner());
                 while !*stopped {
                     drop(stopped);
-                    match check() {
+                    let began = Instant::now();
+                    match check(check_limit(last_ok, began, every)) {
                         Ok(status) => {
-                            notifier.log(&format!("WATCHDOG=1\n{}", status_message(&status)))
+                            notifier.log(&format!("WATCHDOG=1\n{}", status_message(&status)));
+                            last_ok = Instant::now();
                         }
                         Err(why) => {
                             tracing::error!(reason = %why, "watchdog: not alive; no keep-alive sent");
                             notifier.status(&format!("watchdog: {why}"));
                         }
                     }
+                    // The next tick: `every` after this one began, or at
+                    // once if this one took longer.
+                    next = (next + every).max(began);
                     stopped = lock.lock().unwrap_or_else(|e| e.into_inner());
-                    if *stopped {
-                        break;
+                    while !*stopped {
+                        let left = next.saturating_duration_since(Instant::now());
+                        if left.is_zero() {
+                            break;
+                        }
+                        stopped = cv
+                            .wait_timeout(stopped, left)
+                            .unwrap_or_else(|e| e.into_inner())
+                            .0;
                     }
-                    stopped = cv
-                        .wait_timeout(stopped, every)
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0;
                 }
             })?;
         Ok(Watchdog {

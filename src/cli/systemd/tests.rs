@@ -190,7 +190,7 @@ fn watchdog_loop_keeps_alive_only_while_the_check_passes() {
     ]
     .into_iter();
     let (tx, rx) = std::sync::mpsc::channel();
-    let w = Watchdog::spawn(n, Duration::from_millis(20), move || {
+    let w = Watchdog::spawn(n, Duration::from_millis(20), move |_| {
         let t = ticks.next().unwrap_or_else(|| Ok("idle".into()));
         let _ = tx.send(());
         t
@@ -207,6 +207,62 @@ fn watchdog_loop_keeps_alive_only_while_the_check_passes() {
     std::thread::sleep(Duration::from_millis(60));
     assert!(rx.try_recv().is_err());
     assert!(sd.nothing_pending());
+}
+
+#[test]
+fn a_check_may_take_all_the_time_systemd_allows() {
+    let every = Duration::from_secs(15);
+    let t0 = std::time::Instant::now();
+    // Keep-alives every 15 s: systemd kills 30 s after the last one.
+    assert_eq!(check_limit(t0, t0, every), Duration::from_millis(28_500));
+    // The next tick's check may take 13.5 s (a fixed 2 s would have made a
+    // shard 2 s late fatal: the tick after a failed check is too late).
+    assert_eq!(
+        check_limit(t0, t0 + every, every),
+        Duration::from_millis(13_500)
+    );
+    // A keep-alive sent late moves the deadline with it.
+    assert_eq!(
+        check_limit(t0 + Duration::from_secs(10), t0 + every, every),
+        Duration::from_millis(23_500)
+    );
+    // Past the deadline: still a short check, so the loop goes on reporting.
+    assert_eq!(
+        check_limit(t0, t0 + Duration::from_secs(29), every),
+        Duration::from_millis(1_500)
+    );
+}
+
+#[test]
+fn a_check_slower_than_a_tick_still_keeps_the_relay_alive() {
+    let sd = FakeSystemd::bind();
+    let n = Notifier::for_socket(sd.path.to_str().unwrap()).unwrap();
+    let every = Duration::from_millis(200);
+    let slow = Duration::from_millis(250);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let w = Watchdog::spawn(n, every, move |limit| {
+        let _ = tx.send(limit);
+        if limit < slow {
+            return Err(format!("only {limit:?} to answer").into());
+        }
+        std::thread::sleep(slow);
+        Ok("slow".to_string())
+    })
+    .unwrap();
+    for _ in 0..3 {
+        assert_eq!(sd.recv(), "WATCHDOG=1\nSTATUS=slow");
+    }
+    w.stop();
+    // Each check was given more than a tick: up to systemd's deadline
+    // (400 ms after the last keep-alive) less a tenth of a tick.
+    let limits: Vec<Duration> = rx.try_iter().collect();
+    assert!(limits.len() >= 3, "{limits:?}");
+    assert!(
+        limits
+            .iter()
+            .all(|l| *l > every && *l <= Duration::from_millis(380)),
+        "{limits:?}"
+    );
 }
 
 // --- socket activation -----------------------------------------------------
