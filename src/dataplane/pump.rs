@@ -15,8 +15,6 @@
 
 use std::cell::RefCell;
 use std::future::Future;
-use std::pin::Pin;
-use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use crate::core::keyring::RateScope;
@@ -439,21 +437,6 @@ pub async fn idle_watch(state: &StreamState, idle: Duration, stall: Duration) ->
         })
         .await;
     }
-}
-
-/// Runs `futures` in one task and ends with the first of them to finish.
-/// Each wake-up polls them in the order given, so an earlier one wins a
-/// tie (a stream's results reach the client before its own end is seen).
-pub async fn first_of(futures: &mut [Pin<&mut dyn Future<Output = End>>]) -> End {
-    std::future::poll_fn(|cx| {
-        for f in futures.iter_mut() {
-            if let Poll::Ready(end) = f.as_mut().poll(cx) {
-                return Poll::Ready(end);
-            }
-        }
-        Poll::Pending
-    })
-    .await
 }
 
 /// Waits until `deadline`.

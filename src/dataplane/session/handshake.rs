@@ -17,74 +17,95 @@ use crate::dataplane::unauth;
 use super::Stream;
 
 /// Serves one accepted client connection to the end.
-pub async fn serve(shard: Rc<Shard>, tcp: RingSocket) {
-    // Everything before the upgrade is done in this block, which ends
-    // before the stream's future is awaited: nothing of it (the socket
-    // moved into the connection, the handshake's results) is kept in this
-    // task while the stream runs, which is most of the stream's life.
-    {
-        let accepted = Instant::now();
-        let _ = tcp.set_nodelay();
-        crate::dataplane::upstream::cap_buffer(&tcp, shard.settings().limits.socket_buffer, true);
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&tcp);
-        // The client's address, asked (a system call) only when needed.
-        let peer = move || {
-            // SAFETY: `fd` is the client socket, open for as long as `client`
-            // below lives, and the closure is only called while it does.
-            let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-            socket2::SockRef::from(&fd).peer_addr().ok()?.as_socket()
-        };
-        let settings = shard.settings();
-        if !settings.allows(|| tcp.peer_addr().ok()) {
-            shard.metrics.stream_rejected(Side::Client, 403);
-            return; // not on server.allow: the connection is closed
-        }
-        let conn = match &settings.tls {
-            None => Conn::Plain(tcp.into()),
-            Some(tls) => {
-                // Boxed: a TLS handshake's state is larger than everything a
-                // streaming task keeps, and is needed only for the first RTTs.
-                let accept =
-                    Box::pin(futures_rustls::TlsAcceptor::from(tls.clone()).accept(tcp.into()));
-                match timeout(settings.limits.handshake_timeout, accept).await {
-                    Some(Ok(s)) => Conn::TlsServer(Box::new(s)),
-                    _ => {
-                        shard.metrics.stream_rejected(Side::Client, 400);
-                        return;
-                    }
-                }
-            }
-        };
-        let client = Duplex::new(conn);
-        let mut cbuf = shard.pool.get();
-        let Some((claims, admission)) =
-            handshake(&shard, &settings, &client, &mut cbuf, peer).await
-        else {
-            // Answered (or gone): FIN and drain, so a client still sending
-            // that reads late gets the answer rather than a reset.
-            drop(cbuf);
-            http::close_gracefully(&client, std::time::Duration::from_secs(2)).await;
+///
+/// Its future is the stream's task, kept for the stream's whole life, so
+/// it holds the upgrade's future and then the stream's in the same place
+/// and nothing else: an `async move` block (an `async fn` keeps its
+/// arguments twice), the upgrade in a function of its own whose result
+/// moves into the stream.
+#[allow(clippy::manual_async_fn)] // the point: see above
+pub fn serve(shard: Rc<Shard>, tcp: RingSocket) -> impl std::future::Future<Output = ()> {
+    async move {
+        let Some((stream, client, cbuf, claims, pending)) = upgrade(shard, tcp).await else {
             return;
         };
-        let (permit, pending) = match admission {
-            Admission::Stream(p) => (Some(p), None),
-            Admission::Pending(p) => (None, Some(p)),
-        };
-        shard.metrics.record(
-            crate::core::metrics::Hist::ClientHandshake,
-            accepted.elapsed().as_micros() as u64,
-        );
-        let stream = Stream {
-            id: shard.new_stream_id(),
-            shard: shard.clone(),
-            settings,
-            _permit: permit,
-            pools: Default::default(),
-            placed: Default::default(),
-        };
-        stream.run(client, cbuf, claims, pending)
+        stream.run(client, cbuf, claims, pending).await;
     }
-    .await;
+}
+
+/// What [`upgrade`] hands to the stream: the stream, the client's
+/// connection and read buffer, the token's claims if they came on the
+/// request, and otherwise the connection's place in the unauthenticated
+/// pool.
+type Upgraded = (Stream, Duplex, Buf, Option<Claims>, Option<unauth::Place>);
+
+/// Everything before the stream: the client's TLS, its request head and
+/// token, and the 101. `None` once the connection is answered or gone.
+async fn upgrade(shard: Rc<Shard>, tcp: RingSocket) -> Option<Upgraded> {
+    let accepted = Instant::now();
+    let _ = tcp.set_nodelay();
+    crate::dataplane::upstream::cap_buffer(&tcp, shard.settings().limits.socket_buffer, true);
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&tcp);
+    // The client's address, asked (a system call) only when needed.
+    let peer = move || {
+        // SAFETY: `fd` is the client socket, open for as long as `client`
+        // below lives, and the closure is only called while it does.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        socket2::SockRef::from(&fd).peer_addr().ok()?.as_socket()
+    };
+    let settings = shard.settings();
+    if !settings.allows(|| tcp.peer_addr().ok()) {
+        shard.metrics.stream_rejected(Side::Client, 403);
+        return None; // not on server.allow: the connection is closed
+    }
+    let conn = match &settings.tls {
+        None => Conn::Plain(tcp.into()),
+        Some(tls) => {
+            // Boxed: a TLS handshake's state is larger than everything a
+            // streaming task keeps, and is needed only for the first RTTs.
+            let accept =
+                Box::pin(futures_rustls::TlsAcceptor::from(tls.clone()).accept(tcp.into()));
+            match timeout(settings.limits.handshake_timeout, accept).await {
+                Some(Ok(s)) => Conn::TlsServer(Box::new(s)),
+                _ => {
+                    shard.metrics.stream_rejected(Side::Client, 400);
+                    return None;
+                }
+            }
+        }
+    };
+    let client = Duplex::new(conn);
+    let mut cbuf = shard.pool.get();
+    let Some((claims, admission)) = handshake(&shard, &settings, &client, &mut cbuf, peer).await
+    else {
+        // Answered (or gone): FIN and drain, so a client still sending
+        // that reads late gets the answer rather than a reset. Boxed: its
+        // drain buffer would otherwise be room in every stream's task.
+        drop(cbuf);
+        Box::pin(http::close_gracefully(
+            &client,
+            std::time::Duration::from_secs(2),
+        ))
+        .await;
+        return None;
+    };
+    let (permit, pending) = match admission {
+        Admission::Stream(p) => (Some(p), None),
+        Admission::Pending(p) => (None, Some(p)),
+    };
+    shard.metrics.record(
+        crate::core::metrics::Hist::ClientHandshake,
+        accepted.elapsed().as_micros() as u64,
+    );
+    let stream = Stream {
+        id: shard.new_stream_id(),
+        shard,
+        settings,
+        _permit: permit,
+        pools: Default::default(),
+        placed: Default::default(),
+    };
+    Some((stream, client, cbuf, claims, pending))
 }
 
 /// What a connection holds once upgraded.

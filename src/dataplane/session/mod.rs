@@ -109,39 +109,51 @@ impl Stream {
             // A token that comes in the first message is put in `claims`,
             // so the stream keeps one copy of them whichever way they came.
             let (config, mut up, _late_permit, reference_id) = {
-                let opened: Result<_, Refusal> = Box::pin(async {
-                    match &claims {
-                        Some(c) => {
-                            *self.pools.borrow_mut() = c.pools.clone();
-                            let (permit, lease) = self.admit(c).await?;
-                            state.meter.admit(permit);
-                            let (first, up) = future::try_zip(
-                                self.read_first_message(&client, &mut cbuf),
-                                self.open_upstream(&mut tried, lease),
-                            )
-                            .await?;
-                            Ok((first, up, None))
+                // A refusal is answered inside the boxed opening too: kept
+                // here, the result would be held across that answer, and
+                // so take its room in every open stream's task.
+                let opened = Box::pin(async {
+                    let opened: Result<_, Refusal> = async {
+                        match &claims {
+                            Some(c) => {
+                                *self.pools.borrow_mut() = c.pools.clone();
+                                let (permit, lease) = self.admit(c).await?;
+                                state.meter.admit(permit);
+                                let (first, up) = future::try_zip(
+                                    self.read_first_message(&client, &mut cbuf),
+                                    self.open_upstream(&mut tried, lease),
+                                )
+                                .await?;
+                                Ok((first, up, None))
+                            }
+                            None => {
+                                let first = self.read_first_message(&client, &mut cbuf).await;
+                                // Out of the unauthenticated pool, whatever came.
+                                drop(pending);
+                                let first = first?;
+                                let c = self.first_message_claims(&first)?;
+                                *self.pools.borrow_mut() = c.pools.clone();
+                                let slot = self.admit_stream()?;
+                                let (permit, lease) = self.admit(&c).await?;
+                                state.meter.admit(permit);
+                                let up = self.open_upstream(&mut tried, lease).await?;
+                                claims = Some(c);
+                                Ok((first, up, Some(slot)))
+                            }
                         }
-                        None => {
-                            let first = self.read_first_message(&client, &mut cbuf).await;
-                            // Out of the unauthenticated pool, whatever came.
-                            drop(pending);
-                            let first = first?;
-                            let c = self.first_message_claims(&first)?;
-                            *self.pools.borrow_mut() = c.pools.clone();
-                            let slot = self.admit_stream()?;
-                            let (permit, lease) = self.admit(&c).await?;
-                            state.meter.admit(permit);
-                            let up = self.open_upstream(&mut tried, lease).await?;
-                            claims = Some(c);
-                            Ok((first, up, Some(slot)))
+                    }
+                    .await;
+                    match opened {
+                        Ok(x) => Some(x),
+                        Err(r) => {
+                            self.refuse(&client, &r).await;
+                            None
                         }
                     }
                 })
                 .await;
-                let (config, up, late_permit) = match opened {
-                    Ok(x) => x,
-                    Err(r) => return self.refuse(&client, &r).await,
+                let Some((config, up, late_permit)) = opened else {
+                    return;
                 };
                 state.meter.set_audio_rate(audio_bytes_per_ms(&config));
                 let failover = &self.settings.failover;
@@ -175,7 +187,6 @@ impl Stream {
             let Some(claims) = &claims else { return };
             tracing::debug!(stream = %self.id, shard = self.shard.index, device = %claims.device_id, account = %up.lease.account.id, "stream open");
             let live = LiveGuard::register(&self.shard, claims);
-            let started = Instant::now();
             let mut cside = ClientSide::new(
                 self.settings.limits.max_frame_bytes as u64,
                 self.settings.failover.replay_bytes,
@@ -253,16 +264,23 @@ impl Stream {
                     .account_retry(up.lease.account.metrics_index);
                 // The failed connection is dropped when `up` is replaced.
                 state.down.new_connection();
-                let mut next = Box::pin(self.open_upstream(&mut tried, None)).await;
-                if matches!(&next, Err(r) if r.code == 429)
-                    && not_the_account
-                    && same_account_retries < self.settings.failover.max_resumes
-                {
-                    // Every account tried, none refused the stream: try again.
-                    same_account_retries += 1;
-                    tried = 0;
-                    next = Box::pin(self.open_upstream(&mut tried, None)).await;
-                }
+                // One boxed future for both tries: the first result, kept
+                // across the second try, would take its room in every open
+                // stream's task.
+                let next = Box::pin(async {
+                    let next = self.open_upstream(&mut tried, None).await;
+                    if matches!(&next, Err(r) if r.code == 429)
+                        && not_the_account
+                        && same_account_retries < self.settings.failover.max_resumes
+                    {
+                        // Every account tried, none refused the stream: try again.
+                        same_account_retries += 1;
+                        tried = 0;
+                        return self.open_upstream(&mut tried, None).await;
+                    }
+                    next
+                })
+                .await;
                 match next {
                     Ok(next) => up = next,
                     // No other account: the client learns what happened to its
@@ -271,26 +289,33 @@ impl Stream {
                     Err(r) => break Err(r),
                 }
             };
-            let end = match end {
-                Ok(end) => end,
-                Err(r) => return self.refuse(&client, &r).await,
-            };
-            if let Some((code, scope)) = state.down.first_error.get() {
-                self.note_refusal(&up.lease, code, scope);
-            }
-            // Boxed for the same reason as the opening: only the end needs it.
-            let error =
-                Box::pin(self.finish(&client, &mut up, end, &state, &mut cbuf, &mut cside)).await;
-            self.shard
-                .metrics
-                .stream_closed(up.lease.account.metrics_index);
-            self.record_usage(&up, claims, reference_id, &state, error);
-            let resume_copy_peak = state
-                .resume
-                .borrow()
-                .as_ref()
-                .map_or(0, |r| r.peak_capacity);
-            tracing::debug!(stream = %self.id, ?end, secs = started.elapsed().as_secs_f64(), resume_copy_peak, "stream end");
+            // The end, boxed as the opening is: only the end needs its
+            // state. The loop's result moves into it whole: matched here,
+            // it would be kept (for the refusal's answer) in every open
+            // stream's task.
+            Box::pin(async {
+                let end = match end {
+                    Ok(end) => end,
+                    Err(r) => return self.refuse(&client, &r).await,
+                };
+                if let Some((code, scope)) = state.down.first_error.get() {
+                    self.note_refusal(&up.lease, code, scope);
+                }
+                let error = self
+                    .finish(&client, &mut up, end, &state, &mut cbuf, &mut cside)
+                    .await;
+                self.shard
+                    .metrics
+                    .stream_closed(up.lease.account.metrics_index);
+                self.record_usage(&up, claims, reference_id, &state, error);
+                let resume_copy_peak = state
+                    .resume
+                    .borrow()
+                    .as_ref()
+                    .map_or(0, |r| r.peak_capacity);
+                tracing::debug!(stream = %self.id, ?end, secs = state.started.elapsed().as_secs_f64(), resume_copy_peak, "stream end");
+            })
+            .await;
         }
     }
 
@@ -729,25 +754,25 @@ impl Stream {
                 StopReason::Drain => End::Drain,
             }
         };
-        let max_len = state.meter.max_stream_length();
-        let too_long = async {
+        let too_long = async move {
+            let max_len = state.meter.max_stream_length();
             if max_len.is_zero() {
                 future::pending::<()>().await;
             }
             pump::until(state.started + max_len).await;
             End::Stopped(Limit::MaxLength)
         };
-        // Bound before it is returned: the pinned futures borrow this
-        // function's locals, so they must be gone before the locals are.
-        let end = pump::first_of(&mut [
-            std::pin::pin!(u2c),
-            std::pin::pin!(c2u),
-            std::pin::pin!(idle),
-            std::pin::pin!(stopped),
-            std::pin::pin!(too_long),
-        ])
-        .await;
-        end
+        // The first of them to end ends the stream; each wake-up polls them
+        // in this order, so an earlier one wins a tie (a stream's results
+        // reach the client before its own end is seen). Nested `or`s hold
+        // the five futures in place, in this one future: it is part of
+        // every open stream's task for its whole life, and an array of
+        // pointers to them would add to it.
+        future::or(
+            future::or(future::or(future::or(u2c, c2u), idle), stopped),
+            too_long,
+        )
+        .await
     }
 
     /// What this stream's pumps work with besides their sockets.
