@@ -482,10 +482,12 @@ run_workload() {
   cpu1=$(cpu_ticks $pids)
   fcpu1=$(cpu_ticks "$FAKE_PID")
   # Peak over the whole run; "held" only over samples taken before the
-  # workload's hold ends (W4: its --duration, after which every stream
-  # closes at once), i.e. with all streams open and idle.
-  local peak held hold_ms
-  hold_ms=$(( $(eval "echo \${${w}_HOLD_S:-0}") * 1000 - 500 ))
+  # workload's hold ends, i.e. with all streams open and idle. relay-load
+  # holds idle streams until a fifth of --duration (at most 5 s) before
+  # its end, then closes every one at once; half a second's margin.
+  local peak held hold_ms hold_s
+  hold_s=$(eval "echo \${${w}_HOLD_S:-0}")
+  hold_ms=$(( hold_s * 1000 - (hold_s * 200 < 5000 ? hold_s * 200 : 5000) - 500 ))
   peak=$(awk '$2 > m { m = $2 } END { print m + 0 }' "$out.rss" 2>/dev/null || echo 0)
   held=$(awk -v lim="$hold_ms" 'lim <= 0 || $1 <= lim { if ($2 > m) m = $2 } END { print m + 0 }' \
     "$out.rss" 2>/dev/null || echo 0)
