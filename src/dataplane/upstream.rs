@@ -258,16 +258,17 @@ impl UpstreamTarget {
     /// Opens a WebSocket to upstream with `key`, on the header (`Authorization`)
     /// or leaving it to the first message (`key_in_header == false`). The answer
     /// head is consumed from `buf`; whatever followed it stays there.
-    /// `sndbuf`: the socket's send buffer, bytes (0: the kernel's).
+    /// `unsent`: the most bytes the socket may hold unsent (0: no bound,
+    /// see [`bound_unsent`]).
     pub async fn connect(
         &self,
         key: &Secret,
         key_in_header: bool,
         buf: &mut Buf,
         limit: Duration,
-        sndbuf: usize,
+        unsent: usize,
     ) -> Result<Duplex, ConnectError> {
-        let open = self.connect_inner(key, key_in_header, buf, limit, sndbuf);
+        let open = self.connect_inner(key, key_in_header, buf, limit, unsent);
         match crate::dataplane::io::timeout(limit, open).await {
             Some(r) => r,
             None => Err(ConnectError::Timeout),
@@ -280,7 +281,7 @@ impl UpstreamTarget {
         key_in_header: bool,
         buf: &mut Buf,
         limit: Duration,
-        sndbuf: usize,
+        unsent: usize,
     ) -> Result<Duplex, ConnectError> {
         let unavailable = |what: &str, e: &dyn std::fmt::Display| {
             ConnectError::Unavailable(format!("{what}: {e}"))
@@ -295,7 +296,7 @@ impl UpstreamTarget {
         let mut last = None;
         let mut tcp = None;
         for addr in addrs {
-            match connect_tcp(addr, limit, sndbuf).await {
+            match connect_tcp(addr, limit, unsent).await {
                 Ok(s) => {
                     tcp = Some(s);
                     break;
@@ -368,43 +369,72 @@ impl UpstreamTarget {
     }
 }
 
-/// A TCP connection to `addr` with Nagle off and a send buffer of
-/// `sndbuf` bytes (0: the kernel's): on this shard's data plane when there
+/// A TCP connection to `addr` with Nagle off and at most about `unsent`
+/// bytes waiting unsent in it (0: no bound, see [`bound_unsent`]): on this
+/// shard's data plane when there
 /// is one (every stream; the wait is bounded by the caller's deadline for
 /// the whole open, [`UpstreamTarget::connect`], so it needs no timer of
 /// its own), else glommio's, within `limit`.
 async fn connect_tcp(
     addr: std::net::SocketAddr,
     limit: Duration,
-    sndbuf: usize,
+    unsent: usize,
 ) -> std::io::Result<Tcp> {
     let Some(plane) = crate::dataplane::uring::current() else {
         let tcp = glommio::net::TcpStream::connect_timeout(addr, limit).await?;
         let _ = tcp.set_nodelay(true);
-        cap_buffer(&tcp, sndbuf, false);
+        bound_unsent(&tcp, unsent);
         return Ok(tcp.into());
     };
     let s = crate::dataplane::uring::RingSocket::connect(&plane, addr).await?;
     let _ = s.set_nodelay();
-    cap_buffer(&s, sndbuf, false);
+    bound_unsent(&s, unsent);
     Ok(Tcp::Ring(s))
 }
 
-/// Sets a socket's receive (`recv`) or send buffer to `bytes` (0: leaves
-/// the kernel's autotuned one). The kernel doubles the figure for its own
-/// bookkeeping; what the socket holds of payload stays near `bytes`.
-pub fn cap_buffer(fd: &impl std::os::fd::AsRawFd, bytes: usize, recv: bool) {
+/// Sets a client socket's receive buffer (`SO_RCVBUF`) to `bytes` (0:
+/// leaves the kernel's autotuned one). The kernel doubles the figure for
+/// its own bookkeeping, and with small writes nearly all of it holds
+/// payload: a client can have about `2 × bytes` unread in the relay.
+pub fn cap_receive_buffer(fd: &impl std::os::fd::AsRawFd, bytes: usize) {
     if bytes == 0 {
         return;
     }
     // SAFETY: `fd` is an open socket for the duration of the call.
     let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd.as_raw_fd()) };
-    let sock = socket2::SockRef::from(&fd);
-    let _ = if recv {
-        sock.set_recv_buffer_size(bytes)
-    } else {
-        sock.set_send_buffer_size(bytes)
+    let _ = socket2::SockRef::from(&fd).set_recv_buffer_size(bytes);
+}
+
+/// Bounds the bytes an upstream socket may hold that it has not sent yet
+/// (`TCP_NOTSENT_LOWAT`; 0: no bound): a send that finds about `bytes`
+/// unsent waits, as it would on a full send buffer. The send buffer itself
+/// stays the kernel's, autotuned, so bytes sent but not yet acknowledged
+/// (on their way, or in upstream's receive buffer) do not count against
+/// the bound. When upstream stops reading its window closes, nothing more
+/// leaves, and the relay holds at most about `bytes` of the stream (plus
+/// the last write) before its writes wait and the stall deadline starts.
+/// (A send buffer capped with `SO_SNDBUF` bounds the same bytes, but also
+/// the ones in flight, and so the stream's throughput on any path whose
+/// round trip is not tiny; on loopback it cut the flood's frames/s by a
+/// fifth, see benches/README.md.)
+pub fn bound_unsent(fd: &impl std::os::fd::AsRawFd, bytes: usize) {
+    let Ok(bytes) = libc::c_int::try_from(bytes) else {
+        return;
     };
+    if bytes == 0 {
+        return;
+    }
+    // SAFETY: `fd` is an open socket for the duration of the call, and the
+    // option value is a live `c_int` of the length given.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NOTSENT_LOWAT,
+            std::ptr::from_ref(&bytes).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
 }
 
 #[cfg(test)]

@@ -479,9 +479,10 @@ pub struct LimitsConfig {
     /// A write upstream that waits this long (upstream stopped reading)
     /// ends the stream as an upstream failure, or resumes it.
     pub stall_timeout: Duration,
-    /// `SO_RCVBUF` of client sockets and `SO_SNDBUF` of upstream sockets,
-    /// bytes (0: the kernel's own, autotuned): bounds the audio a stalled
-    /// upstream can hide in the relay's socket buffers.
+    /// `SO_RCVBUF` of client sockets, and the most bytes an upstream socket
+    /// may hold unsent (`TCP_NOTSENT_LOWAT`; its send buffer is the
+    /// kernel's), bytes (0: no bound, the kernel's autotuned buffers):
+    /// bounds the audio a stalled upstream can hide in the relay.
     pub socket_buffer: usize,
     /// After SIGTERM, how long live streams may run to their end before the
     /// relay finalizes them and tells their clients to reconnect.
@@ -502,7 +503,7 @@ impl Default for LimitsConfig {
             max_first_message_bytes: 64 << 10,
             idle_timeout: Duration::from_secs(30),
             stall_timeout: Duration::from_secs(10),
-            socket_buffer: 128 << 10,
+            socket_buffer: 256 << 10,
             drain_timeout: Duration::from_secs(30),
             max_unauthenticated: 256,
             max_unauthenticated_per_address: 32,

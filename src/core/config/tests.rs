@@ -146,7 +146,7 @@ enabled = false
             max_first_message_bytes: 4096,
             idle_timeout: Duration::from_secs(60),
             stall_timeout: Duration::from_secs(10),
-            socket_buffer: 128 << 10,
+            socket_buffer: 256 << 10,
             drain_timeout: Duration::from_secs(30),
             max_unauthenticated: 10,
             max_unauthenticated_per_address: 2,

@@ -44,7 +44,7 @@ type Upgraded = (Stream, Duplex, Buf, Option<Claims>, Option<unauth::Place>);
 async fn upgrade(shard: Rc<Shard>, tcp: RingSocket) -> Option<Upgraded> {
     let accepted = Instant::now();
     let _ = tcp.set_nodelay();
-    crate::dataplane::upstream::cap_buffer(&tcp, shard.settings().limits.socket_buffer, true);
+    crate::dataplane::upstream::cap_receive_buffer(&tcp, shard.settings().limits.socket_buffer);
     let fd = std::os::fd::AsRawFd::as_raw_fd(&tcp);
     // The client's address, asked (a system call) only when needed.
     let peer = move || {
