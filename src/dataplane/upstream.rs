@@ -371,10 +371,9 @@ impl UpstreamTarget {
 
 /// A TCP connection to `addr` with Nagle off and at most about `unsent`
 /// bytes waiting unsent in it (0: no bound, see [`bound_unsent`]): on this
-/// shard's data plane when there
-/// is one (every stream; the wait is bounded by the caller's deadline for
-/// the whole open, [`UpstreamTarget::connect`], so it needs no timer of
-/// its own), else glommio's, within `limit`.
+/// shard's data plane when there is one (every stream; the wait is bounded
+/// by the caller's deadline for the whole open, [`UpstreamTarget::connect`],
+/// so it needs no timer of its own), else glommio's, within `limit`.
 async fn connect_tcp(
     addr: std::net::SocketAddr,
     limit: Duration,
@@ -394,8 +393,8 @@ async fn connect_tcp(
 
 /// Sets a client socket's receive buffer (`SO_RCVBUF`) to `bytes` (0:
 /// leaves the kernel's autotuned one). The kernel doubles the figure for
-/// its own bookkeeping, and with small writes nearly all of it holds
-/// payload: a client can have about `2 × bytes` unread in the relay.
+/// its own bookkeeping, and with small writes most of it holds payload: a
+/// client can have nearly `2 × bytes` unread in the relay.
 pub fn cap_receive_buffer(fd: &impl std::os::fd::AsRawFd, bytes: usize) {
     if bytes == 0 {
         return;
