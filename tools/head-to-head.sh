@@ -12,10 +12,11 @@
 # W3 churn, W4 idle (see benches/README.md).
 # Samples each proxy's CPU time (utime+stime, /proc/PID/stat, nginx master +
 # workers) before/after each workload and its RSS (VmRSS) during it. During
-# W1s and W3 it also runs `perf record -g` on each proxy for a window in the
-# middle of the run, and counts the share of the proxy's samples spent in the
-# kernel's socket send and receive paths (tools/head-to-head/kernel_floor.py):
-# the kernel socket floor per echoed frame and per churn cycle. Then it
+# W1s, W1, W2 and W3 it also runs `perf record -g` on each proxy for a window
+# in the middle of the run, and counts the share of the proxy's samples spent
+# in the kernel's socket send and receive paths
+# (tools/head-to-head/kernel_floor.py): the kernel socket floor per echoed
+# frame and per churn cycle, beside each ratio. Then it
 # prints one markdown table (tools/head-to-head/summary.py). Raw outputs
 # (perf data and reports included) stay in the work dir (printed at the
 # start; H2H_WORK=DIR to choose it).
@@ -54,7 +55,7 @@ PROXIES=${H2H_PROXIES:-direct clio nginx node}
 WORKLOADS=${H2H_WORKLOADS:-W1s W1 W2 W3 W4}
 FRESH=${H2H_FRESH:-0}
 # Workloads profiled for the kernel socket floor.
-PERF_WORKLOADS="W1s W3"
+PERF_WORKLOADS="W1s W1 W2 W3"
 for w in $WORKLOADS; do
   case "$w" in
     W1s|W1|W2|W3|W4) ;;
@@ -333,15 +334,15 @@ stop_proxy() {
 # (after the ramp of 500 streams/s, before the streams end).
 if [ "$QUICK" = 1 ]; then
   W1s_ARGS=(-n 300 --stream-seconds 10);                        W1s_CAP=60; W1s_PERF="3 5"
-  W1_ARGS=(-n 500 --stream-seconds 10);                         W1_CAP=60
-  W2_ARGS=(-n 200 --pace flood --stream-seconds 100000 --duration 10s); W2_CAP=40
+  W1_ARGS=(-n 500 --stream-seconds 10);                         W1_CAP=60; W1_PERF="3 5"
+  W2_ARGS=(-n 200 --pace flood --stream-seconds 100000 --duration 10s); W2_CAP=40; W2_PERF="3 5"
   W3_ARGS=(--churn --concurrency 50 --duration 5s);             W3_CAP=40; W3_PERF="1 3"
   W4_ARGS=(--idle -n 1000 --ramp 1000 --duration 10s);          W4_CAP=40; W4_HOLD_S=10
   W1s_STREAMS=300; W1_STREAMS=500; W4_STREAMS=1000
 else
   W1s_ARGS=(-n 1500 --stream-seconds 30);                       W1s_CAP=100; W1s_PERF="8 8"
-  W1_ARGS=(-n 5000 --stream-seconds 60);                        W1_CAP=150
-  W2_ARGS=(-n 200 --pace flood --stream-seconds 100000 --duration 30s); W2_CAP=90
+  W1_ARGS=(-n 5000 --stream-seconds 60);                        W1_CAP=150; W1_PERF="25 10"
+  W2_ARGS=(-n 200 --pace flood --stream-seconds 100000 --duration 30s); W2_CAP=90; W2_PERF="10 8"
   W3_ARGS=(--churn --concurrency 50 --duration 20s);            W3_CAP=80; W3_PERF="5 8"
   W4_ARGS=(--idle -n 9000 --ramp 1000 --duration 30s);          W4_CAP=100; W4_HOLD_S=30
   W1s_STREAMS=1500; W1_STREAMS=5000; W4_STREAMS=9000
@@ -353,6 +354,8 @@ if [ -n "${H2H_W1_STREAMS:-}${H2H_W1_SECONDS:-}" ]; then
   W1_SECS=${H2H_W1_SECONDS:-${W1_ARGS[3]}}
   W1_ARGS=(-n "$W1_STREAMS" --stream-seconds "$W1_SECS")
   W1_CAP=$((W1_STREAMS / 500 + W1_SECS + 60))
+  # The window: a third of the streams' time, after the ramp and a third.
+  W1_PERF="$((W1_STREAMS / 500 + W1_SECS / 3)) $((W1_SECS / 3 > 0 ? W1_SECS / 3 : 1))"
 fi
 
 # Profiling a proxy: perf attaches before the run with its events disabled
