@@ -33,6 +33,12 @@ use clio_frame::mask::MaskKeys;
 /// idle; 64 KiB was 8% slower (benches/README.md, "Read buffers of 32 KiB").
 pub const BUFFER_SIZE: usize = 32 * 1024;
 
+/// The most a shard keeps of free read buffers when the streams that used
+/// them are done (a burst's buffers beyond it go back to the allocator):
+/// 2,048 buffers. A bound in bytes, so the memory a shard keeps after a
+/// burst does not grow with [`BUFFER_SIZE`].
+const POOL_KEEP_BYTES: usize = 64 << 20;
+
 /// io_uring registered memory per executor. The relay reads into its own
 /// pooled buffers, so glommio's registered-buffer arena is barely used; the
 /// process's locked-memory limit (often 8 MiB) must fit every executor's.
@@ -532,7 +538,7 @@ pub fn start(index: usize, setup: ShardSetup) -> std::io::Result<ShardHandle> {
             process: setup.process.clone(),
             ring: RefCell::new(KeyRing::new(&setup.process.ring())),
             metrics: ShardMetrics::new(index, &ids),
-            pool: BufferPool::new(BUFFER_SIZE, 64, 4096),
+            pool: BufferPool::new(BUFFER_SIZE, 64, POOL_KEEP_BYTES / BUFFER_SIZE),
             masks: RefCell::new(MaskKeys::default()),
             upstreams,
             next_stream: Cell::new(0),
