@@ -34,9 +34,9 @@ use clio_frame::mask::MaskKeys;
 pub const BUFFER_SIZE: usize = 32 * 1024;
 
 /// The most a shard keeps of free read buffers when the streams that used
-/// them are done (a burst's buffers beyond it go back to the allocator):
-/// 2,048 buffers. A bound in bytes, so the memory a shard keeps after a
-/// burst does not grow with [`BUFFER_SIZE`].
+/// them are done (a burst's buffers beyond it go back to the allocator).
+/// A bound in bytes, so the memory a shard keeps after a burst does not
+/// grow with [`BUFFER_SIZE`].
 const POOL_KEEP_BYTES: usize = 64 << 20;
 
 /// io_uring registered memory per executor. The relay reads into its own
