@@ -410,8 +410,10 @@ pub fn cap_receive_buffer(fd: &impl std::os::fd::AsRawFd, bytes: usize) {
 /// stays the kernel's, autotuned, so bytes sent but not yet acknowledged
 /// (on their way, or in upstream's receive buffer) do not count against
 /// the bound. When upstream stops reading its window closes, nothing more
-/// leaves, and the relay holds at most about `bytes` of the stream (plus
-/// the last write) before its writes wait and the stall deadline starts.
+/// leaves, and the relay holds at most about `bytes` of the stream before
+/// its writes wait and the stall deadline starts: up to one segment more
+/// (64 KiB on loopback), since the kernel checks the bound only as a send
+/// starts a new segment, and fills that one first.
 /// (A send buffer capped with `SO_SNDBUF` bounds the same bytes, but also
 /// the ones in flight, and so the stream's throughput on any path whose
 /// round trip is not tiny; on loopback it cut the flood's frames/s by a

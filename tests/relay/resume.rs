@@ -9,7 +9,6 @@ use serde_json::Value;
 use tungstenite::Message;
 
 use crate::util::*;
-use clio_relay::dataplane::shard::BUFFER_SIZE;
 
 const LIMIT: Duration = Duration::from_secs(20);
 
@@ -405,13 +404,16 @@ fn a_stalled_upstream_leaves_at_most_limits_socket_buffer_in_the_relay() {
     assert!(rb <= 2 * SB as u64, "client socket rb {rb}");
     let up = upstream_socket(fake.addr());
     let (unsent, _, _) = socket_state(up, fake.addr());
-    // About SB: at most the last write (one read buffer) and the
-    // kernel's last segment past it. At least half of it, or the bound was
+    // About SB. At most one segment past it: the kernel checks the bound
+    // when a send starts a new segment, then fills that segment (up to
+    // 64 KiB on loopback; `ss -i` shows mss 65483) before it checks again,
+    // from that send or the next. At least half of it, or the bound was
     // not what stopped the relay's writes (a send waits once SB is unsent,
     // and is let go when less than half is; upstream's kernel may take a
-    // little more meanwhile, as it packs what it holds).
+    // little more meanwhile, as it packs what it holds). Seen here: 35 to
+    // 116 KB.
     assert!(
-        (SB as u64 / 2..=(SB + BUFFER_SIZE + (16 << 10)) as u64).contains(&unsent),
+        (SB as u64 / 2..=(SB + (64 << 10)) as u64).contains(&unsent),
         "the relay holds {unsent} bytes unsent to the stalled upstream"
     );
 }
