@@ -822,6 +822,24 @@ impl Reactor {
         timers.process_timers()
     }
 
+    // clio-relay patch: a thread that sleeps outside glommio (PATCHED.md).
+    /// When the earliest timer registered here is due.
+    pub(crate) fn next_timer(&self) -> Option<Instant> {
+        let timers = self.timers.borrow();
+        timers.timers.keys().next().map(|(when, _)| *when)
+    }
+
+    /// See [`sys::Reactor::prepare_sleep_elsewhere`].
+    pub(crate) fn prepare_sleep_elsewhere(&self) -> usize {
+        self.sys
+            .prepare_sleep_elsewhere(|| self.process_shared_channels())
+    }
+
+    /// See [`sys::Reactor::woke_elsewhere`].
+    pub(crate) fn woke_elsewhere(&self) -> usize {
+        self.sys.woke_elsewhere(|| self.process_shared_channels())
+    }
+
     fn process_shared_channels(&self) -> usize {
         let mut channels = self.shared_channels.borrow_mut();
         let mut processed = channels.process_shared_channels();

@@ -2086,6 +2086,51 @@ pub unsafe fn spawn_scoped_local_into<'a, T>(
 pub struct ExecutorProxy {}
 
 impl ExecutorProxy {
+    // clio-relay patch: a thread that sleeps outside glommio (PATCHED.md).
+    fn with_reactor<R>(f: impl FnOnce(&reactor::Reactor) -> R) -> R {
+        #[cfg(not(feature = "native-tls"))]
+        return LOCAL_EX.with(|local_ex| f(&local_ex.reactor));
+
+        #[cfg(feature = "native-tls")]
+        return unsafe {
+            f(&LOCAL_EX
+                .as_ref()
+                .expect("this thread doesn't have a LocalExecutor running")
+                .reactor)
+        };
+    }
+
+    /// When the earliest timer of this executor is due (`None`: no timer).
+    /// For a task that puts the thread to sleep outside glommio: it must
+    /// wake by then, for glommio to fire the timer on its next pass.
+    pub fn next_timer(&self) -> Option<std::time::Instant> {
+        Self::with_reactor(|r| r.next_timer())
+    }
+
+    /// Before a task puts the thread to sleep outside glommio: from now on,
+    /// a wake-up from another thread, or an answer of the blocking pool,
+    /// writes [`Self::sleep_notifier_fd`] (as it does while glommio itself
+    /// sleeps), so the sleep must also end when that fd is readable. Then
+    /// wakes what came before. Returns how many tasks that woke: if any,
+    /// do not sleep (and call [`Self::woke_elsewhere`]). Costs a
+    /// `membarrier`, like glommio's own sleep.
+    pub fn prepare_sleep_elsewhere(&self) -> usize {
+        Self::with_reactor(|r| r.prepare_sleep_elsewhere())
+    }
+
+    /// After a sleep begun with [`Self::prepare_sleep_elsewhere`]: stops
+    /// the writes, and wakes what other threads and the blocking pool sent
+    /// meanwhile (glommio would otherwise wait for its next pass). Returns
+    /// how many tasks it woke.
+    pub fn woke_elsewhere(&self) -> usize {
+        Self::with_reactor(|r| r.woke_elsewhere())
+    }
+
+    /// The eventfd that [`Self::prepare_sleep_elsewhere`] has written.
+    pub fn sleep_notifier_fd(&self) -> std::os::unix::io::RawFd {
+        Self::with_reactor(|r| r.sys.sleep_notifier_fd())
+    }
+
     /// Checks if this task has run for too long and need to be preempted. This
     /// is useful for situations where we can't call .await, for instance,
     /// if a [`RefMut`] is held. If this tests true, then the user is

@@ -339,14 +339,14 @@ impl SleepNotifier {
         processed
     }
 
-    pub(super) fn prepare_to_sleep(&self) {
+    pub(crate) fn prepare_to_sleep(&self) {
         // This will allow this `eventfd` to be notified. This should not happen
         // for the placeholder (disconnected) case.
         assert_ne!(self.id, usize::MAX);
         self.should_notify.store(true, Ordering::Relaxed);
     }
 
-    pub(super) fn wake_up(&self) {
+    pub(crate) fn wake_up(&self) {
         self.should_notify.store(false, Ordering::Relaxed);
     }
 }

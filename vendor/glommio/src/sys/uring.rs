@@ -1895,6 +1895,35 @@ impl Reactor {
         Ok(should_sleep)
     }
 
+    // clio-relay patch: a thread that sleeps outside glommio (PATCHED.md).
+    /// Lets other threads' wake-ups and the blocking pool's answers write
+    /// [`Self::sleep_notifier_fd`] from now on, as they do while glommio
+    /// sleeps; then sweeps what came before, as glommio's own sleep does.
+    /// Returns how many tasks that sweep woke.
+    pub(crate) fn prepare_sleep_elsewhere(&self, process_remote_channels: impl FnOnce() -> usize) -> usize {
+        self.notifier.prepare_to_sleep();
+        membarrier::heavy();
+        let events = process_remote_channels() + self.flush_syscall_thread();
+        if events > 0 {
+            self.notifier.wake_up();
+        }
+        events
+    }
+
+    /// The eventfd other threads write while this executor (or the thread
+    /// for it, see [`Self::prepare_sleep_elsewhere`]) sleeps.
+    pub(crate) fn sleep_notifier_fd(&self) -> RawFd {
+        self.notifier.eventfd_fd()
+    }
+
+    /// Ends a sleep begun with [`Self::prepare_sleep_elsewhere`]: no more
+    /// writes; then wakes what other threads and the blocking pool sent
+    /// meanwhile. Returns how many tasks it woke.
+    pub(crate) fn woke_elsewhere(&self, process_remote_channels: impl FnOnce() -> usize) -> usize {
+        self.notifier.wake_up();
+        process_remote_channels() + self.flush_syscall_thread()
+    }
+
     pub(crate) fn flush_syscall_thread(&self) -> usize {
         self.blocking_thread.flush()
     }
