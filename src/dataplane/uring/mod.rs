@@ -38,6 +38,10 @@
 //!   window the next event wakes the shard at once. At real-time load most
 //!   wake-ups served one event; the window trades at most that long of
 //!   added latency for fewer wake-ups (benches/README.md has the A/B).
+//!   An idle shard sleeps longer (`deep_sleep`): once four sleeps in a
+//!   row ended with nothing to do, the next lasts until glommio's next
+//!   timer, and glommio's eventfd, polled by the ring, ends it when another
+//!   thread wakes a task.
 //! - [`Wake::Eventfd`]: an eventfd is registered with the ring, and the task
 //!   waits for it with a glommio read, so glommio sleeps as usual. Kept for
 //!   the A/B in benches/README.md.
@@ -64,7 +68,8 @@ use crate::core::doorbell::Doorbell;
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
 /// How long the shard may sleep in the data-plane ring before glommio gets
-/// a pass (timers, control messages). Also the shard's preemption timer.
+/// a pass (timers, control messages); an idle shard sleeps longer
+/// (`deep_sleep`). Also the shard's preemption timer.
 pub const PASS_INTERVAL: Duration = Duration::from_millis(5);
 
 /// Submission-queue entries of a data-plane ring. Only registrations,
@@ -89,6 +94,8 @@ const KIND_WRITE: u64 = 1;
 const KIND_REMOVE: u64 = 2;
 /// The user data of the doorbell's poll (no socket slot has this index).
 const DOORBELL: u64 = u64::MAX;
+/// The user data of the poll of glommio's eventfd (no slot has it either).
+const FOREIGN: u64 = u64::MAX - 1;
 
 /// Readable, or an error or hang-up (always reported).
 const POLL_IN: u32 = (libc::POLLIN | libc::POLLRDHUP) as u32;
@@ -124,6 +131,10 @@ pub struct Waiting {
     /// event after a quiet window still wakes it at once.
     /// `CLIO_RELAY_DATAPLANE_BATCH_US`; 0 wakes on every event.
     pub batch_window: Duration,
+    /// The longest sleep of an idle shard ([`Wake::Ring`] only; see
+    /// `deep_sleep`). `CLIO_RELAY_DATAPLANE_IDLE_MS`; 0 keeps every
+    /// sleep to [`PASS_INTERVAL`].
+    pub idle_sleep: Duration,
 }
 
 impl Default for Waiting {
@@ -132,12 +143,17 @@ impl Default for Waiting {
             wake: Wake::Ring,
             defer: true,
             batch_window: DEFAULT_BATCH_WINDOW,
+            idle_sleep: DEFAULT_IDLE_SLEEP,
         }
     }
 }
 
 /// See [`Waiting::batch_window`].
 pub const DEFAULT_BATCH_WINDOW: Duration = Duration::from_micros(100);
+
+/// See [`Waiting::idle_sleep`]: a bound on an idle shard's sleep, should a
+/// way to wake it ever be missed.
+pub const DEFAULT_IDLE_SLEEP: Duration = Duration::from_secs(1);
 
 /// Events a sleeping shard waits for before the batch window is up.
 const WAKE_BATCH: usize = 64;
@@ -157,6 +173,12 @@ impl Waiting {
             .and_then(|v| v.parse::<u64>().ok())
         {
             w.batch_window = Duration::from_micros(us);
+        }
+        if let Some(ms) = std::env::var("CLIO_RELAY_DATAPLANE_IDLE_MS")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            w.idle_sleep = Duration::from_millis(ms);
         }
         if w.wake == Wake::Eventfd {
             w.defer = false;
@@ -230,6 +252,10 @@ pub struct Plane {
     /// sleep they reach the shard without it). Its eventfd is polled here
     /// for the plane's life.
     doorbell: Option<Arc<Doorbell>>,
+    /// glommio's own eventfd for wake-ups from other threads, polled here
+    /// once [`drive`] starts ([`Wake::Ring`] only): written while the shard
+    /// sleeps deep (`deep_sleep`).
+    foreign: Cell<Option<RawFd>>,
 }
 
 impl std::fmt::Debug for Plane {
@@ -297,6 +323,7 @@ impl Plane {
             batches: Cell::new(0),
             rearmed: Cell::new(0),
             doorbell,
+            foreign: Cell::new(None),
         });
         plane.arm_doorbell();
         Ok(plane)
@@ -315,6 +342,23 @@ impl Plane {
                     .multi(true)
                     .build()
                     .user_data(DOORBELL),
+            );
+        }
+    }
+
+    /// Polls glommio's eventfd `fd` (multishot, for the plane's life).
+    fn watch_foreign(&self, fd: RawFd) {
+        self.foreign.set(Some(fd));
+        self.arm_foreign();
+    }
+
+    fn arm_foreign(&self) {
+        if let Some(fd) = self.foreign.get() {
+            self.push(
+                opcode::PollAdd::new(types::Fd(fd), POLL_IN)
+                    .multi(true)
+                    .build()
+                    .user_data(FOREIGN),
             );
         }
     }
@@ -473,6 +517,7 @@ impl Plane {
     pub fn dispatch(&self) -> usize {
         let mut handled = 0;
         let mut rearm_doorbell = false;
+        let mut rearm_foreign = false;
         let mut rearm = None::<Vec<(Token, RawFd)>>;
         let mut stale = None::<Vec<u64>>;
         {
@@ -504,6 +549,11 @@ impl Plane {
                     // The sleep is over; `drive` wakes the tasks. Armed
                     // again if the kernel ended the poll.
                     rearm_doorbell |= !cqueue::more(cqe.flags());
+                    continue;
+                }
+                if cqe.user_data() == FOREIGN {
+                    // Likewise; `drive` has glommio wake the tasks.
+                    rearm_foreign |= !cqueue::more(cqe.flags());
                     continue;
                 }
                 let (token, kind) = Token::from_user_data(cqe.user_data());
@@ -557,6 +607,10 @@ impl Plane {
         if rearm_doorbell {
             self.rearmed.set(self.rearmed.get() + 1);
             self.arm_doorbell();
+        }
+        if rearm_foreign {
+            self.rearmed.set(self.rearmed.get() + 1);
+            self.arm_foreign();
         }
         if let Some(rearm) = rearm {
             for (token, fd) in rearm {
@@ -665,6 +719,46 @@ async fn yield_now() {
     .await
 }
 
+/// Short sleeps in a row that must end with nothing to do before a shard
+/// sleeps deep (`deep_sleep`): 20 ms of quiet. Going deep after one (5 ms)
+/// cost a light load (100 real-time streams, an event every 2 ms a shard)
+/// about 8% more CPU, its `membarrier`s paid between frames; after four,
+/// nothing measurable (benches/README.md).
+const QUIET_SLEEPS: u32 = 4;
+
+/// A sleep of an idle shard (its last [`QUIET_SLEEPS`] sleeps ended with
+/// nothing to do): until glommio's next timer is due (at most
+/// [`Waiting::idle_sleep`]) instead of at most [`PASS_INTERVAL`], since a
+/// pass has nothing to do before then but
+/// what other threads send, and those (control messages, the blocking
+/// pool's answers) write glommio's eventfd during the sleep, which the
+/// ring polls. Arming that costs a `membarrier`, once per deep sleep, so a
+/// shard with work sleeps the short way. A timer due sooner than a pass
+/// interval gets the short sleep too: glommio fires it on the pass after.
+/// Returns how many tasks it woke (sent from other threads): they are
+/// queued, and must run before the next sleep.
+fn deep_sleep(plane: &Plane) -> io::Result<usize> {
+    let ex = glommio::executor();
+    let cap = plane.waiting.idle_sleep;
+    let limit = ex.next_timer().map_or(cap, |due| {
+        due.saturating_duration_since(std::time::Instant::now())
+            .min(cap)
+    });
+    if limit <= PASS_INTERVAL {
+        return plane.sleep(PASS_INTERVAL).map(|()| 0);
+    }
+    let woke = ex.prepare_sleep_elsewhere();
+    if woke > 0 {
+        // Something came in since the last pass; its task is queued.
+        return Ok(woke);
+    }
+    let slept = plane.sleep(limit);
+    // Wakes what other threads sent during the sleep now, not at
+    // glommio's next pass.
+    let woke = ex.woke_elsewhere();
+    slept.map(|()| woke)
+}
+
 /// Drives `plane` on this shard until `stop` is set: dispatches
 /// completions in batches and sleeps as `wake` says (see the module docs).
 pub async fn drive(plane: Rc<Plane>, stop: Rc<Cell<bool>>) {
@@ -685,10 +779,16 @@ pub async fn drive(plane: Rc<Plane>, stop: Rc<Cell<bool>>) {
         }
     };
     let bell = plane.doorbell().cloned();
+    if eventfd.is_none() {
+        plane.watch_foreign(glommio::executor().sleep_notifier_fd());
+    }
     let mut seen_polls = POLLS.with(Cell::get);
     // After glommio's pass, tasks it woke (timers, control messages) are
     // queued: let them run before sleeping.
     let mut after_pass = true;
+    // Sleeps in a row that ended with nothing to do.
+    let mut quiet = 0u32;
+    let mut just_slept = false;
     while !stop.get() {
         let mut handled = plane.dispatch();
         if let Some(bell) = &bell {
@@ -699,6 +799,15 @@ pub async fn drive(plane: Rc<Plane>, stop: Rc<Cell<bool>>) {
             tracing::warn!(error = %e, "data plane: submit failed");
         }
         let polls = POLLS.with(Cell::get);
+        if std::mem::take(&mut just_slept) {
+            quiet = if handled == 0 {
+                quiet.saturating_add(1)
+            } else {
+                0
+            };
+        } else if handled > 0 || polls != seen_polls {
+            quiet = 0;
+        }
         if handled > 0 || polls != seen_polls || after_pass {
             seen_polls = polls;
             after_pass = false;
@@ -714,7 +823,12 @@ pub async fn drive(plane: Rc<Plane>, stop: Rc<Cell<bool>>) {
             None => {
                 // Not when another thread has just rung: its task runs first.
                 if bell.as_ref().is_none_or(|b| b.prepare_sleep()) {
-                    let slept = plane.sleep(PASS_INTERVAL);
+                    let slept = if quiet >= QUIET_SLEEPS {
+                        deep_sleep(&plane).map(|woke| after_pass = woke > 0)
+                    } else {
+                        plane.sleep(PASS_INTERVAL)
+                    };
+                    just_slept = true;
                     if let Some(bell) = &bell {
                         bell.woke();
                     }

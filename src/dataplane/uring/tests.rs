@@ -378,3 +378,88 @@ fn one_pass_collects_readiness_for_every_socket() {
         plane.submit().unwrap();
     });
 }
+
+/// Runs `test` on a shard that sleeps up to a minute when idle (a deep
+/// sleep, see [`deep_sleep`]): whatever the test waits for must end that
+/// sleep, or it waits the minute and fails.
+fn on_idle_plane<F, Fut>(test: F)
+where
+    F: FnOnce() -> Fut + 'static,
+    Fut: Future<Output = ()> + 'static,
+{
+    let waiting = Waiting {
+        idle_sleep: Duration::from_secs(60),
+        ..Waiting::default()
+    };
+    glommio::LocalExecutorBuilder::default()
+        .preempt_timer(PASS_INTERVAL)
+        .make()
+        .unwrap()
+        .run(async move {
+            let plane = Plane::with_sizes(64, 256, waiting).unwrap();
+            let stop = Rc::new(Cell::new(false));
+            let driver = glommio::spawn_local(drive(plane.clone(), stop.clone()));
+            // Long enough for the driver to find nothing to do and sleep
+            // deep (a quiet short sleep, then a deep one).
+            glommio::timer::sleep(Duration::from_millis(50)).await;
+            test().await;
+            stop.set(true);
+            driver.await;
+        });
+}
+
+/// How long `f` took: an idle shard's wake-ups are checked against a
+/// deep sleep of a minute, so a wake-up that is missed shows as tens of
+/// seconds, one that works as the wait itself (well under a second).
+async fn took<T>(f: impl Future<Output = T>) -> (T, Duration) {
+    let start = std::time::Instant::now();
+    let out = f.await;
+    (out, start.elapsed())
+}
+
+#[test]
+fn an_idle_shard_wakes_for_its_timers() {
+    on_idle_plane(|| async {
+        let ((), waited) = took(glommio::timer::sleep(Duration::from_millis(300))).await;
+        assert!(
+            waited < Duration::from_secs(20),
+            "a 300 ms timer on an idle shard fired after {waited:?}"
+        );
+        assert!(waited >= Duration::from_millis(300));
+    });
+}
+
+#[test]
+fn an_idle_shard_wakes_for_a_message_from_another_thread() {
+    on_idle_plane(|| async {
+        let (tx, rx) = async_channel::bounded::<u32>(1);
+        // No glommio timer meanwhile: only the message can end the sleep.
+        let sender = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            tx.send_blocking(7).unwrap();
+        });
+        let (got, waited) = took(rx.recv()).await;
+        assert_eq!(got.unwrap(), 7);
+        assert!(
+            waited < Duration::from_secs(20),
+            "a message sent to an idle shard after 300 ms arrived after {waited:?}"
+        );
+        sender.join().unwrap();
+    });
+}
+
+#[test]
+fn an_idle_shard_wakes_for_its_blocking_pool() {
+    on_idle_plane(|| async {
+        let work = glommio::executor().spawn_blocking(|| {
+            std::thread::sleep(Duration::from_millis(300));
+            7
+        });
+        let (got, waited) = took(work).await;
+        assert_eq!(got, 7);
+        assert!(
+            waited < Duration::from_secs(20),
+            "the blocking pool's answer reached an idle shard after {waited:?}"
+        );
+    });
+}
