@@ -2112,8 +2112,9 @@ impl ExecutorProxy {
     /// writes [`Self::sleep_notifier_fd`] (as it does while glommio itself
     /// sleeps), so the sleep must also end when that fd is readable. Then
     /// wakes what came before. Returns how many tasks that woke: if any,
-    /// do not sleep (and call [`Self::woke_elsewhere`]). Costs a
-    /// `membarrier`, like glommio's own sleep.
+    /// do not sleep (the writes are already off again, as after
+    /// [`Self::woke_elsewhere`]). Costs a `membarrier`, like glommio's own
+    /// sleep.
     pub fn prepare_sleep_elsewhere(&self) -> usize {
         Self::with_reactor(|r| r.prepare_sleep_elsewhere())
     }
