@@ -325,7 +325,7 @@ impl Plane {
             doorbell,
             foreign: Cell::new(None),
         });
-        plane.arm_doorbell();
+        plane.arm_wake(DOORBELL);
         Ok(plane)
     }
 
@@ -334,33 +334,27 @@ impl Plane {
         self.doorbell.as_ref()
     }
 
-    /// Polls the doorbell's eventfd (multishot, for the plane's life).
-    fn arm_doorbell(&self) {
-        if let Some(bell) = &self.doorbell {
-            self.push(
-                opcode::PollAdd::new(types::Fd(bell.fd()), POLL_IN)
-                    .multi(true)
-                    .build()
-                    .user_data(DOORBELL),
-            );
-        }
-    }
-
-    /// Polls glommio's eventfd `fd` (multishot, for the plane's life).
-    fn watch_foreign(&self, fd: RawFd) {
-        self.foreign.set(Some(fd));
-        self.arm_foreign();
-    }
-
-    fn arm_foreign(&self) {
-        if let Some(fd) = self.foreign.get() {
+    /// Polls the eventfd that ends a sleep with user data `ud` ([`DOORBELL`]
+    /// or [`FOREIGN`]; multishot, for the plane's life), if there is one.
+    fn arm_wake(&self, ud: u64) {
+        let fd = match ud {
+            DOORBELL => self.doorbell.as_ref().map(|bell| bell.fd()),
+            _ => self.foreign.get(),
+        };
+        if let Some(fd) = fd {
             self.push(
                 opcode::PollAdd::new(types::Fd(fd), POLL_IN)
                     .multi(true)
                     .build()
-                    .user_data(FOREIGN),
+                    .user_data(ud),
             );
         }
+    }
+
+    /// Polls glommio's eventfd `fd` too (see [`Plane::foreign`]).
+    fn watch_foreign(&self, fd: RawFd) {
+        self.foreign.set(Some(fd));
+        self.arm_wake(FOREIGN);
     }
 
     /// Sockets registered now.
@@ -516,8 +510,8 @@ impl Plane {
     /// completions handled.
     pub fn dispatch(&self) -> usize {
         let mut handled = 0;
-        let mut rearm_doorbell = false;
-        let mut rearm_foreign = false;
+        // Wake-up polls (doorbell, glommio's eventfd) the kernel ended.
+        let mut rearm_wakes = Vec::<u64>::new();
         let mut rearm = None::<Vec<(Token, RawFd)>>;
         let mut stale = None::<Vec<u64>>;
         {
@@ -545,15 +539,13 @@ impl Plane {
             }
             for cqe in &mut cq {
                 handled += 1;
-                if cqe.user_data() == DOORBELL {
-                    // The sleep is over; `drive` wakes the tasks. Armed
-                    // again if the kernel ended the poll.
-                    rearm_doorbell |= !cqueue::more(cqe.flags());
-                    continue;
-                }
-                if cqe.user_data() == FOREIGN {
-                    // Likewise; `drive` has glommio wake the tasks.
-                    rearm_foreign |= !cqueue::more(cqe.flags());
+                if matches!(cqe.user_data(), DOORBELL | FOREIGN) {
+                    // The sleep is over; `drive` wakes the tasks (through
+                    // the doorbell, or glommio). Armed again if the kernel
+                    // ended the poll.
+                    if !cqueue::more(cqe.flags()) {
+                        rearm_wakes.push(cqe.user_data());
+                    }
                     continue;
                 }
                 let (token, kind) = Token::from_user_data(cqe.user_data());
@@ -604,13 +596,9 @@ impl Plane {
                 }
             }
         }
-        if rearm_doorbell {
+        for ud in rearm_wakes {
             self.rearmed.set(self.rearmed.get() + 1);
-            self.arm_doorbell();
-        }
-        if rearm_foreign {
-            self.rearmed.set(self.rearmed.get() + 1);
-            self.arm_foreign();
+            self.arm_wake(ud);
         }
         if let Some(rearm) = rearm {
             for (token, fd) in rearm {
@@ -729,10 +717,9 @@ const QUIET_SLEEPS: u32 = 4;
 /// A sleep of an idle shard (its last [`QUIET_SLEEPS`] sleeps ended with
 /// nothing to do): until glommio's next timer is due (at most
 /// [`Waiting::idle_sleep`]) instead of at most [`PASS_INTERVAL`], since a
-/// pass has nothing to do before then but
-/// what other threads send, and those (control messages, the blocking
-/// pool's answers) write glommio's eventfd during the sleep, which the
-/// ring polls. Arming that costs a `membarrier`, once per deep sleep, so a
+/// pass has nothing to do before then but what other threads send, and
+/// those (control messages, the blocking pool's answers) write glommio's
+/// eventfd during the sleep, which the ring polls. Arming that costs a `membarrier`, once per deep sleep, so a
 /// shard with work sleeps the short way. A timer due sooner than a pass
 /// interval gets the short sleep too: glommio fires it on the pass after.
 /// Returns how many tasks it woke (sent from other threads): they are

@@ -400,7 +400,7 @@ where
             let stop = Rc::new(Cell::new(false));
             let driver = glommio::spawn_local(drive(plane.clone(), stop.clone()));
             // Long enough for the driver to find nothing to do and sleep
-            // deep (a quiet short sleep, then a deep one).
+            // deep (four quiet short sleeps, 20 ms, then a deep one).
             glommio::timer::sleep(Duration::from_millis(50)).await;
             test().await;
             stop.set(true);
