@@ -49,19 +49,22 @@
 //! Nothing here allocates per frame: slots are reused, wakers are cloned
 //! only when they change, and completions are dispatched in place.
 
+mod closing;
 mod socket;
 #[cfg(test)]
 mod tests;
 
+pub use closing::{CLOSE_LIMIT, DISCARD_LIMIT};
 pub use socket::{RingListener, RingSocket};
 
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::Waker;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::core::doorbell::Doorbell;
 
@@ -206,6 +209,11 @@ struct Slot {
     write_armed: bool,
     reader: Option<Waker>,
     writer: Option<Waker>,
+    /// The plane closes this socket once its peer has closed its side
+    /// (`closing.rs`); no task reads it any more.
+    closing: bool,
+    /// Bytes a closing socket may still discard before it is closed anyway.
+    discard_left: u32,
 }
 
 /// A registration: which slot, and which use of it.
@@ -256,6 +264,14 @@ pub struct Plane {
     /// once [`drive`] starts ([`Wake::Ring`] only): written while the shard
     /// sleeps deep (`deep_sleep`).
     foreign: Cell<Option<RawFd>>,
+    /// Sockets waiting for their peer's FIN before the plane closes them,
+    /// oldest first, with the time they are closed anyway (`closing.rs`).
+    /// Entries of sockets already closed stay until they reach the front.
+    closing: RefCell<VecDeque<(Instant, Token)>>,
+    /// How many sockets are closing now.
+    closing_now: Cell<usize>,
+    /// Woken when the last closing socket is closed (a shard that stops).
+    all_closed: RefCell<Option<Waker>>,
 }
 
 impl std::fmt::Debug for Plane {
@@ -324,6 +340,9 @@ impl Plane {
             rearmed: Cell::new(0),
             doorbell,
             foreign: Cell::new(None),
+            closing: RefCell::new(VecDeque::new()),
+            closing_now: Cell::new(0),
+            all_closed: RefCell::new(None),
         });
         plane.arm_wake(DOORBELL);
         Ok(plane)
@@ -393,6 +412,7 @@ impl Plane {
             slot.hup = false;
             slot.read_armed = true;
             slot.write_armed = false;
+            slot.closing = false;
             Token {
                 index,
                 gen: slot.gen,
@@ -510,10 +530,13 @@ impl Plane {
     /// completions handled.
     pub fn dispatch(&self) -> usize {
         let mut handled = 0;
+        self.close_overdue();
         // Wake-up polls (doorbell, glommio's eventfd) the kernel ended.
         let mut rearm_wakes = Vec::<u64>::new();
         let mut rearm = None::<Vec<(Token, RawFd)>>;
         let mut stale = None::<Vec<u64>>;
+        // Closing sockets with bytes or their peer's FIN to read.
+        let mut to_drain = None::<Vec<Token>>;
         {
             let mut ring = self.ring.borrow_mut();
             let mut slots = self.slots.borrow_mut();
@@ -582,7 +605,9 @@ impl Plane {
                                 rearm.get_or_insert_with(Vec::new).push((token, slot.fd));
                             }
                         }
-                        if let Some(w) = slot.reader.take() {
+                        if slot.closing {
+                            to_drain.get_or_insert_with(Vec::new).push(token);
+                        } else if let Some(w) = slot.reader.take() {
                             to_wake.push(w);
                         }
                     }
@@ -596,13 +621,24 @@ impl Plane {
                 }
             }
         }
+        // Before the re-arms: a socket closed here must not be armed again.
+        for token in to_drain.into_iter().flatten() {
+            self.drain_closing(token);
+        }
         for ud in rearm_wakes {
             self.rearmed.set(self.rearmed.get() + 1);
             self.arm_wake(ud);
         }
         if let Some(rearm) = rearm {
             for (token, fd) in rearm {
-                self.slots.borrow_mut()[token.index as usize].read_armed = true;
+                {
+                    let mut slots = self.slots.borrow_mut();
+                    let slot = &mut slots[token.index as usize];
+                    if !slot.in_use || slot.gen != token.gen {
+                        continue; // closed just above
+                    }
+                    slot.read_armed = true;
+                }
                 self.rearmed.set(self.rearmed.get() + 1);
                 self.push(
                     opcode::PollAdd::new(types::Fd(fd), POLL_IN)
@@ -667,6 +703,12 @@ impl Plane {
     }
 }
 
+impl Drop for Plane {
+    fn drop(&mut self) {
+        self.close_all_now();
+    }
+}
+
 /// Keeps `waker` in `slot`, cloning only when it changed.
 fn set_waker(slot: &mut Option<Waker>, waker: &Waker) {
     match slot {
@@ -727,10 +769,12 @@ const QUIET_SLEEPS: u32 = 4;
 fn deep_sleep(plane: &Plane) -> io::Result<usize> {
     let ex = glommio::executor();
     let cap = plane.waiting.idle_sleep;
-    let limit = ex.next_timer().map_or(cap, |due| {
-        due.saturating_duration_since(std::time::Instant::now())
-            .min(cap)
-    });
+    let now = Instant::now();
+    let due = match (ex.next_timer(), plane.next_close_due()) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    let limit = due.map_or(cap, |due| due.saturating_duration_since(now).min(cap));
     if limit <= PASS_INTERVAL {
         return plane.sleep(PASS_INTERVAL).map(|()| 0);
     }

@@ -100,6 +100,17 @@ impl RingSocket {
             .ok_or_else(|| io::Error::other("not an IP socket"))
     }
 
+    /// Hands the socket to the plane, which closes it once the peer has
+    /// closed its side (or after a bound; see `closing.rs`). For a stream
+    /// that has said its last frame: the wait needs no task.
+    pub fn close_after_peer(self) {
+        let this = std::mem::ManuallyDrop::new(self);
+        // SAFETY: `this` is never dropped, so each field is read out once
+        // and dropped (or handed on) once, here.
+        let (fd, plane) = unsafe { (std::ptr::read(&this.fd), std::ptr::read(&this.plane)) };
+        plane.close_after_peer(this.token, fd);
+    }
+
     /// One non-blocking `recv`, once the plane says bytes may be there.
     pub(crate) fn poll_recv(
         &self,

@@ -5,7 +5,7 @@ use std::cell::Cell;
 use std::future::Future;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -384,7 +384,7 @@ fn one_pass_collects_readiness_for_every_socket() {
 /// sleep, or it waits the minute and fails.
 fn on_idle_plane<F, Fut>(test: F)
 where
-    F: FnOnce() -> Fut + 'static,
+    F: FnOnce(Rc<Plane>) -> Fut + 'static,
     Fut: Future<Output = ()> + 'static,
 {
     let waiting = Waiting {
@@ -402,7 +402,7 @@ where
             // Long enough for the driver to find nothing to do and sleep
             // deep (four quiet short sleeps, 20 ms, then a deep one).
             glommio::timer::sleep(Duration::from_millis(50)).await;
-            test().await;
+            test(plane).await;
             stop.set(true);
             driver.await;
         });
@@ -419,7 +419,7 @@ async fn took<T>(f: impl Future<Output = T>) -> (T, Duration) {
 
 #[test]
 fn an_idle_shard_wakes_for_its_timers() {
-    on_idle_plane(|| async {
+    on_idle_plane(|_| async {
         let ((), waited) = took(glommio::timer::sleep(Duration::from_millis(300))).await;
         assert!(
             waited < Duration::from_secs(20),
@@ -431,7 +431,7 @@ fn an_idle_shard_wakes_for_its_timers() {
 
 #[test]
 fn an_idle_shard_wakes_for_a_message_from_another_thread() {
-    on_idle_plane(|| async {
+    on_idle_plane(|_| async {
         let (tx, rx) = async_channel::bounded::<u32>(1);
         // No glommio timer meanwhile: only the message can end the sleep.
         let sender = std::thread::spawn(move || {
@@ -450,7 +450,7 @@ fn an_idle_shard_wakes_for_a_message_from_another_thread() {
 
 #[test]
 fn an_idle_shard_wakes_for_its_blocking_pool() {
-    on_idle_plane(|| async {
+    on_idle_plane(|_| async {
         let work = glommio::executor().spawn_blocking(|| {
             std::thread::sleep(Duration::from_millis(300));
             7
@@ -461,5 +461,138 @@ fn an_idle_shard_wakes_for_its_blocking_pool() {
             waited < Duration::from_secs(20),
             "the blocking pool's answer reached an idle shard after {waited:?}"
         );
+    });
+}
+
+/// Reads from `peer` on a thread of its own until EOF, an error or
+/// `limit`: what it read, and how it ended. No glommio timer runs while
+/// this is awaited (an idle shard may sleep deep meanwhile).
+fn read_to_end(
+    mut peer: TcpStream,
+    limit: Duration,
+) -> impl Future<Output = (usize, std::io::Result<()>)> {
+    let (tx, rx) = async_channel::bounded(1);
+    std::thread::spawn(move || {
+        peer.set_read_timeout(Some(limit)).unwrap();
+        let mut total = 0;
+        let mut b = [0u8; 4096];
+        let end = loop {
+            match peer.read(&mut b) {
+                Ok(0) => break Ok(()),
+                Ok(n) => total += n,
+                Err(e) => break Err(e),
+            }
+        };
+        let _ = tx.send_blocking((total, end));
+    });
+    async move { rx.recv().await.unwrap() }
+}
+
+/// A socket handed to the plane to close stays open while its peer still
+/// sends (what it sends is read and discarded, so the close is no reset),
+/// and closes once the peer has closed its side. A shard that stops waits
+/// for it.
+#[test]
+fn a_closing_socket_closes_after_its_peer_not_before() {
+    on_plane(64, 256, |plane| async move {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let (fd, mut peer) = pair(&listener);
+        let sock = RingSocket::new(&plane, fd);
+        // Bytes nobody read are waiting when the socket is handed over.
+        peer.write_all(b"unread").unwrap();
+        // SAFETY: shutdown of the socket's own descriptor: the relay's FIN.
+        unsafe { libc::shutdown(sock.as_raw_fd(), libc::SHUT_WR) };
+        sock.close_after_peer();
+        assert_eq!(plane.closing(), 1);
+        let all_closed = {
+            let plane = plane.clone();
+            glommio::spawn_local(async move { plane.all_closed().await })
+        };
+        let peer = blocking(move || {
+            let mut b = [0u8; 16];
+            assert_eq!(peer.read(&mut b).unwrap(), 0, "the relay's FIN");
+            for _ in 0..20 {
+                peer.write_all(&[7u8; 1000]).unwrap();
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            peer
+        })
+        .await;
+        assert_eq!(plane.closing(), 1, "closed before its peer");
+        assert_eq!(plane.registered(), 1);
+        let end = blocking(move || {
+            let mut peer = peer;
+            peer.shutdown(std::net::Shutdown::Write).unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+            peer.set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            let mut b = [0u8; 16];
+            peer.read(&mut b).map_err(|e| e.kind())
+        })
+        .await;
+        assert_eq!(end, Ok(0), "the close was a reset");
+        all_closed.await;
+        assert_eq!(plane.closing(), 0);
+        assert_eq!(plane.registered(), 0);
+    });
+}
+
+/// A peer that never closes does not keep the socket: the plane closes it
+/// after [`CLOSE_LIMIT`], even on a shard asleep deep (no timer of
+/// glommio's would wake it: the wait is the plane's own).
+#[test]
+fn a_closing_socket_whose_peer_never_closes_is_closed_after_the_limit() {
+    on_idle_plane(|plane| async move {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let (fd, peer) = pair(&listener);
+        let sock = RingSocket::new(&plane, fd);
+        sock.close_after_peer();
+        let ((read, end), waited) = took(read_to_end(peer, Duration::from_secs(20))).await;
+        assert_eq!(read, 0);
+        end.expect("the peer saw the close (EOF), not a timeout or a reset");
+        assert!(
+            waited >= CLOSE_LIMIT - Duration::from_millis(100),
+            "closed after {waited:?}, before the peer closed or the limit passed"
+        );
+        assert!(
+            waited < Duration::from_secs(20),
+            "closed after {waited:?}, not at the limit"
+        );
+        assert_eq!(plane.closing(), 0);
+    });
+}
+
+/// A peer that goes on sending after the close gets a reset once the plane
+/// has discarded [`DISCARD_LIMIT`] bytes: the socket does not stay open,
+/// reading, for as long as it is fed.
+#[test]
+fn a_closing_socket_that_keeps_receiving_is_reset_after_the_discard_limit() {
+    on_plane(64, 256, |plane| async move {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let (fd, mut peer) = pair(&listener);
+        let sock = RingSocket::new(&plane, fd);
+        sock.close_after_peer();
+        let sent = blocking(move || {
+            let chunk = [1u8; 16 << 10];
+            let mut sent = 0usize;
+            // 64 times the limit, at loopback speed (well inside the time
+            // limit); the socket buffers take a few MiB before the reset
+            // comes back, and the reset ends it early.
+            while sent < 64 * DISCARD_LIMIT as usize {
+                match peer.write(&chunk) {
+                    Ok(n) => sent += n,
+                    Err(_) => return (sent, true),
+                }
+            }
+            (sent, false)
+        })
+        .await;
+        let (sent, reset) = sent;
+        assert!(reset, "the peer sent {sent} bytes without a reset");
+        assert!(
+            sent >= DISCARD_LIMIT as usize,
+            "reset after only {sent} bytes"
+        );
+        assert_eq!(plane.closing(), 0);
     });
 }
