@@ -186,6 +186,17 @@ impl AsyncWrite for Conn {
     }
 }
 
+impl Conn {
+    /// The TCP socket under the connection (TLS state, if any, dropped).
+    pub fn into_tcp(self) -> Tcp {
+        match self {
+            Conn::Plain(tcp) => tcp,
+            Conn::TlsClient(tls) => tls.into_inner().0,
+            Conn::TlsServer(tls) => tls.into_inner().0,
+        }
+    }
+}
+
 /// A connection both pumps of a stream use: one reads it, the other writes it.
 #[derive(Debug)]
 pub struct Duplex(RefCell<Conn>);

@@ -653,6 +653,9 @@ pub fn start(index: usize, setup: ShardSetup) -> std::io::Result<ShardHandle> {
             futures_lite::future::pending::<()>().await;
         };
         future::or(control, accept).await;
+        // The last streams' sockets close after their peers, as they would
+        // have had the shard gone on (at most `uring::CLOSE_LIMIT`).
+        plane.all_closed().await;
         plane_stop.set(true);
     })?;
     let addr = ready_rx

@@ -15,7 +15,7 @@ mod refusal;
 mod support;
 
 use ending::{Ending, ToClient};
-use support::{audio_bytes_per_ms, close_client, close_upstream, raw_audio_rate, LiveGuard};
+use support::{audio_bytes_per_ms, close_after_peer, raw_audio_rate, LiveGuard};
 pub use support::{upstream_config_text, with_api_key};
 
 pub use handshake::serve;
@@ -153,6 +153,7 @@ impl Stream {
                 })
                 .await;
                 let Some((config, up, late_permit)) = opened else {
+                    close_after_peer(client);
                     return;
                 };
                 state.meter.set_audio_rate(audio_bytes_per_ms(&config));
@@ -293,15 +294,18 @@ impl Stream {
             // state. The loop's result moves into it whole: matched here,
             // it would be kept (for the refusal's answer) in every open
             // stream's task.
-            Box::pin(async {
+            let upstream_closes = Box::pin(async {
                 let end = match end {
                     Ok(end) => end,
-                    Err(r) => return self.refuse(&client, &r).await,
+                    Err(r) => {
+                        self.refuse(&client, &r).await;
+                        return false;
+                    }
                 };
                 if let Some((code, scope)) = state.down.first_error.get() {
                     self.note_refusal(&up.lease, code, scope);
                 }
-                let error = self
+                let (error, upstream_closes) = self
                     .finish(&client, &mut up, end, &state, &mut cbuf, &mut cside)
                     .await;
                 self.shard
@@ -314,8 +318,14 @@ impl Stream {
                     .as_ref()
                     .map_or(0, |r| r.peak_capacity);
                 tracing::debug!(stream = %self.id, ?end, secs = state.started.elapsed().as_secs_f64(), resume_copy_peak, "stream end");
+                upstream_closes
             })
             .await;
+            // The stream is over; its sockets close after their peers.
+            close_after_peer(client);
+            if upstream_closes {
+                close_after_peer(up.conn);
+            }
         }
     }
 
@@ -786,7 +796,9 @@ impl Stream {
 
     /// Ends a stream the way `end` calls for: what it needs first (a close
     /// handshake carried on, a drain's finalize), then its row of the
-    /// table in `ending.rs`.
+    /// table in `ending.rs`, then the client's FIN. Returns the error the
+    /// client was told, and whether a close frame went upstream (then
+    /// upstream closes the connection first; see `close_after_peer`).
     async fn finish(
         &self,
         client: &Duplex,
@@ -795,7 +807,7 @@ impl Stream {
         state: &StreamState,
         cbuf: &mut Buf,
         cside: &mut ClientSide,
-    ) -> Option<u16> {
+    ) -> (Option<u16>, bool) {
         let shard = &self.shard;
         // What this ending needs before the table's two steps.
         match end {
@@ -851,8 +863,8 @@ impl Stream {
             ToClient::Error(r) => Some(r.code),
             _ => None,
         };
-        future::zip(close_upstream(&up.conn, closing), close_client(client)).await;
-        error
+        let _ = client.close().await;
+        (error, closing)
     }
 
     /// A drain's last service to a stream between frames: ask upstream for
@@ -889,7 +901,7 @@ impl Stream {
         let _ = timeout(FINALIZE_WAIT, future::or(u2c, fin)).await;
     }
 
-    /// Sends a refusal (error frame + close) to the client and ends.
+    /// Sends a refusal (error frame + close) to the client, then its FIN.
     async fn refuse(&self, client: &Duplex, r: &Refusal) {
         if r.code != 0 {
             self.shard.metrics.stream_refused(r.by, r.side, r.code);
@@ -910,6 +922,6 @@ impl Stream {
                 ))
                 .await;
         }
-        close_client(client).await;
+        let _ = client.close().await;
     }
 }

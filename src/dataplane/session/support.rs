@@ -1,14 +1,13 @@
 //! Small pieces of a stream's life: its place in the shard's live-stream
 //! registry, the audio byte rate of its format, the config message as
-//! upstream gets it, and closing the client.
+//! upstream gets it, and closing its connections.
 
 use std::rc::Rc;
 
 use serde_json::{Map, Value};
 
-use super::CLOSE_WAIT;
 use crate::core::token::Claims;
-use crate::dataplane::io::{timeout, Duplex};
+use crate::dataplane::io::{Duplex, Tcp};
 use crate::dataplane::shard::{LiveStream, Shard};
 
 /// Audio bytes per millisecond for a raw `audio_format` in the config
@@ -69,42 +68,29 @@ impl Drop for LiveGuard<'_> {
     }
 }
 
-/// Closes the client side after the relay's last frame: FIN, then read and
-/// discard until the client closes too (bounded), so no unread byte turns
-/// the close into a reset that could cost the client its last frames.
-pub(super) async fn close_client(client: &Duplex) {
-    let _ = client.close().await;
-    until_peer_closes(client).await;
-}
-
-/// Closes the upstream side. After a close frame went upstream, the relay
-/// lets upstream, the server, close the TCP connection first, as a
-/// WebSocket client should (RFC 6455 §7.1.1): it waits (bounded) for
-/// upstream's FIN, discarding what comes, and only then closes its own
-/// side. The side that closes first keeps the connection's TIME_WAIT for a
-/// minute. Closing first, the relay kept one for every stream, each on an
-/// ephemeral port towards the same upstream address; with Linux's
-/// defaults (no reuse beyond loopback) those ports run out at about
-/// 28,000 stream opens a minute to one upstream address.
-pub(super) async fn close_upstream(upstream: &Duplex, after_close_frame: bool) {
-    if after_close_frame {
-        until_peer_closes(upstream).await;
+/// Closes a stream's connection once its peer has closed its side, read
+/// and discarded by the shard's data plane (bounded in time and bytes,
+/// `uring/closing.rs`), so the stream's task ends now. Two uses:
+///
+/// - the client, after the relay's last frame and its FIN
+///   ([`Duplex::close`]): no byte the client still sends is left unread,
+///   which would turn the close into a reset that could cost the client
+///   its last frames;
+/// - upstream, after a close frame went up: upstream, the server, closes
+///   the TCP connection first, as RFC 6455 §7.1.1 has it. The side that
+///   closes first keeps the connection's TIME_WAIT for a minute. Closing
+///   first, the relay kept one for every stream, each on an ephemeral port
+///   towards the same upstream address; with Linux's defaults (no reuse
+///   beyond loopback) those ports run out at about 28,000 stream opens a
+///   minute to one upstream address. Its FIN goes when it closes: the
+///   relay sends nothing more (no TLS close_notify either) once upstream
+///   has closed.
+pub(super) fn close_after_peer(conn: Duplex) {
+    match conn.into_inner().into_tcp() {
+        Tcp::Ring(socket) => socket.close_after_peer(),
+        // Off the data plane (a stream's sockets never are): closed now.
+        Tcp::Glommio(_) => {}
     }
-    let _ = upstream.close().await;
-}
-
-/// Reads and discards until the peer closes its side (EOF or an error),
-/// for at most [`CLOSE_WAIT`].
-async fn until_peer_closes(conn: &Duplex) {
-    let mut scratch = [0u8; 512];
-    let _ = timeout(CLOSE_WAIT, async {
-        while let Ok(n) = conn.read(&mut scratch).await {
-            if n == 0 {
-                break;
-            }
-        }
-    })
-    .await;
 }
 
 /// The client's config as upstream gets it (before any key): without the
