@@ -24,6 +24,7 @@ mod refusals;
 mod reload;
 mod resume;
 mod shards;
+mod slow_clients;
 mod streaming;
 mod timeouts;
 mod tls;

@@ -492,3 +492,48 @@ pub fn only_first_connection_fails(
     }
     faults
 }
+
+/// A raw client socket that takes little before it is full, upgraded with
+/// the token in `auth` (a header line, or empty for none); its writes give
+/// up after 500 ms. For clients that stop reading.
+pub fn upgraded_raw_client(addr: SocketAddr, auth: &str) -> TcpStream {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&addr.into()).unwrap();
+    let mut tcp: TcpStream = sock.into();
+    write!(
+        tcp,
+        "GET /v1/transcribe HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Version: 13\r\n{auth}\r\n"
+    )
+    .unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(tcp.read(&mut b).unwrap(), 1, "the relay closed: {head:?}");
+        head.push(b[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{head:?}");
+    // From here on the client writes, with a bound, and never reads.
+    tcp.set_write_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    tcp
+}
+
+/// Writes masked client frames until `n` are sent or the relay stops taking
+/// them.
+pub fn send_frames(
+    tcp: &mut TcpStream,
+    opcode: clio_frame::frame::Opcode,
+    payload: &[u8],
+    n: usize,
+) {
+    let frame = clio_frame::frame::build_frame(opcode, payload, Some([1, 2, 3, 4]));
+    for _ in 0..n {
+        if tcp.write_all(&frame).is_err() {
+            return;
+        }
+    }
+}

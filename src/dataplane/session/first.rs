@@ -70,7 +70,15 @@ impl Stream {
                     match h.opcode {
                         Opcode::Ping => {
                             let pong = build_frame(Opcode::Pong, payload, None);
-                            let _ = client.write_all(&pong).await;
+                            // Within the same deadline: a client that pings
+                            // and never reads the pongs (its socket full) is
+                            // let go, with nothing more written after what
+                            // may be half a pong.
+                            let left =
+                                deadline.saturating_duration_since(std::time::Instant::now());
+                            if timeout(left, client.write_all(&pong)).await.is_none() {
+                                return Err(Refusal::silent(0));
+                            }
                         }
                         Opcode::Pong => {}
                         Opcode::Close => return Err(Refusal::silent(1000)),

@@ -45,9 +45,11 @@ const FINALIZE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// How long the relay waits for a peer's half of a close handshake.
 const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
-/// The longest the relay waits to hand upstream its close frame when a
-/// stream ends (a peer that stopped reading does not hold the stream).
-const UPSTREAM_CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+/// The longest the relay waits to hand a peer its last frames when a
+/// stream ends (the client its error frame or close, upstream its close
+/// frame or a drain's finalize): a peer that stopped reading, its socket
+/// full, does not hold the stream.
+const LAST_FRAMES_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// One upgraded stream on one shard.
 struct Stream {
@@ -847,7 +849,7 @@ impl Stream {
                 ToClient::Error(r) => Some(r.frames(&self.id)),
             };
             if let Some(frames) = frames {
-                let _ = client.write_all(&frames).await;
+                let _ = timeout(LAST_FRAMES_WAIT, client.write_all(&frames)).await;
             }
         }
         // A close frame went upstream, the client's or the relay's own:
@@ -856,7 +858,7 @@ impl Stream {
         if let (Some((code, reason)), true) = (ending.upstream, state.up.at_boundary.get()) {
             let key = shard.masks.borrow_mut().next_key();
             let close = build_frame(Opcode::Close, &close_payload(code, reason), Some(key));
-            let sent = timeout(UPSTREAM_CLOSE_WAIT, up.conn.write_all(&close)).await;
+            let sent = timeout(LAST_FRAMES_WAIT, up.conn.write_all(&close)).await;
             closing |= matches!(sent, Some(Ok(())));
         }
         let error = match ending.client {
@@ -874,8 +876,15 @@ impl Stream {
         let shard = &self.shard;
         let key = shard.masks.borrow_mut().next_key();
         let finalize = build_frame(Opcode::Text, br#"{"type":"finalize"}"#, Some(key));
-        if up.conn.write_all(&finalize).await.is_err() {
-            return;
+        match timeout(LAST_FRAMES_WAIT, up.conn.write_all(&finalize)).await {
+            Some(Ok(())) => {}
+            Some(Err(_)) => return,
+            None => {
+                // Upstream stopped reading, perhaps mid-frame: no close
+                // frame may follow.
+                state.up.at_boundary.set(false);
+                return;
+            }
         }
         // A draining stream moves to no other account.
         state.up.replayable.set(false);
@@ -911,16 +920,11 @@ impl Stream {
                 tracing::info!(stream = %self.id, by = r.by.label(), code = r.code, close = r.close, reason = %r.message, "stream refused");
             } // at the file limit, the shard's rate-limited warning says it
 
-            let _ = client.write_all(&r.frames(&self.id)).await;
+            let _ = timeout(LAST_FRAMES_WAIT, client.write_all(&r.frames(&self.id))).await;
         } else if r.close != 0 {
             // The client closed before its first message: answer its close.
-            let _ = client
-                .write_all(&build_frame(
-                    Opcode::Close,
-                    &close_payload(r.close, ""),
-                    None,
-                ))
-                .await;
+            let close = build_frame(Opcode::Close, &close_payload(r.close, ""), None);
+            let _ = timeout(LAST_FRAMES_WAIT, client.write_all(&close)).await;
         }
         let _ = client.close().await;
     }

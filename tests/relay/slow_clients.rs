@@ -1,0 +1,96 @@
+//! A client that stops reading does not hold its stream or its connection:
+//! what the relay still has to tell it (a pong, the error frame and close
+//! of a stream's end) waits a bounded time on its full socket, and then
+//! the relay closes. Each client here is a raw TCP socket with a small
+//! receive buffer that speaks WebSocket by hand and never reads after the
+//! upgrade, so its socket fills (`upgraded_raw_client`).
+
+use std::net::TcpListener;
+use std::time::Duration;
+
+use clio_frame::frame::Opcode;
+use tungstenite::Message;
+
+use crate::util::*;
+
+const LIMIT: Duration = Duration::from_secs(10);
+
+/// An upstream that answers a stream's config with small results, spaced
+/// so that the relay reads and forwards them one or two at a time, for as
+/// long as the relay takes them, and then holds the connection open
+/// without a word. (Small writes to a full socket find it full at a frame
+/// boundary, where the relay may write a frame of its own.)
+fn chatty_upstream() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!(
+        "ws://{}/transcribe-websocket",
+        listener.local_addr().unwrap()
+    );
+    std::thread::spawn(move || {
+        let (tcp, _) = listener.accept().unwrap();
+        let mut ws = tungstenite::accept(tcp).unwrap();
+        ws.read().unwrap(); // the config
+        ws.get_mut()
+            .set_write_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let result = r#"{"tokens":[{"text":"word ","is_final":false}],"final_audio_proc_ms":0,"total_audio_proc_ms":0}"#;
+        // The relay stops reading when its client's socket is full; then
+        // these sends back up and time out.
+        while ws.send(Message::text(result)).is_ok() {
+            std::thread::sleep(Duration::from_micros(20));
+        }
+        std::thread::sleep(Duration::from_secs(60));
+        drop(ws);
+    });
+    url
+}
+
+/// A stream whose client stopped reading while results came, and then went
+/// quiet, is ended when idle, though the error frame for that (408) finds
+/// the client's socket full: the stream's slot is free again, and the
+/// relay has closed the connection.
+#[test]
+fn a_stream_whose_client_stopped_reading_still_ends_when_idle() {
+    let url = chatty_upstream();
+    let mut cfg = relay_config(&url, &[("acct-a", "key-a")]);
+    cfg.limits.idle_timeout = Duration::from_secs(1);
+    let relay = Relay::start(cfg);
+    let token = relay.token("dev-1");
+    let mut client =
+        upgraded_raw_client(relay.addr(), &format!("Authorization: Bearer {token}\r\n"));
+    send_frames(
+        &mut client,
+        Opcode::Text,
+        config_message(None).as_bytes(),
+        1,
+    );
+    assert!(
+        wait_until(LIMIT, || relay.handle.process.live_streams() == 1),
+        "the stream opened"
+    );
+    assert!(
+        relay.wait_idle(LIMIT + Duration::from_secs(5)),
+        "the stream of a client that stopped reading never ended"
+    );
+}
+
+/// A connection without a token yet that pings without reading the pongs
+/// is let go at its first message's deadline, though its socket is full
+/// of pongs: it does not keep its place among the unauthenticated.
+#[test]
+fn pings_from_a_client_that_never_reads_do_not_keep_its_connection() {
+    let fake = fake(&["key-a"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("acct-a", "key-a")]);
+    cfg.limits.idle_timeout = Duration::from_secs(1);
+    let relay = Relay::start(cfg);
+    let mut client = upgraded_raw_client(relay.addr(), "");
+    assert!(wait_until(LIMIT, || relay.handle.metrics().unauthenticated == 1));
+    // Far more pongs (131 bytes each, 13 MB) than the client's socket and
+    // the relay's send buffer, which grows to a few MiB, hold; 20,000 were
+    // not enough. The client's writes stop once the relay stops reading.
+    send_frames(&mut client, Opcode::Ping, &[b'p'; 125], 100_000);
+    assert!(
+        wait_until(LIMIT, || relay.handle.metrics().unauthenticated == 0),
+        "a client that pings and never reads kept its connection"
+    );
+}
