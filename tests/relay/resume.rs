@@ -418,6 +418,45 @@ fn a_stalled_upstream_leaves_at_most_limits_socket_buffer_in_the_relay() {
     );
 }
 
+/// The connection a stalled upstream leaves behind is closed when the
+/// stream ends, though a write of the relay's was still waiting on it: it
+/// is not kept open in the kernel, with the audio it could not send, for
+/// as long as the stalled upstream keeps its side open.
+#[test]
+fn a_stalled_upstream_connection_is_closed_when_the_stream_ends() {
+    let fake = fake(&["k1"], |c| {
+        c.faults.stall_after_frames = Some(5);
+        c.record_audio = false;
+    });
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.limits.socket_buffer = 16 << 10;
+    cfg.limits.stall_timeout = Duration::from_secs(1);
+    cfg.failover.max_resumes = 0;
+    let relay = Relay::start(cfg);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    ws.get_mut()
+        .set_write_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    for f in stream_audio(9, 3000) {
+        if ws.send(Message::binary(f)).is_err() {
+            break;
+        }
+    }
+    // The relay's writes upstream wait now; the stall ends the stream.
+    let up = upstream_socket(fake.addr());
+    assert_eq!(tcp_socket(up, fake.addr()), Some((1, true)));
+    assert!(relay.wait_idle(LIMIT), "the stall ended the stream");
+    assert!(
+        wait_until(LIMIT, || !matches!(
+            tcp_socket(up, fake.addr()),
+            Some((_, true))
+        )),
+        "the relay still holds its connection to the stalled upstream: {:?}",
+        tcp_socket(up, fake.addr())
+    );
+}
+
 /// The value of the unlabelled metric `name` in `/metrics`.
 fn metric(relay: &Relay, name: &str) -> u64 {
     let (status, _, body) = http_get(relay.handle.admin_addr, "/metrics", "");

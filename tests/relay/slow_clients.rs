@@ -68,9 +68,23 @@ fn a_stream_whose_client_stopped_reading_still_ends_when_idle() {
         wait_until(LIMIT, || relay.handle.process.live_streams() == 1),
         "the stream opened"
     );
+    let ours = (relay.addr(), client.local_addr().unwrap());
+    assert_eq!(tcp_socket(ours.0, ours.1), Some((1, true)), "established");
     assert!(
         relay.wait_idle(LIMIT + Duration::from_secs(5)),
         "the stream of a client that stopped reading never ended"
+    );
+    // And the relay's socket is closed (no file holds it; its FIN waits
+    // behind what the client never read), not kept in the kernel with a
+    // full send buffer: the client never sends its FIN, so once the 2 s
+    // bound on that wait is over.
+    assert!(
+        wait_until(LIMIT, || !matches!(
+            tcp_socket(ours.0, ours.1),
+            Some((_, true))
+        )),
+        "the relay's socket to the client is still open: {:?}",
+        tcp_socket(ours.0, ours.1)
     );
 }
 

@@ -537,3 +537,25 @@ pub fn send_frames(
         }
     }
 }
+
+/// The IPv4 TCP socket from `local` to `peer` in `/proc/net/tcp`: its state
+/// as the kernel numbers it (1 established, 4 FIN_WAIT1, ...) and whether
+/// a file still holds it (an inode; a socket closed while its FIN waits
+/// behind unsent bytes has none). `None` if there is no such socket.
+pub fn tcp_socket(local: SocketAddr, peer: SocketAddr) -> Option<(u8, bool)> {
+    let hex = |a: SocketAddr| match a {
+        SocketAddr::V4(a) => format!(
+            "{:08X}:{:04X}",
+            u32::from_le_bytes(a.ip().octets()),
+            a.port()
+        ),
+        SocketAddr::V6(_) => panic!("IPv4 only"),
+    };
+    let (local, peer) = (hex(local), hex(peer));
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        (f[1] == local && f[2] == peer)
+            .then(|| (u8::from_str_radix(f[3], 16).unwrap(), f[9] != "0"))
+    })
+}

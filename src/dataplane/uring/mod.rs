@@ -428,29 +428,40 @@ impl Plane {
         token
     }
 
-    /// Ends a registration: the poll's removal is queued and the slot is
-    /// free for reuse. Late completions of this registration are ignored
+    /// Ends a registration: the removal of its polls (readiness, and a
+    /// `POLLOUT` still armed) is queued and the slot is free for reuse. Late completions of this registration are ignored
     /// by generation.
     ///
-    /// The kernel holds the socket open until the removal reaches it, so
+    /// The kernel holds the socket open until the removals reach it, so
     /// the caller's `close` takes effect (the FIN leaves) then: with the
     /// driver's submit at the end of this pass, in the same system call as
     /// the pass's other requests, not one of its own per socket. A caller
     /// that needs the socket gone at once (a listener) submits itself.
     fn deregister(&self, token: Token) {
-        {
+        let write_armed = {
             let mut slots = self.slots.borrow_mut();
             let slot = &mut slots[token.index as usize];
             debug_assert!(slot.in_use && slot.gen == token.gen);
             slot.in_use = false;
             slot.reader = None;
             slot.writer = None;
-        }
+            std::mem::take(&mut slot.write_armed)
+        };
         self.push(
             opcode::PollRemove::new(token.user_data(KIND_READ))
                 .build()
                 .user_data(token.user_data(KIND_REMOVE)),
         );
+        if write_armed {
+            // A write was waiting for room (its future dropped): its
+            // `POLLOUT` holds the socket open too, for as long as the peer
+            // does not read.
+            self.push(
+                opcode::PollRemove::new(token.user_data(KIND_WRITE))
+                    .build()
+                    .user_data(token.user_data(KIND_REMOVE)),
+            );
+        }
         self.free.borrow_mut().push(token.index);
         self.registered.set(self.registered.get() - 1);
     }
