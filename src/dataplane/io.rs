@@ -291,16 +291,20 @@ pub fn listener(
 
 /// The client listener of a shard, for its data plane: a duplicate of a
 /// socket systemd passed (socket activation), or a new one bound to `addr`,
-/// with `SO_REUSEPORT` when `share` (as [`listener`] binds).
+/// with `SO_REUSEPORT` when `share` (as [`listener`] binds). Nagle's
+/// algorithm is off on it, which every connection it accepts inherits (one
+/// system call per stream fewer than setting it on each).
 pub fn stream_listener(
     passed: Option<&std::os::fd::OwnedFd>,
     addr: std::net::SocketAddr,
     share: bool,
 ) -> io::Result<std::net::TcpListener> {
-    match passed {
-        Some(fd) => fd.try_clone().map(std::net::TcpListener::from),
-        None => crate::dataplane::listen::bind(addr, share),
-    }
+    let listener = match passed {
+        Some(fd) => fd.try_clone().map(std::net::TcpListener::from)?,
+        None => crate::dataplane::listen::bind(addr, share)?,
+    };
+    socket2::SockRef::from(&listener).set_nodelay(true)?;
+    Ok(listener)
 }
 
 /// Whether `peer` is in one of `allow`'s networks (an empty list allows
@@ -329,6 +333,16 @@ pub(crate) mod tests {
     use super::*;
     use std::future::Future;
     use std::time::Duration;
+
+    /// A client connection comes with Nagle's algorithm off, from its
+    /// listener: no stream sets it on its own socket.
+    #[test]
+    fn accepted_stream_sockets_have_nagle_off() {
+        let listener = stream_listener(None, "127.0.0.1:0".parse().unwrap(), false).unwrap();
+        let _peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (ours, _) = listener.accept().unwrap();
+        assert!(socket2::SockRef::from(&ours).nodelay().unwrap());
+    }
 
     /// Runs `test` on a glommio executor with a connected pair of plain
     /// sockets on 127.0.0.1: ours as a [`Duplex`], and the peer's.

@@ -404,9 +404,10 @@ pub fn cap_receive_buffer(fd: &impl std::os::fd::AsRawFd, bytes: usize) {
     let _ = socket2::SockRef::from(&fd).set_recv_buffer_size(bytes);
 }
 
-/// Bounds the bytes an upstream socket may hold that it has not sent yet
+/// Bounds the bytes a socket may hold that it has not sent yet
 /// (`TCP_NOTSENT_LOWAT`; 0: no bound): a send that finds about `bytes`
-/// unsent waits, as it would on a full send buffer. The send buffer itself
+/// unsent waits, as it would on a full send buffer. Upstream's below; a
+/// client's the same way (a client that stops reading its results). The send buffer itself
 /// stays the kernel's, autotuned, so bytes sent but not yet acknowledged
 /// (on their way, or in upstream's receive buffer) do not count against
 /// the bound. When upstream stops reading its window closes, nothing more

@@ -322,33 +322,6 @@ fn a_stall_mid_stream_resumes_after_the_stall_timeout() {
     assert_eq!(relay.handle.metrics().streams_resumed(), 1);
 }
 
-/// `Send-Q`, `rb` and `tb` of the TCP socket from `local` to `peer`, as
-/// `ss -tmn` shows them: the bytes in its send queue (sent and not yet
-/// acknowledged, or not sent at all), and its receive and send buffers.
-fn socket_state(local: std::net::SocketAddr, peer: std::net::SocketAddr) -> (u64, u64, u64) {
-    let out = std::process::Command::new("ss")
-        .args(["-tmn"])
-        .output()
-        .expect("ss runs (iproute2)");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut lines = text.lines();
-    while let Some(line) = lines.next() {
-        let cols: Vec<&str> = line.split_whitespace().collect();
-        if cols.len() < 5 || cols[3] != local.to_string() || cols[4] != peer.to_string() {
-            continue;
-        }
-        let mem = lines.next().unwrap_or_default();
-        let field = |name: &str| {
-            mem.split([',', '(', ')'])
-                .find_map(|f| f.trim().strip_prefix(name)?.parse::<u64>().ok())
-                .unwrap_or_else(|| panic!("no {name} in {mem:?}"))
-        };
-        let send_q = cols[2].parse().expect("Send-Q is a number");
-        return (send_q, field("rb"), field("tb"));
-    }
-    panic!("no socket {local} -> {peer} in:\n{text}");
-}
-
 /// The relay's end of its one upstream connection to `upstream`.
 fn upstream_socket(upstream: std::net::SocketAddr) -> std::net::SocketAddr {
     let out = std::process::Command::new("ss")
@@ -430,7 +403,8 @@ fn a_stalled_upstream_connection_is_closed_when_the_stream_ends() {
     });
     let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
     cfg.limits.socket_buffer = 16 << 10;
-    cfg.limits.stall_timeout = Duration::from_secs(1);
+    // Long enough to find the connection below before the stall ends it.
+    cfg.limits.stall_timeout = Duration::from_secs(3);
     cfg.failover.max_resumes = 0;
     let relay = Relay::start(cfg);
     let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();

@@ -108,3 +108,49 @@ fn pings_from_a_client_that_never_reads_do_not_keep_its_connection() {
         "a client that pings and never reads kept its connection"
     );
 }
+
+/// What a client that stops reading its results makes the relay hold in
+/// its kernel is bounded by `limits.socket_buffer`: the results left
+/// unsent in the client's socket (`TCP_NOTSENT_LOWAT`, up to one segment
+/// more). Without the bound the kernel's send buffer grew to 4 MiB, about
+/// 3 MB of it unsent results, for each such client.
+#[test]
+fn a_client_that_stops_reading_strands_at_most_socket_buffer_in_the_relay() {
+    const SB: usize = 64 << 10;
+    let url = chatty_upstream();
+    let mut cfg = relay_config(&url, &[("acct-a", "key-a")]);
+    cfg.limits.socket_buffer = SB;
+    // Nothing may end the stream while the test looks at it.
+    cfg.limits.idle_timeout = Duration::from_secs(600);
+    let relay = Relay::start(cfg);
+    let token = relay.token("dev-1");
+    let mut client =
+        upgraded_raw_client(relay.addr(), &format!("Authorization: Bearer {token}\r\n"));
+    send_frames(
+        &mut client,
+        Opcode::Text,
+        config_message(None).as_bytes(),
+        1,
+    );
+    let ours = (relay.addr(), client.local_addr().unwrap());
+    // Filled once what the relay holds stops growing (the upstream's
+    // results, about 300 KB a second, back up behind it).
+    let mut last = 0;
+    let full = wait_until(LIMIT, || {
+        std::thread::sleep(Duration::from_millis(300));
+        let (unsent, _, _) = socket_state(ours.0, ours.1);
+        let steady = unsent > 0 && unsent == last;
+        last = unsent;
+        steady
+    });
+    assert!(
+        full,
+        "the relay's socket to the client kept filling: {last} bytes"
+    );
+    // About SB, at most one segment past it (64 KiB on loopback; see the
+    // same bound towards upstream in resume.rs), at least half of it.
+    assert!(
+        (SB as u64 / 2..=(SB + (64 << 10)) as u64).contains(&last),
+        "the relay holds {last} bytes unsent to a client that stopped reading"
+    );
+}

@@ -559,3 +559,30 @@ pub fn tcp_socket(local: SocketAddr, peer: SocketAddr) -> Option<(u8, bool)> {
             .then(|| (u8::from_str_radix(f[3], 16).unwrap(), f[9] != "0"))
     })
 }
+
+/// `Send-Q`, `rb` and `tb` of the TCP socket from `local` to `peer`, as
+/// `ss -tmn` shows them: the bytes in its send queue (sent and not yet
+/// acknowledged, or not sent at all), and its receive and send buffers.
+pub fn socket_state(local: SocketAddr, peer: SocketAddr) -> (u64, u64, u64) {
+    let out = std::process::Command::new("ss")
+        .args(["-tmn"])
+        .output()
+        .expect("ss runs (iproute2)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines = text.lines();
+    while let Some(line) = lines.next() {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        if cols.len() < 5 || cols[3] != local.to_string() || cols[4] != peer.to_string() {
+            continue;
+        }
+        let mem = lines.next().unwrap_or_default();
+        let field = |name: &str| {
+            mem.split([',', '(', ')'])
+                .find_map(|f| f.trim().strip_prefix(name)?.parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("no {name} in {mem:?}"))
+        };
+        let send_q = cols[2].parse().expect("Send-Q is a number");
+        return (send_q, field("rb"), field("tb"));
+    }
+    panic!("no socket {local} -> {peer} in:\n{text}");
+}

@@ -479,10 +479,11 @@ pub struct LimitsConfig {
     /// A write upstream that waits this long (upstream stopped reading)
     /// ends the stream as an upstream failure, or resumes it.
     pub stall_timeout: Duration,
-    /// `SO_RCVBUF` of client sockets, and the most bytes an upstream socket
-    /// may hold unsent (`TCP_NOTSENT_LOWAT`; its send buffer is the
-    /// kernel's), bytes (0: no bound, the kernel's autotuned buffers):
-    /// bounds the audio a stalled upstream can hide in the relay.
+    /// `SO_RCVBUF` of client sockets, and the most bytes an upstream or a
+    /// client socket may hold unsent (`TCP_NOTSENT_LOWAT`; its send buffer
+    /// is the kernel's), bytes (0: no bound, the kernel's autotuned
+    /// buffers): bounds the audio a stalled upstream can hide in the
+    /// relay, and the results a client that stops reading leaves there.
     pub socket_buffer: usize,
     /// After SIGTERM, how long live streams may run to their end before the
     /// relay finalizes them and tells their clients to reconnect.

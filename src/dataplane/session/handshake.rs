@@ -43,8 +43,13 @@ type Upgraded = (Stream, Duplex, Buf, Option<Claims>, Option<unauth::Place>);
 /// token, and the 101. `None` once the connection is answered or gone.
 async fn upgrade(shard: Rc<Shard>, tcp: RingSocket) -> Option<Upgraded> {
     let accepted = Instant::now();
-    let _ = tcp.set_nodelay();
-    crate::dataplane::upstream::cap_receive_buffer(&tcp, shard.settings().limits.socket_buffer);
+    // Nagle's algorithm is off already (the listener's, inherited). What a
+    // client can make the relay's kernel hold is bounded both ways: what it
+    // sent and the relay has not read (the receive buffer), and the
+    // results it has not read (the bytes left unsent).
+    let socket_buffer = shard.settings().limits.socket_buffer;
+    crate::dataplane::upstream::cap_receive_buffer(&tcp, socket_buffer);
+    crate::dataplane::upstream::bound_unsent(&tcp, socket_buffer);
     let fd = std::os::fd::AsRawFd::as_raw_fd(&tcp);
     // The client's address, asked (a system call) only when needed.
     let peer = move || {
