@@ -80,7 +80,14 @@ async fn serve(admin: Rc<Admin>, pool: Rc<BufferPool>, tcp: glommio::net::TcpStr
         Some(Err(status)) => http::json_error(status, "request too large or malformed"),
         None => return,
     };
-    let _ = conn.write_all(&answer).await;
+    // A client that stops reading does not keep the answer (a scrape's is
+    // the largest) and the connection: the same bound as the request's.
+    if timeout(Duration::from_secs(10), conn.write_all(&answer))
+        .await
+        .is_none()
+    {
+        return;
+    }
     // No reset: a client still sending (a 413 body) that reads late still
     // gets the answer.
     http::close_gracefully(&conn, Duration::from_secs(2)).await;
