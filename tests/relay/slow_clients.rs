@@ -5,45 +5,13 @@
 //! receive buffer that speaks WebSocket by hand and never reads after the
 //! upgrade, so its socket fills (`upgraded_raw_client`).
 
-use std::net::TcpListener;
 use std::time::Duration;
 
 use clio_frame::frame::Opcode;
-use tungstenite::Message;
 
 use crate::util::*;
 
 const LIMIT: Duration = Duration::from_secs(10);
-
-/// An upstream that answers a stream's config with small results, spaced
-/// so that the relay reads and forwards them one or two at a time, for as
-/// long as the relay takes them, and then holds the connection open
-/// without a word. (Small writes to a full socket find it full at a frame
-/// boundary, where the relay may write a frame of its own.)
-fn chatty_upstream() -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!(
-        "ws://{}/transcribe-websocket",
-        listener.local_addr().unwrap()
-    );
-    std::thread::spawn(move || {
-        let (tcp, _) = listener.accept().unwrap();
-        let mut ws = tungstenite::accept(tcp).unwrap();
-        ws.read().unwrap(); // the config
-        ws.get_mut()
-            .set_write_timeout(Some(Duration::from_millis(500)))
-            .unwrap();
-        let result = r#"{"tokens":[{"text":"word ","is_final":false}],"final_audio_proc_ms":0,"total_audio_proc_ms":0}"#;
-        // The relay stops reading when its client's socket is full; then
-        // these sends back up and time out.
-        while ws.send(Message::text(result)).is_ok() {
-            std::thread::sleep(Duration::from_micros(20));
-        }
-        std::thread::sleep(Duration::from_secs(60));
-        drop(ws);
-    });
-    url
-}
 
 /// A stream whose client stopped reading while results came, and then went
 /// quiet, is ended when idle, though the error frame for that (408) finds

@@ -9,6 +9,8 @@ use tungstenite::Message;
 
 use crate::util::*;
 
+const LIMIT: Duration = Duration::from_secs(10);
+
 /// A fake Soniox serving `wss` for "localhost", and the PEM of its CA.
 fn tls_fake() -> (FakeSoniox, String) {
     use rustls::pki_types::pem::PemObject;
@@ -113,6 +115,24 @@ fn wss_connect(
     tungstenite::WebSocket<rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>>,
     String,
 > {
+    wss_connect_with(
+        addr,
+        ca_pem,
+        token,
+        std::net::TcpStream::connect(addr).unwrap(),
+    )
+}
+
+/// [`wss_connect`] over `tcp`, a socket connected to `addr`.
+fn wss_connect_with(
+    addr: std::net::SocketAddr,
+    ca_pem: &str,
+    token: &str,
+    tcp: std::net::TcpStream,
+) -> Result<
+    tungstenite::WebSocket<rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>>,
+    String,
+> {
     use rustls::pki_types::pem::PemObject;
     use tungstenite::client::IntoClientRequest;
     let mut roots = rustls::RootCertStore::empty();
@@ -129,7 +149,6 @@ fn wss_connect(
     let conn =
         rustls::ClientConnection::new(std::sync::Arc::new(cfg), "localhost".try_into().unwrap())
             .unwrap();
-    let tcp = std::net::TcpStream::connect(addr).unwrap();
     tcp.set_read_timeout(Some(std::time::Duration::from_secs(10)))
         .unwrap();
     let mut tls = rustls::StreamOwned::new(conn, tcp);
@@ -199,4 +218,37 @@ fn client_port_serves_tls_and_reloads_its_certificate() {
     // A plain ws:// client gets nothing from a TLS port.
     assert!(connect(relay.addr(), &token, Via::Header).is_err());
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A TLS client that stops reading does not hold its stream: ending it
+/// writes the error frame and then TLS's close_notify, and both wait a
+/// bounded time on the client's full socket.
+#[test]
+fn a_tls_client_that_stops_reading_still_has_its_stream_ended() {
+    let url = chatty_upstream();
+    let dir = state_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let (ca, cert, key) = localhost_cert();
+    std::fs::write(dir.join("cert.pem"), &cert).unwrap();
+    std::fs::write(dir.join("key.pem"), &key).unwrap();
+    let mut cfg = relay_config(&url, &[("a", "k1")]);
+    cfg.tls = Some(clio_relay::core::config::TlsConfig {
+        cert_file: dir.join("cert.pem"),
+        key_file: dir.join("key.pem"),
+    });
+    cfg.limits.idle_timeout = Duration::from_secs(1);
+    let relay = Relay::start(cfg);
+    let token = relay.token("d");
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&relay.addr().into()).unwrap();
+    let mut ws = wss_connect_with(relay.addr(), &ca, &token, sock.into()).unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    // From here the client never reads: upstream's results fill its socket.
+    assert!(wait_until(LIMIT, || relay.handle.process.live_streams() == 1));
+    assert!(
+        relay.wait_idle(LIMIT + Duration::from_secs(5)),
+        "the stream of a TLS client that stopped reading never ended"
+    );
+    drop(ws);
 }

@@ -46,9 +46,9 @@ const FINALIZE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 /// How long the relay waits for a peer's half of a close handshake.
 const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// The longest the relay waits to hand a peer its last frames when a
-/// stream ends (the client its error frame or close, upstream its close
-/// frame or a drain's finalize): a peer that stopped reading, its socket
-/// full, does not hold the stream.
+/// stream ends (the client its error frame or close and, over TLS, its
+/// close_notify; upstream its close frame or a drain's finalize): a peer
+/// that stopped reading, its socket full, does not hold the stream.
 const LAST_FRAMES_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// One upgraded stream on one shard.
@@ -865,7 +865,8 @@ impl Stream {
             ToClient::Error(r) => Some(r.code),
             _ => None,
         };
-        let _ = client.close().await;
+        // Over TLS the FIN follows a close_notify, which is a write too.
+        let _ = timeout(LAST_FRAMES_WAIT, client.close()).await;
         (error, closing)
     }
 
@@ -926,6 +927,6 @@ impl Stream {
             let close = build_frame(Opcode::Close, &close_payload(r.close, ""), None);
             let _ = timeout(LAST_FRAMES_WAIT, client.write_all(&close)).await;
         }
-        let _ = client.close().await;
+        let _ = timeout(LAST_FRAMES_WAIT, client.close()).await;
     }
 }
