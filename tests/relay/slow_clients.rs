@@ -13,25 +13,30 @@ use crate::util::*;
 
 const LIMIT: Duration = Duration::from_secs(10);
 
+/// A relay with `limits` in front of [`chatty_upstream`], and a stream
+/// through it whose raw client sent its config and reads nothing.
+fn stream_that_stops_reading(
+    limits: impl FnOnce(&mut clio_relay::core::config::LimitsConfig),
+) -> (Relay, std::net::TcpStream) {
+    let url = chatty_upstream();
+    let mut cfg = relay_config(&url, &[("acct-a", "key-a")]);
+    limits(&mut cfg.limits);
+    let relay = Relay::start(cfg);
+    let token = relay.token("dev-1");
+    let mut client =
+        upgraded_raw_client(relay.addr(), &format!("Authorization: Bearer {token}\r\n"));
+    let config = config_message(None);
+    send_frames(&mut client, Opcode::Text, config.as_bytes(), 1);
+    (relay, client)
+}
+
 /// A stream whose client stopped reading while results came, and then went
 /// quiet, is ended when idle, though the error frame for that (408) finds
 /// the client's socket full: the stream's slot is free again, and the
 /// relay has closed the connection.
 #[test]
 fn a_stream_whose_client_stopped_reading_still_ends_when_idle() {
-    let url = chatty_upstream();
-    let mut cfg = relay_config(&url, &[("acct-a", "key-a")]);
-    cfg.limits.idle_timeout = Duration::from_secs(1);
-    let relay = Relay::start(cfg);
-    let token = relay.token("dev-1");
-    let mut client =
-        upgraded_raw_client(relay.addr(), &format!("Authorization: Bearer {token}\r\n"));
-    send_frames(
-        &mut client,
-        Opcode::Text,
-        config_message(None).as_bytes(),
-        1,
-    );
+    let (relay, client) = stream_that_stops_reading(|l| l.idle_timeout = Duration::from_secs(1));
     assert!(
         wait_until(LIMIT, || relay.handle.process.live_streams() == 1),
         "the stream opened"
@@ -85,21 +90,11 @@ fn pings_from_a_client_that_never_reads_do_not_keep_its_connection() {
 #[test]
 fn a_client_that_stops_reading_strands_at_most_socket_buffer_in_the_relay() {
     const SB: usize = 64 << 10;
-    let url = chatty_upstream();
-    let mut cfg = relay_config(&url, &[("acct-a", "key-a")]);
-    cfg.limits.socket_buffer = SB;
-    // Nothing may end the stream while the test looks at it.
-    cfg.limits.idle_timeout = Duration::from_secs(600);
-    let relay = Relay::start(cfg);
-    let token = relay.token("dev-1");
-    let mut client =
-        upgraded_raw_client(relay.addr(), &format!("Authorization: Bearer {token}\r\n"));
-    send_frames(
-        &mut client,
-        Opcode::Text,
-        config_message(None).as_bytes(),
-        1,
-    );
+    let (relay, client) = stream_that_stops_reading(|l| {
+        l.socket_buffer = SB;
+        // Nothing may end the stream while the test looks at it.
+        l.idle_timeout = Duration::from_secs(600);
+    });
     let ours = (relay.addr(), client.local_addr().unwrap());
     // Filled once what the relay holds stops growing (the upstream's
     // results, about 300 KB a second, back up behind it).
