@@ -60,13 +60,13 @@ impl Plane {
     /// (a readiness event comes only with new bytes); closes it at the
     /// peer's FIN, an error, or the discard limit.
     pub(super) fn drain_closing(&self, token: Token) {
-        let fd = {
+        let (fd, mut left) = {
             let slots = self.slots.borrow();
             let slot = &slots[token.index as usize];
             if !slot.in_use || slot.gen != token.gen || !slot.closing {
                 return;
             }
-            slot.fd
+            (slot.fd, slot.discard_left)
         };
         let mut scratch = [0u8; 16 << 10];
         let done = loop {
@@ -87,27 +87,21 @@ impl Plane {
                 match std::io::Error::last_os_error().raw_os_error() {
                     Some(libc::EINTR) => continue,
                     Some(libc::EAGAIN) => {
-                        let mut slots = self.slots.borrow_mut();
-                        let slot = &mut slots[token.index as usize];
-                        slot.readable = slot.hup;
+                        self.clear_readable(token);
                         break false;
                     }
                     _ => break true, // reset, or failed: nothing to wait for
                 }
             }
-            let n = n as usize;
-            let left = {
-                let mut slots = self.slots.borrow_mut();
-                let slot = &mut slots[token.index as usize];
-                slot.discard_left = slot.discard_left.saturating_sub(n as u32);
-                slot.discard_left
-            };
+            left = left.saturating_sub(n as u32);
             if left == 0 {
                 break true;
             }
         };
         if done {
             self.close_now(token);
+        } else {
+            self.slots.borrow_mut()[token.index as usize].discard_left = left;
         }
     }
 

@@ -429,8 +429,8 @@ impl Plane {
     }
 
     /// Ends a registration: the removal of its polls (readiness, and a
-    /// `POLLOUT` still armed) is queued and the slot is free for reuse. Late completions of this registration are ignored
-    /// by generation.
+    /// `POLLOUT` still armed) is queued and the slot is free for reuse.
+    /// Late completions of this registration are ignored by generation.
     ///
     /// The kernel holds the socket open until the removals reach it, so
     /// the caller's `close` takes effect (the FIN leaves) then: with the
@@ -772,20 +772,22 @@ const QUIET_SLEEPS: u32 = 4;
 /// [`Waiting::idle_sleep`]) instead of at most [`PASS_INTERVAL`], since a
 /// pass has nothing to do before then but what other threads send, and
 /// those (control messages, the blocking pool's answers) write glommio's
-/// eventfd during the sleep, which the ring polls. Arming that costs a `membarrier`, once per deep sleep, so a
-/// shard with work sleeps the short way. A timer due sooner than a pass
+/// eventfd during the sleep, which the ring polls. Arming that costs a
+/// `membarrier`, once per deep sleep, so a shard with work sleeps the
+/// short way. A closing socket's deadline (`closing.rs`) ends it too. A timer due sooner than a pass
 /// interval gets the short sleep too: glommio fires it on the pass after.
 /// Returns how many tasks it woke (sent from other threads): they are
 /// queued, and must run before the next sleep.
 fn deep_sleep(plane: &Plane) -> io::Result<usize> {
     let ex = glommio::executor();
     let cap = plane.waiting.idle_sleep;
-    let now = Instant::now();
-    let due = match (ex.next_timer(), plane.next_close_due()) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    };
-    let limit = due.map_or(cap, |due| due.saturating_duration_since(now).min(cap));
+    let due = [ex.next_timer(), plane.next_close_due()]
+        .into_iter()
+        .flatten()
+        .min();
+    let limit = due.map_or(cap, |due| {
+        due.saturating_duration_since(Instant::now()).min(cap)
+    });
     if limit <= PASS_INTERVAL {
         return plane.sleep(PASS_INTERVAL).map(|()| 0);
     }
