@@ -83,15 +83,13 @@ async fn upgrade(shard: Rc<Shard>, tcp: RingSocket) -> Option<Upgraded> {
     let mut cbuf = shard.pool.get();
     let Some((claims, admission)) = handshake(&shard, &settings, &client, &mut cbuf, peer).await
     else {
-        // Answered (or gone): FIN and drain, so a client still sending
-        // that reads late gets the answer rather than a reset. Boxed: its
-        // drain buffer would otherwise be room in every stream's task.
+        // Answered (or gone): FIN, then the data plane reads and discards
+        // what the client still sends until it closes too (as at a
+        // stream's end), so a client that reads late gets the answer
+        // rather than a reset.
         drop(cbuf);
-        Box::pin(http::close_gracefully(
-            &client,
-            std::time::Duration::from_secs(2),
-        ))
-        .await;
+        let _ = timeout(super::LAST_FRAMES_WAIT, client.close()).await;
+        super::support::close_after_peer(client);
         return None;
     };
     let (permit, pending) = match admission {
