@@ -25,6 +25,7 @@ mod reload;
 mod resume;
 mod shards;
 mod slow_clients;
+mod sockets;
 mod streaming;
 mod timeouts;
 mod tls;

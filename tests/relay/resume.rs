@@ -8,6 +8,7 @@ use fake_soniox::{transcript_of, FakeConfig, FakeKey, FakeSoniox, FaultKind, Ran
 use serde_json::Value;
 use tungstenite::Message;
 
+use crate::sockets::*;
 use crate::util::*;
 
 const LIMIT: Duration = Duration::from_secs(20);
@@ -320,18 +321,6 @@ fn a_stall_mid_stream_resumes_after_the_stall_timeout() {
     assert!(got.finished(), "{got:?}");
     assert_eq!(finals(&got), transcript_of(&frames.concat(), 32_000, 480));
     assert_eq!(relay.handle.metrics().streams_resumed(), 1);
-}
-
-/// The relay's end of its one upstream connection to `upstream`.
-fn upstream_socket(upstream: std::net::SocketAddr) -> std::net::SocketAddr {
-    let out = std::process::Command::new("ss")
-        .args(["-tn", "state", "established", "dst", &upstream.to_string()])
-        .output()
-        .expect("ss runs (iproute2)");
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .find_map(|l| l.split_whitespace().rev().nth(1)?.parse().ok())
-        .unwrap_or_else(|| panic!("no upstream socket in:\n{text}"))
 }
 
 #[test]

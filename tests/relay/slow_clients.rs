@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use clio_frame::frame::Opcode;
 
+use crate::sockets::*;
 use crate::util::*;
 
 const LIMIT: Duration = Duration::from_secs(10);
