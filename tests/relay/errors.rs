@@ -364,3 +364,40 @@ fn client_port_allowlist_closes_other_networks() {
     let (mut ws, _) = connect(relay.addr(), &relay.token("d"), Via::Header).unwrap();
     assert!(stream_session(&mut ws, &config_message(None), &audio_frames(2, 1)).finished());
 }
+
+#[test]
+fn a_continuation_with_no_message_to_continue_gets_1002() {
+    // Before the relay checked the order of fragments, this frame went
+    // upstream, which dropped the connection: the client got a 503
+    // "upstream lost" for its own mistake, after a resume.
+    let (fake, relay) = setup(|_| {});
+    let frames = raw_bad_frame(
+        &fake,
+        1,
+        &relay,
+        &raw_frame(0x80, Some([9, 8, 7, 6]), b"abcd"),
+    );
+    assert_eq!(raw_close_code(&frames), Some(1002), "{frames:?}");
+    let errs = raw_texts(&frames);
+    assert!(
+        errs.iter()
+            .any(|m| m["error_code"] == 400
+                && m["error_message"] == "fragmented message out of order"),
+        "{errs:?}"
+    );
+    assert!(fake.wait_for(LIMIT, |s| s.len() == 1 && s[0].closed));
+    assert_eq!(fake.sessions()[0].audio_frames, 1);
+    assert_eq!(relay.handle.metrics().streams_resumed(), 0);
+}
+
+#[test]
+fn a_new_message_inside_a_fragmented_one_gets_1002() {
+    let (fake, relay) = setup(|_| {});
+    let mut bad = raw_frame(0x02, Some([9, 8, 7, 6]), b"abcd");
+    bad.extend(raw_frame(0x82, Some([9, 8, 7, 6]), b"efgh"));
+    let frames = raw_bad_frame(&fake, 1, &relay, &bad);
+    assert_eq!(raw_close_code(&frames), Some(1002), "{frames:?}");
+    assert!(raw_texts(&frames).iter().any(|m| m["error_code"] == 400));
+    assert!(fake.wait_for(LIMIT, |s| s.len() == 1 && s[0].closed));
+    assert_eq!(relay.handle.metrics().streams_resumed(), 0);
+}

@@ -77,6 +77,31 @@ fn frames_larger_than_the_read_buffer_arrive_intact() {
     );
 }
 
+#[test]
+fn fragmented_audio_with_a_ping_inside_arrives_whole() {
+    let fake = fake(&["key-a"], |_| {});
+    let relay = relay_for(&fake);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    let audio = audio_frames(2, 11);
+    let a = &audio[0];
+    ws.send(fragment(&a[..1000], true, false)).unwrap();
+    ws.send(Message::Ping(b"mid".to_vec().into())).unwrap();
+    ws.send(fragment(&a[1000..2000], false, false)).unwrap();
+    ws.send(fragment(&a[2000..], false, true)).unwrap();
+    ws.send(Message::binary(audio[1].clone())).unwrap();
+    ws.send(Message::binary(Vec::<u8>::new())).unwrap();
+    let got = read_all(&mut ws);
+    assert!(got.finished(), "{got:?}");
+    assert_eq!(got.error_code(), None, "{got:?}");
+    let s = &closed_sessions(&fake, 1)[0];
+    assert_eq!(
+        s.audio_frames, 2,
+        "one message of three fragments, one whole"
+    );
+    assert!(s.audio == audio.concat(), "the fragments were altered");
+}
+
 fn ends_with(end: Message) {
     let fake = fake(&["key-a"], |_| {});
     let relay = relay_for(&fake);

@@ -256,6 +256,18 @@ pub fn stream_session(ws: &mut Ws, first: &str, frames: &[Vec<u8>]) -> Received 
     read_all(ws)
 }
 
+/// A binary data frame of a fragmented message (the first, or a
+/// continuation), its FIN bit as given.
+pub fn fragment(payload: &[u8], first: bool, fin: bool) -> Message {
+    use tungstenite::protocol::frame::coding::{Data, OpCode};
+    let op = OpCode::Data(if first { Data::Binary } else { Data::Continue });
+    Message::Frame(tungstenite::protocol::frame::Frame::message(
+        payload.to_vec(),
+        op,
+        fin,
+    ))
+}
+
 /// A raw TCP connection that has done the upgrade, for sending bytes no
 /// WebSocket library would (unmasked frames, bad opcodes).
 pub fn raw_upgrade(addr: SocketAddr, token: &str) -> (TcpStream, Vec<u8>) {

@@ -61,6 +61,9 @@ pub enum FrameError {
     BadLength,
     /// A payload longer than the configured limit.
     TooBig,
+    /// A continuation frame with no fragmented message to continue, or a
+    /// new text or binary frame inside one (RFC 6455 §5.4).
+    Fragmentation,
 }
 
 impl FrameError {
@@ -81,6 +84,7 @@ impl FrameError {
             FrameError::BadControl => "control frame fragmented or over 125 bytes",
             FrameError::BadLength => "invalid payload length",
             FrameError::TooBig => "frame too big",
+            FrameError::Fragmentation => "fragmented message out of order",
         }
     }
 }

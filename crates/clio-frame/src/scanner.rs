@@ -65,6 +65,9 @@ pub struct FrameScanner {
     /// The current frame's FIN bit and opcode.
     fin: bool,
     opcode: Opcode,
+    /// A fragmented message is open: its first frame had no FIN, and the
+    /// next data frame must be its continuation.
+    in_message: bool,
 }
 
 impl FrameScanner {
@@ -84,6 +87,7 @@ impl FrameScanner {
             fresh: [0; 4],
             fin: true,
             opcode: Opcode::Binary,
+            in_message: false,
         }
     }
 
@@ -109,6 +113,14 @@ impl FrameScanner {
     /// True between frames (a partial header not yet scanned counts as between).
     pub fn at_boundary(&self) -> bool {
         self.remaining == 0
+    }
+
+    /// The open fragmented message, if one is: `Some(true)` for binary
+    /// (audio), `Some(false)` for text. Only between messages may another
+    /// sender's data frame (the relay's error or `finalize`) go in; a
+    /// control frame may go in at any frame boundary.
+    pub fn open_message(&self) -> Option<bool> {
+        self.in_message.then_some(self.msg_binary)
     }
 
     /// Scans `window` from its start. Client frames get a fresh key from
@@ -189,6 +201,14 @@ impl FrameScanner {
                     break;
                 }
             };
+            if !h.opcode.is_control() {
+                // A continuation exactly when a message is open.
+                if (h.opcode == Opcode::Continuation) != self.in_message {
+                    out.violation = Some(FrameError::Fragmentation);
+                    break;
+                }
+                self.in_message = !h.fin;
+            }
             if let (Some(client_key), Some(masks)) = (h.mask, masks.as_deref_mut()) {
                 let fresh = masks.next_key();
                 let at = pos + h.header_len - 4;
@@ -460,5 +480,74 @@ mod tests {
         let mut s = FrameScanner::new(Sender::Client, 100);
         let scan = s.scan(&mut big, Some(&mut MaskKeys::default()));
         assert_eq!((scan.ready, scan.violation), (0, Some(FrameError::TooBig)));
+    }
+
+    /// One frame with its FIN bit as given.
+    fn frame(opcode: Opcode, fin: bool, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+        let mut h = [0u8; crate::frame::MAX_HEADER_LEN];
+        let n = crate::frame::write_header(&mut h, fin, opcode, mask, payload.len() as u64);
+        let mut out = h[..n].to_vec();
+        let from = out.len();
+        out.extend_from_slice(payload);
+        if let Some(key) = mask {
+            apply_mask(&mut out[from..], key, 0);
+        }
+        out
+    }
+
+    #[test]
+    fn follows_fragmented_messages_and_rejects_them_out_of_order() {
+        use Opcode::{Binary, Continuation as Cont, Ping, Text};
+        for from in [Sender::Client, Sender::Server] {
+            let key = (from == Sender::Client).then_some([5, 6, 7, 8]);
+            let masks = |s: &mut FrameScanner, w: &mut Vec<u8>| {
+                let mut keys = MaskKeys::default();
+                s.scan(w, (from == Sender::Client).then_some(&mut keys))
+            };
+            // A message in three frames with a ping inside it is fine, and
+            // the scanner knows when a message is open.
+            let mut s = FrameScanner::new(from, 100);
+            let mut wire = frame(Binary, false, b"ab", key);
+            let scan = masks(&mut s, &mut wire);
+            assert_eq!((scan.violation, s.open_message()), (None, Some(true)));
+            assert!(s.at_boundary());
+            let mut wire = frame(Ping, true, b"p", key);
+            wire.extend(frame(Cont, false, b"cd", key));
+            wire.extend(frame(Cont, true, b"ef", key));
+            let scan = masks(&mut s, &mut wire);
+            assert_eq!(
+                (scan.ready, scan.frames_done, scan.violation),
+                (wire.len(), 3, None)
+            );
+            assert_eq!(s.open_message(), None);
+            let mut wire = frame(Text, false, b"{", key);
+            let scan = masks(&mut s, &mut wire);
+            assert_eq!((scan.violation, s.open_message()), (None, Some(false)));
+
+            // A continuation with nothing to continue, after a good frame:
+            // the good frame is ready, the violation reported after it.
+            let mut s = FrameScanner::new(from, 100);
+            let mut wire = frame(Binary, true, b"good", key);
+            let good = wire.len();
+            wire.extend(frame(Cont, true, b"bad", key));
+            let scan = masks(&mut s, &mut wire);
+            assert_eq!(
+                (scan.ready, scan.frames_done, scan.violation),
+                (good, 1, Some(FrameError::Fragmentation))
+            );
+            // A new message inside an open one, text or binary.
+            for second in [Text, Binary] {
+                let mut s = FrameScanner::new(from, 100);
+                let mut wire = frame(Binary, false, b"ab", key);
+                let open = wire.len();
+                wire.extend(frame(second, true, b"cd", key));
+                let scan = masks(&mut s, &mut wire);
+                assert_eq!(
+                    (scan.ready, scan.violation),
+                    (open, Some(FrameError::Fragmentation))
+                );
+            }
+        }
+        assert_eq!(FrameError::Fragmentation.close_code(), 1002);
     }
 }
