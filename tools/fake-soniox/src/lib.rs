@@ -258,6 +258,9 @@ pub enum FaultKind {
     Error(u16),
     /// Stops reading (and answering) for good, the connection left open.
     Stall,
+    /// Breaks the protocol: a continuation frame with no message to
+    /// continue, then the connection dropped.
+    Violation,
 }
 
 impl std::str::FromStr for FaultKind {
@@ -266,13 +269,16 @@ impl std::str::FromStr for FaultKind {
         match s {
             "drop" => Ok(FaultKind::Drop),
             "stall" => Ok(FaultKind::Stall),
+            "violation" => Ok(FaultKind::Violation),
             _ => s
                 .parse::<u16>()
                 .ok()
                 .filter(|c| (400..600).contains(c))
                 .map(FaultKind::Error)
                 .ok_or_else(|| {
-                    format!("fault {s:?}: expected drop, stall or an error code such as 503")
+                    format!(
+                        "fault {s:?}: expected drop, stall, violation or an error code such as 503"
+                    )
                 }),
         }
     }

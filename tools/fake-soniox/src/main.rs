@@ -81,8 +81,9 @@ struct Args {
     #[arg(long, default_value_t = 0.0)]
     fail_share: f64,
     /// How a failing session fails, picked at random: drop (TCP reset),
-    /// stall (stops reading, the connection left open), or a Soniox error
-    /// code (503, 500).
+    /// stall (stops reading, the connection left open), violation (a frame
+    /// that breaks the WebSocket protocol, then the connection dropped), or
+    /// a Soniox error code (503, 500).
     #[arg(long, value_delimiter = ',', default_value = "drop,503,500")]
     fail_kinds: Vec<FaultKind>,
     /// The failing audio frame is picked from 1 to this.

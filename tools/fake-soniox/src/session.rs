@@ -41,6 +41,9 @@ enum Ending {
     Finished,
     /// Fault: drop the TCP connection with a RST, no close frame.
     Abort,
+    /// Fault: a frame that breaks the protocol, then the connection
+    /// dropped.
+    Violation,
     /// The client closed or vanished.
     Gone,
 }
@@ -119,6 +122,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 // SAFETY: `fd` is the socket owned by `self.ws`, alive here.
                 let fd = unsafe { BorrowedFd::borrow_raw(self.fd) };
                 let _ = socket2::SockRef::from(&fd).set_linger(Some(Duration::ZERO));
+            }
+            Ending::Violation => {
+                // A continuation frame (FIN, opcode 0) with no fragmented
+                // message open, written under the WebSocket layer.
+                let raw = self.ws.get_mut();
+                if futures_lite::AsyncWriteExt::write_all(raw, &[0x80, 0x02, b'{', b'}'])
+                    .await
+                    .is_ok()
+                {
+                    let _ = futures_lite::AsyncWriteExt::flush(raw).await;
+                }
             }
             Ending::Gone => {}
         }
@@ -332,6 +346,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         match self.fault {
             Some((n, FaultKind::Drop)) if frames >= n => return Err(Ending::Abort),
+            Some((n, FaultKind::Violation)) if frames >= n => return Err(Ending::Violation),
             Some((n, FaultKind::Error(code))) if frames >= n => {
                 return Err(error(code, refusal_message(code)));
             }
