@@ -200,6 +200,10 @@ pub async fn client_to_upstream(link: Link<'_>, side: &mut ClientSide, cx: Strea
             }
             state.up.write_since.set(None);
             state.up.at_boundary.set(side.scanner.at_boundary());
+            state
+                .up
+                .mid_message
+                .set(side.scanner.open_message().is_some());
             side.keep_for_replay(&buf.filled()[..n], state);
             buf.consume(n);
             side.processed = 0;
@@ -219,6 +223,10 @@ pub async fn client_to_upstream(link: Link<'_>, side: &mut ClientSide, cx: Strea
             }
             state.up.write_since.set(None);
             state.up.at_boundary.set(side.scanner.at_boundary());
+            state
+                .up
+                .mid_message
+                .set(side.scanner.open_message().is_some());
         }
         if scan.binary_bytes > 0 && !state.meter.count_audio(scan.binary_bytes) {
             return End::Stopped(crate::core::devices::Limit::DailyAudio);
@@ -303,6 +311,7 @@ pub async fn upstream_to_client(
                 return End::ClientGone;
             }
             down.at_boundary.set(scanner.at_boundary());
+            down.mid_message.set(scanner.open_message().is_some());
             buf.consume(scan.ready);
             if scan.frames_done > 0 {
                 let took = read_at.elapsed().as_nanos() as u64;

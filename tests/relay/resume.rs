@@ -122,6 +122,25 @@ fn two_hundred_streams_with_faults_keep_their_transcripts() {
 }
 
 #[test]
+fn a_protocol_violation_from_upstream_is_resumed_unseen() {
+    // The first connection sends a continuation frame with no message to
+    // continue at its sixth audio message, then drops: the frame must not
+    // reach the client, and the stream goes on on a new connection.
+    let faults = only_first_connection_fails(FaultKind::Violation, 6, |n| n == 6);
+    let fake = fake(&["k1"], |c| c.faults.random = Some(faults));
+    let relay = Relay::start(relay_config(&fake.url(), &[("a", "k1")]));
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    let frames = stream_audio(6, 20);
+    let got = stream_session(&mut ws, &config_message(None), &frames);
+    assert_eq!(got.error_code(), None, "{got:?}");
+    assert!(got.finished() && !got.abrupt, "{got:?}");
+    assert_eq!(finals(&got), transcript_of(&frames.concat(), 32_000, 480));
+    assert!(fake.wait_for(LIMIT, |s| s.len() == 2 && s.iter().all(|r| r.closed)));
+    let m = relay.handle.metrics();
+    assert_eq!(m.streams_resumed() + m.failovers().open_lost, 1);
+}
+
+#[test]
 fn a_stream_past_max_resumes_gets_the_documented_error() {
     // Every connection fails at its fifth audio frame.
     let fake = fake(&["k1"], |c| c.faults.error_after_frames = Some((5, 503)));
@@ -288,6 +307,53 @@ fn a_connection_lost_at_open_with_one_account_reconnects_to_it() {
     assert!(fake.wait_for(LIMIT, |s| s.len() == 2 && s.iter().all(|r| r.closed)));
     let s = fake.sessions();
     assert_eq!(s[1].audio, frames.concat(), "every byte once, in order");
+}
+
+#[test]
+fn a_resume_between_the_fragments_of_a_message_continues_it() {
+    // The first connection drops at its eighth audio message, which the
+    // client sends in one write with the first fragment of the ninth: the
+    // relay has forwarded an open message when it resumes, so the new
+    // connection must get a message the client's continuation continues.
+    let faults = only_first_connection_fails(FaultKind::Drop, 8, |n| n == 8);
+    let fake = fake(&["k1"], |c| c.faults.random = Some(faults));
+    let relay = Relay::start(relay_config(&fake.url(), &[("a", "k1")]));
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    let frames = stream_audio(9, 12);
+    ws.send(Message::text(config_message(None))).unwrap();
+    for f in &frames[..7] {
+        ws.send(Message::binary(f.clone())).unwrap();
+    }
+    // A result first: upstream has accepted the stream, so the drop is
+    // resumed, not retried from the byte copy of the open.
+    let mut early = vec![];
+    while early.is_empty() {
+        if let Message::Text(t) = ws.read().unwrap() {
+            early.push(serde_json::from_str::<Value>(&t).unwrap());
+        }
+    }
+    ws.write(Message::binary(frames[7].clone())).unwrap();
+    ws.write(fragment(&frames[8][..1600], true, false)).unwrap();
+    ws.flush().unwrap();
+    assert!(fake.wait_for(LIMIT, |s| s.len() == 2 && s[1].config.is_some()));
+    ws.send(fragment(&frames[8][1600..], false, true)).unwrap();
+    for f in &frames[9..] {
+        ws.send(Message::binary(f.clone())).unwrap();
+    }
+    ws.send(Message::binary(Vec::<u8>::new())).unwrap();
+    let mut got = read_all(&mut ws);
+    got.messages.splice(0..0, early);
+    assert_eq!(got.error_code(), None, "{got:?}");
+    assert!(got.finished(), "{got:?}");
+    assert_eq!(finals(&got), transcript_of(&frames.concat(), 32_000, 480));
+    assert!(fake.wait_for(LIMIT, |s| s.len() == 2 && s.iter().all(|r| r.closed)));
+    let s = fake.sessions();
+    assert_eq!(s[0].audio_frames, 8, "{:?}", s[0]);
+    assert!(
+        s[1].audio.ends_with(&frames[7..].concat()),
+        "the new connection got the copy and the rest of the open message"
+    );
+    assert_eq!(relay.handle.metrics().streams_resumed(), 1);
 }
 
 #[test]

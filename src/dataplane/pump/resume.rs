@@ -263,8 +263,16 @@ impl Resume {
     /// frame, last comes that frame's start from the copy, with a header
     /// for the whole frame and a key under which the rest, re-masked as
     /// for the old connection, continues it: upstream gets the client's
-    /// frames as the client sent them.
-    pub fn begin(&mut self, masks: &mut MaskKeys, cut: Option<CutFrame>) -> Vec<u8> {
+    /// frames as the client sent them. When it came between frames of a
+    /// fragmented binary message (`open_message`), last comes an empty
+    /// frame without FIN that opens a message for the client's next
+    /// continuation.
+    pub fn begin(
+        &mut self,
+        masks: &mut MaskKeys,
+        cut: Option<CutFrame>,
+        open_message: bool,
+    ) -> Vec<u8> {
         self.resumes += 1;
         // The copy starts at (or, aligned down, just before) the last
         // final token's end: the new connection's time 0.
@@ -322,6 +330,17 @@ impl Resume {
                 self.open = 0;
             }
             None => {}
+        }
+        if open_message && cut.is_none() {
+            let mut h = [0u8; clio_frame::frame::MAX_HEADER_LEN];
+            let n = clio_frame::frame::write_header(
+                &mut h,
+                false,
+                Opcode::Binary,
+                Some(masks.next_key()),
+                0,
+            );
+            out.extend_from_slice(&h[..n]);
         }
         out
     }
@@ -432,8 +451,15 @@ pub async fn upstream_to_client(link: Link<'_>, cx: StreamCx<'_>) -> End {
                     if total > buf.capacity() {
                         break End::UpstreamProtocol(FrameError::TooBig);
                     }
+                    let data = !h.opcode.is_control();
+                    if data && (h.opcode == Opcode::Continuation) != down.mid_message.get() {
+                        break End::UpstreamProtocol(FrameError::Fragmentation);
+                    }
                     if buf.len() - held.bytes >= total {
                         need_more = false;
+                        if data {
+                            down.mid_message.set(!h.fin);
+                        }
                         let first = down.inspect_first.replace(false);
                         let mut out = None;
                         let at = held.bytes;
@@ -607,7 +633,7 @@ mod tests {
         let mut masks = MaskKeys::default();
         r.capture.end_of_audio = true;
         r.absorb_capture();
-        let replay = r.begin(&mut masks, None);
+        let replay = r.begin(&mut masks, None, false);
         assert_eq!(r.shift_ms, 40);
         assert!(!replay.is_empty());
         // A result of the new connection at its 0..480 ms is 40..520 ms.

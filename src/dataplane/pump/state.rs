@@ -40,12 +40,14 @@ impl StreamState {
             last_activity: Cell::new(now),
             up: UpHalf {
                 at_boundary: Cell::new(true),
+                mid_message: Cell::new(false),
                 write_since: Cell::new(None),
                 first_audio_at: Cell::new(None),
                 replayable: Cell::new(true),
             },
             down: DownHalf {
                 at_boundary: Cell::new(true),
+                mid_message: Cell::new(false),
                 inspect_first: Cell::new(true),
                 first_error: Cell::new(None),
                 accepted: Cell::new(false),
@@ -106,8 +108,12 @@ pub(crate) static ERROR_CODE: LazyLock<Finder<'static>> =
 /// The client→upstream half, written by [`client_to_upstream`](super::client_to_upstream).
 #[derive(Debug)]
 pub struct UpHalf {
-    /// The upstream socket is between frames (the relay may write its own frame).
+    /// The upstream socket is between frames (the relay may write its own
+    /// control frame).
     pub at_boundary: Cell<bool>,
+    /// A fragmented client message is open upstream: the relay's own data
+    /// frame (a drain's `finalize`) may not go in until it ends.
+    pub mid_message: Cell<bool>,
     /// Since when a write upstream has been waiting (the time of the client
     /// read it forwards); `None` between writes. A stream idle for the idle
     /// timeout with a write still waiting has a stalled upstream.
@@ -123,8 +129,13 @@ pub struct UpHalf {
 /// The upstream→client half, written by the upstream→client pumps.
 #[derive(Debug)]
 pub struct DownHalf {
-    /// The client socket is between frames (the relay may write its own frame).
+    /// The client socket is between frames (the relay may write its own
+    /// control frame).
     pub at_boundary: Cell<bool>,
+    /// A fragmented upstream message is open towards the client: the
+    /// relay's own error frame may not go in, and no other connection's
+    /// messages may follow (no resume).
+    pub mid_message: Cell<bool>,
     /// The first upstream message still has to be looked at.
     pub inspect_first: Cell<bool>,
     /// The first upstream message carried this error code.
@@ -142,6 +153,7 @@ impl DownHalf {
     /// A new upstream connection (after a failover or a resume): its first
     /// message is looked at again and it has accepted nothing yet.
     pub fn new_connection(&self) {
+        self.mid_message.set(false);
         self.inspect_first.set(true);
         self.first_error.set(None);
         self.accepted.set(false);

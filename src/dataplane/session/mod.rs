@@ -639,6 +639,11 @@ impl Stream {
                 .as_ref()
                 .is_some_and(|r| r.can_resume())
             && !matches!(cside.scanner.cut_frame(), Some(None))
+            // A text message the client left open cannot be continued on
+            // a new connection after the copy's binary frames, nor can a
+            // message upstream left open towards the client.
+            && cside.scanner.open_message() != Some(false)
+            && !state.down.mid_message.get()
     }
 
     /// Resumes the stream after its upstream connection failed mid-stream
@@ -675,6 +680,7 @@ impl Stream {
         // What the old connection got of the client's bytes is in the copy:
         // the frames already re-masked for it are not sent again.
         let cut = cside.scanner.cut_frame().flatten();
+        let open_message = cside.scanner.open_message() == Some(true);
         cbuf.consume(cside.processed);
         cside.processed = 0;
         let mut first = self.config_frame(up, config);
@@ -682,7 +688,7 @@ impl Stream {
             let mut r = state.resume.borrow_mut();
             let r = r.as_mut().expect("a resumable stream");
             let secs = r.replay_seconds();
-            first.extend(r.begin(&mut shard.masks.borrow_mut(), cut));
+            first.extend(r.begin(&mut shard.masks.borrow_mut(), cut, open_message));
             (r.resumes, secs)
         };
         cside.config_frame = Some(first);
@@ -831,7 +837,12 @@ impl Stream {
                 shard.process.device_rejections[limit as usize]
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
-            End::Drain if state.up.at_boundary.get() && state.down.at_boundary.get() => {
+            End::Drain
+                if state.up.at_boundary.get()
+                    && !state.up.mid_message.get()
+                    && state.down.at_boundary.get()
+                    && !state.down.mid_message.get() =>
+            {
                 self.finalize_for_drain(client, up, state).await;
             }
             _ => {}
@@ -846,6 +857,13 @@ impl Stream {
                 ToClient::Close(code) => {
                     Some(build_frame(Opcode::Close, &close_payload(*code, ""), None))
                 }
+                // Inside a message upstream left open, only a control
+                // frame may go: the error's close, without its text.
+                ToClient::Error(r) if state.down.mid_message.get() => Some(build_frame(
+                    Opcode::Close,
+                    &close_payload(r.close, ""),
+                    None,
+                )),
                 ToClient::Error(r) => Some(r.frames(&self.id)),
             };
             if let Some(frames) = frames {
