@@ -401,3 +401,29 @@ fn a_new_message_inside_a_fragmented_one_gets_1002() {
     assert!(fake.wait_for(LIMIT, |s| s.len() == 1 && s[0].closed));
     assert_eq!(relay.handle.metrics().streams_resumed(), 0);
 }
+
+#[test]
+fn a_text_message_that_is_not_utf8_gets_1007() {
+    // Before the relay checked, the message went upstream, which dropped
+    // the connection; the stream, not yet accepted, was retried from its
+    // copy with the same message on three more connections, and the
+    // client got a 503 "upstream lost".
+    let (fake, relay) = setup(|_| {});
+    let frames = raw_bad_frame(
+        &fake,
+        1,
+        &relay,
+        &raw_frame(0x81, Some([9, 8, 7, 6]), b"{\"type\":\"\xc3\x28\"}"),
+    );
+    assert_eq!(raw_close_code(&frames), Some(1007), "{frames:?}");
+    let errs = raw_texts(&frames);
+    assert!(
+        errs.iter()
+            .any(|m| m["error_code"] == 400
+                && m["error_message"] == "text message is not valid UTF-8"),
+        "{errs:?}"
+    );
+    assert!(fake.wait_for(LIMIT, |s| s.len() == 1 && s[0].closed));
+    let s = &fake.sessions()[0];
+    assert_eq!((s.audio_frames, s.text_messages.len()), (1, 1), "{s:?}");
+}

@@ -45,8 +45,10 @@ impl Opcode {
     }
 }
 
-/// One protocol violation in a frame header. Each maps to close code 1002,
-/// except [`FrameError::TooBig`] (1009).
+/// One protocol violation: in a frame header, in the order of a message's
+/// frames, or in a client text message's bytes. Each maps to close code
+/// 1002, except [`FrameError::TooBig`] (1009) and
+/// [`FrameError::InvalidUtf8`] (1007).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FrameError {
     /// An opcode RFC 6455 reserves.
@@ -64,6 +66,8 @@ pub enum FrameError {
     /// A continuation frame with no fragmented message to continue, or a
     /// new text or binary frame inside one (RFC 6455 §5.4).
     Fragmentation,
+    /// A text message that is not UTF-8 (§8.1; close code 1007).
+    InvalidUtf8,
 }
 
 impl FrameError {
@@ -71,6 +75,7 @@ impl FrameError {
     pub fn close_code(self) -> u16 {
         match self {
             FrameError::TooBig => 1009,
+            FrameError::InvalidUtf8 => 1007,
             _ => 1002,
         }
     }
@@ -85,6 +90,7 @@ impl FrameError {
             FrameError::BadLength => "invalid payload length",
             FrameError::TooBig => "frame too big",
             FrameError::Fragmentation => "fragmented message out of order",
+            FrameError::InvalidUtf8 => "text message is not valid UTF-8",
         }
     }
 }

@@ -13,6 +13,7 @@ use std::collections::VecDeque;
 
 use crate::frame::{parse_header, FrameError, Opcode, Sender};
 use crate::mask::{apply_mask, rekey, MaskKeys};
+use crate::utf8::Utf8Check;
 
 /// What one pass of [`FrameScanner::scan`] found.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +69,11 @@ pub struct FrameScanner {
     /// A fragmented message is open: its first frame had no FIN, and the
     /// next data frame must be its continuation.
     in_message: bool,
+    /// The current frame belongs to a client text message, whose bytes
+    /// are checked to be UTF-8 (audio is binary and never looked at).
+    checks_text: bool,
+    /// The client's text message so far is UTF-8 (client frames only).
+    utf8: Utf8Check,
 }
 
 impl FrameScanner {
@@ -88,6 +94,8 @@ impl FrameScanner {
             fin: true,
             opcode: Opcode::Binary,
             in_message: false,
+            checks_text: false,
+            utf8: Utf8Check::default(),
         }
     }
 
@@ -155,10 +163,19 @@ impl FrameScanner {
         let mut out = Scan::default();
         let len = window.len();
         let mut pos = 0;
+        // Where the current frame's header is, when it is in this window.
+        let mut frame_at = None;
         loop {
             if self.remaining > 0 {
                 let n = (self.remaining.min((len - pos) as u64)) as usize;
                 if self.from == Sender::Client {
+                    if self.checks_text {
+                        let ends = self.fin && self.remaining == n as u64;
+                        if !self.text_is_utf8(&window[pos..pos + n], ends) {
+                            pos = self.invalid_text(&mut out, pos, frame_at);
+                            break;
+                        }
+                    }
                     if let Some(c) = capture.as_deref_mut() {
                         self.capture_payload(&window[pos..pos + n], c);
                     }
@@ -201,7 +218,8 @@ impl FrameScanner {
                     break;
                 }
             };
-            if !h.opcode.is_control() {
+            let data = !h.opcode.is_control();
+            if data {
                 // A continuation exactly when a message is open.
                 if (h.opcode == Opcode::Continuation) != self.in_message {
                     out.violation = Some(FrameError::Fragmentation);
@@ -219,7 +237,7 @@ impl FrameScanner {
             }
             self.fin = h.fin;
             self.opcode = h.opcode;
-            if !h.opcode.is_control() {
+            if data {
                 out.data_frames_started += 1;
                 match h.opcode {
                     Opcode::Binary => self.msg_binary = true,
@@ -227,13 +245,20 @@ impl FrameScanner {
                     _ => {}
                 }
             }
-            self.counts_audio = !h.opcode.is_control() && self.msg_binary;
+            self.counts_audio = data && self.msg_binary;
+            self.checks_text = data && !self.msg_binary && self.from == Sender::Client;
             self.text_start = (h.opcode == Opcode::Text && h.fin).then_some(pos + h.header_len);
             self.in_close = h.opcode == Opcode::Close;
             self.phase = 0;
             self.remaining = h.payload_len;
+            frame_at = Some(pos);
             pos += h.header_len;
             if h.payload_len == 0 {
+                if h.fin && self.checks_text && !self.utf8.finish() {
+                    // A message that ends inside a character.
+                    pos = self.invalid_text(&mut out, pos, frame_at);
+                    break;
+                }
                 out.frames_done += 1;
                 if let Some(c) = capture.as_deref_mut() {
                     if h.fin && matches!(h.opcode, Opcode::Binary | Opcode::Text) {
@@ -253,6 +278,41 @@ impl FrameScanner {
 }
 
 impl FrameScanner {
+    /// Takes in `masked` (the client's bytes of the current text frame,
+    /// before re-masking); `ends` when they end its message. False when
+    /// the message cannot be UTF-8.
+    #[inline(never)]
+    fn text_is_utf8(&mut self, masked: &[u8], ends: bool) -> bool {
+        let mut plain = [0u8; 64];
+        let mut phase = self.phase;
+        for piece in masked.chunks(plain.len()) {
+            let plain = &mut plain[..piece.len()];
+            plain.copy_from_slice(piece);
+            apply_mask(plain, self.client_key, phase);
+            phase = (phase + piece.len()) & 3;
+            if !self.utf8.feed(plain) {
+                return false;
+            }
+        }
+        !ends || self.utf8.finish()
+    }
+
+    /// Ends a scan at a text frame that is not UTF-8: nothing of it is
+    /// ready when its header is in this window (`frame_at`); when it began
+    /// in an earlier read, what came before stays sent. Returns where the
+    /// ready region ends.
+    #[cold]
+    fn invalid_text(&mut self, out: &mut Scan, pos: usize, frame_at: Option<usize>) -> usize {
+        out.violation = Some(FrameError::InvalidUtf8);
+        match frame_at {
+            Some(at) => {
+                out.data_frames_started -= 1;
+                at
+            }
+            None => pos,
+        }
+    }
+
     /// Copies `masked` (the client's bytes of the current frame, before
     /// re-masking) into `c`, unmasked: audio to `c.audio`, text (up to a
     /// bound) to `c.text`.
@@ -549,5 +609,60 @@ mod tests {
             }
         }
         assert_eq!(FrameError::Fragmentation.close_code(), 1002);
+    }
+
+    #[test]
+    fn client_text_must_be_utf8_across_frames_and_reads() {
+        use Opcode::{Binary, Continuation as Cont, Text};
+        let key = Some([5, 6, 7, 8]);
+        let scan =
+            |s: &mut FrameScanner, w: &mut Vec<u8>| s.scan(w, Some(&mut MaskKeys::default()));
+        // "€" split between two frames, the second frame split between two
+        // reads: fine.
+        let euro = "\u{20ac}".as_bytes();
+        let mut s = FrameScanner::new(Sender::Client, 100);
+        let mut wire = frame(Text, false, &[b'a', euro[0]], key);
+        wire.extend(frame(Cont, true, &euro[1..], key));
+        let (mut first, mut second) = (
+            wire[..wire.len() - 1].to_vec(),
+            wire[wire.len() - 1..].to_vec(),
+        );
+        assert_eq!(scan(&mut s, &mut first).violation, None);
+        let last = scan(&mut s, &mut second);
+        assert_eq!((last.violation, last.frames_done), (None, 1));
+
+        // A good frame, then a text frame that is not UTF-8: the good one is
+        // ready, nothing of the bad one.
+        let mut s = FrameScanner::new(Sender::Client, 100);
+        let mut wire = frame(Binary, true, b"\xff\xfe audio is not text", key);
+        let good = wire.len();
+        wire.extend(frame(Text, true, b"{\"type\":\xc3\x28}", key));
+        let got = scan(&mut s, &mut wire);
+        assert_eq!(
+            (
+                got.ready,
+                got.frames_done,
+                got.data_frames_started,
+                got.violation
+            ),
+            (good, 1, 1, Some(FrameError::InvalidUtf8))
+        );
+
+        // A message that ends inside a character, on an empty last frame.
+        let mut s = FrameScanner::new(Sender::Client, 100);
+        let mut wire = frame(Text, false, &euro[..2], key);
+        let open = wire.len();
+        wire.extend(frame(Cont, true, b"", key));
+        let got = scan(&mut s, &mut wire);
+        assert_eq!(
+            (got.ready, got.violation),
+            (open, Some(FrameError::InvalidUtf8))
+        );
+
+        // Upstream's text is not looked at.
+        let mut s = FrameScanner::new(Sender::Server, 100);
+        let mut wire = frame(Text, true, b"\xff", None);
+        assert_eq!(s.scan(&mut wire, None).violation, None);
+        assert_eq!(FrameError::InvalidUtf8.close_code(), 1007);
     }
 }
