@@ -1,6 +1,6 @@
 //! Mid-stream resume: a raw-audio stream whose upstream connection fails
-//! (dropped, 503, 500) goes on, on a new connection, with one continuous
-//! transcript.
+//! (dropped, 503, 500, a protocol violation) goes on, on a new connection,
+//! with one continuous transcript.
 
 use std::time::Duration;
 
@@ -59,6 +59,7 @@ fn two_hundred_streams_with_faults_keep_their_transcripts() {
                 FaultKind::Drop,
                 FaultKind::Error(503),
                 FaultKind::Error(500),
+                FaultKind::Violation,
             ],
             within_frames: 30,
             seed: 11,
