@@ -32,12 +32,10 @@
 //!   readiness is queued as deferred work that this thread collects when it
 //!   enters the ring (the ring's `IORING_SQ_TASKRUN` flag says when there is
 //!   some), instead of interrupting the thread once per event. A sleep
-//!   carries a batch window (`min_wait_usec`, kernel 6.13): events that
-//!   arrive while the shard sleeps gather for up to
-//!   [`Waiting::batch_window`] and are handled in one wake-up; after a quiet
-//!   window the next event wakes the shard at once. At real-time load most
-//!   wake-ups served one event; the window trades at most that long of
-//!   added latency for fewer wake-ups (benches/README.md has the A/B).
+//!   ends at the first event. (A batch window, `min_wait_usec`, kernel
+//!   6.13, can make events that arrive while the shard sleeps gather first,
+//!   [`Waiting::batch_window`]; it is off: the kernel's timed wait cost more
+//!   CPU than the wake-ups it saved, benches/README.md has the A/B.)
 //!   An idle shard sleeps longer (`deep_sleep`): once four sleeps in a
 //!   row ended with nothing to do, the next lasts until glommio's next
 //!   timer, and glommio's eventfd, polled by the ring, ends it when another
@@ -132,7 +130,8 @@ pub struct Waiting {
     /// Once asleep, the shard waits up to this long for events to gather
     /// before it wakes for the first (the ring's `min_wait_usec`); an
     /// event after a quiet window still wakes it at once.
-    /// `CLIO_RELAY_DATAPLANE_BATCH_US`; 0 wakes on every event.
+    /// `CLIO_RELAY_DATAPLANE_BATCH_US`, for A/B runs; 0 (the default)
+    /// wakes on the first event.
     pub batch_window: Duration,
     /// The longest sleep of an idle shard ([`Wake::Ring`] only; see
     /// `deep_sleep`). `CLIO_RELAY_DATAPLANE_IDLE_MS`; 0 keeps every
@@ -151,8 +150,10 @@ impl Default for Waiting {
     }
 }
 
-/// See [`Waiting::batch_window`].
-pub const DEFAULT_BATCH_WINDOW: Duration = Duration::from_micros(100);
+/// See [`Waiting::batch_window`]: none. At 1,500 real-time streams a
+/// 100 µs window cost 7% more CPU than none (benches/README.md, "No batch
+/// window").
+pub const DEFAULT_BATCH_WINDOW: Duration = Duration::ZERO;
 
 /// See [`Waiting::idle_sleep`]: a bound on an idle shard's sleep, should a
 /// way to wake it ever be missed.
