@@ -99,16 +99,20 @@ pub fn decode(mut bytes: &[u8], from: Sender) -> Vec<(bool, Opcode, Vec<u8>)> {
 
 /// Whether `other`, the same input pumped in other pieces, agrees with
 /// `whole`: the same frames forwarded, the same counts, the same end. One
-/// difference is allowed: at a client text frame that is not UTF-8, the
-/// part of that frame sent before the read that showed it (the whole
-/// input sends none of it).
+/// difference is allowed: at a client text or close frame whose payload
+/// breaks the protocol (not UTF-8, a bad close code), the part of that
+/// frame sent before the read that showed it (the whole input sends none
+/// of it).
 pub fn agrees(whole: &Pumped, other: &Pumped, from: Sender) -> bool {
     let key = |p: &Pumped| (p.frames, p.binary_bytes, p.close, p.violation);
     if key(other) != key(whole) {
         return false;
     }
     let n = whole.forwarded.len();
-    if whole.violation == Some(FrameError::InvalidUtf8) {
+    if matches!(
+        whole.violation,
+        Some(FrameError::InvalidUtf8 | FrameError::BadClose)
+    ) {
         other.forwarded.len() >= n
             && (whole.data_frames..=whole.data_frames + 1).contains(&other.data_frames)
             && decode(&other.forwarded[..n], from) == decode(&whole.forwarded, from)

@@ -110,6 +110,8 @@ fn tail() -> impl Strategy<Value = Vec<u8>> {
         1 => Just(vec![0x80, 0x80, 0, 0, 0, 0]),                          // continuation: bad unless a message is open
         1 => Just(vec![0x81, 0x80, 0, 0, 0, 0]),                          // text: bad inside an open message
         1 => Just(vec![0x81, 0x82, 0, 0, 0, 0, 0xc3, 0x28]),              // client text, not UTF-8
+        1 => Just(vec![0x88, 0x81, 0, 0, 0, 0, 0x03]),                    // client close, a 1-byte body
+        1 => Just(vec![0x88, 0x82, 0, 0, 0, 0, 0x03, 0xed]),              // client close, code 1005
     ]
 }
 

@@ -427,3 +427,23 @@ fn a_text_message_that_is_not_utf8_gets_1007() {
     let s = &fake.sessions()[0];
     assert_eq!((s.audio_frames, s.text_messages.len()), (1, 1), "{s:?}");
 }
+
+#[test]
+fn a_close_frame_with_a_bad_code_or_body_gets_1002() {
+    // Before the relay checked, a 1-byte close went upstream and the
+    // client got a normal close (1000) back.
+    for body in [&b"\x03"[..], b"\x03\xed", b"\x07\xd0"] {
+        let (fake, relay) = setup(|_| {});
+        let frames = raw_bad_frame(&fake, 1, &relay, &raw_frame(0x88, Some([9, 8, 7, 6]), body));
+        assert_eq!(raw_close_code(&frames), Some(1002), "{body:?}: {frames:?}");
+        let errs = raw_texts(&frames);
+        assert!(
+            errs.iter().any(|m| m["error_code"] == 400
+                && m["error_message"] == "close frame with an invalid code or body"),
+            "{body:?}: {errs:?}"
+        );
+        assert!(fake.wait_for(LIMIT, |s| s.len() == 1 && s[0].closed));
+        // Upstream got the relay's own close, not the client's bad one.
+        assert_eq!(fake.sessions()[0].client_close_code, Some(1001), "{body:?}");
+    }
+}

@@ -46,7 +46,7 @@ impl Opcode {
 }
 
 /// One protocol violation: in a frame header, in the order of a message's
-/// frames, or in a client text message's bytes. Each maps to close code
+/// frames, or in a client text message's or close frame's bytes. Each maps to close code
 /// 1002, except [`FrameError::TooBig`] (1009) and
 /// [`FrameError::InvalidUtf8`] (1007).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,8 +66,12 @@ pub enum FrameError {
     /// A continuation frame with no fragmented message to continue, or a
     /// new text or binary frame inside one (RFC 6455 §5.4).
     Fragmentation,
-    /// A text message that is not UTF-8 (§8.1; close code 1007).
+    /// A text message that is not UTF-8 (§8.1; close code 1007), or a
+    /// close frame's reason that is not.
     InvalidUtf8,
+    /// A close frame with a 1-byte body, or a code no endpoint may send
+    /// (§7.4: under 1000, 1004 to 1006, 1015 to 2999, 5000 and over).
+    BadClose,
 }
 
 impl FrameError {
@@ -91,6 +95,7 @@ impl FrameError {
             FrameError::TooBig => "frame too big",
             FrameError::Fragmentation => "fragmented message out of order",
             FrameError::InvalidUtf8 => "text message is not valid UTF-8",
+            FrameError::BadClose => "close frame with an invalid code or body",
         }
     }
 }

@@ -69,11 +69,16 @@ pub struct FrameScanner {
     /// A fragmented message is open: its first frame had no FIN, and the
     /// next data frame must be its continuation.
     in_message: bool,
-    /// The current frame belongs to a client text message, whose bytes
-    /// are checked to be UTF-8 (audio is binary and never looked at).
-    checks_text: bool,
-    /// The client's text message so far is UTF-8 (client frames only).
+    /// What of the current frame's payload is looked at (client frames
+    /// only; audio, binary, never is).
+    looks: Looks,
+    /// The client's text message so far is UTF-8.
     utf8: Utf8Check,
+    /// The client's close frame so far: its code's bytes, and its reason
+    /// checked as UTF-8.
+    close_code: [u8; 2],
+    close_have: u8,
+    close_reason: Utf8Check,
 }
 
 impl FrameScanner {
@@ -94,8 +99,11 @@ impl FrameScanner {
             fin: true,
             opcode: Opcode::Binary,
             in_message: false,
-            checks_text: false,
+            looks: Looks::Nothing,
             utf8: Utf8Check::default(),
+            close_code: [0; 2],
+            close_have: 0,
+            close_reason: Utf8Check::default(),
         }
     }
 
@@ -169,10 +177,10 @@ impl FrameScanner {
             if self.remaining > 0 {
                 let n = (self.remaining.min((len - pos) as u64)) as usize;
                 if self.from == Sender::Client {
-                    if self.checks_text {
-                        let ends = self.fin && self.remaining == n as u64;
-                        if !self.text_is_utf8(&window[pos..pos + n], ends) {
-                            pos = self.invalid_text(&mut out, pos, frame_at);
+                    if self.looks != Looks::Nothing {
+                        let ends = self.remaining == n as u64;
+                        if let Err(e) = self.payload_ok(&window[pos..pos + n], ends) {
+                            pos = self.invalid(&mut out, e, pos, frame_at);
                             break;
                         }
                     }
@@ -246,7 +254,18 @@ impl FrameScanner {
                 }
             }
             self.counts_audio = data && self.msg_binary;
-            self.checks_text = data && !self.msg_binary && self.from == Sender::Client;
+            self.looks = match (self.from, h.opcode) {
+                (Sender::Client, Opcode::Close) => {
+                    if h.payload_len == 1 {
+                        pos = self.invalid(&mut out, FrameError::BadClose, pos, Some(pos));
+                        break;
+                    }
+                    self.close_have = 0;
+                    Looks::Close
+                }
+                (Sender::Client, _) if data && !self.msg_binary => Looks::Text,
+                _ => Looks::Nothing,
+            };
             self.text_start = (h.opcode == Opcode::Text && h.fin).then_some(pos + h.header_len);
             self.in_close = h.opcode == Opcode::Close;
             self.phase = 0;
@@ -254,9 +273,9 @@ impl FrameScanner {
             frame_at = Some(pos);
             pos += h.header_len;
             if h.payload_len == 0 {
-                if h.fin && self.checks_text && !self.utf8.finish() {
+                if h.fin && self.looks == Looks::Text && !self.utf8.finish() {
                     // A message that ends inside a character.
-                    pos = self.invalid_text(&mut out, pos, frame_at);
+                    pos = self.invalid(&mut out, FrameError::InvalidUtf8, pos, frame_at);
                     break;
                 }
                 out.frames_done += 1;
@@ -278,11 +297,13 @@ impl FrameScanner {
 }
 
 impl FrameScanner {
-    /// Takes in `masked` (the client's bytes of the current text frame,
-    /// before re-masking); `ends` when they end its message. False when
-    /// the message cannot be UTF-8.
+    /// Takes in `masked` (the client's bytes of the current text or close
+    /// frame, before re-masking); `ends` when they end the frame. A text
+    /// message must be UTF-8 (checked at its last frame's end too); a
+    /// close frame's code must be one an endpoint may send, and its
+    /// reason UTF-8.
     #[inline(never)]
-    fn text_is_utf8(&mut self, masked: &[u8], ends: bool) -> bool {
+    fn payload_ok(&mut self, masked: &[u8], ends: bool) -> Result<(), FrameError> {
         let mut plain = [0u8; 64];
         let mut phase = self.phase;
         for piece in masked.chunks(plain.len()) {
@@ -290,23 +311,56 @@ impl FrameScanner {
             plain.copy_from_slice(piece);
             apply_mask(plain, self.client_key, phase);
             phase = (phase + piece.len()) & 3;
-            if !self.utf8.feed(plain) {
-                return false;
+            let text = match self.looks {
+                Looks::Close => {
+                    let take = (2 - self.close_have as usize).min(plain.len());
+                    let at = self.close_have as usize;
+                    self.close_code[at..at + take].copy_from_slice(&plain[..take]);
+                    self.close_have += take as u8;
+                    (&mut self.close_reason, &plain[take..])
+                }
+                _ => (&mut self.utf8, &plain[..]),
+            };
+            if !text.0.feed(text.1) {
+                return Err(FrameError::InvalidUtf8);
             }
         }
-        !ends || self.utf8.finish()
+        if !ends {
+            return Ok(());
+        }
+        match self.looks {
+            Looks::Close => {
+                if !sendable_close_code(u16::from_be_bytes(self.close_code)) {
+                    return Err(FrameError::BadClose);
+                }
+                if !self.close_reason.finish() {
+                    return Err(FrameError::InvalidUtf8);
+                }
+            }
+            _ if self.fin && !self.utf8.finish() => return Err(FrameError::InvalidUtf8),
+            _ => {}
+        }
+        Ok(())
     }
 
-    /// Ends a scan at a text frame that is not UTF-8: nothing of it is
-    /// ready when its header is in this window (`frame_at`); when it began
-    /// in an earlier read, what came before stays sent. Returns where the
-    /// ready region ends.
+    /// Ends a scan at a text or close frame that breaks the protocol
+    /// (`e`): nothing of it is ready when its header is in this window
+    /// (`frame_at`); when it began in an earlier read, what came before
+    /// stays sent. Returns where the ready region ends.
     #[cold]
-    fn invalid_text(&mut self, out: &mut Scan, pos: usize, frame_at: Option<usize>) -> usize {
-        out.violation = Some(FrameError::InvalidUtf8);
+    fn invalid(
+        &mut self,
+        out: &mut Scan,
+        e: FrameError,
+        pos: usize,
+        frame_at: Option<usize>,
+    ) -> usize {
+        out.violation = Some(e);
         match frame_at {
             Some(at) => {
-                out.data_frames_started -= 1;
+                if !self.opcode.is_control() {
+                    out.data_frames_started -= 1;
+                }
                 at
             }
             None => pos,
@@ -360,6 +414,24 @@ impl FrameScanner {
 
 /// Largest client text message whose content is looked at (for `finalize`).
 pub const MAX_CONTROL_TEXT: usize = 4096;
+
+/// What of a client frame's payload the scanner looks at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Looks {
+    /// Nothing: audio, and every server frame.
+    Nothing,
+    /// A text message's bytes, for UTF-8.
+    Text,
+    /// A close frame's code and reason.
+    Close,
+}
+
+/// Whether an endpoint may send close code `code` (RFC 6455 §7.4.1 and
+/// §7.4.2; 1004 to 1006 and 1015 are reserved, 1016 to 2999 are for the
+/// RFC's extensions, none of which exist).
+fn sendable_close_code(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+}
 
 /// What [`FrameScanner::scan_capture`] saw in one window, beyond [`Scan`].
 #[derive(Debug, Default)]
@@ -664,5 +736,55 @@ mod tests {
         let mut wire = frame(Text, true, b"\xff", None);
         assert_eq!(s.scan(&mut wire, None).violation, None);
         assert_eq!(FrameError::InvalidUtf8.close_code(), 1007);
+    }
+
+    #[test]
+    fn client_close_frames_must_carry_a_sendable_code_and_a_utf8_reason() {
+        use Opcode::{Binary, Close};
+        let key = Some([5, 6, 7, 8]);
+        // (payload, violation), each after a good audio frame.
+        let cases: [(&[u8], Option<FrameError>); 10] = [
+            (b"", None),
+            (b"\x03\xe8", None),                       // 1000
+            (b"\x03\xe8bye \xe2\x82\xac", None),       // 1000, a reason with a euro sign
+            (b"\x0f\xa0app", None),                    // 4000
+            (b"\x03", Some(FrameError::BadClose)),     // a 1-byte body
+            (b"\x03\xed", Some(FrameError::BadClose)), // 1005, never sent
+            (b"\x03\xe7", Some(FrameError::BadClose)), // 999
+            (b"\x07\xd0", Some(FrameError::BadClose)), // 2000
+            (b"\x13\x88", Some(FrameError::BadClose)), // 5000
+            (b"\x03\xe8\xc3\x28", Some(FrameError::InvalidUtf8)),
+        ];
+        for (payload, want) in cases {
+            let mut wire = frame(Binary, true, b"audio", key);
+            let good = wire.len();
+            wire.extend(frame(Close, true, payload, key));
+            // Whole, and cut after each byte of the close frame.
+            for cut in [wire.len()].into_iter().chain(good + 1..wire.len()) {
+                let mut s = FrameScanner::new(Sender::Client, 100);
+                let (mut a, mut b) = (wire[..cut].to_vec(), wire[cut..].to_vec());
+                let first = s.scan(&mut a, Some(&mut MaskKeys::default()));
+                let (violation, close) = match first.violation {
+                    Some(e) => (Some(e), false),
+                    None if b.is_empty() => (None, first.close_done),
+                    None => {
+                        // What the first read left (a partial header) comes first.
+                        let mut rest = a[first.ready..].to_vec();
+                        rest.append(&mut b);
+                        let second = s.scan(&mut rest, Some(&mut MaskKeys::default()));
+                        (second.violation, second.close_done)
+                    }
+                };
+                assert_eq!(violation, want, "{payload:?} cut at {cut}");
+                assert_eq!(close, want.is_none(), "{payload:?} cut at {cut}");
+                if cut == wire.len() && want.is_some() {
+                    assert_eq!(first.ready, good, "nothing of a bad close is sent");
+                }
+            }
+        }
+        // Upstream's close frames are not looked at.
+        let mut s = FrameScanner::new(Sender::Server, 100);
+        let mut wire = frame(Close, true, b"\x03", None);
+        assert_eq!(s.scan(&mut wire, None).violation, None);
     }
 }
