@@ -69,6 +69,8 @@ pub struct FrameScanner {
     /// A fragmented message is open: its first frame had no FIN, and the
     /// next data frame must be its continuation.
     in_message: bool,
+    /// The current (or last) message has had no payload byte so far.
+    msg_empty: bool,
     /// What of the current frame's payload is looked at (client frames
     /// only; audio, binary, never is).
     looks: Looks,
@@ -99,6 +101,7 @@ impl FrameScanner {
             fin: true,
             opcode: Opcode::Binary,
             in_message: false,
+            msg_empty: false,
             looks: Looks::Nothing,
             utf8: Utf8Check::default(),
             close_code: [0; 2],
@@ -234,6 +237,8 @@ impl FrameScanner {
                     break;
                 }
                 self.in_message = !h.fin;
+                let starts = h.opcode != Opcode::Continuation;
+                self.msg_empty = (starts || self.msg_empty) && h.payload_len == 0;
             }
             if let (Some(client_key), Some(masks)) = (h.mask, masks.as_deref_mut()) {
                 let fresh = masks.next_key();
@@ -280,7 +285,9 @@ impl FrameScanner {
                 }
                 out.frames_done += 1;
                 if let Some(c) = capture.as_deref_mut() {
-                    if h.fin && matches!(h.opcode, Opcode::Binary | Opcode::Text) {
+                    // An empty message, in one frame or several, ends
+                    // the audio.
+                    if h.fin && !h.opcode.is_control() && self.msg_empty {
                         c.end_of_audio = true;
                     }
                     Self::frame_done(c, h.opcode, h.fin);
@@ -681,6 +688,33 @@ mod tests {
             }
         }
         assert_eq!(FrameError::Fragmentation.close_code(), 1002);
+    }
+
+    #[test]
+    fn an_empty_message_in_fragments_ends_the_audio() {
+        use Opcode::{Binary, Continuation as Cont, Text};
+        let key = Some([5, 6, 7, 8]);
+        let ends = |frames: &[(Opcode, bool, &[u8])]| {
+            let mut wire = vec![];
+            for &(op, fin, payload) in frames {
+                wire.extend(frame(op, fin, payload, key));
+            }
+            let mut c = Capture::default();
+            let mut s = FrameScanner::new(Sender::Client, 100);
+            let scan = s.scan_capture(&mut wire, &mut MaskKeys::default(), &mut c);
+            assert_eq!(scan.violation, None);
+            c.end_of_audio
+        };
+        assert!(ends(&[(Binary, true, b"")]));
+        assert!(ends(&[(Text, true, b"")]));
+        assert!(ends(&[
+            (Binary, false, b""),
+            (Cont, false, b""),
+            (Cont, true, b"")
+        ]));
+        assert!(!ends(&[(Binary, false, b"ab"), (Cont, true, b"")]));
+        assert!(!ends(&[(Binary, false, b""), (Cont, true, b"cd")]));
+        assert!(!ends(&[(Binary, true, b"ab")]));
     }
 
     #[test]
