@@ -252,3 +252,62 @@ fn a_tls_client_that_stops_reading_still_has_its_stream_ended() {
     );
     drop(ws);
 }
+
+#[test]
+fn clients_that_do_not_speak_tls_are_closed_and_others_served() {
+    use std::io::{Read, Write};
+    let fake = fake(&["k1"], |_| {});
+    let dir = state_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let (ca, cert, key) = localhost_cert();
+    std::fs::write(dir.join("cert.pem"), &cert).unwrap();
+    std::fs::write(dir.join("key.pem"), &key).unwrap();
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.tls = Some(clio_relay::core::config::TlsConfig {
+        cert_file: dir.join("cert.pem"),
+        key_file: dir.join("key.pem"),
+    });
+    cfg.limits.handshake_timeout = Duration::from_secs(1);
+    let relay = Relay::start(cfg);
+    let connect = || {
+        let tcp = std::net::TcpStream::connect(relay.addr()).unwrap();
+        // A bound for a test that would otherwise hang: far past the
+        // handshake timeout.
+        tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        tcp
+    };
+    // Plain HTTP on the TLS port gets a TLS alert record, then the close.
+    let mut plain = connect();
+    plain
+        .write_all(b"GET /v1/transcribe HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut got = vec![];
+    plain.read_to_end(&mut got).expect("closed, not left open");
+    assert_eq!(got.first(), Some(&0x15), "an alert record: {got:?}");
+    // A silent client, and one that stops half way through its hello,
+    // are closed at the handshake timeout.
+    let silent = connect();
+    let mut half = connect();
+    half.write_all(&[
+        0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+    ])
+    .unwrap();
+    for (what, mut tcp) in [("silent", silent), ("half a hello", half)] {
+        let mut got = vec![];
+        let n = tcp.read_to_end(&mut got);
+        assert!(n.is_ok(), "{what}: {n:?}");
+    }
+    // And the port still serves a real client.
+    let mut ws = wss_connect(relay.addr(), &ca, &relay.token("d")).unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    ws.send(Message::binary(audio_frames(1, 1).remove(0)))
+        .unwrap();
+    ws.send(Message::binary(Vec::<u8>::new())).unwrap();
+    let mut finished = false;
+    while let Ok(m) = ws.read() {
+        if let Message::Text(t) = m {
+            finished |= t.contains("\"finished\":true");
+        }
+    }
+    assert!(finished, "the good client's stream finished");
+}
