@@ -105,3 +105,59 @@ fn answer_head(
     let _ = tcp.read_to_string(&mut out);
     out.split("\r\n\r\n").next().unwrap_or("").to_string()
 }
+
+#[test]
+fn a_body_without_one_plain_length_is_refused_saying_why() {
+    // Before, a chunked body was read as no body, and two lengths as the
+    // first: both answered "the body is not valid JSON".
+    use std::io::{Read, Write};
+    let fake = fake(&["key-a"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("acct-a", "key-a")]);
+    cfg.admin.token = Some(Secret::new(ADMIN));
+    let relay = Relay::start(cfg);
+    let admin = relay.handle.admin_addr;
+    let body = serde_json::json!({"id": "new-a", "key": "key-new"}).to_string();
+    let send = |headers: String, body: &str| {
+        let mut tcp = std::net::TcpStream::connect(admin).unwrap();
+        tcp.set_read_timeout(Some(std::time::Duration::from_secs(15)))
+            .unwrap();
+        write!(
+            tcp,
+            "POST /admin/accounts HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN}\r\n{headers}\r\n{body}"
+        )
+        .unwrap();
+        let mut out = String::new();
+        let _ = tcp.read_to_string(&mut out);
+        out
+    };
+    let chunked = format!("{:x}\r\n{body}\r\n0\r\n\r\n", body.len());
+    let out = send("Transfer-Encoding: chunked\r\n".into(), &chunked);
+    assert!(out.starts_with("HTTP/1.1 411 Length Required\r\n"), "{out}");
+    assert!(out.contains("Content-Length"), "{out}");
+    let two = format!("Content-Length: 5\r\nContent-Length: {}\r\n", body.len());
+    let out = send(two, &body);
+    assert!(out.starts_with("HTTP/1.1 400 "), "{out}");
+    assert!(out.contains("more than one Content-Length"), "{out}");
+    let short = format!(
+        "Content-Length: {}\r\nConnection: close\r\n",
+        body.len() + 10
+    );
+    let mut tcp = std::net::TcpStream::connect(admin).unwrap();
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(15)))
+        .unwrap();
+    write!(
+        tcp,
+        "POST /admin/accounts HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN}\r\n{short}\r\n{body}"
+    )
+    .unwrap();
+    tcp.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut out = String::new();
+    let _ = tcp.read_to_string(&mut out);
+    assert!(out.contains("shorter than its Content-Length"), "{out}");
+    // None of them added the account; the same request with its length does.
+    let (status, accounts) = http(admin, "GET", "/admin/accounts", Some(ADMIN), None);
+    assert_eq!(status, 200);
+    assert!(!accounts.contains("new-a"), "{accounts}");
+    let (status, answer) = http(admin, "POST", "/admin/accounts", Some(ADMIN), Some(&body));
+    assert_eq!(status, 200, "{answer}");
+}

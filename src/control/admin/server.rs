@@ -77,7 +77,7 @@ async fn serve(admin: Rc<Admin>, pool: Rc<BufferPool>, tcp: glommio::net::TcpStr
             Some(req) => routes::route(&admin, &req).await,
             None => http::json_error(400, "malformed HTTP request"),
         },
-        Some(Err(status)) => http::json_error(status, "request too large or malformed"),
+        Some(Err((status, why))) => http::json_error(status, why),
         None => return,
     };
     // A client that stops reading does not keep the answer (a scrape's is
@@ -94,38 +94,47 @@ async fn serve(admin: Rc<Admin>, pool: Rc<BufferPool>, tcp: glommio::net::TcpStr
 }
 
 /// Reads a request head and its body (by `Content-Length`) into `buf`;
-/// returns the total length, or an HTTP status to refuse with.
-async fn read_request(conn: &Duplex, buf: &mut Buf) -> Result<usize, u16> {
+/// returns the total length, or an HTTP status to refuse with and why.
+async fn read_request(conn: &Duplex, buf: &mut Buf) -> Result<usize, (u16, &'static str)> {
     let head = http::read_head(conn, buf, 8192)
         .await
         .map_err(|e| match e {
-            http::HeadError::TooLarge => 431u16,
-            _ => 400u16,
+            http::HeadError::TooLarge => (431u16, "request head over 8 KiB"),
+            _ => (400u16, "malformed HTTP request"),
         })?;
     let head_bytes = &buf.filled()[..head];
     let mut headers = http::header_slots(head_bytes);
     let mut req = httparse::Request::new(&mut headers);
     if req.parse(head_bytes).is_err() {
-        return Err(400);
+        return Err((400, "malformed HTTP request"));
     }
-    let length = req
-        .headers
-        .iter()
-        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-        .map(|h| {
-            std::str::from_utf8(h.value)
-                .ok()
-                .and_then(|v| v.trim().parse::<usize>().ok())
-                .ok_or(400u16)
-        })
-        .transpose()?
-        .unwrap_or(0);
+    let named = |name: &'static str| {
+        req.headers
+            .iter()
+            .filter(move |h| h.name.eq_ignore_ascii_case(name))
+    };
+    if named("transfer-encoding").next().is_some() {
+        // Not read: a body is sent whole, with its length.
+        return Err((
+            411,
+            "send the body with a Content-Length (chunked bodies are not read)",
+        ));
+    }
+    let mut lengths = named("content-length");
+    let length = match (lengths.next(), lengths.next()) {
+        (None, _) => 0,
+        (Some(h), None) => std::str::from_utf8(h.value)
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .ok_or((400, "Content-Length is not a number"))?,
+        (Some(_), Some(_)) => return Err((400, "more than one Content-Length")),
+    };
     if length > MAX_BODY {
-        return Err(413);
+        return Err((413, "request body over 64 KiB"));
     }
     while buf.len() < head + length {
         match buf.read_from(conn).await {
-            Ok(0) | Err(_) => return Err(400),
+            Ok(0) | Err(_) => return Err((400, "request body shorter than its Content-Length")),
             Ok(_) => {}
         }
     }
