@@ -200,10 +200,6 @@ pub async fn client_to_upstream(link: Link<'_>, side: &mut ClientSide, cx: Strea
             }
             state.up.write_since.set(None);
             state.up.at_boundary.set(side.scanner.at_boundary());
-            state
-                .up
-                .mid_message
-                .set(side.scanner.open_message().is_some());
             side.keep_for_replay(&buf.filled()[..n], state);
             buf.consume(n);
             side.processed = 0;
@@ -223,10 +219,6 @@ pub async fn client_to_upstream(link: Link<'_>, side: &mut ClientSide, cx: Strea
             }
             state.up.write_since.set(None);
             state.up.at_boundary.set(side.scanner.at_boundary());
-            state
-                .up
-                .mid_message
-                .set(side.scanner.open_message().is_some());
         }
         if scan.binary_bytes > 0 && !state.meter.count_audio(scan.binary_bytes) {
             return End::Stopped(crate::core::devices::Limit::DailyAudio);

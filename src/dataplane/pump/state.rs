@@ -40,7 +40,6 @@ impl StreamState {
             last_activity: Cell::new(now),
             up: UpHalf {
                 at_boundary: Cell::new(true),
-                mid_message: Cell::new(false),
                 write_since: Cell::new(None),
                 first_audio_at: Cell::new(None),
                 replayable: Cell::new(true),
@@ -109,11 +108,9 @@ pub(crate) static ERROR_CODE: LazyLock<Finder<'static>> =
 #[derive(Debug)]
 pub struct UpHalf {
     /// The upstream socket is between frames (the relay may write its own
-    /// control frame).
+    /// control frame; a data frame only when, besides, the client's
+    /// scanner has no fragmented message open).
     pub at_boundary: Cell<bool>,
-    /// A fragmented client message is open upstream: the relay's own data
-    /// frame (a drain's `finalize`) may not go in until it ends.
-    pub mid_message: Cell<bool>,
     /// Since when a write upstream has been waiting (the time of the client
     /// read it forwards); `None` between writes. A stream idle for the idle
     /// timeout with a write still waiting has a stalled upstream.

@@ -837,9 +837,10 @@ impl Stream {
                 shard.process.device_rejections[limit as usize]
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
+            // The finalize is a data frame: between the client's messages.
             End::Drain
                 if state.up.at_boundary.get()
-                    && !state.up.mid_message.get()
+                    && cside.scanner.open_message().is_none()
                     && state.down.at_boundary.get()
                     && !state.down.mid_message.get() =>
             {
