@@ -231,8 +231,14 @@ pub fn write_header(
 /// rewritten config message, error messages and close frames. Not for the
 /// per-frame path.
 pub fn build_frame(opcode: Opcode, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+    build_fragment(opcode, true, payload, mask)
+}
+
+/// [`build_frame`] with the FIN bit as given: a frame of a fragmented
+/// message (a resume opens one for the client's next continuation).
+pub fn build_fragment(opcode: Opcode, fin: bool, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
     let mut header = [0u8; MAX_HEADER_LEN];
-    let n = write_header(&mut header, true, opcode, mask, payload.len() as u64);
+    let n = write_header(&mut header, fin, opcode, mask, payload.len() as u64);
     let mut out = Vec::with_capacity(n + payload.len());
     out.extend_from_slice(&header[..n]);
     out.extend_from_slice(payload);

@@ -621,18 +621,7 @@ mod tests {
         assert_eq!((scan.ready, scan.violation), (0, Some(FrameError::TooBig)));
     }
 
-    /// One frame with its FIN bit as given.
-    fn frame(opcode: Opcode, fin: bool, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
-        let mut h = [0u8; crate::frame::MAX_HEADER_LEN];
-        let n = crate::frame::write_header(&mut h, fin, opcode, mask, payload.len() as u64);
-        let mut out = h[..n].to_vec();
-        let from = out.len();
-        out.extend_from_slice(payload);
-        if let Some(key) = mask {
-            apply_mask(&mut out[from..], key, 0);
-        }
-        out
-    }
+    use crate::frame::build_fragment as frame;
 
     #[test]
     fn follows_fragmented_messages_and_rejects_them_out_of_order() {

@@ -24,7 +24,7 @@ use super::copy_budget::CopyBudget;
 use super::{End, Link, StreamCx};
 use crate::core::keyring::RateScope;
 use crate::core::metrics::Hist;
-use clio_frame::frame::{build_frame, parse_header, FrameError, Opcode, Sender};
+use clio_frame::frame::{build_fragment, build_frame, parse_header, FrameError, Opcode, Sender};
 use clio_frame::mask::MaskKeys;
 use clio_frame::scanner::{Capture, CutFrame};
 
@@ -332,15 +332,12 @@ impl Resume {
             None => {}
         }
         if open_message && cut.is_none() {
-            let mut h = [0u8; clio_frame::frame::MAX_HEADER_LEN];
-            let n = clio_frame::frame::write_header(
-                &mut h,
-                false,
+            out.extend(build_fragment(
                 Opcode::Binary,
+                false,
+                b"",
                 Some(masks.next_key()),
-                0,
-            );
-            out.extend_from_slice(&h[..n]);
+            ));
         }
         out
     }
