@@ -160,8 +160,15 @@ pub fn parse_client_request(head: &[u8]) -> Result<ClientRequest, HeadError> {
     let method = req.method.ok_or(HeadError::Malformed)?;
     let target = req.path.ok_or(HeadError::Malformed)?;
     // The target must be a URI (origin-, absolute- or asterisk-form), as
-    // HTTP's own rules say; one small copy, only to check it.
-    tungstenite::http::Uri::try_from(target).map_err(|_| HeadError::Malformed)?;
+    // HTTP's own rules say; one small copy, to check it. The absolute form
+    // (`GET http://host/v1/transcribe`), which a server must accept too
+    // (RFC 9112 §3.2.2), names its path and query after the authority.
+    let uri = tungstenite::http::Uri::try_from(target).map_err(|_| HeadError::Malformed)?;
+    let target = match (uri.scheme(), uri.path_and_query()) {
+        (Some(_), Some(pq)) => pq.as_str(),
+        (Some(_), None) => "/",
+        (None, _) => target,
+    };
     let mut up = Upgrade {
         http11: req.version == Some(1),
         ..Upgrade::default()
@@ -413,6 +420,19 @@ mod tests {
         let r = req("", "/v1/transcribe?token=&token=tok3");
         assert_eq!(r.token, Some(("tok3".into(), TokenSource::Query)));
         assert_eq!(req("Authorization: Basic zzz\r\n", "/").token, None);
+    }
+
+    #[test]
+    fn an_absolute_form_target_names_its_path() {
+        // RFC 9112 §3.2.2: a server must accept the absolute form too.
+        let r = req("", "http://relay.example/v1/transcribe?token=tok4");
+        assert_eq!(r.path, "/v1/transcribe");
+        assert_eq!(r.token, Some(("tok4".into(), TokenSource::Query)));
+        assert_eq!(req("", "wss://relay.example:443/healthz").path, "/healthz");
+        assert_eq!(req("", "http://relay.example").path, "/");
+        // Only the origin form's path is taken as it is written.
+        assert_eq!(req("", "/v1/transcribe").path, "/v1/transcribe");
+        assert_eq!(req("", "*").path, "*");
     }
 
     #[test]

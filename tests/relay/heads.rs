@@ -72,6 +72,16 @@ fn head_limits_hold_however_the_head_arrives() {
         "{answer}"
     );
 
+    // The absolute form of the target (RFC 9112 §3.2.2) names the same
+    // endpoint.
+    let absolute = upgrade_head(&token, "").replacen(
+        "GET /v1/transcribe",
+        "GET http://relay.example/v1/transcribe",
+        1,
+    );
+    let (answer, _) = send_raw(relay.addr(), absolute.as_bytes(), b"");
+    assert!(answer.starts_with("HTTP/1.1 101"), "{answer}");
+
     // The stream endpoint is GET only.
     let post = upgrade_head(&token, "").replacen("GET", "POST", 1);
     let (answer, _) = send_raw(relay.addr(), post.as_bytes(), b"");
