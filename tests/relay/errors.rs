@@ -171,12 +171,31 @@ fn binary_first_message_gets_400() {
 #[test]
 fn first_message_not_json_gets_400() {
     let (_fake, relay) = setup(|_| {});
-    for first in ["hello, relay", "[1,2,3]", "{\"model\": "] {
+    let deep = format!("{{\"a\":{}{}}}", "[".repeat(200), "]".repeat(200));
+    // Each gets 400 and 1002, with a message that says what is wrong and
+    // where (serde_json's own words, none of which quote the input).
+    let cases = [
+        (
+            "hello, relay",
+            "Start request is not valid JSON: expected value at line 1 column 1.",
+        ),
+        ("[1,2,3]", "Start request must be a JSON object."),
+        (
+            "{\"model\": ",
+            "Start request is not valid JSON: EOF while parsing a value at line 1 column 10.",
+        ),
+        (
+            deep.as_str(),
+            "Start request is not valid JSON: recursion limit exceeded at line 1 column 132.",
+        ),
+    ];
+    for (first, message) in cases {
         let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
         ws.send(Message::text(first)).unwrap();
         let got = read_all(&mut ws);
         assert_eq!(got.error_code(), Some(400), "{first}: {got:?}");
-        assert!(got.close.is_some(), "{first}: {got:?}");
+        assert_eq!(got.messages[0]["error_message"], message, "{first}");
+        assert_eq!(got.close_code(), Some(1002), "{first}: {got:?}");
         assert!(!got.finished());
     }
 }

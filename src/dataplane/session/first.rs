@@ -3,6 +3,7 @@
 
 use std::time::SystemTime;
 
+use serde_json::error::Category;
 use serde_json::{Map, Value};
 
 use crate::core::metrics::Side;
@@ -164,6 +165,12 @@ fn parse_config(opcode: Opcode, fin: bool, payload: &[u8]) -> Result<Map<String,
         )),
         Opcode::Text => match serde_json::from_slice::<Value>(payload) {
             Ok(Value::Object(map)) => Ok(map),
+            // A syntax error's words are serde_json's fixed ones and a
+            // position ("trailing comma at line 1 column 8"): they never
+            // quote the message, which may carry a token.
+            Err(e) if matches!(e.classify(), Category::Syntax | Category::Eof) => Err(
+                Refusal::bad_request(format!("Start request is not valid JSON: {e}.")),
+            ),
             _ => Err(Refusal::bad_request("Start request must be a JSON object.")),
         },
         _ => Err(Refusal::bad_request(
