@@ -186,7 +186,28 @@ impl AsyncWrite for Conn {
     }
 }
 
+impl Tcp {
+    /// See [`RingSocket::poll_hangup`]; glommio's sockets (off the
+    /// streaming path) never report it.
+    fn poll_hangup(&self, cx: &mut Context<'_>) -> Poll<()> {
+        match self {
+            Tcp::Ring(s) => s.poll_hangup(cx),
+            Tcp::Glommio(_) => Poll::Pending,
+        }
+    }
+}
+
 impl Conn {
+    /// The peer has shut down its side of the TCP connection under this
+    /// one, or it failed (see [`RingSocket::poll_hangup`]).
+    fn poll_hangup(&self, cx: &mut Context<'_>) -> Poll<()> {
+        match self {
+            Conn::Plain(tcp) => tcp.poll_hangup(cx),
+            Conn::TlsClient(tls) => tls.get_ref().0.poll_hangup(cx),
+            Conn::TlsServer(tls) => tls.get_ref().0.poll_hangup(cx),
+        }
+    }
+
     /// The TCP socket under the connection (TLS state, if any, dropped).
     pub fn into_tcp(self) -> Tcp {
         match self {
@@ -205,6 +226,12 @@ impl Duplex {
     /// Wraps a connection.
     pub fn new(conn: Conn) -> Self {
         Duplex(RefCell::new(conn))
+    }
+
+    /// Completes once the peer has shut down its side or the connection
+    /// failed, reading nothing: see [`RingSocket::poll_hangup`].
+    pub async fn hung_up(&self) {
+        std::future::poll_fn(|cx| self.0.borrow().poll_hangup(cx)).await
     }
 
     /// Reads into `buf`; `Ok(0)` is end of stream.

@@ -240,6 +240,48 @@ fn frames_sent_before_upstream_opens_are_not_lost() {
 }
 
 #[test]
+fn a_client_that_leaves_while_upstream_opens_gives_its_place_back() {
+    // Upstream answers each upgrade 3 s late, and a device may hold one
+    // stream: a phone that gives up on a slow open and reconnects.
+    let fake = fake(&["key-a"], |c| {
+        c.faults.handshake_delay = Duration::from_secs(3)
+    });
+    let mut cfg = relay_config(&fake.url(), &[("acct-a", "key-a")]);
+    cfg.devices.default.max_concurrent_streams = 1;
+    let relay = Relay::start(cfg);
+    let token = relay.token("dev");
+    let (mut gone, _) = connect(relay.addr(), &token, Via::Header).unwrap();
+    gone.send(Message::text(config_message(None))).unwrap();
+    gone.send(Message::binary(audio_frames(1, 3).remove(0)))
+        .unwrap();
+    let live = || {
+        relay.handle.process.accounts()[0]
+            .live
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    // The relay is opening upstream for it when the connection goes (no
+    // close frame).
+    assert!(wait_until(LIMIT, || live() == 1));
+    drop(gone);
+    // The same device again, while that open would still be under way:
+    // not refused (429, the device's one stream), but served.
+    let (mut ws, _) = connect(relay.addr(), &token, Via::Header).unwrap();
+    let frames = audio_frames(3, 4);
+    let got = stream_session(&mut ws, &config_message(None), &frames);
+    assert!(got.finished(), "{got:?}");
+    // Upstream got the second stream's config and audio only: the first's
+    // upgrade (if it got that far) was dropped unanswered, so none of its
+    // audio was sent, nor billed.
+    assert!(fake.wait_for(LIMIT, |s| s.iter().all(|r| r.closed)));
+    let sessions = fake.sessions();
+    let configured: Vec<_> = sessions.iter().filter(|r| r.config.is_some()).collect();
+    assert_eq!(configured.len(), 1, "{sessions:?}");
+    assert_eq!(configured[0].audio, frames.concat());
+    assert!(relay.wait_idle(LIMIT));
+    assert_eq!(live(), 0);
+}
+
+#[test]
 fn more_than_the_pre_upstream_queue_before_upstream_opens_is_not_lost() {
     // 30 × 16 KiB = 480 KiB, beyond the 256 KiB pre-upstream queue: the
     // excess must wait in TCP (back-pressure), not be dropped.

@@ -72,6 +72,23 @@ struct Stream {
     placed: std::cell::Cell<bool>,
 }
 
+/// `open`, unless the client goes first (its connection shut or failed):
+/// then the open is dropped, and nothing is answered. Opening upstream for
+/// a client that has left would hold its device's and its account's places
+/// until upstream answered, and send (and bill) its audio for no one; a
+/// phone that gave up on a slow open and reconnects would find its own
+/// place taken.
+async fn unless_client_leaves<T>(
+    client: &Duplex,
+    open: impl std::future::Future<Output = Result<T, Refusal>>,
+) -> Result<T, Refusal> {
+    future::or(open, async {
+        client.hung_up().await;
+        Err(Refusal::silent(0))
+    })
+    .await
+}
+
 /// An open upstream: the connection, the account it holds, and its read buffer.
 struct Upstream {
     conn: Duplex,
@@ -123,7 +140,10 @@ impl Stream {
                                 state.meter.admit(permit);
                                 let (first, up) = future::try_zip(
                                     self.read_first_message(&client, &mut cbuf),
-                                    self.open_upstream(&mut tried, lease),
+                                    unless_client_leaves(
+                                        &client,
+                                        self.open_upstream(&mut tried, lease),
+                                    ),
                                 )
                                 .await?;
                                 Ok((first, up, None))
@@ -138,7 +158,11 @@ impl Stream {
                                 let slot = self.admit_stream()?;
                                 let (permit, lease) = self.admit(&c).await?;
                                 state.meter.admit(permit);
-                                let up = self.open_upstream(&mut tried, lease).await?;
+                                let up = unless_client_leaves(
+                                    &client,
+                                    self.open_upstream(&mut tried, lease),
+                                )
+                                .await?;
                                 claims = Some(c);
                                 Ok((first, up, Some(slot)))
                             }

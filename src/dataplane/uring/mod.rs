@@ -507,6 +507,19 @@ impl Plane {
         false
     }
 
+    /// Whether the peer has shut down its side or the socket failed, without
+    /// reading: otherwise `waker` is woken on the socket's next readiness
+    /// event (bytes included), to ask again.
+    fn poll_hangup(&self, token: Token, waker: &Waker) -> bool {
+        let mut slots = self.slots.borrow_mut();
+        let slot = &mut slots[token.index as usize];
+        if slot.hup {
+            return true;
+        }
+        set_waker(&mut slot.reader, waker);
+        false
+    }
+
     /// The socket had no more bytes: wait for the next readiness event
     /// (unless the peer has shut down: then EOF is always there to read).
     fn clear_readable(&self, token: Token) {

@@ -111,6 +111,19 @@ impl RingSocket {
         plane.close_after_peer(this.token, fd);
     }
 
+    /// Ready once the peer has shut down its side (FIN) or the connection
+    /// failed (RST), with nothing read: how a task that is not reading
+    /// learns that its peer has gone. It shares the reader's waker, so only
+    /// the task that reads the socket (or, when none does, one task) may
+    /// wait on it.
+    pub fn poll_hangup(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.plane.poll_hangup(self.token, cx.waker()) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
     /// One non-blocking `recv`, once the plane says bytes may be there.
     pub(crate) fn poll_recv(
         &self,

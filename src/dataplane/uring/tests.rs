@@ -212,6 +212,41 @@ fn a_cancelled_read_leaves_the_socket_usable() {
     });
 }
 
+/// A hang-up is seen without reading: not while bytes come, as soon as the
+/// peer's FIN or reset does, with the bytes before it still there to read.
+#[test]
+fn a_peers_hang_up_is_seen_without_reading() {
+    on_plane(64, 256, |plane| async move {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        fn hung_up(sock: &RingSocket) -> impl Future<Output = ()> + '_ {
+            std::future::poll_fn(|cx| sock.poll_hangup(cx))
+        }
+        for reset in [false, true] {
+            let (fd, mut peer) = pair(&listener);
+            let mut sock = RingSocket::new(&plane, fd);
+            peer.write_all(b"audio").unwrap();
+            let waited =
+                crate::dataplane::io::timeout(Duration::from_millis(30), hung_up(&sock)).await;
+            assert!(waited.is_none(), "bytes alone are no hang-up");
+            if reset {
+                socket2::SockRef::from(&peer)
+                    .set_linger(Some(Duration::ZERO))
+                    .unwrap();
+            }
+            drop(peer);
+            crate::dataplane::io::timeout(Duration::from_secs(10), hung_up(&sock))
+                .await
+                .expect("the hang-up is seen");
+            if !reset {
+                // What came before a FIN is still there, then EOF.
+                let mut got = Vec::new();
+                sock.read_to_end(&mut got).await.unwrap();
+                assert_eq!(got, b"audio");
+            }
+        }
+    });
+}
+
 /// 9,000 sockets registered at once (4,500 connected pairs, both ends on
 /// the plane, as 4,500 streams' client and upstream sockets are): each
 /// gets its bytes, and all are released at the end.
