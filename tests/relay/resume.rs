@@ -142,6 +142,25 @@ fn a_protocol_violation_from_upstream_is_resumed_unseen() {
 }
 
 #[test]
+fn audio_sent_a_few_bytes_a_frame_resumes_whole() {
+    // 2,000 frames of 16 bytes; the first connection drops at its 1,200th
+    // to 1,999th: the replay merges the copy's tiny frames (256 bytes at
+    // least) and the transcript is still the audio's.
+    let faults = only_first_connection_fails(FaultKind::Drop, 2000, |n| n >= 1200);
+    let fake = fake(&["k1"], |c| c.faults.random = Some(faults));
+    let relay = Relay::start(relay_config(&fake.url(), &[("a", "k1")]));
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    let audio = stream_audio(9, 10).concat();
+    let frames: Vec<Vec<u8>> = audio.chunks(16).map(<[u8]>::to_vec).collect();
+    let got = stream_session(&mut ws, &config_message(None), &frames);
+    assert_eq!(got.error_code(), None, "{got:?}");
+    assert!(got.finished() && !got.abrupt, "{got:?}");
+    assert_eq!(finals(&got), transcript_of(&audio, 32_000, 480));
+    assert!(fake.wait_for(LIMIT, |s| s.len() == 2 && s.iter().all(|r| r.closed)));
+    assert_eq!(relay.handle.metrics().streams_resumed(), 1);
+}
+
+#[test]
 fn a_stream_past_max_resumes_gets_the_documented_error() {
     // Every connection fails at its fifth audio frame.
     let fake = fake(&["k1"], |c| c.faults.error_after_frames = Some((5, 503)));

@@ -28,6 +28,12 @@ use clio_frame::frame::{build_fragment, build_frame, parse_header, FrameError, O
 use clio_frame::mask::MaskKeys;
 use clio_frame::scanner::{Capture, CutFrame};
 
+/// The fewest bytes a replayed frame carries when the client's own frames
+/// were smaller: smaller frames are merged in the copy's bookkeeping, so
+/// that a client sending its audio a few bytes a frame cannot make the copy
+/// keep a frame length (8 bytes) for every few bytes of audio.
+const MIN_REPLAY_FRAME: usize = 256;
+
 /// A raw-audio stream's resume state: the copy and the timeline.
 #[derive(Debug)]
 pub struct Resume {
@@ -35,8 +41,9 @@ pub struct Resume {
     bytes_per_sec: u64,
     align: u64,
     /// The client's frame lengths in the copy (the first may be cut short
-    /// by a trim), then `open` bytes of a frame still arriving: a resume
-    /// replays the audio in the client's own frames.
+    /// by a trim; frames under [`MIN_REPLAY_FRAME`] merged with the next),
+    /// then `open` bytes of a frame still arriving: a resume replays the
+    /// audio in the client's own frames.
     lens: VecDeque<usize>,
     open: usize,
     base: u64,
@@ -180,7 +187,13 @@ impl Resume {
         let len = self.capture.audio.len();
         let mut from = self.absorbed;
         for &end in &self.capture.frame_ends {
-            self.lens.push_back(self.open + end - from);
+            let len = self.open + end - from;
+            match self.lens.back_mut() {
+                // Replayed as part of the frame before, while that one is
+                // small: bytes a frame would otherwise cost 8 here.
+                Some(last) if *last < MIN_REPLAY_FRAME => *last += len,
+                _ => self.lens.push_back(len),
+            }
             self.open = 0;
             from = end;
         }
@@ -278,8 +291,12 @@ impl Resume {
         // final token's end: the new connection's time 0.
         self.shift_ms = self.base * 1000 / self.bytes_per_sec;
         self.final_ms = self.final_ms.max(self.shift_ms);
+        // Every frame's header (14 bytes at most, masked), and the
+        // finalize, end-of-audio and cut frames'.
         let mut out = Vec::with_capacity(
-            self.capture.audio.len() + self.capture.audio.len() / 4096 * 14 + 64,
+            self.capture.audio.len()
+                + (self.lens.len() + 3) * clio_frame::frame::MAX_HEADER_LEN
+                + 64,
         );
         let mut chunk = Vec::new();
         let mut at = 0;
@@ -688,6 +705,52 @@ mod tests {
         drop(a);
         drop(b);
         assert_eq!(budget.used(), 0, "every byte counted is given back");
+    }
+
+    /// A client sending its audio one byte a frame: the copy's frame
+    /// bookkeeping stays a small part of the audio it describes (it was 8
+    /// bytes a byte), and a resume still replays every byte in order.
+    #[test]
+    fn tiny_frames_are_kept_as_few_replay_frames() {
+        let budget = Arc::new(CopyBudget::new(1 << 30));
+        let mut r = Resume::new(32_000, 2, 1 << 20, 3, budget);
+        let mut sent = Vec::new();
+        for w in 0..100u32 {
+            // A read of 4,800 one-byte frames (7 bytes each on the wire).
+            r.reserve_for(4800);
+            for i in 0..4800u32 {
+                let b = (w * 4800 + i) as u8 ^ (w as u8);
+                r.capture.audio.push_back(b);
+                sent.push(b);
+                r.capture.frame_ends.push(r.capture.audio.len());
+            }
+            r.absorb_capture();
+        }
+        assert_eq!(r.capture.audio.len(), 480_000);
+        assert!(
+            r.lens.len() <= 480_000 / MIN_REPLAY_FRAME + 1,
+            "{} frame lengths kept",
+            r.lens.len()
+        );
+        // The replay: every byte, in order, in frames of at least
+        // MIN_REPLAY_FRAME bytes (the last one aside).
+        let replay = r.begin(&mut MaskKeys::default(), None, false);
+        let (mut at, mut got) = (0, Vec::new());
+        while at < replay.len() {
+            let h = parse_header(&replay[at..], Sender::Client, u64::MAX)
+                .unwrap()
+                .unwrap();
+            let n = h.payload_len as usize;
+            let mut p = replay[at + h.header_len..at + h.header_len + n].to_vec();
+            clio_frame::mask::apply_mask(&mut p, h.mask.unwrap(), 0);
+            got.extend(p);
+            at += h.header_len + n;
+            assert!(
+                n >= MIN_REPLAY_FRAME || at == replay.len(),
+                "a {n}-byte frame"
+            );
+        }
+        assert!(got == sent, "the replay is the audio");
     }
 
     #[test]
