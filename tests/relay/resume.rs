@@ -161,6 +161,43 @@ fn audio_sent_a_few_bytes_a_frame_resumes_whole() {
 }
 
 #[test]
+fn a_client_that_leaves_during_a_resume_is_not_resumed_for() {
+    // The first connection drops at its 5th to 9th audio frame; every
+    // upgrade is answered 2 s late, so the resume's new connection is
+    // still opening when the client goes.
+    let faults = only_first_connection_fails(FaultKind::Drop, 10, |n| n >= 5);
+    let fake = fake(&["k1"], |c| {
+        c.faults.random = Some(faults);
+        c.faults.handshake_delay = Duration::from_secs(2);
+    });
+    let relay = Relay::start(relay_config(&fake.url(), &[("a", "k1")]));
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    for f in stream_audio(10, 10) {
+        ws.send(Message::binary(f)).unwrap();
+    }
+    // The first connection is gone and the relay is opening the next.
+    assert!(fake.wait_for(LIMIT, |s| !s.is_empty() && s[0].closed));
+    drop(ws);
+    assert!(relay.wait_idle(LIMIT));
+    assert!(fake.wait_for(LIMIT, |s| s.iter().all(|r| r.closed)));
+    // Only the first connection ever got a config: the new one was
+    // dropped unanswered, with none of the copy replayed to it.
+    let configured: Vec<u64> = fake
+        .sessions()
+        .iter()
+        .filter(|r| r.config.is_some())
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(
+        configured.len(),
+        1,
+        "sessions with a config: {configured:?}"
+    );
+    assert_eq!(relay.handle.metrics().streams_resumed(), 0);
+}
+
+#[test]
 fn a_stream_past_max_resumes_gets_the_documented_error() {
     // Every connection fails at its fifth audio frame.
     let fake = fake(&["k1"], |c| c.faults.error_after_frames = Some((5, 503)));

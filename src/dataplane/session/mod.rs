@@ -77,7 +77,8 @@ struct Stream {
 /// a client that has left would hold its device's and its account's places
 /// until upstream answered, and send (and bill) its audio for no one; a
 /// phone that gave up on a slow open and reconnects would find its own
-/// place taken.
+/// place taken. The same holds for a failover's or a resume's new
+/// connection.
 async fn unless_client_leaves<T>(
     client: &Duplex,
     open: impl std::future::Future<Output = Result<T, Refusal>>,
@@ -270,9 +271,10 @@ impl Stream {
                     | End::Resume(..)
                         if self.resumable(&state, &cside) =>
                     {
-                        match Box::pin(
+                        match Box::pin(unless_client_leaves(
+                            &client,
                             self.resume(&mut up, end, &config, &state, &mut cbuf, &mut cside),
-                        )
+                        ))
                         .await
                         {
                             Ok(()) => continue,
@@ -294,19 +296,22 @@ impl Stream {
                 // One boxed future for both tries: the first result, kept
                 // across the second try, would take its room in every open
                 // stream's task.
-                let next = Box::pin(async {
-                    let next = self.open_upstream(&mut tried, None).await;
-                    if matches!(&next, Err(r) if r.code == 429)
-                        && not_the_account
-                        && same_account_retries < self.settings.failover.max_resumes
-                    {
-                        // Every account tried, none refused the stream: try again.
-                        same_account_retries += 1;
-                        tried = 0;
-                        return self.open_upstream(&mut tried, None).await;
-                    }
-                    next
-                })
+                let next = unless_client_leaves(
+                    &client,
+                    Box::pin(async {
+                        let next = self.open_upstream(&mut tried, None).await;
+                        if matches!(&next, Err(r) if r.code == 429)
+                            && not_the_account
+                            && same_account_retries < self.settings.failover.max_resumes
+                        {
+                            // Every account tried, none refused the stream: try again.
+                            same_account_retries += 1;
+                            tried = 0;
+                            return self.open_upstream(&mut tried, None).await;
+                        }
+                        next
+                    }),
+                )
                 .await;
                 match next {
                     Ok(next) => up = next,
