@@ -197,6 +197,59 @@ fn a_client_that_leaves_during_a_resume_is_not_resumed_for() {
     assert_eq!(relay.handle.metrics().streams_resumed(), 0);
 }
 
+/// The relay's own meter of `device`'s audio in `/admin/usage`, once the
+/// admin thread has its stream (`None` until then).
+fn metered_audio(relay: &Relay, admin: &str, device: &str) -> Option<f64> {
+    let (status, body) = http(
+        relay.handle.admin_addr,
+        "GET",
+        "/admin/usage?group_by=device",
+        Some(admin),
+        None,
+    );
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    v["rows"].as_array()?.iter().find(|r| r["key"] == device)?["audio_seconds_relay_meter"].as_f64()
+}
+
+#[test]
+fn a_stream_whose_resume_cannot_reopen_still_counts_its_audio() {
+    // The first connection drops at its 5th to 9th audio frame; upgrades
+    // are answered 2 s late, and upstream is gone before the resume's
+    // new connection is: the client gets 503 and close 1011, and the audio
+    // the stream carried is still in the usage ledger and the device's day.
+    const ADMIN: &str = "resume-admin-token-0123456789";
+    let faults = only_first_connection_fails(FaultKind::Drop, 10, |n| n >= 5);
+    let fake = fake(&["k1"], |c| {
+        c.faults.random = Some(faults);
+        c.faults.handshake_delay = Duration::from_secs(2);
+    });
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.admin.token = Some(clio_relay::core::secret::Secret::new(ADMIN));
+    let relay = Relay::start(cfg);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    for f in stream_audio(11, 10) {
+        ws.send(Message::binary(f)).unwrap();
+    }
+    assert!(fake.wait_for(LIMIT, |s| !s.is_empty() && s[0].closed));
+    fake.stop();
+    let got = read_all(&mut ws);
+    assert_eq!(got.error_code(), Some(503), "{got:?}");
+    assert_eq!(got.close_code(), Some(1011), "{got:?}");
+    assert!(relay.wait_idle(LIMIT));
+    let mut metered = None;
+    assert!(
+        wait_until(LIMIT, || {
+            metered = metered_audio(&relay, ADMIN, "dev");
+            metered.is_some()
+        }),
+        "the stream is not in the usage ledger"
+    );
+    // 10 frames of 100 ms went upstream before the drop or into the copy.
+    assert_eq!(metered, Some(1.0));
+}
+
 #[test]
 fn a_stream_past_max_resumes_gets_the_documented_error() {
     // Every connection fails at its fifth audio frame.

@@ -330,6 +330,12 @@ impl Stream {
                     Ok(end) => end,
                     Err(r) => {
                         self.refuse(&client, &r).await;
+                        // A failover or a resume that could not reopen, or
+                        // a client that left meanwhile: the stream carried
+                        // audio all the same (its account's gauges were
+                        // closed before the reopen).
+                        let error = (r.code != 0).then_some(r.code);
+                        self.record_usage(&up, claims, reference_id, &state, error);
                         return false;
                     }
                 };
