@@ -224,6 +224,44 @@ fn client_port_serves_tls_and_reloads_its_certificate() {
 /// writes the error frame and then TLS's close_notify, and both wait a
 /// bounded time on the client's full socket.
 #[test]
+fn a_tls_client_that_leaves_while_upstream_opens_is_let_go() {
+    // Upstream answers each upgrade 3 s late; the client, over TLS, sends
+    // its config and leaves. Its hang-up is seen under TLS too: the open
+    // is dropped, and upstream never gets the stream's config.
+    let fake = fake(&["k1"], |c| {
+        c.faults.handshake_delay = Duration::from_secs(3)
+    });
+    let dir = state_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let (ca, cert, key) = localhost_cert();
+    std::fs::write(dir.join("cert.pem"), &cert).unwrap();
+    std::fs::write(dir.join("key.pem"), &key).unwrap();
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.tls = Some(clio_relay::core::config::TlsConfig {
+        cert_file: dir.join("cert.pem"),
+        key_file: dir.join("key.pem"),
+    });
+    let relay = Relay::start(cfg);
+    let mut ws = wss_connect(relay.addr(), &ca, &relay.token("d")).unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    let live = || {
+        relay.handle.process.accounts()[0]
+            .live
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    assert!(wait_until(LIMIT, || live() == 1));
+    drop(ws);
+    assert!(wait_until(LIMIT, || live() == 0));
+    assert!(relay.wait_idle(LIMIT));
+    // Had the open gone on, its place would have come free only after
+    // upstream's late answer, with the config sent by then.
+    assert!(
+        fake.sessions().iter().all(|s| s.config.is_none()),
+        "upstream got the config of a client that had left"
+    );
+}
+
+#[test]
 fn a_tls_client_that_stops_reading_still_has_its_stream_ended() {
     let url = chatty_upstream();
     let dir = state_dir();
