@@ -256,6 +256,44 @@ fn max_stream_length_ends_a_long_stream() {
 }
 
 #[test]
+fn a_stream_still_opening_when_its_device_is_revoked_is_ended_too() {
+    // Upstream answers each upgrade 2 s late: the revocation, which ends
+    // live streams, comes while this stream is still opening.
+    let fake = fake(&["k1"], |c| {
+        c.faults.handshake_delay = Duration::from_secs(2)
+    });
+    let relay = relay_with(&fake, DeviceLimits::default());
+    let mut ws = open(&relay, &relay.token("stolen-phone"));
+    let live = || {
+        relay.handle.process.accounts()[0]
+            .live
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    assert!(wait_until(Duration::from_secs(10), || live() == 1));
+    let (status, body) = http(
+        relay.handle.admin_addr,
+        "POST",
+        "/admin/revocations",
+        Some(ADMIN),
+        Some(r#"{"device_id":"stolen-phone","end_live_streams":true}"#),
+    );
+    assert_eq!(status, 200, "{body}");
+    // Once upstream answers, the stream ends as a live one does; it does
+    // not stream on for a device revoked while it opened.
+    for f in audio_frames(5, 2) {
+        let _ = ws.send(Message::binary(f));
+    }
+    let _ = ws.send(Message::binary(Vec::new()));
+    let got = read_all(&mut ws);
+    assert_eq!(
+        (got.error_code(), got.close_code()),
+        (Some(401), Some(1008)),
+        "{got:?}"
+    );
+    assert!(!got.finished(), "{got:?}");
+}
+
+#[test]
 fn revoking_a_device_refuses_new_streams_and_can_end_live_ones() {
     let fake = fake(&["k1"], |_| {});
     let relay = relay_with(&fake, DeviceLimits::default());

@@ -128,7 +128,7 @@ impl Stream {
             // flows; unboxed, every open stream would carry its size for life.
             // A token that comes in the first message is put in `claims`,
             // so the stream keeps one copy of them whichever way they came.
-            let (config, mut up, _late_permit, reference_id) = {
+            let (config, mut up, _late_permit, reference_id, live) = {
                 // A refusal is answered inside the boxed opening too: kept
                 // here, the result would be held across that answer, and
                 // so take its room in every open stream's task.
@@ -139,6 +139,9 @@ impl Stream {
                                 *self.pools.borrow_mut() = c.pools.clone();
                                 let (permit, lease) = self.admit(c).await?;
                                 state.meter.admit(permit);
+                                // Live from here: a revocation or a drain
+                                // that comes while upstream opens ends it.
+                                let live = LiveGuard::register(&self.shard, c);
                                 let (first, up) = future::try_zip(
                                     self.read_first_message(&client, &mut cbuf),
                                     unless_client_leaves(
@@ -147,7 +150,7 @@ impl Stream {
                                     ),
                                 )
                                 .await?;
-                                Ok((first, up, None))
+                                Ok((first, up, None, live))
                             }
                             None => {
                                 let first = self.read_first_message(&client, &mut cbuf).await;
@@ -159,13 +162,14 @@ impl Stream {
                                 let slot = self.admit_stream()?;
                                 let (permit, lease) = self.admit(&c).await?;
                                 state.meter.admit(permit);
+                                let live = LiveGuard::register(&self.shard, &c);
                                 let up = unless_client_leaves(
                                     &client,
                                     self.open_upstream(&mut tried, lease),
                                 )
                                 .await?;
                                 claims = Some(c);
-                                Ok((first, up, Some(slot)))
+                                Ok((first, up, Some(slot), live))
                             }
                         }
                     }
@@ -179,7 +183,7 @@ impl Stream {
                     }
                 })
                 .await;
-                let Some((config, up, late_permit)) = opened else {
+                let Some((config, up, late_permit, live)) = opened else {
                     close_after_peer(client);
                     return;
                 };
@@ -208,13 +212,13 @@ impl Stream {
                     up,
                     late_permit,
                     reference_id,
+                    live,
                 )
             };
             // Set on every way here (the token on the request, or in the
             // first message): never taken.
             let Some(claims) = &claims else { return };
             tracing::debug!(stream = %self.id, shard = self.shard.index, device = %claims.device_id, account = %up.lease.account.id, "stream open");
-            let live = LiveGuard::register(&self.shard, claims);
             let mut cside = ClientSide::new(
                 self.settings.limits.max_frame_bytes as u64,
                 self.settings.failover.replay_bytes,
