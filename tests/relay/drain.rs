@@ -63,6 +63,37 @@ fn drain_finalizes_live_streams_then_asks_clients_to_reconnect() {
 }
 
 #[test]
+fn a_stream_still_opening_at_the_drain_deadline_is_drained_too() {
+    // Upstream answers each upgrade 2 s late; the drain's 300 ms deadline
+    // passes while this stream still waits for it.
+    let fake = fake(&["k1"], |c| {
+        c.faults.handshake_delay = Duration::from_secs(2)
+    });
+    let relay = Relay::start(relay_config(&fake.url(), &[("a", "k1")]));
+    let (mut ws, _) = connect(relay.addr(), &relay.token("phone"), Via::Header).unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    for f in audio_frames(10, 1) {
+        ws.send(Message::binary(f)).unwrap();
+    }
+    let live = || {
+        relay.handle.process.accounts()[0]
+            .live
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    assert!(wait_until(Duration::from_secs(10), || live() == 1));
+    assert_eq!(relay.handle.drain(Duration::from_millis(300)), 1);
+    // Once open, it is finalized and told to reconnect like any other:
+    // it does not stream on past the drain.
+    let got = read_all(&mut ws);
+    assert_eq!(
+        (got.error_code(), got.close_code()),
+        (Some(503), Some(1012)),
+        "{got:?}"
+    );
+    assert_eq!(relay.handle.process.live_streams(), 0);
+}
+
+#[test]
 fn a_restart_on_a_shared_socket_refuses_nothing_and_loses_nothing() {
     use relay_load::{self, AuthVia, Credentials, LoadOptions, Pace, Target};
     // Echo mode: relay-load then checks every frame comes back once, in order.
