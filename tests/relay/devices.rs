@@ -264,11 +264,7 @@ fn a_stream_still_opening_when_its_device_is_revoked_is_ended_too() {
     });
     let relay = relay_with(&fake, DeviceLimits::default());
     let mut ws = open(&relay, &relay.token("stolen-phone"));
-    let live = || {
-        relay.handle.process.accounts()[0]
-            .live
-            .load(std::sync::atomic::Ordering::Relaxed)
-    };
+    let live = || relay.account_live(0);
     assert!(wait_until(Duration::from_secs(10), || live() == 1));
     let (status, body) = http(
         relay.handle.admin_addr,

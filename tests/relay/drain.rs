@@ -75,11 +75,7 @@ fn a_stream_still_opening_at_the_drain_deadline_is_drained_too() {
     for f in audio_frames(10, 1) {
         ws.send(Message::binary(f)).unwrap();
     }
-    let live = || {
-        relay.handle.process.accounts()[0]
-            .live
-            .load(std::sync::atomic::Ordering::Relaxed)
-    };
+    let live = || relay.account_live(0);
     assert!(wait_until(Duration::from_secs(10), || live() == 1));
     assert_eq!(relay.handle.drain(Duration::from_millis(300)), 1);
     // Once open, it is finalized and told to reconnect like any other:

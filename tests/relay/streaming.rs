@@ -254,11 +254,7 @@ fn a_client_that_leaves_while_upstream_opens_gives_its_place_back() {
     gone.send(Message::text(config_message(None))).unwrap();
     gone.send(Message::binary(audio_frames(1, 3).remove(0)))
         .unwrap();
-    let live = || {
-        relay.handle.process.accounts()[0]
-            .live
-            .load(std::sync::atomic::Ordering::Relaxed)
-    };
+    let live = || relay.account_live(0);
     // The relay is opening upstream for it when the connection goes (no
     // close frame).
     assert!(wait_until(LIMIT, || live() == 1));

@@ -106,6 +106,27 @@ fn localhost_cert() -> (String, String, String) {
     (ca.pem(), leaf.pem(), leaf_key.serialize_pem())
 }
 
+/// A relay in front of `upstream` serving TLS on its client port, with a
+/// certificate for "localhost" made now (`tweak` changes its config), and
+/// the PEM of the CA that signed it.
+fn tls_relay(
+    upstream: &str,
+    tweak: impl FnOnce(&mut clio_relay::core::config::Config),
+) -> (Relay, String) {
+    let dir = state_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let (ca, cert, key) = localhost_cert();
+    std::fs::write(dir.join("cert.pem"), &cert).unwrap();
+    std::fs::write(dir.join("key.pem"), &key).unwrap();
+    let mut cfg = relay_config(upstream, &[("a", "k1")]);
+    cfg.tls = Some(clio_relay::core::config::TlsConfig {
+        cert_file: dir.join("cert.pem"),
+        key_file: dir.join("key.pem"),
+    });
+    tweak(&mut cfg);
+    (Relay::start(cfg), ca)
+}
+
 /// A wss:// client that trusts only `ca_pem`.
 fn wss_connect(
     addr: std::net::SocketAddr,
@@ -231,24 +252,10 @@ fn a_tls_client_that_leaves_while_upstream_opens_is_let_go() {
     let fake = fake(&["k1"], |c| {
         c.faults.handshake_delay = Duration::from_secs(3)
     });
-    let dir = state_dir();
-    std::fs::create_dir_all(&dir).unwrap();
-    let (ca, cert, key) = localhost_cert();
-    std::fs::write(dir.join("cert.pem"), &cert).unwrap();
-    std::fs::write(dir.join("key.pem"), &key).unwrap();
-    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
-    cfg.tls = Some(clio_relay::core::config::TlsConfig {
-        cert_file: dir.join("cert.pem"),
-        key_file: dir.join("key.pem"),
-    });
-    let relay = Relay::start(cfg);
+    let (relay, ca) = tls_relay(&fake.url(), |_| {});
     let mut ws = wss_connect(relay.addr(), &ca, &relay.token("d")).unwrap();
     ws.send(Message::text(config_message(None))).unwrap();
-    let live = || {
-        relay.handle.process.accounts()[0]
-            .live
-            .load(std::sync::atomic::Ordering::Relaxed)
-    };
+    let live = || relay.account_live(0);
     assert!(wait_until(LIMIT, || live() == 1));
     drop(ws);
     assert!(wait_until(LIMIT, || live() == 0));
@@ -264,18 +271,7 @@ fn a_tls_client_that_leaves_while_upstream_opens_is_let_go() {
 #[test]
 fn a_tls_client_that_stops_reading_still_has_its_stream_ended() {
     let url = chatty_upstream();
-    let dir = state_dir();
-    std::fs::create_dir_all(&dir).unwrap();
-    let (ca, cert, key) = localhost_cert();
-    std::fs::write(dir.join("cert.pem"), &cert).unwrap();
-    std::fs::write(dir.join("key.pem"), &key).unwrap();
-    let mut cfg = relay_config(&url, &[("a", "k1")]);
-    cfg.tls = Some(clio_relay::core::config::TlsConfig {
-        cert_file: dir.join("cert.pem"),
-        key_file: dir.join("key.pem"),
-    });
-    cfg.limits.idle_timeout = Duration::from_secs(1);
-    let relay = Relay::start(cfg);
+    let (relay, ca) = tls_relay(&url, |cfg| cfg.limits.idle_timeout = Duration::from_secs(1));
     let token = relay.token("d");
     let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     sock.set_recv_buffer_size(4096).unwrap();

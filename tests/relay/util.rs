@@ -103,6 +103,13 @@ impl Relay {
             .unwrap()
     }
 
+    /// Streams holding a place on the `i`th account (opening ones too).
+    pub fn account_live(&self, i: usize) -> u32 {
+        self.handle.process.accounts()[i]
+            .live
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Waits until no stream is live on any shard (gauges back to zero).
     pub fn wait_idle(&self, limit: Duration) -> bool {
         wait_until(limit, || {
