@@ -11,10 +11,12 @@
 mod ending;
 mod first;
 mod handshake;
+mod open;
 mod refusal;
 mod support;
 
 use ending::{Ending, ToClient};
+use open::unless_client_leaves;
 use support::{audio_bytes_per_ms, close_after_peer, raw_audio_rate, LiveGuard};
 pub use support::{upstream_config_text, with_api_key};
 
@@ -27,8 +29,8 @@ use std::time::{Instant, SystemTime};
 use futures_lite::future;
 use serde_json::Value;
 
-use crate::core::devices::{DevicePermit, Limit};
-use crate::core::keyring::{Lease, RateScope};
+use crate::core::devices::Limit;
+use crate::core::keyring::Lease;
 use crate::core::metrics::Side;
 use crate::core::token::Claims;
 use crate::core::usage::UsageRecord;
@@ -36,8 +38,7 @@ use crate::dataplane::buf::Buf;
 use crate::dataplane::io::{timeout, Duplex};
 use crate::dataplane::pump::{self, ClientSide, End, Link, StreamCx, StreamState};
 use crate::dataplane::shard::{AdmitPermit, LiveStream, Settings, Shard, StopReason};
-use crate::dataplane::upstream::UpstreamFault;
-use clio_frame::frame::{build_frame, close_payload, Opcode, Sender};
+use clio_frame::frame::{build_frame, close_payload, Opcode};
 use clio_frame::scanner::FrameScanner;
 
 /// How long a draining stream waits for upstream's answer to its finalize.
@@ -70,24 +71,6 @@ struct Stream {
     /// `max_streams`: the accounts it moves to later (failover, resume)
     /// are not checked against that cap again.
     placed: std::cell::Cell<bool>,
-}
-
-/// `open`, unless the client goes first (its connection shut or failed):
-/// then the open is dropped, and nothing is answered. Opening upstream for
-/// a client that has left would hold its device's and its account's places
-/// until upstream answered, and send (and bill) its audio for no one; a
-/// phone that gave up on a slow open and reconnects would find its own
-/// place taken. The same holds for a failover's or a resume's new
-/// connection.
-async fn unless_client_leaves<T>(
-    client: &Duplex,
-    open: impl std::future::Future<Output = Result<T, Refusal>>,
-) -> Result<T, Refusal> {
-    future::or(open, async {
-        client.hung_up().await;
-        Err(Refusal::silent(0))
-    })
-    .await
 }
 
 /// An open upstream: the connection, the account it holds, and its read buffer.
@@ -370,115 +353,6 @@ impl Stream {
         }
     }
 
-    /// A `server.max_streams` slot for a stream whose token came in its
-    /// first message.
-    fn admit_stream(&self) -> Result<AdmitPermit, Refusal> {
-        let process = &self.shard.process;
-        if process.draining() {
-            return Err(Refusal::new(
-                503,
-                "service_unavailable",
-                "The relay is restarting; reconnect.",
-                1012,
-                Side::Internal,
-            ));
-        }
-        process.admit().ok_or_else(|| {
-            Refusal::new(
-                503,
-                "service_unavailable",
-                "Relay at capacity (server.max_streams); try again later.",
-                1013,
-                Side::Internal,
-            )
-        })
-    }
-
-    /// Checks the device's limits and revocations for a new stream. In a
-    /// fleet (`[cluster]`) the shared store checks them and picks the
-    /// account in the same round trip (the lease returned).
-    async fn admit(&self, claims: &Claims) -> Result<(DevicePermit, Option<Lease>), Refusal> {
-        // Every pool of the token at its `max_streams`: refused before the
-        // device's counts are touched.
-        let pools = self.pools_with_room()?;
-        let devices = &self.settings.devices;
-        let tier = claims.tier.as_deref();
-        let limits = &devices.limits_in(tier, &claims.pools);
-        let process = &self.shard.process;
-        // A refusal by a limit a pool set names the pool, and counts for it.
-        let refused = |r: crate::core::devices::Refused| {
-            process.device_rejections[r.limit as usize]
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let mut message = r.message;
-            if let Some(pool) = devices.pool_setting(tier, &claims.pools, r.limit) {
-                if let Some(limit) = crate::core::pool_limits::PoolLimit::of_device(r.limit) {
-                    process.pools.get(pool).refused(limit);
-                }
-                message = format!("{} (pool.{pool}.devices)", message.trim_end_matches('.'));
-            }
-            Refusal::device(r.limit, message)
-        };
-        let Some(fleet) = process.fleet.get() else {
-            return process
-                .devices
-                .admit(claims, limits, SystemTime::now())
-                .map(|p| (p, None))
-                .map_err(refused);
-        };
-        fleet
-            .admit(
-                &process.devices,
-                &self.shard.ring,
-                claims,
-                &pools,
-                limits,
-                0,
-                self.shard
-                    .fleet_link()
-                    .map(|l| l as &dyn crate::core::cluster::OpenLink),
-            )
-            .await
-            .map_err(|r| match r {
-                crate::core::cluster::FleetRefusal::Device(r) => refused(r),
-                // Every account at its limit across the fleet: the relays' own limit.
-                crate::core::cluster::FleetRefusal::NoAccount => {
-                    Refusal::no_account(crate::core::metrics::RefusedBy::RelayLimit)
-                }
-                crate::core::cluster::FleetRefusal::StoreDown => Refusal::store_down(),
-            })
-    }
-
-    /// The token's pools with room under their `[pool.NAME] max_streams`
-    /// in this process; a 429 naming the limit when none has.
-    fn pools_with_room(&self) -> Result<Vec<String>, Refusal> {
-        let devices = &self.settings.devices;
-        let counts = &self.shard.process.pools;
-        let pools = self.pools.borrow();
-        let open: Vec<String> = pools
-            .iter()
-            .filter(|p| counts.get(p).has_room(devices.pool_max_streams(p)))
-            .cloned()
-            .collect();
-        if !open.is_empty() || pools.is_empty() {
-            return Ok(open);
-        }
-        for p in pools.iter() {
-            counts
-                .get(p)
-                .refused(crate::core::pool_limits::PoolLimit::MaxStreams);
-        }
-        let names: Vec<String> = pools
-            .iter()
-            .map(|p| {
-                format!(
-                    "{p} ({} streams, pool.{p}.max_streams)",
-                    devices.pool_max_streams(p)
-                )
-            })
-            .collect();
-        Err(Refusal::pool_limit(&names.join(", ")))
-    }
-
     /// Writes the stream's usage record for the admin thread to collect,
     /// and settles the device's daily audio with the final figure.
     fn record_usage(
@@ -497,174 +371,6 @@ impl Stream {
             error: error.or(metered.error),
             ..metered
         });
-    }
-
-    /// Picks an account and connects; on a refusal tries the next account.
-    /// `first`: the account a fleet's shared store already reserved.
-    async fn open_upstream(
-        &self,
-        tried: &mut u64,
-        mut first: Option<Lease>,
-    ) -> Result<Upstream, Refusal> {
-        let shard = &self.shard;
-        let mut unreachable = false;
-        let mut upstream_refused = false;
-        // Races lost for a pool's last place (bounded: the pool is seen
-        // full on the next turn, unless a place came free meanwhile).
-        let mut raced = 0u32;
-        loop {
-            // Never an account outside the token's pools, whoever picks it;
-            // for the stream's first account, only of a pool with room.
-            let pools = if self.placed.get() {
-                self.pools.borrow().clone()
-            } else {
-                self.pools_with_room()?
-            };
-            let now = Instant::now();
-            let lease = match (first.take(), shard.process.fleet.get()) {
-                (Some(l), _) => Some(l),
-                (None, Some(fleet)) if fleet.store_up() => {
-                    let link = shard
-                        .fleet_link()
-                        .map(|l| l as &dyn crate::core::cluster::OpenLink);
-                    fleet.pick(&shard.ring, *tried, &pools, link).await
-                }
-                (None, Some(fleet)) => fleet.pick_local(&shard.ring, *tried, &pools),
-                (None, None) => shard.ring.borrow_mut().pick(now, *tried, &pools),
-            };
-            let Some(lease) = lease.filter(|l| pools.contains(&l.account.pool)) else {
-                // Accounts held off after connect timeouts are an unreachable
-                // upstream, not a lack of capacity. Only the token's pools
-                // count: an EU stream is not refused for a US account's state.
-                let now = Instant::now();
-                let ring = shard.ring.borrow();
-                let mine: Vec<_> = ring
-                    .slots()
-                    .iter()
-                    .filter(|s| pools.contains(&s.account.pool))
-                    .cloned()
-                    .collect();
-                return Err(
-                    if unreachable || mine.iter().any(|s| s.account.timed_out(now)) {
-                        Refusal::upstream_unavailable()
-                    } else {
-                        Refusal::no_account(refusal::why_no_account(&mine, now, upstream_refused))
-                    },
-                );
-            };
-            let mut lease = lease;
-            let count = shard.process.pools.get(&lease.account.pool);
-            let cap = if self.placed.get() {
-                0
-            } else {
-                self.settings.devices.pool_max_streams(&lease.account.pool)
-            };
-            match crate::core::pool_limits::PoolHold::take(&count, cap) {
-                Some(hold) => lease.pool = Some(hold),
-                // Another shard took the pool's last place meanwhile: the
-                // next turn sees the pool full.
-                None if raced < 8 => {
-                    raced += 1;
-                    continue;
-                }
-                None => {
-                    count.refused(crate::core::pool_limits::PoolLimit::MaxStreams);
-                    let pool = &lease.account.pool;
-                    return Err(Refusal::pool_limit(&format!(
-                        "{pool} ({cap} streams, pool.{pool}.max_streams)"
-                    )));
-                }
-            }
-            let Some(target) = shard.upstream(&lease.account.pool) else {
-                // Accounts are checked against the pools at start; kept safe anyway.
-                tracing::error!(stream = %self.id, account = %lease.account.id, pool = %lease.account.pool, "no endpoint for the account's pool");
-                return Err(Refusal::upstream_unavailable());
-            };
-            *tried |= 1 << lease.slot;
-            let mut buf = shard.pool.get();
-            let t0 = Instant::now();
-            let key_in_header = shard.key_in_header;
-            match target
-                .connect(
-                    &lease.key.key,
-                    key_in_header,
-                    &mut buf,
-                    shard.connect_timeout,
-                    self.settings.limits.socket_buffer,
-                )
-                .await
-            {
-                Ok(conn) => {
-                    shard.metrics.record(
-                        crate::core::metrics::Hist::UpstreamConnect,
-                        t0.elapsed().as_micros() as u64,
-                    );
-                    if shard.process.upstream_fault.clear() {
-                        tracing::info!(
-                            "upstream accepted an upgrade; the configuration fault is cleared"
-                        );
-                    }
-                    lease.account.mark_ok();
-                    self.placed.set(true);
-                    shard.metrics.stream_opened(lease.account.metrics_index);
-                    let scanner = FrameScanner::new(
-                        Sender::Server,
-                        self.settings.limits.max_frame_bytes as u64,
-                    );
-                    return Ok(Upstream {
-                        conn,
-                        lease,
-                        buf,
-                        scanner,
-                    });
-                }
-                Err(crate::dataplane::upstream::ConnectError::Refused(status, _))
-                    if UpstreamFault::is_config_fault(status) =>
-                {
-                    // The URL, not the account: every account would get the same.
-                    shard.metrics.error(Side::Upstream, status);
-                    if shard.process.upstream_fault.set(status) {
-                        tracing::error!(stream = %self.id, status, "{}", UpstreamFault::describe(status));
-                    }
-                    return Err(Refusal::upstream_misconfigured(status));
-                }
-                Err(crate::dataplane::upstream::ConnectError::Refused(status, scope)) => {
-                    upstream_refused = true;
-                    self.note_refusal(&lease, status, scope);
-                    shard.metrics.error(Side::Upstream, status);
-                    shard.metrics.account_retry(lease.account.metrics_index);
-                    tracing::info!(stream = %self.id, account = %lease.account.id, status, "upstream refused the account; trying the next");
-                    if status >= 500 {
-                        unreachable = true;
-                    }
-                }
-                Err(crate::dataplane::upstream::ConnectError::FileLimit) => {
-                    // The relay's own limit: no account would do better.
-                    shard
-                        .process
-                        .faults
-                        .file_limit(crate::dataplane::accept::At::UpstreamConnect);
-                    shard
-                        .file_limit_log
-                        .hit("upstream connect", &"too many open files");
-                    return Err(Refusal::file_limit());
-                }
-                Err(crate::dataplane::upstream::ConnectError::Timeout) => {
-                    // Held off on every shard, so later streams do not wait
-                    // the whole timeout on it again.
-                    unreachable = true;
-                    lease.account.mark_timed_out(Instant::now());
-                    shard.metrics.error(Side::Upstream, 502);
-                    shard.metrics.account_retry(lease.account.metrics_index);
-                    tracing::warn!(stream = %self.id, account = %lease.account.id, timeout = ?shard.connect_timeout, "upstream connect timed out; the account is held off");
-                }
-                Err(e) => {
-                    unreachable = true;
-                    shard.metrics.error(Side::Upstream, 502);
-                    tracing::warn!(stream = %self.id, account = %lease.account.id, error = ?e, "upstream connect failed");
-                }
-            }
-        }
     }
 
     /// Whether the stream can resume on a new upstream connection now: a
@@ -738,15 +444,6 @@ impl Stream {
         shard.metrics.resumed(secs, t0.elapsed());
         tracing::info!(stream = %self.id, failed_account = %failed_account, account = %up.lease.account.id, resume = n, reason, replayed_secs = secs, "upstream failed mid-stream; resumed on a new connection");
         Ok(())
-    }
-
-    /// Marks the account after upstream refused it with `code`.
-    fn note_refusal(&self, lease: &Lease, code: u16, scope: RateScope) {
-        match code {
-            401 | 402 => lease.account.mark_unhealthy(Instant::now()),
-            429 => lease.account.mark_rate_limited(Instant::now(), scope),
-            _ => {}
-        }
     }
 
     /// The client's config (see [`upstream_config_text`]) as the masked
