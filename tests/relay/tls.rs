@@ -291,18 +291,9 @@ fn a_tls_client_that_stops_reading_still_has_its_stream_ended() {
 fn clients_that_do_not_speak_tls_are_closed_and_others_served() {
     use std::io::{Read, Write};
     let fake = fake(&["k1"], |_| {});
-    let dir = state_dir();
-    std::fs::create_dir_all(&dir).unwrap();
-    let (ca, cert, key) = localhost_cert();
-    std::fs::write(dir.join("cert.pem"), &cert).unwrap();
-    std::fs::write(dir.join("key.pem"), &key).unwrap();
-    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
-    cfg.tls = Some(clio_relay::core::config::TlsConfig {
-        cert_file: dir.join("cert.pem"),
-        key_file: dir.join("key.pem"),
+    let (relay, ca) = tls_relay(&fake.url(), |cfg| {
+        cfg.limits.handshake_timeout = Duration::from_secs(1)
     });
-    cfg.limits.handshake_timeout = Duration::from_secs(1);
-    let relay = Relay::start(cfg);
     let connect = || {
         let tcp = std::net::TcpStream::connect(relay.addr()).unwrap();
         // A bound for a test that would otherwise hang: far past the
