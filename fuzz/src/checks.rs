@@ -237,11 +237,12 @@ pub fn mask(data: &[u8]) {
 }
 
 /// Any bytes as a client request head and as an upstream upgrade answer:
-/// an answer, never a panic; a token found is in the bytes; a request the
-/// parser takes gets an upgrade answer or a refusal, never a panic; and the
-/// relay upgrades exactly the heads tungstenite's `create_response` would,
-/// with the same answer (the relay reads the head in place, tungstenite
-/// through an `http::Request`).
+/// an answer, never a panic; a token found is in the bytes; a request the parser takes gets an
+/// upgrade answer or a refusal, never a panic; and the relay upgrades
+/// exactly the heads tungstenite's `create_response` would, with the same
+/// answer (the relay reads the head in place, tungstenite through an
+/// `http::Request` in which several `Connection` lines are one, as RFC 9110
+/// §5.3 makes them).
 pub fn http_head(data: &[u8]) {
     let ours = parse_client_request(data).ok().map(|req| {
         if let Some((t, _)) = &req.token {
@@ -296,8 +297,20 @@ fn tungstenite_answer(head: &[u8]) -> Option<Option<Vec<u8>>> {
         } else {
             http::Version::HTTP_10
         });
+    let mut connection: Option<Vec<u8>> = None;
     for h in req.headers.iter() {
-        b = b.header(h.name, h.value);
+        if h.name.eq_ignore_ascii_case("connection") {
+            let joined = connection.get_or_insert_with(Vec::new);
+            if !joined.is_empty() {
+                joined.extend_from_slice(b", ");
+            }
+            joined.extend_from_slice(h.value);
+        } else {
+            b = b.header(h.name, h.value);
+        }
+    }
+    if let Some(c) = connection {
+        b = b.header("Connection", c);
     }
     let request = b.body(()).ok()?;
     let Ok(resp) = tungstenite::handshake::server::create_response(&request) else {

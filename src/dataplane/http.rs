@@ -132,8 +132,10 @@ pub struct ClientRequest {
     upgrade: Upgrade,
 }
 
-/// The upgrade's parts of a request head, each from the first header of
-/// its name (as an HTTP header map would give it).
+/// The upgrade's parts of a request head. `Upgrade`, `Sec-WebSocket-Version`
+/// and `Sec-WebSocket-Key` are read from the first header of their name (as
+/// an HTTP header map would give them); `Connection` is a list, which may
+/// come on several lines (RFC 9110 §5.3).
 #[derive(Debug, Default)]
 struct Upgrade {
     /// HTTP/1.1 (a WebSocket upgrade needs at least 1.1).
@@ -173,8 +175,8 @@ pub fn parse_client_request(head: &[u8]) -> Result<ClientRequest, HeadError> {
         http11: req.version == Some(1),
         ..Upgrade::default()
     };
-    let (mut connection, mut upgrade, mut key) = (false, false, false);
-    let mut token = None;
+    let (mut upgrade, mut key) = (false, false);
+    let (mut bearer, mut subprotocol) = (None, Subprotocol::default());
     for h in req.headers.iter() {
         let name = h.name;
         if name.eq_ignore_ascii_case("authorization") {
@@ -182,21 +184,14 @@ pub fn parse_client_request(head: &[u8]) -> Result<ClientRequest, HeadError> {
                 .ok()
                 .and_then(|v| strip_bearer(v.trim()))
             {
-                token = Some((t.to_string(), TokenSource::Header));
+                bearer = Some(t);
             }
         } else if name.eq_ignore_ascii_case("sec-websocket-protocol") {
-            if token.is_none() {
-                if let Some(t) = std::str::from_utf8(h.value)
-                    .ok()
-                    .and_then(subprotocol_token)
-                {
-                    token = Some((t.to_string(), TokenSource::Subprotocol));
-                }
+            if let Ok(v) = std::str::from_utf8(h.value) {
+                subprotocol.scan(v);
             }
-        } else if name.eq_ignore_ascii_case("connection")
-            && !std::mem::replace(&mut connection, true)
-        {
-            up.connection_upgrade = visible_ascii(h.value).is_some_and(|v| {
+        } else if name.eq_ignore_ascii_case("connection") {
+            up.connection_upgrade |= visible_ascii(h.value).is_some_and(|v| {
                 v.split([' ', ','])
                     .any(|item| item.eq_ignore_ascii_case("upgrade"))
             });
@@ -215,17 +210,20 @@ pub fn parse_client_request(head: &[u8]) -> Result<ClientRequest, HeadError> {
         Some((p, q)) => (p, Some(q)),
         None => (target, None),
     };
-    if token.is_none() {
-        // `?token=` with nothing after it is no token, as an empty bearer
-        // or subprotocol item is.
-        let in_query = query.and_then(|q| {
-            q.split('&')
-                .find_map(|kv| kv.strip_prefix("token=").filter(|t| !t.is_empty()))
-        });
-        if let Some(t) = in_query {
-            token = Some((t.to_string(), TokenSource::Query));
-        }
-    }
+    // `?token=` with nothing after it is no token, as an empty bearer or
+    // subprotocol item is.
+    let in_query = || {
+        query?
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("token=").filter(|t| !t.is_empty()))
+    };
+    let token = if let Some(t) = bearer {
+        Some((t.to_string(), TokenSource::Header))
+    } else if let Some(t) = subprotocol.token() {
+        Some((t.to_string(), TokenSource::Subprotocol))
+    } else {
+        in_query().map(|t| (t.to_string(), TokenSource::Query))
+    };
     Ok(ClientRequest {
         get: method == "GET",
         path: path.to_string(),
@@ -263,11 +261,34 @@ fn strip_bearer(v: &str) -> Option<&str> {
         .filter(|t| !t.is_empty())
 }
 
-/// `soniox-api-key, <token>`: the token is the item after the marker.
-fn subprotocol_token(v: &str) -> Option<&str> {
-    let mut items = v.split(',').map(str::trim);
-    items.by_ref().find(|i| *i == SUBPROTOCOL)?;
-    items.next().filter(|t| !t.is_empty())
+/// `soniox-api-key, <token>`: the token is the item after the marker. The
+/// list may come on several `Sec-WebSocket-Protocol` lines, which are one
+/// list (RFC 6455 §11.3.4), so the items are scanned line by line.
+#[derive(Default)]
+struct Subprotocol<'h> {
+    /// The marker was the last item seen.
+    after_marker: bool,
+    /// The item after the first marker, once seen (`Some(None)` if empty).
+    item: Option<Option<&'h str>>,
+}
+
+impl<'h> Subprotocol<'h> {
+    fn scan(&mut self, line: &'h str) {
+        for item in line.split(',').map(str::trim) {
+            if self.item.is_some() {
+                return;
+            }
+            if self.after_marker {
+                self.item = Some(Some(item).filter(|t| !t.is_empty()));
+            } else {
+                self.after_marker = item == SUBPROTOCOL;
+            }
+        }
+    }
+
+    fn token(&self) -> Option<&'h str> {
+        self.item.flatten()
+    }
 }
 
 /// The subprotocol marker Soniox's browser clients send before their key.
@@ -423,6 +444,31 @@ mod tests {
     }
 
     #[test]
+    fn a_subprotocol_list_may_span_lines() {
+        let on = |lines: &str| req(lines, "/v1/transcribe").token;
+        let sub = |t: &str| Some((t.to_string(), TokenSource::Subprotocol));
+        assert_eq!(
+            on("Sec-WebSocket-Protocol: soniox-api-key\r\nSec-WebSocket-Protocol: tok5\r\n"),
+            sub("tok5")
+        );
+        assert_eq!(
+            on("Sec-WebSocket-Protocol: chat\r\nSec-WebSocket-Protocol: soniox-api-key, tok6, x\r\n"),
+            sub("tok6")
+        );
+        // The item after the first marker is the token, or there is none.
+        assert_eq!(
+            on("Sec-WebSocket-Protocol: soniox-api-key,\r\nSec-WebSocket-Protocol: tok7\r\n"),
+            None
+        );
+        assert_eq!(on("Sec-WebSocket-Protocol: soniox-api-key\r\n"), None);
+        // The header's token comes first, wherever the lines are.
+        assert_eq!(
+            on("Sec-WebSocket-Protocol: soniox-api-key, tok8\r\nAuthorization: Bearer tok9\r\n"),
+            Some(("tok9".into(), TokenSource::Header))
+        );
+    }
+
+    #[test]
     fn an_absolute_form_target_names_its_path() {
         // RFC 9112 §3.2.2: a server must accept the absolute form too.
         let r = req("", "http://relay.example/v1/transcribe?token=tok4");
@@ -466,11 +512,18 @@ mod tests {
                 true,
             ),
             (with("Connection: Upgrade", "Connection: keep-alive"), false),
-            // A repeated header counts by its first value.
+            // Connection lines are one list (RFC 9110 §5.3), as
+            // `close, Upgrade` on one line would be.
             (
                 upgrade("HTTP/1.1", &format!("Connection: close\r\n{ok}")),
+                true,
+            ),
+            (
+                with("Connection: Upgrade", "Connection: close\r\nConnection: x"),
                 false,
             ),
+            // Upgrade counts by its first line, as a header map gives it.
+            (upgrade("HTTP/1.1", &format!("Upgrade: h2c\r\n{ok}")), false),
             (with("Upgrade: websocket", "Upgrade: WebSocket"), true),
             (with("Upgrade: websocket", "Upgrade: h2c"), false),
             (

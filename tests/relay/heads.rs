@@ -121,3 +121,69 @@ fn refusals_reach_a_client_that_is_still_sending() {
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     assert!(clean, "the 413 was followed by a reset");
 }
+
+/// Sends `head` as written, reads the answer's head, and if it is a 101,
+/// streams a session over the connection with a real WebSocket client.
+fn stream_with_head(addr: SocketAddr, head: &str) -> (String, Option<Received>) {
+    let mut tcp = TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    tcp.write_all(head.as_bytes()).unwrap();
+    let mut answer = Vec::new();
+    let mut b = [0u8; 1];
+    while !answer.ends_with(b"\r\n\r\n") && tcp.read(&mut b).unwrap() == 1 {
+        answer.push(b[0]);
+    }
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    if !answer.starts_with("HTTP/1.1 101") {
+        return (answer, None);
+    }
+    let mut ws =
+        tungstenite::WebSocket::from_raw_socket(tcp, tungstenite::protocol::Role::Client, None);
+    let got = stream_session(&mut ws, &config_message(None), &audio_frames(3, 9));
+    (answer, Some(got))
+}
+
+#[test]
+fn list_headers_may_come_on_several_lines() {
+    let fake = fake(&["key-a"], |_| {});
+    let relay = Relay::start(relay_config(&fake.url(), &[("acct-a", "key-a")]));
+    let token = relay.token("dev-1");
+    let finished = |head: String| {
+        let (answer, got) = stream_with_head(relay.addr(), &head);
+        let got = got.unwrap_or_else(|| panic!("not upgraded: {answer}"));
+        assert!(got.finished(), "{answer} {got:?}");
+        assert_eq!(got.error_code(), None, "{got:?}");
+        answer
+    };
+    let base = |extra: &str| {
+        format!(
+            "GET /v1/transcribe HTTP/1.1\r\nHost: x\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+        )
+    };
+    let upgrade = "Upgrade: websocket\r\nConnection: Upgrade\r\n";
+
+    // RFC 6455 §11.3.4: several Sec-WebSocket-Protocol lines are one list.
+    let answer = finished(base(&format!(
+        "{upgrade}Sec-WebSocket-Protocol: soniox-api-key\r\nSec-WebSocket-Protocol: {token}\r\n"
+    )));
+    assert_eq!(
+        header_of(&answer, "sec-websocket-protocol").as_deref(),
+        Some("soniox-api-key"),
+        "{answer}"
+    );
+
+    // RFC 9110 §5.3: so are several Connection lines.
+    let bearer = format!("Authorization: Bearer {token}\r\n");
+    finished(base(&format!(
+        "Upgrade: websocket\r\nConnection: keep-alive\r\nConnection: Upgrade\r\n{bearer}"
+    )));
+
+    // Lines that name neither still get no upgrade.
+    let (answer, _) = stream_with_head(
+        relay.addr(),
+        &base(&format!(
+            "Upgrade: websocket\r\nConnection: keep-alive\r\nConnection: close\r\n{bearer}"
+        )),
+    );
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+}
