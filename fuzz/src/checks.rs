@@ -237,7 +237,8 @@ pub fn mask(data: &[u8]) {
 }
 
 /// Any bytes as a client request head and as an upstream upgrade answer:
-/// an answer, never a panic; a token found is in the bytes; a request the parser takes gets an
+/// an answer, never a panic; a token found is in the bytes (a query token
+/// perhaps percent-encoded there); a request the parser takes gets an
 /// upgrade answer or a refusal, never a panic; and the relay upgrades
 /// exactly the heads tungstenite's `create_response` would, with the same
 /// answer (the relay reads the head in place, tungstenite through an
@@ -245,8 +246,13 @@ pub fn mask(data: &[u8]) {
 /// §5.3 makes them).
 pub fn http_head(data: &[u8]) {
     let ours = parse_client_request(data).ok().map(|req| {
-        if let Some((t, _)) = &req.token {
-            assert!(!t.is_empty() && data.windows(t.len()).any(|w| w == t.as_bytes()));
+        if let Some((t, source)) = &req.token {
+            let within = |bytes: &[u8]| bytes.windows(t.len()).any(|w| w == t.as_bytes());
+            let decoded = || percent_encoding::percent_decode(data).collect::<Vec<u8>>();
+            assert!(
+                !t.is_empty()
+                    && (within(data) || (*source == TokenSource::Query && within(&decoded())))
+            );
         }
         let answer = upgrade_response(&req);
         if let Some(a) = &answer {

@@ -211,18 +211,22 @@ pub fn parse_client_request(head: &[u8]) -> Result<ClientRequest, HeadError> {
         None => (target, None),
     };
     // `?token=` with nothing after it is no token, as an empty bearer or
-    // subprotocol item is.
+    // subprotocol item is. Its value is percent-decoded (RFC 3986 §2.1):
+    // a token needs no escapes, but an over-eager URL encoder may add them.
     let in_query = || {
-        query?
+        let t = query?
             .split('&')
-            .find_map(|kv| kv.strip_prefix("token=").filter(|t| !t.is_empty()))
+            .find_map(|kv| kv.strip_prefix("token=").filter(|t| !t.is_empty()))?;
+        // Escapes that are not UTF-8 leave it as written (and malformed).
+        let decoded = percent_encoding::percent_decode_str(t).decode_utf8();
+        Some(decoded.unwrap_or(std::borrow::Cow::Borrowed(t)))
     };
     let token = if let Some(t) = bearer {
         Some((t.to_string(), TokenSource::Header))
     } else if let Some(t) = subprotocol.token() {
         Some((t.to_string(), TokenSource::Subprotocol))
     } else {
-        in_query().map(|t| (t.to_string(), TokenSource::Query))
+        in_query().map(|t| (t.into_owned(), TokenSource::Query))
     };
     Ok(ClientRequest {
         get: method == "GET",
@@ -466,6 +470,12 @@ mod tests {
             on("Sec-WebSocket-Protocol: soniox-api-key, tok8\r\nAuthorization: Bearer tok9\r\n"),
             Some(("tok9".into(), TokenSource::Header))
         );
+    }
+
+    #[test]
+    fn a_query_token_is_percent_decoded() {
+        let r = req("", "/v1/transcribe?token=ab%2Ecd%2dE");
+        assert_eq!(r.token, Some(("ab.cd-E".into(), TokenSource::Query)));
     }
 
     #[test]

@@ -187,3 +187,24 @@ fn list_headers_may_come_on_several_lines() {
     );
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
 }
+
+#[test]
+fn a_percent_encoded_query_token_is_decoded() {
+    let fake = fake(&["key-a"], |_| {});
+    let relay = Relay::start(relay_config(&fake.url(), &[("acct-a", "key-a")]));
+    let token = relay.token("dev-1");
+    // Every byte escaped, as an over-eager URL encoder may do: still the
+    // same token (RFC 3986 §2.1).
+    let escaped: String = token.bytes().map(|b| format!("%{b:02X}")).collect();
+    let head = format!(
+        "GET /v1/transcribe?token={escaped} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    let (answer, got) = stream_with_head(relay.addr(), &head);
+    let got = got.unwrap_or_else(|| panic!("not upgraded: {answer}"));
+    assert!(got.finished(), "{got:?}");
+
+    // A bad escape is a malformed token, not some other token.
+    let head = head.replacen("?token=%", "?token=%G", 1);
+    let (answer, _) = stream_with_head(relay.addr(), &head);
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+}
