@@ -185,6 +185,24 @@ fn official_python_sdk_never_sees_an_open_time_failover() {
 }
 
 #[test]
+fn a_lost_connection_waits_out_an_upstream_that_is_briefly_unreachable() {
+    // One account; its first connection is dropped before any result, and
+    // the next two are closed unanswered (a restarting upstream): the relay
+    // waits and tries again, and the client sees no error.
+    let faults = only_first_connection_fails(FaultKind::Drop, 1, |_| true);
+    let fake = fake(&["k1"], |c| c.faults.random = Some(faults));
+    let url = door(&fake.url(), |n| n == 1 || n == 2);
+    let relay = Relay::start(relay_config(&url, &[("a", "k1")]));
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    let frames = audio_frames(12, 6);
+    let got = stream_session(&mut ws, &config_message(None), &frames);
+    assert!(got.finished(), "{got:?}");
+    assert_eq!(got.error_code(), None, "{got:?}");
+    assert!(fake.wait_for(LIMIT, |s| s.len() == 2 && s.iter().all(|r| r.closed)));
+    assert_eq!(fake.sessions()[1].audio, frames.concat());
+}
+
+#[test]
 fn connection_lost_before_upstream_accepted_moves_the_stream() {
     // The first upstream session is dropped (TCP reset) at its first audio
     // frame, before any result; the second is not.

@@ -142,6 +142,25 @@ fn a_protocol_violation_from_upstream_is_resumed_unseen() {
 }
 
 #[test]
+fn a_resume_waits_out_an_upstream_that_is_briefly_unreachable() {
+    // The first connection drops at its sixth audio frame, and the next two
+    // connections are closed unanswered (a restarting upstream): the resume
+    // waits and tries again, and the client sees one stream.
+    let faults = only_first_connection_fails(FaultKind::Drop, 6, |n| n == 6);
+    let fake = fake(&["k1"], |c| c.faults.random = Some(faults));
+    let url = door(&fake.url(), |n| n == 1 || n == 2);
+    let relay = Relay::start(relay_config(&url, &[("a", "k1")]));
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    let frames = stream_audio(8, 20);
+    let got = stream_session(&mut ws, &config_message(None), &frames);
+    assert_eq!(got.error_code(), None, "{got:?}");
+    assert!(got.finished() && !got.abrupt, "{got:?}");
+    assert_eq!(finals(&got), transcript_of(&frames.concat(), 32_000, 480));
+    assert!(fake.wait_for(LIMIT, |s| s.len() == 2 && s.iter().all(|r| r.closed)));
+    assert_eq!(relay.handle.metrics().streams_resumed(), 1);
+}
+
+#[test]
 fn audio_sent_a_few_bytes_a_frame_resumes_whole() {
     // 2,000 frames of 16 bytes; the first connection drops at its 1,200th
     // to 1,999th: the replay merges the copy's tiny frames (256 bytes at

@@ -586,3 +586,37 @@ pub fn chatty_upstream() -> String {
     });
     url
 }
+
+/// A TCP door in front of the upstream at `url`: connection number `n`
+/// (from 0) is closed at once, unanswered, when `shut(n)`, as an upstream
+/// that cannot take it would; the others are piped through. Returns the
+/// door's own URL (the same path).
+pub fn door(url: &str, shut: impl Fn(usize) -> bool + Send + 'static) -> String {
+    let rest = url.strip_prefix("ws://").expect("a ws:// url");
+    let (host, path) = rest.split_once('/').unwrap();
+    let upstream: SocketAddr = host.parse().unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("ws://{}/{path}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for (n, conn) in listener.incoming().enumerate() {
+            let Ok(conn) = conn else { return };
+            if shut(n) {
+                drop(conn);
+                continue;
+            }
+            let Ok(up) = TcpStream::connect(upstream) else {
+                continue;
+            };
+            for (mut from, mut to) in [
+                (conn.try_clone().unwrap(), up.try_clone().unwrap()),
+                (up, conn),
+            ] {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        }
+    });
+    url
+}

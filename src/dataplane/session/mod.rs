@@ -286,15 +286,16 @@ impl Stream {
                 let next = unless_client_leaves(
                     &client,
                     Box::pin(async {
-                        let next = self.open_upstream(&mut tried, None).await;
+                        let rounds = &mut same_account_retries;
+                        let next = self.reopen_upstream(&mut tried, rounds).await;
                         if matches!(&next, Err(r) if r.code == 429)
                             && not_the_account
-                            && same_account_retries < self.settings.failover.max_resumes
+                            && *rounds < self.settings.failover.max_resumes
                         {
                             // Every account tried, none refused the stream: try again.
-                            same_account_retries += 1;
+                            *rounds += 1;
                             tried = 0;
-                            return self.open_upstream(&mut tried, None).await;
+                            return self.reopen_upstream(&mut tried, rounds).await;
                         }
                         next
                     }),
@@ -418,8 +419,8 @@ impl Stream {
             .error(Side::Upstream, if reason == 0 { 502 } else { reason });
         shard.metrics.stream_closed(up.lease.account.metrics_index);
         let failed_account = up.lease.account.id.clone();
-        let mut tried = 0;
-        *up = Box::pin(self.open_upstream(&mut tried, None))
+        let (mut tried, mut rounds) = (0, 0);
+        *up = Box::pin(self.reopen_upstream(&mut tried, &mut rounds))
             .await
             .map_err(|_| Refusal::upstream_lost())?;
         // What the old connection got of the client's bytes is in the copy:

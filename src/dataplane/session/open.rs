@@ -1,10 +1,11 @@
 //! Opening a stream: its admission (the process's and the device's
 //! limits, revocations, a fleet's shared counts), the choice of an
 //! account among the token's pools, the connection upstream with a move
-//! to the next account on a refusal, and the race of every open against
-//! the client leaving.
+//! to the next account on a refusal, a reopening's patience with an
+//! upstream it cannot reach, and the race of every open against the
+//! client leaving.
 
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures_lite::future;
 
@@ -38,7 +39,45 @@ pub(super) async fn unless_client_leaves<T>(
     .await
 }
 
+/// How long a reopening waits before it tries every account again when it
+/// could reach none; each further wait is twice as long, up to
+/// [`REOPEN_WAIT_MAX`].
+const REOPEN_WAIT: Duration = Duration::from_millis(250);
+const REOPEN_WAIT_MAX: Duration = Duration::from_secs(2);
+
 impl Stream {
+    /// Opens upstream again for a stream that had a connection (a
+    /// failover, a resume). When it can reach no account (every connect
+    /// failed, or was answered 5xx, or every account is held off after
+    /// timeouts), it waits and tries them all again, while `rounds` (the
+    /// stream's tries of accounts already tried) is under
+    /// `failover.max_resumes`: a restarting upstream or a moment's network
+    /// fault is then waited out, where the stream would have failed at once.
+    pub(super) async fn reopen_upstream(
+        &self,
+        tried: &mut u64,
+        rounds: &mut u32,
+    ) -> Result<Upstream, Refusal> {
+        loop {
+            let next = self.open_upstream(tried, None).await;
+            match &next {
+                Err(r)
+                    if r.kind == refusal::UPSTREAM_UNAVAILABLE
+                        && *rounds < self.settings.failover.max_resumes =>
+                {
+                    let wait = REOPEN_WAIT
+                        .saturating_mul(1 << (*rounds).min(8))
+                        .min(REOPEN_WAIT_MAX);
+                    tracing::info!(stream = %self.id, wait = ?wait, "no account reachable; trying again after a wait");
+                    glommio::timer::sleep(wait).await;
+                    *rounds += 1;
+                    *tried = 0;
+                }
+                _ => return next,
+            }
+        }
+    }
+
     /// A `server.max_streams` slot for a stream whose token came in its
     /// first message.
     pub(super) fn admit_stream(&self) -> Result<AdmitPermit, Refusal> {

@@ -8,6 +8,9 @@ use clio_frame::frame::{build_frame, close_payload, Opcode};
 /// What a stream refused at the file limit is told.
 const FILE_LIMIT: &str = "Relay at its file limit; try again later.";
 
+/// The kind of [`Refusal::upstream_unavailable`]: no account reachable.
+pub(super) const UPSTREAM_UNAVAILABLE: &str = "upstream_unavailable";
+
 /// A refusal after the upgrade: one Soniox-shaped error frame, then a close.
 #[derive(Debug, Clone)]
 pub struct Refusal {
@@ -80,7 +83,7 @@ impl Refusal {
     pub(super) fn upstream_unavailable() -> Self {
         Refusal::new(
             502,
-            "upstream_unavailable",
+            UPSTREAM_UNAVAILABLE,
             "The transcription service is unreachable; try again later.",
             1011,
             Side::Upstream,
