@@ -57,6 +57,10 @@ pub enum End {
     Stopped(crate::core::devices::Limit),
     /// The relay is shutting down: finalize, deliver, then "reconnect".
     Drain,
+    /// The stream's key was retired (its rotation's overlap ended): a
+    /// raw-audio stream moves to a current key by a resume; any other
+    /// ends as a drain does, with its own message.
+    KeyRetired,
 }
 
 /// Client→upstream state that must survive a retry on another account:

@@ -331,6 +331,10 @@ pub enum StopReason {
     /// The relay is shutting down and the drain deadline passed: finalize,
     /// deliver the last results, then tell the client to reconnect.
     Drain,
+    /// The key the stream runs on was rotated out and its overlap has
+    /// ended: the stream moves to a current key (a resume, for raw audio)
+    /// or ends as a drain does. Taken once: a stream that moved goes on.
+    KeyRetired,
 }
 
 /// A live stream as its shard tracks it.
@@ -358,17 +362,34 @@ impl LiveStream {
         })
     }
 
-    /// Asks the stream to end, for `why`.
+    /// Asks the stream to end, for `why`; a move off a retired key never
+    /// replaces a reason to end.
     pub fn stop(&self, why: StopReason) {
+        if why == StopReason::KeyRetired && self.stop.get().is_some() {
+            return;
+        }
         self.stop.set(Some(why));
         if let Some(w) = self.waker.borrow_mut().take() {
             w.wake();
         }
     }
 
-    /// Resolves when the stream is asked to end.
+    /// Forgets a request to move off a retired key: the stream is on
+    /// another key already (it moved while the request came).
+    pub fn forget_key_retired(&self) {
+        if self.stop.get() == Some(StopReason::KeyRetired) {
+            self.stop.set(None);
+        }
+    }
+
+    /// Resolves when the stream is asked to end (or to move: that request
+    /// is taken).
     pub async fn stopped(&self) -> StopReason {
         std::future::poll_fn(|cx| match self.stop.get() {
+            Some(StopReason::KeyRetired) => {
+                self.stop.set(None);
+                std::task::Poll::Ready(StopReason::KeyRetired)
+            }
             Some(why) => std::task::Poll::Ready(why),
             None => {
                 // Polled on every wake-up of the stream's task: clone the
@@ -586,7 +607,7 @@ pub fn start(index: usize, setup: ShardSetup) -> std::io::Result<ShardHandle> {
                         ShardMsg::EndKey(fingerprint) => {
                             for s in shard.live.borrow().values() {
                                 if *s.key.borrow() == fingerprint {
-                                    s.stop(StopReason::Drain);
+                                    s.stop(StopReason::KeyRetired);
                                 }
                             }
                         }

@@ -423,17 +423,8 @@ fn runtime_changes_survive_a_restart_in_the_encrypted_store() {
     std::fs::remove_dir_all(&cfg.admin.state_dir).ok();
 }
 
-#[test]
-fn streams_still_on_a_key_when_its_overlap_ends_are_finalized_and_moved() {
-    let fake = fake(&["old-key", "new-key"], |_| {});
-    let relay = relay_with_admin(&fake, &[("a", "old-key")]);
-    let (mut live, _) = connect(relay.addr(), &relay.token("d1"), Via::Header).unwrap();
-    live.send(Message::text(config_message(None))).unwrap();
-    for f in audio_frames(5, 1) {
-        live.send(Message::binary(f)).unwrap();
-    }
-    assert!(fake.wait_for(Duration::from_secs(10), |s| s.len() == 1
-        && s[0].audio_frames == 5));
+/// Rotates account `a` to `new-key` with a 1 s overlap.
+fn rotate_with_short_overlap(relay: &Relay) {
     let (status, _) = http(
         relay.handle.admin_addr,
         "POST",
@@ -442,11 +433,76 @@ fn streams_still_on_a_key_when_its_overlap_ends_are_finalized_and_moved() {
         Some(r#"{"key":"new-key","overlap":"1s"}"#),
     );
     assert_eq!(status, 200);
+}
+
+fn retired(relay: &Relay) -> bool {
+    wait_until(Duration::from_secs(5), || {
+        accounts_json(relay)["accounts"][0]["retiring_keys"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    })
+}
+
+#[test]
+fn raw_audio_on_a_key_whose_overlap_ends_moves_to_the_new_key_unseen() {
+    let fake = fake(&["old-key", "new-key"], |c| c.record_audio = true);
+    let relay = relay_with_admin(&fake, &[("a", "old-key")]);
+    let (mut live, _) = connect(relay.addr(), &relay.token("d1"), Via::Header).unwrap();
+    live.send(Message::text(config_message(None))).unwrap();
+    let frames = audio_frames(10, 1);
+    for f in &frames[..5] {
+        live.send(Message::binary(f.clone())).unwrap();
+    }
+    assert!(fake.wait_for(Duration::from_secs(10), |s| s.len() == 1
+        && s[0].audio_frames == 5));
+    rotate_with_short_overlap(&relay);
+    // After the overlap the stream is resumed on a connection with the
+    // new key; the client sees nothing of it.
+    assert!(fake.wait_for(Duration::from_secs(10), |s| s.len() == 2));
+    for f in &frames[5..] {
+        live.send(Message::binary(f.clone())).unwrap();
+    }
+    live.send(Message::binary(Vec::new())).unwrap();
+    let got = read_all(&mut live);
+    assert_eq!(got.error_code(), None, "{got:?}");
+    assert!(got.finished() && !got.abrupt, "{got:?}");
+    assert!(fake.wait_for(Duration::from_secs(20), |s| s.len() == 2
+        && s.iter().all(|r| r.closed)));
+    let s = fake.sessions();
+    assert_eq!(s[1].key.as_deref(), Some("new-key"));
+    assert!(s[1].audio.ends_with(&frames[5..].concat()));
+    assert_eq!(relay.handle.metrics().streams_resumed(), 1);
+    // Not counted as an upstream failure.
+    assert_eq!(relay.handle.metrics().failovers().mid_lost, 0);
+    assert!(retired(&relay));
+}
+
+#[test]
+fn other_streams_on_a_key_whose_overlap_ends_are_finalized_and_told_to_reconnect() {
+    let fake = fake(&["old-key", "new-key"], |_| {});
+    let relay = relay_with_admin(&fake, &[("a", "old-key")]);
+    let (mut live, _) = connect(relay.addr(), &relay.token("d1"), Via::Header).unwrap();
+    // A compressed format cannot be resumed mid-stream.
+    let config = config_message(None).replace("pcm_s16le", "mp3");
+    live.send(Message::text(config)).unwrap();
+    for f in audio_frames(5, 1) {
+        live.send(Message::binary(f)).unwrap();
+    }
+    assert!(fake.wait_for(Duration::from_secs(10), |s| s.len() == 1
+        && s[0].audio_frames == 5));
+    rotate_with_short_overlap(&relay);
     // After the overlap: the final tokens, then "reconnect" (503) and 1012.
     let got = read_all(&mut live);
     assert_eq!(
         (got.error_code(), got.close_code()),
         (Some(503), Some(1012)),
+        "{got:?}"
+    );
+    assert!(
+        got.messages.iter().any(|m| m["error_message"]
+            .as_str()
+            .is_some_and(|t| t.contains("key was retired"))),
         "{got:?}"
     );
     assert!(
@@ -461,9 +517,5 @@ fn streams_still_on_a_key_when_its_overlap_ends_are_finalized_and_moved() {
         fake.sessions().last().unwrap().key.as_deref(),
         Some("new-key")
     );
-    assert!(wait_until(Duration::from_secs(5), || accounts_json(&relay)
-        ["accounts"][0]["retiring_keys"]
-        .as_array()
-        .unwrap()
-        .is_empty()));
+    assert!(retired(&relay));
 }

@@ -314,10 +314,11 @@ pub(super) fn housekeeping(admin: &Admin) {
     let now = unix_now();
     let overdue = admin.accounts.set.borrow_mut().expire_retiring(now);
     for k in overdue {
-        // Once per key: its streams are finalized and told to reconnect
-        // (onto the new key); the key is retired when the last one ends.
+        // Once per key: its streams move to a current key (raw audio, by
+        // a resume) or are finalized and told to reconnect; the key is
+        // retired when the last one has left it.
         if !k.ending.swap(true, Ordering::Relaxed) {
-            tracing::warn!(key = %k.fingerprint, live = k.live.load(Ordering::Relaxed), "rotated-out key is past its overlap; ending its streams");
+            tracing::warn!(key = %k.fingerprint, live = k.live.load(Ordering::Relaxed), "rotated-out key is past its overlap; moving its streams off it");
             for tx in &admin.shards {
                 let _ = tx.try_send(crate::dataplane::shard::ShardMsg::EndKey(
                     k.fingerprint.clone(),

@@ -104,6 +104,19 @@ impl Ending {
                 Some((1001, "relay restarting")),
                 None,
             ),
+            // A stream that could not move off its retired key: finalized
+            // as in a drain, then told to reconnect (onto a current key).
+            End::KeyRetired => row(
+                ToClient::Error(Refusal::new(
+                    503,
+                    "service_unavailable",
+                    "The stream's account key was retired; reconnect to continue.",
+                    1012,
+                    Side::Internal,
+                )),
+                Some((1001, "key retired")),
+                None,
+            ),
             // An error the stream could not resume from (its resumes used
             // up, or its copy no longer whole).
             End::Resume(..) => row(ToClient::Error(Refusal::upstream_lost()), None, None),

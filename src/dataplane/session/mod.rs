@@ -215,6 +215,14 @@ impl Stream {
             let mut same_account_retries = 0u32;
             let end = loop {
                 *live.stream.key.borrow_mut() = up.lease.key.fingerprint.clone();
+                if !up
+                    .lease
+                    .key
+                    .ending
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                {
+                    live.stream.forget_key_retired();
+                }
                 // Written by the client→upstream pump, in the same send as the
                 // client frames already read (often the first audio). After a
                 // failover the replay copy follows it: the new connection gets
@@ -256,6 +264,7 @@ impl Stream {
                     | End::UpstreamProtocol(_)
                     | End::UpstreamStalled
                     | End::Resume(..)
+                    | End::KeyRetired
                         if self.resumable(&state, &cside) =>
                     {
                         match Box::pin(unless_client_leaves(
@@ -413,10 +422,14 @@ impl Stream {
             }
             _ => 0,
         };
+        // A move off a retired key is the relay's own doing, not a failure.
+        let moved = matches!(end, End::KeyRetired);
         let shard = &self.shard;
-        shard
-            .metrics
-            .error(Side::Upstream, if reason == 0 { 502 } else { reason });
+        if !moved {
+            shard
+                .metrics
+                .error(Side::Upstream, if reason == 0 { 502 } else { reason });
+        }
         shard.metrics.stream_closed(up.lease.account.metrics_index);
         let failed_account = up.lease.account.id.clone();
         let (mut tried, mut rounds) = (0, 0);
@@ -441,9 +454,13 @@ impl Stream {
         cside.replay = None;
         state.up.replayable.set(false);
         state.down.new_connection();
-        shard.metrics.failover("mid", reason == 0);
         shard.metrics.resumed(secs, t0.elapsed());
-        tracing::info!(stream = %self.id, failed_account = %failed_account, account = %up.lease.account.id, resume = n, reason, replayed_secs = secs, "upstream failed mid-stream; resumed on a new connection");
+        if moved {
+            tracing::info!(stream = %self.id, account = %up.lease.account.id, key = %up.lease.key.fingerprint, resume = n, replayed_secs = secs, "the stream's key was retired; moved to a current key");
+        } else {
+            shard.metrics.failover("mid", reason == 0);
+            tracing::info!(stream = %self.id, failed_account = %failed_account, account = %up.lease.account.id, resume = n, reason, replayed_secs = secs, "upstream failed mid-stream; resumed on a new connection");
+        }
         Ok(())
     }
 
@@ -507,6 +524,7 @@ impl Stream {
             match live.stopped().await {
                 StopReason::Limit(l) => End::Stopped(l),
                 StopReason::Drain => End::Drain,
+                StopReason::KeyRetired => End::KeyRetired,
             }
         };
         let too_long = async move {
@@ -575,7 +593,7 @@ impl Stream {
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             // The finalize is a data frame: between the client's messages.
-            End::Drain
+            End::Drain | End::KeyRetired
                 if state.up.at_boundary.get()
                     && cside.scanner.open_message().is_none()
                     && state.down.at_boundary.get()
