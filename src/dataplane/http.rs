@@ -123,6 +123,8 @@ pub enum TokenSource {
 pub struct ClientRequest {
     /// The method is `GET`.
     pub get: bool,
+    /// The method is `HEAD`: any answer goes without its body.
+    pub head: bool,
     /// The request path without the query.
     pub path: String,
     /// The session token found on the request, and where. The token is a
@@ -230,6 +232,7 @@ pub fn parse_client_request(head: &[u8]) -> Result<ClientRequest, HeadError> {
     };
     Ok(ClientRequest {
         get: method == "GET",
+        head: method == "HEAD",
         path: path.to_string(),
         token,
         upgrade: up,
@@ -338,6 +341,15 @@ pub fn response(status: u16, content_type: &str, extra_headers: &str, body: &[u8
     .into_bytes();
     out.extend_from_slice(body);
     out
+}
+
+/// The answer to a HEAD request: the GET answer's head, its
+/// `Content-Length` included, and no body (RFC 9110 §9.3.2).
+pub fn head_only(mut answer: Vec<u8>) -> Vec<u8> {
+    if let Some(at) = memchr::memmem::find(&answer, b"\r\n\r\n") {
+        answer.truncate(at + 4);
+    }
+    answer
 }
 
 /// The contract's pre-upgrade error: `{"error_code":N,"error_message":"..."}`.

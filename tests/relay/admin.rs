@@ -159,3 +159,56 @@ fn idle_streams_hold_no_read_buffers() {
         assert!(read_all(ws).finished());
     }
 }
+
+/// Sends a bare request and reads the whole answer: (head, body bytes).
+fn raw_answer(addr: std::net::SocketAddr, method: &str, path: &str) -> (String, Vec<u8>) {
+    use std::io::{Read, Write};
+    let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    write!(tcp, "{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut all = Vec::new();
+    tcp.read_to_end(&mut all).unwrap();
+    let at = all
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a head")
+        + 4;
+    (
+        String::from_utf8_lossy(&all[..at]).into_owned(),
+        all[at..].to_vec(),
+    )
+}
+
+#[test]
+fn head_requests_get_the_get_answers_head_and_no_body() {
+    // RFC 9110 §9.1: a server supports GET and HEAD; §9.3.2: a HEAD answer
+    // is the GET answer's head, with no body. Health checkers use it.
+    let fake = fake(&["k1"], |_| {});
+    let relay = Relay::start(relay_config(&fake.url(), &[("a", "k1")]));
+    let admin = relay.handle.admin_addr;
+    for (addr, path) in [
+        (relay.addr(), "/healthz"),
+        (admin, "/healthz"),
+        (admin, "/readyz"),
+        (admin, "/metrics"),
+    ] {
+        let (get_head, get_body) = raw_answer(addr, "GET", path);
+        let (head, body) = raw_answer(addr, "HEAD", path);
+        assert!(head.starts_with("HTTP/1.1 200"), "HEAD {path}: {head}");
+        assert!(body.is_empty(), "HEAD {path} has a body: {body:?}");
+        assert!(get_head.starts_with("HTTP/1.1 200") && !get_body.is_empty());
+        assert_eq!(
+            header_of(&head, "content-type"),
+            header_of(&get_head, "content-type"),
+            "{path}"
+        );
+    }
+    // A path served with GET says it takes HEAD too.
+    let (head, _) = raw_answer(admin, "PUT", "/healthz");
+    assert!(head.starts_with("HTTP/1.1 405"), "{head}");
+    assert_eq!(header_of(&head, "allow").as_deref(), Some("GET, HEAD"));
+    // HEAD on the stream endpoint is refused, without a body either.
+    let (head, body) = raw_answer(relay.addr(), "HEAD", "/v1/transcribe");
+    assert!(head.starts_with("HTTP/1.1 405"), "{head}");
+    assert!(body.is_empty(), "{body:?}");
+}

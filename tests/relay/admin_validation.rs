@@ -32,15 +32,15 @@ fn account_ids_and_methods_are_checked() {
     assert_eq!(status, 200, "{body}");
 
     for (method, path, allow) in [
-        ("POST", "/admin/stats", "GET"),
-        ("DELETE", "/admin/usage", "GET"),
-        ("POST", "/admin/reconciliation", "GET"),
-        ("PUT", "/admin/revocations", "GET, POST, DELETE"),
-        ("PUT", "/admin/accounts", "GET, POST"),
+        ("POST", "/admin/stats", "GET, HEAD"),
+        ("DELETE", "/admin/usage", "GET, HEAD"),
+        ("POST", "/admin/reconciliation", "GET, HEAD"),
+        ("PUT", "/admin/revocations", "GET, HEAD, POST, DELETE"),
+        ("PUT", "/admin/accounts", "GET, HEAD, POST"),
         ("GET", "/admin/accounts/acct-a/enable", "POST"),
         ("GET", "/admin/accounts/acct-a/limit", "POST, PUT"),
-        ("POST", "/dashboard", "GET"),
-        ("POST", "/metrics", "GET"),
+        ("POST", "/dashboard", "GET, HEAD"),
+        ("POST", "/metrics", "GET, HEAD"),
     ] {
         let (status, body) = http(admin, method, path, Some(ADMIN), Some("{}"));
         assert_eq!(status, 405, "{method} {path}: {body}");

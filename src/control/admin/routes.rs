@@ -1,8 +1,9 @@
 //! The admin port's routes: one table of method, path, whether the admin
 //! token is needed, and handler. A path the table knows, asked with a
 //! method it does not serve, is answered 405 with `Allow`; any other path
-//! 404. Every path under `/admin` needs the admin token, known or not, so
-//! a caller without it learns nothing of the API (401).
+//! 404. A HEAD is answered as the path's GET, without the body. Every path
+//! under `/admin` needs the admin token, known or not, so a caller without
+//! it learns nothing of the API (401).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -216,7 +217,18 @@ fn lookup<'p>(method: &str, path: &'p str) -> Result<(&'static Route, &'p str), 
 
 /// Answers one admin request.
 pub(super) async fn route(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
-    let found = lookup(req.method, req.path);
+    // A HEAD is answered as its GET, without the body (RFC 9110 §9.3.2).
+    let head = req.method == "HEAD";
+    let answer = answer(admin, req, if head { "GET" } else { req.method }).await;
+    if head {
+        http::head_only(answer)
+    } else {
+        answer
+    }
+}
+
+async fn answer(admin: &Admin, req: &Request<'_>, method: &str) -> Vec<u8> {
+    let found = lookup(method, req.path);
     let auth = under_admin(req.path) || matches!(found, Ok((r, _)) if r.auth);
     if auth && !admin.authorized(req) {
         return http::json_error(401, "admin token required");
@@ -224,7 +236,10 @@ pub(super) async fn route(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
     match found {
         Ok((route, id)) => (route.handler)(admin, req, id).await,
         Err(allow) if allow.is_empty() => http::json_error(404, "not found"),
-        Err(allow) => {
+        Err(mut allow) => {
+            if let Some(at) = allow.iter().position(|m| *m == "GET") {
+                allow.insert(at + 1, "HEAD");
+            }
             let allow = allow.join(", ");
             let body = serde_json::json!({
                 "error_code": 405,

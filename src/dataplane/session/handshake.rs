@@ -177,17 +177,25 @@ async fn handshake(
         }
     };
     buf.consume(head_len);
+    // Answers before the upgrade; to a HEAD, without their bodies.
+    let answer = |bytes: Vec<u8>| {
+        if req.head {
+            http::head_only(bytes)
+        } else {
+            bytes
+        }
+    };
     match req.path.as_str() {
         "/v1/transcribe" if !req.get => {
             shard.metrics.stream_rejected(Side::Client, 405);
             tracing::info!(shard = shard.index, status = 405, "request refused");
             let _ = client
-                .write_all(&http::response(
+                .write_all(&answer(http::response(
                     405,
                     "application/json",
                     "Allow: GET\r\n",
                     br#"{"error_code":405,"error_message":"the stream endpoint takes GET (a WebSocket upgrade)"}"#,
-                ))
+                )))
                 .await;
             return None;
         }
@@ -212,17 +220,22 @@ async fn handshake(
                 (200, "ok\n")
             };
             let _ = client
-                .write_all(&http::response(status, "text/plain", "", body.as_bytes()))
+                .write_all(&answer(http::response(
+                    status,
+                    "text/plain",
+                    "",
+                    body.as_bytes(),
+                )))
                 .await;
             return None;
         }
         _ => {
             let _ = client
-                .write_all(&refuse(
+                .write_all(&answer(refuse(
                     404,
                     "not found: the stream endpoint is /v1/transcribe",
                     Side::Client,
-                ))
+                )))
                 .await;
             return None;
         }
