@@ -343,6 +343,26 @@ pub fn response(status: u16, content_type: &str, extra_headers: &str, body: &[u8
     out
 }
 
+/// A 304 answer: no body, and no `Content-Length` (a 304 may carry one
+/// only if it is the 200's, RFC 9110 §15.4.5).
+pub fn not_modified(extra_headers: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 304 Not Modified\r\nConnection: close\r\nCache-Control: no-store\r\n{extra_headers}\r\n"
+    )
+    .into_bytes()
+}
+
+/// Whether an `If-None-Match` value names `etag` (a quoted entity tag):
+/// `*`, or a list of tags compared weakly, so `W/"x"` names `"x"` (RFC 9110
+/// §13.1.2).
+pub fn none_match_finds(value: &str, etag: &str) -> bool {
+    fn opaque(tag: &str) -> &str {
+        let tag = tag.trim();
+        tag.strip_prefix("W/").unwrap_or(tag)
+    }
+    value.trim() == "*" || value.split(',').any(|t| opaque(t) == opaque(etag))
+}
+
 /// The answer to a HEAD request: the GET answer's head, its
 /// `Content-Length` included, and no body (RFC 9110 §9.3.2).
 pub fn head_only(mut answer: Vec<u8>) -> Vec<u8> {
@@ -482,6 +502,20 @@ mod tests {
             on("Sec-WebSocket-Protocol: soniox-api-key, tok8\r\nAuthorization: Bearer tok9\r\n"),
             Some(("tok9".into(), TokenSource::Header))
         );
+    }
+
+    #[test]
+    fn if_none_match_compares_weakly_in_a_list() {
+        let tag = "\"ab12\"";
+        for v in ["\"ab12\"", "W/\"ab12\"", " \"x\" ,W/\"ab12\"", "*"] {
+            assert!(none_match_finds(v, tag), "{v}");
+        }
+        for v in ["\"ab1\"", "ab12", "\"x\", \"y\"", ""] {
+            assert!(!none_match_finds(v, tag), "{v}");
+        }
+        let answer = String::from_utf8(not_modified("ETag: \"ab12\"\r\n")).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 304 ") && answer.ends_with("\r\n\r\n"));
+        assert!(!answer.to_ascii_lowercase().contains("content-length"));
     }
 
     #[test]

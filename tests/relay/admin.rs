@@ -102,12 +102,38 @@ fn remote_config_with_etag() {
     );
     assert_eq!(status, 304, "{head2}");
     assert!(body2.is_empty(), "{body2}");
+    // A 304 has no Content-Length unless it is the 200's (RFC 9110 §15.4.5).
+    assert_eq!(header_of(&head2, "content-length"), None, "{head2}");
+    assert_eq!(header_of(&head2, "etag").as_deref(), Some(etag.as_str()));
     let (status, _, _) = http_get(
         relay.handle.admin_addr,
         "/v1/config",
         "If-None-Match: \"something-else\"\r\n",
     );
     assert_eq!(status, 200);
+    // If-None-Match compares weakly, takes a list, and `*` (RFC 9110
+    // §13.1.2): a proxy that compresses the answer makes its ETag weak.
+    for value in [
+        format!("W/{etag}"),
+        format!("\"other\", {etag}"),
+        format!("\"other\",W/{etag} , \"x\""),
+        "*".to_string(),
+    ] {
+        let (status, head, _) = http_get(
+            relay.handle.admin_addr,
+            "/v1/config",
+            &format!("If-None-Match: {value}\r\n"),
+        );
+        assert_eq!(status, 304, "{value}: {head}");
+    }
+    for value in ["W/\"other\"", "\"other\", \"x\""] {
+        let (status, head, _) = http_get(
+            relay.handle.admin_addr,
+            "/v1/config",
+            &format!("If-None-Match: {value}\r\n"),
+        );
+        assert_eq!(status, 200, "{value}: {head}");
+    }
 }
 
 /// The sum over shards of `metric`'s samples whose labels contain `labels`.

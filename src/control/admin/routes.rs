@@ -318,8 +318,11 @@ fn readyz(admin: &Admin) -> Vec<u8> {
 fn config(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
     let body = remote::remote_config(&admin.process, &admin.pools);
     let etag = remote::etag(&body);
-    if req.header("if-none-match") == Some(etag.as_str()) {
-        http::response(304, "application/json", &format!("ETag: {etag}\r\n"), b"")
+    if req
+        .header("if-none-match")
+        .is_some_and(|v| http::none_match_finds(v, &etag))
+    {
+        http::not_modified(&format!("ETag: {etag}\r\n"))
     } else {
         http::response(
             200,
