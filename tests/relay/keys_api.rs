@@ -479,6 +479,38 @@ fn raw_audio_on_a_key_whose_overlap_ends_moves_to_the_new_key_unseen() {
 }
 
 #[test]
+fn a_stream_still_opening_on_a_key_retired_meanwhile_moves_once_it_flows() {
+    // Upgrades are answered 3 s late: the stream picks the old key, and
+    // while it waits for upstream the key is rotated out with no overlap
+    // (pulled) and its streams told to leave; the stream leaves it as soon
+    // as it is open.
+    let fake = fake(&["old-key", "new-key"], |c| {
+        c.faults.handshake_delay = Duration::from_secs(3);
+    });
+    let relay = relay_with_admin(&fake, &[("a", "old-key")]);
+    let (mut live, _) = connect(relay.addr(), &relay.token("d1"), Via::Header).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let (status, _) = http(
+        relay.handle.admin_addr,
+        "POST",
+        "/admin/accounts/a/rotate",
+        Some(ADMIN),
+        Some(r#"{"key":"new-key","overlap":"0s"}"#),
+    );
+    assert_eq!(status, 200);
+    let frames = audio_frames(10, 2);
+    let got = stream_session(&mut live, &config_message(None), &frames);
+    assert_eq!(got.error_code(), None, "{got:?}");
+    assert!(got.finished() && !got.abrupt, "{got:?}");
+    assert!(fake.wait_for(Duration::from_secs(20), |s| s.len() == 2
+        && s.iter().all(|r| r.closed)));
+    let s = fake.sessions();
+    assert_eq!(s[0].key.as_deref(), Some("old-key"));
+    assert_eq!(s[1].key.as_deref(), Some("new-key"));
+    assert!(retired(&relay));
+}
+
+#[test]
 fn other_streams_on_a_key_whose_overlap_ends_are_finalized_and_told_to_reconnect() {
     let fake = fake(&["old-key", "new-key"], |_| {});
     let relay = relay_with_admin(&fake, &[("a", "old-key")]);

@@ -215,12 +215,14 @@ impl Stream {
             let mut same_account_retries = 0u32;
             let end = loop {
                 *live.stream.key.borrow_mut() = up.lease.key.fingerprint.clone();
-                if !up
-                    .lease
-                    .key
-                    .ending
-                    .load(std::sync::atomic::Ordering::Relaxed)
-                {
+                // A key retired while the stream was opening on it (the
+                // shard's request went to no one) is left as soon as it
+                // flows; one retired while the stream was already moving
+                // off it no longer concerns it.
+                let retired = &up.lease.key.ending;
+                if retired.load(std::sync::atomic::Ordering::Relaxed) {
+                    live.stream.stop(StopReason::KeyRetired);
+                } else {
                     live.stream.forget_key_retired();
                 }
                 // Written by the client→upstream pump, in the same send as the
