@@ -126,17 +126,10 @@ pub fn mint_token_for(
     pools: &[String],
     ttl: Option<Duration>,
 ) -> Result<String, Box<dyn std::error::Error>> {
-    let tokens = match tier {
-        // Tiers live in [devices]: the whole file is resolved.
-        Some(tier) => {
-            let cfg = Config::load(path)?;
-            if !cfg.devices.tiers.contains_key(tier) {
-                return Err(format!("no [devices.tier.{tier}] in {}", path.display()).into());
-            }
-            cfg.tokens
-        }
-        None => Config::load_tokens(path)?,
-    };
+    let (tokens, tiers) = Config::load_minting(path)?;
+    if let Some(tier) = tier.filter(|t| !tiers.iter().any(|known| known == t)) {
+        return Err(format!("no [devices.tier.{tier}] in {}", path.display()).into());
+    }
     let ttl = ttl.unwrap_or(tokens.default_ttl);
     if ttl > tokens.max_ttl {
         return Err(format!(
@@ -314,6 +307,29 @@ mod tests {
         std::fs::write(&path, text.replace("max_ttl = \"1h\"", "max_ttl = \"5m\"")).unwrap();
         let err = mint_token(&path, "phone-7", None).unwrap_err();
         assert!(err.to_string().contains("tokens.default_ttl"), "{err}");
+    }
+
+    #[test]
+    fn mint_token_for_a_tier_needs_no_account_keys() {
+        let path = write_config("tierkeys");
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(
+            &path,
+            format!("{text}[devices.tier.pro]\nmax_concurrent_streams = 3\n"),
+        )
+        .unwrap();
+        std::fs::remove_file(path.with_file_name("key")).unwrap();
+        assert!(check_config(&path).is_err());
+        let keys = TokenKeys::new(
+            &crate::core::secret::Secret::new(SECRET),
+            None,
+            Duration::ZERO,
+        );
+        let tok = mint_token_with_tier(&path, "phone-8", "pro", None).unwrap();
+        let c = keys.verify(&tok, SystemTime::now()).unwrap();
+        assert_eq!(c.tier.as_deref(), Some("pro"));
+        let err = mint_token_with_tier(&path, "phone-8", "gold", None).unwrap_err();
+        assert!(err.to_string().contains("no [devices.tier.gold]"), "{err}");
     }
 
     #[test]

@@ -212,6 +212,13 @@ impl Config {
     /// checked, so `mint-token` works where the account keys cannot be read
     /// (e.g. systemd credentials visible only to the service).
     pub fn load_tokens(path: &Path) -> Result<TokensConfig, ConfigError> {
+        Ok(Config::load_minting(path)?.0)
+    }
+
+    /// [`Config::load_tokens`], with the names of the device tiers
+    /// (`[devices.tier.NAME]`), which a token may name: `mint-token --tier`
+    /// needs no account key either.
+    pub fn load_minting(path: &Path) -> Result<(TokensConfig, Vec<String>), ConfigError> {
         let (text, base) = read_config_file(path)?;
         load::load_tokens(&text, &base)
     }

@@ -16,17 +16,21 @@ pub(super) fn load_all(text: &str, base: &Path) -> Result<Config, ConfigError> {
 
 /// Parses a whole file (unknown keys are still errors) but resolves and
 /// checks only `[tokens]`: what minting a token needs, without reading any
-/// account key.
-pub(super) fn load_tokens(text: &str, base: &Path) -> Result<TokensConfig, ConfigError> {
+/// account key; with the names of the device tiers (`[devices.tier.NAME]`).
+pub(super) fn load_tokens(
+    text: &str,
+    base: &Path,
+) -> Result<(TokensConfig, Vec<String>), ConfigError> {
     let raw = parse(text)?;
     let mut p = Problems::default();
     let known = pool_names(&raw);
+    let tiers = raw.devices.tier.keys().cloned().collect();
     let tokens = resolve_tokens(raw.tokens, known, base, &mut p);
     if let Some(t) = &tokens {
         validate_tokens(t, &mut p);
     }
     match tokens {
-        Some(t) if p.lines.is_empty() => Ok(t),
+        Some(t) if p.lines.is_empty() => Ok((t, tiers)),
         _ => Err(ConfigError { problems: p.lines }),
     }
 }
