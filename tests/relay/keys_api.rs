@@ -423,14 +423,14 @@ fn runtime_changes_survive_a_restart_in_the_encrypted_store() {
     std::fs::remove_dir_all(&cfg.admin.state_dir).ok();
 }
 
-/// Rotates account `a` to `new-key` with a 1 s overlap.
-fn rotate_with_short_overlap(relay: &Relay) {
+/// Rotates account `a` to `new-key` with `overlap` ("1s").
+fn rotate_to_new_key(relay: &Relay, overlap: &str) {
     let (status, _) = http(
         relay.handle.admin_addr,
         "POST",
         "/admin/accounts/a/rotate",
         Some(ADMIN),
-        Some(r#"{"key":"new-key","overlap":"1s"}"#),
+        Some(&format!(r#"{{"key":"new-key","overlap":"{overlap}"}}"#)),
     );
     assert_eq!(status, 200);
 }
@@ -456,7 +456,7 @@ fn raw_audio_on_a_key_whose_overlap_ends_moves_to_the_new_key_unseen() {
     }
     assert!(fake.wait_for(Duration::from_secs(10), |s| s.len() == 1
         && s[0].audio_frames == 5));
-    rotate_with_short_overlap(&relay);
+    rotate_to_new_key(&relay, "1s");
     // After the overlap the stream is resumed on a connection with the
     // new key; the client sees nothing of it.
     assert!(fake.wait_for(Duration::from_secs(10), |s| s.len() == 2));
@@ -490,14 +490,7 @@ fn a_stream_still_opening_on_a_key_retired_meanwhile_moves_once_it_flows() {
     let relay = relay_with_admin(&fake, &[("a", "old-key")]);
     let (mut live, _) = connect(relay.addr(), &relay.token("d1"), Via::Header).unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    let (status, _) = http(
-        relay.handle.admin_addr,
-        "POST",
-        "/admin/accounts/a/rotate",
-        Some(ADMIN),
-        Some(r#"{"key":"new-key","overlap":"0s"}"#),
-    );
-    assert_eq!(status, 200);
+    rotate_to_new_key(&relay, "0s");
     let frames = audio_frames(10, 2);
     let got = stream_session(&mut live, &config_message(None), &frames);
     assert_eq!(got.error_code(), None, "{got:?}");
@@ -523,7 +516,7 @@ fn other_streams_on_a_key_whose_overlap_ends_are_finalized_and_told_to_reconnect
     }
     assert!(fake.wait_for(Duration::from_secs(10), |s| s.len() == 1
         && s[0].audio_frames == 5));
-    rotate_with_short_overlap(&relay);
+    rotate_to_new_key(&relay, "1s");
     // After the overlap: the final tokens, then "reconnect" (503) and 1012.
     let got = read_all(&mut live);
     assert_eq!(

@@ -93,34 +93,31 @@ impl Ending {
             }
             // After the drain's finalize (if the stream was between frames):
             // reconnect, as Soniox says it (503, close 1012).
-            End::Drain => row(
-                ToClient::Error(Refusal::new(
-                    503,
-                    "service_unavailable",
-                    "The relay is restarting; reconnect to continue.",
-                    1012,
-                    Side::Internal,
-                )),
-                Some((1001, "relay restarting")),
-                None,
-            ),
+            End::Drain => reconnect("The relay is restarting", "relay restarting"),
             // A stream that could not move off its retired key: finalized
             // as in a drain, then told to reconnect (onto a current key).
-            End::KeyRetired => row(
-                ToClient::Error(Refusal::new(
-                    503,
-                    "service_unavailable",
-                    "The stream's account key was retired; reconnect to continue.",
-                    1012,
-                    Side::Internal,
-                )),
-                Some((1001, "key retired")),
-                None,
-            ),
+            End::KeyRetired => reconnect("The stream's account key was retired", "key retired"),
             // An error the stream could not resume from (its resumes used
             // up, or its copy no longer whole).
             End::Resume(..) => row(ToClient::Error(Refusal::upstream_lost()), None, None),
         }
+    }
+}
+
+/// The relay's own end of a stream it asks the client to open again:
+/// `why`, then "reconnect to continue", as Soniox says it (503, close
+/// 1012); upstream gets a close 1001 saying `upstream_reason`.
+fn reconnect(why: &str, upstream_reason: &'static str) -> Ending {
+    Ending {
+        client: ToClient::Error(Refusal::new(
+            503,
+            "service_unavailable",
+            format!("{why}; reconnect to continue."),
+            1012,
+            Side::Internal,
+        )),
+        upstream: Some((1001, upstream_reason)),
+        counted: None,
     }
 }
 
@@ -152,6 +149,10 @@ mod tests {
         let drain = Ending::of(End::Drain, false);
         assert_eq!(code(&drain), Some((503, 1012)));
         assert_eq!(drain.counted, None);
+        let moved = Ending::of(End::KeyRetired, false);
+        assert_eq!(code(&moved), Some((503, 1012)));
+        assert_eq!(moved.counted, None);
+        assert_eq!(moved.upstream, Some((1001, "key retired")));
         let revoked = Ending::of(End::Stopped(Limit::Revoked), false);
         assert_eq!(code(&revoked), Some((401, 1008)));
         assert!(Ending::of(End::UpstreamClosed, false).upstream.is_none());
