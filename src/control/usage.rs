@@ -199,7 +199,15 @@ pub fn parse_day(text: &str) -> Option<u64> {
         it.next()?.parse().ok()?,
         it.next()?.parse().ok()?,
     );
-    if !(1..=12).contains(&m) || !(1..=31).contains(&d) {
+    let leap = y % 4 == 0 && (y % 100 != 0 || y % 400 == 0);
+    let month_days = match m {
+        2 if leap => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        1..=12 => 31,
+        _ => return None,
+    };
+    if !(1..=month_days).contains(&d) {
         return None;
     }
     // Days from civil (Howard Hinnant's algorithm).

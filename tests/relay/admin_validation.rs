@@ -161,3 +161,43 @@ fn a_body_without_one_plain_length_is_refused_saying_why() {
     let (status, answer) = http(admin, "POST", "/admin/accounts", Some(ADMIN), Some(&body));
     assert_eq!(status, 200, "{answer}");
 }
+
+#[test]
+fn usage_queries_are_checked() {
+    let fake = fake(&["key-a"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("acct-a", "key-a")]);
+    cfg.admin.token = Some(Secret::new(ADMIN));
+    let relay = Relay::start(cfg);
+    let admin = relay.handle.admin_addr;
+    let get = |query: &str| {
+        http(
+            admin,
+            "GET",
+            &format!("/admin/usage?{query}"),
+            Some(ADMIN),
+            None,
+        )
+    };
+    for (query, says) in [
+        // A day the month does not have is not the next month's.
+        ("from=2026-02-30", "from: "),
+        ("to=2026-04-31", "to: "),
+        ("from=2026-12-05&to=2026-12-01", "from is after to"),
+        ("group_by=week", "group_by: "),
+        ("scope=all", "scope: "),
+        // A misspelt parameter is not ignored: `group=device` would have
+        // answered by account.
+        ("group=device", "unknown parameter group"),
+    ] {
+        let (status, body) = get(query);
+        assert_eq!(status, 400, "{query}: {body}");
+        assert!(body.contains(says), "{query}: {body}");
+    }
+    for query in [
+        "",
+        "from=2024-02-29&to=2026-12-31&group_by=device&scope=node",
+    ] {
+        let (status, body) = get(query);
+        assert_eq!(status, 200, "{query}: {body}");
+    }
+}

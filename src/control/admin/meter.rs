@@ -74,12 +74,31 @@ pub(super) async fn usage(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
             .split('&')
             .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
     };
+    // A misspelt parameter is refused, not ignored: `group=device` would
+    // answer by account, and look like an answer.
+    const KNOWN: [&str; 4] = ["from", "to", "group_by", "scope"];
+    let unknown = req
+        .query
+        .split('&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| kv.split_once('=').map_or(kv, |(k, _)| k))
+        .find(|k| !KNOWN.contains(k));
+    if let Some(k) = unknown {
+        let k: String = k.chars().take(64).collect();
+        return http::json_error(
+            400,
+            &format!("unknown parameter {k} (from, to, group_by, scope)"),
+        );
+    }
     let today = utc_day(SystemTime::now());
     let parse = |name: &str, default: u64| match q(name) {
         None | Some("") => Ok(default),
-        Some(t) => {
-            parse_day(t).ok_or_else(|| http::json_error(400, &format!("{name}: want YYYY-MM-DD")))
-        }
+        Some(t) => parse_day(t).ok_or_else(|| {
+            http::json_error(
+                400,
+                &format!("{name}: want a day YYYY-MM-DD, 1970 or later"),
+            )
+        }),
     };
     let (from, to) = match (parse("from", month_start(today)), parse("to", today)) {
         (Ok(f), Ok(t)) if f <= t => (f, t),

@@ -137,6 +137,14 @@ fn days_round_trip() {
     }
     assert_eq!(format_day(month_start(20_782)), "2026-11-01");
     assert_eq!(parse_day("2026-13-01"), None);
+    // Only days the month has: no rolling over into the next one.
+    assert_eq!(parse_day("2026-02-30"), None);
+    assert_eq!(parse_day("2026-02-29"), None);
+    assert_eq!(parse_day("2026-04-31"), None);
+    assert_eq!(format_day(parse_day("2024-02-29").unwrap()), "2024-02-29");
+    assert_eq!(format_day(parse_day("2000-02-29").unwrap()), "2000-02-29");
+    assert_eq!(parse_day("2100-02-29"), None);
+    assert_eq!(format_day(parse_day("2026-12-31").unwrap()), "2026-12-31");
 }
 
 #[test]
