@@ -201,3 +201,48 @@ fn usage_queries_are_checked() {
         assert_eq!(status, 200, "{query}: {body}");
     }
 }
+
+#[test]
+fn a_revocation_that_could_never_match_is_refused() {
+    // An id no token can carry (device and token ids are 1 to 128 of
+    // A-Z a-z 0-9 . _ : @ -) would be stored and match nothing: a pasted
+    // id with a trailing space would leave the device unrevoked, with a
+    // 200 saying otherwise.
+    let fake = fake(&["key-a"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("acct-a", "key-a")]);
+    cfg.admin.token = Some(Secret::new(ADMIN));
+    let relay = Relay::start(cfg);
+    let admin = relay.handle.admin_addr;
+    let long = "a".repeat(129);
+    for body in [
+        r#"{"device_id":""}"#.to_string(),
+        r#"{"device_id":"iphone-42 "}"#.to_string(),
+        r#"{"token_id":"t 1"}"#.to_string(),
+        format!(r#"{{"device_id":"{long}"}}"#),
+        r#"{"device_id":"ok-1","token_id":"caf\u00e9"}"#.to_string(),
+    ] {
+        for method in ["POST", "DELETE"] {
+            let (status, answer) = http(
+                admin,
+                method,
+                "/admin/revocations",
+                Some(ADMIN),
+                Some(&body),
+            );
+            assert_eq!(status, 400, "{method} {body}: {answer}");
+            assert!(answer.contains("_id"), "{answer}");
+        }
+    }
+    let (status, list) = http(admin, "GET", "/admin/revocations", Some(ADMIN), None);
+    assert_eq!(status, 200);
+    assert_eq!(list, r#"{"devices":[],"token_ids":[]}"#);
+    let (status, list) = http(
+        admin,
+        "POST",
+        "/admin/revocations",
+        Some(ADMIN),
+        Some(r#"{"device_id":"iphone-42"}"#),
+    );
+    assert_eq!(status, 200);
+    assert_eq!(list, r#"{"devices":["iphone-42"],"token_ids":[]}"#);
+}

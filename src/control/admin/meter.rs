@@ -13,6 +13,7 @@ use super::{Admin, Request};
 use crate::control::usage::{format_day, month_start, parse_day, GroupBy, UsageRecord};
 use crate::core::devices::{utc_day, Limit};
 use crate::core::metrics::text::{family, Kind};
+use crate::core::token::valid_device_id;
 use crate::dataplane::http;
 use crate::dataplane::shard::ShardMsg;
 
@@ -274,6 +275,15 @@ pub(super) async fn revocations(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
         };
         if b.device_id.is_none() && b.token_id.is_none() {
             return http::json_error(400, "give a device_id or a token_id");
+        }
+        // An id no token can carry would be kept and match nothing.
+        for (name, id) in [("device_id", &b.device_id), ("token_id", &b.token_id)] {
+            if id.as_deref().is_some_and(|id| !valid_device_id(id)) {
+                return http::json_error(
+                    400,
+                    &format!("{name}: 1 to 128 characters of A-Z a-z 0-9 . _ : @ - (as in tokens)"),
+                );
+            }
         }
         match req.method {
             "POST" => {
