@@ -15,6 +15,10 @@ use crate::core::config::AccountConfig;
 use crate::core::keyring::{AccountState, KeySlot, RingSlot, MAX_ACCOUNTS};
 use crate::core::secret::Secret;
 
+/// Why a key with spaces, line breaks or non-ASCII is refused.
+const KEY_NOT_FOR_A_HEADER: &str =
+    "the key has spaces, line breaks or non-ASCII characters: it goes in an HTTP header";
+
 /// Where an account's definition comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -284,6 +288,9 @@ impl Accounts {
         if key.expose().trim().is_empty() {
             return Err(ChangeError::Invalid("the key is empty".into()));
         }
+        if !key.fits_a_header() {
+            return Err(ChangeError::Invalid(KEY_NOT_FOR_A_HEADER.into()));
+        }
         if max_concurrent == 0 {
             return Err(ChangeError::Invalid(
                 "max_concurrent_streams must be at least 1".into(),
@@ -363,6 +370,9 @@ impl Accounts {
         let i = self.find(id)?;
         if key.expose().trim().is_empty() {
             return Err(ChangeError::Invalid("the key is empty".into()));
+        }
+        if !key.fits_a_header() {
+            return Err(ChangeError::Invalid(KEY_NOT_FOR_A_HEADER.into()));
         }
         let e = &mut self.entries[i];
         if key == e.current.key || e.retiring.iter().any(|k| k.key == key) {

@@ -21,6 +21,12 @@ impl Secret {
         &self.0
     }
 
+    /// Whether the value can go in an HTTP header as it is, as an API key
+    /// does: visible ASCII, no spaces or line breaks.
+    pub fn fits_a_header(&self) -> bool {
+        !self.0.is_empty() && self.0.bytes().all(|b| b.is_ascii_graphic())
+    }
+
     /// A short, stable, non-reversible fingerprint of the value (12 hex
     /// digits of HMAC-SHA256 under a fixed label), safe to show anywhere.
     pub fn fingerprint(&self) -> String {

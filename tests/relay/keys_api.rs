@@ -544,3 +544,42 @@ fn other_streams_on_a_key_whose_overlap_ends_are_finalized_and_told_to_reconnect
     );
     assert!(retired(&relay));
 }
+
+#[test]
+fn a_key_that_cannot_go_in_a_header_is_refused() {
+    // A key goes in the upgrade's Authorization header: a line break would
+    // end the header (and add what follows to the request), a space or a
+    // pasted newline would make Soniox refuse it at every stream.
+    let fake = fake(&["old-key"], |_| {});
+    let relay = relay_with_admin(&fake, &[("a", "old-key")]);
+    let admin = relay.handle.admin_addr;
+    for key in [
+        r#""k1\n""#,
+        r#""k1\r\nX-Extra: 1""#,
+        r#""k 1""#,
+        r#""k\u00e9""#,
+    ] {
+        let (status, body) = http(
+            admin,
+            "POST",
+            "/admin/accounts",
+            Some(ADMIN),
+            Some(&format!(r#"{{"id":"b","key":{key}}}"#)),
+        );
+        assert_eq!(status, 400, "{key}: {body}");
+        assert!(body.contains("HTTP header"), "{body}");
+        let (status, body) = http(
+            admin,
+            "POST",
+            "/admin/accounts/a/rotate",
+            Some(ADMIN),
+            Some(&format!(r#"{{"key":{key}}}"#)),
+        );
+        assert_eq!(status, 400, "{key}: {body}");
+    }
+    assert_eq!(
+        accounts_json(&relay)["accounts"].as_array().unwrap().len(),
+        1
+    );
+    assert!(one_session(&relay).finished());
+}

@@ -518,6 +518,11 @@ fn validate_built_config() {
     assert_has(&p, "account \"a\".key: is empty");
     assert_has(&p, "account[1].id: duplicate id \"a\"");
     assert_has(&p, "server.admin_listen: is the same as server.listen");
+    // A key goes in an HTTP header: no spaces, line breaks or non-ASCII.
+    let mut spaced = c.clone();
+    spaced.accounts[0].key = Secret::new("key with\r\nbreak");
+    let p = spaced.validate().unwrap_err().problems;
+    assert_has(&p, "account \"a\".key: has spaces");
 }
 
 #[test]

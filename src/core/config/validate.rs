@@ -140,6 +140,12 @@ pub(super) fn validate_semantics(c: &Config, p: &mut Problems) {
                 "must be at least 1",
             );
         }
+        if !a.key.expose().is_empty() && !a.key.fits_a_header() {
+            p.push(
+                &format!("{}.key", account_label(i, Some(&a.id))),
+                "has spaces, line breaks or non-ASCII characters: it goes in an HTTP header",
+            );
+        }
     }
 }
 
