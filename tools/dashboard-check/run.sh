@@ -9,7 +9,7 @@
 # Installs chromium (apt) and playwright-core (npm, into a temp dir) if missing.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
-shot="${root}/target/dashboard.png"
+shot="${CARGO_TARGET_DIR:-${root}/target}/dashboard.png"
 [ "${1:-}" = "--screenshot" ] && shot="$2"
 
 if ! command -v chromium >/dev/null 2>&1; then
@@ -28,7 +28,7 @@ cp "$root/tools/dashboard-check/check.mjs" "$work/"
 
 cd "$root"
 cargo build --quiet --bins
-bin="$root/target/debug"
+bin="${CARGO_TARGET_DIR:-$root/target}/debug"
 
 "$bin/fake-soniox" --echo --listen 127.0.0.1:0 --key dash-key-a --key dash-key-b --max-concurrent 100 > "$work/fake.log" 2>&1 &
 pids+=($!)
