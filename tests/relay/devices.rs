@@ -151,6 +151,21 @@ fn concurrent_streams_per_device_hold_across_shards_and_tiers() {
         .active_streams()
         == 5));
     assert_eq!(refused(&relay, &pro).error_code(), Some(429));
+    // A tier the file does not have (another minter's, or one a reload
+    // removed) runs under the [devices] defaults: two.
+    let gold = keys
+        .mint_with_tier(
+            "desktop",
+            Some("gold"),
+            Duration::from_secs(60),
+            SystemTime::now(),
+        )
+        .unwrap();
+    let _g: Vec<Ws> = (0..2).map(|_| open(&relay, &gold)).collect();
+    assert!(wait_until(Duration::from_secs(10), || fake
+        .active_streams()
+        == 7));
+    assert_eq!(refused(&relay, &gold).error_code(), Some(429));
 }
 
 #[test]
