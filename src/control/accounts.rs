@@ -15,9 +15,20 @@ use crate::core::config::AccountConfig;
 use crate::core::keyring::{AccountState, KeySlot, RingSlot, MAX_ACCOUNTS};
 use crate::core::secret::Secret;
 
-/// Why a key with spaces, line breaks or non-ASCII is refused.
-const KEY_NOT_FOR_A_HEADER: &str =
-    "the key has spaces, line breaks or non-ASCII characters: it goes in an HTTP header";
+/// A key an account may take: not empty, and one that can go in the
+/// upgrade's Authorization header as it is.
+fn check_key(key: &Secret) -> Result<(), ChangeError> {
+    if key.expose().trim().is_empty() {
+        Err(ChangeError::Invalid("the key is empty".into()))
+    } else if !key.fits_a_header() {
+        Err(ChangeError::Invalid(
+            "the key has spaces, line breaks or non-ASCII characters: it goes in an HTTP header"
+                .into(),
+        ))
+    } else {
+        Ok(())
+    }
+}
 
 /// Where an account's definition comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -285,12 +296,7 @@ impl Accounts {
         if self.find(id).is_ok() {
             return Err(ChangeError::Exists(id.to_string()));
         }
-        if key.expose().trim().is_empty() {
-            return Err(ChangeError::Invalid("the key is empty".into()));
-        }
-        if !key.fits_a_header() {
-            return Err(ChangeError::Invalid(KEY_NOT_FOR_A_HEADER.into()));
-        }
+        check_key(&key)?;
         if max_concurrent == 0 {
             return Err(ChangeError::Invalid(
                 "max_concurrent_streams must be at least 1".into(),
@@ -368,12 +374,7 @@ impl Accounts {
         now: u64,
     ) -> Result<(), ChangeError> {
         let i = self.find(id)?;
-        if key.expose().trim().is_empty() {
-            return Err(ChangeError::Invalid("the key is empty".into()));
-        }
-        if !key.fits_a_header() {
-            return Err(ChangeError::Invalid(KEY_NOT_FOR_A_HEADER.into()));
-        }
+        check_key(&key)?;
         let e = &mut self.entries[i];
         if key == e.current.key || e.retiring.iter().any(|k| k.key == key) {
             return Err(ChangeError::Invalid(

@@ -7,12 +7,18 @@ use crate::util::*;
 
 const ADMIN: &str = "admin-token-for-tests-0123456789";
 
-#[test]
-fn account_ids_and_methods_are_checked() {
+/// A relay with one account and the admin token `ADMIN`, and its upstream.
+fn admin_relay() -> (fake_soniox::FakeSoniox, Relay) {
     let fake = fake(&["key-a"], |_| {});
     let mut cfg = relay_config(&fake.url(), &[("acct-a", "key-a")]);
     cfg.admin.token = Some(Secret::new(ADMIN));
     let relay = Relay::start(cfg);
+    (fake, relay)
+}
+
+#[test]
+fn account_ids_and_methods_are_checked() {
+    let (_fake, relay) = admin_relay();
     let admin = relay.handle.admin_addr;
     let add = |id: &str| {
         let body = serde_json::json!({"id": id, "key": "key-new"}).to_string();
@@ -55,10 +61,7 @@ fn account_ids_and_methods_are_checked() {
 
 #[test]
 fn unknown_paths_are_404_and_the_admin_api_needs_its_token() {
-    let fake = fake(&["key-a"], |_| {});
-    let mut cfg = relay_config(&fake.url(), &[("acct-a", "key-a")]);
-    cfg.admin.token = Some(Secret::new(ADMIN));
-    let relay = Relay::start(cfg);
+    let (_fake, relay) = admin_relay();
     let admin = relay.handle.admin_addr;
     for (method, path, token, want) in [
         ("GET", "/nope", None, 404),
@@ -111,10 +114,7 @@ fn a_body_without_one_plain_length_is_refused_saying_why() {
     // Before, a chunked body was read as no body, and two lengths as the
     // first: both answered "the body is not valid JSON".
     use std::io::{Read, Write};
-    let fake = fake(&["key-a"], |_| {});
-    let mut cfg = relay_config(&fake.url(), &[("acct-a", "key-a")]);
-    cfg.admin.token = Some(Secret::new(ADMIN));
-    let relay = Relay::start(cfg);
+    let (_fake, relay) = admin_relay();
     let admin = relay.handle.admin_addr;
     let body = serde_json::json!({"id": "new-a", "key": "key-new"}).to_string();
     let send = |headers: String, body: &str| {
@@ -164,10 +164,7 @@ fn a_body_without_one_plain_length_is_refused_saying_why() {
 
 #[test]
 fn usage_queries_are_checked() {
-    let fake = fake(&["key-a"], |_| {});
-    let mut cfg = relay_config(&fake.url(), &[("acct-a", "key-a")]);
-    cfg.admin.token = Some(Secret::new(ADMIN));
-    let relay = Relay::start(cfg);
+    let (_fake, relay) = admin_relay();
     let admin = relay.handle.admin_addr;
     let get = |query: &str| {
         http(
@@ -208,10 +205,7 @@ fn a_revocation_that_could_never_match_is_refused() {
     // A-Z a-z 0-9 . _ : @ -) would be stored and match nothing: a pasted
     // id with a trailing space would leave the device unrevoked, with a
     // 200 saying otherwise.
-    let fake = fake(&["key-a"], |_| {});
-    let mut cfg = relay_config(&fake.url(), &[("acct-a", "key-a")]);
-    cfg.admin.token = Some(Secret::new(ADMIN));
-    let relay = Relay::start(cfg);
+    let (_fake, relay) = admin_relay();
     let admin = relay.handle.admin_addr;
     let long = "a".repeat(129);
     for body in [

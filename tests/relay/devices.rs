@@ -138,14 +138,16 @@ fn concurrent_streams_per_device_hold_across_shards_and_tiers() {
         .error_code()
         .is_none());
     let keys = TokenKeys::from_config(&relay.cfg.tokens);
-    let pro = keys
-        .mint_with_tier(
-            "laptop",
-            Some("pro"),
+    let tier_token = |device: &str, tier: &str| {
+        keys.mint_with_tier(
+            device,
+            Some(tier),
             Duration::from_secs(60),
             SystemTime::now(),
         )
-        .unwrap();
+        .unwrap()
+    };
+    let pro = tier_token("laptop", "pro");
     let _p: Vec<Ws> = (0..3).map(|_| open(&relay, &pro)).collect();
     assert!(wait_until(Duration::from_secs(10), || fake
         .active_streams()
@@ -153,14 +155,7 @@ fn concurrent_streams_per_device_hold_across_shards_and_tiers() {
     assert_eq!(refused(&relay, &pro).error_code(), Some(429));
     // A tier the file does not have (another minter's, or one a reload
     // removed) runs under the [devices] defaults: two.
-    let gold = keys
-        .mint_with_tier(
-            "desktop",
-            Some("gold"),
-            Duration::from_secs(60),
-            SystemTime::now(),
-        )
-        .unwrap();
+    let gold = tier_token("desktop", "gold");
     let _g: Vec<Ws> = (0..2).map(|_| open(&relay, &gold)).collect();
     assert!(wait_until(Duration::from_secs(10), || fake
         .active_streams()

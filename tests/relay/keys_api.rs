@@ -435,6 +435,19 @@ fn rotate_to_new_key(relay: &Relay, overlap: &str) {
     assert_eq!(status, 200);
 }
 
+/// Checks that the client saw one whole stream, no error, while upstream
+/// had two sessions (the move); returns them once both are closed.
+fn seen_as_one_stream(
+    fake: &fake_soniox::FakeSoniox,
+    got: Received,
+) -> Vec<fake_soniox::SessionRecord> {
+    assert_eq!(got.error_code(), None, "{got:?}");
+    assert!(got.finished() && !got.abrupt, "{got:?}");
+    assert!(fake.wait_for(Duration::from_secs(20), |s| s.len() == 2
+        && s.iter().all(|r| r.closed)));
+    fake.sessions()
+}
+
 fn retired(relay: &Relay) -> bool {
     wait_until(Duration::from_secs(5), || {
         accounts_json(relay)["accounts"][0]["retiring_keys"]
@@ -464,12 +477,7 @@ fn raw_audio_on_a_key_whose_overlap_ends_moves_to_the_new_key_unseen() {
         live.send(Message::binary(f.clone())).unwrap();
     }
     live.send(Message::binary(Vec::new())).unwrap();
-    let got = read_all(&mut live);
-    assert_eq!(got.error_code(), None, "{got:?}");
-    assert!(got.finished() && !got.abrupt, "{got:?}");
-    assert!(fake.wait_for(Duration::from_secs(20), |s| s.len() == 2
-        && s.iter().all(|r| r.closed)));
-    let s = fake.sessions();
+    let s = seen_as_one_stream(&fake, read_all(&mut live));
     assert_eq!(s[1].key.as_deref(), Some("new-key"));
     assert!(s[1].audio.ends_with(&frames[5..].concat()));
     assert_eq!(relay.handle.metrics().streams_resumed(), 1);
@@ -493,11 +501,7 @@ fn a_stream_still_opening_on_a_key_retired_meanwhile_moves_once_it_flows() {
     rotate_to_new_key(&relay, "0s");
     let frames = audio_frames(10, 2);
     let got = stream_session(&mut live, &config_message(None), &frames);
-    assert_eq!(got.error_code(), None, "{got:?}");
-    assert!(got.finished() && !got.abrupt, "{got:?}");
-    assert!(fake.wait_for(Duration::from_secs(20), |s| s.len() == 2
-        && s.iter().all(|r| r.closed)));
-    let s = fake.sessions();
+    let s = seen_as_one_stream(&fake, got);
     assert_eq!(s[0].key.as_deref(), Some("old-key"));
     assert_eq!(s[1].key.as_deref(), Some("new-key"));
     assert!(retired(&relay));
