@@ -572,4 +572,17 @@ fn reconciliation_matches_soniox_usage_logs_stream_by_stream() {
         metrics.contains("clio_relay_usage_drift_seconds{account=\"a\"} 0"),
         "{metrics}"
     );
+
+    // Soniox's REST API failing: the last comparison stands (with its
+    // time), not an empty one that would read as "no drift, nothing matched".
+    fake.set_rest_status(Some(503));
+    let failed_reads = || {
+        fake.rest_calls()
+            .iter()
+            .filter(|c| c.path == "/v1/usage-logs" && c.status == 503)
+            .count()
+    };
+    assert!(wait_until(Duration::from_secs(10), || failed_reads() >= 3));
+    let after = report();
+    assert_eq!(after["a"], r["a"], "{after}");
 }

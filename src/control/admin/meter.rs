@@ -456,7 +456,7 @@ pub(super) async fn reconcile(admin: &Admin) {
         .iter()
         .map(|e| (e.state.id.clone(), e.state.pool.clone(), e.current.clone()))
         .collect();
-    for (id, pool, key) in targets {
+    'accounts: for (id, pool, key) in targets {
         // Each account's usage logs live on its own pool's REST API.
         let Some(rest) = admin.rest_for(&pool) else {
             continue;
@@ -469,17 +469,25 @@ pub(super) async fn reconcile(admin: &Admin) {
         for _page in 0..10 {
             let path = match &cursor {
                 None => "/v1/usage-logs?limit=1000".to_string(),
-                Some(c) => format!("/v1/usage-logs?limit=1000&cursor={c}"),
+                Some(c) => format!(
+                    "/v1/usage-logs?limit=1000&cursor={}",
+                    percent_encoding::utf8_percent_encode(c, percent_encoding::NON_ALPHANUMERIC)
+                ),
             };
-            let Ok((200, body)) = rest
+            // A page that cannot be read leaves the last whole comparison
+            // standing (its `at` says when): an empty or partial one would
+            // read as "nothing matched" or as a drift that is not there.
+            let page = rest
                 .get(&path, &key, std::time::Duration::from_secs(10))
-                .await
-            else {
-                tracing::debug!(account = %id, "usage logs not readable; reconciliation skipped");
-                break;
+                .await;
+            let v = match &page {
+                Ok((200, body)) => serde_json::from_slice::<serde_json::Value>(body).ok(),
+                _ => None,
             };
-            let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) else {
-                break;
+            let Some(v) = v else {
+                let status = page.as_ref().map(|(s, _)| *s).ok();
+                tracing::warn!(account = %id, status, "Soniox's usage logs could not be read; the last reconciliation stands");
+                continue 'accounts;
             };
             for log in v["logs"].as_array().into_iter().flatten() {
                 let theirs = log["audio_duration_ms"].as_u64().unwrap_or(0);
