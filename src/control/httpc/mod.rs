@@ -391,7 +391,7 @@ impl Retry {
     }
 
     /// The wait after try `n` (1-based), or the server's `Retry-After`
-    /// seconds if longer.
+    /// if longer: delta-seconds or an HTTP-date (RFC 9110 §10.2.3).
     pub fn wait_after(&self, n: u32, outcome: &Result<Response, Error>) -> Duration {
         let backoff = self
             .first_wait
@@ -400,8 +400,15 @@ impl Retry {
             .as_ref()
             .ok()
             .and_then(|r| r.header("retry-after"))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs)
+            .and_then(|v| {
+                let v = v.trim();
+                match v.parse::<u64>() {
+                    Ok(secs) => Some(Duration::from_secs(secs)),
+                    Err(_) => httpdate::parse_http_date(v)
+                        .ok()
+                        .and_then(|at| at.duration_since(std::time::SystemTime::now()).ok()),
+                }
+            })
             .unwrap_or_default();
         backoff.max(asked)
     }

@@ -231,6 +231,32 @@ fn retries_on_5xx_and_connection_errors_then_succeeds() {
     assert_eq!(count.load(Ordering::SeqCst), 3);
 }
 
+/// `Retry-After` is delta-seconds or an HTTP-date (RFC 9110 §10.2.3);
+/// either, when longer than the backoff, is the wait.
+#[test]
+fn retry_after_is_seconds_or_a_date() {
+    let answer = |value: &str| -> Result<Response, Error> {
+        Ok(Response {
+            status: 503,
+            reason: "Service Unavailable".into(),
+            headers: vec![("Retry-After".into(), value.into())],
+            body: Vec::new(),
+        })
+    };
+    let policy = Retry::WEBHOOK;
+    let backoff = policy.first_wait;
+    assert_eq!(policy.wait_after(1, &answer("7")), Duration::from_secs(7));
+    let in_100s = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(100));
+    let wait = policy.wait_after(1, &answer(&in_100s));
+    assert!(
+        (Duration::from_secs(95)..=Duration::from_secs(100)).contains(&wait),
+        "{in_100s}: {wait:?}"
+    );
+    let past = httpdate::fmt_http_date(std::time::SystemTime::now() - Duration::from_secs(100));
+    assert_eq!(policy.wait_after(1, &answer(&past)), backoff);
+    assert_eq!(policy.wait_after(1, &answer("soon")), backoff);
+}
+
 #[test]
 fn retries_stop_at_the_attempt_bound_and_skip_4xx() {
     let (busy, busy_count) = server(|_, _, conn| {
