@@ -130,6 +130,8 @@ pub struct ClientRequest {
     /// The session token found on the request, and where. The token is a
     /// credential: never log it.
     pub token: Option<(String, TokenSource)>,
+    /// What is wrong with the request's `Host`, if anything ([`host_fault`]).
+    pub host_fault: Option<&'static str>,
     /// What the 101 answer depends on.
     upgrade: Upgrade,
 }
@@ -235,8 +237,30 @@ pub fn parse_client_request(head: &[u8]) -> Result<ClientRequest, HeadError> {
         head: method == "HEAD",
         path: path.to_string(),
         token,
+        host_fault: host_fault(req.headers, up.http11),
         upgrade: up,
     })
+}
+
+/// What is wrong with a request's `Host`, if anything (RFC 9112 §3.2: a
+/// server answers 400): an HTTP/1.1 request carries exactly one, and its
+/// value is a host with an optional port, or empty; HTTP/1.0 may leave it
+/// out.
+pub fn host_fault(headers: &[httparse::Header<'_>], http11: bool) -> Option<&'static str> {
+    let mut hosts = headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("host"));
+    match (hosts.next(), hosts.next()) {
+        (None, _) if http11 => Some("an HTTP/1.1 request needs a Host header"),
+        (None, _) => None,
+        (Some(_), Some(_)) => Some("more than one Host header"),
+        // RFC 3986's reg-name, IP literal or address, and `:port`.
+        (Some(h), None) => (!h
+            .value
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:[]%".contains(&b)))
+        .then_some("the Host header names no host"),
+    }
 }
 
 /// `value` as text if it is visible ASCII (or tabs and spaces), as an HTTP

@@ -208,3 +208,56 @@ fn a_percent_encoded_query_token_is_decoded() {
     let (answer, _) = stream_with_head(relay.addr(), &head);
     assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
 }
+
+/// RFC 9112 §3.2: an HTTP/1.1 request without a `Host`, with more than
+/// one, or with one that names no host gets 400, on both ports; HTTP/1.0
+/// may leave it out.
+#[test]
+fn a_request_needs_exactly_one_host() {
+    let fake = fake(&["key-a"], |_| {});
+    let relay = Relay::start(relay_config(&fake.url(), &[("acct-a", "key-a")]));
+    let token = relay.token("dev-1");
+    let upgrade = |hosts: &str| {
+        format!(
+            "GET /v1/transcribe HTTP/1.1\r\n{hosts}Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\nAuthorization: Bearer {token}\r\n\r\n"
+        )
+    };
+    for hosts in [
+        "",
+        "Host: a.example\r\nHost: b.example\r\n",
+        "Host: a.example/v1\r\n",
+        "Host: a example\r\n",
+    ] {
+        let (answer, _) = send_raw(relay.addr(), upgrade(hosts).as_bytes(), b"");
+        assert!(answer.starts_with("HTTP/1.1 400"), "{hosts:?}: {answer}");
+        assert!(answer.contains("Host"), "{hosts:?}: {answer}");
+        assert!(!answer.contains(&token), "{answer}");
+        let admin = format!("GET /healthz HTTP/1.1\r\n{hosts}\r\n");
+        let (answer, _) = send_raw(relay.handle.admin_addr, admin.as_bytes(), b"");
+        assert!(
+            answer.starts_with("HTTP/1.1 400"),
+            "admin {hosts:?}: {answer}"
+        );
+    }
+    // What a request may carry: a name, an address, a port, an empty value.
+    for hosts in [
+        "Host: relay.example\r\n",
+        "Host: 127.0.0.1:8080\r\n",
+        "Host: [::1]:8080\r\n",
+        "host: Relay.Example\r\n",
+    ] {
+        let (answer, _) = send_raw(relay.addr(), upgrade(hosts).as_bytes(), b"");
+        assert!(answer.starts_with("HTTP/1.1 101"), "{hosts:?}: {answer}");
+    }
+    for (port, head) in [
+        (relay.addr(), "GET /healthz HTTP/1.0\r\n\r\n"),
+        (relay.handle.admin_addr, "GET /healthz HTTP/1.0\r\n\r\n"),
+        (
+            relay.handle.admin_addr,
+            "GET /healthz HTTP/1.1\r\nHost:\r\n\r\n",
+        ),
+    ] {
+        let (answer, _) = send_raw(port, head.as_bytes(), b"");
+        assert!(answer.contains(" 200 "), "{head:?}: {answer}");
+    }
+}

@@ -108,6 +108,9 @@ async fn read_request(conn: &Duplex, buf: &mut Buf) -> Result<usize, (u16, &'sta
     if req.parse(head_bytes).is_err() {
         return Err((400, "malformed HTTP request"));
     }
+    if let Some(why) = http::host_fault(req.headers, req.version == Some(1)) {
+        return Err((400, why));
+    }
     let named = |name: &'static str| {
         req.headers
             .iter()

@@ -185,6 +185,12 @@ async fn handshake(
             bytes
         }
     };
+    if let Some(why) = req.host_fault {
+        let _ = client
+            .write_all(&answer(refuse(400, why, Side::Client)))
+            .await;
+        return None;
+    }
     match req.path.as_str() {
         "/v1/transcribe" if !req.get => {
             shard.metrics.stream_rejected(Side::Client, 405);
