@@ -587,3 +587,51 @@ fn a_key_that_cannot_go_in_a_header_is_refused() {
     );
     assert!(one_session(&relay).finished());
 }
+
+/// The runbook for a compromised key: disable the account, then rotate
+/// with no overlap. A raw-audio stream on it moves to another account (the
+/// disabled one takes no stream, whatever its key), unseen.
+#[test]
+fn a_pulled_key_of_a_disabled_account_moves_its_streams_to_another_account() {
+    let fake = fake(&["old-key", "new-key", "key-b"], |c| c.record_audio = true);
+    let relay = relay_with_admin(&fake, &[("a", "old-key"), ("b", "key-b")]);
+    // Either account may take the stream; the test follows the one that did.
+    let (mut live, _) = connect(relay.addr(), &relay.token("d1"), Via::Header).unwrap();
+    live.send(Message::text(config_message(None))).unwrap();
+    let frames = audio_frames(10, 1);
+    for f in &frames[..5] {
+        live.send(Message::binary(f.clone())).unwrap();
+    }
+    assert!(fake.wait_for(Duration::from_secs(10), |s| s.len() == 1
+        && s[0].audio_frames == 5));
+    let first_key = fake.sessions()[0].key.clone().unwrap();
+    let (id, other) = if first_key == "old-key" {
+        ("a", "key-b")
+    } else {
+        ("b", "old-key")
+    };
+    let (status, _) = http(
+        relay.handle.admin_addr,
+        "POST",
+        &format!("/admin/accounts/{id}/disable"),
+        Some(ADMIN),
+        None,
+    );
+    assert_eq!(status, 200);
+    let (status, _) = http(
+        relay.handle.admin_addr,
+        "POST",
+        &format!("/admin/accounts/{id}/rotate"),
+        Some(ADMIN),
+        Some(r#"{"key":"new-key","overlap":"0s"}"#),
+    );
+    assert_eq!(status, 200);
+    assert!(fake.wait_for(Duration::from_secs(10), |s| s.len() == 2));
+    for f in &frames[5..] {
+        live.send(Message::binary(f.clone())).unwrap();
+    }
+    live.send(Message::binary(Vec::new())).unwrap();
+    let s = seen_as_one_stream(&fake, read_all(&mut live));
+    assert_eq!(s[1].key.as_deref(), Some(other), "{s:?}");
+    assert!(s[1].audio.ends_with(&frames[5..].concat()));
+}
