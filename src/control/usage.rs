@@ -17,6 +17,11 @@ pub mod store;
 
 /// How many ended streams are remembered for reconciliation.
 pub const RECENT_STREAMS: usize = 100_000;
+/// The longest `client_reference_id` Soniox takes, in characters: a longer
+/// one (the client's own) is in no usage log, so it is not remembered.
+/// That bounds what [`RECENT_STREAMS`] holds at about 200 MB (twice 1 KiB
+/// of UTF-8 each), where the first message's 64 KiB would allow 13 GB.
+pub const MAX_REFERENCE_CHARS: usize = 256;
 /// How many days of daily counters are kept.
 pub const KEEP_DAYS: u64 = 400;
 
@@ -67,6 +72,9 @@ impl UsageBook {
                 .or_default()
                 .add(r);
             self.days.insert(r.day);
+            if r.reference_id.chars().nth(MAX_REFERENCE_CHARS).is_some() {
+                continue;
+            }
             if self.recent.len() == RECENT_STREAMS {
                 if let Some((id, _, _)) = self.recent.pop_front() {
                     // Unless a later stream reused the id.

@@ -94,6 +94,25 @@ fn rec(day: u64, account: &str, device: &str, id: &str, ms: u64) -> UsageRecord 
     }
 }
 
+/// A reference id longer than Soniox takes (256 characters) is not
+/// remembered: no usage log can carry it, and a client choosing one of
+/// 64 KiB for every stream would make the bound a matter of gigabytes. The
+/// stream is still counted.
+#[test]
+fn an_overlong_reference_id_is_counted_but_not_remembered() {
+    let mut b = UsageBook::default();
+    let longest = "é".repeat(256);
+    let over = "r".repeat(257);
+    b.add(&[
+        rec(10, "a", "d1", &longest, 5),
+        rec(10, "a", "d1", &over, 7),
+    ]);
+    assert_eq!(b.stream_audio_ms(&longest), Some(("a", 5)));
+    assert_eq!(b.stream_audio_ms(&over), None);
+    assert_eq!(b.recent.len(), 1);
+    assert_eq!(b.query(10, 10, GroupBy::Account)["a"].streams, 2);
+}
+
 /// The last `RECENT_STREAMS` streams answer by reference id, the oldest
 /// leave as new ones come, and a reused id answers with its latest stream
 /// until that one leaves.
