@@ -36,7 +36,7 @@ enum Command {
         #[arg(long)]
         join_client_port: bool,
     },
-    /// Validate the config file and print a summary; exit 1 with one line per problem.
+    /// Validate the config file and print a summary; exit 3 with one line per problem.
     CheckConfig,
     /// Print one session token for a device on stdout.
     MintToken {

@@ -55,6 +55,19 @@ fn subcommand_help_says_what_config_is() {
     }
     let t = text(&run(RELAY, &["--help"]));
     assert!(t.contains("with no command runs the relay"), "{t}");
+    // What it says check-config exits with is what it does.
+    assert!(t.contains("exit 3 with one line per problem"), "{t}");
+    let bad = std::env::temp_dir().join(format!("clio-relay-help-{}.toml", std::process::id()));
+    std::fs::write(
+        &bad,
+        "[server]
+listen = 7
+",
+    )
+    .unwrap();
+    let o = run(RELAY, &["check-config", "--config", bad.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    std::fs::remove_file(bad).ok();
 }
 
 #[test]
