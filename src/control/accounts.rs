@@ -400,6 +400,7 @@ impl Accounts {
     pub fn apply_config(
         &mut self,
         accounts: &[AccountConfig],
+        previous: &[AccountConfig],
         overlap: Duration,
         now: u64,
     ) -> Vec<String> {
@@ -417,12 +418,28 @@ impl Accounts {
             log.push(format!("removed {id}"));
         }
         for a in accounts {
+            let before = previous.iter().find(|p| p.id == a.id);
+            // In the last file, with its key, and not here: removed at
+            // runtime, which wins over the file.
+            if self.get(&a.id).is_none() && before.is_some_and(|p| p.has_key()) {
+                log.push(format!("kept removed {} (removed at runtime)", a.id));
+                continue;
+            }
             // An account moved to another pool is a new account there: its
             // live streams finish where they are, new ones go to the new pool.
+            // A pool the running relay does not have needs a restart: the
+            // account stays where it is meanwhile.
             if self
                 .get(&a.id)
                 .is_some_and(|e| e.source == Source::Config && e.state.pool != a.pool)
             {
+                if !self.pools.contains(&a.pool) {
+                    log.push(format!(
+                        "not moved {} to pool {}: a new [pool.NAME] needs a restart",
+                        a.id, a.pool
+                    ));
+                    continue;
+                }
                 let _ = self.remove(&a.id);
                 log.push(format!("moved {} to pool {}", a.id, a.pool));
             }
@@ -447,9 +464,17 @@ impl Accounts {
             }
             let st = &self.entries[i].state;
             *st.region.lock().unwrap_or_else(|e| e.into_inner()) = a.region.clone();
-            st.enabled.store(a.enabled, Ordering::Relaxed);
-            st.max_concurrent
-                .store(a.max_concurrent_streams, Ordering::Relaxed);
+            // A flag that differs from the last file's was set at runtime,
+            // and runtime wins; one that does not follows the file.
+            if before.is_none_or(|p| p.enabled == st.enabled.load(Ordering::Relaxed)) {
+                st.enabled.store(a.enabled, Ordering::Relaxed);
+            }
+            if before.is_none_or(|p| {
+                p.max_concurrent_streams == st.max_concurrent.load(Ordering::Relaxed)
+            }) {
+                st.max_concurrent
+                    .store(a.max_concurrent_streams, Ordering::Relaxed);
+            }
             if self.entries[i].current.key != a.key {
                 let _ = self.rotate(&a.id, a.key.clone(), overlap, now);
                 self.entries[i].source = Source::Config;

@@ -174,3 +174,63 @@ fn reload_rotates_token_secrets_and_limits() {
     relay.handle.reload(&cfg).unwrap();
     assert!(connect(relay.addr(), &old_token, Via::Header).is_err());
 }
+
+/// README: "Accounts changed through the admin API keep those changes:
+/// runtime wins." A reload of an unchanged file kept none of them: a
+/// disabled account (the compromised-key runbook's first step) came back
+/// enabled, a limit went back to the file's, a removed account returned.
+/// What the file itself changes still applies.
+#[test]
+fn a_reload_keeps_what_the_admin_api_changed_on_file_accounts() {
+    let fake = fake(&["k1", "k2", "k3"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1"), ("b", "k2"), ("c", "k3")]);
+    cfg.admin.token = Some(Secret::new(ADMIN));
+    let relay = Relay::start(cfg);
+    let admin = relay.handle.admin_addr;
+    for (method, path, body) in [
+        ("POST", "/admin/accounts/a/disable", None),
+        (
+            "POST",
+            "/admin/accounts/b/limit",
+            Some(r#"{"max_concurrent_streams":3}"#),
+        ),
+        ("DELETE", "/admin/accounts/c", None),
+    ] {
+        let (status, answer) = http(admin, method, path, Some(ADMIN), body);
+        assert_eq!(status, 200, "{method} {path}: {answer}");
+    }
+    let accounts = || -> serde_json::Value {
+        let (_, body) = http(admin, "GET", "/admin/accounts", Some(ADMIN), None);
+        let list: serde_json::Value = serde_json::from_str(&body).unwrap();
+        list["accounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| {
+                (
+                    a["id"].as_str().unwrap().to_string(),
+                    serde_json::json!([a["enabled"], a["max_concurrent_streams"]]),
+                )
+            })
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    };
+    let before = accounts();
+    assert_eq!(before["a"][0], false, "{before}");
+    let mut file = relay.cfg.clone();
+    let log = relay.handle.reload(&file).unwrap();
+    assert_eq!(accounts(), before, "{log:?}");
+    // The file's own change to `a`'s limit applies; its runtime flag stays.
+    file.accounts[0].max_concurrent_streams = 7;
+    relay.handle.reload(&file).unwrap();
+    let after = accounts();
+    assert_eq!(after["a"], serde_json::json!([false, 7]), "{after}");
+    assert_eq!(after["b"][1], 3, "{after}");
+    assert!(after.get("c").is_none(), "{after}");
+    // A move to a pool the running relay does not have waits for a
+    // restart: the account stays where it is, not removed.
+    file.accounts[1].pool = "eu".into();
+    let log = relay.handle.reload(&file).unwrap();
+    assert!(log.iter().any(|l| l.contains("not moved b")), "{log:?}");
+    assert_eq!(accounts(), after, "{log:?}");
+}
