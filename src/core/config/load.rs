@@ -827,13 +827,20 @@ fn resolve_secret(
                 }
             }
         }
-        (None, Some(path)) => {
-            let path = base.join(path);
-            // The io::Error never quotes file contents, so it is safe to show.
+        (None, Some(written)) => {
+            let path = base.join(&written);
+            // The io::Error never quotes file contents, so it is safe to
+            // show; the path is shown when it looks like one, since a key
+            // pasted where its file's name belongs is never found.
             let bytes = match std::fs::read(&path) {
                 Ok(b) => b,
                 Err(e) => {
-                    p.push(section, format!("{file_key} {}: {e}", path.display()));
+                    let shown = if shown_file_name(&written) {
+                        format!("{file_key} {}", path.display())
+                    } else {
+                        format!("the file named by {file_key} (not shown in case it is a secret)")
+                    };
+                    p.push(section, format!("{shown}: {e}"));
                     return None;
                 }
             };
@@ -862,6 +869,14 @@ fn valid_env_name(name: &str) -> bool {
     let mut bytes = name.bytes();
     matches!(bytes.next(), Some(b) if b.is_ascii_alphabetic() || b == b'_')
         && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// Whether a file name as written is safe to print: it has a directory or
+/// an extension, or is too short to be a key. A long bare token might be a
+/// key pasted in by mistake.
+fn shown_file_name(written: &Path) -> bool {
+    let text = written.to_string_lossy();
+    text.contains(['/', '.']) || text.len() < 20
 }
 
 /// Whether an env var name is safe to print: the conventional upper-case

@@ -716,6 +716,33 @@ fn a_key_pasted_as_env_name_is_not_echoed() {
     }
 }
 
+/// The same mistake with a `*_file` key: the file is not found, and the
+/// message names the key, not the value. A path that looks like one
+/// (`secrets/k1`, `prod.key`, a short name) is still shown.
+#[test]
+fn a_key_pasted_as_file_name_is_not_echoed() {
+    let (tok, _, _) = env("PASTEF");
+    for pasted in [
+        "sk-live-0123456789abcdef",
+        "a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718",
+    ] {
+        let text = format!(
+            "[tokens]\nsecret_env = \"{tok}\"\n[[account]]\nid = \"a\"\nkey_file = \"{pasted}\"\n"
+        );
+        let p = problems(&text);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(!p[0].contains(pasted), "{p:?}");
+        assert!(p[0].contains("key_file"), "{p:?}");
+    }
+    for path in ["secrets/k1", "prod-3.key", "k1"] {
+        let text = format!(
+            "[tokens]\nsecret_env = \"{tok}\"\n[[account]]\nid = \"a\"\nkey_file = \"{path}\"\n"
+        );
+        let p = problems(&text);
+        assert!(p[0].contains(path), "{p:?}");
+    }
+}
+
 #[test]
 fn a_disabled_account_does_not_need_its_key() {
     let (tok, a, _) = env("DISKEY");
