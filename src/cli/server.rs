@@ -442,6 +442,14 @@ impl RelayHandle {
     }
 
     fn stop_all(&mut self) {
+        // The streams have ended (drained or not); their usage records are
+        // still in the shards: into the ledger (and the fleet's) first.
+        if self.admin.is_some() {
+            let (tx, rx) = std::sync::mpsc::channel();
+            if self.admin_tx.try_send(AdminMsg::Flush(tx)).is_ok() {
+                let _ = rx.recv_timeout(std::time::Duration::from_secs(5));
+            }
+        }
         for s in &self.shards {
             let _ = s.tx.try_send(ShardMsg::Stop);
         }

@@ -482,6 +482,23 @@ fn usage_survives_a_restart() {
     std::fs::remove_dir_all(&cfg.admin.state_dir).ok();
 }
 
+/// A stream that ends just before a normal stop (a drain's last streams)
+/// is in the ledger when the process is gone: the stop takes the shards'
+/// last records and saves, not waiting for the next persist.
+#[test]
+fn usage_of_the_last_streams_is_saved_at_a_stop() {
+    let fake = fake(&["k1"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.admin.token = Some(Secret::new(ADMIN));
+    cfg.usage.persist_interval = Duration::from_secs(3600);
+    let relay = Relay::start(cfg.clone());
+    let (mut ws, _) = connect(relay.addr(), &relay.token("phone"), Via::Header).unwrap();
+    assert!(stream_session(&mut ws, &config_message(None), &audio_frames(10, 1)).finished());
+    drop(relay);
+    assert_eq!(streams_on_disk(&cfg.admin.state_dir), 1);
+    std::fs::remove_dir_all(&cfg.admin.state_dir).ok();
+}
+
 /// An older relay's `usage.json` is taken into the database at start, with
 /// the same figures, and new streams add to it.
 #[test]

@@ -207,6 +207,10 @@ pub enum AdminMsg {
     /// Answer (with "admin"), to show the admin thread's event loop turns:
     /// the watchdog's liveness check.
     Ping(std::sync::mpsc::Sender<String>),
+    /// Take the shards' usage records into the ledger (and the fleet's)
+    /// and save it now, then answer: the stop's last step before the
+    /// shards end, so the last streams' usage is not lost with them.
+    Flush(std::sync::mpsc::Sender<()>),
 }
 
 fn token_check(token: Option<&Secret>) -> Option<(ring::hmac::Key, ring::hmac::Tag)> {

@@ -95,6 +95,11 @@ pub(super) async fn messages(admin: &Admin, inbox: async_channel::Receiver<Admin
             AdminMsg::Ping(reply) => {
                 let _ = reply.send("admin".into());
             }
+            AdminMsg::Flush(reply) => {
+                meter::take_usage(admin).await;
+                save_usage(admin, false);
+                let _ = reply.send(());
+            }
         }
     }
     futures_lite::future::pending::<()>().await;
