@@ -448,6 +448,20 @@ fn seen_as_one_stream(
     fake.sessions()
 }
 
+/// A raw-audio stream with its config and the first half of `frames` sent
+/// and seen upstream, on one session.
+fn half_a_raw_stream(relay: &Relay, fake: &fake_soniox::FakeSoniox, frames: &[Vec<u8>]) -> Ws {
+    let (mut live, _) = connect(relay.addr(), &relay.token("d1"), Via::Header).unwrap();
+    live.send(Message::text(config_message(None))).unwrap();
+    let half = frames.len() / 2;
+    for f in &frames[..half] {
+        live.send(Message::binary(f.clone())).unwrap();
+    }
+    assert!(fake.wait_for(Duration::from_secs(10), |s| s.len() == 1
+        && s[0].audio_frames == half as u64));
+    live
+}
+
 fn retired(relay: &Relay) -> bool {
     wait_until(Duration::from_secs(5), || {
         accounts_json(relay)["accounts"][0]["retiring_keys"]
@@ -461,14 +475,8 @@ fn retired(relay: &Relay) -> bool {
 fn raw_audio_on_a_key_whose_overlap_ends_moves_to_the_new_key_unseen() {
     let fake = fake(&["old-key", "new-key"], |c| c.record_audio = true);
     let relay = relay_with_admin(&fake, &[("a", "old-key")]);
-    let (mut live, _) = connect(relay.addr(), &relay.token("d1"), Via::Header).unwrap();
-    live.send(Message::text(config_message(None))).unwrap();
     let frames = audio_frames(10, 1);
-    for f in &frames[..5] {
-        live.send(Message::binary(f.clone())).unwrap();
-    }
-    assert!(fake.wait_for(Duration::from_secs(10), |s| s.len() == 1
-        && s[0].audio_frames == 5));
+    let mut live = half_a_raw_stream(&relay, &fake, &frames);
     rotate_to_new_key(&relay, "1s");
     // After the overlap the stream is resumed on a connection with the
     // new key; the client sees nothing of it.
@@ -596,14 +604,8 @@ fn a_pulled_key_of_a_disabled_account_moves_its_streams_to_another_account() {
     let fake = fake(&["old-key", "new-key", "key-b"], |c| c.record_audio = true);
     let relay = relay_with_admin(&fake, &[("a", "old-key"), ("b", "key-b")]);
     // Either account may take the stream; the test follows the one that did.
-    let (mut live, _) = connect(relay.addr(), &relay.token("d1"), Via::Header).unwrap();
-    live.send(Message::text(config_message(None))).unwrap();
     let frames = audio_frames(10, 1);
-    for f in &frames[..5] {
-        live.send(Message::binary(f.clone())).unwrap();
-    }
-    assert!(fake.wait_for(Duration::from_secs(10), |s| s.len() == 1
-        && s[0].audio_frames == 5));
+    let mut live = half_a_raw_stream(&relay, &fake, &frames);
     let first_key = fake.sessions()[0].key.clone().unwrap();
     let (id, other) = if first_key == "old-key" {
         ("a", "key-b")

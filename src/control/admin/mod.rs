@@ -369,12 +369,12 @@ impl Admin {
             &cfg.accounts,
             now,
         );
-        let previous = self.accounts.configs.borrow().clone();
-        let mut log =
-            self.accounts
-                .set
-                .borrow_mut()
-                .apply_config(&cfg.accounts, &previous, overlap, now);
+        let mut log = self.accounts.set.borrow_mut().apply_config(
+            &cfg.accounts,
+            &self.accounts.configs.borrow(),
+            overlap,
+            now,
+        );
         self.publish();
         let settings = Settings {
             limits: cfg.limits.clone(),
