@@ -150,6 +150,13 @@ impl DeviceState {
         )
     }
 
+    /// The fleet's audio on `day` as far as this process knows: the total
+    /// the shared store last gave, plus what this process streamed since.
+    pub fn known_fleet_audio(&self, day: u64) -> u64 {
+        self.roll(day);
+        self.audio_ms_on(day)
+    }
+
     /// The shared store has `local` of this process's audio on `day`, and
     /// `total` from the whole fleet.
     pub fn set_fleet_audio(&self, day: u64, local: u64, total: u64) {
@@ -325,11 +332,16 @@ impl Devices {
     }
 
     /// Devices whose audio the shared store should hear about: a live
-    /// stream, or audio it does not have yet.
-    pub fn fleet_audio_pending(&self, day: u64) -> Vec<(String, Arc<DeviceState>)> {
+    /// stream, or audio it does not have yet; with `all`, every device with
+    /// audio on `day` (the store lost its totals).
+    pub fn fleet_audio_pending(&self, day: u64, all: bool) -> Vec<(String, Arc<DeviceState>)> {
         self.map
             .iter()
-            .filter(|e| e.live.load(Ordering::Relaxed) > 0 || e.unreported_audio(day).1 > 0)
+            .filter(|e| {
+                e.live.load(Ordering::Relaxed) > 0
+                    || e.unreported_audio(day).1 > 0
+                    || (all && e.known_fleet_audio(day) > 0)
+            })
             .map(|e| (e.key().clone(), Arc::clone(e.value())))
             .collect()
     }
@@ -675,7 +687,7 @@ mod tests {
         drop(p);
         d.sweep(now, true);
         assert_eq!(d.tracked(), 1, "unsent audio");
-        let pending = d.fleet_audio_pending(utc_day(now));
+        let pending = d.fleet_audio_pending(utc_day(now), false);
         assert_eq!(pending.len(), 1);
         pending[0].1.set_fleet_audio(utc_day(now), 5_000, 5_000);
         drop(pending);

@@ -14,6 +14,7 @@ mod haproxy;
 mod leases;
 mod limits;
 mod links;
+mod loss;
 mod outage;
 mod pools;
 mod process;

@@ -121,5 +121,10 @@ fn refuse_mode_answers_503_while_redis_is_down() {
     assert!(metrics(&r).contains("clio_relay_cluster_stream_opens_total{decided_by=\"refused\"} 1"));
     redis.restart();
     assert!(wait_until(Duration::from_secs(15), || up(&r)));
-    assert!(try_stream(&r, "phone").finished());
+    // Redis came back empty: opens are refused until the three nodes have
+    // registered again (see loss.rs), then decided by Redis.
+    assert!(wait_until(Duration::from_secs(15), || try_stream(
+        &r, "phone"
+    )
+    .finished()));
 }

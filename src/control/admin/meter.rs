@@ -323,10 +323,10 @@ pub(super) async fn revocations(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
                 )
                 .await;
             if let Err(e) = shared {
-                tracing::error!(error = %e, "revocation applied on this node only");
+                tracing::error!(error = %e, "revocation applied on this node; the fleet gets it when the cluster store answers again");
                 return http::json_error(
                     503,
-                    &format!("applied on this node only, not fleet-wide: {e}"),
+                    &format!("applied on this node, not yet fleet-wide ({e}); sent when the cluster store answers again"),
                 );
             }
         }

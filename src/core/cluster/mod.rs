@@ -223,6 +223,9 @@ pub enum OpenAnswer {
     NoAccount,
     /// Redis did not answer in time: follow `on_store_down`.
     Down,
+    /// The store is settling after a loss (every node registering its
+    /// counts again): decide as when it is down.
+    Settling,
 }
 
 /// Counters for `/metrics`.
@@ -567,7 +570,7 @@ impl Fleet {
                 self.note_open(t0);
                 Err(FleetRefusal::NoAccount)
             }
-            OpenAnswer::Down => self.admit_local(devices, claims, limits),
+            OpenAnswer::Down | OpenAnswer::Settling => self.admit_local(devices, claims, limits),
         }
     }
 
@@ -627,7 +630,7 @@ impl Fleet {
                 l.fleet = taken.account;
                 Some(l)
             }
-            (OpenAnswer::Down, _) => self.pick_local(ring, tried, pools),
+            (OpenAnswer::Down | OpenAnswer::Settling, _) => self.pick_local(ring, tried, pools),
             _ => None,
         }
     }

@@ -9,7 +9,7 @@
 //! | `clio:n:<node>:dev` | hash | device id → live streams on that node |
 //! | `clio:n:<node>:acct` | hash | account id → live streams on that node |
 //! | `clio:rev:dev`, `clio:rev:tok` | sets | revoked device ids, token ids |
-//! | `clio:ver` | hash | `rev`, `acct`: bumped on every change |
+//! | `clio:ver` | hash | `rev`, `acct`: bumped on every change; `epoch`: names this copy of the data (new after a loss); `settle`, `settle_nodes`: after a loss, until when (ms, Redis clock) stream opens wait for that many nodes to register again |
 //! | `clio:ends` | stream | "end the live streams of …" requests |
 //! | `clio:rate:<device>` | hash | new-stream token bucket (`t`, `ts`) |
 //! | `clio:audio:<day>` | hash | device id → audio ms streamed that UTC day |
@@ -99,6 +99,7 @@ pub fn open_answer(v: &Value) -> OpenAnswer {
     let a = items(v);
     match (a.first().map(text).as_deref(), a.get(1)) {
         (Some("ok"), Some(i)) => OpenAnswer::Ok(usize::try_from(int(i)).ok()),
+        (Some("settling"), None) => OpenAnswer::Settling,
         (Some("refused"), Some(l)) if text(l) == "no_account" => OpenAnswer::NoAccount,
         (Some("refused"), Some(l)) => {
             let l = text(l);
@@ -115,7 +116,9 @@ pub fn open_answer(v: &Value) -> OpenAnswer {
 
 /// Stream open: revocation, daily audio, the device's live streams, the
 /// account with the most fleet-wide headroom among the candidates, the
-/// new-stream rate; then counts the stream for this node.
+/// new-stream rate; then counts the stream for this node. While the store
+/// settles after a loss (see [`RESEED`]) it answers `{"settling"}`: the
+/// node decides by its share, as when the store is down.
 ///
 /// ARGV: node, device, token id, max concurrent (0 = none), streams per
 /// minute (0 = none), audio cap ms (0 = none), UTC day, lease ttl ms, then
@@ -136,6 +139,10 @@ end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local nodes = redis.call('ZRANGEBYSCORE', 'clio:nodes', now, '+inf')
+local settle = redis.call('HMGET', 'clio:ver', 'settle', 'settle_nodes')
+if tonumber(settle[1] or '0') > now and #nodes < tonumber(settle[2] or '0') then
+  return {'settling'}
+end
 local function live(kind, id)
   local n = 0
   for _, name in ipairs(nodes) do
@@ -175,6 +182,80 @@ if best >= 0 then
   redis.call('PEXPIRE', ha, ttl)
 end
 return {'ok', best}
+"#;
+
+/// Names the store's copy of the data, and puts back what a loss took.
+///
+/// A store that lost its data (restarted empty, `FLUSHALL`) has no epoch;
+/// the first node to see that starts a new one. A store that went back to
+/// an older copy (restarted from an old snapshot) has versions lower than
+/// a node has seen. Either way each node offers what it knows: its
+/// revocations and account set are written back when their version is
+/// newer than the store's (so the newest known state wins, and a node that
+/// knows less changes nothing), and when the node asks for it, stream
+/// opens are answered `settling` for up to `settle` ms, until as many
+/// nodes as it knew before have registered their counts again.
+///
+/// ARGV: new epoch, settle ms (0: none), nodes known before, revocation
+/// version (-1: offer none), account version (-1: none), sealed account
+/// set, number of revoked devices, the devices, then the revoked token
+/// ids. Returns `{epoch, rev version, account version, settle ms left}`.
+pub const RESEED: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local epoch = redis.call('HGET', 'clio:ver', 'epoch')
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('HSET', 'clio:ver', 'epoch', epoch)
+end
+local settle, known = tonumber(ARGV[2]), tonumber(ARGV[3])
+if settle > 0 then
+  local s = redis.call('HMGET', 'clio:ver', 'settle', 'settle_nodes')
+  local till, need = tonumber(s[1] or '0'), tonumber(s[2] or '0')
+  if till <= now then need = 0 end
+  redis.call('HSET', 'clio:ver', 'settle', math.max(till, now + settle),
+    'settle_nodes', math.max(need, known))
+end
+local rev = tonumber(redis.call('HGET', 'clio:ver', 'rev') or '0')
+local mine = tonumber(ARGV[4])
+if mine > rev then
+  redis.call('DEL', 'clio:rev:dev', 'clio:rev:tok')
+  local nd = tonumber(ARGV[7])
+  for i = 8, 7 + nd do redis.call('SADD', 'clio:rev:dev', ARGV[i]) end
+  for i = 8 + nd, #ARGV do redis.call('SADD', 'clio:rev:tok', ARGV[i]) end
+  redis.call('HSET', 'clio:ver', 'rev', mine)
+  rev = mine
+end
+local acct = tonumber(redis.call('HGET', 'clio:ver', 'acct') or '0')
+mine = tonumber(ARGV[5])
+if mine > acct and ARGV[6] ~= '' then
+  redis.call('SET', 'clio:accounts', ARGV[6])
+  redis.call('HSET', 'clio:ver', 'acct', mine)
+  acct = mine
+end
+local left = tonumber(redis.call('HGET', 'clio:ver', 'settle') or '0') - now
+return {epoch, rev, acct, math.max(left, 0)}
+"#;
+
+/// Adds each device's new audio to the fleet's daily total, which never
+/// falls below what the node last knew plus that audio (a store that lost
+/// the total, or went back to an older one, gets it back). ARGV: UTC day,
+/// then (device, new audio ms, known fleet total ms with it) triples.
+/// Returns each device's total.
+pub const AUDIO: &str = r#"
+local key = 'clio:audio:' .. ARGV[1]
+local out = {}
+for i = 2, #ARGV, 3 do
+  local n = redis.call('HINCRBY', key, ARGV[i], ARGV[i + 1])
+  local floor = tonumber(ARGV[i + 2])
+  if n < floor then
+    redis.call('HSET', key, ARGV[i], floor)
+    n = floor
+  end
+  out[#out + 1] = n
+end
+redis.call('EXPIRE', key, 2 * 86400)
+return out
 "#;
 
 /// Streams ended (or holds given back): this node's counts change. One

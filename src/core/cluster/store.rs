@@ -85,8 +85,14 @@ pub fn start(
         last_try: None,
         rev_ver: None,
         acct_ver: None,
+        epoch: None,
+        acct_blob: None,
+        settle_until: None,
+        unshared: Vec::new(),
+        audio_all: false,
         ends_id: None,
         failed_logged: false,
+        rejoining: false,
         usage: usage::Pending::new(),
         usage_sent: None,
         usage_seq: 0,
@@ -106,6 +112,8 @@ struct Scripts {
     register: redis::Script,
     nodes: redis::Script,
     usage: redis::Script,
+    reseed: redis::Script,
+    audio: redis::Script,
 }
 
 impl Scripts {
@@ -117,6 +125,8 @@ impl Scripts {
             register: redis::Script::new(scripts::REGISTER),
             nodes: redis::Script::new(scripts::NODES),
             usage: redis::Script::new(scripts::USAGE),
+            reseed: redis::Script::new(scripts::RESEED),
+            audio: redis::Script::new(scripts::AUDIO),
         }
     }
 }
@@ -126,8 +136,10 @@ enum Pending {
     Open(super::OpenJob),
     Adjust,
     Reply(async_channel::Sender<Result<(), ClusterError>>),
-    /// The account version after a publish.
-    AccountVersion,
+    /// A revocation change's version bump, and who asked.
+    Revoked(Revocation, async_channel::Sender<Result<(), ClusterError>>),
+    /// The account version after a publish of this sealed set.
+    AccountVersion(Vec<u8>),
 }
 
 struct Worker {
@@ -145,8 +157,23 @@ struct Worker {
     last_try: Option<Instant>,
     rev_ver: Option<i64>,
     acct_ver: Option<i64>,
+    /// The store's epoch when last seen (see [`scripts::RESEED`]).
+    epoch: Option<String>,
+    /// The sealed account set of version `acct_ver`, offered back to a
+    /// store that lost it.
+    acct_blob: Option<Vec<u8>>,
+    /// Until when the store settles after a loss: this node decides by its
+    /// share, and keeps the node count it knew.
+    settle_until: Option<Instant>,
+    /// Revocation changes made here while the store was unreachable, sent
+    /// when it answers again.
+    unshared: Vec<Revocation>,
+    /// The next audio flush offers every device's total (after a loss).
+    audio_all: bool,
     ends_id: Option<String>,
     failed_logged: bool,
+    /// Going down to register again (not an outage: no ERROR line).
+    rejoining: bool,
     /// Usage not yet added to Redis.
     usage: usage::Pending,
     /// A usage batch sent but not answered: sent again, same id, until it is.
@@ -157,6 +184,42 @@ struct Worker {
     last_usage: Instant,
     /// When the holds given back must be sent (see [`super::RELEASE_DELAY`]).
     release_at: Option<Instant>,
+}
+
+/// A revocation change (see [`Job::Revoke`]).
+#[derive(Clone)]
+struct Revocation {
+    device: Option<String>,
+    token: Option<String>,
+    end_live: bool,
+    lift: bool,
+}
+
+impl Revocation {
+    /// Adds the change to `pipe`, its version bump last.
+    fn add_to(&self, pipe: &mut redis::Pipeline) {
+        let op = if self.lift { "SREM" } else { "SADD" };
+        if let Some(d) = &self.device {
+            pipe.cmd(op).arg("clio:rev:dev").arg(d).ignore();
+        }
+        if let Some(t) = &self.token {
+            pipe.cmd(op).arg("clio:rev:tok").arg(t).ignore();
+        }
+        if self.end_live && !self.lift {
+            pipe.cmd("XADD")
+                .arg("clio:ends")
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(1000)
+                .arg("*")
+                .arg("device")
+                .arg(self.device.as_deref().unwrap_or(""))
+                .arg("token")
+                .arg(self.token.as_deref().unwrap_or(""))
+                .ignore();
+        }
+        pipe.cmd("HINCRBY").arg("clio:ver").arg("rev").arg(1);
+    }
 }
 
 type UsageChunk = Vec<(
@@ -258,21 +321,153 @@ impl Worker {
     fn set_up(&mut self, up: bool) {
         let was = self.fleet.up.swap(up, Ordering::Relaxed);
         if was != up {
-            // While the store is down, each node takes its share of every
-            // account's limit.
-            let share = if up { 1 } else { self.fleet.nodes() };
-            for a in self.links.process.accounts() {
-                a.set_share(share);
-                if !up {
+            self.set_shares();
+            if !up {
+                for a in self.links.process.accounts() {
                     // Until the store answers a poll again: this node's own.
                     a.set_fleet_live(None);
                 }
             }
             if up {
                 tracing::info!(node = %self.fleet.node_id, nodes = self.fleet.nodes(), "cluster store reachable; counts registered");
-            } else {
+            } else if !self.rejoining {
                 tracing::error!(node = %self.fleet.node_id, on_store_down = ?self.fleet.on_store_down, "cluster store unreachable; live streams go on");
             }
+        }
+    }
+
+    /// While the store is down or settling, each node takes its share of
+    /// every account's limit; otherwise the whole limit is the fleet's.
+    fn set_shares(&self) {
+        let whole = self.fleet.store_up() && !self.settling();
+        let share = if whole { 1 } else { self.fleet.nodes() };
+        for a in self.links.process.accounts() {
+            a.set_share(share);
+        }
+    }
+
+    /// Whether the store is settling after a loss (see [`scripts::RESEED`]).
+    fn settling(&self) -> bool {
+        self.settle_until.is_some_and(|t| Instant::now() < t)
+    }
+
+    /// How long opens wait after a loss: long enough for every node to
+    /// see it (a poll) and register again (a reconnect), twice over.
+    fn settle_ms(&self) -> u64 {
+        2 * (POLL + self.reconnect_wait()).as_millis() as u64
+    }
+
+    /// The nodes with a current lease, as the store counts them. While it
+    /// settles the count only grows: nodes are registering again, and
+    /// until they have, the shares divide by the count known before.
+    fn set_nodes(&self, n: i64) {
+        let n = u32::try_from(n.max(1)).unwrap_or(u32::MAX);
+        if self.settling() {
+            self.fleet.nodes.fetch_max(n, Ordering::Relaxed);
+        } else {
+            self.fleet.nodes.store(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Compares the store's versions and epoch with what this node saw.
+    /// After a loss (the store lost its data, or went back to an older
+    /// copy) it offers back what it knows and flushes every device's audio
+    /// at the next flush. Returns the store's versions and whether there
+    /// was a loss; `None` if a call failed.
+    fn check_store(
+        &mut self,
+        rev: i64,
+        acct: i64,
+        epoch: Option<String>,
+    ) -> Option<(i64, i64, bool)> {
+        let loss = match &self.epoch {
+            None => None,
+            Some(e) if epoch.as_ref() != Some(e) => Some("lost its data"),
+            Some(_)
+                if self.rev_ver.is_some_and(|v| rev < v)
+                    || self.acct_ver.is_some_and(|v| acct < v) =>
+            {
+                Some("went back to an older copy of its data")
+            }
+            Some(_) => return Some((rev, acct, false)),
+        };
+        if let Some(what) = loss {
+            tracing::warn!(node = %self.fleet.node_id, "the cluster store {what}; this node registers its counts again and gives back the newer revocations, account set and audio totals it knows");
+            self.audio_all = true;
+        } else if epoch.is_some() {
+            // First sight of a store with an epoch.
+            self.epoch = epoch;
+            return Some((rev, acct, false));
+        }
+        let (rev, acct) = self.reseed(loss.is_some())?;
+        Some((rev, acct, loss.is_some()))
+    }
+
+    /// Tells the store its epoch (starting one if it has none); with
+    /// `offer`, gives it this node's revocations and account set where they
+    /// are newer than its own, and starts a settle period. The store's
+    /// versions after, or `None` if the call failed.
+    fn reseed(&mut self, offer: bool) -> Option<(i64, i64)> {
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let (devices, tokens) = if offer {
+            self.links.process.devices.revoked()
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        let mut inv = self.scripts.reseed.prepare_invoke();
+        inv.arg(format!("{}-{nanos:x}", self.fleet.node_id))
+            .arg(if offer { self.settle_ms() } else { 0 })
+            .arg(self.fleet.nodes());
+        if offer {
+            inv.arg(self.rev_ver.unwrap_or(-1))
+                .arg(self.acct_ver.unwrap_or(-1))
+                .arg(self.acct_blob.as_deref().unwrap_or(b""));
+        } else {
+            inv.arg(-1).arg(-1).arg("");
+        }
+        inv.arg(devices.len());
+        for id in devices.iter().chain(&tokens) {
+            inv.arg(id.as_str());
+        }
+        let con = self.con.as_mut()?;
+        match inv.invoke::<(String, i64, i64, u64)>(con) {
+            Ok((epoch, rev, acct, left)) => {
+                self.ok();
+                self.epoch = Some(epoch);
+                if left > 0 {
+                    self.settle_until = Some(Instant::now() + Duration::from_millis(left));
+                }
+                Some((rev, acct))
+            }
+            Err(e) => {
+                self.failed("reseed", &e);
+                None
+            }
+        }
+    }
+
+    /// Sends the revocation changes made while the store was unreachable.
+    fn share_unshared(&mut self) {
+        if self.unshared.is_empty() {
+            return;
+        }
+        let mut pipe = redis::pipe();
+        for change in &self.unshared {
+            change.add_to(&mut pipe);
+        }
+        let Some(con) = self.con.as_mut() else { return };
+        match pipe.query::<Vec<i64>>(con) {
+            Ok(_) => {
+                self.ok();
+                tracing::info!(
+                    changes = self.unshared.len(),
+                    "revocation changes made while the cluster store was unreachable are now fleet-wide"
+                );
+                self.unshared.clear();
+            }
+            Err(e) => self.failed("revocations", &e),
         }
     }
 
@@ -318,6 +513,8 @@ impl Worker {
             scripts::REGISTER,
             scripts::NODES,
             scripts::USAGE,
+            scripts::RESEED,
+            scripts::AUDIO,
         ] {
             pipe.cmd("SCRIPT").arg("LOAD").arg(s);
         }
@@ -326,7 +523,27 @@ impl Worker {
         }
         self.con = Some(con);
         self.ok();
+        // A store that lost its data while this node could not reach it:
+        // known before registering, so the counts go in once.
+        let vers: Result<Vec<Option<String>>, _> = redis::cmd("HMGET")
+            .arg("clio:ver")
+            .arg("rev")
+            .arg("acct")
+            .arg("epoch")
+            .query(self.con.as_mut().expect("set above"));
+        let vers = match vers {
+            Ok(v) => v,
+            Err(e) => return self.failed("versions", &e),
+        };
+        let num = |i: usize| version(vers.get(i));
+        if self
+            .check_store(num(0), num(1), vers.get(2).cloned().flatten())
+            .is_none()
+        {
+            return;
+        }
         if self.register() {
+            self.share_unshared();
             *self.fleet.link.lock().unwrap_or_else(|e| e.into_inner()) = self.link_target();
             self.poll();
         }
@@ -378,15 +595,14 @@ impl Worker {
         match inv.invoke::<i64>(con) {
             Ok(nodes) => {
                 self.ok();
-                self.fleet
-                    .nodes
-                    .store(nodes.max(1) as u32, Ordering::Relaxed);
+                self.set_nodes(nodes);
                 self.fleet
                     .stats
                     .registrations
                     .fetch_add(1, Ordering::Relaxed);
                 self.last_heartbeat = Instant::now();
                 self.set_up(true);
+                self.rejoining = false;
                 true
             }
             Err(e) => {
@@ -520,41 +736,29 @@ impl Worker {
                     lift,
                     reply,
                 } => {
+                    let change = Revocation {
+                        device,
+                        token,
+                        end_live,
+                        lift,
+                    };
                     if !up {
+                        // This node has it; the fleet gets it on reconnect.
+                        self.unshared.push(change);
                         let _ = reply.try_send(Err(ClusterError::Unreachable));
                         continue;
                     }
-                    let op = if lift { "SREM" } else { "SADD" };
-                    if let Some(d) = &device {
-                        pipe.cmd(op).arg("clio:rev:dev").arg(d).ignore();
-                    }
-                    if let Some(t) = &token {
-                        pipe.cmd(op).arg("clio:rev:tok").arg(t).ignore();
-                    }
-                    if end_live && !lift {
-                        pipe.cmd("XADD")
-                            .arg("clio:ends")
-                            .arg("MAXLEN")
-                            .arg("~")
-                            .arg(1000)
-                            .arg("*")
-                            .arg("device")
-                            .arg(device.as_deref().unwrap_or(""))
-                            .arg("token")
-                            .arg(token.as_deref().unwrap_or(""))
-                            .ignore();
-                    }
-                    pipe.cmd("HINCRBY").arg("clio:ver").arg("rev").arg(1);
-                    pending.push(Pending::Reply(reply));
+                    change.add_to(&mut pipe);
+                    pending.push(Pending::Revoked(change, reply));
                 }
                 Job::Accounts(sealed, reply) => {
                     if !up {
                         let _ = reply.try_send(Err(ClusterError::Unreachable));
                         continue;
                     }
-                    pipe.cmd("SET").arg("clio:accounts").arg(sealed).ignore();
+                    pipe.cmd("SET").arg("clio:accounts").arg(&sealed).ignore();
                     pipe.cmd("HINCRBY").arg("clio:ver").arg("acct").arg(1);
-                    pending.push(Pending::AccountVersion);
+                    pending.push(Pending::AccountVersion(sealed));
                     pending.push(Pending::Reply(reply));
                     pipe.cmd("ECHO").arg("ok");
                 }
@@ -581,6 +785,12 @@ impl Worker {
                             let _ = o.reply.send(OpenAnswer::Down);
                         }
                         Pending::Reply(r) => {
+                            let _ = r.try_send(Err(ClusterError::NoAnswer));
+                        }
+                        Pending::Revoked(change, r) => {
+                            // Sent again on reconnect: a set change and a
+                            // version bump may land twice, harmlessly.
+                            self.unshared.push(change);
                             let _ = r.try_send(Err(ClusterError::NoAnswer));
                         }
                         _ => {}
@@ -616,10 +826,13 @@ impl Worker {
                         }
                     }
                 }
-                Pending::Reply(r) => {
+                Pending::Reply(r) | Pending::Revoked(_, r) => {
                     let _ = r.try_send(Ok(()));
                 }
-                Pending::AccountVersion => self.acct_ver = Some(int(v)),
+                Pending::AccountVersion(sealed) => {
+                    self.acct_ver = Some(int(v));
+                    self.acct_blob = Some(sealed);
+                }
                 Pending::Adjust => {}
             }
         }
@@ -629,6 +842,10 @@ impl Worker {
     }
 
     fn duties(&mut self) {
+        if self.settle_until.is_some() && !self.settling() {
+            self.settle_until = None;
+            self.set_shares();
+        }
         if self.con.is_none() {
             if self
                 .last_try
@@ -668,10 +885,9 @@ impl Worker {
         match r {
             Ok((lapsed, nodes)) => {
                 self.ok();
-                self.fleet
-                    .nodes
-                    .store(nodes.max(1) as u32, Ordering::Relaxed);
-                if lapsed == 1 {
+                if lapsed == 0 {
+                    self.set_nodes(nodes);
+                } else {
                     // Shards' links may have opens in flight: go down and
                     // register at the reconnect, past their deadlines.
                     tracing::warn!(node = %self.fleet.node_id, "this node's lease had lapsed; registering its counts again");
@@ -709,12 +925,13 @@ impl Worker {
             }
         }
         let ends_id = self.ends_id.clone().unwrap_or_else(|| "0-0".into());
-        let r: Result<(Value, Vec<Option<i64>>, Value), _> = redis::pipe()
+        let r: Result<(Value, Vec<Option<String>>, Value), _> = redis::pipe()
             .invoke_script(&self.scripts.nodes.prepare_invoke())
             .cmd("HMGET")
             .arg("clio:ver")
             .arg("rev")
             .arg("acct")
+            .arg("epoch")
             .cmd("XREAD")
             .arg("COUNT")
             .arg(100)
@@ -727,11 +944,21 @@ impl Worker {
             Err(e) => return self.failed("poll", &e),
         };
         self.ok();
+        let num = |i: usize| version(vers.get(i));
+        let Some((rev, acct, loss)) =
+            self.check_store(num(0), num(1), vers.get(2).cloned().flatten())
+        else {
+            return;
+        };
+        if loss {
+            // Its lease and counts went with it: register again after the
+            // reconnect wait, as after an outage.
+            self.rejoining = true;
+            return self.down();
+        }
         let nodes = items(&nodes);
         let count = nodes.first().map_or(1, int);
-        self.fleet
-            .nodes
-            .store(count.max(1) as u32, Ordering::Relaxed);
+        self.set_nodes(count);
         // Each account's live streams on every node, for its alert.
         let live: HashMap<String, i64> = nodes
             .get(1)
@@ -744,8 +971,6 @@ impl Worker {
             let n = live.get(&a.id).copied().unwrap_or(0);
             a.set_fleet_live(Some(u32::try_from(n.max(0)).unwrap_or(u32::MAX - 1)));
         }
-        let rev = vers.first().copied().flatten().unwrap_or(0);
-        let acct = vers.get(1).copied().flatten().unwrap_or(0);
         if self.rev_ver != Some(rev) {
             self.load_revocations(rev);
         }
@@ -782,6 +1007,7 @@ impl Worker {
         match r {
             Ok(blob) => {
                 self.acct_ver = Some(ver);
+                self.acct_blob.clone_from(&blob);
                 if let Some(b) = blob {
                     let _ = tx.try_send(b);
                 }
@@ -827,23 +1053,28 @@ impl Worker {
     fn flush_audio(&mut self) {
         self.last_audio = Instant::now();
         let day = utc_day(SystemTime::now());
-        let states = self.links.process.devices.fleet_audio_pending(day);
+        let all = self.audio_all;
+        let states = self.links.process.devices.fleet_audio_pending(day, all);
         if states.is_empty() {
+            self.audio_all = false;
             return;
         }
-        let key = format!("clio:audio:{day}");
-        let mut pipe = redis::pipe();
+        let mut inv = self.scripts.audio.prepare_invoke();
+        inv.arg(day);
         let mut sent = Vec::with_capacity(states.len());
         for (id, state) in &states {
+            // The floor first: a stream adding audio between the two reads
+            // is in the delta, not yet in the floor.
+            let known = state.known_fleet_audio(day);
             let (local, delta) = state.unreported_audio(day);
-            pipe.cmd("HINCRBY").arg(&key).arg(id).arg(delta);
+            inv.arg(id.as_str()).arg(delta).arg(known.max(delta));
             sent.push(local);
         }
-        pipe.cmd("EXPIRE").arg(&key).arg(2 * 86_400).ignore();
         let Some(con) = self.con.as_mut() else { return };
-        match pipe.query::<Vec<u64>>(con) {
+        match inv.invoke::<Vec<u64>>(con) {
             Ok(totals) => {
                 self.ok();
+                self.audio_all &= !all;
                 for (((_, state), local), total) in states.iter().zip(sent).zip(totals) {
                     state.set_fleet_audio(day, local, total);
                 }
@@ -851,4 +1082,12 @@ impl Worker {
             Err(e) => self.failed("audio", &e),
         }
     }
+}
+
+/// A version field of `clio:ver` (0 when absent).
+fn version(field: Option<&Option<String>>) -> i64 {
+    field
+        .and_then(|v| v.as_deref())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }

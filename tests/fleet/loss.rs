@@ -1,0 +1,209 @@
+//! Redis losing its data (an empty restart) or going back to an older
+//! snapshot: the nodes give back the newer revocations, account set and
+//! audio totals they know, and nothing a node changed is rolled back.
+
+use std::time::{Duration, SystemTime};
+
+use clio_relay::core::config::DeviceLimits;
+use tungstenite::Message;
+
+use crate::redis::RedisServer;
+use crate::util::*;
+use crate::{finish, open, try_stream, up, ADMIN};
+
+const K1: &str = "soniox-key-aaaa-1111-loss";
+const K2: &str = "soniox-key-bbbb-2222-loss";
+
+fn admin(relay: &Relay, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    http(relay.handle.admin_addr, method, path, Some(ADMIN), body)
+}
+
+fn revoke(relay: &Relay, device: &str) -> (u16, String) {
+    admin(
+        relay,
+        "POST",
+        "/admin/revocations",
+        Some(&format!(r#"{{"device_id":"{device}"}}"#)),
+    )
+}
+
+fn has_account(relay: &Relay, id: &str) -> bool {
+    let (status, body) = admin(relay, "GET", "/admin/accounts", None);
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["accounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|a| a["id"] == id)
+}
+
+fn add_account(relay: &Relay, id: &str) {
+    let body = format!(r#"{{"id":"{id}","key":"{K2}","max_concurrent_streams":5}}"#);
+    let (status, answer) = admin(relay, "POST", "/admin/accounts", Some(&body));
+    assert_eq!(status, 200, "{answer}");
+}
+
+fn revoked_on(relay: &Relay, device: &str) -> bool {
+    try_stream(relay, device).error_code() == Some(401)
+}
+
+fn both_up(a: &Relay, b: &Relay) -> bool {
+    up(a) && up(b)
+}
+
+const SOON: Duration = Duration::from_secs(15);
+
+#[test]
+fn an_empty_restart_gets_the_fleets_revocations_and_accounts_back() {
+    let mut redis = RedisServer::start();
+    let fake = fake(&[K1, K2], |_| {});
+    let (a, b) = crate::pair(&fake, &redis, K1, |_| {});
+    assert_eq!(revoke(&a, "stolen").0, 200);
+    add_account(&a, "added");
+    assert!(wait_until(SOON, || has_account(&b, "added")));
+    assert!(wait_until(SOON, || revoked_on(&b, "stolen")));
+    redis.restart();
+    assert!(wait_until(SOON, || redis
+        .hget("clio:ver", "epoch")
+        .is_some()
+        && both_up(&a, &b)));
+    // The revocation holds on both nodes and is back in Redis.
+    assert!(wait_until(SOON, || redis
+        .command("SISMEMBER clio:rev:dev stolen")
+        .starts_with(":1")));
+    std::thread::sleep(Duration::from_millis(600)); // a few polls
+    assert!(revoked_on(&a, "stolen") && revoked_on(&b, "stolen"));
+    assert!(try_stream(&b, "honest").finished());
+    // A node started now gets the account set the fleet had.
+    let mut cfg = relay_config(&fake.url(), &[("a", K1)]);
+    cfg.admin.token = Some(clio_relay::core::secret::Secret::new(ADMIN));
+    cfg.admin.master_key = Some(clio_relay::core::secret::Secret::new(crate::MASTER));
+    let c = Relay::start(crate::node(&cfg, &redis, "node-c"));
+    assert!(wait_until(SOON, || has_account(&c, "added")));
+    assert!(revoked_on(&c, "stolen"));
+}
+
+#[test]
+fn a_restart_from_an_older_snapshot_rolls_nothing_back() {
+    let mut redis = RedisServer::start();
+    let fake = fake(&[K1, K2], |_| {});
+    let (a, b) = crate::pair(&fake, &redis, K1, |_| {});
+    assert_eq!(revoke(&a, "early").0, 200);
+    assert!(wait_until(SOON, || revoked_on(&b, "early")));
+    assert!(redis.command("SAVE").starts_with("+OK"));
+    // After the snapshot: a revocation, a lift, an account added.
+    assert_eq!(revoke(&a, "late").0, 200);
+    let (status, _) = admin(
+        &b,
+        "DELETE",
+        "/admin/revocations",
+        Some(r#"{"device_id":"early"}"#),
+    );
+    assert_eq!(status, 200);
+    add_account(&a, "added");
+    assert!(wait_until(SOON, || has_account(&b, "added")
+        && revoked_on(&b, "late")
+        && !revoked_on(&a, "early")));
+    let acct = redis.hget("clio:ver", "acct").unwrap();
+    redis.restart(); // loads the snapshot
+    assert!(wait_until(SOON, || both_up(&a, &b)
+        && redis.hget("clio:ver", "acct").as_deref()
+            == Some(acct.as_str())));
+    std::thread::sleep(Duration::from_millis(600)); // a few polls
+    for r in [&a, &b] {
+        assert!(has_account(r, "added"), "the account added stays");
+        assert!(revoked_on(r, "late"), "the later revocation holds");
+        assert!(!revoked_on(r, "early"), "the lift holds");
+    }
+    assert!(redis
+        .command("SISMEMBER clio:rev:dev late")
+        .starts_with(":1"));
+}
+
+#[test]
+fn a_revocation_made_while_redis_is_down_reaches_the_fleet_when_it_is_back() {
+    let mut redis = RedisServer::start();
+    let fake = fake(&[K1], |_| {});
+    let (a, b) = crate::pair(&fake, &redis, K1, |_| {});
+    assert!(redis.command("SAVE").starts_with("+OK"));
+    redis.kill();
+    assert!(wait_until(SOON, || !up(&a)));
+    let (status, body) = revoke(&a, "offline");
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("when the cluster store answers again"),
+        "{body}"
+    );
+    assert!(revoked_on(&a, "offline"), "this node has it at once");
+    redis.restart(); // the same data as before: no version went back
+    assert!(wait_until(SOON, || both_up(&a, &b)));
+    assert!(wait_until(SOON, || revoked_on(&b, "offline")));
+    assert!(revoked_on(&a, "offline"));
+}
+
+#[test]
+fn an_empty_restart_keeps_each_devices_audio_today() {
+    let mut redis = RedisServer::start();
+    let fake = fake(&[K1], |_| {});
+    let (a, b) = crate::pair(&fake, &redis, K1, |c| {
+        c.devices.default = DeviceLimits {
+            audio_seconds_per_day: 3600,
+            ..Default::default()
+        };
+    });
+    for (relay, frames) in [(&a, 12), (&b, 8)] {
+        let mut ws = open(relay, "talker");
+        for f in audio_frames(frames, 1) {
+            ws.send(Message::binary(f)).unwrap();
+        }
+        assert!(finish(ws).finished());
+    }
+    let day = clio_relay::core::devices::utc_day(SystemTime::now());
+    let key = format!("clio:audio:{day}");
+    let total = |redis: &RedisServer| {
+        redis
+            .hget(&key, "talker")
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // 20 frames of 100 ms, on two nodes.
+    assert!(
+        wait_until(SOON, || total(&redis) >= 2000),
+        "{}",
+        total(&redis)
+    );
+    let before = total(&redis);
+    redis.restart();
+    assert!(wait_until(SOON, || both_up(&a, &b) && total(&redis) >= before));
+    std::thread::sleep(Duration::from_millis(1500)); // another flush
+    assert_eq!(total(&redis), before, "counted once, not once per node");
+}
+
+#[test]
+fn opens_are_decided_by_each_nodes_share_while_the_store_settles() {
+    let redis = RedisServer::start();
+    let fake = fake(&[K1], |_| {});
+    let (a, _b) = crate::pair(&fake, &redis, K1, |_| {});
+    let decided = |by: &str| {
+        let m = http(a.handle.admin_addr, "GET", "/metrics", None, None).1;
+        let line = format!("clio_relay_cluster_stream_opens_total{{decided_by=\"{by}\"}} ");
+        m.lines()
+            .find_map(|l| l.strip_prefix(line.as_str()))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // Redis waits for 3 nodes to register again; 2 have.
+    let until = redis.time_ms() + 600_000;
+    assert!(redis
+        .command(&format!("HSET clio:ver settle {until} settle_nodes 3"))
+        .starts_with(':'));
+    let (store, local) = (decided("store"), decided("local"));
+    assert!(try_stream(&a, "phone").finished());
+    assert_eq!((decided("store"), decided("local")), (store, local + 1));
+    assert!(up(&a), "settling is not an outage");
+    // The third is back: no more waiting, though the time is not up.
+    redis.command("HSET clio:ver settle_nodes 2");
+    assert!(try_stream(&a, "phone").finished());
+    assert_eq!((decided("store"), decided("local")), (store + 1, local + 1));
+}
