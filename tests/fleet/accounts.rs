@@ -186,3 +186,103 @@ fn the_concurrency_alert_counts_every_nodes_streams() {
         "and it clears when they end"
     );
 }
+
+fn try_change(relay: &Relay, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    http(relay.handle.admin_addr, method, path, Some(ADMIN), body)
+}
+
+fn add_body(id: &str) -> String {
+    format!(r#"{{"id":"{id}","key":"{K2}","max_concurrent_streams":5}}"#)
+}
+
+#[test]
+fn an_account_change_made_while_redis_is_down_reaches_the_fleet_unless_another_came_first() {
+    let mut redis = RedisServer::start();
+    let fake = fake(&[K1, K2], |_| {});
+    let (a, b) = crate::pair(&fake, &redis, K1, |_| {});
+    let soon = Duration::from_secs(15);
+    let down = |redis: &mut RedisServer| {
+        assert!(redis.command("SAVE").starts_with("+OK"));
+        redis.kill();
+        assert!(wait_until(soon, || !crate::up(&a) && !crate::up(&b)));
+    };
+    // Only A changed the set while Redis was down: the fleet gets it.
+    down(&mut redis);
+    let (status, body) = try_change(&a, "POST", "/admin/accounts", Some(&add_body("offline")));
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("sent when the cluster store answers again"),
+        "{body}"
+    );
+    redis.restart(); // the snapshot: the same data as before
+    assert!(wait_until(soon, || account(&b, "offline").is_some()));
+    // Both changed it: the first to reach Redis wins, the other takes
+    // its set (and says so in its log), and the two agree.
+    down(&mut redis);
+    for (relay, id) in [(&a, "from-a"), (&b, "from-b")] {
+        let (status, body) = try_change(relay, "POST", "/admin/accounts", Some(&add_body(id)));
+        assert_eq!(status, 503, "{body}");
+    }
+    redis.restart();
+    let ids = |r: &Relay| {
+        let mut v: Vec<String> = accounts(r)
+            .iter()
+            .map(|x| x["id"].as_str().unwrap().to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    assert!(
+        wait_until(soon, || crate::up(&a)
+            && crate::up(&b)
+            && ids(&a) == ids(&b)),
+        "{:?} {:?}",
+        ids(&a),
+        ids(&b)
+    );
+    std::thread::sleep(Duration::from_millis(600)); // a few polls more
+    let both = ids(&a);
+    assert_eq!(both, ids(&b));
+    assert!(both.contains(&"offline".to_string()), "{both:?}");
+    let won = ["from-a", "from-b"]
+        .iter()
+        .filter(|id| both.contains(&id.to_string()))
+        .count();
+    assert_eq!(won, 1, "one of the two sets: {both:?}");
+}
+
+#[test]
+fn a_node_with_another_master_key_cannot_overwrite_the_fleets_account_set() {
+    let redis = RedisServer::start();
+    let fake = fake(&[K1, K2], |_| {});
+    let (a, b) = crate::pair(&fake, &redis, K1, |_| {});
+    let soon = Duration::from_secs(10);
+    change(&a, "POST", "/admin/accounts", Some(&add_body("shared")));
+    assert!(wait_until(soon, || account(&b, "shared").is_some()));
+    let mut cfg = a.cfg.clone();
+    cfg.admin.master_key = Some(clio_relay::core::secret::Secret::new(
+        "1111111111111111111111111111111111111111111111111111111111111111",
+    ));
+    cfg.admin.state_dir = state_dir();
+    cfg.cluster.as_mut().unwrap().node_id = "node-other-key".into();
+    let other = Relay::start(cfg);
+    let unreadable = || {
+        http(other.handle.admin_addr, "GET", "/metrics", None, None)
+            .1
+            .contains("clio_relay_cluster_account_set_unreadable 1")
+    };
+    assert!(wait_until(soon, unreadable));
+    let sealed = redis.command("GET clio:accounts");
+    let (status, body) = try_change(&other, "POST", "/admin/accounts", Some(&add_body("mine")));
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("admin.master_key"), "{body}");
+    let (status, _) = try_change(&other, "POST", "/admin/accounts/a/disable", None);
+    assert_eq!(status, 409);
+    assert!(account(&other, "mine").is_none());
+    // The fleet's set is untouched, and the nodes that can open it still change it.
+    assert_eq!(redis.command("GET clio:accounts"), sealed);
+    change(&b, "POST", "/admin/accounts/shared/disable", None);
+    assert!(wait_until(soon, || account(&a, "shared").unwrap()
+        ["enabled"]
+        == false));
+}

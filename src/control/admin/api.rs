@@ -133,15 +133,24 @@ pub(super) fn remove(admin: &Admin, id: &str) -> Result<String, Vec<u8>> {
         .map_err(refused)
 }
 
-/// Answers an account change: `change` is the id of the account changed,
-/// or the refusal. A change is published to every shard, saved to the key
-/// store, shared with the fleet and logged; the answer is the account list.
+/// Makes an account change and answers it: `change` makes it, returning
+/// the id of the account changed, or the refusal. A change is published to
+/// every shard, saved to the key store, shared with the fleet and logged;
+/// the answer is the account list. A node that cannot open the fleet's
+/// account set makes none: its set would replace the fleet's with one the
+/// other nodes cannot open.
 pub(super) async fn changed(
     admin: &Admin,
     req: &Request<'_>,
-    change: Result<String, Vec<u8>>,
+    change: impl FnOnce(&Admin) -> Result<String, Vec<u8>>,
 ) -> Vec<u8> {
-    let account = match change {
+    if admin.accounts.fleet_unreadable.get() {
+        return http::json_error(
+            409,
+            "this node cannot open the fleet's account set (is admin.master_key the same on every node?); make the change on another node",
+        );
+    }
+    let account = match change(admin) {
         Ok(account) => account,
         Err(answer) => return answer,
     };
@@ -154,10 +163,10 @@ pub(super) async fn changed(
         );
     }
     if let Err(e) = admin.share_accounts().await {
-        tracing::error!(error = %e, "account change applied on this node only");
+        tracing::error!(error = %e, "account change applied on this node; the fleet gets it when the cluster store answers again, unless another node changes the account set first");
         return http::json_error(
             503,
-            &format!("applied on this node only, not fleet-wide: {e}"),
+            &format!("applied on this node, not yet fleet-wide ({e}); sent when the cluster store answers again, unless another node changes the account set first"),
         );
     }
     tracing::info!(

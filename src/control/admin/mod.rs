@@ -173,6 +173,9 @@ struct AccountsState {
     store_generation: std::cell::Cell<u64>,
     /// The config file's accounts (the base the store's changes apply to).
     configs: RefCell<Vec<crate::core::config::AccountConfig>>,
+    /// In a fleet: the account set other nodes stored could not be opened
+    /// here (another master key); account changes are refused.
+    fleet_unreadable: std::cell::Cell<bool>,
 }
 
 /// The usage service's state.
@@ -250,6 +253,7 @@ impl Admin {
             accounts: AccountsState {
                 set: RefCell::new(setup.accounts),
                 store_generation: std::cell::Cell::new(setup.store.as_ref().map_or(0, |(_, g)| *g)),
+                fleet_unreadable: std::cell::Cell::new(false),
                 store: setup.store.map(|(s, _)| s),
                 configs: RefCell::new(setup.account_configs.clone()),
             },
@@ -312,10 +316,12 @@ impl Admin {
         let data = match store.open_data(sealed) {
             Ok(d) => d,
             Err(e) => {
-                tracing::error!(error = %e, "the fleet's account set cannot be opened here (is admin.master_key the same on every node?)");
+                tracing::error!(error = %e, "the fleet's account set cannot be opened here (is admin.master_key the same on every node?); account changes on this node are refused until it can");
+                self.accounts.fleet_unreadable.set(true);
                 return;
             }
         };
+        self.accounts.fleet_unreadable.set(false);
         let now = crate::control::accounts::unix_now();
         let merged = crate::control::keystore::merge(&self.accounts.configs.borrow(), &data, now);
         let overlap = self.config.borrow().rotation_overlap;

@@ -132,43 +132,43 @@ const ROUTES: &[Route] = &[
         method: "POST",
         path: "/admin/accounts",
         auth: true,
-        handler: |a, r, _| Box::pin(api::changed(a, r, api::add(a, r))),
+        handler: |a, r, _| Box::pin(api::changed(a, r, move |a| api::add(a, r))),
     },
     Route {
         method: "POST",
         path: "/admin/accounts/{id}/enable",
         auth: true,
-        handler: |a, r, id| Box::pin(api::changed(a, r, api::set_enabled(a, id, true))),
+        handler: |a, r, id| Box::pin(api::changed(a, r, move |a| api::set_enabled(a, id, true))),
     },
     Route {
         method: "POST",
         path: "/admin/accounts/{id}/disable",
         auth: true,
-        handler: |a, r, id| Box::pin(api::changed(a, r, api::set_enabled(a, id, false))),
+        handler: |a, r, id| Box::pin(api::changed(a, r, move |a| api::set_enabled(a, id, false))),
     },
     Route {
         method: "POST",
         path: "/admin/accounts/{id}/limit",
         auth: true,
-        handler: |a, r, id| Box::pin(api::changed(a, r, api::limit(a, id, r))),
+        handler: |a, r, id| Box::pin(api::changed(a, r, move |a| api::limit(a, id, r))),
     },
     Route {
         method: "PUT",
         path: "/admin/accounts/{id}/limit",
         auth: true,
-        handler: |a, r, id| Box::pin(api::changed(a, r, api::limit(a, id, r))),
+        handler: |a, r, id| Box::pin(api::changed(a, r, move |a| api::limit(a, id, r))),
     },
     Route {
         method: "POST",
         path: "/admin/accounts/{id}/rotate",
         auth: true,
-        handler: |a, r, id| Box::pin(api::changed(a, r, api::rotate(a, id, r))),
+        handler: |a, r, id| Box::pin(api::changed(a, r, move |a| api::rotate(a, id, r))),
     },
     Route {
         method: "DELETE",
         path: "/admin/accounts/{id}",
         auth: true,
-        handler: |a, r, id| Box::pin(api::changed(a, r, api::remove(a, id))),
+        handler: |a, r, id| Box::pin(api::changed(a, r, move |a| api::remove(a, id))),
     },
 ];
 
@@ -358,6 +358,13 @@ async fn metrics(admin: &Admin) -> String {
     meter::render_drift(&admin.usage.reconciliation.borrow(), &mut body);
     if let Some(fleet) = process.fleet.get() {
         fleet.render_metrics(&mut body);
+        family(
+            &mut body,
+            "clio_relay_cluster_account_set_unreadable",
+            Kind::Gauge,
+            "1 while this node cannot open the fleet's account set (another admin.master_key): its account changes are refused.",
+        )
+        .sample(&[], u8::from(admin.accounts.fleet_unreadable.get()));
     }
     process.faults.render(&mut body);
     process.resume_copies.render(&mut body);

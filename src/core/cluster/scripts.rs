@@ -237,6 +237,17 @@ local left = tonumber(redis.call('HGET', 'clio:ver', 'settle') or '0') - now
 return {epoch, rev, acct, math.max(left, 0)}
 "#;
 
+/// Stores an account set changed while the store was unreachable, only
+/// if no node stored one since (the version is still `base`).
+/// ARGV: base version, the sealed set. Returns the new version, or -1.
+pub const PUBLISH_IF: &str = r#"
+if tonumber(redis.call('HGET', 'clio:ver', 'acct') or '0') ~= tonumber(ARGV[1]) then
+  return -1
+end
+redis.call('SET', 'clio:accounts', ARGV[2])
+return redis.call('HINCRBY', 'clio:ver', 'acct', 1)
+"#;
+
 /// Adds each device's new audio to the fleet's daily total, which never
 /// falls below what the node last knew plus that audio (a store that lost
 /// the total, or went back to an older one, gets it back). ARGV: UTC day,

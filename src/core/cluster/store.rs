@@ -89,6 +89,7 @@ pub fn start(
         acct_blob: None,
         settle_until: None,
         unshared: Vec::new(),
+        unshared_accounts: None,
         audio_all: false,
         ends_id: None,
         failed_logged: false,
@@ -114,6 +115,7 @@ struct Scripts {
     usage: redis::Script,
     reseed: redis::Script,
     audio: redis::Script,
+    publish_if: redis::Script,
 }
 
 impl Scripts {
@@ -127,6 +129,7 @@ impl Scripts {
             usage: redis::Script::new(scripts::USAGE),
             reseed: redis::Script::new(scripts::RESEED),
             audio: redis::Script::new(scripts::AUDIO),
+            publish_if: redis::Script::new(scripts::PUBLISH_IF),
         }
     }
 }
@@ -168,6 +171,9 @@ struct Worker {
     /// Revocation changes made here while the store was unreachable, sent
     /// when it answers again.
     unshared: Vec<Revocation>,
+    /// The account set as changed here while the store was unreachable,
+    /// and the store's version it was changed from.
+    unshared_accounts: Option<(Vec<u8>, i64)>,
     /// The next audio flush offers every device's total (after a loss).
     audio_all: bool,
     ends_id: Option<String>,
@@ -448,8 +454,43 @@ impl Worker {
         }
     }
 
-    /// Sends the revocation changes made while the store was unreachable.
+    /// Keeps an account set the store did not take, for the reconnect.
+    fn keep_accounts(&mut self, sealed: Vec<u8>) {
+        let base = match &self.unshared_accounts {
+            Some((_, base)) => *base,
+            None => self.acct_ver.unwrap_or(0),
+        };
+        self.unshared_accounts = Some((sealed, base));
+    }
+
+    /// Sends the changes made while the store was unreachable: revocation
+    /// changes, and the account set if no other node stored one since.
     fn share_unshared(&mut self) {
+        if let Some((sealed, base)) = self.unshared_accounts.take() {
+            let Some(con) = self.con.as_mut() else { return };
+            let r = self
+                .scripts
+                .publish_if
+                .arg(base)
+                .arg(sealed.as_slice())
+                .invoke::<i64>(con);
+            match r {
+                Ok(v) if v >= 0 => {
+                    self.ok();
+                    self.acct_ver = Some(v);
+                    self.acct_blob = Some(sealed);
+                    tracing::info!("account changes made while the cluster store was unreachable are now fleet-wide");
+                }
+                Ok(_) => {
+                    self.ok();
+                    tracing::warn!("account changes made on this node while the cluster store was unreachable were not shared: another node changed the account set meanwhile, and its set applies here now; make them again");
+                }
+                Err(e) => {
+                    self.unshared_accounts = Some((sealed, base));
+                    return self.failed("accounts", &e);
+                }
+            }
+        }
         if self.unshared.is_empty() {
             return;
         }
@@ -753,6 +794,7 @@ impl Worker {
                 }
                 Job::Accounts(sealed, reply) => {
                     if !up {
+                        self.keep_accounts(sealed);
                         let _ = reply.try_send(Err(ClusterError::Unreachable));
                         continue;
                     }
@@ -793,6 +835,7 @@ impl Worker {
                             self.unshared.push(change);
                             let _ = r.try_send(Err(ClusterError::NoAnswer));
                         }
+                        Pending::AccountVersion(sealed) => self.keep_accounts(sealed),
                         _ => {}
                     }
                 }
