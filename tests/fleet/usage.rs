@@ -214,3 +214,33 @@ fn the_budget_alert_counts_the_fleets_usage() {
         "the fleet's 6 s reach the budget on every node"
     );
 }
+
+#[test]
+fn the_last_streams_usage_reaches_redis_at_a_stop() {
+    let redis = RedisServer::start();
+    let fake = fake(&["k1"], |_| {});
+    let (a, b) = crate::pair(&fake, &redis, "k1", |c| {
+        c.usage.persist_interval = Duration::from_secs(3600);
+    });
+    let (mut ws, _) = connect(a.addr(), &a.token("phone"), Via::Header).unwrap();
+    assert!(stream_session(&mut ws, &config_message(None), &audio_frames(10, 1)).finished());
+    drop(a); // at once: the stream's record is in no ledger yet
+    let day = clio_relay::core::devices::utc_day(SystemTime::now());
+    let streams = redis.hget(&format!("clio:u:{day}:node-a:acct"), "s:a");
+    assert_eq!(
+        streams.as_deref(),
+        Some("1"),
+        "the stream is in the fleet's usage"
+    );
+    // And B's /admin/usage counts it.
+    let (status, body) = http(
+        b.handle.admin_addr,
+        "GET",
+        "/admin/usage?group_by=account",
+        Some(crate::ADMIN),
+        None,
+    );
+    assert_eq!(status, 200, "{body}");
+    let rows = serde_json::from_str::<serde_json::Value>(&body).unwrap()["rows"].clone();
+    assert_eq!(sums(&rows)["a"].0, 1, "{body}");
+}
