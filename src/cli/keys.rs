@@ -160,8 +160,15 @@ pub fn run(config: &Path, action: &KeysAction) -> Result<String, CliError> {
             ("POST", format!("/admin/accounts/{id}/rotate"), Some(b))
         }
     };
-    let (status, text) = request(addr, method, &path, token, body.map(|b| b.to_string()))
-        .map_err(|e| CliError::AdminUnreachable(format!("admin API at {addr}: {e}")))?;
+    let (status, text) =
+        request(addr, method, &path, token, body.map(|b| b.to_string())).map_err(|e| {
+            let hint = if hung_up(&e) {
+                " (the admin port closed the connection unanswered: is this host's address in the relay's admin.allow?)"
+            } else {
+                ""
+            };
+            CliError::AdminUnreachable(format!("admin API at {addr}: {e}{hint}"))
+        })?;
     let value: serde_json::Value = serde_json::from_str(&text)
         .map_err(|_| CliError::AdminRefused(format!("admin API answered {status}: {text}")))?;
     if status != 200 {
@@ -171,6 +178,17 @@ pub fn run(config: &Path, action: &KeysAction) -> Result<String, CliError> {
         )));
     }
     Ok(table(&value))
+}
+
+/// Whether the admin port took the connection and closed it unanswered,
+/// as it does for a peer outside `admin.allow`.
+fn hung_up(e: &httpc::Error) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
+    match e {
+        httpc::Error::NoAnswer => true,
+        httpc::Error::Io(e) => matches!(e.kind(), ConnectionReset | BrokenPipe | ConnectionAborted),
+        _ => false,
+    }
 }
 
 /// One request to the admin API, through the relay's HTTP client.

@@ -283,11 +283,16 @@ fn rotation_under_a_live_stream_loses_no_frame() {
     }));
 }
 
-#[test]
-fn keys_cli_talks_to_a_running_relay() {
-    let fake = fake(&["k1", "k2"], |_| {});
-    let relay = relay_with_admin(&fake, &[("a", "k1")]);
-    let dir = std::env::temp_dir().join(format!("clio-keys-cli-{}", std::process::id()));
+/// A directory with a `relay.toml` naming `relay`'s admin port, and a
+/// runner of `clio-relay keys ARGS` with it: exit status and output.
+fn keys_cli(
+    relay: &Relay,
+    name: &str,
+) -> (
+    std::path::PathBuf,
+    impl Fn(&[&str]) -> (Option<i32>, String),
+) {
+    let dir = std::env::temp_dir().join(format!("clio-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join("relay.toml");
     std::fs::write(
@@ -298,7 +303,7 @@ fn keys_cli_talks_to_a_running_relay() {
         ),
     )
     .unwrap();
-    let run = |args: &[&str]| {
+    let run = move |args: &[&str]| {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_clio-relay"))
             .args(["--config", cfg.to_str().unwrap(), "keys"])
             .args(args)
@@ -312,6 +317,14 @@ fn keys_cli_talks_to_a_running_relay() {
                 + &String::from_utf8_lossy(&out.stderr),
         )
     };
+    (dir, run)
+}
+
+#[test]
+fn keys_cli_talks_to_a_running_relay() {
+    let fake = fake(&["k1", "k2"], |_| {});
+    let relay = relay_with_admin(&fake, &[("a", "k1")]);
+    let (dir, run) = keys_cli(&relay, "keys-cli");
     let (code, out) = run(&["list"]);
     assert_eq!(code, Some(0), "{out}");
     assert!(
@@ -336,6 +349,23 @@ fn keys_cli_talks_to_a_running_relay() {
     let (code, out) = run(&["remove", "nope"]);
     assert_eq!(code, Some(6), "{out}");
     assert!(out.contains("404"), "{out}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// `admin.allow` leaving out the host `keys` runs on: the admin port
+/// closes the connection unanswered, and `keys` says what to look at.
+#[test]
+fn keys_cli_names_the_allowlist_when_the_admin_port_hangs_up() {
+    let fake = fake(&["k1"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.admin.token = Some(Secret::new(ADMIN));
+    cfg.admin.allow = vec!["10.0.0.0/8".parse().unwrap()];
+    let relay = Relay::start(cfg);
+    let (dir, run) = keys_cli(&relay, "keys-allow");
+    let (code, out) = run(&["list"]);
+    assert_eq!(code, Some(5), "{out}");
+    assert!(out.contains("admin.allow"), "{out}");
+    assert!(!out.contains(ADMIN), "{out}");
     std::fs::remove_dir_all(&dir).ok();
 }
 
