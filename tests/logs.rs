@@ -148,3 +148,33 @@ fn admin_changes_are_logged_with_the_account_id() {
         "{logs}"
     );
 }
+
+/// Soniox's usage logs unreadable from the first try: the WARN says there
+/// is no reconciliation yet, not that the last one stands.
+#[test]
+fn an_unreadable_usage_log_at_start_says_there_is_no_reconciliation_yet() {
+    let capture = logs();
+    let fake = fake(&["key-u"], |_| {});
+    fake.set_rest_status(Some(503));
+    let mut cfg = relay_config(&fake.url(), &[("acct-u", "key-u")]);
+    cfg.usage.reconcile_interval = std::time::Duration::from_millis(300);
+    let _relay = Relay::start(cfg);
+    let said = |what: &str| {
+        capture
+            .text()
+            .lines()
+            .any(|l| l.contains("acct-u") && l.contains(what))
+    };
+    assert!(
+        wait_until(std::time::Duration::from_secs(10), || said(
+            "no reconciliation for this account yet"
+        )),
+        "{}",
+        capture.text()
+    );
+    assert!(
+        !said("the last reconciliation stands"),
+        "{}",
+        capture.text()
+    );
+}

@@ -486,7 +486,15 @@ pub(super) async fn reconcile(admin: &Admin) {
             };
             let Some(v) = v else {
                 let status = page.as_ref().map(|(s, _)| *s).ok();
-                tracing::warn!(account = %id, status, "Soniox's usage logs could not be read; the last reconciliation stands");
+                let last = admin.usage.reconciliation.borrow().get(&id).map(|r| r.at);
+                match last {
+                    Some(at) => {
+                        tracing::warn!(account = %id, status, last_at = at, "Soniox's usage logs could not be read; the last reconciliation stands")
+                    }
+                    None => {
+                        tracing::warn!(account = %id, status, "Soniox's usage logs could not be read; no reconciliation for this account yet")
+                    }
+                }
                 continue 'accounts;
             };
             for log in v["logs"].as_array().into_iter().flatten() {
