@@ -161,6 +161,12 @@ fn units_say_what_the_relay_expects() {
         .and_then(|v| v.parse().ok())
         .expect("TimeoutStopSec=Ns");
     assert!(stop > drain + 8, "TimeoutStopSec={stop}s");
+    // check-config warns about a longer drain against this number.
+    assert_eq!(
+        stop,
+        clio_relay::core::config::UNIT_STOP_TIMEOUT.as_secs(),
+        "UNIT_STOP_TIMEOUT is the unit's TimeoutStopSec"
+    );
     assert!(service.contains("LoadCredential="));
     let client = unit("clio-relay.socket");
     let admin = unit("clio-relay-admin.socket");

@@ -40,6 +40,15 @@ pub const MAX_SHARDS: usize = 1024;
 /// names no pool may use.
 pub const DEFAULT_POOL: &str = "default";
 
+/// `TimeoutStopSec` of the shipped unit (`systemd/clio-relay.service`):
+/// systemd kills a stop that takes longer.
+pub const UNIT_STOP_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// The most a stop takes beyond `limits.drain_timeout`: the listeners
+/// closed (2 s), the cut streams finalized (8 s), the last usage saved
+/// (5 s).
+pub const STOP_AFTER_DRAIN: Duration = Duration::from_secs(15);
+
 /// The upstream URL used when `upstream.url` is not set.
 pub const DEFAULT_UPSTREAM_URL: &str = "wss://stt-rt.soniox.com/transcribe-websocket";
 
@@ -411,6 +420,18 @@ impl Config {
                     account_label(first, Some(&self.accounts[first].id)),
                 ));
             }
+        }
+        let stop = self.limits.drain_timeout + STOP_AFTER_DRAIN;
+        if stop > UNIT_STOP_TIMEOUT {
+            w.push(format!(
+                "limits.drain_timeout: {} s, plus up to {} s to finalize and save, is more than \
+                 the shipped systemd unit's TimeoutStopSec={} s, which would kill the drain; \
+                 raise TimeoutStopSec above {} s in a drop-in (`systemctl edit clio-relay`)",
+                self.limits.drain_timeout.as_secs(),
+                STOP_AFTER_DRAIN.as_secs(),
+                UNIT_STOP_TIMEOUT.as_secs(),
+                stop.as_secs()
+            ));
         }
         if self.tokens.previous_secret.as_ref() == Some(&self.tokens.secret) {
             w.push("tokens.previous_secret: is the same as tokens.secret".to_string());

@@ -699,6 +699,35 @@ fn warns_when_runtime_changes_would_not_persist() {
 }
 
 #[test]
+fn warns_when_the_drain_outlasts_the_units_stop_timeout() {
+    let mut c = Config {
+        server: ServerConfig::default(),
+        upstream: UpstreamConfig::default(),
+        tokens: TokensConfig::new(Secret::new(TOKEN_SECRET)),
+        limits: LimitsConfig::default(),
+        accounts: vec![AccountConfig::new("a", Secret::new(KEY_A))],
+        admin: AdminConfig::default(),
+        devices: Default::default(),
+        usage: Default::default(),
+        tls: None,
+        cluster: None,
+        failover: Default::default(),
+        pools: Vec::new(),
+    };
+    c.server.max_streams = 10;
+    c.limits.drain_timeout = Duration::from_secs(75);
+    assert!(c.warnings().is_empty(), "{:?}", c.warnings());
+    c.limits.drain_timeout = Duration::from_secs(80);
+    let w = c.warnings();
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(
+        w[0].starts_with("limits.drain_timeout: 80 s, plus up to 15 s")
+            && w[0].contains("TimeoutStopSec above 95 s"),
+        "{w:?}"
+    );
+}
+
+#[test]
 fn a_key_pasted_as_env_name_is_not_echoed() {
     let (tok, _, _) = env("PASTE");
     for pasted in [
