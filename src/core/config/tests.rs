@@ -621,17 +621,15 @@ fn show_parse_messages() {
     }
 }
 
-#[test]
-fn warnings() {
-    let mut c = Config {
+/// A config of `accounts` and nothing else set (no file, every section
+/// its default), for the checks that look at the whole config.
+fn bare_config(accounts: Vec<AccountConfig>) -> Config {
+    Config {
         server: ServerConfig::default(),
         upstream: UpstreamConfig::default(),
         tokens: TokensConfig::new(Secret::new(TOKEN_SECRET)),
         limits: LimitsConfig::default(),
-        accounts: vec![
-            AccountConfig::new("a", Secret::new(KEY_A)),
-            AccountConfig::new("b", Secret::new(KEY_A)),
-        ],
+        accounts,
         admin: AdminConfig::default(),
         devices: Default::default(),
         usage: Default::default(),
@@ -639,7 +637,15 @@ fn warnings() {
         tls: None,
         cluster: None,
         pools: Vec::new(),
-    };
+    }
+}
+
+#[test]
+fn warnings() {
+    let mut c = bare_config(vec![
+        AccountConfig::new("a", Secret::new(KEY_A)),
+        AccountConfig::new("b", Secret::new(KEY_A)),
+    ]);
     c.server.max_streams = 15;
     let w = c.warnings();
     assert_eq!(w.len(), 1, "{w:?}");
@@ -672,20 +678,7 @@ fn warnings() {
 
 #[test]
 fn warns_when_runtime_changes_would_not_persist() {
-    let mut c = Config {
-        server: ServerConfig::default(),
-        upstream: UpstreamConfig::default(),
-        tokens: TokensConfig::new(Secret::new(TOKEN_SECRET)),
-        limits: LimitsConfig::default(),
-        accounts: vec![AccountConfig::new("a", Secret::new(KEY_A))],
-        admin: AdminConfig::default(),
-        devices: Default::default(),
-        usage: Default::default(),
-        tls: None,
-        cluster: None,
-        failover: Default::default(),
-        pools: Vec::new(),
-    };
+    let mut c = bare_config(vec![AccountConfig::new("a", Secret::new(KEY_A))]);
     c.server.max_streams = 10;
     // No admin token: no runtime changes are possible, nothing to warn about.
     assert!(c.warnings().is_empty(), "{:?}", c.warnings());
@@ -700,20 +693,7 @@ fn warns_when_runtime_changes_would_not_persist() {
 
 #[test]
 fn warns_when_the_drain_outlasts_the_units_stop_timeout() {
-    let mut c = Config {
-        server: ServerConfig::default(),
-        upstream: UpstreamConfig::default(),
-        tokens: TokensConfig::new(Secret::new(TOKEN_SECRET)),
-        limits: LimitsConfig::default(),
-        accounts: vec![AccountConfig::new("a", Secret::new(KEY_A))],
-        admin: AdminConfig::default(),
-        devices: Default::default(),
-        usage: Default::default(),
-        tls: None,
-        cluster: None,
-        failover: Default::default(),
-        pools: Vec::new(),
-    };
+    let mut c = bare_config(vec![AccountConfig::new("a", Secret::new(KEY_A))]);
     c.server.max_streams = 10;
     c.limits.drain_timeout = Duration::from_secs(75);
     assert!(c.warnings().is_empty(), "{:?}", c.warnings());
