@@ -438,7 +438,15 @@ impl Config {
         }
         // The admin API changes accounts at runtime; without a master key
         // there is no key store, so those changes end with the process.
-        if self.admin.token.is_some() && self.admin.master_key.is_none() {
+        if self.admin.token.is_some() && self.admin.master_key.is_none() && self.cluster.is_some() {
+            w.push(
+                "admin.master_key: not set, so in this fleet the admin API refuses account \
+                 changes (they reach the other nodes sealed under it); set the same \
+                 admin.master_key_env or admin.master_key_file on every node \
+                 (`openssl rand -hex 32`)"
+                    .to_string(),
+            );
+        } else if self.admin.token.is_some() && self.admin.master_key.is_none() {
             w.push(
                 "admin.master_key: not set, so accounts added, rotated, disabled or removed \
                  at runtime (admin API, `clio-relay keys`, dashboard) are lost at the next \

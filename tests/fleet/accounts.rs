@@ -286,3 +286,28 @@ fn a_node_with_another_master_key_cannot_overwrite_the_fleets_account_set() {
         ["enabled"]
         == false));
 }
+
+#[test]
+fn a_fleet_node_without_a_master_key_refuses_account_changes() {
+    let redis = RedisServer::start();
+    let fake = fake(&[K1, K2], |_| {});
+    let (a, _b) = crate::pair(&fake, &redis, K1, |_| {});
+    let mut cfg = a.cfg.clone();
+    cfg.admin.master_key = None;
+    cfg.admin.state_dir = state_dir();
+    cfg.cluster.as_mut().unwrap().node_id = "node-no-key".into();
+    let keyless = Relay::start(cfg);
+    assert!(wait_until(Duration::from_secs(10), || crate::up(&keyless)));
+    let (status, body) = try_change(&keyless, "POST", "/admin/accounts", Some(&add_body("solo")));
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("admin.master_key"), "{body}");
+    assert!(account(&keyless, "solo").is_none());
+    // Revocations need no master key: they still work on that node.
+    let (status, body) = try_change(
+        &keyless,
+        "POST",
+        "/admin/revocations",
+        Some(r#"{"device_id":"lost"}"#),
+    );
+    assert_eq!(status, 200, "{body}");
+}

@@ -136,14 +136,21 @@ pub(super) fn remove(admin: &Admin, id: &str) -> Result<String, Vec<u8>> {
 /// Makes an account change and answers it: `change` makes it, returning
 /// the id of the account changed, or the refusal. A change is published to
 /// every shard, saved to the key store, shared with the fleet and logged;
-/// the answer is the account list. A node that cannot open the fleet's
-/// account set makes none: its set would replace the fleet's with one the
-/// other nodes cannot open.
+/// the answer is the account list. In a fleet, a node without a master key
+/// (nothing to seal the set with) or that cannot open the fleet's account
+/// set makes none: the change would stay on this node, or replace the
+/// fleet's set with one the other nodes cannot open.
 pub(super) async fn changed(
     admin: &Admin,
     req: &Request<'_>,
     change: impl FnOnce(&Admin) -> Result<String, Vec<u8>>,
 ) -> Vec<u8> {
+    if admin.process.fleet.get().is_some() && admin.accounts.store.is_none() {
+        return http::json_error(
+            409,
+            "in a fleet, account changes reach the other nodes sealed under admin.master_key, which this node does not have; give every node the same admin.master_key",
+        );
+    }
     if admin.accounts.fleet_unreadable.get() {
         return http::json_error(
             409,

@@ -689,6 +689,22 @@ fn warns_when_runtime_changes_would_not_persist() {
     assert!(c.summary().contains("\nwarning: admin.master_key: not set"));
     c.admin.master_key = Some(Secret::new("00".repeat(32)));
     assert!(c.warnings().is_empty(), "{:?}", c.warnings());
+    // In a fleet, account changes are refused without one.
+    c.admin.master_key = None;
+    c.cluster = Some(crate::core::config::ClusterConfig {
+        redis_url: "redis://127.0.0.1:6379/0".into(),
+        password: None,
+        node_id: "n1".into(),
+        lease_ttl: Duration::from_secs(15),
+        on_store_down: crate::core::config::StoreDown::Local,
+        timeout: Duration::from_millis(250),
+    });
+    let w = c.warnings();
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(
+        w[0].starts_with("admin.master_key: not set, so in this fleet the admin API refuses"),
+        "{w:?}"
+    );
 }
 
 #[test]
