@@ -151,12 +151,47 @@ fn main() -> ExitCode {
 
 fn init_logging(quiet: bool) {
     let default = if quiet { "warn" } else { "info" };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let asked = std::env::var("RUST_LOG").unwrap_or_default();
+    let (filter, unread) = match log_filter(&asked) {
+        Ok(Some(f)) => (f, None),
+        Ok(None) => (tracing_subscriber::EnvFilter::new(default), None),
+        Err(why) => (tracing_subscriber::EnvFilter::new(default), Some(why)),
+    };
     use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    if let Some(why) = unread {
+        tracing::warn!(rust_log = %asked, "RUST_LOG not used ({why}); logging at {default}");
+    }
+}
+
+/// The filter `RUST_LOG` asks for: `None` when it is empty (the default
+/// applies), an error when a directive would not do what it seems to. A
+/// bare word is a target (a module) in `RUST_LOG`'s syntax, so `warning`
+/// or `inof` would silence every line, ERROR included: one that is not a
+/// level must name a module (`::` or `_` in it, or a crate that logs).
+fn log_filter(asked: &str) -> Result<Option<tracing_subscriber::EnvFilter>, String> {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    const CRATES: [&str; 5] = ["glommio", "rustls", "tungstenite", "redis", "mimalloc"];
+    if asked.trim().is_empty() {
+        return Ok(None);
+    }
+    for d in asked.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let bare = !d.contains(['=', '[']);
+        let level = LEVELS.iter().any(|l| l.eq_ignore_ascii_case(d))
+            || d.parse::<u8>().is_ok_and(|n| n <= 5);
+        let module = d.contains("::") || d.contains('_') || CRATES.contains(&d);
+        if bare && !level && !module {
+            return Err(format!(
+                "`{d}` is neither a level ({}) nor a module of this program",
+                LEVELS.join(", ")
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(asked)
+        .map(Some)
+        .map_err(|e| e.to_string())
 }

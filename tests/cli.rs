@@ -245,3 +245,75 @@ fn a_running_relay_has_huge_pages_off() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The relay's first log lines with `RUST_LOG` set to `value`: it runs
+/// until it says it is listening (or `wait`), then is killed.
+fn first_log_lines(value: &str, wait: std::time::Duration) -> Vec<String> {
+    use std::io::{BufRead, BufReader};
+    let dir = std::env::temp_dir().join(format!(
+        "clio-relay-rust-log-{}-{}",
+        std::process::id(),
+        value.len()
+    ));
+    let config = relay_config(&dir, "127.0.0.1:0", "127.0.0.1:0");
+    let mut child = Command::new(RELAY)
+        .args(["run", "--config", &config])
+        .env("CLI_EXIT_SECRET", "cli-exit-secret-0123456789abcdef0123")
+        .env("CLI_EXIT_ADMIN", "cli-exit-admin-token-0123456789")
+        .env("CLI_EXIT_KEY", "cli-exit-soniox-key")
+        .env("RUST_LOG", value)
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_FDS")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let last = line.contains("clio-relay listening");
+            if tx.send(line).is_err() || last {
+                break;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    let end = std::time::Instant::now() + wait;
+    while let Ok(line) = rx.recv_timeout(end.saturating_duration_since(std::time::Instant::now())) {
+        lines.push(line);
+        if lines.last().unwrap().contains("clio-relay listening") {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    std::fs::remove_dir_all(&dir).ok();
+    lines
+}
+
+/// A `RUST_LOG` the relay cannot use as meant (empty, `warning`, a typo)
+/// does not silence it: the default level applies, and a WARN says why.
+#[test]
+fn a_rust_log_that_would_silence_everything_falls_back_to_info() {
+    for value in ["", "warning", "inof", "info,clio_relay=debg"] {
+        let lines = first_log_lines(value, std::time::Duration::from_secs(20));
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("INFO") && l.contains("clio-relay listening")),
+            "RUST_LOG={value:?}: {lines:?}"
+        );
+        let warned = lines
+            .iter()
+            .any(|l| l.contains("WARN") && l.contains("RUST_LOG not used"));
+        assert_eq!(warned, !value.is_empty(), "RUST_LOG={value:?}: {lines:?}");
+    }
+    // A filter that means what it says is used as it is (the relay is up
+    // well within 3 s, as above, and says nothing).
+    let lines = first_log_lines("clio_relay=warn", std::time::Duration::from_secs(3));
+    assert!(
+        !lines.iter().any(|l| l.contains("INFO")),
+        "RUST_LOG=clio_relay=warn: {lines:?}"
+    );
+}
