@@ -406,7 +406,9 @@ impl Config {
             if !a.has_key() {
                 w.push(format!(
                     "{}: disabled and its key is not there (key_env unset or key_file missing), \
-                     so it is not loaded; give it its key and reload to use it",
+                     so it is not loaded; to use it, write its key_file and reload, or set its \
+                     key_env variable and restart (a reload cannot see a variable set after the \
+                     start)",
                     account_label(i, Some(&a.id))
                 ));
                 continue;

@@ -785,7 +785,8 @@ fn a_disabled_account_does_not_need_its_key() {
     let w = c.warnings();
     assert!(
         w.iter()
-            .any(|w| w.starts_with("account \"off-env\": disabled and its key is not there")),
+            .any(|w| w.starts_with("account \"off-env\": disabled and its key is not there")
+                && w.contains("set its key_env variable and restart")),
         "{w:?}"
     );
     assert!(
