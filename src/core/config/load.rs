@@ -636,21 +636,29 @@ fn resolve_admin(a: RawAdmin, base: &Path, p: &mut Problems) -> AdminConfig {
             p.push("admin.token", "must be at least 16 characters");
         }
     }
-    let master_key = resolve_secret(
-        "admin",
-        ("master_key_env", a.master_key_env),
-        ("master_key_file", a.master_key_file),
-        false,
-        base,
-        p,
-    )
-    .flatten();
+    let raw = a
+        .master_key_file
+        .as_ref()
+        .filter(|_| a.master_key_env.is_none())
+        .and_then(|f| raw_master_key(&base.join(f)));
+    let master_key = match raw {
+        Some(k) => Some(k),
+        None => resolve_secret(
+            "admin",
+            ("master_key_env", a.master_key_env),
+            ("master_key_file", a.master_key_file),
+            false,
+            base,
+            p,
+        )
+        .flatten(),
+    };
     if let Some(k) = &master_key {
         let k = k.expose().trim();
         if k.len() != 64 || !k.bytes().all(|b| b.is_ascii_hexdigit()) {
             p.push(
                 "admin.master_key",
-                "must be 64 hex digits (32 bytes; `openssl rand -hex 32`)",
+                "must be 64 hex digits (`openssl rand -hex 32`), or a master_key_file of exactly 32 raw bytes",
             );
         }
     }
@@ -775,6 +783,20 @@ fn resolve_cluster(
 /// Reads a secret given as `<env>` or `<file>` under `section`. Returns
 /// `None` when the configuration is wrong (problem recorded), `Some(None)`
 /// when an optional secret is absent, `Some(Some(secret))` otherwise.
+/// A master key file of exactly 32 bytes that are not hex digits (what
+/// `systemd-creds` or `head -c 32 /dev/urandom` write): the key, as the 64
+/// hex digits the rest of the relay reads. `None` for any other file.
+fn raw_master_key(path: &Path) -> Option<Secret> {
+    let mut bytes = std::fs::read(path).ok()?;
+    let hex_text = bytes
+        .iter()
+        .all(|b| b.is_ascii_hexdigit() || b.is_ascii_whitespace());
+    let key = (bytes.len() == 32 && !hex_text)
+        .then(|| Secret::new(bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()));
+    bytes.iter_mut().for_each(|b| *b = 0);
+    key
+}
+
 fn resolve_secret(
     section: &str,
     (env_key, env): (&str, Option<String>),

@@ -784,9 +784,10 @@ fn a_disabled_account_does_not_need_its_key() {
     assert!(!c.accounts[1].has_key() && !c.accounts[2].has_key());
     let w = c.warnings();
     assert!(
-        w.iter()
-            .any(|w| w.starts_with("account \"off-env\": disabled and its key is not there")
-                && w.contains("set its key_env variable and restart")),
+        w.iter().any(
+            |w| w.starts_with("account \"off-env\": disabled and its key is not there")
+                && w.contains("set its key_env variable and restart")
+        ),
         "{w:?}"
     );
     assert!(
@@ -1059,4 +1060,28 @@ fn extra_token_secrets_are_bound_to_their_pools() {
         &format!("secret_env = \"{tok}\""),
     ));
     assert_has(&p, "tokens.extra[0]: has the same secret as tokens.secret");
+}
+
+/// A master key file may hold the 32 raw bytes of a systemd credential,
+/// or 64 hex digits; 32 bytes of hex text are neither.
+#[test]
+fn a_master_key_file_may_hold_32_raw_bytes() {
+    use crate::control::keystore::MasterKey;
+    let (tok, a, _) = env("RAWKEY");
+    let dir = temp_dir("rawkey");
+    let raw: [u8; 32] = std::array::from_fn(|i| (i as u8).wrapping_mul(37) ^ 0xa5);
+    std::fs::write(dir.join("raw.key"), raw).unwrap();
+    let text = |file: &str| {
+        format!(
+            "[tokens]\nsecret_env = \"{tok}\"\n[admin]\nmaster_key_file = \"{file}\"\n\
+             [[account]]\nid = \"a\"\nkey_env = \"{a}\"\n"
+        )
+    };
+    let c = Config::from_toml_str(&text("raw.key"), &dir).unwrap();
+    let key = MasterKey::from_hex(c.admin.master_key.as_ref().unwrap().expose()).unwrap();
+    assert_eq!(key.check(), MasterKey::from_bytes(raw).check());
+    std::fs::write(dir.join("half.key"), "0123456789abcdef0123456789abcdef").unwrap();
+    let e = Config::from_toml_str(&text("half.key"), &dir).unwrap_err();
+    assert!(e.to_string().contains("must be 64 hex digits"), "{e}");
+    assert!(!e.to_string().contains("0123456789abcdef"), "{e}");
 }
