@@ -456,11 +456,8 @@ fn resolve_pools(
     for (name, rp) in raw {
         let key = format!("pool.{name}");
         if let Some(u) = &rp.rest_url {
-            if !(u.starts_with("http://") || u.starts_with("https://")) {
-                p.push(
-                    &format!("{key}.rest_url"),
-                    "must start with http:// or https://",
-                );
+            if let Err(why) = check_http_url(u) {
+                p.push(&format!("{key}.rest_url"), why);
             }
         }
         if name == DEFAULT_POOL {
@@ -580,8 +577,8 @@ fn resolve_usage(u: RawUsage, a: RawAlerts, p: &mut Problems) -> UsageConfig {
         }
     }
     if let Some(u) = &a.webhook_url {
-        if !u.starts_with("http://") && !u.starts_with("https://") {
-            p.push("alerts.webhook_url", "must start with http:// or https://");
+        if let Err(why) = check_http_url(u) {
+            p.push("alerts.webhook_url", why);
         }
     }
     UsageConfig {
@@ -664,8 +661,8 @@ fn resolve_admin(a: RawAdmin, base: &Path, p: &mut Problems) -> AdminConfig {
     }
     let allow = networks("admin.allow", a.allow, p);
     if let Some(u) = &a.rest_url {
-        if !(u.starts_with("http://") || u.starts_with("https://")) {
-            p.push("admin.rest_url", "must start with http:// or https://");
+        if let Err(why) = check_http_url(u) {
+            p.push("admin.rest_url", why);
         }
     }
     AdminConfig {
@@ -783,6 +780,27 @@ fn resolve_cluster(
 /// Reads a secret given as `<env>` or `<file>` under `section`. Returns
 /// `None` when the configuration is wrong (problem recorded), `Some(None)`
 /// when an optional secret is absent, `Some(Some(secret))` otherwise.
+/// What the relay's HTTP client would refuse in `url` when it is used,
+/// found at load time: a scheme other than `http`/`https`, credentials
+/// (`user:password@`, which it never sends), no host. Never quotes the URL.
+fn check_http_url(url: &str) -> Result<(), &'static str> {
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .ok_or("must start with http:// or https://")?;
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    if authority.contains('@') {
+        return Err(
+            "must not hold credentials (user:password@): the relay sends none; \
+                    a webhook that needs a secret can take it in the URL's path or query",
+        );
+    }
+    if authority.is_empty() || authority.starts_with(':') {
+        return Err("has no host");
+    }
+    Ok(())
+}
+
 /// A master key file of exactly 32 bytes that are not hex digits (what
 /// `systemd-creds` or `head -c 32 /dev/urandom` write): the key, as the 64
 /// hex digits the rest of the relay reads. `None` for any other file.

@@ -1085,3 +1085,30 @@ fn a_master_key_file_may_hold_32_raw_bytes() {
     assert!(e.to_string().contains("must be 64 hex digits"), "{e}");
     assert!(!e.to_string().contains("0123456789abcdef"), "{e}");
 }
+
+/// A URL the HTTP client would refuse at its first use is refused at load
+/// time, without quoting it (credentials in it are a secret).
+#[test]
+fn http_urls_with_credentials_or_no_host_are_refused_at_load() {
+    let p = problems(&minimal(
+        "HOOKCRED",
+        "[alerts]\nwebhook_url = \"https://ops:hunter2-pw@hooks.example/x\"\n",
+    ));
+    assert_has(&p, "alerts.webhook_url: must not hold credentials");
+    assert!(!p.iter().any(|l| l.contains("hunter2")), "{p:?}");
+    let p = problems(&minimal(
+        "HOOKHOST",
+        "[alerts]\nwebhook_url = \"http:///x\"\n",
+    ));
+    assert_has(&p, "alerts.webhook_url: has no host");
+    let p = problems(&minimal(
+        "RESTCRED",
+        "[admin]\nrest_url = \"https://u:p@api.example\"\n",
+    ));
+    assert_has(&p, "admin.rest_url: must not hold credentials");
+    let ok = minimal(
+        "HOOKOK",
+        "[alerts]\nwebhook_url = \"https://hooks.example/T0/B0/secret-in-path?x=1\"\n",
+    );
+    assert!(Config::from_toml_str(&ok, Path::new("/nonexistent")).is_ok());
+}
