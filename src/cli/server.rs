@@ -319,11 +319,27 @@ impl RelayHandle {
 
     /// Applies a re-read config (what SIGHUP does): accounts, limits, token
     /// secrets and admin settings change live, nothing in flight is dropped.
-    /// Settings that need a restart (listen addresses, shards, upstream) are
-    /// reported and kept. Returns one line per change.
+    /// Settings that need a restart (listen addresses, shards, upstream,
+    /// pools, the state directory, the master key, the cluster) are
+    /// reported and kept. Returns one line per change; those of settings
+    /// kept start with `unchanged: `.
     pub fn reload(&self, cfg: &Config) -> Result<Vec<String>, ReloadError> {
         let old = &self.started_with;
         let mut kept = Vec::new();
+        // The key store and the usage ledger stay where they were opened,
+        // under the key they were opened with.
+        let mut cfg = cfg.clone();
+        if cfg.admin.state_dir != old.admin.state_dir {
+            kept.push("admin.state_dir (restart to change)".to_string());
+            cfg.admin.state_dir.clone_from(&old.admin.state_dir);
+        }
+        if cfg.admin.master_key != old.admin.master_key {
+            kept.push("admin.master_key (restart to change)".to_string());
+            cfg.admin.master_key.clone_from(&old.admin.master_key);
+        }
+        if cfg.cluster != old.cluster {
+            kept.push("[cluster] (restart to change)".to_string());
+        }
         if cfg.server.listen != old.server.listen
             || cfg.server.admin_listen != old.server.admin_listen
         {
@@ -345,7 +361,7 @@ impl RelayHandle {
         }
         let (tx, rx) = async_channel::bounded(1);
         self.admin_tx
-            .try_send(AdminMsg::Reload(Box::new(cfg.clone()), tx))
+            .try_send(AdminMsg::Reload(Box::new(cfg), tx))
             .map_err(|_| ReloadError::AdminGone)?;
         let mut log = rx.recv_blocking().map_err(|_| ReloadError::AdminSilent)?;
         // The admin thread has sent the shards their new settings; a shard
@@ -532,7 +548,11 @@ pub fn run(path: &std::path::Path, join_client_port: bool) -> Result<(), crate::
                         Ok(changes) => {
                             drain_timeout = new.limits.drain_timeout;
                             for c in changes {
-                                tracing::info!(change = %c, "SIGHUP: reloaded");
+                                if c.starts_with("unchanged: ") {
+                                    tracing::warn!(change = %c, "SIGHUP: needs a restart");
+                                } else {
+                                    tracing::info!(change = %c, "SIGHUP: reloaded");
+                                }
                             }
                         }
                         Err(e) => tracing::error!(error = %e, "SIGHUP: reload failed"),

@@ -24,6 +24,17 @@ fn write_config(path: &std::path::Path, upstream: &str, accounts: &str, extra: &
     .unwrap();
 }
 
+/// A relay process killed when the test ends, failed or not (a failed
+/// test would otherwise leave it running, holding the test's output).
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
 fn sighup_applies_the_new_file_and_refuses_a_broken_one() {
     let fake = fake(&["k1", "k2"], |_| {});
@@ -35,15 +46,17 @@ fn sighup_applies_the_new_file_and_refuses_a_broken_one() {
     let one = "[[account]]\nid = \"a\"\nkey_file = \"k1\"\n";
     write_config(&cfg, &fake.url(), one, "");
     let secret = secret();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_clio-relay"))
-        .args(["run", "--config", cfg.to_str().unwrap()])
-        .env("RELOAD_TEST_SECRET", secret.expose())
-        .env("RELOAD_TEST_ADMIN", ADMIN)
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut child = Reaped(
+        Command::new(env!("CARGO_BIN_EXE_clio-relay"))
+            .args(["run", "--config", cfg.to_str().unwrap()])
+            .env("RELOAD_TEST_SECRET", secret.expose())
+            .env("RELOAD_TEST_ADMIN", ADMIN)
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(child.0.stderr.take().unwrap()).lines();
     let listening = lines
         .by_ref()
         .map_while(Result::ok)
@@ -100,7 +113,7 @@ fn sighup_applies_the_new_file_and_refuses_a_broken_one() {
 
     let two = "[[account]]\nid = \"a\"\nkey_file = \"k1\"\nmax_concurrent_streams = 3\n[[account]]\nid = \"b\"\nkey_file = \"k2\"\n";
     write_config(&cfg, &fake.url(), two, "");
-    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let pid = nix::unistd::Pid::from_raw(child.0.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
     assert!(
         wait_until(Duration::from_secs(5), || ids() == vec!["a:3", "b:10"]),
@@ -121,6 +134,22 @@ fn sighup_applies_the_new_file_and_refuses_a_broken_one() {
     assert!(refused.contains("bogus_key"), "{refused}");
     assert_eq!(ids(), vec!["a:3", "b:10"]);
 
+    // A setting that needs a restart is kept, with a WARN saying so.
+    write_config(&cfg, &fake.url(), two, "state_dir = \"elsewhere\"\n");
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    let kept = (0..50).find_map(|_| {
+        log_rx
+            .recv_timeout(Duration::from_millis(200))
+            .ok()
+            .filter(|l| l.contains("admin.state_dir"))
+    });
+    let kept = kept.expect("the kept state_dir is logged");
+    assert!(
+        kept.contains("WARN") && kept.contains("needs a restart"),
+        "{kept}"
+    );
+    assert!(!dir.join("elsewhere").exists());
+
     // The stream opened before both reloads finishes with every frame.
     for f in &frames[5..] {
         ws.send(Message::binary(f.clone())).unwrap();
@@ -136,7 +165,7 @@ fn sighup_applies_the_new_file_and_refuses_a_broken_one() {
     assert_eq!(stream.expect("the stream's session").audio, frames.concat());
 
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    assert!(child.wait().unwrap().success());
+    assert!(child.0.wait().unwrap().success());
     std::fs::remove_dir_all(&dir).ok();
 }
 

@@ -221,7 +221,7 @@ pub enum StoreDown {
 
 /// `[cluster]`: a fleet of relays sharing limits, revocations, accounts and
 /// usage through one Redis. Absent: the relay stands alone, with no Redis.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ClusterConfig {
     /// `redis://host:port/db` or `rediss://…` (TLS); no password in it.
     pub redis_url: String,
