@@ -225,16 +225,10 @@ impl DevicePermit {
 }
 
 impl Devices {
-    /// Checks a new stream of `claims` against revocations and `limits`;
-    /// on success the stream counts against the device until the permit drops.
-    pub fn admit(
-        &self,
-        claims: &Claims,
-        limits: &DeviceLimits,
-        now: SystemTime,
-    ) -> Result<DevicePermit, Refused> {
-        if self
-            .revoked_devices
+    /// Whether `claims`' device or token id is on this process's revocation
+    /// lists.
+    pub fn is_revoked(&self, claims: &Claims) -> bool {
+        self.revoked_devices
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .contains(&claims.device_id)
@@ -243,11 +237,26 @@ impl Devices {
                 .read()
                 .unwrap_or_else(|e| e.into_inner())
                 .contains(&claims.token_id)
-        {
-            return Err(Refused {
-                limit: Limit::Revoked,
-                message: "This device or session token has been revoked.".into(),
-            });
+    }
+
+    /// The refusal of a revoked device or token.
+    pub fn revoked_refusal() -> Refused {
+        Refused {
+            limit: Limit::Revoked,
+            message: "This device or session token has been revoked.".into(),
+        }
+    }
+
+    /// Checks a new stream of `claims` against revocations and `limits`;
+    /// on success the stream counts against the device until the permit drops.
+    pub fn admit(
+        &self,
+        claims: &Claims,
+        limits: &DeviceLimits,
+        now: SystemTime,
+    ) -> Result<DevicePermit, Refused> {
+        if self.is_revoked(claims) {
+            return Err(Devices::revoked_refusal());
         }
         let state = self.state(&claims.device_id);
         let day = utc_day(now);

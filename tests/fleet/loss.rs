@@ -207,3 +207,82 @@ fn opens_are_decided_by_each_nodes_share_while_the_store_settles() {
     assert!(try_stream(&a, "phone").finished());
     assert_eq!((decided("store"), decided("local")), (store + 1, local + 1));
 }
+
+fn registrations(r: &Relay) -> u64 {
+    let m = http(r.handle.admin_addr, "GET", "/metrics", None, None).1;
+    m.lines()
+        .find_map(|l| l.strip_prefix("clio_relay_cluster_registrations_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_revoked_device_is_refused_right_after_a_flush_and_an_acked_revocation_stays() {
+    let redis = RedisServer::start();
+    let fake = fake(&[K1], |_| {});
+    let (a, b) = crate::pair(&fake, &redis, K1, |_| {});
+    assert_eq!(revoke(&a, "stolen").0, 200);
+    assert!(wait_until(SOON, || revoked_on(&b, "stolen")));
+    std::thread::sleep(Duration::from_millis(600)); // B's polls load it
+    // Before any node has noticed the flush: Redis has no revocation, the
+    // node's own lists still do.
+    assert!(redis.command("FLUSHALL").starts_with("+OK"));
+    assert!(revoked_on(&b, "stolen"), "no window for a revoked device");
+    // A revocation Redis took just before a flush, before any poll.
+    assert!(wait_until(SOON, || redis
+        .hget("clio:ver", "epoch")
+        .is_some()
+        && both_up(&a, &b)));
+    assert_eq!(revoke(&a, "late").0, 200);
+    assert!(redis.command("FLUSHALL").starts_with("+OK"));
+    assert!(wait_until(SOON, || redis
+        .command("SISMEMBER clio:rev:dev late")
+        .starts_with(":1")));
+    assert!(wait_until(SOON, || revoked_on(&b, "late")));
+    assert!(revoked_on(&a, "stolen") && revoked_on(&b, "stolen"));
+}
+
+#[test]
+fn an_account_version_without_a_set_does_not_loop_after_a_flush() {
+    let redis = RedisServer::start();
+    let fake = fake(&[K1], |_| {});
+    let (a, b) = crate::pair(&fake, &redis, K1, |_| {});
+    // A version whose set is gone (deleted, or evicted by maxmemory).
+    redis.command("DEL clio:accounts");
+    redis.command("HINCRBY clio:ver acct 1");
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(redis.command("FLUSHALL").starts_with("+OK"));
+    assert!(wait_until(SOON, || both_up(&a, &b)));
+    std::thread::sleep(Duration::from_secs(4));
+    let before = (registrations(&a), registrations(&b));
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(
+        (registrations(&a), registrations(&b)),
+        before,
+        "registered once after the flush, then no more"
+    );
+    assert!(both_up(&a, &b));
+}
+
+#[test]
+fn a_node_answered_settling_takes_its_share_of_an_account() {
+    let redis = RedisServer::start();
+    let fake = fake(&[K1], |_| {});
+    let (a, b) = crate::pair(&fake, &redis, K1, |c| {
+        c.accounts[0].max_concurrent_streams = 2
+    });
+    // As after a loss another node saw: neither of these saw it.
+    let until = redis.time_ms() + 600_000;
+    redis.command(&format!("HSET clio:ver settle {until} settle_nodes 3"));
+    let mut held = Vec::new();
+    for (i, r) in [&a, &a, &b, &b].iter().enumerate() {
+        held.push(open(r, &format!("dev{i}")));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        fake.active_streams() <= 2,
+        "{} streams on an account of 2",
+        fake.active_streams()
+    );
+}

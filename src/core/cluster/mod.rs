@@ -127,6 +127,9 @@ pub enum Job {
     /// Leave the fleet (this node's counts and lease are deleted) and end
     /// the thread.
     Stop,
+    /// The store answered an open "settling" (see [`OpenAnswer::Settling`]):
+    /// this node takes its shares too, though it saw no loss itself.
+    Settling,
 }
 
 /// What a stream open asks the store (see [`scripts::OPEN`]).
@@ -447,6 +450,11 @@ impl Fleet {
         let _ = self.tx.send(job);
     }
 
+    /// The store is settling: the cluster thread divides the limits.
+    fn settling(&self) {
+        self.send(Job::Settling);
+    }
+
     fn hold(self: &Arc<Self>, kind: Kind, id: &str) -> FleetHold {
         FleetHold {
             fleet: self.clone(),
@@ -542,6 +550,13 @@ impl Fleet {
             )
             .await;
         match answer {
+            // This node's lists too: a store that just lost its data has
+            // no revocations until a node gives them back (the holds
+            // taken are given back as `taken` drops).
+            OpenAnswer::Ok(_) if devices.is_revoked(claims) => {
+                self.note_open(t0);
+                Err(FleetRefusal::Device(Devices::revoked_refusal()))
+            }
             OpenAnswer::Ok(pick) => {
                 self.note_open(t0);
                 let mut permit = devices.hold(claims, limits);
@@ -570,7 +585,11 @@ impl Fleet {
                 self.note_open(t0);
                 Err(FleetRefusal::NoAccount)
             }
-            OpenAnswer::Down | OpenAnswer::Settling => self.admit_local(devices, claims, limits),
+            OpenAnswer::Down => self.admit_local(devices, claims, limits),
+            OpenAnswer::Settling => {
+                self.settling();
+                self.admit_local(devices, claims, limits)
+            }
         }
     }
 
@@ -630,7 +649,11 @@ impl Fleet {
                 l.fleet = taken.account;
                 Some(l)
             }
-            (OpenAnswer::Down | OpenAnswer::Settling, _) => self.pick_local(ring, tried, pools),
+            (OpenAnswer::Down, _) => self.pick_local(ring, tried, pools),
+            (OpenAnswer::Settling, _) => {
+                self.settling();
+                self.pick_local(ring, tried, pools)
+            }
             _ => None,
         }
     }

@@ -89,6 +89,7 @@ pub fn start(
         acct_blob: None,
         settle_until: None,
         unshared: Vec::new(),
+        recent: Vec::new(),
         unshared_accounts: None,
         audio_all: false,
         ends_id: None,
@@ -171,6 +172,9 @@ struct Worker {
     /// Revocation changes made here while the store was unreachable, sent
     /// when it answers again.
     unshared: Vec<Revocation>,
+    /// Revocation changes Redis took, with the version they made, until a
+    /// poll loads a version that has them: given back after a loss.
+    recent: Vec<(i64, Revocation)>,
     /// The account set as changed here while the store was unreachable,
     /// and the store's version it was changed from.
     unshared_accounts: Option<(Vec<u8>, i64)>,
@@ -360,7 +364,11 @@ impl Worker {
     /// How long opens wait after a loss: long enough for every node to
     /// see it (a poll) and register again (a reconnect), twice over.
     fn settle_ms(&self) -> u64 {
-        2 * (POLL + self.reconnect_wait()).as_millis() as u64
+        self.settle_ms_duration().as_millis() as u64
+    }
+
+    fn settle_ms_duration(&self) -> Duration {
+        2 * (POLL + self.reconnect_wait())
     }
 
     /// The nodes with a current lease, as the store counts them. While it
@@ -400,12 +408,19 @@ impl Worker {
         if let Some(what) = loss {
             tracing::warn!(node = %self.fleet.node_id, "the cluster store {what}; this node registers its counts again and gives back the newer revocations, account set and audio totals it knows");
             self.audio_all = true;
-        } else if epoch.is_some() {
-            // First sight of a store with an epoch.
-            self.epoch = epoch;
-            return Some((rev, acct, false));
+            // Changes Redis took that this node's lists may not show yet
+            // (no poll since): sent again after registering.
+            let recent: Vec<_> = self.recent.drain(..).map(|(_, c)| c).collect();
+            self.unshared.splice(0..0, recent);
         }
+        // Also at first sight: a store settling after a loss tells a node
+        // that started meanwhile how long.
         let (rev, acct) = self.reseed(loss.is_some())?;
+        if self.acct_ver.is_some_and(|v| acct < v) {
+            // This node had no sealed set to give (a version seen with the
+            // set deleted): the store's version is the one to go by.
+            self.acct_ver = Some(acct);
+        }
         Some((rev, acct, loss.is_some()))
     }
 
@@ -760,6 +775,12 @@ impl Worker {
         for job in batch {
             match job {
                 Job::Adjust(..) | Job::Sync(..) | Job::Released | Job::LinkFailed => {}
+                Job::Settling => {
+                    if !self.settling() {
+                        self.settle_until = Some(Instant::now() + self.settle_ms_duration());
+                        self.set_shares();
+                    }
+                }
                 Job::Open(o) => {
                     if !up || Instant::now() > o.deadline {
                         let _ = o.reply.send(OpenAnswer::Down);
@@ -869,7 +890,11 @@ impl Worker {
                         }
                     }
                 }
-                Pending::Reply(r) | Pending::Revoked(_, r) => {
+                Pending::Reply(r) => {
+                    let _ = r.try_send(Ok(()));
+                }
+                Pending::Revoked(change, r) => {
+                    self.recent.push((int(v), change));
                     let _ = r.try_send(Ok(()));
                 }
                 Pending::AccountVersion(sealed) => {
@@ -1034,6 +1059,7 @@ impl Worker {
         match r {
             Ok((d, t)) => {
                 self.rev_ver = Some(ver);
+                self.recent.retain(|(v, _)| *v > ver);
                 self.links.process.devices.replace_revoked(d, t);
             }
             Err(e) => self.failed("revocations", &e),
