@@ -223,9 +223,9 @@ fn a_revoked_device_is_refused_right_after_a_flush_and_an_acked_revocation_stays
     let (a, b) = crate::pair(&fake, &redis, K1, |_| {});
     assert_eq!(revoke(&a, "stolen").0, 200);
     assert!(wait_until(SOON, || revoked_on(&b, "stolen")));
-    std::thread::sleep(Duration::from_millis(600)); // B's polls load it
-    // Before any node has noticed the flush: Redis has no revocation, the
-    // node's own lists still do.
+    // B's polls load it. Then, before any node has noticed the flush:
+    // Redis has no revocation, the node's own lists still do.
+    std::thread::sleep(Duration::from_millis(600));
     assert!(redis.command("FLUSHALL").starts_with("+OK"));
     assert!(revoked_on(&b, "stolen"), "no window for a revoked device");
     // A revocation Redis took just before a flush, before any poll.
