@@ -317,3 +317,44 @@ fn a_rust_log_that_would_silence_everything_falls_back_to_info() {
         "RUST_LOG=clio_relay=warn: {lines:?}"
     );
 }
+
+/// A master key that does not open the key store is the configuration's
+/// fault: exit 3, which the shipped unit does not restart on
+/// (`RestartPreventExitStatus=3`), and the key is never shown.
+#[test]
+fn a_wrong_master_key_exits_3() {
+    use clio_relay::control::keystore::{KeyStore, MasterKey, StoreData};
+    let dir = std::env::temp_dir().join(format!("clio-relay-wrong-key-{}", std::process::id()));
+    let config = relay_config(&dir, "127.0.0.1:0", "127.0.0.1:0");
+    let state = dir.join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let right = "ab".repeat(32);
+    let wrong = "cd".repeat(32);
+    KeyStore::open(&state, MasterKey::from_hex(&right).unwrap())
+        .unwrap()
+        .save(&mut StoreData::default())
+        .unwrap();
+    let mut file = std::fs::read_to_string(&config).unwrap();
+    file = file.replace(
+        "[admin]\n",
+        &format!(
+            "[admin]\nstate_dir = \"{}\"\nmaster_key_env = \"CLI_WRONG_MASTER\"\n",
+            state.display()
+        ),
+    );
+    std::fs::write(&config, file).unwrap();
+    let o = Command::new(RELAY)
+        .args(["run", "--config", &config])
+        .env("CLI_EXIT_SECRET", "cli-exit-secret-0123456789abcdef0123")
+        .env("CLI_EXIT_ADMIN", "cli-exit-admin-token-0123456789")
+        .env("CLI_EXIT_KEY", "cli-exit-soniox-key")
+        .env("CLI_WRONG_MASTER", &wrong)
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_FDS")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    assert!(text(&o).contains("master key"), "{}", text(&o));
+    assert!(!text(&o).contains(&wrong), "{}", text(&o));
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -70,10 +70,28 @@ impl std::fmt::Display for CliError {
 
 impl std::error::Error for CliError {}
 
+/// A start-up failure that is the configuration's (a master key that
+/// does not open the key store): carried in an `io::Error` from the
+/// server's start, and exit 3 like an invalid file, so systemd's
+/// `RestartPreventExitStatus=3` does not retry it.
+#[derive(Debug)]
+pub struct ConfigFault(pub String);
+
+impl std::fmt::Display for ConfigFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigFault {}
+
 impl From<std::io::Error> for CliError {
-    /// A port taken is [`CliError::PortInUse`]; any other I/O failure is
-    /// [`CliError::Failed`].
+    /// A port taken is [`CliError::PortInUse`], a [`ConfigFault`] is
+    /// [`CliError::Config`]; any other I/O failure is [`CliError::Failed`].
     fn from(e: std::io::Error) -> Self {
+        if let Some(fault) = e.get_ref().and_then(|i| i.downcast_ref::<ConfigFault>()) {
+            return CliError::Config(fault.0.clone());
+        }
         if e.kind() == std::io::ErrorKind::AddrInUse {
             CliError::PortInUse(e.to_string())
         } else {

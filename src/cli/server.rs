@@ -174,10 +174,15 @@ pub fn start_joining(
         ),
         Some(k) => {
             let store_err = |e: crate::control::keystore::StoreError| {
-                std::io::Error::other(format!(
-                    "key store in {}: {e}",
-                    cfg.admin.state_dir.display()
-                ))
+                use crate::control::keystore::StoreError;
+                let what = format!("key store in {}: {e}", cfg.admin.state_dir.display());
+                match e {
+                    // The file's doing, not the machine's: retrying cannot help.
+                    StoreError::WrongMasterKey | StoreError::BadMasterKey(_) => {
+                        std::io::Error::other(super::ConfigFault(what))
+                    }
+                    _ => std::io::Error::other(what),
+                }
             };
             let master =
                 crate::control::keystore::MasterKey::from_hex(k.expose()).map_err(store_err)?;
