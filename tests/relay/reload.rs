@@ -124,26 +124,23 @@ fn sighup_applies_the_new_file_and_refuses_a_broken_one() {
     // A broken file is refused, the running configuration kept.
     write_config(&cfg, &fake.url(), two, "[limits]\nbogus_key = 1\n");
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
-    let refused = (0..50).find_map(|_| {
-        log_rx
-            .recv_timeout(Duration::from_millis(200))
-            .ok()
-            .filter(|l| l.contains("reload refused"))
-    });
-    let refused = refused.expect("the refusal is logged");
+    // The first log line holding `needle` within 10 s.
+    let logged = |needle: &str| {
+        (0..50).find_map(|_| {
+            log_rx
+                .recv_timeout(Duration::from_millis(200))
+                .ok()
+                .filter(|l| l.contains(needle))
+        })
+    };
+    let refused = logged("reload refused").expect("the refusal is logged");
     assert!(refused.contains("bogus_key"), "{refused}");
     assert_eq!(ids(), vec!["a:3", "b:10"]);
 
     // A setting that needs a restart is kept, with a WARN saying so.
     write_config(&cfg, &fake.url(), two, "state_dir = \"elsewhere\"\n");
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
-    let kept = (0..50).find_map(|_| {
-        log_rx
-            .recv_timeout(Duration::from_millis(200))
-            .ok()
-            .filter(|l| l.contains("admin.state_dir"))
-    });
-    let kept = kept.expect("the kept state_dir is logged");
+    let kept = logged("admin.state_dir").expect("the kept state_dir is logged");
     assert!(
         kept.contains("WARN") && kept.contains("needs a restart"),
         "{kept}"
