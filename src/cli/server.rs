@@ -521,6 +521,11 @@ pub fn run(path: &std::path::Path, join_client_port: bool) -> Result<(), crate::
     set.thread_block().map_err(std::io::Error::from)?;
     let cfg = Config::load(path)
         .map_err(|e| crate::cli::CliError::Config(format!("{}: {e}", path.display())))?;
+    // What check-config would warn about: the journal is where an operator
+    // who never ran it looks.
+    for w in cfg.warnings() {
+        tracing::warn!(warning = %w, "config: valid, but probably not meant");
+    }
     if !sockets.is_empty() {
         tracing::info!(
             client = sockets.client.is_some(),
@@ -548,9 +553,19 @@ pub fn run(path: &std::path::Path, join_client_port: bool) -> Result<(), crate::
                         for p in &e.problems {
                             tracing::error!(problem = %p, "SIGHUP: reload refused, the running configuration is kept");
                         }
+                        if e.unset_env {
+                            tracing::warn!(
+                                "SIGHUP: a running relay reads its environment only when it starts: \
+                                 a variable set since takes a restart; a *_file is read again at \
+                                 each reload (an account's key also changes with `clio-relay keys rotate`)"
+                            );
+                        }
                     }
                     Ok(new) => match relay.reload(&new) {
                         Ok(changes) => {
+                            for w in new.warnings() {
+                                tracing::warn!(warning = %w, "SIGHUP: config valid, but probably not meant");
+                            }
                             drain_timeout = new.limits.drain_timeout;
                             for c in changes {
                                 if c.starts_with("unchanged: ") {

@@ -115,12 +115,27 @@ pub fn parse_duration(s: &str) -> Result<Duration, DurationError> {
 pub struct ConfigError {
     /// One human-readable line per problem.
     pub problems: Vec<String>,
+    /// A problem is an environment variable (`key_env`, `secret_env`, ...)
+    /// that is not set or empty. A running relay reads its environment
+    /// only when it starts, so at a reload this may be one set since, which
+    /// the reload cannot see: the SIGHUP log says so.
+    pub unset_env: bool,
 }
 
 impl ConfigError {
     fn one(problem: String) -> Self {
         ConfigError {
             problems: vec![problem],
+            unset_env: false,
+        }
+    }
+}
+
+impl From<Problems> for ConfigError {
+    fn from(p: Problems) -> Self {
+        ConfigError {
+            problems: p.lines,
+            unset_env: p.unset_env,
         }
     }
 }
@@ -167,6 +182,8 @@ impl std::error::Error for DurationError {
 struct Problems {
     lines: Vec<String>,
     keys: HashSet<String>,
+    /// One of them is an environment variable not set or empty.
+    unset_env: bool,
 }
 
 impl Problems {
@@ -260,7 +277,7 @@ impl Config {
         if p.lines.is_empty() {
             Ok(())
         } else {
-            Err(ConfigError { problems: p.lines })
+            Err(p.into())
         }
     }
 

@@ -35,6 +35,85 @@ impl Drop for Reaped {
     }
 }
 
+/// The `clio-relay` binary serving the file at `cfg`, with the token
+/// secret `secret`, the admin token and its log at INFO.
+struct RelayProcess {
+    child: Reaped,
+    client: std::net::SocketAddr,
+    admin: std::net::SocketAddr,
+    /// The lines logged before it listened, the listening line last.
+    start: Vec<String>,
+    /// The lines logged since.
+    log: std::sync::mpsc::Receiver<String>,
+}
+
+impl RelayProcess {
+    fn spawn(cfg: &std::path::Path, secret: &Secret) -> RelayProcess {
+        let mut child = Reaped(
+            Command::new(env!("CARGO_BIN_EXE_clio-relay"))
+                .args(["run", "--config", cfg.to_str().unwrap()])
+                .env("RELOAD_TEST_SECRET", secret.expose())
+                .env("RELOAD_TEST_ADMIN", ADMIN)
+                .env("RUST_LOG", "info")
+                .env_remove(UNSET)
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        let mut lines = BufReader::new(child.0.stderr.take().unwrap()).lines();
+        let mut start = Vec::new();
+        for l in lines.by_ref().map_while(Result::ok) {
+            let listening = l.contains("listening");
+            start.push(l);
+            if listening {
+                break;
+            }
+        }
+        let listening = start.last().filter(|l| l.contains("listening"));
+        let listening = listening.expect("relay starts").clone();
+        let field = |name: &str| -> std::net::SocketAddr {
+            let at = listening.find(&format!("{name}=")).unwrap() + name.len() + 1;
+            listening[at..]
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        let (log_tx, log) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in lines.map_while(Result::ok) {
+                let _ = log_tx.send(l);
+            }
+        });
+        RelayProcess {
+            client: field("client"),
+            admin: field("admin"),
+            child,
+            start,
+            log,
+        }
+    }
+
+    fn sighup(&self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.0.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    }
+
+    /// The first log line holding `needle` within 10 s.
+    fn logged(&self, needle: &str) -> Option<String> {
+        (0..50).find_map(|_| {
+            self.log
+                .recv_timeout(Duration::from_millis(200))
+                .ok()
+                .filter(|l| l.contains(needle))
+        })
+    }
+}
+
+/// An environment variable the relay processes here never have.
+const UNSET: &str = "RELOAD_TEST_UNSET_KEY";
+
 #[test]
 fn sighup_applies_the_new_file_and_refuses_a_broken_one() {
     let fake = fake(&["k1", "k2"], |_| {});
@@ -46,38 +125,8 @@ fn sighup_applies_the_new_file_and_refuses_a_broken_one() {
     let one = "[[account]]\nid = \"a\"\nkey_file = \"k1\"\n";
     write_config(&cfg, &fake.url(), one, "");
     let secret = secret();
-    let mut child = Reaped(
-        Command::new(env!("CARGO_BIN_EXE_clio-relay"))
-            .args(["run", "--config", cfg.to_str().unwrap()])
-            .env("RELOAD_TEST_SECRET", secret.expose())
-            .env("RELOAD_TEST_ADMIN", ADMIN)
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let mut lines = BufReader::new(child.0.stderr.take().unwrap()).lines();
-    let listening = lines
-        .by_ref()
-        .map_while(Result::ok)
-        .find(|l| l.contains("listening"))
-        .expect("relay starts");
-    let field = |name: &str| -> std::net::SocketAddr {
-        let at = listening.find(&format!("{name}=")).unwrap() + name.len() + 1;
-        listening[at..]
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
-    let (client, admin) = (field("client"), field("admin"));
-    let (log_tx, log_rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for l in lines.map_while(Result::ok) {
-            let _ = log_tx.send(l);
-        }
-    });
+    let mut relay = RelayProcess::spawn(&cfg, &secret);
+    let (client, admin) = (relay.client, relay.admin);
     let ids = || -> Vec<String> {
         let (_, body) = http(admin, "GET", "/admin/accounts", Some(ADMIN), None);
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -113,8 +162,7 @@ fn sighup_applies_the_new_file_and_refuses_a_broken_one() {
 
     let two = "[[account]]\nid = \"a\"\nkey_file = \"k1\"\nmax_concurrent_streams = 3\n[[account]]\nid = \"b\"\nkey_file = \"k2\"\n";
     write_config(&cfg, &fake.url(), two, "");
-    let pid = nix::unistd::Pid::from_raw(child.0.id() as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    relay.sighup();
     assert!(
         wait_until(Duration::from_secs(5), || ids() == vec!["a:3", "b:10"]),
         "{:?}",
@@ -123,24 +171,19 @@ fn sighup_applies_the_new_file_and_refuses_a_broken_one() {
 
     // A broken file is refused, the running configuration kept.
     write_config(&cfg, &fake.url(), two, "[limits]\nbogus_key = 1\n");
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
-    // The first log line holding `needle` within 10 s.
-    let logged = |needle: &str| {
-        (0..50).find_map(|_| {
-            log_rx
-                .recv_timeout(Duration::from_millis(200))
-                .ok()
-                .filter(|l| l.contains(needle))
-        })
-    };
-    let refused = logged("reload refused").expect("the refusal is logged");
+    relay.sighup();
+    let refused = relay
+        .logged("reload refused")
+        .expect("the refusal is logged");
     assert!(refused.contains("bogus_key"), "{refused}");
     assert_eq!(ids(), vec!["a:3", "b:10"]);
 
     // A setting that needs a restart is kept, with a WARN saying so.
     write_config(&cfg, &fake.url(), two, "state_dir = \"elsewhere\"\n");
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
-    let kept = logged("admin.state_dir").expect("the kept state_dir is logged");
+    relay.sighup();
+    let kept = relay
+        .logged("admin.state_dir")
+        .expect("the kept state_dir is logged");
     assert!(
         kept.contains("WARN") && kept.contains("needs a restart"),
         "{kept}"
@@ -161,8 +204,62 @@ fn sighup_applies_the_new_file_and_refuses_a_broken_one() {
         .find(|s| s.key.as_deref() == Some("k1"));
     assert_eq!(stream.expect("the stream's session").audio, frames.concat());
 
+    let pid = nix::unistd::Pid::from_raw(relay.child.0.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    assert!(child.0.wait().unwrap().success());
+    assert!(relay.child.0.wait().unwrap().success());
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A running process's environment never changes: an account's `key_env`
+/// variable set after the start is not seen by a reload. The log said
+/// nothing of it: a disabled account whose variable is unset was left out
+/// without a word, at the start and at a reload, and a reload refused for
+/// an unset variable did not say why setting it had not helped.
+#[test]
+fn the_log_says_a_key_env_set_after_the_start_takes_a_restart() {
+    let fake = fake(&["k1"], |_| {});
+    let dir = std::env::temp_dir().join(format!("clio-reload-env-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("k1"), "k1\n").unwrap();
+    let cfg = dir.join("relay.toml");
+    let a = "[[account]]\nid = \"a\"\nkey_file = \"k1\"\n";
+    let b = format!("[[account]]\nid = \"b\"\nkey_env = \"{UNSET}\"\n");
+    let disabled_b = format!("{a}{b}enabled = false\n");
+    write_config(&cfg, &fake.url(), &disabled_b, "");
+    let relay = RelayProcess::spawn(&cfg, &secret());
+    let left_out =
+        |l: &String| l.contains("WARN") && l.contains("account \"b\"") && l.contains("restart");
+    assert!(relay.start.iter().any(left_out), "{:?}", relay.start);
+
+    // Enabled, it needs its key: the reload is refused, and the log says a
+    // variable set since the start cannot be seen.
+    write_config(&cfg, &fake.url(), &format!("{a}{b}"), "");
+    relay.sighup();
+    let refused = relay
+        .logged("reload refused")
+        .expect("the refusal is logged");
+    assert!(
+        refused.contains(&format!("{UNSET} is not set")),
+        "{refused}"
+    );
+    let why = relay.logged("environment").expect("the reason is logged");
+    assert!(
+        why.contains("WARN") && why.contains("only when it starts"),
+        "{why}"
+    );
+
+    // Disabled again, a reload applies the file and warns it is left out.
+    write_config(
+        &cfg,
+        &fake.url(),
+        &format!("{disabled_b}max_concurrent_streams = 3\n"),
+        "",
+    );
+    relay.sighup();
+    let warned = relay
+        .logged("account \"b\"")
+        .expect("the warning is logged");
+    assert!(left_out(&warned), "{warned}");
     std::fs::remove_dir_all(&dir).ok();
 }
 

@@ -31,7 +31,7 @@ pub(super) fn load_tokens(
     }
     match tokens {
         Some(t) if p.lines.is_empty() => Ok((t, tiers)),
-        _ => Err(ConfigError { problems: p.lines }),
+        _ => Err(p.into()),
     }
 }
 
@@ -67,7 +67,7 @@ pub(super) fn load_admin_client(
         None if p.lines.is_empty() => Err(ConfigError::one(
             "admin: no admin token (admin.token_env or admin.token_file)".to_string(),
         )),
-        _ => Err(ConfigError { problems: p.lines }),
+        _ => Err(p.into()),
     }
 }
 
@@ -410,7 +410,7 @@ fn resolve(raw: RawFile, base: &Path) -> Result<Config, ConfigError> {
     if p.lines.is_empty() {
         Ok(config)
     } else {
-        Err(ConfigError { problems: p.lines })
+        Err(p.into())
     }
 }
 
@@ -854,11 +854,13 @@ fn resolve_secret(
             match std::env::var(&var) {
                 Ok(v) if v.is_empty() => {
                     p.push(section, format!("{shown} is empty"));
+                    p.unset_env = true;
                     return None;
                 }
                 Ok(v) => v,
                 Err(std::env::VarError::NotPresent) => {
                     p.push(section, format!("{shown} is not set"));
+                    p.unset_env = true;
                     return None;
                 }
                 Err(std::env::VarError::NotUnicode(_)) => {
