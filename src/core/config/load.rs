@@ -637,10 +637,24 @@ fn resolve_admin(a: RawAdmin, base: &Path, p: &mut Problems) -> AdminConfig {
         .master_key_file
         .as_ref()
         .filter(|_| a.master_key_env.is_none())
-        .and_then(|f| raw_master_key(&base.join(f)));
+        .map(|f| base.join(f))
+        .map(|path| {
+            let raw = raw_master_key(&path);
+            (path, raw)
+        });
     let master_key = match raw {
-        Some(k) => Some(k),
-        None => resolve_secret(
+        Some((_, RawKey::Key(k))) => Some(k),
+        Some((path, RawKey::NotText(len))) => {
+            p.push(
+                "admin",
+                format!(
+                    "master_key_file {}: {len} bytes that are not text: {MASTER_KEY_FORMS}",
+                    path.display()
+                ),
+            );
+            None
+        }
+        Some((_, RawKey::Text)) | None => resolve_secret(
             "admin",
             ("master_key_env", a.master_key_env),
             ("master_key_file", a.master_key_file),
@@ -653,10 +667,7 @@ fn resolve_admin(a: RawAdmin, base: &Path, p: &mut Problems) -> AdminConfig {
     if let Some(k) = &master_key {
         let k = k.expose().trim();
         if k.len() != 64 || !k.bytes().all(|b| b.is_ascii_hexdigit()) {
-            p.push(
-                "admin.master_key",
-                "must be 64 hex digits (`openssl rand -hex 32`), or a master_key_file of exactly 32 raw bytes",
-            );
+            p.push("admin.master_key", MASTER_KEY_FORMS);
         }
     }
     let allow = networks("admin.allow", a.allow, p);
@@ -777,9 +788,6 @@ fn resolve_cluster(
     }
 }
 
-/// Reads a secret given as `<env>` or `<file>` under `section`. Returns
-/// `None` when the configuration is wrong (problem recorded), `Some(None)`
-/// when an optional secret is absent, `Some(Some(secret))` otherwise.
 /// What the relay's HTTP client would refuse in `url` when it is used,
 /// found at load time: a scheme other than `http`/`https`, credentials
 /// (`user:password@`, which it never sends), no host. Never quotes the URL.
@@ -801,20 +809,45 @@ fn check_http_url(url: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// A master key file of exactly 32 bytes that are not hex digits (what
-/// `systemd-creds` or `head -c 32 /dev/urandom` write): the key, as the 64
-/// hex digits the rest of the relay reads. `None` for any other file.
-fn raw_master_key(path: &Path) -> Option<Secret> {
-    let mut bytes = std::fs::read(path).ok()?;
+/// The two forms of a master key the relay takes.
+const MASTER_KEY_FORMS: &str =
+    "must be 64 hex digits (`openssl rand -hex 32`), or a master_key_file of exactly 32 raw bytes";
+
+/// What a `master_key_file` holds.
+enum RawKey {
+    /// Exactly 32 bytes that are not hex digits (what `systemd-creds` or
+    /// `head -c 32 /dev/urandom` write): the key, as the 64 hex digits the
+    /// rest of the relay reads.
+    Key(Secret),
+    /// Bytes that are not text, of another length: no key (how many).
+    NotText(usize),
+    /// Text, or a file that cannot be read: read as any other secret file.
+    Text,
+}
+
+fn raw_master_key(path: &Path) -> RawKey {
+    let Ok(mut bytes) = std::fs::read(path) else {
+        return RawKey::Text;
+    };
     let hex_text = bytes
         .iter()
         .all(|b| b.is_ascii_hexdigit() || b.is_ascii_whitespace());
-    let key = (bytes.len() == 32 && !hex_text)
-        .then(|| Secret::new(bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()));
+    let key = if bytes.len() == 32 && !hex_text {
+        RawKey::Key(Secret::new(
+            bytes.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+        ))
+    } else if std::str::from_utf8(&bytes).is_err() {
+        RawKey::NotText(bytes.len())
+    } else {
+        RawKey::Text
+    };
     bytes.iter_mut().for_each(|b| *b = 0);
     key
 }
 
+/// Reads a secret given as `<env>` or `<file>` under `section`. Returns
+/// `None` when the configuration is wrong (problem recorded), `Some(None)`
+/// when an optional secret is absent, `Some(Some(secret))` otherwise.
 fn resolve_secret(
     section: &str,
     (env_key, env): (&str, Option<String>),

@@ -1084,6 +1084,24 @@ fn a_master_key_file_may_hold_32_raw_bytes() {
     let e = Config::from_toml_str(&text("half.key"), &dir).unwrap_err();
     assert!(e.to_string().contains("must be 64 hex digits"), "{e}");
     assert!(!e.to_string().contains("0123456789abcdef"), "{e}");
+    // Raw bytes of another length (a credential of 16 or 64 bytes, or one
+    // with a newline added) are neither either, and the message says what
+    // is taken, not only that they are not text.
+    for len in [16, 33, 64] {
+        let bytes: Vec<u8> = (0..len)
+            .map(|i| (i as u8).wrapping_mul(37) ^ 0xa5)
+            .collect();
+        std::fs::write(dir.join("raw.key"), &bytes).unwrap();
+        let e = Config::from_toml_str(&text("raw.key"), &dir).unwrap_err();
+        assert_eq!(e.problems.len(), 1, "{e}");
+        assert!(
+            e.to_string().contains(&format!(
+                "{len} bytes that are not text: must be 64 hex digits (`openssl rand -hex 32`), \
+                 or a master_key_file of exactly 32 raw bytes"
+            )),
+            "{len}: {e}"
+        );
+    }
 }
 
 /// A URL the HTTP client would refuse at its first use is refused at load
