@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::raw::*;
+use super::url::UrlProblem;
 use super::validate::{check_token_secret, validate_semantics, validate_tokens};
 use super::*;
 
@@ -790,23 +791,31 @@ fn resolve_cluster(
 
 /// What the relay's HTTP client would refuse in `url` when it is used,
 /// found at load time: a scheme other than `http`/`https`, credentials
-/// (`user:password@`, which it never sends), no host. Never quotes the URL.
+/// (`user:password@`, which it never sends), no host, a port that is not
+/// 1 to 65535. Its authority is read as `upstream.url`'s is (one parser).
+/// Never quotes the URL: a webhook may hold a secret in its path.
 fn check_http_url(url: &str) -> Result<(), &'static str> {
-    let rest = url
-        .strip_prefix("https://")
-        .or_else(|| url.strip_prefix("http://"))
-        .ok_or("must start with http:// or https://")?;
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-    if authority.contains('@') {
-        return Err(
+    let as_ws = if let Some(rest) = url.strip_prefix("https://") {
+        format!("wss://{rest}")
+    } else if let Some(rest) = url.strip_prefix("http://") {
+        format!("ws://{rest}")
+    } else {
+        return Err("must start with http:// or https://");
+    };
+    let Err(e) = parse_ws_url(&as_ws) else {
+        return Ok(());
+    };
+    Err(match e.problem {
+        UrlProblem::Credentials => {
             "must not hold credentials (user:password@): the relay sends none; \
-                    a webhook that needs a secret can take it in the URL's path or query",
-        );
-    }
-    if authority.is_empty() || authority.starts_with(':') {
-        return Err("has no host");
-    }
-    Ok(())
+             a webhook that needs a secret can take it in the URL's path or query"
+        }
+        UrlProblem::NoHost => "has no host",
+        UrlProblem::Port => "has an invalid port (not a number from 1 to 65535)",
+        UrlProblem::UnclosedIpv6 => "has an unclosed IPv6 address",
+        UrlProblem::Fragment => "must not have a fragment (#...): it is never sent",
+        UrlProblem::Scheme => "must start with http:// or https://",
+    })
 }
 
 /// The two forms of a master key the relay takes.

@@ -1124,6 +1124,25 @@ fn http_urls_with_credentials_or_no_host_are_refused_at_load() {
         "[admin]\nrest_url = \"https://u:p@api.example\"\n",
     ));
     assert_has(&p, "admin.rest_url: must not hold credentials");
+    // A port the client cannot connect to, or an authority it reads
+    // otherwise (an unclosed IPv6 bracket, a fragment that would hide a
+    // user info), passed the load and failed at the first alert too.
+    for (url, problem) in [
+        ("https://hooks.example:99999/s3cret", "has an invalid port"),
+        ("https://hooks.example:https/s3cret", "has an invalid port"),
+        ("https://[::1/s3cret", "has an unclosed IPv6 address"),
+        (
+            "https://hooks.example#s3cret@x/",
+            "must not have a fragment",
+        ),
+    ] {
+        let p = problems(&minimal(
+            "HOOKPORT",
+            &format!("[alerts]\nwebhook_url = \"{url}\"\n"),
+        ));
+        assert_has(&p, &format!("alerts.webhook_url: {problem}"));
+        assert!(!p.iter().any(|l| l.contains("s3cret")), "{p:?}");
+    }
     let ok = minimal(
         "HOOKOK",
         "[alerts]\nwebhook_url = \"https://hooks.example/T0/B0/secret-in-path?x=1\"\n",
