@@ -152,46 +152,72 @@ fn main() -> ExitCode {
 fn init_logging(quiet: bool) {
     let default = if quiet { "warn" } else { "info" };
     let asked = std::env::var("RUST_LOG").unwrap_or_default();
-    let (filter, unread) = match log_filter(&asked) {
-        Ok(Some(f)) => (f, None),
-        Ok(None) => (tracing_subscriber::EnvFilter::new(default), None),
-        Err(why) => (tracing_subscriber::EnvFilter::new(default), Some(why)),
-    };
+    let (filter, note) = log_filter(&asked, default);
     use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    if let Some(why) = unread {
-        tracing::warn!(rust_log = %asked, "RUST_LOG not used ({why}); logging at {default}");
+    if let Some(note) = note {
+        tracing::warn!(rust_log = %asked, "RUST_LOG {note}");
     }
 }
 
-/// The filter `RUST_LOG` asks for: `None` when it is empty (the default
-/// applies), an error when a directive would not do what it seems to. A
-/// bare word is a target (a module) in `RUST_LOG`'s syntax, so `warning`
-/// or `inof` would silence every line, ERROR included: one that is not a
-/// level must name a module (`::` or `_` in it, or a crate that logs).
-fn log_filter(asked: &str) -> Result<Option<tracing_subscriber::EnvFilter>, String> {
+/// The filter for `RUST_LOG` (`asked`), and why when it is not the one
+/// asked for. Empty, it is `default`. A directive that would not do what
+/// it seems to gives `default`: a bare word is a target (a module) in
+/// `RUST_LOG`'s syntax, so `warning` or `inof` would silence every line,
+/// ERROR included; one that is not a level must name a module (`::` or
+/// `_` in it, or a crate that logs). And a filter with no level for every
+/// line that names no module of the relay (`clio_relay`, a prefix of it,
+/// or one within it), such as `clio-relay=debug` or `glommio=debug`,
+/// would turn all its own lines off: `default` is added for them.
+fn log_filter(asked: &str, default: &str) -> (tracing_subscriber::EnvFilter, Option<String>) {
+    use tracing_subscriber::EnvFilter;
     const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
     const CRATES: [&str; 5] = ["glommio", "rustls", "tungstenite", "redis", "mimalloc"];
+    const OURS: &str = "clio_relay";
     if asked.trim().is_empty() {
-        return Ok(None);
+        return (EnvFilter::new(default), None);
     }
+    let unused = |why: String| {
+        let note = format!("not used ({why}); logging at {default}");
+        (EnvFilter::new(default), Some(note))
+    };
+    let is_level = |d: &str| {
+        LEVELS.iter().any(|l| l.eq_ignore_ascii_case(d)) || d.parse::<u8>().is_ok_and(|n| n <= 5)
+    };
+    let mut names_us = false;
     for d in asked.split(',').map(str::trim).filter(|d| !d.is_empty()) {
         let bare = !d.contains(['=', '[']);
-        let level = LEVELS.iter().any(|l| l.eq_ignore_ascii_case(d))
-            || d.parse::<u8>().is_ok_and(|n| n <= 5);
         let module = d.contains("::") || d.contains('_') || CRATES.contains(&d);
-        if bare && !level && !module {
-            return Err(format!(
+        if bare && !is_level(d) && !module {
+            return unused(format!(
                 "`{d}` is neither a level ({}) nor a module of this program",
                 LEVELS.join(", ")
             ));
         }
+        // A target matches the lines whose module path starts with it.
+        let target = d.split(['=', '[']).next().unwrap_or("");
+        names_us |= (bare && is_level(d))
+            || (!target.is_empty()
+                && (OURS.starts_with(target) || target.starts_with(&format!("{OURS}::"))));
     }
-    tracing_subscriber::EnvFilter::try_new(asked)
-        .map(Some)
-        .map_err(|e| e.to_string())
+    let filter = if names_us {
+        asked.to_string()
+    } else {
+        format!("{default},{asked}")
+    };
+    match EnvFilter::try_new(filter) {
+        Err(e) => unused(e.to_string()),
+        Ok(f) if names_us => (f, None),
+        Ok(f) => (
+            f,
+            Some(format!(
+                "sets no level for every line and names no module of this relay ({OURS}), \
+                 which would turn all its lines off; {default} added for them"
+            )),
+        ),
+    }
 }
