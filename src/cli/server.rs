@@ -325,9 +325,9 @@ impl RelayHandle {
     /// Applies a re-read config (what SIGHUP does): accounts, limits, token
     /// secrets and admin settings change live, nothing in flight is dropped.
     /// Settings that need a restart (listen addresses, shards, upstream,
-    /// pools, the state directory, the master key, the cluster) are
-    /// reported and kept. Returns one line per change; those of settings
-    /// kept start with `unchanged: `.
+    /// pools, the REST base, the state directory, the master key, the
+    /// cluster) are reported and kept. Returns one line per change; those
+    /// of settings kept start with `unchanged: `.
     pub fn reload(&self, cfg: &Config) -> Result<Vec<String>, ReloadError> {
         let old = &self.started_with;
         let mut kept = Vec::new();
@@ -341,6 +341,11 @@ impl RelayHandle {
         if cfg.admin.master_key != old.admin.master_key {
             kept.push("admin.master_key (restart to change)".to_string());
             cfg.admin.master_key.clone_from(&old.admin.master_key);
+        }
+        // Health checks and usage reconciliation were set up with it.
+        if cfg.admin.rest_url != old.admin.rest_url {
+            kept.push("admin.rest_url (restart to change)".to_string());
+            cfg.admin.rest_url.clone_from(&old.admin.rest_url);
         }
         if cfg.cluster != old.cluster {
             kept.push("[cluster] (restart to change)".to_string());

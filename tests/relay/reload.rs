@@ -189,6 +189,22 @@ fn sighup_applies_the_new_file_and_refuses_a_broken_one() {
         "{kept}"
     );
     assert!(!dir.join("elsewhere").exists());
+    // So is the REST base health checks and reconciliation were set up
+    // with (it was silently not applied).
+    write_config(
+        &cfg,
+        &fake.url(),
+        two,
+        "rest_url = \"https://api.elsewhere.example\"\n",
+    );
+    relay.sighup();
+    let kept = relay
+        .logged("admin.rest_url")
+        .expect("the kept rest_url is logged");
+    assert!(
+        kept.contains("WARN") && kept.contains("needs a restart"),
+        "{kept}"
+    );
 
     // The stream opened before both reloads finishes with every frame.
     for f in &frames[5..] {
