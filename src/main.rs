@@ -16,7 +16,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 ///
 /// `clio-relay --config FILE` with no command runs the relay (`run`).
 #[derive(Parser, Debug)]
-#[command(name = "clio-relay", version, about, long_about)]
+#[command(name = "clio-relay", version, about, long_about, after_help = EXIT_STATUS)]
 struct Cli {
     /// The relay's TOML config file (see config/example.toml).
     #[arg(long, short = 'c', global = true, value_name = "FILE")]
@@ -24,6 +24,18 @@ struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
 }
+
+/// What each exit status means (README's table; `CliError::exit_code`).
+const EXIT_STATUS: &str = "\
+Exit status:
+  0  done (run: stopped by SIGTERM or SIGINT)
+  1  the command started and then failed
+  2  the command line (a missing --config, an unknown flag, a tier, pool or TTL the file does not allow)
+  3  the config file is missing, unreadable or invalid, or its master key does not open the key store
+     (the systemd unit does not restart on it: RestartPreventExitStatus=3)
+  4  a port the relay needs is taken
+  5  keys: the relay's admin API could not be reached
+  6  keys: the admin API answered and refused";
 
 #[derive(Subcommand, Debug)]
 enum Command {

@@ -57,6 +57,16 @@ fn subcommand_help_says_what_config_is() {
     assert!(t.contains("with no command runs the relay"), "{t}");
     // What it says check-config exits with is what it does.
     assert!(t.contains("exit 3 with one line per problem"), "{t}");
+    // Every exit status is listed, the one systemd does not retry with
+    // both its causes (each_kind_of_failure_has_its_own_exit_status and
+    // a_wrong_master_key_exits_3 check the statuses themselves).
+    for status in 0..=6 {
+        assert!(t.contains(&format!("\n  {status}  ")), "{status}:\n{t}");
+    }
+    assert!(
+        t.contains("or its master key does not open the key store"),
+        "{t}"
+    );
     let bad = std::env::temp_dir().join(format!("clio-relay-help-{}.toml", std::process::id()));
     std::fs::write(
         &bad,
