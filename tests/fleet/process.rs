@@ -6,6 +6,8 @@ use std::process::{Child, Command, Stdio};
 
 use clio_relay::core::secret::Secret;
 
+use crate::util::listening_addr;
+
 pub struct Node {
     child: Child,
     pub client: SocketAddr,
@@ -59,15 +61,7 @@ impl Node {
             .map_while(Result::ok)
             .find(|l| l.contains("listening"))
             .expect("relay starts");
-        let field = |name: &str| -> SocketAddr {
-            let at = listening.find(&format!("{name}=")).unwrap() + name.len() + 1;
-            listening[at..]
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .parse()
-                .unwrap()
-        };
+        let field = |name: &str| listening_addr(&listening, name);
         let (client, admin) = (field("client"), field("admin"));
         // Keep reading so the relay never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines.map_while(Result::ok) {});

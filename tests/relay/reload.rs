@@ -71,15 +71,7 @@ impl RelayProcess {
         }
         let listening = start.last().filter(|l| l.contains("listening"));
         let listening = listening.expect("relay starts").clone();
-        let field = |name: &str| -> std::net::SocketAddr {
-            let at = listening.find(&format!("{name}=")).unwrap() + name.len() + 1;
-            listening[at..]
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .parse()
-                .unwrap()
-        };
+        let field = |name: &str| listening_addr(&listening, name);
         let (log_tx, log) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for l in lines.map_while(Result::ok) {

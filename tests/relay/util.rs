@@ -118,6 +118,18 @@ impl Relay {
     }
 }
 
+/// The address `name=` gives in the relay's "clio-relay listening" log
+/// line (`client` or `admin`).
+pub fn listening_addr(line: &str, name: &str) -> std::net::SocketAddr {
+    let at = line.find(&format!("{name}=")).unwrap() + name.len() + 1;
+    line[at..]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
 pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + limit;
     while Instant::now() < end {
