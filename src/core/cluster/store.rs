@@ -16,6 +16,10 @@ use crate::core::config::ClusterConfig;
 use crate::core::devices::utc_day;
 use crate::dataplane::shard::{ProcessState, ShardMsg};
 
+mod recovery;
+
+use recovery::{version, Revocation};
+
 /// How often the thread looks for revocations, account changes and "end"
 /// requests other nodes made (well under the one-second promise).
 pub const POLL: Duration = Duration::from_millis(200);
@@ -196,42 +200,6 @@ struct Worker {
     release_at: Option<Instant>,
 }
 
-/// A revocation change (see [`Job::Revoke`]).
-#[derive(Clone)]
-struct Revocation {
-    device: Option<String>,
-    token: Option<String>,
-    end_live: bool,
-    lift: bool,
-}
-
-impl Revocation {
-    /// Adds the change to `pipe`, its version bump last.
-    fn add_to(&self, pipe: &mut redis::Pipeline) {
-        let op = if self.lift { "SREM" } else { "SADD" };
-        if let Some(d) = &self.device {
-            pipe.cmd(op).arg("clio:rev:dev").arg(d).ignore();
-        }
-        if let Some(t) = &self.token {
-            pipe.cmd(op).arg("clio:rev:tok").arg(t).ignore();
-        }
-        if self.end_live && !self.lift {
-            pipe.cmd("XADD")
-                .arg("clio:ends")
-                .arg("MAXLEN")
-                .arg("~")
-                .arg(1000)
-                .arg("*")
-                .arg("device")
-                .arg(self.device.as_deref().unwrap_or(""))
-                .arg("token")
-                .arg(self.token.as_deref().unwrap_or(""))
-                .ignore();
-        }
-        pipe.cmd("HINCRBY").arg("clio:ver").arg("rev").arg(1);
-    }
-}
-
 type UsageChunk = Vec<(
     (u64, crate::core::usage::GroupBy, String),
     crate::core::usage::Totals,
@@ -343,187 +311,6 @@ impl Worker {
             } else if !self.rejoining {
                 tracing::error!(node = %self.fleet.node_id, on_store_down = ?self.fleet.on_store_down, "cluster store unreachable; live streams go on");
             }
-        }
-    }
-
-    /// While the store is down or settling, each node takes its share of
-    /// every account's limit; otherwise the whole limit is the fleet's.
-    fn set_shares(&self) {
-        let whole = self.fleet.store_up() && !self.settling();
-        let share = if whole { 1 } else { self.fleet.nodes() };
-        for a in self.links.process.accounts() {
-            a.set_share(share);
-        }
-    }
-
-    /// Whether the store is settling after a loss (see [`scripts::RESEED`]).
-    fn settling(&self) -> bool {
-        self.settle_until.is_some_and(|t| Instant::now() < t)
-    }
-
-    /// How long opens wait after a loss: long enough for every node to
-    /// see it (a poll) and register again (a reconnect), twice over.
-    fn settle_ms(&self) -> u64 {
-        self.settle_ms_duration().as_millis() as u64
-    }
-
-    fn settle_ms_duration(&self) -> Duration {
-        2 * (POLL + self.reconnect_wait())
-    }
-
-    /// The nodes with a current lease, as the store counts them. While it
-    /// settles the count only grows: nodes are registering again, and
-    /// until they have, the shares divide by the count known before.
-    fn set_nodes(&self, n: i64) {
-        let n = u32::try_from(n.max(1)).unwrap_or(u32::MAX);
-        if self.settling() {
-            self.fleet.nodes.fetch_max(n, Ordering::Relaxed);
-        } else {
-            self.fleet.nodes.store(n, Ordering::Relaxed);
-        }
-    }
-
-    /// Compares the store's versions and epoch with what this node saw.
-    /// After a loss (the store lost its data, or went back to an older
-    /// copy) it offers back what it knows and flushes every device's audio
-    /// at the next flush. Returns the store's versions and whether there
-    /// was a loss; `None` if a call failed.
-    fn check_store(
-        &mut self,
-        rev: i64,
-        acct: i64,
-        epoch: Option<String>,
-    ) -> Option<(i64, i64, bool)> {
-        let loss = match &self.epoch {
-            None => None,
-            Some(e) if epoch.as_ref() != Some(e) => Some("lost its data"),
-            Some(_)
-                if self.rev_ver.is_some_and(|v| rev < v)
-                    || self.acct_ver.is_some_and(|v| acct < v) =>
-            {
-                Some("went back to an older copy of its data")
-            }
-            Some(_) => return Some((rev, acct, false)),
-        };
-        if let Some(what) = loss {
-            tracing::warn!(node = %self.fleet.node_id, "the cluster store {what}; this node registers its counts again and gives back the newer revocations, account set and audio totals it knows");
-            self.audio_all = true;
-            // Changes Redis took that this node's lists may not show yet
-            // (no poll since): sent again after registering.
-            let recent: Vec<_> = self.recent.drain(..).map(|(_, c)| c).collect();
-            self.unshared.splice(0..0, recent);
-        }
-        // Also at first sight: a store settling after a loss tells a node
-        // that started meanwhile how long.
-        let (rev, acct) = self.reseed(loss.is_some())?;
-        if self.acct_ver.is_some_and(|v| acct < v) {
-            // This node had no sealed set to give (a version seen with the
-            // set deleted): the store's version is the one to go by.
-            self.acct_ver = Some(acct);
-        }
-        Some((rev, acct, loss.is_some()))
-    }
-
-    /// Tells the store its epoch (starting one if it has none); with
-    /// `offer`, gives it this node's revocations and account set where they
-    /// are newer than its own, and starts a settle period. The store's
-    /// versions after, or `None` if the call failed.
-    fn reseed(&mut self, offer: bool) -> Option<(i64, i64)> {
-        let nanos = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        let (devices, tokens) = if offer {
-            self.links.process.devices.revoked()
-        } else {
-            (Vec::new(), Vec::new())
-        };
-        let mut inv = self.scripts.reseed.prepare_invoke();
-        inv.arg(format!("{}-{nanos:x}", self.fleet.node_id))
-            .arg(if offer { self.settle_ms() } else { 0 })
-            .arg(self.fleet.nodes());
-        if offer {
-            inv.arg(self.rev_ver.unwrap_or(-1))
-                .arg(self.acct_ver.unwrap_or(-1))
-                .arg(self.acct_blob.as_deref().unwrap_or(b""));
-        } else {
-            inv.arg(-1).arg(-1).arg("");
-        }
-        inv.arg(devices.len());
-        for id in devices.iter().chain(&tokens) {
-            inv.arg(id.as_str());
-        }
-        let con = self.con.as_mut()?;
-        match inv.invoke::<(String, i64, i64, u64)>(con) {
-            Ok((epoch, rev, acct, left)) => {
-                self.ok();
-                self.epoch = Some(epoch);
-                if left > 0 {
-                    self.settle_until = Some(Instant::now() + Duration::from_millis(left));
-                }
-                Some((rev, acct))
-            }
-            Err(e) => {
-                self.failed("reseed", &e);
-                None
-            }
-        }
-    }
-
-    /// Keeps an account set the store did not take, for the reconnect.
-    fn keep_accounts(&mut self, sealed: Vec<u8>) {
-        let base = match &self.unshared_accounts {
-            Some((_, base)) => *base,
-            None => self.acct_ver.unwrap_or(0),
-        };
-        self.unshared_accounts = Some((sealed, base));
-    }
-
-    /// Sends the changes made while the store was unreachable: revocation
-    /// changes, and the account set if no other node stored one since.
-    fn share_unshared(&mut self) {
-        if let Some((sealed, base)) = self.unshared_accounts.take() {
-            let Some(con) = self.con.as_mut() else { return };
-            let r = self
-                .scripts
-                .publish_if
-                .arg(base)
-                .arg(sealed.as_slice())
-                .invoke::<i64>(con);
-            match r {
-                Ok(v) if v >= 0 => {
-                    self.ok();
-                    self.acct_ver = Some(v);
-                    self.acct_blob = Some(sealed);
-                    tracing::info!("account changes made while the cluster store was unreachable are now fleet-wide");
-                }
-                Ok(_) => {
-                    self.ok();
-                    tracing::warn!("account changes made on this node while the cluster store was unreachable were not shared: another node changed the account set meanwhile, and its set applies here now; make them again");
-                }
-                Err(e) => {
-                    self.unshared_accounts = Some((sealed, base));
-                    return self.failed("accounts", &e);
-                }
-            }
-        }
-        if self.unshared.is_empty() {
-            return;
-        }
-        let mut pipe = redis::pipe();
-        for change in &self.unshared {
-            change.add_to(&mut pipe);
-        }
-        let Some(con) = self.con.as_mut() else { return };
-        match pipe.query::<Vec<i64>>(con) {
-            Ok(_) => {
-                self.ok();
-                tracing::info!(
-                    changes = self.unshared.len(),
-                    "revocation changes made while the cluster store was unreachable are now fleet-wide"
-                );
-                self.unshared.clear();
-            }
-            Err(e) => self.failed("revocations", &e),
         }
     }
 
@@ -1151,12 +938,4 @@ impl Worker {
             Err(e) => self.failed("audio", &e),
         }
     }
-}
-
-/// A version field of `clio:ver` (0 when absent).
-fn version(field: Option<&Option<String>>) -> i64 {
-    field
-        .and_then(|v| v.as_deref())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }
