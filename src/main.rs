@@ -182,9 +182,12 @@ fn init_logging(quiet: bool) {
 /// `RUST_LOG`'s syntax, so `warning` or `inof` would silence every line,
 /// ERROR included; one that is not a level must name a module (`::` or
 /// `_` in it, or a crate that logs). And a filter with no level for every
-/// line that names no module of the relay (`clio_relay`, a prefix of it,
-/// or one within it), such as `clio-relay=debug` or `glommio=debug`,
-/// would turn all its own lines off: `default` is added for them.
+/// line and none for the whole relay (`clio_relay` or a prefix of it)
+/// would turn its lines off, all of them (`clio-relay=debug`,
+/// `glommio=debug`) or all but one module's (`clio_relay::dataplane=debug`,
+/// or a misspelt `clio_relay::sesion=debug`, ERROR lines included):
+/// `default` is added for them, which leaves the modules named at the
+/// level asked (the more specific directive wins).
 fn log_filter(asked: &str, default: &str) -> (tracing_subscriber::EnvFilter, Option<String>) {
     use tracing_subscriber::EnvFilter;
     const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
@@ -200,7 +203,10 @@ fn log_filter(asked: &str, default: &str) -> (tracing_subscriber::EnvFilter, Opt
     let is_level = |d: &str| {
         LEVELS.iter().any(|l| l.eq_ignore_ascii_case(d)) || d.parse::<u8>().is_ok_and(|n| n <= 5)
     };
-    let mut names_us = false;
+    // A directive for every line, or for every line of the relay.
+    let mut covers_us = false;
+    // Modules within the relay named by a directive.
+    let mut within: Vec<&str> = Vec::new();
     for d in asked.split(',').map(str::trim).filter(|d| !d.is_empty()) {
         let bare = !d.contains(['=', '[']);
         let module = d.contains("::") || d.contains('_') || CRATES.contains(&d);
@@ -212,23 +218,31 @@ fn log_filter(asked: &str, default: &str) -> (tracing_subscriber::EnvFilter, Opt
         }
         // A target matches the lines whose module path starts with it.
         let target = d.split(['=', '[']).next().unwrap_or("");
-        names_us |= (bare && is_level(d))
-            || (!target.is_empty()
-                && (OURS.starts_with(target) || target.starts_with(&format!("{OURS}::"))));
+        covers_us |= (bare && is_level(d)) || (!target.is_empty() && OURS.starts_with(target));
+        if target.starts_with(&format!("{OURS}::")) {
+            within.push(target);
+        }
     }
-    let filter = if names_us {
+    let filter = if covers_us {
         asked.to_string()
     } else {
         format!("{default},{asked}")
     };
+    let why = if within.is_empty() {
+        format!("names no module of this relay ({OURS}), which would turn all its lines off")
+    } else {
+        format!(
+            "names only {} of this relay, which would turn all its other lines off",
+            within.join(", ")
+        )
+    };
     match EnvFilter::try_new(filter) {
         Err(e) => unused(e.to_string()),
-        Ok(f) if names_us => (f, None),
+        Ok(f) if covers_us => (f, None),
         Ok(f) => (
             f,
             Some(format!(
-                "sets no level for every line and names no module of this relay ({OURS}), \
-                 which would turn all its lines off; {default} added for them"
+                "sets no level for every line and {why}; {default} added for them"
             )),
         ),
     }

@@ -308,7 +308,8 @@ fn first_log_lines(value: &str, wait: std::time::Duration) -> Vec<String> {
 fn a_rust_log_that_would_silence_everything_falls_back_to_info() {
     // `clio-relay=debug` (the binary's name, not its module `clio_relay`),
     // `relay=warn` or `glommio=debug` name no module of the relay and set
-    // no level for all: every line of it was off.
+    // no level for all: every line of it was off. One module of the relay
+    // alone left every other off.
     for value in [
         "",
         "warning",
@@ -317,6 +318,10 @@ fn a_rust_log_that_would_silence_everything_falls_back_to_info() {
         "clio-relay=debug",
         "relay=warn",
         "glommio=debug",
+        // A module within the relay, misspelt or not, leaves the rest of it
+        // (the listening line's module included) off.
+        "clio_relay::sesion=debug",
+        "clio_relay::dataplane=debug",
     ] {
         let lines = first_log_lines(value, std::time::Duration::from_secs(20));
         assert!(
