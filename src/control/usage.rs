@@ -138,6 +138,12 @@ impl UsageBook {
         out
     }
 
+    /// The days with usage, oldest first.
+    pub fn days(&self) -> impl Iterator<Item = u64> + '_ {
+        let after = self.prune_through;
+        self.days.iter().copied().filter(move |d| after < Some(*d))
+    }
+
     /// Audio milliseconds per account over `from..=to`.
     pub fn audio_ms_by_account(&self, from: u64, to: u64) -> BTreeMap<String, u64> {
         self.query(from, to, GroupBy::Account)

@@ -286,3 +286,128 @@ fn a_node_answered_settling_takes_its_share_of_an_account() {
         fake.active_streams()
     );
 }
+
+/// The fleet's usage by account: (streams, audio ms by the relay's meter)
+/// per node, as `/admin/usage` on `relay` reads it from Redis.
+fn fleet_usage(relay: &Relay) -> Option<Vec<(String, u64, u64)>> {
+    let (status, body) = admin(relay, "GET", "/admin/usage?group_by=device", None);
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    if v["scope"] != "fleet" {
+        return None;
+    }
+    let mut out = Vec::new();
+    for (node, rows) in v["nodes"].as_object()? {
+        for r in rows.as_array()? {
+            out.push((
+                format!("{node}/{}", r["key"].as_str()?),
+                r["streams"].as_u64()?,
+                (r["audio_seconds_relay_meter"].as_f64()? * 1000.0).round() as u64,
+            ));
+        }
+    }
+    out.sort();
+    Some(out)
+}
+
+#[test]
+fn an_empty_restart_gets_each_nodes_usage_back_and_counts_it_once() {
+    let mut redis = RedisServer::start();
+    let fake = fake(&[K1], |_| {});
+    let (a, b) = crate::pair(&fake, &redis, K1, |_| {});
+    let talk = |relay: &Relay, device: &str, frames: usize| {
+        let mut ws = open(relay, device);
+        for f in audio_frames(frames, 1) {
+            ws.send(Message::binary(f)).unwrap();
+        }
+        assert!(finish(ws).finished());
+    };
+    talk(&a, "phone", 12);
+    talk(&b, "phone", 8);
+    talk(&b, "watch", 3);
+    let want = |extra: u64| {
+        Some(vec![
+            ("node-a/phone".to_string(), 1, 1200),
+            ("node-b/phone".to_string(), 1 + extra, 800 + extra * 500),
+            ("node-b/watch".to_string(), 1, 300),
+        ])
+    };
+    let mut last = None;
+    assert!(
+        wait_until(SOON, || {
+            last = fleet_usage(&a);
+            last == want(0)
+        }),
+        "{last:?}"
+    );
+    redis.restart();
+    // Each node gives its own usage back from its ledger, once.
+    assert!(
+        wait_until(SOON, || {
+            last = fleet_usage(&a);
+            both_up(&a, &b) && last == want(0)
+        }),
+        "{last:?}"
+    );
+    // A stream after the loss adds to it, and nothing is counted twice.
+    talk(&b, "phone", 5);
+    assert!(
+        wait_until(SOON, || {
+            last = fleet_usage(&b);
+            last == want(1)
+        }),
+        "{last:?}"
+    );
+    std::thread::sleep(Duration::from_millis(2500)); // flushes
+    assert_eq!(fleet_usage(&a), want(1));
+}
+
+/// A snapshot taken before the last usage batches, with no revocation or
+/// account change since: the usage version shows the copy is older.
+#[test]
+fn a_restart_from_an_older_snapshot_gets_the_later_usage_back() {
+    let mut redis = RedisServer::start();
+    let fake = fake(&[K1], |_| {});
+    let (a, b) = crate::pair(&fake, &redis, K1, |_| {});
+    let talk = |relay: &Relay, device: &str, frames: usize| {
+        let mut ws = open(relay, device);
+        for f in audio_frames(frames, 1) {
+            ws.send(Message::binary(f)).unwrap();
+        }
+        assert!(finish(ws).finished());
+    };
+    talk(&a, "phone", 4);
+    let early = Some(vec![("node-a/phone".to_string(), 1, 400)]);
+    let mut last = None;
+    assert!(
+        wait_until(SOON, || {
+            last = fleet_usage(&a);
+            last == early
+        }),
+        "{last:?}"
+    );
+    assert!(redis.command("SAVE").starts_with("+OK"));
+    talk(&a, "phone", 6);
+    talk(&b, "watch", 2);
+    let full = Some(vec![
+        ("node-a/phone".to_string(), 2, 1000),
+        ("node-b/watch".to_string(), 1, 200),
+    ]);
+    assert!(
+        wait_until(SOON, || {
+            last = fleet_usage(&b);
+            last == full
+        }),
+        "{last:?}"
+    );
+    redis.restart(); // loads the snapshot
+    assert!(
+        wait_until(SOON, || {
+            last = fleet_usage(&a);
+            both_up(&a, &b) && last == full
+        }),
+        "{last:?}"
+    );
+    std::thread::sleep(Duration::from_millis(2500)); // flushes
+    assert_eq!(fleet_usage(&b), full);
+}

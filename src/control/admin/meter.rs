@@ -11,6 +11,7 @@ use serde_json::json;
 
 use super::{Admin, Request};
 use crate::control::usage::{format_day, month_start, parse_day, GroupBy, UsageRecord};
+use crate::core::cluster::usage as cluster_usage;
 use crate::core::devices::{utc_day, Limit};
 use crate::core::metrics::text::{family, Kind};
 use crate::core::token::valid_device_id;
@@ -41,7 +42,27 @@ pub(super) async fn take_usage(admin: &Admin) {
     admin.usage.alerts.borrow_mut().feed(&records);
     if let Some(fleet) = admin.process.fleet.get() {
         fleet.add_usage(records);
+        if fleet.usage_lost() {
+            fleet.restore_usage(ledger_for_fleet(&admin.usage.book.borrow()));
+        }
     }
+}
+
+/// This node's ledger, every day the fleet's store keeps, as the counters
+/// that replace this node's in it after it lost its data. It holds every
+/// record handed to the fleet so far (they are added here first).
+fn ledger_for_fleet(book: &crate::control::usage::UsageBook) -> cluster_usage::Pending {
+    let today = utc_day(SystemTime::now());
+    let mut out = cluster_usage::Pending::new();
+    for group in [GroupBy::Account, GroupBy::Device] {
+        let keep = cluster_usage::restore_days(today, group);
+        for day in book.days().filter(|d| keep.contains(d)) {
+            for (id, totals) in book.query(day, day, group) {
+                out.insert((day, group, id), totals);
+            }
+        }
+    }
+    out
 }
 
 /// Cost of `audio_ms` at `price` per hour.

@@ -124,6 +124,11 @@ pub enum Job {
     Usage(Vec<UsageRecord>),
     /// Add the usage waiting now, then answer (before a fleet query).
     UsageFlush(async_channel::Sender<Result<(), ClusterError>>),
+    /// After the store lost its data: this node's usage from its ledger,
+    /// every day Redis keeps, taken after every [`Job::Usage`] before it.
+    /// It replaces this node's counters in Redis (see
+    /// [`usage::restore_days`]).
+    UsageRestore(usage::Pending),
     /// Leave the fleet (this node's counts and lease are deleted) and end
     /// the thread.
     Stop,
@@ -282,6 +287,10 @@ pub struct Fleet {
     /// Where shards' own connections go; `None` while the store is down or
     /// when it is reached over TLS or a Unix socket (the thread only).
     link: std::sync::Mutex<Option<LinkTarget>>,
+    /// The store lost this node's usage counters (it lost its data or
+    /// went back to an older copy): the admin thread gives them back
+    /// from the ledger ([`Fleet::usage_lost`]).
+    usage_lost: AtomicBool,
 }
 
 /// A count change waiting in [`Fleet`]'s queue.
@@ -340,6 +349,7 @@ impl Fleet {
             client: std::sync::OnceLock::new(),
             changes: std::sync::Mutex::new(Vec::new()),
             link: std::sync::Mutex::new(None),
+            usage_lost: AtomicBool::new(false),
         })
     }
 
@@ -742,6 +752,25 @@ impl Fleet {
         if !records.is_empty() {
             self.send(Job::Usage(records));
         }
+    }
+
+    /// Whether the store lost this node's usage counters since the last
+    /// call: if so, the caller gives them back with
+    /// [`Fleet::restore_usage`].
+    pub fn usage_lost(&self) -> bool {
+        self.usage_lost.swap(false, Ordering::AcqRel)
+    }
+
+    /// Said by the cluster thread when the store lost its data.
+    pub(crate) fn lost_usage(&self) {
+        self.usage_lost.store(true, Ordering::Release);
+    }
+
+    /// Replaces this node's usage counters in Redis with `ledger`: its
+    /// ledger's totals over [`usage::restore_days`], taken after every
+    /// record handed by [`Fleet::add_usage`] before this call.
+    pub fn restore_usage(&self, ledger: usage::Pending) {
+        self.send(Job::UsageRestore(ledger));
     }
 
     /// The fleet's usage over the days `from..=to`, by node: this node's

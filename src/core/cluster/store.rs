@@ -18,7 +18,7 @@ use crate::dataplane::shard::{ProcessState, ShardMsg};
 
 mod recovery;
 
-use recovery::{version, Revocation};
+use recovery::Revocation;
 
 /// How often the thread looks for revocations, account changes and "end"
 /// requests other nodes made (well under the one-second promise).
@@ -89,6 +89,7 @@ pub fn start(
         last_try: None,
         rev_ver: None,
         acct_ver: None,
+        usage_ver: None,
         epoch: None,
         acct_blob: None,
         settle_until: None,
@@ -102,6 +103,7 @@ pub fn start(
         usage: usage::Pending::new(),
         usage_sent: None,
         usage_seq: 0,
+        usage_clear: false,
         process: started ^ (u64::from(std::process::id()) << 40),
         last_usage: Instant::now(),
         release_at: None,
@@ -165,6 +167,9 @@ struct Worker {
     last_try: Option<Instant>,
     rev_ver: Option<i64>,
     acct_ver: Option<i64>,
+    /// The store's usage version after this node's last batch (see
+    /// [`scripts::USAGE`]).
+    usage_ver: Option<i64>,
     /// The store's epoch when last seen (see [`scripts::RESEED`]).
     epoch: Option<String>,
     /// The sealed account set of version `acct_ver`, offered back to a
@@ -193,6 +198,10 @@ struct Worker {
     /// A usage batch sent but not answered: sent again, same id, until it is.
     usage_sent: Option<(String, UsageChunk)>,
     usage_seq: u64,
+    /// This node's counters in Redis are to be deleted before the next
+    /// batch: `usage` holds the ledger's totals that replace them
+    /// ([`Job::UsageRestore`]).
+    usage_clear: bool,
     /// This process's part of usage batch ids.
     process: u64,
     last_usage: Instant,
@@ -370,19 +379,13 @@ impl Worker {
         // known before registering, so the counts go in once.
         let vers: Result<Vec<Option<String>>, _> = redis::cmd("HMGET")
             .arg("clio:ver")
-            .arg("rev")
-            .arg("acct")
-            .arg("epoch")
+            .arg(&recovery::VERSIONS)
             .query(self.con.as_mut().expect("set above"));
         let vers = match vers {
             Ok(v) => v,
             Err(e) => return self.failed("versions", &e),
         };
-        let num = |i: usize| version(vers.get(i));
-        if self
-            .check_store(num(0), num(1), vers.get(2).cloned().flatten())
-            .is_none()
-        {
+        if self.check_store(&vers).is_none() {
             return;
         }
         if self.register() {
@@ -485,6 +488,13 @@ impl Worker {
             match job {
                 Job::Usage(records) => usage::add(&mut self.usage, &records),
                 Job::UsageFlush(reply) => flushes.push(reply),
+                Job::UsageRestore(ledger) => {
+                    // The ledger has every record handed before it: what
+                    // waits, and the batch not answered, are in it.
+                    self.usage = ledger;
+                    self.usage_sent = None;
+                    self.usage_clear = true;
+                }
                 j => rest.push(j),
             }
         }
@@ -502,6 +512,23 @@ impl Worker {
     /// it was added), then new batches of at most [`usage::CHUNK`] entries.
     fn flush_usage(&mut self, chunks: usize) -> Result<(), ClusterError> {
         self.last_usage = Instant::now();
+        if self.usage_clear {
+            let Some(con) = self.con.as_mut() else {
+                return Err(ClusterError::Unreachable);
+            };
+            let today = crate::core::devices::utc_day(std::time::SystemTime::now());
+            let keys = usage::node_keys(&self.fleet.node_id, today);
+            match redis::cmd("DEL").arg(keys).query::<i64>(con) {
+                Ok(_) => {
+                    self.ok();
+                    self.usage_clear = false;
+                }
+                Err(e) => {
+                    self.failed("usage", &e);
+                    return Err(ClusterError::NoAnswer);
+                }
+            }
+        }
         for _ in 0..chunks {
             if self.usage_sent.is_none() {
                 if self.usage.is_empty() {
@@ -518,9 +545,12 @@ impl Worker {
             let inv = usage::invocation(&self.scripts.usage, &self.fleet.node_id, id, chunk);
             let r = inv.invoke::<i64>(con);
             match r {
-                Ok(_) => {
+                Ok(v) => {
                     self.ok();
                     self.usage_sent = None;
+                    if v > 0 {
+                        self.usage_ver = Some(v);
+                    }
                 }
                 Err(e) => {
                     self.failed("usage", &e);
@@ -612,7 +642,7 @@ impl Worker {
                     pending.push(Pending::Reply(reply));
                     pipe.cmd("ECHO").arg("ok");
                 }
-                Job::Stop | Job::Usage(_) | Job::UsageFlush(_) => {}
+                Job::Stop | Job::Usage(_) | Job::UsageFlush(_) | Job::UsageRestore(_) => {}
             }
         }
         if pending.is_empty() {
@@ -721,7 +751,7 @@ impl Worker {
         }
         // One batch per pass, so stream opens queued meanwhile wait for one
         // call at most; a backlog (after an outage) goes out a batch a pass.
-        let usage_waits = !self.usage.is_empty() || self.usage_sent.is_some();
+        let usage_waits = !self.usage.is_empty() || self.usage_sent.is_some() || self.usage_clear;
         let backlog = self.usage.len() >= usage::CHUNK || self.usage_sent.is_some();
         if usage_waits && (backlog || self.last_usage.elapsed() >= AUDIO_FLUSH) {
             let _ = self.flush_usage(1);
@@ -784,9 +814,7 @@ impl Worker {
             .invoke_script(&self.scripts.nodes.prepare_invoke())
             .cmd("HMGET")
             .arg("clio:ver")
-            .arg("rev")
-            .arg("acct")
-            .arg("epoch")
+            .arg(&recovery::VERSIONS)
             .cmd("XREAD")
             .arg("COUNT")
             .arg(100)
@@ -799,10 +827,7 @@ impl Worker {
             Err(e) => return self.failed("poll", &e),
         };
         self.ok();
-        let num = |i: usize| version(vers.get(i));
-        let Some((rev, acct, loss)) =
-            self.check_store(num(0), num(1), vers.get(2).cloned().flatten())
-        else {
+        let Some((rev, acct, loss)) = self.check_store(&vers) else {
             return;
         };
         if loss {

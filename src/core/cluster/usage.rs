@@ -55,6 +55,27 @@ pub fn group_name(g: GroupBy) -> &'static str {
     }
 }
 
+/// The days of `group` Redis keeps, counted back from `today`: what a
+/// node gives back after the store lost its data.
+pub fn restore_days(today: u64, group: GroupBy) -> std::ops::RangeInclusive<u64> {
+    let keep = match group {
+        GroupBy::Account => KEEP_ACCOUNT_DAYS,
+        GroupBy::Device => KEEP_DEVICE_DAYS,
+    };
+    today.saturating_sub(keep)..=today + 1
+}
+
+/// The keys of `node`'s counters over [`restore_days`]: deleted before a
+/// node's ledger replaces them.
+pub fn node_keys(node: &str, today: u64) -> Vec<String> {
+    [GroupBy::Account, GroupBy::Device]
+        .into_iter()
+        .flat_map(|g| {
+            restore_days(today, g).map(move |day| format!("clio:u:{day}:{node}:{}", group_name(g)))
+        })
+        .collect()
+}
+
 /// Adds ended streams to `pending`.
 pub fn add(pending: &mut Pending, records: &[UsageRecord]) {
     for r in records {
@@ -144,12 +165,9 @@ pub fn query(
     today: u64,
     group: GroupBy,
 ) -> Result<ByNode, ClusterError> {
-    let keep = match group {
-        GroupBy::Account => KEEP_ACCOUNT_DAYS,
-        GroupBy::Device => KEEP_DEVICE_DAYS,
-    };
-    let from = from.max(today.saturating_sub(keep));
-    let to = to.min(today + 1);
+    let days = restore_days(today, group);
+    let from = from.max(*days.start());
+    let to = to.min(*days.end());
     let mut out = ByNode::new();
     if from > to {
         return Ok(out);

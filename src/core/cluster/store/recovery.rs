@@ -83,31 +83,38 @@ impl Worker {
         }
     }
 
-    /// Compares the store's versions and epoch with what this node saw.
-    /// After a loss (the store lost its data, or went back to an older
-    /// copy) it offers back what it knows and flushes every device's audio
-    /// at the next flush. Returns the store's versions and whether there
-    /// was a loss; `None` if a call failed.
-    pub(super) fn check_store(
-        &mut self,
-        rev: i64,
-        acct: i64,
-        epoch: Option<String>,
-    ) -> Option<(i64, i64, bool)> {
+    /// Compares the store's versions and epoch (`vers`, the fields
+    /// [`VERSIONS`] of `clio:ver`) with what this node saw. After a loss
+    /// (the store lost its data, or went back to an older copy) it offers
+    /// back what it knows and flushes every device's audio at the next
+    /// flush. Returns the store's versions and whether there was a loss;
+    /// `None` if a call failed.
+    pub(super) fn check_store(&mut self, vers: &[Option<String>]) -> Option<(i64, i64, bool)> {
+        let (rev, acct) = (version(vers.first()), version(vers.get(1)));
+        let epoch = vers.get(2).cloned().flatten();
+        let usage = version(vers.get(3));
         let loss = match &self.epoch {
             None => None,
             Some(e) if epoch.as_ref() != Some(e) => Some("lost its data"),
+            // Usage batches bump their own version about once a second
+            // while streams end, so a copy from before the last few is
+            // seen even when no revocation or account changed since.
             Some(_)
                 if self.rev_ver.is_some_and(|v| rev < v)
-                    || self.acct_ver.is_some_and(|v| acct < v) =>
+                    || self.acct_ver.is_some_and(|v| acct < v)
+                    || self.usage_ver.is_some_and(|v| usage < v) =>
             {
                 Some("went back to an older copy of its data")
             }
             Some(_) => return Some((rev, acct, false)),
         };
         if let Some(what) = loss {
-            tracing::warn!(node = %self.fleet.node_id, "the cluster store {what}; this node registers its counts again and gives back the newer revocations, account set and audio totals it knows");
+            // Learnt again from this node's next batch.
+            self.usage_ver = None;
+            tracing::warn!(node = %self.fleet.node_id, "the cluster store {what}; this node registers its counts again and gives back the newer revocations, account set and audio totals it knows, and its usage");
             self.audio_all = true;
+            // Its usage counters: the admin thread gives them back.
+            self.fleet.lost_usage();
             // Changes Redis took that this node's lists may not show yet
             // (no poll since): sent again after registering.
             let recent: Vec<_> = self.recent.drain(..).map(|(_, c)| c).collect();
@@ -228,8 +235,11 @@ impl Worker {
     }
 }
 
+/// The fields of `clio:ver` [`Worker::check_store`] reads, in order.
+pub(super) const VERSIONS: [&str; 4] = ["rev", "acct", "epoch", "usage"];
+
 /// A version field of `clio:ver` (0 when absent).
-pub(super) fn version(field: Option<&Option<String>>) -> i64 {
+fn version(field: Option<&Option<String>>) -> i64 {
     field
         .and_then(|v| v.as_deref())
         .and_then(|v| v.parse().ok())
