@@ -287,8 +287,17 @@ fn a_node_answered_settling_takes_its_share_of_an_account() {
     );
 }
 
-/// The fleet's usage by account: (streams, audio ms by the relay's meter)
-/// per node, as `/admin/usage` on `relay` reads it from Redis.
+/// One finished stream of `frames` 100 ms audio frames by `device` on `relay`.
+fn talk(relay: &Relay, device: &str, frames: usize) {
+    let mut ws = open(relay, device);
+    for f in audio_frames(frames, 1) {
+        ws.send(Message::binary(f)).unwrap();
+    }
+    assert!(finish(ws).finished());
+}
+
+/// The fleet's usage by device: ("node/device", streams, audio ms by the
+/// relay's meter), as `/admin/usage` on `relay` reads it from Redis.
 fn fleet_usage(relay: &Relay) -> Option<Vec<(String, u64, u64)>> {
     let (status, body) = admin(relay, "GET", "/admin/usage?group_by=device", None);
     assert_eq!(status, 200, "{body}");
@@ -315,13 +324,6 @@ fn an_empty_restart_gets_each_nodes_usage_back_and_counts_it_once() {
     let mut redis = RedisServer::start();
     let fake = fake(&[K1], |_| {});
     let (a, b) = crate::pair(&fake, &redis, K1, |_| {});
-    let talk = |relay: &Relay, device: &str, frames: usize| {
-        let mut ws = open(relay, device);
-        for f in audio_frames(frames, 1) {
-            ws.send(Message::binary(f)).unwrap();
-        }
-        assert!(finish(ws).finished());
-    };
     talk(&a, "phone", 12);
     talk(&b, "phone", 8);
     talk(&b, "watch", 3);
@@ -369,13 +371,6 @@ fn a_restart_from_an_older_snapshot_gets_the_later_usage_back() {
     let mut redis = RedisServer::start();
     let fake = fake(&[K1], |_| {});
     let (a, b) = crate::pair(&fake, &redis, K1, |_| {});
-    let talk = |relay: &Relay, device: &str, frames: usize| {
-        let mut ws = open(relay, device);
-        for f in audio_frames(frames, 1) {
-            ws.send(Message::binary(f)).unwrap();
-        }
-        assert!(finish(ws).finished());
-    };
     talk(&a, "phone", 4);
     let early = Some(vec![("node-a/phone".to_string(), 1, 400)]);
     let mut last = None;

@@ -9,14 +9,14 @@
 //! | `clio:n:<node>:dev` | hash | device id → live streams on that node |
 //! | `clio:n:<node>:acct` | hash | account id → live streams on that node |
 //! | `clio:rev:dev`, `clio:rev:tok` | sets | revoked device ids, token ids |
-//! | `clio:ver` | hash | `rev`, `acct`: bumped on every change; `usage`: bumped by every usage batch; `epoch`: names this copy of the data (new after a loss); `settle`, `settle_nodes`: after a loss, until when (ms, Redis clock) stream opens wait for that many nodes to register again |
+//! | `clio:ver` | hash | `rev`, `acct`: bumped on every change; `epoch`: names this copy of the data (new after a loss); `settle`, `settle_nodes`: after a loss, until when (ms, Redis clock) stream opens wait for that many nodes to register again |
 //! | `clio:ends` | stream | "end the live streams of …" requests |
 //! | `clio:rate:<device>` | hash | new-stream token bucket (`t`, `ts`) |
 //! | `clio:audio:<day>` | hash | device id → audio ms streamed that UTC day |
 //! | `clio:accounts` | string | the account set, sealed like `accounts.store` |
 //! | `clio:u:<day>:<node>:acct`, `…:dev` | hash | that node's usage that UTC day: `s:<id>` streams, `a:` audio ms, `r:` audio ms by the relay's meter, `u:`/`d:` bytes up/down, `e<code>:` errors |
 //! | `clio:u:<day>:nodes` | set | the nodes with usage that day |
-//! | `clio:useq` | hash | node → id of the last usage batch added |
+//! | `clio:useq` | hash | node → id of the last usage batch added (a node whose last batch is not there sees the store went back) |
 //!
 //! A node's streams count only while its lease in `clio:nodes` is current:
 //! a node that dies stops counting `lease_ttl` after its last heartbeat,
@@ -347,8 +347,7 @@ return {#nodes, out}
 /// ARGV: node, batch id, seconds to keep account hashes, seconds to keep
 /// device hashes, then per entry: day, `acct` or `dev`, id, streams, audio
 /// ms, audio ms (relay meter), bytes up, bytes down, errors as
-/// `code:n,code:n`. Returns `clio:ver`'s `usage` version, bumped, or 0
-/// for a batch already added.
+/// `code:n,code:n`. Returns 1, or 0 for a batch already added.
 pub const USAGE: &str = r#"
 local node, batch = ARGV[1], ARGV[2]
 local keep = {acct = tonumber(ARGV[3]), dev = tonumber(ARGV[4])}
@@ -374,5 +373,5 @@ for day in pairs(days) do
   redis.call('EXPIRE', k, keep.acct)
 end
 redis.call('HSET', 'clio:useq', node, batch)
-return redis.call('HINCRBY', 'clio:ver', 'usage', 1)
+return 1
 "#;

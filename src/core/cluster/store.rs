@@ -89,7 +89,7 @@ pub fn start(
         last_try: None,
         rev_ver: None,
         acct_ver: None,
-        usage_ver: None,
+        usage_acked: None,
         epoch: None,
         acct_blob: None,
         settle_until: None,
@@ -167,9 +167,9 @@ struct Worker {
     last_try: Option<Instant>,
     rev_ver: Option<i64>,
     acct_ver: Option<i64>,
-    /// The store's usage version after this node's last batch (see
-    /// [`scripts::USAGE`]).
-    usage_ver: Option<i64>,
+    /// The id of this node's last usage batch Redis took (`clio:useq`
+    /// holds it too, unless Redis lost it or went back to an older copy).
+    usage_acked: Option<String>,
     /// The store's epoch when last seen (see [`scripts::RESEED`]).
     epoch: Option<String>,
     /// The sealed account set of version `acct_ver`, offered back to a
@@ -208,6 +208,11 @@ struct Worker {
     /// When the holds given back must be sent (see [`super::RELEASE_DELAY`]).
     release_at: Option<Instant>,
 }
+
+/// A poll's answers: the nodes script's, `clio:ver`'s fields
+/// ([`recovery::VERSIONS`]), this node's `clio:useq`, and the new
+/// "end the live streams of" entries.
+type PollAnswer = (Value, Vec<Option<String>>, Option<String>, Value);
 
 type UsageChunk = Vec<(
     (u64, crate::core::usage::GroupBy, String),
@@ -377,15 +382,19 @@ impl Worker {
         self.ok();
         // A store that lost its data while this node could not reach it:
         // known before registering, so the counts go in once.
-        let vers: Result<Vec<Option<String>>, _> = redis::cmd("HMGET")
+        let vers: Result<(Vec<Option<String>>, Option<String>), _> = redis::pipe()
+            .cmd("HMGET")
             .arg("clio:ver")
             .arg(&recovery::VERSIONS)
+            .cmd("HGET")
+            .arg("clio:useq")
+            .arg(&self.fleet.node_id)
             .query(self.con.as_mut().expect("set above"));
-        let vers = match vers {
+        let (vers, useq) = match vers {
             Ok(v) => v,
             Err(e) => return self.failed("versions", &e),
         };
-        if self.check_store(&vers).is_none() {
+        if self.check_store(&vers, useq).is_none() {
             return;
         }
         if self.register() {
@@ -545,12 +554,9 @@ impl Worker {
             let inv = usage::invocation(&self.scripts.usage, &self.fleet.node_id, id, chunk);
             let r = inv.invoke::<i64>(con);
             match r {
-                Ok(v) => {
+                Ok(_) => {
                     self.ok();
-                    self.usage_sent = None;
-                    if v > 0 {
-                        self.usage_ver = Some(v);
-                    }
+                    self.usage_acked = self.usage_sent.take().map(|(id, _)| id);
                 }
                 Err(e) => {
                     self.failed("usage", &e);
@@ -810,11 +816,14 @@ impl Worker {
             }
         }
         let ends_id = self.ends_id.clone().unwrap_or_else(|| "0-0".into());
-        let r: Result<(Value, Vec<Option<String>>, Value), _> = redis::pipe()
+        let r: Result<PollAnswer, _> = redis::pipe()
             .invoke_script(&self.scripts.nodes.prepare_invoke())
             .cmd("HMGET")
             .arg("clio:ver")
             .arg(&recovery::VERSIONS)
+            .cmd("HGET")
+            .arg("clio:useq")
+            .arg(&self.fleet.node_id)
             .cmd("XREAD")
             .arg("COUNT")
             .arg(100)
@@ -822,12 +831,12 @@ impl Worker {
             .arg("clio:ends")
             .arg(&ends_id)
             .query(con);
-        let (nodes, vers, ends) = match r {
+        let (nodes, vers, useq, ends) = match r {
             Ok(x) => x,
             Err(e) => return self.failed("poll", &e),
         };
         self.ok();
-        let Some((rev, acct, loss)) = self.check_store(&vers) else {
+        let Some((rev, acct, loss)) = self.check_store(&vers, useq) else {
             return;
         };
         if loss {

@@ -84,25 +84,30 @@ impl Worker {
     }
 
     /// Compares the store's versions and epoch (`vers`, the fields
-    /// [`VERSIONS`] of `clio:ver`) with what this node saw. After a loss
+    /// [`VERSIONS`] of `clio:ver`), and the id of this node's last usage
+    /// batch it holds (`useq`), with what this node saw. After a loss
     /// (the store lost its data, or went back to an older copy) it offers
     /// back what it knows and flushes every device's audio at the next
     /// flush. Returns the store's versions and whether there was a loss;
     /// `None` if a call failed.
-    pub(super) fn check_store(&mut self, vers: &[Option<String>]) -> Option<(i64, i64, bool)> {
+    pub(super) fn check_store(
+        &mut self,
+        vers: &[Option<String>],
+        useq: Option<String>,
+    ) -> Option<(i64, i64, bool)> {
         let (rev, acct) = (version(vers.first()), version(vers.get(1)));
         let epoch = vers.get(2).cloned().flatten();
-        let usage = version(vers.get(3));
         let loss = match &self.epoch {
             None => None,
             Some(e) if epoch.as_ref() != Some(e) => Some("lost its data"),
-            // Usage batches bump their own version about once a second
-            // while streams end, so a copy from before the last few is
-            // seen even when no revocation or account changed since.
+            // This node's last usage batch is about a second old while
+            // its streams end, and is its own (another node putting back
+            // a version cannot hide it): a copy from before it is seen
+            // even when no revocation or account changed since.
             Some(_)
                 if self.rev_ver.is_some_and(|v| rev < v)
                     || self.acct_ver.is_some_and(|v| acct < v)
-                    || self.usage_ver.is_some_and(|v| usage < v) =>
+                    || self.usage_behind(useq.as_deref()) =>
             {
                 Some("went back to an older copy of its data")
             }
@@ -110,7 +115,7 @@ impl Worker {
         };
         if let Some(what) = loss {
             // Learnt again from this node's next batch.
-            self.usage_ver = None;
+            self.usage_acked = None;
             tracing::warn!(node = %self.fleet.node_id, "the cluster store {what}; this node registers its counts again and gives back the newer revocations, account set and audio totals it knows, and its usage");
             self.audio_all = true;
             // Its usage counters: the admin thread gives them back.
@@ -129,6 +134,17 @@ impl Worker {
             self.acct_ver = Some(acct);
         }
         Some((rev, acct, loss.is_some()))
+    }
+
+    /// Whether `useq`, the store's id of this node's last usage batch, is
+    /// not the last batch it took from this node: the store went back. A
+    /// batch whose answer was lost may be the store's too.
+    fn usage_behind(&self, useq: Option<&str>) -> bool {
+        let Some(acked) = &self.usage_acked else {
+            return false;
+        };
+        let sent = self.usage_sent.as_ref().map(|(id, _)| id.as_str());
+        useq != Some(acked.as_str()) && (useq.is_none() || useq != sent)
     }
 
     /// Tells the store its epoch (starting one if it has none); with
@@ -236,7 +252,7 @@ impl Worker {
 }
 
 /// The fields of `clio:ver` [`Worker::check_store`] reads, in order.
-pub(super) const VERSIONS: [&str; 4] = ["rev", "acct", "epoch", "usage"];
+pub(super) const VERSIONS: [&str; 3] = ["rev", "acct", "epoch"];
 
 /// A version field of `clio:ver` (0 when absent).
 fn version(field: Option<&Option<String>>) -> i64 {
