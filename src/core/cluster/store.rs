@@ -179,7 +179,8 @@ struct Worker {
     /// share, and keeps the node count it knew.
     settle_until: Option<Instant>,
     /// Revocation changes made here while the store was unreachable, sent
-    /// when it answers again.
+    /// when it answers again: the last of each device or token id
+    /// ([`recovery::keep_change`]).
     unshared: Vec<Revocation>,
     /// Revocation changes Redis took, with the version they made, until a
     /// poll loads a version that has them: given back after a loss.
@@ -629,7 +630,7 @@ impl Worker {
                     };
                     if !up {
                         // This node has it; the fleet gets it on reconnect.
-                        self.unshared.push(change);
+                        recovery::keep_change(&mut self.unshared, change);
                         let _ = reply.try_send(Err(ClusterError::Unreachable));
                         continue;
                     }
@@ -676,7 +677,7 @@ impl Worker {
                         Pending::Revoked(change, r) => {
                             // Sent again on reconnect: a set change and a
                             // version bump may land twice, harmlessly.
-                            self.unshared.push(change);
+                            recovery::keep_change(&mut self.unshared, change);
                             let _ = r.try_send(Err(ClusterError::NoAnswer));
                         }
                         Pending::AccountVersion(sealed) => self.keep_accounts(sealed),

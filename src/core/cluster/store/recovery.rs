@@ -45,6 +45,22 @@ impl Revocation {
     }
 }
 
+/// Keeps `change` in `list`, the changes waiting for the store: a later
+/// change of the same device or token takes the place of the earlier one
+/// (only the last matters once both reach the store), so the list holds
+/// one change per id however often an id was revoked and lifted. A revoke
+/// keeps the earlier one's "end the live streams"; a lift drops it.
+pub(super) fn keep_change(list: &mut Vec<Revocation>, change: Revocation) {
+    let same = |c: &Revocation| c.device == change.device && c.token == change.token;
+    match list.iter_mut().find(|c| same(c)) {
+        Some(c) => {
+            let end_live = !change.lift && (change.end_live || (!c.lift && c.end_live));
+            *c = Revocation { end_live, ..change };
+        }
+        None => list.push(change),
+    }
+}
+
 impl Worker {
     /// While the store is down or settling, each node takes its share of
     /// every account's limit; otherwise the whole limit is the fleet's.
@@ -123,7 +139,10 @@ impl Worker {
             // Changes Redis took that this node's lists may not show yet
             // (no poll since): sent again after registering.
             let recent: Vec<_> = self.recent.drain(..).map(|(_, c)| c).collect();
-            self.unshared.splice(0..0, recent);
+            let later = std::mem::take(&mut self.unshared);
+            for change in recent.into_iter().chain(later) {
+                keep_change(&mut self.unshared, change);
+            }
         }
         // Also at first sight: a store settling after a loss tells a node
         // that started meanwhile how long.
@@ -260,4 +279,56 @@ fn version(field: Option<&Option<String>>) -> i64 {
         .and_then(|v| v.as_deref())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{keep_change, Revocation};
+
+    fn change(device: &str, lift: bool, end_live: bool) -> Revocation {
+        Revocation {
+            device: Some(device.into()),
+            token: None,
+            end_live,
+            lift,
+        }
+    }
+
+    fn seen(list: &[Revocation]) -> Vec<(String, bool, bool)> {
+        list.iter()
+            .map(|c| (c.device.clone().unwrap(), c.lift, c.end_live))
+            .collect()
+    }
+
+    #[test]
+    fn changes_kept_offline_hold_one_per_id_the_last() {
+        let mut list = Vec::new();
+        for i in 0..1000 {
+            keep_change(&mut list, change("toggled", i % 2 == 1, false));
+        }
+        keep_change(&mut list, change("stolen", false, true));
+        // A second revoke without ending streams keeps the first's ending.
+        keep_change(&mut list, change("stolen", false, false));
+        keep_change(&mut list, change("found", false, true));
+        keep_change(&mut list, change("found", true, false));
+        let token = Revocation {
+            device: None,
+            token: Some("toggled".into()),
+            end_live: false,
+            lift: false,
+        };
+        keep_change(&mut list, token);
+        assert_eq!(
+            seen(&list[..3]),
+            [
+                ("toggled".to_string(), true, false),
+                ("stolen".to_string(), false, true),
+                ("found".to_string(), true, false),
+            ]
+        );
+        assert_eq!(list.len(), 4, "a token id is not a device id");
+        // Lifted, then revoked again: no ending unless asked.
+        keep_change(&mut list, change("found", false, false));
+        assert_eq!(seen(&list[2..3]), [("found".to_string(), false, false)]);
+    }
 }
