@@ -93,7 +93,7 @@ pub fn start(
         epoch: None,
         acct_blob: None,
         settle_until: None,
-        unshared: Vec::new(),
+        unshared: recovery::Waiting::default(),
         recent: Vec::new(),
         unshared_accounts: None,
         audio_all: false,
@@ -179,9 +179,8 @@ struct Worker {
     /// share, and keeps the node count it knew.
     settle_until: Option<Instant>,
     /// Revocation changes made here while the store was unreachable, sent
-    /// when it answers again: the last of each device or token id
-    /// ([`recovery::keep_change`]).
-    unshared: Vec<Revocation>,
+    /// when it answers again: the last of each device or token id.
+    unshared: recovery::Waiting,
     /// Revocation changes Redis took, with the version they made, until a
     /// poll loads a version that has them: given back after a loss.
     recent: Vec<(i64, Revocation)>,
@@ -630,7 +629,7 @@ impl Worker {
                     };
                     if !up {
                         // This node has it; the fleet gets it on reconnect.
-                        recovery::keep_change(&mut self.unshared, change);
+                        self.unshared.keep(change);
                         let _ = reply.try_send(Err(ClusterError::Unreachable));
                         continue;
                     }
@@ -677,7 +676,7 @@ impl Worker {
                         Pending::Revoked(change, r) => {
                             // Sent again on reconnect: a set change and a
                             // version bump may land twice, harmlessly.
-                            recovery::keep_change(&mut self.unshared, change);
+                            self.unshared.keep(change);
                             let _ = r.try_send(Err(ClusterError::NoAnswer));
                         }
                         Pending::AccountVersion(sealed) => self.keep_accounts(sealed),

@@ -4,6 +4,7 @@
 //! ([`crate::core::cluster::scripts::RESEED`]), and the changes kept
 //! while the store was unreachable, sent when it answers again.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -45,19 +46,44 @@ impl Revocation {
     }
 }
 
-/// Keeps `change` in `list`, the changes waiting for the store: a later
-/// change of the same device or token takes the place of the earlier one
-/// (only the last matters once both reach the store), so the list holds
-/// one change per id however often an id was revoked and lifted. A revoke
-/// keeps the earlier one's "end the live streams"; a lift drops it.
-pub(super) fn keep_change(list: &mut Vec<Revocation>, change: Revocation) {
-    let same = |c: &Revocation| c.device == change.device && c.token == change.token;
-    match list.iter_mut().find(|c| same(c)) {
-        Some(c) => {
-            let end_live = !change.lift && (change.end_live || (!c.lift && c.end_live));
-            *c = Revocation { end_live, ..change };
+/// Revocation changes waiting for the store, the last of each device or
+/// token id: a later change of an id takes the place of the earlier one
+/// (only the last matters once both reach the store), so the list grows
+/// with the ids changed, not with the calls. A revoke keeps the earlier
+/// one's "end the live streams"; a lift drops it.
+#[derive(Default)]
+pub(super) struct Waiting {
+    list: Vec<Revocation>,
+    /// (device, token) → its place in `list`.
+    at: HashMap<(Option<String>, Option<String>), usize>,
+}
+
+impl Waiting {
+    /// Keeps `change`, in place of an earlier change of the same id.
+    pub(super) fn keep(&mut self, change: Revocation) {
+        let id = (change.device.clone(), change.token.clone());
+        match self.at.get(&id) {
+            Some(&i) => {
+                let c = &mut self.list[i];
+                let end_live = !change.lift && (change.end_live || (!c.lift && c.end_live));
+                *c = Revocation { end_live, ..change };
+            }
+            None => {
+                self.at.insert(id, self.list.len());
+                self.list.push(change);
+            }
         }
-        None => list.push(change),
+    }
+
+    /// The changes, in the order their ids first changed.
+    pub(super) fn changes(&self) -> &[Revocation] {
+        &self.list
+    }
+
+    /// Takes every change out.
+    pub(super) fn take(&mut self) -> Vec<Revocation> {
+        self.at.clear();
+        std::mem::take(&mut self.list)
     }
 }
 
@@ -139,9 +165,9 @@ impl Worker {
             // Changes Redis took that this node's lists may not show yet
             // (no poll since): sent again after registering.
             let recent: Vec<_> = self.recent.drain(..).map(|(_, c)| c).collect();
-            let later = std::mem::take(&mut self.unshared);
+            let later = self.unshared.take();
             for change in recent.into_iter().chain(later) {
-                keep_change(&mut self.unshared, change);
+                self.unshared.keep(change);
             }
         }
         // Also at first sight: a store settling after a loss tells a node
@@ -248,11 +274,11 @@ impl Worker {
                 }
             }
         }
-        if self.unshared.is_empty() {
+        if self.unshared.changes().is_empty() {
             return;
         }
         let mut pipe = redis::pipe();
-        for change in &self.unshared {
+        for change in self.unshared.changes() {
             change.add_to(&mut pipe);
         }
         let Some(con) = self.con.as_mut() else { return };
@@ -260,10 +286,10 @@ impl Worker {
             Ok(_) => {
                 self.ok();
                 tracing::info!(
-                    changes = self.unshared.len(),
+                    changes = self.unshared.changes().len(),
                     "revocation changes made while the cluster store was unreachable are now fleet-wide"
                 );
-                self.unshared.clear();
+                self.unshared.take();
             }
             Err(e) => self.failed("revocations", &e),
         }
@@ -283,7 +309,7 @@ fn version(field: Option<&Option<String>>) -> i64 {
 
 #[cfg(test)]
 mod tests {
-    use super::{keep_change, Revocation};
+    use super::{Revocation, Waiting};
 
     fn change(device: &str, lift: bool, end_live: bool) -> Revocation {
         Revocation {
@@ -302,22 +328,22 @@ mod tests {
 
     #[test]
     fn changes_kept_offline_hold_one_per_id_the_last() {
-        let mut list = Vec::new();
+        let mut waiting = Waiting::default();
         for i in 0..1000 {
-            keep_change(&mut list, change("toggled", i % 2 == 1, false));
+            waiting.keep(change("toggled", i % 2 == 1, false));
         }
-        keep_change(&mut list, change("stolen", false, true));
+        waiting.keep(change("stolen", false, true));
         // A second revoke without ending streams keeps the first's ending.
-        keep_change(&mut list, change("stolen", false, false));
-        keep_change(&mut list, change("found", false, true));
-        keep_change(&mut list, change("found", true, false));
-        let token = Revocation {
+        waiting.keep(change("stolen", false, false));
+        waiting.keep(change("found", false, true));
+        waiting.keep(change("found", true, false));
+        waiting.keep(Revocation {
             device: None,
             token: Some("toggled".into()),
             end_live: false,
             lift: false,
-        };
-        keep_change(&mut list, token);
+        });
+        let list = waiting.changes();
         assert_eq!(
             seen(&list[..3]),
             [
@@ -328,7 +354,13 @@ mod tests {
         );
         assert_eq!(list.len(), 4, "a token id is not a device id");
         // Lifted, then revoked again: no ending unless asked.
-        keep_change(&mut list, change("found", false, false));
-        assert_eq!(seen(&list[2..3]), [("found".to_string(), false, false)]);
+        waiting.keep(change("found", false, false));
+        assert_eq!(
+            seen(&waiting.changes()[2..3]),
+            [("found".to_string(), false, false)]
+        );
+        assert_eq!(waiting.take().len(), 4);
+        waiting.keep(change("found", false, false));
+        assert_eq!(waiting.changes().len(), 1, "taken out: none left behind");
     }
 }
