@@ -93,6 +93,29 @@ fn the_fleet_keeps_each_pools_streams_in_the_pool() {
         "EU streams went to the US: {:?}",
         us.sessions()
     );
+    // A token for a pool no node has: refused, and the message says so
+    // rather than "every account is at its limit".
+    let asia = TokenKeys::from_config(&a.cfg.tokens)
+        .mint_in(
+            "asia-one",
+            None,
+            &["asia".into()],
+            Duration::from_secs(600),
+            SystemTime::now(),
+        )
+        .unwrap();
+    let (mut ws, _) = connect(a.addr(), &asia, Via::Header).unwrap();
+    let got = stream_session(&mut ws, &config_message(None), &audio_frames(1, 1));
+    assert_error_frame(&got, 429, 1013);
+    let message = got
+        .messages
+        .iter()
+        .find_map(|m| m["error_message"].as_str());
+    assert_eq!(
+        message,
+        Some("No Soniox account of this token's pools (asia) is on this relay."),
+        "{got:?}"
+    );
 }
 
 #[test]

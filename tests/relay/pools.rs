@@ -101,6 +101,14 @@ fn hold(relay: &Relay, token: &str) -> Ws {
     ws
 }
 
+fn error_message(got: &Received) -> String {
+    got.messages
+        .iter()
+        .find_map(|m| m["error_message"].as_str())
+        .unwrap_or_default()
+        .to_string()
+}
+
 fn keys_seen(fake: &FakeSoniox) -> Vec<String> {
     fake.sessions()
         .iter()
@@ -125,6 +133,10 @@ fn an_eu_token_reaches_only_the_eu_upstream_and_gets_429_when_eu_is_full() {
     let got = session(&relay, &token(&relay, "eu-c", &["eu"]));
     assert_error_frame(&got, 429, 1013);
     assert!(
+        error_message(&got).contains("at the relay's stream limit"),
+        "{got:?}"
+    );
+    assert!(
         us.sessions().is_empty(),
         "EU audio went to the US: {:?}",
         us.sessions()
@@ -141,7 +153,22 @@ fn an_eu_token_reaches_only_the_eu_upstream_and_gets_429_when_eu_is_full() {
     let got = session(&relay, &token(&relay, "both", &["eu", "us"]));
     assert!(got.finished(), "{got:?}");
     assert!(us.wait_for(LIMIT, |s| s.len() == 2));
-    assert_error_frame(&session(&relay, &relay.token("no-pool")), 429, 1013);
+    let got = session(&relay, &relay.token("no-pool"));
+    assert_error_frame(&got, 429, 1013);
+    // Not "every account is at its limit": there is none to be.
+    assert_eq!(
+        error_message(&got),
+        "No Soniox account of this token's pools (default) is on this relay.",
+        "{got:?}"
+    );
+    // Nor for a pool this relay does not have (a token minted elsewhere).
+    let got = session(&relay, &token(&relay, "asia-phone", &["asia"]));
+    assert_error_frame(&got, 429, 1013);
+    assert_eq!(
+        error_message(&got),
+        "No Soniox account of this token's pools (asia) is on this relay.",
+        "{got:?}"
+    );
     assert!(keys_seen(&eu).iter().all(|k| k.starts_with("eu-")));
 }
 

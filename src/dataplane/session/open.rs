@@ -238,6 +238,8 @@ impl Stream {
                 return Err(
                     if unreachable || mine.iter().any(|s| s.account.timed_out(now)) {
                         Refusal::upstream_unavailable()
+                    } else if mine.is_empty() {
+                        Refusal::no_account_in(&pools)
                     } else {
                         Refusal::no_account(refusal::why_no_account(&mine, now, upstream_refused))
                     },

@@ -80,6 +80,25 @@ impl Refusal {
         }
         .by(by)
     }
+    /// No account of the token's pools (`pools`) is on this relay at all:
+    /// a token minted for a pool this relay does not serve, or a pool
+    /// whose accounts were all removed. Counted like every account full
+    /// (the relay has no room for the stream), and the message says which.
+    pub(super) fn no_account_in(pools: &[String]) -> Self {
+        let pools = if pools.is_empty() {
+            "default".to_string()
+        } else {
+            pools.join(", ")
+        };
+        Refusal::new(
+            429,
+            "too_many_requests",
+            format!("No Soniox account of this token's pools ({pools}) is on this relay."),
+            1013,
+            Side::Internal,
+        )
+        .by(RefusedBy::RelayLimit)
+    }
     pub(super) fn upstream_unavailable() -> Self {
         Refusal::new(
             502,
