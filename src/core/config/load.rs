@@ -730,7 +730,20 @@ fn resolve_cluster(
         Some(r) if r.split('/').next().unwrap_or("").is_empty() => {
             p.push("cluster.redis_url", "has no host")
         }
-        Some(_) => {}
+        // What the Redis client would refuse at start (a port past 65535,
+        // a database that is not a number, a broken address): found here,
+        // so check-config says so and `run` exits 3 rather than 1, which
+        // systemd would restart every 2 s. Its message never quotes the URL.
+        Some(_) => {
+            if let Err(e) = redis::IntoConnectionInfo::into_connection_info(redis_url.as_str()) {
+                p.push(
+                    "cluster.redis_url",
+                    format!(
+                        "is not a Redis URL the client can use ({e}); write redis://HOST:PORT/DB"
+                    ),
+                );
+            }
+        }
     }
     let password = resolve_secret(
         "cluster",
