@@ -143,7 +143,7 @@ impl OpenLink for FleetLink {
             let unsent = fleet.take_unsent();
             if !unsent.is_empty() {
                 let mut c = scripts::evalsha(&ADJUST_HASH);
-                c.arg(&fleet.node_id);
+                c.arg(&fleet.member);
                 for (kind, id, delta) in unsent {
                     c.arg(kind.field()).arg(id).arg(delta);
                 }
@@ -151,7 +151,7 @@ impl OpenLink for FleetLink {
                 waiting.push_back(Waiter::Plain);
             }
             let mut c = scripts::evalsha(&OPEN_HASH);
-            req.args(&fleet.node_id, fleet.lease_ttl.as_millis() as u64, &mut c);
+            req.args(&fleet.member, fleet.lease_ttl.as_millis() as u64, &mut c);
             c.write_packed_command(&mut out);
             waiting.push_back(Waiter::Open { req, reply });
         }

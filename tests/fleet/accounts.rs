@@ -137,7 +137,7 @@ fn an_account_limit_holds_across_nodes() {
     );
     drop(first);
     assert!(wait_until(Duration::from_secs(10), || {
-        fake.active_streams() == 2 && redis.hget("clio:n:node-a:acct", "a").as_deref() == Some("1")
+        fake.active_streams() == 2 && redis.count("node-a", "acct", "a").as_deref() == Some("1")
     }));
     let _again = open(&b, "d5");
     assert!(wait_until(Duration::from_secs(10), || fake

@@ -132,10 +132,7 @@ fn a_node_cut_off_from_redis_keeps_its_streams_and_rejoins_counting_once() {
     assert!(wait_until(Duration::from_secs(10), || fake
         .active_streams()
         == 1));
-    assert_eq!(
-        redis.hget("clio:n:node-a:dev", "phone").as_deref(),
-        Some("1")
-    );
+    assert_eq!(redis.count("node-a", "dev", "phone").as_deref(), Some("1"));
 
     net.link(0, false);
     assert!(
@@ -169,16 +166,16 @@ fn a_node_cut_off_from_redis_keeps_its_streams_and_rejoins_counting_once() {
     // let in during it, and none for the stream that ended meanwhile.
     assert!(
         wait_until(Duration::from_secs(10), || {
-            redis.hget("clio:n:node-a:dev", "phone").as_deref() == Some("1")
-                && redis.hget("clio:n:node-a:dev", "tablet").as_deref() == Some("1")
-                && redis.hget("clio:n:node-a:acct", "a").as_deref() == Some("2")
+            redis.count("node-a", "dev", "phone").as_deref() == Some("1")
+                && redis.count("node-a", "dev", "tablet").as_deref() == Some("1")
+                && redis.count("node-a", "acct", "a").as_deref() == Some("2")
         }),
         "A's counts after the rejoin: phone {:?}, tablet {:?}, account {:?}",
-        redis.hget("clio:n:node-a:dev", "phone"),
-        redis.hget("clio:n:node-a:dev", "tablet"),
-        redis.hget("clio:n:node-a:acct", "a")
+        redis.count("node-a", "dev", "phone"),
+        redis.count("node-a", "dev", "tablet"),
+        redis.count("node-a", "acct", "a")
     );
-    assert_eq!(redis.hget("clio:n:node-a:dev", "watch"), None);
+    assert_eq!(redis.count("node-a", "dev", "watch"), None);
     // Fleet-wide the phone has one stream (on A): B takes one more, then none.
     let second = open(&b, "phone");
     assert!(wait_until(Duration::from_secs(10), || fake
@@ -212,8 +209,8 @@ fn a_node_cut_off_from_redis_keeps_its_streams_and_rejoins_counting_once() {
     assert!(finish(held).finished(), "the stream let in during the cut");
     assert!(finish(second).finished());
     assert!(wait_until(Duration::from_secs(10), || {
-        redis.hget("clio:n:node-a:dev", "phone").is_none()
-            && redis.hget("clio:n:node-a:dev", "tablet").is_none()
-            && redis.hget("clio:n:node-b:dev", "phone").is_none()
+        redis.count("node-a", "dev", "phone").is_none()
+            && redis.count("node-a", "dev", "tablet").is_none()
+            && redis.count("node-b", "dev", "phone").is_none()
     }));
 }

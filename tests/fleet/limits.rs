@@ -71,7 +71,7 @@ fn a_device_stream_limit_is_exact_across_nodes() {
         .active_streams()
         == 1));
     assert!(wait_until(Duration::from_secs(10), || {
-        redis.hget("clio:n:node-a:dev", "phone").is_none()
+        redis.count("node-a", "dev", "phone").is_none()
     }));
     let _third = open(&b, &token);
     assert!(wait_until(Duration::from_secs(10), || fake

@@ -66,18 +66,15 @@ fn stream_opens_go_on_the_shards_own_connection_and_count_exactly() {
     // A live stream counts once, on its node, and its end leaves nothing.
     let live = open(&a, "phone");
     assert!(wait_until(LIMIT, || fake.active_streams() == 1));
-    assert_eq!(
-        redis.hget("clio:n:node-a:dev", "phone").as_deref(),
-        Some("1")
-    );
-    assert_eq!(redis.hget("clio:n:node-a:acct", "a").as_deref(), Some("1"));
+    assert_eq!(redis.count("node-a", "dev", "phone").as_deref(), Some("1"));
+    assert_eq!(redis.count("node-a", "acct", "a").as_deref(), Some("1"));
     let got = session(&b, "phone");
     assert_eq!(got.error_code(), Some(429), "{got:?}");
     assert!(finish(live).finished());
     assert!(wait_until(LIMIT, || redis
-        .hget("clio:n:node-a:dev", "phone")
+        .count("node-a", "dev", "phone")
         .is_none()
-        && redis.hget("clio:n:node-a:acct", "a").is_none()));
+        && redis.count("node-a", "acct", "a").is_none()));
     assert!(session(&b, "phone").finished());
 }
 
@@ -101,16 +98,13 @@ fn an_open_whose_answer_is_late_is_not_counted_twice() {
     // Redis runs the held open when the pause ends, and the node's
     // registration afterwards replaces it with what the node holds: one.
     assert!(wait_until(Duration::from_secs(15), || up(&a)));
-    assert_eq!(
-        redis.hget("clio:n:node-a:dev", "phone").as_deref(),
-        Some("1")
-    );
-    assert_eq!(redis.hget("clio:n:node-a:acct", "a").as_deref(), Some("1"));
+    assert_eq!(redis.count("node-a", "dev", "phone").as_deref(), Some("1"));
+    assert_eq!(redis.count("node-a", "acct", "a").as_deref(), Some("1"));
     assert!(finish(live).finished());
     assert!(wait_until(LIMIT, || redis
-        .hget("clio:n:node-a:dev", "phone")
+        .count("node-a", "dev", "phone")
         .is_none()
-        && redis.hget("clio:n:node-a:acct", "a").is_none()));
+        && redis.count("node-a", "acct", "a").is_none()));
     // And the links carry opens again.
     for _ in 0..4 {
         assert!(session(&a, "phone").finished());

@@ -18,6 +18,7 @@ mod loss;
 mod outage;
 mod pools;
 mod process;
+mod same_id;
 mod usage;
 
 use std::time::Duration;

@@ -68,14 +68,11 @@ fn redis_down_keeps_live_streams_shares_limits_and_reregisters_exactly() {
     // Redis comes back empty: each node writes what it holds, once.
     redis.restart();
     assert!(wait_until(Duration::from_secs(15), || up(&a) && up(&b)));
+    assert_eq!(redis.count("node-a", "dev", "tablet").as_deref(), Some("1"));
+    assert_eq!(redis.count("node-a", "acct", "a").as_deref(), Some("1"));
+    assert_eq!(redis.count("node-b", "dev", "tablet"), None);
     assert_eq!(
-        redis.hget("clio:n:node-a:dev", "tablet").as_deref(),
-        Some("1")
-    );
-    assert_eq!(redis.hget("clio:n:node-a:acct", "a").as_deref(), Some("1"));
-    assert_eq!(redis.hget("clio:n:node-b:dev", "tablet"), None);
-    assert_eq!(
-        redis.hget("clio:n:node-a:dev", "phone"),
+        redis.count("node-a", "dev", "phone"),
         None,
         "ended while down"
     );
@@ -93,7 +90,7 @@ fn redis_down_keeps_live_streams_shares_limits_and_reregisters_exactly() {
     // Ending the stream held through the outage leaves no count behind.
     assert!(finish(held).finished());
     assert!(wait_until(Duration::from_secs(10), || redis
-        .hget("clio:n:node-a:dev", "tablet")
+        .count("node-a", "dev", "tablet")
         .is_none()));
 }
 

@@ -134,6 +134,24 @@ impl RedisServer {
         rest.get(..len).map(str::to_string)
     }
 
+    /// A field of `node`'s count hash of `kind` (`dev` or `acct`), `None`
+    /// when absent. Counts are kept by process (`clio:n:<node>/<instance>:…`);
+    /// this reads the one process the test runs as `node`.
+    pub fn count(&self, node: &str, kind: &str, field: &str) -> Option<String> {
+        let reply = self.command(&format!("KEYS clio:n:{node}/*:{kind}"));
+        let key = reply.split("\r\n").find(|l| l.starts_with("clio:n:"))?;
+        self.hget(key, field)
+    }
+
+    /// `node`'s member in `clio:nodes` (one running process), if any.
+    pub fn member(&self, node: &str) -> Option<String> {
+        let reply = self.command("ZRANGE clio:nodes 0 -1");
+        reply
+            .split("\r\n")
+            .find(|l| l.starts_with(&format!("{node}/")))
+            .map(str::to_string)
+    }
+
     /// Redis's clock, in ms (what leases are measured by).
     pub fn time_ms(&self) -> u64 {
         let reply = self.command("TIME");
@@ -143,7 +161,7 @@ impl RedisServer {
 
     /// When `node`'s lease ends (Redis ms), if it has one.
     pub fn lease_end(&self, node: &str) -> Option<u64> {
-        let reply = self.command(&format!("ZSCORE clio:nodes {node}"));
+        let reply = self.command(&format!("ZSCORE clio:nodes {}", self.member(node)?));
         reply
             .split("\r\n")
             .nth(1)?

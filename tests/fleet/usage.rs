@@ -153,7 +153,7 @@ fn a_usage_batch_sent_twice_counts_once() {
     let chunk = usage::take_chunk(&mut pending);
     let script = ::redis::Script::new(clio_relay::core::cluster::scripts::USAGE);
     let send = |con: &mut ::redis::Connection, id: &str| -> i64 {
-        usage::invocation(&script, "node-x", id, &chunk)
+        usage::invocation(&script, "node-x", "node-x/1", id, &chunk)
             .invoke(con)
             .unwrap()
     };

@@ -59,6 +59,16 @@ use crate::core::usage::{GroupBy, UsageRecord};
 
 pub use store::{channel, start, Links};
 
+/// A number naming this fleet handle among every relay's: the time in
+/// nanoseconds, the process id and a count of the handles made here.
+fn instance() -> u64 {
+    static MADE: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    now ^ (u64::from(std::process::id()) << 24) ^ (MADE.fetch_add(1, Ordering::Relaxed) << 44)
+}
+
 /// The host name (the default `cluster.node_id`), or "" when unknown.
 pub fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -268,6 +278,13 @@ pub struct Fleet {
     tx: mpsc::Sender<Job>,
     /// This node's id.
     pub node_id: String,
+    /// This process's name in the fleet's counts and leases:
+    /// `<node_id>/<instance>`, unique to the process, so two running
+    /// relays given one `node_id` never write each other's counts, and a
+    /// node restarted after a crash does not take its dead self's.
+    pub member: String,
+    /// Another running relay uses this `node_id` (seen at a heartbeat).
+    pub id_conflict: AtomicBool,
     /// What new streams do while Redis is unreachable.
     pub on_store_down: StoreDown,
     /// Lease lifetime.
@@ -340,6 +357,8 @@ impl Fleet {
         Arc::new(Fleet {
             tx,
             node_id: cfg.node_id.clone(),
+            member: format!("{}/{:012x}", cfg.node_id, instance() & 0xffff_ffff_ffff),
+            id_conflict: AtomicBool::new(false),
             on_store_down: cfg.on_store_down,
             lease_ttl: cfg.lease_ttl,
             timeout: cfg.timeout,
@@ -697,6 +716,13 @@ impl Fleet {
             "Whether the fleet's shared store (Redis) answered the last call.",
         )
         .sample(&[], u8::from(self.store_up()));
+        family(
+            out,
+            "clio_relay_cluster_node_id_conflict",
+            Kind::Gauge,
+            "1 while another running relay uses this node's cluster.node_id (seen in the last lease_ttl).",
+        )
+        .sample(&[], u8::from(self.id_conflict.load(Ordering::Relaxed)));
         family(
             out,
             "clio_relay_cluster_nodes",

@@ -5,9 +5,10 @@
 //!
 //! | key | type | what |
 //! |---|---|---|
-//! | `clio:nodes` | sorted set | node id → lease end (ms, Redis clock) |
-//! | `clio:n:<node>:dev` | hash | device id → live streams on that node |
-//! | `clio:n:<node>:acct` | hash | account id → live streams on that node |
+//! | `clio:nodes` | sorted set | member → lease end (ms, Redis clock); a member is `<node id>/<instance>`, one per running process |
+//! | `clio:n:<member>:dev` | hash | device id → live streams on that process |
+//! | `clio:n:<member>:acct` | hash | account id → live streams on that process |
+//! | `clio:owner` | hash | node id → the member that last registered or renewed a lease under it (two running relays with one node id take turns: each sees the other) |
 //! | `clio:rev:dev`, `clio:rev:tok` | sets | revoked device ids, token ids |
 //! | `clio:ver` | hash | `rev`, `acct`: bumped on every change; `epoch`: names this copy of the data (new after a loss); `settle`, `settle_nodes`: after a loss, until when (ms, Redis clock) stream opens wait for that many nodes to register again |
 //! | `clio:ends` | stream | "end the live streams of …" requests |
@@ -16,11 +17,14 @@
 //! | `clio:accounts` | string | the account set, sealed like `accounts.store` |
 //! | `clio:u:<day>:<node>:acct`, `…:dev` | hash | that node's usage that UTC day: `s:<id>` streams, `a:` audio ms, `r:` audio ms by the relay's meter, `u:`/`d:` bytes up/down, `e<code>:` errors |
 //! | `clio:u:<day>:nodes` | set | the nodes with usage that day |
-//! | `clio:useq` | hash | node → id of the last usage batch added (a node whose last batch is not there sees the store went back) |
+//! | `clio:useq` | hash | member → id of the last usage batch it added (a process whose last batch is not there sees the store went back) |
 //!
-//! A node's streams count only while its lease in `clio:nodes` is current:
-//! a node that dies stops counting `lease_ttl` after its last heartbeat,
-//! and its hashes expire with it.
+//! A process's streams count only while its lease in `clio:nodes` is
+//! current: a node that dies stops counting `lease_ttl` after its last
+//! heartbeat, and its hashes expire with it. Counts and leases are kept
+//! by member, not by node id, so a copied config file (two relays with
+//! one `node_id`) cannot make one process delete or decrement the other's
+//! counts; usage stays by node id (each node's ledger is its own).
 
 use std::sync::LazyLock;
 
@@ -120,7 +124,7 @@ pub fn open_answer(v: &Value) -> OpenAnswer {
 /// settles after a loss (see [`RESEED`]) it answers `{"settling"}`: the
 /// node decides by its share, as when the store is down.
 ///
-/// ARGV: node, device, token id, max concurrent (0 = none), streams per
+/// ARGV: member, device, token id, max concurrent (0 = none), streams per
 /// minute (0 = none), audio cap ms (0 = none), UTC day, lease ttl ms, then
 /// pairs of (account id, limit). Returns `{"ok", index}` (index into the
 /// pairs, -1 when none were given) or `{"refused", limit}`.
@@ -271,7 +275,7 @@ return out
 
 /// Streams ended (or holds given back): this node's counts change. One
 /// call for every change a batch carries.
-/// ARGV: node, then for each change: kind (`dev` or `acct`), id, delta.
+/// ARGV: member, then for each change: kind (`dev` or `acct`), id, delta.
 pub const ADJUST: &str = r#"
 local node = ARGV[1]
 for i = 2, #ARGV, 3 do
@@ -282,37 +286,48 @@ end
 return (#ARGV - 1) / 3
 "#;
 
-/// Heartbeat: extends this node's lease and its hashes' lifetime. Returns
-/// `{lapsed, nodes alive}`: `lapsed` is 1 when the lease had already ended
-/// (the node was cut off or Redis lost its data), so the node must
-/// re-register what it holds.
-/// ARGV: node, lease ttl ms.
+/// Heartbeat: extends this process's lease and its hashes' lifetime.
+/// Returns `{lapsed, nodes alive, shared}`: `lapsed` is 1 when the lease
+/// had already ended (the node was cut off or Redis lost its data), so the
+/// node must re-register what it holds; `shared` is 1 when another member
+/// with a current lease registered or renewed under this node id since
+/// this one last did (another running relay has the same `node_id`: a
+/// process that died writes nothing more).
+/// ARGV: member, lease ttl ms, node id.
 pub const HEARTBEAT: &str = r#"
-local node, ttl = ARGV[1], tonumber(ARGV[2])
+local node, ttl, id = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local old = tonumber(redis.call('ZSCORE', 'clio:nodes', node) or '0')
+local prev = redis.call('HGET', 'clio:owner', id)
+local shared = 0
+if prev and prev ~= node
+  and tonumber(redis.call('ZSCORE', 'clio:nodes', prev) or '0') >= now then
+  shared = 1
+end
+redis.call('HSET', 'clio:owner', id, node)
 redis.call('ZADD', 'clio:nodes', now + ttl, node)
 redis.call('ZREMRANGEBYSCORE', 'clio:nodes', '-inf', now - 86400000)
 redis.call('PEXPIRE', 'clio:n:' .. node .. ':dev', ttl)
 redis.call('PEXPIRE', 'clio:n:' .. node .. ':acct', ttl)
 local lapsed = 0
 if old < now then lapsed = 1 end
-return {lapsed, redis.call('ZCOUNT', 'clio:nodes', now, '+inf')}
+return {lapsed, redis.call('ZCOUNT', 'clio:nodes', now, '+inf'), shared}
 "#;
 
 /// Re-registration: replaces this node's counts with what it holds (so a
 /// node coming back neither counts twice nor leaves a count behind) and
-/// renews its lease. ARGV: node, lease ttl ms, number of device pairs, then
-/// (device, count) pairs, then (account, count) pairs.
+/// renews its lease. ARGV: member, lease ttl ms, number of device pairs,
+/// node id, then (device, count) pairs, then (account, count) pairs.
 pub const REGISTER: &str = r#"
 local node, ttl, ndev = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local hd, ha = 'clio:n:' .. node .. ':dev', 'clio:n:' .. node .. ':acct'
 redis.call('DEL', hd, ha)
-for i = 4, 3 + ndev * 2, 2 do redis.call('HSET', hd, ARGV[i], ARGV[i + 1]) end
-for i = 4 + ndev * 2, #ARGV, 2 do redis.call('HSET', ha, ARGV[i], ARGV[i + 1]) end
+for i = 5, 4 + ndev * 2, 2 do redis.call('HSET', hd, ARGV[i], ARGV[i + 1]) end
+for i = 5 + ndev * 2, #ARGV, 2 do redis.call('HSET', ha, ARGV[i], ARGV[i + 1]) end
 redis.call('PEXPIRE', hd, ttl)
 redis.call('PEXPIRE', ha, ttl)
+redis.call('HSET', 'clio:owner', ARGV[4], node)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZADD', 'clio:nodes', now + ttl, node)
@@ -344,17 +359,18 @@ return {#nodes, out}
 /// Usage: adds a batch of one node's per-day counters (deltas) to its
 /// hashes, once. A batch whose id is the node's last one was already added
 /// (its answer was lost) and is skipped, so a retry never counts twice.
-/// ARGV: node, batch id, seconds to keep account hashes, seconds to keep
-/// device hashes, then per entry: day, `acct` or `dev`, id, streams, audio
+/// ARGV: node, member (whose last batch id `clio:useq` keeps), batch id,
+/// seconds to keep account hashes, seconds to keep device hashes, then
+/// per entry: day, `acct` or `dev`, id, streams, audio
 /// ms, audio ms (relay meter), bytes up, bytes down, errors as
 /// `code:n,code:n`. Returns 1, or 0 for a batch already added.
 pub const USAGE: &str = r#"
-local node, batch = ARGV[1], ARGV[2]
-local keep = {acct = tonumber(ARGV[3]), dev = tonumber(ARGV[4])}
-if redis.call('HGET', 'clio:useq', node) == batch then return 0 end
+local node, member, batch = ARGV[1], ARGV[2], ARGV[3]
+local keep = {acct = tonumber(ARGV[4]), dev = tonumber(ARGV[5])}
+if redis.call('HGET', 'clio:useq', member) == batch then return 0 end
 local names = {'s', 'a', 'r', 'u', 'd'}
 local days = {}
-for i = 5, #ARGV, 9 do
+for i = 6, #ARGV, 9 do
   local day, grp, id = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local h = 'clio:u:' .. day .. ':' .. node .. ':' .. grp
   for j = 1, 5 do
@@ -372,6 +388,6 @@ for day in pairs(days) do
   redis.call('SADD', k, node)
   redis.call('EXPIRE', k, keep.acct)
 end
-redis.call('HSET', 'clio:useq', node, batch)
+redis.call('HSET', 'clio:useq', member, batch)
 return 1
 "#;

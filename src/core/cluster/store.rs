@@ -107,6 +107,7 @@ pub fn start(
         process: started ^ (u64::from(std::process::id()) << 40),
         last_usage: Instant::now(),
         release_at: None,
+        id_shared_at: None,
     };
     std::thread::Builder::new()
         .name("clio-cluster".into())
@@ -207,6 +208,8 @@ struct Worker {
     last_usage: Instant,
     /// When the holds given back must be sent (see [`super::RELEASE_DELAY`]).
     release_at: Option<Instant>,
+    /// When a heartbeat last saw another running relay with this node id.
+    id_shared_at: Option<Instant>,
 }
 
 /// A poll's answers: the nodes script's, `clio:ver`'s fields
@@ -388,7 +391,7 @@ impl Worker {
             .arg(&recovery::VERSIONS)
             .cmd("HGET")
             .arg("clio:useq")
-            .arg(&self.fleet.node_id)
+            .arg(&self.fleet.member)
             .query(self.con.as_mut().expect("set above"));
         let (vers, useq) = match vers {
             Ok(v) => v,
@@ -428,14 +431,14 @@ impl Worker {
         // Redis takes the whole tally: the unsent changes are in it.
         let _ = self.take_releases();
         let mut inv = self.scripts.register.prepare_invoke();
-        inv.arg(&self.fleet.node_id).arg(self.ttl_ms);
+        inv.arg(&self.fleet.member).arg(self.ttl_ms);
         let devs: Vec<_> = self
             .held
             .counts
             .iter()
             .filter(|((k, _), _)| *k == Kind::Device)
             .collect();
-        inv.arg(devs.len());
+        inv.arg(devs.len()).arg(&self.fleet.node_id);
         for ((_, id), n) in &devs {
             inv.arg(id.as_str()).arg(**n);
         }
@@ -474,7 +477,7 @@ impl Worker {
             tracing::warn!(error = %e, "this node's last usage is not in the fleet's totals (its own ledger has it)");
         }
         let Some(con) = self.con.as_mut() else { return };
-        let node = &self.fleet.node_id;
+        let node = &self.fleet.member;
         let r: Result<(), _> = redis::pipe()
             .cmd("ZREM")
             .arg("clio:nodes")
@@ -483,6 +486,10 @@ impl Worker {
             .cmd("DEL")
             .arg(format!("clio:n:{node}:dev"))
             .arg(format!("clio:n:{node}:acct"))
+            .ignore()
+            .cmd("HDEL")
+            .arg("clio:useq")
+            .arg(node)
             .ignore()
             .query(con);
         if let Err(e) = r {
@@ -551,7 +558,13 @@ impl Worker {
                 return Err(ClusterError::Unreachable);
             };
             let (id, chunk) = self.usage_sent.as_ref().expect("set above");
-            let inv = usage::invocation(&self.scripts.usage, &self.fleet.node_id, id, chunk);
+            let inv = usage::invocation(
+                &self.scripts.usage,
+                &self.fleet.node_id,
+                &self.fleet.member,
+                id,
+                chunk,
+            );
             let r = inv.invoke::<i64>(con);
             match r {
                 Ok(_) => {
@@ -574,7 +587,7 @@ impl Worker {
         let up = self.con.is_some();
         let mut pipe = redis::pipe();
         let mut pending: Vec<Pending> = Vec::new();
-        let node = self.fleet.node_id.clone();
+        let node = self.fleet.member.clone();
         // Every count change of the batch in one call, before its opens.
         let mut adjust = self.scripts.adjust.prepare_invoke();
         adjust.arg(&node);
@@ -767,15 +780,17 @@ impl Worker {
     fn heartbeat(&mut self) {
         self.last_heartbeat = Instant::now();
         let Some(con) = self.con.as_mut() else { return };
-        let r: Result<(i64, i64), _> = self
+        let r: Result<(i64, i64, i64), _> = self
             .scripts
             .heartbeat
-            .arg(&self.fleet.node_id)
+            .arg(&self.fleet.member)
             .arg(self.ttl_ms)
+            .arg(&self.fleet.node_id)
             .invoke(con);
         match r {
-            Ok((lapsed, nodes)) => {
+            Ok((lapsed, nodes, shared)) => {
                 self.ok();
+                self.id_shared(shared == 1);
                 if lapsed == 0 {
                     self.set_nodes(nodes);
                 } else {
@@ -787,6 +802,29 @@ impl Worker {
             }
             Err(e) => self.failed("heartbeat", &e),
         }
+    }
+
+    /// Whether another running relay uses this node id: seen at this
+    /// heartbeat, or at one in the last lease (two relays' heartbeats
+    /// drift, so one may now and then see none of the other's between
+    /// two of its own).
+    fn id_shared(&mut self, seen: bool) {
+        let now = Instant::now();
+        if seen {
+            if self.id_shared_at.is_none() {
+                tracing::error!(node = %self.fleet.node_id, "another running relay has this cluster.node_id; give each node its own: until then both count their streams, but their usage shares one node's row in /admin/usage");
+            }
+            self.id_shared_at = Some(now);
+        } else if self
+            .id_shared_at
+            .is_some_and(|t| now.duration_since(t).as_millis() as u64 > self.ttl_ms)
+        {
+            tracing::info!(node = %self.fleet.node_id, "no other running relay has this cluster.node_id any more");
+            self.id_shared_at = None;
+        }
+        self.fleet
+            .id_conflict
+            .store(self.id_shared_at.is_some(), Ordering::Relaxed);
     }
 
     /// Revocations, account changes and "end" requests from other nodes.
@@ -823,7 +861,7 @@ impl Worker {
             .arg(&recovery::VERSIONS)
             .cmd("HGET")
             .arg("clio:useq")
-            .arg(&self.fleet.node_id)
+            .arg(&self.fleet.member)
             .cmd("XREAD")
             .arg("COUNT")
             .arg(100)

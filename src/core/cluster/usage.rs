@@ -101,11 +101,13 @@ pub fn take_chunk(pending: &mut Pending) -> Vec<((u64, GroupBy, String), Totals)
 pub fn invocation<'a>(
     script: &'a redis::Script,
     node: &str,
+    member: &str,
     batch: &str,
     chunk: &[((u64, GroupBy, String), Totals)],
 ) -> redis::ScriptInvocation<'a> {
     let mut inv = script.prepare_invoke();
     inv.arg(node)
+        .arg(member)
         .arg(batch)
         .arg(KEEP_ACCOUNT_DAYS * 86_400)
         .arg(KEEP_DEVICE_DAYS * 86_400);

@@ -1,0 +1,76 @@
+//! Two relays configured with one `cluster.node_id` (a copied config
+//! file): each keeps its own streams counted, neither mistakes the other's
+//! usage for a store that went back in time, and both say so.
+
+use std::time::Duration;
+
+use clio_relay::core::config::DeviceLimits;
+
+use crate::redis::RedisServer;
+use crate::util::*;
+
+fn metric(relay: &Relay, name: &str) -> Option<u64> {
+    let (_, body) = http(relay.handle.admin_addr, "GET", "/metrics", None, None);
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[test]
+fn two_nodes_with_one_node_id_keep_their_counts_apart_and_say_so() {
+    let redis = RedisServer::start();
+    let fake = fake(&["k1"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.accounts[0].max_concurrent_streams = 50;
+    cfg.admin.master_key = Some(clio_relay::core::secret::Secret::new(crate::MASTER));
+    cfg.devices.default = DeviceLimits {
+        max_concurrent_streams: 2,
+        ..Default::default()
+    };
+    let a = Relay::start(crate::node(&cfg, &redis, "relay-1"));
+    assert!(wait_until(Duration::from_secs(10), || crate::up(&a)));
+    let token = a.token("phone");
+    let _streams: Vec<Ws> = (0..2).map(|_| crate::open(&a, "phone")).collect();
+    assert!(wait_until(Duration::from_secs(10), || fake
+        .active_streams()
+        == 2));
+    // The same node_id on a second host: it must not wipe the first's
+    // counts when it registers.
+    let b = Relay::start(crate::node(&cfg, &redis, "relay-1"));
+    assert!(wait_until(Duration::from_secs(10), || crate::up(&b)));
+    let (mut ws, _) = connect(b.addr(), &token, Via::Header).unwrap();
+    let got = stream_session(&mut ws, &config_message(None), &[]);
+    assert_eq!(got.error_code(), Some(429), "the device has its 2: {got:?}");
+    // Both nodes count for the shares (two processes, two leases).
+    assert!(wait_until(Duration::from_secs(10), || {
+        [&a, &b]
+            .iter()
+            .all(|r| r.handle.process.fleet.get().unwrap().nodes() == 2)
+    }));
+    // The operator is told, on both, within a heartbeat or two.
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            [&a, &b]
+                .iter()
+                .all(|r| metric(r, "clio_relay_cluster_node_id_conflict") == Some(1))
+        }),
+        "both nodes report the shared node_id"
+    );
+    // Streams that end on both nodes send usage under one node id: neither
+    // takes the other's batch for a store that went back to an older copy
+    // (which registers again and puts the whole fleet in its shares).
+    let before: Vec<_> = [&a, &b]
+        .iter()
+        .map(|r| metric(r, "clio_relay_cluster_registrations_total"))
+        .collect();
+    for _ in 0..3 {
+        for r in [&a, &b] {
+            assert!(crate::try_stream(r, "tablet").finished());
+        }
+        std::thread::sleep(Duration::from_millis(1200));
+    }
+    let after: Vec<_> = [&a, &b]
+        .iter()
+        .map(|r| metric(r, "clio_relay_cluster_registrations_total"))
+        .collect();
+    assert_eq!(before, after, "no node registered again");
+}
