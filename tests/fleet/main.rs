@@ -19,6 +19,7 @@ mod outage;
 mod pools;
 mod process;
 mod same_id;
+mod stall;
 mod usage;
 
 use std::time::Duration;

@@ -1,0 +1,47 @@
+//! A Redis that stops answering but keeps its connections open (a stalled
+//! primary; here `CLIENT PAUSE`): each call has `cluster.timeout`, so the
+//! node sees the store unreachable after about that, as when Redis is gone.
+
+use std::time::Duration;
+
+use clio_relay::core::config::StoreDown;
+use clio_relay::core::secret::Secret;
+
+use crate::redis::RedisServer;
+use crate::util::*;
+use crate::{try_stream, up};
+
+#[test]
+fn a_stalled_redis_is_unreachable_after_one_timeout_not_one_per_command() {
+    let redis = RedisServer::start();
+    let fake = fake(&["k1"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.admin.master_key = Some(Secret::new(crate::MASTER));
+    let start = |name: &str| {
+        let mut c = crate::node(&cfg, &redis, name);
+        let k = c.cluster.as_mut().unwrap();
+        k.timeout = Duration::from_secs(1);
+        k.on_store_down = StoreDown::Refuse;
+        Relay::start(c)
+    };
+    let (a, b) = (start("node-a"), start("node-b"));
+    assert!(wait_until(Duration::from_secs(10), || up(&a) && up(&b)));
+    assert!(try_stream(&a, "phone").finished());
+    assert!(redis.command("CLIENT PAUSE 6000 ALL").starts_with("+OK"));
+    // A poll is one pipeline of 4 commands. Read a reply at a time, each
+    // with the whole timeout, it held the cluster thread for 4 s (and a
+    // batch of stream opens for one timeout per open) while the node
+    // still took the store for up.
+    assert!(
+        wait_until(Duration::from_millis(2500), || !up(&a) && !up(&b)),
+        "unreachable within cluster.timeout (1 s) and a poll"
+    );
+    // What the README says of an unreachable store, while it stalls.
+    let got = try_stream(&a, "phone");
+    assert_eq!(got.error_code(), Some(503), "{got:?}");
+    let (status, _, _) = http_get(a.handle.admin_addr, "/readyz", "");
+    assert_eq!(status, 503);
+    // The pause ends (CLIENT UNPAUSE would wait for it too): both back.
+    assert!(wait_until(Duration::from_secs(15), || up(&a) && up(&b)));
+    assert!(try_stream(&b, "phone").finished());
+}
