@@ -20,6 +20,7 @@ mod pools;
 mod process;
 mod same_id;
 mod stall;
+mod tls;
 mod usage;
 
 use std::time::Duration;
@@ -38,6 +39,7 @@ pub fn node(cfg: &Config, redis: &redis::RedisServer, node: &str) -> Config {
     c.admin.state_dir = util::state_dir();
     c.cluster = Some(ClusterConfig {
         redis_url: redis.url(),
+        ca: None,
         password: None,
         node_id: node.into(),
         lease_ttl: Duration::from_secs(15),

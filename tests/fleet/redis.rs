@@ -13,6 +13,8 @@ pub struct RedisServer {
     dir: std::path::PathBuf,
     /// Where the test reaches it.
     host: String,
+    /// TLS only, with this certificate and key (PEM files).
+    tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
     /// Run inside this network namespace (`ip netns exec`), bound to
     /// these addresses; `None`: 127.0.0.1 here.
     netns: Option<(String, Vec<String>)>,
@@ -38,12 +40,36 @@ impl RedisServer {
                 dir: dir.clone(),
                 host: "127.0.0.1".into(),
                 netns: None,
+                tls: None,
             };
             if r.spawn() {
                 return r;
             }
         }
         panic!("redis-server did not start (is it installed? .ci/run installs it)");
+    }
+
+    /// A server that speaks only TLS, with `cert` and `key` (PEM).
+    pub fn start_tls(cert: &str, key: &str) -> RedisServer {
+        let dir = crate::util::state_dir();
+        std::fs::create_dir_all(&dir).unwrap();
+        let (c, k) = (dir.join("redis-cert.pem"), dir.join("redis-key.pem"));
+        std::fs::write(&c, cert).unwrap();
+        std::fs::write(&k, key).unwrap();
+        for _ in 0..5 {
+            let mut r = RedisServer {
+                child: None,
+                port: free_port(),
+                dir: dir.clone(),
+                host: "127.0.0.1".into(),
+                netns: None,
+                tls: Some((c.clone(), k.clone())),
+            };
+            if r.spawn() {
+                return r;
+            }
+        }
+        panic!("redis-server with TLS did not start");
     }
 
     /// A server inside network namespace `ns`, listening on `binds` (the
@@ -57,6 +83,7 @@ impl RedisServer {
             dir,
             host: host.into(),
             netns: Some((ns.into(), binds.iter().map(|b| b.to_string()).collect())),
+            tls: None,
         };
         assert!(r.spawn(), "redis-server starts in namespace {ns}");
         r
@@ -82,11 +109,22 @@ impl RedisServer {
             }
             None => (Command::new("redis-server"), vec!["127.0.0.1".to_string()]),
         };
+        cmd.arg("--bind").args(binds);
+        match &self.tls {
+            Some((cert, key)) => {
+                cmd.args(["--port", "0", "--tls-port"])
+                    .arg(self.port.to_string())
+                    .arg("--tls-cert-file")
+                    .arg(cert)
+                    .arg("--tls-key-file")
+                    .arg(key)
+                    .args(["--tls-auth-clients", "no"]);
+            }
+            None => {
+                cmd.arg("--port").arg(self.port.to_string());
+            }
+        }
         let child = cmd
-            .arg("--bind")
-            .args(binds)
-            .arg("--port")
-            .arg(self.port.to_string())
             .args(["--save", "", "--appendonly", "no", "--dir"])
             .arg(&self.dir)
             .stdout(Stdio::null())
@@ -96,7 +134,13 @@ impl RedisServer {
         self.child = Some(child);
         let end = Instant::now() + Duration::from_secs(10);
         while Instant::now() < end {
-            if self.command("PING").starts_with("+PONG") {
+            let listening = match self.tls {
+                // The test's plain client cannot speak TLS: listening is
+                // enough.
+                Some(_) => TcpStream::connect((self.host.as_str(), self.port)).is_ok(),
+                None => self.command("PING").starts_with("+PONG"),
+            };
+            if listening {
                 return true;
             }
             if let Some(Ok(Some(_))) = self.child.as_mut().map(|c| c.try_wait()) {
@@ -109,7 +153,12 @@ impl RedisServer {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://{}:{}/0", self.host, self.port)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://{}:{}/0", self.host, self.port)
     }
 
     /// Kills the server (SIGKILL): everything in it is lost.

@@ -68,8 +68,18 @@ pub fn start(
         }
         None => info,
     };
-    let client = redis::Client::open(info)
-        .map_err(|e| std::io::Error::other(format!("cluster.redis_url: {}", e)))?;
+    let client = match &cfg.ca {
+        // A private CA: trusted instead of the built-in public roots.
+        Some(pem) => redis::Client::build_with_tls(
+            info,
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem.clone()),
+            },
+        ),
+        None => redis::Client::open(info),
+    }
+    .map_err(|e| std::io::Error::other(format!("cluster.redis_url: {}", e)))?;
     let _ = fleet.client.set(client.clone());
     let started = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)

@@ -99,6 +99,45 @@ fn bad_cluster_settings_are_named_and_never_echo_a_password() {
 }
 
 #[test]
+fn a_ca_file_is_read_at_load_and_only_for_rediss() {
+    let dir = std::env::temp_dir().join(format!("clio-ca-file-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+    std::fs::write(dir.join("ca.pem"), pem).unwrap();
+    std::fs::write(dir.join("not.pem"), "hello").unwrap();
+    let c = Config::from_toml_str(
+        &file(
+            "redis_url = \"rediss://redis.internal:6380/0\"\nnode_id = \"n\"\nca_file = \"ca.pem\"",
+            true,
+        ),
+        &dir,
+    )
+    .unwrap();
+    assert_eq!(c.cluster.unwrap().ca.as_deref(), Some(pem.as_bytes()));
+    for (url, ca, needle) in [
+        ("redis://10.0.0.5:6379/0", "ca.pem", "only for a rediss://"),
+        (
+            "rediss://10.0.0.5:6379/0",
+            "not.pem",
+            "holds no PEM certificate",
+        ),
+        ("rediss://10.0.0.5:6379/0", "absent.pem", "cannot read"),
+    ] {
+        let e = Config::from_toml_str(
+            &file(
+                &format!("redis_url = \"{url}\"\nnode_id = \"n\"\nca_file = \"{ca}\""),
+                true,
+            ),
+            &dir,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("cluster.ca_file") && e.contains(needle), "{e}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
 fn local_shares_divide_count_limits_among_nodes() {
     let l = DeviceLimits {
         max_concurrent_streams: 5,

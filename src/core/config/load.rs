@@ -745,6 +745,32 @@ fn resolve_cluster(
             }
         }
     }
+    let ca = c.ca_file.and_then(|f| {
+        let path = base.join(f);
+        if !redis_url.starts_with("rediss://") {
+            p.push("cluster.ca_file", "is only for a rediss:// (TLS) redis_url");
+            return None;
+        }
+        match std::fs::read(&path) {
+            Ok(pem) if String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") => {
+                Some(pem)
+            }
+            Ok(_) => {
+                p.push(
+                    "cluster.ca_file",
+                    format!("{} holds no PEM certificate", path.display()),
+                );
+                None
+            }
+            Err(e) => {
+                p.push(
+                    "cluster.ca_file",
+                    format!("cannot read {}: {e}", path.display()),
+                );
+                None
+            }
+        }
+    });
     let password = resolve_secret(
         "cluster",
         ("password_env", c.password_env),
@@ -794,6 +820,7 @@ fn resolve_cluster(
     }
     ClusterConfig {
         redis_url,
+        ca,
         password,
         node_id,
         lease_ttl,

@@ -50,6 +50,7 @@ pub(super) struct RawPool {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawCluster {
     pub(super) redis_url: Option<String>,
+    pub(super) ca_file: Option<PathBuf>,
     pub(super) password_env: Option<String>,
     pub(super) password_file: Option<PathBuf>,
     pub(super) node_id: Option<String>,

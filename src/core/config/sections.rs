@@ -225,6 +225,9 @@ pub enum StoreDown {
 pub struct ClusterConfig {
     /// `redis://host:port/db` or `rediss://…` (TLS); no password in it.
     pub redis_url: String,
+    /// PEM certificates that `rediss://` trusts instead of the built-in
+    /// public roots (a private CA), read from `ca_file` at load.
+    pub ca: Option<Vec<u8>>,
     /// Redis password (`AUTH`), from `password_env` or `password_file`.
     pub password: Option<Secret>,
     /// This node's name in the fleet (default: the host name).
