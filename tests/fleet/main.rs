@@ -10,6 +10,7 @@ mod redis;
 
 mod accounts;
 mod cutoff;
+mod evict;
 mod haproxy;
 mod leases;
 mod limits;

@@ -285,6 +285,9 @@ pub struct Fleet {
     pub member: String,
     /// Another running relay uses this `node_id` (seen at a heartbeat).
     pub id_conflict: AtomicBool,
+    /// Redis may evict keys when full (a `maxmemory` with a policy other
+    /// than `noeviction`), as seen at the last connect.
+    pub may_evict: AtomicBool,
     /// What new streams do while Redis is unreachable.
     pub on_store_down: StoreDown,
     /// Lease lifetime.
@@ -359,6 +362,7 @@ impl Fleet {
             node_id: cfg.node_id.clone(),
             member: format!("{}/{:012x}", cfg.node_id, instance() & 0xffff_ffff_ffff),
             id_conflict: AtomicBool::new(false),
+            may_evict: AtomicBool::new(false),
             on_store_down: cfg.on_store_down,
             lease_ttl: cfg.lease_ttl,
             timeout: cfg.timeout,
@@ -723,6 +727,13 @@ impl Fleet {
             "1 while another running relay uses this node's cluster.node_id (seen in the last lease_ttl).",
         )
         .sample(&[], u8::from(self.id_conflict.load(Ordering::Relaxed)));
+        family(
+            out,
+            "clio_relay_cluster_store_may_evict",
+            Kind::Gauge,
+            "1 when Redis has a maxmemory and a maxmemory-policy other than noeviction (seen at connect): it may drop the fleet's counts unseen.",
+        )
+        .sample(&[], u8::from(self.may_evict.load(Ordering::Relaxed)));
         family(
             out,
             "clio_relay_cluster_nodes",

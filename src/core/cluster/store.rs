@@ -396,6 +396,7 @@ impl Worker {
         }
         self.con = Some(con);
         self.ok();
+        self.check_eviction();
         // A store that lost its data while this node could not reach it:
         // known before registering, so the counts go in once.
         let vers: Result<(Vec<Option<String>>, Option<String>), _> = redis::pipe()
@@ -417,6 +418,30 @@ impl Worker {
             self.share_unshared();
             *self.fleet.link.lock().unwrap_or_else(|e| e.into_inner()) = self.link_target();
             self.poll();
+        }
+    }
+
+    /// Whether Redis may evict keys when it is full: a `maxmemory` with a
+    /// policy other than `noeviction` can drop a node's count hashes (its
+    /// streams then stop counting, unseen) or any other `clio:` key, where
+    /// `noeviction` fails the writes, which the node sees as an outage. A
+    /// Redis that does not answer `INFO memory` is taken as it is.
+    fn check_eviction(&mut self) {
+        let Some(con) = self.con.as_mut() else { return };
+        let Ok(info) = redis::cmd("INFO").arg("memory").query::<String>(con) else {
+            return;
+        };
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                .map(str::trim)
+        };
+        let limited = field("maxmemory").is_some_and(|m| m != "0");
+        let policy = field("maxmemory_policy").unwrap_or("noeviction");
+        let evicts = limited && policy != "noeviction";
+        let was = self.fleet.may_evict.swap(evicts, Ordering::Relaxed);
+        if evicts && !was {
+            tracing::warn!(maxmemory_policy = policy, "the cluster store may evict the fleet's keys when full (it has a maxmemory and a policy other than noeviction): a device's or account's streams may then stop counting unseen; set maxmemory-policy noeviction");
         }
     }
 
