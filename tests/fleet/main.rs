@@ -9,6 +9,7 @@ mod util;
 mod redis;
 
 mod accounts;
+mod acl;
 mod cutoff;
 mod evict;
 mod haproxy;
@@ -41,6 +42,7 @@ pub fn node(cfg: &Config, redis: &redis::RedisServer, node: &str) -> Config {
     c.cluster = Some(ClusterConfig {
         redis_url: redis.url(),
         ca: None,
+        username: None,
         password: None,
         node_id: node.into(),
         lease_ttl: Duration::from_secs(15),

@@ -63,7 +63,10 @@ pub fn start(
         .map_err(|e| std::io::Error::other(format!("cluster.redis_url: {}", e)))?;
     let info = match &cfg.password {
         Some(p) => {
-            let settings = info.redis_settings().clone().set_password(p.expose());
+            let mut settings = info.redis_settings().clone().set_password(p.expose());
+            if let Some(u) = &cfg.username {
+                settings = settings.set_username(u);
+            }
             info.set_redis_settings(settings)
         }
         None => info,

@@ -138,6 +138,28 @@ fn a_ca_file_is_read_at_load_and_only_for_rediss() {
 }
 
 #[test]
+fn a_username_goes_with_a_password() {
+    let c = Config::from_toml_str(
+        &file(
+            "redis_url = \"redis://10.0.0.5:6379/0\"\nnode_id = \"n\"\nusername = \"clio\"\n\
+             password_env = \"CLIO_T_CLUSTER_REDIS_PW\"",
+            true,
+        ),
+        Path::new("."),
+    )
+    .unwrap();
+    assert_eq!(c.cluster.unwrap().username.as_deref(), Some("clio"));
+    let p = problems(&file(
+        "redis_url = \"redis://10.0.0.5:6379/0\"\nnode_id = \"n\"\nusername = \"clio\"",
+        true,
+    ));
+    assert!(
+        p.contains("cluster.username: needs cluster.password_env"),
+        "{p}"
+    );
+}
+
+#[test]
 fn local_shares_divide_count_limits_among_nodes() {
     let l = DeviceLimits {
         max_concurrent_streams: 5,

@@ -818,9 +818,26 @@ fn resolve_cluster(
              accounts are shared through Redis encrypted under the master key",
         );
     }
+    let username = c.username;
+    if username
+        .as_deref()
+        .is_some_and(|u| u.is_empty() || u.chars().any(|ch| ch.is_whitespace()))
+    {
+        p.push(
+            "cluster.username",
+            "must be a Redis ACL user name (no spaces)",
+        );
+    }
+    if username.is_some() && password.is_none() {
+        p.push(
+            "cluster.username",
+            "needs cluster.password_env or cluster.password_file",
+        );
+    }
     ClusterConfig {
         redis_url,
         ca,
+        username,
         password,
         node_id,
         lease_ttl,

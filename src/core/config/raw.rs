@@ -51,6 +51,7 @@ pub(super) struct RawPool {
 pub(super) struct RawCluster {
     pub(super) redis_url: Option<String>,
     pub(super) ca_file: Option<PathBuf>,
+    pub(super) username: Option<String>,
     pub(super) password_env: Option<String>,
     pub(super) password_file: Option<PathBuf>,
     pub(super) node_id: Option<String>,

@@ -228,6 +228,8 @@ pub struct ClusterConfig {
     /// PEM certificates that `rediss://` trusts instead of the built-in
     /// public roots (a private CA), read from `ca_file` at load.
     pub ca: Option<Vec<u8>>,
+    /// Redis ACL user name (`AUTH user password`); `None`: the default user.
+    pub username: Option<String>,
     /// Redis password (`AUTH`), from `password_env` or `password_file`.
     pub password: Option<Secret>,
     /// This node's name in the fleet (default: the host name).

@@ -694,6 +694,7 @@ fn warns_when_runtime_changes_would_not_persist() {
     c.cluster = Some(crate::core::config::ClusterConfig {
         redis_url: "redis://127.0.0.1:6379/0".into(),
         ca: None,
+        username: None,
         password: None,
         node_id: "n1".into(),
         lease_ttl: Duration::from_secs(15),
