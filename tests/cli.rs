@@ -433,3 +433,43 @@ fn a_redis_url_the_client_cannot_use_is_a_config_error() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `#insecure` on a `rediss://` URL turns off the Redis client's check of
+/// the server's certificate: valid, but `check-config` warns about it.
+#[test]
+fn an_insecure_rediss_url_is_warned_about() {
+    let dir = std::env::temp_dir().join(format!("clio-relay-insecure-{}", std::process::id()));
+    let config = relay_config(&dir, "127.0.0.1:0", "127.0.0.1:0");
+    let base = std::fs::read_to_string(&config).unwrap().replace(
+        "[admin]\n",
+        &format!(
+            "[admin]\nstate_dir = \"{}\"\nmaster_key_env = \"CLI_URL_MASTER\"\n",
+            dir.join("state").display()
+        ),
+    );
+    let check = |url: &str| {
+        std::fs::write(
+            &config,
+            format!("{base}\n[cluster]\nredis_url = \"{url}\"\nnode_id = \"n1\"\n"),
+        )
+        .unwrap();
+        let o = Command::new(RELAY)
+            .args(["check-config", "--config", &config])
+            .env("CLI_EXIT_SECRET", "cli-exit-secret-0123456789abcdef0123")
+            .env("CLI_EXIT_ADMIN", "cli-exit-admin-token-0123456789")
+            .env("CLI_EXIT_KEY", "cli-exit-soniox-key")
+            .env("CLI_URL_MASTER", "ab".repeat(32))
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(0), "{url}: {}", text(&o));
+        text(&o)
+    };
+    let out = check("rediss://10.0.0.5:6380/0#insecure");
+    assert!(
+        out.contains("warning: cluster.redis_url: #insecure turns off the check"),
+        "{out}"
+    );
+    let out = check("rediss://10.0.0.5:6380/0");
+    assert!(!out.contains("#insecure"), "{out}");
+    std::fs::remove_dir_all(&dir).ok();
+}

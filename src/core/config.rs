@@ -474,6 +474,19 @@ impl Config {
                     .to_string(),
             );
         }
+        // The Redis client reads `#insecure` on a rediss:// URL as "do not
+        // check the server's certificate": TLS that anyone in the path
+        // can answer, passwords included.
+        if self
+            .cluster
+            .as_ref()
+            .is_some_and(|c| c.redis_url.starts_with("rediss://") && c.redis_url.contains('#'))
+        {
+            w.push(
+                "cluster.redis_url: #insecure turns off the check of Redis's certificate,                  so whoever can reach the path can pose as Redis and read its password;                  give the CA in cluster.ca_file instead"
+                    .to_string(),
+            );
+        }
         w
     }
 }
