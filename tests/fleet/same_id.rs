@@ -74,3 +74,61 @@ fn two_nodes_with_one_node_id_keep_their_counts_apart_and_say_so() {
         .collect();
     assert_eq!(before, after, "no node registered again");
 }
+
+/// A node restarted after SIGKILL comes back with its node_id while its
+/// dead self's lease runs: not a twin (the dead one renews nothing), and
+/// the dead one's streams count until that lease ends, as for any node
+/// that dies.
+#[test]
+fn a_node_restarted_after_a_crash_is_not_taken_for_a_twin() {
+    use crate::process::Node;
+    let redis = RedisServer::start();
+    let fake = fake(&["k1"], |_| {});
+    let cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    let spawn = || {
+        Node::spawn(
+            &fake.url(),
+            &redis.url(),
+            "node-a",
+            "3s",
+            &cfg.tokens.secret,
+            "k1",
+            "[devices]\nmax_concurrent_streams = 2\n",
+        )
+    };
+    let token = clio_relay::core::token::TokenKeys::from_config(&cfg.tokens)
+        .mint(
+            "phone",
+            Duration::from_secs(600),
+            std::time::SystemTime::now(),
+        )
+        .unwrap();
+    let open = |node: &Node| {
+        let (mut ws, _) = connect(node.client, &token, Via::Header).unwrap();
+        ws.send(tungstenite::Message::text(config_message(None)))
+            .unwrap();
+        ws
+    };
+    let mut first = spawn();
+    let _streams: Vec<Ws> = (0..2).map(|_| open(&first)).collect();
+    assert!(wait_until(Duration::from_secs(10), || fake
+        .active_streams()
+        == 2));
+    first.kill9();
+    let dead_lease = redis.lease_end("node-a").expect("the dead one's lease");
+    let again = spawn();
+    let refused = || {
+        let (mut ws, _) = connect(again.client, &token, Via::Header).unwrap();
+        stream_session(&mut ws, &config_message(None), &audio_frames(1, 1))
+    };
+    let got = refused();
+    if redis.time_ms() < dead_lease {
+        assert_eq!(got.error_code(), Some(429), "{got:?}");
+    }
+    assert!(wait_until(Duration::from_secs(30), || refused().finished()));
+    // Heartbeats every second: none sees a twin.
+    std::thread::sleep(Duration::from_secs(4));
+    let (_, m) = http(again.admin, "GET", "/metrics", None, None);
+    assert!(m.contains("clio_relay_cluster_node_id_conflict 0"), "{m}");
+    assert!(m.contains("clio_relay_cluster_store_up 1"), "{m}");
+}
