@@ -64,3 +64,41 @@ fn a_killed_node_stops_counting_when_its_lease_ends() {
         "released only after the lease"
     );
 }
+
+/// `clio:nodes` deleted by hand (or evicted): every node's lease goes, and
+/// with it every stream's place in the device and account counts (only
+/// nodes with a lease count). Each node sees its own lease gone at its
+/// next poll and registers again, rather than at its next heartbeat (a
+/// third of lease_ttl later: 20 s here).
+#[test]
+fn a_deleted_lease_is_registered_again_at_the_next_poll() {
+    let redis = RedisServer::start();
+    let fake = fake(&["k1"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.admin.master_key = Some(clio_relay::core::secret::Secret::new(crate::MASTER));
+    cfg.devices.default = DeviceLimits {
+        max_concurrent_streams: 2,
+        ..Default::default()
+    };
+    let start = |name: &str| {
+        let mut c = crate::node(&cfg, &redis, name);
+        c.cluster.as_mut().unwrap().lease_ttl = Duration::from_secs(60);
+        Relay::start(c)
+    };
+    let (a, b) = (start("node-a"), start("node-b"));
+    assert!(wait_until(Duration::from_secs(10), || crate::up(&a) && crate::up(&b)));
+    let _streams: Vec<Ws> = (0..2).map(|_| crate::open(&a, "phone")).collect();
+    assert!(wait_until(Duration::from_secs(10), || fake
+        .active_streams()
+        == 2));
+    assert!(redis.command("DEL clio:nodes").starts_with(":1"));
+    assert!(
+        wait_until(Duration::from_secs(5), || redis.member("node-a").is_some()
+            && redis.member("node-b").is_some()),
+        "both leases back well before the next heartbeat"
+    );
+    // A's two streams count again: the device is at its limit on B.
+    assert!(wait_until(Duration::from_secs(5), || crate::up(&b)));
+    let got = crate::try_stream(&b, "phone");
+    assert_eq!(got.error_code(), Some(429), "{got:?}");
+}

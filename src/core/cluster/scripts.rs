@@ -334,9 +334,12 @@ redis.call('ZADD', 'clio:nodes', now + ttl, node)
 return redis.call('ZCOUNT', 'clio:nodes', now, '+inf')
 "#;
 
-/// The nodes with a current lease (what the local shares divide by), and
-/// each account's live streams summed over them (for the alerts).
-/// Returns `{nodes, {account, live, account, live, ...}}`.
+/// The nodes with a current lease (what the local shares divide by),
+/// each account's live streams summed over them (for the alerts), and
+/// whether this member (ARGV[1]) has a current lease: one that is gone
+/// (`clio:nodes` deleted or evicted) must register again, or its streams
+/// would not count until its next heartbeat.
+/// Returns `{nodes, {account, live, account, live, ...}, mine}`.
 pub const NODES: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -353,7 +356,9 @@ for id, n in pairs(live) do
   out[#out + 1] = id
   out[#out + 1] = n
 end
-return {#nodes, out}
+local mine = 0
+if tonumber(redis.call('ZSCORE', 'clio:nodes', ARGV[1]) or '0') >= now then mine = 1 end
+return {#nodes, out, mine}
 "#;
 
 /// Usage: adds a batch of one node's per-day counters (deltas) to its

@@ -895,8 +895,10 @@ impl Worker {
             }
         }
         let ends_id = self.ends_id.clone().unwrap_or_else(|| "0-0".into());
+        let mut nodes_inv = self.scripts.nodes.prepare_invoke();
+        nodes_inv.arg(&self.fleet.member);
         let r: Result<PollAnswer, _> = redis::pipe()
-            .invoke_script(&self.scripts.nodes.prepare_invoke())
+            .invoke_script(&nodes_inv)
             .cmd("HMGET")
             .arg("clio:ver")
             .arg(&recovery::VERSIONS)
@@ -925,6 +927,14 @@ impl Worker {
             return self.down();
         }
         let nodes = items(&nodes);
+        if nodes.get(2).is_some_and(|m| int(m) == 0) {
+            // Its lease was deleted (or evicted) with its streams' place
+            // in the counts: register again after the reconnect wait, as
+            // after a lapse, rather than at the next heartbeat.
+            tracing::warn!(node = %self.fleet.node_id, "this node's lease is gone from the cluster store; registering its counts again");
+            self.rejoining = true;
+            return self.down();
+        }
         let count = nodes.first().map_or(1, int);
         self.set_nodes(count);
         // Each account's live streams on every node, for its alert.
