@@ -385,6 +385,34 @@ fn a_wrong_master_key_exits_3() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// Runs `cmd` (`check-config` or `run`) on the relay's test config with a
+/// `[cluster]` section whose `redis_url` is `url`, in `dir`.
+fn with_redis_url(dir: &std::path::Path, cmd: &str, url: &str) -> std::process::Output {
+    let config = relay_config(dir, "127.0.0.1:0", "127.0.0.1:0");
+    let base = std::fs::read_to_string(&config).unwrap().replace(
+        "[admin]\n",
+        &format!(
+            "[admin]\nstate_dir = \"{}\"\nmaster_key_env = \"CLI_URL_MASTER\"\n",
+            dir.join("state").display()
+        ),
+    );
+    std::fs::write(
+        &config,
+        format!("{base}\n[cluster]\nredis_url = \"{url}\"\nnode_id = \"n1\"\n"),
+    )
+    .unwrap();
+    Command::new(RELAY)
+        .args([cmd, "--config", &config])
+        .env("CLI_EXIT_SECRET", "cli-exit-secret-0123456789abcdef0123")
+        .env("CLI_EXIT_ADMIN", "cli-exit-admin-token-0123456789")
+        .env("CLI_EXIT_KEY", "cli-exit-soniox-key")
+        .env("CLI_URL_MASTER", "ab".repeat(32))
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_FDS")
+        .output()
+        .unwrap()
+}
+
 /// A `[cluster] redis_url` the Redis client cannot use (a port past
 /// 65535, a database that is not a number, a broken IPv6 address) is a
 /// configuration mistake: `check-config` names it, and `run` exits 3,
@@ -393,35 +421,13 @@ fn a_wrong_master_key_exits_3() {
 #[test]
 fn a_redis_url_the_client_cannot_use_is_a_config_error() {
     let dir = std::env::temp_dir().join(format!("clio-relay-redis-url-{}", std::process::id()));
-    let config = relay_config(&dir, "127.0.0.1:0", "127.0.0.1:0");
-    let base = std::fs::read_to_string(&config).unwrap().replace(
-        "[admin]\n",
-        &format!(
-            "[admin]\nstate_dir = \"{}\"\nmaster_key_env = \"CLI_URL_MASTER\"\n",
-            dir.join("state").display()
-        ),
-    );
     for url in [
         "redis://10.0.0.5:99999/0",
         "redis://10.0.0.5:6379/zero",
         "redis://[::1:6379/0",
     ] {
-        std::fs::write(
-            &config,
-            format!("{base}\n[cluster]\nredis_url = \"{url}\"\nnode_id = \"n1\"\n"),
-        )
-        .unwrap();
         for cmd in ["check-config", "run"] {
-            let o = Command::new(RELAY)
-                .args([cmd, "--config", &config])
-                .env("CLI_EXIT_SECRET", "cli-exit-secret-0123456789abcdef0123")
-                .env("CLI_EXIT_ADMIN", "cli-exit-admin-token-0123456789")
-                .env("CLI_EXIT_KEY", "cli-exit-soniox-key")
-                .env("CLI_URL_MASTER", "ab".repeat(32))
-                .env_remove("NOTIFY_SOCKET")
-                .env_remove("LISTEN_FDS")
-                .output()
-                .unwrap();
+            let o = with_redis_url(&dir, cmd, url);
             assert_eq!(o.status.code(), Some(3), "{cmd} {url}: {}", text(&o));
             assert!(
                 text(&o).contains("cluster.redis_url"),
@@ -439,28 +445,8 @@ fn a_redis_url_the_client_cannot_use_is_a_config_error() {
 #[test]
 fn an_insecure_rediss_url_is_warned_about() {
     let dir = std::env::temp_dir().join(format!("clio-relay-insecure-{}", std::process::id()));
-    let config = relay_config(&dir, "127.0.0.1:0", "127.0.0.1:0");
-    let base = std::fs::read_to_string(&config).unwrap().replace(
-        "[admin]\n",
-        &format!(
-            "[admin]\nstate_dir = \"{}\"\nmaster_key_env = \"CLI_URL_MASTER\"\n",
-            dir.join("state").display()
-        ),
-    );
     let check = |url: &str| {
-        std::fs::write(
-            &config,
-            format!("{base}\n[cluster]\nredis_url = \"{url}\"\nnode_id = \"n1\"\n"),
-        )
-        .unwrap();
-        let o = Command::new(RELAY)
-            .args(["check-config", "--config", &config])
-            .env("CLI_EXIT_SECRET", "cli-exit-secret-0123456789abcdef0123")
-            .env("CLI_EXIT_ADMIN", "cli-exit-admin-token-0123456789")
-            .env("CLI_EXIT_KEY", "cli-exit-soniox-key")
-            .env("CLI_URL_MASTER", "ab".repeat(32))
-            .output()
-            .unwrap();
+        let o = with_redis_url(&dir, "check-config", url);
         assert_eq!(o.status.code(), Some(0), "{url}: {}", text(&o));
         text(&o)
     };

@@ -33,20 +33,8 @@ impl RedisServer {
     pub fn start() -> RedisServer {
         let dir = crate::util::state_dir();
         std::fs::create_dir_all(&dir).unwrap();
-        for _ in 0..5 {
-            let mut r = RedisServer {
-                child: None,
-                port: free_port(),
-                dir: dir.clone(),
-                host: "127.0.0.1".into(),
-                netns: None,
-                tls: None,
-            };
-            if r.spawn() {
-                return r;
-            }
-        }
-        panic!("redis-server did not start (is it installed? .ci/run installs it)");
+        Self::start_with(dir, None)
+            .expect("redis-server did not start (is it installed? .ci/run installs it)")
     }
 
     /// A server that speaks only TLS, with `cert` and `key` (PEM).
@@ -56,6 +44,15 @@ impl RedisServer {
         let (c, k) = (dir.join("redis-cert.pem"), dir.join("redis-key.pem"));
         std::fs::write(&c, cert).unwrap();
         std::fs::write(&k, key).unwrap();
+        Self::start_with(dir, Some((c, k))).expect("redis-server with TLS did not start")
+    }
+
+    /// A server on a free port of 127.0.0.1 (five tries) with its files
+    /// in `dir`, with TLS when `tls` names its certificate and key files.
+    fn start_with(
+        dir: std::path::PathBuf,
+        tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    ) -> Option<RedisServer> {
         for _ in 0..5 {
             let mut r = RedisServer {
                 child: None,
@@ -63,13 +60,13 @@ impl RedisServer {
                 dir: dir.clone(),
                 host: "127.0.0.1".into(),
                 netns: None,
-                tls: Some((c.clone(), k.clone())),
+                tls: tls.clone(),
             };
             if r.spawn() {
-                return r;
+                return Some(r);
             }
         }
-        panic!("redis-server with TLS did not start");
+        None
     }
 
     /// A server inside network namespace `ns`, listening on `binds` (the
