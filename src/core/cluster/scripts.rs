@@ -336,7 +336,7 @@ return redis.call('ZCOUNT', 'clio:nodes', now, '+inf')
 
 /// The nodes with a current lease (what the local shares divide by),
 /// each account's live streams summed over them (for the alerts), and
-/// whether this member (ARGV[1]) has a current lease: one that is gone
+/// whether this member (`ARGV[1]`) has a current lease: one that is gone
 /// (`clio:nodes` deleted or evicted) must register again, or its streams
 /// would not count until its next heartbeat.
 /// Returns `{nodes, {account, live, account, live, ...}, mine}`.
