@@ -2,6 +2,7 @@
 //! primary; here `CLIENT PAUSE`): each call has `cluster.timeout`, so the
 //! node sees the store unreachable after about that, as when Redis is gone.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use clio_relay::core::config::StoreDown;
@@ -44,4 +45,37 @@ fn a_stalled_redis_is_unreachable_after_one_timeout_not_one_per_command() {
     // The pause ends (CLIENT UNPAUSE would wait for it too): both back.
     assert!(wait_until(Duration::from_secs(15), || up(&a) && up(&b)));
     assert!(try_stream(&b, "phone").finished());
+}
+
+/// A stream opened the moment Redis stalls waits out its shard's call
+/// (`timeout`), and is then decided by this node's shares, its account
+/// too: it does not ask the cluster thread again, which is still waiting
+/// on the same stalled Redis and would take another `timeout`.
+#[test]
+fn an_open_during_a_stall_is_decided_locally_after_one_wait() {
+    let redis = RedisServer::start();
+    let fake = fake(&["k1"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.admin.master_key = Some(Secret::new(crate::MASTER));
+    let mut c = crate::node(&cfg, &redis, "node-a");
+    let k = c.cluster.as_mut().unwrap();
+    k.timeout = Duration::from_secs(1);
+    k.on_store_down = StoreDown::Local;
+    let a = Relay::start(c);
+    assert!(wait_until(Duration::from_secs(10), || up(&a)));
+    assert!(try_stream(&a, "phone").finished());
+    let fleet = a.handle.process.fleet.get().unwrap();
+    let thread = || fleet.stats.opens_thread.load(Ordering::Relaxed);
+    let local = || fleet.stats.opens_local.load(Ordering::Relaxed);
+    let (thread_before, local_before) = (thread(), local());
+    assert!(redis.command("CLIENT PAUSE 4000 ALL").starts_with("+OK"));
+    let got = try_stream(&a, "phone");
+    assert!(got.finished(), "{got:?}");
+    assert_eq!(local() - local_before, 1, "decided by this node's shares");
+    assert_eq!(
+        thread() - thread_before,
+        0,
+        "the account was picked here too, not asked of the stalled store"
+    );
+    assert!(wait_until(Duration::from_secs(15), || up(&a)));
 }

@@ -618,10 +618,10 @@ impl Fleet {
                 self.note_open(t0);
                 Err(FleetRefusal::NoAccount)
             }
-            OpenAnswer::Down => self.admit_local(devices, claims, limits),
+            OpenAnswer::Down => self.admit_local(devices, claims, limits, (ring, tried, pools)),
             OpenAnswer::Settling => {
                 self.settling();
-                self.admit_local(devices, claims, limits)
+                self.admit_local(devices, claims, limits, (ring, tried, pools))
             }
         }
     }
@@ -635,13 +635,17 @@ impl Fleet {
     }
 
     /// Redis is unreachable: refuse, or admit under this node's share of
-    /// the device's limits (the account is picked by the caller's ring,
-    /// whose limits are shared the same way while the store is down).
+    /// the device's limits, and pick the account from `ring` by this
+    /// node's share too ([`Fleet::pick_local`]), here: asked of the
+    /// cluster thread instead, it would wait out another `timeout` when
+    /// Redis stalls and the thread has not seen it yet. With no account
+    /// to pick, the caller's own pick says why.
     fn admit_local(
         self: &Arc<Self>,
         devices: &Devices,
         claims: &Claims,
         limits: &DeviceLimits,
+        (ring, tried, pools): (&std::cell::RefCell<KeyRing>, u64, &[String]),
     ) -> Result<(DevicePermit, Option<Lease>), FleetRefusal> {
         if self.on_store_down == StoreDown::Refuse {
             self.stats
@@ -656,7 +660,7 @@ impl Fleet {
             .map_err(FleetRefusal::Device)?;
         self.send(Job::Adjust(Kind::Device, claims.device_id.clone(), 1));
         permit.fleet = Some(self.hold(Kind::Device, &claims.device_id));
-        Ok((permit, None))
+        Ok((permit, self.pick_local(ring, tried, pools)))
     }
 
     /// Reserves an account of `pools` fleet-wide for a stream moving off a
