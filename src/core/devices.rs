@@ -96,6 +96,9 @@ pub struct DeviceState {
     reported_ms: AtomicU64,
 }
 
+/// [`DeviceState::day`] while its counters move to a new day.
+const ROLLING: u64 = u64::MAX;
+
 impl DeviceState {
     fn new(now: Instant) -> Self {
         DeviceState {
@@ -118,18 +121,32 @@ impl DeviceState {
         }
     }
 
-    /// Moves the counters to `day` if they are from an earlier one.
+    /// Moves the counters to `day` if they are from an earlier one. The
+    /// day reads [`ROLLING`] while the counters are zeroed, and the new
+    /// day only once they are: a shard adding audio meanwhile waits, so it
+    /// neither adds to yesterday's total (and sees it as today's) nor has
+    /// its audio wiped by the zeroing. Once a day per device.
     fn roll(&self, day: u64) {
-        let seen = self.day.load(Ordering::Acquire);
-        if seen < day
-            && self
+        loop {
+            let seen = self.day.load(Ordering::Acquire);
+            if seen == ROLLING {
+                std::thread::yield_now();
+                continue;
+            }
+            if seen >= day {
+                return;
+            }
+            if self
                 .day
-                .compare_exchange(seen, day, Ordering::AcqRel, Ordering::Acquire)
+                .compare_exchange(seen, ROLLING, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
-        {
-            self.audio_ms.store(0, Ordering::Release);
-            self.others_ms.store(0, Ordering::Release);
-            self.reported_ms.store(0, Ordering::Release);
+            {
+                self.audio_ms.store(0, Ordering::Relaxed);
+                self.others_ms.store(0, Ordering::Relaxed);
+                self.reported_ms.store(0, Ordering::Relaxed);
+                self.day.store(day, Ordering::Release);
+                return;
+            }
         }
     }
 
@@ -472,6 +489,42 @@ impl Devices {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    /// Shards add a device's audio at midnight UTC while one of them rolls
+    /// its counter to the new day: no audio of the new day is lost, and
+    /// none of the old day's is counted in it (which would cut a stream
+    /// near yesterday's allowance, or refuse an open, just after midnight).
+    #[test]
+    fn audio_added_across_midnight_counts_on_the_new_day_only() {
+        const THREADS: u64 = 4;
+        const DAYS: u64 = 100_000;
+        let state = Arc::new(DeviceState::new(Instant::now()));
+        let barrier = Arc::new(std::sync::Barrier::new(THREADS as usize));
+        let wrong = Arc::new(AtomicU64::new(0));
+        let threads: Vec<_> = (0..THREADS)
+            .map(|_| {
+                let (state, barrier, wrong) = (state.clone(), barrier.clone(), wrong.clone());
+                std::thread::spawn(move || {
+                    for day in 1..=DAYS {
+                        barrier.wait();
+                        // Each day starts with yesterday's THREADS × 1,000 ms.
+                        let total = state.add_audio_ms(1_000, day);
+                        if total > THREADS * 1_000 {
+                            wrong.fetch_add(1, Ordering::Relaxed);
+                        }
+                        barrier.wait();
+                        if state.audio_ms_on(day) != THREADS * 1_000 {
+                            wrong.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(wrong.load(Ordering::Relaxed), 0, "of {DAYS} days");
+    }
 
     fn claims(device: &str, token: &str) -> Claims {
         Claims {
