@@ -17,8 +17,10 @@ use crate::core::devices::utc_day;
 use crate::dataplane::shard::{ProcessState, ShardMsg};
 
 mod recovery;
+mod timed;
 
 use recovery::Revocation;
+use timed::Timed;
 
 /// How often the thread looks for revocations, account changes and "end"
 /// requests other nodes made (well under the one-second promise).
@@ -225,8 +227,8 @@ struct Worker {
     id_shared_at: Option<Instant>,
 }
 
-/// A poll's answers: the nodes script's, `clio:ver`'s fields
-/// ([`recovery::VERSIONS`]), this node's `clio:useq`, and the new
+/// A poll's answers: the nodes script's, what
+/// [`recovery::ask_versions`] asks, and the new
 /// "end the live streams of" entries.
 type PollAnswer = (Value, Vec<Option<String>>, Option<String>, Value);
 
@@ -402,14 +404,10 @@ impl Worker {
         self.check_eviction();
         // A store that lost its data while this node could not reach it:
         // known before registering, so the counts go in once.
-        let vers: Result<(Vec<Option<String>>, Option<String>), _> = redis::pipe()
-            .cmd("HMGET")
-            .arg("clio:ver")
-            .arg(&recovery::VERSIONS)
-            .cmd("HGET")
-            .arg("clio:useq")
-            .arg(&self.fleet.member)
-            .query(self.con.as_mut().expect("set above"));
+        let mut pipe = redis::pipe();
+        recovery::ask_versions(&mut pipe, &self.fleet.member);
+        let vers: Result<(Vec<Option<String>>, Option<String>), _> =
+            pipe.query(self.con.as_mut().expect("set above"));
         let (vers, useq) = match vers {
             Ok(v) => v,
             Err(e) => return self.failed("versions", &e),
@@ -897,14 +895,10 @@ impl Worker {
         let ends_id = self.ends_id.clone().unwrap_or_else(|| "0-0".into());
         let mut nodes_inv = self.scripts.nodes.prepare_invoke();
         nodes_inv.arg(&self.fleet.member);
-        let r: Result<PollAnswer, _> = redis::pipe()
-            .invoke_script(&nodes_inv)
-            .cmd("HMGET")
-            .arg("clio:ver")
-            .arg(&recovery::VERSIONS)
-            .cmd("HGET")
-            .arg("clio:useq")
-            .arg(&self.fleet.member)
+        let mut pipe = redis::pipe();
+        pipe.invoke_script(&nodes_inv);
+        recovery::ask_versions(&mut pipe, &self.fleet.member);
+        let r: Result<PollAnswer, _> = pipe
             .cmd("XREAD")
             .arg("COUNT")
             .arg(100)
@@ -1060,67 +1054,5 @@ impl Worker {
             }
             Err(e) => self.failed("audio", &e),
         }
-    }
-}
-
-/// The cluster thread's connection: a pipeline's replies share one
-/// `cluster.timeout` deadline, and the first that fails ends the call.
-/// (The client's own pipeline read every reply with the full timeout
-/// each, and went on reading after one timed out: a Redis that stopped
-/// answering held the thread for as many timeouts as the pipeline had
-/// commands, 4 for a poll and up to 256 for a batch of stream opens,
-/// while the node still counted the store as up.)
-struct Timed {
-    con: redis::Connection,
-    timeout: Duration,
-}
-
-impl redis::ConnectionLike for Timed {
-    fn req_packed_command(&mut self, cmd: &[u8]) -> redis::RedisResult<Value> {
-        self.con.req_packed_command(cmd)
-    }
-
-    fn req_packed_commands(
-        &mut self,
-        cmd: &[u8],
-        offset: usize,
-        count: usize,
-    ) -> redis::RedisResult<Vec<Value>> {
-        let deadline = Instant::now() + self.timeout;
-        self.con.send_packed_command(cmd)?;
-        let mut out = Vec::with_capacity(count);
-        let mut read = || {
-            for i in 0..offset + count {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Err(redis::RedisError::from(std::io::Error::from(
-                        std::io::ErrorKind::TimedOut,
-                    )));
-                }
-                self.con.set_read_timeout(Some(left))?;
-                let v = self.con.recv_response()?;
-                if i >= offset {
-                    out.push(v);
-                }
-            }
-            Ok(())
-        };
-        let r = read();
-        // The connection is dropped after a failure; after a success the
-        // next single command has the whole timeout again.
-        self.con.set_read_timeout(Some(self.timeout))?;
-        r.map(|()| out)
-    }
-
-    fn get_db(&self) -> i64 {
-        self.con.get_db()
-    }
-
-    fn check_connection(&mut self) -> bool {
-        self.con.check_connection()
-    }
-
-    fn is_open(&self) -> bool {
-        self.con.is_open()
     }
 }

@@ -297,7 +297,18 @@ impl Worker {
 }
 
 /// The fields of `clio:ver` [`Worker::check_store`] reads, in order.
-pub(super) const VERSIONS: [&str; 3] = ["rev", "acct", "epoch"];
+const VERSIONS: [&str; 3] = ["rev", "acct", "epoch"];
+
+/// Adds to `pipe` what [`Worker::check_store`] compares: `clio:ver`'s
+/// [`VERSIONS`], then `member`'s entry of `clio:useq`.
+pub(super) fn ask_versions(pipe: &mut redis::Pipeline, member: &str) {
+    pipe.cmd("HMGET")
+        .arg("clio:ver")
+        .arg(&VERSIONS)
+        .cmd("HGET")
+        .arg("clio:useq")
+        .arg(member);
+}
 
 /// A version field of `clio:ver` (0 when absent).
 fn version(field: Option<&Option<String>>) -> i64 {
