@@ -124,14 +124,25 @@ pub struct PoolCounts {
 }
 
 impl PoolCounts {
-    /// The count of `pool` (made on first use; pools are few and fixed
-    /// until a restart, so the map stays small).
+    /// The count of `pool`, made on first use. Only a configured pool's
+    /// (an account's, or one with limits of its own) is ever made, so the
+    /// map stays as small as the configurations the process has run;
+    /// [`PoolCounts::has_room`] asks about any other name without one.
     pub fn get(&self, pool: &str) -> Arc<PoolCount> {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = map.get(pool) {
             return c.clone();
         }
         map.entry(pool.to_string()).or_default().clone()
+    }
+
+    /// Whether `pool` has room for one more stream under `max` (0: no cap),
+    /// without making its count: a pool this process has no stream in has
+    /// room, and a token may name any pool (a name it alone knows must not
+    /// grow the map).
+    pub fn has_room(&self, pool: &str, max: u32) -> bool {
+        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(pool).is_none_or(|c| c.has_room(max))
     }
 
     /// Records the configured caps (at start and on each reload).
@@ -198,6 +209,21 @@ mod tests {
         assert_eq!(dev.live(), 1);
         let _uncapped: Vec<_> = (0..5).map(|_| PoolHold::take(&dev, 0).unwrap()).collect();
         assert_eq!(dev.live(), 6);
+    }
+
+    #[test]
+    fn asking_for_room_in_a_pool_makes_no_count() {
+        let counts = PoolCounts::default();
+        for i in 0..1000 {
+            assert!(counts.has_room(&format!("named-by-a-token-{i}"), 0));
+            assert!(counts.has_room(&format!("named-by-a-token-{i}"), 1));
+        }
+        assert!(counts.map.lock().unwrap().is_empty());
+        let dev = counts.get("dev");
+        let _hold = PoolHold::take(&dev, 1).unwrap();
+        assert!(!counts.has_room("dev", 1), "a held place is seen");
+        assert!(counts.has_room("dev", 2));
+        assert_eq!(counts.map.lock().unwrap().len(), 1);
     }
 
     #[test]

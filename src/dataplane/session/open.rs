@@ -167,7 +167,7 @@ impl Stream {
         let pools = self.pools.borrow();
         let open: Vec<String> = pools
             .iter()
-            .filter(|p| counts.get(p).has_room(devices.pool_max_streams(p)))
+            .filter(|p| counts.has_room(p, devices.pool_max_streams(p)))
             .cloned()
             .collect();
         if !open.is_empty() || pools.is_empty() {
