@@ -284,6 +284,9 @@ pub async fn upstream_to_client(
                         None => return End::UpstreamGone,
                     }
                 }
+                // Closed before a first message (a server going away):
+                // as a connection lost at open, the stream can still move.
+                FirstMessage::Closed if state.retry_allowed() => return End::UpstreamGone,
                 FirstMessage::Error(code, scope) => {
                     down.inspect_first.set(false);
                     down.first_error.set(Some((code, scope)));
@@ -361,6 +364,9 @@ enum FirstMessage {
     Incomplete,
     /// A whole text frame carrying `error_code` (and, for 429, its level).
     Error(u16, RateScope),
+    /// A whole close frame (whether its body is one an endpoint may send
+    /// is the scanner's to check, if it goes on to the client).
+    Closed,
     /// Anything else (a result, a control frame, a frame too big to hold).
     Other,
 }
@@ -373,11 +379,19 @@ fn first_message_error(bytes: &[u8]) -> FirstMessage {
         Ok(None) => return FirstMessage::Incomplete,
         Err(_) => return FirstMessage::Other,
     };
+    let total = h.header_len as u64 + h.payload_len;
+    let whole = (bytes.len() as u64) >= total;
+    if h.opcode == Opcode::Close {
+        return if whole {
+            FirstMessage::Closed
+        } else {
+            FirstMessage::Incomplete
+        };
+    }
     if h.opcode != Opcode::Text || !h.fin {
         return FirstMessage::Other;
     }
-    let total = h.header_len as u64 + h.payload_len;
-    if (bytes.len() as u64) < total {
+    if !whole {
         return FirstMessage::Incomplete;
     }
     #[derive(serde::Deserialize)]

@@ -7,6 +7,7 @@ use clio_relay::core::config::AuthMode;
 use fake_soniox::{FakeKey, FakeSoniox, FaultKind};
 
 use crate::util::*;
+use serde_json::Value;
 
 const LIMIT: Duration = Duration::from_secs(10);
 
@@ -221,4 +222,26 @@ fn connection_lost_before_upstream_accepted_moves_the_stream() {
     assert_eq!(s[1].audio, frames.concat());
     // A lost connection is no reason to hold the account off.
     assert!(relay.handle.process.accounts()[0].healthy(Instant::now()));
+}
+
+#[test]
+fn a_close_before_upstream_accepted_moves_a_compressed_stream() {
+    // The first upstream session closes with 1001 and no message at its
+    // first audio frame (a server shutting down), before any result: the
+    // close must not reach the client, whose stream moves as at any other
+    // failure at open, audio formats that cannot resume included.
+    let faults = only_first_connection_fails(FaultKind::GoingAway, 1, |_| true);
+    let fake = fake(&["k1", "k2"], |c| c.faults.random = Some(faults));
+    let relay = Relay::start(relay_config(&fake.url(), &[("a", "k1"), ("b", "k2")]));
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    let mut config: Value = serde_json::from_str(&config_message(None)).unwrap();
+    config["audio_format"] = "ogg".into();
+    let frames = audio_frames(13, 5);
+    let got = stream_session(&mut ws, &config.to_string(), &frames);
+    assert!(got.finished(), "{got:?}");
+    assert_eq!(got.error_code(), None, "{got:?}");
+    assert_eq!(got.close_code(), Some(1000), "{got:?}");
+    assert!(fake.wait_for(LIMIT, |s| s.len() == 2 && s.iter().all(|r| r.closed)));
+    assert_eq!(fake.sessions()[1].audio, frames.concat());
+    assert_eq!(relay.handle.metrics().failovers().open_lost, 1);
 }

@@ -179,14 +179,14 @@ impl FrameScanner {
         loop {
             if self.remaining > 0 {
                 let n = (self.remaining.min((len - pos) as u64)) as usize;
-                if self.from == Sender::Client {
-                    if self.looks != Looks::Nothing {
-                        let ends = self.remaining == n as u64;
-                        if let Err(e) = self.payload_ok(&window[pos..pos + n], ends) {
-                            pos = self.invalid(&mut out, e, pos, frame_at);
-                            break;
-                        }
+                if self.looks != Looks::Nothing {
+                    let ends = self.remaining == n as u64;
+                    if let Err(e) = self.payload_ok(&window[pos..pos + n], ends) {
+                        pos = self.invalid(&mut out, e, pos, frame_at);
+                        break;
                     }
+                }
+                if self.from == Sender::Client {
                     if let Some(c) = capture.as_deref_mut() {
                         self.capture_payload(&window[pos..pos + n], c);
                     }
@@ -260,7 +260,10 @@ impl FrameScanner {
             }
             self.counts_audio = data && self.msg_binary;
             self.looks = match (self.from, h.opcode) {
-                (Sender::Client, Opcode::Close) => {
+                // Either side's close frame is checked (a bad one from
+                // upstream must not reach the client); only the client's
+                // text is, since upstream's results are its own to get right.
+                (_, Opcode::Close) => {
                     if h.payload_len == 1 {
                         pos = self.invalid(&mut out, FrameError::BadClose, pos, Some(pos));
                         break;
@@ -304,8 +307,9 @@ impl FrameScanner {
 }
 
 impl FrameScanner {
-    /// Takes in `masked` (the client's bytes of the current text or close
-    /// frame, before re-masking); `ends` when they end the frame. A text
+    /// Takes in `masked` (the bytes of the current text or close frame as
+    /// they came: a client's before re-masking, upstream's unmasked);
+    /// `ends` when they end the frame. A text
     /// message must be UTF-8 (checked at its last frame's end too); a
     /// close frame's code must be one an endpoint may send, and its
     /// reason UTF-8.
@@ -438,6 +442,19 @@ enum Looks {
 /// RFC's extensions, none of which exist).
 fn sendable_close_code(code: u16) -> bool {
     matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+}
+
+/// Whether `body`, a whole unmasked close frame's payload, is one an
+/// endpoint may send: empty, or a sendable code and a UTF-8 reason (the
+/// check [`FrameScanner::scan`] makes on close frames it walks).
+pub fn close_body_ok(body: &[u8]) -> bool {
+    match body {
+        [] => true,
+        [a, b, reason @ ..] => {
+            sendable_close_code(u16::from_be_bytes([*a, *b])) && std::str::from_utf8(reason).is_ok()
+        }
+        [_] => false,
+    }
 }
 
 /// What [`FrameScanner::scan_capture`] saw in one window, beyond [`Scan`].
@@ -762,9 +779,16 @@ mod tests {
     }
 
     #[test]
-    fn client_close_frames_must_carry_a_sendable_code_and_a_utf8_reason() {
+    fn close_frames_must_carry_a_sendable_code_and_a_utf8_reason() {
+        // The client's, masked, and upstream's, not: one forwarded to the
+        // other side must be one it can take.
+        for (from, key) in [(Sender::Client, Some([5, 6, 7, 8])), (Sender::Server, None)] {
+            close_frames_checked(from, key);
+        }
+    }
+
+    fn close_frames_checked(from: Sender, key: Option<[u8; 4]>) {
         use Opcode::{Binary, Close};
-        let key = Some([5, 6, 7, 8]);
         // (payload, violation), each after a good audio frame.
         let cases: [(&[u8], Option<FrameError>); 10] = [
             (b"", None),
@@ -784,7 +808,7 @@ mod tests {
             wire.extend(frame(Close, true, payload, key));
             // Whole, and cut after each byte of the close frame.
             for cut in [wire.len()].into_iter().chain(good + 1..wire.len()) {
-                let mut s = FrameScanner::new(Sender::Client, 100);
+                let mut s = FrameScanner::new(from, 100);
                 let (mut a, mut b) = (wire[..cut].to_vec(), wire[cut..].to_vec());
                 let first = s.scan(&mut a, Some(&mut MaskKeys::default()));
                 let (violation, close) = match first.violation {
@@ -798,16 +822,15 @@ mod tests {
                         (second.violation, second.close_done)
                     }
                 };
-                assert_eq!(violation, want, "{payload:?} cut at {cut}");
-                assert_eq!(close, want.is_none(), "{payload:?} cut at {cut}");
+                assert_eq!(violation, want, "{from:?} {payload:?} cut at {cut}");
+                assert_eq!(close, want.is_none(), "{from:?} {payload:?} cut at {cut}");
+                if from == Sender::Server {
+                    assert_eq!(close_body_ok(payload), want.is_none(), "{payload:?}");
+                }
                 if cut == wire.len() && want.is_some() {
                     assert_eq!(first.ready, good, "nothing of a bad close is sent");
                 }
             }
         }
-        // Upstream's close frames are not looked at.
-        let mut s = FrameScanner::new(Sender::Server, 100);
-        let mut wire = frame(Close, true, b"\x03", None);
-        assert_eq!(s.scan(&mut wire, None).violation, None);
     }
 }

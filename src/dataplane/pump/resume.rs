@@ -26,7 +26,7 @@ use crate::core::keyring::RateScope;
 use crate::core::metrics::Hist;
 use clio_frame::frame::{build_fragment, build_frame, parse_header, FrameError, Opcode, Sender};
 use clio_frame::mask::MaskKeys;
-use clio_frame::scanner::{Capture, CutFrame};
+use clio_frame::scanner::{close_body_ok, Capture, CutFrame};
 
 /// The fewest bytes a replayed frame carries when the client's own frames
 /// were smaller: smaller frames are merged in the copy's bookkeeping, so
@@ -471,6 +471,18 @@ pub async fn upstream_to_client(link: Link<'_>, cx: StreamCx<'_>) -> End {
                     }
                     if buf.len() - held.bytes >= total {
                         need_more = false;
+                        if h.opcode == Opcode::Close {
+                            let at = held.bytes + h.header_len;
+                            if !close_body_ok(&buf.filled()[at..held.bytes + total]) {
+                                break End::UpstreamProtocol(FrameError::BadClose);
+                            }
+                            if !down.last_word_seen.get() {
+                                // Closed with neither `finished` nor an
+                                // error (a server going away): the session
+                                // is lost, and resumed as a dropped one is.
+                                break End::UpstreamGone;
+                            }
+                        }
                         if data {
                             down.mid_message.set(!h.fin);
                         }

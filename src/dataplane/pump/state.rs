@@ -52,6 +52,7 @@ impl StreamState {
                 accepted: Cell::new(false),
                 first_result_seen: Cell::new(false),
                 fin_seen: Cell::new(false),
+                last_word_seen: Cell::new(false),
             },
             meter: Meter::default(),
             resume: RefCell::new(None),
@@ -85,6 +86,9 @@ impl StreamState {
             finished: bool,
         }
         if let Ok(t) = serde_json::from_slice::<Tail>(payload) {
+            if t.finished || t.error_code.is_some() {
+                self.down.last_word_seen.set(true);
+            }
             if t.finished {
                 self.meter.upstream_audio_ms.set(t.total_audio_proc_ms);
             }
@@ -144,6 +148,10 @@ pub struct DownHalf {
     pub first_result_seen: Cell<bool>,
     /// Upstream sent the `<fin>` token (the answer to a finalize).
     pub fin_seen: Cell<bool>,
+    /// Upstream's last word on this connection (`finished`, or an error)
+    /// has gone to the client: a close frame may follow. One before it is
+    /// a session lost, as a dropped connection is.
+    pub last_word_seen: Cell<bool>,
 }
 
 impl DownHalf {
@@ -154,6 +162,7 @@ impl DownHalf {
         self.inspect_first.set(true);
         self.first_error.set(None);
         self.accepted.set(false);
+        self.last_word_seen.set(false);
     }
 }
 

@@ -261,6 +261,9 @@ pub enum FaultKind {
     /// Breaks the protocol: a continuation frame with no message to
     /// continue, then the connection dropped.
     Violation,
+    /// Closes with 1001 ("going away") and no message before it, as a
+    /// server shutting down does.
+    GoingAway,
 }
 
 impl std::str::FromStr for FaultKind {
@@ -270,6 +273,7 @@ impl std::str::FromStr for FaultKind {
             "drop" => Ok(FaultKind::Drop),
             "stall" => Ok(FaultKind::Stall),
             "violation" => Ok(FaultKind::Violation),
+            "going-away" => Ok(FaultKind::GoingAway),
             _ => s
                 .parse::<u16>()
                 .ok()
@@ -277,7 +281,7 @@ impl std::str::FromStr for FaultKind {
                 .map(FaultKind::Error)
                 .ok_or_else(|| {
                     format!(
-                        "fault {s:?}: expected drop, stall, violation or an error code such as 503"
+                        "fault {s:?}: expected drop, stall, violation, going-away or an error code such as 503"
                     )
                 }),
         }

@@ -82,8 +82,9 @@ struct Args {
     fail_share: f64,
     /// How a failing session fails, picked at random: drop (TCP reset),
     /// stall (stops reading, the connection left open), violation (a frame
-    /// that breaks the WebSocket protocol, then the connection dropped), or
-    /// a Soniox error code (503, 500).
+    /// that breaks the WebSocket protocol, then the connection dropped),
+    /// going-away (close 1001 with no message before it, as a server
+    /// shutting down), or a Soniox error code (503, 500).
     #[arg(long, value_delimiter = ',', default_value = "drop,503,500")]
     fail_kinds: Vec<FaultKind>,
     /// The failing audio frame is picked from 1 to this.

@@ -44,6 +44,8 @@ enum Ending {
     /// Fault: a frame that breaks the protocol, then the connection
     /// dropped.
     Violation,
+    /// Fault: a close frame with code 1001 and nothing before it.
+    GoingAway,
     /// The client closed or vanished.
     Gone,
 }
@@ -117,6 +119,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     self.close().await;
                 }
             }
+            Ending::GoingAway => self.close_with(CloseCode::Away).await,
             Ending::Abort => {
                 // SO_LINGER 0: close() sends RST instead of FIN.
                 // SAFETY: `fd` is the socket owned by `self.ws`, alive here.
@@ -347,6 +350,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         match self.fault {
             Some((n, FaultKind::Drop)) if frames >= n => return Err(Ending::Abort),
             Some((n, FaultKind::Violation)) if frames >= n => return Err(Ending::Violation),
+            Some((n, FaultKind::GoingAway)) if frames >= n => return Err(Ending::GoingAway),
             Some((n, FaultKind::Error(code))) if frames >= n => {
                 return Err(error(code, refusal_message(code)));
             }
@@ -388,8 +392,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// Sends close 1000 and waits (briefly) for the client's reply.
     async fn close(&mut self) {
+        self.close_with(CloseCode::Normal).await
+    }
+
+    /// Sends a close frame with `code` and waits (briefly) for the client's reply.
+    async fn close_with(&mut self, code: CloseCode) {
         let frame = CloseFrame {
-            code: CloseCode::Normal,
+            code,
             reason: "".into(),
         };
         if self.ws.close(Some(frame)).await.is_err() {
