@@ -181,7 +181,7 @@ fn upstream_room(body: &[u8], account: &AccountState) -> u32 {
 /// Tries the real WebSocket endpoint (`upstream.url`) with an upgrade that
 /// carries no key, and records what it shows in `fault`:
 ///
-/// - 400 or 404: the URL is wrong; the fault is set (true when that is news);
+/// - a status that says the URL is wrong ([`UpstreamFault::is_config_fault`]); the fault is set (true when that is news);
 /// - 101, or any other refusal (a 401 for the missing key): the endpoint is
 ///   there; a standing fault is cleared;
 /// - unreachable: nothing is learnt, nothing changes.

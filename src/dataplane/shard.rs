@@ -87,7 +87,7 @@ pub struct ProcessState {
     pub fleet: std::sync::OnceLock<Arc<crate::core::cluster::Fleet>>,
     /// Accept errors and file-limit hits, for the metrics.
     pub faults: crate::dataplane::accept::Faults,
-    /// Upstream answered an upgrade with 400 or 404: `upstream.url` is wrong.
+    /// Upstream answered an upgrade with a status that says `upstream.url` is wrong.
     pub upstream_fault: crate::dataplane::upstream::UpstreamFault,
     /// The resume copies' memory (`failover.resume_memory`).
     pub resume_copies: Arc<crate::dataplane::pump::copy_budget::CopyBudget>,

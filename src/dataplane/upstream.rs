@@ -474,8 +474,9 @@ mod tests {
 }
 
 /// A configuration fault upstream has shown: it answered the WebSocket
-/// upgrade with 400 or 404, so `upstream.url` (its path, most likely) is
-/// wrong. That is the same for every account, so it is not held against any
+/// upgrade with a status that says the URL is wrong (400, 404, 405, 426,
+/// or a 1xx–3xx other than 101: not a WebSocket endpoint, or a redirect,
+/// which the relay does not follow), so `upstream.url` is wrong. That is the same for every account, so it is not held against any
 /// of them: streams get a 502 that says so, `/readyz` is 503, and
 /// `clio_relay_upstream_config_fault` and the `upstream_config_fault` alert
 /// name it. Set by a stream's upgrade or by [`crate::control::health::probe_websocket`]; cleared by
@@ -487,7 +488,7 @@ pub struct UpstreamFault(std::sync::atomic::AtomicU16);
 impl UpstreamFault {
     /// Whether an upgrade answered `status` is a configuration fault.
     pub fn is_config_fault(status: u16) -> bool {
-        matches!(status, 400 | 404)
+        matches!(status, 100..=399 | 400 | 404 | 405 | 426) && status != 101
     }
 
     /// Records that upstream answered the upgrade with `status`; true when
@@ -508,9 +509,16 @@ impl UpstreamFault {
 
     /// What `/readyz`, logs and errors say about it.
     pub fn describe(status: u16) -> String {
+        let hint = if (300..400).contains(&status) {
+            "a redirect, which the relay does not follow: put the URL it points to in \
+             upstream.url"
+        } else {
+            "check its scheme, host and path; Soniox's is \
+             wss://stt-rt.soniox.com/transcribe-websocket"
+        };
         format!(
             "upstream answered the WebSocket upgrade with HTTP {status}: upstream.url is \
-             misconfigured (check its path; Soniox's is /transcribe-websocket)"
+             misconfigured ({hint})"
         )
     }
 }

@@ -1,5 +1,6 @@
-//! A wrong `upstream.url` (upstream answers the upgrade with 404 or 400) is
-//! a configuration fault, not an account or capacity problem.
+//! A wrong `upstream.url` (upstream answers the upgrade with 404, 400, a
+//! web page or a redirect) is a configuration fault, not an account or
+//! capacity problem.
 
 use std::time::Duration;
 
@@ -102,4 +103,70 @@ fn the_health_check_finds_a_wrong_upstream_url_before_any_stream() {
         metric(&good, "clio_relay_upstream_config_fault ").as_deref(),
         Some("clio_relay_upstream_config_fault 0")
     );
+}
+
+/// A plain HTTP server that answers every request with `head` (a status
+/// line and headers), as a web server or a redirect at the wrong URL does.
+fn http_answering(head: &'static str) -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = conn.write_all(head.as_bytes());
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn an_upgrade_answered_by_a_web_page_or_a_redirect_is_a_configuration_fault() {
+    for (status, head, says) in [
+        (
+            200,
+            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+            "scheme, host and path",
+        ),
+        (
+            301,
+            "HTTP/1.1 301 Moved Permanently\r\nLocation: wss://elsewhere/\r\nContent-Length: 0\r\n\r\n",
+            "redirect",
+        ),
+    ] {
+        let addr = http_answering(head);
+        let relay = Relay::start(relay_config(
+            &format!("ws://{addr}/transcribe-websocket"),
+            &[("a", "k1"), ("b", "k2")],
+        ));
+        let (mut ws, _) = connect(relay.addr(), &relay.token("phone"), Via::Header).unwrap();
+        let got = stream_session(&mut ws, &config_message(None), &audio_frames(2, 1));
+        // Not "no account can take another stream, try again later".
+        assert_error_frame(&got, 502, 1011);
+        let message = got.messages[0]["error_message"].as_str().unwrap();
+        assert!(message.contains(&format!("HTTP {status}")), "{message}");
+        assert!(relay
+            .handle
+            .process
+            .accounts()
+            .iter()
+            .all(|a| a.healthy(std::time::Instant::now())));
+        let (code, body) = readyz(&relay);
+        assert_eq!(code, 503, "{body}");
+        assert!(body.contains(says), "{body}");
+        assert_eq!(
+            metric(&relay, "clio_relay_upstream_config_fault ").as_deref(),
+            Some(format!("clio_relay_upstream_config_fault {status}").as_str())
+        );
+    }
 }

@@ -66,7 +66,7 @@ pub enum RefusedBy {
     /// concurrency limit, cooldowns after those), was unreachable, or
     /// dropped the stream.
     Upstream,
-    /// Upstream answered the upgrade with 400 or 404: `upstream.url` is wrong.
+    /// Upstream answered the upgrade with a status that says `upstream.url` is wrong.
     UpstreamConfig,
     /// Every pool of the token at its `[pool.NAME] max_streams`.
     PoolLimit,

@@ -121,7 +121,7 @@ impl Refusal {
         )
         .by(RefusedBy::Relay)
     }
-    /// Upstream answered the upgrade with 400 or 404: the relay's
+    /// Upstream answered the upgrade with a status that says the URL is wrong: the relay's
     /// `upstream.url` is wrong. No account is to blame and none is tried.
     pub(super) fn upstream_misconfigured(status: u16) -> Self {
         Refusal::new(
