@@ -52,6 +52,10 @@ pub enum End {
     /// A write upstream waited the whole idle timeout: upstream stopped
     /// reading. Ended (or resumed) as an upstream failure.
     UpstreamStalled,
+    /// The client's audio had ended and upstream sent nothing for the
+    /// idle timeout (no `finished`): the client waits on upstream, so
+    /// ended (or resumed) as an upstream failure, not as an idle client.
+    UpstreamSilent,
     /// The relay ended the stream: a device limit was reached mid-stream
     /// or the device was revoked.
     Stopped(crate::core::devices::Limit),
@@ -223,6 +227,9 @@ pub async fn client_to_upstream(link: Link<'_>, side: &mut ClientSide, cx: Strea
             }
             state.up.write_since.set(None);
             state.up.at_boundary.set(side.scanner.at_boundary());
+        }
+        if scan.end_of_audio {
+            state.up.audio_ended.set(true);
         }
         if scan.binary_bytes > 0 && !state.meter.count_audio(scan.binary_bytes) {
             return End::Stopped(crate::core::devices::Limit::DailyAudio);
@@ -412,7 +419,8 @@ fn first_message_error(bytes: &[u8]) -> FirstMessage {
 /// Ends with [`End::UpstreamStalled`] once a write upstream has waited
 /// `stall` (upstream stopped reading: the client, whose frames the relay
 /// can no longer take, is not to blame), or with [`End::Idle`] once nothing
-/// has moved either way for `idle` (a write waiting then is a stall too).
+/// has moved either way for `idle` (a write waiting then is a stall too,
+/// and so is silence after the client's end of audio: [`End::UpstreamSilent`]).
 ///
 /// It shares its task with the pumps, so it is polled on every frame's
 /// wake-up. A glommio timer re-registers itself in the reactor's timer map
@@ -431,6 +439,7 @@ pub async fn idle_watch(state: &StreamState, idle: Duration, stall: Duration) ->
         if now >= idle_at {
             return match state.up.write_since.get() {
                 Some(since) if since + idle <= now => End::UpstreamStalled,
+                _ if state.up.audio_ended.get() => End::UpstreamSilent,
                 _ => End::Idle,
             };
         }

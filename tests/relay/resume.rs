@@ -507,6 +507,42 @@ fn a_resume_between_the_fragments_of_a_message_continues_it() {
 }
 
 #[test]
+fn an_upstream_silent_after_the_end_of_audio_is_resumed_not_blamed_on_the_client() {
+    // The first connection stops reading and answering at the stream's
+    // last audio frame: the client has sent everything, its end of audio
+    // included, and waits for `finished`. That wait is upstream's: the
+    // stream resumes after the idle timeout instead of telling the client
+    // it was idle (408).
+    let faults = only_first_connection_fails(FaultKind::Stall, 20, |n| n == 20);
+    let fake = fake(&["k1"], |c| c.faults.random = Some(faults));
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.limits.idle_timeout = Duration::from_secs(1);
+    let relay = Relay::start(cfg);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    let frames = stream_audio(8, 20);
+    let got = stream_session(&mut ws, &config_message(None), &frames);
+    assert_eq!(got.error_code(), None, "{got:?}");
+    assert!(got.finished(), "{got:?}");
+    assert_eq!(finals(&got), transcript_of(&frames.concat(), 32_000, 480));
+    assert_eq!(relay.handle.metrics().streams_resumed(), 1);
+}
+
+#[test]
+fn a_compressed_stream_whose_upstream_falls_silent_gets_503_not_408() {
+    let faults = only_first_connection_fails(FaultKind::Stall, 10, |n| n == 10);
+    let fake = fake(&["k1"], |c| c.faults.random = Some(faults));
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.limits.idle_timeout = Duration::from_secs(1);
+    let relay = Relay::start(cfg);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    let mut config: Value = serde_json::from_str(&config_message(None)).unwrap();
+    config["audio_format"] = "ogg".into();
+    let got = stream_session(&mut ws, &config.to_string(), &stream_audio(9, 10));
+    assert_eq!(got.error_code(), Some(503), "{got:?}");
+    assert_eq!(got.close_code(), Some(1011), "{got:?}");
+}
+
+#[test]
 fn a_stall_mid_stream_resumes_after_the_stall_timeout() {
     // The first connection stops reading at its fifth audio frame and
     // never closes; the second does not fail. The client writes 20 s of

@@ -37,6 +37,9 @@ pub struct Scan {
     /// the relay spots upstream's `finished` figures without parsing every
     /// result.
     pub last_text: Option<(usize, usize)>,
+    /// An empty data message ended in the ready region: from a client,
+    /// its end of audio.
+    pub end_of_audio: bool,
 }
 
 /// Walks frames across reads. For client frames it also re-masks in place.
@@ -287,12 +290,11 @@ impl FrameScanner {
                     break;
                 }
                 out.frames_done += 1;
+                // An empty message, in one frame or several, ends the audio.
+                let ends_audio = h.fin && !h.opcode.is_control() && self.msg_empty;
+                out.end_of_audio |= ends_audio;
                 if let Some(c) = capture.as_deref_mut() {
-                    // An empty message, in one frame or several, ends
-                    // the audio.
-                    if h.fin && !h.opcode.is_control() && self.msg_empty {
-                        c.end_of_audio = true;
-                    }
+                    c.end_of_audio |= ends_audio;
                     Self::frame_done(c, h.opcode, h.fin);
                 }
                 if self.in_close {
@@ -705,10 +707,16 @@ mod tests {
             for &(op, fin, payload) in frames {
                 wire.extend(frame(op, fin, payload, key));
             }
+            let mut plain_wire = wire.clone();
             let mut c = Capture::default();
             let mut s = FrameScanner::new(Sender::Client, 100);
             let scan = s.scan_capture(&mut wire, &mut MaskKeys::default(), &mut c);
             assert_eq!(scan.violation, None);
+            assert_eq!(scan.end_of_audio, c.end_of_audio);
+            // The plain scan says so too.
+            let mut s = FrameScanner::new(Sender::Client, 100);
+            let plain = s.scan(&mut plain_wire, Some(&mut MaskKeys::default()));
+            assert_eq!(plain.end_of_audio, c.end_of_audio);
             c.end_of_audio
         };
         assert!(ends(&[(Binary, true, b"")]));

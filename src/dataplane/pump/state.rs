@@ -43,6 +43,7 @@ impl StreamState {
                 write_since: Cell::new(None),
                 first_audio_at: Cell::new(None),
                 replayable: Cell::new(true),
+                audio_ended: Cell::new(false),
             },
             down: DownHalf {
                 at_boundary: Cell::new(true),
@@ -64,6 +65,15 @@ impl StreamState {
     /// upstream has not accepted the stream.
     pub fn retry_allowed(&self) -> bool {
         self.up.replayable.get() && !self.down.accepted.get()
+    }
+
+    /// A new upstream connection (after a failover or a resume): its
+    /// first message is looked at again, and it gets a whole idle timeout
+    /// (the wait that ended the last one, after the client's end of audio,
+    /// must not end this one at once).
+    pub fn new_connection(&self) {
+        self.down.new_connection();
+        self.last_activity.set(Instant::now());
     }
 
     /// Looks at a whole upstream text message for `<fin>` and for the
@@ -125,6 +135,10 @@ pub struct UpHalf {
     /// the replay copy ([`ClientSide::replay`](super::ClientSide::replay)): a failure can still move
     /// the stream to another account unseen.
     pub replayable: Cell<bool>,
+    /// The client's end of audio (an empty message) has gone upstream:
+    /// from then on the stream waits on upstream alone, so silence is
+    /// upstream's failure, not an idle client.
+    pub audio_ended: Cell<bool>,
 }
 
 /// The upstream→client half, written by the upstream→client pumps.

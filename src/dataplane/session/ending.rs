@@ -61,7 +61,10 @@ impl Ending {
             // The client closed and upstream hung up instead of answering
             // the close: the relay answers it in upstream's place.
             End::UpstreamGone if client_closed => row(ToClient::Close(1000), None, None),
-            End::UpstreamGone | End::UpstreamProtocol(_) | End::UpstreamStalled => {
+            End::UpstreamGone
+            | End::UpstreamProtocol(_)
+            | End::UpstreamStalled
+            | End::UpstreamSilent => {
                 let r = Refusal::upstream_lost();
                 let counted = Some((Side::Upstream, r.code));
                 row(ToClient::Error(r), None, counted)

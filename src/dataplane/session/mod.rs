@@ -254,7 +254,7 @@ impl Stream {
                         self.shard.metrics.error(Side::Upstream, code);
                         tracing::info!(stream = %self.id, account = %up.lease.account.id, code, replayed = cside.replay.as_ref().map_or(0, Vec::len), "upstream refused the stream before accepting it; moving it to the next account");
                     }
-                    End::UpstreamGone | End::UpstreamProtocol(_)
+                    End::UpstreamGone | End::UpstreamProtocol(_) | End::UpstreamSilent
                         if state.retry_allowed() && !cside.close_seen =>
                     {
                         lost = true;
@@ -265,6 +265,7 @@ impl Stream {
                     End::UpstreamGone
                     | End::UpstreamProtocol(_)
                     | End::UpstreamStalled
+                    | End::UpstreamSilent
                     | End::Resume(..)
                     | End::KeyRetired
                         if self.resumable(&state, &cside) =>
@@ -290,7 +291,7 @@ impl Stream {
                     .metrics
                     .account_retry(up.lease.account.metrics_index);
                 // The failed connection is dropped when `up` is replaced.
-                state.down.new_connection();
+                state.new_connection();
                 // One boxed future for both tries: the first result, kept
                 // across the second try, would take its room in every open
                 // stream's task.
@@ -455,7 +456,7 @@ impl Stream {
         cside.config_frame = Some(first);
         cside.replay = None;
         state.up.replayable.set(false);
-        state.down.new_connection();
+        state.new_connection();
         shard.metrics.resumed(secs, t0.elapsed());
         if moved {
             tracing::info!(stream = %self.id, account = %up.lease.account.id, key = %up.lease.key.fingerprint, resume = n, replayed_secs = secs, "the stream's key was retired; moved to a current key");
@@ -589,6 +590,9 @@ impl Stream {
             }
             End::UpstreamStalled => {
                 tracing::warn!(stream = %self.id, account = %up.lease.account.id, stall = ?self.settings.limits.stall_timeout, "upstream stopped reading the stream's audio; ending it as an upstream failure");
+            }
+            End::UpstreamSilent => {
+                tracing::warn!(stream = %self.id, account = %up.lease.account.id, idle = ?self.settings.limits.idle_timeout, "upstream sent nothing after the client's end of audio; ending the stream as an upstream failure");
             }
             End::Stopped(limit) => {
                 shard.process.device_rejections[limit as usize]
