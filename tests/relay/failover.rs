@@ -204,6 +204,24 @@ fn a_lost_connection_waits_out_an_upstream_that_is_briefly_unreachable() {
 }
 
 #[test]
+fn a_first_connection_closed_unanswered_is_waited_out_too() {
+    // One account; the stream's very first connection is closed before the
+    // upgrade is answered (an upstream restarting, a load balancer's
+    // reset): the relay waits and tries again, as it does after a failure,
+    // and the client sees no error.
+    let fake = fake(&["k1"], |_| {});
+    let url = door(&fake.url(), |n| n == 0);
+    let relay = Relay::start(relay_config(&url, &[("a", "k1")]));
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    let frames = audio_frames(14, 6);
+    let got = stream_session(&mut ws, &config_message(None), &frames);
+    assert!(got.finished(), "{got:?}");
+    assert_eq!(got.error_code(), None, "{got:?}");
+    assert!(fake.wait_for(LIMIT, |s| s.len() == 1 && s[0].closed));
+    assert_eq!(fake.sessions()[0].audio, frames.concat());
+}
+
+#[test]
 fn connection_lost_before_upstream_accepted_moves_the_stream() {
     // The first upstream session is dropped (TCP reset) at its first audio
     // frame, before any result; the second is not.

@@ -102,6 +102,10 @@ impl Stream {
     ) -> impl std::future::Future<Output = ()> {
         async move {
             let mut tried = 0u64;
+            // Rounds of waiting for an unreachable upstream, and of trying
+            // the same accounts again after failures that were not theirs:
+            // up to `failover.max_resumes` at open in all.
+            let mut same_account_retries = 0u32;
             let state = StreamState::new(Instant::now());
             // With the token on the request, connect upstream while the client
             // prepares its config message; otherwise authenticate first. Either
@@ -129,7 +133,11 @@ impl Stream {
                                     self.read_first_message(&client, &mut cbuf),
                                     unless_client_leaves(
                                         &client,
-                                        self.open_upstream(&mut tried, lease),
+                                        self.open_patiently(
+                                            &mut tried,
+                                            &mut same_account_retries,
+                                            lease,
+                                        ),
                                     ),
                                 )
                                 .await?;
@@ -148,7 +156,11 @@ impl Stream {
                                 let live = LiveGuard::register(&self.shard, &c);
                                 let up = unless_client_leaves(
                                     &client,
-                                    self.open_upstream(&mut tried, lease),
+                                    self.open_patiently(
+                                        &mut tried,
+                                        &mut same_account_retries,
+                                        lease,
+                                    ),
                                 )
                                 .await?;
                                 claims = Some(c);
@@ -212,7 +224,6 @@ impl Stream {
             // connection, 500, 503): with no other account left, the same one
             // is tried again, up to `failover.max_resumes` times.
             let mut not_the_account: bool;
-            let mut same_account_retries = 0u32;
             let end = loop {
                 *live.stream.key.borrow_mut() = up.lease.key.fingerprint.clone();
                 // A key retired while the stream was opening on it (the
@@ -299,7 +310,7 @@ impl Stream {
                     &client,
                     Box::pin(async {
                         let rounds = &mut same_account_retries;
-                        let next = self.reopen_upstream(&mut tried, rounds).await;
+                        let next = self.open_patiently(&mut tried, rounds, None).await;
                         if matches!(&next, Err(r) if r.code == 429)
                             && not_the_account
                             && *rounds < self.settings.failover.max_resumes
@@ -307,7 +318,7 @@ impl Stream {
                             // Every account tried, none refused the stream: try again.
                             *rounds += 1;
                             tried = 0;
-                            return self.reopen_upstream(&mut tried, rounds).await;
+                            return self.open_patiently(&mut tried, rounds, None).await;
                         }
                         next
                     }),
@@ -436,7 +447,7 @@ impl Stream {
         shard.metrics.stream_closed(up.lease.account.metrics_index);
         let failed_account = up.lease.account.id.clone();
         let (mut tried, mut rounds) = (0, 0);
-        *up = Box::pin(self.reopen_upstream(&mut tried, &mut rounds))
+        *up = Box::pin(self.open_patiently(&mut tried, &mut rounds, None))
             .await
             .map_err(|_| Refusal::upstream_lost())?;
         // What the old connection got of the client's bytes is in the copy:

@@ -46,20 +46,23 @@ const REOPEN_WAIT: Duration = Duration::from_millis(250);
 const REOPEN_WAIT_MAX: Duration = Duration::from_secs(2);
 
 impl Stream {
-    /// Opens upstream again for a stream that had a connection (a
-    /// failover, a resume). When it can reach no account (every connect
-    /// failed, or was answered 5xx, or every account is held off after
-    /// timeouts), it waits and tries them all again, while `rounds` (the
-    /// stream's tries of accounts already tried) is under
-    /// `failover.max_resumes`: a restarting upstream or a moment's network
-    /// fault is then waited out, where the stream would have failed at once.
-    pub(super) async fn reopen_upstream(
+    /// Opens upstream for a stream: its first connection (`first`: the
+    /// account a fleet's shared store already reserved), or a new one
+    /// after a failure (a failover, a resume). When it can reach no
+    /// account (every connect failed, or was answered 5xx, or every
+    /// account is held off after timeouts), it waits and tries them all
+    /// again, while `rounds` (the stream's tries of accounts already
+    /// tried) is under `failover.max_resumes`: a restarting upstream or a
+    /// moment's network fault is then waited out, where the stream would
+    /// have failed at once.
+    pub(super) async fn open_patiently(
         &self,
         tried: &mut u64,
         rounds: &mut u32,
+        mut first: Option<Lease>,
     ) -> Result<Upstream, Refusal> {
         loop {
-            let next = self.open_upstream(tried, None).await;
+            let next = self.open_upstream(tried, first.take()).await;
             match &next {
                 Err(r)
                     if r.kind == refusal::UPSTREAM_UNAVAILABLE
