@@ -277,6 +277,31 @@ fn idle_stream_gets_408() {
 }
 
 #[test]
+fn a_client_whose_close_upstream_never_answers_gets_its_answer_not_408() {
+    // Upstream stops reading at the third audio frame; the client then
+    // closes. Its close is never answered; after the idle timeout the relay
+    // answers it in upstream's place: a close, no error (the client said
+    // goodbye; it was not idle, and it must get no data frame now).
+    let fake = fake(&["key-a"], |c| c.faults.stall_after_frames = Some(3));
+    let mut cfg = relay_config(&fake.url(), &[("acct-a", "key-a")]);
+    cfg.limits.idle_timeout = Duration::from_secs(1);
+    let relay = Relay::start(cfg);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    for f in audio_frames(3, 15) {
+        ws.send(Message::binary(f)).unwrap();
+    }
+    ws.close(None).unwrap();
+    let got = read_all(&mut ws);
+    assert_eq!(got.error_code(), None, "{got:?}");
+    assert_eq!(got.close_code(), Some(1000), "{got:?}");
+    assert!(!got.abrupt, "{got:?}");
+    assert!(relay.wait_idle(LIMIT));
+    let m = relay.handle.metrics();
+    assert_eq!(m.errors(clio_relay::core::metrics::Side::Client, 408), 0);
+}
+
+#[test]
 fn upstream_dying_mid_stream_gets_503_and_1011() {
     let fake = fake(&["key-a"], |c| c.faults.close_after_frames = Some(5));
     let relay = Relay::start(relay_config(&fake.url(), &[("acct-a", "key-a")]));

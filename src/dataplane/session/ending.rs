@@ -58,9 +58,24 @@ impl Ending {
                 Some((1001, "client protocol error")),
                 Some((Side::Client, e.close_code())),
             ),
-            // The client closed and upstream hung up instead of answering
-            // the close: the relay answers it in upstream's place.
-            End::UpstreamGone if client_closed => row(ToClient::Close(1000), None, None),
+            // The client's close went up: all it waits for is the answer.
+            // Whatever ended the wait (upstream hung up, broke the protocol
+            // or never answered; the relay's own stop), the relay answers
+            // it in upstream's place, with no data frame after the client's
+            // close and no second close upstream. Nobody's error.
+            End::UpstreamGone
+            | End::UpstreamProtocol(_)
+            | End::UpstreamStalled
+            | End::UpstreamSilent
+            | End::Idle
+            | End::Stopped(_)
+            | End::Drain
+            | End::KeyRetired
+            | End::Resume(..)
+                if client_closed =>
+            {
+                row(ToClient::Close(1000), None, None)
+            }
             End::UpstreamGone
             | End::UpstreamProtocol(_)
             | End::UpstreamStalled
@@ -145,7 +160,22 @@ mod tests {
         let gone = Ending::of(End::UpstreamGone, false);
         assert_eq!(code(&gone), Some((503, 1011)));
         assert_eq!(gone.counted, Some((Side::Upstream, 503)));
-        assert_eq!(code(&Ending::of(End::UpstreamGone, true)), Some((0, 1000)));
+        for end in [
+            End::UpstreamGone,
+            End::UpstreamProtocol(FrameError::BadClose),
+            End::UpstreamStalled,
+            End::UpstreamSilent,
+            End::Idle,
+            End::Stopped(Limit::Revoked),
+            End::Drain,
+            End::KeyRetired,
+            End::Resume(503, crate::core::keyring::RateScope::Project),
+        ] {
+            // After the client's close: its answer, nothing else.
+            let after = Ending::of(end, true);
+            assert_eq!(code(&after), Some((0, 1000)), "{end:?}");
+            assert_eq!((after.upstream, after.counted), (None, None), "{end:?}");
+        }
         let bad = Ending::of(End::ClientProtocol(FrameError::Masking), false);
         assert_eq!(code(&bad), Some((400, 1002)));
         assert_eq!(bad.counted, Some((Side::Client, 1002)));

@@ -611,7 +611,8 @@ impl Stream {
             }
             // The finalize is a data frame: between the client's messages.
             End::Drain | End::KeyRetired
-                if state.up.at_boundary.get()
+                if !cside.close_seen
+                    && state.up.at_boundary.get()
                     && cside.scanner.open_message().is_none()
                     && state.down.at_boundary.get()
                     && !state.down.mid_message.get() =>
