@@ -70,7 +70,8 @@ impl BufferPool {
     fn give_back(&self, data: Box<[u8]>) {
         self.in_use.set(self.in_use.get() - 1);
         let mut free = self.free.borrow_mut();
-        if free.len() < self.keep {
+        // A buffer grown for one large message is not kept.
+        if free.len() < self.keep && data.len() == self.size {
             free.push(data);
         }
     }
@@ -119,9 +120,31 @@ impl Buf {
         self.data.get_or_insert_with(|| pool.take())
     }
 
-    /// Capacity in bytes.
+    /// Capacity in bytes: the pool's size, or more while the buffer is
+    /// grown for one large message ([`hold`](Self::hold)).
     pub fn capacity(&self) -> usize {
-        self.pool.size
+        self.data.as_ref().map_or(self.pool.size, |d| d.len())
+    }
+
+    /// Makes room for `n` unconsumed bytes, to hold a message larger than
+    /// the pool's buffers whole. Past the pool's size the bytes move to a
+    /// buffer of their own (allocated here, counted as in use), which is
+    /// freed, not pooled, once emptied: a stream holds it only while the
+    /// message is in it.
+    pub fn hold(&mut self, n: usize) {
+        if n <= self.capacity() {
+            return;
+        }
+        let mut big = vec![0u8; n].into_boxed_slice();
+        let (s, e) = (self.start, self.end);
+        self.pool.in_use.set(self.pool.in_use.get() + 1);
+        if let Some(old) = self.data.take() {
+            big[..e - s].copy_from_slice(&old[s..e]);
+            self.pool.give_back(old);
+        }
+        self.data = Some(big);
+        self.start = 0;
+        self.end = e - s;
     }
 
     /// True while the buffer holds storage from the pool.
@@ -267,6 +290,36 @@ mod tests {
         });
         drop(extra);
         assert_eq!(pool.available(), 3, "keeps at most `keep`");
+    }
+
+    /// A message larger than the pool's buffers is held whole in one of
+    /// its own, freed rather than pooled once it is consumed.
+    #[test]
+    fn a_large_message_is_held_whole_then_freed() {
+        let pool = BufferPool::new(64, 1, 4);
+        let mut a = pool.get();
+        a.raw()[..8].copy_from_slice(b"xxheader");
+        a.start = 2;
+        a.end = 8;
+        a.hold(32);
+        assert_eq!(
+            (a.capacity(), a.filled().len()),
+            (64, 6),
+            "room enough already"
+        );
+        a.hold(200);
+        assert_eq!(a.capacity(), 200);
+        assert_eq!(a.filled(), b"header", "the unconsumed bytes moved over");
+        assert_eq!(
+            (pool.in_use(), pool.available()),
+            (1, 1),
+            "the pooled one went back"
+        );
+        assert_eq!(a.spare().len(), 194);
+        a.consume(6);
+        assert!(!a.holds_storage());
+        assert_eq!((pool.in_use(), pool.available()), (0, 1), "not pooled");
+        assert_eq!(a.capacity(), 64);
     }
 
     /// An idle stream's read holds no buffer; bytes that arrive are read

@@ -256,7 +256,7 @@ pub async fn upstream_to_client_any(
     cx: StreamCx<'_>,
 ) -> End {
     if cx.state.resume.borrow().is_some() {
-        resume::upstream_to_client(link, cx).await
+        resume::upstream_to_client(link, scanner.max_payload(), cx).await
     } else {
         upstream_to_client(link, scanner, cx).await
     }

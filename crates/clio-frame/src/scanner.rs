@@ -132,6 +132,11 @@ impl FrameScanner {
         }))
     }
 
+    /// The largest payload this scanner takes.
+    pub fn max_payload(&self) -> u64 {
+        self.max_payload
+    }
+
     /// True between frames (a partial header not yet scanned counts as between).
     pub fn at_boundary(&self) -> bool {
         self.remaining == 0

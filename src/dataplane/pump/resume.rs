@@ -439,7 +439,7 @@ fn error_code_of(payload: &[u8]) -> Option<(u16, RateScope)> {
 /// as [`End::Retry`] (before upstream accepted the stream, when
 /// [`StreamState::retry_allowed`](super::StreamState::retry_allowed)) or
 /// [`End::Resume`] instead of reaching the client.
-pub async fn upstream_to_client(link: Link<'_>, cx: StreamCx<'_>) -> End {
+pub async fn upstream_to_client(link: Link<'_>, max_payload: u64, cx: StreamCx<'_>) -> End {
     let Link {
         from: upstream,
         to: client,
@@ -461,10 +461,14 @@ pub async fn upstream_to_client(link: Link<'_>, cx: StreamCx<'_>) -> End {
                 Err(e) => break End::UpstreamProtocol(e),
                 Ok(None) => {}
                 Ok(Some(h)) => {
-                    let total = h.header_len + h.payload_len as usize;
-                    if total > buf.capacity() {
+                    if h.payload_len > max_payload {
                         break End::UpstreamProtocol(FrameError::TooBig);
                     }
+                    let total = h.header_len + h.payload_len as usize;
+                    // A result larger than a read buffer (many non-final
+                    // tokens, a translation) is held whole, in a buffer of
+                    // its own while it is there.
+                    buf.hold(held.bytes + total);
                     let data = !h.opcode.is_control();
                     if data && (h.opcode == Opcode::Continuation) != down.mid_message.get() {
                         break End::UpstreamProtocol(FrameError::Fragmentation);
