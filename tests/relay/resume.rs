@@ -123,43 +123,41 @@ fn two_hundred_streams_with_faults_keep_their_transcripts() {
     assert!(m.streams_resumed() >= 50, "{}", m.streams_resumed());
 }
 
-#[test]
-fn a_protocol_violation_from_upstream_is_resumed_unseen() {
-    // The first connection sends a continuation frame with no message to
-    // continue at its sixth audio message, then drops: the frame must not
-    // reach the client, and the stream goes on on a new connection.
-    let faults = only_first_connection_fails(FaultKind::Violation, 6, |n| n == 6);
+/// A stream of 20 frames whose first upstream connection fails with
+/// `kind` at its sixth audio message: the failure must not reach the
+/// client, and the stream goes on on a new connection with one transcript.
+fn resumed_unseen_after(kind: FaultKind, stream: u32) -> Relay {
+    let faults = only_first_connection_fails(kind, 6, |n| n == 6);
     let fake = fake(&["k1"], |c| c.faults.random = Some(faults));
     let relay = Relay::start(relay_config(&fake.url(), &[("a", "k1")]));
     let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
-    let frames = stream_audio(6, 20);
-    let got = stream_session(&mut ws, &config_message(None), &frames);
-    assert_eq!(got.error_code(), None, "{got:?}");
-    assert!(got.finished() && !got.abrupt, "{got:?}");
-    assert_eq!(finals(&got), transcript_of(&frames.concat(), 32_000, 480));
-    assert!(fake.wait_for(LIMIT, |s| s.len() == 2 && s.iter().all(|r| r.closed)));
-    let m = relay.handle.metrics();
-    assert_eq!(m.streams_resumed() + m.failovers().open_lost, 1);
-}
-
-#[test]
-fn an_upstream_that_closes_before_finished_is_resumed_unseen() {
-    // The first connection closes with 1001 and no message at its sixth
-    // audio message, as a server shutting down does: the close must not
-    // reach the client (for it, a close before `finished` is a failure),
-    // and the stream goes on on a new connection.
-    let faults = only_first_connection_fails(FaultKind::GoingAway, 6, |n| n == 6);
-    let fake = fake(&["k1"], |c| c.faults.random = Some(faults));
-    let relay = Relay::start(relay_config(&fake.url(), &[("a", "k1")]));
-    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
-    let frames = stream_audio(7, 20);
+    let frames = stream_audio(stream, 20);
     let got = stream_session(&mut ws, &config_message(None), &frames);
     assert_eq!(got.error_code(), None, "{got:?}");
     assert!(got.finished() && !got.abrupt, "{got:?}");
     assert_eq!(got.close_code(), Some(1000), "{got:?}");
     assert_eq!(finals(&got), transcript_of(&frames.concat(), 32_000, 480));
     assert!(fake.wait_for(LIMIT, |s| s.len() == 2 && s.iter().all(|r| r.closed)));
-    assert_eq!(relay.handle.metrics().streams_resumed(), 1);
+    relay
+}
+
+#[test]
+fn a_protocol_violation_from_upstream_is_resumed_unseen() {
+    // A continuation frame with no message to continue, then a drop.
+    let m = resumed_unseen_after(FaultKind::Violation, 6)
+        .handle
+        .metrics();
+    assert_eq!(m.streams_resumed() + m.failovers().open_lost, 1);
+}
+
+#[test]
+fn an_upstream_that_closes_before_finished_is_resumed_unseen() {
+    // A close 1001 and no message before it, as a server shutting down
+    // sends: for the client a close before `finished` is a failure.
+    let m = resumed_unseen_after(FaultKind::GoingAway, 7)
+        .handle
+        .metrics();
+    assert_eq!(m.streams_resumed(), 1);
 }
 
 #[test]
