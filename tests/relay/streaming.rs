@@ -438,67 +438,6 @@ fn the_relay_lets_upstream_close_the_connection_first() {
     assert!(fin_after, "the relay closes once upstream has");
 }
 
-/// An upstream (tungstenite's WebSocket server) that answers the stream's
-/// third audio frame with one result of `size` bytes of non-final tokens,
-/// every other audio frame with a small final result, and the end of
-/// audio with `finished`. Returns its URL and how many connections it
-/// took.
-fn upstream_with_a_big_result(
-    size: usize,
-) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!(
-        "ws://{}/transcribe-websocket",
-        listener.local_addr().unwrap()
-    );
-    let conns = std::sync::Arc::new(AtomicUsize::new(0));
-    let counted = conns.clone();
-    std::thread::spawn(move || {
-        for tcp in listener.incoming() {
-            let Ok(tcp) = tcp else { return };
-            counted.fetch_add(1, Ordering::SeqCst);
-            std::thread::spawn(move || {
-                let Ok(mut ws) = tungstenite::accept(tcp) else {
-                    return;
-                };
-                let mut frames = 0u64;
-                while let Ok(m) = ws.read() {
-                    let reply = match m {
-                        Message::Binary(b) if b.is_empty() => serde_json::json!({
-                            "tokens": [], "final_audio_proc_ms": frames * 100,
-                            "total_audio_proc_ms": frames * 100, "finished": true,
-                        }),
-                        Message::Binary(_) => {
-                            frames += 1;
-                            let ms = frames * 100;
-                            if frames == 3 {
-                                let word = serde_json::json!({"text": "word ", "start_ms": ms - 100,
-                                    "end_ms": ms, "is_final": false, "confidence": 0.9});
-                                let n = size / word.to_string().len() + 1;
-                                serde_json::json!({"tokens": vec![word; n],
-                                    "final_audio_proc_ms": ms - 100, "total_audio_proc_ms": ms})
-                            } else {
-                                serde_json::json!({"tokens": [{"text": format!("w{frames} "),
-                                    "start_ms": ms - 100, "end_ms": ms, "is_final": true}],
-                                    "final_audio_proc_ms": ms, "total_audio_proc_ms": ms})
-                            }
-                        }
-                        _ => continue,
-                    };
-                    if ws.send(Message::text(reply.to_string())).is_err() {
-                        return;
-                    }
-                    if reply["finished"] == true {
-                        let _ = ws.close(None);
-                    }
-                }
-            });
-        }
-    });
-    (url, conns)
-}
-
 #[test]
 fn a_result_larger_than_a_read_buffer_reaches_the_client_whole() {
     // Soniox's results grow with an utterance's non-final tokens (and
@@ -506,7 +445,10 @@ fn a_result_larger_than_a_read_buffer_reaches_the_client_whole() {
     // `limits.max_frame_bytes`, is a result like any other, for raw audio
     // (whose results the relay reads whole) as for compressed.
     for format in ["pcm_s16le", "ogg"] {
-        let (url, conns) = upstream_with_a_big_result(100_000);
+        let (url, conns) = scripted_upstream(|_, frame| match frame {
+            3 => UpStep::Text(big_result(100_000, 300)),
+            _ => UpStep::Final,
+        });
         let relay = Relay::start(relay_config(&url, &[("acct-a", "key-a")]));
         let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
         let mut config: Value = serde_json::from_str(&config_message(None)).unwrap();
@@ -531,6 +473,44 @@ fn a_result_larger_than_a_read_buffer_reaches_the_client_whole() {
             conns.load(std::sync::atomic::Ordering::SeqCst),
             1,
             "{format}: no resume"
+        );
+    }
+}
+
+/// A result of about `size` bytes of non-final tokens ending at `ms`.
+fn big_result(size: usize, ms: u64) -> String {
+    let word = serde_json::json!({"text": "word ", "start_ms": ms - 100,
+        "end_ms": ms, "is_final": false, "confidence": 0.9});
+    let n = size / word.to_string().len() + 1;
+    serde_json::json!({"tokens": vec![word; n],
+        "final_audio_proc_ms": ms - 100, "total_audio_proc_ms": ms})
+    .to_string()
+}
+
+#[test]
+fn a_close_no_endpoint_may_send_never_reaches_the_client() {
+    // Upstream's first connection answers the second audio frame with a
+    // close frame carrying 1005 (a code that is never sent); later ones
+    // behave. A raw-audio stream resumes unseen; a compressed one gets the
+    // relay's 503 and close 1011, not the broken close.
+    for (format, conns_after, want) in [("pcm_s16le", 2, None), ("ogg", 1, Some(503u64))] {
+        let (url, conns) = scripted_upstream(|conn, frame| match (conn, frame) {
+            (0, 2) => UpStep::Raw(vec![0x88, 0x02, 0x03, 0xed]),
+            _ => UpStep::Final,
+        });
+        let relay = Relay::start(relay_config(&url, &[("acct-a", "key-a")]));
+        let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+        let mut config: Value = serde_json::from_str(&config_message(None)).unwrap();
+        config["audio_format"] = format.into();
+        let got = stream_session(&mut ws, &config.to_string(), &audio_frames(16, 6));
+        assert_eq!(got.error_code(), want, "{format}: {got:?}");
+        let close = if want.is_some() { 1011 } else { 1000 };
+        assert_eq!(got.close_code(), Some(close), "{format}: {got:?}");
+        assert_eq!(got.finished(), want.is_none(), "{format}: {got:?}");
+        assert_eq!(
+            conns.load(std::sync::atomic::Ordering::SeqCst),
+            conns_after,
+            "{format}"
         );
     }
 }

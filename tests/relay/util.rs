@@ -632,3 +632,84 @@ pub fn door(url: &str, shut: impl Fn(usize) -> bool + Send + 'static) -> String 
     });
     url
 }
+
+/// What a [`scripted_upstream`] does at an audio frame.
+pub enum UpStep {
+    /// A final token for the frame (`w1 `, `w2 `, ... per connection).
+    Final,
+    /// This text message.
+    Text(String),
+    /// These bytes, written under the WebSocket layer (a frame it would
+    /// not send), then the connection dropped.
+    Raw(Vec<u8>),
+}
+
+/// An upstream (tungstenite's WebSocket server) whose answer to audio
+/// frame `n` (from 1) of connection `c` (from 0) is `step(c, n)`, and to
+/// the end of audio `finished` and a close. Returns its URL and a count of
+/// the connections it took.
+pub fn scripted_upstream(
+    step: impl Fn(usize, u64) -> UpStep + Send + Sync + 'static,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!(
+        "ws://{}/transcribe-websocket",
+        listener.local_addr().unwrap()
+    );
+    let conns = Arc::new(AtomicUsize::new(0));
+    let counted = conns.clone();
+    let step = Arc::new(step);
+    std::thread::spawn(move || {
+        for tcp in listener.incoming() {
+            let Ok(tcp) = tcp else { return };
+            let conn = counted.fetch_add(1, Ordering::SeqCst);
+            let step = step.clone();
+            std::thread::spawn(move || {
+                let Ok(mut ws) = tungstenite::accept(tcp) else {
+                    return;
+                };
+                let mut frames = 0u64;
+                while let Ok(m) = ws.read() {
+                    let reply = match m {
+                        Message::Binary(b) if b.is_empty() => serde_json::json!({
+                            "tokens": [], "final_audio_proc_ms": frames * 100,
+                            "total_audio_proc_ms": frames * 100, "finished": true,
+                        })
+                        .to_string(),
+                        Message::Binary(_) => {
+                            frames += 1;
+                            let ms = frames * 100;
+                            match step(conn, frames) {
+                                UpStep::Final => serde_json::json!({
+                                    "tokens": [{"text": format!("w{frames} "),
+                                        "start_ms": ms - 100, "end_ms": ms, "is_final": true}],
+                                    "final_audio_proc_ms": ms, "total_audio_proc_ms": ms,
+                                })
+                                .to_string(),
+                                UpStep::Text(t) => t,
+                                UpStep::Raw(bytes) => {
+                                    let _ = ws.get_mut().write_all(&bytes);
+                                    return;
+                                }
+                            }
+                        }
+                        _ => continue,
+                    };
+                    let finished = reply.contains("\"finished\":true");
+                    if ws.send(Message::text(reply)).is_err() {
+                        return;
+                    }
+                    if finished {
+                        let _ = ws.close(Some(tungstenite::protocol::CloseFrame {
+                            code: tungstenite::protocol::frame::coding::CloseCode::Normal,
+                            reason: "".into(),
+                        }));
+                    }
+                }
+            });
+        }
+    });
+    (url, conns)
+}
