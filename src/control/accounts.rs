@@ -382,8 +382,10 @@ impl Accounts {
             ));
         }
         let old = std::mem::replace(&mut e.current, KeySlot::new(key, now));
+        // Saturating, as the key store does: an overlap too long to add to
+        // the clock keeps the key for its streams, never retires it at once.
         old.retire_at
-            .store(now + overlap.as_secs(), Ordering::Relaxed);
+            .store(now.saturating_add(overlap.as_secs()), Ordering::Relaxed);
         e.retiring.push(old);
         e.source = Source::Store;
         // The new key has not been refused by anyone yet.

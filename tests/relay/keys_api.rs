@@ -667,3 +667,32 @@ fn a_pulled_key_of_a_disabled_account_moves_its_streams_to_another_account() {
     assert_eq!(s[1].key.as_deref(), Some(other), "{s:?}");
     assert!(s[1].audio.ends_with(&frames[5..].concat()));
 }
+
+#[test]
+fn an_overlap_too_long_to_add_to_the_clock_keeps_the_old_key_for_its_streams() {
+    // `now + overlap` overflowed: a panic on the admin thread in a debug
+    // build, and in a release build a retire time in the past, so the key
+    // asked to stay "forever" was pulled at once and its streams moved.
+    let fake = fake(&["old-key", "new-key"], |c| c.record_audio = true);
+    let relay = relay_with_admin(&fake, &[("a", "old-key")]);
+    let frames = audio_frames(10, 1);
+    let mut live = half_a_raw_stream(&relay, &fake, &frames);
+    rotate_to_new_key(&relay, &format!("{}s", u64::MAX));
+    let a = &accounts_json(&relay)["accounts"][0];
+    let retiring = &a["retiring_keys"][0];
+    assert_eq!(retiring["overdue"], false, "{a}");
+    assert!(
+        retiring["retire_at"].as_u64().unwrap() > 4_000_000_000,
+        "{a}"
+    );
+    std::thread::sleep(Duration::from_millis(2500));
+    for f in &frames[5..] {
+        live.send(Message::binary(f.clone())).unwrap();
+    }
+    live.send(Message::binary(Vec::new())).unwrap();
+    let got = read_all(&mut live);
+    assert!(got.finished() && got.error_code().is_none(), "{got:?}");
+    let s = fake.sessions();
+    assert_eq!(s.len(), 1, "the stream stayed on its key: {s:?}");
+    assert_eq!(s[0].key.as_deref(), Some("old-key"));
+}
