@@ -240,3 +240,24 @@ fn a_revocation_that_could_never_match_is_refused() {
     assert_eq!(status, 200);
     assert_eq!(list, r#"{"devices":["iphone-42"],"token_ids":[]}"#);
 }
+
+#[test]
+fn a_conflict_is_409_conflict_on_the_status_line() {
+    // The status line said "409 Unknown": the reason table had no 409.
+    use std::io::{Read, Write};
+    let (_fake, relay) = admin_relay();
+    let body = r#"{"id":"acct-a","key":"key-other"}"#;
+    let mut tcp = std::net::TcpStream::connect(relay.handle.admin_addr).unwrap();
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        tcp,
+        "POST /admin/accounts HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    let _ = tcp.read_to_string(&mut out);
+    assert!(out.starts_with("HTTP/1.1 409 Conflict\r\n"), "{out}");
+    assert!(out.contains("exists already"), "{out}");
+}
