@@ -261,3 +261,63 @@ fn a_conflict_is_409_conflict_on_the_status_line() {
     assert!(out.starts_with("HTTP/1.1 409 Conflict\r\n"), "{out}");
     assert!(out.contains("exists already"), "{out}");
 }
+
+#[test]
+fn a_flood_of_slow_admin_connections_is_bounded_and_locks_no_one_out() {
+    // Each connection held a 72 KiB request buffer and a descriptor for
+    // its 10 s: 20,000 of them took 1.4 GB and every descriptor the
+    // client port needed. Now the port holds 256 at once, and a new one
+    // closes the oldest that is not being answered.
+    use std::io::{Read, Write};
+    let (_fake, relay) = admin_relay();
+    let admin = relay.handle.admin_addr;
+    let head = format!(
+        "POST /admin/accounts HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN}\r\nContent-Length: 60000\r\n\r\n"
+    );
+    let part = format!("{head}{}", "x".repeat(30_000));
+    let mut slow: Vec<std::net::TcpStream> = (0..300)
+        .map(|_| {
+            let mut tcp = std::net::TcpStream::connect(admin).unwrap();
+            tcp.write_all(part.as_bytes()).unwrap();
+            tcp
+        })
+        .collect();
+    // An operator still gets answers, and streams still flow.
+    let (status, body) = http(admin, "GET", "/admin/accounts", Some(ADMIN), None);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(http_get(admin, "/healthz", "").0, 200);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    assert!(stream_session(&mut ws, &config_message(None), &audio_frames(3, 1)).finished());
+    // The oldest were closed, unanswered; the newest are still open.
+    let waiting = |e: &std::io::Error| {
+        matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        )
+    };
+    let mut b = [0u8; 64];
+    for (i, tcp) in slow.iter_mut().take(40).enumerate() {
+        tcp.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let got = tcp.read(&mut b);
+        assert!(
+            matches!(&got, Ok(0)) || got.as_ref().is_err_and(|e| !waiting(e)),
+            "connection {i} of 300 still open: {got:?}"
+        );
+    }
+    let mut open = 0;
+    for tcp in &mut slow[100..] {
+        tcp.set_nonblocking(true).unwrap();
+        open += usize::from(tcp.read(&mut b).is_err_and(|e| waiting(&e)));
+    }
+    assert_eq!(open, 200, "the newest 200 connections are still served");
+    // A request that never completes gets 408 after its 10 s.
+    let last = slow.last_mut().unwrap();
+    last.set_nonblocking(false).unwrap();
+    last.set_read_timeout(Some(std::time::Duration::from_secs(15)))
+        .unwrap();
+    let mut out = String::new();
+    let _ = last.read_to_string(&mut out);
+    assert!(out.starts_with("HTTP/1.1 408 "), "{out}");
+    assert!(out.contains("within 10 s"), "{out}");
+}

@@ -2,6 +2,8 @@
 //! peers, reads one request each (head and body, bounded), hands it to
 //! the routing table and writes the answer.
 
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -13,6 +15,98 @@ use crate::dataplane::io::{timeout, Conn, Duplex};
 
 /// Largest request body the admin API reads.
 const MAX_BODY: usize = 64 * 1024;
+
+/// Connections the admin port holds at once. One more closes the oldest
+/// that is not being answered (see [`Conns`]): so a flood of connections
+/// that send nothing, or a request a byte at a time, holds at most this
+/// many descriptors (the client port's streams need the rest) and
+/// request buffers (72 KiB each), and cannot lock an operator out.
+pub const MAX_CONNECTIONS: usize = 256;
+
+/// The admin port's open connections, oldest first.
+///
+/// A connection is evicted (closed, unanswered) when a new one comes
+/// and [`MAX_CONNECTIONS`] are open: the oldest one still reading its
+/// request, or writing its answer to a client that does not read. One
+/// whose request is being handled is never evicted, so no change is cut
+/// off halfway. A scrape or an API call takes milliseconds, so what is
+/// evicted is what has waited longest: a slow client's, not the next
+/// operator's.
+#[derive(Default)]
+struct Conns {
+    next: Cell<u64>,
+    open: RefCell<VecDeque<Slot>>,
+}
+
+struct Slot {
+    id: u64,
+    /// Its request is being handled: not evicted.
+    handling: bool,
+    /// Dropped to evict it: its [`Ticket`] sees the channel closed.
+    _evict: async_channel::Sender<()>,
+}
+
+impl Conns {
+    /// A place for a new connection, evicting the oldest evictable one
+    /// when all are taken; `None` when every one is being handled.
+    fn admit(self: &Rc<Self>) -> Option<Ticket> {
+        let mut open = self.open.borrow_mut();
+        if open.len() >= MAX_CONNECTIONS {
+            let oldest = open.iter().position(|s| !s.handling)?;
+            open.remove(oldest);
+        }
+        let id = self.next.get();
+        self.next.set(id + 1);
+        let (tx, rx) = async_channel::bounded(1);
+        open.push_back(Slot {
+            id,
+            handling: false,
+            _evict: tx,
+        });
+        Some(Ticket {
+            id,
+            conns: self.clone(),
+            evicted: rx,
+        })
+    }
+}
+
+/// One connection's place in [`Conns`], given back when dropped.
+struct Ticket {
+    id: u64,
+    conns: Rc<Conns>,
+    evicted: async_channel::Receiver<()>,
+}
+
+impl Ticket {
+    /// Runs `fut` unless the connection is evicted first (`None`).
+    async fn unless_evicted<T>(&self, fut: impl std::future::Future<Output = T>) -> Option<T> {
+        futures_lite::future::or(async { Some(fut.await) }, async {
+            let _ = self.evicted.recv().await;
+            None
+        })
+        .await
+    }
+
+    /// Marks the connection as being handled (`true`) or not; false when
+    /// it has been evicted already.
+    fn handling(&self, on: bool) -> bool {
+        let mut open = self.conns.open.borrow_mut();
+        match open.iter_mut().find(|s| s.id == self.id) {
+            Some(slot) => {
+                slot.handling = on;
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.conns.open.borrow_mut().retain(|s| s.id != self.id);
+    }
+}
 
 /// A parsed admin request.
 #[derive(Debug)]
@@ -43,6 +137,10 @@ pub(super) async fn accept_loop(
 ) {
     let pool = BufferPool::new(MAX_BODY + 8192, 2, 16);
     let errors = crate::dataplane::accept::AcceptErrors::new("admin", true);
+    let conns = Rc::new(Conns::default());
+    let full = crate::dataplane::accept::Rate::new(
+        "admin port at its connection limit; closed the oldest connection not being answered",
+    );
     loop {
         let tcp = match listener.accept().await {
             Ok(tcp) => {
@@ -64,33 +162,55 @@ pub(super) async fn accept_loop(
         if !admin.allowed(|| tcp.peer_addr().ok()) {
             continue; // dropped: not on the allowlist
         }
-        glommio::spawn_local(serve(admin.clone(), pool.clone(), tcp)).detach();
+        if conns.open.borrow().len() >= MAX_CONNECTIONS {
+            full.hit("admin", &format_args!("{MAX_CONNECTIONS} connections open"));
+        }
+        let Some(ticket) = conns.admit() else {
+            continue; // every one is being answered: this one is closed
+        };
+        glommio::spawn_local(serve(admin.clone(), pool.clone(), tcp, ticket)).detach();
     }
 }
 
-/// Reads one request from `tcp`, answers it and closes.
-async fn serve(admin: Rc<Admin>, pool: Rc<BufferPool>, tcp: glommio::net::TcpStream) {
+/// Reads one request from `tcp`, answers it and closes; an evicted
+/// connection (see [`Conns`]) is closed where it is, unless its request
+/// is being handled.
+async fn serve(
+    admin: Rc<Admin>,
+    pool: Rc<BufferPool>,
+    tcp: glommio::net::TcpStream,
+    ticket: Ticket,
+) {
     let conn = Duplex::new(Conn::Plain(tcp.into()));
     let mut buf = pool.get();
-    let answer = match timeout(Duration::from_secs(10), read_request(&conn, &mut buf)).await {
+    let read = timeout(Duration::from_secs(10), read_request(&conn, &mut buf));
+    let Some(read) = ticket.unless_evicted(read).await else {
+        return;
+    };
+    if !ticket.handling(true) {
+        return; // evicted as its request completed
+    }
+    let answer = match read {
         Some(Ok(n)) => match parse_request(&buf.filled()[..n]) {
             Some(req) => routes::route(&admin, &req).await,
             None => http::json_error(400, "malformed HTTP request"),
         },
         Some(Err((status, why))) => http::json_error(status, why),
-        None => return,
+        None => http::json_error(408, "the request did not arrive within 10 s"),
     };
+    ticket.handling(false);
+    drop(buf);
     // A client that stops reading does not keep the answer (a scrape's is
     // the largest) and the connection: the same bound as the request's.
-    if timeout(Duration::from_secs(10), conn.write_all(&answer))
-        .await
-        .is_none()
-    {
+    let written = timeout(Duration::from_secs(10), conn.write_all(&answer));
+    if !matches!(ticket.unless_evicted(written).await, Some(Some(Ok(_)))) {
         return;
     }
     // No reset: a client still sending (a 413 body) that reads late still
     // gets the answer.
-    http::close_gracefully(&conn, Duration::from_secs(2)).await;
+    ticket
+        .unless_evicted(http::close_gracefully(&conn, Duration::from_secs(2)))
+        .await;
 }
 
 /// Reads a request head and its body (by `Content-Length`) into `buf`;
