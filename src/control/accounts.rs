@@ -30,6 +30,17 @@ fn check_key(key: &Secret) -> Result<(), ChangeError> {
     }
 }
 
+/// An id an account can have: 1-64 of `[A-Za-z0-9._-]`.
+fn check_id(id: &str) -> Result<(), ChangeError> {
+    if crate::core::config::valid_account_id(id) {
+        Ok(())
+    } else {
+        Err(ChangeError::Invalid(format!(
+            "account id {id:?} must be 1-64 of A-Z a-z 0-9 . _ -"
+        )))
+    }
+}
+
 /// Where an account's definition comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -256,7 +267,10 @@ impl Accounts {
             .collect()
     }
 
+    /// Where `id` is; an id no account can have is refused as invalid
+    /// (400 in the admin API, as a body's id is), not looked up.
     fn find(&self, id: &str) -> Result<usize, ChangeError> {
+        check_id(id)?;
         self.entries
             .iter()
             .position(|e| e.state.id == id)
@@ -282,11 +296,7 @@ impl Accounts {
         key_created_at: u64,
         source: Source,
     ) -> Result<(), ChangeError> {
-        if !crate::core::config::valid_account_id(id) {
-            return Err(ChangeError::Invalid(format!(
-                "account id {id:?} must be 1-64 of A-Z a-z 0-9 . _ -"
-            )));
-        }
+        check_id(id)?;
         if !self.pools.iter().any(|p| p == pool) {
             return Err(ChangeError::Invalid(format!(
                 "pool {pool:?} is not one of this relay's pools ({}); a new [pool.NAME] needs a restart",

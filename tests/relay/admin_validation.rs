@@ -321,3 +321,37 @@ fn a_flood_of_slow_admin_connections_is_bounded_and_locks_no_one_out() {
     assert!(out.starts_with("HTTP/1.1 408 "), "{out}");
     assert!(out.contains("within 10 s"), "{out}");
 }
+
+#[test]
+fn an_account_id_in_the_path_is_checked_too() {
+    // An id no account can have was looked up anyway: 404 "no account",
+    // where the README promises 400 for an id that is not 1-64 of
+    // [A-Za-z0-9._-] (as a body's id gets).
+    let (_fake, relay) = admin_relay();
+    let admin = relay.handle.admin_addr;
+    let long = "a".repeat(65);
+    for id in [long.as_str(), "bad%20id", "caf%C3%A9", "a+b"] {
+        for (method, path, body) in [
+            ("POST", format!("/admin/accounts/{id}/enable"), None),
+            ("POST", format!("/admin/accounts/{id}/disable"), None),
+            (
+                "POST",
+                format!("/admin/accounts/{id}/limit"),
+                Some(r#"{"max_concurrent_streams":5}"#),
+            ),
+            (
+                "POST",
+                format!("/admin/accounts/{id}/rotate"),
+                Some(r#"{"key":"key-new"}"#),
+            ),
+            ("DELETE", format!("/admin/accounts/{id}"), None),
+        ] {
+            let (status, answer) = http(admin, method, &path, Some(ADMIN), body);
+            assert_eq!(status, 400, "{method} {path}: {answer}");
+            assert!(answer.contains("1-64"), "{answer}");
+        }
+    }
+    // A valid id that is not there is still 404.
+    let (status, answer) = http(admin, "DELETE", "/admin/accounts/nope", Some(ADMIN), None);
+    assert_eq!(status, 404, "{answer}");
+}
