@@ -134,6 +134,21 @@ fn a_body_without_one_plain_length_is_refused_saying_why() {
     let out = send("Transfer-Encoding: chunked\r\n".into(), &chunked);
     assert!(out.starts_with("HTTP/1.1 411 Length Required\r\n"), "{out}");
     assert!(out.contains("Content-Length"), "{out}");
+    // A length that is not plain digits: `+N` was read as N, where
+    // RFC 9110 has only digits (a proxy in front may frame it otherwise).
+    for length in [
+        format!("+{}", body.len()),
+        format!("{}, {}", body.len(), body.len()),
+        "-1".into(),
+        "0x10".into(),
+    ] {
+        let out = send(format!("Content-Length: {length}\r\n"), &body);
+        assert!(out.starts_with("HTTP/1.1 400 "), "{length}: {out}");
+        assert!(
+            out.contains("Content-Length is not a number"),
+            "{length}: {out}"
+        );
+    }
     let two = format!("Content-Length: 5\r\nContent-Length: {}\r\n", body.len());
     let out = send(two, &body);
     assert!(out.starts_with("HTTP/1.1 400 "), "{out}");

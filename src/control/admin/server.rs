@@ -246,9 +246,12 @@ async fn read_request(conn: &Duplex, buf: &mut Buf) -> Result<usize, (u16, &'sta
     let mut lengths = named("content-length");
     let length = match (lengths.next(), lengths.next()) {
         (None, _) => 0,
+        // Digits only (RFC 9110): `parse` also takes a leading `+`.
         (Some(h), None) => std::str::from_utf8(h.value)
             .ok()
-            .and_then(|v| v.trim().parse::<usize>().ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|v| v.parse::<usize>().ok())
             .ok_or((400, "Content-Length is not a number"))?,
         (Some(_), Some(_)) => return Err((400, "more than one Content-Length")),
     };
