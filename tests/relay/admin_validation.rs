@@ -370,3 +370,45 @@ fn an_account_id_in_the_path_is_checked_too() {
     let (status, answer) = http(admin, "DELETE", "/admin/accounts/nope", Some(ADMIN), None);
     assert_eq!(status, 404, "{answer}");
 }
+
+#[test]
+fn a_body_that_is_json_but_wrong_says_which_field() {
+    // All of these were "a field is missing, unknown or of the wrong
+    // type": a duplicated id read as a missing one.
+    let (_fake, relay) = admin_relay();
+    let admin = relay.handle.admin_addr;
+    for (path, body, says) in [
+        ("/admin/accounts", r#"{"id":"n1"}"#, "field `key` is missing"),
+        (
+            "/admin/accounts",
+            r#"{"id":"n1","key":"k1","id":"n2"}"#,
+            "field `id` is given twice",
+        ),
+        (
+            "/admin/accounts",
+            r#"{"id":"n1","key":"k1","sk-pasted-here":1}"#,
+            "a field is not one of `id`, `key`, `region`, `pool`, `enabled`, `max_concurrent_streams`",
+        ),
+        (
+            "/admin/accounts/acct-a/limit",
+            r#"{"max_concurrent_streams":99999999999}"#,
+            "wrong type or out of range",
+        ),
+        (
+            "/admin/accounts/acct-a/rotate",
+            r#"{"key":"k2","overlap":5}"#,
+            "wrong type or out of range",
+        ),
+        (
+            "/admin/accounts/acct-a/limit",
+            r#"{"max_concurrent_streams":5,"sk-pasted-here":1}"#,
+            "a field is not one of `max_concurrent_streams`",
+        ),
+        ("/admin/accounts", "[]", "not an object"),
+    ] {
+        let (status, answer) = http(admin, "POST", path, Some(ADMIN), Some(body));
+        assert_eq!(status, 400, "{body}: {answer}");
+        assert!(answer.contains(says), "{body}: {answer}");
+        assert!(!answer.contains("pasted"), "{body}: {answer}");
+    }
+}

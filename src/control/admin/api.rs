@@ -80,8 +80,8 @@ fn refused(e: ChangeError) -> Vec<u8> {
 fn body<'a, T: Deserialize<'a>>(req: &'a Request<'_>) -> Result<T, Vec<u8>> {
     serde_json::from_slice(req.body).map_err(|e| {
         let what = match e.classify() {
-            serde_json::error::Category::Data => "a field is missing, unknown or of the wrong type",
-            _ => "the body is not valid JSON",
+            serde_json::error::Category::Data => data_fault(&e.to_string()),
+            _ => "the body is not valid JSON".to_string(),
         };
         http::json_error(
             400,
@@ -92,6 +92,34 @@ fn body<'a, T: Deserialize<'a>>(req: &'a Request<'_>) -> Result<T, Vec<u8>> {
             ),
         )
     })
+}
+
+/// What is wrong with a body that is JSON, from serde's message, naming
+/// only the fields the API has: never a value, nor a field name the
+/// client made up (a key pasted as one).
+fn data_fault(serde: &str) -> String {
+    // Without serde's " at line L column C": the answer gives it once.
+    let serde = serde.rsplit_once(" at line ").map_or(serde, |(m, _)| m);
+    let named = |prefix: &str| {
+        serde
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.split('`').next())
+    };
+    if let Some(field) = named("missing field `") {
+        format!("field `{field}` is missing")
+    } else if let Some(field) = named("duplicate field `") {
+        format!("field `{field}` is given twice")
+    } else if serde.starts_with("unknown field `") {
+        match serde.split_once(", expected ") {
+            Some((_, fields)) => {
+                let fields = fields.strip_prefix("one of ").unwrap_or(fields);
+                format!("a field is not one of {fields}")
+            }
+            None => "a field is unknown".to_string(),
+        }
+    } else {
+        "a field is of the wrong type or out of range, or the body is not an object".to_string()
+    }
 }
 
 /// `GET /admin/accounts`.
