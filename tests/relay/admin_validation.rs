@@ -200,6 +200,12 @@ fn usage_queries_are_checked() {
         // A misspelt parameter is not ignored: `group=device` would have
         // answered by account.
         ("group=device", "unknown parameter group"),
+        // Only the first of two was read.
+        ("from=2026-01-01&from=2026-02-01", "from is given twice"),
+        (
+            "group_by=device&to=2026-12-01&group_by=pool",
+            "group_by is given twice",
+        ),
     ] {
         let (status, body) = get(query);
         assert_eq!(status, 400, "{query}: {body}");

@@ -112,6 +112,18 @@ pub(super) async fn usage(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
             &format!("unknown parameter {k} (from, to, group_by, scope)"),
         );
     }
+    // Nor is a second value: only the first was read, so `…&to=X` added
+    // to a query that had a `to` answered for the old one.
+    let twice = KNOWN.iter().find(|name| {
+        req.query
+            .split('&')
+            .filter(|kv| kv.split_once('=').map_or(*kv, |(k, _)| k) == **name)
+            .count()
+            > 1
+    });
+    if let Some(name) = twice {
+        return http::json_error(400, &format!("{name} is given twice"));
+    }
     let today = utc_day(SystemTime::now());
     let parse = |name: &str, default: u64| match q(name) {
         None | Some("") => Ok(default),
