@@ -231,6 +231,15 @@ pub fn start_joining(
     crate::dataplane::accept::check_file_limit(cfg.server.max_streams, n);
     let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
     process.devices.set_daily_audio(cfg.devices.daily_audio());
+    // Alone, the revocations the state directory kept, before any stream
+    // (in a fleet, they come from Redis).
+    if cfg.cluster.is_none() {
+        let n = crate::control::admin::load_revocations(&cfg.admin.state_dir, &process.devices)
+            .map_err(std::io::Error::other)?;
+        if n > 0 {
+            tracing::info!(dir = %cfg.admin.state_dir.display(), revoked = n, "revocations loaded");
+        }
+    }
     let mut setup = ShardSetup {
         listen: cfg.server.listen,
         cpu: None,

@@ -418,3 +418,61 @@ fn a_body_that_is_json_but_wrong_says_which_field() {
         assert!(!answer.contains("pasted"), "{body}: {answer}");
     }
 }
+
+#[test]
+fn revocations_survive_a_restart() {
+    // They lived only in memory: a restart (a deploy, a crash, the
+    // watchdog) let a revoked device's tokens stream again, unseen.
+    let fake = fake(&["key-a"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("acct-a", "key-a")]);
+    cfg.admin.token = Some(Secret::new(ADMIN));
+    let relay = Relay::start(cfg.clone());
+    let admin = relay.handle.admin_addr;
+    for body in [
+        r#"{"device_id":"stolen-phone"}"#,
+        r#"{"token_id":"leaked-token"}"#,
+        r#"{"device_id":"lost-then-found"}"#,
+    ] {
+        let (status, answer) = http(admin, "POST", "/admin/revocations", Some(ADMIN), Some(body));
+        assert_eq!(status, 200, "{answer}");
+    }
+    let (status, answer) = http(
+        admin,
+        "DELETE",
+        "/admin/revocations",
+        Some(ADMIN),
+        Some(r#"{"device_id":"lost-then-found"}"#),
+    );
+    assert_eq!(status, 200, "{answer}");
+    drop(relay);
+
+    let relay = Relay::start(cfg.clone());
+    let (status, list) = http(
+        relay.handle.admin_addr,
+        "GET",
+        "/admin/revocations",
+        Some(ADMIN),
+        None,
+    );
+    assert_eq!(status, 200);
+    assert_eq!(
+        list,
+        r#"{"devices":["stolen-phone"],"token_ids":["leaked-token"]}"#
+    );
+    match connect(relay.addr(), &relay.token("stolen-phone"), Via::Header) {
+        Ok((mut ws, _)) => {
+            let got = stream_session(&mut ws, &config_message(None), &audio_frames(1, 1));
+            assert_eq!(got.error_code(), Some(401), "{got:?}");
+        }
+        Err(tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 401),
+        Err(e) => panic!("{e}"),
+    }
+    let (mut ws, _) = connect(relay.addr(), &relay.token("lost-then-found"), Via::Header).unwrap();
+    assert!(stream_session(&mut ws, &config_message(None), &audio_frames(1, 1)).finished());
+    drop(relay);
+
+    // A file the relay cannot read stops it, rather than lift them all.
+    std::fs::write(cfg.admin.state_dir.join("revocations.json"), "not json").unwrap();
+    let e = clio_relay::cli::server::start(&cfg).expect_err("started with its revocations unread");
+    assert!(e.to_string().contains("revocations.json"), "{e}");
+}

@@ -346,6 +346,18 @@ pub(super) async fn revocations(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
             }
             _ => return http::json_error(405, "GET, POST or DELETE"),
         }
+        // Alone, the state directory keeps them over a restart (in a
+        // fleet, Redis does).
+        if admin.process.fleet.get().is_none() {
+            let dir = admin.config.borrow().state_dir.clone();
+            if let Err(e) = save_revocations(&dir, devices) {
+                tracing::error!(dir = %dir.display(), error = %e, "revocations changed on this relay, but not saved");
+                return http::json_error(
+                    500,
+                    &format!("applied on this relay, but not saved to the state directory ({e}); a restart would lose it"),
+                );
+            }
+        }
         if let Some(fleet) = admin.process.fleet.get() {
             let shared = fleet
                 .revoke(
@@ -371,6 +383,49 @@ pub(super) async fn revocations(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
         "",
         json!({"devices": d, "token_ids": t}).to_string().as_bytes(),
     )
+}
+
+/// The revocations of a relay outside a fleet, in its state directory.
+pub const REVOCATIONS_FILE: &str = "revocations.json";
+
+#[derive(serde::Serialize, Deserialize, Default)]
+struct Revoked {
+    devices: Vec<String>,
+    token_ids: Vec<String>,
+}
+
+/// Writes the revocation lists to `dir/revocations.json` (replaced
+/// atomically).
+fn save_revocations(
+    dir: &std::path::Path,
+    devices: &crate::core::devices::Devices,
+) -> std::io::Result<()> {
+    let (devices, token_ids) = devices.revoked();
+    let bytes = serde_json::to_vec(&Revoked { devices, token_ids })?;
+    crate::control::usage::write_atomically(&dir.join(REVOCATIONS_FILE), &bytes)
+}
+
+/// At start, outside a fleet: the revocations saved in `dir`, so a
+/// restart does not lift them. A missing file is none; an unreadable one
+/// stops the relay (a revoked device must not come back unseen).
+pub fn load_revocations(
+    dir: &std::path::Path,
+    devices: &crate::core::devices::Devices,
+) -> Result<usize, String> {
+    let path = dir.join(REVOCATIONS_FILE);
+    let saved: Revoked = match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map_err(|e| format!("{}: not a revocation list: {e}", path.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Revoked::default(),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    for d in &saved.devices {
+        devices.revoke_device(d);
+    }
+    for t in &saved.token_ids {
+        devices.revoke_token(t);
+    }
+    Ok(saved.devices.len() + saved.token_ids.len())
 }
 
 /// Usage, cost and device metrics appended to `/metrics`.

@@ -20,6 +20,7 @@ mod routes;
 mod server;
 mod services;
 
+pub use meter::load_revocations;
 pub use remote::remote_config;
 use server::Request;
 
