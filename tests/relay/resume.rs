@@ -753,3 +753,69 @@ fn a_stream_that_let_go_of_its_copy_no_longer_resumes() {
         assert!(copies_freed(&relay), "every copy's storage went back");
     }
 }
+
+/// An upstream that answers each connection's end of audio with one final
+/// token and `finished`, then holds the connection open without a word
+/// (no close frame): a server that hung after its last word. Counts the
+/// streams' connections (those that sent a config).
+fn mute_after_finished() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!(
+        "ws://{}/transcribe-websocket",
+        listener.local_addr().unwrap()
+    );
+    let conns = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = conns.clone();
+    std::thread::spawn(move || {
+        for tcp in listener.incoming() {
+            let Ok(tcp) = tcp else { return };
+            let counted = counted.clone();
+            std::thread::spawn(move || {
+                let Ok(mut ws) = tungstenite::accept(tcp) else {
+                    return;
+                };
+                if ws.read().is_err() {
+                    return; // no config: not a stream's connection
+                }
+                counted.fetch_add(1, Ordering::SeqCst);
+                loop {
+                    match ws.read() {
+                        Ok(Message::Binary(b)) if b.is_empty() => break,
+                        Ok(_) => {}
+                        Err(_) => return,
+                    }
+                }
+                let last = r#"{"tokens":[{"text":"hello","start_ms":0,"end_ms":500,"is_final":true}],"final_audio_proc_ms":2000,"total_audio_proc_ms":2000}"#;
+                let fin = r#"{"tokens":[],"final_audio_proc_ms":2000,"total_audio_proc_ms":2000,"finished":true}"#;
+                ws.send(Message::text(last)).unwrap();
+                ws.send(Message::text(fin)).unwrap();
+                // Hung: no close frame, no FIN, nothing read.
+                std::thread::sleep(Duration::from_secs(30));
+            });
+        }
+    });
+    (url, conns)
+}
+
+#[test]
+fn an_upstream_that_hangs_after_finished_is_not_resumed() {
+    // Upstream's last word (`finished`) reached the client, then upstream
+    // fell silent without its close. The stream is over: resuming it
+    // replays its end of audio on a new connection and gives the client
+    // a second `finished` (and its results again).
+    let (url, conns) = mute_after_finished();
+    let mut cfg = relay_config(&url, &[("a", "k1")]);
+    cfg.limits.idle_timeout = Duration::from_secs(1);
+    let relay = Relay::start(cfg);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    let got = stream_session(&mut ws, &config_message(None), &stream_audio(10, 20));
+    let finished = got
+        .messages
+        .iter()
+        .filter(|m| m["finished"] == true)
+        .count();
+    assert_eq!(finished, 1, "{got:?}");
+    assert_eq!(relay.handle.metrics().streams_resumed(), 0, "{got:?}");
+    assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 1);
+}

@@ -266,7 +266,9 @@ impl Stream {
                         tracing::info!(stream = %self.id, account = %up.lease.account.id, code, replayed = cside.replay.as_ref().map_or(0, Vec::len), "upstream refused the stream before accepting it; moving it to the next account");
                     }
                     End::UpstreamGone | End::UpstreamProtocol(_) | End::UpstreamSilent
-                        if state.retry_allowed() && !cside.close_seen =>
+                        if state.retry_allowed()
+                            && !cside.close_seen
+                            && !state.down.last_word_seen.get() =>
                     {
                         lost = true;
                         not_the_account = true;
@@ -399,9 +401,12 @@ impl Stream {
 
     /// Whether the stream can resume on a new upstream connection now: a
     /// raw-audio stream with resumes left, its copy whole, the client not
-    /// gone and not in the middle of a text frame.
+    /// gone and not in the middle of a text frame, and upstream's last
+    /// word (`finished`, an error) not yet passed on: after it the client
+    /// has its answer, and a new connection would give it a second one.
     fn resumable(&self, state: &StreamState, cside: &ClientSide) -> bool {
         !cside.close_seen
+            && !state.down.last_word_seen.get()
             && state
                 .resume
                 .borrow()
