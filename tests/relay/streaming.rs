@@ -514,3 +514,129 @@ fn a_close_no_endpoint_may_send_never_reaches_the_client() {
         );
     }
 }
+
+/// The frames an upstream got: (opcode, unmasked payload).
+type Recorded = std::sync::Arc<std::sync::Mutex<Vec<(u8, Vec<u8>)>>>;
+
+/// A raw upstream that does the upgrade by hand and then records every
+/// frame the relay sends it (opcode and payload, unmasked). After the
+/// relay's first close frame it waits `delay`, sends one text result, and
+/// keeps reading until the relay's FIN. Returns its URL and the frames.
+fn recording_upstream(delay: Duration) -> (String, Recorded) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!(
+        "ws://{}/transcribe-websocket",
+        listener.local_addr().unwrap()
+    );
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    std::thread::spawn(move || {
+        for tcp in listener.incoming() {
+            let Ok(mut tcp) = tcp else { return };
+            let record = record.clone();
+            std::thread::spawn(move || {
+                tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if tcp.read(&mut b).unwrap_or(0) != 1 {
+                        return;
+                    }
+                    head.push(b[0]);
+                }
+                let head = String::from_utf8_lossy(&head).to_string();
+                let Some(key) = head.lines().find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .starts_with("sec-websocket-key:")
+                        .then(|| l[18..].trim().to_string())
+                }) else {
+                    return;
+                };
+                let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+                write!(
+                    tcp,
+                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+                     Connection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+                )
+                .unwrap();
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 65536];
+                let mut answered = false;
+                loop {
+                    while let Ok(Some(h)) = clio_frame::frame::parse_header(
+                        &buf,
+                        clio_frame::frame::Sender::Client,
+                        1 << 30,
+                    ) {
+                        let total = h.header_len + h.payload_len as usize;
+                        if buf.len() < total {
+                            break;
+                        }
+                        let key: [u8; 4] = buf[h.header_len - 4..h.header_len].try_into().unwrap();
+                        let payload: Vec<u8> = buf[h.header_len..total]
+                            .iter()
+                            .enumerate()
+                            .map(|(i, b)| b ^ key[i % 4])
+                            .collect();
+                        let close = h.opcode == clio_frame::frame::Opcode::Close;
+                        record.lock().unwrap().push((h.opcode as u8, payload));
+                        buf.drain(..total);
+                        if close && !answered {
+                            answered = true;
+                            std::thread::sleep(delay);
+                            let r =
+                                br#"{"tokens":[],"final_audio_proc_ms":0,"total_audio_proc_ms":0}"#;
+                            let _ = tcp.write_all(&clio_frame::frame::build_frame(
+                                clio_frame::frame::Opcode::Text,
+                                r,
+                                None,
+                            ));
+                        }
+                    }
+                    match tcp.read(&mut chunk) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    (url, seen)
+}
+
+#[test]
+fn a_client_that_closes_then_vanishes_costs_upstream_no_second_close() {
+    // The client sends its close frame and resets its connection at once.
+    // Upstream still sends a result before its close reply; the relay's
+    // write of it to the client fails (End::ClientGone). The client's
+    // close frame already went up: upstream must get no second one.
+    let (url, seen) = recording_upstream(Duration::from_millis(300));
+    let relay = Relay::start(relay_config(&url, &[("a", "k1")]));
+    let (mut tcp, head) = raw_upgrade(relay.addr(), &relay.token("dev"));
+    assert!(String::from_utf8_lossy(&head).contains(" 101 "));
+    use std::io::Write;
+    tcp.write_all(&client_frame(1, config_message(None).as_bytes()))
+        .unwrap();
+    for f in audio_frames(3, 1) {
+        tcp.write_all(&client_frame(2, &f)).unwrap();
+    }
+    tcp.write_all(&client_frame(8, &1000u16.to_be_bytes()))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    // A reset, not a FIN: SO_LINGER 0.
+    socket2::SockRef::from(&tcp)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(tcp);
+    assert!(relay.wait_idle(Duration::from_secs(10)));
+    std::thread::sleep(Duration::from_millis(500));
+    let closes: Vec<u16> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(op, _)| *op == 8)
+        .map(|(_, p)| close_code_of(p))
+        .collect();
+    assert_eq!(closes, vec![1000], "close frames upstream got");
+}

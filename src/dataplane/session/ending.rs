@@ -46,6 +46,8 @@ impl Ending {
             End::UpstreamClosed | End::Retry(..) | End::ClientClosed => {
                 row(ToClient::Nothing, None, None)
             }
+            // Its close frame already went up: upstream gets no second one.
+            End::ClientGone if client_closed => row(ToClient::Nothing, None, None),
             End::ClientGone => row(ToClient::Nothing, Some((1001, "client went away")), None),
             End::ClientProtocol(e) => row(
                 ToClient::Error(Refusal::new(
