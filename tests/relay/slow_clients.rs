@@ -118,3 +118,92 @@ fn a_client_that_stops_reading_strands_at_most_socket_buffer_in_the_relay() {
         "the relay holds {last} bytes unsent to a client that stopped reading"
     );
 }
+
+/// An upstream that answers a stream's config with results of about 5 KB,
+/// as fast as the relay takes them, then holds the connection open.
+fn upstream_with_large_results() -> String {
+    use tungstenite::Message;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!(
+        "ws://{}/transcribe-websocket",
+        listener.local_addr().unwrap()
+    );
+    std::thread::spawn(move || {
+        let (tcp, _) = listener.accept().unwrap();
+        let mut ws = tungstenite::accept(tcp).unwrap();
+        ws.read().unwrap(); // the config
+        ws.get_mut()
+            .set_write_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let words = "word ".repeat(1000);
+        let result = format!(
+            r#"{{"tokens":[{{"text":"{words}","is_final":false}}],"final_audio_proc_ms":0,"total_audio_proc_ms":0}}"#
+        );
+        while ws.send(Message::text(result.clone())).is_ok() {}
+        std::thread::sleep(Duration::from_secs(60));
+    });
+    url
+}
+
+/// A raw-audio stream (the resume pump) whose client stops reading while
+/// large results come, so the relay's write of them waits on a full
+/// socket, part of a frame sent; the stream then ends (idle). The error
+/// frame may go only at a frame boundary: what the client reads must
+/// still be whole frames, every text one JSON, the last a close.
+#[test]
+fn an_error_frame_never_lands_inside_a_result_the_client_was_slow_to_read() {
+    let url = upstream_with_large_results();
+    let mut cfg = relay_config(&url, &[("acct-a", "key-a")]);
+    cfg.limits.idle_timeout = Duration::from_secs(1);
+    let relay = Relay::start(cfg);
+    let token = relay.token("dev-1");
+    let mut client =
+        upgraded_raw_client(relay.addr(), &format!("Authorization: Bearer {token}\r\n"));
+    send_frames(
+        &mut client,
+        Opcode::Text,
+        config_message(None).as_bytes(),
+        1,
+    );
+    // Past the idle timeout, within the relay's wait for room for its
+    // error frame.
+    std::thread::sleep(Duration::from_millis(1600));
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut data = Vec::new();
+    use std::io::Read;
+    let _ = client.read_to_end(&mut data);
+    let mut at = 0;
+    let mut frames = Vec::new();
+    while let Ok(Some(h)) =
+        clio_frame::frame::parse_header(&data[at..], clio_frame::frame::Sender::Server, 1 << 30)
+    {
+        let end = at + h.header_len + h.payload_len as usize;
+        if end > data.len() {
+            break;
+        }
+        frames.push((h.opcode, data[at + h.header_len..end].to_vec()));
+        at = end;
+    }
+    let bad: Vec<String> = frames
+        .iter()
+        .filter(|(op, p)| {
+            *op == Opcode::Text && serde_json::from_slice::<serde_json::Value>(p).is_err()
+        })
+        .map(|(_, p)| String::from_utf8_lossy(&p[p.len().saturating_sub(300)..]).to_string())
+        .collect();
+    assert!(bad.is_empty(), "a text frame that is not JSON: {bad:?}");
+    // Either whole frames to the close, or (the relay's write cut inside
+    // a result) the start of one result and nothing after it: the
+    // connection closed without an error frame, as documented.
+    let rest = String::from_utf8_lossy(&data[at..]);
+    assert!(
+        !rest.contains("error_code"),
+        "the relay's error frame inside a result, ending: {:?}",
+        &rest[rest.len().saturating_sub(400)..]
+    );
+    if at == data.len() {
+        assert_eq!(frames.last().map(|f| f.0), Some(Opcode::Close));
+    }
+}

@@ -537,9 +537,13 @@ pub async fn upstream_to_client(link: Link<'_>, max_payload: u64, cx: StreamCx<'
                                     return End::ClientGone;
                                 }
                                 let frame = build_frame(Opcode::Text, &text, None);
+                                // Cut short (the stream ended meanwhile),
+                                // the client socket is left inside it.
+                                down.at_boundary.set(false);
                                 if client.write_all(&frame).await.is_err() {
                                     return End::ClientGone;
                                 }
+                                down.at_boundary.set(true);
                                 buf.consume(total);
                                 Held::delivered(1, total, true, held.read_at, cx);
                             }
@@ -609,7 +613,13 @@ impl Held {
         if self.bytes == 0 {
             return Ok(());
         }
+        // Whole frames: between frames once written, inside one while the
+        // write waits (a stream ended then must not write a frame of its
+        // own there, nor a resumed connection's results).
+        let down = &cx.state.down;
+        down.at_boundary.set(false);
         client.write_all(&buf.filled()[..self.bytes]).await?;
+        down.at_boundary.set(true);
         buf.consume(self.bytes);
         Held::delivered(self.frames, self.bytes, self.data, self.read_at, cx);
         // Emptied; `read_at` stays the time of the read they came from.

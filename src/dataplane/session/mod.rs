@@ -418,6 +418,8 @@ impl Stream {
             // message upstream left open towards the client.
             && cside.scanner.open_message() != Some(false)
             && !state.down.mid_message.get()
+            // Nor can a frame the client's socket got only part of.
+            && state.down.at_boundary.get()
     }
 
     /// Resumes the stream after its upstream connection failed mid-stream
