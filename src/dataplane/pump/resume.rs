@@ -467,8 +467,12 @@ pub async fn upstream_to_client(link: Link<'_>, max_payload: u64, cx: StreamCx<'
                     let total = h.header_len + h.payload_len as usize;
                     // A result larger than a read buffer (many non-final
                     // tokens, a translation) is held whole, in a buffer of
-                    // its own while it is there.
-                    buf.hold(held.bytes + total);
+                    // its own while it is there. Only once the frames
+                    // before it are out: one that merely does not fit
+                    // behind them is read after a compaction, as before.
+                    if held.bytes == 0 {
+                        buf.hold(total);
+                    }
                     let data = !h.opcode.is_control();
                     if data && (h.opcode == Opcode::Continuation) != down.mid_message.get() {
                         break End::UpstreamProtocol(FrameError::Fragmentation);
@@ -801,5 +805,81 @@ mod tests {
         capture(&mut r, 3200);
         assert_eq!(budget.used(), r.capture.audio.capacity());
         assert!(r.can_resume());
+    }
+}
+
+#[cfg(test)]
+mod held_tests {
+    use super::*;
+    use crate::dataplane::buf::BufferPool;
+    use crate::dataplane::io::{Conn, Duplex};
+    use crate::dataplane::pump::{Link, StreamCx, StreamState};
+    use std::cell::RefCell;
+    use std::time::Duration;
+
+    /// A read that fills the buffer with whole results and the start of
+    /// one more (no larger than a buffer) is no large result: the frames
+    /// before it go out and the buffer is compacted, as before `hold`,
+    /// rather than all of it moved to a buffer of its own (an allocation
+    /// and a copy of up to a buffer's bytes, freed again, on every read
+    /// of a burst).
+    #[test]
+    fn a_result_cut_by_a_full_read_keeps_the_pooled_buffer() {
+        use futures_lite::AsyncWriteExt;
+        glommio::LocalExecutorBuilder::default()
+            .make()
+            .unwrap()
+            .run(async {
+                let pair = || async {
+                    let l = glommio::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                    let peer = glommio::net::TcpStream::connect(l.local_addr().unwrap())
+                        .await
+                        .unwrap();
+                    let ours = Duplex::new(Conn::Plain(l.accept().await.unwrap().into()));
+                    (ours, peer)
+                };
+                let (upstream, mut upstream_peer) = pair().await;
+                let (client, _client_peer) = pair().await;
+                let result = build_frame(Opcode::Text, br#"{"tokens":[],"x":"0123"}"#, None);
+                assert_eq!(result.len(), 26);
+                // Three whole results and 12 bytes of a fourth in 90.
+                let mut wire = Vec::new();
+                for _ in 0..4 {
+                    wire.extend_from_slice(&result);
+                }
+                upstream_peer.write_all(&wire[..90]).await.unwrap();
+                upstream_peer.flush().await.unwrap();
+                glommio::timer::sleep(Duration::from_millis(50)).await;
+                let pool = BufferPool::new(90, 1, 4);
+                let mut buf = pool.get();
+                let state = StreamState::new(std::time::Instant::now());
+                *state.resume.borrow_mut() = Some(Box::new(Resume::new(
+                    32_000,
+                    2,
+                    1 << 20,
+                    3,
+                    Arc::new(super::super::copy_budget::CopyBudget::new(1 << 30)),
+                )));
+                let masks = RefCell::new(MaskKeys::default());
+                let metrics = crate::core::metrics::ShardMetrics::new(0, &[]);
+                let cx = StreamCx {
+                    state: &state,
+                    masks: &masks,
+                    metrics: &metrics,
+                };
+                let link = Link {
+                    from: &upstream,
+                    to: &client,
+                    buf: &mut buf,
+                };
+                let pump = upstream_to_client(link, 1 << 20, cx);
+                let _ = futures_lite::future::or(async { Some(pump.await) }, async {
+                    glommio::timer::sleep(Duration::from_millis(200)).await;
+                    None
+                })
+                .await;
+                assert_eq!(buf.len(), 12, "the fourth result's start waits");
+                assert_eq!(buf.capacity(), 90, "still the pool's buffer");
+            });
     }
 }
