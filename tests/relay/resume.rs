@@ -816,6 +816,9 @@ fn an_upstream_that_hangs_after_finished_is_not_resumed() {
         .filter(|m| m["finished"] == true)
         .count();
     assert_eq!(finished, 1, "{got:?}");
+    // It has its answer: the relay closes in upstream's place, no error.
+    assert_eq!(got.error_code(), None, "{got:?}");
+    assert_eq!(got.close_code(), Some(1000), "{got:?}");
     assert_eq!(relay.handle.metrics().streams_resumed(), 0, "{got:?}");
     assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 1);
 }

@@ -33,8 +33,9 @@ pub(super) struct Ending {
 
 impl Ending {
     /// The row for `end`; `client_closed`: the client's close frame went
-    /// upstream before the end.
-    pub(super) fn of(end: End, client_closed: bool) -> Ending {
+    /// upstream before the end; `answered`: upstream's last word
+    /// (`finished`, or an error) reached the client before it.
+    pub(super) fn of(end: End, client_closed: bool, answered: bool) -> Ending {
         let row = |client, upstream, counted| Ending {
             client,
             upstream,
@@ -75,6 +76,20 @@ impl Ending {
             | End::KeyRetired
             | End::Resume(..)
                 if client_closed =>
+            {
+                row(ToClient::Close(1000), None, None)
+            }
+            // Upstream's last word reached the client, which waits only
+            // for the close: upstream failing now (hanging up, falling
+            // silent, breaking the protocol) is not the stream's failure,
+            // and the relay closes in upstream's place.
+            End::UpstreamGone
+            | End::UpstreamProtocol(_)
+            | End::UpstreamStalled
+            | End::UpstreamSilent
+            | End::Idle
+            | End::Resume(..)
+                if answered =>
             {
                 row(ToClient::Close(1000), None, None)
             }
@@ -156,10 +171,10 @@ mod tests {
             ToClient::Close(c) => Some((0, *c)),
             ToClient::Nothing => None,
         };
-        let idle = Ending::of(End::Idle, false);
+        let idle = Ending::of(End::Idle, false, false);
         assert_eq!(code(&idle), Some((408, 1000)));
         assert_eq!(idle.upstream, Some((1000, "idle")));
-        let gone = Ending::of(End::UpstreamGone, false);
+        let gone = Ending::of(End::UpstreamGone, false, false);
         assert_eq!(code(&gone), Some((503, 1011)));
         assert_eq!(gone.counted, Some((Side::Upstream, 503)));
         for end in [
@@ -174,25 +189,34 @@ mod tests {
             End::Resume(503, crate::core::keyring::RateScope::Project),
         ] {
             // After the client's close: its answer, nothing else.
-            let after = Ending::of(end, true);
+            let after = Ending::of(end, true, false);
             assert_eq!(code(&after), Some((0, 1000)), "{end:?}");
             assert_eq!((after.upstream, after.counted), (None, None), "{end:?}");
+            // After upstream's `finished` (or error) reached the client, an
+            // upstream failure only costs it the close.
+            let answered = Ending::of(end, false, true);
+            if !matches!(end, End::Stopped(_) | End::Drain | End::KeyRetired) {
+                assert_eq!(code(&answered), Some((0, 1000)), "{end:?}");
+                assert_eq!(answered.counted, None, "{end:?}");
+            }
         }
-        let bad = Ending::of(End::ClientProtocol(FrameError::Masking), false);
+        let bad = Ending::of(End::ClientProtocol(FrameError::Masking), false, false);
         assert_eq!(code(&bad), Some((400, 1002)));
         assert_eq!(bad.counted, Some((Side::Client, 1002)));
-        let drain = Ending::of(End::Drain, false);
+        let drain = Ending::of(End::Drain, false, false);
         assert_eq!(code(&drain), Some((503, 1012)));
         assert_eq!(drain.counted, None);
-        let moved = Ending::of(End::KeyRetired, false);
+        let moved = Ending::of(End::KeyRetired, false, false);
         assert_eq!(code(&moved), Some((503, 1012)));
         assert_eq!(moved.counted, None);
         assert_eq!(moved.upstream, Some((1001, "key retired")));
-        let revoked = Ending::of(End::Stopped(Limit::Revoked), false);
+        let revoked = Ending::of(End::Stopped(Limit::Revoked), false, false);
         assert_eq!(code(&revoked), Some((401, 1008)));
-        assert!(Ending::of(End::UpstreamClosed, false).upstream.is_none());
+        assert!(Ending::of(End::UpstreamClosed, false, false)
+            .upstream
+            .is_none());
         assert_eq!(
-            Ending::of(End::ClientGone, false).upstream,
+            Ending::of(End::ClientGone, false, false).upstream,
             Some((1001, "client went away"))
         );
     }

@@ -628,7 +628,7 @@ impl Stream {
             }
             _ => {}
         }
-        let ending = Ending::of(end, cside.close_seen);
+        let ending = Ending::of(end, cside.close_seen, state.down.last_word_seen.get());
         if let Some((side, code)) = ending.counted {
             shard.metrics.error(side, code);
         }
