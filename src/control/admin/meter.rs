@@ -1,12 +1,11 @@
-//! Usage, cost and revocations on the admin thread: collecting usage
-//! records from the shards, keeping and persisting the ledger, the
-//! `/admin/usage` and `/admin/revocations` API, and the usage metrics.
+//! Usage and cost on the admin thread: collecting usage records from the
+//! shards, keeping and persisting the ledger, the `/admin/usage` API, and
+//! the usage metrics (revocations are in `revocations.rs`).
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
-use serde::Deserialize;
 use serde_json::json;
 
 use super::{Admin, Request};
@@ -14,7 +13,6 @@ use crate::control::usage::{format_day, month_start, parse_day, GroupBy, UsageRe
 use crate::core::cluster::usage as cluster_usage;
 use crate::core::devices::{utc_day, Limit};
 use crate::core::metrics::text::{family, Kind};
-use crate::core::token::valid_device_id;
 use crate::dataplane::http;
 use crate::dataplane::shard::ShardMsg;
 
@@ -280,152 +278,6 @@ fn usage_rows(
         })
         .collect::<Vec<_>>()
         .into()
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RevokeBody {
-    device_id: Option<String>,
-    token_id: Option<String>,
-    #[serde(default)]
-    end_live_streams: bool,
-}
-
-/// `GET`, `POST` and `DELETE /admin/revocations`. In a fleet the change
-/// goes to the shared store too, and every node applies it (and ends the
-/// live streams, when asked) within a poll interval.
-pub(super) async fn revocations(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
-    let devices = &admin.process.devices;
-    if req.method != "GET" {
-        let b: RevokeBody = match serde_json::from_slice(req.body) {
-            Ok(b) => b,
-            Err(_) => {
-                return http::json_error(
-                    400,
-                    "want {\"device_id\"?, \"token_id\"?, \"end_live_streams\"?}",
-                )
-            }
-        };
-        if b.device_id.is_none() && b.token_id.is_none() {
-            return http::json_error(400, "give a device_id or a token_id");
-        }
-        // An id no token can carry would be kept and match nothing.
-        for (name, id) in [("device_id", &b.device_id), ("token_id", &b.token_id)] {
-            if id.as_deref().is_some_and(|id| !valid_device_id(id)) {
-                return http::json_error(
-                    400,
-                    &format!("{name}: 1 to 128 characters of A-Z a-z 0-9 . _ : @ - (as in tokens)"),
-                );
-            }
-        }
-        match req.method {
-            "POST" => {
-                if let Some(d) = &b.device_id {
-                    devices.revoke_device(d);
-                }
-                if let Some(t) = &b.token_id {
-                    devices.revoke_token(t);
-                }
-                if b.end_live_streams {
-                    for tx in &admin.shards {
-                        let _ = tx.try_send(ShardMsg::EndStreams {
-                            device: b.device_id.clone(),
-                            token: b.token_id.clone(),
-                        });
-                    }
-                }
-                tracing::warn!(
-                    device = b.device_id.as_deref().unwrap_or(""),
-                    token_id = b.token_id.as_deref().unwrap_or(""),
-                    end_live_streams = b.end_live_streams,
-                    "revoked"
-                );
-            }
-            "DELETE" => {
-                devices.unrevoke(b.device_id.as_deref(), b.token_id.as_deref());
-            }
-            _ => return http::json_error(405, "GET, POST or DELETE"),
-        }
-        // Alone, the state directory keeps them over a restart (in a
-        // fleet, Redis does).
-        if admin.process.fleet.get().is_none() {
-            let dir = admin.config.borrow().state_dir.clone();
-            if let Err(e) = save_revocations(&dir, devices) {
-                tracing::error!(dir = %dir.display(), error = %e, "revocations changed on this relay, but not saved");
-                return http::json_error(
-                    500,
-                    &format!("applied on this relay, but not saved to the state directory ({e}); a restart would lose it"),
-                );
-            }
-        }
-        if let Some(fleet) = admin.process.fleet.get() {
-            let shared = fleet
-                .revoke(
-                    b.device_id.clone(),
-                    b.token_id.clone(),
-                    b.end_live_streams,
-                    req.method == "DELETE",
-                )
-                .await;
-            if let Err(e) = shared {
-                tracing::error!(error = %e, "revocation applied on this node; the fleet gets it when the cluster store answers again");
-                return http::json_error(
-                    503,
-                    &format!("applied on this node, not yet fleet-wide ({e}); sent when the cluster store answers again"),
-                );
-            }
-        }
-    }
-    let (d, t) = devices.revoked();
-    http::response(
-        200,
-        "application/json",
-        "",
-        json!({"devices": d, "token_ids": t}).to_string().as_bytes(),
-    )
-}
-
-/// The revocations of a relay outside a fleet, in its state directory.
-pub const REVOCATIONS_FILE: &str = "revocations.json";
-
-#[derive(serde::Serialize, Deserialize, Default)]
-struct Revoked {
-    devices: Vec<String>,
-    token_ids: Vec<String>,
-}
-
-/// Writes the revocation lists to `dir/revocations.json` (replaced
-/// atomically).
-fn save_revocations(
-    dir: &std::path::Path,
-    devices: &crate::core::devices::Devices,
-) -> std::io::Result<()> {
-    let (devices, token_ids) = devices.revoked();
-    let bytes = serde_json::to_vec(&Revoked { devices, token_ids })?;
-    crate::control::usage::write_atomically(&dir.join(REVOCATIONS_FILE), &bytes)
-}
-
-/// At start, outside a fleet: the revocations saved in `dir`, so a
-/// restart does not lift them. A missing file is none; an unreadable one
-/// stops the relay (a revoked device must not come back unseen).
-pub fn load_revocations(
-    dir: &std::path::Path,
-    devices: &crate::core::devices::Devices,
-) -> Result<usize, String> {
-    let path = dir.join(REVOCATIONS_FILE);
-    let saved: Revoked = match std::fs::read(&path) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map_err(|e| format!("{}: not a revocation list: {e}", path.display()))?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Revoked::default(),
-        Err(e) => return Err(format!("{}: {e}", path.display())),
-    };
-    for d in &saved.devices {
-        devices.revoke_device(d);
-    }
-    for t in &saved.token_ids {
-        devices.revoke_token(t);
-    }
-    Ok(saved.devices.len() + saved.token_ids.len())
 }
 
 /// Usage, cost and device metrics appended to `/metrics`.

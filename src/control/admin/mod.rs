@@ -16,12 +16,13 @@ mod api;
 mod meter;
 pub mod pools;
 mod remote;
+mod revocations;
 mod routes;
 mod server;
 mod services;
 
-pub use meter::load_revocations;
 pub use remote::remote_config;
+pub use revocations::load_revocations;
 use server::Request;
 
 use std::cell::RefCell;

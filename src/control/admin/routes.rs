@@ -9,7 +9,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Instant;
 
-use super::{alerts, api, collect, meter, pools, remote, Admin, Request};
+use super::{alerts, api, collect, meter, pools, remote, revocations, Admin, Request};
 use crate::core::metrics::text::{family, Kind};
 use crate::core::metrics::{render_prometheus, ProcessGauges};
 use crate::dataplane::http;
@@ -108,19 +108,19 @@ const ROUTES: &[Route] = &[
         method: "GET",
         path: "/admin/revocations",
         auth: true,
-        handler: |a, r, _| Box::pin(meter::revocations(a, r)),
+        handler: |a, r, _| Box::pin(revocations::revocations(a, r)),
     },
     Route {
         method: "POST",
         path: "/admin/revocations",
         auth: true,
-        handler: |a, r, _| Box::pin(meter::revocations(a, r)),
+        handler: |a, r, _| Box::pin(revocations::revocations(a, r)),
     },
     Route {
         method: "DELETE",
         path: "/admin/revocations",
         auth: true,
-        handler: |a, r, _| Box::pin(meter::revocations(a, r)),
+        handler: |a, r, _| Box::pin(revocations::revocations(a, r)),
     },
     Route {
         method: "GET",
