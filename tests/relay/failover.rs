@@ -146,17 +146,14 @@ fn soniox_sdk() -> bool {
     ok
 }
 
-#[test]
-fn official_python_sdk_never_sees_an_open_time_failover() {
-    if !soniox_sdk() {
-        return;
-    }
-    let (fake, relay) = refused_at_first_message(401, AuthMode::Header, 128 << 10);
-    let audio = audio_frames(15, 3).concat();
+/// Streams `audio` through `relay` with the official Soniox Python SDK
+/// (tests/sdk/soniox_python_stream.py) and returns what it printed: the
+/// final text, the error it saw (if any), and whether `finished` came.
+fn through_python_sdk(relay: &Relay, audio: &[u8]) -> Value {
     let dir = state_dir();
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("audio.raw");
-    std::fs::write(&file, &audio).unwrap();
+    std::fs::write(&file, audio).unwrap();
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/sdk/soniox_python_stream.py"
@@ -174,8 +171,18 @@ fn official_python_sdk_never_sees_an_open_time_failover() {
         "{stdout} {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let got: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
-    assert_eq!(got["error"], serde_json::Value::Null, "{got}");
+    serde_json::from_str(stdout.trim()).unwrap()
+}
+
+#[test]
+fn official_python_sdk_never_sees_an_open_time_failover() {
+    if !soniox_sdk() {
+        return;
+    }
+    let (fake, relay) = refused_at_first_message(401, AuthMode::Header, 128 << 10);
+    let audio = audio_frames(15, 3).concat();
+    let got = through_python_sdk(&relay, &audio);
+    assert_eq!(got["error"], Value::Null, "{got}");
     assert_eq!(got["finished"], true, "{got}");
     assert!(!got["text"].as_str().unwrap().is_empty(), "{got}");
     assert!(fake.wait_for(LIMIT, |s| s.len() == 2 && s.iter().all(|r| r.closed)));
@@ -183,6 +190,39 @@ fn official_python_sdk_never_sees_an_open_time_failover() {
     assert_eq!(s[0].error_sent, Some(401));
     assert_eq!(s[1].key.as_deref(), Some("key-ok"));
     assert_eq!(s[1].audio, audio, "upstream got every audio byte once");
+}
+
+#[test]
+fn official_python_sdk_never_sees_a_server_going_away_mid_stream() {
+    // Upstream's first connection has sent results, then closes with 1001
+    // and nothing else at its 20th audio frame (a server shutting down):
+    // the SDK, for which a close before `finished` is an error, sees one
+    // stream, no error, and the whole transcript once.
+    if !soniox_sdk() {
+        return;
+    }
+    let faults = only_first_connection_fails(FaultKind::GoingAway, 20, |n| n == 20);
+    let fake = fake(&["k1"], |c| c.faults.random = Some(faults));
+    let relay = Relay::start(relay_config(&fake.url(), &[("a", "k1")]));
+    let audio = audio_frames(40, 17).concat();
+    let got = through_python_sdk(&relay, &audio);
+    assert_eq!(got["error"], Value::Null, "{got}");
+    assert_eq!(got["finished"], true, "{got}");
+    let words: String = fake_soniox::transcript_of(&audio, 32_000, 480)
+        .into_iter()
+        .map(|(text, _, _)| text)
+        .collect();
+    assert_eq!(got["text"], Value::String(words), "{got}");
+    let ok = fake.wait_for(LIMIT, |s| s.len() == 2 && s.iter().all(|r| r.closed));
+    assert!(
+        ok,
+        "{:?}",
+        fake.sessions()
+            .iter()
+            .map(|r| (r.closed, r.audio_frames, r.finished_sent))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(relay.handle.metrics().streams_resumed(), 1);
 }
 
 #[test]
