@@ -1,7 +1,7 @@
 //! Upstream over TLS with a CA made at test time.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fake_soniox::{FakeConfig, FakeKey, FakeSoniox};
 
@@ -335,4 +335,69 @@ fn clients_that_do_not_speak_tls_are_closed_and_others_served() {
         }
     }
     assert!(finished, "the good client's stream finished");
+}
+
+/// `limits.handshake_timeout` runs from accept to a complete upgrade
+/// request, the TLS handshake included: a client that spends most of it
+/// on a slow handshake gets only the rest for its request head, not a
+/// second whole timeout.
+#[test]
+fn the_handshake_timeout_counts_the_tls_handshake_too() {
+    use std::io::{Read, Write};
+    let fake = fake(&["k1"], |_| {});
+    let (relay, ca) = tls_relay(&fake.url(), |cfg| {
+        cfg.limits.handshake_timeout = Duration::from_secs(2)
+    });
+    /// Writes one byte at a time, 3 ms apart: the handshake's some 300
+    /// bytes take about half of the 2 s.
+    struct Trickle(std::net::TcpStream);
+    impl Read for Trickle {
+        fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+            self.0.read(b)
+        }
+    }
+    impl Write for Trickle {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.write_all(&b[..b.len().min(1)])?;
+            std::thread::sleep(Duration::from_millis(3));
+            Ok(b.len().min(1))
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from_pem_slice(ca.as_bytes()).unwrap())
+        .unwrap();
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let conn =
+        rustls::ClientConnection::new(Arc::new(cfg), "localhost".try_into().unwrap()).unwrap();
+    let tcp = std::net::TcpStream::connect(relay.addr()).unwrap();
+    tcp.set_nodelay(true).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let start = Instant::now();
+    let mut tls = rustls::StreamOwned::new(conn, Trickle(tcp));
+    while tls.conn.is_handshaking() {
+        tls.conn.complete_io(&mut tls.sock).unwrap();
+    }
+    let handshake = start.elapsed();
+    assert!(handshake < Duration::from_secs(2), "{handshake:?}");
+    // Then no request head at all: the 408 comes at 2 s from the accept.
+    let mut answer = String::new();
+    let _ = tls.read_to_string(&mut answer);
+    let held = start.elapsed();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+    assert!(
+        held < Duration::from_millis(2700),
+        "handshake done at {handshake:?}, yet the connection was held {held:?} \
+         with a 2 s handshake_timeout"
+    );
 }

@@ -81,7 +81,11 @@ async fn upgrade(shard: Rc<Shard>, tcp: RingSocket) -> Option<Upgraded> {
     };
     let client = Duplex::new(conn);
     let mut cbuf = shard.pool.get();
-    let Some((claims, admission)) = handshake(&shard, &settings, &client, &mut cbuf, peer).await
+    // `limits.handshake_timeout` runs from the accept: what the TLS
+    // handshake took is not given again to the request head.
+    let deadline = accepted + settings.limits.handshake_timeout;
+    let Some((claims, admission)) =
+        handshake(&shard, &settings, &client, &mut cbuf, peer, deadline).await
     else {
         // Answered (or gone): FIN, then the data plane reads and discards
         // what the client still sends until it closes too (as at a
@@ -120,14 +124,16 @@ enum Admission {
     Pending(unauth::Place),
 }
 
-/// Reads and answers the HTTP request. Returns the token's claims (if the
-/// token came on the request) once the connection is a WebSocket.
+/// Reads and answers the HTTP request, whose head must be in by
+/// `deadline`. Returns the token's claims (if the token came on the
+/// request) once the connection is a WebSocket.
 async fn handshake(
     shard: &Rc<Shard>,
     settings: &Settings,
     client: &Duplex,
     buf: &mut Buf,
     peer: impl FnOnce() -> Option<std::net::SocketAddr>,
+    deadline: Instant,
 ) -> Option<(Option<Claims>, Admission)> {
     let lim = &settings.limits;
     let refuse = |status: u16, msg: &str, side: Side| {
@@ -137,7 +143,7 @@ async fn handshake(
         http::json_error(status, msg)
     };
     let head_len = match timeout(
-        lim.handshake_timeout,
+        deadline.saturating_duration_since(Instant::now()),
         http::read_head(client, buf, lim.max_header_bytes),
     )
     .await
