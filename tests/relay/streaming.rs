@@ -640,3 +640,40 @@ fn a_client_that_closes_then_vanishes_costs_upstream_no_second_close() {
         .collect();
     assert_eq!(closes, vec![1000], "close frames upstream got");
 }
+
+#[test]
+fn a_bad_close_read_together_with_a_result_still_gets_the_error_frame() {
+    // Upstream's first connection writes a result and a close frame with
+    // 1005 in one go, so the relay reads both at once, then hangs up. The
+    // result reaches the client; the bad close never does, and the client
+    // is between frames: a compressed stream gets the relay's 503 and
+    // close 1011 (it got a bare FIN when both came in one read), a
+    // raw-audio one resumes unseen.
+    let result = serde_json::json!({
+        "tokens": [{"text": "w1 ", "start_ms": 0, "end_ms": 100, "is_final": true}],
+        "final_audio_proc_ms": 100, "total_audio_proc_ms": 100,
+    })
+    .to_string();
+    for format in ["ogg", "pcm_s16le"] {
+        let mut wire = raw_frame(0x81, None, result.as_bytes());
+        wire.extend([0x88, 0x02, 0x03, 0xed]);
+        let (url, conns) = scripted_upstream(move |conn, frame| match (conn, frame) {
+            (0, 2) => UpStep::Raw(wire.clone()),
+            _ => UpStep::Final,
+        });
+        let relay = Relay::start(relay_config(&url, &[("acct-a", "key-a")]));
+        let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+        let mut config: Value = serde_json::from_str(&config_message(None)).unwrap();
+        config["audio_format"] = format.into();
+        let got = stream_session(&mut ws, &config.to_string(), &audio_frames(8, 6));
+        if format == "ogg" {
+            assert_error_frame(&got, 503, 1011);
+            assert!(!got.abrupt, "{got:?}");
+        } else {
+            assert_eq!(got.error_code(), None, "{got:?}");
+            assert!(got.finished(), "{got:?}");
+            assert_eq!(got.close_code(), Some(1000), "{got:?}");
+            assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 2);
+        }
+    }
+}

@@ -376,8 +376,16 @@ impl FrameScanner {
         out.violation = Some(e);
         match frame_at {
             Some(at) => {
+                // Nothing of the bad frame is ready: the scanner stands
+                // where the ready region ends, between frames, with the
+                // message state the frame found (a continuation had one
+                // open), so `at_boundary` and `open_message` tell the
+                // relay what the peer was sent.
+                self.remaining = 0;
+                self.in_close = false;
                 if !self.opcode.is_control() {
                     out.data_frames_started -= 1;
+                    self.in_message = self.opcode == Opcode::Continuation;
                 }
                 at
             }
@@ -798,6 +806,43 @@ mod tests {
         for (from, key) in [(Sender::Client, Some([5, 6, 7, 8])), (Sender::Server, None)] {
             close_frames_checked(from, key);
         }
+    }
+
+    /// A bad frame whose header is in the window is not ready, and the
+    /// scanner then stands at the end of what is: between frames, with
+    /// no message of the bad frame's open. (It stood inside the bad
+    /// frame, so the relay thought the client mid-frame and sent it no
+    /// error frame.)
+    #[test]
+    fn a_bad_frame_not_forwarded_leaves_the_scanner_at_the_boundary() {
+        use crate::frame::build_fragment as frame;
+        use Opcode::{Close, Text};
+        for (bad, want) in [
+            (frame(Close, true, b"\x03\xed", None), FrameError::BadClose),
+            (frame(Close, true, b"\x03", None), FrameError::BadClose),
+        ] {
+            let mut wire = frame(Text, true, b"{}", None);
+            let good = wire.len();
+            wire.extend(bad);
+            let mut s = FrameScanner::new(Sender::Server, 100);
+            let scan = s.scan(&mut wire, None);
+            assert_eq!((scan.ready, scan.violation), (good, Some(want)));
+            assert!(s.at_boundary(), "{want:?}");
+            assert_eq!(s.open_message(), None, "{want:?}");
+        }
+        // A client's text frame that is not UTF-8, after a good one.
+        let key = Some([1, 2, 3, 4]);
+        let mut wire = frame(Text, true, b"{}", key);
+        let good = wire.len();
+        wire.extend(frame(Text, true, b"\xc3\x28", key));
+        let mut s = FrameScanner::new(Sender::Client, 100);
+        let scan = s.scan(&mut wire, Some(&mut MaskKeys::default()));
+        assert_eq!(
+            (scan.ready, scan.violation),
+            (good, Some(FrameError::InvalidUtf8))
+        );
+        assert!(s.at_boundary());
+        assert_eq!(s.open_message(), None);
     }
 
     fn close_frames_checked(from: Sender, key: Option<[u8; 4]>) {
