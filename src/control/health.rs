@@ -208,6 +208,7 @@ pub async fn probe_websocket(
             101
         }
         Err(ConnectError::Refused(status, _)) => status,
+        Err(ConnectError::Certificate(_)) => UpstreamFault::CERTIFICATE,
         Err(e) => {
             tracing::debug!(error = ?e, "WebSocket probe could not reach upstream");
             return None;

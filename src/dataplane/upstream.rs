@@ -40,6 +40,11 @@ pub enum ConnectError {
     /// The relay is at its file-descriptor limit: no socket to connect with.
     /// The relay's own fault, not upstream's, and the same for any account.
     FileLimit,
+    /// The relay refused upstream's TLS certificate (expired, for another
+    /// name, or signed by a CA it does not trust): the same for every
+    /// account of the URL, so a configuration fault
+    /// ([`UpstreamFault::CERTIFICATE`]), not an unreachable upstream.
+    Certificate(String),
 }
 
 impl std::fmt::Display for ConnectError {
@@ -55,6 +60,9 @@ impl std::fmt::Display for ConnectError {
             ConnectError::Timeout => f.write_str("upstream did not answer within connect_timeout"),
             ConnectError::FileLimit => {
                 f.write_str("the relay is at its file limit: no socket to connect upstream with")
+            }
+            ConnectError::Certificate(why) => {
+                write!(f, "upstream's TLS certificate was refused: {why}")
             }
         }
     }
@@ -318,10 +326,12 @@ impl UpstreamTarget {
         let conn = match &self.tls {
             None => Conn::Plain(tcp),
             Some((connector, name)) => {
-                let tls = connector
-                    .connect(name.clone(), tcp)
-                    .await
-                    .map_err(|e| unavailable("tls", &e))?;
+                let tls = connector.connect(name.clone(), tcp).await.map_err(|e| {
+                    match certificate_refused(&e) {
+                        Some(why) => ConnectError::Certificate(why),
+                        None => unavailable("tls", &e),
+                    }
+                })?;
                 Conn::TlsClient(Box::new(tls))
             }
         };
@@ -473,6 +483,15 @@ mod tests {
     }
 }
 
+/// Why the TLS handshake refused upstream's certificate, if that is what
+/// `e` (from the handshake) says.
+fn certificate_refused(e: &std::io::Error) -> Option<String> {
+    match e.get_ref()?.downcast_ref::<rustls::Error>()? {
+        rustls::Error::InvalidCertificate(why) => Some(format!("{why:?}")),
+        _ => None,
+    }
+}
+
 /// A configuration fault upstream has shown: it answered the WebSocket
 /// upgrade with a status that says the URL is wrong (400, 404, 405, 426,
 /// or a 1xx–3xx other than 101: not a WebSocket endpoint, or a redirect,
@@ -486,9 +505,17 @@ mod tests {
 pub struct UpstreamFault(std::sync::atomic::AtomicU16);
 
 impl UpstreamFault {
+    /// The status a refused TLS certificate is recorded as (nginx's 495,
+    /// "SSL Certificate Error"): no HTTP answer came, and the fault is the
+    /// URL's (or `upstream.ca_file`'s) all the same.
+    pub const CERTIFICATE: u16 = 495;
+
     /// Whether an upgrade answered `status` is a configuration fault.
     pub fn is_config_fault(status: u16) -> bool {
-        matches!(status, 100..=399 | 400 | 404 | 405 | 426) && status != 101
+        matches!(
+            status,
+            100..=399 | 400 | 404 | 405 | 426 | Self::CERTIFICATE
+        ) && status != 101
     }
 
     /// Records that upstream answered the upgrade with `status`; true when
@@ -509,6 +536,12 @@ impl UpstreamFault {
 
     /// What `/readyz`, logs and errors say about it.
     pub fn describe(status: u16) -> String {
+        if status == Self::CERTIFICATE {
+            return "the relay refused upstream's TLS certificate (HTTP 495 here): it has \
+                    expired, names another host than upstream.url's, or is signed by a CA \
+                    the relay does not trust (set upstream.ca_file for a private one)"
+                .into();
+        }
         let hint = if (300..400).contains(&status) {
             "a redirect, which the relay does not follow: put the URL it points to in \
              upstream.url"

@@ -80,16 +80,44 @@ fn upstream_over_tls_with_a_local_ca() {
 
 #[test]
 fn upstream_tls_without_the_ca_fails_with_502() {
+    // A certificate the relay cannot verify (a private CA it was not
+    // given) is the configuration's fault, as a wrong path is: a 502 that
+    // says so at once (not after the waits for an unreachable upstream),
+    // `/readyz` 503 with the reason, and the metric, holding 495.
     let (fake, _pem) = tls_fake();
-    let relay = Relay::start(relay_config(&fake.url(), &[("acct-a", "key-a")]));
+    let relay = Relay::start(relay_config(
+        &fake.url(),
+        &[("acct-a", "key-a"), ("acct-b", "key-b")],
+    ));
     let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
     let got = stream_session(&mut ws, &config_message(None), &audio_frames(2, 8));
     assert_error_frame(&got, 502, 1011);
+    let message = got.messages[0]["error_message"].as_str().unwrap();
+    assert!(
+        message.contains("TLS certificate") && message.contains("not a capacity limit"),
+        "{message}"
+    );
     assert!(
         fake.sessions().iter().all(|s| s.config.is_none()),
         "{:?}",
         fake.sessions()
     );
+    let (status, body) = http(relay.handle.admin_addr, "GET", "/readyz", None, None);
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("upstream.ca_file"), "{body}");
+    let (_, metrics) = http(relay.handle.admin_addr, "GET", "/metrics", None, None);
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "clio_relay_upstream_config_fault 495"),
+        "{metrics}"
+    );
+    assert!(relay
+        .handle
+        .process
+        .accounts()
+        .iter()
+        .all(|a| a.healthy(std::time::Instant::now())));
 }
 
 /// A CA and a "localhost" certificate it signed, as PEM: (ca, cert, key).

@@ -9,7 +9,7 @@
 //! | `high_error_rate` | upstream and internal errors reach `error_rate` of the streams started in the last window (once `error_min_streams` started) |
 //! | `slow_first_result` | p99 time to first result in the last window is over `slow_first_result` |
 //! | `cluster_store_down` | in a fleet (`[cluster]`), this node cannot reach the shared store (Redis) |
-//! | `upstream_config_fault` | upstream answered the WebSocket upgrade with 400, 404 or another status that says `upstream.url` is wrong |
+//! | `upstream_config_fault` | upstream answered the WebSocket upgrade with 400, 404 or another status that says `upstream.url` is wrong, or its TLS certificate was refused (495) |
 //!
 //! Each change (firing or resolved) is a structured log event, the gauge
 //! `clio_relay_alerts_firing{alert,subject}`, and optionally a JSON POST to

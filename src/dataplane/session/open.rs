@@ -324,6 +324,15 @@ impl Stream {
                     }
                     return Err(Refusal::upstream_misconfigured(status));
                 }
+                Err(crate::dataplane::upstream::ConnectError::Certificate(why)) => {
+                    // The URL's (or its CA's), not the account's: as a 404.
+                    let status = UpstreamFault::CERTIFICATE;
+                    shard.metrics.error(Side::Upstream, status);
+                    if shard.process.upstream_fault.set(status) {
+                        tracing::error!(stream = %self.id, status, why = %why, "{}", UpstreamFault::describe(status));
+                    }
+                    return Err(Refusal::upstream_misconfigured(status));
+                }
                 Err(crate::dataplane::upstream::ConnectError::Refused(status, scope)) => {
                     upstream_refused = true;
                     self.note_refusal(&lease, status, scope);

@@ -124,13 +124,22 @@ impl Refusal {
     /// Upstream answered the upgrade with a status that says the URL is wrong: the relay's
     /// `upstream.url` is wrong. No account is to blame and none is tried.
     pub(super) fn upstream_misconfigured(status: u16) -> Self {
+        let what = if status == crate::dataplane::upstream::UpstreamFault::CERTIFICATE {
+            "the relay refused the transcription service's TLS certificate (HTTP 495 here: \
+             wrong upstream URL or CA)"
+                .to_string()
+        } else {
+            format!(
+                "the transcription service answered its WebSocket upgrade with HTTP \
+                 {status} (wrong upstream URL)"
+            )
+        };
         Refusal::new(
             502,
             "upstream_misconfigured",
             format!(
-                "The relay is misconfigured: the transcription service answered its \
-                 WebSocket upgrade with HTTP {status} (wrong upstream URL). This is not a \
-                 capacity limit; retrying will not help until the relay's operator fixes it."
+                "The relay is misconfigured: {what}. This is not a capacity limit; retrying \
+                 will not help until the relay's operator fixes it."
             ),
             1011,
             Side::Upstream,
