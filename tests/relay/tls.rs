@@ -112,12 +112,7 @@ fn upstream_tls_without_the_ca_fails_with_502() {
             .any(|l| l == "clio_relay_upstream_config_fault 495"),
         "{metrics}"
     );
-    assert!(relay
-        .handle
-        .process
-        .accounts()
-        .iter()
-        .all(|a| a.healthy(std::time::Instant::now())));
+    assert!(no_account_blamed(&relay));
 }
 
 /// A CA and a "localhost" certificate it signed, as PEM: (ca, cert, key).

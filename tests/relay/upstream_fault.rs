@@ -41,12 +41,7 @@ fn a_wrong_upstream_path_fails_streams_with_a_502_that_says_so() {
     // One upgrade was tried, not one per account, and no account is blamed.
     let refused: Vec<_> = fake.sessions().iter().map(|s| s.http_status).collect();
     assert_eq!(refused, vec![Some(404)]);
-    assert!(relay
-        .handle
-        .process
-        .accounts()
-        .iter()
-        .all(|a| a.healthy(std::time::Instant::now())));
+    assert!(no_account_blamed(&relay));
     // /readyz and the metric name it.
     let (status, body) = readyz(&relay);
     assert_eq!(status, 503);
@@ -155,12 +150,7 @@ fn an_upgrade_answered_by_a_web_page_or_a_redirect_is_a_configuration_fault() {
         assert_error_frame(&got, 502, 1011);
         let message = got.messages[0]["error_message"].as_str().unwrap();
         assert!(message.contains(&format!("HTTP {status}")), "{message}");
-        assert!(relay
-            .handle
-            .process
-            .accounts()
-            .iter()
-            .all(|a| a.healthy(std::time::Instant::now())));
+        assert!(no_account_blamed(&relay));
         let (code, body) = readyz(&relay);
         assert_eq!(code, 503, "{body}");
         assert!(body.contains(says), "{body}");

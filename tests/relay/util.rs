@@ -713,3 +713,14 @@ pub fn scripted_upstream(
     });
     (url, conns)
 }
+
+/// Every account of `relay` is healthy: a fault was not held against any
+/// of them (a configuration fault, say).
+pub fn no_account_blamed(relay: &Relay) -> bool {
+    relay
+        .handle
+        .process
+        .accounts()
+        .iter()
+        .all(|a| a.healthy(Instant::now()))
+}
