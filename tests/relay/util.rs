@@ -494,15 +494,32 @@ pub fn http(
     }
 }
 
-/// A fresh state directory under the system temp dir (never /var/lib).
+/// A fresh state directory (never /var/lib): under cargo's temp dir for
+/// tests (`target/tmp/relay-state/<pid>/<n>`), so a run leaves nothing in
+/// /tmp. The first call in a process removes what processes that have
+/// ended left there; a relay suite makes some 200 of these a run.
 pub fn state_dir() -> std::path::PathBuf {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
-    std::env::temp_dir().join(format!(
-        "clio-relay-test-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ))
+    static SWEEP: std::sync::Once = std::sync::Once::new();
+    let root = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("relay-state");
+    SWEEP.call_once(|| {
+        for entry in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+            let gone = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<i32>().ok())
+                .is_some_and(|pid| {
+                    let pid = nix::unistd::Pid::from_raw(pid);
+                    nix::sys::signal::kill(pid, None) == Err(nix::errno::Errno::ESRCH)
+                });
+            if gone {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    });
+    root.join(std::process::id().to_string())
+        .join(N.fetch_add(1, Ordering::Relaxed).to_string())
 }
 
 /// Faults that fail only the fake's first connection, with `kind`, at an
