@@ -265,6 +265,52 @@ fn max_stream_length_ends_a_long_stream() {
         .contains("longest a stream may last"));
 }
 
+/// `clio_relay_device_rejections_total{limit="max_length"}`.
+fn max_length_rejections(relay: &Relay) -> Option<u64> {
+    let (_, metrics) = http(relay.handle.admin_addr, "GET", "/metrics", None, None);
+    metrics.lines().find_map(|l| {
+        l.strip_prefix(r#"clio_relay_device_rejections_total{limit="max_length"} "#)?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+#[test]
+fn a_limit_reached_after_the_clients_close_is_not_a_rejection() {
+    // Upstream stops answering at the 2nd frame; the client sends its
+    // close and waits for the answer; the longest stream length ends the
+    // wait. The client had already ended its stream: it gets the close
+    // answered, and no device limit is counted against it.
+    let fake = fake(&["k1"], |c| c.faults.stall_after_frames = Some(2));
+    let relay = relay_with(
+        &fake,
+        DeviceLimits {
+            max_stream_length: Duration::from_millis(700),
+            ..Default::default()
+        },
+    );
+    let mut ws = open(&relay, &relay.token("phone"));
+    for f in audio_frames(3, 1) {
+        ws.send(Message::binary(f)).unwrap();
+    }
+    ws.close(None).unwrap();
+    let got = read_all(&mut ws);
+    assert_eq!(
+        (got.error_code(), got.close_code()),
+        (None, Some(1000)),
+        "{got:?}"
+    );
+    assert!(relay.wait_idle(Duration::from_secs(5)));
+    assert_eq!(max_length_rejections(&relay), Some(0));
+
+    // The same limit on a stream still streaming is counted.
+    let mut ws = open(&relay, &relay.token("phone"));
+    let got = read_all(&mut ws);
+    assert_eq!(got.error_code(), Some(429), "{got:?}");
+    assert_eq!(max_length_rejections(&relay), Some(1));
+}
+
 #[test]
 fn a_stream_still_opening_when_its_device_is_revoked_is_ended_too() {
     // Upstream answers each upgrade 2 s late: the revocation, which ends

@@ -612,10 +612,6 @@ impl Stream {
             End::UpstreamSilent => {
                 tracing::warn!(stream = %self.id, account = %up.lease.account.id, idle = ?self.settings.limits.idle_timeout, "upstream sent nothing after the client's end of audio; ending the stream as an upstream failure");
             }
-            End::Stopped(limit) => {
-                shard.process.device_rejections[limit as usize]
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
             // The finalize is a data frame: between the client's messages.
             End::Drain | End::KeyRetired
                 if !cside.close_seen
@@ -631,6 +627,12 @@ impl Stream {
         let ending = Ending::of(end, cside.close_seen, state.down.last_word_seen.get());
         if let Some((side, code)) = ending.counted {
             shard.metrics.error(side, code);
+        }
+        // A limit counts as a rejection when it ended the stream: not when
+        // the client's close was already up and only waited for its answer.
+        if let (End::Stopped(limit), ToClient::Error(_)) = (end, &ending.client) {
+            shard.process.device_rejections[limit as usize]
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         if state.down.at_boundary.get() {
             let frames = match &ending.client {
