@@ -515,6 +515,35 @@ fn a_close_no_endpoint_may_send_never_reaches_the_client() {
     }
 }
 
+#[test]
+fn upstream_text_that_is_not_utf8_never_reaches_the_client() {
+    // Upstream's first connection answers the second audio frame with a
+    // text frame that is not UTF-8 (a browser fails its WebSocket on
+    // one). A raw-audio stream resumes unseen; a compressed one gets the
+    // relay's 503 and close 1011 instead of the broken text.
+    for (format, conns_after, want) in [("pcm_s16le", 2, None), ("ogg", 1, Some(503u64))] {
+        let (url, conns) = scripted_upstream(|conn, frame| match (conn, frame) {
+            (0, 2) => UpStep::Raw(vec![0x81, 0x03, b'{', 0xc3, 0x28]),
+            _ => UpStep::Final,
+        });
+        let relay = Relay::start(relay_config(&url, &[("acct-a", "key-a")]));
+        let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+        let mut config: Value = serde_json::from_str(&config_message(None)).unwrap();
+        config["audio_format"] = format.into();
+        let got = stream_session(&mut ws, &config.to_string(), &audio_frames(16, 6));
+        assert!(!got.abrupt, "{format}: {got:?}");
+        assert_eq!(got.error_code(), want, "{format}: {got:?}");
+        let close = if want.is_some() { 1011 } else { 1000 };
+        assert_eq!(got.close_code(), Some(close), "{format}: {got:?}");
+        assert_eq!(got.finished(), want.is_none(), "{format}: {got:?}");
+        assert_eq!(
+            conns.load(std::sync::atomic::Ordering::SeqCst),
+            conns_after,
+            "{format}"
+        );
+    }
+}
+
 /// The frames an upstream got: (opcode, unmasked payload).
 type Recorded = std::sync::Arc<std::sync::Mutex<Vec<(u8, Vec<u8>)>>>;
 

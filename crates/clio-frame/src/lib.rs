@@ -7,7 +7,7 @@
 //! - [`mask`]: in-place re-masking (§5.3) and a source of fresh mask keys.
 //! - [`scanner`]: [`scanner::FrameScanner`], which walks frames where they lie
 //!   in a read buffer across reads and re-masks client frames in place.
-//! - [`utf8`]: UTF-8 checked in pieces, for the client's text messages.
+//! - [`utf8`]: UTF-8 checked in pieces, for either side's text messages.
 //!
 //! The relay's pumps (`clio_relay::dataplane::pump`) own the sockets and the
 //! buffers; they hand each read to the scanner and forward what it reports

@@ -77,7 +77,7 @@ pub struct FrameScanner {
     /// What of the current frame's payload is looked at (client frames
     /// only; audio, binary, never is).
     looks: Looks,
-    /// The client's text message so far is UTF-8.
+    /// The text message so far is UTF-8.
     utf8: Utf8Check,
     /// The client's close frame so far: its code's bytes, and its reason
     /// checked as UTF-8.
@@ -268,9 +268,9 @@ impl FrameScanner {
             }
             self.counts_audio = data && self.msg_binary;
             self.looks = match (self.from, h.opcode) {
-                // Either side's close frame is checked (a bad one from
-                // upstream must not reach the client); only the client's
-                // text is, since upstream's results are its own to get right.
+                // Either side's close frame and text are checked: a bad one
+                // from upstream must not reach the client either (a browser
+                // fails its WebSocket on text that is not UTF-8).
                 (_, Opcode::Close) => {
                     if h.payload_len == 1 {
                         pos = self.invalid(&mut out, FrameError::BadClose, pos, Some(pos));
@@ -279,7 +279,7 @@ impl FrameScanner {
                     self.close_have = 0;
                     Looks::Close
                 }
-                (Sender::Client, _) if data && !self.msg_binary => Looks::Text,
+                _ if data && !self.msg_binary => Looks::Text,
                 _ => Looks::Nothing,
             };
             self.text_start = (h.opcode == Opcode::Text && h.fin).then_some(pos + h.header_len);
@@ -745,7 +745,7 @@ mod tests {
     }
 
     #[test]
-    fn client_text_must_be_utf8_across_frames_and_reads() {
+    fn text_must_be_utf8_across_frames_and_reads() {
         use Opcode::{Binary, Continuation as Cont, Text};
         let key = Some([5, 6, 7, 8]);
         let scan =
@@ -792,10 +792,18 @@ mod tests {
             (open, Some(FrameError::InvalidUtf8))
         );
 
-        // Upstream's text is not looked at.
+        // Upstream's text is checked the same way: a character split
+        // between frames is fine, a byte no character has is not.
         let mut s = FrameScanner::new(Sender::Server, 100);
-        let mut wire = frame(Text, true, b"\xff", None);
-        assert_eq!(s.scan(&mut wire, None).violation, None);
+        let mut wire = frame(Text, false, &[b'a', euro[0]], None);
+        wire.extend(frame(Cont, true, &euro[1..], None));
+        let good = wire.len();
+        wire.extend(frame(Text, true, b"\xff", None));
+        let got = s.scan(&mut wire, None);
+        assert_eq!(
+            (got.ready, got.violation),
+            (good, Some(FrameError::InvalidUtf8))
+        );
         assert_eq!(FrameError::InvalidUtf8.close_code(), 1007);
     }
 

@@ -27,6 +27,7 @@ use crate::core::metrics::Hist;
 use clio_frame::frame::{build_fragment, build_frame, parse_header, FrameError, Opcode, Sender};
 use clio_frame::mask::MaskKeys;
 use clio_frame::scanner::{close_body_ok, Capture, CutFrame};
+use clio_frame::utf8::Utf8Check;
 
 /// The fewest bytes a replayed frame carries when the client's own frames
 /// were smaller: smaller frames are merged in the copy's bookkeeping, so
@@ -454,6 +455,10 @@ pub async fn upstream_to_client(link: Link<'_>, max_payload: u64, cx: StreamCx<'
     // the end (upstream's last result and its close frame, read together,
     // reach the client in one send).
     let mut held = Held::default();
+    // Upstream's text message so far is UTF-8 (a message may come in
+    // fragments), as the scanner checks it on the other pumps.
+    let mut utf8 = Utf8Check::default();
+    let mut in_text = false;
     let end = loop {
         let mut need_more = true;
         if buf.len() > held.bytes {
@@ -492,6 +497,14 @@ pub async fn upstream_to_client(link: Link<'_>, max_payload: u64, cx: StreamCx<'
                             }
                         }
                         if data {
+                            if h.opcode != Opcode::Continuation {
+                                in_text = h.opcode == Opcode::Text;
+                            }
+                            let payload =
+                                &buf.filled()[held.bytes + h.header_len..][..total - h.header_len];
+                            if in_text && (!utf8.feed(payload) || (h.fin && !utf8.finish())) {
+                                break End::UpstreamProtocol(FrameError::InvalidUtf8);
+                            }
                             down.mid_message.set(!h.fin);
                         }
                         let first = down.inspect_first.replace(false);
