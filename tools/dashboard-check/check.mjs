@@ -1,7 +1,7 @@
 // Drives headless Chromium against a running relay's dashboard:
 // the page shows live data and the alerts firing, and "disable" clicked on the page takes effect.
 // Usage: node check.mjs ADMIN_ADDR ADMIN_TOKEN SCREENSHOT RELAY_LOAD_CMD...
-import { chromium } from "playwright-core";
+import { launch } from "./browser.mjs";
 import { execFileSync } from "node:child_process";
 
 const [admin, token, shot, ...loadCmd] = process.argv.slice(2);
@@ -12,11 +12,7 @@ const api = async (path, init = {}) => {
 };
 const fail = (msg) => { console.error(`dashboard-check: FAIL: ${msg}`); process.exit(1); };
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-});
+const browser = await launch();
 try {
   const page = await browser.newPage({ viewport: { width: 1400, height: 900 } });
   const errors = [];

@@ -12,18 +12,14 @@ root=$(cd "$(dirname "$0")/../.." && pwd)
 shot="${CARGO_TARGET_DIR:-${root}/target}/dashboard.png"
 [ "${1:-}" = "--screenshot" ] && shot="$2"
 
-if ! command -v chromium >/dev/null 2>&1; then
-  echo "dashboard-check: installing chromium"
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null
-fi
-command -v node >/dev/null 2>&1 || { echo "dashboard-check: node is required" >&2; exit 1; }
+. "$root/tools/browser-check/browser.sh"
 
 work=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 
-( cd "$work" && npm init -y >/dev/null && npm install --silent --no-audit --no-fund playwright-core@1 >/dev/null )
+browser_setup "$work"
 cp "$root/tools/dashboard-check/check.mjs" "$work/"
 
 cd "$root"
