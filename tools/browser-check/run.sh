@@ -19,6 +19,8 @@ trap cleanup EXIT
 
 browser_setup "$work"
 cp "$root/tools/browser-check/streams.mjs" "$work/"
+# Soniox's own browser SDK, at the version this check was written against.
+( cd "$work" && npm install --silent --no-audit --no-fund @soniox/speech-to-text-web@1.4.0 >/dev/null )
 
 cd "$root"
 cargo build --quiet --bins
@@ -44,7 +46,7 @@ cat > "$work/relay.toml" <<TOML
 listen = "127.0.0.1:0"
 admin_listen = "127.0.0.1:0"
 shards = 2
-max_streams = 100
+max_streams = 50
 [upstream]
 url = "$up_url"
 [tokens]

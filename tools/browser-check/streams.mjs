@@ -3,7 +3,7 @@
 // checks what the browser gets: for raw audio the whole transcript, once,
 // as the same audio gives straight from a fake Soniox with no faults (the
 // failover unseen); for the relay's own errors, frames and close codes a
-// browser can read.
+// browser can read; and Soniox's own web SDK streaming through the relay.
 // Usage: node streams.mjs CLIENT_ADDR ADMIN_ADDR REFERENCE_URL REFERENCE_KEY TOKEN
 import { launch } from "./browser.mjs";
 
@@ -39,6 +39,36 @@ async function stream({ url, protocols, config, frames, seed }) {
   return out;
 }
 
+// Runs in the page: one stream through Soniox's own web SDK
+// (@soniox/speech-to-text-web), from a tone made with Web Audio and
+// encoded by MediaRecorder as the SDK does with a microphone, stopped
+// after `ms`. Returns the SDK's callbacks as they came.
+async function sdkStream({ url, token, ms }) {
+  const { SonioxClient } = window["speech-to-text-web"];
+  const audio = new AudioContext();
+  const tone = audio.createOscillator();
+  const dest = audio.createMediaStreamDestination();
+  tone.connect(dest);
+  tone.start();
+  const out = { results: 0, finished: false, error: null, states: [] };
+  const done = new Promise((resolve) => {
+    const client = new SonioxClient({
+      webSocketUri: url,
+      apiKey: async () => token,
+      onPartialResult: () => { out.results += 1; },
+      onFinished: () => { out.finished = true; resolve(); },
+      onError: (status, message, code) => { out.error = { status, message, code }; resolve(); },
+      onStateChange: ({ newState }) => out.states.push(newState),
+    });
+    client.start({ model: "stt-rt-v4", stream: dest.stream });
+    setTimeout(() => client.stop(), ms);
+  });
+  await Promise.race([done, new Promise((r) => setTimeout(r, ms + 20000))]);
+  tone.stop();
+  await audio.close();
+  return out;
+}
+
 const raw = { model: "stt-rt-v4", audio_format: "pcm_s16le", sample_rate: 16000, num_channels: 1 };
 const finals = (r) => r.messages.flatMap((m) => (m.tokens || []).filter((t) => t.is_final).map((t) => `${t.text}@${t.start_ms}-${t.end_ms}`));
 const finished = (r) => r.messages.some((m) => m.finished === true);
@@ -52,6 +82,10 @@ try {
   // reach loopback addresses only from a loopback origin.
   await page.goto(`http://${client}/healthz`);
   const run = (args) => page.evaluate(stream, { frames: 30, ...args });
+
+  const sdkFile = new URL("./node_modules/@soniox/speech-to-text-web/dist/speech-to-text-web.umd.cjs", import.meta.url);
+  await page.addScriptTag({ path: sdkFile.pathname });
+  const sdk = (args) => page.evaluate(sdkStream, args);
 
   const seeds = [1, 2, 3, 4, 5];
   const [refs, relayed] = await Promise.all([
@@ -70,6 +104,20 @@ try {
       run({ url: relayUrl, protocols: ["soniox-api-key", "not-a-session-token"], config: raw, seed: 8 }),
     ]),
   ]);
+  // The SDK sends a chunk every 120 ms, and its end of audio as an empty
+  // text message: 1.2 s stays under the 20 messages upstream takes.
+  const [sdkOk, sdkLost, sdkBadToken] = await Promise.all([
+    sdk({ url: relayUrl, token, ms: 1200 }),
+    sdk({ url: relayUrl, token, ms: 4000 }),
+    sdk({ url: relayUrl, token: "not-a-session-token", ms: 1000 }),
+  ]);
+  // Finished from upstream's `finished` (the SDK also says finished when
+  // stopped before its socket opened: not that).
+  if (!sdkOk.finished || sdkOk.error || !sdkOk.states.includes("FinishingProcessing") || sdkOk.results < 1) {
+    fail(`the web SDK's stream: ${JSON.stringify(sdkOk)}`);
+  }
+  if (sdkLost.error?.status !== "api_error" || sdkLost.error?.code !== 503) fail(`the web SDK's lost stream: ${JSON.stringify(sdkLost)} (want api_error 503)`);
+  if (sdkBadToken.error?.status !== "api_error" || sdkBadToken.error?.code !== 401) fail(`the web SDK with a bad token: ${JSON.stringify(sdkBadToken)} (want api_error 401)`);
 
   for (const [i, seed] of seeds.entries()) {
     const ref = refs[i], got = relayed[i];
@@ -91,7 +139,8 @@ try {
   const metrics = await (await fetch(`http://${admin}/metrics`)).text();
   const resumed = Number(/^clio_relay_streams_resumed_total (\d+)/m.exec(metrics)?.[1] ?? 0);
   if (resumed < 5) fail(`the relay resumed ${resumed} streams; the 5 raw ones each lost a connection`);
-  if (!failed) console.log(`browser-check: ok: 5 raw streams whole through ${resumed} resumes, and the relay's errors as a browser reads them`);
+  console.log(`browser-check: the web SDK stream: ${JSON.stringify(sdkOk)}`);
+  if (!failed) console.log(`browser-check: ok: 5 raw streams whole through ${resumed} resumes, the relay's errors as a browser reads them, and Soniox's web SDK streaming`);
 } finally {
   await browser.close();
 }
