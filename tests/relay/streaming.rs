@@ -489,41 +489,26 @@ fn big_result(size: usize, ms: u64) -> String {
 
 #[test]
 fn a_close_no_endpoint_may_send_never_reaches_the_client() {
-    // Upstream's first connection answers the second audio frame with a
-    // close frame carrying 1005 (a code that is never sent); later ones
-    // behave. A raw-audio stream resumes unseen; a compressed one gets the
-    // relay's 503 and close 1011, not the broken close.
-    for (format, conns_after, want) in [("pcm_s16le", 2, None), ("ogg", 1, Some(503u64))] {
-        let (url, conns) = scripted_upstream(|conn, frame| match (conn, frame) {
-            (0, 2) => UpStep::Raw(vec![0x88, 0x02, 0x03, 0xed]),
-            _ => UpStep::Final,
-        });
-        let relay = Relay::start(relay_config(&url, &[("acct-a", "key-a")]));
-        let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
-        let mut config: Value = serde_json::from_str(&config_message(None)).unwrap();
-        config["audio_format"] = format.into();
-        let got = stream_session(&mut ws, &config.to_string(), &audio_frames(16, 6));
-        assert_eq!(got.error_code(), want, "{format}: {got:?}");
-        let close = if want.is_some() { 1011 } else { 1000 };
-        assert_eq!(got.close_code(), Some(close), "{format}: {got:?}");
-        assert_eq!(got.finished(), want.is_none(), "{format}: {got:?}");
-        assert_eq!(
-            conns.load(std::sync::atomic::Ordering::SeqCst),
-            conns_after,
-            "{format}"
-        );
-    }
+    // A close frame carrying 1005 (a code that is never sent).
+    never_passed_on(vec![0x88, 0x02, 0x03, 0xed]);
 }
 
 #[test]
 fn upstream_text_that_is_not_utf8_never_reaches_the_client() {
-    // Upstream's first connection answers the second audio frame with a
-    // text frame that is not UTF-8 (a browser fails its WebSocket on
-    // one). A raw-audio stream resumes unseen; a compressed one gets the
-    // relay's 503 and close 1011 instead of the broken text.
+    // A text frame that is not UTF-8 (a browser fails its WebSocket on
+    // one).
+    never_passed_on(vec![0x81, 0x03, b'{', 0xc3, 0x28]);
+}
+
+/// Upstream's first connection answers the second audio frame with
+/// `frame`, a frame that breaks the protocol; later ones behave. A
+/// raw-audio stream resumes unseen; a compressed one gets the relay's 503
+/// and close 1011, never the broken frame.
+fn never_passed_on(frame: Vec<u8>) {
     for (format, conns_after, want) in [("pcm_s16le", 2, None), ("ogg", 1, Some(503u64))] {
-        let (url, conns) = scripted_upstream(|conn, frame| match (conn, frame) {
-            (0, 2) => UpStep::Raw(vec![0x81, 0x03, b'{', 0xc3, 0x28]),
+        let bad = frame.clone();
+        let (url, conns) = scripted_upstream(move |conn, n| match (conn, n) {
+            (0, 2) => UpStep::Raw(bad.clone()),
             _ => UpStep::Final,
         });
         let relay = Relay::start(relay_config(&url, &[("acct-a", "key-a")]));

@@ -11,3 +11,14 @@ browser_setup() {
   ( cd "$work" && npm init -y >/dev/null && npm install --silent --no-audit --no-fund playwright-core@1 >/dev/null )
   cp "$(dirname "${BASH_SOURCE[0]}")/browser.mjs" "$work/"
 }
+
+# Starts the relay ($bin/clio-relay) with the config $1, logging to $2,
+# its PID added to $pids; sets $client and $admin to its two ports once
+# it listens.
+start_relay() {
+  RUST_LOG=info "$bin/clio-relay" run --config "$1" > "$2" 2>&1 &
+  pids+=($!)
+  for _ in $(seq 100); do grep -q "listening" "$2" && break; sleep 0.1; done
+  client=$(grep -o 'client=[^ ]*' "$2" | head -1 | cut -d= -f2)
+  admin=$(grep -o 'admin=[^ ]*' "$2" | head -1 | cut -d= -f2)
+}

@@ -58,11 +58,7 @@ id = "browser"
 key_env = "BROWSER_KEY"
 max_concurrent_streams = 50
 TOML
-RUST_LOG=info "$bin/clio-relay" run --config "$work/relay.toml" > "$work/relay.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 100); do grep -q "listening" "$work/relay.log" && break; sleep 0.1; done
-client=$(grep -o 'client=[^ ]*' "$work/relay.log" | head -1 | cut -d= -f2)
-admin=$(grep -o 'admin=[^ ]*' "$work/relay.log" | head -1 | cut -d= -f2)
+start_relay "$work/relay.toml" "$work/relay.log"
 token=$("$bin/clio-relay" mint-token --config "$work/relay.toml" --device browser-check --ttl 10m)
 
 trap 'rc=$?; if [ $rc -ne 0 ]; then echo "--- relay log"; tail -20 "$work/relay.log"; fi; cleanup' EXIT

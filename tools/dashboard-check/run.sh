@@ -58,11 +58,7 @@ id = "acct-b"
 key_env = "DASH_KEY_B"
 max_concurrent_streams = 50
 TOML
-RUST_LOG=info "$bin/clio-relay" run --config "$work/relay.toml" > "$work/relay.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 50); do grep -q "listening" "$work/relay.log" && break; sleep 0.1; done
-client=$(grep -o 'client=[^ ]*' "$work/relay.log" | head -1 | cut -d= -f2)
-admin=$(grep -o 'admin=[^ ]*' "$work/relay.log" | head -1 | cut -d= -f2)
+start_relay "$work/relay.toml" "$work/relay.log"
 
 # Streams that stay open while the page is looked at.
 "$bin/relay-load" --relay-config "$work/relay.toml" --target "$client" -n 6 --stream-seconds 25 --duration 30s -q > "$work/load.log" 2>&1 &
