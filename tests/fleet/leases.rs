@@ -102,3 +102,56 @@ fn a_deleted_lease_is_registered_again_at_the_next_poll() {
     let got = crate::try_stream(&b, "phone");
     assert_eq!(got.error_code(), Some(429), "{got:?}");
 }
+
+/// A node killed with SIGKILL cannot delete its entry in `clio:useq` (the
+/// id of its last usage batch), and a restarted one is a new member: each
+/// crash left one entry behind for good. A heartbeat forgets a member a
+/// day after its lease ended, its `clio:useq` entry with its lease.
+#[test]
+fn a_killed_nodes_last_usage_batch_id_goes_with_its_old_lease() {
+    let redis = RedisServer::start();
+    let fake = fake(&["k1"], |_| {});
+    let cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    let mut a = Node::spawn(
+        &fake.url(),
+        &redis.url(),
+        "node-a",
+        "3s",
+        &cfg.tokens.secret,
+        "k1",
+        "",
+    );
+    let token = clio_relay::core::token::TokenKeys::from_config(&cfg.tokens)
+        .mint(
+            "phone",
+            Duration::from_secs(600),
+            std::time::SystemTime::now(),
+        )
+        .unwrap();
+    let (mut ws, _) = connect(a.client, &token, Via::Header).unwrap();
+    assert!(stream_session(&mut ws, &config_message(None), &audio_frames(1, 1)).finished());
+    let member = redis.member("node-a").expect("node-a holds a lease");
+    assert!(
+        wait_until(Duration::from_secs(10), || redis
+            .hget("clio:useq", &member)
+            .is_some()),
+        "its usage reached Redis"
+    );
+    a.kill9();
+    // A day and a moment later, as far as its lease is concerned.
+    let ended = redis.time_ms() - 86_400_000 - 1_000;
+    assert!(redis
+        .command(&format!("ZADD clio:nodes XX {ended} {member}"))
+        .starts_with(':'));
+    let mut b = crate::node(&cfg, &redis, "node-b");
+    b.cluster.as_mut().unwrap().lease_ttl = Duration::from_secs(3);
+    let b = Relay::start(b);
+    assert!(wait_until(Duration::from_secs(10), || crate::up(&b)));
+    assert!(
+        wait_until(Duration::from_secs(10), || redis.member("node-a").is_none()
+            && redis.hget("clio:useq", &member).is_none()),
+        "the dead member's lease and last batch id are gone: {:?}",
+        redis.hget("clio:useq", &member)
+    );
+    assert!(redis.member("node-b").is_some(), "the live member stays");
+}

@@ -17,7 +17,7 @@
 //! | `clio:accounts` | string | the account set, sealed like `accounts.store` |
 //! | `clio:u:<day>:<node>:acct`, `…:dev` | hash | that node's usage that UTC day: `s:<id>` streams, `a:` audio ms, `r:` audio ms by the relay's meter, `u:`/`d:` bytes up/down, `e<code>:` errors |
 //! | `clio:u:<day>:nodes` | set | the nodes with usage that day |
-//! | `clio:useq` | hash | member → id of the last usage batch it added (a process whose last batch is not there sees the store went back) |
+//! | `clio:useq` | hash | member → id of the last usage batch it added (a process whose last batch is not there sees the store went back); deleted when the member stops, or by a heartbeat a day after its lease ended |
 //!
 //! A process's streams count only while its lease in `clio:nodes` is
 //! current: a node that dies stops counting `lease_ttl` after its last
@@ -286,7 +286,10 @@ end
 return (#ARGV - 1) / 3
 "#;
 
-/// Heartbeat: extends this process's lease and its hashes' lifetime.
+/// Heartbeat: extends this process's lease and its hashes' lifetime, and
+/// forgets members whose lease ended over a day ago (up to 100 a call):
+/// their entries in `clio:nodes` and `clio:useq`, which nothing else
+/// deletes for a process that died (its count hashes expire by themselves).
 /// Returns `{lapsed, nodes alive, shared}`: `lapsed` is 1 when the lease
 /// had already ended (the node was cut off or Redis lost its data), so the
 /// node must re-register what it holds; `shared` is 1 when another member
@@ -307,7 +310,13 @@ if prev and prev ~= node
 end
 redis.call('HSET', 'clio:owner', id, node)
 redis.call('ZADD', 'clio:nodes', now + ttl, node)
-redis.call('ZREMRANGEBYSCORE', 'clio:nodes', '-inf', now - 86400000)
+-- A member whose lease ended a day ago is gone (a process that died; one
+-- that stopped left already): its lease and last usage batch id go.
+local gone = redis.call('ZRANGEBYSCORE', 'clio:nodes', '-inf', now - 86400000, 'LIMIT', 0, 100)
+for _, m in ipairs(gone) do
+  redis.call('ZREM', 'clio:nodes', m)
+  redis.call('HDEL', 'clio:useq', m)
+end
 redis.call('PEXPIRE', 'clio:n:' .. node .. ':dev', ttl)
 redis.call('PEXPIRE', 'clio:n:' .. node .. ':acct', ttl)
 local lapsed = 0
