@@ -212,6 +212,13 @@ pub fn start_joining(
         .into_iter()
         .filter_map(|p| rest_target(p, &tls))
         .collect();
+    // Another running relay with this node id (a copied config file):
+    // refused before this one counts or sends anything under it.
+    if let Some(c) = &cfg.cluster {
+        if let Err(why) = crate::core::cluster::check_node_id(c)? {
+            return Err(std::io::Error::other(super::ConfigFault(why)));
+        }
+    }
     // The fleet handle is in place before any shard takes a stream; its
     // thread starts once the shards exist (it sends them "end" requests).
     let fleet = cfg.cluster.as_ref().map(|c| {

@@ -27,6 +27,22 @@ impl Node {
         key: &str,
         extra: &str,
     ) -> Node {
+        Self::try_spawn(upstream, redis_url, node, lease_ttl, secret, key, extra).unwrap_or_else(
+            |(code, err)| panic!("relay exited with {code:?} before listening: {err}"),
+        )
+    }
+
+    /// [`Node::spawn`], or the exit status and standard error of a relay
+    /// that exited before it listened.
+    pub fn try_spawn(
+        upstream: &str,
+        redis_url: &str,
+        node: &str,
+        lease_ttl: &str,
+        secret: &Secret,
+        key: &str,
+        extra: &str,
+    ) -> Result<Node, (Option<i32>, String)> {
         let dir = crate::util::state_dir();
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("key"), key).unwrap();
@@ -56,21 +72,26 @@ impl Node {
             .spawn()
             .unwrap();
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let listening = lines
-            .by_ref()
-            .map_while(Result::ok)
-            .find(|l| l.contains("listening"))
-            .expect("relay starts");
+        let mut before = String::new();
+        let Some(listening) = lines.by_ref().map_while(Result::ok).find(|l| {
+            before.push_str(l);
+            before.push('\n');
+            l.contains("listening")
+        }) else {
+            let status = child.wait().ok().and_then(|s| s.code());
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err((status, before));
+        };
         let field = |name: &str| listening_addr(&listening, name);
         let (client, admin) = (field("client"), field("admin"));
         // Keep reading so the relay never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines.map_while(Result::ok) {});
-        Node {
+        Ok(Node {
             child,
             client,
             admin,
             dir,
-        }
+        })
     }
 
     /// SIGKILL: the node dies holding whatever it holds.

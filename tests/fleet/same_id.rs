@@ -1,6 +1,8 @@
 //! Two relays configured with one `cluster.node_id` (a copied config
-//! file): each keeps its own streams counted, neither mistakes the other's
-//! usage for a store that went back in time, and both say so.
+//! file): the second refuses to start while the first runs; one that
+//! joined while Redis was unreachable keeps its streams counted apart,
+//! neither mistakes the other's usage for a store that went back in time,
+//! and both say so.
 
 use std::time::Duration;
 
@@ -15,6 +17,53 @@ fn metric(relay: &Relay, name: &str) -> Option<u64> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }
 
+/// Usage is kept by node id: a second running process under one id would
+/// add its usage to the first's row, and after a loss of Redis's data
+/// each would delete the other's when giving its own back. It exits 3 (a
+/// configuration fault: systemd's `RestartPreventExitStatus=3` does not
+/// retry it) before it counts or sends anything.
+#[test]
+fn a_second_relay_with_a_running_nodes_id_refuses_to_start() {
+    let redis = RedisServer::start();
+    let fake = fake(&["k1"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.accounts[0].max_concurrent_streams = 50;
+    cfg.devices.default = DeviceLimits {
+        max_concurrent_streams: 2,
+        ..Default::default()
+    };
+    let mut c = crate::node(&cfg, &redis, "relay-1");
+    c.cluster.as_mut().unwrap().lease_ttl = Duration::from_secs(3);
+    let a = Relay::start(c);
+    assert!(wait_until(Duration::from_secs(10), || crate::up(&a)));
+    let _streams: Vec<Ws> = (0..2).map(|_| crate::open(&a, "phone")).collect();
+    assert!(wait_until(Duration::from_secs(10), || fake
+        .active_streams()
+        == 2));
+    let twin = crate::process::Node::try_spawn(
+        &fake.url(),
+        &redis.url(),
+        "relay-1",
+        "3s",
+        &cfg.tokens.secret,
+        "k1",
+        "[devices]\nmax_concurrent_streams = 2\n",
+    );
+    let Err((code, stderr)) = twin else {
+        panic!("a second relay-1 started beside the running one");
+    };
+    assert_eq!(code, Some(3), "{stderr}");
+    assert!(stderr.contains("another running relay has it"), "{stderr}");
+    // It wrote nothing under the id: one member, the first's counts.
+    let members = redis.command("ZRANGE clio:nodes 0 -1");
+    assert_eq!(members.matches("relay-1/").count(), 1, "{members}");
+    assert_eq!(redis.count("relay-1", "dev", "phone").as_deref(), Some("2"));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(metric(&a, "clio_relay_cluster_node_id_conflict"), Some(0));
+}
+
+/// A twin that started while Redis was unreachable (here: paused) finds no
+/// one to refuse it; the heartbeats then report it on both.
 #[test]
 fn two_nodes_with_one_node_id_keep_their_counts_apart_and_say_so() {
     let redis = RedisServer::start();
@@ -33,8 +82,9 @@ fn two_nodes_with_one_node_id_keep_their_counts_apart_and_say_so() {
     assert!(wait_until(Duration::from_secs(10), || fake
         .active_streams()
         == 2));
-    // The same node_id on a second host: it must not wipe the first's
-    // counts when it registers.
+    // The same node_id on a second host, started while Redis does not
+    // answer: it must not wipe the first's counts when it registers.
+    assert!(redis.command("CLIENT PAUSE 3000 ALL").starts_with("+OK"));
     let b = Relay::start(crate::node(&cfg, &redis, "relay-1"));
     assert!(wait_until(Duration::from_secs(10), || crate::up(&b)));
     let (mut ws, _) = connect(b.addr(), &token, Via::Header).unwrap();

@@ -57,7 +57,7 @@ use crate::core::keyring::{KeyRing, Lease};
 use crate::core::token::Claims;
 use crate::core::usage::{GroupBy, UsageRecord};
 
-pub use store::{channel, start, Links};
+pub use store::{channel, check_node_id, start, Links};
 
 /// A number naming this fleet handle among every relay's: the time in
 /// nanoseconds, the process id and a count of the handles made here.
