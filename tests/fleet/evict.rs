@@ -39,3 +39,37 @@ fn a_redis_that_may_evict_the_fleets_keys_is_flagged() {
     assert!(wait_until(Duration::from_secs(10), || crate::up(&b)));
     assert_eq!(may_evict(&b), Some(1));
 }
+
+/// A policy changed while the nodes are connected (`CONFIG SET`, a
+/// managed Redis's parameters applied live) was not seen until the next
+/// reconnect, which may never come: it is read at each heartbeat.
+#[test]
+fn a_policy_changed_while_connected_is_seen_within_a_heartbeat() {
+    let redis = RedisServer::start();
+    let fake = fake(&["k1"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.admin.master_key = Some(Secret::new(crate::MASTER));
+    let mut c = crate::node(&cfg, &redis, "node-a");
+    c.cluster.as_mut().unwrap().lease_ttl = Duration::from_secs(3);
+    let a = Relay::start(c);
+    assert!(wait_until(Duration::from_secs(10), || crate::up(&a)));
+    assert_eq!(may_evict(&a), Some(0));
+    assert!(redis
+        .command("CONFIG SET maxmemory 512mb")
+        .starts_with("+OK"));
+    assert!(redis
+        .command("CONFIG SET maxmemory-policy volatile-lru")
+        .starts_with("+OK"));
+    assert!(
+        wait_until(Duration::from_secs(10), || may_evict(&a) == Some(1)),
+        "an evicting policy set while connected is flagged"
+    );
+    assert!(redis
+        .command("CONFIG SET maxmemory-policy noeviction")
+        .starts_with("+OK"));
+    assert!(
+        wait_until(Duration::from_secs(10), || may_evict(&a) == Some(0)),
+        "and cleared once it is noeviction again"
+    );
+    assert!(crate::up(&a), "the node never left the store");
+}

@@ -286,7 +286,7 @@ pub struct Fleet {
     /// Another running relay uses this `node_id` (seen at a heartbeat).
     pub id_conflict: AtomicBool,
     /// Redis may evict keys when full (a `maxmemory` with a policy other
-    /// than `noeviction`), as seen at the last connect.
+    /// than `noeviction`), as read at the last connect or heartbeat.
     pub may_evict: AtomicBool,
     /// What new streams do while Redis is unreachable.
     pub on_store_down: StoreDown,
@@ -735,7 +735,7 @@ impl Fleet {
             out,
             "clio_relay_cluster_store_may_evict",
             Kind::Gauge,
-            "1 when Redis has a maxmemory and a maxmemory-policy other than noeviction (seen at connect): it may drop the fleet's counts unseen.",
+            "1 when Redis has a maxmemory and a maxmemory-policy other than noeviction (read at connect and at each heartbeat): it may drop the fleet's counts unseen.",
         )
         .sample(&[], u8::from(self.may_evict.load(Ordering::Relaxed)));
         family(

@@ -497,8 +497,9 @@ impl Worker {
     /// Whether Redis may evict keys when it is full: a `maxmemory` with a
     /// policy other than `noeviction` can drop a node's count hashes (its
     /// streams then stop counting, unseen) or any other `clio:` key, where
-    /// `noeviction` fails the writes, which the node sees as an outage. A
-    /// Redis that does not answer `INFO memory` is taken as it is.
+    /// `noeviction` fails the writes, which the node sees as an outage.
+    /// Read at each connect and each heartbeat. A Redis that does not
+    /// answer `INFO memory` is taken as it is.
     fn check_eviction(&mut self) {
         let Some(con) = self.con.as_mut() else { return };
         let Ok(info) = redis::cmd("INFO").arg("memory").query::<String>(con) else {
@@ -515,6 +516,11 @@ impl Worker {
         let was = self.fleet.may_evict.swap(evicts, Ordering::Relaxed);
         if evicts && !was {
             tracing::warn!(maxmemory_policy = policy, "the cluster store may evict the fleet's keys when full (it has a maxmemory and a policy other than noeviction): a device's or account's streams may then stop counting unseen; set maxmemory-policy noeviction");
+        } else if was && !evicts {
+            tracing::info!(
+                maxmemory_policy = policy,
+                "the cluster store no longer evicts keys when full"
+            );
         }
     }
 
@@ -902,6 +908,9 @@ impl Worker {
             Ok((lapsed, nodes, shared)) => {
                 self.ok();
                 self.id_shared(shared == 1);
+                // A policy changed while connected (`CONFIG SET`, a managed
+                // Redis's parameters applied live) is seen within a heartbeat.
+                self.check_eviction();
                 if lapsed == 0 {
                     self.set_nodes(nodes);
                 } else {
