@@ -10,6 +10,7 @@ mod redis;
 
 mod accounts;
 mod acl;
+mod clock;
 mod cutoff;
 mod evict;
 mod haproxy;

@@ -43,6 +43,30 @@ impl Node {
         key: &str,
         extra: &str,
     ) -> Result<Node, (Option<i32>, String)> {
+        Self::try_spawn_with(
+            upstream,
+            redis_url,
+            node,
+            lease_ttl,
+            secret,
+            key,
+            extra,
+            &[],
+        )
+    }
+
+    /// [`Node::try_spawn`] with `env` added to the relay's environment.
+    #[allow(clippy::too_many_arguments)]
+    pub fn try_spawn_with(
+        upstream: &str,
+        redis_url: &str,
+        node: &str,
+        lease_ttl: &str,
+        secret: &Secret,
+        key: &str,
+        extra: &str,
+        env: &[(&str, &str)],
+    ) -> Result<Node, (Option<i32>, String)> {
         let dir = crate::util::state_dir();
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("key"), key).unwrap();
@@ -68,6 +92,7 @@ impl Node {
             .env("FLEET_TEST_ADMIN", crate::ADMIN)
             .env("FLEET_TEST_MASTER", crate::MASTER)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();

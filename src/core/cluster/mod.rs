@@ -288,6 +288,8 @@ pub struct Fleet {
     /// Redis may evict keys when full (a `maxmemory` with a policy other
     /// than `noeviction`), as read at the last connect or heartbeat.
     pub may_evict: AtomicBool,
+    /// This node's clock minus Redis's, in ms, at the last heartbeat.
+    pub clock_offset_ms: std::sync::atomic::AtomicI64,
     /// What new streams do while Redis is unreachable.
     pub on_store_down: StoreDown,
     /// Lease lifetime.
@@ -363,6 +365,7 @@ impl Fleet {
             member: format!("{}/{:012x}", cfg.node_id, instance() & 0xffff_ffff_ffff),
             id_conflict: AtomicBool::new(false),
             may_evict: AtomicBool::new(false),
+            clock_offset_ms: std::sync::atomic::AtomicI64::new(0),
             on_store_down: cfg.on_store_down,
             lease_ttl: cfg.lease_ttl,
             timeout: cfg.timeout,
@@ -738,6 +741,16 @@ impl Fleet {
             "1 when Redis has a maxmemory and a maxmemory-policy other than noeviction (read at connect and at each heartbeat): it may drop the fleet's counts unseen.",
         )
         .sample(&[], u8::from(self.may_evict.load(Ordering::Relaxed)));
+        family(
+            out,
+            "clio_relay_cluster_clock_offset_seconds",
+            Kind::Gauge,
+            "This node's clock minus Redis's, at the last heartbeat (within a round trip): token times and usage days go by this node's clock.",
+        )
+        .sample(
+            &[],
+            self.clock_offset_ms.load(Ordering::Relaxed) as f64 / 1000.0,
+        );
         family(
             out,
             "clio_relay_cluster_nodes",

@@ -290,12 +290,13 @@ return (#ARGV - 1) / 3
 /// forgets members whose lease ended over a day ago (up to 100 a call):
 /// their entries in `clio:nodes` and `clio:useq`, which nothing else
 /// deletes for a process that died (its count hashes expire by themselves).
-/// Returns `{lapsed, nodes alive, shared}`: `lapsed` is 1 when the lease
+/// Returns `{lapsed, nodes alive, shared, now}`: `lapsed` is 1 when the lease
 /// had already ended (the node was cut off or Redis lost its data), so the
 /// node must re-register what it holds; `shared` is 1 when another member
 /// with a current lease registered or renewed under this node id since
 /// this one last did (another running relay has the same `node_id`: a
-/// process that died writes nothing more).
+/// process that died writes nothing more); `now` is Redis's clock (ms),
+/// which the node compares with its own.
 /// ARGV: member, lease ttl ms, node id.
 pub const HEARTBEAT: &str = r#"
 local node, ttl, id = ARGV[1], tonumber(ARGV[2]), ARGV[3]
@@ -321,7 +322,7 @@ redis.call('PEXPIRE', 'clio:n:' .. node .. ':dev', ttl)
 redis.call('PEXPIRE', 'clio:n:' .. node .. ':acct', ttl)
 local lapsed = 0
 if old < now then lapsed = 1 end
-return {lapsed, redis.call('ZCOUNT', 'clio:nodes', now, '+inf'), shared}
+return {lapsed, redis.call('ZCOUNT', 'clio:nodes', now, '+inf'), shared, now}
 "#;
 
 /// Re-registration: replaces this node's counts with what it holds (so a

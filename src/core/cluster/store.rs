@@ -32,6 +32,17 @@ const AUDIO_FLUSH: Duration = Duration::from_secs(1);
 const RECONNECT: Duration = Duration::from_secs(1);
 /// Most jobs sent in one pipeline.
 const BATCH: usize = 256;
+/// How far this node's clock may be from Redis's before it says so (a
+/// heartbeat's round trip blurs the comparison by up to `cluster.timeout`).
+const CLOCK_TOLERANCE: Duration = Duration::from_secs(2);
+
+/// `t` in ms since the Unix epoch (negative before it).
+fn unix_ms(t: SystemTime) -> i64 {
+    match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => d.as_millis() as i64,
+        Err(e) => -(e.duration().as_millis() as i64),
+    }
+}
 
 /// Where the thread's findings go.
 #[derive(Debug)]
@@ -195,6 +206,7 @@ pub fn start(
         last_usage: Instant::now(),
         release_at: None,
         id_shared_at: None,
+        clock_off: false,
     };
     std::thread::Builder::new()
         .name("clio-cluster".into())
@@ -297,6 +309,8 @@ struct Worker {
     release_at: Option<Instant>,
     /// When a heartbeat last saw another running relay with this node id.
     id_shared_at: Option<Instant>,
+    /// This node's clock was last seen off Redis's (see [`Worker::clock_offset`]).
+    clock_off: bool,
 }
 
 /// A poll's answers: the nodes script's, what
@@ -897,7 +911,8 @@ impl Worker {
     fn heartbeat(&mut self) {
         self.last_heartbeat = Instant::now();
         let Some(con) = self.con.as_mut() else { return };
-        let r: Result<(i64, i64, i64), _> = self
+        let sent = unix_ms(SystemTime::now());
+        let r: Result<(i64, i64, i64, i64), _> = self
             .scripts
             .heartbeat
             .arg(&self.fleet.member)
@@ -905,8 +920,11 @@ impl Worker {
             .arg(&self.fleet.node_id)
             .invoke(con);
         match r {
-            Ok((lapsed, nodes, shared)) => {
+            Ok((lapsed, nodes, shared, redis_now)) => {
                 self.ok();
+                // Redis read its clock about halfway through the call.
+                let here = sent + (unix_ms(SystemTime::now()) - sent) / 2;
+                self.clock_offset(here - redis_now);
                 self.id_shared(shared == 1);
                 // A policy changed while connected (`CONFIG SET`, a managed
                 // Redis's parameters applied live) is seen within a heartbeat.
@@ -921,6 +939,24 @@ impl Worker {
                 }
             }
             Err(e) => self.failed("heartbeat", &e),
+        }
+    }
+
+    /// This node's clock against Redis's, the one clock every node reads
+    /// (leases, rate buckets). Off by more than [`CLOCK_TOLERANCE`], this
+    /// node's own uses of its clock go wrong: session tokens' expiry and
+    /// issue times, and the UTC day its usage and daily audio are counted
+    /// under (a day ahead, a device gets a second daily allowance here).
+    fn clock_offset(&mut self, ms: i64) {
+        self.fleet.clock_offset_ms.store(ms, Ordering::Relaxed);
+        let (off, tolerance) = (ms.unsigned_abs(), CLOCK_TOLERANCE.as_millis() as u64);
+        let seconds = ms as f64 / 1000.0;
+        if !self.clock_off && off > tolerance {
+            tracing::error!(node = %self.fleet.node_id, offset_seconds = seconds, "this node's clock is off the cluster store's (Redis's clock): session tokens' expiry and issue times, and the UTC day of its usage and daily audio, go by this node's clock; fix its time synchronisation (NTP)");
+            self.clock_off = true;
+        } else if self.clock_off && off <= tolerance / 2 {
+            tracing::info!(node = %self.fleet.node_id, offset_seconds = seconds, "this node's clock agrees with the cluster store's again");
+            self.clock_off = false;
         }
     }
 
