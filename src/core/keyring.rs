@@ -282,11 +282,16 @@ impl AccountState {
         }
     }
 
-    /// Live streams on the account for the limit it is held to: the
-    /// fleet's (at most 200 ms old, and never below this node's own) when
-    /// the shared store is reachable, else this node's.
+    /// Live streams on the account for the limit it is held to
+    /// ([`AccountState::effective_max`]): the fleet's (at most 200 ms old,
+    /// and never below this node's own) while the whole limit is the
+    /// fleet's, else this node's, held to its share (the store
+    /// unreachable, or settling after a loss while it answers).
     pub fn live_for_limit(&self) -> u32 {
         let here = self.live.load(Ordering::Relaxed);
+        if self.share.load(Ordering::Relaxed) > 1 {
+            return here;
+        }
         match self.fleet_live.load(Ordering::Relaxed) {
             NOT_KNOWN => here,
             fleet => fleet.max(here),

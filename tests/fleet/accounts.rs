@@ -311,3 +311,50 @@ fn a_fleet_node_without_a_master_key_refuses_account_changes() {
     );
     assert_eq!(status, 200, "{body}");
 }
+
+/// While the store settles after a loss it answers again, but each node
+/// holds an account to its share of the limit. The alert compared the
+/// fleet's streams with that share: a node with 1 stream of a 6-stream
+/// account, the fleet having 3, saw 3 of 3 and fired. It compares this
+/// node's own streams with its share then, as while Redis is unreachable.
+#[test]
+fn the_concurrency_alert_weighs_a_nodes_own_streams_against_its_share_while_settling() {
+    let redis = RedisServer::start();
+    let fake = fake(&[K1], |_| {});
+    let (a, b) = crate::pair(&fake, &redis, K1, |c| {
+        c.accounts[0].max_concurrent_streams = 6;
+        c.usage.alerts.concurrency_ratio = 0.6;
+        c.usage.alerts.interval = Duration::from_millis(100);
+    });
+    let firing = |relay: &Relay| {
+        http(relay.handle.admin_addr, "GET", "/metrics", None, None)
+            .1
+            .contains(
+                "clio_relay_alerts_firing{alert=\"account_near_concurrency\",subject=\"a\"} 1",
+            )
+    };
+    let open = |relay: &Relay, device: &str| {
+        let (mut ws, _) = connect(relay.addr(), &relay.token(device), Via::Header).unwrap();
+        ws.send(Message::text(config_message(None))).unwrap();
+        ws
+    };
+    let _streams = [open(&a, "d1"), open(&b, "d2"), open(&b, "d3")];
+    assert!(wait_until(Duration::from_secs(10), || fake
+        .active_streams()
+        == 3));
+    // 3 of 6 fleet-wide: under 0.6 on both (given time to fire).
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(!firing(&a) && !firing(&b), "3 of 6 is under 0.6");
+    assert!(redis.command("FLUSHALL").starts_with("+OK"));
+    // Settling (2.4 s) after the nodes see the loss: each holds the
+    // account to 3. B's 2 of 3 is over 0.6; A's 1 of 3 is not.
+    let (mut b_fired, mut a_fired) = (false, false);
+    let end = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::Instant::now() < end {
+        b_fired |= firing(&b);
+        a_fired |= firing(&a);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(b_fired, "B, over 0.6 of its share, fired while settling");
+    assert!(!a_fired, "A, with 1 of its 3, must not fire");
+}
