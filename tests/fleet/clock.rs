@@ -46,7 +46,7 @@ fn a_node_whose_clock_is_a_day_ahead_says_how_far() {
         "3s",
         &cfg.tokens.secret,
         "k1",
-        "",
+        "[alerts]\ninterval = \"200ms\"\n",
         &[
             ("LD_PRELOAD", libfaketime()),
             ("FAKETIME", "+1d"),
@@ -59,6 +59,21 @@ fn a_node_whose_clock_is_a_day_ahead_says_how_far() {
             .is_some_and(|s| (s - 86_400.0).abs() < 5.0)),
         "the shifted node shows its offset: {:?}",
         offset(ahead.admin)
+    );
+    // And the in-process alert (a webhook's, too) fires for it.
+    assert!(
+        wait_until(Duration::from_secs(10), || http(
+            ahead.admin,
+            "GET",
+            "/metrics",
+            None,
+            None
+        )
+        .1
+        .contains(
+            "clio_relay_alerts_firing{alert=\"cluster_clock_offset\",subject=\"node-b\"} 1"
+        )),
+        "the clock alert fires on the shifted node"
     );
     assert!(
         wait_until(Duration::from_secs(10), || crate::up(&a)

@@ -9,6 +9,7 @@
 //! | `high_error_rate` | upstream and internal errors reach `error_rate` of the streams started in the last window (once `error_min_streams` started) |
 //! | `slow_first_result` | p99 time to first result in the last window is over `slow_first_result` |
 //! | `cluster_store_down` | in a fleet (`[cluster]`), this node cannot reach the shared store (Redis) |
+//! | `cluster_clock_offset` | in a fleet, this node's clock is more than 2 s from Redis's (value: the offset in seconds) |
 //! | `upstream_config_fault` | upstream answered the WebSocket upgrade with 400, 404 or another status that says `upstream.url` is wrong, or its TLS certificate was refused (495) |
 //!
 //! Each change (firing or resolved) is a structured log event, the gauge
@@ -198,6 +199,21 @@ pub(super) async fn evaluate(admin: &Admin) {
             subject: f.node_id.clone(),
             value: 0.0,
             threshold: 1.0,
+        });
+    }
+    // This node's clock against Redis's: token times and usage days go by
+    // this node's.
+    if let Some((f, off)) = admin
+        .process
+        .fleet
+        .get()
+        .and_then(|f| Some((f, f.clock_off()?)))
+    {
+        found.push(Finding {
+            alert: "cluster_clock_offset",
+            subject: f.node_id.clone(),
+            value: off,
+            threshold: crate::core::cluster::CLOCK_TOLERANCE.as_secs_f64(),
         });
     }
     // A wrong upstream.url: every stream fails until it is fixed.

@@ -340,6 +340,10 @@ impl Drop for FleetHold {
     }
 }
 
+/// How far a node's clock may be from Redis's before it says so (a
+/// heartbeat's round trip blurs the comparison by up to `cluster.timeout`).
+pub const CLOCK_TOLERANCE: Duration = Duration::from_secs(2);
+
 /// The longest a given-back hold waits to be sent to Redis. Until then the
 /// fleet counts the ended stream as live (never one too few); a stream
 /// open on this node sends the waiting ones first.
@@ -713,6 +717,13 @@ impl Fleet {
         self.send(Job::Adjust(Kind::Account, l.account.id.clone(), 1));
         l.fleet = Some(self.hold(Kind::Account, &l.account.id));
         Some(l)
+    }
+
+    /// This node's clock minus Redis's, in seconds, when that is more than
+    /// [`CLOCK_TOLERANCE`] either way (at the last heartbeat).
+    pub fn clock_off(&self) -> Option<f64> {
+        let ms = self.clock_offset_ms.load(Ordering::Relaxed);
+        (ms.unsigned_abs() > CLOCK_TOLERANCE.as_millis() as u64).then_some(ms as f64 / 1000.0)
     }
 
     /// The fleet's lines for `/metrics`.

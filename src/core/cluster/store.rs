@@ -11,7 +11,9 @@ use std::time::{Duration, Instant, SystemTime};
 use redis::{IntoConnectionInfo, Value};
 
 use super::scripts::{int, items, text};
-use super::{scripts, usage, ClusterError, Fleet, Held, Job, Kind, LinkTarget, OpenAnswer};
+use super::{
+    scripts, usage, ClusterError, Fleet, Held, Job, Kind, LinkTarget, OpenAnswer, CLOCK_TOLERANCE,
+};
 use crate::core::config::ClusterConfig;
 use crate::core::devices::utc_day;
 use crate::dataplane::shard::{ProcessState, ShardMsg};
@@ -32,9 +34,6 @@ const AUDIO_FLUSH: Duration = Duration::from_secs(1);
 const RECONNECT: Duration = Duration::from_secs(1);
 /// Most jobs sent in one pipeline.
 const BATCH: usize = 256;
-/// How far this node's clock may be from Redis's before it says so (a
-/// heartbeat's round trip blurs the comparison by up to `cluster.timeout`).
-const CLOCK_TOLERANCE: Duration = Duration::from_secs(2);
 
 /// `t` in ms since the Unix epoch (negative before it).
 fn unix_ms(t: SystemTime) -> i64 {
