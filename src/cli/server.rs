@@ -213,8 +213,10 @@ pub fn start_joining(
         .filter_map(|p| rest_target(p, &tls))
         .collect();
     // Another running relay with this node id (a copied config file):
-    // refused before this one counts or sends anything under it.
-    if let Some(c) = &cfg.cluster {
+    // refused before this one counts or sends anything under it. Not in a
+    // hand-over (`join_client_port`): the running relay with this config
+    // is the node this process takes over from.
+    if let (Some(c), false) = (&cfg.cluster, join_client_port) {
         if let Err(why) = crate::core::cluster::check_node_id(c)? {
             return Err(std::io::Error::other(super::ConfigFault(why)));
         }

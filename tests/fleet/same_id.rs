@@ -62,6 +62,40 @@ fn a_second_relay_with_a_running_nodes_id_refuses_to_start() {
     assert_eq!(metric(&a, "clio_relay_cluster_node_id_conflict"), Some(0));
 }
 
+/// A hand-over restart (README "One relay per port"): the new process,
+/// started with `--join-client-port` beside the running one, has its
+/// config and so its node id. It is the same node taking over, not a twin
+/// by mistake: it starts, and takes streams on the shared port.
+#[test]
+fn a_hand_over_restart_with_the_same_node_id_starts() {
+    let redis = RedisServer::start();
+    let fake = fake(&["k1"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.accounts[0].max_concurrent_streams = 50;
+    let mut c = crate::node(&cfg, &redis, "relay-1");
+    c.cluster.as_mut().unwrap().lease_ttl = Duration::from_secs(3);
+    let old = Relay::start(c.clone());
+    assert!(wait_until(Duration::from_secs(10), || crate::up(&old)));
+    let mut next = c;
+    next.server.listen = old.addr();
+    next.admin.state_dir = state_dir();
+    let new = clio_relay::cli::server::start_joining(&next, Default::default(), true)
+        .expect("the hand-over's new relay starts");
+    assert_eq!(new.client_addr, old.addr());
+    let token = old.token("phone");
+    drop(old);
+    // The old process's listeners linger while the kernel tears its rings
+    // down: a connection may land there and be reset meanwhile.
+    let mut streamed = None;
+    assert!(wait_until(Duration::from_secs(5), || {
+        streamed = connect(new.client_addr, &token, Via::Header).ok();
+        streamed.is_some()
+    }));
+    let (mut ws, _) = streamed.unwrap();
+    let got = stream_session(&mut ws, &config_message(None), &audio_frames(5, 1));
+    assert!(got.finished(), "{got:?}");
+}
+
 /// A twin that started while Redis was unreachable (here: paused) finds no
 /// one to refuse it; the heartbeats then report it on both.
 #[test]
