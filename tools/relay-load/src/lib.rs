@@ -37,6 +37,7 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -127,6 +128,10 @@ pub struct LoadOptions {
     pub model: String,
     /// One progress line per second on stderr.
     pub progress: bool,
+    /// Set (by a signal handler, say) to end the run early: no stream
+    /// starts after it, and those still running are cut within a second,
+    /// as at the end of `duration`; the report covers the run until then.
+    pub stop: Option<&'static AtomicBool>,
 }
 
 impl Default for LoadOptions {
@@ -149,6 +154,7 @@ impl Default for LoadOptions {
             io_timeout: Duration::from_secs(15),
             model: "stt-rt-v4".into(),
             progress: false,
+            stop: None,
         }
     }
 }
@@ -270,6 +276,11 @@ pub(crate) struct Worker {
     pub connect: RefCell<Histogram<u64>>,
     /// A cheap generator for mask keys and WebSocket keys.
     pub rng: std::cell::Cell<u64>,
+    /// Closed when the run is stopped early ([`LoadOptions::stop`]): its
+    /// waiters wake at once.
+    pub stopped: glommio::sync::Semaphore,
+    /// Whether `stopped` is closed.
+    pub stop_seen: std::cell::Cell<bool>,
 }
 
 impl Worker {
@@ -285,6 +296,21 @@ impl Worker {
 
     pub fn ns_since_epoch(&self) -> u64 {
         self.epoch.elapsed().as_nanos() as u64
+    }
+
+    /// Whether the run was stopped early.
+    pub fn is_stopped(&self) -> bool {
+        self.stop_seen.get()
+    }
+
+    /// Until the run is stopped early (never, if it is not).
+    pub async fn until_stopped(&self) {
+        let _ = self.stopped.acquire(1).await;
+    }
+
+    /// Until `at`, or until the run is stopped early.
+    pub async fn sleep_until(&self, at: Instant) {
+        futures_lite::future::or(sleep_until(at), self.until_stopped()).await
     }
 }
 
@@ -372,6 +398,8 @@ pub fn run(opts: &LoadOptions) -> std::io::Result<LoadReport> {
                     rng: std::cell::Cell::new(
                         0x9E37_79B9_7F4A_7C15 ^ ((t as u64 + 1) << 32) ^ seed(),
                     ),
+                    stopped: glommio::sync::Semaphore::new(0),
+                    stop_seen: std::cell::Cell::new(false),
                 });
                 executor_main(worker.clone(), t, threads, tx.clone()).await;
                 let c = worker.counters.borrow().clone();
@@ -447,9 +475,23 @@ fn seed() -> u64 {
         | 1
 }
 
+/// How often an executor looks at [`LoadOptions::stop`].
+const STOP_CHECK: Duration = Duration::from_millis(100);
+
 /// One executor: starts its share of the stream slots on the ramp
-/// schedule, reports progress each second, and returns when all are over.
+/// schedule, reports progress each second, and returns when all are over
+/// (or, stopped early, once what ran is cut).
 async fn executor_main(worker: Rc<Worker>, t: usize, threads: usize, tx: mpsc::Sender<Msg>) {
+    let watch = worker.opts.stop.map(|flag| {
+        let worker = worker.clone();
+        glommio::spawn_local(async move {
+            while !flag.load(Ordering::Relaxed) {
+                glommio::timer::sleep(STOP_CHECK).await;
+            }
+            worker.stop_seen.set(true);
+            worker.stopped.close();
+        })
+    });
     let ticker = {
         let worker = worker.clone();
         glommio::spawn_local(async move {
@@ -470,7 +512,10 @@ async fn executor_main(worker: Rc<Worker>, t: usize, threads: usize, tx: mpsc::S
         if at >= worker.last_start {
             break;
         }
-        sleep_until(at).await;
+        worker.sleep_until(at).await;
+        if worker.is_stopped() {
+            break;
+        }
         let worker = worker.clone();
         tasks.push(glommio::spawn_local(stream::run_slot(worker, slot as u64)));
     }
@@ -478,6 +523,7 @@ async fn executor_main(worker: Rc<Worker>, t: usize, threads: usize, tx: mpsc::S
         task.await;
     }
     drop(ticker);
+    drop(watch);
 }
 
 /// Sleeps until `at` (returns at once if it is past).

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -135,9 +136,54 @@ fn relay_failovers(admin: SocketAddr) -> Result<[u64; 3], String> {
     Ok(out)
 }
 
+/// Set by the first SIGINT or SIGTERM: the run ends early, with its report.
+static STOP: AtomicBool = AtomicBool::new(false);
+/// The signal that set [`STOP`].
+static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn on_stop_signal(signal: nix::libc::c_int) {
+    if STOP.swap(true, Ordering::SeqCst) {
+        // The second one: out at once, as without a handler.
+        // SAFETY: `_exit` is async-signal-safe and ends the process.
+        unsafe { nix::libc::_exit(128 + signal) };
+    }
+    STOP_SIGNAL.store(signal, Ordering::SeqCst);
+}
+
+/// Ctrl-C (SIGINT) and SIGTERM end the run early rather than lose it: the
+/// streams still running are cut and the report is printed.
+fn on_stop_signals() {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    let action = SigAction::new(
+        SigHandler::Handler(on_stop_signal),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    for signal in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only touches atomics and calls `_exit`, both
+        // async-signal-safe.
+        let _ = unsafe { sigaction(signal, &action) };
+    }
+}
+
 fn main() {
     let args = Args::parse();
-    match run(args) {
+    on_stop_signals();
+    let result = run(args);
+    let signal = STOP_SIGNAL.load(Ordering::SeqCst);
+    if signal != 0 {
+        eprintln!(
+            "relay-load: stopped by {} before the run's end: streams still running were cut; \
+             the numbers cover the run until then",
+            if signal == nix::libc::SIGINT {
+                "SIGINT"
+            } else {
+                "SIGTERM"
+            }
+        );
+    }
+    match result {
+        Ok(_) if signal != 0 => std::process::exit(128 + signal),
         Ok(clean) => std::process::exit(if clean { 0 } else { 3 }),
         Err(e) => {
             eprintln!("relay-load: {e}");
@@ -189,6 +235,7 @@ fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         io_timeout: args.timeout,
         model: args.model,
         progress: !args.quiet,
+        stop: Some(&STOP),
     };
     opts.duration = args.duration.unwrap_or(match mode {
         Mode::Stream => opts.natural_duration(),

@@ -35,7 +35,7 @@ pub(crate) async fn run_slot(w: Rc<Worker>, slot: u64) {
         let id = slot + round * w.opts.streams as u64;
         one_stream(&w, id).await;
         round += 1;
-        if !repeat || Instant::now() >= w.last_start {
+        if !repeat || Instant::now() >= w.last_start || w.is_stopped() {
             break;
         }
     }
@@ -49,7 +49,7 @@ async fn one_stream(w: &Rc<Worker>, id: u64) {
         c.open += 1;
     }
     let outcome = future::or(async { Some(body(w, id).await) }, async {
-        sleep_until(w.hard_end).await;
+        w.sleep_until(w.hard_end).await;
         None
     })
     .await;

@@ -27,3 +27,62 @@ fn names_itself_in_its_version() {
     let help = text(&Command::new(BIN).arg("--help").output().unwrap());
     assert!(help.contains("Usage: relay-load"), "{help}");
 }
+
+/// Ctrl-C (SIGINT) in the middle of a run ends it with its report, as the
+/// end of `--duration` would: the streams still running are cut, the
+/// table and the `.hgrm` files cover the run until then, and the exit
+/// status (130) says it was interrupted. Before, the process died with
+/// nothing printed and no file written: a long profiling run stopped by
+/// hand lost every number.
+#[test]
+fn sigint_ends_the_run_with_its_report() {
+    use fake_soniox::{FakeConfig, FakeKey, FakeSoniox};
+    use std::time::Duration;
+    const KEY: &str = "sigint-key";
+    let fake = FakeSoniox::start(FakeConfig {
+        keys: vec![FakeKey::new(KEY, 10)],
+        echo: true,
+        ..FakeConfig::default()
+    })
+    .expect("fake-soniox starts");
+    let dir = std::env::temp_dir().join(format!("relay-load-sigint-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let child = Command::new(BIN)
+        .args(["--direct", "--key", KEY, "--target"])
+        .arg(fake.addr().to_string())
+        .args(["-n", "4", "--ramp", "0", "--stream-seconds", "120", "-q"])
+        .arg("--hgrm-dir")
+        .arg(&dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Every stream under way, its frames echoed.
+    assert!(
+        (0..300).any(|_| {
+            std::thread::sleep(Duration::from_millis(100));
+            fake.active_streams() >= 4
+        }),
+        "the streams did not start"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let all = text(&out);
+    let written = ["connect.hgrm", "rtt.hgrm"].map(|f| dir.join(f).is_file());
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(written, [true, true], "{all}");
+    assert_eq!(out.status.code(), Some(130), "{all}");
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("streams cut        4"), "{all}");
+    let received = table
+        .lines()
+        .find_map(|l| l.strip_prefix("frames received"))
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    assert!(received.is_some_and(|n| n > 0), "{all}");
+    assert!(all.contains("stopped by SIGINT"), "{all}");
+}
