@@ -1,6 +1,7 @@
-//! What the relay logs at the default level (INFO): every refused stream
-//! or request, with its code and reason and never the token; every admin
-//! change, naming the account.
+//! What the relay logs at the default level (INFO): refused streams and
+//! requests, with their code and reason and never the token (a bounded
+//! number of lines: a flood is counted in one); every admin change,
+//! naming the account.
 //!
 //! Its own test binary, because it installs a process-wide log subscriber.
 
@@ -177,4 +178,76 @@ fn an_unreadable_usage_log_at_start_says_there_is_no_reconciliation_yet() {
         "{}",
         capture.text()
     );
+}
+
+/// One peer sending request after request that the relay refuses (here a
+/// wrong path, as a scanner or a misconfigured prober does) cannot make it
+/// write a line each: a few are logged, with the peer's address, and one
+/// line counts the rest. Before, each of them left its own line, thousands
+/// a second from a single client: a disk filled, or journald dropping the
+/// lines that matter.
+#[test]
+fn a_flood_of_refused_requests_is_logged_in_a_bounded_number_of_lines() {
+    use std::io::{Read, Write};
+    const REQUESTS: usize = 200;
+    let capture = logs();
+    let fake = fake(&["key-f"], |c| c.forbidden = vec![]);
+    let relay = Relay::start(relay_config(&fake.url(), &[("acct-f", "key-f")]));
+
+    let mut peers = Vec::new();
+    for _ in 0..REQUESTS {
+        let mut s = std::net::TcpStream::connect(relay.addr()).unwrap();
+        peers.push(format!("peer={}", s.local_addr().unwrap()));
+        s.write_all(b"GET /flood HTTP/1.1\r\nHost: relay\r\n\r\n")
+            .unwrap();
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    }
+
+    // The lines of this relay's refusals, and the count of the rest.
+    let tally = || {
+        let logs = capture.text();
+        let logged = logs
+            .lines()
+            .filter(|l| {
+                l.contains("request refused") && peers.iter().any(|p| l.contains(&format!("{p} ")))
+            })
+            .count();
+        let not_logged: usize = logs
+            .lines()
+            .filter(|l| l.contains("refusals not logged one by one"))
+            .filter_map(|l| {
+                l.split("not_logged=")
+                    .nth(1)?
+                    .split(' ')
+                    .next()?
+                    .parse::<usize>()
+                    .ok()
+            })
+            .sum();
+        (logged, not_logged)
+    };
+    // The count comes once the window is over (it is 10 s long).
+    assert!(
+        wait_until(std::time::Duration::from_secs(25), || {
+            let (logged, not_logged) = tally();
+            logged + not_logged >= REQUESTS
+        }),
+        "{:?}\n{}",
+        tally(),
+        capture.text()
+    );
+    let (logged, not_logged) = tally();
+    assert!(
+        logged > 0,
+        "no refusal logged with its peer: {}",
+        capture.text()
+    );
+    assert!(
+        // At most 20 a window, and the requests may straddle two.
+        logged <= 40,
+        "{logged} lines for {REQUESTS} refused requests"
+    );
+    assert_eq!(logged + not_logged, REQUESTS);
 }

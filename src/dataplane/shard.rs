@@ -91,6 +91,8 @@ pub struct ProcessState {
     pub upstream_fault: crate::dataplane::upstream::UpstreamFault,
     /// The resume copies' memory (`failover.resume_memory`).
     pub resume_copies: Arc<crate::dataplane::pump::copy_budget::CopyBudget>,
+    /// The budget of refusal lines in the log.
+    pub refusal_log: crate::dataplane::refusal_log::RefusalLog,
 }
 
 impl ProcessState {
@@ -115,6 +117,7 @@ impl ProcessState {
             resume_copies: Arc::new(crate::dataplane::pump::copy_budget::CopyBudget::new(
                 crate::core::config::FailoverConfig::default().resume_memory,
             )),
+            refusal_log: Default::default(),
         })
     }
 

@@ -132,14 +132,22 @@ async fn handshake(
     settings: &Settings,
     client: &Duplex,
     buf: &mut Buf,
-    peer: impl FnOnce() -> Option<std::net::SocketAddr>,
+    peer: impl Fn() -> Option<std::net::SocketAddr>,
     deadline: Instant,
 ) -> Option<(Option<Claims>, Admission)> {
     let lim = &settings.limits;
+    // Every refusal is counted, and logged at INFO within the process's
+    // budget of lines (`refusal_log`), with the peer's address; `msg`
+    // never holds a token.
+    let log_refusal = |status: u16, msg: &str| {
+        if shard.process.refusal_log.admit() {
+            let peer = peer().map_or_else(|| "-".to_owned(), |p| p.to_string());
+            tracing::info!(shard = shard.index, %peer, status, reason = msg, "request refused");
+        }
+    };
     let refuse = |status: u16, msg: &str, side: Side| {
         shard.metrics.stream_rejected(side, status);
-        // Every refusal leaves one line at INFO; `msg` never holds a token.
-        tracing::info!(shard = shard.index, status, reason = msg, "request refused");
+        log_refusal(status, msg);
         http::json_error(status, msg)
     };
     let head_len = match timeout(
@@ -200,7 +208,7 @@ async fn handshake(
     match req.path.as_str() {
         "/v1/transcribe" if !req.get => {
             shard.metrics.stream_rejected(Side::Client, 405);
-            tracing::info!(shard = shard.index, status = 405, "request refused");
+            log_refusal(405, "method not allowed");
             let _ = client
                 .write_all(&answer(http::response(
                     405,
@@ -213,7 +221,7 @@ async fn handshake(
         }
         "/v1/transcribe" if http::wrong_websocket_version(&req) => {
             shard.metrics.stream_rejected(Side::Client, 426);
-            tracing::info!(shard = shard.index, status = 426, "request refused");
+            log_refusal(426, "unsupported WebSocket version");
             let _ = client
                 .write_all(&http::response(
                     426,

@@ -716,9 +716,10 @@ impl Stream {
     async fn refuse(&self, client: &Duplex, r: &Refusal) {
         if r.code != 0 {
             self.shard.metrics.stream_refused(r.by, r.side, r.code);
-            // Every refusal leaves one line at INFO, saying who refused; the
-            // message never holds a token or a key.
-            if !r.is_file_limit() {
+            // Every refusal is counted, and logged at INFO (saying who
+            // refused) within the process's budget of lines; the message
+            // never holds a token or a key.
+            if !r.is_file_limit() && self.shard.process.refusal_log.admit() {
                 tracing::info!(stream = %self.id, by = r.by.label(), code = r.code, close = r.close, reason = %r.message, "stream refused");
             } // at the file limit, the shard's rate-limited warning says it
 
