@@ -12,7 +12,8 @@
 //! - [`accept`]: accept loops that survive errors; the file limit, said plainly.
 //! - [`shard`]: one executor per core: listener, live streams, control messages.
 //! - [`session`]: one stream: upgrade, token, first message, account, pumps, end.
-//! - [`refusal_log`]: refusals logged one by one up to a budget, then counted.
+//! - [`log_budget`]: lines a peer repeats (refusals, upstream connect
+//!   failures), logged one by one up to a budget, then counted.
 //! - [`unauth`]: the bounded pool of connections waiting for a first-message token.
 //! - [`http`]: the HTTP/1.1 edge: request heads, upgrades, JSON errors.
 //! - [`upstream`]: TCP, TLS and the WebSocket client upgrade to Soniox.
@@ -25,8 +26,8 @@ pub mod fleet_link;
 pub mod http;
 pub mod io;
 pub mod listen;
+pub mod log_budget;
 pub mod pump;
-pub mod refusal_log;
 pub mod session;
 pub mod shard;
 pub mod unauth;

@@ -92,7 +92,9 @@ pub struct ProcessState {
     /// The resume copies' memory (`failover.resume_memory`).
     pub resume_copies: Arc<crate::dataplane::pump::copy_budget::CopyBudget>,
     /// The budget of refusal lines in the log.
-    pub refusal_log: crate::dataplane::refusal_log::RefusalLog,
+    pub refusal_log: crate::dataplane::log_budget::LogBudget,
+    /// The budget of upstream connect failure lines in the log.
+    pub upstream_log: crate::dataplane::log_budget::LogBudget,
 }
 
 impl ProcessState {
@@ -117,7 +119,14 @@ impl ProcessState {
             resume_copies: Arc::new(crate::dataplane::pump::copy_budget::CopyBudget::new(
                 crate::core::config::FailoverConfig::default().resume_memory,
             )),
-            refusal_log: Default::default(),
+            refusal_log: crate::dataplane::log_budget::LogBudget::new(
+                "refusals",
+                "clio_relay_streams_rejected_total and clio_relay_refusals_total",
+            ),
+            upstream_log: crate::dataplane::log_budget::LogBudget::new(
+                "upstream connect failures",
+                "clio_relay_errors_total{side=\"upstream\"} and clio_relay_account_retries_total",
+            ),
         })
     }
 

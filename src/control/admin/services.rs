@@ -58,13 +58,14 @@ pub(super) async fn usage(admin: &Admin) {
 }
 
 /// Once a second: the admin port's spare descriptors are refilled, the
-/// devices' idle states swept, and the refusals a flood kept out of the
-/// log counted in a line. Never ends.
+/// devices' idle states swept, and the refusals and upstream failures a
+/// flood kept out of the log counted in a line. Never ends.
 pub(super) async fn process(admin: &Admin, spare: &Spare) {
     loop {
         glommio::timer::Timer::new(Duration::from_secs(1)).await;
         spare.refill();
         admin.process.refusal_log.roll();
+        admin.process.upstream_log.roll();
         admin.process.devices.sweep(
             std::time::SystemTime::now(),
             admin.process.fleet.get().is_some(),

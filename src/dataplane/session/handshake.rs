@@ -137,7 +137,7 @@ async fn handshake(
 ) -> Option<(Option<Claims>, Admission)> {
     let lim = &settings.limits;
     // Every refusal is counted, and logged at INFO within the process's
-    // budget of lines (`refusal_log`), with the peer's address; `msg`
+    // budget of lines (`log_budget`), with the peer's address; `msg`
     // never holds a token.
     let log_refusal = |status: u16, msg: &str| {
         if shard.process.refusal_log.admit() {

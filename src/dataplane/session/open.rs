@@ -71,7 +71,9 @@ impl Stream {
                     let wait = REOPEN_WAIT
                         .saturating_mul(1 << (*rounds).min(8))
                         .min(REOPEN_WAIT_MAX);
-                    tracing::info!(stream = %self.id, wait = ?wait, "no account reachable; trying again after a wait");
+                    if self.shard.process.upstream_log.admit() {
+                        tracing::info!(stream = %self.id, wait = ?wait, "no account reachable; trying again after a wait");
+                    }
                     glommio::timer::sleep(wait).await;
                     *rounds += 1;
                     *tried = 0;
@@ -338,7 +340,9 @@ impl Stream {
                     self.note_refusal(&lease, status, scope);
                     shard.metrics.error(Side::Upstream, status);
                     shard.metrics.account_retry(lease.account.metrics_index);
-                    tracing::info!(stream = %self.id, account = %lease.account.id, status, "upstream refused the account; trying the next");
+                    if shard.process.upstream_log.admit() {
+                        tracing::info!(stream = %self.id, account = %lease.account.id, status, "upstream refused the account; trying the next");
+                    }
                     if status >= 500 {
                         unreachable = true;
                     }
@@ -361,12 +365,16 @@ impl Stream {
                     lease.account.mark_timed_out(Instant::now());
                     shard.metrics.error(Side::Upstream, 502);
                     shard.metrics.account_retry(lease.account.metrics_index);
-                    tracing::warn!(stream = %self.id, account = %lease.account.id, timeout = ?shard.connect_timeout, "upstream connect timed out; the account is held off");
+                    if shard.process.upstream_log.admit() {
+                        tracing::warn!(stream = %self.id, account = %lease.account.id, timeout = ?shard.connect_timeout, "upstream connect timed out; the account is held off");
+                    }
                 }
                 Err(e) => {
                     unreachable = true;
                     shard.metrics.error(Side::Upstream, 502);
-                    tracing::warn!(stream = %self.id, account = %lease.account.id, error = ?e, "upstream connect failed");
+                    if shard.process.upstream_log.admit() {
+                        tracing::warn!(stream = %self.id, account = %lease.account.id, error = ?e, "upstream connect failed");
+                    }
                 }
             }
         }
