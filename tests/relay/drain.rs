@@ -201,3 +201,49 @@ fn the_binary_speaks_sd_notify_and_drains_on_sigterm() {
     assert!(child.wait().unwrap().success());
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// relay-load through a relay that drains: each stream gets its final
+/// tokens up to `<fin>`, then 503 and close 1012. The report counts the
+/// streams as told to reconnect, and `<fin>` (Soniox's marker, not a
+/// word) as no "unexpected token": before, it counted one per stream and
+/// hinted that upstream was not an echoing fake-soniox, which it was.
+#[test]
+fn relay_load_reads_a_drains_fin_as_a_marker_not_a_stray_word() {
+    use relay_load::{self, AuthVia, Credentials, LoadOptions, Pace, Target};
+    let fake = fake(&["k1"], |c| c.echo = true);
+    let relay = Relay::start(relay_config(&fake.url(), &[("a", "k1")]));
+    let keys = Arc::new(clio_relay::core::token::TokenKeys::from_config(
+        &relay.cfg.tokens,
+    ));
+    let addr = relay.addr();
+    let load = std::thread::spawn(move || {
+        relay_load::run(&LoadOptions {
+            target: Target::relay(addr),
+            auth: AuthVia::Header,
+            credentials: Credentials::Mint(keys, Duration::from_secs(600)),
+            streams: 3,
+            ramp_per_sec: 0.0,
+            stream_seconds: 30.0,
+            pace: Pace::Times(1.0),
+            duration: Duration::from_secs(60),
+            threads: 1,
+            ..LoadOptions::default()
+        })
+        .unwrap()
+    });
+    // Every stream under way upstream, with audio echoed.
+    assert!(wait_until(Duration::from_secs(10), || fake
+        .active_streams()
+        == 3));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(relay.handle.drain(Duration::from_millis(100)), 3);
+    let report = load.join().unwrap();
+    let summary = report.table();
+    assert_eq!(
+        report.streams_failed.get("error 503"),
+        Some(&3),
+        "{summary}"
+    );
+    assert_eq!(report.unexpected, 0, "{summary}");
+    assert!(!summary.contains("--echo"), "{summary}");
+}

@@ -365,6 +365,11 @@ fn on_message(w: &Worker, text: &[u8], seen: &mut Seen, frames: u64) -> Result<M
     let now = w.ns_since_epoch();
     let mut c = w.counters.borrow_mut();
     for t in &r.tokens {
+        if is_marker(&t.text) {
+            // Soniox's markers (a finalize's `<fin>`, an endpoint's `<end>`):
+            // no word, echoed or not.
+            continue;
+        }
         let Some(stamp) = unhex16(&t.text) else {
             c.unexpected += 1;
             continue;
@@ -395,6 +400,12 @@ fn on_message(w: &Worker, text: &[u8], seen: &mut Seen, frames: u64) -> Result<M
         results: !r.tokens.is_empty(),
         finished: r.finished,
     })
+}
+
+/// Whether a token is one of Soniox's markers rather than a word: `<fin>`
+/// after a finalize (a draining relay sends one), `<end>` at an endpoint.
+fn is_marker(text: &str) -> bool {
+    matches!(text, "<fin>" | "<end>")
 }
 
 /// 32 lowercase hex digits back into 16 bytes.
