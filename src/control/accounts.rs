@@ -475,17 +475,49 @@ impl Accounts {
                 continue;
             }
             let st = &self.entries[i].state;
-            *st.region.lock().unwrap_or_else(|e| e.into_inner()) = a.region.clone();
-            // A flag that differs from the last file's was set at runtime,
-            // and runtime wins; one that does not follows the file.
-            if before.is_none_or(|p| p.enabled == st.enabled.load(Ordering::Relaxed)) {
-                st.enabled.store(a.enabled, Ordering::Relaxed);
+            {
+                let mut region = st.region.lock().unwrap_or_else(|e| e.into_inner());
+                if *region != a.region {
+                    log.push(format!("{} region {:?} -> {:?}", a.id, *region, a.region));
+                    *region = a.region.clone();
+                }
             }
-            if before.is_none_or(|p| {
-                p.max_concurrent_streams == st.max_concurrent.load(Ordering::Relaxed)
-            }) {
+            // A flag that differs from the last file's was set at runtime,
+            // and runtime wins; one that does not follows the file. Either
+            // way the log says what the file's change came to, so a change
+            // kept out by runtime's is not taken for applied.
+            let state = |on: bool| if on { "enabled" } else { "disabled" };
+            let enabled = st.enabled.load(Ordering::Relaxed);
+            if before.is_none_or(|p| p.enabled == enabled) {
+                st.enabled.store(a.enabled, Ordering::Relaxed);
+                if enabled != a.enabled {
+                    log.push(format!("{} {}", state(a.enabled), a.id));
+                }
+            } else if before.is_some_and(|p| p.enabled != a.enabled) && enabled != a.enabled {
+                log.push(format!(
+                    "kept {} {} (set at runtime; the file now says {})",
+                    a.id,
+                    state(enabled),
+                    state(a.enabled)
+                ));
+            }
+            let limit = st.max_concurrent.load(Ordering::Relaxed);
+            if before.is_none_or(|p| p.max_concurrent_streams == limit) {
                 st.max_concurrent
                     .store(a.max_concurrent_streams, Ordering::Relaxed);
+                if limit != a.max_concurrent_streams {
+                    log.push(format!(
+                        "{} max_concurrent_streams {limit} -> {}",
+                        a.id, a.max_concurrent_streams
+                    ));
+                }
+            } else if before.is_some_and(|p| p.max_concurrent_streams != a.max_concurrent_streams)
+                && limit != a.max_concurrent_streams
+            {
+                log.push(format!(
+                    "kept {} max_concurrent_streams {limit} (set at runtime; the file now says {})",
+                    a.id, a.max_concurrent_streams
+                ));
             }
             if self.entries[i].current.key != a.key {
                 let _ = self.rotate(&a.id, a.key.clone(), overlap, now);

@@ -365,3 +365,43 @@ fn a_reload_keeps_what_the_admin_api_changed_on_file_accounts() {
     assert!(log.iter().any(|l| l.contains("not moved b")), "{log:?}");
     assert_eq!(accounts(), after, "{log:?}");
 }
+
+/// A reload's log says what it did to each file account: disabled or
+/// enabled it, changed its limit or region, and, when a change of the file
+/// is kept out because the admin API set that flag or limit at runtime,
+/// that it was kept. Before, a reload said only "limits and token keys
+/// applied": an operator who raised a limit in the file, or disabled an
+/// account there, could not tell it had been applied, or silently
+/// overridden by an earlier `keys limit`.
+#[test]
+fn a_reload_says_what_it_changed_on_each_account_and_what_it_kept() {
+    let fake = fake(&["k1", "k2"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("acct-a", "k1"), ("acct-b", "k2")]);
+    cfg.admin.token = Some(Secret::new(ADMIN));
+    let relay = Relay::start(cfg);
+    let (status, answer) = http(
+        relay.handle.admin_addr,
+        "POST",
+        "/admin/accounts/acct-b/limit",
+        Some(ADMIN),
+        Some(r#"{"max_concurrent_streams":3}"#),
+    );
+    assert_eq!(status, 200, "{answer}");
+    let mut file = relay.cfg.clone();
+    file.accounts[0].enabled = false;
+    file.accounts[0].max_concurrent_streams = 7;
+    file.accounts[0].region = "eu-west".into();
+    file.accounts[1].max_concurrent_streams = 9;
+    let log = relay.handle.reload(&file).unwrap();
+    for line in [
+        "disabled acct-a",
+        "acct-a max_concurrent_streams 10 -> 7",
+        "acct-a region \"\" -> \"eu-west\"",
+        "kept acct-b max_concurrent_streams 3 (set at runtime; the file now says 9)",
+    ] {
+        assert!(log.iter().any(|l| l == line), "{line:?} not in {log:?}");
+    }
+    // A reload of the same file changes nothing, and says nothing of the accounts.
+    let log = relay.handle.reload(&file).unwrap();
+    assert!(!log.iter().any(|l| l.contains("acct-")), "{log:?}");
+}
