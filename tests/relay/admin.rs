@@ -238,3 +238,41 @@ fn head_requests_get_the_get_answers_head_and_no_body() {
     assert!(head.starts_with("HTTP/1.1 405"), "{head}");
     assert!(body.is_empty(), "{body:?}");
 }
+
+/// A 401 from the admin API says which of three things is wrong: the
+/// relay has no admin token at all, the request sent none, or it sent
+/// another. Before, all three were "admin token required", so an operator
+/// whose `clio-relay keys` sent the token got "401: admin token required"
+/// and looked for a missing token on their side when the relay's config
+/// had none, or when the token was simply not the relay's.
+#[test]
+fn an_admin_401_says_whether_the_token_is_off_missing_or_wrong() {
+    const TOKEN: &str = "admin-401-token-0123456789";
+    let fake = fake(&["k1"], |_| {});
+    let off = Relay::start(relay_config(&fake.url(), &[("a", "k1")]));
+    let (status, body) = http(
+        off.handle.admin_addr,
+        "GET",
+        "/admin/accounts",
+        Some(TOKEN),
+        None,
+    );
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("this relay has no admin token"), "{body}");
+    assert!(body.contains("admin.token_env"), "{body}");
+
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.admin.token = Some(clio_relay::core::secret::Secret::new(TOKEN));
+    let on = Relay::start(cfg);
+    let admin = on.handle.admin_addr;
+    let (status, body) = http(admin, "GET", "/admin/accounts", None, None);
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("admin token required"), "{body}");
+    let wrong = "not-the-admin-token-0123456789";
+    let (status, body) = http(admin, "GET", "/admin/accounts", Some(wrong), None);
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("admin token refused"), "{body}");
+    assert!(!body.contains(wrong) && !body.contains(TOKEN), "{body}");
+    let (status, body) = http(admin, "GET", "/admin/accounts", Some(TOKEN), None);
+    assert_eq!(status, 200, "{body}");
+}

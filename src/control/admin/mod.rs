@@ -428,10 +428,15 @@ impl Admin {
         log
     }
 
-    fn authorized(&self, req: &Request<'_>) -> bool {
+    /// `None` when the request carries the admin token; otherwise why not,
+    /// for the 401: the relay has none, none was sent, or it is not the one.
+    fn unauthorized(&self, req: &Request<'_>) -> Option<&'static str> {
         let check = self.token_check.borrow();
         let Some((key, tag)) = &*check else {
-            return false;
+            return Some(
+                "admin API off: this relay has no admin token (set admin.token_env or \
+                 admin.token_file in its config, then reload)",
+            );
         };
         let presented = req
             .header("authorization")
@@ -440,7 +445,11 @@ impl Admin {
                     .or_else(|| v.strip_prefix("bearer "))
             })
             .map(str::trim);
-        presented.is_some_and(|t| ring::hmac::verify(key, t.as_bytes(), tag.as_ref()).is_ok())
+        match presented {
+            None => Some("admin token required (Authorization: Bearer <admin token>)"),
+            Some(t) if ring::hmac::verify(key, t.as_bytes(), tag.as_ref()).is_ok() => None,
+            Some(_) => Some("admin token refused: not this relay's admin.token"),
+        }
     }
 
     fn allowed(&self, peer: impl FnOnce() -> Option<SocketAddr>) -> bool {
