@@ -77,6 +77,37 @@ fn streams_refused_by_a_limit_get_a_hint() {
     );
 }
 
+/// A relay that is not running (nothing listens at --target): every
+/// stream fails "refused", and a hint says what that means. Before, the
+/// report said "streams failed 3 (refused: 3)" and nothing more.
+#[test]
+fn a_target_nobody_listens_on_gets_a_hint() {
+    // A port nothing listens on: every connect is refused.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let opts = LoadOptions {
+        target: Target::relay(std::net::SocketAddr::from(([127, 0, 0, 1], port))),
+        credentials: Credentials::Fixed(KEY.to_string()),
+        streams: 3,
+        ramp_per_sec: 0.0,
+        stream_seconds: 1.0,
+        duration: Duration::from_secs(30),
+        threads: 1,
+        ..LoadOptions::default()
+    };
+    let r = relay_load::run(&opts).expect("load runs");
+    let table = r.table();
+    assert_eq!(r.streams_failed.get("refused"), Some(&3), "{table}");
+    assert!(
+        table.contains("hint: 3 streams could not connect (connection refused)")
+            && table.contains("is the relay (or fake-soniox) running"),
+        "{table}"
+    );
+}
+
 #[test]
 fn a_clean_run_has_no_hint() {
     let fake = fake(true, 10);

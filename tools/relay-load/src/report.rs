@@ -150,6 +150,14 @@ impl LoadReport {
                  --relay-config, use the relay's own config file and token secret)"
             ));
         }
+        let refused = by(&["refused"]);
+        if refused > 0 {
+            h.push(format!(
+                "{refused} streams could not connect (connection refused): nothing listens at the \
+                 target; is the relay (or fake-soniox) running, and is --target its address \
+                 (the relay's server.listen)?"
+            ));
+        }
         h
     }
 
