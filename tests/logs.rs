@@ -318,3 +318,61 @@ fn an_unreachable_upstream_is_logged_in_a_bounded_number_of_lines() {
     );
     assert!(logged + not_logged >= STREAMS);
 }
+
+/// With `[tls]` on the client port, a failed TLS handshake leaves a line
+/// naming the peer and rustls's reason (a plain-HTTP client here; a
+/// client refusing the relay's certificate says "received fatal alert").
+/// Before, it left nothing in the log: only a count in
+/// `streams_rejected_total{code="400"}`, so an operator whose certificate
+/// chain clients refused could not find out why they failed.
+#[test]
+fn a_failed_tls_handshake_is_logged_with_the_peer_and_the_reason() {
+    use std::io::{Read, Write};
+    let capture = logs();
+    let fake = fake(&["key-t"], |c| c.forbidden = vec![]);
+    let dir = state_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+    let mut cfg = relay_config(&fake.url(), &[("acct-t", "key-t")]);
+    cfg.tls = Some(clio_relay::core::config::TlsConfig {
+        cert_file: dir.join("cert.pem"),
+        key_file: dir.join("key.pem"),
+    });
+    let relay = Relay::start(cfg);
+
+    let mut plain = std::net::TcpStream::connect(relay.addr()).unwrap();
+    plain
+        .set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    let peer = format!("peer={} ", plain.local_addr().unwrap());
+    plain
+        .write_all(b"GET /v1/transcribe HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut got = vec![];
+    let _ = plain.read_to_end(&mut got);
+    assert!(
+        wait_until(std::time::Duration::from_secs(5), || capture
+            .text()
+            .lines()
+            .any(|l| l.contains("TLS handshake failed")
+                && l.contains(&peer)
+                && l.contains("error="))),
+        "{}",
+        capture.text()
+    );
+    eprintln!(
+        "DBG {}",
+        capture
+            .text()
+            .lines()
+            .filter(|l| l.contains("TLS"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}

@@ -66,14 +66,31 @@ async fn upgrade(shard: Rc<Shard>, tcp: RingSocket) -> Option<Upgraded> {
     let conn = match &settings.tls {
         None => Conn::Plain(tcp.into()),
         Some(tls) => {
+            // Asked now: a failed handshake has closed the socket. One
+            // system call beside a TLS handshake.
+            let tls_peer = peer();
             // Boxed: a TLS handshake's state is larger than everything a
             // streaming task keeps, and is needed only for the first RTTs.
             let accept =
                 Box::pin(futures_rustls::TlsAcceptor::from(tls.clone()).accept(tcp.into()));
             match timeout(settings.limits.handshake_timeout, accept).await {
                 Some(Ok(s)) => Conn::TlsServer(Box::new(s)),
-                _ => {
+                failed => {
                     shard.metrics.stream_rejected(Side::Client, 400);
+                    // Said in the log (within the refusals' budget): a
+                    // client refusing the relay's certificate shows here
+                    // ("received fatal alert: UnknownCA"), and nowhere else.
+                    if shard.process.refusal_log.admit() {
+                        let peer = tls_peer.map_or_else(|| "-".to_owned(), |p| p.to_string());
+                        match failed {
+                            Some(Err(e)) => {
+                                tracing::info!(shard = shard.index, %peer, error = %e, "TLS handshake failed")
+                            }
+                            _ => {
+                                tracing::info!(shard = shard.index, %peer, timeout = ?settings.limits.handshake_timeout, "TLS handshake not done within limits.handshake_timeout")
+                            }
+                        }
+                    }
                     return None;
                 }
             }
