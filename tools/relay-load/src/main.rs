@@ -264,6 +264,11 @@ fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
     } else {
         Credentials::None
     };
+    // Where the report goes is checked before the load, not found
+    // unusable after it (which lost the whole report).
+    if let Some(dir) = &args.hgrm_dir {
+        std::fs::create_dir_all(dir).map_err(|e| format!("--hgrm-dir {}: {e}", dir.display()))?;
+    }
     let before = args.relay_metrics.map(relay_failovers).transpose()?;
     let report = relay_load::run(&opts)?;
     let failovers = match (args.relay_metrics, before) {
@@ -277,11 +282,13 @@ fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         }
         _ => None,
     };
-    if let Some(dir) = &args.hgrm_dir {
+    // A failure to write them (a full disk) is said after the report is
+    // printed: it costs the files, not the numbers (still exit 1).
+    let hgrm = args.hgrm_dir.as_ref().map(|dir| {
         report
             .write_hgrm(dir)
-            .map_err(|e| format!("{}: {e}", dir.display()))?;
-    }
+            .map_err(|e| format!("--hgrm-dir {}: {e}", dir.display()))
+    });
     if args.json {
         let mut json = report.to_json();
         if let Some([resumed, open, mid]) = failovers {
@@ -297,6 +304,9 @@ fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
                 "relay failovers the clients never saw: {resumed} resumes mid-stream ({mid} mid-stream failures), {open} at open"
             );
         }
+    }
+    if let Some(Err(e)) = hgrm {
+        return Err(e.into());
     }
     Ok(report.clean())
 }

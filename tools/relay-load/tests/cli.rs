@@ -86,3 +86,34 @@ fn sigint_ends_the_run_with_its_report() {
     assert!(received.is_some_and(|n| n > 0), "{all}");
     assert!(all.contains("stopped by SIGINT"), "{all}");
 }
+
+/// An --hgrm-dir that cannot be made is said before the load, not after
+/// it: no stream is opened. Before, the whole run went by and then
+/// relay-load exited 1 with no report.
+#[test]
+fn an_hgrm_dir_that_cannot_be_made_is_said_before_the_load() {
+    use fake_soniox::{FakeConfig, FakeKey, FakeSoniox};
+    const KEY: &str = "hgrm-dir-key";
+    let fake = FakeSoniox::start(FakeConfig {
+        keys: vec![FakeKey::new(KEY, 10)],
+        echo: true,
+        ..FakeConfig::default()
+    })
+    .expect("fake-soniox starts");
+    // Under a regular file: no directory can be made there.
+    let file = std::env::temp_dir().join(format!("relay-load-hgrm-{}", std::process::id()));
+    std::fs::write(&file, b"").unwrap();
+    let out = Command::new(BIN)
+        .args(["--direct", "--key", KEY, "--target"])
+        .arg(fake.addr().to_string())
+        .args(["-n", "1", "--stream-seconds", "0.3", "--pace", "x4", "-q"])
+        .arg("--hgrm-dir")
+        .arg(file.join("runs"))
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&file);
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{all}");
+    assert!(all.contains("--hgrm-dir"), "{all}");
+    assert!(fake.sessions().is_empty(), "a stream ran: {all}");
+}
