@@ -117,3 +117,50 @@ fn an_hgrm_dir_that_cannot_be_made_is_said_before_the_load() {
     assert!(all.contains("--hgrm-dir"), "{all}");
     assert!(fake.sessions().is_empty(), "a stream ran: {all}");
 }
+
+/// A relay whose admin port stops answering during the run (it crashed:
+/// the very run whose numbers matter) costs the report its failover line,
+/// not the report. Before, the second read of --relay-metrics failed and
+/// relay-load exited 1 with no table at all.
+#[test]
+fn a_relay_metrics_port_gone_after_the_run_still_leaves_the_report() {
+    use fake_soniox::{FakeConfig, FakeKey, FakeSoniox};
+    use std::io::{Read, Write};
+    const KEY: &str = "metrics-gone-key";
+    let fake = FakeSoniox::start(FakeConfig {
+        keys: vec![FakeKey::new(KEY, 10)],
+        echo: true,
+        ..FakeConfig::default()
+    })
+    .expect("fake-soniox starts");
+    // An admin port that answers one /metrics, then is gone.
+    let admin = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let admin_addr = admin.local_addr().unwrap();
+    let once = std::thread::spawn(move || {
+        let (mut c, _) = admin.accept().unwrap();
+        let mut head = [0u8; 1024];
+        let _ = c.read(&mut head);
+        let body = "clio_relay_streams_resumed_total 0\n";
+        let _ = write!(
+            c,
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+    });
+    let out = Command::new(BIN)
+        .args(["--direct", "--key", KEY, "--target"])
+        .arg(fake.addr().to_string())
+        .args(["-n", "1", "--stream-seconds", "0.3", "--pace", "x4", "-q"])
+        .arg("--relay-metrics")
+        .arg(admin_addr.to_string())
+        .output()
+        .unwrap();
+    once.join().unwrap();
+    let all = text(&out);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("streams ok         1"),
+        "{all}"
+    );
+    assert!(all.contains("no relay failovers in the report"), "{all}");
+    assert_eq!(out.status.code(), Some(0), "{all}");
+}
