@@ -376,3 +376,50 @@ fn a_failed_tls_handshake_is_logged_with_the_peer_and_the_reason() {
             .join("\n")
     );
 }
+
+/// A refused stream's line names the device its token was minted for,
+/// whether the token came on the request or in the first message: the
+/// operator a user calls about a refusal can find it. Before, the line
+/// had the stream id, who refused and why, but no device (only a DEBUG
+/// line of streams that opened had it).
+#[test]
+fn a_refused_streams_line_names_its_device() {
+    let capture = logs();
+    let fake = fake(&["key-d"], |c| c.forbidden = vec![]);
+    let mut cfg = relay_config(&fake.url(), &[("acct-d", "key-d")]);
+    // No account takes streams: every authenticated stream is refused 429.
+    cfg.accounts[0].enabled = false;
+    let relay = Relay::start(cfg);
+
+    let on_request = relay.token("device-on-request");
+    let (mut ws, _) = connect(relay.addr(), &on_request, Via::Header).unwrap();
+    let got = stream_session(&mut ws, &config_message(None), &audio_frames(1, 1));
+    assert_eq!(got.error_code(), Some(429), "{got:?}");
+
+    let in_message = relay.token("device-in-message");
+    let (mut ws, _) = connect(relay.addr(), "", Via::Nowhere).unwrap();
+    let got = stream_session(
+        &mut ws,
+        &config_message(Some(&in_message)),
+        &audio_frames(1, 1),
+    );
+    assert_eq!(got.error_code(), Some(429), "{got:?}");
+
+    for device in ["device-on-request", "device-in-message"] {
+        assert!(
+            wait_until(std::time::Duration::from_secs(5), || capture
+                .text()
+                .lines()
+                .any(|l| l.contains("stream refused")
+                    && l.contains(&format!("device=\"{device}\""))
+                    && l.contains("code=429"))),
+            "{device}: {}",
+            capture.text()
+        );
+    }
+    let logs = capture.text();
+    assert!(
+        !logs.contains(&on_request) && !logs.contains(&in_message),
+        "{logs}"
+    );
+}

@@ -148,12 +148,14 @@ impl Stream {
                                 // Out of the unauthenticated pool, whatever came.
                                 drop(pending);
                                 let first = first?;
-                                let c = self.first_message_claims(&first)?;
+                                // Kept from here, so a refusal's log line
+                                // names the device.
+                                let c = &*claims.insert(self.first_message_claims(&first)?);
                                 *self.pools.borrow_mut() = c.pools.clone();
                                 let slot = self.admit_stream()?;
-                                let (permit, lease) = self.admit(&c).await?;
+                                let (permit, lease) = self.admit(c).await?;
                                 state.meter.admit(permit);
-                                let live = LiveGuard::register(&self.shard, &c);
+                                let live = LiveGuard::register(&self.shard, c);
                                 let up = unless_client_leaves(
                                     &client,
                                     self.open_patiently(
@@ -163,7 +165,6 @@ impl Stream {
                                     ),
                                 )
                                 .await?;
-                                claims = Some(c);
                                 Ok((first, up, Some(slot), live))
                             }
                         }
@@ -172,7 +173,8 @@ impl Stream {
                     match opened {
                         Ok(x) => Some(x),
                         Err(r) => {
-                            self.refuse(&client, &r).await;
+                            let device = claims.as_ref().map(|c| c.device_id.as_str());
+                            self.refuse(&client, &r, device).await;
                             None
                         }
                     }
@@ -342,7 +344,7 @@ impl Stream {
                 let end = match end {
                     Ok(end) => end,
                     Err(r) => {
-                        self.refuse(&client, &r).await;
+                        self.refuse(&client, &r, Some(&claims.device_id)).await;
                         // A failover or a resume that could not reopen, or
                         // a client that left meanwhile: the stream carried
                         // audio all the same (its account's gauges were
@@ -712,15 +714,16 @@ impl Stream {
         let _ = timeout(FINALIZE_WAIT, future::or(u2c, fin)).await;
     }
 
-    /// Sends a refusal (error frame + close) to the client, then its FIN.
-    async fn refuse(&self, client: &Duplex, r: &Refusal) {
+    /// Sends a refusal (error frame + close) to the client, then its FIN;
+    /// `device` is the token's, once known (for the log line).
+    async fn refuse(&self, client: &Duplex, r: &Refusal, device: Option<&str>) {
         if r.code != 0 {
             self.shard.metrics.stream_refused(r.by, r.side, r.code);
             // Every refusal is counted, and logged at INFO (saying who
             // refused) within the process's budget of lines; the message
             // never holds a token or a key.
             if !r.is_file_limit() && self.shard.process.refusal_log.admit() {
-                tracing::info!(stream = %self.id, by = r.by.label(), code = r.code, close = r.close, reason = %r.message, "stream refused");
+                tracing::info!(stream = %self.id, device = device.unwrap_or("-"), by = r.by.label(), code = r.code, close = r.close, reason = %r.message, "stream refused");
             } // at the file limit, the shard's rate-limited warning says it
 
             let _ = timeout(LAST_FRAMES_WAIT, client.write_all(&r.frames(&self.id))).await;
