@@ -166,20 +166,24 @@ fn on_stop_signals() {
     }
 }
 
+/// The signal that stopped the run early, if one did.
+fn stopped_by() -> Option<&'static str> {
+    match STOP_SIGNAL.load(Ordering::SeqCst) {
+        0 => None,
+        nix::libc::SIGINT => Some("SIGINT"),
+        _ => Some("SIGTERM"),
+    }
+}
+
 fn main() {
     let args = Args::parse();
     on_stop_signals();
     let result = run(args);
     let signal = STOP_SIGNAL.load(Ordering::SeqCst);
-    if signal != 0 {
+    if let Some(name) = stopped_by() {
         eprintln!(
-            "relay-load: stopped by {} before the run's end: streams still running were cut; \
-             the numbers cover the run until then",
-            if signal == nix::libc::SIGINT {
-                "SIGINT"
-            } else {
-                "SIGTERM"
-            }
+            "relay-load: stopped by {name} before the run's end: streams still running were cut; \
+             the numbers cover the run until then"
         );
     }
     match result {
@@ -296,6 +300,9 @@ fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
     });
     if args.json {
         let mut json = report.to_json();
+        // A script reading the JSON (the head-to-head's `timeout` sends
+        // SIGTERM) tells a cut run from a whole one.
+        json["stopped_by"] = stopped_by().into();
         if let Some([resumed, open, mid]) = failovers {
             json["relay_streams_resumed"] = resumed.into();
             json["relay_failovers_open"] = open.into();

@@ -164,3 +164,57 @@ fn a_relay_metrics_port_gone_after_the_run_still_leaves_the_report() {
     assert!(all.contains("no relay failovers in the report"), "{all}");
     assert_eq!(out.status.code(), Some(0), "{all}");
 }
+
+/// With --json, a run stopped by a signal says so in the JSON itself
+/// (`"stopped_by": "SIGTERM"`; null for a whole run), so a script that
+/// bounds relay-load with `timeout` (SIGTERM) tells a cut run from a
+/// whole one without reading stderr. Before, the JSON of a cut run looked
+/// like that of a finished one.
+#[test]
+fn the_json_of_a_stopped_run_says_which_signal_stopped_it() {
+    use fake_soniox::{FakeConfig, FakeKey, FakeSoniox};
+    use std::time::Duration;
+    const KEY: &str = "sigterm-json-key";
+    let fake = FakeSoniox::start(FakeConfig {
+        keys: vec![FakeKey::new(KEY, 10)],
+        echo: true,
+        ..FakeConfig::default()
+    })
+    .expect("fake-soniox starts");
+    let run = |stream_seconds: &str| {
+        Command::new(BIN)
+            .args(["--direct", "--key", KEY, "--target"])
+            .arg(fake.addr().to_string())
+            .args(["-n", "2", "--ramp", "0", "--pace", "x4", "-q", "--json"])
+            .args(["--stream-seconds", stream_seconds])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let json = |out: &Output| -> serde_json::Value {
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(out)))
+    };
+    let whole = run("0.5").wait_with_output().unwrap();
+    assert_eq!(whole.status.code(), Some(0), "{}", text(&whole));
+    assert!(json(&whole)["stopped_by"].is_null(), "{}", text(&whole));
+
+    let child = run("600");
+    assert!(
+        (0..300).any(|_| {
+            std::thread::sleep(Duration::from_millis(100));
+            fake.active_streams() >= 2
+        }),
+        "the streams did not start"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let cut = child.wait_with_output().unwrap();
+    assert_eq!(cut.status.code(), Some(143), "{}", text(&cut));
+    let report = json(&cut);
+    assert_eq!(report["stopped_by"], "SIGTERM", "{report}");
+    assert_eq!(report["streams_cut"], 2, "{report}");
+}
