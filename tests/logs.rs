@@ -288,7 +288,7 @@ fn an_unreachable_upstream_is_logged_in_a_bounded_number_of_lines() {
             .count();
         let not_logged: usize = logs
             .lines()
-            .filter(|l| l.contains("upstream connect failures not logged one by one"))
+            .filter(|l| l.contains("upstream failures not logged one by one"))
             .filter_map(|l| {
                 l.split("not_logged=")
                     .nth(1)?
@@ -421,5 +421,46 @@ fn a_refused_streams_line_names_its_device() {
     assert!(
         !logs.contains(&on_request) && !logs.contains(&in_message),
         "{logs}"
+    );
+}
+
+/// An upstream that drops every connection a few frames in: each raw-audio
+/// stream resumes on a new connection, fails again, and so on. Those lines
+/// (one per failed connection, naming the account) share the upstream
+/// failures' budget: a few, then a count. Before, each resume and each
+/// move to another account left its own line, without bound.
+#[test]
+fn an_upstream_dropping_every_stream_is_logged_in_a_bounded_number_of_lines() {
+    const STREAMS: usize = 20;
+    let capture = logs();
+    let fake = fake(&["key-m"], |c| {
+        c.forbidden = vec![];
+        c.faults.close_after_frames = Some(3);
+    });
+    let relay = Relay::start(relay_config(&fake.url(), &[("acct-mid", "key-m")]));
+    let token = relay.token("device-mid");
+    for _ in 0..STREAMS {
+        let (mut ws, _) = connect(relay.addr(), &token, Via::Header).unwrap();
+        let _ = stream_session(&mut ws, &config_message(None), &audio_frames(10, 1));
+    }
+    let lines = |logs: &str| {
+        logs.lines()
+            .filter(|l| {
+                l.contains("account=acct-mid")
+                    && (l.contains("upstream failed") || l.contains("upstream refused the stream"))
+            })
+            .count()
+    };
+    let f = relay.handle.metrics().failovers();
+    let failovers = f.open_refused + f.open_lost + f.mid_error + f.mid_lost;
+    assert!(
+        failovers >= STREAMS as u64 * 2,
+        "every stream should fail over at least twice: {failovers}"
+    );
+    let logged = lines(&capture.text());
+    assert!(
+        // At most 20 a window, and the streams may straddle two.
+        (1..=40).contains(&logged),
+        "{logged} lines for {failovers} failed upstream connections"
     );
 }

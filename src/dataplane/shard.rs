@@ -93,7 +93,8 @@ pub struct ProcessState {
     pub resume_copies: Arc<crate::dataplane::pump::copy_budget::CopyBudget>,
     /// The budget of refusal lines in the log.
     pub refusal_log: crate::dataplane::log_budget::LogBudget,
-    /// The budget of upstream connect failure lines in the log.
+    /// The budget of upstream failure lines in the log (connects, and
+    /// streams moved or resumed after a failure).
     pub upstream_log: crate::dataplane::log_budget::LogBudget,
 }
 
@@ -124,8 +125,8 @@ impl ProcessState {
                 "clio_relay_streams_rejected_total and clio_relay_refusals_total",
             ),
             upstream_log: crate::dataplane::log_budget::LogBudget::new(
-                "upstream connect failures",
-                "clio_relay_errors_total{side=\"upstream\"} and clio_relay_account_retries_total",
+                "upstream failures",
+                "clio_relay_errors_total{side=\"upstream\"}, clio_relay_account_retries_total and clio_relay_failovers_total",
             ),
         })
     }

@@ -265,7 +265,9 @@ impl Stream {
                         not_the_account = matches!(code, 500 | 503);
                         self.note_refusal(&up.lease, code, scope);
                         self.shard.metrics.error(Side::Upstream, code);
-                        tracing::info!(stream = %self.id, account = %up.lease.account.id, code, replayed = cside.replay.as_ref().map_or(0, Vec::len), "upstream refused the stream before accepting it; moving it to the next account");
+                        if self.shard.process.upstream_log.admit() {
+                            tracing::info!(stream = %self.id, account = %up.lease.account.id, code, replayed = cside.replay.as_ref().map_or(0, Vec::len), "upstream refused the stream before accepting it; moving it to the next account");
+                        }
                     }
                     End::UpstreamGone | End::UpstreamProtocol(_) | End::UpstreamSilent
                         if state.retry_allowed()
@@ -275,7 +277,9 @@ impl Stream {
                         lost = true;
                         not_the_account = true;
                         self.shard.metrics.error(Side::Upstream, 502);
-                        tracing::info!(stream = %self.id, account = %up.lease.account.id, ?end, replayed = cside.replay.as_ref().map_or(0, Vec::len), "upstream failed before accepting the stream; moving it to the next account");
+                        if self.shard.process.upstream_log.admit() {
+                            tracing::info!(stream = %self.id, account = %up.lease.account.id, ?end, replayed = cside.replay.as_ref().map_or(0, Vec::len), "upstream failed before accepting the stream; moving it to the next account");
+                        }
                     }
                     End::UpstreamGone
                     | End::UpstreamProtocol(_)
@@ -482,7 +486,9 @@ impl Stream {
             tracing::info!(stream = %self.id, account = %up.lease.account.id, key = %up.lease.key.fingerprint, resume = n, replayed_secs = secs, "the stream's key was retired; moved to a current key");
         } else {
             shard.metrics.failover("mid", reason == 0);
-            tracing::info!(stream = %self.id, failed_account = %failed_account, account = %up.lease.account.id, resume = n, reason, replayed_secs = secs, "upstream failed mid-stream; resumed on a new connection");
+            if shard.process.upstream_log.admit() {
+                tracing::info!(stream = %self.id, failed_account = %failed_account, account = %up.lease.account.id, resume = n, reason, replayed_secs = secs, "upstream failed mid-stream; resumed on a new connection");
+            }
         }
         Ok(())
     }
@@ -608,10 +614,10 @@ impl Stream {
                 let c2u = pump::client_to_upstream(link, cside, self.cx(state));
                 let _ = timeout(CLOSE_WAIT, c2u).await;
             }
-            End::UpstreamStalled => {
+            End::UpstreamStalled if shard.process.upstream_log.admit() => {
                 tracing::warn!(stream = %self.id, account = %up.lease.account.id, stall = ?self.settings.limits.stall_timeout, "upstream stopped reading the stream's audio; ending it as an upstream failure");
             }
-            End::UpstreamSilent => {
+            End::UpstreamSilent if shard.process.upstream_log.admit() => {
                 tracing::warn!(stream = %self.id, account = %up.lease.account.id, idle = ?self.settings.limits.idle_timeout, "upstream sent nothing after the client's end of audio; ending the stream as an upstream failure");
             }
             // The finalize is a data frame: between the client's messages.
