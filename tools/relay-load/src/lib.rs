@@ -267,7 +267,8 @@ pub(crate) struct Worker {
     pub opts: Arc<LoadOptions>,
     /// The run's time zero (frame send times count from it).
     pub epoch: Instant,
-    /// New streams start only before this.
+    /// Streams after a slot's first (`--loop`, churn) start only before
+    /// this; so do idle streams.
     pub last_start: Instant,
     /// Everything still running is cut here.
     pub hard_end: Instant,
@@ -507,9 +508,17 @@ async fn executor_main(worker: Rc<Worker>, t: usize, threads: usize, tx: mpsc::S
     };
     let opts = worker.opts.clone();
     let mut tasks = Vec::new();
+    // A slot's first stream starts on the ramp's schedule within the run,
+    // even one that cannot finish before `duration` (it is cut then, as
+    // asked); only a repeat waits to be able to finish. An idle stream
+    // starts only before its hold ends.
+    let first_before = match opts.mode {
+        Mode::Stream => worker.hard_end,
+        Mode::Idle | Mode::Churn => worker.last_start,
+    };
     for slot in (t..opts.streams).step_by(threads) {
         let at = worker.epoch + opts.start_offset(slot);
-        if at >= worker.last_start {
+        if at >= first_before {
             break;
         }
         worker.sleep_until(at).await;

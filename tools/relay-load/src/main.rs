@@ -275,6 +275,13 @@ fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
     }
     let before = args.relay_metrics.map(relay_failovers).transpose()?;
     let report = relay_load::run(&opts)?;
+    if report.streams_started == 0 && stopped_by().is_none() {
+        return Err(format!(
+            "no stream started within --duration {}: nothing was measured",
+            humantime::format_duration(opts.duration)
+        )
+        .into());
+    }
     // A relay that died during the run (the reason to read its report)
     // costs the failover line, not the report.
     let failovers = match (args.relay_metrics, before) {

@@ -218,3 +218,43 @@ fn the_json_of_a_stopped_run_says_which_signal_stopped_it() {
     assert_eq!(report["stopped_by"], "SIGTERM", "{report}");
     assert_eq!(report["streams_cut"], 2, "{report}");
 }
+
+/// `--duration` shorter than one stream cuts the streams when it is over,
+/// as the README says, rather than start none: before, `-n 2
+/// --stream-seconds 30 --duration 2s` started no stream at all, printed a
+/// table of zeros and exited 0, a "clean" run that measured nothing. A run
+/// in which no stream could start (`--duration 0s`) is now exit 1.
+#[test]
+fn a_duration_shorter_than_a_stream_cuts_streams_rather_than_start_none() {
+    use fake_soniox::{FakeConfig, FakeKey, FakeSoniox};
+    const KEY: &str = "short-duration-key";
+    let fake = FakeSoniox::start(FakeConfig {
+        keys: vec![FakeKey::new(KEY, 10)],
+        echo: true,
+        ..FakeConfig::default()
+    })
+    .expect("fake-soniox starts");
+    let run = |duration: &str| {
+        Command::new(BIN)
+            .args(["--direct", "--key", KEY, "--target"])
+            .arg(fake.addr().to_string())
+            .args(["-n", "2", "--ramp", "0", "--stream-seconds", "30", "-q"])
+            .args(["--duration", duration])
+            .output()
+            .unwrap()
+    };
+    let short = run("2s");
+    let table = String::from_utf8_lossy(&short.stdout).into_owned();
+    assert!(table.contains("streams started    2"), "{}", text(&short));
+    assert!(table.contains("streams cut        2"), "{}", text(&short));
+    let received = table
+        .lines()
+        .find_map(|l| l.strip_prefix("frames received"))
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    assert!(received.is_some_and(|n| n > 0), "{}", text(&short));
+    assert_eq!(short.status.code(), Some(0), "{}", text(&short));
+
+    let none = run("0s");
+    assert_eq!(none.status.code(), Some(1), "{}", text(&none));
+    assert!(text(&none).contains("no stream started"), "{}", text(&none));
+}
