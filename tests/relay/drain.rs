@@ -247,3 +247,48 @@ fn relay_load_reads_a_drains_fin_as_a_marker_not_a_stray_word() {
     assert_eq!(report.unexpected, 0, "{summary}");
     assert!(!summary.contains("--echo"), "{summary}");
 }
+
+/// The same drained run's report explains its "error 503" streams: they
+/// were told to reconnect, and why that happens. Before, the table said
+/// "streams failed 3 (error 503: 3)" and no hint.
+#[test]
+fn relay_load_explains_streams_a_drain_told_to_reconnect() {
+    use relay_load::{self, AuthVia, Credentials, LoadOptions, Pace, Target};
+    let fake = fake(&["k1"], |c| c.echo = true);
+    let relay = Relay::start(relay_config(&fake.url(), &[("a", "k1")]));
+    let keys = Arc::new(clio_relay::core::token::TokenKeys::from_config(
+        &relay.cfg.tokens,
+    ));
+    let addr = relay.addr();
+    let load = std::thread::spawn(move || {
+        relay_load::run(&LoadOptions {
+            target: Target::relay(addr),
+            auth: AuthVia::Header,
+            credentials: Credentials::Mint(keys, Duration::from_secs(600)),
+            streams: 2,
+            ramp_per_sec: 0.0,
+            stream_seconds: 30.0,
+            pace: Pace::Times(1.0),
+            duration: Duration::from_secs(60),
+            threads: 1,
+            ..LoadOptions::default()
+        })
+        .unwrap()
+    });
+    assert!(wait_until(Duration::from_secs(10), || fake
+        .active_streams()
+        == 2));
+    assert_eq!(relay.handle.drain(Duration::from_millis(100)), 2);
+    let report = load.join().unwrap();
+    let summary = report.table();
+    assert_eq!(
+        report.streams_failed.get("error 503"),
+        Some(&2),
+        "{summary}"
+    );
+    assert!(
+        summary.contains("hint: 2 streams were told to reconnect")
+            && summary.contains("the relay drained"),
+        "{summary}"
+    );
+}

@@ -150,6 +150,14 @@ impl LoadReport {
                  --relay-config, use the relay's own config file and token secret)"
             ));
         }
+        let reconnect = by(&["error 503"]);
+        if reconnect > 0 {
+            h.push(format!(
+                "{reconnect} streams were told to reconnect (error 503 after the upgrade): the \
+                 relay drained (SIGTERM, a restart) or retired their key, or upstream failed \
+                 mid-stream with no resume left; the relay's log says which"
+            ));
+        }
         let refused = by(&["refused"]);
         if refused > 0 {
             h.push(format!(
