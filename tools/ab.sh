@@ -28,7 +28,8 @@
 #          head-to-head: frames as fast as the sockets take them). Prints
 #          frames/s, failed streams and CPU s per 1,000 audio-seconds.
 # fake-soniox and relay-load come from ./target/release (built if missing).
-# Everything listens on 127.0.0.1; every run is bounded in time.
+# Everything listens on 127.0.0.1, on ports free when the script starts
+# (each relay run on a new one); every run is bounded in time.
 set -euo pipefail
 {
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -56,7 +57,11 @@ BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
 [ -x "$BIN/fake-soniox" ] && [ -x "$BIN/relay-load" ] \
   || (cd "$ROOT" && cargo build --release --bin fake-soniox --bin relay-load)
 WORK=$(mktemp -d /tmp/ab.XXXXXX)
-FAKE_PORT=17400 RELAY_PORT=17401 ADMIN_PORT=17402 REDIS_PORT=17403
+# A port nothing listens on now (the kernel's pick).
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+FAKE_PORT=$(free_port) ADMIN_PORT=$(free_port) REDIS_PORT=$(free_port) RELAY_PORT=$(free_port)
 export AB_SECRET AB_KEY AB_MASTER
 AB_SECRET=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
 AB_MASTER=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
@@ -142,7 +147,7 @@ for round in $(seq 1 "$ROUNDS"); do
     rm -rf "$WORK/state"; mkdir -p "$WORK/state"
     # A new client port each run: the last run's closing connections hold
     # its port for a while, and a relay refuses a port in use.
-    RELAY_PORT=$((RELAY_PORT + 10))
+    RELAY_PORT=$(free_port)
     sed -E "s/^listen = \"127.0.0.1:[0-9]+\"/listen = \"127.0.0.1:$RELAY_PORT\"/" \
       "$WORK/$conf.toml" > "$WORK/run.toml"
     "$dir/clio-relay" run --config "$WORK/run.toml" > "$WORK/relay.log" 2>&1 &
