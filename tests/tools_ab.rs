@@ -87,3 +87,18 @@ fn ab_sh_runs_beside_another_ab_sh() {
     assert!(out.status.success(), "{all}");
     assert_eq!(failed_of_round_one(&all), Some(0), "{all}");
 }
+
+/// ab.sh leaves nothing in /tmp: its work directory (configs, logs, the
+/// relay's state) goes when it ends. Before, every run left an
+/// /tmp/ab.XXXXXX behind, named nowhere in its output.
+#[test]
+fn ab_sh_leaves_no_work_dir_behind() {
+    let out = ab("left", "");
+    let all = text(&out);
+    assert!(out.status.success(), "{all}");
+    let left = all
+        .lines()
+        .find_map(|l| l.strip_prefix("left:"))
+        .unwrap_or_else(|| panic!("no left: line\n{all}"));
+    assert_eq!(left.trim(), "", "{all}");
+}

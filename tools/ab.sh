@@ -29,7 +29,9 @@
 #          frames/s, failed streams and CPU s per 1,000 audio-seconds.
 # fake-soniox and relay-load come from ./target/release (built if missing).
 # Everything listens on 127.0.0.1, on ports free when the script starts
-# (each relay run on a new one); every run is bounded in time.
+# (each relay run on a new one); every run is bounded in time. The work
+# directory (logs, configs, state) is removed at the end; AB_KEEP=1 keeps
+# it and prints where it is.
 set -euo pipefail
 {
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -56,7 +58,7 @@ for d in "$@"; do [ -x "$d/clio-relay" ] || { echo "ab: no $d/clio-relay" >&2; e
 BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
 [ -x "$BIN/fake-soniox" ] && [ -x "$BIN/relay-load" ] \
   || (cd "$ROOT" && cargo build --release --bin fake-soniox --bin relay-load)
-WORK=$(mktemp -d /tmp/ab.XXXXXX)
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/ab.XXXXXX")
 # A port nothing listens on now (the kernel's pick).
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
@@ -68,7 +70,11 @@ AB_MASTER=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
 AB_KEY="ab-key-$(head -c 6 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 
 PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  if [ "${AB_KEEP:-0}" = 1 ]; then echo "ab: work dir kept: $WORK" >&2; else rm -rf "$WORK"; fi
+}
 trap cleanup EXIT
 
 "$BIN/fake-soniox" --echo --shards 2 --max-concurrent 20000 --key "$AB_KEY" \
