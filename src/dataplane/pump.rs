@@ -52,6 +52,13 @@ pub enum End {
     /// A write upstream waited the whole idle timeout: upstream stopped
     /// reading. Ended (or resumed) as an upstream failure.
     UpstreamStalled,
+    /// A write upstream waited the stall timeout, but a write to the
+    /// client was waiting before it began, and still is: the client
+    /// stopped reading its results (and went on sending), so the relay
+    /// stopped reading upstream, and upstream, its own socket full,
+    /// stopped reading the audio. The client's failure: not resumed, not
+    /// held against upstream.
+    ClientStalled,
     /// The client's audio had ended and upstream sent nothing for the
     /// idle timeout (no `finished`): the client waits on upstream, so
     /// ended (or resumed) as an upstream failure, not as an idle client.
@@ -199,6 +206,7 @@ pub async fn client_to_upstream(link: Link<'_>, side: &mut ClientSide, cx: Strea
             let n = side.processed;
             state.up.at_boundary.set(false);
             state.up.write_since.set(Some(read_at));
+            state.up.behind_client.set(state.down.writing.get());
             let written = match &config {
                 Some(c) => upstream.write_two(c, &buf.filled()[..n]).await,
                 None => upstream.write_all(&buf.filled()[..n]).await,
@@ -222,6 +230,7 @@ pub async fn client_to_upstream(link: Link<'_>, side: &mut ClientSide, cx: Strea
         } else if let Some(c) = &config {
             state.up.at_boundary.set(false);
             state.up.write_since.set(Some(read_at));
+            state.up.behind_client.set(state.down.writing.get());
             if upstream.write_all(c).await.is_err() {
                 return End::UpstreamGone;
             }
@@ -313,9 +322,11 @@ pub async fn upstream_to_client(
         }
         if scan.ready > 0 {
             down.at_boundary.set(false);
+            down.writing.set(true);
             if client.write_all(&buf.filled()[..scan.ready]).await.is_err() {
                 return End::ClientGone;
             }
+            down.writing.set(false);
             down.at_boundary.set(scanner.at_boundary());
             down.mid_message.set(scanner.open_message().is_some());
             buf.consume(scan.ready);
@@ -421,6 +432,9 @@ fn first_message_error(bytes: &[u8]) -> FirstMessage {
 /// can no longer take, is not to blame), or with [`End::Idle`] once nothing
 /// has moved either way for `idle` (a write waiting then is a stall too,
 /// and so is silence after the client's end of audio: [`End::UpstreamSilent`]).
+/// A stall is [`End::ClientStalled`] instead when a write to the client
+/// was waiting when the write upstream began, and still is: upstream
+/// stopped reading because the client did.
 ///
 /// It shares its task with the pumps, so it is polled on every frame's
 /// wake-up. A glommio timer re-registers itself in the reactor's timer map
@@ -429,16 +443,26 @@ fn first_message_error(bytes: &[u8]) -> FirstMessage {
 /// upstream began whose stall deadline comes first (one clock read per
 /// wake-up instead of a remove and an insert).
 pub async fn idle_watch(state: &StreamState, idle: Duration, stall: Duration) -> End {
+    // Whose stall it is: the client's when its results were waiting
+    // before the audio upstream was, and still are.
+    let stalled = || {
+        if state.up.behind_client.get() && state.down.writing.get() {
+            End::ClientStalled
+        } else {
+            End::UpstreamStalled
+        }
+    };
     loop {
         let now = Instant::now();
         let idle_at = state.last_activity.get() + idle;
-        let stall_at = state.up.write_since.get().map(|s| s + stall);
-        if stall_at.is_some_and(|at| now >= at) {
-            return End::UpstreamStalled;
+        let up_since = state.up.write_since.get();
+        if up_since.is_some_and(|s| now >= s + stall) {
+            return stalled();
         }
+        let stall_at = up_since.map(|s| s + stall);
         if now >= idle_at {
-            return match state.up.write_since.get() {
-                Some(since) if since + idle <= now => End::UpstreamStalled,
+            return match up_since {
+                Some(since) if since + idle <= now => stalled(),
                 _ if state.up.audio_ended.get() => End::UpstreamSilent,
                 _ => End::Idle,
             };

@@ -8,6 +8,7 @@
 use std::time::Duration;
 
 use clio_frame::frame::Opcode;
+use clio_relay::core::metrics::Side;
 
 use crate::sockets::*;
 use crate::util::*;
@@ -206,4 +207,67 @@ fn an_error_frame_never_lands_inside_a_result_the_client_was_slow_to_read() {
     if at == data.len() {
         assert_eq!(frames.last().map(|f| f.0), Some(Opcode::Close));
     }
+}
+
+/// A client that goes on sending audio and never reads its results makes
+/// upstream stop reading too: its results back up behind the client, the
+/// relay stops reading them, and upstream, its own socket full, stops
+/// taking audio. That is the client's doing. The stream ends as the
+/// client's failure, once `limits.stall_timeout` has passed; it is not
+/// counted against upstream, and not resumed on a new upstream
+/// connection (where the same client would do the same again). Found
+/// with a release build and clients that flooded audio and read nothing:
+/// each such stream was logged and counted as an upstream failure (WARN
+/// "upstream stopped reading", `errors_total{side="upstream",code="503"}`).
+#[test]
+fn a_client_that_never_reads_its_results_is_not_an_upstream_stall() {
+    use std::io::Write as _;
+    use std::time::Instant;
+    let fake = fake(&["key-a"], |c| c.echo = true);
+    let mut cfg = relay_config(&fake.url(), &[("acct-a", "key-a")]);
+    cfg.limits.stall_timeout = Duration::from_secs(1);
+    cfg.limits.socket_buffer = 16 << 10;
+    let relay = Relay::start(cfg);
+    let token = relay.token("dev-1");
+    let mut client =
+        upgraded_raw_client(relay.addr(), &format!("Authorization: Bearer {token}\r\n"));
+    send_frames(
+        &mut client,
+        Opcode::Text,
+        config_message(None).as_bytes(),
+        1,
+    );
+    assert!(wait_until(LIMIT, || relay.handle.process.live_streams() == 1));
+    // Small audio frames, each answered with a larger result: upstream's
+    // side fills long before the relay's bound on audio does. Sent until
+    // the stream ends (its writes time out while nobody reads them).
+    let frame = clio_frame::frame::build_frame(Opcode::Binary, &[7u8; 16], Some([1, 2, 3, 4]));
+    let batch = frame.repeat(500);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while relay.handle.process.live_streams() == 1 && Instant::now() < deadline {
+        if client.write_all(&batch).is_err() {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    assert!(
+        relay.wait_idle(LIMIT),
+        "the stream of a client that never read did not end"
+    );
+    let m = relay.handle.metrics();
+    let upstream: Vec<_> = m
+        .error_counts()
+        .filter(|(side, _, _)| *side == Side::Upstream)
+        .collect();
+    assert!(
+        upstream.is_empty(),
+        "a client that never read was counted as upstream's failure: {upstream:?}"
+    );
+    assert_eq!(m.streams_resumed(), 0, "resumed for the client's stall");
+    assert_eq!(
+        m.errors(Side::Client, 408),
+        1,
+        "counted as the client's: {:?}",
+        m.error_counts().collect::<Vec<_>>()
+    );
+    assert_eq!(fake.sessions().len(), 1, "no second upstream connection");
 }

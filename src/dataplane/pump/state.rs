@@ -44,6 +44,7 @@ impl StreamState {
                 first_audio_at: Cell::new(None),
                 replayable: Cell::new(true),
                 audio_ended: Cell::new(false),
+                behind_client: Cell::new(false),
             },
             down: DownHalf {
                 at_boundary: Cell::new(true),
@@ -54,6 +55,7 @@ impl StreamState {
                 first_result_seen: Cell::new(false),
                 fin_seen: Cell::new(false),
                 last_word_seen: Cell::new(false),
+                writing: Cell::new(false),
             },
             meter: Meter::default(),
             resume: RefCell::new(None),
@@ -139,6 +141,10 @@ pub struct UpHalf {
     /// from then on the stream waits on upstream alone, so silence is
     /// upstream's failure, not an idle client.
     pub audio_ended: Cell<bool>,
+    /// The write upstream under way began while a write to the client was
+    /// waiting. If it stalls while that write still waits, upstream
+    /// stopped reading because the client did (its results backed up).
+    pub behind_client: Cell<bool>,
 }
 
 /// The upstream→client half, written by the upstream→client pumps.
@@ -166,6 +172,10 @@ pub struct DownHalf {
     /// has gone to the client: a close frame may follow. One before it is
     /// a session lost, as a dropped connection is.
     pub last_word_seen: Cell<bool>,
+    /// A write to the client is under way: set around each write, so the
+    /// other pump and the stream's watch see it only while it waits for
+    /// room (the client is not reading).
+    pub writing: Cell<bool>,
 }
 
 impl DownHalf {

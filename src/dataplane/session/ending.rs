@@ -70,6 +70,7 @@ impl Ending {
             | End::UpstreamProtocol(_)
             | End::UpstreamStalled
             | End::UpstreamSilent
+            | End::ClientStalled
             | End::Idle
             | End::Stopped(_)
             | End::Drain
@@ -87,6 +88,7 @@ impl Ending {
             | End::UpstreamProtocol(_)
             | End::UpstreamStalled
             | End::UpstreamSilent
+            | End::ClientStalled
             | End::Idle
             | End::Resume(..)
                 if answered =>
@@ -110,6 +112,21 @@ impl Ending {
                     Side::Client,
                 )),
                 Some((1000, "idle")),
+                Some((Side::Client, 408)),
+            ),
+            // The client stopped reading while it went on sending, and
+            // upstream, its results backed up, stopped reading in turn.
+            // The error frame seldom reaches a full socket; the count says
+            // whose failure it was.
+            End::ClientStalled => row(
+                ToClient::Error(Refusal::new(
+                    408,
+                    "request_timeout",
+                    "The client stopped reading its results.",
+                    1000,
+                    Side::Client,
+                )),
+                Some((1001, "client stopped reading")),
                 Some((Side::Client, 408)),
             ),
             End::Stopped(limit) => {
@@ -174,6 +191,9 @@ mod tests {
         let idle = Ending::of(End::Idle, false, false);
         assert_eq!(code(&idle), Some((408, 1000)));
         assert_eq!(idle.upstream, Some((1000, "idle")));
+        let stalled = Ending::of(End::ClientStalled, false, false);
+        assert_eq!(code(&stalled), Some((408, 1000)));
+        assert_eq!(stalled.counted, Some((Side::Client, 408)));
         let gone = Ending::of(End::UpstreamGone, false, false);
         assert_eq!(code(&gone), Some((503, 1011)));
         assert_eq!(gone.counted, Some((Side::Upstream, 503)));
@@ -182,6 +202,7 @@ mod tests {
             End::UpstreamProtocol(FrameError::BadClose),
             End::UpstreamStalled,
             End::UpstreamSilent,
+            End::ClientStalled,
             End::Idle,
             End::Stopped(Limit::Revoked),
             End::Drain,

@@ -617,6 +617,9 @@ impl Stream {
             End::UpstreamStalled if shard.process.upstream_log.admit() => {
                 tracing::warn!(stream = %self.id, account = %up.lease.account.id, stall = ?self.settings.limits.stall_timeout, "upstream stopped reading the stream's audio; ending it as an upstream failure");
             }
+            End::ClientStalled => {
+                tracing::info!(stream = %self.id, stall = ?self.settings.limits.stall_timeout, "the client stopped reading its results, so upstream stopped reading its audio; ending the stream as the client's failure");
+            }
             End::UpstreamSilent if shard.process.upstream_log.admit() => {
                 tracing::warn!(stream = %self.id, account = %up.lease.account.id, idle = ?self.settings.limits.idle_timeout, "upstream sent nothing after the client's end of audio; ending the stream as an upstream failure");
             }
