@@ -56,8 +56,10 @@ pub enum End {
     /// client was waiting before it began, and still is: the client
     /// stopped reading its results (and went on sending), so the relay
     /// stopped reading upstream, and upstream, its own socket full,
-    /// stopped reading the audio. The client's failure: not resumed, not
-    /// held against upstream.
+    /// stopped reading the audio. Or, after the client's end of audio,
+    /// nothing moved for the idle timeout while a write to the client
+    /// waited. The client's failure: not resumed, not held against
+    /// upstream.
     ClientStalled,
     /// The client's audio had ended and upstream sent nothing for the
     /// idle timeout (no `finished`): the client waits on upstream, so
@@ -434,7 +436,9 @@ fn first_message_error(bytes: &[u8]) -> FirstMessage {
 /// and so is silence after the client's end of audio: [`End::UpstreamSilent`]).
 /// A stall is [`End::ClientStalled`] instead when a write to the client
 /// was waiting when the write upstream began, and still is: upstream
-/// stopped reading because the client did.
+/// stopped reading because the client did. So is the quiet after the
+/// client's end of audio while a write to the client waits: the relay
+/// reads nothing from upstream because the client reads nothing.
 ///
 /// It shares its task with the pumps, so it is polled on every frame's
 /// wake-up. A glommio timer re-registers itself in the reactor's timer map
@@ -463,6 +467,9 @@ pub async fn idle_watch(state: &StreamState, idle: Duration, stall: Duration) ->
         if now >= idle_at {
             return match up_since {
                 Some(since) if since + idle <= now => stalled(),
+                // Nothing read from upstream because its results wait on
+                // a client that does not read them: not upstream's silence.
+                _ if state.up.audio_ended.get() && state.down.writing.get() => End::ClientStalled,
                 _ if state.up.audio_ended.get() => End::UpstreamSilent,
                 _ => End::Idle,
             };

@@ -271,3 +271,58 @@ fn a_client_that_never_reads_its_results_is_not_an_upstream_stall() {
     );
     assert_eq!(fake.sessions().len(), 1, "no second upstream connection");
 }
+
+/// A client that ends its audio and then does not read its results: the
+/// relay waits to hand them over and reads nothing more from upstream,
+/// which has answered everything. The quiet that follows is the
+/// client's, not upstream's silence after the end of audio: the stream
+/// ends after `limits.idle_timeout` as the client's failure, counted
+/// against neither upstream nor an account.
+#[test]
+fn a_client_that_stops_reading_after_its_audio_is_not_a_silent_upstream() {
+    let fake = fake(&["key-a"], |c| c.echo = true);
+    let mut cfg = relay_config(&fake.url(), &[("acct-a", "key-a")]);
+    cfg.limits.idle_timeout = Duration::from_secs(1);
+    cfg.limits.socket_buffer = 16 << 10;
+    let relay = Relay::start(cfg);
+    let token = relay.token("dev-1");
+    let mut client =
+        upgraded_raw_client(relay.addr(), &format!("Authorization: Bearer {token}\r\n"));
+    send_frames(
+        &mut client,
+        Opcode::Text,
+        config_message(None).as_bytes(),
+        1,
+    );
+    // 2,000 small frames, each answered with a result of about 150 bytes:
+    // far more than the client's socket and the relay's bound hold, far
+    // less than upstream's side of the relay takes in. Then the end of
+    // audio, and nothing more: the client reads nothing.
+    send_frames(&mut client, Opcode::Binary, &[7u8; 16], 2000);
+    send_frames(&mut client, Opcode::Binary, &[], 1);
+    assert!(
+        fake.wait_for(LIMIT, |s| s.iter().any(|s| s.empty_frame_received)),
+        "upstream got the end of audio"
+    );
+    assert!(
+        relay.wait_idle(LIMIT),
+        "the stream of a client that stopped reading did not end"
+    );
+    let m = relay.handle.metrics();
+    let upstream: Vec<_> = m
+        .error_counts()
+        .filter(|(side, _, _)| *side == Side::Upstream)
+        .collect();
+    assert!(
+        upstream.is_empty(),
+        "a client that stopped reading was counted as upstream's failure: {upstream:?}"
+    );
+    assert_eq!(m.streams_resumed(), 0, "resumed for the client's stall");
+    assert_eq!(
+        m.errors(Side::Client, 408),
+        1,
+        "counted as the client's: {:?}",
+        m.error_counts().collect::<Vec<_>>()
+    );
+    assert!(no_account_blamed(&relay));
+}
