@@ -447,26 +447,17 @@ fn first_message_error(bytes: &[u8]) -> FirstMessage {
 /// upstream began whose stall deadline comes first (one clock read per
 /// wake-up instead of a remove and an insert).
 pub async fn idle_watch(state: &StreamState, idle: Duration, stall: Duration) -> End {
-    // Whose stall it is: the client's when its results were waiting
-    // before the audio upstream was, and still are.
-    let stalled = || {
-        if state.up.behind_client.get() && state.down.writing.get() {
-            End::ClientStalled
-        } else {
-            End::UpstreamStalled
-        }
-    };
     loop {
         let now = Instant::now();
         let idle_at = state.last_activity.get() + idle;
         let up_since = state.up.write_since.get();
         if up_since.is_some_and(|s| now >= s + stall) {
-            return stalled();
+            return stall_of(state);
         }
         let stall_at = up_since.map(|s| s + stall);
         if now >= idle_at {
             return match up_since {
-                Some(since) if since + idle <= now => stalled(),
+                Some(since) if since + idle <= now => stall_of(state),
                 // Nothing read from upstream because its results wait on
                 // a client that does not read them: not upstream's silence.
                 _ if state.up.audio_ended.get() && state.down.writing.get() => End::ClientStalled,
@@ -495,6 +486,17 @@ pub async fn idle_watch(state: &StreamState, idle: Duration, stall: Duration) ->
             std::pin::Pin::new(&mut timer).poll(cx).map(|_| ())
         })
         .await;
+    }
+}
+
+/// Whose stall it is: the client's when its results were waiting before
+/// the audio upstream was, and still are. A function, not a closure: one
+/// kept in [`idle_watch`]'s future would take room in every stream's task.
+fn stall_of(state: &StreamState) -> End {
+    if state.up.behind_client.get() && state.down.writing.get() {
+        End::ClientStalled
+    } else {
+        End::UpstreamStalled
     }
 }
 
