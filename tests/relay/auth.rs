@@ -58,3 +58,38 @@ fn token_in_query() {
 fn token_as_api_key_in_first_message() {
     streams_with(Via::FirstMessage);
 }
+
+/// A token is checked when its stream opens: the stream outlives the
+/// token's expiry (and ends as usual), while a new stream with the same
+/// token is refused from then on.
+#[test]
+fn a_stream_outlives_its_tokens_expiry() {
+    use std::time::{Duration, SystemTime};
+    let fake = fake(&["key-a"], |_| {});
+    let relay = Relay::start(relay_config(&fake.url(), &[("acct-a", "key-a")]));
+    let token = clio_relay::core::token::TokenKeys::from_config(&relay.cfg.tokens)
+        .mint("device-1", Duration::from_secs(1), SystemTime::now())
+        .unwrap();
+    let (mut ws, _) = connect(relay.addr(), &token, Via::Header).expect("upgrade accepted");
+    ws.send(tungstenite::Message::text(config_message(None)))
+        .unwrap();
+    let frames = audio_frames(20, 1);
+    for f in &frames[..10] {
+        ws.send(tungstenite::Message::binary(f.clone())).unwrap();
+    }
+    // Past the token's expiry (whole seconds: at most 1 s after minting).
+    std::thread::sleep(Duration::from_millis(2100));
+    assert!(
+        connect(relay.addr(), &token, Via::Header).is_err(),
+        "an expired token opened a new stream"
+    );
+    for f in &frames[10..] {
+        ws.send(tungstenite::Message::binary(f.clone())).unwrap();
+    }
+    ws.send(tungstenite::Message::binary(Vec::<u8>::new()))
+        .unwrap();
+    let got = read_all(&mut ws);
+    assert!(got.finished(), "{got:?}");
+    assert!(!got.text().is_empty());
+    assert_eq!(got.close_code(), Some(1000));
+}
