@@ -691,3 +691,31 @@ fn a_bad_close_read_together_with_a_result_still_gets_the_error_frame() {
         }
     }
 }
+
+/// A config whose raw-audio rate overflows when its numbers are
+/// multiplied (a sample rate and channel count no microphone has) is
+/// upstream's to judge: the relay computes no rate from it and forwards
+/// it, and upstream's answer (here fake-soniox's 400, as a server that
+/// takes no such rate) reaches the client, from a shard that goes on
+/// serving. The relay's multiplication overflowed: in a debug build its
+/// shard thread panicked ("attempt to multiply with overflow"), in a
+/// release build the rate wrapped.
+#[test]
+fn a_raw_audio_rate_that_overflows_is_forwarded_not_computed() {
+    let fake = fake(&["key-a"], |_| {});
+    let relay = relay_for(&fake);
+    for (rate, channels) in [(1u64 << 62, 4u64), (16_000, 1 << 62), (u64::MAX, 1)] {
+        let mut config: serde_json::Value = serde_json::from_str(&config_message(None)).unwrap();
+        config["sample_rate"] = rate.into();
+        config["num_channels"] = channels.into();
+        let token = relay.token("device-1");
+        let (mut ws, _) = connect(relay.addr(), &token, Via::Header).expect("upgrade");
+        let got = stream_session(&mut ws, &config.to_string(), &audio_frames(10, 3));
+        assert_error_frame(&got, 400, 1000);
+    }
+    // The shard that took them still serves.
+    let token = relay.token("device-2");
+    let (mut ws, _) = connect(relay.addr(), &token, Via::Header).expect("upgrade");
+    let got = stream_session(&mut ws, &config_message(None), &audio_frames(10, 3));
+    assert!(got.finished(), "{got:?}");
+}

@@ -42,8 +42,11 @@ pub(super) fn raw_audio_rate(config: &Map<String, Value>) -> Option<(u64, u64)> 
     };
     let rate = config.get("sample_rate").and_then(Value::as_u64)?;
     let channels = config.get("num_channels").map_or(Some(1), Value::as_u64)?;
-    let frame = sample_bytes * channels;
-    (rate > 0 && frame > 0).then_some((rate * frame, frame))
+    // The client's numbers: a product that overflows is no rate (upstream
+    // judges the config; the stream keeps no resume copy).
+    let frame = channels.checked_mul(sample_bytes)?;
+    let per_sec = rate.checked_mul(frame)?;
+    (rate > 0 && frame > 0).then_some((per_sec, frame))
 }
 
 /// Keeps a stream in its shard's registry of live streams while it runs.

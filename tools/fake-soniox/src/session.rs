@@ -253,6 +253,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 .ok_or_else(|| error(400, "sample_rate is required for raw audio formats."))?;
             channels = positive(cfg.get("num_channels"))
                 .ok_or_else(|| error(400, "num_channels is required for raw audio formats."))?;
+            // No audio clock runs that fast: refused, as a real server
+            // refuses a rate it does not take, rather than overflowing.
+            sample_bytes
+                .and_then(|b| b.checked_mul(rate))
+                .and_then(|b| b.checked_mul(channels))
+                .ok_or_else(|| error(400, "sample_rate and num_channels are out of range."))?;
         }
         let refused = self.rec.key.as_deref().and_then(|key| {
             let faults = &self.shared.cfg.faults.refuse_at_first_message;

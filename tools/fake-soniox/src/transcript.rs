@@ -78,7 +78,7 @@ impl Transcript {
     /// The clock rate for a config's format; `None` for containers/`auto`.
     pub(crate) fn bytes_per_sec(sample_bytes: Option<u64>, rate: u64, channels: u64) -> u64 {
         match sample_bytes {
-            Some(b) => b * rate * channels,
+            Some(b) => b.saturating_mul(rate).saturating_mul(channels),
             None => ASSUMED_BYTES_PER_SEC,
         }
     }
