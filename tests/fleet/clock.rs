@@ -90,3 +90,105 @@ fn a_node_whose_clock_is_a_day_ahead_says_how_far() {
         "lease end {end}, now {now}"
     );
 }
+
+/// A TCP proxy in front of `redis` that holds each heartbeat's answer
+/// (`HEARTBEAT`'s reply: four integers, the last Redis's clock in ms) for
+/// `hold` before passing it on; every other byte goes through at once.
+/// Returns its URL and a count of the answers it held.
+fn holding_heartbeats(
+    redis: &RedisServer,
+    hold: Duration,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("redis://{}/0", listener.local_addr().unwrap());
+    let held = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = held.clone();
+    let port = redis.port;
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(mut client) = client else { return };
+            let Ok(mut server) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+                return;
+            };
+            let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut c2, &mut s2);
+                let _ = s2.shutdown(std::net::Shutdown::Both);
+            });
+            let counted = counted.clone();
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    let n = match server.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    let reply = String::from_utf8_lossy(&buf[..n]);
+                    let ints: Vec<&str> = reply.split("\r\n").collect();
+                    // "*4", ":l", ":n", ":s", ":<ms>", "": one heartbeat answer.
+                    let heartbeat = ints.len() == 6
+                        && ints[0] == "*4"
+                        && ints[1..5].iter().all(|i| {
+                            i.strip_prefix(':')
+                                .is_some_and(|d| d.parse::<i64>().is_ok())
+                        })
+                        && ints[4].len() == 14;
+                    if heartbeat {
+                        std::thread::sleep(hold);
+                        counted.fetch_add(1, Ordering::SeqCst);
+                    }
+                    if client.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = client.shutdown(std::net::Shutdown::Both);
+            });
+        }
+    });
+    (url, held)
+}
+
+#[test]
+fn a_slow_heartbeat_is_not_taken_for_a_clock_off_redis() {
+    // Redis reads its clock as the heartbeat arrives; its answer takes
+    // 4.6 s to come back (within cluster.timeout, 5 s). The node's clock
+    // is Redis's (the host's): the round trip says nothing of how far
+    // apart they are, and no offset may be reported from it.
+    let redis = RedisServer::start();
+    let (url, held) = holding_heartbeats(&redis, Duration::from_millis(4600));
+    let fake = fake(&["k1"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.admin.master_key = Some(clio_relay::core::secret::Secret::new(crate::MASTER));
+    let mut c = crate::node(&cfg, &redis, "node-a");
+    let k = c.cluster.as_mut().unwrap();
+    k.redis_url = url;
+    k.timeout = Duration::from_secs(5);
+    k.lease_ttl = Duration::from_secs(30);
+    let a = Relay::start(c);
+    assert!(wait_until(Duration::from_secs(10), || crate::up(&a)));
+    assert!(
+        wait_until(Duration::from_secs(30), || held
+            .load(std::sync::atomic::Ordering::SeqCst)
+            >= 1),
+        "a heartbeat's answer went through the proxy"
+    );
+    // The proxy counts an answer just before it passes it on: the node
+    // has read it well within this.
+    std::thread::sleep(Duration::from_millis(500));
+    let off = offset(a.handle.admin_addr).expect("the gauge is there");
+    assert!(
+        off.abs() < 1.0,
+        "clock offset {off} s from a slow round trip"
+    );
+    let (_, m) = http(a.handle.admin_addr, "GET", "/metrics", None, None);
+    assert!(
+        !m.contains("alert=\"cluster_clock_offset\""),
+        "no clock alert: {}",
+        m.lines()
+            .filter(|l| l.contains("cluster_clock_offset"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}

@@ -341,7 +341,8 @@ impl Drop for FleetHold {
 }
 
 /// How far a node's clock may be from Redis's before it says so (a
-/// heartbeat's round trip blurs the comparison by up to `cluster.timeout`).
+/// heartbeat's round trip is not counted as offset, so a slow one only
+/// makes the offset read smaller, by up to that round trip).
 pub const CLOCK_TOLERANCE: Duration = Duration::from_secs(2);
 
 /// The longest a given-back hold waits to be sent to Redis. Until then the
@@ -756,7 +757,7 @@ impl Fleet {
             out,
             "clio_relay_cluster_clock_offset_seconds",
             Kind::Gauge,
-            "This node's clock minus Redis's, at the last heartbeat (within a round trip): token times and usage days go by this node's clock.",
+            "This node's clock minus Redis's, at the last heartbeat, less what its round trip can explain: token times and usage days go by this node's clock.",
         )
         .sample(
             &[],

@@ -43,6 +43,21 @@ fn unix_ms(t: SystemTime) -> i64 {
     }
 }
 
+/// This node's clock minus Redis's, from a call sent at `sent` and
+/// answered at `got` (this node's clock, ms) in which Redis read its clock
+/// as `redis_now`: the part of the difference the round trip cannot
+/// explain (0 when `redis_now` falls within it), so a slow call never
+/// reads as a clock off Redis's.
+fn clock_offset_ms(sent: i64, got: i64, redis_now: i64) -> i64 {
+    if redis_now < sent {
+        sent - redis_now
+    } else if redis_now > got {
+        got - redis_now
+    } else {
+        0
+    }
+}
+
 /// Where the thread's findings go.
 #[derive(Debug)]
 pub struct Links {
@@ -921,9 +936,12 @@ impl Worker {
         match r {
             Ok((lapsed, nodes, shared, redis_now)) => {
                 self.ok();
-                // Redis read its clock about halfway through the call.
-                let here = sent + (unix_ms(SystemTime::now()) - sent) / 2;
-                self.clock_offset(here - redis_now);
+                // Redis read its clock somewhere between the call's send
+                // and its answer, not necessarily halfway (a Redis busy
+                // before it ran the script, an answer slow to come back):
+                // what the round trip can explain is no offset.
+                let got = unix_ms(SystemTime::now());
+                self.clock_offset(clock_offset_ms(sent, got, redis_now));
                 self.id_shared(shared == 1);
                 // A policy changed while connected (`CONFIG SET`, a managed
                 // Redis's parameters applied live) is seen within a heartbeat.
