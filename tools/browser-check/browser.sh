@@ -8,6 +8,8 @@ browser_setup() {
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null
   fi
   command -v node >/dev/null 2>&1 || { echo "browser-check: node is required" >&2; exit 1; }
+  # Debian's nodejs comes without npm (a package of its own).
+  command -v npm >/dev/null 2>&1 || { echo "browser-check: npm is required (apt-get install npm)" >&2; exit 1; }
   ( cd "$work" && npm init -y >/dev/null && npm install --silent --no-audit --no-fund playwright-core@1 >/dev/null )
   cp "$(dirname "${BASH_SOURCE[0]}")/browser.mjs" "$work/"
 }
