@@ -455,7 +455,27 @@ fn an_insecure_rediss_url_is_warned_about() {
         out.contains("warning: cluster.redis_url: #insecure turns off the check"),
         "{out}"
     );
+    // One sentence, not one with the source's indentation inside it.
+    let warning = out.lines().find(|l| l.contains("#insecure")).unwrap();
+    assert!(!warning.contains("  "), "{warning}");
     let out = check("rediss://10.0.0.5:6380/0");
     assert!(!out.contains("#insecure"), "{out}");
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A config file that is not there is named once, with why it cannot be
+/// read, by `check-config` and by `run`.
+#[test]
+fn a_missing_config_file_is_named_once() {
+    let path = "/definitely/not/here/relay.toml";
+    for sub in ["check-config", "run"] {
+        let o = run(RELAY, &[sub, "--config", path]);
+        let t = text(&o);
+        assert_ne!(o.status.code(), Some(0), "{sub}: {t}");
+        assert_eq!(t.matches(path).count(), 1, "{sub}: {t}");
+        assert!(
+            t.contains("cannot read the config file: No such file"),
+            "{sub}: {t}"
+        );
+    }
 }

@@ -574,7 +574,7 @@ pub fn run(path: &std::path::Path, join_client_port: bool) -> Result<(), crate::
                 match Config::load(path) {
                     Err(e) => {
                         for p in &e.problems {
-                            tracing::error!(problem = %p, "SIGHUP: reload refused, the running configuration is kept");
+                            tracing::error!(config = %path.display(), problem = %p, "SIGHUP: reload refused, the running configuration is kept");
                         }
                         if e.unset_env {
                             tracing::warn!(

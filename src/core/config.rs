@@ -483,7 +483,7 @@ impl Config {
             .is_some_and(|c| c.redis_url.starts_with("rediss://") && c.redis_url.contains('#'))
         {
             w.push(
-                "cluster.redis_url: #insecure turns off the check of Redis's certificate,                  so whoever can reach the path can pose as Redis and read its password;                  give the CA in cluster.ca_file instead"
+                "cluster.redis_url: #insecure turns off the check of Redis's certificate, so whoever can reach the path can pose as Redis and read its password; give the CA in cluster.ca_file instead"
                     .to_string(),
             );
         }
@@ -492,9 +492,11 @@ impl Config {
 }
 
 /// The file's text and the directory its relative paths are relative to.
+/// Like every problem of the file, a failed read does not repeat its path:
+/// whoever reports it names the file once (`PATH: problem`).
 fn read_config_file(path: &Path) -> Result<(String, PathBuf), ConfigError> {
     let text = std::fs::read_to_string(path)
-        .map_err(|e| ConfigError::one(format!("config file {}: {e}", path.display())))?;
+        .map_err(|e| ConfigError::one(format!("cannot read the config file: {e}")))?;
     let base = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
