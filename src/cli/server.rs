@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::control::accounts::Accounts;
 use crate::control::admin::{self, AdminHandle, AdminMsg, AdminSetup};
@@ -217,7 +217,13 @@ pub fn start_joining(
     // hand-over (`join_client_port`): the running relay with this config
     // is the node this process takes over from.
     if let (Some(c), false) = (&cfg.cluster, join_client_port) {
-        if let Err(why) = crate::core::cluster::check_node_id(c)? {
+        // A long `lease_ttl` makes a long watch: past the unit's start
+        // timeout, systemd would kill the start it is waiting for.
+        let more_time = |watch: Duration| {
+            crate::cli::systemd::Notifier::from_env()
+                .extend_timeout(watch + Duration::from_secs(10))
+        };
+        if let Err(why) = crate::core::cluster::check_node_id(c, more_time)? {
             return Err(std::io::Error::other(super::ConfigFault(why)));
         }
     }

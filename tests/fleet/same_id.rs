@@ -216,3 +216,58 @@ fn a_node_restarted_after_a_crash_is_not_taken_for_a_twin() {
     assert!(m.contains("clio_relay_cluster_node_id_conflict 0"), "{m}");
     assert!(m.contains("clio_relay_cluster_store_up 1"), "{m}");
 }
+
+/// Under systemd, the start of a relay whose dead self's lease it watches
+/// asks for that much more start time before it is ready: with a long
+/// `lease_ttl` the watch would outlast the unit's start timeout.
+#[test]
+fn a_start_that_watches_a_dead_lease_asks_systemd_for_time() {
+    use crate::process::Node;
+    let redis = RedisServer::start();
+    let fake = fake(&["k1"], |_| {});
+    let cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    let spawn = |env: &[(&str, &str)]| {
+        Node::try_spawn_with(
+            &fake.url(),
+            &redis.url(),
+            "node-a",
+            "3s",
+            &cfg.tokens.secret,
+            "k1",
+            "",
+            env,
+        )
+        .unwrap_or_else(|(code, err)| panic!("exited {code:?}: {err}"))
+    };
+    let mut first = spawn(&[]);
+    assert!(wait_until(Duration::from_secs(10), || redis
+        .lease_end("node-a")
+        .is_some()));
+    first.kill9();
+    let dir = state_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("notify");
+    let systemd = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    systemd.set_nonblocking(true).unwrap();
+    let _again = spawn(&[("NOTIFY_SOCKET", path.to_str().unwrap())]);
+    let mut said = Vec::new();
+    let mut buf = [0u8; 4096];
+    assert!(wait_until(Duration::from_secs(10), || {
+        while let Ok(n) = systemd.recv(&mut buf) {
+            said.push(String::from_utf8_lossy(&buf[..n]).to_string());
+        }
+        said.iter().any(|m| m.contains("READY=1"))
+    }));
+    let extend = said
+        .iter()
+        .position(|m| m.starts_with("EXTEND_TIMEOUT_USEC="))
+        .unwrap_or_else(|| panic!("no EXTEND_TIMEOUT_USEC: {said:?}"));
+    let ready = said.iter().position(|m| m.contains("READY=1")).unwrap();
+    assert!(extend < ready, "{said:?}");
+    let usec: u64 = said[extend]["EXTEND_TIMEOUT_USEC=".len()..]
+        .trim()
+        .parse()
+        .unwrap();
+    // The watch (a third of the 3 s lease and more) and a margin.
+    assert!(usec > 10_000_000, "{usec}");
+}

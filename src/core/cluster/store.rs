@@ -128,8 +128,13 @@ return {m, tostring(s)}
 /// heartbeat (a third of `lease_ttl`), a dead process never does, so the
 /// check watches the lease that long. `Err` names the conflict; a Redis
 /// that cannot be reached or answer is no conflict (the cluster thread
-/// connects later, and its heartbeats still report a twin).
-pub fn check_node_id(cfg: &ClusterConfig) -> std::io::Result<Result<(), String>> {
+/// connects later, and its heartbeats still report a twin). `watching`
+/// is told how long the watch may take, when it begins (under systemd,
+/// the caller asks for that much more start time).
+pub fn check_node_id(
+    cfg: &ClusterConfig,
+    watching: impl FnOnce(Duration),
+) -> std::io::Result<Result<(), String>> {
     let client = client(cfg)?;
     let Ok(con) = client.get_connection_with_timeout(cfg.timeout) else {
         return Ok(Ok(()));
@@ -156,6 +161,7 @@ pub fn check_node_id(cfg: &ClusterConfig) -> std::io::Result<Result<(), String>>
     let watch = cfg.lease_ttl / 3 + POLL + 2 * cfg.timeout + Duration::from_millis(500);
     let until = Instant::now() + watch;
     tracing::info!(node = %cfg.node_id, seconds = watch.as_secs_f64(), "a relay with this cluster.node_id holds a lease: waiting to see whether it is still running");
+    watching(watch);
     while Instant::now() < until {
         std::thread::sleep(POLL);
         match ask() {
