@@ -214,18 +214,7 @@ fn a_flood_of_refused_requests_is_logged_in_a_bounded_number_of_lines() {
                 l.contains("request refused") && peers.iter().any(|p| l.contains(&format!("{p} ")))
             })
             .count();
-        let not_logged: usize = logs
-            .lines()
-            .filter(|l| l.contains("refusals not logged one by one"))
-            .filter_map(|l| {
-                l.split("not_logged=")
-                    .nth(1)?
-                    .split(' ')
-                    .next()?
-                    .parse::<usize>()
-                    .ok()
-            })
-            .sum();
+        let not_logged = not_logged(&logs, "refusals");
         (logged, not_logged)
     };
     // The count comes once the window is over (it is 10 s long).
@@ -286,18 +275,7 @@ fn an_unreachable_upstream_is_logged_in_a_bounded_number_of_lines() {
             .lines()
             .filter(|l| l.contains("upstream connect failed") && l.contains("account=acct-down"))
             .count();
-        let not_logged: usize = logs
-            .lines()
-            .filter(|l| l.contains("upstream failures not logged one by one"))
-            .filter_map(|l| {
-                l.split("not_logged=")
-                    .nth(1)?
-                    .split(' ')
-                    .next()?
-                    .parse::<usize>()
-                    .ok()
-            })
-            .sum();
+        let not_logged = not_logged(&logs, "upstream failures");
         (logged, not_logged)
     };
     // The count comes once the window is over (it is 10 s long).
@@ -463,4 +441,20 @@ fn an_upstream_dropping_every_stream_is_logged_in_a_bounded_number_of_lines() {
         (1..=40).contains(&logged),
         "{logged} lines for {failovers} failed upstream connections"
     );
+}
+
+/// What the log budget's count lines for `what` ("refusals") say was not
+/// logged one by one, summed.
+fn not_logged(logs: &str, what: &str) -> usize {
+    logs.lines()
+        .filter(|l| l.contains(&format!("{what} not logged one by one")))
+        .filter_map(|l| {
+            l.split("not_logged=")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .sum()
 }

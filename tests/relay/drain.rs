@@ -209,35 +209,7 @@ fn the_binary_speaks_sd_notify_and_drains_on_sigterm() {
 /// hinted that upstream was not an echoing fake-soniox, which it was.
 #[test]
 fn relay_load_reads_a_drains_fin_as_a_marker_not_a_stray_word() {
-    use relay_load::{self, AuthVia, Credentials, LoadOptions, Pace, Target};
-    let fake = fake(&["k1"], |c| c.echo = true);
-    let relay = Relay::start(relay_config(&fake.url(), &[("a", "k1")]));
-    let keys = Arc::new(clio_relay::core::token::TokenKeys::from_config(
-        &relay.cfg.tokens,
-    ));
-    let addr = relay.addr();
-    let load = std::thread::spawn(move || {
-        relay_load::run(&LoadOptions {
-            target: Target::relay(addr),
-            auth: AuthVia::Header,
-            credentials: Credentials::Mint(keys, Duration::from_secs(600)),
-            streams: 3,
-            ramp_per_sec: 0.0,
-            stream_seconds: 30.0,
-            pace: Pace::Times(1.0),
-            duration: Duration::from_secs(60),
-            threads: 1,
-            ..LoadOptions::default()
-        })
-        .unwrap()
-    });
-    // Every stream under way upstream, with audio echoed.
-    assert!(wait_until(Duration::from_secs(10), || fake
-        .active_streams()
-        == 3));
-    std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(relay.handle.drain(Duration::from_millis(100)), 3);
-    let report = load.join().unwrap();
+    let report = drained_load(3);
     let summary = report.table();
     assert_eq!(
         report.streams_failed.get("error 503"),
@@ -253,6 +225,24 @@ fn relay_load_reads_a_drains_fin_as_a_marker_not_a_stray_word() {
 /// "streams failed 3 (error 503: 3)" and no hint.
 #[test]
 fn relay_load_explains_streams_a_drain_told_to_reconnect() {
+    let report = drained_load(2);
+    let summary = report.table();
+    assert_eq!(
+        report.streams_failed.get("error 503"),
+        Some(&2),
+        "{summary}"
+    );
+    assert!(
+        summary.contains("hint: 2 streams were told to reconnect")
+            && summary.contains("the relay drained"),
+        "{summary}"
+    );
+}
+
+/// relay-load's report of `streams` real-time streams through a relay
+/// in front of an echoing fake, drained once every stream is under way
+/// upstream with audio echoed.
+fn drained_load(streams: usize) -> relay_load::LoadReport {
     use relay_load::{self, AuthVia, Credentials, LoadOptions, Pace, Target};
     let fake = fake(&["k1"], |c| c.echo = true);
     let relay = Relay::start(relay_config(&fake.url(), &[("a", "k1")]));
@@ -265,7 +255,7 @@ fn relay_load_explains_streams_a_drain_told_to_reconnect() {
             target: Target::relay(addr),
             auth: AuthVia::Header,
             credentials: Credentials::Mint(keys, Duration::from_secs(600)),
-            streams: 2,
+            streams,
             ramp_per_sec: 0.0,
             stream_seconds: 30.0,
             pace: Pace::Times(1.0),
@@ -277,18 +267,11 @@ fn relay_load_explains_streams_a_drain_told_to_reconnect() {
     });
     assert!(wait_until(Duration::from_secs(10), || fake
         .active_streams()
-        == 2));
-    assert_eq!(relay.handle.drain(Duration::from_millis(100)), 2);
-    let report = load.join().unwrap();
-    let summary = report.table();
+        == streams));
+    std::thread::sleep(Duration::from_millis(500));
     assert_eq!(
-        report.streams_failed.get("error 503"),
-        Some(&2),
-        "{summary}"
+        relay.handle.drain(Duration::from_millis(100)) as usize,
+        streams
     );
-    assert!(
-        summary.contains("hint: 2 streams were told to reconnect")
-            && summary.contains("the relay drained"),
-        "{summary}"
-    );
+    load.join().unwrap()
 }
