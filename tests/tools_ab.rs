@@ -1,7 +1,10 @@
 //! `tools/ab.sh` as an engineer runs it, on a machine where other things
-//! run: in a private network and mount namespace (`unshare`), with /tmp a
-//! fresh tmpfs, so the test sees only what the script leaves, and ports
-//! taken only by the test itself. One churn round of the debug relay.
+//! run: in a private network and mount namespace (`unshare`), with its
+//! temp directory (`TMPDIR`, where `mktemp` puts the script's work) a
+//! fresh tmpfs on /mnt, so the test sees only what the script leaves, and
+//! ports taken only by the test itself. Not /tmp itself: a checkout under
+//! /tmp (the script, the binaries) would vanish under it. One churn round
+//! of the debug relay.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -13,7 +16,7 @@ fn repo() -> PathBuf {
 /// Runs `tools/ab.sh -w churn -r 1` on the debug relay inside a private
 /// namespace (its files under a directory named for `tag`), after
 /// `before` (a shell snippet); prints `left: ...` with
-/// what /tmp holds once the script has ended.
+/// what its temp directory holds once the script has ended.
 fn ab(tag: &str, before: &str) -> Output {
     let bin_dir = Path::new(env!("CARGO_BIN_EXE_clio-relay"))
         .parent()
@@ -34,9 +37,9 @@ fn ab(tag: &str, before: &str) -> Output {
         std::os::unix::fs::symlink(bin_dir.join(tool), release.join(tool)).unwrap();
     }
     let script = format!(
-        "set -e; ip link set lo up; mount -t tmpfs tmpfs /tmp; {before}\n\
+        "set -e; ip link set lo up; mount -t tmpfs tmpfs /mnt; export TMPDIR=/mnt; {before}\n\
          rc=0; bash {ab} -w churn -r 1 {dir} || rc=$?\n\
-         echo \"left: $(ls -A /tmp)\"; jobs -p | xargs -r kill; exit $rc",
+         echo \"left: $(ls -A /mnt)\"; jobs -p | xargs -r kill; exit $rc",
         ab = repo().join("tools/ab.sh").display(),
         dir = bin_dir.display(),
     );
@@ -88,9 +91,10 @@ fn ab_sh_runs_beside_another_ab_sh() {
     assert_eq!(failed_of_round_one(&all), Some(0), "{all}");
 }
 
-/// ab.sh leaves nothing in /tmp: its work directory (configs, logs, the
-/// relay's state) goes when it ends. Before, every run left an
-/// /tmp/ab.XXXXXX behind, named nowhere in its output.
+/// ab.sh leaves nothing in its temp directory (`$TMPDIR`, /tmp by
+/// default): its work directory (configs, logs, the relay's state) goes
+/// when it ends. Before, every run left an /tmp/ab.XXXXXX behind, named
+/// nowhere in its output.
 #[test]
 fn ab_sh_leaves_no_work_dir_behind() {
     let out = ab("left", "");
