@@ -500,10 +500,12 @@ pub async fn upstream_to_client(link: Link<'_>, max_payload: u64, cx: StreamCx<'
                             if h.opcode != Opcode::Continuation {
                                 in_text = h.opcode == Opcode::Text;
                             }
-                            let payload =
-                                &buf.filled()[held.bytes + h.header_len..][..total - h.header_len];
-                            if in_text && (!utf8.feed(payload) || (h.fin && !utf8.finish())) {
-                                break End::UpstreamProtocol(FrameError::InvalidUtf8);
+                            if in_text {
+                                let at = held.bytes + h.header_len;
+                                let payload = &buf.filled()[at..held.bytes + total];
+                                if !utf8.feed(payload) || (h.fin && !utf8.finish()) {
+                                    break End::UpstreamProtocol(FrameError::InvalidUtf8);
+                                }
                             }
                             down.mid_message.set(!h.fin);
                         }

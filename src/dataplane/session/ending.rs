@@ -103,31 +103,17 @@ impl Ending {
                 let counted = Some((Side::Upstream, r.code));
                 row(ToClient::Error(r), None, counted)
             }
-            End::Idle => row(
-                ToClient::Error(Refusal::new(
-                    408,
-                    "request_timeout",
-                    "No audio or messages in time; the stream was idle.",
-                    1000,
-                    Side::Client,
-                )),
-                Some((1000, "idle")),
-                Some((Side::Client, 408)),
+            End::Idle => client_timeout(
+                "No audio or messages in time; the stream was idle.",
+                (1000, "idle"),
             ),
             // The client stopped reading while it went on sending, and
             // upstream, its results backed up, stopped reading in turn.
             // The error frame seldom reaches a full socket; the count says
             // whose failure it was.
-            End::ClientStalled => row(
-                ToClient::Error(Refusal::new(
-                    408,
-                    "request_timeout",
-                    "The client stopped reading its results.",
-                    1000,
-                    Side::Client,
-                )),
-                Some((1001, "client stopped reading")),
-                Some((Side::Client, 408)),
+            End::ClientStalled => client_timeout(
+                "The client stopped reading its results.",
+                (1001, "client stopped reading"),
             ),
             End::Stopped(limit) => {
                 let message = match limit {
@@ -170,6 +156,22 @@ fn reconnect(why: &str, upstream_reason: &'static str) -> Ending {
         )),
         upstream: Some((1001, upstream_reason)),
         counted: None,
+    }
+}
+
+/// A stream the client let time out: 408 with `message` (close 1000),
+/// counted as the client's error; upstream gets the close `upstream`.
+fn client_timeout(message: &str, upstream: (u16, &'static str)) -> Ending {
+    Ending {
+        client: ToClient::Error(Refusal::new(
+            408,
+            "request_timeout",
+            message,
+            1000,
+            Side::Client,
+        )),
+        upstream: Some(upstream),
+        counted: Some((Side::Client, 408)),
     }
 }
 

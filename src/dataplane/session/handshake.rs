@@ -81,7 +81,7 @@ async fn upgrade(shard: Rc<Shard>, tcp: RingSocket) -> Option<Upgraded> {
                     // client refusing the relay's certificate shows here
                     // ("received fatal alert: UnknownCA"), and nowhere else.
                     if shard.process.refusal_log.admit() {
-                        let peer = tls_peer.map_or_else(|| "-".to_owned(), |p| p.to_string());
+                        let peer = peer_text(tls_peer);
                         match failed {
                             Some(Err(e)) => {
                                 tracing::info!(shard = shard.index, %peer, error = %e, "TLS handshake failed")
@@ -158,7 +158,7 @@ async fn handshake(
     // never holds a token.
     let log_refusal = |status: u16, msg: &str| {
         if shard.process.refusal_log.admit() {
-            let peer = peer().map_or_else(|| "-".to_owned(), |p| p.to_string());
+            let peer = peer_text(peer());
             tracing::info!(shard = shard.index, %peer, status, reason = msg, "request refused");
         }
     };
@@ -357,4 +357,10 @@ async fn handshake(
         return None;
     }
     Some((claims, admission))
+}
+
+/// A peer's address for a log line, or `-` when the socket no longer has
+/// one.
+fn peer_text(peer: Option<std::net::SocketAddr>) -> String {
+    peer.map_or_else(|| "-".to_owned(), |p| p.to_string())
 }
