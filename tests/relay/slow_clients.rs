@@ -223,20 +223,8 @@ fn an_error_frame_never_lands_inside_a_result_the_client_was_slow_to_read() {
 fn a_client_that_never_reads_its_results_is_not_an_upstream_stall() {
     use std::io::Write as _;
     use std::time::Instant;
-    let fake = fake(&["key-a"], |c| c.echo = true);
-    let mut cfg = relay_config(&fake.url(), &[("acct-a", "key-a")]);
-    cfg.limits.stall_timeout = Duration::from_secs(1);
-    cfg.limits.socket_buffer = 16 << 10;
-    let relay = Relay::start(cfg);
-    let token = relay.token("dev-1");
-    let mut client =
-        upgraded_raw_client(relay.addr(), &format!("Authorization: Bearer {token}\r\n"));
-    send_frames(
-        &mut client,
-        Opcode::Text,
-        config_message(None).as_bytes(),
-        1,
-    );
+    let (fake, relay, mut client) =
+        stream_that_reads_nothing(|l| l.stall_timeout = Duration::from_secs(1));
     assert!(wait_until(LIMIT, || relay.handle.process.live_streams() == 1));
     // Small audio frames, each answered with a larger result: upstream's
     // side fills long before the relay's bound on audio does. Sent until
@@ -265,20 +253,8 @@ fn a_client_that_never_reads_its_results_is_not_an_upstream_stall() {
 /// against neither upstream nor an account.
 #[test]
 fn a_client_that_stops_reading_after_its_audio_is_not_a_silent_upstream() {
-    let fake = fake(&["key-a"], |c| c.echo = true);
-    let mut cfg = relay_config(&fake.url(), &[("acct-a", "key-a")]);
-    cfg.limits.idle_timeout = Duration::from_secs(1);
-    cfg.limits.socket_buffer = 16 << 10;
-    let relay = Relay::start(cfg);
-    let token = relay.token("dev-1");
-    let mut client =
-        upgraded_raw_client(relay.addr(), &format!("Authorization: Bearer {token}\r\n"));
-    send_frames(
-        &mut client,
-        Opcode::Text,
-        config_message(None).as_bytes(),
-        1,
-    );
+    let (fake, relay, mut client) =
+        stream_that_reads_nothing(|l| l.idle_timeout = Duration::from_secs(1));
     // 2,000 small frames, each answered with a result of about 150 bytes:
     // far more than the client's socket and the relay's bound hold, far
     // less than upstream's side of the relay takes in. Then the end of
@@ -316,4 +292,27 @@ fn counted_as_the_clients_stall(relay: &Relay) {
         "counted as the client's: {:?}",
         m.error_counts().collect::<Vec<_>>()
     );
+}
+
+/// An echoing fake, a relay in front of it with small socket buffers and
+/// `limits` tweaked, and a raw client that sent its config and will read
+/// nothing.
+fn stream_that_reads_nothing(
+    limits: impl FnOnce(&mut clio_relay::core::config::LimitsConfig),
+) -> (fake_soniox::FakeSoniox, Relay, std::net::TcpStream) {
+    let fake = fake(&["key-a"], |c| c.echo = true);
+    let mut cfg = relay_config(&fake.url(), &[("acct-a", "key-a")]);
+    cfg.limits.socket_buffer = 16 << 10;
+    limits(&mut cfg.limits);
+    let relay = Relay::start(cfg);
+    let token = relay.token("dev-1");
+    let mut client =
+        upgraded_raw_client(relay.addr(), &format!("Authorization: Bearer {token}\r\n"));
+    send_frames(
+        &mut client,
+        Opcode::Text,
+        config_message(None).as_bytes(),
+        1,
+    );
+    (fake, relay, client)
 }
