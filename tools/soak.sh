@@ -32,11 +32,23 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 minutes=10
 streams=100
 drop_share=0.05
+# Exits with a clear line unless option $1 has a value ($2, the count of
+# arguments left, is 2 or more) that matches the regex $4 ($5 says what).
+check() {
+  if [ "$2" -lt 2 ] || ! [[ "$3" =~ $4 ]]; then
+    echo "soak.sh: $1 needs $5 (got '$3'); see tools/soak.sh --help" >&2
+    exit 1
+  fi
+}
+count='^[1-9][0-9]*$'
 while [ $# -gt 0 ]; do
   case "$1" in
-    --minutes) minutes="$2"; shift 2 ;;
-    --streams) streams="$2"; shift 2 ;;
-    --drop-share) drop_share="$2"; shift 2 ;;
+    --minutes) check "$1" $# "${2-}" "$count" 'a whole number of minutes, 1 or more'
+      minutes=$2; shift 2 ;;
+    --streams) check "$1" $# "${2-}" "$count" 'a number of streams, 1 or more'
+      streams=$2; shift 2 ;;
+    --drop-share) check "$1" $# "${2-}" '^(0(\.[0-9]+)?|1(\.0*)?)$' 'a share from 0 to 1, such as 0.05'
+      drop_share=$2; shift 2 ;;
     -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
     *) echo "unknown argument $1" >&2; exit 1 ;;
   esac
