@@ -42,6 +42,9 @@ impl std::error::Error for HeadError {
 
 /// Reads until a full HTTP head (ending in an empty line) is in `buf`.
 /// Returns the head's length; the buffer's start is left at the head's start.
+/// `max` is the bound whatever `buf`'s size: a head that fills a pooled
+/// buffer under a larger `max` moves to a buffer of its own of `max` bytes
+/// ([`Buf::hold`]), freed once the head's bytes are consumed.
 pub async fn read_head(conn: &Duplex, buf: &mut Buf, max: usize) -> Result<usize, HeadError> {
     let mut scanned = 0;
     loop {
@@ -56,8 +59,12 @@ pub async fn read_head(conn: &Duplex, buf: &mut Buf, max: usize) -> Result<usize
             };
         }
         scanned = filled.len().saturating_sub(3);
-        if buf.len() >= max || buf.end() == buf.capacity() {
+        if buf.len() >= max {
             return Err(HeadError::TooLarge);
+        }
+        if buf.end() == buf.capacity() {
+            // Under the limit but the buffer is full: room for the rest.
+            buf.hold(max);
         }
         match buf.read_from(conn).await {
             Ok(0) => return Err(HeadError::Io(io::ErrorKind::UnexpectedEof.into())),

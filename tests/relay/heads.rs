@@ -143,6 +143,28 @@ fn stream_with_head(addr: SocketAddr, head: &str) -> (String, Option<Received>) 
     (answer, Some(got))
 }
 
+/// `limits.max_header_bytes` is the bound, whatever the read buffer's
+/// size: with a limit past the 32 KiB pooled buffer, a 40 KiB head is
+/// served (and its stream runs), and one over the limit still gets 431.
+#[test]
+fn a_head_limit_past_the_read_buffer_is_the_limit() {
+    let fake = fake(&["key-a"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("acct-a", "key-a")]);
+    cfg.limits.max_header_bytes = 64 * 1024;
+    let relay = Relay::start(cfg);
+    let token = relay.token("dev-1");
+
+    let long = upgrade_head(&token, &format!("X-Pad: {}\r\n", "a".repeat(40 * 1024)));
+    assert!(long.len() > 32 * 1024 && long.len() < 64 * 1024);
+    let (answer, got) = stream_with_head(relay.addr(), &long);
+    let got = got.unwrap_or_else(|| panic!("a head under the limit was refused: {answer}"));
+    assert!(got.finished(), "{answer} {got:?}");
+
+    let over = upgrade_head(&token, &format!("X-Pad: {}\r\n", "a".repeat(70 * 1024)));
+    let (answer, _) = send_raw(relay.addr(), over.as_bytes(), b"");
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+}
+
 #[test]
 fn list_headers_may_come_on_several_lines() {
     let fake = fake(&["key-a"], |_| {});
