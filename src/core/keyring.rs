@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 use crate::core::secret::Secret;
 
 /// How long an account that answered 401/402 is left out before it is tried
-/// again (until active health checks exist to clear it sooner).
+/// again when active health checks are off (with them on, the admin thread
+/// sets an hour, ended early when a check of its key passes).
 pub const UNHEALTHY_HOLDOFF: Duration = Duration::from_secs(60);
 /// First cooldown after a 429; doubled on each further 429, up to the cap.
 pub const COOLDOWN_START: Duration = Duration::from_secs(1);
