@@ -65,6 +65,10 @@ pub async fn read_head(conn: &Duplex, buf: &mut Buf, max: usize) -> Result<usize
         if buf.end() == buf.capacity() {
             // Under the limit but the buffer is full: room for the rest.
             buf.hold(max);
+            if buf.end() == buf.capacity() {
+                // No room to grow (bytes before the head's start): as before.
+                return Err(HeadError::TooLarge);
+            }
         }
         match buf.read_from(conn).await {
             Ok(0) => return Err(HeadError::Io(io::ErrorKind::UnexpectedEof.into())),
