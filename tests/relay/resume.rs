@@ -822,3 +822,120 @@ fn an_upstream_that_hangs_after_finished_is_not_resumed() {
     assert_eq!(relay.handle.metrics().streams_resumed(), 0, "{got:?}");
     assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
+
+#[test]
+fn a_resume_at_44_1_khz_keeps_the_first_word_of_the_new_connection() {
+    // 44.1 kHz s16le mono is 88.2 bytes a ms: the last final token's end
+    // (295 ms) falls inside a sample, and the copy starts at the sample
+    // before it. The first connection's finals end 5 ms before each
+    // 100 ms frame's end, and it drops at the fourth frame; the second
+    // connection's first word starts at its time 0 (the replay of the
+    // last 5 ms of the third frame).
+    let (url, conns) = scripted_upstream(|c, n| {
+        let (start, end) = match c {
+            0 if n == 4 => return UpStep::Raw(Vec::new()),
+            0 => (n * 100 - 95, n * 100 - 5),
+            _ => ((n * 100).saturating_sub(195), n * 100 - 95),
+        };
+        UpStep::Text(
+            serde_json::json!({
+                "tokens": [{"text": format!("c{c}w{n} "), "start_ms": start, "end_ms": end,
+                    "is_final": true}],
+                "final_audio_proc_ms": end, "total_audio_proc_ms": end,
+            })
+            .to_string(),
+        )
+    });
+    let relay = Relay::start(relay_config(&url, &[("a", "k1")]));
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    let config = serde_json::json!({"model": "stt-rt-v4", "audio_format": "pcm_s16le",
+        "sample_rate": 44_100, "num_channels": 1});
+    let frames: Vec<Vec<u8>> = (0..6u8).map(|i| vec![i; 8820]).collect();
+    // The first three frames one by one, each answered before the next
+    // goes (a drop with unread bytes resets the connection, which may
+    // take a result in flight with it).
+    ws.send(Message::text(config.to_string())).unwrap();
+    let mut before = Vec::new();
+    for f in &frames[..3] {
+        ws.send(Message::binary(f.clone())).unwrap();
+        match ws.read().unwrap() {
+            Message::Text(t) => before.push(serde_json::from_str::<Value>(&t).unwrap()),
+            other => panic!("{other:?}"),
+        }
+    }
+    for f in &frames[3..] {
+        ws.send(Message::binary(f.clone())).unwrap();
+    }
+    ws.send(Message::binary(Vec::<u8>::new())).unwrap();
+    let mut got = read_all(&mut ws);
+    got.messages.splice(0..0, before);
+    assert!(got.finished() && got.error_code().is_none(), "{got:?}");
+    assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 2);
+    let words: Vec<String> = finals(&got).into_iter().map(|w| w.0).collect();
+    // The second connection got 5 ms and then frames 4 to 6.
+    assert_eq!(
+        words,
+        ["c0w1 ", "c0w2 ", "c0w3 ", "c1w1 ", "c1w2 ", "c1w3 ", "c1w4 "],
+        "{got:?}"
+    );
+    // One timeline: each word starts where the one before ended, and the
+    // final point never goes back.
+    let times = finals(&got);
+    for pair in times.windows(2) {
+        assert!(pair[1].1 >= pair[0].2, "{pair:?} in {times:?}");
+    }
+    assert_eq!((times[3].1, times[3].2), (295, 300), "{times:?}");
+    let points: Vec<u64> = got
+        .messages
+        .iter()
+        .filter_map(|m| m["final_audio_proc_ms"].as_u64())
+        .collect();
+    assert!(points.windows(2).all(|p| p[1] >= p[0]), "{points:?}");
+    assert_eq!(relay.handle.metrics().streams_resumed(), 1);
+}
+
+#[test]
+fn streams_at_44_1_khz_with_faults_keep_their_final_tokens_times() {
+    // fake-soniox's words of 485 ms at 44.1 kHz end inside a sample, as
+    // real word ends do; a resume's copy starts at the sample before.
+    // Each stream must get as many final tokens, at the same times, as
+    // the audio gives with no fault (the words themselves may differ: a
+    // new connection hears the half sample before its first word too).
+    let fake = fake(&[], |c| {
+        c.keys = vec![FakeKey::new("k1", 1000)];
+        c.record_audio = false;
+        c.ms_per_word = 485;
+        c.faults.random = Some(RandomFaults {
+            share: 0.6,
+            kinds: vec![FaultKind::Drop, FaultKind::Error(503), FaultKind::GoingAway],
+            within_frames: 12,
+            seed: 5,
+        });
+    });
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.failover.max_resumes = 20;
+    let relay = Relay::start(cfg);
+    let config = serde_json::json!({"model": "stt-rt-v4", "audio_format": "pcm_s16le",
+        "sample_rate": 44_100, "num_channels": 1})
+    .to_string();
+    let times = |w: Vec<(String, u64, u64)>| w.into_iter().map(|w| (w.1, w.2)).collect::<Vec<_>>();
+    let mut bad = vec![];
+    for id in 0..20u32 {
+        // 100 ms frames of 44.1 kHz s16le mono.
+        let frames: Vec<Vec<u8>> = stream_audio(id, 30)
+            .into_iter()
+            .map(|f| f.iter().cycle().take(8820).copied().collect())
+            .collect();
+        let want = times(transcript_of(&frames.concat(), 88_200, 485));
+        let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+        let got = stream_session(&mut ws, &config, &frames);
+        let have = times(finals(&got));
+        if !got.finished() || have != want {
+            bad.push(format!(
+                "stream {id}: {got:?}\n  want {want:?}\n  have {have:?}"
+            ));
+        }
+    }
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+    assert!(relay.handle.metrics().streams_resumed() >= 10);
+}

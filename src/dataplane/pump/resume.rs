@@ -57,7 +57,8 @@ pub struct Resume {
     absorbed: usize,
     /// `final_audio_proc_ms` the client has seen, on its timeline.
     final_ms: u64,
-    /// Added to the current connection's times.
+    /// Added to the current connection's times: where its time 0 (the
+    /// copy's first byte when it began) is on the stream's timeline.
     shift_ms: u64,
     /// Resumes so far, and the bound.
     pub resumes: u32,
@@ -289,8 +290,18 @@ impl Resume {
     ) -> Vec<u8> {
         self.resumes += 1;
         // The copy starts at (or, aligned down, just before) the last
-        // final token's end: the new connection's time 0.
-        self.shift_ms = self.base * 1000 / self.bytes_per_sec;
+        // final token's end: the new connection's time 0 is that end. Not
+        // the copy's start in ms, rounded down: at a rate of a fraction of
+        // a byte a ms (44.1 kHz), aligned down to a sample, that came out
+        // a ms before the end, and a word the new connection starts at
+        // its time 0 was dropped as one the client already has. (When
+        // upstream finalized audio not in the copy yet, the copy starts
+        // before the end, and its start is the time 0.)
+        self.shift_ms = if self.base == self.byte_at(self.final_ms) {
+            self.final_ms
+        } else {
+            self.base * 1000 / self.bytes_per_sec
+        };
         self.final_ms = self.final_ms.max(self.shift_ms);
         // Every frame's header (14 bytes at most, masked), and the
         // finalize, end-of-audio and cut frames'.
