@@ -939,3 +939,77 @@ fn streams_at_44_1_khz_with_faults_keep_their_final_tokens_times() {
     assert!(bad.is_empty(), "{}", bad.join("\n"));
     assert!(relay.handle.metrics().streams_resumed() >= 10);
 }
+
+#[test]
+fn a_resume_never_takes_the_processed_audio_figures_back() {
+    // The first connection's finals lag 300 ms behind the audio it has
+    // processed, and it drops at its sixth frame: the client has seen
+    // `total_audio_proc_ms` 500 with the final point at 200. The second
+    // connection gets the audio from 200 ms again, and its own totals,
+    // on the stream's timeline, start below 500.
+    let (url, conns) = scripted_upstream(|c, n| {
+        if c == 0 && n == 6 {
+            return UpStep::Raw(Vec::new());
+        }
+        let total = n * 100;
+        let fin = if c == 0 {
+            total.saturating_sub(300)
+        } else {
+            total
+        };
+        let mut tokens = vec![];
+        if fin > 0 {
+            tokens.push(serde_json::json!({"text": format!("c{c}w{n} "),
+                "start_ms": fin - 100, "end_ms": fin, "is_final": true}));
+        }
+        if total > fin {
+            tokens.push(serde_json::json!({"text": "maybe ", "start_ms": fin,
+                "end_ms": total, "is_final": false}));
+        }
+        UpStep::Text(
+            serde_json::json!({"tokens": tokens, "final_audio_proc_ms": fin,
+                "total_audio_proc_ms": total})
+            .to_string(),
+        )
+    });
+    let relay = Relay::start(relay_config(&url, &[("a", "k1")]));
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    let frames = stream_audio(12, 10);
+    // The first five frames one by one, each answered before the next.
+    ws.send(Message::text(config_message(None))).unwrap();
+    let mut before = Vec::new();
+    for f in &frames[..5] {
+        ws.send(Message::binary(f.clone())).unwrap();
+        match ws.read().unwrap() {
+            Message::Text(t) => before.push(serde_json::from_str::<Value>(&t).unwrap()),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(before[4]["total_audio_proc_ms"], 500, "{before:?}");
+    for f in &frames[5..] {
+        ws.send(Message::binary(f.clone())).unwrap();
+    }
+    ws.send(Message::binary(Vec::<u8>::new())).unwrap();
+    let mut got = read_all(&mut ws);
+    got.messages.splice(0..0, before);
+    assert!(got.finished() && got.error_code().is_none(), "{got:?}");
+    assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert_eq!(relay.handle.metrics().streams_resumed(), 1);
+    for k in ["final_audio_proc_ms", "total_audio_proc_ms"] {
+        let seen: Vec<u64> = got.messages.iter().filter_map(|m| m[k].as_u64()).collect();
+        assert!(seen.windows(2).all(|p| p[1] >= p[0]), "{k}: {seen:?}");
+        assert_eq!(seen.last(), Some(&1000), "{k}: {seen:?}");
+    }
+    // Every final token once, on one timeline.
+    let times = finals(&got);
+    let words: Vec<&str> = times.iter().map(|w| w.0.as_str()).collect();
+    assert_eq!(
+        words,
+        [
+            "c0w4 ", "c0w5 ", "c1w1 ", "c1w2 ", "c1w3 ", "c1w4 ", "c1w5 ", "c1w6 ", "c1w7 ",
+            "c1w8 "
+        ],
+        "{times:?}"
+    );
+    assert!(times.windows(2).all(|p| p[1].1 == p[0].2), "{times:?}");
+}

@@ -57,6 +57,10 @@ pub struct Resume {
     absorbed: usize,
     /// `final_audio_proc_ms` the client has seen, on its timeline.
     final_ms: u64,
+    /// The largest `total_audio_proc_ms` the client has seen: a resumed
+    /// connection processes the replayed audio again, and its totals,
+    /// shifted, would step back below it.
+    total_ms: u64,
     /// Added to the current connection's times: where its time 0 (the
     /// copy's first byte when it began) is on the stream's timeline.
     shift_ms: u64,
@@ -97,6 +101,7 @@ impl Resume {
             capture: Capture::default(),
             absorbed: 0,
             final_ms: 0,
+            total_ms: 0,
             shift_ms: 0,
             resumes: 0,
             max_resumes: max,
@@ -398,9 +403,14 @@ impl Resume {
                 !(is_final && !special && start < delivered)
             });
         }
-        for k in ["final_audio_proc_ms", "total_audio_proc_ms"] {
+        // One stream's figures never go back: the replayed audio was
+        // processed before, on the connection that failed.
+        for (k, seen) in [
+            ("final_audio_proc_ms", delivered),
+            ("total_audio_proc_ms", self.total_ms),
+        ] {
             if let Some(ms) = obj.get(k).and_then(Value::as_u64) {
-                obj.insert(k.into(), Value::from(ms + shift));
+                obj.insert(k.into(), Value::from((ms + shift).max(seen)));
             }
         }
         serde_json::to_vec(&v).ok()
@@ -417,7 +427,19 @@ impl Drop for Resume {
 fn final_ms_of(payload: &[u8]) -> Option<u64> {
     const KEY: &[u8] = b"\"final_audio_proc_ms\":";
     static AT: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(KEY));
-    let at = AT.find(payload)? + KEY.len();
+    number_after(payload, &AT, KEY.len())
+}
+
+/// The number after `"total_audio_proc_ms":` in a result, by byte search.
+fn total_ms_of(payload: &[u8]) -> Option<u64> {
+    const KEY: &[u8] = b"\"total_audio_proc_ms\":";
+    static AT: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(KEY));
+    number_after(payload, &AT, KEY.len())
+}
+
+/// The number after the first match of `key` (`key_len` bytes) in `payload`.
+fn number_after(payload: &[u8], key: &Finder<'_>, key_len: usize) -> Option<u64> {
+    let at = key.find(payload)? + key_len;
     let digits = payload[at..]
         .iter()
         .skip_while(|b| b.is_ascii_whitespace())
@@ -551,6 +573,9 @@ pub async fn upstream_to_client(link: Link<'_>, max_payload: u64, cx: StreamCx<'
                                 // Rewritten: already on the client's timeline.
                                 let shift = if out.is_some() { r.shift_ms } else { 0 };
                                 r.note_final(ms.saturating_sub(shift));
+                            }
+                            if let Some(ms) = total_ms_of(text) {
+                                r.total_ms = r.total_ms.max(ms);
                             }
                             if state.note_upstream_text(text) {
                                 // `<fin>`: the client's finalize is answered.
