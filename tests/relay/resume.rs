@@ -1013,3 +1013,37 @@ fn a_resume_never_takes_the_processed_audio_figures_back() {
     );
     assert!(times.windows(2).all(|p| p[1].1 == p[0].2), "{times:?}");
 }
+
+#[test]
+fn a_resume_that_every_account_refuses_gets_503_close_1011() {
+    // Every account's key is refused (401) at its connection's fifth
+    // audio frame, after upstream accepted the stream: each refusal marks
+    // its account and the resume takes the next, and when none is left
+    // the client gets the relay's "reconnect", not upstream's 401 (its
+    // token is fine) nor the 429 of a stream refused at open.
+    let fake = fake(&["k1", "k2", "k3"], |c| {
+        c.faults.error_after_frames = Some((5, 401));
+    });
+    let relay = Relay::start(relay_config(
+        &fake.url(),
+        &[("a", "k1"), ("b", "k2"), ("c", "k3")],
+    ));
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    let got = stream_session(&mut ws, &config_message(None), &stream_audio(13, 12));
+    assert_error_frame(&got, 503, 1011);
+    assert!(fake.wait_for(LIMIT, |s| s.iter().all(|r| r.closed)));
+    let keys: Vec<Option<String>> = fake.sessions().into_iter().map(|r| r.key).collect();
+    assert_eq!(
+        keys,
+        [Some("k1".into()), Some("k2".into()), Some("k3".into())],
+        "each account once"
+    );
+    assert_eq!(relay.handle.metrics().streams_resumed(), 2);
+    let now = std::time::Instant::now();
+    assert!(relay
+        .handle
+        .process
+        .accounts()
+        .iter()
+        .all(|a| !a.healthy(now)));
+}
