@@ -40,7 +40,8 @@ fn a_connect_timeout_holds_the_account_off() {
     assert_error_frame(&got, 502, 1011);
     assert_eq!(reached.load(Ordering::SeqCst), 2);
 
-    // Both are held off now: the next stream is told at once, and neither
+    // Both are held off now: the next stream is told after the waits of
+    // a first connection (neither comes back within them), and neither
     // account is tried again.
     let (mut ws, _) = connect(relay.addr(), &relay.token("dev-2"), Via::Header).unwrap();
     ws.send(Message::text(config_message(None))).unwrap();
