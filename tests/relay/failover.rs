@@ -131,6 +131,37 @@ fn no_account_left_gets_the_documented_error() {
     assert!(fake.wait_for(LIMIT, |s| s.len() == 2 && s.iter().all(|r| r.closed)));
 }
 
+/// Errors that are not the account's: a 400 for a bad config at open, a
+/// 408 at open and one mid-stream (raw audio, which could resume). Each
+/// reaches the client as upstream sent it, with upstream's close; no other
+/// account is tried, none is marked, the stream does not resume.
+#[test]
+fn errors_that_are_not_the_accounts_pass_through_from_the_first_account() {
+    for (model, fault, code) in [
+        ("no-such-model", None, 400),
+        ("stt-rt-v4", Some((1, 408)), 408),
+        ("stt-rt-v4", Some((5, 408)), 408),
+    ] {
+        let fake = fake(&["k1", "k2", "k3"], |c| c.faults.error_after_frames = fault);
+        let relay = Relay::start(relay_config(
+            &fake.url(),
+            &[("a", "k1"), ("b", "k2"), ("c", "k3")],
+        ));
+        let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+        let mut config: Value = serde_json::from_str(&config_message(None)).unwrap();
+        config["model"] = model.into();
+        let got = stream_session(&mut ws, &config.to_string(), &audio_frames(10, 1));
+        assert_error_frame(&got, code, 1000);
+        assert!(fake.wait_for(LIMIT, |s| s.iter().all(|r| r.closed)));
+        let keys: Vec<Option<String>> = fake.sessions().into_iter().map(|r| r.key).collect();
+        assert_eq!(keys, [Some("k1".to_string())], "{model} {fault:?}");
+        assert!(no_account_blamed(&relay), "{model} {fault:?}");
+        let m = relay.handle.metrics();
+        assert_eq!(m.failovers().open_refused + m.failovers().open_lost, 0);
+        assert_eq!(m.streams_resumed(), 0, "{model} {fault:?}");
+    }
+}
+
 /// Whether `python3` can import the official Soniox SDK (`.ci/run` installs it).
 fn soniox_sdk() -> bool {
     let ok = std::process::Command::new("python3")
