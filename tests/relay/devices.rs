@@ -485,6 +485,56 @@ fn usage_counts_audio_bytes_and_cost_per_account_and_device() {
     assert!(metrics.contains("clio_relay_budget_month{account=\"a\",currency=\"USD\"} 100"));
 }
 
+/// A compressed stream's length is upstream's to tell. One that ends
+/// without upstream's `finished` (here the client leaves mid-stream) is
+/// billed, and counted against its device's day, what upstream's last
+/// result said it had processed, not nothing.
+#[test]
+fn a_compressed_stream_cut_short_is_billed_what_upstream_processed() {
+    let fake = fake(&["k1"], |c| c.echo = true);
+    let relay = relay_with(&fake, DeviceLimits::default());
+    let (mut ws, _) = connect(relay.addr(), &relay.token("ogg-phone"), Via::Header).unwrap();
+    let mut config: serde_json::Value = serde_json::from_str(&config_message(None)).unwrap();
+    config["audio_format"] = "ogg".into();
+    ws.send(Message::text(config.to_string())).unwrap();
+    // fake-soniox takes compressed audio as 16,000 bytes a second: ten
+    // 3,200-byte frames are 2 s, each echoed with the total so far.
+    let mut last_total = 0;
+    for f in audio_frames(10, 3) {
+        ws.send(Message::binary(f)).unwrap();
+        loop {
+            if let Message::Text(t) = ws.read().unwrap() {
+                let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                last_total = v["total_audio_proc_ms"].as_u64().unwrap();
+                break;
+            }
+        }
+    }
+    assert_eq!(last_total, 2000);
+    // The client vanishes: no end of audio, no close.
+    drop(ws);
+    let row = || {
+        let (_, body) = http(
+            relay.handle.admin_addr,
+            "GET",
+            "/admin/usage?group_by=device",
+            Some(ADMIN),
+            None,
+        );
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["key"] == "ogg-phone")
+            .cloned()
+    };
+    assert!(wait_until(Duration::from_secs(10), || row().is_some()));
+    let row = row().unwrap();
+    assert_eq!(row["streams"].as_u64(), Some(1), "{row}");
+    assert_eq!(row["audio_seconds"].as_f64(), Some(2.0), "{row}");
+}
+
 /// Streams counted in the usage ledger's database file, read beside the
 /// running relay (SQLite allows readers while it writes).
 fn streams_on_disk(dir: &std::path::Path) -> i64 {

@@ -87,6 +87,14 @@ impl StreamState {
         if fin {
             self.down.fin_seen.set(true);
         }
+        if self.meter.compressed() {
+            // Only upstream can tell a compressed stream's length: its
+            // latest figure stands for a stream that ends without
+            // `finished` (a client that left, a drain, a revocation).
+            if let Some(ms) = total_audio_proc_ms_of(payload) {
+                self.meter.upstream_seen_ms.set(Some(ms));
+            }
+        }
         if FINISHED.find(payload).is_none() && ERROR_CODE.find(payload).is_none() {
             return fin;
         }
@@ -119,6 +127,18 @@ static FIN: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"<fin>"));
 static FINISHED: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"finished\""));
 pub(crate) static ERROR_CODE: LazyLock<Finder<'static>> =
     LazyLock::new(|| Finder::new(b"\"error_code\""));
+static TOTAL_MS: LazyLock<Finder<'static>> =
+    LazyLock::new(|| Finder::new(b"\"total_audio_proc_ms\""));
+
+/// The number after the first `"total_audio_proc_ms"` key of a result,
+/// read from the bytes (no JSON parse per result).
+fn total_audio_proc_ms_of(payload: &[u8]) -> Option<u64> {
+    let at = TOTAL_MS.find(payload)? + b"\"total_audio_proc_ms\"".len();
+    let rest = payload[at..].trim_ascii_start().strip_prefix(b":")?;
+    let rest = rest.trim_ascii_start();
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()
+}
 
 /// The client→upstream half, written by [`client_to_upstream`](super::client_to_upstream).
 #[derive(Debug)]
@@ -209,6 +229,8 @@ pub struct Meter {
     device: RefCell<Option<crate::core::devices::DevicePermit>>,
     /// Upstream's `total_audio_proc_ms` from its `finished` message.
     upstream_audio_ms: Cell<Option<u64>>,
+    /// A compressed stream's latest `total_audio_proc_ms` from any result.
+    upstream_seen_ms: Cell<Option<u64>>,
     /// The last `error_code` upstream sent.
     upstream_error: Cell<Option<u16>>,
 }
@@ -230,6 +252,11 @@ impl Meter {
     /// The stream's raw audio format, in bytes per millisecond (0: compressed).
     pub fn set_audio_rate(&self, bytes_per_ms: f64) {
         self.bytes_per_ms.set(bytes_per_ms);
+    }
+
+    /// The format is compressed (or `auto`): only upstream tells its length.
+    pub fn compressed(&self) -> bool {
+        self.bytes_per_ms.get() <= 0.0
     }
 
     /// Adds `n` bytes forwarded upstream.
@@ -285,7 +312,8 @@ impl Meter {
     /// device, reference id) is the caller's to fill in.
     pub fn settle(&self, now: std::time::SystemTime) -> UsageRecord {
         let relay_ms = self.audio_ms();
-        let upstream_ms = self.upstream_audio_ms.get();
+        // `finished`'s figure, else (compressed formats) the last one seen.
+        let upstream_ms = self.upstream_audio_ms.get().or(self.upstream_seen_ms.get());
         if let Some(device) = self.device.borrow().as_ref() {
             let per_ms = self.bytes_per_ms.get();
             let counted_ms = if per_ms > 0.0 {
