@@ -642,6 +642,74 @@ fn usage_json_of_an_older_relay_is_migrated_at_start() {
     std::fs::remove_dir_all(dir).ok();
 }
 
+/// A stream resumed mid-stream had two upstream connections, so two
+/// entries in Soniox's usage logs, and Soniox billed both: the audio the
+/// resume replayed twice. The ledger counts the client's audio once; the
+/// reconciliation compares that stream once with all Soniox billed for it.
+#[test]
+fn reconciliation_counts_a_resumed_stream_once_against_all_it_cost() {
+    let faults = only_first_connection_fails(fake_soniox::FaultKind::Drop, 6, |n| n == 6);
+    let fake = fake(&["k1"], |c| c.faults.random = Some(faults));
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.admin.token = Some(Secret::new(ADMIN));
+    cfg.usage.reconcile_interval = Duration::from_millis(300);
+    let relay = Relay::start(cfg);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("phone"), Via::Header).unwrap();
+    let got = stream_session(&mut ws, &config_message(None), &audio_frames(20, 1));
+    assert!(got.finished() && got.error_code().is_none(), "{got:?}");
+    assert!(fake.wait_for(Duration::from_secs(10), |s| s.len() == 2
+        && s.iter().all(|r| r.closed)));
+    // What Soniox billed: every connection's audio, the replay included.
+    let billed_ms: u64 = fake.sessions().iter().map(|s| s.audio_ms).sum();
+    assert!(billed_ms > 2000, "{billed_ms}");
+    let report = || -> serde_json::Value {
+        let (_, body) = http(
+            relay.handle.admin_addr,
+            "GET",
+            "/admin/reconciliation",
+            Some(ADMIN),
+            None,
+        );
+        serde_json::from_str(&body).unwrap_or_default()
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || report()["a"]["matched"] == 1),
+        "{}",
+        report()
+    );
+    let r = &report()["a"];
+    let soniox = billed_ms as f64 / 1000.0;
+    assert_eq!(
+        (
+            r["matched"].as_u64(),
+            r["unmatched"].as_u64(),
+            r["relay_seconds"].as_f64(),
+            r["soniox_seconds"].as_f64(),
+        ),
+        (Some(1), Some(0), Some(2.0), Some(soniox)),
+        "{r}"
+    );
+    assert!(
+        (r["drift_seconds"].as_f64().unwrap() - (2.0 - soniox)).abs() < 1e-9,
+        "{r}"
+    );
+    // The ledger: 20 frames of 100 ms, once.
+    let (_, body) = http(
+        relay.handle.admin_addr,
+        "GET",
+        "/admin/usage?group_by=device",
+        Some(ADMIN),
+        None,
+    );
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["rows"][0]["audio_seconds"].as_f64(), Some(2.0), "{v}");
+    let (_, metrics) = http(relay.handle.admin_addr, "GET", "/metrics", None, None);
+    assert!(
+        metrics.contains("clio_relay_audio_seconds_total{account=\"a\"} 2\n"),
+        "{metrics}"
+    );
+}
+
 #[test]
 fn reconciliation_matches_soniox_usage_logs_stream_by_stream() {
     let fake = fake(&["k1"], |_| {});

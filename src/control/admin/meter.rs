@@ -371,7 +371,8 @@ pub(super) fn render_metrics(admin: &Admin, out: &mut String) {
 /// The last comparison of the relay's meter with Soniox's usage logs, per account.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub(super) struct Reconciliation {
-    /// Streams found in both.
+    /// Streams found in both (each once, however many upstream
+    /// connections, so log entries, it had).
     pub matched: u64,
     /// Soniox's log entries with no stream of this relay (other clients of the key, or streams older than the relay remembers).
     pub unmatched: u64,
@@ -406,6 +407,10 @@ pub(super) async fn reconcile(admin: &Admin) {
             ..Default::default()
         };
         let mut cursor: Option<String> = None;
+        // Soniox's audio and log entries per reference id: a stream
+        // resumed mid-stream or moved at open has an entry for each
+        // upstream connection it had, each billed.
+        let mut theirs_by_ref: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
         for _page in 0..10 {
             let path = match &cursor {
                 None => "/v1/usage-logs?limit=1000".to_string(),
@@ -439,20 +444,13 @@ pub(super) async fn reconcile(admin: &Admin) {
             };
             for log in v["logs"].as_array().into_iter().flatten() {
                 let theirs = log["audio_duration_ms"].as_u64().unwrap_or(0);
-                match log["client_reference_id"].as_str().and_then(|rid| {
-                    admin
-                        .usage
-                        .book
-                        .borrow()
-                        .stream_audio_ms(rid)
-                        .map(|(a, ms)| (a == id, ms))
-                }) {
-                    Some((true, ours)) => {
-                        r.matched += 1;
-                        r.relay_seconds += ours as f64 / 1000.0;
-                        r.soniox_seconds += theirs as f64 / 1000.0;
+                match log["client_reference_id"].as_str() {
+                    Some(rid) => {
+                        let (ms, entries) = theirs_by_ref.entry(rid.to_string()).or_default();
+                        *ms += theirs;
+                        *entries += 1;
                     }
-                    _ => r.unmatched += 1,
+                    None => r.unmatched += 1,
                 }
             }
             cursor = v["next_page_cursor"]
@@ -461,6 +459,18 @@ pub(super) async fn reconcile(admin: &Admin) {
                 .or_else(|| v["next_page_cursor"].as_u64().map(|n| n.to_string()));
             if cursor.is_none() {
                 break;
+            }
+        }
+        for (rid, (theirs, entries)) in &theirs_by_ref {
+            let book = admin.usage.book.borrow();
+            match book.stream_audio_ms(rid) {
+                // Each stream once, against all Soniox billed for it.
+                Some((account, ours)) if account == id => {
+                    r.matched += 1;
+                    r.relay_seconds += ours as f64 / 1000.0;
+                    r.soniox_seconds += *theirs as f64 / 1000.0;
+                }
+                _ => r.unmatched += entries,
             }
         }
         r.drift_seconds = r.relay_seconds - r.soniox_seconds;
