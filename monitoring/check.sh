@@ -66,6 +66,7 @@ KNOWN = {
     "clio_relay_audio_seconds_total", "clio_relay_usage_month_audio_seconds",
     "clio_relay_cost_month", "clio_relay_budget_month",
     "clio_relay_device_rejections_total", "clio_relay_usage_drift_seconds",
+    "clio_relay_usage_ledger_failing",
     "clio_relay_alerts_firing", "clio_relay_upstream_config_fault", "clio_relay_refusals_total",
     "clio_relay_account_info", "clio_relay_pool_streams_active",
     "clio_relay_pool_max_concurrent_streams", "clio_relay_pool_accounts",

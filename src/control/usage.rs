@@ -138,6 +138,12 @@ impl UsageBook {
         out
     }
 
+    /// Whether the database is open (it is, unless opening it failed at
+    /// start and at every persist since).
+    pub fn is_open(&self) -> bool {
+        self.store.is_some()
+    }
+
     /// The days with usage, oldest first.
     pub fn days(&self) -> impl Iterator<Item = u64> + '_ {
         let after = self.prune_through;

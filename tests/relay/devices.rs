@@ -581,6 +581,39 @@ fn usage_survives_a_restart() {
 /// A stream that ends just before a normal stop (a drain's last streams)
 /// is in the ledger when the process is gone: the stop takes the shards'
 /// last records and saves, not waiting for the next persist.
+/// A ledger that cannot be written (here: `usage.db` cannot be created,
+/// as on a full or read-only disk) leaves streaming alone, shows in
+/// `clio_relay_usage_ledger_failing`, and once it can be written again
+/// gets the usage kept in memory meanwhile.
+#[test]
+fn a_ledger_that_cannot_be_written_shows_and_catches_up() {
+    let fake = fake(&["k1"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.admin.token = Some(Secret::new(ADMIN));
+    cfg.usage.persist_interval = Duration::from_millis(100);
+    let dir = cfg.admin.state_dir.clone();
+    std::fs::create_dir_all(dir.join("usage.db")).unwrap();
+    let relay = Relay::start(cfg);
+    let failing = || {
+        let (_, metrics) = http(relay.handle.admin_addr, "GET", "/metrics", None, None);
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("clio_relay_usage_ledger_failing "))
+            .map(str::to_string)
+    };
+    assert_eq!(failing().as_deref(), Some("1"));
+    let (mut ws, _) = connect(relay.addr(), &relay.token("phone"), Via::Header).unwrap();
+    assert!(stream_session(&mut ws, &config_message(None), &audio_frames(10, 1)).finished());
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(failing().as_deref(), Some("1"));
+    std::fs::remove_dir(dir.join("usage.db")).unwrap();
+    assert!(wait_until(Duration::from_secs(10), || failing().as_deref()
+        == Some("0")));
+    assert_eq!(streams_on_disk(&dir), 1);
+    drop(relay);
+    std::fs::remove_dir_all(dir).ok();
+}
+
 #[test]
 fn usage_of_the_last_streams_is_saved_at_a_stop() {
     let fake = fake(&["k1"], |_| {});

@@ -302,6 +302,13 @@ pub(super) fn render_metrics(admin: &Admin, out: &mut String) {
         "Devices whose state a limit needs now (a live stream, a refilling bucket, or audio today under a daily allowance).",
     )
     .sample(&[], admin.process.devices.tracked());
+    family(
+        out,
+        "clio_relay_usage_ledger_failing",
+        Kind::Gauge,
+        "1 while the usage ledger (usage.db) cannot be opened or written: usage since waits in memory.",
+    )
+    .sample(&[], u64::from(admin.usage.ledger_failing.get()));
     let currency = admin.usage.cfg.borrow().currency.clone();
     let month = month_audio(admin);
     let prices = admin.usage.prices.borrow();

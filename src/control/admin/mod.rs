@@ -192,6 +192,9 @@ struct UsageState {
     alerts: RefCell<alerts::AlertState>,
     /// Last usage reconciliation per account.
     reconciliation: RefCell<std::collections::BTreeMap<String, meter::Reconciliation>>,
+    /// The ledger's database could not be opened or written at the last
+    /// try: the usage since waits in memory.
+    ledger_failing: std::cell::Cell<bool>,
 }
 
 /// The health service's state.
@@ -260,6 +263,7 @@ impl Admin {
                 configs: RefCell::new(setup.account_configs.clone()),
             },
             usage: UsageState {
+                ledger_failing: std::cell::Cell::new(!book.is_open()),
                 book: RefCell::new(book),
                 cfg: RefCell::new(setup.usage),
                 prices: RefCell::new(prices(&setup.account_configs)),

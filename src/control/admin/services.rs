@@ -37,7 +37,6 @@ pub(super) async fn usage(admin: &Admin) {
     let mut last_save = Instant::now();
     let mut last_alerts = Instant::now();
     let mut last_reconcile: Option<Instant> = None;
-    let mut save_failed = false;
     loop {
         glommio::timer::Timer::new(Duration::from_secs(1)).await;
         meter::take_usage(admin).await;
@@ -52,7 +51,7 @@ pub(super) async fn usage(admin: &Admin) {
         }
         if last_save.elapsed() >= admin.usage.cfg.borrow().persist_interval {
             last_save = Instant::now();
-            save_failed = save_usage(admin, save_failed);
+            save_usage(admin, false);
         }
     }
 }
@@ -73,17 +72,30 @@ pub(super) async fn process(admin: &Admin, spare: &Spare) {
     }
 }
 
-/// Saves the usage ledger if it changed; whether saving fails, logging a
-/// failure only when the last save did not fail too.
-fn save_usage(admin: &Admin, failed_before: bool) -> bool {
+/// Saves the usage ledger if it changed. A failure is logged when the
+/// last try did not fail too (and always at the stop, when what is kept
+/// in memory is lost), and the first save after failures says so;
+/// `clio_relay_usage_ledger_failing` shows which holds now.
+fn save_usage(admin: &Admin, at_stop: bool) {
     let dir = admin.config.borrow().state_dir.clone();
-    match admin.usage.book.borrow_mut().save_if_dirty(&dir) {
-        Ok(()) => false,
-        Err(e) => {
-            if !failed_before {
-                tracing::error!(dir = %dir.display(), error = %e, "cannot write the usage ledger");
+    let mut book = admin.usage.book.borrow_mut();
+    let failed_before = admin.usage.ledger_failing.get();
+    match book.save_if_dirty(&dir) {
+        // Nothing to save leaves a database that would not open unopened.
+        Ok(()) if !book.is_open() => {}
+        Ok(()) => {
+            if failed_before {
+                tracing::info!(dir = %dir.display(), "usage ledger written again; the usage kept in memory meanwhile is in it");
             }
-            true
+            admin.usage.ledger_failing.set(false);
+        }
+        Err(e) => {
+            if at_stop {
+                tracing::error!(dir = %dir.display(), error = %e, "cannot write the usage ledger at the stop; the usage not saved since the last persist is lost");
+            } else if !failed_before {
+                tracing::error!(dir = %dir.display(), error = %e, "cannot write the usage ledger; usage is kept in memory and saved when it can be");
+            }
+            admin.usage.ledger_failing.set(true);
         }
     }
 }
@@ -100,7 +112,7 @@ pub(super) async fn messages(admin: &Admin, inbox: async_channel::Receiver<Admin
             }
             AdminMsg::Flush(reply) => {
                 meter::take_usage(admin).await;
-                save_usage(admin, false);
+                save_usage(admin, true);
                 let _ = reply.send(());
             }
         }
