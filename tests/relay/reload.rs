@@ -405,3 +405,83 @@ fn a_reload_says_what_it_changed_on_each_account_and_what_it_kept() {
     let log = relay.handle.reload(&file).unwrap();
     assert!(!log.iter().any(|l| l.contains("acct-")), "{log:?}");
 }
+
+/// The usage ledger across a reload and a crash: a reload leaves the
+/// counters as they were (a counter never goes down), and a SIGKILL
+/// loses the stream that was live then, whole, while the streams that
+/// ended before the last persist are there after the restart.
+#[test]
+fn usage_survives_a_reload_and_a_crash_loses_the_live_stream() {
+    let fake = fake(&["k1"], |c| c.echo = true);
+    let dir = std::env::temp_dir().join(format!("clio-reload-usage-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("k1"), "k1\n").unwrap();
+    let cfg = dir.join("relay.toml");
+    let accounts = "[[account]]\nid = \"a\"\nkey_file = \"k1\"\n";
+    let extra = "state_dir = \"state\"\n[usage]\npersist_interval = \"100ms\"\n";
+    write_config(&cfg, &fake.url(), accounts, extra);
+    let secret = secret();
+    let keys = TokenKeys::new(&secret, None, Duration::from_secs(30));
+    let token = |device: &str| {
+        keys.mint(
+            device,
+            Duration::from_secs(600),
+            std::time::SystemTime::now(),
+        )
+        .unwrap()
+    };
+    let relay = RelayProcess::spawn(&cfg, &secret);
+    let audio_total = |admin| {
+        let (_, metrics) = http(admin, "GET", "/metrics", None, None);
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("clio_relay_audio_seconds_total{account=\"a\"} "))
+            .map(str::to_string)
+    };
+    // One stream ends: 10 frames of 100 ms.
+    let (mut ws, _) = connect(relay.client, &token("ended"), Via::Header).unwrap();
+    assert!(stream_session(&mut ws, &config_message(None), &audio_frames(10, 1)).finished());
+    assert!(wait_until(Duration::from_secs(10), || audio_total(
+        relay.admin
+    )
+    .as_deref()
+        == Some("1")));
+    // Another is live, 2 s of audio in and echoed.
+    let (mut live, _) = connect(relay.client, &token("live"), Via::Header).unwrap();
+    live.send(Message::text(config_message(None))).unwrap();
+    for f in audio_frames(20, 2) {
+        live.send(Message::binary(f)).unwrap();
+        while !matches!(live.read().unwrap(), Message::Text(_)) {}
+    }
+    relay.sighup();
+    relay.logged("reload").expect("the reload is logged");
+    assert_eq!(audio_total(relay.admin).as_deref(), Some("1"));
+    // Persisted every 100 ms: the ended stream is on disk well before this.
+    std::thread::sleep(Duration::from_millis(500));
+    drop(relay); // SIGKILL
+    drop(live);
+    let relay = RelayProcess::spawn(&cfg, &secret);
+    let (_, body) = http(
+        relay.admin,
+        "GET",
+        "/admin/usage?group_by=device",
+        Some(ADMIN),
+        None,
+    );
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let rows: Vec<_> = v["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["key"].as_str().unwrap().to_string(),
+                r["audio_seconds"].as_f64(),
+            )
+        })
+        .collect();
+    assert_eq!(rows, vec![("ended".to_string(), Some(1.0))], "{v}");
+    assert_eq!(audio_total(relay.admin).as_deref(), Some("1"));
+    drop(relay);
+    std::fs::remove_dir_all(&dir).ok();
+}
