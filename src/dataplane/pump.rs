@@ -312,9 +312,14 @@ pub async fn upstream_to_client(
                         return End::Retry(code, scope);
                     }
                 }
-                _ => {
+                FirstMessage::Closed => {
+                    // Nothing upstream transcribed: not billed.
                     down.inspect_first.set(false);
                     down.accepted.set(true);
+                }
+                _ => {
+                    down.inspect_first.set(false);
+                    down.accept();
                 }
             }
         }

@@ -535,6 +535,65 @@ fn a_compressed_stream_cut_short_is_billed_what_upstream_processed() {
     assert_eq!(row["audio_seconds"].as_f64(), Some(2.0), "{row}");
 }
 
+/// A stream upstream never accepted, its first answer an error (every
+/// account refused it, or its config was refused), was transcribed and
+/// billed nothing: it is counted with its error and no audio, although
+/// the client's audio had gone up before the answer.
+#[test]
+fn a_stream_upstream_refused_is_counted_without_audio() {
+    let fake = fake(&["k1", "k2"], |c| {
+        c.faults.refuse_at_first_message = vec![("k1".into(), 429)];
+    });
+    let relay = relay_with(&fake, DeviceLimits::default());
+    let bad_model = {
+        let mut v: serde_json::Value = serde_json::from_str(&config_message(None)).unwrap();
+        v["model"] = "no-such-model".into();
+        v.to_string()
+    };
+    let (mut ws, _) = connect(relay.addr(), &relay.token("refused"), Via::Header).unwrap();
+    let got = stream_session(&mut ws, &config_message(None), &audio_frames(10, 1));
+    assert_eq!(got.error_code(), Some(429), "{got:?}");
+    // The second account's key takes streams: a config it refuses.
+    let mut cfg = relay_config(&fake.url(), &[("b", "k2")]);
+    cfg.admin.token = Some(Secret::new(ADMIN));
+    let other = Relay::start(cfg);
+    let (mut ws, _) = connect(other.addr(), &other.token("bad-config"), Via::Header).unwrap();
+    let got = stream_session(&mut ws, &bad_model, &audio_frames(10, 1));
+    assert_eq!(got.error_code(), Some(400), "{got:?}");
+    // Upstream got audio from both before it answered.
+    assert!(fake.wait_for(Duration::from_secs(10), |s| s.len() == 2
+        && s.iter().all(|r| r.closed)));
+    for (relay, device, code) in [(&relay, "refused", "429"), (&other, "bad-config", "400")] {
+        let row = || {
+            let (_, body) = http(
+                relay.handle.admin_addr,
+                "GET",
+                "/admin/usage?group_by=device",
+                Some(ADMIN),
+                None,
+            );
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            v["rows"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["key"] == device)
+                .cloned()
+        };
+        assert!(wait_until(Duration::from_secs(10), || row().is_some()));
+        let row = row().unwrap();
+        assert_eq!(
+            (
+                row["streams"].as_u64(),
+                row["audio_seconds"].as_f64(),
+                row["errors"][code].as_u64()
+            ),
+            (Some(1), Some(0.0), Some(1)),
+            "{row}"
+        );
+    }
+}
+
 /// Streams counted in the usage ledger's database file, read beside the
 /// running relay (SQLite allows readers while it writes).
 fn streams_on_disk(dir: &std::path::Path) -> i64 {

@@ -559,7 +559,7 @@ pub async fn upstream_to_client(link: Link<'_>, max_payload: u64, cx: StreamCx<'
                                     break End::Resume(code, scope);
                                 }
                             } else {
-                                down.accepted.set(true);
+                                down.accept();
                             }
                             let mut r = resume.borrow_mut();
                             let Some(r) = r.as_mut() else {
@@ -581,7 +581,11 @@ pub async fn upstream_to_client(link: Link<'_>, max_payload: u64, cx: StreamCx<'
                                 // `<fin>`: the client's finalize is answered.
                                 r.finalize_pending = false;
                             }
+                        } else if data {
+                            down.accept();
                         } else {
+                            // A control frame commits nothing to bill (a
+                            // close after an error is the stream's end).
                             down.accepted.set(true);
                         }
                         let close = h.opcode == Opcode::Close;

@@ -52,6 +52,7 @@ impl StreamState {
                 inspect_first: Cell::new(true),
                 first_error: Cell::new(None),
                 accepted: Cell::new(false),
+                ever_accepted: Cell::new(false),
                 first_result_seen: Cell::new(false),
                 fin_seen: Cell::new(false),
                 last_word_seen: Cell::new(false),
@@ -184,6 +185,9 @@ pub struct DownHalf {
     /// Upstream answered with a first message that is not an error: the
     /// stream is committed to this connection and the copy is let go.
     pub accepted: Cell<bool>,
+    /// Some upstream connection of the stream accepted it (kept across
+    /// failovers and resumes). A stream none accepted was billed nothing.
+    pub ever_accepted: Cell<bool>,
     /// Whether time-to-first-result has been recorded.
     pub first_result_seen: Cell<bool>,
     /// Upstream sent the `<fin>` token (the answer to a finalize).
@@ -199,6 +203,13 @@ pub struct DownHalf {
 }
 
 impl DownHalf {
+    /// Upstream answered this connection's first message with anything
+    /// but an error: the stream is committed to it.
+    pub fn accept(&self) {
+        self.accepted.set(true);
+        self.ever_accepted.set(true);
+    }
+
     /// A new upstream connection (after a failover or a resume): its first
     /// message is looked at again and it has accepted nothing yet.
     pub fn new_connection(&self) {
@@ -309,8 +320,24 @@ impl Meter {
     /// not counted yet (the last partial second of raw audio, or for
     /// compressed formats upstream's whole figure) and returns the stream's
     /// usage record with the meter's figures; whose stream it was (account,
-    /// device, reference id) is the caller's to fill in.
-    pub fn settle(&self, now: std::time::SystemTime) -> UsageRecord {
+    /// device, reference id) is the caller's to fill in. A stream upstream
+    /// refused (`billed` false) is recorded with no audio.
+    pub fn settle(&self, now: std::time::SystemTime, billed: bool) -> UsageRecord {
+        if !billed {
+            // Upstream refused the stream: none of its audio was
+            // transcribed or billed, nor counts for the device.
+            return UsageRecord {
+                day: crate::core::devices::utc_day(now),
+                account: String::new(),
+                device: String::new(),
+                reference_id: String::new(),
+                audio_ms_relay: 0,
+                audio_ms_upstream: None,
+                bytes_up: self.bytes_up.get(),
+                bytes_down: self.bytes_down.get(),
+                error: self.upstream_error.get(),
+            };
+        }
         let relay_ms = self.audio_ms();
         // `finished`'s figure, else (compressed formats) the last one seen.
         let upstream_ms = self.upstream_audio_ms.get().or(self.upstream_seen_ms.get());

@@ -222,6 +222,9 @@ impl Stream {
             );
             // The last failover was for a lost connection, not a refusal.
             let mut lost: bool;
+            // The last connection answered its first message with an
+            // error (a refusal): it transcribed and billed nothing.
+            let mut refused_last = false;
             // ... or for something that was not the account's fault (a lost
             // connection, 500, 503): with no other account left, the same one
             // is tried again, up to `failover.max_resumes` times.
@@ -262,6 +265,7 @@ impl Stream {
                 match end {
                     End::Retry(code, scope) => {
                         lost = false;
+                        refused_last = true;
                         not_the_account = matches!(code, 500 | 503);
                         self.note_refusal(&up.lease, code, scope);
                         self.shard.metrics.error(Side::Upstream, code);
@@ -275,6 +279,7 @@ impl Stream {
                             && !state.down.last_word_seen.get() =>
                     {
                         lost = true;
+                        refused_last = false;
                         not_the_account = true;
                         self.shard.metrics.error(Side::Upstream, 502);
                         if self.shard.process.upstream_log.admit() {
@@ -354,7 +359,8 @@ impl Stream {
                         // audio all the same (its account's gauges were
                         // closed before the reopen).
                         let error = (r.code != 0).then_some(r.code);
-                        self.record_usage(&up, claims, reference_id, &state, error);
+                        let billed = state.down.ever_accepted.get() || !refused_last;
+                        self.record_usage(&up, claims, reference_id, &state, error, billed);
                         return false;
                     }
                 };
@@ -367,7 +373,12 @@ impl Stream {
                 self.shard
                     .metrics
                     .stream_closed(up.lease.account.metrics_index);
-                self.record_usage(&up, claims, reference_id, &state, error);
+                // Upstream's first answer an error (a refusal, a bad
+                // config) and no connection that accepted the stream:
+                // none of its audio was billed.
+                let billed =
+                    state.down.ever_accepted.get() || state.down.first_error.get().is_none();
+                self.record_usage(&up, claims, reference_id, &state, error, billed);
                 let resume_copy_peak = state
                     .resume
                     .borrow()
@@ -386,7 +397,8 @@ impl Stream {
     }
 
     /// Writes the stream's usage record for the admin thread to collect,
-    /// and settles the device's daily audio with the final figure.
+    /// and settles the device's daily audio with the final figure (none
+    /// for a stream upstream refused: `billed` false).
     fn record_usage(
         &self,
         up: &Upstream,
@@ -394,8 +406,9 @@ impl Stream {
         reference_id: String,
         state: &StreamState,
         error: Option<u16>,
+        billed: bool,
     ) {
-        let metered = state.meter.settle(SystemTime::now());
+        let metered = state.meter.settle(SystemTime::now(), billed);
         self.shard.usage.borrow_mut().push(UsageRecord {
             account: up.lease.account.id.clone(),
             device: claims.device_id.clone(),
