@@ -191,6 +191,33 @@ fn new_streams_per_minute_are_a_token_bucket() {
     );
 }
 
+/// A compressed stream's audio is known only from upstream, and counted
+/// against the day when the stream ends: a stream past the allowance
+/// goes on to its end, and the device's next stream is refused.
+#[test]
+fn a_compressed_stream_is_counted_against_the_day_when_it_ends() {
+    let fake = fake(&["k1"], |_| {});
+    let relay = relay_with(
+        &fake,
+        DeviceLimits {
+            audio_seconds_per_day: 2,
+            ..Default::default()
+        },
+    );
+    let token = relay.token("ogg-phone");
+    let mut config: serde_json::Value = serde_json::from_str(&config_message(None)).unwrap();
+    config["audio_format"] = "ogg".into();
+    // fake-soniox takes compressed audio as 16,000 bytes a second: 4 s.
+    let (mut ws, _) = connect(relay.addr(), &token, Via::Header).unwrap();
+    let got = stream_session(&mut ws, &config.to_string(), &audio_frames(20, 4));
+    assert!(got.finished() && got.error_code().is_none(), "{got:?}");
+    let got = refused(&relay, &token);
+    assert_eq!(got.error_code(), Some(429), "{got:?}");
+    assert!(got.messages.iter().any(|m| m["error_message"]
+        .as_str()
+        .is_some_and(|t| t.contains("2 audio seconds per day"))));
+}
+
 #[test]
 fn daily_audio_allowance_ends_the_stream_that_crosses_it() {
     let fake = fake(&["k1"], |_| {});
