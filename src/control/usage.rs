@@ -138,6 +138,29 @@ impl UsageBook {
         out
     }
 
+    /// Audio milliseconds per account since the ledger began: every day
+    /// kept, and the days dropped past [`KEEP_DAYS`] (so a counter built on
+    /// it never goes down). `None` when the database cannot be read.
+    pub fn audio_ms_all_time(&self) -> Option<BTreeMap<String, u64>> {
+        let mut out = match &self.store {
+            // Days dropped in memory but not yet in the database are still
+            // there, and not yet in its retired totals: counted once.
+            Some(s) => s
+                .audio_ms_all_time()
+                .map_err(|e| {
+                    tracing::error!(error = %e, "cannot read the usage ledger database");
+                })
+                .ok()?,
+            None => BTreeMap::new(),
+        };
+        for day in self.pending[GroupBy::Account as usize].values() {
+            for (k, t) in day {
+                *out.entry(k.clone()).or_default() += t.audio_ms;
+            }
+        }
+        Some(out)
+    }
+
     /// Whether the database is open (it is, unless opening it failed at
     /// start and at every persist since).
     pub fn is_open(&self) -> bool {

@@ -714,6 +714,61 @@ fn usage_of_the_last_streams_is_saved_at_a_stop() {
     std::fs::remove_dir_all(&cfg.admin.state_dir).ok();
 }
 
+/// `clio_relay_audio_seconds_total` is a counter: when the ledger drops
+/// its oldest day past the 400 it keeps, that day's audio stays in it,
+/// across a restart too.
+#[test]
+fn the_audio_counter_keeps_the_days_the_ledger_drops() {
+    let fake = fake(&["k1"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.usage.persist_interval = Duration::from_millis(100);
+    let today = clio_relay::core::devices::utc_day(SystemTime::now());
+    let dir = cfg.admin.state_dir.clone();
+    std::fs::create_dir_all(&dir).unwrap();
+    // 401 days of one second each, from an older relay's file: one day
+    // more than the ledger keeps.
+    let day = serde_json::json!({"a": {"streams": 1, "audio_ms": 1000, "audio_ms_relay": 1000, "bytes_up": 32000, "bytes_down": 10, "errors": {}}});
+    let days: serde_json::Map<String, serde_json::Value> = (today - 400..=today)
+        .map(|d| (d.to_string(), day.clone()))
+        .collect();
+    let old = serde_json::json!({"by_account": days.clone(), "by_device": {}});
+    std::fs::write(dir.join("usage.json"), old.to_string()).unwrap();
+    let counter = |relay: &Relay| {
+        let (_, metrics) = http(relay.handle.admin_addr, "GET", "/metrics", None, None);
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("clio_relay_audio_seconds_total{account=\"a\"} "))
+            .map(str::to_string)
+    };
+    let days_on_disk = || -> i64 {
+        let db = rusqlite::Connection::open_with_flags(
+            dir.join("usage.db"),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .unwrap();
+        db.query_row(
+            "SELECT count(DISTINCT day) FROM totals WHERE grp = 0",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap()
+    };
+    let relay = Relay::start(cfg.clone());
+    assert_eq!(counter(&relay).as_deref(), Some("401"));
+    // A persist drops the oldest day from the file.
+    let (mut ws, _) = connect(relay.addr(), &relay.token("phone"), Via::Header).unwrap();
+    assert!(stream_session(&mut ws, &config_message(None), &audio_frames(10, 1)).finished());
+    assert!(wait_until(Duration::from_secs(10), || days_on_disk()
+        == 400
+        && streams_on_disk(&dir) == 401));
+    assert_eq!(counter(&relay).as_deref(), Some("402"));
+    drop(relay);
+    let relay = Relay::start(cfg);
+    assert_eq!(counter(&relay).as_deref(), Some("402"));
+    drop(relay);
+    std::fs::remove_dir_all(dir).ok();
+}
+
 /// An older relay's `usage.json` is taken into the database at start, with
 /// the same figures, and new streams add to it.
 #[test]

@@ -55,6 +55,10 @@ CREATE TABLE IF NOT EXISTS errors (
     n INTEGER NOT NULL,
     PRIMARY KEY (grp, day, key, code)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS retired (
+    key TEXT PRIMARY KEY,
+    audio_ms INTEGER NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS migrations (
     sha256 TEXT PRIMARY KEY,
     at INTEGER NOT NULL
@@ -250,6 +254,21 @@ impl Store {
         Ok(out)
     }
 
+    /// Audio milliseconds per account over every day stored, and every
+    /// day dropped past the days kept.
+    pub fn audio_ms_all_time(&self) -> rusqlite::Result<BTreeMap<String, u64>> {
+        let mut out: BTreeMap<String, u64> = BTreeMap::new();
+        let mut st = self.conn.prepare_cached(
+            "SELECT key, sum(audio_ms) FROM totals WHERE grp = 0 GROUP BY key
+             UNION ALL SELECT key, audio_ms FROM retired",
+        )?;
+        let mut rows = st.query([])?;
+        while let Some(r) = rows.next()? {
+            *out.entry(r.get(0)?).or_default() += uint(r.get(1)?);
+        }
+        Ok(out)
+    }
+
     /// Moves the write-ahead log into the database file and empties it
     /// (SQLite also does this by itself every 1,000 pages).
     #[cfg(test)]
@@ -299,6 +318,14 @@ fn write(
         }
     }
     if let Some(last) = prune_through {
+        // The accounts' audio of the days dropped stays in their all-time
+        // totals (`clio_relay_audio_seconds_total` never goes down).
+        tx.execute(
+            "INSERT INTO retired (key, audio_ms)
+             SELECT key, sum(audio_ms) FROM totals WHERE grp = 0 AND day <= ?1 GROUP BY key
+             ON CONFLICT (key) DO UPDATE SET audio_ms = audio_ms + excluded.audio_ms",
+            [int(last)],
+        )?;
         tx.execute("DELETE FROM totals WHERE day <= ?1", [int(last)])?;
         tx.execute("DELETE FROM errors WHERE day <= ?1", [int(last)])?;
     }
