@@ -485,3 +485,56 @@ fn usage_survives_a_reload_and_a_crash_loses_the_live_stream() {
     drop(relay);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Cost is computed when asked, from the audio the ledger keeps and the
+/// price in force then: a reload that changes `price_per_hour` reprices
+/// the usage already counted.
+#[test]
+fn a_reloaded_price_reprices_the_usage_already_counted() {
+    let fake = fake(&["k1"], |_| {});
+    let dir = std::env::temp_dir().join(format!("clio-reload-price-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("k1"), "k1\n").unwrap();
+    let cfg = dir.join("relay.toml");
+    let extra = "state_dir = \"state\"\n";
+    let account = |price: &str| {
+        format!("[[account]]\nid = \"a\"\nkey_file = \"k1\"\nprice_per_hour = {price}\n")
+    };
+    write_config(&cfg, &fake.url(), &account("3.6"), extra);
+    let secret = secret();
+    let relay = RelayProcess::spawn(&cfg, &secret);
+    let token = TokenKeys::new(&secret, None, Duration::from_secs(30))
+        .mint(
+            "phone",
+            Duration::from_secs(600),
+            std::time::SystemTime::now(),
+        )
+        .unwrap();
+    let (mut ws, _) = connect(relay.client, &token, Via::Header).unwrap();
+    // 10 s of audio: 100 frames of 100 ms.
+    assert!(stream_session(&mut ws, &config_message(None), &audio_frames(100, 1)).finished());
+    let cost = || {
+        let (_, body) = http(
+            relay.admin,
+            "GET",
+            "/admin/usage?group_by=account",
+            Some(ADMIN),
+            None,
+        );
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["rows"][0]["cost"].as_f64()
+    };
+    let near = |c: Option<f64>, want: f64| c.is_some_and(|c| (c - want).abs() < 1e-9);
+    // 10 s at 3.6 an hour.
+    assert!(wait_until(Duration::from_secs(10), || near(cost(), 0.01)));
+    write_config(&cfg, &fake.url(), &account("7.2"), extra);
+    relay.sighup();
+    relay.logged("reload").expect("the reload is logged");
+    assert!(
+        wait_until(Duration::from_secs(10), || near(cost(), 0.02)),
+        "{:?}",
+        cost()
+    );
+    drop(relay);
+    std::fs::remove_dir_all(&dir).ok();
+}
