@@ -13,14 +13,13 @@
 //! client sees one stream.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 use std::time::Instant;
-
-use memchr::memmem::Finder;
 
 use serde_json::Value;
 
 use super::copy_budget::CopyBudget;
+use super::state::{final_audio_proc_ms_of, total_audio_proc_ms_of};
 use super::{End, Link, StreamCx};
 use crate::core::keyring::RateScope;
 use crate::core::metrics::Hist;
@@ -423,36 +422,6 @@ impl Drop for Resume {
     }
 }
 
-/// The number after `"final_audio_proc_ms":` in a result, by byte search.
-fn final_ms_of(payload: &[u8]) -> Option<u64> {
-    const KEY: &[u8] = b"\"final_audio_proc_ms\":";
-    static AT: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(KEY));
-    number_after(payload, &AT, KEY.len())
-}
-
-/// The number after `"total_audio_proc_ms":` in a result, by byte search.
-fn total_ms_of(payload: &[u8]) -> Option<u64> {
-    const KEY: &[u8] = b"\"total_audio_proc_ms\":";
-    static AT: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(KEY));
-    number_after(payload, &AT, KEY.len())
-}
-
-/// The number after the first match of `key` (`key_len` bytes) in `payload`.
-fn number_after(payload: &[u8], key: &Finder<'_>, key_len: usize) -> Option<u64> {
-    let at = key.find(payload)? + key_len;
-    let digits = payload[at..]
-        .iter()
-        .skip_while(|b| b.is_ascii_whitespace())
-        .take_while(|b| b.is_ascii_digit());
-    let mut n: u64 = 0;
-    let mut any = false;
-    for d in digits {
-        n = n.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
-        any = true;
-    }
-    any.then_some(n)
-}
-
 /// The `error_code` of an error message, by a byte search first.
 fn error_code_of(payload: &[u8]) -> Option<(u16, RateScope)> {
     // A byte search first: the JSON is parsed only for an error.
@@ -569,12 +538,12 @@ pub async fn upstream_to_client(link: Link<'_>, max_payload: u64, cx: StreamCx<'
                                 out = r.rewrite(payload);
                             }
                             let text = out.as_deref().unwrap_or(payload);
-                            if let Some(ms) = final_ms_of(text) {
+                            if let Some(ms) = final_audio_proc_ms_of(text) {
                                 // Rewritten: already on the client's timeline.
                                 let shift = if out.is_some() { r.shift_ms } else { 0 };
                                 r.note_final(ms.saturating_sub(shift));
                             }
-                            if let Some(ms) = total_ms_of(text) {
+                            if let Some(ms) = total_audio_proc_ms_of(text) {
                                 r.total_ms = r.total_ms.max(ms);
                             }
                             if state.note_upstream_text(text) {
@@ -749,10 +718,18 @@ mod tests {
         assert_eq!(v["final_audio_proc_ms"], 520);
         assert_eq!(v["total_audio_proc_ms"], 540);
         assert_eq!(
-            final_ms_of(br#"{"final_audio_proc_ms": 123,"x":1}"#),
+            final_audio_proc_ms_of(br#"{"final_audio_proc_ms": 123,"x":1}"#),
             Some(123)
         );
-        assert_eq!(final_ms_of(br#"{"tokens":[]}"#), None);
+        assert_eq!(final_audio_proc_ms_of(br#"{"tokens":[]}"#), None);
+        assert_eq!(
+            total_audio_proc_ms_of(br#"{"total_audio_proc_ms" : 7}"#),
+            Some(7)
+        );
+        assert_eq!(
+            total_audio_proc_ms_of(br#"{"total_audio_proc_ms":99999999999999999999}"#),
+            None
+        );
     }
 
     /// `n` bytes of audio through `r` as the client→upstream pump takes

@@ -128,17 +128,37 @@ static FIN: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"<fin>"));
 static FINISHED: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"finished\""));
 pub(crate) static ERROR_CODE: LazyLock<Finder<'static>> =
     LazyLock::new(|| Finder::new(b"\"error_code\""));
+static FINAL_MS: LazyLock<Finder<'static>> =
+    LazyLock::new(|| Finder::new(b"\"final_audio_proc_ms\""));
 static TOTAL_MS: LazyLock<Finder<'static>> =
     LazyLock::new(|| Finder::new(b"\"total_audio_proc_ms\""));
 
-/// The number after the first `"total_audio_proc_ms"` key of a result,
-/// read from the bytes (no JSON parse per result).
-fn total_audio_proc_ms_of(payload: &[u8]) -> Option<u64> {
-    let at = TOTAL_MS.find(payload)? + b"\"total_audio_proc_ms\"".len();
+/// A result's `final_audio_proc_ms`, read from its bytes (no JSON parse).
+pub(super) fn final_audio_proc_ms_of(payload: &[u8]) -> Option<u64> {
+    number_after(payload, &FINAL_MS)
+}
+
+/// A result's `total_audio_proc_ms`, read from its bytes (no JSON parse).
+pub(super) fn total_audio_proc_ms_of(payload: &[u8]) -> Option<u64> {
+    number_after(payload, &TOTAL_MS)
+}
+
+/// The whole number after the first `key` (a quoted JSON key) in
+/// `payload`; `None` without one, or past `u64`.
+fn number_after(payload: &[u8], key: &Finder<'_>) -> Option<u64> {
+    let at = key.find(payload)? + key.needle().len();
     let rest = payload[at..].trim_ascii_start().strip_prefix(b":")?;
-    let rest = rest.trim_ascii_start();
-    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
-    std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()
+    let digits = rest
+        .trim_ascii_start()
+        .iter()
+        .take_while(|b| b.is_ascii_digit());
+    let mut n: u64 = 0;
+    let mut any = false;
+    for d in digits {
+        n = n.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
+        any = true;
+    }
+    any.then_some(n)
 }
 
 /// The client→upstream half, written by [`client_to_upstream`](super::client_to_upstream).
