@@ -194,9 +194,12 @@ fn new_streams_per_minute_are_a_token_bucket() {
 /// A compressed stream's audio is known only from upstream, and counted
 /// against the day when the stream ends: a stream past the allowance
 /// goes on to its end, and the device's next stream is refused.
+/// A compressed stream's length is upstream's to tell: it is counted
+/// against the day as upstream's results report it, a second at a time,
+/// and the stream that passes the allowance is ended as a raw one is.
 #[test]
-fn a_compressed_stream_is_counted_against_the_day_when_it_ends() {
-    let fake = fake(&["k1"], |_| {});
+fn a_compressed_stream_past_the_daily_allowance_is_ended() {
+    let fake = fake(&["k1"], |c| c.echo = true);
     let relay = relay_with(
         &fake,
         DeviceLimits {
@@ -207,10 +210,48 @@ fn a_compressed_stream_is_counted_against_the_day_when_it_ends() {
     let token = relay.token("ogg-phone");
     let mut config: serde_json::Value = serde_json::from_str(&config_message(None)).unwrap();
     config["audio_format"] = "ogg".into();
-    // fake-soniox takes compressed audio as 16,000 bytes a second: 4 s.
     let (mut ws, _) = connect(relay.addr(), &token, Via::Header).unwrap();
-    let got = stream_session(&mut ws, &config.to_string(), &audio_frames(20, 4));
-    assert!(got.finished() && got.error_code().is_none(), "{got:?}");
+    ws.send(Message::text(config.to_string())).unwrap();
+    // fake-soniox takes compressed audio as 16,000 bytes a second: each
+    // 3,200-byte frame is 200 ms, echoed with the total so far. Each frame
+    // waits for the last one's result, so the relay has upstream's figure
+    // when the next frame comes.
+    let mut last_total = 0;
+    let mut ended = None;
+    'frames: for f in audio_frames(40, 3) {
+        if ws.send(Message::binary(f)).is_err() {
+            break;
+        }
+        loop {
+            match ws.read() {
+                Ok(Message::Text(t)) => {
+                    let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                    if v["error_code"].is_u64() {
+                        ended = Some(v);
+                        break 'frames;
+                    }
+                    last_total = v["total_audio_proc_ms"].as_u64().unwrap();
+                    break;
+                }
+                Ok(_) => {}
+                Err(e) => panic!("after {last_total} ms: {e}"),
+            }
+        }
+    }
+    let ended = ended.unwrap_or_else(|| panic!("not ended after {last_total} ms"));
+    assert_eq!(ended["error_code"], 429, "{ended}");
+    assert!(
+        ended["error_message"]
+            .as_str()
+            .unwrap()
+            .contains("daily audio"),
+        "{ended}"
+    );
+    // Counted a second at a time: ended once 3 s were reported, at the
+    // frame after that result.
+    assert_eq!(last_total, 3000, "{ended}");
+    let rest = read_all(&mut ws);
+    assert_eq!(rest.close_code(), Some(1008), "{rest:?}");
     let got = refused(&relay, &token);
     assert_eq!(got.error_code(), Some(429), "{got:?}");
     assert!(got.messages.iter().any(|m| m["error_message"]

@@ -262,6 +262,9 @@ pub struct Meter {
     upstream_audio_ms: Cell<Option<u64>>,
     /// A compressed stream's latest `total_audio_proc_ms` from any result.
     upstream_seen_ms: Cell<Option<u64>>,
+    /// Of that figure, the milliseconds already counted against the
+    /// device's daily allowance.
+    upstream_counted_ms: Cell<u64>,
     /// The last `error_code` upstream sent.
     upstream_error: Cell<Option<u16>>,
 }
@@ -303,14 +306,25 @@ impl Meter {
     }
 
     /// Counts forwarded audio against the device's daily allowance, one
-    /// second of audio at a time (a shared counter, so not per frame).
-    /// Returns false once the allowance is used up.
+    /// second of audio at a time (a shared counter, so not per frame):
+    /// raw audio by its bytes, compressed audio by upstream's latest
+    /// `total_audio_proc_ms` (only upstream can tell its length). Returns
+    /// false once the allowance is used up.
     pub fn count_audio(&self, bytes: u64) -> bool {
         let total = self.audio_bytes.get() + bytes;
         self.audio_bytes.set(total);
         let per_ms = self.bytes_per_ms.get();
         if per_ms <= 0.0 {
-            return true;
+            let counted = self.upstream_counted_ms.get();
+            let seen = self.upstream_seen_ms.get().unwrap_or(0);
+            if seen < counted + 1000 {
+                return true;
+            }
+            self.upstream_counted_ms.set(seen);
+            let device = self.device.borrow();
+            return device
+                .as_ref()
+                .is_none_or(|d| d.add_audio(seen - counted, std::time::SystemTime::now()));
         }
         let pending = total - self.audio_counted.get();
         if (pending as f64) < per_ms * 1000.0 {
@@ -366,7 +380,7 @@ impl Meter {
             let counted_ms = if per_ms > 0.0 {
                 (self.audio_counted.get() as f64 / per_ms) as u64
             } else {
-                0
+                self.upstream_counted_ms.get()
             };
             let total = if relay_ms > 0 {
                 relay_ms
