@@ -16,8 +16,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::StoreError;
 
-/// Prefix of temp files: hidden, and named after the store so a glance at
-/// the directory says what they are.
+/// Prefix of the store's temp files: hidden, and named after the store so
+/// a glance at the directory says what they are. Every temp file is named
+/// after its target this way (`.key-dates.json.tmp-…` for the key dates).
 pub const TEMP_PREFIX: &str = ".accounts.store.tmp-";
 
 /// Makes temp names unique within the process (with the pid, across processes).
@@ -47,7 +48,8 @@ pub fn ensure_dir(dir: &Path) -> Result<(), StoreError> {
 /// On `Err` the target is untouched.
 pub fn write_and_rename(dir: &Path, target: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-    let temp = dir.join(format!("{TEMP_PREFIX}{}-{n}", std::process::id()));
+    let name = target.file_name().unwrap_or_default().to_string_lossy();
+    let temp = dir.join(format!(".{name}.tmp-{}-{n}", std::process::id()));
     let result = write_synced(&temp, bytes).and_then(|()| {
         fs::rename(&temp, target).map_err(|e| {
             StoreError::io(

@@ -302,6 +302,26 @@ fn open_removes_stale_temp_files() {
 }
 
 #[test]
+fn a_temp_file_is_named_after_its_target() {
+    // A failure names the temp file: the key dates' must not read as the
+    // key store's (a key-dates write that failed named `.accounts.store.tmp-…`).
+    let dir = TempDir::new("tempname");
+    let gone = dir.0.join("missing");
+    let err = atomic::write_and_rename(&gone, &gone.join("key-dates.json"), b"{}")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("/.key-dates.json.tmp-"), "{err}");
+    assert!(!err.contains("accounts.store"), "{err}");
+    // The store's own temp files keep the prefix that `open` removes.
+    let store = KeyStore::open(&dir.0, master()).unwrap();
+    let err = atomic::write_and_rename(&gone, &gone.join(STORE_FILE), b"x")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(atomic::TEMP_PREFIX), "{err}");
+    drop(store);
+}
+
+#[test]
 fn no_key_material_in_file_or_output() {
     let dir = TempDir::new("nokeys");
     let store = KeyStore::open(&dir.0, master()).unwrap();
