@@ -358,3 +358,61 @@ fn the_concurrency_alert_weighs_a_nodes_own_streams_against_its_share_while_sett
     assert!(b_fired, "B, over 0.6 of its share, fired while settling");
     assert!(!a_fired, "A, with 1 of its 3, must not fire");
 }
+
+/// `/v1/config` and its ETag, as `http_get` of `relay`'s admin port gives them.
+fn remote_config(relay: &Relay) -> (String, String) {
+    let (status, head, body) = http_get(relay.handle.admin_addr, "/v1/config", "");
+    assert_eq!(status, 200, "{head}");
+    (header_of(&head, "etag").expect("an ETag"), body)
+}
+
+#[test]
+fn every_node_publishes_the_same_remote_config_for_the_same_accounts() {
+    // An app polls whichever node the balancer gives it, with the ETag it
+    // has: for the same account set every node must give the same document
+    // and the same ETag, whatever order each node learnt its accounts in.
+    let redis = RedisServer::start();
+    let fake = fake(&[K1, K2], |_| {});
+    let (a, b) = crate::pair(&fake, &redis, K1, |cfg| {
+        cfg.accounts[0].region = "us-east".into();
+        let mut second = cfg.accounts[0].clone();
+        second.id = "b".into();
+        second.region = "eu-west".into();
+        second.key = clio_relay::core::secret::Secret::new(K2);
+        cfg.accounts.push(second);
+    });
+    let soon = Duration::from_secs(10);
+    assert_eq!(remote_config(&a), remote_config(&b));
+    // `a` taken out at runtime and added back: the running nodes now list
+    // it (and its region) after `b`, a node started from the fleet's set
+    // before it.
+    change(&a, "DELETE", "/admin/accounts/a", None);
+    assert!(wait_until(soon, || account(&b, "a").is_none()));
+    change(
+        &a,
+        "POST",
+        "/admin/accounts",
+        Some(&format!(
+            r#"{{"id":"a","key":"{K1}","region":"us-east","max_concurrent_streams":50}}"#
+        )),
+    );
+    assert!(wait_until(soon, || account(&b, "a").is_some()));
+    let c = Relay::start(crate::node(&a.cfg, &redis, "node-c"));
+    assert!(wait_until(soon, || account(&c, "a")
+        .is_some_and(|x| x["source"] == "store")));
+    let (tag_a, doc_a) = remote_config(&a);
+    let (tag_c, doc_c) = remote_config(&c);
+    assert_eq!(
+        doc_a, doc_c,
+        "node A and node C publish different documents"
+    );
+    assert_eq!(tag_a, tag_c);
+    assert_eq!(remote_config(&b), (tag_a.clone(), doc_a));
+    // And C answers A's ETag with 304.
+    let (status, head, _) = http_get(
+        c.handle.admin_addr,
+        "/v1/config",
+        &format!("If-None-Match: {tag_a}\r\n"),
+    );
+    assert_eq!(status, 304, "{head}");
+}

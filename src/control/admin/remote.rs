@@ -10,8 +10,14 @@ use crate::dataplane::shard::ProcessState;
 /// upstream hosts, and asks its backend for a token of the pool it should
 /// use; every pool is served at the same relay `endpoint`, the token
 /// decides which accounts carry the stream.
+///
+/// Accounts (and each pool's regions) are listed by id, not in ring order:
+/// the ring's order is how this node learnt its accounts (the file, the key
+/// store, the fleet's set, changes made since), and every node of a fleet
+/// must publish the same document, so the same ETag, for the same accounts.
 pub fn remote_config(process: &ProcessState, pools: &[PoolConfig]) -> String {
-    let ring = process.ring();
+    let mut ring = process.ring().to_vec();
+    ring.sort_by(|x, y| x.account.id.cmp(&y.account.id));
     let accounts: Vec<serde_json::Value> = ring
         .iter()
         .map(|s| {
