@@ -366,10 +366,22 @@ pub fn upgrade_response(req: &ClientRequest) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// A complete HTTP response with a body; `Connection: close`.
+/// A complete HTTP response with a body; `Connection: close`, and
+/// `Cache-Control: no-store`: no cache keeps it.
 pub fn response(status: u16, content_type: &str, extra_headers: &str, body: &[u8]) -> Vec<u8> {
+    response_cached(status, content_type, "no-store", extra_headers, body)
+}
+
+/// [`response`] with `cache_control` as its `Cache-Control`.
+pub fn response_cached(
+    status: u16,
+    content_type: &str,
+    cache_control: &str,
+    extra_headers: &str,
+    body: &[u8],
+) -> Vec<u8> {
     let mut out = format!(
-        "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\nCache-Control: no-store\r\n{extra_headers}\r\n",
+        "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\nCache-Control: {cache_control}\r\n{extra_headers}\r\n",
         reason(status),
         body.len()
     )
@@ -379,10 +391,11 @@ pub fn response(status: u16, content_type: &str, extra_headers: &str, body: &[u8
 }
 
 /// A 304 answer: no body, and no `Content-Length` (a 304 may carry one
-/// only if it is the 200's, RFC 9110 §15.4.5).
-pub fn not_modified(extra_headers: &str) -> Vec<u8> {
+/// only if it is the 200's, RFC 9110 §15.4.5); `cache_control` is the
+/// 200's `Cache-Control`, which a 304 repeats (§15.4.5).
+pub fn not_modified(cache_control: &str, extra_headers: &str) -> Vec<u8> {
     format!(
-        "HTTP/1.1 304 Not Modified\r\nConnection: close\r\nCache-Control: no-store\r\n{extra_headers}\r\n"
+        "HTTP/1.1 304 Not Modified\r\nConnection: close\r\nCache-Control: {cache_control}\r\n{extra_headers}\r\n"
     )
     .into_bytes()
 }
@@ -549,7 +562,7 @@ mod tests {
         for v in ["\"ab1\"", "ab12", "\"x\", \"y\"", ""] {
             assert!(!none_match_finds(v, tag), "{v}");
         }
-        let answer = String::from_utf8(not_modified("ETag: \"ab12\"\r\n")).unwrap();
+        let answer = String::from_utf8(not_modified("no-cache", "ETag: \"ab12\"\r\n")).unwrap();
         assert!(answer.starts_with("HTTP/1.1 304 ") && answer.ends_with("\r\n\r\n"));
         assert!(!answer.to_ascii_lowercase().contains("content-length"));
     }

@@ -276,3 +276,36 @@ fn an_admin_401_says_whether_the_token_is_off_missing_or_wrong() {
     let (status, body) = http(admin, "GET", "/admin/accounts", Some(TOKEN), None);
     assert_eq!(status, 200, "{body}");
 }
+
+/// `/v1/config` may be kept by an HTTP cache (the app's URL cache, a proxy
+/// in front of the admin port) and is asked for again with its ETag each
+/// time it is used: `no-cache`, on the 200 and on the 304. With `no-store`
+/// no cache kept it, so none ever sent the tag back.
+#[test]
+fn remote_config_may_be_cached_and_is_revalidated() {
+    let fake = fake(&["key-a"], |_| {});
+    let relay = Relay::start(relay_config(&fake.url(), &[("acct-a", "key-a")]));
+    let admin = relay.handle.admin_addr;
+    let (status, head, _) = http_get(admin, "/v1/config", "");
+    assert_eq!(status, 200, "{head}");
+    assert_eq!(
+        header_of(&head, "cache-control").as_deref(),
+        Some("no-cache"),
+        "{head}"
+    );
+    let etag = header_of(&head, "etag").expect("an ETag");
+    let (status, head, _) = http_get(admin, "/v1/config", &format!("If-None-Match: {etag}\r\n"));
+    assert_eq!(status, 304, "{head}");
+    assert_eq!(
+        header_of(&head, "cache-control").as_deref(),
+        Some("no-cache"),
+        "{head}"
+    );
+    // The other answers stay out of caches.
+    let (_, head, _) = http_get(admin, "/metrics", "");
+    assert_eq!(
+        header_of(&head, "cache-control").as_deref(),
+        Some("no-store"),
+        "{head}"
+    );
+}

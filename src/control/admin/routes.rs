@@ -314,19 +314,25 @@ fn readyz(admin: &Admin) -> Vec<u8> {
     }
 }
 
-/// `GET /v1/config`, with an ETag.
+/// `GET /v1/config`, with an ETag, and `Cache-Control: no-cache`: a cache
+/// (the app's HTTP cache, a proxy in front) may keep the document but asks
+/// again, with `If-None-Match`, each time it is used, so a change is seen
+/// at the next read. `no-store`, every other answer's, kept any cache from
+/// keeping it, and so from ever sending the tag back.
 fn config(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
+    const CACHE: &str = "no-cache";
     let body = remote::remote_config(&admin.process, &admin.pools);
     let etag = remote::etag(&body);
     if req
         .header("if-none-match")
         .is_some_and(|v| http::none_match_finds(v, &etag))
     {
-        http::not_modified(&format!("ETag: {etag}\r\n"))
+        http::not_modified(CACHE, &format!("ETag: {etag}\r\n"))
     } else {
-        http::response(
+        http::response_cached(
             200,
             "application/json",
+            CACHE,
             &format!("ETag: {etag}\r\n"),
             body.as_bytes(),
         )
