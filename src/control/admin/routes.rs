@@ -323,9 +323,10 @@ fn config(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
     const CACHE: &str = "no-cache";
     let body = remote::remote_config(&admin.process, &admin.pools);
     let etag = remote::etag(&body);
+    // If-None-Match on several lines is one list (RFC 9110 §5.3).
     if req
-        .header("if-none-match")
-        .is_some_and(|v| http::none_match_finds(v, &etag))
+        .header_values("if-none-match")
+        .any(|v| http::none_match_finds(v, &etag))
     {
         http::not_modified(CACHE, &format!("ETag: {etag}\r\n"))
     } else {

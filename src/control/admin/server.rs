@@ -126,6 +126,15 @@ impl Request<'_> {
             .find(|(n, _)| n.eq_ignore_ascii_case(name))
             .map(|(_, v)| *v)
     }
+
+    /// Every value of header `name` (case-insensitive), in order: a list
+    /// header sent on several lines is one list (RFC 9110 §5.3).
+    pub(super) fn header_values<'s>(&'s self, name: &'s str) -> impl Iterator<Item = &'s str> {
+        self.headers
+            .iter()
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| *v)
+    }
 }
 
 /// Accepts admin connections (allowlisted peers only) and answers each on
