@@ -696,3 +696,69 @@ fn an_overlap_too_long_to_add_to_the_clock_keeps_the_old_key_for_its_streams() {
     assert_eq!(s.len(), 1, "the stream stayed on its key: {s:?}");
     assert_eq!(s[0].key.as_deref(), Some("old-key"));
 }
+
+/// `/v1/config` and its ETag.
+fn remote_config(relay: &Relay) -> (String, String) {
+    let (status, head, body) = http_get(relay.handle.admin_addr, "/v1/config", "");
+    assert_eq!(status, 200, "{head}");
+    (header_of(&head, "etag").expect("an ETag"), body)
+}
+
+#[test]
+fn the_remote_config_and_its_etag_say_nothing_of_keys() {
+    // README: the ETag changes with what the document says (accounts,
+    // enabled, region, pool), and a key rotation or a limit leaves it: an
+    // app polling /v1/config learns nothing of keys, not even that one
+    // was rotated, and is not sent the whole document again for it.
+    let fake = fake(&["key-a", "key-b", "new-key"], |_| {});
+    let relay = relay_with_admin(&fake, &[("a", "key-a"), ("b", "key-b")]);
+    let post = |path: &str, body: Option<&str>| {
+        let (status, answer) = http(relay.handle.admin_addr, "POST", path, Some(ADMIN), body);
+        assert_eq!(status, 200, "{path}: {answer}");
+        remote_config(&relay)
+    };
+    // A live stream on `a`'s key, which the rotation below retires.
+    post("/admin/accounts/b/disable", None);
+    let mut live = connect(relay.addr(), &relay.token("dev"), Via::Header)
+        .unwrap()
+        .0;
+    live.send(Message::text(config_message(None))).unwrap();
+    assert!(wait_until(Duration::from_secs(10), || fake
+        .sessions()
+        .iter()
+        .any(|s| s.key.as_deref() == Some("key-a"))));
+    let before = post("/admin/accounts/b/enable", None);
+    let old = accounts_json(&relay)["accounts"][0]["key"]["fingerprint"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    rotate_to_new_key(&relay, "10m");
+    let accounts = accounts_json(&relay);
+    let new = accounts["accounts"][0]["key"]["fingerprint"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(old, new);
+    let retiring = &accounts["accounts"][0]["retiring_keys"][0];
+    assert_eq!(retiring["fingerprint"], old.as_str(), "{accounts}");
+    assert_eq!(retiring["live_streams"], 1, "{accounts}");
+    let after = post(
+        "/admin/accounts/a/limit",
+        Some(r#"{"max_concurrent_streams":3}"#),
+    );
+    assert_eq!(after, before, "a rotation or a limit changed /v1/config");
+    for needle in ["key-a", "new-key", old.as_str(), new.as_str()] {
+        assert!(!after.1.contains(needle), "{needle} in {}", after.1);
+    }
+    // Disabling an account is news to the app: a new ETag, and the old
+    // one back once it is enabled again.
+    let disabled = post("/admin/accounts/b/disable", None);
+    assert_ne!(disabled.0, before.0);
+    assert!(
+        disabled.1.contains(r#""isEnabled":false"#),
+        "{}",
+        disabled.1
+    );
+    assert_eq!(post("/admin/accounts/b/enable", None), before);
+    drop(live);
+}
