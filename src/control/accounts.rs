@@ -408,7 +408,8 @@ impl Accounts {
     /// removed; for the rest, region, enabled and the limit follow the file,
     /// and a changed key is rotated in with `overlap`. Accounts changed at
     /// runtime (source `store`) are left alone: the admin API's change wins
-    /// until the account is removed. Returns one line per change.
+    /// until the account is removed, or until the file, once it holds the
+    /// key the account runs, names a new one. Returns one line per change.
     pub fn apply_config(
         &mut self,
         accounts: &[AccountConfig],
@@ -472,7 +473,24 @@ impl Accounts {
                 continue;
             };
             if self.entries[i].source == Source::Store {
-                continue;
+                // Rotated (or added again) at runtime: runtime wins, unless
+                // the file's key was the one it runs (the runbook's step 4
+                // wrote it there) and the file now names a new one: that
+                // is the file's own rotation, applied as for any file
+                // account, which the account then is again.
+                let current = &self.entries[i].current.key;
+                let file_rotates =
+                    before.is_some_and(|p| p.has_key() && p.key != a.key && p.key == *current);
+                if !file_rotates {
+                    if before.is_some_and(|p| p.key != a.key) && *current != a.key {
+                        log.push(format!(
+                            "kept {} key {} (rotated at runtime; the file's new key is not used)",
+                            a.id, self.entries[i].current.fingerprint
+                        ));
+                    }
+                    continue;
+                }
+                self.entries[i].source = Source::Config;
             }
             let st = &self.entries[i].state;
             {

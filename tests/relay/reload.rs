@@ -538,3 +538,62 @@ fn a_reloaded_price_reprices_the_usage_already_counted() {
     drop(relay);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The key-rotation runbook rotates with `keys rotate`, then writes the new
+/// key into the account's `key_file` (step 4). A later rotation the
+/// documented way for a file account (write the `key_file`, reload) was
+/// ignored, with nothing in the log: the account had counted as changed at
+/// runtime since the first rotation, and runtime wins. The relay kept the
+/// key the operator was about to revoke. Now a new key in a file that held
+/// the key the account runs is rotated in; one written while the account
+/// runs another key (rotated at runtime since) is kept out, and said so.
+#[test]
+fn a_file_rotation_after_a_runtime_rotation_is_applied() {
+    let fake = fake(&["k1", "k2", "k3", "k4", "k5"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("acct-a", "k1")]);
+    cfg.admin.token = Some(Secret::new(ADMIN));
+    let relay = Relay::start(cfg);
+    let rotate = |key: &str| {
+        let (status, answer) = http(
+            relay.handle.admin_addr,
+            "POST",
+            "/admin/accounts/acct-a/rotate",
+            Some(ADMIN),
+            Some(&format!(r#"{{"key":"{key}","overlap":"0s"}}"#)),
+        );
+        assert_eq!(status, 200, "{answer}");
+    };
+    let key_used = || {
+        let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+        let got = stream_session(&mut ws, &config_message(None), &audio_frames(1, 1));
+        assert!(got.finished(), "{got:?}");
+        fake.sessions().last().unwrap().key.clone().unwrap()
+    };
+    rotate("k2");
+    assert_eq!(key_used(), "k2");
+    // Step 4: the file catches up; nothing to do.
+    let mut file = relay.cfg.clone();
+    file.accounts[0].key = Secret::new("k2");
+    let log = relay.handle.reload(&file).unwrap();
+    assert!(!log.iter().any(|l| l.contains("acct-a")), "{log:?}");
+    assert_eq!(key_used(), "k2");
+    // 90 days on, the file rotates: k3 takes the new streams.
+    file.accounts[0].key = Secret::new("k3");
+    let log = relay.handle.reload(&file).unwrap();
+    assert!(
+        log.iter().any(|l| l.starts_with("rotated acct-a to key ")),
+        "{log:?}"
+    );
+    assert_eq!(key_used(), "k3");
+    // Rotated at runtime again, and the file changed before it caught up:
+    // runtime wins, and the log says the file's key was not used.
+    rotate("k4");
+    file.accounts[0].key = Secret::new("k5");
+    let log = relay.handle.reload(&file).unwrap();
+    assert!(
+        log.iter().any(|l| l.starts_with("kept acct-a key ")
+            && l.ends_with("(rotated at runtime; the file's new key is not used)")),
+        "{log:?}"
+    );
+    assert_eq!(key_used(), "k4");
+}
