@@ -125,6 +125,12 @@ fn concurrency_and_budget_alerts_fire_and_resolve_with_a_webhook() {
     next(&rx, "account_near_concurrency", "resolved");
     let budget = next(&rx, "account_near_budget", "firing");
     assert!(budget["value"].as_f64().unwrap() >= 0.9, "{budget}");
+    // README: a budget only alerts. The account, now past its budget,
+    // still takes and finishes a stream.
+    let (mut ws, _) = connect(relay.addr(), &relay.token("d"), Via::Header).unwrap();
+    let got = stream_session(&mut ws, &config_message(None), &audio_frames(10, 2));
+    assert!(got.finished(), "{got:?}");
+    assert_eq!(fake.sessions().len(), 2);
 }
 
 /// A webhook that answers 503 twice gets the alert on the third try.
