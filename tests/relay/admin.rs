@@ -92,6 +92,12 @@ fn remote_config_with_etag() {
     let doc: Value = serde_json::from_str(&body).expect("JSON body");
     assert_eq!(doc["sonioxAccounts"][0]["id"], "acct-a", "{doc}");
     assert_eq!(doc["sonioxAccounts"][1]["id"], "acct-b", "{doc}");
+    // README: the flags are fixed; maxConcurrentStreams is server.max_streams.
+    assert_eq!(
+        doc["features"],
+        serde_json::json!({"useProxyServer": true, "maxConcurrentStreams": 100}),
+        "{doc}"
+    );
     let etag = header_of(&head, "etag").expect("an ETag");
     assert!(!etag.is_empty());
 
