@@ -416,3 +416,58 @@ fn every_node_publishes_the_same_remote_config_for_the_same_accounts() {
     );
     assert_eq!(status, 304, "{head}");
 }
+
+#[test]
+fn a_key_rotated_on_one_node_moves_the_other_nodes_streams_when_its_overlap_ends() {
+    // The runbook on a fleet: rotate on any node; every node's new streams
+    // take the new key, and every node's streams leave the old key once
+    // the overlap ends (raw audio unseen), so the old key can be revoked.
+    let redis = RedisServer::start();
+    let fake = fake(&[K1, K2], |_| {});
+    let (a, b) = crate::pair(&fake, &redis, K1, |_| {});
+    let soon = Duration::from_secs(10);
+    let mut live = crate::open(&b, "long");
+    for f in audio_frames(3, 1) {
+        live.send(Message::binary(f)).unwrap();
+    }
+    assert!(wait_until(soon, || fake.sessions().iter().any(|s| s
+        .key
+        .as_deref()
+        == Some(K1)
+        && s.audio_frames >= 3)));
+    let old = account(&b, "a").unwrap()["key"]["fingerprint"].clone();
+    change(
+        &a,
+        "POST",
+        "/admin/accounts/a/rotate",
+        Some(&format!(r#"{{"key":"{K2}","overlap":"2s"}}"#)),
+    );
+    // B takes the new key, keeps the old one for its live stream...
+    assert!(wait_until(soon, || {
+        let acct = account(&b, "a").unwrap();
+        acct["key"]["fingerprint"] != old && acct["retiring_keys"][0]["fingerprint"] == old
+    }));
+    assert_eq!(stream_key(&b, &fake), K2);
+    // ...and once the overlap ends, moves that stream to it and retires it.
+    assert!(
+        wait_until(soon, || fake
+            .sessions()
+            .iter()
+            .filter(|s| s.key.as_deref() == Some(K2))
+            .count()
+            == 2),
+        "{:?}",
+        account(&b, "a")
+    );
+    assert!(wait_until(soon, || account(&b, "a").unwrap()
+        ["retiring_keys"]
+        .as_array()
+        .unwrap()
+        .is_empty()));
+    for f in audio_frames(3, 2) {
+        live.send(Message::binary(f)).unwrap();
+    }
+    let got = crate::finish(live);
+    assert!(got.finished(), "{got:?}");
+    assert_eq!(got.error_code(), None, "{got:?}");
+}
