@@ -88,6 +88,55 @@ impl std::fmt::Display for ChangeError {
 
 impl std::error::Error for ChangeError {}
 
+/// The log lines of a reload for an account changed at runtime (source
+/// `store`), which keeps its region, pool, flag and limit: one per field
+/// the file changed since the last file and that the account does not
+/// have, so a change the runtime one keeps out is not taken for applied.
+fn kept_at_runtime(
+    st: &AccountState,
+    file: &AccountConfig,
+    before: Option<&AccountConfig>,
+) -> Vec<String> {
+    let Some(p) = before else {
+        return Vec::new();
+    };
+    let why = "changed at runtime; the file now says";
+    let mut log = Vec::new();
+    let region = st.region();
+    if p.region != file.region && region != file.region {
+        log.push(format!(
+            "kept {} region {region:?} ({why} {:?})",
+            file.id, file.region
+        ));
+    }
+    if p.pool != file.pool && st.pool != file.pool {
+        log.push(format!(
+            "kept {} in pool {} ({why} {})",
+            file.id, st.pool, file.pool
+        ));
+    }
+    let state = |on: bool| if on { "enabled" } else { "disabled" };
+    let enabled = st.enabled.load(Ordering::Relaxed);
+    if p.enabled != file.enabled && enabled != file.enabled {
+        log.push(format!(
+            "kept {} {} ({why} {})",
+            file.id,
+            state(enabled),
+            state(file.enabled)
+        ));
+    }
+    let limit = st.max_concurrent.load(Ordering::Relaxed);
+    if p.max_concurrent_streams != file.max_concurrent_streams
+        && limit != file.max_concurrent_streams
+    {
+        log.push(format!(
+            "kept {} max_concurrent_streams {limit} ({why} {})",
+            file.id, file.max_concurrent_streams
+        ));
+    }
+    log
+}
+
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> u64 {
     SystemTime::now()
@@ -488,6 +537,7 @@ impl Accounts {
                             a.id, self.entries[i].current.fingerprint
                         ));
                     }
+                    log.extend(kept_at_runtime(&self.entries[i].state, a, before));
                     continue;
                 }
                 self.entries[i].source = Source::Config;

@@ -597,3 +597,57 @@ fn a_file_rotation_after_a_runtime_rotation_is_applied() {
     );
     assert_eq!(key_used(), "k4");
 }
+
+/// README: a reload's log names each change of the file that a runtime
+/// change kept out. An account rotated at runtime keeps its region, flag
+/// and limit over the file's, and a reload that changed them in the file
+/// said nothing of it: the operator saw the reload succeed and took the
+/// change for applied.
+#[test]
+fn a_reload_says_what_it_kept_on_an_account_rotated_at_runtime() {
+    let fake = fake(&["k1", "k2"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("acct-a", "k1")]);
+    cfg.admin.token = Some(Secret::new(ADMIN));
+    let relay = Relay::start(cfg);
+    let (status, answer) = http(
+        relay.handle.admin_addr,
+        "POST",
+        "/admin/accounts/acct-a/rotate",
+        Some(ADMIN),
+        Some(r#"{"key":"k2","overlap":"0s"}"#),
+    );
+    assert_eq!(status, 200, "{answer}");
+    let mut file = relay.cfg.clone();
+    file.accounts[0].region = "eu-west".into();
+    file.accounts[0].enabled = false;
+    file.accounts[0].max_concurrent_streams = 4;
+    let log = relay.handle.reload(&file).unwrap();
+    for line in [
+        "kept acct-a region \"\" (changed at runtime; the file now says \"eu-west\")",
+        "kept acct-a enabled (changed at runtime; the file now says disabled)",
+        "kept acct-a max_concurrent_streams 10 (changed at runtime; the file now says 4)",
+    ] {
+        assert!(log.iter().any(|l| l == line), "{line:?} not in {log:?}");
+    }
+    let (_, body) = http(
+        relay.handle.admin_addr,
+        "GET",
+        "/admin/accounts",
+        Some(ADMIN),
+        None,
+    );
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let a = &v["accounts"][0];
+    assert_eq!(
+        (&a["region"], &a["enabled"], &a["max_concurrent_streams"]),
+        (
+            &serde_json::json!(""),
+            &serde_json::json!(true),
+            &serde_json::json!(10)
+        ),
+        "{a}"
+    );
+    // The same file again: nothing new to say.
+    let log = relay.handle.reload(&file).unwrap();
+    assert!(!log.iter().any(|l| l.contains("acct-a")), "{log:?}");
+}
