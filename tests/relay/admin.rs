@@ -323,3 +323,31 @@ fn remote_config_may_be_cached_and_is_revalidated() {
         "{head}"
     );
 }
+
+/// README: `isAvailable` says a pool has an enabled account; health is not
+/// in the document. A key Soniox refuses marks its account unhealthy on
+/// this node only, for a while: were it in the document, the ETag would
+/// change with it and differ between the nodes of a fleet.
+#[test]
+fn the_remote_config_does_not_change_with_account_health() {
+    let fake = fake(&["key-ok"], |_| {});
+    let relay = Relay::start(relay_config(
+        &fake.url(),
+        &[("bad", "key-refused"), ("good", "key-ok")],
+    ));
+    let admin = relay.handle.admin_addr;
+    let (_, head, before) = http_get(admin, "/v1/config", "");
+    let etag = header_of(&head, "etag").unwrap();
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    let got = stream_session(&mut ws, &config_message(None), &audio_frames(1, 1));
+    assert!(got.finished(), "{got:?}");
+    let now = std::time::Instant::now();
+    let accounts = relay.handle.process.accounts();
+    let bad = accounts.iter().find(|a| a.id == "bad").unwrap();
+    assert!(!bad.healthy(now), "the refused account is held off");
+    let (_, head, after) = http_get(admin, "/v1/config", "");
+    assert_eq!(header_of(&head, "etag").unwrap(), etag);
+    assert_eq!(after, before);
+    let doc: Value = serde_json::from_str(&after).unwrap();
+    assert_eq!(doc["pools"][0]["isAvailable"], true, "{doc}");
+}
