@@ -27,10 +27,30 @@ impl HaProxy {
         let dir = state_dir();
         std::fs::create_dir_all(&dir).unwrap();
         let port = free_port();
-        // The shipped file, with this test's addresses and faster checks.
+        // The shipped file, with this test's addresses and faster checks:
+        // each backend's servers are this test's nodes, at their client
+        // port (`relays`) or their admin port (`remote_config`).
+        let servers = |backend: &str| -> String {
+            nodes
+                .iter()
+                .enumerate()
+                .map(|(i, (client, admin))| match backend {
+                    "relays" => format!("    server relay-{i} {client} port {}\n", admin.port()),
+                    "remote_config" => format!("    server relay-{i} {admin}\n"),
+                    other => panic!("backend {other} of deploy/haproxy.cfg is not known here"),
+                })
+                .collect()
+        };
         let mut cfg = String::new();
+        let mut backend: Option<String> = None;
         for line in shipped.lines() {
             let t = line.trim_start();
+            if !line.starts_with(' ') && !line.starts_with('#') && !t.is_empty() {
+                if let Some(b) = backend.take() {
+                    cfg.push_str(&servers(&b));
+                }
+                backend = t.strip_prefix("backend ").map(|b| b.trim().to_string());
+            }
             if t.starts_with("server ") {
                 continue;
             }
@@ -56,11 +76,8 @@ impl HaProxy {
                 cfg.push('\n');
             }
         }
-        for (i, (client, admin)) in nodes.iter().enumerate() {
-            cfg.push_str(&format!(
-                "    server relay-{i} {client} port {}\n",
-                admin.port()
-            ));
+        if let Some(b) = backend.take() {
+            cfg.push_str(&servers(&b));
         }
         let path = dir.join("haproxy.cfg");
         std::fs::write(&path, cfg).unwrap();
@@ -246,4 +263,55 @@ fn haproxy_spreads_streams_and_a_draining_node_loses_none() {
         "every stream was served once\n{}",
         lb.trouble()
     );
+}
+
+/// README: the app reads `/v1/config`. Through the shipped balancer it
+/// got 404: the document is on the admin port, which stays private, and
+/// deploy/haproxy.cfg sent every path to the client port. Now GET
+/// /v1/config goes to a ready node's admin port, every node answers with
+/// the same document and ETag, and nothing else of the admin port is
+/// reachable through the balancer.
+#[test]
+fn the_balancer_serves_the_remote_config_and_nothing_else_of_the_admin_port() {
+    let redis = RedisServer::start();
+    let fake = fake(&["k1", "k2"], |_| {});
+    let (a, b) = crate::pair(&fake, &redis, "k1", |_| {});
+    // A change made on one node: both must publish it alike.
+    let (status, body) = http(
+        a.handle.admin_addr,
+        "POST",
+        "/admin/accounts",
+        Some(crate::ADMIN),
+        Some(r#"{"id":"eu-1","key":"k2","region":"eu-west"}"#),
+    );
+    assert_eq!(status, 200, "{body}");
+    let on_b = || http_get(b.handle.admin_addr, "/v1/config", "").2;
+    assert!(wait_until(Duration::from_secs(10), || on_b().contains("eu-1")));
+    let lb = HaProxy::start(&[
+        (a.addr(), a.handle.admin_addr),
+        (b.addr(), b.handle.admin_addr),
+    ]);
+    let lb_addr: std::net::SocketAddr = ([127, 0, 0, 1], lb.port).into();
+    // Round robin: these reach both nodes.
+    let answers: Vec<(u16, Option<String>, String)> = (0..4)
+        .map(|_| {
+            let (status, head, body) = http_get(lb_addr, "/v1/config", "");
+            (status, header_of(&head, "etag"), body)
+        })
+        .collect();
+    let first = answers[0].clone();
+    assert_eq!(first.0, 200, "{first:?}\n{}", lb.trouble());
+    assert!(first.2.contains("eu-1"), "{first:?}");
+    assert!(answers.iter().all(|x| *x == first), "{answers:#?}");
+    let etag = first.1.unwrap();
+    for _ in 0..2 {
+        let (status, head, _) =
+            http_get(lb_addr, "/v1/config", &format!("If-None-Match: {etag}\r\n"));
+        assert_eq!(status, 304, "{head}");
+    }
+    // The rest of the admin port stays out of reach.
+    for path in ["/metrics", "/admin/accounts", "/dashboard", "/readyz"] {
+        let (status, head, _) = http_get(lb_addr, path, "");
+        assert_eq!(status, 404, "{path}: {head}");
+    }
 }
