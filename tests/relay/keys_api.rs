@@ -522,6 +522,27 @@ fn raw_audio_on_a_key_whose_overlap_ends_moves_to_the_new_key_unseen() {
     // Not counted as an upstream failure.
     assert_eq!(relay.handle.metrics().failovers().mid_lost, 0);
     assert!(retired(&relay));
+    // README: streams_total counts upstream sessions, so the move counts
+    // again on the account; the usage ledger counts the client's stream once.
+    let m = relay.handle.metrics();
+    assert_eq!(m.streams_total(), 2);
+    assert_eq!(m.account("a").unwrap().streams_total, 2);
+    let usage = || {
+        let (status, body) = http(
+            relay.handle.admin_addr,
+            "GET",
+            "/admin/usage?group_by=account",
+            Some(ADMIN),
+            None,
+        );
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["rows"][0]["streams"].clone()
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || usage() == 1),
+        "{}",
+        usage()
+    );
 }
 
 #[test]
