@@ -149,6 +149,8 @@ pub struct StreamCx<'a> {
     pub masks: &'a RefCell<MaskKeys>,
     /// The shard's metrics.
     pub metrics: &'a ShardMetrics,
+    /// The metrics index of the connection's account.
+    pub account: usize,
 }
 
 /// One direction of a stream: bytes are read from `from` into `buf` and
@@ -176,6 +178,7 @@ pub async fn client_to_upstream(link: Link<'_>, side: &mut ClientSide, cx: Strea
         state,
         masks,
         metrics,
+        ..
     } = cx;
     let mut read_at = Instant::now();
     if side.close_seen {
@@ -287,7 +290,12 @@ pub async fn upstream_to_client(
         to: client,
         buf,
     } = link;
-    let StreamCx { state, metrics, .. } = cx;
+    let StreamCx {
+        state,
+        metrics,
+        account,
+        ..
+    } = cx;
     let down = &state.down;
     let mut read_at = Instant::now();
     loop {
@@ -345,7 +353,7 @@ pub async fn upstream_to_client(
                 if !down.first_result_seen.get() && scan.data_frames_started > 0 {
                     if let Some(t0) = state.up.first_audio_at.get() {
                         down.first_result_seen.set(true);
-                        metrics.record(Hist::FirstResult, t0.elapsed().as_micros() as u64);
+                        metrics.first_result(account, t0.elapsed().as_micros() as u64);
                     }
                 }
             }

@@ -334,3 +334,80 @@ fn a_close_before_upstream_accepted_moves_a_compressed_stream() {
     assert_eq!(fake.sessions()[1].audio, frames.concat());
     assert_eq!(relay.handle.metrics().failovers().open_lost, 1);
 }
+
+/// Per account, what an operator needs to tell a failing or slow account
+/// from the rest: upstream's errors by code, and the time to first result
+/// as a histogram. Here "bad" refuses every stream with 402 at its first
+/// message and "good" carries them, unseen by the clients.
+#[test]
+fn errors_and_first_results_are_counted_per_account() {
+    let (_fake, relay) = refused_at_first_message(402, AuthMode::Header, 128 << 10);
+    for i in 0..3 {
+        let (mut ws, _) =
+            connect(relay.addr(), &relay.token(&format!("dev{i}")), Via::Header).unwrap();
+        let got = stream_session(&mut ws, &config_message(None), &audio_frames(5, i));
+        assert!(got.finished() && got.error_code().is_none(), "{got:?}");
+    }
+    let scrape = || http_get(relay.handle.admin_addr, "/metrics", "").2;
+    let line = |body: &str, prefix: &str| {
+        body.lines()
+            .find_map(|l| l.strip_prefix(prefix).map(|v| v.trim().to_string()))
+    };
+    let mut body = scrape();
+    // Metrics are collected from the shards when scraped: wait for the
+    // last stream's end to be in.
+    let deadline = Instant::now() + LIMIT;
+    while line(
+        &body,
+        r#"clio_relay_account_first_result_seconds_count{account="good"}"#,
+    )
+    .as_deref()
+        != Some("3")
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+        body = scrape();
+    }
+    // A 402 marks the account: the later streams may skip it.
+    let bad_402 = line(
+        &body,
+        r#"clio_relay_account_errors_total{account="bad",code="402"}"#,
+    );
+    assert!(
+        matches!(bad_402.as_deref(), Some("1" | "2" | "3")),
+        "{body}"
+    );
+    assert!(
+        !body.contains(r#"clio_relay_account_errors_total{account="good""#),
+        "{body}"
+    );
+    assert!(body.contains("# TYPE clio_relay_account_first_result_seconds histogram"));
+    assert_eq!(
+        line(
+            &body,
+            r#"clio_relay_account_first_result_seconds_bucket{account="good",le="+Inf"}"#
+        )
+        .as_deref(),
+        Some("3"),
+        "{body}"
+    );
+    assert_eq!(
+        line(
+            &body,
+            r#"clio_relay_account_first_result_seconds_count{account="bad"}"#
+        )
+        .as_deref(),
+        Some("0"),
+        "{body}"
+    );
+    // Buckets are cumulative: each at most the next.
+    let buckets: Vec<u64> = body
+        .lines()
+        .filter(|l| {
+            l.starts_with(r#"clio_relay_account_first_result_seconds_bucket{account="good""#)
+        })
+        .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(buckets.len(), 9, "{body}");
+    assert!(buckets.windows(2).all(|w| w[0] <= w[1]), "{buckets:?}");
+}

@@ -219,7 +219,23 @@ pub struct AccountStats {
     pub streams_total: u64,
     /// Streams moved off this account before the client saw anything.
     pub retries: u64,
+    /// Upstream errors on this account's connections, by code (refusals at
+    /// open and failures mid-stream, as in `clio_relay_errors_total`'s
+    /// upstream side), in the order first seen.
+    pub errors: Vec<(u16, u64)>,
+    /// Time to first result of this account's connections: how many fell
+    /// in each bucket of [`ACCOUNT_FIRST_RESULT_BUCKETS_MS`] (not
+    /// cumulative; the last counts those above every bound).
+    pub first_results: [u64; ACCOUNT_FIRST_RESULT_BUCKETS_MS.len() + 1],
+    /// The sum of those times, in microseconds.
+    pub first_result_us: u64,
 }
+
+/// Upper bounds, in milliseconds, of the buckets of the per-account
+/// histogram `clio_relay_account_first_result_seconds` (a Prometheus
+/// histogram, so that a query can compare accounts and take quantiles).
+pub const ACCOUNT_FIRST_RESULT_BUCKETS_MS: [u64; 8] =
+    [100, 250, 500, 1000, 2000, 5000, 10000, 30000];
 
 impl AccountStats {
     fn new(id: &str) -> AccountStats {
@@ -228,6 +244,9 @@ impl AccountStats {
             streams_active: 0,
             streams_total: 0,
             retries: 0,
+            errors: Vec::new(),
+            first_results: [0; ACCOUNT_FIRST_RESULT_BUCKETS_MS.len() + 1],
+            first_result_us: 0,
         }
     }
 
@@ -235,6 +254,20 @@ impl AccountStats {
         self.streams_active += other.streams_active;
         self.streams_total += other.streams_total;
         self.retries += other.retries;
+        for &(code, n) in &other.errors {
+            self.add_error(code, n);
+        }
+        for (mine, theirs) in self.first_results.iter_mut().zip(&other.first_results) {
+            *mine += theirs;
+        }
+        self.first_result_us += other.first_result_us;
+    }
+
+    fn add_error(&mut self, code: u16, n: u64) {
+        match self.errors.iter_mut().find(|(c, _)| *c == code) {
+            Some((_, count)) => *count += n,
+            None => self.errors.push((code, n)),
+        }
     }
 }
 
@@ -443,6 +476,32 @@ impl ShardMetrics {
             frames: t.frames.wrapping_add(frames),
             bytes: t.bytes.wrapping_add(bytes),
         });
+    }
+
+    /// Counts an upstream error of a connection on account index `account`:
+    /// in `clio_relay_errors_total{side="upstream"}` and in the account's
+    /// `clio_relay_account_errors_total`. Error path only.
+    pub fn upstream_error(&self, account: usize, code: u16) {
+        self.error(Side::Upstream, code);
+        if let Some(a) = self.accounts.borrow_mut().get_mut(account) {
+            a.add_error(code, 1);
+        }
+    }
+
+    /// A connection on account index `account` brought its stream's first
+    /// result `us` microseconds after the stream's first audio: recorded
+    /// in the process-wide summary and in the account's histogram. Once a
+    /// stream.
+    pub fn first_result(&self, account: usize, us: u64) {
+        self.record(Hist::FirstResult, us);
+        if let Some(a) = self.accounts.borrow_mut().get_mut(account) {
+            let i = ACCOUNT_FIRST_RESULT_BUCKETS_MS
+                .iter()
+                .position(|&b| us <= b * 1000)
+                .unwrap_or(ACCOUNT_FIRST_RESULT_BUCKETS_MS.len());
+            a.first_results[i] += 1;
+            a.first_result_us += us;
+        }
     }
 
     /// A stream moved off account index `account` before the client saw

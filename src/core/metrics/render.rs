@@ -5,7 +5,7 @@
 use std::fmt::Write as _;
 
 use super::text::{family, Kind};
-use super::{Direction, Hist, MetricsSnapshot};
+use super::{Direction, Hist, MetricsSnapshot, ACCOUNT_FIRST_RESULT_BUCKETS_MS};
 
 /// Process-wide facts the caller adds to the scrape.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -155,6 +155,39 @@ pub fn render_prometheus(shards: &[MetricsSnapshot], gauges: &ProcessGauges) -> 
     );
     for a in accounts {
         f.sample(&[("account", &a.id)], a.retries);
+    }
+    let mut f = family(
+        o,
+        "clio_relay_account_errors_total",
+        Kind::Counter,
+        "Upstream errors on an account's connections, by code (refusals at open included).",
+    );
+    for a in accounts {
+        for (code, n) in &a.errors {
+            f.sample(&[("account", &a.id), ("code", &code.to_string())], n);
+        }
+    }
+    let mut f = family(
+        o,
+        "clio_relay_account_first_result_seconds",
+        Kind::Histogram,
+        "Time from a stream's first audio to its first upstream result, per account.",
+    );
+    for a in accounts {
+        let mut below = 0;
+        for (i, n) in a.first_results.iter().enumerate() {
+            below += n;
+            let le = ACCOUNT_FIRST_RESULT_BUCKETS_MS
+                .get(i)
+                .map_or("+Inf".to_string(), |ms| (*ms as f64 / 1000.0).to_string());
+            f.sample_named("_bucket", &[("account", &a.id), ("le", &le)], below);
+        }
+        f.sample_named(
+            "_sum",
+            &[("account", &a.id)],
+            a.first_result_us as f64 / 1e6,
+        );
+        f.sample_named("_count", &[("account", &a.id)], below);
     }
 
     let directions = [Direction::ClientToUpstream, Direction::UpstreamToClient];

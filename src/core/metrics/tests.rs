@@ -123,11 +123,18 @@ fn parse_exposition(text: &str) -> Vec<Sample> {
         };
         let (family, kind) = current.as_ref().expect("sample before any # TYPE");
         let belongs = name == family
-            || (kind == "summary"
-                && (name == format!("{family}_sum") || name == format!("{family}_count")));
+            || ((kind == "summary" || kind == "histogram")
+                && (name == format!("{family}_sum") || name == format!("{family}_count")))
+            || (kind == "histogram" && name == format!("{family}_bucket"));
         assert!(belongs, "sample {name} outside its family {family}");
         if kind == "summary" && name == family {
             assert!(labels.iter().any(|(k, _)| k == "quantile"), "{line:?}");
+        }
+        if kind == "histogram" {
+            assert!(name != family, "a histogram has no bare sample: {line:?}");
+            if name.ends_with("_bucket") {
+                assert!(labels.iter().any(|(k, _)| k == "le"), "{line:?}");
+            }
         }
         samples.push((name.to_string(), labels, v));
     }
@@ -573,4 +580,65 @@ fn hot_path_does_not_allocate() {
     }
     assert_eq!(allocations() - before, 0);
     assert_eq!(m.snapshot().frames(Direction::ClientToUpstream), 10_000);
+}
+
+#[test]
+fn account_errors_and_first_results_merge_by_account_and_bucket() {
+    let m0 = ShardMetrics::new(0, &ids(&["a", "b"]));
+    let m1 = ShardMetrics::new(1, &ids(&["b", "a"]));
+    m0.upstream_error(0, 503); // a
+    m1.upstream_error(1, 503); // a
+    m1.upstream_error(1, 429); // a
+    m0.first_result(1, 100_000); // b: 0.1 s, in the 0.1 bucket (le is inclusive)
+    m1.first_result(0, 100_001); // b: in the 0.25 bucket
+    m1.first_result(0, 40_000_000); // b: above every bound
+    let text = render_prometheus(&[m0.snapshot(), m1.snapshot()], &gauges());
+    let samples = parse_exposition(&text);
+    let value = |name: &str, labels: &[(&str, &str)]| {
+        samples
+            .iter()
+            .find(|(n, l, _)| {
+                n == name
+                    && labels.len() == l.len()
+                    && labels
+                        .iter()
+                        .all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v))
+            })
+            .map(|(_, _, v)| *v)
+    };
+    let errors = "clio_relay_account_errors_total";
+    assert_eq!(
+        value(errors, &[("account", "a"), ("code", "503")]),
+        Some(2.0)
+    );
+    assert_eq!(
+        value(errors, &[("account", "a"), ("code", "429")]),
+        Some(1.0)
+    );
+    assert_eq!(value(errors, &[("account", "b"), ("code", "503")]), None);
+    // Upstream errors are counted in the process-wide table too.
+    let all = "clio_relay_errors_total";
+    assert_eq!(
+        value(all, &[("side", "upstream"), ("code", "503")]),
+        Some(2.0)
+    );
+    let bucket = "clio_relay_account_first_result_seconds_bucket";
+    assert_eq!(value(bucket, &[("account", "b"), ("le", "0.1")]), Some(1.0));
+    assert_eq!(
+        value(bucket, &[("account", "b"), ("le", "0.25")]),
+        Some(2.0)
+    );
+    assert_eq!(value(bucket, &[("account", "b"), ("le", "30")]), Some(2.0));
+    assert_eq!(
+        value(bucket, &[("account", "b"), ("le", "+Inf")]),
+        Some(3.0)
+    );
+    assert_eq!(
+        value(bucket, &[("account", "a"), ("le", "+Inf")]),
+        Some(0.0)
+    );
+    let count = "clio_relay_account_first_result_seconds_count";
+    assert_eq!(value(count, &[("account", "b")]), Some(3.0));
+    let sum = "clio_relay_account_first_result_seconds_sum";
+    assert_eq!(value(sum, &[("account", "b")]), Some(40.200001));
 }

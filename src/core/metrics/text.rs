@@ -31,6 +31,8 @@ pub enum Kind {
     Gauge,
     /// Quantiles, `_sum` and `_count`.
     Summary,
+    /// Cumulative `_bucket`s by `le`, `_sum` and `_count`.
+    Histogram,
 }
 
 impl Kind {
@@ -39,6 +41,7 @@ impl Kind {
             Kind::Counter => "counter",
             Kind::Gauge => "gauge",
             Kind::Summary => "summary",
+            Kind::Histogram => "histogram",
         }
     }
 }
@@ -79,8 +82,8 @@ impl Family<'_> {
         self.sample_named("", labels, value)
     }
 
-    /// Writes one sample named `{name}{suffix}`: a summary's `_sum` and
-    /// `_count`.
+    /// Writes one sample named `{name}{suffix}`: a summary's or a
+    /// histogram's `_sum`, `_count` and `_bucket`s.
     pub fn sample_named(
         &mut self,
         suffix: &str,

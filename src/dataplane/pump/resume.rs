@@ -664,7 +664,12 @@ impl Held {
     /// Counts `frames` frames of `bytes` that reached the client, read at
     /// `read_at`.
     fn delivered(frames: u64, bytes: usize, data: bool, read_at: Instant, cx: StreamCx<'_>) {
-        let StreamCx { state, metrics, .. } = cx;
+        let StreamCx {
+            state,
+            metrics,
+            account,
+            ..
+        } = cx;
         let took = read_at.elapsed().as_nanos() as u64;
         for _ in 0..frames {
             metrics.record(Hist::FrameUpstreamToClient, took);
@@ -675,7 +680,7 @@ impl Held {
         if data && !down.first_result_seen.get() {
             if let Some(t0) = state.up.first_audio_at.get() {
                 down.first_result_seen.set(true);
-                metrics.record(Hist::FirstResult, t0.elapsed().as_micros() as u64);
+                metrics.first_result(account, t0.elapsed().as_micros() as u64);
             }
         }
     }
@@ -902,6 +907,7 @@ mod held_tests {
                     state: &state,
                     masks: &masks,
                     metrics: &metrics,
+                    account: 0,
                 };
                 let link = Link {
                     from: &upstream,

@@ -268,7 +268,9 @@ impl Stream {
                         refused_last = true;
                         not_the_account = matches!(code, 500 | 503);
                         self.note_refusal(&up.lease, code, scope);
-                        self.shard.metrics.error(Side::Upstream, code);
+                        self.shard
+                            .metrics
+                            .upstream_error(up.lease.account.metrics_index, code);
                         if self.shard.process.upstream_log.admit() {
                             tracing::info!(stream = %self.id, account = %up.lease.account.id, code, replayed = cside.replay.as_ref().map_or(0, Vec::len), "upstream refused the stream before accepting it; moving it to the next account");
                         }
@@ -281,7 +283,9 @@ impl Stream {
                         lost = true;
                         refused_last = false;
                         not_the_account = true;
-                        self.shard.metrics.error(Side::Upstream, 502);
+                        self.shard
+                            .metrics
+                            .upstream_error(up.lease.account.metrics_index, 502);
                         if self.shard.process.upstream_log.admit() {
                             tracing::info!(stream = %self.id, account = %up.lease.account.id, ?end, replayed = cside.replay.as_ref().map_or(0, Vec::len), "upstream failed before accepting the stream; moving it to the next account");
                         }
@@ -466,9 +470,10 @@ impl Stream {
         let moved = matches!(end, End::KeyRetired);
         let shard = &self.shard;
         if !moved {
-            shard
-                .metrics
-                .error(Side::Upstream, if reason == 0 { 502 } else { reason });
+            shard.metrics.upstream_error(
+                up.lease.account.metrics_index,
+                if reason == 0 { 502 } else { reason },
+            );
         }
         shard.metrics.stream_closed(up.lease.account.metrics_index);
         let failed_account = up.lease.account.id.clone();
@@ -532,7 +537,7 @@ impl Stream {
         state: &StreamState,
         live: &LiveStream,
     ) -> End {
-        let cx = self.cx(state);
+        let cx = self.cx(state, up);
         let Upstream {
             conn,
             buf: ubuf,
@@ -591,11 +596,12 @@ impl Stream {
     }
 
     /// What this stream's pumps work with besides their sockets.
-    fn cx<'a>(&'a self, state: &'a StreamState) -> StreamCx<'a> {
+    fn cx<'a>(&'a self, state: &'a StreamState, up: &Upstream) -> StreamCx<'a> {
         StreamCx {
             state,
             masks: &self.shard.masks,
             metrics: &self.shard.metrics,
+            account: up.lease.account.metrics_index,
         }
     }
 
@@ -619,12 +625,13 @@ impl Stream {
             End::UpstreamClosed if !cside.close_seen => {
                 // Upstream closed first (after `finished`): carry the client's
                 // close reply up, so both close handshakes complete.
+                let cx = self.cx(state, up);
                 let link = Link {
                     from: client,
                     to: &up.conn,
                     buf: cbuf,
                 };
-                let c2u = pump::client_to_upstream(link, cside, self.cx(state));
+                let c2u = pump::client_to_upstream(link, cside, cx);
                 let _ = timeout(CLOSE_WAIT, c2u).await;
             }
             End::UpstreamStalled if shard.process.upstream_log.admit() => {
@@ -649,8 +656,12 @@ impl Stream {
             _ => {}
         }
         let ending = Ending::of(end, cside.close_seen, state.down.last_word_seen.get());
-        if let Some((side, code)) = ending.counted {
-            shard.metrics.error(side, code);
+        match ending.counted {
+            Some((Side::Upstream, code)) => shard
+                .metrics
+                .upstream_error(up.lease.account.metrics_index, code),
+            Some((side, code)) => shard.metrics.error(side, code),
+            None => {}
         }
         // A limit counts as a rejection when it ended the stream: not when
         // the client's close was already up and only waited for its answer.
@@ -714,6 +725,7 @@ impl Stream {
         }
         // A draining stream moves to no other account.
         state.up.replayable.set(false);
+        let cx = self.cx(state, up);
         let Upstream {
             conn, buf, scanner, ..
         } = &mut *up;
@@ -722,7 +734,7 @@ impl Stream {
             to: client,
             buf,
         };
-        let u2c = pump::upstream_to_client_any(link, scanner, self.cx(state));
+        let u2c = pump::upstream_to_client_any(link, scanner, cx);
         // Done once upstream's `finished` has reached the client. Only the
         // pump changes these flags, in this task, so this is checked right
         // after each of the pump's polls: no timer, no waker of its own.

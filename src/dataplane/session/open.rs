@@ -338,7 +338,9 @@ impl Stream {
                 Err(crate::dataplane::upstream::ConnectError::Refused(status, scope)) => {
                     upstream_refused = true;
                     self.note_refusal(&lease, status, scope);
-                    shard.metrics.error(Side::Upstream, status);
+                    shard
+                        .metrics
+                        .upstream_error(lease.account.metrics_index, status);
                     shard.metrics.account_retry(lease.account.metrics_index);
                     if shard.process.upstream_log.admit() {
                         tracing::info!(stream = %self.id, account = %lease.account.id, status, "upstream refused the account; trying the next");
@@ -363,7 +365,9 @@ impl Stream {
                     // the whole timeout on it again.
                     unreachable = true;
                     lease.account.mark_timed_out(Instant::now());
-                    shard.metrics.error(Side::Upstream, 502);
+                    shard
+                        .metrics
+                        .upstream_error(lease.account.metrics_index, 502);
                     shard.metrics.account_retry(lease.account.metrics_index);
                     if shard.process.upstream_log.admit() {
                         tracing::warn!(stream = %self.id, account = %lease.account.id, timeout = ?shard.connect_timeout, "upstream connect timed out; the account is held off");
@@ -371,7 +375,9 @@ impl Stream {
                 }
                 Err(e) => {
                     unreachable = true;
-                    shard.metrics.error(Side::Upstream, 502);
+                    shard
+                        .metrics
+                        .upstream_error(lease.account.metrics_index, 502);
                     if shard.process.upstream_log.admit() {
                         tracing::warn!(stream = %self.id, account = %lease.account.id, error = ?e, "upstream connect failed");
                     }
