@@ -58,6 +58,13 @@ fn streams_active(relay: &Relay) -> u64 {
         .sum()
 }
 
+/// `GET path` on the admin port with the admin token, as JSON (`Null` when
+/// the body is not JSON).
+fn admin_get(admin: std::net::SocketAddr, path: &str) -> serde_json::Value {
+    let (_, body) = http(admin, "GET", path, Some(ADMIN), None);
+    serde_json::from_str(&body).unwrap_or_default()
+}
+
 /// relay-load's pattern: a new device for every stream. With no daily
 /// allowance, the relay remembers the devices streaming now, not every
 /// device that streamed today.
@@ -582,14 +589,7 @@ fn a_compressed_stream_cut_short_is_billed_what_upstream_processed() {
     // The client vanishes: no end of audio, no close.
     drop(ws);
     let row = || {
-        let (_, body) = http(
-            relay.handle.admin_addr,
-            "GET",
-            "/admin/usage?group_by=device",
-            Some(ADMIN),
-            None,
-        );
-        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let v = admin_get(relay.handle.admin_addr, "/admin/usage?group_by=device");
         v["rows"]
             .as_array()
             .unwrap()
@@ -633,14 +633,7 @@ fn a_stream_upstream_refused_is_counted_without_audio() {
         && s.iter().all(|r| r.closed)));
     for (relay, device, code) in [(&relay, "refused", "429"), (&other, "bad-config", "400")] {
         let row = || {
-            let (_, body) = http(
-                relay.handle.admin_addr,
-                "GET",
-                "/admin/usage?group_by=device",
-                Some(ADMIN),
-                None,
-            );
-            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            let v = admin_get(relay.handle.admin_addr, "/admin/usage?group_by=device");
             v["rows"]
                 .as_array()
                 .unwrap()
@@ -693,14 +686,7 @@ fn usage_survives_a_restart() {
     ) == 1));
     drop(relay);
     let relay = Relay::start(cfg.clone());
-    let (_, body) = http(
-        relay.handle.admin_addr,
-        "GET",
-        "/admin/usage?group_by=device",
-        Some(ADMIN),
-        None,
-    );
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let v = admin_get(relay.handle.admin_addr, "/admin/usage?group_by=device");
     assert_eq!(v["rows"][0]["audio_seconds"].as_f64(), Some(1.0), "{v}");
     std::fs::remove_dir_all(&cfg.admin.state_dir).ok();
 }
@@ -877,16 +863,8 @@ fn reconciliation_counts_a_resumed_stream_once_against_all_it_cost() {
     // What Soniox billed: every connection's audio, the replay included.
     let billed_ms: u64 = fake.sessions().iter().map(|s| s.audio_ms).sum();
     assert!(billed_ms > 2000, "{billed_ms}");
-    let report = || -> serde_json::Value {
-        let (_, body) = http(
-            relay.handle.admin_addr,
-            "GET",
-            "/admin/reconciliation",
-            Some(ADMIN),
-            None,
-        );
-        serde_json::from_str(&body).unwrap_or_default()
-    };
+    let report =
+        || -> serde_json::Value { admin_get(relay.handle.admin_addr, "/admin/reconciliation") };
     assert!(
         wait_until(Duration::from_secs(10), || report()["a"]["matched"] == 1),
         "{}",
@@ -909,14 +887,7 @@ fn reconciliation_counts_a_resumed_stream_once_against_all_it_cost() {
         "{r}"
     );
     // The ledger: 20 frames of 100 ms, once.
-    let (_, body) = http(
-        relay.handle.admin_addr,
-        "GET",
-        "/admin/usage?group_by=device",
-        Some(ADMIN),
-        None,
-    );
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let v = admin_get(relay.handle.admin_addr, "/admin/usage?group_by=device");
     assert_eq!(v["rows"][0]["audio_seconds"].as_f64(), Some(2.0), "{v}");
     let (_, metrics) = http(relay.handle.admin_addr, "GET", "/metrics", None, None);
     assert!(
@@ -938,16 +909,8 @@ fn reconciliation_matches_soniox_usage_logs_stream_by_stream() {
             stream_session(&mut ws, &config_message(None), &audio_frames(frames, 1)).finished()
         );
     }
-    let report = || -> serde_json::Value {
-        let (_, body) = http(
-            relay.handle.admin_addr,
-            "GET",
-            "/admin/reconciliation",
-            Some(ADMIN),
-            None,
-        );
-        serde_json::from_str(&body).unwrap_or_default()
-    };
+    let report =
+        || -> serde_json::Value { admin_get(relay.handle.admin_addr, "/admin/reconciliation") };
     assert!(
         wait_until(Duration::from_secs(10), || report()["a"]["matched"] == 3),
         "{}",
