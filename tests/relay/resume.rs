@@ -851,24 +851,7 @@ fn a_resume_at_44_1_khz_keeps_the_first_word_of_the_new_connection() {
     let config = serde_json::json!({"model": "stt-rt-v4", "audio_format": "pcm_s16le",
         "sample_rate": 44_100, "num_channels": 1});
     let frames: Vec<Vec<u8>> = (0..6u8).map(|i| vec![i; 8820]).collect();
-    // The first three frames one by one, each answered before the next
-    // goes (a drop with unread bytes resets the connection, which may
-    // take a result in flight with it).
-    ws.send(Message::text(config.to_string())).unwrap();
-    let mut before = Vec::new();
-    for f in &frames[..3] {
-        ws.send(Message::binary(f.clone())).unwrap();
-        match ws.read().unwrap() {
-            Message::Text(t) => before.push(serde_json::from_str::<Value>(&t).unwrap()),
-            other => panic!("{other:?}"),
-        }
-    }
-    for f in &frames[3..] {
-        ws.send(Message::binary(f.clone())).unwrap();
-    }
-    ws.send(Message::binary(Vec::<u8>::new())).unwrap();
-    let mut got = read_all(&mut ws);
-    got.messages.splice(0..0, before);
+    let got = stream_paced(&mut ws, &config.to_string(), &frames, 3);
     assert!(got.finished() && got.error_code().is_none(), "{got:?}");
     assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 2);
     let words: Vec<String> = finals(&got).into_iter().map(|w| w.0).collect();
@@ -975,23 +958,8 @@ fn a_resume_never_takes_the_processed_audio_figures_back() {
     let relay = Relay::start(relay_config(&url, &[("a", "k1")]));
     let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
     let frames = stream_audio(12, 10);
-    // The first five frames one by one, each answered before the next.
-    ws.send(Message::text(config_message(None))).unwrap();
-    let mut before = Vec::new();
-    for f in &frames[..5] {
-        ws.send(Message::binary(f.clone())).unwrap();
-        match ws.read().unwrap() {
-            Message::Text(t) => before.push(serde_json::from_str::<Value>(&t).unwrap()),
-            other => panic!("{other:?}"),
-        }
-    }
-    assert_eq!(before[4]["total_audio_proc_ms"], 500, "{before:?}");
-    for f in &frames[5..] {
-        ws.send(Message::binary(f.clone())).unwrap();
-    }
-    ws.send(Message::binary(Vec::<u8>::new())).unwrap();
-    let mut got = read_all(&mut ws);
-    got.messages.splice(0..0, before);
+    let got = stream_paced(&mut ws, &config_message(None), &frames, 5);
+    assert_eq!(got.messages[4]["total_audio_proc_ms"], 500, "{got:?}");
     assert!(got.finished() && got.error_code().is_none(), "{got:?}");
     assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 2);
     assert_eq!(relay.handle.metrics().streams_resumed(), 1);
@@ -1046,4 +1014,27 @@ fn a_resume_that_every_account_refuses_gets_503_close_1011() {
         .accounts()
         .iter()
         .all(|a| !a.healthy(now)));
+}
+
+/// Sends `config`, then the first `paced` frames one by one, each answered
+/// before the next goes (a drop with unread bytes resets the connection,
+/// which may take a result in flight with it), then the rest and the end
+/// of audio. Returns everything received, the paced frames' answers first.
+fn stream_paced(ws: &mut Ws, config: &str, frames: &[Vec<u8>], paced: usize) -> Received {
+    ws.send(Message::text(config)).unwrap();
+    let mut before = Vec::new();
+    for f in &frames[..paced] {
+        ws.send(Message::binary(f.clone())).unwrap();
+        match ws.read().unwrap() {
+            Message::Text(t) => before.push(serde_json::from_str::<Value>(&t).unwrap()),
+            other => panic!("{other:?}"),
+        }
+    }
+    for f in &frames[paced..] {
+        ws.send(Message::binary(f.clone())).unwrap();
+    }
+    ws.send(Message::binary(Vec::<u8>::new())).unwrap();
+    let mut got = read_all(ws);
+    got.messages.splice(0..0, before);
+    got
 }
