@@ -99,7 +99,12 @@ impl RestTarget {
                     .map(|rest| format!("api.{rest}"))
                     .unwrap_or(ws.host.clone());
                 let scheme = if ws.tls { "wss" } else { "ws" };
-                format!("{scheme}://{host}:{}/", ws.port)
+                // An IPv6 address goes back in its brackets.
+                if host.contains(':') {
+                    format!("{scheme}://[{host}]:{}/", ws.port)
+                } else {
+                    format!("{scheme}://{host}:{}/", ws.port)
+                }
             }
         };
         let ep = parse_ws_url(&url)?;
@@ -286,6 +291,8 @@ mod tests {
             (t.host.as_str(), t.port, t.tls.is_some()),
             ("127.0.0.1", 7300, false)
         );
+        let t = RestTarget::new("ws://[::1]:7300/transcribe-websocket", None, None).unwrap();
+        assert_eq!((t.host.as_str(), t.port), ("::1", 7300));
         let t =
             RestTarget::new("ws://x/", Some("https://api.example.com:8443"), Some(tls)).unwrap();
         assert_eq!((t.host.as_str(), t.port), ("api.example.com", 8443));

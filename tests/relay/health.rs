@@ -133,3 +133,25 @@ fn upstream_concurrency_limit_caps_the_account() {
         "the relay never hit Soniox's limit"
     );
 }
+
+#[test]
+fn an_upstream_on_ipv6_has_its_keys_checked() {
+    // The REST base derived from `ws://[::1]:PORT/…` keeps the brackets:
+    // without them it had "no host", and the pool's health checks were off.
+    let fake = fake(&["k1"], |c| c.listen = "[::1]:0".parse().unwrap());
+    assert!(fake.url().starts_with("ws://[::1]:"), "{}", fake.url());
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.admin.health_interval = Duration::from_millis(100);
+    let relay = Relay::start(cfg);
+    fake.set_key_reject("k1", Some(401));
+    assert!(
+        wait_until(Duration::from_secs(10), || !accounts_view(&relay)[0].1),
+        "the refused key was never checked: {:?}",
+        fake.rest_calls()
+    );
+    fake.set_key_reject("k1", None);
+    assert!(wait_until(Duration::from_secs(10), || accounts_view(
+        &relay
+    )[0]
+    .1));
+}
