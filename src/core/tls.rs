@@ -1,10 +1,14 @@
 //! TLS on the client port (rustls + ring): the server config from PEM
 //! files, with HTTP/1.1 as the only ALPN protocol. Re-read on SIGHUP; a
-//! stream keeps the config it was accepted with.
+//! stream keeps the config it was accepted with. An expired certificate
+//! is refused ([`validity`]): every client would refuse it.
+
+mod validity;
 
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -31,6 +35,13 @@ pub enum TlsError {
     Tls(rustls::Error),
     /// The certificate and the private key are not a pair.
     Mismatch(rustls::Error),
+    /// The server's certificate (the file's first) has expired.
+    Expired {
+        /// The file named by `tls.cert_file`.
+        path: PathBuf,
+        /// Its `notAfter`.
+        not_after: std::time::SystemTime,
+    },
 }
 
 impl fmt::Display for TlsError {
@@ -51,6 +62,12 @@ impl fmt::Display for TlsError {
             TlsError::Mismatch(e) => {
                 write!(f, "tls: the certificate and key do not go together: {e}")
             }
+            TlsError::Expired { path, not_after } => write!(
+                f,
+                "tls.cert_file {}: the certificate expired on {}; every client would refuse it",
+                path.display(),
+                httpdate::fmt_http_date(*not_after)
+            ),
         }
     }
 }
@@ -60,7 +77,7 @@ impl std::error::Error for TlsError {
         match self {
             TlsError::CertFile { source, .. } => Some(source),
             TlsError::Tls(e) | TlsError::Mismatch(e) => Some(e),
-            TlsError::NoCertificate(_) | TlsError::KeyFile(_) => None,
+            TlsError::NoCertificate(_) | TlsError::KeyFile(_) | TlsError::Expired { .. } => None,
         }
     }
 }
@@ -73,8 +90,14 @@ pub fn server_config(cfg: &TlsConfig) -> Result<Arc<rustls::ServerConfig>, TlsEr
             path: cfg.cert_file.clone(),
             source,
         })?;
-    if certs.is_empty() {
+    let Some(leaf) = certs.first() else {
         return Err(TlsError::NoCertificate(cfg.cert_file.clone()));
+    };
+    if let Some(not_after) = validity::not_after(leaf).filter(|t| *t < SystemTime::now()) {
+        return Err(TlsError::Expired {
+            path: cfg.cert_file.clone(),
+            not_after,
+        });
     }
     // The error never quotes the file: it holds a private key.
     let key = PrivateKeyDer::from_pem_file(&cfg.key_file)

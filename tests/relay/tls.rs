@@ -451,3 +451,81 @@ fn the_handshake_timeout_counts_the_tls_handshake_too() {
          with a 2 s handshake_timeout"
     );
 }
+
+/// A certificate for "localhost" whose validity ended on 2025-02-01,
+/// signed by a new CA: (ca, cert, key) as PEM.
+fn expired_localhost_cert() -> (String, String, String) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    params.not_before = rcgen::date_time_ymd(2025, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2025, 2, 1);
+    let leaf = params.signed_by(&leaf_key, &ca, &ca_key).unwrap();
+    (ca.pem(), leaf.pem(), leaf_key.serialize_pem())
+}
+
+#[test]
+fn an_expired_certificate_is_refused_and_the_old_one_kept() {
+    // rustls serves any certificate it is given: an expired one was taken
+    // by check-config, the start and a reload, and then every client
+    // refused the relay.
+    let fake = fake(&["k1"], |_| {});
+    let (relay, ca) = tls_relay(&fake.url(), |_| {});
+    let tls = relay.cfg.tls.clone().unwrap();
+    let token = relay.token("d");
+    let mut live = wss_connect(relay.addr(), &ca, &token).unwrap();
+    live.send(Message::text(config_message(None))).unwrap();
+    let (_, cert, key) = expired_localhost_cert();
+    std::fs::write(&tls.cert_file, &cert).unwrap();
+    std::fs::write(&tls.key_file, &key).unwrap();
+    // check-config: one line naming the file and the date, exit 3.
+    let dir = tls.cert_file.parent().unwrap();
+    let file = dir.join("relay.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[upstream]\nurl = \"{}\"\n[tokens]\nsecret_env = \"EXPIRED_TEST_SECRET\"\n[[account]]\nid = \"a\"\nkey_env = \"EXPIRED_TEST_SECRET\"\n[tls]\ncert_file = \"cert.pem\"\nkey_file = \"key.pem\"\n",
+            fake.url()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_clio-relay"))
+        .args(["check-config", "--config", file.to_str().unwrap()])
+        .env("EXPIRED_TEST_SECRET", "s".repeat(40))
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{said}");
+    let lines: Vec<_> = said.lines().filter(|l| l.contains("cert.pem")).collect();
+    assert_eq!(lines.len(), 1, "{said}");
+    assert!(
+        lines[0].contains("expired on Sat, 01 Feb 2025 00:00:00 GMT"),
+        "{said}"
+    );
+    // A reload keeps the certificate it has: new clients still get it,
+    // and the live stream goes on.
+    let log = relay.handle.reload(&relay.cfg).unwrap();
+    assert!(
+        log.iter()
+            .any(|l| l.contains("not reloaded") && l.contains("expired")),
+        "{log:?}"
+    );
+    let mut fresh = wss_connect(relay.addr(), &ca, &token).unwrap();
+    fresh.send(Message::text(config_message(None))).unwrap();
+    fresh.send(Message::binary(Vec::<u8>::new())).unwrap();
+    for f in audio_frames(3, 1) {
+        live.send(Message::binary(f)).unwrap();
+    }
+    live.send(Message::binary(Vec::<u8>::new())).unwrap();
+    let mut finished = false;
+    while let Ok(m) = live.read() {
+        if let Message::Text(t) = m {
+            finished |= t.contains("\"finished\":true");
+        }
+    }
+    assert!(finished, "the live stream finished");
+    std::fs::remove_dir_all(dir).ok();
+}
