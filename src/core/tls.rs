@@ -28,9 +28,14 @@ pub enum TlsError {
     },
     /// `tls.cert_file` holds no certificate.
     NoCertificate(PathBuf),
-    /// `tls.key_file` holds no readable PEM private key (the reader's
-    /// error is dropped: it may quote the key).
-    KeyFile(PathBuf),
+    /// `tls.key_file` holds no readable PEM private key. Only an I/O
+    /// error is kept (a parse error may quote the key).
+    KeyFile {
+        /// The file named by `tls.key_file`.
+        path: PathBuf,
+        /// Why it could not be read at all, if that is what failed.
+        io: Option<std::io::Error>,
+    },
     /// rustls refused to build the server config.
     Tls(rustls::Error),
     /// The certificate and the private key are not a pair.
@@ -53,7 +58,10 @@ impl fmt::Display for TlsError {
             TlsError::NoCertificate(path) => {
                 write!(f, "tls.cert_file {}: no certificate", path.display())
             }
-            TlsError::KeyFile(path) => write!(
+            TlsError::KeyFile { path, io: Some(e) } => {
+                write!(f, "tls.key_file {}: {e}", path.display())
+            }
+            TlsError::KeyFile { path, io: None } => write!(
                 f,
                 "tls.key_file {}: no readable PEM private key",
                 path.display()
@@ -76,8 +84,11 @@ impl std::error::Error for TlsError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             TlsError::CertFile { source, .. } => Some(source),
+            TlsError::KeyFile { io: Some(e), .. } => Some(e),
             TlsError::Tls(e) | TlsError::Mismatch(e) => Some(e),
-            TlsError::NoCertificate(_) | TlsError::KeyFile(_) | TlsError::Expired { .. } => None,
+            TlsError::NoCertificate(_)
+            | TlsError::KeyFile { io: None, .. }
+            | TlsError::Expired { .. } => None,
         }
     }
 }
@@ -99,9 +110,16 @@ pub fn server_config(cfg: &TlsConfig) -> Result<Arc<rustls::ServerConfig>, TlsEr
             not_after,
         });
     }
-    // The error never quotes the file: it holds a private key.
-    let key = PrivateKeyDer::from_pem_file(&cfg.key_file)
-        .map_err(|_| TlsError::KeyFile(cfg.key_file.clone()))?;
+    // The error never quotes the file: it holds a private key. Why it
+    // could not be opened or read (permissions, a dangling link) quotes
+    // nothing, so it is said.
+    let key = PrivateKeyDer::from_pem_file(&cfg.key_file).map_err(|e| TlsError::KeyFile {
+        path: cfg.key_file.clone(),
+        io: match e {
+            rustls::pki_types::pem::Error::Io(e) => Some(e),
+            _ => None,
+        },
+    })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

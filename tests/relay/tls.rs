@@ -452,6 +452,28 @@ fn the_handshake_timeout_counts_the_tls_handshake_too() {
     );
 }
 
+/// `clio-relay check-config` on a relay.toml written in `dir` whose
+/// `[tls]` names `dir`'s cert.pem and key.pem: its exit status and stderr.
+fn check_tls_config(dir: &std::path::Path, upstream: &str) -> (Option<i32>, String) {
+    let file = dir.join("relay.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[upstream]\nurl = \"{upstream}\"\n[tokens]\nsecret_env = \"TLS_TEST_SECRET\"\n[[account]]\nid = \"a\"\nkey_env = \"TLS_TEST_SECRET\"\n[tls]\ncert_file = \"cert.pem\"\nkey_file = \"key.pem\"\n"
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_clio-relay"))
+        .args(["check-config", "--config", file.to_str().unwrap()])
+        .env("TLS_TEST_SECRET", "s".repeat(40))
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// A certificate for "localhost" whose validity ended on 2025-02-01,
 /// signed by a new CA: (ca, cert, key) as PEM.
 fn expired_localhost_cert() -> (String, String, String) {
@@ -483,22 +505,8 @@ fn an_expired_certificate_is_refused_and_the_old_one_kept() {
     std::fs::write(&tls.key_file, &key).unwrap();
     // check-config: one line naming the file and the date, exit 3.
     let dir = tls.cert_file.parent().unwrap();
-    let file = dir.join("relay.toml");
-    std::fs::write(
-        &file,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n[upstream]\nurl = \"{}\"\n[tokens]\nsecret_env = \"EXPIRED_TEST_SECRET\"\n[[account]]\nid = \"a\"\nkey_env = \"EXPIRED_TEST_SECRET\"\n[tls]\ncert_file = \"cert.pem\"\nkey_file = \"key.pem\"\n",
-            fake.url()
-        ),
-    )
-    .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_clio-relay"))
-        .args(["check-config", "--config", file.to_str().unwrap()])
-        .env("EXPIRED_TEST_SECRET", "s".repeat(40))
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(3), "{said}");
+    let (code, said) = check_tls_config(dir, &fake.url());
+    assert_eq!(code, Some(3), "{said}");
     let lines: Vec<_> = said.lines().filter(|l| l.contains("cert.pem")).collect();
     assert_eq!(lines.len(), 1, "{said}");
     assert!(
@@ -528,4 +536,38 @@ fn an_expired_certificate_is_refused_and_the_old_one_kept() {
     }
     assert!(finished, "the live stream finished");
     std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn a_key_file_that_cannot_be_read_is_said_why() {
+    // certbot's live/privkey.pem is a link into archive/: a link left
+    // dangling was reported as "no readable PEM private key", as if the
+    // file held no key, while a secret file said the reason.
+    let fake = fake(&["k1"], |_| {});
+    let (relay, ca) = tls_relay(&fake.url(), |_| {});
+    let tls = relay.cfg.tls.clone().unwrap();
+    let dir = tls.key_file.parent().unwrap().to_path_buf();
+    std::fs::remove_file(&tls.key_file).unwrap();
+    std::os::unix::fs::symlink(dir.join("archive/privkey2.pem"), &tls.key_file).unwrap();
+    let (code, said) = check_tls_config(&dir, &fake.url());
+    assert_eq!(code, Some(3), "{said}");
+    assert!(
+        said.contains("tls.key_file") && said.contains("key.pem: No such file or directory"),
+        "{said}"
+    );
+    // A reload says the same and keeps the certificate it has.
+    let log = relay.handle.reload(&relay.cfg).unwrap();
+    assert!(
+        log.iter()
+            .any(|l| l.contains("not reloaded") && l.contains("No such file or directory")),
+        "{log:?}"
+    );
+    wss_connect(relay.addr(), &ca, &relay.token("d")).unwrap();
+    // A directory in its place: the same, with the reason.
+    std::fs::remove_file(&tls.key_file).unwrap();
+    std::fs::create_dir(&tls.key_file).unwrap();
+    let (code, said) = check_tls_config(&dir, &fake.url());
+    assert_eq!(code, Some(3), "{said}");
+    assert!(said.contains("key.pem: Is a directory"), "{said}");
+    std::fs::remove_dir_all(&dir).ok();
 }
