@@ -38,8 +38,24 @@ pub enum TlsError {
     },
     /// rustls refused to build the server config.
     Tls(rustls::Error),
-    /// The certificate and the private key are not a pair.
-    Mismatch(rustls::Error),
+    /// rustls refused the private key (a kind it cannot sign with).
+    Key {
+        /// The file named by `tls.key_file`.
+        path: PathBuf,
+        /// What rustls said.
+        source: rustls::Error,
+    },
+    /// The private key is not the key of the file's first certificate,
+    /// the one the server presents.
+    NotAPair {
+        /// The file named by `tls.cert_file`.
+        cert: PathBuf,
+        /// The file named by `tls.key_file`.
+        key: PathBuf,
+        /// The key's certificate, when another one of the file (1-based):
+        /// a chain in the wrong order.
+        key_of: Option<usize>,
+    },
     /// The server's certificate (the file's first) has expired.
     Expired {
         /// The file named by `tls.cert_file`.
@@ -67,9 +83,30 @@ impl fmt::Display for TlsError {
                 path.display()
             ),
             TlsError::Tls(e) => e.fmt(f),
-            TlsError::Mismatch(e) => {
-                write!(f, "tls: the certificate and key do not go together: {e}")
+            TlsError::Key { path, source } => {
+                write!(f, "tls.key_file {}: {source}", path.display())
             }
+            TlsError::NotAPair {
+                cert,
+                key,
+                key_of: None,
+            } => write!(
+                f,
+                "tls.key_file {} is not the key of the first certificate in tls.cert_file {}",
+                key.display(),
+                cert.display()
+            ),
+            TlsError::NotAPair {
+                cert,
+                key_of: Some(n),
+                ..
+            } => write!(
+                f,
+                "tls.cert_file {}: the key is certificate {n}'s, not the first's: the chain is in \
+                 the wrong order (the server's own certificate goes first, then the CA \
+                 certificates that signed it)",
+                cert.display()
+            ),
             TlsError::Expired { path, not_after } => write!(
                 f,
                 "tls.cert_file {}: the certificate expired on {}; every client would refuse it",
@@ -85,9 +122,10 @@ impl std::error::Error for TlsError {
         match self {
             TlsError::CertFile { source, .. } => Some(source),
             TlsError::KeyFile { io: Some(e), .. } => Some(e),
-            TlsError::Tls(e) | TlsError::Mismatch(e) => Some(e),
+            TlsError::Tls(e) | TlsError::Key { source: e, .. } => Some(e),
             TlsError::NoCertificate(_)
             | TlsError::KeyFile { io: None, .. }
+            | TlsError::NotAPair { .. }
             | TlsError::Expired { .. } => None,
         }
     }
@@ -125,8 +163,42 @@ pub fn server_config(cfg: &TlsConfig) -> Result<Arc<rustls::ServerConfig>, TlsEr
         .with_safe_default_protocol_versions()
         .map_err(TlsError::Tls)?
         .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(TlsError::Mismatch)?;
+        .with_single_cert(certs.clone(), key.clone_key())
+        .map_err(|e| not_a_pair(cfg, &certs, key, e))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// Why rustls refused the chain and key: not a pair (and the key's own
+/// certificate when the chain is out of order), or a key it cannot use.
+fn not_a_pair(
+    cfg: &TlsConfig,
+    certs: &[CertificateDer<'static>],
+    key: PrivateKeyDer<'static>,
+    e: rustls::Error,
+) -> TlsError {
+    if !matches!(e, rustls::Error::InconsistentKeys(_)) {
+        return TlsError::Key {
+            path: cfg.key_file.clone(),
+            source: e,
+        };
+    }
+    let provider = rustls::crypto::ring::default_provider();
+    let key_of = provider
+        .key_provider
+        .load_private_key(key)
+        .ok()
+        .and_then(|signer| {
+            certs.iter().skip(1).position(|c| {
+                rustls::sign::CertifiedKey::new(vec![c.clone()], signer.clone())
+                    .keys_match()
+                    .is_ok()
+            })
+        })
+        .map(|i| i + 2);
+    TlsError::NotAPair {
+        cert: cfg.cert_file.clone(),
+        key: cfg.key_file.clone(),
+        key_of,
+    }
 }

@@ -571,3 +571,48 @@ fn a_key_file_that_cannot_be_read_is_said_why() {
     assert!(said.contains("key.pem: Is a directory"), "{said}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn a_chain_in_the_wrong_order_or_a_key_of_another_cert_is_named() {
+    // Both were "tls: tls: the certificate and key do not go together:
+    // keys may not be consistent: KeyMismatch", which names no file and
+    // does not say that the certificates are only out of order.
+    let fake = fake(&["k1"], |_| {});
+    let (relay, ca) = tls_relay(&fake.url(), |_| {});
+    let tls = relay.cfg.tls.clone().unwrap();
+    let dir = tls.cert_file.parent().unwrap().to_path_buf();
+    let (new_ca, leaf, key) = localhost_cert();
+    // The CA first, then the server's certificate.
+    std::fs::write(&tls.cert_file, format!("{new_ca}{leaf}")).unwrap();
+    std::fs::write(&tls.key_file, &key).unwrap();
+    let (code, said) = check_tls_config(&dir, &fake.url());
+    assert_eq!(code, Some(3), "{said}");
+    assert!(
+        said.contains("cert.pem: the key is certificate 2's, not the first's")
+            && said.contains("wrong order")
+            && !said.contains("tls: tls:"),
+        "{said}"
+    );
+    let log = relay.handle.reload(&relay.cfg).unwrap();
+    assert!(
+        log.iter()
+            .any(|l| l.contains("not reloaded") && l.contains("wrong order")),
+        "{log:?}"
+    );
+    wss_connect(relay.addr(), &ca, &relay.token("d")).unwrap();
+    // The renewed certificate beside another one's key.
+    let (_, _, other_key) = localhost_cert();
+    std::fs::write(&tls.cert_file, format!("{leaf}{new_ca}")).unwrap();
+    std::fs::write(&tls.key_file, &other_key).unwrap();
+    let (code, said) = check_tls_config(&dir, &fake.url());
+    assert_eq!(code, Some(3), "{said}");
+    assert!(
+        said.contains("key.pem is not the key of the first certificate in tls.cert_file")
+            && said.contains("cert.pem"),
+        "{said}"
+    );
+    // Put in order, with its key, it is taken.
+    std::fs::write(&tls.key_file, &key).unwrap();
+    assert_eq!(check_tls_config(&dir, &fake.url()).0, Some(0));
+    std::fs::remove_dir_all(&dir).ok();
+}
