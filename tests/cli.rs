@@ -479,3 +479,79 @@ fn a_missing_config_file_is_named_once() {
         );
     }
 }
+
+/// What README says of a state directory that cannot be made or written
+/// (`/proc/…` cannot be made, by root either): without a master key the
+/// relay runs and logs what it will not keep; with one, the start fails
+/// naming the directory.
+#[test]
+fn a_state_dir_that_cannot_be_made_is_logged_or_stops_the_start() {
+    use std::io::{BufRead, BufReader};
+    let dir = std::env::temp_dir().join(format!("clio-relay-no-state-{}", std::process::id()));
+    let config = relay_config(&dir, "127.0.0.1:0", "127.0.0.1:0");
+    let state = format!("/proc/clio-relay-no-state-{}", std::process::id());
+    let file = std::fs::read_to_string(&config).unwrap();
+    let with_state = file.replace("[admin]\n", &format!("[admin]\nstate_dir = \"{state}\"\n"));
+    std::fs::write(&config, &with_state).unwrap();
+    let mut child = Command::new(RELAY)
+        .args(["run", "--config", &config])
+        .env("CLI_EXIT_SECRET", "cli-exit-secret-0123456789abcdef0123")
+        .env("CLI_EXIT_ADMIN", "cli-exit-admin-token-0123456789")
+        .env("CLI_EXIT_KEY", "cli-exit-soniox-key")
+        .env("RUST_LOG", "info")
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_FDS")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let wanted = [
+        "clio-relay listening",
+        "key dates not saved",
+        "usage ledger not opened",
+    ];
+    let mut seen = Vec::new();
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while let Ok(line) = rx.recv_timeout(end.saturating_duration_since(std::time::Instant::now())) {
+        seen.push(line);
+        if wanted.iter().all(|w| seen.iter().any(|l| l.contains(w))) {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    for w in wanted {
+        assert!(seen.iter().any(|l| l.contains(w)), "{w:?} not in {seen:#?}");
+    }
+    // With a master key the key store must be kept: the start fails.
+    let with_key = with_state.replace(
+        "[admin]\n",
+        "[admin]\nmaster_key_env = \"CLI_NO_STATE_MASTER\"\n",
+    );
+    std::fs::write(&config, with_key).unwrap();
+    let o = Command::new(RELAY)
+        .args(["run", "--config", &config])
+        .env("CLI_EXIT_SECRET", "cli-exit-secret-0123456789abcdef0123")
+        .env("CLI_EXIT_ADMIN", "cli-exit-admin-token-0123456789")
+        .env("CLI_EXIT_KEY", "cli-exit-soniox-key")
+        .env("CLI_NO_STATE_MASTER", "ab".repeat(32))
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_FDS")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains(&format!("key store in {state}")),
+        "{}",
+        text(&o)
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
