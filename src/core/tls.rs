@@ -131,8 +131,37 @@ impl std::error::Error for TlsError {
     }
 }
 
+/// The client port's TLS config, and the end of its certificate's
+/// validity, for the reload's log.
+#[derive(Debug)]
+pub struct ServerTls {
+    /// What the shards serve.
+    pub config: Arc<rustls::ServerConfig>,
+    /// The server certificate's `notAfter` (`None`: not read).
+    pub not_after: Option<SystemTime>,
+}
+
+impl ServerTls {
+    /// The reload's log line: which file, and until when it is valid.
+    pub fn describe(&self, cfg: &TlsConfig) -> String {
+        let until = self.not_after.map_or_else(
+            || "end date not read".to_string(),
+            |t| format!("valid until {}", httpdate::fmt_http_date(t)),
+        );
+        format!(
+            "client-port TLS certificate read from tls.cert_file {} ({until})",
+            cfg.cert_file.display()
+        )
+    }
+}
+
 /// Builds the client port's TLS config from `[tls]`; the error names the file.
 pub fn server_config(cfg: &TlsConfig) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    load(cfg).map(|t| t.config)
+}
+
+/// [`server_config`], with the certificate's end date.
+pub fn load(cfg: &TlsConfig) -> Result<ServerTls, TlsError> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cfg.cert_file)
         .and_then(|i| i.collect::<Result<_, _>>())
         .map_err(|source| TlsError::CertFile {
@@ -142,7 +171,8 @@ pub fn server_config(cfg: &TlsConfig) -> Result<Arc<rustls::ServerConfig>, TlsEr
     let Some(leaf) = certs.first() else {
         return Err(TlsError::NoCertificate(cfg.cert_file.clone()));
     };
-    if let Some(not_after) = validity::not_after(leaf).filter(|t| *t < SystemTime::now()) {
+    let not_after = validity::not_after(leaf);
+    if let Some(not_after) = not_after.filter(|t| *t < SystemTime::now()) {
         return Err(TlsError::Expired {
             path: cfg.cert_file.clone(),
             not_after,
@@ -166,7 +196,10 @@ pub fn server_config(cfg: &TlsConfig) -> Result<Arc<rustls::ServerConfig>, TlsEr
         .with_single_cert(certs.clone(), key.clone_key())
         .map_err(|e| not_a_pair(cfg, &certs, key, e))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    Ok(ServerTls {
+        config: Arc::new(config),
+        not_after,
+    })
 }
 
 /// Why rustls refused the chain and key: not a pair (and the key's own

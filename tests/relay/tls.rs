@@ -239,7 +239,15 @@ fn client_port_serves_tls_and_reloads_its_certificate() {
     let (ca2, cert2, key2) = localhost_cert();
     std::fs::write(dir.join("cert.pem"), &cert2).unwrap();
     std::fs::write(dir.join("key.pem"), &key2).unwrap();
-    relay.handle.reload(&cfg).unwrap();
+    // The reload's log names the certificate it read, by its end date.
+    let log = relay.handle.reload(&cfg).unwrap();
+    assert!(
+        log.iter()
+            .any(|l| l.contains("TLS certificate read from tls.cert_file")
+                && l.contains("cert.pem (valid until")
+                && l.contains("01 Jan 4096")),
+        "{log:?}"
+    );
     assert!(
         wss_connect(relay.addr(), &ca1, &token).is_err(),
         "the old certificate is gone"

@@ -397,10 +397,15 @@ impl Admin {
             tls: match cfg
                 .tls
                 .as_ref()
-                .map(crate::core::tls::server_config)
+                .map(|file| crate::core::tls::load(file).map(|t| (file, t)))
                 .transpose()
             {
-                Ok(t) => t,
+                // The reload's log names each change: a renewed
+                // certificate shows by its end date.
+                Ok(t) => t.map(|(file, t)| {
+                    log.push(t.describe(file));
+                    t.config
+                }),
                 Err(e) => {
                     log.push(format!("TLS certificate not reloaded: {e}"));
                     return log;
