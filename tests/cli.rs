@@ -555,3 +555,21 @@ fn a_state_dir_that_cannot_be_made_is_logged_or_stops_the_start() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A listen address the host does not have: the start names it and says
+/// so, with exit 1 (a port in use is 4).
+#[test]
+fn a_listen_address_of_another_host_is_named() {
+    let dir = std::env::temp_dir().join(format!("clio-relay-other-host-{}", std::process::id()));
+    // 192.0.2.0/24 is TEST-NET-1, never a local address.
+    let config = relay_config(&dir, "192.0.2.1:18080", "127.0.0.1:0");
+    let o = run_env(&["run", "--config", &config]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("server.listen 192.0.2.1:18080: Cannot assign requested address")
+            && text(&o).contains("not an address of this host"),
+        "{}",
+        text(&o)
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

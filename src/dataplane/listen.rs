@@ -70,10 +70,20 @@ pub fn check_free(addr: SocketAddr) -> io::Result<()> {
 /// exit (`kill; wait; start`) must not take that for a running relay.
 pub const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// The error for a port found in use, naming it and what to do.
+/// The error for a port found in use, naming it and what to do; other
+/// bind errors name the port, and what to do for the two a first deploy
+/// meets (a port below 1024, an address of another host).
 pub fn in_use(addr: SocketAddr, key: &str, e: io::Error) -> io::Error {
     if e.kind() != io::ErrorKind::AddrInUse {
-        return io::Error::new(e.kind(), format!("{key} {addr}: {e}"));
+        let hint = match e.kind() {
+            io::ErrorKind::PermissionDenied if addr.port() < 1024 => {
+                ": a port below 1024 needs CAP_NET_BIND_SERVICE (or the systemd socket \
+                 units, which bind it for the relay)"
+            }
+            io::ErrorKind::AddrNotAvailable => ": it is not an address of this host",
+            _ => "",
+        };
+        return io::Error::new(e.kind(), format!("{key} {addr}: {e}{hint}"));
     }
     let what = if key == "server.listen" {
         "stop it first, or, for a hand-over restart, start the new relay with \
@@ -158,5 +168,19 @@ mod tests {
         let msg = e.to_string();
         assert!(msg.contains(&addr.to_string()), "{msg}");
         assert!(msg.contains("--join-client-port"), "{msg}");
+    }
+
+    #[test]
+    fn a_low_port_without_the_capability_says_what_it_needs() {
+        // As root the bind succeeds, so the kernel's answer to anyone
+        // else is given here.
+        let addr: SocketAddr = "127.0.0.1:443".parse().unwrap();
+        let e = io::Error::from_raw_os_error(libc::EACCES);
+        let msg = in_use(addr, "server.listen", e).to_string();
+        assert!(
+            msg.starts_with("server.listen 127.0.0.1:443: Permission denied")
+                && msg.contains("CAP_NET_BIND_SERVICE"),
+            "{msg}"
+        );
     }
 }
