@@ -573,3 +573,58 @@ fn a_listen_address_of_another_host_is_named() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A secret file every user of the host can read is warned about, by
+/// check-config and at the start; in a directory only its owner may enter
+/// (as the shipped credentials directory is), it is not.
+#[test]
+fn a_secret_file_every_user_can_read_is_warned_about() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = std::env::temp_dir().join(format!("clio-relay-modes-{}", std::process::id()));
+    let config = relay_config(&dir, "127.0.0.1:0", "127.0.0.1:0");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let key = dir.join("soniox-01");
+    std::fs::write(&key, "cli-mode-soniox-key\n").unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let file = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        file.replace("key_env = \"CLI_EXIT_KEY\"", "key_file = \"soniox-01\""),
+    )
+    .unwrap();
+    let o = run_env(&["check-config", "--config", &config]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let warned: Vec<_> = text(&o)
+        .lines()
+        .filter(|l| l.contains("can be read by every user"))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(warned.len(), 1, "{}", text(&o));
+    assert!(
+        warned[0].contains("account \"a\": key_file")
+            && warned[0].contains("soniox-01")
+            && warned[0].contains("mode 0644")
+            && warned[0].contains("chmod 600"),
+        "{warned:?}"
+    );
+    assert!(!text(&o).contains("cli-mode-soniox-key"), "{}", text(&o));
+    // 0600: nothing to say.
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let o = run_env(&["check-config", "--config", &config]);
+    assert!(
+        !text(&o).contains("can be read by every user"),
+        "{}",
+        text(&o)
+    );
+    // 0644 in a 0700 directory: no other user reaches it.
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let o = run_env(&["check-config", "--config", &config]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        !text(&o).contains("can be read by every user"),
+        "{}",
+        text(&o)
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -57,6 +57,7 @@ fn relay_config(upstream: &str) -> Config {
         tls: None,
         cluster: None,
         pools: Vec::new(),
+        secret_files: Vec::new(),
     }
 }
 

@@ -201,6 +201,7 @@ pub fn run_demo(args: &DemoArgs) -> std::io::Result<DemoReport> {
         tls: None,
         cluster: None,
         pools: Vec::new(),
+        secret_files: Vec::new(),
     };
     let relay = crate::cli::server::start(&cfg)?;
     let tokens = TokenKeys::from_config(&cfg.tokens);

@@ -94,6 +94,10 @@ pub struct Config {
     /// `[pool.NAME]`: the account pools besides the default one, by name.
     /// The default pool's endpoint is `upstream.url` (see [`Config::pools`]).
     pub pools: Vec<PoolConfig>,
+    /// The secret files the config was read from (`*_file`), each with
+    /// the key that names it, e.g. `account "a": key_file`: the warnings
+    /// name one that every user of the host can read.
+    pub secret_files: Vec<(String, PathBuf)>,
 }
 
 /// Parses a duration in the config syntax: `500ms`, `5s`, `15m`, `2h`,
@@ -184,6 +188,8 @@ struct Problems {
     keys: HashSet<String>,
     /// One of them is an environment variable not set or empty.
     unset_env: bool,
+    /// The secret files read, for [`Config::secret_files`].
+    secret_files: Vec<(String, PathBuf)>,
 }
 
 impl Problems {
@@ -452,6 +458,21 @@ impl Config {
                 stop.as_secs()
             ));
         }
+        // A secret file any user of the host can read, or the client
+        // port's private key.
+        let tls_key = self
+            .tls
+            .iter()
+            .map(|t| ("tls: key_file".to_string(), t.key_file.clone()));
+        for (key, path) in self.secret_files.iter().cloned().chain(tls_key) {
+            if let Some(mode) = readable_by_all(&path) {
+                w.push(format!(
+                    "{key} {} can be read by every user of this host (mode {mode:04o}); \
+                     `chmod 600` it (or 640, for a group the relay runs in)",
+                    path.display()
+                ));
+            }
+        }
         if self.tokens.previous_secret.as_ref() == Some(&self.tokens.secret) {
             w.push("tokens.previous_secret: is the same as tokens.secret".to_string());
         }
@@ -506,3 +527,15 @@ fn read_config_file(path: &Path) -> Result<(String, PathBuf), ConfigError> {
 
 #[cfg(test)]
 mod tests;
+
+/// The file's mode when every user of the host can read it: readable by
+/// "others", in directories they may all enter. `None` otherwise, or when
+/// it cannot be told.
+fn readable_by_all(path: &Path) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let path = std::fs::canonicalize(path).ok()?;
+    let mode = std::fs::metadata(&path).ok()?.permissions().mode() & 0o7777;
+    let enterable =
+        |dir: &Path| std::fs::metadata(dir).is_ok_and(|m| m.permissions().mode() & 0o001 != 0);
+    (mode & 0o004 != 0 && path.ancestors().skip(1).all(enterable)).then_some(mode)
+}

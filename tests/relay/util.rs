@@ -77,6 +77,7 @@ pub fn relay_config(upstream: &str, accounts: &[(&str, &str)]) -> Config {
         tls: None,
         cluster: None,
         pools: Vec::new(),
+        secret_files: Vec::new(),
     }
 }
 

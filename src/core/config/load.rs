@@ -398,6 +398,7 @@ fn resolve(raw: RawFile, base: &Path) -> Result<Config, ConfigError> {
         cluster,
         failover,
         pools,
+        secret_files: std::mem::take(&mut p.secret_files),
     };
     if let Some(ca) = &config.upstream.ca_file {
         if !ca.is_file() {
@@ -644,7 +645,11 @@ fn resolve_admin(a: RawAdmin, base: &Path, p: &mut Problems) -> AdminConfig {
             (path, raw)
         });
     let master_key = match raw {
-        Some((_, RawKey::Key(k))) => Some(k),
+        Some((path, RawKey::Key(k))) => {
+            p.secret_files
+                .push(("admin: master_key_file".to_string(), path));
+            Some(k)
+        }
         Some((path, RawKey::NotText(len))) => {
             p.push(
                 "admin",
@@ -995,6 +1000,8 @@ fn resolve_secret(
             while text.ends_with(['\n', '\r']) {
                 text.pop();
             }
+            p.secret_files
+                .push((format!("{section}: {file_key}"), path.clone()));
             if text.is_empty() {
                 p.push(section, format!("{file_key} {} is empty", path.display()));
                 return None;

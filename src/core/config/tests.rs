@@ -512,6 +512,7 @@ fn validate_built_config() {
         tls: None,
         cluster: None,
         pools: Vec::new(),
+        secret_files: Vec::new(),
     };
     assert!(c.validate().is_ok());
     let mut bad = c.clone();
@@ -640,6 +641,7 @@ fn bare_config(accounts: Vec<AccountConfig>) -> Config {
         tls: None,
         cluster: None,
         pools: Vec::new(),
+        secret_files: Vec::new(),
     }
 }
 
