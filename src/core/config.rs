@@ -303,6 +303,20 @@ impl Config {
             "server: listen {}, admin {}, shards {shards}, max_streams {}",
             self.server.listen, self.server.admin_listen, self.server.max_streams
         );
+        if let Some(t) = &self.tls {
+            let until = crate::core::tls::load(t)
+                .ok()
+                .and_then(|l| l.not_after)
+                .map_or_else(String::new, |at| {
+                    format!(" (valid until {})", httpdate::fmt_http_date(at))
+                });
+            let _ = writeln!(
+                s,
+                "tls: cert_file {}{until}, key_file {}",
+                t.cert_file.display(),
+                t.key_file.display()
+            );
+        }
         let _ = writeln!(
             s,
             "upstream: {} (auth {}), connect_timeout {}{}",

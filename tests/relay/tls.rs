@@ -461,7 +461,8 @@ fn the_handshake_timeout_counts_the_tls_handshake_too() {
 }
 
 /// `clio-relay check-config` on a relay.toml written in `dir` whose
-/// `[tls]` names `dir`'s cert.pem and key.pem: its exit status and stderr.
+/// `[tls]` names `dir`'s cert.pem and key.pem: its exit status, and its
+/// stderr then stdout.
 fn check_tls_config(dir: &std::path::Path, upstream: &str) -> (Option<i32>, String) {
     let file = dir.join("relay.toml");
     std::fs::write(
@@ -478,7 +479,11 @@ fn check_tls_config(dir: &std::path::Path, upstream: &str) -> (Option<i32>, Stri
         .unwrap();
     (
         out.status.code(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        ),
     )
 }
 
@@ -619,8 +624,16 @@ fn a_chain_in_the_wrong_order_or_a_key_of_another_cert_is_named() {
             && said.contains("cert.pem"),
         "{said}"
     );
-    // Put in order, with its key, it is taken.
+    // Put in order, with its key, it is taken, and the summary shows it
+    // with its end date.
     std::fs::write(&tls.key_file, &key).unwrap();
-    assert_eq!(check_tls_config(&dir, &fake.url()).0, Some(0));
+    let (code, said) = check_tls_config(&dir, &fake.url());
+    assert_eq!(code, Some(0), "{said}");
+    assert!(
+        said.lines().any(|l| l.starts_with("tls: cert_file ")
+            && l.contains("cert.pem (valid until ")
+            && l.contains(", key_file ")),
+        "{said}"
+    );
     std::fs::remove_dir_all(&dir).ok();
 }
