@@ -472,6 +472,12 @@ impl Config {
                 stop.as_secs()
             ));
         }
+        if let Some(t) = &self.tls {
+            let loaded = crate::core::tls::load(t).ok();
+            if let Some(w2) = loaded.and_then(|l| l.date_warning(t, std::time::SystemTime::now())) {
+                w.push(w2);
+            }
+        }
         // A secret file any user of the host can read, or the client
         // port's private key.
         let tls_key = self

@@ -139,9 +139,39 @@ pub struct ServerTls {
     pub config: Arc<rustls::ServerConfig>,
     /// The server certificate's `notAfter` (`None`: not read).
     pub not_after: Option<SystemTime>,
+    /// Its `notBefore`.
+    pub not_before: Option<SystemTime>,
 }
 
+/// How long before its end a certificate is warned about: a renewal
+/// (certbot's runs 30 days ahead) that has not happened by then is failing.
+pub const RENEW_WARNING: std::time::Duration = std::time::Duration::from_secs(14 * 86_400);
+
 impl ServerTls {
+    /// What is worth a warning about the certificate's dates: not valid
+    /// yet (this host's clock, or a certificate issued ahead), or its end
+    /// less than [`RENEW_WARNING`] away.
+    pub fn date_warning(&self, cfg: &TlsConfig, now: SystemTime) -> Option<String> {
+        let path = cfg.cert_file.display();
+        if let Some(start) = self.not_before.filter(|t| *t > now) {
+            return Some(format!(
+                "tls.cert_file {path}: the certificate is valid only from {}; clients refuse it \
+                 until then (is this host's clock right?)",
+                httpdate::fmt_http_date(start)
+            ));
+        }
+        let end = self.not_after?;
+        let left = end.duration_since(now).ok()?;
+        (left < RENEW_WARNING).then(|| {
+            format!(
+                "tls.cert_file {path}: the certificate expires on {}, in {} days; renew it \
+                 (then reload)",
+                httpdate::fmt_http_date(end),
+                left.as_secs() / 86_400
+            )
+        })
+    }
+
     /// The reload's log line: which file, and until when it is valid.
     pub fn describe(&self, cfg: &TlsConfig) -> String {
         let until = self.not_after.map_or_else(
@@ -171,7 +201,7 @@ pub fn load(cfg: &TlsConfig) -> Result<ServerTls, TlsError> {
     let Some(leaf) = certs.first() else {
         return Err(TlsError::NoCertificate(cfg.cert_file.clone()));
     };
-    let not_after = validity::not_after(leaf);
+    let (not_before, not_after) = validity::validity(leaf).unzip();
     if let Some(not_after) = not_after.filter(|t| *t < SystemTime::now()) {
         return Err(TlsError::Expired {
             path: cfg.cert_file.clone(),
@@ -199,6 +229,7 @@ pub fn load(cfg: &TlsConfig) -> Result<ServerTls, TlsError> {
     Ok(ServerTls {
         config: Arc::new(config),
         not_after,
+        not_before,
     })
 }
 

@@ -637,3 +637,61 @@ fn a_chain_in_the_wrong_order_or_a_key_of_another_cert_is_named() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn a_certificate_near_its_end_or_not_yet_valid_is_warned_about() {
+    // A renewal that keeps failing showed nowhere until the certificate
+    // expired; one not valid yet (a wrong clock) was served silently.
+    let fake = fake(&["k1"], |_| {});
+    let (relay, _ca) = tls_relay(&fake.url(), |_| {});
+    let tls = relay.cfg.tls.clone().unwrap();
+    let dir = tls.cert_file.parent().unwrap().to_path_buf();
+    let day = Duration::from_secs(86_400);
+    let now = std::time::SystemTime::now();
+    // rcgen's date for the UTC day of `at`, from "Tue, 08 Dec 2026 23:00:00 GMT".
+    let rcgen_day = |at: std::time::SystemTime| {
+        let text = httpdate::fmt_http_date(at);
+        let parts: Vec<&str> = text.split_whitespace().collect();
+        let months = [
+            "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+        ];
+        let month = months.iter().position(|m| *m == parts[2]).unwrap();
+        rcgen::date_time_ymd(
+            parts[3].parse().unwrap(),
+            u8::try_from(month + 1).unwrap(),
+            parts[1].parse().unwrap(),
+        )
+    };
+    let write = |from: std::time::SystemTime, to: std::time::SystemTime| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        params.not_before = rcgen_day(from);
+        params.not_after = rcgen_day(to);
+        let cert = params.self_signed(&key).unwrap();
+        std::fs::write(&tls.cert_file, cert.pem()).unwrap();
+        std::fs::write(&tls.key_file, key.serialize_pem()).unwrap();
+    };
+    write(now - 60 * day, now + 5 * day);
+    let (code, said) = check_tls_config(&dir, &fake.url());
+    assert_eq!(code, Some(0), "{said}");
+    assert!(
+        said.lines()
+            .any(|l| l.starts_with("warning: tls.cert_file ")
+                && l.contains("the certificate expires on")
+                && l.contains("renew it")),
+        "{said}"
+    );
+    write(now + 3 * day, now + 90 * day);
+    let (code, said) = check_tls_config(&dir, &fake.url());
+    assert_eq!(code, Some(0), "{said}");
+    assert!(
+        said.lines()
+            .any(|l| l.starts_with("warning: tls.cert_file ") && l.contains("valid only from")),
+        "{said}"
+    );
+    // Months left: nothing to say.
+    write(now - day, now + 90 * day);
+    let (_, said) = check_tls_config(&dir, &fake.url());
+    assert!(!said.contains("warning: tls.cert_file"), "{said}");
+    std::fs::remove_dir_all(&dir).ok();
+}

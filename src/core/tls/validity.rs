@@ -1,11 +1,11 @@
-//! The end of a certificate's validity, read from its DER: rustls serves
+//! A certificate's validity dates, read from its DER: rustls serves
 //! whatever it is given, and an expired certificate fails every client.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// When the certificate `der` stops being valid (its `notAfter`), or
+/// When the certificate `der` is valid, `notBefore` and `notAfter`, or
 /// `None` if it is not the X.509 shape this reads.
-pub fn not_after(der: &[u8]) -> Option<SystemTime> {
+pub fn validity(der: &[u8]) -> Option<(SystemTime, SystemTime)> {
     // Certificate ::= SEQUENCE { tbsCertificate SEQUENCE { [0] version
     // OPTIONAL, serialNumber, signature, issuer, validity SEQUENCE {
     // notBefore, notAfter }, ... }, ... }
@@ -18,8 +18,8 @@ pub fn not_after(der: &[u8]) -> Option<SystemTime> {
         tbs = element(tbs, tag)?.1;
     }
     let (validity, _) = element(tbs, 0x30)?;
-    let (_, rest) = any_time(validity)?;
-    Some(any_time(rest)?.0)
+    let (start, rest) = any_time(validity)?;
+    Some((start, any_time(rest)?.0))
 }
 
 /// The content of the DER element at the start of `input` if its tag is
@@ -111,7 +111,8 @@ mod tests {
             (2048, 2, 29, "29 Feb 2048 00:00:00 GMT"),
             (2051, 7, 4, "04 Jul 2051 00:00:00 GMT"),
         ] {
-            let at = not_after(&cert_until(y, m, d)).unwrap();
+            let (start, at) = validity(&cert_until(y, m, d)).unwrap();
+            assert!(httpdate::fmt_http_date(start).ends_with("01 Jan 2020 00:00:00 GMT"));
             let text = httpdate::fmt_http_date(at);
             assert!(text.ends_with(shown), "{text}, not {shown}");
         }
@@ -119,9 +120,9 @@ mod tests {
 
     #[test]
     fn other_bytes_have_no_date() {
-        assert_eq!(not_after(b""), None);
-        assert_eq!(not_after(b"-----BEGIN CERTIFICATE-----"), None);
+        assert_eq!(validity(b""), None);
+        assert_eq!(validity(b"-----BEGIN CERTIFICATE-----"), None);
         let der = cert_until(2030, 1, 1);
-        assert_eq!(not_after(&der[..40]), None);
+        assert_eq!(validity(&der[..40]), None);
     }
 }
