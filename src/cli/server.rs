@@ -351,7 +351,9 @@ impl RelayHandle {
     /// Settings that need a restart (listen addresses, shards, upstream,
     /// pools, the REST base, the state directory, the master key, the
     /// cluster) are reported and kept. Returns one line per change; those
-    /// of settings kept start with `unchanged: `.
+    /// of settings kept start with `unchanged: `. A client-port certificate
+    /// that no longer loads refuses the whole reload: the one line then
+    /// starts with `refused: `, and nothing was applied.
     pub fn reload(&self, cfg: &Config) -> Result<Vec<String>, ReloadError> {
         let old = &self.started_with;
         let mut kept = Vec::new();
@@ -398,6 +400,9 @@ impl RelayHandle {
             .try_send(AdminMsg::Reload(Box::new(cfg), tx))
             .map_err(|_| ReloadError::AdminGone)?;
         let mut log = rx.recv_blocking().map_err(|_| ReloadError::AdminSilent)?;
+        if log.first().is_some_and(|l| l.starts_with("refused: ")) {
+            return Ok(log);
+        }
         // The admin thread has sent the shards their new settings; a shard
         // handles messages in order, so once each answers a ping the reload
         // is in force for every new stream (a shard reads control messages
@@ -592,12 +597,17 @@ pub fn run(path: &std::path::Path, join_client_port: bool) -> Result<(), crate::
                     }
                     Ok(new) => match relay.reload(&new) {
                         Ok(changes) => {
-                            for w in new.warnings() {
-                                tracing::warn!(warning = %w, "SIGHUP: config valid, but probably not meant");
+                            let refused = changes.iter().any(|c| c.starts_with("refused: "));
+                            if !refused {
+                                for w in new.warnings() {
+                                    tracing::warn!(warning = %w, "SIGHUP: config valid, but probably not meant");
+                                }
+                                drain_timeout = new.limits.drain_timeout;
                             }
-                            drain_timeout = new.limits.drain_timeout;
                             for c in changes {
-                                if c.starts_with("unchanged: ") {
+                                if let Some(why) = c.strip_prefix("refused: ") {
+                                    tracing::error!(config = %path.display(), problem = %why, "SIGHUP: reload refused, the running configuration is kept");
+                                } else if c.starts_with("unchanged: ") {
                                     tracing::warn!(change = %c, "SIGHUP: needs a restart");
                                 } else {
                                     tracing::info!(change = %c, "SIGHUP: reloaded");

@@ -695,3 +695,49 @@ fn a_certificate_near_its_end_or_not_yet_valid_is_warned_about() {
     assert!(!said.contains("warning: tls.cert_file"), "{said}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn a_reload_whose_certificate_no_longer_loads_applies_nothing() {
+    // The files can change between the check of a reloaded config and
+    // its use (a renewal under way). The accounts were then applied and
+    // the limits, token keys and admin settings not, logged as
+    // "SIGHUP: reloaded".
+    let fake = fake(&["k1", "k2"], |_| {});
+    let (relay, ca) = tls_relay(&fake.url(), |_| {});
+    let tls = relay.cfg.tls.clone().unwrap();
+    let key = std::fs::read(&tls.key_file).unwrap();
+    let mut cfg = relay.cfg.clone();
+    cfg.accounts
+        .push(clio_relay::core::config::AccountConfig::new(
+            "b",
+            clio_relay::core::secret::Secret::new("k2"),
+        ));
+    std::fs::remove_file(&tls.key_file).unwrap();
+    let log = relay.handle.reload(&cfg).unwrap();
+    assert_eq!(log.len(), 1, "{log:?}");
+    assert!(
+        log[0].starts_with("refused: TLS certificate not reloaded: tls.key_file"),
+        "{log:?}"
+    );
+    let ids = || -> Vec<String> {
+        relay
+            .handle
+            .process
+            .accounts()
+            .iter()
+            .map(|a| a.id.clone())
+            .collect()
+    };
+    assert_eq!(ids(), vec!["a".to_string()], "nothing was applied");
+    wss_connect(relay.addr(), &ca, &relay.token("d")).unwrap();
+    // With the key back, the same reload applies.
+    std::fs::write(&tls.key_file, key).unwrap();
+    let log = relay.handle.reload(&cfg).unwrap();
+    assert!(!log.iter().any(|l| l.starts_with("refused: ")), "{log:?}");
+    assert!(
+        wait_until(Duration::from_secs(5), || ids().len() == 2),
+        "{:?}",
+        ids()
+    );
+    std::fs::remove_dir_all(tls.key_file.parent().unwrap()).ok();
+}

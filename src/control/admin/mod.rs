@@ -373,6 +373,18 @@ impl Admin {
     /// Applies a reloaded config: accounts, stream limits, token keys, and
     /// the admin settings. Listen addresses, shards and upstream need a restart.
     fn reload(&self, cfg: &Config) -> Vec<String> {
+        // The certificate first: the files may have changed since the
+        // config was validated (a renewal under way), and a reload it
+        // refuses must apply nothing, not the accounts alone.
+        let tls = match cfg
+            .tls
+            .as_ref()
+            .map(|file| crate::core::tls::load(file).map(|t| (file, t)))
+            .transpose()
+        {
+            Ok(t) => t,
+            Err(e) => return vec![format!("refused: TLS certificate not reloaded: {e}")],
+        };
         let overlap = cfg.admin.rotation_overlap;
         let now = crate::control::accounts::unix_now();
         // Keys new to the file are dated now, here and after restarts.
@@ -394,23 +406,12 @@ impl Admin {
             tokens: Arc::new(TokenKeys::from_config(&cfg.tokens)),
             devices: Arc::new(cfg.devices.clone()),
             allow: Arc::new(cfg.server.allow.clone()),
-            tls: match cfg
-                .tls
-                .as_ref()
-                .map(|file| crate::core::tls::load(file).map(|t| (file, t)))
-                .transpose()
-            {
-                // The reload's log names each change: a renewed
-                // certificate shows by its end date.
-                Ok(t) => t.map(|(file, t)| {
-                    log.push(t.describe(file));
-                    t.config
-                }),
-                Err(e) => {
-                    log.push(format!("TLS certificate not reloaded: {e}"));
-                    return log;
-                }
-            },
+            // The reload's log names each change: a renewed certificate
+            // shows by its end date.
+            tls: tls.map(|(file, t)| {
+                log.push(t.describe(file));
+                t.config
+            }),
         };
         self.process.pools.set_caps(&cfg.devices);
         self.process
