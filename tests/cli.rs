@@ -628,3 +628,40 @@ fn a_secret_file_every_user_can_read_is_warned_about() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A token secret or admin token from the environment with a trailing
+/// newline (a file's is dropped, a variable's kept) is warned about,
+/// never shown.
+#[test]
+fn a_secret_variable_with_a_trailing_newline_is_warned_about() {
+    let dir = std::env::temp_dir().join(format!("clio-relay-ragged-{}", std::process::id()));
+    let config = relay_config(&dir, "127.0.0.1:0", "127.0.0.1:0");
+    let secret = "cli-ragged-secret-0123456789abcdef0123";
+    let admin = "cli-ragged-admin-token-0123456789";
+    let o = Command::new(RELAY)
+        .args(["check-config", "--config", &config])
+        .env("CLI_EXIT_SECRET", format!("{secret}\n"))
+        .env("CLI_EXIT_ADMIN", format!("{admin}\r\n"))
+        .env("CLI_EXIT_KEY", "cli-exit-soniox-key")
+        .output()
+        .unwrap();
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{t}");
+    assert!(
+        t.lines()
+            .any(|l| l.starts_with("warning: tokens.secret: begins or ends")
+                && l.contains("refuses")),
+        "{t}"
+    );
+    assert!(
+        t.lines()
+            .any(|l| l.starts_with("warning: admin.token: begins or ends")
+                && l.contains("no request can match it")),
+        "{t}"
+    );
+    assert!(!t.contains(secret) && !t.contains(admin), "{t}");
+    // Without the newlines: neither.
+    let t = text(&run_env(&["check-config", "--config", &config]));
+    assert!(!t.contains("begins or ends"), "{t}");
+    std::fs::remove_dir_all(&dir).ok();
+}

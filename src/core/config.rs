@@ -493,6 +493,42 @@ impl Config {
                 ));
             }
         }
+        // An environment variable keeps a trailing newline (`kubectl create
+        // secret --from-file`, a CRLF EnvironmentFile); a *_file's is
+        // dropped. In a token secret it is part of the HMAC key.
+        let ragged = |s: &Secret| {
+            let text = s.expose();
+            text.trim() != text
+        };
+        let signing = std::iter::once(("tokens.secret", &self.tokens.secret))
+            .chain(
+                self.tokens
+                    .previous_secret
+                    .iter()
+                    .map(|s| ("tokens.previous_secret", s)),
+            )
+            .chain(
+                self.tokens
+                    .extra
+                    .iter()
+                    .map(|x| ("tokens.extra", &x.secret)),
+            );
+        for (key, s) in signing {
+            if ragged(s) {
+                w.push(format!(
+                    "{key}: begins or ends with a space or line break (an environment \
+                     variable's is kept; a file's trailing newline is not), and it is part of \
+                     the secret: a backend signing without it mints tokens this relay refuses"
+                ));
+            }
+        }
+        if self.admin.token.as_ref().is_some_and(ragged) {
+            w.push(
+                "admin.token: begins or ends with a space or line break, but the token a \
+                 request presents is trimmed, so no request can match it: remove it"
+                    .to_string(),
+            );
+        }
         if self.tokens.previous_secret.as_ref() == Some(&self.tokens.secret) {
             w.push("tokens.previous_secret: is the same as tokens.secret".to_string());
         }
