@@ -9,6 +9,22 @@ use serde::Deserialize;
 
 use super::ConfigError;
 
+/// A duration key's value: a string such as `"30s"`. A bare number is
+/// refused with the way to write it (serde alone said "expected a string").
+fn duration_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    struct Text;
+    impl serde::de::Visitor<'_> for Text {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a duration as a string with its unit, such as \"30s\" or \"500ms\"")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(Some(v.to_string()))
+        }
+    }
+    d.deserialize_any(Text)
+}
+
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawFile {
@@ -55,8 +71,10 @@ pub(super) struct RawCluster {
     pub(super) password_env: Option<String>,
     pub(super) password_file: Option<PathBuf>,
     pub(super) node_id: Option<String>,
+    #[serde(default, deserialize_with = "duration_text")]
     pub(super) lease_ttl: Option<String>,
     pub(super) on_store_down: Option<String>,
+    #[serde(default, deserialize_with = "duration_text")]
     pub(super) timeout: Option<String>,
 }
 
@@ -64,6 +82,7 @@ pub(super) struct RawCluster {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawFailover {
     pub(super) replay_bytes: Option<usize>,
+    #[serde(default, deserialize_with = "duration_text")]
     pub(super) resume_audio: Option<String>,
     pub(super) max_resumes: Option<u32>,
     pub(super) resume_memory: Option<usize>,
@@ -82,6 +101,7 @@ pub(super) struct RawDeviceLimits {
     pub(super) max_concurrent_streams: Option<u32>,
     pub(super) streams_per_minute: Option<u32>,
     pub(super) audio_seconds_per_day: Option<u64>,
+    #[serde(default, deserialize_with = "duration_text")]
     pub(super) max_stream_length: Option<String>,
 }
 
@@ -98,13 +118,16 @@ pub(super) struct RawDevices {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawUsage {
     pub(super) currency: Option<String>,
+    #[serde(default, deserialize_with = "duration_text")]
     pub(super) persist_interval: Option<String>,
+    #[serde(default, deserialize_with = "duration_text")]
     pub(super) reconcile_interval: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawAlerts {
+    #[serde(default, deserialize_with = "duration_text")]
     pub(super) interval: Option<String>,
     pub(super) concurrency_ratio: Option<f64>,
     pub(super) budget_ratio: Option<f64>,
@@ -112,6 +135,7 @@ pub(super) struct RawAlerts {
     pub(super) unusual_min_audio_seconds: Option<u64>,
     pub(super) error_rate: Option<f64>,
     pub(super) error_min_streams: Option<u64>,
+    #[serde(default, deserialize_with = "duration_text")]
     pub(super) slow_first_result: Option<String>,
     pub(super) webhook_url: Option<String>,
 }
@@ -125,8 +149,11 @@ pub(super) struct RawAdmin {
     pub(super) state_dir: Option<PathBuf>,
     pub(super) master_key_env: Option<String>,
     pub(super) master_key_file: Option<PathBuf>,
+    #[serde(default, deserialize_with = "duration_text")]
     pub(super) rotation_period: Option<String>,
+    #[serde(default, deserialize_with = "duration_text")]
     pub(super) rotation_overlap: Option<String>,
+    #[serde(default, deserialize_with = "duration_text")]
     pub(super) health_interval: Option<String>,
     pub(super) rest_url: Option<String>,
 }
@@ -147,6 +174,7 @@ pub(super) struct RawUpstream {
     pub(super) url: Option<String>,
     pub(super) auth: Option<String>,
     pub(super) ca_file: Option<PathBuf>,
+    #[serde(default, deserialize_with = "duration_text")]
     pub(super) connect_timeout: Option<String>,
 }
 
@@ -157,8 +185,11 @@ pub(super) struct RawTokens {
     pub(super) secret_file: Option<PathBuf>,
     pub(super) previous_secret_env: Option<String>,
     pub(super) previous_secret_file: Option<PathBuf>,
+    #[serde(default, deserialize_with = "duration_text")]
     pub(super) default_ttl: Option<String>,
+    #[serde(default, deserialize_with = "duration_text")]
     pub(super) max_ttl: Option<String>,
+    #[serde(default, deserialize_with = "duration_text")]
     pub(super) clock_skew: Option<String>,
     pub(super) pools: Option<Vec<String>>,
     pub(super) previous_pools: Option<Vec<String>>,
@@ -177,13 +208,17 @@ pub(super) struct RawExtraSecret {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawLimits {
+    #[serde(default, deserialize_with = "duration_text")]
     pub(super) handshake_timeout: Option<String>,
     pub(super) max_header_bytes: Option<usize>,
     pub(super) max_frame_bytes: Option<usize>,
     pub(super) max_first_message_bytes: Option<usize>,
+    #[serde(default, deserialize_with = "duration_text")]
     pub(super) idle_timeout: Option<String>,
+    #[serde(default, deserialize_with = "duration_text")]
     pub(super) stall_timeout: Option<String>,
     pub(super) socket_buffer: Option<usize>,
+    #[serde(default, deserialize_with = "duration_text")]
     pub(super) drain_timeout: Option<String>,
     pub(super) max_unauthenticated: Option<usize>,
     pub(super) max_unauthenticated_per_address: Option<usize>,

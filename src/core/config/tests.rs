@@ -259,6 +259,31 @@ fn unknown_keys_are_errors() {
 }
 
 #[test]
+fn a_duration_written_as_a_number_is_shown_how_to_write_it() {
+    // serde alone said "invalid type: integer `30`, expected a string",
+    // which does not say the key is a duration.
+    for (section, key) in [
+        ("limits", "idle_timeout"),
+        ("limits", "drain_timeout"),
+        ("upstream", "connect_timeout"),
+        ("admin", "health_interval"),
+        ("failover", "resume_audio"),
+    ] {
+        let p = problems(&minimal("DUR", &format!("\n[{section}]\n{key} = 30\n")));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_has(
+            &p,
+            &format!("{section}.{key}: invalid type: integer `30`, expected a duration as a string with its unit, such as \"30s\""),
+        );
+    }
+    let c = Config::from_toml_str(
+        &minimal("DUR", "\n[limits]\nidle_timeout = \"45s\"\n"),
+        Path::new("/nonexistent"),
+    );
+    assert_eq!(c.unwrap().limits.idle_timeout, Duration::from_secs(45));
+}
+
+#[test]
 fn toml_syntax_and_type_errors() {
     let p = problems("[server\nlisten = 1");
     assert_eq!(p.len(), 1);
