@@ -406,6 +406,11 @@ fn resolve(raw: RawFile, base: &Path) -> Result<Config, ConfigError> {
                 "upstream.ca_file",
                 format!("{} does not exist or is not a file", ca.display()),
             );
+        } else if let Err(e) = crate::dataplane::upstream::tls_client_config(Some(ca)) {
+            // What the start would stop on (no PEM certificate in it, one
+            // that is not a CA's), found here. The message names the key.
+            p.keys.insert("upstream.ca_file".to_string());
+            p.lines.push(e.to_string());
         }
     }
     validate_semantics(&config, &mut p);

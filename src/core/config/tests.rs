@@ -77,7 +77,10 @@ fn full_valid_file() {
     let (tok, a, b) = env("FULL");
     let dir = temp_dir("full");
     let ca = dir.join("ca.pem");
-    std::fs::write(&ca, "not checked here").unwrap();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    std::fs::write(&ca, ca_params.self_signed(&ca_key).unwrap().pem()).unwrap();
     let text = format!(
         r#"
 [server]
@@ -281,6 +284,26 @@ fn a_duration_written_as_a_number_is_shown_how_to_write_it() {
         Path::new("/nonexistent"),
     );
     assert_eq!(c.unwrap().limits.idle_timeout, Duration::from_secs(45));
+}
+
+#[test]
+fn an_upstream_ca_file_without_a_pem_certificate_is_refused() {
+    // check-config said such a file was valid; the start then stopped
+    // with exit 1, which systemd retries, instead of 3.
+    let dir = temp_dir("ca-file");
+    std::fs::write(dir.join("ca.der"), [0x30, 0x82, 0x01, 0x0a, 0x02, 0x01]).unwrap();
+    std::fs::write(dir.join("empty.pem"), "").unwrap();
+    for file in ["ca.der", "empty.pem"] {
+        let text = minimal("CAF", &format!("\n[upstream]\nca_file = \"{file}\"\n"));
+        let e = Config::from_toml_str(&text, &dir).unwrap_err();
+        assert_eq!(e.problems.len(), 1, "{e}");
+        assert!(
+            e.problems[0].starts_with("upstream.ca_file ")
+                && e.problems[0].contains(file)
+                && e.problems[0].ends_with("no certificate found"),
+            "{e}"
+        );
+    }
 }
 
 #[test]
