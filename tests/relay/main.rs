@@ -8,6 +8,7 @@ mod admin;
 mod admin_validation;
 mod alerts;
 mod auth;
+mod certs;
 mod clients;
 mod devices;
 mod drain;

@@ -1,0 +1,292 @@
+//! The client port's certificate files as an operator meets them:
+//! renewed, expired, out of order, unreadable, near their end, changed
+//! under a reload; what check-config, the start and a reload say.
+
+use std::time::Duration;
+
+use tungstenite::Message;
+
+use crate::tls::{localhost_cert, tls_relay, wss_connect};
+use crate::util::*;
+
+/// `clio-relay check-config` on a relay.toml written in `dir` whose
+/// `[tls]` names `dir`'s cert.pem and key.pem: its exit status, and its
+/// stderr then stdout.
+fn check_tls_config(dir: &std::path::Path, upstream: &str) -> (Option<i32>, String) {
+    let file = dir.join("relay.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[upstream]\nurl = \"{upstream}\"\n[tokens]\nsecret_env = \"TLS_TEST_SECRET\"\n[[account]]\nid = \"a\"\nkey_env = \"TLS_TEST_SECRET\"\n[tls]\ncert_file = \"cert.pem\"\nkey_file = \"key.pem\"\n"
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_clio-relay"))
+        .args(["check-config", "--config", file.to_str().unwrap()])
+        .env("TLS_TEST_SECRET", "s".repeat(40))
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        ),
+    )
+}
+
+/// A certificate for "localhost" whose validity ended on 2025-02-01,
+/// signed by a new CA: (ca, cert, key) as PEM.
+fn expired_localhost_cert() -> (String, String, String) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    params.not_before = rcgen::date_time_ymd(2025, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2025, 2, 1);
+    let leaf = params.signed_by(&leaf_key, &ca, &ca_key).unwrap();
+    (ca.pem(), leaf.pem(), leaf_key.serialize_pem())
+}
+
+#[test]
+fn an_expired_certificate_is_refused_and_the_old_one_kept() {
+    // rustls serves any certificate it is given: an expired one was taken
+    // by check-config, the start and a reload, and then every client
+    // refused the relay.
+    let fake = fake(&["k1"], |_| {});
+    let (relay, ca) = tls_relay(&fake.url(), |_| {});
+    let tls = relay.cfg.tls.clone().unwrap();
+    let token = relay.token("d");
+    let mut live = wss_connect(relay.addr(), &ca, &token).unwrap();
+    live.send(Message::text(config_message(None))).unwrap();
+    let (_, cert, key) = expired_localhost_cert();
+    std::fs::write(&tls.cert_file, &cert).unwrap();
+    std::fs::write(&tls.key_file, &key).unwrap();
+    // check-config: one line naming the file and the date, exit 3.
+    let dir = tls.cert_file.parent().unwrap();
+    let (code, said) = check_tls_config(dir, &fake.url());
+    assert_eq!(code, Some(3), "{said}");
+    let lines: Vec<_> = said.lines().filter(|l| l.contains("cert.pem")).collect();
+    assert_eq!(lines.len(), 1, "{said}");
+    assert!(
+        lines[0].contains("expired on Sat, 01 Feb 2025 00:00:00 GMT"),
+        "{said}"
+    );
+    // A reload keeps the certificate it has: new clients still get it,
+    // and the live stream goes on.
+    let log = relay.handle.reload(&relay.cfg).unwrap();
+    assert!(
+        log.iter()
+            .any(|l| l.contains("not reloaded") && l.contains("expired")),
+        "{log:?}"
+    );
+    let mut fresh = wss_connect(relay.addr(), &ca, &token).unwrap();
+    fresh.send(Message::text(config_message(None))).unwrap();
+    fresh.send(Message::binary(Vec::<u8>::new())).unwrap();
+    for f in audio_frames(3, 1) {
+        live.send(Message::binary(f)).unwrap();
+    }
+    live.send(Message::binary(Vec::<u8>::new())).unwrap();
+    let mut finished = false;
+    while let Ok(m) = live.read() {
+        if let Message::Text(t) = m {
+            finished |= t.contains("\"finished\":true");
+        }
+    }
+    assert!(finished, "the live stream finished");
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn a_key_file_that_cannot_be_read_is_said_why() {
+    // certbot's live/privkey.pem is a link into archive/: a link left
+    // dangling was reported as "no readable PEM private key", as if the
+    // file held no key, while a secret file said the reason.
+    let fake = fake(&["k1"], |_| {});
+    let (relay, ca) = tls_relay(&fake.url(), |_| {});
+    let tls = relay.cfg.tls.clone().unwrap();
+    let dir = tls.key_file.parent().unwrap().to_path_buf();
+    std::fs::remove_file(&tls.key_file).unwrap();
+    std::os::unix::fs::symlink(dir.join("archive/privkey2.pem"), &tls.key_file).unwrap();
+    let (code, said) = check_tls_config(&dir, &fake.url());
+    assert_eq!(code, Some(3), "{said}");
+    assert!(
+        said.contains("tls.key_file") && said.contains("key.pem: No such file or directory"),
+        "{said}"
+    );
+    // A reload says the same and keeps the certificate it has.
+    let log = relay.handle.reload(&relay.cfg).unwrap();
+    assert!(
+        log.iter()
+            .any(|l| l.contains("not reloaded") && l.contains("No such file or directory")),
+        "{log:?}"
+    );
+    wss_connect(relay.addr(), &ca, &relay.token("d")).unwrap();
+    // A directory in its place: the same, with the reason.
+    std::fs::remove_file(&tls.key_file).unwrap();
+    std::fs::create_dir(&tls.key_file).unwrap();
+    let (code, said) = check_tls_config(&dir, &fake.url());
+    assert_eq!(code, Some(3), "{said}");
+    assert!(said.contains("key.pem: Is a directory"), "{said}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn a_chain_in_the_wrong_order_or_a_key_of_another_cert_is_named() {
+    // Both were "tls: tls: the certificate and key do not go together:
+    // keys may not be consistent: KeyMismatch", which names no file and
+    // does not say that the certificates are only out of order.
+    let fake = fake(&["k1"], |_| {});
+    let (relay, ca) = tls_relay(&fake.url(), |_| {});
+    let tls = relay.cfg.tls.clone().unwrap();
+    let dir = tls.cert_file.parent().unwrap().to_path_buf();
+    let (new_ca, leaf, key) = localhost_cert();
+    // The CA first, then the server's certificate.
+    std::fs::write(&tls.cert_file, format!("{new_ca}{leaf}")).unwrap();
+    std::fs::write(&tls.key_file, &key).unwrap();
+    let (code, said) = check_tls_config(&dir, &fake.url());
+    assert_eq!(code, Some(3), "{said}");
+    assert!(
+        said.contains("cert.pem: the key is certificate 2's, not the first's")
+            && said.contains("wrong order")
+            && !said.contains("tls: tls:"),
+        "{said}"
+    );
+    let log = relay.handle.reload(&relay.cfg).unwrap();
+    assert!(
+        log.iter()
+            .any(|l| l.contains("not reloaded") && l.contains("wrong order")),
+        "{log:?}"
+    );
+    wss_connect(relay.addr(), &ca, &relay.token("d")).unwrap();
+    // The renewed certificate beside another one's key.
+    let (_, _, other_key) = localhost_cert();
+    std::fs::write(&tls.cert_file, format!("{leaf}{new_ca}")).unwrap();
+    std::fs::write(&tls.key_file, &other_key).unwrap();
+    let (code, said) = check_tls_config(&dir, &fake.url());
+    assert_eq!(code, Some(3), "{said}");
+    assert!(
+        said.contains("key.pem is not the key of the first certificate in tls.cert_file")
+            && said.contains("cert.pem"),
+        "{said}"
+    );
+    // Put in order, with its key, it is taken, and the summary shows it
+    // with its end date.
+    std::fs::write(&tls.key_file, &key).unwrap();
+    let (code, said) = check_tls_config(&dir, &fake.url());
+    assert_eq!(code, Some(0), "{said}");
+    assert!(
+        said.lines().any(|l| l.starts_with("tls: cert_file ")
+            && l.contains("cert.pem (valid until ")
+            && l.contains(", key_file ")),
+        "{said}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn a_certificate_near_its_end_or_not_yet_valid_is_warned_about() {
+    // A renewal that keeps failing showed nowhere until the certificate
+    // expired; one not valid yet (a wrong clock) was served silently.
+    let fake = fake(&["k1"], |_| {});
+    let (relay, _ca) = tls_relay(&fake.url(), |_| {});
+    let tls = relay.cfg.tls.clone().unwrap();
+    let dir = tls.cert_file.parent().unwrap().to_path_buf();
+    let day = Duration::from_secs(86_400);
+    let now = std::time::SystemTime::now();
+    // rcgen's date for the UTC day of `at`, from "Tue, 08 Dec 2026 23:00:00 GMT".
+    let rcgen_day = |at: std::time::SystemTime| {
+        let text = httpdate::fmt_http_date(at);
+        let parts: Vec<&str> = text.split_whitespace().collect();
+        let months = [
+            "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+        ];
+        let month = months.iter().position(|m| *m == parts[2]).unwrap();
+        rcgen::date_time_ymd(
+            parts[3].parse().unwrap(),
+            u8::try_from(month + 1).unwrap(),
+            parts[1].parse().unwrap(),
+        )
+    };
+    let write = |from: std::time::SystemTime, to: std::time::SystemTime| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        params.not_before = rcgen_day(from);
+        params.not_after = rcgen_day(to);
+        let cert = params.self_signed(&key).unwrap();
+        std::fs::write(&tls.cert_file, cert.pem()).unwrap();
+        std::fs::write(&tls.key_file, key.serialize_pem()).unwrap();
+    };
+    write(now - 60 * day, now + 5 * day);
+    let (code, said) = check_tls_config(&dir, &fake.url());
+    assert_eq!(code, Some(0), "{said}");
+    assert!(
+        said.lines()
+            .any(|l| l.starts_with("warning: tls.cert_file ")
+                && l.contains("the certificate expires on")
+                && l.contains("renew it")),
+        "{said}"
+    );
+    write(now + 3 * day, now + 90 * day);
+    let (code, said) = check_tls_config(&dir, &fake.url());
+    assert_eq!(code, Some(0), "{said}");
+    assert!(
+        said.lines()
+            .any(|l| l.starts_with("warning: tls.cert_file ") && l.contains("valid only from")),
+        "{said}"
+    );
+    // Months left: nothing to say.
+    write(now - day, now + 90 * day);
+    let (_, said) = check_tls_config(&dir, &fake.url());
+    assert!(!said.contains("warning: tls.cert_file"), "{said}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn a_reload_whose_certificate_no_longer_loads_applies_nothing() {
+    // The files can change between the check of a reloaded config and
+    // its use (a renewal under way). The accounts were then applied and
+    // the limits, token keys and admin settings not, logged as
+    // "SIGHUP: reloaded".
+    let fake = fake(&["k1", "k2"], |_| {});
+    let (relay, ca) = tls_relay(&fake.url(), |_| {});
+    let tls = relay.cfg.tls.clone().unwrap();
+    let key = std::fs::read(&tls.key_file).unwrap();
+    let mut cfg = relay.cfg.clone();
+    cfg.accounts
+        .push(clio_relay::core::config::AccountConfig::new(
+            "b",
+            clio_relay::core::secret::Secret::new("k2"),
+        ));
+    std::fs::remove_file(&tls.key_file).unwrap();
+    let log = relay.handle.reload(&cfg).unwrap();
+    assert_eq!(log.len(), 1, "{log:?}");
+    assert!(
+        log[0].starts_with("refused: TLS certificate not reloaded: tls.key_file"),
+        "{log:?}"
+    );
+    let ids = || -> Vec<String> {
+        relay
+            .handle
+            .process
+            .accounts()
+            .iter()
+            .map(|a| a.id.clone())
+            .collect()
+    };
+    assert_eq!(ids(), vec!["a".to_string()], "nothing was applied");
+    wss_connect(relay.addr(), &ca, &relay.token("d")).unwrap();
+    // With the key back, the same reload applies.
+    std::fs::write(&tls.key_file, key).unwrap();
+    let log = relay.handle.reload(&cfg).unwrap();
+    assert!(!log.iter().any(|l| l.starts_with("refused: ")), "{log:?}");
+    assert!(
+        wait_until(Duration::from_secs(5), || ids().len() == 2),
+        "{:?}",
+        ids()
+    );
+    std::fs::remove_dir_all(tls.key_file.parent().unwrap()).ok();
+}
