@@ -1,93 +1,16 @@
 //! A certificate's validity dates, read from its DER: rustls serves
 //! whatever it is given, and an expired certificate fails every client.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
+
+use x509_cert::der::Decode as _;
+use x509_cert::Certificate;
 
 /// When the certificate `der` is valid, `notBefore` and `notAfter`, or
-/// `None` if it is not the X.509 shape this reads.
+/// `None` if it is not a DER X.509 certificate.
 pub fn validity(der: &[u8]) -> Option<(SystemTime, SystemTime)> {
-    // Certificate ::= SEQUENCE { tbsCertificate SEQUENCE { [0] version
-    // OPTIONAL, serialNumber, signature, issuer, validity SEQUENCE {
-    // notBefore, notAfter }, ... }, ... }
-    let (cert, _) = element(der, 0x30)?;
-    let (mut tbs, _) = element(cert, 0x30)?;
-    if tbs.first() == Some(&0xa0) {
-        tbs = element(tbs, 0xa0)?.1;
-    }
-    for tag in [0x02, 0x30, 0x30] {
-        tbs = element(tbs, tag)?.1;
-    }
-    let (validity, _) = element(tbs, 0x30)?;
-    let (start, rest) = any_time(validity)?;
-    Some((start, any_time(rest)?.0))
-}
-
-/// The content of the DER element at the start of `input` if its tag is
-/// `tag`, and what follows it.
-fn element(input: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
-    let (&t, input) = input.split_first()?;
-    if t != tag {
-        return None;
-    }
-    let (&first, mut input) = input.split_first()?;
-    let len = if first < 0x80 {
-        usize::from(first)
-    } else {
-        let n = usize::from(first & 0x7f);
-        if n == 0 || n > 4 || input.len() < n {
-            return None;
-        }
-        let (bytes, rest) = input.split_at(n);
-        input = rest;
-        bytes.iter().fold(0, |l, &b| (l << 8) | usize::from(b))
-    };
-    (input.len() >= len).then(|| input.split_at(len))
-}
-
-/// A UTCTime (`YYMMDDHHMMSSZ`) or GeneralizedTime (`YYYYMMDDHHMMSSZ`) at
-/// the start of `input`, and what follows it.
-fn any_time(input: &[u8]) -> Option<(SystemTime, &[u8])> {
-    let (text, year, rest) = if let Some((t, rest)) = element(input, 0x17) {
-        let yy = digits(t.get(..2)?)?;
-        (
-            t.get(2..)?,
-            if yy >= 50 { 1900 + yy } else { 2000 + yy },
-            rest,
-        )
-    } else {
-        let (t, rest) = element(input, 0x18)?;
-        (t.get(4..)?, digits(t.get(..4)?)?, rest)
-    };
-    if text.len() != 11 || text[10] != b'Z' {
-        return None;
-    }
-    let [month, day, hour, minute, second] =
-        [0, 2, 4, 6, 8].map(|i| digits(&text[i..i + 2]).unwrap_or(99));
-    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 {
-        return None;
-    }
-    let days = days_from_civil(year, month, day);
-    let secs = days * 86_400 + hour * 3600 + minute * 60 + second.min(60);
-    Some((UNIX_EPOCH + Duration::from_secs(secs), rest))
-}
-
-/// The number written by ASCII digits.
-fn digits(text: &[u8]) -> Option<u64> {
-    text.iter().try_fold(0, |n, &b| {
-        b.is_ascii_digit().then(|| n * 10 + u64::from(b - b'0'))
-    })
-}
-
-/// Days from 1970-01-01 to the given date (years 1970 on; H. Hinnant's
-/// civil-calendar algorithm).
-fn days_from_civil(year: u64, month: u64, day: u64) -> u64 {
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y / 400;
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    (era * 146_097 + doe).saturating_sub(719_468)
+    let v = Certificate::from_der(der).ok()?.tbs_certificate.validity;
+    Some((v.not_before.to_system_time(), v.not_after.to_system_time()))
 }
 
 #[cfg(test)]
