@@ -1,7 +1,8 @@
 //! TLS on the client port (rustls + ring): the server config from PEM
 //! files, with HTTP/1.1 as the only ALPN protocol. Re-read on SIGHUP; a
 //! stream keeps the config it was accepted with. An expired certificate
-//! is refused ([`validity`]): every client would refuse it.
+//! is refused (its dates are read in `tls/validity.rs`): every client would
+//! refuse it.
 
 mod validity;
 
