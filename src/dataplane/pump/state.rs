@@ -357,25 +357,16 @@ impl Meter {
     /// device, reference id) is the caller's to fill in. A stream upstream
     /// refused (`billed` false) is recorded with no audio.
     pub fn settle(&self, now: std::time::SystemTime, billed: bool) -> UsageRecord {
-        if !billed {
-            // Upstream refused the stream: none of its audio was
-            // transcribed or billed, nor counts for the device.
-            return UsageRecord {
-                day: crate::core::devices::utc_day(now),
-                account: String::new(),
-                device: String::new(),
-                reference_id: String::new(),
-                audio_ms_relay: 0,
-                audio_ms_upstream: None,
-                bytes_up: self.bytes_up.get(),
-                bytes_down: self.bytes_down.get(),
-                error: self.upstream_error.get(),
-            };
-        }
-        let relay_ms = self.audio_ms();
-        // `finished`'s figure, else (compressed formats) the last one seen.
-        let upstream_ms = self.upstream_audio_ms.get().or(self.upstream_seen_ms.get());
-        if let Some(device) = self.device.borrow().as_ref() {
+        // Upstream refused the stream: none of its audio was transcribed
+        // or billed, nor counts for the device.
+        let (relay_ms, upstream_ms) = if billed {
+            // `finished`'s figure, else (compressed formats) the last one seen.
+            let upstream_ms = self.upstream_audio_ms.get().or(self.upstream_seen_ms.get());
+            (self.audio_ms(), upstream_ms)
+        } else {
+            (0, None)
+        };
+        if let Some(device) = self.device.borrow().as_ref().filter(|_| billed) {
             let per_ms = self.bytes_per_ms.get();
             let counted_ms = if per_ms > 0.0 {
                 (self.audio_counted.get() as f64 / per_ms) as u64
