@@ -7,7 +7,7 @@ use tungstenite::Message;
 
 use crate::redis::RedisServer;
 use crate::util::*;
-use crate::ADMIN;
+use crate::{open, ADMIN};
 
 const K1: &str = "soniox-key-aaaa-1111-fleet";
 const K2: &str = "soniox-key-bbbb-2222-fleet";
@@ -145,6 +145,13 @@ fn an_account_limit_holds_across_nodes() {
         == 3));
 }
 
+/// Whether `relay` reports the concurrency alert firing for account "a".
+fn firing(relay: &Relay) -> bool {
+    http(relay.handle.admin_addr, "GET", "/metrics", None, None)
+        .1
+        .contains("clio_relay_alerts_firing{alert=\"account_near_concurrency\",subject=\"a\"} 1")
+}
+
 /// An account's concurrency alert counts the fleet: one stream on each of
 /// two nodes is 2 of 3 (over 0.6) on both, though each node alone has 1.
 #[test]
@@ -156,18 +163,6 @@ fn the_concurrency_alert_counts_every_nodes_streams() {
         c.usage.alerts.concurrency_ratio = 0.6;
         c.usage.alerts.interval = Duration::from_millis(100);
     });
-    let firing = |relay: &Relay| {
-        http(relay.handle.admin_addr, "GET", "/metrics", None, None)
-            .1
-            .contains(
-                "clio_relay_alerts_firing{alert=\"account_near_concurrency\",subject=\"a\"} 1",
-            )
-    };
-    let open = |relay: &Relay, device: &str| {
-        let (mut ws, _) = connect(relay.addr(), &relay.token(device), Via::Header).unwrap();
-        ws.send(Message::text(config_message(None))).unwrap();
-        ws
-    };
     let first = open(&a, "d1");
     assert!(wait_until(Duration::from_secs(10), || fake
         .active_streams()
@@ -326,18 +321,6 @@ fn the_concurrency_alert_weighs_a_nodes_own_streams_against_its_share_while_sett
         c.usage.alerts.concurrency_ratio = 0.6;
         c.usage.alerts.interval = Duration::from_millis(100);
     });
-    let firing = |relay: &Relay| {
-        http(relay.handle.admin_addr, "GET", "/metrics", None, None)
-            .1
-            .contains(
-                "clio_relay_alerts_firing{alert=\"account_near_concurrency\",subject=\"a\"} 1",
-            )
-    };
-    let open = |relay: &Relay, device: &str| {
-        let (mut ws, _) = connect(relay.addr(), &relay.token(device), Via::Header).unwrap();
-        ws.send(Message::text(config_message(None))).unwrap();
-        ws
-    };
     let _streams = [open(&a, "d1"), open(&b, "d2"), open(&b, "d3")];
     assert!(wait_until(Duration::from_secs(10), || fake
         .active_streams()
