@@ -121,13 +121,7 @@ fn a_killed_nodes_last_usage_batch_id_goes_with_its_old_lease() {
         "k1",
         "",
     );
-    let token = clio_relay::core::token::TokenKeys::from_config(&cfg.tokens)
-        .mint(
-            "phone",
-            Duration::from_secs(600),
-            std::time::SystemTime::now(),
-        )
-        .unwrap();
+    let token = crate::process::mint(&cfg, "phone");
     let (mut ws, _) = connect(a.client, &token, Via::Header).unwrap();
     assert!(stream_session(&mut ws, &config_message(None), &audio_frames(1, 1)).finished());
     let member = redis.member("node-a").expect("node-a holds a lease");

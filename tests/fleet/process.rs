@@ -132,3 +132,15 @@ impl Drop for Node {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A 10-minute token for `device` under `cfg`'s token secret, which
+/// [`Node::spawn`] gives the relay too.
+pub fn mint(cfg: &clio_relay::core::config::Config, device: &str) -> String {
+    clio_relay::core::token::TokenKeys::from_config(&cfg.tokens)
+        .mint(
+            device,
+            std::time::Duration::from_secs(600),
+            std::time::SystemTime::now(),
+        )
+        .unwrap()
+}

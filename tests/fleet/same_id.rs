@@ -180,13 +180,7 @@ fn a_node_restarted_after_a_crash_is_not_taken_for_a_twin() {
             "[devices]\nmax_concurrent_streams = 2\n",
         )
     };
-    let token = clio_relay::core::token::TokenKeys::from_config(&cfg.tokens)
-        .mint(
-            "phone",
-            Duration::from_secs(600),
-            std::time::SystemTime::now(),
-        )
-        .unwrap();
+    let token = crate::process::mint(&cfg, "phone");
     let open = |node: &Node| {
         let (mut ws, _) = connect(node.client, &token, Via::Header).unwrap();
         ws.send(tungstenite::Message::text(config_message(None)))
