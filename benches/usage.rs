@@ -50,8 +50,9 @@ fn add(c: &mut Criterion) {
         )
     });
     g.finish();
+    let last = next - 1;
     assert!(book
-        .stream_audio_ms(&format!("clio-{:016x}", next - 1))
+        .reference_audio_ms(&format!("clio-{last:016x}"), &format!("acct-{}", last % 8))
         .is_some());
 }
 

@@ -46,12 +46,18 @@ pub struct UsageBook {
     /// The last ended streams, oldest first: (reference id, account, audio
     /// ms by the relay).
     recent: VecDeque<(String, String, u64)>,
-    /// Reference id → the number of its latest entry in `recent`, counted
-    /// from the first stream ever added, so entries keep their number as
-    /// older ones leave (one insert and at most one removal per stream).
-    recent_index: HashMap<String, u64>,
-    /// The number of the entry at the front of `recent`.
-    recent_front: u64,
+    /// Reference id → the streams of `recent` that carry it, summed per
+    /// account. A client may set one id for several streams; Soniox's
+    /// usage logs then list each under it, and each is compared.
+    recent_index: HashMap<String, Vec<RecentSum>>,
+}
+
+/// The streams of one reference id on one account, among the recent ones.
+#[derive(Debug)]
+struct RecentSum {
+    account: String,
+    audio_ms: u64,
+    streams: u64,
 }
 
 impl UsageBook {
@@ -76,18 +82,25 @@ impl UsageBook {
                 continue;
             }
             if self.recent.len() == RECENT_STREAMS {
-                if let Some((id, _, _)) = self.recent.pop_front() {
-                    // Unless a later stream reused the id.
-                    if self.recent_index.get(&id) == Some(&self.recent_front) {
-                        self.recent_index.remove(&id);
-                    }
-                    self.recent_front += 1;
+                if let Some((id, account, ms)) = self.recent.pop_front() {
+                    self.forget_recent(&id, &account, ms);
                 }
             }
-            let number = self.recent_front + self.recent.len() as u64;
-            self.recent_index.insert(r.reference_id.clone(), number);
+            let ms = r.audio_ms();
+            let sums = self.recent_index.entry(r.reference_id.clone()).or_default();
+            match sums.iter_mut().find(|s| s.account == r.account) {
+                Some(s) => {
+                    s.audio_ms += ms;
+                    s.streams += 1;
+                }
+                None => sums.push(RecentSum {
+                    account: r.account.clone(),
+                    audio_ms: ms,
+                    streams: 1,
+                }),
+            }
             self.recent
-                .push_back((r.reference_id.clone(), r.account.clone(), r.audio_ms()));
+                .push_back((r.reference_id.clone(), r.account.clone(), ms));
         }
         self.prune();
     }
@@ -103,12 +116,32 @@ impl UsageBook {
         }
     }
 
-    /// The relay's audio milliseconds for a stream it ended recently, by reference id.
-    pub fn stream_audio_ms(&self, reference_id: &str) -> Option<(&str, u64)> {
-        let number = self.recent_index.get(reference_id)?;
-        self.recent
-            .get((number - self.recent_front) as usize)
-            .map(|(_, a, ms)| (a.as_str(), *ms))
+    /// Takes a stream that leaves `recent` out of its reference id's sum.
+    fn forget_recent(&mut self, reference_id: &str, account: &str, ms: u64) {
+        let Some(sums) = self.recent_index.get_mut(reference_id) else {
+            return;
+        };
+        if let Some(i) = sums.iter().position(|s| s.account == account) {
+            let s = &mut sums[i];
+            s.audio_ms -= ms;
+            s.streams -= 1;
+            if s.streams == 0 {
+                sums.swap_remove(i);
+            }
+        }
+        if sums.is_empty() {
+            self.recent_index.remove(reference_id);
+        }
+    }
+
+    /// The relay's audio milliseconds and the number of streams, among
+    /// those it ended recently, that carried `reference_id` on `account`.
+    pub fn reference_audio_ms(&self, reference_id: &str, account: &str) -> Option<(u64, u64)> {
+        self.recent_index
+            .get(reference_id)?
+            .iter()
+            .find(|s| s.account == account)
+            .map(|s| (s.audio_ms, s.streams))
     }
 
     /// Totals per account or device over the days `from..=to`.

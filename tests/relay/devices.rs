@@ -896,6 +896,44 @@ fn reconciliation_counts_a_resumed_stream_once_against_all_it_cost() {
     );
 }
 
+/// A client may set its own `client_reference_id` and use it for several
+/// streams (a session id, say). Soniox's usage logs then hold an entry per
+/// stream under that id; the relay compares them with all its streams of
+/// that id on that account, not with the latest one only.
+#[test]
+fn reconciliation_compares_a_shared_reference_id_with_all_its_streams() {
+    let fake = fake(&["k1"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.admin.token = Some(Secret::new(ADMIN));
+    cfg.usage.reconcile_interval = Duration::from_millis(300);
+    let relay = Relay::start(cfg);
+    let mut config: serde_json::Value = serde_json::from_str(&config_message(None)).unwrap();
+    config["client_reference_id"] = "meeting-7".into();
+    for frames in [10, 20, 5] {
+        let (mut ws, _) = connect(relay.addr(), &relay.token("phone"), Via::Header).unwrap();
+        let got = stream_session(&mut ws, &config.to_string(), &audio_frames(frames, 1));
+        assert!(got.finished(), "{got:?}");
+    }
+    let report =
+        || -> serde_json::Value { admin_get(relay.handle.admin_addr, "/admin/reconciliation") };
+    assert!(
+        wait_until(Duration::from_secs(10), || report()["a"]["matched"] == 3),
+        "{}",
+        report()
+    );
+    let r = &report()["a"];
+    assert_eq!(
+        (
+            r["unmatched"].as_u64(),
+            r["relay_seconds"].as_f64(),
+            r["soniox_seconds"].as_f64(),
+            r["drift_seconds"].as_f64()
+        ),
+        (Some(0), Some(3.5), Some(3.5), Some(0.0)),
+        "{r}"
+    );
+}
+
 #[test]
 fn reconciliation_matches_soniox_usage_logs_stream_by_stream() {
     let fake = fake(&["k1"], |_| {});

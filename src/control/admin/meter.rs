@@ -467,14 +467,14 @@ pub(super) async fn reconcile(admin: &Admin) {
         }
         for (rid, (theirs, entries)) in &theirs_by_ref {
             let book = admin.usage.book.borrow();
-            match book.stream_audio_ms(rid) {
-                // Each stream once, against all Soniox billed for it.
-                Some((account, ours)) if account == id => {
-                    r.matched += 1;
+            match book.reference_audio_ms(rid, &id) {
+                // Each stream once, against all Soniox billed for the id.
+                Some((ours, streams)) => {
+                    r.matched += streams;
                     r.relay_seconds += ours as f64 / 1000.0;
                     r.soniox_seconds += *theirs as f64 / 1000.0;
                 }
-                _ => r.unmatched += entries,
+                None => r.unmatched += entries,
             }
         }
         r.drift_seconds = r.relay_seconds - r.soniox_seconds;

@@ -107,15 +107,15 @@ fn an_overlong_reference_id_is_counted_but_not_remembered() {
         rec(10, "a", "d1", &longest, 5),
         rec(10, "a", "d1", &over, 7),
     ]);
-    assert_eq!(b.stream_audio_ms(&longest), Some(("a", 5)));
-    assert_eq!(b.stream_audio_ms(&over), None);
+    assert_eq!(b.reference_audio_ms(&longest, "a"), Some((5, 1)));
+    assert_eq!(b.reference_audio_ms(&over, "a"), None);
     assert_eq!(b.recent.len(), 1);
     assert_eq!(b.query(10, 10, GroupBy::Account)["a"].streams, 2);
 }
 
-/// The last `RECENT_STREAMS` streams answer by reference id, the oldest
-/// leave as new ones come, and a reused id answers with its latest stream
-/// until that one leaves.
+/// The last `RECENT_STREAMS` streams answer by reference id and account,
+/// the oldest leave as new ones come, and an id several streams carried
+/// answers with their sum until each has left.
 #[test]
 fn recent_streams_answer_by_reference_id_up_to_the_bound() {
     let mut b = UsageBook::default();
@@ -125,26 +125,34 @@ fn recent_streams_answer_by_reference_id_up_to_the_bound() {
     for part in batch.chunks(250) {
         b.add(part);
     }
-    assert_eq!(b.stream_audio_ms("s0"), Some(("a", 1)));
+    assert_eq!(b.reference_audio_ms("s0", "a"), Some((1, 1)));
+    assert_eq!(b.reference_audio_ms("s0", "b"), None);
     let last = format!("s{}", RECENT_STREAMS - 1);
-    assert_eq!(b.stream_audio_ms(&last), Some(("a", RECENT_STREAMS as u64)));
-    // "s1" again, on another account: "s0" leaves, "s1" is the new one.
-    b.add(&[rec(10, "b", "d1", "s1", 7)]);
-    assert_eq!(b.stream_audio_ms("s0"), None);
-    assert_eq!(b.stream_audio_ms("s1"), Some(("b", 7)));
-    // The first "s1" leaves; the second still answers.
+    assert_eq!(
+        b.reference_audio_ms(&last, "a"),
+        Some((RECENT_STREAMS as u64, 1))
+    );
+    // "s1" again, on another account, and "s2" again on the same: "s0"
+    // and the first "s1" leave.
+    b.add(&[rec(10, "b", "d1", "s1", 7), rec(10, "a", "d1", "s2", 10)]);
+    assert_eq!(b.reference_audio_ms("s0", "a"), None);
+    assert_eq!(b.reference_audio_ms("s1", "a"), None);
+    assert_eq!(b.reference_audio_ms("s1", "b"), Some((7, 1)));
+    assert_eq!(b.reference_audio_ms("s2", "a"), Some((13, 2)));
+    // The first "s2" leaves; the second still answers.
     b.add(&[rec(10, "a", "d1", "x", 9)]);
-    assert_eq!(b.stream_audio_ms("s1"), Some(("b", 7)));
-    assert_eq!(b.stream_audio_ms("s2"), Some(("a", 3)));
-    assert_eq!(b.stream_audio_ms("x"), Some(("a", 9)));
-    assert_eq!(b.stream_audio_ms(&last), Some(("a", RECENT_STREAMS as u64)));
-    // Pushed through a whole bound more: only the newest are left.
+    assert_eq!(b.reference_audio_ms("s2", "a"), Some((10, 1)));
+    assert_eq!(b.reference_audio_ms("x", "a"), Some((9, 1)));
+    // Pushed through a whole bound more: only the newest are left, and
+    // the index holds nothing else.
     for i in 0..RECENT_STREAMS as u64 {
         b.add(&[rec(10, "c", "d1", &format!("t{i}"), 1)]);
     }
-    assert_eq!(b.stream_audio_ms("s1"), None);
-    assert_eq!(b.stream_audio_ms("x"), None);
-    assert_eq!(b.stream_audio_ms("t0"), Some(("c", 1)));
+    assert_eq!(b.reference_audio_ms("s1", "b"), None);
+    assert_eq!(b.reference_audio_ms("s2", "a"), None);
+    assert_eq!(b.reference_audio_ms("x", "a"), None);
+    assert_eq!(b.reference_audio_ms("t0", "c"), Some((1, 1)));
+    assert_eq!(b.recent_index.len(), RECENT_STREAMS);
 }
 
 #[test]
@@ -187,7 +195,7 @@ fn groups_by_account_and_device_over_a_range() {
     let by_dev = b.query(10, 12, GroupBy::Device);
     assert_eq!((by_dev["d1"].streams, by_dev["d1"].audio_ms), (3, 1500));
     assert_eq!(by_dev["d1"].errors.get(&503), Some(&1));
-    assert_eq!(b.stream_audio_ms("s2"), Some(("a", 2000)));
+    assert_eq!(b.reference_audio_ms("s2", "a"), Some((2000, 1)));
     let mut up = rec(13, "a", "d1", "s5", 1000);
     up.audio_ms_upstream = Some(1100);
     b.add(&[up]);
