@@ -398,6 +398,71 @@ fn a_pending_finalize_is_answered_after_a_resume() {
     assert_eq!(relay.handle.metrics().streams_resumed(), 1);
 }
 
+/// Two `finalize`s pending when the connection fails: each is replayed
+/// where it was in the audio, as the client sent it, so the client gets
+/// both `<fin>`s at the times an unbroken stream gives.
+#[test]
+fn two_pending_finalizes_are_each_answered_after_a_resume() {
+    const FIRST: &str = r#"{"type":"finalize","trailing_silence_ms":300}"#;
+    const SECOND: &str = r#"{"type":"finalize"}"#;
+    let frames = stream_audio(4, 10);
+    // The client: nine frames, a finalize, the tenth, another finalize;
+    // then it reads up to the second `<fin>`, and ends its audio.
+    let run = |relay: &Relay| -> Received {
+        let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+        ws.send(Message::text(config_message(None))).unwrap();
+        for f in &frames[..9] {
+            ws.send(Message::binary(f.clone())).unwrap();
+        }
+        ws.send(Message::text(FIRST)).unwrap();
+        ws.send(Message::binary(frames[9].clone())).unwrap();
+        ws.send(Message::text(SECOND)).unwrap();
+        let mut got = Received::default();
+        let mut fins = 0;
+        while fins < 2 {
+            let m: Value = match ws.read() {
+                Ok(Message::Text(t)) => serde_json::from_str(&t).unwrap(),
+                other => panic!("{other:?} after {fins} <fin>: {:?}", finals(&got)),
+            };
+            assert!(m.get("error_code").is_none(), "{m}");
+            fins += m["tokens"]
+                .as_array()
+                .map_or(0, |t| t.iter().filter(|t| t["text"] == "<fin>").count());
+            got.messages.push(m);
+        }
+        ws.send(Message::binary(Vec::<u8>::new())).unwrap();
+        let rest = read_all(&mut ws);
+        assert!(rest.finished(), "{rest:?}");
+        got
+    };
+    // Unbroken: what the client should see.
+    let calm = fake(&["k1"], |_| {});
+    let want = finals(&run(&Relay::start(relay_config(
+        &calm.url(),
+        &[("a", "k1")],
+    ))));
+    let fins: Vec<_> = want.iter().filter(|t| t.0 == "<fin>").collect();
+    assert_eq!(fins.len(), 2, "{want:?}");
+    assert!(fins[0].1 < fins[1].1, "{want:?}");
+    // The first connection fails (503) at its eighth frame: both
+    // finalizes are still unanswered.
+    let faults = only_first_connection_fails(FaultKind::Error(503), 8, |n| n == 8);
+    let fake = fake(&["k1"], |c| c.faults.random = Some(faults));
+    let relay = Relay::start(relay_config(&fake.url(), &[("a", "k1")]));
+    let got = finals(&run(&relay));
+    assert_eq!(got, want);
+    assert!(fake.wait_for(LIMIT, |s| s.len() == 2 && s.iter().all(|r| r.closed)));
+    let s = fake.sessions();
+    assert_eq!(s[0].error_sent, Some(503));
+    let replayed: Vec<_> = s[1]
+        .text_messages
+        .iter()
+        .filter(|t| t.contains("finalize"))
+        .collect();
+    assert_eq!(replayed, [FIRST, SECOND]);
+    assert_eq!(relay.handle.metrics().streams_resumed(), 1);
+}
+
 #[test]
 fn a_stalled_upstream_is_an_upstream_failure_not_an_idle_client() {
     // Upstream stops reading at the third audio frame and never closes;

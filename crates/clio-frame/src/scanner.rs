@@ -160,8 +160,8 @@ impl FrameScanner {
     }
 
     /// [`scan`](Self::scan) that also copies what a resume needs into
-    /// `capture`: audio payloads unmasked, and whether a `finalize` or the
-    /// end of audio went by. Client frames only.
+    /// `capture`: audio payloads unmasked, the `finalize` messages and
+    /// whether the end of audio went by. Client frames only.
     pub fn scan_capture(
         &mut self,
         window: &mut [u8],
@@ -415,7 +415,8 @@ impl FrameScanner {
             return;
         }
         let to = if !self.opcode.is_control() && !self.msg_binary {
-            if c.text.len() + masked.len() > MAX_CONTROL_TEXT {
+            if c.text_cut || c.text.len() + masked.len() > MAX_CONTROL_TEXT {
+                c.text_cut = true;
                 return;
             }
             &mut c.text
@@ -429,11 +430,13 @@ impl FrameScanner {
 
     /// A frame ended: a whole text message is checked for `finalize`.
     fn frame_done(c: &mut Capture, opcode: Opcode, fin: bool) {
-        if fin && !opcode.is_control() && !c.text.is_empty() {
-            if c.text.windows(8).any(|w| w == b"finalize") {
-                c.finalize = true;
+        if fin && !opcode.is_control() && (c.text_cut || !c.text.is_empty()) {
+            if !c.text_cut && c.text.windows(8).any(|w| w == b"finalize") {
+                c.finalizes
+                    .push((c.audio.len(), std::mem::take(&mut c.text)));
             }
             c.text.clear();
+            c.text_cut = false;
         }
     }
 }
@@ -484,8 +487,13 @@ pub struct Capture {
     pub frame_ends: Vec<usize>,
     /// The payload of the client text frame being read, unmasked.
     pub text: Vec<u8>,
-    /// A client `finalize` message went by.
-    pub finalize: bool,
+    /// The text message being read is longer than [`MAX_CONTROL_TEXT`]:
+    /// it is not looked at (a `finalize` is far shorter).
+    pub text_cut: bool,
+    /// The client's `finalize` messages that went by: where each came in
+    /// `audio` (as indexed when it was pushed, as `frame_ends`) and its
+    /// text, unmasked.
+    pub finalizes: Vec<(usize, Vec<u8>)>,
     /// The client's end of audio (an empty data frame) went by.
     pub end_of_audio: bool,
 }
@@ -617,6 +625,60 @@ mod tests {
                 .map(|(_, p)| p)
                 .collect();
             assert_eq!(got, frames, "chunk {chunk}");
+        }
+    }
+
+    /// A `finalize` is captured whole, fragments joined and unmasked, with
+    /// the audio byte it came after; a text message longer than
+    /// `MAX_CONTROL_TEXT` is not looked at, even when it names one.
+    #[test]
+    fn captures_each_finalize_with_its_place_in_the_audio() {
+        use Opcode::{Binary, Continuation as Cont, Text};
+        let key = Some([9, 8, 7, 6]);
+        let long = format!(
+            r#"{{"type":"finalize","x":"{}"}}"#,
+            "a".repeat(MAX_CONTROL_TEXT)
+        );
+        let frames: Vec<(Opcode, bool, &[u8])> = vec![
+            (Binary, true, &[1; 300]),
+            (Text, false, br#"{"type":"fin"#),
+            (Cont, true, br#"alize","trailing_silence_ms":300}"#),
+            (Binary, true, &[2; 50]),
+            (Text, true, br#"{"type":"keepalive"}"#),
+            (Text, true, long.as_bytes()),
+            (Text, true, br#"{"type":"finalize"}"#),
+        ];
+        let mut wire = vec![];
+        for &(op, fin, payload) in &frames {
+            wire.extend(frame(op, fin, payload, key));
+        }
+        for chunk in [1usize, 7, 4096, 1 << 20] {
+            let mut s = FrameScanner::new(Sender::Client, 1 << 20);
+            let mut masks = MaskKeys::default();
+            let mut c = Capture::default();
+            let mut carry: Vec<u8> = vec![];
+            for piece in wire.chunks(chunk) {
+                carry.extend_from_slice(piece);
+                let scan = s.scan_capture(&mut carry, &mut masks, &mut c);
+                assert_eq!(scan.violation, None);
+                carry.drain(..scan.ready);
+            }
+            let got: Vec<(usize, &[u8])> = c
+                .finalizes
+                .iter()
+                .map(|(at, t)| (*at, t.as_slice()))
+                .collect();
+            assert_eq!(
+                got,
+                [
+                    (
+                        300,
+                        &br#"{"type":"finalize","trailing_silence_ms":300}"#[..]
+                    ),
+                    (350, &br#"{"type":"finalize"}"#[..]),
+                ],
+                "chunk {chunk}"
+            );
         }
     }
 

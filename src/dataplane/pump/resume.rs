@@ -34,6 +34,12 @@ use clio_frame::utf8::Utf8Check;
 /// keep a frame length (8 bytes) for every few bytes of audio.
 const MIN_REPLAY_FRAME: usize = 256;
 
+/// The most `finalize` messages a copy keeps unanswered: upstream answers
+/// each at once, so more waiting means a client sending them in a loop,
+/// and the copy (each up to [`clio_frame::scanner::MAX_CONTROL_TEXT`]
+/// bytes) is let go instead of growing.
+const MAX_PENDING_FINALIZES: usize = 8;
+
 /// A raw-audio stream's resume state: the copy and the timeline.
 #[derive(Debug)]
 pub struct Resume {
@@ -66,8 +72,9 @@ pub struct Resume {
     /// Resumes so far, and the bound.
     pub resumes: u32,
     max_resumes: u32,
-    /// The client sent `finalize` and no `<fin>` came back yet.
-    finalize_pending: bool,
+    /// The client's `finalize`s no `<fin>` answered yet, oldest first:
+    /// the absolute audio byte each came after, and its text.
+    finalizes: VecDeque<(u64, Vec<u8>)>,
     /// The client sent its end of audio.
     end_of_audio: bool,
     /// The largest the copy's storage grew to, bytes (for the stream-end log).
@@ -104,7 +111,7 @@ impl Resume {
             shift_ms: 0,
             resumes: 0,
             max_resumes: max,
-            finalize_pending: false,
+            finalizes: VecDeque::new(),
             end_of_audio: false,
             peak_capacity: 0,
             budget,
@@ -136,6 +143,7 @@ impl Resume {
         self.let_go = true;
         self.capture = Capture::default();
         self.lens = VecDeque::new();
+        self.finalizes = VecDeque::new();
         self.open = 0;
         self.absorbed = 0;
         self.settle();
@@ -182,9 +190,14 @@ impl Resume {
             self.settle();
             return;
         }
-        if self.capture.finalize {
-            self.finalize_pending = true;
-            self.capture.finalize = false;
+        if !self.capture.finalizes.is_empty() {
+            for (at, text) in std::mem::take(&mut self.capture.finalizes) {
+                if self.finalizes.len() == MAX_PENDING_FINALIZES {
+                    self.let_go();
+                    return;
+                }
+                self.finalizes.push_back((self.base + at as u64, text));
+            }
         }
         if self.capture.end_of_audio {
             self.end_of_audio = true;
@@ -307,28 +320,46 @@ impl Resume {
             self.base * 1000 / self.bytes_per_sec
         };
         self.final_ms = self.final_ms.max(self.shift_ms);
-        // Every frame's header (14 bytes at most, masked), and the
-        // finalize, end-of-audio and cut frames'.
+        // Every frame's header (14 bytes at most, masked), a frame split
+        // at each finalize, the finalizes, and the end-of-audio and cut
+        // frames'.
+        let finalize_bytes: usize = self.finalizes.iter().map(|(_, t)| t.len()).sum();
         let mut out = Vec::with_capacity(
             self.capture.audio.len()
-                + (self.lens.len() + 3) * clio_frame::frame::MAX_HEADER_LEN
-                + 64,
+                + finalize_bytes
+                + (self.lens.len() + 2 * self.finalizes.len() + 2)
+                    * clio_frame::frame::MAX_HEADER_LEN,
         );
+        // Each pending finalize goes where it was in the audio (one the
+        // trims passed, first), as the client sent it.
+        let mut finalizes = self.finalizes.iter().peekable();
+        let base = self.base;
+        let mut finalizes_to = |out: &mut Vec<u8>, masks: &mut MaskKeys, upto: u64| {
+            while let Some((_, text)) = finalizes.next_if(|(f, _)| *f <= upto) {
+                out.extend(build_frame(Opcode::Text, text, Some(masks.next_key())));
+            }
+        };
         let mut chunk = Vec::new();
         let mut at = 0;
         for &len in &self.lens {
-            chunk.clear();
-            chunk.extend(self.capture.audio.range(at..at + len));
-            at += len;
-            out.extend(build_frame(Opcode::Binary, &chunk, Some(masks.next_key())));
+            let end = at + len;
+            while at < end {
+                finalizes_to(&mut out, masks, base + at as u64);
+                // Up to the next finalize inside the frame, if one is
+                // (frames merged in the copy's bookkeeping had one between).
+                let next = self
+                    .finalizes
+                    .iter()
+                    .map(|(f, _)| f.saturating_sub(base) as usize)
+                    .find(|&f| f > at && f < end);
+                let to = next.unwrap_or(end);
+                chunk.clear();
+                chunk.extend(self.capture.audio.range(at..to));
+                out.extend(build_frame(Opcode::Binary, &chunk, Some(masks.next_key())));
+                at = to;
+            }
         }
-        if self.finalize_pending {
-            out.extend(build_frame(
-                Opcode::Text,
-                br#"{"type":"finalize"}"#,
-                Some(masks.next_key()),
-            ));
-        }
+        finalizes_to(&mut out, masks, u64::MAX);
         if self.end_of_audio {
             out.extend(build_frame(Opcode::Binary, b"", Some(masks.next_key())));
         }
@@ -547,8 +578,8 @@ pub async fn upstream_to_client(link: Link<'_>, max_payload: u64, cx: StreamCx<'
                                 r.total_ms = r.total_ms.max(ms);
                             }
                             if state.note_upstream_text(text) {
-                                // `<fin>`: the client's finalize is answered.
-                                r.finalize_pending = false;
+                                // `<fin>`: the oldest pending finalize is answered.
+                                r.finalizes.pop_front();
                             }
                         } else if data {
                             down.accept();
@@ -822,6 +853,82 @@ mod tests {
             );
         }
         assert!(got == sent, "the replay is the audio");
+    }
+
+    /// The replay's frames, unmasked: (opcode, payload).
+    fn replayed(replay: &[u8]) -> Vec<(Opcode, Vec<u8>)> {
+        let (mut at, mut out) = (0, Vec::new());
+        while at < replay.len() {
+            let h = parse_header(&replay[at..], Sender::Client, u64::MAX)
+                .unwrap()
+                .unwrap();
+            let n = h.payload_len as usize;
+            let mut p = replay[at + h.header_len..at + h.header_len + n].to_vec();
+            clio_frame::mask::apply_mask(&mut p, h.mask.unwrap(), 0);
+            out.push((h.opcode, p));
+            at += h.header_len + n;
+        }
+        out
+    }
+
+    /// Pending finalizes are replayed where each came in the audio, as the
+    /// client sent them, also between tiny frames the copy merged; a
+    /// `<fin>` answers the oldest; one the trims passed goes first.
+    #[test]
+    fn pending_finalizes_are_replayed_in_place() {
+        let budget = Arc::new(CopyBudget::new(1 << 30));
+        let mut r = Resume::new(32_000, 2, 1 << 20, 3, budget);
+        let frame = |r: &mut Resume, n: usize, b: u8| {
+            r.reserve_for(n);
+            r.capture.audio.extend(std::iter::repeat_n(b, n));
+            r.capture.frame_ends.push(r.capture.audio.len());
+        };
+        // 100 bytes, "A", 100 bytes (merged with the first: both are tiny),
+        // "B", 3,200 bytes, in one read.
+        frame(&mut r, 100, 1);
+        r.capture.finalizes.push((100, b"A".to_vec()));
+        frame(&mut r, 100, 2);
+        r.capture.finalizes.push((200, b"B".to_vec()));
+        frame(&mut r, 3200, 3);
+        r.absorb_capture();
+        assert_eq!(r.lens, [3400], "the tiny frames merged");
+        let text = |t: &str| (Opcode::Text, t.as_bytes().to_vec());
+        let audio = |n: usize, b: u8| (Opcode::Binary, vec![b; n]);
+        let replay = replayed(&r.begin(&mut MaskKeys::default(), None, false));
+        assert_eq!(
+            replay,
+            [
+                audio(100, 1),
+                text("A"),
+                audio(100, 2),
+                text("B"),
+                audio(3200, 3)
+            ]
+        );
+        // "A" is answered; the first 8 ms (256 bytes) become final, past
+        // "B"'s place: it goes first.
+        r.finalizes.pop_front();
+        r.note_final(8);
+        let replay = replayed(&r.begin(&mut MaskKeys::default(), None, false));
+        assert_eq!(replay, [text("B"), audio(3144, 3)]);
+    }
+
+    /// More than `MAX_PENDING_FINALIZES` unanswered lets the copy go.
+    #[test]
+    fn a_client_finalizing_in_a_loop_lets_its_copy_go() {
+        let budget = Arc::new(CopyBudget::new(1 << 30));
+        let mut r = Resume::new(32_000, 2, 1 << 20, 3, budget.clone());
+        capture(&mut r, 3200);
+        for i in 0..MAX_PENDING_FINALIZES {
+            r.capture.finalizes.push((0, vec![b'x'; 4096]));
+            r.absorb_capture();
+            assert!(r.keeps_copy(), "{i}");
+        }
+        r.capture.finalizes.push((0, b"{}".to_vec()));
+        r.absorb_capture();
+        assert!(!r.keeps_copy() && !r.can_resume());
+        assert!(r.finalizes.is_empty());
+        assert_eq!(budget.used(), 0);
     }
 
     #[test]
