@@ -6,6 +6,7 @@
 #[path = "../relay/util.rs"]
 mod util;
 
+mod proxy;
 mod redis;
 
 mod accounts;
@@ -13,6 +14,7 @@ mod acl;
 mod clock;
 mod cutoff;
 mod evict;
+mod faults;
 mod haproxy;
 mod leases;
 mod limits;

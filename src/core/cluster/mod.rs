@@ -99,9 +99,10 @@ impl Kind {
 pub enum Job {
     /// A stream open (see [`scripts::OPEN`]).
     Open(OpenJob),
-    /// This node's count of `id` changes by `delta` (a stream was let in
-    /// by local shares while Redis was unreachable, or an answer no one
-    /// waited for is given back).
+    /// This node's count of `id` changes by `delta`: an open the thread
+    /// ran, whose answer no one waited for, is given back. (A stream let
+    /// in by local shares is counted through [`Fleet`]'s change queue,
+    /// like its release: see [`Fleet::took`].)
     Adjust(Kind, String, i32),
     /// Like [`Job::Adjust`], for Redis only: the thread's tally already
     /// has it (holds given back, taken from the queue).
@@ -110,9 +111,10 @@ pub enum Job {
     /// is not known, so the thread treats the store as down and registers
     /// what this node holds when it reconnects.
     LinkFailed,
-    /// Holds were given back (streams ended) into [`Fleet`]'s release
-    /// queue, which was empty: send them within [`RELEASE_DELAY`], or with
-    /// the next stream open if that comes first.
+    /// Holds were given back (streams ended), or counts taken by this
+    /// node's shares, into [`Fleet`]'s change queue, which was empty: send
+    /// them within [`RELEASE_DELAY`], or with the next stream open if that
+    /// comes first.
     Released,
     /// Revoke (or, with `lift`, un-revoke) a device or token id fleet-wide.
     Revoke {
@@ -301,10 +303,11 @@ pub struct Fleet {
     pub stats: FleetStats,
     /// For usage queries, which read on connections of their own.
     client: std::sync::OnceLock<redis::Client>,
-    /// Count changes the thread has not taken yet: holds given back (not
-    /// yet sent to Redis, unless a shard's link took them) and counts a
-    /// link's opens took (in Redis already). A change does not wake the
-    /// cluster thread (see [`Job::Released`]).
+    /// Count changes the thread has not taken yet: holds given back and
+    /// counts taken by this node's shares (not yet sent to Redis, unless a
+    /// shard's link took them), and counts a link's opens took (in Redis
+    /// already). A change does not wake the cluster thread (see
+    /// [`Job::Released`]).
     changes: std::sync::Mutex<Vec<Change>>,
     /// Where shards' own connections go; `None` while the store is down or
     /// when it is reached over TLS or a Unix socket (the thread only).
@@ -405,6 +408,24 @@ impl Fleet {
             delta: -1,
             in_store: false,
         });
+    }
+
+    /// A count this node takes by its own shares (Redis unreachable, or
+    /// settling), for its tally and Redis: queued like the release its
+    /// hold gives back when dropped, so the thread always takes the two
+    /// in order. (Sent to the thread on its own, the count could reach the
+    /// tally after its release, when the thread took the queue first; a
+    /// release of a count the tally did not have yet was lost, and the
+    /// count stayed in the tally, and in Redis at each registration, for
+    /// as long as the node ran.)
+    fn took(self: &Arc<Self>, kind: Kind, id: &str) -> FleetHold {
+        self.change(Change {
+            kind,
+            id: id.to_string(),
+            delta: 1,
+            in_store: false,
+        });
+        self.hold(kind, id)
     }
 
     /// A count a shard's link saw Redis take: the thread's tally learns it
@@ -666,8 +687,7 @@ impl Fleet {
         let mut permit = devices
             .admit(claims, &share, SystemTime::now())
             .map_err(FleetRefusal::Device)?;
-        self.send(Job::Adjust(Kind::Device, claims.device_id.clone(), 1));
-        permit.fleet = Some(self.hold(Kind::Device, &claims.device_id));
+        permit.fleet = Some(self.took(Kind::Device, &claims.device_id));
         Ok((permit, self.pick_local(ring, tried, pools)))
     }
 
@@ -715,8 +735,7 @@ impl Fleet {
             return None;
         }
         let mut l = ring.borrow_mut().pick(Instant::now(), tried, pools)?;
-        self.send(Job::Adjust(Kind::Account, l.account.id.clone(), 1));
-        l.fleet = Some(self.hold(Kind::Account, &l.account.id));
+        l.fleet = Some(self.took(Kind::Account, &l.account.id));
         Some(l)
     }
 

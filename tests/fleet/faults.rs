@@ -1,0 +1,94 @@
+//! Redis there but bad, behind a proxy (`proxy.rs`): calls that are not
+//! answered while other connections are cut. What a node counts by its
+//! own shares meanwhile comes out of the fleet's counts when it ends.
+
+use std::time::Duration;
+
+use clio_relay::core::config::DeviceLimits;
+use clio_relay::core::secret::Secret;
+
+use crate::proxy::Proxy;
+use crate::redis::RedisServer;
+use crate::util::*;
+use crate::{finish, open, try_stream, up};
+
+/// A stream let in by this node's shares while the cluster thread waits on
+/// an unanswered call, and ended before the thread is back: its count and
+/// its release reach the thread's tally in order, so the count the node
+/// registers when Redis answers again does not keep it. (The count went
+/// to the thread as a job, the release into the queue the thread takes
+/// before a batch with an open: the release was taken first, of a count
+/// the tally did not have, and lost; the count then stayed in the tally,
+/// and in Redis at every registration, for as long as the node ran: one
+/// stream fewer for the device, and for the account, fleet-wide.)
+#[test]
+fn a_stream_let_in_by_shares_while_the_thread_waits_leaves_no_count() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(redis.port);
+    let fake = fake(&["k1"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.admin.master_key = Some(Secret::new(crate::MASTER));
+    cfg.devices.default = DeviceLimits {
+        max_concurrent_streams: 2,
+        ..Default::default()
+    };
+    let mut c = crate::node(&cfg, &redis, "node-a");
+    let k = c.cluster.as_mut().unwrap();
+    k.redis_url = proxy.url();
+    // Long enough for the streams below while the thread waits.
+    k.timeout = Duration::from_secs(4);
+    let a = Relay::start(c);
+    assert!(wait_until(Duration::from_secs(10), || up(&a)));
+    let fleet = a.handle.process.fleet.get().unwrap();
+    let via_link = || {
+        fleet
+            .stats
+            .opens_link
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    // The shard's own connection is made at its first open.
+    assert!(wait_until(Duration::from_secs(10), || {
+        assert!(try_stream(&a, "warm-up").finished());
+        via_link() > 0
+    }));
+    proxy.fault(true);
+    assert!(
+        wait_until(Duration::from_secs(5), || proxy.poll_held()),
+        "the cluster thread waits on a call"
+    );
+    // The link is cut at this open: decided by this node's share, whole.
+    let got = try_stream(&a, "phone");
+    assert!(got.finished(), "{got:?}");
+    assert!(wait_until(Duration::from_secs(5), || a
+        .handle
+        .process
+        .live_streams()
+        == 0));
+    // An open through the thread, which is still waiting: it is answered
+    // when the call times out, with what came meanwhile.
+    let tablet = open(&a, "tablet");
+    assert!(wait_until(Duration::from_secs(10), || !up(&a)));
+    proxy.fault(false);
+    assert!(wait_until(Duration::from_secs(15), || up(&a)));
+    assert!(finish(tablet).finished());
+    assert!(wait_until(Duration::from_secs(5), || a
+        .handle
+        .process
+        .live_streams()
+        == 0));
+    assert!(
+        wait_until(Duration::from_secs(5), || redis
+            .count("node-a", "dev", "phone")
+            .is_none_or(|n| n == "0")
+            && redis.count("node-a", "acct", "a").is_none_or(|n| n == "0")),
+        "no stream is live: phone {:?}, account {:?}",
+        redis.count("node-a", "dev", "phone"),
+        redis.count("node-a", "acct", "a")
+    );
+    // The device has both its places.
+    let two = [open(&a, "phone"), open(&a, "phone")];
+    for ws in two {
+        let got = finish(ws);
+        assert!(got.finished(), "{got:?}");
+    }
+}

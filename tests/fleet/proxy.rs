@@ -1,0 +1,109 @@
+//! A TCP proxy between the relays and `redis-server`, for a Redis that is
+//! there but bad: it passes bytes both ways, or, once told to, holds the
+//! cluster thread's calls unanswered (its connection is the one that
+//! polls, `XREAD`) and cuts every other connection at its next command,
+//! as a network that drops one path and resets the others would.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+#[derive(Default)]
+struct State {
+    /// Hold the polling connection's calls, cut the others.
+    fault: AtomicBool,
+    /// Calls of the polling connection held so far.
+    held: AtomicUsize,
+    stop: AtomicBool,
+}
+
+pub struct Proxy {
+    port: u16,
+    state: Arc<State>,
+}
+
+impl Proxy {
+    /// Listens on a free port of 127.0.0.1, in front of Redis at `to`.
+    pub fn start(to: u16) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let state = Arc::new(State::default());
+        let s = state.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if s.stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                let Ok(client) = client else { continue };
+                if s.fault.load(Ordering::Relaxed) {
+                    // A new connection is reset at once.
+                    drop(client);
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(("127.0.0.1", to)) else {
+                    continue;
+                };
+                let s = s.clone();
+                std::thread::spawn(move || relay(client, server, &s));
+            }
+        });
+        Proxy { port, state }
+    }
+
+    /// The URL the relays are given in place of Redis's.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// From now on, hold the polling connection's calls and cut the others
+    /// (`true`), or pass everything again (`false`).
+    pub fn fault(&self, on: bool) {
+        self.state.fault.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether a call of the polling connection is held unanswered.
+    pub fn poll_held(&self) -> bool {
+        self.state.held.load(Ordering::Relaxed) > 0
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.state.stop.store(true, Ordering::Relaxed);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+/// Copies `client`'s commands to `server` (this thread) and the replies
+/// back (another), until either side ends or the fault cuts them.
+fn relay(mut client: TcpStream, mut server: TcpStream, state: &State) {
+    let (mut from_server, mut to_client) =
+        (server.try_clone().unwrap(), client.try_clone().unwrap());
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut from_server, &mut to_client);
+        let _ = to_client.shutdown(Shutdown::Both);
+    });
+    let mut polls = false;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match client.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if state.fault.load(Ordering::Relaxed) {
+            if polls {
+                // Taken, never answered: the caller waits out its deadline.
+                state.held.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            break;
+        }
+        polls |= buf[..n].windows(5).any(|w| w == b"XREAD");
+        if server.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = server.shutdown(Shutdown::Both);
+    let _ = client.shutdown(Shutdown::Both);
+}
