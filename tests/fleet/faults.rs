@@ -92,3 +92,67 @@ fn a_stream_let_in_by_shares_while_the_thread_waits_leaves_no_count() {
         assert!(got.finished(), "{got:?}");
     }
 }
+
+/// An account change whose answer is lost after Redis took it: answered
+/// 503 (whether Redis took it is not known), and when the store answers
+/// again the node finds its own set there: the change is fleet-wide, said
+/// so once, and not stored a second time. (The node took the new version
+/// for another node's change: it logged a WARN that its change was not
+/// shared and must be made again, which was false.)
+#[test]
+fn an_account_change_whose_answer_was_lost_is_found_fleet_wide() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(redis.port);
+    let fake = fake(&["k1"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.admin.token = Some(Secret::new(crate::ADMIN));
+    cfg.admin.master_key = Some(Secret::new(crate::MASTER));
+    let a = crate::process::Node::spawn(
+        &fake.url(),
+        &proxy.url(),
+        "node-a",
+        "15s",
+        &cfg.tokens.secret,
+        "k1",
+        "",
+    );
+    let metric = |line: &str| {
+        http(a.admin, "GET", "/metrics", None, None)
+            .1
+            .contains(line)
+    };
+    assert!(wait_until(Duration::from_secs(10), || metric(
+        "clio_relay_cluster_store_up 1"
+    )));
+    proxy.lose_answer_to(b"clio:accounts");
+    let (status, body) = http(
+        a.admin,
+        "POST",
+        "/admin/accounts/a/limit",
+        Some(crate::ADMIN),
+        Some(r#"{"max_concurrent_streams":7}"#),
+    );
+    assert!(proxy.answer_lost());
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        wait_until(Duration::from_secs(10), || a.log().contains(
+            "account changes made while the cluster store was unreachable are now fleet-wide"
+        )),
+        "{}",
+        a.log()
+    );
+    assert!(!a.log().contains("make them again"), "{}", a.log());
+    assert_eq!(
+        redis.hget("clio:ver", "acct").as_deref(),
+        Some("1"),
+        "stored once"
+    );
+    // Another node gets the set as changed.
+    let b = Relay::start(crate::node(&cfg, &redis, "node-b"));
+    assert!(wait_until(Duration::from_secs(10), || b
+        .handle
+        .process
+        .accounts()
+        .first()
+        .is_some_and(|a| a.fleet_max() == 7)));
+}

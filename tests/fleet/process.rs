@@ -13,6 +13,8 @@ pub struct Node {
     pub client: SocketAddr,
     pub admin: SocketAddr,
     dir: std::path::PathBuf,
+    /// Its standard error (the log) after the line that says it listens.
+    log: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
 impl Node {
@@ -110,13 +112,27 @@ impl Node {
         let field = |name: &str| listening_addr(&listening, name);
         let (client, admin) = (field("client"), field("admin"));
         // Keep reading so the relay never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines.map_while(Result::ok) {});
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let kept = log.clone();
+        std::thread::spawn(move || {
+            for l in lines.map_while(Result::ok) {
+                let mut log = kept.lock().unwrap();
+                log.push_str(&l);
+                log.push('\n');
+            }
+        });
         Ok(Node {
             child,
             client,
             admin,
             dir,
+            log,
         })
+    }
+
+    /// What it logged since it said it listens.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
     }
 
     /// SIGKILL: the node dies holding whatever it holds.

@@ -2,12 +2,13 @@
 //! there but bad: it passes bytes both ways, or, once told to, holds the
 //! cluster thread's calls unanswered (its connection is the one that
 //! polls, `XREAD`) and cuts every other connection at its next command,
-//! as a network that drops one path and resets the others would.
+//! as a network that drops one path and resets the others would; or it
+//! loses the answer to one call that Redis took, with its connection.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 #[derive(Default)]
 struct State {
@@ -15,6 +16,9 @@ struct State {
     fault: AtomicBool,
     /// Calls of the polling connection held so far.
     held: AtomicUsize,
+    /// The next call with these bytes reaches Redis, and its connection is
+    /// cut when the answer comes: the answer is lost.
+    lose: Mutex<Option<Vec<u8>>>,
     stop: AtomicBool,
 }
 
@@ -62,6 +66,17 @@ impl Proxy {
         self.state.fault.store(on, Ordering::Relaxed);
     }
 
+    /// The next call that carries `bytes` reaches Redis, but its answer is
+    /// lost: the connection is cut when it comes.
+    pub fn lose_answer_to(&self, bytes: &[u8]) {
+        *self.state.lose.lock().unwrap() = Some(bytes.to_vec());
+    }
+
+    /// Whether the call [`Proxy::lose_answer_to`] named has gone by.
+    pub fn answer_lost(&self) -> bool {
+        self.state.lose.lock().unwrap().is_none()
+    }
+
     /// Whether a call of the polling connection is held unanswered.
     pub fn poll_held(&self) -> bool {
         self.state.held.load(Ordering::Relaxed) > 0
@@ -80,9 +95,17 @@ impl Drop for Proxy {
 fn relay(mut client: TcpStream, mut server: TcpStream, state: &State) {
     let (mut from_server, mut to_client) =
         (server.try_clone().unwrap(), client.try_clone().unwrap());
+    let cut = Arc::new(AtomicBool::new(false));
+    let cut_answer = cut.clone();
     std::thread::spawn(move || {
-        let _ = std::io::copy(&mut from_server, &mut to_client);
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(n @ 1..) = from_server.read(&mut buf) {
+            if cut_answer.load(Ordering::Relaxed) || to_client.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
         let _ = to_client.shutdown(Shutdown::Both);
+        let _ = from_server.shutdown(Shutdown::Both);
     });
     let mut polls = false;
     let mut buf = vec![0u8; 64 * 1024];
@@ -100,6 +123,10 @@ fn relay(mut client: TcpStream, mut server: TcpStream, state: &State) {
             break;
         }
         polls |= buf[..n].windows(5).any(|w| w == b"XREAD");
+        let carries = |b: &mut Vec<u8>| buf[..n].windows(b.len()).any(|w| w == b.as_slice());
+        if state.lose.lock().unwrap().take_if(carries).is_some() {
+            cut.store(true, Ordering::Relaxed);
+        }
         if server.write_all(&buf[..n]).is_err() {
             break;
         }

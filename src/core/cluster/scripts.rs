@@ -242,10 +242,17 @@ return {epoch, rev, acct, math.max(left, 0)}
 "#;
 
 /// Stores an account set changed while the store was unreachable, only
-/// if no node stored one since (the version is still `base`).
+/// if no node stored one since (the version is still `base`). A store
+/// that holds this very set took it already, from the call whose answer
+/// was lost (each seal has a nonce of its own, so no other node's set is
+/// the same bytes): its version is this set's.
 /// ARGV: base version, the sealed set. Returns the new version, or -1.
 pub const PUBLISH_IF: &str = r#"
-if tonumber(redis.call('HGET', 'clio:ver', 'acct') or '0') ~= tonumber(ARGV[1]) then
+local ver = tonumber(redis.call('HGET', 'clio:ver', 'acct') or '0')
+if ver ~= tonumber(ARGV[1]) then
+  if redis.call('GET', 'clio:accounts') == ARGV[2] then
+    return ver
+  end
   return -1
 end
 redis.call('SET', 'clio:accounts', ARGV[2])
