@@ -125,3 +125,55 @@ fn refuse_mode_answers_503_while_redis_is_down() {
     )
     .finished()));
 }
+
+/// While Redis is unreachable, `local` holds each node to its share of a
+/// limit (rounded down, at least 1) counting only its own streams, as
+/// README says: the fleet as a whole can pass the limit until Redis
+/// answers again.
+#[test]
+fn while_redis_is_down_each_node_holds_its_own_share_not_the_fleets_limit() {
+    let mut redis = RedisServer::start();
+    let fake = fake(&["k1"], |_| {});
+    let (a, b) = crate::pair(&fake, &redis, "k1", |c| {
+        c.devices.default = DeviceLimits {
+            max_concurrent_streams: 2,
+            ..Default::default()
+        };
+    });
+    let c = Relay::start(crate::node(&a.cfg, &redis, "node-c"));
+    let nodes = [&a, &b, &c];
+    assert!(wait_until(Duration::from_secs(10), || nodes.iter().all(
+        |r| up(r) && r.handle.process.fleet.get().unwrap().nodes() == 3
+    )));
+    // The device's whole limit, on one node.
+    let held = [open(&a, "phone"), open(&a, "phone")];
+    assert!(wait_until(Duration::from_secs(10), || fake
+        .active_streams()
+        == 2));
+    redis.kill();
+    assert!(wait_until(Duration::from_secs(10), || nodes
+        .iter()
+        .all(|r| !up(r))));
+    // Each other node's share of 2 among 3 is 1, and it has none.
+    let more = [open(&b, "phone"), open(&c, "phone")];
+    assert!(wait_until(Duration::from_secs(10), || fake
+        .active_streams()
+        == 4));
+    for r in nodes {
+        let got = try_stream(r, "phone");
+        assert_eq!(
+            (got.error_code(), got.close_code()),
+            (Some(429), Some(1013)),
+            "{got:?}"
+        );
+        assert!(
+            got.messages[0]["error_message"]
+                .as_str()
+                .is_some_and(|m| m.contains("1 concurrent streams")),
+            "the refusal names the share: {got:?}"
+        );
+    }
+    for ws in held.into_iter().chain(more) {
+        assert!(finish(ws).finished());
+    }
+}
