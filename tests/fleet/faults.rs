@@ -156,3 +156,46 @@ fn an_account_change_whose_answer_was_lost_is_found_fleet_wide() {
         .first()
         .is_some_and(|a| a.fleet_max() == 7)));
 }
+
+/// A Redis that takes calls and does not answer them (paused here) is
+/// logged as that: the call that failed, and no answer within
+/// `cluster.timeout`; not the socket's "Resource temporarily
+/// unavailable (os error 11)", which a read past its deadline gives.
+#[test]
+fn a_silent_redis_is_logged_as_no_answer_within_the_timeout() {
+    let redis = RedisServer::start();
+    let fake = fake(&["k1"], |_| {});
+    let cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    let a = crate::process::Node::spawn(
+        &fake.url(),
+        &redis.url(),
+        "node-a",
+        "15s",
+        &cfg.tokens.secret,
+        "k1",
+        "timeout = \"400ms\"\n",
+    );
+    let metric = |line: &str| {
+        http(a.admin, "GET", "/metrics", None, None)
+            .1
+            .contains(line)
+    };
+    assert!(wait_until(Duration::from_secs(10), || metric(
+        "clio_relay_cluster_store_up 1"
+    )));
+    assert!(redis.command("CLIENT PAUSE 3000 ALL").starts_with("+OK"));
+    assert!(
+        wait_until(Duration::from_secs(5), || a
+            .log()
+            .contains("cluster store unreachable")),
+        "{}",
+        a.log()
+    );
+    let log = a.log();
+    assert!(
+        log.lines().any(|l| l.contains("cluster store call failed")
+            && l.contains("no answer within cluster.timeout (400ms)")),
+        "{log}"
+    );
+    assert!(!log.contains("os error 11"), "{log}");
+}

@@ -387,9 +387,16 @@ impl Worker {
             .calls_failed
             .fetch_add(1, Ordering::Relaxed);
         if !self.failed_logged {
-            // Redis errors name the server and the failure, never the
-            // password (it is not in the URL).
-            tracing::warn!(call = what, error = %e, "cluster store call failed");
+            if e.is_timeout() {
+                // A read past its deadline is EAGAIN on Linux ("Resource
+                // temporarily unavailable"), which says nothing of a slow
+                // or silent Redis.
+                tracing::warn!(call = what, error = %format_args!("no answer within cluster.timeout ({:?})", self.timeout), "cluster store call failed");
+            } else {
+                // Redis errors name the server and the failure, never the
+                // password (it is not in the URL).
+                tracing::warn!(call = what, error = %e, "cluster store call failed");
+            }
             self.failed_logged = true;
         }
         self.down();
