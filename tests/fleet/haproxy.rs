@@ -315,3 +315,55 @@ fn the_balancer_serves_the_remote_config_and_nothing_else_of_the_admin_port() {
         assert_eq!(status, 404, "{path}: {head}");
     }
 }
+
+/// README: with `on_store_down = "refuse"`, every node's `/readyz` is 503
+/// while Redis is unreachable, so the shipped balancer takes them all out
+/// of rotation: a client then gets HAProxy's own HTTP 503 before the
+/// upgrade, not the relay's 503 frame; once Redis answers again the
+/// nodes come back after their checks pass.
+#[test]
+fn with_refuse_the_balancer_takes_every_node_out_while_redis_is_down() {
+    let mut redis = RedisServer::start();
+    let fake = fake(&["k1"], |_| {});
+    let cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    let start = |name: &str| {
+        let mut c = crate::node(&cfg, &redis, name);
+        c.cluster.as_mut().unwrap().on_store_down = clio_relay::core::config::StoreDown::Refuse;
+        Relay::start(c)
+    };
+    let (a, b) = (start("node-a"), start("node-b"));
+    assert!(wait_until(Duration::from_secs(10), || crate::up(&a) && crate::up(&b)));
+    let lb = HaProxy::start(&[
+        (a.addr(), a.handle.admin_addr),
+        (b.addr(), b.handle.admin_addr),
+    ]);
+    let lb_addr: std::net::SocketAddr = ([127, 0, 0, 1], lb.port).into();
+    let token = a.token("phone");
+    let stream = || {
+        connect(lb_addr, &token, Via::Header).map(|(mut ws, _)| {
+            // A refused stream's relay may have closed before these.
+            let _ = ws.send(tungstenite::Message::text(config_message(None)));
+            let _ = ws.send(tungstenite::Message::binary(audio_frames(1, 1).remove(0)));
+            let _ = ws.send(tungstenite::Message::binary(Vec::<u8>::new()));
+            read_all(&mut ws)
+        })
+    };
+    assert!(wait_until(Duration::from_secs(10), || stream()
+        .is_ok_and(|got| got.finished())));
+    redis.kill();
+    assert!(wait_until(Duration::from_secs(10), || !crate::up(&a) && !crate::up(&b)));
+    // At first a node may still be in rotation: its own 503 frame.
+    assert!(
+        wait_until(Duration::from_secs(10), || matches!(
+            stream(),
+            Err(tungstenite::Error::Http(ref r)) if r.status() == 503
+                && String::from_utf8_lossy(r.body().as_deref().unwrap_or_default())
+                    .contains("No server is available")
+        )),
+        "{}",
+        lb.trouble()
+    );
+    redis.restart();
+    assert!(wait_until(Duration::from_secs(20), || stream()
+        .is_ok_and(|got| got.finished())));
+}
