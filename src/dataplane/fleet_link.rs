@@ -113,10 +113,14 @@ impl FleetLink {
             let Some(conn) = conn else { return };
             *me.conn.borrow_mut() = Some(conn.clone());
             let r = conn.run(&me.fleet).await;
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "shard's store connection ended");
-            }
-            conn.fail(&me.fleet);
+            let why = match r {
+                Err(e) => {
+                    tracing::debug!(error = %e, "shard's store connection ended");
+                    e.to_string()
+                }
+                Ok(()) => "the connection ended".to_string(),
+            };
+            conn.fail(&me.fleet, || why);
             let mut mine = me.conn.borrow_mut();
             if mine.as_ref().is_some_and(|c| Rc::ptr_eq(c, &conn)) {
                 *mine = None;
@@ -161,8 +165,15 @@ impl OpenLink for FleetLink {
                 Some(Ok(a)) => a,
                 // Late, or the connection failed: whether Redis took it is
                 // not known, which the thread settles (see the module doc).
-                _ => {
-                    conn.fail(fleet);
+                Some(Err(_)) => {
+                    // The connection failed first (it told the thread why).
+                    conn.fail(fleet, || "the connection ended".to_string());
+                    (OpenAnswer::Down, Taken::default())
+                }
+                None => {
+                    conn.fail(fleet, || {
+                        format!("no answer within cluster.timeout ({:?})", fleet.timeout())
+                    });
                     (OpenAnswer::Down, Taken::default())
                 }
             }
@@ -215,14 +226,14 @@ impl Conn {
     }
 
     /// Breaks the connection: every open waiting is answered "store down"
-    /// (its sender dropped), and the thread is told when any was.
-    fn fail(&self, fleet: &Fleet) {
+    /// (its sender dropped), and the thread is told when any was, and why.
+    fn fail(&self, fleet: &Fleet, why: impl FnOnce() -> String) {
         if self.broken.replace(true) {
             return;
         }
         let outstanding = std::mem::take(&mut *self.waiting.borrow_mut());
         if !outstanding.is_empty() {
-            fleet.link_failed();
+            fleet.link_failed(why());
         }
         self.wake();
     }

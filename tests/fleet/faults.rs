@@ -199,3 +199,59 @@ fn a_silent_redis_is_logged_as_no_answer_within_the_timeout() {
     );
     assert!(!log.contains("os error 11"), "{log}");
 }
+
+/// A shard's own connection that fails is logged with why, as the
+/// thread's own calls are: here the connection cut at a stream open.
+/// (The WARN named the call, "shard link", and nothing else.)
+#[test]
+fn a_shards_link_that_fails_is_logged_with_why() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(redis.port);
+    let fake = fake(&["k1"], |_| {});
+    let cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    let a = crate::process::Node::spawn(
+        &fake.url(),
+        &proxy.url(),
+        "node-a",
+        "15s",
+        &cfg.tokens.secret,
+        "k1",
+        "",
+    );
+    let token = crate::process::mint(&cfg, "phone");
+    let stream = || {
+        let (mut ws, _) = connect(a.client, &token, Via::Header).unwrap();
+        stream_session(&mut ws, &config_message(None), &audio_frames(1, 1))
+    };
+    let metric = |line: &str| {
+        http(a.admin, "GET", "/metrics", None, None)
+            .1
+            .contains(line)
+    };
+    assert!(wait_until(Duration::from_secs(10), || metric(
+        "clio_relay_cluster_store_up 1"
+    )));
+    // The shard's own connection is made at its first open.
+    assert!(wait_until(Duration::from_secs(10), || {
+        assert!(stream().finished());
+        metric("clio_relay_cluster_open_calls_total{via=\"shard\"} 1")
+    }));
+    proxy.cut_links(true);
+    let got = stream();
+    assert!(got.finished(), "decided by this node's share: {got:?}");
+    let failed = |log: &str| {
+        log.lines()
+            .find(|l| l.contains("cluster store call failed"))
+            .map(str::to_string)
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), || failed(&a.log()).is_some()),
+        "{}",
+        a.log()
+    );
+    let line = failed(&a.log()).unwrap();
+    assert!(
+        line.contains("call=\"shard link\"") && line.contains("error=unexpected end of file"),
+        "{line}"
+    );
+}

@@ -14,6 +14,8 @@ use std::sync::{Arc, Mutex};
 struct State {
     /// Hold the polling connection's calls, cut the others.
     fault: AtomicBool,
+    /// Cut every connection but the polling one at its next command.
+    cut_links: AtomicBool,
     /// Calls of the polling connection held so far.
     held: AtomicUsize,
     /// The next call with these bytes reaches Redis, and its connection is
@@ -64,6 +66,12 @@ impl Proxy {
     /// (`true`), or pass everything again (`false`).
     pub fn fault(&self, on: bool) {
         self.state.fault.store(on, Ordering::Relaxed);
+    }
+
+    /// From now on, cut every connection but the polling one (the
+    /// cluster thread's) at its next command (`true`), or not (`false`).
+    pub fn cut_links(&self, on: bool) {
+        self.state.cut_links.store(on, Ordering::Relaxed);
     }
 
     /// The next call that carries `bytes` reaches Redis, but its answer is
@@ -123,6 +131,9 @@ fn relay(mut client: TcpStream, mut server: TcpStream, state: &State) {
             break;
         }
         polls |= buf[..n].windows(5).any(|w| w == b"XREAD");
+        if !polls && state.cut_links.load(Ordering::Relaxed) {
+            break;
+        }
         let carries = |b: &mut Vec<u8>| buf[..n].windows(b.len()).any(|w| w == b.as_slice());
         if state.lose.lock().unwrap().take_if(carries).is_some() {
             cut.store(true, Ordering::Relaxed);

@@ -110,7 +110,7 @@ pub enum Job {
     /// A shard's own connection failed: whether Redis took its last open
     /// is not known, so the thread treats the store as down and registers
     /// what this node holds when it reconnects.
-    LinkFailed,
+    LinkFailed(String),
     /// Holds were given back (streams ended), or counts taken by this
     /// node's shares, into [`Fleet`]'s change queue, which was empty: send
     /// them within [`RELEASE_DELAY`], or with the next stream open if that
@@ -488,9 +488,9 @@ impl Fleet {
         self.link.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// A shard's link failed (see [`Job::LinkFailed`]).
-    pub fn link_failed(&self) {
-        self.send(Job::LinkFailed);
+    /// A shard's link failed, for the reason `why` (see [`Job::LinkFailed`]).
+    pub fn link_failed(&self, why: String) {
+        self.send(Job::LinkFailed(why));
     }
 
     /// How long a shard waits for Redis's answer to a stream open.

@@ -340,7 +340,7 @@ impl Worker {
 
     /// A shard's link failed: the store is treated as down (see
     /// [`Job::LinkFailed`]).
-    fn link_failed(&mut self) {
+    fn link_failed(&mut self, why: &str) {
         if self.con.is_none() {
             return;
         }
@@ -349,7 +349,11 @@ impl Worker {
             .calls_failed
             .fetch_add(1, Ordering::Relaxed);
         if !self.failed_logged {
-            tracing::warn!(call = "shard link", "cluster store call failed");
+            tracing::warn!(
+                call = "shard link",
+                error = %why,
+                "cluster store call failed"
+            );
             self.failed_logged = true;
         }
         self.down();
@@ -668,8 +672,11 @@ impl Worker {
     }
 
     fn pipeline(&mut self, batch: Vec<Job>) {
-        if batch.iter().any(|j| matches!(j, Job::LinkFailed)) {
-            self.link_failed();
+        if let Some(why) = batch.iter().find_map(|j| match j {
+            Job::LinkFailed(why) => Some(why.clone()),
+            _ => None,
+        }) {
+            self.link_failed(&why);
         }
         let up = self.con.is_some();
         let mut pipe = redis::pipe();
@@ -697,7 +704,7 @@ impl Worker {
         }
         for job in batch {
             match job {
-                Job::Adjust(..) | Job::Sync(..) | Job::Released | Job::LinkFailed => {}
+                Job::Adjust(..) | Job::Sync(..) | Job::Released | Job::LinkFailed(_) => {}
                 Job::Settling => {
                     if !self.settling() {
                         self.settle_until = Some(Instant::now() + self.settle_ms_duration());
