@@ -473,6 +473,39 @@ fn a_text_message_that_is_not_utf8_gets_1007() {
 }
 
 #[test]
+fn a_first_message_that_is_not_utf8_gets_1007() {
+    // The config is a text message like any other: before the relay
+    // checked, bytes that are not UTF-8 were a JSON error ("invalid
+    // unicode code point", or "trailing characters" outside a string),
+    // closed with 1002.
+    let (fake, relay) = setup(|_| {});
+    for config in [
+        &b"{\"model\":\"\xc3\x28\"}"[..],
+        b"{\"model\":\"m\"}\xff",
+        b"\xef\xbb",
+    ] {
+        // The token on the request, and none there (it would be in the config).
+        for token in [relay.token("dev"), String::new()] {
+            let (mut tcp, head) = raw_upgrade(relay.addr(), &token);
+            assert!(String::from_utf8_lossy(&head).starts_with("HTTP/1.1 101"));
+            tcp.write_all(&client_frame(1, config)).unwrap();
+            let frames = raw_read_frames(&mut tcp);
+            assert_eq!(
+                raw_close_code(&frames),
+                Some(1007),
+                "{config:?}: {frames:?}"
+            );
+            let errs = raw_texts(&frames);
+            assert_eq!(errs.len(), 1, "{errs:?}");
+            assert_eq!(errs[0]["error_code"], 400);
+            assert_eq!(errs[0]["error_message"], "text message is not valid UTF-8");
+        }
+    }
+    assert!(fake.wait_for(LIMIT, |s| s.iter().all(|r| r.closed && r.audio_frames == 0)));
+    assert!(fake.sessions().iter().all(|s| s.text_messages.is_empty()));
+}
+
+#[test]
 fn a_close_frame_with_a_bad_code_or_body_gets_1002() {
     // Before the relay checked, a 1-byte close went upstream and the
     // client got a normal close (1000) back.

@@ -163,6 +163,19 @@ fn parse_config(opcode: Opcode, fin: bool, payload: &[u8]) -> Result<Map<String,
         Opcode::Text if !fin => Err(Refusal::bad_request(
             "Start request must be a single text frame.",
         )),
+        // A text message that is not UTF-8 fails the connection with 1007
+        // (RFC 6455 §8.1), the first as any later one: it is no JSON
+        // question.
+        Opcode::Text if std::str::from_utf8(payload).is_err() => {
+            let e = FrameError::InvalidUtf8;
+            Err(Refusal::new(
+                400,
+                "bad_request",
+                e.reason(),
+                e.close_code(),
+                Side::Client,
+            ))
+        }
         Opcode::Text => match serde_json::from_slice::<Value>(payload) {
             Ok(Value::Object(map)) => Ok(map),
             // A syntax error's words are serde_json's fixed ones and a
