@@ -131,6 +131,39 @@ fn no_account_left_gets_the_documented_error() {
     assert!(fake.wait_for(LIMIT, |s| s.len() == 2 && s.iter().all(|r| r.closed)));
 }
 
+#[test]
+fn upstream_500_or_503_on_every_try_at_open_gets_503_close_1011() {
+    // Before, once the tries of the same account were used up, the client
+    // got 429 "Every Soniox account is at the relay's stream limit" (close
+    // 1013), counted as the relay's own limit: no account was full.
+    for code in [500, 503] {
+        let fake = fake(&["key-a"], |c| {
+            c.faults.refuse_at_first_message = vec![("key-a".into(), code)];
+        });
+        let relay = Relay::start(relay_config(&fake.url(), &[("a", "key-a")]));
+        let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+        let got = stream_session(&mut ws, &config_message(None), &audio_frames(5, 1));
+        assert_error_frame(&got, 503, 1011);
+        let message = got.messages[0]["error_message"].as_str().unwrap();
+        assert!(message.contains(&code.to_string()), "{message}");
+        // The first try and `failover.max_resumes` (3) more.
+        assert!(
+            fake.wait_for(LIMIT, |s| s.len() == 4 && s.iter().all(|r| r.closed)),
+            "{:?}",
+            fake.sessions()
+        );
+        let m = relay.handle.metrics();
+        assert_eq!(
+            m.refusals(clio_relay::core::metrics::RefusedBy::RelayLimit),
+            0
+        );
+        assert_eq!(
+            m.refusals(clio_relay::core::metrics::RefusedBy::Upstream),
+            1
+        );
+    }
+}
+
 /// Errors that are not the account's: a 400 for a bad config at open, a
 /// 408 at open and one mid-stream (raw audio, which could resume). Each
 /// reaches the client as upstream sent it, with upstream's close; no other

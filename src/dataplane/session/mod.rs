@@ -229,6 +229,8 @@ impl Stream {
             // connection, 500, 503): with no other account left, the same one
             // is tried again, up to `failover.max_resumes` times.
             let mut not_the_account: bool;
+            // The code of the last refusal (`End::Retry`).
+            let mut last_code = 0u16;
             let end = loop {
                 *live.stream.key.borrow_mut() = up.lease.key.fingerprint.clone();
                 // A key retired while the stream was opening on it (the
@@ -267,6 +269,7 @@ impl Stream {
                         lost = false;
                         refused_last = true;
                         not_the_account = matches!(code, 500 | 503);
+                        last_code = code;
                         self.note_refusal(&up.lease, code, scope);
                         self.shard
                             .metrics
@@ -344,8 +347,12 @@ impl Stream {
                 match next {
                     Ok(next) => up = next,
                     // No other account: the client learns what happened to its
-                    // stream (lost), not that no account was free.
+                    // stream (lost, or failed by upstream with 500 or 503, on
+                    // every try), not that no account was free.
                     Err(r) if lost && r.code == 429 => break Err(Refusal::upstream_lost()),
+                    Err(r) if not_the_account && r.code == 429 => {
+                        break Err(Refusal::upstream_failed(last_code))
+                    }
                     Err(r) => break Err(r),
                 }
             };

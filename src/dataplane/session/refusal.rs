@@ -197,6 +197,19 @@ impl Refusal {
         )
     }
 
+    /// Upstream answered every try of the stream at open with `code` (500
+    /// or 503), an error that is not the account's: as a lost connection,
+    /// the client is told to reconnect.
+    pub(super) fn upstream_failed(code: u16) -> Self {
+        Refusal::new(
+            503,
+            "service_unavailable",
+            format!("Cannot continue request: the transcription service answered {code} on every try. Reconnect."),
+            1011,
+            Side::Upstream,
+        )
+    }
+
     /// The error frame and the close frame, as the relay writes them to a client.
     pub fn frames(&self, request_id: &str) -> Vec<u8> {
         let body = serde_json::json!({
