@@ -427,18 +427,14 @@ fn first_message_error(bytes: &[u8]) -> FirstMessage {
     if !whole {
         return FirstMessage::Incomplete;
     }
-    #[derive(serde::Deserialize)]
-    struct ErrorShape {
-        error_code: Option<u16>,
-        #[serde(default)]
-        error_message: String,
+    let payload = &bytes[h.header_len..total as usize];
+    // A byte search first: the JSON is parsed only for an error.
+    if state::ERROR_CODE.find(payload).is_none() {
+        return FirstMessage::Other;
     }
-    match serde_json::from_slice::<ErrorShape>(&bytes[h.header_len..total as usize]) {
-        Ok(ErrorShape {
-            error_code: Some(code),
-            error_message,
-        }) => FirstMessage::Error(code, RateScope::from_message(&error_message)),
-        _ => FirstMessage::Other,
+    match state::upstream_said(payload).and_then(|s| s.error) {
+        Some((code, scope)) => FirstMessage::Error(code, scope),
+        None => FirstMessage::Other,
     }
 }
 

@@ -1103,3 +1103,74 @@ fn stream_paced(ws: &mut Ws, config: &str, frames: &[Vec<u8>], paced: usize) -> 
     got.messages.splice(0..0, before);
     got
 }
+
+#[test]
+fn an_upstream_error_of_an_odd_shape_is_still_an_error() {
+    // Soniox sends `error_code` as a number. One sent as a string (or a
+    // whole float, or with a `null` message) was taken for a result:
+    // passed on to the client, the stream counted as accepted, and no
+    // move or resume followed. At open (frame 1) it now moves the stream
+    // to a new connection, and mid-stream (frame 3, raw audio) resumes it,
+    // unseen, as a 503 does.
+    for (format, at) in [("pcm_s16le", 1), ("ogg", 1), ("pcm_s16le", 3)] {
+        let (url, conns) = scripted_upstream(move |c, n| match (c, n) {
+            (0, n) if n == at => UpStep::Text(
+                r#"{"tokens":[],"error_code":"503","error_message":"Cannot continue request"}"#
+                    .into(),
+            ),
+            _ => UpStep::Final,
+        });
+        let relay = Relay::start(relay_config(&url, &[("a", "k1")]));
+        let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+        let mut config: Value = serde_json::from_str(&config_message(None)).unwrap();
+        config["audio_format"] = format.into();
+        let got = stream_paced(&mut ws, &config.to_string(), &stream_audio(6, 3), 2);
+        let errors: Vec<&Value> = got
+            .messages
+            .iter()
+            .filter(|m| !m["error_code"].is_null())
+            .collect();
+        assert!(errors.is_empty(), "{format} at {at}: {errors:?}");
+        assert!(got.finished(), "{format} at {at}: {got:?}");
+        assert_eq!(got.close_code(), Some(1000), "{format} at {at}");
+        assert_eq!(
+            conns.load(std::sync::atomic::Ordering::SeqCst),
+            2,
+            "{format} at {at}"
+        );
+    }
+}
+
+#[test]
+fn a_finished_with_a_fractional_figure_ends_the_stream_once() {
+    // A `finished` whose `total_audio_proc_ms` is not a whole number was
+    // not seen as upstream's last word: the close after it was taken for
+    // a server going away, and the raw-audio stream resumed, its client
+    // given `finished` again by each new connection, then a 503.
+    let (url, conns) = scripted_upstream(|_, n| {
+        match n {
+        2 => UpStep::Text(
+            r#"{"tokens":[],"final_audio_proc_ms":200,"total_audio_proc_ms":200.5,"finished":true}"#
+                .into(),
+        ),
+        _ => UpStep::Final,
+    }
+    });
+    let relay = Relay::start(relay_config(&url, &[("a", "k1")]));
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    for f in stream_audio(2, 4) {
+        ws.send(Message::binary(f)).unwrap();
+    }
+    let got = read_all(&mut ws);
+    let finished = got
+        .messages
+        .iter()
+        .filter(|m| m["finished"] == true)
+        .count();
+    assert_eq!(finished, 1, "{got:?}");
+    assert_eq!(got.error_code(), None, "{got:?}");
+    assert_eq!(got.close_code(), Some(1000), "{got:?}");
+    assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(relay.handle.metrics().streams_resumed(), 0);
+}

@@ -457,14 +457,7 @@ impl Drop for Resume {
 fn error_code_of(payload: &[u8]) -> Option<(u16, RateScope)> {
     // A byte search first: the JSON is parsed only for an error.
     super::state::ERROR_CODE.find(payload)?;
-    #[derive(serde::Deserialize)]
-    struct ErrorShape {
-        error_code: Option<u16>,
-        #[serde(default)]
-        error_message: String,
-    }
-    let e: ErrorShape = serde_json::from_slice(payload).ok()?;
-    Some((e.error_code?, RateScope::from_message(&e.error_message)))
+    super::state::upstream_said(payload)?.error
 }
 
 /// The upstream→client pump of a resumable stream: frame by frame (whole

@@ -99,26 +99,88 @@ impl StreamState {
         if FINISHED.find(payload).is_none() && ERROR_CODE.find(payload).is_none() {
             return fin;
         }
-        #[derive(serde::Deserialize)]
-        struct Tail {
-            total_audio_proc_ms: Option<u64>,
-            error_code: Option<u16>,
-            #[serde(default)]
-            finished: bool,
-        }
-        if let Ok(t) = serde_json::from_slice::<Tail>(payload) {
-            if t.finished || t.error_code.is_some() {
+        if let Some(t) = upstream_said(payload) {
+            if t.finished || t.error.is_some() {
                 self.down.last_word_seen.set(true);
             }
             if t.finished {
                 self.meter.upstream_audio_ms.set(t.total_audio_proc_ms);
             }
-            if t.error_code.is_some() {
-                self.meter.upstream_error.set(t.error_code);
+            if let Some((code, _)) = t.error.filter(|&(code, _)| code != 0) {
+                self.meter.upstream_error.set(Some(code));
             }
         }
         fin
     }
+}
+
+/// What an upstream text message says as upstream's last word: an error,
+/// or `finished`. Read leniently, field by field, so that one field of an
+/// unexpected type does not hide the others: before, a `finished` whose
+/// `total_audio_proc_ms` was not a whole number, or an error whose
+/// `error_code` was a string or whose `error_message` was `null`, was
+/// taken for an ordinary result (and a close after it for a server going
+/// away).
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct UpstreamSaid {
+    /// An error (`error_code` there and not `null`): its code, when it is
+    /// a number or a string of digits that fits (`0` when it is not), and
+    /// the level of a 429, read from `error_message`.
+    pub error: Option<(u16, RateScope)>,
+    /// `"finished": true`.
+    pub finished: bool,
+    /// `total_audio_proc_ms`, a fraction dropped.
+    pub total_audio_proc_ms: Option<u64>,
+}
+
+/// Reads an upstream text message (a JSON object) for [`UpstreamSaid`];
+/// `None` when it is not one. Only messages a byte search found
+/// `"error_code"` or `"finished"` in are parsed; the rest of the object
+/// is skipped, not kept.
+pub(crate) fn upstream_said(payload: &[u8]) -> Option<UpstreamSaid> {
+    use serde_json::Value;
+    #[derive(serde::Deserialize)]
+    struct Shape {
+        #[serde(default)]
+        error_code: Option<Value>,
+        #[serde(default)]
+        error_message: Option<Value>,
+        #[serde(default)]
+        finished: Option<Value>,
+        #[serde(default)]
+        total_audio_proc_ms: Option<Value>,
+    }
+    // An object only: serde would read a struct from an array too.
+    if payload.trim_ascii_start().first() != Some(&b'{') {
+        return None;
+    }
+    let s: Shape = serde_json::from_slice(payload).ok()?;
+    let whole = |v: &Value| -> Option<u64> {
+        match v {
+            Value::Number(n) => n.as_u64().or_else(|| {
+                n.as_f64()
+                    .filter(|f| f.is_finite() && *f >= 0.0 && *f < u64::MAX as f64)
+                    .map(|f| f as u64)
+            }),
+            Value::String(t) => t.trim().parse().ok(),
+            _ => None,
+        }
+    };
+    let error = s.error_code.map(|code| {
+        let code = whole(&code)
+            .and_then(|c| u16::try_from(c).ok())
+            .unwrap_or(0);
+        let message = match &s.error_message {
+            Some(Value::String(m)) => m.as_str(),
+            _ => "",
+        };
+        (code, RateScope::from_message(message))
+    });
+    Some(UpstreamSaid {
+        error,
+        finished: s.finished == Some(Value::Bool(true)),
+        total_audio_proc_ms: s.total_audio_proc_ms.as_ref().and_then(whole),
+    })
 }
 
 // The byte searches run over every upstream result: SIMD searchers (a

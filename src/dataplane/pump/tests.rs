@@ -22,3 +22,66 @@ fn passes_server_frames_untouched_and_reads_first_errors() {
     let ok = build_frame(Opcode::Text, br#"{"tokens":[{"text":"hi"}]}"#, None);
     assert!(matches!(first_message_error(&ok), FirstMessage::Other));
 }
+
+#[test]
+fn reads_upstreams_last_word_field_by_field() {
+    use state::{upstream_said, UpstreamSaid};
+    let said = |s: &str| upstream_said(s.as_bytes());
+    let error = |code, scope| {
+        Some(UpstreamSaid {
+            error: Some((code, scope)),
+            ..Default::default()
+        })
+    };
+    let org = r#"{"tokens":[],"error_code":429,"error_message":"Organization concurrency limit"}"#;
+    assert_eq!(said(org), error(429, RateScope::Organization));
+    // A code as a string, as a whole float, with no message or a `null` one.
+    for shape in [
+        r#"{"tokens":[],"error_code":"503","error_message":"Cannot continue request"}"#,
+        r#"{"tokens":[],"error_code":503.0}"#,
+        r#"{"tokens":[],"error_code":503,"error_message":null}"#,
+        r#"{"error_code":" 503 ","error_message":7}"#,
+    ] {
+        assert_eq!(said(shape), error(503, RateScope::Project), "{shape}");
+    }
+    // An error whose code is no number is an error all the same.
+    for shape in [
+        r#"{"tokens":[],"error_code":"bad","error_message":"x"}"#,
+        r#"{"error_code":70000}"#,
+        r#"{"error_code":-1}"#,
+        r#"{"error_code":{}}"#,
+    ] {
+        assert_eq!(said(shape), error(0, RateScope::Project), "{shape}");
+    }
+    // `finished` with a figure of any number type.
+    for (shape, ms) in [
+        (
+            r#"{"tokens":[],"finished":true,"total_audio_proc_ms":1680}"#,
+            Some(1680),
+        ),
+        (
+            r#"{"tokens":[],"finished":true,"total_audio_proc_ms":1680.5}"#,
+            Some(1680),
+        ),
+        (
+            r#"{"tokens":[],"finished":true,"total_audio_proc_ms":null}"#,
+            None,
+        ),
+        (r#"{"finished":true,"total_audio_proc_ms":"x"}"#, None),
+    ] {
+        let s = said(shape).unwrap();
+        assert!(s.finished && s.error.is_none(), "{shape}");
+        assert_eq!(s.total_audio_proc_ms, ms, "{shape}");
+    }
+    // Neither: a result, `"finished": false`, an `error_code` of `null`.
+    for shape in [
+        r#"{"tokens":[{"text":"finished"}],"total_audio_proc_ms":5}"#,
+        r#"{"tokens":[],"finished":false}"#,
+        r#"{"tokens":[],"error_code":null}"#,
+    ] {
+        let s = said(shape).unwrap();
+        assert!(!s.finished && s.error.is_none(), "{shape}");
+    }
+    assert_eq!(said("[1]"), None);
+    assert_eq!(said("not json"), None);
+}
