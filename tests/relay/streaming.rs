@@ -54,6 +54,33 @@ fn audio_and_control_messages_arrive_byte_for_byte_in_order() {
 }
 
 #[test]
+fn only_the_first_message_is_read_later_ones_go_up_as_sent() {
+    // README: the relay removes `api_key` from the config message only; a
+    // second config (a token in it too) is a later message like any other:
+    // it reaches upstream byte for byte, and upstream's answer (the fake's,
+    // as Soniox's: 400, not a control message) reaches the client.
+    let fake = fake(&["key-a"], |_| {});
+    let relay = relay_for(&fake);
+    let token = relay.token("dev");
+    let (mut ws, _) = connect(relay.addr(), "", Via::FirstMessage).unwrap();
+    let again = format!(r#"{{"model":"stt-rt-v4","api_key":"{token}"}}"#);
+    ws.send(Message::text(config_message(Some(&token))))
+        .unwrap();
+    ws.send(Message::text(again.clone())).unwrap();
+    let got = read_all(&mut ws);
+    assert_eq!(got.error_code(), Some(400), "{got:?}");
+    assert_eq!(got.messages[0]["error_message"], "Invalid control message.");
+    let s = &closed_sessions(&fake, 1)[0];
+    assert_eq!(s.text_messages.len(), 2, "{:?}", s.text_messages);
+    assert!(
+        !s.text_messages[0].contains(&token),
+        "{:?}",
+        s.text_messages
+    );
+    assert_eq!(s.text_messages[1], again);
+}
+
+#[test]
 fn frames_larger_than_the_read_buffer_arrive_intact() {
     let fake = fake(&["key-a"], |_| {});
     let relay = relay_for(&fake);
