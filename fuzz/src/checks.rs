@@ -340,7 +340,7 @@ pub fn first_message(data: &[u8]) {
     let Ok(serde_json::Value::Object(client)) = serde_json::from_slice(data) else {
         return;
     };
-    let text = clio_relay::dataplane::session::upstream_config_text(client.clone(), "s-1");
+    let text = clio_relay::dataplane::session::upstream_config_text(data, "s-1");
     let got: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&text).unwrap();
     let mut want = client;
     want.remove("api_key");

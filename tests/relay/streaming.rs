@@ -81,6 +81,29 @@ fn only_the_first_message_is_read_later_ones_go_up_as_sent() {
 }
 
 #[test]
+fn the_config_reaches_upstream_as_the_client_wrote_it() {
+    // Only `api_key` goes and `client_reference_id` comes: every other
+    // member's value is the client's text. Before, the config was read
+    // into a JSON map and written again: a 30-digit integer reached
+    // upstream as 1.2345678901234568e+29, `1e2` as 100.0.
+    let fake = fake(&["key-a"], |_| {});
+    let relay = relay_for(&fake);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    let config = r#"{"model":"stt-rt-v4","audio_format":"pcm_s16le","sample_rate":16000,"num_channels":1,"api_key":"x","x_id":123456789012345678901234567890,"x_gain":1e2}"#;
+    let got = stream_session(&mut ws, config, &audio_frames(2, 7));
+    assert!(got.finished(), "{got:?}");
+    let s = &closed_sessions(&fake, 1)[0];
+    let up = &s.text_messages[0];
+    for member in [
+        r#""x_id":123456789012345678901234567890"#,
+        r#""x_gain":1e2"#,
+    ] {
+        assert!(up.contains(member), "{member} in {up}");
+    }
+    assert!(!up.contains("api_key"), "{up}");
+}
+
+#[test]
 fn frames_larger_than_the_read_buffer_arrive_intact() {
     let fake = fake(&["key-a"], |_| {});
     let relay = relay_for(&fake);

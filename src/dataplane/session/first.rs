@@ -22,7 +22,7 @@ impl Stream {
         &self,
         client: &Duplex,
         buf: &mut Buf,
-    ) -> Result<Map<String, Value>, Refusal> {
+    ) -> Result<ClientConfig, Refusal> {
         let lim = &self.settings.limits;
         // One deadline for the whole wait: pings and partial frames do not
         // extend it.
@@ -120,7 +120,7 @@ impl Stream {
         buf: &mut Buf,
         h: FrameHeader,
         deadline: std::time::Instant,
-    ) -> Result<Map<String, Value>, Refusal> {
+    ) -> Result<ClientConfig, Refusal> {
         if h.opcode != Opcode::Text {
             return parse_config(h.opcode, h.fin, &[]);
         }
@@ -157,8 +157,16 @@ impl Stream {
     }
 }
 
+/// The client's config message: its fields, read by the relay, and its
+/// text as the client sent it, which upstream gets (see
+/// [`upstream_config_text`](super::upstream_config_text)).
+pub(super) struct ClientConfig {
+    pub fields: Map<String, Value>,
+    pub text: Box<[u8]>,
+}
+
 /// Checks and parses the first message: one text frame holding a JSON object.
-fn parse_config(opcode: Opcode, fin: bool, payload: &[u8]) -> Result<Map<String, Value>, Refusal> {
+fn parse_config(opcode: Opcode, fin: bool, payload: &[u8]) -> Result<ClientConfig, Refusal> {
     match opcode {
         Opcode::Text if !fin => Err(Refusal::bad_request(
             "Start request must be a single text frame.",
@@ -177,7 +185,10 @@ fn parse_config(opcode: Opcode, fin: bool, payload: &[u8]) -> Result<Map<String,
             ))
         }
         Opcode::Text => match serde_json::from_slice::<Value>(payload) {
-            Ok(Value::Object(map)) => Ok(map),
+            Ok(Value::Object(fields)) => Ok(ClientConfig {
+                fields,
+                text: payload.into(),
+            }),
             // A syntax error's words are serde_json's fixed ones and a
             // position ("trailing comma at line 1 column 8"): they never
             // quote the message, which may carry a token.

@@ -150,7 +150,7 @@ impl Stream {
                                 let first = first?;
                                 // Kept from here, so a refusal's log line
                                 // names the device.
-                                let c = &*claims.insert(self.first_message_claims(&first)?);
+                                let c = &*claims.insert(self.first_message_claims(&first.fields)?);
                                 *self.pools.borrow_mut() = c.pools.clone();
                                 let slot = self.admit_stream()?;
                                 let (permit, lease) = self.admit(c).await?;
@@ -184,10 +184,12 @@ impl Stream {
                     close_after_peer(client);
                     return;
                 };
-                state.meter.set_audio_rate(audio_bytes_per_ms(&config));
+                state
+                    .meter
+                    .set_audio_rate(audio_bytes_per_ms(&config.fields));
                 let failover = &self.settings.failover;
                 if failover.max_resumes > 0 {
-                    if let Some((per_sec, frame)) = raw_audio_rate(&config) {
+                    if let Some((per_sec, frame)) = raw_audio_rate(&config.fields) {
                         let cap = (failover.resume_audio.as_secs_f64() * per_sec as f64) as usize;
                         *state.resume.borrow_mut() = Some(Box::new(pump::resume::Resume::new(
                             per_sec,
@@ -198,14 +200,14 @@ impl Stream {
                         )));
                     }
                 }
-                let reference_id = match config.get("client_reference_id") {
+                let reference_id = match config.fields.get("client_reference_id") {
                     Some(Value::String(r)) => r.clone(),
                     _ => self.id.clone(),
                 };
                 // Kept for the stream's life (a retry sends it again) as the bytes
                 // upstream gets, not as a JSON map: a fraction of the memory.
                 (
-                    upstream_config_text(config, &self.id),
+                    upstream_config_text(&config.text, &self.id),
                     up,
                     late_permit,
                     reference_id,

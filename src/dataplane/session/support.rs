@@ -98,8 +98,37 @@ pub(super) fn close_after_peer(conn: Duplex) {
 
 /// The client's config as upstream gets it (before any key): without the
 /// client's `api_key` (its session token), and with a `client_reference_id`
-/// (the stream id) when the client gave none. A JSON object.
-pub fn upstream_config_text(mut config: Map<String, Value>, stream_id: &str) -> Box<[u8]> {
+/// (the stream id) when the client gave none. `config` is the client's
+/// text (a JSON object); every other member's value goes up as the client
+/// wrote it (a number's digits included), not as a JSON map would write it
+/// again. A JSON object.
+pub fn upstream_config_text(config: &[u8], stream_id: &str) -> Box<[u8]> {
+    use serde_json::value::RawValue;
+    use std::collections::BTreeMap;
+    // A repeated member is the last one, as a JSON map reads it (the one
+    // whose token the relay checked).
+    let mut members: BTreeMap<String, Box<RawValue>> = match serde_json::from_slice(config) {
+        Ok(m) => m,
+        // Not an object (the relay's first message always is): as a map.
+        Err(_) => {
+            let map = serde_json::from_slice::<Map<String, Value>>(config).unwrap_or_default();
+            return config_from_map(map, stream_id);
+        }
+    };
+    members.remove("api_key");
+    if !members.contains_key("client_reference_id") {
+        let id = serde_json::to_string(stream_id).expect("a string serializes");
+        members.insert(
+            "client_reference_id".into(),
+            RawValue::from_string(id).expect("a JSON string"),
+        );
+    }
+    serde_json::to_vec(&members)
+        .expect("a JSON map serializes")
+        .into_boxed_slice()
+}
+
+fn config_from_map(mut config: Map<String, Value>, stream_id: &str) -> Box<[u8]> {
     config.remove("api_key");
     if !config.contains_key("client_reference_id") {
         config.insert(
@@ -130,13 +159,9 @@ pub fn with_api_key(config: &[u8], key: &str) -> Vec<u8> {
 mod tests {
     use super::*;
 
-    fn map(v: Value) -> Map<String, Value> {
-        v.as_object().unwrap().clone()
-    }
-
     #[test]
     fn the_config_upstream_gets() {
-        let client = map(serde_json::json!({"model": "m", "api_key": "clio1.token"}));
+        let client = br#"{"model": "m", "api_key": "clio1.token"}"#;
         let text = upstream_config_text(client, "s-1");
         let v: Value = serde_json::from_slice(&text).unwrap();
         assert_eq!(
@@ -149,7 +174,7 @@ mod tests {
             keyed,
             serde_json::json!({"model": "m", "client_reference_id": "s-1", "api_key": "k\"ey"})
         );
-        let own = map(serde_json::json!({"client_reference_id": "mine"}));
+        let own = br#"{"client_reference_id": "mine"}"#;
         let v: Value = serde_json::from_slice(&upstream_config_text(own, "s-2")).unwrap();
         assert_eq!(v["client_reference_id"], "mine");
         let empty: Value = serde_json::from_slice(&with_api_key(b"{}", "k")).unwrap();
