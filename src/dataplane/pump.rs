@@ -299,6 +299,10 @@ pub async fn upstream_to_client(
     let down = &state.down;
     let mut read_at = Instant::now();
     loop {
+        // The bytes this turn passes on: all that was read, but only a
+        // ping or pong that comes before upstream's first message (which
+        // is still to be looked at).
+        let mut window = usize::MAX;
         if down.inspect_first.get() && !buf.is_empty() {
             match first_message_error(buf.filled()) {
                 FirstMessage::Incomplete if buf.end() < buf.capacity() || buf.start() > 0 => {
@@ -325,13 +329,18 @@ pub async fn upstream_to_client(
                     down.inspect_first.set(false);
                     down.accepted.set(true);
                 }
+                // A ping or pong is no message: it goes on alone, and the
+                // frame after it is the first message.
+                FirstMessage::Control(n) => window = n,
                 _ => {
                     down.inspect_first.set(false);
                     down.accept();
                 }
             }
         }
-        let scan = scanner.scan(buf.filled(), None);
+        let filled = buf.filled();
+        let end = filled.len().min(window);
+        let scan = scanner.scan(&mut filled[..end], None);
         if let Some((from, to)) = scan.last_text {
             state.note_upstream_text(&buf.filled()[from..to]);
         }
@@ -365,6 +374,9 @@ pub async fn upstream_to_client(
         }
         if scan.close_done {
             return End::UpstreamClosed;
+        }
+        if window != usize::MAX && !buf.is_empty() {
+            continue; // the first message may be here already
         }
         match read_more(buf, upstream, state).await {
             Some(at) => read_at = at,
@@ -400,6 +412,9 @@ enum FirstMessage {
     /// A whole close frame (whether its body is one an endpoint may send
     /// is the scanner's to check, if it goes on to the client).
     Closed,
+    /// A whole ping or pong of this many bytes: not a message, so the
+    /// first message is the frame after it.
+    Control(usize),
     /// Anything else (a result, a control frame, a frame too big to hold).
     Other,
 }
@@ -414,11 +429,11 @@ fn first_message_error(bytes: &[u8]) -> FirstMessage {
     };
     let total = h.header_len as u64 + h.payload_len;
     let whole = (bytes.len() as u64) >= total;
-    if h.opcode == Opcode::Close {
-        return if whole {
-            FirstMessage::Closed
-        } else {
-            FirstMessage::Incomplete
+    if h.opcode.is_control() {
+        return match (whole, h.opcode) {
+            (false, _) => FirstMessage::Incomplete,
+            (true, Opcode::Close) => FirstMessage::Closed,
+            (true, _) => FirstMessage::Control(total as usize),
         };
     }
     if h.opcode != Opcode::Text || !h.fin {

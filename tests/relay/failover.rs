@@ -164,6 +164,44 @@ fn upstream_500_or_503_on_every_try_at_open_gets_503_close_1011() {
     }
 }
 
+#[test]
+fn a_ping_before_upstreams_first_message_is_no_acceptance() {
+    // A ping is a control frame, not a message. Before, a ping ahead of a
+    // 503 at open counted as upstream accepting the stream: for a
+    // compressed stream the 503 reached the client, and a raw-audio one
+    // was resumed mid-stream instead of moved at open. Now the ping goes
+    // on to the client and the 503 moves the stream, unseen.
+    let error = br#"{"tokens":[],"error_code":503,"error_message":"Cannot continue request"}"#;
+    let mut answer = vec![0x89, 0x02, b'h', b'b', 0x81, error.len() as u8];
+    answer.extend_from_slice(error);
+    answer.extend_from_slice(&[0x88, 0x02, 0x03, 0xe8]);
+    for format in ["pcm_s16le", "ogg"] {
+        let answer = answer.clone();
+        let (url, conns) = scripted_upstream(move |c, _| match c {
+            0 => UpStep::Raw(answer.clone()),
+            _ => UpStep::Final,
+        });
+        let relay = Relay::start(relay_config(&url, &[("a", "key-a")]));
+        let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+        let mut config: Value = serde_json::from_str(&config_message(None)).unwrap();
+        config["audio_format"] = format.into();
+        let got = stream_session(&mut ws, &config.to_string(), &audio_frames(3, 2));
+        assert!(
+            got.messages.iter().all(|m| m["error_code"].is_null()),
+            "{format}: {got:?}"
+        );
+        assert!(got.finished(), "{format}: {got:?}");
+        assert_eq!(got.close_code(), Some(1000), "{format}");
+        assert_eq!(
+            conns.load(std::sync::atomic::Ordering::SeqCst),
+            2,
+            "{format}"
+        );
+        let f = relay.handle.metrics().failovers();
+        assert_eq!((f.open_refused, f.resumed), (1, 0), "{format}: {f:?}");
+    }
+}
+
 /// Errors that are not the account's: a 400 for a bad config at open, a
 /// 408 at open and one mid-stream (raw audio, which could resume). Each
 /// reaches the client as upstream sent it, with upstream's close; no other

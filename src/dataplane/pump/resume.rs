@@ -535,7 +535,10 @@ pub async fn upstream_to_client(link: Link<'_>, max_payload: u64, cx: StreamCx<'
                             }
                             down.mid_message.set(!h.fin);
                         }
-                        let first = down.inspect_first.replace(false);
+                        // A ping or pong is no message: the first
+                        // message is still to come.
+                        let ping_or_pong = matches!(h.opcode, Opcode::Ping | Opcode::Pong);
+                        let first = !ping_or_pong && down.inspect_first.replace(false);
                         let mut out = None;
                         let at = held.bytes;
                         if h.opcode == Opcode::Text && h.fin {
@@ -576,9 +579,9 @@ pub async fn upstream_to_client(link: Link<'_>, max_payload: u64, cx: StreamCx<'
                             }
                         } else if data {
                             down.accept();
-                        } else {
-                            // A control frame commits nothing to bill (a
-                            // close after an error is the stream's end).
+                        } else if !ping_or_pong {
+                            // A close commits nothing to bill (a close
+                            // after an error is the stream's end).
                             down.accepted.set(true);
                         }
                         let close = h.opcode == Opcode::Close;
