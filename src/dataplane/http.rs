@@ -295,7 +295,10 @@ fn valid_key(value: &[u8]) -> Option<[u8; 24]> {
     }
 }
 
-fn strip_bearer(v: &str) -> Option<&str> {
+/// The token of an `Authorization` value `Bearer <token>`: the scheme is
+/// case-insensitive (RFC 9110 §11.1); `None` for another scheme or an
+/// empty token.
+pub(crate) fn strip_bearer(v: &str) -> Option<&str> {
     let (scheme, rest) = v.split_once(' ')?;
     scheme
         .eq_ignore_ascii_case("bearer")

@@ -291,6 +291,42 @@ fn an_admin_401_says_whether_the_token_is_off_missing_or_wrong() {
     assert_eq!(status, 200, "{body}");
 }
 
+/// The scheme of `Authorization: Bearer <token>` is case-insensitive (RFC
+/// 9110 §11.1), on the admin port as on the client port: `BEARER` and
+/// `bEaReR` with the admin token are let in, and with another token are
+/// "refused", not told that no token was sent. Before, only `Bearer` and
+/// `bearer` were read: the admin token under `BEARER` got 401 "admin
+/// token required".
+#[test]
+fn the_admin_token_scheme_is_case_insensitive() {
+    use clio_relay::control::httpc::{blocking, Endpoint, Request};
+    const TOKEN: &str = "admin-scheme-token-0123456789";
+    let fake = fake(&["k1"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.admin.token = Some(clio_relay::core::secret::Secret::new(TOKEN));
+    let relay = Relay::start(cfg);
+    let admin = relay.handle.admin_addr;
+    let ask = |authorization: &str| {
+        let req = Request::new("GET", "/admin/accounts").header("Authorization", authorization);
+        let r = blocking::send(&Endpoint::plain(admin), &req, LIMIT).unwrap();
+        (r.status, r.text())
+    };
+    for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+        let (status, body) = ask(&format!("{scheme} {TOKEN}"));
+        assert_eq!(status, 200, "{scheme}: {body}");
+        let (status, body) = ask(&format!("{scheme} not-the-admin-token-0123456789"));
+        assert_eq!(status, 401, "{scheme}: {body}");
+        assert!(body.contains("admin token refused"), "{scheme}: {body}");
+    }
+    // Another scheme, or none, sends no bearer token.
+    for authorization in [format!("Basic {TOKEN}"), TOKEN.to_string()] {
+        let (status, body) = ask(&authorization);
+        assert_eq!(status, 401, "{body}");
+        assert!(body.contains("admin token required"), "{body}");
+        assert!(!body.contains(TOKEN), "{body}");
+    }
+}
+
 /// `/v1/config` may be kept by an HTTP cache (the app's URL cache, a proxy
 /// in front of the admin port) and is asked for again with its ETag each
 /// time it is used: `no-cache`, on the 200 and on the 304. With `no-store`

@@ -448,13 +448,10 @@ impl Admin {
                  admin.token_file in its config, then reload)",
             );
         };
+        // The scheme is case-insensitive, as on the client port.
         let presented = req
             .header("authorization")
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
-            .map(str::trim);
+            .and_then(|v| crate::dataplane::http::strip_bearer(v.trim()));
         match presented {
             None => Some("admin token required (Authorization: Bearer <admin token>)"),
             Some(t) if ring::hmac::verify(key, t.as_bytes(), tag.as_ref()).is_ok() => None,
