@@ -30,7 +30,8 @@ const EXIT_STATUS: &str = "\
 Exit status:
   0  done (run: stopped by SIGTERM or SIGINT)
   1  the command started and then failed
-  2  the command line (a missing --config, an unknown flag, a tier, pool or TTL the file does not allow)
+  2  the command line (a missing --config, an unknown flag, a tier, pool or TTL the file does not allow,
+     or an account id for keys that the admin API would refuse)
   3  the config file is missing, unreadable or invalid, or its master key does not open the key store
      (the systemd unit does not restart on it: RestartPreventExitStatus=3)
   4  a port the relay needs is taken

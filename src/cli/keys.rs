@@ -76,6 +76,20 @@ pub enum KeysAction {
     },
 }
 
+impl KeysAction {
+    /// The account id the action puts in the request's path, if any.
+    fn account_in_path(&self) -> Option<&str> {
+        match self {
+            KeysAction::List | KeysAction::Add { .. } => None,
+            KeysAction::Enable { id }
+            | KeysAction::Disable { id }
+            | KeysAction::Remove { id }
+            | KeysAction::Limit { id, .. }
+            | KeysAction::Rotate { id, .. } => Some(id),
+        }
+    }
+}
+
 /// Where a new key comes from.
 #[derive(Debug, clap::Args)]
 pub struct KeySource {
@@ -125,6 +139,15 @@ pub fn run(config: &Path, action: &KeysAction) -> Result<String, CliError> {
         });
     }
     let token = token.expose();
+    // The id goes in the request's path as it is: one the API would not
+    // take (a `?` or `/` in it) could name another path, or another account.
+    if let Some(id) = action.account_in_path() {
+        if !crate::core::config::valid_account_id(id) {
+            return Err(CliError::Usage(format!(
+                "account id {id:?} must be 1-64 of A-Z a-z 0-9 . _ -"
+            )));
+        }
+    }
     let (method, path, body) = match action {
         KeysAction::List => ("GET", "/admin/accounts".to_string(), None),
         KeysAction::Add {

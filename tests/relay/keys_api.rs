@@ -352,6 +352,43 @@ fn keys_cli_talks_to_a_running_relay() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// `keys` sends only an account id the admin API takes (1-64 of
+/// `[A-Za-z0-9._-]`): anything else is a command-line error (exit 2)
+/// naming the rule, and the relay is not asked. Before, the id was pasted
+/// into the request's path as typed: `remove 'a?'` removed account `a`
+/// (the `?` began a query), `enable 'b/disable?'` disabled `b`, and
+/// `enable 'a b'` failed as "admin API at …: bad request target", exit 5,
+/// as if the relay could not be reached.
+#[test]
+fn keys_cli_refuses_an_account_id_the_api_would_not_take() {
+    let fake = fake(&["k1", "k2"], |_| {});
+    let relay = relay_with_admin(&fake, &[("a", "k1"), ("b", "k2")]);
+    let (dir, run) = keys_cli(&relay, "keys-ids");
+    for args in [
+        &["remove", "a?"][..],
+        &["enable", "b/disable?"],
+        &["disable", "a b"],
+        &["disable", "a/"],
+        &["limit", "a?x", "5"],
+        &["rotate", "b?", "--key-env", "CLI_TEST_NEW_KEY"],
+        &["remove", ""],
+    ] {
+        let (code, out) = run(args);
+        assert_eq!(code, Some(2), "{args:?}: {out}");
+        assert!(out.contains("1-64 of A-Z a-z 0-9 . _ -"), "{args:?}: {out}");
+    }
+    let v = accounts_json(&relay);
+    let ids: Vec<(&str, bool)> = v["accounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| (a["id"].as_str().unwrap(), a["enabled"] == true))
+        .collect();
+    assert_eq!(ids, [("a", true), ("b", true)], "{v}");
+    assert_eq!(run(&["disable", "a"]).0, Some(0));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// `admin.allow` leaving out the host `keys` runs on: the admin port
 /// closes the connection unanswered, and `keys` says what to look at.
 #[test]
