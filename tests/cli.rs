@@ -665,3 +665,99 @@ fn a_secret_variable_with_a_trailing_newline_is_warned_about() {
     assert!(!t.contains("begins or ends"), "{t}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A write past the relay's file-size limit (`ulimit -f`, systemd's
+/// `LimitFSIZE=`) fails like a full disk's: the start logs what it does
+/// not keep, an account change is answered 500 "applied, but not saved"
+/// and applied, and the relay runs on. Before, the first such write (the
+/// key dates, at the start) raised SIGXFSZ, which ended the process
+/// without a word (exit status 153).
+#[test]
+fn a_file_size_limit_fails_writes_and_stops_nothing() {
+    use clio_relay::control::httpc::{blocking, Endpoint, Request};
+    use std::io::{BufRead, BufReader};
+    const ADMIN: &str = "cli-exit-admin-token-0123456789";
+    const NEW_KEY: &str = "cli-fsize-new-key-0123456789";
+    let dir = std::env::temp_dir().join(format!("clio-relay-fsize-{}", std::process::id()));
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let admin = free.local_addr().unwrap();
+    drop(free);
+    let config = relay_config(&dir, "127.0.0.1:0", &admin.to_string());
+    let file = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        file.replace(
+            "[admin]\n",
+            "[admin]\nstate_dir = \"state\"\nmaster_key_env = \"CLI_FSIZE_MASTER\"\nhealth_interval = \"0s\"\n",
+        ),
+    )
+    .unwrap();
+    // No file may grow past 0 bytes; stderr is a pipe, which the limit
+    // does not bound.
+    let mut child = Command::new("sh")
+        .args(["-c", "ulimit -f 0 && exec \"$0\" \"$@\""])
+        .args([RELAY, "run", "--config", &config])
+        .env("CLI_EXIT_SECRET", "cli-exit-secret-0123456789abcdef0123")
+        .env("CLI_EXIT_ADMIN", ADMIN)
+        .env("CLI_EXIT_KEY", "cli-exit-soniox-key")
+        .env("CLI_FSIZE_MASTER", "cd".repeat(32))
+        .env("RUST_LOG", "info")
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_FDS")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let log = std::thread::spawn(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<_>>()
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::net::TcpStream::connect(admin).is_err() {
+        assert!(std::time::Instant::now() < deadline, "relay never listened");
+        let exited = child.try_wait().unwrap();
+        assert!(exited.is_none(), "relay exited: {exited:?}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let ask = |method: &str, path: &str, body: &str| {
+        let req = Request::new(method, path)
+            .bearer(ADMIN)
+            .header("Content-Type", "application/json")
+            .body(body.as_bytes());
+        let wait = std::time::Duration::from_secs(10);
+        match blocking::send(&Endpoint::plain(admin), &req, wait) {
+            Ok(r) => (r.status, r.text()),
+            Err(e) => (0, e.to_string()),
+        }
+    };
+    let add = format!(r#"{{"id":"b","key":"{NEW_KEY}"}}"#);
+    let (status, body) = ask("POST", "/admin/accounts", &add);
+    assert_eq!(status, 500, "{body}");
+    assert!(
+        body.contains("applied, but not saved to the key store"),
+        "{body}"
+    );
+    let (status, body) = ask("GET", "/admin/accounts", "");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(r#""id":"b""#), "{body}");
+    assert_eq!(ask("GET", "/healthz", "").0, 200);
+    assert!(child.try_wait().unwrap().is_none(), "relay exited");
+    let _ = child.kill();
+    let _ = child.wait();
+    let lines = log.join().unwrap();
+    for wanted in ["key dates not saved", "usage ledger not opened"] {
+        assert!(
+            lines.iter().any(|l| l.contains(wanted)),
+            "{wanted:?}: {lines:#?}"
+        );
+    }
+    assert!(
+        lines
+            .iter()
+            .all(|l| !l.contains(NEW_KEY) && !l.contains(ADMIN)),
+        "{lines:#?}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

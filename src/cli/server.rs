@@ -553,6 +553,14 @@ pub fn run(path: &std::path::Path, join_client_port: bool) -> Result<(), crate::
     set.add(Signal::SIGINT);
     set.add(Signal::SIGHUP);
     set.thread_block().map_err(std::io::Error::from)?;
+    // A write past the process's file-size limit (`ulimit -f`, systemd's
+    // `LimitFSIZE=`) then fails with EFBIG like any failed write (the key
+    // store's 500, the usage ledger kept in memory), instead of SIGXFSZ
+    // ending the relay and every live stream with it.
+    // SAFETY: SIG_IGN installs no handler, so no code runs in signal
+    // context; it is set before any thread starts.
+    unsafe { nix::sys::signal::signal(Signal::SIGXFSZ, nix::sys::signal::SigHandler::SigIgn) }
+        .map_err(std::io::Error::from)?;
     let cfg = Config::load(path)
         .map_err(|e| crate::cli::CliError::Config(format!("{}: {e}", path.display())))?;
     // What check-config would warn about: the journal is where an operator
