@@ -490,6 +490,67 @@ fn runtime_changes_survive_a_restart_in_the_encrypted_store() {
     std::fs::remove_dir_all(&cfg.admin.state_dir).ok();
 }
 
+/// The key store changed under a running relay (removed, or an older
+/// copy restored, by hand): the next account change writes the running
+/// set over it, so every change is saved and a restart loses none. Before,
+/// each save was refused as a conflict ("generation 0 on disk, 1 given;
+/// reload and try again"), every later change was answered 500 "applied,
+/// but not saved" (a reload did not help), and a restart lost them all.
+#[test]
+fn a_key_store_changed_under_the_relay_is_written_over_at_the_next_change() {
+    let fake = fake(&["k1", "k2", "k3"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.admin.token = Some(Secret::new(ADMIN));
+    cfg.admin.master_key = Some(Secret::new("0123456789abcdef".repeat(4)));
+    let store = cfg.admin.state_dir.join("accounts.store");
+    let relay = Relay::start(cfg.clone());
+    let admin = relay.handle.admin_addr;
+    let change = |method: &str, path: &str, body: Option<&str>| {
+        let (status, answer) = http(admin, method, path, Some(ADMIN), body);
+        assert_eq!(status, 200, "{method} {path}: {answer}");
+    };
+    change("POST", "/admin/accounts", Some(r#"{"id":"b","key":"k2"}"#));
+    let older = std::fs::read(&store).unwrap();
+    // Removed by hand.
+    std::fs::remove_file(&store).unwrap();
+    change("POST", "/admin/accounts/a/disable", None);
+    // An older copy put back.
+    change("POST", "/admin/accounts", Some(r#"{"id":"c","key":"k3"}"#));
+    std::fs::write(&store, &older).unwrap();
+    change(
+        "POST",
+        "/admin/accounts/b/limit",
+        Some(r#"{"max_concurrent_streams":7}"#),
+    );
+    drop(relay);
+
+    let relay = Relay::start(cfg.clone());
+    let list = accounts_json(&relay);
+    let seen: Vec<_> = list["accounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                a["id"].as_str().unwrap().to_string(),
+                a["enabled"].as_bool().unwrap(),
+                a["max_concurrent_streams"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            ("a".into(), false, 10),
+            ("b".into(), true, 7),
+            ("c".into(), true, 10)
+        ],
+        "{list}"
+    );
+    drop(relay);
+    std::fs::remove_dir_all(&cfg.admin.state_dir).ok();
+}
+
 /// Rotates account `a` to `new-key` with `overlap` ("1s").
 fn rotate_to_new_key(relay: &Relay, overlap: &str) {
     let (status, _) = http(

@@ -295,7 +295,24 @@ impl Admin {
             &self.accounts.configs.borrow(),
             self.accounts.store_generation.get(),
         );
-        store.save(&mut data)?;
+        match store.save(&mut data) {
+            // Changed by something else since this relay last wrote it
+            // (removed or restored by hand, another process on the state
+            // dir): the store holds what this relay runs, so its set goes
+            // over it. Refusing would refuse every later change too, and a
+            // restart would lose them all.
+            Err(StoreError::Conflict { on_disk, given }) => {
+                tracing::warn!(
+                    path = %store.path().display(),
+                    generation_on_disk = on_disk,
+                    generation_written_last = given,
+                    "the key store was changed by something other than this relay; writing the running account set over it"
+                );
+                data.generation = on_disk;
+                store.save(&mut data)?;
+            }
+            other => other?,
+        }
         self.accounts.store_generation.set(data.generation);
         Ok(())
     }
