@@ -761,3 +761,69 @@ fn a_file_size_limit_fails_writes_and_stops_nothing() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A burst of connections to the admin port (a backlog accepted at once:
+/// here the relay is stopped while they connect) does not evict a scrape
+/// among them: its request, already there, is read before the next
+/// accept. Before, the accept loop drained the whole backlog before any
+/// connection's task ran, so the 256 idle connections accepted after the
+/// scrape evicted it unread (a reset), as a flood of new connections did
+/// to some scrapes under way.
+#[test]
+fn a_burst_of_idle_admin_connections_does_not_evict_a_scrape() {
+    use std::io::{Read, Write};
+    let dir = std::env::temp_dir().join(format!("clio-relay-burst-{}", std::process::id()));
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let admin = free.local_addr().unwrap();
+    drop(free);
+    let config = relay_config(&dir, "127.0.0.1:0", &admin.to_string());
+    let mut child = Command::new(RELAY)
+        .args(["run", "--config", &config])
+        .env("CLI_EXIT_SECRET", "cli-exit-secret-0123456789abcdef0123")
+        .env("CLI_EXIT_ADMIN", "cli-exit-admin-token-0123456789")
+        .env("CLI_EXIT_KEY", "cli-exit-soniox-key")
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_FDS")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::net::TcpStream::connect(admin).is_err() {
+        assert!(std::time::Instant::now() < deadline, "relay never listened");
+        assert!(child.try_wait().unwrap().is_none(), "relay exited");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let signal = |s| nix::sys::signal::kill(pid, s).unwrap();
+    for _ in 0..3 {
+        // Stopped, the relay accepts nothing: the kernel queues the
+        // connections (and the scrape's request) for it.
+        // (Nothing unwrapped until it runs again.)
+        signal(nix::sys::signal::Signal::SIGSTOP);
+        let connect = || std::net::TcpStream::connect(admin);
+        let mut idle: Vec<_> = (0..300).map(|_| connect()).collect();
+        let scrape = connect().and_then(|mut s| {
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                .map(|()| s)
+        });
+        idle.extend((0..300).map(|_| connect()));
+        signal(nix::sys::signal::Signal::SIGCONT);
+        let mut scrape = scrape.unwrap();
+        assert!(idle.iter().all(Result::is_ok));
+        scrape
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let mut answer = Vec::new();
+        let read = scrape.read_to_end(&mut answer);
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            read.is_ok() && answer.starts_with("HTTP/1.1 200"),
+            "{read:?}: {answer}"
+        );
+        drop(idle);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    std::fs::remove_dir_all(&dir).ok();
+}

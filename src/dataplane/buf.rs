@@ -217,6 +217,28 @@ impl Buf {
         }
     }
 
+    /// Reads what socket `fd` holds now into the spare space, without
+    /// waiting; returns bytes read: 0 when none are there yet, and on an
+    /// error or the peer's end, which the next [`read_from`](Self::read_from)
+    /// reports. For a socket glommio has just taken over: its first read
+    /// waits for a readiness poll of glommio's ring, a reactor turn away,
+    /// even when bytes are there.
+    pub fn read_now(&mut self, fd: std::os::fd::RawFd) -> usize {
+        use nix::sys::socket::{recv, MsgFlags};
+        if self.end == self.capacity() {
+            self.compact();
+        }
+        let n = loop {
+            match recv(fd, self.spare(), MsgFlags::MSG_DONTWAIT) {
+                Err(nix::errno::Errno::EINTR) => continue,
+                r => break r.unwrap_or(0),
+            }
+        };
+        self.end += n;
+        self.release();
+        n
+    }
+
     /// Reads once from `conn` into the spare space; returns bytes read.
     ///
     /// The socket is polled for readiness (glommio arms an io_uring poll, not

@@ -178,6 +178,11 @@ pub(super) async fn accept_loop(
             continue; // every one is being answered: this one is closed
         };
         glommio::spawn_local(serve(admin.clone(), pool.clone(), tcp, ticket)).detach();
+        // The new connection's task runs before the next accept, so a
+        // request already there (a scrape's comes with its connection) is
+        // read and being answered, not evictable, when 256 more come in a
+        // burst (a backlog accepted at once, a flood of connections).
+        futures_lite::future::yield_now().await;
     }
 }
 
@@ -190,8 +195,13 @@ async fn serve(
     tcp: glommio::net::TcpStream,
     ticket: Ticket,
 ) {
-    let conn = Duplex::new(Conn::Plain(tcp.into()));
     let mut buf = pool.get();
+    // What came with the connection (a scrape's whole request) is read
+    // now: glommio's first read of a socket it has just taken waits for a
+    // reactor turn, and in a burst of accepts that turn came only after
+    // 256 more connections had evicted this one, its request unread.
+    buf.read_now(std::os::fd::AsRawFd::as_raw_fd(&tcp));
+    let conn = Duplex::new(Conn::Plain(tcp.into()));
     let read = timeout(Duration::from_secs(10), read_request(&conn, &mut buf));
     let Some(read) = ticket.unless_evicted(read).await else {
         return;
