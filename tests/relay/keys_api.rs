@@ -551,6 +551,61 @@ fn a_key_store_changed_under_the_relay_is_written_over_at_the_next_change() {
     std::fs::remove_dir_all(&cfg.admin.state_dir).ok();
 }
 
+/// A key store file damaged under a running relay (written over by
+/// hand, cut short) is kept aside and the next account change writes the
+/// running set, so the change is saved and the next start opens the
+/// store. Before, every later change was answered 500 "applied, but not
+/// saved … key store is damaged", and the next start failed on the
+/// damaged file (exit 1), the changes lost with it.
+#[test]
+fn a_key_store_damaged_under_the_relay_is_kept_aside_and_written_anew() {
+    let fake = fake(&["k1", "k2"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.admin.token = Some(Secret::new(ADMIN));
+    cfg.admin.master_key = Some(Secret::new("0123456789abcdef".repeat(4)));
+    let dir = cfg.admin.state_dir.clone();
+    let store = dir.join("accounts.store");
+    let relay = Relay::start(cfg.clone());
+    let admin = relay.handle.admin_addr;
+    let change = |method: &str, path: &str, body: Option<&str>| {
+        let (status, answer) = http(admin, method, path, Some(ADMIN), body);
+        assert_eq!(status, 200, "{method} {path}: {answer}");
+    };
+    change("POST", "/admin/accounts", Some(r#"{"id":"b","key":"k2"}"#));
+    let mut damaged = std::fs::read(&store).unwrap();
+    damaged.truncate(damaged.len() / 2);
+    std::fs::write(&store, &damaged).unwrap();
+    change("POST", "/admin/accounts/a/disable", None);
+    drop(relay);
+    let aside: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("accounts.store.damaged-")
+        })
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    assert_eq!(std::fs::read(aside[0].path()).unwrap(), damaged);
+
+    let relay = Relay::start(cfg.clone());
+    let list = accounts_json(&relay);
+    let seen: Vec<_> = list["accounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| (a["id"].as_str().unwrap().to_string(), a["enabled"] == true))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![("a".into(), false), ("b".into(), true)],
+        "{list}"
+    );
+    drop(relay);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// Rotates account `a` to `new-key` with `overlap` ("1s").
 fn rotate_to_new_key(relay: &Relay, overlap: &str) {
     let (status, _) = http(

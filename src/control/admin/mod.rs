@@ -311,6 +311,28 @@ impl Admin {
                 data.generation = on_disk;
                 store.save(&mut data)?;
             }
+            // Damaged under it (written over by hand, cut short): kept
+            // aside, for whoever damaged it, and the running set written
+            // anew. Else no change would be saved again, and the next
+            // start would stop on the damaged file.
+            Err(StoreError::Corrupt(why)) => {
+                let aside = store.dir().join(format!(
+                    "{}.damaged-{}",
+                    crate::control::keystore::STORE_FILE,
+                    crate::control::accounts::unix_now()
+                ));
+                std::fs::rename(store.path(), &aside).map_err(|e| StoreError::Io {
+                    context: format!("moving the damaged store aside to {}", aside.display()),
+                    source: e,
+                })?;
+                tracing::warn!(
+                    damaged = %why,
+                    kept_as = %aside.display(),
+                    "the key store was damaged under this relay; kept aside, writing the running account set anew"
+                );
+                data.generation = 0;
+                store.save(&mut data)?;
+            }
             other => other?,
         }
         self.accounts.store_generation.set(data.generation);
