@@ -138,7 +138,9 @@ pub fn run(config: &Path, action: &KeysAction) -> Result<String, CliError> {
             std::net::Ipv6Addr::LOCALHOST.into()
         });
     }
-    let token = token.expose();
+    // Trimmed, as the relay trims a presented token: a variable's trailing
+    // newline cannot go in a header.
+    let token = token.expose().trim();
     // The id goes in the request's path as it is: one the API would not
     // take (a `?` or `/` in it) could name another path, or another account.
     if let Some(id) = action.account_in_path() {

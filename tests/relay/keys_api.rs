@@ -389,6 +389,35 @@ fn keys_cli_refuses_an_account_id_the_api_would_not_take() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// The admin token `keys` presents is trimmed, as the relay trims a
+/// presented token: one read from a variable with a trailing newline
+/// (`kubectl create secret --from-file`, a CRLF EnvironmentFile) lets it
+/// in. Before, `keys` refused to send it and exited 5, "admin API at …:
+/// bad request: bad bearer token", as if the relay could not be reached.
+#[test]
+fn keys_cli_trims_the_admin_token_it_presents() {
+    let fake = fake(&["k1"], |_| {});
+    let relay = relay_with_admin(&fake, &[("a", "k1")]);
+    let (dir, _) = keys_cli(&relay, "keys-trim");
+    for token in [
+        format!("{ADMIN}\n"),
+        format!("{ADMIN}\r\n"),
+        format!(" {ADMIN}"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_clio-relay"))
+            .args(["--config", dir.join("relay.toml").to_str().unwrap()])
+            .args(["keys", "list"])
+            .env("CLI_TEST_ADMIN", &token)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{token:?}: {text}");
+        assert!(text.starts_with("ACCOUNT"), "{text}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// `admin.allow` leaving out the host `keys` runs on: the admin port
 /// closes the connection unanswered, and `keys` says what to look at.
 #[test]
