@@ -18,6 +18,7 @@ mod heads;
 mod health;
 mod key_age;
 mod keys_api;
+mod metrics;
 mod pool_limits;
 mod pools;
 mod ports;

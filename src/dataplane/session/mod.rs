@@ -31,7 +31,7 @@ use serde_json::Value;
 
 use crate::core::devices::Limit;
 use crate::core::keyring::Lease;
-use crate::core::metrics::Side;
+use crate::core::metrics::{ShardMetrics, Side};
 use crate::core::token::Claims;
 use crate::core::usage::UsageRecord;
 use crate::dataplane::buf::Buf;
@@ -83,6 +83,31 @@ struct Upstream {
     scanner: FrameScanner,
 }
 
+/// An upstream opened while the client's first message was still being
+/// read. It is counted open in the metrics from the moment it opened, so
+/// when the first message then fails (the client left, sent no config or
+/// a bad one) and the connection is dropped unused, dropping this counts
+/// it closed again: the live-stream gauges come back to 0.
+struct OpenedEarly<'a> {
+    up: Option<Upstream>,
+    metrics: &'a ShardMetrics,
+}
+
+impl OpenedEarly<'_> {
+    /// The upstream, for the stream to use (and count closed when it ends).
+    fn take(mut self) -> Upstream {
+        self.up.take().expect("taken once")
+    }
+}
+
+impl Drop for OpenedEarly<'_> {
+    fn drop(&mut self) {
+        if let Some(up) = &self.up {
+            self.metrics.stream_closed(up.lease.account.metrics_index);
+        }
+    }
+}
+
 impl Stream {
     /// The stream's whole life after the upgrade: open, pump, fail over or
     /// resume, end.
@@ -129,19 +154,27 @@ impl Stream {
                                 // Live from here: a revocation or a drain
                                 // that comes while upstream opens ends it.
                                 let live = LiveGuard::register(&self.shard, c);
-                                let (first, up) = future::try_zip(
-                                    self.read_first_message(&client, &mut cbuf),
-                                    unless_client_leaves(
+                                let opening = async {
+                                    let up = unless_client_leaves(
                                         &client,
                                         self.open_patiently(
                                             &mut tried,
                                             &mut same_account_retries,
                                             lease,
                                         ),
-                                    ),
+                                    )
+                                    .await?;
+                                    Ok(OpenedEarly {
+                                        up: Some(up),
+                                        metrics: &self.shard.metrics,
+                                    })
+                                };
+                                let (first, up) = future::try_zip(
+                                    self.read_first_message(&client, &mut cbuf),
+                                    opening,
                                 )
                                 .await?;
-                                Ok((first, up, None, live))
+                                Ok((first, up.take(), None, live))
                             }
                             None => {
                                 let first = self.read_first_message(&client, &mut cbuf).await;

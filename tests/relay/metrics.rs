@@ -1,0 +1,80 @@
+//! `/metrics` tells the truth: each test drives streams whose numbers it
+//! knows and reads the admin port's `/metrics` as Prometheus would.
+
+use std::time::Duration;
+
+use tungstenite::Message;
+
+use crate::util::*;
+
+const LIMIT: Duration = Duration::from_secs(10);
+
+fn metrics(relay: &Relay) -> String {
+    http(relay.handle.admin_addr, "GET", "/metrics", None, None).1
+}
+
+/// The value of the one series named exactly `series` (name and labels).
+fn value(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// The sum of every series of the family `name` (all label sets).
+fn sum(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// With the token on the request, the relay connects upstream while the
+/// client writes its config: a client that then leaves, or whose first
+/// message is refused, ends a stream whose upstream had already opened.
+/// The live-stream gauges must come back to 0 (they stayed at 1, for
+/// good, for every such client: an app killed before its first message,
+/// a bad config).
+#[test]
+fn live_stream_gauges_return_to_zero_when_the_first_message_fails_after_upstream_opened() {
+    let fake = fake(&["key-a"], |_| {});
+    let relay = Relay::start(relay_config(&fake.url(), &[("acct-a", "key-a")]));
+    let opened = |n: f64| {
+        wait_until(LIMIT, || {
+            sum(&metrics(&relay), "clio_relay_streams_total") == n
+        })
+    };
+
+    // A client that leaves before its first message.
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev-1"), Via::Header).unwrap();
+    assert!(opened(1.0), "upstream never opened: {}", metrics(&relay));
+    ws.close(None).unwrap();
+    let _ = read_all(&mut ws);
+    drop(ws);
+
+    // A client whose first message is not JSON.
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev-2"), Via::Header).unwrap();
+    assert!(opened(2.0), "upstream never opened: {}", metrics(&relay));
+    ws.send(Message::text("{not json,")).unwrap();
+    assert_error_frame(&read_all(&mut ws), 400, 1002);
+
+    assert!(
+        wait_until(LIMIT, || relay.handle.process.live_streams() == 0),
+        "the streams themselves never ended"
+    );
+    let live = |m: &str| {
+        (
+            sum(m, "clio_relay_streams_active"),
+            value(m, "clio_relay_account_streams_active{account=\"acct-a\"}"),
+        )
+    };
+    assert!(
+        wait_until(LIMIT, || live(&metrics(&relay)) == (0.0, Some(0.0))),
+        "gauges left up: {:?}\n{}",
+        live(&metrics(&relay)),
+        metrics(&relay)
+    );
+}
