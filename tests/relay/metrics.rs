@@ -78,3 +78,40 @@ fn live_stream_gauges_return_to_zero_when_the_first_message_fails_after_upstream
         metrics(&relay)
     );
 }
+
+/// An error Soniox sends mid-stream that the relay passes to the client
+/// unchanged (no resume left, or not one to resume from) ends the stream:
+/// it is counted in `errors_total` like the relay's own, so the error-rate
+/// alerts see it. 5xx (and 401, 402, 429) are upstream's, on the account;
+/// a 400 or 408 is about the client's request. Before, neither was
+/// counted at all, while the usage ledger recorded both.
+#[test]
+fn soniox_errors_passed_to_the_client_are_counted() {
+    for (code, side, on_account) in [(500, "upstream", true), (400, "client", false)] {
+        let fake = fake(&["key-a"], |c| {
+            c.faults.error_after_frames = Some((5, code))
+        });
+        let mut cfg = relay_config(&fake.url(), &[("acct-a", "key-a")]);
+        cfg.failover.max_resumes = 0;
+        let relay = Relay::start(cfg);
+        let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+        let got = stream_session(&mut ws, &config_message(None), &audio_frames(5, 1));
+        assert_eq!(got.error_code(), Some(u64::from(code)), "{got:?}");
+        assert!(wait_until(LIMIT, || relay.handle.process.live_streams() == 0));
+        let m = metrics(&relay);
+        assert_eq!(
+            value(
+                &m,
+                &format!("clio_relay_errors_total{{side=\"{side}\",code=\"{code}\"}}")
+            ),
+            Some(1.0),
+            "{code}: {m}"
+        );
+        assert_eq!(sum(&m, "clio_relay_errors_total"), 1.0, "{code}: {m}");
+        let account = value(
+            &m,
+            &format!("clio_relay_account_errors_total{{account=\"acct-a\",code=\"{code}\"}}"),
+        );
+        assert_eq!(account, on_account.then_some(1.0), "{code}: {m}");
+    }
+}

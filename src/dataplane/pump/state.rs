@@ -345,6 +345,11 @@ impl Meter {
             .map_or(Duration::ZERO, |d| d.limits.max_stream_length)
     }
 
+    /// The last `error_code` upstream sent (one passed on to the client).
+    pub fn upstream_error(&self) -> Option<u16> {
+        self.upstream_error.get()
+    }
+
     /// The stream's raw audio format, in bytes per millisecond (0: compressed).
     pub fn set_audio_rate(&self, bytes_per_ms: f64) {
         self.bytes_per_ms.set(bytes_per_ms);

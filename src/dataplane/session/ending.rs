@@ -142,6 +142,19 @@ impl Ending {
     }
 }
 
+/// How an error Soniox sent, passed to the client unchanged, is counted:
+/// 401, 402, 429 and 5xx as upstream's (on the stream's account too); any
+/// other 4xx (400 a bad config, 408 no audio) as the client's. A code
+/// outside 400-599 is no error Soniox documents: counted as upstream's
+/// 502, so that upstream cannot make the label take any value it likes.
+pub(super) fn soniox_error(code: u16) -> (Side, u16) {
+    match code {
+        401 | 402 | 429 | 500..=599 => (Side::Upstream, code),
+        400..=499 => (Side::Client, code),
+        _ => (Side::Upstream, 502),
+    }
+}
+
 /// The relay's own end of a stream it asks the client to open again:
 /// `why`, then "reconnect to continue", as Soniox says it (503, close
 /// 1012); upstream gets a close 1001 saying `upstream_reason`.
@@ -183,6 +196,16 @@ mod tests {
     /// Every way a stream ends that tells the client an error also says so
     /// in its error code, and only the relay's own ends (drain, a resume
     /// that could not be made) go uncounted as a client or upstream error.
+    #[test]
+    fn soniox_errors_are_counted_by_whose_they_are() {
+        assert_eq!(soniox_error(503), (Side::Upstream, 503));
+        assert_eq!(soniox_error(402), (Side::Upstream, 402));
+        assert_eq!(soniox_error(408), (Side::Client, 408));
+        assert_eq!(soniox_error(400), (Side::Client, 400));
+        assert_eq!(soniox_error(65535), (Side::Upstream, 502));
+        assert_eq!(soniox_error(0), (Side::Upstream, 502));
+    }
+
     #[test]
     fn each_end_tells_the_client_and_upstream_what_the_contract_says() {
         let code = |e: &Ending| match &e.client {

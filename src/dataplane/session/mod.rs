@@ -698,7 +698,12 @@ impl Stream {
             _ => {}
         }
         let ending = Ending::of(end, cside.close_seen, state.down.last_word_seen.get());
-        match ending.counted {
+        // Soniox's own error, passed to the client as it came, when the
+        // relay has none of its own to count for this end.
+        let counted = ending
+            .counted
+            .or_else(|| state.meter.upstream_error().map(ending::soniox_error));
+        match counted {
             Some((Side::Upstream, code)) => shard
                 .metrics
                 .upstream_error(up.lease.account.metrics_index, code),
