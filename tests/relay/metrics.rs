@@ -115,3 +115,54 @@ fn soniox_errors_passed_to_the_client_are_counted() {
         assert_eq!(account, on_account.then_some(1.0), "{code}: {m}");
     }
 }
+
+/// Every account answered the stream's config with Soniox's 500 (upstream
+/// failing, not full): the stream is refused by upstream (503, as a lost
+/// connection), not "at the relay's stream limit", and counted so: not
+/// `refusals_total{by="relay_limit"}`, not an internal 429.
+#[test]
+fn accounts_refused_by_upstream_at_open_are_upstreams_refusal() {
+    let fake = fake(&["key-a", "key-b"], |c| {
+        c.faults.error_after_frames = Some((1, 500))
+    });
+    let mut cfg = relay_config(&fake.url(), &[("acct-a", "key-a"), ("acct-b", "key-b")]);
+    cfg.failover.max_resumes = 0;
+    let relay = Relay::start(cfg);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    let got = stream_session(&mut ws, &config_message(None), &audio_frames(1, 1));
+    assert_eq!(got.error_code(), Some(503), "{got:?}");
+    assert!(
+        !got.messages.iter().any(|m| m["error_message"]
+            .as_str()
+            .is_some_and(|t| t.contains("relay's stream limit"))),
+        "blamed the relay's limits: {got:?}"
+    );
+    assert!(wait_until(LIMIT, || relay.handle.process.live_streams() == 0));
+    let m = metrics(&relay);
+    assert_eq!(
+        value(&m, "clio_relay_refusals_total{by=\"upstream\"}"),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        value(&m, "clio_relay_refusals_total{by=\"relay_limit\"}"),
+        Some(0.0),
+        "{m}"
+    );
+    assert_eq!(
+        value(
+            &m,
+            "clio_relay_errors_total{side=\"internal\",code=\"429\"}"
+        ),
+        None,
+        "{m}"
+    );
+    assert_eq!(
+        value(
+            &m,
+            "clio_relay_errors_total{side=\"upstream\",code=\"500\"}"
+        ),
+        Some(2.0),
+        "{m}"
+    );
+}
