@@ -36,7 +36,8 @@ const HOURS: usize = 25;
 /// What the alert evaluator remembers between passes.
 #[derive(Debug, Default)]
 pub(super) struct AlertState {
-    /// (alert, subject) → firing now; resolved ones stay, at false.
+    /// (alert, subject) → firing now; resolved ones stay, at false (a
+    /// resolved `unusual_usage` only while its subject is in `hourly`).
     states: BTreeMap<(String, String), bool>,
     /// The merged metrics at the last pass (for window deltas).
     prev: Option<MetricsSnapshot>,
@@ -87,6 +88,13 @@ impl AlertState {
                 slots
                     .iter()
                     .any(|&(h, ms)| ms > 0 && h <= hour && hour - h <= 24)
+            });
+            // A resolved `unusual_usage` of a subject gone from the history
+            // goes too: its subjects are devices, and a series kept at 0
+            // for every device that ever fired would grow without end.
+            let hourly = &self.hourly;
+            self.states.retain(|(alert, subject), firing| {
+                *firing || alert != "unusual_usage" || hourly.contains_key(subject)
             });
         }
         for r in records {
@@ -464,6 +472,44 @@ mod tests {
         assert!(
             out.lines().any(|l| l
                 == r#"clio_relay_alerts_firing{alert="unusual_usage",subject="dev \"7\"\\x\ny"} 1"#),
+            "{out}"
+        );
+    }
+
+    /// Each device that ever fired `unusual_usage` kept its series, at 0,
+    /// until a restart: a label that grew with the devices. It now goes
+    /// when the device leaves the usage history; other alerts' subjects
+    /// (accounts, pools, nodes) stay at 0.
+    #[test]
+    fn a_resolved_unusual_usage_leaves_the_metrics_with_its_device() {
+        let rendered = |s: &AlertState| {
+            let mut out = String::new();
+            render_metrics(s, &mut out);
+            out
+        };
+        let mut s = AlertState::default();
+        let h = 500_000;
+        s.feed_at(&[record("dev-1", 1_000)], h);
+        s.states
+            .insert(("unusual_usage".into(), "device:dev-1".into()), false);
+        s.states
+            .insert(("account_near_concurrency".into(), "acct".into()), false);
+        s.feed_at(&[], h + 1);
+        let out = rendered(&s);
+        assert!(
+            out.contains(
+                r#"clio_relay_alerts_firing{alert="unusual_usage",subject="device:dev-1"} 0"#
+            ),
+            "{out}"
+        );
+        // A day without audio: the device leaves the history, and the metrics.
+        s.feed_at(&[], h + 25);
+        let out = rendered(&s);
+        assert!(!out.contains("device:dev-1"), "{out}");
+        assert!(
+            out.contains(
+                r#"clio_relay_alerts_firing{alert="account_near_concurrency",subject="acct"} 0"#
+            ),
             "{out}"
         );
     }
