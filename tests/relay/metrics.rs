@@ -166,3 +166,50 @@ fn accounts_refused_by_upstream_at_open_are_upstreams_refusal() {
         "{m}"
     );
 }
+
+/// A stream that moves on at open because upstream refused its account's
+/// upgrade (here 402) is a failover the client never sees, as one refused
+/// in upstream's first message is: each move off an account is counted
+/// in `failovers_total{phase="open"}` as in `account_retries_total`.
+/// Before, only moves after the upgrade were counted: relay-load's
+/// "failovers the clients never saw" left these out.
+#[test]
+fn failovers_at_the_upgrade_are_counted() {
+    let fake = fake(&[], |c| {
+        c.keys = vec![
+            fake_soniox::FakeKey::new("key-bad", 50),
+            fake_soniox::FakeKey::new("key-ok", 50),
+        ];
+        c.keys[0].reject = Some(402);
+    });
+    let relay = Relay::start(relay_config(
+        &fake.url(),
+        &[("bad", "key-bad"), ("good", "key-ok")],
+    ));
+    for i in 0..3 {
+        let (mut ws, _) =
+            connect(relay.addr(), &relay.token(&format!("dev{i}")), Via::Header).unwrap();
+        let got = stream_session(&mut ws, &config_message(None), &audio_frames(2, 1));
+        assert!(got.finished(), "{got:?}");
+    }
+    assert!(wait_until(LIMIT, || relay.handle.process.live_streams() == 0));
+    let m = metrics(&relay);
+    let moved = value(&m, "clio_relay_account_retries_total{account=\"bad\"}");
+    assert!(moved.is_some_and(|n| n >= 1.0), "{m}");
+    assert_eq!(
+        value(
+            &m,
+            "clio_relay_account_errors_total{account=\"bad\",code=\"402\"}"
+        ),
+        moved,
+        "{m}"
+    );
+    assert_eq!(
+        value(
+            &m,
+            "clio_relay_failovers_total{phase=\"open\",reason=\"refused\"}"
+        ),
+        moved,
+        "{m}"
+    );
+}

@@ -342,6 +342,7 @@ impl Stream {
                         .metrics
                         .upstream_error(lease.account.metrics_index, status);
                     shard.metrics.account_retry(lease.account.metrics_index);
+                    self.failover_at_open(false);
                     if shard.process.upstream_log.admit() {
                         tracing::info!(stream = %self.id, account = %lease.account.id, status, "upstream refused the account; trying the next");
                     }
@@ -369,6 +370,7 @@ impl Stream {
                         .metrics
                         .upstream_error(lease.account.metrics_index, 502);
                     shard.metrics.account_retry(lease.account.metrics_index);
+                    self.failover_at_open(true);
                     if shard.process.upstream_log.admit() {
                         tracing::warn!(stream = %self.id, account = %lease.account.id, timeout = ?shard.connect_timeout, "upstream connect timed out; the account is held off");
                     }
@@ -378,11 +380,22 @@ impl Stream {
                     shard
                         .metrics
                         .upstream_error(lease.account.metrics_index, 502);
+                    self.failover_at_open(true);
                     if shard.process.upstream_log.admit() {
                         tracing::warn!(stream = %self.id, account = %lease.account.id, error = ?e, "upstream connect failed");
                     }
                 }
             }
+        }
+    }
+
+    /// A stream's first connection failed on an account (refused at the
+    /// upgrade, or lost: `lost`) and goes on to the next: a failover at
+    /// open, as one refused in upstream's first message is. A reopen
+    /// (after such a failover, or for a resume) counts its own.
+    fn failover_at_open(&self, lost: bool) {
+        if !self.placed.get() {
+            self.shard.metrics.failover("open", lost);
         }
     }
 
