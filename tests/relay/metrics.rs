@@ -213,3 +213,25 @@ fn failovers_at_the_upgrade_are_counted() {
         "{m}"
     );
 }
+
+/// `refusals_total`'s HELP line lists who may refuse a stream: every `by`
+/// value the family has (it left out `pool_limit`).
+#[test]
+fn the_refusals_help_names_every_by_value() {
+    let fake = fake(&["key-a"], |_| {});
+    let relay = Relay::start(relay_config(&fake.url(), &[("acct-a", "key-a")]));
+    let m = metrics(&relay);
+    let help = m
+        .lines()
+        .find(|l| l.starts_with("# HELP clio_relay_refusals_total "))
+        .expect("a HELP line");
+    let values: Vec<&str> = m
+        .lines()
+        .filter_map(|l| l.strip_prefix("clio_relay_refusals_total{by=\""))
+        .filter_map(|rest| rest.split('"').next())
+        .collect();
+    assert_eq!(values.len(), 8, "{m}");
+    for by in values {
+        assert!(help.contains(by), "{by} not in: {help}");
+    }
+}
