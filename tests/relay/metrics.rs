@@ -235,3 +235,43 @@ fn the_refusals_help_names_every_by_value() {
         assert!(help.contains(by), "{by} not in: {help}");
     }
 }
+
+/// `frames_total` and `bytes_total` count the frames the relay passes on
+/// as they came, each with its header: client to upstream, the audio, the
+/// end of audio and the client's close. The config message, which the
+/// relay rewrites and sends when upstream opens, is not among them.
+#[test]
+fn frames_and_bytes_count_the_frames_passed_on_with_their_headers() {
+    let fake = fake(&["key-a"], |_| {});
+    let relay = Relay::start(relay_config(&fake.url(), &[("acct-a", "key-a")]));
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    let got = stream_session(&mut ws, &config_message(None), &audio_frames(3, 1));
+    assert!(got.finished(), "{got:?}");
+    assert!(wait_until(LIMIT, || relay.handle.process.live_streams() == 0));
+    let m = metrics(&relay);
+    // Masked client frames: 3,200-byte audio has a 2+2-byte header and a
+    // 4-byte mask; the empty end of audio 2+4; the close (1000) 2+4+2.
+    let up = (5.0, 3.0 * (3200.0 + 8.0) + 6.0 + 8.0);
+    let seen = |m: &str| {
+        (
+            value(
+                m,
+                "clio_relay_frames_total{direction=\"client_to_upstream\"}",
+            ),
+            value(
+                m,
+                "clio_relay_bytes_total{direction=\"client_to_upstream\"}",
+            ),
+        )
+    };
+    assert_eq!(seen(&m), (Some(up.0), Some(up.1)), "{m}");
+    // Every frame counted is one sample of the forwarding summary.
+    assert_eq!(
+        value(
+            &m,
+            "clio_relay_frame_forward_seconds_count{direction=\"client_to_upstream\"}"
+        ),
+        Some(5.0),
+        "{m}"
+    );
+}
