@@ -185,6 +185,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     async fn on_text(&mut self, text: &str) -> Step {
         self.rec.text_messages.push(text.to_owned());
+        // Recorded before it is answered: a test that has the answer (a
+        // finalize's `<fin>`) finds the message in the record.
+        self.sync();
         let n = self.rec.text_messages.len();
         let result = if self.forbidden_in(text) {
             self.shared.violation(format!(
