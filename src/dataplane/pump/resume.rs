@@ -832,21 +832,16 @@ mod tests {
         );
         // The replay: every byte, in order, in frames of at least
         // MIN_REPLAY_FRAME bytes (the last one aside).
-        let replay = r.begin(&mut MaskKeys::default(), None, false);
-        let (mut at, mut got) = (0, Vec::new());
-        while at < replay.len() {
-            let h = parse_header(&replay[at..], Sender::Client, u64::MAX)
-                .unwrap()
-                .unwrap();
-            let n = h.payload_len as usize;
-            let mut p = replay[at + h.header_len..at + h.header_len + n].to_vec();
-            clio_frame::mask::apply_mask(&mut p, h.mask.unwrap(), 0);
-            got.extend(p);
-            at += h.header_len + n;
+        let frames = replayed(&r.begin(&mut MaskKeys::default(), None, false));
+        let last = frames.len() - 1;
+        let mut got = Vec::new();
+        for (i, (_, p)) in frames.into_iter().enumerate() {
             assert!(
-                n >= MIN_REPLAY_FRAME || at == replay.len(),
-                "a {n}-byte frame"
+                p.len() >= MIN_REPLAY_FRAME || i == last,
+                "a {}-byte frame",
+                p.len()
             );
+            got.extend(p);
         }
         assert!(got == sent, "the replay is the audio");
     }
