@@ -7,6 +7,7 @@ use std::time::Duration;
 use clio_relay::core::config::DeviceLimits;
 use clio_relay::core::secret::Secret;
 
+use crate::process::Node;
 use crate::proxy::Proxy;
 use crate::redis::RedisServer;
 use crate::util::*;
@@ -107,23 +108,7 @@ fn an_account_change_whose_answer_was_lost_is_found_fleet_wide() {
     let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
     cfg.admin.token = Some(Secret::new(crate::ADMIN));
     cfg.admin.master_key = Some(Secret::new(crate::MASTER));
-    let a = crate::process::Node::spawn(
-        &fake.url(),
-        &proxy.url(),
-        "node-a",
-        "15s",
-        &cfg.tokens.secret,
-        "k1",
-        "",
-    );
-    let metric = |line: &str| {
-        http(a.admin, "GET", "/metrics", None, None)
-            .1
-            .contains(line)
-    };
-    assert!(wait_until(Duration::from_secs(10), || metric(
-        "clio_relay_cluster_store_up 1"
-    )));
+    let a = node_up(&fake.url(), &proxy.url(), &cfg.tokens.secret, "");
     proxy.lose_answer_to(b"clio:accounts");
     let (status, body) = http(
         a.admin,
@@ -166,23 +151,12 @@ fn a_silent_redis_is_logged_as_no_answer_within_the_timeout() {
     let redis = RedisServer::start();
     let fake = fake(&["k1"], |_| {});
     let cfg = relay_config(&fake.url(), &[("a", "k1")]);
-    let a = crate::process::Node::spawn(
+    let a = node_up(
         &fake.url(),
         &redis.url(),
-        "node-a",
-        "15s",
         &cfg.tokens.secret,
-        "k1",
         "timeout = \"400ms\"\n",
     );
-    let metric = |line: &str| {
-        http(a.admin, "GET", "/metrics", None, None)
-            .1
-            .contains(line)
-    };
-    assert!(wait_until(Duration::from_secs(10), || metric(
-        "clio_relay_cluster_store_up 1"
-    )));
     assert!(redis.command("CLIENT PAUSE 3000 ALL").starts_with("+OK"));
     assert!(
         wait_until(Duration::from_secs(5), || a
@@ -209,28 +183,13 @@ fn a_shards_link_that_fails_is_logged_with_why() {
     let proxy = Proxy::start(redis.port);
     let fake = fake(&["k1"], |_| {});
     let cfg = relay_config(&fake.url(), &[("a", "k1")]);
-    let a = crate::process::Node::spawn(
-        &fake.url(),
-        &proxy.url(),
-        "node-a",
-        "15s",
-        &cfg.tokens.secret,
-        "k1",
-        "",
-    );
+    let a = node_up(&fake.url(), &proxy.url(), &cfg.tokens.secret, "");
     let token = crate::process::mint(&cfg, "phone");
     let stream = || {
         let (mut ws, _) = connect(a.client, &token, Via::Header).unwrap();
         stream_session(&mut ws, &config_message(None), &audio_frames(1, 1))
     };
-    let metric = |line: &str| {
-        http(a.admin, "GET", "/metrics", None, None)
-            .1
-            .contains(line)
-    };
-    assert!(wait_until(Duration::from_secs(10), || metric(
-        "clio_relay_cluster_store_up 1"
-    )));
+    let metric = |line: &str| has_metric(&a, line);
     // The shard's own connection is made at its first open.
     assert!(wait_until(Duration::from_secs(10), || {
         assert!(stream().finished());
@@ -254,4 +213,22 @@ fn a_shards_link_that_fails_is_logged_with_why() {
         line.contains("call=\"shard link\"") && line.contains("error=unexpected end of file"),
         "{line}"
     );
+}
+
+/// A relay process ("node-a", a lease of 15 s, `extra` in its
+/// `[cluster]`) on `redis_url`, once it counts the store up.
+fn node_up(upstream: &str, redis_url: &str, secret: &Secret, extra: &str) -> Node {
+    let a = Node::spawn(upstream, redis_url, "node-a", "15s", secret, "k1", extra);
+    assert!(wait_until(Duration::from_secs(10), || has_metric(
+        &a,
+        "clio_relay_cluster_store_up 1"
+    )));
+    a
+}
+
+/// Whether `node`'s /metrics has `line`.
+fn has_metric(node: &Node, line: &str) -> bool {
+    http(node.admin, "GET", "/metrics", None, None)
+        .1
+        .contains(line)
 }
