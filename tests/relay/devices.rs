@@ -851,10 +851,7 @@ fn usage_json_of_an_older_relay_is_migrated_at_start() {
 fn reconciliation_counts_a_resumed_stream_once_against_all_it_cost() {
     let faults = only_first_connection_fails(fake_soniox::FaultKind::Drop, 6, |n| n == 6);
     let fake = fake(&["k1"], |c| c.faults.random = Some(faults));
-    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
-    cfg.admin.token = Some(Secret::new(ADMIN));
-    cfg.usage.reconcile_interval = Duration::from_millis(300);
-    let relay = Relay::start(cfg);
+    let relay = reconciling_relay(&fake);
     let (mut ws, _) = connect(relay.addr(), &relay.token("phone"), Via::Header).unwrap();
     let got = stream_session(&mut ws, &config_message(None), &audio_frames(20, 1));
     assert!(got.finished() && got.error_code().is_none(), "{got:?}");
@@ -863,13 +860,8 @@ fn reconciliation_counts_a_resumed_stream_once_against_all_it_cost() {
     // What Soniox billed: every connection's audio, the replay included.
     let billed_ms: u64 = fake.sessions().iter().map(|s| s.audio_ms).sum();
     assert!(billed_ms > 2000, "{billed_ms}");
-    let report =
-        || -> serde_json::Value { admin_get(relay.handle.admin_addr, "/admin/reconciliation") };
-    assert!(
-        wait_until(Duration::from_secs(10), || report()["a"]["matched"] == 1),
-        "{}",
-        report()
-    );
+    let report = || reconciliation(&relay);
+    wait_for_matched(&relay, 1);
     let r = &report()["a"];
     let soniox = billed_ms as f64 / 1000.0;
     assert_eq!(
@@ -896,6 +888,30 @@ fn reconciliation_counts_a_resumed_stream_once_against_all_it_cost() {
     );
 }
 
+/// A relay on `fake`'s account "a" that reconciles every 300 ms.
+fn reconciling_relay(fake: &fake_soniox::FakeSoniox) -> Relay {
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.admin.token = Some(Secret::new(ADMIN));
+    cfg.usage.reconcile_interval = Duration::from_millis(300);
+    Relay::start(cfg)
+}
+
+/// `GET /admin/reconciliation`.
+fn reconciliation(relay: &Relay) -> serde_json::Value {
+    admin_get(relay.handle.admin_addr, "/admin/reconciliation")
+}
+
+/// Waits until account "a"'s reconciliation has matched `n` streams.
+fn wait_for_matched(relay: &Relay, n: u64) {
+    assert!(
+        wait_until(Duration::from_secs(10), || reconciliation(relay)["a"]
+            ["matched"]
+            == n),
+        "{}",
+        reconciliation(relay)
+    );
+}
+
 /// A client may set its own `client_reference_id` and use it for several
 /// streams (a session id, say). Soniox's usage logs then hold an entry per
 /// stream under that id; the relay compares them with all its streams of
@@ -903,10 +919,7 @@ fn reconciliation_counts_a_resumed_stream_once_against_all_it_cost() {
 #[test]
 fn reconciliation_compares_a_shared_reference_id_with_all_its_streams() {
     let fake = fake(&["k1"], |_| {});
-    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
-    cfg.admin.token = Some(Secret::new(ADMIN));
-    cfg.usage.reconcile_interval = Duration::from_millis(300);
-    let relay = Relay::start(cfg);
+    let relay = reconciling_relay(&fake);
     let mut config: serde_json::Value = serde_json::from_str(&config_message(None)).unwrap();
     config["client_reference_id"] = "meeting-7".into();
     for frames in [10, 20, 5] {
@@ -914,13 +927,8 @@ fn reconciliation_compares_a_shared_reference_id_with_all_its_streams() {
         let got = stream_session(&mut ws, &config.to_string(), &audio_frames(frames, 1));
         assert!(got.finished(), "{got:?}");
     }
-    let report =
-        || -> serde_json::Value { admin_get(relay.handle.admin_addr, "/admin/reconciliation") };
-    assert!(
-        wait_until(Duration::from_secs(10), || report()["a"]["matched"] == 3),
-        "{}",
-        report()
-    );
+    let report = || reconciliation(&relay);
+    wait_for_matched(&relay, 3);
     let r = &report()["a"];
     assert_eq!(
         (
@@ -937,23 +945,15 @@ fn reconciliation_compares_a_shared_reference_id_with_all_its_streams() {
 #[test]
 fn reconciliation_matches_soniox_usage_logs_stream_by_stream() {
     let fake = fake(&["k1"], |_| {});
-    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
-    cfg.admin.token = Some(Secret::new(ADMIN));
-    cfg.usage.reconcile_interval = Duration::from_millis(300);
-    let relay = Relay::start(cfg);
+    let relay = reconciling_relay(&fake);
     for frames in [10, 20, 5] {
         let (mut ws, _) = connect(relay.addr(), &relay.token("phone"), Via::Header).unwrap();
         assert!(
             stream_session(&mut ws, &config_message(None), &audio_frames(frames, 1)).finished()
         );
     }
-    let report =
-        || -> serde_json::Value { admin_get(relay.handle.admin_addr, "/admin/reconciliation") };
-    assert!(
-        wait_until(Duration::from_secs(10), || report()["a"]["matched"] == 3),
-        "{}",
-        report()
-    );
+    let report = || reconciliation(&relay);
+    wait_for_matched(&relay, 3);
     let r = report();
     assert_eq!(
         (
