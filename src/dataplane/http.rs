@@ -141,8 +141,9 @@ pub struct ClientRequest {
     /// The session token found on the request, and where. The token is a
     /// credential: never log it.
     pub token: Option<(String, TokenSource)>,
-    /// What is wrong with the request's `Host`, if anything ([`host_fault`]).
-    pub host_fault: Option<&'static str>,
+    /// What is wrong with the request's `Host` or `Authorization`, if
+    /// anything ([`head_fault`]).
+    pub head_fault: Option<&'static str>,
     /// What the 101 answer depends on.
     upgrade: Upgrade,
 }
@@ -248,16 +249,27 @@ pub fn parse_client_request(head: &[u8]) -> Result<ClientRequest, HeadError> {
         head: method == "HEAD",
         path: path.to_string(),
         token,
-        host_fault: host_fault(req.headers, up.http11),
+        head_fault: head_fault(req.headers, up.http11),
         upgrade: up,
     })
 }
 
-/// What is wrong with a request's `Host`, if anything (RFC 9112 §3.2: a
-/// server answers 400): an HTTP/1.1 request carries exactly one, and its
-/// value is a host with an optional port, or empty; HTTP/1.0 may leave it
-/// out.
-pub fn host_fault(headers: &[httparse::Header<'_>], http11: bool) -> Option<&'static str> {
+/// What is wrong with a request's `Host` or `Authorization`, if anything
+/// (a server answers 400):
+/// - an HTTP/1.1 request carries exactly one `Host`, and its value is a
+///   host with an optional port, or empty; HTTP/1.0 may leave it out
+///   (RFC 9112 §3.2);
+/// - `Authorization` is no list, so it comes at most once (RFC 9110
+///   §5.3): with several, which credential counts would be a guess, and
+///   a proxy in front may have read another one.
+pub fn head_fault(headers: &[httparse::Header<'_>], http11: bool) -> Option<&'static str> {
+    let authorizations = headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("authorization"))
+        .count();
+    if authorizations > 1 {
+        return Some("more than one Authorization header");
+    }
     let mut hosts = headers
         .iter()
         .filter(|h| h.name.eq_ignore_ascii_case("host"));

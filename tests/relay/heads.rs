@@ -8,6 +8,7 @@ use std::time::Duration;
 use crate::util::*;
 
 const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+const ADMIN: &str = "heads-admin-token-0123456789";
 
 /// Writes `request` in one write (and then `more`, if any, ignoring
 /// errors), waits a moment as a slow client would, then reads the answer:
@@ -229,6 +230,39 @@ fn a_percent_encoded_query_token_is_decoded() {
     let head = head.replacen("?token=%", "?token=%G", 1);
     let (answer, _) = stream_with_head(relay.addr(), &head);
     assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+}
+
+/// `Authorization` may come once (RFC 9110 §5.3): a request with two gets
+/// 400 on both ports, whichever of them holds the right credential (the
+/// client port took the last, the admin port the first).
+#[test]
+fn a_request_with_two_authorization_headers_gets_400() {
+    let fake = fake(&["key-a"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("acct-a", "key-a")]);
+    cfg.admin.token = Some(clio_relay::core::secret::Secret::new(ADMIN));
+    let relay = Relay::start(cfg);
+    let token = relay.token("dev-1");
+    for (first, second) in [
+        (token.as_str(), "clio1.x.y.z"),
+        ("clio1.x.y.z", token.as_str()),
+    ] {
+        let head = upgrade_head(first, &format!("Authorization: Bearer {second}\r\n"));
+        let (answer, _) = send_raw(relay.addr(), head.as_bytes(), b"");
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+        assert!(answer.contains("Authorization"), "{answer}");
+        assert!(!answer.contains(&token), "{answer}");
+    }
+    for (first, second) in [(ADMIN, "wrong"), ("wrong", ADMIN)] {
+        let head = format!(
+            "GET /admin/accounts HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {first}\r\nAuthorization: Bearer {second}\r\n\r\n"
+        );
+        let (answer, _) = send_raw(relay.handle.admin_addr, head.as_bytes(), b"");
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+        assert!(!answer.contains(ADMIN), "{answer}");
+    }
+    // One is served.
+    let (answer, _) = send_raw(relay.addr(), upgrade_head(&token, "").as_bytes(), b"");
+    assert!(answer.starts_with("HTTP/1.1 101"), "{answer}");
 }
 
 /// RFC 9112 §3.2: an HTTP/1.1 request without a `Host`, with more than

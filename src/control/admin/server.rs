@@ -247,7 +247,7 @@ async fn read_request(conn: &Duplex, buf: &mut Buf) -> Result<usize, (u16, &'sta
     if req.parse(head_bytes).is_err() {
         return Err((400, "malformed HTTP request"));
     }
-    if let Some(why) = http::host_fault(req.headers, req.version == Some(1)) {
+    if let Some(why) = http::head_fault(req.headers, req.version == Some(1)) {
         return Err((400, why));
     }
     let named = |name: &'static str| {

@@ -216,7 +216,7 @@ async fn handshake(
             bytes
         }
     };
-    if let Some(why) = req.host_fault {
+    if let Some(why) = req.head_fault {
         let _ = client
             .write_all(&answer(refuse(400, why, Side::Client)))
             .await;
