@@ -214,6 +214,38 @@ fn each_kind_of_failure_has_its_own_exit_status() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// An account's region is bounded as an id is (empty, or 1-64 of
+/// `[A-Za-z0-9._-]`): it goes in every metrics series of the account and
+/// in `/v1/config`. A 60,000-character one was taken before.
+#[test]
+fn an_unbounded_region_is_a_config_error() {
+    let dir = std::env::temp_dir().join(format!("clio-relay-cli-region-{}", std::process::id()));
+    let config = relay_config(&dir, "127.0.0.1:0", "127.0.0.1:0");
+    let base = std::fs::read_to_string(&config).unwrap();
+    for (region, ok) in [
+        ("eu".to_string(), true),
+        ("us-east".into(), true),
+        (String::new(), true),
+        ("r".repeat(64), true),
+        ("r".repeat(65), false),
+        ("x".repeat(60_000), false),
+        ("eu west".into(), false),
+    ] {
+        std::fs::write(&config, format!("{base}region = \"{region}\"\n")).unwrap();
+        let o = run_env(&["check-config", "--config", &config]);
+        let out = text(&o);
+        if ok {
+            assert!(o.status.success(), "{} chars: {out}", region.len());
+        } else {
+            assert_eq!(o.status.code(), Some(3), "{} chars: {out}", region.len());
+            assert!(out.contains("account \"a\".region"), "{out}");
+            assert!(out.contains("1-64"), "{out}");
+            assert!(out.len() < 2000, "the problem is one short line: {out}");
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// A running relay has transparent huge pages off (the allocator's huge
 /// pages cost it most of its CPU under load), unless `CLIO_RELAY_THP=on`.
 #[test]

@@ -41,6 +41,23 @@ fn check_id(id: &str) -> Result<(), ChangeError> {
     }
 }
 
+/// A region a new account can have: empty, or 1-64 of `[A-Za-z0-9._-]`.
+/// Checked where an account comes in (the admin API; the config file's
+/// own check), not in [`Accounts::add`], so that an account kept in the
+/// key store before the bound, or sent by an older node of a fleet, is
+/// still loaded.
+pub fn check_region(region: &str) -> Result<(), ChangeError> {
+    if crate::core::config::valid_region(region) {
+        Ok(())
+    } else {
+        Err(ChangeError::Invalid(format!(
+            "region {} {}",
+            crate::core::config::quote_bounded(region),
+            crate::core::config::REGION_RULE
+        )))
+    }
+}
+
 /// Where an account's definition comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -702,6 +719,28 @@ mod tests {
             AccountConfig::new("b", Secret::new("key-b")),
         ];
         Accounts::from_config(&cfg, &["default".to_string()], Instant::now())
+    }
+
+    #[test]
+    fn a_stored_account_with_a_region_past_the_bound_still_loads() {
+        // The bound is checked where an account comes in (the admin API,
+        // the config file): one kept before it is not dropped at a start.
+        let long = "r".repeat(100);
+        assert!(check_region(&long).is_err());
+        assert!(check_region("eu-west").is_ok() && check_region("").is_ok());
+        let mut s = set();
+        s.add(
+            "c",
+            Secret::new("key-c"),
+            &long,
+            "default",
+            true,
+            5,
+            0,
+            Source::Store,
+        )
+        .unwrap();
+        assert_eq!(s.ring().len(), 3);
     }
 
     #[test]

@@ -60,6 +60,41 @@ fn account_ids_and_methods_are_checked() {
 }
 
 #[test]
+fn an_account_region_is_bounded() {
+    // A 60,000-character region was taken, and went into every metrics
+    // series of the account and into /v1/config.
+    let (_fake, relay) = admin_relay();
+    let admin = relay.handle.admin_addr;
+    let add = |id: &str, region: &str| {
+        let body = serde_json::json!({"id": id, "key": "key-new", "region": region}).to_string();
+        http(admin, "POST", "/admin/accounts", Some(ADMIN), Some(&body))
+    };
+    for region in [
+        "r".repeat(65),
+        "x".repeat(60_000),
+        "eu west".into(),
+        "eu\n".into(),
+    ] {
+        let (status, body) = add("new-r", &region);
+        assert_eq!(status, 400, "{} chars: {body}", region.len());
+        assert!(body.contains("region"), "{body}");
+        assert!(body.contains("1-64"), "{body}");
+        assert!(body.len() < 1000, "{body}");
+    }
+    let (_, metrics) = http(admin, "GET", "/metrics", None, None);
+    assert!(!metrics.contains("new-r"), "refused, not added");
+    for (id, region) in [
+        ("n1", "eu"),
+        ("n2", "us-east"),
+        ("n3", ""),
+        ("n4", &*"r".repeat(64)),
+    ] {
+        let (status, body) = add(id, region);
+        assert_eq!(status, 200, "{region:?}: {body}");
+    }
+}
+
+#[test]
 fn unknown_paths_are_404_and_the_admin_api_needs_its_token() {
     let (_fake, relay) = admin_relay();
     let admin = relay.handle.admin_addr;

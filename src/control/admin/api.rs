@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::{Admin, Request};
-use crate::control::accounts::{unix_now, ChangeError, Source};
+use crate::control::accounts::{check_region, unix_now, ChangeError, Source};
 use crate::core::metrics::text::{family, Kind};
 use crate::core::secret::Secret;
 use crate::dataplane::http;
@@ -216,6 +216,7 @@ pub(super) async fn changed(
 /// `POST /admin/accounts`: adds the account in the body; its id.
 pub(super) fn add(admin: &Admin, req: &Request<'_>) -> Result<String, Vec<u8>> {
     let b: AddBody = body(req)?;
+    check_region(&b.region).map_err(refused)?;
     admin
         .accounts
         .set

@@ -34,6 +34,26 @@ pub fn valid_account_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
+/// Whether `region` is a valid account region label: empty (none), or
+/// 1-64 of `[A-Za-z0-9._-]`, as an account id. It goes in every metrics
+/// series of the account and in `/v1/config`, so it is bounded.
+pub fn valid_region(region: &str) -> bool {
+    region.is_empty() || valid_account_id(region)
+}
+
+/// What a region that [`valid_region`] refuses is told (the config file and
+/// the admin API say the same).
+pub const REGION_RULE: &str = "must be empty or 1-64 characters of A-Z a-z 0-9 . _ -";
+
+/// `s` quoted, cut after 64 characters (`"…"…`), so a problem about a
+/// long value stays one readable line.
+pub fn quote_bounded(s: &str) -> String {
+    match s.char_indices().nth(64) {
+        Some((at, _)) => format!("{:?}… ({} characters)", &s[..at], s.chars().count()),
+        None => format!("{s:?}"),
+    }
+}
+
 /// The checks that need no secrets and no file system: ranges, relations
 /// between keys, account ids.
 pub(super) fn validate_semantics(c: &Config, p: &mut Problems) {
@@ -132,6 +152,12 @@ pub(super) fn validate_semantics(c: &Config, p: &mut Problems) {
                     "{:?} is not a pool: declare [pool.{}] with its url, or use {DEFAULT_POOL:?}",
                     a.pool, a.pool
                 ),
+            );
+        }
+        if !valid_region(&a.region) {
+            p.push(
+                &format!("{}.region", account_label(i, Some(&a.id))),
+                format!("{} {REGION_RULE}", quote_bounded(&a.region)),
             );
         }
         if a.max_concurrent_streams < 1 {
