@@ -213,6 +213,68 @@ fn a_body_without_one_plain_length_is_refused_saying_why() {
 }
 
 #[test]
+fn a_body_without_a_content_length_is_411_where_a_body_is_taken() {
+    // Before, a body sent without Content-Length (and not chunked) was
+    // read as no body: "the body is not valid JSON (line 1, column 0)".
+    use std::io::{Read, Write};
+    let (_fake, relay) = admin_relay();
+    let admin = relay.handle.admin_addr;
+    let send = |method: &str, path: &str, body: &str| {
+        let mut tcp = std::net::TcpStream::connect(admin).unwrap();
+        tcp.set_read_timeout(Some(std::time::Duration::from_secs(15)))
+            .unwrap();
+        write!(
+            tcp,
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN}\r\n\
+             Content-Type: application/json\r\nConnection: close\r\n\r\n{body}"
+        )
+        .unwrap();
+        let _ = tcp.shutdown(std::net::Shutdown::Write);
+        let mut out = String::new();
+        let _ = tcp.read_to_string(&mut out);
+        out
+    };
+    let add = serde_json::json!({"id": "new-a", "key": "key-new"}).to_string();
+    for (method, path, body) in [
+        ("POST", "/admin/accounts", add.as_str()),
+        (
+            "POST",
+            "/admin/accounts/acct-a/limit",
+            r#"{"max_concurrent_streams":3}"#,
+        ),
+        (
+            "PUT",
+            "/admin/accounts/acct-a/limit",
+            r#"{"max_concurrent_streams":3}"#,
+        ),
+        (
+            "POST",
+            "/admin/accounts/acct-a/rotate",
+            r#"{"key":"key-b"}"#,
+        ),
+        ("POST", "/admin/revocations", r#"{"device_id":"dev-1"}"#),
+        ("DELETE", "/admin/revocations", r#"{"device_id":"dev-1"}"#),
+    ] {
+        let out = send(method, path, body);
+        assert!(
+            out.starts_with("HTTP/1.1 411 Length Required\r\n"),
+            "{method} {path}: {out}"
+        );
+        assert!(out.contains("Content-Length"), "{method} {path}: {out}");
+    }
+    // A path that takes no body needs no length.
+    let out = send("POST", "/admin/accounts/acct-a/disable", "");
+    assert!(out.starts_with("HTTP/1.1 200 "), "{out}");
+    // Nothing was applied.
+    let (_, accounts) = http(admin, "GET", "/admin/accounts", Some(ADMIN), None);
+    assert!(!accounts.contains("new-a"), "{accounts}");
+    assert!(
+        !accounts.contains("\"max_concurrent_streams\":3"),
+        "{accounts}"
+    );
+}
+
+#[test]
 fn usage_queries_are_checked() {
     let (_fake, relay) = admin_relay();
     let admin = relay.handle.admin_addr;

@@ -78,6 +78,7 @@ fn refused(e: ChangeError) -> Vec<u8> {
 /// A JSON body, or a 400 that says what is wrong without echoing the body
 /// (it may hold a key).
 fn body<'a, T: Deserialize<'a>>(req: &'a Request<'_>) -> Result<T, Vec<u8>> {
+    req.length_required()?;
     serde_json::from_slice(req.body).map_err(|e| {
         let what = match e.classify() {
             serde_json::error::Category::Data => data_fault(&e.to_string()),

@@ -26,6 +26,9 @@ struct RevokeBody {
 pub(super) async fn revocations(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
     let devices = &admin.process.devices;
     if req.method != "GET" {
+        if let Err(answer) = req.length_required() {
+            return answer;
+        }
         let b: RevokeBody = match serde_json::from_slice(req.body) {
             Ok(b) => b,
             Err(_) => {

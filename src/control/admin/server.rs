@@ -119,6 +119,20 @@ pub(super) struct Request<'a> {
 }
 
 impl Request<'_> {
+    /// For a route that reads a body: a 411 when the request has no
+    /// `Content-Length`, whose body (if any was sent) is not read, as a
+    /// chunked one is not. Without this its body read as empty and was
+    /// answered "not valid JSON".
+    pub(super) fn length_required(&self) -> Result<(), Vec<u8>> {
+        match self.header("content-length") {
+            Some(_) => Ok(()),
+            None => Err(http::json_error(
+                411,
+                "send the body with a Content-Length (a request without one has no body)",
+            )),
+        }
+    }
+
     /// The value of header `name` (case-insensitive).
     pub(super) fn header(&self, name: &str) -> Option<&str> {
         self.headers
