@@ -458,3 +458,57 @@ fn not_logged(logs: &str, what: &str) -> usize {
         })
         .sum()
 }
+
+/// A usage ledger database that cannot be read (here its table renamed
+/// away beside the running relay) is logged once, naming the file, not at
+/// every `/metrics` scrape (each reads it); the first read that works
+/// again says so. Before, each scrape logged the same ERROR, without the
+/// path.
+#[test]
+fn an_unreadable_usage_ledger_is_logged_once_naming_its_file() {
+    let capture = logs();
+    let fake = fake(&["key-d"], |_| {});
+    let cfg = relay_config(&fake.url(), &[("acct-d", "key-d")]);
+    let db_path = cfg.admin.state_dir.join("usage.db");
+    let relay = Relay::start(cfg);
+    let admin = relay.handle.admin_addr;
+    let scrape = || {
+        let (status, body) = http(admin, "GET", "/metrics", None, None);
+        assert_eq!(status, 200, "{body}");
+    };
+    assert!(wait_until(std::time::Duration::from_secs(10), || db_path.exists()));
+    scrape();
+    let path = db_path.display().to_string();
+    let lines = |what: &str| {
+        capture
+            .text()
+            .lines()
+            .filter(|l| l.contains(what) && l.contains(&path))
+            .count()
+    };
+    let db = rusqlite::Connection::open(&db_path).unwrap();
+    for round in 1..=2 {
+        db.execute_batch("ALTER TABLE totals RENAME TO totals_away")
+            .unwrap();
+        for _ in 0..5 {
+            scrape();
+        }
+        assert_eq!(
+            lines("cannot read the usage ledger database"),
+            round,
+            "{}",
+            capture.text()
+        );
+        db.execute_batch("ALTER TABLE totals_away RENAME TO totals")
+            .unwrap();
+        scrape();
+        scrape();
+        assert_eq!(
+            lines("usage ledger database can be read again"),
+            round,
+            "{}",
+            capture.text()
+        );
+    }
+    std::fs::remove_dir_all(db_path.parent().unwrap()).ok();
+}

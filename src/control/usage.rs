@@ -50,6 +50,10 @@ pub struct UsageBook {
     /// account. A client may set one id for several streams; Soniox's
     /// usage logs then list each under it, and each is compared.
     recent_index: HashMap<String, Vec<RecentSum>>,
+    /// Whether the last read of the database failed: a failure is logged
+    /// when the read before it did not fail, and the first read that works
+    /// again says so (every `/metrics` scrape reads it).
+    read_failing: std::cell::Cell<bool>,
 }
 
 /// The streams of one reference id on one account, among the recent ones.
@@ -157,10 +161,16 @@ impl UsageBook {
             return BTreeMap::new();
         }
         let mut out = match &self.store {
-            Some(s) => s.query(group, from, to).unwrap_or_else(|e| {
-                tracing::error!(error = %e, "cannot read the usage ledger database");
-                BTreeMap::new()
-            }),
+            Some(s) => match s.query(group, from, to) {
+                Ok(out) => {
+                    self.read_worked(s);
+                    out
+                }
+                Err(e) => {
+                    self.read_failed(s, &e);
+                    BTreeMap::new()
+                }
+            },
             None => BTreeMap::new(),
         };
         for (_, day) in self.pending[group as usize].range(from..=to) {
@@ -178,12 +188,16 @@ impl UsageBook {
         let mut out = match &self.store {
             // Days dropped in memory but not yet in the database are still
             // there, and not yet in its retired totals: counted once.
-            Some(s) => s
-                .audio_ms_all_time()
-                .map_err(|e| {
-                    tracing::error!(error = %e, "cannot read the usage ledger database");
-                })
-                .ok()?,
+            Some(s) => match s.audio_ms_all_time() {
+                Ok(out) => {
+                    self.read_worked(s);
+                    out
+                }
+                Err(e) => {
+                    self.read_failed(s, &e);
+                    return None;
+                }
+            },
             None => BTreeMap::new(),
         };
         for day in self.pending[GroupBy::Account as usize].values() {
@@ -192,6 +206,30 @@ impl UsageBook {
             }
         }
         Some(out)
+    }
+
+    /// Logs a failed read of `store`, naming its file, unless the read
+    /// before failed too.
+    fn read_failed(&self, store: &store::Store, e: &dyn std::fmt::Display) {
+        if !self.read_failing.replace(true) {
+            tracing::error!(
+                path = %store.path().display(),
+                error = %e,
+                "cannot read the usage ledger database; usage queries and \
+                 clio_relay_audio_seconds_total leave out what it holds until it \
+                 can be read (logged once, until it can)"
+            );
+        }
+    }
+
+    /// After failed reads, logs that `store` can be read again.
+    fn read_worked(&self, store: &store::Store) {
+        if self.read_failing.replace(false) {
+            tracing::info!(
+                path = %store.path().display(),
+                "usage ledger database can be read again"
+            );
+        }
     }
 
     /// Whether the database is open (it is, unless opening it failed at

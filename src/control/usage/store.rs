@@ -146,6 +146,11 @@ impl Store {
         Ok(store)
     }
 
+    /// The database file.
+    pub fn path(&self) -> PathBuf {
+        self.dir.join(DB_FILE)
+    }
+
     /// Imports `usage.json` once (see the module docs).
     fn migrate_json(&mut self) -> std::io::Result<()> {
         let json = self.dir.join(JSON_FILE);
