@@ -102,7 +102,7 @@ pub enum Job {
     /// This node's count of `id` changes by `delta`: an open the thread
     /// ran, whose answer no one waited for, is given back. (A stream let
     /// in by local shares is counted through [`Fleet`]'s change queue,
-    /// like its release: see [`Fleet::took`].)
+    /// like its release: see `Fleet::took`.)
     Adjust(Kind, String, i32),
     /// Like [`Job::Adjust`], for Redis only: the thread's tally already
     /// has it (holds given back, taken from the queue).
