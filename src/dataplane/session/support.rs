@@ -106,15 +106,10 @@ pub fn upstream_config_text(config: &[u8], stream_id: &str) -> Box<[u8]> {
     use serde_json::value::RawValue;
     use std::collections::BTreeMap;
     // A repeated member is the last one, as a JSON map reads it (the one
-    // whose token the relay checked).
-    let mut members: BTreeMap<String, Box<RawValue>> = match serde_json::from_slice(config) {
-        Ok(m) => m,
-        // Not an object (the relay's first message always is): as a map.
-        Err(_) => {
-            let map = serde_json::from_slice::<Map<String, Value>>(config).unwrap_or_default();
-            return config_from_map(map, stream_id);
-        }
-    };
+    // whose token the relay checked). The caller has read `config` as a
+    // JSON object already, so it reads as members too.
+    let mut members: BTreeMap<String, Box<RawValue>> =
+        serde_json::from_slice(config).unwrap_or_default();
     members.remove("api_key");
     if !members.contains_key("client_reference_id") {
         let id = serde_json::to_string(stream_id).expect("a string serializes");
@@ -124,19 +119,6 @@ pub fn upstream_config_text(config: &[u8], stream_id: &str) -> Box<[u8]> {
         );
     }
     serde_json::to_vec(&members)
-        .expect("a JSON map serializes")
-        .into_boxed_slice()
-}
-
-fn config_from_map(mut config: Map<String, Value>, stream_id: &str) -> Box<[u8]> {
-    config.remove("api_key");
-    if !config.contains_key("client_reference_id") {
-        config.insert(
-            "client_reference_id".into(),
-            Value::String(stream_id.to_string()),
-        );
-    }
-    serde_json::to_vec(&config)
         .expect("a JSON map serializes")
         .into_boxed_slice()
 }
