@@ -190,6 +190,42 @@ fn high_error_rate_and_slow_first_result_fire() {
     assert!(v["value"].as_f64().unwrap() > 0.05, "{v}");
 }
 
+/// Refusals that are the client's own (here bad tokens, 50 before and after
+/// each failing stream) are neither errors nor streams started: they do not
+/// dilute upstream's failures below the alert's threshold. (Counted in,
+/// every window of 3 streams or more had under 5% errors: 2 of 52 at most,
+/// with one error per failing stream since none is resumed.)
+#[test]
+fn a_flood_of_bad_tokens_does_not_hide_a_high_error_rate() {
+    let dying = fake(&["k1"], |c| c.faults.close_after_frames = Some(2));
+    let (url, rx) = webhook();
+    let mut cfg = relay_config(&dying.url(), &[("a", "k1")]);
+    cfg.failover.max_resumes = 0;
+    cfg.usage.alerts.interval = Duration::from_secs(3);
+    cfg.usage.alerts.error_min_streams = 3;
+    cfg.usage.alerts.webhook_url = Some(url);
+    let relay = Relay::start(cfg);
+    let bad_tokens = |n| {
+        for _ in 0..n {
+            assert!(connect(relay.addr(), "clio1.not-a-token", Via::Header).is_err());
+        }
+    };
+    bad_tokens(50);
+    for _ in 0..8 {
+        let (mut ws, _) = connect(relay.addr(), &relay.token("d"), Via::Header).unwrap();
+        let got = stream_session(&mut ws, &config_message(None), &audio_frames(4, 1));
+        assert_eq!(got.error_code(), Some(503));
+        bad_tokens(50);
+    }
+    let v = next(&rx, "high_error_rate", "firing");
+    assert_eq!(v["value"].as_f64(), Some(1.0), "{v}");
+    let (_, metrics) = http(relay.handle.admin_addr, "GET", "/metrics", None, None);
+    assert!(
+        metrics.contains("clio_relay_refusals_total{by=\"client\"} 450"),
+        "{metrics}"
+    );
+}
+
 #[test]
 fn unusual_usage_needs_a_baseline_and_the_stats_list_firing_alerts() {
     const ADMIN: &str = "alerts-admin-token-0123456789";

@@ -27,7 +27,7 @@ use serde_json::json;
 use super::{meter, Admin};
 use crate::control::httpc::{client, Endpoint, Request, Retry};
 use crate::core::metrics::text::{family, Kind};
-use crate::core::metrics::{Hist, MetricsSnapshot, Side};
+use crate::core::metrics::{Hist, MetricsSnapshot, RefusedBy, Side};
 use crate::core::usage::UsageRecord;
 
 /// Hours of history kept per subject for the usage baseline.
@@ -265,10 +265,18 @@ pub(super) async fn evaluate(admin: &Admin) {
         .replace(now.clone())
         .unwrap_or_else(|| MetricsSnapshot::empty(0));
     {
-        let streams = now.streams_total().saturating_sub(prev.streams_total())
-            + now
-                .streams_rejected()
-                .saturating_sub(prev.streams_rejected());
+        // Streams started: opened, or refused by the relay or upstream (a
+        // refusal that is the client's own counts in neither the errors
+        // nor here, see `RefusedBy::is_clients_own`).
+        let started = |m: &MetricsSnapshot| {
+            m.streams_total()
+                + RefusedBy::ALL
+                    .into_iter()
+                    .filter(|by| !by.is_clients_own())
+                    .map(|by| m.refusals(by))
+                    .sum::<u64>()
+        };
+        let streams = started(&now).saturating_sub(started(&prev));
         let errors = |m: &MetricsSnapshot| {
             m.error_counts()
                 .filter(|(side, _, _)| *side != Side::Client)

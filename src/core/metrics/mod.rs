@@ -109,6 +109,19 @@ impl RefusedBy {
         }
     }
 
+    /// Whether the refusal follows from the client's own request or from a
+    /// limit its operator set for it (a bad request or token, a device or
+    /// pool limit, a revocation): a refusal working as meant, which the
+    /// error-rate alerts count neither as an error nor as a stream
+    /// started, so a flood of such requests cannot hide upstream's or the
+    /// relay's failures.
+    pub fn is_clients_own(self) -> bool {
+        matches!(
+            self,
+            RefusedBy::Client | RefusedBy::DeviceLimit | RefusedBy::Revoked | RefusedBy::PoolLimit
+        )
+    }
+
     fn index(self) -> usize {
         self as usize
     }
