@@ -463,6 +463,106 @@ fn two_pending_finalizes_are_each_answered_after_a_resume() {
     assert_eq!(relay.handle.metrics().streams_resumed(), 1);
 }
 
+/// A client's text message on a raw-audio stream, upstream's `<fin>`s
+/// it got, and its final tokens: `texts` go after frame `at` of ten (100
+/// ms each); the client reads up to `fins` `<fin>`s after the last of
+/// them, sends the rest of its audio and its end, and reads all. Through
+/// a relay over a fake Soniox whose first connection fails (503) at
+/// frame `fail_at`, when given.
+fn finalizes_through(
+    texts: &[(usize, &str)],
+    fins: usize,
+    fail_at: Option<u64>,
+) -> (usize, Vec<(String, u64, u64)>, Vec<String>) {
+    let frames = stream_audio(5, 10);
+    let fake = match fail_at {
+        Some(n) => {
+            let faults = only_first_connection_fails(FaultKind::Error(503), 10, move |f| f == n);
+            fake(&["k1"], |c| c.faults.random = Some(faults))
+        }
+        None => fake(&["k1"], |_| {}),
+    };
+    let relay = Relay::start(relay_config(&fake.url(), &[("a", "k1")]));
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    ws.get_mut()
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    let last = texts.iter().map(|t| t.0).max().unwrap();
+    let mut got = Received::default();
+    let count = |m: &Value| {
+        m["tokens"]
+            .as_array()
+            .map_or(0, |t| t.iter().filter(|t| t["text"] == "<fin>").count())
+    };
+    for (i, f) in frames.iter().enumerate() {
+        for (_, t) in texts.iter().filter(|t| t.0 == i) {
+            ws.send(Message::text(*t)).unwrap();
+        }
+        if i == last {
+            let mut seen = 0;
+            while seen < fins {
+                let m: Value = match ws.read() {
+                    Ok(Message::Text(t)) => serde_json::from_str(&t).unwrap(),
+                    // A `<fin>` that never comes: what the client got.
+                    _ => break,
+                };
+                seen += count(&m);
+                got.messages.push(m);
+            }
+        }
+        ws.send(Message::binary(f.clone())).unwrap();
+    }
+    ws.send(Message::binary(Vec::<u8>::new())).unwrap();
+    let rest = read_all(&mut ws);
+    assert!(rest.finished(), "{rest:?}");
+    got.messages.extend(rest.messages);
+    let fins = got.messages.iter().map(count).sum();
+    assert!(fake.wait_for(LIMIT, |s| s.iter().all(|r| r.closed)));
+    // The second connection's text messages after its config.
+    let replayed = match fake.sessions().get(1) {
+        Some(s) => s.text_messages[1..].to_vec(),
+        None => vec![],
+    };
+    (fins, finals(&got), replayed)
+}
+
+/// A text message that only names `finalize` (a keepalive with a note)
+/// is no finalize: upstream answers none, so the `<fin>` of the client's
+/// real finalize after it answers that one, and a resume later does not
+/// send it again (the client got a second `<fin>`).
+#[test]
+fn a_keepalive_naming_finalize_is_not_a_pending_finalize() {
+    const NOTE: &str = r#"{"type":"keepalive","note":"finalize soon"}"#;
+    const FINALIZE: &str = r#"{"type":"finalize"}"#;
+    let texts = [(4, NOTE), (6, FINALIZE)];
+    let (fins, want, _) = finalizes_through(&texts, 1, None);
+    assert_eq!(fins, 1, "{want:?}");
+    // The first connection fails at its ninth frame: the finalize was
+    // answered there.
+    let (fins, got, replayed) = finalizes_through(&texts, 1, Some(9));
+    assert_eq!(fins, 1, "{got:?}");
+    assert_eq!(got, want);
+    assert!(!replayed.iter().any(|t| t == FINALIZE), "{replayed:?}");
+}
+
+/// A finalize written with an escape (`fin\u0061lize`) is one to
+/// upstream: pending with another at a resume, both are replayed and
+/// answered (before, only the other was: the client waited for good).
+#[test]
+fn a_finalize_written_with_an_escape_is_replayed_at_a_resume() {
+    const ESCAPED: &str = r#"{"type":"fin\u0061lize","trailing_silence_ms":300}"#;
+    const FINALIZE: &str = r#"{"type":"finalize"}"#;
+    let texts = [(9, ESCAPED), (9, FINALIZE)];
+    let (fins, want, _) = finalizes_through(&texts, 2, None);
+    assert_eq!(fins, 2, "{want:?}");
+    // The first connection fails at its eighth frame: neither was seen.
+    let (fins, got, replayed) = finalizes_through(&texts, 2, Some(8));
+    assert_eq!(fins, 2, "{got:?}");
+    assert_eq!(got, want);
+    assert_eq!(replayed, [ESCAPED, FINALIZE]);
+}
+
 #[test]
 fn a_stalled_upstream_is_an_upstream_failure_not_an_idle_client() {
     // Upstream stops reading at the third audio frame and never closes;

@@ -428,10 +428,13 @@ impl FrameScanner {
         apply_mask(&mut to[at..], self.client_key, self.phase);
     }
 
-    /// A frame ended: a whole text message is checked for `finalize`.
+    /// A frame ended: a whole text message that may be a `finalize` (it
+    /// names one, or has an escape that could spell it) is kept for the
+    /// relay to read.
     fn frame_done(c: &mut Capture, opcode: Opcode, fin: bool) {
         if fin && !opcode.is_control() && (c.text_cut || !c.text.is_empty()) {
-            if !c.text_cut && c.text.windows(8).any(|w| w == b"finalize") {
+            let may_be = c.text.contains(&b'\\') || c.text.windows(8).any(|w| w == b"finalize");
+            if !c.text_cut && may_be {
                 c.finalizes
                     .push((c.audio.len(), std::mem::take(&mut c.text)));
             }
@@ -490,9 +493,11 @@ pub struct Capture {
     /// The text message being read is longer than [`MAX_CONTROL_TEXT`]:
     /// it is not looked at (a `finalize` is far shorter).
     pub text_cut: bool,
-    /// The client's `finalize` messages that went by: where each came in
-    /// `audio` (as indexed when it was pushed, as `frame_ends`) and its
-    /// text, unmasked.
+    /// The client's text messages that went by and may be a `finalize`
+    /// (the relay reads each as JSON: one that only names it is not one,
+    /// and one may spell it with an escape): where each came in `audio`
+    /// (as indexed when it was pushed, as `frame_ends`) and its text,
+    /// unmasked.
     pub finalizes: Vec<(usize, Vec<u8>)>,
     /// The client's end of audio (an empty data frame) went by.
     pub end_of_audio: bool,
@@ -629,8 +634,10 @@ mod tests {
     }
 
     /// A `finalize` is captured whole, fragments joined and unmasked, with
-    /// the audio byte it came after; a text message longer than
-    /// `MAX_CONTROL_TEXT` is not looked at, even when it names one.
+    /// the audio byte it came after, and so is a message with an escape
+    /// (which may spell one); a keepalive is not, and a text message
+    /// longer than `MAX_CONTROL_TEXT` is not looked at, even when it names
+    /// one.
     #[test]
     fn captures_each_finalize_with_its_place_in_the_audio() {
         use Opcode::{Binary, Continuation as Cont, Text};
@@ -645,6 +652,7 @@ mod tests {
             (Cont, true, br#"alize","trailing_silence_ms":300}"#),
             (Binary, true, &[2; 50]),
             (Text, true, br#"{"type":"keepalive"}"#),
+            (Text, true, br#"{"type":"fin\u0061lize"}"#),
             (Text, true, long.as_bytes()),
             (Text, true, br#"{"type":"finalize"}"#),
         ];
@@ -675,6 +683,7 @@ mod tests {
                         300,
                         &br#"{"type":"finalize","trailing_silence_ms":300}"#[..]
                     ),
+                    (350, &br#"{"type":"fin\u0061lize"}"#[..]),
                     (350, &br#"{"type":"finalize"}"#[..]),
                 ],
                 "chunk {chunk}"

@@ -192,6 +192,9 @@ impl Resume {
         }
         if !self.capture.finalizes.is_empty() {
             for (at, text) in std::mem::take(&mut self.capture.finalizes) {
+                if !is_finalize(&text) {
+                    continue;
+                }
                 if self.finalizes.len() == MAX_PENDING_FINALIZES {
                     self.let_go();
                     return;
@@ -445,6 +448,15 @@ impl Resume {
         }
         serde_json::to_vec(&v).ok()
     }
+}
+
+/// Whether a client's text message is a `finalize`, as upstream reads it:
+/// a JSON object whose `type` is `"finalize"` (escapes read), not any
+/// message that names one (a keepalive with a note): upstream answers only
+/// a finalize with `<fin>`, and each `<fin>` answers the oldest pending.
+fn is_finalize(text: &[u8]) -> bool {
+    serde_json::from_slice::<Value>(text)
+        .is_ok_and(|v| v.get("type").and_then(Value::as_str) == Some("finalize"))
 }
 
 impl Drop for Resume {
@@ -867,6 +879,8 @@ mod tests {
     /// `<fin>` answers the oldest; one the trims passed goes first.
     #[test]
     fn pending_finalizes_are_replayed_in_place() {
+        const A: &[u8] = br#"{"type":"finalize","n":"A"}"#;
+        const B: &[u8] = br#"{"type":"finalize","n":"B"}"#;
         let budget = Arc::new(CopyBudget::new(1 << 30));
         let mut r = Resume::new(32_000, 2, 1 << 20, 3, budget);
         let frame = |r: &mut Resume, n: usize, b: u8| {
@@ -877,22 +891,22 @@ mod tests {
         // 100 bytes, "A", 100 bytes (merged with the first: both are tiny),
         // "B", 3,200 bytes, in one read.
         frame(&mut r, 100, 1);
-        r.capture.finalizes.push((100, b"A".to_vec()));
+        r.capture.finalizes.push((100, A.to_vec()));
         frame(&mut r, 100, 2);
-        r.capture.finalizes.push((200, b"B".to_vec()));
+        r.capture.finalizes.push((200, B.to_vec()));
         frame(&mut r, 3200, 3);
         r.absorb_capture();
         assert_eq!(r.lens, [3400], "the tiny frames merged");
-        let text = |t: &str| (Opcode::Text, t.as_bytes().to_vec());
+        let text = |t: &[u8]| (Opcode::Text, t.to_vec());
         let audio = |n: usize, b: u8| (Opcode::Binary, vec![b; n]);
         let replay = replayed(&r.begin(&mut MaskKeys::default(), None, false));
         assert_eq!(
             replay,
             [
                 audio(100, 1),
-                text("A"),
+                text(A),
                 audio(100, 2),
-                text("B"),
+                text(B),
                 audio(3200, 3)
             ]
         );
@@ -901,7 +915,29 @@ mod tests {
         r.finalizes.pop_front();
         r.note_final(8);
         let replay = replayed(&r.begin(&mut MaskKeys::default(), None, false));
-        assert_eq!(replay, [text("B"), audio(3144, 3)]);
+        assert_eq!(replay, [text(B), audio(3144, 3)]);
+    }
+
+    /// Only a finalize, as upstream reads it, waits for a `<fin>`: not a
+    /// message that names one; one spelled with an escape does.
+    #[test]
+    fn only_a_finalize_waits_for_its_fin() {
+        let budget = Arc::new(CopyBudget::new(1 << 30));
+        let mut r = Resume::new(32_000, 2, 1 << 20, 3, budget);
+        capture(&mut r, 3200);
+        let texts: [&[u8]; 5] = [
+            br#"{"type":"keepalive","note":"finalize soon"}"#,
+            br#"finalize"#,
+            br#"["finalize"]"#,
+            br#"{"type":"fin\u0061lize"}"#,
+            br#"{"kind":"finalize"}"#,
+        ];
+        for t in texts {
+            r.capture.finalizes.push((3200, t.to_vec()));
+        }
+        r.absorb_capture();
+        let pending: Vec<&[u8]> = r.finalizes.iter().map(|(_, t)| t.as_slice()).collect();
+        assert_eq!(pending, [texts[3]]);
     }
 
     /// More than `MAX_PENDING_FINALIZES` unanswered lets the copy go.
@@ -911,11 +947,15 @@ mod tests {
         let mut r = Resume::new(32_000, 2, 1 << 20, 3, budget.clone());
         capture(&mut r, 3200);
         for i in 0..MAX_PENDING_FINALIZES {
-            r.capture.finalizes.push((0, vec![b'x'; 4096]));
+            let pad = "x".repeat(4096 - 32);
+            let text = format!(r#"{{"type":"finalize","pad":"{pad}"}}"#);
+            r.capture.finalizes.push((0, text.into_bytes()));
             r.absorb_capture();
             assert!(r.keeps_copy(), "{i}");
         }
-        r.capture.finalizes.push((0, b"{}".to_vec()));
+        r.capture
+            .finalizes
+            .push((0, br#"{"type":"finalize"}"#.to_vec()));
         r.absorb_capture();
         assert!(!r.keeps_copy() && !r.can_resume());
         assert!(r.finalizes.is_empty());
