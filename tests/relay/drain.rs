@@ -62,6 +62,45 @@ fn drain_finalizes_live_streams_then_asks_clients_to_reconnect() {
     );
 }
 
+/// A client that sent a finalize of its own earlier (and got its `<fin>`)
+/// still gets the drain's final tokens: the drain waits for the `<fin>`
+/// that answers its own finalize, not for any the stream ever saw.
+#[test]
+fn a_drain_after_a_clients_own_finalize_still_delivers_its_final_tokens() {
+    let fake = fake(&["k1"], |_| {});
+    let relay = Relay::start(relay_config(&fake.url(), &[("a", "k1")]));
+    let (mut ws, _) = connect(relay.addr(), &relay.token("phone"), Via::Header).unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    let frames = audio_frames(20, 1);
+    let has_fin = |m: &serde_json::Value| {
+        m["tokens"]
+            .as_array()
+            .is_some_and(|t| t.iter().any(|t| t["text"] == "<fin>"))
+    };
+    for f in &frames[..10] {
+        ws.send(Message::binary(f.clone())).unwrap();
+    }
+    ws.send(Message::text(r#"{"type":"finalize"}"#)).unwrap();
+    loop {
+        match ws.read().unwrap() {
+            Message::Text(t) if has_fin(&serde_json::from_str(&t).unwrap()) => break,
+            _ => {}
+        }
+    }
+    // A second of audio not final yet when the drain comes.
+    for f in &frames[10..] {
+        ws.send(Message::binary(f.clone())).unwrap();
+    }
+    assert!(fake.wait_for(Duration::from_secs(10), |s| s.len() == 1
+        && s[0].audio_frames == 20));
+    assert_eq!(relay.handle.drain(Duration::from_millis(300)), 1);
+    let got = read_all(&mut ws);
+    let fin = got.messages.iter().position(has_fin);
+    let err = got.messages.iter().position(|m| m["error_code"] == 503);
+    assert!(fin.is_some() && err.is_some() && fin < err, "{got:?}");
+    assert_eq!(got.close_code(), Some(1012), "{got:?}");
+}
+
 #[test]
 fn a_stream_still_opening_at_the_drain_deadline_is_drained_too() {
     // Upstream answers each upgrade 2 s late; the drain's 300 ms deadline

@@ -279,6 +279,11 @@ impl Resume {
         }
     }
 
+    /// The client's finalizes no `<fin>` answered yet.
+    pub fn pending_finalizes(&self) -> usize {
+        self.finalizes.len()
+    }
+
     /// Whether another resume is possible: resumes left, and the copy still
     /// holds everything after the last final token.
     pub fn can_resume(&self) -> bool {

@@ -54,7 +54,7 @@ impl StreamState {
                 accepted: Cell::new(false),
                 ever_accepted: Cell::new(false),
                 first_result_seen: Cell::new(false),
-                fin_seen: Cell::new(false),
+                fins: Cell::new(0),
                 last_word_seen: Cell::new(false),
                 writing: Cell::new(false),
             },
@@ -86,7 +86,7 @@ impl StreamState {
     pub fn note_upstream_text(&self, payload: &[u8]) -> bool {
         let fin = FIN.find(payload).is_some();
         if fin {
-            self.down.fin_seen.set(true);
+            self.down.fins.set(self.down.fins.get() + 1);
         }
         if self.meter.compressed() {
             // Only upstream can tell a compressed stream's length: its
@@ -272,8 +272,10 @@ pub struct DownHalf {
     pub ever_accepted: Cell<bool>,
     /// Whether time-to-first-result has been recorded.
     pub first_result_seen: Cell<bool>,
-    /// Upstream sent the `<fin>` token (the answer to a finalize).
-    pub fin_seen: Cell<bool>,
+    /// Upstream's messages with the `<fin>` token (each answers a
+    /// finalize) so far: a drain's finalize waits for one more than came
+    /// before it (and than the client's own finalizes still pending).
+    pub fins: Cell<u64>,
     /// Upstream's last word on this connection (`finished`, or an error)
     /// has gone to the client: a close frame may follow. One before it is
     /// a session lost, as a dropped connection is.

@@ -758,6 +758,15 @@ impl Stream {
     /// the client is told to reconnect.
     async fn finalize_for_drain(&self, client: &Duplex, up: &mut Upstream, state: &StreamState) {
         let shard = &self.shard;
+        // Upstream answers in order: the client's finalizes still pending
+        // first, then this one. A `<fin>` that came before (the answer to
+        // a finalize of the client's) is not this one's.
+        let pending = state
+            .resume
+            .borrow()
+            .as_ref()
+            .map_or(0, |r| r.pending_finalizes());
+        let answered_at = state.down.fins.get() + pending as u64 + 1;
         let key = shard.masks.borrow_mut().next_key();
         let finalize = build_frame(Opcode::Text, br#"{"type":"finalize"}"#, Some(key));
         match timeout(LAST_FRAMES_WAIT, up.conn.write_all(&finalize)).await {
@@ -782,11 +791,12 @@ impl Stream {
             buf,
         };
         let u2c = pump::upstream_to_client_any(link, scanner, cx);
-        // Done once upstream's `finished` has reached the client. Only the
-        // pump changes these flags, in this task, so this is checked right
-        // after each of the pump's polls: no timer, no waker of its own.
+        // Done once the `<fin>` answering this finalize has reached the
+        // client. Only the pump changes these cells, in this task, so this
+        // is checked right after each of the pump's polls: no timer, no
+        // waker of its own.
         let fin = future::poll_fn(|_| {
-            if state.down.fin_seen.get() && state.down.at_boundary.get() {
+            if state.down.fins.get() >= answered_at && state.down.at_boundary.get() {
                 std::task::Poll::Ready(End::Drain)
             } else {
                 std::task::Poll::Pending
