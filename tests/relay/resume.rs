@@ -563,6 +563,38 @@ fn a_finalize_written_with_an_escape_is_replayed_at_a_resume() {
     assert_eq!(replayed, [ESCAPED, FINALIZE]);
 }
 
+/// A text message too long for the copy to keep (past 4 KiB) that may be
+/// a finalize (it names one) can be neither replayed nor told apart from
+/// one upstream answers with `<fin>`: the copy is let go, and a failure
+/// after it is seen. Before, the stream resumed without it, the other
+/// pending finalize was replayed alone, and the client waited for good
+/// for its second `<fin>`.
+#[test]
+fn a_finalize_too_long_to_keep_lets_the_copy_go() {
+    let long = format!(r#"{{"type":"finalize","note":"{}"}}"#, "x".repeat(5000));
+    let frames = stream_audio(6, 10);
+    // The first connection fails at its eighth frame: neither finalize
+    // was seen there.
+    let faults = only_first_connection_fails(FaultKind::Error(503), 8, |n| n == 8);
+    let fake = fake(&["k1"], |c| c.faults.random = Some(faults));
+    let relay = Relay::start(relay_config(&fake.url(), &[("a", "k1")]));
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    ws.get_mut()
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    for f in &frames[..9] {
+        ws.send(Message::binary(f.clone())).unwrap();
+    }
+    ws.send(Message::text(long)).unwrap();
+    ws.send(Message::binary(frames[9].clone())).unwrap();
+    ws.send(Message::text(r#"{"type":"finalize"}"#)).unwrap();
+    let got = read_all(&mut ws);
+    assert_eq!(got.error_code(), Some(503), "{got:?}");
+    assert_eq!(metric(&relay, "clio_relay_resume_copies_dropped_total"), 1);
+    assert_eq!(relay.handle.metrics().streams_resumed(), 0);
+}
+
 #[test]
 fn a_stalled_upstream_is_an_upstream_failure_not_an_idle_client() {
     // Upstream stops reading at the third audio frame and never closes;

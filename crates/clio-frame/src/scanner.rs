@@ -414,34 +414,51 @@ impl FrameScanner {
             }
             return;
         }
-        let to = if !self.opcode.is_control() && !self.msg_binary {
-            if c.text_cut || c.text.len() + masked.len() > MAX_CONTROL_TEXT {
-                c.text_cut = true;
-                return;
-            }
-            &mut c.text
-        } else {
+        if self.opcode.is_control() || self.msg_binary {
             return;
-        };
-        let at = to.len();
-        to.extend_from_slice(masked);
-        apply_mask(&mut to[at..], self.client_key, self.phase);
+        }
+        let long = c.text_cut || c.text.len() + masked.len() > MAX_CONTROL_TEXT;
+        if long && c.long_may_be {
+            return; // already known to be one the copy cannot keep
+        }
+        let at = c.text.len();
+        c.text.extend_from_slice(masked);
+        apply_mask(&mut c.text[at..], self.client_key, self.phase);
+        if long {
+            // Not kept, but looked through: `text` keeps only the last
+            // bytes, for a word cut between two reads.
+            c.text_cut = true;
+            if may_be_finalize(&c.text) {
+                c.long_may_be = true;
+                c.text = Vec::new();
+            } else {
+                let keep = c.text.len().min(b"finalize".len() - 1);
+                c.text.drain(..c.text.len() - keep);
+            }
+        }
     }
 
-    /// A frame ended: a whole text message that may be a `finalize` (it
-    /// names one, or has an escape that could spell it) is kept for the
-    /// relay to read.
+    /// A frame ended: a whole text message that may be a `finalize` is
+    /// kept for the relay to read; one too long to keep, noted.
     fn frame_done(c: &mut Capture, opcode: Opcode, fin: bool) {
         if fin && !opcode.is_control() && (c.text_cut || !c.text.is_empty()) {
-            let may_be = c.text.contains(&b'\\') || c.text.windows(8).any(|w| w == b"finalize");
-            if !c.text_cut && may_be {
+            if c.text_cut {
+                c.long_finalize |= c.long_may_be;
+            } else if may_be_finalize(&c.text) {
                 c.finalizes
                     .push((c.audio.len(), std::mem::take(&mut c.text)));
             }
             c.text.clear();
             c.text_cut = false;
+            c.long_may_be = false;
         }
     }
+}
+
+/// Whether client text may be (part of) a `finalize`: it names one, or has
+/// an escape, which could spell it. Only JSON tells (the relay's to read).
+fn may_be_finalize(text: &[u8]) -> bool {
+    text.contains(&b'\\') || text.windows(8).any(|w| w == b"finalize")
 }
 
 /// Largest client text message whose content is looked at (for `finalize`).
@@ -491,8 +508,15 @@ pub struct Capture {
     /// The payload of the client text frame being read, unmasked.
     pub text: Vec<u8>,
     /// The text message being read is longer than [`MAX_CONTROL_TEXT`]:
-    /// it is not looked at (a `finalize` is far shorter).
+    /// it is not kept (a `finalize` is far shorter), and `text` holds only
+    /// its last few bytes.
     pub text_cut: bool,
+    /// ... and it may be a `finalize` (see `long_finalize`).
+    pub long_may_be: bool,
+    /// A text message longer than [`MAX_CONTROL_TEXT`] that may be a
+    /// `finalize` (it names one, or has an escape) went by: upstream may
+    /// answer it with `<fin>`, and a replay cannot send it again.
+    pub long_finalize: bool,
     /// The client's text messages that went by and may be a `finalize`
     /// (the relay reads each as JSON: one that only names it is not one,
     /// and one may spell it with an escape): where each came in `audio`
@@ -636,8 +660,8 @@ mod tests {
     /// A `finalize` is captured whole, fragments joined and unmasked, with
     /// the audio byte it came after, and so is a message with an escape
     /// (which may spell one); a keepalive is not, and a text message
-    /// longer than `MAX_CONTROL_TEXT` is not looked at, even when it names
-    /// one.
+    /// longer than `MAX_CONTROL_TEXT` is not kept, but noted when it names
+    /// one (also across reads).
     #[test]
     fn captures_each_finalize_with_its_place_in_the_audio() {
         use Opcode::{Binary, Continuation as Cont, Text};
@@ -688,6 +712,38 @@ mod tests {
                 ],
                 "chunk {chunk}"
             );
+            assert!(c.long_finalize, "chunk {chunk}");
+        }
+    }
+
+    /// A text message too long to keep is noted when it names `finalize`
+    /// anywhere (the word cut between two reads too), and not when it
+    /// does not; what it leaves in `text` stays a few bytes.
+    #[test]
+    fn notes_a_finalize_too_long_to_keep() {
+        let pad = "a".repeat(MAX_CONTROL_TEXT);
+        for (text, want) in [
+            (format!(r#"{{"note":"{pad}","type":"finalize"}}"#), true),
+            (format!(r#"{{"note":"{pad}","type":"keepalive"}}"#), false),
+        ] {
+            let wire = frame(Opcode::Text, true, text.as_bytes(), Some([1, 2, 3, 4]));
+            for chunk in [1usize, 5, 4096, 1 << 20] {
+                let mut s = FrameScanner::new(Sender::Client, 1 << 20);
+                let mut masks = MaskKeys::default();
+                let mut c = Capture::default();
+                let mut carry: Vec<u8> = vec![];
+                let mut most = 0;
+                for piece in wire.chunks(chunk) {
+                    carry.extend_from_slice(piece);
+                    let scan = s.scan_capture(&mut carry, &mut masks, &mut c);
+                    assert_eq!(scan.violation, None);
+                    carry.drain(..scan.ready);
+                    most = most.max(c.text.len());
+                }
+                assert_eq!(c.long_finalize, want, "chunk {chunk}");
+                assert!(c.finalizes.is_empty() && c.text.is_empty());
+                assert!(most <= MAX_CONTROL_TEXT + chunk, "chunk {chunk}: {most}");
+            }
         }
     }
 

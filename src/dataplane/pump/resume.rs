@@ -190,6 +190,12 @@ impl Resume {
             self.settle();
             return;
         }
+        if self.capture.long_finalize {
+            // A finalize too long to keep may have gone up: a replay could
+            // not send it again, and its `<fin>` would answer another.
+            self.let_go();
+            return;
+        }
         if !self.capture.finalizes.is_empty() {
             for (at, text) in std::mem::take(&mut self.capture.finalizes) {
                 if !is_finalize(&text) {
@@ -943,6 +949,19 @@ mod tests {
         r.absorb_capture();
         let pending: Vec<&[u8]> = r.finalizes.iter().map(|(_, t)| t.as_slice()).collect();
         assert_eq!(pending, [texts[3]]);
+    }
+
+    /// A finalize too long to keep lets the copy go at once.
+    #[test]
+    fn a_finalize_too_long_to_keep_lets_the_copy_go() {
+        let budget = Arc::new(CopyBudget::new(1 << 30));
+        let mut r = Resume::new(32_000, 2, 1 << 20, 3, budget.clone());
+        capture(&mut r, 3200);
+        assert!(r.keeps_copy());
+        r.capture.long_finalize = true;
+        r.absorb_capture();
+        assert!(!r.keeps_copy() && !r.can_resume());
+        assert_eq!((budget.used(), budget.dropped()), (0, 1));
     }
 
     /// More than `MAX_PENDING_FINALIZES` unanswered lets the copy go.
