@@ -21,6 +21,7 @@ use crate::core::keyring::RateScope;
 use crate::core::metrics::{Hist, ShardMetrics};
 use crate::dataplane::buf::Buf;
 use crate::dataplane::io::Duplex;
+use crate::dataplane::uring::CloseReply;
 use clio_frame::frame::{parse_header, FrameError, Opcode, Sender};
 use clio_frame::mask::MaskKeys;
 use clio_frame::scanner::FrameScanner;
@@ -99,6 +100,14 @@ pub struct ClientSide {
 }
 
 impl ClientSide {
+    /// Where a wait for the client's close reply starts: after the frames
+    /// already scanned, with the bytes of `buf` not yet scanned read.
+    pub fn close_reply(&self, buf: &mut Buf) -> CloseReply {
+        let mut reply = CloseReply::after(self.scanner.remaining());
+        reply.feed(&buf.filled()[self.processed..]);
+        reply
+    }
+
     /// A client side for frames up to `max_frame` bytes, keeping a replay
     /// copy of up to `replay_limit` bytes (0: none).
     pub fn new(max_frame: u64, replay_limit: usize) -> Self {

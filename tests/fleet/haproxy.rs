@@ -367,3 +367,92 @@ fn with_refuse_the_balancer_takes_every_node_out_while_redis_is_down() {
     assert!(wait_until(Duration::from_secs(20), || stream()
         .is_ok_and(|got| got.finished())));
 }
+
+/// A stream refused after the upgrade (here a device over its limit) got
+/// its 429 and close 1013 directly from a relay, but through the shipped
+/// balancer about 3 % of such clients saw 1006 under refusal churn: the
+/// relay sent its FIN right after its close frame, and HAProxy (2.6),
+/// once it has the server's FIN, reads the client's next bytes (its close
+/// reply, or audio it had in flight) as a new HTTP request: a 400 logged
+/// as `<BADREQ>` `CR--`, and a reset. A client whose write fails so drops
+/// the frames it had not read yet. The relay
+/// now sends its FIN after the client's close reply; here a client that
+/// sends audio and then its reply after the refusal came gets a clean
+/// end, not a reset.
+#[test]
+fn a_client_refused_after_the_upgrade_through_haproxy_is_not_reset() {
+    use std::io::{Read, Write};
+    let redis = RedisServer::start();
+    let fake = fake(&["k1"], |_| {});
+    let (a, b) = crate::pair(&fake, &redis, "k1", |c| {
+        c.devices.default = clio_relay::core::config::DeviceLimits {
+            max_concurrent_streams: 1,
+            ..Default::default()
+        };
+    });
+    let lb = HaProxy::start(&[
+        (a.addr(), a.handle.admin_addr),
+        (b.addr(), b.handle.admin_addr),
+    ]);
+    let lb_addr: std::net::SocketAddr = ([127, 0, 0, 1], lb.port).into();
+    let token = a.token("phone");
+    // The device's one stream, held open.
+    let (mut held, _) = connect(lb_addr, &token, Via::Header).unwrap();
+    held.send(tungstenite::Message::text(config_message(None)))
+        .unwrap();
+    assert!(wait_until(Duration::from_secs(10), || {
+        a.handle.metrics().streams_total() + b.handle.metrics().streams_total() == 1
+    }));
+    for round in 0..3 {
+        let (mut tcp, head) = raw_upgrade(lb_addr, &token);
+        assert!(
+            String::from_utf8_lossy(&head).starts_with("HTTP/1.1 101"),
+            "{}",
+            String::from_utf8_lossy(&head)
+        );
+        // The refusal: the 429 frame and the close, whole.
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let refused = |got: &[u8]| {
+            let mut at = 0;
+            let mut close = false;
+            while let Ok(Some(h)) = clio_frame::frame::parse_header(
+                &got[at..],
+                clio_frame::frame::Sender::Server,
+                1 << 20,
+            ) {
+                let end = at + h.header_len + h.payload_len as usize;
+                if end > got.len() {
+                    break;
+                }
+                close |= h.opcode == clio_frame::frame::Opcode::Close;
+                at = end;
+            }
+            close
+        };
+        while !refused(&got) {
+            let n = tcp.read(&mut chunk).unwrap();
+            assert!(
+                n > 0,
+                "round {round}: the connection ended before the close"
+            );
+            got.extend_from_slice(&chunk[..n]);
+        }
+        assert!(String::from_utf8_lossy(&got).contains("Device limit reached"));
+        // What a client streaming in real time does next: a frame of audio
+        // it had in flight, then its close reply.
+        std::thread::sleep(Duration::from_millis(200));
+        let audio = tcp.write_all(&client_frame(2, &[0u8; 3200]));
+        std::thread::sleep(Duration::from_millis(100));
+        let reply = tcp.write_all(&client_frame(8, &1013u16.to_be_bytes()));
+        let mut rest = Vec::new();
+        let end = tcp.read_to_end(&mut rest);
+        assert!(
+            audio.is_ok() && reply.is_ok() && end.is_ok(),
+            "round {round}: audio {audio:?}, close reply {reply:?}, end {end:?}\n{}",
+            lb.trouble()
+        );
+        assert!(rest.is_empty(), "round {round}: {rest:?}");
+    }
+    drop(held);
+}

@@ -137,6 +137,11 @@ impl FrameScanner {
         self.max_payload
     }
 
+    /// Payload bytes of the current frame not yet scanned (0 between frames).
+    pub fn remaining(&self) -> u64 {
+        self.remaining
+    }
+
     /// True between frames (a partial header not yet scanned counts as between).
     pub fn at_boundary(&self) -> bool {
         self.remaining == 0

@@ -15,9 +15,10 @@ mod open;
 mod refusal;
 mod support;
 
+use crate::dataplane::uring::CloseReply;
 use ending::{Ending, ToClient};
 use open::unless_client_leaves;
-use support::{audio_bytes_per_ms, close_after_peer, raw_audio_rate, LiveGuard};
+use support::{audio_bytes_per_ms, close_after_peer, end_client, raw_audio_rate, LiveGuard};
 pub use support::{upstream_config_text, with_api_key};
 
 pub use handshake::serve;
@@ -204,18 +205,27 @@ impl Stream {
                     }
                     .await;
                     match opened {
-                        Ok(x) => Some(x),
+                        Ok(x) => Ok(x),
                         Err(r) => {
                             let device = claims.as_ref().map(|c| c.device_id.as_str());
-                            self.refuse(&client, &r, device).await;
-                            None
+                            // The client's frames after its request (and its
+                            // first message, if read) start a frame each.
+                            let awaits = self.refuse(&client, &r, device).await;
+                            Err(awaits.then(|| {
+                                let mut reply = CloseReply::after(0);
+                                reply.feed(cbuf.filled());
+                                reply
+                            }))
                         }
                     }
                 })
                 .await;
-                let Some((config, up, late_permit, live)) = opened else {
-                    close_after_peer(client);
-                    return;
+                let (config, up, late_permit, live) = match opened {
+                    Ok(x) => x,
+                    Err(reply) => {
+                        end_client(client, reply).await;
+                        return;
+                    }
                 };
                 state
                     .meter
@@ -395,11 +405,16 @@ impl Stream {
             // state. The loop's result moves into it whole: matched here,
             // it would be kept (for the refusal's answer) in every open
             // stream's task.
+            // A close the relay sent the client and the client has yet to
+            // answer: its FIN waits for the answer (`end_client`).
+            let reply = std::cell::Cell::new(None);
             let upstream_closes = Box::pin(async {
                 let end = match end {
                     Ok(end) => end,
                     Err(r) => {
-                        self.refuse(&client, &r, Some(&claims.device_id)).await;
+                        if self.refuse(&client, &r, Some(&claims.device_id)).await {
+                            reply.set(Some(cside.close_reply(&mut cbuf)));
+                        }
                         // A failover or a resume that could not reopen, or
                         // a client that left meanwhile: the stream carried
                         // audio all the same (its account's gauges were
@@ -413,9 +428,12 @@ impl Stream {
                 if let Some((code, scope)) = state.down.first_error.get() {
                     self.note_refusal(&up.lease, code, scope);
                 }
-                let (error, upstream_closes) = self
+                let (error, upstream_closes, awaits) = self
                     .finish(&client, &mut up, end, &state, &mut cbuf, &mut cside)
                     .await;
+                if awaits {
+                    reply.set(Some(cside.close_reply(&mut cbuf)));
+                }
                 self.shard
                     .metrics
                     .stream_closed(up.lease.account.metrics_index);
@@ -435,7 +453,7 @@ impl Stream {
             })
             .await;
             // The stream is over; its sockets close after their peers.
-            close_after_peer(client);
+            end_client(client, reply.get()).await;
             if upstream_closes {
                 close_after_peer(up.conn);
             }
@@ -649,9 +667,11 @@ impl Stream {
 
     /// Ends a stream the way `end` calls for: what it needs first (a close
     /// handshake carried on, a drain's finalize), then its row of the
-    /// table in `ending.rs`, then the client's FIN. Returns the error the
-    /// client was told, and whether a close frame went upstream (then
-    /// upstream closes the connection first; see `close_after_peer`).
+    /// table in `ending.rs`. Returns the error the client was told, whether
+    /// a close frame went upstream (then upstream closes the connection
+    /// first; see `close_after_peer`), and whether a close frame went to a
+    /// client that has not sent its own (then its FIN waits for the reply;
+    /// see `end_client`).
     async fn finish(
         &self,
         client: &Duplex,
@@ -660,7 +680,7 @@ impl Stream {
         state: &StreamState,
         cbuf: &mut Buf,
         cside: &mut ClientSide,
-    ) -> (Option<u16>, bool) {
+    ) -> (Option<u16>, bool, bool) {
         let shard = &self.shard;
         // What this ending needs before the table's two steps.
         match end {
@@ -716,6 +736,7 @@ impl Stream {
             shard.process.device_rejections[limit as usize]
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
+        let mut awaits = false;
         if state.down.at_boundary.get() {
             let frames = match &ending.client {
                 ToClient::Nothing => None,
@@ -732,7 +753,8 @@ impl Stream {
                 ToClient::Error(r) => Some(r.frames(&self.id)),
             };
             if let Some(frames) = frames {
-                let _ = timeout(LAST_FRAMES_WAIT, client.write_all(&frames)).await;
+                let sent = timeout(LAST_FRAMES_WAIT, client.write_all(&frames)).await;
+                awaits = matches!(sent, Some(Ok(()))) && !cside.close_seen;
             }
         }
         // A close frame went upstream, the client's or the relay's own:
@@ -748,9 +770,7 @@ impl Stream {
             ToClient::Error(r) => Some(r.code),
             _ => None,
         };
-        // Over TLS the FIN follows a close_notify, which is a write too.
-        let _ = timeout(LAST_FRAMES_WAIT, client.close()).await;
-        (error, closing)
+        (error, closing, awaits)
     }
 
     /// A drain's last service to a stream between frames: ask upstream for
@@ -807,7 +827,9 @@ impl Stream {
 
     /// Sends a refusal (error frame + close) to the client, then its FIN;
     /// `device` is the token's, once known (for the log line).
-    async fn refuse(&self, client: &Duplex, r: &Refusal, device: Option<&str>) {
+    /// Tells the client why its stream ends; true when that was a close
+    /// frame the client has yet to answer (see `end_client`).
+    async fn refuse(&self, client: &Duplex, r: &Refusal, device: Option<&str>) -> bool {
         if r.code != 0 {
             self.shard.metrics.stream_refused(r.by, r.side, r.code);
             // Every refusal is counted, and logged at INFO (saying who
@@ -817,12 +839,13 @@ impl Stream {
                 tracing::info!(stream = %self.id, device = device.unwrap_or("-"), by = r.by.label(), code = r.code, close = r.close, reason = %r.message, "stream refused");
             } // at the file limit, the shard's rate-limited warning says it
 
-            let _ = timeout(LAST_FRAMES_WAIT, client.write_all(&r.frames(&self.id))).await;
+            let sent = timeout(LAST_FRAMES_WAIT, client.write_all(&r.frames(&self.id))).await;
+            return matches!(sent, Some(Ok(())));
         } else if r.close != 0 {
             // The client closed before its first message: answer its close.
             let close = build_frame(Opcode::Close, &close_payload(r.close, ""), None);
             let _ = timeout(LAST_FRAMES_WAIT, client.write_all(&close)).await;
         }
-        let _ = timeout(LAST_FRAMES_WAIT, client.close()).await;
+        false
     }
 }

@@ -7,8 +7,9 @@ use std::rc::Rc;
 use serde_json::{Map, Value};
 
 use crate::core::token::Claims;
-use crate::dataplane::io::{Duplex, Tcp};
+use crate::dataplane::io::{timeout, Conn, Duplex, Tcp};
 use crate::dataplane::shard::{LiveStream, Shard};
+use crate::dataplane::uring::CloseReply;
 
 /// Audio bytes per millisecond for a raw `audio_format` in the config
 /// message; 0 for compressed formats, whose duration only upstream knows.
@@ -93,6 +94,25 @@ pub(super) fn close_after_peer(conn: Duplex) {
         Tcp::Ring(socket) => socket.close_after_peer(),
         // Off the data plane (a stream's sockets never are): closed now.
         Tcp::Glommio(_) => {}
+    }
+}
+
+/// Ends the client's connection after the relay's last frame. With
+/// `reply` (that frame was a close the client has not answered), a plain
+/// connection's FIN waits in the data plane for the client's close reply
+/// (`uring/closing.rs`): a proxy that has the relay's FIN resets the
+/// client at its next byte, and a client whose reply or in-flight audio
+/// meets that reset reports 1006, its close frame unread. Otherwise (and
+/// over TLS, whose close_notify is a write of the stream's) the FIN goes
+/// now; either way the socket then closes after its peer.
+pub(super) async fn end_client(client: Duplex, reply: Option<CloseReply>) {
+    match (client.into_inner(), reply) {
+        (Conn::Plain(Tcp::Ring(socket)), Some(reply)) => socket.close_after_reply(reply),
+        (conn, _) => {
+            let client = Duplex::new(conn);
+            let _ = timeout(super::LAST_FRAMES_WAIT, client.close()).await;
+            close_after_peer(client);
+        }
     }
 }
 

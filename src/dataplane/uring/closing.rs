@@ -14,6 +14,12 @@
 //! for it and no timer is set: the deadlines are checked at the start of
 //! each dispatch, oldest first.
 //!
+//! A client the relay sent a close frame gets the relay's FIN only after
+//! its close reply ([`CloseReply`]): a proxy in front (HAProxy) that has
+//! the relay's FIN resets the client's connection at the client's next
+//! byte, and a client whose write fails that way (its reply, or audio it
+//! had in flight) reports 1006, with the relay's close frame unread.
+//!
 //! [`RingSocket::close_after_peer`]: super::RingSocket::close_after_peer
 
 use std::os::fd::{IntoRawFd, OwnedFd};
@@ -33,8 +39,9 @@ pub const DISCARD_LIMIT: u32 = 1 << 20;
 
 impl Plane {
     /// Takes `fd`, registered as `token`, to close once its peer has closed
-    /// its side (see the module docs).
-    pub(super) fn close_after_peer(&self, token: Token, fd: OwnedFd) {
+    /// its side (see the module docs). With `reply`, the relay's FIN is
+    /// still to send: it goes once the client's close reply has come.
+    pub(super) fn close_after_peer(&self, token: Token, fd: OwnedFd, reply: Option<CloseReply>) {
         // The plane owns the descriptor from here: `close_now` closes it.
         let _ = fd.into_raw_fd();
         {
@@ -43,6 +50,11 @@ impl Plane {
             debug_assert!(slot.in_use && slot.gen == token.gen && !slot.closing);
             slot.closing = true;
             slot.discard_left = DISCARD_LIMIT;
+            // A client's close reply already read: its FIN now.
+            if reply.is_some_and(|r| r.done()) {
+                shut_write(slot.fd);
+            }
+            slot.await_reply = reply.filter(|r| !r.done());
             slot.reader = None;
             slot.writer = None;
         }
@@ -94,6 +106,16 @@ impl Plane {
                 }
             }
             left = left.saturating_sub(n as u32);
+            {
+                let mut slots = self.slots.borrow_mut();
+                let slot = &mut slots[token.index as usize];
+                if let Some(reply) = slot.await_reply.as_mut() {
+                    if reply.feed(&scratch[..n as usize]) {
+                        slot.await_reply = None;
+                        shut_write(fd);
+                    }
+                }
+            }
             if left == 0 {
                 break true;
             }
@@ -142,6 +164,7 @@ impl Plane {
                 return;
             }
             slot.closing = false;
+            slot.await_reply = None;
             slot.fd
         };
         self.deregister(token);
@@ -187,5 +210,132 @@ impl Plane {
         for token in tokens {
             self.close_now(token);
         }
+    }
+}
+
+/// Sends the FIN of a socket the plane closes (nothing if it went already).
+fn shut_write(fd: std::os::fd::RawFd) {
+    // SAFETY: `fd` is a closing socket the plane owns.
+    unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+}
+
+/// Follows a client's frames after the relay's close frame, reading none
+/// of them, until the client's own close frame has come whole: its reply,
+/// after which a client sends nothing more.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CloseReply {
+    /// Payload bytes of the current frame still to come.
+    skip: u64,
+    /// A frame header still arriving.
+    head: [u8; 14],
+    head_len: u8,
+    /// The current frame is the close.
+    in_close: bool,
+    /// The close has come whole, or what came is not frames (nothing more
+    /// to wait for either way).
+    done: bool,
+}
+
+impl CloseReply {
+    /// A wait that starts `skip` payload bytes before the next frame
+    /// header (inside a frame the relay read in part).
+    pub fn after(skip: u64) -> CloseReply {
+        CloseReply {
+            skip,
+            ..CloseReply::default()
+        }
+    }
+
+    /// Whether the wait is over.
+    pub fn done(&self) -> bool {
+        self.done
+    }
+
+    /// Takes the next bytes from the client; true once the wait is over.
+    pub fn feed(&mut self, mut bytes: &[u8]) -> bool {
+        while !self.done && !bytes.is_empty() {
+            if self.skip > 0 {
+                let n = self.skip.min(bytes.len() as u64);
+                self.skip -= n;
+                bytes = &bytes[n as usize..];
+                if self.skip == 0 && self.in_close {
+                    self.done = true;
+                }
+                continue;
+            }
+            // A header: 2 bytes, the extended length, the mask key.
+            let want = match self.head_len {
+                0 | 1 => 2,
+                _ => {
+                    let ext = match self.head[1] & 0x7f {
+                        126 => 2,
+                        127 => 8,
+                        _ => 0,
+                    };
+                    let mask = if self.head[1] & 0x80 != 0 { 4 } else { 0 };
+                    2 + ext + mask
+                }
+            };
+            if usize::from(self.head_len) < want {
+                let n = (want - usize::from(self.head_len)).min(bytes.len());
+                let at = usize::from(self.head_len);
+                self.head[at..at + n].copy_from_slice(&bytes[..n]);
+                self.head_len += n as u8;
+                bytes = &bytes[n..];
+                if usize::from(self.head_len) < want || want == 2 {
+                    continue;
+                }
+            }
+            let len = match self.head[1] & 0x7f {
+                126 => u64::from(u16::from_be_bytes([self.head[2], self.head[3]])),
+                127 => u64::from_be_bytes(self.head[2..10].try_into().expect("8 bytes")),
+                n => u64::from(n),
+            };
+            self.in_close = self.head[0] & 0x0f == 0x8;
+            // A close's body is at most 125 bytes; a longer one is no frame.
+            if self.in_close && len > 125 {
+                self.done = true;
+                break;
+            }
+            self.head_len = 0;
+            self.skip = len;
+            if len == 0 && self.in_close {
+                self.done = true;
+            }
+        }
+        self.done
+    }
+}
+
+#[cfg(test)]
+mod reply_tests {
+    use super::CloseReply;
+    use clio_frame::frame::{build_frame, Opcode};
+
+    /// The client's frames, fed in pieces of every size: the wait ends
+    /// with the close frame's last byte, not before.
+    #[test]
+    fn the_wait_ends_with_the_clients_close_frame_whole() {
+        let key = Some([1, 2, 3, 4]);
+        let mut bytes = build_frame(Opcode::Text, br#"{"model":"m"}"#, key);
+        bytes.extend(build_frame(Opcode::Binary, &[7u8; 300], key));
+        bytes.extend(build_frame(Opcode::Binary, &vec![7u8; 70_000], key));
+        bytes.extend(build_frame(Opcode::Ping, b"p", key));
+        let close = build_frame(Opcode::Close, &1000u16.to_be_bytes(), key);
+        let before = bytes.len();
+        bytes.extend(close);
+        for piece in [1, 2, 3, 7, 100, 4096, bytes.len()] {
+            let mut reply = CloseReply::after(0);
+            for (i, chunk) in bytes.chunks(piece).enumerate() {
+                let done = reply.feed(chunk);
+                let fed = (i + 1) * piece;
+                assert_eq!(done, fed >= bytes.len(), "piece {piece}, fed {fed}");
+            }
+            assert!(reply.done() && before < bytes.len());
+        }
+        // Starting inside a frame the relay read in part.
+        let mut reply = CloseReply::after(5);
+        assert!(!reply.feed(&[0; 5]));
+        assert!(reply.feed(&build_frame(Opcode::Close, &[], key)));
     }
 }

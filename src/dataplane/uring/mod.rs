@@ -52,7 +52,7 @@ mod socket;
 #[cfg(test)]
 mod tests;
 
-pub use closing::{CLOSE_LIMIT, DISCARD_LIMIT};
+pub use closing::{CloseReply, CLOSE_LIMIT, DISCARD_LIMIT};
 pub use socket::{RingListener, RingSocket};
 
 use std::cell::{Cell, RefCell};
@@ -215,6 +215,9 @@ struct Slot {
     closing: bool,
     /// Bytes a closing socket may still discard before it is closed anyway.
     discard_left: u32,
+    /// A closing client socket whose FIN waits for the client's close
+    /// frame (its reply to the relay's): the frames read until then.
+    await_reply: Option<CloseReply>,
 }
 
 /// A registration: which slot, and which use of it.

@@ -108,7 +108,19 @@ impl RingSocket {
         // SAFETY: `this` is never dropped, so each field is read out once
         // and dropped (or handed on) once, here.
         let (fd, plane) = unsafe { (std::ptr::read(&this.fd), std::ptr::read(&this.plane)) };
-        plane.close_after_peer(this.token, fd);
+        plane.close_after_peer(this.token, fd, None);
+    }
+
+    /// [`close_after_peer`](Self::close_after_peer) for a client the relay
+    /// sent a close frame and no FIN yet: the plane sends the FIN once the
+    /// client's close reply has come (`reply` holds what was read of its
+    /// frames so far), so nothing the client still sends meets a closed
+    /// connection (a proxy in front resets it then).
+    pub fn close_after_reply(self, reply: super::CloseReply) {
+        let this = std::mem::ManuallyDrop::new(self);
+        // SAFETY: as in `close_after_peer`.
+        let (fd, plane) = unsafe { (std::ptr::read(&this.fd), std::ptr::read(&this.plane)) };
+        plane.close_after_peer(this.token, fd, Some(reply));
     }
 
     /// Ready once the peer has shut down its side (FIN) or the connection
