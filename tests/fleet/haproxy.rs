@@ -456,3 +456,62 @@ fn a_client_refused_after_the_upgrade_through_haproxy_is_not_reset() {
     }
     drop(held);
 }
+
+/// The relay knows a client by the TCP peer it accepted, and behind the
+/// balancer that is HAProxy for every client (deploy/haproxy.cfg sends
+/// no PROXY header, and the relay reads none, nor `X-Forwarded-For`). So
+/// `limits.max_unauthenticated_per_address` counts every client of the
+/// balancer as one address, as README's "Running a fleet" says: clients
+/// on three addresses, each with one connection waiting to send its
+/// token in its first message, are all let in directly, and the third
+/// is refused (429) through the balancer with a limit of 2.
+#[test]
+fn behind_haproxy_every_client_counts_as_the_balancers_address() {
+    use std::io::{Read, Write};
+    let redis = RedisServer::start();
+    let fake = fake(&["k1"], |_| {});
+    let (a, _b) = crate::pair(&fake, &redis, "k1", |c| {
+        c.limits.max_unauthenticated_per_address = 2;
+    });
+    // One node behind the balancer: every client reaches it.
+    let lb = HaProxy::start(&[(a.addr(), a.handle.admin_addr)]);
+    let lb_addr: std::net::SocketAddr = ([127, 0, 0, 1], lb.port).into();
+    // An upgrade with no token (it is to come in the first message) from
+    // `ip`; the connection, kept open, and the answer's status.
+    let upgrade = |ip: [u8; 4], to: std::net::SocketAddr| {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.bind(&std::net::SocketAddr::from((ip, 0)).into()).unwrap();
+        s.connect(&to.into()).unwrap();
+        let mut tcp: std::net::TcpStream = s.into();
+        tcp.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        write!(
+            tcp,
+            "GET /v1/transcribe HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        .unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && tcp.read(&mut byte).unwrap() == 1 {
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).into_owned();
+        let status: u16 = head
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("an HTTP answer: {head:?}"));
+        (tcp, status)
+    };
+    let clients = [[127, 0, 0, 2], [127, 0, 0, 3], [127, 0, 0, 4]];
+    let direct: Vec<_> = clients.iter().map(|ip| upgrade(*ip, a.addr())).collect();
+    let statuses: Vec<u16> = direct.iter().map(|(_, s)| *s).collect();
+    assert_eq!(statuses, [101, 101, 101], "one address each, directly");
+    let through: Vec<_> = clients.iter().map(|ip| upgrade(*ip, lb_addr)).collect();
+    let statuses: Vec<u16> = through.iter().map(|(_, s)| *s).collect();
+    assert_eq!(
+        statuses,
+        [101, 101, 429],
+        "through the balancer, one address for all\n{}",
+        lb.trouble()
+    );
+}
