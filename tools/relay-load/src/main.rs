@@ -104,8 +104,16 @@ struct Args {
     relay_metrics: Option<SocketAddr>,
 }
 
-/// The relay's failover counters: resumes, failovers at open, mid-stream.
-fn relay_failovers(admin: SocketAddr) -> Result<[u64; 3], String> {
+/// What relay-load reads of the relay's `/metrics`: its failover counters
+/// (resumes, failovers at open, mid-stream) and its streams open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RelayCounts {
+    failovers: [u64; 3],
+    active: u64,
+}
+
+/// Reads the relay's failover counters and streams open from its `/metrics`.
+fn relay_failovers(admin: SocketAddr) -> Result<RelayCounts, String> {
     use clio_relay::control::httpc::{blocking, Endpoint, Request};
     let r = blocking::send(
         &Endpoint::plain(admin),
@@ -117,7 +125,10 @@ fn relay_failovers(admin: SocketAddr) -> Result<[u64; 3], String> {
         return Err(format!("--relay-metrics {admin}: status {}", r.status));
     }
     let body = r.text();
-    let mut out = [0u64; 3];
+    let mut out = RelayCounts {
+        failovers: [0; 3],
+        active: 0,
+    };
     for line in body.lines() {
         let value = || {
             line.rsplit(' ')
@@ -126,14 +137,50 @@ fn relay_failovers(admin: SocketAddr) -> Result<[u64; 3], String> {
                 .unwrap_or(0.0) as u64
         };
         if line.starts_with("clio_relay_streams_resumed_total ") {
-            out[0] += value();
+            out.failovers[0] += value();
         } else if line.starts_with("clio_relay_failovers_total{phase=\"open\"") {
-            out[1] += value();
+            out.failovers[1] += value();
         } else if line.starts_with("clio_relay_failovers_total{phase=\"mid\"") {
-            out[2] += value();
+            out.failovers[2] += value();
+        } else if line.starts_with("clio_relay_streams_active{") {
+            out.active += value();
         }
     }
     Ok(out)
+}
+
+/// How long relay-load waits, after its run, for the relay to end the
+/// run's streams before it reads the counters anyway.
+const RELAY_SETTLE: Duration = Duration::from_secs(5);
+
+/// The relay's counters once the run's streams have ended there too: its
+/// streams open back to their number `before` the run, and two reads in a
+/// row that agree (a resume's new connection is briefly not counted as
+/// open). A run cut short (`--duration`, Ctrl-C) leaves streams the relay
+/// is still ending, and resuming: read at once, their resumes were missed.
+/// After [`RELAY_SETTLE`] it reads them as they are, and says so.
+fn relay_failovers_settled(admin: SocketAddr, before: RelayCounts) -> Result<RelayCounts, String> {
+    let deadline = std::time::Instant::now() + RELAY_SETTLE;
+    let mut last: Option<RelayCounts> = None;
+    loop {
+        let now = relay_failovers(admin)?;
+        if now.active <= before.active && last == Some(now) {
+            return Ok(now);
+        }
+        if std::time::Instant::now() >= deadline {
+            if now.active > before.active {
+                eprintln!(
+                    "relay-load: the relay still had {} more streams open than before the run after {}; \
+                     their failovers may be missing from the report",
+                    now.active - before.active,
+                    humantime::format_duration(RELAY_SETTLE)
+                );
+            }
+            return Ok(now);
+        }
+        last = Some(now);
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Set by the first SIGINT or SIGTERM: the run ends early, with its report.
@@ -282,15 +329,19 @@ fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         )
         .into());
     }
-    // A relay that died during the run (the reason to read its report)
+    // Read once the relay has ended the run's streams too. A relay that
+    // died during the run (the reason to read its report)
     // costs the failover line, not the report.
     let failovers = match (args.relay_metrics, before) {
-        (Some(admin), Some(b)) => match relay_failovers(admin) {
-            Ok(a) => Some([
-                a[0] - b[0].min(a[0]),
-                a[1] - b[1].min(a[1]),
-                a[2] - b[2].min(a[2]),
-            ]),
+        (Some(admin), Some(b)) => match relay_failovers_settled(admin, b) {
+            Ok(a) => {
+                let (a, b) = (a.failovers, b.failovers);
+                Some([
+                    a[0] - b[0].min(a[0]),
+                    a[1] - b[1].min(a[1]),
+                    a[2] - b[2].min(a[2]),
+                ])
+            }
             Err(e) => {
                 eprintln!("relay-load: after the run: {e}; no relay failovers in the report");
                 None

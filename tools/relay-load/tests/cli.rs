@@ -165,6 +165,69 @@ fn a_relay_metrics_port_gone_after_the_run_still_leaves_the_report() {
     assert_eq!(out.status.code(), Some(0), "{all}");
 }
 
+/// The relay's counters are read once the run's streams have ended at the
+/// relay too, not the moment relay-load's own have: a run cut short
+/// (`--duration`, Ctrl-C) leaves streams the relay is still ending, and
+/// some of them resume on the way (a run stopped by SIGINT reported 29
+/// resumes where /metrics, read a moment later, said 32). Here the admin
+/// port answers as such a relay: right after the run one stream is still
+/// open and one resume is still to come.
+#[test]
+fn relay_metrics_are_read_once_the_relays_streams_have_ended() {
+    use fake_soniox::{FakeConfig, FakeKey, FakeSoniox};
+    use std::io::{Read, Write};
+    const KEY: &str = "metrics-settle-key";
+    let fake = FakeSoniox::start(FakeConfig {
+        keys: vec![FakeKey::new(KEY, 10)],
+        echo: true,
+        ..FakeConfig::default()
+    })
+    .expect("fake-soniox starts");
+    // Before the run; right after it (a stream still open, a resume to
+    // come); then settled.
+    let bodies = [
+        "clio_relay_streams_active{shard=\"0\"} 0\nclio_relay_streams_resumed_total 0\n",
+        "clio_relay_streams_active{shard=\"0\"} 1\nclio_relay_streams_resumed_total 1\n",
+        "clio_relay_streams_active{shard=\"0\"} 0\nclio_relay_streams_resumed_total 2\n",
+    ];
+    let admin = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let admin_addr = admin.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for (i, c) in admin.incoming().enumerate() {
+            let Ok(mut c) = c else { continue };
+            let mut head = [0u8; 1024];
+            let _ = c.read(&mut head);
+            let body = bodies[i.min(bodies.len() - 1)];
+            let _ = write!(
+                c,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    let out = Command::new(BIN)
+        .args(["--direct", "--key", KEY, "--target"])
+        .arg(fake.addr().to_string())
+        .args([
+            "-n",
+            "1",
+            "--stream-seconds",
+            "0.3",
+            "--pace",
+            "x4",
+            "-q",
+            "--json",
+        ])
+        .arg("--relay-metrics")
+        .arg(admin_addr.to_string())
+        .output()
+        .unwrap();
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{all}");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(json["relay_streams_resumed"], 2, "{all}");
+}
+
 /// With --json, a run stopped by a signal says so in the JSON itself
 /// (`"stopped_by": "SIGTERM"`; null for a whole run), so a script that
 /// bounds relay-load with `timeout` (SIGTERM) tells a cut run from a
