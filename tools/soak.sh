@@ -60,10 +60,25 @@ log() { printf '[soak %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 die() { log "$*"; exit 1; }
 
 CHILDREN=()
+# The vanishing and stalling loops: each starts relay-loads of its own.
+HELPERS=()
 cleanup() {
   local rc=$?
   set +e
-  for pid in "${CHILDREN[@]}"; do kill -CONT "$pid" 2>/dev/null; kill -TERM "$pid" 2>/dev/null; done
+  # A loop's own relay-load (the stalling one's stopped) is not in
+  # CHILDREN, and a Ctrl-C can end the loop first: each loop notes the pid
+  # of its latest in $WORK/LOOP.pid, the loops are frozen so they start no
+  # other, and those still running from $WORK are ended with the rest.
+  # Before, a run stopped by Ctrl-C left the stopped relay-load behind for
+  # good.
+  local pid f
+  for pid in "${HELPERS[@]}"; do kill -STOP "$pid" 2>/dev/null; done
+  for f in "${WORK:-/nonexistent}/vanish.pid" "${WORK:-/nonexistent}/stall.pid"; do
+    pid=$(cat "$f" 2>/dev/null) || continue
+    grep -qF "$WORK/" "/proc/$pid/cmdline" 2>/dev/null && CHILDREN+=("$pid")
+  done
+  # TERM before CONT: a stopped loop wakes to its end, not to its next step.
+  for pid in "${CHILDREN[@]}"; do kill -TERM "$pid" 2>/dev/null; kill -CONT "$pid" 2>/dev/null; done
   for pid in "${CHILDREN[@]}"; do
     for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     kill -KILL "$pid" 2>/dev/null
@@ -165,6 +180,7 @@ vanish() {
   while [ "$(date +%s)" -lt $(( END - 10 )) ]; do
     "${load[@]}" -n 10 --stream-seconds 30 --ramp 0 >/dev/null 2>&1 &
     local pid=$!
+    echo "$pid" > "$WORK/vanish.pid"
     sleep $(( 1 + RANDOM % 4 ))
     kill -KILL "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
@@ -179,6 +195,7 @@ stall() {
   while [ "$(date +%s)" -lt $(( END - 25 )) ]; do
     "${load[@]}" -n 10 --stream-seconds 30 --ramp 0 >/dev/null 2>&1 &
     local pid=$!
+    echo "$pid" > "$WORK/stall.pid"
     sleep 2
     kill -STOP "$pid" 2>/dev/null || true
     sleep 15
@@ -190,8 +207,8 @@ stall() {
   done
   echo "$n" > "$WORK/stall.count"
 }
-vanish & CHILDREN+=($!)
-stall & CHILDREN+=($!)
+vanish & CHILDREN+=($!) HELPERS+=($!)
+stall & CHILDREN+=($!) HELPERS+=($!)
 
 printf 'seconds\trss_kb\tfds\tstreams_active\tdevices_tracked\n' > "$WORK/samples.tsv"
 RSS_WARM=
