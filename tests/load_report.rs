@@ -194,3 +194,44 @@ fn hgrm_files_of_two_runs_plot_side_by_side() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no percentile rows"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The plot's legend gives the percentiles relay-load's table gives. An
+/// .hgrm row's percentile column is where its step ends, so the first row
+/// at or past 99% can already hold the next, larger sample: with 990 of
+/// 1,000 round trips at or under 33.9 ms and the last ten at 80 ms, the
+/// legend said p99 80 where the table said 33.855. The legend now reads
+/// the rows' counts, as the table's quantiles do.
+#[test]
+fn the_plots_p99_is_the_tables_p99() {
+    let fake = fake(true, 10);
+    let dir = temp_dir("plot-p99");
+    let mut report = direct(&fake, 1);
+    let mut h = relay_load::new_histogram();
+    h.record_n(1_000, 989).unwrap();
+    h.record(33_855).unwrap();
+    h.record_n(80_127, 10).unwrap();
+    report.rtt = h;
+    report.write_hgrm(&dir).unwrap();
+    let table = report.table();
+    let p99 = table
+        .lines()
+        .find(|l| l.starts_with("rtt"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .unwrap()
+        .to_string();
+    assert_eq!(p99, "33.855", "{table}");
+    let svg = dir.join("rtt.svg");
+    let out = plot(&[
+        "-o",
+        svg.to_str().unwrap(),
+        &format!("run={}", dir.join("rtt.hgrm").display()),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&svg).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(text.contains("p50 1  p99 34  max 80"), "{text}");
+}

@@ -23,7 +23,7 @@ LEFT, RIGHT, TOP, BOTTOM = 80, 220, 50, 60
 
 
 def read_hgrm(path):
-    """(percentile, value ms) points of a classic .hgrm file."""
+    """(percentile, value ms, total count) points of a classic .hgrm file."""
     points = []
     with open(path, encoding="utf-8") as f:
         for line in f:
@@ -31,11 +31,11 @@ def read_hgrm(path):
             if len(parts) < 3 or line.lstrip().startswith("#"):
                 continue
             try:
-                value, q = float(parts[0]), float(parts[1])
+                value, q, count = float(parts[0]), float(parts[1]), int(parts[2])
             except ValueError:
                 continue  # the header line
             if 0.0 <= q <= 1.0 and value >= 0:
-                points.append((q, value))
+                points.append((q, value, count))
     if not points:
         raise ValueError("%s: no percentile rows (is it an .hgrm file?)" % path)
     return points
@@ -62,17 +62,23 @@ def fmt_ms(v):
 
 
 def value_at(points, q):
-    for pq, v in points:
-        if pq >= q:
+    """The value at quantile q, as relay-load's table and JSON give it: the
+    first row whose count reaches q of the samples. Not the first row whose
+    percentile column reaches q: that column is where each row's step ends,
+    so its value can be the next sample's (a p99 of 33.9 ms shown as 80 ms)."""
+    total = points[-1][2]
+    need = max(1, math.ceil(q * total - 1e-9))
+    for _, v, count in points:
+        if count >= need:
             return v
     return points[-1][1]
 
 
 def plot(series, title):
     # The nines axis reaches one decade past the last finite percentile of any file.
-    finite = [nines(q, 99) for _, pts in series for q, _ in pts if q < 1.0]
+    finite = [nines(q, 99) for _, pts in series for q, _, _ in pts if q < 1.0]
     top = max(2, math.ceil(max(finite) if finite else 2))
-    ymax = max(v for _, pts in series for _, v in pts) or 1.0
+    ymax = max(v for _, pts in series for _, v, _ in pts) or 1.0
     step = nice_step(ymax)
     ymax = math.ceil(ymax / step) * step
     pw, ph = W - LEFT - RIGHT, H - TOP - BOTTOM
@@ -99,7 +105,7 @@ def plot(series, title):
                % (TOP + ph / 2))
     for i, (label, pts) in enumerate(series):
         color = COLORS[i % len(COLORS)]
-        coords = " ".join("%.1f,%.1f" % (x(nines(q, top)), y(v)) for q, v in pts)
+        coords = " ".join("%.1f,%.1f" % (x(nines(q, top)), y(v)) for q, v, _ in pts)
         out.append('<polyline class="series" data-label="%s" fill="none" stroke="%s" stroke-width="2" points="%s"/>'
                    % (escape(label, {'"': "&quot;"}), color, coords))
         ly = TOP + 10 + 44 * i
