@@ -235,3 +235,27 @@ fn the_plots_p99_is_the_tables_p99() {
     let _ = std::fs::remove_dir_all(&dir);
     assert!(text.contains("p50 1  p99 34  max 80"), "{text}");
 }
+
+/// An .hgrm file of a run that measured nothing (every stream failed: no
+/// round trip) is said to be that, not "is it an .hgrm file?": relay-load
+/// wrote it, with its header and `Total count = 0`.
+#[test]
+fn an_empty_hgrm_is_said_to_hold_no_samples() {
+    let fake = fake(true, 10);
+    let dir = temp_dir("plot-empty");
+    let mut report = direct(&fake, 1);
+    report.rtt = relay_load::new_histogram();
+    report.write_hgrm(&dir).unwrap();
+    let out = plot(&[
+        "-o",
+        dir.join("rtt.svg").to_str().unwrap(),
+        dir.join("rtt.hgrm").to_str().unwrap(),
+    ]);
+    let _ = std::fs::remove_dir_all(&dir);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("rtt.hgrm: no samples (Total count = 0)"),
+        "{err}"
+    );
+}

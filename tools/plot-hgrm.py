@@ -25,10 +25,14 @@ LEFT, RIGHT, TOP, BOTTOM = 80, 220, 50, 60
 def read_hgrm(path):
     """(percentile, value ms, total count) points of a classic .hgrm file."""
     points = []
+    empty = False
     with open(path, encoding="utf-8") as f:
         for line in f:
             parts = line.split()
-            if len(parts) < 3 or line.lstrip().startswith("#"):
+            if line.lstrip().startswith("#"):
+                empty = empty or ("Total count" in line and parts[-1].rstrip("]") == "0")
+                continue
+            if len(parts) < 3:
                 continue
             try:
                 value, q, count = float(parts[0]), float(parts[1]), int(parts[2])
@@ -36,6 +40,8 @@ def read_hgrm(path):
                 continue  # the header line
             if 0.0 <= q <= 1.0 and value >= 0:
                 points.append((q, value, count))
+    if not points and empty:
+        raise ValueError("%s: no samples (Total count = 0): the run measured nothing here" % path)
     if not points:
         raise ValueError("%s: no percentile rows (is it an .hgrm file?)" % path)
     return points
