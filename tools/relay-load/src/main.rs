@@ -49,7 +49,7 @@ struct Args {
     #[arg(long, default_value_t = 500.0)]
     ramp: f64,
     /// Seconds of audio per stream (wall time is this divided by the pace).
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = 10.0, value_parser = positive_seconds)]
     stream_seconds: f64,
     /// Audio pace: realtime, xK (K times real time, e.g. x4) or flood.
     #[arg(long, default_value = "realtime")]
@@ -102,6 +102,16 @@ struct Args {
     /// never saw.
     #[arg(long)]
     relay_metrics: Option<SocketAddr>,
+}
+
+/// A stream's length: a number of seconds, finite and above 0.
+fn positive_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
+        _ => Err(format!(
+            "{s:?} is not a length: a number of seconds above 0, such as 10 or 0.5"
+        )),
+    }
 }
 
 /// What relay-load reads of the relay's `/metrics`: its failover counters

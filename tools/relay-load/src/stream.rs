@@ -73,9 +73,14 @@ struct Seen {
 }
 
 impl Seen {
+    /// For a stream of `frames` frames. The bitmap grows as frames come
+    /// back, up to a word per 64 of them: a stream asked to last for ever
+    /// (`--stream-seconds 1e300`) costs only what it sends. Allocated up
+    /// front, its bitmap for such a length ended the run at its first
+    /// stream (an allocation failure).
     fn new(frames: u64) -> Seen {
         Seen {
-            bits: vec![0; frames.div_ceil(64) as usize],
+            bits: Vec::with_capacity(frames.div_ceil(64).min(1 << 16) as usize),
             distinct: 0,
             max: None,
         }
@@ -382,6 +387,9 @@ fn on_message(w: &Worker, text: &[u8], seen: &mut Seen, frames: u64) -> Result<M
         }
         c.frames_received += 1;
         let (word, bit) = ((seq / 64) as usize, 1u64 << (seq % 64));
+        if word >= seen.bits.len() {
+            seen.bits.resize(word + 1, 0);
+        }
         if seen.bits[word] & bit != 0 {
             c.duplicated += 1;
             continue;

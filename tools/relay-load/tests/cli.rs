@@ -321,3 +321,41 @@ fn a_duration_shorter_than_a_stream_cuts_streams_rather_than_start_none() {
     assert_eq!(none.status.code(), Some(1), "{}", text(&none));
     assert!(text(&none).contains("no stream started"), "{}", text(&none));
 }
+
+/// A stream's length that is no length (`inf`, `nan`, `0`, below 0) is
+/// refused on the command line, and a very long one (a stream to be cut
+/// by --duration) runs. Before, `inf` or `1e300` aborted the run at its
+/// first stream (the bitmap of its frames could not be allocated: exit
+/// 134 and a backtrace), and `0` or `nan` ran one frame per stream.
+#[test]
+fn a_streams_length_is_a_positive_number_of_seconds() {
+    use fake_soniox::{FakeConfig, FakeKey, FakeSoniox};
+    const KEY: &str = "stream-seconds-key";
+    for bad in ["inf", "nan", "0", "-1"] {
+        let o = Command::new(BIN)
+            .arg(format!("--stream-seconds={bad}"))
+            .output()
+            .unwrap();
+        let all = text(&o);
+        assert_eq!(o.status.code(), Some(2), "{bad}: {all}");
+        assert!(all.contains("is not a length"), "{bad}: {all}");
+    }
+    let fake = FakeSoniox::start(FakeConfig {
+        keys: vec![FakeKey::new(KEY, 10)],
+        echo: true,
+        ..FakeConfig::default()
+    })
+    .expect("fake-soniox starts");
+    let out = Command::new(BIN)
+        .args(["--direct", "--key", KEY, "--target"])
+        .arg(fake.addr().to_string())
+        .args(["-n", "1", "--stream-seconds", "1e300", "--duration", "1s"])
+        .args(["--pace", "x4", "-q", "--json"])
+        .output()
+        .unwrap();
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{all}");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(json["streams_cut"], 1, "{all}");
+    assert!(json["frames_received"].as_u64() > Some(0), "{all}");
+}
