@@ -28,7 +28,12 @@
 # (default "direct clio nginx node"), H2H_WORKLOADS (default "W1s W1 W2 W3 W4"),
 # H2H_W1_STREAMS and H2H_W1_SECONDS (W1's size), H2H_CLIO_SHARDS (default: cores;
 # more shards than cores leaves them unpinned), H2H_PERF=0 (no perf windows),
-# H2H_FRESH=1 (a fresh proxy process for every workload, not one per proxy).
+# H2H_FRESH=1 (a fresh proxy process for every workload, not one per proxy),
+# H2H_BIN=DIR (clio-relay, fake-soniox and relay-load from DIR, not built).
+# nginx and node (with npm `ws`) are needed, and installed, only when
+# H2H_PROXIES names them. Every server listens on a port free when the
+# script starts; one that exits at its start (its port taken meanwhile)
+# ends the run there.
 set -euo pipefail
 
 # The whole script is one compound command, parsed before it runs: editing
@@ -63,11 +68,7 @@ for w in $WORKLOADS; do
   esac
 done
 
-FAKE_PORT=17300
-CLIO_PORT=18081
-CLIO_ADMIN_PORT=19464
-NGINX_PORT=18082
-NODE_PORT=18083
+proxy_asked() { case " $PROXIES " in *" $1 "*) return 0 ;; esac; return 1; }
 
 log() { printf '[h2h %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -91,12 +92,23 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # ---------------------------------------------------------------- install
-if ! command -v nginx >/dev/null 2>&1; then
+if proxy_asked nginx && ! command -v nginx >/dev/null 2>&1; then
   log "installing nginx (Debian)"
   apt-get install -y nginx >/dev/null || { apt-get update >/dev/null && apt-get install -y nginx >/dev/null; }
 fi
-command -v node >/dev/null 2>&1 || die "node is missing (apt-get install -y nodejs npm)"
+if proxy_asked node; then
+  command -v node >/dev/null 2>&1 || die "node is missing (apt-get install -y nodejs npm)"
+fi
 command -v python3 >/dev/null 2>&1 || die "python3 is missing"
+# Ports free now, one each (the kernel's pick, all held at once so they
+# differ). Fixed ones were taken by another engineer's run, and the run
+# then measured whatever listened there.
+read -r FAKE_PORT CLIO_PORT CLIO_ADMIN_PORT NGINX_PORT NODE_PORT < <(python3 -c '
+import socket
+ss = [socket.socket() for _ in range(5)]
+for s in ss:
+    s.bind(("127.0.0.1", 0))
+print(*(s.getsockname()[1] for s in ss))')
 PERF_ON=${H2H_PERF:-1}
 if [ "$PERF_ON" = 1 ] && ! command -v perf >/dev/null 2>&1; then
   log "installing linux-perf (Debian)"
@@ -105,15 +117,19 @@ if [ "$PERF_ON" = 1 ] && ! command -v perf >/dev/null 2>&1; then
 fi
 
 NODE_DIR=$TARGET_DIR/h2h-node
-if [ ! -d "$NODE_DIR/node_modules/ws" ]; then
+if proxy_asked node && [ ! -d "$NODE_DIR/node_modules/ws" ]; then
   log "npm install ws into $NODE_DIR"
   mkdir -p "$NODE_DIR"
   (cd "$NODE_DIR" && { [ -f package.json ] || echo '{"private":true}' > package.json; } \
     && npm install --no-audit --no-fund --loglevel=error ws@8 >/dev/null)
 fi
 
-log "cargo build --release --bins"
-(cd "$ROOT" && cargo build --release --bins --quiet)
+if [ -n "${H2H_BIN:-}" ]; then
+  BIN=$H2H_BIN
+else
+  log "cargo build --release --bins"
+  (cd "$ROOT" && cargo build --release --bins --quiet)
+fi
 
 # ---------------------------------------------------------------- work dir
 WORK=${H2H_WORK:-$(mktemp -d /tmp/h2h.XXXXXX)}
@@ -223,14 +239,23 @@ http {
     }
 }
 EOF
-nginx -t -q -c "$WORK/nginx.conf" -p "$WORK/nginx/" 2> "$WORK/nginx-t.txt" \
-  || { cat "$WORK/nginx-t.txt" >&2; die "nginx config refused"; }
+if proxy_asked nginx; then
+  nginx -t -q -c "$WORK/nginx.conf" -p "$WORK/nginx/" 2> "$WORK/nginx-t.txt" \
+    || { cat "$WORK/nginx-t.txt" >&2; die "nginx config refused"; }
+fi
 
 # ---------------------------------------------------------------- helpers
-# wait_port PORT: until something accepts on 127.0.0.1:PORT (at most 10 s).
+# wait_port PORT PID: until something accepts on 127.0.0.1:PORT (at most
+# 10 s) with PID still running a moment later; fails as soon as PID has
+# exited (a server that could not listen: another process's port).
 wait_port() {
   for _ in $(seq 100); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+    kill -0 "$2" 2>/dev/null || return 1
+    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then
+      sleep 0.2
+      kill -0 "$2" 2>/dev/null
+      return
+    fi
     sleep 0.1
   done
   return 1
@@ -286,7 +311,8 @@ start_fake() {
     --listen "127.0.0.1:$FAKE_PORT" > "$WORK/fake-soniox.log" 2>&1 &
   FAKE_PID=$!
   CHILDREN+=("$FAKE_PID")
-  wait_port "$FAKE_PORT" || die "fake-soniox did not start (see $WORK/fake-soniox.log)"
+  wait_port "$FAKE_PORT" "$FAKE_PID" \
+    || die "fake-soniox did not start: $(tail -n 1 "$WORK/fake-soniox.log")"
 }
 
 # start_proxy NAME: starts it, sets PROXY_PID and TARGET_ARGS.
@@ -316,7 +342,7 @@ start_proxy() {
     *) die "unknown proxy $1" ;;
   esac
   CHILDREN+=("$PROXY_PID")
-  wait_port "$port" || die "$1 did not start"
+  wait_port "$port" "$PROXY_PID" || die "$1 did not start (its log is in $WORK)"
   sleep 1
 }
 
@@ -525,8 +551,14 @@ EOF
   echo " \"quick\": $QUICK, \"command\": \"$COMMAND\", \"nproc\": $NPROC,"
   echo " \"cpu\": \"$(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)\","
   echo " \"mem_gib\": $(awk '/MemTotal/ {printf "%.0f", $2/1048576}' /proc/meminfo),"
-  echo " \"kernel\": \"$(uname -r)\", \"nginx\": \"$(nginx -v 2>&1 | sed 's/.*\///')\","
-  echo " \"node\": \"$(node --version)\", \"ws\": \"$(node -p "require('$NODE_DIR/node_modules/ws/package.json').version")\","
+  if proxy_asked nginx; then NGINX_V=$(nginx -v 2>&1 | sed 's/.*\///'); else NGINX_V=""; fi
+  if proxy_asked node; then
+    NODE_V=$(node --version) WS_V=$(node -p "require('$NODE_DIR/node_modules/ws/package.json').version")
+  else
+    NODE_V="" WS_V=""
+  fi
+  echo " \"kernel\": \"$(uname -r)\", \"nginx\": \"$NGINX_V\","
+  echo " \"node\": \"$NODE_V\", \"ws\": \"$WS_V\","
   echo " \"proxies\": \"$PROXIES\", \"workloads\": \"$WORKLOADS\","
   echo " \"perf_workloads\": \"$PERF_WORKLOADS\", \"perf_note\": \"$PERF_NOTE\", \"fresh\": $FRESH}"
 } > "$WORK/run.json"

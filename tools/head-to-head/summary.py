@@ -344,8 +344,11 @@ def main():
                 + "; ".join(windows) + ". Raw data: PROXY-W.perf.data, "
                 "PROXY-W.perf-report.txt and PROXY-W.floor.json in the work dir.")
 
-    machine = (f"{run['nproc']} cores ({run['cpu']}), {run['mem_gib']} GiB, Linux {run['kernel']}; "
-               f"nginx {run['nginx']}, Node {run['node']} with ws {run['ws']}")
+    # nginx and node are named only when the run had them.
+    others = ([f"nginx {run['nginx']}"] if run.get("nginx") else []) + (
+        [f"Node {run['node']} with ws {run['ws']}"] if run.get("node") else [])
+    machine = (f"{run['nproc']} cores ({run['cpu']}), {run['mem_gib']} GiB, Linux {run['kernel']}"
+               + ("; " + ", ".join(others) if others else ""))
     text = "\n".join([table, "", "Targets:", "", *targets] + (["", "Notes:", "", *notes] if notes else []))
     print(f"Head-to-head, {run['date']}{' (--quick)' if run['quick'] else ''}: {machine}")
     print()

@@ -1,0 +1,66 @@
+//! `tools/head-to-head.sh` beside another engineer's run: in a private
+//! network namespace (`unshare -n`), with another process on the port the
+//! script used to take for fake-soniox (17300). The direct path's churn on
+//! the debug binaries (`H2H_BIN`), no perf, no nginx or node.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Another process listening on 127.0.0.1:17300, where the script's
+/// fake-soniox used to listen: the run still measures its own
+/// fake-soniox. Before, fake-soniox could not listen and exited, the
+/// script took the other process's port for its own and measured it:
+/// 0 cycles/s, 0 failed streams, exit 0.
+#[test]
+fn head_to_head_runs_beside_another_on_its_old_ports() {
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_clio-relay"))
+        .parent()
+        .unwrap();
+    for tool in ["fake-soniox", "relay-load"] {
+        assert!(
+            bin_dir.join(tool).exists(),
+            "{tool} is not built beside the relay: cargo build -p {tool}"
+        );
+    }
+    let work =
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("h2h-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    let script = format!(
+        "set -e; ip link set lo up\n\
+         python3 -c 'import socket, time; s = socket.socket(); s.bind((\"127.0.0.1\", 17300)); s.listen(); time.sleep(120)' &\n\
+         for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/17300) 2>/dev/null && break; sleep 0.1; done\n\
+         rc=0; bash {h2h} --quick || rc=$?\n\
+         jobs -p | xargs -r kill; exit $rc",
+        h2h = repo.join("tools/head-to-head.sh").display(),
+    );
+    use std::os::unix::fs::MetadataExt as _;
+    let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
+    let out = Command::new("timeout")
+        .args(["--kill-after=10", "300", "unshare"])
+        .arg(if root { "-n" } else { "-rn" })
+        .args(["bash", "-c", &script])
+        .current_dir(&repo)
+        .env("H2H_BIN", bin_dir)
+        .env("H2H_WORK", &work)
+        .env("H2H_PROXIES", "direct")
+        .env("H2H_WORKLOADS", "W3")
+        .env("H2H_PERF", "0")
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("timeout, unshare and bash run");
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = std::fs::read(work.join("direct-W3.json")).unwrap_or_default();
+    let _ = std::fs::remove_dir_all(&work);
+    assert_eq!(out.status.code(), Some(0), "{all}");
+    let json: serde_json::Value =
+        serde_json::from_slice(&report).unwrap_or_else(|e| panic!("direct-W3.json: {e}\n{all}"));
+    assert!(
+        json["streams_ok"].as_u64() > Some(0),
+        "no churn cycle measured: {json}\n{all}"
+    );
+}
