@@ -106,3 +106,102 @@ fn ab_sh_leaves_no_work_dir_behind() {
         .unwrap_or_else(|| panic!("no left: line\n{all}"));
     assert_eq!(left.trim(), "", "{all}");
 }
+
+/// The processes whose command line names `dir`.
+fn processes_naming(dir: &str) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let pid = e.file_name().to_string_lossy().parse::<i32>().ok()?;
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            String::from_utf8_lossy(&cmd)
+                .replace('\0', " ")
+                .contains(dir)
+                .then_some(pid)
+        })
+        .collect()
+}
+
+/// SIGINT (or SIGTERM) to the script alone, as `kill -INT` or a
+/// supervisor sends it, ends the run there: exit 130, its relay-load,
+/// relay and fake-soniox ended, its work directory gone. Before, bash
+/// went on after its foreground `sleep` (a child the signal did not
+/// reach) and ran every round to the end, exit 0.
+#[test]
+fn sigint_to_ab_sh_ends_the_run() {
+    use std::time::{Duration, Instant};
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_clio-relay"))
+        .parent()
+        .unwrap();
+    let target = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("ab-sigint-{}", std::process::id()));
+    let release = target.join("release");
+    let tmp = target.join("tmp");
+    std::fs::create_dir_all(&release).unwrap();
+    std::fs::create_dir_all(&tmp).unwrap();
+    for tool in ["fake-soniox", "relay-load"] {
+        std::os::unix::fs::symlink(bin_dir.join(tool), release.join(tool)).unwrap();
+    }
+    use std::os::unix::fs::MetadataExt as _;
+    let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
+    // `exec`: the script is the process signalled, its SIGINT not
+    // ignored as a background job's would be.
+    let script = format!(
+        "ip link set lo up; exec bash {ab} -w churn -r 3 {dir}",
+        ab = repo().join("tools/ab.sh").display(),
+        dir = bin_dir.display(),
+    );
+    let mut child = Command::new("unshare")
+        .arg(if root { "-n" } else { "-rn" })
+        .args(["bash", "-c", &script])
+        .env("CARGO_TARGET_DIR", &target)
+        .env("TMPDIR", &tmp)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("unshare and bash run");
+    let tmp_s = tmp.display().to_string();
+    let sweep = || {
+        for pid in processes_naming(&tmp_s) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    };
+    // Once a round's relay-load runs.
+    let t0 = Instant::now();
+    while processes_naming(&tmp_s).len() < 2 && t0.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let left = processes_naming(&tmp_s);
+    sweep();
+    let files: Vec<_> = std::fs::read_dir(&tmp)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    let _ = std::fs::remove_dir_all(&target);
+    let status = status.expect("ab.sh ended within 60 s of SIGINT");
+    assert_eq!(status.code(), Some(130), "{status:?}");
+    assert!(left.is_empty(), "left running: {left:?}");
+    assert!(files.is_empty(), "left in TMPDIR: {files:?}");
+}

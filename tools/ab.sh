@@ -76,6 +76,10 @@ cleanup() {
   if [ "${AB_KEEP:-0}" = 1 ]; then echo "ab: work dir kept: $WORK" >&2; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
+# Ctrl-C or SIGTERM to the script alone ends the run too: with no trap,
+# bash went on after its foreground sleep, to the end of every round.
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 "$BIN/fake-soniox" --echo --shards 2 --max-concurrent 20000 --key "$AB_KEY" \
   --listen "127.0.0.1:$FAKE_PORT" > "$WORK/fake.log" 2>&1 &
@@ -168,6 +172,8 @@ for round in $(seq 1 "$ROUNDS"); do
       --target "127.0.0.1:$RELAY_PORT" "${LOAD_ARGS[@]}" -q --json \
       > "$WORK/load.json" 2> "$WORK/load.err" &
     lp=$!
+    # `timeout` passes the cleanup's TERM on to relay-load.
+    PIDS+=("$lp")
     while kill -0 "$lp" 2>/dev/null; do rss "$rp" >> "$WORK/samples"; sleep 0.5; done
     wait "$lp" || true
     ticks=$(( $(awk '{ print $14 + $15 }' "/proc/$rp/stat") - ticks0 ))
