@@ -158,7 +158,8 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     signals.add(Signal::SIGTERM);
     signals.thread_block()?;
     let scheme = if cfg.tls.is_some() { "wss" } else { "ws" };
-    let fake = FakeSoniox::start(cfg)?;
+    let listen = cfg.listen;
+    let fake = FakeSoniox::start(cfg).map_err(|e| format!("--listen {listen}: {e}"))?;
     println!(
         "fake-soniox listening on {scheme}://{}/transcribe-websocket, REST at {}",
         fake.addr(),
@@ -176,8 +177,11 @@ fn load_tls(
 ) -> Result<Arc<rustls::ServerConfig>, Box<dyn std::error::Error>> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    let chain = CertificateDer::pem_file_iter(cert)?.collect::<Result<Vec<_>, _>>()?;
-    let key = PrivateKeyDer::from_pem_file(key)?;
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("--tls-cert {}: {e}", cert.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("--tls-key {}: {e}", key.display()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
