@@ -19,7 +19,16 @@ pub enum HeadError {
     TooLarge,
     /// Not parseable HTTP/1.1.
     Malformed,
+    /// The peer began a TLS handshake (its first byte is a TLS handshake
+    /// record's, [`TLS_HANDSHAKE`], which no HTTP message begins with):
+    /// `wss://` or `https://` to a port that speaks plain HTTP. Said at
+    /// once, not after the head's deadline: the rest of a ClientHello
+    /// never ends the head, so waiting for it only held the connection.
+    Tls,
 }
+
+/// The first byte of a TLS handshake record (content type 22).
+pub const TLS_HANDSHAKE: u8 = 0x16;
 
 impl std::fmt::Display for HeadError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -27,6 +36,7 @@ impl std::fmt::Display for HeadError {
             HeadError::Io(e) => write!(f, "the request head could not be read: {e}"),
             HeadError::TooLarge => f.write_str("the request head is over the size limit"),
             HeadError::Malformed => f.write_str("the request head is not valid HTTP/1.1"),
+            HeadError::Tls => f.write_str("a TLS handshake, on a port that speaks plain HTTP"),
         }
     }
 }
@@ -49,6 +59,9 @@ pub async fn read_head(conn: &Duplex, buf: &mut Buf, max: usize) -> Result<usize
     let mut scanned = 0;
     loop {
         let filled = &buf.filled()[..];
+        if filled.first() == Some(&TLS_HANDSHAKE) {
+            return Err(HeadError::Tls);
+        }
         if let Some(at) = find_head_end(filled, scanned) {
             // However it arrived: a head over the limit in one read is
             // still over the limit.

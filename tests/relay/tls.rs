@@ -459,3 +459,74 @@ fn the_handshake_timeout_counts_the_tls_handshake_too() {
          with a 2 s handshake_timeout"
     );
 }
+
+/// The first flight of a real TLS client (rustls) for "localhost": a
+/// ClientHello, as a `wss://` or `https://` client sends it.
+fn client_hello() -> Vec<u8> {
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(rustls::RootCertStore::empty())
+    .with_no_client_auth();
+    let mut conn =
+        rustls::ClientConnection::new(Arc::new(cfg), "localhost".try_into().unwrap()).unwrap();
+    let mut hello = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut hello).unwrap();
+    }
+    assert_eq!(hello.first(), Some(&0x16), "a handshake record");
+    hello
+}
+
+/// Sends `bytes` to `addr` and reads the answer to the end.
+fn answer_to(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
+    use std::io::{Read, Write};
+    let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+    // A bound for a test that would otherwise hang: past every deadline.
+    tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    tcp.write_all(bytes).unwrap();
+    let mut got = Vec::new();
+    let read = tcp.read_to_end(&mut got);
+    assert!(
+        read.is_ok(),
+        "{read:?} after {:?}",
+        String::from_utf8_lossy(&got)
+    );
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// A `wss://` client at a client port without `[tls]` (or an `https://`
+/// one at the admin port) is refused at its ClientHello with a 400 that
+/// says why, not held until the head's deadline and then told 408, as if
+/// it were a slow HTTP client: the rest of a ClientHello never ends an
+/// HTTP head.
+#[test]
+fn a_tls_handshake_on_a_plain_port_is_refused_at_once() {
+    let fake = fake(&["k1"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.limits.handshake_timeout = Duration::from_secs(2);
+    let relay = Relay::start(cfg);
+    let hello = client_hello();
+    let answer = answer_to(relay.addr(), &hello);
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer:?}");
+    assert!(
+        answer.contains("a TLS handshake on a port without TLS"),
+        "{answer:?}"
+    );
+    let answer = answer_to(relay.handle.admin_addr, &hello);
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer:?}");
+    assert!(answer.contains("speaks plain HTTP"), "{answer:?}");
+    // Counted as the client's error, and the port still serves.
+    let (_, metrics) = http(relay.handle.admin_addr, "GET", "/metrics", None, None);
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "clio_relay_errors_total{side=\"client\",code=\"400\"} 1"),
+        "{metrics}"
+    );
+    let (mut ws, _) = connect(relay.addr(), &relay.token("d"), Via::Header).unwrap();
+    let got = stream_session(&mut ws, &config_message(None), &audio_frames(2, 3));
+    assert!(got.finished(), "{got:?}");
+}

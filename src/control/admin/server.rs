@@ -253,6 +253,10 @@ async fn read_request(conn: &Duplex, buf: &mut Buf) -> Result<usize, (u16, &'sta
         .await
         .map_err(|e| match e {
             http::HeadError::TooLarge => (431u16, "request head over 8 KiB"),
+            http::HeadError::Tls => (
+                400u16,
+                "a TLS handshake on the admin port, which speaks plain HTTP (http://)",
+            ),
             _ => (400u16, "malformed HTTP request"),
         })?;
     let head_bytes = &buf.filled()[..head];

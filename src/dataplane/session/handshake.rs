@@ -33,6 +33,10 @@ pub fn serve(shard: Rc<Shard>, tcp: RingSocket) -> impl std::future::Future<Outp
     }
 }
 
+/// The refusal of a TLS handshake on a client port without `[tls]`.
+const TLS_ON_PLAIN_PORT: &str =
+    "a TLS handshake on a port without TLS: connect with ws://, or set [tls] on the relay";
+
 /// What [`upgrade`] hands to the stream: the stream, the client's
 /// connection and read buffer, the token's claims if they came on the
 /// request, and otherwise the connection's place in the unauthenticated
@@ -193,6 +197,15 @@ async fn handshake(
         Some(Err(HeadError::Malformed)) => {
             let _ = client
                 .write_all(&refuse(400, "malformed HTTP request", Side::Client))
+                .await;
+            return None;
+        }
+        Some(Err(HeadError::Tls)) => {
+            // A wss:// client at a port without [tls]: its TLS library
+            // cannot read the answer (a "wrong version number"), but it
+            // gets it at once, and the log says what happened.
+            let _ = client
+                .write_all(&refuse(400, TLS_ON_PLAIN_PORT, Side::Client))
                 .await;
             return None;
         }
