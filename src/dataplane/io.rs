@@ -187,6 +187,15 @@ impl AsyncWrite for Conn {
 }
 
 impl Tcp {
+    /// See [`RingSocket::received`]; glommio's sockets (off the streaming
+    /// path) count nothing.
+    fn received(&self) -> u64 {
+        match self {
+            Tcp::Ring(s) => s.received(),
+            Tcp::Glommio(_) => 0,
+        }
+    }
+
     /// See [`RingSocket::poll_hangup`]; glommio's sockets (off the
     /// streaming path) never report it.
     fn poll_hangup(&self, cx: &mut Context<'_>) -> Poll<()> {
@@ -205,6 +214,16 @@ impl Conn {
             Conn::Plain(tcp) => tcp.poll_hangup(cx),
             Conn::TlsClient(tls) => tls.get_ref().0.poll_hangup(cx),
             Conn::TlsServer(tls) => tls.get_ref().0.poll_hangup(cx),
+        }
+    }
+
+    /// Bytes received on the TCP socket under the connection, encrypted
+    /// ones included: see [`RingSocket::received`].
+    fn received(&self) -> u64 {
+        match self {
+            Conn::Plain(tcp) => tcp.received(),
+            Conn::TlsClient(tls) => tls.get_ref().0.received(),
+            Conn::TlsServer(tls) => tls.get_ref().0.received(),
         }
     }
 
@@ -232,6 +251,17 @@ impl Duplex {
     /// failed, reading nothing: see [`RingSocket::poll_hangup`].
     pub async fn hung_up(&self) {
         std::future::poll_fn(|cx| self.0.borrow().poll_hangup(cx)).await
+    }
+
+    /// Bytes received on the socket so far, TLS records still arriving
+    /// included (see [`RingSocket::received`]).
+    pub fn received(&self) -> u64 {
+        self.0.borrow().received()
+    }
+
+    /// Whether the connection is TLS (client or upstream side).
+    pub fn is_tls(&self) -> bool {
+        !matches!(*self.0.borrow(), Conn::Plain(_))
     }
 
     /// Reads into `buf`; `Ok(0)` is end of stream.

@@ -397,13 +397,34 @@ pub async fn upstream_to_client(
 /// Reads more of `conn` into `buf` (after moving what is left to its
 /// front) and marks the stream active. Returns when the bytes arrived, or
 /// `None` once `conn` has ended or failed.
+///
+/// Over TLS a record's bytes arrive before any of it can be read: each
+/// wake-up that brought some marks the stream active too, so a record
+/// that comes slowly is not silence (`limits.idle_timeout` counts any
+/// byte, of a frame still arriving too).
 pub(crate) async fn read_more(
     buf: &mut Buf,
     conn: &Duplex,
     state: &StreamState,
 ) -> Option<Instant> {
     buf.compact();
-    match buf.read_from(conn).await {
+    let read = if conn.is_tls() {
+        let mut seen = conn.received();
+        let mut read = std::pin::pin!(buf.read_from(conn));
+        std::future::poll_fn(|cx| {
+            let r = read.as_mut().poll(cx);
+            if r.is_pending() && conn.received() != seen {
+                seen = conn.received();
+                state.last_activity.set(Instant::now());
+            }
+            r
+        })
+        .await
+    } else {
+        // A plain read gives every byte as it comes.
+        buf.read_from(conn).await
+    };
+    match read {
         Ok(0) | Err(_) => None,
         Ok(_) => {
             let at = Instant::now();

@@ -530,3 +530,58 @@ fn a_tls_handshake_on_a_plain_port_is_refused_at_once() {
     let got = stream_session(&mut ws, &config_message(None), &audio_frames(2, 3));
     assert!(got.finished(), "{got:?}");
 }
+
+/// `limits.idle_timeout` counts any byte, of a frame still arriving too:
+/// over TLS, of a record still arriving too. A TLS client whose frame
+/// comes in one record, its bytes spread over more than the idle timeout,
+/// is passing bytes all along and is not idle, as a plain client sending
+/// a frame a byte at a time is not.
+#[test]
+fn a_tls_record_that_arrives_slowly_keeps_its_stream_alive() {
+    use std::io::Write;
+    let fake = fake(&["k1"], |_| {});
+    let (relay, ca) = tls_relay(&fake.url(), |cfg| {
+        cfg.limits.idle_timeout = Duration::from_secs(2)
+    });
+    let mut ws = wss_connect(relay.addr(), &ca, &relay.token("d")).unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    // One 3,200-byte audio frame, encrypted as one TLS record, whose bytes
+    // go out 32 at a time, 50 ms apart: some 5 s for the record, with a
+    // gap of 50 ms between its bytes, never of 2 s.
+    let tls = ws.get_mut();
+    let audio = audio_frames(1, 7).remove(0);
+    let frame = client_frame(2, &audio);
+    tls.conn.writer().write_all(&frame).unwrap();
+    let mut record = Vec::new();
+    while tls.conn.wants_write() {
+        tls.conn.write_tls(&mut record).unwrap();
+    }
+    assert!(record.len() > frame.len(), "one record: {}", record.len());
+    let started = Instant::now();
+    let mut cut = None;
+    for piece in record.chunks(32) {
+        if let Err(e) = tls.sock.write_all(piece) {
+            cut = Some(e);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        cut.is_none(),
+        "the relay ended the stream while its record arrived: {cut:?}"
+    );
+    assert!(started.elapsed() > Duration::from_secs(2));
+    ws.send(Message::binary(Vec::<u8>::new())).unwrap();
+    let mut texts = Vec::new();
+    while let Ok(m) = ws.read() {
+        if let Message::Text(t) = m {
+            texts.push(t.to_string());
+        }
+    }
+    assert!(
+        texts.iter().any(|t| t.contains("\"finished\":true")),
+        "the stream was ended while its record arrived: {texts:?}"
+    );
+    assert!(fake.wait_for(LIMIT, |s| s.len() == 1 && s[0].closed));
+    assert_eq!(fake.sessions()[0].audio, audio);
+}

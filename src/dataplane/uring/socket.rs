@@ -19,6 +19,9 @@ pub struct RingSocket {
     fd: OwnedFd,
     token: Token,
     plane: Rc<Plane>,
+    /// Bytes received so far: over TLS, what arrived of a record that
+    /// cannot be read yet shows here (see [`RingSocket::received`]).
+    received: std::cell::Cell<u64>,
 }
 
 impl std::fmt::Debug for RingSocket {
@@ -46,6 +49,7 @@ impl RingSocket {
             fd,
             token,
             plane: plane.clone(),
+            received: std::cell::Cell::new(0),
         }
     }
 
@@ -136,6 +140,13 @@ impl RingSocket {
         }
     }
 
+    /// Bytes received on the socket so far. A read over TLS takes the
+    /// bytes of a record as they come and gives nothing until the record is
+    /// whole: this counts them as they arrive.
+    pub fn received(&self) -> u64 {
+        self.received.get()
+    }
+
     /// One non-blocking `recv`, once the plane says bytes may be there.
     pub(crate) fn poll_recv(
         &self,
@@ -157,6 +168,7 @@ impl RingSocket {
             };
             if n >= 0 {
                 let n = n as usize;
+                self.received.set(self.received.get() + n as u64);
                 if n > 0 && n < buf.len() {
                     // Drained: more bytes bring another readiness event
                     // (the poll is multishot), so no `recv` to find EAGAIN.
