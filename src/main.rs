@@ -177,6 +177,23 @@ fn init_logging(quiet: bool) {
     }
 }
 
+/// `filter` with rustls's own lines off, unless `asked` (`RUST_LOG`)
+/// names rustls. A TLS peer makes those lines at will, several per
+/// connection and outside the relay's log budget (a warning alert, a
+/// renegotiation, an SNI no client may send, with its bytes); the relay
+/// logs each failed handshake itself, with rustls's reason, within it.
+fn quiet_rustls(filter: &str, asked: &str) -> String {
+    let names_rustls = asked.split(',').any(|d| {
+        let target = d.trim().split(['=', '[']).next().unwrap_or("");
+        target == "rustls" || target.starts_with("rustls::")
+    });
+    if names_rustls {
+        filter.to_string()
+    } else {
+        format!("{filter},rustls=off")
+    }
+}
+
 /// The filter for `RUST_LOG` (`asked`), and why when it is not the one
 /// asked for. Empty, it is `default`. A directive that would not do what
 /// it seems to gives `default`: a bare word is a target (a module) in
@@ -194,12 +211,13 @@ fn log_filter(asked: &str, default: &str) -> (tracing_subscriber::EnvFilter, Opt
     const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
     const CRATES: [&str; 5] = ["glommio", "rustls", "tungstenite", "redis", "mimalloc"];
     const OURS: &str = "clio_relay";
+    let quiet = |filter: &str| quiet_rustls(filter, asked);
     if asked.trim().is_empty() {
-        return (EnvFilter::new(default), None);
+        return (EnvFilter::new(quiet(default)), None);
     }
     let unused = |why: String| {
         let note = format!("not used ({why}); logging at {default}");
-        (EnvFilter::new(default), Some(note))
+        (EnvFilter::new(quiet(default)), Some(note))
     };
     let is_level = |d: &str| {
         LEVELS.iter().any(|l| l.eq_ignore_ascii_case(d)) || d.parse::<u8>().is_ok_and(|n| n <= 5)
@@ -237,7 +255,7 @@ fn log_filter(asked: &str, default: &str) -> (tracing_subscriber::EnvFilter, Opt
             within.join(", ")
         )
     };
-    match EnvFilter::try_new(filter) {
+    match EnvFilter::try_new(quiet(&filter)) {
         Err(e) => unused(e.to_string()),
         Ok(f) if covers_us => (f, None),
         Ok(f) => (

@@ -859,3 +859,88 @@ fn a_burst_of_idle_admin_connections_does_not_evict_a_scrape() {
     let _ = child.wait();
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A TLS peer cannot make the relay log a line per thing it sends: rustls
+/// logs a warning alert it receives (and a renegotiation it refuses, an
+/// SNI no client may send) at WARN, several per connection, so rustls's
+/// own lines are off unless `RUST_LOG` names rustls. The relay's own
+/// line for each failed handshake stays, within its budget.
+#[test]
+fn a_tls_peer_cannot_fill_the_log_through_rustls() {
+    use std::io::{BufRead, BufReader, Write};
+    let dir = std::env::temp_dir().join(format!("clio-relay-tls-log-{}", std::process::id()));
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let client = free.local_addr().unwrap();
+    drop(free);
+    let config = relay_config(&dir, &client.to_string(), "127.0.0.1:0");
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+    let mut toml = std::fs::read_to_string(&config).unwrap();
+    toml.push_str("\n[tls]\ncert_file = \"cert.pem\"\nkey_file = \"key.pem\"\n");
+    std::fs::write(&config, toml).unwrap();
+    let mut child = Command::new(RELAY)
+        .args(["run", "--config", &config])
+        .env("CLI_EXIT_SECRET", "cli-exit-secret-0123456789abcdef0123")
+        .env("CLI_EXIT_ADMIN", "cli-exit-admin-token-0123456789")
+        .env("CLI_EXIT_KEY", "cli-exit-soniox-key")
+        .env_remove("RUST_LOG")
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_FDS")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let sink = lines.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::net::TcpStream::connect(client).is_err() {
+        assert!(std::time::Instant::now() < deadline, "relay never listened");
+        assert!(child.try_wait().unwrap().is_none(), "relay exited");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // 30 connections, each with three warning alerts (unrecognized_name)
+    // where its ClientHello should be, then gone.
+    let alert = [0x15, 0x03, 0x01, 0x00, 0x02, 0x01, 112];
+    for _ in 0..30 {
+        let mut tcp = std::net::TcpStream::connect(client).unwrap();
+        tcp.write_all(&[alert; 3].concat()).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // The relay's own lines say the handshakes failed.
+    let failed = || {
+        lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains("TLS handshake failed"))
+            .count()
+    };
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while failed() == 0 && std::time::Instant::now() < end {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let _ = child.kill();
+    let _ = child.wait();
+    std::fs::remove_dir_all(&dir).ok();
+    let failed = failed();
+    let lines = lines.lock().unwrap();
+    assert!(failed > 0, "{lines:#?}");
+    let from_rustls: Vec<_> = lines.iter().filter(|l| l.contains("rustls::")).collect();
+    assert!(
+        from_rustls.is_empty(),
+        "{} lines: {from_rustls:#?}",
+        from_rustls.len()
+    );
+}
