@@ -422,25 +422,31 @@ impl RelayHandle {
             let _ = s.tx.try_send(ShardMsg::StopAccepting);
         }
         // Each shard handles its messages in order, so once every shard
-        // answers a ping its listener is closed. Only then does the relay
-        // refuse new streams: a connection it accepted until then is
-        // served, not refused (a shard sees control messages within one
-        // data-plane pass, a few milliseconds).
+        // answers a ping its listener is closed: `/healthz` turns 503. A
+        // connection a shard accepted until then is served, not refused,
+        // however late its request or its first message comes before the
+        // deadline (a shard sees control messages within one data-plane
+        // pass, a few milliseconds).
         let _ = self.alive(std::time::Duration::from_secs(2));
         self.process.set_draining(true);
-        self.process.wait_all_ended(Instant::now() + deadline);
+        self.process.wait_all_closed(Instant::now() + deadline);
+        // From here a stream that would start is refused, and one that
+        // registers is stopped as it does (the streams' own check).
+        self.process.set_finalizing(true);
         let cut = self.process.live_streams();
         if cut > 0 {
             tracing::info!(
                 streams = cut,
                 "drain deadline: finalizing the streams still live"
             );
-            for s in &self.shards {
-                let _ = s.tx.try_send(ShardMsg::Drain);
-            }
-            self.process
-                .wait_all_ended(Instant::now() + std::time::Duration::from_secs(8));
         }
+        // Sent even with none live: a stream admitted just before the flag
+        // may register after the count.
+        for s in &self.shards {
+            let _ = s.tx.try_send(ShardMsg::Drain);
+        }
+        self.process
+            .wait_all_ended(Instant::now() + std::time::Duration::from_secs(8));
         cut
     }
 

@@ -60,15 +60,24 @@ pub const RING_DEPTH: usize = 4096;
 type Published = (Arc<[RingSlot]>, Arc<[String]>);
 
 /// Process-wide facts every shard reads: the stream count behind
-/// `server.max_streams`, the draining flag, and the accounts.
+/// `server.max_streams`, the draining flags, and the accounts.
 #[derive(Debug)]
 pub struct ProcessState {
     live: AtomicU32,
-    /// Notified when `live` falls to zero: a drain waits on it rather than
-    /// polling the count.
+    /// Client connections accepted and not yet closed, streams or not (an
+    /// upgrade request still to come, a token still to come in the first
+    /// message): a drain serves them too.
+    connections: AtomicU32,
+    /// Notified when `live` or `connections` falls to zero: a drain waits
+    /// on it rather than polling the counts.
     all_ended: (Mutex<()>, Condvar),
     max_streams: u32,
+    /// A drain has begun: `/healthz` 503. Streams are still taken on the
+    /// connections accepted before the listeners closed.
     draining: AtomicBool,
+    /// The drain deadline has passed: live streams are finalized, and a
+    /// stream that would start now is refused ("reconnect").
+    finalizing: AtomicBool,
     /// Random per process start, part of every stream id.
     boot_id: u32,
     /// The ring version last published, and account ids by metrics index:
@@ -105,9 +114,11 @@ impl ProcessState {
         let boot_id = u32::from_le_bytes(masks.next_key());
         Arc::new(ProcessState {
             live: AtomicU32::new(0),
+            connections: AtomicU32::new(0),
             all_ended: (Mutex::new(()), Condvar::new()),
             max_streams,
             draining: AtomicBool::new(false),
+            finalizing: AtomicBool::new(false),
             boot_id,
             published: Mutex::new((ring, metrics_ids)),
             devices: crate::core::devices::Devices::default(),
@@ -175,13 +186,33 @@ impl ProcessState {
         self.live.load(Ordering::Relaxed)
     }
 
-    /// Blocks the calling thread (never a shard) until no stream is live or
-    /// `until` has passed; true when none is live.
+    /// Counts an accepted client connection until the value is dropped.
+    pub fn connection(self: &Arc<Self>) -> OpenConnection {
+        self.connections.fetch_add(1, Ordering::AcqRel);
+        OpenConnection(self.clone())
+    }
+
+    /// Blocks the calling thread (never a shard) until no stream is live
+    /// or `until` has passed; true when none is live.
     pub fn wait_all_ended(&self, until: Instant) -> bool {
+        self.wait_none(until, false)
+    }
+
+    /// Like [`ProcessState::wait_all_ended`], and until no client
+    /// connection is open either (a drain before its deadline: a
+    /// connection accepted before the listeners closed may still become
+    /// a stream).
+    pub fn wait_all_closed(&self, until: Instant) -> bool {
+        self.wait_none(until, true)
+    }
+
+    fn wait_none(&self, until: Instant, connections: bool) -> bool {
         let (lock, cv) = &self.all_ended;
         let mut guard = lock.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            if self.live.load(Ordering::Acquire) == 0 {
+            if self.live.load(Ordering::Acquire) == 0
+                && (!connections || self.connections.load(Ordering::Acquire) == 0)
+            {
                 return true;
             }
             let now = Instant::now();
@@ -200,14 +231,42 @@ impl ProcessState {
         self.max_streams
     }
 
-    /// Whether the relay is draining (no new streams).
+    /// Whether the relay is draining (`/healthz` 503; its listeners are
+    /// closed, but a connection accepted before is still served).
     pub fn draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Whether the drain deadline has passed: no new stream (503
+    /// "reconnect"), and one that registers now is stopped at once.
+    pub fn finalizing(&self) -> bool {
+        self.finalizing.load(Ordering::SeqCst)
+    }
+
+    /// Marks the drain deadline as passed (or, for tests, not).
+    pub fn set_finalizing(&self, on: bool) {
+        self.finalizing.store(on, Ordering::SeqCst);
     }
 
     /// Starts or stops draining.
     pub fn set_draining(&self, on: bool) {
         self.draining.store(on, Ordering::Relaxed);
+    }
+}
+
+/// An accepted client connection, counted by [`ProcessState::connection`]
+/// until dropped.
+#[derive(Debug)]
+pub struct OpenConnection(Arc<ProcessState>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        if self.0.connections.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // As for the last stream (see `AdmitPermit`).
+            let (lock, cv) = &self.0.all_ended;
+            let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+            cv.notify_all();
+        }
     }
 }
 

@@ -314,3 +314,74 @@ fn drained_load(streams: usize) -> relay_load::LoadReport {
     );
     load.join().unwrap()
 }
+
+/// Connections the relay accepted before its drain closed the listener
+/// are served, not refused: one whose upgrade request comes only once the
+/// drain has begun (token on the request), and one upgraded before it
+/// whose token comes in its first message after. Before, both were
+/// refused once `/healthz` turned 503 (HTTP 503; 503 with close 1012),
+/// though the kernel had handed them to the relay, so a restart refused
+/// streams: relay-load saw `http 503` at hand-overs under churn.
+#[test]
+fn connections_accepted_before_a_drain_are_served_not_refused() {
+    use tungstenite::client::IntoClientRequest;
+    let fake = fake(&["k1"], |_| {});
+    let relay = Relay::start(relay_config(&fake.url(), &[("a", "k1")]));
+    let token = relay.token("phone");
+    // Upgraded, its token still to come in its first message.
+    let (mut late_token, _) = connect(relay.addr(), "", Via::Nowhere).unwrap();
+    // Connected, its request not sent yet, and taken off the accept queue.
+    let tcp = std::net::TcpStream::connect(relay.addr()).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    assert!(wait_until(Duration::from_secs(10), || accept_queue(
+        relay.addr()
+    ) == Some(0)));
+    let handle = &relay.handle;
+    let cut = std::thread::scope(|s| {
+        let d = s.spawn(|| handle.drain(Duration::from_secs(30)));
+        assert!(wait_until(Duration::from_secs(5), || http(
+            relay.handle.admin_addr,
+            "GET",
+            "/healthz",
+            None,
+            None
+        )
+        .0 == 503));
+        let mut req = format!("ws://{}/v1/transcribe", relay.addr())
+            .into_client_request()
+            .unwrap();
+        req.headers_mut()
+            .insert("Authorization", format!("Bearer {token}").parse().unwrap());
+        let (mut ws, _) = tungstenite::client::client(req, tcp)
+            .unwrap_or_else(|e| panic!("refused during the drain: {e:?}"));
+        let got = stream_session(&mut ws, &config_message(None), &audio_frames(3, 1));
+        assert!(got.finished(), "token on the request: {got:?}");
+        let got = stream_session(
+            &mut late_token,
+            &config_message(Some(&token)),
+            &audio_frames(3, 2),
+        );
+        assert!(got.finished(), "token in the first message: {got:?}");
+        d.join().unwrap()
+    });
+    assert_eq!(cut, 0, "both streams ended on their own");
+    assert_eq!(fake.sessions().len(), 2);
+}
+
+/// The connections waiting in the accept queue of the listeners on
+/// `addr`'s port (the kernel's `rx_queue` of a listening socket), or None
+/// when nothing listens there.
+fn accept_queue(addr: std::net::SocketAddr) -> Option<u64> {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let port = format!(":{:04X}", addr.port());
+    let mut queued = None;
+    for line in table.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        // local address, remote, state (0A: listening), tx_queue:rx_queue
+        if f.len() > 4 && f[1].ends_with(&port) && f[3] == "0A" {
+            let rx = f[4].split(':').nth(1).unwrap();
+            *queued.get_or_insert(0) += u64::from_str_radix(rx, 16).unwrap();
+        }
+    }
+    queued
+}

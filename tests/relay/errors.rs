@@ -377,9 +377,12 @@ fn frame_just_before_a_protocol_error_still_reaches_upstream() {
 }
 
 #[test]
-fn draining_relay_refuses_new_streams_with_503() {
+fn a_relay_past_its_drain_deadline_refuses_new_streams_with_503() {
     let (fake, relay) = setup(|_| {});
+    // Before the deadline a drain still serves the connections accepted
+    // before its listeners closed (tests/relay/drain.rs); past it, none.
     relay.handle.process.set_draining(true);
+    relay.handle.process.set_finalizing(true);
     assert_eq!(http_get(relay.addr(), "/healthz", "").0, 503);
     assert_eq!(http_get(relay.handle.admin_addr, "/healthz", "").0, 503);
     let (status, body) = refused_upgrade(connect(relay.addr(), &relay.token("dev"), Via::Header));
@@ -387,6 +390,7 @@ fn draining_relay_refuses_new_streams_with_503() {
     assert_http_error_body(&body, 503);
     assert!(fake.sessions().is_empty());
     relay.handle.process.set_draining(false);
+    relay.handle.process.set_finalizing(false);
     assert_eq!(http_get(relay.addr(), "/healthz", "").0, 200);
     let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
     assert!(stream_session(&mut ws, &config_message(None), &audio_frames(2, 1)).finished());

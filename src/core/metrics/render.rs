@@ -12,7 +12,7 @@ use super::{Direction, Hist, MetricsSnapshot, ACCOUNT_FIRST_RESULT_BUCKETS_MS};
 pub struct ProcessGauges {
     /// `server.max_streams` from the config.
     pub max_streams: u64,
-    /// Whether the relay is draining (refusing new streams).
+    /// Whether the relay is draining (its listeners closed, `/healthz` 503).
     pub draining: bool,
     /// Accounts currently considered healthy.
     pub accounts_healthy: u64,

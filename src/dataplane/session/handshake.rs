@@ -26,6 +26,8 @@ use super::Stream;
 #[allow(clippy::manual_async_fn)] // the point: see above
 pub fn serve(shard: Rc<Shard>, tcp: RingSocket) -> impl std::future::Future<Output = ()> {
     async move {
+        // Counted until it closes: a drain waits for it, stream or not.
+        let _open = shard.process.connection();
         let Some((stream, client, cbuf, claims, pending)) = upgrade(shard, tcp).await else {
             return;
         };
@@ -306,7 +308,9 @@ async fn handshake(
         },
         None => None,
     };
-    if shard.process.draining() {
+    // Draining, a connection accepted before the listeners closed is still
+    // served; only past the drain deadline is a new stream refused.
+    if shard.process.finalizing() {
         let _ = client
             .write_all(&refuse(503, "relay is draining; reconnect", Side::Internal))
             .await;

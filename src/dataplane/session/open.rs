@@ -87,7 +87,7 @@ impl Stream {
     /// first message.
     pub(super) fn admit_stream(&self) -> Result<AdmitPermit, Refusal> {
         let process = &self.shard.process;
-        if process.draining() {
+        if process.finalizing() {
             return Err(Refusal::new(
                 503,
                 "service_unavailable",

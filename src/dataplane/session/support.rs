@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 
 use crate::core::token::Claims;
 use crate::dataplane::io::{timeout, Conn, Duplex, Tcp};
-use crate::dataplane::shard::{LiveStream, Shard};
+use crate::dataplane::shard::{LiveStream, Shard, StopReason};
 use crate::dataplane::uring::CloseReply;
 
 /// Audio bytes per millisecond for a raw `audio_format` in the config
@@ -62,6 +62,12 @@ impl<'a> LiveGuard<'a> {
         let stream = LiveStream::new(&claims.device_id, &claims.token_id);
         let id = shard.next_live_id();
         shard.live.borrow_mut().insert(id, stream.clone());
+        // Past the drain deadline, `ShardMsg::Drain` may have gone by
+        // already (the stream was admitted before, and its open waited):
+        // it ends as the streams that message stopped do.
+        if shard.process.finalizing() {
+            stream.stop(StopReason::Drain);
+        }
         LiveGuard { shard, id, stream }
     }
 }
