@@ -416,7 +416,9 @@ impl RelayHandle {
     /// closed so a new process takes new connections), let live streams
     /// finish for up to `deadline`, then finalize the rest: upstream is
     /// asked for its final tokens, the client gets them, then Soniox's 503
-    /// "reconnect" and close 1012. Returns the streams that had to be cut.
+    /// "reconnect" and close 1012. Returns the streams that had to be cut
+    /// (or, after [`ProcessState::stop_now`], that were live then: the
+    /// drain returns at once, finalizing none).
     pub fn drain(&self, deadline: std::time::Duration) -> u32 {
         for s in &self.shards {
             let _ = s.tx.try_send(ShardMsg::StopAccepting);
@@ -430,6 +432,10 @@ impl RelayHandle {
         let _ = self.alive(std::time::Duration::from_secs(2));
         self.process.set_draining(true);
         self.process.wait_all_closed(Instant::now() + deadline);
+        if self.process.stopping_now() {
+            // SIGINT: the stop cuts what is live, as SIGINT alone does.
+            return self.process.live_streams();
+        }
         // From here a stream that would start is refused, and one that
         // registers is stopped as it does (the streams' own check).
         self.process.set_finalizing(true);
@@ -537,6 +543,20 @@ impl Drop for RelayHandle {
     }
 }
 
+/// The next of the blocked signals in `set`, waiting at most `limit`.
+fn wait_signal(
+    set: &nix::sys::signal::SigSet,
+    limit: std::time::Duration,
+) -> Option<nix::sys::signal::Signal> {
+    let ts = libc::timespec {
+        tv_sec: limit.as_secs() as libc::time_t,
+        tv_nsec: limit.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: a valid signal set and timeout; no siginfo is asked for.
+    let n = unsafe { libc::sigtimedwait(set.as_ref(), std::ptr::null_mut(), &ts) };
+    nix::sys::signal::Signal::try_from(n).ok()
+}
+
 /// Runs the relay from the config file at `path` until SIGTERM or SIGINT.
 ///
 /// - Under systemd: takes the listening sockets it passed (socket
@@ -545,7 +565,9 @@ impl Drop for RelayHandle {
 ///   SIGHUP, STOPPING=1 on SIGTERM/SIGINT.
 /// - SIGHUP re-reads the file and applies it live; an invalid file is
 ///   refused with its problems logged, and the running configuration kept.
-/// - SIGTERM drains (see [`RelayHandle::drain`]); SIGINT stops at once.
+/// - SIGTERM drains (see [`RelayHandle::drain`]); SIGINT stops at once,
+///   during a drain too. A second SIGTERM, or a SIGHUP, during a drain
+///   is logged and changes nothing.
 /// - `join_client_port`: see [`start_joining`].
 pub fn run(path: &std::path::Path, join_client_port: bool) -> Result<(), crate::cli::CliError> {
     use crate::cli::systemd::{Notifier, Watchdog};
@@ -639,8 +661,34 @@ pub fn run(path: &std::path::Path, join_client_port: bool) -> Result<(), crate::
     notify.stopping();
     if signal == Signal::SIGTERM {
         tracing::info!(deadline = ?drain_timeout, live = relay.process.live_streams(), "SIGTERM: draining");
-        let cut = relay.drain(drain_timeout);
-        tracing::info!(finalized = cut, "drained");
+        // On a thread of its own, so that this one still takes signals:
+        // SIGINT stops at once, a drain under way too.
+        let drain = {
+            let relay = relay.clone();
+            std::thread::Builder::new()
+                .name("drain".into())
+                .spawn(move || relay.drain(drain_timeout))
+                .map_err(std::io::Error::other)?
+        };
+        while !drain.is_finished() {
+            match wait_signal(&set, std::time::Duration::from_millis(200)) {
+                Some(Signal::SIGINT) => {
+                    tracing::info!("SIGINT while draining: stopping now");
+                    relay.process.stop_now();
+                }
+                Some(Signal::SIGTERM) => tracing::info!("SIGTERM: already draining"),
+                Some(Signal::SIGHUP) => {
+                    tracing::warn!("SIGHUP while draining: the configuration is not reloaded")
+                }
+                _ => {}
+            }
+        }
+        let cut = drain.join().unwrap_or(0);
+        if relay.process.stopping_now() {
+            tracing::info!(live = cut, "stopped during the drain");
+        } else {
+            tracing::info!(finalized = cut, "drained");
+        }
     } else {
         tracing::info!(signal = %signal, "stopping now");
     }

@@ -78,6 +78,8 @@ pub struct ProcessState {
     /// The drain deadline has passed: live streams are finalized, and a
     /// stream that would start now is refused ("reconnect").
     finalizing: AtomicBool,
+    /// SIGINT came during a drain: waits for the streams end now.
+    stop_now: AtomicBool,
     /// Random per process start, part of every stream id.
     boot_id: u32,
     /// The ring version last published, and account ids by metrics index:
@@ -119,6 +121,7 @@ impl ProcessState {
             max_streams,
             draining: AtomicBool::new(false),
             finalizing: AtomicBool::new(false),
+            stop_now: AtomicBool::new(false),
             boot_id,
             published: Mutex::new((ring, metrics_ids)),
             devices: crate::core::devices::Devices::default(),
@@ -192,8 +195,9 @@ impl ProcessState {
         OpenConnection(self.clone())
     }
 
-    /// Blocks the calling thread (never a shard) until no stream is live
-    /// or `until` has passed; true when none is live.
+    /// Blocks the calling thread (never a shard) until no stream is live,
+    /// or `until` has passed, or [`ProcessState::stop_now`]; true when
+    /// none is live.
     pub fn wait_all_ended(&self, until: Instant) -> bool {
         self.wait_none(until, false)
     }
@@ -216,7 +220,7 @@ impl ProcessState {
                 return true;
             }
             let now = Instant::now();
-            if now >= until {
+            if now >= until || self.stopping_now() {
                 return false;
             }
             guard = cv
@@ -241,6 +245,20 @@ impl ProcessState {
     /// "reconnect"), and one that registers now is stopped at once.
     pub fn finalizing(&self) -> bool {
         self.finalizing.load(Ordering::SeqCst)
+    }
+
+    /// Ends a drain's waits now (SIGINT during a drain): it returns
+    /// without finalizing, and the relay stops as on SIGINT.
+    pub fn stop_now(&self) {
+        self.stop_now.store(true, Ordering::SeqCst);
+        let (lock, cv) = &self.all_ended;
+        let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+        cv.notify_all();
+    }
+
+    /// Whether [`ProcessState::stop_now`] was called.
+    pub fn stopping_now(&self) -> bool {
+        self.stop_now.load(Ordering::SeqCst)
     }
 
     /// Marks the drain deadline as passed (or, for tests, not).

@@ -385,3 +385,91 @@ fn accept_queue(addr: std::net::SocketAddr) -> Option<u64> {
     }
     queued
 }
+
+/// SIGINT stops at once (README, "Runbook"), a drain under way too: an
+/// operator who sent SIGTERM and will not wait for `limits.drain_timeout`
+/// presses Ctrl-C. Before, the drain held the thread that waits for
+/// signals, so SIGINT (and a second SIGTERM, a SIGHUP) went unseen until
+/// the drain ended: here, an hour. The live stream is cut, not finalized.
+#[test]
+fn sigint_stops_a_draining_relay_at_once() {
+    use std::io::BufRead;
+    // Nothing ends the stream on its own: only the drain, or the stop.
+    let fake = fake(&["k1"], |c| c.idle_timeout = Duration::from_secs(3600));
+    let dir = state_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("relay.toml");
+    std::fs::write(
+        &cfg,
+        format!("[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshards = 1\n[upstream]\nurl = \"{}\"\n[tokens]\nsecret_env = \"SIGINT_TEST_SECRET\"\n[limits]\ndrain_timeout = \"1h\"\nidle_timeout = \"1h\"\n[admin]\nstate_dir = \"{}\"\nhealth_interval = \"0s\"\n[[account]]\nid = \"a\"\nkey_env = \"SIGINT_TEST_KEY\"\n", fake.url(), dir.display()),
+    )
+    .unwrap();
+    let secret = "x".repeat(40);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_clio-relay"))
+        .args(["run", "--config", cfg.to_str().unwrap()])
+        .env("SIGINT_TEST_SECRET", &secret)
+        .env("SIGINT_TEST_KEY", "k1")
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let listening = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the relay logs its addresses");
+        if line.contains("clio-relay listening") {
+            break line;
+        }
+    };
+    let (client, admin) = (
+        listening_addr(&listening, "client"),
+        listening_addr(&listening, "admin"),
+    );
+    let keys = clio_relay::core::token::TokenKeys::from_config(
+        &clio_relay::core::config::TokensConfig::new(clio_relay::core::secret::Secret::new(secret)),
+    );
+    let token = keys
+        .mint(
+            "phone",
+            Duration::from_secs(600),
+            std::time::SystemTime::now(),
+        )
+        .unwrap();
+    let (mut ws, _) = connect(client, &token, Via::Header).unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    for f in audio_frames(3, 1) {
+        ws.send(Message::binary(f)).unwrap();
+    }
+    assert!(fake.wait_for(Duration::from_secs(10), |s| s.len() == 1
+        && s[0].audio_frames == 3));
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    assert!(wait_until(Duration::from_secs(10), || http(
+        admin, "GET", "/healthz", None, None
+    )
+    .0 == 503));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let stopped = wait_until(Duration::from_secs(30), || {
+        child.try_wait().unwrap().is_some()
+    });
+    if !stopped {
+        child.kill().unwrap();
+    }
+    let status = child.wait().unwrap();
+    assert!(stopped, "SIGINT left the relay draining");
+    assert!(status.success(), "{status:?}");
+    // Cut at once: no finalize, no "reconnect".
+    let got = read_all(&mut ws);
+    assert_ne!(got.close_code(), Some(1012), "{got:?}");
+    std::fs::remove_dir_all(&dir).ok();
+}
