@@ -12,7 +12,8 @@
 #   /etc/clio-relay/credentials/          root-only (0700): the secret files
 #                                         (token-secret, admin-token, master-key, soniox-01)
 #   /usr/local/share/doc/clio-relay/README.md
-# Then it reloads systemd and enables the units; it starts nothing.
+# Then it reloads systemd (if it is running) and enables the units; it
+# starts nothing.
 #
 # Environment: DESTDIR (stage into a directory instead of /, e.g. for
 # packaging or tests; then systemctl is not called), CARGO (default cargo).
@@ -98,7 +99,14 @@ for c in token-secret admin-token master-key soniox-01; do
 done
 
 if [ -z "$root" ]; then
-    systemctl daemon-reload
+    # A daemon-reload needs a running systemd (the test sd_booted makes);
+    # enabling is symlinks in /etc/systemd/system, which need none (a
+    # container, an image being built: the units start at its next boot).
+    if [ -d /run/systemd/system ]; then
+        systemctl daemon-reload
+    else
+        say "systemd is not running here: the units are enabled for its next start (no daemon-reload)"
+    fi
     systemctl enable clio-relay.socket clio-relay-admin.socket clio-relay.service
 fi
 
