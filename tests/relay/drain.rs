@@ -473,3 +473,55 @@ fn sigint_stops_a_draining_relay_at_once() {
     assert_ne!(got.close_code(), Some(1012), "{got:?}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// What a drain's cut stream has, and what it must send again (README,
+/// "Draining"): every word of the audio that went up before the
+/// finalize, with `total_audio_proc_ms` saying how much that was; audio
+/// the client sends after it is not forwarded. So a client that keeps
+/// its recent audio resends what came after that point on its new
+/// stream, and loses no word.
+#[test]
+fn a_drained_stream_is_told_how_much_audio_was_transcribed() {
+    let fake = fake(&["k1"], |_| {});
+    let relay = Relay::start(relay_config(&fake.url(), &[("a", "k1")]));
+    let (mut ws, _) = connect(relay.addr(), &relay.token("phone"), Via::Header).unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    for f in audio_frames(10, 1) {
+        ws.send(Message::binary(f)).unwrap();
+    }
+    assert!(fake.wait_for(Duration::from_secs(10), |s| s.len() == 1
+        && s[0].audio_frames == 10));
+    let handle = &relay.handle;
+    std::thread::scope(|s| {
+        let d = s.spawn(|| handle.drain(Duration::from_millis(100)));
+        // The finalize's answer: the words so far, up to `<fin>`.
+        let fin = loop {
+            let Message::Text(t) = ws.read().unwrap() else {
+                continue;
+            };
+            let m: serde_json::Value = serde_json::from_str(&t).unwrap();
+            let is_fin = m["tokens"]
+                .as_array()
+                .is_some_and(|t| t.iter().any(|t| t["text"] == "<fin>"));
+            if is_fin {
+                break m;
+            }
+        };
+        // 10 frames of 100 ms went up before the finalize.
+        assert_eq!(fin["total_audio_proc_ms"], 1000, "{fin}");
+        // Audio sent now is too late: it is not forwarded.
+        for f in audio_frames(3, 2) {
+            if ws.send(Message::binary(f)).is_err() {
+                break;
+            }
+        }
+        let rest = read_all(&mut ws);
+        assert_eq!(
+            (rest.error_code(), rest.close_code()),
+            (Some(503), Some(1012)),
+            "{rest:?}"
+        );
+        assert_eq!(d.join().unwrap(), 1);
+    });
+    assert_eq!(fake.sessions()[0].audio_frames, 10);
+}
