@@ -165,67 +165,224 @@ fn a_relay_metrics_port_gone_after_the_run_still_leaves_the_report() {
     assert_eq!(out.status.code(), Some(0), "{all}");
 }
 
+/// A child process killed (by its own pid) if the test ends before it does.
+struct Reaped(Option<std::process::Child>);
+
+impl Reaped {
+    fn running(&mut self) -> bool {
+        self.0.as_mut().unwrap().try_wait().unwrap().is_none()
+    }
+
+    fn take(&mut self) -> std::process::Child {
+        self.0.take().unwrap()
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A relay, in this process, in front of `fake`, with one account on
+/// `key`; its token secret is `secret`.
+fn relay_in_front_of(
+    fake: &fake_soniox::FakeSoniox,
+    key: &str,
+    secret: &str,
+) -> (
+    clio_relay::cli::server::RelayHandle,
+    clio_relay::core::config::Config,
+) {
+    use clio_relay::core::config::{
+        AccountConfig, AdminConfig, AuthMode, Config, LimitsConfig, ServerConfig, TokensConfig,
+        UpstreamConfig,
+    };
+    use clio_relay::core::secret::Secret;
+    let cfg = Config {
+        server: ServerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            admin_listen: "127.0.0.1:0".parse().unwrap(),
+            shards: 1,
+            max_streams: 10,
+            allow: Vec::new(),
+        },
+        upstream: UpstreamConfig {
+            url: fake.url(),
+            auth: AuthMode::Header,
+            ca_file: None,
+            connect_timeout: std::time::Duration::from_secs(5),
+        },
+        tokens: TokensConfig::new(Secret::new(secret)),
+        limits: LimitsConfig::default(),
+        accounts: vec![AccountConfig::new("acct-1", Secret::new(key))],
+        admin: AdminConfig {
+            state_dir: std::env::temp_dir()
+                .join(format!("relay-load-cli-{}-{key}", std::process::id())),
+            ..AdminConfig::default()
+        },
+        devices: Default::default(),
+        usage: Default::default(),
+        failover: Default::default(),
+        tls: None,
+        cluster: None,
+        pools: Vec::new(),
+        secret_files: Vec::new(),
+    };
+    let relay = clio_relay::cli::server::start(&cfg).expect("relay starts");
+    (relay, cfg)
+}
+
 /// The relay's counters are read once the run's streams have ended at the
 /// relay too, not the moment relay-load's own have: a run cut short
 /// (`--duration`, Ctrl-C) leaves streams the relay is still ending, and
 /// some of them resume on the way (a run stopped by SIGINT reported 29
-/// resumes where /metrics, read a moment later, said 32). Here the admin
-/// port answers as such a relay: right after the run one stream is still
-/// open and one resume is still to come.
+/// resumes where /metrics, read a moment later, said 32). Here, through a
+/// real relay, another client's stream opens during relay-load's run and
+/// resumes after relay-load's own stream has ended (fake-soniox drops
+/// every connection at its 30th audio frame; relay-load's stream has 20,
+/// this one 30), then ends: relay-load waits for it and counts the resume.
+/// Before, it read at once and reported none.
 #[test]
 fn relay_metrics_are_read_once_the_relays_streams_have_ended() {
-    use fake_soniox::{FakeConfig, FakeKey, FakeSoniox};
-    use std::io::{Read, Write};
+    use clio_relay::core::token::TokenKeys;
+    use fake_soniox::{FakeConfig, FakeKey, FakeSoniox, Faults};
+    use std::time::{Duration, Instant, SystemTime};
+    use tungstenite::Message;
     const KEY: &str = "metrics-settle-key";
+    const DROP_AT: u32 = 30;
     let fake = FakeSoniox::start(FakeConfig {
         keys: vec![FakeKey::new(KEY, 10)],
         echo: true,
+        faults: Faults {
+            close_after_frames: Some(u64::from(DROP_AT)),
+            ..Faults::default()
+        },
         ..FakeConfig::default()
     })
     .expect("fake-soniox starts");
-    // Before the run; right after it (a stream still open, a resume to
-    // come); then settled.
-    let bodies = [
-        "clio_relay_streams_active{shard=\"0\"} 0\nclio_relay_streams_resumed_total 0\n",
-        "clio_relay_streams_active{shard=\"0\"} 1\nclio_relay_streams_resumed_total 1\n",
-        "clio_relay_streams_active{shard=\"0\"} 0\nclio_relay_streams_resumed_total 2\n",
-    ];
-    let admin = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let admin_addr = admin.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for (i, c) in admin.incoming().enumerate() {
-            let Ok(mut c) = c else { continue };
-            let mut head = [0u8; 1024];
-            let _ = c.read(&mut head);
-            let body = bodies[i.min(bodies.len() - 1)];
-            let _ = write!(
-                c,
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-        }
-    });
-    let out = Command::new(BIN)
-        .args(["--direct", "--key", KEY, "--target"])
-        .arg(fake.addr().to_string())
-        .args([
-            "-n",
-            "1",
-            "--stream-seconds",
-            "0.3",
-            "--pace",
-            "x4",
-            "-q",
-            "--json",
-        ])
+    let (relay, cfg) = relay_in_front_of(
+        &fake,
+        KEY,
+        "a relay-load test's token secret, well over 32 bytes long",
+    );
+    let keys = TokenKeys::from_config(&cfg.tokens);
+    let token = |device: &str| {
+        keys.mint(device, Duration::from_secs(600), SystemTime::now())
+            .unwrap()
+    };
+    let tokens = std::env::temp_dir().join(format!("relay-load-settle-{}", std::process::id()));
+    std::fs::write(&tokens, token("load")).unwrap();
+    // 2 s of audio in 20 frames, at real time.
+    let child = Command::new(BIN)
+        .arg("--target")
+        .arg(relay.client_addr.to_string())
+        .arg("--tokens")
+        .arg(&tokens)
+        .args(["-n", "1", "--stream-seconds", "2", "-q", "--json"])
         .arg("--relay-metrics")
-        .arg(admin_addr.to_string())
-        .output()
+        .arg(relay.admin_addr.to_string())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    let mut child = Reaped(Some(child));
+    let wait_until = |what: &str, done: &mut dyn FnMut() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !done() {
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    // relay-load's stream is open at the relay: its read before the run is done.
+    wait_until("relay-load's stream did not open", &mut || {
+        relay.metrics().active_streams() == 1
+    });
+
+    // This test's own stream through the relay: the config and 29 frames,
+    // each answered (a final token each, so the relay's resume copy is
+    // down to what comes next).
+    use tungstenite::client::IntoClientRequest;
+    let mut req = format!("ws://{}/v1/transcribe", relay.client_addr)
+        .into_client_request()
+        .unwrap();
+    req.headers_mut().insert(
+        "Authorization",
+        format!("Bearer {}", token("test")).parse().unwrap(),
+    );
+    let tcp = std::net::TcpStream::connect(relay.client_addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let (mut ws, _) = tungstenite::client::client(req, tcp).expect("the upgrade");
+    let config = serde_json::json!({
+        "model": "stt-rt-v4",
+        "audio_format": "pcm_s16le",
+        "sample_rate": 16000,
+        "num_channels": 1,
+    });
+    ws.send(Message::text(config.to_string())).unwrap();
+    let frame = |i: u32| -> Vec<u8> { (0..3200u32).map(|j| (j * 7 + i * 13) as u8).collect() };
+    let mut finals = 0;
+    let mut read_until = |ws: &mut tungstenite::WebSocket<std::net::TcpStream>,
+                          finals_wanted: usize,
+                          finished: bool| loop {
+        match ws.read().expect("the relay answers") {
+            Message::Text(t) => {
+                let m: serde_json::Value = serde_json::from_str(&t).unwrap();
+                assert!(m.get("error_code").is_none(), "{m}");
+                finals += m["tokens"]
+                    .as_array()
+                    .map_or(0, |t| t.iter().filter(|t| t["is_final"] == true).count());
+                if finals >= finals_wanted && (!finished || m["finished"] == true) {
+                    return;
+                }
+            }
+            Message::Close(c) => panic!("closed: {c:?}"),
+            _ => {}
+        }
+    };
+    for i in 1..DROP_AT {
+        ws.send(Message::binary(frame(i))).unwrap();
+    }
+    read_until(&mut ws, DROP_AT as usize - 1, false);
+    // Both streams open at the relay: relay-load, reading until the
+    // relay's streams open are back to none, waits for this one too.
+    assert_eq!(
+        relay.metrics().active_streams(),
+        2,
+        "relay-load's stream ended before this one opened: too short for this machine"
+    );
+
+    // relay-load's stream has ended at the relay. Before, relay-load read
+    // the counters then and exited; now it waits for this stream too.
+    wait_until("relay-load's stream did not end", &mut || {
+        relay.metrics().active_streams() == 1 && fake.active_streams() == 1
+    });
+    let ended = Instant::now();
+    while ended.elapsed() < Duration::from_millis(1500) && child.running() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    // The 30th frame: fake-soniox drops the connection; the relay resumes
+    // on a new one (sent only that frame again), and the stream ends.
+    ws.send(Message::binary(frame(DROP_AT))).unwrap();
+    ws.send(Message::binary(Vec::new())).unwrap();
+    read_until(&mut ws, DROP_AT as usize, true);
+    let _ = ws.close(None);
+    while ws.read().is_ok() {}
+    assert_eq!(relay.metrics().streams_resumed(), 1);
+
+    let out = child.take().wait_with_output().unwrap();
+    let _ = std::fs::remove_file(&tokens);
     let all = text(&out);
     assert_eq!(out.status.code(), Some(0), "{all}");
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
-    assert_eq!(json["relay_streams_resumed"], 2, "{all}");
+    assert_eq!(json["streams_ok"], 1, "{all}");
+    assert_eq!(json["relay_streams_resumed"], 1, "{all}");
+    relay.shutdown();
+    let _ = std::fs::remove_dir_all(&cfg.admin.state_dir);
 }
 
 /// With --json, a run stopped by a signal says so in the JSON itself
