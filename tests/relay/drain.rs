@@ -26,14 +26,7 @@ fn drain_finalizes_live_streams_then_asks_clients_to_reconnect() {
     let cut = std::thread::scope(|s| {
         let d = s.spawn(|| handle.drain(Duration::from_millis(300)));
         // While draining: healthz says so, and no new stream is taken.
-        assert!(wait_until(Duration::from_secs(5), || http(
-            relay.handle.admin_addr,
-            "GET",
-            "/healthz",
-            None,
-            None
-        )
-        .0 == 503));
+        assert!(healthz_turns_503(relay.handle.admin_addr));
         // Without socket activation the client port closes: new connections
         // are refused (README, "Draining").
         assert!(wait_until(Duration::from_secs(5), || {
@@ -339,14 +332,7 @@ fn connections_accepted_before_a_drain_are_served_not_refused() {
     let handle = &relay.handle;
     let cut = std::thread::scope(|s| {
         let d = s.spawn(|| handle.drain(Duration::from_secs(30)));
-        assert!(wait_until(Duration::from_secs(5), || http(
-            relay.handle.admin_addr,
-            "GET",
-            "/healthz",
-            None,
-            None
-        )
-        .0 == 503));
+        assert!(healthz_turns_503(relay.handle.admin_addr));
         let mut req = format!("ws://{}/v1/transcribe", relay.addr())
             .into_client_request()
             .unwrap();
@@ -371,6 +357,14 @@ fn connections_accepted_before_a_drain_are_served_not_refused() {
 /// The connections waiting in the accept queue of the listeners on
 /// `addr`'s port (the kernel's `rx_queue` of a listening socket), or None
 /// when nothing listens there.
+/// Whether `/healthz` on the admin port `admin` turns 503 (a drain began)
+/// within 10 s.
+fn healthz_turns_503(admin: std::net::SocketAddr) -> bool {
+    wait_until(Duration::from_secs(10), || {
+        http(admin, "GET", "/healthz", None, None).0 == 503
+    })
+}
+
 fn accept_queue(addr: std::net::SocketAddr) -> Option<u64> {
     let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
     let port = format!(":{:04X}", addr.port());
@@ -454,10 +448,7 @@ fn sigint_stops_a_draining_relay_at_once() {
         && s[0].audio_frames == 3));
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    assert!(wait_until(Duration::from_secs(10), || http(
-        admin, "GET", "/healthz", None, None
-    )
-    .0 == 503));
+    assert!(healthz_turns_503(admin));
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
     let stopped = wait_until(Duration::from_secs(30), || {
         child.try_wait().unwrap().is_some()
