@@ -132,6 +132,13 @@ fn mint_token_refuses_a_pool_its_secret_is_not_bound_to() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// The environment `relay_config`'s file reads its secrets from.
+const RELAY_ENV: [(&str, &str); 3] = [
+    ("CLI_EXIT_SECRET", "cli-exit-secret-0123456789abcdef0123"),
+    ("CLI_EXIT_ADMIN", "cli-exit-admin-token-0123456789"),
+    ("CLI_EXIT_KEY", "cli-exit-soniox-key"),
+];
+
 /// A config for `run`: a relay on `listen` with one account, its admin API
 /// on `admin` with a token.
 fn relay_config(dir: &std::path::Path, listen: &str, admin: &str) -> String {
@@ -154,9 +161,7 @@ fn relay_config(dir: &std::path::Path, listen: &str, admin: &str) -> String {
 fn run_env(args: &[&str]) -> Output {
     Command::new(RELAY)
         .args(args)
-        .env("CLI_EXIT_SECRET", "cli-exit-secret-0123456789abcdef0123")
-        .env("CLI_EXIT_ADMIN", "cli-exit-admin-token-0123456789")
-        .env("CLI_EXIT_KEY", "cli-exit-soniox-key")
+        .envs(RELAY_ENV)
         .output()
         .unwrap()
 }
@@ -258,9 +263,7 @@ fn a_running_relay_has_huge_pages_off() {
         let config = relay_config(&dir, "127.0.0.1:0", &admin.to_string());
         let mut cmd = Command::new(RELAY);
         cmd.args(["run", "--config", &config])
-            .env("CLI_EXIT_SECRET", "cli-exit-secret-0123456789abcdef0123")
-            .env("CLI_EXIT_ADMIN", "cli-exit-admin-token-0123456789")
-            .env("CLI_EXIT_KEY", "cli-exit-soniox-key")
+            .envs(RELAY_ENV)
             .env_remove("CLIO_RELAY_THP")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null());
@@ -300,9 +303,7 @@ fn first_log_lines(value: &str, wait: std::time::Duration) -> Vec<String> {
     let config = relay_config(&dir, "127.0.0.1:0", "127.0.0.1:0");
     let mut child = Command::new(RELAY)
         .args(["run", "--config", &config])
-        .env("CLI_EXIT_SECRET", "cli-exit-secret-0123456789abcdef0123")
-        .env("CLI_EXIT_ADMIN", "cli-exit-admin-token-0123456789")
-        .env("CLI_EXIT_KEY", "cli-exit-soniox-key")
+        .envs(RELAY_ENV)
         .env("RUST_LOG", value)
         .env_remove("NOTIFY_SOCKET")
         .env_remove("LISTEN_FDS")
@@ -403,9 +404,7 @@ fn a_wrong_master_key_exits_3() {
     std::fs::write(&config, file).unwrap();
     let o = Command::new(RELAY)
         .args(["run", "--config", &config])
-        .env("CLI_EXIT_SECRET", "cli-exit-secret-0123456789abcdef0123")
-        .env("CLI_EXIT_ADMIN", "cli-exit-admin-token-0123456789")
-        .env("CLI_EXIT_KEY", "cli-exit-soniox-key")
+        .envs(RELAY_ENV)
         .env("CLI_WRONG_MASTER", &wrong)
         .env_remove("NOTIFY_SOCKET")
         .env_remove("LISTEN_FDS")
@@ -435,9 +434,7 @@ fn with_redis_url(dir: &std::path::Path, cmd: &str, url: &str) -> std::process::
     .unwrap();
     Command::new(RELAY)
         .args([cmd, "--config", &config])
-        .env("CLI_EXIT_SECRET", "cli-exit-secret-0123456789abcdef0123")
-        .env("CLI_EXIT_ADMIN", "cli-exit-admin-token-0123456789")
-        .env("CLI_EXIT_KEY", "cli-exit-soniox-key")
+        .envs(RELAY_ENV)
         .env("CLI_URL_MASTER", "ab".repeat(32))
         .env_remove("NOTIFY_SOCKET")
         .env_remove("LISTEN_FDS")
@@ -527,9 +524,7 @@ fn a_state_dir_that_cannot_be_made_is_logged_or_stops_the_start() {
     std::fs::write(&config, &with_state).unwrap();
     let mut child = Command::new(RELAY)
         .args(["run", "--config", &config])
-        .env("CLI_EXIT_SECRET", "cli-exit-secret-0123456789abcdef0123")
-        .env("CLI_EXIT_ADMIN", "cli-exit-admin-token-0123456789")
-        .env("CLI_EXIT_KEY", "cli-exit-soniox-key")
+        .envs(RELAY_ENV)
         .env("RUST_LOG", "info")
         .env_remove("NOTIFY_SOCKET")
         .env_remove("LISTEN_FDS")
@@ -571,9 +566,7 @@ fn a_state_dir_that_cannot_be_made_is_logged_or_stops_the_start() {
     std::fs::write(&config, with_key).unwrap();
     let o = Command::new(RELAY)
         .args(["run", "--config", &config])
-        .env("CLI_EXIT_SECRET", "cli-exit-secret-0123456789abcdef0123")
-        .env("CLI_EXIT_ADMIN", "cli-exit-admin-token-0123456789")
-        .env("CLI_EXIT_KEY", "cli-exit-soniox-key")
+        .envs(RELAY_ENV)
         .env("CLI_NO_STATE_MASTER", "ab".repeat(32))
         .env_remove("NOTIFY_SOCKET")
         .env_remove("LISTEN_FDS")
@@ -811,9 +804,7 @@ fn a_burst_of_idle_admin_connections_does_not_evict_a_scrape() {
     let config = relay_config(&dir, "127.0.0.1:0", &admin.to_string());
     let mut child = Command::new(RELAY)
         .args(["run", "--config", &config])
-        .env("CLI_EXIT_SECRET", "cli-exit-secret-0123456789abcdef0123")
-        .env("CLI_EXIT_ADMIN", "cli-exit-admin-token-0123456789")
-        .env("CLI_EXIT_KEY", "cli-exit-soniox-key")
+        .envs(RELAY_ENV)
         .env_remove("NOTIFY_SOCKET")
         .env_remove("LISTEN_FDS")
         .stdout(std::process::Stdio::null())
@@ -885,9 +876,7 @@ fn a_tls_peer_cannot_fill_the_log_through_rustls() {
     std::fs::write(&config, toml).unwrap();
     let mut child = Command::new(RELAY)
         .args(["run", "--config", &config])
-        .env("CLI_EXIT_SECRET", "cli-exit-secret-0123456789abcdef0123")
-        .env("CLI_EXIT_ADMIN", "cli-exit-admin-token-0123456789")
-        .env("CLI_EXIT_KEY", "cli-exit-soniox-key")
+        .envs(RELAY_ENV)
         .env_remove("RUST_LOG")
         .env_remove("NOTIFY_SOCKET")
         .env_remove("LISTEN_FDS")
