@@ -393,6 +393,16 @@ fn clients_that_do_not_speak_tls_are_closed_and_others_served() {
         }
     }
     assert!(finished, "the good client's stream finished");
+    // Counted as a request head is: a handshake that failed as a bad
+    // request (400), one not done in time as a timeout (408).
+    let (_, metrics) = http(relay.handle.admin_addr, "GET", "/metrics", None, None);
+    for line in [
+        "clio_relay_errors_total{side=\"client\",code=\"400\"} 5",
+        "clio_relay_errors_total{side=\"client\",code=\"408\"} 2",
+        "clio_relay_refusals_total{by=\"client\"} 7",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line}: {metrics}");
+    }
 }
 
 /// `limits.handshake_timeout` runs from accept to a complete upgrade

@@ -82,7 +82,10 @@ async fn upgrade(shard: Rc<Shard>, tcp: RingSocket) -> Option<Upgraded> {
             match timeout(settings.limits.handshake_timeout, accept).await {
                 Some(Ok(s)) => Conn::TlsServer(Box::new(s)),
                 failed => {
-                    shard.metrics.stream_rejected(Side::Client, 400);
+                    // Counted as a request head would be: a bad request,
+                    // or one not done in time.
+                    let code = if failed.is_none() { 408 } else { 400 };
+                    shard.metrics.stream_rejected(Side::Client, code);
                     // Said in the log (within the refusals' budget): a
                     // client refusing the relay's certificate shows here
                     // ("received fatal alert: UnknownCA"), and nowhere else.
