@@ -251,6 +251,14 @@ impl ProcessState {
     /// without finalizing, and the relay stops as on SIGINT.
     pub fn stop_now(&self) {
         self.stop_now.store(true, Ordering::SeqCst);
+        self.wake_drain();
+    }
+
+    /// Wakes a drain waiting in [`ProcessState::wait_all_ended`] or
+    /// [`ProcessState::wait_all_closed`] to check its counts again.
+    /// Taking the lock orders this with the waiter's check, so the wake-up
+    /// cannot fall between its check and its wait.
+    fn wake_drain(&self) {
         let (lock, cv) = &self.all_ended;
         let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
         cv.notify_all();
@@ -280,10 +288,8 @@ pub struct OpenConnection(Arc<ProcessState>);
 impl Drop for OpenConnection {
     fn drop(&mut self) {
         if self.0.connections.fetch_sub(1, Ordering::AcqRel) == 1 {
-            // As for the last stream (see `AdmitPermit`).
-            let (lock, cv) = &self.0.all_ended;
-            let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
-            cv.notify_all();
+            // The last open connection closed: wake a waiting drain.
+            self.0.wake_drain();
         }
     }
 }
@@ -295,12 +301,8 @@ pub struct AdmitPermit(Arc<ProcessState>);
 impl Drop for AdmitPermit {
     fn drop(&mut self) {
         if self.0.live.fetch_sub(1, Ordering::AcqRel) == 1 {
-            // The last live stream ended: wake a waiting drain. Taking the
-            // lock orders this with the waiter's check of the count, so the
-            // wake-up cannot fall between its check and its wait.
-            let (lock, cv) = &self.0.all_ended;
-            let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
-            cv.notify_all();
+            // The last live stream ended: wake a waiting drain.
+            self.0.wake_drain();
         }
     }
 }
