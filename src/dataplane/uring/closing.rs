@@ -26,6 +26,8 @@ use std::os::fd::{IntoRawFd, OwnedFd};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
+use clio_frame::frame::{parse_header, Opcode, Sender};
+
 use super::{Plane, Token};
 
 /// The longest the plane waits for a peer's FIN before it closes the
@@ -263,44 +265,25 @@ impl CloseReply {
                 }
                 continue;
             }
-            // A header: 2 bytes, the extended length, the mask key.
-            let want = match self.head_len {
-                0 | 1 => 2,
-                _ => {
-                    let ext = match self.head[1] & 0x7f {
-                        126 => 2,
-                        127 => 8,
-                        _ => 0,
-                    };
-                    let mask = if self.head[1] & 0x80 != 0 { 4 } else { 0 };
-                    2 + ext + mask
+            // A header, read as the scanner reads one once it is whole.
+            let at = usize::from(self.head_len);
+            let n = (self.head.len() - at).min(bytes.len());
+            self.head[at..at + n].copy_from_slice(&bytes[..n]);
+            match parse_header(&self.head[..at + n], Sender::Client, u64::MAX >> 1) {
+                // More to come: all of `bytes` is in `head`.
+                Ok(None) => {
+                    self.head_len = (at + n) as u8;
+                    bytes = &[];
                 }
-            };
-            if usize::from(self.head_len) < want {
-                let n = (want - usize::from(self.head_len)).min(bytes.len());
-                let at = usize::from(self.head_len);
-                self.head[at..at + n].copy_from_slice(&bytes[..n]);
-                self.head_len += n as u8;
-                bytes = &bytes[n..];
-                if usize::from(self.head_len) < want || want == 2 {
-                    continue;
+                Ok(Some(h)) => {
+                    bytes = &bytes[h.header_len - at..];
+                    self.head_len = 0;
+                    self.in_close = h.opcode == Opcode::Close;
+                    self.skip = h.payload_len;
+                    self.done = self.in_close && h.payload_len == 0;
                 }
-            }
-            let len = match self.head[1] & 0x7f {
-                126 => u64::from(u16::from_be_bytes([self.head[2], self.head[3]])),
-                127 => u64::from_be_bytes(self.head[2..10].try_into().expect("8 bytes")),
-                n => u64::from(n),
-            };
-            self.in_close = self.head[0] & 0x0f == 0x8;
-            // A close's body is at most 125 bytes; a longer one is no frame.
-            if self.in_close && len > 125 {
-                self.done = true;
-                break;
-            }
-            self.head_len = 0;
-            self.skip = len;
-            if len == 0 && self.in_close {
-                self.done = true;
+                // Not a client's frame (a close over 125 bytes among them).
+                Err(_) => self.done = true,
             }
         }
         self.done
