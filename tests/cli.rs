@@ -132,6 +132,23 @@ fn mint_token_refuses_a_pool_its_secret_is_not_bound_to() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// A loopback address no one listens on (just now).
+fn free_port() -> std::net::SocketAddr {
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    free.local_addr().unwrap()
+}
+
+/// Waits (20 s at most) until the relay `child` accepts on `addr`.
+fn wait_listening(addr: std::net::SocketAddr, child: &mut std::process::Child) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(std::time::Instant::now() < deadline, "relay never listened");
+        let exited = child.try_wait().unwrap();
+        assert!(exited.is_none(), "relay exited: {exited:?}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// The environment `relay_config`'s file reads its secrets from.
 const RELAY_ENV: [(&str, &str); 3] = [
     ("CLI_EXIT_SECRET", "cli-exit-secret-0123456789abcdef0123"),
@@ -257,9 +274,7 @@ fn an_unbounded_region_is_a_config_error() {
 fn a_running_relay_has_huge_pages_off() {
     let dir = std::env::temp_dir().join(format!("clio-relay-cli-thp-{}", std::process::id()));
     for (env, expect) in [(None, "0"), (Some("on"), "1")] {
-        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let admin = free.local_addr().unwrap();
-        drop(free);
+        let admin = free_port();
         let config = relay_config(&dir, "127.0.0.1:0", &admin.to_string());
         let mut cmd = Command::new(RELAY);
         cmd.args(["run", "--config", &config])
@@ -271,12 +286,7 @@ fn a_running_relay_has_huge_pages_off() {
             cmd.env("CLIO_RELAY_THP", v);
         }
         let mut child = cmd.spawn().unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while std::net::TcpStream::connect(admin).is_err() {
-            assert!(std::time::Instant::now() < deadline, "relay never listened");
-            assert!(child.try_wait().unwrap().is_none(), "relay exited");
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
+        wait_listening(admin, &mut child);
         let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
         let _ = child.kill();
         let _ = child.wait();
@@ -704,9 +714,7 @@ fn a_file_size_limit_fails_writes_and_stops_nothing() {
     const ADMIN: &str = "cli-exit-admin-token-0123456789";
     const NEW_KEY: &str = "cli-fsize-new-key-0123456789";
     let dir = std::env::temp_dir().join(format!("clio-relay-fsize-{}", std::process::id()));
-    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let admin = free.local_addr().unwrap();
-    drop(free);
+    let admin = free_port();
     let config = relay_config(&dir, "127.0.0.1:0", &admin.to_string());
     let file = std::fs::read_to_string(&config).unwrap();
     std::fs::write(
@@ -739,13 +747,7 @@ fn a_file_size_limit_fails_writes_and_stops_nothing() {
             .map_while(Result::ok)
             .collect::<Vec<_>>()
     });
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while std::net::TcpStream::connect(admin).is_err() {
-        assert!(std::time::Instant::now() < deadline, "relay never listened");
-        let exited = child.try_wait().unwrap();
-        assert!(exited.is_none(), "relay exited: {exited:?}");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    wait_listening(admin, &mut child);
     let ask = |method: &str, path: &str, body: &str| {
         let req = Request::new(method, path)
             .bearer(ADMIN)
@@ -798,9 +800,7 @@ fn a_file_size_limit_fails_writes_and_stops_nothing() {
 fn a_burst_of_idle_admin_connections_does_not_evict_a_scrape() {
     use std::io::{Read, Write};
     let dir = std::env::temp_dir().join(format!("clio-relay-burst-{}", std::process::id()));
-    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let admin = free.local_addr().unwrap();
-    drop(free);
+    let admin = free_port();
     let config = relay_config(&dir, "127.0.0.1:0", &admin.to_string());
     let mut child = Command::new(RELAY)
         .args(["run", "--config", &config])
@@ -811,12 +811,7 @@ fn a_burst_of_idle_admin_connections_does_not_evict_a_scrape() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while std::net::TcpStream::connect(admin).is_err() {
-        assert!(std::time::Instant::now() < deadline, "relay never listened");
-        assert!(child.try_wait().unwrap().is_none(), "relay exited");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    wait_listening(admin, &mut child);
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     let signal = |s| nix::sys::signal::kill(pid, s).unwrap();
     for _ in 0..3 {
@@ -860,9 +855,7 @@ fn a_burst_of_idle_admin_connections_does_not_evict_a_scrape() {
 fn a_tls_peer_cannot_fill_the_log_through_rustls() {
     use std::io::{BufRead, BufReader, Write};
     let dir = std::env::temp_dir().join(format!("clio-relay-tls-log-{}", std::process::id()));
-    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let client = free.local_addr().unwrap();
-    drop(free);
+    let client = free_port();
     let config = relay_config(&dir, &client.to_string(), "127.0.0.1:0");
     let key = rcgen::KeyPair::generate().unwrap();
     let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
@@ -892,12 +885,7 @@ fn a_tls_peer_cannot_fill_the_log_through_rustls() {
             sink.lock().unwrap().push(line);
         }
     });
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while std::net::TcpStream::connect(client).is_err() {
-        assert!(std::time::Instant::now() < deadline, "relay never listened");
-        assert!(child.try_wait().unwrap().is_none(), "relay exited");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    wait_listening(client, &mut child);
     // 30 connections, each with three warning alerts (unrecognized_name)
     // where its ClientHello should be, then gone.
     let alert = [0x15, 0x03, 0x01, 0x00, 0x02, 0x01, 112];
