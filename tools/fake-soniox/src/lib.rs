@@ -6,7 +6,8 @@
 //! as `api_key` in the first (config) message; audio is binary frames; results
 //! carry final and non-final tokens; an empty frame ends the audio and is
 //! answered by `finished` and a close; errors are one Soniox-shaped message and
-//! a close. Faults (slow handshake, abrupt drop, injected error) are opt-in.
+//! a close. Faults (slow handshake, abrupt drop, injected error, the
+//! `<fin>` result cut across writes or sharing one) are opt-in.
 //!
 //! The same listener (same port, plain or TLS) also answers Soniox's REST
 //! API: a request without `Upgrade: websocket` is served as plain HTTP/1.1
@@ -230,6 +231,42 @@ pub struct Faults {
     /// When audio frame N arrives, stop reading (and answering) for good,
     /// with the connection left open: a stalled upstream.
     pub stall_after_frames: Option<u64>,
+    /// How the answer to a `finalize` (the result with `<fin>`) goes out
+    /// on the wire: whole in one write (the default), cut in two, or
+    /// followed by another result in the same write.
+    pub fin_delivery: FinDelivery,
+}
+
+/// How the fake writes the result that answers a `finalize` (see
+/// [`Faults::fin_delivery`]). Every shape is valid WebSocket: a client
+/// reading whole messages sees the same results; a reader of raw bytes
+/// (the relay) sees them cut differently.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum FinDelivery {
+    /// One frame in one write.
+    #[default]
+    Whole,
+    /// One frame in two writes 50 ms apart, cut inside `<fin>` (after
+    /// `<fi`): a reader gets the message in two reads.
+    Split,
+    /// The frame, then a result with no tokens (the same
+    /// `final_audio_proc_ms` and `total_audio_proc_ms`), both in one write:
+    /// the `<fin>` result is not the last message of its read.
+    Trailed,
+}
+
+impl std::str::FromStr for FinDelivery {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "whole" => Ok(FinDelivery::Whole),
+            "split" => Ok(FinDelivery::Split),
+            "trailed" => Ok(FinDelivery::Trailed),
+            _ => Err(format!(
+                "fin delivery {s:?}: expected whole, split or trailed"
+            )),
+        }
+    }
 }
 
 /// How [`Faults::random`] fails sessions: each session, on its config

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use fake_soniox::{FakeConfig, FakeKey, FakeSoniox, FaultKind, Faults, RandomFaults};
+use fake_soniox::{FakeConfig, FakeKey, FakeSoniox, FaultKind, Faults, FinDelivery, RandomFaults};
 use nix::sys::signal::{SigSet, Signal};
 
 #[global_allocator]
@@ -93,6 +93,12 @@ struct Args {
     /// Seed of the random failures (the same seed repeats a run).
     #[arg(long, default_value_t = 1)]
     fail_seed: u64,
+    /// How the result answering a `finalize` (with `<fin>`) is written:
+    /// whole (one write), split (two writes 50 ms apart, cut inside
+    /// `<fin>`), or trailed (followed by a result with no tokens in the
+    /// same write).
+    #[arg(long, default_value = "whole")]
+    fin_delivery: FinDelivery,
 }
 
 fn key_code(s: &str) -> Result<(String, u16), String> {
@@ -141,6 +147,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             rest_status: args.rest_status,
             refuse_at_first_message: args.refuse_keys.clone(),
             stall_after_frames: None,
+            fin_delivery: args.fin_delivery,
             random: (args.fail_share > 0.0).then(|| RandomFaults {
                 share: args.fail_share.min(1.0),
                 kinds: args.fail_kinds.clone(),

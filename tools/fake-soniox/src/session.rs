@@ -11,10 +11,16 @@ use tungstenite::protocol::CloseFrame;
 use tungstenite::Message;
 
 use super::transcript::{self, Token, Transcript};
-use super::{refusal_message, AuthVia, FaultKind, SessionRecord, Shared, Slot, MODELS};
+use super::{
+    refusal_message, AuthVia, FaultKind, FinDelivery, SessionRecord, Shared, Slot, MODELS,
+};
 
 /// How long to wait for the client's close reply before dropping the socket.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// Between the two writes of a [`FinDelivery::Split`] result: long enough
+/// that the reader has the first part before the rest is sent.
+const SPLIT_PAUSE: Duration = Duration::from_millis(50);
 
 /// Without recorded audio, the shared record's counters are refreshed every
 /// this many frames (and at the end), not on every frame.
@@ -298,11 +304,40 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     end_ms: end,
                     is_final: true,
                 });
-                let msg = transcript::result_json(&tokens, end, t.total_ms());
-                self.send(msg).await
+                let total = t.total_ms();
+                let msg = transcript::result_json(&tokens, end, total);
+                match self.shared.cfg.faults.fin_delivery {
+                    FinDelivery::Whole => self.send(msg).await,
+                    FinDelivery::Split => {
+                        let frame = text_frame(&msg);
+                        let cut = frame
+                            .windows(5)
+                            .position(|w| w == b"<fin>")
+                            .expect("the result holds <fin>")
+                            + 3;
+                        self.write_raw(&frame[..cut]).await?;
+                        glommio::timer::sleep(SPLIT_PAUSE).await;
+                        self.write_raw(&frame[cut..]).await
+                    }
+                    FinDelivery::Trailed => {
+                        let mut both = text_frame(&msg);
+                        both.extend(text_frame(&transcript::result_json(&[], end, total)));
+                        self.write_raw(&both).await
+                    }
+                }
             }
             _ => Err(error(400, "Invalid control message.")),
         }
+    }
+
+    /// Writes `bytes` (whole frames, or a frame's start or rest) under the
+    /// WebSocket layer, in one write: the layer's own writes are all
+    /// flushed (each `send` flushes).
+    async fn write_raw(&mut self, bytes: &[u8]) -> Step {
+        use futures_lite::AsyncWriteExt;
+        let raw = self.ws.get_mut();
+        raw.write_all(bytes).await.map_err(|_| Ending::Gone)?;
+        raw.flush().await.map_err(|_| Ending::Gone)
     }
 
     async fn on_binary(&mut self, data: &[u8]) -> Step {
@@ -446,6 +481,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             r.closed = closed;
         });
     }
+}
+
+/// A server's (unmasked) text frame holding `text`, FIN set.
+fn text_frame(text: &str) -> Vec<u8> {
+    let len = text.len();
+    let mut f = Vec::with_capacity(len + 10);
+    f.push(0x81);
+    if len < 126 {
+        f.push(len as u8);
+    } else if len <= usize::from(u16::MAX) {
+        f.push(126);
+        f.extend((len as u16).to_be_bytes());
+    } else {
+        f.push(127);
+        f.extend((len as u64).to_be_bytes());
+    }
+    f.extend(text.as_bytes());
+    f
 }
 
 fn positive(v: Option<&serde_json::Value>) -> Option<u64> {

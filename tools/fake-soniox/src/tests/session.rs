@@ -24,6 +24,45 @@ fn finalize_makes_pending_audio_final_and_sends_fin() {
     expect_error(&mut ws, 400);
 }
 
+/// Each shape of the `<fin>` result's delivery is valid WebSocket: a
+/// reader of whole messages gets the same result (and, trailed, one more
+/// with no tokens), however the bytes were cut.
+#[test]
+fn the_fin_result_arrives_whole_in_every_delivery() {
+    for delivery in [FinDelivery::Whole, FinDelivery::Split, FinDelivery::Trailed] {
+        let fake = start(FakeConfig {
+            faults: Faults {
+                fin_delivery: delivery,
+                ..Faults::default()
+            },
+            ..FakeConfig::default()
+        });
+        let mut ws = connect(&fake, &[bearer()]).unwrap();
+        send_text(&mut ws, CONFIG);
+        send_audio(&mut ws, &pattern(32 * 300, 0));
+        let partial = read_json(&mut ws);
+        send_text(&mut ws, r#"{"type":"finalize"}"#);
+        let fin = read_json(&mut ws);
+        let tokens = fin["tokens"].as_array().unwrap();
+        assert_eq!(
+            tokens[0]["text"], partial["tokens"][0]["text"],
+            "{delivery:?}"
+        );
+        assert_eq!(tokens[1]["text"], "<fin>", "{delivery:?}");
+        if delivery == FinDelivery::Trailed {
+            let next = read_json(&mut ws);
+            assert_eq!(next["tokens"], serde_json::json!([]), "{delivery:?}");
+            assert_eq!(next["final_audio_proc_ms"], fin["final_audio_proc_ms"]);
+        }
+        // The session goes on as usual after it.
+        send_audio(&mut ws, &[]);
+        let (msgs, _) = read_to_close(&mut ws);
+        assert_eq!(msgs.last().unwrap()["finished"], true, "{delivery:?}");
+    }
+    assert_eq!("split".parse(), Ok(FinDelivery::Split));
+    assert!("halves".parse::<FinDelivery>().is_err());
+}
+
 #[test]
 fn concurrency_limit_is_429_until_a_slot_frees() {
     let fake = start(FakeConfig {
