@@ -28,6 +28,10 @@ pub struct RelayHandle {
     cluster: Option<std::thread::JoinHandle<()>>,
     /// The config the process started with: what a reload cannot change.
     started_with: Config,
+    /// The longest `limits.finalize_wait` the relay has had (at its start
+    /// or a reload), in ms: a drain waits that long for its streams'
+    /// finalizes, whichever settings each stream started with.
+    finalize_wait_ms: std::sync::atomic::AtomicU64,
 }
 
 /// Which of the relay's threads did not answer a liveness ping in time
@@ -331,6 +335,9 @@ pub fn start_joining(
         admin_tx,
         cluster,
         started_with: cfg.clone(),
+        finalize_wait_ms: std::sync::atomic::AtomicU64::new(
+            cfg.limits.finalize_wait.as_millis() as u64
+        ),
     })
 }
 
@@ -395,6 +402,7 @@ impl RelayHandle {
                     .to_string(),
             );
         }
+        let finalize_ms = cfg.limits.finalize_wait.as_millis() as u64;
         let (tx, rx) = async_channel::bounded(1);
         self.admin_tx
             .try_send(AdminMsg::Reload(Box::new(cfg), tx))
@@ -403,6 +411,8 @@ impl RelayHandle {
         if log.first().is_some_and(|l| l.starts_with("refused: ")) {
             return Ok(log);
         }
+        self.finalize_wait_ms
+            .fetch_max(finalize_ms, std::sync::atomic::Ordering::Relaxed);
         // The admin thread has sent the shards their new settings; a shard
         // handles messages in order, so once each answers a ping the reload
         // is in force for every new stream (a shard reads control messages
@@ -451,8 +461,14 @@ impl RelayHandle {
         for s in &self.shards {
             let _ = s.tx.try_send(ShardMsg::Drain);
         }
+        // Each stream: its finalize written (1 s), upstream's answer
+        // (`limits.finalize_wait`), its last frames and close (4 s).
+        let finalize = std::time::Duration::from_millis(
+            self.finalize_wait_ms
+                .load(std::sync::atomic::Ordering::Relaxed),
+        );
         self.process
-            .wait_all_ended(Instant::now() + std::time::Duration::from_secs(8));
+            .wait_all_ended(Instant::now() + finalize + std::time::Duration::from_secs(5));
         cut
     }
 

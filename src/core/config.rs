@@ -44,10 +44,15 @@ pub const DEFAULT_POOL: &str = "default";
 /// systemd kills a stop that takes longer.
 pub const UNIT_STOP_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// The most a stop takes beyond `limits.drain_timeout`: the listeners
-/// closed (2 s), the cut streams finalized (8 s), the last usage saved
-/// (5 s).
+/// The most a stop takes beyond `limits.drain_timeout`, with the default
+/// `limits.finalize_wait` (3 s): the listeners closed (2 s), the cut
+/// streams finalized (8 s: the finalize wait and 5 s to write and close),
+/// the last usage saved (5 s). A longer finalize wait adds its difference
+/// ([`Config::stop_after_drain`]).
 pub const STOP_AFTER_DRAIN: Duration = Duration::from_secs(15);
+
+/// The default `limits.finalize_wait`, which [`STOP_AFTER_DRAIN`] counts.
+const DEFAULT_FINALIZE_WAIT: Duration = Duration::from_secs(3);
 
 /// The upstream URL used when `upstream.url` is not set.
 pub const DEFAULT_UPSTREAM_URL: &str = "wss://stt-rt.soniox.com/transcribe-websocket";
@@ -417,6 +422,13 @@ impl Config {
         s
     }
 
+    /// The most a stop takes beyond `limits.drain_timeout` with this
+    /// file's `limits.finalize_wait`: [`STOP_AFTER_DRAIN`] with the
+    /// difference from the default wait.
+    pub fn stop_after_drain(&self) -> Duration {
+        (STOP_AFTER_DRAIN + self.limits.finalize_wait).saturating_sub(DEFAULT_FINALIZE_WAIT)
+    }
+
     /// Things that are valid but probably not meant, one line each, naming
     /// the key (shown by `check-config`, logged at startup). Never a secret.
     pub fn warnings(&self) -> Vec<String> {
@@ -460,14 +472,15 @@ impl Config {
                 ));
             }
         }
-        let stop = self.limits.drain_timeout + STOP_AFTER_DRAIN;
+        let after = self.stop_after_drain();
+        let stop = self.limits.drain_timeout + after;
         if stop > UNIT_STOP_TIMEOUT {
             w.push(format!(
                 "limits.drain_timeout: {} s, plus up to {} s to finalize and save, is more than \
                  the shipped systemd unit's TimeoutStopSec={} s, which would kill the drain; \
                  raise TimeoutStopSec above {} s in a drop-in (`systemctl edit clio-relay`)",
                 self.limits.drain_timeout.as_secs(),
-                STOP_AFTER_DRAIN.as_secs(),
+                after.as_secs(),
                 UNIT_STOP_TIMEOUT.as_secs(),
                 stop.as_secs()
             ));

@@ -279,6 +279,12 @@ fn resolve(raw: RawFile, base: &Path) -> Result<Config, ConfigError> {
             defaults_limits.drain_timeout,
             &mut p,
         ),
+        finalize_wait: duration(
+            "limits.finalize_wait",
+            l.finalize_wait,
+            defaults_limits.finalize_wait,
+            &mut p,
+        ),
         max_unauthenticated: l
             .max_unauthenticated
             .unwrap_or(defaults_limits.max_unauthenticated),

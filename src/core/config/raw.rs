@@ -220,6 +220,8 @@ pub(super) struct RawLimits {
     pub(super) socket_buffer: Option<usize>,
     #[serde(default, deserialize_with = "duration_text")]
     pub(super) drain_timeout: Option<String>,
+    #[serde(default, deserialize_with = "duration_text")]
+    pub(super) finalize_wait: Option<String>,
     pub(super) max_unauthenticated: Option<usize>,
     pub(super) max_unauthenticated_per_address: Option<usize>,
 }

@@ -493,6 +493,10 @@ pub struct LimitsConfig {
     /// After SIGTERM, how long live streams may run to their end before the
     /// relay finalizes them and tells their clients to reconnect.
     pub drain_timeout: Duration,
+    /// How long a stream the drain finalizes waits for upstream's answer
+    /// (the `<fin>` after its final tokens) before its client is told to
+    /// reconnect.
+    pub finalize_wait: Duration,
     /// Upgraded connections per shard still waiting for a token in their
     /// first message (they hold no `max_streams` slot); 503 beyond.
     pub max_unauthenticated: usize,
@@ -511,6 +515,7 @@ impl Default for LimitsConfig {
             stall_timeout: Duration::from_secs(10),
             socket_buffer: 256 << 10,
             drain_timeout: Duration::from_secs(30),
+            finalize_wait: Duration::from_secs(3),
             max_unauthenticated: 256,
             max_unauthenticated_per_address: 32,
         }

@@ -108,6 +108,7 @@ max_header_bytes = 4096
 max_frame_bytes = 65536
 max_first_message_bytes = 4096
 idle_timeout = "1m"
+finalize_wait = "5s"
 max_unauthenticated = 10
 max_unauthenticated_per_address = 2
 
@@ -151,6 +152,7 @@ enabled = false
             stall_timeout: Duration::from_secs(10),
             socket_buffer: 256 << 10,
             drain_timeout: Duration::from_secs(30),
+            finalize_wait: Duration::from_secs(5),
             max_unauthenticated: 10,
             max_unauthenticated_per_address: 2,
         }
@@ -268,6 +270,7 @@ fn a_duration_written_as_a_number_is_shown_how_to_write_it() {
     for (section, key) in [
         ("limits", "idle_timeout"),
         ("limits", "drain_timeout"),
+        ("limits", "finalize_wait"),
         ("upstream", "connect_timeout"),
         ("admin", "health_interval"),
         ("failover", "resume_audio"),
@@ -773,6 +776,16 @@ fn warns_when_the_drain_outlasts_the_units_stop_timeout() {
     assert_eq!(w.len(), 1, "{w:?}");
     assert!(
         w[0].starts_with("limits.drain_timeout: 80 s, plus up to 15 s")
+            && w[0].contains("TimeoutStopSec above 95 s"),
+        "{w:?}"
+    );
+    // A longer finalize wait lengthens the drain's end by as much.
+    c.limits.drain_timeout = Duration::from_secs(60);
+    c.limits.finalize_wait = Duration::from_secs(23);
+    let w = c.warnings();
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(
+        w[0].starts_with("limits.drain_timeout: 60 s, plus up to 35 s")
             && w[0].contains("TimeoutStopSec above 95 s"),
         "{w:?}"
     );

@@ -103,6 +103,7 @@ pub(super) fn validate_semantics(c: &Config, p: &mut Problems) {
         ("limits.handshake_timeout", l.handshake_timeout),
         ("limits.idle_timeout", l.idle_timeout),
         ("limits.stall_timeout", l.stall_timeout),
+        ("limits.finalize_wait", l.finalize_wait),
     ] {
         if d.is_zero() && !p.reported(key) {
             p.push(key, "must be more than 0");

@@ -42,9 +42,6 @@ use crate::dataplane::shard::{AdmitPermit, LiveStream, Settings, Shard, StopReas
 use clio_frame::frame::{build_frame, close_payload, Opcode};
 use clio_frame::scanner::FrameScanner;
 
-/// How long a draining stream waits for upstream's answer to its finalize.
-const FINALIZE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
-
 /// How long the relay waits for a peer's half of a close handshake.
 const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// The longest the relay waits to hand a peer its last frames when a
@@ -774,7 +771,7 @@ impl Stream {
     }
 
     /// A drain's last service to a stream between frames: ask upstream for
-    /// its final tokens and deliver them (up to [`FINALIZE_WAIT`]), before
+    /// its final tokens and deliver them (up to `limits.finalize_wait`), before
     /// the client is told to reconnect.
     async fn finalize_for_drain(&self, client: &Duplex, up: &mut Upstream, state: &StreamState) {
         let shard = &self.shard;
@@ -822,7 +819,7 @@ impl Stream {
                 std::task::Poll::Pending
             }
         });
-        let _ = timeout(FINALIZE_WAIT, future::or(u2c, fin)).await;
+        let _ = timeout(self.settings.limits.finalize_wait, future::or(u2c, fin)).await;
     }
 
     /// Sends a refusal (error frame + close) to the client, then its FIN;
