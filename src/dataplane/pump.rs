@@ -349,10 +349,10 @@ pub async fn upstream_to_client(
         }
         let filled = buf.filled();
         let end = filled.len().min(window);
-        let scan = scanner.scan(&mut filled[..end], None);
-        if let Some((from, to)) = scan.last_text {
-            state.note_upstream_text(&buf.filled()[from..to]);
-        }
+        // Every text message is looked at (for `<fin>`, and `finished`
+        // and error figures), also one that a read cut or that shares a
+        // read with others: in place, as the scanner walks it.
+        let scan = scanner.scan_text(&mut filled[..end], &mut Noted(state));
         if scan.ready > 0 {
             down.at_boundary.set(false);
             down.writing.set(true);
@@ -391,6 +391,17 @@ pub async fn upstream_to_client(
             Some(at) => read_at = at,
             None => return End::UpstreamGone,
         }
+    }
+}
+
+/// Hands the upstream text messages the scanner walks to the stream's
+/// state ([`StreamState::note_upstream_piece`]).
+struct Noted<'a>(&'a StreamState);
+
+impl clio_frame::scanner::TextSink for Noted<'_> {
+    #[inline]
+    fn text(&mut self, piece: &[u8], starts: bool, ends: bool) {
+        self.0.note_upstream_piece(piece, starts, ends);
     }
 }
 
@@ -582,7 +593,7 @@ pub mod copy_budget;
 pub mod resume;
 mod state;
 
-pub use state::{DownHalf, Meter, StreamState, UpHalf};
+pub use state::{DownHalf, FinSearch, Meter, StreamState, UpHalf};
 
 #[cfg(test)]
 mod tests;

@@ -94,6 +94,59 @@ fn a_drain_after_a_clients_own_finalize_still_delivers_its_final_tokens() {
     assert_eq!(got.close_code(), Some(1012), "{got:?}");
 }
 
+/// A compressed-audio stream's drain ends on the `<fin>` answering its
+/// finalize however upstream's writes cut the messages: the `<fin>` result
+/// in two writes (cut inside `<fin>`), or with another result after it in
+/// the same write. The finalize wait is 30 s here: a `<fin>` the relay did
+/// not count would hold the stream that long, past the client's 15 s read
+/// timeout, and the 503 and close 1012 would not come.
+#[test]
+fn a_compressed_streams_drain_ends_on_its_fin_however_upstream_cuts_it() {
+    use fake_soniox::FinDelivery;
+    for delivery in [FinDelivery::Split, FinDelivery::Trailed] {
+        let fake = fake(&["k1"], |c| c.faults.fin_delivery = delivery);
+        let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+        cfg.limits.finalize_wait = Duration::from_secs(30);
+        let relay = Relay::start(cfg);
+        let (mut ws, _) = connect(relay.addr(), &relay.token("phone"), Via::Header).unwrap();
+        let mut config: serde_json::Value = serde_json::from_str(&config_message(None)).unwrap();
+        config["audio_format"] = "ogg".into();
+        ws.send(Message::text(config.to_string())).unwrap();
+        for f in audio_frames(10, 1) {
+            ws.send(Message::binary(f)).unwrap();
+        }
+        assert!(fake.wait_for(Duration::from_secs(10), |s| s.len() == 1
+            && s[0].audio_frames == 10));
+        let handle = &relay.handle;
+        let (got, cut) = std::thread::scope(|s| {
+            let d = s.spawn(|| handle.drain(Duration::from_millis(300)));
+            (read_all(&mut ws), d.join().unwrap())
+        });
+        assert_eq!(cut, 1, "{delivery:?}");
+        let has_fin = |m: &serde_json::Value| {
+            m["tokens"]
+                .as_array()
+                .is_some_and(|t| t.iter().any(|t| t["text"] == "<fin>"))
+        };
+        let fin = got.messages.iter().position(has_fin);
+        let err = got.messages.iter().position(|m| m["error_code"] == 503);
+        assert!(
+            fin.is_some() && err.is_some() && fin < err,
+            "{delivery:?}: {got:?}"
+        );
+        if delivery == FinDelivery::Trailed {
+            // The result after the `<fin>` was forwarded too.
+            let next = &got.messages[fin.unwrap() + 1];
+            assert_eq!(next["tokens"], serde_json::json!([]), "{got:?}");
+        }
+        assert_eq!(got.close_code(), Some(1012), "{delivery:?}: {got:?}");
+        assert!(fake.sessions()[0]
+            .text_messages
+            .iter()
+            .any(|t| t.contains("finalize")));
+    }
+}
+
 #[test]
 fn a_stream_still_opening_at_the_drain_deadline_is_drained_too() {
     // Upstream answers each upgrade 2 s late; the drain's 300 ms deadline

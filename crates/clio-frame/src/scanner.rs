@@ -32,11 +32,6 @@ pub struct Scan {
     /// Payload bytes of binary messages in the ready region (audio, for the
     /// usage meter and the daily allowance).
     pub binary_bytes: u64,
-    /// Where the payload of the last text frame that lies wholly in the
-    /// ready region is (server frames are unmasked, so it is readable): how
-    /// the relay spots upstream's `finished` figures without parsing every
-    /// result.
-    pub last_text: Option<(usize, usize)>,
     /// An empty data message ended in the ready region: from a client,
     /// its end of audio.
     pub end_of_audio: bool,
@@ -59,9 +54,9 @@ pub struct FrameScanner {
     msg_binary: bool,
     /// The current frame's payload counts as audio.
     counts_audio: bool,
-    /// Where the current text frame's payload starts in this window, if it
-    /// started in it.
-    text_start: Option<usize>,
+    /// The current text message has had no payload piece handed to a
+    /// [`TextSink`] yet.
+    text_fresh: bool,
     /// The current client frame's own mask key, and the relay's key that
     /// replaced it (for [`FrameScanner::scan_capture`] and a resume).
     client_key: [u8; 4],
@@ -98,7 +93,7 @@ impl FrameScanner {
             in_close: false,
             msg_binary: false,
             counts_audio: false,
-            text_start: None,
+            text_fresh: false,
             client_key: [0; 4],
             fresh: [0; 4],
             fin: true,
@@ -161,7 +156,21 @@ impl FrameScanner {
     /// protocol ([`Scan::violation`]). Allocation-free.
     #[inline]
     pub fn scan(&mut self, window: &mut [u8], masks: Option<&mut MaskKeys>) -> Scan {
-        self.scan_inner(window, masks, None)
+        self.scan_inner(window, masks, None, &mut NoText)
+    }
+
+    /// [`scan`](Self::scan) of server frames that also hands `sink` every
+    /// text message's payload, in order, piece by piece as it lies in the
+    /// window (server frames are unmasked): a message split across reads,
+    /// or across fragments, comes in several pieces, and a read with many
+    /// messages gives each of them. Only the ready region's bytes are
+    /// given. Nothing is copied; [`scan`](Self::scan) and
+    /// [`scan_capture`](Self::scan_capture) (client frames: audio) do none
+    /// of this.
+    #[inline]
+    pub fn scan_text(&mut self, window: &mut [u8], sink: &mut impl TextSink) -> Scan {
+        debug_assert!(self.from == Sender::Server, "client text is masked");
+        self.scan_inner(window, None, None, sink)
     }
 
     /// [`scan`](Self::scan) that also copies what a resume needs into
@@ -173,15 +182,16 @@ impl FrameScanner {
         masks: &mut MaskKeys,
         capture: &mut Capture,
     ) -> Scan {
-        self.scan_inner(window, Some(masks), Some(capture))
+        self.scan_inner(window, Some(masks), Some(capture), &mut NoText)
     }
 
     #[inline(always)]
-    fn scan_inner(
+    fn scan_inner<S: TextSink>(
         &mut self,
         window: &mut [u8],
         masks: Option<&mut MaskKeys>,
         mut capture: Option<&mut Capture>,
+        sink: &mut S,
     ) -> Scan {
         let mut masks = masks;
         let mut out = Scan::default();
@@ -198,6 +208,10 @@ impl FrameScanner {
                         pos = self.invalid(&mut out, e, pos, frame_at);
                         break;
                     }
+                    if self.looks == Looks::Text {
+                        let starts = std::mem::replace(&mut self.text_fresh, false);
+                        sink.text(&window[pos..pos + n], starts, ends && self.fin);
+                    }
                 }
                 if self.from == Sender::Client {
                     if let Some(c) = capture.as_deref_mut() {
@@ -212,7 +226,6 @@ impl FrameScanner {
                 }
                 pos += n;
                 if self.remaining > 0 {
-                    self.text_start = None; // continues past this window
                     break; // the payload goes on in the next read
                 }
                 out.frames_done += 1;
@@ -221,9 +234,6 @@ impl FrameScanner {
                         c.frame_ends.push(c.audio.len());
                     }
                     Self::frame_done(c, self.opcode, self.fin);
-                }
-                if let Some(start) = self.text_start.take() {
-                    out.last_text = Some((start, pos));
                 }
                 if self.in_close {
                     out.close_done = true;
@@ -287,7 +297,9 @@ impl FrameScanner {
                 _ if data && !self.msg_binary => Looks::Text,
                 _ => Looks::Nothing,
             };
-            self.text_start = (h.opcode == Opcode::Text && h.fin).then_some(pos + h.header_len);
+            if h.opcode == Opcode::Text {
+                self.text_fresh = true;
+            }
             self.in_close = h.opcode == Opcode::Close;
             self.phase = 0;
             self.remaining = h.payload_len;
@@ -298,6 +310,10 @@ impl FrameScanner {
                     // A message that ends inside a character.
                     pos = self.invalid(&mut out, FrameError::InvalidUtf8, pos, frame_at);
                     break;
+                }
+                if self.looks == Looks::Text {
+                    let starts = std::mem::replace(&mut self.text_fresh, false);
+                    sink.text(&[], starts, h.fin);
                 }
                 out.frames_done += 1;
                 // An empty message, in one frame or several, ends the audio.
@@ -458,6 +474,26 @@ impl FrameScanner {
             c.long_may_be = false;
         }
     }
+}
+
+/// Takes the text messages [`FrameScanner::scan_text`] walks, piece by
+/// piece.
+pub trait TextSink {
+    /// The next `piece` of a text message's payload: `starts` when it is
+    /// the message's first (nothing of it came before), `ends` when it is
+    /// its last. A message that lies whole in one read comes as one piece
+    /// with both; an empty message, or an empty fragment, as an empty
+    /// piece.
+    fn text(&mut self, piece: &[u8], starts: bool, ends: bool);
+}
+
+/// The sink of [`FrameScanner::scan`] and [`FrameScanner::scan_capture`]:
+/// nothing, compiled away.
+struct NoText;
+
+impl TextSink for NoText {
+    #[inline(always)]
+    fn text(&mut self, _: &[u8], _: bool, _: bool) {}
 }
 
 /// Whether client text may be (part of) a `finalize`: it names one, or has
@@ -786,6 +822,76 @@ mod tests {
     }
 
     use crate::frame::build_fragment as frame;
+
+    /// Puts the pieces [`FrameScanner::scan_text`] hands over back into
+    /// messages, checking that each message starts and ends once.
+    #[derive(Default)]
+    struct Messages {
+        done: Vec<Vec<u8>>,
+        open: Option<Vec<u8>>,
+    }
+
+    impl TextSink for Messages {
+        fn text(&mut self, piece: &[u8], starts: bool, ends: bool) {
+            assert_eq!(starts, self.open.is_none(), "starts exactly after an end");
+            let mut m = self.open.take().unwrap_or_default();
+            m.extend_from_slice(piece);
+            if ends {
+                self.done.push(m);
+            } else {
+                self.open = Some(m);
+            }
+        }
+    }
+
+    /// Every text message of the ready region reaches the sink, whatever
+    /// the reads: several in one read, one cut across reads, one in
+    /// fragments (a ping between them), an empty one; binary, ping and
+    /// close payloads never do.
+    #[test]
+    fn scan_text_hands_over_every_text_message_at_any_split() {
+        use Opcode::{Binary, Close, Continuation as Cont, Ping, Text};
+        let long: Vec<u8> = (0..300).map(|i| b'a' + (i % 26) as u8).collect();
+        let mut wire = vec![];
+        wire.extend(frame(Text, true, br#"{"tokens":[{"text":"<fin>"}]}"#, None));
+        wire.extend(frame(Text, true, b"second in the read", None));
+        wire.extend(frame(Binary, true, b"not text", None));
+        wire.extend(frame(Text, false, b"frag", None));
+        wire.extend(frame(Ping, true, b"ping", None));
+        wire.extend(frame(Cont, false, b"men", None));
+        wire.extend(frame(Cont, true, b"ted", None));
+        wire.extend(frame(Text, true, b"", None));
+        wire.extend(frame(Text, true, &long, None));
+        wire.extend(frame(
+            Close,
+            true,
+            &crate::frame::close_payload(1000, "bye"),
+            None,
+        ));
+        let want: Vec<Vec<u8>> = vec![
+            br#"{"tokens":[{"text":"<fin>"}]}"#.to_vec(),
+            b"second in the read".to_vec(),
+            b"fragmented".to_vec(),
+            vec![],
+            long.clone(),
+        ];
+        for chunk in 1..=wire.len() {
+            let mut s = FrameScanner::new(Sender::Server, 1 << 20);
+            let mut sink = Messages::default();
+            let mut carry: Vec<u8> = vec![];
+            let mut sent = 0;
+            for piece in wire.chunks(chunk) {
+                carry.extend_from_slice(piece);
+                let scan = s.scan_text(&mut carry, &mut sink);
+                assert_eq!(scan.violation, None);
+                sent += scan.ready;
+                carry.drain(..scan.ready);
+            }
+            assert_eq!(sent, wire.len(), "chunk {chunk}");
+            assert!(sink.open.is_none(), "chunk {chunk}");
+            assert_eq!(sink.done, want, "chunk {chunk}");
+        }
+    }
 
     #[test]
     fn follows_fragmented_messages_and_rejects_them_out_of_order() {

@@ -55,6 +55,7 @@ impl StreamState {
                 ever_accepted: Cell::new(false),
                 first_result_seen: Cell::new(false),
                 fins: Cell::new(0),
+                fin_search: Cell::new(FinSearch::default()),
                 last_word_seen: Cell::new(false),
                 writing: Cell::new(false),
             },
@@ -88,6 +89,38 @@ impl StreamState {
         if fin {
             self.down.fins.set(self.down.fins.get() + 1);
         }
+        self.note_upstream_figures(payload);
+        fin
+    }
+
+    /// Takes the next piece of an upstream text message as the scanner
+    /// walks it ([`FrameScanner::scan_text`](clio_frame::scanner::FrameScanner::scan_text)):
+    /// a message with `<fin>` is counted in [`DownHalf::fins`] once its
+    /// last piece is in, however the reads cut it (the search carries 4
+    /// bytes from one piece to the next, nothing more); a message whole
+    /// in one read is looked at as [`note_upstream_text`](Self::note_upstream_text)
+    /// does.
+    pub fn note_upstream_piece(&self, piece: &[u8], starts: bool, ends: bool) {
+        if starts && ends {
+            self.note_upstream_text(piece);
+            return;
+        }
+        let down = &self.down;
+        let mut search = if starts {
+            FinSearch::default()
+        } else {
+            down.fin_search.get()
+        };
+        search.feed(piece);
+        if ends && search.found {
+            down.fins.set(down.fins.get() + 1);
+        }
+        down.fin_search.set(search);
+    }
+
+    /// The figures of a whole upstream text message (see
+    /// [`note_upstream_text`](Self::note_upstream_text)).
+    fn note_upstream_figures(&self, payload: &[u8]) {
         if self.meter.compressed() {
             // Only upstream can tell a compressed stream's length: its
             // latest figure stands for a stream that ends without
@@ -97,7 +130,7 @@ impl StreamState {
             }
         }
         if FINISHED.find(payload).is_none() && ERROR_CODE.find(payload).is_none() {
-            return fin;
+            return;
         }
         if let Some(t) = upstream_said(payload) {
             if t.finished || t.error.is_some() {
@@ -110,7 +143,50 @@ impl StreamState {
                 self.meter.upstream_error.set(Some(code));
             }
         }
-        fin
+    }
+}
+
+/// Whether `<fin>` is in an upstream text message that comes in pieces
+/// (split across reads): the last 4 bytes seen are carried to the next
+/// piece, so a `<fin>` cut anywhere is found. Bounded: 6 bytes, whatever
+/// the message's length.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct FinSearch {
+    /// The message's last bytes so far (at most 4: one short of `<fin>`).
+    tail: [u8; 4],
+    tail_len: u8,
+    /// `<fin>` is in the message so far.
+    found: bool,
+}
+
+impl FinSearch {
+    /// Takes the message's next `piece`.
+    fn feed(&mut self, piece: &[u8]) {
+        if self.found || piece.is_empty() {
+            return;
+        }
+        // A `<fin>` across the cut starts in the tail and ends within the
+        // piece's first 4 bytes.
+        let t = self.tail_len as usize;
+        let head = piece.len().min(4);
+        let mut joint = [0u8; 8];
+        joint[..t].copy_from_slice(&self.tail[..t]);
+        joint[t..t + head].copy_from_slice(&piece[..head]);
+        if FIN.find(&joint[..t + head]).is_some() || FIN.find(piece).is_some() {
+            self.found = true;
+            return;
+        }
+        let keep = (t + piece.len()).min(4);
+        let mut tail = [0u8; 4];
+        if piece.len() >= keep {
+            tail[..keep].copy_from_slice(&piece[piece.len() - keep..]);
+        } else {
+            let old = keep - piece.len();
+            tail[..old].copy_from_slice(&self.tail[t - old..t]);
+            tail[old..keep].copy_from_slice(piece);
+        }
+        self.tail = tail;
+        self.tail_len = keep as u8;
     }
 }
 
@@ -276,6 +352,9 @@ pub struct DownHalf {
     /// finalize) so far: a drain's finalize waits for one more than came
     /// before it (and than the client's own finalizes still pending).
     pub fins: Cell<u64>,
+    /// The search for `<fin>` in an upstream text message whose pieces
+    /// came in more than one read (the compressed-audio pump).
+    pub fin_search: Cell<FinSearch>,
     /// Upstream's last word on this connection (`finished`, or an error)
     /// has gone to the client: a close frame may follow. One before it is
     /// a session lost, as a dropped connection is.

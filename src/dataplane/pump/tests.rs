@@ -85,3 +85,28 @@ fn reads_upstreams_last_word_field_by_field() {
     assert_eq!(said("[1]"), None);
     assert_eq!(said("not json"), None);
 }
+
+/// A `<fin>` is counted once per message that has it, however the message
+/// comes in pieces: cut at every pair of points (so `<fin>` itself split
+/// in two or three), and beside messages without one.
+#[test]
+fn counts_each_fin_whatever_the_pieces() {
+    let with = br#"{"tokens":[{"text":"x"},{"text":"<fin>"}],"total_audio_proc_ms":9}"#;
+    let without = br#"{"tokens":[{"text":"<fi"},{"text":"n>"}],"fin":"<fin"}"#;
+    for (msg, fins) in [(&with[..], 1), (&without[..], 0)] {
+        for a in 0..=msg.len() {
+            for b in a..=msg.len() {
+                let state = StreamState::new(Instant::now());
+                // A message before, whole, with its own `<fin>`.
+                state.note_upstream_piece(b"<fin>", true, true);
+                let pieces = [&msg[..a], &msg[a..b], &msg[b..]];
+                for (i, p) in pieces.iter().enumerate() {
+                    state.note_upstream_piece(p, i == 0, i == 2);
+                }
+                // And one after, whole, without.
+                state.note_upstream_piece(b"{}", true, true);
+                assert_eq!(state.down.fins.get(), 1 + fins, "cut at {a} and {b}");
+            }
+        }
+    }
+}
