@@ -79,6 +79,49 @@ fn live_stream_gauges_return_to_zero_when_the_first_message_fails_after_upstream
     );
 }
 
+/// `streams_live` counts a client stream from its admission to its end,
+/// also while it resumes on a new upstream connection, when
+/// `streams_active` (upstream connections open) does not count it:
+/// fake-soniox drops the first connection at its third audio frame and
+/// answers every upgrade 3 s late, so the resume's reconnect is a gap of
+/// 3 s, in which the stream's first connection has opened and closed
+/// (`streams_total` 1, `streams_active` 0) and its second has not opened.
+#[test]
+fn streams_live_counts_a_stream_while_its_resume_reconnects() {
+    let fake = fake(&["k1"], |c| {
+        c.echo = true;
+        c.faults.close_after_frames = Some(3);
+        c.faults.handshake_delay = Duration::from_secs(3);
+    });
+    let relay = Relay::start(relay_config(&fake.url(), &[("a", "k1")]));
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    for f in audio_frames(3, 1) {
+        ws.send(Message::binary(f)).unwrap();
+    }
+    let in_the_gap = |m: &str| {
+        sum(m, "clio_relay_streams_total") == 1.0 && sum(m, "clio_relay_streams_active") == 0.0
+    };
+    let mut seen = String::new();
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            seen = metrics(&relay);
+            in_the_gap(&seen)
+        }),
+        "never between the two connections: {seen}"
+    );
+    assert_eq!(value(&seen, "clio_relay_streams_live"), Some(1.0), "{seen}");
+    // The resume goes through and the stream ends: nothing live.
+    ws.send(Message::binary(Vec::new())).unwrap();
+    let got = read_all(&mut ws);
+    assert!(got.finished(), "{got:?}");
+    assert!(wait_until(LIMIT, || value(
+        &metrics(&relay),
+        "clio_relay_streams_live"
+    ) == Some(0.0)));
+    assert_eq!(relay.handle.metrics().streams_resumed(), 1);
+}
+
 /// An error Soniox sends mid-stream that the relay passes to the client
 /// unchanged (no resume left, or not one to resume from) ends the stream:
 /// it is counted in `errors_total` like the relay's own, so the error-rate

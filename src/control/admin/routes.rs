@@ -344,12 +344,17 @@ fn config(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
 /// the admin thread keeps.
 async fn metrics(admin: &Admin) -> String {
     let process = &admin.process;
+    // Read before the shards' snapshots: a stream counts its resumes
+    // before it ends, so a live count back down here comes with every
+    // resume of the streams that ended in the snapshots that follow.
+    let live_streams = u64::from(process.live_streams());
     let snaps = collect(&admin.shards).await;
     let now = Instant::now();
     let accounts = process.accounts();
     let gauges = ProcessGauges {
         max_streams: process.max_streams() as u64,
         draining: process.draining(),
+        live_streams,
         accounts_healthy: accounts.iter().filter(|a| a.healthy(now)).count() as u64,
         accounts_total: accounts.len() as u64,
     };

@@ -14,6 +14,9 @@ pub struct ProcessGauges {
     pub max_streams: u64,
     /// Whether the relay is draining (its listeners closed, `/healthz` 503).
     pub draining: bool,
+    /// Client streams admitted and not yet ended (what `server.max_streams`
+    /// counts): a stream between two upstream connections counts too.
+    pub live_streams: u64,
     /// Accounts currently considered healthy.
     pub accounts_healthy: u64,
     /// Accounts in the config.
@@ -308,6 +311,13 @@ pub fn render_prometheus(shards: &[MetricsSnapshot], gauges: &ProcessGauges) -> 
         "Configured process-wide stream limit.",
     )
     .sample(&[], gauges.max_streams);
+    family(
+        o,
+        "clio_relay_streams_live",
+        Kind::Gauge,
+        "Client streams admitted and not yet ended, process-wide (what max_streams counts); unlike streams_active, a stream between two upstream connections (a resume or failover reconnecting) counts.",
+    )
+    .sample(&[], gauges.live_streams);
     family(
         o,
         "clio_relay_draining",

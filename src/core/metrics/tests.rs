@@ -330,6 +330,7 @@ fn gauges() -> ProcessGauges {
     ProcessGauges {
         max_streams: 9000,
         draining: true,
+        live_streams: 3,
         accounts_healthy: 1,
         accounts_total: 2,
     }
@@ -379,6 +380,8 @@ fn renders_expected_lines() {
         "clio_relay_upstream_connect_seconds_count 0",
         "clio_relay_first_result_seconds_sum 0",
         "clio_relay_max_streams 9000",
+        "# TYPE clio_relay_streams_live gauge",
+        "clio_relay_streams_live 3",
         "clio_relay_draining 1",
         "clio_relay_accounts_healthy 1",
         "clio_relay_accounts_total 2",
