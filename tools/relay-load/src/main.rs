@@ -115,11 +115,14 @@ fn positive_seconds(s: &str) -> Result<f64, String> {
 }
 
 /// What relay-load reads of the relay's `/metrics`: its failover counters
-/// (resumes, failovers at open, mid-stream) and its streams open.
+/// (resumes, failovers at open, mid-stream), its upstream connections
+/// open, and its client streams live (`None` from a relay that does not
+/// export `clio_relay_streams_live`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct RelayCounts {
     failovers: [u64; 3],
     active: u64,
+    live: Option<u64>,
 }
 
 /// Reads the relay's failover counters and streams open from its `/metrics`.
@@ -138,6 +141,7 @@ fn relay_failovers(admin: SocketAddr) -> Result<RelayCounts, String> {
     let mut out = RelayCounts {
         failovers: [0; 3],
         active: 0,
+        live: None,
     };
     for line in body.lines() {
         let value = || {
@@ -154,6 +158,8 @@ fn relay_failovers(admin: SocketAddr) -> Result<RelayCounts, String> {
             out.failovers[2] += value();
         } else if line.starts_with("clio_relay_streams_active{") {
             out.active += value();
+        } else if line.starts_with("clio_relay_streams_live ") {
+            out.live = Some(value());
         }
     }
     Ok(out)
@@ -163,26 +169,41 @@ fn relay_failovers(admin: SocketAddr) -> Result<RelayCounts, String> {
 /// run's streams before it reads the counters anyway.
 const RELAY_SETTLE: Duration = Duration::from_secs(5);
 
-/// The relay's counters once the run's streams have ended there too: its
-/// streams open back to their number `before` the run, and two reads in a
-/// row that agree (a resume's new connection is briefly not counted as
-/// open). A run cut short (`--duration`, Ctrl-C) leaves streams the relay
-/// is still ending, and resuming: read at once, their resumes were missed.
-/// After [`RELAY_SETTLE`] it reads them as they are, and says so.
+/// The relay's counters once the run's streams have ended there too. A
+/// run cut short (`--duration`, Ctrl-C) leaves streams the relay is still
+/// ending, and resuming: read at once, their resumes were missed.
+///
+/// The relay's live streams (`clio_relay_streams_live`) back to their
+/// number `before` the run says so exactly: a stream counts from its
+/// admission to its end, between two upstream connections too, and its
+/// resumes are counted before it ends (the relay reads that gauge before
+/// the counters). Its upstream connections open
+/// (`clio_relay_streams_active`) do not: a resume's new connection is
+/// not counted while it connects, so a read in that gap missed the
+/// resume however long two reads in a row were apart. With a relay that
+/// does not export the gauge, those two equal reads 100 ms apart are the
+/// best there is. After [`RELAY_SETTLE`] it reads them as they are, and
+/// says so.
 fn relay_failovers_settled(admin: SocketAddr, before: RelayCounts) -> Result<RelayCounts, String> {
     let deadline = std::time::Instant::now() + RELAY_SETTLE;
     let mut last: Option<RelayCounts> = None;
     loop {
         let now = relay_failovers(admin)?;
-        if now.active <= before.active && last == Some(now) {
+        let (more, settled) = match (before.live, now.live) {
+            (Some(b), Some(n)) => (n.saturating_sub(b), n <= b),
+            _ => (
+                now.active.saturating_sub(before.active),
+                now.active <= before.active && last == Some(now),
+            ),
+        };
+        if settled {
             return Ok(now);
         }
         if std::time::Instant::now() >= deadline {
-            if now.active > before.active {
+            if more > 0 {
                 eprintln!(
-                    "relay-load: the relay still had {} more streams open than before the run after {}; \
+                    "relay-load: the relay still had {more} more streams open than before the run after {}; \
                      their failovers may be missing from the report",
-                    now.active - before.active,
                     humantime::format_duration(RELAY_SETTLE)
                 );
             }

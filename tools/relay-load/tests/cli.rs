@@ -248,17 +248,46 @@ fn relay_in_front_of(
 /// Before, it read at once and reported none.
 #[test]
 fn relay_metrics_are_read_once_the_relays_streams_have_ended() {
+    relay_load_counts_a_resume_after_its_run("metrics-settle-key", std::time::Duration::ZERO, "2");
+}
+
+/// The same with a resume whose new connection takes a second to open
+/// (fake-soniox answers every upgrade 1 s late): meanwhile the relay
+/// counts no upstream connection for the stream (`streams_active` is back
+/// to its number before the run, in every read), but the stream is still
+/// live (`streams_live`). relay-load read the counters in that gap,
+/// before the resume was counted, and reported none; it now waits for
+/// the relay's live streams.
+#[test]
+fn a_resume_that_reconnects_slowly_is_counted_too() {
+    relay_load_counts_a_resume_after_its_run(
+        "metrics-settle-slow-key",
+        std::time::Duration::from_secs(1),
+        "2.5",
+    );
+}
+
+/// relay-load (one stream of `stream_seconds` through a real relay, with
+/// `--relay-metrics`; under 3 s, so that fake-soniox does not drop it)
+/// reports the resume of another client's stream that
+/// the relay makes after relay-load's own stream has ended; each upstream
+/// upgrade is answered `handshake_delay` late.
+fn relay_load_counts_a_resume_after_its_run(
+    key: &str,
+    handshake_delay: std::time::Duration,
+    stream_seconds: &str,
+) {
     use clio_relay::core::token::TokenKeys;
     use fake_soniox::{FakeConfig, FakeKey, FakeSoniox, Faults};
     use std::time::{Duration, Instant, SystemTime};
     use tungstenite::Message;
-    const KEY: &str = "metrics-settle-key";
     const DROP_AT: u32 = 30;
     let fake = FakeSoniox::start(FakeConfig {
-        keys: vec![FakeKey::new(KEY, 10)],
+        keys: vec![FakeKey::new(key, 10)],
         echo: true,
         faults: Faults {
             close_after_frames: Some(u64::from(DROP_AT)),
+            handshake_delay,
             ..Faults::default()
         },
         ..FakeConfig::default()
@@ -266,7 +295,7 @@ fn relay_metrics_are_read_once_the_relays_streams_have_ended() {
     .expect("fake-soniox starts");
     let (relay, cfg) = relay_in_front_of(
         &fake,
-        KEY,
+        key,
         "a relay-load test's token secret, well over 32 bytes long",
     );
     let keys = TokenKeys::from_config(&cfg.tokens);
@@ -274,15 +303,22 @@ fn relay_metrics_are_read_once_the_relays_streams_have_ended() {
         keys.mint(device, Duration::from_secs(600), SystemTime::now())
             .unwrap()
     };
-    let tokens = std::env::temp_dir().join(format!("relay-load-settle-{}", std::process::id()));
+    let tokens = std::env::temp_dir().join(format!("relay-load-{key}-{}", std::process::id()));
     std::fs::write(&tokens, token("load")).unwrap();
-    // 2 s of audio in 20 frames, at real time.
+    // `stream_seconds` of audio in frames of 100 ms, at real time.
     let child = Command::new(BIN)
         .arg("--target")
         .arg(relay.client_addr.to_string())
         .arg("--tokens")
         .arg(&tokens)
-        .args(["-n", "1", "--stream-seconds", "2", "-q", "--json"])
+        .args([
+            "-n",
+            "1",
+            "--stream-seconds",
+            stream_seconds,
+            "-q",
+            "--json",
+        ])
         .arg("--relay-metrics")
         .arg(relay.admin_addr.to_string())
         .stdout(std::process::Stdio::piped())
