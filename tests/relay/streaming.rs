@@ -769,3 +769,88 @@ fn a_raw_audio_rate_that_overflows_is_forwarded_not_computed() {
     let got = stream_session(&mut ws, &config_message(None), &audio_frames(10, 3));
     assert!(got.finished(), "{got:?}");
 }
+
+/// An upstream that sends every message as a text message in three
+/// fragments, with a ping between the first two (RFC 6455 §5.4 allows
+/// both): a final token `w1 `, `w2 `, ... per audio frame, and at the end
+/// of audio `finished`, after which it hangs up without a close frame.
+/// Returns its URL and a count of the connections it took.
+fn fragmenting_upstream() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use clio_frame::frame::{build_fragment, Opcode};
+    use std::io::Write;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!(
+        "ws://{}/transcribe-websocket",
+        listener.local_addr().unwrap()
+    );
+    let conns = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = conns.clone();
+    std::thread::spawn(move || {
+        for tcp in listener.incoming() {
+            let Ok(tcp) = tcp else { return };
+            counted.fetch_add(1, Ordering::SeqCst);
+            std::thread::spawn(move || {
+                let Ok(mut ws) = tungstenite::accept(tcp) else {
+                    return;
+                };
+                let send = |ws: &mut tungstenite::WebSocket<std::net::TcpStream>, text: &[u8]| {
+                    let (a, rest) = text.split_at(5);
+                    let (b, c) = rest.split_at(rest.len() / 2);
+                    let mut wire = build_fragment(Opcode::Text, false, a, None);
+                    wire.extend(build_fragment(Opcode::Ping, true, b"between", None));
+                    wire.extend(build_fragment(Opcode::Continuation, false, b, None));
+                    wire.extend(build_fragment(Opcode::Continuation, true, c, None));
+                    ws.get_mut().write_all(&wire).is_ok()
+                };
+                let mut frames = 0u64;
+                while let Ok(m) = ws.read() {
+                    let Message::Binary(b) = m else { continue };
+                    let ms = frames * 100;
+                    if b.is_empty() {
+                        let done = serde_json::json!({"tokens": [], "final_audio_proc_ms": ms,
+                            "total_audio_proc_ms": ms, "finished": true});
+                        send(&mut ws, done.to_string().as_bytes());
+                        let _ = ws.get_mut().shutdown(std::net::Shutdown::Both);
+                        return;
+                    }
+                    frames += 1;
+                    let ms = frames * 100;
+                    let result = serde_json::json!({"tokens": [{"text": format!("w{frames} "),
+                        "start_ms": ms - 100, "end_ms": ms, "is_final": true}],
+                        "final_audio_proc_ms": ms, "total_audio_proc_ms": ms});
+                    if !send(&mut ws, result.to_string().as_bytes()) {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, conns)
+}
+
+#[test]
+fn a_finished_in_fragments_is_upstreams_last_word() {
+    // Upstream's `finished` came in fragments, and upstream then hung up:
+    // the client has its answer, so it gets close 1000 in upstream's
+    // place, with every word once, one `finished`, no error and no resume.
+    for format in ["pcm_s16le"] {
+        let (url, conns) = fragmenting_upstream();
+        let relay = Relay::start(relay_config(&url, &[("acct-a", "key-a")]));
+        let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+        let mut config: Value = serde_json::from_str(&config_message(None)).unwrap();
+        config["audio_format"] = format.into();
+        let got = stream_session(&mut ws, &config.to_string(), &audio_frames(5, 3));
+        assert!(!got.abrupt, "{format}: {got:?}");
+        assert_eq!(got.error_code(), None, "{format}: {got:?}");
+        assert_eq!(got.close_code(), Some(1000), "{format}: {got:?}");
+        assert_eq!(got.text(), "w1 w2 w3 w4 w5 ", "{format}: {got:?}");
+        let finished = got.messages.iter().filter(|m| m["finished"] == true);
+        assert_eq!(finished.count(), 1, "{format}: {got:?}");
+        assert_eq!(
+            conns.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "{format}"
+        );
+    }
+}

@@ -489,6 +489,13 @@ fn error_code_of(payload: &[u8]) -> Option<(u16, RateScope)> {
 /// as [`End::Retry`] (before upstream accepted the stream, when
 /// [`StreamState::retry_allowed`](super::StreamState::retry_allowed)) or
 /// [`End::Resume`] instead of reaching the client.
+///
+/// A text message upstream sends in fragments is joined, up to
+/// `max_payload` bytes in all, and goes to the client as one frame (RFC
+/// 6455 §5.4 lets an intermediary change a message's fragmentation): it is
+/// read as a whole one is (its `finished`, error, final point, `<fin>`),
+/// and a connection lost before its last fragment leaves none of it with
+/// the client. A ping or pong between its fragments goes on before it.
 pub async fn upstream_to_client(link: Link<'_>, max_payload: u64, cx: StreamCx<'_>) -> End {
     let Link {
         from: upstream,
@@ -508,6 +515,10 @@ pub async fn upstream_to_client(link: Link<'_>, max_payload: u64, cx: StreamCx<'
     // fragments), as the scanner checks it on the other pumps.
     let mut utf8 = Utf8Check::default();
     let mut in_text = false;
+    // Upstream has a fragmented message open (the client may not: a text
+    // one is joined here), and the text message's fragments so far.
+    let mut upstream_open = false;
+    let mut joined: Option<Vec<u8>> = None;
     let end = loop {
         let mut need_more = true;
         if buf.len() > held.bytes {
@@ -528,7 +539,7 @@ pub async fn upstream_to_client(link: Link<'_>, max_payload: u64, cx: StreamCx<'
                         buf.hold(total);
                     }
                     let data = !h.opcode.is_control();
-                    if data && (h.opcode == Opcode::Continuation) != down.mid_message.get() {
+                    if data && (h.opcode == Opcode::Continuation) != upstream_open {
                         break End::UpstreamProtocol(FrameError::Fragmentation);
                     }
                     if buf.len() - held.bytes >= total {
@@ -549,14 +560,30 @@ pub async fn upstream_to_client(link: Link<'_>, max_payload: u64, cx: StreamCx<'
                             if h.opcode != Opcode::Continuation {
                                 in_text = h.opcode == Opcode::Text;
                             }
-                            if in_text {
-                                let at = held.bytes + h.header_len;
-                                let payload = &buf.filled()[at..held.bytes + total];
-                                if !utf8.feed(payload) || (h.fin && !utf8.finish()) {
-                                    break End::UpstreamProtocol(FrameError::InvalidUtf8);
-                                }
+                            let at = held.bytes + h.header_len;
+                            let payload = &buf.filled()[at..held.bytes + total];
+                            if in_text && (!utf8.feed(payload) || (h.fin && !utf8.finish())) {
+                                break End::UpstreamProtocol(FrameError::InvalidUtf8);
                             }
-                            down.mid_message.set(!h.fin);
+                            upstream_open = !h.fin;
+                            if in_text && (joined.is_some() || !h.fin) {
+                                let text = joined.get_or_insert_with(Vec::new);
+                                if (text.len() + payload.len()) as u64 > max_payload {
+                                    break End::UpstreamProtocol(FrameError::TooBig);
+                                }
+                                text.extend_from_slice(payload);
+                                if !h.fin {
+                                    // Kept, not passed on: what waits
+                                    // before it goes first.
+                                    if held.flush(client, buf, cx).await.is_err() {
+                                        return End::ClientGone;
+                                    }
+                                    buf.consume(total);
+                                    continue;
+                                }
+                            } else {
+                                down.mid_message.set(!h.fin);
+                            }
                         }
                         // A ping or pong is no message: the first
                         // message is still to come.
@@ -564,8 +591,15 @@ pub async fn upstream_to_client(link: Link<'_>, max_payload: u64, cx: StreamCx<'
                         let first = !ping_or_pong && down.inspect_first.replace(false);
                         let mut out = None;
                         let at = held.bytes;
-                        if h.opcode == Opcode::Text && h.fin {
-                            let payload = &buf.filled()[at + h.header_len..at + total];
+                        // A whole text message: one frame, or the last of
+                        // its fragments (then `joined` holds them all).
+                        let whole = if data && h.fin { joined.take() } else { None };
+                        let was_joined = whole.is_some();
+                        if h.opcode == Opcode::Text && h.fin || whole.is_some() {
+                            let payload = match &whole {
+                                Some(text) => text.as_slice(),
+                                None => &buf.filled()[at + h.header_len..at + total],
+                            };
                             if let Some((code, scope)) = error_code_of(payload) {
                                 if first {
                                     down.first_error.set(Some((code, scope)));
@@ -600,6 +634,11 @@ pub async fn upstream_to_client(link: Link<'_>, max_payload: u64, cx: StreamCx<'
                                 // `<fin>`: the oldest pending finalize is answered.
                                 r.finalizes.pop_front();
                             }
+                            // Joined, it goes on as one frame: rewritten,
+                            // or as it came.
+                            if out.is_none() {
+                                out = whole;
+                            }
                         } else if data {
                             down.accept();
                         } else if !ping_or_pong {
@@ -625,7 +664,8 @@ pub async fn upstream_to_client(link: Link<'_>, max_payload: u64, cx: StreamCx<'
                                 down.writing.set(false);
                                 down.at_boundary.set(true);
                                 buf.consume(total);
-                                Held::delivered(1, total, true, held.read_at, cx);
+                                let bytes = if was_joined { frame.len() } else { total };
+                                Held::delivered(1, bytes, true, held.read_at, cx);
                             }
                             None => held.add(total, !h.opcode.is_control()),
                         }
