@@ -528,3 +528,46 @@ fn a_close_frame_with_a_bad_code_or_body_gets_1002() {
         assert_eq!(fake.sessions()[0].client_close_code, Some(1001), "{body:?}");
     }
 }
+
+#[test]
+fn a_bad_close_frame_before_the_first_message_gets_its_error() {
+    // Before the relay checked, a close frame that came before the config
+    // message got a normal close (1000) back, whatever its body.
+    let (fake, relay) = setup(|_| {});
+    let invalid = "close frame with an invalid code or body";
+    for (body, close, message) in [
+        (&b"\x03"[..], 1002, Some(invalid)),
+        (b"\x03\xe7", 1002, Some(invalid)), // 999
+        (b"\x03\xed", 1002, Some(invalid)), // 1005
+        (
+            b"\x03\xe8\xc3\x28",
+            1007,
+            Some("text message is not valid UTF-8"),
+        ),
+        (b"\x03\xe8bye", 1000, None),
+        (b"", 1000, None),
+    ] {
+        let (mut tcp, head) = raw_upgrade(relay.addr(), &relay.token("dev"));
+        assert!(String::from_utf8_lossy(&head).starts_with("HTTP/1.1 101"));
+        tcp.write_all(&raw_frame(0x88, Some([9, 8, 7, 6]), body))
+            .unwrap();
+        let frames = raw_read_frames(&mut tcp);
+        assert_eq!(raw_close_code(&frames), Some(close), "{body:?}: {frames:?}");
+        let errs = raw_texts(&frames);
+        match message {
+            Some(message) => {
+                assert_eq!(errs.len(), 1, "{body:?}: {errs:?}");
+                assert_eq!(errs[0]["error_code"], 400, "{body:?}");
+                assert_eq!(errs[0]["error_message"], message, "{body:?}");
+            }
+            None => assert!(errs.is_empty(), "{body:?}: {errs:?}"),
+        }
+    }
+    // No stream reached upstream (the relay's own check of the upstream
+    // URL may have opened a session, which carries no config).
+    assert!(
+        fake.sessions().iter().all(|s| s.config.is_none()),
+        "{:?}",
+        fake.sessions()
+    );
+}

@@ -527,12 +527,26 @@ fn sendable_close_code(code: u16) -> bool {
 /// endpoint may send: empty, or a sendable code and a UTF-8 reason (the
 /// check [`FrameScanner::scan`] makes on close frames it walks).
 pub fn close_body_ok(body: &[u8]) -> bool {
+    close_body_fault(body).is_none()
+}
+
+/// What is wrong with `body`, a whole unmasked close frame's payload, if
+/// anything: a 1-byte body or a code no endpoint may send
+/// ([`FrameError::BadClose`]), or a reason that is not UTF-8
+/// ([`FrameError::InvalidUtf8`]), as [`FrameScanner::scan`] tells them.
+pub fn close_body_fault(body: &[u8]) -> Option<FrameError> {
     match body {
-        [] => true,
+        [] => None,
         [a, b, reason @ ..] => {
-            sendable_close_code(u16::from_be_bytes([*a, *b])) && std::str::from_utf8(reason).is_ok()
+            if !sendable_close_code(u16::from_be_bytes([*a, *b])) {
+                Some(FrameError::BadClose)
+            } else if std::str::from_utf8(reason).is_err() {
+                Some(FrameError::InvalidUtf8)
+            } else {
+                None
+            }
         }
-        [_] => false,
+        [_] => Some(FrameError::BadClose),
     }
 }
 

@@ -12,6 +12,7 @@ use crate::dataplane::buf::Buf;
 use crate::dataplane::io::{timeout, Duplex};
 use clio_frame::frame::{build_frame, parse_header, FrameError, FrameHeader, Opcode, Sender};
 use clio_frame::mask::apply_mask;
+use clio_frame::scanner::close_body_fault;
 
 use super::{Refusal, Stream};
 
@@ -82,7 +83,20 @@ impl Stream {
                             }
                         }
                         Opcode::Pong => {}
-                        Opcode::Close => return Err(Refusal::silent(1000)),
+                        // Its body is checked as a later close frame's is
+                        // (the scanner's): a bad one gets its error.
+                        Opcode::Close => {
+                            return Err(match close_body_fault(payload) {
+                                None => Refusal::silent(1000),
+                                Some(e) => Refusal::new(
+                                    400,
+                                    "bad_request",
+                                    e.reason(),
+                                    e.close_code(),
+                                    Side::Client,
+                                ),
+                            })
+                        }
                         op => return parse_config(op, h.fin, payload),
                     }
                     continue;
