@@ -71,7 +71,8 @@ pub async fn read_head(conn: &Duplex, buf: &mut Buf, max: usize) -> Result<usize
                 Ok(at)
             };
         }
-        scanned = filled.len().saturating_sub(3);
+        // The last line feed read may begin the empty line that ends it.
+        scanned = filled.len().saturating_sub(2);
         if buf.len() >= max {
             return Err(HeadError::TooLarge);
         }
@@ -99,11 +100,18 @@ pub fn header_slots(head: &[u8]) -> Vec<httparse::Header<'_>> {
     vec![httparse::EMPTY_HEADER; lines.max(1)]
 }
 
+/// Where the head in `bytes` ends: after its empty line. Each line may
+/// end in CRLF or in a bare LF, which a recipient may take for a line's
+/// end (RFC 9112 §2.2) and the HTTP parser does; looked for from `from`,
+/// which must be a line feed's place or before it.
 fn find_head_end(bytes: &[u8], from: usize) -> Option<usize> {
-    bytes[from..]
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|p| from + p + 4)
+    memchr::memchr_iter(b'\n', &bytes[from..])
+        .map(|p| from + p + 1)
+        .find_map(|after| match &bytes[after..] {
+            [b'\n', ..] => Some(after + 1),
+            [b'\r', b'\n', ..] => Some(after + 2),
+            _ => None,
+        })
 }
 
 /// The most a graceful close reads and discards from a client.
@@ -707,5 +715,11 @@ mod tests {
             UpstreamAnswer::Refused(401)
         );
         assert!(find_head_end(b"abc\r\n\r\nrest", 0) == Some(7));
+        // A bare LF may end any line (RFC 9112 §2.2), the empty one too.
+        assert_eq!(find_head_end(b"abc\n\nrest", 0), Some(5));
+        assert_eq!(find_head_end(b"abc\r\n\nrest", 0), Some(6));
+        assert_eq!(find_head_end(b"abc\n\r\nrest", 0), Some(6));
+        assert_eq!(find_head_end(b"abc\r\nd\r\n\r", 0), None);
+        assert_eq!(find_head_end(b"abc\r\nd\r\n\r\n", 3), Some(10));
     }
 }

@@ -317,3 +317,24 @@ fn a_request_needs_exactly_one_host() {
         assert!(answer.contains(" 200 "), "{head:?}: {answer}");
     }
 }
+
+#[test]
+fn a_head_whose_lines_end_in_a_bare_line_feed_is_answered() {
+    // RFC 9112 §2.2: a recipient may take a lone LF for a line's end, and
+    // the relay's HTTP parser does. Before, the head's end was looked for
+    // only as CRLF CRLF, so such a head (a hand-written client's) waited
+    // out limits.handshake_timeout and got 408 "request head not received
+    // in time".
+    let fake = fake(&["key-a"], |_| {});
+    let relay = Relay::start(relay_config(&fake.url(), &[("acct-a", "key-a")]));
+    let upgrade = upgrade_head(&relay.token("dev"), "").replace("\r\n", "\n");
+    let (answer, _) = send_raw(relay.addr(), upgrade.as_bytes(), b"");
+    assert!(answer.starts_with("HTTP/1.1 101 "), "{answer}");
+    // Mixed, as a client that writes its last line by hand would.
+    let mixed = upgrade_head(&relay.token("dev"), "").replacen("\r\n\r\n", "\n\n", 1);
+    let (answer, _) = send_raw(relay.addr(), mixed.as_bytes(), b"");
+    assert!(answer.starts_with("HTTP/1.1 101 "), "{answer}");
+    let (answer, clean) = send_raw(relay.addr(), b"GET /healthz HTTP/1.1\nHost: x\n\n", b"");
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+    assert!(clean, "{answer}");
+}
