@@ -501,7 +501,10 @@ pub enum UpstreamAnswer {
 
 /// Checks an upstream's answer head against the key we sent.
 pub fn check_upstream_answer(head: &[u8], sent_key: &str) -> Result<UpstreamAnswer, HeadError> {
-    let mut headers = [httparse::EMPTY_HEADER; 48];
+    // Any number of headers that fits the answer's byte bound parses: a
+    // fixed array of 48 took a 101 with more (a proxy's or a CDN's) for a
+    // malformed answer, and upstream for unreachable.
+    let mut headers = header_slots(head);
     let mut resp = httparse::Response::new(&mut headers);
     match resp.parse(head) {
         Ok(httparse::Status::Complete(_)) => {}

@@ -854,3 +854,57 @@ fn a_finished_in_fragments_is_upstreams_last_word() {
         );
     }
 }
+
+#[test]
+#[allow(clippy::result_large_err)] // tungstenite's callback returns its Response as the error
+fn an_upgrade_answer_with_many_headers_is_taken() {
+    // A 101 with more than 48 headers (as a proxy or a CDN in front of
+    // upstream may add) was taken for a malformed answer: every stream
+    // got 502 "unreachable".
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!(
+        "ws://{}/transcribe-websocket",
+        listener.local_addr().unwrap()
+    );
+    std::thread::spawn(move || {
+        for tcp in listener.incoming() {
+            let Ok(tcp) = tcp else { return };
+            std::thread::spawn(move || {
+                let many =
+                    |_: &tungstenite::handshake::server::Request,
+                     mut answer: tungstenite::handshake::server::Response| {
+                        for i in 0..60 {
+                            let name = format!("x-hop-{i}");
+                            let name = tungstenite::http::HeaderName::try_from(name).unwrap();
+                            answer.headers_mut().insert(name, "1".parse().unwrap());
+                        }
+                        Ok(answer)
+                    };
+                let Ok(mut ws) = tungstenite::accept_hdr(tcp, many) else {
+                    return;
+                };
+                while let Ok(m) = ws.read() {
+                    match m {
+                        Message::Binary(b) if b.is_empty() => {
+                            let done = r#"{"tokens":[],"final_audio_proc_ms":0,"total_audio_proc_ms":0,"finished":true}"#;
+                            let _ = ws.send(Message::text(done));
+                            let _ = ws.close(Some(normal_close()));
+                        }
+                        Message::Binary(_) => {
+                            let result = r#"{"tokens":[{"text":"w ","is_final":true}],"final_audio_proc_ms":0,"total_audio_proc_ms":0}"#;
+                            let _ = ws.send(Message::text(result));
+                        }
+                        _ => {}
+                    }
+                }
+            });
+        }
+    });
+    let relay = Relay::start(relay_config(&url, &[("acct-a", "key-a")]));
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    let got = stream_session(&mut ws, &config_message(None), &audio_frames(2, 1));
+    assert_eq!(got.error_code(), None, "{got:?}");
+    assert_eq!(got.text(), "w w ", "{got:?}");
+    assert!(got.finished(), "{got:?}");
+    assert_eq!(got.close_code(), Some(1000), "{got:?}");
+}
