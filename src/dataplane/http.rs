@@ -514,16 +514,31 @@ pub fn check_upstream_answer(head: &[u8], sent_key: &str) -> Result<UpstreamAnsw
     if code != 101 {
         return Ok(UpstreamAnswer::Refused(code));
     }
+    // RFC 6455 §4.1: a client fails the connection unless the 101 has
+    // `Upgrade: websocket`, `Upgrade` in `Connection` and the accept key
+    // of the key it sent, and names no extension or subprotocol it did
+    // not ask for (the relay asks for none).
     let expected = tungstenite::handshake::derive_accept_key(sent_key.as_bytes());
-    let mut accept_ok = false;
+    let (mut accept_ok, mut upgrade_ok, mut connection_ok) = (false, false, false);
     for h in resp.headers.iter() {
-        if h.name.eq_ignore_ascii_case("sec-websocket-accept") {
+        let name = h.name;
+        if name.eq_ignore_ascii_case("sec-websocket-accept") {
             accept_ok = h.value == expected.as_bytes();
-        } else if h.name.eq_ignore_ascii_case("sec-websocket-extensions") {
+        } else if name.eq_ignore_ascii_case("sec-websocket-extensions")
+            || name.eq_ignore_ascii_case("sec-websocket-protocol")
+        {
             return Ok(UpstreamAnswer::Invalid);
+        } else if name.eq_ignore_ascii_case("upgrade") {
+            upgrade_ok =
+                visible_ascii(h.value).is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+        } else if name.eq_ignore_ascii_case("connection") {
+            connection_ok |= visible_ascii(h.value).is_some_and(|v| {
+                v.split([' ', ','])
+                    .any(|item| item.eq_ignore_ascii_case("upgrade"))
+            });
         }
     }
-    Ok(if accept_ok {
+    Ok(if accept_ok && upgrade_ok && connection_ok {
         UpstreamAnswer::Upgraded
     } else {
         UpstreamAnswer::Invalid
@@ -711,6 +726,30 @@ mod tests {
         assert_eq!(
             check_upstream_answer(ok.as_bytes(), "other").unwrap(),
             UpstreamAnswer::Invalid
+        );
+        // What a WebSocket client must refuse (RFC 6455 §4.1).
+        for (from, to) in [
+            ("Upgrade: websocket\r\n", ""),
+            ("Upgrade: websocket\r\n", "Upgrade: h2c\r\n"),
+            ("Connection: Upgrade\r\n", ""),
+            ("Connection: Upgrade\r\n", "Connection: keep-alive\r\n"),
+            ("\r\n\r\n", "\r\nSec-WebSocket-Protocol: chat\r\n\r\n"),
+            (
+                "\r\n\r\n",
+                "\r\nSec-WebSocket-Extensions: permessage-deflate\r\n\r\n",
+            ),
+        ] {
+            let bad = ok.replacen(from, to, 1);
+            assert_eq!(
+                check_upstream_answer(bad.as_bytes(), KEY).unwrap(),
+                UpstreamAnswer::Invalid,
+                "{bad}"
+            );
+        }
+        let fine = ok.replace("Connection: Upgrade", "connection: keep-alive, upgrade");
+        assert_eq!(
+            check_upstream_answer(fine.as_bytes(), KEY).unwrap(),
+            UpstreamAnswer::Upgraded
         );
         let refused = b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n";
         assert_eq!(

@@ -908,3 +908,113 @@ fn an_upgrade_answer_with_many_headers_is_taken() {
     assert!(got.finished(), "{got:?}");
     assert_eq!(got.close_code(), Some(1000), "{got:?}");
 }
+
+/// An upstream whose 101 is `answer(accept key)`; it then sends a result
+/// for every audio frame and, for the end of audio, `finished` and a
+/// close, as a good one would.
+fn upstream_answering(answer: fn(&str) -> String) -> String {
+    use clio_frame::frame::{build_frame, parse_header, Opcode, Sender};
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!(
+        "ws://{}/transcribe-websocket",
+        listener.local_addr().unwrap()
+    );
+    std::thread::spawn(move || {
+        for tcp in listener.incoming() {
+            let Ok(mut tcp) = tcp else { return };
+            std::thread::spawn(move || {
+                tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 65536];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tcp.read(&mut chunk) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&buf).to_string();
+                let Some(key) = head.lines().find_map(|l| {
+                    let (name, value) = l.split_once(':')?;
+                    name.eq_ignore_ascii_case("sec-websocket-key")
+                        .then(|| value.trim().to_string())
+                }) else {
+                    return;
+                };
+                let at = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                buf.drain(..at);
+                let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+                if tcp.write_all(answer(&accept).as_bytes()).is_err() {
+                    return;
+                }
+                loop {
+                    while let Ok(Some(h)) = parse_header(&buf, Sender::Client, 1 << 30) {
+                        let total = h.header_len + h.payload_len as usize;
+                        if buf.len() < total {
+                            break;
+                        }
+                        buf.drain(..total);
+                        let reply = match (h.opcode, h.payload_len) {
+                            (Opcode::Binary, 0) => {
+                                r#"{"tokens":[],"final_audio_proc_ms":0,"total_audio_proc_ms":0,"finished":true}"#
+                            }
+                            (Opcode::Binary, _) => {
+                                r#"{"tokens":[{"text":"w ","is_final":true}],"final_audio_proc_ms":0,"total_audio_proc_ms":0}"#
+                            }
+                            _ => continue,
+                        };
+                        let mut out = build_frame(Opcode::Text, reply.as_bytes(), None);
+                        if h.payload_len == 0 {
+                            out.extend(build_frame(Opcode::Close, &[0x03, 0xe8], None));
+                        }
+                        if tcp.write_all(&out).is_err() {
+                            return;
+                        }
+                    }
+                    match tcp.read(&mut chunk) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    url
+}
+
+#[test]
+fn a_101_a_websocket_client_must_refuse_is_refused() {
+    // RFC 6455 §4.1: a client fails the connection when the 101 names a
+    // subprotocol it did not ask for, or lacks `Upgrade: websocket` or
+    // `Connection: Upgrade`. The relay took such answers and streamed on
+    // them, as it refused one with an extension or a wrong accept key.
+    let answers: [fn(&str) -> String; 3] = [
+        |accept| {
+            format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\nSec-WebSocket-Protocol: chat\r\n\r\n")
+        },
+        |accept| {
+            format!("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n")
+        },
+        |accept| {
+            format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: {accept}\r\n\r\n")
+        },
+    ];
+    for (i, answer) in answers.into_iter().enumerate() {
+        let relay = Relay::start(relay_config(&upstream_answering(answer), &[("a", "k1")]));
+        let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+        let got = stream_session(&mut ws, &config_message(None), &audio_frames(2, 1));
+        assert_eq!(got.error_code(), Some(502), "answer {i}: {got:?}");
+        assert_eq!(got.close_code(), Some(1011), "answer {i}: {got:?}");
+        assert_eq!(got.text(), "", "answer {i}: {got:?}");
+    }
+    // The same upstream with a 101 a client may take streams.
+    let good = |accept: &str| {
+        format!("HTTP/1.1 101 Switching Protocols\r\nupgrade: WebSocket\r\nconnection: keep-alive, upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n")
+    };
+    let relay = Relay::start(relay_config(&upstream_answering(good), &[("a", "k1")]));
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    let got = stream_session(&mut ws, &config_message(None), &audio_frames(2, 1));
+    assert_eq!(got.error_code(), None, "{got:?}");
+    assert_eq!(got.text(), "w w ", "{got:?}");
+    assert!(got.finished(), "{got:?}");
+}
