@@ -593,7 +593,7 @@ pub mod copy_budget;
 pub mod resume;
 mod state;
 
-pub use state::{DownHalf, FinSearch, Meter, StreamState, UpHalf};
+pub use state::{DownHalf, FinSearch, Meter, StreamState, UpHalf, JOINED_TEXT_MAX};
 
 #[cfg(test)]
 mod tests;

@@ -770,12 +770,23 @@ fn a_raw_audio_rate_that_overflows_is_forwarded_not_computed() {
     assert!(got.finished(), "{got:?}");
 }
 
-/// An upstream that sends every message as a text message in three
-/// fragments, with a ping between the first two (RFC 6455 §5.4 allows
-/// both): a final token `w1 `, `w2 `, ... per audio frame, and at the end
-/// of audio `finished`, after which it hangs up without a close frame.
-/// Returns its URL and a count of the connections it took.
-fn fragmenting_upstream() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+/// How [`cutting_upstream`] sends each of its text messages.
+#[derive(Debug, Clone, Copy)]
+enum Cut {
+    /// In three fragments, with a ping between the first two (RFC 6455
+    /// §5.4 allows both; the ping's payload, a quoted word, would spoil
+    /// the JSON if it were taken into the message).
+    Fragments,
+    /// As one frame written in two parts 50 ms apart, cut in its payload:
+    /// two reads on the relay's side.
+    TwoWrites,
+}
+
+/// An upstream that sends every message as `cut` says: a final token
+/// `w1 `, `w2 `, ... per audio frame, and at the end of audio `finished`,
+/// after which it hangs up without a close frame. Returns its URL and a
+/// count of the connections it took.
+fn cutting_upstream(cut: Cut) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     use clio_frame::frame::{build_fragment, Opcode};
     use std::io::Write;
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -795,13 +806,25 @@ fn fragmenting_upstream() -> (String, std::sync::Arc<std::sync::atomic::AtomicUs
                     return;
                 };
                 let send = |ws: &mut tungstenite::WebSocket<std::net::TcpStream>, text: &[u8]| {
-                    let (a, rest) = text.split_at(5);
-                    let (b, c) = rest.split_at(rest.len() / 2);
-                    let mut wire = build_fragment(Opcode::Text, false, a, None);
-                    wire.extend(build_fragment(Opcode::Ping, true, b"between", None));
-                    wire.extend(build_fragment(Opcode::Continuation, false, b, None));
-                    wire.extend(build_fragment(Opcode::Continuation, true, c, None));
-                    ws.get_mut().write_all(&wire).is_ok()
+                    let tcp = ws.get_mut();
+                    match cut {
+                        Cut::Fragments => {
+                            let (a, rest) = text.split_at(5);
+                            let (b, c) = rest.split_at(rest.len() / 2);
+                            let mut wire = build_fragment(Opcode::Text, false, a, None);
+                            wire.extend(build_fragment(Opcode::Ping, true, b"\"ping\"", None));
+                            wire.extend(build_fragment(Opcode::Continuation, false, b, None));
+                            wire.extend(build_fragment(Opcode::Continuation, true, c, None));
+                            tcp.write_all(&wire).is_ok()
+                        }
+                        Cut::TwoWrites => {
+                            let wire = build_fragment(Opcode::Text, true, text, None);
+                            let (a, b) = wire.split_at(wire.len() / 2);
+                            let first = tcp.write_all(a).and_then(|()| tcp.flush()).is_ok();
+                            std::thread::sleep(std::time::Duration::from_millis(50));
+                            first && tcp.write_all(b).is_ok()
+                        }
+                    }
                 };
                 let mut frames = 0u64;
                 while let Ok(m) = ws.read() {
@@ -830,27 +853,35 @@ fn fragmenting_upstream() -> (String, std::sync::Arc<std::sync::atomic::AtomicUs
 }
 
 #[test]
-fn a_finished_in_fragments_is_upstreams_last_word() {
+fn a_finished_in_pieces_is_upstreams_last_word() {
     // Upstream's `finished` came in fragments, and upstream then hung up:
     // the client has its answer, so it gets close 1000 in upstream's
     // place, with every word once, one `finished`, no error and no resume.
-    for format in ["pcm_s16le"] {
-        let (url, conns) = fragmenting_upstream();
+    // So too when each message came in two reads, or on a compressed
+    // stream (its pump walks the frames as they come and joins such a
+    // message to read it).
+    for (format, cut) in [
+        ("pcm_s16le", Cut::Fragments),
+        ("pcm_s16le", Cut::TwoWrites),
+        ("ogg", Cut::Fragments),
+        ("ogg", Cut::TwoWrites),
+    ] {
+        let (url, conns) = cutting_upstream(cut);
         let relay = Relay::start(relay_config(&url, &[("acct-a", "key-a")]));
         let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
         let mut config: Value = serde_json::from_str(&config_message(None)).unwrap();
         config["audio_format"] = format.into();
         let got = stream_session(&mut ws, &config.to_string(), &audio_frames(5, 3));
-        assert!(!got.abrupt, "{format}: {got:?}");
-        assert_eq!(got.error_code(), None, "{format}: {got:?}");
-        assert_eq!(got.close_code(), Some(1000), "{format}: {got:?}");
-        assert_eq!(got.text(), "w1 w2 w3 w4 w5 ", "{format}: {got:?}");
+        assert!(!got.abrupt, "{format} {cut:?}: {got:?}");
+        assert_eq!(got.error_code(), None, "{format} {cut:?}: {got:?}");
+        assert_eq!(got.close_code(), Some(1000), "{format} {cut:?}: {got:?}");
+        assert_eq!(got.text(), "w1 w2 w3 w4 w5 ", "{format} {cut:?}: {got:?}");
         let finished = got.messages.iter().filter(|m| m["finished"] == true);
-        assert_eq!(finished.count(), 1, "{format}: {got:?}");
+        assert_eq!(finished.count(), 1, "{format} {cut:?}: {got:?}");
         assert_eq!(
             conns.load(std::sync::atomic::Ordering::SeqCst),
             1,
-            "{format}"
+            "{format} {cut:?}"
         );
     }
 }

@@ -56,6 +56,7 @@ impl StreamState {
                 first_result_seen: Cell::new(false),
                 fins: Cell::new(0),
                 fin_search: Cell::new(FinSearch::default()),
+                joined: RefCell::new(None),
                 last_word_seen: Cell::new(false),
                 writing: Cell::new(false),
             },
@@ -95,27 +96,45 @@ impl StreamState {
 
     /// Takes the next piece of an upstream text message as the scanner
     /// walks it ([`FrameScanner::scan_text`](clio_frame::scanner::FrameScanner::scan_text)):
-    /// a message with `<fin>` is counted in [`DownHalf::fins`] once its
-    /// last piece is in, however the reads cut it (the search carries 4
-    /// bytes from one piece to the next, nothing more); a message whole
-    /// in one read is looked at as [`note_upstream_text`](Self::note_upstream_text)
-    /// does.
+    /// a message whole in one read is looked at in place, as
+    /// [`note_upstream_text`](Self::note_upstream_text) does. One that
+    /// comes in pieces (cut across reads, or sent in fragments) is joined
+    /// into a copy of up to [`JOINED_TEXT_MAX`] bytes and looked at whole
+    /// once its last piece is in, so that a `finished` or an error is read
+    /// however it came; past that bound the copy is let go, and only
+    /// `<fin>` is still found (the search carries 4 bytes from one piece
+    /// to the next), counted in [`DownHalf::fins`] once.
     pub fn note_upstream_piece(&self, piece: &[u8], starts: bool, ends: bool) {
         if starts && ends {
             self.note_upstream_text(piece);
             return;
         }
         let down = &self.down;
-        let mut search = if starts {
-            FinSearch::default()
+        let (mut search, mut joined) = if starts {
+            (FinSearch::default(), Some(Box::default()))
         } else {
-            down.fin_search.get()
+            (down.fin_search.get(), down.joined.take())
         };
         search.feed(piece);
-        if ends && search.found {
-            down.fins.set(down.fins.get() + 1);
+        if let Some(text) = joined.as_deref_mut() {
+            if text.len() + piece.len() <= JOINED_TEXT_MAX {
+                text.extend_from_slice(piece);
+            } else {
+                joined = None;
+            }
         }
-        down.fin_search.set(search);
+        if !ends {
+            down.fin_search.set(search);
+            down.joined.replace(joined);
+            return;
+        }
+        match joined {
+            Some(text) => {
+                self.note_upstream_text(&text);
+            }
+            None if search.found => down.fins.set(down.fins.get() + 1),
+            None => {}
+        }
     }
 
     /// The figures of a whole upstream text message (see
@@ -262,6 +281,11 @@ pub(crate) fn upstream_said(payload: &[u8]) -> Option<UpstreamSaid> {
 // The byte searches run over every upstream result: SIMD searchers (a
 // compare at every offset showed in the profile of a flood), each built
 // once rather than per search (building one showed too).
+/// The longest upstream text message in pieces that is joined to be read
+/// whole (see [`StreamState::note_upstream_piece`]): `finished` and errors
+/// are well under it (upstream's `finished` carries no tokens).
+pub const JOINED_TEXT_MAX: usize = 8 << 10;
+
 static FIN: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"<fin>"));
 static FINISHED: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"finished\""));
 pub(crate) static ERROR_CODE: LazyLock<Finder<'static>> =
@@ -355,6 +379,10 @@ pub struct DownHalf {
     /// The search for `<fin>` in an upstream text message whose pieces
     /// came in more than one read (the compressed-audio pump).
     pub fin_search: Cell<FinSearch>,
+    /// That message so far, while it is within [`JOINED_TEXT_MAX`] bytes
+    /// (boxed: a stream holds 16 bytes for it, and a copy only while such
+    /// a message is arriving).
+    pub joined: RefCell<Option<Box<Vec<u8>>>>,
     /// Upstream's last word on this connection (`finished`, or an error)
     /// has gone to the client: a close frame may follow. One before it is
     /// a session lost, as a dropped connection is.
@@ -377,6 +405,7 @@ impl DownHalf {
     /// message is looked at again and it has accepted nothing yet.
     pub fn new_connection(&self) {
         self.mid_message.set(false);
+        self.joined.take();
         self.inspect_first.set(true);
         self.first_error.set(None);
         self.accepted.set(false);
@@ -402,7 +431,7 @@ pub struct Meter {
     /// The device's hold on its limits, once admitted.
     device: RefCell<Option<crate::core::devices::DevicePermit>>,
     /// Upstream's `total_audio_proc_ms` from its `finished` message.
-    upstream_audio_ms: Cell<Option<u64>>,
+    pub(super) upstream_audio_ms: Cell<Option<u64>>,
     /// A compressed stream's latest `total_audio_proc_ms` from any result.
     upstream_seen_ms: Cell<Option<u64>>,
     /// Of that figure, the milliseconds already counted against the

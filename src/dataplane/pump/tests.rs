@@ -110,3 +110,41 @@ fn counts_each_fin_whatever_the_pieces() {
         }
     }
 }
+
+/// A `finished` or an error that comes in pieces is read as a whole one
+/// is, wherever the cuts fall; one past the join's bound is not copied
+/// (and not read), though its `<fin>` is still counted.
+#[test]
+fn reads_a_last_word_whatever_the_pieces() {
+    let finished =
+        br#"{"tokens":[],"final_audio_proc_ms":1560,"total_audio_proc_ms":1680,"finished":true}"#;
+    let error = br#"{"tokens":[],"error_code":429,"error_message":"too many"}"#;
+    for msg in [&finished[..], &error[..]] {
+        for a in 0..=msg.len() {
+            for b in a..=msg.len() {
+                let state = StreamState::new(Instant::now());
+                let pieces = [&msg[..a], &msg[a..b], &msg[b..]];
+                for (i, p) in pieces.iter().enumerate() {
+                    state.note_upstream_piece(p, i == 0, i == 2);
+                }
+                assert!(state.down.last_word_seen.get(), "cut at {a} and {b}");
+                assert!(state.down.joined.borrow().is_none(), "let go");
+                if msg == finished {
+                    assert_eq!(state.meter.upstream_audio_ms.get(), Some(1680));
+                } else {
+                    assert_eq!(state.meter.upstream_error(), Some(429));
+                }
+            }
+        }
+    }
+    let long = format!(
+        r#"{{"tokens":[{{"text":"{}"}},{{"text":"<fin>"}}],"finished":true}}"#,
+        "x".repeat(JOINED_TEXT_MAX)
+    );
+    let state = StreamState::new(Instant::now());
+    let (a, b) = long.as_bytes().split_at(100);
+    state.note_upstream_piece(a, true, false);
+    state.note_upstream_piece(b, false, true);
+    assert_eq!(state.down.fins.get(), 1);
+    assert!(!state.down.last_word_seen.get(), "over the bound: not read");
+}
