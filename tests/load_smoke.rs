@@ -35,6 +35,7 @@ fn relay_config(upstream: &str) -> Config {
             shards: 1,
             max_streams: 100,
             allow: Vec::new(),
+            proxy_protocol_from: Vec::new(),
         },
         upstream: UpstreamConfig {
             url: upstream.to_string(),

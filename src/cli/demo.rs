@@ -184,6 +184,7 @@ pub fn run_demo(args: &DemoArgs) -> std::io::Result<DemoReport> {
             shards,
             max_streams: 1000,
             allow: Vec::new(),
+            proxy_protocol_from: Vec::new(),
         },
         upstream: UpstreamConfig {
             url: fake.url(),

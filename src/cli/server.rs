@@ -273,6 +273,7 @@ pub fn start_joining(
         devices: Arc::new(cfg.devices.clone()),
         listen_fd: client_fd,
         allow: Arc::new(cfg.server.allow.clone()),
+        proxy_protocol_from: Arc::new(cfg.server.proxy_protocol_from.clone()),
         client_tls: cfg
             .tls
             .as_ref()

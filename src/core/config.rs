@@ -472,6 +472,15 @@ impl Config {
                 ));
             }
         }
+        for net in &self.server.proxy_protocol_from {
+            if net.prefix_len() == 0 {
+                w.push(format!(
+                    "server.proxy_protocol_from: {net} is every address: every client must then \
+                     send a PROXY header, and may claim any address in it; list only the \
+                     balancers' addresses"
+                ));
+            }
+        }
         let after = self.stop_after_drain();
         let stop = self.limits.drain_timeout + after;
         if stop > UNIT_STOP_TIMEOUT {

@@ -10,6 +10,8 @@
 //! A stream's life:
 //! - [`listen`]: binding the ports; a second relay cannot join them by mistake.
 //! - [`accept`]: accept loops that survive errors; the file limit, said plainly.
+//! - [`proxy_header`]: the PROXY protocol header a trusted balancer sends
+//!   first, with the client's address.
 //! - [`shard`]: one executor per core: listener, live streams, control messages.
 //! - [`session`]: one stream: upgrade, token, first message, account, pumps, end.
 //! - [`log_budget`]: lines a peer repeats (refusals, upstream connect
@@ -27,6 +29,7 @@ pub mod http;
 pub mod io;
 pub mod listen;
 pub mod log_budget;
+pub mod proxy_header;
 pub mod pump;
 pub mod session;
 pub mod shard;

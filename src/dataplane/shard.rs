@@ -372,6 +372,8 @@ pub struct ShardSetup {
     pub client_tls: Option<Arc<rustls::ServerConfig>>,
     /// `server.allow`.
     pub allow: Arc<Vec<ipnet::IpNet>>,
+    /// `server.proxy_protocol_from`.
+    pub proxy_protocol_from: Arc<Vec<ipnet::IpNet>>,
     /// Process-wide state.
     pub process: Arc<ProcessState>,
 }
@@ -512,6 +514,9 @@ pub struct Settings {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Networks clients may connect from (`server.allow`); empty = any.
     pub allow: Arc<Vec<ipnet::IpNet>>,
+    /// Balancers whose connections start with a PROXY protocol header
+    /// (`server.proxy_protocol_from`); empty = none.
+    pub proxy_protocol_from: Arc<Vec<ipnet::IpNet>>,
 }
 
 impl Settings {
@@ -645,6 +650,7 @@ pub fn start(index: usize, setup: ShardSetup) -> std::io::Result<ShardHandle> {
                 devices: setup.devices.clone(),
                 tls: setup.client_tls.clone(),
                 allow: setup.allow.clone(),
+                proxy_protocol_from: setup.proxy_protocol_from.clone(),
             })),
             key_in_header: setup.key_in_header,
             connect_timeout: setup.connect_timeout,

@@ -22,6 +22,7 @@ mod metrics;
 mod pool_limits;
 mod pools;
 mod ports;
+mod proxy_protocol;
 mod refusals;
 mod reload;
 mod resume;

@@ -168,7 +168,7 @@ pub(crate) fn wss_connect(
 }
 
 /// [`wss_connect`] over `tcp`, a socket connected to `addr`.
-fn wss_connect_with(
+pub(crate) fn wss_connect_with(
     addr: std::net::SocketAddr,
     ca_pem: &str,
     token: &str,

@@ -51,6 +51,7 @@ pub fn relay_config(upstream: &str, accounts: &[(&str, &str)]) -> Config {
             shards: 1,
             max_streams: 100,
             allow: Vec::new(),
+            proxy_protocol_from: Vec::new(),
         },
         upstream: UpstreamConfig {
             url: upstream.to_string(),

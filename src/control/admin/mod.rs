@@ -445,6 +445,7 @@ impl Admin {
             tokens: Arc::new(TokenKeys::from_config(&cfg.tokens)),
             devices: Arc::new(cfg.devices.clone()),
             allow: Arc::new(cfg.server.allow.clone()),
+            proxy_protocol_from: Arc::new(cfg.server.proxy_protocol_from.clone()),
             // The reload's log names each change: a renewed certificate
             // shows by its end date.
             tls: tls.map(|(file, t)| {

@@ -217,6 +217,11 @@ fn resolve(raw: RawFile, base: &Path) -> Result<Config, ConfigError> {
             .max_streams
             .unwrap_or(defaults_server.max_streams),
         allow: networks("server.allow", raw.server.allow, &mut p),
+        proxy_protocol_from: networks(
+            "server.proxy_protocol_from",
+            raw.server.proxy_protocol_from,
+            &mut p,
+        ),
     };
 
     let auth = match raw.upstream.auth.as_deref() {

@@ -166,6 +166,7 @@ pub(super) struct RawServer {
     pub(super) shards: Option<usize>,
     pub(super) max_streams: Option<u32>,
     pub(super) allow: Option<Vec<String>>,
+    pub(super) proxy_protocol_from: Option<Vec<String>>,
 }
 
 #[derive(Deserialize, Default)]

@@ -299,8 +299,16 @@ pub struct ServerConfig {
     /// HTTP 503 before the upgrade. This is what bounds process memory.
     pub max_streams: u32,
     /// Networks clients may connect from; empty means any. Others have their
-    /// connection closed at accept.
+    /// connection closed at accept. A connection that came through a
+    /// balancer listed in `proxy_protocol_from` is checked with the client
+    /// address its PROXY header carries.
     pub allow: Vec<ipnet::IpNet>,
+    /// Balancers whose connections start with a PROXY protocol header (v1
+    /// or v2), which the relay then requires and reads: the client address
+    /// it carries is the one the relay uses for `allow`, the per-address
+    /// bounds and its log lines. Empty (the default): no header is read
+    /// from anyone.
+    pub proxy_protocol_from: Vec<ipnet::IpNet>,
 }
 
 impl ServerConfig {
@@ -323,6 +331,7 @@ impl Default for ServerConfig {
             shards: 0,
             max_streams: 9000,
             allow: Vec::new(),
+            proxy_protocol_from: Vec::new(),
         }
     }
 }

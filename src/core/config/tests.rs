@@ -183,6 +183,57 @@ enabled = false
     );
 }
 
+/// `server.proxy_protocol_from`: networks or addresses, checked like
+/// `server.allow`; none by default; one that is every address is warned
+/// about.
+#[test]
+fn proxy_protocol_from_is_a_list_of_networks() {
+    let c = Config::from_toml_str(&minimal("PPF", ""), Path::new(".")).unwrap();
+    assert!(c.server.proxy_protocol_from.is_empty());
+    let c = Config::from_toml_str(
+        &minimal(
+            "PPF",
+            "[server]\nproxy_protocol_from = [\"10.0.0.5/32\", \"fd00::7\"]\n",
+        ),
+        Path::new("."),
+    )
+    .unwrap();
+    assert_eq!(
+        c.server.proxy_protocol_from,
+        vec![
+            "10.0.0.5/32".parse::<ipnet::IpNet>().unwrap(),
+            "fd00::7/128".parse().unwrap()
+        ]
+    );
+    assert!(
+        !c.warnings()
+            .iter()
+            .any(|w| w.contains("proxy_protocol_from")),
+        "{:?}",
+        c.warnings()
+    );
+    let p = problems(&minimal(
+        "PPF",
+        "[server]\nproxy_protocol_from = [\"10.0.0.5/33\"]\n",
+    ));
+    assert_has(
+        &p,
+        "server.proxy_protocol_from[0]: invalid network \"10.0.0.5/33\"",
+    );
+    let c = Config::from_toml_str(
+        &minimal("PPF", "[server]\nproxy_protocol_from = [\"0.0.0.0/0\"]\n"),
+        Path::new("."),
+    )
+    .unwrap();
+    assert!(
+        c.warnings()
+            .iter()
+            .any(|w| w.starts_with("server.proxy_protocol_from: 0.0.0.0/0 is every address")),
+        "{:?}",
+        c.warnings()
+    );
+}
+
 #[test]
 fn defaults() {
     let c = Config::from_toml_str(&minimal("DEF", ""), Path::new(".")).unwrap();

@@ -11,6 +11,7 @@ use crate::core::token::Claims;
 use crate::dataplane::buf::Buf;
 use crate::dataplane::http::{self, HeadError};
 use crate::dataplane::io::{timeout, Conn, Duplex};
+use crate::dataplane::proxy_header;
 use crate::dataplane::shard::{AdmitPermit, Settings, Shard};
 use crate::dataplane::unauth;
 
@@ -56,16 +57,58 @@ async fn upgrade(shard: Rc<Shard>, tcp: RingSocket) -> Option<Upgraded> {
     let socket_buffer = shard.settings().limits.socket_buffer;
     crate::dataplane::upstream::cap_receive_buffer(&tcp, socket_buffer);
     crate::dataplane::upstream::bound_unsent(&tcp, socket_buffer);
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&tcp);
-    // The client's address, asked (a system call) only when needed.
-    let peer = move || {
-        // SAFETY: `fd` is the client socket, open for as long as `client`
-        // below lives, and the closure is only called while it does.
-        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-        socket2::SockRef::from(&fd).peer_addr().ok()?.as_socket()
-    };
     let settings = shard.settings();
-    if !settings.allows(|| tcp.peer_addr().ok()) {
+    // `limits.handshake_timeout` runs from the accept, over a balancer's
+    // PROXY header, the TLS handshake and the request head together.
+    let deadline = accepted + settings.limits.handshake_timeout;
+    // A balancer in `server.proxy_protocol_from` says who the client is,
+    // in a header before anything else (TLS included); from anyone else no
+    // header is looked for.
+    let mut carried = None;
+    if !settings.proxy_protocol_from.is_empty() {
+        if let Some(balancer) = tcp
+            .peer_addr()
+            .ok()
+            .filter(|p| proxy_header::trusted(&settings.proxy_protocol_from, *p))
+        {
+            // Boxed: read once per connection, never kept while it streams.
+            let read = Box::pin(timeout(
+                deadline.saturating_duration_since(Instant::now()),
+                proxy_header::read(&tcp, settings.limits.max_header_bytes),
+            ));
+            let refusal = match read.await {
+                Some(Ok(client)) => {
+                    carried = client;
+                    None
+                }
+                // Gone, with nothing said: no one to answer.
+                Some(Err(None)) => return None,
+                Some(Err(Some(why))) => Some((why.status(), why.message())),
+                None => Some((
+                    408,
+                    "PROXY protocol header not received in time".to_string(),
+                )),
+            };
+            if let Some((status, reason)) = refusal {
+                // Boxed too: rare, and its state is not the stream's.
+                Box::pin(refuse_before_head(&shard, tcp, status, &reason, balancer)).await;
+                return None;
+            }
+        }
+    }
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&tcp);
+    // The client's address: the one a trusted balancer's header carried,
+    // or the peer's, asked (a system call) only when needed.
+    let peer = move || {
+        carried.or_else(|| {
+            // SAFETY: `fd` is the client socket, open for as long as
+            // `client` below lives, and the closure is only called while
+            // it does.
+            let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+            socket2::SockRef::from(&fd).peer_addr().ok()?.as_socket()
+        })
+    };
+    if !settings.allows(peer) {
         shard.metrics.stream_rejected(Side::Client, 403);
         return None; // not on server.allow: the connection is closed
     }
@@ -79,7 +122,7 @@ async fn upgrade(shard: Rc<Shard>, tcp: RingSocket) -> Option<Upgraded> {
             // streaming task keeps, and is needed only for the first RTTs.
             let accept =
                 Box::pin(futures_rustls::TlsAcceptor::from(tls.clone()).accept(tcp.into()));
-            match timeout(settings.limits.handshake_timeout, accept).await {
+            match timeout(deadline.saturating_duration_since(Instant::now()), accept).await {
                 Some(Ok(s)) => Conn::TlsServer(Box::new(s)),
                 failed => {
                     // Counted as a request head would be: a bad request,
@@ -107,9 +150,6 @@ async fn upgrade(shard: Rc<Shard>, tcp: RingSocket) -> Option<Upgraded> {
     };
     let client = Duplex::new(conn);
     let mut cbuf = shard.pool.get();
-    // `limits.handshake_timeout` runs from the accept: what the TLS
-    // handshake took is not given again to the request head.
-    let deadline = accepted + settings.limits.handshake_timeout;
     let Some((claims, admission)) =
         handshake(&shard, &settings, &client, &mut cbuf, peer, deadline).await
     else {
@@ -377,6 +417,31 @@ async fn handshake(
         return None;
     }
     Some((claims, admission))
+}
+
+/// Refuses a connection before its request head (a balancer's PROXY
+/// header missing, bad or late): counted and logged as a request refused
+/// (the log names the balancer, as the client is not known), answered in
+/// plain HTTP (before any TLS), then closed after the peer.
+async fn refuse_before_head(
+    shard: &Shard,
+    tcp: RingSocket,
+    status: u16,
+    reason: &str,
+    balancer: std::net::SocketAddr,
+) {
+    shard.metrics.stream_rejected(Side::Client, status);
+    if shard.process.refusal_log.admit() {
+        tracing::info!(shard = shard.index, peer = %balancer, status, reason, "request refused");
+    }
+    let client = Duplex::new(Conn::Plain(tcp.into()));
+    let _ = timeout(
+        super::LAST_FRAMES_WAIT,
+        client.write_all(&http::json_error(status, reason)),
+    )
+    .await;
+    let _ = timeout(super::LAST_FRAMES_WAIT, client.close()).await;
+    super::support::close_after_peer(client);
 }
 
 /// A peer's address for a log line, or `-` when the socket no longer has

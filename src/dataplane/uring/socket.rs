@@ -185,6 +185,53 @@ impl RingSocket {
         }
     }
 
+    /// One non-blocking `recv` with `MSG_PEEK` into `buf`, once the socket
+    /// holds more than `seen` bytes (the length an earlier peek found):
+    /// nothing is taken from the socket. The answer is `seen` or less only
+    /// when no more will come (the peer shut down its side: 0 at once when
+    /// nothing was sent). For what comes before the first read, whose
+    /// length is known only once its first bytes are (a PROXY header).
+    pub(crate) fn poll_peek(
+        &self,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+        seen: usize,
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            if !self.plane.poll_readable(self.token, cx.waker()) {
+                return Poll::Pending;
+            }
+            // SAFETY: `buf` is valid for `buf.len()` bytes of writes.
+            let n = unsafe {
+                libc::recv(
+                    self.fd.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT | libc::MSG_PEEK,
+                )
+            };
+            if n >= 0 {
+                let n = n as usize;
+                if n > seen || n == buf.len() || n == 0 {
+                    return Poll::Ready(Ok(n));
+                }
+                if self.plane.poll_hangup(self.token, cx.waker()) {
+                    // What is there is all there will be.
+                    return Poll::Ready(Ok(n));
+                }
+                // Nothing new: the next bytes bring a readiness event.
+                self.plane.clear_readable(self.token);
+                continue;
+            }
+            let e = errno();
+            match e.raw_os_error() {
+                Some(libc::EAGAIN) => self.plane.clear_readable(self.token),
+                Some(libc::EINTR) => {}
+                _ => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
     /// One non-blocking `sendmsg` of `bufs`; a full socket arms `POLLOUT`.
     pub(crate) fn poll_send(
         &self,

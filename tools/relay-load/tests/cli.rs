@@ -209,6 +209,7 @@ fn relay_in_front_of(
             shards: 1,
             max_streams: 10,
             allow: Vec::new(),
+            proxy_protocol_from: Vec::new(),
         },
         upstream: UpstreamConfig {
             url: fake.url(),

@@ -1,0 +1,364 @@
+//! The PROXY protocol from a trusted balancer (`server.proxy_protocol_from`):
+//! the client address its header carries is the one the relay counts,
+//! checks and logs; a connection from the balancer without a good header
+//! is refused; from anyone else a PROXY header is a bad request, as ever.
+//! Real sockets on loopback: the balancer is 127.0.0.1, other peers bind
+//! 127.0.0.2.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use clio_relay::core::metrics::Side;
+use tungstenite::Message;
+
+use crate::util::*;
+
+/// The balancer's network: loopback's first address only.
+fn balancer() -> Vec<ipnet::IpNet> {
+    vec!["127.0.0.1/32".parse().unwrap()]
+}
+
+/// A PROXY v2 header (`PROXY` command, TCP) for a client at `client`.
+pub(crate) fn v2(client: SocketAddr) -> Vec<u8> {
+    let mut body = Vec::new();
+    let family = match client {
+        SocketAddr::V4(a) => {
+            body.extend(a.ip().octets());
+            body.extend([10, 0, 0, 1]);
+            0x11
+        }
+        SocketAddr::V6(a) => {
+            body.extend(a.ip().octets());
+            body.extend(std::net::Ipv6Addr::LOCALHOST.octets());
+            0x21
+        }
+    };
+    body.extend(client.port().to_be_bytes());
+    body.extend(8080u16.to_be_bytes());
+    v2_raw(0x21, family, &body)
+}
+
+/// A PROXY v2 header with this version-and-command byte, family byte and body.
+fn v2_raw(version_command: u8, family: u8, body: &[u8]) -> Vec<u8> {
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    h.push(version_command);
+    h.push(family);
+    h.extend((body.len() as u16).to_be_bytes());
+    h.extend(body);
+    h
+}
+
+/// A PROXY v2 `LOCAL` header: a balancer's own connection (a health check).
+fn v2_local() -> Vec<u8> {
+    v2_raw(0x20, 0x00, &[])
+}
+
+/// A TCP connection to `to` from `ip` (a loopback address).
+fn from(ip: [u8; 4], to: SocketAddr) -> TcpStream {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.bind(&SocketAddr::from((ip, 0)).into()).unwrap();
+    s.connect(&to.into()).unwrap();
+    let tcp: TcpStream = s.into();
+    tcp.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    tcp
+}
+
+/// An upgrade request, with `auth` (header lines) if any.
+fn upgrade_request(auth: &str) -> String {
+    format!(
+        "GET /v1/transcribe HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{auth}\r\n"
+    )
+}
+
+/// Sends `bytes` on `tcp` and reads the answer: its status (0 when the
+/// relay closed without one) and its text; a 101's connection is kept
+/// open, any other is read to its end.
+fn ask(tcp: &mut TcpStream, bytes: &[u8]) -> (u16, String) {
+    tcp.write_all(bytes).unwrap();
+    answer(tcp)
+}
+
+fn answer(tcp: &mut TcpStream) -> (u16, String) {
+    let mut got = Vec::new();
+    let mut b = [0u8; 1];
+    while !got.ends_with(b"\r\n\r\n") {
+        match tcp.read(&mut b) {
+            Ok(1) => got.push(b[0]),
+            _ => break,
+        }
+    }
+    let status = String::from_utf8_lossy(&got)
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    if status != 101 {
+        let _ = tcp.read_to_end(&mut got);
+    }
+    (status, String::from_utf8_lossy(&got).into_owned())
+}
+
+/// A WebSocket client whose connection starts with `prefix` (a PROXY
+/// header), with the token on the request.
+fn ws_after(to: SocketAddr, prefix: &[u8], token: &str) -> Ws {
+    use tungstenite::client::IntoClientRequest;
+    let mut tcp = from([127, 0, 0, 1], to);
+    tcp.write_all(prefix).unwrap();
+    let mut req = format!("ws://{to}/v1/transcribe")
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("Authorization", format!("Bearer {token}").parse().unwrap());
+    tungstenite::client::client(req, tcp)
+        .map(|(ws, _)| ws)
+        .unwrap_or_else(|e| panic!("the upgrade after a PROXY header: {e:?}"))
+}
+
+/// `limits.max_unauthenticated_per_address` counts the clients a trusted
+/// balancer names, not the balancer: with a bound of 1, a second
+/// connection of one client is refused (429) while other clients (v2
+/// over IPv4 and IPv6, v1) are let in; and a stream goes end to end
+/// through a connection that started with a header.
+#[test]
+fn a_trusted_balancers_header_names_the_client() {
+    let fake = fake(&["k1"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.server.proxy_protocol_from = balancer();
+    cfg.limits.max_unauthenticated_per_address = 1;
+    let relay = Relay::start(cfg);
+    let at = relay.addr();
+    let no_token = upgrade_request("");
+    let waiting = |header: Vec<u8>| {
+        let mut tcp = from([127, 0, 0, 1], at);
+        let mut bytes = header;
+        bytes.extend(no_token.as_bytes());
+        let (status, text) = ask(&mut tcp, &bytes);
+        (tcp, status, text)
+    };
+    let (_a, status, text) = waiting(v2("192.0.2.7:5000".parse().unwrap()));
+    assert_eq!(status, 101, "{text}");
+    let (_a2, status, text) = waiting(v2("192.0.2.7:5001".parse().unwrap()));
+    assert_eq!(status, 429, "the same client again: {text}");
+    assert!(text.contains("max_unauthenticated_per_address"), "{text}");
+    let (_b, status, text) = waiting(b"PROXY TCP4 192.0.2.8 10.0.0.1 5000 8080\r\n".to_vec());
+    assert_eq!(status, 101, "another client, by v1: {text}");
+    let (_c, status, text) = waiting(v2("[2001:db8::1]:5000".parse().unwrap()));
+    assert_eq!(status, 101, "another client, over IPv6: {text}");
+    let (_c2, status, text) = waiting(b"PROXY TCP6 2001:db8::1 ::1 5001 8080\r\n".to_vec());
+    assert_eq!(status, 429, "the IPv6 client again, by v1: {text}");
+    // A whole stream behind a header: the relay reads the header and
+    // nothing past it.
+    let frames = audio_frames(10, 3);
+    let mut ws = ws_after(
+        at,
+        &v2("192.0.2.9:6000".parse().unwrap()),
+        &relay.token("d"),
+    );
+    let got = stream_session(&mut ws, &config_message(None), &frames);
+    assert!(got.finished(), "{got:?}");
+    assert!(fake.wait_for(Duration::from_secs(10), |s| s.len() == 1 && s[0].closed));
+    assert_eq!(fake.sessions()[0].audio, frames.concat());
+}
+
+/// From a balancer the header is required: none, a garbage one, one too
+/// large, one cut short by the balancer's FIN, or one that never
+/// completes within `limits.handshake_timeout`, each gets its own plain
+/// answer (400, or 408 for time), counted as a client refusal; the
+/// connection is closed, and a stream already going on is not touched.
+#[test]
+fn a_balancer_without_a_good_header_is_refused_and_others_go_on() {
+    let fake = fake(&["k1"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.server.proxy_protocol_from = balancer();
+    cfg.limits.handshake_timeout = Duration::from_secs(1);
+    let relay = Relay::start(cfg);
+    let at = relay.addr();
+    let token = relay.token("d");
+    let mut live = ws_after(at, &v2("192.0.2.7:5000".parse().unwrap()), &token);
+    live.send(Message::text(config_message(None))).unwrap();
+    let frames = audio_frames(10, 4);
+    for f in &frames[..5] {
+        live.send(Message::binary(f.clone())).unwrap();
+    }
+    let request = upgrade_request(&format!("Authorization: Bearer {token}\r\n"));
+    let refused = |bytes: &[u8], shut: bool| {
+        let mut tcp = from([127, 0, 0, 1], at);
+        tcp.write_all(bytes).unwrap();
+        if shut {
+            tcp.shutdown(std::net::Shutdown::Write).unwrap();
+        }
+        answer(&mut tcp)
+    };
+    let before = relay.handle.metrics();
+    // No header at all.
+    let (status, text) = refused(request.as_bytes(), false);
+    assert_eq!(status, 400, "{text}");
+    assert!(
+        text.contains("a PROXY protocol header is required from this address"),
+        "{text}"
+    );
+    // Garbage where the header should be: version 3.
+    let mut bad = v2("192.0.2.7:5000".parse().unwrap());
+    bad[12] = 0x31;
+    bad.extend(request.as_bytes());
+    let (status, text) = refused(&bad, false);
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("malformed PROXY protocol header"), "{text}");
+    let (status, text) = refused(b"PROXY TCP4 nobody 10.0.0.1 1 2\r\n", false);
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("malformed PROXY protocol header"), "{text}");
+    // A length past the bound (limits.max_header_bytes), told at once.
+    let mut big = v2_raw(0x21, 0x11, &[0; 12]);
+    big[14..16].copy_from_slice(&60_000u16.to_be_bytes());
+    let (status, text) = refused(&big, false);
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("PROXY protocol header too large"), "{text}");
+    // Cut short: the balancer closes its side in the middle of it.
+    let whole = v2("192.0.2.7:5000".parse().unwrap());
+    let (status, text) = refused(&whole[..20], true);
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("PROXY protocol header cut short"), "{text}");
+    // Stalled in the middle: limits.handshake_timeout.
+    let (status, text) = refused(&whole[..20], false);
+    assert_eq!(status, 408, "{text}");
+    assert!(
+        text.contains("PROXY protocol header not received in time"),
+        "{text}"
+    );
+    let after = relay.handle.metrics();
+    assert_eq!(
+        after.errors(Side::Client, 400) - before.errors(Side::Client, 400),
+        5
+    );
+    assert_eq!(
+        after.errors(Side::Client, 408) - before.errors(Side::Client, 408),
+        1
+    );
+    // The stream that was going on goes on to its end.
+    for f in &frames[5..] {
+        live.send(Message::binary(f.clone())).unwrap();
+    }
+    live.send(Message::binary(Vec::<u8>::new())).unwrap();
+    let got = read_all(&mut live);
+    assert!(got.finished(), "{got:?}");
+    assert!(fake.wait_for(Duration::from_secs(10), |s| s.len() == 1 && s[0].closed));
+    assert_eq!(fake.sessions()[0].audio, frames.concat());
+}
+
+/// Only a listed balancer's header is read: from another address a PROXY
+/// header is not trusted and is a malformed request (400), as without
+/// the setting, and that address needs no header. The same header from
+/// the balancer is served.
+#[test]
+fn from_an_untrusted_address_a_proxy_header_is_a_bad_request() {
+    let fake = fake(&["k1"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.server.proxy_protocol_from = balancer();
+    let relay = Relay::start(cfg);
+    let at = relay.addr();
+    let request = upgrade_request(&format!("Authorization: Bearer {}\r\n", relay.token("d")));
+    let with = |prefix: &[u8]| {
+        let mut b = prefix.to_vec();
+        b.extend(request.as_bytes());
+        b
+    };
+    let claimed = v2("192.0.2.7:5000".parse().unwrap());
+    for prefix in [
+        claimed.clone(),
+        b"PROXY TCP4 192.0.2.7 10.0.0.1 5000 8080\r\n".to_vec(),
+    ] {
+        let (status, text) = ask(&mut from([127, 0, 0, 2], at), &with(&prefix));
+        assert_eq!(status, 400, "{text}");
+        assert!(text.contains("malformed HTTP request"), "{text}");
+    }
+    let (status, text) = ask(&mut from([127, 0, 0, 2], at), request.as_bytes());
+    assert_eq!(status, 101, "no header from a client: {text}");
+    let (status, text) = ask(&mut from([127, 0, 0, 1], at), &with(&claimed));
+    assert_eq!(status, 101, "the balancer's header: {text}");
+}
+
+/// `server.allow` applies to the client a balancer's header names (the
+/// balancer itself need not be on it); a `LOCAL` header (the balancer's
+/// own check) is the balancer's own address. Both settings change on
+/// reload, for new connections.
+#[test]
+fn server_allow_applies_to_the_client_address_the_header_carries() {
+    let fake = fake(&["k1"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.server.proxy_protocol_from = balancer();
+    cfg.server.allow = vec!["192.0.2.0/24".parse().unwrap()];
+    let relay = Relay::start(cfg.clone());
+    let at = relay.addr();
+    let request = upgrade_request(&format!("Authorization: Bearer {}\r\n", relay.token("d")));
+    let via_balancer = |header: Vec<u8>, rest: &[u8]| {
+        let mut b = header;
+        b.extend(rest);
+        ask(&mut from([127, 0, 0, 1], at), &b)
+    };
+    let healthz = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+    let before = relay.handle.metrics().errors(Side::Client, 403);
+    let (status, text) = via_balancer(v2("192.0.2.7:5000".parse().unwrap()), request.as_bytes());
+    assert_eq!(status, 101, "a client on the list: {text}");
+    let (status, text) = via_balancer(v2("198.51.100.7:5000".parse().unwrap()), request.as_bytes());
+    assert_eq!(status, 0, "a client off the list is closed: {text}");
+    let (status, text) = via_balancer(v2_local(), healthz);
+    assert_eq!(status, 0, "LOCAL is the balancer, off the list: {text}");
+    let (status, text) = ask(&mut from([127, 0, 0, 2], at), request.as_bytes());
+    assert_eq!(status, 0, "a direct peer off the list: {text}");
+    assert_eq!(relay.handle.metrics().errors(Side::Client, 403) - before, 3);
+    // The balancer's own address on the list: its LOCAL check is answered.
+    cfg.server.allow.push("127.0.0.1/32".parse().unwrap());
+    relay.handle.reload(&cfg).unwrap();
+    let (status, text) = via_balancer(v2_local(), healthz);
+    assert_eq!(status, 200, "{text}");
+    // No balancer any more: its header is a bad request again.
+    cfg.server.proxy_protocol_from.clear();
+    relay.handle.reload(&cfg).unwrap();
+    let (status, text) = via_balancer(v2("192.0.2.7:5000".parse().unwrap()), request.as_bytes());
+    assert_eq!(status, 400, "{text}");
+    let (status, text) = ask(&mut from([127, 0, 0, 1], at), request.as_bytes());
+    assert_eq!(status, 101, "{text}");
+}
+
+/// With `[tls]` on the relay (a balancer passing TLS through, HAProxy's
+/// `mode tcp` with `send-proxy-v2`), the header comes before the
+/// ClientHello: read first, then the TLS handshake and the stream as
+/// ever. Without it, the balancer's TLS connection is refused.
+#[test]
+fn over_tls_the_header_comes_before_the_client_hello() {
+    let fake = fake(&["k1"], |_| {});
+    let (relay, ca) = crate::tls::tls_relay(&fake.url(), |c| {
+        c.server.proxy_protocol_from = balancer();
+    });
+    let at = relay.addr();
+    let token = relay.token("d");
+    let mut tcp = from([127, 0, 0, 1], at);
+    tcp.write_all(&v2("192.0.2.7:5000".parse().unwrap()))
+        .unwrap();
+    let mut ws = crate::tls::wss_connect_with(at, &ca, &token, tcp).unwrap();
+    let frames = audio_frames(10, 5);
+    ws.send(Message::text(config_message(None))).unwrap();
+    for f in &frames {
+        ws.send(Message::binary(f.clone())).unwrap();
+    }
+    ws.send(Message::binary(Vec::<u8>::new())).unwrap();
+    let mut finished = false;
+    while let Ok(m) = ws.read() {
+        finished |= matches!(&m, Message::Text(t) if t.contains("\"finished\":true"));
+    }
+    assert!(finished, "the stream over TLS behind a header finished");
+    assert!(fake.wait_for(Duration::from_secs(10), |s| s.len() == 1 && s[0].closed));
+    assert_eq!(fake.sessions()[0].audio, frames.concat());
+    let before = relay.handle.metrics().errors(Side::Client, 400);
+    assert!(
+        crate::tls::wss_connect_with(at, &ca, &token, from([127, 0, 0, 1], at)).is_err(),
+        "a ClientHello with no header before it is refused"
+    );
+    assert!(wait_until(Duration::from_secs(10), || relay
+        .handle
+        .metrics()
+        .errors(Side::Client, 400)
+        > before));
+}
