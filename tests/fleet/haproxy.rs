@@ -10,6 +10,14 @@ use fake_soniox::FakeKey;
 use crate::redis::{free_port, RedisServer};
 use crate::util::*;
 
+/// A node's config behind the balancer: deploy/haproxy.cfg sends each
+/// connection a PROXY v2 header, and HAProxy reaches the nodes from
+/// 127.0.0.1, so that is the balancer they trust (README "Running a
+/// fleet").
+fn trusting_the_balancer(c: &mut clio_relay::core::config::Config) {
+    c.server.proxy_protocol_from = vec!["127.0.0.1/32".parse().unwrap()];
+}
+
 struct HaProxy {
     child: Child,
     port: u16,
@@ -68,7 +76,16 @@ impl HaProxy {
             } else if t.starts_with("default-server") {
                 // Checks every 200 ms; three misses in a row (a drain) take
                 // a node out. A loaded test machine answers slowly, not never.
-                cfg.push_str("    default-server check inter 200ms fall 3 rise 1 maxconn 9000\n");
+                // The shipped PROXY header stays (the nodes trust this
+                // balancer: `trusting_the_balancer`).
+                let proxy = if t.contains(" send-proxy-v2") {
+                    " send-proxy-v2"
+                } else {
+                    ""
+                };
+                cfg.push_str(&format!(
+                    "    default-server check inter 200ms fall 3 rise 1 maxconn 9000{proxy}\n"
+                ));
             } else if t.starts_with("timeout check") {
                 cfg.push_str("    timeout check 10s\n");
             } else {
@@ -187,6 +204,7 @@ fn haproxy_spreads_streams_and_a_draining_node_loses_none() {
         c.record_audio = false;
     });
     let (a, b) = crate::pair(&fake, &redis, "k1", |c| {
+        trusting_the_balancer(c);
         c.accounts[0].max_concurrent_streams = 20_000;
         c.server.max_streams = 5_000;
         c.upstream.connect_timeout = Duration::from_secs(30);
@@ -275,7 +293,7 @@ fn haproxy_spreads_streams_and_a_draining_node_loses_none() {
 fn the_balancer_serves_the_remote_config_and_nothing_else_of_the_admin_port() {
     let redis = RedisServer::start();
     let fake = fake(&["k1", "k2"], |_| {});
-    let (a, b) = crate::pair(&fake, &redis, "k1", |_| {});
+    let (a, b) = crate::pair(&fake, &redis, "k1", trusting_the_balancer);
     // A change made on one node: both must publish it alike.
     let (status, body) = http(
         a.handle.admin_addr,
@@ -325,7 +343,8 @@ fn the_balancer_serves_the_remote_config_and_nothing_else_of_the_admin_port() {
 fn with_refuse_the_balancer_takes_every_node_out_while_redis_is_down() {
     let mut redis = RedisServer::start();
     let fake = fake(&["k1"], |_| {});
-    let cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    trusting_the_balancer(&mut cfg);
     let start = |name: &str| {
         let mut c = crate::node(&cfg, &redis, name);
         c.cluster.as_mut().unwrap().on_store_down = clio_relay::core::config::StoreDown::Refuse;
@@ -385,6 +404,7 @@ fn a_client_refused_after_the_upgrade_through_haproxy_is_not_reset() {
     let redis = RedisServer::start();
     let fake = fake(&["k1"], |_| {});
     let (a, b) = crate::pair(&fake, &redis, "k1", |c| {
+        trusting_the_balancer(c);
         c.devices.default = clio_relay::core::config::DeviceLimits {
             max_concurrent_streams: 1,
             ..Default::default()
@@ -457,21 +477,24 @@ fn a_client_refused_after_the_upgrade_through_haproxy_is_not_reset() {
     drop(held);
 }
 
-/// The relay knows a client by the TCP peer it accepted, and behind the
-/// balancer that is HAProxy for every client (deploy/haproxy.cfg sends
-/// no PROXY header, and the relay reads none, nor `X-Forwarded-For`). So
-/// `limits.max_unauthenticated_per_address` counts every client of the
-/// balancer as one address, as README's "Running a fleet" says: clients
-/// on three addresses, each with one connection waiting to send its
-/// token in its first message, are all let in directly, and the third
-/// is refused (429) through the balancer with a limit of 2.
+/// Behind the balancer the relay knows each client by the address in
+/// the PROXY v2 header the shipped deploy/haproxy.cfg sends
+/// (`send-proxy-v2`), with the nodes trusting the balancer
+/// (`server.proxy_protocol_from`); it had known every client as HAProxy,
+/// so `limits.max_unauthenticated_per_address` counted the balancer's
+/// clients as one. With a bound of 1, a client's second connection
+/// waiting to send its token in its first message is refused (429)
+/// through the balancer, while another client's is let in, as they are
+/// directly; and a stream goes through the balancer and the node to
+/// fake-soniox.
 #[test]
-fn behind_haproxy_every_client_counts_as_the_balancers_address() {
+fn behind_haproxy_each_client_counts_as_its_own_address() {
     use std::io::{Read, Write};
     let redis = RedisServer::start();
-    let fake = fake(&["k1"], |_| {});
+    let fake = fake(&["k1"], |c| c.record_audio = true);
     let (a, _b) = crate::pair(&fake, &redis, "k1", |c| {
-        c.limits.max_unauthenticated_per_address = 2;
+        trusting_the_balancer(c);
+        c.limits.max_unauthenticated_per_address = 1;
     });
     // One node behind the balancer: every client reaches it.
     let lb = HaProxy::start(&[(a.addr(), a.handle.admin_addr)]);
@@ -502,16 +525,28 @@ fn behind_haproxy_every_client_counts_as_the_balancers_address() {
             .unwrap_or_else(|| panic!("an HTTP answer: {head:?}"));
         (tcp, status)
     };
-    let clients = [[127, 0, 0, 2], [127, 0, 0, 3], [127, 0, 0, 4]];
+    let clients = [[127, 0, 0, 2], [127, 0, 0, 2], [127, 0, 0, 3]];
     let direct: Vec<_> = clients.iter().map(|ip| upgrade(*ip, a.addr())).collect();
     let statuses: Vec<u16> = direct.iter().map(|(_, s)| *s).collect();
-    assert_eq!(statuses, [101, 101, 101], "one address each, directly");
+    assert_eq!(statuses, [101, 429, 101], "by address, directly");
+    drop(direct);
+    // The places of the direct connections are given back as they close.
+    assert!(wait_until(Duration::from_secs(10), || {
+        a.handle.metrics().unauthenticated == 0
+    }));
     let through: Vec<_> = clients.iter().map(|ip| upgrade(*ip, lb_addr)).collect();
     let statuses: Vec<u16> = through.iter().map(|(_, s)| *s).collect();
     assert_eq!(
         statuses,
-        [101, 101, 429],
-        "through the balancer, one address for all\n{}",
+        [101, 429, 101],
+        "through the balancer, by the client's address too\n{}",
         lb.trouble()
     );
+    // A whole stream through the balancer and the node.
+    let frames = audio_frames(10, 7);
+    let (mut ws, _) = connect(lb_addr, &a.token("phone"), Via::Header).unwrap();
+    let got = stream_session(&mut ws, &config_message(None), &frames);
+    assert!(got.finished(), "{got:?}\n{}", lb.trouble());
+    assert!(fake.wait_for(Duration::from_secs(10), |s| s.iter().any(|x| x.closed)));
+    assert_eq!(fake.sessions()[0].audio, frames.concat());
 }
