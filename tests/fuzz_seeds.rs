@@ -57,6 +57,11 @@ fn first_message() {
 }
 
 #[test]
+fn proxy_header() {
+    run("proxy_header", checks::proxy_header);
+}
+
+#[test]
 fn token() {
     run("token", checks::token);
 }

@@ -401,3 +401,38 @@ pub fn token(data: &[u8]) {
         }
     }
 }
+
+/// `proxy_header`: a balancer's PROXY header, parsed as its bytes arrive.
+/// Any bytes give "need more", a header, or a refusal, never a panic; a
+/// header is judged whole: every shorter prefix of it is "need more" (for
+/// more than that prefix), and its length is within the bytes and the
+/// bound; and a refusal is final: once a prefix is refused, so is the
+/// whole.
+pub fn proxy_header(data: &[u8]) {
+    use clio_relay::dataplane::proxy_header::{parse, Parsed};
+    const MAX: usize = 8192;
+    let whole = parse(data, MAX);
+    match &whole {
+        Parsed::Header { len, .. } => {
+            let len = *len;
+            assert!(len <= data.len() && len <= MAX);
+            assert_eq!(parse(&data[..len], MAX), whole);
+            for k in 0..len {
+                assert!(
+                    matches!(parse(&data[..k], MAX), Parsed::Need(w) if w > k),
+                    "prefix {k} of a {len}-byte header"
+                );
+            }
+        }
+        Parsed::Need(w) => assert!(*w > data.len()),
+        Parsed::Refused(_) => {}
+    }
+    if !matches!(whole, Parsed::Refused(_)) {
+        for k in 0..data.len() {
+            assert!(
+                !matches!(parse(&data[..k], MAX), Parsed::Refused(_)),
+                "a prefix of {k} bytes refused, the whole not: {whole:?}"
+            );
+        }
+    }
+}
