@@ -362,3 +362,145 @@ fn over_tls_the_header_comes_before_the_client_hello() {
         .errors(Side::Client, 400)
         > before));
 }
+
+/// HAProxy started by a test with `cfg` (its `{port}` filled in with a
+/// free port of 127.0.0.1), stopped on drop.
+struct HaProxy {
+    child: std::process::Child,
+    port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl HaProxy {
+    fn start(cfg: &str) -> HaProxy {
+        let dir = state_dir();
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let path = dir.join("haproxy.cfg");
+        std::fs::write(&path, cfg.replace("{port}", &port.to_string())).unwrap();
+        let child = std::process::Command::new("haproxy")
+            .arg("-db")
+            .arg("-f")
+            .arg(&path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join("haproxy.log")).unwrap())
+            .spawn()
+            .expect("haproxy runs (.ci/run installs it)");
+        let h = HaProxy { child, port, dir };
+        assert!(
+            wait_until(Duration::from_secs(10), || TcpStream::connect((
+                "127.0.0.1",
+                port
+            ))
+            .is_ok()),
+            "haproxy listens"
+        );
+        h
+    }
+
+    fn addr(&self) -> SocketAddr {
+        ([127, 0, 0, 1], self.port).into()
+    }
+}
+
+impl Drop for HaProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A `wss://` upgrade to `to` from `ip`, trusting `ca`, with `token` on
+/// the request if any: the WebSocket, or the HTTP status it was refused
+/// with.
+fn wss_from(
+    ip: [u8; 4],
+    to: SocketAddr,
+    ca: &str,
+    token: Option<&str>,
+) -> Result<tungstenite::WebSocket<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>, u16> {
+    use rustls::pki_types::pem::PemObject;
+    use tungstenite::client::IntoClientRequest;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from_pem_slice(ca.as_bytes()).unwrap())
+        .unwrap();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let conn =
+        rustls::ClientConnection::new(std::sync::Arc::new(cfg), "localhost".try_into().unwrap())
+            .unwrap();
+    let tls = rustls::StreamOwned::new(conn, from(ip, to));
+    let mut req = format!("wss://localhost:{}/v1/transcribe", to.port())
+        .into_client_request()
+        .unwrap();
+    if let Some(t) = token {
+        req.headers_mut()
+            .insert("Authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    match tungstenite::client::client(req, tls) {
+        Ok((ws, _)) => Ok(ws),
+        Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(r))) => {
+            Err(r.status().as_u16())
+        }
+        Err(e) => panic!("the wss:// upgrade: {e:?}"),
+    }
+}
+
+/// README's SNI-passthrough variant of deploy/haproxy.cfg, in a real
+/// HAProxy: `mode tcp`, the backend chosen by the ClientHello's SNI, and
+/// `send-proxy-v2` to a node with `[tls]`. The node reads HAProxy's
+/// header before the ClientHello it passes through, and knows each
+/// client by its own address: with a bound of 1 per address, a client's
+/// second connection waiting to send its token is refused (429), another
+/// client's is let in, and a stream goes end to end.
+#[test]
+fn behind_haproxy_passing_tls_through_each_client_is_its_own_address() {
+    let fake = fake(&["k1"], |_| {});
+    let (relay, ca) = crate::tls::tls_relay(&fake.url(), |c| {
+        c.server.proxy_protocol_from = balancer();
+        c.limits.max_unauthenticated_per_address = 1;
+    });
+    let lb = HaProxy::start(&format!(
+        "global\n    maxconn 100\n\
+         defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 60s\n    timeout server 60s\n\
+         frontend tls\n    bind 127.0.0.1:{{port}}\n    tcp-request inspect-delay 5s\n\
+         \x20   tcp-request content accept if {{ req.ssl_hello_type 1 }}\n\
+         \x20   use_backend relays if {{ req.ssl_sni -i localhost }}\n\
+         backend relays\n    server relay-1 {} send-proxy-v2\n",
+        relay.addr()
+    ));
+    let waiting = |ip: [u8; 4]| wss_from(ip, lb.addr(), &ca, None);
+    let _a = waiting([127, 0, 0, 2]).expect("the first client waits for its token");
+    assert_eq!(
+        waiting([127, 0, 0, 2]).err(),
+        Some(429),
+        "the same client again"
+    );
+    let _b = waiting([127, 0, 0, 3]).expect("another client waits for its token");
+    let mut ws = wss_from([127, 0, 0, 4], lb.addr(), &ca, Some(&relay.token("d"))).unwrap();
+    let frames = audio_frames(10, 6);
+    ws.send(Message::text(config_message(None))).unwrap();
+    for f in &frames {
+        ws.send(Message::binary(f.clone())).unwrap();
+    }
+    ws.send(Message::binary(Vec::<u8>::new())).unwrap();
+    let mut finished = false;
+    while let Ok(m) = ws.read() {
+        finished |= matches!(&m, Message::Text(t) if t.contains("\"finished\":true"));
+    }
+    assert!(finished, "the stream through HAProxy finished");
+    assert!(fake.wait_for(Duration::from_secs(10), |s| s.len() == 1 && s[0].closed));
+    assert_eq!(fake.sessions()[0].audio, frames.concat());
+}
