@@ -512,3 +512,60 @@ fn an_unreadable_usage_ledger_is_logged_once_naming_its_file() {
     }
     std::fs::remove_dir_all(db_path.parent().unwrap()).ok();
 }
+
+/// Behind a balancer in `server.proxy_protocol_from`, a refusal's line
+/// names the client its PROXY header carries, not the balancer; a
+/// connection refused for its header names the balancer (the client is
+/// not known), with what was wrong.
+#[test]
+fn a_refusal_behind_a_balancer_names_the_client_it_carries() {
+    use std::io::{Read, Write};
+    let capture = logs();
+    let fake = fake(&["key-p"], |c| c.forbidden = vec![]);
+    let mut cfg = relay_config(&fake.url(), &[("acct-p", "key-p")]);
+    cfg.server.proxy_protocol_from = vec!["127.0.0.1/32".parse().unwrap()];
+    let relay = Relay::start(cfg);
+    let ask = |bytes: &[u8]| {
+        let mut tcp = std::net::TcpStream::connect(relay.addr()).unwrap();
+        tcp.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+            .unwrap();
+        tcp.write_all(bytes).unwrap();
+        let mut got = vec![];
+        let _ = tcp.read_to_end(&mut got);
+        (
+            String::from_utf8_lossy(&got).into_owned(),
+            tcp.local_addr().unwrap(),
+        )
+    };
+    // PROXY v2, TCP over IPv4, from 192.0.2.77:5077.
+    let mut header = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
+    header.extend([192, 0, 2, 77, 127, 0, 0, 1]);
+    header.extend(5077u16.to_be_bytes());
+    header.extend(8080u16.to_be_bytes());
+    let request = b"GET /v1/transcribe HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\
+                    Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+                    Sec-WebSocket-Version: 13\r\nAuthorization: Bearer not-a-token\r\n\r\n";
+    let (answer, _) = ask(&[header.as_slice(), request].concat());
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    let (answer, balancer) = ask(request);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    let line = |needles: &[&str]| {
+        capture
+            .text()
+            .lines()
+            .any(|l| l.contains("request refused") && needles.iter().all(|n| l.contains(n)))
+    };
+    assert!(
+        wait_until(std::time::Duration::from_secs(5), || line(&[
+            "peer=192.0.2.77:5077 ",
+            "status=401"
+        ]) && line(&[
+            &format!("peer={balancer} "),
+            "status=400",
+            "a PROXY protocol header is required from this address"
+        ])),
+        "{}",
+        capture.text()
+    );
+    assert!(!line(&["status=401", &format!("peer={balancer} ")]));
+}
