@@ -3,7 +3,8 @@
 //! cluster thread's calls unanswered (its connection is the one that
 //! polls, `XREAD`) and cuts every other connection at its next command,
 //! as a network that drops one path and resets the others would; or it
-//! loses the answer to one call that Redis took, with its connection.
+//! loses the answer to one call that Redis took, with its connection; or
+//! has Redis flushed (`FLUSHALL`) just before one call reaches it.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -21,6 +22,10 @@ struct State {
     /// The next call with these bytes reaches Redis, and its connection is
     /// cut when the answer comes: the answer is lost.
     lose: Mutex<Option<Vec<u8>>>,
+    /// The next call with these bytes reaches Redis after a `FLUSHALL`.
+    flush_before: Mutex<Option<Vec<u8>>>,
+    /// Redis's port.
+    to: u16,
     stop: AtomicBool,
 }
 
@@ -34,7 +39,10 @@ impl Proxy {
     pub fn start(to: u16) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        let state = Arc::new(State::default());
+        let state = Arc::new(State {
+            to,
+            ..State::default()
+        });
         let s = state.clone();
         std::thread::spawn(move || {
             for client in listener.incoming() {
@@ -83,6 +91,18 @@ impl Proxy {
     /// Whether the call [`Proxy::lose_answer_to`] named has gone by.
     pub fn answer_lost(&self) -> bool {
         self.state.lose.lock().unwrap().is_none()
+    }
+
+    /// The next call that carries `bytes` reaches Redis just after Redis
+    /// is flushed (`FLUSHALL`, on a connection of its own): a loss of
+    /// Redis's data that comes right before that call.
+    pub fn flush_before(&self, bytes: &[u8]) {
+        *self.state.flush_before.lock().unwrap() = Some(bytes.to_vec());
+    }
+
+    /// Whether the flush [`Proxy::flush_before`] asked for is done.
+    pub fn flushed(&self) -> bool {
+        self.state.flush_before.lock().unwrap().is_none()
     }
 
     /// Whether a call of the polling connection is held unanswered.
@@ -138,6 +158,17 @@ fn relay(mut client: TcpStream, mut server: TcpStream, state: &State) {
         if state.lose.lock().unwrap().take_if(carries).is_some() {
             cut.store(true, Ordering::Relaxed);
         }
+        let mut flush = state.flush_before.lock().unwrap();
+        if flush.as_mut().is_some_and(carries) {
+            let mut redis = TcpStream::connect(("127.0.0.1", state.to)).unwrap();
+            redis.write_all(b"FLUSHALL\r\n").unwrap();
+            let mut ok = [0u8; 5];
+            redis.read_exact(&mut ok).unwrap();
+            assert_eq!(&ok, b"+OK\r\n");
+            // Flushed: only now does the test see it done.
+            *flush = None;
+        }
+        drop(flush);
         if server.write_all(&buf[..n]).is_err() {
             break;
         }

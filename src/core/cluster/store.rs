@@ -1035,18 +1035,37 @@ impl Worker {
         self.end_streams(&ends);
     }
 
+    /// Loads the revocation sets, whose version the poll saw at `ver`.
+    /// They are read in one transaction with the version and the epoch:
+    /// sets emptied by a loss since the poll (a flush, an empty restart)
+    /// or gone back to an older copy are not taken for the fleet's; the
+    /// next poll sees the loss, and this node gives back what it knows.
     fn load_revocations(&mut self, ver: i64) {
         let Some(con) = self.con.as_mut() else { return };
-        let r: Result<(HashSet<String>, HashSet<String>), _> = redis::pipe()
+        type Sets = (
+            (Option<i64>, Option<String>),
+            HashSet<String>,
+            HashSet<String>,
+        );
+        let r: Result<Sets, _> = redis::pipe()
+            .atomic()
+            .cmd("HMGET")
+            .arg("clio:ver")
+            .arg("rev")
+            .arg("epoch")
             .cmd("SMEMBERS")
             .arg("clio:rev:dev")
             .cmd("SMEMBERS")
             .arg("clio:rev:tok")
             .query(con);
         match r {
-            Ok((d, t)) => {
-                self.rev_ver = Some(ver);
-                self.recent.retain(|(v, _)| *v > ver);
+            Ok(((rev, epoch), d, t)) => {
+                let rev = rev.unwrap_or(0);
+                if epoch != self.epoch || rev < ver {
+                    return;
+                }
+                self.rev_ver = Some(rev);
+                self.recent.retain(|(v, _)| *v > rev);
                 self.links.process.devices.replace_revoked(d, t);
             }
             Err(e) => self.failed("revocations", &e),
