@@ -296,6 +296,48 @@ fn a_flush_between_a_poll_and_its_read_of_the_revocations_loses_none() {
     assert!(try_stream(&a, "honest").finished());
 }
 
+/// A flush between a poll that sees a new account version and its read of
+/// the set: the node keeps the sealed set it has (made by its own change
+/// here), and gives it back once it sees the loss. Before, it took the
+/// missing set for the fleet's and had nothing to give back.
+#[test]
+fn a_flush_between_a_poll_and_its_read_of_the_accounts_keeps_the_set() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(redis.port);
+    let fake = fake(&[K1], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("a", K1)]);
+    cfg.admin.token = Some(Secret::new(ADMIN));
+    cfg.admin.master_key = Some(Secret::new(crate::MASTER));
+    let mut c = crate::node(&cfg, &redis, "node-a");
+    c.cluster.as_mut().unwrap().redis_url = proxy.url();
+    let a = Relay::start(c);
+    assert!(wait_until(SOON, || up(&a)));
+    // The node's own change: it holds the sealed set Redis has.
+    let (status, body) = admin(
+        &a,
+        "POST",
+        "/admin/accounts/a/limit",
+        Some(r#"{"max_concurrent_streams":7}"#),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(redis
+        .command("GET clio:accounts")
+        .contains("CLIO-KEYSTORE v1"));
+    // Another node's change, as the poll sees it; the read of its set
+    // comes just after a flush.
+    proxy.flush_before(b"$3\r\nGET\r\n$13\r\nclio:accounts");
+    redis.command("HINCRBY clio:ver acct 1");
+    assert!(wait_until(SOON, || proxy.flushed()));
+    assert!(
+        wait_until(SOON, || redis
+            .command("GET clio:accounts")
+            .contains("CLIO-KEYSTORE v1")),
+        "the node gives its set back"
+    );
+    assert!(wait_until(SOON, || up(&a)));
+    assert!(try_stream(&a, "honest").finished());
+}
+
 #[test]
 fn an_account_version_without_a_set_does_not_loop_after_a_flush() {
     let redis = RedisServer::start();

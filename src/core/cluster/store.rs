@@ -272,6 +272,10 @@ type UsageChunk = Vec<(
     crate::core::usage::Totals,
 )>;
 
+/// A version field of `clio:ver` and the store's epoch, read together with
+/// what they version (see `Worker::load_revocations`).
+type VersionAndEpoch = (Option<i64>, Option<String>);
+
 impl Worker {
     fn run(&mut self, rx: mpsc::Receiver<Job>) {
         self.connect();
@@ -1042,12 +1046,7 @@ impl Worker {
     /// next poll sees the loss, and this node gives back what it knows.
     fn load_revocations(&mut self, ver: i64) {
         let Some(con) = self.con.as_mut() else { return };
-        type Sets = (
-            (Option<i64>, Option<String>),
-            HashSet<String>,
-            HashSet<String>,
-        );
-        let r: Result<Sets, _> = redis::pipe()
+        let r: Result<(VersionAndEpoch, HashSet<String>, HashSet<String>), _> = redis::pipe()
             .atomic()
             .cmd("HMGET")
             .arg("clio:ver")
@@ -1078,10 +1077,25 @@ impl Worker {
             return;
         };
         let Some(con) = self.con.as_mut() else { return };
-        let r: Result<Option<Vec<u8>>, _> = redis::cmd("GET").arg("clio:accounts").query(con);
+        // Read with the version and the epoch, as the revocations are: a
+        // set gone since the poll (a flush, an empty restart) does not
+        // replace the one this node would give back after the loss.
+        let r: Result<(VersionAndEpoch, Option<Vec<u8>>), _> = redis::pipe()
+            .atomic()
+            .cmd("HMGET")
+            .arg("clio:ver")
+            .arg("acct")
+            .arg("epoch")
+            .cmd("GET")
+            .arg("clio:accounts")
+            .query(con);
         match r {
-            Ok(blob) => {
-                self.acct_ver = Some(ver);
+            Ok(((acct, epoch), blob)) => {
+                let acct = acct.unwrap_or(0);
+                if epoch != self.epoch || acct < ver {
+                    return;
+                }
+                self.acct_ver = Some(acct);
                 self.acct_blob.clone_from(&blob);
                 if let Some(b) = blob {
                     let _ = tx.try_send(b);
