@@ -228,13 +228,9 @@ pub fn parse_client_request(head: &[u8]) -> Result<ClientRequest, HeadError> {
                 subprotocol.scan(v);
             }
         } else if name.eq_ignore_ascii_case("connection") {
-            up.connection_upgrade |= visible_ascii(h.value).is_some_and(|v| {
-                v.split([' ', ','])
-                    .any(|item| item.eq_ignore_ascii_case("upgrade"))
-            });
+            up.connection_upgrade |= connection_names_upgrade(h.value);
         } else if name.eq_ignore_ascii_case("upgrade") && !std::mem::replace(&mut upgrade, true) {
-            up.websocket =
-                visible_ascii(h.value).is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+            up.websocket = upgrade_is_websocket(h.value);
         } else if name.eq_ignore_ascii_case("sec-websocket-version") && up.version_13.is_none() {
             up.version_13 = Some(h.value == b"13");
         } else if name.eq_ignore_ascii_case("sec-websocket-key")
@@ -305,6 +301,20 @@ pub fn head_fault(headers: &[httparse::Header<'_>], http11: bool) -> Option<&'st
             .all(|&b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:[]%".contains(&b)))
         .then_some("the Host header names no host"),
     }
+}
+
+/// Whether a `Connection` header's value lists `upgrade` (of a request or
+/// of upstream's 101).
+fn connection_names_upgrade(value: &[u8]) -> bool {
+    visible_ascii(value).is_some_and(|v| {
+        v.split([' ', ','])
+            .any(|item| item.eq_ignore_ascii_case("upgrade"))
+    })
+}
+
+/// Whether an `Upgrade` header's value is `websocket`.
+fn upgrade_is_websocket(value: &[u8]) -> bool {
+    visible_ascii(value).is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
 }
 
 /// `value` as text if it is visible ASCII (or tabs and spaces), as an HTTP
@@ -529,13 +539,9 @@ pub fn check_upstream_answer(head: &[u8], sent_key: &str) -> Result<UpstreamAnsw
         {
             return Ok(UpstreamAnswer::Invalid);
         } else if name.eq_ignore_ascii_case("upgrade") {
-            upgrade_ok =
-                visible_ascii(h.value).is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+            upgrade_ok = upgrade_is_websocket(h.value);
         } else if name.eq_ignore_ascii_case("connection") {
-            connection_ok |= visible_ascii(h.value).is_some_and(|v| {
-                v.split([' ', ','])
-                    .any(|item| item.eq_ignore_ascii_case("upgrade"))
-            });
+            connection_ok |= connection_names_upgrade(h.value);
         }
     }
     Ok(if accept_ok && upgrade_ok && connection_ok {
