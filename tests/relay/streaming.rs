@@ -789,67 +789,49 @@ enum Cut {
 fn cutting_upstream(cut: Cut) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     use clio_frame::frame::{build_fragment, Opcode};
     use std::io::Write;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!(
-        "ws://{}/transcribe-websocket",
-        listener.local_addr().unwrap()
-    );
-    let conns = std::sync::Arc::new(AtomicUsize::new(0));
-    let counted = conns.clone();
-    std::thread::spawn(move || {
-        for tcp in listener.incoming() {
-            let Ok(tcp) = tcp else { return };
-            counted.fetch_add(1, Ordering::SeqCst);
-            std::thread::spawn(move || {
-                let Ok(mut ws) = tungstenite::accept(tcp) else {
-                    return;
-                };
-                let send = |ws: &mut tungstenite::WebSocket<std::net::TcpStream>, text: &[u8]| {
-                    let tcp = ws.get_mut();
-                    match cut {
-                        Cut::Fragments => {
-                            let (a, rest) = text.split_at(5);
-                            let (b, c) = rest.split_at(rest.len() / 2);
-                            let mut wire = build_fragment(Opcode::Text, false, a, None);
-                            wire.extend(build_fragment(Opcode::Ping, true, b"\"ping\"", None));
-                            wire.extend(build_fragment(Opcode::Continuation, false, b, None));
-                            wire.extend(build_fragment(Opcode::Continuation, true, c, None));
-                            tcp.write_all(&wire).is_ok()
-                        }
-                        Cut::TwoWrites => {
-                            let wire = build_fragment(Opcode::Text, true, text, None);
-                            let (a, b) = wire.split_at(wire.len() / 2);
-                            let first = tcp.write_all(a).and_then(|()| tcp.flush()).is_ok();
-                            std::thread::sleep(std::time::Duration::from_millis(50));
-                            first && tcp.write_all(b).is_ok()
-                        }
-                    }
-                };
-                let mut frames = 0u64;
-                while let Ok(m) = ws.read() {
-                    let Message::Binary(b) = m else { continue };
-                    let ms = frames * 100;
-                    if b.is_empty() {
-                        let done = serde_json::json!({"tokens": [], "final_audio_proc_ms": ms,
+    ws_upstream(move |_, mut ws| {
+        let send = |ws: &mut tungstenite::WebSocket<std::net::TcpStream>, text: &[u8]| {
+            let tcp = ws.get_mut();
+            match cut {
+                Cut::Fragments => {
+                    let (a, rest) = text.split_at(5);
+                    let (b, c) = rest.split_at(rest.len() / 2);
+                    let mut wire = build_fragment(Opcode::Text, false, a, None);
+                    wire.extend(build_fragment(Opcode::Ping, true, b"\"ping\"", None));
+                    wire.extend(build_fragment(Opcode::Continuation, false, b, None));
+                    wire.extend(build_fragment(Opcode::Continuation, true, c, None));
+                    tcp.write_all(&wire).is_ok()
+                }
+                Cut::TwoWrites => {
+                    let wire = build_fragment(Opcode::Text, true, text, None);
+                    let (a, b) = wire.split_at(wire.len() / 2);
+                    let first = tcp.write_all(a).and_then(|()| tcp.flush()).is_ok();
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                    first && tcp.write_all(b).is_ok()
+                }
+            }
+        };
+        let mut frames = 0u64;
+        while let Ok(m) = ws.read() {
+            let Message::Binary(b) = m else { continue };
+            let ms = frames * 100;
+            if b.is_empty() {
+                let done = serde_json::json!({"tokens": [], "final_audio_proc_ms": ms,
                             "total_audio_proc_ms": ms, "finished": true});
-                        send(&mut ws, done.to_string().as_bytes());
-                        let _ = ws.get_mut().shutdown(std::net::Shutdown::Both);
-                        return;
-                    }
-                    frames += 1;
-                    let ms = frames * 100;
-                    let result = serde_json::json!({"tokens": [{"text": format!("w{frames} "),
+                send(&mut ws, done.to_string().as_bytes());
+                let _ = ws.get_mut().shutdown(std::net::Shutdown::Both);
+                return;
+            }
+            frames += 1;
+            let ms = frames * 100;
+            let result = serde_json::json!({"tokens": [{"text": format!("w{frames} "),
                         "start_ms": ms - 100, "end_ms": ms, "is_final": true}],
                         "final_audio_proc_ms": ms, "total_audio_proc_ms": ms});
-                    if !send(&mut ws, result.to_string().as_bytes()) {
-                        return;
-                    }
-                }
-            });
+            if !send(&mut ws, result.to_string().as_bytes()) {
+                return;
+            }
         }
-    });
-    (url, conns)
+    })
 }
 
 #[test]

@@ -670,6 +670,55 @@ pub enum UpStep {
 pub fn scripted_upstream(
     step: impl Fn(usize, u64) -> UpStep + Send + Sync + 'static,
 ) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    ws_upstream(move |conn, mut ws| {
+        let mut frames = 0u64;
+        while let Ok(m) = ws.read() {
+            let reply = match m {
+                Message::Binary(b) if b.is_empty() => serde_json::json!({
+                    "tokens": [], "final_audio_proc_ms": frames * 100,
+                    "total_audio_proc_ms": frames * 100, "finished": true,
+                })
+                .to_string(),
+                Message::Binary(_) => {
+                    frames += 1;
+                    let ms = frames * 100;
+                    match step(conn, frames) {
+                        UpStep::Final => serde_json::json!({
+                            "tokens": [{"text": format!("w{frames} "),
+                                "start_ms": ms - 100, "end_ms": ms, "is_final": true}],
+                            "final_audio_proc_ms": ms, "total_audio_proc_ms": ms,
+                        })
+                        .to_string(),
+                        UpStep::Text(t) => t,
+                        UpStep::Raw(bytes) => {
+                            let _ = ws.get_mut().write_all(&bytes);
+                            return;
+                        }
+                    }
+                }
+                _ => continue,
+            };
+            let finished = reply.contains("\"finished\":true");
+            if ws.send(Message::text(reply)).is_err() {
+                return;
+            }
+            if finished {
+                let _ = ws.close(Some(tungstenite::protocol::CloseFrame {
+                    code: tungstenite::protocol::frame::coding::CloseCode::Normal,
+                    reason: "".into(),
+                }));
+            }
+        }
+    })
+}
+
+/// An upstream on 127.0.0.1 (tungstenite's WebSocket server) that hands
+/// each connection it accepts, after the upgrade, to `serve` on a thread
+/// of its own, with the connection's number (from 0). Returns its URL and
+/// a count of the connections it took.
+pub fn ws_upstream(
+    serve: impl Fn(usize, tungstenite::WebSocket<std::net::TcpStream>) + Send + Sync + 'static,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -679,53 +728,15 @@ pub fn scripted_upstream(
     );
     let conns = Arc::new(AtomicUsize::new(0));
     let counted = conns.clone();
-    let step = Arc::new(step);
+    let serve = Arc::new(serve);
     std::thread::spawn(move || {
         for tcp in listener.incoming() {
             let Ok(tcp) = tcp else { return };
             let conn = counted.fetch_add(1, Ordering::SeqCst);
-            let step = step.clone();
+            let serve = serve.clone();
             std::thread::spawn(move || {
-                let Ok(mut ws) = tungstenite::accept(tcp) else {
-                    return;
-                };
-                let mut frames = 0u64;
-                while let Ok(m) = ws.read() {
-                    let reply = match m {
-                        Message::Binary(b) if b.is_empty() => serde_json::json!({
-                            "tokens": [], "final_audio_proc_ms": frames * 100,
-                            "total_audio_proc_ms": frames * 100, "finished": true,
-                        })
-                        .to_string(),
-                        Message::Binary(_) => {
-                            frames += 1;
-                            let ms = frames * 100;
-                            match step(conn, frames) {
-                                UpStep::Final => serde_json::json!({
-                                    "tokens": [{"text": format!("w{frames} "),
-                                        "start_ms": ms - 100, "end_ms": ms, "is_final": true}],
-                                    "final_audio_proc_ms": ms, "total_audio_proc_ms": ms,
-                                })
-                                .to_string(),
-                                UpStep::Text(t) => t,
-                                UpStep::Raw(bytes) => {
-                                    let _ = ws.get_mut().write_all(&bytes);
-                                    return;
-                                }
-                            }
-                        }
-                        _ => continue,
-                    };
-                    let finished = reply.contains("\"finished\":true");
-                    if ws.send(Message::text(reply)).is_err() {
-                        return;
-                    }
-                    if finished {
-                        let _ = ws.close(Some(tungstenite::protocol::CloseFrame {
-                            code: tungstenite::protocol::frame::coding::CloseCode::Normal,
-                            reason: "".into(),
-                        }));
-                    }
+                if let Ok(ws) = tungstenite::accept(tcp) {
+                    serve(conn, ws);
                 }
             });
         }
