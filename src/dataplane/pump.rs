@@ -446,9 +446,9 @@ pub(crate) async fn read_more(
 }
 
 enum FirstMessage {
-    /// The first frame is not all here yet.
+    /// The first message is not all here yet.
     Incomplete,
-    /// A whole text frame carrying `error_code` (and, for 429, its level).
+    /// A whole text message carrying `error_code` (and, for 429, its level).
     Error(u16, RateScope),
     /// A whole close frame (whether its body is one an endpoint may send
     /// is the scanner's to check, if it goes on to the client).
@@ -477,13 +477,59 @@ fn first_message_error(bytes: &[u8]) -> FirstMessage {
             (true, _) => FirstMessage::Control(total as usize),
         };
     }
-    if h.opcode != Opcode::Text || !h.fin {
+    if h.opcode != Opcode::Text {
         return FirstMessage::Other;
+    }
+    if !h.fin {
+        return fragmented_first_message(bytes);
     }
     if !whole {
         return FirstMessage::Incomplete;
     }
-    let payload = &bytes[h.header_len..total as usize];
+    error_in(&bytes[h.header_len..total as usize])
+}
+
+/// [`first_message_error`] for a first message sent in fragments (RFC 6455
+/// allows it, and a gateway in front of upstream may do it): looked at
+/// once its last fragment is in, joined into a copy (at most the read
+/// buffer's bytes, once per stream). A ping or pong between fragments is
+/// held with them. Fragments out of order, or a close among them, are the
+/// scanner's to judge: [`FirstMessage::Other`].
+fn fragmented_first_message(bytes: &[u8]) -> FirstMessage {
+    let mut text = Vec::new();
+    let mut at = 0;
+    loop {
+        let h = match parse_header(&bytes[at..], Sender::Server, u64::MAX >> 1) {
+            Ok(Some(h)) => h,
+            Ok(None) => return FirstMessage::Incomplete,
+            Err(_) => return FirstMessage::Other,
+        };
+        let total = h.header_len as u64 + h.payload_len;
+        if ((bytes.len() - at) as u64) < total {
+            return FirstMessage::Incomplete;
+        }
+        let end = at + total as usize;
+        let expected = if at == 0 {
+            Opcode::Text
+        } else {
+            Opcode::Continuation
+        };
+        match h.opcode {
+            Opcode::Ping | Opcode::Pong => {}
+            op if op == expected => {
+                text.extend_from_slice(&bytes[at + h.header_len..end]);
+                if h.fin {
+                    return error_in(&text);
+                }
+            }
+            _ => return FirstMessage::Other,
+        }
+        at = end;
+    }
+}
+
+/// Whether a whole first message is an error, and which.
+fn error_in(payload: &[u8]) -> FirstMessage {
     // A byte search first: the JSON is parsed only for an error.
     if state::ERROR_CODE.find(payload).is_none() {
         return FirstMessage::Other;

@@ -482,3 +482,46 @@ fn errors_and_first_results_are_counted_per_account() {
     assert_eq!(buckets.len(), 9, "{body}");
     assert!(buckets.windows(2).all(|w| w[0] <= w[1]), "{buckets:?}");
 }
+
+#[test]
+fn an_error_at_open_in_fragments_moves_the_stream() {
+    // RFC 6455 lets a server (or a gateway in front of it) send a message
+    // in fragments. Upstream's 503 at open, in three fragments with a ping
+    // between the first two: a raw-audio stream moved, unseen, but a
+    // compressed one passed the 503 on to its client (its pump looked at
+    // a first message only when it came in one frame).
+    use clio_frame::frame::{build_fragment, Opcode};
+    let error = br#"{"tokens":[],"error_code":503,"error_message":"Cannot continue request"}"#;
+    let (a, rest) = error.split_at(10);
+    let (b, c) = rest.split_at(20);
+    let mut answer = build_fragment(Opcode::Text, false, a, None);
+    answer.extend(build_fragment(Opcode::Ping, true, b"hb", None));
+    answer.extend(build_fragment(Opcode::Continuation, false, b, None));
+    answer.extend(build_fragment(Opcode::Continuation, true, c, None));
+    answer.extend_from_slice(&[0x88, 0x02, 0x03, 0xe8]);
+    for format in ["pcm_s16le", "ogg"] {
+        let answer = answer.clone();
+        let (url, conns) = scripted_upstream(move |c, _| match c {
+            0 => UpStep::Raw(answer.clone()),
+            _ => UpStep::Final,
+        });
+        let relay = Relay::start(relay_config(&url, &[("a", "key-a"), ("b", "key-b")]));
+        let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+        let mut config: Value = serde_json::from_str(&config_message(None)).unwrap();
+        config["audio_format"] = format.into();
+        let got = stream_session(&mut ws, &config.to_string(), &audio_frames(3, 2));
+        assert!(
+            got.messages.iter().all(|m| m["error_code"].is_null()),
+            "{format}: {got:?}"
+        );
+        assert!(got.finished(), "{format}: {got:?}");
+        assert_eq!(got.close_code(), Some(1000), "{format}");
+        assert_eq!(
+            conns.load(std::sync::atomic::Ordering::SeqCst),
+            2,
+            "{format}"
+        );
+        let f = relay.handle.metrics().failovers();
+        assert_eq!((f.open_refused, f.resumed), (1, 0), "{format}: {f:?}");
+    }
+}

@@ -24,6 +24,40 @@ fn passes_server_frames_untouched_and_reads_first_errors() {
 }
 
 #[test]
+fn reads_a_first_error_sent_in_fragments_once_all_are_in() {
+    use clio_frame::frame::build_fragment;
+    let err = br#"{"tokens":[],"error_code":503,"error_message":"Cannot continue request"}"#;
+    let (a, rest) = err.split_at(7);
+    let (b, c) = rest.split_at(30);
+    let mut wire = build_fragment(Opcode::Text, false, a, None);
+    wire.extend(build_fragment(Opcode::Pong, true, b"p", None));
+    wire.extend(build_fragment(Opcode::Continuation, false, b, None));
+    wire.extend(build_fragment(Opcode::Continuation, true, c, None));
+    assert!(matches!(
+        first_message_error(&wire),
+        FirstMessage::Error(503, _)
+    ));
+    // Cut anywhere, it is not whole yet.
+    for cut in 1..wire.len() {
+        assert!(
+            matches!(first_message_error(&wire[..cut]), FirstMessage::Incomplete),
+            "{cut}"
+        );
+    }
+    // A result in fragments is no error; fragments out of order, or a close
+    // among them, are left to the scanner.
+    let mut ok = build_fragment(Opcode::Text, false, br#"{"tokens":"#, None);
+    ok.extend(build_fragment(Opcode::Continuation, true, b"[]}", None));
+    assert!(matches!(first_message_error(&ok), FirstMessage::Other));
+    let mut bad = build_fragment(Opcode::Text, false, a, None);
+    bad.extend(build_fragment(Opcode::Text, true, b, None));
+    assert!(matches!(first_message_error(&bad), FirstMessage::Other));
+    let mut closed = build_fragment(Opcode::Text, false, a, None);
+    closed.extend(build_frame(Opcode::Close, &[0x03, 0xe8], None));
+    assert!(matches!(first_message_error(&closed), FirstMessage::Other));
+}
+
+#[test]
 fn reads_upstreams_last_word_field_by_field() {
     use state::{upstream_said, UpstreamSaid};
     let said = |s: &str| upstream_said(s.as_bytes());
