@@ -174,6 +174,50 @@ fn a_silent_redis_is_logged_as_no_answer_within_the_timeout() {
     assert!(!log.contains("os error 11"), "{log}");
 }
 
+/// A Redis whose answer trickles in a byte at a time, each byte in time
+/// for a socket read's timeout, does not answer within `cluster.timeout`:
+/// the call fails at its deadline, the node counts the store down (as
+/// when Redis is unreachable, `on_store_down`) and connects again. (The
+/// timeout applied to each read: `INFO memory`, about 1 KiB at 100 ms a
+/// byte, held the cluster thread for nearly two minutes, no poll, no
+/// heartbeat, no open through it, while the store was counted up.)
+#[test]
+fn a_redis_that_trickles_its_answer_is_down_at_the_timeout() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(redis.port);
+    let fake = fake(&["k1"], |_| {});
+    let cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    let a = node_up(
+        &fake.url(),
+        &proxy.url(),
+        &cfg.tokens.secret,
+        "timeout = \"400ms\"\n",
+    );
+    // Asked at every heartbeat (a third of the 15 s lease).
+    proxy.trickle_answer_to(b"INFO", Duration::from_millis(100));
+    assert!(wait_until(Duration::from_secs(15), || proxy.trickle_started()));
+    assert!(
+        wait_until(Duration::from_secs(5), || has_metric(
+            &a,
+            "clio_relay_cluster_store_up 0"
+        )),
+        "{}",
+        a.log()
+    );
+    let log = a.log();
+    assert!(
+        log.lines().any(|l| l.contains("cluster store call failed")
+            && l.contains("call=\"eviction check\"")
+            && l.contains("no answer within cluster.timeout (400ms)")),
+        "{log}"
+    );
+    // A new connection, answered as Redis answers: up again.
+    assert!(wait_until(Duration::from_secs(10), || has_metric(
+        &a,
+        "clio_relay_cluster_store_up 1"
+    )));
+}
+
 /// A shard's own connection that fails is logged with why, as the
 /// thread's own calls are: here the connection cut at a stream open.
 /// (The WARN named the call, "shard link", and nothing else.)

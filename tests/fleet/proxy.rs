@@ -4,12 +4,15 @@
 //! polls, `XREAD`) and cuts every other connection at its next command,
 //! as a network that drops one path and resets the others would; or it
 //! loses the answer to one call that Redis took, with its connection; or
-//! has Redis flushed (`FLUSHALL`) just before one call reaches it.
+//! has Redis flushed (`FLUSHALL`) just before one call reaches it; or
+//! trickles the answer to one call (and every later one on its
+//! connection) a byte at a time.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 #[derive(Default)]
 struct State {
@@ -24,6 +27,9 @@ struct State {
     lose: Mutex<Option<Vec<u8>>>,
     /// The next call with these bytes reaches Redis after a `FLUSHALL`.
     flush_before: Mutex<Option<Vec<u8>>>,
+    /// From the next call with these bytes on, its connection's answers
+    /// come a byte at a time, this long apart.
+    trickle: Mutex<Option<(Vec<u8>, Duration)>>,
     /// Redis's port.
     to: u16,
     stop: AtomicBool,
@@ -105,6 +111,18 @@ impl Proxy {
         self.state.flush_before.lock().unwrap().is_none()
     }
 
+    /// From the next call that carries `bytes` on, that connection's
+    /// answers come one byte every `gap`: each byte in time for a read's
+    /// timeout, the whole answer long after.
+    pub fn trickle_answer_to(&self, bytes: &[u8], gap: Duration) {
+        *self.state.trickle.lock().unwrap() = Some((bytes.to_vec(), gap));
+    }
+
+    /// Whether the call [`Proxy::trickle_answer_to`] named has gone by.
+    pub fn trickle_started(&self) -> bool {
+        self.state.trickle.lock().unwrap().is_none()
+    }
+
     /// Whether a call of the polling connection is held unanswered.
     pub fn poll_held(&self) -> bool {
         self.state.held.load(Ordering::Relaxed) > 0
@@ -125,11 +143,27 @@ fn relay(mut client: TcpStream, mut server: TcpStream, state: &State) {
         (server.try_clone().unwrap(), client.try_clone().unwrap());
     let cut = Arc::new(AtomicBool::new(false));
     let cut_answer = cut.clone();
+    // Nanoseconds between the answers' bytes; 0: as they come.
+    let gap = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let gap_answer = gap.clone();
     std::thread::spawn(move || {
         let mut buf = vec![0u8; 64 * 1024];
-        while let Ok(n @ 1..) = from_server.read(&mut buf) {
-            if cut_answer.load(Ordering::Relaxed) || to_client.write_all(&buf[..n]).is_err() {
+        'copy: while let Ok(n @ 1..) = from_server.read(&mut buf) {
+            if cut_answer.load(Ordering::Relaxed) {
                 break;
+            }
+            let gap = Duration::from_nanos(gap_answer.load(Ordering::Relaxed));
+            if gap.is_zero() {
+                if to_client.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+                continue;
+            }
+            for b in &buf[..n] {
+                std::thread::sleep(gap);
+                if to_client.write_all(std::slice::from_ref(b)).is_err() {
+                    break 'copy;
+                }
             }
         }
         let _ = to_client.shutdown(Shutdown::Both);
@@ -157,6 +191,9 @@ fn relay(mut client: TcpStream, mut server: TcpStream, state: &State) {
         let carries = |b: &mut Vec<u8>| buf[..n].windows(b.len()).any(|w| w == b.as_slice());
         if state.lose.lock().unwrap().take_if(carries).is_some() {
             cut.store(true, Ordering::Relaxed);
+        }
+        if let Some((_, every)) = state.trickle.lock().unwrap().take_if(|(b, _)| carries(b)) {
+            gap.store(every.as_nanos() as u64, Ordering::Relaxed);
         }
         let mut flush = state.flush_before.lock().unwrap();
         if flush.as_mut().is_some_and(carries) {

@@ -125,6 +125,7 @@ pub fn start(
         fleet,
         client,
         con: None,
+        ca: cfg.ca.clone(),
         held: Held::default(),
         timeout: cfg.timeout,
         ttl_ms: cfg.lease_ttl.as_millis() as u64,
@@ -205,6 +206,8 @@ struct Worker {
     fleet: Arc<Fleet>,
     client: redis::Client,
     con: Option<Timed>,
+    /// `cluster.ca_file`'s certificates, for `rediss://`.
+    ca: Option<Vec<u8>>,
     held: Held,
     timeout: Duration,
     ttl_ms: u64,
@@ -418,19 +421,13 @@ impl Worker {
     /// Connects, loads the scripts and registers what this node holds.
     fn connect(&mut self) {
         self.last_try = Some(Instant::now());
-        let con = self
-            .client
-            .get_connection_with_timeout(self.timeout)
-            .and_then(|c| {
-                c.set_read_timeout(Some(self.timeout))?;
-                c.set_write_timeout(Some(self.timeout))?;
-                Ok(c)
-            });
+        let con = Timed::connect(
+            self.client.get_connection_info(),
+            self.ca.as_deref(),
+            self.timeout,
+        );
         let mut con = match con {
-            Ok(c) => Timed {
-                con: c,
-                timeout: self.timeout,
-            },
+            Ok(c) => c,
             Err(e) => return self.failed("connect", &e),
         };
         let mut pipe = redis::pipe();
@@ -480,8 +477,15 @@ impl Worker {
     /// answer `INFO memory` is taken as it is.
     fn check_eviction(&mut self) {
         let Some(con) = self.con.as_mut() else { return };
-        let Ok(info) = redis::cmd("INFO").arg("memory").query::<String>(con) else {
-            return;
+        let info = match redis::cmd("INFO").arg("memory").query::<String>(con) {
+            Ok(info) => info,
+            // No answer (in time), or not a reply: the store is down, as
+            // after any other call.
+            Err(e) if !redis::ConnectionLike::is_open(&*con) => {
+                return self.failed("eviction check", &e)
+            }
+            // A Redis that does not let this user run INFO: unknown.
+            Err(_) => return,
         };
         let field = |name: &str| {
             info.lines()

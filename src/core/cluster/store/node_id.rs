@@ -38,17 +38,9 @@ pub fn check_node_id(
     watching: impl FnOnce(Duration),
 ) -> std::io::Result<Result<(), String>> {
     let client = client(cfg)?;
-    let Ok(con) = client.get_connection_with_timeout(cfg.timeout) else {
+    let Ok(mut con) = Timed::connect(client.get_connection_info(), cfg.ca.as_deref(), cfg.timeout)
+    else {
         return Ok(Ok(()));
-    };
-    if con.set_read_timeout(Some(cfg.timeout)).is_err()
-        || con.set_write_timeout(Some(cfg.timeout)).is_err()
-    {
-        return Ok(Ok(()));
-    }
-    let mut con = Timed {
-        con,
-        timeout: cfg.timeout,
     };
     let owner = redis::Script::new(OWNER);
     let mut ask = || owner.arg(&cfg.node_id).invoke::<Vec<String>>(&mut con).ok();

@@ -1,25 +1,298 @@
-//! The cluster thread's connection to Redis, whose pipelines read their
-//! replies against one `cluster.timeout` deadline.
+//! The cluster thread's connection to Redis: every exchange (a command
+//! and its reply, a pipeline and all its replies, the connect with its
+//! TLS handshake and log-in) is bounded as a whole by `cluster.timeout`.
+//!
+//! The `redis` crate's own connection gives each socket read the full
+//! timeout: a Redis (or a path to it) that trickles a reply a byte at a
+//! time, each byte within the timeout, held the thread for as long as
+//! the reply lasted while the node still counted the store as up. Here
+//! the socket is the relay's: before each read or write its timeout is
+//! what is left of the exchange's deadline, and reads go on only until
+//! the reply is whole ([`resp::reply_len`]). The crate still packs the
+//! commands and parses the replies.
 
+use std::io::{self, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use redis::Value;
+use redis::{ConnectionAddr, ConnectionInfo, ErrorKind, RedisError, RedisResult, Value};
 
-/// The cluster thread's connection: a pipeline's replies share one
-/// `cluster.timeout` deadline, and the first that fails ends the call.
-/// (The client's own pipeline read every reply with the full timeout
-/// each, and went on reading after one timed out: a Redis that stopped
-/// answering held the thread for as many timeouts as the pipeline had
-/// commands, 4 for a poll and up to 256 for a batch of stream opens,
-/// while the node still counted the store as up.)
+use crate::core::cluster::resp;
+
+/// The most bytes one exchange's replies may take; ours are far smaller
+/// (a revocation list of 100,000 ids is about 3 MiB).
+const MAX_REPLY_BYTES: usize = 64 * 1024 * 1024;
+
+/// A socket whose every read and write waits only for what is left of
+/// the exchange's deadline.
+struct Sock {
+    tcp: TcpStream,
+    deadline: Instant,
+}
+
+impl Sock {
+    fn left(&self) -> io::Result<Duration> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        Ok(left)
+    }
+}
+
+impl Read for Sock {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.left()?;
+        self.tcp.set_read_timeout(Some(left))?;
+        self.tcp.read(buf)
+    }
+}
+
+impl Write for Sock {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let left = self.left()?;
+        self.tcp.set_write_timeout(Some(left))?;
+        self.tcp.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.tcp.flush()
+    }
+}
+
+/// Plain TCP, or TLS (`rediss://`) over it.
+enum Io {
+    Plain(Sock),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, Sock>>),
+}
+
+impl Io {
+    fn sock(&mut self) -> &mut Sock {
+        match self {
+            Io::Plain(s) => s,
+            Io::Tls(t) => &mut t.sock,
+        }
+    }
+
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Io::Plain(s) => s.read(buf),
+            Io::Tls(t) => t.read(buf),
+        }
+    }
+
+    fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        match self {
+            Io::Plain(s) => s.write_all(bytes),
+            Io::Tls(t) => {
+                t.write_all(bytes)?;
+                t.flush()
+            }
+        }
+    }
+}
+
+/// The cluster thread's connection. After a failed exchange (a timeout,
+/// a lost connection, bytes that are not a reply) it is broken: what is
+/// left of a reply would be taken for the next one's, so every later call
+/// fails at once and the caller connects anew.
 pub(super) struct Timed {
-    pub(super) con: redis::Connection,
-    pub(super) timeout: Duration,
+    io: Io,
+    /// Bytes read past the replies taken so far.
+    pending: Vec<u8>,
+    timeout: Duration,
+    db: i64,
+    broken: bool,
+}
+
+impl Timed {
+    /// Connects to the Redis `info` names, over TLS for `rediss://` (with
+    /// `ca`'s PEM certificates as the only roots, or else the built-in
+    /// public ones), logs in and selects the database, all within one
+    /// `timeout`.
+    pub(super) fn connect(
+        info: &ConnectionInfo,
+        ca: Option<&[u8]>,
+        timeout: Duration,
+    ) -> RedisResult<Timed> {
+        let deadline = Instant::now() + timeout;
+        let (host, port, tls) = match info.addr() {
+            ConnectionAddr::Tcp(host, port) => (host.as_str(), *port, false),
+            ConnectionAddr::TcpTls {
+                host,
+                port,
+                insecure,
+                ..
+            } => {
+                if *insecure {
+                    return Err(RedisError::from((
+                        ErrorKind::InvalidClientConfig,
+                        "#insecure (no check of Redis's certificate) is not supported; give the CA in cluster.ca_file",
+                    )));
+                }
+                (host.as_str(), *port, true)
+            }
+            _ => {
+                return Err(RedisError::from((
+                    ErrorKind::InvalidClientConfig,
+                    "only redis:// and rediss:// URLs",
+                )))
+            }
+        };
+        let tcp = connect_tcp(host, port, deadline)?;
+        let _ = tcp.set_nodelay(true);
+        let sock = Sock { tcp, deadline };
+        let io = if tls {
+            let config = tls_config(ca)?;
+            let name = rustls::pki_types::ServerName::try_from(host.to_string())
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+            let conn = rustls::ClientConnection::new(config, name).map_err(io::Error::other)?;
+            let mut stream = rustls::StreamOwned::new(conn, sock);
+            // The handshake now, so its failure (an unknown issuer) is the
+            // connect's.
+            while stream.conn.is_handshaking() {
+                stream.conn.complete_io(&mut stream.sock)?;
+            }
+            Io::Tls(Box::new(stream))
+        } else {
+            Io::Plain(sock)
+        };
+        let settings = info.redis_settings();
+        let mut con = Timed {
+            io,
+            pending: Vec::new(),
+            timeout,
+            db: settings.db(),
+            broken: false,
+        };
+        if let Some(password) = settings.password() {
+            let mut auth = redis::cmd("AUTH");
+            if let Some(user) = settings.username() {
+                auth.arg(user);
+            }
+            auth.arg(password);
+            // Redis's answer to a wrong one is not logged: it could only
+            // say that the password failed.
+            if let Value::ServerError(_) = con.once(&auth, deadline)? {
+                return Err(RedisError::from((
+                    ErrorKind::AuthenticationFailed,
+                    "Password authentication failed",
+                )));
+            }
+        }
+        if settings.db() != 0 {
+            if let Value::ServerError(e) =
+                con.once(redis::cmd("SELECT").arg(settings.db()), deadline)?
+            {
+                return Err(e.into());
+            }
+        }
+        Ok(con)
+    }
+
+    /// Sends one command and reads its reply before `deadline`.
+    fn once(&mut self, cmd: &redis::Cmd, deadline: Instant) -> RedisResult<Value> {
+        let mut v = self.exchange(&cmd.get_packed_command(), 1, deadline)?;
+        Ok(v.pop().unwrap_or(Value::Nil))
+    }
+
+    /// Sends `cmd` and reads `n` replies, all before `deadline`.
+    fn exchange(&mut self, cmd: &[u8], n: usize, deadline: Instant) -> RedisResult<Vec<Value>> {
+        if self.broken {
+            return Err(RedisError::from(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "connection dropped after a failed call",
+            )));
+        }
+        let r = self.exchange_inner(cmd, n, deadline);
+        if r.is_err() {
+            self.broken = true;
+        }
+        r
+    }
+
+    fn exchange_inner(
+        &mut self,
+        cmd: &[u8],
+        n: usize,
+        deadline: Instant,
+    ) -> RedisResult<Vec<Value>> {
+        self.io.sock().deadline = deadline;
+        self.io.write_all(cmd)?;
+        let mut out = Vec::with_capacity(n);
+        let mut buf = [0u8; 16 * 1024];
+        while out.len() < n {
+            match resp::reply_len(&self.pending) {
+                Err(_) => return Err(RedisError::from((ErrorKind::Parse, "not a Redis reply"))),
+                Ok(Some(len)) => {
+                    let v = redis::parse_redis_value(&self.pending[..len])?;
+                    self.pending.drain(..len);
+                    out.push(v);
+                }
+                Ok(None) => {
+                    if self.pending.len() > MAX_REPLY_BYTES {
+                        return Err(RedisError::from((ErrorKind::Parse, "a reply over 64 MiB")));
+                    }
+                    let got = self.io.read(&mut buf)?;
+                    if got == 0 {
+                        return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+                    }
+                    self.pending.extend_from_slice(&buf[..got]);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A TCP connection to `host:port` (each address it names, in turn)
+/// before `deadline`.
+fn connect_tcp(host: &str, port: u16, deadline: Instant) -> io::Result<TcpStream> {
+    let mut last = None;
+    for addr in (host, port).to_socket_addrs()? {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        match TcpStream::connect_timeout(&addr, left) {
+            Ok(tcp) => return Ok(tcp),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        io::Error::new(io::ErrorKind::NotFound, "could not resolve to any address")
+    }))
+}
+
+/// TLS for `rediss://`: `ca`'s certificates as the only trust roots, or
+/// the built-in public ones.
+fn tls_config(ca: Option<&[u8]>) -> io::Result<Arc<rustls::ClientConfig>> {
+    use rustls::pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    match ca {
+        Some(pem) => {
+            for cert in rustls::pki_types::CertificateDer::pem_slice_iter(pem) {
+                let cert = cert.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                roots.add(cert).map_err(io::Error::other)?;
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(io::Error::other)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(cfg))
 }
 
 impl redis::ConnectionLike for Timed {
-    fn req_packed_command(&mut self, cmd: &[u8]) -> redis::RedisResult<Value> {
-        self.con.req_packed_command(cmd)
+    fn req_packed_command(&mut self, cmd: &[u8]) -> RedisResult<Value> {
+        let deadline = Instant::now() + self.timeout;
+        let mut v = self.exchange(cmd, 1, deadline)?;
+        Ok(v.pop().unwrap_or(Value::Nil))
     }
 
     fn req_packed_commands(
@@ -27,42 +300,21 @@ impl redis::ConnectionLike for Timed {
         cmd: &[u8],
         offset: usize,
         count: usize,
-    ) -> redis::RedisResult<Vec<Value>> {
+    ) -> RedisResult<Vec<Value>> {
         let deadline = Instant::now() + self.timeout;
-        self.con.send_packed_command(cmd)?;
-        let mut out = Vec::with_capacity(count);
-        let mut read = || {
-            for i in 0..offset + count {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Err(redis::RedisError::from(std::io::Error::from(
-                        std::io::ErrorKind::TimedOut,
-                    )));
-                }
-                self.con.set_read_timeout(Some(left))?;
-                let v = self.con.recv_response()?;
-                if i >= offset {
-                    out.push(v);
-                }
-            }
-            Ok(())
-        };
-        let r = read();
-        // The connection is dropped after a failure; after a success the
-        // next single command has the whole timeout again.
-        self.con.set_read_timeout(Some(self.timeout))?;
-        r.map(|()| out)
+        let mut v = self.exchange(cmd, offset + count, deadline)?;
+        Ok(v.split_off(offset))
     }
 
     fn get_db(&self) -> i64 {
-        self.con.get_db()
+        self.db
     }
 
     fn check_connection(&mut self) -> bool {
-        self.con.check_connection()
+        redis::cmd("PING").query::<String>(self).is_ok()
     }
 
     fn is_open(&self) -> bool {
-        self.con.is_open()
+        !self.broken
     }
 }
