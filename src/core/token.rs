@@ -16,7 +16,10 @@
 //! with test vectors.
 //!
 //! Expiry is exact: a token is refused from the instant `now >= expires_at`.
-//! The clock-skew allowance applies only to the issue time. Tokens are
+//! The clock-skew allowance applies only to the issue time. Keys from the
+//! configuration ([`TokenKeys::from_config`]) also refuse a token whose
+//! lifetime (`e − i`) is longer than `tokens.max_ttl`, so no token lives
+//! longer than a revocation of its id has to be kept. Tokens are
 //! credentials: nothing here ever prints one.
 //!
 //! A secret may be bound to pools (`tokens.pools`, `tokens.previous_pools`):
@@ -105,6 +108,9 @@ pub enum TokenError {
     /// The token names a pool its signing secret is not bound to
     /// (`tokens.pools`), or a pool name that is not one.
     PoolNotAllowed,
+    /// The token's lifetime (expiry minus issue time) is longer than the
+    /// relay accepts (`tokens.max_ttl`).
+    TooLong,
 }
 
 impl fmt::Display for TokenError {
@@ -122,6 +128,9 @@ impl fmt::Display for TokenError {
             TokenError::Random => "system random generator failed",
             TokenError::PoolNotAllowed => {
                 "session token names a pool its signing secret may not mint for"
+            }
+            TokenError::TooLong => {
+                "session token lifetime (expiry minus issue time) longer than tokens.max_ttl"
             }
         })
     }
@@ -228,6 +237,8 @@ pub struct TokenKeys {
     extra: Vec<SigningKey>,
     /// How far in the future an issue time may be.
     clock_skew: Duration,
+    /// The longest lifetime (`e − i`) a token may have; `None`: any.
+    max_lifetime: Option<Duration>,
     /// Source of token ids.
     rng: SystemRandom,
 }
@@ -248,6 +259,7 @@ impl fmt::Debug for TokenKeys {
                     .collect::<Vec<_>>(),
             )
             .field("clock_skew", &self.clock_skew)
+            .field("max_lifetime", &self.max_lifetime)
             .finish()
     }
 }
@@ -260,6 +272,7 @@ impl TokenKeys {
             previous: previous.map(SigningKey::new),
             extra: Vec::new(),
             clock_skew,
+            max_lifetime: None,
             rng: SystemRandom::new(),
         }
     }
@@ -279,10 +292,19 @@ impl TokenKeys {
         self
     }
 
-    /// Keys from the `[tokens]` configuration.
+    /// Refuses ([`TokenError::TooLong`]) a token whose lifetime (expiry
+    /// minus issue time) is longer than `max`.
+    pub fn with_max_ttl(mut self, max: Duration) -> TokenKeys {
+        self.max_lifetime = Some(max);
+        self
+    }
+
+    /// Keys from the `[tokens]` configuration, `max_ttl` the longest
+    /// lifetime they accept.
     pub fn from_config(cfg: &TokensConfig) -> TokenKeys {
         let mut keys = TokenKeys::new(&cfg.secret, cfg.previous_secret.as_ref(), cfg.clock_skew)
-            .bind_pools(cfg.pools.clone(), cfg.previous_pools.clone());
+            .bind_pools(cfg.pools.clone(), cfg.previous_pools.clone())
+            .with_max_ttl(cfg.max_ttl);
         for x in &cfg.extra {
             keys = keys.with_extra(&x.secret, x.pools.clone());
         }
@@ -466,6 +488,12 @@ impl TokenKeys {
         let issued = at(p.i).ok_or(TokenError::Malformed)?;
         if now >= expires {
             return Err(TokenError::Expired);
+        }
+        if self
+            .max_lifetime
+            .is_some_and(|max| p.e.saturating_sub(p.i) > max.as_secs())
+        {
+            return Err(TokenError::TooLong);
         }
         let pools = match p.p {
             None => effective_pools(&[]),

@@ -93,3 +93,48 @@ fn a_stream_outlives_its_tokens_expiry() {
     assert!(!got.text().is_empty());
     assert_eq!(got.close_code(), Some(1000));
 }
+
+/// A token that lives longer than `tokens.max_ttl` (its expiry minus its
+/// issue time: a backend that mints its own tokens may write any) is
+/// refused, 401 saying why, on the upgrade and as `api_key`; one of
+/// exactly `max_ttl` streams. (Only `mint-token` kept to `max_ttl`: a
+/// token of any lifetime was taken, so nothing bounded how long a token
+/// id, once revoked, could still be presented.)
+#[test]
+fn a_token_that_lives_longer_than_max_ttl_is_refused() {
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+    let fake = fake(&["key-a"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("acct-a", "key-a")]);
+    cfg.tokens.max_ttl = Duration::from_secs(3600);
+    let relay = Relay::start(cfg);
+    let keys = clio_relay::core::token::TokenKeys::from_config(&relay.cfg.tokens);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let lasting = |secs: u64| {
+        keys.mint_exact("device-1", None, now, now + secs, "0123456789abcdef")
+            .unwrap()
+    };
+    let (status, body) = refused_upgrade(connect(relay.addr(), &lasting(3601), Via::Header));
+    assert_eq!(status, 401, "{body}");
+    assert!(
+        body.to_string()
+            .contains("lifetime (expiry minus issue time) longer than tokens.max_ttl"),
+        "{body}"
+    );
+    let (mut ws, _) = connect(relay.addr(), "", Via::FirstMessage).unwrap();
+    ws.send(tungstenite::Message::text(config_message(Some(&lasting(
+        3601,
+    )))))
+    .unwrap();
+    let got = read_all(&mut ws);
+    assert_error_frame(&got, 401, 1008);
+    assert!(
+        fake.sessions().is_empty(),
+        "a refused token reached upstream"
+    );
+    let (mut ws, _) = connect(relay.addr(), &lasting(3600), Via::Header).unwrap();
+    let got = stream_session(&mut ws, &config_message(None), &audio_frames(2, 1));
+    assert!(got.finished(), "{got:?}");
+}

@@ -206,6 +206,23 @@ fn expiry_is_exact() {
 }
 
 #[test]
+fn a_lifetime_past_max_ttl_is_refused() {
+    let k = keys().with_max_ttl(Duration::from_secs(3600));
+    let lasting = |secs: u64| k.mint_exact("dev", None, NOW, NOW + secs, "abcd").unwrap();
+    assert!(k.verify(&lasting(3600), t(NOW)).is_ok());
+    assert_eq!(k.verify(&lasting(3601), t(NOW)), Err(TokenError::TooLong));
+    // Issued in the past or the future makes no difference: the lifetime is
+    // the token's own.
+    assert_eq!(
+        k.verify(&lasting(3601), t(NOW + 3000)),
+        Err(TokenError::TooLong)
+    );
+    assert!(k.verify(&lasting(3601), t(NOW + 3601)) == Err(TokenError::Expired));
+    // Without a bound (keys not from the configuration), any lifetime.
+    assert!(keys().verify(&lasting(10 * 3600), t(NOW)).is_ok());
+}
+
+#[test]
 fn issue_time_rounds_down() {
     let k = keys();
     let now = t(NOW) + Duration::from_millis(999);
