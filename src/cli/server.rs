@@ -250,6 +250,9 @@ pub fn start_joining(
     crate::dataplane::accept::check_file_limit(cfg.server.max_streams, n);
     let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
     process.devices.set_daily_audio(cfg.devices.daily_audio());
+    process
+        .devices
+        .set_token_lifetime(cfg.tokens.max_ttl, cfg.tokens.clock_skew);
     // Alone, the revocations the state directory kept, before any stream
     // (in a fleet, they come from Redis).
     if cfg.cluster.is_none() {

@@ -12,7 +12,7 @@
 //! is forgotten, so memory follows the devices that are streaming, not the
 //! devices seen today.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -196,7 +196,20 @@ pub struct Devices {
     /// a tier or a pool): then a device's audio today is kept all day.
     daily_audio: AtomicBool,
     revoked_devices: RwLock<HashSet<String>>,
-    revoked_tokens: RwLock<HashSet<String>>,
+    /// Revoked token ids, with when (Unix seconds) for the ones this relay
+    /// alone keeps, which expire ([`Devices::expire_revoked_tokens`]);
+    /// `None`: the fleet's, kept until lifted.
+    revoked_tokens: RwLock<HashMap<String, Option<u64>>>,
+    /// A token issued at or before this (Unix seconds) is refused: a
+    /// revocation by token id made before it has expired and is no longer
+    /// kept. 0: none.
+    forgotten_through: AtomicU64,
+    /// How long (seconds) a token id revocation is kept: the longest
+    /// lifetime a token may have plus the clock-skew allowance
+    /// (`tokens.max_ttl` + `tokens.clock_skew`); `u64::MAX` until set.
+    token_hold: AtomicU64,
+    /// `tokens.clock_skew`, seconds.
+    token_skew: AtomicU64,
 }
 
 /// Parts of the device table, each behind its own lock. With 100,000
@@ -211,6 +224,9 @@ impl Default for Devices {
             daily_audio: AtomicBool::new(false),
             revoked_devices: RwLock::default(),
             revoked_tokens: RwLock::default(),
+            forgotten_through: AtomicU64::new(0),
+            token_hold: AtomicU64::new(u64::MAX),
+            token_skew: AtomicU64::new(0),
         }
     }
 }
@@ -253,7 +269,11 @@ impl Devices {
                 .revoked_tokens
                 .read()
                 .unwrap_or_else(|e| e.into_inner())
-                .contains(&claims.token_id)
+                .contains_key(&claims.token_id)
+            || match self.forgotten_through.load(Ordering::Relaxed) {
+                0 => false,
+                mark => claims.issued_at <= mark,
+            }
     }
 
     /// The refusal of a revoked device or token.
@@ -372,7 +392,8 @@ impl Devices {
             .collect()
     }
 
-    /// Replaces both revocation lists (the fleet's, from the shared store).
+    /// Replaces both revocation lists (the fleet's, from the shared store:
+    /// kept until lifted).
     pub fn replace_revoked(&self, devices: HashSet<String>, tokens: HashSet<String>) {
         *self
             .revoked_devices
@@ -381,7 +402,7 @@ impl Devices {
         *self
             .revoked_tokens
             .write()
-            .unwrap_or_else(|e| e.into_inner()) = tokens;
+            .unwrap_or_else(|e| e.into_inner()) = tokens.into_iter().map(|t| (t, None)).collect();
     }
 
     /// Denies a device id (its new streams are refused from now on).
@@ -392,12 +413,93 @@ impl Devices {
             .insert(device.to_string())
     }
 
-    /// Denies a token id.
+    /// Denies a token id until lifted (the fleet's way).
     pub fn revoke_token(&self, token_id: &str) -> bool {
         self.revoked_tokens
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(token_id.to_string())
+            .insert(token_id.to_string(), None)
+            .is_none()
+    }
+
+    /// Denies a token id revoked at `at` (Unix seconds): kept until no
+    /// token carrying it can still be valid, `at` plus the hold
+    /// ([`Devices::set_token_lifetime`]), then let go
+    /// ([`Devices::expire_revoked_tokens`]). Revoking it again starts
+    /// over.
+    pub fn revoke_token_at(&self, token_id: &str, at: u64) -> bool {
+        self.revoked_tokens
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(token_id.to_string(), Some(at))
+            .is_none()
+    }
+
+    /// The token lifetime bounds in force (`tokens.max_ttl`,
+    /// `tokens.clock_skew`): a token id revocation is kept their sum. A
+    /// token issued before the revocation (by a clock at most the skew
+    /// ahead of this one) lives at most `max_ttl` from its issue time.
+    pub fn set_token_lifetime(&self, max_ttl: Duration, clock_skew: Duration) {
+        let ceil = |d: Duration| d.as_secs() + u64::from(d.subsec_nanos() > 0);
+        let skew = ceil(clock_skew);
+        self.token_skew.store(skew, Ordering::Relaxed);
+        self.token_hold
+            .store(ceil(max_ttl).saturating_add(skew), Ordering::Relaxed);
+    }
+
+    /// When (Unix seconds) a revocation made at `at` expires.
+    fn token_expiry(&self, at: u64) -> u64 {
+        at.saturating_add(self.token_hold.load(Ordering::Relaxed))
+    }
+
+    /// Lets go of the token id revocations that have expired at `now`
+    /// (Unix seconds), and refuses from then on every token issued at or
+    /// before the latest of them plus the clock-skew allowance: under the
+    /// bounds in force every such token has expired too, and were
+    /// `tokens.max_ttl` raised later, one that lived longer, revoked
+    /// or not, stays refused. Returns how many went.
+    pub fn expire_revoked_tokens(&self, now: u64) -> usize {
+        let skew = self.token_skew.load(Ordering::Relaxed);
+        let mut mark = 0;
+        let mut gone = 0;
+        self.revoked_tokens
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, at| match *at {
+                Some(at) if self.token_expiry(at) <= now => {
+                    mark = mark.max(at.saturating_add(skew));
+                    gone += 1;
+                    false
+                }
+                _ => true,
+            });
+        self.forgotten_through.fetch_max(mark, Ordering::Relaxed);
+        gone
+    }
+
+    /// Tokens issued at or before this (Unix seconds) are refused, since
+    /// a revocation that could name them has expired (0: none).
+    pub fn forgotten_through(&self) -> u64 {
+        self.forgotten_through.load(Ordering::Relaxed)
+    }
+
+    /// Raises [`Devices::forgotten_through`] to `mark` (as saved).
+    pub fn set_forgotten_through(&self, mark: u64) {
+        self.forgotten_through.fetch_max(mark, Ordering::Relaxed);
+    }
+
+    /// The token id revocations that expire, with when they were made and
+    /// when they expire (Unix seconds), sorted by id.
+    pub fn revoked_token_times(&self) -> Vec<(String, u64, u64)> {
+        let mut v: Vec<_> = self
+            .revoked_tokens
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter_map(|(id, at)| Some((id.clone(), (*at)?, self.token_expiry((*at)?))))
+            .collect();
+        v.sort();
+        v
     }
 
     /// Lifts a device or token revocation.
@@ -415,7 +517,8 @@ impl Devices {
                 .revoked_tokens
                 .write()
                 .unwrap_or_else(|e| e.into_inner())
-                .remove(t);
+                .remove(t)
+                .is_some();
         }
         any
     }
@@ -433,7 +536,7 @@ impl Devices {
             .revoked_tokens
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .iter()
+            .keys()
             .cloned()
             .collect();
         d.sort();
@@ -664,6 +767,39 @@ mod tests {
         assert!(d.admit(&claims("lost-phone", "x"), &lim, now).is_ok());
         d.sweep(now, false);
         assert_eq!(d.tracked(), 0, "no live stream, no audio today");
+    }
+
+    /// A token id revocation is kept the longest token lifetime plus the
+    /// clock skew, then let go; tokens issued before it was made stay
+    /// refused even when a longer lifetime is allowed later.
+    #[test]
+    fn a_token_id_revocation_expires_after_the_longest_lifetime() {
+        let d = Devices::default();
+        d.set_token_lifetime(Duration::from_secs(3600), Duration::from_secs(30));
+        let at = 1_700_000_000;
+        d.revoke_token_at("abcd", at);
+        d.revoke_token("fleet-kept");
+        assert_eq!(
+            d.revoked_token_times(),
+            vec![("abcd".into(), at, at + 3630)]
+        );
+        let is = |id: &str, issued: u64| {
+            let mut c = claims("dev", id);
+            c.issued_at = issued;
+            d.is_revoked(&c)
+        };
+        assert_eq!(d.expire_revoked_tokens(at + 3629), 0);
+        assert!(is("abcd", at));
+        assert_eq!(d.expire_revoked_tokens(at + 3630), 1);
+        assert_eq!(d.revoked().1, vec!["fleet-kept".to_string()]);
+        // Issued at the revocation (by a clock the skew ahead): expired
+        // under a lifetime of an hour, and refused under any longer one.
+        assert!(is("abcd", at + 30));
+        assert!(is("other", at + 30));
+        // Issued after it: only the fleet's revocation still refuses.
+        assert!(!is("abcd", at + 31));
+        assert!(is("fleet-kept", at + 31));
+        assert_eq!(d.forgotten_through(), at + 30);
     }
 
     /// One new device per stream, as relay-load makes them: with no daily

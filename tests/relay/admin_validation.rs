@@ -347,7 +347,10 @@ fn a_revocation_that_could_never_match_is_refused() {
     }
     let (status, list) = http(admin, "GET", "/admin/revocations", Some(ADMIN), None);
     assert_eq!(status, 200);
-    assert_eq!(list, r#"{"devices":[],"token_ids":[]}"#);
+    assert_eq!(
+        list,
+        r#"{"devices":[],"token_ids":[],"token_ids_expire":{}}"#
+    );
     let (status, list) = http(
         admin,
         "POST",
@@ -356,7 +359,10 @@ fn a_revocation_that_could_never_match_is_refused() {
         Some(r#"{"device_id":"iphone-42"}"#),
     );
     assert_eq!(status, 200);
-    assert_eq!(list, r#"{"devices":["iphone-42"],"token_ids":[]}"#);
+    assert_eq!(
+        list,
+        r#"{"devices":["iphone-42"],"token_ids":[],"token_ids_expire":{}}"#
+    );
 }
 
 #[test]
@@ -516,6 +522,94 @@ fn a_body_that_is_json_but_wrong_says_which_field() {
     }
 }
 
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// Whether `token` is refused (401), on the upgrade or as an error frame.
+fn refused(relay: &Relay, token: &str) -> bool {
+    match connect(relay.addr(), token, Via::Header) {
+        Ok((mut ws, _)) => {
+            let got = stream_session(&mut ws, &config_message(None), &audio_frames(1, 1));
+            if got.finished() {
+                return false;
+            }
+            assert_eq!(got.error_code(), Some(401), "{got:?}");
+            true
+        }
+        Err(tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status(), 401);
+            true
+        }
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// A revocation by token id is kept while a token carrying the id can be
+/// valid: `tokens.max_ttl` plus `tokens.clock_skew` after it was made
+/// (shown in `token_ids_expire`). Then it goes, from the lists and from
+/// `revocations.json`, and a token issued since with that id streams.
+/// Tokens issued before it went stay refused. (Every token id revoked
+/// stayed in memory and in the file for good.)
+#[test]
+fn a_token_id_revocation_expires_when_no_token_can_carry_it() {
+    let fake = fake(&["key-a"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("acct-a", "key-a")]);
+    cfg.admin.token = Some(Secret::new(ADMIN));
+    cfg.tokens.default_ttl = std::time::Duration::from_secs(3);
+    cfg.tokens.max_ttl = std::time::Duration::from_secs(3);
+    cfg.tokens.clock_skew = std::time::Duration::from_secs(1);
+    let relay = Relay::start(cfg.clone());
+    let admin = relay.handle.admin_addr;
+    let keys = clio_relay::core::token::TokenKeys::from_config(&cfg.tokens);
+    let mint = |issued: u64| {
+        keys.mint_exact("phone", None, issued, issued + 3, "leaked-1")
+            .unwrap()
+    };
+    let before = unix_now();
+    let token = mint(before);
+    let body = r#"{"token_id":"leaked-1"}"#;
+    let (status, answer) = http(admin, "POST", "/admin/revocations", Some(ADMIN), Some(body));
+    assert_eq!(status, 200, "{answer}");
+    let after = unix_now();
+    let list: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(list["token_ids"], serde_json::json!(["leaked-1"]), "{list}");
+    let expires = list["token_ids_expire"]["leaked-1"].as_u64().unwrap();
+    assert!((before + 4..=after + 4).contains(&expires), "{list}");
+    // Refused for as long as it is valid.
+    while unix_now() < before + 3 {
+        assert!(refused(&relay, &token), "a revoked token id streamed");
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+    // Then the revocation goes, not before its time.
+    assert!(wait_until(std::time::Duration::from_secs(10), || {
+        let (_, list) = http(admin, "GET", "/admin/revocations", Some(ADMIN), None);
+        !list.contains("leaked-1")
+    }));
+    assert!(unix_now() >= expires);
+    let saved = std::fs::read_to_string(cfg.admin.state_dir.join("revocations.json")).unwrap();
+    assert!(!saved.contains("leaked-1"), "{saved}");
+    // A token issued since, with that id, streams.
+    assert!(!refused(&relay, &mint(unix_now())));
+    // Restarted with a longer lifetime allowed: a token the revocation
+    // named (issued before it, by a clock up to the skew ahead) that now
+    // would still be valid is refused; one issued now streams.
+    drop(relay);
+    cfg.tokens.default_ttl = std::time::Duration::from_secs(60);
+    cfg.tokens.max_ttl = std::time::Duration::from_secs(60);
+    let relay = Relay::start(cfg.clone());
+    let keys = clio_relay::core::token::TokenKeys::from_config(&cfg.tokens);
+    let lasting = |issued: u64| {
+        keys.mint_exact("phone", None, issued, issued + 60, "leaked-1")
+            .unwrap()
+    };
+    assert!(refused(&relay, &lasting(before + 1)));
+    assert!(!refused(&relay, &lasting(unix_now())));
+}
+
 #[test]
 fn revocations_survive_a_restart() {
     // They lived only in memory: a restart (a deploy, a crash, the
@@ -552,9 +646,23 @@ fn revocations_survive_a_restart() {
         None,
     );
     assert_eq!(status, 200);
+    let list: serde_json::Value = serde_json::from_str(&list).unwrap();
     assert_eq!(
-        list,
-        r#"{"devices":["stolen-phone"],"token_ids":["leaked-token"]}"#
+        list["devices"],
+        serde_json::json!(["stolen-phone"]),
+        "{list}"
+    );
+    assert_eq!(
+        list["token_ids"],
+        serde_json::json!(["leaked-token"]),
+        "{list}"
+    );
+    // Kept a day (max_ttl) and 30 s (clock_skew) from its revocation,
+    // which the restart did not move.
+    let expires = list["token_ids_expire"]["leaked-token"].as_u64().unwrap();
+    assert!(
+        expires > unix_now() + 86_400 - 60 && expires <= unix_now() + 86_430,
+        "{list}"
     );
     match connect(relay.addr(), &relay.token("stolen-phone"), Via::Header) {
         Ok((mut ws, _)) => {

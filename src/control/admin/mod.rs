@@ -455,6 +455,9 @@ impl Admin {
         };
         self.process.pools.set_caps(&cfg.devices);
         self.process
+            .devices
+            .set_token_lifetime(cfg.tokens.max_ttl, cfg.tokens.clock_skew);
+        self.process
             .resume_copies
             .set_limit(cfg.failover.resume_memory);
         self.process

@@ -2,6 +2,12 @@
 //! fleet their file in the state directory (`revocations.json`), written
 //! at each change and read before the shards start. In a fleet the
 //! shared store keeps them (`core::cluster`).
+//!
+//! Outside a fleet a token id revocation expires once no token carrying
+//! the id can still be valid: `tokens.max_ttl` plus `tokens.clock_skew`
+//! after it was made ([`expire`], once a second; `core::devices`).
+
+use std::collections::BTreeMap;
 
 use serde::Deserialize;
 use serde_json::json;
@@ -56,7 +62,11 @@ pub(super) async fn revocations(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
                     devices.revoke_device(d);
                 }
                 if let Some(t) = &b.token_id {
-                    devices.revoke_token(t);
+                    if admin.process.fleet.get().is_some() {
+                        devices.revoke_token(t);
+                    } else {
+                        devices.revoke_token_at(t, crate::control::accounts::unix_now());
+                    }
                 }
                 if b.end_live_streams {
                     for tx in &admin.shards {
@@ -109,12 +119,42 @@ pub(super) async fn revocations(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
         }
     }
     let (d, t) = devices.revoked();
+    let expire: BTreeMap<_, _> = devices
+        .revoked_token_times()
+        .into_iter()
+        .map(|(id, _, until)| (id, until))
+        .collect();
     http::response(
         200,
         "application/json",
         "",
-        json!({"devices": d, "token_ids": t}).to_string().as_bytes(),
+        json!({"devices": d, "token_ids": t, "token_ids_expire": expire})
+            .to_string()
+            .as_bytes(),
     )
+}
+
+/// Outside a fleet, once a second: lets go of the token id revocations
+/// that have expired, and saves the lists when any did.
+pub(super) fn expire(admin: &Admin) {
+    if admin.process.fleet.get().is_some() {
+        return;
+    }
+    let devices = &admin.process.devices;
+    let gone = devices.expire_revoked_tokens(crate::control::accounts::unix_now());
+    if gone == 0 {
+        return;
+    }
+    tracing::info!(
+        expired = gone,
+        "token id revocations expired (no token carrying them can still be valid)"
+    );
+    let dir = admin.config.borrow().state_dir.clone();
+    if let Err(e) = save_revocations(&dir, devices) {
+        // Kept in memory: the file still has them, and a restart expires
+        // them again.
+        tracing::error!(dir = %dir.display(), error = %e, "expired token id revocations not saved");
+    }
 }
 
 /// The revocations of a relay outside a fleet, in its state directory.
@@ -124,6 +164,14 @@ pub const REVOCATIONS_FILE: &str = "revocations.json";
 struct Revoked {
     devices: Vec<String>,
     token_ids: Vec<String>,
+    /// When each token id was revoked (Unix seconds); one missing (a file
+    /// from before they expired) counts from the start that reads it.
+    #[serde(default)]
+    token_ids_revoked_at: BTreeMap<String, u64>,
+    /// Tokens issued at or before this are refused (see
+    /// `Devices::forgotten_through`); 0: none.
+    #[serde(default)]
+    issued_through_refused: u64,
 }
 
 /// Writes the revocation lists to `dir/revocations.json` (replaced
@@ -132,8 +180,19 @@ fn save_revocations(
     dir: &std::path::Path,
     devices: &crate::core::devices::Devices,
 ) -> std::io::Result<()> {
+    let token_ids_revoked_at = devices
+        .revoked_token_times()
+        .into_iter()
+        .map(|(id, at, _)| (id, at))
+        .collect();
+    let issued_through_refused = devices.forgotten_through();
     let (devices, token_ids) = devices.revoked();
-    let bytes = serde_json::to_vec(&Revoked { devices, token_ids })?;
+    let bytes = serde_json::to_vec(&Revoked {
+        devices,
+        token_ids,
+        token_ids_revoked_at,
+        issued_through_refused,
+    })?;
     crate::control::usage::write_atomically(&dir.join(REVOCATIONS_FILE), &bytes)
 }
 
@@ -154,8 +213,11 @@ pub fn load_revocations(
     for d in &saved.devices {
         devices.revoke_device(d);
     }
+    let now = crate::control::accounts::unix_now();
     for t in &saved.token_ids {
-        devices.revoke_token(t);
+        let at = saved.token_ids_revoked_at.get(t).copied().unwrap_or(now);
+        devices.revoke_token_at(t, at);
     }
+    devices.set_forgotten_through(saved.issued_through_refused);
     Ok(saved.devices.len() + saved.token_ids.len())
 }

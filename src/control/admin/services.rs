@@ -57,8 +57,9 @@ pub(super) async fn usage(admin: &Admin) {
 }
 
 /// Once a second: the admin port's spare descriptors are refilled, the
-/// devices' idle states swept, and the refusals and upstream failures a
-/// flood kept out of the log counted in a line. Never ends.
+/// devices' idle states swept, expired token id revocations let go
+/// (outside a fleet), and the refusals and upstream failures a flood
+/// kept out of the log counted in a line. Never ends.
 pub(super) async fn process(admin: &Admin, spare: &Spare) {
     loop {
         glommio::timer::Timer::new(Duration::from_secs(1)).await;
@@ -69,6 +70,7 @@ pub(super) async fn process(admin: &Admin, spare: &Spare) {
             std::time::SystemTime::now(),
             admin.process.fleet.get().is_some(),
         );
+        super::revocations::expire(admin);
     }
 }
 
