@@ -25,6 +25,7 @@ fn record(n: usize) -> UsageRecord {
         bytes_up: 320_000,
         bytes_down: 4_000,
         error: None,
+        part: false,
     }
 }
 

@@ -24,6 +24,7 @@ fn batch(i: u64) -> Vec<UsageRecord> {
             bytes_up: 32_000,
             bytes_down: 100,
             error: (j == 0).then_some(503),
+            part: false,
         })
         .collect()
 }

@@ -30,6 +30,12 @@ pub struct UsageRecord {
     pub bytes_down: u64,
     /// The error code the stream ended with, if any.
     pub error: Option<u16>,
+    /// An earlier account's part of a stream that resumed on another
+    /// account: the audio and bytes that account's connection was sent,
+    /// counted for it but not as a stream (the record of the stream's
+    /// last account counts the stream, with the rest of its audio).
+    #[serde(default)]
+    pub part: bool,
 }
 
 impl UsageRecord {
@@ -60,7 +66,7 @@ pub struct Totals {
 impl Totals {
     /// Counts one ended stream.
     pub fn add(&mut self, r: &UsageRecord) {
-        self.streams += 1;
+        self.streams += u64::from(!r.part);
         self.audio_ms += r.audio_ms();
         self.audio_ms_relay += r.audio_ms_relay;
         self.bytes_up += r.bytes_up;

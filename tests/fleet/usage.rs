@@ -148,6 +148,7 @@ fn a_usage_batch_sent_twice_counts_once() {
         bytes_up: 48_000,
         bytes_down: 300,
         error: Some(503),
+        part: false,
     };
     usage::add(&mut pending, &[record]);
     let chunk = usage::take_chunk(&mut pending);

@@ -34,4 +34,5 @@ mod timeouts;
 mod tls;
 mod unauthenticated;
 mod upstream_fault;
+mod usage;
 mod watchdog;

@@ -465,6 +465,7 @@ mod tests {
             bytes_up: 0,
             bytes_down: 0,
             error: None,
+            part: false,
         }
     }
 

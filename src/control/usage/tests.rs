@@ -91,6 +91,7 @@ fn rec(day: u64, account: &str, device: &str, id: &str, ms: u64) -> UsageRecord 
         bytes_up: ms * 32,
         bytes_down: 10,
         error: (ms == 0).then_some(503),
+        part: false,
     }
 }
 
@@ -400,6 +401,7 @@ fn record() -> impl Strategy<Value = UsageRecord> {
             bytes_up: u64::from(bytes),
             bytes_down: u64::from(bytes / 3),
             error,
+            part: false,
         })
 }
 

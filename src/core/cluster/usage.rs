@@ -250,6 +250,7 @@ mod tests {
             bytes_up: ms * 32,
             bytes_down: 10,
             error,
+            part: false,
         }
     }
 

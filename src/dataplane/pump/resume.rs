@@ -296,6 +296,12 @@ impl Resume {
         !self.let_go && self.resumes < self.max_resumes && self.base <= self.byte_at(self.final_ms)
     }
 
+    /// The largest `total_audio_proc_ms` the client has seen, on the
+    /// stream's timeline: how far upstream's connections so far processed.
+    pub fn total_ms(&self) -> u64 {
+        self.total_ms
+    }
+
     /// Seconds of audio a resume replays now.
     pub fn replay_seconds(&self) -> f64 {
         self.capture.audio.len() as f64 / self.bytes_per_sec as f64

@@ -439,6 +439,25 @@ pub struct Meter {
     upstream_counted_ms: Cell<u64>,
     /// The last `error_code` upstream sent.
     upstream_error: Cell<Option<u16>>,
+    /// The parts of the stream earlier accounts carried, before a resume
+    /// moved it to another account: each account's audio and bytes.
+    parts: RefCell<Vec<Part>>,
+    /// The audio milliseconds, bytes up and bytes down those parts hold.
+    parted: Cell<(u64, u64, u64)>,
+}
+
+/// What one account's connections carried of a stream that a resume moved
+/// to another account.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Part {
+    /// The account.
+    pub account: String,
+    /// Audio milliseconds its connections processed (upstream's figure).
+    pub audio_ms: u64,
+    /// Bytes from the client forwarded to it.
+    pub bytes_up: u64,
+    /// Bytes from it forwarded to the client.
+    pub bytes_down: u64,
 }
 
 impl Meter {
@@ -517,6 +536,45 @@ impl Meter {
         })
     }
 
+    /// Closes `account`'s part of the stream when a resume moves it to
+    /// another account. Upstream bills each connection to its account, so
+    /// the ledger gives each account its part: the audio up to
+    /// `processed_ms`, the largest `total_audio_proc_ms` its connections
+    /// reported (on the stream's timeline), less the parts before; and
+    /// the bytes forwarded so far, less the parts before. The audio the
+    /// resume replays to the next account is its again (in its usage
+    /// logs), and not in the ledger.
+    pub fn close_part(&self, account: &str, processed_ms: u64) {
+        let (ms, up, down) = self.parted.get();
+        let now = (
+            processed_ms.max(ms),
+            self.bytes_up.get(),
+            self.bytes_down.get(),
+        );
+        let part = Part {
+            account: account.to_string(),
+            audio_ms: now.0 - ms,
+            bytes_up: now.1 - up,
+            bytes_down: now.2 - down,
+        };
+        let mut parts = self.parts.borrow_mut();
+        match parts.iter_mut().find(|p| p.account == account) {
+            Some(p) => {
+                p.audio_ms += part.audio_ms;
+                p.bytes_up += part.bytes_up;
+                p.bytes_down += part.bytes_down;
+            }
+            None => parts.push(part),
+        }
+        self.parted.set(now);
+    }
+
+    /// Takes the parts earlier accounts carried (see
+    /// [`close_part`](Self::close_part)).
+    pub fn take_parts(&self) -> Vec<Part> {
+        std::mem::take(&mut self.parts.borrow_mut())
+    }
+
     /// Audio milliseconds by the relay's own meter.
     pub fn audio_ms(&self) -> u64 {
         let per_ms = self.bytes_per_ms.get();
@@ -567,6 +625,7 @@ impl Meter {
             bytes_up: self.bytes_up.get(),
             bytes_down: self.bytes_down.get(),
             error: self.upstream_error.get(),
+            part: false,
         }
     }
 }

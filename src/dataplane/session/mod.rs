@@ -470,11 +470,45 @@ impl Stream {
         billed: bool,
     ) {
         let metered = state.meter.settle(SystemTime::now(), billed);
-        self.shard.usage.borrow_mut().push(UsageRecord {
-            account: up.lease.account.id.clone(),
+        let account = &up.lease.account.id;
+        // The parts earlier accounts carried, after a resume moved the
+        // stream (the last account's own earlier part stays in its record).
+        let parts: Vec<_> = state
+            .meter
+            .take_parts()
+            .into_iter()
+            .filter(|p| &p.account != account)
+            .collect();
+        let mut usage = self.shard.usage.borrow_mut();
+        let (mut ms, mut up_bytes, mut down_bytes) = (0, 0, 0);
+        for p in parts {
+            ms += p.audio_ms;
+            up_bytes += p.bytes_up;
+            down_bytes += p.bytes_down;
+            usage.push(UsageRecord {
+                account: p.account,
+                device: claims.device_id.clone(),
+                reference_id: reference_id.clone(),
+                audio_ms_relay: p.audio_ms,
+                audio_ms_upstream: Some(p.audio_ms),
+                bytes_up: p.bytes_up,
+                bytes_down: p.bytes_down,
+                error: None,
+                part: true,
+                ..metered.clone()
+            });
+        }
+        usage.push(UsageRecord {
+            account: account.clone(),
             device: claims.device_id.clone(),
             reference_id,
             error: error.or(metered.error),
+            // Upstream's figure is on the stream's timeline: the earlier
+            // accounts' parts are in it.
+            audio_ms_relay: metered.audio_ms_relay.saturating_sub(ms),
+            audio_ms_upstream: metered.audio_ms_upstream.map(|u| u.saturating_sub(ms)),
+            bytes_up: metered.bytes_up.saturating_sub(up_bytes),
+            bytes_down: metered.bytes_down.saturating_sub(down_bytes),
             ..metered
         });
     }
@@ -549,6 +583,11 @@ impl Stream {
             let mut r = state.resume.borrow_mut();
             let r = r.as_mut().expect("a resumable stream");
             let secs = r.replay_seconds();
+            if up.lease.account.id != failed_account {
+                // Upstream bills each connection to its account: what the
+                // failed one processed is its part.
+                state.meter.close_part(&failed_account, r.total_ms());
+            }
             first.extend(r.begin(&mut shard.masks.borrow_mut(), cut, open_message));
             (r.resumes, secs)
         };
