@@ -101,3 +101,192 @@ fn a_stream_resumed_on_another_account_bills_each_account_its_audio() {
     assert_eq!(devices["dev"]["streams"], 1, "{devices:?}");
     assert_eq!(devices["dev"]["audio_seconds"], 2.0, "{devices:?}");
 }
+
+/// How a probed stream ends after its paced frames.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Ending {
+    /// The client's TCP connection goes, with no close frame.
+    Vanishes,
+    /// The client goes quiet; `limits.idle_timeout` (1 s) ends it.
+    Idle,
+    /// The relay drains.
+    Drain,
+    /// The device is revoked with `end_live_streams`.
+    Revoked,
+    /// Upstream ends it with a 400 at the frame after the paced ones (not
+    /// a failure a resume hides).
+    UpstreamError,
+    /// The device's daily allowance (1 s) ends it.
+    Allowance,
+    /// The client ends its audio and upstream says `finished`.
+    Finished,
+}
+
+/// A config message for `format` (a raw one at 16 kHz mono, or a
+/// compressed one, which the fake counts at 16,000 bytes a second).
+fn config_for(format: &str) -> String {
+    let mut v: Value = serde_json::from_str(&config_message(None)).unwrap();
+    v["audio_format"] = format.into();
+    if format != "pcm_s16le" {
+        v.as_object_mut().unwrap().remove("sample_rate");
+        v.as_object_mut().unwrap().remove("num_channels");
+    }
+    v.to_string()
+}
+
+/// One stream of `format` that sends `paced` frames of 3,200 bytes, each
+/// answered before the next goes, then ends as `ending` says. Returns
+/// (the ledger's audio ms for the device, its streams, what fake-soniox
+/// counted on the stream's connection).
+fn probe(format: &str, paced: usize, ending: Ending) -> (u64, u64, u64) {
+    let fake = fake(&["k1"], |c| {
+        // A result for every frame: each is answered before the next goes.
+        c.ms_per_word = 100;
+        if ending == Ending::UpstreamError {
+            c.faults.error_after_frames = Some((paced as u64 + 1, 400));
+        }
+    });
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.admin.token = Some(clio_relay::core::secret::Secret::new(ADMIN));
+    if ending == Ending::Idle {
+        cfg.limits.idle_timeout = Duration::from_secs(1);
+    }
+    if ending == Ending::Allowance {
+        cfg.devices.default.audio_seconds_per_day = 1;
+    }
+    let relay = Relay::start(cfg);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    ws.send(tungstenite::Message::text(config_for(format)))
+        .unwrap();
+    let frames = audio_frames(paced + 1, 5);
+    for f in &frames[..paced] {
+        ws.send(tungstenite::Message::binary(f.clone())).unwrap();
+        match ws.read().unwrap() {
+            tungstenite::Message::Text(t) => assert!(!t.contains("error_code"), "{format}: {t}"),
+            other => panic!("{format}: {other:?}"),
+        }
+    }
+    match ending {
+        Ending::Vanishes => drop(ws),
+        Ending::Idle => {
+            read_all(&mut ws);
+        }
+        Ending::Drain => {
+            assert_eq!(relay.handle.drain(Duration::from_secs(2)), 1);
+            read_all(&mut ws);
+        }
+        Ending::Revoked => {
+            let (status, body) = http(
+                relay.handle.admin_addr,
+                "POST",
+                "/admin/revocations",
+                Some(ADMIN),
+                Some(r#"{"device_id":"dev","end_live_streams":true}"#),
+            );
+            assert_eq!(status, 200, "{body}");
+            let got = read_all(&mut ws);
+            assert_eq!(got.error_code(), Some(401), "{got:?}");
+        }
+        Ending::Allowance => {
+            // On, paced, until the relay ends the stream.
+            let mut ended = false;
+            for f in audio_frames(30, 6) {
+                if ws.send(tungstenite::Message::binary(f)).is_err() {
+                    ended = true;
+                    break;
+                }
+                match ws.read() {
+                    Ok(tungstenite::Message::Text(t)) if !t.contains("error_code") => {}
+                    _ => {
+                        ended = true;
+                        break;
+                    }
+                }
+            }
+            assert!(ended, "{format}: the allowance never ended the stream");
+            read_all(&mut ws);
+        }
+        Ending::UpstreamError => {
+            let _ = ws.send(tungstenite::Message::binary(frames[paced].clone()));
+            let got = read_all(&mut ws);
+            assert!(got.error_code().is_some(), "{got:?}");
+        }
+        Ending::Finished => {
+            ws.send(tungstenite::Message::binary(Vec::<u8>::new()))
+                .unwrap();
+            let got = read_all(&mut ws);
+            assert!(got.finished(), "{got:?}");
+        }
+    }
+    assert!(fake.wait_for(LIMIT, |s| s.len() == 1 && s[0].closed));
+    assert!(relay.wait_idle(LIMIT));
+    let rows = usage_rows(&relay, "device", 1);
+    let row = &rows["dev"];
+    let ms = (row["audio_seconds"].as_f64().unwrap() * 1000.0).round() as u64;
+    let accounts = usage_rows(&relay, "account", 1);
+    assert_eq!(accounts["a"]["audio_seconds"], row["audio_seconds"]);
+    (
+        ms,
+        row["streams"].as_u64().unwrap(),
+        fake.sessions()[0].audio_ms,
+    )
+}
+
+/// Each ending, for a raw and a compressed stream: the ledger has the
+/// audio fake-soniox processed, and one stream.
+fn probe_both(ending: Ending) {
+    for (format, frame_ms) in [("pcm_s16le", 100), ("ogg", 200)] {
+        let (ledger, streams, fake_ms) = probe(format, 8, ending);
+        // A compressed stream is counted by upstream's figure: an error
+        // carries none (the frame it answered is not counted), and a stream
+        // the allowance ends is ended at the frame that passes it, before
+        // upstream reports on that frame.
+        let lost = if format == "ogg" && matches!(ending, Ending::UpstreamError | Ending::Allowance)
+        {
+            frame_ms
+        } else {
+            0
+        };
+        assert_eq!(
+            (ledger, streams),
+            (fake_ms - lost, 1),
+            "{format} {ending:?}: ledger {ledger} ms, fake-soniox {fake_ms} ms"
+        );
+        assert!(fake_ms >= 8 * frame_ms, "{format} {ending:?}: {fake_ms}");
+    }
+}
+
+#[test]
+fn a_stream_that_finishes_is_billed_what_upstream_processed() {
+    probe_both(Ending::Finished);
+}
+
+#[test]
+fn a_client_that_vanishes_is_billed_what_upstream_processed() {
+    probe_both(Ending::Vanishes);
+}
+
+#[test]
+fn an_idle_stream_is_billed_what_upstream_processed() {
+    probe_both(Ending::Idle);
+}
+
+#[test]
+fn a_drained_stream_is_billed_what_upstream_processed() {
+    probe_both(Ending::Drain);
+}
+
+#[test]
+fn a_revoked_stream_is_billed_what_upstream_processed() {
+    probe_both(Ending::Revoked);
+}
+
+#[test]
+fn an_upstream_error_is_billed_what_upstream_processed() {
+    probe_both(Ending::UpstreamError);
+}
+
+#[test]
+fn a_stream_past_its_allowance_is_billed_what_upstream_processed() {
+    probe_both(Ending::Allowance);
+}
