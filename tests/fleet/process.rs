@@ -13,6 +13,8 @@ pub struct Node {
     pub client: SocketAddr,
     pub admin: SocketAddr,
     dir: std::path::PathBuf,
+    /// Its environment, for [`Node::respawn`].
+    env: Vec<(String, String)>,
     /// Its standard error (the log) after the line that says it listens.
     log: std::sync::Arc<std::sync::Mutex<String>>,
 }
@@ -88,13 +90,28 @@ impl Node {
             ),
         )
         .unwrap();
+        let env: Vec<(String, String)> = [
+            ("FLEET_TEST_SECRET", secret.expose()),
+            ("FLEET_TEST_ADMIN", crate::ADMIN),
+            ("FLEET_TEST_MASTER", crate::MASTER),
+            ("RUST_LOG", "info"),
+        ]
+        .into_iter()
+        .chain(env.iter().copied())
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        Self::run(dir, env)
+    }
+
+    /// Starts the relay of `dir/relay.toml` with `env`.
+    fn run(
+        dir: std::path::PathBuf,
+        env: Vec<(String, String)>,
+    ) -> Result<Node, (Option<i32>, String)> {
+        let cfg = dir.join("relay.toml");
         let mut child = Command::new(env!("CARGO_BIN_EXE_clio-relay"))
             .args(["run", "--config", cfg.to_str().unwrap()])
-            .env("FLEET_TEST_SECRET", secret.expose())
-            .env("FLEET_TEST_ADMIN", crate::ADMIN)
-            .env("FLEET_TEST_MASTER", crate::MASTER)
-            .env("RUST_LOG", "info")
-            .envs(env.iter().copied())
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
@@ -126,8 +143,27 @@ impl Node {
             client,
             admin,
             dir,
+            env,
             log,
         })
+    }
+
+    /// SIGKILL, then the same relay again: its config and state
+    /// directory (its usage ledger) kept, under new ports.
+    pub fn respawn(&mut self) {
+        self.kill9();
+        let dir = std::mem::take(&mut self.dir);
+        let env = std::mem::take(&mut self.env);
+        let new = Self::run(dir, env).unwrap_or_else(|(code, err)| {
+            panic!("relay exited with {code:?} before listening: {err}")
+        });
+        // The old one, its directory taken, removes nothing as it goes.
+        drop(std::mem::replace(self, new));
+    }
+
+    /// Its state directory (`admin.state_dir`: the usage ledger's).
+    pub fn state_dir(&self) -> std::path::PathBuf {
+        self.dir.join("state")
     }
 
     /// What it logged since it said it listens.
@@ -145,7 +181,9 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         self.kill9();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if !self.dir.as_os_str().is_empty() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 

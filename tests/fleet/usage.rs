@@ -245,3 +245,113 @@ fn the_last_streams_usage_reaches_redis_at_a_stop() {
     let rows = serde_json::from_str::<serde_json::Value>(&body).unwrap()["rows"].clone();
     assert_eq!(sums(&rows)["a"].0, 1, "{body}");
 }
+
+/// The audio ms `node`'s own ledger file holds for account `a` (what a
+/// persist wrote; what waits in memory is not in it).
+fn persisted_ms(node: &Node) -> i64 {
+    let path = node.state_dir().join("usage.db");
+    let Ok(con) =
+        rusqlite::Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+    else {
+        return -1;
+    };
+    con.query_row(
+        "SELECT coalesce(sum(audio_ms), 0) FROM totals WHERE grp = 0 AND key = 'a'",
+        [],
+        |r| r.get(0),
+    )
+    .unwrap_or(-1)
+}
+
+/// Every node shows `want` as the fleet's account totals, and `share` as
+/// node-b's.
+fn fleet_agrees(nodes: &[Node], want: &Sums, share: &Sums) {
+    for node in nodes {
+        let mut last = serde_json::Value::Null;
+        let agreed = wait_until(Duration::from_secs(20), || {
+            last = usage(node, "group_by=account");
+            last["scope"] == "fleet"
+                && &sums(&last["rows"]) == want
+                && &sums(&last["nodes"]["node-b"]) == share
+        });
+        assert!(agreed, "want {want:?}, node-b {share:?}: {last}");
+    }
+}
+
+#[test]
+fn fleet_usage_is_exact_through_a_node_killed_and_a_redis_restart() {
+    let mut redis = RedisServer::start();
+    let fake = fake(&["k1"], |_| {});
+    let cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    let extra = "[usage]\npersist_interval = \"100ms\"\n";
+    let spawn = |name: &str, redis: &RedisServer| {
+        Node::spawn(
+            &fake.url(),
+            &redis.url(),
+            name,
+            "3s",
+            &cfg.tokens.secret,
+            "k1",
+            extra,
+        )
+    };
+    let mut nodes: Vec<Node> = ["node-a", "node-b", "node-c"]
+        .iter()
+        .map(|n| spawn(n, &redis))
+        .collect();
+    let keys = TokenKeys::from_config(&cfg.tokens);
+    let token = |device: &str| {
+        keys.mint(device, Duration::from_secs(600), SystemTime::now())
+            .unwrap()
+    };
+    let stream = |node: &Node, device: &str, frames: usize| {
+        let (mut ws, _) = connect(node.client, &token(device), Via::Header).unwrap();
+        let got = stream_session(&mut ws, &config_message(None), &audio_frames(frames, 1));
+        assert!(got.finished(), "{got:?}");
+    };
+    stream(&nodes[0], "phone", 20);
+    stream(&nodes[1], "phone", 10);
+    stream(&nodes[2], "watch", 5);
+    fleet_agrees(&nodes, &expect(&[("a", 3, 3.5)]), &expect(&[("a", 1, 1.0)]));
+    // node-b's ledger has its stream, and then it dies (SIGKILL) with a
+    // stream live: that stream is in no ledger and not in the fleet's.
+    assert!(wait_until(Duration::from_secs(10), || persisted_ms(
+        &nodes[1]
+    ) == 1000));
+    let (mut live, _) = connect(nodes[1].client, &token("tablet"), Via::Header).unwrap();
+    live.send(tungstenite::Message::text(config_message(None)))
+        .unwrap();
+    for f in audio_frames(5, 2) {
+        live.send(tungstenite::Message::binary(f)).unwrap();
+    }
+    assert!(fake.wait_for(Duration::from_secs(10), |s| s.len() == 4
+        && s[3].audio_ms == 500));
+    nodes[1].respawn();
+    drop(live);
+    stream(&nodes[1], "phone", 4);
+    stream(&nodes[0], "tablet", 2);
+    fleet_agrees(&nodes, &expect(&[("a", 5, 4.1)]), &expect(&[("a", 2, 1.4)]));
+    // Redis restarts empty: each node gives its ledger back.
+    for node in &nodes {
+        assert!(wait_until(Duration::from_secs(10), || persisted_ms(node) >= 0));
+    }
+    redis.restart();
+    fleet_agrees(&nodes, &expect(&[("a", 5, 4.1)]), &expect(&[("a", 2, 1.4)]));
+    stream(&nodes[2], "watch", 3);
+    fleet_agrees(&nodes, &expect(&[("a", 6, 4.4)]), &expect(&[("a", 2, 1.4)]));
+    // Against fake-soniox: every finished session's audio is in the
+    // fleet's figure; the one cut by the SIGKILL is not.
+    assert!(fake.wait_for(Duration::from_secs(10), |s| s.iter().all(|r| r.closed)));
+    let sessions = fake.sessions();
+    let finished: u64 = sessions
+        .iter()
+        .filter(|r| r.finished_sent)
+        .map(|r| r.audio_ms)
+        .sum();
+    let cut: u64 = sessions
+        .iter()
+        .filter(|r| !r.finished_sent)
+        .map(|r| r.audio_ms)
+        .sum();
+    assert_eq!((finished, cut), (4400, 500));
+}
