@@ -355,3 +355,59 @@ fn fleet_usage_is_exact_through_a_node_killed_and_a_redis_restart() {
         .sum();
     assert_eq!((finished, cut), (4400, 500));
 }
+
+#[test]
+fn a_killed_nodes_unflushed_usage_reaches_the_fleet_at_its_restart() {
+    // node-b's stream ends while Redis does not answer (CLIENT PAUSE):
+    // its usage waits in memory, and its ledger persists it. node-b dies
+    // (SIGKILL) before Redis answers again, and starts again on its own
+    // state directory: the fleet's figure must have the stream, as its
+    // ledger does.
+    let redis = RedisServer::start();
+    let fake = fake(&["k1"], |_| {});
+    let cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    let extra = "on_store_down = \"local\"\n[usage]\npersist_interval = \"100ms\"\n";
+    let spawn = |name: &str| {
+        Node::spawn(
+            &fake.url(),
+            &redis.url(),
+            name,
+            "3s",
+            &cfg.tokens.secret,
+            "k1",
+            extra,
+        )
+    };
+    let mut nodes = [spawn("node-a"), spawn("node-b")];
+    let keys = TokenKeys::from_config(&cfg.tokens);
+    let stream = |node: &Node, frames: usize| {
+        let token = keys
+            .mint("phone", Duration::from_secs(600), SystemTime::now())
+            .unwrap();
+        let (mut ws, _) = connect(node.client, &token, Via::Header).unwrap();
+        let got = stream_session(&mut ws, &config_message(None), &audio_frames(frames, 1));
+        assert!(got.finished(), "{got:?}");
+    };
+    stream(&nodes[0], 2);
+    fleet_agrees(&nodes[..1], &expect(&[("a", 1, 0.2)]), &Sums::new());
+    redis.command("CLIENT PAUSE 5000 ALL");
+    let paused = std::time::Instant::now();
+    stream(&nodes[1], 3);
+    assert!(wait_until(Duration::from_secs(4), || persisted_ms(
+        &nodes[1]
+    ) == 300));
+    nodes[1].kill9();
+    std::thread::sleep(Duration::from_secs(5).saturating_sub(paused.elapsed()));
+    nodes[1].respawn();
+    fleet_agrees(&nodes, &expect(&[("a", 2, 0.5)]), &expect(&[("a", 1, 0.3)]));
+    // The merge counts nothing twice: a stream after it adds once, and a
+    // restart with Redis answering changes nothing.
+    stream(&nodes[1], 2);
+    fleet_agrees(&nodes, &expect(&[("a", 3, 0.7)]), &expect(&[("a", 2, 0.5)]));
+    assert!(wait_until(Duration::from_secs(10), || persisted_ms(
+        &nodes[1]
+    ) == 500));
+    nodes[1].respawn();
+    stream(&nodes[0], 1);
+    fleet_agrees(&nodes, &expect(&[("a", 4, 0.8)]), &expect(&[("a", 2, 0.5)]));
+}

@@ -41,20 +41,30 @@ pub(super) async fn take_usage(admin: &Admin) {
     if let Some(fleet) = admin.process.fleet.get() {
         fleet.add_usage(records);
         if fleet.usage_lost() {
-            fleet.restore_usage(ledger_for_fleet(&admin.usage.book.borrow()));
+            fleet.restore_usage(ledger_for_fleet(&admin.usage.book.borrow(), None));
+        } else if fleet.usage_merge_due() {
+            fleet.merge_usage(ledger_for_fleet(
+                &admin.usage.book.borrow(),
+                Some(cluster_usage::MERGE_DAYS),
+            ));
         }
     }
 }
 
-/// This node's ledger, every day the fleet's store keeps, as the counters
-/// that replace this node's in it after it lost its data. It holds every
+/// This node's ledger, every day the fleet's store keeps (or only the
+/// last `last_days`), as the counters that replace this node's in it after
+/// it lost its data, or that a start merges into them. It holds every
 /// record handed to the fleet so far (they are added here first).
-fn ledger_for_fleet(book: &crate::control::usage::UsageBook) -> cluster_usage::Pending {
+fn ledger_for_fleet(
+    book: &crate::control::usage::UsageBook,
+    last_days: Option<u64>,
+) -> cluster_usage::Pending {
     let today = utc_day(SystemTime::now());
     let mut out = cluster_usage::Pending::new();
     for group in [GroupBy::Account, GroupBy::Device] {
         let keep = cluster_usage::restore_days(today, group);
-        for day in book.days().filter(|d| keep.contains(d)) {
+        let first = last_days.map_or(0, |n| (today + 1).saturating_sub(n));
+        for day in book.days().filter(|d| keep.contains(d) && *d >= first) {
             for (id, totals) in book.query(day, day, group) {
                 out.insert((day, group, id), totals);
             }

@@ -141,6 +141,11 @@ pub enum Job {
     /// It replaces this node's counters in Redis (see
     /// [`usage::restore_days`]).
     UsageRestore(usage::Pending),
+    /// At this process's start: this node's usage from its ledger, the
+    /// last [`usage::MERGE_DAYS`] days, taken after every [`Job::Usage`]
+    /// before it. Each of this node's counters in Redis is raised to it
+    /// where it holds less (see [`scripts::USAGE_MAX`]).
+    UsageMerge(usage::Pending),
     /// Leave the fleet (this node's counts and lease are deleted) and end
     /// the thread.
     Stop,
@@ -316,6 +321,9 @@ pub struct Fleet {
     /// went back to an older copy): the admin thread gives them back
     /// from the ledger ([`Fleet::usage_lost`]).
     usage_lost: AtomicBool,
+    /// Set until the admin thread has handed this process's first
+    /// ledger merge ([`Fleet::merge_usage`]).
+    usage_merge: AtomicBool,
 }
 
 /// A count change waiting in [`Fleet`]'s queue.
@@ -384,6 +392,7 @@ impl Fleet {
             changes: std::sync::Mutex::new(Vec::new()),
             link: std::sync::Mutex::new(None),
             usage_lost: AtomicBool::new(false),
+            usage_merge: AtomicBool::new(true),
         })
     }
 
@@ -849,6 +858,23 @@ impl Fleet {
     /// Said by the cluster thread when the store lost its data.
     pub(crate) fn lost_usage(&self) {
         self.usage_lost.store(true, Ordering::Release);
+    }
+
+    /// Whether this process has not yet merged its ledger into the
+    /// fleet's usage (once, at start): if so, the caller does with
+    /// [`Fleet::merge_usage`].
+    pub fn usage_merge_due(&self) -> bool {
+        self.usage_merge.swap(false, Ordering::AcqRel)
+    }
+
+    /// Raises this node's usage counters in Redis to `ledger`'s where they
+    /// are lower: its ledger's totals over the last [`usage::MERGE_DAYS`]
+    /// days, taken after every record handed by [`Fleet::add_usage`]
+    /// before this call. What a previous process of this node metered and
+    /// never added to Redis (it died, or stopped, while Redis did not
+    /// answer) reaches the fleet's totals this way.
+    pub fn merge_usage(&self, ledger: usage::Pending) {
+        self.send(Job::UsageMerge(ledger));
     }
 
     /// Replaces this node's usage counters in Redis with `ledger`: its

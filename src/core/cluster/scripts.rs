@@ -413,3 +413,44 @@ end
 redis.call('HSET', 'clio:useq', member, batch)
 return 1
 "#;
+
+/// Usage merge: raises each of one node's per-day counters to the value
+/// given, where Redis holds less (a counter it holds more of stays). A
+/// relay's first batches after it starts, from its own ledger: what a
+/// previous process of the node metered and never added (it died, or
+/// stopped, while Redis did not answer) is in its ledger and not in Redis;
+/// what it added and its ledger lost at the crash is in Redis. Each is a
+/// part of the node's usage; the larger, counter by counter, is kept.
+/// Repeating it changes nothing. The ARGV and the answer are
+/// [`USAGE`]'s; the batch id is recorded as the node's last the same way.
+pub const USAGE_MAX: &str = r#"
+local node, member, batch = ARGV[1], ARGV[2], ARGV[3]
+local keep = {acct = tonumber(ARGV[4]), dev = tonumber(ARGV[5])}
+local names = {'s', 'a', 'r', 'u', 'd'}
+local days = {}
+local function raise(h, f, n)
+  if tonumber(n) > tonumber(redis.call('HGET', h, f) or '0') then
+    redis.call('HSET', h, f, n)
+  end
+end
+for i = 6, #ARGV, 9 do
+  local day, grp, id = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local h = 'clio:u:' .. day .. ':' .. node .. ':' .. grp
+  for j = 1, 5 do
+    local n = ARGV[i + 2 + j]
+    if n ~= '0' then raise(h, names[j] .. ':' .. id, n) end
+  end
+  for code, n in string.gmatch(ARGV[i + 8], '(%d+):(%d+)') do
+    raise(h, 'e' .. code .. ':' .. id, n)
+  end
+  redis.call('EXPIRE', h, keep[grp])
+  days[day] = true
+end
+for day in pairs(days) do
+  local k = 'clio:u:' .. day .. ':nodes'
+  redis.call('SADD', k, node)
+  redis.call('EXPIRE', k, keep.acct)
+end
+redis.call('HSET', 'clio:useq', member, batch)
+return 1
+"#;

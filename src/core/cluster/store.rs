@@ -150,6 +150,8 @@ pub fn start(
         rejoining: false,
         usage: usage::Pending::new(),
         usage_sent: None,
+        usage_sent_max: false,
+        usage_max: usage::Pending::new(),
         usage_seq: 0,
         usage_clear: false,
         process: started ^ (u64::from(std::process::id()) << 40),
@@ -170,6 +172,7 @@ struct Scripts {
     register: redis::Script,
     nodes: redis::Script,
     usage: redis::Script,
+    usage_max: redis::Script,
     reseed: redis::Script,
     audio: redis::Script,
     publish_if: redis::Script,
@@ -184,6 +187,7 @@ impl Scripts {
             register: redis::Script::new(scripts::REGISTER),
             nodes: redis::Script::new(scripts::NODES),
             usage: redis::Script::new(scripts::USAGE),
+            usage_max: redis::Script::new(scripts::USAGE_MAX),
             reseed: redis::Script::new(scripts::RESEED),
             audio: redis::Script::new(scripts::AUDIO),
             publish_if: redis::Script::new(scripts::PUBLISH_IF),
@@ -249,6 +253,11 @@ struct Worker {
     usage: usage::Pending,
     /// A usage batch sent but not answered: sent again, same id, until it is.
     usage_sent: Option<(String, UsageChunk)>,
+    /// That batch is a merge's ([`scripts::USAGE_MAX`]).
+    usage_sent_max: bool,
+    /// The ledger's totals to merge before `usage` is added
+    /// ([`Job::UsageMerge`]).
+    usage_max: usage::Pending,
     usage_seq: u64,
     /// This node's counters in Redis are to be deleted before the next
     /// batch: `usage` holds the ledger's totals that replace them
@@ -608,7 +617,16 @@ impl Worker {
                     // waits, and the batch not answered, are in it.
                     self.usage = ledger;
                     self.usage_sent = None;
+                    self.usage_max.clear();
                     self.usage_clear = true;
+                }
+                Job::UsageMerge(ledger) => {
+                    // The ledger has every record handed before it: what
+                    // waits, and the batch not answered (added or not),
+                    // are in it, and the merge covers them.
+                    self.usage_max = ledger;
+                    self.usage.clear();
+                    self.usage_sent = None;
                 }
                 j => rest.push(j),
             }
@@ -646,24 +664,31 @@ impl Worker {
         }
         for _ in 0..chunks {
             if self.usage_sent.is_none() {
-                if self.usage.is_empty() {
+                // The merge's batches first: the records after it add to
+                // what it leaves.
+                self.usage_sent_max = !self.usage_max.is_empty();
+                let from = if self.usage_sent_max {
+                    &mut self.usage_max
+                } else {
+                    &mut self.usage
+                };
+                if from.is_empty() {
                     return Ok(());
                 }
                 self.usage_seq += 1;
                 let id = usage::batch_id(self.process, self.usage_seq);
-                self.usage_sent = Some((id, usage::take_chunk(&mut self.usage)));
+                self.usage_sent = Some((id, usage::take_chunk(from)));
             }
             let Some(con) = self.con.as_mut() else {
                 return Err(ClusterError::Unreachable);
             };
             let (id, chunk) = self.usage_sent.as_ref().expect("set above");
-            let inv = usage::invocation(
-                &self.scripts.usage,
-                &self.fleet.node_id,
-                &self.fleet.member,
-                id,
-                chunk,
-            );
+            let script = if self.usage_sent_max {
+                &self.scripts.usage_max
+            } else {
+                &self.scripts.usage
+            };
+            let inv = usage::invocation(script, &self.fleet.node_id, &self.fleet.member, id, chunk);
             let r = inv.invoke::<i64>(con);
             match r {
                 Ok(_) => {
@@ -763,7 +788,11 @@ impl Worker {
                     pending.push(Pending::Reply(reply));
                     pipe.cmd("ECHO").arg("ok");
                 }
-                Job::Stop | Job::Usage(_) | Job::UsageFlush(_) | Job::UsageRestore(_) => {}
+                Job::Stop
+                | Job::Usage(_)
+                | Job::UsageFlush(_)
+                | Job::UsageRestore(_)
+                | Job::UsageMerge(_) => {}
             }
         }
         if pending.is_empty() {
@@ -872,8 +901,13 @@ impl Worker {
         }
         // One batch per pass, so stream opens queued meanwhile wait for one
         // call at most; a backlog (after an outage) goes out a batch a pass.
-        let usage_waits = !self.usage.is_empty() || self.usage_sent.is_some() || self.usage_clear;
-        let backlog = self.usage.len() >= usage::CHUNK || self.usage_sent.is_some();
+        let usage_waits = !self.usage.is_empty()
+            || !self.usage_max.is_empty()
+            || self.usage_sent.is_some()
+            || self.usage_clear;
+        let backlog = self.usage.len() >= usage::CHUNK
+            || !self.usage_max.is_empty()
+            || self.usage_sent.is_some();
         if usage_waits && (backlog || self.last_usage.elapsed() >= AUDIO_FLUSH) {
             let _ = self.flush_usage(1);
         }

@@ -41,6 +41,11 @@ pub const CHUNK: usize = 2_000;
 /// Most calls in one flush (the rest waits for the next).
 pub const FLUSH_CHUNKS: usize = 8;
 
+/// Days of its ledger a relay merges into the fleet's usage at start
+/// (today and yesterday): what a previous process of the node could not
+/// add to Redis before it ended.
+pub const MERGE_DAYS: u64 = 2;
+
 /// Counters waiting to be added to Redis: (day, group, id) → totals.
 pub type Pending = BTreeMap<(u64, GroupBy, String), Totals>;
 
@@ -97,7 +102,8 @@ pub fn take_chunk(pending: &mut Pending) -> Vec<((u64, GroupBy, String), Totals)
     out
 }
 
-/// The [`super::scripts::USAGE`] call for one chunk.
+/// The [`super::scripts::USAGE`] (or [`super::scripts::USAGE_MAX`]) call
+/// for one chunk.
 pub fn invocation<'a>(
     script: &'a redis::Script,
     node: &str,
