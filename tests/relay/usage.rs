@@ -290,3 +290,30 @@ fn an_upstream_error_is_billed_what_upstream_processed() {
 fn a_stream_past_its_allowance_is_billed_what_upstream_processed() {
     probe_both(Ending::Allowance);
 }
+
+#[test]
+fn cost_is_the_audio_hours_times_the_price_rounded_once() {
+    // 1.5 s at 36 an hour is 0.015 exactly: the figure an operator reads
+    // in /admin/usage, by pool, and in /metrics is that, not a value a
+    // rounding off it (0.015000000000000001).
+    let fake = fake(&["k1"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.accounts[0].price_per_hour = 36.0;
+    cfg.admin.token = Some(clio_relay::core::secret::Secret::new(ADMIN));
+    let relay = Relay::start(cfg);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    let got = stream_session(&mut ws, &config_message(None), &audio_frames(15, 1));
+    assert!(got.finished(), "{got:?}");
+    let rows = usage_rows(&relay, "account", 1);
+    assert_eq!(rows["a"]["audio_seconds"], 1.5, "{rows:?}");
+    assert_eq!(rows["a"]["cost"], 0.015, "{rows:?}");
+    let pools = usage_rows(&relay, "pool", 1);
+    let pool = pools.values().next().unwrap();
+    assert_eq!(pool["cost"], 0.015, "{pools:?}");
+    let (_, metrics) = http(relay.handle.admin_addr, "GET", "/metrics", None, None);
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("clio_relay_cost_month{account=\"a\""))
+        .unwrap_or_else(|| panic!("{metrics}"));
+    assert!(line.ends_with(" 0.015"), "{line}");
+}

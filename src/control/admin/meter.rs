@@ -73,9 +73,12 @@ fn ledger_for_fleet(
     out
 }
 
-/// Cost of `audio_ms` at `price` per hour.
+/// Cost of `audio_ms` at `price` per hour. The product first, then one
+/// division: the result is rounded once where the product is exact (a
+/// whole or short price), so 1.5 s at 36 an hour is 0.015, not the
+/// 0.015000000000000001 that rounding `ms / 3_600_000` first gives.
 pub(super) fn cost(audio_ms: u64, price: f64) -> f64 {
-    audio_ms as f64 / 3_600_000.0 * price
+    audio_ms as f64 * price / 3_600_000.0
 }
 
 /// This month's audio milliseconds per account.
