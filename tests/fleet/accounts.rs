@@ -454,3 +454,41 @@ fn a_key_rotated_on_one_node_moves_the_other_nodes_streams_when_its_overlap_ends
     assert!(got.finished(), "{got:?}");
     assert_eq!(got.error_code(), None, "{got:?}");
 }
+
+/// Two account changes made one right after the other on two nodes,
+/// before the first reached the second node by its poll, both hold on
+/// both nodes: the second node's set is not stored over the first's.
+/// (Before, it was: B's acknowledged `disable` was undone by A's `limit`
+/// a few milliseconds later, fleet-wide and on B itself.)
+#[test]
+fn a_change_on_one_node_does_not_undo_one_just_made_on_another() {
+    let redis = RedisServer::start();
+    let fake = fake(&[K1, K2], |_| {});
+    let (a, b) = crate::pair(&fake, &redis, K1, |_| {});
+    let soon = Duration::from_secs(10);
+    change(&a, "POST", "/admin/accounts", Some(&add_body("b2")));
+    assert!(wait_until(soon, || account(&b, "b2").is_some()));
+    // Each round: B flips account "a", and A at once sets b2's limit.
+    for round in 1..=6u32 {
+        let enabled = round % 2 == 0;
+        let flip = if enabled { "enable" } else { "disable" };
+        change(&b, "POST", &format!("/admin/accounts/a/{flip}"), None);
+        change(
+            &a,
+            "POST",
+            "/admin/accounts/b2/limit",
+            Some(&format!(r#"{{"max_concurrent_streams":{}}}"#, 10 + round)),
+        );
+        for (name, relay) in [("A", &a), ("B", &b)] {
+            assert!(
+                wait_until(soon, || {
+                    let (acct, b2) = (account(relay, "a").unwrap(), account(relay, "b2").unwrap());
+                    acct["enabled"] == enabled && b2["max_concurrent_streams"] == 10 + round
+                }),
+                "round {round}: node {name} holds both changes: a {}, b2 {}",
+                account(relay, "a").unwrap()["enabled"],
+                account(relay, "b2").unwrap()["max_concurrent_streams"]
+            );
+        }
+    }
+}

@@ -18,7 +18,7 @@ use std::time::Instant;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{Admin, Request};
+use super::{Admin, Request, ShareError};
 use crate::control::accounts::{check_region, unix_now, ChangeError, Source};
 use crate::core::metrics::text::{family, Kind};
 use crate::core::secret::Secret;
@@ -186,6 +186,8 @@ pub(super) async fn changed(
             "this node cannot open the fleet's account set (is admin.master_key the same on every node?); make the change on another node",
         );
     }
+    // Made to the fleet's latest set, not to one a poll has yet to bring.
+    admin.catch_up_accounts().await;
     let account = match change(admin) {
         Ok(account) => account,
         Err(answer) => return answer,
@@ -198,7 +200,22 @@ pub(super) async fn changed(
             &format!("applied, but not saved to the key store: {e}"),
         );
     }
-    if let Err(e) = admin.share_accounts().await {
+    let share = admin.share_accounts().await;
+    if let Err(ShareError::Moved(version, set)) = &share {
+        // Another node stored a change between this node's catching up and
+        // its own: that set applies here (this change undone), and this
+        // change is answered, not stored over it.
+        admin.apply_moved(*version, set.as_deref());
+        if let Err(e) = admin.persist() {
+            tracing::error!(error = %e, "fleet account set applied but not saved to the key store");
+        }
+        tracing::warn!(method = req.method, path = req.path, account = %account, "admin change not made: another node changed the account set at the same time");
+        return http::json_error(
+            409,
+            "another node changed the account set at the same time; its change applies here, and this one was not made: make it again",
+        );
+    }
+    if let Err(e) = share {
         tracing::error!(error = %e, "account change applied on this node; the fleet gets it when the cluster store answers again, unless another node changes the account set first");
         return http::json_error(
             503,

@@ -37,7 +37,7 @@ use crate::control::accounts::Accounts;
 use crate::control::health::{CheckCounts, RestTarget};
 use crate::control::keystore::StoreError;
 use crate::control::usage::UsageBook;
-use crate::core::cluster::ClusterError;
+use crate::core::cluster::{AccountsAnswer, ClusterError};
 use crate::core::config::UsageConfig;
 use crate::core::config::{AdminConfig, Config};
 use crate::core::metrics::MetricsSnapshot;
@@ -83,7 +83,7 @@ pub struct AdminSetup {
     pub store: Option<(crate::control::keystore::KeyStore, u64)>,
     /// In a fleet: the account set other nodes stored (sealed), from the
     /// cluster thread.
-    pub fleet_accounts: Option<async_channel::Receiver<Vec<u8>>>,
+    pub fleet_accounts: Option<async_channel::Receiver<(i64, Vec<u8>)>>,
     /// Every pool and its endpoints (the default pool's is `upstream.url`):
     /// the health checks probe each WebSocket endpoint, `/v1/config` and
     /// the metrics list them.
@@ -112,6 +112,9 @@ enum ShareError {
     Seal(StoreError),
     /// The cluster store did not take the sealed set.
     Fleet(ClusterError),
+    /// Another node stored the fleet's set since this node's set was
+    /// changed: its version and set, which now apply here.
+    Moved(i64, Option<Vec<u8>>),
 }
 
 impl std::fmt::Display for ShareError {
@@ -119,6 +122,9 @@ impl std::fmt::Display for ShareError {
         match self {
             ShareError::Seal(e) => e.fmt(f),
             ShareError::Fleet(e) => e.fmt(f),
+            ShareError::Moved(..) => {
+                f.write_str("another node changed the account set at the same time")
+            }
         }
     }
 }
@@ -128,6 +134,7 @@ impl std::error::Error for ShareError {
         match self {
             ShareError::Seal(e) => Some(e),
             ShareError::Fleet(e) => Some(e),
+            ShareError::Moved(..) => None,
         }
     }
 }
@@ -178,6 +185,10 @@ struct AccountsState {
     /// In a fleet: the account set other nodes stored could not be opened
     /// here (another master key); account changes are refused.
     fleet_unreadable: std::cell::Cell<bool>,
+    /// In a fleet: the version of the fleet's account set this node's set
+    /// follows (0 before it has seen one). A change made here is stored
+    /// for the fleet only if the store still holds that version.
+    fleet_version: std::cell::Cell<i64>,
 }
 
 /// The usage service's state.
@@ -259,6 +270,7 @@ impl Admin {
                 set: RefCell::new(setup.accounts),
                 store_generation: std::cell::Cell::new(setup.store.as_ref().map_or(0, |(_, g)| *g)),
                 fleet_unreadable: std::cell::Cell::new(false),
+                fleet_version: std::cell::Cell::new(0),
                 store: setup.store.map(|(s, _)| s),
                 configs: RefCell::new(setup.account_configs.clone()),
             },
@@ -350,11 +362,43 @@ impl Admin {
             self.accounts.store_generation.get(),
         );
         let sealed = store.seal_data(&data)?;
-        Ok(fleet.publish_accounts(sealed).await?)
+        match fleet
+            .publish_accounts(Some(sealed), self.accounts.fleet_version.get())
+            .await?
+        {
+            AccountsAnswer::Current(version) => {
+                self.accounts.fleet_version.set(version);
+                Ok(())
+            }
+            AccountsAnswer::Moved(version, set) => Err(ShareError::Moved(version, set)),
+        }
     }
 
-    /// Applies the account set another node of the fleet stored.
-    fn apply_fleet_accounts(&self, sealed: &[u8]) {
+    /// In a fleet, before an account change: brings this node's set up to
+    /// the fleet's, if another node stored one this node has not applied
+    /// yet (its poll comes every 200 ms), so the change is made to it.
+    /// An unreachable store is no reason to refuse: the change then
+    /// follows the rules for one made while the store is down.
+    async fn catch_up_accounts(&self) {
+        let (Some(fleet), Some(_)) = (self.process.fleet.get(), &self.accounts.store) else {
+            return;
+        };
+        let base = self.accounts.fleet_version.get();
+        if let Ok(AccountsAnswer::Moved(version, set)) = fleet.publish_accounts(None, base).await {
+            self.apply_moved(version, set.as_deref());
+        }
+    }
+
+    /// Takes the fleet's set of `version` (none: the store holds none).
+    fn apply_moved(&self, version: i64, set: Option<&[u8]>) {
+        match set {
+            Some(sealed) => self.apply_fleet_accounts(version, sealed),
+            None => self.accounts.fleet_version.set(version),
+        }
+    }
+
+    /// Applies the account set of `version` another node of the fleet stored.
+    fn apply_fleet_accounts(&self, version: i64, sealed: &[u8]) {
         let Some(store) = &self.accounts.store else {
             return;
         };
@@ -367,6 +411,7 @@ impl Admin {
             }
         };
         self.accounts.fleet_unreadable.set(false);
+        self.accounts.fleet_version.set(version);
         let now = crate::control::accounts::unix_now();
         let merged = crate::control::keystore::merge(&self.accounts.configs.borrow(), &data, now);
         let overlap = self.config.borrow().rotation_overlap;

@@ -18,7 +18,7 @@ use crate::dataplane::upstream::UpstreamFault;
 /// other nodes of the fleet store are applied as they come. Never ends.
 pub(super) async fn accounts(
     admin: &Admin,
-    fleet_accounts: Option<async_channel::Receiver<Vec<u8>>>,
+    fleet_accounts: Option<async_channel::Receiver<(i64, Vec<u8>)>>,
 ) {
     let keys = async {
         loop {
@@ -123,10 +123,17 @@ pub(super) async fn messages(admin: &Admin, inbox: async_channel::Receiver<Admin
 }
 
 /// Applies the account sets other nodes of the fleet store.
-async fn from_fleet(admin: &Admin, fleet_accounts: Option<async_channel::Receiver<Vec<u8>>>) {
+async fn from_fleet(
+    admin: &Admin,
+    fleet_accounts: Option<async_channel::Receiver<(i64, Vec<u8>)>>,
+) {
     if let Some(rx) = fleet_accounts {
-        while let Ok(sealed) = rx.recv().await {
-            admin.apply_fleet_accounts(&sealed);
+        while let Ok((version, sealed)) = rx.recv().await {
+            // One this node has already (a change of its own stored since,
+            // or the set its last change found) is not applied again.
+            if version > admin.accounts.fleet_version.get() {
+                admin.apply_fleet_accounts(version, &sealed);
+            }
         }
     }
     futures_lite::future::pending::<()>().await;

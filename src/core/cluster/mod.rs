@@ -129,8 +129,17 @@ pub enum Job {
         /// Ok, or why Redis did not take it.
         reply: async_channel::Sender<Result<(), ClusterError>>,
     },
-    /// Store the sealed account set and tell every node.
-    Accounts(Vec<u8>, async_channel::Sender<Result<(), ClusterError>>),
+    /// Store the sealed account set and tell every node, if the store's
+    /// set is still the version `base` it was changed from; with no set,
+    /// only compare the versions (see [`AccountsAnswer`]).
+    Accounts {
+        /// The sealed set, or none to compare only.
+        sealed: Option<Vec<u8>>,
+        /// The version of the fleet's set the change was made to.
+        base: i64,
+        /// What the store made of it, or why it did not answer.
+        reply: async_channel::Sender<Result<AccountsAnswer, ClusterError>>,
+    },
     /// Usage of streams that ended on this node, for the fleet's totals
     /// (added to Redis at the next flush, at most once a second).
     Usage(Vec<UsageRecord>),
@@ -940,14 +949,38 @@ impl Fleet {
             .unwrap_or_else(|_| Err(ClusterError::ThreadGone))
     }
 
-    /// Stores the sealed account set for every node.
-    pub async fn publish_accounts(&self, sealed: Vec<u8>) -> Result<(), ClusterError> {
+    /// Stores the sealed account set for every node, if no node stored
+    /// one since version `base` (the one this node's set was changed
+    /// from); with no set, only says whether one did. Two changes made
+    /// on two nodes within a poll so never store one over the other.
+    pub async fn publish_accounts(
+        &self,
+        sealed: Option<Vec<u8>>,
+        base: i64,
+    ) -> Result<AccountsAnswer, ClusterError> {
         let (reply, rx) = async_channel::bounded(1);
-        self.send(Job::Accounts(sealed, reply));
+        self.send(Job::Accounts {
+            sealed,
+            base,
+            reply,
+        });
         rx.recv()
             .await
             .unwrap_or_else(|_| Err(ClusterError::ThreadGone))
     }
+}
+
+/// What the store made of an account set sent with the version it was
+/// changed from ([`Fleet::publish_accounts`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccountsAnswer {
+    /// The store's version is the one given: the set sent, if any, is
+    /// stored, and this is its version now.
+    Current(i64),
+    /// Another node stored a set since the version given: the store's
+    /// version and its sealed set (none when it holds none), which apply
+    /// on this node first. A set sent was not stored.
+    Moved(i64, Option<Vec<u8>>),
 }
 
 /// This node's share of `limits` among `nodes` (Redis unreachable): each

@@ -67,6 +67,20 @@ pub static OPEN_HASH: LazyLock<String> =
 pub static ADJUST_HASH: LazyLock<String> =
     LazyLock::new(|| redis::Script::new(ADJUST).get_hash().to_string());
 
+/// [`PUBLISH_ON`]'s reply.
+pub fn accounts_answer(v: &Value) -> super::AccountsAnswer {
+    let a = items(v);
+    let ver = a.get(1).map_or(0, int);
+    if a.first().map(int) == Some(1) {
+        return super::AccountsAnswer::Current(ver);
+    }
+    let set = match a.get(2) {
+        Some(Value::BulkString(b)) => Some(b.clone()),
+        _ => None,
+    };
+    super::AccountsAnswer::Moved(ver, set)
+}
+
 /// An integer reply, or a number in a string.
 pub(crate) fn int(v: &Value) -> i64 {
     match v {
@@ -257,6 +271,24 @@ if ver ~= tonumber(ARGV[1]) then
 end
 redis.call('SET', 'clio:accounts', ARGV[2])
 return redis.call('HINCRBY', 'clio:ver', 'acct', 1)
+"#;
+
+/// Stores an account set changed on this node, only if the store's set
+/// is still the version it was changed from (so a change another node
+/// stored meanwhile is not written over); with no set, only compares.
+/// ARGV: base version, then the sealed set (absent: compare only).
+/// Returns `{1, version}` (stored, or the same version), or
+/// `{0, version, set}`: the store's version and set, which apply first.
+pub const PUBLISH_ON: &str = r#"
+local ver = tonumber(redis.call('HGET', 'clio:ver', 'acct') or '0')
+if ver ~= tonumber(ARGV[1]) then
+  return {0, ver, redis.call('GET', 'clio:accounts')}
+end
+if #ARGV < 2 then
+  return {1, ver}
+end
+redis.call('SET', 'clio:accounts', ARGV[2])
+return {1, redis.call('HINCRBY', 'clio:ver', 'acct', 1)}
 "#;
 
 /// Adds each device's new audio to the fleet's daily total, which never

@@ -67,8 +67,9 @@ pub struct Links {
     pub process: Arc<ProcessState>,
     /// Every shard, for "end the live streams of …".
     pub shards: Vec<async_channel::Sender<ShardMsg>>,
-    /// The admin thread, for account-set changes (the sealed document).
-    pub accounts: Option<async_channel::Sender<Vec<u8>>>,
+    /// The admin thread, for account-set changes (the sealed document,
+    /// with its version).
+    pub accounts: Option<async_channel::Sender<(i64, Vec<u8>)>>,
 }
 
 /// A fleet handle and the receiving end of its jobs.
@@ -176,6 +177,7 @@ struct Scripts {
     reseed: redis::Script,
     audio: redis::Script,
     publish_if: redis::Script,
+    publish_on: redis::Script,
 }
 
 impl Scripts {
@@ -191,6 +193,7 @@ impl Scripts {
             reseed: redis::Script::new(scripts::RESEED),
             audio: redis::Script::new(scripts::AUDIO),
             publish_if: redis::Script::new(scripts::PUBLISH_IF),
+            publish_on: redis::Script::new(scripts::PUBLISH_ON),
         }
     }
 }
@@ -199,11 +202,14 @@ impl Scripts {
 enum Pending {
     Open(super::OpenJob),
     Adjust,
-    Reply(async_channel::Sender<Result<(), ClusterError>>),
     /// A revocation change's version bump, and who asked.
     Revoked(Revocation, async_channel::Sender<Result<(), ClusterError>>),
-    /// The account version after a publish of this sealed set.
-    AccountVersion(Vec<u8>),
+    /// The answer to a publish of this sealed set (none: a comparison
+    /// only), and who asked.
+    Accounts(
+        Option<Vec<u8>>,
+        async_channel::Sender<Result<super::AccountsAnswer, ClusterError>>,
+    ),
 }
 
 struct Worker {
@@ -449,6 +455,7 @@ impl Worker {
             scripts::USAGE,
             scripts::RESEED,
             scripts::AUDIO,
+            scripts::PUBLISH_ON,
         ] {
             pipe.cmd("SCRIPT").arg("LOAD").arg(s);
         }
@@ -776,17 +783,25 @@ impl Worker {
                     change.add_to(&mut pipe);
                     pending.push(Pending::Revoked(change, reply));
                 }
-                Job::Accounts(sealed, reply) => {
+                Job::Accounts {
+                    sealed,
+                    base,
+                    reply,
+                } => {
                     if !up {
-                        self.keep_accounts(sealed);
+                        if let Some(sealed) = sealed {
+                            self.keep_accounts(sealed);
+                        }
                         let _ = reply.try_send(Err(ClusterError::Unreachable));
                         continue;
                     }
-                    pipe.cmd("SET").arg("clio:accounts").arg(&sealed).ignore();
-                    pipe.cmd("HINCRBY").arg("clio:ver").arg("acct").arg(1);
-                    pending.push(Pending::AccountVersion(sealed));
-                    pending.push(Pending::Reply(reply));
-                    pipe.cmd("ECHO").arg("ok");
+                    let mut inv = self.scripts.publish_on.prepare_invoke();
+                    inv.arg(base);
+                    if let Some(s) = &sealed {
+                        inv.arg(s.as_slice());
+                    }
+                    pipe.invoke_script(&inv);
+                    pending.push(Pending::Accounts(sealed, reply));
                 }
                 Job::Stop
                 | Job::Usage(_)
@@ -814,16 +829,18 @@ impl Worker {
                         Pending::Open(o) => {
                             let _ = o.reply.send(OpenAnswer::Down);
                         }
-                        Pending::Reply(r) => {
-                            let _ = r.try_send(Err(ClusterError::NoAnswer));
-                        }
                         Pending::Revoked(change, r) => {
                             // Sent again on reconnect: a set change and a
                             // version bump may land twice, harmlessly.
                             self.unshared.keep(change);
                             let _ = r.try_send(Err(ClusterError::NoAnswer));
                         }
-                        Pending::AccountVersion(sealed) => self.keep_accounts(sealed),
+                        Pending::Accounts(sealed, r) => {
+                            if let Some(sealed) = sealed {
+                                self.keep_accounts(sealed);
+                            }
+                            let _ = r.try_send(Err(ClusterError::NoAnswer));
+                        }
                         _ => {}
                     }
                 }
@@ -857,16 +874,17 @@ impl Worker {
                         }
                     }
                 }
-                Pending::Reply(r) => {
-                    let _ = r.try_send(Ok(()));
-                }
                 Pending::Revoked(change, r) => {
                     self.recent.push((int(v), change));
                     let _ = r.try_send(Ok(()));
                 }
-                Pending::AccountVersion(sealed) => {
-                    self.acct_ver = Some(int(v));
-                    self.acct_blob = Some(sealed);
+                Pending::Accounts(sealed, r) => {
+                    let answer = scripts::accounts_answer(v);
+                    if let (super::AccountsAnswer::Current(ver), Some(sealed)) = (&answer, sealed) {
+                        self.acct_ver = Some(*ver);
+                        self.acct_blob = Some(sealed);
+                    }
+                    let _ = r.try_send(Ok(answer));
                 }
                 Pending::Adjust => {}
             }
@@ -1136,7 +1154,7 @@ impl Worker {
                 self.acct_ver = Some(acct);
                 self.acct_blob.clone_from(&blob);
                 if let Some(b) = blob {
-                    let _ = tx.try_send(b);
+                    let _ = tx.try_send((acct, b));
                 }
             }
             Err(e) => self.failed("accounts", &e),
