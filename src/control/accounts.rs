@@ -665,11 +665,29 @@ impl Accounts {
                 }
                 continue;
             };
+            // Each change named, as a reload names it: the caller saves
+            // the set to the key store when there is any.
             let st = &self.entries[i].state;
-            *st.region.lock().unwrap_or_else(|e| e.into_inner()) = m.region.clone();
-            st.enabled.store(m.enabled, Ordering::Relaxed);
-            st.max_concurrent
-                .store(m.max_concurrent_streams, Ordering::Relaxed);
+            {
+                let mut region = st.region.lock().unwrap_or_else(|e| e.into_inner());
+                if *region != m.region {
+                    log.push(format!("{} region {:?} -> {:?}", m.id, *region, m.region));
+                    region.clone_from(&m.region);
+                }
+            }
+            if st.enabled.swap(m.enabled, Ordering::Relaxed) != m.enabled {
+                let state = if m.enabled { "enabled" } else { "disabled" };
+                log.push(format!("{state} {}", m.id));
+            }
+            let limit = st
+                .max_concurrent
+                .swap(m.max_concurrent_streams, Ordering::Relaxed);
+            if limit != m.max_concurrent_streams {
+                log.push(format!(
+                    "{} max_concurrent_streams {limit} -> {}",
+                    m.id, m.max_concurrent_streams
+                ));
+            }
             if self.entries[i].current.key != m.key {
                 let old = &self.entries[i].current.key;
                 let overlap = m

@@ -492,3 +492,40 @@ fn a_change_on_one_node_does_not_undo_one_just_made_on_another() {
         }
     }
 }
+
+/// A flag or a limit another node changed is saved in this node's own key
+/// store, as an added or removed account is: a node restarted while Redis
+/// is unreachable runs the fleet's last set, not an older one. (Before,
+/// only changes that add, remove, move or rotate were saved: a `disable`
+/// of a compromised key came back enabled on such a restart.)
+#[test]
+fn a_flag_and_a_limit_from_the_fleet_are_saved_in_each_nodes_key_store() {
+    let mut redis = RedisServer::start();
+    let fake = fake(&[K1], |_| {});
+    let (a, b) = crate::pair(&fake, &redis, K1, |_| {});
+    let soon = Duration::from_secs(10);
+    change(&a, "POST", "/admin/accounts/a/disable", None);
+    change(
+        &a,
+        "POST",
+        "/admin/accounts/a/limit",
+        Some(r#"{"max_concurrent_streams":7}"#),
+    );
+    let both = |relay: &Relay| {
+        let acct = account(relay, "a").unwrap();
+        (
+            acct["enabled"].clone(),
+            acct["max_concurrent_streams"].clone(),
+        )
+    };
+    let changed = (Value::Bool(false), Value::from(7));
+    assert!(wait_until(soon, || both(&b) == changed), "{:?}", both(&b));
+    // B restarts while Redis is unreachable: it has only its key store.
+    let cfg = b.cfg.clone();
+    drop(b);
+    redis.kill();
+    let b = Relay::start(cfg);
+    assert!(!crate::up(&b));
+    assert_eq!(both(&b), changed, "B runs the fleet's last set");
+    drop(a);
+}
