@@ -172,6 +172,11 @@ pub struct Accounts {
     /// Account ids by metrics index. Append-only, so the index a live
     /// stream recorded stays valid whatever changes.
     metrics_ids: Vec<String>,
+    /// Removed accounts' states while streams still run on them: one
+    /// added again under the same id, in the same pool, takes its state
+    /// back, so its limit counts those streams (on the same key at
+    /// Soniox, most likely) until they end.
+    removed: Vec<Arc<AccountState>>,
 }
 
 impl Accounts {
@@ -183,6 +188,7 @@ impl Accounts {
             pools: pools.to_vec(),
             entries: Vec::new(),
             metrics_ids: Vec::new(),
+            removed: Vec::new(),
         };
         let now = unix_now();
         // A disabled account still waiting for its key is not loaded.
@@ -215,6 +221,7 @@ impl Accounts {
             pools: pools.to_vec(),
             entries: Vec::new(),
             metrics_ids: Vec::new(),
+            removed: Vec::new(),
         };
         let now = unix_now();
         for m in merged {
@@ -390,15 +397,33 @@ impl Accounts {
                 self.metrics_ids.len() - 1
             }
         };
-        let state = AccountState::new(
-            id,
-            metrics_index,
-            region,
-            pool,
-            enabled,
-            max_concurrent,
-            self.epoch,
-        );
+        self.removed.retain(|s| s.live.load(Ordering::Relaxed) > 0);
+        let state = match self
+            .removed
+            .iter()
+            .position(|s| s.id == id && s.pool == pool)
+        {
+            Some(i) => {
+                let state = self.removed.swap_remove(i);
+                *state.region.lock().unwrap_or_else(|e| e.into_inner()) = region.to_string();
+                state.enabled.store(enabled, Ordering::Relaxed);
+                state
+                    .max_concurrent
+                    .store(max_concurrent, Ordering::Relaxed);
+                // Its key may be a new one: nobody refused it yet.
+                state.mark_ok();
+                state
+            }
+            None => AccountState::new(
+                id,
+                metrics_index,
+                region,
+                pool,
+                enabled,
+                max_concurrent,
+                self.epoch,
+            ),
+        };
         self.entries.push(Entry {
             state,
             current: KeySlot::new(key, key_created_at),
@@ -411,7 +436,13 @@ impl Accounts {
     /// Removes an account: it takes no new stream; streams on it go on to their end.
     pub fn remove(&mut self, id: &str) -> Result<Entry, ChangeError> {
         let i = self.find(id)?;
-        Ok(self.entries.remove(i))
+        let entry = self.entries.remove(i);
+        self.removed
+            .retain(|s| s.live.load(Ordering::Relaxed) > 0 && s.id != id);
+        if entry.state.live.load(Ordering::Relaxed) > 0 {
+            self.removed.push(entry.state.clone());
+        }
+        Ok(entry)
     }
 
     /// Enables or disables an account (takes effect on every shard at once).

@@ -965,3 +965,59 @@ fn the_remote_config_and_its_etag_say_nothing_of_keys() {
     assert_eq!(post("/admin/accounts/b/enable", None), before);
     drop(live);
 }
+
+/// An account removed while streams run on it and added again under the
+/// same id counts those streams against its limit: they go on to their
+/// end on the same key, so the limit (the key's at Soniox) holds across
+/// the change. (Before, the account came back counting 0, and took
+/// `max_concurrent_streams` more streams beside them.)
+#[test]
+fn an_account_removed_and_added_again_counts_the_streams_still_on_it() {
+    let fake = fake(&["k1"], |_| {});
+    let relay = relay_with_admin(&fake, &[("a", "k1")]);
+    let admin = relay.handle.admin_addr;
+    let change = |method: &str, path: &str, body: Option<&str>| {
+        let (status, answer) = http(admin, method, path, Some(ADMIN), body);
+        assert_eq!(status, 200, "{method} {path}: {answer}");
+    };
+    change(
+        "POST",
+        "/admin/accounts/a/limit",
+        Some(r#"{"max_concurrent_streams":2}"#),
+    );
+    let open = |device: &str| {
+        let (mut ws, _) = connect(relay.addr(), &relay.token(device), Via::Header).unwrap();
+        ws.send(Message::text(config_message(None))).unwrap();
+        ws
+    };
+    let first = open("d1");
+    let _second = open("d2");
+    assert!(wait_until(Duration::from_secs(10), || fake
+        .active_streams()
+        == 2));
+    change("DELETE", "/admin/accounts/a", None);
+    change(
+        "POST",
+        "/admin/accounts",
+        Some(r#"{"id":"a","key":"k1","max_concurrent_streams":2}"#),
+    );
+    let got = one_session(&relay);
+    assert_eq!(
+        (got.error_code(), got.close_code()),
+        (Some(429), Some(1013)),
+        "2 streams still run on a: {got:?}"
+    );
+    assert_eq!(
+        fake.active_streams(),
+        2,
+        "never more than the limit upstream"
+    );
+    let live = &accounts_json(&relay)["accounts"][0];
+    assert_eq!(live["live_streams"], 2, "{live}");
+    // One ends: its slot is the account's again.
+    drop(first);
+    assert!(wait_until(Duration::from_secs(10), || fake
+        .active_streams()
+        == 1));
+    assert!(one_session(&relay).finished());
+}
