@@ -721,13 +721,16 @@ impl Accounts {
             }
             if self.entries[i].current.key != m.key {
                 let old = &self.entries[i].current.key;
-                let overlap = m
-                    .retiring
-                    .iter()
-                    .find(|r| &r.key == old)
-                    .map_or(overlap, |r| {
-                        Duration::from_secs(r.retire_at.saturating_sub(now))
-                    });
+                // The set's retire time of the key this node runs; a key of
+                // the fleet's that the set no longer holds (its retire time
+                // passed: always so after a rotation with no overlap, the
+                // runbook's pull of a compromised key) retires now, not
+                // after `admin.rotation_overlap`.
+                let overlap = match m.retiring.iter().find(|r| &r.key == old) {
+                    Some(r) => Duration::from_secs(r.retire_at.saturating_sub(now)),
+                    None if m.source == crate::control::keystore::Source::Store => Duration::ZERO,
+                    None => overlap,
+                };
                 let _ = self.rotate(&m.id, m.key.clone(), overlap, now);
                 log.push(format!(
                     "rotated {} to key {}",

@@ -529,3 +529,51 @@ fn a_flag_and_a_limit_from_the_fleet_are_saved_in_each_nodes_key_store() {
     assert_eq!(both(&b), changed, "B runs the fleet's last set");
     drop(a);
 }
+
+/// The runbook's "pull a compromised key now" on a fleet: a rotation with
+/// `--overlap 0s` on one node moves every node's streams off the old key
+/// within a second, not only that node's. (Before, a node that applied
+/// the set after the old key's retire time, always so with 0s, found no
+/// retire time for it and kept it `admin.rotation_overlap`, 1h by
+/// default, with its streams on it.)
+#[test]
+fn a_key_pulled_with_no_overlap_on_one_node_moves_the_other_nodes_streams() {
+    let redis = RedisServer::start();
+    let fake = fake(&[K1, K2], |_| {});
+    let (a, b) = crate::pair(&fake, &redis, K1, |_| {});
+    let soon = Duration::from_secs(10);
+    let mut live = crate::open(&b, "long");
+    for f in audio_frames(3, 1) {
+        live.send(Message::binary(f)).unwrap();
+    }
+    assert!(wait_until(soon, || fake.sessions().iter().any(|s| s
+        .key
+        .as_deref()
+        == Some(K1)
+        && s.audio_frames >= 3)));
+    change(
+        &a,
+        "POST",
+        "/admin/accounts/a/rotate",
+        Some(&format!(r#"{{"key":"{K2}","overlap":"0s"}}"#)),
+    );
+    assert!(
+        wait_until(soon, || fake
+            .sessions()
+            .iter()
+            .any(|s| s.key.as_deref() == Some(K2))),
+        "B's stream moves to the new key: {:?}",
+        account(&b, "a")
+    );
+    assert!(wait_until(soon, || account(&b, "a").unwrap()
+        ["retiring_keys"]
+        .as_array()
+        .unwrap()
+        .is_empty()));
+    for f in audio_frames(3, 2) {
+        live.send(Message::binary(f)).unwrap();
+    }
+    let got = crate::finish(live);
+    assert!(got.finished(), "{got:?}");
+    assert_eq!(got.error_code(), None, "{got:?}");
+}
