@@ -577,3 +577,45 @@ fn a_key_pulled_with_no_overlap_on_one_node_moves_the_other_nodes_streams() {
     assert!(got.finished(), "{got:?}");
     assert_eq!(got.error_code(), None, "{got:?}");
 }
+
+/// Account changes sent to one node at the same time (two admins, the
+/// dashboard's buttons, a script in parallel) are each made, one after
+/// the other: none is answered 409 as if another node had made one.
+#[test]
+fn changes_sent_to_one_node_at_once_are_all_made() {
+    let redis = RedisServer::start();
+    let fake = fake(&[K1, K2], |_| {});
+    let (a, b) = crate::pair(&fake, &redis, K1, |_| {});
+    let soon = Duration::from_secs(10);
+    change(&a, "POST", "/admin/accounts", Some(&add_body("b2")));
+    for round in 1..=5u32 {
+        let limits = [("a", 20 + round), ("b2", 30 + round)];
+        let answers: Vec<(u16, String)> = std::thread::scope(|s| {
+            let calls: Vec<_> = limits
+                .iter()
+                .map(|(id, n)| {
+                    let a = &a;
+                    s.spawn(move || {
+                        try_change(
+                            a,
+                            "POST",
+                            &format!("/admin/accounts/{id}/limit"),
+                            Some(&format!(r#"{{"max_concurrent_streams":{n}}}"#)),
+                        )
+                    })
+                })
+                .collect();
+            calls.into_iter().map(|c| c.join().unwrap()).collect()
+        });
+        for (status, body) in &answers {
+            assert_eq!(*status, 200, "round {round}: {body}");
+        }
+        for relay in [&a, &b] {
+            assert!(wait_until(soon, || limits.iter().all(|(id, n)| account(
+                relay, id
+            )
+            .unwrap()["max_concurrent_streams"]
+                == *n)));
+        }
+    }
+}

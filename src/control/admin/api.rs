@@ -186,7 +186,10 @@ pub(super) async fn changed(
             "this node cannot open the fleet's account set (is admin.master_key the same on every node?); make the change on another node",
         );
     }
-    // Made to the fleet's latest set, not to one a poll has yet to bring.
+    // One change at a time on this node (a closed semaphore never comes:
+    // the admin thread owns it), made to the fleet's latest set, not to
+    // one a poll has yet to bring.
+    let _one_at_a_time = admin.accounts.changing.acquire_permit(1).await;
     admin.catch_up_accounts().await;
     let account = match change(admin) {
         Ok(account) => account,

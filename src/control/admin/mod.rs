@@ -189,6 +189,10 @@ struct AccountsState {
     /// follows (0 before it has seen one). A change made here is stored
     /// for the fleet only if the store still holds that version.
     fleet_version: std::cell::Cell<i64>,
+    /// Held through each account change, from catching up to the answer:
+    /// changes on this node go one at a time, so one never finds the
+    /// fleet's set moved by another of its own (answered 409).
+    changing: glommio::sync::Semaphore,
 }
 
 /// The usage service's state.
@@ -271,6 +275,7 @@ impl Admin {
                 store_generation: std::cell::Cell::new(setup.store.as_ref().map_or(0, |(_, g)| *g)),
                 fleet_unreadable: std::cell::Cell::new(false),
                 fleet_version: std::cell::Cell::new(0),
+                changing: glommio::sync::Semaphore::new(1),
                 store: setup.store.map(|(s, _)| s),
                 configs: RefCell::new(setup.account_configs.clone()),
             },
