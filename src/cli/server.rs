@@ -427,12 +427,16 @@ impl RelayHandle {
     }
 
     /// Graceful stop (SIGTERM): stop accepting (`/healthz` 503, listeners
-    /// closed so a new process takes new connections), let live streams
-    /// finish for up to `deadline`, then finalize the rest: upstream is
-    /// asked for its final tokens, the client gets them, then Soniox's 503
-    /// "reconnect" and close 1012. Returns the streams that had to be cut
-    /// (or, after [`ProcessState::stop_now`], that were live then: the
-    /// drain returns at once, finalizing none).
+    /// closed so a new process takes new connections), let begun streams
+    /// (their config message came) finish for up to `deadline`, then
+    /// finalize the rest: upstream is asked for its final tokens, the
+    /// client gets them, then Soniox's 503 "reconnect" and close 1012.
+    /// Connections without a begun stream do not hold it: once the begun
+    /// streams end (or the deadline passes), each is told to reconnect
+    /// (HTTP 503 before the upgrade, 503 and close 1012 after it).
+    /// Returns the streams that had to be cut (or, after
+    /// [`ProcessState::stop_now`], that were live then: the drain returns
+    /// at once, finalizing none).
     pub fn drain(&self, deadline: std::time::Duration) -> u32 {
         for s in &self.shards {
             let _ = s.tx.try_send(ShardMsg::StopAccepting);
@@ -440,20 +444,22 @@ impl RelayHandle {
         // Each shard handles its messages in order, so once every shard
         // answers a ping its listener is closed: `/healthz` turns 503. A
         // connection a shard accepted until then is served, not refused,
-        // however late its request or its first message comes before the
-        // deadline (a shard sees control messages within one data-plane
-        // pass, a few milliseconds).
+        // while begun streams run (a shard sees control messages within
+        // one data-plane pass, a few milliseconds); one that begins its
+        // stream meanwhile is waited for too.
         let _ = self.alive(std::time::Duration::from_secs(2));
         self.process.set_draining(true);
-        self.process.wait_all_closed(Instant::now() + deadline);
+        self.process.wait_begun_ended(Instant::now() + deadline);
         if self.process.stopping_now() {
             // SIGINT: the stop cuts what is live, as SIGINT alone does.
-            return self.process.live_streams();
+            return self.process.begun_streams();
         }
-        // From here a stream that would start is refused, and one that
-        // registers is stopped as it does (the streams' own check).
+        // From here a stream that would start is refused, one that
+        // registers is stopped as it does (the streams' own check), and a
+        // connection still without a stream is answered
+        // (`Shard::drain_ended`).
         self.process.set_finalizing(true);
-        let cut = self.process.live_streams();
+        let cut = self.process.begun_streams();
         if cut > 0 {
             tracing::info!(
                 streams = cut,
@@ -461,18 +467,20 @@ impl RelayHandle {
             );
         }
         // Sent even with none live: a stream admitted just before the flag
-        // may register after the count.
+        // may register after the count, and it wakes the connections
+        // without a stream.
         for s in &self.shards {
             let _ = s.tx.try_send(ShardMsg::Drain);
         }
         // Each stream: its finalize written (1 s), upstream's answer
-        // (`limits.finalize_wait`), its last frames and close (4 s).
+        // (`limits.finalize_wait`), its last frames and close (4 s); each
+        // connection without a stream, its answer (1 s).
         let finalize = std::time::Duration::from_millis(
             self.finalize_wait_ms
                 .load(std::sync::atomic::Ordering::Relaxed),
         );
         self.process
-            .wait_all_ended(Instant::now() + finalize + std::time::Duration::from_secs(5));
+            .wait_all_closed(Instant::now() + finalize + std::time::Duration::from_secs(5));
         cut
     }
 

@@ -64,19 +64,25 @@ type Published = (Arc<[RingSlot]>, Arc<[String]>);
 #[derive(Debug)]
 pub struct ProcessState {
     live: AtomicU32,
+    /// Streams whose client sent its config message and that have not
+    /// ended: what a drain waits for.
+    begun: AtomicU32,
     /// Client connections accepted and not yet closed, streams or not (an
     /// upgrade request still to come, a token still to come in the first
-    /// message): a drain serves them too.
+    /// message): a drain answers them before the relay stops.
     connections: AtomicU32,
-    /// Notified when `live` or `connections` falls to zero: a drain waits
-    /// on it rather than polling the counts.
+    /// Notified when `live`, `begun` or `connections` falls to zero: a
+    /// drain waits on it rather than polling the counts.
     all_ended: (Mutex<()>, Condvar),
     max_streams: u32,
     /// A drain has begun: `/healthz` 503. Streams are still taken on the
-    /// connections accepted before the listeners closed.
+    /// connections accepted before the listeners closed, while streams
+    /// that had begun run on.
     draining: AtomicBool,
-    /// The drain deadline has passed: live streams are finalized, and a
-    /// stream that would start now is refused ("reconnect").
+    /// The drain stopped waiting for its streams (they ended, or its
+    /// deadline passed): live streams are finalized, a stream that would
+    /// start now is refused ("reconnect"), and so is every connection
+    /// still without a stream.
     finalizing: AtomicBool,
     /// SIGINT came during a drain: waits for the streams end now.
     stop_now: AtomicBool,
@@ -116,6 +122,7 @@ impl ProcessState {
         let boot_id = u32::from_le_bytes(masks.next_key());
         Arc::new(ProcessState {
             live: AtomicU32::new(0),
+            begun: AtomicU32::new(0),
             connections: AtomicU32::new(0),
             all_ended: (Mutex::new(()), Condvar::new()),
             max_streams,
@@ -189,6 +196,21 @@ impl ProcessState {
         self.live.load(Ordering::Relaxed)
     }
 
+    /// Streams whose client sent its config message and that have not
+    /// ended, across all shards: a drain's streams. A connection still
+    /// waiting for its config message is not one, even with a
+    /// `max_streams` slot (its token on the request).
+    pub fn begun_streams(&self) -> u32 {
+        self.begun.load(Ordering::Relaxed)
+    }
+
+    /// Counts a stream as begun (its config message came) until the value
+    /// is dropped.
+    pub fn begin(self: &Arc<Self>) -> BegunStream {
+        self.begun.fetch_add(1, Ordering::AcqRel);
+        BegunStream(self.clone())
+    }
+
     /// Counts an accepted client connection until the value is dropped.
     pub fn connection(self: &Arc<Self>) -> OpenConnection {
         self.connections.fetch_add(1, Ordering::AcqRel);
@@ -199,24 +221,36 @@ impl ProcessState {
     /// or `until` has passed, or [`ProcessState::stop_now`]; true when
     /// none is live.
     pub fn wait_all_ended(&self, until: Instant) -> bool {
-        self.wait_none(until, false)
+        self.wait_none(until, Wait::Live)
+    }
+
+    /// Like [`ProcessState::wait_all_ended`], for begun streams only (a
+    /// drain before its deadline: connections without a stream, or
+    /// waiting for their config message, do not hold it).
+    pub fn wait_begun_ended(&self, until: Instant) -> bool {
+        self.wait_none(until, Wait::Begun)
     }
 
     /// Like [`ProcessState::wait_all_ended`], and until no client
-    /// connection is open either (a drain before its deadline: a
-    /// connection accepted before the listeners closed may still become
-    /// a stream).
+    /// connection is open either (the end of a drain: the connections it
+    /// answered have had their answers written).
     pub fn wait_all_closed(&self, until: Instant) -> bool {
-        self.wait_none(until, true)
+        self.wait_none(until, Wait::LiveAndConnections)
     }
 
-    fn wait_none(&self, until: Instant, connections: bool) -> bool {
+    fn wait_none(&self, until: Instant, what: Wait) -> bool {
         let (lock, cv) = &self.all_ended;
         let mut guard = lock.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            if self.live.load(Ordering::Acquire) == 0
-                && (!connections || self.connections.load(Ordering::Acquire) == 0)
-            {
+            let none = match what {
+                Wait::Begun => self.begun.load(Ordering::Acquire) == 0,
+                Wait::Live => self.live.load(Ordering::Acquire) == 0,
+                Wait::LiveAndConnections => {
+                    self.live.load(Ordering::Acquire) == 0
+                        && self.connections.load(Ordering::Acquire) == 0
+                }
+            };
+            if none {
                 return true;
             }
             let now = Instant::now();
@@ -236,13 +270,16 @@ impl ProcessState {
     }
 
     /// Whether the relay is draining (`/healthz` 503; its listeners are
-    /// closed, but a connection accepted before is still served).
+    /// closed, but a connection accepted before is still served while
+    /// begun streams run).
     pub fn draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
     }
 
-    /// Whether the drain deadline has passed: no new stream (503
-    /// "reconnect"), and one that registers now is stopped at once.
+    /// Whether the drain stopped waiting for its streams (they ended, or
+    /// its deadline passed): no new stream (503 "reconnect"), one that
+    /// registers now is stopped at once, and a connection still without
+    /// a stream is answered ([`Shard::drain_ended`]).
     pub fn finalizing(&self) -> bool {
         self.finalizing.load(Ordering::SeqCst)
     }
@@ -269,7 +306,7 @@ impl ProcessState {
         self.stop_now.load(Ordering::SeqCst)
     }
 
-    /// Marks the drain deadline as passed (or, for tests, not).
+    /// Marks the drain's wait for streams as over (or, for tests, not).
     pub fn set_finalizing(&self, on: bool) {
         self.finalizing.store(on, Ordering::SeqCst);
     }
@@ -277,6 +314,27 @@ impl ProcessState {
     /// Starts or stops draining.
     pub fn set_draining(&self, on: bool) {
         self.draining.store(on, Ordering::Relaxed);
+    }
+}
+
+/// What [`ProcessState::wait_none`] waits to fall to zero.
+#[derive(Debug, Clone, Copy)]
+enum Wait {
+    Begun,
+    Live,
+    LiveAndConnections,
+}
+
+/// A begun stream, counted by [`ProcessState::begin`] until dropped.
+#[derive(Debug)]
+pub struct BegunStream(Arc<ProcessState>);
+
+impl Drop for BegunStream {
+    fn drop(&mut self) {
+        if self.0.begun.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // The last begun stream ended: wake a waiting drain.
+            self.0.wake_drain();
+        }
     }
 }
 
@@ -327,7 +385,9 @@ pub enum ShardMsg {
         /// Token id to match.
         token: Option<String>,
     },
-    /// The drain deadline passed: finalize and end every live stream.
+    /// The drain stopped waiting for streams (they ended, or its deadline
+    /// passed): finalize and end every live stream, and answer every
+    /// connection still without one.
     Drain,
     /// Close the listener: new connections go to another process (a
     /// restart) while this one drains.
@@ -412,6 +472,9 @@ pub struct Shard {
     pub unauthenticated: crate::dataplane::unauth::ShardPool,
     /// Streams refused at the file limit: logged once per interval, with a count.
     pub file_limit_log: crate::dataplane::accept::Rate,
+    /// Notified on `ShardMsg::Drain`: wakes the connections still without
+    /// a stream (see [`Shard::drain_ended`]).
+    drain_over: event_listener::Event,
     /// This shard's own connection to the fleet's store, made on its first
     /// stream open (`None` without `[cluster]`).
     fleet_link: std::cell::OnceCell<Option<Rc<crate::dataplane::fleet_link::FleetLink>>>,
@@ -527,6 +590,27 @@ impl Settings {
 }
 
 impl Shard {
+    /// Resolves once a drain has stopped waiting for its streams (they
+    /// ended, or its deadline passed; at once if that happened already).
+    /// A connection without a stream (its request head, its TLS handshake
+    /// or its config message still to come) waits for this beside its
+    /// read, and is then answered as by a relay that is restarting: it
+    /// holds no drain.
+    pub async fn drain_ended(&self) {
+        loop {
+            if self.process.finalizing() {
+                return;
+            }
+            // Listening before the second look: a notification between
+            // the two is not lost.
+            let listener = self.drain_over.listen();
+            if self.process.finalizing() {
+                return;
+            }
+            listener.await;
+        }
+    }
+
     /// This shard's link to the fleet's store, if the relay is in a fleet.
     pub fn fleet_link(&self) -> Option<&crate::dataplane::fleet_link::FleetLink> {
         self.fleet_link
@@ -668,6 +752,7 @@ pub fn start(index: usize, setup: ShardSetup) -> std::io::Result<ShardHandle> {
                 "relay at its file limit: streams refused with 503",
             ),
             fleet_link: std::cell::OnceCell::new(),
+            drain_over: event_listener::Event::new(),
         });
         let _ = ready_tx.send(listener.local_addr());
         let (stop_accepting_tx, stop_accepting_rx) = async_channel::bounded::<()>(1);
@@ -713,6 +798,7 @@ pub fn start(index: usize, setup: ShardSetup) -> std::io::Result<ShardHandle> {
                             for s in shard.live.borrow().values() {
                                 s.stop(StopReason::Drain);
                             }
+                            shard.drain_over.notify(usize::MAX);
                         }
                         ShardMsg::TakeUsage(reply) => {
                             let taken = std::mem::take(&mut *shard.usage.borrow_mut());

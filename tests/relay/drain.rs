@@ -362,18 +362,24 @@ fn drained_load(streams: usize) -> relay_load::LoadReport {
 }
 
 /// Connections the relay accepted before its drain closed the listener
-/// are served, not refused: one whose upgrade request comes only once the
-/// drain has begun (token on the request), and one upgraded before it
-/// whose token comes in its first message after. Before, both were
-/// refused once `/healthz` turned 503 (HTTP 503; 503 with close 1012),
-/// though the kernel had handed them to the relay, so a restart refused
-/// streams: relay-load saw `http 503` at hand-overs under churn.
+/// are served, not refused, while the drain's streams run: one whose
+/// upgrade request comes only once the drain has begun (token on the
+/// request), and one upgraded before it whose token comes in its first
+/// message after. Before, both were refused once `/healthz` turned 503
+/// (HTTP 503; 503 with close 1012), though the kernel had handed them to
+/// the relay, so a restart refused streams: relay-load saw `http 503` at
+/// hand-overs under churn. (A drain with no stream left answers them at
+/// once: see the next test.)
 #[test]
 fn connections_accepted_before_a_drain_are_served_not_refused() {
     use tungstenite::client::IntoClientRequest;
     let fake = fake(&["k1"], |_| {});
     let relay = Relay::start(relay_config(&fake.url(), &[("a", "k1")]));
     let token = relay.token("phone");
+    // A stream that runs through the drain: the drain waits for it.
+    let (mut running, _) = connect(relay.addr(), &token, Via::Header).unwrap();
+    running.send(Message::text(config_message(None))).unwrap();
+    assert!(fake.wait_for(Duration::from_secs(10), |s| s.len() == 1));
     // Upgraded, its token still to come in its first message.
     let (mut late_token, _) = connect(relay.addr(), "", Via::Nowhere).unwrap();
     // Connected, its request not sent yet, and taken off the accept queue.
@@ -401,10 +407,14 @@ fn connections_accepted_before_a_drain_are_served_not_refused() {
             &audio_frames(3, 2),
         );
         assert!(got.finished(), "token in the first message: {got:?}");
+        assert!(!d.is_finished(), "the drain ended with a stream live");
+        running.send(Message::binary(Vec::<u8>::new())).unwrap();
+        let got = read_all(&mut running);
+        assert!(got.finished(), "the running stream: {got:?}");
         d.join().unwrap()
     });
-    assert_eq!(cut, 0, "both streams ended on their own");
-    assert_eq!(fake.sessions().len(), 2);
+    assert_eq!(cut, 0, "the streams ended on their own");
+    assert_eq!(fake.sessions().len(), 3);
 }
 
 /// The connections waiting in the accept queue of the listeners on
@@ -568,4 +578,74 @@ fn a_drained_stream_is_told_how_much_audio_was_transcribed() {
         assert_eq!(d.join().unwrap(), 1);
     });
     assert_eq!(fake.sessions()[0].audio_frames, 10);
+}
+
+/// A drain waits for the streams it has, not for connections that carry
+/// none (README, "Draining"): three silent connections (one accepted
+/// that sent nothing, one upgraded whose token is to come in its first
+/// message, one upgraded with its token on the request) do not hold it.
+/// While the real stream runs they are left alone; once it ends, the
+/// drain ends, and each gets the answer of a relay that is restarting:
+/// HTTP 503 before the upgrade, Soniox's 503 and close 1012 after it.
+/// Before, the drain waited for them until `limits.handshake_timeout`
+/// and `limits.idle_timeout` (here 20 s) ended them with 408s.
+#[test]
+fn a_drain_ends_with_its_streams_and_answers_the_silent_connections() {
+    use std::io::Read;
+    let fake = fake(&["k1"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.limits.handshake_timeout = Duration::from_secs(20);
+    cfg.limits.idle_timeout = Duration::from_secs(20);
+    let relay = Relay::start(cfg);
+    let token = relay.token("phone");
+    // The real stream: its config and some audio are up.
+    let (mut ws, _) = connect(relay.addr(), &token, Via::Header).unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    for f in audio_frames(3, 1) {
+        ws.send(Message::binary(f)).unwrap();
+    }
+    assert!(fake.wait_for(Duration::from_secs(10), |s| s.len() == 1
+        && s[0].audio_frames == 3));
+    // The silent ones.
+    let (mut no_token, _) = connect(relay.addr(), "", Via::Nowhere).unwrap();
+    let (mut no_config, _) = connect(relay.addr(), &token, Via::Header).unwrap();
+    let mut no_head = std::net::TcpStream::connect(relay.addr()).unwrap();
+    no_head
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    assert!(wait_until(Duration::from_secs(10), || accept_queue(
+        relay.addr()
+    ) == Some(0)));
+    let handle = &relay.handle;
+    std::thread::scope(|s| {
+        let d = s.spawn(|| handle.drain(Duration::from_secs(3600)));
+        assert!(healthz_turns_503(relay.handle.admin_addr));
+        // The stream goes on during the drain, and the drain waits for it.
+        for f in audio_frames(3, 2) {
+            ws.send(Message::binary(f)).unwrap();
+        }
+        assert!(fake.wait_for(Duration::from_secs(10), |s| s[0].audio_frames == 6));
+        assert!(!d.is_finished(), "the drain ended with a stream live");
+        ws.send(Message::binary(Vec::<u8>::new())).unwrap();
+        let got = read_all(&mut ws);
+        assert!(got.finished(), "the stream ran to its own end: {got:?}");
+        assert_eq!(got.close_code(), Some(1000), "{got:?}");
+        assert_eq!(d.join().unwrap(), 0, "no stream was cut");
+    });
+    // Each silent connection was answered when the drain ended.
+    let mut head = String::new();
+    no_head.read_to_string(&mut head).unwrap();
+    assert!(head.starts_with("HTTP/1.1 503 "), "{head:?}");
+    assert!(head.contains("reconnect"), "{head:?}");
+    for (name, ws) in [
+        ("token to come", &mut no_token),
+        ("no config", &mut no_config),
+    ] {
+        let got = read_all(ws);
+        assert_eq!(
+            (got.error_code(), got.close_code()),
+            (Some(503), Some(1012)),
+            "{name}: {got:?}"
+        );
+    }
 }

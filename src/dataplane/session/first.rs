@@ -3,6 +3,7 @@
 
 use std::time::SystemTime;
 
+use futures_lite::future;
 use serde_json::error::Category;
 use serde_json::{Map, Value};
 
@@ -19,11 +20,21 @@ use super::{Refusal, Stream};
 impl Stream {
     /// Reads the client's first message: one whole text frame with a JSON
     /// object. Pings before it are answered here; a close ends the stream.
+    /// Once it came, the stream has begun: a drain waits for it. A drain
+    /// that ends before it comes refuses the stream (503, close 1012).
     pub(super) async fn read_first_message(
         &self,
         client: &Duplex,
         buf: &mut Buf,
     ) -> Result<ClientConfig, Refusal> {
+        let first = self.read_config(client, buf).await;
+        if first.is_ok() {
+            let _ = self.begun.set(self.shard.process.begin());
+        }
+        first
+    }
+
+    async fn read_config(&self, client: &Duplex, buf: &mut Buf) -> Result<ClientConfig, Refusal> {
         let lim = &self.settings.limits;
         // One deadline for the whole wait: pings and partial frames do not
         // extend it.
@@ -76,9 +87,17 @@ impl Stream {
                             // and never reads the pongs (its socket full) is
                             // let go, with nothing more written after what
                             // may be half a pong.
+                            // A drain's end lets it go the same way.
                             let left =
                                 deadline.saturating_duration_since(std::time::Instant::now());
-                            if timeout(left, client.write_all(&pong)).await.is_none() {
+                            let written = future::or(
+                                async { timeout(left, client.write_all(&pong)).await.is_some() },
+                                async {
+                                    self.shard.drain_ended().await;
+                                    false
+                                },
+                            );
+                            if !written.await {
                                 return Err(Refusal::silent(0));
                             }
                         }
@@ -107,7 +126,8 @@ impl Stream {
     }
 
     /// Reads more client bytes while waiting for the first message, until
-    /// `deadline`.
+    /// `deadline`, or until a drain ends (the stream has not begun, and
+    /// does not hold it).
     async fn read_more(
         &self,
         client: &Duplex,
@@ -115,16 +135,24 @@ impl Stream {
         deadline: std::time::Instant,
     ) -> Result<(), Refusal> {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
-        match timeout(left, buf.read_from(client)).await {
-            None => Err(Refusal::new(
+        let read = future::or(
+            async { Some(timeout(left, buf.read_from(client)).await) },
+            async {
+                self.shard.drain_ended().await;
+                None
+            },
+        );
+        match read.await {
+            None => Err(Refusal::restarting()),
+            Some(None) => Err(Refusal::new(
                 408,
                 "request_timeout",
                 "No start request received in time.",
                 1000,
                 Side::Client,
             )),
-            Some(Ok(0)) | Some(Err(_)) => Err(Refusal::silent(0)),
-            Some(Ok(_)) => Ok(()),
+            Some(Some(Ok(0)) | Some(Err(_))) => Err(Refusal::silent(0)),
+            Some(Some(Ok(_))) => Ok(()),
         }
     }
 

@@ -36,6 +36,10 @@ pub fn serve(shard: Rc<Shard>, tcp: RingSocket) -> impl std::future::Future<Outp
     }
 }
 
+/// What a connection still without a stream is told when a drain ends
+/// (HTTP 503), and a request that comes after.
+const DRAINING: &str = "relay is draining; reconnect";
+
 /// The refusal of a TLS handshake on a client port without `[tls]`.
 const TLS_ON_PLAIN_PORT: &str =
     "a TLS handshake on a port without TLS: connect with ws://, or set [tls] on the relay";
@@ -72,26 +76,34 @@ async fn upgrade(shard: Rc<Shard>, tcp: RingSocket) -> Option<Upgraded> {
             .filter(|p| proxy_header::trusted(&settings.proxy_protocol_from, *p))
         {
             // Boxed: read once per connection, never kept while it streams.
-            let read = Box::pin(timeout(
-                deadline.saturating_duration_since(Instant::now()),
-                proxy_header::read(&tcp, settings.limits.max_header_bytes),
+            let read = Box::pin(drain_or(
+                &shard,
+                timeout(
+                    deadline.saturating_duration_since(Instant::now()),
+                    proxy_header::read(&tcp, settings.limits.max_header_bytes),
+                ),
             ));
             let refusal = match read.await {
-                Some(Ok(client)) => {
+                Some(Some(Ok(client))) => {
                     carried = client;
                     None
                 }
                 // Gone, with nothing said: no one to answer.
-                Some(Err(None)) => return None,
-                Some(Err(Some(why))) => Some((why.status(), why.message())),
-                None => Some((
+                Some(Some(Err(None))) => return None,
+                Some(Some(Err(Some(why)))) => Some((why.status(), why.message(), Side::Client)),
+                Some(None) => Some((
                     408,
                     "PROXY protocol header not received in time".to_string(),
+                    Side::Client,
                 )),
+                None => Some((503, DRAINING.to_string(), Side::Internal)),
             };
-            if let Some((status, reason)) = refusal {
+            if let Some((status, reason, side)) = refusal {
                 // Boxed too: rare, and its state is not the stream's.
-                Box::pin(refuse_before_head(&shard, tcp, status, &reason, balancer)).await;
+                Box::pin(refuse_before_head(
+                    &shard, tcp, status, &reason, side, balancer,
+                ))
+                .await;
                 return None;
             }
         }
@@ -122,9 +134,19 @@ async fn upgrade(shard: Rc<Shard>, tcp: RingSocket) -> Option<Upgraded> {
             // streaming task keeps, and is needed only for the first RTTs.
             let accept =
                 Box::pin(futures_rustls::TlsAcceptor::from(tls.clone()).accept(tcp.into()));
-            match timeout(deadline.saturating_duration_since(Instant::now()), accept).await {
-                Some(Ok(s)) => Conn::TlsServer(Box::new(s)),
-                failed => {
+            let accept = drain_or(
+                &shard,
+                timeout(deadline.saturating_duration_since(Instant::now()), accept),
+            );
+            match accept.await {
+                Some(Some(Ok(s))) => Conn::TlsServer(Box::new(s)),
+                // A drain ended before the handshake did: no HTTP to
+                // answer in yet, so the connection is closed.
+                None => {
+                    shard.metrics.stream_rejected(Side::Internal, 503);
+                    return None;
+                }
+                Some(failed) => {
                     // Counted as a request head would be: a bad request,
                     // or one not done in time.
                     let code = if failed.is_none() { 408 } else { 400 };
@@ -177,6 +199,7 @@ async fn upgrade(shard: Rc<Shard>, tcp: RingSocket) -> Option<Upgraded> {
         _permit: permit,
         pools: Default::default(),
         placed: Default::default(),
+        begun: Default::default(),
     };
     Some((stream, client, cbuf, claims, pending))
 }
@@ -216,12 +239,22 @@ async fn handshake(
         log_refusal(status, msg);
         http::json_error(status, msg)
     };
-    let head_len = match timeout(
-        deadline.saturating_duration_since(Instant::now()),
-        http::read_head(client, buf, lim.max_header_bytes),
-    )
-    .await
-    {
+    let read = drain_or(
+        shard,
+        timeout(
+            deadline.saturating_duration_since(Instant::now()),
+            http::read_head(client, buf, lim.max_header_bytes),
+        ),
+    );
+    let Some(head) = read.await else {
+        // A drain ended before the request head came: the connection
+        // carries no stream and holds the drain no longer.
+        let _ = client
+            .write_all(&refuse(503, DRAINING, Side::Internal))
+            .await;
+        return None;
+    };
+    let head_len = match head {
         None => {
             let _ = client
                 .write_all(&refuse(
@@ -352,10 +385,11 @@ async fn handshake(
         None => None,
     };
     // Draining, a connection accepted before the listeners closed is still
-    // served; only past the drain deadline is a new stream refused.
+    // served while begun streams run; once the drain stopped waiting for
+    // them, a new stream is refused.
     if shard.process.finalizing() {
         let _ = client
-            .write_all(&refuse(503, "relay is draining; reconnect", Side::Internal))
+            .write_all(&refuse(503, DRAINING, Side::Internal))
             .await;
         return None;
     }
@@ -419,18 +453,31 @@ async fn handshake(
     Some((claims, admission))
 }
 
+/// `read`'s result, or `None` once a drain has stopped waiting for
+/// streams (see [`Shard::drain_ended`]): a connection not yet upgraded
+/// does not hold a drain.
+async fn drain_or<T>(shard: &Shard, read: impl std::future::Future<Output = T>) -> Option<T> {
+    futures_lite::future::or(async { Some(read.await) }, async {
+        shard.drain_ended().await;
+        None
+    })
+    .await
+}
+
 /// Refuses a connection before its request head (a balancer's PROXY
-/// header missing, bad or late): counted and logged as a request refused
-/// (the log names the balancer, as the client is not known), answered in
-/// plain HTTP (before any TLS), then closed after the peer.
+/// header missing, bad or late, or a drain that ended before it came):
+/// counted and logged as a request refused (the log names the balancer,
+/// as the client is not known), answered in plain HTTP (before any TLS),
+/// then closed after the peer.
 async fn refuse_before_head(
     shard: &Shard,
     tcp: RingSocket,
     status: u16,
     reason: &str,
+    side: Side,
     balancer: std::net::SocketAddr,
 ) {
-    shard.metrics.stream_rejected(Side::Client, status);
+    shard.metrics.stream_rejected(side, status);
     if shard.process.refusal_log.admit() {
         tracing::info!(shard = shard.index, peer = %balancer, status, reason, "request refused");
     }

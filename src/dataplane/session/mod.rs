@@ -69,6 +69,9 @@ struct Stream {
     /// `max_streams`: the accounts it moves to later (failover, resume)
     /// are not checked against that cap again.
     placed: std::cell::Cell<bool>,
+    /// Counts the stream as begun (what a drain waits for) from its config
+    /// message to its end.
+    begun: std::cell::OnceCell<crate::dataplane::shard::BegunStream>,
 }
 
 /// An open upstream: the connection, the account it holds, and its read buffer.

@@ -88,13 +88,7 @@ impl Stream {
     pub(super) fn admit_stream(&self) -> Result<AdmitPermit, Refusal> {
         let process = &self.shard.process;
         if process.finalizing() {
-            return Err(Refusal::new(
-                503,
-                "service_unavailable",
-                "The relay is restarting; reconnect.",
-                1012,
-                Side::Internal,
-            ));
+            return Err(Refusal::restarting());
         }
         process.admit().ok_or_else(|| {
             Refusal::new(

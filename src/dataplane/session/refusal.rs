@@ -56,6 +56,19 @@ impl Refusal {
     pub(super) fn bad_request(message: impl Into<String>) -> Self {
         Refusal::new(400, "bad_request", message, 1002, Side::Client)
     }
+    /// The relay is draining and no longer takes streams: a stream that
+    /// would start past the drain's wait, or a connection still waiting
+    /// for its config message when the drain ends (close 1012, "service
+    /// restart").
+    pub(super) fn restarting() -> Self {
+        Refusal::new(
+            503,
+            "service_unavailable",
+            "The relay is restarting; reconnect.",
+            1012,
+            Side::Internal,
+        )
+    }
     pub(super) fn unauthorized(message: impl Into<String>) -> Self {
         Refusal::new(401, "unauthenticated", message, 1008, Side::Client)
     }
