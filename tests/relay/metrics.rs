@@ -273,7 +273,7 @@ fn the_refusals_help_names_every_by_value() {
         .filter_map(|l| l.strip_prefix("clio_relay_refusals_total{by=\""))
         .filter_map(|rest| rest.split('"').next())
         .collect();
-    assert_eq!(values.len(), 8, "{m}");
+    assert_eq!(values.len(), 9, "{m}");
     for by in values {
         assert!(help.contains(by), "{by} not in: {help}");
     }

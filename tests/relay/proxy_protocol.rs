@@ -9,7 +9,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use clio_relay::core::metrics::Side;
+use clio_relay::core::metrics::{RefusedBy, Side};
 use tungstenite::Message;
 
 use crate::util::*;
@@ -165,8 +165,11 @@ fn a_trusted_balancers_header_names_the_client() {
 /// From a balancer the header is required: none, a garbage one, one too
 /// large, one cut short by the balancer's FIN, or one that never
 /// completes within `limits.handshake_timeout`, each gets its own plain
-/// answer (400, or 408 for time), counted as a client refusal; the
-/// connection is closed, and a stream already going on is not touched.
+/// answer (400, or 408 for time), counted as a client error and as a
+/// refusal for the balancer's header (`refusals_total{by="proxy_header"}`),
+/// not the client's: before, only the answer and the log line said that
+/// these 400s and 408s were the balancer's. The connection is closed, and
+/// a stream already going on is not touched.
 #[test]
 fn a_balancer_without_a_good_header_is_refused_and_others_go_on() {
     let fake = fake(&["k1"], |_| {});
@@ -235,6 +238,18 @@ fn a_balancer_without_a_good_header_is_refused_and_others_go_on() {
     assert_eq!(
         after.errors(Side::Client, 408) - before.errors(Side::Client, 408),
         1
+    );
+    let metrics = http(relay.handle.admin_addr, "GET", "/metrics", None, None).1;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "clio_relay_refusals_total{by=\"proxy_header\"} 6"),
+        "{metrics}"
+    );
+    assert_eq!(
+        after.refusals(RefusedBy::Client),
+        before.refusals(RefusedBy::Client),
+        "not the client's own refusals"
     );
     // The stream that was going on goes on to its end.
     for f in &frames[5..] {

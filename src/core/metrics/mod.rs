@@ -70,11 +70,15 @@ pub enum RefusedBy {
     UpstreamConfig,
     /// Every pool of the token at its `[pool.NAME] max_streams`.
     PoolLimit,
+    /// A balancer in `server.proxy_protocol_from` sent no PROXY protocol
+    /// header, a malformed or too large one, or one cut short or late
+    /// (its 400s and 408s, counted apart from the clients' own).
+    ProxyHeader,
 }
 
 impl RefusedBy {
     /// Every value, in label order.
-    pub const ALL: [RefusedBy; 8] = [
+    pub const ALL: [RefusedBy; 9] = [
         RefusedBy::Client,
         RefusedBy::DeviceLimit,
         RefusedBy::Revoked,
@@ -83,6 +87,7 @@ impl RefusedBy {
         RefusedBy::Upstream,
         RefusedBy::UpstreamConfig,
         RefusedBy::PoolLimit,
+        RefusedBy::ProxyHeader,
     ];
 
     /// The label value.
@@ -96,6 +101,7 @@ impl RefusedBy {
             RefusedBy::Upstream => "upstream",
             RefusedBy::UpstreamConfig => "upstream_config",
             RefusedBy::PoolLimit => "pool_limit",
+            RefusedBy::ProxyHeader => "proxy_header",
         }
     }
 
@@ -111,14 +117,19 @@ impl RefusedBy {
 
     /// Whether the refusal follows from the client's own request or from a
     /// limit its operator set for it (a bad request or token, a device or
-    /// pool limit, a revocation): a refusal working as meant, which the
+    /// pool limit, a revocation, a balancer's bad PROXY header, which is a
+    /// request's too): a refusal working as meant, which the
     /// error-rate alerts count neither as an error nor as a stream
     /// started, so a flood of such requests cannot hide upstream's or the
     /// relay's failures.
     pub fn is_clients_own(self) -> bool {
         matches!(
             self,
-            RefusedBy::Client | RefusedBy::DeviceLimit | RefusedBy::Revoked | RefusedBy::PoolLimit
+            RefusedBy::Client
+                | RefusedBy::DeviceLimit
+                | RefusedBy::Revoked
+                | RefusedBy::PoolLimit
+                | RefusedBy::ProxyHeader
         )
     }
 
@@ -319,7 +330,7 @@ pub struct ShardMetrics {
     /// Streams refused (before or after the upgrade); each is also an error.
     streams_rejected: Cell<u64>,
     /// The same refusals by who made them, indexed by [`RefusedBy`].
-    refusals: [Cell<u64>; 8],
+    refusals: [Cell<u64>; RefusedBy::ALL.len()],
     /// Forwarded frames and bytes, indexed by [`Direction`]. Plain cells: the
     /// per-frame path does two adds, no allocation.
     traffic: [Cell<Traffic>; 2],
@@ -581,7 +592,7 @@ pub struct MetricsSnapshot {
     streams_active: u64,
     streams_total: u64,
     streams_rejected: u64,
-    refusals: [u64; 8],
+    refusals: [u64; RefusedBy::ALL.len()],
     /// The shard's read buffers: `(in use, on the free list)`, filled in by
     /// the shard when it takes the snapshot.
     pub read_buffers: (u64, u64),

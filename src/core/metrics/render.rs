@@ -247,7 +247,7 @@ pub fn render_prometheus(shards: &[MetricsSnapshot], gauges: &ProcessGauges) -> 
         o,
         "clio_relay_refusals_total",
         Kind::Counter,
-        "Streams refused, by who refused them: client, device_limit, revoked, relay_limit (every account at its max_concurrent_streams), relay (max_streams, draining), upstream, upstream_config (a wrong upstream.url), pool_limit (every pool of the token at its max_streams).",
+        "Streams refused, by who refused them: client, device_limit, revoked, relay_limit (every account at its max_concurrent_streams), relay (max_streams, draining), upstream, upstream_config (a wrong upstream.url), pool_limit (every pool of the token at its max_streams), proxy_header (a trusted balancer's PROXY header missing, malformed, too large, cut short or late).",
     );
     for by in crate::core::metrics::RefusedBy::ALL {
         f.sample(&[("by", by.label())], merged.refusals(by));

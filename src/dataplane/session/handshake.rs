@@ -6,7 +6,7 @@ use std::time::{Instant, SystemTime};
 
 use crate::dataplane::uring::RingSocket;
 
-use crate::core::metrics::Side;
+use crate::core::metrics::{RefusedBy, Side};
 use crate::core::token::Claims;
 use crate::dataplane::buf::Buf;
 use crate::dataplane::http::{self, HeadError};
@@ -35,6 +35,11 @@ pub fn serve(shard: Rc<Shard>, tcp: RingSocket) -> impl std::future::Future<Outp
         stream.run(client, cbuf, claims, pending).await;
     }
 }
+
+/// Who refused a balancer's missing, bad or late PROXY header, and whose
+/// error it is: the peer's request, with a reason of its own in
+/// `clio_relay_refusals_total`.
+const PROXY_HEADER: (RefusedBy, Side) = (RefusedBy::ProxyHeader, Side::Client);
 
 /// What a connection still without a stream is told when a drain ends
 /// (HTTP 503), and a request that comes after.
@@ -90,18 +95,22 @@ async fn upgrade(shard: Rc<Shard>, tcp: RingSocket) -> Option<Upgraded> {
                 }
                 // Gone, with nothing said: no one to answer.
                 Some(Some(Err(None))) => return None,
-                Some(Some(Err(Some(why)))) => Some((why.status(), why.message(), Side::Client)),
+                Some(Some(Err(Some(why)))) => Some((why.status(), why.message(), PROXY_HEADER)),
                 Some(None) => Some((
                     408,
                     "PROXY protocol header not received in time".to_string(),
-                    Side::Client,
+                    PROXY_HEADER,
                 )),
-                None => Some((503, DRAINING.to_string(), Side::Internal)),
+                None => Some((
+                    503,
+                    DRAINING.to_string(),
+                    (RefusedBy::Relay, Side::Internal),
+                )),
             };
-            if let Some((status, reason, side)) = refusal {
+            if let Some((status, reason, (by, side))) = refusal {
                 // Boxed too: rare, and its state is not the stream's.
                 Box::pin(refuse_before_head(
-                    &shard, tcp, status, &reason, side, balancer,
+                    &shard, tcp, status, &reason, by, side, balancer,
                 ))
                 .await;
                 return None;
@@ -474,10 +483,11 @@ async fn refuse_before_head(
     tcp: RingSocket,
     status: u16,
     reason: &str,
+    by: RefusedBy,
     side: Side,
     balancer: std::net::SocketAddr,
 ) {
-    shard.metrics.stream_rejected(side, status);
+    shard.metrics.stream_refused(by, side, status);
     if shard.process.refusal_log.admit() {
         tracing::info!(shard = shard.index, peer = %balancer, status, reason, "request refused");
     }
