@@ -154,3 +154,64 @@ fn a_revocation_on_one_node_refuses_and_ends_streams_on_another() {
         .error_code()
         .is_none()));
 }
+
+/// A node reads the fleet's revocation sets in one call that
+/// `cluster.timeout` bounds whole: a large set, 200,000 token ids (about
+/// 3.6 MiB, in some 220 reads), is read within it, each byte once. (Each
+/// read scanned the reply again from its start: in a debug build over the
+/// 2 s given here, in a release build over half a second, twice the
+/// default timeout; a node never read the set, and counted the store down
+/// at each try.)
+#[test]
+fn a_large_revocation_set_is_read_within_the_timeout() {
+    let redis = RedisServer::start();
+    let fake = fake(&["k1"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.admin.token = Some(clio_relay::core::secret::Secret::new(ADMIN));
+    // Room for a loaded machine and a debug build, not for a scan per read.
+    let start = |name: &str| {
+        let mut c = crate::node(&cfg, &redis, name);
+        c.cluster.as_mut().unwrap().timeout = Duration::from_secs(2);
+        Relay::start(c)
+    };
+    let (a, b) = (start("node-a"), start("node-b"));
+    assert!(wait_until(Duration::from_secs(10), || [&a, &b].iter().all(
+        |r| crate::up(r) && r.handle.process.fleet.get().unwrap().nodes() == 2
+    )));
+    let added = redis.command(
+        "EVAL \"for i = 1, 200000 do redis.call('SADD', KEYS[1], string.format('bulk-%06d', i)) end return redis.call('SCARD', KEYS[1])\" 1 clio:rev:tok",
+    );
+    assert_eq!(added, ":200000\r\n");
+    // Redis was busy with the script: a call then may have failed. From
+    // here on, none may.
+    let failed = || {
+        let (_, m) = http(b.handle.admin_addr, "GET", "/metrics", None, None);
+        m.lines()
+            .find_map(|l| l.strip_prefix("clio_relay_cluster_calls_total{result=\"failed\"} "))
+            .map(|n| n.trim().parse::<u64>().unwrap())
+            .unwrap()
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(wait_until(Duration::from_secs(5), || crate::up(&b)));
+    let before = failed();
+    // A new version of the sets (as a revocation makes): B reads them
+    // again, the 200,000 too.
+    assert_eq!(
+        redis.command("HINCRBY clio:ver rev 1").chars().next(),
+        Some(':')
+    );
+    let held = || b.handle.process.devices.revoked().1.len();
+    assert!(
+        wait_until(Duration::from_secs(10), || held() == 200_000),
+        "B never read the large set: it holds {} ids",
+        held()
+    );
+    // And again, at each change.
+    assert_eq!(
+        redis.command("HINCRBY clio:ver rev 1").chars().next(),
+        Some(':')
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(crate::up(&b));
+    assert_eq!(failed(), before, "a call to Redis failed");
+}

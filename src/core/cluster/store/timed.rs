@@ -8,8 +8,8 @@
 //! the reply lasted while the node still counted the store as up. Here
 //! the socket is the relay's: before each read or write its timeout is
 //! what is left of the exchange's deadline, and reads go on only until
-//! the reply is whole ([`resp::reply_len`]). The crate still packs the
-//! commands and parses the replies.
+//! the reply is whole ([`resp::Scan`], which reads each byte once). The
+//! crate still packs the commands and parses the replies.
 
 use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -101,6 +101,8 @@ pub(super) struct Timed {
     io: Io,
     /// Bytes read past the replies taken so far.
     pending: Vec<u8>,
+    /// How far into `pending` the reply being read has been read.
+    scan: resp::Scan,
     timeout: Duration,
     db: i64,
     broken: bool,
@@ -162,6 +164,7 @@ impl Timed {
         let mut con = Timed {
             io,
             pending: Vec::new(),
+            scan: resp::Scan::default(),
             timeout,
             db: settings.db(),
             broken: false,
@@ -223,7 +226,7 @@ impl Timed {
         let mut out = Vec::with_capacity(n);
         let mut buf = [0u8; 16 * 1024];
         while out.len() < n {
-            match resp::reply_len(&self.pending) {
+            match self.scan.end(&self.pending) {
                 Err(_) => return Err(RedisError::from((ErrorKind::Parse, "not a Redis reply"))),
                 Ok(Some(len)) => {
                     let v = redis::parse_redis_value(&self.pending[..len])?;
