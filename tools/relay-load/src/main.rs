@@ -324,12 +324,15 @@ fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         Mode::Idle => Duration::from_secs(60),
         Mode::Churn => Duration::from_secs(10),
     });
-    // Tokens outlive the run, with room for a slow start.
+    // Tokens outlive the run, with room for a slow start, but no longer
+    // than the relay takes (`tokens.max_ttl`): each is minted as its
+    // stream opens, and a stream outlives its token.
     let ttl = opts.duration + Duration::from_secs(600);
     opts.credentials = if let Some(key) = args.key {
         Credentials::Fixed(key)
     } else if let Some(path) = &args.relay_config {
         let tokens = Config::load_tokens(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let ttl = ttl.min(tokens.max_ttl);
         Credentials::Mint(Arc::new(TokenKeys::from_config(&tokens)), ttl)
     } else if let Some(path) = &args.tokens {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;

@@ -197,12 +197,25 @@ fn relay_in_front_of(
     clio_relay::cli::server::RelayHandle,
     clio_relay::core::config::Config,
 ) {
+    relay_in_front_of_with(fake, key, secret, |_| {})
+}
+
+/// [`relay_in_front_of`], its config changed by `tweak` first.
+fn relay_in_front_of_with(
+    fake: &fake_soniox::FakeSoniox,
+    key: &str,
+    secret: &str,
+    tweak: impl FnOnce(&mut clio_relay::core::config::Config),
+) -> (
+    clio_relay::cli::server::RelayHandle,
+    clio_relay::core::config::Config,
+) {
     use clio_relay::core::config::{
         AccountConfig, AdminConfig, AuthMode, Config, LimitsConfig, ServerConfig, TokensConfig,
         UpstreamConfig,
     };
     use clio_relay::core::secret::Secret;
-    let cfg = Config {
+    let mut cfg = Config {
         server: ServerConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
             admin_listen: "127.0.0.1:0".parse().unwrap(),
@@ -233,8 +246,51 @@ fn relay_in_front_of(
         pools: Vec::new(),
         secret_files: Vec::new(),
     };
+    tweak(&mut cfg);
     let relay = clio_relay::cli::server::start(&cfg).expect("relay starts");
     (relay, cfg)
+}
+
+/// The tokens relay-load mints from `--relay-config` live no longer than
+/// its `tokens.max_ttl`, which the relay refuses past (401). They lived
+/// the run's duration plus 10 minutes: through a relay with `max_ttl` of
+/// 5 minutes, every stream was refused.
+#[test]
+fn tokens_minted_from_the_relay_config_live_within_its_max_ttl() {
+    use fake_soniox::{FakeConfig, FakeKey, FakeSoniox};
+    const KEY: &str = "max-ttl-key";
+    const SECRET: &str = "a relay-load test's max_ttl secret, well over 32 bytes";
+    let fake = FakeSoniox::start(FakeConfig {
+        keys: vec![FakeKey::new(KEY, 10)],
+        echo: true,
+        ..FakeConfig::default()
+    })
+    .expect("fake-soniox starts");
+    let (relay, cfg) = relay_in_front_of_with(&fake, KEY, SECRET, |c| {
+        c.tokens.max_ttl = std::time::Duration::from_secs(300);
+        c.tokens.default_ttl = std::time::Duration::from_secs(300);
+    });
+    let dir = cfg.admin.state_dir.join("relay-config");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("token-secret"), SECRET).unwrap();
+    let path = dir.join("relay.toml");
+    std::fs::write(
+        &path,
+        "[tokens]\nsecret_file = \"token-secret\"\ndefault_ttl = \"5m\"\nmax_ttl = \"5m\"\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .arg("--target")
+        .arg(relay.client_addr.to_string())
+        .arg("--relay-config")
+        .arg(&path)
+        .args(["-n", "2", "--ramp", "0", "--stream-seconds", "1", "-q"])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(table.contains("streams started    2"), "{}", text(&out));
+    assert!(table.contains("streams ok         2"), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
 }
 
 /// The relay's counters are read once the run's streams have ended at the
