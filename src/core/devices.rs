@@ -196,17 +196,17 @@ pub struct Devices {
     /// a tier or a pool): then a device's audio today is kept all day.
     daily_audio: AtomicBool,
     revoked_devices: RwLock<HashSet<String>>,
-    /// Revoked token ids, with when (Unix seconds) for the ones this relay
-    /// alone keeps, which expire ([`Devices::expire_revoked_tokens`]);
-    /// `None`: the fleet's, kept until lifted.
-    revoked_tokens: RwLock<HashMap<String, Option<u64>>>,
+    /// Revoked token ids, with when (Unix seconds) and under which clock
+    /// skew (seconds) for the ones this relay alone keeps, which expire
+    /// ([`Devices::expire_revoked_tokens`]); `None`: the fleet's, kept
+    /// until lifted.
+    revoked_tokens: RwLock<HashMap<String, Option<(u64, u64)>>>,
     /// A token issued at or before this (Unix seconds) is refused: a
     /// revocation by token id made before it has expired and is no longer
     /// kept. 0: none.
     forgotten_through: AtomicU64,
-    /// How long (seconds) a token id revocation is kept: the longest
-    /// lifetime a token may have plus the clock-skew allowance
-    /// (`tokens.max_ttl` + `tokens.clock_skew`); `u64::MAX` until set.
+    /// The longest lifetime (seconds) a token may have
+    /// (`tokens.max_ttl`); `u64::MAX` until set.
     token_hold: AtomicU64,
     /// `tokens.clock_skew`, seconds.
     token_skew: AtomicU64,
@@ -422,34 +422,44 @@ impl Devices {
             .is_none()
     }
 
-    /// Denies a token id revoked at `at` (Unix seconds): kept until no
-    /// token carrying it can still be valid, `at` plus the hold
+    /// Denies a token id revoked at `at` (Unix seconds) under a clock
+    /// skew of `skew` seconds (`None`: the one in force): kept until no
+    /// token carrying it can still be valid, `at` plus `tokens.max_ttl`
+    /// plus the larger of `skew` and the skew in force
     /// ([`Devices::set_token_lifetime`]), then let go
     /// ([`Devices::expire_revoked_tokens`]). Revoking it again starts
     /// over.
-    pub fn revoke_token_at(&self, token_id: &str, at: u64) -> bool {
+    pub fn revoke_token_at(&self, token_id: &str, at: u64, skew: Option<u64>) -> bool {
+        let skew = skew.unwrap_or_else(|| self.token_skew.load(Ordering::Relaxed));
         self.revoked_tokens
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(token_id.to_string(), Some(at))
+            .insert(token_id.to_string(), Some((at, skew)))
             .is_none()
     }
 
     /// The token lifetime bounds in force (`tokens.max_ttl`,
-    /// `tokens.clock_skew`): a token id revocation is kept their sum. A
-    /// token issued before the revocation (by a clock at most the skew
-    /// ahead of this one) lives at most `max_ttl` from its issue time.
+    /// `tokens.clock_skew`): a token id revocation is kept their sum (the
+    /// skew the larger of the one in force and the one when it was made).
+    /// A token issued before the revocation (by a clock at most the skew
+    /// then ahead of this one) lives at most `max_ttl` from its issue time.
     pub fn set_token_lifetime(&self, max_ttl: Duration, clock_skew: Duration) {
         let ceil = |d: Duration| d.as_secs() + u64::from(d.subsec_nanos() > 0);
-        let skew = ceil(clock_skew);
-        self.token_skew.store(skew, Ordering::Relaxed);
-        self.token_hold
-            .store(ceil(max_ttl).saturating_add(skew), Ordering::Relaxed);
+        self.token_skew.store(ceil(clock_skew), Ordering::Relaxed);
+        self.token_hold.store(ceil(max_ttl), Ordering::Relaxed);
     }
 
-    /// When (Unix seconds) a revocation made at `at` expires.
-    fn token_expiry(&self, at: u64) -> u64 {
+    /// The clock skew (seconds) that counts for a revocation made under
+    /// `skew`: the larger of it and the one in force.
+    fn token_skew_for(&self, skew: u64) -> u64 {
+        skew.max(self.token_skew.load(Ordering::Relaxed))
+    }
+
+    /// When (Unix seconds) a revocation made at `at` under a clock skew
+    /// of `skew` seconds expires.
+    fn token_expiry(&self, at: u64, skew: u64) -> u64 {
         at.saturating_add(self.token_hold.load(Ordering::Relaxed))
+            .saturating_add(self.token_skew_for(skew))
     }
 
     /// Lets go of the token id revocations that have expired at `now`
@@ -459,15 +469,14 @@ impl Devices {
     /// `tokens.max_ttl` raised later, one that lived longer, revoked
     /// or not, stays refused. Returns how many went.
     pub fn expire_revoked_tokens(&self, now: u64) -> usize {
-        let skew = self.token_skew.load(Ordering::Relaxed);
         let mut mark = 0;
         let mut gone = 0;
         self.revoked_tokens
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .retain(|_, at| match *at {
-                Some(at) if self.token_expiry(at) <= now => {
-                    mark = mark.max(at.saturating_add(skew));
+            .retain(|_, held| match *held {
+                Some((at, skew)) if self.token_expiry(at, skew) <= now => {
+                    mark = mark.max(at.saturating_add(self.token_skew_for(skew)));
                     gone += 1;
                     false
                 }
@@ -488,15 +497,19 @@ impl Devices {
         self.forgotten_through.fetch_max(mark, Ordering::Relaxed);
     }
 
-    /// The token id revocations that expire, with when they were made and
-    /// when they expire (Unix seconds), sorted by id.
-    pub fn revoked_token_times(&self) -> Vec<(String, u64, u64)> {
+    /// The token id revocations that expire, with when they were made
+    /// (Unix seconds), the clock skew then (seconds), and when they expire
+    /// (Unix seconds), sorted by id.
+    pub fn revoked_token_times(&self) -> Vec<(String, u64, u64, u64)> {
         let mut v: Vec<_> = self
             .revoked_tokens
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .filter_map(|(id, at)| Some((id.clone(), (*at)?, self.token_expiry((*at)?))))
+            .filter_map(|(id, held)| {
+                let (at, skew) = (*held)?;
+                Some((id.clone(), at, skew, self.token_expiry(at, skew)))
+            })
             .collect();
         v.sort();
         v
@@ -777,17 +790,21 @@ mod tests {
         let d = Devices::default();
         d.set_token_lifetime(Duration::from_secs(3600), Duration::from_secs(30));
         let at = 1_700_000_000;
-        d.revoke_token_at("abcd", at);
+        d.revoke_token_at("abcd", at, None);
         d.revoke_token("fleet-kept");
         assert_eq!(
             d.revoked_token_times(),
-            vec![("abcd".into(), at, at + 3630)]
+            vec![("abcd".into(), at, 30, at + 3630)]
         );
         let is = |id: &str, issued: u64| {
             let mut c = claims("dev", id);
             c.issued_at = issued;
             d.is_revoked(&c)
         };
+        // A lower skew later does not shorten it: a token issued before
+        // it, by a clock 30 s ahead, is valid until at + 3630.
+        d.set_token_lifetime(Duration::from_secs(3600), Duration::ZERO);
+        assert_eq!(d.revoked_token_times()[0].3, at + 3630);
         assert_eq!(d.expire_revoked_tokens(at + 3629), 0);
         assert!(is("abcd", at));
         assert_eq!(d.expire_revoked_tokens(at + 3630), 1);

@@ -610,6 +610,39 @@ fn a_token_id_revocation_expires_when_no_token_can_carry_it() {
     assert!(!refused(&relay, &lasting(unix_now())));
 }
 
+/// A token id revocation is kept for the clock skew in force when it was
+/// made, even once a reload lowers `tokens.clock_skew`: a token issued
+/// before it by a clock that much ahead (taken then) is valid that much
+/// longer. Kept only `max_ttl` plus the new skew, the revocation went
+/// while such a token was still valid, and it streamed again.
+#[test]
+fn a_lower_clock_skew_on_reload_does_not_shorten_a_revocation() {
+    let fake = fake(&["key-a"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("acct-a", "key-a")]);
+    cfg.admin.token = Some(Secret::new(ADMIN));
+    cfg.tokens.default_ttl = std::time::Duration::from_secs(3);
+    cfg.tokens.max_ttl = std::time::Duration::from_secs(3);
+    cfg.tokens.clock_skew = std::time::Duration::from_secs(2);
+    let relay = Relay::start(cfg.clone());
+    let admin = relay.handle.admin_addr;
+    let keys = clio_relay::core::token::TokenKeys::from_config(&cfg.tokens);
+    // Issued by a backend whose clock is 2 s ahead: valid until now + 5.
+    let now = unix_now();
+    let ahead = keys
+        .mint_exact("phone", None, now + 2, now + 5, "ahead-1")
+        .unwrap();
+    let body = r#"{"token_id":"ahead-1"}"#;
+    let (status, answer) = http(admin, "POST", "/admin/revocations", Some(ADMIN), Some(body));
+    assert_eq!(status, 200, "{answer}");
+    cfg.tokens.clock_skew = std::time::Duration::ZERO;
+    relay.handle.reload(&cfg).unwrap();
+    // Refused for as long as it is valid.
+    while unix_now() < now + 5 {
+        assert!(refused(&relay, &ahead), "a revoked token id streamed");
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+}
+
 #[test]
 fn revocations_survive_a_restart() {
     // They lived only in memory: a restart (a deploy, a crash, the

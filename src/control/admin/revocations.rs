@@ -65,7 +65,7 @@ pub(super) async fn revocations(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
                     if admin.process.fleet.get().is_some() {
                         devices.revoke_token(t);
                     } else {
-                        devices.revoke_token_at(t, crate::control::accounts::unix_now());
+                        devices.revoke_token_at(t, crate::control::accounts::unix_now(), None);
                     }
                 }
                 if b.end_live_streams {
@@ -122,7 +122,7 @@ pub(super) async fn revocations(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
     let expire: BTreeMap<_, _> = devices
         .revoked_token_times()
         .into_iter()
-        .map(|(id, _, until)| (id, until))
+        .map(|(id, _, _, until)| (id, until))
         .collect();
     http::response(
         200,
@@ -168,6 +168,10 @@ struct Revoked {
     /// from before they expired) counts from the start that reads it.
     #[serde(default)]
     token_ids_revoked_at: BTreeMap<String, u64>,
+    /// `tokens.clock_skew` (seconds) when each was revoked; one missing
+    /// counts the one in force.
+    #[serde(default)]
+    token_ids_clock_skew: BTreeMap<String, u64>,
     /// Tokens issued at or before this are refused (see
     /// `Devices::forgotten_through`); 0: none.
     #[serde(default)]
@@ -180,10 +184,11 @@ fn save_revocations(
     dir: &std::path::Path,
     devices: &crate::core::devices::Devices,
 ) -> std::io::Result<()> {
-    let token_ids_revoked_at = devices
-        .revoked_token_times()
+    let times = devices.revoked_token_times();
+    let token_ids_revoked_at = times.iter().map(|(id, at, ..)| (id.clone(), *at)).collect();
+    let token_ids_clock_skew = times
         .into_iter()
-        .map(|(id, at, _)| (id, at))
+        .map(|(id, _, skew, _)| (id, skew))
         .collect();
     let issued_through_refused = devices.forgotten_through();
     let (devices, token_ids) = devices.revoked();
@@ -191,6 +196,7 @@ fn save_revocations(
         devices,
         token_ids,
         token_ids_revoked_at,
+        token_ids_clock_skew,
         issued_through_refused,
     })?;
     crate::control::usage::write_atomically(&dir.join(REVOCATIONS_FILE), &bytes)
@@ -216,7 +222,8 @@ pub fn load_revocations(
     let now = crate::control::accounts::unix_now();
     for t in &saved.token_ids {
         let at = saved.token_ids_revoked_at.get(t).copied().unwrap_or(now);
-        devices.revoke_token_at(t, at);
+        let skew = saved.token_ids_clock_skew.get(t).copied();
+        devices.revoke_token_at(t, at, skew);
     }
     devices.set_forgotten_through(saved.issued_through_refused);
     Ok(saved.devices.len() + saved.token_ids.len())
