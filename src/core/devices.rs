@@ -196,10 +196,12 @@ pub struct Devices {
     /// a tier or a pool): then a device's audio today is kept all day.
     daily_audio: AtomicBool,
     revoked_devices: RwLock<HashSet<String>>,
-    /// Revoked token ids, with when (Unix seconds) and under which clock
-    /// skew (seconds) for the ones this relay alone keeps, which expire
-    /// ([`Devices::expire_revoked_tokens`]); `None`: the fleet's, kept
-    /// until lifted.
+    /// Revoked token ids, with when (Unix seconds) they were revoked and
+    /// under which clock skew (seconds): by this relay's clock for a relay
+    /// alone, which lets them go ([`Devices::expire_revoked_tokens`]); by
+    /// Redis's clock for the fleet's (skew 0: the one in force counts),
+    /// which Redis lets go. `None`: not known yet (one made in a fleet,
+    /// until the next load of the fleet's lists).
     revoked_tokens: RwLock<HashMap<String, Option<(u64, u64)>>>,
     /// A token issued at or before this (Unix seconds) is refused: a
     /// revocation by token id made before it has expired and is no longer
@@ -210,6 +212,11 @@ pub struct Devices {
     token_hold: AtomicU64,
     /// `tokens.clock_skew`, seconds.
     token_skew: AtomicU64,
+    /// In a fleet: how long (seconds) the fleet keeps a token id
+    /// revocation, the longest `max_ttl` + `clock_skew` its nodes
+    /// published; `u64::MAX`: not in a fleet ([`Devices::token_hold`]
+    /// applies).
+    fleet_hold: AtomicU64,
 }
 
 /// Parts of the device table, each behind its own lock. With 100,000
@@ -227,6 +234,7 @@ impl Default for Devices {
             forgotten_through: AtomicU64::new(0),
             token_hold: AtomicU64::new(u64::MAX),
             token_skew: AtomicU64::new(0),
+            fleet_hold: AtomicU64::new(u64::MAX),
         }
     }
 }
@@ -392,9 +400,20 @@ impl Devices {
             .collect()
     }
 
-    /// Replaces both revocation lists (the fleet's, from the shared store:
-    /// kept until lifted).
-    pub fn replace_revoked(&self, devices: HashSet<String>, tokens: HashSet<String>) {
+    /// Replaces both revocation lists with the fleet's, from the shared
+    /// store: token ids with when Redis took them (Unix seconds, Redis's
+    /// clock), kept by the fleet for `hold` seconds; tokens issued at or
+    /// before `through` stay refused (see [`Devices::forgotten_through`]),
+    /// raised first so that no moment lacks both the dropped ids and it.
+    pub fn replace_revoked(
+        &self,
+        devices: HashSet<String>,
+        tokens: HashMap<String, Option<u64>>,
+        hold: u64,
+        through: u64,
+    ) {
+        self.forgotten_through.fetch_max(through, Ordering::Relaxed);
+        self.fleet_hold.store(hold, Ordering::Relaxed);
         *self
             .revoked_devices
             .write()
@@ -402,7 +421,35 @@ impl Devices {
         *self
             .revoked_tokens
             .write()
-            .unwrap_or_else(|e| e.into_inner()) = tokens.into_iter().map(|t| (t, None)).collect();
+            .unwrap_or_else(|e| e.into_inner()) = tokens
+            .into_iter()
+            .map(|(id, at)| (id, at.map(|at| (at, 0))))
+            .collect();
+    }
+
+    /// Every revoked token id with when it was revoked, if known (Unix
+    /// seconds), sorted by id.
+    pub fn revoked_tokens_at(&self) -> Vec<(String, Option<u64>)> {
+        let mut v: Vec<_> = self
+            .revoked_tokens
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(id, held)| (id.clone(), held.map(|(at, _)| at)))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The token lifetime bounds in force, seconds: how long a token id
+    /// revocation must be kept (`tokens.max_ttl` + `tokens.clock_skew`),
+    /// and `tokens.clock_skew`.
+    pub fn token_bounds(&self) -> (u64, u64) {
+        let skew = self.token_skew.load(Ordering::Relaxed);
+        (
+            self.token_hold.load(Ordering::Relaxed).saturating_add(skew),
+            skew,
+        )
     }
 
     /// Denies a device id (its new streams are refused from now on).
@@ -413,7 +460,8 @@ impl Devices {
             .insert(device.to_string())
     }
 
-    /// Denies a token id until lifted (the fleet's way).
+    /// Denies a token id, not knowing when yet (the fleet's way: the
+    /// next load of the fleet's lists tells).
     pub fn revoke_token(&self, token_id: &str) -> bool {
         self.revoked_tokens
             .write()
@@ -456,10 +504,16 @@ impl Devices {
     }
 
     /// When (Unix seconds) a revocation made at `at` under a clock skew
-    /// of `skew` seconds expires.
+    /// of `skew` seconds expires: in a fleet by the fleet's hold (the
+    /// longest `max_ttl` + `clock_skew` its nodes published), else by this
+    /// relay's `max_ttl` and the skew that counts.
     fn token_expiry(&self, at: u64, skew: u64) -> u64 {
-        at.saturating_add(self.token_hold.load(Ordering::Relaxed))
-            .saturating_add(self.token_skew_for(skew))
+        match self.fleet_hold.load(Ordering::Relaxed) {
+            u64::MAX => at
+                .saturating_add(self.token_hold.load(Ordering::Relaxed))
+                .saturating_add(self.token_skew_for(skew)),
+            fleet => at.saturating_add(fleet),
+        }
     }
 
     /// Lets go of the token id revocations that have expired at `now`

@@ -26,6 +26,7 @@ mod process;
 mod same_id;
 mod stall;
 mod tls;
+mod tokens;
 mod usage;
 
 use std::time::Duration;

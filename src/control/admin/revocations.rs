@@ -5,7 +5,9 @@
 //!
 //! Outside a fleet a token id revocation expires once no token carrying
 //! the id can still be valid: `tokens.max_ttl` plus `tokens.clock_skew`
-//! after it was made ([`expire`], once a second; `core::devices`).
+//! after it was made ([`expire`], once a second; `core::devices`). In a
+//! fleet Redis lets them go (`core::cluster::scripts::TOKENS_EXPIRE`) and
+//! each node takes the lists it loads.
 
 use std::collections::BTreeMap;
 

@@ -10,7 +10,9 @@
 //! | `clio:n:<member>:acct` | hash | account id → live streams on that process |
 //! | `clio:owner` | hash | node id → the member that last registered or renewed a lease under it (two running relays with one node id take turns: each sees the other) |
 //! | `clio:rev:dev`, `clio:rev:tok` | sets | revoked device ids, token ids |
-//! | `clio:ver` | hash | `rev`, `acct`: bumped on every change; `epoch`: names this copy of the data (new after a loss); `settle`, `settle_nodes`: after a loss, until when (ms, Redis clock) stream opens wait for that many nodes to register again |
+//! | `clio:rev:tokat` | sorted set | revoked token id → when Redis took the revocation (ms, Redis clock); dropped with the id once no token can carry it ([`TOKENS_EXPIRE`]) |
+//! | `clio:rev:hold` | hash | member → its `tokens.max_ttl` + `tokens.clock_skew` (ms): the fleet keeps a token id revocation the longest of these |
+//! | `clio:ver` | hash | `rev`, `acct`: bumped on every change; `tokcut`: the latest revocation time (ms, Redis clock) of a token id revocation dropped, tokens issued up to it plus a node's clock skew stay refused; `epoch`: names this copy of the data (new after a loss); `settle`, `settle_nodes`: after a loss, until when (ms, Redis clock) stream opens wait for that many nodes to register again |
 //! | `clio:ends` | stream | "end the live streams of …" requests |
 //! | `clio:rate:<device>` | hash | new-stream token bucket (`t`, `ts`) |
 //! | `clio:audio:<day>` | hash | device id → audio ms streamed that UTC day |
@@ -214,10 +216,15 @@ return {'ok', best}
 /// opens are answered `settling` for up to `settle` ms, until as many
 /// nodes as it knew before have registered their counts again.
 ///
+/// Token id revocations come back with the times they were taken (ms,
+/// Redis clock; 0: not known, [`TOKENS_EXPIRE`] gives them its own), and
+/// `tokcut` never goes down.
+///
 /// ARGV: new epoch, settle ms (0: none), nodes known before, revocation
 /// version (-1: offer none), account version (-1: none), sealed account
-/// set, number of revoked devices, the devices, then the revoked token
-/// ids. Returns `{epoch, rev version, account version, settle ms left}`.
+/// set, the `tokcut` the node knows (0: none), number of revoked devices,
+/// the devices, then (token id, time) pairs.
+/// Returns `{epoch, rev version, account version, settle ms left}`.
 pub const RESEED: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -234,13 +241,21 @@ if settle > 0 then
   redis.call('HSET', 'clio:ver', 'settle', math.max(till, now + settle),
     'settle_nodes', math.max(need, known))
 end
+local cut = tonumber(ARGV[7])
+if cut > tonumber(redis.call('HGET', 'clio:ver', 'tokcut') or '0') then
+  redis.call('HSET', 'clio:ver', 'tokcut', cut)
+end
 local rev = tonumber(redis.call('HGET', 'clio:ver', 'rev') or '0')
 local mine = tonumber(ARGV[4])
 if mine > rev then
-  redis.call('DEL', 'clio:rev:dev', 'clio:rev:tok')
-  local nd = tonumber(ARGV[7])
-  for i = 8, 7 + nd do redis.call('SADD', 'clio:rev:dev', ARGV[i]) end
-  for i = 8 + nd, #ARGV do redis.call('SADD', 'clio:rev:tok', ARGV[i]) end
+  redis.call('DEL', 'clio:rev:dev', 'clio:rev:tok', 'clio:rev:tokat')
+  local nd = tonumber(ARGV[8])
+  for i = 9, 8 + nd do redis.call('SADD', 'clio:rev:dev', ARGV[i]) end
+  for i = 9 + nd, #ARGV - 1, 2 do
+    redis.call('SADD', 'clio:rev:tok', ARGV[i])
+    local at = tonumber(ARGV[i + 1])
+    if at > 0 then redis.call('ZADD', 'clio:rev:tokat', at, ARGV[i]) end
+  end
   redis.call('HSET', 'clio:ver', 'rev', mine)
   rev = mine
 end
@@ -253,6 +268,73 @@ if mine > acct and ARGV[6] ~= '' then
 end
 local left = tonumber(redis.call('HGET', 'clio:ver', 'settle') or '0') - now
 return {epoch, rev, acct, math.max(left, 0)}
+"#;
+
+/// Revokes a token id fleet-wide, recording when by Redis's clock (a
+/// revocation made again starts over). ARGV: the token id.
+pub const REVOKE_TOKEN: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('SADD', 'clio:rev:tok', ARGV[1])
+redis.call('ZADD', 'clio:rev:tokat', now, ARGV[1])
+return 1
+"#;
+
+/// Lets go of the token id revocations no token can still carry, on
+/// every poll of every node. A node publishes its `tokens.max_ttl` +
+/// `tokens.clock_skew` (`clio:rev:hold`, until its member is forgotten a
+/// day after its lease ended, or it leaves, or is gone from
+/// `clio:nodes`); a revocation is kept the
+/// longest published, measured on Redis's clock from when Redis took it,
+/// once every node with a current lease has published and not while the
+/// store settles after a loss (see [`RESEED`])
+/// (one with no time, as a store reseeded from an older node gives back,
+/// gets this call's time: later, so kept longer). Dropping it raises
+/// `tokcut` in `clio:ver` to its time, so every node refuses tokens issued
+/// up to that plus its own clock skew (all carry an id revoked before,
+/// or have expired), and bumps the revocation version so the nodes load
+/// the lists again. At most 1000 go per call.
+/// ARGV: member, its hold (ms). Returns how many went.
+pub const TOKENS_EXPIRE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('HSET', 'clio:rev:hold', ARGV[1], ARGV[2])
+if redis.call('SCARD', 'clio:rev:tok') > redis.call('ZCARD', 'clio:rev:tokat') then
+  for _, id in ipairs(redis.call('SMEMBERS', 'clio:rev:tok')) do
+    if not redis.call('ZSCORE', 'clio:rev:tokat', id) then
+      redis.call('ZADD', 'clio:rev:tokat', now, id)
+    end
+  end
+end
+-- A member clio:nodes no longer has (a store gone back to an older
+-- copy) is forgotten here, as the heartbeat forgets the others.
+local hold = 0
+local held = redis.call('HGETALL', 'clio:rev:hold')
+for i = 1, #held, 2 do
+  if held[i] ~= ARGV[1] and not redis.call('ZSCORE', 'clio:nodes', held[i]) then
+    redis.call('HDEL', 'clio:rev:hold', held[i])
+  else
+    hold = math.max(hold, tonumber(held[i + 1]) or 0)
+  end
+end
+-- Not while the store settles after a loss (the nodes are publishing
+-- again), nor before every node with a current lease has published.
+if tonumber(redis.call('HGET', 'clio:ver', 'settle') or '0') > now then return 0 end
+for _, m in ipairs(redis.call('ZRANGEBYSCORE', 'clio:nodes', now, '+inf')) do
+  if redis.call('HEXISTS', 'clio:rev:hold', m) == 0 then return 0 end
+end
+local old = redis.call('ZRANGEBYSCORE', 'clio:rev:tokat', '-inf', now - hold,
+  'WITHSCORES', 'LIMIT', 0, 1000)
+if #old == 0 then return 0 end
+local cut = tonumber(redis.call('HGET', 'clio:ver', 'tokcut') or '0')
+for i = 1, #old, 2 do
+  redis.call('SREM', 'clio:rev:tok', old[i])
+  redis.call('ZREM', 'clio:rev:tokat', old[i])
+  cut = math.max(cut, tonumber(old[i + 1]))
+end
+redis.call('HSET', 'clio:ver', 'tokcut', cut)
+redis.call('HINCRBY', 'clio:ver', 'rev', 1)
+return #old / 2
 "#;
 
 /// Stores an account set changed while the store was unreachable, only
@@ -327,7 +409,7 @@ return (#ARGV - 1) / 3
 
 /// Heartbeat: extends this process's lease and its hashes' lifetime, and
 /// forgets members whose lease ended over a day ago (up to 100 a call):
-/// their entries in `clio:nodes` and `clio:useq`, which nothing else
+/// their entries in `clio:nodes`, `clio:useq` and `clio:rev:hold`, which nothing else
 /// deletes for a process that died (its count hashes expire by themselves).
 /// Returns `{lapsed, nodes alive, shared, now}`: `lapsed` is 1 when the lease
 /// had already ended (the node was cut off or Redis lost its data), so the
@@ -356,6 +438,7 @@ local gone = redis.call('ZRANGEBYSCORE', 'clio:nodes', '-inf', now - 86400000, '
 for _, m in ipairs(gone) do
   redis.call('ZREM', 'clio:nodes', m)
   redis.call('HDEL', 'clio:useq', m)
+  redis.call('HDEL', 'clio:rev:hold', m)
 end
 redis.call('PEXPIRE', 'clio:n:' .. node .. ':dev', ttl)
 redis.call('PEXPIRE', 'clio:n:' .. node .. ':acct', ttl)

@@ -137,6 +137,7 @@ pub fn start(
         last_audio: Instant::now(),
         last_try: None,
         rev_ver: None,
+        tok_cut: 0,
         acct_ver: None,
         usage_acked: None,
         epoch: None,
@@ -178,6 +179,7 @@ struct Scripts {
     audio: redis::Script,
     publish_if: redis::Script,
     publish_on: redis::Script,
+    tokens_expire: redis::Script,
 }
 
 impl Scripts {
@@ -194,6 +196,7 @@ impl Scripts {
             audio: redis::Script::new(scripts::AUDIO),
             publish_if: redis::Script::new(scripts::PUBLISH_IF),
             publish_on: redis::Script::new(scripts::PUBLISH_ON),
+            tokens_expire: redis::Script::new(scripts::TOKENS_EXPIRE),
         }
     }
 }
@@ -228,6 +231,9 @@ struct Worker {
     last_audio: Instant,
     last_try: Option<Instant>,
     rev_ver: Option<i64>,
+    /// `tokcut` of `clio:ver` as last loaded (ms, Redis clock; see
+    /// [`scripts::TOKENS_EXPIRE`]), offered back to a store that lost it.
+    tok_cut: i64,
     acct_ver: Option<i64>,
     /// The id of this node's last usage batch Redis took (`clio:useq`
     /// holds it too, unless Redis lost it or went back to an older copy).
@@ -280,10 +286,10 @@ struct Worker {
     clock_off: bool,
 }
 
-/// A poll's answers: the nodes script's, what
-/// [`recovery::ask_versions`] asks, and the new
+/// A poll's answers: the nodes script's, the token id revocations
+/// expired, what [`recovery::ask_versions`] asks, and the new
 /// "end the live streams of" entries.
-type PollAnswer = (Value, Vec<Option<String>>, Option<String>, Value);
+type PollAnswer = (Value, i64, Vec<Option<String>>, Option<String>, Value);
 
 type UsageChunk = Vec<(
     (u64, crate::core::usage::GroupBy, String),
@@ -293,6 +299,18 @@ type UsageChunk = Vec<(
 /// A version field of `clio:ver` and the store's epoch, read together with
 /// what they version (see `Worker::load_revocations`).
 type VersionAndEpoch = (Option<i64>, Option<String>);
+
+/// The revocation lists as [`Worker::load_revocations`] reads them: the
+/// version and epoch, the device ids, the token ids, their times, the
+/// `tokcut`, and each member's published hold (ms).
+type RevocationLists = (
+    VersionAndEpoch,
+    HashSet<String>,
+    HashSet<String>,
+    Vec<(String, i64)>,
+    Option<i64>,
+    Vec<i64>,
+);
 
 impl Worker {
     fn run(&mut self, rx: mpsc::Receiver<Job>) {
@@ -456,6 +474,7 @@ impl Worker {
             scripts::RESEED,
             scripts::AUDIO,
             scripts::PUBLISH_ON,
+            scripts::TOKENS_EXPIRE,
         ] {
             pipe.cmd("SCRIPT").arg("LOAD").arg(s);
         }
@@ -604,6 +623,10 @@ impl Worker {
             .ignore()
             .cmd("HDEL")
             .arg("clio:useq")
+            .arg(node)
+            .ignore()
+            .cmd("HDEL")
+            .arg("clio:rev:hold")
             .arg(node)
             .ignore()
             .query(con);
@@ -1038,8 +1061,17 @@ impl Worker {
         let ends_id = self.ends_id.clone().unwrap_or_else(|| "0-0".into());
         let mut nodes_inv = self.scripts.nodes.prepare_invoke();
         nodes_inv.arg(&self.fleet.member);
+        // This node's hold (`max_ttl` + `clock_skew`) in ms, published
+        // and applied by the expiry, before the versions are read: one it
+        // bumps is loaded at this poll.
+        let (hold, _) = self.links.process.devices.token_bounds();
+        let mut expire_inv = self.scripts.tokens_expire.prepare_invoke();
+        expire_inv
+            .arg(&self.fleet.member)
+            .arg(hold.saturating_mul(1000).min(i64::MAX as u64));
         let mut pipe = redis::pipe();
         pipe.invoke_script(&nodes_inv);
+        pipe.invoke_script(&expire_inv);
         recovery::ask_versions(&mut pipe, &self.fleet.member);
         let r: Result<PollAnswer, _> = pipe
             .cmd("XREAD")
@@ -1049,7 +1081,7 @@ impl Worker {
             .arg("clio:ends")
             .arg(&ends_id)
             .query(con);
-        let (nodes, vers, useq, ends) = match r {
+        let (nodes, _expired, vers, useq, ends) = match r {
             Ok(x) => x,
             Err(e) => return self.failed("poll", &e),
         };
@@ -1102,7 +1134,7 @@ impl Worker {
     /// next poll sees the loss, and this node gives back what it knows.
     fn load_revocations(&mut self, ver: i64) {
         let Some(con) = self.con.as_mut() else { return };
-        let r: Result<(VersionAndEpoch, HashSet<String>, HashSet<String>), _> = redis::pipe()
+        let r: Result<RevocationLists, _> = redis::pipe()
             .atomic()
             .cmd("HMGET")
             .arg("clio:ver")
@@ -1112,16 +1144,57 @@ impl Worker {
             .arg("clio:rev:dev")
             .cmd("SMEMBERS")
             .arg("clio:rev:tok")
+            .cmd("ZRANGE")
+            .arg("clio:rev:tokat")
+            .arg(0)
+            .arg(-1)
+            .arg("WITHSCORES")
+            .cmd("HGET")
+            .arg("clio:ver")
+            .arg("tokcut")
+            .cmd("HVALS")
+            .arg("clio:rev:hold")
             .query(con);
         match r {
-            Ok(((rev, epoch), d, t)) => {
+            Ok(((rev, epoch), d, t, at, cut, holds)) => {
                 let rev = rev.unwrap_or(0);
                 if epoch != self.epoch || rev < ver {
                     return;
                 }
                 self.rev_ver = Some(rev);
                 self.recent.retain(|(v, _)| *v > rev);
-                self.links.process.devices.replace_revoked(d, t);
+                let devices = &self.links.process.devices;
+                let (own_hold, skew) = devices.token_bounds();
+                let cut = cut.unwrap_or(0).max(self.tok_cut);
+                self.tok_cut = cut;
+                // Redis's times on this node's clock (the offset its
+                // heartbeats measure), in seconds rounded up: later,
+                // never sooner.
+                let offset = self.fleet.clock_offset_ms.load(Ordering::Relaxed).max(0);
+                let secs = |ms: i64| ((ms.max(0) + offset) as u64).div_ceil(1000);
+                let at: HashMap<String, i64> = at.into_iter().collect();
+                let tokens = t
+                    .into_iter()
+                    .map(|id| {
+                        let when = at.get(&id).map(|ms| secs(*ms));
+                        (id, when)
+                    })
+                    .collect();
+                let hold = holds
+                    .iter()
+                    .map(|ms| ((*ms).max(0) as u64).div_ceil(1000))
+                    .chain([own_hold])
+                    .max()
+                    .unwrap_or(own_hold);
+                // Every token issued up to the latest dropped revocation
+                // plus this node's clock skew: all expired, or carrying an
+                // id revoked then.
+                let through = if cut > 0 {
+                    secs(cut).saturating_add(skew)
+                } else {
+                    0
+                };
+                devices.replace_revoked(d, tokens, hold, through);
             }
             Err(e) => self.failed("revocations", &e),
         }

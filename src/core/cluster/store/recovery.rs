@@ -26,8 +26,22 @@ impl Revocation {
         if let Some(d) = &self.device {
             pipe.cmd(op).arg("clio:rev:dev").arg(d).ignore();
         }
-        if let Some(t) = &self.token {
-            pipe.cmd(op).arg("clio:rev:tok").arg(t).ignore();
+        match &self.token {
+            // Timed by Redis when it takes it: a change kept while the
+            // store was unreachable counts from when it is shared, later
+            // than it was made, so it is kept longer, never shorter.
+            Some(t) if !self.lift => {
+                pipe.cmd("EVAL")
+                    .arg(crate::core::cluster::scripts::REVOKE_TOKEN)
+                    .arg(0)
+                    .arg(t)
+                    .ignore();
+            }
+            Some(t) => {
+                pipe.cmd("SREM").arg("clio:rev:tok").arg(t).ignore();
+                pipe.cmd("ZREM").arg("clio:rev:tokat").arg(t).ignore();
+            }
+            None => {}
         }
         if self.end_live && !self.lift {
             pipe.cmd("XADD")
@@ -200,8 +214,9 @@ impl Worker {
         let nanos = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
+        let devices = &self.links.process.devices;
         let (devices, tokens) = if offer {
-            self.links.process.devices.revoked()
+            (devices.revoked().0, devices.revoked_tokens_at())
         } else {
             (Vec::new(), Vec::new())
         };
@@ -216,9 +231,16 @@ impl Worker {
         } else {
             inv.arg(-1).arg(-1).arg("");
         }
+        inv.arg(if offer { self.tok_cut } else { 0 });
         inv.arg(devices.len());
-        for id in devices.iter().chain(&tokens) {
+        for id in &devices {
             inv.arg(id.as_str());
+        }
+        // Times as loaded (seconds rounded up, so back at or after the
+        // time Redis had): none known, the store gives its own.
+        for (id, at) in &tokens {
+            inv.arg(id.as_str())
+                .arg(at.map_or(0, |s| s.saturating_mul(1000)));
         }
         let con = self.con.as_mut()?;
         match inv.invoke::<(String, i64, i64, u64)>(con) {

@@ -1,0 +1,231 @@
+//! Token id revocations expire fleet-wide: Redis keeps each one, timed
+//! by its own clock, as long as a token carrying the id can be valid on
+//! any node (the longest `tokens.max_ttl` + `tokens.clock_skew` the nodes
+//! published), then drops it; tokens issued before it stay refused.
+
+use std::time::{Duration, SystemTime};
+
+use clio_relay::core::config::Config;
+use clio_relay::core::secret::Secret;
+use clio_relay::core::token::TokenKeys;
+
+use crate::redis::RedisServer;
+use crate::util::*;
+use crate::{node, ADMIN, MASTER};
+
+const KEY: &str = "soniox-key-tokens-expire-1";
+const SOON: Duration = Duration::from_secs(20);
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// A node's config with `max_ttl` and `clock_skew` in seconds.
+fn config(fake: &fake_soniox::FakeSoniox, redis: &RedisServer, id: &str, max_ttl: u64) -> Config {
+    let mut cfg = relay_config(&fake.url(), &[("a", KEY)]);
+    cfg.admin.token = Some(Secret::new(ADMIN));
+    cfg.admin.master_key = Some(Secret::new(MASTER));
+    cfg.tokens.default_ttl = Duration::from_secs(max_ttl);
+    cfg.tokens.max_ttl = Duration::from_secs(max_ttl);
+    cfg.tokens.clock_skew = Duration::from_secs(1);
+    node(&cfg, redis, id)
+}
+
+/// A token for device `phone` with id `id`, issued at `issued` (Unix
+/// seconds) and living `ttl` seconds.
+fn token(relay: &Relay, id: &str, issued: u64, ttl: u64) -> String {
+    TokenKeys::from_config(&relay.cfg.tokens)
+        .mint_exact("phone", None, issued, issued + ttl, id)
+        .unwrap()
+}
+
+/// Whether `relay` refuses `token` as revoked (a stream it takes
+/// streams; any other refusal fails the test).
+fn revoked(relay: &Relay, token: &str) -> bool {
+    let (mut ws, _) = connect(relay.addr(), token, Via::Header).unwrap();
+    let got = stream_session(&mut ws, &config_message(None), &audio_frames(1, 1));
+    if got.finished() {
+        return false;
+    }
+    assert_eq!(got.error_code(), Some(401), "{got:?}");
+    let message = got.messages[0]["error_message"].as_str().unwrap_or("");
+    assert!(message.contains("revoked"), "{got:?}");
+    true
+}
+
+fn list(relay: &Relay) -> serde_json::Value {
+    let (status, body) = http(
+        relay.handle.admin_addr,
+        "GET",
+        "/admin/revocations",
+        Some(ADMIN),
+        None,
+    );
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+fn revoke(relay: &Relay, id: &str) {
+    let body = format!(r#"{{"token_id":"{id}"}}"#);
+    let (status, answer) = http(
+        relay.handle.admin_addr,
+        "POST",
+        "/admin/revocations",
+        Some(ADMIN),
+        Some(&body),
+    );
+    assert_eq!(status, 200, "{answer}");
+}
+
+/// When `relay` says the revocation of `id` expires, once it knows.
+fn expires(relay: &Relay, id: &str) -> Option<u64> {
+    list(relay)["token_ids_expire"][id].as_u64()
+}
+
+fn up_together(a: &Relay, b: &Relay) -> bool {
+    [a, b].iter().all(|r| {
+        let f = r.handle.process.fleet.get().unwrap();
+        f.store_up() && f.nodes() == 2
+    })
+}
+
+/// Two nodes, one taking tokens of up to 2 s, one of up to 4 s (clock
+/// skew 1 s each): a token id revoked on the first is kept 5 s, the
+/// longer node's bound, and refused on both while a token carrying it
+/// is valid on either; then Redis and both nodes let it go, not before,
+/// and a token issued since with the id streams. A node started later
+/// that takes tokens of a minute still refuses one issued before the
+/// revocation. (Redis kept every token id revocation until lifted, and
+/// `token_ids_expire` was empty in a fleet.)
+#[test]
+fn a_token_id_revocation_expires_fleet_wide_after_the_longest_lifetime() {
+    let redis = RedisServer::start();
+    let fake = fake(&[KEY], |_| {});
+    let short = Relay::start(config(&fake, &redis, "node-short", 2));
+    let long = Relay::start(config(&fake, &redis, "node-long", 4));
+    assert!(wait_until(SOON, || up_together(&short, &long)));
+    // Both have published their bounds (a poll each).
+    assert!(wait_until(SOON, || redis
+        .command("HLEN clio:rev:hold")
+        .starts_with(":2")));
+    let before_ms = now_ms();
+    let issued = before_ms / 1000;
+    let on_short = token(&short, "leaked-1", issued, 2);
+    let on_long = token(&long, "leaked-1", issued, 4);
+    revoke(&short, "leaked-1");
+    let after = now_ms().div_ceil(1000);
+    // Both nodes show when it expires: the revocation (Redis's clock, to
+    // the second above) plus the longest bound, 4 + 1 s.
+    let mut until = 0;
+    assert!(wait_until(SOON, || {
+        match (expires(&short, "leaked-1"), expires(&long, "leaked-1")) {
+            (Some(x), Some(y)) if x == y => {
+                until = x;
+                true
+            }
+            _ => false,
+        }
+    }));
+    assert!(
+        (issued + 5..=after + 6).contains(&until),
+        "expires at {until}, revoked in [{issued}, {after}]"
+    );
+    // Refused on both for as long as either could take a token with it.
+    while now_ms() / 1000 < issued + 4 {
+        if now_ms() / 1000 < issued + 2 {
+            assert!(revoked(&short, &on_short), "a revoked token id streamed");
+        }
+        assert!(revoked(&long, &on_long), "a revoked token id streamed");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    // Then it goes from Redis and from both nodes, not before 5 s.
+    assert!(wait_until(SOON, || {
+        redis
+            .command("SISMEMBER clio:rev:tok leaked-1")
+            .starts_with(":0")
+            && list(&short)["token_ids"] == serde_json::json!([])
+            && list(&long)["token_ids"] == serde_json::json!([])
+    }));
+    assert!(now_ms() >= before_ms + 5000, "let go before its time");
+    assert!(redis
+        .command("ZSCORE clio:rev:tokat leaked-1")
+        .starts_with("$-1"));
+    let cut: u64 = redis.hget("clio:ver", "tokcut").unwrap().parse().unwrap();
+    assert!(cut >= before_ms, "{cut} < {before_ms}");
+    // A token issued since with that id streams on both.
+    let now = now_ms() / 1000;
+    assert!(!revoked(&short, &token(&short, "leaked-1", now, 2)));
+    assert!(!revoked(&long, &token(&long, "leaked-1", now, 4)));
+    // A node taking tokens of a minute, started now: one issued at the
+    // revocation (so valid there for a minute) is refused, one issued
+    // now streams.
+    let minute = Relay::start(config(&fake, &redis, "node-minute", 60));
+    let before_it = token(&minute, "leaked-1", issued, 60);
+    assert!(wait_until(SOON, || crate::up(&minute) && revoked(&minute, &before_it)));
+    assert!(revoked(&minute, &token(&minute, "other-id", issued, 60)));
+    let now = now_ms() / 1000;
+    assert!(!revoked(&minute, &token(&minute, "leaked-1", now, 60)));
+}
+
+/// Redis loses its data (`FLUSHALL`) while a token id revocation is
+/// kept: the nodes give it back with the time Redis had (to the second
+/// above), not a new one, and the mark of those already let go. (The
+/// times and the mark were not carried: a loss made every revocation
+/// count from the reseed, or lost the mark.)
+#[test]
+fn a_flush_gives_back_token_id_revocations_with_their_times() {
+    let redis = RedisServer::start();
+    let fake = fake(&[KEY], |_| {});
+    let a = Relay::start(config(&fake, &redis, "node-a", 2));
+    let b = Relay::start(config(&fake, &redis, "node-b", 10));
+    assert!(wait_until(SOON, || up_together(&a, &b)));
+    assert!(wait_until(SOON, || redis
+        .command("HLEN clio:rev:hold")
+        .starts_with(":2")));
+    // One let go already (kept 11 s), so the mark is set.
+    revoke(&a, "early");
+    assert!(wait_until(SOON, || redis
+        .hget("clio:ver", "tokcut")
+        .is_some()));
+    let cut: u64 = redis.hget("clio:ver", "tokcut").unwrap().parse().unwrap();
+    revoke(&a, "late");
+    let score = |id: &str| -> Option<u64> {
+        let r = redis.command(&format!("ZSCORE clio:rev:tokat {id}"));
+        r.lines().nth(1).and_then(|l| l.trim().parse().ok())
+    };
+    let at = score("late").expect("timed when taken");
+    // Both nodes have loaded it with its time.
+    assert!(wait_until(SOON, || expires(&a, "late").is_some()
+        && expires(&b, "late").is_some()));
+    let until = expires(&b, "late").unwrap();
+    assert!(revoked(&b, &token(&b, "late", at / 1000, 10)));
+    // Long enough that a time given anew at the reseed would show.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(redis.command("FLUSHALL").starts_with("+OK"));
+    assert!(wait_until(SOON, || redis
+        .hget("clio:ver", "epoch")
+        .is_some()
+        && score("late").is_some()
+        && up_together(&a, &b)));
+    let back = score("late").unwrap();
+    assert!(
+        (at..=at + 2000).contains(&back),
+        "taken at {at}, given back as {back}"
+    );
+    let cut_back: u64 = redis.hget("clio:ver", "tokcut").unwrap().parse().unwrap();
+    assert!(cut_back >= cut, "mark {cut} given back as {cut_back}");
+    assert!(redis
+        .command("SISMEMBER clio:rev:tok late")
+        .starts_with(":1"));
+    // Still refused on both (any token carrying it while it is kept),
+    // and expiring when it did.
+    let now = now_ms() / 1000;
+    assert!(revoked(&a, &token(&a, "late", now, 2)));
+    assert!(revoked(&b, &token(&b, "late", now, 10)));
+    assert!(wait_until(SOON, || expires(&b, "late").is_some()));
+    let again = expires(&b, "late").unwrap();
+    assert!((until..=until + 2).contains(&again), "{until} then {again}");
+}
