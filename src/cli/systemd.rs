@@ -99,9 +99,14 @@ impl Notifier {
                 format!("NOTIFY_SOCKET={socket:?}: neither an absolute path nor @abstract"),
             ));
         };
+        // Non-blocking: a reader that stopped reading fills the socket's
+        // queue, and a send must then fail (logged), not hang the thread
+        // that sends (the watchdog's, or a drain's `STOPPING=1`).
+        let sender = UnixDatagram::unbound()?;
+        sender.set_nonblocking(true)?;
         Ok(Notifier {
             inner: Some(Arc::new(Target {
-                socket: UnixDatagram::unbound()?,
+                socket: sender,
                 addr,
                 name: socket.to_string(),
             })),

@@ -485,3 +485,32 @@ fn local_addr_of_a_listener() {
     let (fd, addr) = listener();
     assert_eq!(local_addr(&fd).unwrap(), addr);
 }
+
+#[test]
+fn a_notify_socket_no_one_reads_never_blocks_a_send() {
+    // A notify socket whose reader stopped reading (a supervisor that
+    // hung, a wrapper that never reads): once its queue is full a send
+    // must fail, not wait. Before, the socket blocked: the watchdog
+    // thread hung in its next send, and the relay never exited after
+    // SIGTERM (its drain waits for that thread).
+    let sd = FakeSystemd::bind();
+    let n = Notifier::for_socket(sd.path.to_str().unwrap()).unwrap();
+    let (done, sent) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        // Far more than a datagram queue holds (512 by default).
+        let failed = (0..5_000).filter(|_| n.send("WATCHDOG=1").is_err()).count();
+        let _ = done.send(failed);
+    });
+    let failed = sent
+        .recv_timeout(Duration::from_secs(20))
+        .expect("a send blocked on a full notify socket");
+    assert!(
+        failed > 0,
+        "every send went through: the queue never filled"
+    );
+    // The reader comes back: sends go through again.
+    while !sd.nothing_pending() {}
+    let n = Notifier::for_socket(sd.path.to_str().unwrap()).unwrap();
+    n.send("READY=1").unwrap();
+    assert_eq!(sd.recv(), "READY=1");
+}
