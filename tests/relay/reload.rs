@@ -406,6 +406,40 @@ fn a_reload_says_what_it_changed_on_each_account_and_what_it_kept() {
     assert!(!log.iter().any(|l| l.contains("acct-")), "{log:?}");
 }
 
+#[test]
+fn a_reload_names_the_settings_it_changed_and_no_value() {
+    // Before, a reload that changed `server.allow`, a limit, the device
+    // limits or the admin token logged only "limits and token keys
+    // applied": an operator could not tell from the log what it changed.
+    let fake = fake(&["k1"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("acct-a", "k1")]);
+    cfg.admin.token = Some(Secret::new(ADMIN));
+    let relay = Relay::start(cfg);
+    let mut file = relay.cfg.clone();
+    file.server.allow = vec!["127.0.0.0/8".parse().unwrap()];
+    file.limits.idle_timeout += Duration::from_secs(1);
+    file.failover.max_resumes += 1;
+    file.devices.default.max_concurrent_streams = 7;
+    let new_admin = "reload-admin-token-changed-000000";
+    file.admin.token = Some(Secret::new(new_admin));
+    let log = relay.handle.reload(&file).unwrap();
+    let line = "changed: server.allow, limits.idle_timeout, failover.max_resumes, \
+                [devices], admin.token";
+    assert!(log.iter().any(|l| l == line), "{line:?} not in {log:?}");
+    assert!(
+        !log.iter()
+            .any(|l| l.contains(new_admin) || l.contains(ADMIN)),
+        "{log:?}"
+    );
+    // The same file again: nothing changed, and nothing is said to have.
+    let log = relay.handle.reload(&file).unwrap();
+    assert!(!log.iter().any(|l| l.starts_with("changed")), "{log:?}");
+    // Still served (the new allow list holds the test's address).
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    let got = stream_session(&mut ws, &config_message(None), &audio_frames(2, 1));
+    assert!(got.finished(), "{got:?}");
+}
+
 /// The usage ledger across a reload and a crash: a reload leaves the
 /// counters as they were (a counter never goes down), and a SIGKILL
 /// loses the stream that was live then, whole, while the streams that
