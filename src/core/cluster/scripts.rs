@@ -493,18 +493,16 @@ if tonumber(redis.call('ZSCORE', 'clio:nodes', ARGV[1]) or '0') >= now then mine
 return {#nodes, out, mine}
 "#;
 
-/// Usage: adds a batch of one node's per-day counters (deltas) to its
-/// hashes, once. A batch whose id is the node's last one was already added
-/// (its answer was lost) and is skipped, so a retry never counts twice.
-/// ARGV: node, member (whose last batch id `clio:useq` keeps), batch id,
-/// seconds to keep account hashes, seconds to keep device hashes, then
-/// per entry: day, `acct` or `dev`, id, streams, audio
-/// ms, audio ms (relay meter), bytes up, bytes down, errors as
-/// `code:n,code:n`. Returns 1, or 0 for a batch already added.
-pub const USAGE: &str = r#"
+/// The part of [`USAGE`] and [`USAGE_MAX`] they share: every entry's
+/// counters given to the script's `apply(hash, field, n)`, each hash's
+/// and day's expiry, and the batch id recorded as the node's last.
+/// A macro, not a `const`, so that `concat!` can join it to each
+/// script's own beginning.
+macro_rules! usage_entries {
+    () => {
+        r#"
 local node, member, batch = ARGV[1], ARGV[2], ARGV[3]
 local keep = {acct = tonumber(ARGV[4]), dev = tonumber(ARGV[5])}
-if redis.call('HGET', 'clio:useq', member) == batch then return 0 end
 local names = {'s', 'a', 'r', 'u', 'd'}
 local days = {}
 for i = 6, #ARGV, 9 do
@@ -512,10 +510,10 @@ for i = 6, #ARGV, 9 do
   local h = 'clio:u:' .. day .. ':' .. node .. ':' .. grp
   for j = 1, 5 do
     local n = ARGV[i + 2 + j]
-    if n ~= '0' then redis.call('HINCRBY', h, names[j] .. ':' .. id, n) end
+    if n ~= '0' then apply(h, names[j] .. ':' .. id, n) end
   end
   for code, n in string.gmatch(ARGV[i + 8], '(%d+):(%d+)') do
-    redis.call('HINCRBY', h, 'e' .. code .. ':' .. id, n)
+    apply(h, 'e' .. code .. ':' .. id, n)
   end
   redis.call('EXPIRE', h, keep[grp])
   days[day] = true
@@ -527,7 +525,26 @@ for day in pairs(days) do
 end
 redis.call('HSET', 'clio:useq', member, batch)
 return 1
-"#;
+"#
+    };
+}
+
+/// Usage: adds a batch of one node's per-day counters (deltas) to its
+/// hashes, once. A batch whose id is the node's last one was already added
+/// (its answer was lost) and is skipped, so a retry never counts twice.
+/// ARGV: node, member (whose last batch id `clio:useq` keeps), batch id,
+/// seconds to keep account hashes, seconds to keep device hashes, then
+/// per entry: day, `acct` or `dev`, id, streams, audio
+/// ms, audio ms (relay meter), bytes up, bytes down, errors as
+/// `code:n,code:n`. Returns 1, or 0 for a batch already added.
+pub const USAGE: &str = concat!(
+    r#"
+if redis.call('HGET', 'clio:useq', ARGV[2]) == ARGV[3] then return 0 end
+local function apply(h, f, n)
+  redis.call('HINCRBY', h, f, n)
+end"#,
+    usage_entries!()
+);
 
 /// Usage merge: raises each of one node's per-day counters to the value
 /// given, where Redis holds less (a counter it holds more of stays). A
@@ -538,34 +555,12 @@ return 1
 /// part of the node's usage; the larger, counter by counter, is kept.
 /// Repeating it changes nothing. The ARGV and the answer are
 /// [`USAGE`]'s; the batch id is recorded as the node's last the same way.
-pub const USAGE_MAX: &str = r#"
-local node, member, batch = ARGV[1], ARGV[2], ARGV[3]
-local keep = {acct = tonumber(ARGV[4]), dev = tonumber(ARGV[5])}
-local names = {'s', 'a', 'r', 'u', 'd'}
-local days = {}
-local function raise(h, f, n)
+pub const USAGE_MAX: &str = concat!(
+    r#"
+local function apply(h, f, n)
   if tonumber(n) > tonumber(redis.call('HGET', h, f) or '0') then
     redis.call('HSET', h, f, n)
   end
-end
-for i = 6, #ARGV, 9 do
-  local day, grp, id = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-  local h = 'clio:u:' .. day .. ':' .. node .. ':' .. grp
-  for j = 1, 5 do
-    local n = ARGV[i + 2 + j]
-    if n ~= '0' then raise(h, names[j] .. ':' .. id, n) end
-  end
-  for code, n in string.gmatch(ARGV[i + 8], '(%d+):(%d+)') do
-    raise(h, 'e' .. code .. ':' .. id, n)
-  end
-  redis.call('EXPIRE', h, keep[grp])
-  days[day] = true
-end
-for day in pairs(days) do
-  local k = 'clio:u:' .. day .. ':nodes'
-  redis.call('SADD', k, node)
-  redis.call('EXPIRE', k, keep.acct)
-end
-redis.call('HSET', 'clio:useq', member, batch)
-return 1
-"#;
+end"#,
+    usage_entries!()
+);
