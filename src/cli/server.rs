@@ -37,115 +37,6 @@ pub struct RelayHandle {
     finalize_wait_ms: std::sync::atomic::AtomicU64,
 }
 
-/// The settings a reload changed, by name, besides the accounts and the
-/// client port's certificate (their own lines name those) and what needs
-/// a restart (reported as kept): never a value, so never a secret.
-fn changed_settings(old: &Config, new: &Config) -> Vec<&'static str> {
-    let mut names = Vec::new();
-    // Each field by name; a section that differs in none of them (a field
-    // added since) is still named, as a whole.
-    macro_rules! fields {
-        ($section:ident, [$($field:ident),*]) => {{
-            let before = names.len();
-            $(
-                if old.$section.$field != new.$section.$field {
-                    names.push(concat!(stringify!($section), ".", stringify!($field)));
-                }
-            )*
-            if names.len() == before && old.$section != new.$section {
-                names.push(concat!("[", stringify!($section), "]"));
-            }
-        }};
-    }
-    for (differs, name) in [
-        (old.server.allow != new.server.allow, "server.allow"),
-        (
-            old.server.proxy_protocol_from != new.server.proxy_protocol_from,
-            "server.proxy_protocol_from",
-        ),
-        (old.tokens.secret != new.tokens.secret, "tokens.secret"),
-        (
-            old.tokens.previous_secret != new.tokens.previous_secret,
-            "tokens.previous_secret",
-        ),
-        (
-            old.tokens.extra.len() != new.tokens.extra.len()
-                || old
-                    .tokens
-                    .extra
-                    .iter()
-                    .zip(&new.tokens.extra)
-                    .any(|(a, b)| a.secret != b.secret || a.pools != b.pools),
-            "tokens.extra",
-        ),
-        (
-            old.tokens.default_ttl != new.tokens.default_ttl,
-            "tokens.default_ttl",
-        ),
-        (old.tokens.max_ttl != new.tokens.max_ttl, "tokens.max_ttl"),
-        (
-            old.tokens.clock_skew != new.tokens.clock_skew,
-            "tokens.clock_skew",
-        ),
-        (
-            old.tokens.pools != new.tokens.pools
-                || old.tokens.previous_pools != new.tokens.previous_pools,
-            "tokens.pools",
-        ),
-    ] {
-        if differs {
-            names.push(name);
-        }
-    }
-    fields!(
-        limits,
-        [
-            handshake_timeout,
-            max_header_bytes,
-            max_frame_bytes,
-            max_first_message_bytes,
-            idle_timeout,
-            stall_timeout,
-            socket_buffer,
-            drain_timeout,
-            finalize_wait,
-            max_unauthenticated,
-            max_unauthenticated_per_address
-        ]
-    );
-    fields!(
-        failover,
-        [replay_bytes, resume_audio, max_resumes, resume_memory]
-    );
-    if old.devices != new.devices {
-        names.push("[devices]");
-    }
-    if old.usage != new.usage {
-        names.push("[usage]");
-    }
-    for (differs, name) in [
-        (old.admin.token != new.admin.token, "admin.token"),
-        (old.admin.allow != new.admin.allow, "admin.allow"),
-        (
-            old.admin.rotation_period != new.admin.rotation_period,
-            "admin.rotation_period",
-        ),
-        (
-            old.admin.rotation_overlap != new.admin.rotation_overlap,
-            "admin.rotation_overlap",
-        ),
-        (
-            old.admin.health_interval != new.admin.health_interval,
-            "admin.health_interval",
-        ),
-    ] {
-        if differs {
-            names.push(name);
-        }
-    }
-    names
-}
-
 /// Which of the relay's threads did not answer a liveness ping in time
 /// ([`RelayHandle::alive`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -530,7 +421,7 @@ impl RelayHandle {
         }
         {
             let mut applied = self.applied.lock().unwrap_or_else(|e| e.into_inner());
-            let changed = changed_settings(&applied, &cfg);
+            let changed = cfg.live_changes_from(&applied);
             if !changed.is_empty() {
                 log.push(format!("changed: {}", changed.join(", ")));
             }

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use crate::core::secret::Secret;
 
+mod changes;
 mod load;
 mod raw;
 mod sections;
