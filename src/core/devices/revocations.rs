@@ -1,0 +1,249 @@
+//! Revocations: the device ids and token ids refused on this process
+//! (a relay alone's own lists, or the fleet's from the shared store), and
+//! the expiry of token id revocations once no token can carry the id.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use super::{Devices, Limit, Refused};
+use crate::core::token::Claims;
+
+impl Devices {
+    /// Whether `claims`' device or token id is on this process's revocation
+    /// lists.
+    pub fn is_revoked(&self, claims: &Claims) -> bool {
+        self.revoked_devices
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&claims.device_id)
+            || self
+                .revoked_tokens
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains_key(&claims.token_id)
+            || match self.forgotten_through.load(Ordering::Relaxed) {
+                0 => false,
+                mark => claims.issued_at <= mark,
+            }
+    }
+
+    /// The refusal of a revoked device or token.
+    pub fn revoked_refusal() -> Refused {
+        Refused {
+            limit: Limit::Revoked,
+            message: "This device or session token has been revoked.".into(),
+        }
+    }
+
+    /// Replaces both revocation lists with the fleet's, from the shared
+    /// store: token ids with when Redis took them (Unix seconds, Redis's
+    /// clock), kept by the fleet for `hold` seconds; tokens issued at or
+    /// before `through` stay refused (see [`Devices::forgotten_through`]),
+    /// raised first so that no moment lacks both the dropped ids and it.
+    pub fn replace_revoked(
+        &self,
+        devices: HashSet<String>,
+        tokens: HashMap<String, Option<u64>>,
+        hold: u64,
+        through: u64,
+    ) {
+        self.forgotten_through.fetch_max(through, Ordering::Relaxed);
+        self.fleet_hold.store(hold, Ordering::Relaxed);
+        *self
+            .revoked_devices
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = devices;
+        *self
+            .revoked_tokens
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = tokens
+            .into_iter()
+            .map(|(id, at)| (id, at.map(|at| (at, 0))))
+            .collect();
+    }
+
+    /// Every revoked token id with when it was revoked, if known (Unix
+    /// seconds), sorted by id.
+    pub fn revoked_tokens_at(&self) -> Vec<(String, Option<u64>)> {
+        let mut v: Vec<_> = self
+            .revoked_tokens
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(id, held)| (id.clone(), held.map(|(at, _)| at)))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The token lifetime bounds in force, seconds: how long a token id
+    /// revocation must be kept (`tokens.max_ttl` + `tokens.clock_skew`),
+    /// and `tokens.clock_skew`.
+    pub fn token_bounds(&self) -> (u64, u64) {
+        let skew = self.token_skew.load(Ordering::Relaxed);
+        (
+            self.token_hold.load(Ordering::Relaxed).saturating_add(skew),
+            skew,
+        )
+    }
+
+    /// Denies a device id (its new streams are refused from now on).
+    pub fn revoke_device(&self, device: &str) -> bool {
+        self.revoked_devices
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(device.to_string())
+    }
+
+    /// Denies a token id, not knowing when yet (the fleet's way: the
+    /// next load of the fleet's lists tells).
+    pub fn revoke_token(&self, token_id: &str) -> bool {
+        self.revoked_tokens
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(token_id.to_string(), None)
+            .is_none()
+    }
+
+    /// Denies a token id revoked at `at` (Unix seconds) under a clock
+    /// skew of `skew` seconds (`None`: the one in force): kept until no
+    /// token carrying it can still be valid, `at` plus `tokens.max_ttl`
+    /// plus the larger of `skew` and the skew in force
+    /// ([`Devices::set_token_lifetime`]), then let go
+    /// ([`Devices::expire_revoked_tokens`]). Revoking it again starts
+    /// over.
+    pub fn revoke_token_at(&self, token_id: &str, at: u64, skew: Option<u64>) -> bool {
+        let skew = skew.unwrap_or_else(|| self.token_skew.load(Ordering::Relaxed));
+        self.revoked_tokens
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(token_id.to_string(), Some((at, skew)))
+            .is_none()
+    }
+
+    /// The token lifetime bounds in force (`tokens.max_ttl`,
+    /// `tokens.clock_skew`): a token id revocation is kept their sum (the
+    /// skew the larger of the one in force and the one when it was made).
+    /// A token issued before the revocation (by a clock at most the skew
+    /// then ahead of this one) lives at most `max_ttl` from its issue time.
+    pub fn set_token_lifetime(&self, max_ttl: Duration, clock_skew: Duration) {
+        let ceil = |d: Duration| d.as_secs() + u64::from(d.subsec_nanos() > 0);
+        self.token_skew.store(ceil(clock_skew), Ordering::Relaxed);
+        self.token_hold.store(ceil(max_ttl), Ordering::Relaxed);
+    }
+
+    /// The clock skew (seconds) that counts for a revocation made under
+    /// `skew`: the larger of it and the one in force.
+    fn token_skew_for(&self, skew: u64) -> u64 {
+        skew.max(self.token_skew.load(Ordering::Relaxed))
+    }
+
+    /// When (Unix seconds) a revocation made at `at` under a clock skew
+    /// of `skew` seconds expires: in a fleet by the fleet's hold (the
+    /// longest `max_ttl` + `clock_skew` its nodes published), else by this
+    /// relay's `max_ttl` and the skew that counts.
+    fn token_expiry(&self, at: u64, skew: u64) -> u64 {
+        match self.fleet_hold.load(Ordering::Relaxed) {
+            u64::MAX => at
+                .saturating_add(self.token_hold.load(Ordering::Relaxed))
+                .saturating_add(self.token_skew_for(skew)),
+            fleet => at.saturating_add(fleet),
+        }
+    }
+
+    /// Lets go of the token id revocations that have expired at `now`
+    /// (Unix seconds), and refuses from then on every token issued at or
+    /// before the latest of them plus the clock-skew allowance: under the
+    /// bounds in force every such token has expired too, and were
+    /// `tokens.max_ttl` raised later, one that lived longer, revoked
+    /// or not, stays refused. Returns how many went.
+    pub fn expire_revoked_tokens(&self, now: u64) -> usize {
+        let mut mark = 0;
+        let mut gone = 0;
+        self.revoked_tokens
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, held| match *held {
+                Some((at, skew)) if self.token_expiry(at, skew) <= now => {
+                    mark = mark.max(at.saturating_add(self.token_skew_for(skew)));
+                    gone += 1;
+                    false
+                }
+                _ => true,
+            });
+        self.forgotten_through.fetch_max(mark, Ordering::Relaxed);
+        gone
+    }
+
+    /// Tokens issued at or before this (Unix seconds) are refused, since
+    /// a revocation that could name them has expired (0: none).
+    pub fn forgotten_through(&self) -> u64 {
+        self.forgotten_through.load(Ordering::Relaxed)
+    }
+
+    /// Raises [`Devices::forgotten_through`] to `mark` (as saved).
+    pub fn set_forgotten_through(&self, mark: u64) {
+        self.forgotten_through.fetch_max(mark, Ordering::Relaxed);
+    }
+
+    /// The token id revocations that expire, with when they were made
+    /// (Unix seconds), the clock skew then (seconds), and when they expire
+    /// (Unix seconds), sorted by id.
+    pub fn revoked_token_times(&self) -> Vec<(String, u64, u64, u64)> {
+        let mut v: Vec<_> = self
+            .revoked_tokens
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter_map(|(id, held)| {
+                let (at, skew) = (*held)?;
+                Some((id.clone(), at, skew, self.token_expiry(at, skew)))
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Lifts a device or token revocation.
+    pub fn unrevoke(&self, device: Option<&str>, token_id: Option<&str>) -> bool {
+        let mut any = false;
+        if let Some(d) = device {
+            any |= self
+                .revoked_devices
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(d);
+        }
+        if let Some(t) = token_id {
+            any |= self
+                .revoked_tokens
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(t)
+                .is_some();
+        }
+        any
+    }
+
+    /// The revoked device ids and token ids, sorted.
+    pub fn revoked(&self) -> (Vec<String>, Vec<String>) {
+        let mut d: Vec<_> = self
+            .revoked_devices
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect();
+        let mut t: Vec<_> = self
+            .revoked_tokens
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        d.sort();
+        t.sort();
+        (d, t)
+    }
+}
