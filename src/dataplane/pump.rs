@@ -496,17 +496,31 @@ fn first_message_error(bytes: &[u8]) -> FirstMessage {
 /// held with them. Fragments out of order, or a close among them, are the
 /// scanner's to judge: [`FirstMessage::Other`].
 fn fragmented_first_message(bytes: &[u8]) -> FirstMessage {
+    // Whether all of it is here first, copying nothing: a read that ends
+    // inside it comes back here with the next one.
+    if let Err(not_whole) = walk_fragments(bytes, |_| {}) {
+        return not_whole;
+    }
     let mut text = Vec::new();
+    let _ = walk_fragments(bytes, |piece| text.extend_from_slice(piece));
+    error_in(&text)
+}
+
+/// Walks the text message in fragments at the start of `bytes` (a ping or
+/// pong among them passed over), handing each fragment's payload to
+/// `piece`, up to its last. `Err` with what [`first_message_error`] says
+/// when it is not all here, or not fragments in order.
+fn walk_fragments(bytes: &[u8], mut piece: impl FnMut(&[u8])) -> Result<(), FirstMessage> {
     let mut at = 0;
     loop {
         let h = match parse_header(&bytes[at..], Sender::Server, u64::MAX >> 1) {
             Ok(Some(h)) => h,
-            Ok(None) => return FirstMessage::Incomplete,
-            Err(_) => return FirstMessage::Other,
+            Ok(None) => return Err(FirstMessage::Incomplete),
+            Err(_) => return Err(FirstMessage::Other),
         };
         let total = h.header_len as u64 + h.payload_len;
         if ((bytes.len() - at) as u64) < total {
-            return FirstMessage::Incomplete;
+            return Err(FirstMessage::Incomplete);
         }
         let end = at + total as usize;
         let expected = if at == 0 {
@@ -517,12 +531,12 @@ fn fragmented_first_message(bytes: &[u8]) -> FirstMessage {
         match h.opcode {
             Opcode::Ping | Opcode::Pong => {}
             op if op == expected => {
-                text.extend_from_slice(&bytes[at + h.header_len..end]);
+                piece(&bytes[at + h.header_len..end]);
                 if h.fin {
-                    return error_in(&text);
+                    return Ok(());
                 }
             }
-            _ => return FirstMessage::Other,
+            _ => return Err(FirstMessage::Other),
         }
         at = end;
     }
