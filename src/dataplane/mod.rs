@@ -29,6 +29,7 @@ pub mod http;
 pub mod io;
 pub mod listen;
 pub mod log_budget;
+pub mod process;
 pub mod proxy_header;
 pub mod pump;
 pub mod session;
