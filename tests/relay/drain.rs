@@ -649,3 +649,170 @@ fn a_drain_ends_with_its_streams_and_answers_the_silent_connections() {
         );
     }
 }
+
+/// Runs a drain while `stream` (begun, its config and audio up) is live,
+/// ends the stream, and returns once the drain did: it waited for the
+/// stream alone, cut none, and the connections without a stream are
+/// answered as it ends.
+fn drain_while(relay: &Relay, fake: &fake_soniox::FakeSoniox, mut send: impl FnMut(Message)) {
+    let handle = &relay.handle;
+    std::thread::scope(|s| {
+        let d = s.spawn(|| handle.drain(Duration::from_secs(3600)));
+        assert!(healthz_turns_503(relay.handle.admin_addr));
+        send(Message::binary(audio_frames(1, 9).remove(0)));
+        assert!(fake.wait_for(Duration::from_secs(10), |s| s[0].audio_frames == 4));
+        assert!(!d.is_finished(), "the drain ended with a stream live");
+        send(Message::binary(Vec::<u8>::new()));
+        assert_eq!(d.join().unwrap(), 0, "no stream was cut");
+    });
+}
+
+/// A connection still in its TLS handshake on a `[tls]` client port does
+/// not hold a drain, and is closed, with no answer (there is no HTTP to
+/// answer in yet), when the drain's streams end: one that sent half its
+/// ClientHello, and one that sent all of it and got the relay's answer
+/// but never finished. Each counts as a 503 of the relay's own.
+/// `limits.handshake_timeout` (2 min) is past the test's reads (15 s):
+/// the close is the drain's.
+#[test]
+fn a_drain_closes_the_connections_still_in_their_tls_handshake() {
+    use std::io::{Read, Write};
+    let fake = fake(&["k1"], |_| {});
+    let (relay, ca) = crate::tls::tls_relay(&fake.url(), |c| {
+        c.limits.handshake_timeout = Duration::from_secs(120);
+    });
+    let at = relay.addr();
+    let mut ws = crate::tls::wss_connect(at, &ca, &relay.token("phone")).unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    for f in audio_frames(3, 1) {
+        ws.send(Message::binary(f)).unwrap();
+    }
+    ws.flush().unwrap();
+    assert!(fake.wait_for(Duration::from_secs(10), |s| s.len() == 1
+        && s[0].audio_frames == 3));
+    // A ClientHello as a real client sends it.
+    let client_hello = || {
+        let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+        let mut conn =
+            rustls::ClientConnection::new(Arc::new(cfg), "localhost".try_into().unwrap()).unwrap();
+        let mut hello = Vec::new();
+        conn.write_tls(&mut hello).unwrap();
+        assert!(hello.len() > 100, "{}", hello.len());
+        hello
+    };
+    let connect = || {
+        let tcp = std::net::TcpStream::connect(at).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        tcp
+    };
+    let mut half = connect();
+    let hello = client_hello();
+    half.write_all(&hello[..hello.len() / 2]).unwrap();
+    let mut unfinished = connect();
+    unfinished.write_all(&client_hello()).unwrap();
+    // The relay's ServerHello: it is waiting for the client's Finished.
+    let mut first = [0u8; 5];
+    unfinished.read_exact(&mut first).unwrap();
+    assert_eq!(first[0], 22, "a TLS handshake record: {first:?}");
+    assert!(wait_until(Duration::from_secs(10), || accept_queue(at) == Some(0)));
+    let before = relay.handle.metrics();
+    drain_while(&relay, &fake, |m| {
+        ws.send(m).unwrap();
+        ws.flush().unwrap();
+    });
+    let got = read_all_tls(&mut ws);
+    assert!(got.contains("\"finished\":true"), "{got}");
+    for (name, tcp) in [
+        ("half a ClientHello", &mut half),
+        ("unfinished", &mut unfinished),
+    ] {
+        let mut rest = Vec::new();
+        match tcp.read_to_end(&mut rest) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            Err(e) => panic!("{name}: not closed by the drain: {e}"),
+        }
+        assert!(
+            !String::from_utf8_lossy(&rest).contains("HTTP/"),
+            "{name}: no HTTP before the handshake: {rest:?}"
+        );
+    }
+    let after = relay.handle.metrics();
+    use clio_relay::core::metrics::{RefusedBy, Side};
+    assert_eq!(
+        after.errors(Side::Internal, 503) - before.errors(Side::Internal, 503),
+        2
+    );
+    assert_eq!(
+        after.refusals(RefusedBy::Relay) - before.refusals(RefusedBy::Relay),
+        2
+    );
+}
+
+/// The text of every message until the connection ends.
+fn read_all_tls<S: std::io::Read + std::io::Write>(ws: &mut tungstenite::WebSocket<S>) -> String {
+    let mut text = String::new();
+    while let Ok(m) = ws.read() {
+        if let Message::Text(t) = m {
+            text.push_str(&t);
+        }
+    }
+    text
+}
+
+/// A connection from a balancer in `server.proxy_protocol_from` still
+/// sending its PROXY header does not hold a drain, and gets HTTP 503
+/// "reconnect" when the drain's streams end: a v1 header cut before its
+/// CRLF, and a v2 header cut inside its address block. Each counts as a
+/// 503 of the relay's own. `limits.handshake_timeout` (2 min) is past the
+/// test's reads (15 s): the answer is the drain's.
+#[test]
+fn a_drain_answers_the_connections_still_sending_their_proxy_header() {
+    use std::io::Write;
+    let fake = fake(&["k1"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.server.proxy_protocol_from = vec!["127.0.0.1/32".parse().unwrap()];
+    cfg.limits.handshake_timeout = Duration::from_secs(120);
+    let relay = Relay::start(cfg);
+    let at = relay.addr();
+    let v2 = crate::proxy_protocol::v2("192.0.2.7:5000".parse().unwrap());
+    let mut ws = crate::proxy_protocol::ws_after(at, &v2, &relay.token("phone"));
+    ws.send(Message::text(config_message(None))).unwrap();
+    for f in audio_frames(3, 1) {
+        ws.send(Message::binary(f)).unwrap();
+    }
+    assert!(fake.wait_for(Duration::from_secs(10), |s| s.len() == 1
+        && s[0].audio_frames == 3));
+    let mut v1_part = crate::proxy_protocol::from([127, 0, 0, 1], at);
+    v1_part
+        .write_all(b"PROXY TCP4 192.0.2.8 10.0.0.1 5000")
+        .unwrap();
+    let mut v2_part = crate::proxy_protocol::from([127, 0, 0, 1], at);
+    v2_part.write_all(&v2[..v2.len() - 5]).unwrap();
+    assert!(wait_until(Duration::from_secs(10), || accept_queue(at) == Some(0)));
+    let before = relay.handle.metrics();
+    drain_while(&relay, &fake, |m| ws.send(m).unwrap());
+    let got = read_all(&mut ws);
+    assert!(got.finished(), "{got:?}");
+    for (name, tcp) in [("v1", &mut v1_part), ("v2", &mut v2_part)] {
+        let (status, text) = crate::proxy_protocol::answer(tcp);
+        assert_eq!(status, 503, "{name}: {text:?}");
+        assert!(text.contains("reconnect"), "{name}: {text:?}");
+    }
+    let after = relay.handle.metrics();
+    use clio_relay::core::metrics::{RefusedBy, Side};
+    assert_eq!(
+        after.errors(Side::Internal, 503) - before.errors(Side::Internal, 503),
+        2
+    );
+    assert_eq!(
+        after.refusals(RefusedBy::Relay) - before.refusals(RefusedBy::Relay),
+        2
+    );
+}

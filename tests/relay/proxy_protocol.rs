@@ -55,7 +55,7 @@ fn v2_local() -> Vec<u8> {
 }
 
 /// A TCP connection to `to` from `ip` (a loopback address).
-fn from(ip: [u8; 4], to: SocketAddr) -> TcpStream {
+pub(crate) fn from(ip: [u8; 4], to: SocketAddr) -> TcpStream {
     let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     s.bind(&SocketAddr::from((ip, 0)).into()).unwrap();
     s.connect(&to.into()).unwrap();
@@ -80,7 +80,7 @@ fn ask(tcp: &mut TcpStream, bytes: &[u8]) -> (u16, String) {
     answer(tcp)
 }
 
-fn answer(tcp: &mut TcpStream) -> (u16, String) {
+pub(crate) fn answer(tcp: &mut TcpStream) -> (u16, String) {
     let mut got = Vec::new();
     let mut b = [0u8; 1];
     while !got.ends_with(b"\r\n\r\n") {
@@ -102,7 +102,7 @@ fn answer(tcp: &mut TcpStream) -> (u16, String) {
 
 /// A WebSocket client whose connection starts with `prefix` (a PROXY
 /// header), with the token on the request.
-fn ws_after(to: SocketAddr, prefix: &[u8], token: &str) -> Ws {
+pub(crate) fn ws_after(to: SocketAddr, prefix: &[u8], token: &str) -> Ws {
     use tungstenite::client::IntoClientRequest;
     let mut tcp = from([127, 0, 0, 1], to);
     tcp.write_all(prefix).unwrap();
