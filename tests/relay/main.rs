@@ -10,6 +10,7 @@ mod alerts;
 mod auth;
 mod certs;
 mod clients;
+mod contract;
 mod devices;
 mod drain;
 mod errors;

@@ -1,0 +1,230 @@
+//! Probes of the client contract with the unusual but legal: pings where a
+//! client may put them, a huge config, a close with no code, finalizes in
+//! a row, a device at its limit reconnecting at once.
+
+use std::time::Duration;
+
+use clio_relay::core::config::DeviceLimits;
+use tungstenite::Message;
+
+use crate::util::*;
+
+const LIMIT: Duration = Duration::from_secs(10);
+
+fn relay_for(fake: &fake_soniox::FakeSoniox) -> Relay {
+    Relay::start(relay_config(&fake.url(), &[("acct-a", "key-a")]))
+}
+
+fn closed_sessions(fake: &fake_soniox::FakeSoniox, n: usize) -> Vec<fake_soniox::SessionRecord> {
+    assert!(
+        fake.wait_for(LIMIT, |s| s.len() == n && s.iter().all(|r| r.closed)),
+        "fake sessions: {:?}",
+        fake.sessions()
+    );
+    fake.sessions()
+}
+
+#[test]
+fn a_ping_before_the_config_is_answered_and_the_stream_opens() {
+    let fake = fake(&["key-a"], |_| {});
+    let relay = relay_for(&fake);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    ws.send(Message::Ping(b"early".to_vec().into())).unwrap();
+    match ws.read().unwrap() {
+        Message::Pong(p) => assert_eq!(&p[..], b"early"),
+        m => panic!("expected a pong, got {m:?}"),
+    }
+    let frames = audio_frames(3, 2);
+    let got = stream_session(&mut ws, &config_message(None), &frames);
+    assert!(got.finished(), "{got:?}");
+    assert_eq!(closed_sessions(&fake, 1)[0].audio, frames.concat());
+}
+
+#[test]
+fn a_huge_legal_config_reaches_upstream_whole() {
+    let fake = fake(&["key-a"], |_| {});
+    let relay = relay_for(&fake);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    let context = "word ".repeat(4000);
+    let mut v: serde_json::Value = serde_json::from_str(&config_message(None)).unwrap();
+    v["context"] = serde_json::json!({ "text": context });
+    v["client_reference_id"] = serde_json::Value::String("r".repeat(256));
+    v["x_pad"] = serde_json::Value::String("p".repeat(30_000));
+    let text = v.to_string();
+    assert!(text.len() > 50_000);
+    let got = stream_session(&mut ws, &text, &audio_frames(2, 3));
+    assert!(got.finished(), "{got:?}");
+    let s = &closed_sessions(&fake, 1)[0];
+    assert_eq!(s.config.as_ref().unwrap(), &v);
+}
+
+#[test]
+fn pings_while_waiting_for_finished_do_not_disturb_the_end() {
+    let fake = fake(&["key-a"], |c| {
+        c.faults.finish_delay = Duration::from_millis(800)
+    });
+    let relay = relay_for(&fake);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    for f in audio_frames(5, 4) {
+        ws.send(Message::binary(f)).unwrap();
+    }
+    ws.send(Message::binary(Vec::<u8>::new())).unwrap();
+    for i in 0..5u8 {
+        ws.send(Message::Ping(vec![i].into())).unwrap();
+    }
+    let mut pongs = Vec::new();
+    let mut finished = false;
+    let close = loop {
+        match ws.read() {
+            Ok(Message::Pong(p)) => pongs.push(p.to_vec()),
+            Ok(Message::Text(t)) => {
+                let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                assert!(v.get("error_code").is_none(), "{v}");
+                finished |= v["finished"] == true;
+            }
+            Ok(Message::Close(c)) => break c,
+            Ok(_) => {}
+            Err(e) => panic!("connection ended: {e}"),
+        }
+    };
+    assert!(finished);
+    assert_eq!(close.map(|c| u16::from(c.code)), Some(1000));
+    // Pings mid-stream pass through: their pongs are upstream's, and the
+    // fake, like a server done reading, answers none after the end of
+    // audio. None comes from anywhere else, and none out of order.
+    assert!(pongs.windows(2).all(|w| w[0] < w[1]), "{pongs:?}");
+}
+
+#[test]
+fn a_ping_flood_mid_stream_loses_no_audio() {
+    let fake = fake(&["key-a"], |_| {});
+    let relay = relay_for(&fake);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    let frames = audio_frames(20, 6);
+    for (i, f) in frames.iter().enumerate() {
+        for _ in 0..100 {
+            ws.send(Message::Ping(vec![i as u8; 125].into())).unwrap();
+        }
+        ws.send(Message::binary(f.clone())).unwrap();
+    }
+    ws.send(Message::binary(Vec::<u8>::new())).unwrap();
+    let got = read_all(&mut ws);
+    assert!(got.finished(), "{got:?}");
+    assert_eq!(got.close_code(), Some(1000));
+    assert_eq!(closed_sessions(&fake, 1)[0].audio, frames.concat());
+}
+
+#[test]
+fn two_finalizes_in_a_row_are_each_answered() {
+    let fake = fake(&["key-a"], |_| {});
+    let relay = relay_for(&fake);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    for f in audio_frames(10, 7) {
+        ws.send(Message::binary(f)).unwrap();
+    }
+    let fin = r#"{"type":"finalize"}"#;
+    ws.send(Message::text(fin)).unwrap();
+    ws.send(Message::text(fin)).unwrap();
+    ws.send(Message::binary(Vec::<u8>::new())).unwrap();
+    let got = read_all(&mut ws);
+    assert!(got.finished(), "{got:?}");
+    let fins = got
+        .messages
+        .iter()
+        .flat_map(|m| m["tokens"].as_array().cloned().unwrap_or_default())
+        .filter(|t| t["text"] == "<fin>")
+        .count();
+    assert_eq!(fins, 2, "{got:?}");
+    let s = &closed_sessions(&fake, 1)[0];
+    assert_eq!(&s.text_messages[1..], &[fin.to_string(), fin.to_string()]);
+}
+
+#[test]
+fn a_close_with_no_code_mid_stream_is_answered_and_reaches_upstream() {
+    let fake = fake(&["key-a"], |_| {});
+    let relay = relay_for(&fake);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    let frames = audio_frames(3, 8);
+    for f in &frames {
+        ws.send(Message::binary(f.clone())).unwrap();
+    }
+    ws.close(None).unwrap();
+    let mut close = None;
+    loop {
+        match ws.read() {
+            Ok(Message::Close(c)) => close = Some(c),
+            Ok(Message::Text(t)) => {
+                let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                assert!(v.get("error_code").is_none(), "{v}");
+            }
+            Ok(_) => {}
+            Err(tungstenite::Error::ConnectionClosed) => break,
+            Err(e) => panic!("not a clean close: {e} (close {close:?})"),
+        }
+    }
+    let s = &closed_sessions(&fake, 1)[0];
+    assert_eq!(s.audio, frames.concat());
+}
+
+#[test]
+fn a_device_at_its_limit_reconnects_at_once_after_its_stream_ends() {
+    let fake = fake(&["key-a"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("acct-a", "key-a")]);
+    cfg.devices.default = DeviceLimits {
+        max_concurrent_streams: 1,
+        ..Default::default()
+    };
+    let relay = Relay::start(cfg);
+    let token = relay.token("one");
+    for round in 0..20 {
+        let (mut ws, _) = connect(relay.addr(), &token, Via::Header).unwrap();
+        let got = stream_session(&mut ws, &config_message(None), &audio_frames(1, round));
+        assert_eq!(got.error_code(), None, "round {round}: {got:?}");
+        assert!(got.finished(), "round {round}: {got:?}");
+    }
+}
+
+#[test]
+fn a_device_at_its_limit_reconnects_at_once_after_it_closes_mid_stream() {
+    let fake = fake(&["key-a"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("acct-a", "key-a")]);
+    cfg.devices.default = DeviceLimits {
+        max_concurrent_streams: 1,
+        ..Default::default()
+    };
+    let relay = Relay::start(cfg);
+    let token = relay.token("one");
+    for round in 0..10 {
+        let (mut ws, _) = connect(relay.addr(), &token, Via::Header).unwrap();
+        ws.send(Message::text(config_message(None))).unwrap();
+        ws.send(Message::binary(audio_frames(1, round)[0].clone()))
+            .unwrap();
+        // Wait for the stream to be open upstream, then close it.
+        assert!(fake.wait_for(LIMIT, |s| s.len() == round as usize + 1
+            && s[round as usize].audio_frames == 1));
+        ws.close(None).unwrap();
+        let got = read_all(&mut ws);
+        assert_eq!(got.error_code(), None, "round {round}: {got:?}");
+    }
+    let (mut ws, _) = connect(relay.addr(), &token, Via::Header).unwrap();
+    let got = stream_session(&mut ws, &config_message(None), &audio_frames(1, 99));
+    assert!(got.finished(), "{got:?}");
+}
+
+#[test]
+fn text_frames_after_the_config_reach_upstream_unread() {
+    let fake = fake(&["key-a"], |_| {});
+    let relay = relay_for(&fake);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    ws.send(Message::text("not json, audio as text")).unwrap();
+    let got = read_all(&mut ws);
+    // Soniox's own answer, passed through.
+    assert_eq!(got.error_code(), Some(400), "{got:?}");
+    let s = &closed_sessions(&fake, 1)[0];
+    assert_eq!(s.text_messages[1], "not json, audio as text");
+}
