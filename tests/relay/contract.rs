@@ -1,10 +1,12 @@
-//! Probes of the client contract with the unusual but legal: pings where a
-//! client may put them, a huge config, a close with no code, finalizes in
-//! a row, a device at its limit reconnecting at once.
+//! Probes of the client contract with the unusual but legal: a config in
+//! fragments, pings where a client may put them, a close with no code,
+//! finalizes in a row, a device at its limit reconnecting at once.
 
 use std::time::Duration;
 
 use clio_relay::core::config::DeviceLimits;
+use tungstenite::protocol::frame::coding::{Data, OpCode};
+use tungstenite::protocol::frame::Frame;
 use tungstenite::Message;
 
 use crate::util::*;
@@ -15,6 +17,12 @@ fn relay_for(fake: &fake_soniox::FakeSoniox) -> Relay {
     Relay::start(relay_config(&fake.url(), &[("acct-a", "key-a")]))
 }
 
+/// A text data frame of a fragmented message, its FIN bit as given.
+fn text_fragment(payload: &[u8], first: bool, fin: bool) -> Message {
+    let op = OpCode::Data(if first { Data::Text } else { Data::Continue });
+    Message::Frame(Frame::message(payload.to_vec(), op, fin))
+}
+
 fn closed_sessions(fake: &fake_soniox::FakeSoniox, n: usize) -> Vec<fake_soniox::SessionRecord> {
     assert!(
         fake.wait_for(LIMIT, |s| s.len() == n && s.iter().all(|r| r.closed)),
@@ -22,6 +30,31 @@ fn closed_sessions(fake: &fake_soniox::FakeSoniox, n: usize) -> Vec<fake_soniox:
         fake.sessions()
     );
     fake.sessions()
+}
+
+#[test]
+fn a_config_in_fragments_with_a_ping_between_opens_the_stream() {
+    let fake = fake(&["key-a"], |_| {});
+    let relay = relay_for(&fake);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    let config = config_message(None);
+    let b = config.as_bytes();
+    ws.send(text_fragment(&b[..10], true, false)).unwrap();
+    ws.send(Message::Ping(b"between".to_vec().into())).unwrap();
+    ws.send(text_fragment(&b[10..30], false, false)).unwrap();
+    ws.send(text_fragment(&b[30..], false, true)).unwrap();
+    let frames = audio_frames(5, 1);
+    for f in &frames {
+        ws.send(Message::binary(f.clone())).unwrap();
+    }
+    ws.send(Message::binary(Vec::<u8>::new())).unwrap();
+    let got = read_all(&mut ws);
+    assert_eq!(got.error_code(), None, "{got:?}");
+    assert!(got.finished(), "{got:?}");
+    let s = &closed_sessions(&fake, 1)[0];
+    assert_eq!(s.audio, frames.concat());
+    let cfg = s.config.as_ref().expect("upstream got the config");
+    assert_eq!(cfg["x_unknown_field"]["kept"][2], 3, "{cfg}");
 }
 
 #[test]
@@ -227,4 +260,62 @@ fn text_frames_after_the_config_reach_upstream_unread() {
     assert_eq!(got.error_code(), Some(400), "{got:?}");
     let s = &closed_sessions(&fake, 1)[0];
     assert_eq!(s.text_messages[1], "not json, audio as text");
+}
+
+#[test]
+fn a_large_config_in_fragments_with_its_token_opens_the_stream() {
+    // A 50 KB config (over the 32 KiB read buffer) in three fragments, the
+    // middle one alone larger than the buffer, its token as `api_key`.
+    let fake = fake(&["key-a"], |_| {});
+    let relay = relay_for(&fake);
+    let (mut ws, _) = connect(relay.addr(), "", Via::FirstMessage).unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(&config_message(Some(&relay.token("dev")))).unwrap();
+    v["x_pad"] = serde_json::Value::String("p".repeat(50_000));
+    let text = v.to_string();
+    let b = text.as_bytes();
+    ws.send(text_fragment(&b[..5_000], true, false)).unwrap();
+    ws.send(text_fragment(&b[5_000..45_000], false, false))
+        .unwrap();
+    ws.send(text_fragment(&b[45_000..], false, true)).unwrap();
+    let got = stream_session(&mut ws, r#"{"type":"keepalive"}"#, &audio_frames(2, 9));
+    assert_eq!(got.error_code(), None, "{got:?}");
+    assert!(got.finished(), "{got:?}");
+    let cfg = closed_sessions(&fake, 1)[0].config.clone().unwrap();
+    assert!(cfg.get("api_key").is_none(), "the token went upstream");
+    assert_eq!(cfg["x_pad"], v["x_pad"]);
+}
+
+#[test]
+fn a_config_whose_fragments_pass_the_limit_gets_400_and_1009() {
+    let fake = fake(&["key-a"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("acct-a", "key-a")]);
+    cfg.limits.max_first_message_bytes = 4096;
+    let relay = Relay::start(cfg);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    let piece = vec![b' '; 1500];
+    ws.send(text_fragment(b"{", true, false)).unwrap();
+    for _ in 0..3 {
+        ws.send(text_fragment(&piece, false, false)).unwrap();
+    }
+    let _ = ws.send(text_fragment(b"}", false, true));
+    let got = read_all(&mut ws);
+    assert_error_frame(&got, 400, 1009);
+    assert!(fake.sessions().iter().all(|s| s.config.is_none()));
+}
+
+#[test]
+fn a_binary_frame_inside_a_fragmented_config_gets_400_and_1002() {
+    let fake = fake(&["key-a"], |_| {});
+    let relay = relay_for(&fake);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    let config = config_message(None);
+    let b = config.as_bytes();
+    ws.send(text_fragment(&b[..10], true, false)).unwrap();
+    ws.send(Message::binary(audio_frames(1, 1)[0].clone()))
+        .unwrap();
+    let _ = ws.send(text_fragment(&b[10..], false, true));
+    let got = read_all(&mut ws);
+    assert_error_frame(&got, 400, 1002);
+    assert!(fake.sessions().iter().all(|s| s.config.is_none()));
 }

@@ -18,8 +18,9 @@ use clio_frame::scanner::close_body_fault;
 use super::{Refusal, Stream};
 
 impl Stream {
-    /// Reads the client's first message: one whole text frame with a JSON
-    /// object. Pings before it are answered here; a close ends the stream.
+    /// Reads the client's first message: a text message with a JSON object,
+    /// in one frame or in fragments. Pings before it and between its
+    /// fragments are answered here; a close ends the stream.
     /// Once it came, the stream has begun: a drain waits for it. A drain
     /// that ends before it comes refuses the stream (503, close 1012).
     pub(super) async fn read_first_message(
@@ -39,6 +40,10 @@ impl Stream {
         // One deadline for the whole wait: pings and partial frames do not
         // extend it.
         let deadline = std::time::Instant::now() + lim.idle_timeout;
+        // A config sent in fragments (RFC 6455 §5.4: some clients split a
+        // long message, with pings between): joined here, at most
+        // `max_first_message_bytes` in all, once per stream.
+        let mut joined: Option<Vec<u8>> = None;
         loop {
             let h = match parse_header(
                 buf.filled(),
@@ -70,10 +75,22 @@ impl Stream {
                 let mask = h.mask.expect("client frames are masked");
                 if n > buf.capacity() {
                     // A config larger than the read buffer (a long `context`):
-                    // gathered into its own vector, once per stream.
-                    return self
-                        .read_large_first_message(client, buf, h, deadline)
-                        .await;
+                    // gathered into its own vector, once per stream. Any
+                    // other frame that large is refused unread.
+                    let expected = match joined {
+                        None => Opcode::Text,
+                        Some(_) => Opcode::Continuation,
+                    };
+                    if h.opcode != expected {
+                        return config_part(h.opcode, h.fin, &[], &mut joined, usize::MAX)
+                            .expect("a frame out of place is refused");
+                    }
+                    let payload = self.read_large_frame(client, buf, h, deadline).await?;
+                    let max = lim.max_first_message_bytes;
+                    match config_part(h.opcode, h.fin, &payload, &mut joined, max) {
+                        Some(done) => return done,
+                        None => continue,
+                    }
                 }
                 if buf.len() >= n {
                     let (start, hl) = (buf.start(), h.header_len);
@@ -116,7 +133,12 @@ impl Stream {
                                 ),
                             })
                         }
-                        op => return parse_config(op, h.fin, payload),
+                        op => {
+                            let max = lim.max_first_message_bytes;
+                            if let Some(done) = config_part(op, h.fin, payload, &mut joined, max) {
+                                return done;
+                            }
+                        }
                     }
                     continue;
                 }
@@ -156,16 +178,15 @@ impl Stream {
         }
     }
 
-    async fn read_large_first_message(
+    /// Reads the payload of a data frame larger than the read buffer into
+    /// a vector of its own, unmasked.
+    async fn read_large_frame(
         &self,
         client: &Duplex,
         buf: &mut Buf,
         h: FrameHeader,
         deadline: std::time::Instant,
-    ) -> Result<ClientConfig, Refusal> {
-        if h.opcode != Opcode::Text {
-            return parse_config(h.opcode, h.fin, &[]);
-        }
+    ) -> Result<Vec<u8>, Refusal> {
         let mask = h.mask.expect("client frames are masked");
         let total = h.payload_len as usize;
         buf.consume(h.header_len);
@@ -180,7 +201,7 @@ impl Stream {
             apply_mask(&mut payload[at..], mask, at);
             buf.consume(take);
         }
-        parse_config(h.opcode, h.fin, &payload)
+        Ok(payload)
     }
 
     /// The claims of a token carried as `api_key` in the first message.
@@ -207,12 +228,59 @@ pub(super) struct ClientConfig {
     pub text: Box<[u8]>,
 }
 
-/// Checks and parses the first message: one text frame holding a JSON object.
+/// Takes one data frame of the first message: `Some` once the message is
+/// whole (or refused), `None` while its fragments are still coming, kept
+/// in `joined`. A continuation with no message open, or a new message
+/// inside one, is a protocol error (RFC 6455 §5.4), as it is later in the
+/// stream; fragments over `max` bytes in all are refused as too large.
+fn config_part(
+    opcode: Opcode,
+    fin: bool,
+    payload: &[u8],
+    joined: &mut Option<Vec<u8>>,
+    max: usize,
+) -> Option<Result<ClientConfig, Refusal>> {
+    let out_of_order = || {
+        let e = FrameError::Fragmentation;
+        Some(Err(Refusal::new(
+            400,
+            "bad_request",
+            e.reason(),
+            e.close_code(),
+            Side::Client,
+        )))
+    };
+    match (opcode, joined.as_mut()) {
+        (Opcode::Text, None) if !fin => {
+            *joined = Some(payload.to_vec());
+            None
+        }
+        (Opcode::Continuation, Some(so_far)) => {
+            if so_far.len() + payload.len() > max {
+                return Some(Err(Refusal::new(
+                    400,
+                    "bad_request",
+                    "Start request is too large.",
+                    1009,
+                    Side::Client,
+                )));
+            }
+            so_far.extend_from_slice(payload);
+            if !fin {
+                return None;
+            }
+            let whole = joined.take().expect("a message is open");
+            Some(parse_config(Opcode::Text, true, &whole))
+        }
+        (Opcode::Continuation, None) | (_, Some(_)) => out_of_order(),
+        (op, None) => Some(parse_config(op, fin, payload)),
+    }
+}
+
+/// Checks and parses the first message: one text message holding a JSON object.
 fn parse_config(opcode: Opcode, fin: bool, payload: &[u8]) -> Result<ClientConfig, Refusal> {
+    debug_assert!(fin || opcode != Opcode::Text, "fragments are joined first");
     match opcode {
-        Opcode::Text if !fin => Err(Refusal::bad_request(
-            "Start request must be a single text frame.",
-        )),
         // A text message that is not UTF-8 fails the connection with 1007
         // (RFC 6455 §8.1), the first as any later one: it is no JSON
         // question.
