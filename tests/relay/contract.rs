@@ -319,3 +319,90 @@ fn a_binary_frame_inside_a_fragmented_config_gets_400_and_1002() {
     assert_error_frame(&got, 400, 1002);
     assert!(fake.sessions().iter().all(|s| s.config.is_none()));
 }
+
+#[test]
+fn a_config_in_one_frame_over_its_limit_gets_400_and_1009() {
+    let fake = fake(&["key-a"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("acct-a", "key-a")]);
+    cfg.limits.max_first_message_bytes = 4096;
+    let relay = Relay::start(cfg);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&config_message(None)).unwrap();
+    v["x_pad"] = serde_json::Value::String("p".repeat(5000));
+    let _ = ws.send(Message::text(v.to_string()));
+    let got = read_all(&mut ws);
+    assert_error_frame(&got, 400, 1009);
+    assert!(fake.sessions().iter().all(|s| s.config.is_none()));
+}
+
+#[test]
+fn a_token_on_the_request_and_another_as_api_key_sends_neither_upstream() {
+    // Soniox refuses a key in both places; the relay takes the request's
+    // token and removes `api_key`, whatever it holds.
+    let fake = fake(&["key-a"], |_| {});
+    let relay = relay_for(&fake);
+    let token = relay.token("dev");
+    let (mut ws, _) = connect(relay.addr(), &token, Via::Header).unwrap();
+    let got = stream_session(
+        &mut ws,
+        &config_message(Some("not-a-token-at-all")),
+        &audio_frames(2, 10),
+    );
+    assert_eq!(got.error_code(), None, "{got:?}");
+    assert!(got.finished(), "{got:?}");
+    let s = &closed_sessions(&fake, 1)[0];
+    let cfg = s.config.as_ref().unwrap();
+    assert!(cfg.get("api_key").is_none(), "{cfg}");
+    assert_eq!(s.key.as_deref(), Some("key-a"));
+    assert!(!s.text_messages[0].contains(&token));
+}
+
+#[test]
+fn a_close_with_no_code_before_the_config_is_answered_cleanly() {
+    let fake = fake(&["key-a"], |_| {});
+    let relay = relay_for(&fake);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    ws.close(None).unwrap();
+    let got = read_all(&mut ws);
+    assert_eq!(got.error_code(), None, "{got:?}");
+    assert!(!got.abrupt, "{got:?}");
+    assert!(relay.wait_idle(LIMIT));
+    // The relay goes on taking streams.
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    let got = stream_session(&mut ws, &config_message(None), &audio_frames(1, 11));
+    assert!(got.finished(), "{got:?}");
+}
+
+#[test]
+fn a_device_at_its_limit_is_refused_while_its_stream_ends_then_taken() {
+    let fake = fake(&["key-a"], |c| {
+        c.faults.finish_delay = Duration::from_millis(700)
+    });
+    let mut cfg = relay_config(&fake.url(), &[("acct-a", "key-a")]);
+    cfg.devices.default = DeviceLimits {
+        max_concurrent_streams: 1,
+        ..Default::default()
+    };
+    let relay = Relay::start(cfg);
+    let token = relay.token("one");
+    let (mut a, _) = connect(relay.addr(), &token, Via::Header).unwrap();
+    a.send(Message::text(config_message(None))).unwrap();
+    for f in audio_frames(3, 12) {
+        a.send(Message::binary(f)).unwrap();
+    }
+    a.send(Message::binary(Vec::<u8>::new())).unwrap();
+    assert!(fake.wait_for(LIMIT, |s| s.len() == 1 && s[0].empty_frame_received));
+    // A is ending (upstream owes `finished`): still a live stream.
+    let (mut b, _) = connect(relay.addr(), &token, Via::Header).unwrap();
+    let refused = stream_session(&mut b, &config_message(None), &[]);
+    assert_error_frame(&refused, 429, 1013);
+    let msg = refused.messages[0]["error_message"].as_str().unwrap();
+    assert!(msg.contains("1 concurrent stream"), "{msg}");
+    // A ends untouched, and its device's place is free at once.
+    let got = read_all(&mut a);
+    assert!(got.finished(), "{got:?}");
+    assert_eq!(got.close_code(), Some(1000));
+    let (mut c, _) = connect(relay.addr(), &token, Via::Header).unwrap();
+    let got = stream_session(&mut c, &config_message(None), &audio_frames(1, 13));
+    assert!(got.finished(), "{got:?}");
+}
