@@ -406,3 +406,64 @@ fn a_device_at_its_limit_is_refused_while_its_stream_ends_then_taken() {
     let got = stream_session(&mut c, &config_message(None), &audio_frames(1, 13));
     assert!(got.finished(), "{got:?}");
 }
+
+#[test]
+fn a_client_that_closes_as_soon_as_finished_comes_gets_a_clean_close() {
+    // What the SDKs do: on `finished`, close the socket themselves, so the
+    // client's close crosses upstream's on the way.
+    let fake = fake(&["key-a"], |_| {});
+    let relay = relay_for(&fake);
+    for round in 0..10u8 {
+        let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+        ws.send(Message::text(config_message(None))).unwrap();
+        for f in audio_frames(2, round) {
+            ws.send(Message::binary(f)).unwrap();
+        }
+        ws.send(Message::binary(Vec::<u8>::new())).unwrap();
+        loop {
+            match ws.read().expect("finished comes before any close") {
+                Message::Text(t) => {
+                    let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                    assert!(v.get("error_code").is_none(), "round {round}: {v}");
+                    if v["finished"] == true {
+                        break;
+                    }
+                }
+                Message::Close(c) => panic!("round {round}: closed before finished: {c:?}"),
+                _ => {}
+            }
+        }
+        ws.close(Some(normal_close())).unwrap();
+        let got = read_all(&mut ws);
+        assert_eq!(got.error_code(), None, "round {round}: {got:?}");
+        assert!(!got.abrupt, "round {round}: {got:?}");
+        assert_eq!(got.close_code(), Some(1000), "round {round}: {got:?}");
+    }
+    assert!(relay.wait_idle(LIMIT));
+    assert!(fake.violations().is_empty(), "{:?}", fake.violations());
+}
+
+#[test]
+fn a_config_in_fragments_gets_the_account_key_in_config_auth() {
+    let fake = fake(&["key-a"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("acct-a", "key-a")]);
+    cfg.upstream.auth = clio_relay::core::config::AuthMode::Config;
+    let relay = Relay::start(cfg);
+    let (mut ws, _) = connect(relay.addr(), "", Via::FirstMessage).unwrap();
+    let config = config_message(Some(&relay.token("dev")));
+    let b = config.as_bytes();
+    let half = b.len() / 2;
+    ws.send(text_fragment(&b[..half], true, false)).unwrap();
+    ws.send(text_fragment(&b[half..], false, true)).unwrap();
+    let got = stream_session(&mut ws, r#"{"type":"keepalive"}"#, &audio_frames(2, 14));
+    assert!(got.finished(), "{got:?}");
+    let s = &closed_sessions(&fake, 1)[0];
+    assert_eq!(s.key.as_deref(), Some("key-a"));
+    let up = s.config.as_ref().unwrap();
+    assert_eq!(up["api_key"], "key-a");
+    assert_eq!(up["x_unknown_field"]["kept"][0], 1);
+    assert!(
+        !format!("{got:?}").contains("key-a"),
+        "the client saw the key"
+    );
+}
