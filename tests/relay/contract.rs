@@ -2,6 +2,7 @@
 //! fragments, pings where a client may put them, a close with no code,
 //! finalizes in a row, a device at its limit reconnecting at once.
 
+use std::io::Write;
 use std::time::Duration;
 
 use clio_relay::core::config::DeviceLimits;
@@ -466,4 +467,27 @@ fn a_config_in_fragments_gets_the_account_key_in_config_auth() {
         !format!("{got:?}").contains("key-a"),
         "the client saw the key"
     );
+}
+
+#[test]
+fn a_config_fragment_past_the_limit_is_refused_before_it_is_read() {
+    // A second fragment whose header alone says the config passes the
+    // limit: refused on its header (1009), not waited for (the client
+    // never sends its payload; waiting would end in 408 much later).
+    let fake = fake(&["key-a"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("acct-a", "key-a")]);
+    cfg.limits.max_first_message_bytes = 40_000;
+    cfg.limits.idle_timeout = Duration::from_secs(8);
+    let relay = Relay::start(cfg);
+    let (mut tcp, _) = raw_upgrade(relay.addr(), &relay.token("dev"));
+    let mask = Some([1, 2, 3, 4]);
+    let mut bytes = raw_frame(0x01, mask, &[b' '; 30_000]); // text, not FIN
+    let second = raw_frame(0x80, mask, &[b' '; 35_000]); // continuation, FIN
+    bytes.extend_from_slice(&second[..100]);
+    tcp.write_all(&bytes).unwrap();
+    let frames = raw_read_frames(&mut tcp);
+    let texts = raw_texts(&frames);
+    assert_eq!(texts.len(), 1, "{texts:?}");
+    assert_eq!(texts[0]["error_code"], 400, "{texts:?}");
+    assert_eq!(raw_close_code(&frames), Some(1009), "{texts:?}");
 }

@@ -50,15 +50,7 @@ impl Stream {
                 Sender::Client,
                 lim.max_first_message_bytes as u64,
             ) {
-                Err(FrameError::TooBig) => {
-                    return Err(Refusal::new(
-                        400,
-                        "bad_request",
-                        "Start request is too large.",
-                        1009,
-                        Side::Client,
-                    ))
-                }
+                Err(FrameError::TooBig) => return Err(too_large()),
                 Err(e) => {
                     return Err(Refusal::new(
                         400,
@@ -85,8 +77,15 @@ impl Stream {
                         return config_part(h.opcode, h.fin, &[], &mut joined, usize::MAX)
                             .expect("a frame out of place is refused");
                     }
-                    let payload = self.read_large_frame(client, buf, h, deadline).await?;
+                    // Fragments past the limit in all are refused before
+                    // they are read: a waiting connection holds at most
+                    // `max_first_message_bytes` of its config.
                     let max = lim.max_first_message_bytes;
+                    let so_far = joined.as_ref().map_or(0, Vec::len);
+                    if so_far + h.payload_len as usize > max {
+                        return Err(too_large());
+                    }
+                    let payload = self.read_large_frame(client, buf, h, deadline).await?;
                     match config_part(h.opcode, h.fin, &payload, &mut joined, max) {
                         Some(done) => return done,
                         None => continue,
@@ -228,6 +227,18 @@ pub(super) struct ClientConfig {
     pub text: Box<[u8]>,
 }
 
+/// A first message over `limits.max_first_message_bytes`, in one frame or
+/// in fragments.
+fn too_large() -> Refusal {
+    Refusal::new(
+        400,
+        "bad_request",
+        "Start request is too large.",
+        1009,
+        Side::Client,
+    )
+}
+
 /// Takes one data frame of the first message: `Some` once the message is
 /// whole (or refused), `None` while its fragments are still coming, kept
 /// in `joined`. A continuation with no message open, or a new message
@@ -257,13 +268,7 @@ fn config_part(
         }
         (Opcode::Continuation, Some(so_far)) => {
             if so_far.len() + payload.len() > max {
-                return Some(Err(Refusal::new(
-                    400,
-                    "bad_request",
-                    "Start request is too large.",
-                    1009,
-                    Side::Client,
-                )));
+                return Some(Err(too_large()));
             }
             so_far.extend_from_slice(payload);
             if !fin {
