@@ -491,3 +491,26 @@ fn a_config_fragment_past_the_limit_is_refused_before_it_is_read() {
     assert_eq!(texts[0]["error_code"], 400, "{texts:?}");
     assert_eq!(raw_close_code(&frames), Some(1009), "{texts:?}");
 }
+
+#[test]
+fn a_close_before_the_config_while_upstream_opens_gives_everything_back() {
+    // With the token on the request, upstream opens while the config is
+    // awaited; a client that closes then leaves no account place taken
+    // and no upstream connection open.
+    let fake = fake(&["key-a"], |c| {
+        c.faults.handshake_delay = Duration::from_millis(600)
+    });
+    let relay = relay_for(&fake);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    assert!(wait_until(LIMIT, || relay.account_live(0) == 1));
+    ws.close(None).unwrap();
+    let got = read_all(&mut ws);
+    assert_eq!(got.error_code(), None, "{got:?}");
+    assert!(wait_until(LIMIT, || relay.account_live(0) == 0));
+    assert!(relay.wait_idle(LIMIT));
+    assert!(
+        fake.wait_for(LIMIT, |s| s.iter().all(|r| r.closed && r.config.is_none())),
+        "{:?}",
+        fake.sessions()
+    );
+}
