@@ -1,5 +1,6 @@
-//! The client's first message: one text frame with the config JSON (the
-//! only client message the relay parses), and a token carried in it.
+//! The client's first message: the config JSON (the only client message
+//! the relay parses), in one text frame or in fragments joined, and a
+//! token carried in it.
 
 use std::time::SystemTime;
 

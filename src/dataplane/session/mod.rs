@@ -4,7 +4,8 @@
 //! the contract's error shapes and close codes.
 //!
 //! - `handshake`: accept, the HTTP request, the token on it, the 101.
-//! - `first`: the first (config) message and a token inside it.
+//! - `first`: the first (config) message, whole or in fragments, and a
+//!   token inside it.
 //! - `refusal`: the error frame + close the relay sends when it ends a stream.
 //! - this file: the stream after the upgrade — account, upstream, pumps, end.
 
