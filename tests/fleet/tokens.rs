@@ -23,15 +23,41 @@ fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
-/// A node's config with `max_ttl` and `clock_skew` in seconds.
+/// A node's config with `max_ttl` in seconds and a clock skew of 1 s.
 fn config(fake: &fake_soniox::FakeSoniox, redis: &RedisServer, id: &str, max_ttl: u64) -> Config {
+    skewed(fake, redis, id, max_ttl, 1)
+}
+
+/// A node's config with `max_ttl` and `clock_skew` in seconds.
+fn skewed(
+    fake: &fake_soniox::FakeSoniox,
+    redis: &RedisServer,
+    id: &str,
+    max_ttl: u64,
+    skew: u64,
+) -> Config {
     let mut cfg = relay_config(&fake.url(), &[("a", KEY)]);
     cfg.admin.token = Some(Secret::new(ADMIN));
     cfg.admin.master_key = Some(Secret::new(MASTER));
     cfg.tokens.default_ttl = Duration::from_secs(max_ttl);
     cfg.tokens.max_ttl = Duration::from_secs(max_ttl);
-    cfg.tokens.clock_skew = Duration::from_secs(1);
+    cfg.tokens.clock_skew = Duration::from_secs(skew);
     node(&cfg, redis, id)
+}
+
+/// Whether `relay` takes `token` for a whole stream (any refusal, at
+/// the upgrade or after: no).
+fn streams(relay: &Relay, token: &str) -> bool {
+    let Ok((mut ws, _)) = connect(relay.addr(), token, Via::Header) else {
+        return false;
+    };
+    stream_session(&mut ws, &config_message(None), &audio_frames(1, 1)).finished()
+}
+
+/// A sorted set member's score, if it has one.
+fn score(redis: &RedisServer, key: &str, id: &str) -> Option<u64> {
+    let r = redis.command(&format!("ZSCORE {key} {id}"));
+    r.lines().nth(1).and_then(|l| l.trim().parse().ok())
 }
 
 /// A token for device `phone` with id `id`, issued at `issued` (Unix
@@ -228,4 +254,70 @@ fn a_flush_gives_back_token_id_revocations_with_their_times() {
     assert!(wait_until(SOON, || expires(&b, "late").is_some()));
     let again = expires(&b, "late").unwrap();
     assert!((until..=until + 2).contains(&again), "{until} then {again}");
+}
+
+/// Every node lowers `tokens.clock_skew` on reload (3 s to 0) right after
+/// a token id is revoked: a token issued just before it by a backend 3 s
+/// ahead (taken under the old skew) is valid until 5 s after it, and is
+/// refused on both nodes all that time; Redis drops the revocation only
+/// then, and the mark it leaves covers that token's issue time. (Each
+/// node published its new, shorter hold and Redis dropped the revocation
+/// by it, 2 s after it was made, with the mark at its time plus the new
+/// skew: the token streamed.)
+#[test]
+fn a_lower_clock_skew_on_reload_does_not_shorten_a_fleet_revocation() {
+    let redis = RedisServer::start();
+    let fake = fake(&[KEY], |_| {});
+    let mut cfg_a = skewed(&fake, &redis, "node-a", 2, 3);
+    let mut cfg_b = skewed(&fake, &redis, "node-b", 2, 3);
+    let a = Relay::start(cfg_a.clone());
+    let b = Relay::start(cfg_b.clone());
+    assert!(wait_until(SOON, || up_together(&a, &b)));
+    assert!(wait_until(SOON, || redis
+        .command("HLEN clio:rev:hold")
+        .starts_with(":2")));
+    // Issued by a backend whose clock is 3 s ahead, for 2 s.
+    let issued = now_ms() / 1000 + 3;
+    let ahead = token(&a, "ahead-1", issued, 2);
+    revoke(&a, "ahead-1");
+    let at = score(&redis, "clio:rev:tokat", "ahead-1").expect("timed when taken");
+    assert!(wait_until(SOON, || expires(&a, "ahead-1").is_some()
+        && expires(&b, "ahead-1").is_some()));
+    cfg_a.tokens.clock_skew = Duration::ZERO;
+    cfg_b.tokens.clock_skew = Duration::ZERO;
+    a.handle.reload(&cfg_a).unwrap();
+    b.handle.reload(&cfg_b).unwrap();
+    // Both have published their new hold, 2 s.
+    assert!(wait_until(SOON, || {
+        let holds = redis.command("HVALS clio:rev:hold");
+        holds.matches("2000").count() == 2
+    }));
+    // Kept, and shown kept, the old skew past the longest max_ttl.
+    for relay in [&a, &b] {
+        let until = expires(relay, "ahead-1").unwrap();
+        assert!(
+            until * 1000 >= at + 5000,
+            "shown expiring at {until}, revoked at {at} ms"
+        );
+    }
+    // Refused on both for as long as it is valid.
+    while now_ms() < (issued + 2) * 1000 {
+        assert!(!streams(&a, &ahead), "a revoked token id streamed");
+        assert!(!streams(&b, &ahead), "a revoked token id streamed");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    // Then it goes, not before 5 s, and the mark covers the old skew.
+    assert!(wait_until(SOON, || redis
+        .command("SISMEMBER clio:rev:tok ahead-1")
+        .starts_with(":0")));
+    assert!(redis.time_ms() >= at + 5000, "let go before its time");
+    let mark: u64 = redis.hget("clio:ver", "tokmark").unwrap().parse().unwrap();
+    assert!(mark >= at + 3000, "mark {mark}, revoked at {at}");
+    // A token issued now with the id streams on both.
+    let now = now_ms() / 1000;
+    assert!(wait_until(SOON, || list(&a)["token_ids"]
+        == serde_json::json!([])
+        && list(&b)["token_ids"] == serde_json::json!([])));
+    assert!(streams(&a, &token(&a, "ahead-1", now, 2)));
+    assert!(streams(&b, &token(&b, "ahead-1", now, 2)));
 }

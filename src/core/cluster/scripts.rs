@@ -11,8 +11,10 @@
 //! | `clio:owner` | hash | node id → the member that last registered or renewed a lease under it (two running relays with one node id take turns: each sees the other) |
 //! | `clio:rev:dev`, `clio:rev:tok` | sets | revoked device ids, token ids |
 //! | `clio:rev:tokat` | sorted set | revoked token id → when Redis took the revocation (ms, Redis clock); dropped with the id once no token can carry it ([`TOKENS_EXPIRE`]) |
+//! | `clio:rev:tokskew` | sorted set | revoked token id → the largest `tokens.clock_skew` published when Redis took it (ms): kept that much longer than the longest `max_ttl`, however the skews change after |
 //! | `clio:rev:hold` | hash | member → its `tokens.max_ttl` + `tokens.clock_skew` (ms): the fleet keeps a token id revocation the longest of these |
-//! | `clio:ver` | hash | `rev`, `acct`: bumped on every change; `tokcut`: the latest revocation time (ms, Redis clock) of a token id revocation dropped, tokens issued up to it plus a node's clock skew stay refused; `epoch`: names this copy of the data (new after a loss); `settle`, `settle_nodes`: after a loss, until when (ms, Redis clock) stream opens wait for that many nodes to register again |
+//! | `clio:rev:skew` | hash | member → its `tokens.clock_skew` (ms), published with its hold |
+//! | `clio:ver` | hash | `rev`, `acct`: bumped on every change; `tokcut`: the latest revocation time (ms, Redis clock) of a token id revocation dropped, tokens issued up to it plus a node's clock skew stay refused; `tokmark`: the latest revocation time plus its `clio:rev:tokskew` of one dropped, tokens issued up to it stay refused; `epoch`: names this copy of the data (new after a loss); `settle`, `settle_nodes`: after a loss, until when (ms, Redis clock) stream opens wait for that many nodes to register again |
 //! | `clio:ends` | stream | "end the live streams of …" requests |
 //! | `clio:rate:<device>` | hash | new-stream token bucket (`t`, `ts`) |
 //! | `clio:audio:<day>` | hash | device id → audio ms streamed that UTC day |
@@ -217,13 +219,15 @@ return {'ok', best}
 /// nodes as it knew before have registered their counts again.
 ///
 /// Token id revocations come back with the times they were taken (ms,
-/// Redis clock; 0: not known, [`TOKENS_EXPIRE`] gives them its own), and
-/// `tokcut` never goes down.
+/// Redis clock; 0: not known, [`TOKENS_EXPIRE`] gives them its own) and
+/// the clock skews recorded with them (ms), and `tokcut` and `tokmark`
+/// never go down.
 ///
 /// ARGV: new epoch, settle ms (0: none), nodes known before, revocation
 /// version (-1: offer none), account version (-1: none), sealed account
-/// set, the `tokcut` the node knows (0: none), number of revoked devices,
-/// the devices, then (token id, time) pairs.
+/// set, the `tokcut` the node knows (0: none), the `tokmark` it knows (0:
+/// none), number of revoked devices, the devices, then (token id, time,
+/// skew) triples.
 /// Returns `{epoch, rev version, account version, settle ms left}`.
 pub const RESEED: &str = r#"
 local t = redis.call('TIME')
@@ -241,20 +245,25 @@ if settle > 0 then
   redis.call('HSET', 'clio:ver', 'settle', math.max(till, now + settle),
     'settle_nodes', math.max(need, known))
 end
-local cut = tonumber(ARGV[7])
-if cut > tonumber(redis.call('HGET', 'clio:ver', 'tokcut') or '0') then
-  redis.call('HSET', 'clio:ver', 'tokcut', cut)
+for i, field in ipairs({'tokcut', 'tokmark'}) do
+  local mark = tonumber(ARGV[6 + i])
+  if mark > tonumber(redis.call('HGET', 'clio:ver', field) or '0') then
+    redis.call('HSET', 'clio:ver', field, mark)
+  end
 end
 local rev = tonumber(redis.call('HGET', 'clio:ver', 'rev') or '0')
 local mine = tonumber(ARGV[4])
 if mine > rev then
-  redis.call('DEL', 'clio:rev:dev', 'clio:rev:tok', 'clio:rev:tokat')
-  local nd = tonumber(ARGV[8])
-  for i = 9, 8 + nd do redis.call('SADD', 'clio:rev:dev', ARGV[i]) end
-  for i = 9 + nd, #ARGV - 1, 2 do
+  redis.call('DEL', 'clio:rev:dev', 'clio:rev:tok', 'clio:rev:tokat', 'clio:rev:tokskew')
+  local nd = tonumber(ARGV[9])
+  for i = 10, 9 + nd do redis.call('SADD', 'clio:rev:dev', ARGV[i]) end
+  for i = 10 + nd, #ARGV - 2, 3 do
     redis.call('SADD', 'clio:rev:tok', ARGV[i])
     local at = tonumber(ARGV[i + 1])
-    if at > 0 then redis.call('ZADD', 'clio:rev:tokat', at, ARGV[i]) end
+    if at > 0 then
+      redis.call('ZADD', 'clio:rev:tokat', at, ARGV[i])
+      redis.call('ZADD', 'clio:rev:tokskew', tonumber(ARGV[i + 2]), ARGV[i])
+    end
   end
   redis.call('HSET', 'clio:ver', 'rev', mine)
   rev = mine
@@ -270,71 +279,110 @@ local left = tonumber(redis.call('HGET', 'clio:ver', 'settle') or '0') - now
 return {epoch, rev, acct, math.max(left, 0)}
 "#;
 
-/// Revokes a token id fleet-wide, recording when by Redis's clock (a
-/// revocation made again starts over). ARGV: the token id.
+/// Revokes a token id fleet-wide, recording when by Redis's clock and
+/// the largest clock skew the nodes have published (`clio:rev:skew`): a
+/// token issued before it, by a clock that far ahead, is valid that much
+/// longer, whatever the skews are later (a revocation made again starts
+/// over). ARGV: the token id.
 pub const REVOKE_TOKEN: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local skew = 0
+for _, s in ipairs(redis.call('HVALS', 'clio:rev:skew')) do
+  skew = math.max(skew, tonumber(s) or 0)
+end
 redis.call('SADD', 'clio:rev:tok', ARGV[1])
 redis.call('ZADD', 'clio:rev:tokat', now, ARGV[1])
+redis.call('ZADD', 'clio:rev:tokskew', skew, ARGV[1])
 return 1
 "#;
 
 /// Lets go of the token id revocations no token can still carry, on
 /// every poll of every node. A node publishes its `tokens.max_ttl` +
-/// `tokens.clock_skew` (`clio:rev:hold`, until its member is forgotten a
-/// day after its lease ended, or it leaves, or is gone from
-/// `clio:nodes`); a revocation is kept the
-/// longest published, measured on Redis's clock from when Redis took it,
-/// once every node with a current lease has published and not while the
-/// store settles after a loss (see [`RESEED`])
-/// (one with no time, as a store reseeded from an older node gives back,
-/// gets this call's time: later, so kept longer). Dropping it raises
-/// `tokcut` in `clio:ver` to its time, so every node refuses tokens issued
-/// up to that plus its own clock skew (all carry an id revoked before,
+/// `tokens.clock_skew` (`clio:rev:hold`) and its `tokens.clock_skew`
+/// (`clio:rev:skew`), until its member is forgotten a day after its
+/// lease ended, or it leaves, or is gone from `clio:nodes`. A revocation
+/// is kept, measured on Redis's clock from when Redis took it, the
+/// longest published hold, and at least the longest published `max_ttl`
+/// (a hold less its skew) plus the skew recorded with it
+/// (`clio:rev:tokskew`, see [`REVOKE_TOKEN`]): a skew lowered since
+/// never shortens it. None goes before every node with a current lease
+/// has published, nor while the store settles after a loss (see
+/// [`RESEED`]). One with no time, as a store reseeded from an older node
+/// gives back, gets this call's time and the largest published skew:
+/// later, so kept longer. Dropping it raises `tokcut` in `clio:ver` to
+/// its time, so every node refuses tokens issued up to that plus its own
+/// clock skew, and `tokmark` to its time plus its recorded skew, up to
+/// which every node refuses tokens too (all carry an id revoked before,
 /// or have expired), and bumps the revocation version so the nodes load
-/// the lists again. At most 1000 go per call.
-/// ARGV: member, its hold (ms). Returns how many went.
+/// the lists again. At most 1000 are looked at per call, the oldest
+/// first.
+/// ARGV: member, its hold (ms), its clock skew (ms). Returns `{how many
+/// went, the longest hold, the longest max_ttl}` (ms).
 pub const TOKENS_EXPIRE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('HSET', 'clio:rev:hold', ARGV[1], ARGV[2])
+redis.call('HSET', 'clio:rev:skew', ARGV[1], ARGV[3])
+local skews = {}
+local sk = redis.call('HGETALL', 'clio:rev:skew')
+for i = 1, #sk, 2 do skews[sk[i]] = tonumber(sk[i + 1]) or 0 end
+-- A member clio:nodes no longer has (a store gone back to an older
+-- copy) is forgotten here, as the heartbeat forgets the others. One
+-- that published no skew (an earlier version) counts its whole hold
+-- as its max_ttl.
+local hold, ttl, skew = 0, 0, 0
+local held = redis.call('HGETALL', 'clio:rev:hold')
+for i = 1, #held, 2 do
+  local m = held[i]
+  if m ~= ARGV[1] and not redis.call('ZSCORE', 'clio:nodes', m) then
+    redis.call('HDEL', 'clio:rev:hold', m)
+    redis.call('HDEL', 'clio:rev:skew', m)
+  else
+    local h = tonumber(held[i + 1]) or 0
+    local s = math.min(skews[m] or 0, h)
+    hold = math.max(hold, h)
+    ttl = math.max(ttl, h - s)
+    skew = math.max(skew, s)
+  end
+end
 if redis.call('SCARD', 'clio:rev:tok') > redis.call('ZCARD', 'clio:rev:tokat') then
   for _, id in ipairs(redis.call('SMEMBERS', 'clio:rev:tok')) do
     if not redis.call('ZSCORE', 'clio:rev:tokat', id) then
       redis.call('ZADD', 'clio:rev:tokat', now, id)
+      redis.call('ZADD', 'clio:rev:tokskew', skew, id)
     end
-  end
-end
--- A member clio:nodes no longer has (a store gone back to an older
--- copy) is forgotten here, as the heartbeat forgets the others.
-local hold = 0
-local held = redis.call('HGETALL', 'clio:rev:hold')
-for i = 1, #held, 2 do
-  if held[i] ~= ARGV[1] and not redis.call('ZSCORE', 'clio:nodes', held[i]) then
-    redis.call('HDEL', 'clio:rev:hold', held[i])
-  else
-    hold = math.max(hold, tonumber(held[i + 1]) or 0)
   end
 end
 -- Not while the store settles after a loss (the nodes are publishing
 -- again), nor before every node with a current lease has published.
-if tonumber(redis.call('HGET', 'clio:ver', 'settle') or '0') > now then return 0 end
+if tonumber(redis.call('HGET', 'clio:ver', 'settle') or '0') > now then
+  return {0, hold, ttl}
+end
 for _, m in ipairs(redis.call('ZRANGEBYSCORE', 'clio:nodes', now, '+inf')) do
-  if redis.call('HEXISTS', 'clio:rev:hold', m) == 0 then return 0 end
+  if redis.call('HEXISTS', 'clio:rev:hold', m) == 0 then return {0, hold, ttl} end
 end
 local old = redis.call('ZRANGEBYSCORE', 'clio:rev:tokat', '-inf', now - hold,
   'WITHSCORES', 'LIMIT', 0, 1000)
-if #old == 0 then return 0 end
 local cut = tonumber(redis.call('HGET', 'clio:ver', 'tokcut') or '0')
+local mark = tonumber(redis.call('HGET', 'clio:ver', 'tokmark') or '0')
+local gone = 0
 for i = 1, #old, 2 do
-  redis.call('SREM', 'clio:rev:tok', old[i])
-  redis.call('ZREM', 'clio:rev:tokat', old[i])
-  cut = math.max(cut, tonumber(old[i + 1]))
+  local id, at = old[i], tonumber(old[i + 1])
+  local s = tonumber(redis.call('ZSCORE', 'clio:rev:tokskew', id) or '0')
+  if at + math.max(hold, ttl + s) <= now then
+    redis.call('SREM', 'clio:rev:tok', id)
+    redis.call('ZREM', 'clio:rev:tokat', id)
+    redis.call('ZREM', 'clio:rev:tokskew', id)
+    cut = math.max(cut, at)
+    mark = math.max(mark, at + s)
+    gone = gone + 1
+  end
 end
-redis.call('HSET', 'clio:ver', 'tokcut', cut)
+if gone == 0 then return {0, hold, ttl} end
+redis.call('HSET', 'clio:ver', 'tokcut', cut, 'tokmark', mark)
 redis.call('HINCRBY', 'clio:ver', 'rev', 1)
-return #old / 2
+return {gone, hold, ttl}
 "#;
 
 /// Stores an account set changed while the store was unreachable, only
@@ -409,7 +457,7 @@ return (#ARGV - 1) / 3
 
 /// Heartbeat: extends this process's lease and its hashes' lifetime, and
 /// forgets members whose lease ended over a day ago (up to 100 a call):
-/// their entries in `clio:nodes`, `clio:useq` and `clio:rev:hold`, which nothing else
+/// their entries in `clio:nodes`, `clio:useq`, `clio:rev:hold` and `clio:rev:skew`, which nothing else
 /// deletes for a process that died (its count hashes expire by themselves).
 /// Returns `{lapsed, nodes alive, shared, now}`: `lapsed` is 1 when the lease
 /// had already ended (the node was cut off or Redis lost its data), so the
@@ -439,6 +487,7 @@ for _, m in ipairs(gone) do
   redis.call('ZREM', 'clio:nodes', m)
   redis.call('HDEL', 'clio:useq', m)
   redis.call('HDEL', 'clio:rev:hold', m)
+  redis.call('HDEL', 'clio:rev:skew', m)
 end
 redis.call('PEXPIRE', 'clio:n:' .. node .. ':dev', ttl)
 redis.call('PEXPIRE', 'clio:n:' .. node .. ':acct', ttl)

@@ -138,6 +138,7 @@ pub fn start(
         last_try: None,
         rev_ver: None,
         tok_cut: 0,
+        tok_mark: 0,
         acct_ver: None,
         usage_acked: None,
         epoch: None,
@@ -234,6 +235,9 @@ struct Worker {
     /// `tokcut` of `clio:ver` as last loaded (ms, Redis clock; see
     /// [`scripts::TOKENS_EXPIRE`]), offered back to a store that lost it.
     tok_cut: i64,
+    /// `tokmark` of `clio:ver` as last loaded (ms, Redis clock), offered
+    /// back the same way.
+    tok_mark: i64,
     acct_ver: Option<i64>,
     /// The id of this node's last usage batch Redis took (`clio:useq`
     /// holds it too, unless Redis lost it or went back to an older copy).
@@ -286,10 +290,17 @@ struct Worker {
     clock_off: bool,
 }
 
-/// A poll's answers: the nodes script's, the token id revocations
-/// expired, what [`recovery::ask_versions`] asks, and the new
+/// A poll's answers: the nodes script's, [`scripts::TOKENS_EXPIRE`]'s
+/// (the token id revocations expired, the fleet's longest hold and
+/// `max_ttl`, ms), what [`recovery::ask_versions`] asks, and the new
 /// "end the live streams of" entries.
-type PollAnswer = (Value, i64, Vec<Option<String>>, Option<String>, Value);
+type PollAnswer = (
+    Value,
+    (i64, i64, i64),
+    Vec<Option<String>>,
+    Option<String>,
+    Value,
+);
 
 type UsageChunk = Vec<(
     (u64, crate::core::usage::GroupBy, String),
@@ -301,15 +312,15 @@ type UsageChunk = Vec<(
 type VersionAndEpoch = (Option<i64>, Option<String>);
 
 /// The revocation lists as [`Worker::load_revocations`] reads them: the
-/// version and epoch, the device ids, the token ids, their times, the
-/// `tokcut`, and each member's published hold (ms).
+/// version and epoch, the device ids, the token ids, their times and
+/// recorded clock skews, and the `tokcut` and `tokmark`.
 type RevocationLists = (
     VersionAndEpoch,
     HashSet<String>,
     HashSet<String>,
     Vec<(String, i64)>,
-    Option<i64>,
-    Vec<i64>,
+    Vec<(String, i64)>,
+    (Option<i64>, Option<i64>),
 );
 
 impl Worker {
@@ -627,6 +638,10 @@ impl Worker {
             .ignore()
             .cmd("HDEL")
             .arg("clio:rev:hold")
+            .arg(node)
+            .ignore()
+            .cmd("HDEL")
+            .arg("clio:rev:skew")
             .arg(node)
             .ignore()
             .query(con);
@@ -1061,14 +1076,16 @@ impl Worker {
         let ends_id = self.ends_id.clone().unwrap_or_else(|| "0-0".into());
         let mut nodes_inv = self.scripts.nodes.prepare_invoke();
         nodes_inv.arg(&self.fleet.member);
-        // This node's hold (`max_ttl` + `clock_skew`) in ms, published
-        // and applied by the expiry, before the versions are read: one it
-        // bumps is loaded at this poll.
-        let (hold, _) = self.links.process.devices.token_bounds();
+        // This node's hold (`max_ttl` + `clock_skew`) and skew in ms,
+        // published and applied by the expiry, before the versions are
+        // read: one it bumps is loaded at this poll.
+        let (hold, skew) = self.links.process.devices.token_bounds();
+        let ms = |s: u64| s.saturating_mul(1000).min(i64::MAX as u64);
         let mut expire_inv = self.scripts.tokens_expire.prepare_invoke();
         expire_inv
             .arg(&self.fleet.member)
-            .arg(hold.saturating_mul(1000).min(i64::MAX as u64));
+            .arg(ms(hold))
+            .arg(ms(skew));
         let mut pipe = redis::pipe();
         pipe.invoke_script(&nodes_inv);
         pipe.invoke_script(&expire_inv);
@@ -1081,7 +1098,7 @@ impl Worker {
             .arg("clio:ends")
             .arg(&ends_id)
             .query(con);
-        let (nodes, _expired, vers, useq, ends) = match r {
+        let (nodes, (_expired, fleet_hold, fleet_ttl), vers, useq, ends) = match r {
             Ok(x) => x,
             Err(e) => return self.failed("poll", &e),
         };
@@ -1119,7 +1136,7 @@ impl Worker {
             a.set_fleet_live(Some(u32::try_from(n.max(0)).unwrap_or(u32::MAX - 1)));
         }
         if self.rev_ver != Some(rev) {
-            self.load_revocations(rev);
+            self.load_revocations(rev, (fleet_hold, fleet_ttl));
         }
         if self.acct_ver != Some(acct) {
             self.load_accounts(acct);
@@ -1132,7 +1149,9 @@ impl Worker {
     /// sets emptied by a loss since the poll (a flush, an empty restart)
     /// or gone back to an older copy are not taken for the fleet's; the
     /// next poll sees the loss, and this node gives back what it knows.
-    fn load_revocations(&mut self, ver: i64) {
+    /// `bounds`: the fleet's longest hold and `max_ttl` (ms), as this
+    /// poll's [`scripts::TOKENS_EXPIRE`] found them.
+    fn load_revocations(&mut self, ver: i64, bounds: (i64, i64)) {
         let Some(con) = self.con.as_mut() else { return };
         let r: Result<RevocationLists, _> = redis::pipe()
             .atomic()
@@ -1149,14 +1168,18 @@ impl Worker {
             .arg(0)
             .arg(-1)
             .arg("WITHSCORES")
-            .cmd("HGET")
+            .cmd("ZRANGE")
+            .arg("clio:rev:tokskew")
+            .arg(0)
+            .arg(-1)
+            .arg("WITHSCORES")
+            .cmd("HMGET")
             .arg("clio:ver")
             .arg("tokcut")
-            .cmd("HVALS")
-            .arg("clio:rev:hold")
+            .arg("tokmark")
             .query(con);
         match r {
-            Ok(((rev, epoch), d, t, at, cut, holds)) => {
+            Ok(((rev, epoch), d, t, at, skews, (cut, mark))) => {
                 let rev = rev.unwrap_or(0);
                 if epoch != self.epoch || rev < ver {
                     return;
@@ -1167,34 +1190,44 @@ impl Worker {
                 let (own_hold, skew) = devices.token_bounds();
                 let cut = cut.unwrap_or(0).max(self.tok_cut);
                 self.tok_cut = cut;
+                let mark = mark.unwrap_or(0).max(self.tok_mark);
+                self.tok_mark = mark;
                 // Redis's times on this node's clock (the offset its
                 // heartbeats measure), in seconds rounded up: later,
                 // never sooner.
                 let offset = self.fleet.clock_offset_ms.load(Ordering::Relaxed).max(0);
                 let secs = |ms: i64| ((ms.max(0) + offset) as u64).div_ceil(1000);
                 let at: HashMap<String, i64> = at.into_iter().collect();
+                let skews: HashMap<String, i64> = skews.into_iter().collect();
+                let span = |ms: i64| (ms.max(0) as u64).div_ceil(1000);
                 let tokens = t
                     .into_iter()
                     .map(|id| {
-                        let when = at.get(&id).map(|ms| secs(*ms));
-                        (id, when)
+                        let held = at
+                            .get(&id)
+                            .map(|ms| (secs(*ms), span(skews.get(&id).copied().unwrap_or(0))));
+                        (id, held)
                     })
                     .collect();
-                let hold = holds
-                    .iter()
-                    .map(|ms| ((*ms).max(0) as u64).div_ceil(1000))
-                    .chain([own_hold])
-                    .max()
-                    .unwrap_or(own_hold);
+                let bounds = (
+                    span(bounds.0).max(own_hold),
+                    span(bounds.1).max(own_hold.saturating_sub(skew)),
+                );
                 // Every token issued up to the latest dropped revocation
-                // plus this node's clock skew: all expired, or carrying an
-                // id revoked then.
+                // plus this node's clock skew, or plus the skew recorded
+                // with a dropped one: all expired, or carrying an id
+                // revoked then.
                 let through = if cut > 0 {
                     secs(cut).saturating_add(skew)
                 } else {
                     0
                 };
-                devices.replace_revoked(d, tokens, hold, through);
+                let through = if mark > 0 {
+                    through.max(secs(mark))
+                } else {
+                    through
+                };
+                devices.replace_revoked(d, tokens, bounds, through);
             }
             Err(e) => self.failed("revocations", &e),
         }

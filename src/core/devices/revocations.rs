@@ -38,18 +38,20 @@ impl Devices {
 
     /// Replaces both revocation lists with the fleet's, from the shared
     /// store: token ids with when Redis took them (Unix seconds, Redis's
-    /// clock), kept by the fleet for `hold` seconds; tokens issued at or
-    /// before `through` stay refused (see [`Devices::forgotten_through`]),
-    /// raised first so that no moment lacks both the dropped ids and it.
+    /// clock) and the clock skew recorded with them (seconds), kept by
+    /// the fleet for `bounds` (see [`Devices::set_fleet_bounds`]); tokens
+    /// issued at or before `through` stay refused (see
+    /// [`Devices::forgotten_through`]), raised first so that no moment
+    /// lacks both the dropped ids and it.
     pub fn replace_revoked(
         &self,
         devices: HashSet<String>,
-        tokens: HashMap<String, Option<u64>>,
-        hold: u64,
+        tokens: HashMap<String, Option<(u64, u64)>>,
+        bounds: (u64, u64),
         through: u64,
     ) {
         self.forgotten_through.fetch_max(through, Ordering::Relaxed);
-        self.fleet_hold.store(hold, Ordering::Relaxed);
+        self.set_fleet_bounds(bounds.0, bounds.1);
         *self
             .revoked_devices
             .write()
@@ -57,21 +59,26 @@ impl Devices {
         *self
             .revoked_tokens
             .write()
-            .unwrap_or_else(|e| e.into_inner()) = tokens
-            .into_iter()
-            .map(|(id, at)| (id, at.map(|at| (at, 0))))
-            .collect();
+            .unwrap_or_else(|e| e.into_inner()) = tokens;
     }
 
-    /// Every revoked token id with when it was revoked, if known (Unix
-    /// seconds), sorted by id.
-    pub fn revoked_tokens_at(&self) -> Vec<(String, Option<u64>)> {
+    /// In a fleet: its nodes' longest `max_ttl` + `clock_skew` (`hold`)
+    /// and longest `max_ttl` (`ttl`), seconds. A token id revocation is
+    /// kept the longer of `hold` and `ttl` plus the skew recorded with it.
+    pub fn set_fleet_bounds(&self, hold: u64, ttl: u64) {
+        self.fleet_hold.store(hold, Ordering::Relaxed);
+        self.fleet_ttl.store(ttl, Ordering::Relaxed);
+    }
+
+    /// Every revoked token id with when it was revoked and the clock skew
+    /// then, if known (Unix seconds, seconds), sorted by id.
+    pub fn revoked_tokens_at(&self) -> Vec<(String, Option<(u64, u64)>)> {
         let mut v: Vec<_> = self
             .revoked_tokens
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .map(|(id, held)| (id.clone(), held.map(|(at, _)| at)))
+            .map(|(id, held)| (id.clone(), *held))
             .collect();
         v.sort();
         v
@@ -140,15 +147,18 @@ impl Devices {
     }
 
     /// When (Unix seconds) a revocation made at `at` under a clock skew
-    /// of `skew` seconds expires: in a fleet by the fleet's hold (the
-    /// longest `max_ttl` + `clock_skew` its nodes published), else by this
-    /// relay's `max_ttl` and the skew that counts.
+    /// of `skew` seconds expires: in a fleet by the fleet's bounds (the
+    /// longest `max_ttl` + `clock_skew` its nodes published, and at least
+    /// their longest `max_ttl` plus `skew`), else by this relay's
+    /// `max_ttl` and the skew that counts.
     fn token_expiry(&self, at: u64, skew: u64) -> u64 {
         match self.fleet_hold.load(Ordering::Relaxed) {
             u64::MAX => at
                 .saturating_add(self.token_hold.load(Ordering::Relaxed))
                 .saturating_add(self.token_skew_for(skew)),
-            fleet => at.saturating_add(fleet),
+            fleet => at.saturating_add(
+                fleet.max(self.fleet_ttl.load(Ordering::Relaxed).saturating_add(skew)),
+            ),
         }
     }
 

@@ -40,6 +40,7 @@ impl Revocation {
             Some(t) => {
                 pipe.cmd("SREM").arg("clio:rev:tok").arg(t).ignore();
                 pipe.cmd("ZREM").arg("clio:rev:tokat").arg(t).ignore();
+                pipe.cmd("ZREM").arg("clio:rev:tokskew").arg(t).ignore();
             }
             None => {}
         }
@@ -232,15 +233,19 @@ impl Worker {
             inv.arg(-1).arg(-1).arg("");
         }
         inv.arg(if offer { self.tok_cut } else { 0 });
+        inv.arg(if offer { self.tok_mark } else { 0 });
         inv.arg(devices.len());
         for id in &devices {
             inv.arg(id.as_str());
         }
         // Times as loaded (seconds rounded up, so back at or after the
-        // time Redis had): none known, the store gives its own.
-        for (id, at) in &tokens {
+        // time Redis had): none known, the store gives its own. Each
+        // with the clock skew recorded with it (seconds rounded up).
+        for (id, held) in &tokens {
+            let (at, skew) = held.unwrap_or((0, 0));
             inv.arg(id.as_str())
-                .arg(at.map_or(0, |s| s.saturating_mul(1000)));
+                .arg(at.saturating_mul(1000))
+                .arg(skew.saturating_mul(1000));
         }
         let con = self.con.as_mut()?;
         match inv.invoke::<(String, i64, i64, u64)>(con) {
