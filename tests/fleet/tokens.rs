@@ -321,3 +321,36 @@ fn a_lower_clock_skew_on_reload_does_not_shorten_a_fleet_revocation() {
     assert!(streams(&a, &token(&a, "ahead-1", now, 2)));
     assert!(streams(&b, &token(&b, "ahead-1", now, 2)));
 }
+
+/// A node with a longer `max_ttl` joins after a token id was revoked:
+/// Redis now keeps the revocation by its bound, and every node shows that
+/// expiry, not only the one that joined; once it leaves, the shorter one
+/// again. (A node showed the fleet's hold as of its last load of the
+/// lists, which only a revocation change brings: too early while the
+/// longer node was in.)
+#[test]
+fn the_expiry_shown_follows_the_fleets_hold() {
+    let redis = RedisServer::start();
+    let fake = fake(&[KEY], |_| {});
+    let a = Relay::start(config(&fake, &redis, "node-a", 30));
+    assert!(wait_until(SOON, || crate::up(&a)));
+    revoke(&a, "joined-1");
+    let at = score(&redis, "clio:rev:tokat", "joined-1").expect("timed when taken");
+    let revoked_at = at.div_ceil(1000);
+    assert!(wait_until(SOON, || expires(&a, "joined-1") == Some(revoked_at + 31)));
+    let long = Relay::start(config(&fake, &redis, "node-long", 60));
+    assert!(wait_until(SOON, || up_together(&a, &long)));
+    assert!(
+        wait_until(SOON, || expires(&a, "joined-1") == Some(revoked_at + 61)
+            && expires(&long, "joined-1") == Some(revoked_at + 61)),
+        "shown {:?} and {:?}, kept until {}",
+        expires(&a, "joined-1"),
+        expires(&long, "joined-1"),
+        revoked_at + 61
+    );
+    drop(long);
+    assert!(wait_until(SOON, || expires(&a, "joined-1") == Some(revoked_at + 31)));
+    assert!(redis
+        .command("SISMEMBER clio:rev:tok joined-1")
+        .starts_with(":1"));
+}

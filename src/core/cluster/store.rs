@@ -1135,8 +1135,12 @@ impl Worker {
             let n = live.get(&a.id).copied().unwrap_or(0);
             a.set_fleet_live(Some(u32::try_from(n.max(0)).unwrap_or(u32::MAX - 1)));
         }
+        // The fleet's bounds as of now (a node with a longer `max_ttl`
+        // joined, one left, a reload), for `token_ids_expire`: what
+        // Redis keeps the revocations by, whether or not they changed.
+        self.set_fleet_bounds(fleet_hold, fleet_ttl);
         if self.rev_ver != Some(rev) {
-            self.load_revocations(rev, (fleet_hold, fleet_ttl));
+            self.load_revocations(rev);
         }
         if self.acct_ver != Some(acct) {
             self.load_accounts(acct);
@@ -1149,9 +1153,7 @@ impl Worker {
     /// sets emptied by a loss since the poll (a flush, an empty restart)
     /// or gone back to an older copy are not taken for the fleet's; the
     /// next poll sees the loss, and this node gives back what it knows.
-    /// `bounds`: the fleet's longest hold and `max_ttl` (ms), as this
-    /// poll's [`scripts::TOKENS_EXPIRE`] found them.
-    fn load_revocations(&mut self, ver: i64, bounds: (i64, i64)) {
+    fn load_revocations(&mut self, ver: i64) {
         let Some(con) = self.con.as_mut() else { return };
         let r: Result<RevocationLists, _> = redis::pipe()
             .atomic()
@@ -1187,7 +1189,7 @@ impl Worker {
                 self.rev_ver = Some(rev);
                 self.recent.retain(|(v, _)| *v > rev);
                 let devices = &self.links.process.devices;
-                let (own_hold, skew) = devices.token_bounds();
+                let (_, skew) = devices.token_bounds();
                 let cut = cut.unwrap_or(0).max(self.tok_cut);
                 self.tok_cut = cut;
                 let mark = mark.unwrap_or(0).max(self.tok_mark);
@@ -1209,10 +1211,6 @@ impl Worker {
                         (id, held)
                     })
                     .collect();
-                let bounds = (
-                    span(bounds.0).max(own_hold),
-                    span(bounds.1).max(own_hold.saturating_sub(skew)),
-                );
                 // Every token issued up to the latest dropped revocation
                 // plus this node's clock skew, or plus the skew recorded
                 // with a dropped one: all expired, or carrying an id
@@ -1227,10 +1225,23 @@ impl Worker {
                 } else {
                     through
                 };
-                devices.replace_revoked(d, tokens, bounds, through);
+                devices.replace_revoked(d, tokens, through);
             }
             Err(e) => self.failed("revocations", &e),
         }
+    }
+
+    /// The fleet's longest hold and `max_ttl` (ms, as
+    /// [`scripts::TOKENS_EXPIRE`] answers them; this node's own at least),
+    /// in seconds rounded up, for the expiry each revocation shows.
+    fn set_fleet_bounds(&self, hold: i64, ttl: i64) {
+        let devices = &self.links.process.devices;
+        let (own_hold, skew) = devices.token_bounds();
+        let secs = |ms: i64| (ms.max(0) as u64).div_ceil(1000);
+        devices.set_fleet_bounds(
+            secs(hold).max(own_hold),
+            secs(ttl).max(own_hold.saturating_sub(skew)),
+        );
     }
 
     fn load_accounts(&mut self, ver: i64) {

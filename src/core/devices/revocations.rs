@@ -39,7 +39,7 @@ impl Devices {
     /// Replaces both revocation lists with the fleet's, from the shared
     /// store: token ids with when Redis took them (Unix seconds, Redis's
     /// clock) and the clock skew recorded with them (seconds), kept by
-    /// the fleet for `bounds` (see [`Devices::set_fleet_bounds`]); tokens
+    /// the fleet's bounds (see [`Devices::set_fleet_bounds`]); tokens
     /// issued at or before `through` stay refused (see
     /// [`Devices::forgotten_through`]), raised first so that no moment
     /// lacks both the dropped ids and it.
@@ -47,11 +47,9 @@ impl Devices {
         &self,
         devices: HashSet<String>,
         tokens: HashMap<String, Option<(u64, u64)>>,
-        bounds: (u64, u64),
         through: u64,
     ) {
         self.forgotten_through.fetch_max(through, Ordering::Relaxed);
-        self.set_fleet_bounds(bounds.0, bounds.1);
         *self
             .revoked_devices
             .write()
@@ -63,8 +61,9 @@ impl Devices {
     }
 
     /// In a fleet: its nodes' longest `max_ttl` + `clock_skew` (`hold`)
-    /// and longest `max_ttl` (`ttl`), seconds. A token id revocation is
-    /// kept the longer of `hold` and `ttl` plus the skew recorded with it.
+    /// and longest `max_ttl` (`ttl`), seconds, as of the last poll. A
+    /// token id revocation is kept the longer of `hold` and `ttl` plus
+    /// the skew recorded with it.
     pub fn set_fleet_bounds(&self, hold: u64, ttl: u64) {
         self.fleet_hold.store(hold, Ordering::Relaxed);
         self.fleet_ttl.store(ttl, Ordering::Relaxed);
