@@ -354,3 +354,76 @@ fn the_expiry_shown_follows_the_fleets_hold() {
         .command("SISMEMBER clio:rev:tok joined-1")
         .starts_with(":1"));
 }
+
+/// How many `XREAD`s Redis has run: one a poll of each node.
+fn polls(redis: &RedisServer) -> u64 {
+    let info = redis.command("INFO commandstats");
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_xread:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A node writes its token bounds (`clio:rev:hold`, `clio:rev:skew`)
+/// with its lease and when a reload changes them, not at every poll:
+/// one overwritten in Redis stays so for polls, until the next lease
+/// renewal writes it again. A reload's new bounds are written at the
+/// next poll, a flush gets them back with the node's registration, and a
+/// node that stops takes them out. (Every poll wrote them: five writes a
+/// second a node.)
+#[test]
+fn a_nodes_bounds_are_written_with_its_lease_and_when_they_change() {
+    let redis = RedisServer::start();
+    let fake = fake(&[KEY], |_| {});
+    let mut cfg = skewed(&fake, &redis, "node-a", 2, 1);
+    let a = Relay::start(cfg.clone());
+    assert!(wait_until(SOON, || crate::up(&a)));
+    let member = redis.member("node-a").unwrap();
+    let bounds = || {
+        (
+            redis.hget("clio:rev:hold", &member),
+            redis.hget("clio:rev:skew", &member),
+        )
+    };
+    let written = |hold: &str, skew: &str| (Some(hold.to_string()), Some(skew.to_string()));
+    assert!(wait_until(SOON, || bounds() == written("3000", "1000")));
+    // Right after a lease renewal, so that none comes within the polls
+    // watched (tried again if one does).
+    let mut kept = false;
+    for _ in 0..3 {
+        let lease = redis.lease_end("node-a");
+        assert!(wait_until(SOON, || redis.lease_end("node-a") != lease));
+        let lease = redis.lease_end("node-a");
+        redis.command(&format!("HSET clio:rev:hold {member} 999000"));
+        let from = polls(&redis);
+        assert!(wait_until(SOON, || polls(&redis) >= from + 5));
+        let hold = bounds().0;
+        if redis.lease_end("node-a") == lease {
+            assert_eq!(hold.as_deref(), Some("999000"), "written by a poll");
+            kept = true;
+            break;
+        }
+    }
+    assert!(kept, "a lease renewal in every window watched");
+    // The next lease renewal writes it again.
+    assert!(wait_until(SOON, || bounds() == written("3000", "1000")));
+    // A reload that changes them: written at the next poll.
+    cfg.tokens.clock_skew = Duration::from_secs(2);
+    a.handle.reload(&cfg).unwrap();
+    assert!(wait_until(SOON, || bounds() == written("4000", "2000")));
+    // Redis loses its data: back with the node's registration.
+    assert!(redis.command("FLUSHALL").starts_with("+OK"));
+    assert!(wait_until(SOON, || {
+        let member = redis.member("node-a");
+        member.is_some_and(|m| {
+            redis.hget("clio:rev:hold", &m).as_deref() == Some("4000")
+                && redis.hget("clio:rev:skew", &m).as_deref() == Some("2000")
+        })
+    }));
+    // A node that stops takes them out with its lease.
+    drop(a);
+    assert!(redis.command("HLEN clio:rev:hold").starts_with(":0"));
+    assert!(redis.command("HLEN clio:rev:skew").starts_with(":0"));
+    assert!(redis.member("node-a").is_none());
+}

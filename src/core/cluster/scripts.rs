@@ -12,8 +12,8 @@
 //! | `clio:rev:dev`, `clio:rev:tok` | sets | revoked device ids, token ids |
 //! | `clio:rev:tokat` | sorted set | revoked token id → when Redis took the revocation (ms, Redis clock); dropped with the id once no token can carry it ([`TOKENS_EXPIRE`]) |
 //! | `clio:rev:tokskew` | sorted set | revoked token id → the largest `tokens.clock_skew` published when Redis took it (ms): kept that much longer than the longest `max_ttl`, however the skews change after |
-//! | `clio:rev:hold` | hash | member → its `tokens.max_ttl` + `tokens.clock_skew` (ms): the fleet keeps a token id revocation the longest of these |
-//! | `clio:rev:skew` | hash | member → its `tokens.clock_skew` (ms), published with its hold |
+//! | `clio:rev:hold` | hash | member → its `tokens.max_ttl` + `tokens.clock_skew` (ms): the fleet keeps a token id revocation the longest of these; written with the member's lease ([`REGISTER`], [`HEARTBEAT`]) and by a poll that finds it changed ([`TOKENS_EXPIRE`]) |
+//! | `clio:rev:skew` | hash | member → its `tokens.clock_skew` (ms), written with its hold |
 //! | `clio:ver` | hash | `rev`, `acct`: bumped on every change; `tokcut`: the latest revocation time (ms, Redis clock) of a token id revocation dropped, tokens issued up to it plus a node's clock skew stay refused; `tokmark`: the latest revocation time plus its `clio:rev:tokskew` of one dropped, tokens issued up to it stay refused; `epoch`: names this copy of the data (new after a loss); `settle`, `settle_nodes`: after a loss, until when (ms, Redis clock) stream opens wait for that many nodes to register again |
 //! | `clio:ends` | stream | "end the live streams of …" requests |
 //! | `clio:rate:<device>` | hash | new-stream token bucket (`t`, `ts`) |
@@ -300,8 +300,10 @@ return 1
 /// Lets go of the token id revocations no token can still carry, on
 /// every poll of every node. A node publishes its `tokens.max_ttl` +
 /// `tokens.clock_skew` (`clio:rev:hold`) and its `tokens.clock_skew`
-/// (`clio:rev:skew`), until its member is forgotten a day after its
-/// lease ended, or it leaves, or is gone from `clio:nodes`. A revocation
+/// (`clio:rev:skew`) with its lease ([`REGISTER`], [`HEARTBEAT`]), and
+/// here when they changed since (a reload), only while it has a lease;
+/// they stay until its member is forgotten a day after its lease ended,
+/// or it leaves, or is gone from `clio:nodes`. A revocation
 /// is kept, measured on Redis's clock from when Redis took it, the
 /// longest published hold, and at least the longest published `max_ttl`
 /// (a hold less its skew) plus the skew recorded with it
@@ -317,13 +319,16 @@ return 1
 /// or have expired), and bumps the revocation version so the nodes load
 /// the lists again. At most 1000 are looked at per call, the oldest
 /// first.
-/// ARGV: member, its hold (ms), its clock skew (ms). Returns `{how many
-/// went, the longest hold, the longest max_ttl}` (ms).
+/// ARGV: member, then its hold and clock skew (ms) to publish, if they
+/// changed. Returns `{how many went, the longest hold, the longest
+/// max_ttl}` (ms).
 pub const TOKENS_EXPIRE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('HSET', 'clio:rev:hold', ARGV[1], ARGV[2])
-redis.call('HSET', 'clio:rev:skew', ARGV[1], ARGV[3])
+if #ARGV >= 3 and redis.call('ZSCORE', 'clio:nodes', ARGV[1]) then
+  redis.call('HSET', 'clio:rev:hold', ARGV[1], ARGV[2])
+  redis.call('HSET', 'clio:rev:skew', ARGV[1], ARGV[3])
+end
 local skews = {}
 local sk = redis.call('HGETALL', 'clio:rev:skew')
 for i = 1, #sk, 2 do skews[sk[i]] = tonumber(sk[i + 1]) or 0 end
@@ -455,7 +460,9 @@ end
 return (#ARGV - 1) / 3
 "#;
 
-/// Heartbeat: extends this process's lease and its hashes' lifetime, and
+/// Heartbeat: extends this process's lease and its hashes' lifetime,
+/// publishes its token bounds again (`clio:rev:hold`, `clio:rev:skew`:
+/// a store gone back to an older copy may hold older ones), and
 /// forgets members whose lease ended over a day ago (up to 100 a call):
 /// their entries in `clio:nodes`, `clio:useq`, `clio:rev:hold` and `clio:rev:skew`, which nothing else
 /// deletes for a process that died (its count hashes expire by themselves).
@@ -466,7 +473,7 @@ return (#ARGV - 1) / 3
 /// this one last did (another running relay has the same `node_id`: a
 /// process that died writes nothing more); `now` is Redis's clock (ms),
 /// which the node compares with its own.
-/// ARGV: member, lease ttl ms, node id.
+/// ARGV: member, lease ttl ms, node id, its hold ms, its clock skew ms.
 pub const HEARTBEAT: &str = r#"
 local node, ttl, id = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local t = redis.call('TIME')
@@ -480,6 +487,8 @@ if prev and prev ~= node
 end
 redis.call('HSET', 'clio:owner', id, node)
 redis.call('ZADD', 'clio:nodes', now + ttl, node)
+redis.call('HSET', 'clio:rev:hold', node, ARGV[4])
+redis.call('HSET', 'clio:rev:skew', node, ARGV[5])
 -- A member whose lease ended a day ago is gone (a process that died; one
 -- that stopped left already): its lease and last usage batch id go.
 local gone = redis.call('ZRANGEBYSCORE', 'clio:nodes', '-inf', now - 86400000, 'LIMIT', 0, 100)
@@ -497,21 +506,25 @@ return {lapsed, redis.call('ZCOUNT', 'clio:nodes', now, '+inf'), shared, now}
 "#;
 
 /// Re-registration: replaces this node's counts with what it holds (so a
-/// node coming back neither counts twice nor leaves a count behind) and
-/// renews its lease. ARGV: member, lease ttl ms, number of device pairs,
-/// node id, then (device, count) pairs, then (account, count) pairs.
+/// node coming back neither counts twice nor leaves a count behind),
+/// renews its lease and publishes its token bounds with it (so no node
+/// has a lease and no bound). ARGV: member, lease ttl ms, number of
+/// device pairs, node id, its hold ms, its clock skew ms, then (device,
+/// count) pairs, then (account, count) pairs.
 pub const REGISTER: &str = r#"
 local node, ttl, ndev = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local hd, ha = 'clio:n:' .. node .. ':dev', 'clio:n:' .. node .. ':acct'
 redis.call('DEL', hd, ha)
-for i = 5, 4 + ndev * 2, 2 do redis.call('HSET', hd, ARGV[i], ARGV[i + 1]) end
-for i = 5 + ndev * 2, #ARGV, 2 do redis.call('HSET', ha, ARGV[i], ARGV[i + 1]) end
+for i = 7, 6 + ndev * 2, 2 do redis.call('HSET', hd, ARGV[i], ARGV[i + 1]) end
+for i = 7 + ndev * 2, #ARGV, 2 do redis.call('HSET', ha, ARGV[i], ARGV[i + 1]) end
 redis.call('PEXPIRE', hd, ttl)
 redis.call('PEXPIRE', ha, ttl)
 redis.call('HSET', 'clio:owner', ARGV[4], node)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZADD', 'clio:nodes', now + ttl, node)
+redis.call('HSET', 'clio:rev:hold', node, ARGV[5])
+redis.call('HSET', 'clio:rev:skew', node, ARGV[6])
 return redis.call('ZCOUNT', 'clio:nodes', now, '+inf')
 "#;
 

@@ -45,6 +45,11 @@ fn unix_ms(t: SystemTime) -> i64 {
     }
 }
 
+/// `s` seconds in ms, at most what Redis takes as an integer.
+fn ms(s: u64) -> u64 {
+    s.saturating_mul(1000).min(i64::MAX as u64)
+}
+
 /// This node's clock minus Redis's, from a call sent at `sent` and
 /// answered at `got` (this node's clock, ms) in which Redis read its clock
 /// as `redis_now`: the part of the difference the round trip cannot
@@ -139,6 +144,7 @@ pub fn start(
         rev_ver: None,
         tok_cut: 0,
         tok_mark: 0,
+        bounds_published: None,
         acct_ver: None,
         usage_acked: None,
         epoch: None,
@@ -238,6 +244,10 @@ struct Worker {
     /// `tokmark` of `clio:ver` as last loaded (ms, Redis clock), offered
     /// back the same way.
     tok_mark: i64,
+    /// This node's token bounds (hold, clock skew; ms) as last written to
+    /// `clio:rev:hold` and `clio:rev:skew`: with its lease, and by a poll
+    /// that finds them changed (a reload).
+    bounds_published: Option<(u64, u64)>,
     acct_ver: Option<i64>,
     /// The id of this node's last usage batch Redis took (`clio:useq`
     /// holds it too, unless Redis lost it or went back to an older copy).
@@ -583,7 +593,11 @@ impl Worker {
             .iter()
             .filter(|((k, _), _)| *k == Kind::Device)
             .collect();
-        inv.arg(devs.len()).arg(&self.fleet.node_id);
+        let bounds = self.token_bounds_ms();
+        inv.arg(devs.len())
+            .arg(&self.fleet.node_id)
+            .arg(bounds.0)
+            .arg(bounds.1);
         for ((_, id), n) in &devs {
             inv.arg(id.as_str()).arg(**n);
         }
@@ -598,6 +612,7 @@ impl Worker {
         match inv.invoke::<i64>(con) {
             Ok(nodes) => {
                 self.ok();
+                self.bounds_published = Some(bounds);
                 self.set_nodes(nodes);
                 self.fleet
                     .stats
@@ -972,6 +987,10 @@ impl Worker {
     fn heartbeat(&mut self) {
         self.last_heartbeat = Instant::now();
         let Some(con) = self.con.as_mut() else { return };
+        let bounds = {
+            let (hold, skew) = self.links.process.devices.token_bounds();
+            (ms(hold), ms(skew))
+        };
         let sent = unix_ms(SystemTime::now());
         let r: Result<(i64, i64, i64, i64), _> = self
             .scripts
@@ -979,10 +998,13 @@ impl Worker {
             .arg(&self.fleet.member)
             .arg(self.ttl_ms)
             .arg(&self.fleet.node_id)
+            .arg(bounds.0)
+            .arg(bounds.1)
             .invoke(con);
         match r {
             Ok((lapsed, nodes, shared, redis_now)) => {
                 self.ok();
+                self.bounds_published = Some(bounds);
                 // Redis read its clock somewhere between the call's send
                 // and its answer, not necessarily halfway (a Redis busy
                 // before it ran the script, an answer slow to come back):
@@ -1076,16 +1098,20 @@ impl Worker {
         let ends_id = self.ends_id.clone().unwrap_or_else(|| "0-0".into());
         let mut nodes_inv = self.scripts.nodes.prepare_invoke();
         nodes_inv.arg(&self.fleet.member);
-        // This node's hold (`max_ttl` + `clock_skew`) and skew in ms,
-        // published and applied by the expiry, before the versions are
-        // read: one it bumps is loaded at this poll.
-        let (hold, skew) = self.links.process.devices.token_bounds();
-        let ms = |s: u64| s.saturating_mul(1000).min(i64::MAX as u64);
+        // The expiry runs before the versions are read: one it bumps is
+        // loaded at this poll. This node's hold (`max_ttl` +
+        // `clock_skew`) and skew go with it only when they changed since
+        // they were last written (a reload); its lease writes them too.
+        let bounds = {
+            let (hold, skew) = self.links.process.devices.token_bounds();
+            (ms(hold), ms(skew))
+        };
+        let changed = self.bounds_published != Some(bounds);
         let mut expire_inv = self.scripts.tokens_expire.prepare_invoke();
-        expire_inv
-            .arg(&self.fleet.member)
-            .arg(ms(hold))
-            .arg(ms(skew));
+        expire_inv.arg(&self.fleet.member);
+        if changed {
+            expire_inv.arg(bounds.0).arg(bounds.1);
+        }
         let mut pipe = redis::pipe();
         pipe.invoke_script(&nodes_inv);
         pipe.invoke_script(&expire_inv);
@@ -1103,6 +1129,9 @@ impl Worker {
             Err(e) => return self.failed("poll", &e),
         };
         self.ok();
+        if changed {
+            self.bounds_published = Some(bounds);
+        }
         let Some((rev, acct, loss)) = self.check_store(&vers, useq) else {
             return;
         };
@@ -1229,6 +1258,13 @@ impl Worker {
             }
             Err(e) => self.failed("revocations", &e),
         }
+    }
+
+    /// This node's token bounds in ms: `tokens.max_ttl` +
+    /// `tokens.clock_skew`, and `tokens.clock_skew`.
+    fn token_bounds_ms(&self) -> (u64, u64) {
+        let (hold, skew) = self.links.process.devices.token_bounds();
+        (ms(hold), ms(skew))
     }
 
     /// The fleet's longest hold and `max_ttl` (ms, as
