@@ -619,3 +619,63 @@ fn changes_sent_to_one_node_at_once_are_all_made() {
         }
     }
 }
+
+/// Another node's change lands in Redis within one round trip of this
+/// node's: after A has caught up with the fleet's set (its compare) and
+/// before A's own set reaches Redis (A's calls go through a proxy that
+/// holds that one call until B's whole change is answered). A's change is
+/// answered 409 and not made anywhere; B's holds on both nodes. (The
+/// change-within-a-poll tests never let the other change in between the
+/// compare and the store.)
+#[test]
+fn a_change_landing_within_the_round_trip_is_answered_409() {
+    let redis = RedisServer::start();
+    let proxy = crate::proxy::Proxy::start(redis.port);
+    let fake = fake(&[K1, K2], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("a", K1)]);
+    cfg.admin.token = Some(clio_relay::core::secret::Secret::new(ADMIN));
+    cfg.admin.master_key = Some(clio_relay::core::secret::Secret::new(crate::MASTER));
+    let mut on_a = crate::node(&cfg, &redis, "node-a");
+    let fleet = on_a.cluster.as_mut().unwrap();
+    fleet.redis_url = proxy.url();
+    // A's store call waits out B's change: no deadline within it.
+    fleet.timeout = Duration::from_secs(10);
+    let a = Relay::start(on_a);
+    let b = Relay::start(crate::node(&cfg, &redis, "node-b"));
+    let soon = Duration::from_secs(10);
+    assert!(wait_until(soon, || crate::up(&a) && crate::up(&b)));
+    // A's store of its set: PUBLISH_ON with the set (five parts; the
+    // compare has four).
+    let sha = ::redis::Script::new(clio_relay::core::cluster::scripts::PUBLISH_ON)
+        .get_hash()
+        .to_string();
+    let store = format!("*5\r\n$7\r\nEVALSHA\r\n$40\r\n{sha}\r\n");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let b_admin = b.handle.admin_addr;
+    proxy.hold_for(store.as_bytes(), move || {
+        let _ = tx.send(http(
+            b_admin,
+            "POST",
+            "/admin/accounts",
+            Some(ADMIN),
+            Some(&add_body("from-b")),
+        ));
+    });
+    let (status, body) = try_change(&a, "POST", "/admin/accounts", Some(&add_body("from-a")));
+    let (b_status, b_body) = rx.try_recv().expect("B's change came in between");
+    assert_eq!(b_status, 200, "{b_body}");
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body.contains("another node changed the account set at the same time"),
+        "{body}"
+    );
+    // B's change holds on both, A's on neither.
+    for relay in [&a, &b] {
+        assert!(wait_until(soon, || account(relay, "from-b").is_some()));
+        assert!(account(relay, "from-a").is_none());
+    }
+    std::thread::sleep(Duration::from_millis(600)); // a few polls more
+    for relay in [&a, &b] {
+        assert!(account(relay, "from-b").is_some() && account(relay, "from-a").is_none());
+    }
+}

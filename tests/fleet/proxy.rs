@@ -4,7 +4,8 @@
 //! polls, `XREAD`) and cuts every other connection at its next command,
 //! as a network that drops one path and resets the others would; or it
 //! loses the answer to one call that Redis took, with its connection; or
-//! has Redis flushed (`FLUSHALL`) just before one call reaches it; or
+//! has Redis flushed (`FLUSHALL`) just before one call reaches it, or
+//! holds one call until something else has happened in Redis; or
 //! trickles the answer to one call (and every later one on its
 //! connection) a byte at a time.
 
@@ -27,6 +28,8 @@ struct State {
     lose: Mutex<Option<Vec<u8>>>,
     /// The next call with these bytes reaches Redis after a `FLUSHALL`.
     flush_before: Mutex<Option<Vec<u8>>>,
+    /// The next call with these bytes reaches Redis once this has run.
+    hold_for: Mutex<Option<Held>>,
     /// From the next call with these bytes on, its connection's answers
     /// come a byte at a time, this long apart.
     trickle: Mutex<Option<(Vec<u8>, Duration)>>,
@@ -34,6 +37,9 @@ struct State {
     to: u16,
     stop: AtomicBool,
 }
+
+/// What [`Proxy::hold_for`] runs, and the call it holds.
+type Held = (Vec<u8>, Box<dyn FnOnce() + Send>);
 
 pub struct Proxy {
     port: u16,
@@ -109,6 +115,14 @@ impl Proxy {
     /// Whether the flush [`Proxy::flush_before`] asked for is done.
     pub fn flushed(&self) -> bool {
         self.state.flush_before.lock().unwrap().is_none()
+    }
+
+    /// The next call that carries `bytes` reaches Redis only once `then`
+    /// has run (on the proxy's thread, the caller waiting for its
+    /// answer): what `then` does in Redis comes between that connection's
+    /// calls.
+    pub fn hold_for(&self, bytes: &[u8], then: impl FnOnce() + Send + 'static) {
+        *self.state.hold_for.lock().unwrap() = Some((bytes.to_vec(), Box::new(then)));
     }
 
     /// From the next call that carries `bytes` on, that connection's
@@ -206,6 +220,10 @@ fn relay(mut client: TcpStream, mut server: TcpStream, state: &State) {
             *flush = None;
         }
         drop(flush);
+        let held = state.hold_for.lock().unwrap().take_if(|(b, _)| carries(b));
+        if let Some((_, then)) = held {
+            then();
+        }
         if server.write_all(&buf[..n]).is_err() {
             break;
         }
