@@ -201,8 +201,8 @@ pub struct Devices {
     /// Revoked token ids, with when (Unix seconds) they were revoked and
     /// under which clock skew (seconds): by this relay's clock for a relay
     /// alone, which lets them go ([`Devices::expire_revoked_tokens`]); by
-    /// Redis's clock for the fleet's (the largest skew its nodes had
-    /// published when Redis took it), which Redis lets go. `None`: not known yet (one made in a fleet,
+    /// Redis's clock for the fleet's (a skew its nodes had before the
+    /// largest went down, recorded then, or 0), which Redis lets go. `None`: not known yet (one made in a fleet,
     /// until the next load of the fleet's lists).
     revoked_tokens: RwLock<HashMap<String, Option<(u64, u64)>>>,
     /// A token issued at or before this (Unix seconds) is refused: a
@@ -221,6 +221,8 @@ pub struct Devices {
     fleet_hold: AtomicU64,
     /// In a fleet: the longest `max_ttl` (seconds) its nodes published.
     fleet_ttl: AtomicU64,
+    /// In a fleet: the largest `clock_skew` (seconds) its nodes published.
+    fleet_skew: AtomicU64,
 }
 
 /// Parts of the device table, each behind its own lock. With 100,000
@@ -240,6 +242,7 @@ impl Default for Devices {
             token_skew: AtomicU64::new(0),
             fleet_hold: AtomicU64::new(u64::MAX),
             fleet_ttl: AtomicU64::new(0),
+            fleet_skew: AtomicU64::new(0),
         }
     }
 }

@@ -263,7 +263,8 @@ fn a_flush_gives_back_token_id_revocations_with_their_times() {
 /// then, and the mark it leaves covers that token's issue time. (Each
 /// node published its new, shorter hold and Redis dropped the revocation
 /// by it, 2 s after it was made, with the mark at its time plus the new
-/// skew: the token streamed.)
+/// skew: the token streamed.) Redis loses its data meanwhile: the skew
+/// recorded with the revocation comes back with it.
 #[test]
 fn a_lower_clock_skew_on_reload_does_not_shorten_a_fleet_revocation() {
     let redis = RedisServer::start();
@@ -300,6 +301,19 @@ fn a_lower_clock_skew_on_reload_does_not_shorten_a_fleet_revocation() {
             "shown expiring at {until}, revoked at {at} ms"
         );
     }
+    // Redis recorded the old skew with it; lost (a flush), the nodes
+    // give it back.
+    assert!(wait_until(SOON, || score(
+        &redis,
+        "clio:rev:tokskew",
+        "ahead-1"
+    ) == Some(3000)));
+    assert!(redis.command("FLUSHALL").starts_with("+OK"));
+    assert!(wait_until(SOON, || score(
+        &redis,
+        "clio:rev:tokskew",
+        "ahead-1"
+    ) == Some(3000)));
     // Refused on both for as long as it is valid.
     while now_ms() < (issued + 2) * 1000 {
         assert!(!streams(&a, &ahead), "a revoked token id streamed");

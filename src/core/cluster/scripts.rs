@@ -11,10 +11,10 @@
 //! | `clio:owner` | hash | node id → the member that last registered or renewed a lease under it (two running relays with one node id take turns: each sees the other) |
 //! | `clio:rev:dev`, `clio:rev:tok` | sets | revoked device ids, token ids |
 //! | `clio:rev:tokat` | sorted set | revoked token id → when Redis took the revocation (ms, Redis clock); dropped with the id once no token can carry it ([`TOKENS_EXPIRE`]) |
-//! | `clio:rev:tokskew` | sorted set | revoked token id → the largest `tokens.clock_skew` published when Redis took it (ms): kept that much longer than the longest `max_ttl`, however the skews change after |
+//! | `clio:rev:tokskew` | sorted set | revoked token id → the fleet's largest `tokens.clock_skew` before it went down (ms), recorded for every revocation kept when it does ([`TOKENS_EXPIRE`]): kept that much longer than the longest `max_ttl`, however the skews change after |
 //! | `clio:rev:hold` | hash | member → its `tokens.max_ttl` + `tokens.clock_skew` (ms): the fleet keeps a token id revocation the longest of these; written with the member's lease ([`REGISTER`], [`HEARTBEAT`]) and by a poll that finds it changed ([`TOKENS_EXPIRE`]) |
 //! | `clio:rev:skew` | hash | member → its `tokens.clock_skew` (ms), written with its hold |
-//! | `clio:ver` | hash | `rev`, `acct`: bumped on every change; `tokcut`: the latest revocation time (ms, Redis clock) of a token id revocation dropped, tokens issued up to it plus a node's clock skew stay refused; `tokmark`: the latest revocation time plus its `clio:rev:tokskew` of one dropped, tokens issued up to it stay refused; `epoch`: names this copy of the data (new after a loss); `settle`, `settle_nodes`: after a loss, until when (ms, Redis clock) stream opens wait for that many nodes to register again |
+//! | `clio:ver` | hash | `rev`, `acct`: bumped on every change; `tokcut`: the latest revocation time (ms, Redis clock) of a token id revocation dropped, tokens issued up to it plus a node's clock skew stay refused; `tokmark`: the latest revocation time plus its clock skew (the larger of the fleet's and its `clio:rev:tokskew`) of one dropped, tokens issued up to it stay refused; `skewseen`: the fleet's largest clock skew as the last [`TOKENS_EXPIRE`] saw it (ms); `epoch`: names this copy of the data (new after a loss); `settle`, `settle_nodes`: after a loss, until when (ms, Redis clock) stream opens wait for that many nodes to register again |
 //! | `clio:ends` | stream | "end the live streams of …" requests |
 //! | `clio:rate:<device>` | hash | new-stream token bucket (`t`, `ts`) |
 //! | `clio:audio:<day>` | hash | device id → audio ms streamed that UTC day |
@@ -260,10 +260,9 @@ if mine > rev then
   for i = 10 + nd, #ARGV - 2, 3 do
     redis.call('SADD', 'clio:rev:tok', ARGV[i])
     local at = tonumber(ARGV[i + 1])
-    if at > 0 then
-      redis.call('ZADD', 'clio:rev:tokat', at, ARGV[i])
-      redis.call('ZADD', 'clio:rev:tokskew', tonumber(ARGV[i + 2]), ARGV[i])
-    end
+    if at > 0 then redis.call('ZADD', 'clio:rev:tokat', at, ARGV[i]) end
+    local skew = tonumber(ARGV[i + 2])
+    if at > 0 and skew > 0 then redis.call('ZADD', 'clio:rev:tokskew', skew, ARGV[i]) end
   end
   redis.call('HSET', 'clio:ver', 'rev', mine)
   rev = mine
@@ -279,21 +278,15 @@ local left = tonumber(redis.call('HGET', 'clio:ver', 'settle') or '0') - now
 return {epoch, rev, acct, math.max(left, 0)}
 "#;
 
-/// Revokes a token id fleet-wide, recording when by Redis's clock and
-/// the largest clock skew the nodes have published (`clio:rev:skew`): a
-/// token issued before it, by a clock that far ahead, is valid that much
-/// longer, whatever the skews are later (a revocation made again starts
-/// over). ARGV: the token id.
+/// Revokes a token id fleet-wide, recording when by Redis's clock (a
+/// revocation made again starts over, a skew recorded before with it
+/// gone). ARGV: the token id.
 pub const REVOKE_TOKEN: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local skew = 0
-for _, s in ipairs(redis.call('HVALS', 'clio:rev:skew')) do
-  skew = math.max(skew, tonumber(s) or 0)
-end
 redis.call('SADD', 'clio:rev:tok', ARGV[1])
 redis.call('ZADD', 'clio:rev:tokat', now, ARGV[1])
-redis.call('ZADD', 'clio:rev:tokskew', skew, ARGV[1])
+redis.call('ZREM', 'clio:rev:tokskew', ARGV[1])
 return 1
 "#;
 
@@ -303,25 +296,29 @@ return 1
 /// (`clio:rev:skew`) with its lease ([`REGISTER`], [`HEARTBEAT`]), and
 /// here when they changed since (a reload), only while it has a lease;
 /// they stay until its member is forgotten a day after its lease ended,
-/// or it leaves, or is gone from `clio:nodes`. A revocation
-/// is kept, measured on Redis's clock from when Redis took it, the
-/// longest published hold, and at least the longest published `max_ttl`
-/// (a hold less its skew) plus the skew recorded with it
-/// (`clio:rev:tokskew`, see [`REVOKE_TOKEN`]): a skew lowered since
-/// never shortens it. None goes before every node with a current lease
-/// has published, nor while the store settles after a loss (see
-/// [`RESEED`]). One with no time, as a store reseeded from an older node
-/// gives back, gets this call's time and the largest published skew:
+/// or it leaves, or is gone from `clio:nodes`. A revocation is kept,
+/// measured on Redis's clock from when Redis took it, the longest
+/// published `max_ttl` (a hold less its skew) plus the larger of the
+/// largest published skew and the one recorded with it
+/// (`clio:rev:tokskew`), and at least the longest published hold. When
+/// the largest published skew goes down (a reload, a node gone), every
+/// revocation kept records the one before (`skewseen` in `clio:ver`
+/// says which), and the revocation version is bumped so that the nodes
+/// load them: a skew lowered since never shortens a revocation made
+/// before, and nothing is recorded per revocation until then. None goes
+/// before every node with a current lease has published, nor while the
+/// store settles after a loss (see [`RESEED`]). One with no time, as a
+/// store reseeded from an older node gives back, gets this call's time:
 /// later, so kept longer. Dropping it raises `tokcut` in `clio:ver` to
 /// its time, so every node refuses tokens issued up to that plus its own
-/// clock skew, and `tokmark` to its time plus its recorded skew, up to
-/// which every node refuses tokens too (all carry an id revoked before,
-/// or have expired), and bumps the revocation version so the nodes load
+/// clock skew, and `tokmark` to its time plus its skew, up to which
+/// every node refuses tokens too (all carry an id revoked before, or
+/// have expired), and bumps the revocation version so the nodes load
 /// the lists again. At most 1000 are looked at per call, the oldest
 /// first.
 /// ARGV: member, then its hold and clock skew (ms) to publish, if they
 /// changed. Returns `{how many went, the longest hold, the longest
-/// max_ttl}` (ms).
+/// max_ttl, the largest skew}` (ms).
 pub const TOKENS_EXPIRE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -351,21 +348,33 @@ for i = 1, #held, 2 do
     skew = math.max(skew, s)
   end
 end
+-- The fleet's skew went down since the last call: each revocation kept
+-- records the one before (if its own is not larger yet), and the nodes
+-- load the lists again, with the skews.
+local seen = tonumber(redis.call('HGET', 'clio:ver', 'skewseen') or '0')
+if skew < seen and redis.call('ZCARD', 'clio:rev:tokat') > 0 then
+  for _, id in ipairs(redis.call('ZRANGE', 'clio:rev:tokat', 0, -1)) do
+    if tonumber(redis.call('ZSCORE', 'clio:rev:tokskew', id) or '0') < seen then
+      redis.call('ZADD', 'clio:rev:tokskew', seen, id)
+    end
+  end
+  redis.call('HINCRBY', 'clio:ver', 'rev', 1)
+end
+if skew ~= seen then redis.call('HSET', 'clio:ver', 'skewseen', skew) end
 if redis.call('SCARD', 'clio:rev:tok') > redis.call('ZCARD', 'clio:rev:tokat') then
   for _, id in ipairs(redis.call('SMEMBERS', 'clio:rev:tok')) do
     if not redis.call('ZSCORE', 'clio:rev:tokat', id) then
       redis.call('ZADD', 'clio:rev:tokat', now, id)
-      redis.call('ZADD', 'clio:rev:tokskew', skew, id)
     end
   end
 end
 -- Not while the store settles after a loss (the nodes are publishing
 -- again), nor before every node with a current lease has published.
 if tonumber(redis.call('HGET', 'clio:ver', 'settle') or '0') > now then
-  return {0, hold, ttl}
+  return {0, hold, ttl, skew}
 end
 for _, m in ipairs(redis.call('ZRANGEBYSCORE', 'clio:nodes', now, '+inf')) do
-  if redis.call('HEXISTS', 'clio:rev:hold', m) == 0 then return {0, hold, ttl} end
+  if redis.call('HEXISTS', 'clio:rev:hold', m) == 0 then return {0, hold, ttl, skew} end
 end
 local old = redis.call('ZRANGEBYSCORE', 'clio:rev:tokat', '-inf', now - hold,
   'WITHSCORES', 'LIMIT', 0, 1000)
@@ -374,7 +383,7 @@ local mark = tonumber(redis.call('HGET', 'clio:ver', 'tokmark') or '0')
 local gone = 0
 for i = 1, #old, 2 do
   local id, at = old[i], tonumber(old[i + 1])
-  local s = tonumber(redis.call('ZSCORE', 'clio:rev:tokskew', id) or '0')
+  local s = math.max(skew, tonumber(redis.call('ZSCORE', 'clio:rev:tokskew', id) or '0'))
   if at + math.max(hold, ttl + s) <= now then
     redis.call('SREM', 'clio:rev:tok', id)
     redis.call('ZREM', 'clio:rev:tokat', id)
@@ -384,10 +393,10 @@ for i = 1, #old, 2 do
     gone = gone + 1
   end
 end
-if gone == 0 then return {0, hold, ttl} end
+if gone == 0 then return {0, hold, ttl, skew} end
 redis.call('HSET', 'clio:ver', 'tokcut', cut, 'tokmark', mark)
 redis.call('HINCRBY', 'clio:ver', 'rev', 1)
-return {gone, hold, ttl}
+return {gone, hold, ttl, skew}
 "#;
 
 /// Stores an account set changed while the store was unreachable, only

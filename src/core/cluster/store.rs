@@ -302,11 +302,11 @@ struct Worker {
 
 /// A poll's answers: the nodes script's, [`scripts::TOKENS_EXPIRE`]'s
 /// (the token id revocations expired, the fleet's longest hold and
-/// `max_ttl`, ms), what [`recovery::ask_versions`] asks, and the new
+/// `max_ttl` and largest clock skew, ms), what [`recovery::ask_versions`] asks, and the new
 /// "end the live streams of" entries.
 type PollAnswer = (
     Value,
-    (i64, i64, i64),
+    (i64, i64, i64, i64),
     Vec<Option<String>>,
     Option<String>,
     Value,
@@ -1124,7 +1124,7 @@ impl Worker {
             .arg("clio:ends")
             .arg(&ends_id)
             .query(con);
-        let (nodes, (_expired, fleet_hold, fleet_ttl), vers, useq, ends) = match r {
+        let (nodes, (_expired, fleet_hold, fleet_ttl, fleet_skew), vers, useq, ends) = match r {
             Ok(x) => x,
             Err(e) => return self.failed("poll", &e),
         };
@@ -1164,13 +1164,15 @@ impl Worker {
             let n = live.get(&a.id).copied().unwrap_or(0);
             a.set_fleet_live(Some(u32::try_from(n.max(0)).unwrap_or(u32::MAX - 1)));
         }
-        // The fleet's bounds as of now (a node with a longer `max_ttl`
-        // joined, one left, a reload), for `token_ids_expire`: what
-        // Redis keeps the revocations by, whether or not they changed.
-        self.set_fleet_bounds(fleet_hold, fleet_ttl);
         if self.rev_ver != Some(rev) {
             self.load_revocations(rev);
         }
+        // The fleet's bounds as of now (a node with a longer `max_ttl`
+        // joined, one left, a reload), for `token_ids_expire`: what
+        // Redis keeps the revocations by, whether or not they changed.
+        // After the load: a skew that went down comes with the skews it
+        // left recorded, so no expiry shown is ever too early.
+        self.set_fleet_bounds(fleet_hold, fleet_ttl, fleet_skew);
         if self.acct_ver != Some(acct) {
             self.load_accounts(acct);
         }
@@ -1267,16 +1269,18 @@ impl Worker {
         (ms(hold), ms(skew))
     }
 
-    /// The fleet's longest hold and `max_ttl` (ms, as
-    /// [`scripts::TOKENS_EXPIRE`] answers them; this node's own at least),
-    /// in seconds rounded up, for the expiry each revocation shows.
-    fn set_fleet_bounds(&self, hold: i64, ttl: i64) {
+    /// The fleet's longest hold and `max_ttl` and largest clock skew (ms,
+    /// as [`scripts::TOKENS_EXPIRE`] answers them; this node's own at
+    /// least), in seconds rounded up, for the expiry each revocation
+    /// shows.
+    fn set_fleet_bounds(&self, hold: i64, ttl: i64, skew: i64) {
         let devices = &self.links.process.devices;
-        let (own_hold, skew) = devices.token_bounds();
+        let (own_hold, own_skew) = devices.token_bounds();
         let secs = |ms: i64| (ms.max(0) as u64).div_ceil(1000);
         devices.set_fleet_bounds(
             secs(hold).max(own_hold),
-            secs(ttl).max(own_hold.saturating_sub(skew)),
+            secs(ttl).max(own_hold.saturating_sub(own_skew)),
+            secs(skew).max(own_skew),
         );
     }
 

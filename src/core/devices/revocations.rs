@@ -60,13 +60,15 @@ impl Devices {
             .unwrap_or_else(|e| e.into_inner()) = tokens;
     }
 
-    /// In a fleet: its nodes' longest `max_ttl` + `clock_skew` (`hold`)
-    /// and longest `max_ttl` (`ttl`), seconds, as of the last poll. A
-    /// token id revocation is kept the longer of `hold` and `ttl` plus
-    /// the skew recorded with it.
-    pub fn set_fleet_bounds(&self, hold: u64, ttl: u64) {
+    /// In a fleet: its nodes' longest `max_ttl` + `clock_skew` (`hold`),
+    /// longest `max_ttl` (`ttl`) and largest `clock_skew` (`skew`),
+    /// seconds, as of the last poll. A token id revocation is kept `ttl`
+    /// plus the larger of `skew` and the skew recorded with it, and at
+    /// least `hold`.
+    pub fn set_fleet_bounds(&self, hold: u64, ttl: u64, skew: u64) {
         self.fleet_hold.store(hold, Ordering::Relaxed);
         self.fleet_ttl.store(ttl, Ordering::Relaxed);
+        self.fleet_skew.store(skew, Ordering::Relaxed);
     }
 
     /// Every revoked token id with when it was revoked and the clock skew
@@ -146,17 +148,22 @@ impl Devices {
     }
 
     /// When (Unix seconds) a revocation made at `at` under a clock skew
-    /// of `skew` seconds expires: in a fleet by the fleet's bounds (the
-    /// longest `max_ttl` + `clock_skew` its nodes published, and at least
-    /// their longest `max_ttl` plus `skew`), else by this relay's
-    /// `max_ttl` and the skew that counts.
+    /// of `skew` seconds expires: in a fleet by the fleet's bounds (its
+    /// nodes' longest `max_ttl` plus the larger of their largest
+    /// `clock_skew` and `skew`, and at least their longest `max_ttl` +
+    /// `clock_skew`), else by this relay's `max_ttl` and the skew that
+    /// counts.
     fn token_expiry(&self, at: u64, skew: u64) -> u64 {
         match self.fleet_hold.load(Ordering::Relaxed) {
             u64::MAX => at
                 .saturating_add(self.token_hold.load(Ordering::Relaxed))
                 .saturating_add(self.token_skew_for(skew)),
             fleet => at.saturating_add(
-                fleet.max(self.fleet_ttl.load(Ordering::Relaxed).saturating_add(skew)),
+                fleet.max(
+                    self.fleet_ttl
+                        .load(Ordering::Relaxed)
+                        .saturating_add(skew.max(self.fleet_skew.load(Ordering::Relaxed))),
+                ),
             ),
         }
     }
