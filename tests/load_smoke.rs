@@ -188,6 +188,38 @@ fn refusals_are_counted_by_code() {
     relay.shutdown();
 }
 
+/// A relay whose `server.allow` does not list the client closes its
+/// connections unanswered. relay-load said only "reset" or "eof" for
+/// them, with no hint; it now counts them as `closed unanswered` and its
+/// hint names `server.allow`.
+#[test]
+fn a_client_not_on_server_allow_gets_a_hint() {
+    let fake = echo_fake();
+    let mut cfg = relay_config(&fake.url());
+    cfg.server.allow = vec!["10.0.0.0/8".parse().unwrap()];
+    let relay = clio_relay::cli::server::start(&cfg).expect("relay starts");
+    let keys = Arc::new(TokenKeys::from_config(&cfg.tokens));
+    let mut opts = smoke_options(
+        Target::relay(relay.client_addr),
+        AuthVia::Header,
+        Credentials::Mint(keys, Duration::from_secs(600)),
+    );
+    opts.streams = 3;
+    let report = relay_load::run(&opts).expect("load runs");
+    let table = report.table();
+    assert_eq!(
+        report.streams_failed.get("closed unanswered"),
+        Some(&3),
+        "{table}"
+    );
+    assert!(
+        table.contains("hint: 3 streams had their connection closed before any answer")
+            && table.contains("server.allow"),
+        "{table}"
+    );
+    relay.shutdown();
+}
+
 #[test]
 fn churn_and_idle_modes_end_by_themselves() {
     let fake = echo_fake();

@@ -24,7 +24,9 @@ pub struct LoadReport {
     pub streams_cut: u64,
     /// Failed streams by cause: `http N` (status before the upgrade),
     /// `error N` (a Soniox error message after it), `close N` (a close
-    /// before `finished`), `eof`, `reset`, `timeout`, `refused`, ...
+    /// before `finished`), `closed unanswered` (closed before any answer to
+    /// the upgrade request, as a relay closes a client not on its
+    /// `server.allow`), `eof`, `reset`, `timeout`, `refused`, ...
     pub streams_failed: BTreeMap<String, u64>,
     /// Audio frames sent (end-of-audio frames not counted).
     pub frames_sent: u64,
@@ -156,6 +158,16 @@ impl LoadReport {
                 "{reconnect} streams were told to reconnect (error 503 after the upgrade): the \
                  relay drained (SIGTERM, a restart) or retired their key, or upstream failed \
                  mid-stream with no resume left; the relay's log says which"
+            ));
+        }
+        let unanswered = by(&[super::stream::CLOSED_UNANSWERED]);
+        if unanswered > 0 {
+            h.push(format!(
+                "{unanswered} streams had their connection closed before any answer to the \
+                 upgrade request: the relay closes a client that its server.allow does not list \
+                 that way (counted in clio_relay_errors_total{{side=\"client\",code=\"403\"}}); \
+                 add this machine's address to server.allow, or run relay-load from an address \
+                 on it"
             ));
         }
         let refused = by(&["refused"]);

@@ -119,6 +119,21 @@ fn io_fail(e: std::io::Error) -> Fail {
     }
 }
 
+/// What a stream fails with when its connection was accepted and then
+/// closed (FIN or reset) before a byte of an answer to its upgrade
+/// request came: [`CLOSED_UNANSWERED`]. A relay does that to a client its
+/// `server.allow` does not list, so the report can say so.
+fn unanswered(e: Fail) -> Fail {
+    match e.as_str() {
+        "eof" | "reset" => CLOSED_UNANSWERED.into(),
+        _ => e,
+    }
+}
+
+/// The failure key of a connection closed before any answer to its
+/// upgrade request (see [`unanswered`]).
+pub(crate) const CLOSED_UNANSWERED: &str = "closed unanswered";
+
 /// Connect, upgrade, stream, close. `Ok` is the number of frames lost.
 async fn body(w: &Rc<Worker>, id: u64) -> Result<u64, Fail> {
     let o = &w.opts;
@@ -137,7 +152,8 @@ async fn body(w: &Rc<Worker>, id: u64) -> Result<u64, Fail> {
         write_lock: Semaphore::new(1),
     };
     wire.send(w, upgrade_request(w, cred.as_deref()).as_bytes())
-        .await?;
+        .await
+        .map_err(unanswered)?;
 
     let mut rb = ReadBuf::new();
     let head_len = loop {
@@ -147,7 +163,14 @@ async fn body(w: &Rc<Worker>, id: u64) -> Result<u64, Fail> {
         if rb.len() >= MAX_HEAD {
             return Err("bad upgrade response".into());
         }
-        rb.fill(w, &wire.conn, o.io_timeout).await?;
+        let nothing_yet = rb.len() == 0;
+        rb.fill(w, &wire.conn, o.io_timeout).await.map_err(|e| {
+            if nothing_yet {
+                unanswered(e)
+            } else {
+                e
+            }
+        })?;
     };
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut resp = httparse::Response::new(&mut headers);
