@@ -426,6 +426,172 @@ fn a_wrong_master_key_exits_3() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// `child`'s stderr, line by line, read on a thread to its end (a relay
+/// whose stderr is not read would block, or die of EPIPE).
+fn stderr_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
+    use std::io::{BufRead, BufReader};
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    rx
+}
+
+/// Lines from `rx` until `until` matches one or `wait` passes.
+fn lines_until(
+    rx: &std::sync::mpsc::Receiver<String>,
+    until: impl Fn(&str) -> bool,
+    wait: std::time::Duration,
+) -> Vec<String> {
+    let mut lines = Vec::new();
+    let end = std::time::Instant::now() + wait;
+    while let Ok(line) = rx.recv_timeout(end.saturating_duration_since(std::time::Instant::now())) {
+        let done = until(&line);
+        lines.push(line);
+        if done {
+            break;
+        }
+    }
+    lines
+}
+
+/// The warning that `server.max_streams` is more than the enabled
+/// accounts carry counted only the config file's accounts, at the start
+/// and at each reload too: a relay whose key store added an account with
+/// room to spare was told "the accounts are the limit" at every start,
+/// and one whose only file account was disabled at runtime was not told
+/// that every stream would be refused. A running relay now counts the
+/// account set it runs; `check-config`, which does not read the key
+/// store, says that it counts the file's accounts only.
+#[test]
+fn the_max_streams_warning_counts_the_accounts_the_relay_runs() {
+    let dir = std::env::temp_dir().join(format!("clio-relay-capacity-{}", std::process::id()));
+    let admin = free_port().to_string();
+    let config = relay_config(&dir, "127.0.0.1:0", &admin);
+    let text_of = std::fs::read_to_string(&config).unwrap().replace(
+        "[admin]\n",
+        "[admin]\nstate_dir = \"state\"\nmaster_key_env = \"CLI_CAPACITY_MASTER\"\nhealth_interval = \"0s\"\n",
+    );
+    // The file's one account carries 5 streams; max_streams is 25.
+    std::fs::write(
+        &config,
+        text_of.replace("shards = 1\n", "shards = 1\nmax_streams = 25\n"),
+    )
+    .unwrap();
+    let master = "ab".repeat(32);
+    let env = |c: &mut Command| {
+        c.envs(RELAY_ENV)
+            .env("CLI_CAPACITY_MASTER", &master)
+            .env("CLI_CAPACITY_KEY", "cli-capacity-soniox-key")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("LISTEN_FDS");
+    };
+    let warned = |lines: &[String]| {
+        lines
+            .iter()
+            .filter(|l| l.contains("server.max_streams: 25 is more than"))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    // check-config: the file's account only, and it says so.
+    let mut c = Command::new(RELAY);
+    c.args(["check-config", "--config", &config]);
+    env(&mut c);
+    let o = c.output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains(
+            "server.max_streams: 25 is more than the file's enabled accounts carry (5); \
+             the accounts are the limit (the file's accounts only"
+        ),
+        "{}",
+        text(&o)
+    );
+    let admin_addr: std::net::SocketAddr = admin.parse().unwrap();
+    let start = || {
+        let mut c = Command::new(RELAY);
+        c.args(["run", "--config", &config])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        env(&mut c);
+        c.spawn().unwrap()
+    };
+    // The first start runs the file's account: 5 < 25, said of the
+    // running set.
+    let mut relay = start();
+    let log = stderr_lines(&mut relay);
+    let lines = lines_until(
+        &log,
+        |l| l.contains("the running account set"),
+        std::time::Duration::from_secs(20),
+    );
+    let w = warned(&lines);
+    assert_eq!(w.len(), 1, "{lines:#?}");
+    assert!(
+        w[0].contains("more than the enabled accounts carry (5)"),
+        "{w:?}"
+    );
+    wait_listening(admin_addr, &mut relay);
+    // An account with room for 50 added at runtime, kept in the key store.
+    let mut c = Command::new(RELAY);
+    c.args([
+        "keys",
+        "--config",
+        &config,
+        "add",
+        "--id",
+        "b",
+        "--max-concurrent-streams",
+        "50",
+        "--key-env",
+        "CLI_CAPACITY_KEY",
+    ]);
+    env(&mut c);
+    let o = c.output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(relay.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(relay.wait().unwrap().success());
+    // Restarted, it runs 55 streams' worth of accounts: no warning.
+    let mut relay = start();
+    let log = stderr_lines(&mut relay);
+    let lines = lines_until(
+        &log,
+        |l| l.contains("clio-relay listening"),
+        std::time::Duration::from_secs(20),
+    );
+    assert!(
+        lines.iter().any(|l| l.contains("clio-relay listening")),
+        "{lines:#?}"
+    );
+    // A reload counts again: still none.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(relay.id() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    let more = lines_until(
+        &log,
+        |l| l.contains("SIGHUP: reloaded"),
+        std::time::Duration::from_secs(20),
+    );
+    assert!(
+        more.iter().any(|l| l.contains("SIGHUP: reloaded")),
+        "{more:#?}"
+    );
+    let all: Vec<String> = lines.into_iter().chain(more).collect();
+    assert!(warned(&all).is_empty(), "{all:#?}");
+    let _ = relay.kill();
+    let _ = relay.wait();
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// Runs `cmd` (`check-config` or `run`) on the relay's test config with a
 /// `[cluster]` section whose `redis_url` is `url`, in `dir`.
 fn with_redis_url(dir: &std::path::Path, cmd: &str, url: &str) -> std::process::Output {

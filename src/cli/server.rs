@@ -350,6 +350,23 @@ pub fn start_joining(
 }
 
 impl RelayHandle {
+    /// What the running account set's limits say about
+    /// `server.max_streams` (see [`crate::core::config::account_warnings`]):
+    /// the config file's accounts with the key store's or the fleet's
+    /// changes, as `check-config`, which reads only the file, cannot count
+    /// them.
+    pub fn account_warnings(&self) -> Vec<String> {
+        use std::sync::atomic::Ordering::Relaxed;
+        crate::core::config::account_warnings(
+            self.started_with.server.max_streams,
+            self.process
+                .accounts()
+                .iter()
+                .map(|a| (a.enabled.load(Relaxed), a.max_concurrent.load(Relaxed))),
+            crate::core::config::AccountsCounted::Running,
+        )
+    }
+
     /// Every shard's metrics, merged (blocking; for tests and the demo).
     pub fn metrics(&self) -> MetricsSnapshot {
         let txs: Vec<_> = self.shards.iter().map(|s| s.tx.clone()).collect();
@@ -641,8 +658,10 @@ pub fn run(path: &std::path::Path, join_client_port: bool) -> Result<(), crate::
     let cfg = Config::load(path)
         .map_err(|e| crate::cli::CliError::Config(format!("{}: {e}", path.display())))?;
     // What check-config would warn about: the journal is where an operator
-    // who never ran it looks.
-    for w in cfg.warnings() {
+    // who never ran it looks. What the accounts' limits say is said of the
+    // account set the relay runs (the key store's changes, or the fleet's,
+    // merged in), once it runs.
+    for w in cfg.warnings_besides_accounts() {
         tracing::warn!(warning = %w, "config: valid, but probably not meant");
     }
     if !sockets.is_empty() {
@@ -654,6 +673,9 @@ pub fn run(path: &std::path::Path, join_client_port: bool) -> Result<(), crate::
     }
     let mut drain_timeout = cfg.limits.drain_timeout;
     let relay = Arc::new(start_joining(&cfg, sockets, join_client_port)?);
+    for w in relay.account_warnings() {
+        tracing::warn!(warning = %w, "config: valid, but probably not meant");
+    }
     notify.ready();
     let watchdog = {
         let relay = relay.clone();
@@ -684,7 +706,8 @@ pub fn run(path: &std::path::Path, join_client_port: bool) -> Result<(), crate::
                         Ok(changes) => {
                             let refused = changes.iter().any(|c| c.starts_with("refused: "));
                             if !refused {
-                                for w in new.warnings() {
+                                let warnings = new.warnings_besides_accounts();
+                                for w in relay.account_warnings().into_iter().chain(warnings) {
                                     tracing::warn!(warning = %w, "SIGHUP: config valid, but probably not meant");
                                 }
                                 drain_timeout = new.limits.drain_timeout;

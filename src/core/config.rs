@@ -61,6 +61,73 @@ pub const DEFAULT_UPSTREAM_URL: &str = "wss://stt-rt.soniox.com/transcribe-webso
 /// A commented example configuration; the same text as `config/example.toml`.
 const EXAMPLE_CONFIG: &str = include_str!("../../config/example.toml");
 
+/// Which accounts [`account_warnings`] counted, for its wording.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccountsCounted {
+    /// The config file's, and the relay keeps no account set of its own
+    /// (no master key, no `[cluster]`): they are what it runs.
+    File,
+    /// The config file's, while a key store or a fleet may add, enable,
+    /// disable or re-limit accounts at runtime (`check-config`, which does
+    /// not read the store).
+    FileWithStore,
+    /// The running relay's account set: the file's merged with the key
+    /// store's (or the fleet's).
+    Running,
+}
+
+/// What the enabled accounts' limits say about `server.max_streams`, one
+/// line each: no account enabled, or `max_streams` above what the enabled
+/// accounts carry together. `accounts` is each account's (enabled,
+/// `max_concurrent_streams`); `counted` says whose they are.
+pub fn account_warnings(
+    max_streams: u32,
+    accounts: impl IntoIterator<Item = (bool, u32)>,
+    counted: AccountsCounted,
+) -> Vec<String> {
+    let mut w = Vec::new();
+    let (mut all, mut enabled, mut capacity) = (0usize, 0usize, 0u64);
+    for (on, max) in accounts {
+        all += 1;
+        if on {
+            enabled += 1;
+            capacity += u64::from(max);
+        }
+    }
+    let (whose, note) = match counted {
+        AccountsCounted::File => ("the", ""),
+        AccountsCounted::FileWithStore => (
+            "the file's",
+            " (the file's accounts only: accounts added, enabled, disabled or re-limited at \
+             runtime, kept in the key store in admin.state_dir or the fleet's account set, are \
+             not counted here; the relay counts its running set when it starts and at each \
+             reload, and `clio-relay keys list` shows it)",
+        ),
+        AccountsCounted::Running => (
+            "the",
+            " (the running account set: the config file's with the key store's or the \
+             fleet's changes; `clio-relay keys list` shows it)",
+        ),
+    };
+    if all > 0 && enabled == 0 {
+        let none = if counted == AccountsCounted::FileWithStore {
+            "no account in the file is enabled"
+        } else {
+            "no account is enabled"
+        };
+        w.push(format!(
+            "account: {none}; every stream will be refused{note}"
+        ));
+    }
+    if enabled > 0 && capacity < u64::from(max_streams) {
+        w.push(format!(
+            "server.max_streams: {max_streams} is more than {whose} enabled accounts carry \
+             ({capacity}); the accounts are the limit{note}"
+        ));
+    }
+    w
+}
+
 /// A commented example configuration file (the text of `config/example.toml`).
 /// It parses once the environment variables it names are set.
 pub fn example_config() -> &'static str {
@@ -432,23 +499,34 @@ impl Config {
 
     /// Things that are valid but probably not meant, one line each, naming
     /// the key (shown by `check-config`, logged at startup). Never a secret.
+    ///
+    /// What the accounts' limits say (no account enabled, `max_streams`
+    /// above what they carry) counts the file's accounts here, where the
+    /// key store is not read: with a master key or `[cluster]` the text
+    /// says so. A running relay says it of the account set it runs instead
+    /// ([`Config::warnings_besides_accounts`] and [`account_warnings`]).
     pub fn warnings(&self) -> Vec<String> {
+        let runtime = self.admin.master_key.is_some() || self.cluster.is_some();
+        let mut w = account_warnings(
+            self.server.max_streams,
+            self.accounts
+                .iter()
+                .map(|a| (a.enabled, a.max_concurrent_streams)),
+            if runtime {
+                AccountsCounted::FileWithStore
+            } else {
+                AccountsCounted::File
+            },
+        );
+        w.extend(self.warnings_besides_accounts());
+        w
+    }
+
+    /// [`Config::warnings`] but those of the accounts' limits, which a
+    /// running relay says of the account set it runs (the file's merged
+    /// with the key store's, or the fleet's): [`account_warnings`].
+    pub fn warnings_besides_accounts(&self) -> Vec<String> {
         let mut w = Vec::new();
-        let enabled: Vec<_> = self.accounts.iter().filter(|a| a.enabled).collect();
-        if !self.accounts.is_empty() && enabled.is_empty() {
-            w.push("account: no account is enabled; every stream will be refused".to_string());
-        }
-        let capacity: u64 = enabled
-            .iter()
-            .map(|a| u64::from(a.max_concurrent_streams))
-            .sum();
-        if !enabled.is_empty() && capacity < u64::from(self.server.max_streams) {
-            w.push(format!(
-                "server.max_streams: {} is more than the enabled accounts carry ({capacity}); \
-                 the accounts are the limit",
-                self.server.max_streams
-            ));
-        }
         // Soniox limits concurrency per key: two entries with one key would
         // each believe they own the whole budget.
         let mut by_key: std::collections::HashMap<&str, usize> = Default::default();
