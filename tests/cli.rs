@@ -592,6 +592,83 @@ fn the_max_streams_warning_counts_the_accounts_the_relay_runs() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// An admin port on every address (or a public one) with no
+/// `admin.allow` puts `/metrics`, `/v1/config` and the admin API's token
+/// check in reach of whoever reaches the host. Nothing said so: it is
+/// now a warning, from `check-config` and at the start, that names the
+/// address and both ways out; a loopback or private address, or an
+/// allowlist, draws none.
+#[test]
+fn an_admin_port_on_a_public_address_is_warned_about() {
+    let dir = std::env::temp_dir().join(format!("clio-relay-public-admin-{}", std::process::id()));
+    let check = |admin: &str, allow: Option<&str>| {
+        let config = relay_config(&dir, "127.0.0.1:0", admin);
+        if let Some(allow) = allow {
+            let text = std::fs::read_to_string(&config).unwrap();
+            let text = text.replace("[admin]\n", &format!("[admin]\nallow = [\"{allow}\"]\n"));
+            std::fs::write(&config, text).unwrap();
+        }
+        let o = run_env(&["check-config", "--config", &config]);
+        assert!(o.status.success(), "{admin}: {}", text(&o));
+        let warned: Vec<String> = text(&o)
+            .lines()
+            .filter(|l| l.starts_with("warning: server.admin_listen"))
+            .map(str::to_string)
+            .collect();
+        (config, warned)
+    };
+    for (admin, what) in [
+        ("0.0.0.0:9464", "every address of this host"),
+        ("[::]:9464", "every address of this host"),
+        ("203.0.113.7:9464", "a public address"),
+    ] {
+        let (_, w) = check(admin, None);
+        assert_eq!(w.len(), 1, "{admin}: {w:?}");
+        assert!(
+            w[0].contains(&format!("{admin} is {what} and admin.allow is empty"))
+                && w[0].contains("bind it to a loopback or private address")
+                && w[0].contains("admin.allow"),
+            "{w:?}"
+        );
+    }
+    for (admin, allow) in [
+        ("127.0.0.1:9464", None),
+        ("10.1.2.3:9464", None),
+        ("192.168.1.5:9464", None),
+        ("[fd00::5]:9464", None),
+        ("0.0.0.0:9464", Some("10.0.0.0/8")),
+    ] {
+        let (_, w) = check(admin, allow);
+        assert!(w.is_empty(), "{admin} {allow:?}: {w:?}");
+    }
+    // The start logs it too.
+    let (config, _) = check("0.0.0.0:0", None);
+    let mut relay = Command::new(RELAY)
+        .args(["run", "--config", &config])
+        .envs(RELAY_ENV)
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_FDS")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = stderr_lines(&mut relay);
+    let lines = lines_until(
+        &log,
+        |l| l.contains("clio-relay listening"),
+        std::time::Duration::from_secs(20),
+    );
+    let _ = relay.kill();
+    let _ = relay.wait();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("WARN") && l.contains("server.admin_listen: 0.0.0.0:0 is every")),
+        "{lines:#?}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// Runs `cmd` (`check-config` or `run`) on the relay's test config with a
 /// `[cluster]` section whose `redis_url` is `url`, in `dir`.
 fn with_redis_url(dir: &std::path::Path, cmd: &str, url: &str) -> std::process::Output {

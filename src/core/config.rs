@@ -61,6 +61,29 @@ pub const DEFAULT_UPSTREAM_URL: &str = "wss://stt-rt.soniox.com/transcribe-webso
 /// A commented example configuration; the same text as `config/example.toml`.
 const EXAMPLE_CONFIG: &str = include_str!("../../config/example.toml");
 
+/// Whether `ip` is reachable only from the host or a private network:
+/// loopback, RFC 1918, shared (100.64/10) and link-local IPv4; loopback,
+/// unique-local (fc00::/7) and link-local IPv6 (and IPv4 in IPv6 of those).
+fn private_address(ip: std::net::IpAddr) -> bool {
+    use std::net::IpAddr;
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || (o[0] == 100 && (o[1] & 0xc0) == 64)
+        }
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => private_address(IpAddr::V4(v4)),
+            None => {
+                let first = v6.segments()[0];
+                v6.is_loopback() || (first & 0xfe00) == 0xfc00 || (first & 0xffc0) == 0xfe80
+            }
+        },
+    }
+}
+
 /// Which accounts [`account_warnings`] counted, for its wording.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AccountsCounted {
@@ -550,6 +573,21 @@ impl Config {
                     account_label(first, Some(&self.accounts[first].id)),
                 ));
             }
+        }
+        if self.admin.allow.is_empty() && !private_address(self.server.admin_listen.ip()) {
+            let a = self.server.admin_listen;
+            let what = if a.ip().is_unspecified() {
+                "every address of this host"
+            } else {
+                "a public address"
+            };
+            w.push(format!(
+                "server.admin_listen: {a} is {what} and admin.allow is empty: whoever reaches \
+                 it reads /metrics and /v1/config and can try admin tokens on the admin API \
+                 and the dashboard; bind it to a loopback or private address (the default is \
+                 127.0.0.1:9464), or list the networks that may connect in admin.allow \
+                 (e.g. [\"10.0.0.0/8\"])"
+            ));
         }
         for net in &self.server.proxy_protocol_from {
             if net.prefix_len() == 0 {
