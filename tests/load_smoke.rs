@@ -220,6 +220,81 @@ fn a_client_not_on_server_allow_gets_a_hint() {
     relay.shutdown();
 }
 
+/// A token minted on a machine whose clock is minutes off the relay's is
+/// refused with 401, and relay-load's only hint was that the credentials
+/// were not the relay's, so a newcomer went looking for the wrong
+/// secret. It now reads why the relay refused (its answer's
+/// `error_message`) and names the clock; a wrong secret still gets the
+/// old hint.
+#[test]
+fn a_token_from_a_clock_minutes_off_gets_a_hint_naming_the_clock() {
+    let fake = echo_fake();
+    let cfg = relay_config(&fake.url());
+    let relay = clio_relay::cli::server::start(&cfg).expect("relay starts");
+    let keys = TokenKeys::from_config(&cfg.tokens);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let run = |tokens: Vec<String>| {
+        let mut opts = smoke_options(
+            Target::relay(relay.client_addr),
+            AuthVia::Header,
+            Credentials::List(Arc::new(tokens)),
+        );
+        opts.streams = 2;
+        relay_load::run(&opts).expect("load runs")
+    };
+    let mint = |issued: u64, expires: u64, n: u32| {
+        (0..2)
+            .map(|i| {
+                keys.mint_exact("load-1", None, issued, expires, &format!("tid{n}{i}"))
+                    .unwrap()
+            })
+            .collect::<Vec<_>>()
+    };
+    // The minting clock 5 minutes ahead: issued in the future.
+    let r = run(mint(now + 300, now + 1200, 0));
+    let table = r.table();
+    assert_eq!(r.streams_failed.get("http 401"), Some(&2), "{table}");
+    assert!(
+        table.contains("\"session token refused: session token issued in the future\" x2")
+            && table.contains("is ahead of the relay's by more than tokens.clock_skew")
+            && !table.contains("the credentials are not the relay's"),
+        "{table}"
+    );
+    assert_eq!(
+        r.to_json()["refusal_reasons"][0]["message"],
+        "session token refused: session token issued in the future"
+    );
+    // 20 minutes behind, a 15-minute token: expired on arrival.
+    let r = run(mint(now - 1200, now - 300, 1));
+    let table = r.table();
+    assert!(
+        table.contains("session token expired") && table.contains("synchronise the clocks"),
+        "{table}"
+    );
+    // Another secret: the credentials' hint, as before.
+    let other = TokenKeys::from_config(&TokensConfig::new(Secret::new(
+        "another load-test token secret, well over 32 bytes",
+    )));
+    let tokens = (0..2)
+        .map(|i| {
+            other
+                .mint_exact("load-1", None, now, now + 600, &format!("tid2{i}"))
+                .unwrap()
+        })
+        .collect();
+    let table = run(tokens).table();
+    assert!(
+        table.contains("signed with an unknown key")
+            && table.contains("the credentials are not the relay's")
+            && !table.contains("clock"),
+        "{table}"
+    );
+    relay.shutdown();
+}
+
 #[test]
 fn churn_and_idle_modes_end_by_themselves() {
     let fake = echo_fake();

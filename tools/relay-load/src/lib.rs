@@ -212,6 +212,9 @@ impl LoadOptions {
     }
 }
 
+/// Distinct refusal messages a run keeps ([`Counters::note_reason`]).
+const MAX_REASONS: usize = 16;
+
 /// Counters of one executor (and, merged, of the run).
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Counters {
@@ -220,6 +223,9 @@ pub(crate) struct Counters {
     pub ok: u64,
     pub cut: u64,
     pub failed: BTreeMap<String, u64>,
+    /// What refusals said, by failure and message (`http 401` →
+    /// `session token expired` → streams): at most [`MAX_REASONS`].
+    pub reasons: BTreeMap<(String, String), u64>,
     pub frames_sent: u64,
     pub frames_received: u64,
     pub lost: u64,
@@ -240,6 +246,9 @@ impl Counters {
         for (k, v) in &o.failed {
             *self.failed.entry(k.clone()).or_insert(0) += v;
         }
+        for (k, v) in &o.reasons {
+            self.note_reason_n(&k.0, &k.1, *v);
+        }
         self.frames_sent += o.frames_sent;
         self.frames_received += o.frames_received;
         self.lost += o.lost;
@@ -249,6 +258,23 @@ impl Counters {
         self.bytes_sent += o.bytes_sent;
         self.bytes_received += o.bytes_received;
         self.idle_held += o.idle_held;
+    }
+
+    /// Counts a refusal `failure` (`http 401`, `error 429`) whose answer
+    /// said `message` (its first 200 characters): at most [`MAX_REASONS`]
+    /// distinct ones are kept, so a run's memory stays bounded.
+    pub(crate) fn note_reason(&mut self, failure: &str, message: &str) {
+        self.note_reason_n(failure, message, 1);
+    }
+
+    fn note_reason_n(&mut self, failure: &str, message: &str, n: u64) {
+        let message: String = message.chars().take(200).collect();
+        let key = (failure.to_string(), message);
+        if let Some(v) = self.reasons.get_mut(&key) {
+            *v += n;
+        } else if self.reasons.len() < MAX_REASONS {
+            self.reasons.insert(key, n);
+        }
     }
 
     fn failed_total(&self) -> u64 {

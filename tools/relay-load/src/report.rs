@@ -28,6 +28,10 @@ pub struct LoadReport {
     /// the upgrade request, as a relay closes a client not on its
     /// `server.allow`), `eof`, `reset`, `timeout`, `refused`, ...
     pub streams_failed: BTreeMap<String, u64>,
+    /// What the refusals said (the `error_message` of the HTTP answer or
+    /// of the error message after the upgrade), by failure and message,
+    /// streams each; at most 16 distinct ones.
+    pub refusal_reasons: BTreeMap<(String, String), u64>,
     /// Audio frames sent (end-of-audio frames not counted).
     pub frames_sent: u64,
     /// Echoed frames received (duplicates included).
@@ -79,6 +83,7 @@ impl LoadReport {
             streams_ok: c.ok,
             streams_cut: c.cut,
             streams_failed: c.failed.clone(),
+            refusal_reasons: c.reasons.clone(),
             frames_sent: c.frames_sent,
             frames_received: c.frames_received,
             lost: c.lost,
@@ -147,9 +152,51 @@ impl LoadReport {
         }
         let auth = by(&["http 401", "error 401"]);
         if auth > 0 {
+            let said: Vec<(&str, u64)> = self
+                .refusal_reasons
+                .iter()
+                .filter(|((f, _), _)| f == "http 401" || f == "error 401")
+                .map(|((_, m), n)| (m.as_str(), *n))
+                .collect();
+            let saying = |what: &str| said.iter().any(|(m, _)| m.contains(what));
+            let quoted = said
+                .iter()
+                .map(|(m, n)| format!("{m:?} x{n}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let why = if quoted.is_empty() {
+                String::new()
+            } else {
+                format!(" (answered {quoted})")
+            };
+            let mut causes = Vec::new();
+            if saying("issued in the future") {
+                causes.push(
+                    "tokens issued in the future: the clock of the machine that minted them \
+                     (with --relay-config, this one) is ahead of the relay's by more than \
+                     tokens.clock_skew; synchronise both clocks (NTP)",
+                );
+            }
+            if saying("expired") {
+                causes.push(
+                    "expired tokens: the minting machine's clock is behind the relay's by more \
+                     than their lifetime, or --tokens holds old ones; synchronise the clocks \
+                     or mint new tokens",
+                );
+            }
+            if causes.is_empty()
+                || said
+                    .iter()
+                    .any(|(m, _)| !m.contains("issued in the future") && !m.contains("expired"))
+            {
+                causes.push(
+                    "the credentials are not the relay's (with --relay-config, use the relay's \
+                     own config file and token secret)",
+                );
+            }
             h.push(format!(
-                "{auth} streams refused with 401: the credentials are not the relay's (with \
-                 --relay-config, use the relay's own config file and token secret)"
+                "{auth} streams refused with 401{why}: {}",
+                causes.join("; or ")
             ));
         }
         let reconnect = by(&["error 503"]);
@@ -270,6 +317,15 @@ impl LoadReport {
             "streams_ok": self.streams_ok,
             "streams_failed": self.failed_total(),
             "streams_failed_by_code": self.streams_failed,
+            "refusal_reasons": self
+                .refusal_reasons
+                .iter()
+                .map(|((failure, message), n)| serde_json::json!({
+                    "failure": failure,
+                    "message": message,
+                    "streams": n,
+                }))
+                .collect::<Vec<_>>(),
             "streams_cut": self.streams_cut,
             "frames_sent": self.frames_sent,
             "frames_received": self.frames_received,

@@ -180,7 +180,33 @@ async fn body(w: &Rc<Worker>, id: u64) -> Result<u64, Fail> {
     }
     let status = resp.code.unwrap_or(0);
     if status != 101 {
-        return Err(format!("http {status}"));
+        let failure = format!("http {status}");
+        // The relay says why in a JSON body (`error_message`): read it
+        // (a little, briefly) so the report can name the cause.
+        let length = resp
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+            .and_then(|h| {
+                std::str::from_utf8(h.value)
+                    .ok()?
+                    .trim()
+                    .parse::<usize>()
+                    .ok()
+            });
+        if let Some(length) = length.filter(|&n| n > 0 && n <= MAX_ERROR_BODY) {
+            rb.consume(head_len);
+            let limit = o.io_timeout.min(Duration::from_secs(1));
+            while rb.len() < length {
+                if rb.fill(w, &wire.conn, limit).await.is_err() {
+                    break;
+                }
+            }
+            if let Some(message) = error_message(&rb.data()[..rb.len().min(length)]) {
+                w.counters.borrow_mut().note_reason(&failure, &message);
+            }
+        }
+        return Err(failure);
     }
     rb.consume(head_len);
     if o.mode == Mode::Idle {
@@ -367,12 +393,28 @@ struct MessageInfo {
     finished: bool,
 }
 
+/// The largest error body read for its message.
+const MAX_ERROR_BODY: usize = 4096;
+
+/// The `error_message` of a JSON error (the relay's and Soniox's shape).
+fn error_message(body: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct ErrorBody {
+        error_message: String,
+    }
+    serde_json::from_slice::<ErrorBody>(body)
+        .ok()
+        .map(|e| e.error_message)
+}
+
 #[derive(Deserialize)]
 struct ServerMsg<'a> {
     #[serde(default, borrow)]
     tokens: Vec<Token<'a>>,
     #[serde(default)]
     error_code: Option<u64>,
+    #[serde(default, borrow)]
+    error_message: Option<Cow<'a, str>>,
     #[serde(default)]
     finished: bool,
 }
@@ -388,7 +430,11 @@ struct Token<'a> {
 fn on_message(w: &Worker, text: &[u8], seen: &mut Seen, frames: u64) -> Result<MessageInfo, Fail> {
     let r: ServerMsg<'_> = serde_json::from_slice(text).map_err(|_| "bad result json")?;
     if let Some(code) = r.error_code {
-        return Err(format!("error {code}"));
+        let failure = format!("error {code}");
+        if let Some(message) = &r.error_message {
+            w.counters.borrow_mut().note_reason(&failure, message);
+        }
+        return Err(failure);
     }
     let now = w.ns_since_epoch();
     let mut c = w.counters.borrow_mut();
