@@ -116,13 +116,7 @@ fn main() -> ExitCode {
                     println!("{}: configuration is valid", path.display());
                     Ok(())
                 }
-                Err(e) => Err(CliError::Config(
-                    e.problems
-                        .iter()
-                        .map(|p| format!("{}: {p}", path.display()))
-                        .collect::<Vec<_>>()
-                        .join("\n"),
-                )),
+                Err(e) => Err(clio_relay::cli::config_error(&path, &e)),
             })
         }
         Some(Command::MintToken {
@@ -137,8 +131,8 @@ fn main() -> ExitCode {
                         // The file's problems are a configuration error; a
                         // tier, pool or TTL the file does not allow is the
                         // command line's.
-                        if e.is::<clio_relay::core::config::ConfigError>() {
-                            CliError::Config(e.to_string())
+                        if let Some(e) = e.downcast_ref::<clio_relay::core::config::ConfigError>() {
+                            clio_relay::cli::config_error(&path, e)
                         } else {
                             CliError::Usage(e.to_string())
                         }

@@ -750,10 +750,20 @@ fn an_insecure_rediss_url_is_warned_about() {
 #[test]
 fn a_missing_config_file_is_named_once() {
     let path = "/definitely/not/here/relay.toml";
-    for sub in ["check-config", "run"] {
-        let o = run(RELAY, &[sub, "--config", path]);
+    // `keys` and `mint-token` said only "cannot read the config file: No
+    // such file or directory", naming no file.
+    for args in [
+        &["check-config"][..],
+        &["run"],
+        &["keys", "list"],
+        &["mint-token", "--device", "phone-1"],
+    ] {
+        let sub = args[0];
+        let mut args = args.to_vec();
+        args.splice(1..1, ["--config", path]);
+        let o = run(RELAY, &args);
         let t = text(&o);
-        assert_ne!(o.status.code(), Some(0), "{sub}: {t}");
+        assert_eq!(o.status.code(), Some(3), "{sub}: {t}");
         assert_eq!(t.matches(path).count(), 1, "{sub}: {t}");
         assert!(
             t.contains("cannot read the config file: No such file"),

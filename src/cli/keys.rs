@@ -130,7 +130,7 @@ impl KeySource {
 /// returns what to print.
 pub fn run(config: &Path, action: &KeysAction) -> Result<String, CliError> {
     let (mut addr, token) =
-        Config::load_admin_client(config).map_err(|e| CliError::Config(e.to_string()))?;
+        Config::load_admin_client(config).map_err(|e| super::config_error(config, &e))?;
     if addr.ip().is_unspecified() {
         addr.set_ip(if addr.is_ipv4() {
             [127, 0, 0, 1].into()

@@ -70,6 +70,19 @@ impl std::fmt::Display for CliError {
 
 impl std::error::Error for CliError {}
 
+/// The problems of the config file at `path`, one line each, each naming
+/// the file (`relay.toml: tokens: secret_env X is not set`), as every
+/// command that reads it prints them: exit 3.
+pub fn config_error(path: &Path, e: &ConfigError) -> CliError {
+    CliError::Config(
+        e.problems
+            .iter()
+            .map(|p| format!("{}: {p}", path.display()))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )
+}
+
 /// A start-up failure that is the configuration's (a master key that
 /// does not open the key store): carried in an `io::Error` from the
 /// server's start, and exit 3 like an invalid file, so systemd's
