@@ -569,3 +569,39 @@ fn a_refusal_behind_a_balancer_names_the_client_it_carries() {
     );
     assert!(!line(&["status=401", &format!("peer={balancer} ")]));
 }
+
+/// A client `server.allow` does not list has its connection closed
+/// unanswered. It was counted (403) but not logged, unlike every other
+/// refusal, so an operator whose clients could not connect found
+/// nothing in the log; it is now a `request refused` line naming the
+/// peer and `server.allow`.
+#[test]
+fn a_client_not_on_server_allow_is_logged() {
+    use std::io::Read;
+    let capture = logs();
+    let fake = fake(&["key-a"], |c| c.forbidden = vec![]);
+    let mut cfg = relay_config(&fake.url(), &[("acct-a", "key-a")]);
+    cfg.server.allow = vec!["10.0.0.0/8".parse().unwrap()];
+    let relay = Relay::start(cfg);
+    let mut tcp = std::net::TcpStream::connect(relay.addr()).unwrap();
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    let me = tcp.local_addr().unwrap();
+    let mut got = vec![];
+    let _ = tcp.read_to_end(&mut got);
+    assert!(got.is_empty(), "{}", String::from_utf8_lossy(&got));
+    let line = || {
+        capture.text().lines().any(|l| {
+            l.contains(" INFO ")
+                && l.contains("request refused")
+                && l.contains(&format!("peer={me} "))
+                && l.contains("status=403")
+                && l.contains("not on server.allow")
+        })
+    };
+    assert!(
+        wait_until(std::time::Duration::from_secs(5), line),
+        "{}",
+        capture.text()
+    );
+}

@@ -131,6 +131,18 @@ async fn upgrade(shard: Rc<Shard>, tcp: RingSocket) -> Option<Upgraded> {
     };
     if !settings.allows(peer) {
         shard.metrics.stream_rejected(Side::Client, 403);
+        // Logged like every refusal (within the budget), so an operator
+        // whose clients cannot connect finds why.
+        if shard.process.refusal_log.admit() {
+            let peer = peer_text(peer());
+            tracing::info!(
+                shard = shard.index,
+                %peer,
+                status = 403,
+                reason = "not on server.allow: the connection is closed unanswered",
+                "request refused"
+            );
+        }
         return None; // not on server.allow: the connection is closed
     }
     let conn = match &settings.tls {
