@@ -669,6 +669,50 @@ fn an_admin_port_on_a_public_address_is_warned_about() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// README's first commands: `check-config` on `config/example.toml`
+/// "says it is left out until `SONIOX_PROD_ACCOUNT_02` is set". It said
+/// "key_env unset or key_file missing", naming neither; it now names the
+/// variable (or the file) and what to do.
+#[test]
+fn a_disabled_account_waiting_for_its_key_names_where_it_comes_from() {
+    let o = Command::new(RELAY)
+        .args(["check-config", "--config", "config/example.toml"])
+        .env("CLIO_RELAY_TOKEN_SECRET", "0123456789abcdef".repeat(4))
+        .env("SONIOX_PROD_ACCOUNT_01", "example-key-1")
+        .env_remove("SONIOX_PROD_ACCOUNT_02")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains(
+            "warning: account \"prod-account-2\": disabled and its key is not there \
+             (key_env SONIOX_PROD_ACCOUNT_02 is not set), so it is not loaded; to use it, \
+             set SONIOX_PROD_ACCOUNT_02 and restart"
+        ),
+        "{}",
+        text(&o)
+    );
+    // With a key_file, the file.
+    let dir = std::env::temp_dir().join(format!("clio-relay-key-to-come-{}", std::process::id()));
+    let config = relay_config(&dir, "127.0.0.1:0", "127.0.0.1:0");
+    let mut file = std::fs::read_to_string(&config).unwrap();
+    file.push_str("\n[[account]]\nid = \"later\"\nkey_file = \"later.key\"\nenabled = false\n");
+    std::fs::write(&config, file).unwrap();
+    let o = run_env(&["check-config", "--config", &config]);
+    assert!(o.status.success(), "{}", text(&o));
+    let later = dir.join("later.key");
+    assert!(
+        text(&o).contains(&format!(
+            "(key_file {} does not exist), so it is not loaded; to use it, write that file and reload",
+            later.display()
+        )),
+        "{}",
+        text(&o)
+    );
+    assert!(!text(&o).contains("example-key-1") && !text(&o).contains("cli-exit-soniox-key"));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// Runs `cmd` (`check-config` or `run`) on the relay's test config with a
 /// `[cluster]` section whose `redis_url` is `url`, in `dir`.
 fn with_redis_url(dir: &std::path::Path, cmd: &str, url: &str) -> std::process::Output {

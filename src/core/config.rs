@@ -555,13 +555,25 @@ impl Config {
         let mut by_key: std::collections::HashMap<&str, usize> = Default::default();
         for (i, a) in self.accounts.iter().enumerate() {
             if !a.has_key() {
-                w.push(format!(
-                    "{}: disabled and its key is not there (key_env unset or key_file missing), \
-                     so it is not loaded; to use it, write its key_file and reload, or set its \
-                     key_env variable and restart (a reload cannot see a variable set after the \
-                     start)",
-                    account_label(i, Some(&a.id))
-                ));
+                let label = account_label(i, Some(&a.id));
+                w.push(match &a.key_to_come {
+                    Some(KeySource::Env(var)) => format!(
+                        "{label}: disabled and its key is not there (key_env {var} is not set), \
+                         so it is not loaded; to use it, set {var} and restart (a reload cannot \
+                         see a variable set after the start), or switch it to a key_file"
+                    ),
+                    Some(KeySource::File(path)) => format!(
+                        "{label}: disabled and its key is not there (key_file {} does not \
+                         exist), so it is not loaded; to use it, write that file and reload",
+                        path.display()
+                    ),
+                    None => format!(
+                        "{label}: disabled and its key is not there (key_env unset or key_file \
+                         missing), so it is not loaded; to use it, write its key_file and \
+                         reload, or set its key_env variable and restart (a reload cannot see a \
+                         variable set after the start)"
+                    ),
+                });
                 continue;
             }
             if let Some(first) = by_key.insert(a.key.expose(), i) {

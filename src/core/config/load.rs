@@ -326,13 +326,18 @@ fn resolve(raw: RawFile, base: &Path) -> Result<Config, ConfigError> {
         // A disabled account may be listed before its key exists: an unset
         // variable or a missing file leaves it keyless (it is not loaded,
         // and check-config warns) instead of failing the whole file.
-        let key_absent = a.enabled == Some(false)
-            && match (&a.key_env, &a.key_file) {
-                (Some(var), None) => std::env::var_os(var).is_none_or(|v| v.is_empty()),
-                (None, Some(f)) => !base.join(f).exists(),
-                _ => false,
-            };
-        let key = if key_absent {
+        let key_to_come = if a.enabled == Some(false) {
+            match (&a.key_env, &a.key_file) {
+                (Some(var), None) if std::env::var_os(var).is_none_or(|v| v.is_empty()) => {
+                    Some(KeySource::Env(var.clone()))
+                }
+                (None, Some(f)) if !base.join(f).exists() => Some(KeySource::File(base.join(f))),
+                _ => None,
+            }
+        } else {
+            None
+        };
+        let key = if key_to_come.is_some() {
             None
         } else {
             resolve_secret(
@@ -353,6 +358,7 @@ fn resolve(raw: RawFile, base: &Path) -> Result<Config, ConfigError> {
             }
         };
         let mut acc = AccountConfig::new(id, key.unwrap_or_else(|| Secret::new("")));
+        acc.key_to_come = key_to_come;
         acc.region = a.region.unwrap_or_default();
         acc.pool = a.pool.unwrap_or(acc.pool);
         acc.enabled = a.enabled.unwrap_or(true);

@@ -600,6 +600,20 @@ pub struct AccountConfig {
     pub price_per_hour: f64,
     /// Monthly budget in `usage.currency`; 0 = none.
     pub monthly_budget: f64,
+    /// For a disabled account listed before its key exists (no key): the
+    /// source the key is to come from, `key_env NAME` or `key_file PATH`,
+    /// so a warning can name it. Never the key.
+    pub key_to_come: Option<KeySource>,
+}
+
+/// Where an account's key is to come from (see
+/// [`AccountConfig::key_to_come`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// `key_env`: the variable's name.
+    Env(String),
+    /// `key_file`: the file's path.
+    File(PathBuf),
 }
 
 impl AccountConfig {
@@ -614,6 +628,7 @@ impl AccountConfig {
             max_concurrent_streams: 10,
             price_per_hour: 0.0,
             monthly_budget: 0.0,
+            key_to_come: None,
         }
     }
 

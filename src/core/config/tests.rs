@@ -905,7 +905,7 @@ fn a_disabled_account_does_not_need_its_key() {
     assert!(
         w.iter().any(
             |w| w.starts_with("account \"off-env\": disabled and its key is not there")
-                && w.contains("set its key_env variable and restart")
+                && w.contains("set CLIO_T_DISKEY_UNSET and restart")
         ),
         "{w:?}"
     );
