@@ -713,6 +713,42 @@ fn a_disabled_account_waiting_for_its_key_names_where_it_comes_from() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// A port held by another program (9464, the admin port's default, is
+/// also the OpenTelemetry Prometheus exporter's) was put down to "a
+/// running clio-relay" with only "stop it first" to do. The message now
+/// also says how to see what holds it and the other way out, and the
+/// exit status is still 4.
+#[test]
+fn a_port_another_program_holds_says_how_to_find_it() {
+    let dir = std::env::temp_dir().join(format!("clio-relay-port-held-{}", std::process::id()));
+    let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let held = other.local_addr().unwrap();
+    for (listen, admin, key) in [
+        (
+            "127.0.0.1:0".to_string(),
+            held.to_string(),
+            "server.admin_listen",
+        ),
+        (held.to_string(), "127.0.0.1:0".to_string(), "server.listen"),
+    ] {
+        let config = relay_config(&dir, &listen, &admin);
+        let o = run_env(&["run", "--config", &config]);
+        assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+        let t = text(&o);
+        assert!(
+            t.contains(&format!("{key} {held} is already in use"))
+                && t.contains(&format!(
+                    "if another program holds it (`ss -ltnp 'sport = :{}'` names it), stop it \
+                     or choose another {key}",
+                    held.port()
+                )),
+            "{t}"
+        );
+    }
+    drop(other);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// Runs `cmd` (`check-config` or `run`) on the relay's test config with a
 /// `[cluster]` section whose `redis_url` is `url`, in `dir`.
 fn with_redis_url(dir: &std::path::Path, cmd: &str, url: &str) -> std::process::Output {

@@ -92,9 +92,16 @@ pub fn in_use(addr: SocketAddr, key: &str, e: io::Error) -> io::Error {
         "stop it first; the admin port is never shared (a hand-over restart \
          needs another server.admin_listen, or socket activation)"
     };
+    // Another program may hold it (9464 is also the OpenTelemetry
+    // Prometheus exporter's default port): say how to see which.
+    let port = addr.port();
     io::Error::new(
         io::ErrorKind::AddrInUse,
-        format!("{key} {addr} is already in use, probably by a running clio-relay: {what}"),
+        format!(
+            "{key} {addr} is already in use, probably by a running clio-relay: {what}; \
+             if another program holds it (`ss -ltnp 'sport = :{port}'` names it), stop it \
+             or choose another {key}"
+        ),
     )
 }
 
