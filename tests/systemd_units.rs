@@ -362,3 +362,53 @@ fn install_sh_into_root_needs_no_running_systemd() {
     assert!(stdout.contains("systemd is not running"), "{stdout}");
     let _ = std::fs::remove_dir_all(d.to_string());
 }
+
+/// A new operator runs `check-config` on the installed config before the
+/// first start, as the README's first commands do. Its secrets are
+/// systemd credentials in /run/credentials/clio-relay.service/, which
+/// systemd makes only while the service runs, so each was "No such file
+/// or directory" and nothing more. Each line now says so and names the
+/// file the shipped unit loads it from, and the exit status is still 3.
+#[test]
+fn the_installed_config_checked_before_a_start_names_the_credential_files() {
+    if Path::new("/run/credentials/clio-relay.service").exists() {
+        println!("SKIPPED: a clio-relay service runs here (its credentials exist)");
+        return;
+    }
+    let root = temp_dir("install-first-check");
+    let out = Command::new("sh")
+        .arg(repo().join("tools/install.sh"))
+        .arg(env!("CARGO_BIN_EXE_clio-relay"))
+        .env("DESTDIR", &root)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let out = Command::new(env!("CARGO_BIN_EXE_clio-relay"))
+        .args(["check-config", "--config"])
+        .arg(root.join("etc/clio-relay/clio-relay.toml"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    let service = unit("clio-relay.service");
+    for name in ["token-secret", "soniox-01", "admin-token", "master-key"] {
+        assert!(
+            service.contains(&format!(
+                "LoadCredential={name}:/etc/clio-relay/credentials/{name}\n"
+            )),
+            "{name}"
+        );
+        assert!(
+            stderr.lines().any(|l| l.contains(&format!(
+                "/run/credentials/clio-relay.service/{name}: No such file or directory"
+            )) && l.contains(
+                "systemd makes /run/credentials/clio-relay.service/ only while \
+                 clio-relay.service runs"
+            ) && l.contains(&format!(
+                "the shipped unit loads {name} from /etc/clio-relay/credentials/{name}"
+            ))),
+            "{name}: {stderr}"
+        );
+    }
+    std::fs::remove_dir_all(&root).ok();
+}

@@ -1008,7 +1008,8 @@ fn resolve_secret(
                     } else {
                         format!("the file named by {file_key} (not shown in case it is a secret)")
                     };
-                    p.push(section, format!("{shown}: {e}"));
+                    let hint = credential_hint(&path, &e);
+                    p.push(section, format!("{shown}: {e}{hint}"));
                     return None;
                 }
             };
@@ -1057,4 +1058,31 @@ fn shown_env_name(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+}
+
+/// What to add to "No such file" for a systemd credential
+/// (`/run/credentials/UNIT/NAME`): that directory exists only while the
+/// unit runs, made from its `LoadCredential=` lines, so `check-config`
+/// or `mint-token` run by hand before the first start cannot find it;
+/// the shipped unit loads `NAME` from `/etc/clio-relay/credentials/NAME`.
+fn credential_hint(path: &Path, e: &std::io::Error) -> String {
+    if e.kind() != std::io::ErrorKind::NotFound {
+        return String::new();
+    }
+    let Ok(rest) = path.strip_prefix("/run/credentials") else {
+        return String::new();
+    };
+    let mut parts = rest.components();
+    let (Some(unit), Some(name), None) = (parts.next(), parts.next(), parts.next()) else {
+        return String::new();
+    };
+    let unit = unit.as_os_str().to_string_lossy();
+    let name = name.as_os_str().to_string_lossy();
+    format!(
+        "; systemd makes /run/credentials/{unit}/ only while {unit} runs, from its \
+         LoadCredential= lines (the shipped unit loads {name} from \
+         /etc/clio-relay/credentials/{name}): make that file (tools/install.sh prints how), \
+         then start the service (a file it cannot load fails the start, in `journalctl -u \
+         {unit}`); while it runs, check-config as root reads the copies"
+    )
 }
