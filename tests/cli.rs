@@ -749,6 +749,43 @@ fn a_port_another_program_holds_says_how_to_find_it() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// A relay with no key store and no fleet runs the file's accounts: its
+/// warning that `max_streams` is more than they carry is the plain one,
+/// without the note about the key store's or the fleet's changes (which
+/// it has none of).
+#[test]
+fn without_a_key_store_the_max_streams_warning_has_no_store_note() {
+    let dir = std::env::temp_dir().join(format!("clio-relay-no-store-{}", std::process::id()));
+    let config = relay_config(&dir, "127.0.0.1:0", "127.0.0.1:0");
+    let mut relay = Command::new(RELAY)
+        .args(["run", "--config", &config])
+        .envs(RELAY_ENV)
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_FDS")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = stderr_lines(&mut relay);
+    let lines = lines_until(
+        &log,
+        |l| l.contains("server.max_streams: 9000 is more than"),
+        std::time::Duration::from_secs(20),
+    );
+    let _ = relay.kill();
+    let _ = relay.wait();
+    let w: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains("server.max_streams: 9000 is more than"))
+        .collect();
+    assert_eq!(w.len(), 1, "{lines:#?}");
+    assert!(
+        w[0].ends_with("the enabled accounts carry (5); the accounts are the limit"),
+        "{w:?}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// Runs `cmd` (`check-config` or `run`) on the relay's test config with a
 /// `[cluster]` section whose `redis_url` is `url`, in `dir`.
 fn with_redis_url(dir: &std::path::Path, cmd: &str, url: &str) -> std::process::Output {

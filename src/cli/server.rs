@@ -363,7 +363,13 @@ impl RelayHandle {
                 .accounts()
                 .iter()
                 .map(|a| (a.enabled.load(Relaxed), a.max_concurrent.load(Relaxed))),
-            crate::core::config::AccountsCounted::Running,
+            // Without a key store or a fleet, the running set is the file's
+            // (and what the admin API changed since): nothing to explain.
+            if self.started_with.admin.master_key.is_some() || self.started_with.cluster.is_some() {
+                crate::core::config::AccountsCounted::Running
+            } else {
+                crate::core::config::AccountsCounted::File
+            },
         )
     }
 
