@@ -786,6 +786,44 @@ fn without_a_key_store_the_max_streams_warning_has_no_store_note() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// A key put in the wrong table (`drain_timeout` under `[admin]`, the
+/// admin token's `token_env` under `[server]`) was refused with the
+/// table's own keys listed, never where the key belongs. The line now
+/// names the table(s) that take it; a misspelt key, which no table
+/// takes, gets the list as before. Exit 3 either way.
+#[test]
+fn a_key_in_the_wrong_table_says_where_it_belongs() {
+    let dir = std::env::temp_dir().join(format!("clio-relay-wrong-table-{}", std::process::id()));
+    let config = relay_config(&dir, "127.0.0.1:0", "127.0.0.1:0");
+    let base = std::fs::read_to_string(&config).unwrap();
+    let check = |from: &str, to: &str| {
+        std::fs::write(&config, base.replace(from, to)).unwrap();
+        let o = run_env(&["check-config", "--config", &config]);
+        assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+        text(&o)
+    };
+    let t = check("[admin]\n", "[admin]\ndrain_timeout = \"60s\"\n");
+    assert!(
+        t.contains(
+            "unknown field `drain_timeout` in [admin] (line 13): it is a key of [limits]: \
+             move it there; [admin] takes one of `token_env`"
+        ),
+        "{t}"
+    );
+    let t = check("[server]\n", "[server]\nmaster_key_env = \"X\"\n");
+    assert!(
+        t.contains("unknown field `master_key_env` in [server] (line 2): it is a key of [admin]: move it there"),
+        "{t}"
+    );
+    let t = check("shards = 1\n", "shards = 1\nallow_from = []\n");
+    assert!(
+        t.contains("unknown field `allow_from` in [server] (line 5), expected one of")
+            && !t.contains("it is a key of"),
+        "{t}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// Runs `cmd` (`check-config` or `run`) on the relay's test config with a
 /// `[cluster]` section whose `redis_url` is `url`, in `dir`.
 fn with_redis_url(dir: &std::path::Path, cmd: &str, url: &str) -> std::process::Output {

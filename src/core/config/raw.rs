@@ -284,13 +284,74 @@ fn describe_toml_error(e: &toml::de::Error, text: &str) -> String {
             Some(s) => format!("[{s}]"),
             None => "the top level".to_string(),
         };
-        return format!("{what} in {place} (line {line_no}){expected}");
+        let elsewhere = if header_line {
+            String::new()
+        } else {
+            tables_with_key(what, &place)
+        };
+        if elsewhere.is_empty() {
+            return format!("{what} in {place} (line {line_no}){expected}");
+        }
+        let takes = expected.strip_prefix(", expected").unwrap_or("");
+        return format!("{what} in {place} (line {line_no}){elsewhere}; {place} takes{takes}");
     }
     match (section, key) {
         (Some(s), Some(k)) => format!("{s}.{k}: {msg} (line {line_no})"),
         (None, Some(k)) => format!("{k}: {msg} (line {line_no})"),
         (Some(s), None) => format!("{s}: {msg} (line {line_no})"),
         (None, None) => format!("{msg} (line {line_no})"),
+    }
+}
+
+/// For "unknown field `KEY`" in `place`: the other tables that have KEY
+/// (`: it is a key of [limits]`), so a key put in the wrong table says
+/// where it belongs; empty when none has it. Each table is asked by
+/// parsing a one-key file: any answer but "unknown field" means it has it.
+fn tables_with_key(what: &str, place: &str) -> String {
+    let Some(key) = what
+        .split('`')
+        .nth(1)
+        .filter(|k| !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+    else {
+        return String::new();
+    };
+    const TABLES: [&str; 12] = [
+        "server", "upstream", "tokens", "limits", "failover", "admin", "devices", "usage",
+        "alerts", "tls", "cluster", "account",
+    ];
+    let has = |table: &str| {
+        let text = if table == "account" {
+            format!("[[account]]\n{key} = 0\n")
+        } else {
+            format!("[{table}]\n{key} = 0\n")
+        };
+        match toml::from_str::<RawFile>(&text) {
+            Ok(_) => true,
+            Err(e) => !e.message().starts_with("unknown field"),
+        }
+    };
+    let found: Vec<String> = TABLES
+        .iter()
+        .map(|t| {
+            if *t == "account" {
+                "[[account]]".to_string()
+            } else {
+                format!("[{t}]")
+            }
+        })
+        .zip(TABLES)
+        .filter(|(shown, t)| !place.starts_with(shown.trim_end_matches(']')) && has(t))
+        .map(|(shown, _)| shown)
+        .collect();
+    if found.is_empty() {
+        String::new()
+    } else {
+        let there = if found.len() == 1 {
+            ": move it there"
+        } else {
+            ""
+        };
+        format!(": it is a key of {}{there}", found.join(" and "))
     }
 }
 
