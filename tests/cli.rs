@@ -156,8 +156,13 @@ const RELAY_ENV: [(&str, &str); 3] = [
     ("CLI_EXIT_KEY", "cli-exit-soniox-key"),
 ];
 
+/// The state directory of `relay_config`'s file: beside it, never the
+/// host's `/var/lib/clio-relay` (the default), which a test must not
+/// write in. A test that sets its own removes this line first.
+const STATE_LINE: &str = "state_dir = \"state\"\n";
+
 /// A config for `run`: a relay on `listen` with one account, its admin API
-/// on `admin` with a token.
+/// on `admin` with a token, its state beside the file ([`STATE_LINE`]).
 fn relay_config(dir: &std::path::Path, listen: &str, admin: &str) -> String {
     std::fs::create_dir_all(dir).unwrap();
     let config = dir.join("relay.toml");
@@ -167,7 +172,7 @@ fn relay_config(dir: &std::path::Path, listen: &str, admin: &str) -> String {
             "[server]\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\"\nshards = 1\n\n\
              [upstream]\nurl = \"ws://127.0.0.1:9/transcribe-websocket\"\n\n\
              [tokens]\nsecret_env = \"CLI_EXIT_SECRET\"\n\n\
-             [admin]\ntoken_env = \"CLI_EXIT_ADMIN\"\n\n\
+             [admin]\ntoken_env = \"CLI_EXIT_ADMIN\"\n{STATE_LINE}\n\
              [[account]]\nid = \"a\"\nkey_env = \"CLI_EXIT_KEY\"\nmax_concurrent_streams = 5\n"
         ),
     )
@@ -403,7 +408,9 @@ fn a_wrong_master_key_exits_3() {
         .unwrap()
         .save(&mut StoreData::default())
         .unwrap();
-    let mut file = std::fs::read_to_string(&config).unwrap();
+    let mut file = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(STATE_LINE, "");
     file = file.replace(
         "[admin]\n",
         &format!(
@@ -471,7 +478,10 @@ fn the_max_streams_warning_counts_the_accounts_the_relay_runs() {
     let dir = std::env::temp_dir().join(format!("clio-relay-capacity-{}", std::process::id()));
     let admin = free_port().to_string();
     let config = relay_config(&dir, "127.0.0.1:0", &admin);
-    let text_of = std::fs::read_to_string(&config).unwrap().replace(
+    let text_of = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(STATE_LINE, "")
+        .replace(
         "[admin]\n",
         "[admin]\nstate_dir = \"state\"\nmaster_key_env = \"CLI_CAPACITY_MASTER\"\nhealth_interval = \"0s\"\n",
     );
@@ -828,13 +838,16 @@ fn a_key_in_the_wrong_table_says_where_it_belongs() {
 /// `[cluster]` section whose `redis_url` is `url`, in `dir`.
 fn with_redis_url(dir: &std::path::Path, cmd: &str, url: &str) -> std::process::Output {
     let config = relay_config(dir, "127.0.0.1:0", "127.0.0.1:0");
-    let base = std::fs::read_to_string(&config).unwrap().replace(
-        "[admin]\n",
-        &format!(
-            "[admin]\nstate_dir = \"{}\"\nmaster_key_env = \"CLI_URL_MASTER\"\n",
-            dir.join("state").display()
-        ),
-    );
+    let base = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(STATE_LINE, "")
+        .replace(
+            "[admin]\n",
+            &format!(
+                "[admin]\nstate_dir = \"{}\"\nmaster_key_env = \"CLI_URL_MASTER\"\n",
+                dir.join("state").display()
+            ),
+        );
     std::fs::write(
         &config,
         format!("{base}\n[cluster]\nredis_url = \"{url}\"\nnode_id = \"n1\"\n"),
@@ -937,7 +950,9 @@ fn a_state_dir_that_cannot_be_made_is_logged_or_stops_the_start() {
     let dir = std::env::temp_dir().join(format!("clio-relay-no-state-{}", std::process::id()));
     let config = relay_config(&dir, "127.0.0.1:0", "127.0.0.1:0");
     let state = format!("/proc/clio-relay-no-state-{}", std::process::id());
-    let file = std::fs::read_to_string(&config).unwrap();
+    let file = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(STATE_LINE, "");
     let with_state = file.replace("[admin]\n", &format!("[admin]\nstate_dir = \"{state}\"\n"));
     std::fs::write(&config, &with_state).unwrap();
     let mut child = Command::new(RELAY)
@@ -1124,7 +1139,9 @@ fn a_file_size_limit_fails_writes_and_stops_nothing() {
     let dir = std::env::temp_dir().join(format!("clio-relay-fsize-{}", std::process::id()));
     let admin = free_port();
     let config = relay_config(&dir, "127.0.0.1:0", &admin.to_string());
-    let file = std::fs::read_to_string(&config).unwrap();
+    let file = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(STATE_LINE, "");
     std::fs::write(
         &config,
         file.replace(

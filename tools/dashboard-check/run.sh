@@ -45,6 +45,7 @@ url = "$fake_url"
 secret_env = "DASH_TOKEN_SECRET"
 [admin]
 token_env = "DASH_ADMIN_TOKEN"
+state_dir = "$work/state"   # not the host's /var/lib/clio-relay
 [alerts]
 interval = "1s"
 # 3 of 50 streams per account is over it: the page must list the alert.
