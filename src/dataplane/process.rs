@@ -3,7 +3,7 @@
 //! the published account ring, and the guards that count a stream or a
 //! connection while they live.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
@@ -11,7 +11,8 @@ use crate::core::keyring::{AccountState, RingSlot};
 use clio_frame::mask::MaskKeys;
 
 /// A ring version and the account ids by metrics index.
-type Published = (Arc<[RingSlot]>, Arc<[String]>);
+/// A ring version and its account ids by metrics index.
+pub type Published = (Arc<[RingSlot]>, Arc<[String]>);
 
 /// Process-wide facts every shard reads: the stream count behind
 /// `server.max_streams`, the draining flags, and the accounts.
@@ -46,10 +47,16 @@ pub struct ProcessState {
     /// what a shard starts with, and what the admin side reports. Locked only
     /// on control-plane changes and reads, never by a stream.
     published: Mutex<Published>,
+    /// How many ring versions were published: a shard that installed
+    /// fewer catches up before it admits or places a stream
+    /// (`Shard::catch_up_ring`), so a change the admin side answered is in
+    /// force for every stream opened after, whether or not the shard's
+    /// control message has been read yet.
+    ring_versions: AtomicU64,
     /// Per-device limits and revocations, shared by every shard.
     pub devices: crate::core::devices::Devices,
     /// Streams refused or ended by a device limit, by [`crate::core::devices::Limit`].
-    pub device_rejections: [std::sync::atomic::AtomicU64; 5],
+    pub device_rejections: [AtomicU64; 5],
     /// Each pool's live streams (`[pool.NAME] max_streams`) and refusals.
     pub pools: crate::core::pool_limits::PoolCounts,
     /// Connections waiting for a first-message token, by client address.
@@ -85,6 +92,7 @@ impl ProcessState {
             stop_now: AtomicBool::new(false),
             boot_id,
             published: Mutex::new((ring, metrics_ids)),
+            ring_versions: AtomicU64::new(0),
             devices: crate::core::devices::Devices::default(),
             device_rejections: Default::default(),
             pools: Default::default(),
@@ -108,7 +116,23 @@ impl ProcessState {
 
     /// Records a new ring version (the caller also sends it to every shard).
     pub fn publish(&self, ring: Arc<[RingSlot]>, metrics_ids: Arc<[String]>) {
-        *self.published.lock().unwrap_or_else(|e| e.into_inner()) = (ring, metrics_ids);
+        let mut published = self.published.lock().unwrap_or_else(|e| e.into_inner());
+        *published = (ring, metrics_ids);
+        // Counted under the lock: a shard that reads this count and then
+        // the version under the lock has at least that version.
+        self.ring_versions.fetch_add(1, Ordering::Release);
+    }
+
+    /// The ring version last published and its count, if more were
+    /// published than the `installed` count a shard has: one atomic load
+    /// when nothing changed, as on nearly every stream open.
+    pub fn ring_if_newer(&self, installed: u64) -> Option<(u64, Published)> {
+        if self.ring_versions.load(Ordering::Acquire) == installed {
+            return None;
+        }
+        let published = self.published.lock().unwrap_or_else(|e| e.into_inner());
+        let count = self.ring_versions.load(Ordering::Acquire);
+        Some((count, published.clone()))
     }
 
     /// The ring version last published.

@@ -16,7 +16,7 @@ use futures_lite::future;
 use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::core::config::LimitsConfig;
-use crate::core::keyring::{KeyRing, RingSlot};
+use crate::core::keyring::KeyRing;
 use crate::core::metrics::{MetricsSnapshot, ShardMetrics};
 use crate::core::token::TokenKeys;
 use crate::dataplane::buf::BufferPool;
@@ -93,8 +93,9 @@ pub enum ShardMsg {
     /// wait ran out): record the usage each carried so far, as for a
     /// stream that ended, for the next `TakeUsage`.
     CutUsage,
-    /// Install a new key-ring version; the ids are the accounts by metrics index.
-    Ring(Arc<[RingSlot]>, Arc<[String]>),
+    /// A new key-ring version was published: install it (if a stream open
+    /// has not already, see [`Shard::catch_up_ring`]).
+    Ring,
     /// Stop accepting and end the executor.
     Stop,
 }
@@ -150,6 +151,9 @@ pub struct Shard {
     pub process: Arc<ProcessState>,
     /// This shard's account slots.
     pub ring: RefCell<KeyRing>,
+    /// How many published ring versions `ring` has caught up with
+    /// ([`ProcessState::ring_if_newer`]).
+    ring_installed: Cell<u64>,
     /// This shard's counters and histograms.
     pub metrics: ShardMetrics,
     /// Read buffers, two per live stream.
@@ -387,6 +391,21 @@ impl Shard {
         cut
     }
 
+    /// Installs the ring version last published, with its accounts'
+    /// metrics, if this shard has not yet. Called on the control message
+    /// that says one was, and before every stream's admission and account
+    /// choice: a rotation, a disable or a new limit the admin API answered
+    /// takes every stream opened after the answer, even one that opens
+    /// before the shard reads its message (up to a pass later, 5 ms, more
+    /// on a loaded host). One atomic load when nothing changed.
+    pub fn catch_up_ring(&self) {
+        if let Some((count, (ring, ids))) = self.process.ring_if_newer(self.ring_installed.get()) {
+            self.metrics.set_accounts(&ids);
+            self.ring.borrow_mut().replace(&ring);
+            self.ring_installed.set(count);
+        }
+    }
+
     /// A key for the live-stream registry.
     pub fn next_live_id(&self) -> u64 {
         let n = self.next_stream.get();
@@ -488,7 +507,10 @@ pub fn start(index: usize, setup: ShardSetup) -> std::io::Result<ShardHandle> {
                 return;
             }
         };
-        let ids = setup.process.metrics_ids();
+        let (ring_installed, (first_ring, ids)) = setup
+            .process
+            .ring_if_newer(u64::MAX)
+            .expect("a count of versions is never u64::MAX");
         let shard = Rc::new(Shard {
             index,
             settings: RefCell::new(Rc::new(Settings {
@@ -503,7 +525,8 @@ pub fn start(index: usize, setup: ShardSetup) -> std::io::Result<ShardHandle> {
             key_in_header: setup.key_in_header,
             connect_timeout: setup.connect_timeout,
             process: setup.process.clone(),
-            ring: RefCell::new(KeyRing::new(&setup.process.ring())),
+            ring: RefCell::new(KeyRing::new(&first_ring)),
+            ring_installed: Cell::new(ring_installed),
             metrics: ShardMetrics::new(index, &ids),
             pool: BufferPool::new(BUFFER_SIZE, 64, POOL_KEEP_BYTES / BUFFER_SIZE),
             masks: RefCell::new(MaskKeys::default()),
@@ -535,10 +558,7 @@ pub fn start(index: usize, setup: ShardSetup) -> std::io::Result<ShardHandle> {
                         ShardMsg::Settings(settings) => {
                             *shard.settings.borrow_mut() = Rc::new(settings);
                         }
-                        ShardMsg::Ring(ring, ids) => {
-                            shard.metrics.set_accounts(&ids);
-                            shard.ring.borrow_mut().replace(&ring);
-                        }
+                        ShardMsg::Ring => shard.catch_up_ring(),
                         ShardMsg::EndStreams { device, token } => {
                             for s in shard.live.borrow().values() {
                                 if device.as_deref() == Some(s.device.as_str())

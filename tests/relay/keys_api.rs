@@ -221,6 +221,57 @@ fn limit_changes_apply_to_new_streams() {
     assert!(one_session(&relay).finished());
 }
 
+/// The admin API's answer to a rotation means the new key takes every
+/// stream opened after it. The shard reads the admin side's message on
+/// its next pass (up to 5 ms while it has work); a stream that opened
+/// before that took the old key. A stream kept busy on the shard (a frame
+/// every 3 ms, so it never sleeps long) and a stream opened right after
+/// each answer, forty times.
+#[test]
+fn every_stream_opened_after_a_rotation_takes_the_new_key() {
+    let keys: Vec<String> = (0..=40).map(|i| format!("key-{i:02}")).collect();
+    let all: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let fake = fake(&all, |_| {});
+    let relay = relay_with_admin(&fake, &[("a", "key-00")]);
+    let admin = relay.handle.admin_addr;
+    let (mut busy, _) = connect(relay.addr(), &relay.token("busy"), Via::Header).unwrap();
+    busy.send(Message::text(config_message(None))).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sender = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let frame = audio_frames(1, 3).remove(0);
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline {
+                busy.send(Message::binary(frame.clone())).unwrap();
+                std::thread::sleep(Duration::from_millis(3));
+            }
+            busy
+        })
+    };
+    let mut late = Vec::new();
+    for key in &keys[1..] {
+        let (status, body) = http(
+            admin,
+            "POST",
+            "/admin/accounts/a/rotate",
+            Some(ADMIN),
+            Some(&format!(r#"{{"key":"{key}","overlap":"10m"}}"#)),
+        );
+        assert_eq!(status, 200, "{body}");
+        assert!(one_session(&relay).finished());
+        let took = fake.sessions().last().unwrap().key.clone().unwrap();
+        if &took != key {
+            late.push((key.clone(), took));
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut busy = sender.join().unwrap();
+    busy.send(Message::binary(Vec::<u8>::new())).unwrap();
+    assert!(read_all(&mut busy).finished());
+    assert!(late.is_empty(), "streams opened after a rotation's answer took the key before it (rotated to, took): {late:?}");
+}
+
 #[test]
 fn rotation_under_a_live_stream_loses_no_frame() {
     let fake = fake(&["old-key", "new-key"], |_| {});

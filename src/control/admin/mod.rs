@@ -453,9 +453,9 @@ impl Admin {
             e.state.set_unhealthy_holdoff(holdoff);
         }
         let (ring, ids) = (accounts.ring(), accounts.metrics_ids());
-        self.process.publish(ring.clone(), ids.clone());
+        self.process.publish(ring, ids);
         for tx in &self.shards {
-            let _ = tx.try_send(ShardMsg::Ring(ring.clone(), ids.clone()));
+            let _ = tx.try_send(ShardMsg::Ring);
         }
     }
 

@@ -108,6 +108,8 @@ impl Stream {
         &self,
         claims: &Claims,
     ) -> Result<(DevicePermit, Option<Lease>), Refusal> {
+        // The account set as the admin side last published it.
+        self.shard.catch_up_ring();
         // Every pool of the token at its `max_streams`: refused before the
         // device's counts are touched.
         let pools = self.pools_with_room()?;
@@ -211,6 +213,7 @@ impl Stream {
                 self.pools_with_room()?
             };
             let now = Instant::now();
+            shard.catch_up_ring();
             let lease = match (first.take(), shard.process.fleet.get()) {
                 (Some(l), _) => Some(l),
                 (None, Some(fleet)) if fleet.store_up() => {
