@@ -205,3 +205,39 @@ fn sigint_to_ab_sh_ends_the_run() {
     assert!(left.is_empty(), "left running: {left:?}");
     assert!(files.is_empty(), "left in TMPDIR: {files:?}");
 }
+
+/// A wrong argument ends ab.sh before anything starts, with a line that
+/// says what is wrong and exit 2, as an unknown workload does. Before,
+/// `-n abc` started fake-soniox and a relay and ended in a Python
+/// traceback (exit 1), `-r 0` printed an empty table and exited 0, and an
+/// unknown option printed the help and exited 0.
+#[test]
+fn ab_sh_refuses_wrong_arguments_before_it_starts() {
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_clio-relay"))
+        .parent()
+        .unwrap();
+    for (args, says) in [
+        (
+            &["-n", "abc"][..],
+            "ab: -n needs a number of streams, 1 or more (got 'abc')",
+        ),
+        (
+            &["-r", "0"][..],
+            "ab: -r needs a number of rounds, 1 or more (got '0')",
+        ),
+        (&["-x"][..], "ab: usage: bash tools/ab.sh"),
+    ] {
+        let out = Command::new("timeout")
+            .args(["--kill-after=10", "120", "bash"])
+            .arg(repo().join("tools/ab.sh"))
+            .args(["-w", "churn"])
+            .args(args)
+            .arg(bin_dir)
+            .output()
+            .expect("timeout and bash run");
+        let all = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {all}");
+        assert!(all.contains(says), "{args:?}: {all}");
+        assert!(!all.contains("| round |"), "{args:?} ran a round: {all}");
+    }
+}

@@ -47,10 +47,17 @@ while getopts "w:n:r:cth" o; do
     w) WORKLOAD=$OPTARG ;;
     n) N=$OPTARG ;;
     r) ROUNDS=$OPTARG ;;
-    *) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
+    h) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
+    # getopts has said which option it did not know, or which lacks its value.
+    *) echo "ab: usage: bash tools/ab.sh [-w idle|churn|realtime|flood] [-n STREAMS] [-r ROUNDS] [-c] [-t] DIR [DIR...] (-h for help)" >&2; exit 2 ;;
   esac
 done
 shift $((OPTIND - 1))
+# A count that is not one ends the run before anything starts: -n abc
+# ended in a Python traceback once the relay ran, -r 0 in an empty table
+# and exit 0.
+[[ $N =~ ^[1-9][0-9]*$ ]] || { echo "ab: -n needs a number of streams, 1 or more (got '$N')" >&2; exit 2; }
+[[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || { echo "ab: -r needs a number of rounds, 1 or more (got '$ROUNDS')" >&2; exit 2; }
 case "$WORKLOAD" in idle|churn|realtime|flood) ;; *) echo "ab: unknown workload $WORKLOAD (idle, churn, realtime or flood)" >&2; exit 2 ;; esac
 [ $# -ge 1 ] || { echo "ab: give at least one directory with a clio-relay binary" >&2; exit 2; }
 for d in "$@"; do [ -x "$d/clio-relay" ] || { echo "ab: no $d/clio-relay" >&2; exit 2; }; done
