@@ -259,3 +259,61 @@ fn an_empty_hgrm_is_said_to_hold_no_samples() {
         "{err}"
     );
 }
+
+/// Streams sent with no credential at all (no `--relay-config`, `--tokens`
+/// or `--key`, or `--auth none`) and refused with 401 get a hint that says
+/// so. Before, the hint said the credentials were not the relay's and to
+/// use the relay's own config file and secret, which sends someone who
+/// forgot `--relay-config` looking at the wrong file.
+#[test]
+fn streams_sent_with_no_credential_are_told_so() {
+    let fake = fake(true, 10);
+    for (auth, credentials) in [
+        (AuthVia::Header, Credentials::None),
+        (AuthVia::None, Credentials::Fixed(KEY.to_string())),
+    ] {
+        let opts = LoadOptions {
+            target: Target::direct(fake.addr()),
+            auth,
+            credentials,
+            streams: 2,
+            ramp_per_sec: 0.0,
+            stream_seconds: 1.0,
+            pace: Pace::Flood,
+            duration: Duration::from_secs(30),
+            threads: 1,
+            progress: false,
+            ..LoadOptions::default()
+        };
+        let r = relay_load::run(&opts).expect("load runs");
+        let table = r.table();
+        assert_eq!(r.failed_total(), 2, "{table}");
+        let hints = r.hints();
+        assert_eq!(hints.len(), 1, "{table}");
+        assert!(
+            hints[0].starts_with("2 streams refused with 401: relay-load sent no credential"),
+            "{table}"
+        );
+    }
+    // With a credential, a 401 is still said to be the wrong one.
+    let opts = LoadOptions {
+        target: Target::direct(fake.addr()),
+        credentials: Credentials::Fixed("not-the-key".to_string()),
+        streams: 1,
+        ramp_per_sec: 0.0,
+        stream_seconds: 1.0,
+        pace: Pace::Flood,
+        duration: Duration::from_secs(30),
+        threads: 1,
+        progress: false,
+        ..LoadOptions::default()
+    };
+    let r = relay_load::run(&opts).expect("load runs");
+    assert!(
+        r.hints()
+            .iter()
+            .any(|h| h.contains("the credentials are not the relay's")),
+        "{}",
+        r.table()
+    );
+}

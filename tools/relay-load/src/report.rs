@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use hdrhistogram::Histogram;
 
-use super::{Counters, LoadOptions, Mode};
+use super::{AuthVia, Counters, Credentials, LoadOptions, Mode};
 
 /// The outcome of a run. Latencies are in microseconds.
 #[derive(Debug, Clone)]
@@ -62,6 +62,9 @@ pub struct LoadReport {
     /// Connect time: TCP + upgrade + auth + first result, µs (idle mode:
     /// until the upgrade answer).
     pub connect: Histogram<u64>,
+    /// Whether the streams went out with no credential (`--auth none`, or
+    /// none of `--relay-config`, `--tokens`, `--key`): a 401 then says so.
+    pub no_credential: bool,
 }
 
 impl LoadReport {
@@ -98,6 +101,12 @@ impl LoadReport {
             cycles_per_sec: c.ok as f64 / secs,
             rtt,
             connect,
+            no_credential: opts.auth == AuthVia::None
+                || match &opts.credentials {
+                    Credentials::None => true,
+                    Credentials::List(l) => l.is_empty(),
+                    Credentials::Fixed(_) | Credentials::Mint(..) => false,
+                },
         }
     }
 
@@ -151,7 +160,13 @@ impl LoadReport {
             ));
         }
         let auth = by(&["http 401", "error 401"]);
-        if auth > 0 {
+        if auth > 0 && self.no_credential {
+            h.push(format!(
+                "{auth} streams refused with 401: relay-load sent no credential (--auth none, or \
+                 none of --relay-config, --tokens or --key given); against a relay, give \
+                 --relay-config with its config file"
+            ));
+        } else if auth > 0 {
             let said: Vec<(&str, u64)> = self
                 .refusal_reasons
                 .iter()
