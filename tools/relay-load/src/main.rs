@@ -46,7 +46,7 @@ struct Args {
     #[arg(short = 'n', long, default_value_t = 10)]
     streams: usize,
     /// Streams opened per second (0 = all at once).
-    #[arg(long, default_value_t = 500.0)]
+    #[arg(long, default_value_t = 500.0, value_parser = ramp_rate)]
     ramp: f64,
     /// Seconds of audio per stream (wall time is this divided by the pace).
     #[arg(long, default_value_t = 10.0, value_parser = positive_seconds)]
@@ -110,6 +110,16 @@ fn positive_seconds(s: &str) -> Result<f64, String> {
         Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
         _ => Err(format!(
             "{s:?} is not a length: a number of seconds above 0, such as 10 or 0.5"
+        )),
+    }
+}
+
+/// A ramp: streams opened per second, 0 (all at once) or more.
+fn ramp_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v >= 0.0 => Ok(v),
+        _ => Err(format!(
+            "{s:?} is not a ramp: streams opened per second, 0 (all at once) or more, such as 500"
         )),
     }
 }

@@ -609,3 +609,21 @@ fn a_streams_length_is_a_positive_number_of_seconds() {
     assert_eq!(json["streams_cut"], 1, "{all}");
     assert!(json["frames_received"].as_u64() > Some(0), "{all}");
 }
+
+/// A ramp that is no rate (below 0, `nan`, not a number) is refused on
+/// the command line (exit 2), as a stream's length that is no length is.
+/// Before, `--ramp=-5` and `--ramp nan` ran, every stream opened at once
+/// as with `--ramp 0`, and the run looked like the ramp it was not.
+#[test]
+fn a_ramp_is_a_rate_of_0_or_more() {
+    for bad in ["-5", "nan", "fast"] {
+        let o = Command::new(BIN)
+            .arg(format!("--ramp={bad}"))
+            .args(["--target", "127.0.0.1:9", "-n", "1", "-q"])
+            .output()
+            .unwrap();
+        let all = text(&o);
+        assert_eq!(o.status.code(), Some(2), "{bad}: {all}");
+        assert!(all.contains("is not a ramp"), "{bad}: {all}");
+    }
+}
