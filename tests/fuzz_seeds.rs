@@ -65,3 +65,44 @@ fn proxy_header() {
 fn token() {
     run("token", checks::token);
 }
+
+/// `tools/fuzz.sh` refuses a wrong argument before it installs cargo-fuzz
+/// or builds anything (minutes of sanitizer builds): a `--runs` or
+/// `--seconds` that is not a whole number, one with no value, and a
+/// target that does not exist, each with a line saying why and exit 2.
+/// Before, `--runs abc mask` built every target and handed `-runs=abc` to
+/// libFuzzer, and `nosuchtarget` failed only after the whole build.
+#[test]
+fn fuzz_sh_refuses_wrong_arguments_before_it_builds() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/fuzz.sh");
+    for (args, says) in [
+        (
+            &["--runs", "abc", "mask"][..],
+            "fuzz.sh: --runs needs a whole number (got 'abc')",
+        ),
+        (
+            &["--seconds"][..],
+            "fuzz.sh: --seconds needs a whole number (got '')",
+        ),
+        (
+            &["nosuchtarget"][..],
+            "fuzz.sh: no fuzz target nosuchtarget (targets: ",
+        ),
+    ] {
+        // Bounded: the script as it was went on to build for minutes.
+        let out = std::process::Command::new("timeout")
+            .args(["--kill-after=5", "30", "bash"])
+            .arg(&script)
+            .args(args)
+            .output()
+            .expect("timeout and bash run");
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {all}");
+        assert!(all.contains(says), "{args:?}: {all}");
+        assert!(!all.contains("== building"), "{args:?} built: {all}");
+    }
+}

@@ -9,7 +9,9 @@
 # The corpus grows in fuzz/corpus/TARGET (seeded from fuzz/seeds/TARGET and
 # kept between runs); a failing input is saved in fuzz/artifacts/TARGET,
 # where `cargo test --test fuzz_seeds` replays it. Exit status 0 when no
-# target failed, 1 otherwise. Logs: fuzz/target/fuzz-logs/TARGET.log.
+# target failed, 1 otherwise, 2 for a wrong argument (an unknown option or
+# target, a --runs or --seconds that is not a whole number), said before
+# anything is built. Logs: fuzz/target/fuzz-logs/TARGET.log.
 #
 # cargo fuzz needs nightly rustc flags (-Zsanitizer, sanitizer coverage).
 # On a stable toolchain the script sets RUSTC_BOOTSTRAP=1, which lets stable
@@ -20,13 +22,23 @@ cd "$(dirname "$0")/.."
 runs=10000000
 seconds=0
 targets=()
+# A wrong argument ends the script before cargo-fuzz is installed or
+# anything is built (minutes): `--runs abc` reached libFuzzer as -runs=abc,
+# and a misspelt target failed only after every target was built.
 while [ $# -gt 0 ]; do
   case "$1" in
-    --runs) runs="$2"; shift 2 ;;
-    --seconds) seconds="$2"; shift 2 ;;
+    --runs|--seconds)
+      [[ ${2-} =~ ^[0-9]+$ ]] || { echo "fuzz.sh: $1 needs a whole number (got '${2-}')" >&2; exit 2; }
+      if [ "$1" = --runs ]; then runs=$2; else seconds=$2; fi
+      shift 2 ;;
     -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     -*) echo "unknown option $1" >&2; exit 2 ;;
-    *) targets+=("$1"); shift ;;
+    *)
+      [ -f "fuzz/fuzz_targets/$1.rs" ] || {
+        echo "fuzz.sh: no fuzz target $1 (targets: $(cd fuzz/fuzz_targets && ls -- *.rs | sed 's/\.rs$//' | xargs))" >&2
+        exit 2
+      }
+      targets+=("$1"); shift ;;
   esac
 done
 
