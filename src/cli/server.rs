@@ -572,17 +572,8 @@ impl RelayHandle {
     }
 
     fn stop_all(&mut self) {
-        // Streams still live (SIGINT, a drain whose wait ran out) are cut
-        // by this stop: each shard records the usage they carried so far,
-        // as their ends would. Nothing is waited for here: a shard handles
-        // its messages in order, so those records are in it before the
-        // admin thread's `TakeUsage` below asks for them.
-        for s in &self.shards {
-            let _ = s.tx.try_send(ShardMsg::CutUsage);
-        }
-        // The streams have ended, or are cut and recorded; their usage
-        // records are still in the shards: into the ledger (and the
-        // fleet's) first.
+        // The streams have ended (drained or not); their usage records are
+        // still in the shards: into the ledger (and the fleet's) first.
         if self.admin.is_some() {
             let (tx, rx) = std::sync::mpsc::channel();
             if self.admin_tx.try_send(AdminMsg::Flush(tx)).is_ok() {

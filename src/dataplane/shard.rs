@@ -89,10 +89,6 @@ pub enum ShardMsg {
     EndKey(String),
     /// Hand over the usage records of streams ended since the last call.
     TakeUsage(async_channel::Sender<Vec<crate::core::usage::UsageRecord>>),
-    /// The relay stops with streams still live (SIGINT, or a drain whose
-    /// wait ran out): record the usage each carried so far, as for a
-    /// stream that ended, for the next `TakeUsage`.
-    CutUsage,
     /// A new key-ring version was published: install it (if a stream open
     /// has not already, see [`Shard::catch_up_ring`]).
     Ring,
@@ -205,18 +201,6 @@ pub struct LiveStream {
     pub key: RefCell<String>,
     stop: Cell<Option<StopReason>>,
     waker: RefCell<Option<std::task::Waker>>,
-    /// Once the stream is open upstream: what it carries, for a stop that
-    /// cuts it (see [`Shard::record_cut_usage`]).
-    carried: RefCell<Option<Carried>>,
-}
-
-/// What a live stream carries: its state (its meter), the account it is
-/// on now and its reference id.
-#[derive(Debug)]
-struct Carried {
-    state: Rc<crate::dataplane::pump::StreamState>,
-    account: String,
-    reference_id: String,
 }
 
 impl LiveStream {
@@ -228,31 +212,7 @@ impl LiveStream {
             key: RefCell::new(String::new()),
             stop: Cell::new(None),
             waker: RefCell::new(None),
-            carried: RefCell::new(None),
         })
-    }
-
-    /// The stream is open upstream on `account`, its usage metered in
-    /// `state`: a stop that cuts it records that. Called again as a
-    /// failover or a resume moves it to another account.
-    pub fn carries(
-        &self,
-        state: &Rc<crate::dataplane::pump::StreamState>,
-        account: &str,
-        reference_id: &str,
-    ) {
-        let mut carried = self.carried.borrow_mut();
-        match &mut *carried {
-            Some(c) if c.account == account => {}
-            Some(c) => c.account = account.to_string(),
-            None => {
-                *carried = Some(Carried {
-                    state: state.clone(),
-                    account: account.to_string(),
-                    reference_id: reference_id.to_string(),
-                })
-            }
-        }
     }
 
     /// Asks the stream to end, for `why`; a move off a retired key never
@@ -357,38 +317,6 @@ impl Shard {
                     .map(|f| crate::dataplane::fleet_link::FleetLink::new(f.clone()))
             })
             .as_deref()
-    }
-
-    /// Records the usage of every stream still live and open upstream, as
-    /// its end would (see `StreamState::usage_records`): the audio and
-    /// bytes it carried so far, on the account it is on and the earlier
-    /// accounts' parts, for its device, with Soniox's 503 ("reconnect")
-    /// as its error, as a drain's cut stream has. For a stop that cuts
-    /// them: the ledger is saved next, and the stream's own end, if it
-    /// comes, records nothing more. Returns how many were recorded.
-    pub fn record_cut_usage(&self) -> usize {
-        let now = std::time::SystemTime::now();
-        let mut cut = 0;
-        for s in self.live.borrow().values() {
-            let Some(c) = &*s.carried.borrow() else {
-                // Still opening its first upstream connection: not
-                // counted, as a stream that never reached upstream.
-                continue;
-            };
-            let records = c.state.usage_records(
-                now,
-                &c.account,
-                &s.device,
-                c.reference_id.clone(),
-                Some(503),
-                c.state.billed(),
-            );
-            if !records.is_empty() {
-                cut += 1;
-                self.usage.borrow_mut().extend(records);
-            }
-        }
-        cut
     }
 
     /// Installs the ring version last published, with its accounts'
@@ -590,16 +518,6 @@ pub fn start(index: usize, setup: ShardSetup) -> std::io::Result<ShardHandle> {
                         }
                         ShardMsg::Ping(reply) => {
                             let _ = reply.send(format!("shard {index}"));
-                        }
-                        ShardMsg::CutUsage => {
-                            let cut = shard.record_cut_usage();
-                            if cut > 0 {
-                                tracing::info!(
-                                    shard = index,
-                                    streams = cut,
-                                    "stop: streams cut; the usage they carried so far is recorded"
-                                );
-                            }
                         }
                         ShardMsg::Stop => break,
                     }

@@ -81,75 +81,6 @@ impl StreamState {
         self.last_activity.set(Instant::now());
     }
 
-    /// Whether upstream billed the stream: a connection accepted it, or
-    /// the last one answered with no error (a refused stream counts no
-    /// audio).
-    pub fn billed(&self) -> bool {
-        self.down.ever_accepted.get() || self.down.first_error.get().is_none()
-    }
-
-    /// The stream's usage records, once: its own, on `account` (the
-    /// account it is on) for `device`, and one `part` for each earlier
-    /// account a resume moved it from. Settles the device's daily audio
-    /// (none when `billed` is false: upstream refused the stream). Empty
-    /// if they were taken already: the stream's end and a stop that cut
-    /// it (`Shard::record_cut_usage`) count it once between them.
-    pub fn usage_records(
-        &self,
-        now: std::time::SystemTime,
-        account: &str,
-        device: &str,
-        reference_id: String,
-        error: Option<u16>,
-        billed: bool,
-    ) -> Vec<UsageRecord> {
-        if self.meter.recorded.replace(true) {
-            return Vec::new();
-        }
-        let metered = self.meter.settle(now, billed);
-        // The parts earlier accounts carried, after a resume moved the
-        // stream (the last account's own earlier part stays in its record).
-        let parts: Vec<_> = self
-            .meter
-            .take_parts()
-            .into_iter()
-            .filter(|p| p.account != account)
-            .collect();
-        let mut records = Vec::with_capacity(parts.len() + 1);
-        let (mut ms, mut up_bytes, mut down_bytes) = (0, 0, 0);
-        for p in parts {
-            ms += p.audio_ms;
-            up_bytes += p.bytes_up;
-            down_bytes += p.bytes_down;
-            records.push(UsageRecord {
-                account: p.account,
-                device: device.to_string(),
-                reference_id: reference_id.clone(),
-                audio_ms_relay: p.audio_ms,
-                audio_ms_upstream: Some(p.audio_ms),
-                bytes_up: p.bytes_up,
-                bytes_down: p.bytes_down,
-                error: None,
-                part: true,
-                ..metered.clone()
-            });
-        }
-        records.push(UsageRecord {
-            account: account.to_string(),
-            device: device.to_string(),
-            reference_id,
-            error: error.or(metered.error),
-            // Upstream's figure is on the stream's timeline: the earlier
-            // accounts' parts are in it.
-            audio_ms_relay: metered.audio_ms_relay.saturating_sub(ms),
-            audio_ms_upstream: metered.audio_ms_upstream.map(|u| u.saturating_sub(ms)),
-            bytes_up: metered.bytes_up.saturating_sub(up_bytes),
-            bytes_down: metered.bytes_down.saturating_sub(down_bytes),
-            ..metered
-        });
-        records
-    }
-
     /// Looks at a whole upstream text message for `<fin>` and for the
     /// figures usage needs: `total_audio_proc_ms` of `finished`, and an
     /// `error_code`. A byte search first, so ordinary results cost almost
@@ -513,8 +444,6 @@ pub struct Meter {
     parts: RefCell<Vec<Part>>,
     /// The audio milliseconds, bytes up and bytes down those parts hold.
     parted: Cell<(u64, u64, u64)>,
-    /// The stream's usage is recorded (see [`StreamState::usage_records`]).
-    recorded: Cell<bool>,
 }
 
 /// What one account's connections carried of a stream that a resume moved

@@ -35,6 +35,7 @@ use crate::core::devices::Limit;
 use crate::core::keyring::Lease;
 use crate::core::metrics::{ShardMetrics, Side};
 use crate::core::token::Claims;
+use crate::core::usage::UsageRecord;
 use crate::dataplane::buf::Buf;
 use crate::dataplane::io::{timeout, Duplex};
 use crate::dataplane::pump::{self, ClientSide, End, Link, StreamCx, StreamState};
@@ -132,9 +133,7 @@ impl Stream {
             // the same accounts again after failures that were not theirs:
             // up to `failover.max_resumes` at open in all.
             let mut same_account_retries = 0u32;
-            // Shared with the shard's registry of live streams once the
-            // stream is open: a stop that cuts it records its usage so far.
-            let state = Rc::new(StreamState::new(Instant::now()));
+            let state = StreamState::new(Instant::now());
             // With the token on the request, connect upstream while the client
             // prepares its config message; otherwise authenticate first. Either
             // way the device's limits are checked before upstream is touched.
@@ -280,8 +279,6 @@ impl Stream {
             let mut last_code = 0u16;
             let end = loop {
                 *live.stream.key.borrow_mut() = up.lease.key.fingerprint.clone();
-                live.stream
-                    .carries(&state, &up.lease.account.id, &reference_id);
                 // A key retired while the stream was opening on it (the
                 // shard's request went to no one) is left as soon as it
                 // flows; one retired while the stream was already moving
@@ -444,7 +441,8 @@ impl Stream {
                 // Upstream's first answer an error (a refusal, a bad
                 // config) and no connection that accepted the stream:
                 // none of its audio was billed.
-                let billed = state.billed();
+                let billed =
+                    state.down.ever_accepted.get() || state.down.first_error.get().is_none();
                 self.record_usage(&up, claims, reference_id, &state, error, billed);
                 let resume_copy_peak = state
                     .resume
@@ -463,10 +461,9 @@ impl Stream {
         }
     }
 
-    /// Writes the stream's usage records for the admin thread to collect
-    /// (unless a stop that cut the stream wrote them already), and
-    /// settles the device's daily audio with the final figure (none for
-    /// a stream upstream refused: `billed` false).
+    /// Writes the stream's usage record for the admin thread to collect,
+    /// and settles the device's daily audio with the final figure (none
+    /// for a stream upstream refused: `billed` false).
     fn record_usage(
         &self,
         up: &Upstream,
@@ -476,15 +473,48 @@ impl Stream {
         error: Option<u16>,
         billed: bool,
     ) {
-        let records = state.usage_records(
-            SystemTime::now(),
-            &up.lease.account.id,
-            &claims.device_id,
+        let metered = state.meter.settle(SystemTime::now(), billed);
+        let account = &up.lease.account.id;
+        // The parts earlier accounts carried, after a resume moved the
+        // stream (the last account's own earlier part stays in its record).
+        let parts: Vec<_> = state
+            .meter
+            .take_parts()
+            .into_iter()
+            .filter(|p| &p.account != account)
+            .collect();
+        let mut usage = self.shard.usage.borrow_mut();
+        let (mut ms, mut up_bytes, mut down_bytes) = (0, 0, 0);
+        for p in parts {
+            ms += p.audio_ms;
+            up_bytes += p.bytes_up;
+            down_bytes += p.bytes_down;
+            usage.push(UsageRecord {
+                account: p.account,
+                device: claims.device_id.clone(),
+                reference_id: reference_id.clone(),
+                audio_ms_relay: p.audio_ms,
+                audio_ms_upstream: Some(p.audio_ms),
+                bytes_up: p.bytes_up,
+                bytes_down: p.bytes_down,
+                error: None,
+                part: true,
+                ..metered.clone()
+            });
+        }
+        usage.push(UsageRecord {
+            account: account.clone(),
+            device: claims.device_id.clone(),
             reference_id,
-            error,
-            billed,
-        );
-        self.shard.usage.borrow_mut().extend(records);
+            error: error.or(metered.error),
+            // Upstream's figure is on the stream's timeline: the earlier
+            // accounts' parts are in it.
+            audio_ms_relay: metered.audio_ms_relay.saturating_sub(ms),
+            audio_ms_upstream: metered.audio_ms_upstream.map(|u| u.saturating_sub(ms)),
+            bytes_up: metered.bytes_up.saturating_sub(up_bytes),
+            bytes_down: metered.bytes_down.saturating_sub(down_bytes),
+            ..metered
+        });
     }
 
     /// Whether the stream can resume on a new upstream connection now: a
