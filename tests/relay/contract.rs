@@ -10,27 +10,15 @@ use tungstenite::protocol::frame::coding::{Data, OpCode};
 use tungstenite::protocol::frame::Frame;
 use tungstenite::Message;
 
+use crate::streaming::{closed_sessions, relay_for};
 use crate::util::*;
 
 const LIMIT: Duration = Duration::from_secs(10);
-
-fn relay_for(fake: &fake_soniox::FakeSoniox) -> Relay {
-    Relay::start(relay_config(&fake.url(), &[("acct-a", "key-a")]))
-}
 
 /// A text data frame of a fragmented message, its FIN bit as given.
 fn text_fragment(payload: &[u8], first: bool, fin: bool) -> Message {
     let op = OpCode::Data(if first { Data::Text } else { Data::Continue });
     Message::Frame(Frame::message(payload.to_vec(), op, fin))
-}
-
-fn closed_sessions(fake: &fake_soniox::FakeSoniox, n: usize) -> Vec<fake_soniox::SessionRecord> {
-    assert!(
-        fake.wait_for(LIMIT, |s| s.len() == n && s.iter().all(|r| r.closed)),
-        "fake sessions: {:?}",
-        fake.sessions()
-    );
-    fake.sessions()
 }
 
 #[test]

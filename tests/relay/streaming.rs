@@ -9,12 +9,16 @@ use crate::util::*;
 
 const LIMIT: Duration = Duration::from_secs(10);
 
-fn relay_for(fake: &fake_soniox::FakeSoniox) -> Relay {
+/// A relay with one account, `acct-a` with `key-a`, in front of `fake`.
+pub(crate) fn relay_for(fake: &fake_soniox::FakeSoniox) -> Relay {
     Relay::start(relay_config(&fake.url(), &[("acct-a", "key-a")]))
 }
 
 /// Waits until the fake saw `n` sessions, all closed, and returns them.
-fn closed_sessions(fake: &fake_soniox::FakeSoniox, n: usize) -> Vec<fake_soniox::SessionRecord> {
+pub(crate) fn closed_sessions(
+    fake: &fake_soniox::FakeSoniox,
+    n: usize,
+) -> Vec<fake_soniox::SessionRecord> {
     assert!(
         fake.wait_for(LIMIT, |s| s.len() == n && s.iter().all(|r| r.closed)),
         "fake sessions: {:?}",
