@@ -465,6 +465,25 @@ fn lines_until(
     lines
 }
 
+/// Starts `clio-relay run --config CONFIG`, reads its log until a line
+/// `until` takes (at most 20 s), kills it and returns the lines read.
+fn start_logs_until(config: &str, until: impl Fn(&str) -> bool) -> Vec<String> {
+    let mut relay = Command::new(RELAY)
+        .args(["run", "--config", config])
+        .envs(RELAY_ENV)
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_FDS")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = stderr_lines(&mut relay);
+    let lines = lines_until(&log, until, std::time::Duration::from_secs(20));
+    let _ = relay.kill();
+    let _ = relay.wait();
+    lines
+}
+
 /// The warning that `server.max_streams` is more than the enabled
 /// accounts carry counted only the config file's accounts, at the start
 /// and at each reload too: a relay whose key store added an account with
@@ -653,23 +672,7 @@ fn an_admin_port_on_a_public_address_is_warned_about() {
     }
     // The start logs it too.
     let (config, _) = check("0.0.0.0:0", None);
-    let mut relay = Command::new(RELAY)
-        .args(["run", "--config", &config])
-        .envs(RELAY_ENV)
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("LISTEN_FDS")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let log = stderr_lines(&mut relay);
-    let lines = lines_until(
-        &log,
-        |l| l.contains("clio-relay listening"),
-        std::time::Duration::from_secs(20),
-    );
-    let _ = relay.kill();
-    let _ = relay.wait();
+    let lines = start_logs_until(&config, |l| l.contains("clio-relay listening"));
     assert!(
         lines
             .iter()
@@ -767,23 +770,9 @@ fn a_port_another_program_holds_says_how_to_find_it() {
 fn without_a_key_store_the_max_streams_warning_has_no_store_note() {
     let dir = std::env::temp_dir().join(format!("clio-relay-no-store-{}", std::process::id()));
     let config = relay_config(&dir, "127.0.0.1:0", "127.0.0.1:0");
-    let mut relay = Command::new(RELAY)
-        .args(["run", "--config", &config])
-        .envs(RELAY_ENV)
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("LISTEN_FDS")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let log = stderr_lines(&mut relay);
-    let lines = lines_until(
-        &log,
-        |l| l.contains("server.max_streams: 9000 is more than"),
-        std::time::Duration::from_secs(20),
-    );
-    let _ = relay.kill();
-    let _ = relay.wait();
+    let lines = start_logs_until(&config, |l| {
+        l.contains("server.max_streams: 9000 is more than")
+    });
     let w: Vec<&String> = lines
         .iter()
         .filter(|l| l.contains("server.max_streams: 9000 is more than"))
