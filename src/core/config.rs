@@ -601,6 +601,27 @@ impl Config {
                  (e.g. [\"10.0.0.0/8\"])"
             ));
         }
+        // `10.1.2.3/8` is all of 10.0.0.0/8: most likely one address was
+        // meant.
+        let lists = [
+            ("server.allow", &self.server.allow),
+            ("admin.allow", &self.admin.allow),
+            (
+                "server.proxy_protocol_from",
+                &self.server.proxy_protocol_from,
+            ),
+        ];
+        for (key, list) in lists {
+            for net in list.iter().filter(|n| n.addr() != n.network()) {
+                w.push(format!(
+                    "{key}: {net} has host bits set, so it stands for all of {}; write {} \
+                     for that one address, or {} for the network",
+                    net.trunc(),
+                    ipnet::IpNet::from(net.addr()),
+                    net.trunc()
+                ));
+            }
+        }
         for net in &self.server.proxy_protocol_from {
             if net.prefix_len() == 0 {
                 w.push(format!(

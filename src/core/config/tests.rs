@@ -234,6 +234,41 @@ fn proxy_protocol_from_is_a_list_of_networks() {
     );
 }
 
+/// A network written with host bits (`10.1.2.3/8`) is all of its
+/// network: each list of networks warns of one, naming the one address
+/// and the network it could have meant; a network or an address alone
+/// is not warned about.
+#[test]
+fn a_network_with_host_bits_is_warned_about() {
+    let c = Config::from_toml_str(
+        &minimal(
+            "HOSTBITS",
+            "[server]\nallow = [\"10.1.2.3/8\", \"10.0.0.0/8\", \"192.168.1.7\"]\n\
+             proxy_protocol_from = [\"fd00::7/64\"]\n[admin]\nallow = [\"172.16.5.1/12\"]\n",
+        ),
+        Path::new("."),
+    )
+    .unwrap();
+    let w: Vec<_> = c
+        .warnings()
+        .into_iter()
+        .filter(|w| w.contains("host bits"))
+        .collect();
+    assert_eq!(w.len(), 3, "{w:?}");
+    assert_eq!(
+        w[0],
+        "server.allow: 10.1.2.3/8 has host bits set, so it stands for all of 10.0.0.0/8; \
+         write 10.1.2.3/32 for that one address, or 10.0.0.0/8 for the network"
+    );
+    assert!(
+        w[1].starts_with(
+            "admin.allow: 172.16.5.1/12 has host bits set, so it stands for all of 172.16.0.0/12"
+        ),
+        "{w:?}"
+    );
+    assert!(w[2].starts_with("server.proxy_protocol_from: fd00::7/64 has host bits set, so it stands for all of fd00::/64; write fd00::7/128"), "{w:?}");
+}
+
 #[test]
 fn defaults() {
     let c = Config::from_toml_str(&minimal("DEF", ""), Path::new(".")).unwrap();
