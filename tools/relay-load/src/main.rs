@@ -43,7 +43,7 @@ struct Args {
     #[arg(long, default_value = "header")]
     auth: AuthVia,
     /// Concurrent streams.
-    #[arg(short = 'n', long, default_value_t = 10)]
+    #[arg(short = 'n', long, default_value_t = 10, value_parser = at_least_one::<usize>)]
     streams: usize,
     /// Streams opened per second (0 = all at once).
     #[arg(long, default_value_t = 500.0, value_parser = ramp_rate)]
@@ -55,10 +55,10 @@ struct Args {
     #[arg(long, default_value = "realtime")]
     pace: Pace,
     /// Audio frame length in ms (100 ms = 3,200 bytes of 16 kHz s16le mono).
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, value_parser = at_least_one::<u32>)]
     frame_ms: u32,
     /// Sample rate of the s16le mono audio.
-    #[arg(long, default_value_t = 16_000)]
+    #[arg(long, default_value_t = 16_000, value_parser = at_least_one::<u32>)]
     sample_rate: u32,
     /// Hard cap on the whole run; what still runs then is cut.
     /// [default: ramp + one stream + --timeout; idle 60s; churn 10s]
@@ -121,6 +121,18 @@ fn ramp_rate(s: &str) -> Result<f64, String> {
         _ => Err(format!(
             "{s:?} is not a ramp: streams opened per second, 0 (all at once) or more, such as 500"
         )),
+    }
+}
+
+/// A count that must be 1 or more (`-n`, `--frame-ms`, `--sample-rate`):
+/// 0 is refused on the command line (exit 2), as other bad values are.
+fn at_least_one<T>(s: &str) -> Result<T, String>
+where
+    T: std::str::FromStr + PartialOrd + From<u8>,
+{
+    match s.parse::<T>() {
+        Ok(v) if v >= T::from(1) => Ok(v),
+        _ => Err(format!("{s:?} is not a whole number of 1 or more")),
     }
 }
 
