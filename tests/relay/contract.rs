@@ -192,8 +192,8 @@ fn a_close_with_no_code_mid_stream_is_answered_and_reaches_upstream() {
     assert_eq!(s.audio, frames.concat());
 }
 
-#[test]
-fn a_device_at_its_limit_reconnects_at_once_after_its_stream_ends() {
+/// fake-soniox and a relay whose devices may have one stream at a time.
+fn one_stream_a_device() -> (fake_soniox::FakeSoniox, Relay) {
     let fake = fake(&["key-a"], |_| {});
     let mut cfg = relay_config(&fake.url(), &[("acct-a", "key-a")]);
     cfg.devices.default = DeviceLimits {
@@ -201,6 +201,12 @@ fn a_device_at_its_limit_reconnects_at_once_after_its_stream_ends() {
         ..Default::default()
     };
     let relay = Relay::start(cfg);
+    (fake, relay)
+}
+
+#[test]
+fn a_device_at_its_limit_reconnects_at_once_after_its_stream_ends() {
+    let (_fake, relay) = one_stream_a_device();
     let token = relay.token("one");
     for round in 0..20 {
         let (mut ws, _) = connect(relay.addr(), &token, Via::Header).unwrap();
@@ -212,13 +218,7 @@ fn a_device_at_its_limit_reconnects_at_once_after_its_stream_ends() {
 
 #[test]
 fn a_device_at_its_limit_reconnects_at_once_after_it_closes_mid_stream() {
-    let fake = fake(&["key-a"], |_| {});
-    let mut cfg = relay_config(&fake.url(), &[("acct-a", "key-a")]);
-    cfg.devices.default = DeviceLimits {
-        max_concurrent_streams: 1,
-        ..Default::default()
-    };
-    let relay = Relay::start(cfg);
+    let (fake, relay) = one_stream_a_device();
     let token = relay.token("one");
     for round in 0..10 {
         let (mut ws, _) = connect(relay.addr(), &token, Via::Header).unwrap();
