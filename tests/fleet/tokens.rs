@@ -72,7 +72,13 @@ fn token(relay: &Relay, id: &str, issued: u64, ttl: u64) -> String {
 /// streams; any other refusal fails the test).
 fn revoked(relay: &Relay, token: &str) -> bool {
     let (mut ws, _) = connect(relay.addr(), token, Via::Header).unwrap();
-    let got = stream_session(&mut ws, &config_message(None), &audio_frames(1, 1));
+    refused_as_revoked(&mut ws)
+}
+
+/// Whether a stream on `ws` is refused as revoked (one that streams: no;
+/// any other refusal fails the test).
+fn refused_as_revoked(ws: &mut Ws) -> bool {
+    let got = stream_session(ws, &config_message(None), &audio_frames(1, 1));
     if got.finished() {
         return false;
     }
@@ -80,6 +86,30 @@ fn revoked(relay: &Relay, token: &str) -> bool {
     let message = got.messages[0]["error_message"].as_str().unwrap_or("");
     assert!(message.contains("revoked"), "{got:?}");
     true
+}
+
+/// Whether `relay` refuses `token`, valid until `exp` (Unix seconds),
+/// as revoked. A refusal as expired counts too, but only once `exp` has
+/// passed on this clock: a loop that checked the time just before `exp`
+/// can reach the relay just after it on a slow host (the relay refuses
+/// at `now >= exp`, so an earlier "expired" still fails the test).
+fn revoked_until(relay: &Relay, token: &str, exp: u64) -> bool {
+    let mut ws = match connect(relay.addr(), token, Via::Header) {
+        Ok((ws, _)) => ws,
+        Err(tungstenite::Error::Http(response)) => {
+            let body = String::from_utf8_lossy(response.body().as_deref().unwrap_or(&[]));
+            assert_eq!(response.status(), 401, "{body}");
+            assert!(body.contains("expired"), "{body}");
+            let now = now_ms();
+            assert!(
+                now >= exp * 1000,
+                "refused as expired at {now} ms, before {exp} s"
+            );
+            return true;
+        }
+        Err(e) => panic!("{e}"),
+    };
+    refused_as_revoked(&mut ws)
 }
 
 fn list(relay: &Relay) -> serde_json::Value {
@@ -162,9 +192,15 @@ fn a_token_id_revocation_expires_fleet_wide_after_the_longest_lifetime() {
     // Refused on both for as long as either could take a token with it.
     while now_ms() / 1000 < issued + 4 {
         if now_ms() / 1000 < issued + 2 {
-            assert!(revoked(&short, &on_short), "a revoked token id streamed");
+            assert!(
+                revoked_until(&short, &on_short, issued + 2),
+                "a revoked token id streamed"
+            );
         }
-        assert!(revoked(&long, &on_long), "a revoked token id streamed");
+        assert!(
+            revoked_until(&long, &on_long, issued + 4),
+            "a revoked token id streamed"
+        );
         std::thread::sleep(Duration::from_millis(250));
     }
     // Then it goes from Redis and from both nodes, not before 5 s.
