@@ -1335,3 +1335,32 @@ fn a_tls_peer_cannot_fill_the_log_through_rustls() {
         from_rustls.len()
     );
 }
+
+/// A locked-memory limit under glommio's minimum (64 KiB was Docker's
+/// default for years) stopped the start with "shard thread ended before
+/// listening" (`run`) or "fake-soniox shard died while starting" (`demo`):
+/// no cause, nothing to change. Both now name the limit, its value, what
+/// the relay needs and where to raise it, and exit 1.
+#[test]
+fn a_locked_memory_limit_too_low_names_it_and_how_to_raise_it() {
+    let dir = std::env::temp_dir().join(format!("clio-relay-memlock-{}", std::process::id()));
+    let config = relay_config(&dir, "127.0.0.1:0", "127.0.0.1:0");
+    for args in [vec!["run", "--config", config.as_str()], vec!["demo"]] {
+        let o = Command::new("sh")
+            .args(["-c", "ulimit -l 64 && exec \"$0\" \"$@\""])
+            .arg(RELAY)
+            .args(&args)
+            .envs(RELAY_ENV)
+            .output()
+            .unwrap();
+        let t = text(&o);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {t}");
+        assert!(
+            t.contains("io_uring could not be set up")
+                && t.contains("(`ulimit -l`) is 64 KiB: glommio needs at least 512 KiB")
+                && t.contains("LimitMEMLOCK=64M"),
+            "{args:?}: {t}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

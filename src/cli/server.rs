@@ -142,6 +142,7 @@ pub fn start_joining(
 ) -> std::io::Result<RelayHandle> {
     use crate::dataplane::listen::{check_free, in_use};
     huge_pages_off();
+    crate::dataplane::uring::check_locked_memory()?;
     // Before anything starts: a port in use is a second relay by mistake.
     if sockets.client.is_none() && !join_client_port {
         let addr = cfg.server.listen;

@@ -394,7 +394,7 @@ pub fn start(index: usize, setup: ShardSetup) -> std::io::Result<ShardHandle> {
         let plane = match crate::dataplane::uring::Plane::new(waiting) {
             Ok(p) => p,
             Err(e) => {
-                let _ = ready_tx.send(Err(e));
+                let _ = ready_tx.send(Err(crate::dataplane::uring::setup_failed(e)));
                 return;
             }
         };
@@ -575,8 +575,16 @@ pub fn start(index: usize, setup: ShardSetup) -> std::io::Result<ShardHandle> {
         plane.all_closed().await;
         plane_stop.set(true);
     })?;
-    let addr = ready_rx
-        .recv()
-        .map_err(|_| std::io::Error::other("shard thread ended before listening"))??;
+    let addr = match ready_rx.recv() {
+        Ok(answer) => answer?,
+        // The executor did not start (its io_uring, most often): the
+        // thread's result says why.
+        Err(_) => {
+            return Err(crate::dataplane::uring::executor_failed(
+                "shard",
+                join.join(),
+            ))
+        }
+    };
     Ok(ShardHandle { addr, tx, join })
 }

@@ -607,9 +607,15 @@ pub fn start(setup: AdminSetup) -> std::io::Result<AdminHandle> {
         .name("clio-admin")
         .io_memory(IO_MEMORY)
         .spawn(move || run(setup, ready_tx, stop_rx))?;
-    let addr = ready_rx
-        .recv()
-        .map_err(|_| std::io::Error::other("admin thread ended before listening"))??;
+    let addr = match ready_rx.recv() {
+        Ok(answer) => answer?,
+        Err(_) => {
+            return Err(crate::dataplane::uring::executor_failed(
+                "admin",
+                join.join(),
+            ))
+        }
+    };
     Ok(AdminHandle {
         addr,
         stop: stop_tx,

@@ -48,11 +48,16 @@
 //! only when they change, and completions are dispatched in place.
 
 mod closing;
+mod setup;
 mod socket;
 #[cfg(test)]
 mod tests;
 
 pub use closing::{CloseReply, CLOSE_LIMIT, DISCARD_LIMIT};
+pub use setup::{
+    check_locked_memory, executor_failed, setup_failed, GLOMMIO_MIN_LOCKED_MEMORY,
+    PINNED_PER_EXECUTOR,
+};
 pub use socket::{RingListener, RingSocket};
 
 use std::cell::{Cell, RefCell};
