@@ -71,8 +71,8 @@ fn locked_memory(cause: &dyn std::fmt::Display) -> String {
     };
     format!(
         "io_uring could not be set up: {cause}. The locked-memory limit \
-         (`ulimit -l`) is {limit}: glommio needs at least {} KiB, and the relay pins \
-         about {} KiB for its admin thread and as much for each shard, which a \
+         (`ulimit -l`) is {limit}: glommio needs at least {} KiB, and clio-relay \
+         pins about {} KiB for its admin thread and as much for each shard, which a \
          process without CAP_IPC_LOCK counts against it together with its user's \
          other processes. Raise it: LimitMEMLOCK=64M in a systemd unit (the shipped \
          one has it), `ulimit -l 65536` in a shell, `--ulimit memlock=67108864` for \

@@ -71,12 +71,12 @@ pub(crate) fn spawn_shard(
             let _ = handle.join();
             Err(e)
         }
-        Err(_) => {
-            let _ = handle.join();
-            Err(std::io::Error::other(
-                "fake-soniox shard died while starting",
-            ))
-        }
+        // The executor did not start: the thread's result says why (a
+        // locked-memory limit under glommio's 512 KiB, most often).
+        Err(_) => Err(match handle.join() {
+            Err(e) => std::io::Error::other(format!("fake-soniox shard did not start: {e}")),
+            Ok(()) => std::io::Error::other("fake-soniox shard died while starting"),
+        }),
     }
 }
 

@@ -371,6 +371,8 @@ pub fn raise_nofile_limit() -> u64 {
 /// Runs the load described by `opts` and returns what happened. Returns an
 /// error only when the run cannot start (bad options, no executor).
 pub fn run(opts: &LoadOptions) -> std::io::Result<LoadReport> {
+    // Its executors are glommio's, as the relay's are: the same limit.
+    clio_relay::dataplane::uring::check_locked_memory()?;
     if opts.streams == 0 {
         return Err(std::io::Error::other("no streams asked for"));
     }

@@ -648,3 +648,23 @@ fn a_count_of_zero_is_a_bad_argument() {
         );
     }
 }
+
+/// A locked-memory limit under glommio's minimum ended a run with
+/// "load executor failed: IO error occurred: MemLockLimit(65536/524288)";
+/// it now says which limit, what is needed and where to raise it.
+#[test]
+fn a_locked_memory_limit_too_low_is_named() {
+    let o = Command::new("sh")
+        .args(["-c", "ulimit -l 64 && exec \"$0\" \"$@\""])
+        .arg(BIN)
+        .args(["--url", "ws://127.0.0.1:9/x", "-n", "1", "--duration", "1s"])
+        .output()
+        .unwrap();
+    let all = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{all}");
+    assert!(
+        all.contains("(`ulimit -l`) is 64 KiB: glommio needs at least 512 KiB")
+            && all.contains("`ulimit -l 65536` in a shell"),
+        "{all}"
+    );
+}
