@@ -1,7 +1,8 @@
 //! `tools/head-to-head.sh` beside another engineer's run: in a private
 //! network namespace (`unshare -n`), with another process on the port the
 //! script used to take for fake-soniox (17300). The direct path's churn on
-//! the debug binaries (`H2H_BIN`), no perf, no nginx or node.
+//! the debug binaries (`H2H_BIN`), no perf, no nginx or node; and the
+//! run's summary line, which the script reads from relay-load's JSON.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -62,5 +63,15 @@ fn head_to_head_runs_beside_another_on_its_old_ports() {
     assert!(
         json["streams_ok"].as_u64() > Some(0),
         "no churn cycle measured: {json}\n{all}"
+    );
+    // The run's one-line summary, read from relay-load's JSON: a churn
+    // run's has cycles/s, and no idle streams held (an idle run's measure).
+    let summary = all
+        .lines()
+        .find(|l| l.starts_with("  frames/s "))
+        .unwrap_or_else(|| panic!("no summary line of the run: {all}"));
+    assert!(
+        summary.contains(" cycles/s ") && !summary.contains("held"),
+        "{summary}"
     );
 }

@@ -447,7 +447,7 @@ pub fn run(opts: &LoadOptions) -> std::io::Result<LoadReport> {
     let mut done: Vec<Option<Final>> = vec![None; threads];
     let mut printed = 0u64;
     let mut last_frames = 0u64;
-    let mut progress = report::Progress::new(opts.progress);
+    let mut progress = report::Progress::new(opts.progress, opts.mode);
     loop {
         match rx.recv() {
             Ok(Msg::Progress(t, tick, c, h)) => {

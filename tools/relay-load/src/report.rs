@@ -49,13 +49,16 @@ pub struct LoadReport {
     pub bytes_sent: u64,
     /// Bytes read from the sockets.
     pub bytes_received: u64,
-    /// Idle mode: streams still open when the hold ended.
+    /// Idle mode: streams still open when the hold ended (0 in the other
+    /// modes, where the table and JSON leave it out).
     pub idle_held: u64,
     /// Wall time of the run.
     pub elapsed: Duration,
     /// Echoed frames received per second of the run.
     pub frames_per_sec: f64,
-    /// Churn mode: complete cycles (streams ended in order) per second.
+    /// Churn mode: complete cycles (streams ended in order) per second. The
+    /// other modes' table and JSON leave it out: a stream's length, not
+    /// the target, sets it there.
     pub cycles_per_sec: f64,
     /// Round trip of each echoed frame (sent to its result read), µs.
     pub rtt: Histogram<u64>,
@@ -243,7 +246,17 @@ impl LoadReport {
         h
     }
 
-    /// The end-of-run table.
+    /// Whether the run's streams sent audio (stream and churn modes): only
+    /// then do the frame counts, `lost`, `duplicated`, `reordered`,
+    /// `unexpected`, `frames_per_sec` and `rtt` measure anything. An idle
+    /// stream sends its config and keepalives only.
+    pub fn sends_audio(&self) -> bool {
+        self.mode != "idle"
+    }
+
+    /// The end-of-run table: the measures of the run's mode only (see
+    /// [`LoadReport::sends_audio`]; `cycles/s` in churn mode, `idle streams
+    /// held` in idle mode).
     pub fn table(&self) -> String {
         let mut s = String::new();
         let _ = writeln!(
@@ -251,7 +264,12 @@ impl LoadReport {
             "{:<10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
             "latency", "p50", "p90", "p99", "p99.9", "max", "count"
         );
-        for (name, h) in [("connect", &self.connect), ("rtt", &self.rtt)] {
+        let latencies: &[(&str, &Histogram<u64>)] = if self.sends_audio() {
+            &[("connect", &self.connect), ("rtt", &self.rtt)]
+        } else {
+            &[("connect", &self.connect)]
+        };
+        for &(name, h) in latencies {
             let q = |q: f64| ms(h.value_at_quantile(q));
             let _ = writeln!(
                 s,
@@ -277,34 +295,38 @@ impl LoadReport {
                 .collect();
             format!("{} ({})", self.failed_total(), parts.join(", "))
         };
-        let rows: Vec<(&str, String)> = vec![
+        let mut rows: Vec<(&str, String)> = vec![
             ("mode", self.mode.to_string()),
             ("elapsed", format!("{:.1} s", self.elapsed.as_secs_f64())),
             ("streams started", self.streams_started.to_string()),
             ("streams ok", self.streams_ok.to_string()),
             ("streams failed", failed),
             ("streams cut", self.streams_cut.to_string()),
-            ("frames sent", self.frames_sent.to_string()),
-            ("frames received", self.frames_received.to_string()),
-            ("lost", self.lost.to_string()),
-            ("duplicated", self.duplicated.to_string()),
-            ("reordered", self.reordered.to_string()),
-            ("unexpected tokens", self.unexpected.to_string()),
+        ];
+        if self.sends_audio() {
+            rows.extend([
+                ("frames sent", self.frames_sent.to_string()),
+                ("frames received", self.frames_received.to_string()),
+                ("lost", self.lost.to_string()),
+                ("duplicated", self.duplicated.to_string()),
+                ("reordered", self.reordered.to_string()),
+                ("unexpected tokens", self.unexpected.to_string()),
+            ]);
+        }
+        rows.extend([
             ("bytes sent", self.bytes_sent.to_string()),
             ("bytes received", self.bytes_received.to_string()),
-            ("frames/s", format!("{:.0}", self.frames_per_sec)),
-        ];
-        for (k, v) in rows {
-            let _ = writeln!(s, "{k:<18} {v}");
+        ]);
+        if self.sends_audio() {
+            rows.push(("frames/s", format!("{:.0}", self.frames_per_sec)));
         }
         match self.mode {
-            "idle" => {
-                let _ = writeln!(s, "{:<18} {}", "idle streams held", self.idle_held);
-            }
-            "churn" => {
-                let _ = writeln!(s, "{:<18} {:.1}", "cycles/s", self.cycles_per_sec);
-            }
+            "idle" => rows.push(("idle streams held", self.idle_held.to_string())),
+            "churn" => rows.push(("cycles/s", format!("{:.1}", self.cycles_per_sec))),
             _ => {}
+        }
+        for (k, v) in rows {
+            let _ = writeln!(s, "{k:<18} {v}");
         }
         for hint in self.hints() {
             let _ = writeln!(s, "hint: {hint}");
@@ -312,7 +334,10 @@ impl LoadReport {
         s
     }
 
-    /// The report as one JSON object (latencies in ms).
+    /// The report as one JSON object (latencies in ms), with the fields of
+    /// the run's mode only, as [`LoadReport::table`]: no frame counts,
+    /// `frames_per_sec` or `rtt` in idle mode, `cycles_per_sec` only in
+    /// churn mode, `idle_held` only in idle mode.
     pub fn to_json(&self) -> serde_json::Value {
         let lat = |h: &Histogram<u64>| {
             serde_json::json!({
@@ -325,7 +350,7 @@ impl LoadReport {
                 "mean_ms": h.mean() / 1000.0,
             })
         };
-        serde_json::json!({
+        let mut j = serde_json::json!({
             "mode": self.mode,
             "elapsed_s": self.elapsed.as_secs_f64(),
             "streams_started": self.streams_started,
@@ -342,21 +367,27 @@ impl LoadReport {
                 }))
                 .collect::<Vec<_>>(),
             "streams_cut": self.streams_cut,
-            "frames_sent": self.frames_sent,
-            "frames_received": self.frames_received,
-            "lost": self.lost,
-            "duplicated": self.duplicated,
-            "reordered": self.reordered,
-            "unexpected_tokens": self.unexpected,
             "bytes_sent": self.bytes_sent,
             "bytes_received": self.bytes_received,
-            "frames_per_sec": self.frames_per_sec,
-            "cycles_per_sec": self.cycles_per_sec,
-            "idle_held": self.idle_held,
             "connect": lat(&self.connect),
-            "rtt": lat(&self.rtt),
             "hints": self.hints(),
-        })
+        });
+        if self.sends_audio() {
+            j["frames_sent"] = self.frames_sent.into();
+            j["frames_received"] = self.frames_received.into();
+            j["lost"] = self.lost.into();
+            j["duplicated"] = self.duplicated.into();
+            j["reordered"] = self.reordered.into();
+            j["unexpected_tokens"] = self.unexpected.into();
+            j["frames_per_sec"] = self.frames_per_sec.into();
+            j["rtt"] = lat(&self.rtt);
+        }
+        match self.mode {
+            "idle" => j["idle_held"] = self.idle_held.into(),
+            "churn" => j["cycles_per_sec"] = self.cycles_per_sec.into(),
+            _ => {}
+        }
+        j
     }
 
     /// Writes `connect.hgrm` and `rtt.hgrm` into `dir` (created if needed).
@@ -425,14 +456,18 @@ pub(crate) struct Progress {
     on: bool,
     tty: bool,
     printed: bool,
+    /// Whether the streams send audio: an idle run's line has no
+    /// frames/s or round trips to show.
+    audio: bool,
 }
 
 impl Progress {
-    pub(crate) fn new(on: bool) -> Progress {
+    pub(crate) fn new(on: bool, mode: Mode) -> Progress {
         Progress {
             on,
             tty: std::io::stderr().is_terminal(),
             printed: false,
+            audio: mode != Mode::Idle,
         }
     }
 
@@ -440,17 +475,22 @@ impl Progress {
         if !self.on {
             return;
         }
-        let line = format!(
-            "[{:>5.1}s] open {} done {} failed {} cut {} | {:.0} frames/s | rtt p50 {} p99 {} ms",
+        let mut line = format!(
+            "[{:>5.1}s] open {} done {} failed {} cut {}",
             t.as_secs_f64(),
             c.open,
             c.ok,
             c.failed_total(),
             c.cut,
-            fps,
-            ms(rtt.value_at_quantile(0.5)),
-            ms(rtt.value_at_quantile(0.99)),
         );
+        if self.audio {
+            let _ = write!(
+                line,
+                " | {fps:.0} frames/s | rtt p50 {} p99 {} ms",
+                ms(rtt.value_at_quantile(0.5)),
+                ms(rtt.value_at_quantile(0.99)),
+            );
+        }
         let mut err = std::io::stderr().lock();
         if self.tty {
             let _ = write!(err, "\r\x1b[2K{line}");

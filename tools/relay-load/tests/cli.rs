@@ -668,3 +668,125 @@ fn a_locked_memory_limit_too_low_is_named() {
         "{all}"
     );
 }
+
+/// Each mode prints the measures that mean something in it, in the
+/// table, the JSON and the progress line: `cycles/s` (churn's rate of
+/// whole cycles) only in churn mode; `idle streams held` only in idle
+/// mode; no frame counts, frames/s or round trips in idle mode, which
+/// sends no audio. Before, every JSON report had `cycles_per_sec` and
+/// `idle_held` (a stream run's "cycles" are its streams over the run's
+/// length, not a rate of anything), and an idle run's table, JSON and
+/// progress line showed frames and round trips it never measured (all 0).
+#[test]
+fn each_mode_prints_only_its_own_measures() {
+    use fake_soniox::{FakeConfig, FakeKey, FakeSoniox};
+    const KEY: &str = "per-mode-key";
+    let fake = FakeSoniox::start(FakeConfig {
+        keys: vec![FakeKey::new(KEY, 10)],
+        echo: true,
+        ..FakeConfig::default()
+    })
+    .expect("fake-soniox starts");
+    let run = |mode: &[&str], json: bool| {
+        let out = Command::new(BIN)
+            .args(["--direct", "--key", KEY, "--target"])
+            .arg(fake.addr().to_string())
+            .args(["-n", "2", "--ramp", "0", "--threads", "1"])
+            .args(mode)
+            .args(if json { &["--json"][..] } else { &[][..] })
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        out
+    };
+    let keys = |out: &Output| -> Vec<String> {
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(out)));
+        v.as_object().unwrap().keys().cloned().collect()
+    };
+    let audio = [
+        "frames_sent",
+        "frames_received",
+        "lost",
+        "duplicated",
+        "reordered",
+        "unexpected_tokens",
+        "frames_per_sec",
+        "rtt",
+    ];
+    let stream = ["--stream-seconds", "1", "--pace", "x4"];
+    let churn = ["--churn", "--concurrency", "2", "--duration", "1s"];
+    let idle = ["--idle", "--duration", "2s", "--keepalive-every", "500ms"];
+    for (name, mode, has, lacks) in [
+        (
+            "stream",
+            &stream[..],
+            &audio[..],
+            &["cycles_per_sec", "idle_held"][..],
+        ),
+        (
+            "churn",
+            &churn[..],
+            &[&audio[..], &["cycles_per_sec"]].concat()[..],
+            &["idle_held"][..],
+        ),
+        (
+            "idle",
+            &idle[..],
+            &["idle_held", "connect"][..],
+            &[&audio[..], &["cycles_per_sec"]].concat()[..],
+        ),
+    ] {
+        let out = run(mode, true);
+        let keys = keys(&out);
+        for k in has {
+            assert!(
+                keys.iter().any(|x| x == k),
+                "{name}: no {k}: {}",
+                text(&out)
+            );
+        }
+        for k in lacks {
+            assert!(!keys.iter().any(|x| x == k), "{name}: {k}: {}", text(&out));
+        }
+    }
+
+    let table = |out: &Output| String::from_utf8_lossy(&out.stdout).into_owned();
+    let out = run(&stream, false);
+    let t = table(&out);
+    assert!(
+        t.contains("\nrtt ") && t.contains("\nframes/s "),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        !t.contains("cycles/s") && !t.contains("idle streams held"),
+        "{t}"
+    );
+    let out = run(&churn, false);
+    assert!(table(&out).contains("\ncycles/s "), "{}", text(&out));
+    let out = run(&idle, false);
+    let t = table(&out);
+    assert!(t.contains("\nidle streams held  2"), "{}", text(&out));
+    for absent in [
+        "rtt",
+        "frames",
+        "lost",
+        "duplicated",
+        "reordered",
+        "unexpected",
+        "cycles/s",
+    ] {
+        assert!(!t.contains(absent), "idle table: {absent}: {t}");
+    }
+    // Its progress lines (stderr, one a second) count streams only.
+    let progress = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        progress.contains("] open 2 done 0 failed 0 cut 0"),
+        "{progress}"
+    );
+    assert!(
+        !progress.contains("frames/s") && !progress.contains("rtt"),
+        "{progress}"
+    );
+}
