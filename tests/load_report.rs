@@ -317,3 +317,59 @@ fn streams_sent_with_no_credential_are_told_so() {
         r.table()
     );
 }
+
+/// A target that is not a clio-relay (here a server that closes every
+/// connection it takes, as nginx's `return 444` or a firewall would)
+/// closing connections unanswered: the hint says what happened and what
+/// it means if the target is a relay, without claiming it is one.
+/// Before, it said "the relay closes a client that its server.allow does
+/// not list" of any target, fake-soniox and nginx too, and told the user
+/// to edit a relay's server.allow there was none of.
+#[test]
+fn a_target_that_closes_unanswered_is_not_called_a_relay() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let server = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    break;
+                }
+                // Taken, then closed without a byte.
+                drop(conn);
+            }
+        })
+    };
+    let opts = LoadOptions {
+        target: Target::direct(addr),
+        credentials: Credentials::Fixed(KEY.to_string()),
+        streams: 3,
+        ramp_per_sec: 0.0,
+        stream_seconds: 1.0,
+        duration: Duration::from_secs(30),
+        threads: 1,
+        ..LoadOptions::default()
+    };
+    let r = relay_load::run(&opts).expect("load runs");
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let _ = std::net::TcpStream::connect(addr);
+    server.join().unwrap();
+    let table = r.table();
+    assert_eq!(
+        r.streams_failed.get("closed unanswered"),
+        Some(&3),
+        "{table}"
+    );
+    let hint = table
+        .lines()
+        .find(|l| l.starts_with("hint: 3 streams had their connection closed"))
+        .unwrap_or_else(|| panic!("no hint: {table}"));
+    assert!(
+        hint.contains("the target (or a proxy or firewall on the way) took the connection")
+            && hint.contains("If the target is a clio-relay")
+            && !hint.contains("the relay closes"),
+        "{hint}"
+    );
+}

@@ -25,8 +25,9 @@ pub struct LoadReport {
     /// Failed streams by cause: `http N` (status before the upgrade),
     /// `error N` (a Soniox error message after it), `close N` (a close
     /// before `finished`), `closed unanswered` (closed before any answer to
-    /// the upgrade request, as a relay closes a client not on its
-    /// `server.allow`), `eof`, `reset`, `timeout`, `refused`, ...
+    /// the upgrade request, as a clio-relay closes a client not on its
+    /// `server.allow`, or any target or proxy may), `eof`, `reset`,
+    /// `timeout`, `refused`, ...
     pub streams_failed: BTreeMap<String, u64>,
     /// What the refusals said (the `error_message` of the HTTP answer or
     /// of the error message after the upgrade), by failure and message,
@@ -229,10 +230,11 @@ impl LoadReport {
         if unanswered > 0 {
             h.push(format!(
                 "{unanswered} streams had their connection closed before any answer to the \
-                 upgrade request: the relay closes a client that its server.allow does not list \
-                 that way (counted in clio_relay_errors_total{{side=\"client\",code=\"403\"}}); \
-                 add this machine's address to server.allow, or run relay-load from an address \
-                 on it"
+                 upgrade request: the target (or a proxy or firewall on the way) took the \
+                 connection and closed it without a word; its own log says why. If the target \
+                 is a clio-relay, it does that to a client its server.allow does not list \
+                 (counted in clio_relay_errors_total{{side=\"client\",code=\"403\"}}): add \
+                 this machine's address to server.allow, or run relay-load from an address on it"
             ));
         }
         let refused = by(&["refused"]);

@@ -121,8 +121,9 @@ fn io_fail(e: std::io::Error) -> Fail {
 
 /// What a stream fails with when its connection was accepted and then
 /// closed (FIN or reset) before a byte of an answer to its upgrade
-/// request came: [`CLOSED_UNANSWERED`]. A relay does that to a client its
-/// `server.allow` does not list, so the report can say so.
+/// request came: [`CLOSED_UNANSWERED`]. Any target may (or a proxy on
+/// the way); a clio-relay does that to a client its `server.allow` does
+/// not list, so the report's hint names it.
 fn unanswered(e: Fail) -> Fail {
     match e.as_str() {
         "eof" | "reset" => CLOSED_UNANSWERED.into(),
