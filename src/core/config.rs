@@ -100,9 +100,10 @@ pub enum AccountsCounted {
 }
 
 /// What the enabled accounts' limits say about `server.max_streams`, one
-/// line each: no account enabled, or `max_streams` above what the enabled
-/// accounts carry together. `accounts` is each account's (enabled,
-/// `max_concurrent_streams`); `counted` says whose they are.
+/// line each: no account enabled, or a `max_streams` set to other than its
+/// default ([`DEFAULT_MAX_STREAMS`], a ceiling rather than a plan) above
+/// what the enabled accounts carry together. `accounts` is each account's
+/// (enabled, `max_concurrent_streams`); `counted` says whose they are.
 pub fn account_warnings(
     max_streams: u32,
     accounts: impl IntoIterator<Item = (bool, u32)>,
@@ -142,10 +143,18 @@ pub fn account_warnings(
             "account: {none}; every stream will be refused{note}"
         ));
     }
-    if enabled > 0 && capacity < u64::from(max_streams) {
+    // The default max_streams is a ceiling on the process, above what
+    // nearly every account set carries (Soniox's default is 10 streams a
+    // key): the accounts being the limit under it is the usual state, and
+    // a stream past them gets a 429 that says so. A max_streams chosen for
+    // this relay is a plan of what it carries: accounts that cannot carry
+    // it are worth a word.
+    if enabled > 0 && capacity < u64::from(max_streams) && max_streams != DEFAULT_MAX_STREAMS {
         w.push(format!(
             "server.max_streams: {max_streams} is more than {whose} enabled accounts carry \
-             ({capacity}); the accounts are the limit{note}"
+             ({capacity}); the accounts are the limit{note}: past {capacity} streams, new ones \
+             get 429; add accounts or raise their max_concurrent_streams, or set max_streams \
+             to what they carry"
         ));
     }
     w

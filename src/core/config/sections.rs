@@ -323,13 +323,17 @@ impl ServerConfig {
     }
 }
 
+/// `server.max_streams` when the file does not set it: a ceiling on the
+/// process, not a plan of how many streams this relay will carry.
+pub const DEFAULT_MAX_STREAMS: u32 = 9000;
+
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
             shards: 0,
-            max_streams: 9000,
+            max_streams: DEFAULT_MAX_STREAMS,
             allow: Vec::new(),
             proxy_protocol_from: Vec::new(),
         }
