@@ -231,6 +231,26 @@ fn each_kind_of_failure_has_its_own_exit_status() {
     let o = run_env(&["keys", "--config", &config, "list"]);
     assert_eq!(o.status.code(), Some(5), "{}", text(&o));
     assert!(text(&o).contains("admin API at"), "{}", text(&o));
+    // What to check: that the relay runs with this config.
+    assert!(
+        text(&o).contains("Connection refused")
+            && text(&o).contains("nothing listens there: is the relay running")
+            && text(&o).contains(&format!("is {config} the config it runs")),
+        "{}",
+        text(&o)
+    );
+    // An admin port 0 (the relay picks one at its start): `keys` cannot
+    // know it, and says so instead of trying port 0.
+    let config0 = relay_config(&dir, "127.0.0.1:0", "127.0.0.1:0");
+    let o = run_env(&["keys", "--config", &config0, "list"]);
+    assert_eq!(o.status.code(), Some(5), "{}", text(&o));
+    assert!(
+        text(&o).contains("server.admin_listen in")
+            && text(&o).contains("has port 0")
+            && text(&o).contains("give server.admin_listen a port"),
+        "{}",
+        text(&o)
+    );
     for secret in [
         "cli-exit-admin-token",
         "cli-exit-soniox-key",

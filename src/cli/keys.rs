@@ -141,6 +141,16 @@ pub fn run(config: &Path, action: &KeysAction) -> Result<String, CliError> {
     // Trimmed, as the relay trims a presented token: a variable's trailing
     // newline cannot go in a header.
     let token = token.expose().trim();
+    // Port 0 lets the relay pick its admin port when it starts: nothing
+    // in the file says which it took.
+    if addr.port() == 0 {
+        return Err(CliError::AdminUnreachable(format!(
+            "admin API at {addr}: server.admin_listen in {} has port 0, so the relay picked its \
+             admin port when it started and `keys` cannot know it; give server.admin_listen a \
+             port (and restart the relay)",
+            config.display()
+        )));
+    }
     // The id goes in the request's path as it is: one the API would not
     // take (a `?` or `/` in it) could name another path, or another account.
     if let Some(id) = action.account_in_path() {
@@ -188,9 +198,16 @@ pub fn run(config: &Path, action: &KeysAction) -> Result<String, CliError> {
     let (status, text) =
         request(addr, method, &path, token, body.map(|b| b.to_string())).map_err(|e| {
             let hint = if hung_up(&e) {
-                " (the admin port closed the connection unanswered: is this host's address in the relay's admin.allow?)"
+                " (the admin port closed the connection unanswered: is this host's address in the relay's admin.allow?)".to_string()
+            } else if refused(&e) {
+                format!(
+                    " (nothing listens there: is the relay running (`systemctl status \
+                     clio-relay`), and is {} the config it runs? `keys` talks to its \
+                     server.admin_listen)",
+                    config.display()
+                )
             } else {
-                ""
+                String::new()
             };
             CliError::AdminUnreachable(format!("admin API at {addr}: {e}{hint}"))
         })?;
@@ -203,6 +220,16 @@ pub fn run(config: &Path, action: &KeysAction) -> Result<String, CliError> {
         )));
     }
     Ok(table(&value))
+}
+
+/// Whether nothing listened at the admin address (connection refused).
+fn refused(e: &httpc::Error) -> bool {
+    match e {
+        httpc::Error::Connect(_, e) | httpc::Error::Io(e) => {
+            e.kind() == std::io::ErrorKind::ConnectionRefused
+        }
+        _ => false,
+    }
 }
 
 /// Whether the admin port took the connection and closed it unanswered,
