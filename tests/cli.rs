@@ -132,6 +132,46 @@ fn mint_token_refuses_a_pool_its_secret_is_not_bound_to() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// A `--ttl` over `tokens.max_ttl` is refused (exit 2) with what to do:
+/// a shorter --ttl, or a longer max_ttl in the file. Before, the line
+/// said only that it was longer ("--ttl 2days is longer than
+/// tokens.max_ttl 1day"), not that the relay would refuse such a token
+/// nor where the bound is set.
+#[test]
+fn a_ttl_over_max_ttl_says_what_to_do() {
+    let dir = std::env::temp_dir().join(format!("clio-relay-cli-ttl-{}", std::process::id()));
+    let config = relay_config(&dir, "127.0.0.1:0", "127.0.0.1:0");
+    let o = run_env(&[
+        "mint-token",
+        "--config",
+        &config,
+        "--device",
+        "phone-1",
+        "--ttl",
+        "48h",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(o.stdout.is_empty(), "{}", text(&o));
+    assert!(
+        text(&o).contains("is longer than tokens.max_ttl 1day")
+            && text(&o).contains("give a --ttl of at most 1day")
+            && text(&o).contains(&format!("or raise tokens.max_ttl in {config}")),
+        "{}",
+        text(&o)
+    );
+    let o = run_env(&[
+        "mint-token",
+        "--config",
+        &config,
+        "--device",
+        "phone-1",
+        "--ttl",
+        "24h",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// A loopback address no one listens on (just now).
 fn free_port() -> std::net::SocketAddr {
     let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

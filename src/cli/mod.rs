@@ -163,10 +163,12 @@ pub fn mint_token_for(
     }
     let ttl = ttl.unwrap_or(tokens.default_ttl);
     if ttl > tokens.max_ttl {
+        let max = humantime::format_duration(tokens.max_ttl);
         return Err(format!(
-            "--ttl {} is longer than tokens.max_ttl {}",
+            "--ttl {} is longer than tokens.max_ttl {max}, and the relay refuses a token that \
+             lives longer: give a --ttl of at most {max}, or raise tokens.max_ttl in {}",
             humantime::format_duration(ttl),
-            humantime::format_duration(tokens.max_ttl)
+            path.display()
         )
         .into());
     }
