@@ -373,3 +373,56 @@ fn a_target_that_closes_unanswered_is_not_called_a_relay() {
         "{hint}"
     );
 }
+
+/// Streams refused with 503 by a target that is no relay (fake-soniox
+/// straight, `--direct`): at the upgrade and after it. The hints say what
+/// the 503 means, and what it means from a clio-relay, without claiming
+/// the target is one. Before, they said "the relay is at
+/// server.max_streams or draining" and "the relay drained (SIGTERM, a
+/// restart) or retired their key" of any target.
+#[test]
+fn a_503_from_a_target_that_is_no_relay_is_not_called_the_relays() {
+    // Refused at the upgrade.
+    let fake = FakeSoniox::start(FakeConfig {
+        keys: vec![FakeKey {
+            reject: Some(503),
+            ..FakeKey::new(KEY, 10)
+        }],
+        echo: true,
+        ..FakeConfig::default()
+    })
+    .expect("fake-soniox starts");
+    let r = direct(&fake, 2);
+    let table = r.table();
+    let refused = r
+        .streams_failed
+        .get("http 503")
+        .or(r.streams_failed.get("error 503"));
+    assert_eq!(refused, Some(&2), "{table}");
+    // Failed after the upgrade, at the first audio frame.
+    let fake = FakeSoniox::start(FakeConfig {
+        keys: vec![FakeKey::new(KEY, 10)],
+        echo: true,
+        faults: fake_soniox::Faults {
+            error_after_frames: Some((1, 503)),
+            ..Default::default()
+        },
+        ..FakeConfig::default()
+    })
+    .expect("fake-soniox starts");
+    let r2 = direct(&fake, 2);
+    let table2 = r2.table();
+    assert_eq!(r2.streams_failed.get("error 503"), Some(&2), "{table2}");
+    for (r, table) in [(&r, &table), (&r2, &table2)] {
+        let hint = r
+            .hints()
+            .into_iter()
+            .find(|h| h.contains("503"))
+            .unwrap_or_else(|| panic!("no 503 hint: {table}"));
+        assert!(hint.contains("a clio-relay"), "{hint}");
+        assert!(
+            !hint.contains("the relay is at") && !hint.contains("the relay drained"),
+            "{hint}"
+        );
+    }
+}

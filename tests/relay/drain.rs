@@ -319,7 +319,7 @@ fn relay_load_explains_streams_a_drain_told_to_reconnect() {
     );
     assert!(
         summary.contains("hint: 2 streams were told to reconnect")
-            && summary.contains("the relay drained"),
+            && summary.contains("a clio-relay does so when it drains"),
         "{summary}"
     );
 }

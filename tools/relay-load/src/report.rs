@@ -160,7 +160,9 @@ impl LoadReport {
         let full = by(&["http 503"]);
         if full > 0 {
             h.push(format!(
-                "{full} streams refused with HTTP 503: the relay is at server.max_streams or draining"
+                "{full} streams refused with HTTP 503: the target is full or going away; a \
+                 clio-relay answers so at server.max_streams or while draining (its log says \
+                 which)"
             ));
         }
         let auth = by(&["http 401", "error 401"]);
@@ -222,8 +224,9 @@ impl LoadReport {
         if reconnect > 0 {
             h.push(format!(
                 "{reconnect} streams were told to reconnect (error 503 after the upgrade): the \
-                 relay drained (SIGTERM, a restart) or retired their key, or upstream failed \
-                 mid-stream with no resume left; the relay's log says which"
+                 target failed them; a clio-relay does so when it drains (SIGTERM, a restart) or \
+                 retires their key, or when upstream failed mid-stream with no resume left (its \
+                 log says which)"
             ));
         }
         let unanswered = by(&[super::stream::CLOSED_UNANSWERED]);
