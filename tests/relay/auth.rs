@@ -67,8 +67,19 @@ fn a_stream_outlives_its_tokens_expiry() {
     use std::time::{Duration, SystemTime};
     let fake = fake(&["key-a"], |_| {});
     let relay = Relay::start(relay_config(&fake.url(), &[("acct-a", "key-a")]));
+    let unix_now = || {
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
+    // Valid for 5 s, whole seconds: time to open the stream on a slow,
+    // loaded host (a token of 1 s, minted late in its second, had
+    // expired before its own upgrade got there, which was then refused).
+    let issued = unix_now();
+    let expires = issued + 5;
     let token = clio_relay::core::token::TokenKeys::from_config(&relay.cfg.tokens)
-        .mint("device-1", Duration::from_secs(1), SystemTime::now())
+        .mint_exact("device-1", None, issued, expires, "outlived-1")
         .unwrap();
     let (mut ws, _) = connect(relay.addr(), &token, Via::Header).expect("upgrade accepted");
     ws.send(tungstenite::Message::text(config_message(None)))
@@ -77,12 +88,19 @@ fn a_stream_outlives_its_tokens_expiry() {
     for f in &frames[..10] {
         ws.send(tungstenite::Message::binary(f.clone())).unwrap();
     }
-    // Past the token's expiry (whole seconds: at most 1 s after minting).
-    std::thread::sleep(Duration::from_millis(2100));
-    assert!(
-        connect(relay.addr(), &token, Via::Header).is_err(),
-        "an expired token opened a new stream"
-    );
+    // Past the token's expiry (the relay refuses at now >= exp).
+    while unix_now() < expires {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    match connect(relay.addr(), &token, Via::Header) {
+        Err(tungstenite::Error::Http(response)) => {
+            let body = String::from_utf8_lossy(response.body().as_deref().unwrap_or(&[]));
+            assert_eq!(response.status(), 401, "{body}");
+            assert!(body.contains("expired"), "{body}");
+        }
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("an expired token opened a new stream"),
+    }
     for f in &frames[10..] {
         ws.send(tungstenite::Message::binary(f.clone())).unwrap();
     }
