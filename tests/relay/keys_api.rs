@@ -789,7 +789,11 @@ fn a_stream_still_opening_on_a_key_retired_meanwhile_moves_once_it_flows() {
     });
     let relay = relay_with_admin(&fake, &[("a", "old-key")]);
     let (mut live, _) = connect(relay.addr(), &relay.token("d1"), Via::Header).unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    // The shard picks the account after its 101, on its own thread: the
+    // rotation (the admin thread's) waits for that pick, not for a time.
+    assert!(wait_until(Duration::from_secs(10), || relay
+        .account_live(0)
+        == 1));
     rotate_to_new_key(&relay, "0s");
     let frames = audio_frames(10, 2);
     let got = stream_session(&mut live, &config_message(None), &frames);
