@@ -28,10 +28,12 @@ fn temp_dir(tag: &str) -> PathBuf {
     d
 }
 
-/// The units in a temp dir, ExecStart pointing at the binary cargo built
-/// (verify checks the command exists).
-fn staged_units() -> PathBuf {
-    let d = temp_dir("units");
+/// The units in a temp dir of their own for the test `tag` names,
+/// ExecStart pointing at the binary cargo built (verify checks the command
+/// exists). (Both tests staged them in one dir, which each emptied first:
+/// one that started late removed the units the other was verifying.)
+fn staged_units(tag: &str) -> PathBuf {
+    let d = temp_dir(tag);
     for u in UNITS {
         let text = unit(u).replace(
             "/usr/local/bin/clio-relay",
@@ -62,7 +64,7 @@ fn units_pass_systemd_analyze_verify() {
         println!("SKIPPED units_pass_systemd_analyze_verify: {why}");
         return;
     }
-    let d = staged_units();
+    let d = staged_units("units-verify");
     let out = Command::new("systemd-analyze")
         .arg("verify")
         .args(UNITS.iter().map(|u| d.join(u)))
@@ -91,7 +93,7 @@ fn service_exposure_is_at_most_2() {
         println!("SKIPPED service_exposure_is_at_most_2: {why}");
         return;
     }
-    let d = staged_units();
+    let d = staged_units("units-security");
     let out = Command::new("systemd-analyze")
         .args(["security", "--offline=yes", "--no-pager"])
         .arg(d.join("clio-relay.service"))
