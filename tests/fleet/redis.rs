@@ -135,7 +135,11 @@ impl RedisServer {
                 // The test's plain client cannot speak TLS: listening is
                 // enough.
                 Some(_) => TcpStream::connect((self.host.as_str(), self.port)).is_ok(),
-                None => self.command("PING").starts_with("+PONG"),
+                // Answered by this server, not by another test's that
+                // took the port between `free_port` and this bind (that
+                // one answered PING as well, and the test went on against
+                // it while this one exited, refused the port).
+                None => self.command("PING").starts_with("+PONG") && self.serves_our_dir(),
             };
             if listening {
                 return true;
@@ -147,6 +151,15 @@ impl RedisServer {
         }
         self.kill();
         false
+    }
+
+    /// Whether the server on `self.port` is the one started with
+    /// `self.dir` (`CONFIG GET dir`: each server's is its own).
+    fn serves_our_dir(&self) -> bool {
+        let ours = std::fs::canonicalize(&self.dir).unwrap_or_else(|_| self.dir.clone());
+        self.command("CONFIG GET dir")
+            .split("\r\n")
+            .any(|l| std::path::Path::new(l) == ours)
     }
 
     pub fn url(&self) -> String {
