@@ -277,13 +277,12 @@ fn rotation_under_a_live_stream_loses_no_frame() {
     let fake = fake(&["old-key", "new-key"], |_| {});
     let relay = relay_with_admin(&fake, &[("a", "old-key")]);
     let admin = relay.handle.admin_addr;
-    // A stream on the old key, half sent.
-    let (mut live, _) = connect(relay.addr(), &relay.token("d1"), Via::Header).unwrap();
-    live.send(Message::text(config_message(None))).unwrap();
+    // A stream on the old key, half sent and seen upstream: its upstream
+    // session is the first (the relay dials after its 101; on a loaded
+    // host that dial came after the whole of the new stream's below, and
+    // the sessions' order, which the checks read, was the other way).
     let frames = audio_frames(40, 5);
-    for f in &frames[..20] {
-        live.send(Message::binary(f.clone())).unwrap();
-    }
+    let mut live = half_a_raw_stream(&relay, &fake, &frames);
     let (status, body) = http(
         admin,
         "POST",
