@@ -236,6 +236,10 @@ fn every_stream_opened_after_a_rotation_takes_the_new_key() {
     let admin = relay.handle.admin_addr;
     let (mut busy, _) = connect(relay.addr(), &relay.token("busy"), Via::Header).unwrap();
     busy.send(Message::text(config_message(None))).unwrap();
+    // Its upstream session comes first: the relay dials after its 101,
+    // and a dial later than the first new stream's whole session made the
+    // busy stream's the "last" session read below (its key the old one).
+    assert!(fake.wait_for(Duration::from_secs(10), |s| s.len() == 1));
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sender = {
         let stop = stop.clone();
