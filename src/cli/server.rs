@@ -573,8 +573,10 @@ impl RelayHandle {
     }
 
     fn stop_all(&mut self) {
-        // The streams have ended (drained or not); their usage records are
-        // still in the shards: into the ledger (and the fleet's) first.
+        self.end_live_streams();
+        // The streams have ended (drained, or ended just now); their usage
+        // records are still in the shards: into the ledger (and the
+        // fleet's) first.
         if self.admin.is_some() {
             let (tx, rx) = std::sync::mpsc::channel();
             if self.admin_tx.try_send(AdminMsg::Flush(tx)).is_ok() {
@@ -597,6 +599,46 @@ impl RelayHandle {
                 f.stop();
             }
             let _ = c.join();
+        }
+    }
+}
+
+impl RelayHandle {
+    /// Ends the streams still live (SIGINT, during a drain too; a drain
+    /// whose wait gave up on some) through their own ends, so their usage
+    /// is recorded as any stream's end records it, and waits up to
+    /// [`STOP_CUT_WAIT`](crate::core::config::STOP_CUT_WAIT) for the
+    /// records. Each stream is told as a drain tells it
+    /// (`ShardMsg::Drain`), and with [`ProcessState::stop_now`] it skips
+    /// the finalize: the client gets Soniox's 503 "reconnect" and close
+    /// 1012, upstream its close. One opening upstream or waiting for a
+    /// finalize gives up on it ([`Shard::stopping_now`](crate::dataplane::shard::Shard::stopping_now)).
+    /// With nothing live (a drain that ended every stream, a relay
+    /// without streams) nothing is waited for.
+    fn end_live_streams(&self) {
+        let live = self.process.unrecorded_streams();
+        if live == 0 {
+            // Nothing to record: the stop goes on as it always did (a
+            // stream that registers from here has not reached upstream).
+            // Told nothing, the shards take no extra pass to stop.
+            return;
+        }
+        self.process.stop_now();
+        // New streams are refused, and connections still without one are
+        // answered as in a drain.
+        self.process.set_finalizing(true);
+        for s in &self.shards {
+            let _ = s.tx.try_send(ShardMsg::Drain);
+        }
+        let t0 = Instant::now();
+        let recorded = self
+            .process
+            .wait_all_recorded(t0 + crate::core::config::STOP_CUT_WAIT);
+        let left = self.process.unrecorded_streams();
+        if recorded {
+            tracing::info!(streams = live, waited = ?t0.elapsed(), "stop: the live streams ended, their usage recorded");
+        } else {
+            tracing::warn!(streams = live, unrecorded = left, waited = ?t0.elapsed(), "stop: streams still live after the wait; their usage is lost");
         }
     }
 }

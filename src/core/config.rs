@@ -45,12 +45,22 @@ pub const DEFAULT_POOL: &str = "default";
 /// systemd kills a stop that takes longer.
 pub const UNIT_STOP_TIMEOUT: Duration = Duration::from_secs(90);
 
+/// The most a stop waits for the streams it ends (SIGINT, during a drain
+/// too, or those a drain's wait gave up on) to record their usage: each
+/// ends through its own end, unfinalized, whose two last writes (the
+/// client's "reconnect", upstream's close) take at most 1 s each when a
+/// peer stopped reading, and a second more for a loaded host to run them.
+/// With nothing live it is not waited; otherwise it ends when the last
+/// usage is recorded, within milliseconds when the peers read.
+pub const STOP_CUT_WAIT: Duration = Duration::from_secs(3);
+
 /// The most a stop takes beyond `limits.drain_timeout`, with the default
 /// `limits.finalize_wait` (3 s): the listeners closed (2 s), the cut
 /// streams finalized (8 s: the finalize wait and 5 s to write and close),
-/// the last usage saved (5 s). A longer finalize wait adds its difference
-/// ([`Config::stop_after_drain`]).
-pub const STOP_AFTER_DRAIN: Duration = Duration::from_secs(15);
+/// the streams still live ended and their usage recorded
+/// ([`STOP_CUT_WAIT`], 3 s), the last usage saved (5 s). A longer
+/// finalize wait adds its difference ([`Config::stop_after_drain`]).
+pub const STOP_AFTER_DRAIN: Duration = Duration::from_secs(18);
 
 /// The default `limits.finalize_wait`, which [`STOP_AFTER_DRAIN`] counts.
 const DEFAULT_FINALIZE_WAIT: Duration = Duration::from_secs(3);
@@ -644,7 +654,7 @@ impl Config {
         let stop = self.limits.drain_timeout + after;
         if stop > UNIT_STOP_TIMEOUT {
             w.push(format!(
-                "limits.drain_timeout: {} s, plus up to {} s to finalize and save, is more than \
+                "limits.drain_timeout: {} s, plus up to {} s to finalize, end and save, is more than \
                  the shipped systemd unit's TimeoutStopSec={} s, which would kill the drain; \
                  raise TimeoutStopSec above {} s in a drop-in (`systemctl edit clio-relay`)",
                 self.limits.drain_timeout.as_secs(),

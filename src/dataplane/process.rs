@@ -22,11 +22,16 @@ pub struct ProcessState {
     /// Streams whose client sent its config message and that have not
     /// ended: what a drain waits for.
     begun: AtomicU32,
+    /// Streams in their shards' live-stream registries: from their
+    /// registration (before upstream opens) until their usage is recorded
+    /// (or, never having reached upstream, they end without a record).
+    /// What a stop that ends the live streams waits for.
+    unrecorded: AtomicU32,
     /// Client connections accepted and not yet closed, streams or not (an
     /// upgrade request still to come, a token still to come in the first
     /// message): a drain answers them before the relay stops.
     connections: AtomicU32,
-    /// Notified when `live`, `begun` or `connections` falls to zero: a
+    /// Notified when `live`, `begun`, `unrecorded` or `connections` falls to zero: a
     /// drain waits on it rather than polling the counts.
     all_ended: (Mutex<()>, Condvar),
     max_streams: u32,
@@ -39,7 +44,9 @@ pub struct ProcessState {
     /// start now is refused ("reconnect"), and so is every connection
     /// still without a stream.
     finalizing: AtomicBool,
-    /// SIGINT came during a drain: waits for the streams end now.
+    /// The relay stops now (SIGINT, during a drain too, or the stop after
+    /// a drain): waits for the streams end now, and every live stream
+    /// ends at once, unfinalized, through its own end.
     stop_now: AtomicBool,
     /// Random per process start, part of every stream id.
     pub(crate) boot_id: u32,
@@ -84,6 +91,7 @@ impl ProcessState {
         Arc::new(ProcessState {
             live: AtomicU32::new(0),
             begun: AtomicU32::new(0),
+            unrecorded: AtomicU32::new(0),
             connections: AtomicU32::new(0),
             all_ended: (Mutex::new(()), Condvar::new()),
             max_streams,
@@ -189,6 +197,30 @@ impl ProcessState {
         BegunStream(self.clone())
     }
 
+    /// Counts a stream entering its shard's live-stream registry, its
+    /// usage not yet recorded; [`ProcessState::stream_unregistered`] when
+    /// it leaves. A pair of calls rather than a guard: the registry's
+    /// guard reaches this through its shard, and holds no `Arc` of its
+    /// own in every stream's task.
+    pub fn stream_registered(&self) {
+        self.unrecorded.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// A stream left its shard's live-stream registry (its usage
+    /// recorded, or it ended without reaching upstream).
+    pub fn stream_unregistered(&self) {
+        if self.unrecorded.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // The last one: wake a waiting stop.
+            self.wake_drain();
+        }
+    }
+
+    /// Streams in the shards' live-stream registries, their usage not yet
+    /// recorded.
+    pub fn unrecorded_streams(&self) -> u32 {
+        self.unrecorded.load(Ordering::Relaxed)
+    }
+
     /// Counts an accepted client connection until the value is dropped.
     pub fn connection(self: &Arc<Self>) -> OpenConnection {
         self.connections.fetch_add(1, Ordering::AcqRel);
@@ -216,6 +248,15 @@ impl ProcessState {
         self.wait_none(until, Wait::LiveAndConnections)
     }
 
+    /// Blocks the calling thread (never a shard) until every stream in
+    /// the shards' registries has recorded its usage, or `until` has
+    /// passed; true when none is left. Unlike the drain's waits, this one
+    /// goes on after [`ProcessState::stop_now`]: it is the stop's wait
+    /// for the streams that stop ends.
+    pub fn wait_all_recorded(&self, until: Instant) -> bool {
+        self.wait_none(until, Wait::Unrecorded)
+    }
+
     fn wait_none(&self, until: Instant, what: Wait) -> bool {
         let (lock, cv) = &self.all_ended;
         let mut guard = lock.lock().unwrap_or_else(|e| e.into_inner());
@@ -223,6 +264,7 @@ impl ProcessState {
             let none = match what {
                 Wait::Begun => self.begun.load(Ordering::Acquire) == 0,
                 Wait::Live => self.live.load(Ordering::Acquire) == 0,
+                Wait::Unrecorded => self.unrecorded.load(Ordering::Acquire) == 0,
                 Wait::LiveAndConnections => {
                     self.live.load(Ordering::Acquire) == 0
                         && self.connections.load(Ordering::Acquire) == 0
@@ -232,7 +274,8 @@ impl ProcessState {
                 return true;
             }
             let now = Instant::now();
-            if now >= until || self.stopping_now() {
+            let stopped = self.stopping_now() && !matches!(what, Wait::Unrecorded);
+            if now >= until || stopped {
                 return false;
             }
             guard = cv
@@ -263,7 +306,11 @@ impl ProcessState {
     }
 
     /// Ends a drain's waits now (SIGINT during a drain): it returns
-    /// without finalizing, and the relay stops as on SIGINT.
+    /// without finalizing, and the relay stops as on SIGINT. Set by every
+    /// stop that ends live streams (`RelayHandle::stop_all`): a stream
+    /// then skips a drain's finalize, and one opening upstream (or
+    /// finalizing) gives up as soon as its shard says so
+    /// (`Shard::stopping_now`).
     pub fn stop_now(&self) {
         self.stop_now.store(true, Ordering::SeqCst);
         self.wake_drain();
@@ -301,6 +348,7 @@ enum Wait {
     Begun,
     Live,
     LiveAndConnections,
+    Unrecorded,
 }
 
 /// A begun stream, counted by [`ProcessState::begin`] until dropped.

@@ -169,7 +169,9 @@ pub struct Shard {
     /// Streams refused at the file limit: logged once per interval, with a count.
     pub file_limit_log: crate::dataplane::accept::Rate,
     /// Notified on `ShardMsg::Drain`: wakes the connections still without
-    /// a stream (see [`Shard::drain_ended`]).
+    /// a stream (see [`Shard::drain_ended`]), and the streams opening
+    /// upstream or finalizing when the relay stops now (see
+    /// [`Shard::stopping_now`]).
     drain_over: event_listener::Event,
     /// This shard's own connection to the fleet's store, made on its first
     /// stream open (`None` without `[cluster]`).
@@ -301,6 +303,27 @@ impl Shard {
             // the two is not lost.
             let listener = self.drain_over.listen();
             if self.process.finalizing() {
+                return;
+            }
+            listener.await;
+        }
+    }
+
+    /// Resolves once the relay stops now
+    /// ([`ProcessState::stop_now`](crate::dataplane::process::ProcessState::stop_now),
+    /// then `ShardMsg::Drain`; at once if that happened already). A
+    /// stream opening upstream (its first connection, a failover's, a
+    /// resume's) or waiting for a drain's finalize waits for this beside
+    /// it, and then ends through its own end (its usage recorded) rather
+    /// than hold the stop. Streams in their pumps need not: the message
+    /// stops them through their registry entry.
+    pub async fn stopping_now(&self) {
+        loop {
+            if self.process.stopping_now() {
+                return;
+            }
+            let listener = self.drain_over.listen();
+            if self.process.stopping_now() {
                 return;
             }
             listener.await;

@@ -171,6 +171,23 @@ impl Node {
         self.log.lock().unwrap().clone()
     }
 
+    /// SIGINT, as Ctrl-C sends: the node stops at once, cutting its live
+    /// streams. Returns its exit status (it is killed if it is still
+    /// there after 30 s).
+    pub fn interrupt(&mut self) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while std::time::Instant::now() < end {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        self.kill9();
+        panic!("SIGINT did not stop the node in 30 s");
+    }
+
     /// SIGKILL: the node dies holding whatever it holds.
     pub fn kill9(&mut self) {
         let _ = self.child.kill();

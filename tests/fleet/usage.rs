@@ -246,6 +246,79 @@ fn the_last_streams_usage_reaches_redis_at_a_stop() {
     assert_eq!(sums(&rows)["a"].0, 1, "{body}");
 }
 
+/// SIGINT cuts a node's live stream: the usage it carried so far is in
+/// the fleet's (Redis) and in the node's ledger all the same, sent before
+/// the node leaves the fleet. Before, the stop sent and saved only the
+/// streams that had ended.
+#[test]
+fn a_stream_sigint_cuts_is_in_the_fleets_usage() {
+    let redis = RedisServer::start();
+    let fake = fake(&["k1"], |c| {
+        // A result for every frame; nothing ends the stream but the stop.
+        c.ms_per_word = 100;
+        c.idle_timeout = Duration::from_secs(3600);
+    });
+    let cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    let extra = "[usage]\npersist_interval = \"1h\"\n[limits]\nidle_timeout = \"1h\"\n";
+    let spawn = |name: &str| {
+        Node::spawn(
+            &fake.url(),
+            &redis.url(),
+            name,
+            "15s",
+            &cfg.tokens.secret,
+            "k1",
+            extra,
+        )
+    };
+    let mut a = spawn("node-a");
+    let b = spawn("node-b");
+    let token = crate::process::mint(&cfg, "phone");
+    let (mut ws, _) = connect(a.client, &token, Via::Header).unwrap();
+    ws.send(tungstenite::Message::text(config_message(None)))
+        .unwrap();
+    // 9 frames of 100 ms, each answered before the next goes.
+    for f in audio_frames(9, 1) {
+        ws.send(tungstenite::Message::binary(f)).unwrap();
+        assert!(ws.read().unwrap().is_text());
+    }
+    let status = a.interrupt();
+    assert!(status.success(), "{status:?}: {}", a.log());
+    assert!(fake.wait_for(Duration::from_secs(20), |s| s.len() == 1 && s[0].closed));
+    assert_eq!(fake.sessions()[0].audio_ms, 900);
+    let day = clio_relay::core::devices::utc_day(SystemTime::now());
+    for (group, id) in [("acct", "a"), ("dev", "phone")] {
+        let key = format!("clio:u:{day}:node-a:{group}");
+        assert_eq!(
+            redis.hget(&key, &format!("s:{id}")).as_deref(),
+            Some("1"),
+            "{key}"
+        );
+        assert_eq!(
+            redis.hget(&key, &format!("a:{id}")).as_deref(),
+            Some("900"),
+            "{key}"
+        );
+        assert_eq!(
+            redis.hget(&key, &format!("e503:{id}")).as_deref(),
+            Some("1"),
+            "{key}"
+        );
+    }
+    // Node B's /admin/usage counts it, node A's share.
+    let want = expect(&[("a", 1, 0.9)]);
+    let mut last = serde_json::Value::Null;
+    let agreed = wait_until(Duration::from_secs(20), || {
+        last = usage(&b, "group_by=account");
+        last["scope"] == "fleet"
+            && sums(&last["rows"]) == want
+            && sums(&last["nodes"]["node-a"]) == want
+    });
+    assert!(agreed, "{last}");
+    // And node A's own ledger, saved at the stop.
+    assert_eq!(persisted_ms(&a), 900);
+}
+
 /// The audio ms `node`'s own ledger file holds for account `a` (what a
 /// persist wrote; what waits in memory is not in it).
 fn persisted_ms(node: &Node) -> i64 {

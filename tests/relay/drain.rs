@@ -447,7 +447,9 @@ fn accept_queue(addr: std::net::SocketAddr) -> Option<u64> {
 /// operator who sent SIGTERM and will not wait for `limits.drain_timeout`
 /// presses Ctrl-C. Before, the drain held the thread that waits for
 /// signals, so SIGINT (and a second SIGTERM, a SIGHUP) went unseen until
-/// the drain ended: here, an hour. The live stream is cut, not finalized.
+/// the drain ended: here, an hour. The live stream is not finalized: it
+/// ends at once through its own end, told to reconnect (Soniox's 503,
+/// close 1012), so its usage is recorded (tests/relay/usage.rs).
 #[test]
 fn sigint_stops_a_draining_relay_at_once() {
     use std::io::BufRead;
@@ -522,9 +524,17 @@ fn sigint_stops_a_draining_relay_at_once() {
     let status = child.wait().unwrap();
     assert!(stopped, "SIGINT left the relay draining");
     assert!(status.success(), "{status:?}");
-    // Cut at once: no finalize, no "reconnect".
+    // Ended at once: no finalize went up, and the client is told to
+    // reconnect.
     let got = read_all(&mut ws);
-    assert_ne!(got.close_code(), Some(1012), "{got:?}");
+    assert_eq!(got.error_code(), Some(503), "{got:?}");
+    assert_eq!(got.close_code(), Some(1012), "{got:?}");
+    assert!(fake.wait_for(Duration::from_secs(10), |s| s[0].closed));
+    let upstream = &fake.sessions()[0].text_messages;
+    assert!(
+        !upstream.iter().any(|m| m.contains("finalize")),
+        "{upstream:?}"
+    );
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -815,4 +825,41 @@ fn a_drain_answers_the_connections_still_sending_their_proxy_header() {
         after.refusals(RefusedBy::Relay) - before.refusals(RefusedBy::Relay),
         2
     );
+}
+
+/// A stream still opening its first upstream connection (upstream takes
+/// the connection and never answers its upgrade) when the relay stops:
+/// the stop does not wait for the connect. The client is told to
+/// reconnect (Soniox's 503, close 1012) as a drain tells it, not cut; the
+/// stream never reached upstream, so it has no usage, as a refused one
+/// has none. Before, the stop dropped the connection unanswered.
+#[test]
+fn a_stop_tells_a_stream_still_opening_upstream_to_reconnect() {
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!(
+        "ws://{}/transcribe-websocket",
+        upstream.local_addr().unwrap()
+    );
+    let held = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kept = held.clone();
+    std::thread::spawn(move || {
+        for conn in upstream.incoming() {
+            let Ok(conn) = conn else { return };
+            kept.lock().unwrap().push(conn);
+        }
+    });
+    let mut cfg = relay_config(&url, &[("a", "k1")]);
+    cfg.upstream.connect_timeout = Duration::from_secs(120);
+    let relay = Relay::start(cfg);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("phone"), Via::Header).unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    assert!(wait_until(Duration::from_secs(10), || !held
+        .lock()
+        .unwrap()
+        .is_empty()));
+    assert_eq!(relay.handle.process.live_streams(), 1);
+    relay.handle.shutdown();
+    let got = read_all(&mut ws);
+    assert_eq!(got.error_code(), Some(503), "{got:?}");
+    assert_eq!(got.close_code(), Some(1012), "{got:?}");
 }

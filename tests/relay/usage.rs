@@ -317,3 +317,331 @@ fn cost_is_the_audio_hours_times_the_price_rounded_once() {
         .unwrap_or_else(|| panic!("{metrics}"));
     assert!(line.ends_with(" 0.015"), "{line}");
 }
+
+/// `clio-relay run` on `cfg`, its admin token [`ADMIN`]: the process and
+/// its client and admin addresses, from the line that says it listens
+/// (the rest of its log is read and dropped, so it never blocks on it).
+fn run_binary(cfg: &std::path::Path, secret: &str) -> (std::process::Child, Addrs) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_clio-relay"))
+        .args(["run", "--config", cfg.to_str().unwrap()])
+        .env("USAGE_CUT_SECRET", secret)
+        .env("USAGE_CUT_KEY", "k1")
+        .env("USAGE_CUT_ADMIN", ADMIN)
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let listening = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find(|l| l.contains("clio-relay listening"))
+        .expect("the relay logs its addresses");
+    std::thread::spawn(move || lines.map_while(Result::ok).for_each(drop));
+    let addrs = Addrs {
+        client: listening_addr(&listening, "client"),
+        admin: listening_addr(&listening, "admin"),
+    };
+    (child, addrs)
+}
+
+/// A relay's client and admin addresses.
+struct Addrs {
+    client: std::net::SocketAddr,
+    admin: std::net::SocketAddr,
+}
+
+/// A stream of `format` for `device`, its `frames` (3,200 bytes each)
+/// each answered before the next goes, left open.
+fn open_stream(relay: std::net::SocketAddr, token: &str, format: &str, frames: usize) -> Ws {
+    let (mut ws, _) = connect(relay, token, Via::Header).unwrap();
+    ws.send(tungstenite::Message::text(config_for(format)))
+        .unwrap();
+    for f in audio_frames(frames, 7) {
+        ws.send(tungstenite::Message::binary(f)).unwrap();
+        match ws.read().unwrap() {
+            tungstenite::Message::Text(t) => assert!(!t.contains("error_code"), "{format}: {t}"),
+            other => panic!("{format}: {other:?}"),
+        }
+    }
+    ws
+}
+
+/// SIGINT (or SIGINT during a drain, which stops it at once as well)
+/// ends the live streams (Soniox's 503 "reconnect", close 1012, no
+/// finalize); their usage so far is in the ledger after the restart: per
+/// device and account, the audio upstream processed (raw audio by the
+/// relay's meter, which matched upstream's count; compressed by
+/// upstream's last `total_audio_proc_ms`), the bytes, each stream once,
+/// with the 503 a drain's cut stream has. Before, the stop saved the
+/// ledger without them: they were lost as at a crash.
+fn sigint_records_live_streams(during_drain: bool) {
+    // Nothing ends the streams on their own: only the stop.
+    let fake = fake(&["k1"], |c| {
+        // A result for every frame.
+        c.ms_per_word = 100;
+        c.idle_timeout = Duration::from_secs(3600);
+    });
+    let dir = state_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("relay.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshards = 2\n\
+             [upstream]\nurl = \"{}\"\n[tokens]\nsecret_env = \"USAGE_CUT_SECRET\"\n\
+             [limits]\ndrain_timeout = \"1h\"\nidle_timeout = \"1h\"\n\
+             [usage]\npersist_interval = \"1h\"\n\
+             [admin]\ntoken_env = \"USAGE_CUT_ADMIN\"\nstate_dir = \"{}\"\nhealth_interval = \"0s\"\n\
+             [[account]]\nid = \"a\"\nkey_env = \"USAGE_CUT_KEY\"\n",
+            fake.url(),
+            dir.join("state").display()
+        ),
+    )
+    .unwrap();
+    let secret = "s".repeat(40);
+    let keys = clio_relay::core::token::TokenKeys::from_config(
+        &clio_relay::core::config::TokensConfig::new(clio_relay::core::secret::Secret::new(
+            secret.clone(),
+        )),
+    );
+    let token = |device: &str| {
+        keys.mint(
+            device,
+            Duration::from_secs(600),
+            std::time::SystemTime::now(),
+        )
+        .unwrap()
+    };
+    let (mut child, addrs) = run_binary(&cfg, &secret);
+    // 8 frames of 100 ms raw, 6 of 200 ms compressed (as the fake counts
+    // them), a stream each, both left open.
+    let mut raw = open_stream(addrs.client, &token("raw"), "pcm_s16le", 8);
+    let mut ogg = open_stream(addrs.client, &token("ogg"), "ogg", 6);
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    if during_drain {
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        let draining = wait_until(LIMIT, || http_get(addrs.admin, "/healthz", "").0 == 503);
+        assert!(draining, "SIGTERM began no drain");
+    }
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let stopped = wait_until(Duration::from_secs(30), || {
+        child.try_wait().unwrap().is_some()
+    });
+    if !stopped {
+        child.kill().unwrap();
+    }
+    let status = child.wait().unwrap();
+    assert!(stopped, "SIGINT did not stop the relay");
+    assert!(status.success(), "{status:?}");
+    // What each client got (checked last, after the ledger).
+    let told = [read_all(&mut raw), read_all(&mut ogg)];
+    assert!(fake.wait_for(LIMIT, |s| s.len() == 2 && s.iter().all(|r| r.closed)));
+    // What upstream processed of each: every frame sent.
+    let mut fake_ms: Vec<u64> = fake.sessions().iter().map(|s| s.audio_ms).collect();
+    fake_ms.sort();
+    assert_eq!(fake_ms, [800, 1200]);
+
+    // The ledger, as the next start reads it.
+    let (mut child, addrs) = run_binary(&cfg, &secret);
+    let query = |group: &str| {
+        let (status, body) = http(
+            addrs.admin,
+            "GET",
+            &format!("/admin/usage?group_by={group}"),
+            Some(ADMIN),
+            None,
+        );
+        assert_eq!(status, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        v["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| (r["key"].as_str().unwrap().to_string(), r.clone()))
+            .collect::<serde_json::Map<String, Value>>()
+    };
+    let devices = query("device");
+    let accounts = query("account");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    child.wait().unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+    let context = format!("devices {devices:?}, accounts {accounts:?}");
+    for (device, secs) in [("raw", 0.8), ("ogg", 1.2)] {
+        let row = devices
+            .get(device)
+            .unwrap_or_else(|| panic!("{device}: {context}"));
+        assert_eq!(row["streams"], 1, "{device}: {context}");
+        assert_eq!(row["audio_seconds"], secs, "{device}: {context}");
+        assert_eq!(row["errors"]["503"], 1, "{device}: {context}");
+        assert!(
+            row["bytes_up"].as_u64().unwrap() > 3_200 * 6,
+            "{device}: {context}"
+        );
+        assert!(
+            row["bytes_down"].as_u64().unwrap() > 0,
+            "{device}: {context}"
+        );
+    }
+    assert_eq!(accounts["a"]["streams"], 2, "{context}");
+    assert_eq!(accounts["a"]["audio_seconds"], 2.0, "{context}");
+    // Each ended through its own end, unfinalized: told to reconnect.
+    for got in told {
+        assert_eq!(got.error_code(), Some(503), "{got:?}");
+        assert_eq!(got.close_code(), Some(1012), "{got:?}");
+    }
+}
+
+#[test]
+fn sigint_records_the_usage_of_the_streams_it_cuts() {
+    sigint_records_live_streams(false);
+}
+
+#[test]
+fn sigint_during_a_drain_records_the_usage_of_the_streams_it_cuts() {
+    sigint_records_live_streams(true);
+}
+
+/// A drain whose wait runs out cuts the streams still live, as SIGINT
+/// does: here one caught in a mid-stream resume whose new upstream
+/// connection never answers (it sees no drain until it is moving again).
+/// The drain gives up on it after `limits.finalize_wait` and 5 s; the
+/// stop records what it carried, and the ledger has it after a restart.
+/// Before, it was lost as at a crash.
+#[test]
+fn a_stream_a_timed_out_drain_cuts_is_in_the_ledger() {
+    let faults = only_first_connection_fails(FaultKind::Drop, 4, |n| n == 4);
+    let fake = fake(&["k1"], |c| {
+        c.ms_per_word = 100;
+        c.faults.random = Some(faults);
+    });
+    // The first upstream connection goes through to the fake; the
+    // others are accepted and never answered.
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!(
+        "ws://{}/transcribe-websocket",
+        upstream.local_addr().unwrap()
+    );
+    let to = fake.addr();
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kept = held.clone();
+    std::thread::spawn(move || {
+        for (n, conn) in upstream.incoming().enumerate() {
+            let Ok(conn) = conn else { return };
+            if n > 0 {
+                kept.lock().unwrap().push(conn);
+                continue;
+            }
+            let up = std::net::TcpStream::connect(to).unwrap();
+            for (mut from, mut to) in [
+                (conn.try_clone().unwrap(), up.try_clone().unwrap()),
+                (up, conn),
+            ] {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        }
+    });
+    let mut cfg = relay_config(&url, &[("a", "k1")]);
+    cfg.admin.token = Some(clio_relay::core::secret::Secret::new(ADMIN));
+    cfg.upstream.connect_timeout = Duration::from_secs(120);
+    cfg.limits.finalize_wait = Duration::from_millis(100);
+    cfg.usage.persist_interval = Duration::from_secs(3600);
+    let relay = Relay::start(cfg.clone());
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    ws.send(tungstenite::Message::text(config_message(None)))
+        .unwrap();
+    let frames = audio_frames(4, 3);
+    for f in &frames[..3] {
+        ws.send(tungstenite::Message::binary(f.clone())).unwrap();
+        assert!(ws.read().unwrap().is_text());
+    }
+    // The fourth drops the connection: the stream resumes, on a
+    // connection that hangs.
+    ws.send(tungstenite::Message::binary(frames[3].clone()))
+        .unwrap();
+    assert!(wait_until(LIMIT, || !held.lock().unwrap().is_empty()));
+    assert!(fake.wait_for(LIMIT, |s| s.len() == 1 && s[0].closed));
+    let processed = fake.sessions()[0].audio_ms;
+    assert_eq!(
+        relay.handle.drain(Duration::ZERO),
+        1,
+        "the drain cut the stream"
+    );
+    relay.handle.shutdown();
+    let relay = Relay::start(cfg.clone());
+    let rows = usage_rows(&relay, "device", 1);
+    let row = &rows["dev"];
+    assert_eq!(row["streams"], 1, "{rows:?}");
+    assert_eq!(row["errors"]["503"], 1, "{rows:?}");
+    // The relay's meter, as for any stream that ends without upstream's
+    // `finished`: the audio that went up, the frame the drop came at too.
+    let ms = (row["audio_seconds"].as_f64().unwrap() * 1000.0).round() as u64;
+    assert!(
+        (processed..=400).contains(&ms),
+        "{ms} ms, fake-soniox {processed}: {rows:?}"
+    );
+    assert!(row["bytes_up"].as_u64().unwrap() >= 4 * 3_200, "{rows:?}");
+    drop(relay);
+    std::fs::remove_dir_all(&cfg.admin.state_dir).ok();
+}
+
+/// A stream waiting for a drain's finalize when SIGINT stops the relay
+/// (here upstream stopped reading, so no `<fin>` comes within the
+/// minute's `limits.finalize_wait`): the stop ends the wait, the client
+/// is told to reconnect, and the ledger has the stream after a restart.
+/// Before, the stop left it finalizing and saved the ledger without it.
+#[test]
+fn a_stream_finalizing_at_a_sigint_is_in_the_ledger() {
+    let fake = fake(&["k1"], |c| {
+        c.ms_per_word = 100;
+        // Frame 4 is read, never answered; nothing after it is read.
+        c.faults.stall_after_frames = Some(4);
+    });
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.admin.token = Some(clio_relay::core::secret::Secret::new(ADMIN));
+    cfg.limits.finalize_wait = Duration::from_secs(60);
+    cfg.usage.persist_interval = Duration::from_secs(3600);
+    let relay = Relay::start(cfg.clone());
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    ws.send(tungstenite::Message::text(config_message(None)))
+        .unwrap();
+    let frames = audio_frames(4, 3);
+    for f in &frames[..3] {
+        ws.send(tungstenite::Message::binary(f.clone())).unwrap();
+        assert!(ws.read().unwrap().is_text());
+    }
+    ws.send(tungstenite::Message::binary(frames[3].clone()))
+        .unwrap();
+    assert!(fake.wait_for(LIMIT, |s| s.len() == 1 && s[0].audio_frames == 4));
+    let handle = &relay.handle;
+    std::thread::scope(|s| {
+        let drain = s.spawn(|| handle.drain(Duration::ZERO));
+        // The finalize went up (the fake holds it unread, or read it and
+        // stopped): the stream waits for its answer.
+        assert!(wait_until(LIMIT, || handle.process.finalizing()));
+        std::thread::sleep(Duration::from_millis(300));
+        // SIGINT during the drain, as `clio-relay run` takes it.
+        handle.process.stop_now();
+        assert_eq!(drain.join().unwrap(), 1, "the stream was live");
+    });
+    relay.handle.shutdown();
+    let got = read_all(&mut ws);
+    let relay = Relay::start(cfg.clone());
+    let rows = usage_rows(&relay, "device", 1);
+    let row = &rows["dev"];
+    assert_eq!(row["streams"], 1, "{rows:?}");
+    assert_eq!(row["errors"]["503"], 1, "{rows:?}");
+    assert!(row["bytes_up"].as_u64().unwrap() >= 4 * 3_200, "{rows:?}");
+    assert_eq!(got.error_code(), Some(503), "{got:?}");
+    assert_eq!(got.close_code(), Some(1012), "{got:?}");
+    drop(relay);
+    std::fs::remove_dir_all(&cfg.admin.state_dir).ok();
+}

@@ -855,14 +855,14 @@ fn warns_when_runtime_changes_would_not_persist() {
 fn warns_when_the_drain_outlasts_the_units_stop_timeout() {
     let mut c = bare_config(vec![AccountConfig::new("a", Secret::new(KEY_A))]);
     c.server.max_streams = 10;
-    c.limits.drain_timeout = Duration::from_secs(75);
+    c.limits.drain_timeout = Duration::from_secs(72);
     assert!(c.warnings().is_empty(), "{:?}", c.warnings());
     c.limits.drain_timeout = Duration::from_secs(80);
     let w = c.warnings();
     assert_eq!(w.len(), 1, "{w:?}");
     assert!(
-        w[0].starts_with("limits.drain_timeout: 80 s, plus up to 15 s")
-            && w[0].contains("TimeoutStopSec above 95 s"),
+        w[0].starts_with("limits.drain_timeout: 80 s, plus up to 18 s")
+            && w[0].contains("TimeoutStopSec above 98 s"),
         "{w:?}"
     );
     // A longer finalize wait lengthens the drain's end by as much.
@@ -871,8 +871,8 @@ fn warns_when_the_drain_outlasts_the_units_stop_timeout() {
     let w = c.warnings();
     assert_eq!(w.len(), 1, "{w:?}");
     assert!(
-        w[0].starts_with("limits.drain_timeout: 60 s, plus up to 35 s")
-            && w[0].contains("TimeoutStopSec above 95 s"),
+        w[0].starts_with("limits.drain_timeout: 60 s, plus up to 38 s")
+            && w[0].contains("TimeoutStopSec above 98 s"),
         "{w:?}"
     );
 }

@@ -423,6 +423,9 @@ impl Stream {
                         let error = (r.code != 0).then_some(r.code);
                         let billed = state.down.ever_accepted.get() || !refused_last;
                         self.record_usage(&up, claims, reference_id, &state, error, billed);
+                        // Out of the registry once recorded: what a stop
+                        // that ends the live streams waits for.
+                        drop(live);
                         return false;
                     }
                 };
@@ -444,6 +447,7 @@ impl Stream {
                 let billed =
                     state.down.ever_accepted.get() || state.down.first_error.get().is_none();
                 self.record_usage(&up, claims, reference_id, &state, error, billed);
+                drop(live);
                 let resume_copy_peak = state
                     .resume
                     .borrow()
@@ -746,8 +750,10 @@ impl Stream {
                 tracing::warn!(stream = %self.id, account = %up.lease.account.id, idle = ?self.settings.limits.idle_timeout, "upstream sent nothing after the client's end of audio; ending the stream as an upstream failure");
             }
             // The finalize is a data frame: between the client's messages.
+            // A stop that ends the stream now skips it.
             End::Drain | End::KeyRetired
                 if !cside.close_seen
+                    && !shard.process.stopping_now()
                     && state.up.at_boundary.get()
                     && cside.scanner.open_message().is_none()
                     && state.down.at_boundary.get()
@@ -862,7 +868,16 @@ impl Stream {
                 std::task::Poll::Pending
             }
         });
-        let _ = timeout(self.settings.limits.finalize_wait, future::or(u2c, fin)).await;
+        // A stop that comes meanwhile ends the wait: the stream ends now.
+        let stop = async {
+            shard.stopping_now().await;
+            End::Drain
+        };
+        let _ = timeout(
+            self.settings.limits.finalize_wait,
+            future::or(future::or(u2c, fin), stop),
+        )
+        .await;
     }
 
     /// Sends a refusal (error frame + close) to the client, then its FIN;

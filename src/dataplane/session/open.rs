@@ -55,7 +55,26 @@ impl Stream {
     /// tried) is under `failover.max_resumes`: a restarting upstream or a
     /// moment's network fault is then waited out, where the stream would
     /// have failed at once.
+    ///
+    /// When the relay stops now, it gives up with the drain's
+    /// "reconnect" (503, close 1012): the stop waits for no connect, and
+    /// the stream ends (a failover's or a resume's, with its usage
+    /// recorded) as the live streams it ends do. Always boxed by its
+    /// callers: the race adds nothing to an open stream's task.
     pub(super) async fn open_patiently(
+        &self,
+        tried: &mut u64,
+        rounds: &mut u32,
+        first: Option<Lease>,
+    ) -> Result<Upstream, Refusal> {
+        future::or(self.open_patiently_now(tried, rounds, first), async {
+            self.shard.stopping_now().await;
+            Err(Refusal::restarting())
+        })
+        .await
+    }
+
+    async fn open_patiently_now(
         &self,
         tried: &mut u64,
         rounds: &mut u32,

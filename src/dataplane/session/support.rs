@@ -50,7 +50,10 @@ pub(super) fn raw_audio_rate(config: &Map<String, Value>) -> Option<(u64, u64)> 
     (rate > 0 && frame > 0).then_some((per_sec, frame))
 }
 
-/// Keeps a stream in its shard's registry of live streams while it runs.
+/// Keeps a stream in its shard's registry of live streams while it runs,
+/// until its usage is recorded: a stop that ends the live streams waits
+/// for the process's count of them to fall to 0
+/// ([`ProcessState::wait_all_recorded`](crate::dataplane::process::ProcessState::wait_all_recorded)).
 pub(super) struct LiveGuard<'a> {
     shard: &'a Shard,
     id: u64,
@@ -62,6 +65,7 @@ impl<'a> LiveGuard<'a> {
         let stream = LiveStream::new(&claims.device_id, &claims.token_id);
         let id = shard.next_live_id();
         shard.live.borrow_mut().insert(id, stream.clone());
+        shard.process.stream_registered();
         // Past the drain deadline, `ShardMsg::Drain` may have gone by
         // already (the stream was admitted before, and its open waited):
         // it ends as the streams that message stopped do.
@@ -75,6 +79,7 @@ impl<'a> LiveGuard<'a> {
 impl Drop for LiveGuard<'_> {
     fn drop(&mut self) {
         self.shard.live.borrow_mut().remove(&self.id);
+        self.shard.process.stream_unregistered();
     }
 }
 
