@@ -220,6 +220,17 @@ fn relay_config(dir: &std::path::Path, listen: &str, admin: &str) -> String {
     config.to_str().unwrap().to_string()
 }
 
+/// `clio-relay run --config CONFIG` with the tests' secrets in its
+/// environment, and none of systemd's (a test may run under it).
+fn relay_run(config: &str) -> Command {
+    let mut c = Command::new(RELAY);
+    c.args(["run", "--config", config])
+        .envs(RELAY_ENV)
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_FDS");
+    c
+}
+
 fn run_env(args: &[&str]) -> Output {
     Command::new(RELAY)
         .args(args)
@@ -376,12 +387,8 @@ fn first_log_lines(value: &str, wait: std::time::Duration) -> Vec<String> {
         value.len()
     ));
     let config = relay_config(&dir, "127.0.0.1:0", "127.0.0.1:0");
-    let mut child = Command::new(RELAY)
-        .args(["run", "--config", &config])
-        .envs(RELAY_ENV)
+    let mut child = relay_run(&config)
         .env("RUST_LOG", value)
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("LISTEN_FDS")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -479,12 +486,8 @@ fn a_wrong_master_key_exits_3() {
         ),
     );
     std::fs::write(&config, file).unwrap();
-    let o = Command::new(RELAY)
-        .args(["run", "--config", &config])
-        .envs(RELAY_ENV)
+    let o = relay_run(&config)
         .env("CLI_WRONG_MASTER", &wrong)
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("LISTEN_FDS")
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(3), "{}", text(&o));
@@ -528,11 +531,7 @@ fn lines_until(
 /// Starts `clio-relay run --config CONFIG`, reads its log until a line
 /// `until` takes (at most 20 s), kills it and returns the lines read.
 fn start_logs_until(config: &str, until: impl Fn(&str) -> bool) -> Vec<String> {
-    let mut relay = Command::new(RELAY)
-        .args(["run", "--config", config])
-        .envs(RELAY_ENV)
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("LISTEN_FDS")
+    let mut relay = relay_run(config)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -879,11 +878,7 @@ fn the_default_max_streams_above_the_accounts_is_not_warned_of() {
     );
     // The start's warnings come after "listening"; a reload's, before
     // "reloaded": read to the end of a reload to have both.
-    let mut relay = Command::new(RELAY)
-        .args(["run", "--config", &config])
-        .envs(RELAY_ENV)
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("LISTEN_FDS")
+    let mut relay = relay_run(&config)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -1069,12 +1064,8 @@ fn a_state_dir_that_cannot_be_made_is_logged_or_stops_the_start() {
         .replace(STATE_LINE, "");
     let with_state = file.replace("[admin]\n", &format!("[admin]\nstate_dir = \"{state}\"\n"));
     std::fs::write(&config, &with_state).unwrap();
-    let mut child = Command::new(RELAY)
-        .args(["run", "--config", &config])
-        .envs(RELAY_ENV)
+    let mut child = relay_run(&config)
         .env("RUST_LOG", "info")
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("LISTEN_FDS")
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -1111,12 +1102,8 @@ fn a_state_dir_that_cannot_be_made_is_logged_or_stops_the_start() {
         "[admin]\nmaster_key_env = \"CLI_NO_STATE_MASTER\"\n",
     );
     std::fs::write(&config, with_key).unwrap();
-    let o = Command::new(RELAY)
-        .args(["run", "--config", &config])
-        .envs(RELAY_ENV)
+    let o = relay_run(&config)
         .env("CLI_NO_STATE_MASTER", "ab".repeat(32))
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("LISTEN_FDS")
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
@@ -1341,11 +1328,7 @@ fn a_burst_of_idle_admin_connections_does_not_evict_a_scrape() {
     let dir = std::env::temp_dir().join(format!("clio-relay-burst-{}", std::process::id()));
     let admin = free_port();
     let config = relay_config(&dir, "127.0.0.1:0", &admin.to_string());
-    let mut child = Command::new(RELAY)
-        .args(["run", "--config", &config])
-        .envs(RELAY_ENV)
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("LISTEN_FDS")
+    let mut child = relay_run(&config)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -1406,12 +1389,8 @@ fn a_tls_peer_cannot_fill_the_log_through_rustls() {
     let mut toml = std::fs::read_to_string(&config).unwrap();
     toml.push_str("\n[tls]\ncert_file = \"cert.pem\"\nkey_file = \"key.pem\"\n");
     std::fs::write(&config, toml).unwrap();
-    let mut child = Command::new(RELAY)
-        .args(["run", "--config", &config])
-        .envs(RELAY_ENV)
+    let mut child = relay_run(&config)
         .env_remove("RUST_LOG")
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("LISTEN_FDS")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
