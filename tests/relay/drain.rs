@@ -514,16 +514,7 @@ fn sigint_stops_a_draining_relay_at_once() {
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
     assert!(healthz_turns_503(admin));
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
-    let stopped = wait_until(Duration::from_secs(30), || {
-        child.try_wait().unwrap().is_some()
-    });
-    if !stopped {
-        child.kill().unwrap();
-    }
-    let status = child.wait().unwrap();
-    assert!(stopped, "SIGINT left the relay draining");
-    assert!(status.success(), "{status:?}");
+    sigint_and_reap(&mut child, "SIGINT left the relay draining");
     // Ended at once: no finalize went up, and the client is told to
     // reconnect.
     let got = read_all(&mut ws);

@@ -425,16 +425,7 @@ fn sigint_records_live_streams(during_drain: bool) {
         let draining = wait_until(LIMIT, || http_get(addrs.admin, "/healthz", "").0 == 503);
         assert!(draining, "SIGTERM began no drain");
     }
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
-    let stopped = wait_until(Duration::from_secs(30), || {
-        child.try_wait().unwrap().is_some()
-    });
-    if !stopped {
-        child.kill().unwrap();
-    }
-    let status = child.wait().unwrap();
-    assert!(stopped, "SIGINT did not stop the relay");
-    assert!(status.success(), "{status:?}");
+    sigint_and_reap(&mut child, "SIGINT did not stop the relay");
     // What each client got (checked last, after the ledger).
     let told = [read_all(&mut raw), read_all(&mut ogg)];
     assert!(fake.wait_for(LIMIT, |s| s.len() == 2 && s.iter().all(|r| r.closed)));

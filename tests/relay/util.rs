@@ -754,3 +754,20 @@ pub fn no_account_blamed(relay: &Relay) -> bool {
         .iter()
         .all(|a| a.healthy(Instant::now()))
 }
+
+/// Sends `child` SIGINT and waits up to 30 s for it to exit, killing it
+/// if it does not; asserts it exited, with status 0 (`what` says what a
+/// relay still running means).
+pub fn sigint_and_reap(child: &mut std::process::Child, what: &str) {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let stopped = wait_until(Duration::from_secs(30), || {
+        child.try_wait().unwrap().is_some()
+    });
+    if !stopped {
+        child.kill().unwrap();
+    }
+    let status = child.wait().unwrap();
+    assert!(stopped, "{what}");
+    assert!(status.success(), "{status:?}");
+}
