@@ -543,6 +543,30 @@ fn start_logs_until(config: &str, until: impl Fn(&str) -> bool) -> Vec<String> {
     lines
 }
 
+/// Starts `clio-relay run --config CONFIG`, reads its log to "listening",
+/// reloads it (SIGHUP), reads on to "SIGHUP: reloaded" (at most 20 s
+/// each), kills it and returns the lines read: a start's warnings and a
+/// reload's.
+fn start_and_reload_logs(config: &str) -> Vec<String> {
+    let mut relay = relay_run(config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = stderr_lines(&mut relay);
+    let wait = std::time::Duration::from_secs(20);
+    let mut lines = lines_until(&log, |l| l.contains("clio-relay listening"), wait);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(relay.id() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    lines.extend(lines_until(&log, |l| l.contains("SIGHUP: reloaded"), wait));
+    let _ = relay.kill();
+    let _ = relay.wait();
+    lines
+}
+
 /// The warning that `server.max_streams` is more than the enabled
 /// accounts carry counted only the config file's accounts, at the start
 /// and at each reload too: a relay whose key store added an account with
@@ -878,22 +902,7 @@ fn the_default_max_streams_above_the_accounts_is_not_warned_of() {
     );
     // The start's warnings come after "listening"; a reload's, before
     // "reloaded": read to the end of a reload to have both.
-    let mut relay = relay_run(&config)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let log = stderr_lines(&mut relay);
-    let wait = std::time::Duration::from_secs(20);
-    let mut lines = lines_until(&log, |l| l.contains("clio-relay listening"), wait);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(relay.id() as i32),
-        nix::sys::signal::Signal::SIGHUP,
-    )
-    .unwrap();
-    lines.extend(lines_until(&log, |l| l.contains("SIGHUP: reloaded"), wait));
-    let _ = relay.kill();
-    let _ = relay.wait();
+    let lines = start_and_reload_logs(&config);
     assert!(
         lines.iter().any(|l| l.contains("SIGHUP: reloaded")),
         "{lines:#?}"

@@ -546,18 +546,9 @@ fn a_stream_a_timed_out_drain_cuts_is_in_the_ledger() {
     cfg.limits.finalize_wait = Duration::from_millis(100);
     cfg.usage.persist_interval = Duration::from_secs(3600);
     let relay = Relay::start(cfg.clone());
-    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
-    ws.send(tungstenite::Message::text(config_message(None)))
-        .unwrap();
-    let frames = audio_frames(4, 3);
-    for f in &frames[..3] {
-        ws.send(tungstenite::Message::binary(f.clone())).unwrap();
-        assert!(ws.read().unwrap().is_text());
-    }
-    // The fourth drops the connection: the stream resumes, on a
-    // connection that hangs.
-    ws.send(tungstenite::Message::binary(frames[3].clone()))
-        .unwrap();
+    // The fourth frame drops the connection: the stream resumes, on a
+    // connection that hangs. The client stays connected to the end.
+    let _ws = three_answered_then_a_fourth(&relay);
     assert!(wait_until(LIMIT, || !held.lock().unwrap().is_empty()));
     assert!(fake.wait_for(LIMIT, |s| s.len() == 1 && s[0].closed));
     let processed = fake.sessions()[0].audio_ms;
@@ -584,6 +575,22 @@ fn a_stream_a_timed_out_drain_cuts_is_in_the_ledger() {
     std::fs::remove_dir_all(&cfg.admin.state_dir).ok();
 }
 
+/// A stream of device "dev" on `relay`: its config, three audio frames
+/// each answered, then a fourth sent.
+fn three_answered_then_a_fourth(relay: &Relay) -> Ws {
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    ws.send(tungstenite::Message::text(config_message(None)))
+        .unwrap();
+    let frames = audio_frames(4, 3);
+    for f in &frames[..3] {
+        ws.send(tungstenite::Message::binary(f.clone())).unwrap();
+        assert!(ws.read().unwrap().is_text());
+    }
+    ws.send(tungstenite::Message::binary(frames[3].clone()))
+        .unwrap();
+    ws
+}
+
 /// A stream waiting for a drain's finalize when SIGINT stops the relay
 /// (here upstream stopped reading, so no `<fin>` comes within the
 /// minute's `limits.finalize_wait`): the stop ends the wait, the client
@@ -601,16 +608,7 @@ fn a_stream_finalizing_at_a_sigint_is_in_the_ledger() {
     cfg.limits.finalize_wait = Duration::from_secs(60);
     cfg.usage.persist_interval = Duration::from_secs(3600);
     let relay = Relay::start(cfg.clone());
-    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
-    ws.send(tungstenite::Message::text(config_message(None)))
-        .unwrap();
-    let frames = audio_frames(4, 3);
-    for f in &frames[..3] {
-        ws.send(tungstenite::Message::binary(f.clone())).unwrap();
-        assert!(ws.read().unwrap().is_text());
-    }
-    ws.send(tungstenite::Message::binary(frames[3].clone()))
-        .unwrap();
+    let mut ws = three_answered_then_a_fourth(&relay);
     assert!(fake.wait_for(LIMIT, |s| s.len() == 1 && s[0].audio_frames == 4));
     let handle = &relay.handle;
     std::thread::scope(|s| {
