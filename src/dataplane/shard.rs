@@ -294,19 +294,8 @@ impl Shard {
     /// or its config message still to come) waits for this beside its
     /// read, and is then answered as by a relay that is restarting: it
     /// holds no drain.
-    pub async fn drain_ended(&self) {
-        loop {
-            if self.process.finalizing() {
-                return;
-            }
-            // Listening before the second look: a notification between
-            // the two is not lost.
-            let listener = self.drain_over.listen();
-            if self.process.finalizing() {
-                return;
-            }
-            listener.await;
-        }
+    pub fn drain_ended(&self) -> impl std::future::Future<Output = ()> + '_ {
+        self.drain_event_until(ProcessState::finalizing)
     }
 
     /// Resolves once the relay stops now
@@ -317,13 +306,21 @@ impl Shard {
     /// it, and then ends through its own end (its usage recorded) rather
     /// than hold the stop. Streams in their pumps need not: the message
     /// stops them through their registry entry.
-    pub async fn stopping_now(&self) {
+    pub fn stopping_now(&self) -> impl std::future::Future<Output = ()> + '_ {
+        self.drain_event_until(ProcessState::stopping_now)
+    }
+
+    /// Waits on `drain_over` until `done` holds of the process (at once
+    /// if it does already).
+    async fn drain_event_until(&self, done: impl Fn(&ProcessState) -> bool) {
         loop {
-            if self.process.stopping_now() {
+            if done(&self.process) {
                 return;
             }
+            // Listening before the second look: a notification between
+            // the two is not lost.
             let listener = self.drain_over.listen();
-            if self.process.stopping_now() {
+            if done(&self.process) {
                 return;
             }
             listener.await;
