@@ -18,8 +18,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser, Debug)]
 #[command(name = "clio-relay", version, about, long_about, after_help = EXIT_STATUS)]
 struct Cli {
-    /// The relay's TOML config file (see config/example.toml).
-    #[arg(long, short = 'c', global = true, value_name = "FILE")]
+    /// The relay's TOML config file (see config/example.toml): with no
+    /// command, the one `run` serves; before a command, that command's
+    /// (each command that reads one takes its own --config too).
+    #[arg(long, short = 'c', value_name = "FILE")]
     config: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
@@ -42,6 +44,9 @@ Exit status:
 enum Command {
     /// Serve streams (the default when only --config is given).
     Run {
+        /// The relay's TOML config file (see config/example.toml).
+        #[arg(long, short = 'c', value_name = "FILE")]
+        config: Option<PathBuf>,
         /// Share the client port with a relay already listening on it (a
         /// hand-over restart: start this one, then SIGTERM the old one). The
         /// admin port is never shared, so it needs another server.admin_listen.
@@ -50,9 +55,16 @@ enum Command {
         join_client_port: bool,
     },
     /// Validate the config file and print a summary; exit 3 with one line per problem.
-    CheckConfig,
+    CheckConfig {
+        /// The relay's TOML config file (see config/example.toml).
+        #[arg(long, short = 'c', value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
     /// Print one session token for a device on stdout.
     MintToken {
+        /// The relay's TOML config file (see config/example.toml).
+        #[arg(long, short = 'c', value_name = "FILE")]
+        config: Option<PathBuf>,
         /// Device id the token is for.
         #[arg(long)]
         device: String,
@@ -70,24 +82,68 @@ enum Command {
     },
     /// Manage accounts and keys of a running relay (through its admin API).
     Keys {
+        /// The relay's TOML config file (see config/example.toml): its
+        /// server.admin_listen and admin token say how to reach the relay.
+        // Global, so that it may follow the action too; an id of its own,
+        // or clap would hand its value up to the top level's --config.
+        #[arg(
+            id = "keys_config",
+            long = "config",
+            short = 'c',
+            global = true,
+            value_name = "FILE"
+        )]
+        config: Option<PathBuf>,
         #[command(subcommand)]
         action: clio_relay::cli::keys::KeysAction,
     },
     /// Start a fake Soniox, a relay and a short load on loopback, and print
     /// what happened (needs no config file and reads none).
     #[cfg(feature = "demo")]
-    Demo(clio_relay::cli::demo::DemoArgs),
+    Demo {
+        #[command(flatten)]
+        args: clio_relay::cli::demo::DemoArgs,
+        /// Taken only to be refused with the reason (demo reads no config
+        /// file), so not in demo's help.
+        #[arg(long, short = 'c', value_name = "FILE", hide = true)]
+        config: Option<PathBuf>,
+    },
+}
+
+impl Command {
+    /// The command's own `--config`, when it has one.
+    fn config(&self) -> Option<&PathBuf> {
+        match self {
+            Command::Run { config, .. }
+            | Command::CheckConfig { config }
+            | Command::MintToken { config, .. }
+            | Command::Keys { config, .. } => config.as_ref(),
+            #[cfg(feature = "demo")]
+            Command::Demo { config, .. } => config.as_ref(),
+        }
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if cli.command.is_none() && cli.config.is_none() {
+    // --config goes before the command or after it: one of them.
+    let own = cli.command.as_ref().and_then(Command::config);
+    if let (Some(before), Some(after)) = (&cli.config, own) {
+        eprintln!(
+            "--config is given twice ({} before the command, {} after it): give it once",
+            before.display(),
+            after.display()
+        );
+        return ExitCode::from(2);
+    }
+    let config = cli.config.clone().or_else(|| own.cloned());
+    if cli.command.is_none() && config.is_none() {
         // Bare `clio-relay`: the help, not just the missing flag.
         let _ = <Cli as clap::CommandFactory>::command().print_help();
         return ExitCode::from(2);
     }
     #[cfg(feature = "demo")]
-    if matches!(cli.command, Some(Command::Demo(_))) && cli.config.is_some() {
+    if matches!(cli.command, Some(Command::Demo { .. })) && config.is_some() {
         eprintln!(
             "demo reads no config file: it runs its own fake Soniox and relay on loopback; \
              drop --config (to serve with a config, use `clio-relay run --config FILE`)"
@@ -95,21 +151,21 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     #[cfg(feature = "demo")]
-    let demo = matches!(cli.command, Some(Command::Demo(_)));
+    let demo = matches!(cli.command, Some(Command::Demo { .. }));
     #[cfg(not(feature = "demo"))]
     let demo = false;
     init_logging(demo);
     let need_config = || -> Result<PathBuf, CliError> {
-        cli.config
+        config
             .clone()
             .ok_or_else(|| CliError::Usage("--config FILE is required".to_string()))
     };
     let result: Result<(), CliError> = match &cli.command {
         None => need_config().and_then(|path| clio_relay::cli::server::run(&path, false)),
-        Some(Command::Run { join_client_port }) => {
-            need_config().and_then(|path| clio_relay::cli::server::run(&path, *join_client_port))
-        }
-        Some(Command::CheckConfig) => {
+        Some(Command::Run {
+            join_client_port, ..
+        }) => need_config().and_then(|path| clio_relay::cli::server::run(&path, *join_client_port)),
+        Some(Command::CheckConfig { .. }) => {
             need_config().and_then(|path| match clio_relay::cli::check_config(&path) {
                 Ok(summary) => {
                     print!("{summary}");
@@ -124,6 +180,7 @@ fn main() -> ExitCode {
             ttl,
             tier,
             pools,
+            ..
         }) => need_config().and_then(|path| {
             let token =
                 clio_relay::cli::mint_token_for(&path, device, tier.as_deref(), pools, *ttl)
@@ -140,12 +197,14 @@ fn main() -> ExitCode {
             println!("{token}");
             Ok(())
         }),
-        Some(Command::Keys { action }) => need_config().and_then(|path| {
+        Some(Command::Keys { action, .. }) => need_config().and_then(|path| {
             print!("{}", clio_relay::cli::keys::run(&path, action)?);
             Ok(())
         }),
         #[cfg(feature = "demo")]
-        Some(Command::Demo(args)) => clio_relay::cli::demo::run(args).map_err(CliError::from),
+        Some(Command::Demo { args, .. }) => {
+            clio_relay::cli::demo::run(args).map_err(CliError::from)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

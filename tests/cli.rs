@@ -88,6 +88,95 @@ fn demo_refuses_a_config_file_it_would_ignore() {
     assert!(t.contains("demo reads no config file"), "{t}");
 }
 
+/// `demo --help` listed `-c, --config <FILE>`, a global flag, though demo
+/// reads no config file (and refuses one). Each command that reads a
+/// config now takes --config itself, and demo's help lists only what demo
+/// takes. Every way of giving --config that the docs, units and scripts
+/// use still works: after the command or before it, after `keys` or
+/// after its action; given twice, it is refused.
+#[test]
+fn demo_help_lists_only_what_demo_takes() {
+    let t = text(&run(RELAY, &["demo", "--help"]));
+    assert!(!t.contains("--config") && !t.contains("-c,"), "{t}");
+    for flag in ["--clients", "--seconds", "--fast"] {
+        assert!(t.contains(flag), "{flag}: {t}");
+    }
+    for sub in [
+        &["run"][..],
+        &["check-config"],
+        &["mint-token"],
+        &["keys"],
+        &["keys", "list"],
+        &["keys", "rotate"],
+    ] {
+        let t = text(&run(RELAY, &[sub, &["--help"]].concat()));
+        assert!(t.contains("-c, --config <FILE>"), "{sub:?}: {t}");
+    }
+    let dir = std::env::temp_dir().join(format!("clio-relay-cli-config-at-{}", std::process::id()));
+    let admin = free_port().to_string();
+    let config = relay_config(&dir, "127.0.0.1:0", &admin);
+    let c = config.as_str();
+    for args in [
+        &["check-config", "--config", c][..],
+        &["check-config", "-c", c],
+        &["--config", c, "check-config"],
+        &["-c", c, "check-config"],
+    ] {
+        let o = run_env(args);
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {}", text(&o));
+        assert!(text(&o).contains("configuration is valid"), "{args:?}");
+    }
+    for args in [
+        &["mint-token", "--config", c, "--device", "d"][..],
+        &["--config", c, "mint-token", "--device", "d"],
+    ] {
+        let o = run_env(args);
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {}", text(&o));
+        assert!(String::from_utf8_lossy(&o.stdout).starts_with("clio1."));
+    }
+    // Nothing listens on the admin port: exit 5 naming this config.
+    for args in [
+        &["keys", "--config", c, "list"][..],
+        &["keys", "list", "--config", c],
+        &["--config", c, "keys", "list"],
+    ] {
+        let o = run_env(args);
+        assert_eq!(o.status.code(), Some(5), "{args:?}: {}", text(&o));
+        assert!(
+            text(&o).contains(&format!("is {c} the config it runs")),
+            "{args:?}: {}",
+            text(&o)
+        );
+    }
+    // A client port taken: the file was read, whichever way it came.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = relay_config(
+        &dir.join("busy"),
+        &taken.local_addr().unwrap().to_string(),
+        "127.0.0.1:0",
+    );
+    let b = busy.as_str();
+    for args in [
+        &["run", "--config", b][..],
+        &["--config", b, "run"],
+        &["--config", b],
+    ] {
+        let o = relay_run_args(args).output().unwrap();
+        assert_eq!(o.status.code(), Some(4), "{args:?}: {}", text(&o));
+        assert!(text(&o).contains("already in use"), "{args:?}");
+    }
+    drop(taken);
+    for args in [&["demo", "--config", c][..], &["--config", c, "demo"]] {
+        let o = run(RELAY, args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", text(&o));
+        assert!(text(&o).contains("demo reads no config file"), "{args:?}");
+    }
+    let o = run_env(&["--config", c, "check-config", "--config", c]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("--config is given twice"), "{}", text(&o));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 #[test]
 fn mint_token_refuses_a_pool_its_secret_is_not_bound_to() {
     let dir = std::env::temp_dir().join(format!("clio-relay-cli-pools-{}", std::process::id()));
@@ -223,8 +312,14 @@ fn relay_config(dir: &std::path::Path, listen: &str, admin: &str) -> String {
 /// `clio-relay run --config CONFIG` with the tests' secrets in its
 /// environment, and none of systemd's (a test may run under it).
 fn relay_run(config: &str) -> Command {
+    relay_run_args(&["run", "--config", config])
+}
+
+/// `clio-relay ARGS` as [`relay_run`] runs it (the tests' secrets, none of
+/// systemd's environment), for a start with its arguments in another order.
+fn relay_run_args(args: &[&str]) -> Command {
     let mut c = Command::new(RELAY);
-    c.args(["run", "--config", config])
+    c.args(args)
         .envs(RELAY_ENV)
         .env_remove("NOTIFY_SOCKET")
         .env_remove("LISTEN_FDS");
