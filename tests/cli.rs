@@ -1047,6 +1047,80 @@ fn a_key_in_the_wrong_table_says_where_it_belongs() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// A value of the wrong type was refused in serde's words, the Rust type
+/// that holds the key: `server.shards: invalid type: string "x", expected
+/// usize (line 4)`, and "u32", "u64", "f64", "path string", "a sequence",
+/// "struct RawServer". An operator does not know them: the line now says
+/// what the key takes, still naming the key and its line. Exit 3.
+#[test]
+fn a_value_of_the_wrong_type_says_what_the_key_takes() {
+    let dir = std::env::temp_dir().join(format!("clio-relay-wrong-type-{}", std::process::id()));
+    let config = relay_config(&dir, "127.0.0.1:0", "127.0.0.1:0");
+    let base = std::fs::read_to_string(&config).unwrap();
+    for (from, to, said) in [
+        (
+            "shards = 1\n",
+            "shards = \"x\"\n",
+            "server.shards: invalid type: string \"x\", expected a whole number (0 or more) (line 4)",
+        ),
+        (
+            "shards = 1\n",
+            "shards = 1.5\n",
+            "server.shards: invalid type: floating point `1.5`, expected a whole number (0 or more) (line 4)",
+        ),
+        (
+            "shards = 1\n",
+            "shards = 1\nmax_streams = -1\n",
+            "server.max_streams: invalid value: integer `-1`, expected a whole number from 0 to 4294967295 (line 5)",
+        ),
+        (
+            "max_concurrent_streams = 5\n",
+            "max_concurrent_streams = 5\nprice_per_hour = \"0.12\"\n",
+            "account[0].price_per_hour: invalid type: string \"0.12\", expected a number (line 20)",
+        ),
+        (
+            "max_concurrent_streams = 5\n",
+            "max_concurrent_streams = 5\nenabled = \"yes\"\n",
+            "account[0].enabled: invalid type: string \"yes\", expected true or false (line 20)",
+        ),
+        (
+            "max_concurrent_streams = 5\n",
+            "max_concurrent_streams = 5\n[alerts]\nerror_min_streams = \"ten\"\n",
+            "alerts.error_min_streams: invalid type: string \"ten\", expected a whole number (0 or more) (line 21)",
+        ),
+        (
+            "[admin]\n",
+            "[admin]\ntoken_file = 7\n",
+            "admin.token_file: invalid type: integer `7`, expected a path in quotes (line 13)",
+        ),
+        (
+            "shards = 1\n",
+            "shards = 1\nallow = \"10.0.0.0/8\"\n",
+            "server.allow: invalid type: string \"10.0.0.0/8\", expected a list in brackets, such as [\"a\", \"b\"] (line 5)",
+        ),
+        (
+            "shards = 1\n",
+            "shards = 1\nallow = [10]\n",
+            "server.allow: invalid type: integer `10`, expected a string in quotes (line 5)",
+        ),
+        (
+            "[server]\n",
+            "pool = 1\n[server]\n",
+            "pool: invalid type: integer `1`, expected [pool.NAME] tables (line 1)",
+        ),
+    ] {
+        std::fs::write(&config, base.replace(from, to)).unwrap();
+        let o = run_env(&["check-config", "--config", &config]);
+        let t = text(&o);
+        assert_eq!(o.status.code(), Some(3), "{to}: {t}");
+        assert!(t.contains(said), "{to}: {t}");
+        for rust in ["usize", "u32", "u64", "f64", "path string", "a sequence", "struct Raw"] {
+            assert!(!t.contains(rust), "{to}: {rust}: {t}");
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// Runs `cmd` (`check-config` or `run`) on the relay's test config with a
 /// `[cluster]` section whose `redis_url` is `url`, in `dir`.
 fn with_redis_url(dir: &std::path::Path, cmd: &str, url: &str) -> std::process::Output {

@@ -295,12 +295,48 @@ fn describe_toml_error(e: &toml::de::Error, text: &str) -> String {
         let takes = expected.strip_prefix(", expected").unwrap_or("");
         return format!("{what} in {place} (line {line_no}){elsewhere}; {place} takes{takes}");
     }
+    let msg = plain_expected(&msg, key);
     match (section, key) {
         (Some(s), Some(k)) => format!("{s}.{k}: {msg} (line {line_no})"),
         (None, Some(k)) => format!("{k}: {msg} (line {line_no})"),
         (Some(s), None) => format!("{s}: {msg} (line {line_no})"),
         (None, None) => format!("{msg} (line {line_no})"),
     }
+}
+
+/// serde's "invalid type: …, expected usize" (or `invalid value`) in an
+/// operator's words: what the key takes, not the Rust type that holds it
+/// (`expected a whole number (0 or more)`). `key` is the key the error is
+/// on, for the lists and sets of tables (`account`, `pool`). Any other
+/// message is returned as it is.
+fn plain_expected(msg: &str, key: Option<&str>) -> String {
+    if !msg.starts_with("invalid type: ") && !msg.starts_with("invalid value: ") {
+        return msg.to_string();
+    }
+    let Some((what, expected)) = msg.rsplit_once(", expected ") else {
+        return msg.to_string();
+    };
+    let plain = match expected {
+        "usize" | "u64" => "a whole number (0 or more)".to_string(),
+        "u32" => format!("a whole number from 0 to {}", u32::MAX),
+        "f64" => "a number".to_string(),
+        "a boolean" => "true or false".to_string(),
+        "path string" => "a path in quotes".to_string(),
+        "a sequence" => match key {
+            Some("account") => "[[account]] tables".to_string(),
+            Some("extra") => "[[tokens.extra]] tables".to_string(),
+            _ => "a list in brackets, such as [\"a\", \"b\"]".to_string(),
+        },
+        "a string" => "a string in quotes".to_string(),
+        "a map" => match key {
+            Some("pool") => "[pool.NAME] tables".to_string(),
+            Some("tier") => "[devices.tier.NAME] tables".to_string(),
+            _ => "a table".to_string(),
+        },
+        e if e.starts_with("struct Raw") => "a table".to_string(),
+        _ => return msg.to_string(),
+    };
+    format!("{what}, expected {plain}")
 }
 
 /// For "unknown field `KEY`" in `place`: the other tables that have KEY
