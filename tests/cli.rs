@@ -1047,6 +1047,64 @@ fn a_key_in_the_wrong_table_says_where_it_belongs() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// A misspelt key (`listne` in [server]) got the table's keys listed and
+/// no more: the line now says which key it probably is, when one is
+/// close (an edit or two, by strsim's distance) and no other as close. A
+/// key of another table keeps its hint (the test above); when it is also
+/// close to one here (`pool` in [tokens], which takes `pools`), the line
+/// says both. Exit 3 each time.
+#[test]
+fn a_misspelt_key_says_which_key_it_may_be() {
+    let dir = std::env::temp_dir().join(format!("clio-relay-misspelt-{}", std::process::id()));
+    let config = relay_config(&dir, "127.0.0.1:0", "127.0.0.1:0");
+    let base = std::fs::read_to_string(&config).unwrap();
+    let check = |from: &str, to: &str| {
+        std::fs::write(&config, base.replace(from, to)).unwrap();
+        let o = run_env(&["check-config", "--config", &config]);
+        assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+        text(&o)
+    };
+    let t = check("listen = ", "listne = ");
+    assert!(
+        t.contains(
+            "unknown field `listne` in [server] (line 2): did you mean `listen`? \
+             [server] takes one of `listen`, `admin_listen`"
+        ),
+        "{t}"
+    );
+    let t = check("max_concurrent_streams", "maxconcurrent_streams");
+    assert!(
+        t.contains(
+            "unknown field `maxconcurrent_streams` in account[0] (line 19): did you mean \
+             `max_concurrent_streams`?"
+        ),
+        "{t}"
+    );
+    // A table's name too.
+    let t = check("[upstream]", "[upstrem]");
+    assert!(
+        t.contains("unknown field `upstrem` in the top level (line 6): did you mean `upstream`?"),
+        "{t}"
+    );
+    // Close to a key here and a key of another table: both said.
+    let t = check("[tokens]\n", "[tokens]\npool = [\"default\"]\n");
+    assert!(
+        t.contains(
+            "unknown field `pool` in [tokens] (line 10): did you mean `pools`? (`pool` itself \
+             is a key of [[account]]); [tokens] takes one of"
+        ),
+        "{t}"
+    );
+    // Two keys as close (idle_timeout, stall_timeout): no guess.
+    let t = check("[tokens]\n", "[limits]\nll_timeout = \"5s\"\n[tokens]\n");
+    assert!(
+        t.contains("unknown field `ll_timeout` in [limits] (line 10), expected one of")
+            && !t.contains("did you mean"),
+        "{t}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// A value of the wrong type was refused in serde's words, the Rust type
 /// that holds the key: `server.shards: invalid type: string "x", expected
 /// usize (line 4)`, and "u32", "u64", "f64", "path string", "a sequence",

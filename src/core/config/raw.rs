@@ -285,15 +285,29 @@ fn describe_toml_error(e: &toml::de::Error, text: &str) -> String {
             None => "the top level".to_string(),
         };
         let elsewhere = if header_line {
-            String::new()
+            Vec::new()
         } else {
             tables_with_key(what, &place)
         };
-        if elsewhere.is_empty() {
-            return format!("{what} in {place} (line {line_no}){expected}");
-        }
         let takes = expected.strip_prefix(", expected").unwrap_or("");
-        return format!("{what} in {place} (line {line_no}){elsewhere}; {place} takes{takes}");
+        let at = format!("{what} in {place} (line {line_no})");
+        return match (close_key(what, takes), elsewhere.as_slice()) {
+            (None, []) => format!("{at}{expected}"),
+            (Some(near), []) => format!("{at}: did you mean `{near}`? {place} takes{takes}"),
+            (None, [one]) => {
+                format!("{at}: it is a key of {one}: move it there; {place} takes{takes}")
+            }
+            (None, tables) => format!(
+                "{at}: it is a key of {}; {place} takes{takes}",
+                tables.join(" and ")
+            ),
+            // `pool` in [tokens]: `pools` here, more likely than a move.
+            (Some(near), tables) => format!(
+                "{at}: did you mean `{near}`? (`{}` itself is a key of {}); {place} takes{takes}",
+                what.split('`').nth(1).unwrap_or(""),
+                tables.join(" and ")
+            ),
+        };
     }
     let msg = plain_expected(&msg, key);
     match (section, key) {
@@ -302,6 +316,30 @@ fn describe_toml_error(e: &toml::de::Error, text: &str) -> String {
         (Some(s), None) => format!("{s}: {msg} (line {line_no})"),
         (None, None) => format!("{msg} (line {line_no})"),
     }
+}
+
+/// For "unknown field `KEY`": the one key of `takes` (serde's " one of
+/// `a`, `b`") KEY is probably a misspelling of, if one is close (an edit
+/// distance of at most a third of KEY's length, 1 for a short key, a
+/// swap of two letters counting one) and no other is as close.
+fn close_key<'a>(what: &str, takes: &'a str) -> Option<&'a str> {
+    let key = what.split('`').nth(1)?.to_ascii_lowercase();
+    let within = (key.chars().count() / 3).max(1);
+    let mut best: Option<(usize, &str)> = None;
+    let mut tied = false;
+    for candidate in takes.split('`').skip(1).step_by(2) {
+        let d = strsim::damerau_levenshtein(&key, &candidate.to_ascii_lowercase());
+        match best {
+            _ if d > within => {}
+            Some((b, _)) if d > b => {}
+            Some((b, _)) if d == b => tied = true,
+            _ => {
+                best = Some((d, candidate));
+                tied = false;
+            }
+        }
+    }
+    best.filter(|_| !tied).map(|(_, k)| k)
 }
 
 /// serde's "invalid type: …, expected usize" (or `invalid value`) in an
@@ -340,16 +378,16 @@ fn plain_expected(msg: &str, key: Option<&str>) -> String {
 }
 
 /// For "unknown field `KEY`" in `place`: the other tables that have KEY
-/// (`: it is a key of [limits]`), so a key put in the wrong table says
-/// where it belongs; empty when none has it. Each table is asked by
+/// (`[limits]`), so a key put in the wrong table says where it belongs;
+/// empty when none has it. Each table is asked by
 /// parsing a one-key file: any answer but "unknown field" means it has it.
-fn tables_with_key(what: &str, place: &str) -> String {
+fn tables_with_key(what: &str, place: &str) -> Vec<String> {
     let Some(key) = what
         .split('`')
         .nth(1)
         .filter(|k| !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
     else {
-        return String::new();
+        return Vec::new();
     };
     const TABLES: [&str; 12] = [
         "server", "upstream", "tokens", "limits", "failover", "admin", "devices", "usage",
@@ -366,7 +404,7 @@ fn tables_with_key(what: &str, place: &str) -> String {
             Err(e) => !e.message().starts_with("unknown field"),
         }
     };
-    let found: Vec<String> = TABLES
+    TABLES
         .iter()
         .map(|t| {
             if *t == "account" {
@@ -378,17 +416,7 @@ fn tables_with_key(what: &str, place: &str) -> String {
         .zip(TABLES)
         .filter(|(shown, t)| !place.starts_with(shown.trim_end_matches(']')) && has(t))
         .map(|(shown, _)| shown)
-        .collect();
-    if found.is_empty() {
-        String::new()
-    } else {
-        let there = if found.len() == 1 {
-            ": move it there"
-        } else {
-            ""
-        };
-        format!(": it is a key of {}{there}", found.join(" and "))
-    }
+        .collect()
 }
 
 /// Parses the file text into the raw layer; a toml error is one problem.
