@@ -975,9 +975,9 @@ fn without_a_key_store_the_max_streams_warning_has_no_store_note() {
 /// that says so. Yet `check-config` and every start and reload warned
 /// "server.max_streams: 9000 is more than the enabled accounts carry" of
 /// the example config and of most sound ones, a warning with nothing to
-/// do. Only a max_streams set to another value (a plan of what this relay
-/// carries, as in the test above) is now warned of; the summary's
-/// `accounts:` line still gives the accounts' sum.
+/// do. Only a max_streams the file sets (a plan of what this relay
+/// carries, as in the test above; 9000 too, the test below) is now warned
+/// of; the summary's `accounts:` line still gives the accounts' sum.
 #[test]
 fn the_default_max_streams_above_the_accounts_is_not_warned_of() {
     let dir = std::env::temp_dir().join(format!("clio-relay-default-max-{}", std::process::id()));
@@ -1005,6 +1005,74 @@ fn the_default_max_streams_above_the_accounts_is_not_warned_of() {
     assert!(
         !lines.iter().any(|l| l.contains("server.max_streams")),
         "{lines:#?}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A `max_streams = 9000` written in the file (the default's value) was
+/// not told from the default: the warning that it is more than the
+/// accounts carry, given for any other value set, was not given for it.
+/// The file's setting is now recorded: `check-config`, the start and a
+/// reload that brings it warn of it; the default, unset, stays unwarned
+/// (the test above).
+#[test]
+fn a_max_streams_of_9000_set_in_the_file_is_warned_of() {
+    let dir = std::env::temp_dir().join(format!("clio-relay-set-9000-{}", std::process::id()));
+    let config = relay_config(&dir, "127.0.0.1:0", "127.0.0.1:0");
+    let unset = std::fs::read_to_string(&config).unwrap();
+    let set = unset.replace("shards = 1\n", "shards = 1\nmax_streams = 9000\n");
+    let warning = "server.max_streams: 9000 is more than the enabled accounts carry (5)";
+    std::fs::write(&config, &set).unwrap();
+    let o = run_env(&["check-config", "--config", &config]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains(&format!("warning: {warning}; the accounts are the limit")),
+        "{}",
+        text(&o)
+    );
+    let lines = start_logs_until(&config, |l| l.contains(warning));
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("WARN") && l.contains(warning)),
+        "{lines:#?}"
+    );
+    // Started without it, then reloaded with it.
+    std::fs::write(&config, &unset).unwrap();
+    let mut relay = relay_run(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = stderr_lines(&mut relay);
+    let wait = std::time::Duration::from_secs(20);
+    let started = lines_until(&log, |l| l.contains("clio-relay listening"), wait);
+    assert!(
+        started.iter().any(|l| l.contains("clio-relay listening")),
+        "{started:#?}"
+    );
+    std::fs::write(&config, &set).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(relay.id() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    let reloaded = lines_until(&log, |l| l.contains("SIGHUP: reloaded"), wait);
+    let _ = relay.kill();
+    let _ = relay.wait();
+    // The start's warnings come after "listening", before the reload's.
+    assert!(
+        !started
+            .iter()
+            .chain(&reloaded)
+            .any(|l| l.contains("config: valid") && l.contains("server.max_streams")),
+        "{started:#?} {reloaded:#?}"
+    );
+    assert!(
+        reloaded
+            .iter()
+            .any(|l| l.contains("SIGHUP: config valid") && l.contains(warning)),
+        "{reloaded:#?}"
     );
     std::fs::remove_dir_all(&dir).ok();
 }

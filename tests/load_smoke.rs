@@ -34,6 +34,7 @@ fn relay_config(upstream: &str) -> Config {
             admin_listen: "127.0.0.1:0".parse().unwrap(),
             shards: 1,
             max_streams: 100,
+            max_streams_set: true,
             allow: Vec::new(),
             proxy_protocol_from: Vec::new(),
         },

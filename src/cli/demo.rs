@@ -185,6 +185,7 @@ pub fn run_demo(args: &DemoArgs) -> std::io::Result<DemoReport> {
             admin_listen: "127.0.0.1:0".parse().expect("literal address"),
             shards,
             max_streams: 1000,
+            max_streams_set: true,
             allow: Vec::new(),
             proxy_protocol_from: Vec::new(),
         },

@@ -356,10 +356,25 @@ impl RelayHandle {
     /// the config file's accounts with the key store's or the fleet's
     /// changes, as `check-config`, which reads only the file, cannot count
     /// them.
+    ///
+    /// `max_streams` is the one the relay started with (a change takes a
+    /// restart); whether the operator set it is the last reload's file's
+    /// say when that file has the same value (a `max_streams = 9000` added
+    /// to a file that had none is warned of at that reload, as
+    /// `check-config` warns of it).
     pub fn account_warnings(&self) -> Vec<String> {
         use std::sync::atomic::Ordering::Relaxed;
+        let running = &self.started_with.server;
+        let set = {
+            let applied = self.applied.lock().unwrap_or_else(|e| e.into_inner());
+            if applied.server.max_streams == running.max_streams {
+                applied.server.max_streams_set
+            } else {
+                running.max_streams_set
+            }
+        };
         crate::core::config::account_warnings(
-            self.started_with.server.max_streams,
+            set.then_some(running.max_streams),
             self.process
                 .accounts()
                 .iter()

@@ -110,12 +110,14 @@ pub enum AccountsCounted {
 }
 
 /// What the enabled accounts' limits say about `server.max_streams`, one
-/// line each: no account enabled, or a `max_streams` set to other than its
-/// default ([`DEFAULT_MAX_STREAMS`], a ceiling rather than a plan) above
-/// what the enabled accounts carry together. `accounts` is each account's
-/// (enabled, `max_concurrent_streams`); `counted` says whose they are.
+/// line each: no account enabled, or a `max_streams` the operator set
+/// (`set_max_streams`, [`ServerConfig::max_streams_if_set`]; 9000 too)
+/// above what the enabled accounts carry together. The default, left
+/// unset ([`DEFAULT_MAX_STREAMS`], a ceiling rather than a plan), is not
+/// warned of. `accounts` is each account's (enabled,
+/// `max_concurrent_streams`); `counted` says whose they are.
 pub fn account_warnings(
-    max_streams: u32,
+    set_max_streams: Option<u32>,
     accounts: impl IntoIterator<Item = (bool, u32)>,
     counted: AccountsCounted,
 ) -> Vec<String> {
@@ -157,9 +159,10 @@ pub fn account_warnings(
     // nearly every account set carries (Soniox's default is 10 streams a
     // key): the accounts being the limit under it is the usual state, and
     // a stream past them gets a 429 that says so. A max_streams chosen for
-    // this relay is a plan of what it carries: accounts that cannot carry
-    // it are worth a word.
-    if enabled > 0 && capacity < u64::from(max_streams) && max_streams != DEFAULT_MAX_STREAMS {
+    // this relay, whatever its value, is a plan of what it carries:
+    // accounts that cannot carry it are worth a word.
+    let above = set_max_streams.filter(|&m| enabled > 0 && capacity < u64::from(m));
+    if let Some(max_streams) = above {
         w.push(format!(
             "server.max_streams: {max_streams} is more than {whose} enabled accounts carry \
              ({capacity}); the accounts are the limit{note}: past {capacity} streams, new ones \
@@ -550,7 +553,7 @@ impl Config {
     pub fn warnings(&self) -> Vec<String> {
         let runtime = self.admin.master_key.is_some() || self.cluster.is_some();
         let mut w = account_warnings(
-            self.server.max_streams,
+            self.server.max_streams_if_set(),
             self.accounts
                 .iter()
                 .map(|a| (a.enabled, a.max_concurrent_streams)),

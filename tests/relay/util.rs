@@ -50,6 +50,7 @@ pub fn relay_config(upstream: &str, accounts: &[(&str, &str)]) -> Config {
             admin_listen: "127.0.0.1:0".parse().unwrap(),
             shards: 1,
             max_streams: 100,
+            max_streams_set: true,
             allow: Vec::new(),
             proxy_protocol_from: Vec::new(),
         },

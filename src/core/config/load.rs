@@ -216,6 +216,7 @@ fn resolve(raw: RawFile, base: &Path) -> Result<Config, ConfigError> {
             .server
             .max_streams
             .unwrap_or(defaults_server.max_streams),
+        max_streams_set: raw.server.max_streams.is_some(),
         allow: networks("server.allow", raw.server.allow, &mut p),
         proxy_protocol_from: networks(
             "server.proxy_protocol_from",

@@ -298,6 +298,12 @@ pub struct ServerConfig {
     /// Streams the whole process carries at most; beyond it new clients get
     /// HTTP 503 before the upgrade. This is what bounds process memory.
     pub max_streams: u32,
+    /// Whether `max_streams` was set (in the file, or by the code that
+    /// built this config), 9000 included, rather than left at its default
+    /// ([`DEFAULT_MAX_STREAMS`]): only a value set is a plan of what this
+    /// relay carries, warned of when the enabled accounts cannot carry it
+    /// (see [`account_warnings`](crate::core::config::account_warnings)).
+    pub max_streams_set: bool,
     /// Networks clients may connect from; empty means any. Others have their
     /// connection closed at accept. A connection that came through a
     /// balancer listed in `proxy_protocol_from` is checked with the client
@@ -312,6 +318,12 @@ pub struct ServerConfig {
 }
 
 impl ServerConfig {
+    /// `max_streams` when it was set ([`ServerConfig::max_streams_set`]),
+    /// `None` when it is the default.
+    pub fn max_streams_if_set(&self) -> Option<u32> {
+        self.max_streams_set.then_some(self.max_streams)
+    }
+
     /// The number of shards to start: `shards`, or one per available core
     /// when it is 0 (1 if the core count cannot be read).
     pub fn shard_count(&self) -> usize {
@@ -334,6 +346,7 @@ impl Default for ServerConfig {
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
             shards: 0,
             max_streams: DEFAULT_MAX_STREAMS,
+            max_streams_set: false,
             allow: Vec::new(),
             proxy_protocol_from: Vec::new(),
         }

@@ -131,7 +131,7 @@ enabled = false
     assert_eq!(c.server.listen, "127.0.0.1:18080".parse().unwrap());
     assert_eq!(c.server.admin_listen, "127.0.0.1:19464".parse().unwrap());
     assert_eq!((c.server.shards, c.server.shard_count()), (3, 3));
-    assert_eq!(c.server.max_streams, 500);
+    assert_eq!(c.server.max_streams_if_set(), Some(500));
     assert_eq!(c.upstream.url, "ws://127.0.0.1:9000/transcribe-websocket");
     assert_eq!(c.upstream.auth, AuthMode::Config);
     assert_eq!(c.upstream.ca_file.as_deref(), Some(ca.as_path()));
@@ -276,6 +276,7 @@ fn defaults() {
     assert_eq!(c.server.listen, "0.0.0.0:8080".parse().unwrap());
     assert_eq!(c.server.admin_listen, "127.0.0.1:9464".parse().unwrap());
     assert_eq!(c.server.max_streams, 9000);
+    assert_eq!(c.server.max_streams_if_set(), None, "left at its default");
     assert!(c.server.shard_count() >= 1);
     assert_eq!(c.upstream, UpstreamConfig::default());
     assert_eq!(
@@ -789,6 +790,7 @@ fn warnings() {
         AccountConfig::new("b", Secret::new(KEY_A)),
     ]);
     c.server.max_streams = 15;
+    c.server.max_streams_set = true;
     let w = c.warnings();
     assert_eq!(w.len(), 1, "{w:?}");
     assert!(

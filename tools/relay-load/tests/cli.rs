@@ -221,6 +221,7 @@ fn relay_in_front_of_with(
             admin_listen: "127.0.0.1:0".parse().unwrap(),
             shards: 1,
             max_streams: 10,
+            max_streams_set: true,
             allow: Vec::new(),
             proxy_protocol_from: Vec::new(),
         },
