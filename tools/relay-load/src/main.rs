@@ -91,7 +91,10 @@ struct Args {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
-    /// Write connect.hgrm and rtt.hgrm (HdrHistogram percentile distributions, ms) here.
+    /// Write the run's latency histograms here (HdrHistogram percentile
+    /// distributions, ms): connect.hgrm, and rtt.hgrm for stream and churn
+    /// runs (an idle run measures no round trip: it writes connect.hgrm
+    /// only, and removes an rtt.hgrm an earlier run left there).
     #[arg(long)]
     hgrm_dir: Option<PathBuf>,
     /// No live progress line on stderr.

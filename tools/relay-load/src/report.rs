@@ -395,11 +395,23 @@ impl LoadReport {
         j
     }
 
-    /// Writes `connect.hgrm` and `rtt.hgrm` into `dir` (created if needed).
+    /// Writes the histograms this run's mode measured into `dir` (created
+    /// if needed): `connect.hgrm`, and `rtt.hgrm` for a mode that sends
+    /// audio ([`LoadReport::sends_audio`]). An idle run measures no round
+    /// trip: it removes an `rtt.hgrm` an earlier run left in `dir`, so that
+    /// the directory holds one run's files only.
     pub fn write_hgrm(&self, dir: &Path) -> std::io::Result<()> {
         std::fs::create_dir_all(dir)?;
         std::fs::write(dir.join("connect.hgrm"), hgrm(&self.connect))?;
-        std::fs::write(dir.join("rtt.hgrm"), hgrm(&self.rtt))?;
+        let rtt = dir.join("rtt.hgrm");
+        if self.sends_audio() {
+            std::fs::write(rtt, hgrm(&self.rtt))?;
+        } else {
+            match std::fs::remove_file(rtt) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
         Ok(())
     }
 }

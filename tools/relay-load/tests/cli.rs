@@ -791,3 +791,55 @@ fn each_mode_prints_only_its_own_measures() {
         "{progress}"
     );
 }
+
+/// An idle run with --hgrm-dir wrote an `rtt.hgrm` with no samples (idle
+/// streams send no audio: no round trip), which `tools/plot-hgrm.py` then
+/// refused as empty. Each mode now writes the histograms it measured: a
+/// stream or churn run connect.hgrm and rtt.hgrm, an idle run connect.hgrm
+/// only, and it removes the rtt.hgrm an earlier run left in the same
+/// directory, which would pass for this run's.
+#[test]
+fn each_mode_writes_only_the_histograms_it_measured() {
+    use fake_soniox::{FakeConfig, FakeKey, FakeSoniox};
+    const KEY: &str = "hgrm-mode-key";
+    let fake = FakeSoniox::start(FakeConfig {
+        keys: vec![FakeKey::new(KEY, 10)],
+        echo: true,
+        ..FakeConfig::default()
+    })
+    .expect("fake-soniox starts");
+    let dir = std::env::temp_dir().join(format!("relay-load-hgrm-mode-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let run = |mode: &[&str]| {
+        let out = Command::new(BIN)
+            .args(["--direct", "--key", KEY, "--target"])
+            .arg(fake.addr().to_string())
+            .args(["-n", "2", "--ramp", "0", "--threads", "1", "-q"])
+            .args(mode)
+            .arg("--hgrm-dir")
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{mode:?}: {}", text(&out));
+        let mut files: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        files.sort();
+        files
+    };
+    let stream = ["--stream-seconds", "1", "--pace", "x4"];
+    let churn = ["--churn", "--concurrency", "2", "--duration", "1s"];
+    let idle = ["--idle", "--duration", "2s", "--keepalive-every", "500ms"];
+    assert_eq!(run(&stream), ["connect.hgrm", "rtt.hgrm"]);
+    let idle_files = run(&idle);
+    let connect = std::fs::read_to_string(dir.join("connect.hgrm")).unwrap();
+    assert_eq!(idle_files, ["connect.hgrm"]);
+    // Its 2 streams' connect times.
+    assert!(
+        connect.contains("Total count    =            2]"),
+        "{connect}"
+    );
+    assert_eq!(run(&churn), ["connect.hgrm", "rtt.hgrm"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
