@@ -1,0 +1,247 @@
+//! What `clio-relay` says about itself: `-V`, `--help`, and the command
+//! line mistakes a new user makes first.
+
+use crate::util::*;
+
+#[test]
+fn names_itself_in_its_version() {
+    let o = run(RELAY, &["-V"]);
+    assert!(o.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        format!("clio-relay {}", env!("CARGO_PKG_VERSION"))
+    );
+    let help = text(&run(RELAY, &["--help"]));
+    assert!(help.contains("Usage: clio-relay"), "{help}");
+}
+
+#[test]
+fn bare_clio_relay_prints_its_help() {
+    let o = run(RELAY, &[]);
+    assert_eq!(o.status.code(), Some(2));
+    let t = text(&o);
+    for word in [
+        "Usage: clio-relay",
+        "check-config",
+        "mint-token",
+        "demo",
+        "--config",
+    ] {
+        assert!(t.contains(word), "{word:?} not in:\n{t}");
+    }
+}
+
+#[test]
+fn subcommand_help_says_what_config_is() {
+    for sub in ["run", "check-config", "mint-token", "keys", "demo"] {
+        let t = text(&run(RELAY, &[sub, "--help"]));
+        assert!(!t.contains("implied"), "{sub} --help:\n{t}");
+        assert!(t.contains("config file"), "{sub} --help:\n{t}");
+    }
+    let t = text(&run(RELAY, &["--help"]));
+    assert!(t.contains("with no command runs the relay"), "{t}");
+    // What it says check-config exits with is what it does.
+    assert!(t.contains("exit 3 with one line per problem"), "{t}");
+    // Every exit status is listed, the one systemd does not retry with
+    // both its causes (each_kind_of_failure_has_its_own_exit_status and
+    // a_wrong_master_key_exits_3 check the statuses themselves).
+    for status in 0..=6 {
+        assert!(t.contains(&format!("\n  {status}  ")), "{status}:\n{t}");
+    }
+    assert!(
+        t.contains("or its master key does not open the key store"),
+        "{t}"
+    );
+    let bad = std::env::temp_dir().join(format!("clio-relay-help-{}.toml", std::process::id()));
+    std::fs::write(
+        &bad,
+        "[server]
+listen = 7
+",
+    )
+    .unwrap();
+    let o = run(RELAY, &["check-config", "--config", bad.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    std::fs::remove_file(bad).ok();
+}
+
+#[test]
+fn demo_refuses_a_config_file_it_would_ignore() {
+    let o = run(RELAY, &["demo", "--config", "config/example.toml"]);
+    assert_eq!(o.status.code(), Some(2));
+    let t = text(&o);
+    assert!(t.contains("demo reads no config file"), "{t}");
+}
+
+/// `demo --help` listed `-c, --config <FILE>`, a global flag, though demo
+/// reads no config file (and refuses one). Each command that reads a
+/// config now takes --config itself, and demo's help lists only what demo
+/// takes. Every way of giving --config that the docs, units and scripts
+/// use still works: after the command or before it, after `keys` or
+/// after its action; given twice, it is refused.
+#[test]
+fn demo_help_lists_only_what_demo_takes() {
+    let t = text(&run(RELAY, &["demo", "--help"]));
+    assert!(!t.contains("--config") && !t.contains("-c,"), "{t}");
+    for flag in ["--clients", "--seconds", "--fast"] {
+        assert!(t.contains(flag), "{flag}: {t}");
+    }
+    for sub in [
+        &["run"][..],
+        &["check-config"],
+        &["mint-token"],
+        &["keys"],
+        &["keys", "list"],
+        &["keys", "rotate"],
+    ] {
+        let t = text(&run(RELAY, &[sub, &["--help"]].concat()));
+        assert!(t.contains("-c, --config <FILE>"), "{sub:?}: {t}");
+    }
+    let dir = std::env::temp_dir().join(format!("clio-relay-cli-config-at-{}", std::process::id()));
+    let admin = free_port().to_string();
+    let config = relay_config(&dir, "127.0.0.1:0", &admin);
+    let c = config.as_str();
+    for args in [
+        &["check-config", "--config", c][..],
+        &["check-config", "-c", c],
+        &["--config", c, "check-config"],
+        &["-c", c, "check-config"],
+    ] {
+        let o = run_env(args);
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {}", text(&o));
+        assert!(text(&o).contains("configuration is valid"), "{args:?}");
+    }
+    for args in [
+        &["mint-token", "--config", c, "--device", "d"][..],
+        &["--config", c, "mint-token", "--device", "d"],
+    ] {
+        let o = run_env(args);
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {}", text(&o));
+        assert!(String::from_utf8_lossy(&o.stdout).starts_with("clio1."));
+    }
+    // Nothing listens on the admin port: exit 5 naming this config.
+    for args in [
+        &["keys", "--config", c, "list"][..],
+        &["keys", "list", "--config", c],
+        &["--config", c, "keys", "list"],
+    ] {
+        let o = run_env(args);
+        assert_eq!(o.status.code(), Some(5), "{args:?}: {}", text(&o));
+        assert!(
+            text(&o).contains(&format!("is {c} the config it runs")),
+            "{args:?}: {}",
+            text(&o)
+        );
+    }
+    // A client port taken: the file was read, whichever way it came.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = relay_config(
+        &dir.join("busy"),
+        &taken.local_addr().unwrap().to_string(),
+        "127.0.0.1:0",
+    );
+    let b = busy.as_str();
+    for args in [
+        &["run", "--config", b][..],
+        &["--config", b, "run"],
+        &["--config", b],
+    ] {
+        let o = relay_run_args(args).output().unwrap();
+        assert_eq!(o.status.code(), Some(4), "{args:?}: {}", text(&o));
+        assert!(text(&o).contains("already in use"), "{args:?}");
+    }
+    drop(taken);
+    for args in [&["demo", "--config", c][..], &["--config", c, "demo"]] {
+        let o = run(RELAY, args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", text(&o));
+        assert!(text(&o).contains("demo reads no config file"), "{args:?}");
+    }
+    let o = run_env(&["--config", c, "check-config", "--config", c]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("--config is given twice"), "{}", text(&o));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn mint_token_refuses_a_pool_its_secret_is_not_bound_to() {
+    let dir = std::env::temp_dir().join(format!("clio-relay-cli-pools-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    const SECRET: &str = "dev-secret-for-the-cli-test-0123456789";
+    std::fs::write(dir.join("secret"), SECRET).unwrap();
+    let config = dir.join("dev.toml");
+    std::fs::write(
+        &config,
+        "[tokens]\nsecret_file = \"secret\"\npools = [\"dev\"]\n\n\
+         [pool.dev]\nurl = \"ws://127.0.0.1:7301/transcribe-websocket\"\n\
+         [pool.prod]\nurl = \"wss://stt-rt.soniox.com/transcribe-websocket\"\n",
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let mint = |pool: &str| {
+        run(
+            RELAY,
+            &[
+                "mint-token",
+                "--config",
+                config,
+                "--device",
+                "phone-1",
+                "--pool",
+                pool,
+            ],
+        )
+    };
+    let o = mint("prod");
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(o.stdout.is_empty(), "{}", text(&o));
+    assert!(
+        text(&o).contains("binds the token secret to pools dev: it cannot mint a token for prod"),
+        "{}",
+        text(&o)
+    );
+    assert!(!text(&o).contains(SECRET));
+    let o = mint("dev");
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with("clio1."));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A `--ttl` over `tokens.max_ttl` is refused (exit 2) with what to do:
+/// a shorter --ttl, or a longer max_ttl in the file. Before, the line
+/// said only that it was longer ("--ttl 2days is longer than
+/// tokens.max_ttl 1day"), not that the relay would refuse such a token
+/// nor where the bound is set.
+#[test]
+fn a_ttl_over_max_ttl_says_what_to_do() {
+    let dir = std::env::temp_dir().join(format!("clio-relay-cli-ttl-{}", std::process::id()));
+    let config = relay_config(&dir, "127.0.0.1:0", "127.0.0.1:0");
+    let o = run_env(&[
+        "mint-token",
+        "--config",
+        &config,
+        "--device",
+        "phone-1",
+        "--ttl",
+        "48h",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(o.stdout.is_empty(), "{}", text(&o));
+    assert!(
+        text(&o).contains("is longer than tokens.max_ttl 1day")
+            && text(&o).contains("give a --ttl of at most 1day")
+            && text(&o).contains(&format!("or raise tokens.max_ttl in {config}")),
+        "{}",
+        text(&o)
+    );
+    let o = run_env(&[
+        "mint-token",
+        "--config",
+        &config,
+        "--device",
+        "phone-1",
+        "--ttl",
+        "24h",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    std::fs::remove_dir_all(&dir).ok();
+}

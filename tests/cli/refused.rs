@@ -1,0 +1,460 @@
+//! What the binary says when it will not start, or will not take its
+//! config file: the exit status of each kind of failure, one line per
+//! problem of a refused file (a key in the wrong table or misspelt, a
+//! value of the wrong type, an unbounded region, a Redis URL the client
+//! cannot use, a file that is not there, a wrong master key), a port
+//! another program holds, and an address or a locked-memory limit the
+//! host does not give.
+
+use std::process::Command;
+
+use crate::util::*;
+
+#[test]
+fn each_kind_of_failure_has_its_own_exit_status() {
+    let dir = std::env::temp_dir().join(format!("clio-relay-cli-exit-{}", std::process::id()));
+    // 2: the command line (no --config for a command that needs one).
+    let o = run(RELAY, &["check-config"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("--config FILE is required"),
+        "{}",
+        text(&o)
+    );
+
+    // 3: the configuration (a key no section has), for check-config and run.
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[server]\nlisten = \"127.0.0.1:0\"\nno_such_key = 1\n",
+    )
+    .unwrap();
+    let bad = bad.to_str().unwrap();
+    for cmd in ["check-config", "run"] {
+        let o = run_env(&[cmd, "--config", bad]);
+        assert_eq!(o.status.code(), Some(3), "{cmd}: {}", text(&o));
+        assert!(text(&o).contains("no_such_key"), "{cmd}: {}", text(&o));
+    }
+
+    // 4: a port taken.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen = taken.local_addr().unwrap().to_string();
+    let config = relay_config(&dir, &listen, "127.0.0.1:0");
+    let o = run_env(&["run", "--config", &config]);
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    assert!(text(&o).contains("already in use"), "{}", text(&o));
+
+    // 5: `keys` with no relay listening on the admin port.
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let admin = free.local_addr().unwrap().to_string();
+    drop(free);
+    let config = relay_config(&dir, "127.0.0.1:0", &admin);
+    let o = run_env(&["keys", "--config", &config, "list"]);
+    assert_eq!(o.status.code(), Some(5), "{}", text(&o));
+    assert!(text(&o).contains("admin API at"), "{}", text(&o));
+    // What to check: that the relay runs with this config.
+    assert!(
+        text(&o).contains("Connection refused")
+            && text(&o).contains("nothing listens there: is the relay running")
+            && text(&o).contains(&format!("is {config} the config it runs")),
+        "{}",
+        text(&o)
+    );
+    // An admin port 0 (the relay picks one at its start): `keys` cannot
+    // know it, and says so instead of trying port 0.
+    let config0 = relay_config(&dir, "127.0.0.1:0", "127.0.0.1:0");
+    let o = run_env(&["keys", "--config", &config0, "list"]);
+    assert_eq!(o.status.code(), Some(5), "{}", text(&o));
+    assert!(
+        text(&o).contains("server.admin_listen in")
+            && text(&o).contains("has port 0")
+            && text(&o).contains("give server.admin_listen a port"),
+        "{}",
+        text(&o)
+    );
+    for secret in [
+        "cli-exit-admin-token",
+        "cli-exit-soniox-key",
+        "cli-exit-secret",
+    ] {
+        assert!(!text(&o).contains(secret), "{}", text(&o));
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// An account's region is bounded as an id is (empty, or 1-64 of
+/// `[A-Za-z0-9._-]`): it goes in every metrics series of the account and
+/// in `/v1/config`. A 60,000-character one was taken before.
+#[test]
+fn an_unbounded_region_is_a_config_error() {
+    let dir = std::env::temp_dir().join(format!("clio-relay-cli-region-{}", std::process::id()));
+    let config = relay_config(&dir, "127.0.0.1:0", "127.0.0.1:0");
+    let base = std::fs::read_to_string(&config).unwrap();
+    for (region, ok) in [
+        ("eu".to_string(), true),
+        ("us-east".into(), true),
+        (String::new(), true),
+        ("r".repeat(64), true),
+        ("r".repeat(65), false),
+        ("x".repeat(60_000), false),
+        ("eu west".into(), false),
+    ] {
+        std::fs::write(&config, format!("{base}region = \"{region}\"\n")).unwrap();
+        let o = run_env(&["check-config", "--config", &config]);
+        let out = text(&o);
+        if ok {
+            assert!(o.status.success(), "{} chars: {out}", region.len());
+        } else {
+            assert_eq!(o.status.code(), Some(3), "{} chars: {out}", region.len());
+            assert!(out.contains("account \"a\".region"), "{out}");
+            assert!(out.contains("1-64"), "{out}");
+            assert!(out.len() < 2000, "the problem is one short line: {out}");
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A master key that does not open the key store is the configuration's
+/// fault: exit 3, which the shipped unit does not restart on
+/// (`RestartPreventExitStatus=3`), and the key is never shown.
+#[test]
+fn a_wrong_master_key_exits_3() {
+    use clio_relay::control::keystore::{KeyStore, MasterKey, StoreData};
+    let dir = std::env::temp_dir().join(format!("clio-relay-wrong-key-{}", std::process::id()));
+    let config = relay_config(&dir, "127.0.0.1:0", "127.0.0.1:0");
+    let state = dir.join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let right = "ab".repeat(32);
+    let wrong = "cd".repeat(32);
+    KeyStore::open(&state, MasterKey::from_hex(&right).unwrap())
+        .unwrap()
+        .save(&mut StoreData::default())
+        .unwrap();
+    let mut file = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(STATE_LINE, "");
+    file = file.replace(
+        "[admin]\n",
+        &format!(
+            "[admin]\nstate_dir = \"{}\"\nmaster_key_env = \"CLI_WRONG_MASTER\"\n",
+            state.display()
+        ),
+    );
+    std::fs::write(&config, file).unwrap();
+    let o = relay_run(&config)
+        .env("CLI_WRONG_MASTER", &wrong)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    assert!(text(&o).contains("master key"), "{}", text(&o));
+    assert!(!text(&o).contains(&wrong), "{}", text(&o));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A port held by another program (9464, the admin port's default, is
+/// also the OpenTelemetry Prometheus exporter's) was put down to "a
+/// running clio-relay" with only "stop it first" to do. The message now
+/// also says how to see what holds it and the other way out, and the
+/// exit status is still 4.
+#[test]
+fn a_port_another_program_holds_says_how_to_find_it() {
+    let dir = std::env::temp_dir().join(format!("clio-relay-port-held-{}", std::process::id()));
+    let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let held = other.local_addr().unwrap();
+    for (listen, admin, key) in [
+        (
+            "127.0.0.1:0".to_string(),
+            held.to_string(),
+            "server.admin_listen",
+        ),
+        (held.to_string(), "127.0.0.1:0".to_string(), "server.listen"),
+    ] {
+        let config = relay_config(&dir, &listen, &admin);
+        let o = run_env(&["run", "--config", &config]);
+        assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+        let t = text(&o);
+        assert!(
+            t.contains(&format!("{key} {held} is already in use"))
+                && t.contains(&format!(
+                    "if another program holds it (`ss -ltnp 'sport = :{}'` names it), stop it \
+                     or choose another {key}",
+                    held.port()
+                )),
+            "{t}"
+        );
+    }
+    drop(other);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A key put in the wrong table (`drain_timeout` under `[admin]`, the
+/// admin token's `token_env` under `[server]`) was refused with the
+/// table's own keys listed, never where the key belongs. The line now
+/// names the table(s) that take it; a misspelt key, which no table
+/// takes, gets the list as before. Exit 3 either way.
+#[test]
+fn a_key_in_the_wrong_table_says_where_it_belongs() {
+    let dir = std::env::temp_dir().join(format!("clio-relay-wrong-table-{}", std::process::id()));
+    let config = relay_config(&dir, "127.0.0.1:0", "127.0.0.1:0");
+    let base = std::fs::read_to_string(&config).unwrap();
+    let check = |from: &str, to: &str| {
+        std::fs::write(&config, base.replace(from, to)).unwrap();
+        let o = run_env(&["check-config", "--config", &config]);
+        assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+        text(&o)
+    };
+    let t = check("[admin]\n", "[admin]\ndrain_timeout = \"60s\"\n");
+    assert!(
+        t.contains(
+            "unknown field `drain_timeout` in [admin] (line 13): it is a key of [limits]: \
+             move it there; [admin] takes one of `token_env`"
+        ),
+        "{t}"
+    );
+    let t = check("[server]\n", "[server]\nmaster_key_env = \"X\"\n");
+    assert!(
+        t.contains("unknown field `master_key_env` in [server] (line 2): it is a key of [admin]: move it there"),
+        "{t}"
+    );
+    let t = check("shards = 1\n", "shards = 1\nallow_from = []\n");
+    assert!(
+        t.contains("unknown field `allow_from` in [server] (line 5), expected one of")
+            && !t.contains("it is a key of"),
+        "{t}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A misspelt key (`listne` in [server]) got the table's keys listed and
+/// no more: the line now says which key it probably is, when one is
+/// close (an edit or two, by strsim's distance) and no other as close. A
+/// key of another table keeps its hint (the test above); when it is also
+/// close to one here (`pool` in [tokens], which takes `pools`), the line
+/// says both. Exit 3 each time.
+#[test]
+fn a_misspelt_key_says_which_key_it_may_be() {
+    let dir = std::env::temp_dir().join(format!("clio-relay-misspelt-{}", std::process::id()));
+    let config = relay_config(&dir, "127.0.0.1:0", "127.0.0.1:0");
+    let base = std::fs::read_to_string(&config).unwrap();
+    let check = |from: &str, to: &str| {
+        std::fs::write(&config, base.replace(from, to)).unwrap();
+        let o = run_env(&["check-config", "--config", &config]);
+        assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+        text(&o)
+    };
+    let t = check("listen = ", "listne = ");
+    assert!(
+        t.contains(
+            "unknown field `listne` in [server] (line 2): did you mean `listen`? \
+             [server] takes one of `listen`, `admin_listen`"
+        ),
+        "{t}"
+    );
+    let t = check("max_concurrent_streams", "maxconcurrent_streams");
+    assert!(
+        t.contains(
+            "unknown field `maxconcurrent_streams` in account[0] (line 19): did you mean \
+             `max_concurrent_streams`?"
+        ),
+        "{t}"
+    );
+    // A table's name too.
+    let t = check("[upstream]", "[upstrem]");
+    assert!(
+        t.contains("unknown field `upstrem` in the top level (line 6): did you mean `upstream`?"),
+        "{t}"
+    );
+    // Close to a key here and a key of another table: both said.
+    let t = check("[tokens]\n", "[tokens]\npool = [\"default\"]\n");
+    assert!(
+        t.contains(
+            "unknown field `pool` in [tokens] (line 10): did you mean `pools`? (`pool` itself \
+             is a key of [[account]]); [tokens] takes one of"
+        ),
+        "{t}"
+    );
+    // Two keys as close (idle_timeout, stall_timeout): no guess.
+    let t = check("[tokens]\n", "[limits]\nll_timeout = \"5s\"\n[tokens]\n");
+    assert!(
+        t.contains("unknown field `ll_timeout` in [limits] (line 10), expected one of")
+            && !t.contains("did you mean"),
+        "{t}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A value of the wrong type was refused in serde's words, the Rust type
+/// that holds the key: `server.shards: invalid type: string "x", expected
+/// usize (line 4)`, and "u32", "u64", "f64", "path string", "a sequence",
+/// "struct RawServer". An operator does not know them: the line now says
+/// what the key takes, still naming the key and its line. Exit 3.
+#[test]
+fn a_value_of_the_wrong_type_says_what_the_key_takes() {
+    let dir = std::env::temp_dir().join(format!("clio-relay-wrong-type-{}", std::process::id()));
+    let config = relay_config(&dir, "127.0.0.1:0", "127.0.0.1:0");
+    let base = std::fs::read_to_string(&config).unwrap();
+    for (from, to, said) in [
+        (
+            "shards = 1\n",
+            "shards = \"x\"\n",
+            "server.shards: invalid type: string \"x\", expected a whole number (0 or more) (line 4)",
+        ),
+        (
+            "shards = 1\n",
+            "shards = 1.5\n",
+            "server.shards: invalid type: floating point `1.5`, expected a whole number (0 or more) (line 4)",
+        ),
+        (
+            "shards = 1\n",
+            "shards = 1\nmax_streams = -1\n",
+            "server.max_streams: invalid value: integer `-1`, expected a whole number from 0 to 4294967295 (line 5)",
+        ),
+        (
+            "max_concurrent_streams = 5\n",
+            "max_concurrent_streams = 5\nprice_per_hour = \"0.12\"\n",
+            "account[0].price_per_hour: invalid type: string \"0.12\", expected a number (line 20)",
+        ),
+        (
+            "max_concurrent_streams = 5\n",
+            "max_concurrent_streams = 5\nenabled = \"yes\"\n",
+            "account[0].enabled: invalid type: string \"yes\", expected true or false (line 20)",
+        ),
+        (
+            "max_concurrent_streams = 5\n",
+            "max_concurrent_streams = 5\n[alerts]\nerror_min_streams = \"ten\"\n",
+            "alerts.error_min_streams: invalid type: string \"ten\", expected a whole number (0 or more) (line 21)",
+        ),
+        (
+            "[admin]\n",
+            "[admin]\ntoken_file = 7\n",
+            "admin.token_file: invalid type: integer `7`, expected a path in quotes (line 13)",
+        ),
+        (
+            "shards = 1\n",
+            "shards = 1\nallow = \"10.0.0.0/8\"\n",
+            "server.allow: invalid type: string \"10.0.0.0/8\", expected a list in brackets, such as [\"a\", \"b\"] (line 5)",
+        ),
+        (
+            "shards = 1\n",
+            "shards = 1\nallow = [10]\n",
+            "server.allow: invalid type: integer `10`, expected a string in quotes (line 5)",
+        ),
+        (
+            "[server]\n",
+            "pool = 1\n[server]\n",
+            "pool: invalid type: integer `1`, expected [pool.NAME] tables (line 1)",
+        ),
+    ] {
+        std::fs::write(&config, base.replace(from, to)).unwrap();
+        let o = run_env(&["check-config", "--config", &config]);
+        let t = text(&o);
+        assert_eq!(o.status.code(), Some(3), "{to}: {t}");
+        assert!(t.contains(said), "{to}: {t}");
+        for rust in ["usize", "u32", "u64", "f64", "path string", "a sequence", "struct Raw"] {
+            assert!(!t.contains(rust), "{to}: {rust}: {t}");
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A `[cluster] redis_url` the Redis client cannot use (a port past
+/// 65535, a database that is not a number, a broken IPv6 address) is a
+/// configuration mistake: `check-config` names it, and `run` exits 3,
+/// which systemd does not restart on, instead of 1 every 2 s. The URL
+/// itself is not echoed.
+#[test]
+fn a_redis_url_the_client_cannot_use_is_a_config_error() {
+    let dir = std::env::temp_dir().join(format!("clio-relay-redis-url-{}", std::process::id()));
+    for url in [
+        "redis://10.0.0.5:99999/0",
+        "redis://10.0.0.5:6379/zero",
+        "redis://[::1:6379/0",
+    ] {
+        for cmd in ["check-config", "run"] {
+            let o = with_redis_url(&dir, cmd, url);
+            assert_eq!(o.status.code(), Some(3), "{cmd} {url}: {}", text(&o));
+            assert!(
+                text(&o).contains("cluster.redis_url"),
+                "{cmd} {url}: {}",
+                text(&o)
+            );
+            assert!(!text(&o).contains(url), "{cmd} {url}: {}", text(&o));
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A config file that is not there is named once, with why it cannot be
+/// read, by `check-config` and by `run`.
+#[test]
+fn a_missing_config_file_is_named_once() {
+    let path = "/definitely/not/here/relay.toml";
+    // `keys` and `mint-token` said only "cannot read the config file: No
+    // such file or directory", naming no file.
+    for args in [
+        &["check-config"][..],
+        &["run"],
+        &["keys", "list"],
+        &["mint-token", "--device", "phone-1"],
+    ] {
+        let sub = args[0];
+        let mut args = args.to_vec();
+        args.splice(1..1, ["--config", path]);
+        let o = run(RELAY, &args);
+        let t = text(&o);
+        assert_eq!(o.status.code(), Some(3), "{sub}: {t}");
+        assert_eq!(t.matches(path).count(), 1, "{sub}: {t}");
+        assert!(
+            t.contains("cannot read the config file: No such file"),
+            "{sub}: {t}"
+        );
+    }
+}
+
+/// A listen address the host does not have: the start names it and says
+/// so, with exit 1 (a port in use is 4).
+#[test]
+fn a_listen_address_of_another_host_is_named() {
+    let dir = std::env::temp_dir().join(format!("clio-relay-other-host-{}", std::process::id()));
+    // 192.0.2.0/24 is TEST-NET-1, never a local address.
+    let config = relay_config(&dir, "192.0.2.1:18080", "127.0.0.1:0");
+    let o = run_env(&["run", "--config", &config]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("server.listen 192.0.2.1:18080: Cannot assign requested address")
+            && text(&o).contains("not an address of this host"),
+        "{}",
+        text(&o)
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A locked-memory limit under glommio's minimum (64 KiB was Docker's
+/// default for years) stopped the start with "shard thread ended before
+/// listening" (`run`) or "fake-soniox shard died while starting" (`demo`):
+/// no cause, nothing to change. Both now name the limit, its value, what
+/// the relay needs and where to raise it, and exit 1.
+#[test]
+fn a_locked_memory_limit_too_low_names_it_and_how_to_raise_it() {
+    let dir = std::env::temp_dir().join(format!("clio-relay-memlock-{}", std::process::id()));
+    let config = relay_config(&dir, "127.0.0.1:0", "127.0.0.1:0");
+    for args in [vec!["run", "--config", config.as_str()], vec!["demo"]] {
+        let o = Command::new("sh")
+            .args(["-c", "ulimit -l 64 && exec \"$0\" \"$@\""])
+            .arg(RELAY)
+            .args(&args)
+            .envs(RELAY_ENV)
+            .output()
+            .unwrap();
+        let t = text(&o);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {t}");
+        assert!(
+            t.contains("io_uring could not be set up")
+                && t.contains("(`ulimit -l`) is 64 KiB: glommio needs at least 512 KiB")
+                && t.contains("LimitMEMLOCK=64M"),
+            "{args:?}: {t}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

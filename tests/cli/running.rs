@@ -1,0 +1,404 @@
+//! The start it completes and the relay then running: huge pages off, a
+//! `RUST_LOG` that would silence it, a state directory it cannot make, a
+//! file-size limit, a burst of connections on the admin port, and a TLS
+//! peer's alerts kept out of the log.
+
+use std::process::Command;
+
+use crate::util::*;
+
+/// A running relay has transparent huge pages off (the allocator's huge
+/// pages cost it most of its CPU under load), unless `CLIO_RELAY_THP=on`.
+#[test]
+fn a_running_relay_has_huge_pages_off() {
+    let dir = std::env::temp_dir().join(format!("clio-relay-cli-thp-{}", std::process::id()));
+    for (env, expect) in [(None, "0"), (Some("on"), "1")] {
+        let admin = free_port();
+        let config = relay_config(&dir, "127.0.0.1:0", &admin.to_string());
+        let mut cmd = Command::new(RELAY);
+        cmd.args(["run", "--config", &config])
+            .envs(RELAY_ENV)
+            .env_remove("CLIO_RELAY_THP")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        if let Some(v) = env {
+            cmd.env("CLIO_RELAY_THP", v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        wait_listening(admin, &mut child);
+        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+        let thp = status
+            .lines()
+            .find_map(|l| l.strip_prefix("THP_enabled:"))
+            .expect("the kernel reports THP_enabled (Linux 5.0 on)")
+            .trim()
+            .to_string();
+        assert_eq!(thp, expect, "CLIO_RELAY_THP={env:?}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The relay's first log lines with `RUST_LOG` set to `value`: it runs
+/// until it says it is listening (or `wait`), then is killed.
+fn first_log_lines(value: &str, wait: std::time::Duration) -> Vec<String> {
+    use std::io::{BufRead, BufReader};
+    let dir = std::env::temp_dir().join(format!(
+        "clio-relay-rust-log-{}-{}",
+        std::process::id(),
+        value.len()
+    ));
+    let config = relay_config(&dir, "127.0.0.1:0", "127.0.0.1:0");
+    let mut child = relay_run(&config)
+        .env("RUST_LOG", value)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let last = line.contains("clio-relay listening");
+            if tx.send(line).is_err() || last {
+                break;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    let end = std::time::Instant::now() + wait;
+    while let Ok(line) = rx.recv_timeout(end.saturating_duration_since(std::time::Instant::now())) {
+        lines.push(line);
+        if lines.last().unwrap().contains("clio-relay listening") {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    std::fs::remove_dir_all(&dir).ok();
+    lines
+}
+
+/// A `RUST_LOG` the relay cannot use as meant (empty, `warning`, a typo)
+/// does not silence it: the default level applies, and a WARN says why.
+#[test]
+fn a_rust_log_that_would_silence_everything_falls_back_to_info() {
+    // `clio-relay=debug` (the binary's name, not its module `clio_relay`),
+    // `relay=warn` or `glommio=debug` name no module of the relay and set
+    // no level for all: every line of it was off. One module of the relay
+    // alone left every other off.
+    for value in [
+        "",
+        "warning",
+        "inof",
+        "info,clio_relay=debg",
+        "clio-relay=debug",
+        "relay=warn",
+        "glommio=debug",
+        // A module within the relay, misspelt or not, leaves the rest of it
+        // (the listening line's module included) off.
+        "clio_relay::sesion=debug",
+        "clio_relay::dataplane=debug",
+    ] {
+        let lines = first_log_lines(value, std::time::Duration::from_secs(20));
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("INFO") && l.contains("clio-relay listening")),
+            "RUST_LOG={value:?}: {lines:?}"
+        );
+        let warned = lines
+            .iter()
+            .any(|l| l.contains("WARN") && l.contains("RUST_LOG "));
+        assert_eq!(warned, !value.is_empty(), "RUST_LOG={value:?}: {lines:?}");
+    }
+    // A filter that means what it says is used as it is (the relay is up
+    // well within 3 s, as above, and says nothing).
+    let lines = first_log_lines("clio_relay=warn", std::time::Duration::from_secs(3));
+    assert!(
+        !lines.iter().any(|l| l.contains("INFO")),
+        "RUST_LOG=clio_relay=warn: {lines:?}"
+    );
+}
+
+/// What README says of a state directory that cannot be made or written
+/// (`/proc/…` cannot be made, by root either): without a master key the
+/// relay runs and logs what it will not keep; with one, the start fails
+/// naming the directory.
+#[test]
+fn a_state_dir_that_cannot_be_made_is_logged_or_stops_the_start() {
+    use std::io::{BufRead, BufReader};
+    let dir = std::env::temp_dir().join(format!("clio-relay-no-state-{}", std::process::id()));
+    let config = relay_config(&dir, "127.0.0.1:0", "127.0.0.1:0");
+    let state = format!("/proc/clio-relay-no-state-{}", std::process::id());
+    let file = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(STATE_LINE, "");
+    let with_state = file.replace("[admin]\n", &format!("[admin]\nstate_dir = \"{state}\"\n"));
+    std::fs::write(&config, &with_state).unwrap();
+    let mut child = relay_run(&config)
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let wanted = [
+        "clio-relay listening",
+        "key dates not saved",
+        "usage ledger not opened",
+    ];
+    let mut seen = Vec::new();
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while let Ok(line) = rx.recv_timeout(end.saturating_duration_since(std::time::Instant::now())) {
+        seen.push(line);
+        if wanted.iter().all(|w| seen.iter().any(|l| l.contains(w))) {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    for w in wanted {
+        assert!(seen.iter().any(|l| l.contains(w)), "{w:?} not in {seen:#?}");
+    }
+    // With a master key the key store must be kept: the start fails.
+    let with_key = with_state.replace(
+        "[admin]\n",
+        "[admin]\nmaster_key_env = \"CLI_NO_STATE_MASTER\"\n",
+    );
+    std::fs::write(&config, with_key).unwrap();
+    let o = relay_run(&config)
+        .env("CLI_NO_STATE_MASTER", "ab".repeat(32))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains(&format!("key store in {state}")),
+        "{}",
+        text(&o)
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A write past the relay's file-size limit (`ulimit -f`, systemd's
+/// `LimitFSIZE=`) fails like a full disk's: the start logs what it does
+/// not keep, an account change is answered 500 "applied, but not saved"
+/// and applied, and the relay runs on. Before, the first such write (the
+/// key dates, at the start) raised SIGXFSZ, which ended the process
+/// without a word (exit status 153).
+#[test]
+fn a_file_size_limit_fails_writes_and_stops_nothing() {
+    use clio_relay::control::httpc::{blocking, Endpoint, Request};
+    use std::io::{BufRead, BufReader};
+    const ADMIN: &str = "cli-exit-admin-token-0123456789";
+    const NEW_KEY: &str = "cli-fsize-new-key-0123456789";
+    let dir = std::env::temp_dir().join(format!("clio-relay-fsize-{}", std::process::id()));
+    let admin = free_port();
+    let config = relay_config(&dir, "127.0.0.1:0", &admin.to_string());
+    let file = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(STATE_LINE, "");
+    std::fs::write(
+        &config,
+        file.replace(
+            "[admin]\n",
+            "[admin]\nstate_dir = \"state\"\nmaster_key_env = \"CLI_FSIZE_MASTER\"\nhealth_interval = \"0s\"\n",
+        ),
+    )
+    .unwrap();
+    // No file may grow past 0 bytes; stderr is a pipe, which the limit
+    // does not bound.
+    let mut child = Command::new("sh")
+        .args(["-c", "ulimit -f 0 && exec \"$0\" \"$@\""])
+        .args([RELAY, "run", "--config", &config])
+        .env("CLI_EXIT_SECRET", "cli-exit-secret-0123456789abcdef0123")
+        .env("CLI_EXIT_ADMIN", ADMIN)
+        .env("CLI_EXIT_KEY", "cli-exit-soniox-key")
+        .env("CLI_FSIZE_MASTER", "cd".repeat(32))
+        .env("RUST_LOG", "info")
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_FDS")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let log = std::thread::spawn(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<_>>()
+    });
+    wait_listening(admin, &mut child);
+    let ask = |method: &str, path: &str, body: &str| {
+        let req = Request::new(method, path)
+            .bearer(ADMIN)
+            .header("Content-Type", "application/json")
+            .body(body.as_bytes());
+        let wait = std::time::Duration::from_secs(10);
+        match blocking::send(&Endpoint::plain(admin), &req, wait) {
+            Ok(r) => (r.status, r.text()),
+            Err(e) => (0, e.to_string()),
+        }
+    };
+    let add = format!(r#"{{"id":"b","key":"{NEW_KEY}"}}"#);
+    let (status, body) = ask("POST", "/admin/accounts", &add);
+    assert_eq!(status, 500, "{body}");
+    assert!(
+        body.contains("applied, but not saved to the key store"),
+        "{body}"
+    );
+    let (status, body) = ask("GET", "/admin/accounts", "");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(r#""id":"b""#), "{body}");
+    assert_eq!(ask("GET", "/healthz", "").0, 200);
+    assert!(child.try_wait().unwrap().is_none(), "relay exited");
+    let _ = child.kill();
+    let _ = child.wait();
+    let lines = log.join().unwrap();
+    for wanted in ["key dates not saved", "usage ledger not opened"] {
+        assert!(
+            lines.iter().any(|l| l.contains(wanted)),
+            "{wanted:?}: {lines:#?}"
+        );
+    }
+    assert!(
+        lines
+            .iter()
+            .all(|l| !l.contains(NEW_KEY) && !l.contains(ADMIN)),
+        "{lines:#?}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A burst of connections to the admin port (a backlog accepted at once:
+/// here the relay is stopped while they connect) does not evict a scrape
+/// among them: its request, already there, is read before the next
+/// accept. Before, the accept loop drained the whole backlog before any
+/// connection's task ran, so the 256 idle connections accepted after the
+/// scrape evicted it unread (a reset), as a flood of new connections did
+/// to some scrapes under way.
+#[test]
+fn a_burst_of_idle_admin_connections_does_not_evict_a_scrape() {
+    use std::io::{Read, Write};
+    let dir = std::env::temp_dir().join(format!("clio-relay-burst-{}", std::process::id()));
+    let admin = free_port();
+    let config = relay_config(&dir, "127.0.0.1:0", &admin.to_string());
+    let mut child = relay_run(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_listening(admin, &mut child);
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let signal = |s| nix::sys::signal::kill(pid, s).unwrap();
+    for _ in 0..3 {
+        // Stopped, the relay accepts nothing: the kernel queues the
+        // connections (and the scrape's request) for it.
+        // (Nothing unwrapped until it runs again.)
+        signal(nix::sys::signal::Signal::SIGSTOP);
+        let connect = || std::net::TcpStream::connect(admin);
+        let mut idle: Vec<_> = (0..300).map(|_| connect()).collect();
+        let scrape = connect().and_then(|mut s| {
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                .map(|()| s)
+        });
+        idle.extend((0..300).map(|_| connect()));
+        signal(nix::sys::signal::Signal::SIGCONT);
+        let mut scrape = scrape.unwrap();
+        assert!(idle.iter().all(Result::is_ok));
+        scrape
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let mut answer = Vec::new();
+        let read = scrape.read_to_end(&mut answer);
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            read.is_ok() && answer.starts_with("HTTP/1.1 200"),
+            "{read:?}: {answer}"
+        );
+        drop(idle);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A TLS peer cannot make the relay log a line per thing it sends: rustls
+/// logs a warning alert it receives (and a renegotiation it refuses, an
+/// SNI no client may send) at WARN, several per connection, so rustls's
+/// own lines are off unless `RUST_LOG` names rustls. The relay's own
+/// line for each failed handshake stays, within its budget.
+#[test]
+fn a_tls_peer_cannot_fill_the_log_through_rustls() {
+    use std::io::{BufRead, BufReader, Write};
+    let dir = std::env::temp_dir().join(format!("clio-relay-tls-log-{}", std::process::id()));
+    let client = free_port();
+    let config = relay_config(&dir, &client.to_string(), "127.0.0.1:0");
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+    let mut toml = std::fs::read_to_string(&config).unwrap();
+    toml.push_str("\n[tls]\ncert_file = \"cert.pem\"\nkey_file = \"key.pem\"\n");
+    std::fs::write(&config, toml).unwrap();
+    let mut child = relay_run(&config)
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let sink = lines.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    wait_listening(client, &mut child);
+    // 30 connections, each with three warning alerts (unrecognized_name)
+    // where its ClientHello should be, then gone.
+    let alert = [0x15, 0x03, 0x01, 0x00, 0x02, 0x01, 112];
+    for _ in 0..30 {
+        let mut tcp = std::net::TcpStream::connect(client).unwrap();
+        tcp.write_all(&[alert; 3].concat()).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // The relay's own lines say the handshakes failed.
+    let failed = || {
+        lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains("TLS handshake failed"))
+            .count()
+    };
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while failed() == 0 && std::time::Instant::now() < end {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let _ = child.kill();
+    let _ = child.wait();
+    std::fs::remove_dir_all(&dir).ok();
+    let failed = failed();
+    let lines = lines.lock().unwrap();
+    assert!(failed > 0, "{lines:#?}");
+    let from_rustls: Vec<_> = lines.iter().filter(|l| l.contains("rustls::")).collect();
+    assert!(
+        from_rustls.is_empty(),
+        "{} lines: {from_rustls:#?}",
+        from_rustls.len()
+    );
+}
