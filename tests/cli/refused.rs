@@ -358,6 +358,58 @@ fn a_value_of_the_wrong_type_says_what_the_key_takes() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// `[devices]` took its keys through serde's `flatten`, which reads the
+/// table as a whole first: a misspelt key in it was "unknown field
+/// `max_concurent_streams` in the top level (line 1)", and a wrong value
+/// was put on the table before it ("server: invalid value …" on the
+/// `[devices]` line). Both now name `[devices]`, the key and its line,
+/// as in any other table; exit 3.
+#[test]
+fn a_mistake_in_devices_names_its_key_and_line() {
+    let dir = std::env::temp_dir().join(format!("clio-relay-devices-keys-{}", std::process::id()));
+    let config = relay_config(&dir, "127.0.0.1:0", "127.0.0.1:0");
+    let base = std::fs::read_to_string(&config).unwrap();
+    let check = |devices: &str| {
+        std::fs::write(&config, format!("{base}\n[devices]\n{devices}")).unwrap();
+        let o = run_env(&["check-config", "--config", &config]);
+        assert_eq!(o.status.code(), Some(3), "{devices}: {}", text(&o));
+        text(&o)
+    };
+    let t = check("max_concurent_streams = 3\n");
+    assert!(
+        t.contains(
+            "unknown field `max_concurent_streams` in [devices] (line 22): did you mean \
+             `max_concurrent_streams`?"
+        ),
+        "{t}"
+    );
+    let t = check("max_concurrent_streams = 2\nstreams_per_minute = -1\n");
+    assert!(
+        t.contains(
+            "devices.streams_per_minute: invalid value: integer `-1`, expected a whole number \
+             from 0 to 4294967295 (line 23)"
+        ),
+        "{t}"
+    );
+    let t = check("max_stream_length = 600\n");
+    assert!(
+        t.contains("devices.max_stream_length: invalid type: integer `600`, expected a duration"),
+        "{t}"
+    );
+    // Written right, the same keys are taken, a tier's too.
+    std::fs::write(
+        &config,
+        format!(
+            "{base}\n[devices]\nmax_concurrent_streams = 2\nmax_stream_length = \"10m\"\n\
+             [devices.tier.pro]\nmax_concurrent_streams = 4\n"
+        ),
+    )
+    .unwrap();
+    let o = run_env(&["check-config", "--config", &config]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// A `[cluster] redis_url` the Redis client cannot use (a port past
 /// 65535, a database that is not a number, a broken IPv6 address) is a
 /// configuration mistake: `check-config` names it, and `run` exits 3,

@@ -567,7 +567,12 @@ fn device_limits(
 
 /// Resolves `[devices]` and its tiers (a tier's unset fields take the default's).
 fn resolve_devices(raw: RawDevices, p: &mut Problems) -> DevicesConfig {
-    let default = device_limits("devices", &raw.default, &DeviceLimits::default(), p);
+    let default = device_limits(
+        "devices",
+        &raw.default_limits(),
+        &DeviceLimits::default(),
+        p,
+    );
     let mut tiers = std::collections::BTreeMap::new();
     for (name, t) in &raw.tier {
         if !valid_account_id(name) {

@@ -105,13 +105,33 @@ pub(super) struct RawDeviceLimits {
     pub(super) max_stream_length: Option<String>,
 }
 
+/// `[devices]`: the keys of [`RawDeviceLimits`] (the default limits)
+/// and the tiers. The keys are written out, not `#[serde(flatten)]`ed:
+/// serde reads a flattened table as a whole first, so its errors lost
+/// their key and line (an unknown key in it was "in the top level (line
+/// 1)", a wrong value put on the line of the table before it).
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawDevices {
-    #[serde(flatten)]
-    pub(super) default: RawDeviceLimits,
+    pub(super) max_concurrent_streams: Option<u32>,
+    pub(super) streams_per_minute: Option<u32>,
+    pub(super) audio_seconds_per_day: Option<u64>,
+    #[serde(default, deserialize_with = "duration_text")]
+    pub(super) max_stream_length: Option<String>,
     #[serde(default)]
     pub(super) tier: std::collections::BTreeMap<String, RawDeviceLimits>,
+}
+
+impl RawDevices {
+    /// The default limits `[devices]` sets (its keys but `tier`).
+    pub(super) fn default_limits(&self) -> RawDeviceLimits {
+        RawDeviceLimits {
+            max_concurrent_streams: self.max_concurrent_streams,
+            streams_per_minute: self.streams_per_minute,
+            audio_seconds_per_day: self.audio_seconds_per_day,
+            max_stream_length: self.max_stream_length.clone(),
+        }
+    }
 }
 
 #[derive(Deserialize, Default)]
