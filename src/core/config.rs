@@ -50,6 +50,10 @@ pub const UNIT_STOP_TIMEOUT: Duration = Duration::from_secs(90);
 /// ends through its own end, unfinalized, whose two last writes (the
 /// client's "reconnect", upstream's close) take at most 1 s each when a
 /// peer stopped reading, and a second more for a loaded host to run them.
+/// An end already under way gives up its longer waits at the stop (a
+/// drain's `<fin>`, the client's answer to upstream's close), so those
+/// two writes are what is left of it, and at most the 1 s write of a
+/// drain's finalize begun before the stop.
 /// With nothing live it is not waited; otherwise it ends when the last
 /// usage is recorded, within milliseconds when the peers read.
 pub const STOP_CUT_WAIT: Duration = Duration::from_secs(3);

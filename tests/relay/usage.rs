@@ -2,6 +2,7 @@
 //! what the client sent: the ledger's per-account and per-device audio,
 //! its streams and its cost, in the ways real streams end.
 
+use std::io::Write;
 use std::time::Duration;
 
 use fake_soniox::FaultKind;
@@ -368,6 +369,68 @@ fn open_stream(relay: std::net::SocketAddr, token: &str, format: &str, frames: u
     ws
 }
 
+/// The token secret of [`stop_config`]'s relay.
+const STOP_SECRET: &str = "ssssssssssssssssssssssssssssssssssssssss";
+
+/// A state directory and in it the config file of a relay for the stop's
+/// tests ([`run_binary`]): two shards, upstream at `upstream`, nothing
+/// that ends a stream or saves the ledger on its own (an hour's drain,
+/// idle timeout and persist interval).
+fn stop_config(upstream: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir = state_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("relay.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshards = 2\n\
+             [upstream]\nurl = \"{}\"\n[tokens]\nsecret_env = \"USAGE_CUT_SECRET\"\n\
+             [limits]\ndrain_timeout = \"1h\"\nidle_timeout = \"1h\"\n\
+             [usage]\npersist_interval = \"1h\"\n\
+             [admin]\ntoken_env = \"USAGE_CUT_ADMIN\"\nstate_dir = \"{}\"\nhealth_interval = \"0s\"\n\
+             [[account]]\nid = \"a\"\nkey_env = \"USAGE_CUT_KEY\"\n",
+            upstream,
+            dir.join("state").display()
+        ),
+    )
+    .unwrap();
+    (dir, cfg)
+}
+
+/// A session token for `device`, signed with [`STOP_SECRET`].
+fn stop_token(device: &str) -> String {
+    let keys = clio_relay::core::token::TokenKeys::from_config(
+        &clio_relay::core::config::TokensConfig::new(clio_relay::core::secret::Secret::new(
+            STOP_SECRET,
+        )),
+    );
+    keys.mint(
+        device,
+        Duration::from_secs(600),
+        std::time::SystemTime::now(),
+    )
+    .unwrap()
+}
+
+/// `/admin/usage?group_by=group` of the relay at `admin`, its rows by key.
+fn ledger_rows(admin: std::net::SocketAddr, group: &str) -> serde_json::Map<String, Value> {
+    let (status, body) = http(
+        admin,
+        "GET",
+        &format!("/admin/usage?group_by={group}"),
+        Some(ADMIN),
+        None,
+    );
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    v["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["key"].as_str().unwrap().to_string(), r.clone()))
+        .collect()
+}
+
 /// SIGINT (or SIGINT during a drain, which stops it at once as well)
 /// ends the live streams (Soniox's 503 "reconnect", close 1012, no
 /// finalize); their usage so far is in the ledger after the restart: per
@@ -383,38 +446,10 @@ fn sigint_records_live_streams(during_drain: bool) {
         c.ms_per_word = 100;
         c.idle_timeout = Duration::from_secs(3600);
     });
-    let dir = state_dir();
-    std::fs::create_dir_all(&dir).unwrap();
-    let cfg = dir.join("relay.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshards = 2\n\
-             [upstream]\nurl = \"{}\"\n[tokens]\nsecret_env = \"USAGE_CUT_SECRET\"\n\
-             [limits]\ndrain_timeout = \"1h\"\nidle_timeout = \"1h\"\n\
-             [usage]\npersist_interval = \"1h\"\n\
-             [admin]\ntoken_env = \"USAGE_CUT_ADMIN\"\nstate_dir = \"{}\"\nhealth_interval = \"0s\"\n\
-             [[account]]\nid = \"a\"\nkey_env = \"USAGE_CUT_KEY\"\n",
-            fake.url(),
-            dir.join("state").display()
-        ),
-    )
-    .unwrap();
-    let secret = "s".repeat(40);
-    let keys = clio_relay::core::token::TokenKeys::from_config(
-        &clio_relay::core::config::TokensConfig::new(clio_relay::core::secret::Secret::new(
-            secret.clone(),
-        )),
-    );
-    let token = |device: &str| {
-        keys.mint(
-            device,
-            Duration::from_secs(600),
-            std::time::SystemTime::now(),
-        )
-        .unwrap()
-    };
-    let (mut child, addrs) = run_binary(&cfg, &secret);
+    let (dir, cfg) = stop_config(&fake.url());
+    let secret = STOP_SECRET;
+    let token = stop_token;
+    let (mut child, addrs) = run_binary(&cfg, secret);
     // 8 frames of 100 ms raw, 6 of 200 ms compressed (as the fake counts
     // them), a stream each, both left open.
     let mut raw = open_stream(addrs.client, &token("raw"), "pcm_s16le", 8);
@@ -435,26 +470,9 @@ fn sigint_records_live_streams(during_drain: bool) {
     assert_eq!(fake_ms, [800, 1200]);
 
     // The ledger, as the next start reads it.
-    let (mut child, addrs) = run_binary(&cfg, &secret);
-    let query = |group: &str| {
-        let (status, body) = http(
-            addrs.admin,
-            "GET",
-            &format!("/admin/usage?group_by={group}"),
-            Some(ADMIN),
-            None,
-        );
-        assert_eq!(status, 200, "{body}");
-        let v: Value = serde_json::from_str(&body).unwrap();
-        v["rows"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| (r["key"].as_str().unwrap().to_string(), r.clone()))
-            .collect::<serde_json::Map<String, Value>>()
-    };
-    let devices = query("device");
-    let accounts = query("account");
+    let (mut child, addrs) = run_binary(&cfg, secret);
+    let devices = ledger_rows(addrs.admin, "device");
+    let accounts = ledger_rows(addrs.admin, "account");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGINT,
@@ -496,6 +514,83 @@ fn sigint_records_the_usage_of_the_streams_it_cuts() {
 #[test]
 fn sigint_during_a_drain_records_the_usage_of_the_streams_it_cuts() {
     sigint_records_live_streams(true);
+}
+
+/// A stream whose upstream said `finished` and closed, and whose client
+/// has not answered the close when SIGINT comes: its end waits up to 2 s
+/// for the reply, to carry it up. The stop does not wait for the reply
+/// but for the stream's usage (at most `STOP_CUT_WAIT`, 3 s), so the wait
+/// gives up when the stop comes and the stream records its usage at
+/// once; the ledger has its audio after a restart. Before, the stop
+/// waited out the reply's wait, with only a second to spare, which a
+/// loaded host can take; then the usage was lost as at a crash.
+#[test]
+fn sigint_records_a_stream_whose_client_does_not_answer_the_close() {
+    let fake = fake(&["k1"], |_| {});
+    let (dir, cfg) = stop_config(&fake.url());
+    let (mut child, addrs) = run_binary(&cfg, STOP_SECRET);
+    let auth = format!("Authorization: Bearer {}\r\n", stop_token("mute"));
+    let mut client = upgraded_raw_client(addrs.client, &auth);
+    let mut sent = client_frame(1, config_for("pcm_s16le").as_bytes());
+    for f in audio_frames(8, 7) {
+        sent.extend(client_frame(2, &f));
+    }
+    // The end of audio: upstream answers `finished`, then closes.
+    sent.extend(client_frame(2, &[]));
+    client.write_all(&sent).unwrap();
+    // Upstream's close reaches the client, which does not answer it: the
+    // stream's end is waiting for the reply.
+    let frames = raw_read_frames_until_close(&mut client);
+    assert_eq!(frames.last().map(|f| f.0), Some(8), "{frames:?}");
+    let texts = raw_texts(&frames);
+    assert!(texts.iter().any(|t| t["finished"] == true), "{frames:?}");
+    sigint_and_reap(&mut child, "SIGINT did not stop the relay");
+    assert!(fake.wait_for(LIMIT, |s| s.len() == 1 && s[0].finished_sent));
+    assert_eq!(fake.sessions()[0].audio_ms, 800);
+    drop(client);
+
+    // The ledger, as the next start reads it.
+    let (mut child, addrs) = run_binary(&cfg, STOP_SECRET);
+    let devices = ledger_rows(addrs.admin, "device");
+    sigint_and_reap(&mut child, "SIGINT did not stop the second relay");
+    std::fs::remove_dir_all(&dir).ok();
+    let row = devices
+        .get("mute")
+        .unwrap_or_else(|| panic!("the stream is not in the ledger: {devices:?}"));
+    assert_eq!(row["streams"], 1, "{devices:?}");
+    assert_eq!(row["audio_seconds"], 0.8, "{devices:?}");
+    assert!(
+        row["errors"].as_object().is_none_or(|e| e.is_empty()),
+        "{devices:?}"
+    );
+}
+
+/// Reads server frames from `tcp` until a close frame (or the socket's
+/// end): (opcode, payload) pairs. For a client that goes on holding the
+/// connection without answering that close.
+fn raw_read_frames_until_close(tcp: &mut std::net::TcpStream) -> Vec<(u8, Vec<u8>)> {
+    use std::io::Read;
+    let (mut data, mut out, mut at) = (Vec::new(), Vec::new(), 0);
+    let mut chunk = [0u8; 4096];
+    loop {
+        while let Ok(Some(h)) =
+            clio_frame::frame::parse_header(&data[at..], clio_frame::frame::Sender::Server, 1 << 30)
+        {
+            let end = at + h.header_len + h.payload_len as usize;
+            if end > data.len() {
+                break;
+            }
+            out.push((h.opcode as u8, data[at + h.header_len..end].to_vec()));
+            at = end;
+            if h.opcode as u8 == 8 {
+                return out;
+            }
+        }
+        match tcp.read(&mut chunk) {
+            Ok(n) if n > 0 => data.extend_from_slice(&chunk[..n]),
+            _ => return out,
+        }
+    }
 }
 
 /// A drain whose wait runs out cuts the streams still live, as SIGINT

@@ -738,7 +738,14 @@ impl Stream {
                     buf: cbuf,
                 };
                 let c2u = pump::client_to_upstream(link, cside, cx);
-                let _ = timeout(CLOSE_WAIT, c2u).await;
+                // A stop does not wait for the reply: it waits for this
+                // stream's usage (`STOP_CUT_WAIT`), which the wait would
+                // take most of.
+                let stop = async {
+                    shard.stopping_now().await;
+                    End::Drain
+                };
+                let _ = timeout(CLOSE_WAIT, future::or(c2u, stop)).await;
             }
             End::UpstreamStalled if shard.process.upstream_log.admit() => {
                 tracing::warn!(stream = %self.id, account = %up.lease.account.id, stall = ?self.settings.limits.stall_timeout, "upstream stopped reading the stream's audio; ending it as an upstream failure");
