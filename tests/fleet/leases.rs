@@ -149,3 +149,93 @@ fn a_killed_nodes_last_usage_batch_id_goes_with_its_old_lease() {
     );
     assert!(redis.member("node-b").is_some(), "the live member stays");
 }
+
+/// The cluster thread renews its node's lease between its calls to the
+/// store, not only between its passes: one poll can make several long
+/// calls (the poll itself, then a revocation set or an account set that
+/// changed, each up to `cluster.timeout`, the sets' parsing after it).
+/// Here the proxy makes the poll right after a heartbeat, and the read of
+/// the revocation lists that the poll finds changed, take 3.6 s each,
+/// against a lease of 6 s (a heartbeat every 2 s). Checked between the
+/// calls, the heartbeat is due before the read and renews the lease, so no
+/// gap between renewals passes one call (3.6 s). Checked only once a
+/// pass, the next renewal came after both (7.2 s): the lease had lapsed,
+/// and the node went down to register again, its streams not counted
+/// meanwhile.
+#[test]
+fn long_calls_in_one_poll_do_not_let_the_lease_lapse() {
+    const LEASE: Duration = Duration::from_secs(6);
+    const LONG: Duration = Duration::from_millis(3600);
+    let redis = RedisServer::start();
+    let proxy = crate::proxy::Proxy::start(redis.port);
+    let fake = fake(&["k1"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.admin.token = Some(clio_relay::core::secret::Secret::new(crate::ADMIN));
+    cfg.admin.master_key = Some(clio_relay::core::secret::Secret::new(crate::MASTER));
+    let a = Relay::start(crate::node(&cfg, &redis, "node-a"));
+    let mut on_b = crate::node(&cfg, &redis, "node-b");
+    let fleet = on_b.cluster.as_mut().unwrap();
+    fleet.redis_url = proxy.url();
+    fleet.lease_ttl = LEASE;
+    // Past the long calls: none of them fails.
+    fleet.timeout = Duration::from_secs(15);
+    let b = Relay::start(on_b);
+    let soon = Duration::from_secs(10);
+    assert!(wait_until(soon, || crate::up(&a) && crate::up(&b)));
+    let stats = &b.handle.process.fleet.get().unwrap().stats;
+    let registered = stats
+        .registrations
+        .load(std::sync::atomic::Ordering::Relaxed);
+    // At B's next heartbeat, A revokes a device (the revocation version
+    // goes up), and the poll that follows it and its read of the lists are
+    // each held for `LONG` before they reach Redis.
+    let heartbeat = ::redis::Script::new(clio_relay::core::cluster::scripts::HEARTBEAT)
+        .get_hash()
+        .to_string();
+    let holds = proxy.holds();
+    let a_admin = a.handle.admin_addr;
+    let (tx, rx) = std::sync::mpsc::channel();
+    proxy.hold_for(heartbeat.as_bytes(), move || {
+        let _ = tx.send(http(
+            a_admin,
+            "POST",
+            "/admin/revocations",
+            Some(crate::ADMIN),
+            Some(r#"{"device_id":"lost-phone"}"#),
+        ));
+        holds.hold_for(b"XREAD", || std::thread::sleep(LONG));
+        holds.hold_for(b"clio:rev:tokskew", || std::thread::sleep(LONG));
+    });
+    let (status, body) = rx.recv_timeout(soon).expect("B's heartbeat came");
+    assert_eq!(status, 200, "{body}");
+    // The read of the lists has reached the proxy (its hold is taken as
+    // it comes): the next renewal is the first after it, due as soon as
+    // B has the lists.
+    assert!(
+        wait_until(soon + LONG * 2, || proxy.holds_left() == 0),
+        "B's poll and its read of the lists came"
+    );
+    let end = redis.lease_end("node-b");
+    assert!(
+        wait_until(soon + LONG, || !crate::up(&b)
+            || redis.lease_end("node-b") != end),
+        "B renewed its lease or went down"
+    );
+    assert!(crate::up(&b), "B's lease lapsed during the poll");
+    assert_eq!(
+        stats
+            .registrations
+            .load(std::sync::atomic::Ordering::Relaxed),
+        registered,
+        "B registered again"
+    );
+    // And the read was whole: B has the revocation.
+    let (_, list) = http(
+        b.handle.admin_addr,
+        "GET",
+        "/admin/revocations",
+        Some(crate::ADMIN),
+        None,
+    );
+    assert!(list.contains("lost-phone"), "{list}");
+}

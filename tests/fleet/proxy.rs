@@ -28,8 +28,9 @@ struct State {
     lose: Mutex<Option<Vec<u8>>>,
     /// The next call with these bytes reaches Redis after a `FLUSHALL`.
     flush_before: Mutex<Option<Vec<u8>>>,
-    /// The next call with these bytes reaches Redis once this has run.
-    hold_for: Mutex<Option<Held>>,
+    /// The next call with these bytes reaches Redis once this has run
+    /// (each entry once, the first that matches).
+    hold_for: Mutex<Vec<Held>>,
     /// From the next call with these bytes on, its connection's answers
     /// come a byte at a time, this long apart.
     trickle: Mutex<Option<(Vec<u8>, Duration)>>,
@@ -122,7 +123,18 @@ impl Proxy {
     /// answer): what `then` does in Redis comes between that connection's
     /// calls.
     pub fn hold_for(&self, bytes: &[u8], then: impl FnOnce() + Send + 'static) {
-        *self.state.hold_for.lock().unwrap() = Some((bytes.to_vec(), Box::new(then)));
+        self.holds().hold_for(bytes, then);
+    }
+
+    /// A handle that arms [`Proxy::hold_for`] from elsewhere: from what a
+    /// hold runs, to hold a later call of the same connection.
+    pub fn holds(&self) -> Holds {
+        Holds(self.state.clone())
+    }
+
+    /// The holds armed whose call has not come yet.
+    pub fn holds_left(&self) -> usize {
+        self.state.hold_for.lock().unwrap().len()
     }
 
     /// From the next call that carries `bytes` on, that connection's
@@ -140,6 +152,21 @@ impl Proxy {
     /// Whether a call of the polling connection is held unanswered.
     pub fn poll_held(&self) -> bool {
         self.state.held.load(Ordering::Relaxed) > 0
+    }
+}
+
+/// Arms holds on a [`Proxy`] (see [`Proxy::holds`]).
+pub struct Holds(Arc<State>);
+
+impl Holds {
+    /// As [`Proxy::hold_for`]; holds armed together wait each for its own
+    /// call.
+    pub fn hold_for(&self, bytes: &[u8], then: impl FnOnce() + Send + 'static) {
+        self.0
+            .hold_for
+            .lock()
+            .unwrap()
+            .push((bytes.to_vec(), Box::new(then)));
     }
 }
 
@@ -220,7 +247,11 @@ fn relay(mut client: TcpStream, mut server: TcpStream, state: &State) {
             *flush = None;
         }
         drop(flush);
-        let held = state.hold_for.lock().unwrap().take_if(|(b, _)| carries(b));
+        let held = {
+            let mut holds = state.hold_for.lock().unwrap();
+            let at = holds.iter_mut().position(|(b, _)| carries(b));
+            at.map(|i| holds.remove(i))
+        };
         if let Some((_, then)) = held {
             then();
         }

@@ -961,14 +961,21 @@ impl Worker {
             }
             return;
         }
-        if self.last_heartbeat.elapsed().as_millis() as u64 >= self.ttl_ms / 3 {
-            self.heartbeat();
+        // Checked before each call of the pass: see `renew_if_due`.
+        if !self.renew_if_due() {
+            return;
         }
         if self.last_poll.elapsed() >= POLL {
             self.poll();
         }
+        if !self.renew_if_due() {
+            return;
+        }
         if self.last_audio.elapsed() >= AUDIO_FLUSH {
             self.flush_audio();
+        }
+        if !self.renew_if_due() {
+            return;
         }
         // One batch per pass, so stream opens queued meanwhile wait for one
         // call at most; a backlog (after an outage) goes out a batch a pass.
@@ -982,6 +989,22 @@ impl Worker {
         if usage_waits && (backlog || self.last_usage.elapsed() >= AUDIO_FLUSH) {
             let _ = self.flush_usage(1);
         }
+    }
+
+    /// Renews the lease when a heartbeat is due (every `lease_ttl / 3`);
+    /// false when the store is down, before or after. Checked before each
+    /// call that may take long, not once a pass: a pass, or one poll, can
+    /// make several calls of up to `cluster.timeout` each (a poll, then a
+    /// large revocation set or account set to read and parse), and checked
+    /// only at the pass's start the lease had to outlast all of them after
+    /// a third of it had gone. Between calls, it lapses only if one call
+    /// takes more than two thirds of it.
+    fn renew_if_due(&mut self) -> bool {
+        if self.con.is_some() && self.last_heartbeat.elapsed().as_millis() as u64 >= self.ttl_ms / 3
+        {
+            self.heartbeat();
+        }
+        self.con.is_some()
     }
 
     fn heartbeat(&mut self) {
@@ -1165,6 +1188,9 @@ impl Worker {
             a.set_fleet_live(Some(u32::try_from(n.max(0)).unwrap_or(u32::MAX - 1)));
         }
         if self.rev_ver != Some(rev) {
+            if !self.renew_if_due() {
+                return;
+            }
             self.load_revocations(rev);
         }
         // The fleet's bounds as of now (a node with a longer `max_ttl`
@@ -1174,6 +1200,9 @@ impl Worker {
         // left recorded, so no expiry shown is ever too early.
         self.set_fleet_bounds(fleet_hold, fleet_ttl, fleet_skew);
         if self.acct_ver != Some(acct) {
+            if !self.renew_if_due() {
+                return;
+            }
             self.load_accounts(acct);
         }
         self.end_streams(&ends);
