@@ -3,6 +3,8 @@
 //! script used to take for fake-soniox (17300). The direct path's churn on
 //! the debug binaries (`H2H_BIN`), no perf, no nginx or node; and the
 //! run's summary line, which the script reads from relay-load's JSON.
+//! The floor proxy (`tools/head-to-head/floor-proxy.c`, built by the
+//! script) carries the same churn, and the table gives it a column.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -44,7 +46,7 @@ fn head_to_head_runs_beside_another_on_its_old_ports() {
         .current_dir(&repo)
         .env("H2H_BIN", bin_dir)
         .env("H2H_WORK", &work)
-        .env("H2H_PROXIES", "direct")
+        .env("H2H_PROXIES", "direct floor")
         .env("H2H_WORKLOADS", "W3")
         .env("H2H_PERF", "0")
         .env("RUST_LOG", "warn")
@@ -56,6 +58,7 @@ fn head_to_head_runs_beside_another_on_its_old_ports() {
         String::from_utf8_lossy(&out.stderr)
     );
     let report = std::fs::read(work.join("direct-W3.json")).unwrap_or_default();
+    let floor = std::fs::read(work.join("floor-W3.json")).unwrap_or_default();
     let _ = std::fs::remove_dir_all(&work);
     assert_eq!(out.status.code(), Some(0), "{all}");
     let json: serde_json::Value =
@@ -63,6 +66,19 @@ fn head_to_head_runs_beside_another_on_its_old_ports() {
     assert!(
         json["streams_ok"].as_u64() > Some(0),
         "no churn cycle measured: {json}\n{all}"
+    );
+    // Through the floor proxy: cycles, none failed (a proxy that lost a
+    // connection's bytes would fail its stream), and its column.
+    let floor: serde_json::Value =
+        serde_json::from_slice(&floor).unwrap_or_else(|e| panic!("floor-W3.json: {e}\n{all}"));
+    assert!(
+        floor["streams_ok"].as_u64() > Some(0) && floor["streams_failed"] == 0,
+        "the floor proxy's churn: {floor}\n{all}"
+    );
+    assert!(
+        all.lines()
+            .any(|l| l.starts_with("| workload · metric | direct | floor proxy |")),
+        "no floor proxy column: {all}"
     );
     // The run's one-line summary, read from relay-load's JSON: a churn
     // run's has cycles/s, and no idle streams held (an idle run's measure).

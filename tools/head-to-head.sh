@@ -5,6 +5,8 @@
 #
 # Runs the same workloads, one proxy after another, through
 #   direct  relay-load -> fake-soniox (the baseline)
+#   floor   relay-load -> tools/head-to-head/floor-proxy.c (bytes copied, nothing
+#           read; built with cc) -> fake-soniox: the least a proxy costs
 #   clio    relay-load -> clio-relay -> fake-soniox
 #   nginx   relay-load -> nginx (Upgrade proxying, key injected as a header) -> fake-soniox
 #   node    relay-load -> tools/head-to-head/node-proxy.js (npm `ws`) -> fake-soniox
@@ -25,7 +27,7 @@
 # process started here is stopped on exit, failure included.
 #
 # Environment: CARGO_TARGET_DIR (default ./target), H2H_WORK, H2H_PROXIES
-# (default "direct clio nginx node"), H2H_WORKLOADS (default "W1s W1 W2 W3 W4"),
+# (default "direct clio nginx node"; add floor for the floor proxy), H2H_WORKLOADS (default "W1s W1 W2 W3 W4"),
 # H2H_W1_STREAMS and H2H_W1_SECONDS (W1's size), H2H_CLIO_SHARDS (default: cores;
 # more shards than cores leaves them unpinned), H2H_PERF=0 (no perf windows),
 # H2H_FRESH=1 (a fresh proxy process for every workload, not one per proxy),
@@ -99,13 +101,16 @@ fi
 if proxy_asked node; then
   command -v node >/dev/null 2>&1 || die "node is missing (apt-get install -y nodejs npm)"
 fi
+if proxy_asked floor; then
+  command -v cc >/dev/null 2>&1 || die "cc is missing for the floor proxy (apt-get install -y gcc)"
+fi
 command -v python3 >/dev/null 2>&1 || die "python3 is missing"
 # Ports free now, one each (the kernel's pick, all held at once so they
 # differ). Fixed ones were taken by another engineer's run, and the run
 # then measured whatever listened there.
-read -r FAKE_PORT CLIO_PORT CLIO_ADMIN_PORT NGINX_PORT NODE_PORT < <(python3 -c '
+read -r FAKE_PORT CLIO_PORT CLIO_ADMIN_PORT NGINX_PORT NODE_PORT FLOOR_PORT < <(python3 -c '
 import socket
-ss = [socket.socket() for _ in range(5)]
+ss = [socket.socket() for _ in range(6)]
 for s in ss:
     s.bind(("127.0.0.1", 0))
 print(*(s.getsockname()[1] for s in ss))')
@@ -243,6 +248,10 @@ if proxy_asked nginx; then
   nginx -t -q -c "$WORK/nginx.conf" -p "$WORK/nginx/" 2> "$WORK/nginx-t.txt" \
     || { cat "$WORK/nginx-t.txt" >&2; die "nginx config refused"; }
 fi
+if proxy_asked floor; then
+  cc -O2 -o "$WORK/floor-proxy" "$ROOT/tools/head-to-head/floor-proxy.c" 2> "$WORK/floor-cc.txt" \
+    || { cat "$WORK/floor-cc.txt" >&2; die "the floor proxy did not build"; }
+fi
 
 # ---------------------------------------------------------------- helpers
 # wait_port PORT PID: until something accepts on 127.0.0.1:PORT (at most
@@ -270,17 +279,19 @@ proxy_pids() {
   ps -o pid= --ppid "$PROXY_PID" 2>/dev/null | tr -d ' ' || true
 }
 
-# cpu_ticks PID...: utime + stime summed (fields 14 and 15 of /proc/PID/stat).
+# cpu_ticks PID...: "ALL USER": utime + stime, and utime alone, summed
+# (fields 14 and 15 of /proc/PID/stat).
 cpu_ticks() {
-  local total=0 pid rest
+  local total=0 user=0 pid rest
   for pid in "$@"; do
     rest=$(cat "/proc/$pid/stat" 2>/dev/null) || continue
     rest=${rest##*) }
     # after "comm) ": field 3 is state, so utime/stime are words 12 and 13.
     read -r -a f <<< "$rest"
     total=$((total + f[11] + f[12]))
+    user=$((user + f[11]))
   done
-  echo "$total"
+  echo "$total $user"
 }
 
 # rss_kb PID...: VmRSS summed, in KiB.
@@ -339,6 +350,11 @@ start_proxy() {
       PROXY_PID=$!
       TARGET_ARGS=(--url "ws://127.0.0.1:$NODE_PORT/v1/transcribe" --auth query --key "$NODE_TOKEN")
       port=$NODE_PORT ;;
+    floor)
+      "$WORK/floor-proxy" "$FLOOR_PORT" "$FAKE_PORT" "$NPROC" > "$WORK/floor-proxy.log" 2>&1 &
+      PROXY_PID=$!
+      TARGET_ARGS=(--direct --target "127.0.0.1:$FLOOR_PORT" --key "$H2H_SONIOX_KEY")
+      port=$FLOOR_PORT ;;
     *) die "unknown proxy $1" ;;
   esac
   CHILDREN+=("$PROXY_PID")
@@ -475,8 +491,8 @@ run_workload() {
     fi
   fi
   # shellcheck disable=SC2086
-  cpu0=$(cpu_ticks $pids); rss0=$(rss_kb $pids)
-  fcpu0=$(cpu_ticks "$FAKE_PID")
+  read -r cpu0 ucpu0 < <(cpu_ticks $pids); rss0=$(rss_kb $pids)
+  read -r fcpu0 _ < <(cpu_ticks "$FAKE_PID")
   rss_sampler "$out.rss" &
   sampler=$!
   if [ -n "$perf_win" ]; then
@@ -508,8 +524,8 @@ run_workload() {
   # shellcheck disable=SC2046
   pids=$(proxy_pids | tr '\n' ' ')
   # shellcheck disable=SC2086
-  cpu1=$(cpu_ticks $pids)
-  fcpu1=$(cpu_ticks "$FAKE_PID")
+  read -r cpu1 ucpu1 < <(cpu_ticks $pids)
+  read -r fcpu1 _ < <(cpu_ticks "$FAKE_PID")
   # Peak over the whole run; "held" only over samples taken before the
   # workload's hold ends, i.e. with all streams open and idle. relay-load
   # holds idle streams until a fifth of --duration (at most 5 s) before
@@ -523,6 +539,7 @@ run_workload() {
   cat > "$out.meta.json" <<EOF
 {"proxy": "$proxy", "workload": "$w", "rc": $rc, "clk_tck": $CLK_TCK,
  "cpu_ticks_before": $cpu0, "cpu_ticks_after": $cpu1,
+ "user_ticks_before": $ucpu0, "user_ticks_after": $ucpu1,
  "fake_cpu_ticks_before": $fcpu0, "fake_cpu_ticks_after": $fcpu1,
  "rss_kb_before": $rss0, "rss_kb_peak": ${peak:-0}, "rss_kb_held": ${held:-0},
  "streams": $(eval "echo \${${w}_STREAMS:-0}"), "proxy_pids": "$pids",

@@ -17,6 +17,8 @@ README.
   W4 reports it twice: while held (samples before the hold ends, every stream
   open and idle: the target's figure) and including the closing, when all
   streams end at once.
+- User-space share of CPU = the proxy's utime / (utime + stime) over the
+  workload (/proc/PID/stat): where a proxy's cost above the kernel's goes.
 - Proxy CPU per frame = proxy CPU seconds / frames echoed (W1s, W1, W2);
   per cycle = proxy CPU seconds / cycles completed (W3).
 - Kernel socket floor per frame (or cycle) = proxy CPU per frame (or cycle)
@@ -29,8 +31,9 @@ import json
 import os
 import sys
 
-PROXIES = ["direct", "clio", "nginx", "node"]
-NAMES = {"direct": "direct", "clio": "clio-relay", "nginx": "nginx", "node": "node (ws)"}
+PROXIES = ["direct", "floor", "clio", "nginx", "node"]
+NAMES = {"direct": "direct", "floor": "floor proxy", "clio": "clio-relay", "nginx": "nginx",
+         "node": "node (ws)"}
 FRAME_MS = 100
 # A direct-path W1 median round trip above this means the cores were busy.
 SATURATED_P50_MS = 10.0
@@ -63,6 +66,15 @@ def cpu_s(meta):
     if meta is None or meta["proxy"] == "direct":
         return None
     return (meta["cpu_ticks_after"] - meta["cpu_ticks_before"]) / meta["clk_tck"]
+
+
+def user_share(meta):
+    """The share of the proxy's CPU time spent in user space (utime), or
+    None (the direct path, or a run from before it was recorded)."""
+    all_s = cpu_s(meta)
+    if not all_s or "user_ticks_after" not in meta:
+        return None
+    return (meta["user_ticks_after"] - meta["user_ticks_before"]) / meta["clk_tck"] / all_s
 
 
 def audio_s(rep):
@@ -166,6 +178,8 @@ def main():
             row(w, "failed streams", "", lambda p, r, m: r["streams_failed"])
             row(w, "CPU s / 1,000 audio-s", "",
                 lambda p, r, m: cpu_s(m) / (audio_s(r) / 1000.0), proxies_only)
+            row(w, "user-space share of CPU (%)", "",
+                lambda p, r, m: user_share(m) * 100.0, proxies_only)
             if w in ("W1s", "W1"):
                 row(w, "RSS / stream (KiB)", "",
                     lambda p, r, m: (m["rss_kb_peak"] - m["rss_kb_before"]) / m["streams"],
@@ -180,6 +194,8 @@ def main():
             row(w, "failed streams", "", lambda p, r, m: r["streams_failed"])
             row(w, "CPU ms / cycle", "",
                 lambda p, r, m: cpu_s(m) * 1000.0 / r["streams_ok"], proxies_only)
+            row(w, "user-space share of CPU (%)", "",
+                lambda p, r, m: user_share(m) * 100.0, proxies_only)
             if w in perf_workloads:
                 floor_rows(w, "cycle", lambda r, m: cpu_s(m) * 1e6 / r["streams_ok"])
         elif w == "W4":
@@ -195,12 +211,15 @@ def main():
             row(w, "peak RSS (MiB)", "", lambda p, r, m: m["rss_kb_peak"] / 1024.0, proxies_only)
             row(w, "CPU s", "", lambda p, r, m: cpu_s(m), proxies_only)
 
+    # The floor proxy is a column only in runs that measured it.
+    shown = [p for p in PROXIES
+             if p != "floor" or any(data[(p, w)][1] is not None for w in workloads)]
     lines = []
-    lines.append("| workload · metric | " + " | ".join(NAMES[p] for p in PROXIES)
+    lines.append("| workload · metric | " + " | ".join(NAMES[p] for p in shown)
                  + " | clio-relay / nginx |")
-    lines.append("|---|" + "---:|" * (len(PROXIES) + 1))
+    lines.append("|---|" + "---:|" * (len(shown) + 1))
     for label, cells, unit in rows:
-        lines.append(f"| {label} | " + " | ".join(fmt(cells[p], unit) for p in PROXIES)
+        lines.append(f"| {label} | " + " | ".join(fmt(cells[p], unit) for p in shown)
                      + f" | {ratio(cells['clio'], cells['nginx'])} |")
     table = "\n".join(lines)
 
@@ -307,6 +326,15 @@ def main():
         a, b = v("W3", "cycles/s", "clio"), v("W3", "cycles/s", "nginx")
         target("W3: clio-relay's churn ≥ 0.9× nginx's", cmp(a, b, lambda a, b: a >= 0.9 * b),
                f"{fmt(a)} vs {fmt(b)} cycles/s, {ratio(a, b)}" + floor_detail("W3", "cycle"))
+    if "floor" in shown:
+        # What the floor proxy (bytes copied, nothing read) costs: what is
+        # left to a proxy's own work above it, for each proxy.
+        for w, m in (("W1s", "CPU s / 1,000 audio-s"), ("W1", "CPU s / 1,000 audio-s"),
+                     ("W3", "CPU ms / cycle")):
+            f, a, b = (v(w, m, p) for p in ("floor", "clio", "nginx"))
+            if w in workloads and f is not None:
+                targets.append(f"- {w}: against the floor proxy (information, no target): "
+                               f"clio-relay {ratio(a, f)}, nginx {ratio(b, f)} of its {m}")
     if "W4" in workloads:
         a = v("W4", "RSS / stream held (KiB)", "clio")
         held = v("W4", "streams held", "clio")
