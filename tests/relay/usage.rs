@@ -17,21 +17,7 @@ const ADMIN: &str = "usage-admin-token-0123456789";
 fn usage_rows(relay: &Relay, group: &str, want: usize) -> serde_json::Map<String, Value> {
     let mut rows = serde_json::Map::new();
     let ok = wait_until(LIMIT, || {
-        let (status, body) = http(
-            relay.handle.admin_addr,
-            "GET",
-            &format!("/admin/usage?group_by={group}"),
-            Some(ADMIN),
-            None,
-        );
-        assert_eq!(status, 200, "{body}");
-        let v: Value = serde_json::from_str(&body).unwrap();
-        rows = v["rows"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| (r["key"].as_str().unwrap().to_string(), r.clone()))
-            .collect();
+        rows = ledger_rows(relay.handle.admin_addr, group);
         rows.len() >= want
     });
     assert!(ok, "{rows:?}");
@@ -563,34 +549,6 @@ fn sigint_records_a_stream_whose_client_does_not_answer_the_close() {
         row["errors"].as_object().is_none_or(|e| e.is_empty()),
         "{devices:?}"
     );
-}
-
-/// Reads server frames from `tcp` until a close frame (or the socket's
-/// end): (opcode, payload) pairs. For a client that goes on holding the
-/// connection without answering that close.
-fn raw_read_frames_until_close(tcp: &mut std::net::TcpStream) -> Vec<(u8, Vec<u8>)> {
-    use std::io::Read;
-    let (mut data, mut out, mut at) = (Vec::new(), Vec::new(), 0);
-    let mut chunk = [0u8; 4096];
-    loop {
-        while let Ok(Some(h)) =
-            clio_frame::frame::parse_header(&data[at..], clio_frame::frame::Sender::Server, 1 << 30)
-        {
-            let end = at + h.header_len + h.payload_len as usize;
-            if end > data.len() {
-                break;
-            }
-            out.push((h.opcode as u8, data[at + h.header_len..end].to_vec()));
-            at = end;
-            if h.opcode as u8 == 8 {
-                return out;
-            }
-        }
-        match tcp.read(&mut chunk) {
-            Ok(n) if n > 0 => data.extend_from_slice(&chunk[..n]),
-            _ => return out,
-        }
-    }
 }
 
 /// A drain whose wait runs out cuts the streams still live, as SIGINT

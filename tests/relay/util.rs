@@ -322,21 +322,41 @@ pub fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
 
 /// Reads server frames from a raw socket until close or EOF: (opcode, payload) pairs.
 pub fn raw_read_frames(tcp: &mut TcpStream) -> Vec<(u8, Vec<u8>)> {
-    let mut data = Vec::new();
-    let _ = tcp.read_to_end(&mut data);
-    let mut out = Vec::new();
-    let mut at = 0;
-    while let Ok(Some(h)) =
-        clio_frame::frame::parse_header(&data[at..], clio_frame::frame::Sender::Server, 1 << 30)
-    {
-        let end = at + h.header_len + h.payload_len as usize;
-        if end > data.len() {
-            break;
+    read_server_frames(tcp, false)
+}
+
+/// Reads server frames from `tcp` until a close frame (or the socket's
+/// end): (opcode, payload) pairs. For a client that goes on holding the
+/// connection without answering that close.
+pub fn raw_read_frames_until_close(tcp: &mut TcpStream) -> Vec<(u8, Vec<u8>)> {
+    read_server_frames(tcp, true)
+}
+
+/// Server frames as they arrive on `tcp`, until EOF or an error, or the
+/// first close frame when `to_close`.
+fn read_server_frames(tcp: &mut TcpStream, to_close: bool) -> Vec<(u8, Vec<u8>)> {
+    let (mut data, mut out, mut at) = (Vec::new(), Vec::new(), 0);
+    let mut chunk = [0u8; 4096];
+    loop {
+        while let Ok(Some(h)) =
+            clio_frame::frame::parse_header(&data[at..], clio_frame::frame::Sender::Server, 1 << 30)
+        {
+            let end = at + h.header_len + h.payload_len as usize;
+            if end > data.len() {
+                break;
+            }
+            out.push((h.opcode as u8, data[at + h.header_len..end].to_vec()));
+            at = end;
+            if to_close && h.opcode as u8 == 8 {
+                return out;
+            }
         }
-        out.push((h.opcode as u8, data[at + h.header_len..end].to_vec()));
-        at = end;
+        match tcp.read(&mut chunk) {
+            Ok(n) if n > 0 => data.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            _ => return out,
+        }
     }
-    out
 }
 
 /// Close frame code from a close payload.
