@@ -566,33 +566,10 @@ fn a_stream_a_timed_out_drain_cuts_is_in_the_ledger() {
     });
     // The first upstream connection goes through to the fake; the
     // others are accepted and never answered.
-    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!(
-        "ws://{}/transcribe-websocket",
-        upstream.local_addr().unwrap()
+    let (url, held) = door_with(
+        &fake.url(),
+        |n| if n == 0 { Entry::Pipe } else { Entry::Hold },
     );
-    let to = fake.addr();
-    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let kept = held.clone();
-    std::thread::spawn(move || {
-        for (n, conn) in upstream.incoming().enumerate() {
-            let Ok(conn) = conn else { return };
-            if n > 0 {
-                kept.lock().unwrap().push(conn);
-                continue;
-            }
-            let up = std::net::TcpStream::connect(to).unwrap();
-            for (mut from, mut to) in [
-                (conn.try_clone().unwrap(), up.try_clone().unwrap()),
-                (up, conn),
-            ] {
-                std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut from, &mut to);
-                    let _ = to.shutdown(std::net::Shutdown::Write);
-                });
-            }
-        }
-    });
     let mut cfg = relay_config(&url, &[("a", "k1")]);
     cfg.admin.token = Some(clio_relay::core::secret::Secret::new(ADMIN));
     cfg.upstream.connect_timeout = Duration::from_secs(120);

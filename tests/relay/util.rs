@@ -644,17 +644,47 @@ pub fn chatty_upstream() -> String {
 /// that cannot take it would; the others are piped through. Returns the
 /// door's own URL (the same path).
 pub fn door(url: &str, shut: impl Fn(usize) -> bool + Send + 'static) -> String {
+    door_with(
+        url,
+        move |n| if shut(n) { Entry::Close } else { Entry::Pipe },
+    )
+    .0
+}
+
+/// What a [`door_with`] does with a connection.
+pub enum Entry {
+    /// Piped through to the upstream.
+    Pipe,
+    /// Closed at once, unanswered.
+    Close,
+    /// Accepted and never answered (kept open in the list returned).
+    Hold,
+}
+
+/// A TCP door in front of the upstream at `url` that does `entry(n)` with
+/// connection number `n` (from 0). Returns the door's own URL (the same
+/// path) and the connections it holds.
+pub fn door_with(
+    url: &str,
+    entry: impl Fn(usize) -> Entry + Send + 'static,
+) -> (String, std::sync::Arc<std::sync::Mutex<Vec<TcpStream>>>) {
     let rest = url.strip_prefix("ws://").expect("a ws:// url");
     let (host, path) = rest.split_once('/').unwrap();
     let upstream: SocketAddr = host.parse().unwrap();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("ws://{}/{path}", listener.local_addr().unwrap());
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kept = held.clone();
     std::thread::spawn(move || {
         for (n, conn) in listener.incoming().enumerate() {
             let Ok(conn) = conn else { return };
-            if shut(n) {
-                drop(conn);
-                continue;
+            match entry(n) {
+                Entry::Close => continue,
+                Entry::Hold => {
+                    kept.lock().unwrap().push(conn);
+                    continue;
+                }
+                Entry::Pipe => {}
             }
             let Ok(up) = TcpStream::connect(upstream) else {
                 continue;
@@ -670,7 +700,7 @@ pub fn door(url: &str, shut: impl Fn(usize) -> bool + Send + 'static) -> String 
             }
         }
     });
-    url
+    (url, held)
 }
 
 /// What a [`scripted_upstream`] does at an audio frame.
