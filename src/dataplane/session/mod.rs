@@ -741,11 +741,7 @@ impl Stream {
                 // A stop does not wait for the reply: it waits for this
                 // stream's usage (`STOP_CUT_WAIT`), which the wait would
                 // take most of.
-                let stop = async {
-                    shard.stopping_now().await;
-                    End::Drain
-                };
-                let _ = timeout(CLOSE_WAIT, future::or(c2u, stop)).await;
+                let _ = timeout(CLOSE_WAIT, future::or(c2u, ended_by_stop(shard))).await;
             }
             End::UpstreamStalled if shard.process.upstream_log.admit() => {
                 tracing::warn!(stream = %self.id, account = %up.lease.account.id, stall = ?self.settings.limits.stall_timeout, "upstream stopped reading the stream's audio; ending it as an upstream failure");
@@ -876,13 +872,9 @@ impl Stream {
             }
         });
         // A stop that comes meanwhile ends the wait: the stream ends now.
-        let stop = async {
-            shard.stopping_now().await;
-            End::Drain
-        };
         let _ = timeout(
             self.settings.limits.finalize_wait,
-            future::or(future::or(u2c, fin), stop),
+            future::or(future::or(u2c, fin), ended_by_stop(shard)),
         )
         .await;
     }
@@ -910,4 +902,11 @@ impl Stream {
         }
         false
     }
+}
+
+/// A stop that ends the live streams, as the end of a wait it cuts
+/// short: the stream ends as a drain's, unfinalized.
+async fn ended_by_stop(shard: &Shard) -> End {
+    shard.stopping_now().await;
+    End::Drain
 }
