@@ -228,10 +228,12 @@ fn a_key_in_the_wrong_table_says_where_it_belongs() {
 
 /// A misspelt key (`listne` in [server]) got the table's keys listed and
 /// no more: the line now says which key it probably is, when one is
-/// close (an edit or two, by strsim's distance) and no other as close. A
-/// key of another table keeps its hint (the test above); when it is also
-/// close to one here (`pool` in [tokens], which takes `pools`), the line
-/// says both. Exit 3 each time.
+/// close (an edit or two, by strsim's distance); two or three as close
+/// are all said. A key of another table keeps its hint (the test above);
+/// when it is also close to one here (`pool` in [tokens], which takes
+/// `pools`), the line says both. A key close to none here but to one of
+/// another table (`idle_timout` in [server]) is said with its table.
+/// Exit 3 each time.
 #[test]
 fn a_misspelt_key_says_which_key_it_may_be() {
     let dir = std::env::temp_dir().join(format!("clio-relay-misspelt-{}", std::process::id()));
@@ -274,10 +276,37 @@ fn a_misspelt_key_says_which_key_it_may_be() {
         ),
         "{t}"
     );
-    // Two keys as close (idle_timeout, stall_timeout): no guess.
+    // Two keys as close (idle_timeout, stall_timeout): both said.
     let t = check("[tokens]\n", "[limits]\nll_timeout = \"5s\"\n[tokens]\n");
     assert!(
-        t.contains("unknown field `ll_timeout` in [limits] (line 10), expected one of")
+        t.contains(
+            "unknown field `ll_timeout` in [limits] (line 10): did you mean `idle_timeout` or \
+             `stall_timeout`? [limits] takes one of"
+        ),
+        "{t}"
+    );
+    // Misspelt and in the wrong table: the key, and where it belongs.
+    let t = check("shards = 1\n", "shards = 1\nidle_timout = \"30s\"\n");
+    assert!(
+        t.contains(
+            "unknown field `idle_timout` in [server] (line 5): did you mean `idle_timeout` of \
+             [limits]? [server] takes one of `listen`"
+        ),
+        "{t}"
+    );
+    // Close to a key of two other tables: both.
+    let t = check("shards = 1\n", "shards = 1\nca_fil = \"ca.pem\"\n");
+    assert!(
+        t.contains(
+            "unknown field `ca_fil` in [server] (line 5): did you mean `ca_file` of [upstream] \
+             or `ca_file` of [cluster]? [server] takes one of"
+        ),
+        "{t}"
+    );
+    // Close to nothing anywhere: the table's keys only.
+    let t = check("shards = 1\n", "shards = 1\nzzzz = 1\n");
+    assert!(
+        t.contains("unknown field `zzzz` in [server] (line 5), expected one of")
             && !t.contains("did you mean"),
         "{t}"
     );

@@ -311,9 +311,20 @@ fn describe_toml_error(e: &toml::de::Error, text: &str) -> String {
         };
         let takes = expected.strip_prefix(", expected").unwrap_or("");
         let at = format!("{what} in {place} (line {line_no})");
-        return match (close_key(what, takes), elsewhere.as_slice()) {
-            (None, []) => format!("{at}{expected}"),
-            (Some(near), []) => format!("{at}: did you mean `{near}`? {place} takes{takes}"),
+        let near = close_keys(what, takes);
+        let near = (!near.is_empty()).then(|| either(&near));
+        return match (near, elsewhere.as_slice()) {
+            (None, []) => match close_keys_elsewhere(what, &place, header_line) {
+                // `idle_timout` in [server]: misspelt, and in the wrong table.
+                moved if !moved.is_empty() => {
+                    format!(
+                        "{at}: did you mean {}? {place} takes{takes}",
+                        either(&moved)
+                    )
+                }
+                _ => format!("{at}{expected}"),
+            },
+            (Some(near), []) => format!("{at}: did you mean {near}? {place} takes{takes}"),
             (None, [one]) => {
                 format!("{at}: it is a key of {one}: move it there; {place} takes{takes}")
             }
@@ -323,7 +334,7 @@ fn describe_toml_error(e: &toml::de::Error, text: &str) -> String {
             ),
             // `pool` in [tokens]: `pools` here, more likely than a move.
             (Some(near), tables) => format!(
-                "{at}: did you mean `{near}`? (`{}` itself is a key of {}); {place} takes{takes}",
+                "{at}: did you mean {near}? (`{}` itself is a key of {}); {place} takes{takes}",
                 what.split('`').nth(1).unwrap_or(""),
                 tables.join(" and ")
             ),
@@ -338,28 +349,95 @@ fn describe_toml_error(e: &toml::de::Error, text: &str) -> String {
     }
 }
 
-/// For "unknown field `KEY`": the one key of `takes` (serde's " one of
-/// `a`, `b`") KEY is probably a misspelling of, if one is close (an edit
+/// For "unknown field `KEY`": the keys of `takes` (serde's " one of
+/// `a`, `b`") KEY is probably a misspelling of, if any is close (an edit
 /// distance of at most a third of KEY's length, 1 for a short key, a
-/// swap of two letters counting one) and no other is as close.
-fn close_key<'a>(what: &str, takes: &'a str) -> Option<&'a str> {
-    let key = what.split('`').nth(1)?.to_ascii_lowercase();
+/// swap of two letters counting one): those closest, each shown as
+/// `` `key` ``, at most three (more are no guess).
+fn close_keys(what: &str, takes: &str) -> Vec<String> {
+    let Some(key) = what.split('`').nth(1) else {
+        return Vec::new();
+    };
+    closest(
+        key,
+        takes
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .map(|k| (k, format!("`{k}`"))),
+    )
+}
+
+/// The keys of `candidates` (each with how it is shown) at the least
+/// edit distance from `key`, if that is close (see [`close_keys`]).
+fn closest<'a>(key: &str, candidates: impl Iterator<Item = (&'a str, String)>) -> Vec<String> {
+    let key = key.to_ascii_lowercase();
     let within = (key.chars().count() / 3).max(1);
-    let mut best: Option<(usize, &str)> = None;
-    let mut tied = false;
-    for candidate in takes.split('`').skip(1).step_by(2) {
+    let mut best = usize::MAX;
+    let mut near = Vec::new();
+    for (candidate, shown) in candidates {
         let d = strsim::damerau_levenshtein(&key, &candidate.to_ascii_lowercase());
-        match best {
-            _ if d > within => {}
-            Some((b, _)) if d > b => {}
-            Some((b, _)) if d == b => tied = true,
-            _ => {
-                best = Some((d, candidate));
-                tied = false;
-            }
+        if d > within || d > best {
+            continue;
+        }
+        if d < best {
+            best = d;
+            near.clear();
+        }
+        if !near.contains(&shown) {
+            near.push(shown);
         }
     }
-    best.filter(|_| !tied).map(|(_, k)| k)
+    if near.len() > 3 {
+        near.clear();
+    }
+    near
+}
+
+/// "`a`", "`a` or `b`", "`a`, `b` or `c`".
+fn either(keys: &[String]) -> String {
+    match keys {
+        [] => String::new(),
+        [one] => one.clone(),
+        [rest @ .., last] => format!("{} or {last}", rest.join(", ")),
+    }
+}
+
+/// For a key close to none of its own table's and no key of another
+/// table as it is: the keys of the other tables it is probably a
+/// misspelling of, each shown with its table (`` `idle_timeout` of
+/// [limits] ``). Tables are asked for their keys as [`tables_with_key`]
+/// asks whether they have one.
+fn close_keys_elsewhere(what: &str, place: &str, header_line: bool) -> Vec<String> {
+    let Some(key) = what.split('`').nth(1) else {
+        return Vec::new();
+    };
+    if header_line {
+        return Vec::new();
+    }
+    let mut keys = Vec::new();
+    for (shown, table) in other_tables(place) {
+        let text = if table == "account" {
+            "[[account]]\n_ = 0\n".to_string()
+        } else {
+            format!("[{table}]\n_ = 0\n")
+        };
+        let Err(e) = toml::from_str::<RawFile>(&text) else {
+            continue;
+        };
+        let msg = e.message().to_string();
+        let Some((_, takes)) = msg.split_once(", expected") else {
+            continue;
+        };
+        for k in takes.split('`').skip(1).step_by(2) {
+            keys.push((k.to_string(), shown.clone()));
+        }
+    }
+    closest(
+        key,
+        keys.iter()
+            .map(|(k, table)| (k.as_str(), format!("`{k}` of {table}"))),
+    )
 }
 
 /// serde's "invalid type: …, expected usize" (or `invalid value`) in an
@@ -409,10 +487,6 @@ fn tables_with_key(what: &str, place: &str) -> Vec<String> {
     else {
         return Vec::new();
     };
-    const TABLES: [&str; 12] = [
-        "server", "upstream", "tokens", "limits", "failover", "admin", "devices", "usage",
-        "alerts", "tls", "cluster", "account",
-    ];
     let has = |table: &str| {
         let text = if table == "account" {
             format!("[[account]]\n{key} = 0\n")
@@ -424,19 +498,30 @@ fn tables_with_key(what: &str, place: &str) -> Vec<String> {
             Err(e) => !e.message().starts_with("unknown field"),
         }
     };
+    other_tables(place)
+        .filter(|(_, t)| has(t))
+        .map(|(shown, _)| shown)
+        .collect()
+}
+
+/// The config's tables other than `place`, each as shown (`[limits]`,
+/// `[[account]]`) and by name.
+fn other_tables(place: &str) -> impl Iterator<Item = (String, &'static str)> + '_ {
+    const TABLES: [&str; 12] = [
+        "server", "upstream", "tokens", "limits", "failover", "admin", "devices", "usage",
+        "alerts", "tls", "cluster", "account",
+    ];
     TABLES
-        .iter()
+        .into_iter()
         .map(|t| {
-            if *t == "account" {
+            let shown = if t == "account" {
                 "[[account]]".to_string()
             } else {
                 format!("[{t}]")
-            }
+            };
+            (shown, t)
         })
-        .zip(TABLES)
-        .filter(|(shown, t)| !place.starts_with(shown.trim_end_matches(']')) && has(t))
-        .map(|(shown, _)| shown)
-        .collect()
+        .filter(move |(shown, _)| !place.starts_with(shown.trim_end_matches(']')))
 }
 
 /// Parses the file text into the raw layer; a toml error is one problem.
