@@ -156,9 +156,13 @@ fn main() -> ExitCode {
     let demo = false;
     init_logging(demo);
     let need_config = || -> Result<PathBuf, CliError> {
-        config
-            .clone()
-            .ok_or_else(|| CliError::Usage("--config FILE is required".to_string()))
+        config.clone().ok_or_else(|| {
+            CliError::Usage(
+                "--config FILE is required: the relay's TOML config (config/example.toml \
+                     is a commented example; `clio-relay demo` runs without one)"
+                    .to_string(),
+            )
+        })
     };
     let result: Result<(), CliError> = match &cli.command {
         None => need_config().and_then(|path| clio_relay::cli::server::run(&path, false)),

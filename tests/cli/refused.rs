@@ -17,10 +17,14 @@ fn each_kind_of_failure_has_its_own_exit_status() {
     let o = run(RELAY, &["check-config"]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(
-        text(&o).contains("--config FILE is required"),
+        text(&o).contains("--config FILE is required")
+            && text(&o).contains("`clio-relay demo` runs without one"),
         "{}",
         text(&o)
     );
+    let o = run(RELAY, &["run"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("config/example.toml"), "{}", text(&o));
 
     // 3: the configuration (a key no section has), for check-config and run.
     std::fs::create_dir_all(&dir).unwrap();
