@@ -4,7 +4,8 @@
 //! the debug binaries (`H2H_BIN`), no perf, no nginx or node; and the
 //! run's summary line, which the script reads from relay-load's JSON.
 //! The floor proxy (`tools/head-to-head/floor-proxy.c`, built by the
-//! script) carries the same churn, and the table gives it a column.
+//! script) carries the same churn, and the table gives it a column. The
+//! run pins its peers (`H2H_PIN_PEERS=1`), and the summary says so.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -37,6 +38,8 @@ fn head_to_head_runs_beside_another_on_its_old_ports() {
          jobs -p | xargs -r kill; exit $rc",
         h2h = repo.join("tools/head-to-head.sh").display(),
     );
+    // Pinning needs a core for each peer.
+    let pin = std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2);
     use std::os::unix::fs::MetadataExt as _;
     let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
     let out = Command::new("timeout")
@@ -49,6 +52,7 @@ fn head_to_head_runs_beside_another_on_its_old_ports() {
         .env("H2H_PROXIES", "direct floor")
         .env("H2H_WORKLOADS", "W3")
         .env("H2H_PERF", "0")
+        .env("H2H_PIN_PEERS", if pin { "1" } else { "0" })
         .env("RUST_LOG", "warn")
         .output()
         .expect("timeout, unshare and bash run");
@@ -80,6 +84,13 @@ fn head_to_head_runs_beside_another_on_its_old_ports() {
             .any(|l| l.starts_with("| workload · metric | direct | floor proxy |")),
         "no floor proxy column: {all}"
     );
+    if pin {
+        assert!(
+            all.contains("peers pinned: relay-load on core 0, fake-soniox on core")
+                && all.contains("- Peers pinned (`H2H_PIN_PEERS=1`)"),
+            "the pinned peers are not said: {all}"
+        );
+    }
     // The run's one-line summary, read from relay-load's JSON: a churn
     // run's has cycles/s, and no idle streams held (an idle run's measure).
     let summary = all
@@ -90,4 +101,20 @@ fn head_to_head_runs_beside_another_on_its_old_ports() {
         summary.contains(" cycles/s ") && !summary.contains("held"),
         "{summary}"
     );
+}
+
+/// `H2H_PIN_PEERS` other than 0 or 1 ends the run before anything starts,
+/// saying what it takes.
+#[test]
+fn head_to_head_pin_peers_takes_0_or_1() {
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new("bash")
+        .arg(repo.join("tools/head-to-head.sh"))
+        .current_dir(&repo)
+        .env("H2H_PIN_PEERS", "yes")
+        .output()
+        .expect("bash runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("H2H_PIN_PEERS is 0 or 1 (got 'yes')"), "{err}");
 }

@@ -31,6 +31,9 @@
 # H2H_W1_STREAMS and H2H_W1_SECONDS (W1's size), H2H_CLIO_SHARDS (default: cores;
 # more shards than cores leaves them unpinned), H2H_PERF=0 (no perf windows),
 # H2H_FRESH=1 (a fresh proxy process for every workload, not one per proxy),
+# H2H_PIN_PEERS=1 (relay-load on the first core, fake-soniox's threads on the
+# last, with taskset: the proxies' run-to-run spread is smaller with the
+# peers in place; the proxies themselves are placed as they place themselves),
 # H2H_BIN=DIR (clio-relay, fake-soniox and relay-load from DIR, not built).
 # nginx and node (with npm `ws`) are needed, and installed, only when
 # H2H_PROXIES names them. Every server listens on a port free when the
@@ -61,6 +64,17 @@ CLK_TCK=$(getconf CLK_TCK)
 PROXIES=${H2H_PROXIES:-direct clio nginx node}
 WORKLOADS=${H2H_WORKLOADS:-W1s W1 W2 W3 W4}
 FRESH=${H2H_FRESH:-0}
+PIN_PEERS=${H2H_PIN_PEERS:-0}
+case "$PIN_PEERS" in
+  0) LOAD_PIN=() ;;
+  1)
+    command -v taskset > /dev/null \
+      || { echo "head-to-head: H2H_PIN_PEERS=1 needs taskset (util-linux)" >&2; exit 2; }
+    [ "$NPROC" -ge 2 ] \
+      || { echo "head-to-head: H2H_PIN_PEERS=1 needs 2 cores or more (this machine has $NPROC)" >&2; exit 2; }
+    LOAD_PIN=(taskset -c 0) ;;
+  *) echo "head-to-head: H2H_PIN_PEERS is 0 or 1 (got '$PIN_PEERS')" >&2; exit 2 ;;
+esac
 # Workloads profiled for the kernel socket floor.
 PERF_WORKLOADS="W1s W1 W2 W3"
 for w in $WORKLOADS; do
@@ -324,6 +338,12 @@ start_fake() {
   CHILDREN+=("$FAKE_PID")
   wait_port "$FAKE_PORT" "$FAKE_PID" \
     || die "fake-soniox did not start: $(tail -n 1 "$WORK/fake-soniox.log")"
+  if [ "$PIN_PEERS" = 1 ]; then
+    # Its threads are all there once it listens.
+    taskset -a -p -c $(( NPROC - 1 )) "$FAKE_PID" > /dev/null \
+      || die "could not pin fake-soniox to core $(( NPROC - 1 ))"
+    log "peers pinned: relay-load on core 0, fake-soniox on core $(( NPROC - 1 ))"
+  fi
 }
 
 # start_proxy NAME: starts it, sets PROXY_PID and TARGET_ARGS.
@@ -503,7 +523,7 @@ run_workload() {
   fi
   log "$proxy $w: relay-load ${args[*]}${perf_win:+ (perf from ${perf_win% *} s for ${perf_win#* } s)}"
   t_start=$(date +%s%3N)
-  timeout --kill-after=10 "$cap" "$BIN/relay-load" "${TARGET_ARGS[@]}" "${args[@]}" --json -q \
+  timeout --kill-after=10 "$cap" "${LOAD_PIN[@]}" "$BIN/relay-load" "${TARGET_ARGS[@]}" "${args[@]}" --json -q \
     > "$out.json" 2> "$out.err" || rc=$?
   t_end=$(date +%s%3N)
   kill "$sampler" 2>/dev/null; wait "$sampler" 2>/dev/null || true
@@ -595,7 +615,8 @@ PY
   echo " \"kernel\": \"$(uname -r)\", \"nginx\": \"$NGINX_V\","
   echo " \"node\": \"$NODE_V\", \"ws\": \"$WS_V\","
   echo " \"proxies\": \"$PROXIES\", \"workloads\": \"$WORKLOADS\","
-  echo " \"perf_workloads\": \"$PERF_WORKLOADS\", \"perf_note\": \"$PERF_NOTE\", \"fresh\": $FRESH}"
+  echo " \"perf_workloads\": \"$PERF_WORKLOADS\", \"perf_note\": \"$PERF_NOTE\", \"fresh\": $FRESH,"
+  echo " \"pin_peers\": $PIN_PEERS}"
 } > "$WORK/run.json"
 
 start_fake

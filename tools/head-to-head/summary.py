@@ -309,6 +309,10 @@ def main():
         saturated("W1")
         cpu_target("W1", label, 0.8)
         lost_target("W1", label)
+    if run.get("pin_peers"):
+        notes.append(
+            f"- Peers pinned (`H2H_PIN_PEERS=1`): relay-load on core 0, fake-soniox's "
+            f"threads on core {run['nproc'] - 1}; each proxy placed as it places itself.")
     if "W2" in workloads:
         notes.append(
             "- W2: a flood keeps every socket buffer on the path full, so its round trips are "
