@@ -304,18 +304,20 @@ fn describe_toml_error(e: &toml::de::Error, text: &str) -> String {
             Some(s) => format!("[{s}]"),
             None => "the top level".to_string(),
         };
+        // The key serde quotes: "unknown field `KEY`".
+        let quoted = what.split('`').nth(1).unwrap_or("");
         let elsewhere = if header_line {
             Vec::new()
         } else {
-            tables_with_key(what, &place)
+            tables_with_key(quoted, &place)
         };
         let takes = expected.strip_prefix(", expected").unwrap_or("");
         let at = format!("{what} in {place} (line {line_no})");
-        let near = close_keys(what, takes);
+        let near = closest(quoted, listed_keys(takes).map(|k| (k, format!("`{k}`"))));
         let near = (!near.is_empty()).then(|| either(&near));
         return match (near, elsewhere.as_slice()) {
-            (None, []) => match close_keys_elsewhere(what, &place, header_line) {
-                // `idle_timout` in [server]: misspelt, and in the wrong table.
+            // `idle_timout` in [server]: misspelt, and in the wrong table.
+            (None, []) if !header_line => match close_keys_elsewhere(quoted, &place) {
                 moved if !moved.is_empty() => {
                     format!(
                         "{at}: did you mean {}? {place} takes{takes}",
@@ -324,6 +326,7 @@ fn describe_toml_error(e: &toml::de::Error, text: &str) -> String {
                 }
                 _ => format!("{at}{expected}"),
             },
+            (None, []) => format!("{at}{expected}"),
             (Some(near), []) => format!("{at}: did you mean {near}? {place} takes{takes}"),
             (None, [one]) => {
                 format!("{at}: it is a key of {one}: move it there; {place} takes{takes}")
@@ -334,8 +337,7 @@ fn describe_toml_error(e: &toml::de::Error, text: &str) -> String {
             ),
             // `pool` in [tokens]: `pools` here, more likely than a move.
             (Some(near), tables) => format!(
-                "{at}: did you mean {near}? (`{}` itself is a key of {}); {place} takes{takes}",
-                what.split('`').nth(1).unwrap_or(""),
+                "{at}: did you mean {near}? (`{quoted}` itself is a key of {}); {place} takes{takes}",
                 tables.join(" and ")
             ),
         };
@@ -349,28 +351,21 @@ fn describe_toml_error(e: &toml::de::Error, text: &str) -> String {
     }
 }
 
-/// For "unknown field `KEY`": the keys of `takes` (serde's " one of
-/// `a`, `b`") KEY is probably a misspelling of, if any is close (an edit
-/// distance of at most a third of KEY's length, 1 for a short key, a
-/// swap of two letters counting one): those closest, each shown as
-/// `` `key` ``, at most three (more are no guess).
-fn close_keys(what: &str, takes: &str) -> Vec<String> {
-    let Some(key) = what.split('`').nth(1) else {
-        return Vec::new();
-    };
-    closest(
-        key,
-        takes
-            .split('`')
-            .skip(1)
-            .step_by(2)
-            .map(|k| (k, format!("`{k}`"))),
-    )
+/// The keys serde lists in what a table takes: " one of `a`, `b`", or
+/// " `a` or `b`".
+fn listed_keys(takes: &str) -> impl Iterator<Item = &str> {
+    takes.split('`').skip(1).step_by(2)
 }
 
-/// The keys of `candidates` (each with how it is shown) at the least
-/// edit distance from `key`, if that is close (see [`close_keys`]).
+/// The keys of `candidates` (each with how it is shown) that `key` is
+/// probably a misspelling of: those at the least edit distance from it,
+/// if that is close (at most a third of its length, 1 for a short key, a
+/// swap of two letters counting one), and at most three (more are no
+/// guess).
 fn closest<'a>(key: &str, candidates: impl Iterator<Item = (&'a str, String)>) -> Vec<String> {
+    if key.is_empty() {
+        return Vec::new();
+    }
     let key = key.to_ascii_lowercase();
     let within = (key.chars().count() / 3).max(1);
     let mut best = usize::MAX;
@@ -406,30 +401,18 @@ fn either(keys: &[String]) -> String {
 /// For a key close to none of its own table's and no key of another
 /// table as it is: the keys of the other tables it is probably a
 /// misspelling of, each shown with its table (`` `idle_timeout` of
-/// [limits] ``). Tables are asked for their keys as [`tables_with_key`]
-/// asks whether they have one.
-fn close_keys_elsewhere(what: &str, place: &str, header_line: bool) -> Vec<String> {
-    let Some(key) = what.split('`').nth(1) else {
-        return Vec::new();
-    };
-    if header_line {
-        return Vec::new();
-    }
+/// [limits] ``). Each table lists its keys in its answer to a key it
+/// does not take.
+fn close_keys_elsewhere(key: &str, place: &str) -> Vec<String> {
     let mut keys = Vec::new();
     for (shown, table) in other_tables(place) {
-        let text = if table == "account" {
-            "[[account]]\n_ = 0\n".to_string()
-        } else {
-            format!("[{table}]\n_ = 0\n")
-        };
-        let Err(e) = toml::from_str::<RawFile>(&text) else {
+        let Err(e) = alone_in(table, "_") else {
             continue;
         };
-        let msg = e.message().to_string();
-        let Some((_, takes)) = msg.split_once(", expected") else {
+        let Some((_, takes)) = e.message().split_once(", expected") else {
             continue;
         };
-        for k in takes.split('`').skip(1).step_by(2) {
+        for k in listed_keys(takes) {
             keys.push((k.to_string(), shown.clone()));
         }
     }
@@ -475,33 +458,32 @@ fn plain_expected(msg: &str, key: Option<&str>) -> String {
     format!("{what}, expected {plain}")
 }
 
-/// For "unknown field `KEY`" in `place`: the other tables that have KEY
+/// For an unknown `key` in `place`: the other tables that have it
 /// (`[limits]`), so a key put in the wrong table says where it belongs;
-/// empty when none has it. Each table is asked by
-/// parsing a one-key file: any answer but "unknown field" means it has it.
-fn tables_with_key(what: &str, place: &str) -> Vec<String> {
-    let Some(key) = what
-        .split('`')
-        .nth(1)
-        .filter(|k| !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
-    else {
+/// empty when none has it. Each table is asked by parsing a one-key file
+/// ([`alone_in`]): any answer but "unknown field" means it has it.
+fn tables_with_key(key: &str, place: &str) -> Vec<String> {
+    if key.is_empty() || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
         return Vec::new();
-    };
-    let has = |table: &str| {
-        let text = if table == "account" {
-            format!("[[account]]\n{key} = 0\n")
-        } else {
-            format!("[{table}]\n{key} = 0\n")
-        };
-        match toml::from_str::<RawFile>(&text) {
+    }
+    other_tables(place)
+        .filter(|(_, t)| match alone_in(t, key) {
             Ok(_) => true,
             Err(e) => !e.message().starts_with("unknown field"),
-        }
-    };
-    other_tables(place)
-        .filter(|(_, t)| has(t))
+        })
         .map(|(shown, _)| shown)
         .collect()
+}
+
+/// A config file of `key = 0` alone in `table`, parsed: how a table is
+/// asked whether it takes a key, and which keys it takes.
+fn alone_in(table: &str, key: &str) -> Result<RawFile, toml::de::Error> {
+    let text = if table == "account" {
+        format!("[[account]]\n{key} = 0\n")
+    } else {
+        format!("[{table}]\n{key} = 0\n")
+    };
+    toml::from_str(&text)
 }
 
 /// The config's tables other than `place`, each as shown (`[limits]`,
