@@ -13,13 +13,6 @@ fn metrics(relay: &Relay) -> String {
     http(relay.handle.admin_addr, "GET", "/metrics", None, None).1
 }
 
-/// The value of the one series named exactly `series` (name and labels).
-fn value(metrics: &str, series: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-}
-
 /// The sum of every series of the family `name` (all label sets).
 fn sum(metrics: &str, name: &str) -> f64 {
     metrics
@@ -68,7 +61,7 @@ fn live_stream_gauges_return_to_zero_when_the_first_message_fails_after_upstream
     let live = |m: &str| {
         (
             sum(m, "clio_relay_streams_active"),
-            value(m, "clio_relay_account_streams_active{account=\"acct-a\"}"),
+            series_value(m, "clio_relay_account_streams_active{account=\"acct-a\"}"),
         )
     };
     assert!(
@@ -110,12 +103,16 @@ fn streams_live_counts_a_stream_while_its_resume_reconnects() {
         }),
         "never between the two connections: {seen}"
     );
-    assert_eq!(value(&seen, "clio_relay_streams_live"), Some(1.0), "{seen}");
+    assert_eq!(
+        series_value(&seen, "clio_relay_streams_live"),
+        Some(1.0),
+        "{seen}"
+    );
     // The resume goes through and the stream ends: nothing live.
     ws.send(Message::binary(Vec::new())).unwrap();
     let got = read_all(&mut ws);
     assert!(got.finished(), "{got:?}");
-    assert!(wait_until(LIMIT, || value(
+    assert!(wait_until(LIMIT, || series_value(
         &metrics(&relay),
         "clio_relay_streams_live"
     ) == Some(0.0)));
@@ -143,7 +140,7 @@ fn soniox_errors_passed_to_the_client_are_counted() {
         assert!(wait_until(LIMIT, || relay.handle.process.live_streams() == 0));
         let m = metrics(&relay);
         assert_eq!(
-            value(
+            series_value(
                 &m,
                 &format!("clio_relay_errors_total{{side=\"{side}\",code=\"{code}\"}}")
             ),
@@ -151,7 +148,7 @@ fn soniox_errors_passed_to_the_client_are_counted() {
             "{code}: {m}"
         );
         assert_eq!(sum(&m, "clio_relay_errors_total"), 1.0, "{code}: {m}");
-        let account = value(
+        let account = series_value(
             &m,
             &format!("clio_relay_account_errors_total{{account=\"acct-a\",code=\"{code}\"}}"),
         );
@@ -183,17 +180,17 @@ fn accounts_refused_by_upstream_at_open_are_upstreams_refusal() {
     assert!(wait_until(LIMIT, || relay.handle.process.live_streams() == 0));
     let m = metrics(&relay);
     assert_eq!(
-        value(&m, "clio_relay_refusals_total{by=\"upstream\"}"),
+        series_value(&m, "clio_relay_refusals_total{by=\"upstream\"}"),
         Some(1.0),
         "{m}"
     );
     assert_eq!(
-        value(&m, "clio_relay_refusals_total{by=\"relay_limit\"}"),
+        series_value(&m, "clio_relay_refusals_total{by=\"relay_limit\"}"),
         Some(0.0),
         "{m}"
     );
     assert_eq!(
-        value(
+        series_value(
             &m,
             "clio_relay_errors_total{side=\"internal\",code=\"429\"}"
         ),
@@ -201,7 +198,7 @@ fn accounts_refused_by_upstream_at_open_are_upstreams_refusal() {
         "{m}"
     );
     assert_eq!(
-        value(
+        series_value(
             &m,
             "clio_relay_errors_total{side=\"upstream\",code=\"500\"}"
         ),
@@ -237,10 +234,10 @@ fn failovers_at_the_upgrade_are_counted() {
     }
     assert!(wait_until(LIMIT, || relay.handle.process.live_streams() == 0));
     let m = metrics(&relay);
-    let moved = value(&m, "clio_relay_account_retries_total{account=\"bad\"}");
+    let moved = series_value(&m, "clio_relay_account_retries_total{account=\"bad\"}");
     assert!(moved.is_some_and(|n| n >= 1.0), "{m}");
     assert_eq!(
-        value(
+        series_value(
             &m,
             "clio_relay_account_errors_total{account=\"bad\",code=\"402\"}"
         ),
@@ -248,7 +245,7 @@ fn failovers_at_the_upgrade_are_counted() {
         "{m}"
     );
     assert_eq!(
-        value(
+        series_value(
             &m,
             "clio_relay_failovers_total{phase=\"open\",reason=\"refused\"}"
         ),
@@ -297,11 +294,11 @@ fn frames_and_bytes_count_the_frames_passed_on_with_their_headers() {
     let up = (5.0, 3.0 * (3200.0 + 8.0) + 6.0 + 8.0);
     let seen = |m: &str| {
         (
-            value(
+            series_value(
                 m,
                 "clio_relay_frames_total{direction=\"client_to_upstream\"}",
             ),
-            value(
+            series_value(
                 m,
                 "clio_relay_bytes_total{direction=\"client_to_upstream\"}",
             ),
@@ -310,7 +307,7 @@ fn frames_and_bytes_count_the_frames_passed_on_with_their_headers() {
     assert_eq!(seen(&m), (Some(up.0), Some(up.1)), "{m}");
     // Every frame counted is one sample of the forwarding summary.
     assert_eq!(
-        value(
+        series_value(
             &m,
             "clio_relay_frame_forward_seconds_count{direction=\"client_to_upstream\"}"
         ),

@@ -345,11 +345,8 @@ fn clients_that_do_not_speak_tls_are_closed_and_others_served() {
     // done in time.
     let refused = |code: &str| -> u64 {
         let (_, metrics) = http(relay.handle.admin_addr, "GET", "/metrics", None, None);
-        let name = format!("clio_relay_errors_total{{side=\"client\",code=\"{code}\"}} ");
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(&name)?.parse().ok())
-            .unwrap_or(0)
+        let series = format!("clio_relay_errors_total{{side=\"client\",code=\"{code}\"}}");
+        series_value(&metrics, &series).unwrap_or(0.0) as u64
     };
     assert_eq!((refused("400"), refused("408")), (1, 0));
     // So do garbage, a record header promising 64 KiB, a handshake record

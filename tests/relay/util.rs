@@ -496,6 +496,14 @@ pub fn raw_texts(frames: &[(u8, Vec<u8>)]) -> Vec<Value> {
         .collect()
 }
 
+/// The value of the one series named exactly `series` (name and labels)
+/// in a `/metrics` scrape.
+pub fn series_value(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
 /// One HTTP/1.1 request with the relay's HTTP client; returns (status,
 /// body), or status 0 when the connection was dropped without an answer.
 pub fn http(
