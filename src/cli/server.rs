@@ -114,11 +114,27 @@ fn huge_pages_off() {
     }
 }
 
-/// Starts a relay with `cfg`: one shard per `server.shards` (pinned when
-/// there are no more shards than cores), then the admin server. Returns once
-/// everything listens.
+/// Starts a relay with `cfg`: one shard per `server.shards` (pinned, shard
+/// `i` to the `i`-th of [`allowed_cpus`], when there are no more shards than
+/// those), then the admin server. Returns once everything listens.
 pub fn start(cfg: &Config) -> std::io::Result<RelayHandle> {
     start_with(cfg, crate::cli::systemd::Activated::default())
+}
+
+/// The CPUs this process may run on, lowest first: its affinity, as
+/// `taskset`, systemd's `CPUAffinity=` or a container's cpuset left it (the
+/// calling thread's, which at start is the process's). Shards are pinned to
+/// these, not to CPUs `0..n`: a shard pinned to CPU `i` itself would leave
+/// the CPUs the operator gave the relay, onto another's. Empty if the
+/// kernel does not say (then no shard is pinned).
+fn allowed_cpus() -> Vec<usize> {
+    use nix::sched::{sched_getaffinity, CpuSet};
+    match sched_getaffinity(nix::unistd::Pid::from_raw(0)) {
+        Ok(set) => (0..CpuSet::count())
+            .filter(|&cpu| set.is_set(cpu).unwrap_or(false))
+            .collect(),
+        Err(_) => Vec::new(),
+    }
 }
 
 /// Like [`start`], with listening sockets systemd passed (socket activation):
@@ -252,7 +268,7 @@ pub fn start_joining(
     };
     let n = cfg.server.shard_count();
     crate::dataplane::accept::check_file_limit(cfg.server.max_streams, n);
-    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    let cpus = allowed_cpus();
     process.devices.set_daily_audio(cfg.devices.daily_audio());
     process
         .devices
@@ -290,7 +306,7 @@ pub fn start_joining(
     };
     let mut shards: Vec<ShardHandle> = Vec::with_capacity(n);
     for i in 0..n {
-        setup.cpu = (n <= cores).then_some(i);
+        setup.cpu = (n <= cpus.len()).then(|| cpus[i]);
         let handle = shard::start(i, setup.clone()).map_err(|e| match e.kind() {
             std::io::ErrorKind::AddrInUse => in_use(setup.listen, "server.listen", e),
             _ => e,

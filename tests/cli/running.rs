@@ -402,3 +402,70 @@ fn a_tls_peer_cannot_fill_the_log_through_rustls() {
         from_rustls.len()
     );
 }
+
+/// Shards are pinned to the CPUs the relay may run on (`taskset`,
+/// systemd's `CPUAffinity=`, a container's cpuset), shard `i` to the
+/// `i`-th of them, not to CPUs `0..n`: a relay given the CPUs above this
+/// test's lowest runs one shard on each of them and none on the lowest.
+#[test]
+fn shards_are_pinned_within_the_cpus_the_relay_is_given() {
+    use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
+    use nix::unistd::Pid;
+    use std::os::unix::process::CommandExt;
+    let ours = sched_getaffinity(Pid::from_raw(0)).unwrap();
+    let mine: Vec<usize> = (0..CpuSet::count())
+        .filter(|&c| ours.is_set(c).unwrap())
+        .collect();
+    if mine.len() < 2 {
+        eprintln!("one CPU only ({mine:?}): nothing to leave out, not checked");
+        return;
+    }
+    let given = mine[1..].to_vec();
+    let dir = std::env::temp_dir().join(format!("clio-relay-cli-cpus-{}", std::process::id()));
+    let admin = free_port();
+    let config = relay_config(&dir, "127.0.0.1:0", &admin.to_string());
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("shards = 1\n", "shards = 0\n")).unwrap();
+    let mut set = CpuSet::new();
+    for &cpu in &given {
+        set.set(cpu).unwrap();
+    }
+    let mut cmd = relay_run(&config);
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: between fork and exec only sched_setaffinity, a system call.
+    unsafe {
+        cmd.pre_exec(move || sched_setaffinity(Pid::from_raw(0), &set).map_err(Into::into));
+    }
+    let mut child = cmd.spawn().unwrap();
+    wait_listening(admin, &mut child);
+    let mut shards = std::collections::BTreeMap::new();
+    for task in std::fs::read_dir(format!("/proc/{}/task", child.id())).unwrap() {
+        let task = task.unwrap().path();
+        let comm = std::fs::read_to_string(task.join("comm")).unwrap();
+        let Some(index) = comm.trim().strip_prefix("clio-shard-") else {
+            continue;
+        };
+        let index: usize = index.split('-').next().unwrap().parse().unwrap();
+        let status = std::fs::read_to_string(task.join("status")).unwrap();
+        let cpus = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .unwrap()
+            .trim()
+            .to_string();
+        shards.entry(index).or_insert_with(Vec::new).push(cpus);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    std::fs::remove_dir_all(&dir).ok();
+    let expected: std::collections::BTreeMap<usize, Vec<String>> = given
+        .iter()
+        .enumerate()
+        .map(|(i, cpu)| (i, vec![cpu.to_string(); shards.get(&i).map_or(1, Vec::len)]))
+        .collect();
+    assert_eq!(
+        shards, expected,
+        "one shard per CPU given ({given:?}), shard i on the i-th"
+    );
+}
