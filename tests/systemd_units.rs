@@ -1,8 +1,9 @@
 //! The systemd units and the installer: `systemd-analyze verify` and
 //! `systemd-analyze security` on the units (skipped, with the reason
 //! printed, where systemd-analyze cannot run), the sockets' names against
-//! what `clio_relay::cli::systemd` looks for, and `tools/install.sh` staged into a
-//! directory, its config accepted by `clio-relay check-config`.
+//! what `clio_relay::cli::systemd` looks for, `tools/install.sh` staged into a
+//! directory, its config accepted by `clio-relay check-config`, and the
+//! relay's defaults under the `/proc` the service unit leaves it.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -413,4 +414,85 @@ fn the_installed_config_checked_before_a_start_names_the_credential_files() {
         );
     }
     std::fs::remove_dir_all(&root).ok();
+}
+
+/// `sh -c SCRIPT` with `/proc` as the service unit's `ProcSubset=pid`
+/// leaves it (procfs mounted `subset=pid`: the processes and nothing
+/// else), in a mount and PID namespace of its own (`unshare`); `Err` with
+/// the reason where that cannot be made here (no `unshare`, not root).
+fn with_unit_proc(
+    script: &str,
+    args: &[&str],
+    envs: &[(&str, &str)],
+) -> Result<std::process::Output, String> {
+    let run = |script: &str, args: &[&str]| {
+        Command::new("unshare")
+            .envs(envs.iter().copied())
+            .args(["--mount", "--pid", "--fork", "sh", "-c"])
+            .arg(format!(
+                "mount -t proc -o subset=pid proc /proc && {script}"
+            ))
+            .args(args)
+            .output()
+    };
+    match run("test ! -e /proc/sys", &["probe"]) {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => {
+            return Err(format!(
+                "procfs subset=pid not made: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            ))
+        }
+        Err(e) => return Err(format!("unshare not runnable ({e}); install util-linux")),
+    }
+    run(script, args).map_err(|e| e.to_string())
+}
+
+/// The unit's `ProcSubset=pid` hides `/proc/sys`: a fleet config with no
+/// `node_id` still names the node after the host, as the README says,
+/// where the relay under the unit once found no host name and refused
+/// to start (exit 3: `cluster.node_id` must be 1 to 64 of …).
+#[test]
+fn the_default_node_id_is_the_host_name_under_the_units_proc() {
+    let dir = temp_dir("unit-proc");
+    let config = dir.join("relay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\n\
+             [upstream]\nurl = \"ws://127.0.0.1:9/transcribe-websocket\"\n\n\
+             [tokens]\nsecret_env = \"UNIT_PROC_SECRET\"\n\n\
+             [admin]\nstate_dir = \"{}\"\nmaster_key_env = \"UNIT_PROC_MASTER\"\n\n\
+             [[account]]\nid = \"a\"\nkey_env = \"UNIT_PROC_KEY\"\nmax_concurrent_streams = 5\n\n\
+             [cluster]\nredis_url = \"redis://127.0.0.1:9\"\n",
+            dir.join("state").display()
+        ),
+    )
+    .unwrap();
+    let master = "cd".repeat(32);
+    let envs = [
+        ("UNIT_PROC_SECRET", "unit-proc-secret-0123456789abcdef"),
+        ("UNIT_PROC_MASTER", master.as_str()),
+        ("UNIT_PROC_KEY", "unit-proc-soniox-key"),
+    ];
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let out = match with_unit_proc(
+        "exec \"$0\" check-config --config \"$1\"",
+        &[env!("CARGO_BIN_EXE_clio-relay"), config.to_str().unwrap()],
+        &envs,
+    ) {
+        Ok(out) => out,
+        Err(why) => {
+            eprintln!("not checked: {why}");
+            return;
+        }
+    };
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(!text.contains("node_id"), "host {}: {text}", host.trim());
+    std::fs::remove_dir_all(&dir).ok();
 }

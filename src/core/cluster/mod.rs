@@ -70,9 +70,13 @@ fn instance() -> u64 {
 }
 
 /// The host name (the default `cluster.node_id`), or "" when unknown.
+/// Asked of the kernel (`uname`), not read from `/proc/sys/kernel/hostname`:
+/// the shipped unit's `ProcSubset=pid` leaves only the processes in `/proc`.
 pub fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|name| name.into_string().ok())
+        .map(|name| name.trim().to_string())
         .unwrap_or_default()
 }
 
