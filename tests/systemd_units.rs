@@ -493,6 +493,9 @@ fn the_default_node_id_is_the_host_name_under_the_units_proc() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.status.success(), "{text}");
-    assert!(!text.contains("node_id"), "host {}: {text}", host.trim());
+    assert!(
+        text.contains(&format!(", node_id {}, ", host.trim())),
+        "{text}"
+    );
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -491,6 +491,24 @@ impl Config {
                 x.pools.join(", ")
             );
         }
+        if let Some(c) = &self.cluster {
+            let _ = writeln!(
+                s,
+                "cluster: {}{}, node_id {}, lease_ttl {}, timeout {}, on_store_down {}",
+                c.redis_url,
+                match &c.username {
+                    Some(user) => format!(" (user {user})"),
+                    None => String::new(),
+                },
+                c.node_id,
+                d(c.lease_ttl),
+                d(c.timeout),
+                match c.on_store_down {
+                    StoreDown::Local => "local",
+                    StoreDown::Refuse => "refuse",
+                }
+            );
+        }
         let l = &self.limits;
         let _ = writeln!(
             s,

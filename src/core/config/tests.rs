@@ -851,6 +851,15 @@ fn warns_when_runtime_changes_would_not_persist() {
         w[0].starts_with("admin.master_key: not set, so in this fleet the admin API refuses"),
         "{w:?}"
     );
+    // The summary says which node this is and where its fleet is.
+    let summary = c.summary();
+    assert!(
+        summary.contains(
+            "\ncluster: redis://127.0.0.1:6379/0, node_id n1, lease_ttl 15s, timeout 250ms, \
+             on_store_down local\n"
+        ),
+        "{summary}"
+    );
 }
 
 #[test]
