@@ -115,7 +115,7 @@ fn huge_pages_off() {
 }
 
 /// Starts a relay with `cfg`: one shard per `server.shards` (pinned, shard
-/// `i` to the `i`-th of [`allowed_cpus`], when there are no more shards than
+/// `i` to the `i`-th of `allowed_cpus`, when there are no more shards than
 /// those), then the admin server. Returns once everything listens.
 pub fn start(cfg: &Config) -> std::io::Result<RelayHandle> {
     start_with(cfg, crate::cli::systemd::Activated::default())
