@@ -4,7 +4,7 @@
 //! The upgrade answer is read into the stream's upstream read buffer; bytes
 //! after it are the first upstream frames and stay where they are.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
@@ -22,6 +22,8 @@ use crate::core::secret::Secret;
 use crate::dataplane::buf::Buf;
 use crate::dataplane::http::{self, UpstreamAnswer};
 use crate::dataplane::io::{Conn, Duplex, Tcp};
+
+pub mod dial;
 
 /// How long a resolved upstream address is reused before resolving again.
 const DNS_TTL: Duration = Duration::from_secs(30);
@@ -152,6 +154,8 @@ pub struct UpstreamTarget {
     tls: Option<(TlsConnector, ServerName<'static>)>,
     /// Resolved addresses and when; refreshed after [`DNS_TTL`].
     resolved: RefCell<Option<(Vec<SocketAddr>, Instant)>>,
+    /// The address the last connection went to, tried first ([`dial`]).
+    last_good: Cell<Option<SocketAddr>>,
 }
 
 impl std::fmt::Debug for UpstreamTarget {
@@ -235,6 +239,7 @@ impl UpstreamTarget {
             host_header,
             tls,
             resolved: RefCell::new(None),
+            last_good: Cell::new(None),
         })
     }
 
@@ -301,28 +306,21 @@ impl UpstreamTarget {
                 unavailable("resolve", &e)
             }
         })?;
-        let mut last = None;
-        let mut tcp = None;
-        for addr in addrs {
-            match connect_tcp(addr, limit, unsent).await {
-                Ok(s) => {
-                    tcp = Some(s);
-                    break;
-                }
-                Err(e) => {
-                    if crate::dataplane::accept::is_file_limit(&e) {
-                        return Err(ConnectError::FileLimit);
-                    }
-                    last = Some(e)
-                }
+        let file_limit = crate::dataplane::accept::is_file_limit;
+        let (addr, tcp) = dial::first_to_connect(
+            &dial::in_order(&addrs, self.last_good.get()),
+            |addr| connect_tcp(addr, limit, unsent),
+            file_limit,
+        )
+        .await
+        .map_err(|e| {
+            if file_limit(&e) {
+                ConnectError::FileLimit
+            } else {
+                unavailable("connect", &e)
             }
-        }
-        let tcp = tcp.ok_or_else(|| {
-            unavailable(
-                "connect",
-                &last.map_or("no address".into(), |e| e.to_string()),
-            )
         })?;
+        self.last_good.set(Some(addr));
         let conn = match &self.tls {
             None => Conn::Plain(tcp),
             Some((connector, name)) => {

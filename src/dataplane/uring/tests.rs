@@ -141,6 +141,90 @@ fn a_dropped_socket_is_closed_and_its_slot_reused() {
     });
 }
 
+/// A stream's upstream connection goes past an address that never
+/// answers the handshake (here a listener whose one-place queue is full,
+/// so the kernel drops every SYN after it), as one whose IPv6 route is
+/// broken would: the next address begins beside it and wins, and the
+/// attempt left behind, still connecting, is dropped and its socket taken
+/// off the ring. (Tried one after the other, the first attempt waited
+/// out the kernel's SYN retries, minutes, and the 20 s below ran out.)
+#[test]
+fn a_connect_goes_past_an_address_that_never_answers() {
+    use crate::dataplane::upstream::dial::first_to_connect;
+    on_plane(64, 256, |plane| async move {
+        let hole =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        hole.bind(
+            &"127.0.0.1:0"
+                .parse::<std::net::SocketAddr>()
+                .unwrap()
+                .into(),
+        )
+        .unwrap();
+        hole.listen(0).unwrap();
+        let hole_addr = hole.local_addr().unwrap().as_socket().unwrap();
+        let _queued = TcpStream::connect(hole_addr).unwrap();
+        let good = TcpListener::bind("127.0.0.1:0").unwrap();
+        let good_addr = good.local_addr().unwrap();
+        let tried = std::cell::RefCell::new(Vec::new());
+        let addrs = [hole_addr, good_addr];
+        let connect = first_to_connect(
+            &addrs,
+            |addr| {
+                tried.borrow_mut().push(addr);
+                RingSocket::connect(&plane, addr)
+            },
+            |_| false,
+        );
+        let (addr, mut sock) = crate::core::deadline::timeout(Duration::from_secs(20), connect)
+            .await
+            .expect("connected within 20 s")
+            .unwrap();
+        assert_eq!(addr, good_addr);
+        assert_eq!(*tried.borrow(), [hole_addr, good_addr]);
+        assert_eq!(plane.registered(), 1, "the hole's attempt is off the ring");
+        let (mut peer, _) = good.accept().unwrap();
+        sock.write_all(b"up").await.unwrap();
+        let mut b = [0u8; 2];
+        peer.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"up");
+    });
+}
+
+/// Every address refused: the last one's error, after trying each in
+/// turn (a refusal comes at once, so the next begins without the delay),
+/// and nothing left on the ring.
+#[test]
+fn a_connect_to_addresses_that_all_refuse_gives_the_last_error() {
+    use crate::dataplane::upstream::dial::first_to_connect;
+    on_plane(64, 256, |plane| async move {
+        let closed: Vec<std::net::SocketAddr> = (0..3)
+            .map(|_| {
+                TcpListener::bind("127.0.0.1:0")
+                    .unwrap()
+                    .local_addr()
+                    .unwrap()
+            })
+            .collect();
+        let tried = std::cell::RefCell::new(Vec::new());
+        let e = first_to_connect(
+            &closed,
+            |addr| {
+                tried.borrow_mut().push(addr);
+                RingSocket::connect(&plane, addr)
+            },
+            |_| false,
+        )
+        .await
+        .expect_err("nothing listens");
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+        assert_eq!(*tried.borrow(), closed);
+        assert_eq!(plane.registered(), 0);
+        let none = first_to_connect(&[], |addr| RingSocket::connect(&plane, addr), |_| false);
+        assert_eq!(none.await.unwrap_err().kind(), std::io::ErrorKind::NotFound);
+    });
+}
+
 /// A completion queue too small for the events makes the kernel end
 /// multishot polls (a completion without `IORING_CQE_F_MORE`); the plane
 /// arms them again and every socket keeps getting its bytes.
