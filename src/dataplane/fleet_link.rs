@@ -184,10 +184,14 @@ impl OpenLink for FleetLink {
 /// Connects and queues the log-in and the script loads, ahead of any open.
 async fn connect(target: &LinkTarget, fleet: &Fleet) -> Option<Rc<Conn>> {
     let plane = crate::dataplane::uring::current()?;
-    let sock =
-        crate::core::deadline::timeout(fleet.timeout(), RingSocket::connect(&plane, target.addr))
-            .await?
-            .ok()?;
+    let any = crate::dataplane::upstream::dial::first_to_connect(
+        &target.addrs,
+        |addr| RingSocket::connect(&plane, addr),
+        |_| false,
+    );
+    let (_, sock) = crate::core::deadline::timeout(fleet.timeout(), any)
+        .await?
+        .ok()?;
     sock.set_nodelay().ok()?;
     let conn = Rc::new(Conn {
         sock,

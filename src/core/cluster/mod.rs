@@ -236,12 +236,14 @@ pub trait OpenLink {
     >;
 }
 
-/// Where a shard's own connection goes: Redis's address as the cluster
-/// thread last resolved it, and how to log in.
+/// Where a shard's own connection goes: Redis's addresses as the cluster
+/// thread last resolved them, and how to log in.
 #[derive(Debug, Clone)]
 pub struct LinkTarget {
-    /// Redis's address.
-    pub addr: std::net::SocketAddr,
+    /// Redis's addresses, in the resolver's order: the link connects to
+    /// the first that answers (`dataplane::upstream::dial`), as the
+    /// thread's own connection does.
+    pub addrs: Vec<std::net::SocketAddr>,
     /// `AUTH` user name, if any.
     pub username: Option<String>,
     /// `AUTH` password, if any.

@@ -562,7 +562,7 @@ impl Worker {
         }
     }
 
-    /// Where shards' own connections go: Redis's address, resolved now
+    /// Where shards' own connections go: Redis's addresses, resolved now
     /// (a managed Redis's name may move), for a plain TCP URL only.
     fn link_target(&self) -> Option<LinkTarget> {
         use std::net::ToSocketAddrs;
@@ -570,10 +570,10 @@ impl Worker {
         let redis::ConnectionAddr::Tcp(host, port) = info.addr() else {
             return None;
         };
-        let addr = (host.as_str(), *port).to_socket_addrs().ok()?.next()?;
+        let addrs: Vec<_> = (host.as_str(), *port).to_socket_addrs().ok()?.collect();
         let settings = info.redis_settings();
         Some(LinkTarget {
-            addr,
+            addrs,
             username: settings.username().map(str::to_string),
             password: settings.password().map(crate::core::secret::Secret::new),
             db: settings.db(),

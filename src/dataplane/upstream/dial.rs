@@ -1,4 +1,5 @@
-//! Which of upstream's addresses a stream connects to, and in what order.
+//! Which of a name's addresses a connection goes to, and in what order:
+//! upstream's for a stream, Redis's for a shard's fleet link.
 //!
 //! A name can resolve to several addresses, and one of them can swallow the
 //! handshake without an answer: an IPv6 address the host has no working
