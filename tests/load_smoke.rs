@@ -1,6 +1,7 @@
 //! relay-load, in-process, against an echoing fake Soniox: through a real
-//! relay and directly. Asserts correctness only (every frame back exactly
-//! once, in order; no failed stream), never speed.
+//! relay (in-process, or the binary where upstream's name has a dead
+//! address first) and directly. Asserts correctness only (every frame back
+//! exactly once, in order; no failed stream), never speed.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -400,4 +401,108 @@ fn through_the_relay_with_faults_every_frame_comes_back_once_in_order() {
     let m = relay.metrics();
     assert!(m.streams_resumed() >= 5, "{}", m.streams_resumed());
     relay.shutdown();
+}
+
+/// An upstream name whose first address never answers the handshake (as
+/// an IPv6 address behind a broken route would; here `::1` with a full
+/// accept queue, so the kernel drops the SYNs) and whose second is
+/// fake-soniox: every stream still opens, on the second address. The
+/// relay binary runs in a mount namespace whose `/etc/hosts` gives the
+/// name both (`unshare`; skipped, with the reason, where that cannot be
+/// made). Tried one after the other, each open waited out
+/// `connect_timeout` on the first address and failed.
+#[test]
+fn an_upstream_address_that_never_answers_is_passed_by() {
+    use std::process::{Command, Stdio};
+    let fake = echo_fake();
+    let port = fake.addr().port();
+    let hole = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None).unwrap();
+    let hole_addr: std::net::SocketAddr = format!("[::1]:{port}").parse().unwrap();
+    if let Err(e) = hole.bind(&hole_addr.into()) {
+        eprintln!("not checked: no IPv6 loopback here ({e})");
+        return;
+    }
+    hole.listen(0).unwrap();
+    let _queued = std::net::TcpStream::connect(hole_addr).unwrap();
+    let dir = std::env::temp_dir().join(format!("clio-load-hosts-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let hosts = dir.join("hosts");
+    std::fs::write(&hosts, "::1 upstream.test\n127.0.0.1 upstream.test\n").unwrap();
+    // With these hosts, the resolver gives ::1 first: else nothing is shown.
+    let probe = Command::new("unshare")
+        .args(["--mount", "sh", "-c"])
+        .arg("mount --bind \"$0\" /etc/hosts && getent ahosts upstream.test")
+        .arg(&hosts)
+        .output();
+    match probe {
+        Ok(o) if o.status.success() && String::from_utf8_lossy(&o.stdout).starts_with("::1") => {}
+        Ok(o) => {
+            eprintln!(
+                "not checked: no namespace with these hosts, or ::1 not first: {}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+            return;
+        }
+        Err(e) => {
+            eprintln!("not checked: unshare not runnable ({e})");
+            return;
+        }
+    }
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    };
+    let (client, admin) = (free(), free());
+    let config = dir.join("relay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"{client}\"\nadmin_listen = \"{admin}\"\nshards = 1\n\n\
+             [upstream]\nurl = \"ws://upstream.test:{port}/transcribe-websocket\"\n\
+             connect_timeout = \"2s\"\n\n\
+             [tokens]\nsecret_env = \"HOSTS_SECRET\"\n\n\
+             [admin]\nstate_dir = \"{}\"\n\n\
+             [[account]]\nid = \"a\"\nkey_env = \"HOSTS_KEY\"\nmax_concurrent_streams = 100\n",
+            dir.join("state").display()
+        ),
+    )
+    .unwrap();
+    let secret = "a load-test token secret, well over 32 bytes long";
+    let mut relay = Command::new("unshare")
+        .args(["--mount", "sh", "-c"])
+        .arg("mount --bind \"$0\" /etc/hosts && exec \"$1\" run --config \"$2\"")
+        .arg(&hosts)
+        .arg(env!("CARGO_BIN_EXE_clio-relay"))
+        .arg(&config)
+        .env("HOSTS_SECRET", secret)
+        .env("HOSTS_KEY", KEY)
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_FDS")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let up = std::time::Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(client).is_err() {
+        assert!(relay.try_wait().unwrap().is_none(), "the relay exited");
+        assert!(std::time::Instant::now() < up, "the relay never listened");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let keys = Arc::new(TokenKeys::from_config(&TokensConfig::new(Secret::new(
+        secret,
+    ))));
+    let mut opts = smoke_options(
+        Target::relay(client),
+        AuthVia::Header,
+        Credentials::Mint(keys, Duration::from_secs(600)),
+    );
+    opts.streams = 4;
+    let report = relay_load::run(&opts);
+    let _ = relay.kill();
+    let _ = relay.wait();
+    std::fs::remove_dir_all(&dir).ok();
+    assert_clean(&report.expect("load runs"), 4);
 }
