@@ -403,51 +403,34 @@ fn through_the_relay_with_faults_every_frame_comes_back_once_in_order() {
     relay.shutdown();
 }
 
-/// An upstream name whose first address never answers the handshake (as
-/// an IPv6 address behind a broken route would; here `::1` with a full
-/// accept queue, so the kernel drops the SYNs) and whose second is
-/// fake-soniox: every stream still opens, on the second address. The
-/// relay binary runs in a mount namespace whose `/etc/hosts` gives the
-/// name both (`unshare`; skipped, with the reason, where that cannot be
-/// made). Tried one after the other, each open waited out
-/// `connect_timeout` on the first address and failed.
-#[test]
-fn an_upstream_address_that_never_answers_is_passed_by() {
+/// A relay binary with one shard, upstream `ws://upstream.test:PORT`
+/// (`connect_timeout` 2 s), run in a mount namespace whose `/etc/hosts` is
+/// `dir/hosts` (written with `hosts` first: edited later, the relay sees
+/// the change), its log in `dir/relay.log`. `Err` with the reason where
+/// that cannot be made here (no `unshare`, not allowed), or where the
+/// resolver does not answer `first` first for the name.
+fn relay_with_hosts(
+    dir: &std::path::Path,
+    hosts: &str,
+    first: &str,
+    port: u16,
+) -> Result<(std::process::Child, std::net::SocketAddr), String> {
     use std::process::{Command, Stdio};
-    let fake = echo_fake();
-    let port = fake.addr().port();
-    let hole = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None).unwrap();
-    let hole_addr: std::net::SocketAddr = format!("[::1]:{port}").parse().unwrap();
-    if let Err(e) = hole.bind(&hole_addr.into()) {
-        eprintln!("not checked: no IPv6 loopback here ({e})");
-        return;
-    }
-    hole.listen(0).unwrap();
-    let _queued = std::net::TcpStream::connect(hole_addr).unwrap();
-    let dir = std::env::temp_dir().join(format!("clio-load-hosts-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let hosts = dir.join("hosts");
-    std::fs::write(&hosts, "::1 upstream.test\n127.0.0.1 upstream.test\n").unwrap();
-    // With these hosts, the resolver gives ::1 first: else nothing is shown.
+    std::fs::create_dir_all(dir).unwrap();
+    let hosts_file = dir.join("hosts");
+    std::fs::write(&hosts_file, hosts).unwrap();
     let probe = Command::new("unshare")
         .args(["--mount", "sh", "-c"])
         .arg("mount --bind \"$0\" /etc/hosts && getent ahosts upstream.test")
-        .arg(&hosts)
-        .output();
-    match probe {
-        Ok(o) if o.status.success() && String::from_utf8_lossy(&o.stdout).starts_with("::1") => {}
-        Ok(o) => {
-            eprintln!(
-                "not checked: no namespace with these hosts, or ::1 not first: {}{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            );
-            return;
-        }
-        Err(e) => {
-            eprintln!("not checked: unshare not runnable ({e})");
-            return;
-        }
+        .arg(&hosts_file)
+        .output()
+        .map_err(|e| format!("unshare not runnable ({e})"))?;
+    let answer = String::from_utf8_lossy(&probe.stdout);
+    if !probe.status.success() || !answer.starts_with(first) {
+        return Err(format!(
+            "no namespace with these hosts, or {first} not first: {answer}{}",
+            String::from_utf8_lossy(&probe.stderr)
+        ));
     }
     let free = || {
         std::net::TcpListener::bind("127.0.0.1:0")
@@ -470,19 +453,18 @@ fn an_upstream_address_that_never_answers_is_passed_by() {
         ),
     )
     .unwrap();
-    let secret = "a load-test token secret, well over 32 bytes long";
     let mut relay = Command::new("unshare")
         .args(["--mount", "sh", "-c"])
         .arg("mount --bind \"$0\" /etc/hosts && exec \"$1\" run --config \"$2\"")
-        .arg(&hosts)
+        .arg(&hosts_file)
         .arg(env!("CARGO_BIN_EXE_clio-relay"))
         .arg(&config)
-        .env("HOSTS_SECRET", secret)
+        .env("HOSTS_SECRET", HOSTS_SECRET)
         .env("HOSTS_KEY", KEY)
         .env_remove("NOTIFY_SOCKET")
         .env_remove("LISTEN_FDS")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("relay.log")).unwrap())
         .spawn()
         .unwrap();
     let up = std::time::Instant::now() + Duration::from_secs(20);
@@ -491,18 +473,105 @@ fn an_upstream_address_that_never_answers_is_passed_by() {
         assert!(std::time::Instant::now() < up, "the relay never listened");
         std::thread::sleep(Duration::from_millis(50));
     }
+    Ok((relay, client))
+}
+
+/// The token secret of [`relay_with_hosts`]'s relay.
+const HOSTS_SECRET: &str = "a load-test token secret, well over 32 bytes long";
+
+/// `streams` streams through `relay_with_hosts`'s relay at `client`.
+fn load_through(client: std::net::SocketAddr, streams: usize) -> Result<LoadReport, String> {
     let keys = Arc::new(TokenKeys::from_config(&TokensConfig::new(Secret::new(
-        secret,
+        HOSTS_SECRET,
     ))));
     let mut opts = smoke_options(
         Target::relay(client),
         AuthVia::Header,
         Credentials::Mint(keys, Duration::from_secs(600)),
     );
-    opts.streams = 4;
-    let report = relay_load::run(&opts);
+    opts.streams = streams;
+    relay_load::run(&opts).map_err(|e| e.to_string())
+}
+
+/// An upstream name whose first address never answers the handshake (as
+/// an IPv6 address behind a broken route would; here `::1` with a full
+/// accept queue, so the kernel drops the SYNs) and whose second is
+/// fake-soniox: every stream still opens, on the second address
+/// ([`relay_with_hosts`]; skipped, with the reason, where it cannot run).
+/// Tried one after the other, each open waited out `connect_timeout` on
+/// the first address and failed.
+#[test]
+fn an_upstream_address_that_never_answers_is_passed_by() {
+    let fake = echo_fake();
+    let port = fake.addr().port();
+    let hole = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None).unwrap();
+    let hole_addr: std::net::SocketAddr = format!("[::1]:{port}").parse().unwrap();
+    if let Err(e) = hole.bind(&hole_addr.into()) {
+        eprintln!("not checked: no IPv6 loopback here ({e})");
+        return;
+    }
+    hole.listen(0).unwrap();
+    let _queued = std::net::TcpStream::connect(hole_addr).unwrap();
+    let dir = std::env::temp_dir().join(format!("clio-load-hole-{}", std::process::id()));
+    let hosts = "::1 upstream.test\n127.0.0.1 upstream.test\n";
+    let (mut relay, client) = match relay_with_hosts(&dir, hosts, "::1", port) {
+        Ok(r) => r,
+        Err(why) => {
+            eprintln!("not checked: {why}");
+            return;
+        }
+    };
+    let report = load_through(client, 4);
     let _ = relay.kill();
     let _ = relay.wait();
     std::fs::remove_dir_all(&dir).ok();
-    assert_clean(&report.expect("load runs"), 4);
+    assert_clean(&report.unwrap(), 4);
+}
+
+/// The resolver stops knowing upstream's name after the relay resolved it
+/// (the name gone from `/etc/hosts`, no DNS server to ask: a resolver
+/// outage): past the 30 s its addresses serve, streams still open, to the
+/// addresses it had, while the relay asks again in the background and
+/// says once that the name did not resolve. Before, the first open past
+/// the 30 s waited for the resolver and failed with it.
+#[test]
+fn streams_open_through_a_resolver_outage() {
+    let fake = echo_fake();
+    let dir = std::env::temp_dir().join(format!("clio-load-dns-{}", std::process::id()));
+    let hosts = "127.0.0.1 upstream.test\n";
+    let (mut relay, client) = match relay_with_hosts(&dir, hosts, "127.0.0.1", fake.addr().port()) {
+        Ok(r) => r,
+        Err(why) => {
+            eprintln!("not checked: {why}");
+            return;
+        }
+    };
+    let before = load_through(client, 2);
+    // In place (the same file, so the namespace's bind mount sees it).
+    std::fs::write(dir.join("hosts"), "").unwrap();
+    std::thread::sleep(clio_relay::dataplane::upstream::dial::DNS_TTL + Duration::from_secs(1));
+    let during = load_through(client, 4);
+    let log = dir.join("relay.log");
+    let said = |text: &str| std::fs::read_to_string(&log).unwrap().contains(text);
+    // The refresh runs beside the opens: its failure may come after them.
+    let mut warned = false;
+    for _ in 0..300 {
+        warned = said("the upstream name did not resolve");
+        if warned {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = relay.kill();
+    let _ = relay.wait();
+    let text = std::fs::read_to_string(&log).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+    assert_clean(&before.unwrap(), 2);
+    assert_clean(&during.unwrap(), 4);
+    assert!(warned, "the failed refresh is said: {text}");
+    assert_eq!(
+        text.matches("the upstream name did not resolve").count(),
+        1,
+        "once per outage: {text}"
+    );
 }

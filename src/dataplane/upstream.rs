@@ -4,13 +4,10 @@
 //! The upgrade answer is read into the stream's upstream read buffer; bytes
 //! after it are the first upstream frames and stay where they are.
 
-use std::cell::{Cell, RefCell};
-use std::io;
-use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_rustls::TlsConnector;
 use rustls::pki_types::pem::PemObject;
@@ -25,8 +22,6 @@ use crate::dataplane::io::{Conn, Duplex, Tcp};
 
 pub mod dial;
 
-/// How long a resolved upstream address is reused before resolving again.
-const DNS_TTL: Duration = Duration::from_secs(30);
 /// Largest upgrade answer head accepted from upstream.
 const MAX_ANSWER_HEAD: usize = 16 * 1024;
 
@@ -152,10 +147,8 @@ pub struct UpstreamTarget {
     path: String,
     host_header: String,
     tls: Option<(TlsConnector, ServerName<'static>)>,
-    /// Resolved addresses and when; refreshed after [`DNS_TTL`].
-    resolved: RefCell<Option<(Vec<SocketAddr>, Instant)>>,
-    /// The address the last connection went to, tried first ([`dial`]).
-    last_good: Cell<Option<SocketAddr>>,
+    /// The host's addresses, kept and refreshed ([`dial::Addresses`]).
+    addrs: dial::Addresses,
 }
 
 impl std::fmt::Debug for UpstreamTarget {
@@ -233,39 +226,13 @@ impl UpstreamTarget {
             None
         };
         Ok(UpstreamTarget {
+            addrs: dial::Addresses::new(&host, port),
             host,
             port,
             path,
             host_header,
             tls,
-            resolved: RefCell::new(None),
-            last_good: Cell::new(None),
         })
-    }
-
-    async fn resolve(&self) -> io::Result<Vec<SocketAddr>> {
-        if let Some((addrs, at)) = &*self.resolved.borrow() {
-            if at.elapsed() < DNS_TTL {
-                return Ok(addrs.clone());
-            }
-        }
-        let (host, port) = (self.host.clone(), self.port);
-        // getaddrinfo blocks: run it on glommio's blocking pool, not the shard.
-        let addrs: Vec<SocketAddr> = glommio::executor()
-            .spawn_blocking(move || {
-                (host.as_str(), port)
-                    .to_socket_addrs()
-                    .map(|a| a.collect::<Vec<_>>())
-            })
-            .await?;
-        if addrs.is_empty() {
-            return Err(io::Error::new(
-                io::ErrorKind::NotFound,
-                "upstream host resolved to no address",
-            ));
-        }
-        *self.resolved.borrow_mut() = Some((addrs.clone(), Instant::now()));
-        Ok(addrs)
     }
 
     /// Opens a WebSocket to upstream with `key`, on the header (`Authorization`)
@@ -299,7 +266,7 @@ impl UpstreamTarget {
         let unavailable = |what: &str, e: &dyn std::fmt::Display| {
             ConnectError::Unavailable(format!("{what}: {e}"))
         };
-        let addrs = self.resolve().await.map_err(|e| {
+        let addrs = self.addrs.get().await.map_err(|e| {
             if crate::dataplane::accept::is_file_limit(&e) {
                 ConnectError::FileLimit
             } else {
@@ -307,20 +274,17 @@ impl UpstreamTarget {
             }
         })?;
         let file_limit = crate::dataplane::accept::is_file_limit;
-        let (addr, tcp) = dial::first_to_connect(
-            &dial::in_order(&addrs, self.last_good.get()),
-            |addr| connect_tcp(addr, limit, unsent),
-            file_limit,
-        )
-        .await
-        .map_err(|e| {
-            if file_limit(&e) {
-                ConnectError::FileLimit
-            } else {
-                unavailable("connect", &e)
-            }
-        })?;
-        self.last_good.set(Some(addr));
+        let (addr, tcp) =
+            dial::first_to_connect(&addrs, |addr| connect_tcp(addr, limit, unsent), file_limit)
+                .await
+                .map_err(|e| {
+                    if file_limit(&e) {
+                        ConnectError::FileLimit
+                    } else {
+                        unavailable("connect", &e)
+                    }
+                })?;
+        self.addrs.connected(addr);
         let conn = match &self.tls {
             None => Conn::Plain(tcp),
             Some((connector, name)) => {

@@ -1,5 +1,13 @@
-//! Which of a name's addresses a connection goes to, and in what order:
-//! upstream's for a stream, Redis's for a shard's fleet link.
+//! From a name to a connection: the name's addresses, kept and refreshed
+//! ([`Addresses`]), and which of them a connection goes to, in what order
+//! (upstream's for a stream; [`first_to_connect`] also for Redis's, a
+//! shard's fleet link).
+//!
+//! Once the name has resolved, no open waits for the resolver: past
+//! [`DNS_TTL`] it is asked again in the background while the addresses it
+//! gave last serve, and they go on serving if it fails (a resolver that is
+//! down or slow for a while must not fail the opens of an upstream that is
+//! up); it is asked again [`DNS_RETRY`] later.
 //!
 //! A name can resolve to several addresses, and one of them can swallow the
 //! handshake without an answer: an IPv6 address the host has no working
@@ -12,17 +20,127 @@
 //! last is tried first next time ([`in_order`]), so once one answers, the
 //! opens after it wait for no other.
 
+use std::cell::RefCell;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::pin::Pin;
+use std::rc::Rc;
 use std::task::Poll;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// How long a name's addresses serve before the resolver is asked again.
+pub const DNS_TTL: Duration = Duration::from_secs(30);
+/// How long after a failed refresh the resolver is asked again.
+pub const DNS_RETRY: Duration = Duration::from_secs(5);
 
 /// How long an attempt runs alone before the next address is tried beside
 /// it (RFC 8305's "connection attempt delay", whose recommended value this
 /// is).
 pub const NEXT_ADDRESS_AFTER: Duration = Duration::from_millis(250);
+
+/// A name's addresses, as its shard (or the admin thread) last resolved
+/// them, and the one a connection last went to.
+#[derive(Debug)]
+pub struct Addresses {
+    host: String,
+    port: u16,
+    state: Rc<RefCell<Resolved>>,
+}
+
+#[derive(Debug, Default)]
+struct Resolved {
+    addrs: Vec<SocketAddr>,
+    /// When to ask the resolver again; `None` until it first answered.
+    due: Option<Instant>,
+    /// A refresh is under way.
+    refreshing: bool,
+    /// The last refresh failed (said once per streak).
+    failing: bool,
+    last_good: Option<SocketAddr>,
+}
+
+impl Addresses {
+    /// `host`'s addresses, port `port`; resolved when first asked for.
+    pub fn new(host: &str, port: u16) -> Addresses {
+        Addresses {
+            host: host.to_string(),
+            port,
+            state: Rc::default(),
+        }
+    }
+
+    /// The addresses to try, in order ([`in_order`]). Only while the name
+    /// has never resolved does this wait for the resolver (and fail with
+    /// it); after that it answers at once (see the module doc).
+    pub async fn get(&self) -> io::Result<Vec<SocketAddr>> {
+        {
+            let mut r = self.state.borrow_mut();
+            if let Some(due) = r.due {
+                if Instant::now() >= due && !r.refreshing {
+                    r.refreshing = true;
+                    let (host, port, state) = (self.host.clone(), self.port, self.state.clone());
+                    glommio::spawn_local(refresh(host, port, state)).detach();
+                }
+                return Ok(in_order(&r.addrs, r.last_good));
+            }
+        }
+        let addrs = lookup(self.host.clone(), self.port).await?;
+        let mut r = self.state.borrow_mut();
+        r.addrs = addrs;
+        r.due = Some(Instant::now() + DNS_TTL);
+        Ok(in_order(&r.addrs, r.last_good))
+    }
+
+    /// A connection went to `addr`: it is tried first from now on.
+    pub fn connected(&self, addr: SocketAddr) {
+        self.state.borrow_mut().last_good = Some(addr);
+    }
+}
+
+/// Asks the resolver for `host`'s addresses on glommio's blocking pool
+/// (`getaddrinfo` blocks), not on the executor's thread.
+async fn lookup(host: String, port: u16) -> io::Result<Vec<SocketAddr>> {
+    let addrs: Vec<SocketAddr> = glommio::executor()
+        .spawn_blocking(move || {
+            (host.as_str(), port)
+                .to_socket_addrs()
+                .map(Iterator::collect)
+        })
+        .await?;
+    if addrs.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            "the name resolved to no address",
+        ));
+    }
+    Ok(addrs)
+}
+
+/// A refresh in the background: new addresses replace the old; a failure
+/// keeps them and asks again after [`DNS_RETRY`].
+async fn refresh(host: String, port: u16, state: Rc<RefCell<Resolved>>) {
+    let found = lookup(host.clone(), port).await;
+    let mut r = state.borrow_mut();
+    r.refreshing = false;
+    match found {
+        Ok(addrs) => {
+            if r.failing {
+                tracing::info!(%host, "the upstream name resolves again");
+            }
+            r.failing = false;
+            r.addrs = addrs;
+            r.due = Some(Instant::now() + DNS_TTL);
+        }
+        Err(e) => {
+            if !r.failing {
+                tracing::warn!(%host, error = %e, "the upstream name did not resolve; streams keep opening to the addresses it had");
+            }
+            r.failing = true;
+            r.due = Some(Instant::now() + DNS_RETRY);
+        }
+    }
+}
 
 /// `addrs` in the order to try them: `last_good` first when it is among
 /// them, then the rest alternating between IPv6 and IPv4, beginning with
