@@ -219,16 +219,30 @@ fn main() -> ExitCode {
     }
 }
 
+/// Logs to stderr, as text or, with `CLIO_RELAY_LOG_FORMAT=json`, one
+/// JSON object a line (`timestamp`, `level`, `target`, `message` and the
+/// line's fields), for a fleet's log shipper. Any other value: text, and a
+/// WARN that says so.
 fn init_logging(quiet: bool) {
     let default = if quiet { "warn" } else { "info" };
     let asked = std::env::var("RUST_LOG").unwrap_or_default();
     let (filter, note) = log_filter(&asked, default);
+    let format = std::env::var("CLIO_RELAY_LOG_FORMAT").unwrap_or_default();
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        fmt.json().flatten_event(true).init();
+    } else {
+        fmt.with_ansi(std::io::stderr().is_terminal()).init();
+        if !format.is_empty() && format != "text" {
+            tracing::warn!(
+                value = %format,
+                "CLIO_RELAY_LOG_FORMAT is neither text nor json; logging text"
+            );
+        }
+    }
     if let Some(note) = note {
         tracing::warn!(rust_log = %asked, "RUST_LOG {note}");
     }

@@ -43,15 +43,21 @@ fn a_running_relay_has_huge_pages_off() {
 /// The relay's first log lines with `RUST_LOG` set to `value`: it runs
 /// until it says it is listening (or `wait`), then is killed.
 fn first_log_lines(value: &str, wait: std::time::Duration) -> Vec<String> {
+    first_log_lines_with(&[("RUST_LOG", value)], wait)
+}
+
+/// [`first_log_lines`] with `envs` set instead.
+fn first_log_lines_with(envs: &[(&str, &str)], wait: std::time::Duration) -> Vec<String> {
     use std::io::{BufRead, BufReader};
+    static RUN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let dir = std::env::temp_dir().join(format!(
-        "clio-relay-rust-log-{}-{}",
+        "clio-relay-log-lines-{}-{}",
         std::process::id(),
-        value.len()
+        RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     ));
     let config = relay_config(&dir, "127.0.0.1:0", "127.0.0.1:0");
     let mut child = relay_run(&config)
-        .env("RUST_LOG", value)
+        .envs(envs.iter().copied())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -119,6 +125,45 @@ fn a_rust_log_that_would_silence_everything_falls_back_to_info() {
     assert!(
         !lines.iter().any(|l| l.contains("INFO")),
         "RUST_LOG=clio_relay=warn: {lines:?}"
+    );
+}
+
+/// `CLIO_RELAY_LOG_FORMAT=json`: every line one JSON object with the
+/// timestamp, level, target, message and the line's own fields (the
+/// listening line's addresses); a value that is neither format logs text
+/// and a WARN naming it.
+#[test]
+fn logs_are_json_lines_when_asked() {
+    let wait = std::time::Duration::from_secs(20);
+    let lines = first_log_lines_with(&[("CLIO_RELAY_LOG_FORMAT", "json")], wait);
+    assert!(!lines.is_empty());
+    for line in &lines {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        for key in ["timestamp", "level", "target", "message"] {
+            assert!(v.get(key).is_some(), "{key} in {line}");
+        }
+    }
+    let listening: serde_json::Value = serde_json::from_str(lines.last().unwrap()).unwrap();
+    assert_eq!(listening["message"], "clio-relay listening", "{lines:?}");
+    assert_eq!(listening["level"], "INFO");
+    assert!(
+        listening["client"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("127.0.0.1:")),
+        "{listening}"
+    );
+    let lines = first_log_lines_with(&[("CLIO_RELAY_LOG_FORMAT", "yaml")], wait);
+    assert!(
+        lines.iter().any(|l| l.contains("WARN")
+            && l.contains("CLIO_RELAY_LOG_FORMAT is neither text nor json")
+            && l.contains("yaml")),
+        "{lines:?}"
+    );
+    assert!(
+        lines.last().unwrap().contains("INFO")
+            && serde_json::from_str::<serde_json::Value>(lines.last().unwrap()).is_err(),
+        "text: {lines:?}"
     );
 }
 
