@@ -141,6 +141,27 @@ fn a_dropped_socket_is_closed_and_its_slot_reused() {
     });
 }
 
+/// [`first_to_connect`] over `addrs` with the plane's connect, as a
+/// stream's upstream connection makes it, and the addresses it began, in
+/// order.
+///
+/// [`first_to_connect`]: crate::dataplane::upstream::dial::first_to_connect
+async fn connect_first(
+    plane: &Rc<Plane>,
+    addrs: &[std::net::SocketAddr],
+) -> (
+    std::io::Result<(std::net::SocketAddr, RingSocket)>,
+    Vec<std::net::SocketAddr>,
+) {
+    let tried = std::cell::RefCell::new(Vec::new());
+    let connect = |addr| {
+        tried.borrow_mut().push(addr);
+        RingSocket::connect(plane, addr)
+    };
+    let r = crate::dataplane::upstream::dial::first_to_connect(addrs, connect, |_| false).await;
+    (r, tried.into_inner())
+}
+
 /// A stream's upstream connection goes past an address that never
 /// answers the handshake (here a listener whose one-place queue is full,
 /// so the kernel drops every SYN after it), as one whose IPv6 route is
@@ -150,38 +171,24 @@ fn a_dropped_socket_is_closed_and_its_slot_reused() {
 /// out the kernel's SYN retries, minutes, and the 20 s below ran out.)
 #[test]
 fn a_connect_goes_past_an_address_that_never_answers() {
-    use crate::dataplane::upstream::dial::first_to_connect;
     on_plane(64, 256, |plane| async move {
         let hole =
             socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        hole.bind(
-            &"127.0.0.1:0"
-                .parse::<std::net::SocketAddr>()
-                .unwrap()
-                .into(),
-        )
-        .unwrap();
+        hole.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .unwrap();
         hole.listen(0).unwrap();
         let hole_addr = hole.local_addr().unwrap().as_socket().unwrap();
         let _queued = TcpStream::connect(hole_addr).unwrap();
         let good = TcpListener::bind("127.0.0.1:0").unwrap();
         let good_addr = good.local_addr().unwrap();
-        let tried = std::cell::RefCell::new(Vec::new());
         let addrs = [hole_addr, good_addr];
-        let connect = first_to_connect(
-            &addrs,
-            |addr| {
-                tried.borrow_mut().push(addr);
-                RingSocket::connect(&plane, addr)
-            },
-            |_| false,
-        );
-        let (addr, mut sock) = crate::core::deadline::timeout(Duration::from_secs(20), connect)
-            .await
-            .expect("connected within 20 s")
-            .unwrap();
+        let (r, tried) =
+            crate::core::deadline::timeout(Duration::from_secs(20), connect_first(&plane, &addrs))
+                .await
+                .expect("connected within 20 s");
+        let (addr, mut sock) = r.unwrap();
         assert_eq!(addr, good_addr);
-        assert_eq!(*tried.borrow(), [hole_addr, good_addr]);
+        assert_eq!(tried, addrs);
         assert_eq!(plane.registered(), 1, "the hole's attempt is off the ring");
         let (mut peer, _) = good.accept().unwrap();
         sock.write_all(b"up").await.unwrap();
@@ -196,7 +203,6 @@ fn a_connect_goes_past_an_address_that_never_answers() {
 /// and nothing left on the ring.
 #[test]
 fn a_connect_to_addresses_that_all_refuse_gives_the_last_error() {
-    use crate::dataplane::upstream::dial::first_to_connect;
     on_plane(64, 256, |plane| async move {
         let closed: Vec<std::net::SocketAddr> = (0..3)
             .map(|_| {
@@ -206,22 +212,13 @@ fn a_connect_to_addresses_that_all_refuse_gives_the_last_error() {
                     .unwrap()
             })
             .collect();
-        let tried = std::cell::RefCell::new(Vec::new());
-        let e = first_to_connect(
-            &closed,
-            |addr| {
-                tried.borrow_mut().push(addr);
-                RingSocket::connect(&plane, addr)
-            },
-            |_| false,
-        )
-        .await
-        .expect_err("nothing listens");
+        let (r, tried) = connect_first(&plane, &closed).await;
+        let e = r.expect_err("nothing listens");
         assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
-        assert_eq!(*tried.borrow(), closed);
+        assert_eq!(tried, closed);
         assert_eq!(plane.registered(), 0);
-        let none = first_to_connect(&[], |addr| RingSocket::connect(&plane, addr), |_| false);
-        assert_eq!(none.await.unwrap_err().kind(), std::io::ErrorKind::NotFound);
+        let (none, _) = connect_first(&plane, &[]).await;
+        assert_eq!(none.unwrap_err().kind(), std::io::ErrorKind::NotFound);
     });
 }
 
