@@ -50,6 +50,8 @@ pub struct Addresses {
 
 #[derive(Debug, Default)]
 struct Resolved {
+    /// In the order to try them ([`in_order`]), ordered when they or
+    /// `last_good` change, not at each open.
     addrs: Vec<SocketAddr>,
     /// When to ask the resolver again; `None` until it first answered.
     due: Option<Instant>,
@@ -82,19 +84,23 @@ impl Addresses {
                     let (host, port, state) = (self.host.clone(), self.port, self.state.clone());
                     glommio::spawn_local(refresh(host, port, state)).detach();
                 }
-                return Ok(in_order(&r.addrs, r.last_good));
+                return Ok(r.addrs.clone());
             }
         }
         let addrs = lookup(self.host.clone(), self.port).await?;
         let mut r = self.state.borrow_mut();
-        r.addrs = addrs;
+        r.addrs = in_order(&addrs, r.last_good);
         r.due = Some(Instant::now() + DNS_TTL);
-        Ok(in_order(&r.addrs, r.last_good))
+        Ok(r.addrs.clone())
     }
 
     /// A connection went to `addr`: it is tried first from now on.
     pub fn connected(&self, addr: SocketAddr) {
-        self.state.borrow_mut().last_good = Some(addr);
+        let mut r = self.state.borrow_mut();
+        r.last_good = Some(addr);
+        if r.addrs.first() != Some(&addr) {
+            r.addrs = in_order(&r.addrs, Some(addr));
+        }
     }
 }
 
@@ -129,7 +135,7 @@ async fn refresh(host: String, port: u16, state: Rc<RefCell<Resolved>>) {
                 tracing::info!(%host, "the upstream name resolves again");
             }
             r.failing = false;
-            r.addrs = addrs;
+            r.addrs = in_order(&addrs, r.last_good);
             r.due = Some(Instant::now() + DNS_TTL);
         }
         Err(e) => {
