@@ -333,7 +333,7 @@ fn an_idle_stream_waits_for_finished_from_its_end_not_its_start() {
         echo: true,
         keys: vec![FakeKey::new(KEY, 100)],
         faults: Faults {
-            finish_delay: Duration::from_millis(1500),
+            finish_delay: Duration::from_millis(1000),
             ..Faults::default()
         },
         ..FakeConfig::default()
@@ -346,12 +346,14 @@ fn an_idle_stream_waits_for_finished_from_its_end_not_its_start() {
     );
     opts.mode = Mode::Idle;
     opts.streams = 3;
-    // Held until 8 s (the last fifth of the run is for closing); reads time
-    // out every 3 s while held, so one is 2 s old when the end of audio goes
-    // out at 8 s, and `finished` comes 1.5 s later, at 9.5 s.
+    // Held until 12 s (the last fifth of the run is for closing); reads
+    // time out every 2.5 s while held, so one is 2 s old when the end of
+    // audio goes out at 12 s, and `finished` comes 1 s later, at 13 s: past
+    // that read's deadline, and 2 s before the run's end cuts what is left
+    // (a loaded CI host has delayed it by more than half a second).
     opts.keepalive_every = Duration::from_secs(20);
-    opts.io_timeout = Duration::from_secs(3);
-    opts.duration = Duration::from_secs(10);
+    opts.io_timeout = Duration::from_millis(2500);
+    opts.duration = Duration::from_secs(15);
     let report = relay_load::run(&opts).expect("idle runs");
     assert!(report.streams_failed.is_empty(), "{}", report.table());
     assert_eq!(report.streams_ok, 3, "{}", report.table());
