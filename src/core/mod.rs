@@ -14,6 +14,8 @@
 //! - [`cluster`]: the fleet's shared store in Redis: device and account
 //!   leases, revocations, the account set, usage.
 //! - [`deadline`]: a deadline for any future on a glommio executor.
+//! - [`dial`]: which of a name's addresses a connection goes to (RFC 8305's
+//!   staggered attempts), for upstream and for Redis.
 //! - [`doorbell`]: answers from other threads (the fleet's store) that
 //!   reach a shard's task at once, also while the shard sleeps in its ring.
 
@@ -21,6 +23,7 @@ pub mod cluster;
 pub mod config;
 pub mod deadline;
 pub mod devices;
+pub mod dial;
 pub mod doorbell;
 pub mod keyring;
 pub mod metrics;

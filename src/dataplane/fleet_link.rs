@@ -184,8 +184,9 @@ impl OpenLink for FleetLink {
 /// Connects and queues the log-in and the script loads, ahead of any open.
 async fn connect(target: &LinkTarget, fleet: &Fleet) -> Option<Rc<Conn>> {
     let plane = crate::dataplane::uring::current()?;
-    let any = crate::dataplane::upstream::dial::first_to_connect(
+    let any = crate::core::dial::first_to_connect(
         &target.addrs,
+        crate::core::dial::NEXT_ADDRESS_AFTER,
         |addr| RingSocket::connect(&plane, addr),
         |_| false,
     );

@@ -274,16 +274,20 @@ impl UpstreamTarget {
             }
         })?;
         let file_limit = crate::dataplane::accept::is_file_limit;
-        let (addr, tcp) =
-            dial::first_to_connect(&addrs, |addr| connect_tcp(addr, limit, unsent), file_limit)
-                .await
-                .map_err(|e| {
-                    if file_limit(&e) {
-                        ConnectError::FileLimit
-                    } else {
-                        unavailable("connect", &e)
-                    }
-                })?;
+        let (addr, tcp) = crate::core::dial::first_to_connect(
+            &addrs,
+            crate::core::dial::NEXT_ADDRESS_AFTER,
+            |addr| connect_tcp(addr, limit, unsent),
+            file_limit,
+        )
+        .await
+        .map_err(|e| {
+            if file_limit(&e) {
+                ConnectError::FileLimit
+            } else {
+                unavailable("connect", &e)
+            }
+        })?;
         self.addrs.connected(addr);
         let conn = match &self.tls {
             None => Conn::Plain(tcp),

@@ -145,7 +145,7 @@ fn a_dropped_socket_is_closed_and_its_slot_reused() {
 /// stream's upstream connection makes it, and the addresses it began, in
 /// order.
 ///
-/// [`first_to_connect`]: crate::dataplane::upstream::dial::first_to_connect
+/// [`first_to_connect`]: crate::core::dial::first_to_connect
 async fn connect_first(
     plane: &Rc<Plane>,
     addrs: &[std::net::SocketAddr],
@@ -158,7 +158,8 @@ async fn connect_first(
         tried.borrow_mut().push(addr);
         RingSocket::connect(plane, addr)
     };
-    let r = crate::dataplane::upstream::dial::first_to_connect(addrs, connect, |_| false).await;
+    let delay = crate::core::dial::NEXT_ADDRESS_AFTER;
+    let r = crate::core::dial::first_to_connect(addrs, delay, connect, |_| false).await;
     (r, tried.into_inner())
 }
 
