@@ -186,7 +186,7 @@ async fn connect(target: &LinkTarget, fleet: &Fleet) -> Option<Rc<Conn>> {
     let plane = crate::dataplane::uring::current()?;
     let any = crate::core::dial::first_to_connect(
         &target.addrs,
-        crate::core::dial::NEXT_ADDRESS_AFTER,
+        crate::core::dial::attempt_delay(fleet.timeout()),
         |addr| RingSocket::connect(&plane, addr),
         |_| false,
     );

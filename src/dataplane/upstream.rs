@@ -276,7 +276,7 @@ impl UpstreamTarget {
         let file_limit = crate::dataplane::accept::is_file_limit;
         let (addr, tcp) = crate::core::dial::first_to_connect(
             &addrs,
-            crate::core::dial::NEXT_ADDRESS_AFTER,
+            crate::core::dial::attempt_delay(limit),
             |addr| connect_tcp(addr, limit, unsent),
             file_limit,
         )

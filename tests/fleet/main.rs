@@ -11,6 +11,7 @@ mod redis;
 
 mod accounts;
 mod acl;
+mod addresses;
 mod clock;
 mod cutoff;
 mod evict;

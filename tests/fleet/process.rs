@@ -15,6 +15,8 @@ pub struct Node {
     dir: std::path::PathBuf,
     /// Its environment, for [`Node::respawn`].
     env: Vec<(String, String)>,
+    /// The `/etc/hosts` it sees, if not the host's ([`Node::spawn_with_hosts`]).
+    hosts: Option<std::path::PathBuf>,
     /// Its standard error (the log) after the line that says it listens.
     log: std::sync::Arc<std::sync::Mutex<String>>,
 }
@@ -71,6 +73,60 @@ impl Node {
         extra: &str,
         env: &[(&str, &str)],
     ) -> Result<Node, (Option<i32>, String)> {
+        let (dir, env) = Self::prepare(
+            upstream, redis_url, node, lease_ttl, secret, key, extra, env,
+        );
+        Self::run(dir, env, None)
+    }
+
+    /// [`Node::spawn`] in a mount namespace of its own whose `/etc/hosts`
+    /// is `hosts`, so that a name resolves as the test says. `Err` with
+    /// the reason where that cannot be made here (no `unshare`, not
+    /// allowed), or where the resolver does not give `first` first for
+    /// `name` in it.
+    pub fn spawn_with_hosts(
+        upstream: &str,
+        redis_url: &str,
+        secret: &Secret,
+        hosts: &str,
+        name: &str,
+        first: &str,
+    ) -> Result<Node, String> {
+        let (dir, env) = Self::prepare(upstream, redis_url, "node-a", "15s", secret, "k1", "", &[]);
+        let file = dir.join("hosts");
+        std::fs::write(&file, hosts).unwrap();
+        let probe = Command::new("unshare")
+            .args(["--mount", "sh", "-c"])
+            .arg("mount --bind \"$0\" /etc/hosts && getent ahosts \"$1\"")
+            .arg(&file)
+            .arg(name)
+            .output()
+            .map_err(|e| format!("unshare not runnable ({e})"))?;
+        let answer = String::from_utf8_lossy(&probe.stdout);
+        if !probe.status.success() || !answer.starts_with(first) {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(format!(
+                "no namespace with these hosts, or {first} not first: {answer}{}",
+                String::from_utf8_lossy(&probe.stderr)
+            ));
+        }
+        Self::run(dir, env, Some(file))
+            .map_err(|(code, err)| format!("relay exited with {code:?} before listening: {err}"))
+    }
+
+    /// Writes the config of [`Node::try_spawn_with`] into a new directory;
+    /// returns it and the relay's environment.
+    #[allow(clippy::too_many_arguments)]
+    fn prepare(
+        upstream: &str,
+        redis_url: &str,
+        node: &str,
+        lease_ttl: &str,
+        secret: &Secret,
+        key: &str,
+        extra: &str,
+        env: &[(&str, &str)],
+    ) -> (std::path::PathBuf, Vec<(String, String)>) {
         let dir = crate::util::state_dir();
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("key"), key).unwrap();
@@ -100,16 +156,30 @@ impl Node {
         .chain(env.iter().copied())
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-        Self::run(dir, env)
+        (dir, env)
     }
 
-    /// Starts the relay of `dir/relay.toml` with `env`.
+    /// Starts the relay of `dir/relay.toml` with `env`, seeing `hosts` as
+    /// its `/etc/hosts` when given.
     fn run(
         dir: std::path::PathBuf,
         env: Vec<(String, String)>,
+        hosts: Option<std::path::PathBuf>,
     ) -> Result<Node, (Option<i32>, String)> {
         let cfg = dir.join("relay.toml");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_clio-relay"))
+        let relay = env!("CARGO_BIN_EXE_clio-relay");
+        let mut command = match &hosts {
+            None => Command::new(relay),
+            Some(file) => {
+                let mut c = Command::new("unshare");
+                c.args(["--mount", "sh", "-c"])
+                    .arg("mount --bind \"$0\" /etc/hosts && exec \"$@\"")
+                    .arg(file)
+                    .arg(relay);
+                c
+            }
+        };
+        let mut child = command
             .args(["run", "--config", cfg.to_str().unwrap()])
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stderr(Stdio::piped())
@@ -144,6 +214,7 @@ impl Node {
             admin,
             dir,
             env,
+            hosts,
             log,
         })
     }
@@ -154,7 +225,7 @@ impl Node {
         self.kill9();
         let dir = std::mem::take(&mut self.dir);
         let env = std::mem::take(&mut self.env);
-        let new = Self::run(dir, env).unwrap_or_else(|(code, err)| {
+        let new = Self::run(dir, env, self.hosts.clone()).unwrap_or_else(|(code, err)| {
             panic!("relay exited with {code:?} before listening: {err}")
         });
         // The old one, its directory taken, removes nothing as it goes.

@@ -249,23 +249,19 @@ impl Timed {
     }
 }
 
-/// A TCP connection to `host:port` (each address it names, in turn)
-/// before `deadline`.
+/// A TCP connection to `host:port` before `deadline`: to the first of the
+/// addresses it names that answers, tried staggered
+/// ([`crate::core::dial::connect_first`]), so that one that swallows the
+/// handshake (a broken IPv6 route) does not take the whole deadline.
 fn connect_tcp(host: &str, port: u16, deadline: Instant) -> io::Result<TcpStream> {
-    let mut last = None;
-    for addr in (host, port).to_socket_addrs()? {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::ErrorKind::TimedOut.into());
-        }
-        match TcpStream::connect_timeout(&addr, left) {
-            Ok(tcp) => return Ok(tcp),
-            Err(e) => last = Some(e),
-        }
+    let addrs: Vec<_> = (host, port).to_socket_addrs()?.collect();
+    if addrs.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            "could not resolve to any address",
+        ));
     }
-    Err(last.unwrap_or_else(|| {
-        io::Error::new(io::ErrorKind::NotFound, "could not resolve to any address")
-    }))
+    crate::core::dial::connect_first(&crate::core::dial::in_order(&addrs, None), deadline)
 }
 
 /// TLS for `rediss://`: `ca`'s certificates as the only trust roots, or

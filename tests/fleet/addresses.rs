@@ -1,0 +1,87 @@
+//! Redis's name resolving to several addresses, one of which never
+//! answers (an IPv6 route that is broken, a dead host still in DNS): the
+//! cluster thread and each shard's link go past it within
+//! `cluster.timeout`.
+
+use std::time::Duration;
+
+use crate::process::Node;
+use crate::redis::RedisServer;
+use crate::util::*;
+
+/// The value of `/metrics`' sample `series` on `admin`, 0 if absent.
+fn sample(admin: std::net::SocketAddr, series: &str) -> u64 {
+    let m = http(admin, "GET", "/metrics", None, None).1;
+    m.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// `redis.test` is `::1` first, where a listener whose one-place queue is
+/// full drops every SYN (a black hole), then Redis's 127.0.0.1. With the
+/// default `cluster.timeout` (250 ms), each connect used to give the
+/// first address the whole deadline, so the cluster thread never reached
+/// Redis (the store down for good, `clio_relay_cluster_store_up 0`), and a
+/// shard's link began the second address only at the deadline.
+#[test]
+fn a_redis_address_that_never_answers_is_passed_by() {
+    let redis = RedisServer::start();
+    let hole = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None).unwrap();
+    let hole_addr: std::net::SocketAddr = format!("[::1]:{}", redis.port).parse().unwrap();
+    if let Err(e) = hole.bind(&hole_addr.into()) {
+        eprintln!("not checked: no IPv6 loopback here ({e})");
+        return;
+    }
+    hole.listen(0).unwrap();
+    let _queued = std::net::TcpStream::connect(hole_addr).unwrap();
+    let fake = fake(&["k1"], |_| {});
+    let cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    let node = match Node::spawn_with_hosts(
+        &fake.url(),
+        &format!("redis://redis.test:{}/0", redis.port),
+        &cfg.tokens.secret,
+        "::1 redis.test\n127.0.0.1 redis.test\n",
+        "redis.test",
+        "::1",
+    ) {
+        Ok(node) => node,
+        Err(why) => {
+            eprintln!("not checked: {why}");
+            return;
+        }
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || sample(
+            node.admin,
+            "clio_relay_cluster_store_up"
+        ) == 1),
+        "the store is up: {}",
+        node.log()
+    );
+    assert!(redis.member("node-a").is_some(), "node-a holds a lease");
+    let token = crate::process::mint(&cfg, "phone");
+    let via = |v: &str| {
+        sample(
+            node.admin,
+            &format!("clio_relay_cluster_open_calls_total{{via=\"{v}\"}}"),
+        )
+    };
+    for i in 0..6 {
+        let (mut ws, _) = connect(node.client, &token, Via::Header).unwrap();
+        let got = stream_session(&mut ws, &config_message(None), &audio_frames(1, 1));
+        assert!(
+            got.finished() && got.error_code().is_none(),
+            "session {i}: {got:?}"
+        );
+        if via("shard") > 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(
+        via("shard") > 0,
+        "opens go on the shard's link: {} by the thread, {}",
+        via("thread"),
+        node.log()
+    );
+}
