@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use rustls::pki_types::ServerName;
 
-use super::{share, write_request, Endpoint, Error, Parser, Request, Response};
+use super::{connect_error, write_request, Endpoint, Error, Parser, Request, Response};
 
 /// Sends `req` to `ep` and reads the answer, all within `limit`.
 pub fn send(ep: &Endpoint, req: &Request<'_>, limit: Duration) -> Result<Response, Error> {
@@ -51,24 +51,10 @@ pub fn send_to(
     parser.finish()
 }
 
-/// Connects to the first address that answers, giving each an equal
-/// share of the time left.
+/// Connects to the first address that answers, the attempts staggered
+/// ([`crate::core::dial::connect_first`]).
 pub fn connect_any(addrs: &[SocketAddr], deadline: Instant) -> Result<TcpStream, Error> {
-    let mut last = std::io::Error::new(ErrorKind::NotFound, "the name has no address");
-    for (i, addr) in addrs.iter().enumerate() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(Error::Timeout);
-        }
-        match TcpStream::connect_timeout(addr, share(left, addrs.len() - i)) {
-            Ok(tcp) => return Ok(tcp),
-            Err(e) => last = e,
-        }
-    }
-    if addrs.is_empty() {
-        return Err(Error::Resolve(last));
-    }
-    Err(Error::Connect(addrs.len(), last))
+    crate::core::dial::connect_first(addrs, deadline).map_err(|e| connect_error(addrs.len(), e))
 }
 
 /// Writes the request and reads the answer. A server may answer and close

@@ -9,7 +9,7 @@ use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use futures_rustls::TlsConnector;
 use rustls::pki_types::ServerName;
 
-use super::{share, write_request, Endpoint, Error, Parser, Request, Response, Retry};
+use super::{connect_error, write_request, Endpoint, Error, Parser, Request, Response, Retry};
 use crate::dataplane::io::timeout;
 
 /// Sends `req` to `ep` and reads the answer, all within `limit`.
@@ -95,27 +95,29 @@ async fn send_inner(
     parser.finish()
 }
 
-/// Connects to the first address that answers, giving each an equal
-/// share of the time left.
+/// Connects to the first address that answers, the attempts staggered
+/// ([`crate::core::dial::first_to_connect`]), all within `deadline`.
 pub async fn connect_any(
     addrs: &[SocketAddr],
     deadline: Instant,
 ) -> Result<glommio::net::TcpStream, Error> {
-    let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "the name has no address");
-    for (i, addr) in addrs.iter().enumerate() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(Error::Timeout);
-        }
-        match glommio::net::TcpStream::connect_timeout(*addr, share(left, addrs.len() - i)).await {
-            Ok(tcp) => return Ok(tcp),
-            Err(e) => last = e.into(),
-        }
+    let left = deadline.saturating_duration_since(Instant::now());
+    let any = crate::core::dial::first_to_connect(
+        addrs,
+        crate::core::dial::attempt_delay(left),
+        |addr| async move {
+            glommio::net::TcpStream::connect(addr)
+                .await
+                .map_err(std::io::Error::from)
+        },
+        |_| false,
+    );
+    match timeout(left, any).await {
+        None => Err(Error::Timeout),
+        Some(r) => r
+            .map(|(_, tcp)| tcp)
+            .map_err(|e| connect_error(addrs.len(), e)),
     }
-    if addrs.is_empty() {
-        return Err(Error::Resolve(last));
-    }
-    Err(Error::Connect(addrs.len(), last))
 }
 
 async fn exchange(

@@ -179,6 +179,41 @@ fn every_address_is_tried_in_turn() {
     assert_eq!(count.load(Ordering::SeqCst), 2);
 }
 
+/// An address that swallows the handshake (a listener whose one-place
+/// queue is full: the kernel drops the SYNs after it) is passed by, the
+/// live one tried beside it, in both forms.
+#[test]
+fn an_address_that_never_answers_is_passed_by() {
+    let (live, count) = server(framings);
+    let hole = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    hole.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    hole.listen(0).unwrap();
+    let hole = hole.local_addr().unwrap().as_socket().unwrap();
+    let _queued = std::net::TcpStream::connect(hole).unwrap();
+    let ep = Endpoint::plain(live);
+    let deadline = Instant::now() + LIMIT;
+    let r = blocking::send_to(&[hole, live], &ep, &Request::get("/length"), deadline).unwrap();
+    assert_eq!(r.text(), "hello");
+    on_glommio(move || async move {
+        let ep = Endpoint::plain(live);
+        let r = client::send_to(&[hole, live], &ep, &Request::get("/length"), LIMIT)
+            .await
+            .unwrap();
+        assert_eq!(r.text(), "hello");
+        let err = client::send_to(
+            &[hole],
+            &ep,
+            &Request::get("/length"),
+            Duration::from_millis(300),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, Error::Timeout), "{err:?}");
+    });
+    assert_eq!(count.load(Ordering::SeqCst), 2);
+}
+
 #[test]
 fn a_host_name_is_resolved() {
     let (addr, _) = server(framings);
