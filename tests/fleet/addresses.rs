@@ -1,7 +1,8 @@
-//! Redis's name resolving to several addresses, one of which never
-//! answers (an IPv6 route that is broken, a dead host still in DNS): the
+//! Redis's name: resolving to several addresses, one of which never
+//! answers (an IPv6 route that is broken, a dead host still in DNS), the
 //! cluster thread and each shard's link go past it within
-//! `cluster.timeout`.
+//! `cluster.timeout`; not resolving for a while (a resolver outage), a
+//! reconnect goes to the addresses it had.
 
 use std::time::Duration;
 
@@ -84,4 +85,50 @@ fn a_redis_address_that_never_answers_is_passed_by() {
         via("thread"),
         node.log()
     );
+}
+
+/// The resolver stops knowing Redis's name (gone from the namespace's
+/// `/etc/hosts`, no DNS server to ask) while the node is connected; then
+/// every connection to Redis is cut. The node reconnects to the address
+/// it had and says once that the name did not resolve. Before, the
+/// reconnect failed on the lookup (`cluster store call failed
+/// call="connect"`, "failed to lookup address information") until the
+/// resolver came back.
+#[test]
+fn redis_is_reached_again_through_a_resolver_outage() {
+    let redis = RedisServer::start();
+    let fake = fake(&["k1"], |_| {});
+    let cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    let node = match Node::spawn_with_hosts(
+        &fake.url(),
+        &format!("redis://redis.test:{}/0", redis.port),
+        &cfg.tokens.secret,
+        "127.0.0.1 redis.test\n",
+        "redis.test",
+        "127.0.0.1",
+    ) {
+        Ok(node) => node,
+        Err(why) => {
+            eprintln!("not checked: {why}");
+            return;
+        }
+    };
+    let up = || sample(node.admin, "clio_relay_cluster_store_up") == 1;
+    assert!(wait_until(Duration::from_secs(10), up), "{}", node.log());
+    node.set_hosts("");
+    let cut = redis.command("CLIENT KILL TYPE normal");
+    assert!(cut.starts_with(':'), "{cut}");
+    let said = |what: &str| node.log().contains(what);
+    assert!(
+        wait_until(Duration::from_secs(20), || said(
+            "the cluster store's name did not resolve"
+        ) && up()),
+        "{}",
+        node.log()
+    );
+    assert!(!said("call=\"connect\""), "{}", node.log());
+    let token = crate::process::mint(&cfg, "phone");
+    let (mut ws, _) = connect(node.client, &token, Via::Header).unwrap();
+    let got = stream_session(&mut ws, &config_message(None), &audio_frames(1, 1));
+    assert!(got.finished() && got.error_code().is_none(), "{got:?}");
 }

@@ -232,6 +232,11 @@ impl Node {
         drop(std::mem::replace(self, new));
     }
 
+    /// Rewrites the `/etc/hosts` it sees ([`Node::spawn_with_hosts`]).
+    pub fn set_hosts(&self, hosts: &str) {
+        std::fs::write(self.hosts.as_ref().expect("spawned with hosts"), hosts).unwrap();
+    }
+
     /// Its state directory (`admin.state_dir`: the usage ledger's).
     pub fn state_dir(&self) -> std::path::PathBuf {
         self.dir.join("state")

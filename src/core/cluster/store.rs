@@ -156,6 +156,7 @@ pub fn start(
         audio_all: false,
         ends_id: None,
         failed_logged: false,
+        known: Default::default(),
         rejoining: false,
         usage: usage::Pending::new(),
         usage_sent: None,
@@ -273,6 +274,8 @@ struct Worker {
     audio_all: bool,
     ends_id: Option<String>,
     failed_logged: bool,
+    /// Redis's addresses as last resolved, kept through a resolver outage.
+    known: timed::KnownAddrs,
     /// Going down to register again (not an outage: no ERROR line).
     rejoining: bool,
     /// Usage not yet added to Redis.
@@ -479,6 +482,7 @@ impl Worker {
             self.client.get_connection_info(),
             self.ca.as_deref(),
             self.timeout,
+            &mut self.known,
         );
         let mut con = match con {
             Ok(c) => c,
@@ -562,15 +566,18 @@ impl Worker {
         }
     }
 
-    /// Where shards' own connections go: Redis's addresses, resolved now
-    /// (a managed Redis's name may move), for a plain TCP URL only.
+    /// Where shards' own connections go: Redis's addresses as this
+    /// thread's connect just resolved them (a managed Redis's name may
+    /// move), for a plain TCP URL only.
     fn link_target(&self) -> Option<LinkTarget> {
-        use std::net::ToSocketAddrs;
         let info = self.client.get_connection_info();
-        let redis::ConnectionAddr::Tcp(host, port) = info.addr() else {
+        let redis::ConnectionAddr::Tcp(..) = info.addr() else {
             return None;
         };
-        let addrs: Vec<_> = (host.as_str(), *port).to_socket_addrs().ok()?.collect();
+        let addrs = self.known.addrs().to_vec();
+        if addrs.is_empty() {
+            return None;
+        }
         let settings = info.redis_settings();
         Some(LinkTarget {
             addrs,

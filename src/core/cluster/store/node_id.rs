@@ -38,8 +38,13 @@ pub fn check_node_id(
     watching: impl FnOnce(Duration),
 ) -> std::io::Result<Result<(), String>> {
     let client = client(cfg)?;
-    let Ok(mut con) = Timed::connect(client.get_connection_info(), cfg.ca.as_deref(), cfg.timeout)
-    else {
+    let mut known = super::timed::KnownAddrs::default();
+    let Ok(mut con) = Timed::connect(
+        client.get_connection_info(),
+        cfg.ca.as_deref(),
+        cfg.timeout,
+        &mut known,
+    ) else {
         return Ok(Ok(()));
     };
     let owner = redis::Script::new(OWNER);

@@ -12,7 +12,7 @@
 //! crate still packs the commands and parses the replies.
 
 use std::io::{self, Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -113,10 +113,14 @@ impl Timed {
     /// `ca`'s PEM certificates as the only roots, or else the built-in
     /// public ones), logs in and selects the database, all within one
     /// `timeout`.
+    ///
+    /// Redis's name is resolved into `known`, whose last addresses serve
+    /// when the resolver fails ([`KnownAddrs`]).
     pub(super) fn connect(
         info: &ConnectionInfo,
         ca: Option<&[u8]>,
         timeout: Duration,
+        known: &mut KnownAddrs,
     ) -> RedisResult<Timed> {
         let deadline = Instant::now() + timeout;
         let (host, port, tls) = match info.addr() {
@@ -142,7 +146,7 @@ impl Timed {
                 )))
             }
         };
-        let tcp = connect_tcp(host, port, deadline)?;
+        let tcp = connect_tcp(&known.resolve(host, port)?, deadline)?;
         let _ = tcp.set_nodelay(true);
         let sock = Sock { tcp, deadline };
         let io = if tls {
@@ -249,19 +253,61 @@ impl Timed {
     }
 }
 
-/// A TCP connection to `host:port` before `deadline`: to the first of the
-/// addresses it names that answers, tried staggered
-/// ([`crate::core::dial::connect_first`]), so that one that swallows the
-/// handshake (a broken IPv6 route) does not take the whole deadline.
-fn connect_tcp(host: &str, port: u16, deadline: Instant) -> io::Result<TcpStream> {
-    let addrs: Vec<_> = (host, port).to_socket_addrs()?.collect();
-    if addrs.is_empty() {
-        return Err(io::Error::new(
-            io::ErrorKind::NotFound,
-            "could not resolve to any address",
-        ));
+/// Redis's addresses as the resolver last gave them. A reconnect asks the
+/// resolver again (a managed Redis's name moves on a failover); when it
+/// fails, the addresses it gave last serve, so that a resolver outage
+/// does not keep the node off a Redis that is up (said once per outage).
+#[derive(Debug, Default)]
+pub(in crate::core::cluster) struct KnownAddrs {
+    addrs: Vec<SocketAddr>,
+    failing: bool,
+}
+
+impl KnownAddrs {
+    /// `host:port`'s addresses now, or the last known when the resolver
+    /// fails; its error when none is known.
+    fn resolve(&mut self, host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
+        let found = (host, port).to_socket_addrs().and_then(|a| {
+            let a: Vec<_> = a.collect();
+            if a.is_empty() {
+                return Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    "could not resolve to any address",
+                ));
+            }
+            Ok(a)
+        });
+        match found {
+            Ok(addrs) => {
+                if self.failing {
+                    tracing::info!(%host, "the cluster store's name resolves again");
+                }
+                self.failing = false;
+                self.addrs = addrs;
+            }
+            Err(e) if self.addrs.is_empty() => return Err(e),
+            Err(e) => {
+                if !self.failing {
+                    tracing::warn!(%host, error = %e, "the cluster store's name did not resolve; connecting to the addresses it had");
+                }
+                self.failing = true;
+            }
+        }
+        Ok(self.addrs.clone())
     }
-    crate::core::dial::connect_first(&crate::core::dial::in_order(&addrs, None), deadline)
+
+    /// The addresses last known (none before the first lookup).
+    pub(in crate::core::cluster) fn addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+}
+
+/// A TCP connection to the first of `addrs` that answers before
+/// `deadline`, tried staggered ([`crate::core::dial::connect_first`]), so
+/// that one that swallows the handshake (a broken IPv6 route) does not
+/// take the whole deadline.
+fn connect_tcp(addrs: &[SocketAddr], deadline: Instant) -> io::Result<TcpStream> {
+    crate::core::dial::connect_first(&crate::core::dial::in_order(addrs, None), deadline)
 }
 
 /// TLS for `rediss://`: `ca`'s certificates as the only trust roots, or
