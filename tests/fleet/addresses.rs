@@ -18,6 +18,38 @@ fn sample(admin: std::net::SocketAddr, series: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// A node of the fleet in `redis`, named `redis.test` in its
+/// `/etc/hosts` (`hosts`, which must give `first` first), with a fake
+/// upstream and the config its tokens are minted from; `None` (said on
+/// stderr) where such a namespace cannot be made here.
+fn node_resolving(
+    redis: &RedisServer,
+    hosts: &str,
+    first: &str,
+) -> Option<(
+    Node,
+    clio_relay::core::config::Config,
+    fake_soniox::FakeSoniox,
+)> {
+    let fake = fake(&["k1"], |_| {});
+    let cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    let url = format!("redis://redis.test:{}/0", redis.port);
+    match Node::spawn_with_hosts(
+        &fake.url(),
+        &url,
+        &cfg.tokens.secret,
+        hosts,
+        "redis.test",
+        first,
+    ) {
+        Ok(node) => Some((node, cfg, fake)),
+        Err(why) => {
+            eprintln!("not checked: {why}");
+            None
+        }
+    }
+}
+
 /// `redis.test` is `::1` first, where a listener whose one-place queue is
 /// full drops every SYN (a black hole), then Redis's 127.0.0.1. With the
 /// default `cluster.timeout` (250 ms), each connect used to give the
@@ -35,21 +67,10 @@ fn a_redis_address_that_never_answers_is_passed_by() {
     }
     hole.listen(0).unwrap();
     let _queued = std::net::TcpStream::connect(hole_addr).unwrap();
-    let fake = fake(&["k1"], |_| {});
-    let cfg = relay_config(&fake.url(), &[("a", "k1")]);
-    let node = match Node::spawn_with_hosts(
-        &fake.url(),
-        &format!("redis://redis.test:{}/0", redis.port),
-        &cfg.tokens.secret,
-        "::1 redis.test\n127.0.0.1 redis.test\n",
-        "redis.test",
-        "::1",
-    ) {
-        Ok(node) => node,
-        Err(why) => {
-            eprintln!("not checked: {why}");
-            return;
-        }
+    let Some((node, cfg, _fake)) =
+        node_resolving(&redis, "::1 redis.test\n127.0.0.1 redis.test\n", "::1")
+    else {
+        return;
     };
     assert!(
         wait_until(Duration::from_secs(10), || sample(
@@ -97,21 +118,9 @@ fn a_redis_address_that_never_answers_is_passed_by() {
 #[test]
 fn redis_is_reached_again_through_a_resolver_outage() {
     let redis = RedisServer::start();
-    let fake = fake(&["k1"], |_| {});
-    let cfg = relay_config(&fake.url(), &[("a", "k1")]);
-    let node = match Node::spawn_with_hosts(
-        &fake.url(),
-        &format!("redis://redis.test:{}/0", redis.port),
-        &cfg.tokens.secret,
-        "127.0.0.1 redis.test\n",
-        "redis.test",
-        "127.0.0.1",
-    ) {
-        Ok(node) => node,
-        Err(why) => {
-            eprintln!("not checked: {why}");
-            return;
-        }
+    let Some((node, cfg, _fake)) = node_resolving(&redis, "127.0.0.1 redis.test\n", "127.0.0.1")
+    else {
+        return;
     };
     let up = || sample(node.admin, "clio_relay_cluster_store_up") == 1;
     assert!(wait_until(Duration::from_secs(10), up), "{}", node.log());
