@@ -1,6 +1,6 @@
 //! Which of a name's addresses a connection goes to, and in what order:
 //! upstream's for a stream, Redis's for the cluster thread and for each
-//! shard's fleet link.
+//! shard's fleet link, and the HTTP client's (`control::httpc`).
 //!
 //! A name can resolve to several addresses, and one of them can swallow the
 //! handshake without an answer: an IPv6 address the host has no working

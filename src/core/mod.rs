@@ -15,7 +15,7 @@
 //!   leases, revocations, the account set, usage.
 //! - [`deadline`]: a deadline for any future on a glommio executor.
 //! - [`dial`]: which of a name's addresses a connection goes to (RFC 8305's
-//!   staggered attempts), for upstream and for Redis.
+//!   staggered attempts), for upstream, Redis and the HTTP client.
 //! - [`doorbell`]: answers from other threads (the fleet's store) that
 //!   reach a shard's task at once, also while the shard sleeps in its ring.
 
