@@ -70,7 +70,12 @@ impl fmt::Display for TlsError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             TlsError::CertFile { path, source } => {
-                write!(f, "tls.cert_file {}: {source}", path.display())
+                write!(
+                    f,
+                    "tls.cert_file {}: {}",
+                    path.display(),
+                    PemProblem(source)
+                )
             }
             TlsError::NoCertificate(path) => {
                 write!(f, "tls.cert_file {}: no certificate", path.display())
@@ -128,6 +133,37 @@ impl std::error::Error for TlsError {
             | TlsError::KeyFile { io: None, .. }
             | TlsError::NotAPair { .. }
             | TlsError::Expired { .. } => None,
+        }
+    }
+}
+
+/// Why a PEM file of certificates could not be read, in words: rustls's
+/// own text prints a cut-short block's label as a list of byte values
+/// (`missing section end marker: [67, 69, …]`) and an I/O error with an
+/// `I/O error:` prefix the key files' errors do not have. For files of
+/// certificates only (`tls.cert_file`, `upstream.ca_file`,
+/// `cluster.ca_file`): a block's first line is quoted, never its body.
+#[derive(Debug)]
+pub struct PemProblem<'a>(pub &'a rustls::pki_types::pem::Error);
+
+impl fmt::Display for PemProblem<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use rustls::pki_types::pem::Error;
+        match self.0 {
+            Error::MissingSectionEnd { end_marker } => write!(
+                f,
+                "a PEM block is cut short: no \"-----END {}-----\" line (is the file truncated?)",
+                String::from_utf8_lossy(end_marker)
+            ),
+            Error::IllegalSectionStart { line } => {
+                let line = String::from_utf8_lossy(line);
+                let line: String = line.chars().take(80).collect();
+                write!(f, "a malformed PEM line: {:?}", line.trim_end())
+            }
+            Error::Base64Decode(e) => write!(f, "a PEM block is not valid base64 ({e})"),
+            Error::Io(e) => e.fmt(f),
+            Error::NoItemsFound => f.write_str("no PEM certificate"),
+            other => other.fmt(f),
         }
     }
 }

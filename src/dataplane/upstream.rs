@@ -109,9 +109,12 @@ impl std::fmt::Display for TargetError {
             TargetError::Url(e) => e.fmt(f),
             TargetError::NoTls => f.write_str("a wss:// upstream needs a TLS config"),
             TargetError::ServerName(e) => write!(f, "upstream.url host: {e}"),
-            TargetError::CaFile { path, source } => {
-                write!(f, "upstream.ca_file {}: {source}", path.display())
-            }
+            TargetError::CaFile { path, source } => write!(
+                f,
+                "upstream.ca_file {}: {}",
+                path.display(),
+                crate::core::tls::PemProblem(source)
+            ),
             TargetError::NoCertificate(path) => {
                 write!(
                     f,

@@ -13,11 +13,21 @@ use crate::util::*;
 /// `[tls]` names `dir`'s cert.pem and key.pem: its exit status, and its
 /// stderr then stdout.
 fn check_tls_config(dir: &std::path::Path, upstream: &str) -> (Option<i32>, String) {
+    check_config(
+        dir,
+        &format!("[upstream]\nurl = \"{upstream}\"\n[tls]\ncert_file = \"cert.pem\"\nkey_file = \"key.pem\"\n"),
+    )
+}
+
+/// `clio-relay check-config` on a relay.toml written in `dir`: a client
+/// port, a token secret and one account, then `rest` (which has the
+/// `[upstream]` section); its exit status, and its stderr then stdout.
+fn check_config(dir: &std::path::Path, rest: &str) -> (Option<i32>, String) {
     let file = dir.join("relay.toml");
     std::fs::write(
         &file,
         format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n[upstream]\nurl = \"{upstream}\"\n[tokens]\nsecret_env = \"TLS_TEST_SECRET\"\n[[account]]\nid = \"a\"\nkey_env = \"TLS_TEST_SECRET\"\n[tls]\ncert_file = \"cert.pem\"\nkey_file = \"key.pem\"\n"
+            "[server]\nlisten = \"127.0.0.1:0\"\n[tokens]\nsecret_env = \"TLS_TEST_SECRET\"\n[[account]]\nid = \"a\"\nkey_env = \"TLS_TEST_SECRET\"\n{rest}"
         ),
     )
     .unwrap();
@@ -289,4 +299,51 @@ fn a_reload_whose_certificate_no_longer_loads_applies_nothing() {
         ids()
     );
     std::fs::remove_dir_all(tls.key_file.parent().unwrap()).ok();
+}
+
+#[test]
+fn a_truncated_certificate_file_is_said_in_words() {
+    // A copy cut short (a full disk, an interrupted deploy) leaves a PEM
+    // block without its END line. check-config, the start and a reload
+    // said "missing section end marker: [67, 69, 82, 84, 73, 70, 73, 67,
+    // 65, 84, 69]": the block's label as a list of byte values.
+    let fake = fake(&["k1"], |_| {});
+    let (relay, ca) = tls_relay(&fake.url(), |_| {});
+    let tls = relay.cfg.tls.clone().unwrap();
+    let dir = tls.cert_file.parent().unwrap().to_path_buf();
+    let whole = std::fs::read_to_string(&tls.cert_file).unwrap();
+    std::fs::write(&tls.cert_file, &whole[..whole.len() / 2]).unwrap();
+    let cut_short = "a PEM block is cut short: no \"-----END CERTIFICATE-----\" line";
+    let (code, said) = check_tls_config(&dir, &fake.url());
+    assert_eq!(code, Some(3), "{said}");
+    assert!(
+        said.contains(&format!(
+            "tls.cert_file {}: {cut_short}",
+            tls.cert_file.display()
+        )) && !said.contains("[67, 69"),
+        "{said}"
+    );
+    // A reload says the same and keeps the certificate it has.
+    let log = relay.handle.reload(&relay.cfg).unwrap();
+    assert!(
+        log.iter()
+            .any(|l| l.contains("not reloaded") && l.contains(cut_short)),
+        "{log:?}"
+    );
+    wss_connect(relay.addr(), &ca, &relay.token("d")).unwrap();
+    // upstream.ca_file, the same.
+    std::fs::write(dir.join("ca.pem"), &ca[..ca.len() / 2]).unwrap();
+    let (code, said) = check_config(
+        &dir,
+        "[upstream]\nurl = \"wss://localhost:1/\"\nca_file = \"ca.pem\"\n",
+    );
+    assert_eq!(code, Some(3), "{said}");
+    assert!(
+        said.contains(&format!(
+            "upstream.ca_file {}: {cut_short}",
+            dir.join("ca.pem").display()
+        )) && !said.contains("[67, 69"),
+        "{said}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
 }
