@@ -102,8 +102,11 @@ fn bad_cluster_settings_are_named_and_never_echo_a_password() {
 fn a_ca_file_is_read_at_load_and_only_for_rediss() {
     let dir = std::env::temp_dir().join(format!("clio-ca-file-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
-    std::fs::write(dir.join("ca.pem"), pem).unwrap();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let pem = ca_params.self_signed(&ca_key).unwrap().pem();
+    std::fs::write(dir.join("ca.pem"), &pem).unwrap();
     std::fs::write(dir.join("not.pem"), "hello").unwrap();
     let c = Config::from_toml_str(
         &file(

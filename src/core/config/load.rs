@@ -785,16 +785,16 @@ fn resolve_cluster(
             return None;
         }
         match std::fs::read(&path) {
-            Ok(pem) if String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") => {
-                Some(pem)
-            }
-            Ok(_) => {
-                p.push(
-                    "cluster.ca_file",
-                    format!("{} holds no PEM certificate", path.display()),
-                );
-                None
-            }
+            // Read as the connects read it (`store/timed.rs`), so a file
+            // cut short or a block that is no certificate is found here,
+            // by its key, not at the start as a fault of the URL.
+            Ok(pem) => match redis_roots(&pem) {
+                Ok(()) => Some(pem),
+                Err(why) => {
+                    p.push("cluster.ca_file", format!("{}: {why}", path.display()));
+                    None
+                }
+            },
             Err(e) => {
                 p.push(
                     "cluster.ca_file",
@@ -1091,4 +1091,22 @@ fn credential_hint(path: &Path, e: &std::io::Error) -> String {
          then start the service (a file it cannot load fails the start, in `journalctl -u \
          {unit}`); while it runs, check-config as root reads the copies"
     )
+}
+
+/// Whether `pem` (`cluster.ca_file`) gives trust roots as the Redis
+/// connects take them: every PEM block read, every certificate a usable
+/// root, and at least one.
+fn redis_roots(pem: &[u8]) -> Result<(), String> {
+    use rustls::pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(pem) {
+        let cert = cert.map_err(|e| crate::core::tls::PemProblem(&e).to_string())?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("a certificate that is not a usable CA certificate: {e}"))?;
+    }
+    if roots.is_empty() {
+        return Err("holds no PEM certificate".into());
+    }
+    Ok(())
 }
