@@ -37,6 +37,9 @@ pub enum TlsError {
         /// Why it could not be read at all, if that is what failed.
         io: Option<std::io::Error>,
     },
+    /// `tls.key_file` holds a key encrypted with a passphrase, which
+    /// the relay cannot read.
+    EncryptedKey(PathBuf),
     /// rustls refused to build the server config.
     Tls(rustls::Error),
     /// rustls refused the private key (a kind it cannot sign with).
@@ -88,6 +91,13 @@ impl fmt::Display for TlsError {
                 "tls.key_file {}: no readable PEM private key",
                 path.display()
             ),
+            TlsError::EncryptedKey(path) => write!(
+                f,
+                "tls.key_file {}: the key is encrypted (it has a passphrase), which the relay \
+                 cannot read; write it out unencrypted (`openssl pkey -in FILE -out NEW`, \
+                 then `chmod 600 NEW`)",
+                path.display()
+            ),
             TlsError::Tls(e) => e.fmt(f),
             TlsError::Key { path, source } => {
                 write!(f, "tls.key_file {}: {source}", path.display())
@@ -131,6 +141,7 @@ impl std::error::Error for TlsError {
             TlsError::Tls(e) | TlsError::Key { source: e, .. } => Some(e),
             TlsError::NoCertificate(_)
             | TlsError::KeyFile { io: None, .. }
+            | TlsError::EncryptedKey(_)
             | TlsError::NotAPair { .. }
             | TlsError::Expired { .. } => None,
         }
@@ -248,11 +259,17 @@ pub fn load(cfg: &TlsConfig) -> Result<ServerTls, TlsError> {
     // The error never quotes the file: it holds a private key. Why it
     // could not be opened or read (permissions, a dangling link) quotes
     // nothing, so it is said.
-    let key = PrivateKeyDer::from_pem_file(&cfg.key_file).map_err(|e| TlsError::KeyFile {
-        path: cfg.key_file.clone(),
-        io: match e {
-            rustls::pki_types::pem::Error::Io(e) => Some(e),
-            _ => None,
+    let key = PrivateKeyDer::from_pem_file(&cfg.key_file).map_err(|e| match e {
+        rustls::pki_types::pem::Error::Io(e) => TlsError::KeyFile {
+            path: cfg.key_file.clone(),
+            io: Some(e),
+        },
+        // rustls reads no encrypted key, and says only that it found
+        // none. The file is looked at for the markers alone.
+        _ if encrypted(&cfg.key_file) => TlsError::EncryptedKey(cfg.key_file.clone()),
+        _ => TlsError::KeyFile {
+            path: cfg.key_file.clone(),
+            io: None,
         },
     })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -268,6 +285,21 @@ pub fn load(cfg: &TlsConfig) -> Result<ServerTls, TlsError> {
         not_after,
         not_before,
     })
+}
+
+/// Whether the key file holds an encrypted private key (PKCS#8's
+/// `ENCRYPTED PRIVATE KEY`, or OpenSSL's older `Proc-Type: 4,ENCRYPTED`
+/// header in an RSA or EC key).
+fn encrypted(path: &std::path::Path) -> bool {
+    let Ok(file) = std::fs::read(path) else {
+        return false;
+    };
+    [
+        &b"-----BEGIN ENCRYPTED PRIVATE KEY-----"[..],
+        b"Proc-Type: 4,ENCRYPTED",
+    ]
+    .iter()
+    .any(|marker| file.windows(marker.len()).any(|w| w == *marker))
 }
 
 /// Why rustls refused the chain and key: not a pair (and the key's own

@@ -347,3 +347,58 @@ fn a_truncated_certificate_file_is_said_in_words() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn an_encrypted_key_is_said_to_be_encrypted() {
+    // A key with a passphrase (`openssl pkcs8 -topk8`, or an older
+    // `openssl ec -aes128` with its Proc-Type header) was "no readable
+    // PEM private key", as if the file held none.
+    let fake = fake(&["k1"], |_| {});
+    let (relay, ca) = tls_relay(&fake.url(), |_| {});
+    let tls = relay.cfg.tls.clone().unwrap();
+    let dir = tls.key_file.parent().unwrap().to_path_buf();
+    let plain = std::fs::read_to_string(&tls.key_file).unwrap();
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .args([
+                "-in",
+                tls.key_file.to_str().unwrap(),
+                "-passout",
+                "pass:pw-1234",
+            ])
+            .output()
+            .expect("openssl is installed");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let pkcs8 = openssl(&["pkcs8", "-topk8", "-v2", "aes-128-cbc"]);
+    let sec1 = openssl(&["ec", "-aes128"]);
+    assert!(pkcs8.contains("ENCRYPTED PRIVATE KEY") && sec1.contains("Proc-Type: 4,ENCRYPTED"));
+    for key in [&pkcs8, &sec1] {
+        std::fs::write(&tls.key_file, key).unwrap();
+        let (code, said) = check_tls_config(&dir, &fake.url());
+        assert_eq!(code, Some(3), "{said}");
+        assert!(
+            said.contains(&format!(
+                "tls.key_file {}: the key is encrypted",
+                tls.key_file.display()
+            )) && !said.contains("no readable PEM private key"),
+            "{said}"
+        );
+        // The key's own lines are never quoted.
+        let body = key.lines().find(|l| l.len() == 64).unwrap();
+        assert!(!said.contains(body), "{said}");
+        let log = relay.handle.reload(&relay.cfg).unwrap();
+        assert!(
+            log.iter()
+                .any(|l| l.contains("not reloaded") && l.contains("the key is encrypted")),
+            "{log:?}"
+        );
+        wss_connect(relay.addr(), &ca, &relay.token("d")).unwrap();
+    }
+    // Unencrypted again, it is taken.
+    std::fs::write(&tls.key_file, plain).unwrap();
+    assert_eq!(check_tls_config(&dir, &fake.url()).0, Some(0));
+    std::fs::remove_dir_all(&dir).ok();
+}
