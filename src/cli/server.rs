@@ -297,12 +297,13 @@ pub fn start_joining(
         listen_fd: client_fd,
         allow: Arc::new(cfg.server.allow.clone()),
         proxy_protocol_from: Arc::new(cfg.server.proxy_protocol_from.clone()),
-        client_tls: cfg
-            .tls
-            .as_ref()
-            .map(crate::core::tls::server_config)
-            .transpose()
-            .map_err(invalid)?,
+        client_tls: match cfg.tls.as_ref().map(crate::core::tls::load).transpose() {
+            Ok(t) => t.map(|t| {
+                process.set_tls_not_after(t.not_after);
+                t.config
+            }),
+            Err(e) => return Err(invalid(e)),
+        },
     };
     let mut shards: Vec<ShardHandle> = Vec::with_capacity(n);
     for i in 0..n {

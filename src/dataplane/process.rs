@@ -74,6 +74,12 @@ pub struct ProcessState {
     pub faults: crate::dataplane::accept::Faults,
     /// Upstream answered an upgrade with a status that says `upstream.url` is wrong.
     pub upstream_fault: crate::dataplane::upstream::UpstreamFault,
+    /// The end of the client port's certificate (`[tls]`), in seconds
+    /// since the epoch, as last loaded (the start, each reload that took
+    /// it); 0 without `[tls]`. The relay serves it past that date, and
+    /// every client then refuses it: the metric lets that be alerted on
+    /// before.
+    pub tls_not_after: AtomicU64,
     /// The resume copies' memory (`failover.resume_memory`).
     pub resume_copies: Arc<crate::dataplane::pump::copy_budget::CopyBudget>,
     /// The budget of refusal lines in the log.
@@ -108,6 +114,7 @@ impl ProcessState {
             fleet: std::sync::OnceLock::new(),
             faults: Default::default(),
             upstream_fault: Default::default(),
+            tls_not_after: AtomicU64::new(0),
             resume_copies: Arc::new(crate::dataplane::pump::copy_budget::CopyBudget::new(
                 crate::core::config::FailoverConfig::default().resume_memory,
             )),
@@ -120,6 +127,14 @@ impl ProcessState {
                 "clio_relay_errors_total{side=\"upstream\"}, clio_relay_account_retries_total and clio_relay_failovers_total",
             ),
         })
+    }
+
+    /// Records the end date of the certificate the client port now serves.
+    pub fn set_tls_not_after(&self, at: Option<std::time::SystemTime>) {
+        let secs = at
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_secs());
+        self.tls_not_after.store(secs, Ordering::Relaxed);
     }
 
     /// Records a new ring version (the caller also sends it to every shard).

@@ -402,3 +402,42 @@ fn an_encrypted_key_is_said_to_be_encrypted() {
     assert_eq!(check_tls_config(&dir, &fake.url()).0, Some(0));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn the_served_certificates_end_is_a_metric() {
+    // The warning of a certificate near its end is logged at the start
+    // and at each reload only. A relay that runs through its last weeks
+    // (a renewal failing, so no reload) said nothing, and went on
+    // serving it after its end, refused by every client, with /readyz
+    // 200: nothing to alert on. The metric holds the end of the one
+    // served now.
+    let fake = fake(&["k1"], |_| {});
+    let (relay, _) = tls_relay(&fake.url(), |_| {});
+    let tls = relay.cfg.tls.clone().unwrap();
+    let metric = || {
+        let (_, m) = http(relay.handle.admin_addr, "GET", "/metrics", None, None);
+        m.lines()
+            .find_map(|l| l.strip_prefix("clio_relay_tls_certificate_expiry_timestamp_seconds "))
+            .map(str::to_owned)
+    };
+    // rcgen's default end, 4096-01-01.
+    assert_eq!(metric().as_deref(), Some("67090118400"));
+    // A renewal ending 2030-01-01, taken by a reload.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    params.not_after = rcgen::date_time_ymd(2030, 1, 1);
+    std::fs::write(&tls.cert_file, params.self_signed(&key).unwrap().pem()).unwrap();
+    std::fs::write(&tls.key_file, key.serialize_pem()).unwrap();
+    relay.handle.reload(&relay.cfg).unwrap();
+    assert_eq!(metric().as_deref(), Some("1893456000"));
+    // One the reload refuses (not its key's) leaves the served one's.
+    let (_, _, other_key) = localhost_cert();
+    std::fs::write(&tls.key_file, other_key).unwrap();
+    relay.handle.reload(&relay.cfg).unwrap();
+    assert_eq!(metric().as_deref(), Some("1893456000"));
+    // Without [tls], no such metric.
+    let plain = Relay::start(relay_config(&fake.url(), &[("a", "k1")]));
+    let (_, m) = http(plain.handle.admin_addr, "GET", "/metrics", None, None);
+    assert!(!m.contains("clio_relay_tls_certificate"), "{m}");
+    std::fs::remove_dir_all(tls.cert_file.parent().unwrap()).ok();
+}

@@ -500,6 +500,7 @@ impl Admin {
             // shows by its end date.
             tls: tls.map(|(file, t)| {
                 log.push(t.describe(file));
+                self.process.set_tls_not_after(t.not_after);
                 t.config
             }),
         };

@@ -387,6 +387,18 @@ async fn metrics(admin: &Admin) -> String {
         "The HTTP status (400, 404) upstream answered the WebSocket upgrade with while upstream.url is misconfigured; 0 when it is not.",
     )
     .sample(&[], process.upstream_fault.get().unwrap_or(0));
+    let tls_end = process
+        .tls_not_after
+        .load(std::sync::atomic::Ordering::Relaxed);
+    if tls_end != 0 {
+        family(
+            &mut body,
+            "clio_relay_tls_certificate_expiry_timestamp_seconds",
+            Kind::Gauge,
+            "When the client port's certificate ([tls]) expires, in seconds since the epoch: the one served now (read at the start and at each reload that took it).",
+        )
+        .sample(&[], tls_end);
+    }
     admin.health.checks.render(&mut body);
     body
 }
