@@ -441,3 +441,53 @@ fn the_served_certificates_end_is_a_metric() {
     assert!(!m.contains("clio_relay_tls_certificate"), "{m}");
     std::fs::remove_dir_all(tls.cert_file.parent().unwrap()).ok();
 }
+
+#[test]
+fn a_key_the_relay_cannot_sign_with_is_said_so() {
+    // A 1024-bit RSA key or one on a curve ring does not sign with
+    // (P-521, secp256k1) was "unexpected error: failed to parse private
+    // key as RSA, ECDSA, or EdDSA", which reads as a damaged file.
+    let fake = fake(&["k1"], |_| {});
+    let (relay, ca) = tls_relay(&fake.url(), |_| {});
+    let tls = relay.cfg.tls.clone().unwrap();
+    let dir = tls.key_file.parent().unwrap().to_path_buf();
+    for kind in [
+        &["-newkey", "rsa:1024"][..],
+        &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-521"],
+    ] {
+        let out = std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-nodes",
+                "-days",
+                "30",
+                "-subj",
+                "/CN=localhost",
+            ])
+            .args(kind)
+            .args(["-keyout", tls.key_file.to_str().unwrap()])
+            .args(["-out", tls.cert_file.to_str().unwrap()])
+            .output()
+            .expect("openssl is installed");
+        assert!(out.status.success(), "{out:?}");
+        let (code, said) = check_tls_config(&dir, &fake.url());
+        assert_eq!(code, Some(3), "{said}");
+        assert!(
+            said.contains(&format!(
+                "tls.key_file {}: a kind of key the relay cannot sign with; it takes RSA keys of \
+                 2048 to 8192 bits",
+                tls.key_file.display()
+            )) && !said.contains("unexpected error"),
+            "{kind:?}: {said}"
+        );
+        let log = relay.handle.reload(&relay.cfg).unwrap();
+        assert!(
+            log.iter()
+                .any(|l| l.contains("not reloaded") && l.contains("cannot sign with")),
+            "{log:?}"
+        );
+        wss_connect(relay.addr(), &ca, &relay.token("d")).unwrap();
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
