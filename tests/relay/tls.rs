@@ -625,3 +625,61 @@ fn a_tls_record_that_arrives_slowly_keeps_its_stream_alive() {
     assert!(fake.wait_for(LIMIT, |s| s.len() == 1 && s[0].closed));
     assert_eq!(fake.sessions()[0].audio, audio);
 }
+
+/// The TLS handshake of a client that offers `alpn` (none when empty)
+/// and trusts `ca_pem`: the protocol agreed, or rustls's error.
+fn handshake_offering(
+    addr: std::net::SocketAddr,
+    ca_pem: &str,
+    alpn: &[&str],
+) -> Result<Option<Vec<u8>>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
+        .unwrap();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    let mut conn =
+        rustls::ClientConnection::new(Arc::new(cfg), "localhost".try_into().unwrap()).unwrap();
+    let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(LIMIT)).unwrap();
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp).map_err(|e| e.to_string())?;
+    }
+    Ok(conn.alpn_protocol().map(<[u8]>::to_vec))
+}
+
+#[test]
+fn alpn_offers_as_browsers_and_curl_send_them() {
+    // Browsers and curl offer "h2, http/1.1": HTTP/1.1 is agreed. A client
+    // that offers none gets none. One that offers h2 alone cannot speak
+    // what the port serves: rustls ends the handshake with the
+    // no_application_protocol alert (RFC 7301), as README's Errors say.
+    let fake = fake(&["k1"], |_| {});
+    let (relay, ca) = tls_relay(&fake.url(), |_| {});
+    assert_eq!(
+        handshake_offering(relay.addr(), &ca, &["h2", "http/1.1"]),
+        Ok(Some(b"http/1.1".to_vec()))
+    );
+    assert_eq!(handshake_offering(relay.addr(), &ca, &[]), Ok(None));
+    let refused = handshake_offering(relay.addr(), &ca, &["h2"]).unwrap_err();
+    assert!(refused.contains("NoApplicationProtocol"), "{refused}");
+    // The port goes on serving.
+    let mut ws = wss_connect(relay.addr(), &ca, &relay.token("d")).unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    ws.send(Message::binary(Vec::<u8>::new())).unwrap();
+    let mut finished = false;
+    while let Ok(m) = ws.read() {
+        if let Message::Text(t) = m {
+            finished |= t.contains("\"finished\":true");
+        }
+    }
+    assert!(finished);
+}
