@@ -605,3 +605,83 @@ fn a_client_not_on_server_allow_is_logged() {
         capture.text()
     );
 }
+
+/// Upstream's certificate refused: the line that says so gives rustls's
+/// reason. The health probe at the start is the first to meet it, and
+/// its line said only "it has expired, names another host than
+/// upstream.url's, or is signed by a CA the relay does not trust", and
+/// the streams' opens, finding the fault already set, logged nothing:
+/// which of the three was nowhere.
+#[test]
+fn a_refused_upstream_certificate_is_logged_with_rustls_reason() {
+    use rustls::pki_types::pem::PemObject;
+    let capture = logs();
+    // A fake Soniox at wss://localhost whose certificate names another host.
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["elsewhere.example".to_owned()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    let server = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![leaf.der().clone()],
+        rustls::pki_types::PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).unwrap(),
+    )
+    .unwrap();
+    let fake = fake_soniox::FakeSoniox::start(fake_soniox::FakeConfig {
+        keys: vec![fake_soniox::FakeKey::new("key-c", 5)],
+        tls: Some(Arc::new(server)),
+        ..fake_soniox::FakeConfig::default()
+    })
+    .unwrap();
+    let dir = state_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    let mut cfg = relay_config(&fake.url(), &[("acct-c", "key-c")]);
+    cfg.upstream.ca_file = Some(dir.join("ca.pem"));
+    // Health checks on: with them, the start probes upstream's endpoint.
+    cfg.admin.health_interval = std::time::Duration::from_secs(60);
+    let relay = Relay::start(cfg);
+    // The start's probe of upstream meets it first (/readyz says so),
+    // then a stream, as a client would open one.
+    assert!(
+        wait_until(std::time::Duration::from_secs(10), || {
+            let (status, body) = http(relay.handle.admin_addr, "GET", "/readyz", None, None);
+            status == 503 && body.contains("TLS certificate")
+        }),
+        "the start's probe did not find the certificate refused"
+    );
+    let (mut ws, _) = connect(relay.addr(), &relay.token("device-c"), Via::Header).unwrap();
+    let got = stream_session(&mut ws, &config_message(None), &audio_frames(1, 8));
+    assert_error_frame(&got, 502, 1011);
+    let refused = || {
+        capture
+            .text()
+            .lines()
+            .filter(|l| l.contains("refused upstream's TLS certificate"))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        wait_until(std::time::Duration::from_secs(5), || !refused().is_empty()),
+        "{}",
+        capture.text()
+    );
+    assert!(
+        refused()
+            .iter()
+            .all(|l| l.contains("why=") && l.contains("NotValidForName")),
+        "{:?}",
+        refused()
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

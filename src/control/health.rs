@@ -201,6 +201,9 @@ pub async fn probe_websocket(
     let pool = BufferPool::new(16 * 1024, 1, 1);
     let mut buf = pool.get();
     let no_key = crate::core::secret::Secret::new(String::new());
+    // rustls's reason for a refused certificate (for another name,
+    // expired, of an unknown CA): the operator's only way to tell which.
+    let mut why = None;
     let status = match target.connect(&no_key, false, &mut buf, limit, 0).await {
         Ok(conn) => {
             // Upgraded: say goodbye at once (a masked close, no config sent).
@@ -213,7 +216,10 @@ pub async fn probe_websocket(
             101
         }
         Err(ConnectError::Refused(status, _)) => status,
-        Err(ConnectError::Certificate(_)) => UpstreamFault::CERTIFICATE,
+        Err(ConnectError::Certificate(reason)) => {
+            why = Some(reason);
+            UpstreamFault::CERTIFICATE
+        }
         Err(e) => {
             tracing::debug!(error = ?e, "WebSocket probe could not reach upstream");
             return None;
@@ -221,7 +227,12 @@ pub async fn probe_websocket(
     };
     if UpstreamFault::is_config_fault(status) {
         if fault.set(status) {
-            tracing::error!(status, "{}", UpstreamFault::describe(status));
+            match why {
+                Some(why) => {
+                    tracing::error!(status, why = %why, "{}", UpstreamFault::describe(status))
+                }
+                None => tracing::error!(status, "{}", UpstreamFault::describe(status)),
+            }
         }
     } else if fault.clear() {
         tracing::info!(
