@@ -77,6 +77,7 @@ KNOWN = {
     "clio_relay_pool_accounts_healthy", "clio_relay_pool_max_streams",
     "clio_relay_pool_refusals_total", "clio_relay_resume_copy_bytes",
     "clio_relay_resume_copy_limit_bytes", "clio_relay_resume_copies_dropped_total",
+    "clio_relay_tls_certificate_expiry_timestamp_seconds",
     "up", "ALERTS",
 }
 for summary in ("frame_forward_seconds", "client_handshake_seconds",
