@@ -316,9 +316,9 @@ fn churn_and_idle_modes_end_by_themselves() {
     opts.mode = Mode::Idle;
     opts.streams = 5;
     opts.keepalive_every = Duration::from_millis(300);
-    // Held until 4.8 s, the last fifth (1.2 s) for closing: room for a
-    // loaded host's stalls before the end cuts a stream still closing.
-    opts.duration = Duration::from_secs(6);
+    // Held until 8 s, the last fifth (2 s) for closing: room for a loaded
+    // host's stalls before the end cuts a stream still closing.
+    opts.duration = Duration::from_secs(10);
     let report = relay_load::run(&opts).expect("idle runs");
     assert!(report.streams_failed.is_empty(), "{}", report.table());
     assert_eq!(report.idle_held, 5, "{}", report.table());
@@ -335,7 +335,7 @@ fn an_idle_stream_waits_for_finished_from_its_end_not_its_start() {
         echo: true,
         keys: vec![FakeKey::new(KEY, 100)],
         faults: Faults {
-            finish_delay: Duration::from_millis(1000),
+            finish_delay: Duration::from_millis(1500),
             ..Faults::default()
         },
         ..FakeConfig::default()
@@ -348,14 +348,15 @@ fn an_idle_stream_waits_for_finished_from_its_end_not_its_start() {
     );
     opts.mode = Mode::Idle;
     opts.streams = 3;
-    // Held until 12 s (the last fifth of the run is for closing); reads
-    // time out every 2.5 s while held, so one is 2 s old when the end of
-    // audio goes out at 12 s, and `finished` comes 1 s later, at 13 s: past
-    // that read's deadline, and 2 s before the run's end cuts what is left
-    // (a loaded CI host has delayed it by more than half a second).
-    opts.keepalive_every = Duration::from_secs(20);
-    opts.io_timeout = Duration::from_millis(2500);
-    opts.duration = Duration::from_secs(15);
+    // Held until 20 s (the run's last 5 s are for closing); reads time out
+    // every 3 s while held, so one is 2 s old when the end of audio goes
+    // out at 20 s, and `finished` comes 1.5 s later, at 21.5 s: past that
+    // read's deadline, and 3.5 s before the run's end cuts what is left (a
+    // host stalled on its disk by builds beside the tests has delayed
+    // `finished` past 2 s of room; the test ends when the streams do).
+    opts.keepalive_every = Duration::from_secs(30);
+    opts.io_timeout = Duration::from_secs(3);
+    opts.duration = Duration::from_secs(25);
     let report = relay_load::run(&opts).expect("idle runs");
     assert!(report.streams_failed.is_empty(), "{}", report.table());
     assert_eq!(report.streams_ok, 3, "{}", report.table());
