@@ -689,9 +689,9 @@ impl Config {
             ));
         }
         if let Some(t) = &self.tls {
-            let loaded = crate::core::tls::load(t).ok();
-            if let Some(w2) = loaded.and_then(|l| l.date_warning(t, std::time::SystemTime::now())) {
-                w.push(w2);
+            if let Ok(loaded) = crate::core::tls::load(t) {
+                w.extend(loaded.date_warning(t, std::time::SystemTime::now()));
+                w.extend(loaded.chain_warning(t));
             }
         }
         // A secret file any user of the host can read, or the client

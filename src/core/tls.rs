@@ -4,6 +4,7 @@
 //! is refused (its dates are read in `tls/validity.rs`): every client would
 //! refuse it.
 
+mod chain;
 mod validity;
 
 use std::fmt;
@@ -202,6 +203,10 @@ pub struct ServerTls {
     pub not_after: Option<SystemTime>,
     /// Its `notBefore`.
     pub not_before: Option<SystemTime>,
+    /// The file holds the server certificate alone, and it names an
+    /// intermediate that clients need sent with it
+    /// (an AIA `caIssuers` URL, `tls/chain.rs`).
+    pub intermediate_missing: bool,
 }
 
 /// How long before its end a certificate is warned about: a renewal
@@ -229,6 +234,21 @@ impl ServerTls {
                  (then reload)",
                 httpdate::fmt_http_date(end),
                 left.as_secs() / 86_400
+            )
+        })
+    }
+
+    /// The warning for a file that holds the server certificate without
+    /// the intermediate that signed it.
+    pub fn chain_warning(&self, cfg: &TlsConfig) -> Option<String> {
+        self.intermediate_missing.then(|| {
+            format!(
+                "tls.cert_file {}: it holds the server certificate alone, without the \
+                 intermediate CA certificate that signed it (which the certificate names for \
+                 fetching, and clients are not given): apps, and browsers that have not met that \
+                 intermediate, will refuse it; give the certificate followed by its chain \
+                 (certbot's fullchain.pem, not cert.pem)",
+                cfg.cert_file.display()
             )
         })
     }
@@ -297,6 +317,7 @@ pub fn load(cfg: &TlsConfig) -> Result<ServerTls, TlsError> {
         config: Arc::new(config),
         not_after,
         not_before,
+        intermediate_missing: certs.len() == 1 && chain::wants_its_intermediate(leaf),
     })
 }
 

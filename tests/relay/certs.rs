@@ -491,3 +491,71 @@ fn a_key_the_relay_cannot_sign_with_is_said_so() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// certbot's `cert.pem` (the certificate alone) where its `fullchain.pem`
+/// belongs: the intermediate that signed it is not sent, and every client
+/// that does not have it refuses the certificate. A certificate that
+/// names its issuer for fetching (AIA `caIssuers`, as public CAs' do) and
+/// comes alone is warned about; with its chain, or from a private CA
+/// that names nothing to fetch, it is not.
+#[test]
+fn a_certificate_without_its_intermediate_is_warned_about() {
+    use x509_cert::der::asn1::Ia5String;
+    use x509_cert::der::Encode as _;
+    use x509_cert::ext::pkix::name::GeneralName;
+    use x509_cert::ext::pkix::{AccessDescription, AuthorityInfoAccessSyntax};
+    let ca = |name: &str| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        (params.self_signed(&key).unwrap(), key)
+    };
+    let intermediate = ca("Test Intermediate");
+    let aia = AuthorityInfoAccessSyntax(vec![AccessDescription {
+        access_method: x509_cert::der::oid::db::rfc5280::ID_AD_CA_ISSUERS,
+        access_location: GeneralName::UniformResourceIdentifier(
+            Ia5String::new("http://ca.test/intermediate.der").unwrap(),
+        ),
+    }])
+    .to_der()
+    .unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let leaf = |names_issuer: bool| {
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        if names_issuer {
+            params
+                .custom_extensions
+                .push(rcgen::CustomExtension::from_oid_content(
+                    &[1, 3, 6, 1, 5, 5, 7, 1, 1],
+                    aia.clone(),
+                ));
+        }
+        params
+            .signed_by(&key, &intermediate.0, &intermediate.1)
+            .unwrap()
+            .pem()
+    };
+    let dir = std::env::temp_dir().join(format!("clio-chain-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+    let warned = |cert: String| {
+        std::fs::write(dir.join("cert.pem"), cert).unwrap();
+        let (code, said) = check_tls_config(&dir, "ws://127.0.0.1:9/transcribe-websocket");
+        assert_eq!(code, Some(0), "{said}");
+        said.lines().any(|l| {
+            l.starts_with("warning: tls.cert_file ")
+                && l.contains("without the intermediate CA certificate")
+                && l.contains("fullchain.pem")
+        })
+    };
+    assert!(warned(leaf(true)), "the certificate alone");
+    assert!(
+        !warned(leaf(true) + &intermediate.0.pem()),
+        "with its chain"
+    );
+    assert!(!warned(leaf(false)), "a private CA's, naming nothing");
+    std::fs::remove_dir_all(&dir).ok();
+}
