@@ -20,7 +20,7 @@
 
 use std::future::Future;
 use std::io;
-use std::net::{SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::task::Poll;
@@ -40,6 +40,20 @@ const LEAST_ATTEMPT_DELAY: Duration = Duration::from_millis(10);
 /// next one most of the time.
 pub fn attempt_delay(limit: Duration) -> Duration {
     NEXT_ADDRESS_AFTER.min(limit / 4).max(LEAST_ATTEMPT_DELAY)
+}
+
+/// `host:port`'s addresses from the resolver (`getaddrinfo`, which
+/// blocks: on a shard, call it on the blocking pool); an error when it
+/// gives none.
+pub fn resolve(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
+    let addrs: Vec<SocketAddr> = (host, port).to_socket_addrs()?.collect();
+    if addrs.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            "the name resolved to no address",
+        ));
+    }
+    Ok(addrs)
 }
 
 /// `addrs` in the order to try them: `last_good` first when it is among

@@ -241,7 +241,7 @@ pub trait OpenLink {
 #[derive(Debug, Clone)]
 pub struct LinkTarget {
     /// Redis's addresses, in the resolver's order: the link connects to
-    /// the first that answers (`dataplane::upstream::dial`), as the
+    /// the first that answers (`core::dial`), as the
     /// thread's own connection does.
     pub addrs: Vec<std::net::SocketAddr>,
     /// `AUTH` user name, if any.

@@ -575,9 +575,6 @@ impl Worker {
             return None;
         };
         let addrs = self.known.addrs().to_vec();
-        if addrs.is_empty() {
-            return None;
-        }
         let settings = info.redis_settings();
         Some(LinkTarget {
             addrs,

@@ -10,7 +10,7 @@
 
 use std::cell::RefCell;
 use std::io;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -89,20 +89,9 @@ impl Addresses {
 /// Asks the resolver for `host`'s addresses on glommio's blocking pool
 /// (`getaddrinfo` blocks), not on the executor's thread.
 async fn lookup(host: String, port: u16) -> io::Result<Vec<SocketAddr>> {
-    let addrs: Vec<SocketAddr> = glommio::executor()
-        .spawn_blocking(move || {
-            (host.as_str(), port)
-                .to_socket_addrs()
-                .map(Iterator::collect)
-        })
-        .await?;
-    if addrs.is_empty() {
-        return Err(io::Error::new(
-            io::ErrorKind::NotFound,
-            "the name resolved to no address",
-        ));
-    }
-    Ok(addrs)
+    glommio::executor()
+        .spawn_blocking(move || crate::core::dial::resolve(&host, port))
+        .await
 }
 
 /// A refresh in the background: new addresses replace the old; a failure

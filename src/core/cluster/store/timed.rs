@@ -12,7 +12,7 @@
 //! crate still packs the commands and parses the replies.
 
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -146,7 +146,11 @@ impl Timed {
                 )))
             }
         };
-        let tcp = connect_tcp(&known.resolve(host, port)?, deadline)?;
+        // To the first address that answers, tried staggered, so that one
+        // that swallows the handshake (a broken IPv6 route) does not take
+        // the whole deadline.
+        let addrs = crate::core::dial::in_order(&known.resolve(host, port)?, None);
+        let tcp = crate::core::dial::connect_first(&addrs, deadline)?;
         let _ = tcp.set_nodelay(true);
         let sock = Sock { tcp, deadline };
         let io = if tls {
@@ -267,17 +271,7 @@ impl KnownAddrs {
     /// `host:port`'s addresses now, or the last known when the resolver
     /// fails; its error when none is known.
     fn resolve(&mut self, host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
-        let found = (host, port).to_socket_addrs().and_then(|a| {
-            let a: Vec<_> = a.collect();
-            if a.is_empty() {
-                return Err(io::Error::new(
-                    io::ErrorKind::NotFound,
-                    "could not resolve to any address",
-                ));
-            }
-            Ok(a)
-        });
-        match found {
+        match crate::core::dial::resolve(host, port) {
             Ok(addrs) => {
                 if self.failing {
                     tracing::info!(%host, "the cluster store's name resolves again");
@@ -300,14 +294,6 @@ impl KnownAddrs {
     pub(in crate::core::cluster) fn addrs(&self) -> &[SocketAddr] {
         &self.addrs
     }
-}
-
-/// A TCP connection to the first of `addrs` that answers before
-/// `deadline`, tried staggered ([`crate::core::dial::connect_first`]), so
-/// that one that swallows the handshake (a broken IPv6 route) does not
-/// take the whole deadline.
-fn connect_tcp(addrs: &[SocketAddr], deadline: Instant) -> io::Result<TcpStream> {
-    crate::core::dial::connect_first(&crate::core::dial::in_order(addrs, None), deadline)
 }
 
 /// TLS for `rediss://`: `ca`'s certificates as the only trust roots, or
