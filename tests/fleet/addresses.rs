@@ -1,8 +1,9 @@
 //! Redis's name: resolving to several addresses, one of which never
 //! answers (an IPv6 route that is broken, a dead host still in DNS), the
 //! cluster thread and each shard's link go past it within
-//! `cluster.timeout`; not resolving for a while (a resolver outage), a
-//! reconnect goes to the addresses it had.
+//! `cluster.timeout`; not resolving for a while (a resolver outage), or
+//! resolving only after minutes (a DNS server that never answers), a
+//! reconnect goes to the addresses it had within `cluster.timeout`.
 
 use std::time::Duration;
 
@@ -140,4 +141,189 @@ fn redis_is_reached_again_through_a_resolver_outage() {
     let (mut ws, _) = connect(node.client, &token, Via::Header).unwrap();
     let got = stream_session(&mut ws, &config_message(None), &audio_frames(1, 1));
     assert!(got.finished() && got.error_code().is_none(), "{got:?}");
+}
+
+/// A DNS server that never answers: a UDP socket that takes the queries
+/// and drops them, on port 53 (the only port `/etc/resolv.conf` can name)
+/// of a loopback address no other test uses (127.53.x.y, the first free
+/// from one picked by the process id). `None` (said on stderr) where none
+/// can be bound.
+fn silent_dns() -> Option<std::net::UdpSocket> {
+    let seed = std::process::id();
+    for i in 0..256 {
+        let n = seed.wrapping_add(i * 257);
+        let ip = std::net::Ipv4Addr::new(127, 53, (n >> 8) as u8, n as u8 | 1);
+        match std::net::UdpSocket::bind((ip, 53)) {
+            Ok(s) => return Some(s),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => continue,
+            Err(e) => {
+                eprintln!("not checked: no DNS port to hold here ({e})");
+                return None;
+            }
+        }
+    }
+    eprintln!("not checked: every DNS address tried is in use");
+    None
+}
+
+/// The resolver becomes slow, not failing, while the node is connected:
+/// Redis's name leaves the namespace's `/etc/hosts`, and the one DNS
+/// server its `/etc/resolv.conf` names takes the queries and never
+/// answers (30 s an attempt, 5 attempts, so `getaddrinfo` waits minutes).
+/// Then every connection to Redis is cut. The reconnect waits for the
+/// lookup only part of `cluster.timeout` (250 ms), goes to the address
+/// it had, and says once that the name was slow to resolve: the node is
+/// back on Redis (store up, a stream open decided by the store) well
+/// before the lookup could end. Before, the cluster thread waited the
+/// lookup out, the store down and every job queued behind it meanwhile.
+/// A node of the fleet in `redis`, which it finds as `redis.test`, in a
+/// namespace whose `/etc/hosts` is `hosts` (where `probe.test` must be
+/// 127.0.0.1) and whose one DNS server is `dns`, asked `attempts` times
+/// for 30 s each; with a fake upstream and the config its tokens are
+/// minted from. `None` (said on stderr) where such a namespace cannot be
+/// made here.
+fn node_with_dns(
+    redis: &RedisServer,
+    dns: &std::net::UdpSocket,
+    hosts: &str,
+    attempts: u32,
+) -> Option<(
+    Node,
+    clio_relay::core::config::Config,
+    fake_soniox::FakeSoniox,
+)> {
+    let resolv_conf = format!(
+        "nameserver {}\noptions timeout:30 attempts:{attempts}\n",
+        dns.local_addr().unwrap().ip()
+    );
+    let fake = fake(&["k1"], |_| {});
+    let cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    let url = format!("redis://redis.test:{}/0", redis.port);
+    match Node::spawn_with_resolver(
+        &fake.url(),
+        &url,
+        &cfg.tokens.secret,
+        hosts,
+        &resolv_conf,
+        "probe.test",
+        "127.0.0.1",
+    ) {
+        Ok(node) => Some((node, cfg, fake)),
+        Err(why) => {
+            eprintln!("not checked: {why}");
+            None
+        }
+    }
+}
+
+#[test]
+fn redis_is_reached_again_while_the_resolver_hangs() {
+    let redis = RedisServer::start();
+    let Some(dns) = silent_dns() else { return };
+    let hosts = "127.0.0.1 redis.test probe.test\n";
+    let Some((node, cfg, _fake)) = node_with_dns(&redis, &dns, hosts, 5) else {
+        return;
+    };
+    let up = || sample(node.admin, "clio_relay_cluster_store_up") == 1;
+    assert!(wait_until(Duration::from_secs(10), up), "{}", node.log());
+    node.set_hosts("127.0.0.1 probe.test\n");
+    let cut = redis.command("CLIENT KILL TYPE normal");
+    assert!(cut.starts_with(':'), "{cut}");
+    let said = |what: &str| node.log().matches(what).count();
+    // The lookup waits 150 s; the node is back on Redis within a second
+    // and a timeout or so of seeing the cut.
+    assert!(
+        wait_until(Duration::from_secs(10), || said(
+            "the cluster store's name was slow to resolve"
+        ) == 1
+            && up()),
+        "{}",
+        node.log()
+    );
+    let by_store = || {
+        sample(
+            node.admin,
+            "clio_relay_cluster_stream_opens_total{decided_by=\"store\"}",
+        )
+    };
+    let before = by_store();
+    let token = crate::process::mint(&cfg, "phone");
+    let (mut ws, _) = connect(node.client, &token, Via::Header).unwrap();
+    let got = stream_session(&mut ws, &config_message(None), &audio_frames(1, 1));
+    assert!(got.finished() && got.error_code().is_none(), "{got:?}");
+    assert_eq!(by_store(), before + 1, "{}", node.log());
+    // Cut again: the lookup still running, the reconnect does not start
+    // another, nor say it again.
+    let cut = redis.command("CLIENT KILL TYPE normal");
+    assert!(cut.starts_with(':'), "{cut}");
+    assert!(
+        wait_until(Duration::from_secs(10), || sample(
+            node.admin,
+            "clio_relay_cluster_registrations_total"
+        ) >= 3
+            && up()),
+        "{}",
+        node.log()
+    );
+    assert_eq!(
+        said("the cluster store's name was slow to resolve"),
+        1,
+        "{}",
+        node.log()
+    );
+    assert_eq!(said("call=\"connect\""), 0, "{}", node.log());
+    drop(dns);
+}
+
+/// The resolver hangs from the start (Redis's name only in DNS, whose
+/// one server never answers, for 30 s): no address is known. The node
+/// still starts at once (its check that no running relay has its
+/// `node_id` gives the lookup `cluster.timeout`, then finds no Redis to
+/// ask), and each reconnect reports the store down within
+/// `cluster.timeout`, said once, with one lookup running, not one more
+/// per reconnect. Before, the start waited the lookup out and then so
+/// did the cluster thread's first connect, the thread held all along.
+#[test]
+fn the_store_is_reported_down_in_time_while_the_resolver_hangs() {
+    let redis = RedisServer::start();
+    let Some(dns) = silent_dns() else { return };
+    let Some((node, _cfg, _fake)) = node_with_dns(&redis, &dns, "127.0.0.1 probe.test\n", 1) else {
+        return;
+    };
+    let failed = || {
+        sample(
+            node.admin,
+            "clio_relay_cluster_calls_total{result=\"failed\"}",
+        )
+    };
+    // A reconnect a second or so after the last fails: three within the
+    // 30 s the lookup takes.
+    assert!(
+        wait_until(Duration::from_secs(10), || failed() >= 3),
+        "{} failed calls: {}",
+        failed(),
+        node.log()
+    );
+    assert_eq!(
+        sample(node.admin, "clio_relay_cluster_store_up"),
+        0,
+        "{}",
+        node.log()
+    );
+    // The start's lookup and the cluster thread's, both still waiting.
+    assert!(
+        (1..=2).contains(&node.threads_named("clio-resolve")),
+        "{} lookups",
+        node.threads_named("clio-resolve")
+    );
+    let log = node.log();
+    let slow = "the cluster store's name was slow to resolve (no answer within cluster.timeout); no address known yet";
+    assert_eq!(log.matches(slow).count(), 1, "{log}");
+    assert!(
+        log.contains(
+            "the resolver gave no answer for the cluster store's name within cluster.timeout"
+        ),
+        "{log}"
+    );
+    drop(dns);
 }

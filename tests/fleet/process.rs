@@ -15,8 +15,11 @@ pub struct Node {
     dir: std::path::PathBuf,
     /// Its environment, for [`Node::respawn`].
     env: Vec<(String, String)>,
-    /// The `/etc/hosts` it sees, if not the host's ([`Node::spawn_with_hosts`]).
-    hosts: Option<std::path::PathBuf>,
+    /// The files it sees in place of the host's (`/etc/hosts` and, for
+    /// [`Node::spawn_with_resolver`], `/etc/resolv.conf` and
+    /// `/etc/nsswitch.conf`), each with the path it is mounted on
+    /// ([`Node::spawn_with_hosts`]).
+    mounts: Vec<(std::path::PathBuf, &'static str)>,
     /// Its standard error (the log) after the line that says it listens.
     log: std::sync::Arc<std::sync::Mutex<String>>,
 }
@@ -76,7 +79,7 @@ impl Node {
         let (dir, env) = Self::prepare(
             upstream, redis_url, node, lease_ttl, secret, key, extra, env,
         );
-        Self::run(dir, env, None)
+        Self::run(dir, env, Vec::new())
     }
 
     /// [`Node::spawn`] in a mount namespace of its own whose `/etc/hosts`
@@ -92,13 +95,66 @@ impl Node {
         name: &str,
         first: &str,
     ) -> Result<Node, String> {
+        Self::spawn_in_namespace(
+            upstream,
+            redis_url,
+            secret,
+            &[("hosts", "/etc/hosts", hosts)],
+            name,
+            first,
+        )
+    }
+
+    /// [`Node::spawn_with_hosts`] whose namespace also has `resolv_conf`
+    /// as its `/etc/resolv.conf` and an `/etc/nsswitch.conf` that asks
+    /// `/etc/hosts`, then DNS, for a name (whatever the host's asks), so
+    /// that a name not in `hosts` goes to the DNS servers the test names.
+    pub fn spawn_with_resolver(
+        upstream: &str,
+        redis_url: &str,
+        secret: &Secret,
+        hosts: &str,
+        resolv_conf: &str,
+        name: &str,
+        first: &str,
+    ) -> Result<Node, String> {
+        Self::spawn_in_namespace(
+            upstream,
+            redis_url,
+            secret,
+            &[
+                ("hosts", "/etc/hosts", hosts),
+                ("resolv.conf", "/etc/resolv.conf", resolv_conf),
+                ("nsswitch.conf", "/etc/nsswitch.conf", "hosts: files dns\n"),
+            ],
+            name,
+            first,
+        )
+    }
+
+    /// [`Node::spawn`] in a mount namespace of its own where each of
+    /// `files` (a file name in the node's directory, the path it is
+    /// mounted on, its text) is seen in place of the host's.
+    fn spawn_in_namespace(
+        upstream: &str,
+        redis_url: &str,
+        secret: &Secret,
+        files: &[(&str, &'static str, &str)],
+        name: &str,
+        first: &str,
+    ) -> Result<Node, String> {
         let (dir, env) = Self::prepare(upstream, redis_url, "node-a", "15s", secret, "k1", "", &[]);
-        let file = dir.join("hosts");
-        std::fs::write(&file, hosts).unwrap();
+        let mounts: Vec<(std::path::PathBuf, &'static str)> = files
+            .iter()
+            .map(|(file, on, text)| {
+                let file = dir.join(file);
+                std::fs::write(&file, text).unwrap();
+                (file, *on)
+            })
+            .collect();
         let probe = Command::new("unshare")
             .args(["--mount", "sh", "-c"])
-            .arg("mount --bind \"$0\" /etc/hosts && getent ahosts \"$1\"")
-            .arg(&file)
+            .arg(format!("{} && getent ahosts \"$0\"", mount_script(&mounts)))
             .arg(name)
             .output()
             .map_err(|e| format!("unshare not runnable ({e})"))?;
@@ -110,7 +166,7 @@ impl Node {
                 String::from_utf8_lossy(&probe.stderr)
             ));
         }
-        Self::run(dir, env, Some(file))
+        Self::run(dir, env, mounts)
             .map_err(|(code, err)| format!("relay exited with {code:?} before listening: {err}"))
     }
 
@@ -159,25 +215,23 @@ impl Node {
         (dir, env)
     }
 
-    /// Starts the relay of `dir/relay.toml` with `env`, seeing `hosts` as
-    /// its `/etc/hosts` when given.
+    /// Starts the relay of `dir/relay.toml` with `env`, in a mount
+    /// namespace of its own with `mounts` when there are any.
     fn run(
         dir: std::path::PathBuf,
         env: Vec<(String, String)>,
-        hosts: Option<std::path::PathBuf>,
+        mounts: Vec<(std::path::PathBuf, &'static str)>,
     ) -> Result<Node, (Option<i32>, String)> {
         let cfg = dir.join("relay.toml");
         let relay = env!("CARGO_BIN_EXE_clio-relay");
-        let mut command = match &hosts {
-            None => Command::new(relay),
-            Some(file) => {
-                let mut c = Command::new("unshare");
-                c.args(["--mount", "sh", "-c"])
-                    .arg("mount --bind \"$0\" /etc/hosts && exec \"$@\"")
-                    .arg(file)
-                    .arg(relay);
-                c
-            }
+        let mut command = if mounts.is_empty() {
+            Command::new(relay)
+        } else {
+            let mut c = Command::new("unshare");
+            c.args(["--mount", "sh", "-c"])
+                .arg(format!("{} && exec \"$0\" \"$@\"", mount_script(&mounts)))
+                .arg(relay);
+            c
         };
         let mut child = command
             .args(["run", "--config", cfg.to_str().unwrap()])
@@ -214,7 +268,7 @@ impl Node {
             admin,
             dir,
             env,
-            hosts,
+            mounts,
             log,
         })
     }
@@ -225,7 +279,7 @@ impl Node {
         self.kill9();
         let dir = std::mem::take(&mut self.dir);
         let env = std::mem::take(&mut self.env);
-        let new = Self::run(dir, env, self.hosts.clone()).unwrap_or_else(|(code, err)| {
+        let new = Self::run(dir, env, self.mounts.clone()).unwrap_or_else(|(code, err)| {
             panic!("relay exited with {code:?} before listening: {err}")
         });
         // The old one, its directory taken, removes nothing as it goes.
@@ -234,12 +288,26 @@ impl Node {
 
     /// Rewrites the `/etc/hosts` it sees ([`Node::spawn_with_hosts`]).
     pub fn set_hosts(&self, hosts: &str) {
-        std::fs::write(self.hosts.as_ref().expect("spawned with hosts"), hosts).unwrap();
+        let (file, _) = self
+            .mounts
+            .iter()
+            .find(|(_, on)| *on == "/etc/hosts")
+            .expect("spawned with hosts");
+        std::fs::write(file, hosts).unwrap();
     }
 
     /// Its state directory (`admin.state_dir`: the usage ledger's).
     pub fn state_dir(&self) -> std::path::PathBuf {
         self.dir.join("state")
+    }
+
+    /// How many of its threads are named `name` now.
+    pub fn threads_named(&self, name: &str) -> usize {
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", self.child.id())).unwrap();
+        tasks
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .filter(|comm| comm.trim_end() == name)
+            .count()
     }
 
     /// What it logged since it said it listens.
@@ -278,6 +346,17 @@ impl Drop for Node {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// The shell commands that bind-mount each of `mounts` (a file, the path
+/// it is seen on), joined by `&&`. The paths are the test's own (no
+/// quoting beyond spaces needed).
+fn mount_script(mounts: &[(std::path::PathBuf, &'static str)]) -> String {
+    mounts
+        .iter()
+        .map(|(file, on)| format!("mount --bind '{}' {on}", file.display()))
+        .collect::<Vec<_>>()
+        .join(" && ")
 }
 
 /// A 10-minute token for `device` under `cfg`'s token secret, which

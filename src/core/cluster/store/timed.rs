@@ -13,7 +13,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use redis::{ConnectionAddr, ConnectionInfo, ErrorKind, RedisError, RedisResult, Value};
@@ -115,7 +115,8 @@ impl Timed {
     /// `timeout`.
     ///
     /// Redis's name is resolved into `known`, whose last addresses serve
-    /// when the resolver fails ([`KnownAddrs`]).
+    /// when the resolver fails or is late ([`KnownAddrs`]): the lookup
+    /// counts in the one `timeout`.
     pub(super) fn connect(
         info: &ConnectionInfo,
         ca: Option<&[u8]>,
@@ -149,7 +150,7 @@ impl Timed {
         // To the first address that answers, tried staggered, so that one
         // that swallows the handshake (a broken IPv6 route) does not take
         // the whole deadline.
-        let addrs = crate::core::dial::in_order(&known.resolve(host, port)?, None);
+        let addrs = crate::core::dial::in_order(&known.resolve(host, port, deadline)?, None);
         let tcp = crate::core::dial::connect_first(&addrs, deadline)?;
         let _ = tcp.set_nodelay(true);
         let sock = Sock { tcp, deadline };
@@ -261,33 +262,125 @@ impl Timed {
 /// resolver again (a managed Redis's name moves on a failover); when it
 /// fails, the addresses it gave last serve, so that a resolver outage
 /// does not keep the node off a Redis that is up (said once per outage).
+///
+/// The lookup runs on a helper thread: `getaddrinfo` cannot be given a
+/// deadline, and a resolver that does not answer (a DNS server that drops
+/// the queries) holds it for its timeout times its attempts, 10 s and
+/// more, which on the cluster thread would hold every job queued behind
+/// the reconnect. The thread waits for the answer only as long as the
+/// connect's deadline allows ([`KnownAddrs::resolve`]); a late answer is
+/// kept for the next reconnect, and only one lookup runs at a time.
 #[derive(Debug, Default)]
 pub(in crate::core::cluster) struct KnownAddrs {
     addrs: Vec<SocketAddr>,
+    /// The last lookup failed or was late: said once, until one answers
+    /// in time.
     failing: bool,
+    /// The answer of the lookup still running on its helper thread, if
+    /// one is (a reconnect starts no other until it has answered).
+    lookup: Option<mpsc::Receiver<io::Result<Vec<SocketAddr>>>>,
 }
 
 impl KnownAddrs {
     /// `host:port`'s addresses now, or the last known when the resolver
-    /// fails; its error when none is known.
-    fn resolve(&mut self, host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
-        match crate::core::dial::resolve(host, port) {
-            Ok(addrs) => {
+    /// fails or is late; its error when none is known. Waits for the
+    /// resolver until `deadline` when no address is known; otherwise for
+    /// half the time left, so the connect keeps the other half, and not at
+    /// all while an earlier lookup has still not answered.
+    fn resolve(&mut self, host: &str, port: u16, deadline: Instant) -> io::Result<Vec<SocketAddr>> {
+        let answer = if host.parse::<std::net::IpAddr>().is_ok() {
+            // An address, not a name: no resolver.
+            Some(crate::core::dial::resolve(host, port))
+        } else {
+            self.ask(host, port, deadline)
+        };
+        match answer {
+            Some(Ok(addrs)) => {
                 if self.failing {
                     tracing::info!(%host, "the cluster store's name resolves again");
                 }
                 self.failing = false;
                 self.addrs = addrs;
             }
-            Err(e) if self.addrs.is_empty() => return Err(e),
-            Err(e) => {
+            Some(Err(e)) if self.addrs.is_empty() => return Err(e),
+            None if self.addrs.is_empty() => {
+                if !self.failing {
+                    tracing::warn!(%host, "the cluster store's name was slow to resolve (no answer within cluster.timeout); no address known yet");
+                }
+                self.failing = true;
+                return Err(io::Error::other(
+                    "the resolver gave no answer for the cluster store's name within cluster.timeout",
+                ));
+            }
+            Some(Err(e)) => {
                 if !self.failing {
                     tracing::warn!(%host, error = %e, "the cluster store's name did not resolve; connecting to the addresses it had");
                 }
                 self.failing = true;
             }
+            None => {
+                if !self.failing {
+                    tracing::warn!(%host, "the cluster store's name was slow to resolve (no answer in time); connecting to the addresses it had");
+                }
+                self.failing = true;
+            }
         }
         Ok(self.addrs.clone())
+    }
+
+    /// The resolver's answer for `host:port`, from the lookup running or
+    /// a new one on a helper thread; `None` when it has not come in the
+    /// time [`KnownAddrs::resolve`] gives it.
+    fn ask(
+        &mut self,
+        host: &str,
+        port: u16,
+        deadline: Instant,
+    ) -> Option<io::Result<Vec<SocketAddr>>> {
+        let now = Instant::now();
+        let left = deadline.saturating_duration_since(now);
+        let (rx, wait) = match self.lookup.take() {
+            // Still running from an earlier reconnect: its answer if it
+            // has come; the known addresses now if not.
+            Some(rx) => (
+                rx,
+                if self.addrs.is_empty() {
+                    left
+                } else {
+                    Duration::ZERO
+                },
+            ),
+            None => {
+                let (tx, rx) = mpsc::channel();
+                let name = host.to_string();
+                let spawned = std::thread::Builder::new()
+                    .name("clio-resolve".into())
+                    .spawn(move || {
+                        let _ = tx.send(crate::core::dial::resolve(&name, port));
+                    });
+                if let Err(e) = spawned {
+                    return Some(Err(e));
+                }
+                (
+                    rx,
+                    if self.addrs.is_empty() {
+                        left
+                    } else {
+                        left / 2
+                    },
+                )
+            }
+        };
+        match rx.recv_timeout(wait) {
+            Ok(answer) => Some(answer),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                self.lookup = Some(rx);
+                None
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                Some(Err(io::Error::other("the resolver's thread ended")))
+            }
+        }
     }
 
     /// The addresses last known (none before the first lookup).
