@@ -692,6 +692,7 @@ impl Config {
             if let Ok(loaded) = crate::core::tls::load(t) {
                 w.extend(loaded.date_warning(t, std::time::SystemTime::now()));
                 w.extend(loaded.chain_warning(t));
+                w.extend(loaded.unchecked_warning(t));
             }
         }
         // A secret file any user of the host can read, or the client

@@ -1,8 +1,9 @@
 //! TLS on the client port (rustls + ring): the server config from PEM
 //! files, with HTTP/1.1 as the only ALPN protocol. Re-read on SIGHUP; a
 //! stream keeps the config it was accepted with. An expired certificate
-//! is refused (its dates are read in `tls/validity.rs`): every client would
-//! refuse it.
+//! is refused (its dates are read in `tls/validity.rs`), the server's own
+//! or a CA certificate above it that clients check (`tls/chain.rs`): every
+//! client would refuse the chain.
 
 mod chain;
 mod validity;
@@ -61,10 +62,16 @@ pub enum TlsError {
         /// a chain in the wrong order.
         key_of: Option<usize>,
     },
-    /// The server's certificate (the file's first) has expired.
+    /// A certificate clients check has expired: the server's (the
+    /// file's first), or a CA certificate above it in the file up to
+    /// one clients hold (an intermediate).
     Expired {
         /// The file named by `tls.cert_file`.
         path: PathBuf,
+        /// Its place in the file (1: the server's own).
+        position: usize,
+        /// Its subject (RFC 4514 text).
+        subject: String,
         /// Its `notAfter`.
         not_after: std::time::SystemTime,
     },
@@ -137,9 +144,29 @@ impl fmt::Display for TlsError {
                  certificates that signed it)",
                 cert.display()
             ),
-            TlsError::Expired { path, not_after } => write!(
+            TlsError::Expired {
+                path,
+                position: 1,
+                subject,
+                not_after,
+            } => write!(
                 f,
-                "tls.cert_file {}: the certificate expired on {}; every client would refuse it",
+                "tls.cert_file {}: the certificate ({subject}) expired on {}; every client would \
+                 refuse it",
+                path.display(),
+                httpdate::fmt_http_date(*not_after)
+            ),
+            TlsError::Expired {
+                path,
+                position,
+                subject,
+                not_after,
+            } => write!(
+                f,
+                "tls.cert_file {}: certificate {position} of the chain ({subject}), a CA \
+                 certificate clients check the server's by, expired on {}; every client would \
+                 refuse the chain; give the certificate followed by its CA's current chain \
+                 (certbot's fullchain.pem as renewed)",
                 path.display(),
                 httpdate::fmt_http_date(*not_after)
             ),
@@ -201,8 +228,12 @@ pub struct ServerTls {
     pub config: Arc<rustls::ServerConfig>,
     /// The server certificate's `notAfter` (`None`: not read).
     pub not_after: Option<SystemTime>,
-    /// Its `notBefore`.
+    /// The server certificate's `notBefore`.
     pub not_before: Option<SystemTime>,
+    /// Certificates the file serves that clients holding the roots do
+    /// not check (a root, an intermediate cross-signed by an older root)
+    /// and whose end has passed: place, subject, end.
+    pub expired_unchecked: Vec<(usize, String, SystemTime)>,
     /// The file holds the server certificate alone, and it names an
     /// intermediate that clients need sent with it
     /// (an AIA `caIssuers` URL, `tls/chain.rs`).
@@ -234,6 +265,31 @@ impl ServerTls {
                  (then reload)",
                 httpdate::fmt_http_date(end),
                 left.as_secs() / 86_400
+            )
+        })
+    }
+
+    /// The warning for expired certificates the file serves that clients
+    /// holding the roots do not check: harmless to those, refused by a
+    /// client that needs them (one that has only the older root).
+    pub fn unchecked_warning(&self, cfg: &TlsConfig) -> Option<String> {
+        let gone: Vec<String> = self
+            .expired_unchecked
+            .iter()
+            .map(|(position, subject, end)| {
+                format!(
+                    "certificate {position} ({subject}) expired on {}",
+                    httpdate::fmt_http_date(*end)
+                )
+            })
+            .collect();
+        (!gone.is_empty()).then(|| {
+            format!(
+                "tls.cert_file {}: {}; clients that hold the root above the chain do not check \
+                 it (it is a root, or an intermediate cross-signed by an older root), others \
+                 refuse it; leave it out of the file",
+                cfg.cert_file.display(),
+                gone.join(", ")
             )
         })
     }
@@ -283,10 +339,16 @@ pub fn load(cfg: &TlsConfig) -> Result<ServerTls, TlsError> {
         return Err(TlsError::NoCertificate(cfg.cert_file.clone()));
     };
     let (not_before, not_after) = validity::validity(leaf).unzip();
-    if let Some(not_after) = not_after.filter(|t| *t < SystemTime::now()) {
+    // Each certificate a client checks must be within its dates: the
+    // first that is not is named.
+    let chain = chain::chain(&certs);
+    let now = SystemTime::now();
+    if let Some(gone) = chain.checked.iter().find(|l| l.not_after < now) {
         return Err(TlsError::Expired {
             path: cfg.cert_file.clone(),
-            not_after,
+            position: gone.position,
+            subject: gone.subject.clone(),
+            not_after: gone.not_after,
         });
     }
     // The error never quotes the file: it holds a private key. Why it
@@ -317,6 +379,12 @@ pub fn load(cfg: &TlsConfig) -> Result<ServerTls, TlsError> {
         config: Arc::new(config),
         not_after,
         not_before,
+        expired_unchecked: chain
+            .others
+            .iter()
+            .filter(|l| l.not_after < now)
+            .map(|l| (l.position, l.subject.clone(), l.not_after))
+            .collect(),
         intermediate_missing: certs.len() == 1 && chain::wants_its_intermediate(leaf),
     })
 }

@@ -559,3 +559,236 @@ fn a_certificate_without_its_intermediate_is_warned_about() {
     assert!(!warned(leaf(false)), "a private CA's, naming nothing");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A CA certificate named `dn`, with `key`, signed by `by` (self-signed
+/// without), valid between `dates` (Unix seconds; rcgen's far defaults
+/// without).
+fn ca_cert(
+    dn: rcgen::DistinguishedName,
+    key: rcgen::KeyPair,
+    by: Option<&(rcgen::Certificate, rcgen::KeyPair)>,
+    dates: Option<(u64, u64)>,
+) -> (rcgen::Certificate, rcgen::KeyPair) {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.distinguished_name = dn;
+    if let Some((from, until)) = dates {
+        let epoch = rcgen::date_time_ymd(1970, 1, 1);
+        params.not_before = epoch + Duration::from_secs(from);
+        params.not_after = epoch + Duration::from_secs(until);
+    }
+    let cert = match by {
+        Some((c, k)) => params.signed_by(&key, c, k).unwrap(),
+        None => params.self_signed(&key).unwrap(),
+    };
+    (cert, key)
+}
+
+fn common_name(name: &str) -> rcgen::DistinguishedName {
+    let mut dn = rcgen::DistinguishedName::new();
+    dn.push(rcgen::DnType::CommonName, name);
+    dn
+}
+
+/// A "localhost" certificate signed by `by`: (cert, key) as PEM.
+fn localhost_signed_by(by: &(rcgen::Certificate, rcgen::KeyPair)) -> (String, String) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .signed_by(&key, &by.0, &by.1)
+        .unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+/// The server's certificate in date, followed by the intermediate that
+/// signed it, which ran out on 2025-02-01 (a chain file left from before
+/// the CA's intermediate changed): every client refuses the chain
+/// (`certificate expired`, checked below with a rustls client against a
+/// server of the test's), yet check-config, the start and a reload took
+/// it, looking at the first certificate's dates only. Now each says which
+/// certificate ran out (its place and subject) and when, check-config
+/// and the start exit, and a reload keeps the chain it serves.
+#[test]
+fn an_expired_intermediate_is_refused_and_named() {
+    let fake = fake(&["k1"], |_| {});
+    let (relay, ca) = tls_relay(&fake.url(), |_| {});
+    let tls = relay.cfg.tls.clone().unwrap();
+    let dir = tls.cert_file.parent().unwrap().to_path_buf();
+    let root = ca_cert(
+        common_name("Test Root"),
+        rcgen::KeyPair::generate().unwrap(),
+        None,
+        None,
+    );
+    let intermediate = ca_cert(
+        common_name("Test Intermediate"),
+        rcgen::KeyPair::generate().unwrap(),
+        Some(&root),
+        // 2020-01-01 to 2025-02-01.
+        Some((1_577_836_800, 1_738_368_000)),
+    );
+    let (cert, key) = localhost_signed_by(&intermediate);
+    let chain = cert + &intermediate.0.pem();
+    // What a client makes of it: refused as expired.
+    let refused = client_verdict(&chain, &key, &root.0.pem());
+    assert!(refused.contains("expired"), "{refused}");
+    std::fs::write(&tls.cert_file, &chain).unwrap();
+    std::fs::write(&tls.key_file, &key).unwrap();
+    let named = |text: &str| {
+        text.contains("certificate 2 of the chain (CN=Test Intermediate)")
+            && text.contains("expired on Sat, 01 Feb 2025 00:00:00 GMT")
+            && !text.contains("PRIVATE")
+    };
+    // check-config: one line naming it, exit 3.
+    let (code, said) = check_tls_config(&dir, &fake.url());
+    assert_eq!(code, Some(3), "{said}");
+    let lines: Vec<_> = said.lines().filter(|l| l.contains("cert.pem")).collect();
+    assert_eq!(lines.len(), 1, "{said}");
+    assert!(named(lines[0]), "{said}");
+    // A reload keeps the chain it serves.
+    let log = relay.handle.reload(&relay.cfg).unwrap();
+    assert!(
+        log.iter().any(|l| l.contains("not reloaded") && named(l)),
+        "{log:?}"
+    );
+    wss_connect(relay.addr(), &ca, &relay.token("d")).unwrap();
+    // The start refuses it.
+    let Err(err) = clio_relay::cli::server::start(&relay.cfg) else {
+        panic!("the start refuses it");
+    };
+    let err = err.to_string();
+    assert!(named(&err), "{err}");
+    // The root in the file too: the same (clients hold their own).
+    std::fs::write(&tls.cert_file, chain.clone() + &root.0.pem()).unwrap();
+    let (code, said) = check_tls_config(&dir, &fake.url());
+    assert_eq!(code, Some(3), "{said}");
+    assert!(named(&said), "{said}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// What a rustls client that trusts `root_pem` says of a server (on a
+/// socket of the test's) serving `chain_pem` with `key_pem`: "accepted",
+/// or its error.
+fn client_verdict(chain_pem: &str, key_pem: &str, root_pem: &str) -> String {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+    let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let serving = std::thread::spawn(move || {
+        let (mut tcp, _) = listener.accept().unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut conn = rustls::ServerConnection::new(std::sync::Arc::new(server)).unwrap();
+        while conn.is_handshaking() {
+            if conn.complete_io(&mut tcp).is_err() {
+                break;
+            }
+        }
+    });
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(root_pem.as_bytes()).unwrap())
+        .unwrap();
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let mut conn =
+        rustls::ClientConnection::new(std::sync::Arc::new(client), "localhost".try_into().unwrap())
+            .unwrap();
+    let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut verdict = "accepted".to_string();
+    while conn.is_handshaking() {
+        if let Err(e) = conn.complete_io(&mut tcp) {
+            verdict = e.to_string();
+            break;
+        }
+    }
+    drop(tcp);
+    serving.join().unwrap();
+    verdict
+}
+
+/// A chain that ends with an intermediate cross-signed by an older root
+/// which ran out (as Let's Encrypt's "ISRG Root X1" cross-signed by "DST
+/// Root CA X3" did): clients that hold the newer root, one of the public
+/// roots, stop before it and accept the chain; only a client that holds
+/// the old root alone needs it. That one is not refused: it is warned
+/// about, and served.
+#[test]
+fn an_expired_cross_sign_above_a_public_root_is_warned_about() {
+    let fake = fake(&["k1"], |_| {});
+    let (relay, _) = tls_relay(&fake.url(), |_| {});
+    let tls = relay.cfg.tls.clone().unwrap();
+    let dir = tls.cert_file.parent().unwrap().to_path_buf();
+    // Named as ISRG Root X1 is among the public roots.
+    let mut isrg = rcgen::DistinguishedName::new();
+    for (ty, v) in [
+        (rcgen::DnType::CountryName, "US"),
+        (
+            rcgen::DnType::OrganizationName,
+            "Internet Security Research Group",
+        ),
+        (rcgen::DnType::CommonName, "ISRG Root X1"),
+    ] {
+        isrg.push(ty, rcgen::DnValue::PrintableString(v.try_into().unwrap()));
+    }
+    let old = ca_cert(
+        common_name("Old Root"),
+        rcgen::KeyPair::generate().unwrap(),
+        None,
+        None,
+    );
+    let new_root = ca_cert(
+        isrg.clone(),
+        rcgen::KeyPair::generate().unwrap(),
+        None,
+        None,
+    );
+    let cross = ca_cert(
+        isrg,
+        rcgen::KeyPair::from_pem(&new_root.1.serialize_pem()).unwrap(),
+        Some(&old),
+        // 2021-01-20 to 2024-09-30.
+        Some((1_611_100_800, 1_727_654_400)),
+    );
+    let intermediate = ca_cert(
+        common_name("Test Intermediate"),
+        rcgen::KeyPair::generate().unwrap(),
+        Some(&new_root),
+        None,
+    );
+    let (cert, key) = localhost_signed_by(&intermediate);
+    let chain = cert + &intermediate.0.pem() + &cross.0.pem();
+    assert_eq!(client_verdict(&chain, &key, &new_root.0.pem()), "accepted");
+    assert!(client_verdict(&chain, &key, &old.0.pem()).contains("expired"));
+    std::fs::write(&tls.cert_file, &chain).unwrap();
+    std::fs::write(&tls.key_file, &key).unwrap();
+    let (code, said) = check_tls_config(&dir, &fake.url());
+    assert_eq!(code, Some(0), "{said}");
+    assert!(
+        said.lines()
+            .any(|l| l.starts_with("warning: tls.cert_file ")
+                && l.contains(
+                    "certificate 3 (CN=ISRG Root X1,O=Internet Security Research Group,C=US) \
+                 expired on Mon, 30 Sep 2024 00:00:00 GMT"
+                )
+                && l.contains("leave it out")),
+        "{said}"
+    );
+    relay.handle.reload(&relay.cfg).unwrap();
+    wss_connect(relay.addr(), &new_root.0.pem(), &relay.token("d")).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+}
