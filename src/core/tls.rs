@@ -220,14 +220,20 @@ impl fmt::Display for PemProblem<'_> {
     }
 }
 
-/// The client port's TLS config, and the end of its certificate's
-/// validity, for the reload's log.
+/// The client port's TLS config, and the end of its chain's validity,
+/// for the reload's log.
 #[derive(Debug)]
 pub struct ServerTls {
     /// What the shards serve.
     pub config: Arc<rustls::ServerConfig>,
-    /// The server certificate's `notAfter` (`None`: not read).
+    /// When the chain stops working: the earliest `notAfter` of the
+    /// certificates clients check, the server's own and the CA
+    /// certificates above it in the file (`tls/chain.rs`); `None`: not
+    /// read.
     pub not_after: Option<SystemTime>,
+    /// The certificate that ends at `not_after` when it is not the
+    /// server's own: its place in the file and its subject.
+    pub ends_first: Option<(usize, String)>,
     /// The server certificate's `notBefore`.
     pub not_before: Option<SystemTime>,
     /// Certificates the file serves that clients holding the roots do
@@ -259,13 +265,21 @@ impl ServerTls {
         }
         let end = self.not_after?;
         let left = end.duration_since(now).ok()?;
-        (left < RENEW_WARNING).then(|| {
-            format!(
+        (left < RENEW_WARNING).then(|| match &self.ends_first {
+            None => format!(
                 "tls.cert_file {path}: the certificate expires on {}, in {} days; renew it \
                  (then reload)",
                 httpdate::fmt_http_date(end),
                 left.as_secs() / 86_400
-            )
+            ),
+            Some((position, subject)) => format!(
+                "tls.cert_file {path}: certificate {position} of the chain ({subject}), a CA \
+                 certificate clients check the server's by, expires on {}, in {} days, and \
+                 every client will refuse the chain then; give the certificate followed by its \
+                 CA's current chain (then reload)",
+                httpdate::fmt_http_date(end),
+                left.as_secs() / 86_400
+            ),
         })
     }
 
@@ -311,10 +325,14 @@ impl ServerTls {
 
     /// The reload's log line: which file, and until when it is valid.
     pub fn describe(&self, cfg: &TlsConfig) -> String {
-        let until = self.not_after.map_or_else(
-            || "end date not read".to_string(),
-            |t| format!("valid until {}", httpdate::fmt_http_date(t)),
-        );
+        let until = match (self.not_after, &self.ends_first) {
+            (None, _) => "end date not read".to_string(),
+            (Some(t), None) => format!("valid until {}", httpdate::fmt_http_date(t)),
+            (Some(t), Some((position, subject))) => format!(
+                "valid until {}, certificate {position}'s end ({subject})",
+                httpdate::fmt_http_date(t)
+            ),
+        };
         format!(
             "client-port TLS certificate read from tls.cert_file {} ({until})",
             cfg.cert_file.display()
@@ -338,7 +356,7 @@ pub fn load(cfg: &TlsConfig) -> Result<ServerTls, TlsError> {
     let Some(leaf) = certs.first() else {
         return Err(TlsError::NoCertificate(cfg.cert_file.clone()));
     };
-    let (not_before, not_after) = validity::validity(leaf).unzip();
+    let not_before = validity::validity(leaf).map(|(start, _)| start);
     // Each certificate a client checks must be within its dates: the
     // first that is not is named.
     let chain = chain::chain(&certs);
@@ -351,6 +369,7 @@ pub fn load(cfg: &TlsConfig) -> Result<ServerTls, TlsError> {
             not_after: gone.not_after,
         });
     }
+    let first = chain.ends_first();
     // The error never quotes the file: it holds a private key. Why it
     // could not be opened or read (permissions, a dangling link) quotes
     // nothing, so it is said.
@@ -377,7 +396,10 @@ pub fn load(cfg: &TlsConfig) -> Result<ServerTls, TlsError> {
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(ServerTls {
         config: Arc::new(config),
-        not_after,
+        not_after: first.map(|l| l.not_after),
+        ends_first: first
+            .filter(|l| l.position != 1)
+            .map(|l| (l.position, l.subject.clone())),
         not_before,
         expired_unchecked: chain
             .others

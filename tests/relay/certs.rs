@@ -600,6 +600,22 @@ fn localhost_signed_by(by: &(rcgen::Certificate, rcgen::KeyPair)) -> (String, St
     (cert.pem(), key.serialize_pem())
 }
 
+/// Now, in Unix seconds.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// The relay's `clio_relay_tls_certificate_expiry_timestamp_seconds`.
+fn expiry_metric(relay: &Relay) -> Option<String> {
+    let (_, m) = http(relay.handle.admin_addr, "GET", "/metrics", None, None);
+    m.lines()
+        .find_map(|l| l.strip_prefix("clio_relay_tls_certificate_expiry_timestamp_seconds "))
+        .map(str::to_owned)
+}
+
 /// The server's certificate in date, followed by the intermediate that
 /// signed it, which ran out on 2025-02-01 (a chain file left from before
 /// the CA's intermediate changed): every client refuses the chain
@@ -721,12 +737,62 @@ fn client_verdict(chain_pem: &str, key_pem: &str, root_pem: &str) -> String {
     verdict
 }
 
+/// An intermediate that ends before the server's certificate (here in 5
+/// days, the certificate in years): the chain stops working at its end.
+/// The metric held the server certificate's end, so an alert on it saw
+/// nothing coming, nor did the start's and reloads' warning. Now the
+/// metric is the chain's earliest end, and the warning and the reload's
+/// line name the certificate that ends first.
+#[test]
+fn the_chains_earliest_end_is_the_metric_and_warned_about() {
+    let fake = fake(&["k1"], |_| {});
+    let (relay, _) = tls_relay(&fake.url(), |_| {});
+    let tls = relay.cfg.tls.clone().unwrap();
+    let dir = tls.cert_file.parent().unwrap().to_path_buf();
+    let root = ca_cert(
+        common_name("Test Root"),
+        rcgen::KeyPair::generate().unwrap(),
+        None,
+        None,
+    );
+    let end = unix_now() + 5 * 86_400;
+    let intermediate = ca_cert(
+        common_name("Test Intermediate"),
+        rcgen::KeyPair::generate().unwrap(),
+        Some(&root),
+        Some((unix_now() - 86_400, end)),
+    );
+    let (cert, key) = localhost_signed_by(&intermediate);
+    std::fs::write(&tls.cert_file, cert + &intermediate.0.pem()).unwrap();
+    std::fs::write(&tls.key_file, &key).unwrap();
+    let (code, said) = check_tls_config(&dir, &fake.url());
+    assert_eq!(code, Some(0), "{said}");
+    assert!(
+        said.lines()
+            .any(|l| l.starts_with("warning: tls.cert_file ")
+                && l.contains("certificate 2 of the chain (CN=Test Intermediate)")
+                && l.contains("expires on")
+                && l.contains("in 4 days")),
+        "{said}"
+    );
+    let log = relay.handle.reload(&relay.cfg).unwrap();
+    assert!(
+        log.iter()
+            .any(|l| l.contains("certificate 2's end (CN=Test Intermediate)")),
+        "{log:?}"
+    );
+    assert_eq!(expiry_metric(&relay), Some(end.to_string()));
+    // It is still served: a client that trusts the root connects.
+    wss_connect(relay.addr(), &root.0.pem(), &relay.token("d")).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// A chain that ends with an intermediate cross-signed by an older root
 /// which ran out (as Let's Encrypt's "ISRG Root X1" cross-signed by "DST
 /// Root CA X3" did): clients that hold the newer root, one of the public
 /// roots, stop before it and accept the chain; only a client that holds
 /// the old root alone needs it. That one is not refused: it is warned
-/// about, and served.
+/// about, and the metric and the warnings of the end leave it out.
 #[test]
 fn an_expired_cross_sign_above_a_public_root_is_warned_about() {
     let fake = fake(&["k1"], |_| {});
@@ -789,6 +855,8 @@ fn an_expired_cross_sign_above_a_public_root_is_warned_about() {
         "{said}"
     );
     relay.handle.reload(&relay.cfg).unwrap();
+    // rcgen's default end, 4096-01-01: the cross-sign's is not the chain's.
+    assert_eq!(expiry_metric(&relay).as_deref(), Some("67090118400"));
     wss_connect(relay.addr(), &new_root.0.pem(), &relay.token("d")).unwrap();
     std::fs::remove_dir_all(&dir).ok();
 }

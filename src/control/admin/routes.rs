@@ -395,7 +395,7 @@ async fn metrics(admin: &Admin) -> String {
             &mut body,
             "clio_relay_tls_certificate_expiry_timestamp_seconds",
             Kind::Gauge,
-            "When the client port's certificate ([tls]) expires, in seconds since the epoch: the one served now (read at the start and at each reload that took it).",
+            "When the client port's certificate chain ([tls]) stops working, in seconds since the epoch: the earliest end of the certificates clients check in the one served now, the server's own or an intermediate (read at the start and at each reload that took it).",
         )
         .sample(&[], tls_end);
     }

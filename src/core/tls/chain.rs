@@ -49,6 +49,14 @@ pub struct Chain {
     pub others: Vec<Link>,
 }
 
+impl Chain {
+    /// The certificate a client checks that ends first: when the chain
+    /// stops working.
+    pub fn ends_first(&self) -> Option<&Link> {
+        self.checked.iter().min_by_key(|l| l.not_after)
+    }
+}
+
 /// [`Chain`] of `certs`, the file's certificates, the server's first.
 pub fn chain(certs: &[CertificateDer<'_>]) -> Chain {
     let parsed: Vec<Option<Certificate>> = certs
@@ -247,6 +255,7 @@ mod tests {
             c.checked[1].not_after,
             SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_735_689_600)
         );
+        assert_eq!(c.ends_first().unwrap().position, 2);
         // Out of order: found by name all the same.
         let c = chain(&ders(&[&server, root.0.der(), mid.0.der()]));
         assert_eq!(places(&c.checked), [1, 3]);
