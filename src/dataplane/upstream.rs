@@ -4,10 +4,11 @@
 //! The upgrade answer is read into the stream's upstream read buffer; bytes
 //! after it are the first upstream frames and stay where they are.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_rustls::TlsConnector;
 use rustls::pki_types::pem::PemObject;
@@ -251,7 +252,25 @@ impl UpstreamTarget {
         limit: Duration,
         unsent: usize,
     ) -> Result<Duplex, ConnectError> {
-        let open = self.connect_inner(key, key_in_header, buf, limit, unsent);
+        let started = Instant::now();
+        // The name first, under the same limit: a resolver that does not
+        // answer is the URL's trouble, not the account's, so it is not a
+        // `Timeout` (which holds the account off).
+        let addrs = match crate::dataplane::io::timeout(limit, self.addrs.get()).await {
+            Some(Ok(addrs)) => addrs,
+            Some(Err(e)) if crate::dataplane::accept::is_file_limit(&e) => {
+                return Err(ConnectError::FileLimit)
+            }
+            Some(Err(e)) => return Err(ConnectError::Unavailable(format!("resolve: {e}"))),
+            None => {
+                return Err(ConnectError::Unavailable(format!(
+                    "resolve: no answer for {} within upstream.connect_timeout",
+                    self.host
+                )))
+            }
+        };
+        let limit = limit.saturating_sub(started.elapsed());
+        let open = self.connect_inner(addrs, key, key_in_header, buf, limit, unsent);
         match crate::dataplane::io::timeout(limit, open).await {
             Some(r) => r,
             None => Err(ConnectError::Timeout),
@@ -260,6 +279,7 @@ impl UpstreamTarget {
 
     async fn connect_inner(
         &self,
+        addrs: Vec<SocketAddr>,
         key: &Secret,
         key_in_header: bool,
         buf: &mut Buf,
@@ -269,13 +289,6 @@ impl UpstreamTarget {
         let unavailable = |what: &str, e: &dyn std::fmt::Display| {
             ConnectError::Unavailable(format!("{what}: {e}"))
         };
-        let addrs = self.addrs.get().await.map_err(|e| {
-            if crate::dataplane::accept::is_file_limit(&e) {
-                ConnectError::FileLimit
-            } else {
-                unavailable("resolve", &e)
-            }
-        })?;
         let file_limit = crate::dataplane::accept::is_file_limit;
         let (addr, tcp) = crate::core::dial::first_to_connect(
             &addrs,

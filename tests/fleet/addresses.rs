@@ -327,3 +327,77 @@ fn the_store_is_reported_down_in_time_while_the_resolver_hangs() {
     );
     drop(dns);
 }
+
+/// Whether a stream opened on `node` now, on a token of `cfg`, is
+/// transcribed to its end.
+fn streams(node: &Node, cfg: &clio_relay::core::config::Config) -> bool {
+    let token = crate::process::mint(cfg, "phone");
+    match connect(node.client, &token, Via::Header) {
+        Ok((mut ws, _)) => {
+            let got = stream_session(&mut ws, &config_message(None), &audio_frames(1, 1));
+            got.finished() && got.error_code().is_none()
+        }
+        Err(_) => false,
+    }
+}
+
+/// Upstream's name only in DNS, whose one server never answers (8 s, one
+/// attempt): the relay has never resolved it when streams come. Each
+/// open gives the resolver `upstream.connect_timeout` (5 s) and is
+/// refused, the log naming the resolver; one lookup serves all the opens
+/// waiting, and nothing is held against the account. Once the name
+/// resolves (here: put in the namespace's `/etc/hosts`) streams go
+/// through as soon as the lookup under way has ended. Before, the opens
+/// counted as the account's connect timeouts ("the account is held off":
+/// every shard left it out for a while after the name resolved), and
+/// each open queued a lookup of its own behind the one that hung.
+#[test]
+fn a_resolver_that_does_not_answer_is_not_held_against_the_account() {
+    let redis = RedisServer::start();
+    let Some(dns) = silent_dns() else { return };
+    let fake = fake(&["k1"], |_| {});
+    let cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    let upstream = format!(
+        "ws://soniox.test:{}/transcribe-websocket",
+        fake.addr().port()
+    );
+    let resolv_conf = format!(
+        "nameserver {}\noptions timeout:8 attempts:1\n",
+        dns.local_addr().unwrap().ip()
+    );
+    let node = match Node::spawn_with_resolver(
+        &upstream,
+        &format!("redis://127.0.0.1:{}/0", redis.port),
+        &cfg.tokens.secret,
+        "127.0.0.1 probe.test\n",
+        &resolv_conf,
+        "probe.test",
+        "127.0.0.1",
+    ) {
+        Ok(node) => node,
+        Err(why) => {
+            eprintln!("not checked: {why}");
+            return;
+        }
+    };
+    let opened: Vec<bool> = std::thread::scope(|s| {
+        let opens: Vec<_> = (0..3).map(|_| s.spawn(|| streams(&node, &cfg))).collect();
+        opens.into_iter().map(|o| o.join().unwrap()).collect()
+    });
+    assert_eq!(opened, [false, false, false], "{}", node.log());
+    node.set_hosts("127.0.0.1 probe.test soniox.test\n");
+    // The lookup under way ends 8 s after the first open; the next open
+    // asks again and finds the name.
+    assert!(
+        wait_until(Duration::from_secs(15), || streams(&node, &cfg)),
+        "{}",
+        node.log()
+    );
+    let log = node.log();
+    assert!(
+        log.contains("resolve: no answer for soniox.test within upstream.connect_timeout"),
+        "{log}"
+    );
+    assert!(!log.contains("the account is held off"), "{log}");
+    drop(dns);
+}

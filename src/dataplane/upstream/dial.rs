@@ -28,6 +28,11 @@ pub struct Addresses {
     host: String,
     port: u16,
     state: Rc<RefCell<Resolved>>,
+    /// Held by the one open that asks the resolver before the name has
+    /// ever resolved; the others wait for its answer rather than each
+    /// queueing a lookup of its own on the blocking pool (behind one
+    /// that hangs, a queue that would outlast the resolver's outage).
+    first_lookup: glommio::sync::Semaphore,
 }
 
 #[derive(Debug, Default)]
@@ -51,29 +56,45 @@ impl Addresses {
             host: host.to_string(),
             port,
             state: Rc::default(),
+            first_lookup: glommio::sync::Semaphore::new(1),
         }
     }
 
     /// The addresses to try, in order ([`in_order`]). Only while the name
     /// has never resolved does this wait for the resolver (and fail with
-    /// it); after that it answers at once (see the module doc).
+    /// it), one lookup at a time however many opens wait; after that it
+    /// answers at once (see the module doc).
     pub async fn get(&self) -> io::Result<Vec<SocketAddr>> {
-        {
-            let mut r = self.state.borrow_mut();
-            if let Some(due) = r.due {
-                if Instant::now() >= due && !r.refreshing {
-                    r.refreshing = true;
-                    let (host, port, state) = (self.host.clone(), self.port, self.state.clone());
-                    glommio::spawn_local(refresh(host, port, state)).detach();
-                }
-                return Ok(r.addrs.clone());
-            }
+        if let Some(addrs) = self.known() {
+            return Ok(addrs);
+        }
+        let _turn = self
+            .first_lookup
+            .acquire_permit(1)
+            .await
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        // The open that had the turn before may have got the answer.
+        if let Some(addrs) = self.known() {
+            return Ok(addrs);
         }
         let addrs = lookup(self.host.clone(), self.port).await?;
         let mut r = self.state.borrow_mut();
         r.addrs = in_order(&addrs, r.last_good);
         r.due = Some(Instant::now() + DNS_TTL);
         Ok(r.addrs.clone())
+    }
+
+    /// The addresses kept, once the name has resolved (starting a
+    /// refresh in the background when they are due for one).
+    fn known(&self) -> Option<Vec<SocketAddr>> {
+        let mut r = self.state.borrow_mut();
+        let due = r.due?;
+        if Instant::now() >= due && !r.refreshing {
+            r.refreshing = true;
+            let (host, port, state) = (self.host.clone(), self.port, self.state.clone());
+            glommio::spawn_local(refresh(host, port, state)).detach();
+        }
+        Some(r.addrs.clone())
     }
 
     /// A connection went to `addr`: it is tried first from now on.
