@@ -8,7 +8,7 @@
 //! which slots and keys exist, so they go through a new ring version.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::core::config::AccountConfig;
@@ -169,9 +169,15 @@ pub struct Accounts {
     /// at start): an account must belong to one of them.
     pools: Vec<String>,
     entries: Vec<Entry>,
-    /// Account ids by metrics index. Append-only, so the index a live
-    /// stream recorded stays valid whatever changes.
-    metrics_ids: Vec<String>,
+    /// Account ids by metrics index, each with the state of the account
+    /// that holds it. An index stays with its id while anything holds
+    /// that state (the set, a live stream's lease, a shard's ring not yet
+    /// replaced), so the index a stream records into is its own
+    /// account's whatever changes; then [`Accounts::free_metrics_slots`]
+    /// frees it (its id becomes empty: the account's series go) and a new
+    /// id takes it. So add-and-remove churn keeps the per-account series
+    /// and counters bounded.
+    metrics_ids: Vec<(String, Weak<AccountState>)>,
     /// Removed accounts' states while streams still run on them: one
     /// added again under the same id, in the same pool, takes its state
     /// back, so its limit counts those streams (on the same key at
@@ -324,9 +330,25 @@ impl Accounts {
         &self.pools
     }
 
-    /// Account ids by metrics index.
+    /// Account ids by metrics index ("" for an index no account holds).
     pub fn metrics_ids(&self) -> Arc<[String]> {
-        self.metrics_ids.clone().into()
+        self.metrics_ids.iter().map(|(id, _)| id.clone()).collect()
+    }
+
+    /// Frees the metrics index of every account gone from the set whose
+    /// state nothing holds any more (no live stream, no shard's ring).
+    /// Returns whether one was freed: then the ids are to be published
+    /// again, so that the shards drop its counters and its series go.
+    pub fn free_metrics_slots(&mut self) -> bool {
+        self.removed.retain(|s| s.live.load(Ordering::Relaxed) > 0);
+        let mut freed = false;
+        for (id, holder) in &mut self.metrics_ids {
+            if !id.is_empty() && holder.strong_count() == 0 {
+                id.clear();
+                freed = true;
+            }
+        }
+        freed
     }
 
     /// The ring version shards should run: every account with its current key.
@@ -356,7 +378,8 @@ impl Accounts {
     }
 
     /// Adds an account. Its live count starts at zero; if an account of the
-    /// same id was removed earlier, its metrics index is reused.
+    /// same id was removed earlier and its index is not yet freed, its
+    /// metrics index (and counters) are reused.
     #[allow(clippy::too_many_arguments)]
     pub fn add(
         &mut self,
@@ -390,14 +413,20 @@ impl Accounts {
                 "at most {MAX_ACCOUNTS} accounts"
             )));
         }
-        let metrics_index = match self.metrics_ids.iter().position(|m| m == id) {
+        self.free_metrics_slots();
+        let metrics_index = match self.metrics_ids.iter().position(|(m, _)| m == id) {
             Some(i) => i,
-            None => {
-                self.metrics_ids.push(id.to_string());
-                self.metrics_ids.len() - 1
-            }
+            None => match self.metrics_ids.iter().position(|(m, _)| m.is_empty()) {
+                Some(i) => {
+                    self.metrics_ids[i].0 = id.to_string();
+                    i
+                }
+                None => {
+                    self.metrics_ids.push((id.to_string(), Weak::new()));
+                    self.metrics_ids.len() - 1
+                }
+            },
         };
-        self.removed.retain(|s| s.live.load(Ordering::Relaxed) > 0);
         let state = match self
             .removed
             .iter()
@@ -424,6 +453,7 @@ impl Accounts {
                 self.epoch,
             ),
         };
+        self.metrics_ids[metrics_index].1 = Arc::downgrade(&state);
         self.entries.push(Entry {
             state,
             current: KeySlot::new(key, key_created_at),
@@ -798,7 +828,9 @@ mod tests {
     #[test]
     fn changes_publish_new_rings_with_stable_metrics_indices() {
         let mut s = set();
-        assert_eq!(s.ring().len(), 2);
+        // A shard's ring, not yet replaced, holds "a" and its index.
+        let held = s.ring();
+        assert_eq!(held.len(), 2);
         s.remove("a").unwrap();
         s.add(
             "c",
@@ -831,6 +863,28 @@ mod tests {
         assert_eq!(
             &*s.metrics_ids(),
             &["a".to_string(), "b".into(), "c".into()]
+        );
+        // Once nothing holds a removed account, its index is freed and the
+        // next new id takes it.
+        drop(held);
+        s.remove("c").unwrap();
+        assert!(s.free_metrics_slots());
+        assert_eq!(&*s.metrics_ids(), &["a".to_string(), "b".into(), "".into()]);
+        s.add(
+            "d",
+            Secret::new("key-d"),
+            "",
+            "default",
+            true,
+            5,
+            0,
+            Source::Store,
+        )
+        .unwrap();
+        assert_eq!(s.get("d").unwrap().state.metrics_index, 2);
+        assert_eq!(
+            &*s.metrics_ids(),
+            &["a".to_string(), "b".into(), "d".into()]
         );
         assert_eq!(
             s.add(

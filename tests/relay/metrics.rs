@@ -315,3 +315,75 @@ fn frames_and_bytes_count_the_frames_passed_on_with_their_headers() {
         "{m}"
     );
 }
+
+/// The account ids the per-account series of a scrape name.
+fn account_labels(metrics: &str) -> std::collections::BTreeSet<String> {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("clio_relay_account_"))
+        .filter_map(|l| {
+            let rest = &l[l.find("account=\"")? + "account=\"".len()..];
+            Some(rest[..rest.find('"')?].to_string())
+        })
+        .collect()
+}
+
+/// Accounts added and removed through the admin API, each under an id of
+/// its own, leave no series behind once they are gone and their streams
+/// have ended. Before, every id ever added kept its per-account series
+/// (14 of them, and their counters on every shard) for the life of the
+/// process: an operator or a script adding and removing accounts grew
+/// every scrape, and the relay's memory, without bound. A removed
+/// account's series stay while a stream still runs on it, and count it.
+#[test]
+fn removed_accounts_leave_no_series_behind() {
+    const ADMIN: &str = "admin-token-for-tests-0123456789";
+    let fake = fake(&["key-a", "key-x"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("acct-a", "key-a")]);
+    cfg.admin.token = Some(clio_relay::core::secret::Secret::new(ADMIN));
+    let relay = Relay::start(cfg);
+    let admin = relay.handle.admin_addr;
+    let call = |method: &str, path: &str, body: Option<String>| {
+        let (status, answer) = http(admin, method, path, Some(ADMIN), body.as_deref());
+        assert_eq!(status, 200, "{method} {path}: {answer}");
+    };
+    let add = |id: &str| {
+        let body = serde_json::json!({"id": id, "key": "key-x"}).to_string();
+        call("POST", "/admin/accounts", Some(body));
+    };
+
+    // A stream on an account that is then removed: its series stay, and
+    // count the stream to its end.
+    add("acct-live");
+    call("POST", "/admin/accounts/acct-a/disable", None);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev-1"), Via::Header).unwrap();
+    let live = r#"clio_relay_account_streams_active{account="acct-live"}"#;
+    assert!(
+        wait_until(LIMIT, || series_value(&metrics(&relay), live) == Some(1.0)),
+        "the stream never opened on acct-live: {}",
+        metrics(&relay)
+    );
+    call("POST", "/admin/accounts/acct-a/enable", None);
+    call("DELETE", "/admin/accounts/acct-live", None);
+    for i in 0..20 {
+        add(&format!("acct-tmp-{i}"));
+        call("DELETE", &format!("/admin/accounts/acct-tmp-{i}"), None);
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        series_value(&metrics(&relay), live),
+        Some(1.0),
+        "a removed account's live stream is no longer counted: {}",
+        metrics(&relay)
+    );
+    let r = stream_session(&mut ws, &config_message(None), &audio_frames(3, 1));
+    assert!(r.finished(), "{}", r.text());
+    drop(ws);
+
+    let only_a = std::collections::BTreeSet::from(["acct-a".to_string()]);
+    assert!(
+        wait_until(LIMIT, || account_labels(&metrics(&relay)) == only_a),
+        "removed accounts' series stay: {:?}",
+        account_labels(&metrics(&relay))
+    );
+}

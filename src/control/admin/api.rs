@@ -374,9 +374,16 @@ pub(super) fn stats(admin: &Admin, shards: &[crate::core::metrics::MetricsSnapsh
     }))
 }
 
-/// Once a second on the admin thread: retire keys whose overlap is over,
-/// and warn (once a day per key) about keys due for rotation.
+/// Once a second on the admin thread: free the metrics indices of removed
+/// accounts nothing holds, retire keys whose overlap is over, and warn
+/// (once a day per key) about keys due for rotation.
 pub(super) fn housekeeping(admin: &Admin) {
+    // Removed accounts whose last stream has ended: their metrics index
+    // is freed and their series go.
+    let freed = admin.accounts.set.borrow_mut().free_metrics_slots();
+    if freed {
+        admin.publish();
+    }
     let now = unix_now();
     let overdue = admin.accounts.set.borrow_mut().expire_retiring(now);
     for k in overdue {

@@ -538,7 +538,8 @@ impl ShardMetrics {
 
     /// The account list changed. Counters of ids that remain are kept (by
     /// id, whatever their new index); ids that left are dropped; new ids
-    /// start at zero. Later calls address accounts by index into the new
+    /// start at zero; an empty id is an index no account holds, left out
+    /// of snapshots. Later calls address accounts by index into the new
     /// list.
     pub fn set_accounts(&self, account_ids: &[String]) {
         let mut accounts = self.accounts.borrow_mut();
@@ -565,7 +566,14 @@ impl ShardMetrics {
             read_buffers: (0, 0),
             unauthenticated: 0,
             traffic: [self.traffic[0].get(), self.traffic[1].get()],
-            accounts: self.accounts.borrow().clone(),
+            // An empty id is an index no account holds (freed).
+            accounts: self
+                .accounts
+                .borrow()
+                .iter()
+                .filter(|a| !a.id.is_empty())
+                .cloned()
+                .collect(),
             errors,
             hists: Hist::ALL.map(|h| self.hists[h.index()].borrow().clone()),
             failovers: self.failovers.get(),
