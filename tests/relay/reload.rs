@@ -434,6 +434,15 @@ fn a_reload_names_the_settings_it_changed_and_no_value() {
     // The same file again: nothing changed, and nothing is said to have.
     let log = relay.handle.reload(&file).unwrap();
     assert!(!log.iter().any(|l| l.starts_with("changed")), "{log:?}");
+    // `[alerts]` is named as the file's section, not as `[usage]` (it
+    // was: an operator who changed the webhook or a threshold found
+    // `[usage]` in the log, and no `[alerts]`).
+    file.usage.alerts.error_rate = 0.2;
+    let log = relay.handle.reload(&file).unwrap();
+    assert!(log.iter().any(|l| l == "changed: [alerts]"), "{log:?}");
+    file.usage.persist_interval += Duration::from_secs(1);
+    let log = relay.handle.reload(&file).unwrap();
+    assert!(log.iter().any(|l| l == "changed: [usage]"), "{log:?}");
     // Still served (the new allow list holds the test's address).
     let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
     let got = stream_session(&mut ws, &config_message(None), &audio_frames(2, 1));

@@ -89,7 +89,16 @@ impl Config {
         if old.devices != new.devices {
             names.push("[devices]");
         }
-        if old.usage != new.usage {
+        // `[alerts]` is a section of the file of its own, though the
+        // config keeps it with the usage settings: each is named apart.
+        if old.usage.alerts != new.usage.alerts {
+            names.push("[alerts]");
+        }
+        let without_alerts = |c: &Config| super::UsageConfig {
+            alerts: old.usage.alerts.clone(),
+            ..c.usage.clone()
+        };
+        if without_alerts(old) != without_alerts(new) {
             names.push("[usage]");
         }
         for (differs, name) in [
