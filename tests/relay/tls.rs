@@ -112,6 +112,15 @@ fn upstream_tls_without_the_ca_fails_with_502() {
             .any(|l| l == "clio_relay_upstream_config_fault 495"),
         "{metrics}"
     );
+    // Its HELP says what 495 means (it named 400 and 404 only).
+    let help = metrics
+        .lines()
+        .find(|l| l.starts_with("# HELP clio_relay_upstream_config_fault "))
+        .unwrap();
+    assert!(
+        help.contains("495") && help.contains("certificate"),
+        "{help}"
+    );
     assert!(no_account_blamed(&relay));
 }
 

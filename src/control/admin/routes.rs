@@ -384,7 +384,7 @@ async fn metrics(admin: &Admin) -> String {
         &mut body,
         "clio_relay_upstream_config_fault",
         Kind::Gauge,
-        "The HTTP status (400, 404) upstream answered the WebSocket upgrade with while upstream.url is misconfigured; 0 when it is not.",
+        "While upstream.url is misconfigured, the HTTP status upstream answered the WebSocket upgrade with (400, 404, 405, 426, a 1xx-3xx other than 101), or 495 while the relay refuses its TLS certificate; 0 when neither.",
     )
     .sample(&[], process.upstream_fault.get().unwrap_or(0));
     let tls_end = process
