@@ -72,7 +72,7 @@ KNOWN = {
     "clio_relay_account_first_result_seconds_sum",
     "clio_relay_account_first_result_seconds_count",
     "clio_relay_alerts_firing", "clio_relay_upstream_config_fault", "clio_relay_refusals_total",
-    "clio_relay_account_info", "clio_relay_pool_streams_active",
+    "clio_relay_account_info", "clio_relay_account_healthy", "clio_relay_pool_streams_active",
     "clio_relay_pool_max_concurrent_streams", "clio_relay_pool_accounts",
     "clio_relay_pool_accounts_healthy", "clio_relay_pool_max_streams",
     "clio_relay_pool_refusals_total", "clio_relay_resume_copy_bytes",

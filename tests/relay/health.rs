@@ -155,3 +155,44 @@ fn an_upstream_on_ipv6_has_its_keys_checked() {
     )[0]
     .1));
 }
+
+/// A key Soniox refuses is named in the scrape:
+/// `clio_relay_account_healthy{account}` is 0 for its account while the
+/// checks hold it off, and 1 again once a check passes. Before, only the
+/// count `clio_relay_accounts_healthy` said that one was out: the checks
+/// keep every stream off the refused key, so its account's errors never
+/// rise, and no alert named it or fired (short of every account out).
+#[test]
+fn a_refused_key_is_named_in_the_scrape() {
+    let fake = fake(&["k1", "k2"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1"), ("b", "k2")]);
+    cfg.admin.health_interval = Duration::from_millis(100);
+    let relay = Relay::start(cfg);
+    let healthy = || {
+        let (_, metrics) = http(relay.handle.admin_addr, "GET", "/metrics", None, None);
+        (
+            series_value(&metrics, r#"clio_relay_account_healthy{account="a"}"#),
+            series_value(&metrics, r#"clio_relay_account_healthy{account="b"}"#),
+        )
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || healthy()
+            == (Some(1.0), Some(1.0))),
+        "{:?}",
+        healthy()
+    );
+    fake.set_key_reject("k1", Some(401));
+    assert!(
+        wait_until(Duration::from_secs(10), || healthy()
+            == (Some(0.0), Some(1.0))),
+        "{:?}",
+        healthy()
+    );
+    fake.set_key_reject("k1", None);
+    assert!(
+        wait_until(Duration::from_secs(10), || healthy()
+            == (Some(1.0), Some(1.0))),
+        "{:?}",
+        healthy()
+    );
+}

@@ -83,10 +83,10 @@ impl PoolView {
     }
 }
 
-/// The per-pool families of `/metrics`, and `clio_relay_account_info`,
+/// The per-pool families of `/metrics`, `clio_relay_account_info`,
 /// which gives each account's pool (and region) to join the per-account
-/// series on.
-pub fn render_metrics(views: &[PoolView], ring: &[RingSlot], out: &mut String) {
+/// series on, and `clio_relay_account_healthy` as of `now`.
+pub fn render_metrics(views: &[PoolView], ring: &[RingSlot], now: Instant, out: &mut String) {
     let mut f = family(
         out,
         "clio_relay_account_info",
@@ -102,6 +102,18 @@ pub fn render_metrics(views: &[PoolView], ring: &[RingSlot], out: &mut String) {
                 ("region", &a.region()),
             ],
             1,
+        );
+    }
+    let mut f = family(
+        out,
+        "clio_relay_account_healthy",
+        Kind::Gauge,
+        "1 while the account takes streams as far as upstream goes; 0 while it is held off: its key refused (401, 402, by upstream or a health check) or its connects timing out.",
+    );
+    for s in ring {
+        f.sample(
+            &[("account", &s.account.id)],
+            u8::from(s.account.healthy(now)),
         );
     }
     type Family = (&'static str, &'static str, fn(&PoolView) -> u64);
@@ -183,7 +195,7 @@ mod tests {
         assert_eq!((v[0].accounts, v[0].max_concurrent_streams), (1, 10));
         assert_eq!((v[2].accounts, v[2].max_concurrent_streams), (0, 0));
         let mut out = String::new();
-        render_metrics(&v, &ring, &mut out);
+        render_metrics(&v, &ring, Instant::now(), &mut out);
         for line in [
             r#"clio_relay_account_info{account="eu-2",pool="eu",region="eu-west"} 1"#,
             r#"clio_relay_pool_streams_active{pool="eu"} 3"#,

@@ -361,8 +361,8 @@ async fn metrics(admin: &Admin) -> String {
     let mut body = render_prometheus(&snaps, &gauges);
     api::render_key_metrics(admin, &mut body);
     let ring = admin.process.ring();
-    let views = pools::views(&admin.pools, &ring, Instant::now());
-    pools::render_metrics(&views, &ring, &mut body);
+    let views = pools::views(&admin.pools, &ring, now);
+    pools::render_metrics(&views, &ring, now, &mut body);
     let names: Vec<String> = admin.pools.iter().map(|p| p.name.clone()).collect();
     process.pools.render_metrics(&names, &mut body);
     meter::render_metrics(admin, &mut body);
