@@ -282,3 +282,55 @@ fn unusual_usage_needs_a_baseline_and_the_stats_list_firing_alerts() {
     assert!(wait_until(Duration::from_secs(10), lists_it));
     drop(held);
 }
+
+/// A removed account's resolved alerts leave the scrape. Before, every
+/// account that ever fired `account_near_concurrency` or
+/// `account_near_budget` kept its `clio_relay_alerts_firing` series at 0
+/// for the life of the process, removed or not: accounts added and
+/// removed through the admin API grew the scrape without bound.
+#[test]
+fn a_removed_accounts_resolved_alerts_leave_the_scrape() {
+    const ADMIN: &str = "admin-token-for-tests-0123456789";
+    let fake = fake(&["k1"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.admin.token = Some(clio_relay::core::secret::Secret::new(ADMIN));
+    cfg.usage.alerts.interval = Duration::from_millis(100);
+    let relay = Relay::start(cfg);
+    let admin = relay.handle.admin_addr;
+    let call = |method: &str, path: &str, body: Option<&str>| {
+        let (status, answer) = http(admin, method, path, Some(ADMIN), body);
+        assert_eq!(status, 200, "{method} {path}: {answer}");
+    };
+    let series = r#"clio_relay_alerts_firing{alert="account_near_concurrency",subject="hot"}"#;
+    let value = || {
+        let (_, metrics) = http(admin, "GET", "/metrics", None, None);
+        series_value(&metrics, series)
+    };
+    call(
+        "POST",
+        "/admin/accounts",
+        Some(r#"{"id":"hot","key":"k1","max_concurrent_streams":1}"#),
+    );
+    call("POST", "/admin/accounts/a/disable", None);
+    // One stream on an account that takes one: it fires, then resolves.
+    let (mut ws, _) = connect(relay.addr(), &relay.token("d"), Via::Header).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || value() == Some(1.0)),
+        "{:?}",
+        value()
+    );
+    let got = stream_session(&mut ws, &config_message(None), &audio_frames(2, 1));
+    assert!(got.finished(), "{got:?}");
+    assert!(
+        wait_until(Duration::from_secs(10), || value() == Some(0.0)),
+        "{:?}",
+        value()
+    );
+    call("POST", "/admin/accounts/a/enable", None);
+    call("DELETE", "/admin/accounts/hot", None);
+    assert!(
+        wait_until(Duration::from_secs(10), || value().is_none()),
+        "a removed account's resolved alert stays: {:?}",
+        value()
+    );
+}

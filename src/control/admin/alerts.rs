@@ -37,7 +37,8 @@ const HOURS: usize = 25;
 #[derive(Debug, Default)]
 pub(super) struct AlertState {
     /// (alert, subject) → firing now; resolved ones stay, at false (a
-    /// resolved `unusual_usage` only while its subject is in `hourly`).
+    /// resolved `unusual_usage` only while its subject is in `hourly`, an
+    /// account's only while the account is in the set).
     states: BTreeMap<(String, String), bool>,
     /// The merged metrics at the last pass (for window deltas).
     prev: Option<MetricsSnapshot>,
@@ -126,6 +127,9 @@ impl AlertState {
         (now, past as f64 / 24.0)
     }
 }
+
+/// The alerts whose subject is an account id.
+const ACCOUNT_ALERTS: [&str; 2] = ["account_near_concurrency", "account_near_budget"];
 
 /// One alert's finding.
 struct Finding {
@@ -310,6 +314,14 @@ pub(super) async fn evaluate(admin: &Admin) {
     }
     // Transitions.
     let mut changes = Vec::new();
+    let accounts: std::collections::HashSet<String> = admin
+        .accounts
+        .set
+        .borrow()
+        .entries()
+        .iter()
+        .map(|e| e.state.id.clone())
+        .collect();
     {
         let mut state = admin.usage.alerts.borrow_mut();
         let firing: HashMap<(String, String), &Finding> = found
@@ -331,6 +343,12 @@ pub(super) async fn evaluate(admin: &Admin) {
         for key in firing.keys() {
             state.states.insert(key.clone(), true);
         }
+        // A resolved alert of an account gone from the set goes too (its
+        // resolution was reported above): a series kept at 0 for every
+        // account ever removed would grow without end.
+        state.states.retain(|(alert, subject), firing| {
+            *firing || !ACCOUNT_ALERTS.contains(&alert.as_str()) || accounts.contains(subject)
+        });
         let at = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
