@@ -387,3 +387,34 @@ fn removed_accounts_leave_no_series_behind() {
         account_labels(&metrics(&relay))
     );
 }
+
+/// Every metric family a scrape holds is documented in README.md, by
+/// its full name or, in "Admin port and metrics", by the name after
+/// `clio_relay_` (a summary's `_max` gauge under its summary's name).
+#[test]
+fn every_family_in_a_scrape_is_in_the_readme() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    let fake = fake(&["key-a"], |_| {});
+    let relay = Relay::start(relay_config(&fake.url(), &[("acct-a", "key-a")]));
+    let scrape = metrics(&relay);
+    let families: Vec<&str> = scrape
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next())
+        .collect();
+    assert!(families.len() > 40, "{scrape}");
+    let documented = |name: &str| {
+        let short = name.trim_start_matches("clio_relay_");
+        let named = |n: &str| {
+            readme.contains(&format!("`{n}`"))
+                || readme.contains(&format!("`{n}{{"))
+                || readme.contains(&format!("`{n}` "))
+        };
+        let base = name.strip_suffix("_max");
+        named(name)
+            || named(short)
+            || base.is_some_and(|b| named(b) || named(b.trim_start_matches("clio_relay_")))
+    };
+    let missing: Vec<&&str> = families.iter().filter(|f| !documented(f)).collect();
+    assert!(missing.is_empty(), "not in README.md: {missing:?}");
+}
