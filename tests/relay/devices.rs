@@ -983,3 +983,46 @@ fn reconciliation_matches_soniox_usage_logs_stream_by_stream() {
     let after = report();
     assert_eq!(after["a"], r["a"], "{after}");
 }
+
+/// A removed account's reconciliation goes with it: its
+/// `clio_relay_usage_drift_seconds` series leaves the scrape and it
+/// leaves `/admin/reconciliation`. Before, both kept the account's last
+/// comparison for the life of the process, so accounts added and
+/// removed grew the scrape without bound, and a removed account's last
+/// drift kept `ClioRelayUsageDrift` firing for good.
+#[test]
+fn a_removed_accounts_reconciliation_goes_with_it() {
+    let fake = fake(&["k1"], |_| {});
+    let relay = reconciling_relay(&fake);
+    let admin = relay.handle.admin_addr;
+    let (status, body) = http(
+        admin,
+        "POST",
+        "/admin/accounts",
+        Some(ADMIN),
+        Some(r#"{"id":"gone","key":"k1"}"#),
+    );
+    assert_eq!(status, 200, "{body}");
+    let drift = || {
+        let (_, metrics) = http(admin, "GET", "/metrics", None, None);
+        series_value(
+            &metrics,
+            r#"clio_relay_usage_drift_seconds{account="gone"}"#,
+        )
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || drift().is_some()
+            && reconciliation(&relay).get("gone").is_some()),
+        "never reconciled: {}",
+        reconciliation(&relay)
+    );
+    let (status, body) = http(admin, "DELETE", "/admin/accounts/gone", Some(ADMIN), None);
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        wait_until(Duration::from_secs(10), || drift().is_none()
+            && reconciliation(&relay).get("gone").is_none()),
+        "a removed account's drift stays: {:?} {}",
+        drift(),
+        reconciliation(&relay)
+    );
+}

@@ -375,14 +375,25 @@ pub(super) fn stats(admin: &Admin, shards: &[crate::core::metrics::MetricsSnapsh
 }
 
 /// Once a second on the admin thread: free the metrics indices of removed
-/// accounts nothing holds, retire keys whose overlap is over, and warn
-/// (once a day per key) about keys due for rotation.
+/// accounts nothing holds, drop removed accounts' reconciliations, retire
+/// keys whose overlap is over, and warn (once a day per key) about keys
+/// due for rotation.
 pub(super) fn housekeeping(admin: &Admin) {
     // Removed accounts whose last stream has ended: their metrics index
     // is freed and their series go.
     let freed = admin.accounts.set.borrow_mut().free_metrics_slots();
     if freed {
         admin.publish();
+    }
+    // A removed account's last comparison with Soniox's usage logs goes
+    // with it (its drift series, and the drift alert on it).
+    {
+        let set = admin.accounts.set.borrow();
+        admin
+            .usage
+            .reconciliation
+            .borrow_mut()
+            .retain(|id, _| set.get(id).is_some());
     }
     let now = unix_now();
     let overdue = admin.accounts.set.borrow_mut().expire_retiring(now);
