@@ -418,3 +418,28 @@ fn every_family_in_a_scrape_is_in_the_readme() {
     let missing: Vec<&&str> = families.iter().filter(|f| !documented(f)).collect();
     assert!(missing.is_empty(), "not in README.md: {missing:?}");
 }
+
+/// `first_result_seconds` is timed from a stream's first audio (as
+/// README says, and as the per-account histogram's HELP says); its HELP
+/// said "from stream start", which a stream that waits before its audio
+/// would make a different figure.
+#[test]
+fn first_result_seconds_help_says_it_starts_at_the_first_audio() {
+    let fake = fake(&["key-a"], |_| {});
+    let relay = Relay::start(relay_config(&fake.url(), &[("acct-a", "key-a")]));
+    let scrape = metrics(&relay);
+    let help = |name: &str| {
+        scrape
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("# HELP {name} ")))
+            .map(str::to_string)
+    };
+    assert_eq!(
+        help("clio_relay_first_result_seconds").as_deref(),
+        Some("Time from a stream's first audio to its first upstream result."),
+    );
+    assert_eq!(
+        help("clio_relay_account_first_result_seconds").as_deref(),
+        Some("Time from a stream's first audio to its first upstream result, per account."),
+    );
+}

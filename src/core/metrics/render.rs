@@ -59,7 +59,7 @@ const SUMMARIES: [Summary; 5] = [
     },
     Summary {
         name: "clio_relay_first_result_seconds",
-        help: "Time from stream start to the first upstream result.",
+        help: "Time from a stream's first audio to its first upstream result.",
         members: &[(Hist::FirstResult, None)],
     },
     Summary {
