@@ -28,11 +28,12 @@ pub struct Addresses {
     host: String,
     port: u16,
     state: Rc<RefCell<Resolved>>,
-    /// Held by the one open that asks the resolver before the name has
-    /// ever resolved; the others wait for its answer rather than each
-    /// queueing a lookup of its own on the blocking pool (behind one
-    /// that hangs, a queue that would outlast the resolver's outage).
-    first_lookup: glommio::sync::Semaphore,
+    /// Held by the one lookup before the name has ever resolved, until
+    /// the resolver answers (not until the open that began it gives up);
+    /// the opens wait for its answer rather than each queueing a lookup
+    /// of its own on the blocking pool (behind one that hangs, a queue
+    /// that would outlast the resolver's outage).
+    first_lookup: Rc<glommio::sync::Semaphore>,
 }
 
 #[derive(Debug, Default)]
@@ -56,7 +57,7 @@ impl Addresses {
             host: host.to_string(),
             port,
             state: Rc::default(),
-            first_lookup: glommio::sync::Semaphore::new(1),
+            first_lookup: Rc::new(glommio::sync::Semaphore::new(1)),
         }
     }
 
@@ -68,20 +69,31 @@ impl Addresses {
         if let Some(addrs) = self.known() {
             return Ok(addrs);
         }
-        let _turn = self
+        let turn = self
             .first_lookup
-            .acquire_permit(1)
+            .acquire_static_permit(1)
             .await
             .map_err(|e| io::Error::other(e.to_string()))?;
-        // The open that had the turn before may have got the answer.
+        // The lookup before this one may have had the answer.
         if let Some(addrs) = self.known() {
             return Ok(addrs);
         }
-        let addrs = lookup(self.host.clone(), self.port).await?;
-        let mut r = self.state.borrow_mut();
-        r.addrs = in_order(&addrs, r.last_good);
-        r.due = Some(Instant::now() + DNS_TTL);
-        Ok(r.addrs.clone())
+        // On a task of its own, holding the turn until the resolver
+        // answers: an open that gives up meanwhile (its timeout) does not
+        // let the next begin another lookup behind this one.
+        let (host, port, state) = (self.host.clone(), self.port, self.state.clone());
+        let asked = glommio::spawn_local(async move {
+            let _turn = turn;
+            let addrs = lookup(host, port).await?;
+            let mut r = state.borrow_mut();
+            r.addrs = in_order(&addrs, r.last_good);
+            r.due = Some(Instant::now() + DNS_TTL);
+            Ok(r.addrs.clone())
+        })
+        .detach();
+        asked
+            .await
+            .unwrap_or_else(|| Err(io::Error::other("the lookup's task was cancelled")))
     }
 
     /// The addresses kept, once the name has resolved (starting a
