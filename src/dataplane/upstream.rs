@@ -31,8 +31,12 @@ const MAX_ANSWER_HEAD: usize = 16 * 1024;
 pub enum ConnectError {
     /// Upstream answered the upgrade with this HTTP status (401, 402, 429, 5xx…).
     Refused(u16, RateScope),
-    /// DNS, TCP, TLS or a broken answer: upstream is unreachable or not speaking WebSocket.
+    /// TCP, TLS or a broken answer: upstream is unreachable or not speaking WebSocket.
     Unavailable(String),
+    /// The URL's host name did not resolve, or the resolver gave no answer
+    /// within `upstream.connect_timeout`: the same for every account of
+    /// the URL.
+    Unresolved(String),
     /// The whole attempt took longer than `upstream.connect_timeout`.
     Timeout,
     /// The relay is at its file-descriptor limit: no socket to connect with.
@@ -55,6 +59,7 @@ impl std::fmt::Display for ConnectError {
                 )
             }
             ConnectError::Unavailable(why) => write!(f, "upstream is unavailable: {why}"),
+            ConnectError::Unresolved(why) => write!(f, "upstream's name did not resolve: {why}"),
             ConnectError::Timeout => f.write_str("upstream did not answer within connect_timeout"),
             ConnectError::FileLimit => {
                 f.write_str("the relay is at its file limit: no socket to connect upstream with")
@@ -261,10 +266,10 @@ impl UpstreamTarget {
             Some(Err(e)) if crate::dataplane::accept::is_file_limit(&e) => {
                 return Err(ConnectError::FileLimit)
             }
-            Some(Err(e)) => return Err(ConnectError::Unavailable(format!("resolve: {e}"))),
+            Some(Err(e)) => return Err(ConnectError::Unresolved(format!("{}: {e}", self.host))),
             None => {
-                return Err(ConnectError::Unavailable(format!(
-                    "resolve: no answer for {} within upstream.connect_timeout",
+                return Err(ConnectError::Unresolved(format!(
+                    "no answer for {} within upstream.connect_timeout",
                     self.host
                 )))
             }

@@ -207,6 +207,7 @@ fn node_with_dns(
         &resolv_conf,
         "probe.test",
         "127.0.0.1",
+        "",
     ) {
         Ok(node) => Some((node, cfg, fake)),
         Err(why) => {
@@ -345,12 +346,14 @@ fn streams(node: &Node, cfg: &clio_relay::core::config::Config) -> bool {
 /// attempt): the relay has never resolved it when streams come. Each
 /// open gives the resolver `upstream.connect_timeout` (5 s) and is
 /// refused, the log naming the resolver; one lookup serves all the opens
-/// waiting, and nothing is held against the account. Once the name
-/// resolves (here: put in the namespace's `/etc/hosts`) streams go
-/// through as soon as the lookup under way has ended. Before, the opens
-/// counted as the account's connect timeouts ("the account is held off":
-/// every shard left it out for a while after the name resolved), and
-/// each open queued a lookup of its own behind the one that hung.
+/// waiting, nothing is held against the account, and the pool's other
+/// account (the same URL) is not tried. Once the name resolves (here:
+/// put in the namespace's `/etc/hosts`) streams go through as soon as
+/// the lookup under way has ended. Before, the opens counted as the
+/// accounts' connect timeouts ("the account is held off": every shard
+/// left it out for a while after the name resolved), each open waited
+/// the timeout once per account, and each queued a lookup of its own
+/// behind the one that hung.
 #[test]
 fn a_resolver_that_does_not_answer_is_not_held_against_the_account() {
     let redis = RedisServer::start();
@@ -373,6 +376,10 @@ fn a_resolver_that_does_not_answer_is_not_held_against_the_account() {
         &resolv_conf,
         "probe.test",
         "127.0.0.1",
+        // One round of tries per open (no wait and second round), and a
+        // second account of the same pool, so the same URL.
+        "[failover]\nmax_resumes = 0\n\
+         [[account]]\nid = \"b\"\nkey_file = \"key\"\nmax_concurrent_streams = 50\n",
     ) {
         Ok(node) => node,
         Err(why) => {
@@ -395,9 +402,17 @@ fn a_resolver_that_does_not_answer_is_not_held_against_the_account() {
     );
     let log = node.log();
     assert!(
-        log.contains("resolve: no answer for soniox.test within upstream.connect_timeout"),
+        log.contains("why=no answer for soniox.test within upstream.connect_timeout"),
         "{log}"
     );
     assert!(!log.contains("the account is held off"), "{log}");
+    // Each refused open tried one account of the two, once.
+    let tries = |account: &str| {
+        sample(
+            node.admin,
+            &format!("clio_relay_account_errors_total{{account=\"{account}\",code=\"502\"}}"),
+        )
+    };
+    assert_eq!(tries("a") + tries("b"), 3, "{log}");
     drop(dns);
 }

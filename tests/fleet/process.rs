@@ -99,6 +99,7 @@ impl Node {
             upstream,
             redis_url,
             secret,
+            "",
             &[("hosts", "/etc/hosts", hosts)],
             name,
             first,
@@ -109,6 +110,9 @@ impl Node {
     /// as its `/etc/resolv.conf` and an `/etc/nsswitch.conf` that asks
     /// `/etc/hosts`, then DNS, for a name (whatever the host's asks), so
     /// that a name not in `hosts` goes to the DNS servers the test names.
+    /// `extra`: more of the config, after `[cluster]` (e.g. a second
+    /// `[[account]]`, whose key file is `key`, as the first's).
+    #[allow(clippy::too_many_arguments)]
     pub fn spawn_with_resolver(
         upstream: &str,
         redis_url: &str,
@@ -117,11 +121,13 @@ impl Node {
         resolv_conf: &str,
         name: &str,
         first: &str,
+        extra: &str,
     ) -> Result<Node, String> {
         Self::spawn_in_namespace(
             upstream,
             redis_url,
             secret,
+            extra,
             &[
                 ("hosts", "/etc/hosts", hosts),
                 ("resolv.conf", "/etc/resolv.conf", resolv_conf),
@@ -139,11 +145,21 @@ impl Node {
         upstream: &str,
         redis_url: &str,
         secret: &Secret,
+        extra: &str,
         files: &[(&str, &'static str, &str)],
         name: &str,
         first: &str,
     ) -> Result<Node, String> {
-        let (dir, env) = Self::prepare(upstream, redis_url, "node-a", "15s", secret, "k1", "", &[]);
+        let (dir, env) = Self::prepare(
+            upstream,
+            redis_url,
+            "node-a",
+            "15s",
+            secret,
+            "k1",
+            extra,
+            &[],
+        );
         let mounts: Vec<(std::path::PathBuf, &'static str)> = files
             .iter()
             .map(|(file, on, text)| {

@@ -391,6 +391,25 @@ impl Stream {
                         tracing::warn!(stream = %self.id, account = %lease.account.id, timeout = ?shard.connect_timeout, "upstream connect timed out; the account is held off");
                     }
                 }
+                Err(crate::dataplane::upstream::ConnectError::Unresolved(why)) => {
+                    // The URL's, not the account's: no other account of the
+                    // pool (the same URL) is tried for this stream, and none
+                    // is held off.
+                    unreachable = true;
+                    let pool = &lease.account.pool;
+                    for (i, s) in shard.ring.borrow().slots().iter().enumerate() {
+                        if s.account.pool == *pool {
+                            *tried |= 1 << i;
+                        }
+                    }
+                    shard
+                        .metrics
+                        .upstream_error(lease.account.metrics_index, 502);
+                    self.failover_at_open(true);
+                    if shard.process.upstream_log.admit() {
+                        tracing::warn!(stream = %self.id, account = %lease.account.id, pool = %pool, why = %why, "upstream's name did not resolve; no other account of the pool is tried for this stream");
+                    }
+                }
                 Err(e) => {
                     unreachable = true;
                     shard
