@@ -407,6 +407,31 @@ async fn metrics(admin: &Admin) -> String {
 mod tests {
     use super::*;
 
+    /// The dashboard's refusals table names each `refusals_total` label
+    /// in words: every label the relay counts has its words (a new one
+    /// showed raw, as `pool_limit` did), and no words stand for a label
+    /// that is gone.
+    #[test]
+    fn the_dashboard_names_every_refusal_label() {
+        let start = DASHBOARD
+            .find("const refusedBy = {")
+            .expect("the dashboard's refusedBy table");
+        let table = &DASHBOARD[start..];
+        let table = &table[..table.find("};").expect("its end")];
+        let mut named: Vec<&str> = table
+            .split(['{', ','])
+            .skip(1)
+            .filter_map(|entry| Some(entry.split_once(':')?.0.trim()))
+            .collect();
+        named.sort_unstable();
+        let mut labels: Vec<&str> = crate::core::metrics::RefusedBy::ALL
+            .iter()
+            .map(|by| by.label())
+            .collect();
+        labels.sort_unstable();
+        assert_eq!(named, labels);
+    }
+
     #[test]
     fn the_table_answers_route_405_or_404() {
         let found = |m, p| lookup(m, p).map(|(r, id)| (r.method, r.path, id));
