@@ -337,19 +337,13 @@ impl KnownAddrs {
         port: u16,
         deadline: Instant,
     ) -> Option<io::Result<Vec<SocketAddr>>> {
-        let now = Instant::now();
-        let left = deadline.saturating_duration_since(now);
+        let left = deadline.saturating_duration_since(Instant::now());
+        // With no address known, all the time left; with some, half of
+        // it for a new lookup (the connect keeps the rest), none for one
+        // still running from an earlier reconnect (its answer if it has
+        // come, the known addresses now if not).
         let (rx, wait) = match self.lookup.take() {
-            // Still running from an earlier reconnect: its answer if it
-            // has come; the known addresses now if not.
-            Some(rx) => (
-                rx,
-                if self.addrs.is_empty() {
-                    left
-                } else {
-                    Duration::ZERO
-                },
-            ),
+            Some(rx) => (rx, Duration::ZERO),
             None => {
                 let (tx, rx) = mpsc::channel();
                 let name = host.to_string();
@@ -361,16 +355,10 @@ impl KnownAddrs {
                 if let Err(e) = spawned {
                     return Some(Err(e));
                 }
-                (
-                    rx,
-                    if self.addrs.is_empty() {
-                        left
-                    } else {
-                        left / 2
-                    },
-                )
+                (rx, left / 2)
             }
         };
+        let wait = if self.addrs.is_empty() { left } else { wait };
         match rx.recv_timeout(wait) {
             Ok(answer) => Some(answer),
             Err(mpsc::RecvTimeoutError::Timeout) => {
