@@ -63,11 +63,14 @@ pub fn chain(certs: &[CertificateDer<'_>]) -> Chain {
         .iter()
         .map(|c| Certificate::from_der(c).ok())
         .collect();
-    let link = |i: usize| {
-        let tbs = &parsed[i]
+    let tbs = |i: usize| {
+        &parsed[i]
             .as_ref()
             .expect("only parsed ones")
-            .tbs_certificate;
+            .tbs_certificate
+    };
+    let link = |i: usize| {
+        let tbs = tbs(i);
         Link {
             position: i + 1,
             subject: tbs
@@ -79,12 +82,6 @@ pub fn chain(certs: &[CertificateDer<'_>]) -> Chain {
                 .collect(),
             not_after: tbs.validity.not_after.to_system_time(),
         }
-    };
-    let tbs = |i: usize| {
-        &parsed[i]
-            .as_ref()
-            .expect("only parsed ones")
-            .tbs_certificate
     };
     // Going up from the server's certificate, in the order a client does.
     let mut path: Vec<usize> = Vec::new();
