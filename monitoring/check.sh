@@ -60,7 +60,7 @@ KNOWN = {
     "clio_relay_account_retries_total", "clio_relay_account_max_concurrent_streams",
     "clio_relay_frames_total", "clio_relay_bytes_total", "clio_relay_errors_total",
     "clio_relay_max_streams", "clio_relay_draining",
-    "clio_relay_accounts_healthy", "clio_relay_accounts_total",
+    "clio_relay_accounts_healthy", "clio_relay_accounts", "clio_relay_accounts_total",
     "clio_relay_key_age_seconds", "clio_relay_keys_due_for_rotation",
     "clio_relay_key_streams_active", "clio_relay_health_checks_total",
     "clio_relay_audio_seconds_total", "clio_relay_usage_month_audio_seconds",

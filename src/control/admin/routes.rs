@@ -356,7 +356,7 @@ async fn metrics(admin: &Admin) -> String {
         draining: process.draining(),
         live_streams,
         accounts_healthy: accounts.iter().filter(|a| a.healthy(now)).count() as u64,
-        accounts_total: accounts.len() as u64,
+        accounts: accounts.len() as u64,
     };
     let mut body = render_prometheus(&snaps, &gauges);
     api::render_key_metrics(admin, &mut body);

@@ -19,8 +19,8 @@ pub struct ProcessGauges {
     pub live_streams: u64,
     /// Accounts currently considered healthy.
     pub accounts_healthy: u64,
-    /// Accounts in the config.
-    pub accounts_total: u64,
+    /// Accounts in the running set (the config's and the admin API's).
+    pub accounts: u64,
 }
 
 /// One Prometheus summary family and the histograms rendered into it.
@@ -334,11 +334,18 @@ pub fn render_prometheus(shards: &[MetricsSnapshot], gauges: &ProcessGauges) -> 
     .sample(&[], gauges.accounts_healthy);
     family(
         o,
+        "clio_relay_accounts",
+        Kind::Gauge,
+        "Accounts in the running set.",
+    )
+    .sample(&[], gauges.accounts);
+    family(
+        o,
         "clio_relay_accounts_total",
         Kind::Gauge,
-        "Accounts configured.",
+        "Deprecated, the same value as clio_relay_accounts (a gauge misnamed as a counter); goes in a later release.",
     )
-    .sample(&[], gauges.accounts_total);
+    .sample(&[], gauges.accounts);
     out
 }
 
