@@ -82,6 +82,32 @@ impl Node {
         Self::run(dir, env, Vec::new())
     }
 
+    /// A hand-over restart of this node (README "One relay per port"): a
+    /// second `clio-relay run --join-client-port` of its config, on its
+    /// client port and state directory, with an admin port of its own.
+    /// The new process takes the directory (this one removes nothing as
+    /// it goes).
+    pub fn hand_over(&mut self) -> Node {
+        let text = std::fs::read_to_string(self.dir.join("relay.toml")).unwrap();
+        let text = text.replacen(
+            "listen = \"127.0.0.1:0\"\n",
+            &format!("listen = \"{}\"\n", self.client),
+            1,
+        );
+        std::fs::write(self.dir.join("relay-next.toml"), text).unwrap();
+        let dir = std::mem::take(&mut self.dir);
+        Self::start(
+            dir,
+            "relay-next.toml",
+            true,
+            self.env.clone(),
+            self.mounts.clone(),
+        )
+        .unwrap_or_else(|(code, err)| {
+            panic!("the hand-over's relay exited with {code:?} before listening: {err}")
+        })
+    }
+
     /// [`Node::spawn`] in a mount namespace of its own whose `/etc/hosts`
     /// is `hosts`, so that a name resolves as the test says. `Err` with
     /// the reason where that cannot be made here (no `unshare`, not
@@ -238,7 +264,18 @@ impl Node {
         env: Vec<(String, String)>,
         mounts: Vec<(std::path::PathBuf, &'static str)>,
     ) -> Result<Node, (Option<i32>, String)> {
-        let cfg = dir.join("relay.toml");
+        Self::start(dir, "relay.toml", false, env, mounts)
+    }
+
+    /// [`Node::run`] of `dir/config`, with `--join-client-port` if `join`.
+    fn start(
+        dir: std::path::PathBuf,
+        config: &str,
+        join: bool,
+        env: Vec<(String, String)>,
+        mounts: Vec<(std::path::PathBuf, &'static str)>,
+    ) -> Result<Node, (Option<i32>, String)> {
+        let cfg = dir.join(config);
         let relay = env!("CARGO_BIN_EXE_clio-relay");
         let mut command = if mounts.is_empty() {
             Command::new(relay)
@@ -251,6 +288,7 @@ impl Node {
         };
         let mut child = command
             .args(["run", "--config", cfg.to_str().unwrap()])
+            .args(join.then_some("--join-client-port"))
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stderr(Stdio::piped())
             .spawn()
@@ -335,8 +373,24 @@ impl Node {
     /// streams. Returns its exit status (it is killed if it is still
     /// there after 30 s).
     pub fn interrupt(&mut self) -> std::process::ExitStatus {
+        self.stop_with(nix::sys::signal::Signal::SIGINT)
+    }
+
+    /// Sends `signal` to the node (SIGSTOP and SIGCONT freeze and thaw
+    /// it).
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+        nix::sys::signal::kill(pid, signal).unwrap();
+    }
+
+    /// SIGTERM: the node drains, then exits. Returns its exit status (it
+    /// is killed if it is still there after 30 s).
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        self.stop_with(nix::sys::signal::Signal::SIGTERM)
+    }
+
+    fn stop_with(&mut self, signal: nix::sys::signal::Signal) -> std::process::ExitStatus {
+        self.signal(signal);
         let end = std::time::Instant::now() + std::time::Duration::from_secs(30);
         while std::time::Instant::now() < end {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -345,7 +399,7 @@ impl Node {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
         self.kill9();
-        panic!("SIGINT did not stop the node in 30 s");
+        panic!("{signal} did not stop the node in 30 s");
     }
 
     /// SIGKILL: the node dies holding whatever it holds.

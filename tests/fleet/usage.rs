@@ -492,3 +492,85 @@ fn a_killed_nodes_unflushed_usage_reaches_the_fleet_at_its_restart() {
     stream(&nodes[0], 1);
     fleet_agrees(&nodes, &expect(&[("a", 4, 0.8)]), &expect(&[("a", 2, 0.5)]));
 }
+
+#[test]
+fn a_hand_over_restart_counts_the_old_processs_usage_once() {
+    // A hand-over restart (`--join-client-port`) while Redis does not
+    // answer (a pause of writes, as above): the old process's stream
+    // ends, its usage waits in its memory, and its ledger persists it
+    // (one `usage.db` for both processes). The new process starts, and
+    // Redis answers again while the old one is frozen (SIGSTOP, well
+    // inside its lease): a merge of the ledger then would raise the
+    // fleet's counters to that stream, and the old process, thawed, adds
+    // it again. The merge waits until the old process has left.
+    let redis = RedisServer::start();
+    let fake = fake(&["k1"], |_| {});
+    let cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    let extra = "on_store_down = \"local\"\n[usage]\npersist_interval = \"100ms\"\n";
+    let mut old = Node::spawn(
+        &fake.url(),
+        &redis.url(),
+        "node-a",
+        "30s",
+        &cfg.tokens.secret,
+        "k1",
+        extra,
+    );
+    let keys = TokenKeys::from_config(&cfg.tokens);
+    let stream = |node: &Node, frames: usize| {
+        let token = keys
+            .mint("phone", Duration::from_secs(600), SystemTime::now())
+            .unwrap();
+        let (mut ws, _) = connect(node.client, &token, Via::Header).unwrap();
+        let got = stream_session(&mut ws, &config_message(None), &audio_frames(frames, 1));
+        assert!(got.finished(), "{got:?}");
+    };
+    let fleet = |node: &Node| {
+        let body = usage(node, "group_by=account");
+        (body["scope"] == "fleet").then(|| sums(&body["rows"]))
+    };
+    stream(&old, 2);
+    assert!(wait_until(Duration::from_secs(20), || fleet(&old)
+        == Some(expect(&[("a", 1, 0.2)]))));
+    // A bound for a test that would otherwise hang, not the wait.
+    assert!(redis
+        .command("CLIENT PAUSE 120000 WRITE")
+        .starts_with("+OK"));
+    stream(&old, 3);
+    assert!(wait_until(Duration::from_secs(30), || persisted_ms(&old) == 500));
+    let new = old.hand_over();
+    old.signal(nix::sys::signal::Signal::SIGSTOP);
+    assert!(redis.command("CLIENT UNPAUSE").starts_with("+OK"));
+    // Either the new process merges now (the fault: the fleet's figure
+    // has the old process's stream it has not added yet), or it says it
+    // waits for the old one.
+    let waits = "another process of this node holds a lease";
+    let mut seen = None;
+    assert!(wait_until(Duration::from_secs(30), || {
+        seen = fleet(&new);
+        seen == Some(expect(&[("a", 2, 0.5)])) || new.log().contains(waits)
+    }));
+    old.signal(nix::sys::signal::Signal::SIGCONT);
+    assert!(old.terminate().success());
+    // The old process added its stream as it left; the new one merged
+    // its ledger after: each stream once.
+    let want = expect(&[("a", 2, 0.5)]);
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            seen = fleet(&new);
+            seen == Some(want.clone()) && new.log().contains("merging this node's ledger")
+        }),
+        "want {want:?}, the fleet's: {seen:?}; the new process's log:\n{}",
+        new.log()
+    );
+    // And a stream after the merge adds once.
+    stream(&new, 2);
+    let want = expect(&[("a", 3, 0.7)]);
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            seen = fleet(&new);
+            seen == Some(want.clone())
+        }),
+        "want {want:?}, the fleet's: {seen:?}"
+    );
+}

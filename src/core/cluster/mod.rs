@@ -154,7 +154,8 @@ pub enum Job {
     /// It replaces this node's counters in Redis (see
     /// [`usage::restore_days`]).
     UsageRestore(usage::Pending),
-    /// At this process's start: this node's usage from its ledger, the
+    /// Once after this process's start, when no other process of this
+    /// node holds a lease: this node's usage from its ledger, the
     /// last [`usage::MERGE_DAYS`] days, taken after every [`Job::Usage`]
     /// before it. Each of this node's counters in Redis is raised to it
     /// where it holds less (see [`scripts::USAGE_MAX`]).
@@ -336,8 +337,9 @@ pub struct Fleet {
     /// went back to an older copy): the admin thread gives them back
     /// from the ledger ([`Fleet::usage_lost`]).
     usage_lost: AtomicBool,
-    /// Set until the admin thread has handed this process's first
-    /// ledger merge ([`Fleet::merge_usage`]).
+    /// This process's ledger merge ([`Fleet::merge_usage`]) is due: set
+    /// once by the cluster thread, when no other process of this node
+    /// holds a lease; taken by the admin thread, which hands the merge.
     usage_merge: AtomicBool,
 }
 
@@ -407,7 +409,7 @@ impl Fleet {
             changes: std::sync::Mutex::new(Vec::new()),
             link: std::sync::Mutex::new(None),
             usage_lost: AtomicBool::new(false),
-            usage_merge: AtomicBool::new(true),
+            usage_merge: AtomicBool::new(false),
         })
     }
 
@@ -875,11 +877,17 @@ impl Fleet {
         self.usage_lost.store(true, Ordering::Release);
     }
 
-    /// Whether this process has not yet merged its ledger into the
-    /// fleet's usage (once, at start): if so, the caller does with
+    /// Whether this process's merge of its ledger into the fleet's usage
+    /// is due (once, after its start, when no other process of this node
+    /// holds a lease): if so, the caller does it with
     /// [`Fleet::merge_usage`].
     pub fn usage_merge_due(&self) -> bool {
         self.usage_merge.swap(false, Ordering::AcqRel)
+    }
+
+    /// Said by the cluster thread when the merge is due.
+    pub(crate) fn merge_due(&self) {
+        self.usage_merge.store(true, Ordering::Release);
     }
 
     /// Raises this node's usage counters in Redis to `ledger`'s where they

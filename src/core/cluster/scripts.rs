@@ -541,8 +541,11 @@ return redis.call('ZCOUNT', 'clio:nodes', now, '+inf')
 /// each account's live streams summed over them (for the alerts), and
 /// whether this member (`ARGV[1]`) has a current lease: one that is gone
 /// (`clio:nodes` deleted or evicted) must register again, or its streams
-/// would not count until its next heartbeat.
-/// Returns `{nodes, {account, live, account, live, ...}, mine}`.
+/// would not count until its next heartbeat. Also how many other
+/// processes of this node (`ARGV[2]`, the node id: members
+/// `<node_id>/<12 hex digits>`) hold a current lease: the other side of
+/// a hand-over restart, or a dead process's lease not yet ended.
+/// Returns `{nodes, {account, live, account, live, ...}, mine, others}`.
 pub const NODES: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -561,7 +564,13 @@ for id, n in pairs(live) do
 end
 local mine = 0
 if tonumber(redis.call('ZSCORE', 'clio:nodes', ARGV[1]) or '0') >= now then mine = 1 end
-return {#nodes, out, mine}
+local others, prefix = 0, ARGV[2] .. '/'
+for _, name in ipairs(nodes) do
+  if name ~= ARGV[1] and #name == #prefix + 12 and string.sub(name, 1, #prefix) == prefix then
+    others = others + 1
+  end
+end
+return {#nodes, out, mine, others}
 "#;
 
 /// The part of [`USAGE`] and [`USAGE_MAX`] they share: every entry's

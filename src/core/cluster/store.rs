@@ -164,6 +164,8 @@ pub fn start(
         usage_max: usage::Pending::new(),
         usage_seq: 0,
         usage_clear: false,
+        merge_waits: true,
+        merge_waited: false,
         process: started ^ (u64::from(std::process::id()) << 40),
         last_usage: Instant::now(),
         release_at: None,
@@ -292,6 +294,11 @@ struct Worker {
     /// batch: `usage` holds the ledger's totals that replace them
     /// ([`Job::UsageRestore`]).
     usage_clear: bool,
+    /// The start's ledger merge is not yet due (see
+    /// [`Worker::merge_when_alone`]).
+    merge_waits: bool,
+    /// It waited for another process of this node (said once).
+    merge_waited: bool,
     /// This process's part of usage batch ids.
     process: u64,
     last_usage: Instant,
@@ -1124,7 +1131,7 @@ impl Worker {
         }
         let ends_id = self.ends_id.clone().unwrap_or_else(|| "0-0".into());
         let mut nodes_inv = self.scripts.nodes.prepare_invoke();
-        nodes_inv.arg(&self.fleet.member);
+        nodes_inv.arg(&self.fleet.member).arg(&self.fleet.node_id);
         // The expiry runs before the versions are read: one it bumps is
         // loaded at this poll. This node's hold (`max_ttl` +
         // `clock_skew`) and skew go with it only when they changed since
@@ -1179,6 +1186,9 @@ impl Worker {
         }
         let count = nodes.first().map_or(1, int);
         self.set_nodes(count);
+        if self.merge_waits {
+            self.merge_when_alone(nodes.get(3).map_or(0, int));
+        }
         // Each account's live streams on every node, for its alert.
         let live: HashMap<String, i64> = nodes
             .get(1)
@@ -1210,6 +1220,29 @@ impl Worker {
             self.load_accounts(acct);
         }
         self.end_streams(&ends);
+    }
+
+    /// The start's ledger merge ([`Job::UsageMerge`]) waits while
+    /// `others` other processes of this node hold a current lease. In a
+    /// hand-over restart the old process still adds its own usage to
+    /// Redis as its streams end, and the ledger the merge would read
+    /// (one `usage.db` for both) holds what it persisted before adding
+    /// it: merged first, that usage would be counted twice. Once it has
+    /// left (its usage added, its lease deleted) or its lease has ended
+    /// (it died), the merge is what recovers what it could not add.
+    fn merge_when_alone(&mut self, others: i64) {
+        if others > 0 {
+            if !self.merge_waited {
+                tracing::info!(node = %self.fleet.node_id, "another process of this node holds a lease (a hand-over restart, or a process that died): this node's ledger is merged into the fleet's usage once it has left or its lease has ended");
+                self.merge_waited = true;
+            }
+            return;
+        }
+        if self.merge_waited {
+            tracing::info!(node = %self.fleet.node_id, "no other process of this node holds a lease: merging this node's ledger into the fleet's usage");
+        }
+        self.merge_waits = false;
+        self.fleet.merge_due();
     }
 
     /// Loads the revocation sets, whose version the poll saw at `ver`.
