@@ -3,7 +3,8 @@
 //! stream keeps the config it was accepted with. An expired certificate
 //! is refused (its dates are read in `tls/validity.rs`), the server's own
 //! or a CA certificate above it that clients check (`tls/chain.rs`): every
-//! client would refuse the chain.
+//! client would refuse the chain. One not valid yet is warned about,
+//! the server's own or a CA certificate above it, named.
 
 mod chain;
 mod validity;
@@ -236,6 +237,11 @@ pub struct ServerTls {
     pub ends_first: Option<(usize, String)>,
     /// The server certificate's `notBefore`.
     pub not_before: Option<SystemTime>,
+    /// A CA certificate above the server's that clients check whose
+    /// `notBefore` is still to come (the latest, when several): its place
+    /// in the file, its subject and its start. Clients refuse the chain
+    /// until then, as they refuse a server certificate not valid yet.
+    pub starts_later: Option<(usize, String, SystemTime)>,
     /// Certificates the file serves that clients holding the roots do
     /// not check (a root, an intermediate cross-signed by an older root)
     /// and whose end has passed: place, subject, end.
@@ -252,8 +258,9 @@ pub const RENEW_WARNING: std::time::Duration = std::time::Duration::from_secs(14
 
 impl ServerTls {
     /// What is worth a warning about the certificate's dates: not valid
-    /// yet (this host's clock, or a certificate issued ahead), or its end
-    /// less than [`RENEW_WARNING`] away.
+    /// yet (this host's clock, or a certificate issued ahead), an
+    /// intermediate not valid yet (named), or its end less than
+    /// [`RENEW_WARNING`] away.
     pub fn date_warning(&self, cfg: &TlsConfig, now: SystemTime) -> Option<String> {
         let path = cfg.cert_file.display();
         if let Some(start) = self.not_before.filter(|t| *t > now) {
@@ -261,6 +268,15 @@ impl ServerTls {
                 "tls.cert_file {path}: the certificate is valid only from {}; clients refuse it \
                  until then (is this host's clock right?)",
                 httpdate::fmt_http_date(start)
+            ));
+        }
+        if let Some((position, subject, start)) = self.starts_later.as_ref().filter(|s| s.2 > now) {
+            return Some(format!(
+                "tls.cert_file {path}: certificate {position} of the chain ({subject}), a CA \
+                 certificate clients check the server's by, is valid only from {}; every client \
+                 refuses the chain until then (is this host's clock right? if it is, give the \
+                 certificate followed by its CA's current chain, then reload)",
+                httpdate::fmt_http_date(*start)
             ));
         }
         let end = self.not_after?;
@@ -401,6 +417,13 @@ pub fn load(cfg: &TlsConfig) -> Result<ServerTls, TlsError> {
             .filter(|l| l.position != 1)
             .map(|l| (l.position, l.subject.clone())),
         not_before,
+        starts_later: chain
+            .checked
+            .iter()
+            .skip(1)
+            .filter(|l| l.not_before > now)
+            .max_by_key(|l| l.not_before)
+            .map(|l| (l.position, l.subject.clone(), l.not_before)),
         expired_unchecked: chain
             .others
             .iter()

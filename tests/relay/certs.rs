@@ -682,6 +682,76 @@ fn an_expired_intermediate_is_refused_and_named() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// The server's certificate in date, followed by an intermediate whose
+/// `notBefore` is still 3 days away (a CA's new intermediate given out
+/// ahead, or this host's clock behind): every client refuses the chain
+/// (`certificate not valid yet`, checked with a rustls client), yet
+/// check-config, the start and a reload took it without a word, looking
+/// at the first certificate's start only. Now each warns of it as of a
+/// server certificate not valid yet, naming its place, subject and
+/// start; it is served (it may be the host's clock that is wrong).
+#[test]
+fn an_intermediate_not_valid_yet_is_warned_about_and_named() {
+    let fake = fake(&["k1"], |_| {});
+    let (relay, _) = tls_relay(&fake.url(), |_| {});
+    let tls = relay.cfg.tls.clone().unwrap();
+    let dir = tls.cert_file.parent().unwrap().to_path_buf();
+    let root = ca_cert(
+        common_name("Test Root"),
+        rcgen::KeyPair::generate().unwrap(),
+        None,
+        None,
+    );
+    // From midnight UTC 3 days on (a whole second, as a certificate says
+    // it), for a year.
+    let start = (unix_now() / 86_400 + 3) * 86_400;
+    let intermediate = ca_cert(
+        common_name("Test Intermediate"),
+        rcgen::KeyPair::generate().unwrap(),
+        Some(&root),
+        Some((start, start + 365 * 86_400)),
+    );
+    let (cert, key) = localhost_signed_by(&intermediate);
+    let chain = cert + &intermediate.0.pem();
+    // What a client makes of it: refused as not valid yet.
+    let refused = client_verdict(&chain, &key, &root.0.pem());
+    assert!(refused.contains("not valid yet"), "{refused}");
+    std::fs::write(&tls.cert_file, &chain).unwrap();
+    std::fs::write(&tls.key_file, &key).unwrap();
+    let shown =
+        httpdate::fmt_http_date(std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(start));
+    let named = |text: &str| {
+        text.contains("certificate 2 of the chain (CN=Test Intermediate)")
+            && text.contains(&format!("is valid only from {shown}"))
+            && text.contains("every client refuses the chain until then")
+            && !text.contains("PRIVATE")
+    };
+    // check-config: valid, one warning naming it.
+    let (code, said) = check_tls_config(&dir, &fake.url());
+    assert_eq!(code, Some(0), "{said}");
+    let lines: Vec<_> = said
+        .lines()
+        .filter(|l| l.starts_with("warning: tls.cert_file "))
+        .collect();
+    assert_eq!(lines.len(), 1, "{said}");
+    assert!(named(lines[0]), "{said}");
+    // A reload takes it (and warns, as SIGHUP logs these): it is served.
+    let log = relay.handle.reload(&relay.cfg).unwrap();
+    assert!(!log.iter().any(|l| l.contains("not reloaded")), "{log:?}");
+    let warnings = relay.cfg.warnings_besides_accounts();
+    assert!(warnings.iter().any(|w| named(w)), "{warnings:?}");
+    let Err(refused) = wss_connect(relay.addr(), &root.0.pem(), &relay.token("d")) else {
+        panic!("a client refuses the chain it serves");
+    };
+    assert!(refused.contains("not valid yet"), "{refused}");
+    // The root in the file too: the same (clients hold their own).
+    std::fs::write(&tls.cert_file, chain.clone() + &root.0.pem()).unwrap();
+    let (code, said) = check_tls_config(&dir, &fake.url());
+    assert_eq!(code, Some(0), "{said}");
+    assert!(said.lines().any(named), "{said}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// What a rustls client that trusts `root_pem` says of a server (on a
 /// socket of the test's) serving `chain_pem` with `key_pem`: "accepted",
 /// or its error.

@@ -8,8 +8,8 @@
 //! Which of the file's certificates a client checks ([`chain`]): the
 //! server's, then its issuer's, and so on, up to a certificate the
 //! client holds itself. Each must be within its dates: an intermediate
-//! that ran out fails every client as surely as an expired server
-//! certificate does.
+//! that ran out, or whose start is still to come, fails every client as
+//! surely as a server certificate out of its dates does.
 
 use std::time::SystemTime;
 
@@ -28,6 +28,8 @@ pub struct Link {
     /// Its subject, as RFC 4514 text (`CN=R11,O=Let's Encrypt,C=US`),
     /// control characters left out, at most 200 characters.
     pub subject: String,
+    /// The start of its validity.
+    pub not_before: SystemTime,
     /// The end of its validity.
     pub not_after: SystemTime,
 }
@@ -80,6 +82,7 @@ pub fn chain(certs: &[CertificateDer<'_>]) -> Chain {
                 .filter(|c| !c.is_control())
                 .take(200)
                 .collect(),
+            not_before: tbs.validity.not_before.to_system_time(),
             not_after: tbs.validity.not_after.to_system_time(),
         }
     };
