@@ -256,6 +256,30 @@ pub struct ServerTls {
 /// (certbot's runs 30 days ahead) that has not happened by then is failing.
 pub const RENEW_WARNING: std::time::Duration = std::time::Duration::from_secs(14 * 86_400);
 
+/// The time a certificate has left, in words, in days and hours as the
+/// `ClioRelayTlsCertificateExpiring` alert says it (`humanizeDuration`):
+/// "4 days 23 hours", "23 hours", "59 minutes". Cut down to the unit it
+/// ends with, never rounded up: it never says more time than is left,
+/// and says less by under an hour (a minute, with under an hour left).
+/// The warning gives the exact end beside it.
+#[derive(Debug, Clone, Copy)]
+struct TimeLeft(std::time::Duration);
+
+impl fmt::Display for TimeLeft {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let secs = self.0.as_secs();
+        let plural = |n: u64| if n == 1 { "" } else { "s" };
+        let (days, hours, minutes) = (secs / 86_400, secs % 86_400 / 3_600, secs % 3_600 / 60);
+        match (days, hours) {
+            (0, 0) if minutes == 0 => f.write_str("under a minute"),
+            (0, 0) => write!(f, "{minutes} minute{}", plural(minutes)),
+            (0, h) => write!(f, "{h} hour{}", plural(h)),
+            (d, 0) => write!(f, "{d} day{}", plural(d)),
+            (d, h) => write!(f, "{d} day{} {h} hour{}", plural(d), plural(h)),
+        }
+    }
+}
+
 impl ServerTls {
     /// What is worth a warning about the certificate's dates: not valid
     /// yet (this host's clock, or a certificate issued ahead), an
@@ -283,18 +307,18 @@ impl ServerTls {
         let left = end.duration_since(now).ok()?;
         (left < RENEW_WARNING).then(|| match &self.ends_first {
             None => format!(
-                "tls.cert_file {path}: the certificate expires on {}, in {} days; renew it \
+                "tls.cert_file {path}: the certificate expires on {}, in {}; renew it \
                  (then reload)",
                 httpdate::fmt_http_date(end),
-                left.as_secs() / 86_400
+                TimeLeft(left)
             ),
             Some((position, subject)) => format!(
                 "tls.cert_file {path}: certificate {position} of the chain ({subject}), a CA \
-                 certificate clients check the server's by, expires on {}, in {} days, and \
+                 certificate clients check the server's by, expires on {}, in {}, and \
                  every client will refuse the chain then; give the certificate followed by its \
                  CA's current chain (then reload)",
                 httpdate::fmt_http_date(end),
-                left.as_secs() / 86_400
+                TimeLeft(left)
             ),
         })
     }

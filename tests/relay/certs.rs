@@ -842,7 +842,7 @@ fn the_chains_earliest_end_is_the_metric_and_warned_about() {
             .any(|l| l.starts_with("warning: tls.cert_file ")
                 && l.contains("certificate 2 of the chain (CN=Test Intermediate)")
                 && l.contains("expires on")
-                && l.contains("in 4 days")),
+                && l.contains("in 4 days 23 hours,")),
         "{said}"
     );
     let log = relay.handle.reload(&relay.cfg).unwrap();
@@ -854,6 +854,46 @@ fn the_chains_earliest_end_is_the_metric_and_warned_about() {
     assert_eq!(expiry_metric(&relay), Some(end.to_string()));
     // It is still served: a client that trusts the root connects.
     wss_connect(relay.addr(), &root.0.pem(), &relay.token("d")).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The warning of a certificate near its end says the time left to the
+/// hour, as the expiry alert does (days and hours), and never more than
+/// is left. It said whole days cut down: a certificate ending in 4.99
+/// days was "in 4 days", one ending in 36 hours "in 1 days", one ending
+/// in half an hour "in 0 days".
+#[test]
+fn the_time_left_is_said_to_the_hour_never_more() {
+    let fake = fake(&["k1"], |_| {});
+    let dir = state_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    for (left, said_left) in [
+        (5 * 86_400, "in 4 days 23 hours;"),
+        (36 * 3_600, "in 1 day 11 hours;"),
+        (2 * 86_400 + 1_800, "in 2 days;"),
+        (3_600 + 60, "in 1 hour;"),
+        (1_800, "in 29 minutes;"),
+        (30, "in under a minute;"),
+    ] {
+        // Ends `left` seconds from now (the check runs a moment later).
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        let epoch = rcgen::date_time_ymd(1970, 1, 1);
+        params.not_before = epoch + Duration::from_secs(unix_now() - 86_400);
+        params.not_after = epoch + Duration::from_secs(unix_now() + left);
+        let cert = params.self_signed(&key).unwrap();
+        std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+        let (code, said) = check_tls_config(&dir, &fake.url());
+        assert_eq!(code, Some(0), "{said}");
+        assert!(
+            said.lines()
+                .any(|l| l.starts_with("warning: tls.cert_file ")
+                    && l.contains("the certificate expires on")
+                    && l.contains(said_left)),
+            "{said_left}: {said}"
+        );
+    }
     std::fs::remove_dir_all(&dir).ok();
 }
 
