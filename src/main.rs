@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{ArgAction, Parser, Subcommand};
 use clio_relay::cli::CliError;
 
 #[global_allocator]
@@ -21,8 +21,8 @@ struct Cli {
     /// The relay's TOML config file (see config/example.toml): with no
     /// command, the one `run` serves; before a command, that command's
     /// (each command that reads one takes its own --config too).
-    #[arg(long, short = 'c', value_name = "FILE")]
-    config: Option<PathBuf>,
+    #[arg(long, short = 'c', value_name = "FILE", action = ArgAction::Append)]
+    config: Vec<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -45,8 +45,8 @@ enum Command {
     /// Serve streams (the default when only --config is given).
     Run {
         /// The relay's TOML config file (see config/example.toml).
-        #[arg(long, short = 'c', value_name = "FILE")]
-        config: Option<PathBuf>,
+        #[arg(long, short = 'c', value_name = "FILE", action = ArgAction::Append)]
+        config: Vec<PathBuf>,
         /// Share the client port with a relay already listening on it (a
         /// hand-over restart: start this one, then SIGTERM the old one). The
         /// admin port is never shared, so it needs another server.admin_listen.
@@ -57,14 +57,14 @@ enum Command {
     /// Validate the config file and print a summary; exit 3 with one line per problem.
     CheckConfig {
         /// The relay's TOML config file (see config/example.toml).
-        #[arg(long, short = 'c', value_name = "FILE")]
-        config: Option<PathBuf>,
+        #[arg(long, short = 'c', value_name = "FILE", action = ArgAction::Append)]
+        config: Vec<PathBuf>,
     },
     /// Print one session token for a device on stdout.
     MintToken {
         /// The relay's TOML config file (see config/example.toml).
-        #[arg(long, short = 'c', value_name = "FILE")]
-        config: Option<PathBuf>,
+        #[arg(long, short = 'c', value_name = "FILE", action = ArgAction::Append)]
+        config: Vec<PathBuf>,
         /// Device id the token is for.
         #[arg(long)]
         device: String,
@@ -84,16 +84,17 @@ enum Command {
     Keys {
         /// The relay's TOML config file (see config/example.toml): its
         /// server.admin_listen and admin token say how to reach the relay.
-        // Global, so that it may follow the action too; an id of its own,
-        // or clap would hand its value up to the top level's --config.
+        // Each action takes it too (`parse` gives each its own: a global
+        // argument keeps only its last value); an id of its own, or clap
+        // would hand its value up to the top level's --config.
         #[arg(
             id = "keys_config",
             long = "config",
             short = 'c',
-            global = true,
-            value_name = "FILE"
+            value_name = "FILE",
+            action = ArgAction::Append
         )]
-        config: Option<PathBuf>,
+        config: Vec<PathBuf>,
         #[command(subcommand)]
         action: clio_relay::cli::keys::KeysAction,
     },
@@ -105,38 +106,105 @@ enum Command {
         args: clio_relay::cli::demo::DemoArgs,
         /// Taken only to be refused with the reason (demo reads no config
         /// file), so not in demo's help.
-        #[arg(long, short = 'c', value_name = "FILE", hide = true)]
-        config: Option<PathBuf>,
+        #[arg(long, short = 'c', value_name = "FILE", hide = true, action = ArgAction::Append)]
+        config: Vec<PathBuf>,
     },
 }
 
 impl Command {
-    /// The command's own `--config`, when it has one.
-    fn config(&self) -> Option<&PathBuf> {
+    /// The command's own `--config`, each time it is given.
+    fn config(&self) -> &[PathBuf] {
         match self {
             Command::Run { config, .. }
             | Command::CheckConfig { config }
             | Command::MintToken { config, .. }
-            | Command::Keys { config, .. } => config.as_ref(),
+            | Command::Keys { config, .. } => config,
             #[cfg(feature = "demo")]
-            Command::Demo { config, .. } => config.as_ref(),
+            Command::Demo { config, .. } => config,
         }
     }
 }
 
-fn main() -> ExitCode {
-    let cli = Cli::parse();
-    // --config goes before the command or after it: one of them.
-    let own = cli.command.as_ref().and_then(Command::config);
-    if let (Some(before), Some(after)) = (&cli.config, own) {
-        eprintln!(
-            "--config is given twice ({} before the command, {} after it): give it once",
-            before.display(),
-            after.display()
-        );
-        return ExitCode::from(2);
+/// The one config file the command line names, however often: `--config`
+/// goes before the command or after it (after `keys` or after its
+/// action), and may be given more than once if each names the same file
+/// (the same text, or one file by two paths: a wrapper's own `--config`
+/// and the operator's). Files that differ are refused, each named, as
+/// the command could only guess which was meant.
+fn one_config(given: &[PathBuf]) -> Result<Option<PathBuf>, String> {
+    let same = |a: &PathBuf, b: &PathBuf| {
+        a == b
+            || matches!(
+                (std::fs::canonicalize(a), std::fs::canonicalize(b)),
+                (Ok(x), Ok(y)) if x == y
+            )
+    };
+    let mut files: Vec<&PathBuf> = Vec::new();
+    for path in given {
+        if !files.iter().any(|f| same(f, path)) {
+            files.push(path);
+        }
     }
-    let config = cli.config.clone().or_else(|| own.cloned());
+    match files.as_slice() {
+        [] => Ok(None),
+        [one] => Ok(Some((*one).clone())),
+        many => Err(format!(
+            "--config is given more than once, for different files ({}): give it once, for \
+             the file to use",
+            many.iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
+}
+
+/// The command line, and each `--config` given after a `keys` action.
+///
+/// `keys` takes `--config` after its action too (`keys list --config
+/// FILE`): a global argument would do, but clap keeps only a global's
+/// last value, so `keys --config A list --config B` would run with B
+/// without a word. Each action is given a `--config` of its own instead
+/// (the one `keys` takes), read here beside that of `keys`.
+fn parse() -> (Cli, Vec<PathBuf>) {
+    use clap::{CommandFactory, FromArgMatches};
+    let mut cmd = Cli::command().mut_subcommand("keys", |keys| {
+        let arg = keys
+            .get_arguments()
+            .find(|a| a.get_id() == "keys_config")
+            .cloned()
+            .expect("keys takes --config");
+        let actions: Vec<String> = keys
+            .get_subcommands()
+            .map(|a| a.get_name().to_owned())
+            .collect();
+        actions.into_iter().fold(keys, |keys, action| {
+            keys.mut_subcommand(action, |a| a.arg(arg.clone()))
+        })
+    });
+    let matches = cmd.get_matches_mut();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.format(&mut cmd).exit());
+    let after_action = matches
+        .subcommand_matches("keys")
+        .and_then(|keys| keys.subcommand())
+        .and_then(|(_, action)| action.get_many::<PathBuf>("keys_config"))
+        .map(|paths| paths.cloned().collect())
+        .unwrap_or_default();
+    (cli, after_action)
+}
+
+fn main() -> ExitCode {
+    let (cli, after_action) = parse();
+    // --config goes before the command or after it (after `keys` or after
+    // its action), once or more, for one file.
+    let own = cli.command.as_ref().map_or(&[][..], Command::config);
+    let config = match one_config(&[&cli.config[..], own, &after_action].concat()) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
     if cli.command.is_none() && config.is_none() {
         // Bare `clio-relay`: the help, not just the missing flag.
         let _ = <Cli as clap::CommandFactory>::command().print_help();

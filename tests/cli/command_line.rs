@@ -78,7 +78,7 @@ fn demo_refuses_a_config_file_it_would_ignore() {
 /// config now takes --config itself, and demo's help lists only what demo
 /// takes. Every way of giving --config that the docs, units and scripts
 /// use still works: after the command or before it, after `keys` or
-/// after its action; given twice, it is refused.
+/// after its action.
 #[test]
 fn demo_help_lists_only_what_demo_takes() {
     let t = text(&run(RELAY, &["demo", "--help"]));
@@ -156,9 +156,75 @@ fn demo_help_lists_only_what_demo_takes() {
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", text(&o));
         assert!(text(&o).contains("demo reads no config file"), "{args:?}");
     }
-    let o = run_env(&["--config", c, "check-config", "--config", c]);
-    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
-    assert!(text(&o).contains("--config is given twice"), "{}", text(&o));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// `--config` given more than once: for one file (the same path, or the
+/// same file by another path, as a wrapper that adds its own and an
+/// operator who adds it again) it is taken; for different files it is
+/// refused, exit 2, naming each, since which one was meant is a guess.
+/// Before, the same path before and after the command was refused ("given
+/// twice"), the same path twice in one place was refused by clap ("cannot
+/// be used multiple times"), and `keys --config A list --config B` ran
+/// with B without a word.
+#[test]
+fn config_given_more_than_once_is_taken_for_one_file_refused_for_two() {
+    let dir = std::env::temp_dir().join(format!(
+        "clio-relay-cli-config-twice-{}",
+        std::process::id()
+    ));
+    let admin = free_port().to_string();
+    let config = relay_config(&dir, "127.0.0.1:0", &admin);
+    let c = config.as_str();
+    let by_another_path = dir.join(".").join("relay.toml");
+    let c2 = by_another_path.to_str().unwrap();
+    for args in [
+        &["--config", c, "check-config", "--config", c][..],
+        &["check-config", "-c", c, "--config", c],
+        &["-c", c, "--config", c, "check-config"],
+        &["-c", c, "check-config", "-c", c2],
+    ] {
+        let o = run_env(args);
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {}", text(&o));
+        assert!(text(&o).contains("configuration is valid"), "{args:?}");
+    }
+    let o = run_env(&["-c", c, "mint-token", "-c", c, "--device", "d"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    // Nothing listens on the admin port: exit 5 naming this config.
+    for args in [
+        &["keys", "--config", c, "list", "--config", c][..],
+        &["--config", c, "keys", "list", "-c", c2],
+    ] {
+        let o = run_env(args);
+        assert_eq!(o.status.code(), Some(5), "{args:?}: {}", text(&o));
+        assert!(
+            text(&o).contains("the config it runs"),
+            "{args:?}: {}",
+            text(&o)
+        );
+    }
+    // Two files, each valid: which is meant is not guessed.
+    let other = relay_config(&dir.join("other"), "127.0.0.1:0", &admin);
+    let b = other.as_str();
+    for args in [
+        &["--config", c, "check-config", "--config", b][..],
+        &["check-config", "-c", c, "-c", b],
+        &["-c", c, "-c", c2, "-c", b],
+        &["keys", "--config", c, "list", "--config", b],
+        &["--config", b, "keys", "list", "--config", c],
+        &["-c", c, "run", "-c", b],
+    ] {
+        let o = run_env(args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", text(&o));
+        let said = text(&o);
+        assert!(
+            said.contains("--config is given more than once, for different files")
+                && said.contains(c)
+                && said.contains(b),
+            "{args:?}: {said}"
+        );
+        assert!(!said.contains("configuration is valid"), "{args:?}: {said}");
+    }
     std::fs::remove_dir_all(&dir).ok();
 }
 
