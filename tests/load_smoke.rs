@@ -554,7 +554,7 @@ fn streams_open_through_a_resolver_outage() {
     let before = load_through(client, 2);
     // In place (the same file, so the namespace's bind mount sees it).
     std::fs::write(dir.join("hosts"), "").unwrap();
-    std::thread::sleep(clio_relay::dataplane::upstream::dial::DNS_TTL + Duration::from_secs(1));
+    std::thread::sleep(clio_relay::core::dial::DNS_TTL + Duration::from_secs(1));
     let during = load_through(client, 4);
     let log = dir.join("relay.log");
     let said = |text: &str| std::fs::read_to_string(&log).unwrap().contains(text);

@@ -17,6 +17,10 @@
 //! Two forms: [`first_to_connect`] for a glommio executor (any connect
 //! future), [`connect_first`] for a plain thread (the cluster thread's
 //! blocking sockets).
+//!
+//! The addresses themselves: [`resolve`] asks the resolver (and blocks);
+//! on a glommio executor, [`Addresses`] ([`kept`]) keeps a name's and
+//! refreshes them, its lookups on helper threads, one at a time.
 
 use std::future::Future;
 use std::io;
@@ -25,6 +29,9 @@ use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::task::Poll;
 use std::time::{Duration, Instant};
+
+pub mod kept;
+pub use kept::{Addresses, Said, DNS_RETRY, DNS_TTL};
 
 /// How long an attempt runs alone before the next address is tried beside
 /// it (RFC 8305's "connection attempt delay", whose recommended value this
@@ -43,8 +50,8 @@ pub fn attempt_delay(limit: Duration) -> Duration {
 }
 
 /// `host:port`'s addresses from the resolver (`getaddrinfo`, which
-/// blocks: on a shard, call it on the blocking pool); an error when it
-/// gives none.
+/// blocks, for as long as the resolver takes: on a glommio executor, go
+/// through [`Addresses`]); an error when it gives none.
 pub fn resolve(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
     let addrs: Vec<SocketAddr> = (host, port).to_socket_addrs()?.collect();
     if addrs.is_empty() {

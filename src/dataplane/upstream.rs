@@ -15,13 +15,19 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 
 use crate::core::config::{parse_ws_url, UrlError, WsEndpoint};
+use crate::core::dial;
 use crate::core::keyring::RateScope;
 use crate::core::secret::Secret;
 use crate::dataplane::buf::Buf;
 use crate::dataplane::http::{self, UpstreamAnswer};
 use crate::dataplane::io::{Conn, Duplex, Tcp};
 
-pub mod dial;
+/// What the log says when upstream's name stops resolving, and when it
+/// resolves again ([`dial::Addresses`]).
+const SAID: dial::Said = dial::Said {
+    failing: "the upstream name did not resolve; streams keep opening to the addresses it had",
+    again: "the upstream name resolves again",
+};
 
 /// Largest upgrade answer head accepted from upstream.
 const MAX_ANSWER_HEAD: usize = 16 * 1024;
@@ -235,7 +241,7 @@ impl UpstreamTarget {
             None
         };
         Ok(UpstreamTarget {
-            addrs: dial::Addresses::new(&host, port),
+            addrs: dial::Addresses::new(&host, port, SAID),
             host,
             port,
             path,

@@ -208,6 +208,7 @@ fn node_with_dns(
         "probe.test",
         "127.0.0.1",
         "",
+        "",
     ) {
         Ok(node) => Some((node, cfg, fake)),
         Err(why) => {
@@ -380,6 +381,7 @@ fn a_resolver_that_does_not_answer_is_not_held_against_the_account() {
         // second account of the same pool, so the same URL.
         "[failover]\nmax_resumes = 0\n\
          [[account]]\nid = \"b\"\nkey_file = \"key\"\nmax_concurrent_streams = 50\n",
+        "",
     ) {
         Ok(node) => node,
         Err(why) => {
@@ -414,5 +416,77 @@ fn a_resolver_that_does_not_answer_is_not_held_against_the_account() {
         "{log}"
     );
     assert!(!log.contains("the account is held off"), "{log}");
+    drop(dns);
+}
+
+/// Whether a stream opened on `node` now, on a token of `cfg` for the
+/// accounts of `pool`, is transcribed to its end.
+fn streams_in(node: &Node, cfg: &clio_relay::core::config::Config, pool: &str) -> bool {
+    let token = clio_relay::core::token::TokenKeys::from_config(&cfg.tokens)
+        .mint_in(
+            "phone",
+            None,
+            &[pool.to_string()],
+            Duration::from_secs(600),
+            std::time::SystemTime::now(),
+        )
+        .unwrap();
+    match connect(node.client, &token, Via::Header) {
+        Ok((mut ws, _)) => {
+            let got = stream_session(&mut ws, &config_message(None), &audio_frames(1, 1));
+            got.finished() && got.error_code().is_none()
+        }
+        Err(_) => false,
+    }
+}
+
+/// Two pools on one shard: the default pool's upstream name only in DNS,
+/// whose one server never answers (30 s, one attempt), the `eu` pool's
+/// in `/etc/hosts`. A stream of the default pool is refused after
+/// `upstream.connect_timeout`, its lookup still running; a stream of the
+/// `eu` pool opened then goes through, its name looked up beside the one
+/// that hangs. Before, both lookups ran on the shard's blocking pool (one
+/// thread): the `eu` name's queued behind the hung one, and its stream
+/// was refused as unresolved too, for as long as the lookup hung.
+#[test]
+fn a_name_that_hangs_holds_up_no_other_pools_name() {
+    let redis = RedisServer::start();
+    let Some(dns) = silent_dns() else { return };
+    let fake = fake(&["k1"], |_| {});
+    let cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    let port = fake.addr().port();
+    let resolv_conf = format!(
+        "nameserver {}\noptions timeout:30 attempts:1\n",
+        dns.local_addr().unwrap().ip()
+    );
+    let node = match Node::spawn_with_resolver(
+        &format!("ws://hang.test:{port}/transcribe-websocket"),
+        &format!("redis://127.0.0.1:{}/0", redis.port),
+        &cfg.tokens.secret,
+        "127.0.0.1 probe.test soniox.test\n",
+        &resolv_conf,
+        "probe.test",
+        "127.0.0.1",
+        &format!(
+            "[failover]\nmax_resumes = 0\n\
+             [pool.eu]\nurl = \"ws://soniox.test:{port}/transcribe-websocket\"\n\
+             [[account]]\nid = \"b\"\nkey_file = \"key\"\npool = \"eu\"\nmax_concurrent_streams = 50\n"
+        ),
+        "",
+    ) {
+        Ok(node) => node,
+        Err(why) => {
+            eprintln!("not checked: {why}");
+            return;
+        }
+    };
+    assert!(!streams_in(&node, &cfg, "default"), "{}", node.log());
+    assert!(
+        node.log()
+            .contains("why=no answer for hang.test within upstream.connect_timeout"),
+        "{}",
+        node.log()
+    );
+    assert!(streams_in(&node, &cfg, "eu"), "{}", node.log());
     drop(dns);
 }

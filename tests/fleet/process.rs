@@ -77,7 +77,7 @@ impl Node {
         env: &[(&str, &str)],
     ) -> Result<Node, (Option<i32>, String)> {
         let (dir, env) = Self::prepare(
-            upstream, redis_url, node, lease_ttl, secret, key, extra, env,
+            upstream, redis_url, node, lease_ttl, secret, key, extra, "", env,
         );
         Self::run(dir, env, Vec::new())
     }
@@ -126,6 +126,7 @@ impl Node {
             redis_url,
             secret,
             "",
+            "",
             &[("hosts", "/etc/hosts", hosts)],
             name,
             first,
@@ -137,7 +138,9 @@ impl Node {
     /// `/etc/hosts`, then DNS, for a name (whatever the host's asks), so
     /// that a name not in `hosts` goes to the DNS servers the test names.
     /// `extra`: more of the config, after `[cluster]` (e.g. a second
-    /// `[[account]]`, whose key file is `key`, as the first's).
+    /// `[[account]]`, whose key file is `key`, as the first's); `admin`:
+    /// more lines of `[admin]` (e.g. a `health_interval`, `0s` unless
+    /// given).
     #[allow(clippy::too_many_arguments)]
     pub fn spawn_with_resolver(
         upstream: &str,
@@ -148,12 +151,14 @@ impl Node {
         name: &str,
         first: &str,
         extra: &str,
+        admin: &str,
     ) -> Result<Node, String> {
         Self::spawn_in_namespace(
             upstream,
             redis_url,
             secret,
             extra,
+            admin,
             &[
                 ("hosts", "/etc/hosts", hosts),
                 ("resolv.conf", "/etc/resolv.conf", resolv_conf),
@@ -167,11 +172,13 @@ impl Node {
     /// [`Node::spawn`] in a mount namespace of its own where each of
     /// `files` (a file name in the node's directory, the path it is
     /// mounted on, its text) is seen in place of the host's.
+    #[allow(clippy::too_many_arguments)]
     fn spawn_in_namespace(
         upstream: &str,
         redis_url: &str,
         secret: &Secret,
         extra: &str,
+        admin: &str,
         files: &[(&str, &'static str, &str)],
         name: &str,
         first: &str,
@@ -184,6 +191,7 @@ impl Node {
             secret,
             "k1",
             extra,
+            admin,
             &[],
         );
         let mounts: Vec<(std::path::PathBuf, &'static str)> = files
@@ -212,8 +220,9 @@ impl Node {
             .map_err(|(code, err)| format!("relay exited with {code:?} before listening: {err}"))
     }
 
-    /// Writes the config of [`Node::try_spawn_with`] into a new directory;
-    /// returns it and the relay's environment.
+    /// Writes the config of [`Node::try_spawn_with`] into a new directory,
+    /// with `admin`'s lines in `[admin]` (health checks off unless it sets
+    /// `health_interval`); returns it and the relay's environment.
     #[allow(clippy::too_many_arguments)]
     fn prepare(
         upstream: &str,
@@ -223,8 +232,14 @@ impl Node {
         secret: &Secret,
         key: &str,
         extra: &str,
+        admin: &str,
         env: &[(&str, &str)],
     ) -> (std::path::PathBuf, Vec<(String, String)>) {
+        let admin = if admin.contains("health_interval") {
+            admin.to_string()
+        } else {
+            format!("health_interval = \"0s\"\n{admin}")
+        };
         let dir = crate::util::state_dir();
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("key"), key).unwrap();
@@ -236,7 +251,7 @@ impl Node {
                  [upstream]\nurl = \"{upstream}\"\n\
                  [tokens]\nsecret_env = \"FLEET_TEST_SECRET\"\n\
                  [admin]\ntoken_env = \"FLEET_TEST_ADMIN\"\nmaster_key_env = \"FLEET_TEST_MASTER\"\n\
-                 state_dir = \"{}\"\nhealth_interval = \"0s\"\n\
+                 state_dir = \"{}\"\n{admin}\
                  [cluster]\nredis_url = \"{redis_url}\"\nnode_id = \"{node}\"\nlease_ttl = \"{lease_ttl}\"\n\
                  {extra}\n\
                  [[account]]\nid = \"a\"\nkey_file = \"key\"\nmax_concurrent_streams = 50\n",
