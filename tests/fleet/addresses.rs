@@ -490,3 +490,81 @@ fn a_name_that_hangs_holds_up_no_other_pools_name() {
     assert!(streams_in(&node, &cfg, "eu"), "{}", node.log());
     drop(dns);
 }
+
+/// The REST API's name (upstream's, `soniox.test`, from which the health
+/// checks' base is derived) leaves the namespace's `/etc/hosts` while the
+/// node checks its key every second, and the one DNS server takes the
+/// queries and never answers (30 s an attempt, 5 attempts). The checks go
+/// on to the address kept, through the refresh that asks the resolver
+/// again after 30 s and hangs; one lookup runs (one `clio-resolve`
+/// thread), not one per check; and the admin thread's blocking pool,
+/// where the fleet's usage is read from Redis, stays free: `/admin/usage`
+/// answers with the fleet's. Before, each check's lookup ran on that pool
+/// (one thread), queued behind the one that hung: no check reached the
+/// REST API once the name had left `/etc/hosts`, and `/admin/usage` waited
+/// behind them.
+#[test]
+fn health_checks_go_on_to_the_kept_address_while_the_resolver_hangs() {
+    let redis = RedisServer::start();
+    let Some(dns) = silent_dns() else { return };
+    let fake = fake(&["k1"], |_| {});
+    let cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    let upstream = format!(
+        "ws://soniox.test:{}/transcribe-websocket",
+        fake.addr().port()
+    );
+    let resolv_conf = format!(
+        "nameserver {}\noptions timeout:30 attempts:5\n",
+        dns.local_addr().unwrap().ip()
+    );
+    let node = match Node::spawn_with_resolver(
+        &upstream,
+        &format!("redis://127.0.0.1:{}/0", redis.port),
+        &cfg.tokens.secret,
+        "127.0.0.1 probe.test soniox.test\n",
+        &resolv_conf,
+        "probe.test",
+        "127.0.0.1",
+        "",
+        "health_interval = \"1s\"\n",
+    ) {
+        Ok(node) => node,
+        Err(why) => {
+            eprintln!("not checked: {why}");
+            return;
+        }
+    };
+    let checks = || {
+        fake.rest_calls()
+            .iter()
+            .filter(|c| c.path == "/v1/models" && c.status == 200)
+            .count()
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || checks() >= 2),
+        "{} checks: {}",
+        checks(),
+        node.log()
+    );
+    node.set_hosts("127.0.0.1 probe.test\n");
+    // Past the addresses' 30 s, the refresh has asked the silent server.
+    std::thread::sleep(clio_relay::core::dial::DNS_TTL + Duration::from_secs(2));
+    let then = checks();
+    assert!(
+        wait_until(Duration::from_secs(20), || checks() >= then + 3),
+        "{} checks, {then} when the refresh began: {}",
+        checks(),
+        node.log()
+    );
+    let (status, body) = http(node.admin, "GET", "/admin/usage", Some(crate::ADMIN), None);
+    assert_eq!(status, 200, "{body}");
+    let usage: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(usage["scope"], "fleet", "{body}");
+    assert_eq!(
+        node.threads_named("clio-resolve"),
+        1,
+        "one lookup under way: {}",
+        node.log()
+    );
+    drop(dns);
+}

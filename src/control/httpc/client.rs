@@ -1,8 +1,14 @@
 //! The client on glommio, for the admin thread: health checks, usage
-//! reconciliation and the alert webhook. Names are resolved on glommio's
-//! blocking pool; the whole request runs under one timer.
+//! reconciliation and the alert webhook. The whole request runs under one
+//! timer. A host name's addresses are kept per thread ([`Addresses`], the
+//! upstream dial's): once the name has resolved, a request goes to the
+//! addresses kept while the resolver is asked again in the background, and
+//! they go on serving while it fails or does not answer; before, the
+//! requests wait for the name's one lookup, each within its own time limit.
 
-use std::net::SocketAddr;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -10,24 +16,75 @@ use futures_rustls::TlsConnector;
 use rustls::pki_types::ServerName;
 
 use super::{connect_error, write_request, Endpoint, Error, Parser, Request, Response, Retry};
+use crate::core::dial::{Addresses, Said};
 use crate::dataplane::io::timeout;
 
-/// Sends `req` to `ep` and reads the answer, all within `limit`.
+/// What the log says when a request's host name stops resolving (the
+/// addresses it had go on serving), and when it resolves again.
+const SAID: Said = Said {
+    failing: "the host name of the admin thread's requests (health checks, usage reconciliation, alert webhook) did not resolve; its requests go to the addresses it had",
+    again: "the host name of the admin thread's requests resolves again",
+};
+
+/// The most host names whose addresses a thread keeps: the REST hosts of
+/// the pools and the webhook's, which a reload may change; past it, the
+/// name used least recently is forgotten.
+const KEPT_NAMES: usize = 64;
+
+thread_local! {
+    /// The addresses of each `(host, port)` this thread's requests went
+    /// to, and when a request last went there.
+    static KEPT: RefCell<HashMap<(String, u16), (Addresses, Instant)>> = RefCell::default();
+}
+
+/// `ep`'s host's addresses as this thread keeps them (made on first use).
+fn kept(ep: &Endpoint) -> Addresses {
+    KEPT.with(|kept| {
+        let mut kept = kept.borrow_mut();
+        let now = Instant::now();
+        let name = (ep.host.clone(), ep.port);
+        if let Some((addrs, used)) = kept.get_mut(&name) {
+            *used = now;
+            return addrs.clone();
+        }
+        if kept.len() >= KEPT_NAMES {
+            let oldest = kept
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(name, _)| name.clone());
+            if let Some(oldest) = oldest {
+                kept.remove(&oldest);
+            }
+        }
+        let addrs = Addresses::new(&ep.host, ep.port, SAID);
+        kept.insert(name, (addrs.clone(), now));
+        addrs
+    })
+}
+
+/// Sends `req` to `ep` and reads the answer, all within `limit`. With no
+/// address of `ep.host` known yet and no answer from the resolver within
+/// `limit`: [`Error::Resolve`] (timed out), not [`Error::Timeout`].
 pub async fn send(ep: &Endpoint, req: &Request<'_>, limit: Duration) -> Result<Response, Error> {
     let deadline = Instant::now() + limit;
-    timeout(limit, async {
-        let (host, port) = (ep.host.clone(), ep.port);
-        let addrs: Vec<SocketAddr> = glommio::executor()
-            .spawn_blocking(move || {
-                std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))
-                    .map(|a| a.collect())
-            })
-            .await
-            .map_err(Error::Resolve)?;
-        send_inner(&addrs, ep, req, deadline).await
-    })
-    .await
-    .unwrap_or(Err(Error::Timeout))
+    if let Ok(ip) = ep.host.parse::<IpAddr>() {
+        return send_to(&[SocketAddr::new(ip, ep.port)], ep, req, limit).await;
+    }
+    let addrs = kept(ep);
+    let found = match timeout(limit, addrs.get()).await {
+        Some(Ok(found)) => found,
+        Some(Err(e)) => return Err(Error::Resolve(e)),
+        None => {
+            return Err(Error::Resolve(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no answer from the resolver within the request's time limit",
+            )))
+        }
+    };
+    let left = deadline.saturating_duration_since(Instant::now());
+    timeout(left, send_inner(&found, ep, req, deadline, Some(&addrs)))
+        .await
+        .unwrap_or(Err(Error::Timeout))
 }
 
 /// [`send`] to the given addresses (tried in order) instead of resolving
@@ -39,7 +96,7 @@ pub async fn send_to(
     limit: Duration,
 ) -> Result<Response, Error> {
     let deadline = Instant::now() + limit;
-    timeout(limit, send_inner(addrs, ep, req, deadline))
+    timeout(limit, send_inner(addrs, ep, req, deadline, None))
         .await
         .unwrap_or(Err(Error::Timeout))
 }
@@ -75,9 +132,13 @@ async fn send_inner(
     ep: &Endpoint,
     req: &Request<'_>,
     deadline: Instant,
+    kept: Option<&Addresses>,
 ) -> Result<Response, Error> {
     let bytes = write_request(&ep.authority(), req)?;
-    let tcp = connect_any(addrs, deadline).await?;
+    let (addr, tcp) = connect_any(addrs, deadline).await?;
+    if let Some(kept) = kept {
+        kept.connected(addr);
+    }
     let _ = tcp.set_nodelay(true);
     let mut parser = Parser::new(req.method, req.max_body);
     match &ep.tls {
@@ -96,11 +157,12 @@ async fn send_inner(
 }
 
 /// Connects to the first address that answers, the attempts staggered
-/// ([`crate::core::dial::first_to_connect`]), all within `deadline`.
+/// ([`crate::core::dial::first_to_connect`]), all within `deadline`;
+/// returns it and its connection.
 pub async fn connect_any(
     addrs: &[SocketAddr],
     deadline: Instant,
-) -> Result<glommio::net::TcpStream, Error> {
+) -> Result<(SocketAddr, glommio::net::TcpStream), Error> {
     let left = deadline.saturating_duration_since(Instant::now());
     let any = crate::core::dial::first_to_connect(
         addrs,
@@ -114,9 +176,7 @@ pub async fn connect_any(
     );
     match timeout(left, any).await {
         None => Err(Error::Timeout),
-        Some(r) => r
-            .map(|(_, tcp)| tcp)
-            .map_err(|e| connect_error(addrs.len(), e)),
+        Some(r) => r.map_err(|e| connect_error(addrs.len(), e)),
     }
 }
 

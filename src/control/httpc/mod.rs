@@ -9,6 +9,10 @@
 //!
 //! - runs on a fresh connection (`Connection: close`) under one deadline
 //!   that covers resolving, connecting, TLS, writing and reading;
+//! - on glommio, takes the host name's addresses as the thread keeps them
+//!   ([`crate::core::dial::Addresses`]): refreshed in the background, kept
+//!   while the resolver fails or hangs, one lookup a name at a time, on a
+//!   helper thread, never on the executor's blocking pool;
 //! - tries the addresses the name resolves to as the data plane does
 //!   ([`crate::core::dial`]): the next begins beside the last after
 //!   250 ms (a quarter of a shorter deadline) or its failure, and the
@@ -303,7 +307,9 @@ pub enum Error {
     Url(String),
     /// The request could not be written (a bad header, …).
     Request(String),
-    /// The host name did not resolve (or resolved to nothing).
+    /// The host name did not resolve (or resolved to nothing), or, with
+    /// none of its addresses known yet, the resolver did not answer within
+    /// the request's time limit (kind `TimedOut`).
     Resolve(std::io::Error),
     /// No address took the connection: how many were tried, and the last
     /// address's error.

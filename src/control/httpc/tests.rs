@@ -302,9 +302,9 @@ fn retries_stop_at_the_attempt_bound_and_skip_4xx() {
         let _ = conn.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n");
     });
     // A server of its own for the total bound's one try: that try has
-    // 5 ms in all, and may give up before it connects (the name is
-    // resolved on a blocking thread first) or before this server's thread
-    // takes the connection, so whether this server counts it is a race.
+    // 5 ms in all, and may give up before it connects or before this
+    // server's thread takes the connection, so whether this server counts
+    // it is a race.
     // (Counted on `busy`, it made that count 4 or 5 by the host's load.)
     let (bounded, bounded_count) = server(slow_down);
     on_glommio(move || async move {
