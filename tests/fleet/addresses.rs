@@ -568,3 +568,46 @@ fn health_checks_go_on_to_the_kept_address_while_the_resolver_hangs() {
     );
     drop(dns);
 }
+
+/// Redis's name leaves the namespace's `/etc/hosts`, after the node has
+/// read the fleet's usage once, and the one DNS server never answers (30 s
+/// an attempt, 5 attempts). `/admin/usage` still answers with the fleet's:
+/// the query's own connection goes to the address it had, its lookup
+/// waited for within `cluster.timeout`, one running however many queries
+/// come. Before, the `redis` crate's connect asked the resolver with no
+/// deadline, on the admin thread's blocking pool: the query, and every
+/// one after it, waited out the lookup (minutes).
+#[test]
+fn the_fleet_usage_is_read_while_the_resolver_hangs() {
+    let redis = RedisServer::start();
+    let Some(dns) = silent_dns() else { return };
+    let hosts = "127.0.0.1 redis.test probe.test\n";
+    let Some((node, _cfg, _fake)) = node_with_dns(&redis, &dns, hosts, 5) else {
+        return;
+    };
+    let up = || sample(node.admin, "clio_relay_cluster_store_up") == 1;
+    assert!(wait_until(Duration::from_secs(10), up), "{}", node.log());
+    let scope = || {
+        let (status, body) = http(node.admin, "GET", "/admin/usage", Some(crate::ADMIN), None);
+        let usage: Option<serde_json::Value> = serde_json::from_str(&body).ok();
+        (status, usage.map(|u| u["scope"].clone()))
+    };
+    let fleet = (200, Some(serde_json::json!("fleet")));
+    assert_eq!(scope(), fleet, "{}", node.log());
+    node.set_hosts("127.0.0.1 probe.test\n");
+    for i in 0..3 {
+        assert_eq!(
+            scope(),
+            fleet,
+            "query {i} with the resolver silent: {}",
+            node.log()
+        );
+    }
+    assert_eq!(
+        node.threads_named("clio-resolve"),
+        1,
+        "one lookup under way: {}",
+        node.log()
+    );
+    drop(dns);
+}

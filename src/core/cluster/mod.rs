@@ -323,7 +323,7 @@ pub struct Fleet {
     /// Counters for `/metrics`.
     pub stats: FleetStats,
     /// For usage queries, which read on connections of their own.
-    client: std::sync::OnceLock<redis::Client>,
+    usage_via: std::sync::OnceLock<Arc<store::UsageVia>>,
     /// Count changes the thread has not taken yet: holds given back and
     /// counts taken by this node's shares (not yet sent to Redis, unless a
     /// shard's link took them), and counts a link's opens took (in Redis
@@ -405,7 +405,7 @@ impl Fleet {
             up: AtomicBool::new(false),
             nodes: AtomicU32::new(1),
             stats: FleetStats::default(),
-            client: std::sync::OnceLock::new(),
+            usage_via: std::sync::OnceLock::new(),
             changes: std::sync::Mutex::new(Vec::new()),
             link: std::sync::Mutex::new(None),
             usage_lost: AtomicBool::new(false),
@@ -909,8 +909,10 @@ impl Fleet {
 
     /// The fleet's usage over the days `from..=to`, by node: this node's
     /// usage so far is added first, then every node's is read from Redis
-    /// (on glommio's blocking pool, with a connection of its own). An error
-    /// when Redis is unreachable.
+    /// (on glommio's blocking pool, with a connection of its own, whose
+    /// connect, the lookup of Redis's name included, takes at most
+    /// `cluster.timeout`, as the cluster thread's: `store::UsageVia`). An
+    /// error when Redis is unreachable.
     pub async fn usage(
         &self,
         from: u64,
@@ -924,15 +926,15 @@ impl Fleet {
             .await
             .and_then(Result::ok)
             .unwrap_or_else(|| Err(ClusterError::ThreadSilent))?;
-        let client = self
-            .client
+        let via = self
+            .usage_via
             .get()
             .cloned()
             .ok_or(ClusterError::NotConfigured)?;
         let timeout = self.timeout;
         let today = utc_day(SystemTime::now());
         glommio::executor()
-            .spawn_blocking(move || usage::query(&client, timeout, from, to, today, group))
+            .spawn_blocking(move || via.query(timeout, from, to, today, group))
             .await
     }
 

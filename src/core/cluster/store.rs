@@ -114,6 +114,59 @@ fn client(cfg: &ClusterConfig) -> std::io::Result<redis::Client> {
     .map_err(|e| std::io::Error::other(format!("cluster.redis_url: {}", e)))
 }
 
+/// How a node reads the fleet's usage (`Fleet::usage`): on a connection
+/// of its own, made as the cluster thread makes its own ([`Timed`]), so
+/// that the lookup of Redis's name counts in the connect's
+/// `cluster.timeout` and the addresses it gave last serve while the
+/// resolver fails or hangs. The `redis` crate's connect asked the
+/// resolver with no deadline, on the admin thread's blocking pool (one
+/// thread): a DNS server that never answers held it, and every query
+/// after, for minutes.
+pub(super) struct UsageVia {
+    client: redis::Client,
+    ca: Option<Vec<u8>>,
+    /// Redis's addresses as the last query found them, and the lookup
+    /// still running, if one is (queries run one at a time, on the
+    /// blocking pool).
+    known: std::sync::Mutex<timed::KnownAddrs>,
+}
+
+impl std::fmt::Debug for UsageVia {
+    // Not the client's: its connection info holds Redis's password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UsageVia")
+            .field("tls_ca", &self.ca.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl UsageVia {
+    /// [`usage::query`] on a [`Timed`] connection: the connect within
+    /// `timeout`, the reads within [`usage::read_timeout`].
+    pub(super) fn query(
+        &self,
+        timeout: Duration,
+        from: u64,
+        to: u64,
+        today: u64,
+        group: crate::core::usage::GroupBy,
+    ) -> Result<usage::ByNode, super::ClusterError> {
+        let mut known = self
+            .known
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut con = Timed::connect(
+            self.client.get_connection_info(),
+            self.ca.as_deref(),
+            timeout,
+            &mut known,
+        )?;
+        drop(known);
+        con.set_timeout(usage::read_timeout(timeout));
+        usage::read(&mut con, from, to, today, group)
+    }
+}
+
 /// Starts the cluster thread. It connects in the background: a relay
 /// starts (and follows `on_store_down`) while Redis is unreachable.
 pub fn start(
@@ -123,7 +176,11 @@ pub fn start(
     links: Links,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     let client = client(cfg)?;
-    let _ = fleet.client.set(client.clone());
+    let _ = fleet.usage_via.set(Arc::new(UsageVia {
+        client: client.clone(),
+        ca: cfg.ca.clone(),
+        known: std::sync::Mutex::default(),
+    }));
     let started = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);

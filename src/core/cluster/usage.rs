@@ -162,9 +162,11 @@ fn text(v: &Value) -> Option<String> {
 }
 
 /// Reads the fleet's usage of `group` over the days `from..=to` (clamped
-/// to what Redis keeps, counted back from `today`), by node. Two round
-/// trips on a connection of its own: the nodes of each day, then their
-/// hashes. Blocking: run it off any executor.
+/// to what Redis keeps, counted back from `today`), by node, on a
+/// connection of its own from `client`. Blocking: run it
+/// off any executor. (The node's own queries, `Fleet::usage`, go through
+/// the cluster store's connection instead, whose lookup of Redis's name
+/// is bounded by `timeout`; this one's, the `redis` crate's, is not.)
 pub fn query(
     client: &redis::Client,
     timeout: Duration,
@@ -173,24 +175,50 @@ pub fn query(
     today: u64,
     group: GroupBy,
 ) -> Result<ByNode, ClusterError> {
+    if days(from, to, today, group).is_none() {
+        return Ok(ByNode::new());
+    }
+    let mut con = client.get_connection_with_timeout(timeout)?;
+    let read_for = read_timeout(timeout);
+    con.set_read_timeout(Some(read_for))?;
+    con.set_write_timeout(Some(read_for))?;
+    read(&mut con, from, to, today, group)
+}
+
+/// How long the reads of a query may take, given `cluster.timeout`: a
+/// month of devices is a large answer, so more time than a stream open's
+/// deadline, still bounded.
+pub(super) fn read_timeout(timeout: Duration) -> Duration {
+    timeout.max(Duration::from_secs(5))
+}
+
+/// The days `from..=to` clamped to what Redis keeps; `None` when none is
+/// left.
+fn days(from: u64, to: u64, today: u64, group: GroupBy) -> Option<(u64, u64)> {
     let days = restore_days(today, group);
     let from = from.max(*days.start());
     let to = to.min(*days.end());
+    (from <= to).then_some((from, to))
+}
+
+/// [`query`]'s reads on `con`: two round trips, the nodes of each day,
+/// then their hashes.
+pub(super) fn read(
+    con: &mut impl redis::ConnectionLike,
+    from: u64,
+    to: u64,
+    today: u64,
+    group: GroupBy,
+) -> Result<ByNode, ClusterError> {
     let mut out = ByNode::new();
-    if from > to {
+    let Some((from, to)) = days(from, to, today, group) else {
         return Ok(out);
-    }
-    let mut con = client.get_connection_with_timeout(timeout)?;
-    // A month of devices is a large answer: more time than a stream open's
-    // deadline, still bounded.
-    let read = timeout.max(Duration::from_secs(5));
-    con.set_read_timeout(Some(read))?;
-    con.set_write_timeout(Some(read))?;
+    };
     let mut pipe = redis::pipe();
     for day in from..=to {
         pipe.cmd("SMEMBERS").arg(format!("clio:u:{day}:nodes"));
     }
-    let nodes: Vec<Vec<String>> = pipe.query(&mut con)?;
+    let nodes: Vec<Vec<String>> = pipe.query(con)?;
     let mut pipe = redis::pipe();
     let mut which = Vec::new();
     for (day, names) in (from..=to).zip(nodes) {
@@ -203,7 +231,7 @@ pub fn query(
     if which.is_empty() {
         return Ok(out);
     }
-    let hashes: Vec<Value> = pipe.query(&mut con)?;
+    let hashes: Vec<Value> = pipe.query(con)?;
     for (node, h) in which.into_iter().zip(hashes) {
         let totals = out.entry(node).or_default();
         let pairs: Vec<&Value> = match &h {

@@ -109,6 +109,12 @@ pub(super) struct Timed {
 }
 
 impl Timed {
+    /// Each exchange's deadline from now on (a connection that reads
+    /// more than a stream open's calls).
+    pub(super) fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
     /// Connects to the Redis `info` names, over TLS for `rediss://` (with
     /// `ca`'s PEM certificates as the only roots, or else the built-in
     /// public ones), logs in and selects the database, all within one
