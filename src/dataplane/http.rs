@@ -467,9 +467,35 @@ pub fn head_only(mut answer: Vec<u8>) -> Vec<u8> {
 }
 
 /// The contract's pre-upgrade error: `{"error_code":N,"error_message":"..."}`.
+/// A 401 carries the challenge every 401 must (RFC 9110 §15.5.2),
+/// `WWW-Authenticate: Bearer` (RFC 6750 §3): without one, some HTTP
+/// clients (Java's `HttpURLConnection`, on Android too) fail with "no
+/// authentication challenges found" instead of reading the answer. For a
+/// request whose token was refused, see [`invalid_token`].
 pub fn json_error(status: u16, message: &str) -> Vec<u8> {
+    let challenge = if status == 401 {
+        "WWW-Authenticate: Bearer\r\n"
+    } else {
+        ""
+    };
+    json_error_with(status, message, challenge)
+}
+
+/// The 401 for a request that presented a bearer token and had it
+/// refused: its challenge says so, `error="invalid_token"` (RFC 6750
+/// §3.1). One that presented none gets [`json_error`]'s challenge alone,
+/// with no error code (§3.1 again).
+pub fn invalid_token(message: &str) -> Vec<u8> {
+    json_error_with(
+        401,
+        message,
+        "WWW-Authenticate: Bearer error=\"invalid_token\"\r\n",
+    )
+}
+
+fn json_error_with(status: u16, message: &str, extra_headers: &str) -> Vec<u8> {
     let body = serde_json::json!({ "error_code": status, "error_message": message }).to_string();
-    response(status, "application/json", "", body.as_bytes())
+    response(status, "application/json", extra_headers, body.as_bytes())
 }
 
 /// The standard reason phrase for the statuses the relay uses.

@@ -291,6 +291,62 @@ fn an_admin_401_says_whether_the_token_is_off_missing_or_wrong() {
     assert_eq!(status, 200, "{body}");
 }
 
+/// Every 401 of the admin port carries `WWW-Authenticate: Bearer`, the
+/// challenge RFC 9110 §15.5.2 requires (RFC 6750 §3's scheme): with
+/// `error="invalid_token"` when the request sent a token that is not the
+/// admin token, without an error code when it sent none or the relay has
+/// none (RFC 6750 §3.1). Before, no 401 had one, and a client that reads
+/// 401s by the book (Java's `HttpURLConnection`) failed on them.
+#[test]
+fn an_admin_401_carries_a_bearer_challenge() {
+    const TOKEN: &str = "admin-challenge-token-0123456789";
+    let fake = fake(&["k1"], |_| {});
+    let off = Relay::start(relay_config(&fake.url(), &[("a", "k1")]));
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.admin.token = Some(clio_relay::core::secret::Secret::new(TOKEN));
+    let on = Relay::start(cfg);
+    let challenge = |addr, path: &str, extra: &str| {
+        let (status, head, body) = http_get(addr, path, extra);
+        assert_eq!(status, 401, "{path} {extra}: {head}\n{body}");
+        assert!(
+            !head.contains(TOKEN) && !body.contains(TOKEN),
+            "{head}\n{body}"
+        );
+        let challenges: Vec<_> = head
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .filter(|(n, _)| n.trim().eq_ignore_ascii_case("www-authenticate"))
+            .map(|(_, v)| v.trim().to_string())
+            .collect();
+        assert_eq!(challenges.len(), 1, "{path} {extra}: {head}");
+        challenges[0].clone()
+    };
+    let wrong = "Authorization: Bearer not-the-admin-token-0123456789";
+    for path in ["/admin/accounts", "/admin/stats", "/admin/nope"] {
+        assert_eq!(challenge(on.handle.admin_addr, path, ""), "Bearer");
+        assert_eq!(
+            challenge(on.handle.admin_addr, path, wrong),
+            "Bearer error=\"invalid_token\""
+        );
+        assert_eq!(
+            challenge(
+                on.handle.admin_addr,
+                path,
+                &format!("Authorization: Basic {TOKEN}")
+            ),
+            "Bearer"
+        );
+        assert_eq!(challenge(off.handle.admin_addr, path, wrong), "Bearer");
+    }
+    // The right token, and the paths open to all, get no challenge.
+    let right = format!("Authorization: Bearer {TOKEN}");
+    for (path, extra) in [("/admin/accounts", right.as_str()), ("/metrics", "")] {
+        let (status, head, _) = http_get(on.handle.admin_addr, path, extra);
+        assert_eq!(status, 200, "{head}");
+        assert_eq!(header_of(&head, "www-authenticate"), None, "{head}");
+    }
+}
+
 /// The scheme of `Authorization: Bearer <token>` is case-insensitive (RFC
 /// 9110 §11.1), on the admin port as on the client port: `BEARER` and
 /// `bEaReR` with the admin token are let in, and with another token are

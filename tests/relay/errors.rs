@@ -57,6 +57,38 @@ fn bad_tokens_get_401_before_the_upgrade() {
     assert!(stream_session(&mut ws, &config_message(None), &audio_frames(2, 1)).finished());
 }
 
+/// A 401 before the upgrade carries the challenge RFC 9110 §15.5.2
+/// requires of every 401, the Bearer scheme's (RFC 6750 §3), with
+/// `error="invalid_token"`: the request had a token, and it was refused.
+/// Before, the 401 had none, and an HTTP client that reads 401s by the
+/// book (Java's `HttpURLConnection`, Android's too) failed with "no
+/// authentication challenges found" instead of reading the error.
+#[test]
+fn a_refused_token_gets_a_bearer_challenge_with_its_401() {
+    let (_fake, relay) = setup(|_| {});
+    for (what, token) in bad_tokens(&relay) {
+        for via in [Via::Header, Via::Subprotocol, Via::Query] {
+            match connect(relay.addr(), &token, via) {
+                Err(tungstenite::Error::Http(resp)) => {
+                    assert_eq!(resp.status(), 401, "{what} via {via:?}");
+                    let challenges: Vec<_> =
+                        resp.headers().get_all("www-authenticate").iter().collect();
+                    assert_eq!(
+                        challenges,
+                        ["Bearer error=\"invalid_token\""],
+                        "{what} via {via:?}: {resp:?}"
+                    );
+                }
+                other => panic!("{what} via {via:?}: expected a 401, got {other:?}"),
+            }
+        }
+    }
+    // Other refusals before the upgrade are not about credentials.
+    let (status, head, _) = http_get(relay.addr(), "/nope", "");
+    assert_eq!(status, 404, "{head}");
+    assert_eq!(header_of(&head, "www-authenticate"), None, "{head}");
+}
+
 #[test]
 fn missing_token_gets_an_error_frame_and_1008() {
     let (fake, relay) = setup(|_| {});

@@ -532,24 +532,41 @@ impl Admin {
         log
     }
 
-    /// `None` when the request carries the admin token; otherwise why not,
-    /// for the 401: the relay has none, none was sent, or it is not the one.
-    fn unauthorized(&self, req: &Request<'_>) -> Option<&'static str> {
+    /// `None` when the request carries the admin token; otherwise the 401:
+    /// the relay has none, none was sent, or it is not the one (a token
+    /// refused, which its challenge says: `error="invalid_token"`).
+    fn unauthorized(&self, req: &Request<'_>) -> Option<Vec<u8>> {
+        self.unauthorized_why(req).map(|(why, refused)| {
+            if refused {
+                crate::dataplane::http::invalid_token(why)
+            } else {
+                crate::dataplane::http::json_error(401, why)
+            }
+        })
+    }
+
+    /// Why [`Admin::unauthorized`] refuses a request, and whether it
+    /// presented a token that was refused.
+    fn unauthorized_why(&self, req: &Request<'_>) -> Option<(&'static str, bool)> {
         let check = self.token_check.borrow();
         let Some((key, tag)) = &*check else {
-            return Some(
+            return Some((
                 "admin API off: this relay has no admin token (set admin.token_env or \
                  admin.token_file in its config, then reload)",
-            );
+                false,
+            ));
         };
         // The scheme is case-insensitive, as on the client port.
         let presented = req
             .header("authorization")
             .and_then(|v| crate::dataplane::http::strip_bearer(v.trim()));
         match presented {
-            None => Some("admin token required (Authorization: Bearer <admin token>)"),
+            None => Some((
+                "admin token required (Authorization: Bearer <admin token>)",
+                false,
+            )),
             Some(t) if ring::hmac::verify(key, t.as_bytes(), tag.as_ref()).is_ok() => None,
-            Some(_) => Some("admin token refused: not this relay's admin.token"),
+            Some(_) => Some(("admin token refused: not this relay's admin.token", true)),
         }
     }
 

@@ -230,8 +230,8 @@ pub(super) async fn route(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
 async fn answer(admin: &Admin, req: &Request<'_>, method: &str) -> Vec<u8> {
     let found = lookup(method, req.path);
     let auth = under_admin(req.path) || matches!(found, Ok((r, _)) if r.auth);
-    if let Some(why) = auth.then(|| admin.unauthorized(req)).flatten() {
-        return http::json_error(401, why);
+    if let Some(refusal) = auth.then(|| admin.unauthorized(req)).flatten() {
+        return refusal;
     }
     match found {
         Ok((route, id)) => (route.handler)(admin, req, id).await,

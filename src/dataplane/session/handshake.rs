@@ -393,13 +393,10 @@ async fn handshake(
         Some((token, _)) => match settings.tokens.verify(token, SystemTime::now()) {
             Ok(c) => Some(c),
             Err(e) => {
-                let _ = client
-                    .write_all(&refuse(
-                        401,
-                        &format!("session token refused: {e}"),
-                        Side::Client,
-                    ))
-                    .await;
+                let why = format!("session token refused: {e}");
+                shard.metrics.stream_rejected(Side::Client, 401);
+                log_refusal(401, &why);
+                let _ = client.write_all(&http::invalid_token(&why)).await;
                 return None;
             }
         },
