@@ -156,3 +156,67 @@ fn a_token_that_lives_longer_than_max_ttl_is_refused() {
     let got = stream_session(&mut ws, &config_message(None), &audio_frames(2, 1));
     assert!(got.finished(), "{got:?}");
 }
+
+/// A request may carry a token in more than one place: the relay reads
+/// one, the header's, else the subprotocol's, else the query's, and
+/// never looks at the others. So a bad token in the place read is
+/// refused (401) whatever the others hold, and a good one there opens
+/// the stream whatever they hold, as README's "The client protocol" says.
+#[test]
+fn a_request_with_tokens_in_several_places_is_judged_by_one() {
+    use std::io::{Read, Write};
+    let fake = fake(&["key-a"], |_| {});
+    let relay = Relay::start(relay_config(&fake.url(), &[("acct-a", "key-a")]));
+    let good = relay.token("device-several");
+    let bad = "not-a-token-at-all";
+    // The status of an upgrade carrying `header`, `subprotocol` and
+    // `query` tokens (empty: none there).
+    let status = |header: &str, subprotocol: &str, query: &str| {
+        let mut tcp = std::net::TcpStream::connect(relay.addr()).unwrap();
+        tcp.set_read_timeout(Some(std::time::Duration::from_secs(15)))
+            .unwrap();
+        let mut head = String::from("GET /v1/transcribe");
+        if !query.is_empty() {
+            head.push_str(&format!("?token={query}"));
+        }
+        head.push_str(" HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n");
+        if !header.is_empty() {
+            head.push_str(&format!("Authorization: Bearer {header}\r\n"));
+        }
+        if !subprotocol.is_empty() {
+            head.push_str(&format!(
+                "Sec-WebSocket-Protocol: soniox-api-key, {subprotocol}\r\n"
+            ));
+        }
+        head.push_str("\r\n");
+        tcp.write_all(head.as_bytes()).unwrap();
+        let mut answer = [0u8; 12];
+        tcp.read_exact(&mut answer).unwrap();
+        String::from_utf8_lossy(&answer[9..12]).into_owned()
+    };
+    let cases = [
+        // (header, subprotocol, query, status)
+        (bad, "", good.as_str(), "401"),
+        (good.as_str(), "", bad, "101"),
+        (bad, good.as_str(), "", "401"),
+        (good.as_str(), bad, "", "101"),
+        ("", bad, good.as_str(), "401"),
+        ("", good.as_str(), bad, "101"),
+        (bad, good.as_str(), good.as_str(), "401"),
+    ];
+    for (header, subprotocol, query, want) in cases {
+        let what = |t: &str| match t {
+            "" => "none",
+            t if t == bad => "bad",
+            _ => "good",
+        };
+        assert_eq!(
+            status(header, subprotocol, query),
+            want,
+            "header {}, subprotocol {}, query {}",
+            what(header),
+            what(subprotocol),
+            what(query)
+        );
+    }
+}
