@@ -101,6 +101,9 @@ pub enum TokenError {
     NotYetValid,
     /// The device id is empty, too long or has characters outside `[A-Za-z0-9._:@-]`.
     BadDeviceId,
+    /// The token id is empty, too long or has characters outside
+    /// `[A-Za-z0-9._:@-]`: no revocation could name it.
+    BadTokenId,
     /// Minting: the ttl is under one second or overflows the clock.
     BadTtl,
     /// Minting: the system random generator failed.
@@ -123,6 +126,9 @@ impl fmt::Display for TokenError {
             TokenError::NotYetValid => "session token issued in the future",
             TokenError::BadDeviceId => {
                 "invalid device id (1 to 128 characters of A-Z a-z 0-9 . _ : @ -)"
+            }
+            TokenError::BadTokenId => {
+                "invalid token id (1 to 128 characters of A-Z a-z 0-9 . _ : @ -)"
             }
             TokenError::BadTtl => "token ttl must be at least 1s",
             TokenError::Random => "system random generator failed",
@@ -414,11 +420,11 @@ impl TokenKeys {
         if !self.current.allows(&effective_pools(pools)) {
             return Err(TokenError::PoolNotAllowed);
         }
-        if !valid_device_id(device_id)
-            || tier.is_some_and(|t| !valid_device_id(t))
-            || !valid_device_id(token_id)
-        {
+        if !valid_device_id(device_id) || tier.is_some_and(|t| !valid_device_id(t)) {
             return Err(TokenError::BadDeviceId);
+        }
+        if !valid_device_id(token_id) {
+            return Err(TokenError::BadTokenId);
         }
         if expires <= issued {
             return Err(TokenError::BadTtl);
@@ -482,6 +488,12 @@ impl TokenKeys {
         let p: PayloadIn = serde_json::from_slice(&json).map_err(|_| TokenError::Malformed)?;
         if !valid_device_id(&p.d) {
             return Err(TokenError::BadDeviceId);
+        }
+        // The id a revocation names it by (`POST /admin/revocations`,
+        // which takes only such ids): a token whose id no revocation can
+        // name would be one that could not be revoked but by its device.
+        if !valid_device_id(&p.t) {
+            return Err(TokenError::BadTokenId);
         }
         let at = |secs: u64| UNIX_EPOCH.checked_add(Duration::from_secs(secs));
         let expires = at(p.e).ok_or(TokenError::Malformed)?;

@@ -220,3 +220,66 @@ fn a_request_with_tokens_in_several_places_is_judged_by_one() {
         );
     }
 }
+
+/// A token signed with the relay's own secret whose id (`t`) is not one
+/// a revocation can name (`POST /admin/revocations` takes 1 to 128 of
+/// `A-Z a-z 0-9 . _ : @ -`, "an id no token can carry" otherwise) is
+/// refused as such: 401 before the upgrade when it comes on the request,
+/// a 401 frame and close 1008 when it comes as `api_key`. Before, the
+/// relay took it, and its streams could be revoked only with its whole
+/// device; the minters (`mint-token`, `mint.py`, `mint.js`) never make one.
+#[test]
+fn a_token_whose_id_no_revocation_can_name_is_refused() {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine as _;
+    use clio_relay::core::token::key_id;
+    use ring::hmac;
+    let fake = fake(&["key-a"], |_| {});
+    let relay = Relay::start(relay_config(&fake.url(), &[("acct-a", "key-a")]));
+    let secret = &relay.cfg.tokens.secret;
+    let sign = |token_id: &serde_json::Value| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let claims = serde_json::json!({"d": "device-id", "i": now, "e": now + 600, "t": token_id});
+        let signed = format!(
+            "clio1.{}.{}",
+            key_id(secret),
+            URL_SAFE_NO_PAD.encode(claims.to_string())
+        );
+        let key = hmac::Key::new(hmac::HMAC_SHA256, secret.expose().as_bytes());
+        let sig = hmac::sign(&key, signed.as_bytes());
+        format!("{signed}.{}", URL_SAFE_NO_PAD.encode(sig.as_ref()))
+    };
+    let why =
+        "session token refused: invalid token id (1 to 128 characters of A-Z a-z 0-9 . _ : @ -)";
+    for id in ["", "a b", "line\nbreak", "é", &"x".repeat(129)] {
+        let token = sign(&serde_json::json!(id));
+        let (status, body) = refused_upgrade(connect(relay.addr(), &token, Via::Header));
+        assert_eq!(status, 401, "{id:?}: {body}");
+        assert_eq!(body["error_message"], why, "{id:?}");
+        let (mut ws, _) = connect(relay.addr(), "", Via::Nowhere).unwrap();
+        let got = stream_session(&mut ws, &config_message(Some(&token)), &[]);
+        assert_error_frame(&got, 401, 1008);
+        assert!(
+            got.messages[0]["error_message"]
+                .as_str()
+                .is_some_and(|m| m.contains("invalid token id")),
+            "{id:?}: {got:?}"
+        );
+    }
+    assert!(
+        fake.sessions().is_empty(),
+        "a refused token reached upstream"
+    );
+    // The longest id a revocation takes, and every character it takes,
+    // are a token's.
+    let longest = "x".repeat(128);
+    for id in ["0123456789abcdef", "A-Z.a_z:0@9", longest.as_str()] {
+        let (mut ws, _) = connect(relay.addr(), &sign(&serde_json::json!(id)), Via::Header)
+            .unwrap_or_else(|e| panic!("{id:?}: {e:?}"));
+        let got = stream_session(&mut ws, &config_message(None), &audio_frames(2, 1));
+        assert!(got.finished(), "{id:?}: {got:?}");
+    }
+}

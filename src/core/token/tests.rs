@@ -281,6 +281,20 @@ fn device_id_rules() {
         &format!(r#"{{"d":"a b","i":{NOW},"e":{},"t":"x"}}"#, NOW + 60),
     );
     assert_eq!(k.verify(&tok, t(NOW)), Err(TokenError::BadDeviceId));
+    // So is one whose token id no revocation could name, and none is minted.
+    for id in ["", "a b", "é"] {
+        let json = serde_json::json!({"d": "dev", "i": NOW, "e": NOW + 60, "t": id});
+        let tok = forge(SECRET, &json.to_string());
+        assert_eq!(
+            k.verify(&tok, t(NOW)),
+            Err(TokenError::BadTokenId),
+            "{id:?}"
+        );
+        assert_eq!(
+            k.mint_exact("dev", None, NOW, NOW + 60, id),
+            Err(TokenError::BadTokenId)
+        );
+    }
 }
 
 #[test]
