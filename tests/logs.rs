@@ -402,6 +402,71 @@ fn a_refused_streams_line_names_its_device() {
     );
 }
 
+/// A refused stream's line names its token's id, as README's "Revocation"
+/// says the relay logs them (never the token), so that the operator can
+/// revoke that token (`POST /admin/revocations {"token_id":…}`) rather
+/// than its whole device. Before, the line named the device only, and
+/// token ids appeared in no line but a revocation's own.
+#[test]
+fn a_refused_streams_line_names_its_token_id() {
+    use clio_relay::core::token::TokenKeys;
+    const ADMIN: &str = "logs-admin-token-0123456789";
+    let capture = logs();
+    let fake = fake(&["key-t"], |c| c.forbidden = vec![]);
+    let mut cfg = relay_config(&fake.url(), &[("acct-t", "key-t")]);
+    cfg.admin.token = Some(clio_relay::core::secret::Secret::new(ADMIN));
+    let relay = Relay::start(cfg);
+    let keys = TokenKeys::from_config(&relay.cfg.tokens);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let token = |id: &str| {
+        keys.mint_exact("device-refused", None, now, now + 600, id)
+            .unwrap()
+    };
+    let (status, body) = http(
+        relay.handle.admin_addr,
+        "POST",
+        "/admin/revocations",
+        Some(ADMIN),
+        Some(r#"{"device_id":"device-refused"}"#),
+    );
+    assert_eq!(status, 200, "{body}");
+    // Refused with the token on the request, and in the first message.
+    let on_request = token("1b2c3d4e5f607182");
+    let (mut ws, _) = connect(relay.addr(), &on_request, Via::Header).unwrap();
+    let got = stream_session(&mut ws, &config_message(None), &audio_frames(1, 1));
+    assert_eq!(got.error_code(), Some(401), "{got:?}");
+    let in_message = token("2c3d4e5f60718293");
+    let (mut ws, _) = connect(relay.addr(), "", Via::Nowhere).unwrap();
+    let got = stream_session(
+        &mut ws,
+        &config_message(Some(&in_message)),
+        &audio_frames(1, 1),
+    );
+    assert_eq!(got.error_code(), Some(401), "{got:?}");
+
+    for id in ["1b2c3d4e5f607182", "2c3d4e5f60718293"] {
+        assert!(
+            wait_until(std::time::Duration::from_secs(5), || capture
+                .text()
+                .lines()
+                .any(|l| l.contains("stream refused")
+                    && l.contains("device=\"device-refused\"")
+                    && l.contains(&format!("token_id=\"{id}\""))
+                    && l.contains("code=401"))),
+            "{id}: {}",
+            capture.text()
+        );
+    }
+    let logs = capture.text();
+    for t in [&on_request, &in_message] {
+        let sig = t.rsplit('.').next().unwrap();
+        assert!(!logs.contains(sig), "a token's signature is in the log");
+    }
+}
+
 /// An upstream that drops every connection a few frames in: each raw-audio
 /// stream resumes on a new connection, fails again, and so on. Those lines
 /// (one per failed connection, naming the account) share the upstream

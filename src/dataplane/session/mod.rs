@@ -208,10 +208,9 @@ impl Stream {
                     match opened {
                         Ok(x) => Ok(x),
                         Err(r) => {
-                            let device = claims.as_ref().map(|c| c.device_id.as_str());
                             // The client's frames after its request (and its
                             // first message, if read) start a frame each.
-                            let awaits = self.refuse(&client, &r, device).await;
+                            let awaits = self.refuse(&client, &r, claims.as_ref()).await;
                             Err(awaits.then(|| {
                                 let mut reply = CloseReply::after(0);
                                 reply.feed(cbuf.filled());
@@ -261,7 +260,7 @@ impl Stream {
             // Set on every way here (the token on the request, or in the
             // first message): never taken.
             let Some(claims) = &claims else { return };
-            tracing::debug!(stream = %self.id, shard = self.shard.index, device = %claims.device_id, account = %up.lease.account.id, "stream open");
+            tracing::debug!(stream = %self.id, shard = self.shard.index, device = %claims.device_id, token_id = %claims.token_id, account = %up.lease.account.id, "stream open");
             let mut cside = ClientSide::new(
                 self.settings.limits.max_frame_bytes as u64,
                 self.settings.failover.replay_bytes,
@@ -413,7 +412,7 @@ impl Stream {
                 let end = match end {
                     Ok(end) => end,
                     Err(r) => {
-                        if self.refuse(&client, &r, Some(&claims.device_id)).await {
+                        if self.refuse(&client, &r, Some(claims)).await {
                             reply.set(Some(cside.close_reply(&mut cbuf)));
                         }
                         // A failover or a resume that could not reopen, or
@@ -880,17 +879,20 @@ impl Stream {
     }
 
     /// Sends a refusal (error frame + close) to the client, then its FIN;
-    /// `device` is the token's, once known (for the log line).
+    /// `claims` are the token's, once known (its device and token id, for
+    /// the log line: an operator can revoke the one it names).
     /// Tells the client why its stream ends; true when that was a close
     /// frame the client has yet to answer (see `end_client`).
-    async fn refuse(&self, client: &Duplex, r: &Refusal, device: Option<&str>) -> bool {
+    async fn refuse(&self, client: &Duplex, r: &Refusal, claims: Option<&Claims>) -> bool {
         if r.code != 0 {
             self.shard.metrics.stream_refused(r.by, r.side, r.code);
             // Every refusal is counted, and logged at INFO (saying who
             // refused) within the process's budget of lines; the message
             // never holds a token or a key.
             if !r.is_file_limit() && self.shard.process.refusal_log.admit() {
-                tracing::info!(stream = %self.id, device = device.unwrap_or("-"), by = r.by.label(), code = r.code, close = r.close, reason = %r.message, "stream refused");
+                let device = claims.map_or("-", |c| c.device_id.as_str());
+                let token_id = claims.map_or("-", |c| c.token_id.as_str());
+                tracing::info!(stream = %self.id, device, token_id, by = r.by.label(), code = r.code, close = r.close, reason = %r.message, "stream refused");
             } // at the file limit, the shard's rate-limited warning says it
 
             let sent = timeout(LAST_FRAMES_WAIT, client.write_all(&r.frames(&self.id))).await;
