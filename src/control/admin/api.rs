@@ -8,7 +8,7 @@
 //! | `POST /admin/accounts` | `{"id","key","region"?,"pool"?,"enabled"?,"max_concurrent_streams"?}` | add |
 //! | `POST /admin/accounts/{id}/enable` | | take new streams again |
 //! | `POST /admin/accounts/{id}/disable` | | take no new stream (live ones go on) |
-//! | `POST /admin/accounts/{id}/limit` | `{"max_concurrent_streams":N}` | set the limit |
+//! | `POST` (or `PUT`) `/admin/accounts/{id}/limit` | `{"max_concurrent_streams":N}` | set the limit |
 //! | `POST /admin/accounts/{id}/rotate` | `{"key","overlap"?:"1h"}` | new key takes new streams now |
 //! | `DELETE /admin/accounts/{id}` | | remove (live streams go on to their end) |
 
