@@ -155,9 +155,11 @@ pub fn run(config: &Path, action: &KeysAction) -> Result<String, CliError> {
     // take (a `?` or `/` in it) could name another path, or another account.
     if let Some(id) = action.account_in_path() {
         if !crate::core::config::valid_account_id(id) {
-            return Err(CliError::Usage(format!(
-                "account id {id:?} must be 1-64 of A-Z a-z 0-9 . _ -"
-            )));
+            return Err(CliError::Usage(
+                "the account id must be 1-64 of A-Z a-z 0-9 . _ - (the value is not repeated: it \
+                 may be a key given in the wrong place)"
+                    .into(),
+            ));
         }
     }
     let (method, path, body) = match action {

@@ -31,13 +31,17 @@ fn check_key(key: &Secret) -> Result<(), ChangeError> {
 }
 
 /// An id an account can have: 1-64 of `[A-Za-z0-9._-]`.
+///
+/// A value refused here, as the pool, region and overlap the admin API
+/// refuses, is not repeated in the answer: it may be a key pasted into
+/// the wrong field, and the answer goes to terminals and CI logs.
 fn check_id(id: &str) -> Result<(), ChangeError> {
     if crate::core::config::valid_account_id(id) {
         Ok(())
     } else {
-        Err(ChangeError::Invalid(format!(
-            "account id {id:?} must be 1-64 of A-Z a-z 0-9 . _ -"
-        )))
+        Err(ChangeError::Invalid(
+            "the account id must be 1-64 of A-Z a-z 0-9 . _ -".into(),
+        ))
     }
 }
 
@@ -51,8 +55,7 @@ pub fn check_region(region: &str) -> Result<(), ChangeError> {
         Ok(())
     } else {
         Err(ChangeError::Invalid(format!(
-            "region {} {}",
-            crate::core::config::quote_bounded(region),
+            "the region {}",
             crate::core::config::REGION_RULE
         )))
     }
@@ -395,7 +398,7 @@ impl Accounts {
         check_id(id)?;
         if !self.pools.iter().any(|p| p == pool) {
             return Err(ChangeError::Invalid(format!(
-                "pool {pool:?} is not one of this relay's pools ({}); a new [pool.NAME] needs a restart",
+                "the pool is not one of this relay's pools ({}); a new [pool.NAME] needs a restart",
                 self.pools.join(", ")
             )));
         }

@@ -94,6 +94,51 @@ fn an_account_region_is_bounded() {
     }
 }
 
+/// A value the admin API refuses is named by its field, never repeated:
+/// an operator who pastes a key into the wrong field (`keys rotate
+/// --overlap "$(cat key)"`) must not find it in the answer, which goes to
+/// terminals and CI logs.
+#[test]
+fn a_refused_value_is_not_repeated_in_the_answer() {
+    let (_fake, relay) = admin_relay();
+    let admin = relay.handle.admin_addr;
+    let pasted = "sk_live pasted/key 0123456789abcdef";
+    let add = |fields: serde_json::Value| {
+        let mut body = serde_json::json!({"id": "new-a", "key": "key-new"});
+        body.as_object_mut()
+            .unwrap()
+            .extend(fields.as_object().unwrap().clone());
+        http(
+            admin,
+            "POST",
+            "/admin/accounts",
+            Some(ADMIN),
+            Some(&body.to_string()),
+        )
+    };
+    for (field, answer) in [
+        ("id", add(serde_json::json!({ "id": pasted }))),
+        ("pool", add(serde_json::json!({ "pool": pasted }))),
+        ("region", add(serde_json::json!({ "region": pasted }))),
+        (
+            "overlap",
+            http(
+                admin,
+                "POST",
+                "/admin/accounts/acct-a/rotate",
+                Some(ADMIN),
+                Some(&serde_json::json!({"key": "key-b", "overlap": pasted}).to_string()),
+            ),
+        ),
+    ] {
+        let (status, body) = answer;
+        assert_eq!(status, 400, "{field}: {body}");
+        assert!(body.contains(field), "{field}: {body}");
+        assert!(!body.contains("pasted"), "{field}: {body}");
+        assert!(!body.contains("0123456789abcdef"), "{field}: {body}");
+    }
+}
+
 #[test]
 fn unknown_paths_are_404_and_the_admin_api_needs_its_token() {
     let (_fake, relay) = admin_relay();

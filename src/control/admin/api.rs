@@ -261,8 +261,12 @@ pub(super) fn rotate(admin: &Admin, id: &str, req: &Request<'_>) -> Result<Strin
     let b: RotateBody = body(req)?;
     let overlap = match b.overlap {
         None => admin.config.borrow().rotation_overlap,
-        Some(text) => crate::core::config::parse_duration(&text)
-            .map_err(|e| http::json_error(400, &format!("overlap: {e}")))?,
+        Some(text) => crate::core::config::parse_duration(&text).map_err(|_| {
+            http::json_error(
+                400,
+                "overlap is not a duration such as \"90s\", \"30m\" or \"1h 30m\"",
+            )
+        })?,
     };
     admin
         .accounts
