@@ -82,7 +82,7 @@ impl Plane {
             }
             (slot.fd, slot.discard_left)
         };
-        let mut scratch = [0u8; 16 << 10];
+        let mut scratch = self.discard.borrow_mut();
         let done = loop {
             // SAFETY: `scratch` is valid for its length; `fd` is the
             // closing socket, which the plane owns.
@@ -122,6 +122,7 @@ impl Plane {
                 break true;
             }
         };
+        drop(scratch);
         if done {
             self.close_now(token);
         } else {

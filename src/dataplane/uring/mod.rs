@@ -78,6 +78,9 @@ use io_uring::{cqueue, opcode, squeue, types, IoUring};
 /// (`deep_sleep`). Also the shard's preemption timer.
 pub const PASS_INTERVAL: Duration = Duration::from_millis(5);
 
+/// The discard buffer's size: what one `recv` of a closing socket reads.
+const DISCARD_BYTES: usize = 16 << 10;
+
 /// Submission-queue entries of a data-plane ring. Only registrations,
 /// removals and `POLLOUT` waits are submitted, once per batch.
 const SQ_ENTRIES: u32 = 1024;
@@ -279,6 +282,10 @@ pub struct Plane {
     closing: RefCell<VecDeque<(Instant, Token)>>,
     /// How many sockets are closing now.
     closing_now: Cell<usize>,
+    /// Where a closing socket's bytes are read to be discarded
+    /// (`closing.rs`): one buffer for the plane, not one zeroed on the
+    /// stack at each readiness event.
+    discard: RefCell<Box<[u8]>>,
     /// Woken when the last closing socket is closed (a shard that stops).
     all_closed: RefCell<Option<Waker>>,
 }
@@ -351,6 +358,7 @@ impl Plane {
             foreign: Cell::new(None),
             closing: RefCell::new(VecDeque::new()),
             closing_now: Cell::new(0),
+            discard: RefCell::new(vec![0; DISCARD_BYTES].into_boxed_slice()),
             all_closed: RefCell::new(None),
         });
         plane.arm_wake(DOORBELL);
