@@ -429,6 +429,17 @@ fn fleet_usage_is_exact_through_a_node_killed_and_a_redis_restart() {
     assert_eq!((finished, cut), (4400, 500));
 }
 
+/// One stream of `frames` 100 ms frames through `node`, as device
+/// "phone" with a fresh token, to its end.
+fn stream_as_phone(node: &Node, keys: &TokenKeys, frames: usize) {
+    let token = keys
+        .mint("phone", Duration::from_secs(600), SystemTime::now())
+        .unwrap();
+    let (mut ws, _) = connect(node.client, &token, Via::Header).unwrap();
+    let got = stream_session(&mut ws, &config_message(None), &audio_frames(frames, 1));
+    assert!(got.finished(), "{got:?}");
+}
+
 #[test]
 fn a_killed_nodes_unflushed_usage_reaches_the_fleet_at_its_restart() {
     // node-b's stream ends while Redis does not answer (CLIENT PAUSE):
@@ -459,14 +470,7 @@ fn a_killed_nodes_unflushed_usage_reaches_the_fleet_at_its_restart() {
     };
     let mut nodes = [spawn("node-a"), spawn("node-b")];
     let keys = TokenKeys::from_config(&cfg.tokens);
-    let stream = |node: &Node, frames: usize| {
-        let token = keys
-            .mint("phone", Duration::from_secs(600), SystemTime::now())
-            .unwrap();
-        let (mut ws, _) = connect(node.client, &token, Via::Header).unwrap();
-        let got = stream_session(&mut ws, &config_message(None), &audio_frames(frames, 1));
-        assert!(got.finished(), "{got:?}");
-    };
+    let stream = |node: &Node, frames: usize| stream_as_phone(node, &keys, frames);
     stream(&nodes[0], 2);
     fleet_agrees(&nodes[..1], &expect(&[("a", 1, 0.2)]), &Sums::new());
     // A bound for a test that would otherwise hang, not the wait.
@@ -517,14 +521,7 @@ fn a_hand_over_restart_counts_the_old_processs_usage_once() {
         extra,
     );
     let keys = TokenKeys::from_config(&cfg.tokens);
-    let stream = |node: &Node, frames: usize| {
-        let token = keys
-            .mint("phone", Duration::from_secs(600), SystemTime::now())
-            .unwrap();
-        let (mut ws, _) = connect(node.client, &token, Via::Header).unwrap();
-        let got = stream_session(&mut ws, &config_message(None), &audio_frames(frames, 1));
-        assert!(got.finished(), "{got:?}");
-    };
+    let stream = |node: &Node, frames: usize| stream_as_phone(node, &keys, frames);
     let fleet = |node: &Node| {
         let body = usage(node, "group_by=account");
         (body["scope"] == "fleet").then(|| sums(&body["rows"]))
