@@ -30,6 +30,22 @@ fn check_key(key: &Secret) -> Result<(), ChangeError> {
     }
 }
 
+/// A new key (the admin API's add and rotate) is at most
+/// [`crate::core::config::MAX_KEY_BYTES`] long. Checked where a key comes
+/// in, as a region is ([`check_region`]), not in [`Accounts::add`], so
+/// that an account kept in the key store before the bound, or sent by an
+/// older node of a fleet, is still loaded.
+pub fn check_key_length(key: &str) -> Result<(), ChangeError> {
+    let max = crate::core::config::MAX_KEY_BYTES;
+    if key.len() > max {
+        Err(ChangeError::Invalid(format!(
+            "the key is longer than {max} bytes: it goes in every upgrade's header"
+        )))
+    } else {
+        Ok(())
+    }
+}
+
 /// An id an account can have: 1-64 of `[A-Za-z0-9._-]`.
 ///
 /// A value refused here, as the pool, region and overlap the admin API

@@ -28,7 +28,7 @@ mod validate;
 pub use sections::*;
 pub use url::{parse_ws_url, UrlError, WsEndpoint};
 use validate::{account_label, check_token_secret, validate_semantics};
-pub use validate::{quote_bounded, valid_account_id, valid_region, REGION_RULE};
+pub use validate::{quote_bounded, valid_account_id, valid_region, MAX_KEY_BYTES, REGION_RULE};
 
 /// The shortest token signing secret accepted, in bytes (HMAC-SHA256 wants
 /// at least its output size of key material).

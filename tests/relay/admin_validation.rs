@@ -139,6 +139,40 @@ fn a_refused_value_is_not_repeated_in_the_answer() {
     }
 }
 
+/// A key goes in every upgrade's header: one past 4096 bytes is refused
+/// when added or rotated to (a 60,000-byte key was taken), one of 4096
+/// taken.
+#[test]
+fn a_key_past_4096_bytes_is_refused() {
+    let (_fake, relay) = admin_relay();
+    let admin = relay.handle.admin_addr;
+    let add = |id: &str, key: &str| {
+        let body = serde_json::json!({"id": id, "key": key}).to_string();
+        http(admin, "POST", "/admin/accounts", Some(ADMIN), Some(&body))
+    };
+    let rotate = |key: &str| {
+        let body = serde_json::json!({"key": key, "overlap": "1m"}).to_string();
+        http(
+            admin,
+            "POST",
+            "/admin/accounts/acct-a/rotate",
+            Some(ADMIN),
+            Some(&body),
+        )
+    };
+    for key in ["k".repeat(4097), "k".repeat(60_000)] {
+        for (what, (status, body)) in [("add", add("long", &key)), ("rotate", rotate(&key))] {
+            assert_eq!(status, 400, "{what} {}: {body}", key.len());
+            assert!(body.contains("4096 bytes"), "{what}: {body}");
+            assert!(!body.contains("kkkk"), "{what}: {body}");
+        }
+    }
+    let (status, body) = add("long", &"k".repeat(4096));
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = rotate(&"r".repeat(4096));
+    assert_eq!(status, 200, "{body}");
+}
+
 #[test]
 fn unknown_paths_are_404_and_the_admin_api_needs_its_token() {
     let (_fake, relay) = admin_relay();

@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::{Admin, Request, ShareError};
-use crate::control::accounts::{check_region, unix_now, ChangeError, Source};
+use crate::control::accounts::{check_key_length, check_region, unix_now, ChangeError, Source};
 use crate::core::metrics::text::{family, Kind};
 use crate::core::secret::Secret;
 use crate::dataplane::http;
@@ -238,6 +238,7 @@ pub(super) async fn changed(
 pub(super) fn add(admin: &Admin, req: &Request<'_>) -> Result<String, Vec<u8>> {
     let b: AddBody = body(req)?;
     check_region(&b.region).map_err(refused)?;
+    check_key_length(&b.key).map_err(refused)?;
     admin
         .accounts
         .set
@@ -259,6 +260,7 @@ pub(super) fn add(admin: &Admin, req: &Request<'_>) -> Result<String, Vec<u8>> {
 /// `POST /admin/accounts/{id}/rotate`.
 pub(super) fn rotate(admin: &Admin, id: &str, req: &Request<'_>) -> Result<String, Vec<u8>> {
     let b: RotateBody = body(req)?;
+    check_key_length(&b.key).map_err(refused)?;
     let overlap = match b.overlap {
         None => admin.config.borrow().rotation_overlap,
         Some(text) => crate::core::config::parse_duration(&text).map_err(|_| {

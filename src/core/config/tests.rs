@@ -665,6 +665,14 @@ fn validate_built_config() {
     spaced.accounts[0].key = Secret::new("key with\r\nbreak");
     let p = spaced.validate().unwrap_err().problems;
     assert_has(&p, "account \"a\".key: has spaces");
+    // And at most 4096 bytes, said without the key.
+    let mut long = c.clone();
+    long.accounts[0].key = Secret::new("k".repeat(4097));
+    let p = long.validate().unwrap_err().problems;
+    assert_has(&p, "account \"a\".key: is longer than 4096 bytes (4097)");
+    assert!(p.iter().all(|l| !l.contains("kkkk")), "{p:?}");
+    long.accounts[0].key = Secret::new("k".repeat(4096));
+    assert!(long.validate().is_ok());
 }
 
 #[test]

@@ -41,6 +41,13 @@ pub fn valid_region(region: &str) -> bool {
     region.is_empty() || valid_account_id(region)
 }
 
+/// The longest account key taken, in bytes (the config file and the
+/// admin API): a key goes in every upgrade's `Authorization` header, and
+/// one of tens of KiB would make each upgrade one upstream refuses for its
+/// size (servers commonly take 8 KiB of headers). A real key is tens of
+/// characters.
+pub const MAX_KEY_BYTES: usize = 4096;
+
 /// What a region that [`valid_region`] refuses is told (the config file and
 /// the admin API say the same).
 pub const REGION_RULE: &str = "must be empty or 1-64 characters of A-Z a-z 0-9 . _ -";
@@ -171,6 +178,14 @@ pub(super) fn validate_semantics(c: &Config, p: &mut Problems) {
             p.push(
                 &format!("{}.key", account_label(i, Some(&a.id))),
                 "has spaces, line breaks or non-ASCII characters: it goes in an HTTP header",
+            );
+        } else if a.key.expose().len() > MAX_KEY_BYTES {
+            p.push(
+                &format!("{}.key", account_label(i, Some(&a.id))),
+                format!(
+                    "is longer than {MAX_KEY_BYTES} bytes ({}): it goes in every upgrade's header",
+                    a.key.expose().len()
+                ),
             );
         }
     }
