@@ -8,7 +8,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -67,9 +67,7 @@ fn kept(ep: &Endpoint) -> Addresses {
 /// `limit`: [`Error::Resolve`] (timed out), not [`Error::Timeout`].
 pub async fn send(ep: &Endpoint, req: &Request<'_>, limit: Duration) -> Result<Response, Error> {
     let deadline = Instant::now() + limit;
-    if let Ok(ip) = ep.host.parse::<IpAddr>() {
-        return send_to(&[SocketAddr::new(ip, ep.port)], ep, req, limit).await;
-    }
+    // An IP address is its own answer there, with no lookup.
     let addrs = kept(ep);
     let found = match timeout(limit, addrs.get()).await {
         Some(Ok(found)) => found,
