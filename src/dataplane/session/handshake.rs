@@ -81,7 +81,7 @@ async fn upgrade(shard: Rc<Shard>, tcp: RingSocket) -> Option<Upgraded> {
             .filter(|p| proxy_header::trusted(&settings.proxy_protocol_from, *p))
         {
             // Boxed: read once per connection, never kept while it streams.
-            let read = Box::pin(drain_or(
+            let read = boxed!(drain_or(
                 &shard,
                 timeout(
                     deadline.saturating_duration_since(Instant::now()),
@@ -109,7 +109,7 @@ async fn upgrade(shard: Rc<Shard>, tcp: RingSocket) -> Option<Upgraded> {
             };
             if let Some((status, reason, (by, side))) = refusal {
                 // Boxed too: rare, and its state is not the stream's.
-                Box::pin(refuse_before_head(
+                boxed!(refuse_before_head(
                     &shard, tcp, status, &reason, by, side, balancer,
                 ))
                 .await;
@@ -153,8 +153,7 @@ async fn upgrade(shard: Rc<Shard>, tcp: RingSocket) -> Option<Upgraded> {
             let tls_peer = peer();
             // Boxed: a TLS handshake's state is larger than everything a
             // streaming task keeps, and is needed only for the first RTTs.
-            let accept =
-                Box::pin(futures_rustls::TlsAcceptor::from(tls.clone()).accept(tcp.into()));
+            let accept = boxed!(futures_rustls::TlsAcceptor::from(tls.clone()).accept(tcp.into()));
             let accept = drain_or(
                 &shard,
                 timeout(deadline.saturating_duration_since(Instant::now()), accept),

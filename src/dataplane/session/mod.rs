@@ -9,6 +9,21 @@
 //! - `refusal`: the error frame + close the relay sends when it ends a stream.
 //! - this file: the stream after the upgrade — account, upstream, pumps, end.
 
+/// `Box::pin(future)`, with the box allocated before the future is built,
+/// so that the future is built in it. `Box::pin` builds the future on the
+/// stack and copies all of it into the box, the size of its largest state
+/// (4–5 KiB for a stream's opening, and for its end), where a future built
+/// in place writes only what it captures: 23 KiB fewer bytes copied per
+/// stream opened and closed (counted in benches/README.md).
+macro_rules! boxed {
+    ($future:expr) => {{
+        let mut slot = Box::new_uninit();
+        slot.write($future);
+        // SAFETY: written on the line above.
+        Box::into_pin(unsafe { slot.assume_init() })
+    }};
+}
+
 mod ending;
 mod first;
 mod handshake;
@@ -146,7 +161,7 @@ impl Stream {
                 // A refusal is answered inside the boxed opening too: kept
                 // here, the result would be held across that answer, and
                 // so take its room in every open stream's task.
-                let opened = Box::pin(async {
+                let opened = boxed!(async {
                     let opened: Result<_, Refusal> = async {
                         match &claims {
                             Some(c) => {
@@ -156,7 +171,9 @@ impl Stream {
                                 // Live from here: a revocation or a drain
                                 // that comes while upstream opens ends it.
                                 let live = LiveGuard::register(&self.shard, c);
-                                let opening = async {
+                                // Pinned where it is built: `try_zip` would
+                                // take it by value, two copies of its 5 KiB.
+                                let opening = std::pin::pin!(async {
                                     let up = unless_client_leaves(
                                         &client,
                                         self.open_patiently(
@@ -170,7 +187,7 @@ impl Stream {
                                         up: Some(up),
                                         metrics: &self.shard.metrics,
                                     })
-                                };
+                                });
                                 let (first, up) = future::try_zip(
                                     self.read_first_message(&client, &mut cbuf),
                                     opening,
@@ -346,7 +363,7 @@ impl Stream {
                     | End::KeyRetired
                         if self.resumable(&state, &cside) =>
                     {
-                        match Box::pin(unless_client_leaves(
+                        match boxed!(unless_client_leaves(
                             &client,
                             self.resume(&mut up, end, &config, &state, &mut cbuf, &mut cside),
                         ))
@@ -373,7 +390,7 @@ impl Stream {
                 // stream's task.
                 let next = unless_client_leaves(
                     &client,
-                    Box::pin(async {
+                    boxed!(async {
                         let rounds = &mut same_account_retries;
                         let next = self.open_patiently(&mut tried, rounds, None).await;
                         if matches!(&next, Err(r) if r.code == 429)
@@ -408,7 +425,7 @@ impl Stream {
             // A close the relay sent the client and the client has yet to
             // answer: its FIN waits for the answer (`end_client`).
             let reply = std::cell::Cell::new(None);
-            let upstream_closes = Box::pin(async {
+            let upstream_closes = boxed!(async {
                 let end = match end {
                     Ok(end) => end,
                     Err(r) => {
@@ -576,7 +593,7 @@ impl Stream {
         shard.metrics.stream_closed(up.lease.account.metrics_index);
         let failed_account = up.lease.account.id.clone();
         let (mut tried, mut rounds) = (0, 0);
-        *up = Box::pin(self.open_patiently(&mut tried, &mut rounds, None))
+        *up = boxed!(self.open_patiently(&mut tried, &mut rounds, None))
             .await
             .map_err(|_| Refusal::upstream_lost())?;
         // What the old connection got of the client's bytes is in the copy:
