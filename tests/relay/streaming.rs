@@ -774,6 +774,44 @@ fn a_raw_audio_rate_that_overflows_is_forwarded_not_computed() {
     assert!(got.finished(), "{got:?}");
 }
 
+/// A raw-audio rate whose numbers multiply without overflow but whose
+/// `failover.resume_audio` of audio is more bytes than a `usize` holds
+/// (2·10^18 bytes a second, which fake-soniox takes) bounds the stream's
+/// resume copy by the memory budget alone: the stream runs to its end,
+/// with another beside it. The bound plus one read window overflowed as
+/// the copy grew: in a debug build the shard thread panicked ("attempt to
+/// add with overflow"), and every stream on it stopped.
+#[test]
+fn a_raw_audio_rate_whose_resume_bound_overflows_streams_to_its_end() {
+    let fake = fake(&["key-a"], |_| {});
+    let relay = relay_for(&fake);
+    let (mut beside, _) = connect(relay.addr(), &relay.token("device-2"), Via::Header).unwrap();
+    beside
+        .send(Message::text(config_message(None)))
+        .expect("config");
+    let mut config: Value = serde_json::from_str(&config_message(None)).unwrap();
+    config["sample_rate"] = 1_000_000_000_000_000_000u64.into();
+    let token = relay.token("device-1");
+    let (mut ws, _) = connect(relay.addr(), &token, Via::Header).expect("upgrade");
+    // Reads of the relay's whole 32 KiB buffer, many: the copy grows.
+    let frames: Vec<Vec<u8>> = (0..20u8).map(|i| vec![i; 32_000]).collect();
+    let got = stream_session(&mut ws, &config.to_string(), &frames);
+    assert!(got.finished(), "{got:?}");
+    let got = stream_session_after_config(&mut beside, &audio_frames(10, 3));
+    assert!(got.finished(), "{got:?}");
+}
+
+/// The rest of [`stream_session`] for a client that sent its config:
+/// its audio, its end of audio, and what came back.
+fn stream_session_after_config(ws: &mut Ws, frames: &[Vec<u8>]) -> Received {
+    for f in frames {
+        ws.send(Message::binary(f.clone())).expect("audio");
+    }
+    ws.send(Message::binary(Vec::<u8>::new()))
+        .expect("end of audio");
+    read_all(ws)
+}
+
 /// How [`cutting_upstream`] sends each of its text messages.
 #[derive(Debug, Clone, Copy)]
 enum Cut {

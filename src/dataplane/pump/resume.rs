@@ -170,7 +170,11 @@ impl Resume {
         if self.let_go || audio.capacity() == 0 || need <= audio.capacity() {
             return;
         }
-        let want = need.max(audio.capacity() * 2).min(self.cap + window);
+        // Saturating: `cap` comes from the client's sample rate, and one
+        // no microphone has makes it `usize::MAX` (the budget bounds it).
+        let want = need
+            .max(audio.capacity() * 2)
+            .min(self.cap.saturating_add(window));
         if !self.budget.try_take(want - audio.capacity()) {
             self.let_go();
             return;
