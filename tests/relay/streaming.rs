@@ -801,6 +801,34 @@ fn a_raw_audio_rate_whose_resume_bound_overflows_streams_to_its_end() {
     assert!(got.finished(), "{got:?}");
 }
 
+/// A raw format whose `sample_rate` is no whole number (`1e-300`, which
+/// JSON allows) is no rate the relay meters audio by: upstream judges it
+/// (fake-soniox refuses it, 400), and the device's audio is left to
+/// upstream's figure, as a compressed format's. The relay divided the
+/// audio bytes by it: each of the device's streams added `u64::MAX` ms to
+/// its day, and the second overflowed. In a debug build the shard thread
+/// panicked ("attempt to add with overflow") and every stream on it
+/// stopped; in a release build the device's day wrapped.
+#[test]
+fn a_sample_rate_that_is_no_whole_number_meters_no_audio_by_it() {
+    let fake = fake(&["key-a"], |_| {});
+    let relay = relay_for(&fake);
+    // Holds the device's state (its day's audio) across the streams.
+    let token = relay.token("device-1");
+    let (mut held, _) = connect(relay.addr(), &token, Via::Header).unwrap();
+    held.send(Message::text(config_message(None)))
+        .expect("config");
+    let mut config: Value = serde_json::from_str(&config_message(None)).unwrap();
+    config["sample_rate"] = serde_json::from_str("1e-300").unwrap();
+    for _ in 0..2 {
+        let (mut ws, _) = connect(relay.addr(), &token, Via::Header).expect("upgrade");
+        let got = stream_session(&mut ws, &config.to_string(), &audio_frames(10, 3));
+        assert_error_frame(&got, 400, 1000);
+    }
+    let got = stream_session_after_config(&mut held, &audio_frames(10, 3));
+    assert!(got.finished(), "{got:?}");
+}
+
 /// The rest of [`stream_session`] for a client that sent its config:
 /// its audio, its end of audio, and what came back.
 fn stream_session_after_config(ws: &mut Ws, frames: &[Vec<u8>]) -> Received {

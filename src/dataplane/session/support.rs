@@ -12,23 +12,13 @@ use crate::dataplane::shard::{LiveStream, Shard, StopReason};
 use crate::dataplane::uring::CloseReply;
 
 /// Audio bytes per millisecond for a raw `audio_format` in the config
-/// message; 0 for compressed formats, whose duration only upstream knows.
+/// message; 0 for compressed formats, whose duration only upstream knows,
+/// and for a raw one without a rate [`raw_audio_rate`] takes. The
+/// client's numbers: a rate that is no whole number (`1e-300`) divided
+/// the audio into more milliseconds than a `u64` holds, so upstream's
+/// figure meters such a stream.
 pub(super) fn audio_bytes_per_ms(config: &Map<String, Value>) -> f64 {
-    let sample_bytes = match config.get("audio_format").and_then(Value::as_str) {
-        Some("pcm_s16le" | "pcm_s16be") => 2.0,
-        Some("pcm_f32le" | "pcm_f32be" | "pcm_s32le" | "pcm_s32be") => 4.0,
-        Some("mulaw" | "alaw" | "pcm_s8" | "pcm_u8") => 1.0,
-        _ => return 0.0,
-    };
-    let rate = config
-        .get("sample_rate")
-        .and_then(Value::as_f64)
-        .unwrap_or(0.0);
-    let channels = config
-        .get("num_channels")
-        .and_then(Value::as_f64)
-        .unwrap_or(1.0);
-    rate * channels * sample_bytes / 1000.0
+    raw_audio_rate(config).map_or(0.0, |(per_sec, _)| per_sec as f64 / 1000.0)
 }
 
 /// A raw `audio_format`'s bytes per second and bytes per sample frame (all
