@@ -383,12 +383,34 @@ pub struct Lease {
     /// The stream's place in its pool (`[pool.NAME] max_streams`), taken
     /// by the stream before it connects.
     pub pool: Option<crate::core::pool_limits::PoolHold>,
+    /// The places were given back before the lease is dropped
+    /// ([`Lease::give_back`]).
+    given_back: bool,
+}
+
+impl Lease {
+    /// Gives the stream's places back (on the account, its key, the
+    /// fleet's count and the pool's) while the lease is still kept for
+    /// what it names: its connection failed, and the stream's next one
+    /// takes places of its own, maybe on the same account. Held until
+    /// then, the failed connection's place left an account at its limit
+    /// no room for the very stream that held it.
+    pub fn give_back(&mut self) {
+        if !std::mem::replace(&mut self.given_back, true) {
+            self.account.live.fetch_sub(1, Ordering::AcqRel);
+            self.key.live.fetch_sub(1, Ordering::AcqRel);
+        }
+        self.fleet = None;
+        self.pool = None;
+    }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.account.live.fetch_sub(1, Ordering::AcqRel);
-        self.key.live.fetch_sub(1, Ordering::AcqRel);
+        if !self.given_back {
+            self.account.live.fetch_sub(1, Ordering::AcqRel);
+            self.key.live.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }
 
@@ -462,6 +484,7 @@ impl KeyRing {
                     slot: i,
                     fleet: None,
                     pool: None,
+                    given_back: false,
                 });
             }
             excluded |= 1 << i; // lost a race with another shard: next best
@@ -516,6 +539,7 @@ impl KeyRing {
             slot: i,
             fleet: None,
             pool: None,
+            given_back: false,
         })
     }
 }

@@ -1306,3 +1306,48 @@ fn a_finished_with_a_fractional_figure_ends_the_stream_once() {
     assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 1);
     assert_eq!(relay.handle.metrics().streams_resumed(), 0);
 }
+
+#[test]
+fn a_stream_on_an_account_at_its_limit_resumes_on_that_account() {
+    // One account, its `max_concurrent_streams` 1, and one stream on it:
+    // the account is at its limit. The stream's connection drops at its
+    // sixth audio frame; the failed connection's place is the stream's
+    // own, so the resume takes it again and the client sees one stream.
+    let faults = only_first_connection_fails(FaultKind::Drop, 6, |n| n == 6);
+    let fake = fake(&["k1"], |c| c.faults.random = Some(faults));
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.accounts[0].max_concurrent_streams = 1;
+    let relay = Relay::start(cfg);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    let frames = stream_audio(14, 20);
+    let got = stream_session(&mut ws, &config_message(None), &frames);
+    assert_eq!(got.error_code(), None, "{got:?}");
+    assert!(got.finished() && !got.abrupt, "{got:?}");
+    assert_eq!(finals(&got), transcript_of(&frames.concat(), 32_000, 480));
+    assert!(fake.wait_for(LIMIT, |s| s.len() == 2 && s.iter().all(|r| r.closed)));
+    assert_eq!(relay.handle.metrics().streams_resumed(), 1);
+    assert!(relay.wait_idle(LIMIT));
+    assert_eq!(relay.account_live(0), 0, "the stream's places given back");
+}
+
+#[test]
+fn a_connection_lost_at_open_on_an_account_at_its_limit_reconnects_to_it() {
+    // As above, before upstream accepted the stream: its first connection
+    // drops at its first audio frame, and the only account, its limit 1,
+    // takes the stream again.
+    let faults = only_first_connection_fails(FaultKind::Drop, 1, |_| true);
+    let fake = fake(&["k1"], |c| c.faults.random = Some(faults));
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.accounts[0].max_concurrent_streams = 1;
+    let relay = Relay::start(cfg);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    let frames = stream_audio(15, 10);
+    let got = stream_session(&mut ws, &config_message(None), &frames);
+    assert_eq!(got.error_code(), None, "{got:?}");
+    assert!(got.finished(), "{got:?}");
+    assert_eq!(finals(&got), transcript_of(&frames.concat(), 32_000, 480));
+    assert!(fake.wait_for(LIMIT, |s| s.len() == 2 && s.iter().all(|r| r.closed)));
+    assert_eq!(fake.sessions()[1].audio, frames.concat(), "every byte once");
+    assert!(relay.wait_idle(LIMIT));
+    assert_eq!(relay.account_live(0), 0, "the stream's places given back");
+}

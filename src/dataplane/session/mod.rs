@@ -383,7 +383,10 @@ impl Stream {
                 self.shard
                     .metrics
                     .account_retry(up.lease.account.metrics_index);
-                // The failed connection is dropped when `up` is replaced.
+                // The failed connection is dropped when `up` is replaced;
+                // its places are given back now, so the next connection
+                // may take the same account when it is at its limit.
+                up.lease.give_back();
                 state.new_connection();
                 // One boxed future for both tries: the first result, kept
                 // across the second try, would take its room in every open
@@ -592,6 +595,9 @@ impl Stream {
         }
         shard.metrics.stream_closed(up.lease.account.metrics_index);
         let failed_account = up.lease.account.id.clone();
+        // The failed connection's place is the stream's own: given back
+        // first, so an account at its limit can take the stream again.
+        up.lease.give_back();
         let (mut tried, mut rounds) = (0, 0);
         *up = boxed!(self.open_patiently(&mut tried, &mut rounds, None))
             .await
