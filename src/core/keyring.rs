@@ -338,14 +338,24 @@ impl AccountState {
         }
     }
 
-    /// Upstream accepted a stream, or an active check passed: healthy again,
-    /// backoffs reset.
+    /// Upstream accepted a stream (its first message on a connection was
+    /// not an error), or an active check passed: healthy again, backoffs
+    /// reset. An upgrade alone is no such success: with the key in the
+    /// config message (or a key upstream checks only once the stream
+    /// starts) every upgrade is taken, and the refusal comes after it.
     pub fn mark_ok(&self) {
         if self.unhealthy_until_ms.load(Ordering::Relaxed) != 0 {
             self.unhealthy_until_ms.store(0, Ordering::Relaxed);
         }
         self.project.reset();
         self.organization.reset();
+        self.timed_out.reset();
+    }
+
+    /// Upstream answered a connection's upgrade in time: the hold-off
+    /// after timeouts starts from its first step again. Only that: the
+    /// key's refusals may still come in the answer to the config.
+    pub fn mark_connected(&self) {
         self.timed_out.reset();
     }
 

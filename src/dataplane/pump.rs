@@ -17,7 +17,7 @@ use std::cell::RefCell;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use crate::core::keyring::RateScope;
+use crate::core::keyring::{AccountState, RateScope};
 use crate::core::metrics::{Hist, ShardMetrics};
 use crate::dataplane::buf::Buf;
 use crate::dataplane::io::Duplex;
@@ -158,8 +158,9 @@ pub struct StreamCx<'a> {
     pub masks: &'a RefCell<MaskKeys>,
     /// The shard's metrics.
     pub metrics: &'a ShardMetrics,
-    /// The metrics index of the connection's account.
-    pub account: usize,
+    /// The connection's account (its metrics index; marked when upstream
+    /// accepts the stream).
+    pub account: &'a AccountState,
 }
 
 /// One direction of a stream: bytes are read from `from` into `buf` and
@@ -343,7 +344,9 @@ pub async fn upstream_to_client(
                 FirstMessage::Control(n) => window = n,
                 _ => {
                     down.inspect_first.set(false);
-                    down.accept();
+                    if down.accept() {
+                        account.mark_ok();
+                    }
                 }
             }
         }
@@ -371,7 +374,8 @@ pub async fn upstream_to_client(
                 if !down.first_result_seen.get() && scan.data_frames_started > 0 {
                     if let Some(t0) = state.up.first_audio_at.get() {
                         down.first_result_seen.set(true);
-                        metrics.first_result(account, t0.elapsed().as_micros() as u64);
+                        metrics
+                            .first_result(account.metrics_index, t0.elapsed().as_micros() as u64);
                     }
                 }
             }

@@ -223,3 +223,56 @@ fn config_auth_refusal_on_the_first_message_moves_the_stream() {
     assert_eq!(s[1].audio, frames.concat());
     assert!(!relay.handle.process.accounts()[0].healthy(Instant::now()));
 }
+
+#[test]
+fn a_429_answering_the_config_doubles_the_cooldown_though_the_upgrade_passed() {
+    // With the key in the config message (`upstream.auth = "config"`),
+    // upstream takes every upgrade and refuses the key only in its answer
+    // to the config: a taken upgrade is no success of the key's, and each
+    // 429 after a cooldown ended doubles the next (1 s, 2 s, 4 s).
+    let fake = fake(&[], |c| {
+        c.keys = vec![FakeKey::new("key-busy", 50), FakeKey::new("key-ok", 50)];
+        c.keys[0].reject = Some(429);
+    });
+    let mut cfg = relay_config(&fake.url(), &[("busy", "key-busy"), ("ok", "key-ok")]);
+    cfg.upstream.auth = AuthMode::Config;
+    // More room than "ok": each stream tries it first while it may.
+    cfg.accounts[0].max_concurrent_streams = 20;
+    let relay = Relay::start(cfg);
+    let busy = relay.handle.process.accounts()[0].clone();
+    let mut refused_at = Instant::now();
+    for round in 0..3u8 {
+        assert!(
+            wait_until(Duration::from_secs(30), || busy
+                .cooling_down(Instant::now())
+                .is_none()),
+            "round {round}: the cooldown never ended"
+        );
+        let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+        ws.send(Message::text(config_message(None))).unwrap();
+        assert!(
+            wait_until(LIMIT, || busy.cooling_down(Instant::now()).is_some()),
+            "round {round}: the 429 cooled nothing down"
+        );
+        refused_at = Instant::now();
+        for f in audio_frames(3, round) {
+            ws.send(Message::binary(f)).unwrap();
+        }
+        ws.send(Message::binary(Vec::<u8>::new())).unwrap();
+        let got = read_all(&mut ws);
+        assert!(got.finished(), "round {round}: {got:?}");
+        assert_eq!(got.error_code(), None, "round {round}: {got:?}");
+    }
+    // The third cooldown is 4 s: 2 s after it began it still runs.
+    assert!(
+        busy.cooling_down(refused_at + Duration::from_secs(2))
+            .is_some(),
+        "the cooldown did not double"
+    );
+    let sessions = fake.sessions();
+    let refused = sessions
+        .iter()
+        .filter(|s| s.key.as_deref() == Some("key-busy") || s.error_sent == Some(429))
+        .count();
+    assert_eq!(refused, 3, "{sessions:?}");
+}

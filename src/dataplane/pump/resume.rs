@@ -621,8 +621,8 @@ pub async fn upstream_to_client(link: Link<'_>, max_payload: u64, cx: StreamCx<'
                                 if recoverable && can_resume() {
                                     break End::Resume(code, scope);
                                 }
-                            } else {
-                                down.accept();
+                            } else if down.accept() {
+                                cx.account.mark_ok();
                             }
                             let mut r = resume.borrow_mut();
                             let Some(r) = r.as_mut() else {
@@ -650,7 +650,9 @@ pub async fn upstream_to_client(link: Link<'_>, max_payload: u64, cx: StreamCx<'
                                 out = whole;
                             }
                         } else if data {
-                            down.accept();
+                            if down.accept() {
+                                cx.account.mark_ok();
+                            }
                         } else if !ping_or_pong {
                             // A close commits nothing to bill (a close
                             // after an error is the stream's end).
@@ -780,7 +782,7 @@ impl Held {
         if data && !down.first_result_seen.get() {
             if let Some(t0) = state.up.first_audio_at.get() {
                 down.first_result_seen.set(true);
-                metrics.first_result(account, t0.elapsed().as_micros() as u64);
+                metrics.first_result(account.metrics_index, t0.elapsed().as_micros() as u64);
             }
         }
     }
@@ -1115,11 +1117,20 @@ mod held_tests {
                 )));
                 let masks = RefCell::new(MaskKeys::default());
                 let metrics = crate::core::metrics::ShardMetrics::new(0, &[]);
+                let account = crate::core::keyring::AccountState::new(
+                    "a",
+                    0,
+                    "",
+                    "default",
+                    true,
+                    10,
+                    Instant::now(),
+                );
                 let cx = StreamCx {
                     state: &state,
                     masks: &masks,
                     metrics: &metrics,
-                    account: 0,
+                    account: &account,
                 };
                 let link = Link {
                     from: &upstream,

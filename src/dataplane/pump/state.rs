@@ -395,10 +395,12 @@ pub struct DownHalf {
 
 impl DownHalf {
     /// Upstream answered this connection's first message with anything
-    /// but an error: the stream is committed to it.
-    pub fn accept(&self) {
-        self.accepted.set(true);
+    /// but an error: the stream is committed to it. True the first time
+    /// on the connection: the account's success, to mark
+    /// ([`AccountState::mark_ok`](crate::core::keyring::AccountState::mark_ok)).
+    pub fn accept(&self) -> bool {
         self.ever_accepted.set(true);
+        !self.accepted.replace(true)
     }
 
     /// A new upstream connection (after a failover or a resume): its first

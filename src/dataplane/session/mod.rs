@@ -663,13 +663,13 @@ impl Stream {
         state: &StreamState,
         live: &LiveStream,
     ) -> End {
-        let cx = self.cx(state, up);
         let Upstream {
             conn,
             buf: ubuf,
             scanner: uscanner,
-            ..
+            lease,
         } = up;
+        let cx = self.cx(state, lease);
         let conn = &*conn;
         let c2u = async {
             let link = Link {
@@ -722,12 +722,12 @@ impl Stream {
     }
 
     /// What this stream's pumps work with besides their sockets.
-    fn cx<'a>(&'a self, state: &'a StreamState, up: &Upstream) -> StreamCx<'a> {
+    fn cx<'a>(&'a self, state: &'a StreamState, lease: &'a Lease) -> StreamCx<'a> {
         StreamCx {
             state,
             masks: &self.shard.masks,
             metrics: &self.shard.metrics,
-            account: up.lease.account.metrics_index,
+            account: &lease.account,
         }
     }
 
@@ -753,7 +753,7 @@ impl Stream {
             End::UpstreamClosed if !cside.close_seen => {
                 // Upstream closed first (after `finished`): carry the client's
                 // close reply up, so both close handshakes complete.
-                let cx = self.cx(state, up);
+                let cx = self.cx(state, &up.lease);
                 let link = Link {
                     from: client,
                     to: &up.conn,
@@ -872,10 +872,13 @@ impl Stream {
         }
         // A draining stream moves to no other account.
         state.up.replayable.set(false);
-        let cx = self.cx(state, up);
         let Upstream {
-            conn, buf, scanner, ..
+            conn,
+            buf,
+            scanner,
+            lease,
         } = &mut *up;
+        let cx = self.cx(state, lease);
         let link = Link {
             from: conn,
             to: client,

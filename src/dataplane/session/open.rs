@@ -318,7 +318,7 @@ impl Stream {
                             "upstream accepted an upgrade; the configuration fault is cleared"
                         );
                     }
-                    lease.account.mark_ok();
+                    lease.account.mark_connected();
                     self.placed.set(true);
                     shard.metrics.stream_opened(lease.account.metrics_index);
                     let scanner = FrameScanner::new(
