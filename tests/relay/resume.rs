@@ -1351,3 +1351,117 @@ fn a_connection_lost_at_open_on_an_account_at_its_limit_reconnects_to_it() {
     assert!(relay.wait_idle(LIMIT));
     assert_eq!(relay.account_live(0), 0, "the stream's places given back");
 }
+
+#[test]
+fn two_hundred_streams_whose_account_dies_resume_and_the_others_never_notice() {
+    // 200 streams open at once on two accounts. Then account "a"'s key
+    // dies under its streams (its balance exhausted: each of its sessions
+    // gets 402 at its next audio frame, each new upgrade 402 too). Every
+    // stream of "a" resumes on "b", unseen, and no resume goes back to
+    // the dead key (the first 402 marks it); "b"'s streams never notice.
+    const STREAMS: u32 = 200;
+    let fake = fake(&[], |c| {
+        c.keys = vec![FakeKey::new("k1", 1000), FakeKey::new("k2", 1000)];
+        c.record_audio = false;
+        c.shards = 2;
+    });
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1"), ("b", "k2")]);
+    cfg.server.max_streams = 1000;
+    for a in &mut cfg.accounts {
+        a.max_concurrent_streams = 400;
+    }
+    let relay = Relay::start(cfg);
+    let token = relay.token("dev");
+    let addr = relay.addr();
+    // Every stream open and accepted upstream; then the key dies; then
+    // they go on.
+    let opened = std::sync::Arc::new(std::sync::Barrier::new(STREAMS as usize + 1));
+    let died = std::sync::Arc::new(std::sync::Barrier::new(STREAMS as usize + 1));
+    let threads: Vec<_> = (0..STREAMS)
+        .map(|id| {
+            let (token, opened, died) = (token.clone(), opened.clone(), died.clone());
+            std::thread::spawn(move || {
+                let frames = stream_audio(id, 20);
+                let want = transcript_of(&frames.concat(), 32_000, 480);
+                let (mut ws, _) = connect(addr, &token, Via::Header).unwrap();
+                let mut config: Value = serde_json::from_str(&config_message(None)).unwrap();
+                config["client_reference_id"] = format!("ref-{id}").into();
+                ws.send(Message::text(config.to_string())).unwrap();
+                // 800 ms of audio: upstream's first word comes with it,
+                // and the stream is committed to its connection.
+                for f in &frames[..8] {
+                    ws.send(Message::binary(f.clone())).unwrap();
+                }
+                let first = match ws.read() {
+                    Ok(Message::Text(t)) => serde_json::from_str::<Value>(&t).unwrap(),
+                    other => panic!("stream {id}: {other:?}"),
+                };
+                opened.wait();
+                died.wait();
+                for f in &frames[8..] {
+                    ws.send(Message::binary(f.clone())).unwrap();
+                }
+                ws.send(Message::binary(Vec::<u8>::new())).unwrap();
+                let mut got = read_all(&mut ws);
+                got.messages.insert(0, first);
+                let have = finals(&got);
+                if got.error_code().is_some() || !got.finished() || have != want {
+                    Some(format!(
+                        "stream {id}: {:?} error {:?} finished {}\n  want {want:?}\n  have {have:?}",
+                        got.close_code(),
+                        got.error_code(),
+                        got.finished()
+                    ))
+                } else {
+                    None
+                }
+            })
+        })
+        .collect();
+    opened.wait();
+    fake.set_key_reject("k1", Some(402));
+    fake.fail_sessions_of("k1", Some(FaultKind::Error(402)));
+    died.wait();
+    let bad: Vec<String> = threads
+        .into_iter()
+        .filter_map(|t| t.join().unwrap())
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "{} streams differ:\n{}",
+        bad.len(),
+        bad.join("\n")
+    );
+    assert!(fake.wait_for(LIMIT, |s| s.iter().all(|r| r.closed)));
+    let sessions = fake.sessions();
+    let of = |r: &fake_soniox::SessionRecord| {
+        r.config.as_ref().map(|c| c["client_reference_id"].clone())
+    };
+    let on_a: Vec<_> = sessions
+        .iter()
+        .filter(|r| r.key.as_deref() == Some("k1"))
+        .filter_map(of)
+        .collect();
+    assert!(
+        !on_a.is_empty() && on_a.len() < STREAMS as usize,
+        "both accounts took streams: {} on a",
+        on_a.len()
+    );
+    assert!(
+        sessions.iter().all(|r| r.http_status.is_none()),
+        "a resume went back to the dead key"
+    );
+    // "b"'s own streams: one connection each, all of it.
+    for r in sessions.iter().filter(|r| r.key.as_deref() == Some("k2")) {
+        let reference = of(r);
+        if on_a.iter().all(|a| Some(a) != reference.as_ref()) {
+            assert!(r.finished_sent && r.audio_frames == 20, "{r:?}");
+        }
+    }
+    assert_eq!(sessions.len(), STREAMS as usize + on_a.len());
+    let m = relay.handle.metrics();
+    assert_eq!(m.streams_resumed(), on_a.len() as u64);
+    assert!(!relay.handle.process.accounts()[0].healthy(std::time::Instant::now()));
+    assert!(relay.wait_idle(LIMIT));
+    assert_eq!((relay.account_live(0), relay.account_live(1)), (0, 0));
+}

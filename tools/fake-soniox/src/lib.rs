@@ -534,6 +534,15 @@ impl FakeSoniox {
         }
     }
 
+    /// Makes every session of the configured key `key` (those opened with
+    /// its temporary keys too), live or new, fail with `kind` at its next
+    /// audio frame, until called again with `None`: an account that dies
+    /// under its streams. Pair it with [`FakeSoniox::set_key_reject`] to
+    /// refuse the key's new upgrades as well.
+    pub fn fail_sessions_of(&self, key: &str, kind: Option<FaultKind>) {
+        self.shared.fail_sessions_of(key, kind);
+    }
+
     /// Sets (or with `None` clears) [`Faults::rest_status`] while the server runs.
     pub fn set_rest_status(&self, status: Option<u16>) {
         self.shared.lock().rest_status = status;

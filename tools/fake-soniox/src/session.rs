@@ -378,7 +378,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
         }
         let faults = &shared.cfg.faults;
-        let stall = matches!(self.fault, Some((n, FaultKind::Stall)) if frames >= n);
+        // A key whose sessions fail now (an account that dies under its
+        // streams): as a random fault due at this frame.
+        let fault = match shared.failing(self.rec.key.as_deref()) {
+            Some(kind) => Some((frames, kind)),
+            None => self.fault,
+        };
+        let stall = matches!(fault, Some((n, FaultKind::Stall)) if frames >= n);
         if stall || faults.stall_after_frames.is_some_and(|n| frames >= n) {
             // Never read again; the connection stays until the peer goes.
             glommio::timer::sleep(Duration::from_secs(24 * 3600)).await;
@@ -391,7 +397,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 return Err(error(code, refusal_message(code)));
             }
         }
-        match self.fault {
+        match fault {
             Some((n, FaultKind::Drop)) if frames >= n => return Err(Ending::Abort),
             Some((n, FaultKind::Violation)) if frames >= n => return Err(Ending::Violation),
             Some((n, FaultKind::GoingAway)) if frames >= n => return Err(Ending::GoingAway),

@@ -16,6 +16,9 @@ pub(crate) struct Shared {
     pub(crate) cfg: FakeConfig,
     state: Mutex<State>,
     next_request: AtomicU64,
+    /// Some key's sessions are failing ([`State::failing`]): only then
+    /// does an audio frame take the lock to look.
+    any_failing: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -32,6 +35,9 @@ pub(crate) struct State {
     pub(crate) temp_keys: HashMap<String, TempKey>,
     pub(crate) rest_status: Option<u16>,
     pub(crate) rest_calls: Vec<RestCall>,
+    /// Configured keys whose sessions, live or new, fail at their next
+    /// audio frame, and how ([`FakeSoniox::fail_sessions_of`]).
+    pub(crate) failing: HashMap<String, FaultKind>,
 }
 
 /// A temporary API key and the configured key it was issued for.
@@ -72,7 +78,31 @@ impl Shared {
             cfg,
             state: Mutex::new(state),
             next_request: AtomicU64::new(1),
+            any_failing: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Makes every session of `key` (a configured key; its temporary
+    /// keys' sessions too) fail with `kind` at its next audio frame, or
+    /// with `None` no longer.
+    pub(crate) fn fail_sessions_of(&self, key: &str, kind: Option<FaultKind>) {
+        let mut st = self.lock();
+        match kind {
+            Some(kind) => st.failing.insert(key.to_owned(), kind),
+            None => st.failing.remove(key),
+        };
+        self.any_failing
+            .store(!st.failing.is_empty(), Ordering::Relaxed);
+    }
+
+    /// How a session with `key` fails now, if its key's sessions do.
+    pub(crate) fn failing(&self, key: Option<&str>) -> Option<FaultKind> {
+        if !self.any_failing.load(Ordering::Relaxed) {
+            return None;
+        }
+        let st = self.lock();
+        let parent = st.owner(key?)?;
+        st.failing.get(parent).copied()
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
