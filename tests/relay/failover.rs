@@ -525,3 +525,46 @@ fn an_error_at_open_in_fragments_moves_the_stream() {
         assert_eq!((f.open_refused, f.resumed), (1, 0), "{format}: {f:?}");
     }
 }
+
+#[test]
+fn each_move_at_open_is_counted_a_refused_upgrade_after_a_refusal_too() {
+    // The stream's first account takes the upgrade and refuses the
+    // stream (402 in its first message); the next refuses the upgrade
+    // (429); the third takes it. Two failovers at open, both refusals,
+    // and the client sees none.
+    let fake = fake(&[], |c| {
+        c.keys = vec![
+            FakeKey::new("key-bad", 50),
+            FakeKey::new("key-busy", 50),
+            FakeKey::new("key-ok", 50),
+        ];
+        c.keys[1].reject = Some(429);
+        c.faults.refuse_at_first_message = vec![("key-bad".into(), 402)];
+    });
+    let relay = Relay::start(relay_config(
+        &fake.url(),
+        &[("bad", "key-bad"), ("busy", "key-busy"), ("good", "key-ok")],
+    ));
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    let frames = audio_frames(8, 3);
+    let got = stream_session(&mut ws, &config_message(None), &frames);
+    assert!(got.finished() && got.error_code().is_none(), "{got:?}");
+    assert!(fake.wait_for(LIMIT, |s| s.iter().all(|r| r.closed)));
+    let s = fake.sessions();
+    let answers: Vec<_> = s
+        .iter()
+        .map(|r| (r.key.clone(), r.http_status, r.error_sent))
+        .collect();
+    assert_eq!(
+        answers,
+        [
+            (Some("key-bad".into()), None, Some(402)),
+            (None, Some(429), None),
+            (Some("key-ok".into()), None, None),
+        ],
+        "the stream went bad, busy, good"
+    );
+    assert_eq!(s[2].audio, frames.concat());
+    let f = relay.handle.metrics().failovers();
+    assert_eq!((f.open_refused, f.open_lost), (2, 0), "{f:?}");
+}

@@ -219,6 +219,7 @@ async fn upgrade(shard: Rc<Shard>, tcp: RingSocket) -> Option<Upgraded> {
         _permit: permit,
         pools: Default::default(),
         placed: Default::default(),
+        resuming: Default::default(),
         begun: Default::default(),
     };
     Some((stream, client, cbuf, claims, pending))

@@ -85,6 +85,9 @@ struct Stream {
     /// `max_streams`: the accounts it moves to later (failover, resume)
     /// are not checked against that cap again.
     placed: std::cell::Cell<bool>,
+    /// A resume's new connection is opening: a failure on the way is the
+    /// resume's (mid-stream), no failover at open.
+    resuming: std::cell::Cell<bool>,
     /// Counts the stream as begun (what a drain waits for) from its config
     /// message to its end.
     begun: std::cell::OnceCell<crate::dataplane::shard::BegunStream>,
@@ -599,9 +602,10 @@ impl Stream {
         // first, so an account at its limit can take the stream again.
         up.lease.give_back();
         let (mut tried, mut rounds) = (0, 0);
-        *up = boxed!(self.open_patiently(&mut tried, &mut rounds, None))
-            .await
-            .map_err(|_| Refusal::upstream_lost())?;
+        self.resuming.set(true);
+        let next = boxed!(self.open_patiently(&mut tried, &mut rounds, None)).await;
+        self.resuming.set(false);
+        *up = next.map_err(|_| Refusal::upstream_lost())?;
         // What the old connection got of the client's bytes is in the copy:
         // the frames already re-masked for it are not sent again.
         let cut = cside.scanner.cut_frame().flatten();

@@ -424,12 +424,14 @@ impl Stream {
         }
     }
 
-    /// A stream's first connection failed on an account (refused at the
-    /// upgrade, or lost: `lost`) and goes on to the next: a failover at
-    /// open, as one refused in upstream's first message is. A reopen
-    /// (after such a failover, or for a resume) counts its own.
+    /// A connection of a stream upstream has not accepted yet failed on
+    /// an account (refused at the upgrade, or lost: `lost`) and the
+    /// stream goes on to the next: a failover at open, as one refused in
+    /// upstream's first message is, whether it is the stream's first
+    /// connection or the reopen after such a failover. A resume's
+    /// reopen is mid-stream: the resume counts itself.
     fn failover_at_open(&self, lost: bool) {
-        if !self.placed.get() {
+        if !self.resuming.get() {
             self.shard.metrics.failover("open", lost);
         }
     }
