@@ -854,3 +854,49 @@ fn a_stop_tells_a_stream_still_opening_upstream_to_reconnect() {
     assert_eq!(got.error_code(), Some(503), "{got:?}");
     assert_eq!(got.close_code(), Some(1012), "{got:?}");
 }
+
+/// As above, for a stream whose connection failed mid-stream and whose
+/// resume is opening a new one (upstream takes the connection and never
+/// answers its upgrade) when the relay stops: a live stream, told to
+/// reconnect as every live stream is (503, close 1012), not that its
+/// upstream connection was lost (close 1011).
+#[test]
+fn a_stop_tells_a_stream_still_resuming_to_reconnect() {
+    let faults = only_first_connection_fails(fake_soniox::FaultKind::Drop, 6, |n| n == 6);
+    let fake = fake(&["k1"], |c| c.faults.random = Some(faults));
+    // The first connection goes through; the resume's is held unanswered.
+    let (url, held) = door_with(
+        &fake.url(),
+        |n| {
+            if n == 0 {
+                Entry::Pipe
+            } else {
+                Entry::Hold
+            }
+        },
+    );
+    let mut cfg = relay_config(&url, &[("a", "k1")]);
+    cfg.upstream.connect_timeout = Duration::from_secs(120);
+    let relay = Relay::start(cfg);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("phone"), Via::Header).unwrap();
+    let frames = audio_frames(10, 5);
+    ws.send(Message::text(config_message(None))).unwrap();
+    for f in &frames[..5] {
+        ws.send(Message::binary(f.clone())).unwrap();
+    }
+    // Upstream's first word: the stream is accepted, the drop to come is
+    // mid-stream.
+    assert!(matches!(ws.read().unwrap(), Message::Text(_)));
+    for f in &frames[5..] {
+        ws.send(Message::binary(f.clone())).unwrap();
+    }
+    assert!(wait_until(Duration::from_secs(10), || !held
+        .lock()
+        .unwrap()
+        .is_empty()));
+    assert_eq!(relay.handle.process.live_streams(), 1);
+    relay.handle.shutdown();
+    let got = read_all(&mut ws);
+    assert_eq!(got.error_code(), Some(503), "{got:?}");
+    assert_eq!(got.close_code(), Some(1012), "{got:?}");
+}

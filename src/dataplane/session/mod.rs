@@ -605,7 +605,15 @@ impl Stream {
         self.resuming.set(true);
         let next = boxed!(self.open_patiently(&mut tried, &mut rounds, None)).await;
         self.resuming.set(false);
-        *up = next.map_err(|_| Refusal::upstream_lost())?;
+        // A stop meanwhile is told as to every live stream ("reconnect",
+        // close 1012); anything else is a resume that found no account.
+        *up = next.map_err(|r| {
+            if r.is_restarting() {
+                r
+            } else {
+                Refusal::upstream_lost()
+            }
+        })?;
         // What the old connection got of the client's bytes is in the copy:
         // the frames already re-masked for it are not sent again.
         let cut = cside.scanner.cut_frame().flatten();

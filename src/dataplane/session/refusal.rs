@@ -69,6 +69,11 @@ impl Refusal {
             Side::Internal,
         )
     }
+    /// Whether this is [`Refusal::restarting`]: the relay's own stop,
+    /// which every live stream is told alike.
+    pub(super) fn is_restarting(&self) -> bool {
+        self.code == 503 && self.close == 1012
+    }
     pub(super) fn unauthorized(message: impl Into<String>) -> Self {
         Refusal::new(401, "unauthenticated", message, 1008, Side::Client)
     }
