@@ -568,3 +568,46 @@ fn each_move_at_open_is_counted_a_refused_upgrade_after_a_refusal_too() {
     let f = relay.handle.metrics().failovers();
     assert_eq!((f.open_refused, f.open_lost), (2, 0), "{f:?}");
 }
+
+#[test]
+fn a_refusal_mid_stream_that_reaches_the_client_marks_the_account() {
+    // A compressed stream cannot resume: upstream's 402 or 429 after it
+    // accepted the stream reaches the client as Soniox sent it. The
+    // account is marked all the same (unhealthy, cooling down), and
+    // after a 402 the next stream goes to the other account (a 429's
+    // cooldown is too short to check that without a race).
+    for code in [402u16, 429] {
+        let fake = fake(&["k1", "k2"], |c| {
+            c.faults.error_after_frames = Some((6, code))
+        });
+        let mut cfg = relay_config(&fake.url(), &[("a", "k1"), ("b", "k2")]);
+        // More room than "b": "a" takes every stream it may.
+        cfg.accounts[0].max_concurrent_streams = 20;
+        let relay = Relay::start(cfg);
+        let mut config: Value = serde_json::from_str(&config_message(None)).unwrap();
+        config["audio_format"] = "auto".into();
+        let config = config.to_string();
+        let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+        let got = stream_session(&mut ws, &config, &audio_frames(10, 4));
+        assert!(!got.text().is_empty(), "accepted before the error: {got:?}");
+        assert_eq!(got.error_code(), Some(code as u64), "{got:?}");
+        assert!(fake.wait_for(LIMIT, |s| s.len() == 1 && s[0].closed));
+        // Marked as the stream ends, maybe after the client has its close.
+        let a = &relay.handle.process.accounts()[0];
+        let marked = wait_until(LIMIT, || {
+            let now = Instant::now();
+            match code {
+                402 => !a.healthy(now),
+                _ => a.cooling_down(now).is_some(),
+            }
+        });
+        assert!(marked, "a {code} left the account unmarked");
+        if code != 402 {
+            continue;
+        }
+        let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+        stream_session(&mut ws, &config, &audio_frames(2, 5));
+        assert!(fake.wait_for(LIMIT, |s| s.len() == 2 && s[1].closed));
+        assert_eq!(fake.sessions()[1].key.as_deref(), Some("k2"), "{code}");
+    }
+}

@@ -51,6 +51,7 @@ impl StreamState {
                 mid_message: Cell::new(false),
                 inspect_first: Cell::new(true),
                 first_error: Cell::new(None),
+                error_passed: Cell::new(None),
                 accepted: Cell::new(false),
                 ever_accepted: Cell::new(false),
                 first_result_seen: Cell::new(false),
@@ -158,8 +159,9 @@ impl StreamState {
             if t.finished {
                 self.meter.upstream_audio_ms.set(t.total_audio_proc_ms);
             }
-            if let Some((code, _)) = t.error.filter(|&(code, _)| code != 0) {
+            if let Some((code, scope)) = t.error.filter(|&(code, _)| code != 0) {
                 self.meter.upstream_error.set(Some(code));
+                self.down.error_passed.set(Some((code, scope)));
             }
         }
     }
@@ -364,6 +366,9 @@ pub struct DownHalf {
     pub inspect_first: Cell<bool>,
     /// The first upstream message carried this error code.
     pub first_error: Cell<Option<(u16, RateScope)>>,
+    /// An error upstream sent that went on to the client (none that a
+    /// failover or a resume hid): its account is marked for it.
+    pub error_passed: Cell<Option<(u16, RateScope)>>,
     /// Upstream answered with a first message that is not an error: the
     /// stream is committed to this connection and the copy is let go.
     pub accepted: Cell<bool>,

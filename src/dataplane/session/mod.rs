@@ -451,7 +451,12 @@ impl Stream {
                         return false;
                     }
                 };
-                if let Some((code, scope)) = state.down.first_error.get() {
+                // Upstream's refusal that reached the client (at open past
+                // the copy's bound, or mid-stream with no resume: a
+                // compressed format, resumes used up) marks its account
+                // as a hidden one does.
+                let passed = state.down.error_passed.get();
+                if let Some((code, scope)) = passed.or(state.down.first_error.get()) {
                     self.note_refusal(&up.lease, code, scope);
                 }
                 let (error, upstream_closes, awaits) = self
