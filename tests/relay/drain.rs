@@ -877,6 +877,8 @@ fn a_stop_tells_a_stream_still_resuming_to_reconnect() {
     );
     let mut cfg = relay_config(&url, &[("a", "k1")]);
     cfg.upstream.connect_timeout = Duration::from_secs(120);
+    // The usage reconciliation would reach the door too (its REST base).
+    cfg.usage.reconcile_interval = Duration::ZERO;
     let relay = Relay::start(cfg);
     let (mut ws, _) = connect(relay.addr(), &relay.token("phone"), Via::Header).unwrap();
     let frames = audio_frames(10, 5);
@@ -890,6 +892,8 @@ fn a_stop_tells_a_stream_still_resuming_to_reconnect() {
     for f in &frames[5..] {
         ws.send(Message::binary(f.clone())).unwrap();
     }
+    // The first connection dropped, and the resume's is at the door.
+    assert!(fake.wait_for(Duration::from_secs(10), |s| s.len() == 1 && s[0].closed));
     assert!(wait_until(Duration::from_secs(10), || !held
         .lock()
         .unwrap()
