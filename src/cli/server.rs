@@ -742,6 +742,9 @@ pub fn run(path: &std::path::Path, join_client_port: bool) -> Result<(), crate::
             admin = sockets.admin.is_some(),
             "using sockets passed by systemd"
         );
+        for w in sockets.address_mismatches(cfg.server.listen, cfg.server.admin_listen) {
+            tracing::warn!(warning = %w, "socket activation: not the config file's address");
+        }
     }
     let mut drain_timeout = cfg.limits.drain_timeout;
     let relay = Arc::new(start_joining(&cfg, sockets, join_client_port)?);

@@ -358,6 +358,49 @@ impl Activated {
     pub fn is_empty(&self) -> bool {
         self.client.is_none() && self.admin.is_none()
     }
+
+    /// One line for each passed socket bound elsewhere than the config
+    /// file's address for its role (`listen`, `admin_listen`).
+    ///
+    /// The relay serves on what systemd passed and never binds the
+    /// file's address then, so a socket unit left behind when the file
+    /// changed (or the other way round) goes unseen: clients and
+    /// balancers sent to the file's address find nothing, and `clio-relay
+    /// keys`, which reads `server.admin_listen`, cannot reach the relay.
+    /// Port 0 in the file matches any port; `0.0.0.0` and `[::]` match
+    /// each other (a `ListenStream=` with a port alone binds `[::]`,
+    /// which takes IPv4 too).
+    pub fn address_mismatches(&self, listen: SocketAddr, admin_listen: SocketAddr) -> Vec<String> {
+        let same = |passed: SocketAddr, file: SocketAddr| {
+            let ip = passed.ip() == file.ip()
+                || (passed.ip().is_unspecified() && file.ip().is_unspecified());
+            ip && (file.port() == 0 || passed.port() == file.port())
+        };
+        let roles = [
+            (&self.client, listen, "server.listen", "clio-relay.socket"),
+            (
+                &self.admin,
+                admin_listen,
+                "server.admin_listen",
+                "clio-relay-admin.socket",
+            ),
+        ];
+        let mut out = Vec::new();
+        for (fd, file, key, unit) in roles {
+            let Some(passed) = fd.as_ref().and_then(|fd| local_addr(fd).ok()) else {
+                continue;
+            };
+            if !same(passed, file) {
+                out.push(format!(
+                    "{key} is {file}, but systemd passed the socket on {passed} and the relay \
+                     serves there, not on {file}; what reads {key} (clients, the balancer's \
+                     checks, `clio-relay keys`) looks in the wrong place: make {unit}'s \
+                     ListenStream= and {key} the same address"
+                ));
+            }
+        }
+        out
+    }
 }
 
 /// Takes the sockets systemd passed, if it passed any to this process

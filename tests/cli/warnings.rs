@@ -1,8 +1,9 @@
 //! What the binary warns of (valid, but probably not meant), from
 //! `check-config` and at the start and each reload: a `server.max_streams`
 //! above what the accounts carry, an admin port in public reach, a
-//! disabled account's key still to come, `rediss://…#insecure`, and
-//! secrets every user can read or with a line break.
+//! disabled account's key still to come, `rediss://…#insecure`,
+//! secrets every user can read or with a line break, and a socket systemd
+//! passed on another address than the file's.
 
 use std::process::Command;
 
@@ -570,5 +571,106 @@ fn a_secret_variable_with_a_trailing_newline_is_warned_about() {
     // Without the newlines: neither.
     let t = text(&run_env(&["check-config", "--config", &config]));
     assert!(!t.contains("begins or ends"), "{t}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// `clio-relay run --config CONFIG` with `client` and `admin` passed as
+/// systemd passes its socket units' sockets (fds 3 and 4, named
+/// `client` and `admin`, `LISTEN_PID` its own pid by an `exec`ing
+/// shell); reads its log to "clio-relay listening" (at most 20 s), kills
+/// it and returns the lines read.
+fn activated_start_logs(
+    config: &str,
+    client: &std::net::TcpListener,
+    admin: &std::net::TcpListener,
+) -> Vec<String> {
+    use std::os::fd::{AsRawFd, RawFd};
+    use std::os::unix::process::CommandExt;
+    let fds = [client.as_raw_fd(), admin.as_raw_fd()];
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", r#"LISTEN_PID=$$ exec "$@""#, "sh", RELAY])
+        .args(["run", "--config", config])
+        .envs(RELAY_ENV)
+        .env("LISTEN_FDS", "2")
+        .env("LISTEN_FDNAMES", "client:admin")
+        .env_remove("NOTIFY_SOCKET")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: only fcntl, dup2 and close between fork and exec
+    // (async-signal-safe).
+    unsafe {
+        cmd.pre_exec(move || {
+            use nix::fcntl::{fcntl, FcntlArg};
+            // Above the target range first (a source may sit on 3 or 4,
+            // and dup2 onto itself would keep FD_CLOEXEC), then into place.
+            let mut high = Vec::with_capacity(fds.len());
+            for fd in fds {
+                high.push(fcntl(fd, FcntlArg::F_DUPFD(64))?);
+            }
+            for (i, fd) in high.into_iter().enumerate() {
+                nix::unistd::dup2(fd, 3 + i as RawFd)?;
+                nix::unistd::close(fd)?;
+            }
+            Ok(())
+        });
+    }
+    let mut relay = cmd.spawn().unwrap();
+    let log = stderr_lines(&mut relay);
+    let lines = lines_until(
+        &log,
+        |l| l.contains("clio-relay listening"),
+        std::time::Duration::from_secs(20),
+    );
+    let _ = relay.kill();
+    let _ = relay.wait();
+    lines
+}
+
+/// Under socket activation the relay serves on the sockets systemd
+/// passed and never binds the config file's addresses. A socket unit
+/// left on the old address when `server.listen` or
+/// `server.admin_listen` changed (or the reverse) went unsaid: the
+/// relay logged the sockets' addresses and nothing more, while `keys`
+/// and the balancer's checks went to the file's. The start now warns of
+/// each role whose socket is elsewhere, naming both addresses and the
+/// unit to change; a socket where the file says gets no such line.
+#[test]
+fn a_passed_socket_elsewhere_than_the_config_file_says_is_warned_about() {
+    let dir = std::env::temp_dir().join(format!("clio-relay-activated-{}", std::process::id()));
+    let client = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let admin = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (client_at, admin_at) = (client.local_addr().unwrap(), admin.local_addr().unwrap());
+    let (file_listen, file_admin) = (free_port(), free_port());
+    let config = relay_config(&dir, &file_listen.to_string(), &file_admin.to_string());
+    let lines = activated_start_logs(&config, &client, &admin);
+    let all = lines.join("\n");
+    assert!(
+        all.contains("using sockets passed by systemd") && all.contains("clio-relay listening"),
+        "{all}"
+    );
+    for (key, file, passed, unit) in [
+        ("server.listen", file_listen, client_at, "clio-relay.socket"),
+        (
+            "server.admin_listen",
+            file_admin,
+            admin_at,
+            "clio-relay-admin.socket",
+        ),
+    ] {
+        assert!(
+            lines.iter().any(|l| l.contains("WARN")
+                && l.contains(&format!(
+                    "{key} is {file}, but systemd passed the socket on {passed}"
+                ))
+                && l.contains(&format!("make {unit}'s ListenStream= and {key} the same"))),
+            "no warning for {key}:\n{all}"
+        );
+    }
+    // The file naming the sockets' own addresses: no such warning.
+    let config = relay_config(&dir, &client_at.to_string(), &admin_at.to_string());
+    let lines = activated_start_logs(&config, &client, &admin);
+    let all = lines.join("\n");
+    assert!(all.contains("clio-relay listening"), "{all}");
+    assert!(!all.contains("systemd passed the socket on"), "{all}");
     std::fs::remove_dir_all(&dir).ok();
 }
