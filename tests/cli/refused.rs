@@ -2,9 +2,9 @@
 //! config file: the exit status of each kind of failure, one line per
 //! problem of a refused file (a key in the wrong table or misspelt, a
 //! value of the wrong type, an unbounded region, a Redis URL the client
-//! cannot use, a file that is not there, a wrong master key), a port
-//! another program holds, and an address or a locked-memory limit the
-//! host does not give.
+//! cannot use, a file that is not there, a wrong master key, a secret
+//! file the relay's user may not read), a port another program holds, and
+//! an address or a locked-memory limit the host does not give.
 
 use std::process::Command;
 
@@ -541,5 +541,76 @@ fn a_locked_memory_limit_too_low_names_it_and_how_to_raise_it() {
             "{args:?}: {t}"
         );
     }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A secret file the relay's user may not read was refused with the
+/// bare `Permission denied (os error 13)`. `check-config` run as root
+/// reads any file, while the shipped unit runs the relay as a dynamic
+/// user, so the start failed on a file the check had taken, and the
+/// journal said nothing of whom the relay runs as or what to do. The
+/// line now names the relay's uid, the file's owner and mode, and the
+/// credential that fixes it. Run as a user other than the file's owner
+/// (uid 65534 through `setpriv` when the test runs as root).
+#[test]
+fn a_secret_file_the_relays_user_may_not_read_says_whose_it_is_and_what_to_do() {
+    use std::os::unix::fs::PermissionsExt;
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if root && Command::new("setpriv").arg("--version").output().is_err() {
+        eprintln!("skipped: running as root without setpriv (util-linux) to drop to another user");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("clio-relay-unreadable-{}", std::process::id()));
+    let config = relay_config(&dir, "127.0.0.1:0", "127.0.0.1:0");
+    let key = dir.join("soniox-01");
+    std::fs::write(&key, "cli-unreadable-soniox-key\n").unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let text_of = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text_of.replace("key_env = \"CLI_EXIT_KEY\"", "key_file = \"soniox-01\""),
+    )
+    .unwrap();
+    // The directory and the config readable by the user the check runs as.
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut c = if root {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", RELAY]);
+        c
+    } else {
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o000)).unwrap();
+        Command::new(RELAY)
+    };
+    let o = c
+        .args(["check-config", "--config", &config])
+        .envs(RELAY_ENV)
+        .output()
+        .unwrap();
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(3), "{t}");
+    let uid = if root {
+        65534
+    } else {
+        // SAFETY: geteuid has no preconditions.
+        unsafe { libc::geteuid() }
+    };
+    let mode = if root { "0600" } else { "0000" };
+    // SAFETY: as above.
+    let owner = unsafe { libc::geteuid() };
+    let line = t
+        .lines()
+        .find(|l| l.contains("key_file") && l.contains("Permission denied"))
+        .unwrap_or_else(|| panic!("no line for the key file: {t}"));
+    for part in [
+        format!("the relay runs as uid {uid} and may not read it"),
+        format!("the file is uid {owner}'s with mode {mode}"),
+        format!("`LoadCredential=soniox-01:{}`", key.display()),
+        "key_file = \"/run/credentials/clio-relay.service/soniox-01\"".to_string(),
+    ] {
+        assert!(line.contains(&part), "{part:?} not in: {line}");
+    }
+    assert!(!t.contains("cli-unreadable-soniox-key"), "{t}");
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -1015,6 +1015,11 @@ fn resolve_secret(
                         format!("the file named by {file_key} (not shown in case it is a secret)")
                     };
                     let hint = credential_hint(&path, &e);
+                    let hint = if hint.is_empty() {
+                        unreadable_hint(&path, file_key, shown_file_name(&written), &e)
+                    } else {
+                        hint
+                    };
                     p.push(section, format!("{shown}: {e}{hint}"));
                     return None;
                 }
@@ -1090,6 +1095,48 @@ fn credential_hint(path: &Path, e: &std::io::Error) -> String {
          /etc/clio-relay/credentials/{name}): make that file (tools/install.sh prints how), \
          then start the service (a file it cannot load fails the start, in `journalctl -u \
          {unit}`); while it runs, check-config as root reads the copies"
+    )
+}
+
+/// What to add to "Permission denied" for a secret file: which user the
+/// relay runs as and whose the file is, and what to do. `check-config`
+/// run as root reads any file, while the shipped unit runs the relay as
+/// a dynamic user, which reads no root-only file: the start then fails on
+/// a file `check-config` took. `named` says whether the path may be shown
+/// (a long bare name may be a key pasted in by mistake).
+fn unreadable_hint(path: &Path, file_key: &str, named: bool, e: &std::io::Error) -> String {
+    use std::os::unix::fs::MetadataExt as _;
+    if e.kind() != std::io::ErrorKind::PermissionDenied {
+        return String::new();
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    let whose = match std::fs::metadata(path) {
+        Ok(m) => format!(
+            "the file is uid {}'s with mode {:04o}",
+            m.uid(),
+            m.mode() & 0o7777
+        ),
+        Err(_) => "a directory on the file's path is closed to it".to_string(),
+    };
+    let name = path
+        .file_name()
+        .filter(|_| named)
+        .map_or_else(|| "NAME".to_string(), |n| n.to_string_lossy().into_owned());
+    // LoadCredential= takes an absolute path.
+    let source = if named {
+        std::path::absolute(path)
+            .unwrap_or_else(|_| path.to_path_buf())
+            .display()
+            .to_string()
+    } else {
+        "PATH".to_string()
+    };
+    format!(
+        "; the relay runs as uid {uid} and may not read it ({whose}): give it to that \
+         user (chown), or, under the shipped systemd unit (a dynamic user, which reads no \
+         root-only file), load it as a credential: `LoadCredential={name}:{source}` in \
+         `systemctl edit clio-relay`, and {file_key} = \"/run/credentials/clio-relay.service/{name}\""
     )
 }
 
