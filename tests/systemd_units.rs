@@ -256,6 +256,13 @@ fn install_sh_stages_a_working_layout() {
         }
     }
     assert_eq!(used, 4, "{text}");
+    // Its own comments point at the installed file, not the example's
+    // path in a checkout (which is not on the host).
+    assert!(
+        text.contains("clio-relay check-config --config /etc/clio-relay/clio-relay.toml"),
+        "{text}"
+    );
+    assert!(!text.contains("--config config/example.toml"), "{text}");
     // With the credentials in place, check-config accepts it.
     let cred_dir = temp_dir("creds");
     std::fs::write(

@@ -64,6 +64,8 @@ if [ -e "$conf" ]; then
     say "kept the existing $conf"
 else
     awk -v creds="$creds" '
+        NR == 1 && /^# clio-relay configuration/ { $0 = "# clio-relay configuration, installed by tools/install.sh from config/example.toml." }
+        /^# Check it with:/ { $0 = "# Check it with:   clio-relay check-config --config /etc/clio-relay/clio-relay.toml" }
         /^\[\[account\]\]/ { accounts++ }
         accounts >= 2 { next }   # one account; add more with a credential each
         /^secret_env *=/ { $0 = "secret_file = \"" creds "/token-secret\"   # LoadCredential=token-secret" }
