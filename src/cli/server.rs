@@ -137,6 +137,35 @@ fn allowed_cpus() -> Vec<usize> {
     }
 }
 
+/// What to add when the key store's directory cannot be made or written
+/// for want of a writable file system or of permission: the shipped unit
+/// (`ProtectSystem=strict`, a dynamic user) lets the relay write only its
+/// `StateDirectory=`, so an `admin.state_dir` elsewhere fails there
+/// though it works when the relay is run by hand as root.
+fn state_dir_hint(e: &crate::control::keystore::StoreError) -> String {
+    use std::io::ErrorKind;
+    let crate::control::keystore::StoreError::Io { source, .. } = e else {
+        return String::new();
+    };
+    let why = match source.kind() {
+        ErrorKind::ReadOnlyFilesystem => "it is on a read-only file system here".to_string(),
+        ErrorKind::PermissionDenied => {
+            // SAFETY: geteuid has no preconditions and cannot fail.
+            let uid = unsafe { libc::geteuid() };
+            format!("the relay runs as uid {uid}, which may not write there")
+        }
+        _ => return String::new(),
+    };
+    // StateDirectory= makes the directory, owned by the dynamic user;
+    // ReadWritePaths= would not make it theirs.
+    format!(
+        " ({why}; under the shipped systemd unit, ProtectSystem=strict and a dynamic user, \
+         the relay may write only /var/lib/clio-relay, its StateDirectory=: keep \
+         admin.state_dir there, or set StateDirectory= to another directory under /var/lib \
+         in `systemctl edit clio-relay` and admin.state_dir to it)"
+    )
+}
+
 /// Like [`start`], with listening sockets systemd passed (socket activation):
 /// the client socket is shared by every shard, the admin socket used as is.
 pub fn start_with(
@@ -199,7 +228,11 @@ pub fn start_joining(
         Some(k) => {
             let store_err = |e: crate::control::keystore::StoreError| {
                 use crate::control::keystore::StoreError;
-                let what = format!("key store in {}: {e}", cfg.admin.state_dir.display());
+                let what = format!(
+                    "key store in {}: {e}{}",
+                    cfg.admin.state_dir.display(),
+                    state_dir_hint(&e)
+                );
                 match e {
                     // The file's doing, not the machine's: retrying cannot help.
                     StoreError::WrongMasterKey | StoreError::BadMasterKey(_) => {

@@ -233,6 +233,78 @@ fn a_state_dir_that_cannot_be_made_is_logged_or_stops_the_start() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// A state directory on a read-only file system, as every directory but
+/// `/var/lib/clio-relay` is under the shipped unit (`ProtectSystem=strict`),
+/// stopped the start with the bare OS error (`Read-only file system (os
+/// error 30)`), though the same config ran when started by hand. The
+/// line now says what the unit lets the relay write and what to change.
+/// The directory is made read-only by a bind mount in a mount namespace
+/// of the relay's own (`unshare`); skipped, with the reason, where that
+/// cannot be made.
+#[test]
+fn a_state_dir_on_a_read_only_file_system_says_what_the_unit_lets_it_write() {
+    let dir = std::env::temp_dir().join(format!("clio-relay-ro-state-{}", std::process::id()));
+    let config = relay_config(&dir, "127.0.0.1:0", "127.0.0.1:0");
+    let ro = dir.join("ro");
+    std::fs::create_dir_all(&ro).unwrap();
+    let state = ro.join("state");
+    let file = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(STATE_LINE, "")
+        .replace(
+            "[admin]\n",
+            &format!(
+                "[admin]\nstate_dir = \"{}\"\nmaster_key_env = \"CLI_RO_STATE_MASTER\"\n",
+                state.display()
+            ),
+        );
+    std::fs::write(&config, file).unwrap();
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let out = Command::new("unshare")
+        .arg(if root { "-m" } else { "-rm" })
+        .args([
+            "sh",
+            "-c",
+            r#"{ mount --bind "$2" "$2" && mount -o remount,bind,ro "$2"; } || exit 99
+               exec "$0" run --config "$1""#,
+            RELAY,
+            &config,
+            ro.to_str().unwrap(),
+        ])
+        .envs(RELAY_ENV)
+        .env("CLI_RO_STATE_MASTER", "ab".repeat(32))
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_FDS")
+        .output();
+    let out = match out {
+        Ok(o) if o.status.code() == Some(99) => {
+            eprintln!("skipped: no read-only bind mount here: {}", text(&o));
+            return;
+        }
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("skipped: unshare not runnable ({e})");
+            return;
+        }
+    };
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    let line = t
+        .lines()
+        .find(|l| l.starts_with(&format!("key store in {}", state.display())))
+        .unwrap_or_else(|| panic!("no key store line: {t}"));
+    for part in [
+        "Read-only file system",
+        "it is on a read-only file system here",
+        "the relay may write only /var/lib/clio-relay, its StateDirectory=",
+        "keep admin.state_dir there",
+    ] {
+        assert!(line.contains(part), "{part:?} not in: {line}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// A write past the relay's file-size limit (`ulimit -f`, systemd's
 /// `LimitFSIZE=`) fails like a full disk's: the start logs what it does
 /// not keep, an account change is answered 500 "applied, but not saved"
