@@ -614,3 +614,73 @@ fn a_secret_file_the_relays_user_may_not_read_says_whose_it_is_and_what_to_do() 
     assert!(!t.contains("cli-unreadable-soniox-key"), "{t}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The same for a file in `/run/credentials/`, which is a credential
+/// already: the previous line told the operator who ran `mint-token` or
+/// `keys` as another user than root to load it as a credential, which it
+/// is. It now says that systemd's copies are the service's user's and
+/// root's alone, so run the command as root. Made in a mount namespace
+/// of its own (`unshare -m`, a tmpfs on `/run`), as systemd makes the
+/// directory; only as root (to make it, then drop to uid 65534).
+#[test]
+fn a_credential_another_user_may_not_read_says_to_run_as_root() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: not root (a /run/credentials/ directory cannot be made)");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("clio-relay-cred-perm-{}", std::process::id()));
+    let config = relay_config(&dir, "127.0.0.1:0", "127.0.0.1:0");
+    let creds = "/run/credentials/clio-relay.service";
+    let text_of = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text_of.replace(
+            "secret_env = \"CLI_EXIT_SECRET\"",
+            &format!("secret_file = \"{creds}/token-secret\""),
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let script = format!(
+        "{{ mount -t tmpfs tmpfs /run && mkdir -p {creds} \
+           && echo cli-cred-perm-secret-0123456789abcdef > {creds}/token-secret \
+           && chmod 0400 {creds}/token-secret && chmod 0500 {creds}; }} || exit 99\n\
+         exec setpriv --reuid=65534 --regid=65534 --clear-groups \"$0\" mint-token --config \"$1\" --device d1"
+    );
+    let out = Command::new("unshare")
+        .args(["-m", "sh", "-c", &script, RELAY, &config])
+        .envs(RELAY_ENV)
+        .output();
+    let out = match out {
+        Ok(o) if o.status.code() == Some(99) => {
+            eprintln!("skipped: no private /run here: {}", text(&o));
+            return;
+        }
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("skipped: unshare not runnable ({e})");
+            return;
+        }
+    };
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(3), "{t}");
+    let line = t
+        .lines()
+        .find(|l| {
+            l.contains(&format!(
+                "secret_file {creds}/token-secret: Permission denied"
+            ))
+        })
+        .unwrap_or_else(|| panic!("no line for the credential: {t}"));
+    assert!(
+        line.contains("this runs as uid 65534, which may not read it")
+            && line.contains("so run this as root"),
+        "{line}"
+    );
+    assert!(!line.contains("LoadCredential="), "{line}");
+    assert!(!t.contains("cli-cred-perm-secret"), "{t}");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -1102,8 +1102,10 @@ fn credential_hint(path: &Path, e: &std::io::Error) -> String {
 /// relay runs as and whose the file is, and what to do. `check-config`
 /// run as root reads any file, while the shipped unit runs the relay as
 /// a dynamic user, which reads no root-only file: the start then fails on
-/// a file `check-config` took. `named` says whether the path may be shown
-/// (a long bare name may be a key pasted in by mistake).
+/// a file `check-config` took. A file in `/run/credentials/` is such a
+/// credential already, which root reads: an operator's command run as
+/// another user is told to run as root. `named` says whether the path
+/// may be shown (a long bare name may be a key pasted in by mistake).
 fn unreadable_hint(path: &Path, file_key: &str, named: bool, e: &std::io::Error) -> String {
     use std::os::unix::fs::MetadataExt as _;
     if e.kind() != std::io::ErrorKind::PermissionDenied {
@@ -1119,6 +1121,16 @@ fn unreadable_hint(path: &Path, file_key: &str, named: bool, e: &std::io::Error)
         ),
         Err(_) => "a directory on the file's path is closed to it".to_string(),
     };
+    if path.starts_with("/run/credentials") {
+        // Already a credential: systemd's copy, the service's user's and
+        // root's alone. An operator's `check-config`, `mint-token` or
+        // `keys` reads it as root.
+        return format!(
+            "; this runs as uid {uid}, which may not read it ({whose}): the copies systemd \
+             makes of a service's credentials are for the service's user and root alone, so \
+             run this as root"
+        );
+    }
     let name = path
         .file_name()
         .filter(|_| named)
