@@ -25,6 +25,7 @@ mod sections;
 mod url;
 mod validate;
 
+pub(crate) use load::unreadable_hint;
 pub use sections::*;
 pub use url::{parse_ws_url, UrlError, WsEndpoint};
 use validate::{account_label, check_token_secret, validate_semantics};

@@ -82,9 +82,15 @@ impl fmt::Display for TlsError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             TlsError::CertFile { path, source } => {
+                let hint = match source {
+                    rustls::pki_types::pem::Error::Io(e) => {
+                        crate::core::config::unreadable_hint(path, "cert_file", true, true, e)
+                    }
+                    _ => String::new(),
+                };
                 write!(
                     f,
-                    "tls.cert_file {}: {}",
+                    "tls.cert_file {}: {}{hint}",
                     path.display(),
                     PemProblem(source)
                 )
@@ -93,7 +99,8 @@ impl fmt::Display for TlsError {
                 write!(f, "tls.cert_file {}: no certificate", path.display())
             }
             TlsError::KeyFile { path, io: Some(e) } => {
-                write!(f, "tls.key_file {}: {e}", path.display())
+                let hint = crate::core::config::unreadable_hint(path, "key_file", true, false, e);
+                write!(f, "tls.key_file {}: {e}{hint}", path.display())
             }
             TlsError::KeyFile { path, io: None } => write!(
                 f,

@@ -684,3 +684,85 @@ fn a_credential_another_user_may_not_read_says_to_run_as_root() {
     assert!(!t.contains("cli-cred-perm-secret"), "{t}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The same for `[tls]`'s files: a certificate chain or key the relay's
+/// user may not read (certbot's `/etc/letsencrypt/live/` is root's
+/// alone, and the shipped unit's dynamic user reads no root-only file)
+/// said only `Permission denied (os error 13)`; each line now says whose
+/// the file is and what to do: the chain, no secret, readable by every
+/// user; the key, as for a secret file, a credential. The chain is read
+/// first, so each file is made unreadable in a run of its own.
+#[test]
+fn a_tls_file_the_relays_user_may_not_read_says_whose_it_is_and_what_to_do() {
+    use std::os::unix::fs::PermissionsExt;
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if root && Command::new("setpriv").arg("--version").output().is_err() {
+        eprintln!("skipped: running as root without setpriv (util-linux) to drop to another user");
+        return;
+    }
+    let dir =
+        std::env::temp_dir().join(format!("clio-relay-unreadable-tls-{}", std::process::id()));
+    let config = relay_config(&dir, "127.0.0.1:0", "127.0.0.1:0");
+    let text_of = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        format!("{text_of}\n[tls]\ncert_file = \"fullchain.pem\"\nkey_file = \"privkey.pem\"\n"),
+    )
+    .unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    std::fs::write(dir.join("fullchain.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("privkey.pem"), key.serialize_pem()).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let closed = if root { 0o600 } else { 0o000 };
+    for (key, file, other) in [
+        ("cert_file", "fullchain.pem", "privkey.pem"),
+        ("key_file", "privkey.pem", "fullchain.pem"),
+    ] {
+        let mode = |f: &str, m: u32| {
+            std::fs::set_permissions(dir.join(f), std::fs::Permissions::from_mode(m)).unwrap()
+        };
+        mode(file, closed);
+        mode(other, 0o644);
+        let mut c = if root {
+            let mut c = Command::new("setpriv");
+            c.args(["--reuid=65534", "--regid=65534", "--clear-groups", RELAY]);
+            c
+        } else {
+            Command::new(RELAY)
+        };
+        let o = c
+            .args(["check-config", "--config", &config])
+            .envs(RELAY_ENV)
+            .output()
+            .unwrap();
+        let t = text(&o);
+        assert_eq!(o.status.code(), Some(3), "{t}");
+        let line = t
+            .lines()
+            .find(|l| l.contains(&format!("tls.{key}")) && l.contains("Permission denied"))
+            .unwrap_or_else(|| panic!("no line for tls.{key}: {t}"));
+        let parts = if key == "cert_file" {
+            vec![
+                "may not read it (the file is uid ".to_string(),
+                "a certificate chain is no secret, so make it readable by every user".to_string(),
+            ]
+        } else {
+            vec![
+                "may not read it (the file is uid ".to_string(),
+                format!("`LoadCredential={file}:{}`", dir.join(file).display()),
+                format!("{key} = \"/run/credentials/clio-relay.service/{file}\""),
+                "a new one takes a restart, not a reload".to_string(),
+            ]
+        };
+        for part in parts {
+            assert!(line.contains(&part), "{part:?} not in: {line}");
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

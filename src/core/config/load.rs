@@ -1016,7 +1016,7 @@ fn resolve_secret(
                     };
                     let hint = credential_hint(&path, &e);
                     let hint = if hint.is_empty() {
-                        unreadable_hint(&path, file_key, shown_file_name(&written), &e)
+                        unreadable_hint(&path, file_key, shown_file_name(&written), false, &e)
                     } else {
                         hint
                     };
@@ -1105,8 +1105,16 @@ fn credential_hint(path: &Path, e: &std::io::Error) -> String {
 /// a file `check-config` took. A file in `/run/credentials/` is such a
 /// credential already, which root reads: an operator's command run as
 /// another user is told to run as root. `named` says whether the path
-/// may be shown (a long bare name may be a key pasted in by mistake).
-fn unreadable_hint(path: &Path, file_key: &str, named: bool, e: &std::io::Error) -> String {
+/// may be shown (a long bare name may be a key pasted in by mistake);
+/// `public`, that the file is a certificate chain, which every user may
+/// read, rather than a secret.
+pub(crate) fn unreadable_hint(
+    path: &Path,
+    file_key: &str,
+    named: bool,
+    public: bool,
+    e: &std::io::Error,
+) -> String {
     use std::os::unix::fs::MetadataExt as _;
     if e.kind() != std::io::ErrorKind::PermissionDenied {
         return String::new();
@@ -1131,6 +1139,15 @@ fn unreadable_hint(path: &Path, file_key: &str, named: bool, e: &std::io::Error)
              run this as root"
         );
     }
+    if public {
+        // A certificate chain: every user may read it, the dynamic user
+        // too, and a reload reads it again (a credential would not be).
+        return format!(
+            "; the relay runs as uid {uid} and may not read it ({whose}): a certificate \
+             chain is no secret, so make it readable by every user (mode 0644, its \
+             directories 0755), as the shipped systemd unit's dynamic user needs"
+        );
+    }
     let name = path
         .file_name()
         .filter(|_| named)
@@ -1148,7 +1165,8 @@ fn unreadable_hint(path: &Path, file_key: &str, named: bool, e: &std::io::Error)
         "; the relay runs as uid {uid} and may not read it ({whose}): give it to that \
          user (chown), or, under the shipped systemd unit (a dynamic user, which reads no \
          root-only file), load it as a credential: `LoadCredential={name}:{source}` in \
-         `systemctl edit clio-relay`, and {file_key} = \"/run/credentials/clio-relay.service/{name}\""
+         `systemctl edit clio-relay`, and {file_key} = \"/run/credentials/clio-relay.service/{name}\" \
+         (systemd copies it when the service starts, so a new one takes a restart, not a reload)"
     )
 }
 
