@@ -223,6 +223,11 @@ fn install_sh_stages_a_working_layout() {
         stdout.contains("missing: token-secret admin-token master-key soniox-01"),
         "{stdout}"
     );
+    // Secrets made on each host of a fleet one by one would differ.
+    assert!(
+        stdout.contains("token-secret and master-key must be the\n   same on every node"),
+        "{stdout}"
+    );
     use std::os::unix::fs::PermissionsExt;
     let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&root.join("usr/local/bin/clio-relay")), 0o755);

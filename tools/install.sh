@@ -125,6 +125,10 @@ if [ -n "$missing" ]; then
     say "     openssl rand -hex 24 > admin-token         # bearer token for the admin API and \`clio-relay keys\`"
     say "     openssl rand -hex 32 > master-key          # key-store master key: runtime account changes survive restarts"
     say "     cat > soniox-01                            # paste the Soniox API key, then Ctrl-D"
+    say "   In a fleet (README, \"Running a fleet\"), token-secret and master-key must be the"
+    say "   same on every node: make them once and copy them to each (a node with another"
+    say "   master key cannot open the fleet's account set; another token secret refuses"
+    say "   the tokens your backend mints)."
 else
     say "1. The secrets in /etc/clio-relay/credentials/ are in place."
 fi
