@@ -241,3 +241,26 @@ fn ab_sh_refuses_wrong_arguments_before_it_starts() {
         assert!(!all.contains("| round |"), "{args:?} ran a round: {all}");
     }
 }
+
+/// `--help`, as every other tool takes it (relay-load, fake-soniox,
+/// head-to-head.sh, soak.sh, fuzz.sh), printed the help: it was
+/// "illegal option -- -" and exit 2, since getopts knows only `-h`.
+#[test]
+fn ab_sh_help_is_taken_long_too() {
+    for flag in ["-h", "--help"] {
+        let out = Command::new("timeout")
+            .args(["--kill-after=10", "60", "bash"])
+            .arg(repo().join("tools/ab.sh"))
+            .arg(flag)
+            .output()
+            .expect("timeout and bash run");
+        let all = text(&out);
+        assert_eq!(out.status.code(), Some(0), "{flag}: {all}");
+        assert!(
+            all.contains("Same-session A/B of clio-relay builds")
+                && all.contains("bash tools/ab.sh [-w idle|churn|realtime|flood]"),
+            "{flag}: {all}"
+        );
+        assert!(!all.contains("illegal option"), "{flag}: {all}");
+    }
+}

@@ -40,6 +40,11 @@ ROUNDS=2
 WORKLOAD=idle
 CLUSTER=0
 THREADS=0
+# --help as the other tools take it (getopts knows only -h).
+for a in "$@"; do
+  [[ $a == --help ]] && { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0; }
+  [[ $a == -- ]] && break
+done
 while getopts "w:n:r:cth" o; do
   case "$o" in
     c) CLUSTER=1 ;;
