@@ -766,3 +766,79 @@ fn a_tls_file_the_relays_user_may_not_read_says_whose_it_is_and_what_to_do() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A mistake on a table header was put on the table before it: `[account]`
+/// written for `[[account]]` (after `[admin]`) said `admin: invalid
+/// type: map, expected a list in brackets, such as ["a", "b"]`, and a
+/// `[tokens]` given twice `admin: … duplicate key `tokens``, sending the
+/// operator to the wrong table. `[tokens.extr]` said `extr` was unknown
+/// in the top level, listing [tokens]'s keys as the top level's. Each
+/// now names the table the header opens (or, for an unknown name, the
+/// table it is a key of), and `[account]` says `[[account]]` tables.
+#[test]
+fn a_mistake_on_a_table_header_names_that_table() {
+    let dir = std::env::temp_dir().join(format!("clio-relay-header-{}", std::process::id()));
+    let config = relay_config(&dir, "127.0.0.1:0", "127.0.0.1:0");
+    let base = std::fs::read_to_string(&config).unwrap();
+    assert!(base.contains("[[account]]\n") && base.contains("[admin]\n"));
+    let check = |file: String| {
+        std::fs::write(&config, file).unwrap();
+        let o = run_env(&["check-config", "--config", &config]);
+        assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+        text(&o)
+    };
+    let line_of = |text: &str, header: &str| {
+        text.lines()
+            .position(|l| l == header)
+            .expect("header in the file")
+            + 1
+    };
+    let single = base.replace("[[account]]\n", "[account]\n");
+    let n = line_of(&single, "[account]");
+    let t = check(single);
+    assert!(
+        t.contains(&format!(
+            "account: invalid type: map, expected [[account]] tables (line {n})"
+        )) && !t.contains("admin:"),
+        "{t}"
+    );
+    let extra = format!("{base}\n[tokens.extra]\nsecret_env = \"X\"\npools = [\"dev\"]\n");
+    let n = line_of(&extra, "[tokens.extra]");
+    let t = check(extra);
+    assert!(
+        t.contains(&format!(
+            "tokens.extra: invalid type: map, expected [[tokens.extra]] tables (line {n})"
+        )),
+        "{t}"
+    );
+    let twice = format!("{base}\n[tokens]\nmax_ttl = \"1h\"\n");
+    let n = twice
+        .lines()
+        .collect::<Vec<_>>()
+        .iter()
+        .rposition(|l| *l == "[tokens]")
+        .unwrap()
+        + 1;
+    let t = check(twice);
+    assert!(
+        t.contains("tokens: invalid table header")
+            && t.contains("duplicate key `tokens`")
+            && t.contains(&format!("(line {n})"))
+            && !t.contains("account[0]:"),
+        "{t}"
+    );
+    let t = check(format!("{base}\n[tokens.extr]\nsecret_env = \"X\"\n"));
+    assert!(
+        t.contains("unknown field `extr` in [tokens]")
+            && t.contains("did you mean `extra`? [tokens] takes one of `secret_env`"),
+        "{t}"
+    );
+    let t = check(format!(
+        "{base}\n[devices.tiers.pro]\nmax_concurrent_streams = 3\n"
+    ));
+    assert!(
+        t.contains("unknown field `tiers` in [devices]") && t.contains("did you mean `tier`?"),
+        "{t}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

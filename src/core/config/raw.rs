@@ -298,14 +298,24 @@ fn describe_toml_error(e: &toml::de::Error, text: &str) -> String {
             None => (msg.as_str(), String::new()),
         };
         let header_line = line.trim_start().starts_with('[');
+        // The key serde quotes: "unknown field `KEY`".
+        let quoted = what.split('`').nth(1).unwrap_or("");
+        // On a header line the unknown key is one of the names it opens,
+        // a key of the tables named before it (`[tokens.extr]`: `extr`
+        // in [tokens]; `[devices.tiers.pro]`: `tiers` in [devices]).
+        let parent = header_name(line).and_then(|n| {
+            let parts: Vec<&str> = n.split('.').map(str::trim).collect();
+            let at = parts.iter().position(|p| *p == quoted)?;
+            (at > 0).then(|| parts[..at].join("."))
+        });
         let place = match &section {
-            _ if header_line => "the top level".to_string(),
+            _ if header_line => {
+                parent.map_or_else(|| "the top level".to_string(), |p| format!("[{p}]"))
+            }
             Some(s) if s.ends_with(']') => s.clone(),
             Some(s) => format!("[{s}]"),
             None => "the top level".to_string(),
         };
-        // The key serde quotes: "unknown field `KEY`".
-        let quoted = what.split('`').nth(1).unwrap_or("");
         let elsewhere = if header_line {
             Vec::new()
         } else {
@@ -342,6 +352,16 @@ fn describe_toml_error(e: &toml::de::Error, text: &str) -> String {
             ),
         };
     }
+    // An error on a table header is about the table it opens (`[account]`
+    // where `[[account]]` belongs, a `[tokens]` given twice), not the one
+    // before it: its name is the key, its parent the section.
+    let (section, key) = match header_name(line) {
+        Some(name) => match name.rsplit_once('.') {
+            Some((parent, last)) => (Some(parent.to_string()), Some(last)),
+            None => (None, Some(name)),
+        },
+        None => (section, key),
+    };
     let msg = plain_expected(&msg, key);
     match (section, key) {
         (Some(s), Some(k)) => format!("{s}.{k}: {msg} (line {line_no})"),
@@ -349,6 +369,18 @@ fn describe_toml_error(e: &toml::de::Error, text: &str) -> String {
         (Some(s), None) => format!("{s}: {msg} (line {line_no})"),
         (None, None) => format!("{msg} (line {line_no})"),
     }
+}
+
+/// The dotted name a table header line opens (`[a.b]`, `[[a]]`), or
+/// `None` for any other line.
+fn header_name(line: &str) -> Option<&str> {
+    let l = line.trim();
+    let name = match l.strip_prefix("[[") {
+        Some(r) => r.split_once("]]")?.0,
+        None => l.strip_prefix('[')?.split_once(']')?.0,
+    };
+    let name = name.trim();
+    (!name.is_empty()).then_some(name)
 }
 
 /// The keys serde lists in what a table takes: " one of `a`, `b`", or
