@@ -268,6 +268,17 @@ fn install_sh_stages_a_working_layout() {
         "{text}"
     );
     assert!(!text.contains("--config config/example.toml"), "{text}");
+    // The optional sections it leaves out are installed beside README,
+    // and it says where.
+    let doc_example = root.join("usr/local/share/doc/clio-relay/example.toml");
+    assert_eq!(
+        std::fs::read_to_string(&doc_example).unwrap(),
+        std::fs::read_to_string(repo().join("config/example.toml")).unwrap()
+    );
+    assert!(
+        text.contains("are in /usr/local/share/doc/clio-relay/example.toml"),
+        "{text}"
+    );
     // With the credentials in place, check-config accepts it.
     let cred_dir = temp_dir("creds");
     std::fs::write(

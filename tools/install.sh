@@ -11,7 +11,8 @@
 #                                         secrets switched to systemd credentials)
 #   /etc/clio-relay/credentials/          root-only (0700): the secret files
 #                                         (token-secret, admin-token, master-key, soniox-01)
-#   /usr/local/share/doc/clio-relay/README.md
+#   /usr/local/share/doc/clio-relay/README.md, example.toml (every key, the
+#                                         optional sections the installed config leaves out)
 # Then it reloads systemd (if it is running) and enables the units; it
 # starts nothing.
 #
@@ -54,6 +55,7 @@ for u in clio-relay.service clio-relay.socket clio-relay-admin.socket; do
     install -m 0644 "$here/systemd/$u" "$root/etc/systemd/system/$u"
 done
 install -m 0644 "$here/README.md" "$root/usr/local/share/doc/clio-relay/README.md"
+install -m 0644 "$here/config/example.toml" "$root/usr/local/share/doc/clio-relay/example.toml"
 say "installed $root/etc/systemd/system/clio-relay.{service,socket} and clio-relay-admin.socket"
 
 # 3. The config, only if there is none: the example, with its secrets read
@@ -78,6 +80,10 @@ else
             print "# and, in `systemctl edit clio-relay`:"
             print "#   [Service]"
             print "#   LoadCredential=soniox-02:/etc/clio-relay/credentials/soniox-02"
+            print "#"
+            print "# The optional sections ([tls], [cluster] for a fleet, [devices], [usage],"
+            print "# [alerts], [pool.NAME], and [limits] drain_timeout and finalize_wait), each"
+            print "# key with its default, are in /usr/local/share/doc/clio-relay/example.toml."
             print ""
             print "[admin]"
             print "token_file = \"" creds "/admin-token\""
