@@ -112,6 +112,14 @@ impl KeySource {
         } else if let Some(v) = &self.key_env {
             std::env::var(v).map_err(|_| usage(format!("--key-env {v}: not set")))?
         } else {
+            use std::io::IsTerminal as _;
+            // On a terminal the read would wait without a word, as if hung.
+            if std::io::stdin().is_terminal() {
+                eprintln!(
+                    "reading the new key from standard input: paste it, then Enter and Ctrl-D \
+                     (or give --key-file FILE or --key-env VAR)"
+                );
+            }
             let mut s = String::new();
             std::io::stdin()
                 .read_to_string(&mut s)

@@ -311,3 +311,88 @@ fn a_ttl_over_max_ttl_says_what_to_do() {
     assert!(o.status.success(), "{}", text(&o));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `keys add` and `keys rotate` with neither --key-file nor --key-env
+/// read the key from standard input. On a terminal that read waited
+/// without a word, as if the command hung; it now says what it waits for
+/// and the flags that give the key instead. From a pipe or a file
+/// (`< new-key.txt`, README's example) it says nothing. The terminal is a
+/// pseudo-terminal python3's `pty` makes; no relay listens at the
+/// file's admin address, so the command ends with exit 5 after the read.
+#[test]
+fn a_key_read_from_a_terminal_is_asked_for() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let dir = std::env::temp_dir().join(format!("clio-relay-key-tty-{}", std::process::id()));
+    let admin = free_port().to_string();
+    let config = relay_config(&dir, "127.0.0.1:0", &admin);
+    let asks = "reading the new key from standard input: paste it, then Enter and Ctrl-D";
+    // On a terminal: the prompt, then the key typed and Ctrl-D.
+    let script = r#"
+import os, pty, select, sys, time
+pid, fd = pty.fork()
+if pid == 0:
+    os.execv(sys.argv[1], sys.argv[1:])
+out = b""
+end = time.time() + 20
+while time.time() < end and b"Ctrl-D" not in out:
+    if select.select([fd], [], [], 0.2)[0]:
+        try:
+            d = os.read(fd, 4096)
+        except OSError:
+            break
+        if not d:
+            break
+        out += d
+os.write(fd, b"cli-tty-key-0123\n")
+time.sleep(0.2)
+os.write(fd, b"\x04")
+while True:
+    try:
+        d = os.read(fd, 4096)
+    except OSError:
+        break
+    if not d:
+        break
+    out += d
+_, status = os.waitpid(pid, 0)
+sys.stdout.write(out.decode(errors="replace"))
+sys.exit(os.waitstatus_to_exitcode(status))
+"#;
+    let o = match Command::new("python3")
+        .args([
+            "-c", script, RELAY, "keys", "--config", &config, "rotate", "a",
+        ])
+        .envs(RELAY_ENV)
+        .output()
+    {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("skipped: python3 not runnable ({e})");
+            return;
+        }
+    };
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(5), "{t}");
+    assert!(t.contains(asks), "{t}");
+    // From a pipe: no prompt.
+    let mut child = Command::new(RELAY)
+        .args(["keys", "--config", &config, "rotate", "a"])
+        .envs(RELAY_ENV)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"cli-tty-key-0123\n")
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(5), "{t}");
+    assert!(!t.contains("reading the new key"), "{t}");
+    std::fs::remove_dir_all(&dir).ok();
+}
