@@ -840,5 +840,18 @@ fn a_mistake_on_a_table_header_names_that_table() {
         t.contains("unknown field `tiers` in [devices]") && t.contains("did you mean `tier`?"),
         "{t}"
     );
+    // The other way round: `[[pool.eu]]` for `[pool.eu]` was "invalid
+    // type: map, expected a string in quotes" (serde reading the list as
+    // the table's fields in order); it now says which brackets to write.
+    let listed = format!("{base}\n[[pool.eu]]\nurl = \"ws://127.0.0.1:9/x\"\n");
+    let n = line_of(&listed, "[[pool.eu]]");
+    let t = check(listed);
+    assert!(
+        t.contains(&format!(
+            "pool.eu: [[pool.eu]] makes a list of tables, and pool.eu is one table: \
+             write [pool.eu] (line {n})"
+        )),
+        "{t}"
+    );
     std::fs::remove_dir_all(&dir).ok();
 }

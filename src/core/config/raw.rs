@@ -362,7 +362,16 @@ fn describe_toml_error(e: &toml::de::Error, text: &str) -> String {
         },
         None => (section, key),
     };
-    let msg = plain_expected(&msg, key);
+    // `[[pool.eu]]` where `[pool.eu]` belongs: serde reads the list as a
+    // table written as a sequence and speaks of its first field.
+    let listed = line.trim_start().starts_with("[[");
+    let lists = ["account", "tokens.extra"];
+    let msg = match header_name(line) {
+        Some(name) if listed && !lists.contains(&name) && msg.starts_with("invalid type: ") => {
+            format!("[[{name}]] makes a list of tables, and {name} is one table: write [{name}]")
+        }
+        _ => plain_expected(&msg, key),
+    };
     match (section, key) {
         (Some(s), Some(k)) => format!("{s}.{k}: {msg} (line {line_no})"),
         (None, Some(k)) => format!("{k}: {msg} (line {line_no})"),
