@@ -74,14 +74,24 @@ impl std::error::Error for CliError {}
 /// the file (`relay.toml: tokens: secret_env X is not set`), as every
 /// command that reads it prints them: exit 3.
 pub fn config_error(path: &Path, e: &ConfigError) -> CliError {
-    CliError::Config(
-        e.problems
-            .iter()
-            .map(|p| format!("{}: {p}", path.display()))
-            .collect::<Vec<_>>()
-            .join("\n"),
-    )
+    let mut lines: Vec<String> = e
+        .problems
+        .iter()
+        .map(|p| format!("{}: {p}", path.display()))
+        .collect();
+    if e.unset_env {
+        lines.push(UNSET_ENV_HINT.to_string());
+    }
+    CliError::Config(lines.join("\n"))
 }
+
+/// Said once under the problems when one is a `*_env` variable not set
+/// or empty: what to do about it, in a shell and under the shipped unit.
+pub const UNSET_ENV_HINT: &str =
+    "(a *_env setting names a variable of the relay's own environment, read when it starts: \
+     export it in the shell that runs the command; under systemd, give the secret as a \
+     credential instead (LoadCredential=) and name it with the matching *_file setting; \
+     README, \"Running under systemd\")";
 
 /// A start-up failure that is the configuration's (a master key that
 /// does not open the key store): carried in an `io::Error` from the

@@ -760,8 +760,7 @@ pub fn run(path: &std::path::Path, join_client_port: bool) -> Result<(), crate::
     // context; it is set before any thread starts.
     unsafe { nix::sys::signal::signal(Signal::SIGXFSZ, nix::sys::signal::SigHandler::SigIgn) }
         .map_err(std::io::Error::from)?;
-    let cfg = Config::load(path)
-        .map_err(|e| crate::cli::CliError::Config(format!("{}: {e}", path.display())))?;
+    let cfg = Config::load(path).map_err(|e| crate::cli::config_error(path, &e))?;
     // What check-config would warn about: the journal is where an operator
     // who never ran it looks. What the accounts' limits say is said of the
     // account set the relay runs (the key store's changes, or the fleet's,

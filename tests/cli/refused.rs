@@ -855,3 +855,37 @@ fn a_mistake_on_a_table_header_names_that_table() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn an_unset_key_variable_says_what_to_do_once() {
+    // `key_env X is not set` alone left a new operator to guess: that the
+    // variable is the relay's own environment's, and that under the
+    // shipped unit a secret comes in as a credential and a `*_file`.
+    let dir = std::env::temp_dir().join(format!("clio-relay-cli-unset-{}", std::process::id()));
+    let config = relay_config(&dir, "127.0.0.1:0", "127.0.0.1:0");
+    for cmd in ["check-config", "run"] {
+        let o = relay_run_args(&[cmd, "--config", &config])
+            .env_remove("CLI_EXIT_KEY")
+            .env_remove("CLI_EXIT_ADMIN")
+            .output()
+            .unwrap();
+        let t = text(&o);
+        assert_eq!(o.status.code(), Some(3), "{cmd}: {t}");
+        assert!(t.contains("key_env CLI_EXIT_KEY is not set"), "{cmd}: {t}");
+        assert!(
+            t.contains("token_env CLI_EXIT_ADMIN is not set"),
+            "{cmd}: {t}"
+        );
+        // Said once however many variables are missing, after them.
+        assert_eq!(t.matches("export it in the shell").count(), 1, "{cmd}: {t}");
+        assert!(
+            t.contains("LoadCredential=") && t.contains("*_file"),
+            "{cmd}: {t}"
+        );
+    }
+    // A file with every variable set says nothing of the kind.
+    let o = run_env(&["check-config", "--config", &config]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(!text(&o).contains("export it"), "{}", text(&o));
+    let _ = std::fs::remove_dir_all(&dir);
+}
