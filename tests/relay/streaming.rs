@@ -241,8 +241,14 @@ fn client_config_passes_through_with_a_reference_id() {
     mine["client_reference_id"] = Value::String("my-own-ref-42".into());
     let got = stream_session(&mut ws, &mine.to_string(), &audio_frames(3, 1));
     assert!(got.finished(), "{got:?}");
+    // With `null`: none given, so the relay's, as the usage record has it.
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    let mut null: Value = serde_json::from_str(&config_message(None)).unwrap();
+    null["client_reference_id"] = Value::Null;
+    let got = stream_session(&mut ws, &null.to_string(), &audio_frames(3, 1));
+    assert!(got.finished(), "{got:?}");
 
-    let sessions = closed_sessions(&fake, 2);
+    let sessions = closed_sessions(&fake, 3);
     let sent: Value = serde_json::from_str(&config_message(None)).unwrap();
     let up = sessions[0].config.clone().unwrap();
     let up = up.as_object().unwrap();
@@ -274,6 +280,9 @@ fn client_config_passes_through_with_a_reference_id() {
         up2.as_object().unwrap().len(),
         mine.as_object().unwrap().len()
     );
+    let up3 = sessions[2].config.clone().unwrap();
+    let rid3 = up3["client_reference_id"].as_str();
+    assert!(rid3.is_some_and(|r| !r.is_empty() && r != rid), "{up3:?}");
 }
 
 #[test]

@@ -132,7 +132,12 @@ pub fn upstream_config_text(config: &[u8], stream_id: &str) -> Box<[u8]> {
     let mut members: BTreeMap<String, Box<RawValue>> =
         serde_json::from_slice(config).unwrap_or_default();
     members.remove("api_key");
-    if !members.contains_key("client_reference_id") {
+    // `null` is no id: upstream would log the stream under none, and the
+    // relay's record (its stream id) would match no entry of upstream's.
+    if members
+        .get("client_reference_id")
+        .is_none_or(|v| v.get() == "null")
+    {
         let id = serde_json::to_string(stream_id).expect("a string serializes");
         members.insert(
             "client_reference_id".into(),
@@ -180,6 +185,9 @@ mod tests {
         let own = br#"{"client_reference_id": "mine"}"#;
         let v: Value = serde_json::from_slice(&upstream_config_text(own, "s-2")).unwrap();
         assert_eq!(v["client_reference_id"], "mine");
+        let null = br#"{"client_reference_id": null}"#;
+        let v: Value = serde_json::from_slice(&upstream_config_text(null, "s-3")).unwrap();
+        assert_eq!(v["client_reference_id"], "s-3");
         let empty: Value = serde_json::from_slice(&with_api_key(b"{}", "k")).unwrap();
         assert_eq!(empty, serde_json::json!({"api_key": "k"}));
     }
