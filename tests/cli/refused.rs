@@ -544,6 +544,35 @@ fn a_locked_memory_limit_too_low_names_it_and_how_to_raise_it() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// Whether the test runs as root (`Some(true)`: the files' checks then
+/// run as uid 65534 through `setpriv`) or as another user (`Some(false)`:
+/// its own files are made unreadable by mode); `None`, said, when it is
+/// root without `setpriv` to drop to another user.
+fn another_user() -> Option<bool> {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if root && Command::new("setpriv").arg("--version").output().is_err() {
+        eprintln!("skipped: running as root without setpriv (util-linux) to drop to another user");
+        return None;
+    }
+    Some(root)
+}
+
+/// `clio-relay check-config --config CONFIG` as [`another_user`] says.
+fn check_config_as_another_user(root: bool, config: &str) -> std::process::Output {
+    let mut c = if root {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", RELAY]);
+        c
+    } else {
+        Command::new(RELAY)
+    };
+    c.args(["check-config", "--config", config])
+        .envs(RELAY_ENV)
+        .output()
+        .unwrap()
+}
+
 /// A secret file the relay's user may not read was refused with the
 /// bare `Permission denied (os error 13)`. `check-config` run as root
 /// reads any file, while the shipped unit runs the relay as a dynamic
@@ -555,12 +584,7 @@ fn a_locked_memory_limit_too_low_names_it_and_how_to_raise_it() {
 #[test]
 fn a_secret_file_the_relays_user_may_not_read_says_whose_it_is_and_what_to_do() {
     use std::os::unix::fs::PermissionsExt;
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if root && Command::new("setpriv").arg("--version").output().is_err() {
-        eprintln!("skipped: running as root without setpriv (util-linux) to drop to another user");
-        return;
-    }
+    let Some(root) = another_user() else { return };
     let dir = std::env::temp_dir().join(format!("clio-relay-unreadable-{}", std::process::id()));
     let config = relay_config(&dir, "127.0.0.1:0", "127.0.0.1:0");
     let key = dir.join("soniox-01");
@@ -575,19 +599,10 @@ fn a_secret_file_the_relays_user_may_not_read_says_whose_it_is_and_what_to_do() 
     // The directory and the config readable by the user the check runs as.
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let mut c = if root {
-        let mut c = Command::new("setpriv");
-        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", RELAY]);
-        c
-    } else {
+    if !root {
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o000)).unwrap();
-        Command::new(RELAY)
-    };
-    let o = c
-        .args(["check-config", "--config", &config])
-        .envs(RELAY_ENV)
-        .output()
-        .unwrap();
+    }
+    let o = check_config_as_another_user(root, &config);
     let t = text(&o);
     assert_eq!(o.status.code(), Some(3), "{t}");
     let uid = if root {
@@ -695,12 +710,7 @@ fn a_credential_another_user_may_not_read_says_to_run_as_root() {
 #[test]
 fn a_tls_file_the_relays_user_may_not_read_says_whose_it_is_and_what_to_do() {
     use std::os::unix::fs::PermissionsExt;
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if root && Command::new("setpriv").arg("--version").output().is_err() {
-        eprintln!("skipped: running as root without setpriv (util-linux) to drop to another user");
-        return;
-    }
+    let Some(root) = another_user() else { return };
     let dir =
         std::env::temp_dir().join(format!("clio-relay-unreadable-tls-{}", std::process::id()));
     let config = relay_config(&dir, "127.0.0.1:0", "127.0.0.1:0");
@@ -729,18 +739,7 @@ fn a_tls_file_the_relays_user_may_not_read_says_whose_it_is_and_what_to_do() {
         };
         mode(file, closed);
         mode(other, 0o644);
-        let mut c = if root {
-            let mut c = Command::new("setpriv");
-            c.args(["--reuid=65534", "--regid=65534", "--clear-groups", RELAY]);
-            c
-        } else {
-            Command::new(RELAY)
-        };
-        let o = c
-            .args(["check-config", "--config", &config])
-            .envs(RELAY_ENV)
-            .output()
-            .unwrap();
+        let o = check_config_as_another_user(root, &config);
         let t = text(&o);
         assert_eq!(o.status.code(), Some(3), "{t}");
         let line = t
