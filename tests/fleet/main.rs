@@ -24,6 +24,7 @@ mod loss;
 mod outage;
 mod pools;
 mod process;
+mod races;
 mod same_id;
 mod stall;
 mod tls;

@@ -1,0 +1,235 @@
+//! Shared limits opened at the same moment through different nodes: the
+//! fleet never lets more in than the limit, and every place comes back.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
+
+use clio_relay::core::config::DeviceLimits;
+use tungstenite::Message;
+
+use crate::redis::RedisServer;
+use crate::util::*;
+
+/// Three nodes on one Redis, `tweak` applied to the shared config.
+fn three(
+    fake: &fake_soniox::FakeSoniox,
+    redis: &RedisServer,
+    tweak: impl FnOnce(&mut clio_relay::core::config::Config),
+) -> Vec<Relay> {
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.accounts[0].max_concurrent_streams = 50;
+    tweak(&mut cfg);
+    let nodes: Vec<Relay> = ["node-a", "node-b", "node-c"]
+        .iter()
+        .map(|n| Relay::start(crate::node(&cfg, redis, n)))
+        .collect();
+    assert!(
+        wait_until(Duration::from_secs(20), || nodes.iter().all(|r| {
+            let f = r.handle.process.fleet.get().unwrap();
+            f.store_up() && f.nodes() == 3
+        })),
+        "the three nodes reach Redis and see each other"
+    );
+    nodes
+}
+
+/// What became of the streams opened at once: the ones let in (still
+/// open) and how many were refused, with each refusal's error code.
+struct Burst {
+    admitted: Vec<Ws>,
+    refused: Vec<Option<u64>>,
+}
+
+/// Opens `tokens.len()` streams at the same moment, the `i`th on node
+/// `i % 3` with `tokens[i]`. A stream is refused when the relay answers
+/// its config with an error; the others count as let in once the fake
+/// upstream holds as many streams as were not refused (bounded wait).
+fn burst(nodes: &[Relay], fake: &fake_soniox::FakeSoniox, tokens: Vec<String>) -> Burst {
+    let n = tokens.len();
+    let start = Arc::new(Barrier::new(n));
+    let refused = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let threads: Vec<_> = tokens
+        .into_iter()
+        .enumerate()
+        .map(|(i, token)| {
+            let addr = nodes[i % nodes.len()].addr();
+            let (start, refused, done) = (start.clone(), refused.clone(), done.clone());
+            std::thread::spawn(move || {
+                start.wait();
+                let (mut ws, _) = connect(addr, &token, Via::Header).unwrap();
+                ws.send(Message::text(config_message(None))).unwrap();
+                ws.get_ref()
+                    .set_read_timeout(Some(Duration::from_millis(100)))
+                    .unwrap();
+                loop {
+                    match ws.read() {
+                        Ok(Message::Text(t)) => {
+                            let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                            if let Some(code) = v["error_code"].as_u64() {
+                                refused.fetch_add(1, Ordering::SeqCst);
+                                return Err(Some(code));
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(tungstenite::Error::Io(e))
+                            if e.kind() == std::io::ErrorKind::WouldBlock
+                                || e.kind() == std::io::ErrorKind::TimedOut =>
+                        {
+                            if done.load(Ordering::SeqCst) {
+                                return Ok(ws);
+                            }
+                        }
+                        Err(_) => {
+                            refused.fetch_add(1, Ordering::SeqCst);
+                            return Err(None);
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut most = 0;
+    let settled = wait_until(Duration::from_secs(60), || {
+        let live = fake.active_streams();
+        most = most.max(live);
+        live + refused.load(Ordering::SeqCst) == n
+    });
+    done.store(true, Ordering::SeqCst);
+    let mut b = Burst {
+        admitted: Vec::new(),
+        refused: Vec::new(),
+    };
+    for t in threads {
+        match t.join().unwrap() {
+            Ok(ws) => b.admitted.push(ws),
+            Err(code) => b.refused.push(code),
+        }
+    }
+    assert!(settled, "every stream was let in or refused");
+    assert!(most <= b.admitted.len(), "never more upstream than let in");
+    b
+}
+
+#[test]
+fn a_device_limit_holds_when_its_streams_open_at_once_on_three_nodes() {
+    let redis = RedisServer::start();
+    let fake = fake(&["k1"], |_| {});
+    let nodes = three(&fake, &redis, |c| {
+        c.devices.default = DeviceLimits {
+            max_concurrent_streams: 3,
+            ..Default::default()
+        }
+    });
+    let token = nodes[0].token("phone");
+    let b = burst(&nodes, &fake, vec![token.clone(); 48]);
+    assert_eq!(b.admitted.len(), 3, "exactly the limit is let in");
+    assert!(b.refused.iter().all(|c| *c == Some(429)), "{:?}", b.refused);
+    // Every place comes back once the streams end: the device opens its
+    // three again, spread over the nodes.
+    drop(b);
+    assert!(wait_until(Duration::from_secs(20), || fake
+        .active_streams()
+        == 0));
+    assert!(wait_until(Duration::from_secs(20), || {
+        ["node-a", "node-b", "node-c"]
+            .iter()
+            .all(|n| redis.count(n, "dev", "phone").is_none())
+    }));
+    let again = burst(&nodes, &fake, vec![token; 9]);
+    assert_eq!(again.admitted.len(), 3);
+}
+
+#[test]
+fn an_account_limit_holds_when_many_devices_open_at_once_on_three_nodes() {
+    let redis = RedisServer::start();
+    let fake = fake(&["k1"], |_| {});
+    let nodes = three(&fake, &redis, |c| c.accounts[0].max_concurrent_streams = 5);
+    let tokens = (0..45)
+        .map(|i| nodes[0].token(&format!("device-{i}")))
+        .collect();
+    let b = burst(&nodes, &fake, tokens);
+    assert_eq!(b.admitted.len(), 5, "exactly the account's limit is let in");
+    drop(b);
+    assert!(wait_until(Duration::from_secs(20), || fake
+        .active_streams()
+        == 0));
+    assert!(wait_until(Duration::from_secs(20), || {
+        ["node-a", "node-b", "node-c"]
+            .iter()
+            .all(|n| redis.count(n, "acct", "a").is_none())
+    }));
+    let tokens = (0..15)
+        .map(|i| nodes[0].token(&format!("other-{i}")))
+        .collect();
+    assert_eq!(burst(&nodes, &fake, tokens).admitted.len(), 5);
+}
+
+/// The counts of `kind` (`dev` or `acct`) `field` over the three nodes.
+fn counted(redis: &RedisServer, kind: &str, field: &str) -> u64 {
+    ["node-a", "node-b", "node-c"]
+        .iter()
+        .filter_map(|n| redis.count(n, kind, field)?.parse::<u64>().ok())
+        .sum()
+}
+
+#[test]
+fn places_come_back_when_upstream_refuses_or_fails_under_a_burst() {
+    let redis = RedisServer::start();
+    let fake = fake(&["k1", "k2"], |_| {});
+    // Account `a`'s key is refused at the upgrade: every stream moves to
+    // `b`, and must leave nothing counted on `a`.
+    fake.set_key_reject("k1", Some(429));
+    let nodes = three(&fake, &redis, |c| {
+        c.accounts = relay_config(&fake.url(), &[("a", "k1"), ("b", "k2")]).accounts;
+        for a in &mut c.accounts {
+            a.max_concurrent_streams = 20;
+        }
+    });
+    let tokens = (0..30)
+        .map(|i| nodes[0].token(&format!("device-{i}")))
+        .collect();
+    let b = burst(&nodes, &fake, tokens);
+    assert_eq!(b.admitted.len(), 20, "b's limit, none on the refused a");
+    assert!(wait_until(Duration::from_secs(10), || counted(
+        &redis, "acct", "a"
+    ) == 0
+        && counted(&redis, "acct", "b") == 20));
+    // `b` fails under its live streams (a Soniox error at the next frame),
+    // and `a` refuses: every stream ends, and every place comes back.
+    fake.fail_sessions_of("k2", Some(fake_soniox::FaultKind::Error(503)));
+    fake.set_key_reject("k2", Some(503));
+    let mut admitted = b.admitted;
+    for ws in &mut admitted {
+        ws.send(Message::binary(audio_frames(1, 2)[0].clone()))
+            .unwrap();
+    }
+    assert!(wait_until(Duration::from_secs(30), || fake
+        .active_streams()
+        == 0));
+    for mut ws in admitted {
+        ws.get_ref()
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let got = read_all(&mut ws);
+        assert!(got.close_code().is_some() || got.abrupt, "{got:?}");
+    }
+    assert!(
+        wait_until(Duration::from_secs(20), || counted(&redis, "acct", "a")
+            + counted(&redis, "acct", "b")
+            + (0..30)
+                .map(|i| counted(&redis, "dev", &format!("device-{i}")))
+                .sum::<u64>()
+            == 0),
+        "a: {} b: {}",
+        counted(&redis, "acct", "a"),
+        counted(&redis, "acct", "b")
+    );
+    fake.fail_sessions_of("k2", None);
+    fake.set_key_reject("k2", None);
+    let tokens = (0..25)
+        .map(|i| nodes[0].token(&format!("again-{i}")))
+        .collect();
+    assert_eq!(burst(&nodes, &fake, tokens).admitted.len(), 20);
+}
