@@ -27,6 +27,7 @@ mod process;
 mod races;
 mod same_id;
 mod stall;
+mod store_faults;
 mod tls;
 mod tokens;
 mod usage;
