@@ -21,6 +21,7 @@ mod leases;
 mod limits;
 mod links;
 mod loss;
+mod monitor;
 mod outage;
 mod pools;
 mod process;
