@@ -18,16 +18,16 @@ fn trusting_the_balancer(c: &mut clio_relay::core::config::Config) {
     c.server.proxy_protocol_from = vec!["127.0.0.1/32".parse().unwrap()];
 }
 
-struct HaProxy {
+pub struct HaProxy {
     child: Child,
-    port: u16,
+    pub port: u16,
     dir: std::path::PathBuf,
 }
 
 impl HaProxy {
     /// HAProxy on 127.0.0.1 with deploy/haproxy.cfg's settings, in front of
     /// `nodes` (client address, admin address).
-    fn start(nodes: &[(std::net::SocketAddr, std::net::SocketAddr)]) -> HaProxy {
+    pub fn start(nodes: &[(std::net::SocketAddr, std::net::SocketAddr)]) -> HaProxy {
         let shipped = std::fs::read_to_string(
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/haproxy.cfg"),
         )
@@ -122,7 +122,7 @@ impl HaProxy {
 impl HaProxy {
     /// HAProxy's log lines of streams that did not get their upgrade (101),
     /// or were retried: what to look at when a stream failed.
-    fn trouble(&self) -> String {
+    pub fn trouble(&self) -> String {
         let log = std::fs::read_to_string(self.dir.join("haproxy.log")).unwrap_or_default();
         let odd: Vec<&str> = log
             .lines()

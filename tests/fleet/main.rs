@@ -18,6 +18,7 @@ mod evict;
 mod faults;
 mod haproxy;
 mod leases;
+mod leaving;
 mod limits;
 mod links;
 mod loss;

@@ -77,9 +77,38 @@ impl Node {
         env: &[(&str, &str)],
     ) -> Result<Node, (Option<i32>, String)> {
         let (dir, env) = Self::prepare(
-            upstream, redis_url, node, lease_ttl, secret, key, extra, "", env,
+            upstream, redis_url, node, lease_ttl, secret, key, "", extra, "", env,
         );
         Self::run(dir, env, Vec::new())
+    }
+
+    /// [`Node::spawn`] behind the test's HAProxy on 127.0.0.1, which sends
+    /// a PROXY v2 header on every connection (deploy/haproxy.cfg): the node
+    /// trusts that balancer (`server.proxy_protocol_from`).
+    pub fn spawn_behind_balancer(
+        upstream: &str,
+        redis_url: &str,
+        node: &str,
+        lease_ttl: &str,
+        secret: &Secret,
+        key: &str,
+        extra: &str,
+    ) -> Node {
+        let (dir, env) = Self::prepare(
+            upstream,
+            redis_url,
+            node,
+            lease_ttl,
+            secret,
+            key,
+            "proxy_protocol_from = [\"127.0.0.1/32\"]\n",
+            extra,
+            "",
+            &[],
+        );
+        Self::run(dir, env, Vec::new()).unwrap_or_else(|(code, err)| {
+            panic!("relay exited with {code:?} before listening: {err}")
+        })
     }
 
     /// A hand-over restart of this node (README "One relay per port"): a
@@ -190,6 +219,7 @@ impl Node {
             "15s",
             secret,
             "k1",
+            "",
             extra,
             admin,
             &[],
@@ -221,7 +251,7 @@ impl Node {
     }
 
     /// Writes the config of [`Node::try_spawn_with`] into a new directory,
-    /// with `admin`'s lines in `[admin]` (health checks off unless it sets
+    /// with `server`'s lines in `[server]`, `admin`'s lines in `[admin]` (health checks off unless it sets
     /// `health_interval`); returns it and the relay's environment.
     #[allow(clippy::too_many_arguments)]
     fn prepare(
@@ -231,6 +261,7 @@ impl Node {
         lease_ttl: &str,
         secret: &Secret,
         key: &str,
+        server: &str,
         extra: &str,
         admin: &str,
         env: &[(&str, &str)],
@@ -247,7 +278,7 @@ impl Node {
         std::fs::write(
             &cfg,
             format!(
-                "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshards = 1\n\
+                "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshards = 1\n{server}\
                  [upstream]\nurl = \"{upstream}\"\n\
                  [tokens]\nsecret_env = \"FLEET_TEST_SECRET\"\n\
                  [admin]\ntoken_env = \"FLEET_TEST_ADMIN\"\nmaster_key_env = \"FLEET_TEST_MASTER\"\n\
