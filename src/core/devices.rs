@@ -176,6 +176,20 @@ impl DeviceState {
         self.audio_ms_on(day)
     }
 
+    /// The shared store had `total` of the fleet's audio on `day` at a
+    /// stream's open: what of it is not this process's reported audio is
+    /// the other nodes'. Only raises what is known (a flush answered
+    /// meanwhile may know more).
+    fn learn_fleet_audio(&self, day: u64, total: u64) {
+        self.roll(day);
+        // A total of a day the counters have left (the open was asked
+        // before midnight, answered after) says nothing of today.
+        if self.day.load(Ordering::Acquire) == day {
+            let others = total.saturating_sub(self.reported_ms.load(Ordering::Relaxed));
+            self.others_ms.fetch_max(others, Ordering::Relaxed);
+        }
+    }
+
     /// The shared store has `local` of this process's audio on `day`, and
     /// `total` from the whole fleet.
     pub fn set_fleet_audio(&self, day: u64, local: u64, total: u64) {
@@ -270,6 +284,12 @@ impl DevicePermit {
         let total = self.state.add_audio_ms(ms, utc_day(now));
         let cap = self.limits.audio_seconds_per_day;
         cap == 0 || total <= cap * 1000
+    }
+
+    /// In a fleet: the shared store had `total_ms` of the device's audio
+    /// on `day` when it admitted this stream.
+    pub fn learn_fleet_audio(&self, day: u64, total_ms: u64) {
+        self.state.learn_fleet_audio(day, total_ms);
     }
 }
 

@@ -333,7 +333,7 @@ fn answer(waiter: Waiter, value: &Value, fleet: &Arc<Fleet>) -> Result<(), ()> {
     let mut taken = Taken::default();
     match answer {
         OpenAnswer::Down => return Err(()),
-        OpenAnswer::Ok(pick) => {
+        OpenAnswer::Ok(pick, _) => {
             // Counted in Redis now; the thread's tally learns it from the
             // queue, and a stream that stopped waiting gives it back.
             if !req.device.is_empty() {

@@ -12,6 +12,7 @@ mod redis;
 mod accounts;
 mod acl;
 mod addresses;
+mod audio;
 mod clock;
 mod cutoff;
 mod evict;

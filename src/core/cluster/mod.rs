@@ -256,8 +256,10 @@ pub struct LinkTarget {
 /// The cluster thread's answer to a stream open.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OpenAnswer {
-    /// Counted fleet-wide; the index of the chosen candidate, if any.
-    Ok(Option<usize>),
+    /// Counted fleet-wide; the index of the chosen candidate, if any, and
+    /// the device's audio today fleet-wide as Redis had it (ms; 0 when no
+    /// daily allowance was asked about).
+    Ok(Option<usize>, u64),
     /// A device limit or a revocation refused it.
     Refused(Limit),
     /// No candidate account has room fleet-wide.
@@ -560,6 +562,7 @@ impl Fleet {
         limits: Option<&DeviceLimits>,
         candidates: Vec<(String, u32)>,
         link: Option<&dyn OpenLink>,
+        day: u64,
     ) -> (OpenAnswer, Taken) {
         let lim = limits.map_or([0; 3], |l| {
             [
@@ -572,7 +575,7 @@ impl Fleet {
             device: device.0.to_string(),
             token: device.1.to_string(),
             limits: lim,
-            day: utc_day(SystemTime::now()),
+            day,
             candidates,
         };
         if let Some(link) = link.filter(|_| self.store_up()) {
@@ -601,7 +604,7 @@ impl Fleet {
             .flatten()
             .unwrap_or(OpenAnswer::Down);
         let mut taken = Taken::default();
-        if let OpenAnswer::Ok(pick) = answer {
+        if let OpenAnswer::Ok(pick, _) = answer {
             // The thread's tally has these already.
             if !dev.is_empty() {
                 taken.device = Some(self.hold(Kind::Device, &dev));
@@ -629,25 +632,34 @@ impl Fleet {
     ) -> Result<(DevicePermit, Option<Lease>), FleetRefusal> {
         let candidates = ring.borrow().candidates(Instant::now(), tried, pools);
         let t0 = Instant::now();
+        // The day the open asks about, and the one its audio total is of
+        // (an answer that comes after midnight is still of this day).
+        let day = utc_day(SystemTime::now());
         let (answer, taken) = self
             .ask_open(
                 (&claims.device_id, &claims.token_id),
                 Some(limits),
                 candidates.clone(),
                 link,
+                day,
             )
             .await;
         match answer {
             // This node's lists too: a store that just lost its data has
             // no revocations until a node gives them back (the holds
             // taken are given back as `taken` drops).
-            OpenAnswer::Ok(_) if devices.is_revoked(claims) => {
+            OpenAnswer::Ok(..) if devices.is_revoked(claims) => {
                 self.note_open(t0);
                 Err(FleetRefusal::Device(Devices::revoked_refusal()))
             }
-            OpenAnswer::Ok(pick) => {
+            OpenAnswer::Ok(pick, audio_ms) => {
                 self.note_open(t0);
                 let mut permit = devices.hold(claims, limits);
+                // What the other nodes streamed today counts from this
+                // stream's first second on, not from this node's next
+                // audio flush (up to a second later, when a client sending
+                // faster than real time has streamed far more).
+                permit.learn_fleet_audio(day, audio_ms);
                 permit.fleet = taken.device;
                 let lease = match pick {
                     None => None,
@@ -731,10 +743,16 @@ impl Fleet {
             return None;
         }
         match self
-            .ask_open(("", ""), None, candidates.clone(), link)
+            .ask_open(
+                ("", ""),
+                None,
+                candidates.clone(),
+                link,
+                utc_day(SystemTime::now()),
+            )
             .await
         {
-            (OpenAnswer::Ok(Some(i)), taken) => {
+            (OpenAnswer::Ok(Some(i), _), taken) => {
                 let id = &candidates[i].0;
                 let mut l = ring.borrow_mut().reserve(id, pools)?;
                 l.fleet = taken.account;

@@ -120,7 +120,10 @@ pub(crate) fn items(v: &Value) -> &[Value] {
 pub fn open_answer(v: &Value) -> OpenAnswer {
     let a = items(v);
     match (a.first().map(text).as_deref(), a.get(1)) {
-        (Some("ok"), Some(i)) => OpenAnswer::Ok(usize::try_from(int(i)).ok()),
+        (Some("ok"), Some(i)) => OpenAnswer::Ok(
+            usize::try_from(int(i)).ok(),
+            a.get(2).map_or(0, |a| u64::try_from(int(a)).unwrap_or(0)),
+        ),
         (Some("settling"), None) => OpenAnswer::Settling,
         (Some("refused"), Some(l)) if text(l) == "no_account" => OpenAnswer::NoAccount,
         (Some("refused"), Some(l)) => {
@@ -144,8 +147,9 @@ pub fn open_answer(v: &Value) -> OpenAnswer {
 ///
 /// ARGV: member, device, token id, max concurrent (0 = none), streams per
 /// minute (0 = none), audio cap ms (0 = none), UTC day, lease ttl ms, then
-/// pairs of (account id, limit). Returns `{"ok", index}` (index into the
-/// pairs, -1 when none were given) or `{"refused", limit}`.
+/// pairs of (account id, limit). Returns `{"ok", index, audio}` (index
+/// into the pairs, -1 when none were given; the device's audio ms today
+/// fleet-wide, 0 when no cap was given) or `{"refused", limit}`.
 pub const OPEN: &str = r#"
 local node, dev, tok = ARGV[1], ARGV[2], ARGV[3]
 local maxc, perm, cap = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -154,9 +158,10 @@ if redis.call('SISMEMBER', 'clio:rev:dev', dev) == 1
   or redis.call('SISMEMBER', 'clio:rev:tok', tok) == 1 then
   return {'refused', 'revoked'}
 end
+local audio = 0
 if cap > 0 then
-  local a = tonumber(redis.call('HGET', 'clio:audio:' .. day, dev) or '0')
-  if a >= cap then return {'refused', 'daily_audio'} end
+  audio = tonumber(redis.call('HGET', 'clio:audio:' .. day, dev) or '0')
+  if audio >= cap then return {'refused', 'daily_audio'} end
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -203,7 +208,7 @@ if best >= 0 then
   redis.call('HINCRBY', ha, ARGV[9 + best * 2], 1)
   redis.call('PEXPIRE', ha, ttl)
 end
-return {'ok', best}
+return {'ok', best, audio}
 "#;
 
 /// Names the store's copy of the data, and puts back what a loss took.

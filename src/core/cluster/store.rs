@@ -974,7 +974,7 @@ impl Worker {
                 Pending::Open(o) => {
                     let answer = scripts::open_answer(v);
                     let o_req = &o.req;
-                    if let OpenAnswer::Ok(pick) = answer {
+                    if let OpenAnswer::Ok(pick, _) = answer {
                         if !o_req.device.is_empty() {
                             self.held.adjust(Kind::Device, &o_req.device, 1);
                         }
@@ -985,7 +985,7 @@ impl Worker {
                     let (device, candidates) = (o.req.device, o.req.candidates);
                     if o.reply.send(answer.clone()).is_err() {
                         // The stream gave up waiting: give back what was taken.
-                        if let OpenAnswer::Ok(pick) = answer {
+                        if let OpenAnswer::Ok(pick, _) = answer {
                             if !device.is_empty() {
                                 undo.push(Job::Adjust(Kind::Device, device, -1));
                             }
