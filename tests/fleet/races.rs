@@ -233,3 +233,71 @@ fn places_come_back_when_upstream_refuses_or_fails_under_a_burst() {
         .collect();
     assert_eq!(burst(&nodes, &fake, tokens).admitted.len(), 20);
 }
+
+#[test]
+fn a_pools_cap_holds_on_each_node_under_a_burst_across_shards() {
+    let redis = RedisServer::start();
+    let fake = fake(&["k1"], |_| {});
+    // README: `max_streams` is each node's own (across its shards), so
+    // the fleet takes at most 3 per node, 9 in all.
+    let nodes = three(&fake, &redis, |c| {
+        c.server.shards = 2;
+        c.devices.pools.insert(
+            "default".into(),
+            clio_relay::core::config::PoolLimits {
+                max_streams: 3,
+                ..Default::default()
+            },
+        );
+    });
+    let tokens = (0..45)
+        .map(|i| nodes[0].token(&format!("device-{i}")))
+        .collect();
+    let b = burst(&nodes, &fake, tokens);
+    assert_eq!(b.admitted.len(), 9, "3 on each node");
+    assert!(b.refused.iter().all(|c| *c == Some(429)), "{:?}", b.refused);
+    for n in &nodes {
+        assert_eq!(n.handle.process.live_streams(), 3);
+    }
+    drop(b);
+    assert!(nodes.iter().all(|n| n.wait_idle(Duration::from_secs(20))));
+    let tokens = (0..30)
+        .map(|i| nodes[0].token(&format!("again-{i}")))
+        .collect();
+    assert_eq!(burst(&nodes, &fake, tokens).admitted.len(), 9);
+}
+
+#[test]
+fn a_burst_during_a_redis_stall_keeps_to_the_shares_and_leaves_exact_counts() {
+    let redis = RedisServer::start();
+    let fake = fake(&["k1"], |_| {});
+    let nodes = three(&fake, &redis, |c| {
+        c.devices.default = DeviceLimits {
+            max_concurrent_streams: 3,
+            ..Default::default()
+        }
+    });
+    let token = nodes[0].token("phone");
+    // Redis takes the opens in and answers none for 3 s (past the 500 ms
+    // timeout): each node decides by its share (3 / 3 = 1), and Redis
+    // runs the opens it took once it answers again.
+    assert!(redis.command("CLIENT PAUSE 3000 ALL").starts_with("+OK"));
+    let b = burst(&nodes, &fake, vec![token.clone(); 30]);
+    assert!(b.admitted.len() <= 3, "{} let in", b.admitted.len());
+    assert!(wait_until(Duration::from_secs(30), || nodes
+        .iter()
+        .all(|n| n.handle.process.fleet.get().unwrap().store_up())));
+    // What Redis counts is what the nodes hold, not the late opens.
+    let admitted = b.admitted.len() as u64;
+    assert!(
+        wait_until(Duration::from_secs(20), || counted(&redis, "dev", "phone")
+            == admitted),
+        "Redis counts {} of {admitted}",
+        counted(&redis, "dev", "phone")
+    );
+    drop(b);
+    assert!(wait_until(Duration::from_secs(20), || counted(
+        &redis, "dev", "phone"
+    ) == 0));
+    assert_eq!(burst(&nodes, &fake, vec![token; 12]).admitted.len(), 3);
+}
