@@ -17,6 +17,7 @@ mod clock;
 mod cutoff;
 mod evict;
 mod faults;
+mod frozen;
 mod haproxy;
 mod leases;
 mod leaving;
