@@ -107,3 +107,85 @@ fn nodes_started_while_redis_is_unreachable_join_the_fleet_when_it_answers() {
         .is_none()));
     assert!(try_stream(&b, "phone").finished());
 }
+
+/// The fleet's streams of account `a` today, as `relay` answers
+/// `/admin/usage` (`None` unless it answers for the fleet).
+fn fleet_streams(relay: &Relay) -> Option<u64> {
+    let (_, body) = http(
+        relay.handle.admin_addr,
+        "GET",
+        "/admin/usage",
+        Some(crate::ADMIN),
+        None,
+    );
+    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+    (v["scope"] == "fleet").then_some(())?;
+    v["rows"].as_array()?.iter().find(|r| r["key"] == "a")?["streams"].as_u64()
+}
+
+#[test]
+fn a_flushall_under_streams_on_three_nodes_converges_with_usage_counted_once() {
+    let redis = RedisServer::start();
+    let fake = fake(&["k1"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.accounts[0].max_concurrent_streams = 50;
+    cfg.admin.token = Some(clio_relay::core::secret::Secret::new(crate::ADMIN));
+    cfg.admin.master_key = Some(clio_relay::core::secret::Secret::new(crate::MASTER));
+    cfg.devices.default = DeviceLimits {
+        max_concurrent_streams: 3,
+        ..Default::default()
+    };
+    let nodes: Vec<Relay> = ["node-a", "node-b", "node-c"]
+        .iter()
+        .map(|n| Relay::start(crate::node(&cfg, &redis, n)))
+        .collect();
+    let all_up = || {
+        nodes.iter().all(|r| {
+            let f = r.handle.process.fleet.get().unwrap();
+            f.store_up() && f.nodes() == 3
+        })
+    };
+    assert!(wait_until(Duration::from_secs(20), all_up));
+    for (i, n) in nodes.iter().enumerate() {
+        for j in 0..3 {
+            assert!(try_stream(n, &format!("d{i}{j}")).finished());
+        }
+    }
+    assert!(wait_until(Duration::from_secs(10), || fleet_streams(
+        &nodes[0]
+    ) == Some(9)));
+    // One stream of "phone" held on each node through the flush.
+    let held: Vec<_> = nodes.iter().map(|n| open(n, "phone")).collect();
+    assert!(wait_until(Duration::from_secs(10), || fake
+        .active_streams()
+        == 3));
+    assert!(redis.command("FLUSHALL").starts_with("+OK"));
+    // Streams that end while the fleet notices and settles count once too.
+    for n in &nodes {
+        for j in 0..2 {
+            assert!(try_stream(n, &format!("after{j}")).finished());
+        }
+    }
+    assert!(wait_until(Duration::from_secs(20), all_up));
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            ["node-a", "node-b", "node-c"]
+                .iter()
+                .all(|n| redis.count(n, "dev", "phone").as_deref() == Some("1"))
+        }),
+        "each node registered the stream it holds"
+    );
+    assert_eq!(try_stream(&nodes[1], "phone").error_code(), Some(429));
+    assert!(
+        wait_until(Duration::from_secs(20), || fleet_streams(&nodes[2])
+            == Some(15)),
+        "the fleet's usage: {:?} of 15",
+        fleet_streams(&nodes[2])
+    );
+    for ws in held {
+        assert!(finish(ws).finished());
+    }
+    assert!(wait_until(Duration::from_secs(10), || fleet_streams(
+        &nodes[0]
+    ) == Some(18)));
+}
