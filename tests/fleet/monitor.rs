@@ -125,3 +125,37 @@ fn nothing_secret_goes_to_redis_or_the_log() {
     }
     let _ = std::fs::remove_dir_all(&out);
 }
+
+#[test]
+fn a_wrong_redis_password_is_never_logged() {
+    let redis = RedisServer::start();
+    let ok = |r: String| assert!(r.starts_with("+OK"), "{r}");
+    ok(redis.command(&format!("ACL SETUSER clio on >{PASSWORD} ~clio:* +@all")));
+    let fake = fake(&[KEY], |_| {});
+    let cfg = relay_config(&fake.url(), &[("a", KEY)]);
+    let wrong = "wrong-redis-password-5d5d5d";
+    let node = Node::try_spawn_with(
+        &fake.url(),
+        &redis.url(),
+        "node-a",
+        "15s",
+        &cfg.tokens.secret,
+        KEY,
+        "username = \"clio\"\npassword_env = \"FLEET_REDIS_PW\"\n",
+        &[("FLEET_REDIS_PW", wrong)],
+    )
+    .unwrap();
+    // It says why it cannot use Redis, without the password.
+    assert!(wait_until(Duration::from_secs(20), || node
+        .log()
+        .contains("cluster store")));
+    let (_, metrics) = http(node.admin, "GET", "/metrics", None, None);
+    assert!(
+        metrics.contains("clio_relay_cluster_store_up 0"),
+        "{metrics}"
+    );
+    let (_, ready) = http(node.admin, "GET", "/readyz", None, None);
+    for text in [node.log(), metrics, ready] {
+        assert!(!text.contains(wrong) && !text.contains(PASSWORD), "{text}");
+    }
+}

@@ -301,3 +301,25 @@ fn a_burst_during_a_redis_stall_keeps_to_the_shares_and_leaves_exact_counts() {
     ) == 0));
     assert_eq!(burst(&nodes, &fake, vec![token; 12]).admitted.len(), 3);
 }
+
+#[test]
+fn a_devices_new_stream_rate_holds_under_a_burst_on_three_nodes() {
+    let redis = RedisServer::start();
+    let fake = fake(&["k1"], |_| {});
+    let nodes = three(&fake, &redis, |c| {
+        c.devices.default = DeviceLimits {
+            streams_per_minute: 5,
+            ..Default::default()
+        }
+    });
+    let token = nodes[0].token("phone");
+    let b = burst(&nodes, &fake, vec![token; 30]);
+    // The bucket refills one stream per 12 s: a burst far shorter than
+    // that gets the 5 and at most one more.
+    assert!(
+        (5..=6).contains(&b.admitted.len()),
+        "{} let in",
+        b.admitted.len()
+    );
+    assert!(b.refused.iter().all(|c| *c == Some(429)), "{:?}", b.refused);
+}
