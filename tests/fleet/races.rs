@@ -44,9 +44,11 @@ struct Burst {
 /// Opens `tokens.len()` streams at the same moment, the `i`th on node
 /// `i % 3` with `tokens[i]`. A stream is refused when the relay answers
 /// its config with an error; the others count as let in once the fake
-/// upstream holds as many streams as were not refused (bounded wait).
+/// upstream holds as many more streams than `before` the burst as were
+/// not refused (bounded wait).
 fn burst(nodes: &[Relay], fake: &fake_soniox::FakeSoniox, tokens: Vec<String>) -> Burst {
     let n = tokens.len();
+    let before = fake.active_streams();
     let start = Arc::new(Barrier::new(n));
     let refused = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(AtomicBool::new(false));
@@ -92,7 +94,7 @@ fn burst(nodes: &[Relay], fake: &fake_soniox::FakeSoniox, tokens: Vec<String>) -
         .collect();
     let mut most = 0;
     let settled = wait_until(Duration::from_secs(60), || {
-        let live = fake.active_streams();
+        let live = fake.active_streams().saturating_sub(before);
         most = most.max(live);
         live + refused.load(Ordering::SeqCst) == n
     });
@@ -322,4 +324,38 @@ fn a_devices_new_stream_rate_holds_under_a_burst_on_three_nodes() {
         b.admitted.len()
     );
     assert!(b.refused.iter().all(|c| *c == Some(429)), "{:?}", b.refused);
+}
+
+#[test]
+fn redis_dropping_every_connection_under_a_burst_lets_no_more_in() {
+    let redis = RedisServer::start();
+    let fake = fake(&["k1"], |_| {});
+    let nodes = three(&fake, &redis, |c| {
+        c.devices.default = DeviceLimits {
+            max_concurrent_streams: 3,
+            ..Default::default()
+        }
+    });
+    let token = nodes[0].token("phone");
+    let first = burst(&nodes, &fake, vec![token.clone(); 3]);
+    assert_eq!(first.admitted.len(), 3);
+    // A failover or a restart drops every client connection: the nodes
+    // reconnect, and opens meanwhile go by the shares (one per node, each
+    // node holding one already).
+    assert!(redis
+        .command("CLIENT KILL TYPE normal SKIPME yes")
+        .starts_with(':'));
+    let second = burst(&nodes, &fake, vec![token.clone(); 30]);
+    assert_eq!(second.admitted.len(), 0, "the device has its 3 already");
+    assert!(wait_until(Duration::from_secs(20), || nodes
+        .iter()
+        .all(|n| n.handle.process.fleet.get().unwrap().store_up())));
+    assert!(wait_until(Duration::from_secs(20), || counted(
+        &redis, "dev", "phone"
+    ) == 3));
+    drop(first);
+    assert!(wait_until(Duration::from_secs(20), || counted(
+        &redis, "dev", "phone"
+    ) == 0));
+    assert_eq!(burst(&nodes, &fake, vec![token; 12]).admitted.len(), 3);
 }
