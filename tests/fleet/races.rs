@@ -359,3 +359,114 @@ fn redis_dropping_every_connection_under_a_burst_lets_no_more_in() {
     ) == 0));
     assert_eq!(burst(&nodes, &fake, vec![token; 12]).admitted.len(), 3);
 }
+
+#[test]
+fn streams_resuming_on_another_account_move_their_fleet_count_with_them() {
+    let redis = RedisServer::start();
+    let fake = fake(&["k1", "k2"], |_| {});
+    let nodes = three(&fake, &redis, |c| {
+        c.accounts = relay_config(&fake.url(), &[("a", "k1"), ("b", "k2")]).accounts;
+        for a in &mut c.accounts {
+            a.max_concurrent_streams = 20;
+        }
+    });
+    let tokens = (0..12)
+        .map(|i| nodes[0].token(&format!("device-{i}")))
+        .collect();
+    let b = burst(&nodes, &fake, tokens);
+    assert_eq!(b.admitted.len(), 12);
+    assert!(wait_until(Duration::from_secs(10), || counted(
+        &redis, "acct", "a"
+    ) + counted(
+        &redis, "acct", "b"
+    ) == 12));
+    let on_a = counted(&redis, "acct", "a");
+    assert!(on_a > 0, "the most-room pick spread the streams");
+    // Account a's upstream drops every stream at its next frame and takes
+    // no new one: its streams resume on b (raw audio), mid-stream.
+    fake.set_key_reject("k1", Some(503));
+    fake.fail_sessions_of("k1", Some(fake_soniox::FaultKind::Drop));
+    let mut admitted = b.admitted;
+    for ws in &mut admitted {
+        ws.send(Message::binary(audio_frames(1, 3)[0].clone()))
+            .unwrap();
+    }
+    assert!(
+        wait_until(Duration::from_secs(30), || counted(&redis, "acct", "a")
+            == 0
+            && counted(&redis, "acct", "b") == 12
+            && fake.active_streams() == 12),
+        "a: {} b: {} upstream: {}",
+        counted(&redis, "acct", "a"),
+        counted(&redis, "acct", "b"),
+        fake.active_streams()
+    );
+    for mut ws in admitted {
+        ws.get_ref()
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let _ = ws.send(Message::binary(Vec::<u8>::new()));
+        let got = read_all(&mut ws);
+        assert!(got.finished(), "resumed streams end normally: {got:?}");
+    }
+    assert!(wait_until(Duration::from_secs(20), || counted(
+        &redis, "acct", "b"
+    ) + counted(
+        &redis, "acct", "a"
+    ) == 0));
+}
+
+#[test]
+fn streams_resuming_at_once_never_pass_the_other_accounts_fleet_limit() {
+    let redis = RedisServer::start();
+    let fake = fake(&["k1", "k2"], |_| {});
+    let nodes = three(&fake, &redis, |c| {
+        c.accounts = relay_config(&fake.url(), &[("a", "k1"), ("b", "k2")]).accounts;
+        c.accounts[0].max_concurrent_streams = 20;
+        c.accounts[1].max_concurrent_streams = 1;
+    });
+    // Each open takes the account with the most room: every one goes to
+    // a while it has more than b's 1.
+    let tokens = (0..9)
+        .map(|i| nodes[0].token(&format!("device-{i}")))
+        .collect();
+    let b = burst(&nodes, &fake, tokens);
+    assert_eq!(b.admitted.len(), 9);
+    assert!(wait_until(Duration::from_secs(10), || counted(
+        &redis, "acct", "a"
+    ) == 9));
+    fake.set_key_reject("k1", Some(503));
+    fake.fail_sessions_of("k1", Some(fake_soniox::FaultKind::Drop));
+    let mut admitted = b.admitted;
+    for ws in &mut admitted {
+        ws.send(Message::binary(audio_frames(1, 3)[0].clone()))
+            .unwrap();
+    }
+    // Only one of the nine fits on b, fleet-wide; the others end.
+    let mut most_b = 0;
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            most_b = most_b.max(counted(&redis, "acct", "b"));
+            fake.active_streams() <= 1 && counted(&redis, "acct", "a") == 0
+        }),
+        "a: {} b: {} upstream: {}",
+        counted(&redis, "acct", "a"),
+        counted(&redis, "acct", "b"),
+        fake.active_streams()
+    );
+    assert!(most_b <= 1, "b counted {most_b}");
+    let mut finished = 0;
+    for mut ws in admitted {
+        ws.get_ref()
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let _ = ws.send(Message::binary(Vec::<u8>::new()));
+        finished += read_all(&mut ws).finished() as usize;
+    }
+    assert!(finished <= 1, "{finished} streams went on");
+    assert!(wait_until(Duration::from_secs(20), || counted(
+        &redis, "acct", "b"
+    ) + counted(
+        &redis, "acct", "a"
+    ) == 0));
+}
