@@ -15,6 +15,21 @@ use crate::{finish, open, try_stream, up};
 
 #[test]
 fn a_redis_refusing_writes_is_unreachable_and_the_fleet_converges_after() {
+    refusing_writes(
+        "CONFIG SET min-replicas-to-write 1",
+        "CONFIG SET min-replicas-to-write 0",
+    );
+}
+
+/// README "Redis's memory": full under `noeviction`, Redis refuses writes
+/// (OOM), which the nodes see as Redis unreachable.
+#[test]
+fn a_full_redis_is_unreachable_and_the_fleet_converges_after() {
+    refusing_writes("CONFIG SET maxmemory 1", "CONFIG SET maxmemory 0");
+}
+
+/// Redis refuses writes from `refuse` until `take`, while a stream flows.
+fn refusing_writes(refuse: &str, take: &str) {
     let redis = RedisServer::start();
     let fake = fake(&["k1"], |_| {});
     let (a, b) = crate::pair(&fake, &redis, "k1", |c| {
@@ -29,9 +44,7 @@ fn a_redis_refusing_writes_is_unreachable_and_the_fleet_converges_after() {
     assert!(wait_until(Duration::from_secs(10), || fake
         .active_streams()
         == 1));
-    assert!(redis
-        .command("CONFIG SET min-replicas-to-write 1")
-        .starts_with("+OK"));
+    assert!(redis.command(refuse).starts_with("+OK"));
     assert!(
         wait_until(Duration::from_secs(20), || !up(&a) && !up(&b)),
         "a refused write takes the store down on both nodes"
@@ -49,9 +62,7 @@ fn a_redis_refusing_writes_is_unreachable_and_the_fleet_converges_after() {
     }
     let got = finish(live);
     assert!(got.finished(), "a live stream is not touched: {got:?}");
-    assert!(redis
-        .command("CONFIG SET min-replicas-to-write 0")
-        .starts_with("+OK"));
+    assert!(redis.command(take).starts_with("+OK"));
     assert!(wait_until(Duration::from_secs(20), || up(&a) && up(&b)));
     // Each node wrote what it holds: the stream held on B, not the one
     // that ended on A.
