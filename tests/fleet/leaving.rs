@@ -85,7 +85,10 @@ fn a_node_leaving_behind_haproxy_gives_back_its_places_once() {
     let cut = live[victim] as usize;
     assert!(cut >= 1, "{live:?}");
     let mut gone = nodes.remove(victim);
+    // Spawned in this order: the victim's node id.
+    let victim_id = ["node-a", "node-b", "node-c"][victim];
     gone.kill9();
+    let lease_end = redis.lease_end(victim_id).expect("a lease");
     assert!(wait_until(Duration::from_secs(10), || fake
         .active_streams()
         == 3 - cut));
@@ -99,6 +102,7 @@ fn a_node_leaving_behind_haproxy_gives_back_its_places_once() {
         "the killed node's streams stop counting\n{}",
         lb.trouble()
     );
+    assert!(redis.time_ms() >= lease_end, "not before its lease ended");
     // The probe's place is given back within 10 ms of its end (README):
     // only the streams on the two nodes left count then.
     let counted = || -> u64 {
