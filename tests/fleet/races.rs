@@ -473,3 +473,40 @@ fn streams_resuming_at_once_never_pass_the_other_accounts_fleet_limit() {
         &redis, "acct", "a"
     ) == 0));
 }
+
+#[test]
+fn a_script_flush_under_a_burst_leaves_exact_counts() {
+    let redis = RedisServer::start();
+    let fake = fake(&["k1"], |_| {});
+    let nodes = three(&fake, &redis, |c| {
+        c.devices.default = DeviceLimits {
+            max_concurrent_streams: 6,
+            ..Default::default()
+        }
+    });
+    let token = nodes[0].token("phone");
+    let first = burst(&nodes, &fake, vec![token.clone(); 3]);
+    assert_eq!(first.admitted.len(), 3);
+    // Redis forgets the scripts (an operator's SCRIPT FLUSH, a restart
+    // the connections survived through a proxy): the next EVALSHA on each
+    // link is answered NOSCRIPT.
+    assert!(redis.command("SCRIPT FLUSH").starts_with("+OK"));
+    let second = burst(&nodes, &fake, vec![token.clone(); 30]);
+    assert!(second.admitted.len() <= 3, "{}", second.admitted.len());
+    assert!(wait_until(Duration::from_secs(20), || nodes
+        .iter()
+        .all(|n| n.handle.process.fleet.get().unwrap().store_up())));
+    let held = (first.admitted.len() + second.admitted.len()) as u64;
+    assert!(
+        wait_until(Duration::from_secs(20), || counted(&redis, "dev", "phone")
+            == held),
+        "Redis counts {} of {held}",
+        counted(&redis, "dev", "phone")
+    );
+    drop(first);
+    drop(second);
+    assert!(wait_until(Duration::from_secs(20), || counted(
+        &redis, "dev", "phone"
+    ) == 0));
+    assert_eq!(burst(&nodes, &fake, vec![token; 20]).admitted.len(), 6);
+}
