@@ -25,7 +25,9 @@
 //! After an error or `finished` the fake sends close 1000 and waits up to 2 s
 //! for the client's close reply before dropping the connection. A client
 //! close frame ends the session at once (the reply is sent, then the socket
-//! is dropped). Every ending frees the key's concurrency slot.
+//! is dropped). A stalled session (the stall fault) ends when its peer
+//! closes or resets the connection; its slot is free from that moment,
+//! before its task notices. Every ending frees the key's concurrency slot.
 //!
 //! # Transcript model
 //! The fake does not recognise speech. It keeps an audio clock and emits one
@@ -229,7 +231,9 @@ pub struct Faults {
     /// A share of sessions fails at a random audio frame.
     pub random: Option<RandomFaults>,
     /// When audio frame N arrives, stop reading (and answering) for good,
-    /// with the connection left open: a stalled upstream.
+    /// with the connection left open: a stalled upstream. The session,
+    /// and its key's concurrency slot, ends when the peer closes or resets
+    /// the connection.
     pub stall_after_frames: Option<u64>,
     /// How the answer to a `finalize` (the result with `<fin>`) goes out
     /// on the wire: whole in one write (the default), cut in two, or
@@ -293,7 +297,8 @@ pub enum FaultKind {
     Drop,
     /// A Soniox error with this code (500, 503), then close.
     Error(u16),
-    /// Stops reading (and answering) for good, the connection left open.
+    /// Stops reading (and answering) for good, the connection left open
+    /// until the peer closes or resets it (then the session ends).
     Stall,
     /// Breaks the protocol: a continuation frame with no message to
     /// continue, then the connection dropped.

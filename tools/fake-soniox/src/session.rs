@@ -22,6 +22,9 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// that the reader has the first part before the rest is sent.
 const SPLIT_PAUSE: Duration = Duration::from_millis(50);
 
+/// How often a stalled session looks whether its peer has gone.
+const STALL_POLL: Duration = Duration::from_millis(20);
+
 /// Without recorded audio, the shared record's counters are refreshed every
 /// this many frames (and at the end), not on every frame.
 const SYNC_EVERY_FRAMES: u32 = 64;
@@ -386,8 +389,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         };
         let stall = matches!(fault, Some((n, FaultKind::Stall)) if frames >= n);
         if stall || faults.stall_after_frames.is_some_and(|n| frames >= n) {
-            // Never read again; the connection stays until the peer goes.
-            glommio::timer::sleep(Duration::from_secs(24 * 3600)).await;
+            // Never read again. The session (and its key's place) lasts
+            // until the peer closes or resets the connection, as a real
+            // server's would: a claim at the key's limit frees it at once
+            // (`Shared::claim`), and this wait ends the session.
+            let _stalled = shared.stall(self.rec.id, self.fd, self.slot.take());
+            while !super::state::peer_gone(self.fd) {
+                glommio::timer::sleep(STALL_POLL).await;
+            }
+            return Err(Ending::Gone);
         }
         if faults.close_after_frames.is_some_and(|n| frames >= n) {
             return Err(Ending::Abort);

@@ -38,6 +38,50 @@ pub(crate) struct State {
     /// Configured keys whose sessions, live or new, fail at their next
     /// audio frame, and how ([`FakeSoniox::fail_sessions_of`]).
     pub(crate) failing: HashMap<String, FaultKind>,
+    /// Sessions that stopped reading (the stall fault), with their key's
+    /// place: freed once their peer has closed or reset the connection.
+    pub(crate) stalled: Vec<Stalled>,
+}
+
+/// A stalled session's socket and concurrency slot ([`Shared::stall`]).
+#[derive(Debug)]
+pub(crate) struct Stalled {
+    id: u64,
+    fd: std::os::fd::RawFd,
+    slot: Option<Slot>,
+}
+
+/// Whether the peer of the TCP socket `fd` has closed its side (FIN) or
+/// reset the connection, read or not: what a server that stopped reading
+/// learns from its socket's poll.
+pub(crate) fn peer_gone(fd: std::os::fd::RawFd) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one valid `pollfd`, no wait.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+}
+
+/// A stalled session's entry in [`State::stalled`]: removed (its slot
+/// freed, if a claim has not freed it already) when the session ends.
+pub(crate) struct StallGuard {
+    shared: Arc<Shared>,
+    id: u64,
+}
+
+impl Drop for StallGuard {
+    fn drop(&mut self) {
+        let entry = {
+            let mut st = self.shared.lock();
+            let at = st.stalled.iter().position(|s| s.id == self.id);
+            at.map(|i| st.stalled.swap_remove(i))
+        };
+        // The slot's own drop takes the lock: after it is released.
+        drop(entry);
+    }
 }
 
 /// A temporary API key and the configured key it was issued for.
@@ -144,6 +188,10 @@ impl Shared {
     /// Checks `key` (configured, or a live temporary key) and takes one of
     /// its (parent's) concurrency slots.
     pub(crate) fn claim(self: &Arc<Self>, key: &str) -> Result<Slot, Refusal> {
+        // A stalled session whose peer has gone no longer counts, though
+        // its task has yet to notice: as upstream's kernel has the reset
+        // before the peer's next upgrade, its limit no longer counts it.
+        drop(self.free_stalled());
         let mut st = self.lock();
         let parent = if st.keys.iter().any(|k| k.key == key) {
             key.to_owned()
@@ -181,6 +229,34 @@ impl Shared {
             shared: self.clone(),
             key: parent,
         })
+    }
+}
+
+impl Shared {
+    /// Registers session `id`, stalled on socket `fd`, with its `slot`:
+    /// held until the peer closes or resets the connection.
+    pub(crate) fn stall(
+        self: &Arc<Self>,
+        id: u64,
+        fd: std::os::fd::RawFd,
+        slot: Option<Slot>,
+    ) -> StallGuard {
+        self.lock().stalled.push(Stalled { id, fd, slot });
+        StallGuard {
+            shared: self.clone(),
+            id,
+        }
+    }
+
+    /// The slots of stalled sessions whose peer has gone, taken out of
+    /// [`State::stalled`] for the caller to drop (outside the lock).
+    fn free_stalled(&self) -> Vec<Slot> {
+        let mut st = self.lock();
+        st.stalled
+            .iter_mut()
+            .filter(|s| s.slot.is_some() && peer_gone(s.fd))
+            .filter_map(|s| s.slot.take())
+            .collect()
     }
 }
 
