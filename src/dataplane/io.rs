@@ -109,6 +109,9 @@ pub enum Conn {
     TlsClient(Box<futures_rustls::client::TlsStream<Tcp>>),
     /// TLS from a client (`[tls]` on the client port).
     TlsServer(Box<futures_rustls::server::TlsStream<Tcp>>),
+    /// Reset by the relay ([`Duplex::reset`]): its socket is closed, and
+    /// reads and writes fail.
+    Closed,
 }
 
 impl std::fmt::Debug for Conn {
@@ -117,6 +120,7 @@ impl std::fmt::Debug for Conn {
             Conn::Plain(_) => "Conn::Plain",
             Conn::TlsClient(_) => "Conn::TlsClient",
             Conn::TlsServer(_) => "Conn::TlsServer",
+            Conn::Closed => "Conn::Closed",
         })
     }
 }
@@ -136,6 +140,7 @@ macro_rules! delegate {
                 let $s = Pin::new(&mut **$s);
                 $e
             }
+            Conn::Closed => Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
         }
     };
 }
@@ -214,6 +219,7 @@ impl Conn {
             Conn::Plain(tcp) => tcp.poll_hangup(cx),
             Conn::TlsClient(tls) => tls.get_ref().0.poll_hangup(cx),
             Conn::TlsServer(tls) => tls.get_ref().0.poll_hangup(cx),
+            Conn::Closed => Poll::Ready(()),
         }
     }
 
@@ -224,15 +230,18 @@ impl Conn {
             Conn::Plain(tcp) => tcp.received(),
             Conn::TlsClient(tls) => tls.get_ref().0.received(),
             Conn::TlsServer(tls) => tls.get_ref().0.received(),
+            Conn::Closed => 0,
         }
     }
 
-    /// The TCP socket under the connection (TLS state, if any, dropped).
-    pub fn into_tcp(self) -> Tcp {
+    /// The TCP socket under the connection (TLS state, if any, dropped);
+    /// none once reset.
+    pub fn into_tcp(self) -> Option<Tcp> {
         match self {
-            Conn::Plain(tcp) => tcp,
-            Conn::TlsClient(tls) => tls.into_inner().0,
-            Conn::TlsServer(tls) => tls.into_inner().0,
+            Conn::Plain(tcp) => Some(tcp),
+            Conn::TlsClient(tls) => Some(tls.into_inner().0),
+            Conn::TlsServer(tls) => Some(tls.into_inner().0),
+            Conn::Closed => None,
         }
     }
 }
@@ -261,7 +270,7 @@ impl Duplex {
 
     /// Whether the connection is TLS (client or upstream side).
     pub fn is_tls(&self) -> bool {
-        !matches!(*self.0.borrow(), Conn::Plain(_))
+        matches!(*self.0.borrow(), Conn::TlsClient(_) | Conn::TlsServer(_))
     }
 
     /// Reads into `buf`; `Ok(0)` is end of stream.
@@ -320,6 +329,20 @@ impl Duplex {
     /// Sends FIN (or TLS close_notify then FIN) after pending writes.
     pub async fn close(&self) -> io::Result<()> {
         std::future::poll_fn(|cx| Pin::new(&mut *self.0.borrow_mut()).poll_close(cx)).await
+    }
+
+    /// Closes the connection now with a reset (see [`RingSocket::reset`]),
+    /// without TLS's close_notify, and leaves it [`Conn::Closed`]: for an
+    /// upstream connection that failed, before the stream opens its next
+    /// one (upstream counts an open connection against the account's
+    /// limit, and a stalled one would learn of a FIN only after audio it
+    /// no longer reads).
+    pub fn reset(&self) {
+        let conn = std::mem::replace(&mut *self.0.borrow_mut(), Conn::Closed);
+        // glommio's sockets (off the streaming path) close as dropped.
+        if let Some(Tcp::Ring(socket)) = conn.into_tcp() {
+            socket.reset();
+        }
     }
 
     /// Gives the connection back.

@@ -770,6 +770,46 @@ fn a_stall_mid_stream_resumes_after_the_stall_timeout() {
     assert_eq!(relay.handle.metrics().streams_resumed(), 1);
 }
 
+/// Upstream counts a connection against the key's concurrency limit
+/// until it is closed. A stalled connection the relay still held while it
+/// opened the resume's would take the key's only place: the resume was
+/// refused 429, and the client got 503 / 1011 for the relay's own
+/// connection. The stalled connection is reset before the new one opens.
+#[test]
+fn a_stall_resumes_on_a_key_at_its_concurrency_limit() {
+    let faults = only_first_connection_fails(FaultKind::Stall, 5, |n| n == 5);
+    let fake = fake(&[], |c| {
+        c.keys = vec![FakeKey::new("k1", 1)];
+        c.faults.random = Some(faults);
+        c.record_audio = false;
+    });
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.accounts[0].max_concurrent_streams = 1;
+    cfg.limits.idle_timeout = Duration::from_secs(3600);
+    cfg.limits.stall_timeout = Duration::from_secs(1);
+    cfg.limits.socket_buffer = 16 << 10;
+    cfg.failover.resume_audio = Duration::from_secs(600);
+    let relay = Relay::start(cfg);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    // A bound for a test that would otherwise hang, not a speed check.
+    ws.get_mut()
+        .set_read_timeout(Some(Duration::from_secs(120)))
+        .unwrap();
+    ws.get_mut()
+        .set_write_timeout(Some(Duration::from_secs(120)))
+        .unwrap();
+    let frames = stream_audio(6, 200);
+    let got = stream_session(&mut ws, &config_message(None), &frames);
+    assert_eq!(got.error_code(), None, "{got:?}");
+    assert!(got.finished(), "{got:?}");
+    assert_eq!(finals(&got), transcript_of(&frames.concat(), 32_000, 480));
+    assert_eq!(relay.handle.metrics().streams_resumed(), 1);
+    // Both sessions ended: the stalled one when the relay reset it.
+    assert!(fake.wait_for(LIMIT, |s| s.len() == 2 && s.iter().all(|r| r.closed)));
+    assert!(relay.wait_idle(LIMIT));
+    assert_eq!(relay.account_live(0), 0, "the stream's places given back");
+}
+
 #[test]
 fn a_stalled_upstream_leaves_at_most_limits_socket_buffer_in_the_relay() {
     // Upstream stops reading at the fifth audio frame and never closes; the
@@ -1362,6 +1402,36 @@ fn a_connection_lost_at_open_on_an_account_at_its_limit_reconnects_to_it() {
     assert_eq!(got.error_code(), None, "{got:?}");
     assert!(got.finished(), "{got:?}");
     assert_eq!(finals(&got), transcript_of(&frames.concat(), 32_000, 480));
+    assert!(fake.wait_for(LIMIT, |s| s.len() == 2 && s.iter().all(|r| r.closed)));
+    assert_eq!(fake.sessions()[1].audio, frames.concat(), "every byte once");
+    assert!(relay.wait_idle(LIMIT));
+    assert_eq!(relay.account_live(0), 0, "the stream's places given back");
+}
+
+#[test]
+fn a_stream_moved_at_open_off_a_stalled_connection_reopens_on_a_key_at_its_limit() {
+    // As above, the key's concurrency limit 1 at upstream: the first
+    // connection stops reading and answering at its first audio frame,
+    // so after the client's end of audio upstream is silent, before it
+    // accepted the stream. The stream moves to a new connection at open
+    // (no resume); the stalled one, upstream's only place for the key,
+    // is reset first, or upstream refuses the new one 429.
+    let faults = only_first_connection_fails(FaultKind::Stall, 1, |_| true);
+    let fake = fake(&[], |c| {
+        c.keys = vec![FakeKey::new("k1", 1)];
+        c.faults.random = Some(faults);
+    });
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.accounts[0].max_concurrent_streams = 1;
+    cfg.limits.idle_timeout = Duration::from_secs(1);
+    let relay = Relay::start(cfg);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    let frames = stream_audio(16, 10);
+    let got = stream_session(&mut ws, &config_message(None), &frames);
+    assert_eq!(got.error_code(), None, "{got:?}");
+    assert!(got.finished(), "{got:?}");
+    assert_eq!(finals(&got), transcript_of(&frames.concat(), 32_000, 480));
+    assert_eq!(relay.handle.metrics().streams_resumed(), 0);
     assert!(fake.wait_for(LIMIT, |s| s.len() == 2 && s.iter().all(|r| r.closed)));
     assert_eq!(fake.sessions()[1].audio, frames.concat(), "every byte once");
     assert!(relay.wait_idle(LIMIT));

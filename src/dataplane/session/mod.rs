@@ -386,9 +386,13 @@ impl Stream {
                 self.shard
                     .metrics
                     .account_retry(up.lease.account.metrics_index);
-                // The failed connection is dropped when `up` is replaced;
-                // its places are given back now, so the next connection
-                // may take the same account when it is at its limit.
+                // The failed connection is reset and its places given
+                // back before the next connection opens: upstream counts
+                // the connection against the account's own limit until
+                // it closes, so the next may take the same account when
+                // it is at its limit. The lease stays for the usage
+                // record, should no account take the stream.
+                up.conn.reset();
                 up.lease.give_back();
                 state.new_connection();
                 // One boxed future for both tries: the first result, kept
@@ -603,8 +607,13 @@ impl Stream {
         }
         shard.metrics.stream_closed(up.lease.account.metrics_index);
         let failed_account = up.lease.account.id.clone();
-        // The failed connection's place is the stream's own: given back
-        // first, so an account at its limit can take the stream again.
+        // The failed connection's place is the stream's own: the
+        // connection is reset (upstream counts it against the account's
+        // own limit until it closes; a stalled one would learn of a FIN
+        // only after the audio it no longer reads, and what it did not
+        // read is in the copy) and its place given back first, so an
+        // account at its limit can take the stream again.
+        up.conn.reset();
         up.lease.give_back();
         let (mut tried, mut rounds) = (0, 0);
         self.resuming.set(true);

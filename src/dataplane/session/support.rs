@@ -92,9 +92,11 @@ impl Drop for LiveGuard<'_> {
 ///   has closed.
 pub(super) fn close_after_peer(conn: Duplex) {
     match conn.into_inner().into_tcp() {
-        Tcp::Ring(socket) => socket.close_after_peer(),
+        Some(Tcp::Ring(socket)) => socket.close_after_peer(),
         // Off the data plane (a stream's sockets never are): closed now.
-        Tcp::Glommio(_) => {}
+        Some(Tcp::Glommio(_)) => {}
+        // Reset already (`Duplex::reset`).
+        None => {}
     }
 }
 

@@ -115,6 +115,20 @@ impl RingSocket {
         plane.close_after_peer(this.token, fd, None);
     }
 
+    /// Closes the connection with a reset (RST) rather than a FIN: the
+    /// bytes still unsent are dropped, and the peer learns at once that
+    /// the connection is gone, though it stopped reading (a FIN waits
+    /// behind the unsent bytes). As on any drop, the socket closes when
+    /// the kernel has the plane's removal of its polls (`deregister`),
+    /// at the plane's next pass: before a connection opened meanwhile
+    /// sends its first bytes, since its connect waits for that pass to
+    /// report it done.
+    pub fn reset(self) {
+        // SO_LINGER 0: the close sends RST. Should it fail, the close is
+        // an ordinary one.
+        let _ = socket2::SockRef::from(&self.fd).set_linger(Some(std::time::Duration::ZERO));
+    }
+
     /// [`close_after_peer`](Self::close_after_peer) for a client the relay
     /// sent a close frame and no FIN yet: the plane sends the FIN once the
     /// client's close reply has come (`reply` holds what was read of its
