@@ -907,6 +907,47 @@ fn a_stalled_upstream_connection_is_closed_when_the_stream_ends() {
     );
 }
 
+/// A stream that a stall ends (no resume) resets its connection: closed
+/// gracefully, its FIN would wait behind the audio the stalled upstream no
+/// longer reads, and upstream would count the connection against the
+/// key's concurrency limit for as long as the kernel kept trying to send
+/// it; the key's next stream was refused 429 meanwhile.
+#[test]
+fn a_stream_a_stall_ends_frees_the_keys_place_at_upstream() {
+    let fake = fake(&[], |c| {
+        c.keys = vec![FakeKey::new("k1", 1)];
+        c.faults.stall_after_frames = Some(5);
+        c.record_audio = false;
+    });
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.limits.socket_buffer = 16 << 10;
+    cfg.limits.stall_timeout = Duration::from_secs(1);
+    cfg.failover.max_resumes = 0;
+    let relay = Relay::start(cfg);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    ws.get_mut()
+        .set_write_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    for f in stream_audio(9, 3000) {
+        if ws.send(Message::binary(f)).is_err() {
+            break;
+        }
+    }
+    assert!(relay.wait_idle(LIMIT), "the stall ended the stream");
+    assert!(
+        fake.wait_for(LIMIT, |s| s.len() == 1 && s[0].closed),
+        "upstream's session of the stalled connection still open"
+    );
+    // The key's one place is free for the next stream (which upstream
+    // does not stall before its end: 4 frames).
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    let frames = stream_audio(10, 4);
+    let got = stream_session(&mut ws, &config_message(None), &frames);
+    assert_eq!(got.error_code(), None, "{got:?}");
+    assert!(got.finished(), "{got:?}");
+}
+
 /// The value of the unlabelled metric `name` in `/metrics`.
 fn metric(relay: &Relay, name: &str) -> u64 {
     let (status, _, body) = http_get(relay.handle.admin_addr, "/metrics", "");

@@ -791,8 +791,15 @@ impl Stream {
                 // take most of.
                 let _ = timeout(CLOSE_WAIT, future::or(c2u, ended_by_stop(shard))).await;
             }
-            End::UpstreamStalled if shard.process.upstream_log.admit() => {
-                tracing::warn!(stream = %self.id, account = %up.lease.account.id, stall = ?self.settings.limits.stall_timeout, "upstream stopped reading the stream's audio; ending it as an upstream failure");
+            End::UpstreamStalled => {
+                // Reset, not closed: a FIN would wait behind the audio
+                // upstream no longer reads, and upstream would count the
+                // connection against the key's concurrency limit for as
+                // long as the kernel kept trying to send it.
+                up.conn.reset();
+                if shard.process.upstream_log.admit() {
+                    tracing::warn!(stream = %self.id, account = %up.lease.account.id, stall = ?self.settings.limits.stall_timeout, "upstream stopped reading the stream's audio; ending it as an upstream failure");
+                }
             }
             End::ClientStalled => {
                 tracing::info!(stream = %self.id, stall = ?self.settings.limits.stall_timeout, "the client stopped reading its results, so upstream stopped reading its audio; ending the stream as the client's failure");
