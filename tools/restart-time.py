@@ -58,13 +58,13 @@ def start_relay(bin_dir, cfg, client, admin, notify_path, env):
             os.set_inheritable(want, True)
 
     env = dict(env, LISTEN_FDS="2", LISTEN_FDNAMES="client:admin", NOTIFY_SOCKET=notify_path)
-    return subprocess.Popen(
+    return started(subprocess.Popen(
         ["sh", "-c", 'LISTEN_PID=$$ exec "$@"', "sh", f"{bin_dir}/clio-relay", "run", "--config", cfg],
         env=env,
         preexec_fn=place_fds,
         close_fds=False,
         stderr=subprocess.DEVNULL,
-    )
+    ))
 
 
 class Notify:
@@ -87,10 +87,17 @@ class Notify:
                     self.ready.append(time.monotonic())
                     self.cv.notify_all()
 
-    def wait(self, limit=60.0):
+    def wait(self, relay, limit=60.0):
+        """The time of `relay`'s READY=1; an exit when it ends first or
+        sends none within `limit` seconds."""
+        end = time.monotonic() + limit
         with self.cv:
-            if not self.cv.wait_for(lambda: self.ready, timeout=limit):
-                sys.exit("the relay sent no READY=1")
+            while not self.ready:
+                if relay.poll() is not None:
+                    sys.exit(f"restart-time: the relay exited ({relay.returncode}) before READY=1")
+                if time.monotonic() > end:
+                    sys.exit("restart-time: the relay sent no READY=1")
+                self.cv.wait(timeout=0.1)
             return self.ready.pop(0)
 
 
@@ -159,14 +166,40 @@ def close_code(data):
     return None
 
 
+# Every process the run starts, stopped on the way out however it ends:
+# left running, a relay holds the caller's output open (a test reading
+# it waits for ever) and its port.
+STARTED = []
+
+
+def started(p):
+    STARTED.append(p)
+    return p
+
+
 def main():
     a = parse()
+    need = ["clio-relay", "fake-soniox"] + (["relay-load"] if a.streams else [])
+    missing = [b for b in need if not os.access(os.path.join(a.bin, b), os.X_OK)]
+    if missing:
+        sys.exit(f"restart-time: no {', '.join(missing)} in {a.bin}: "
+                 "build them first (cargo build --release), or name their directory with --bin")
+    try:
+        run(a)
+    finally:
+        for p in STARTED:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def run(a):
     tmp = tempfile.mkdtemp(prefix="restart-time-")
-    fake = subprocess.Popen(
+    fake = started(subprocess.Popen(
         [f"{a.bin}/fake-soniox", "--listen", "127.0.0.1:0", "--key", "k1",
          "--max-concurrent", "100000", "--idle-timeout", "1h", "--echo"],
         stdout=subprocess.PIPE, text=True,
-    )
+    ))
     fake_url = fake.stdout.readline().split()[3].rstrip(",")
     client = socket.socket()
     client.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -190,16 +223,16 @@ def main():
         )
     env = dict(os.environ, RESTART_TIME_SECRET=os.urandom(32).hex(), RESTART_TIME_KEY="k1")
     old = start_relay(a.bin, cfg, client, admin, notify_path, env)
-    notify.wait()
+    notify.wait(old)
     load = None
     if a.streams:
-        load = subprocess.Popen(
+        load = started(subprocess.Popen(
             [f"{a.bin}/relay-load", "--target", f"{addr[0]}:{addr[1]}", "--relay-config", cfg,
              "-n", str(a.streams), "--ramp", str(a.streams / a.stream_seconds),
              "--stream-seconds", str(a.stream_seconds), "--loop",
              "--duration", f"{int(3 * a.stream_seconds + 30)}s", "--json", "--quiet"],
             env=env, stdout=subprocess.PIPE, text=True,
-        )
+        ))
         # Every slot started, and each at another point of its audio.
         time.sleep(2 * a.stream_seconds)
     silent = silent_connections(addr, a.silent)
@@ -214,7 +247,7 @@ def main():
     old.wait()
     exited = time.monotonic()
     new = start_relay(a.bin, cfg, client, admin, notify_path, env)
-    ready = notify.wait()
+    ready = notify.wait(new)
     for r in readers:
         r.join()
     result = {
