@@ -41,6 +41,14 @@ struct Burst {
     refused: Vec<Option<u64>>,
 }
 
+/// Session tokens of `n` devices (`prefix-0`, `prefix-1`, ...), minted
+/// by `node` (every node shares the secret).
+fn devices(node: &Relay, prefix: &str, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| node.token(&format!("{prefix}-{i}")))
+        .collect()
+}
+
 /// Opens `tokens.len()` streams at the same moment, the `i`th on node
 /// `i % 3` with `tokens[i]`. A stream is refused when the relay answers
 /// its config with an error; the others count as let in once the fake
@@ -148,9 +156,7 @@ fn an_account_limit_holds_when_many_devices_open_at_once_on_three_nodes() {
     let redis = RedisServer::start();
     let fake = fake(&["k1"], |_| {});
     let nodes = three(&fake, &redis, |c| c.accounts[0].max_concurrent_streams = 5);
-    let tokens = (0..45)
-        .map(|i| nodes[0].token(&format!("device-{i}")))
-        .collect();
+    let tokens = devices(&nodes[0], "device", 45);
     let b = burst(&nodes, &fake, tokens);
     assert_eq!(b.admitted.len(), 5, "exactly the account's limit is let in");
     drop(b);
@@ -162,9 +168,7 @@ fn an_account_limit_holds_when_many_devices_open_at_once_on_three_nodes() {
             .iter()
             .all(|n| redis.count(n, "acct", "a").is_none())
     }));
-    let tokens = (0..15)
-        .map(|i| nodes[0].token(&format!("other-{i}")))
-        .collect();
+    let tokens = devices(&nodes[0], "other", 15);
     assert_eq!(burst(&nodes, &fake, tokens).admitted.len(), 5);
 }
 
@@ -189,9 +193,7 @@ fn places_come_back_when_upstream_refuses_or_fails_under_a_burst() {
             a.max_concurrent_streams = 20;
         }
     });
-    let tokens = (0..30)
-        .map(|i| nodes[0].token(&format!("device-{i}")))
-        .collect();
+    let tokens = devices(&nodes[0], "device", 30);
     let b = burst(&nodes, &fake, tokens);
     assert_eq!(b.admitted.len(), 20, "b's limit, none on the refused a");
     assert!(wait_until(Duration::from_secs(10), || counted(
@@ -230,9 +232,7 @@ fn places_come_back_when_upstream_refuses_or_fails_under_a_burst() {
     );
     fake.fail_sessions_of("k2", None);
     fake.set_key_reject("k2", None);
-    let tokens = (0..25)
-        .map(|i| nodes[0].token(&format!("again-{i}")))
-        .collect();
+    let tokens = devices(&nodes[0], "again", 25);
     assert_eq!(burst(&nodes, &fake, tokens).admitted.len(), 20);
 }
 
@@ -252,9 +252,7 @@ fn a_pools_cap_holds_on_each_node_under_a_burst_across_shards() {
             },
         );
     });
-    let tokens = (0..45)
-        .map(|i| nodes[0].token(&format!("device-{i}")))
-        .collect();
+    let tokens = devices(&nodes[0], "device", 45);
     let b = burst(&nodes, &fake, tokens);
     assert_eq!(b.admitted.len(), 9, "3 on each node");
     assert!(b.refused.iter().all(|c| *c == Some(429)), "{:?}", b.refused);
@@ -263,9 +261,7 @@ fn a_pools_cap_holds_on_each_node_under_a_burst_across_shards() {
     }
     drop(b);
     assert!(nodes.iter().all(|n| n.wait_idle(Duration::from_secs(20))));
-    let tokens = (0..30)
-        .map(|i| nodes[0].token(&format!("again-{i}")))
-        .collect();
+    let tokens = devices(&nodes[0], "again", 30);
     assert_eq!(burst(&nodes, &fake, tokens).admitted.len(), 9);
 }
 
@@ -370,9 +366,7 @@ fn streams_resuming_on_another_account_move_their_fleet_count_with_them() {
             a.max_concurrent_streams = 20;
         }
     });
-    let tokens = (0..12)
-        .map(|i| nodes[0].token(&format!("device-{i}")))
-        .collect();
+    let tokens = devices(&nodes[0], "device", 12);
     let b = burst(&nodes, &fake, tokens);
     assert_eq!(b.admitted.len(), 12);
     assert!(wait_until(Duration::from_secs(10), || counted(
@@ -427,9 +421,7 @@ fn streams_resuming_at_once_never_pass_the_other_accounts_fleet_limit() {
     });
     // Each open takes the account with the most room: every one goes to
     // a while it has more than b's 1.
-    let tokens = (0..9)
-        .map(|i| nodes[0].token(&format!("device-{i}")))
-        .collect();
+    let tokens = devices(&nodes[0], "device", 9);
     let b = burst(&nodes, &fake, tokens);
     assert_eq!(b.admitted.len(), 9);
     assert!(wait_until(Duration::from_secs(10), || counted(
