@@ -406,21 +406,24 @@ impl Lease {
     /// then, the failed connection's place left an account at its limit
     /// no room for the very stream that held it.
     pub fn give_back(&mut self) {
+        self.give_back_live();
+        self.fleet = None;
+        self.pool = None;
+    }
+
+    /// The account's and the key's live counts, once (the fleet's and
+    /// the pool's holds give theirs back as they drop).
+    fn give_back_live(&mut self) {
         if !std::mem::replace(&mut self.given_back, true) {
             self.account.live.fetch_sub(1, Ordering::AcqRel);
             self.key.live.fetch_sub(1, Ordering::AcqRel);
         }
-        self.fleet = None;
-        self.pool = None;
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        if !self.given_back {
-            self.account.live.fetch_sub(1, Ordering::AcqRel);
-            self.key.live.fetch_sub(1, Ordering::AcqRel);
-        }
+        self.give_back_live();
     }
 }
 

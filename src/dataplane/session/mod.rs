@@ -103,6 +103,20 @@ struct Upstream {
     scanner: FrameScanner,
 }
 
+impl Upstream {
+    /// Lets a failed connection go before the stream opens its next one:
+    /// the connection reset (upstream counts an open connection against
+    /// the key's own limit until it closes, and one that stopped reading
+    /// would see a FIN only behind the audio it no longer reads) and the
+    /// lease's places given back, so the next connection may take the
+    /// same account when it is at its limit. The lease itself stays, for
+    /// the usage record should no account take the stream.
+    fn let_go(&mut self) {
+        self.conn.reset();
+        self.lease.give_back();
+    }
+}
+
 /// An upstream opened while the client's first message was still being
 /// read. It is counted open in the metrics from the moment it opened, so
 /// when the first message then fails (the client left, sent no config or
@@ -386,14 +400,7 @@ impl Stream {
                 self.shard
                     .metrics
                     .account_retry(up.lease.account.metrics_index);
-                // The failed connection is reset and its places given
-                // back before the next connection opens: upstream counts
-                // the connection against the account's own limit until
-                // it closes, so the next may take the same account when
-                // it is at its limit. The lease stays for the usage
-                // record, should no account take the stream.
-                up.conn.reset();
-                up.lease.give_back();
+                up.let_go();
                 state.new_connection();
                 // One boxed future for both tries: the first result, kept
                 // across the second try, would take its room in every open
@@ -607,14 +614,8 @@ impl Stream {
         }
         shard.metrics.stream_closed(up.lease.account.metrics_index);
         let failed_account = up.lease.account.id.clone();
-        // The failed connection's place is the stream's own: the
-        // connection is reset (upstream counts it against the account's
-        // own limit until it closes; a stalled one would learn of a FIN
-        // only after the audio it no longer reads, and what it did not
-        // read is in the copy) and its place given back first, so an
-        // account at its limit can take the stream again.
-        up.conn.reset();
-        up.lease.give_back();
+        // What the failed connection did not read is in the copy.
+        up.let_go();
         let (mut tried, mut rounds) = (0, 0);
         self.resuming.set(true);
         let next = boxed!(self.open_patiently(&mut tried, &mut rounds, None)).await;
