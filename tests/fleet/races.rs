@@ -41,6 +41,20 @@ struct Burst {
     refused: Vec<Option<u64>>,
 }
 
+/// [`three`] with every device held to `max` concurrent streams.
+fn three_with_device_cap(
+    fake: &fake_soniox::FakeSoniox,
+    redis: &RedisServer,
+    max: u32,
+) -> Vec<Relay> {
+    three(fake, redis, |c| {
+        c.devices.default = DeviceLimits {
+            max_concurrent_streams: max,
+            ..Default::default()
+        }
+    })
+}
+
 /// Session tokens of `n` devices (`prefix-0`, `prefix-1`, ...), minted
 /// by `node` (every node shares the secret).
 fn devices(node: &Relay, prefix: &str, n: usize) -> Vec<String> {
@@ -126,12 +140,7 @@ fn burst(nodes: &[Relay], fake: &fake_soniox::FakeSoniox, tokens: Vec<String>) -
 fn a_device_limit_holds_when_its_streams_open_at_once_on_three_nodes() {
     let redis = RedisServer::start();
     let fake = fake(&["k1"], |_| {});
-    let nodes = three(&fake, &redis, |c| {
-        c.devices.default = DeviceLimits {
-            max_concurrent_streams: 3,
-            ..Default::default()
-        }
-    });
+    let nodes = three_with_device_cap(&fake, &redis, 3);
     let token = nodes[0].token("phone");
     let b = burst(&nodes, &fake, vec![token.clone(); 48]);
     assert_eq!(b.admitted.len(), 3, "exactly the limit is let in");
@@ -269,12 +278,7 @@ fn a_pools_cap_holds_on_each_node_under_a_burst_across_shards() {
 fn a_burst_during_a_redis_stall_keeps_to_the_shares_and_leaves_exact_counts() {
     let redis = RedisServer::start();
     let fake = fake(&["k1"], |_| {});
-    let nodes = three(&fake, &redis, |c| {
-        c.devices.default = DeviceLimits {
-            max_concurrent_streams: 3,
-            ..Default::default()
-        }
-    });
+    let nodes = three_with_device_cap(&fake, &redis, 3);
     let token = nodes[0].token("phone");
     // Redis takes the opens in and answers none for 3 s (past the 500 ms
     // timeout): each node decides by its share (3 / 3 = 1), and Redis
@@ -326,12 +330,7 @@ fn a_devices_new_stream_rate_holds_under_a_burst_on_three_nodes() {
 fn redis_dropping_every_connection_under_a_burst_lets_no_more_in() {
     let redis = RedisServer::start();
     let fake = fake(&["k1"], |_| {});
-    let nodes = three(&fake, &redis, |c| {
-        c.devices.default = DeviceLimits {
-            max_concurrent_streams: 3,
-            ..Default::default()
-        }
-    });
+    let nodes = three_with_device_cap(&fake, &redis, 3);
     let token = nodes[0].token("phone");
     let first = burst(&nodes, &fake, vec![token.clone(); 3]);
     assert_eq!(first.admitted.len(), 3);
@@ -470,12 +469,7 @@ fn streams_resuming_at_once_never_pass_the_other_accounts_fleet_limit() {
 fn a_script_flush_under_a_burst_leaves_exact_counts() {
     let redis = RedisServer::start();
     let fake = fake(&["k1"], |_| {});
-    let nodes = three(&fake, &redis, |c| {
-        c.devices.default = DeviceLimits {
-            max_concurrent_streams: 6,
-            ..Default::default()
-        }
-    });
+    let nodes = three_with_device_cap(&fake, &redis, 6);
     let token = nodes[0].token("phone");
     let first = burst(&nodes, &fake, vec![token.clone(); 3]);
     assert_eq!(first.admitted.len(), 3);
