@@ -276,3 +276,127 @@ fn at_the_file_limit_the_relay_says_so_and_its_admin_port_answers() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Sets the soft open-file limit of process `pid` (the hard one kept).
+fn set_file_limit(pid: u32, soft: u64) {
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: prlimit reads `old`'s layout only; both pointers are valid.
+    let r = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            std::ptr::null(),
+            &mut old,
+        )
+    };
+    assert_eq!(r, 0, "prlimit read: {}", std::io::Error::last_os_error());
+    let new = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: old.rlim_max,
+    };
+    // SAFETY: as above; `new` is a valid rlimit.
+    let r = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            &new,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(r, 0, "prlimit set: {}", std::io::Error::last_os_error());
+}
+
+/// The first error message a stream gets and its close code, skipping
+/// transcripts.
+fn error_and_close(ws: &mut tungstenite::WebSocket<TcpStream>) -> (serde_json::Value, u16) {
+    let mut error = serde_json::Value::Null;
+    loop {
+        match ws.read() {
+            Ok(Message::Text(t)) => {
+                let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                if v["error_code"].is_u64() {
+                    error = v;
+                }
+            }
+            Ok(Message::Close(frame)) => {
+                return (error, frame.map_or(0, |f| u16::from(f.code)));
+            }
+            Ok(_) => {}
+            Err(e) => panic!("no close frame (error so far: {error}): {e}"),
+        }
+    }
+}
+
+/// A stream whose upstream connection fails while the relay is at its file
+/// limit cannot reopen it: it gets what a new stream gets there (503, close
+/// 1013, "try again"), the relay's own fault, not a lost upstream (1011);
+/// and the stream beside it goes on.
+#[test]
+fn a_resume_at_the_file_limit_is_told_to_try_again() {
+    let fake = FakeSoniox::start(FakeConfig {
+        keys: vec![FakeKey::new("key-a", 1000)],
+        echo: true,
+        ..FakeConfig::default()
+    })
+    .unwrap();
+    let dir = std::env::temp_dir().join(format!(
+        "clio-relay-file-limit-resume-{}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let relay = start_relay(&fake.url(), 1024, &dir);
+    let keys = TokenKeys::from_config(&TokensConfig::new(Secret::new(SECRET)));
+    let token = keys
+        .mint("dev-1", Duration::from_secs(600), SystemTime::now())
+        .unwrap();
+    let (Opened::Stream(mut failing), Opened::Stream(mut beside)) = (
+        open_stream(relay.client, &token),
+        open_stream(relay.client, &token),
+    ) else {
+        panic!("the two streams did not open");
+    };
+
+    // No descriptor to be had from here on; the open ones stay open.
+    set_file_limit(relay.child.id(), 3);
+    // Only the session that sends audio next fails.
+    fake.fail_sessions_of("key-a", Some(fake_soniox::FaultKind::Drop));
+    failing.send(Message::binary(vec![2u8; 3200])).unwrap();
+    let (error, close) = error_and_close(&mut failing);
+    assert_eq!(error["error_code"], 503, "{error}");
+    assert!(
+        error["error_message"]
+            .as_str()
+            .is_some_and(|m| m.contains("file limit")),
+        "{error}"
+    );
+    assert_eq!(close, 1013, "{error}");
+
+    fake.fail_sessions_of("key-a", None);
+    set_file_limit(relay.child.id(), 1024);
+    beside.send(Message::binary(vec![3u8; 3200])).unwrap();
+    loop {
+        match beside.read() {
+            Ok(Message::Text(t)) => {
+                let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                assert!(!v["error_code"].is_u64(), "the other stream failed: {v}");
+                break;
+            }
+            Ok(_) => {}
+            Err(e) => panic!("the other stream broke: {e}"),
+        }
+    }
+
+    let (status, metrics) = get(relay.admin, "/metrics");
+    assert_eq!(status, 200);
+    assert!(
+        metrics.lines().any(|l| l
+            .starts_with("clio_relay_file_limit_total{at=\"upstream_connect\"}")
+            && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    let _ = beside.close(None);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -621,9 +621,11 @@ impl Stream {
         let next = boxed!(self.open_patiently(&mut tried, &mut rounds, None)).await;
         self.resuming.set(false);
         // A stop meanwhile is told as to every live stream ("reconnect",
-        // close 1012); anything else is a resume that found no account.
+        // close 1012), and the relay's own file limit as at any open (503,
+        // close 1013: the relay's fault, try again); anything else is a
+        // resume that found no account.
         *up = next.map_err(|r| {
-            if r.is_restarting() {
+            if r.is_restarting() || r.is_file_limit() {
                 r
             } else {
                 Refusal::upstream_lost()
