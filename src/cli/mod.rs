@@ -96,7 +96,7 @@ pub const UNSET_ENV_HINT: &str =
 /// A start-up failure that is the configuration's (a master key that
 /// does not open the key store): carried in an `io::Error` from the
 /// server's start, and exit 3 like an invalid file, so systemd's
-/// `RestartPreventExitStatus=3` does not retry it.
+/// `RestartPreventExitStatus=3 4` does not retry it.
 #[derive(Debug)]
 pub struct ConfigFault(pub String);
 
