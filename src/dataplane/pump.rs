@@ -213,7 +213,9 @@ pub async fn client_to_upstream(link: Link<'_>, side: &mut ClientSide, cx: Strea
             ),
         };
         side.processed += scan.ready;
-        if scan.data_frames_started > 0 && state.up.first_audio_at.get().is_none() {
+        // Audio is binary payload: a keepalive or other control message
+        // (text) and the empty end of audio start no first-result clock.
+        if scan.binary_bytes > 0 && state.up.first_audio_at.get().is_none() {
             state.up.first_audio_at.set(Some(read_at));
         }
         let config = side.config_frame.take();

@@ -443,3 +443,39 @@ fn first_result_seconds_help_says_it_starts_at_the_first_audio() {
         Some("Time from a stream's first audio to its first upstream result, per account."),
     );
 }
+
+/// A keepalive is not audio, and the `finished` that answers an end of
+/// audio is not a result: a stream that sends only keepalives (a client
+/// holding its connection between utterances, relay-load's `--idle`)
+/// measures no time to a first result. Before, its first keepalive
+/// started the clock and upstream's `finished` stopped it, so each idle
+/// stream added a sample as long as its hold to `first_result_seconds`
+/// and its account's histogram (and to the `slow_first_result` alert's
+/// p99), beside the streams that did send audio.
+#[test]
+fn keepalives_and_the_end_of_audio_are_not_a_first_result() {
+    let fake = fake(&["key-a"], |_| {});
+    let relay = Relay::start(relay_config(&fake.url(), &[("acct-a", "key-a")]));
+    let (mut idle, _) = connect(relay.addr(), &relay.token("idle"), Via::Header).unwrap();
+    idle.send(Message::text(config_message(None))).unwrap();
+    let got = stream_session(&mut idle, r#"{"type":"keepalive"}"#, &[]);
+    assert!(got.finished(), "{got:?}");
+    let (mut speaking, _) = connect(relay.addr(), &relay.token("speaking"), Via::Header).unwrap();
+    let got = stream_session(&mut speaking, &config_message(None), &audio_frames(2, 7));
+    assert!(got.finished(), "{got:?}");
+    assert!(wait_until(LIMIT, || relay.handle.process.live_streams() == 0));
+    let m = metrics(&relay);
+    assert_eq!(
+        series_value(&m, "clio_relay_first_result_seconds_count"),
+        Some(1.0),
+        "only the stream with audio has a first result: {m}"
+    );
+    assert_eq!(
+        series_value(
+            &m,
+            r#"clio_relay_account_first_result_seconds_count{account="acct-a"}"#
+        ),
+        Some(1.0),
+        "{m}"
+    );
+}

@@ -336,7 +336,8 @@ pub struct UpHalf {
     /// read it forwards); `None` between writes. A stream idle for the idle
     /// timeout with a write still waiting has a stalled upstream.
     pub write_since: Cell<Option<Instant>>,
-    /// When the first client data frame went upstream.
+    /// When the first client audio (binary payload bytes) went upstream:
+    /// not a keepalive or another text message, nor the empty end of audio.
     pub first_audio_at: Cell<Option<Instant>>,
     /// Everything sent upstream on this connection after the config is in
     /// the replay copy ([`ClientSide::replay`](super::ClientSide::replay)): a failure can still move
