@@ -118,3 +118,59 @@ fn head_to_head_pin_peers_takes_0_or_1() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("H2H_PIN_PEERS is 0 or 1 (got 'yes')"), "{err}");
 }
+
+/// nginx named in `H2H_PROXIES`, not installed, and not installable
+/// (here an `apt-get` that fails, on a `PATH` of links to every other
+/// program): the run ends before anything starts, saying nginx is
+/// missing and how to go on. Before, it went on to "nginx: command not
+/// found" and "nginx config refused", a config that was never the fault.
+#[test]
+fn head_to_head_says_nginx_is_missing_when_it_cannot_be_installed() {
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let shim =
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("h2h-path-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&shim);
+    std::fs::create_dir_all(&shim).unwrap();
+    let path = std::env::var("PATH").unwrap_or_default();
+    for dir in std::env::split_paths(&path) {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let name = entry.file_name();
+            if name == "nginx" || name == "apt-get" || shim.join(&name).exists() {
+                continue;
+            }
+            let _ = std::os::unix::fs::symlink(entry.path(), shim.join(&name));
+        }
+    }
+    let apt = shim.join("apt-get");
+    std::fs::write(
+        &apt,
+        "#!/bin/sh\necho \"E: Unable to locate package\" >&2\nexit 100\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&apt, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_clio-relay"))
+        .parent()
+        .unwrap();
+    let out = Command::new("timeout")
+        .args(["--kill-after=10", "120", "bash"])
+        .arg(repo.join("tools/head-to-head.sh"))
+        .arg("--quick")
+        .current_dir(&repo)
+        .env("PATH", &shim)
+        .env("H2H_BIN", bin_dir)
+        .env("H2H_PROXIES", "direct nginx")
+        .env("H2H_WORKLOADS", "W3")
+        .env("H2H_PERF", "0")
+        .output()
+        .expect("timeout and bash run");
+    let _ = std::fs::remove_dir_all(&shim);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("error: nginx is missing and could not be installed")
+            && err.contains("leave nginx out of H2H_PROXIES"),
+        "{err}"
+    );
+    assert!(!err.contains("work dir:"), "it started: {err}");
+}

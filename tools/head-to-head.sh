@@ -110,7 +110,11 @@ trap 'exit 130' INT TERM
 # ---------------------------------------------------------------- install
 if proxy_asked nginx && ! command -v nginx >/dev/null 2>&1; then
   log "installing nginx (Debian)"
-  apt-get install -y nginx >/dev/null || { apt-get update >/dev/null && apt-get install -y nginx >/dev/null; }
+  apt-get install -y nginx >/dev/null || { apt-get update >/dev/null && apt-get install -y nginx >/dev/null; } || true
+  # Said here, before anything starts: a failed install went on to
+  # "nginx: command not found" and "nginx config refused".
+  command -v nginx >/dev/null 2>&1 \
+    || die "nginx is missing and could not be installed (apt-get install -y nginx failed); install it, or leave nginx out of H2H_PROXIES (now \"$PROXIES\")"
 fi
 if proxy_asked node; then
   command -v node >/dev/null 2>&1 || die "node is missing (apt-get install -y nodejs npm)"
