@@ -77,10 +77,10 @@ struct Args {
     #[arg(long, default_value_t = 50)]
     concurrency: usize,
     /// Idle mode: keepalive interval.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = positive_duration)]
     keepalive_every: Duration,
     /// Longest wait for any one step (connect, upgrade, a result, the close).
-    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "15s", value_parser = positive_duration)]
     timeout: Duration,
     /// Executor threads (0 = one per core).
     #[arg(long, default_value_t = 0)]
@@ -113,6 +113,22 @@ fn positive_seconds(s: &str) -> Result<f64, String> {
         Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
         _ => Err(format!(
             "{s:?} is not a length: a number of seconds above 0, such as 10 or 0.5"
+        )),
+    }
+}
+
+/// A wait or an interval (`--timeout`, `--keepalive-every`): a duration
+/// above 0. A `--timeout` of 0 failed every stream at its connect with
+/// "connect timeout", and a `--keepalive-every` of 0 sent keepalives as
+/// fast as the socket took them.
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err(format!(
+            "{s:?} is not a wait: a duration above 0, such as 15s or 500ms"
+        )),
+        Err(e) => Err(format!(
+            "{s:?} is not a duration ({e}), such as 15s or 500ms"
         )),
     }
 }

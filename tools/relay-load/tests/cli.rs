@@ -843,3 +843,37 @@ fn each_mode_writes_only_the_histograms_it_measured() {
     assert_eq!(run(&churn), ["connect.hgrm", "rtt.hgrm"]);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A wait of 0 (`--timeout 0s`) or a keepalive interval of 0
+/// (`--keepalive-every 0s`) is refused on the command line (exit 2).
+/// Before, `--timeout 0s` ran and failed every stream with "connect
+/// timeout" (exit 3, no hint), and an idle run with `--keepalive-every
+/// 0s` sent keepalives as fast as the socket took them (4.9 MB from one
+/// stream in 2 s), its stream then cut.
+#[test]
+fn a_wait_or_keepalive_interval_of_zero_is_a_bad_argument() {
+    for (flag, value) in [
+        ("--timeout", "0s"),
+        ("--timeout", "0ms"),
+        ("--keepalive-every", "0s"),
+    ] {
+        let o = Command::new(BIN)
+            .args([flag, value])
+            .args(["--target", "127.0.0.1:9", "-n", "1", "-q"])
+            .output()
+            .unwrap();
+        let all = text(&o);
+        assert_eq!(o.status.code(), Some(2), "{flag} {value}: {all}");
+        assert!(
+            all.contains("is not a wait: a duration above 0"),
+            "{flag} {value}: {all}"
+        );
+    }
+    let o = Command::new(BIN)
+        .args(["--timeout", "soon", "--target", "127.0.0.1:9", "-q"])
+        .output()
+        .unwrap();
+    let all = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{all}");
+    assert!(all.contains("is not a duration"), "{all}");
+}
