@@ -74,7 +74,7 @@ struct Args {
     #[arg(long)]
     churn: bool,
     /// Churn mode: concurrent workers.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 50, value_parser = at_least_one::<usize>)]
     concurrency: usize,
     /// Idle mode: keepalive interval.
     #[arg(long, default_value = "5s", value_parser = positive_duration)]
@@ -143,7 +143,8 @@ fn ramp_rate(s: &str) -> Result<f64, String> {
     }
 }
 
-/// A count that must be 1 or more (`-n`, `--frame-ms`, `--sample-rate`):
+/// A count that must be 1 or more (`-n`, `--concurrency`, `--frame-ms`,
+/// `--sample-rate`):
 /// 0 is refused on the command line (exit 2), as other bad values are.
 fn at_least_one<T>(s: &str) -> Result<T, String>
 where

@@ -629,13 +629,18 @@ fn a_ramp_is_a_rate_of_0_or_more() {
     }
 }
 
-/// A count of 0 (`-n 0`, `--frame-ms 0`, `--sample-rate 0`) is refused
-/// on the command line with exit 2, as every other bad argument is;
-/// before, the run started and failed with exit 1 ("no streams asked
-/// for").
+/// A count of 0 (`-n 0`, `--concurrency 0`, `--frame-ms 0`,
+/// `--sample-rate 0`) is refused on the command line with exit 2, as
+/// every other bad argument is; before, the run started and failed with
+/// exit 1 ("no streams asked for"), `--concurrency 0` until its fix too.
 #[test]
 fn a_count_of_zero_is_a_bad_argument() {
-    for (flag, value) in [("-n", "0"), ("--frame-ms", "0"), ("--sample-rate", "0")] {
+    for (flag, value) in [
+        ("-n", "0"),
+        ("--concurrency", "0"),
+        ("--frame-ms", "0"),
+        ("--sample-rate", "0"),
+    ] {
         let o = Command::new(BIN)
             .args([flag, value])
             .args(["--target", "127.0.0.1:9", "-q"])
