@@ -264,3 +264,70 @@ fn ab_sh_help_is_taken_long_too() {
         assert!(!all.contains("illegal option"), "{flag}: {all}");
     }
 }
+
+/// A build whose relay does not start (here one that says why and exits
+/// 1), and one whose relay dies in the middle of the run (killed 3 s in):
+/// each ends the run (exit 1) naming the build, the round and the end of
+/// the relay's log, with nothing of the run left running. Before, the
+/// script died on "awk: cannot open /proc/PID/status" (exit 2), the
+/// relay's reason unsaid.
+#[test]
+fn a_relay_that_does_not_start_or_dies_is_named() {
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_clio-relay"))
+        .parent()
+        .unwrap();
+    let target =
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("ab-gone-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&target);
+    let release = target.join("release");
+    std::fs::create_dir_all(&release).unwrap();
+    for tool in ["fake-soniox", "relay-load"] {
+        std::os::unix::fs::symlink(bin_dir.join(tool), release.join(tool)).unwrap();
+    }
+    let builds = [
+        (
+            "refuses",
+            "#!/bin/sh\necho 'the build refuses its config' >&2\nexit 1\n".to_string(),
+            "did not start listening on 127.0.0.1:",
+            "the build refuses its config",
+        ),
+        (
+            "dies",
+            format!(
+                "#!/bin/bash\n{} \"$@\" & relay=$!\nsleep 3\nkill -KILL $relay\n\
+                 echo 'the relay was killed' >&2\nexit 137\n",
+                bin_dir.join("clio-relay").display()
+            ),
+            "exited during the run",
+            "the relay was killed",
+        ),
+    ];
+    for (name, script, said, log) in builds {
+        let dir = target.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let relay = dir.join("clio-relay");
+        std::fs::write(&relay, script).unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&relay, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let out = Command::new("timeout")
+            .args(["--kill-after=10", "120", "bash"])
+            .arg(repo().join("tools/ab.sh"))
+            .args(["-w", "churn", "-r", "1"])
+            .arg(&dir)
+            .env("CARGO_TARGET_DIR", &target)
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("timeout and bash run");
+        let all = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{name}: {all}");
+        let head = format!("ab: {}/clio-relay {said}", dir.display());
+        assert!(
+            all.contains(&head) && all.contains("(round 1, ") && all.contains(log),
+            "{name}: {all}"
+        );
+        assert!(!all.contains("awk:"), "{name}: {all}");
+        let left = processes_naming(&target.display().to_string());
+        assert!(left.is_empty(), "{name}: still running: {left:?}\n{all}");
+    }
+    let _ = std::fs::remove_dir_all(&target);
+}

@@ -31,7 +31,8 @@
 # Everything listens on 127.0.0.1, on ports free when the script starts
 # (each relay run on a new one); every run is bounded in time. The work
 # directory (logs, configs, state) is removed at the end; AB_KEEP=1 keeps
-# it and prints where it is.
+# it and prints where it is. A relay that does not start, or exits during
+# a run, ends the script (exit 1) with the end of its log.
 set -euo pipefail
 {
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -131,6 +132,13 @@ if [ "$CLUSTER" = 1 ]; then
 fi
 
 rss() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
+# relay_gone WHAT: the run ends (exit 1), naming the build, the round and
+# the end of the relay's log; its CPU and RSS cannot be read.
+relay_gone() {
+  echo "ab: $dir/clio-relay $1 (round $round, $label); the end of its log:" >&2
+  tail -n 5 "$WORK/relay.log" >&2
+  exit 1
+}
 # "NAME TICKS" for each thread of process $1.
 thread_ticks() {
   for t in /proc/"$1"/task/*; do
@@ -175,7 +183,16 @@ for round in $(seq 1 "$ROUNDS"); do
     "$dir/clio-relay" run --config "$WORK/run.toml" > "$WORK/relay.log" 2>&1 &
     rp=$!
     PIDS+=("$rp")
-    for _ in $(seq 50); do (exec 3<>"/dev/tcp/127.0.0.1/$RELAY_PORT") 2>/dev/null && break; sleep 0.1; done
+    for _ in $(seq 50); do
+      (exec 3<>"/dev/tcp/127.0.0.1/$RELAY_PORT") 2>/dev/null && break
+      kill -0 "$rp" 2>/dev/null || break
+      sleep 0.1
+    done
+    # A relay that exited (a config it refused, a build that does not
+    # run) or does not listen is said, with its log: before, the script
+    # died on "awk: cannot open /proc/PID/status" with no row.
+    kill -0 "$rp" 2>/dev/null && (exec 3<>"/dev/tcp/127.0.0.1/$RELAY_PORT") 2>/dev/null \
+      || relay_gone "did not start listening on 127.0.0.1:$RELAY_PORT"
     before=$(rss "$rp")
     ticks0=$(awk '{ print $14 + $15 }' "/proc/$rp/stat")
     thread_ticks "$rp" > "$WORK/threads0"
@@ -186,8 +203,13 @@ for round in $(seq 1 "$ROUNDS"); do
     lp=$!
     # `timeout` passes the cleanup's TERM on to relay-load.
     PIDS+=("$lp")
-    while kill -0 "$lp" 2>/dev/null; do rss "$rp" >> "$WORK/samples"; sleep 0.5; done
+    # A relay gone mid-run has no RSS to read: its run is not measured.
+    while kill -0 "$lp" 2>/dev/null; do
+      rss "$rp" >> "$WORK/samples" 2>/dev/null || { kill -TERM "$lp" 2>/dev/null; break; }
+      sleep 0.5
+    done
     wait "$lp" || true
+    kill -0 "$rp" 2>/dev/null || relay_gone "exited during the run"
     ticks=$(( $(awk '{ print $14 + $15 }' "/proc/$rp/stat") - ticks0 ))
     if [ "$THREADS" = 1 ]; then thread_ticks "$rp" > "$WORK/threads1"; else : > "$WORK/threads1"; fi
     kill -INT "$rp"; wait "$rp" 2>/dev/null || true
