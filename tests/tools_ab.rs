@@ -331,3 +331,47 @@ fn a_relay_that_does_not_start_or_dies_is_named() {
     }
     let _ = std::fs::remove_dir_all(&target);
 }
+
+/// relay-load that cannot run (here more idle streams than the file
+/// limit allows) is said with relay-load's own reason, exit 1. Before,
+/// its stderr was dropped with the work dir and a Python traceback
+/// (JSONDecodeError, reading the empty report) stood in for it.
+#[test]
+fn relay_load_that_cannot_run_is_said_with_its_reason() {
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_clio-relay"))
+        .parent()
+        .unwrap();
+    let target =
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("ab-nofd-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&target);
+    let release = target.join("release");
+    std::fs::create_dir_all(&release).unwrap();
+    for tool in ["fake-soniox", "relay-load"] {
+        std::os::unix::fs::symlink(bin_dir.join(tool), release.join(tool)).unwrap();
+    }
+    // The hard limit is what relay-load can raise its own to.
+    let out = Command::new("sh")
+        .args([
+            "-c",
+            "ulimit -n 4096 && exec timeout --kill-after=10 120 bash \"$@\"",
+            "sh",
+        ])
+        .arg(repo().join("tools/ab.sh"))
+        .args(["-w", "idle", "-n", "5000", "-r", "1"])
+        .arg(bin_dir)
+        .env("CARGO_TARGET_DIR", &target)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("sh, timeout and bash run");
+    let left = processes_naming(&target.display().to_string());
+    let _ = std::fs::remove_dir_all(&target);
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{all}");
+    assert!(
+        all.contains("ab: relay-load printed no report (round 1, ")
+            && all.contains("5000 streams need 5064 file descriptors; the limit is 4096"),
+        "{all}"
+    );
+    assert!(!all.contains("Traceback"), "{all}");
+    assert!(left.is_empty(), "still running: {left:?}\n{all}");
+}

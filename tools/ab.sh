@@ -210,6 +210,14 @@ for round in $(seq 1 "$ROUNDS"); do
     done
     wait "$lp" || true
     kill -0 "$rp" 2>/dev/null || relay_gone "exited during the run"
+    # relay-load that could not run (the file limit for -n, a locked-memory
+    # limit) printed no report, and said why on stderr: before, a Python
+    # traceback (JSONDecodeError) stood in for its reason.
+    if [ ! -s "$WORK/load.json" ]; then
+      echo "ab: relay-load printed no report (round $round, $label):" >&2
+      tail -n 5 "$WORK/load.err" >&2
+      exit 1
+    fi
     ticks=$(( $(awk '{ print $14 + $15 }' "/proc/$rp/stat") - ticks0 ))
     if [ "$THREADS" = 1 ]; then thread_ticks "$rp" > "$WORK/threads1"; else : > "$WORK/threads1"; fi
     kill -INT "$rp"; wait "$rp" 2>/dev/null || true
