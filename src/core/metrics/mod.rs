@@ -177,7 +177,8 @@ pub enum Hist {
     ClientHandshake,
     /// Upstream connect (TCP + TLS + WebSocket upgrade), microseconds.
     UpstreamConnect,
-    /// Stream start to the first upstream result, microseconds.
+    /// A stream's first audio (binary payload) to the first upstream
+    /// message after it, microseconds.
     FirstResult,
     /// A mid-stream upstream failure to the new connection that resumes
     /// the stream, microseconds.
