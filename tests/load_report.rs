@@ -426,3 +426,37 @@ fn a_503_from_a_target_that_is_no_relay_is_not_called_the_relays() {
         );
     }
 }
+
+/// A refusal no hint explains (here fake-soniox's error 400 for a model
+/// it does not have) is quoted in a hint line, as the JSON's
+/// `refusal_reasons` has it. Before, the table said only `error 400: 2`,
+/// with no hint: the reason was in the JSON alone.
+#[test]
+fn a_refusal_with_no_hint_of_its_own_is_quoted() {
+    let fake = fake(true, 10);
+    let opts = LoadOptions {
+        target: Target::direct(fake.addr()),
+        auth: AuthVia::Header,
+        credentials: Credentials::Fixed(KEY.to_string()),
+        streams: 2,
+        ramp_per_sec: 0.0,
+        stream_seconds: 1.0,
+        pace: Pace::Flood,
+        duration: Duration::from_secs(30),
+        threads: 1,
+        model: "no-such-model".into(),
+        progress: false,
+        ..LoadOptions::default()
+    };
+    let r = relay_load::run(&opts).expect("load runs");
+    let table = r.table();
+    assert_eq!(r.streams_failed.get("error 400"), Some(&2), "{table}");
+    assert!(
+        table.contains(
+            "hint: 2 streams failed with error 400: the target answered \
+             \"Invalid model: no-such-model.\" x2"
+        ),
+        "{table}"
+    );
+    assert_eq!(r.to_json()["hints"].as_array().unwrap().len(), 1, "{table}");
+}

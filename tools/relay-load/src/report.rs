@@ -240,6 +240,34 @@ impl LoadReport {
                  this machine's address to server.allow, or run relay-load from an address on it"
             ));
         }
+        // Refusals no line here explains (a 400 for a model upstream does
+        // not have, a 402, a 408): what the target said, quoted, as the
+        // JSON's `refusal_reasons` has it. Before, the table showed only
+        // `error 400: 2`, the reason in the JSON alone.
+        let explained = [
+            "error 429",
+            "http 429",
+            "http 503",
+            "http 401",
+            "error 401",
+            "error 503",
+        ];
+        let mut unexplained: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for ((failure, message), n) in &self.refusal_reasons {
+            if !explained.contains(&failure.as_str()) {
+                unexplained
+                    .entry(failure)
+                    .or_default()
+                    .push(format!("{message:?} x{n}"));
+            }
+        }
+        for (failure, said) in unexplained {
+            let streams = self.streams_failed.get(failure).copied().unwrap_or(0);
+            h.push(format!(
+                "{streams} streams failed with {failure}: the target answered {}",
+                said.join(", ")
+            ));
+        }
         let refused = by(&["refused"]);
         if refused > 0 {
             h.push(format!(
