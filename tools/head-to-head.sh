@@ -531,6 +531,14 @@ run_workload() {
     > "$out.json" 2> "$out.err" || rc=$?
   t_end=$(date +%s%3N)
   kill "$sampler" 2>/dev/null; wait "$sampler" 2>/dev/null || true
+  # A proxy or fake-soniox that exited during the run has no CPU to read
+  # after it: before, its CPU read as 0 ticks, the table showed a negative
+  # CPU per frame as a measure, and its later workloads measured nothing.
+  if [ -n "$PROXY_PID" ] && ! kill -0 "$PROXY_PID" 2>/dev/null; then
+    die "$proxy exited during $w (relay-load exit $rc): nothing of its run can be measured; its log is in $WORK"
+  fi
+  kill -0 "$FAKE_PID" 2>/dev/null \
+    || die "fake-soniox exited during $proxy $w: $(tail -n 1 "$WORK/fake-soniox.log")"
   if [ -n "$perf_job" ]; then
     # The window should close inside the run. If the run ended first, the
     # samples stop here and include its end (the summary says so).
