@@ -233,3 +233,92 @@ fn a_proxy_that_exits_mid_run_ends_the_run_saying_so() {
     );
     assert!(!all.contains("| W3 CPU ms / cycle |"), "{all}");
 }
+
+/// The summary's ratio column is "—" where either value is negative (an
+/// added latency below the direct path's own, which a noisy run gives):
+/// the added latencies themselves are still shown. Before, clio-relay's
+/// 13.9 ms against nginx's -5.32 ms printed as "-2.60×", and two
+/// negatives as a positive ratio, each reading as a measure. The work
+/// dir holds figures like those of a real `--quick` W3 run that gave
+/// them.
+#[test]
+fn a_ratio_of_a_negative_added_latency_is_not_printed() {
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let work =
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("h2h-neg-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).unwrap();
+    let write = |name: &str, v: serde_json::Value| {
+        std::fs::write(work.join(name), v.to_string()).unwrap();
+    };
+    write(
+        "run.json",
+        serde_json::json!({
+            "date": "2026-12-07", "quick": 1, "command": "bash tools/head-to-head.sh --quick",
+            "nproc": 2, "cpu": "test", "mem_gib": 24, "kernel": "test", "nginx": "1.22.1",
+            "node": "", "ws": "", "proxies": "direct clio nginx", "workloads": "W3",
+            "perf_workloads": "W1s W1 W2 W3", "perf_note": "H2H_PERF=0", "fresh": 0,
+            "pin_peers": 0,
+        }),
+    );
+    // Open-to-result percentiles (ms): direct, clio, nginx.
+    for (proxy, p50, p99, p999, cpu) in [
+        ("direct", 20.543, 65.663, 95.0, 0),
+        ("clio", 34.4, 180.0, 218.6, 372),
+        ("nginx", 15.223, 76.735, 92.607, 118),
+    ] {
+        write(
+            &format!("{proxy}-W3.json"),
+            serde_json::json!({
+                "mode": "churn", "cycles_per_sec": 1000.0, "streams_ok": 5000,
+                "streams_failed": 0,
+                "connect": {"count": 5000, "p50_ms": p50, "p99_ms": p99, "p999_ms": p999},
+            }),
+        );
+        write(
+            &format!("{proxy}-W3.meta.json"),
+            serde_json::json!({
+                "proxy": proxy, "workload": "W3", "rc": 0, "clk_tck": 100,
+                "cpu_ticks_before": 0, "cpu_ticks_after": cpu,
+                "user_ticks_before": 0, "user_ticks_after": cpu / 2,
+                "fake_cpu_ticks_before": 0, "fake_cpu_ticks_after": 100,
+                "rss_kb_before": 30000, "rss_kb_peak": 32000, "rss_kb_held": 32000,
+                "streams": 0, "run_ms": 5000, "perf_window_s": "", "perf_cut": 0,
+                "perf_from_ms": 0, "perf_to_ms": 0,
+            }),
+        );
+    }
+    let out = Command::new("python3")
+        .arg(repo.join("tools/head-to-head/summary.py"))
+        .arg(&work)
+        .output()
+        .expect("python3 runs");
+    let _ = std::fs::remove_dir_all(&work);
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{all}");
+    let row = |label: &str| {
+        all.lines()
+            .find(|l| l.starts_with(&format!("| W3 {label} |")))
+            .unwrap_or_else(|| panic!("no row {label}: {all}"))
+            .to_string()
+    };
+    // nginx's p50 and p99.9 are below the direct path's: no ratio.
+    assert_eq!(
+        row("added open-to-result p50 (ms)"),
+        "| W3 added open-to-result p50 (ms) | — | 13.9 | -5.32 | — | — |",
+        "{all}"
+    );
+    assert!(
+        row("added open-to-result p99.9 (ms)").ends_with("| -2.39 | — | — |"),
+        "{all}"
+    );
+    // Both positive: the ratio stays.
+    assert!(
+        row("added open-to-result p99 (ms)").ends_with("| 10.33× |"),
+        "{all}"
+    );
+}

@@ -105,6 +105,11 @@ def fmt(v, unit=""):
 def ratio(a, b):
     if a is None or b is None or isinstance(a, str) or isinstance(b, str):
         return "—"
+    # A negative operand (an added latency below the direct path's own)
+    # makes a ratio that reads as a measure and is none: 13.9 ms against
+    # nginx's -5.32 ms printed as -2.60x, two negatives as a plain ratio.
+    if a < 0 or b < 0:
+        return "—"
     if b == 0:
         return "—" if a == 0 else "∞"
     return f"{a / b:.2f}×"
