@@ -322,3 +322,39 @@ fn a_ratio_of_a_negative_added_latency_is_not_printed() {
         "{all}"
     );
 }
+
+/// relay-load that cannot run a workload (here W4's 9,000 idle streams
+/// under a file limit of 4,096) is said with relay-load's own reason in
+/// the run's log. Before, the line said only "no JSON (exit 1); see
+/// FILE", the reason left in that file.
+#[test]
+fn relay_load_that_cannot_run_a_workload_is_said_with_its_reason() {
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_clio-relay"))
+        .parent()
+        .unwrap();
+    let work =
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("h2h-nofd-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    let out = Command::new("sh")
+        .args([
+            "-c",
+            "ulimit -n 4096 && exec timeout --kill-after=10 120 bash \"$@\"",
+            "sh",
+        ])
+        .arg(repo.join("tools/head-to-head.sh"))
+        .current_dir(&repo)
+        .env("H2H_BIN", bin_dir)
+        .env("H2H_WORK", &work)
+        .env("H2H_PROXIES", "direct")
+        .env("H2H_WORKLOADS", "W4")
+        .env("H2H_PERF", "0")
+        .output()
+        .expect("sh, timeout and bash run");
+    let _ = std::fs::remove_dir_all(&work);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("direct W4: no JSON (exit 1): relay-load: 9000 streams need 9064 file descriptors; the limit is 4096"),
+        "{err}"
+    );
+}

@@ -599,7 +599,9 @@ if "idle_held" in j:
 print("  " + "  ".join(parts))
 PY
   else
-    log "  $proxy $w: no JSON (exit $rc); see $out.err"
+    # relay-load's reason (a file limit too low for the workload's
+    # streams, say) here, not only in the file.
+    log "  $proxy $w: no JSON (exit $rc): $(tail -n 1 "$out.err" 2>/dev/null); see $out.err"
   fi
   # After the CPU sample: writing and reading the perf data is not the
   # proxy's cost.
