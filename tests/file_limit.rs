@@ -400,3 +400,73 @@ fn a_resume_at_the_file_limit_is_told_to_try_again() {
     let _ = beside.close(None);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// relay-load against a relay at its file limit names the cause: the
+/// relay's 503s say "file limit", and relay-load's hints quote them and
+/// say to raise the relay's open-file limit. Before, its hints guessed
+/// at "server.max_streams or while draining" (HTTP 503) and "drains,
+/// retires their key, or upstream failed" (error 503), the answer that
+/// said why in its JSON alone.
+#[test]
+fn relay_load_names_a_relay_at_its_file_limit() {
+    use relay_load::{AuthVia, Credentials, LoadOptions, Pace, Target};
+    let fake = FakeSoniox::start(FakeConfig {
+        keys: vec![FakeKey::new("key-a", 1000)],
+        echo: true,
+        ..FakeConfig::default()
+    })
+    .unwrap();
+    let dir =
+        std::env::temp_dir().join(format!("clio-relay-file-limit-load-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let relay = start_relay(&fake.url(), 96, &dir);
+    let keys = TokenKeys::from_config(&TokensConfig::new(Secret::new(SECRET)));
+    let report = relay_load::run(&LoadOptions {
+        target: Target::relay(relay.client),
+        auth: AuthVia::Header,
+        credentials: Credentials::Mint(Arc::new(keys), Duration::from_secs(600)),
+        streams: 150,
+        ramp_per_sec: 0.0,
+        stream_seconds: 2.0,
+        pace: Pace::Times(4.0),
+        duration: Duration::from_secs(60),
+        threads: 1,
+        ..LoadOptions::default()
+    })
+    .expect("load runs");
+    let table = report.table();
+    let _ = std::fs::remove_dir_all(&dir);
+    let at_limit: Vec<&str> = ["http 503", "error 503"]
+        .into_iter()
+        .filter(|f| {
+            report
+                .refusal_reasons
+                .keys()
+                .any(|(k, m)| k == f && m.contains("file limit"))
+        })
+        .collect();
+    assert!(
+        !at_limit.is_empty(),
+        "no stream met the file limit: {table}"
+    );
+    for failure in at_limit {
+        let start = if failure == "http 503" {
+            "streams refused with HTTP 503 (answered "
+        } else {
+            "streams were told to reconnect (error 503 after the upgrade) (answered "
+        };
+        let hint = table
+            .lines()
+            .find(|l| l.starts_with("hint: ") && l.contains(start))
+            .unwrap_or_else(|| panic!("no hint for {failure}: {table}"));
+        assert!(
+            hint.contains("file limit")
+                && hint.contains("the relay is at its open-file limit: raise it"),
+            "{hint}"
+        );
+        assert!(
+            !hint.contains("draining") && !hint.contains("drains"),
+            "{hint}"
+        );
+    }
+}

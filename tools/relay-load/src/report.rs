@@ -157,12 +157,43 @@ impl LoadReport {
                  raise it or run fewer streams (-n)"
             ));
         }
+        // What the refusals of `failures` said, quoted: ` (answered "…" x3)`.
+        let answered = |failures: &[&str]| -> String {
+            let quoted: Vec<String> = self
+                .refusal_reasons
+                .iter()
+                .filter(|((f, _), _)| failures.contains(&f.as_str()))
+                .map(|((_, m), n)| format!("{m:?} x{n}"))
+                .collect();
+            if quoted.is_empty() {
+                String::new()
+            } else {
+                format!(" (answered {})", quoted.join(", "))
+            }
+        };
+        // A clio-relay at its open-file limit says so in its 503s (HTTP
+        // before the upgrade, error 503 for an upstream connection it
+        // could not open): that is the cause, where the lines below
+        // could only guess at draining, max_streams or upstream.
+        let at_file_limit = |failure: &str| {
+            self.refusal_reasons
+                .keys()
+                .any(|(f, m)| f == failure && m.contains("file limit"))
+        };
+        const FILE_LIMIT: &str = "the relay is at its open-file limit: raise it \
+             (LimitNOFILE= under systemd, ulimit -n in a shell; clio_relay_file_limit_total \
+             counts where it was met) or run fewer streams (-n)";
         let full = by(&["http 503"]);
         if full > 0 {
+            let why = if at_file_limit("http 503") {
+                FILE_LIMIT
+            } else {
+                "the target is full or going away; a clio-relay answers so at \
+                 server.max_streams or while draining (its log says which)"
+            };
             h.push(format!(
-                "{full} streams refused with HTTP 503: the target is full or going away; a \
-                 clio-relay answers so at server.max_streams or while draining (its log says \
-                 which)"
+                "{full} streams refused with HTTP 503{}: {why}",
+                answered(&["http 503"])
             ));
         }
         let auth = by(&["http 401", "error 401"]);
@@ -222,11 +253,17 @@ impl LoadReport {
         }
         let reconnect = by(&["error 503"]);
         if reconnect > 0 {
+            let why = if at_file_limit("error 503") {
+                FILE_LIMIT
+            } else {
+                "the target failed them; a clio-relay does so when it drains (SIGTERM, a \
+                 restart) or retires their key, or when upstream failed mid-stream with no \
+                 resume left (its log says which)"
+            };
             h.push(format!(
-                "{reconnect} streams were told to reconnect (error 503 after the upgrade): the \
-                 target failed them; a clio-relay does so when it drains (SIGTERM, a restart) or \
-                 retires their key, or when upstream failed mid-stream with no resume left (its \
-                 log says which)"
+                "{reconnect} streams were told to reconnect (error 503 after the upgrade){}: \
+                 {why}",
+                answered(&["error 503"])
             ));
         }
         let unanswered = by(&[super::stream::CLOSED_UNANSWERED]);
