@@ -580,3 +580,53 @@ fn streams_open_through_a_resolver_outage() {
         "once per outage: {text}"
     );
 }
+
+/// Streams a relay refuses with 429 (here its one account at its
+/// `max_concurrent_streams` of 1) get a hint that quotes the relay's
+/// answer, which names the limit; the line alone can only list the
+/// limits it may be. Before, the answer was in the JSON's
+/// `refusal_reasons` only.
+#[test]
+fn a_relays_429_is_quoted_in_its_hint() {
+    let fake = echo_fake();
+    let mut cfg = relay_config(&fake.url());
+    cfg.accounts[0].max_concurrent_streams = 1;
+    let relay = clio_relay::cli::server::start(&cfg).expect("relay starts");
+    let keys = Arc::new(TokenKeys::from_config(&cfg.tokens));
+    let mut opts = smoke_options(
+        Target::relay(relay.client_addr),
+        AuthVia::Header,
+        Credentials::Mint(keys, Duration::from_secs(600)),
+    );
+    opts.streams = 3;
+    opts.ramp_per_sec = 0.0;
+    // Long enough that the three overlap however slow the machine is.
+    opts.pace = Pace::Times(1.0);
+    let report = relay_load::run(&opts).expect("load runs");
+    relay.shutdown();
+    let table = report.table();
+    let refused = report.streams_failed.get("http 429").copied().unwrap_or(0)
+        + report.streams_failed.get("error 429").copied().unwrap_or(0);
+    assert!(refused >= 1, "{table}");
+    let said: Vec<&String> = report
+        .refusal_reasons
+        .iter()
+        .filter(|((f, _), _)| f.ends_with(" 429"))
+        .map(|((_, m), _)| m)
+        .collect();
+    assert!(!said.is_empty(), "the relay said nothing: {table}");
+    let hint = table
+        .lines()
+        .find(|l| {
+            l.starts_with(&format!(
+                "hint: {refused} streams refused with 429 (answered "
+            ))
+        })
+        .unwrap_or_else(|| panic!("no quoting 429 hint: {table}"));
+    for m in said {
+        assert!(
+            hint.contains(&format!("{m:?} x")),
+            "{m:?} not quoted: {hint}"
+        );
+    }
+}

@@ -148,15 +148,6 @@ impl LoadReport {
                 self.unexpected
             ));
         }
-        let limited = by(&["error 429", "http 429"]);
-        if limited > 0 {
-            h.push(format!(
-                "{limited} streams refused with 429: a concurrency limit was full, either the \
-                 relay's (the enabled accounts' max_concurrent_streams together, or [devices] \
-                 limits; the relay's log names it) or upstream's (fake-soniox --max-concurrent); \
-                 raise it or run fewer streams (-n)"
-            ));
-        }
         // What the refusals of `failures` said, quoted: ` (answered "…" x3)`.
         let answered = |failures: &[&str]| -> String {
             let quoted: Vec<String> = self
@@ -171,6 +162,16 @@ impl LoadReport {
                 format!(" (answered {})", quoted.join(", "))
             }
         };
+        let limited = by(&["error 429", "http 429"]);
+        if limited > 0 {
+            h.push(format!(
+                "{limited} streams refused with 429{}: a concurrency limit was full, either the \
+                 relay's (the enabled accounts' max_concurrent_streams together, or [devices] \
+                 limits; the relay's log names it) or upstream's (fake-soniox --max-concurrent); \
+                 raise it or run fewer streams (-n)",
+                answered(&["error 429", "http 429"])
+            ));
+        }
         // A clio-relay at its open-file limit says so in its 503s (HTTP
         // before the upgrade, error 503 for an upstream connection it
         // could not open): that is the cause, where the lines below
