@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::Parser;
 use clio_relay::core::config::Config;
 use clio_relay::core::token::TokenKeys;
 use relay_load::{self, AuthVia, Credentials, LoadOptions, Mode, Pace, Target};
@@ -17,7 +16,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Load generator for clio-relay: N concurrent streams of echo-stamped audio,
 /// every frame's round trip measured, lost/duplicated/reordered frames counted.
-#[derive(Debug, Parser)]
+#[derive(Debug, clap::Parser)]
 #[command(name = "relay-load", version)]
 struct Args {
     /// Relay (or, with --direct, fake-soniox) address.
@@ -295,8 +294,37 @@ fn stopped_by() -> Option<&'static str> {
     }
 }
 
+/// What the command line gave that this run's mode does not use: `-n`
+/// with `--churn` (its workers are `--concurrency`), `--concurrency`
+/// without it. Said on stderr, not refused: scripts pass a common `-n`
+/// to every mode. Before, both were dropped unsaid, and `--churn -n 200`
+/// ran the default 50 workers.
+fn ignored_flags(matches: &clap::ArgMatches, args: &Args) -> Vec<String> {
+    use clap::parser::ValueSource;
+    let given = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
+    let mut out = Vec::new();
+    if args.churn && given("streams") {
+        out.push(format!(
+            "-n {} is ignored: a --churn run has --concurrency workers ({})",
+            args.streams, args.concurrency
+        ));
+    }
+    if !args.churn && given("concurrency") {
+        out.push(format!(
+            "--concurrency {} is ignored: it is --churn's; this run opens -n streams ({})",
+            args.concurrency, args.streams
+        ));
+    }
+    out
+}
+
 fn main() {
-    let args = Args::parse();
+    use clap::{CommandFactory as _, FromArgMatches as _};
+    let matches = Args::command().get_matches();
+    let args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    for ignored in ignored_flags(&matches, &args) {
+        eprintln!("relay-load: {ignored}");
+    }
     on_stop_signals();
     let result = run(args);
     let signal = STOP_SIGNAL.load(Ordering::SeqCst);

@@ -882,3 +882,42 @@ fn a_wait_or_keepalive_interval_of_zero_is_a_bad_argument() {
     assert_eq!(o.status.code(), Some(2), "{all}");
     assert!(all.contains("is not a duration"), "{all}");
 }
+
+/// `-n` with `--churn`, or `--concurrency` without it, is said to be
+/// ignored (stderr): each applies to its own modes only, and the run
+/// goes on with what does. Before, both were dropped unsaid: `--churn -n
+/// 200` ran the default 50 workers, and `--concurrency 200` with
+/// real-time streams ran the default 10.
+#[test]
+fn streams_and_concurrency_given_where_they_do_not_apply_are_said() {
+    for (args, said) in [
+        (
+            &["--churn", "-n", "5", "--duration", "1s"][..],
+            "relay-load: -n 5 is ignored: a --churn run has --concurrency workers (50)",
+        ),
+        (
+            &["--concurrency", "5", "-n", "2"],
+            "relay-load: --concurrency 5 is ignored: it is --churn's; this run opens -n streams (2)",
+        ),
+        (
+            &["--idle", "--concurrency", "5", "-n", "2", "--duration", "1s"],
+            "relay-load: --concurrency 5 is ignored",
+        ),
+    ] {
+        let o = Command::new(BIN)
+            .args(args)
+            .args(["--target", "127.0.0.1:9", "-q"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(said), "{args:?}: {err}");
+    }
+    // Given where it applies: nothing said.
+    let o = Command::new(BIN)
+        .args(["--churn", "--concurrency", "2", "--duration", "1s"])
+        .args(["--target", "127.0.0.1:9", "-q"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("ignored"), "{err}");
+}
