@@ -305,7 +305,12 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
-/// Parses `YYYY-MM-DD` into a UTC day number.
+/// The last year [`parse_day`] takes: a `YYYY` year. Past it the day
+/// arithmetic below overflows (a panic where overflow is checked, a wrong
+/// day where it wraps), and no ledger holds such a day anyway.
+pub const LAST_YEAR: i64 = 9999;
+
+/// Parses `YYYY-MM-DD` into a UTC day number: 1970-01-01 to 9999-12-31.
 pub fn parse_day(text: &str) -> Option<u64> {
     let mut it = text.trim().splitn(3, '-');
     let (y, m, d): (i64, u32, u32) = (
@@ -313,6 +318,9 @@ pub fn parse_day(text: &str) -> Option<u64> {
         it.next()?.parse().ok()?,
         it.next()?.parse().ok()?,
     );
+    if !(1970..=LAST_YEAR).contains(&y) {
+        return None;
+    }
     let leap = y % 4 == 0 && (y % 100 != 0 || y % 400 == 0);
     let month_days = match m {
         2 if leap => 29,

@@ -397,6 +397,49 @@ fn usage_queries_are_checked() {
 }
 
 #[test]
+fn a_usage_day_past_year_9999_is_refused_and_the_admin_port_lives_on() {
+    // The day arithmetic overflowed for a year past some 10^16: where
+    // overflow is checked the admin thread panicked, and the admin port
+    // (metrics, health, the admin API) never answered again; where it
+    // wraps, the query answered for some other day. A year past 9999 is
+    // no `YYYY` and no day any ledger holds.
+    let (_fake, relay) = admin_relay();
+    let admin = relay.handle.admin_addr;
+    for query in [
+        "from=10000-01-01",
+        "to=10000-01-01",
+        "to=100000000000000000-01-01",
+        "from=2026-01-01&to=9223372036854775807-12-31",
+    ] {
+        let (status, body) = http(
+            admin,
+            "GET",
+            &format!("/admin/usage?{query}"),
+            Some(ADMIN),
+            None,
+        );
+        assert_eq!(status, 400, "{query}: {body}");
+        let says = if query.starts_with("from=1") {
+            "from: "
+        } else {
+            "to: "
+        };
+        assert!(body.contains(says), "{query}: {body}");
+        assert!(body.contains("9999-12-31"), "{query}: {body}");
+    }
+    let (status, body) = http(
+        admin,
+        "GET",
+        "/admin/usage?from=2026-01-01&to=9999-12-31",
+        Some(ADMIN),
+        None,
+    );
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = http(admin, "GET", "/healthz", None, None);
+    assert_eq!(status, 200, "the admin port still answers");
+}
+
+#[test]
 fn a_revocation_that_could_never_match_is_refused() {
     // An id no token can carry (device and token ids are 1 to 128 of
     // A-Z a-z 0-9 . _ : @ -) would be stored and match nothing: a pasted

@@ -141,7 +141,7 @@ pub(super) async fn usage(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
         Some(t) => parse_day(t).ok_or_else(|| {
             http::json_error(
                 400,
-                &format!("{name}: want a day YYYY-MM-DD, 1970 or later"),
+                &format!("{name}: want a day YYYY-MM-DD, 1970-01-01 to 9999-12-31"),
             )
         }),
     };
