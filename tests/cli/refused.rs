@@ -119,6 +119,75 @@ fn an_unbounded_region_is_a_config_error() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// A price or budget that is no number is refused: TOML's `nan` and `inf`
+/// passed the "not negative" check, and a `nan` price made every cost of
+/// the account `null` in `/admin/usage` and `NaN` in
+/// `clio_relay_cost_month`, a `nan` budget never alerted, and a `nan`
+/// `unusual_factor` kept `unusual_usage` silent.
+#[test]
+fn a_price_budget_or_factor_that_is_no_number_is_a_config_error() {
+    let dir = std::env::temp_dir().join(format!("clio-relay-cli-price-{}", std::process::id()));
+    let config = relay_config(&dir, "127.0.0.1:0", "127.0.0.1:0");
+    let base = std::fs::read_to_string(&config).unwrap();
+    for (line, ok, names) in [
+        ("price_per_hour = 0.12", true, ""),
+        ("monthly_budget = 0", true, ""),
+        (
+            "price_per_hour = nan",
+            false,
+            "account \"a\".price_per_hour",
+        ),
+        (
+            "price_per_hour = inf",
+            false,
+            "account \"a\".price_per_hour",
+        ),
+        (
+            "price_per_hour = -1.0",
+            false,
+            "account \"a\".price_per_hour",
+        ),
+        (
+            "monthly_budget = nan",
+            false,
+            "account \"a\".monthly_budget",
+        ),
+        (
+            "monthly_budget = -inf",
+            false,
+            "account \"a\".monthly_budget",
+        ),
+        ("[alerts]\nunusual_factor = 2.5", true, ""),
+        (
+            "[alerts]\nunusual_factor = nan",
+            false,
+            "alerts.unusual_factor",
+        ),
+        (
+            "[alerts]\nunusual_factor = inf",
+            false,
+            "alerts.unusual_factor",
+        ),
+        (
+            "[alerts]\nunusual_factor = 0.0",
+            false,
+            "alerts.unusual_factor",
+        ),
+    ] {
+        std::fs::write(&config, format!("{base}{line}\n")).unwrap();
+        let o = run_env(&["check-config", "--config", &config]);
+        let out = text(&o);
+        if ok {
+            assert!(o.status.success(), "{line}: {out}");
+        } else {
+            assert_eq!(o.status.code(), Some(3), "{line}: {out}");
+            assert!(out.contains(names), "{line}: {out}");
+            assert!(out.contains("a finite number"), "{line}: {out}");
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// A master key that does not open the key store is the configuration's
 /// fault: exit 3, which the shipped unit does not restart on
 /// (`RestartPreventExitStatus=3`), and the key is never shown.

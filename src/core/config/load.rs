@@ -368,11 +368,19 @@ fn resolve(raw: RawFile, base: &Path) -> Result<Config, ConfigError> {
             .unwrap_or(acc.max_concurrent_streams);
         acc.price_per_hour = a.price_per_hour.unwrap_or(0.0);
         acc.monthly_budget = a.monthly_budget.unwrap_or(0.0);
-        if acc.price_per_hour < 0.0 || acc.monthly_budget < 0.0 {
-            p.push(
-                &prefix,
-                "price_per_hour and monthly_budget must not be negative",
-            );
+        // `nan` and `inf` are TOML floats too, and pass a `< 0` test: a
+        // `nan` price priced every cost `null` in /admin/usage and `NaN`
+        // in /metrics, and a `nan` budget never alerted.
+        for (key, v) in [
+            ("price_per_hour", acc.price_per_hour),
+            ("monthly_budget", acc.monthly_budget),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                p.push(
+                    &format!("{prefix}.{key}"),
+                    "must be a finite number, 0 or more",
+                );
+            }
         }
         accounts.push(acc);
     }
@@ -605,6 +613,13 @@ fn resolve_usage(u: RawUsage, a: RawAlerts, p: &mut Problems) -> UsageConfig {
         if v.is_some_and(|v| !(0.0..=1.0).contains(&v)) {
             p.push(key, "must be between 0 and 1");
         }
+    }
+    // A `nan` factor would keep `unusual_usage` silent, and one of 0 or
+    // below would fire it for any usage over the floor.
+    if a.unusual_factor
+        .is_some_and(|v| !(v.is_finite() && v > 0.0))
+    {
+        p.push("alerts.unusual_factor", "must be a finite number above 0");
     }
     if let Some(u) = &a.webhook_url {
         if let Err(why) = check_http_url(u) {
