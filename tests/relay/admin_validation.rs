@@ -376,6 +376,14 @@ fn usage_queries_are_checked() {
         // A misspelt parameter is not ignored: `group=device` would have
         // answered by account.
         ("group=device", "unknown parameter group"),
+        // A name with no value was read as absent: `group_by` alone
+        // answered by account, `from` alone from the 1st of this month.
+        (
+            "group_by",
+            "group_by: want group_by=account, device or pool",
+        ),
+        ("from&to=2026-12-01", "from: want from=YYYY-MM-DD"),
+        ("scope", "scope: want scope=fleet or node"),
         // Only the first of two was read.
         ("from=2026-01-01&from=2026-02-01", "from is given twice"),
         (

@@ -135,6 +135,19 @@ pub(super) async fn usage(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
     if let Some(name) = twice {
         return http::json_error(400, &format!("{name} is given twice"));
     }
+    // Nor is a name with no `=`: it was read as absent, so `group_by`
+    // alone answered by account.
+    if let Some(name) = KNOWN
+        .iter()
+        .find(|name| req.query.split('&').any(|kv| kv == **name))
+    {
+        let takes = match *name {
+            "from" | "to" => "YYYY-MM-DD",
+            "group_by" => "account, device or pool",
+            _ => "fleet or node",
+        };
+        return http::json_error(400, &format!("{name}: want {name}={takes}"));
+    }
     let today = utc_day(SystemTime::now());
     let parse = |name: &str, default: u64| match q(name) {
         None | Some("") => Ok(default),
