@@ -578,6 +578,28 @@ fn a_reloaded_price_reprices_the_usage_already_counted() {
         "{:?}",
         cost()
     );
+    // Removed from the file, the account has no price in force: its audio
+    // stays, priced 0 (README, "Usage and cost"), and by pool it is under
+    // `-`.
+    let other = "[[account]]\nid = \"b\"\nkey_file = \"k1\"\nprice_per_hour = 7.2\n";
+    write_config(&cfg, &fake.url(), other, extra);
+    relay.sighup();
+    assert!(
+        wait_until(Duration::from_secs(10), || near(cost(), 0.0)),
+        "{:?}",
+        cost()
+    );
+    let (_, body) = http(
+        relay.admin,
+        "GET",
+        "/admin/usage?group_by=pool",
+        Some(ADMIN),
+        None,
+    );
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["rows"][0]["key"], "-", "{body}");
+    assert_eq!(v["rows"][0]["audio_seconds"], 10.0, "{body}");
+    assert_eq!(v["rows"][0]["cost"], 0.0, "{body}");
     drop(relay);
     std::fs::remove_dir_all(&dir).ok();
 }
