@@ -305,6 +305,39 @@ fn cost_is_the_audio_hours_times_the_price_rounded_once() {
     assert!(line.ends_with(" 0.015"), "{line}");
 }
 
+#[test]
+fn a_pools_cost_is_its_accounts_audio_priced_and_rounded_once() {
+    // Two accounts of one pool: 10 s and 20 s at 36 an hour are 0.1 and
+    // 0.2. The pool's row summed the two rounded costs, 0.1 + 0.2 =
+    // 0.30000000000000004; priced as one sum it is 0.3.
+    let fake = fake(&["k1", "k2"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1"), ("b", "k2")]);
+    cfg.accounts[0].price_per_hour = 36.0;
+    cfg.accounts[1].price_per_hour = 36.0;
+    cfg.admin.token = Some(clio_relay::core::secret::Secret::new(ADMIN));
+    let relay = Relay::start(cfg);
+    let admin = relay.handle.admin_addr;
+    let call = |path: &str| {
+        let (status, body) = http(admin, "POST", path, Some(ADMIN), None);
+        assert_eq!(status, 200, "{path}: {body}");
+    };
+    // Each account in turn takes the streams: the other is disabled.
+    for (account, other, frames) in [("a", "b", 100), ("b", "a", 200)] {
+        call(&format!("/admin/accounts/{account}/enable"));
+        call(&format!("/admin/accounts/{other}/disable"));
+        let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+        let got = stream_session(&mut ws, &config_message(None), &audio_frames(frames, 1));
+        assert!(got.finished(), "{got:?}");
+    }
+    let rows = usage_rows(&relay, "account", 2);
+    assert_eq!(rows["a"]["cost"], 0.1, "{rows:?}");
+    assert_eq!(rows["b"]["cost"], 0.2, "{rows:?}");
+    let pools = usage_rows(&relay, "pool", 1);
+    let pool = pools.values().next().unwrap();
+    assert_eq!(pool["audio_seconds"], 30.0, "{pools:?}");
+    assert_eq!(pool["cost"], 0.3, "{pools:?}");
+}
+
 /// `clio-relay run` on `cfg`, its admin token [`ADMIN`]: the process and
 /// its client and admin addresses, from the line that says it listens
 /// (the rest of its log is read and dropped, so it never blocks on it).

@@ -78,8 +78,10 @@ fn ledger_for_fleet(
 /// whole or short price), so 1.5 s at 36 an hour is 0.015, not the
 /// 0.015000000000000001 that rounding `ms / 3_600_000` first gives.
 pub(super) fn cost(audio_ms: u64, price: f64) -> f64 {
-    audio_ms as f64 * price / 3_600_000.0
+    audio_ms as f64 * price / MS_PER_HOUR
 }
+
+const MS_PER_HOUR: f64 = 3_600_000.0;
 
 /// This month's audio milliseconds per account.
 pub(super) fn month_audio(admin: &Admin) -> HashMap<String, u64> {
@@ -223,7 +225,10 @@ pub(super) async fn usage(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
 
 /// `/admin/usage?group_by=pool` rows: the accounts' rows summed by pool,
 /// with their cost. An account's pool is the one it has now (or in the
-/// config file); an account gone from both is under `-`.
+/// config file); an account gone from both is under `-`. The cost is the
+/// sum of each account's audio times its price, divided once, as
+/// [`cost`] is: a sum of the accounts' rounded costs showed 0.1 + 0.2 as
+/// 0.30000000000000004.
 fn pool_rows(
     admin: &Admin,
     totals: &std::collections::BTreeMap<String, crate::core::usage::Totals>,
@@ -245,7 +250,7 @@ fn pool_rows(
             })
             .unwrap_or_else(|| "-".to_string());
         let p = prices.get(account).copied().unwrap_or_default();
-        let (sum, cost_sum, budget) = pools.entry(pool).or_default();
+        let (sum, priced_ms, budget) = pools.entry(pool).or_default();
         sum.streams += t.streams;
         sum.audio_ms += t.audio_ms;
         sum.audio_ms_relay += t.audio_ms_relay;
@@ -254,12 +259,12 @@ fn pool_rows(
         for (code, n) in &t.errors {
             *sum.errors.entry(*code).or_default() += n;
         }
-        *cost_sum += cost(t.audio_ms, p.per_hour);
+        *priced_ms += t.audio_ms as f64 * p.per_hour;
         *budget += p.monthly_budget;
     }
     pools
         .into_iter()
-        .map(|(pool, (t, cost, budget))| {
+        .map(|(pool, (t, priced_ms, budget))| {
             json!({
                 "key": pool,
                 "streams": t.streams,
@@ -268,7 +273,7 @@ fn pool_rows(
                 "bytes_up": t.bytes_up,
                 "bytes_down": t.bytes_down,
                 "errors": t.errors,
-                "cost": cost,
+                "cost": priced_ms / MS_PER_HOUR,
                 "monthly_budget": budget,
             })
         })
