@@ -173,6 +173,12 @@ fn days_round_trip() {
     assert_eq!(format_day(parse_day("2000-02-29").unwrap()), "2000-02-29");
     assert_eq!(parse_day("2100-02-29"), None);
     assert_eq!(format_day(parse_day("2026-12-31").unwrap()), "2026-12-31");
+    // YYYY: the last day is 9999-12-31. Past some 10^16 the arithmetic
+    // overflowed (a panic in a checked build).
+    assert_eq!(format_day(parse_day("9999-12-31").unwrap()), "9999-12-31");
+    assert_eq!(parse_day("10000-01-01"), None);
+    assert_eq!(parse_day("100000000000000000-01-01"), None);
+    assert_eq!(parse_day("9223372036854775807-01-01"), None);
 }
 
 #[test]
