@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 pub use crate::core::usage::{GroupBy, Totals, UsageRecord};
 
 pub mod store;
+pub use store::Page;
 
 /// How many ended streams are remembered for reconciliation.
 pub const RECENT_STREAMS: usize = 100_000;
@@ -153,15 +154,28 @@ impl UsageBook {
     /// A database that cannot be read is logged, and the answer then holds
     /// only what is not yet persisted.
     pub fn query(&self, from: u64, to: u64, group: GroupBy) -> BTreeMap<String, Totals> {
+        self.query_page(from, to, group, &Page::ALL).0
+    }
+
+    /// [`UsageBook::query`]'s rows of `page`, in key order, and the last
+    /// key's id if more rows follow it. However many keys the days hold,
+    /// it holds `page.limit` + 1 of them at most.
+    pub fn query_page(
+        &self,
+        from: u64,
+        to: u64,
+        group: GroupBy,
+        page: &Page,
+    ) -> (BTreeMap<String, Totals>, Option<String>) {
         let from = match self.prune_through {
             Some(p) => from.max(p.saturating_add(1)),
             None => from,
         };
         if from > to {
-            return BTreeMap::new();
+            return (BTreeMap::new(), None);
         }
         let mut out = match &self.store {
-            Some(s) => match s.query(group, from, to) {
+            Some(s) => match s.query(group, from, to, page) {
                 Ok(out) => {
                     self.read_worked(s);
                     out
@@ -173,12 +187,18 @@ impl UsageBook {
             },
             None => BTreeMap::new(),
         };
+        let after = page.after.as_deref();
         for (_, day) in self.pending[group as usize].range(from..=to) {
             for (k, t) in day {
-                out.entry(k.clone()).or_default().merge(t);
+                if after.is_none_or(|a| k.as_str() > a) {
+                    out.entry(k.clone()).or_default().merge(t);
+                }
             }
         }
-        out
+        // The stored rows kept one key past the page; what was pending may
+        // have added more.
+        let next = cut_page(&mut out, page);
+        (out, next)
     }
 
     /// Audio milliseconds per account since the ledger began: every day
@@ -287,6 +307,22 @@ impl UsageBook {
         self.prune_through = None;
         Ok(())
     }
+}
+
+/// Keeps `page`'s rows of `rows` (the keys after `page.after`, the first
+/// `page.limit` of them) and returns the last one kept if any row was
+/// past the page.
+pub fn cut_page<T>(rows: &mut BTreeMap<String, T>, page: &Page) -> Option<String> {
+    if let Some(after) = &page.after {
+        *rows = rows.split_off(after.as_str());
+        rows.remove(after.as_str());
+    }
+    if rows.len() <= page.limit {
+        return None;
+    }
+    let first_past = rows.keys().nth(page.limit).cloned().expect("past the page");
+    rows.split_off(&first_past);
+    rows.last_key_value().map(|(k, _)| k.clone())
 }
 
 /// Writes `bytes` to `path` so that a crash at any moment leaves either the

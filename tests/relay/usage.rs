@@ -697,3 +697,146 @@ fn a_stream_finalizing_at_a_sigint_is_in_the_ledger() {
     drop(relay);
     std::fs::remove_dir_all(&cfg.admin.state_dir).ok();
 }
+
+/// `/admin/usage` of a ledger with more devices than one answer holds
+/// comes in pages of keys in order: 25,000 stored devices over two days
+/// (some with errors) and one live stream's device still in memory, read
+/// with the default page (1,000 rows) and `after=` each `next`, give
+/// every device once, its days merged, and the live one in its place; a
+/// short page starts after the key asked. Before, the whole ledger was
+/// read and answered at once (a million device-days: a 166 MB answer, the
+/// admin thread busy for seconds, /healthz unanswered meanwhile).
+#[test]
+fn device_usage_comes_in_pages_of_keys_in_order() {
+    const STORED: usize = 25_000;
+    let fake = fake(&["k1"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.admin.token = Some(clio_relay::core::secret::Secret::new(ADMIN));
+    let db = cfg.admin.state_dir.join("usage.db");
+    let relay = Relay::start(cfg);
+    let admin = relay.handle.admin_addr;
+    // Two days before today, written beside the running relay as another
+    // SQLite writer would (the relay writes only at its persists).
+    let today = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        / 86_400) as i64;
+    // The relay makes the database as it starts its admin side.
+    assert!(wait_until(LIMIT, || db.exists()), "no {}", db.display());
+    {
+        let mut conn = rusqlite::Connection::open(&db).unwrap();
+        conn.busy_timeout(Duration::from_secs(10)).unwrap();
+        let tx = conn.transaction().unwrap();
+        for day in [today - 2, today - 1] {
+            // Each stream's day has its account's row too.
+            tx.execute(
+                "INSERT INTO totals VALUES (0, ?1, 'a', ?2, ?3, ?3, 1, 1)",
+                rusqlite::params![day, STORED as i64, 1000 * STORED as i64],
+            )
+            .unwrap();
+            for i in 0..STORED {
+                tx.execute(
+                    "INSERT INTO totals VALUES (1, ?1, ?2, 1, 1000, 1000, 100, 10)",
+                    rusqlite::params![day, format!("dev-{i:05}")],
+                )
+                .unwrap();
+                if i % 1000 == 7 && day == today - 1 {
+                    tx.execute(
+                        "INSERT INTO errors VALUES (1, ?1, ?2, 503, 1)",
+                        rusqlite::params![day, format!("dev-{i:05}")],
+                    )
+                    .unwrap();
+                }
+            }
+        }
+        tx.commit().unwrap();
+    }
+    // One device streams today: it sorts between dev-12345 and dev-12346.
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev-12345-live"), Via::Header).unwrap();
+    let got = stream_session(&mut ws, &config_message(None), &audio_frames(5, 1));
+    assert!(got.finished(), "{got:?}");
+
+    let get = |query: &str| -> (u16, Value) {
+        let (status, body) = http(
+            admin,
+            "GET",
+            &format!("/admin/usage?{query}"),
+            Some(ADMIN),
+            None,
+        );
+        (
+            status,
+            serde_json::from_str(&body).unwrap_or(Value::String(body)),
+        )
+    };
+    let range = "group_by=device&from=1970-01-01&to=9999-12-31";
+    let mut keys = Vec::new();
+    let mut pages = Vec::new();
+    let mut after = String::new();
+    loop {
+        let (status, v) = get(&format!("{range}&after={after}"));
+        assert_eq!(status, 200, "{v}");
+        let rows = v["rows"].as_array().unwrap();
+        pages.push(rows.len());
+        for r in rows {
+            let key = r["key"].as_str().unwrap().to_string();
+            if key == "dev-12345-live" {
+                assert_eq!(r["streams"], 1, "{r}");
+                assert_eq!(r["audio_seconds"], 0.5, "{r}");
+            } else {
+                assert_eq!(r["streams"], 2, "{r}");
+                assert_eq!(r["audio_seconds"], 2.0, "{r}");
+                let n: usize = key[4..].parse().unwrap();
+                let errors = if n % 1000 == 7 {
+                    serde_json::json!({"503": 1})
+                } else {
+                    serde_json::json!({})
+                };
+                assert_eq!(r["errors"], errors, "{r}");
+            }
+            keys.push(key);
+        }
+        match v["next"].as_str() {
+            Some(next) => {
+                assert_eq!(Some(next), keys.last().map(String::as_str));
+                after = next.to_string();
+            }
+            None => break,
+        }
+        assert!(pages.len() < 40, "pages without end: {pages:?}");
+    }
+    let mut want_pages = vec![1_000; 25];
+    want_pages.push(1);
+    assert_eq!(pages, want_pages);
+    let mut want: Vec<String> = (0..STORED).map(|i| format!("dev-{i:05}")).collect();
+    want.push("dev-12345-live".into());
+    want.sort();
+    assert!(
+        keys == want,
+        "the pages' keys are not every device once, in order"
+    );
+
+    let (status, v) = get(&format!("{range}&limit=3&after=dev-12345"));
+    assert_eq!(status, 200, "{v}");
+    let short: Vec<&str> = v["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(short, ["dev-12345-live", "dev-12346", "dev-12347"]);
+    assert_eq!(v["next"], "dev-12347");
+
+    for bad in [
+        "limit=0",
+        "limit=10001",
+        "limit=x",
+        "group_by=pool&limit=5",
+        "group_by=pool&after=a",
+    ] {
+        let (status, v) = get(bad);
+        assert_eq!(status, 400, "{bad}: {v}");
+    }
+    ws.close(None).ok();
+}

@@ -9,7 +9,9 @@ use std::time::SystemTime;
 use serde_json::json;
 
 use super::{Admin, Request};
-use crate::control::usage::{format_day, month_start, parse_day, GroupBy, UsageRecord};
+use crate::control::usage::{
+    cut_page, format_day, month_start, parse_day, GroupBy, Page, UsageRecord,
+};
 use crate::core::cluster::usage as cluster_usage;
 use crate::core::devices::{utc_day, Limit};
 use crate::core::metrics::text::{family, Kind};
@@ -83,6 +85,11 @@ pub(super) fn cost(audio_ms: u64, price: f64) -> f64 {
 
 const MS_PER_HOUR: f64 = 3_600_000.0;
 
+/// The most rows one `/admin/usage` answer holds (`limit`).
+pub const MAX_USAGE_ROWS: usize = 10_000;
+/// The rows of an answer that asks for no `limit`.
+pub const USAGE_PAGE: usize = 1_000;
+
 /// This month's audio milliseconds per account.
 pub(super) fn month_audio(admin: &Admin) -> HashMap<String, u64> {
     let today = utc_day(SystemTime::now());
@@ -95,10 +102,11 @@ pub(super) fn month_audio(admin: &Admin) -> HashMap<String, u64> {
         .collect()
 }
 
-/// `GET /admin/usage?from=YYYY-MM-DD&to=YYYY-MM-DD&group_by=account|device|pool&scope=fleet|node`.
+/// `GET /admin/usage?from=YYYY-MM-DD&to=YYYY-MM-DD&group_by=account|device|pool&scope=fleet|node&limit=N&after=KEY`.
 ///
 /// `group_by=pool` sums the accounts' rows (and costs) by each account's
-/// pool.
+/// pool. Account and device rows come in pages of keys in order
+/// ([`Page`]): `next` names the last row when more follow.
 ///
 /// In a fleet (`[cluster]`), `rows` are the fleet's totals and `nodes` each
 /// node's share, read from Redis; `scope=node`, or Redis unreachable (then
@@ -111,7 +119,7 @@ pub(super) async fn usage(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
     };
     // A misspelt parameter is refused, not ignored: `group=device` would
     // answer by account, and look like an answer.
-    const KNOWN: [&str; 4] = ["from", "to", "group_by", "scope"];
+    const KNOWN: [&str; 6] = ["from", "to", "group_by", "scope", "limit", "after"];
     let unknown = req
         .query
         .split('&')
@@ -122,7 +130,7 @@ pub(super) async fn usage(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
         let k: String = k.chars().take(64).collect();
         return http::json_error(
             400,
-            &format!("unknown parameter {k} (from, to, group_by, scope)"),
+            &format!("unknown parameter {k} (from, to, group_by, scope, limit, after)"),
         );
     }
     // Nor is a second value: only the first was read, so `…&to=X` added
@@ -146,6 +154,8 @@ pub(super) async fn usage(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
         let takes = match *name {
             "from" | "to" => "YYYY-MM-DD",
             "group_by" => "account, device or pool",
+            "limit" => "rows, 1 to 10000",
+            "after" => "the previous page's next",
             _ => "fleet or node",
         };
         return http::json_error(400, &format!("{name}: want {name}={takes}"));
@@ -176,6 +186,39 @@ pub(super) async fn usage(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
         Some("node") => false,
         Some(_) => return http::json_error(400, "scope: fleet or node"),
     };
+    // Rows come in pages of keys in order, so that a ledger of many
+    // devices is never read or answered whole: `next` names the last row
+    // when more follow, and `after=` it asks for them.
+    let limit = match q("limit") {
+        None => USAGE_PAGE,
+        Some(t) => match t.parse::<usize>() {
+            Ok(n) if (1..=MAX_USAGE_ROWS).contains(&n) => n,
+            _ => {
+                return http::json_error(
+                    400,
+                    &format!("limit: want a number of rows, 1 to {MAX_USAGE_ROWS}"),
+                )
+            }
+        },
+    };
+    let after = match q("after").map(|t| percent_encoding::percent_decode_str(t).decode_utf8()) {
+        None => None,
+        Some(Ok(t)) if t.is_empty() => None,
+        Some(Ok(t)) => Some(t.into_owned()),
+        Some(Err(_)) => return http::json_error(400, "after: not UTF-8"),
+    };
+    if by_pool && (after.is_some() || q("limit").is_some()) {
+        // A page of accounts would split a pool's sum.
+        return http::json_error(
+            400,
+            "limit and after page account and device rows; group_by=pool answers every pool",
+        );
+    }
+    let page = if by_pool {
+        Page::ALL
+    } else {
+        Page { after, limit }
+    };
     let group_name = match group {
         _ if by_pool => "pool",
         GroupBy::Account => "account",
@@ -195,15 +238,20 @@ pub(super) async fn usage(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
         Some(f) if fleet_scope => Some(f.usage(from, to, group).await),
         _ => None,
     };
-    let rows = match shared {
+    let (rows, next) = match shared {
         Some(Ok(by_node)) => {
             body["scope"] = json!("fleet");
+            let mut rows = crate::core::cluster::usage::fleet_totals(&by_node);
+            let next = cut_page(&mut rows, &page);
             body["nodes"] = by_node
-                .iter()
-                .map(|(node, totals)| (node.clone(), rows_of(totals)))
+                .into_iter()
+                .map(|(node, mut totals)| {
+                    totals.retain(|k, _| rows.contains_key(k));
+                    (node, rows_of(&totals))
+                })
                 .collect::<serde_json::Map<_, _>>()
                 .into();
-            crate::core::cluster::usage::fleet_totals(&by_node)
+            (rows, next)
         }
         other => {
             if let Some(Err(e)) = other {
@@ -213,13 +261,16 @@ pub(super) async fn usage(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
             if fleet.is_some() {
                 body["scope"] = json!("node");
             }
-            admin.usage.book.borrow().query(from, to, group)
+            admin.usage.book.borrow().query_page(from, to, group, &page)
         }
     };
     if let Some(f) = &fleet {
         body["node"] = json!(f.node_id);
     }
     body["rows"] = rows_of(&rows);
+    if let Some(next) = next {
+        body["next"] = json!(next);
+    }
     http::response(200, "application/json", "", body.to_string().as_bytes())
 }
 

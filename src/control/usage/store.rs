@@ -65,6 +65,24 @@ CREATE TABLE IF NOT EXISTS migrations (
 );
 ";
 
+/// Which rows of a query: the keys after `after` (all, when `None`), in
+/// order, at most `limit` of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    /// The key the previous page ended with.
+    pub after: Option<String>,
+    /// The most rows.
+    pub limit: usize,
+}
+
+impl Page {
+    /// Every row.
+    pub const ALL: Page = Page {
+        after: None,
+        limit: usize::MAX,
+    };
+}
+
 /// Changed counters waiting to be written: group → day → key → totals.
 pub(super) type Pending = [BTreeMap<u64, BTreeMap<String, Totals>>; 2];
 
@@ -218,43 +236,81 @@ impl Store {
     }
 
     /// Stored rows of `group` over the days `from..=to`, each key's days
-    /// merged.
+    /// merged: of the keys after `page.after`, the first `page.limit`, and
+    /// the one after them if there is one (which tells the caller there
+    /// are more).
+    ///
+    /// Rows are stored by day and then key, so each day gives its first
+    /// keys after `page.after` in order, and no more than the page can
+    /// use: a key among the page's is among the first `page.limit` + 1 of
+    /// every day it has a row on. So a page reads at most that many rows
+    /// a day and holds that many keys, however many devices the days had.
     pub fn query(
         &self,
         group: GroupBy,
         from: u64,
         to: u64,
+        page: &Page,
     ) -> rusqlite::Result<BTreeMap<String, Totals>> {
-        let (g, from, to) = (grp(group), int(from), int(to));
+        let g = grp(group);
+        let after = page.after.as_deref().unwrap_or("");
+        // SQLite's LIMIT is an i64; -1 is none.
+        let take = i64::try_from(page.limit.saturating_add(1)).unwrap_or(-1);
+        // Every stream's day has its account's row: the accounts' rows
+        // (a few a day) name the days.
+        let days: Vec<i64> = self
+            .conn
+            .prepare_cached(
+                "SELECT DISTINCT day FROM totals WHERE grp = 0 AND day BETWEEN ?1 AND ?2",
+            )?
+            .query_map(params![int(from), int(to)], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
         let mut out: BTreeMap<String, Totals> = BTreeMap::new();
         let mut st = self.conn.prepare_cached(
             "SELECT key, streams, audio_ms, audio_ms_relay, bytes_up, bytes_down FROM totals
-             WHERE grp = ?1 AND day BETWEEN ?2 AND ?3",
+             WHERE grp = ?1 AND day = ?2 AND key > ?3 ORDER BY key LIMIT ?4",
         )?;
-        let mut rows = st.query(params![g, from, to])?;
-        while let Some(r) = rows.next()? {
-            let t = Totals {
-                streams: uint(r.get(1)?),
-                audio_ms: uint(r.get(2)?),
-                audio_ms_relay: uint(r.get(3)?),
-                bytes_up: uint(r.get(4)?),
-                bytes_down: uint(r.get(5)?),
-                errors: BTreeMap::new(),
-            };
-            out.entry(r.get(0)?).or_default().merge(&t);
+        for day in &days {
+            let mut rows = st.query(params![g, day, after, take])?;
+            while let Some(r) = rows.next()? {
+                let key: String = r.get(0)?;
+                if out.len() > page.limit && !out.contains_key(&key) {
+                    // The page (and the one key after it) is full: a key
+                    // before its last takes that one's place; the day's
+                    // other keys come after this one.
+                    if out.last_key_value().is_some_and(|(last, _)| key > *last) {
+                        break;
+                    }
+                    out.pop_last();
+                }
+                let t = Totals {
+                    streams: uint(r.get(1)?),
+                    audio_ms: uint(r.get(2)?),
+                    audio_ms_relay: uint(r.get(3)?),
+                    bytes_up: uint(r.get(4)?),
+                    bytes_down: uint(r.get(5)?),
+                    errors: BTreeMap::new(),
+                };
+                out.entry(key).or_default().merge(&t);
+            }
         }
+        let Some(last) = out.last_key_value().map(|(k, _)| k.clone()) else {
+            return Ok(out);
+        };
         let mut st = self.conn.prepare_cached(
-            "SELECT key, code, n FROM errors WHERE grp = ?1 AND day BETWEEN ?2 AND ?3",
+            "SELECT key, code, n FROM errors WHERE grp = ?1 AND day = ?2 AND key > ?3 AND key <= ?4",
         )?;
-        let mut rows = st.query(params![g, from, to])?;
-        while let Some(r) = rows.next()? {
-            let code = u16::try_from(uint(r.get(1)?)).unwrap_or(u16::MAX);
-            let n = uint(r.get(2)?);
-            *out.entry(r.get(0)?)
-                .or_default()
-                .errors
-                .entry(code)
-                .or_default() += n;
+        for day in &days {
+            let mut rows = st.query(params![g, day, after, last])?;
+            while let Some(r) = rows.next()? {
+                let key: String = r.get(0)?;
+                // A key the page let go on the way has no row in it.
+                let Some(t) = out.get_mut(&key) else {
+                    continue;
+                };
+                let code = u16::try_from(uint(r.get(1)?)).unwrap_or(u16::MAX);
+                *t.errors.entry(code).or_default() += uint(r.get(2)?);
+            }
         }
         Ok(out)
     }

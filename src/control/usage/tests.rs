@@ -384,7 +384,9 @@ enum Op {
     Add(Vec<UsageRecord>),
     Save,
     Restart,
-    Query(u64, u64),
+    /// Days from..=to, and a page: after which key (an index into the
+    /// keys records use, or none), how many rows.
+    Query(u64, u64, Option<usize>, usize),
 }
 
 fn record() -> impl Strategy<Value = UsageRecord> {
@@ -416,7 +418,8 @@ fn op() -> impl Strategy<Value = Op> {
         4 => proptest::collection::vec(record(), 0..8).prop_map(Op::Add),
         2 => Just(Op::Save),
         1 => Just(Op::Restart),
-        2 => (0u64..7, 0u64..7).prop_map(|(a, b)| Op::Query(a.min(b), a.max(b))),
+        2 => (0u64..7, 0u64..7, proptest::option::of(0usize..8), 1usize..5)
+            .prop_map(|(a, b, after, limit)| Op::Query(a.min(b), a.max(b), after, limit)),
     ]
 }
 
@@ -448,11 +451,30 @@ proptest! {
                     book = UsageBook::load(&dir.0).unwrap();
                     unsaved.clear();
                 }
-                Op::Query(from, to) => {
+                Op::Query(from, to, after, limit) => {
                     let mut now = Model { books: saved.books.clone() };
                     now.add(&unsaved);
                     for g in [GroupBy::Account, GroupBy::Device] {
-                        prop_assert_eq!(book.query(from, to, g), now.query(from, to, g));
+                        let all = now.query(from, to, g);
+                        prop_assert_eq!(book.query(from, to, g), all.clone());
+                        // The page: the keys after `after`, the first
+                        // `limit`, and the last of them when more follow.
+                        let after = after.map(|i| {
+                            ["a", "b", "c", "device-0", "device-1", "device-2", "device-3", "device-4"][i]
+                                .to_string()
+                        });
+                        let mut past: Vec<_> = all
+                            .into_iter()
+                            .filter(|(k, _)| after.as_ref().is_none_or(|a| k > a))
+                            .collect();
+                        let more = past.len() > limit;
+                        past.truncate(limit);
+                        let next = more.then(|| past.last().unwrap().0.clone());
+                        let page = Page { after, limit };
+                        prop_assert_eq!(
+                            book.query_page(from, to, g, &page),
+                            (past.into_iter().collect(), next)
+                        );
                     }
                 }
             }
