@@ -15,6 +15,7 @@ mod devices;
 mod drain;
 mod errors;
 mod failover;
+mod handover;
 mod heads;
 mod health;
 mod key_age;

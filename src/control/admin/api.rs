@@ -380,11 +380,14 @@ pub(super) fn stats(admin: &Admin, shards: &[crate::core::metrics::MetricsSnapsh
     }))
 }
 
-/// Once a second on the admin thread: free the metrics indices of removed
+/// Once a second on the admin thread: take the account changes another
+/// process saved in the key store, free the metrics indices of removed
 /// accounts nothing holds, drop removed accounts' reconciliations, retire
 /// keys whose overlap is over, and warn (once a day per key) about keys
 /// due for rotation.
 pub(super) fn housekeeping(admin: &Admin) {
+    // The key store saved by another process (a hand-over's other relay).
+    admin.catch_up_store();
     // Removed accounts whose last stream has ended: their metrics index
     // is freed and their series go.
     let freed = admin.accounts.set.borrow_mut().free_metrics_slots();

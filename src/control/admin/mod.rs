@@ -180,6 +180,10 @@ struct AccountsState {
     store: Option<crate::control::keystore::KeyStore>,
     /// The store generation last written or read.
     store_generation: std::cell::Cell<u64>,
+    /// The store file as last looked at (inode, modification time, size),
+    /// so the check each second for another process's save reads and
+    /// opens the file only when it changed.
+    store_seen: std::cell::Cell<Option<(u64, i64, i64, u64)>>,
     /// The config file's accounts (the base the store's changes apply to).
     configs: RefCell<Vec<crate::core::config::AccountConfig>>,
     /// In a fleet: the account set other nodes stored could not be opened
@@ -273,6 +277,7 @@ impl Admin {
             accounts: AccountsState {
                 set: RefCell::new(setup.accounts),
                 store_generation: std::cell::Cell::new(setup.store.as_ref().map_or(0, |(_, g)| *g)),
+                store_seen: std::cell::Cell::new(None),
                 fleet_unreadable: std::cell::Cell::new(false),
                 fleet_version: std::cell::Cell::new(0),
                 changing: glommio::sync::Semaphore::new(1),
@@ -385,12 +390,64 @@ impl Admin {
     /// An unreachable store is no reason to refuse: the change then
     /// follows the rules for one made while the store is down.
     async fn catch_up_accounts(&self) {
+        self.catch_up_store();
         let (Some(fleet), Some(_)) = (self.process.fleet.get(), &self.accounts.store) else {
             return;
         };
         let base = self.accounts.fleet_version.get();
         if let Ok(AccountsAnswer::Moved(version, set)) = fleet.publish_accounts(None, base).await {
             self.apply_moved(version, set.as_deref());
+        }
+    }
+
+    /// Alone (not in a fleet), with a key store: applies the account set
+    /// another process saved in the store since this one last read or
+    /// wrote it. That is the other relay of a hand-over restart, which
+    /// shares the state directory: a key pulled on either one (the
+    /// operator's `clio-relay keys` reaches the one at the config file's
+    /// admin port, the old one) must reach the other, whose next change
+    /// would otherwise write its own set over it. Only a later generation
+    /// is taken: a store removed, or an older copy put back, by hand is
+    /// written over at the next change, as before. Called once a second
+    /// and before each change; the file is opened only when it changed.
+    fn catch_up_store(&self) {
+        use std::os::unix::fs::MetadataExt as _;
+        let Some(store) = &self.accounts.store else {
+            return;
+        };
+        if self.process.fleet.get().is_some() {
+            return;
+        }
+        let Ok(meta) = std::fs::metadata(store.path()) else {
+            return;
+        };
+        let stamp = (meta.ino(), meta.mtime(), meta.mtime_nsec(), meta.size());
+        if self.accounts.store_seen.replace(Some(stamp)) == Some(stamp) {
+            return;
+        }
+        // A store that cannot be read here (damaged, being replaced) is
+        // left to the next change, which keeps it aside and writes anew.
+        let Ok(data) = store.load() else {
+            return;
+        };
+        if data.generation <= self.accounts.store_generation.get() {
+            return;
+        }
+        self.accounts.store_generation.set(data.generation);
+        let now = crate::control::accounts::unix_now();
+        let merged = crate::control::keystore::merge(&self.accounts.configs.borrow(), &data, now);
+        let overlap = self.config.borrow().rotation_overlap;
+        let log = self
+            .accounts
+            .set
+            .borrow_mut()
+            .apply_merged(&merged, overlap, now);
+        if log.is_empty() {
+            return;
+        }
+        self.publish();
+        for change in log {
+            tracing::info!(change = %change, generation = data.generation, "account change saved in the key store by another process");
         }
     }
 
@@ -482,6 +539,8 @@ impl Admin {
             &cfg.accounts,
             now,
         );
+        // Onto what the other process of a hand-over saved, if it did.
+        self.catch_up_store();
         let mut log = self.accounts.set.borrow_mut().apply_config(
             &cfg.accounts,
             &self.accounts.configs.borrow(),

@@ -1,0 +1,284 @@
+//! Operator changes under live streams, on the `clio-relay` binary: a
+//! hand-over restart (`--join-client-port`, then SIGTERM to the old
+//! process), config reloads and key changes, and what the usage ledger
+//! says after each.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use clio_relay::core::secret::Secret;
+use clio_relay::core::token::TokenKeys;
+use serde_json::Value;
+use tungstenite::Message;
+
+use crate::util::*;
+
+const ADMIN: &str = "handover-admin-token-0123456789";
+const MASTER: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+/// Generous bound on any wait: the machine is shared.
+const LIMIT: Duration = Duration::from_secs(30);
+
+/// A `clio-relay run` process, killed when dropped.
+struct Proc {
+    child: Child,
+    admin: SocketAddr,
+}
+
+impl Proc {
+    fn spawn(cfg: &std::path::Path, secret: &Secret, join: bool) -> Proc {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_clio-relay"));
+        cmd.args(["run", "--config", cfg.to_str().unwrap()]);
+        if join {
+            cmd.arg("--join-client-port");
+        }
+        let mut child = cmd
+            .env("HANDOVER_SECRET", secret.expose())
+            .env("HANDOVER_ADMIN", ADMIN)
+            .env("HANDOVER_MASTER", MASTER)
+            .env("HANDOVER_KEY", "k1")
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let listening = lines
+            .by_ref()
+            .map_while(Result::ok)
+            .find(|l| l.contains("clio-relay listening"))
+            .expect("the relay logs its addresses");
+        // The rest of the log is read and dropped, so it never blocks.
+        std::thread::spawn(move || lines.map_while(Result::ok).for_each(drop));
+        Proc {
+            admin: listening_addr(&listening, "admin"),
+            child,
+        }
+    }
+
+    fn signal(&self, sig: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, sig).unwrap();
+    }
+
+    fn exited(&mut self) -> bool {
+        wait_until(LIMIT, || self.child.try_wait().unwrap().is_some())
+    }
+
+    fn rows(&self, group: &str) -> serde_json::Map<String, Value> {
+        let (status, body) = http(
+            self.admin,
+            "GET",
+            &format!("/admin/usage?group_by={group}"),
+            Some(ADMIN),
+            None,
+        );
+        assert_eq!(status, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        v["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| (r["key"].as_str().unwrap().to_string(), r.clone()))
+            .collect()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A port free on 127.0.0.1 now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A state directory and in it a config file: client port `port`, the
+/// admin port chosen by the kernel (so two processes can share the file),
+/// the key store's master key, the ledger persisted every 100 ms, then
+/// `rest` (sections and accounts).
+fn handover_config(
+    upstream: &str,
+    port: u16,
+    rest: &str,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir = state_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("relay.toml");
+    write_handover_config(&cfg, upstream, port, rest);
+    (dir, cfg)
+}
+
+fn write_handover_config(cfg: &std::path::Path, upstream: &str, port: u16, rest: &str) {
+    std::fs::write(
+        cfg,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:0\"\nshards = 2\n\
+             [upstream]\nurl = \"{upstream}\"\n[tokens]\nsecret_env = \"HANDOVER_SECRET\"\n\
+             [admin]\ntoken_env = \"HANDOVER_ADMIN\"\nmaster_key_env = \"HANDOVER_MASTER\"\n\
+             state_dir = \"state\"\nhealth_interval = \"0s\"\n\
+             [usage]\npersist_interval = \"100ms\"\n{rest}"
+        ),
+    )
+    .unwrap();
+}
+
+fn minter(secret: &Secret) -> impl Fn(&str) -> String {
+    let keys = TokenKeys::new(secret, None, Duration::from_secs(30));
+    move |device: &str| {
+        keys.mint(
+            device,
+            Duration::from_secs(600),
+            std::time::SystemTime::now(),
+        )
+        .unwrap()
+    }
+}
+
+/// A stream of `device` opened on `addr`: its config, then `frames`
+/// frames of 100 ms, each echoed before the next goes; left open.
+fn open(addr: SocketAddr, token: &str, frames: usize) -> Ws {
+    let (mut ws, _) = connect(addr, token, Via::Header).unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    more(&mut ws, frames);
+    ws
+}
+
+/// `frames` more frames of 100 ms on `ws`, each echoed before the next.
+fn more(ws: &mut Ws, frames: usize) {
+    for f in audio_frames(frames, 3) {
+        ws.send(Message::binary(f)).unwrap();
+        loop {
+            match ws.read().unwrap() {
+                Message::Text(t) => {
+                    assert!(!t.contains("error_code"), "{t}");
+                    break;
+                }
+                _ => continue,
+            }
+        }
+    }
+}
+
+/// Ends `ws`'s audio and reads to the close.
+fn finish(ws: &mut Ws) -> Received {
+    ws.send(Message::binary(Vec::<u8>::new())).unwrap();
+    read_all(ws)
+}
+
+fn audio(rows: &serde_json::Map<String, Value>, key: &str) -> (u64, f64) {
+    let r = rows.get(key).unwrap_or_else(|| panic!("{key}: {rows:?}"));
+    (
+        r["streams"].as_u64().unwrap(),
+        r["audio_seconds"].as_f64().unwrap(),
+    )
+}
+
+fn current_key(p: &Proc, id: &str) -> String {
+    let (status, body) = http(p.admin, "GET", "/admin/accounts", Some(ADMIN), None);
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let a = v["accounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["id"] == id)
+        .unwrap_or_else(|| panic!("{id}: {v}"))
+        .clone();
+    a["key"]["fingerprint"].to_string()
+}
+
+/// A key pulled during a hand-over restart, on either process, reaches
+/// the other within a second: both run on one state directory, and each
+/// takes the account set the other saves in the key store. The operator's
+/// `clio-relay keys` reaches the process at the config file's admin port,
+/// the old one; the new one's streams must leave the pulled key too, and
+/// a change made on the new one must move the old one's draining streams.
+/// Before, the new process never saw a change made on the old one: it kept
+/// taking streams on the pulled key, and its next change (or a reload)
+/// wrote its own set over the store, so the pull was lost for good.
+#[test]
+fn a_key_pulled_on_either_relay_of_a_hand_over_reaches_the_other() {
+    let fake = fake(&["k1", "k2", "k3"], |c| c.echo = true);
+    let port = free_port();
+    let (dir, cfg) = handover_config(
+        &fake.url(),
+        port,
+        "[[account]]\nid = \"a\"\nkey_env = \"HANDOVER_KEY\"\n",
+    );
+    let secret = secret();
+    let token = minter(&secret);
+    let old = Proc::spawn(&cfg, &secret, false);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut live = open(addr, &token("draining"), 5);
+    let new = Proc::spawn(&cfg, &secret, true);
+    old.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(wait_until(LIMIT, || http_get(old.admin, "/healthz", "").0 == 503));
+    let rotate = |p: &Proc, key: &str| {
+        let (status, body) = http(
+            p.admin,
+            "POST",
+            "/admin/accounts/a/rotate",
+            Some(ADMIN),
+            Some(&format!(r#"{{"key":"{key}","overlap":"0s"}}"#)),
+        );
+        assert_eq!(status, 200, "{body}");
+        current_key(p, "a")
+    };
+    // Pulled on the old process: the new one runs the new key.
+    let k2 = rotate(&old, "k2");
+    assert!(
+        wait_until(LIMIT, || current_key(&new, "a") == k2),
+        "the new process still runs key {} after the old one pulled it for {k2}",
+        current_key(&new, "a")
+    );
+    let mut fresh = open(addr, &token("fresh"), 3);
+    assert!(finish(&mut fresh).finished());
+    // The draining stream moved to k2 unseen, and goes on.
+    more(&mut live, 3);
+    // Pulled on the new process: the old one's draining stream leaves it.
+    let k3 = rotate(&new, "k3");
+    assert!(
+        wait_until(LIMIT, || current_key(&old, "a") == k3),
+        "the old process still runs key {} after the new one pulled it for {k3}",
+        current_key(&old, "a")
+    );
+    more(&mut live, 3);
+    assert!(finish(&mut live).finished());
+    let mut old = old;
+    assert!(
+        old.exited(),
+        "the old process did not exit after its stream"
+    );
+    // Upstream: the draining stream began on k1, and ended (its empty
+    // frame) on k3; the new process's stream ran on k2.
+    let sessions = fake.sessions();
+    let mut ended_on: Vec<_> = sessions
+        .iter()
+        .filter(|s| s.empty_frame_received)
+        .map(|s| s.key.clone().unwrap_or_default())
+        .collect();
+    ended_on.sort();
+    assert_eq!(ended_on, ["k2", "k3"], "{sessions:?}");
+    assert_eq!(sessions[0].key.as_deref(), Some("k1"));
+    // Usage: each stream once, with the audio its client sent.
+    assert!(wait_until(LIMIT, || new
+        .rows("device")
+        .contains_key("draining")));
+    let devices = new.rows("device");
+    assert_eq!(audio(&devices, "draining"), (1, 1.1), "{devices:?}");
+    assert_eq!(audio(&devices, "fresh"), (1, 0.3), "{devices:?}");
+    drop(new);
+    // The next start runs the last key pulled.
+    let next = Proc::spawn(&cfg, &secret, false);
+    assert_eq!(current_key(&next, "a"), k3);
+    drop(next);
+    std::fs::remove_dir_all(&dir).ok();
+}
