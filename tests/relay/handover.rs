@@ -282,3 +282,95 @@ fn a_key_pulled_on_either_relay_of_a_hand_over_reaches_the_other() {
     drop(next);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `/admin/revocations` on `p`: its revoked devices and token ids.
+fn revoked(p: &Proc) -> (Vec<String>, Vec<String>) {
+    let (status, body) = http(p.admin, "GET", "/admin/revocations", Some(ADMIN), None);
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let ids = |k: &str| -> Vec<String> {
+        v[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_str().unwrap().to_string())
+            .collect()
+    };
+    (ids("devices"), ids("token_ids"))
+}
+
+/// A revocation made during a hand-over restart, on either process,
+/// holds on both, and so does a lift: they share `revocations.json`, and
+/// each takes the lists the other saves. A device revoked on the old
+/// process (where the config file's admin port leads) is refused by the
+/// new one, which takes every new connection. Before, the new process
+/// read the file only at its start: it took the revoked device's
+/// streams, and its next change wrote its own lists over the file, so
+/// the revocation was gone after the next restart too.
+#[test]
+fn a_revocation_made_on_either_relay_of_a_hand_over_holds_on_both() {
+    let fake = fake(&["k1"], |c| c.echo = true);
+    let port = free_port();
+    let (dir, cfg) = handover_config(
+        &fake.url(),
+        port,
+        "[[account]]\nid = \"a\"\nkey_env = \"HANDOVER_KEY\"\n",
+    );
+    let secret = secret();
+    let token = minter(&secret);
+    let old = Proc::spawn(&cfg, &secret, false);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut live = open(addr, &token("draining"), 3);
+    let new = Proc::spawn(&cfg, &secret, true);
+    old.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(wait_until(LIMIT, || http_get(old.admin, "/healthz", "").0 == 503));
+    let change = |p: &Proc, method: &str, body: &str| {
+        let (status, answer) = http(
+            p.admin,
+            method,
+            "/admin/revocations",
+            Some(ADMIN),
+            Some(body),
+        );
+        assert_eq!(status, 200, "{answer}");
+    };
+    // Revoked on the old process: refused by the new one.
+    change(&old, "POST", r#"{"device_id":"stolen"}"#);
+    assert!(
+        wait_until(LIMIT, || revoked(&new).0 == ["stolen"]),
+        "the new process's revocations: {:?}",
+        revoked(&new)
+    );
+    let (mut ws, _) = connect(addr, &token("stolen"), Via::Header).unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    let got = read_all(&mut ws);
+    assert_eq!(
+        (got.error_code(), got.close_code()),
+        (Some(401), Some(1008)),
+        "{got:?}"
+    );
+    // Revoked on the new process, and the first lifted there: the old
+    // process's lists follow.
+    change(&new, "POST", r#"{"device_id":"lost"}"#);
+    change(&new, "DELETE", r#"{"device_id":"stolen"}"#);
+    assert!(
+        wait_until(LIMIT, || revoked(&old).0 == ["lost"]),
+        "the old process's revocations: {:?}",
+        revoked(&old)
+    );
+    more(&mut live, 2);
+    assert!(finish(&mut live).finished());
+    let mut old = old;
+    assert!(
+        old.exited(),
+        "the old process did not exit after its stream"
+    );
+    // A stream of the lifted device is served.
+    let mut back = open(addr, &token("stolen"), 2);
+    assert!(finish(&mut back).finished());
+    drop(new);
+    // The next start has the lists as last changed.
+    let next = Proc::spawn(&cfg, &secret, false);
+    assert_eq!(revoked(&next), (vec!["lost".to_string()], vec![]));
+    drop(next);
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -166,6 +166,10 @@ struct Admin {
     tls: Option<Arc<rustls::ClientConfig>>,
     /// The account set and where it is kept ([`services::accounts`]).
     accounts: AccountsState,
+    /// Outside a fleet: `revocations.json` as last looked at (inode,
+    /// modification time, size), so the check each second for another
+    /// process's save reads it only when it changed.
+    revocations_seen: std::cell::Cell<Option<(u64, i64, i64, u64)>>,
     /// Usage, prices, reconciliation and alerts ([`services::usage`]).
     usage: UsageState,
     /// Active health checks ([`services::health`]).
@@ -274,6 +278,7 @@ impl Admin {
             config: RefCell::new(setup.config),
             pools: setup.pools,
             tls: setup.tls,
+            revocations_seen: std::cell::Cell::new(None),
             accounts: AccountsState {
                 set: RefCell::new(setup.accounts),
                 store_generation: std::cell::Cell::new(setup.store.as_ref().map_or(0, |(_, g)| *g)),

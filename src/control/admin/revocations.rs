@@ -33,6 +33,9 @@ struct RevokeBody {
 /// live streams, when asked) within a poll interval.
 pub(super) async fn revocations(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
     let devices = &admin.process.devices;
+    // Onto the lists another process saved, so this change does not
+    // write over one made there.
+    catch_up(admin);
     if req.method != "GET" {
         if let Err(answer) = req.length_required() {
             return answer;
@@ -142,6 +145,7 @@ pub(super) fn expire(admin: &Admin) {
     if admin.process.fleet.get().is_some() {
         return;
     }
+    catch_up(admin);
     let devices = &admin.process.devices;
     let gone = devices.expire_revoked_tokens(crate::control::accounts::unix_now());
     if gone == 0 {
@@ -156,6 +160,67 @@ pub(super) fn expire(admin: &Admin) {
         // Kept in memory: the file still has them, and a restart expires
         // them again.
         tracing::error!(dir = %dir.display(), error = %e, "expired token id revocations not saved");
+    }
+}
+
+/// Outside a fleet: takes the revocation lists another process saved in
+/// the state directory since this one last looked (the other relay of a
+/// hand-over restart, which shares it), in place of its own. Both then
+/// refuse what either revoked, and a lift on either lifts it on both;
+/// without this each process's next save wrote its own lists over the
+/// other's, and the new process took the streams of a device revoked on
+/// the old one (where `clio-relay keys`' admin port, the config file's,
+/// leads). The file is read only when its inode, time or size moved.
+fn catch_up(admin: &Admin) {
+    use std::os::unix::fs::MetadataExt as _;
+    if admin.process.fleet.get().is_some() {
+        return;
+    }
+    let path = admin.config.borrow().state_dir.join(REVOCATIONS_FILE);
+    let Ok(meta) = std::fs::metadata(&path) else {
+        return;
+    };
+    let stamp = (meta.ino(), meta.mtime(), meta.mtime_nsec(), meta.size());
+    if admin.revocations_seen.replace(Some(stamp)) == Some(stamp) {
+        return;
+    }
+    // One being replaced or damaged is left alone: the running lists
+    // stand, and this relay's next save writes them.
+    let Some(saved) = std::fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Revoked>(&b).ok())
+    else {
+        return;
+    };
+    let devices = &admin.process.devices;
+    let now = crate::control::accounts::unix_now();
+    let skew_now = devices.token_bounds().1;
+    let tokens: std::collections::HashMap<_, _> = saved
+        .token_ids
+        .iter()
+        .map(|t| {
+            let at = saved.token_ids_revoked_at.get(t).copied().unwrap_or(now);
+            let skew = saved
+                .token_ids_clock_skew
+                .get(t)
+                .copied()
+                .unwrap_or(skew_now);
+            (t.clone(), Some((at, skew)))
+        })
+        .collect();
+    let before = devices.revoked();
+    devices.replace_revoked(
+        saved.devices.iter().cloned().collect(),
+        tokens,
+        saved.issued_through_refused,
+    );
+    let after = devices.revoked();
+    if after != before {
+        tracing::info!(
+            devices = after.0.len(),
+            token_ids = after.1.len(),
+            "revocations saved by another process on the state directory applied"
+        );
     }
 }
 
