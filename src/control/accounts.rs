@@ -486,8 +486,12 @@ impl Accounts {
     pub fn remove(&mut self, id: &str) -> Result<Entry, ChangeError> {
         let i = self.find(id)?;
         let entry = self.entries.remove(i);
-        self.removed
-            .retain(|s| s.live.load(Ordering::Relaxed) > 0 && s.id != id);
+        // States whose streams have all ended go. One of the same id in
+        // another pool stays while it has streams: an account moved to a
+        // pool and back counts them again when it returns (`add`).
+        self.removed.retain(|s| {
+            s.live.load(Ordering::Relaxed) > 0 && !(s.id == id && s.pool == entry.state.pool)
+        });
         if entry.state.live.load(Ordering::Relaxed) > 0 {
             self.removed.push(entry.state.clone());
         }

@@ -510,3 +510,47 @@ fn a_reload_moves_accounts_between_pools_but_adds_no_pool() {
     assert!(eu.wait_for(LIMIT, |s| s.len() == 1 && s[0].audio_frames == 1));
     assert_error_frame(&session(&relay, &token(&relay, "eu-b", &["eu"])), 429, 1013);
 }
+
+/// An account moved to another pool by a reload and back again, with a
+/// stream live in each: back in its first pool it counts the stream still
+/// live there against its limit, as it does after one move. Before, the
+/// move back forgot that stream (the account's state from its first pool
+/// was dropped when it left the second), so an account of limit 1 took a
+/// second stream in the pool.
+#[test]
+fn an_account_moved_to_another_pool_and_back_counts_its_streams_in_each() {
+    let fake = fake(&["k1"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[]);
+    cfg.pools = ["p1", "p2"]
+        .into_iter()
+        .map(|name| PoolConfig {
+            name: name.into(),
+            url: fake.url(),
+            rest_url: None,
+        })
+        .collect();
+    let mut a = AccountConfig::new("a", Secret::new("k1"));
+    a.pool = "p1".into();
+    a.max_concurrent_streams = 1;
+    cfg.accounts = vec![a];
+    let relay = Relay::start(cfg.clone());
+    let in_pool = |pool: &str| {
+        let mut next = cfg.clone();
+        next.accounts[0].pool = pool.into();
+        let log = relay.handle.reload(&next).unwrap();
+        assert!(
+            log.iter()
+                .any(|l| l.contains(&format!("moved a to pool {pool}"))),
+            "{log:?}"
+        );
+    };
+    let _first = hold(&relay, &token(&relay, "d1", &["p1"]));
+    assert!(fake.wait_for(LIMIT, |s| s.len() == 1 && s[0].audio_frames == 1));
+    in_pool("p2");
+    let _second = hold(&relay, &token(&relay, "d2", &["p2"]));
+    assert!(fake.wait_for(LIMIT, |s| s.len() == 2 && s[1].audio_frames == 1));
+    in_pool("p1");
+    assert_eq!(relay.account_live(0), 1, "the stream live in p1");
+    assert_error_frame(&session(&relay, &token(&relay, "d3", &["p1"])), 429, 1013);
+    assert_eq!(fake.sessions().len(), 2);
+}
