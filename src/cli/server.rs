@@ -303,6 +303,27 @@ pub fn start_joining(
     crate::dataplane::accept::check_file_limit(cfg.server.max_streams, n);
     let cpus = allowed_cpus();
     process.devices.set_daily_audio(cfg.devices.daily_audio());
+    // Alone, with a daily allowance: each device's day so far, from the
+    // usage ledger, before any stream (in a fleet, Redis has it).
+    if cfg.cluster.is_none() && cfg.devices.daily_audio() {
+        let day = crate::core::devices::utc_day(std::time::SystemTime::now());
+        match crate::control::usage::store::device_audio_on(&cfg.admin.state_dir, day) {
+            Ok(rows) => {
+                for (device, ms) in &rows {
+                    process.devices.seed_daily_audio(device, day, *ms);
+                }
+                if !rows.is_empty() {
+                    tracing::info!(
+                        devices = rows.len(),
+                        "daily audio so far read from the usage ledger"
+                    );
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "daily audio so far not read from the usage ledger; each device's day counts from now")
+            }
+        }
+    }
     process
         .devices
         .set_token_lifetime(cfg.tokens.max_ttl, cfg.tokens.clock_skew);

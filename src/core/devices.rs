@@ -402,6 +402,21 @@ impl Devices {
             .collect()
     }
 
+    /// Counts `ms` of audio `device` streamed on `day` before this process
+    /// started (the usage ledger's figure), so a restart does not start
+    /// its day at 0. Only raises what is known.
+    pub fn seed_daily_audio(&self, device: &str, day: u64, ms: u64) {
+        let state = self
+            .map
+            .entry(device.to_string())
+            .or_insert_with(|| Arc::new(DeviceState::new(Instant::now())))
+            .clone();
+        state.roll(day);
+        if state.day.load(Ordering::Acquire) == day {
+            state.others_ms.fetch_max(ms, Ordering::Relaxed);
+        }
+    }
+
     /// Says whether a daily audio allowance is configured (at start and at
     /// each reload). Without one, a device's audio today is not kept once
     /// its streams end. A reload that adds an allowance counts, for a device

@@ -691,6 +691,54 @@ fn usage_survives_a_restart() {
     std::fs::remove_dir_all(&cfg.admin.state_dir).ok();
 }
 
+/// A restart does not start a device's day at 0: the relay reads each
+/// device's audio so far today from the usage ledger before it takes a
+/// stream. A device that streamed 2.5 s of its 3 s allowance before the
+/// restart is ended at the first whole second of its next stream (about
+/// 1 s relayed), as it would have been without the restart. Before, the
+/// new process let it stream a whole new allowance (30 frames relayed).
+#[test]
+fn a_restart_keeps_each_devices_daily_audio_so_far() {
+    let fake = fake(&["k1"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.admin.token = Some(Secret::new(ADMIN));
+    cfg.accounts[0].max_concurrent_streams = 50;
+    cfg.devices.default = DeviceLimits {
+        audio_seconds_per_day: 3,
+        ..Default::default()
+    };
+    let relay = Relay::start(cfg.clone());
+    let token = relay.token("phone");
+    let (mut ws, _) = connect(relay.addr(), &token, Via::Header).unwrap();
+    assert!(stream_session(&mut ws, &config_message(None), &audio_frames(25, 1)).finished());
+    // A stop saves the ledger.
+    assert!(relay.wait_idle(Duration::from_secs(10)));
+    drop(relay);
+    assert_eq!(streams_on_disk(&cfg.admin.state_dir), 1);
+    let relay = Relay::start(cfg.clone());
+    let (mut ws, _) = connect(relay.addr(), &token, Via::Header).unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    for f in audio_frames(60, 2) {
+        if ws.send(Message::binary(f)).is_err() {
+            break;
+        }
+    }
+    let got = read_all(&mut ws);
+    assert_eq!(
+        (got.error_code(), got.close_code()),
+        (Some(429), Some(1008)),
+        "{got:?}"
+    );
+    assert!(fake.wait_for(Duration::from_secs(10), |s| s.len() == 2 && s[1].closed));
+    let relayed = fake.sessions()[1].audio_frames;
+    assert!(
+        relayed <= 15,
+        "{relayed} frames relayed after the restart, of a day with 0.5 s left"
+    );
+    drop(relay);
+    std::fs::remove_dir_all(&cfg.admin.state_dir).ok();
+}
+
 /// A stream that ends just before a normal stop (a drain's last streams)
 /// is in the ledger when the process is gone: the stop takes the shards'
 /// last records and saves, not waiting for the next persist.

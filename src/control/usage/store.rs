@@ -129,6 +129,32 @@ fn io_err(e: rusqlite::Error) -> std::io::Error {
     std::io::Error::other(format!("usage ledger database: {e}"))
 }
 
+/// Each device's audio milliseconds on `day` in the ledger in `dir`, read
+/// without changing anything (the database opened read-only; none there
+/// is no usage). At start, so a daily audio allowance counts what the
+/// device streamed before a restart.
+pub fn device_audio_on(dir: &Path, day: u64) -> std::io::Result<Vec<(String, u64)>> {
+    let path = dir.join(DB_FILE);
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let conn = Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(io_err)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(io_err)?;
+    let mut st = conn
+        .prepare("SELECT key, audio_ms FROM totals WHERE grp = ?1 AND day = ?2 AND audio_ms > 0")
+        .map_err(io_err)?;
+    let rows = st
+        .query_map(params![grp(GroupBy::Device), int(day)], |r| {
+            Ok((r.get::<_, String>(0)?, uint(r.get(1)?)))
+        })
+        .map_err(io_err)?
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .map_err(io_err)?;
+    Ok(rows)
+}
+
 impl Store {
     /// Opens (or creates) `dir/usage.db` and imports a `usage.json` found
     /// beside it.
