@@ -300,7 +300,8 @@ fn revoked(p: &Proc) -> (Vec<String>, Vec<String>) {
 
 /// A revocation made during a hand-over restart, on either process,
 /// holds on both, and so does a lift: they share `revocations.json`, and
-/// each takes the lists the other saves. A device revoked on the old
+/// each takes the lists the other saves, and ends its own live streams of
+/// a device revoked there with `end_live_streams`. A device revoked on the old
 /// process (where the config file's admin port leads) is refused by the
 /// new one, which takes every new connection. Before, the new process
 /// read the file only at its start: it took the revoked device's
@@ -320,6 +321,7 @@ fn a_revocation_made_on_either_relay_of_a_hand_over_holds_on_both() {
     let old = Proc::spawn(&cfg, &secret, false);
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut live = open(addr, &token("draining"), 3);
+    let mut lost = open(addr, &token("lost"), 3);
     let new = Proc::spawn(&cfg, &secret, true);
     old.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(wait_until(LIMIT, || http_get(old.admin, "/healthz", "").0 == 503));
@@ -348,14 +350,25 @@ fn a_revocation_made_on_either_relay_of_a_hand_over_holds_on_both() {
         (Some(401), Some(1008)),
         "{got:?}"
     );
-    // Revoked on the new process, and the first lifted there: the old
-    // process's lists follow.
-    change(&new, "POST", r#"{"device_id":"lost"}"#);
+    // Revoked on the new process, its live streams to end, and the first
+    // lifted there: the old process's lists follow, and its stream of
+    // the device ends.
+    change(
+        &new,
+        "POST",
+        r#"{"device_id":"lost","end_live_streams":true}"#,
+    );
     change(&new, "DELETE", r#"{"device_id":"stolen"}"#);
     assert!(
         wait_until(LIMIT, || revoked(&old).0 == ["lost"]),
         "the old process's revocations: {:?}",
         revoked(&old)
+    );
+    let got = read_all(&mut lost);
+    assert_eq!(
+        (got.error_code(), got.close_code()),
+        (Some(401), Some(1008)),
+        "the old process's stream of a device revoked on the new one: {got:?}"
     );
     more(&mut live, 2);
     assert!(finish(&mut live).finished());

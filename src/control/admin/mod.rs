@@ -166,10 +166,9 @@ struct Admin {
     tls: Option<Arc<rustls::ClientConfig>>,
     /// The account set and where it is kept ([`services::accounts`]).
     accounts: AccountsState,
-    /// Outside a fleet: `revocations.json` as last looked at (inode,
-    /// modification time, size), so the check each second for another
-    /// process's save reads it only when it changed.
-    revocations_seen: std::cell::Cell<Option<(u64, i64, i64, u64)>>,
+    /// Outside a fleet: `revocations.json` as shared with another process
+    /// on the state directory (a hand-over restart's other relay).
+    revocations_file: revocations::SharedFile,
     /// Usage, prices, reconciliation and alerts ([`services::usage`]).
     usage: UsageState,
     /// Active health checks ([`services::health`]).
@@ -278,7 +277,7 @@ impl Admin {
             config: RefCell::new(setup.config),
             pools: setup.pools,
             tls: setup.tls,
-            revocations_seen: std::cell::Cell::new(None),
+            revocations_file: revocations::SharedFile::default(),
             accounts: AccountsState {
                 set: RefCell::new(setup.accounts),
                 store_generation: std::cell::Cell::new(setup.store.as_ref().map_or(0, |(_, g)| *g)),

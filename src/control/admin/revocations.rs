@@ -74,11 +74,11 @@ pub(super) async fn revocations(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
                     }
                 }
                 if b.end_live_streams {
-                    for tx in &admin.shards {
-                        let _ = tx.try_send(ShardMsg::EndStreams {
-                            device: b.device_id.clone(),
-                            token: b.token_id.clone(),
-                        });
+                    end_streams(admin, b.device_id.clone(), b.token_id.clone());
+                    if admin.process.fleet.get().is_none() {
+                        admin
+                            .revocations_file
+                            .asked(b.device_id.clone(), b.token_id.clone());
                     }
                 }
                 tracing::warn!(
@@ -97,7 +97,7 @@ pub(super) async fn revocations(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
         // fleet, Redis does).
         if admin.process.fleet.get().is_none() {
             let dir = admin.config.borrow().state_dir.clone();
-            if let Err(e) = save_revocations(&dir, devices) {
+            if let Err(e) = save_revocations(&dir, devices, &admin.revocations_file) {
                 tracing::error!(dir = %dir.display(), error = %e, "revocations changed on this relay, but not saved");
                 return http::json_error(
                     500,
@@ -156,7 +156,7 @@ pub(super) fn expire(admin: &Admin) {
         "token id revocations expired (no token carrying them can still be valid)"
     );
     let dir = admin.config.borrow().state_dir.clone();
-    if let Err(e) = save_revocations(&dir, devices) {
+    if let Err(e) = save_revocations(&dir, devices, &admin.revocations_file) {
         // Kept in memory: the file still has them, and a restart expires
         // them again.
         tracing::error!(dir = %dir.display(), error = %e, "expired token id revocations not saved");
@@ -181,7 +181,7 @@ fn catch_up(admin: &Admin) {
         return;
     };
     let stamp = (meta.ino(), meta.mtime(), meta.mtime_nsec(), meta.size());
-    if admin.revocations_seen.replace(Some(stamp)) == Some(stamp) {
+    if admin.revocations_file.seen.replace(Some(stamp)) == Some(stamp) {
         return;
     }
     // One being replaced or damaged is left alone: the running lists
@@ -222,6 +222,118 @@ fn catch_up(admin: &Admin) {
             "revocations saved by another process on the state directory applied"
         );
     }
+    // Its requests to end live streams, each once: this process's streams
+    // of a device revoked there end too.
+    for e in admin.revocations_file.new_ends(&saved.end_live_streams) {
+        tracing::warn!(
+            device = e.device_id.as_deref().unwrap_or(""),
+            token_id = e.token_id.as_deref().unwrap_or(""),
+            "revoked by another process on the state directory, with end_live_streams: ending the live streams here"
+        );
+        end_streams(admin, e.device_id, e.token_id);
+    }
+}
+
+/// Tells every shard to end the live streams of `device` or `token`.
+fn end_streams(admin: &Admin, device: Option<String>, token: Option<String>) {
+    for tx in &admin.shards {
+        let _ = tx.try_send(ShardMsg::EndStreams {
+            device: device.clone(),
+            token: token.clone(),
+        });
+    }
+}
+
+/// How long a request to end live streams stays in `revocations.json`
+/// for another process to act on: it looks once a second.
+const END_KEPT_MS: u64 = 60_000;
+
+/// A revocation's request to end the live streams of its device or token
+/// id, as `revocations.json` carries it to another process.
+#[derive(serde::Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+struct EndRequest {
+    #[serde(default)]
+    device_id: Option<String>,
+    #[serde(default)]
+    token_id: Option<String>,
+    /// When it was made (Unix milliseconds).
+    at_ms: u64,
+    /// The process that made it.
+    pid: u32,
+}
+
+/// `revocations.json` as this process shares it with another on the same
+/// state directory (outside a fleet).
+#[derive(Debug)]
+pub(super) struct SharedFile {
+    /// The file as last looked at (inode, modification time, size), so
+    /// the check each second reads it only when it changed.
+    seen: std::cell::Cell<Option<(u64, i64, i64, u64)>>,
+    /// This process's requests to end live streams, the last
+    /// [`END_KEPT_MS`], written with the lists.
+    asked: std::cell::RefCell<Vec<EndRequest>>,
+    /// Another process's requests acted on here, the last [`END_KEPT_MS`].
+    done: std::cell::RefCell<Vec<EndRequest>>,
+    /// When this process started (Unix milliseconds): requests from
+    /// before are another process's business, ended there.
+    since_ms: u64,
+}
+
+impl Default for SharedFile {
+    fn default() -> Self {
+        SharedFile {
+            seen: Default::default(),
+            asked: Default::default(),
+            done: Default::default(),
+            since_ms: now_ms(),
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl SharedFile {
+    /// Records this process's request to end the live streams of
+    /// `device_id` or `token_id`, for the next save.
+    fn asked(&self, device_id: Option<String>, token_id: Option<String>) {
+        let now = now_ms();
+        let mut asked = self.asked.borrow_mut();
+        asked.retain(|e| now.saturating_sub(e.at_ms) < END_KEPT_MS);
+        asked.push(EndRequest {
+            device_id,
+            token_id,
+            at_ms: now,
+            pid: std::process::id(),
+        });
+    }
+
+    /// This process's recent requests, to save.
+    fn to_save(&self) -> Vec<EndRequest> {
+        let now = now_ms();
+        let mut asked = self.asked.borrow_mut();
+        asked.retain(|e| now.saturating_sub(e.at_ms) < END_KEPT_MS);
+        asked.clone()
+    }
+
+    /// Of `saved`, another process's requests made since this one started
+    /// and not yet acted on here.
+    fn new_ends(&self, saved: &[EndRequest]) -> Vec<EndRequest> {
+        let now = now_ms();
+        let mut done = self.done.borrow_mut();
+        done.retain(|e| now.saturating_sub(e.at_ms) < 2 * END_KEPT_MS);
+        let fresh: Vec<EndRequest> = saved
+            .iter()
+            .filter(|e| e.pid != std::process::id() && e.at_ms >= self.since_ms)
+            .filter(|e| !done.contains(e))
+            .cloned()
+            .collect();
+        done.extend(fresh.iter().cloned());
+        fresh
+    }
 }
 
 /// The revocations of a relay outside a fleet, in its state directory.
@@ -243,6 +355,10 @@ struct Revoked {
     /// `Devices::forgotten_through`); 0: none.
     #[serde(default)]
     issued_through_refused: u64,
+    /// The last minute's requests to end live streams, for another
+    /// process on the state directory (a hand-over's other relay).
+    #[serde(default)]
+    end_live_streams: Vec<EndRequest>,
 }
 
 /// Writes the revocation lists to `dir/revocations.json` (replaced
@@ -250,6 +366,7 @@ struct Revoked {
 fn save_revocations(
     dir: &std::path::Path,
     devices: &crate::core::devices::Devices,
+    shared: &SharedFile,
 ) -> std::io::Result<()> {
     let times = devices.revoked_token_times();
     let token_ids_revoked_at = times.iter().map(|(id, at, ..)| (id.clone(), *at)).collect();
@@ -265,6 +382,7 @@ fn save_revocations(
         token_ids_revoked_at,
         token_ids_clock_skew,
         issued_through_refused,
+        end_live_streams: shared.to_save(),
     })?;
     crate::control::usage::write_atomically(&dir.join(REVOCATIONS_FILE), &bytes)
 }
