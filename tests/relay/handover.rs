@@ -387,3 +387,99 @@ fn a_revocation_made_on_either_relay_of_a_hand_over_holds_on_both() {
     drop(next);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A hand-over restart under load, with the key pulled on the old process
+/// meanwhile: relay-load (echo mode: each frame back once, in order)
+/// keeps 8 streams going on the shared client port while the new process
+/// joins, the old one drains and exits. No stream is refused, cut or
+/// loses a frame; the streams open on the pulled key move off it unseen;
+/// and the ledger counts each stream once with the audio its client sent
+/// (relay-load's frames, 100 ms each), whichever process carried it.
+#[test]
+fn a_hand_over_under_load_with_a_key_pulled_loses_and_doubles_nothing() {
+    use relay_load::{self, AuthVia, Credentials, LoadOptions, Pace, Target};
+    let fake = fake(&["k1", "k2"], |c| c.echo = true);
+    let port = free_port();
+    let (dir, cfg) = handover_config(
+        &fake.url(),
+        port,
+        "[[account]]\nid = \"a\"\nkey_env = \"HANDOVER_KEY\"\nmax_concurrent_streams = 100\n",
+    );
+    let secret = secret();
+    let old = Proc::spawn(&cfg, &secret, false);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let keys = std::sync::Arc::new(TokenKeys::new(&secret, None, Duration::from_secs(30)));
+    let load = std::thread::spawn(move || {
+        relay_load::run(&LoadOptions {
+            target: Target::relay(addr),
+            auth: AuthVia::Header,
+            credentials: Credentials::Mint(keys, Duration::from_secs(600)),
+            streams: 8,
+            ramp_per_sec: 100.0,
+            stream_seconds: 1.0,
+            pace: Pace::Times(4.0),
+            repeat: true,
+            duration: Duration::from_secs(6),
+            threads: 1,
+            ..LoadOptions::default()
+        })
+        .unwrap()
+    });
+    // Streams on the old process first.
+    assert!(wait_until(LIMIT, || fake.sessions().len() >= 8));
+    let new = Proc::spawn(&cfg, &secret, true);
+    let mut old = old;
+    old.signal(nix::sys::signal::Signal::SIGTERM);
+    let (status, body) = http(
+        old.admin,
+        "POST",
+        "/admin/accounts/a/rotate",
+        Some(ADMIN),
+        Some(r#"{"key":"k2","overlap":"0s"}"#),
+    );
+    assert_eq!(status, 200, "{body}");
+    let report = load.join().unwrap();
+    let summary = report.table();
+    assert!(report.streams_failed.is_empty(), "{summary}");
+    assert_eq!(
+        (
+            report.streams_cut,
+            report.lost,
+            report.duplicated,
+            report.reordered
+        ),
+        (0, 0, 0, 0),
+        "{summary}"
+    );
+    assert!(old.exited(), "the old process did not exit");
+    let streams = || {
+        new.rows("account")
+            .get("a")
+            .and_then(|r| r["streams"].as_u64())
+    };
+    assert!(
+        wait_until(LIMIT, || streams() == Some(report.streams_ok)),
+        "ledger {:?}, relay-load {summary}",
+        new.rows("account")
+    );
+    let a = &new.rows("account")["a"];
+    assert_eq!(
+        a["audio_seconds"].as_f64(),
+        Some(report.frames_sent as f64 / 10.0),
+        "{a}"
+    );
+    let on = |key: &str| {
+        fake.sessions()
+            .iter()
+            .filter(|s| s.key.as_deref() == Some(key))
+            .count()
+    };
+    assert!(
+        on("k2") > 0 && on("k1") > 0,
+        "k1 {}, k2 {}",
+        on("k1"),
+        on("k2")
+    );
+    drop(new);
+    std::fs::remove_dir_all(&dir).ok();
+}
