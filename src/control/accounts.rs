@@ -362,7 +362,10 @@ impl Accounts {
         self.removed.retain(|s| s.live.load(Ordering::Relaxed) > 0);
         let mut freed = false;
         for (id, holder) in &mut self.metrics_ids {
-            if !id.is_empty() && holder.strong_count() == 0 {
+            // The holder is the id's last state; one it had in another
+            // pool (moved, then removed) may still carry streams.
+            let still_live = self.removed.iter().any(|s| s.id == *id);
+            if !id.is_empty() && holder.strong_count() == 0 && !still_live {
                 id.clear();
                 freed = true;
             }

@@ -554,3 +554,61 @@ fn an_account_moved_to_another_pool_and_back_counts_its_streams_in_each() {
     assert_error_frame(&session(&relay, &token(&relay, "d3", &["p1"])), 429, 1013);
     assert_eq!(fake.sessions().len(), 2);
 }
+
+/// An account moved to another pool and then removed, with a stream still
+/// live in its first pool: its metrics series stay while that stream
+/// lives, so the stream's end is counted on it and on no account added
+/// meanwhile. Before, once the account's state in the second pool was
+/// gone, its metrics index was freed with the first pool's stream still
+/// live: its series went, and a new account could take the index and
+/// have that stream's end counted as its own.
+#[test]
+fn an_account_moved_then_removed_keeps_its_series_while_its_first_pools_stream_lives() {
+    let fake = fake(&["k1", "k2"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[]);
+    cfg.pools = ["p1", "p2", "p3"]
+        .into_iter()
+        .map(|name| PoolConfig {
+            name: name.into(),
+            url: fake.url(),
+            rest_url: None,
+        })
+        .collect();
+    let account = |id: &str, key: &str, pool: &str| {
+        let mut a = AccountConfig::new(id, Secret::new(key));
+        a.pool = pool.into();
+        a
+    };
+    cfg.accounts = vec![account("a", "k1", "p1")];
+    let relay = Relay::start(cfg.clone());
+    let _first = hold(&relay, &token(&relay, "d1", &["p1"]));
+    assert!(fake.wait_for(LIMIT, |s| s.len() == 1 && s[0].audio_frames == 1));
+    // Moved to p2, where a stream comes and goes; "c" joins, in a pool of
+    // its own, after the first stream opened (which holds the accounts it
+    // could fail over to): its series going says a housekeeping pass ran.
+    let mut moved = cfg.clone();
+    moved.accounts[0].pool = "p2".into();
+    moved.accounts.push(account("c", "k2", "p3"));
+    relay.handle.reload(&moved).unwrap();
+    let mut second = hold(&relay, &token(&relay, "d2", &["p2"]));
+    assert!(fake.wait_for(LIMIT, |s| s.len() == 2 && s[1].audio_frames == 1));
+    second.send(Message::binary(Vec::<u8>::new())).unwrap();
+    read_all(&mut second);
+    assert!(wait_until(LIMIT, || relay.handle.process.live_streams() == 1));
+    let mut gone = cfg.clone();
+    gone.accounts.clear();
+    relay.handle.reload(&gone).unwrap();
+    let metrics = || http(relay.handle.admin_addr, "GET", "/metrics", None, None).1;
+    let series = |m: &str, id: &str| {
+        series_value(
+            m,
+            &format!("clio_relay_account_streams_active{{account=\"{id}\"}}"),
+        )
+    };
+    assert!(
+        wait_until(LIMIT, || series(&metrics(), "c").is_none()),
+        "the removed account c's series never went"
+    );
+    let m = metrics();
+    assert_eq!(series(&m, "a"), Some(1.0), "{m}");
+}
