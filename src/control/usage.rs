@@ -51,6 +51,13 @@ pub struct UsageBook {
     /// account. A client may set one id for several streams; Soniox's
     /// usage logs then list each under it, and each is compared.
     recent_index: HashMap<String, Vec<RecentSum>>,
+    /// The day and, per device, the audio milliseconds this process has
+    /// written to the database that day: what of a device's stored total
+    /// is another process's.
+    written_today: (u64, HashMap<String, u64>),
+    /// The database's `data_version` when last looked at: it moves only
+    /// when another process commits.
+    others_seen: Option<i64>,
     /// Whether the last read of the database failed: a failure is logged
     /// when the read before it did not fail, and the first read that works
     /// again says so (every `/metrics` scrape reads it).
@@ -272,6 +279,37 @@ impl UsageBook {
             .collect()
     }
 
+    /// Each device's audio on `day` that another process on the state
+    /// directory wrote to the database (the other relay of a hand-over
+    /// restart), when one has committed since the last call; `None` when
+    /// none has, or the database cannot be read. What this process wrote
+    /// is left out, and what it has not written yet is not in the
+    /// database.
+    pub fn others_device_audio(&mut self, day: u64) -> Option<Vec<(String, u64)>> {
+        let store = self.store.as_ref()?;
+        let version = store.data_version().ok()?;
+        if self.others_seen.replace(version) == Some(version) {
+            return None;
+        }
+        let rows = store.device_audio_on(day).ok()?;
+        let (written_day, written) = &self.written_today;
+        let mine = |d: &str| {
+            if *written_day == day {
+                written.get(d).copied().unwrap_or(0)
+            } else {
+                0
+            }
+        };
+        Some(
+            rows.into_iter()
+                .filter_map(|(d, total)| {
+                    let others = total.saturating_sub(mine(&d));
+                    (others > 0).then_some((d, others))
+                })
+                .collect(),
+        )
+    }
+
     /// Opens the ledger in `dir` (`usage.db`, created 0600 when missing),
     /// importing a `usage.json` left by an older relay.
     pub fn load(dir: &Path) -> std::io::Result<UsageBook> {
@@ -303,6 +341,18 @@ impl UsageBook {
         }
         let store = self.store.as_mut().expect("opened above");
         store.flush(&self.pending, self.prune_through)?;
+        let (day, written) = &mut self.written_today;
+        if let Some((&last, _)) = self.pending[GroupBy::Device as usize].last_key_value() {
+            if last > *day {
+                *day = last;
+                written.clear();
+            }
+        }
+        if let Some(devices) = self.pending[GroupBy::Device as usize].get(day) {
+            for (device, t) in devices {
+                *written.entry(device.clone()).or_default() += t.audio_ms;
+            }
+        }
         self.pending = Default::default();
         self.prune_through = None;
         Ok(())

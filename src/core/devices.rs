@@ -402,9 +402,10 @@ impl Devices {
             .collect()
     }
 
-    /// Counts `ms` of audio `device` streamed on `day` before this process
-    /// started (the usage ledger's figure), so a restart does not start
-    /// its day at 0. Only raises what is known.
+    /// Counts `ms` of audio `device` streamed on `day` elsewhere: before
+    /// this process started, or in another process on the state directory
+    /// (the usage ledger's figures), so a restart does not start its day
+    /// at 0. Only raises what is known.
     pub fn seed_daily_audio(&self, device: &str, day: u64, ms: u64) {
         let state = self
             .map
@@ -415,6 +416,11 @@ impl Devices {
         if state.day.load(Ordering::Acquire) == day {
             state.others_ms.fetch_max(ms, Ordering::Relaxed);
         }
+    }
+
+    /// Whether a daily audio allowance is configured.
+    pub fn daily_audio(&self) -> bool {
+        self.daily_audio.load(Ordering::Relaxed)
     }
 
     /// Says whether a daily audio allowance is configured (at start and at

@@ -483,3 +483,81 @@ fn a_hand_over_under_load_with_a_key_pulled_loses_and_doubles_nothing() {
     drop(new);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `clio_relay_devices_tracked` of `p`.
+fn devices_tracked(p: &Proc) -> Option<f64> {
+    let (_, metrics) = http(p.admin, "GET", "/metrics", None, None);
+    series_value(&metrics, "clio_relay_devices_tracked")
+}
+
+/// A device's audio on the old relay of a hand-over restart counts on the
+/// new one against its daily allowance: the new process learns from the
+/// shared ledger what the old one wrote there as its streams ended. A
+/// device that streamed 2.5 s of its 3 s on the old process, its stream
+/// ending there after the new one started, is ended at the first whole
+/// second of its next stream on the new one (about 1 s relayed). Before,
+/// the new process knew only the ledger as of its own start: it let the
+/// device stream a whole new allowance (30 frames).
+#[test]
+fn a_devices_audio_on_the_old_relay_of_a_hand_over_counts_on_the_new() {
+    let fake = fake(&["k1"], |c| c.echo = true);
+    let port = free_port();
+    let (dir, cfg) = handover_config(
+        &fake.url(),
+        port,
+        "[devices]\naudio_seconds_per_day = 3\n[[account]]\nid = \"a\"\nkey_env = \"HANDOVER_KEY\"\n",
+    );
+    let secret = secret();
+    let token = minter(&secret);
+    let mut old = Proc::spawn(&cfg, &secret, false);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut first = open(addr, &token("talker"), 25);
+    let new = Proc::spawn(&cfg, &secret, true);
+    old.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(wait_until(LIMIT, || http_get(old.admin, "/healthz", "").0 == 503));
+    assert!(finish(&mut first).finished());
+    assert!(
+        old.exited(),
+        "the old process did not exit after its stream"
+    );
+    // The new process has learnt of the device (it tracks it) once the
+    // old one's last persist is in the ledger.
+    let learnt = wait_until(LIMIT, || devices_tracked(&new) == Some(1.0));
+    // Frame by frame, each echoed before the next goes: how many got
+    // through before the allowance ended the stream.
+    let (mut ws, _) = connect(addr, &token("talker"), Via::Header).unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    let mut echoed = 0;
+    let mut ended = None;
+    'frames: for f in audio_frames(60, 2) {
+        if ws.send(Message::binary(f)).is_err() {
+            break;
+        }
+        loop {
+            match ws.read() {
+                Ok(Message::Text(t)) if t.contains("error_code") => {
+                    ended = Some(t.to_string());
+                    break 'frames;
+                }
+                Ok(Message::Text(_)) => {
+                    echoed += 1;
+                    break;
+                }
+                Ok(Message::Close(_)) | Err(_) => break 'frames,
+                Ok(_) => {}
+            }
+        }
+    }
+    assert!(
+        echoed <= 12,
+        "{echoed} frames streamed on the new process, of a day with 0.5 s left \
+         (learnt: {learnt}); then {ended:?}"
+    );
+    let ended = ended.unwrap_or_default();
+    assert!(
+        ended.contains("429") && ended.contains("daily audio"),
+        "{ended}"
+    );
+    drop(new);
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -53,6 +53,24 @@ pub(super) async fn usage(admin: &Admin) {
             last_save = Instant::now();
             save_usage(admin, false);
         }
+        learn_others_daily_audio(admin);
+    }
+}
+
+/// Alone, with a daily allowance: the devices' audio today that another
+/// process wrote to the shared ledger (the old relay of a hand-over
+/// restart, as its streams end), so a device moving from it to this
+/// process does not get its allowance again. Looked at once a second;
+/// read only when another process committed. (In a fleet Redis has it.)
+fn learn_others_daily_audio(admin: &Admin) {
+    let devices = &admin.process.devices;
+    if admin.process.fleet.get().is_some() || !devices.daily_audio() {
+        return;
+    }
+    let day = crate::core::devices::utc_day(std::time::SystemTime::now());
+    let others = admin.usage.book.borrow_mut().others_device_audio(day);
+    for (device, ms) in others.into_iter().flatten() {
+        devices.seed_daily_audio(&device, day, ms);
     }
 }
 

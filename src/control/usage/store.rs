@@ -356,6 +356,25 @@ impl Store {
         Ok(out)
     }
 
+    /// SQLite's `data_version`: it moves when another connection (another
+    /// process on the state directory) commits, not on this one's commits.
+    pub fn data_version(&self) -> rusqlite::Result<i64> {
+        self.conn.query_row("PRAGMA data_version", [], |r| r.get(0))
+    }
+
+    /// Each device's audio milliseconds on `day`, as stored.
+    pub fn device_audio_on(&self, day: u64) -> rusqlite::Result<Vec<(String, u64)>> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT key, audio_ms FROM totals WHERE grp = ?1 AND day = ?2 AND audio_ms > 0",
+        )?;
+        let rows = st
+            .query_map(params![grp(GroupBy::Device), int(day)], |r| {
+                Ok((r.get::<_, String>(0)?, uint(r.get(1)?)))
+            })?
+            .collect();
+        rows
+    }
+
     /// Moves the write-ahead log into the database file and empties it
     /// (SQLite also does this by itself every 1,000 pages).
     #[cfg(test)]
