@@ -527,27 +527,7 @@ fn a_devices_audio_on_the_old_relay_of_a_hand_over_counts_on_the_new() {
     // through before the allowance ended the stream.
     let (mut ws, _) = connect(addr, &token("talker"), Via::Header).unwrap();
     ws.send(Message::text(config_message(None))).unwrap();
-    let mut echoed = 0;
-    let mut ended = None;
-    'frames: for f in audio_frames(60, 2) {
-        if ws.send(Message::binary(f)).is_err() {
-            break;
-        }
-        loop {
-            match ws.read() {
-                Ok(Message::Text(t)) if t.contains("error_code") => {
-                    ended = Some(t.to_string());
-                    break 'frames;
-                }
-                Ok(Message::Text(_)) => {
-                    echoed += 1;
-                    break;
-                }
-                Ok(Message::Close(_)) | Err(_) => break 'frames,
-                Ok(_) => {}
-            }
-        }
-    }
+    let (echoed, ended) = frames_until_ended(&mut ws, 60);
     assert!(
         echoed <= 12,
         "{echoed} frames streamed on the new process, of a day with 0.5 s left \

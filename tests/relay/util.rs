@@ -830,3 +830,29 @@ pub fn sigint_and_reap(child: &mut std::process::Child, what: &str) {
     assert!(stopped, "{what}");
     assert!(status.success(), "{status:?}");
 }
+
+/// Streams up to `n` frames of 100 ms on `ws`, each echoed (an echoing
+/// fake-soniox) before the next goes, until the relay ends the stream:
+/// the frames echoed, and the error message that ended it, if any.
+pub fn frames_until_ended(ws: &mut Ws, n: usize) -> (usize, Option<String>) {
+    let mut echoed = 0;
+    for f in audio_frames(n, 2) {
+        if ws.send(Message::binary(f)).is_err() {
+            return (echoed, None);
+        }
+        loop {
+            match ws.read() {
+                Ok(Message::Text(t)) if t.contains("error_code") => {
+                    return (echoed, Some(t.to_string()))
+                }
+                Ok(Message::Text(_)) => {
+                    echoed += 1;
+                    break;
+                }
+                Ok(Message::Close(_)) | Err(_) => return (echoed, None),
+                Ok(_) => {}
+            }
+        }
+    }
+    (echoed, None)
+}
