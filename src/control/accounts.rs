@@ -202,6 +202,11 @@ pub struct Accounts {
     /// back, so its limit counts those streams (on the same key at
     /// Soniox, most likely) until they end.
     removed: Vec<Arc<AccountState>>,
+    /// Rotated-out keys of removed accounts while streams still run on
+    /// them: their retire time still holds (a key pulled with no overlap,
+    /// then its account removed, has its streams moved off within a
+    /// second, as without the removal).
+    removed_retiring: Vec<Arc<KeySlot>>,
 }
 
 impl Accounts {
@@ -214,6 +219,7 @@ impl Accounts {
             entries: Vec::new(),
             metrics_ids: Vec::new(),
             removed: Vec::new(),
+            removed_retiring: Vec::new(),
         };
         let now = unix_now();
         // A disabled account still waiting for its key is not loaded.
@@ -247,6 +253,7 @@ impl Accounts {
             entries: Vec::new(),
             metrics_ids: Vec::new(),
             removed: Vec::new(),
+            removed_retiring: Vec::new(),
         };
         let now = unix_now();
         for m in merged {
@@ -498,6 +505,13 @@ impl Accounts {
         if entry.state.live.load(Ordering::Relaxed) > 0 {
             self.removed.push(entry.state.clone());
         }
+        self.removed_retiring.extend(
+            entry
+                .retiring
+                .iter()
+                .filter(|k| k.live.load(Ordering::Relaxed) > 0)
+                .cloned(),
+        );
         Ok(entry)
     }
 
@@ -803,16 +817,18 @@ impl Accounts {
     /// that still carry streams, for the caller to report or end.
     pub fn expire_retiring(&mut self, now: u64) -> Vec<Arc<KeySlot>> {
         let mut overdue = Vec::new();
+        let mut expire = |k: &Arc<KeySlot>| {
+            let due = k.retire_at.load(Ordering::Relaxed) <= now;
+            let live = k.live.load(Ordering::Relaxed);
+            if due && live > 0 {
+                overdue.push(k.clone());
+            }
+            live > 0
+        };
         for e in &mut self.entries {
-            e.retiring.retain(|k| {
-                let due = k.retire_at.load(Ordering::Relaxed) <= now;
-                let live = k.live.load(Ordering::Relaxed);
-                if due && live > 0 {
-                    overdue.push(k.clone());
-                }
-                live > 0
-            });
+            e.retiring.retain(&mut expire);
         }
+        self.removed_retiring.retain(&mut expire);
         overdue
     }
 }

@@ -1079,3 +1079,48 @@ fn an_account_removed_and_added_again_counts_the_streams_still_on_it() {
         == 1));
     assert!(one_session(&relay).finished());
 }
+
+/// A key pulled (rotated out with no overlap) and its account removed
+/// within the same second: the pull still moves the key's streams off it
+/// within a second, here to the pool's other account, unseen by the
+/// client. The removal lets an account's streams go on, but on its
+/// current key; a rotated-out key keeps its retire time. Before, the
+/// removal dropped the account's rotated-out keys from the relay's
+/// watch: the stream ran on the pulled key to its end. An account a
+/// reload moved to another pool lost its rotated-out keys the same way.
+#[test]
+fn a_pulled_key_of_an_account_removed_at_once_still_has_its_streams_moved() {
+    let fake = fake(&["old-key", "new-key", "b-key"], |c| c.record_audio = true);
+    let mut cfg = relay_config(&fake.url(), &[("a", "old-key"), ("b", "b-key")]);
+    cfg.admin.token = Some(Secret::new(ADMIN));
+    // The stream opens on "a", the account with the most room.
+    cfg.accounts[1].max_concurrent_streams = 1;
+    let relay = Relay::start(cfg);
+    let frames = audio_frames(10, 1);
+    let mut live = half_a_raw_stream(&relay, &fake, &frames);
+    assert_eq!(fake.sessions()[0].key.as_deref(), Some("old-key"));
+    rotate_to_new_key(&relay, "0s");
+    let (status, body) = http(
+        relay.handle.admin_addr,
+        "DELETE",
+        "/admin/accounts/a",
+        Some(ADMIN),
+        None,
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        fake.wait_for(Duration::from_secs(20), |s| s.len() == 2),
+        "the stream stayed on the pulled key: {:?}",
+        fake.sessions()
+            .iter()
+            .map(|s| (s.key.clone(), s.audio_frames, s.closed))
+            .collect::<Vec<_>>()
+    );
+    for f in &frames[5..] {
+        live.send(Message::binary(f.clone())).unwrap();
+    }
+    live.send(Message::binary(Vec::new())).unwrap();
+    let s = seen_as_one_stream(&fake, read_all(&mut live));
+    assert_eq!(s[1].key.as_deref(), Some("b-key"));
+    assert!(s[1].audio.ends_with(&frames[5..].concat()));
+}
