@@ -72,6 +72,7 @@ cleanup() {
   # Before, a run stopped by Ctrl-C left the stopped relay-load behind for
   # good.
   local pid f
+  [ -n "${SLEEPER:-}" ] && kill "$SLEEPER" 2>/dev/null
   for pid in "${HELPERS[@]}"; do kill -STOP "$pid" 2>/dev/null; done
   for f in "${WORK:-/nonexistent}/vanish.pid" "${WORK:-/nonexistent}/stall.pid"; do
     pid=$(cat "$f" 2>/dev/null) || continue
@@ -222,7 +223,11 @@ while kill -0 "$LOAD" 2>/dev/null; do
     log "after ${t}s: RSS ${r} kB, ${f} fds, ${a} streams"
   fi
   [ $(( t % 60 )) -lt 10 ] && log "${t}s: RSS ${r} kB, ${f} fds, ${a} streams, ${d} devices remembered"
-  sleep 10
+  # In the background, waited for: bash runs a trap only between
+  # commands, and a foreground sleep held SIGTERM's for up to 10 s.
+  sleep 10 &
+  SLEEPER=$!
+  wait "$SLEEPER"
 done
 wait "$LOAD" || true
 RSS_END=$(tail -n 1 "$WORK/samples.tsv" | cut -f2)
