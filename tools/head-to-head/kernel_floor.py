@@ -108,4 +108,8 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        # Ctrl-C stops the whole run; head-to-head.sh says so and cleans up.
+        sys.exit(130)
