@@ -428,6 +428,60 @@ fn clients_that_do_not_speak_tls_are_closed_and_others_served() {
     }
 }
 
+/// A balancer's TCP health check (HAProxy's `check` without `httpchk`, a
+/// cloud load balancer's TCP check) connects and closes before sending a
+/// byte. On the plain port that is nothing; on the TLS port each one was
+/// counted and logged as a failed handshake (`tls handshake eof`, 400), so
+/// every check raised `errors_total{side="client",code="400"}` and took a
+/// line of the refusals' log budget.
+#[test]
+fn a_connection_closed_before_its_first_byte_is_no_failed_handshake() {
+    use std::io::{Read, Write};
+    let fake = fake(&["k1"], |_| {});
+    let (relay, ca) = tls_relay(&fake.url(), |_| {});
+    let refused = |code: &str| -> u64 {
+        let (_, metrics) = http(relay.handle.admin_addr, "GET", "/metrics", None, None);
+        let series = format!("clio_relay_errors_total{{side=\"client\",code=\"{code}\"}}");
+        series_value(&metrics, &series).unwrap_or(0.0) as u64
+    };
+    // Each check closes its side first; the relay's close of its own
+    // comes after whatever it counts, so the count is final once read.
+    let closed_by_the_relay = |tcp: &mut std::net::TcpStream| {
+        tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        tcp.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut got = vec![];
+        match tcp.read_to_end(&mut got) {
+            Ok(_) => got,
+            Err(e) => {
+                assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+                got
+            }
+        }
+    };
+    for _ in 0..10 {
+        let mut check = std::net::TcpStream::connect(relay.addr()).unwrap();
+        assert_eq!(closed_by_the_relay(&mut check), b"");
+    }
+    assert_eq!((refused("400"), refused("408")), (0, 0));
+    // A hello the client cuts short is still a failed handshake.
+    let mut half = std::net::TcpStream::connect(relay.addr()).unwrap();
+    half.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc])
+        .unwrap();
+    closed_by_the_relay(&mut half);
+    assert_eq!((refused("400"), refused("408")), (1, 0));
+    // And the port serves.
+    let mut ws = wss_connect(relay.addr(), &ca, &relay.token("d")).unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    ws.send(Message::binary(Vec::<u8>::new())).unwrap();
+    let mut finished = false;
+    while let Ok(m) = ws.read() {
+        if let Message::Text(t) = m {
+            finished |= t.contains("\"finished\":true");
+        }
+    }
+    assert!(finished, "the client's stream finished");
+}
+
 /// `limits.handshake_timeout` runs from accept to a complete upgrade
 /// request, the TLS handshake included: a client that spends part of it
 /// on a slow handshake gets only the rest for its request head, not a

@@ -151,14 +151,30 @@ async fn upgrade(shard: Rc<Shard>, tcp: RingSocket) -> Option<Upgraded> {
             // Asked now: a failed handshake has closed the socket. One
             // system call beside a TLS handshake.
             let tls_peer = peer();
+            let acceptor = futures_rustls::TlsAcceptor::from(tls.clone());
             // Boxed: a TLS handshake's state is larger than everything a
             // streaming task keeps, and is needed only for the first RTTs.
-            let accept = boxed!(futures_rustls::TlsAcceptor::from(tls.clone()).accept(tcp.into()));
+            let accept = boxed!(async move {
+                // A connection closed (or reset) before its first byte asked
+                // for nothing, as on the plain port: a balancer's TCP health
+                // check, not a failed handshake to count and log.
+                let mut first = [0u8; 1];
+                match std::future::poll_fn(|cx| tcp.poll_peek(cx, &mut first, 0)).await {
+                    Ok(0) | Err(_) => None,
+                    Ok(_) => Some(acceptor.accept(tcp.into()).await),
+                }
+            });
             let accept = drain_or(
                 &shard,
                 timeout(deadline.saturating_duration_since(Instant::now()), accept),
             );
-            match accept.await {
+            let accept = match accept.await {
+                Some(Some(None)) => return None,
+                Some(Some(Some(result))) => Some(Some(result)),
+                Some(None) => Some(None),
+                None => None,
+            };
+            match accept {
                 Some(Some(Ok(s))) => Conn::TlsServer(Box::new(s)),
                 // A drain ended before the handshake did: no HTTP to
                 // answer in yet, so the connection is closed.
