@@ -532,6 +532,14 @@ impl RelayHandle {
         {
             let mut applied = self.applied.lock().unwrap_or_else(|e| e.into_inner());
             let changed = cfg.live_changes_from(&applied);
+            if applied.tls.is_some() && cfg.tls.is_none() {
+                // Every wss:// client of this port fails from now on:
+                // said, not only implied by a missing certificate line.
+                log.push(
+                    "client-port TLS off ([tls] removed): new connections are served plain ws://"
+                        .to_string(),
+                );
+            }
             if !changed.is_empty() {
                 log.push(format!("changed: {}", changed.join(", ")));
             }

@@ -442,6 +442,47 @@ fn the_served_certificates_end_is_a_metric() {
     std::fs::remove_dir_all(tls.cert_file.parent().unwrap()).ok();
 }
 
+/// A reload may take `[tls]` away (or add it): the client port then
+/// serves new connections plain ws://. The certificate's end stayed in
+/// the metric, so `ClioRelayTlsCertificateExpiring` went on to fire for
+/// a certificate no longer served, and the reload's log said nothing of
+/// the port's change.
+#[test]
+fn a_reload_that_takes_tls_away_says_so_and_drops_its_metric() {
+    let fake = fake(&["k1"], |_| {});
+    let (relay, ca) = tls_relay(&fake.url(), |_| {});
+    let metric = || {
+        let (_, m) = http(relay.handle.admin_addr, "GET", "/metrics", None, None);
+        m.lines()
+            .find_map(|l| l.strip_prefix("clio_relay_tls_certificate_expiry_timestamp_seconds "))
+            .map(str::to_owned)
+    };
+    assert_eq!(metric().as_deref(), Some("67090118400"));
+    let mut plain = relay.cfg.clone();
+    plain.tls = None;
+    let log = relay.handle.reload(&plain).unwrap();
+    assert!(
+        log.iter()
+            .any(|l| l.contains("client-port TLS off") && l.contains("plain ws://")),
+        "{log:?}"
+    );
+    assert_eq!(metric(), None);
+    let token = relay.token("d");
+    assert!(wss_connect(relay.addr(), &ca, &token).is_err());
+    let (mut ws, _) = connect(relay.addr(), &token, Via::Header).unwrap();
+    ws.close(None).unwrap();
+    // And back: the metric with it.
+    let log = relay.handle.reload(&relay.cfg).unwrap();
+    assert!(
+        log.iter()
+            .any(|l| l.contains("TLS certificate read from tls.cert_file")),
+        "{log:?}"
+    );
+    assert_eq!(metric().as_deref(), Some("67090118400"));
+    assert!(wss_connect(relay.addr(), &ca, &token).is_ok());
+    std::fs::remove_dir_all(relay.cfg.tls.as_ref().unwrap().cert_file.parent().unwrap()).ok();
+}
+
 #[test]
 fn a_key_the_relay_cannot_sign_with_is_said_so() {
     // A 1024-bit RSA key or one on a curve ring does not sign with

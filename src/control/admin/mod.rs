@@ -567,6 +567,10 @@ impl Admin {
                 t.config
             }),
         };
+        if settings.tls.is_none() {
+            // No certificate served: none to alert on.
+            self.process.set_tls_not_after(None);
+        }
         self.process.pools.set_caps(&cfg.devices);
         self.process
             .devices
