@@ -355,6 +355,72 @@ fn a_failed_tls_handshake_is_logged_with_the_peer_and_the_reason() {
     );
 }
 
+/// A balancer that sends PROXY headers (HAProxy's `send-proxy-v2`) to a
+/// relay whose `server.proxy_protocol_from` does not list it fails every
+/// stream. The log said `malformed HTTP request` (a plain port) or
+/// rustls's `received corrupt message of type InvalidContentType` (a TLS
+/// port), neither of which points at the setting to fix.
+#[test]
+fn a_proxy_header_from_an_untrusted_address_is_named_in_the_log() {
+    use std::io::{Read, Write};
+    let capture = logs();
+    let fake = fake(&["key-t"], |c| c.forbidden = vec![]);
+    let dir = state_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+    let plain = Relay::start(relay_config(&fake.url(), &[("acct-t", "key-t")]));
+    let mut cfg = relay_config(&fake.url(), &[("acct-t", "key-t")]);
+    cfg.tls = Some(clio_relay::core::config::TlsConfig {
+        cert_file: dir.join("cert.pem"),
+        key_file: dir.join("key.pem"),
+    });
+    let tls = Relay::start(cfg);
+    // A v2 header (PROXY, TCP over IPv4, 192.0.2.7:5000 to 10.0.0.1:8080),
+    // then what the client sent: a request, or a TLS ClientHello's start.
+    let mut v2 = b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
+    v2.extend([192, 0, 2, 7, 10, 0, 0, 1, 0x13, 0x88, 0x1f, 0x90]);
+    for (relay, rest, line) in [
+        (
+            &plain,
+            &b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+            "request refused",
+        ),
+        (
+            &tls,
+            &[
+                0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+            ][..],
+            "TLS handshake failed",
+        ),
+    ] {
+        let mut tcp = std::net::TcpStream::connect(relay.addr()).unwrap();
+        tcp.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+            .unwrap();
+        let peer = format!("peer={} ", tcp.local_addr().unwrap());
+        tcp.write_all(&[&v2[..], rest].concat()).unwrap();
+        let mut got = vec![];
+        let _ = tcp.read_to_end(&mut got);
+        assert!(
+            wait_until(std::time::Duration::from_secs(10), || capture
+                .text()
+                .lines()
+                .any(|l| l.contains(line)
+                    && l.contains(&peer)
+                    && l.contains("PROXY protocol header")
+                    && l.contains("not in server.proxy_protocol_from"))),
+            "{line}: {}",
+            capture.text()
+        );
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// A refused stream's line names the device its token was minted for,
 /// whether the token came on the request or in the first message: the
 /// operator a user calls about a refusal can find it. Before, the line

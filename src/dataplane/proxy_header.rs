@@ -34,6 +34,14 @@ pub fn trusted(from: &[ipnet::IpNet], peer: SocketAddr) -> bool {
     !from.is_empty() && crate::dataplane::io::allowed(from, || Some(peer))
 }
 
+/// Whether `bytes` start with a PROXY header's signature (v1 or v2): what a
+/// balancer sends that the relay does not trust (not in
+/// `server.proxy_protocol_from`), said as such rather than as a request
+/// or TLS handshake that merely fails to parse.
+pub fn starts_with_signature(bytes: &[u8]) -> bool {
+    bytes.starts_with(V1_SIGNATURE) || bytes.starts_with(V2_SIGNATURE)
+}
+
 /// What the bytes at a connection's start say.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Parsed {
@@ -341,6 +349,15 @@ mod tests {
         let mut big = v2(1, 0x11, &[0; 12]);
         big[14..16].copy_from_slice(&9000u16.to_be_bytes());
         assert_eq!(refused(&big[..16]), Refusal::TooLarge);
+    }
+
+    #[test]
+    fn a_signature_is_told_from_a_request() {
+        assert!(starts_with_signature(&v2_ipv4([192, 0, 2, 7], 5000)));
+        assert!(starts_with_signature(b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\n"));
+        assert!(!starts_with_signature(b"GET / HTTP/1.1\r\n"));
+        assert!(!starts_with_signature(b"PROXY"));
+        assert!(!starts_with_signature(&[0x16, 3, 1]));
     }
 
     #[test]

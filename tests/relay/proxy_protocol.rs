@@ -286,8 +286,22 @@ fn from_an_untrusted_address_a_proxy_header_is_a_bad_request() {
     ] {
         let (status, text) = ask(&mut from([127, 0, 0, 2], at), &with(&prefix));
         assert_eq!(status, 400, "{text}");
-        assert!(text.contains("malformed HTTP request"), "{text}");
+        // Said as what it is: a balancer sending headers to a relay that
+        // does not trust it failed every stream as a "malformed HTTP
+        // request", no more.
+        assert!(
+            text.contains(
+                "malformed HTTP request: it starts with a PROXY protocol header, \
+                 and this address is not in server.proxy_protocol_from"
+            ),
+            "{text}"
+        );
     }
+    // A request that is merely malformed is not said to be one.
+    let (status, text) = ask(&mut from([127, 0, 0, 2], at), b"PROXY\r\n\r\n");
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("malformed HTTP request"), "{text}");
+    assert!(!text.contains("PROXY protocol"), "{text}");
     let (status, text) = ask(&mut from([127, 0, 0, 2], at), request.as_bytes());
     assert_eq!(status, 101, "no header from a client: {text}");
     let (status, text) = ask(&mut from([127, 0, 0, 1], at), &with(&claimed));

@@ -158,10 +158,21 @@ async fn upgrade(shard: Rc<Shard>, tcp: RingSocket) -> Option<Upgraded> {
                 // A connection closed (or reset) before its first byte asked
                 // for nothing, as on the plain port: a balancer's TCP health
                 // check, not a failed handshake to count and log.
-                let mut first = [0u8; 1];
+                // The first bytes, as many as a PROXY v2 signature: a
+                // balancer's header from an address not trusted to send one
+                // is named as such when the handshake fails on it.
+                let mut first = [0u8; 12];
                 match std::future::poll_fn(|cx| tcp.poll_peek(cx, &mut first, 0)).await {
                     Ok(0) | Err(_) => None,
-                    Ok(_) => Some(acceptor.accept(tcp.into()).await),
+                    Ok(n) => {
+                        let proxy_header = proxy_header::starts_with_signature(&first[..n]);
+                        Some(
+                            acceptor
+                                .accept(tcp.into())
+                                .await
+                                .map_err(|e| (e, proxy_header)),
+                        )
+                    }
                 }
             });
             let accept = drain_or(
@@ -193,7 +204,10 @@ async fn upgrade(shard: Rc<Shard>, tcp: RingSocket) -> Option<Upgraded> {
                     if shard.process.refusal_log.admit() {
                         let peer = peer_text(tls_peer);
                         match failed {
-                            Some(Err(e)) => {
+                            Some(Err((e, true))) => {
+                                tracing::info!(shard = shard.index, %peer, error = %e, reason = UNTRUSTED_PROXY_HEADER_TLS, "TLS handshake failed")
+                            }
+                            Some(Err((e, false))) => {
                                 tracing::info!(shard = shard.index, %peer, error = %e, "TLS handshake failed")
                             }
                             _ => {
@@ -311,7 +325,7 @@ async fn handshake(
         }
         Some(Err(HeadError::Malformed)) => {
             let _ = client
-                .write_all(&refuse(400, "malformed HTTP request", Side::Client))
+                .write_all(&refuse(400, malformed(buf.filled()), Side::Client))
                 .await;
             return None;
         }
@@ -330,7 +344,7 @@ async fn handshake(
         Ok(r) => r,
         Err(_) => {
             let _ = client
-                .write_all(&refuse(400, "malformed HTTP request", Side::Client))
+                .write_all(&refuse(400, malformed(buf.filled()), Side::Client))
                 .await;
             return None;
         }
@@ -525,6 +539,26 @@ async fn refuse_before_head(
     let _ = timeout(super::LAST_FRAMES_WAIT, client.close()).await;
     super::support::close_after_peer(client);
 }
+
+/// What a request that does not parse is told: a balancer's PROXY header
+/// from an address not in `server.proxy_protocol_from` is said as such
+/// (a balancer with `send-proxy-v2` and the relay without the setting
+/// fails every stream, and "malformed HTTP request" alone did not say why).
+fn malformed(bytes: &[u8]) -> &'static str {
+    if proxy_header::starts_with_signature(bytes) {
+        UNTRUSTED_PROXY_HEADER
+    } else {
+        "malformed HTTP request"
+    }
+}
+
+/// The refusal of a PROXY header from an address not trusted to send one.
+const UNTRUSTED_PROXY_HEADER: &str = "malformed HTTP request: it starts with a PROXY protocol \
+     header, and this address is not in server.proxy_protocol_from";
+
+/// Why a TLS handshake that began with such a header failed.
+const UNTRUSTED_PROXY_HEADER_TLS: &str = "the connection starts with a PROXY protocol header, \
+     and this address is not in server.proxy_protocol_from";
 
 /// A peer's address for a log line, or `-` when the socket no longer has
 /// one.
