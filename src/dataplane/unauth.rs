@@ -111,11 +111,32 @@ impl Drop for Place {
     }
 }
 
-/// The client's address as the pool counts it (an IPv4-mapped IPv6 address
-/// counts as the IPv4 address).
+/// The client's address as the pool counts it: an IPv4 address; an
+/// IPv4-mapped IPv6 address as the IPv4 address; any other IPv6 address
+/// as its /64, the network a subscriber is given and picks addresses from
+/// at will (counted by address, one IPv6 client could take every place).
 pub fn address_of(peer: std::net::SocketAddr) -> IpAddr {
     match peer.ip() {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(
+                u128::from(v6) & !u128::from(u64::MAX),
+            )),
+        },
         v4 => v4,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::address_of;
+
+    #[test]
+    fn ipv6_clients_count_by_their_64() {
+        let of = |s: &str| address_of(s.parse().unwrap()).to_string();
+        assert_eq!(of("192.0.2.7:1"), "192.0.2.7");
+        assert_eq!(of("[::ffff:192.0.2.7]:1"), "192.0.2.7");
+        assert_eq!(of("[2001:db8:1:2:3:4:5:6]:1"), "2001:db8:1:2::");
+        assert_eq!(of("[::1]:1"), "::");
     }
 }

@@ -148,6 +148,13 @@ fn a_trusted_balancers_header_names_the_client() {
     assert_eq!(status, 101, "another client, over IPv6: {text}");
     let (_c2, status, text) = waiting(b"PROXY TCP6 2001:db8::1 ::1 5001 8080\r\n".to_vec());
     assert_eq!(status, 429, "the IPv6 client again, by v1: {text}");
+    // An IPv6 client holds a /64 (a subscriber's network, from which it
+    // picks any address): one address was a fresh bound each time, so a
+    // single client could take the shard's whole pool.
+    let (_c3, status, text) = waiting(v2("[2001:db8::2]:5000".parse().unwrap()));
+    assert_eq!(status, 429, "the IPv6 client's /64 again: {text}");
+    let (_d, status, text) = waiting(v2("[2001:db8:0:1::1]:5000".parse().unwrap()));
+    assert_eq!(status, 101, "another /64: {text}");
     // A whole stream behind a header: the relay reads the header and
     // nothing past it.
     let frames = audio_frames(10, 3);
