@@ -115,8 +115,8 @@ impl fmt::Display for TlsError {
                 path.display()
             ),
             TlsError::Tls(e) => e.fmt(f),
-            // What ring cannot sign with (RSA under 2048 bits, P-521,
-            // secp256k1, Ed448) rustls says as "unexpected error: failed
+            // What ring cannot sign with (RSA under 2048 or over 4096
+            // bits, P-521, secp256k1, Ed448) rustls says as "unexpected error: failed
             // to parse private key as RSA, ECDSA, or EdDSA", which reads as
             // a damaged file.
             TlsError::Key {
@@ -125,7 +125,7 @@ impl fmt::Display for TlsError {
             } => write!(
                 f,
                 "tls.key_file {}: a kind of key the relay cannot sign with; it takes RSA keys of \
-                 2048 to 8192 bits, ECDSA keys on P-256 or P-384, and Ed25519 keys",
+                 2048 to 4096 bits, ECDSA keys on P-256 or P-384, and Ed25519 keys",
                 path.display()
             ),
             TlsError::Key { path, source } => {
