@@ -388,7 +388,8 @@ pub fn stream_listener(
 }
 
 /// Whether `peer` is in one of `allow`'s networks (an empty list allows
-/// everyone). IPv4-mapped IPv6 peers match IPv4 networks.
+/// everyone). IPv4-mapped IPv6 peers match IPv4 networks and IPv4-mapped
+/// ones (`::ffff:10.0.0.0/104`).
 pub fn allowed(
     allow: &[ipnet::IpNet],
     peer: impl FnOnce() -> Option<std::net::SocketAddr>,
@@ -396,13 +397,16 @@ pub fn allowed(
     // `peer` is a system call (`getpeername`): asked only with a list.
     allow.is_empty()
         || peer().is_some_and(|p| {
-            let ip = match p.ip() {
-                std::net::IpAddr::V6(v6) => v6
-                    .to_ipv4_mapped()
-                    .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
-                v4 => v4,
+            // An IPv4 client of a dual-stack port comes IPv4-mapped (and
+            // is logged so): an IPv4 entry or an IPv4-mapped one matches it.
+            let ip = p.ip();
+            let v4 = match ip {
+                std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4),
+                std::net::IpAddr::V4(_) => None,
             };
-            allow.iter().any(|n| n.contains(&ip))
+            allow
+                .iter()
+                .any(|n| n.contains(&ip) || v4.is_some_and(|v4| n.contains(&v4)))
         })
 }
 

@@ -367,5 +367,8 @@ mod tests {
         assert!(trusted(&from, "[::ffff:10.0.0.5]:1".parse().unwrap()));
         assert!(!trusted(&from, "10.0.0.6:1".parse().unwrap()));
         assert!(!trusted(&[], "10.0.0.5:1".parse().unwrap()));
+        let mapped: Vec<ipnet::IpNet> = vec!["::ffff:10.0.0.5/128".parse().unwrap()];
+        assert!(trusted(&mapped, "[::ffff:10.0.0.5]:1".parse().unwrap()));
+        assert!(!trusted(&mapped, "[::ffff:10.0.0.6]:1".parse().unwrap()));
     }
 }

@@ -540,3 +540,28 @@ fn behind_haproxy_passing_tls_through_each_client_is_its_own_address() {
     assert!(fake.wait_for(Duration::from_secs(10), |s| s.len() == 1 && s[0].closed));
     assert_eq!(fake.sessions()[0].audio, frames.concat());
 }
+
+/// On a dual-stack port (`[::]`) an IPv4 client's peer address is
+/// IPv4-mapped, and the log names it so (`[::ffff:192.0.2.7]:…`). An
+/// entry written that way in `server.allow` or `server.proxy_protocol_from`
+/// did not match: only the IPv4 form was compared, so the client the log
+/// named was refused (403) and the balancer's header was a bad request.
+#[test]
+fn an_ipv4_mapped_entry_matches_an_ipv4_client_on_a_dual_stack_port() {
+    let fake = fake(&["k1"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.server.listen = "[::]:0".parse().unwrap();
+    cfg.server.allow = vec!["::ffff:127.0.0.1/128".parse().unwrap()];
+    cfg.server.proxy_protocol_from = vec!["::ffff:127.0.0.1/128".parse().unwrap()];
+    let relay = Relay::start(cfg);
+    let at = SocketAddr::from(([127, 0, 0, 1], relay.addr().port()));
+    let healthz = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+    // The balancer's LOCAL check: trusted, and on the list itself.
+    let mut check = v2_local();
+    check.extend(healthz);
+    let (status, text) = ask(&mut from([127, 0, 0, 1], at), &check);
+    assert_eq!(status, 200, "{text}");
+    // Another address is still off the list.
+    let (status, text) = ask(&mut from([127, 0, 0, 2], at), healthz);
+    assert_eq!(status, 0, "{text}");
+}
