@@ -565,3 +565,46 @@ fn an_ipv4_mapped_entry_matches_an_ipv4_client_on_a_dual_stack_port() {
     let (status, text) = ask(&mut from([127, 0, 0, 2], at), healthz);
     assert_eq!(status, 0, "{text}");
 }
+
+/// HAProxy's TCP check with `send-proxy-v2` connects, sends its `LOCAL`
+/// header and resets the connection at once. By the time the relay asked
+/// the socket who its peer was, the reset had come: no address, so not the
+/// trusted balancer, so the header went to TLS as a ClientHello. Each check
+/// counted a failed handshake (400) and logged one, naming the balancer as
+/// untrusted. A connection reset before the relay knows its peer is gone:
+/// closed uncounted, as one closed before its first byte.
+#[test]
+fn a_balancers_check_reset_at_once_is_no_failed_handshake() {
+    let fake = fake(&["k1"], |_| {});
+    let (relay, ca) = crate::tls::tls_relay(&fake.url(), |c| {
+        c.server.proxy_protocol_from = balancer();
+    });
+    let at = relay.addr();
+    for _ in 0..50 {
+        let tcp = from([127, 0, 0, 1], at);
+        (&tcp).write_all(&v2_local()).unwrap();
+        socket2::SockRef::from(&tcp)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(tcp);
+    }
+    assert!(relay
+        .handle
+        .process
+        .wait_all_closed(std::time::Instant::now() + Duration::from_secs(20)));
+    // (A reset is now and then seen only at the handshake timeout, as a
+    // 408: not what this test is about.)
+    assert_eq!(relay.handle.metrics().errors(Side::Client, 400), 0);
+    // A client behind the balancer is served as ever.
+    let mut tcp = from([127, 0, 0, 1], at);
+    tcp.write_all(&v2("192.0.2.7:5000".parse().unwrap()))
+        .unwrap();
+    let mut ws = crate::tls::wss_connect_with(at, &ca, &relay.token("d"), tcp).unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    ws.send(Message::binary(Vec::<u8>::new())).unwrap();
+    let mut finished = false;
+    while let Ok(m) = ws.read() {
+        finished |= matches!(&m, Message::Text(t) if t.contains("\"finished\":true"));
+    }
+    assert!(finished);
+}

@@ -75,10 +75,14 @@ async fn upgrade(shard: Rc<Shard>, tcp: RingSocket) -> Option<Upgraded> {
     // header is looked for.
     let mut carried = None;
     if !settings.proxy_protocol_from.is_empty() {
-        if let Some(balancer) = tcp
-            .peer_addr()
-            .ok()
-            .filter(|p| proxy_header::trusted(&settings.proxy_protocol_from, *p))
+        // A connection reset before this look has no peer address left
+        // (HAProxy's TCP check sends its header and resets at once): it
+        // is gone, not an untrusted peer whose header is a bad request.
+        let Ok(peer) = tcp.peer_addr() else {
+            return None;
+        };
+        if let Some(balancer) =
+            Some(peer).filter(|p| proxy_header::trusted(&settings.proxy_protocol_from, *p))
         {
             // Boxed: read once per connection, never kept while it streams.
             let read = boxed!(drain_or(
@@ -149,8 +153,9 @@ async fn upgrade(shard: Rc<Shard>, tcp: RingSocket) -> Option<Upgraded> {
         None => Conn::Plain(tcp.into()),
         Some(tls) => {
             // Asked now: a failed handshake has closed the socket. One
-            // system call beside a TLS handshake.
-            let tls_peer = peer();
+            // system call beside a TLS handshake. None: reset already,
+            // gone before it asked for anything (a balancer's check).
+            let tls_peer = peer()?;
             let acceptor = futures_rustls::TlsAcceptor::from(tls.clone());
             // Boxed: a TLS handshake's state is larger than everything a
             // streaming task keeps, and is needed only for the first RTTs.
@@ -202,7 +207,7 @@ async fn upgrade(shard: Rc<Shard>, tcp: RingSocket) -> Option<Upgraded> {
                     // client refusing the relay's certificate shows here
                     // ("received fatal alert: UnknownCA"), and nowhere else.
                     if shard.process.refusal_log.admit() {
-                        let peer = peer_text(tls_peer);
+                        let peer = peer_text(Some(tls_peer));
                         match failed {
                             Some(Err((e, true))) => {
                                 tracing::info!(shard = shard.index, %peer, error = %e, reason = UNTRUSTED_PROXY_HEADER_TLS, "TLS handshake failed")
