@@ -608,3 +608,33 @@ fn a_balancers_check_reset_at_once_is_no_failed_handshake() {
     }
     assert!(finished);
 }
+
+/// The same check against a port with `server.allow` (a balancer's own
+/// address on it): reset before the relay read its peer, it was "not on
+/// server.allow" and counted and logged as a 403 (`peer=-`).
+#[test]
+fn a_check_reset_at_once_is_not_refused_by_server_allow() {
+    let fake = fake(&["k1"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.server.allow = vec!["127.0.0.1/32".parse().unwrap()];
+    let relay = Relay::start(cfg);
+    let at = relay.addr();
+    for _ in 0..50 {
+        let tcp = from([127, 0, 0, 1], at);
+        (&tcp).write_all(b"GET /healthz HTTP/1.1\r\n").unwrap();
+        socket2::SockRef::from(&tcp)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(tcp);
+    }
+    assert!(relay
+        .handle
+        .process
+        .wait_all_closed(std::time::Instant::now() + Duration::from_secs(20)));
+    assert_eq!(relay.handle.metrics().errors(Side::Client, 403), 0);
+    let (status, text) = ask(
+        &mut from([127, 0, 0, 1], at),
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    assert_eq!(status, 200, "{text}");
+}

@@ -134,6 +134,9 @@ async fn upgrade(shard: Rc<Shard>, tcp: RingSocket) -> Option<Upgraded> {
         })
     };
     if !settings.allows(peer) {
+        // No address left to check: reset before this look (a balancer's
+        // check), gone rather than refused.
+        peer()?;
         shard.metrics.stream_rejected(Side::Client, 403);
         // Logged like every refusal (within the budget), so an operator
         // whose clients cannot connect finds why.
