@@ -438,21 +438,27 @@ impl Admin {
             return;
         }
         self.accounts.store_generation.set(data.generation);
+        for change in self.apply_store_data(&data) {
+            tracing::info!(change = %change, generation = data.generation, "account change saved in the key store by another process");
+        }
+    }
+
+    /// Applies a key store's accounts (another process's save, or the
+    /// fleet's set) merged with the file's, and publishes them to the
+    /// shards when anything changed; returns what changed.
+    fn apply_store_data(&self, data: &crate::control::keystore::StoreData) -> Vec<String> {
         let now = crate::control::accounts::unix_now();
-        let merged = crate::control::keystore::merge(&self.accounts.configs.borrow(), &data, now);
+        let merged = crate::control::keystore::merge(&self.accounts.configs.borrow(), data, now);
         let overlap = self.config.borrow().rotation_overlap;
         let log = self
             .accounts
             .set
             .borrow_mut()
             .apply_merged(&merged, overlap, now);
-        if log.is_empty() {
-            return;
+        if !log.is_empty() {
+            self.publish();
         }
-        self.publish();
-        for change in log {
-            tracing::info!(change = %change, generation = data.generation, "account change saved in the key store by another process");
-        }
+        log
     }
 
     /// Takes the fleet's set of `version` (none: the store holds none).
@@ -478,18 +484,10 @@ impl Admin {
         };
         self.accounts.fleet_unreadable.set(false);
         self.accounts.fleet_version.set(version);
-        let now = crate::control::accounts::unix_now();
-        let merged = crate::control::keystore::merge(&self.accounts.configs.borrow(), &data, now);
-        let overlap = self.config.borrow().rotation_overlap;
-        let log = self
-            .accounts
-            .set
-            .borrow_mut()
-            .apply_merged(&merged, overlap, now);
+        let log = self.apply_store_data(&data);
         if log.is_empty() {
             return;
         }
-        self.publish();
         if let Err(e) = self.persist() {
             tracing::error!(error = %e, "fleet account change applied but not saved to the key store");
         }
