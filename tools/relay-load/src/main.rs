@@ -296,9 +296,12 @@ fn stopped_by() -> Option<&'static str> {
 
 /// What the command line gave that this run's mode does not use: `-n`
 /// with `--churn` (its workers are `--concurrency`), `--concurrency`
-/// without it. Said on stderr, not refused: scripts pass a common `-n`
-/// to every mode. Before, both were dropped unsaid, and `--churn -n 200`
-/// ran the default 50 workers.
+/// without it; `--keepalive-every` without `--idle`; the audio's shape
+/// with `--idle` (which sends none), and its length, pace and `--loop`
+/// with `--churn` (one frame a cycle, cycles repeated anyway). Said on
+/// stderr, not refused: scripts pass common flags to every mode. Before,
+/// they were dropped unsaid, and `--churn -n 200` ran the default 50
+/// workers.
 fn ignored_flags(matches: &clap::ArgMatches, args: &Args) -> Vec<String> {
     use clap::parser::ValueSource;
     let given = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
@@ -314,6 +317,39 @@ fn ignored_flags(matches: &clap::ArgMatches, args: &Args) -> Vec<String> {
             "--concurrency {} is ignored: it is --churn's; this run opens -n streams ({})",
             args.concurrency, args.streams
         ));
+    }
+    if !args.idle && given("keepalive_every") {
+        out.push("--keepalive-every is ignored: it is --idle's (keepalives only)".to_string());
+    }
+    let flag = |id: &str| match id {
+        "repeat" => "--loop".to_string(),
+        _ => format!("--{}", id.replace('_', "-")),
+    };
+    if args.idle {
+        for id in [
+            "stream_seconds",
+            "pace",
+            "frame_ms",
+            "sample_rate",
+            "repeat",
+        ] {
+            if given(id) {
+                out.push(format!(
+                    "{} is ignored: an --idle run sends no audio, only keepalives",
+                    flag(id)
+                ));
+            }
+        }
+    }
+    if args.churn {
+        for id in ["stream_seconds", "pace", "repeat"] {
+            if given(id) {
+                out.push(format!(
+                    "{} is ignored: a --churn cycle sends one frame, and cycles repeat until --duration",
+                    flag(id)
+                ));
+            }
+        }
     }
     out
 }

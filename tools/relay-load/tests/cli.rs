@@ -903,6 +903,22 @@ fn streams_and_concurrency_given_where_they_do_not_apply_are_said() {
             &["--idle", "--concurrency", "5", "-n", "2", "--duration", "1s"],
             "relay-load: --concurrency 5 is ignored",
         ),
+        (
+            &["--keepalive-every", "1s", "-n", "1", "--stream-seconds", "1"],
+            "relay-load: --keepalive-every is ignored: it is --idle's",
+        ),
+        (
+            &["--idle", "--pace", "x4", "-n", "1", "--duration", "1s"],
+            "relay-load: --pace is ignored: an --idle run sends no audio",
+        ),
+        (
+            &["--idle", "--loop", "-n", "1", "--duration", "1s"],
+            "relay-load: --loop is ignored: an --idle run sends no audio",
+        ),
+        (
+            &["--churn", "--stream-seconds", "3", "--duration", "1s"],
+            "relay-load: --stream-seconds is ignored: a --churn cycle sends one frame",
+        ),
     ] {
         let o = Command::new(BIN)
             .args(args)
