@@ -722,8 +722,28 @@ fn device_usage_comes_in_pages_of_keys_in_order() {
         .unwrap()
         .as_secs()
         / 86_400) as i64;
-    // The relay makes the database as it starts its admin side.
-    assert!(wait_until(LIMIT, || db.exists()), "no {}", db.display());
+    // The relay makes the database, and then its tables, as it starts
+    // its admin side: looked at read-only, so this never makes the file.
+    let has_tables = || {
+        db.exists()
+            && rusqlite::Connection::open_with_flags(
+                &db,
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+            )
+            .and_then(|c| {
+                c.query_row(
+                    "SELECT count(*) FROM sqlite_master WHERE name IN ('totals', 'errors')",
+                    [],
+                    |r| r.get::<_, i64>(0),
+                )
+            })
+            .is_ok_and(|n| n == 2)
+    };
+    assert!(
+        wait_until(LIMIT, has_tables),
+        "no tables in {}",
+        db.display()
+    );
     {
         let mut conn = rusqlite::Connection::open(&db).unwrap();
         conn.busy_timeout(Duration::from_secs(10)).unwrap();
