@@ -142,17 +142,20 @@ pub fn device_audio_on(dir: &Path, day: u64) -> std::io::Result<Vec<(String, u64
         .map_err(io_err)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))
         .map_err(io_err)?;
-    let mut st = conn
-        .prepare("SELECT key, audio_ms FROM totals WHERE grp = ?1 AND day = ?2 AND audio_ms > 0")
-        .map_err(io_err)?;
+    device_audio_rows(&conn, day).map_err(io_err)
+}
+
+/// Each device's audio milliseconds on `day` in the database `conn`.
+fn device_audio_rows(conn: &Connection, day: u64) -> rusqlite::Result<Vec<(String, u64)>> {
+    let mut st = conn.prepare_cached(
+        "SELECT key, audio_ms FROM totals WHERE grp = ?1 AND day = ?2 AND audio_ms > 0",
+    )?;
     let rows = st
         .query_map(params![grp(GroupBy::Device), int(day)], |r| {
             Ok((r.get::<_, String>(0)?, uint(r.get(1)?)))
-        })
-        .map_err(io_err)?
-        .collect::<rusqlite::Result<Vec<_>>>()
-        .map_err(io_err)?;
-    Ok(rows)
+        })?
+        .collect();
+    rows
 }
 
 impl Store {
@@ -364,15 +367,7 @@ impl Store {
 
     /// Each device's audio milliseconds on `day`, as stored.
     pub fn device_audio_on(&self, day: u64) -> rusqlite::Result<Vec<(String, u64)>> {
-        let mut st = self.conn.prepare_cached(
-            "SELECT key, audio_ms FROM totals WHERE grp = ?1 AND day = ?2 AND audio_ms > 0",
-        )?;
-        let rows = st
-            .query_map(params![grp(GroupBy::Device), int(day)], |r| {
-                Ok((r.get::<_, String>(0)?, uint(r.get(1)?)))
-            })?
-            .collect();
-        rows
+        device_audio_rows(&self.conn, day)
     }
 
     /// Moves the write-ahead log into the database file and empties it
