@@ -78,12 +78,10 @@ async fn upgrade(shard: Rc<Shard>, tcp: RingSocket) -> Option<Upgraded> {
         // A connection reset before this look has no peer address left
         // (HAProxy's TCP check sends its header and resets at once): it
         // is gone, not an untrusted peer whose header is a bad request.
-        let Ok(peer) = tcp.peer_addr() else {
+        let Ok(balancer) = tcp.peer_addr() else {
             return None;
         };
-        if let Some(balancer) =
-            Some(peer).filter(|p| proxy_header::trusted(&settings.proxy_protocol_from, *p))
-        {
+        if proxy_header::trusted(&settings.proxy_protocol_from, balancer) {
             // Boxed: read once per connection, never kept while it streams.
             let read = boxed!(drain_or(
                 &shard,
@@ -187,14 +185,10 @@ async fn upgrade(shard: Rc<Shard>, tcp: RingSocket) -> Option<Upgraded> {
                 &shard,
                 timeout(deadline.saturating_duration_since(Instant::now()), accept),
             );
-            let accept = match accept.await {
+            match accept.await {
+                // Closed before its first byte: gone, not failed.
                 Some(Some(None)) => return None,
-                Some(Some(Some(result))) => Some(Some(result)),
-                Some(None) => Some(None),
-                None => None,
-            };
-            match accept {
-                Some(Some(Ok(s))) => Conn::TlsServer(Box::new(s)),
+                Some(Some(Some(Ok(s)))) => Conn::TlsServer(Box::new(s)),
                 // A drain ended before the handshake did: no HTTP to
                 // answer in yet, so the connection is closed.
                 None => {
@@ -202,6 +196,8 @@ async fn upgrade(shard: Rc<Shard>, tcp: RingSocket) -> Option<Upgraded> {
                     return None;
                 }
                 Some(failed) => {
+                    // Failed (a first byte came), or not done in time.
+                    let failed = failed.flatten();
                     // Counted as a request head would be: a bad request,
                     // or one not done in time.
                     let code = if failed.is_none() { 408 } else { 400 };
