@@ -181,12 +181,19 @@ impl DeviceState {
     /// the other nodes'. Only raises what is known (a flush answered
     /// meanwhile may know more).
     fn learn_fleet_audio(&self, day: u64, total: u64) {
+        self.raise_others(day, |s| {
+            total.saturating_sub(s.reported_ms.load(Ordering::Relaxed))
+        });
+    }
+
+    /// Raises the audio on `day` known to be streamed elsewhere to
+    /// `others` (reckoned once the counters are on `day`). A figure of a
+    /// day the counters have left (asked before midnight, answered after)
+    /// says nothing of today.
+    fn raise_others(&self, day: u64, others: impl FnOnce(&Self) -> u64) {
         self.roll(day);
-        // A total of a day the counters have left (the open was asked
-        // before midnight, answered after) says nothing of today.
         if self.day.load(Ordering::Acquire) == day {
-            let others = total.saturating_sub(self.reported_ms.load(Ordering::Relaxed));
-            self.others_ms.fetch_max(others, Ordering::Relaxed);
+            self.others_ms.fetch_max(others(self), Ordering::Relaxed);
         }
     }
 
@@ -412,10 +419,7 @@ impl Devices {
             .entry(device.to_string())
             .or_insert_with(|| Arc::new(DeviceState::new(Instant::now())))
             .clone();
-        state.roll(day);
-        if state.day.load(Ordering::Acquire) == day {
-            state.others_ms.fetch_max(ms, Ordering::Relaxed);
-        }
+        state.raise_others(day, |_| ms);
     }
 
     /// Whether a daily audio allowance is configured.
