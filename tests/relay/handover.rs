@@ -250,6 +250,15 @@ fn a_key_pulled_on_either_relay_of_a_hand_over_reaches_the_other() {
         "the old process still runs key {} after the new one pulled it for {k3}",
         current_key(&old, "a")
     );
+    // The move off the pulled key is the shard's, a moment after the
+    // process knows of the pull: waited for, not raced by the stream's end.
+    assert!(
+        wait_until(LIMIT, || fake
+            .sessions()
+            .iter()
+            .any(|s| s.key.as_deref() == Some("k3"))),
+        "the draining stream never moved to k3"
+    );
     more(&mut live, 3);
     assert!(finish(&mut live).finished());
     let mut old = old;
