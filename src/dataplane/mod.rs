@@ -19,6 +19,8 @@
 //! - [`unauth`]: the bounded pool of connections waiting for a first-message token.
 //! - [`http`]: the HTTP/1.1 edge: request heads, upgrades, JSON errors.
 //! - [`upstream`]: TCP, TLS and the WebSocket client upgrade to Soniox.
+//! - [`turns`]: TLS handshakes take the shard's time its streams leave,
+//!   and a bounded share of the rest.
 //! - [`fleet_link`]: a shard's own connection to the fleet's store, for
 //!   stream opens without waking the cluster thread.
 
@@ -34,6 +36,7 @@ pub mod proxy_header;
 pub mod pump;
 pub mod session;
 pub mod shard;
+pub mod turns;
 pub mod unauth;
 pub mod upstream;
 pub mod uring;

@@ -746,3 +746,119 @@ fn alpn_offers_as_browsers_and_curl_send_them() {
     }
     assert!(finished);
 }
+
+/// A relay serving TLS with a certificate whose key is RSA-4096, the
+/// costliest signature it loads (about 4 ms of a core), signed by a CA
+/// made now: the relay and the CA's PEM.
+fn rsa4096_relay(
+    upstream: &str,
+    tweak: impl FnOnce(&mut clio_relay::core::config::Config),
+) -> (Relay, String) {
+    let dir = state_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let key_path = dir.join("key.pem");
+    let out = std::process::Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:4096",
+        ])
+        .arg("-out")
+        .arg(&key_path)
+        .output()
+        .expect("openssl is installed");
+    assert!(out.status.success(), "{out:?}");
+    let leaf_key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(&key_path).unwrap()).unwrap();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca, &ca_key)
+        .unwrap();
+    std::fs::write(dir.join("cert.pem"), leaf.pem()).unwrap();
+    let mut cfg = relay_config(upstream, &[("a", "k1")]);
+    cfg.tls = Some(clio_relay::core::config::TlsConfig {
+        cert_file: dir.join("cert.pem"),
+        key_file: key_path,
+    });
+    tweak(&mut cfg);
+    (Relay::start(cfg), ca.pem())
+}
+
+/// A flood of ClientHellos, each a connect and 500 bytes that ask the
+/// shard for a signature (4 ms of RSA-4096), takes the time the shard's
+/// live streams leave, not theirs: a stream on the flooded shard has
+/// every frame answered, and the shard answers the watchdog's check.
+/// Before, every task of the shard waited in one queue behind the hellos
+/// accepted before it, and neither came while the flood lasted (with 400
+/// hellos a second in a release build, the watchdog's checks went
+/// unanswered and every stream ended on its client's timeout).
+#[test]
+fn a_flood_of_tls_hellos_leaves_a_live_stream_its_time() {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let fake = fake(&["k1"], |c| c.echo = true);
+    let (relay, ca) = rsa4096_relay(&fake.url(), |c| {
+        // Hellos not served in this long are let go: the flood's
+        // connections held stay well inside the test's file limit.
+        c.limits.handshake_timeout = Duration::from_secs(3);
+    });
+    let mut ws = wss_connect(relay.addr(), &ca, &relay.token("d")).unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    let hello = client_hello();
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicUsize::new(0));
+    let addr = relay.addr();
+    // 1,000 hellos a second, each closed once sent (a signature is made
+    // on a hello read before the FIN), for at most 30 s.
+    let flood = {
+        let (stop, sent) = (stop.clone(), sent.clone());
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            let mut n = 0u32;
+            while !stop.load(Ordering::Relaxed) && start.elapsed() < Duration::from_secs(30) {
+                n += 1;
+                if let Ok(mut tcp) =
+                    std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1))
+                {
+                    if tcp.write_all(&hello).is_ok() {
+                        sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                let due = start + Duration::from_millis(u64::from(n));
+                std::thread::sleep(due.saturating_duration_since(Instant::now()));
+            }
+        })
+    };
+    assert!(
+        wait_until(LIMIT, || sent.load(Ordering::Relaxed) >= 500),
+        "the flood is under way"
+    );
+    // Frames of 100 ms, each answered before the next goes (the client's
+    // read waits at most `LIMIT`), the watchdog's check between them.
+    let (echoed, ended) = frames_until_ended(&mut ws, 30);
+    let alive = relay.handle.alive(LIMIT);
+    let flooded = sent.load(Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
+    flood.join().unwrap();
+    assert_eq!(
+        (echoed, ended),
+        (30, None),
+        "frames answered on a shard sent {flooded} hellos"
+    );
+    assert!(alive.is_ok(), "{alive:?}");
+    // Once the hellos still queued are served or let go (at most
+    // `handshake_timeout` after the flood), new clients are served again.
+    let mut ws = None;
+    assert!(wait_until(LIMIT * 2, || {
+        ws = wss_connect(relay.addr(), &ca, &relay.token("e")).ok();
+        ws.is_some()
+    }));
+    let mut ws = ws.unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    assert_eq!(frames_until_ended(&mut ws, 2), (2, None));
+}

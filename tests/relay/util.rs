@@ -834,7 +834,10 @@ pub fn sigint_and_reap(child: &mut std::process::Child, what: &str) {
 /// Streams up to `n` frames of 100 ms on `ws`, each echoed (an echoing
 /// fake-soniox) before the next goes, until the relay ends the stream:
 /// the frames echoed, and the error message that ended it, if any.
-pub fn frames_until_ended(ws: &mut Ws, n: usize) -> (usize, Option<String>) {
+pub fn frames_until_ended<S: std::io::Read + std::io::Write>(
+    ws: &mut tungstenite::WebSocket<S>,
+    n: usize,
+) -> (usize, Option<String>) {
     let mut echoed = 0;
     for f in audio_frames(n, 2) {
         if ws.send(Message::binary(f)).is_err() {

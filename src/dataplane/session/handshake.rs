@@ -160,7 +160,9 @@ async fn upgrade(shard: Rc<Shard>, tcp: RingSocket) -> Option<Upgraded> {
             let acceptor = futures_rustls::TlsAcceptor::from(tls.clone());
             // Boxed: a TLS handshake's state is larger than everything a
             // streaming task keeps, and is needed only for the first RTTs.
-            let accept = boxed!(async move {
+            // Each step in a turn (`turns`): a flood of hellos takes the
+            // time the shard's streams leave, not theirs.
+            let accept = crate::dataplane::turns::InTurn::new(boxed!(async move {
                 // A connection closed (or reset) before its first byte asked
                 // for nothing, as on the plain port: a balancer's TCP health
                 // check, not a failed handshake to count and log.
@@ -180,7 +182,7 @@ async fn upgrade(shard: Rc<Shard>, tcp: RingSocket) -> Option<Upgraded> {
                         )
                     }
                 }
-            });
+            }));
             let accept = drain_or(
                 &shard,
                 timeout(deadline.saturating_duration_since(Instant::now()), accept),
