@@ -100,7 +100,9 @@ const MAX_ENTERS: u32 = 410;
 /// What a completion is about (the low 2 bits of its user data).
 const KIND_READ: u64 = 0;
 const KIND_WRITE: u64 = 1;
+/// The removal of a socket's read poll; of its write poll.
 const KIND_REMOVE: u64 = 2;
+const KIND_REMOVE_WRITE: u64 = 3;
 /// The user data of the doorbell's poll (no socket slot has this index).
 const DOORBELL: u64 = u64::MAX;
 /// The user data of the poll of glommio's eventfd (no slot has it either).
@@ -476,7 +478,7 @@ impl Plane {
             self.push(
                 opcode::PollRemove::new(token.user_data(KIND_WRITE))
                     .build()
-                    .user_data(token.user_data(KIND_REMOVE)),
+                    .user_data(token.user_data(KIND_REMOVE_WRITE)),
             );
         }
         self.free.borrow_mut().push(token.index);
@@ -613,7 +615,23 @@ impl Plane {
                     continue;
                 }
                 let (token, kind) = Token::from_user_data(cqe.user_data());
-                if kind == KIND_REMOVE {
+                if kind == KIND_REMOVE || kind == KIND_REMOVE_WRITE {
+                    // The poll was being woken (its readiness queued as
+                    // deferred work, not yet run). That wake may find
+                    // nothing left to report (its bytes read meanwhile)
+                    // and arm the poll again with no completion to say
+                    // so: no late completion would come to remove it by,
+                    // and it would hold the closed socket open. Again.
+                    if cqe.result() == -libc::EALREADY {
+                        let target = if kind == KIND_REMOVE {
+                            KIND_READ
+                        } else {
+                            KIND_WRITE
+                        };
+                        stale
+                            .get_or_insert_with(Vec::new)
+                            .push((cqe.user_data() & !3) | target);
+                    }
                     continue;
                 }
                 let Some(slot) = slots.get_mut(token.index as usize) else {
@@ -690,10 +708,15 @@ impl Plane {
             }
         }
         for ud in stale.into_iter().flatten() {
+            let remove = if ud & 3 == KIND_WRITE {
+                KIND_REMOVE_WRITE
+            } else {
+                KIND_REMOVE
+            };
             self.push(
                 opcode::PollRemove::new(ud)
                     .build()
-                    .user_data((ud & !3) | KIND_REMOVE),
+                    .user_data((ud & !3) | remove),
             );
         }
         if handled > 0 {

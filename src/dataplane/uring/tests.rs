@@ -141,6 +141,50 @@ fn a_dropped_socket_is_closed_and_its_slot_reused() {
     });
 }
 
+/// A socket dropped while its peer's bytes wait to be reported: with
+/// deferred task work, the readiness is queued until the shard next
+/// enters the ring, and the poll's removal meets it then (`EALREADY`).
+/// Its bytes read without the poll's word (a peek, then the read, as a
+/// TLS handshake in its turn does), the deferred wake finds nothing to
+/// report and the poll would stay armed with no completion to say so,
+/// holding the closed socket open: the peer never saw the close. The
+/// removal is tried again until it is done.
+#[test]
+fn a_socket_dropped_while_its_wake_is_pending_is_closed() {
+    on_plane(64, 256, |plane| async move {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let (fd, mut peer) = pair(&listener);
+        let sock = RingSocket::new(&plane, fd);
+        // The driver submits the poll.
+        glommio::timer::sleep(Duration::from_millis(20)).await;
+        // No await from here to the drop: the driver does not run, and
+        // nothing enters the ring.
+        peer.write_all(b"hello").unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        let mut b = [0u8; 16];
+        // SAFETY: `b` is valid for its length of writes.
+        let n = unsafe {
+            libc::recv(
+                sock.as_raw_fd(),
+                b.as_mut_ptr().cast(),
+                b.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        assert_eq!(n, 5);
+        drop(sock);
+        plane.submit().unwrap();
+        peer.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let n = blocking(move || {
+            let mut b = [0u8; 1];
+            peer.read(&mut b)
+        })
+        .await;
+        assert_eq!(n.unwrap(), 0, "the peer sees the close (EOF)");
+    });
+}
+
 /// [`first_to_connect`] over `addrs` with the plane's connect, as a
 /// stream's upstream connection makes it, and the addresses it began, in
 /// order.
