@@ -895,9 +895,9 @@ pub async fn drive(plane: Rc<Plane>, stop: Rc<Cell<bool>>) {
         if let Err(e) = plane.submit() {
             tracing::warn!(error = %e, "data plane: submit failed");
         }
-        // Handshakes waiting for the shard's time get a step when credit
-        // has grown back (`turns`), busy streams or not.
-        crate::dataplane::turns::credit_grown();
+        // One waiting handshake step gets this round's turn (`turns`): it
+        // runs after the tasks just woken, before the next look.
+        let turn = crate::dataplane::turns::round();
         let polls = POLLS.with(Cell::get);
         if std::mem::take(&mut just_slept) {
             quiet = if handled == 0 {
@@ -908,7 +908,7 @@ pub async fn drive(plane: Rc<Plane>, stop: Rc<Cell<bool>>) {
         } else if handled > 0 || polls != seen_polls {
             quiet = 0;
         }
-        if handled > 0 || polls != seen_polls || after_pass {
+        if handled > 0 || polls != seen_polls || after_pass || turn {
             seen_polls = polls;
             after_pass = false;
             yield_now().await;
@@ -917,12 +917,6 @@ pub async fn drive(plane: Rc<Plane>, stop: Rc<Cell<bool>>) {
         if glommio::executor().need_preempt() {
             glommio::executor().yield_if_needed().await;
             after_pass = true;
-            continue;
-        }
-        // Nothing for the streams: a waiting handshake's step runs before
-        // the next look at the sockets, in place of a sleep.
-        if crate::dataplane::turns::idle() {
-            yield_now().await;
             continue;
         }
         match &eventfd {
