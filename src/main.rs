@@ -35,6 +35,7 @@ Exit status:
   2  the command line (a missing --config, an unknown flag, a tier, pool or TTL the file does not allow,
      or an account id for keys that the admin API would refuse)
   3  the config file is missing, unreadable or invalid, or its master key does not open the key store
+     (or the key store or revocations.json in admin.state_dir is damaged)
   4  a port the relay needs is taken
      (the systemd unit restarts on neither 3 nor 4: RestartPreventExitStatus=3 4)
   5  keys: the relay's admin API could not be reached

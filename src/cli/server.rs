@@ -238,6 +238,13 @@ pub fn start_joining(
                     StoreError::WrongMasterKey | StoreError::BadMasterKey(_) => {
                         std::io::Error::other(super::ConfigFault(what))
                     }
+                    // A damaged store stays damaged until someone acts: a
+                    // restart loop would only fill the journal.
+                    StoreError::Corrupt(_) => std::io::Error::other(super::ConfigFault(format!(
+                        "{what}; restore it from a backup, or move it aside to start with the \
+                         config file's accounts alone (the accounts and keys changed at \
+                         runtime are then gone)"
+                    ))),
                     _ => std::io::Error::other(what),
                 }
             };
@@ -330,8 +337,7 @@ pub fn start_joining(
     // Alone, the revocations the state directory kept, before any stream
     // (in a fleet, they come from Redis).
     if cfg.cluster.is_none() {
-        let n = crate::control::admin::load_revocations(&cfg.admin.state_dir, &process.devices)
-            .map_err(std::io::Error::other)?;
+        let n = crate::control::admin::load_revocations(&cfg.admin.state_dir, &process.devices)?;
         if n > 0 {
             tracing::info!(dir = %cfg.admin.state_dir.display(), revoked = n, "revocations loaded");
         }

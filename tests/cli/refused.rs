@@ -225,6 +225,56 @@ fn a_wrong_master_key_exits_3() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// A file of the state directory that the start must read and that is
+/// damaged (a key store cut short, a `revocations.json` half written by
+/// hand or restored from a broken backup) stays damaged until someone
+/// acts: exit 3, which the shipped unit does not restart on, naming the
+/// file and what to do. Both used to exit 1, and the unit restarted the
+/// relay every 2 s for ever.
+#[test]
+fn a_damaged_state_file_exits_3_naming_it() {
+    use clio_relay::control::keystore::{KeyStore, MasterKey, StoreData};
+    let dir = std::env::temp_dir().join(format!("clio-relay-damaged-state-{}", std::process::id()));
+    let config = relay_config(&dir, "127.0.0.1:0", "127.0.0.1:0");
+    let state = dir.join("state");
+    let master = "ab".repeat(32);
+    let file = std::fs::read_to_string(&config).unwrap().replace(
+        "[admin]\n",
+        "[admin]\nmaster_key_env = \"CLI_DAMAGED_MASTER\"\n",
+    );
+    std::fs::write(&config, file).unwrap();
+    let start = || {
+        relay_run(&config)
+            .env("CLI_DAMAGED_MASTER", &master)
+            .output()
+            .unwrap()
+    };
+
+    // A key store cut short.
+    std::fs::create_dir_all(&state).unwrap();
+    KeyStore::open(&state, MasterKey::from_hex(&master).unwrap())
+        .unwrap()
+        .save(&mut StoreData::default())
+        .unwrap();
+    let store = state.join("accounts.store");
+    let whole = std::fs::read(&store).unwrap();
+    std::fs::write(&store, &whole[..whole.len() / 2]).unwrap();
+    let o = start();
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    assert!(text(&o).contains("accounts.store"), "{}", text(&o));
+    assert!(text(&o).contains("move it aside"), "{}", text(&o));
+    assert!(!text(&o).contains(&master), "{}", text(&o));
+    std::fs::remove_file(&store).unwrap();
+
+    // A revocation list cut short.
+    std::fs::write(state.join("revocations.json"), "{\"devices\":[\"phone-1\"").unwrap();
+    let o = start();
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    assert!(text(&o).contains("revocations.json"), "{}", text(&o));
+    assert!(text(&o).contains("move it aside"), "{}", text(&o));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// A port held by another program (9464, the admin port's default, is
 /// also the OpenTelemetry Prometheus exporter's) was put down to "a
 /// running clio-relay" with only "stop it first" to do. The message now

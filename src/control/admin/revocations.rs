@@ -389,17 +389,31 @@ fn save_revocations(
 
 /// At start, outside a fleet: the revocations saved in `dir`, so a
 /// restart does not lift them. A missing file is none; an unreadable one
-/// stops the relay (a revoked device must not come back unseen).
+/// stops the relay (a revoked device must not come back unseen): one
+/// that is not a revocation list (damaged, cut short) as the
+/// configuration's fault ([`crate::cli::ConfigFault`], exit 3: a restart
+/// cannot mend it), one that cannot be read as any I/O error.
 pub fn load_revocations(
     dir: &std::path::Path,
     devices: &crate::core::devices::Devices,
-) -> Result<usize, String> {
+) -> std::io::Result<usize> {
     let path = dir.join(REVOCATIONS_FILE);
     let saved: Revoked = match std::fs::read(&path) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map_err(|e| format!("{}: not a revocation list: {e}", path.display()))?,
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+            std::io::Error::other(crate::cli::ConfigFault(format!(
+                "{}: not a revocation list ({e}); restore it from a backup, or move it \
+                 aside to start without revocations (the devices and token ids it \
+                 revoked are then served again)",
+                path.display()
+            )))
+        })?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Revoked::default(),
-        Err(e) => return Err(format!("{}: {e}", path.display())),
+        Err(e) => {
+            return Err(std::io::Error::new(
+                e.kind(),
+                format!("{}: {e}", path.display()),
+            ))
+        }
     };
     for d in &saved.devices {
         devices.revoke_device(d);
