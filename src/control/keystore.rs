@@ -91,6 +91,27 @@ mod merge;
 pub use data::{AccountOverride, DataError, RetiringKey, StoreData, StoredAccount, StoredKey};
 pub use format::MAGIC;
 pub use key_dates::KeyDates;
+
+/// Replaces `path` with `bytes` as the store replaces itself (temp file
+/// mode 0600, fsync, rename, fsync of the directory; the directory made
+/// mode 0700 if missing; the temp removed if the write fails), for the
+/// other files of the state directory. The error names what failed and
+/// on which path.
+pub fn write_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    atomic::ensure_dir(dir)
+        .and_then(|()| atomic::write_and_rename(dir, path, bytes))
+        .and_then(|()| atomic::sync_dir(dir))
+        .map_err(|e| match e {
+            StoreError::Io { context, source } => {
+                io::Error::new(source.kind(), format!("{context}: {source}"))
+            }
+            other => io::Error::other(other.to_string()),
+        })
+}
 pub use master::{MasterKey, MASTER_KEY_BYTES};
 pub use merge::{merge, MergedAccount, MergedRetiring, Source};
 

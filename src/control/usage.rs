@@ -8,8 +8,7 @@
 //! `admin.state_dir/usage.db`, every `usage.persist_interval` ([`store`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 pub use crate::core::usage::{GroupBy, Totals, UsageRecord};
 
@@ -376,19 +375,14 @@ pub fn cut_page<T>(rows: &mut BTreeMap<String, T>, page: &Page) -> Option<String
 }
 
 /// Writes `bytes` to `path` so that a crash at any moment leaves either the
-/// old file or the new one: temp file, fsync, rename, fsync of the directory.
+/// old file or the new one: temp file, fsync, rename, fsync of the directory,
+/// as the key store does it ([`crate::control::keystore::write_file`]): the
+/// file mode 0600, a directory made for it mode 0700 (the state directory,
+/// removed under a running relay, comes back as private as it was made),
+/// and a temp file that a failed write leaves (a full disk) removed, so it
+/// does not hold the space.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp: PathBuf = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()
+    crate::control::keystore::write_file(path, bytes)
 }
 
 /// The last year [`parse_day`] takes: a `YYYY` year. Past it the day

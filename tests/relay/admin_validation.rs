@@ -844,3 +844,40 @@ fn revocations_survive_a_restart() {
     let e = clio_relay::cli::server::start(&cfg).expect_err("started with its revocations unread");
     assert!(e.to_string().contains("revocations.json"), "{e}");
 }
+
+/// `revocations.json` holds device ids: it is private to the relay's
+/// user, as the state directory's other files are (0600), and a state
+/// directory removed under a running relay comes back private (0700)
+/// with the next revocation. It was written 0644, and the directory came
+/// back 0755, readable by every user of the host.
+#[test]
+fn revocations_json_is_private_and_so_is_a_state_dir_made_again() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let fake = fake(&["key-a"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("acct-a", "key-a")]);
+    cfg.admin.token = Some(Secret::new(ADMIN));
+    let dir = cfg.admin.state_dir.clone();
+    let relay = Relay::start(cfg);
+    let admin = relay.handle.admin_addr;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let body = r#"{"device_id":"stolen-phone"}"#;
+    let (status, answer) = http(admin, "POST", "/admin/revocations", Some(ADMIN), Some(body));
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(mode(&dir.join("revocations.json")), 0o600);
+    std::fs::remove_dir_all(&dir).unwrap();
+    let body = r#"{"device_id":"lost-phone"}"#;
+    let (status, answer) = http(admin, "POST", "/admin/revocations", Some(ADMIN), Some(body));
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(mode(&dir), 0o700);
+    assert_eq!(mode(&dir.join("revocations.json")), 0o600);
+    let names: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        !names.iter().any(|n| n.to_string_lossy().contains(".tmp-")),
+        "{names:?}"
+    );
+    drop(relay);
+    std::fs::remove_dir_all(dir).ok();
+}

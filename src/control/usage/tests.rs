@@ -1,6 +1,7 @@
 //! The ledger against a reference model, on disk, across restarts and migrations.
 
 use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use proptest::prelude::*;
