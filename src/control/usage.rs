@@ -330,7 +330,26 @@ impl UsageBook {
     /// it was made with `default`) opens `dir` first; an open book keeps
     /// the directory it was opened in. On an error nothing is written and
     /// the changes stay pending for the next call.
+    ///
+    /// Then, changed or not, a database file gone from its directory
+    /// (removed, or the directory moved) is written back there from the
+    /// open database (logged once at WARN), so a restart finds it; an
+    /// error if it cannot be (the usage goes on into the open one).
     pub fn save_if_dirty(&mut self, dir: &Path) -> std::io::Result<()> {
+        self.save_changes(dir)?;
+        if let Some(store) = self.store.as_mut() {
+            if store.keep_in_place()? {
+                tracing::warn!(
+                    path = %store.path().display(),
+                    "the usage ledger's file was gone (removed, or its directory moved) \
+                     under the running relay; written back there from the copy it held open"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn save_changes(&mut self, dir: &Path) -> std::io::Result<()> {
         let dirty = self.pending.iter().any(|b| !b.is_empty());
         if !dirty && self.prune_through.is_none() {
             return Ok(());

@@ -768,6 +768,49 @@ fn a_ledger_that_cannot_be_written_shows_and_catches_up() {
     std::fs::remove_dir_all(dir).ok();
 }
 
+/// A state directory removed under a running relay (a clean-up script, a
+/// mistaken `rm -rf`, or moved aside) took the ledger with it unseen:
+/// SQLite went on writing the deleted file through the descriptor it
+/// held, the metrics said all was well, and a restart found no usage at
+/// all. The next persist now finds the file gone and writes the whole
+/// ledger back where it belongs (0600 in a 0700 directory), and it goes
+/// on there.
+#[test]
+fn a_ledger_removed_under_the_relay_is_written_back() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let fake = fake(&["k1"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.admin.token = Some(Secret::new(ADMIN));
+    cfg.usage.persist_interval = Duration::from_millis(100);
+    let dir = cfg.admin.state_dir.clone();
+    let relay = Relay::start(cfg);
+    let stream = || {
+        let (mut ws, _) = connect(relay.addr(), &relay.token("phone"), Via::Header).unwrap();
+        assert!(stream_session(&mut ws, &config_message(None), &audio_frames(10, 1)).finished());
+    };
+    stream();
+    assert!(wait_until(Duration::from_secs(10), || streams_on_disk(
+        &dir
+    ) == 1));
+    std::fs::remove_dir_all(&dir).unwrap();
+    stream();
+    assert!(
+        wait_until(Duration::from_secs(10), || streams_on_disk(&dir) == 2),
+        "the ledger is not back in {}",
+        dir.display()
+    );
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700);
+    assert_eq!(mode(&dir.join("usage.db")), 0o600);
+    // And it goes on in the file put back.
+    stream();
+    assert!(wait_until(Duration::from_secs(10), || streams_on_disk(
+        &dir
+    ) == 3));
+    drop(relay);
+    std::fs::remove_dir_all(dir).ok();
+}
+
 #[test]
 fn usage_of_the_last_streams_is_saved_at_a_stop() {
     let fake = fake(&["k1"], |_| {});

@@ -20,7 +20,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{OpenOptions, Permissions};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use rusqlite::types::Value;
@@ -92,6 +92,9 @@ pub(super) struct Store {
     conn: Connection,
     /// The state directory it lives in.
     pub dir: PathBuf,
+    /// The database file's device and inode when it was opened, to tell
+    /// whether `dir/usage.db` is still the file written.
+    file_id: (u64, u64),
 }
 
 /// The shape of `usage.json`.
@@ -123,6 +126,12 @@ fn uint(v: Value) -> u64 {
         Value::Real(f) if f > 0.0 => f as u64,
         _ => 0,
     }
+}
+
+/// A file's device and inode.
+fn file_id(m: &std::fs::Metadata) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt as _;
+    (m.dev(), m.ino())
 }
 
 fn io_err(e: rusqlite::Error) -> std::io::Error {
@@ -162,7 +171,11 @@ impl Store {
     /// Opens (or creates) `dir/usage.db` and imports a `usage.json` found
     /// beside it.
     pub fn open(dir: &Path) -> std::io::Result<Store> {
-        std::fs::create_dir_all(dir)?;
+        // Private, as the start makes it.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
         let path = dir.join(DB_FILE);
         // Create it 0600 before SQLite does (SQLite would use 0644 less
         // the umask), and correct the mode of a file made otherwise.
@@ -188,6 +201,7 @@ impl Store {
         let mut store = Store {
             conn,
             dir: dir.to_path_buf(),
+            file_id: file_id(&std::fs::metadata(&path)?),
         };
         store.migrate_json()?;
         Ok(store)
@@ -196,6 +210,82 @@ impl Store {
     /// The database file.
     pub fn path(&self) -> PathBuf {
         self.dir.join(DB_FILE)
+    }
+
+    /// Whether `dir/usage.db` is gone (removed, or its directory removed
+    /// or moved) while this store writes it: SQLite goes on writing the
+    /// file through the descriptor it holds, which no restart finds.
+    /// Then the ledger is copied back there from the open database
+    /// (`VACUUM INTO` a temp file made 0600, fsync, rename, the directory
+    /// made 0700 if missing and synced) and opened again there; `true`
+    /// when that was done. A file another one replaced is left alone and
+    /// is an error: which of the two is the ledger is the operator's call.
+    pub fn keep_in_place(&mut self) -> std::io::Result<bool> {
+        let path = self.path();
+        match std::fs::metadata(&path) {
+            Ok(m) if file_id(&m) == self.file_id => return Ok(false),
+            Ok(_) => {
+                return Err(std::io::Error::other(format!(
+                    "{} is another file than the one the relay opened (replaced under \
+                     it); the relay goes on writing its own, which is no longer in the \
+                     directory: restart it to take the new file, or put its own back \
+                     (the relay's copy of the ledger is lost at a restart)",
+                    path.display()
+                )))
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                ) => {}
+            Err(e) => {
+                return Err(std::io::Error::new(
+                    e.kind(),
+                    format!("{}: {e}", path.display()),
+                ))
+            }
+        }
+        let gone = |e: std::io::Error| {
+            std::io::Error::new(
+                e.kind(),
+                format!(
+                    "{} is gone (removed, or its directory moved) and cannot be written \
+                     there again ({e}); the relay goes on writing the copy it holds open",
+                    path.display()
+                ),
+            )
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.dir)
+            .map_err(gone)?;
+        let tmp = self
+            .dir
+            .join(format!(".{DB_FILE}.tmp-{}", std::process::id()));
+        let copied = (|| {
+            let _ = std::fs::remove_file(&tmp);
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            let into = tmp
+                .to_str()
+                .ok_or_else(|| std::io::Error::other("the state directory's path is not UTF-8"))?;
+            self.conn
+                .execute("VACUUM INTO ?1", [into])
+                .map_err(io_err)?;
+            std::fs::File::open(&tmp)?.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            std::fs::File::open(&self.dir)?.sync_all()
+        })();
+        if let Err(e) = copied {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(gone(e));
+        }
+        *self = Store::open(&self.dir).map_err(gone)?;
+        Ok(true)
     }
 
     /// Imports `usage.json` once (see the module docs).
