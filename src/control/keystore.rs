@@ -212,6 +212,9 @@ impl KeyStore {
             .write_lock
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
+        // The state directory removed under the running relay: made
+        // again (0700), or the lock below fails and no change is saved.
+        atomic::ensure_dir(&self.dir)?;
         let _lock = self.lock_exclusive()?;
         let on_disk = self.load()?.generation;
         if on_disk != data.generation {

@@ -634,6 +634,65 @@ fn a_key_store_changed_under_the_relay_is_written_over_at_the_next_change() {
     std::fs::remove_dir_all(&cfg.admin.state_dir).ok();
 }
 
+/// A state directory removed under a running relay (a clean-up script, a
+/// mistaken `rm -rf`, moved aside) took the key store with it: nothing
+/// wrote it again until an account change, and that change was answered
+/// 500, the directory missing for the store's lock; a restart then lost
+/// every runtime change, and an account whose key was pulled at runtime
+/// came back from the config file with that key. The relay now finds the
+/// store gone within a second and writes its running set again.
+#[test]
+fn a_key_store_removed_under_the_relay_is_written_again() {
+    let fake = fake(&["k1", "k2", "k3"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.admin.token = Some(Secret::new(ADMIN));
+    cfg.admin.master_key = Some(Secret::new("0123456789abcdef".repeat(4)));
+    let dir = cfg.admin.state_dir.clone();
+    let store = dir.join("accounts.store");
+    let relay = Relay::start(cfg.clone());
+    let admin = relay.handle.admin_addr;
+    let change = |method: &str, path: &str, body: Option<&str>| {
+        let (status, answer) = http(admin, method, path, Some(ADMIN), body);
+        assert_eq!(status, 200, "{method} {path}: {answer}");
+    };
+    change("POST", "/admin/accounts", Some(r#"{"id":"b","key":"k2"}"#));
+    // The config file's account, its key pulled.
+    change("DELETE", "/admin/accounts/a", None);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || store.exists()),
+        "the key store is not back in {}",
+        dir.display()
+    );
+    drop(relay);
+    let ids = |relay: &Relay| -> Vec<String> {
+        accounts_json(relay)["accounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let relay = Relay::start(cfg.clone());
+    assert_eq!(ids(&relay), vec!["b".to_string()]);
+    // And a change made with the directory gone is saved.
+    std::fs::remove_dir_all(&dir).unwrap();
+    let admin = relay.handle.admin_addr;
+    let (status, answer) = http(
+        admin,
+        "POST",
+        "/admin/accounts",
+        Some(ADMIN),
+        Some(r#"{"id":"c","key":"k3"}"#),
+    );
+    assert_eq!(status, 200, "{answer}");
+    drop(relay);
+    let relay = Relay::start(cfg.clone());
+    assert_eq!(ids(&relay), vec!["b".to_string(), "c".to_string()]);
+    drop(relay);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// A key store file damaged under a running relay (written over by
 /// hand, cut short) is kept aside and the next account change writes the
 /// running set, so the change is saved and the next start opens the

@@ -187,6 +187,9 @@ struct AccountsState {
     /// so the check each second for another process's save reads and
     /// opens the file only when it changed.
     store_seen: std::cell::Cell<Option<(u64, i64, i64, u64)>>,
+    /// The store was found gone and could not be written again: logged
+    /// once, until it is.
+    store_gone_reported: std::cell::Cell<bool>,
     /// The config file's accounts (the base the store's changes apply to).
     configs: RefCell<Vec<crate::core::config::AccountConfig>>,
     /// In a fleet: the account set other nodes stored could not be opened
@@ -282,6 +285,7 @@ impl Admin {
                 set: RefCell::new(setup.accounts),
                 store_generation: std::cell::Cell::new(setup.store.as_ref().map_or(0, |(_, g)| *g)),
                 store_seen: std::cell::Cell::new(None),
+                store_gone_reported: std::cell::Cell::new(false),
                 fleet_unreadable: std::cell::Cell::new(false),
                 fleet_version: std::cell::Cell::new(0),
                 changing: glommio::sync::Semaphore::new(1),
@@ -422,8 +426,18 @@ impl Admin {
         if self.process.fleet.get().is_some() {
             return;
         }
-        let Ok(meta) = std::fs::metadata(store.path()) else {
-            return;
+        let meta = match std::fs::metadata(store.path()) {
+            Ok(meta) => meta,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                ) =>
+            {
+                self.store_gone();
+                return;
+            }
+            Err(_) => return,
         };
         let stamp = (meta.ino(), meta.mtime(), meta.mtime_nsec(), meta.size());
         if self.accounts.store_seen.replace(Some(stamp)) == Some(stamp) {
@@ -440,6 +454,41 @@ impl Admin {
         self.accounts.store_generation.set(data.generation);
         for change in self.apply_store_data(&data) {
             tracing::info!(change = %change, generation = data.generation, "account change saved in the key store by another process");
+        }
+    }
+
+    /// The key store this relay saved is gone from the state directory
+    /// (removed, or the directory removed or moved, under the running
+    /// relay): the running set is written again, so a restart does not
+    /// lose the changes made at runtime (an account whose key was pulled
+    /// would come back from the config file with it). One that cannot be
+    /// written is logged once (the next second tries again), and its
+    /// return once. A relay that never saved one (generation 0) has
+    /// nothing the config file does not hold.
+    fn store_gone(&self) {
+        if self.accounts.store_generation.get() == 0 {
+            return;
+        }
+        let Some(store) = &self.accounts.store else {
+            return;
+        };
+        let reported = &self.accounts.store_gone_reported;
+        match self.persist() {
+            Ok(()) => {
+                reported.set(false);
+                tracing::warn!(
+                    path = %store.path().display(),
+                    "the key store was gone (removed, or its directory moved) under the running relay; the running account set is written there again"
+                );
+            }
+            Err(e) if !reported.replace(true) => {
+                tracing::error!(
+                    path = %store.path().display(),
+                    error = %e,
+                    "the key store is gone (removed, or its directory moved) under the running relay and cannot be written again; a restart now loses the account changes made at runtime (trying again each second)"
+                );
+            }
+            Err(_) => {}
         }
     }
 
