@@ -881,3 +881,51 @@ fn revocations_json_is_private_and_so_is_a_state_dir_made_again() {
     drop(relay);
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// A state directory removed under a running relay took
+/// `revocations.json` with it, and nothing wrote it again until the next
+/// revocation: a restart meanwhile served the revoked devices again. The
+/// relay now finds the file gone within a second and writes its lists.
+#[test]
+fn revocations_removed_under_the_relay_are_written_again() {
+    let fake = fake(&["key-a"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("acct-a", "key-a")]);
+    cfg.admin.token = Some(Secret::new(ADMIN));
+    let dir = cfg.admin.state_dir.clone();
+    let relay = Relay::start(cfg.clone());
+    let body = r#"{"device_id":"stolen-phone"}"#;
+    let (status, answer) = http(
+        relay.handle.admin_addr,
+        "POST",
+        "/admin/revocations",
+        Some(ADMIN),
+        Some(body),
+    );
+    assert_eq!(status, 200, "{answer}");
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(
+        wait_until(std::time::Duration::from_secs(10), || dir
+            .join("revocations.json")
+            .exists()),
+        "revocations.json is not back in {}",
+        dir.display()
+    );
+    drop(relay);
+    let relay = Relay::start(cfg);
+    let (status, list) = http(
+        relay.handle.admin_addr,
+        "GET",
+        "/admin/revocations",
+        Some(ADMIN),
+        None,
+    );
+    assert_eq!(status, 200);
+    let list: serde_json::Value = serde_json::from_str(&list).unwrap();
+    assert_eq!(
+        list["devices"],
+        serde_json::json!(["stolen-phone"]),
+        "{list}"
+    );
+    drop(relay);
+    std::fs::remove_dir_all(dir).ok();
+}

@@ -163,6 +163,31 @@ pub(super) fn expire(admin: &Admin) {
     }
 }
 
+/// The file is gone while this relay revokes something (removed, or the
+/// state directory removed or moved, under it; no process on the state
+/// directory removes it): the lists are written again, or a restart
+/// would serve the revoked devices and tokens. One that cannot be
+/// written is logged once (the next second tries again), and its return
+/// once.
+fn file_gone(admin: &Admin, dir: &std::path::Path) {
+    let devices = &admin.process.devices;
+    let (d, t) = devices.revoked();
+    if d.is_empty() && t.is_empty() && devices.forgotten_through() == 0 {
+        return;
+    }
+    let reported = &admin.revocations_file.gone_reported;
+    match save_revocations(dir, devices, &admin.revocations_file) {
+        Ok(()) => {
+            reported.set(false);
+            tracing::warn!(dir = %dir.display(), "revocations.json was gone (removed, or its directory moved) under the running relay; the revocations are written there again");
+        }
+        Err(e) if !reported.replace(true) => {
+            tracing::error!(dir = %dir.display(), error = %e, "revocations.json is gone (removed, or its directory moved) under the running relay and cannot be written again; a restart now serves the revoked devices and tokens again (trying again each second)");
+        }
+        Err(_) => {}
+    }
+}
+
 /// Outside a fleet: takes the revocation lists another process saved in
 /// the state directory since this one last looked (the other relay of a
 /// hand-over restart, which shares it), in place of its own. Both then
@@ -176,9 +201,20 @@ fn catch_up(admin: &Admin) {
     if admin.process.fleet.get().is_some() {
         return;
     }
-    let path = admin.config.borrow().state_dir.join(REVOCATIONS_FILE);
-    let Ok(meta) = std::fs::metadata(&path) else {
-        return;
+    let dir = admin.config.borrow().state_dir.clone();
+    let path = dir.join(REVOCATIONS_FILE);
+    let meta = match std::fs::metadata(&path) {
+        Ok(meta) => meta,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+            ) =>
+        {
+            file_gone(admin, &dir);
+            return;
+        }
+        Err(_) => return,
     };
     let stamp = (meta.ino(), meta.mtime(), meta.mtime_nsec(), meta.size());
     if admin.revocations_file.seen.replace(Some(stamp)) == Some(stamp) {
@@ -277,6 +313,9 @@ pub(super) struct SharedFile {
     /// When this process started (Unix milliseconds): requests from
     /// before are another process's business, ended there.
     since_ms: u64,
+    /// The file was found gone and could not be written again: logged
+    /// once, until it is.
+    gone_reported: std::cell::Cell<bool>,
 }
 
 impl Default for SharedFile {
@@ -286,6 +325,7 @@ impl Default for SharedFile {
             asked: Default::default(),
             done: Default::default(),
             since_ms: now_ms(),
+            gone_reported: Default::default(),
         }
     }
 }
