@@ -395,6 +395,137 @@ fn a_file_size_limit_fails_writes_and_stops_nothing() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// Sets the soft file-size limit of process `pid` (the hard one kept);
+/// returns the soft one it had.
+fn set_file_size_limit(pid: u32, soft: Option<u64>) -> u64 {
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: prlimit reads `old`'s layout only; both pointers are valid.
+    let r = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_FSIZE,
+            std::ptr::null(),
+            &mut old,
+        )
+    };
+    assert_eq!(r, 0, "prlimit read: {}", std::io::Error::last_os_error());
+    if let Some(soft) = soft {
+        let new = libc::rlimit {
+            rlim_cur: soft,
+            rlim_max: old.rlim_max,
+        };
+        // SAFETY: as above; `new` is a valid rlimit.
+        let r = unsafe {
+            libc::prlimit(
+                pid as libc::pid_t,
+                libc::RLIMIT_FSIZE,
+                &new,
+                std::ptr::null_mut(),
+            )
+        };
+        assert_eq!(r, 0, "prlimit set: {}", std::io::Error::last_os_error());
+    }
+    old.rlim_cur
+}
+
+/// An account change and a revocation that a running relay could not
+/// save (a full disk; here its file-size limit lowered under it, as
+/// `prlimit` does) were answered 500 "applied, but not saved", and then
+/// saved only with the next change: once the disk had room again, a
+/// restart still lost them (an account's pulled key came back, a revoked
+/// device streamed). They are now saved within a second of the disk
+/// taking them.
+#[test]
+fn changes_not_saved_on_a_full_disk_are_saved_once_it_has_room() {
+    use clio_relay::control::httpc::{blocking, Endpoint, Request};
+    const ADMIN: &str = "cli-exit-admin-token-0123456789";
+    let dir = std::env::temp_dir().join(format!("clio-relay-unsaved-{}", std::process::id()));
+    let admin = free_port();
+    let config = relay_config(&dir, "127.0.0.1:0", &admin.to_string());
+    let state = dir.join("state");
+    let file = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        file.replace(
+            "[admin]\n",
+            "[admin]\nmaster_key_env = \"CLI_UNSAVED_MASTER\"\nhealth_interval = \"0s\"\n",
+        ),
+    )
+    .unwrap();
+    let master = "cd".repeat(32);
+    /// The relay, killed if the test fails with it running.
+    struct Running(std::process::Child);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let start = || {
+        let mut child = relay_run(&config)
+            .env("CLI_UNSAVED_MASTER", &master)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_listening(admin, &mut child);
+        Running(child)
+    };
+    let ask = |method: &str, path: &str, body: &str| {
+        let req = Request::new(method, path)
+            .bearer(ADMIN)
+            .header("Content-Type", "application/json")
+            .body(body.as_bytes());
+        let wait = std::time::Duration::from_secs(10);
+        match blocking::send(&Endpoint::plain(admin), &req, wait) {
+            Ok(r) => (r.status, r.text()),
+            Err(e) => (0, e.to_string()),
+        }
+    };
+    let mut relay = start();
+    let room = set_file_size_limit(relay.0.id(), Some(0));
+    let add = r#"{"id":"b","key":"cli-unsaved-key"}"#;
+    let (status, body) = ask("POST", "/admin/accounts", add);
+    assert_eq!(status, 500, "{body}");
+    assert!(body.contains("applied, but not saved"), "{body}");
+    let (status, body) = ask(
+        "POST",
+        "/admin/revocations",
+        r#"{"device_id":"stolen-phone"}"#,
+    );
+    assert_eq!(status, 500, "{body}");
+    set_file_size_limit(relay.0.id(), Some(room));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !(state.join("accounts.store").exists() && state.join("revocations.json").exists()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not saved once the disk had room: {:?}",
+            std::fs::read_dir(&state)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect::<Vec<_>>()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // SAFETY: a signal to the relay this test started.
+    unsafe { libc::kill(relay.0.id() as libc::pid_t, libc::SIGTERM) };
+    assert!(relay.0.wait().unwrap().success());
+    drop(relay);
+
+    let relay = start();
+    let (status, body) = ask("GET", "/admin/accounts", "");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(r#""id":"b""#), "{body}");
+    let (status, body) = ask("GET", "/admin/revocations", "");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("stolen-phone"), "{body}");
+    drop(relay);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// A burst of connections to the admin port (a backlog accepted at once:
 /// here the relay is stopped while they connect) does not evict a scrape
 /// among them: its request, already there, is read before the next

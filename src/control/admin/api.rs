@@ -388,6 +388,8 @@ pub(super) fn stats(admin: &Admin, shards: &[crate::core::metrics::MetricsSnapsh
 pub(super) fn housekeeping(admin: &Admin) {
     // The key store saved by another process (a hand-over's other relay).
     admin.catch_up_store();
+    // A change whose save failed, saved once the disk has room.
+    admin.save_unsaved_store();
     // Removed accounts whose last stream has ended: their metrics index
     // is freed and their series go.
     let freed = admin.accounts.set.borrow_mut().free_metrics_slots();

@@ -190,6 +190,8 @@ struct AccountsState {
     /// The store was found gone and could not be written again: logged
     /// once, until it is.
     store_gone_reported: std::cell::Cell<bool>,
+    /// The last save of the account set failed: tried again each second.
+    store_unsaved: std::cell::Cell<bool>,
     /// The config file's accounts (the base the store's changes apply to).
     configs: RefCell<Vec<crate::core::config::AccountConfig>>,
     /// In a fleet: the account set other nodes stored could not be opened
@@ -286,6 +288,7 @@ impl Admin {
                 store_generation: std::cell::Cell::new(setup.store.as_ref().map_or(0, |(_, g)| *g)),
                 store_seen: std::cell::Cell::new(None),
                 store_gone_reported: std::cell::Cell::new(false),
+                store_unsaved: std::cell::Cell::new(false),
                 fleet_unreadable: std::cell::Cell::new(false),
                 fleet_version: std::cell::Cell::new(0),
                 changing: glommio::sync::Semaphore::new(1),
@@ -316,8 +319,31 @@ impl Admin {
             .find_map(|(name, r)| (name == pool).then_some(r))
     }
 
-    /// Saves the account set to the key store (if there is one).
+    /// Saves the account set to the key store (if there is one). A
+    /// failure (a full disk) leaves the set marked unsaved, which
+    /// [`Admin::save_unsaved_store`] tries again each second.
     fn persist(&self) -> Result<(), StoreError> {
+        let saved = self.persist_now();
+        self.accounts.store_unsaved.set(saved.is_err());
+        saved
+    }
+
+    /// Once a second: an account set whose save failed (a full disk, the
+    /// file-size limit) is saved again, so a change answered "applied,
+    /// but not saved" is not lost at the next restart once the disk has
+    /// room; logged once when it is.
+    fn save_unsaved_store(&self) {
+        if !self.accounts.store_unsaved.get() {
+            return;
+        }
+        if self.persist().is_ok() {
+            if let Some(store) = &self.accounts.store {
+                tracing::info!(path = %store.path().display(), "account changes not saved before are saved in the key store now");
+            }
+        }
+    }
+
+    fn persist_now(&self) -> Result<(), StoreError> {
         let Some(store) = &self.accounts.store else {
             return Ok(());
         };

@@ -202,6 +202,14 @@ fn catch_up(admin: &Admin) {
         return;
     }
     let dir = admin.config.borrow().state_dir.clone();
+    // A change whose save failed (a full disk) is saved once the disk has
+    // room: this process's lists are newer than the file's.
+    if admin.revocations_file.unsaved.get() {
+        if save_revocations(&dir, &admin.process.devices, &admin.revocations_file).is_ok() {
+            tracing::info!(dir = %dir.display(), "revocations not saved before are saved in revocations.json now");
+        }
+        return;
+    }
     let path = dir.join(REVOCATIONS_FILE);
     let meta = match std::fs::metadata(&path) {
         Ok(meta) => meta,
@@ -316,6 +324,8 @@ pub(super) struct SharedFile {
     /// The file was found gone and could not be written again: logged
     /// once, until it is.
     gone_reported: std::cell::Cell<bool>,
+    /// The last save failed (a full disk): tried again each second.
+    unsaved: std::cell::Cell<bool>,
 }
 
 impl Default for SharedFile {
@@ -326,6 +336,7 @@ impl Default for SharedFile {
             done: Default::default(),
             since_ms: now_ms(),
             gone_reported: Default::default(),
+            unsaved: Default::default(),
         }
     }
 }
@@ -424,7 +435,9 @@ fn save_revocations(
         issued_through_refused,
         end_live_streams: shared.to_save(),
     })?;
-    crate::control::usage::write_atomically(&dir.join(REVOCATIONS_FILE), &bytes)
+    let saved = crate::control::usage::write_atomically(&dir.join(REVOCATIONS_FILE), &bytes);
+    shared.unsaved.set(saved.is_err());
+    saved
 }
 
 /// At start, outside a fleet: the revocations saved in `dir`, so a
