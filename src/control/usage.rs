@@ -209,7 +209,10 @@ impl UsageBook {
 
     /// Audio milliseconds per account since the ledger began: every day
     /// kept, and the days dropped past [`KEEP_DAYS`] (so a counter built on
-    /// it never goes down). `None` when the database cannot be read.
+    /// it never goes down). `None` when the database cannot be read, or
+    /// is not open (it did not open at start, nor at a persist since):
+    /// what it holds is then unknown, and the streams since alone would
+    /// make the counter go down.
     pub fn audio_ms_all_time(&self) -> Option<BTreeMap<String, u64>> {
         let mut out = match &self.store {
             // Days dropped in memory but not yet in the database are still
@@ -224,7 +227,7 @@ impl UsageBook {
                     return None;
                 }
             },
-            None => BTreeMap::new(),
+            None => return None,
         };
         for day in self.pending[GroupBy::Account as usize].values() {
             for (k, t) in day {

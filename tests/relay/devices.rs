@@ -811,6 +811,47 @@ fn a_ledger_removed_under_the_relay_is_written_back() {
     std::fs::remove_dir_all(dir).ok();
 }
 
+/// A `usage.db` that does not open at start (damaged, cut short) holds
+/// audio the relay cannot count: `clio_relay_audio_seconds_total`, a
+/// counter since the ledger began, is left out (a gap), as when the
+/// ledger cannot be read while it runs, not started again from the
+/// streams since (a drop from the last value scraped). Once the ledger
+/// opens, it is back.
+#[test]
+fn a_ledger_that_does_not_open_leaves_the_audio_counter_out() {
+    let fake = fake(&["k1"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.admin.token = Some(Secret::new(ADMIN));
+    cfg.usage.persist_interval = Duration::from_millis(100);
+    let dir = cfg.admin.state_dir.clone();
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("usage.db"), "not a database, a damaged ledger").unwrap();
+    let relay = Relay::start(cfg);
+    let metrics = || {
+        let (_, metrics) = http(relay.handle.admin_addr, "GET", "/metrics", None, None);
+        metrics
+    };
+    let counter = |m: &str| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("clio_relay_audio_seconds_total{account=\"a\"} "))
+            .map(str::to_string)
+    };
+    let (mut ws, _) = connect(relay.addr(), &relay.token("phone"), Via::Header).unwrap();
+    assert!(stream_session(&mut ws, &config_message(None), &audio_frames(10, 1)).finished());
+    // The stream is in the book (collected from the shard).
+    assert!(wait_until(Duration::from_secs(10), || {
+        let v = admin_get(relay.handle.admin_addr, "/admin/usage?group_by=account");
+        v["rows"].as_array().is_some_and(|r| !r.is_empty())
+    }));
+    let m = metrics();
+    assert!(m.contains("clio_relay_usage_ledger_failing 1"), "{m}");
+    assert_eq!(counter(&m), None, "{m}");
+    std::fs::remove_file(dir.join("usage.db")).unwrap();
+    assert!(wait_until(Duration::from_secs(10), || counter(&metrics()).is_some()));
+    drop(relay);
+    std::fs::remove_dir_all(dir).ok();
+}
+
 #[test]
 fn usage_of_the_last_streams_is_saved_at_a_stop() {
     let fake = fake(&["k1"], |_| {});
