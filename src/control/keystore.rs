@@ -84,7 +84,7 @@ use nix::fcntl::{Flock, FlockArg};
 mod atomic;
 mod data;
 mod format;
-mod key_dates;
+pub mod key_dates;
 mod master;
 mod merge;
 

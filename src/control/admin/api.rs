@@ -390,6 +390,8 @@ pub(super) fn housekeeping(admin: &Admin) {
     admin.catch_up_store();
     // A change whose save failed, saved once the disk has room.
     admin.save_unsaved_store();
+    // The config keys' dates, if the file is gone from the state directory.
+    admin.keep_key_dates();
     // Removed accounts whose last stream has ended: their metrics index
     // is freed and their series go.
     let freed = admin.accounts.set.borrow_mut().free_metrics_slots();

@@ -343,6 +343,54 @@ impl Admin {
         }
     }
 
+    /// Once a second: `key-dates.json` missing from the state directory
+    /// (removed under the running relay with its directory, or not saved
+    /// at the start, the disk full) is written from the dates the running
+    /// keys carry, so a restart does not date the config file's keys from
+    /// then (and drop their rotation warnings). Logged once when written;
+    /// a write that fails is tried again each second.
+    fn keep_key_dates(&self) {
+        let path = self
+            .config
+            .borrow()
+            .state_dir
+            .join(crate::control::keystore::key_dates::FILE_NAME);
+        match std::fs::metadata(&path) {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                ) => {}
+            _ => return,
+        }
+        let dates: std::collections::BTreeMap<String, u64> = {
+            let set = self.accounts.set.borrow();
+            self.accounts
+                .configs
+                .borrow()
+                .iter()
+                .filter(|a| a.has_key())
+                .filter_map(|a| {
+                    let fp = a.key.fingerprint();
+                    set.entries()
+                        .iter()
+                        .flat_map(|e| std::iter::once(&e.current).chain(&e.retiring))
+                        .find(|k| k.fingerprint == fp)
+                        .map(|k| (fp, k.created_at))
+                })
+                .collect()
+        };
+        if dates.is_empty() {
+            return;
+        }
+        let dir = path.parent().unwrap_or(std::path::Path::new("."));
+        // A write that fails says nothing more: the start said `key dates
+        // not saved`, or the state directory's other files say it is gone.
+        if crate::control::keystore::KeyDates::write_again(dir, dates).is_ok() {
+            tracing::warn!(path = %path.display(), "key-dates.json was missing (removed under the running relay, or not saved at the start); written again with the dates the running keys carry");
+        }
+    }
+
     fn persist_now(&self) -> Result<(), StoreError> {
         let Some(store) = &self.accounts.store else {
             return Ok(());

@@ -86,6 +86,20 @@ impl KeyDates {
         by_id
     }
 
+    /// Writes `dir/key-dates.json` with `first_seen` (fingerprint → Unix
+    /// seconds): the dates a running relay holds, when the file is gone
+    /// from under it.
+    pub fn write_again(
+        dir: &Path,
+        first_seen: BTreeMap<String, u64>,
+    ) -> Result<(), super::StoreError> {
+        KeyDates {
+            dir: dir.to_path_buf(),
+            doc: Document { first_seen },
+        }
+        .save()
+    }
+
     /// Writes the file atomically, mode 0600 (the directory 0700 if made).
     pub fn save(&self) -> Result<(), super::StoreError> {
         super::atomic::ensure_dir(&self.dir)?;
