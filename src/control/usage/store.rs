@@ -284,7 +284,18 @@ impl Store {
             let _ = std::fs::remove_file(&tmp);
             return Err(gone(e));
         }
-        *self = Store::open(&self.dir).map_err(gone)?;
+        match Store::open(&self.dir) {
+            Ok(store) => *self = store,
+            Err(e) => {
+                // The copy goes, so the next persist finds the file gone
+                // again and tries anew (the open one holds it all), rather
+                // than take the copy for a file put there by someone else.
+                for suffix in ["", "-wal", "-shm"] {
+                    let _ = std::fs::remove_file(self.dir.join(format!("{DB_FILE}{suffix}")));
+                }
+                return Err(gone(e));
+            }
+        }
         Ok(true)
     }
 
