@@ -241,6 +241,30 @@ fn a_book_that_could_not_open_opens_at_its_next_save() {
     assert_eq!(loaded.query(0, 100, GroupBy::Device)["d1"].audio_ms, 1500);
 }
 
+/// A ledger removed under the book is written back; one whose copy
+/// cannot be opened where it belongs (here a directory in its log's
+/// place) is tried again at the next save, not taken for a file someone
+/// else put there, and nothing the book wrote meanwhile is lost.
+#[test]
+fn a_removed_ledger_is_written_back_once_it_can_be() {
+    let dir = TempDir::new("removed");
+    let mut b = UsageBook::load(&dir.0).unwrap();
+    b.add(&[rec(10, "a", "d1", "s1", 1000)]);
+    b.save_if_dirty(&dir.0).unwrap();
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(dir.0.join(format!("{DB_FILE}{suffix}")));
+    }
+    let wal = dir.0.join(format!("{DB_FILE}-wal"));
+    std::fs::create_dir(&wal).unwrap();
+    b.add(&[rec(10, "a", "d1", "s2", 500)]);
+    assert!(b.save_if_dirty(&dir.0).is_err());
+    std::fs::remove_dir(&wal).unwrap();
+    b.add(&[rec(10, "a", "d1", "s3", 250)]);
+    b.save_if_dirty(&dir.0).unwrap();
+    let loaded = UsageBook::load(&dir.0).unwrap();
+    assert_eq!(loaded.query(0, 100, GroupBy::Device)["d1"].audio_ms, 1750);
+}
+
 #[test]
 fn the_database_and_its_log_are_mode_0600() {
     let dir = TempDir::new("mode");
