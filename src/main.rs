@@ -298,8 +298,13 @@ fn init_logging(quiet: bool) {
     let (filter, note) = log_filter(&asked, default);
     let format = std::env::var("CLIO_RELAY_LOG_FORMAT").unwrap_or_default();
     use std::io::IsTerminal;
+    // A line stderr refuses (EPIPE: its reader is gone) is lost, not
+    // reported: tracing-subscriber reports it with `eprintln!`, which
+    // panics when stderr fails, so each thread that logged (a shard at a
+    // refused request, the admin thread) died of it.
     let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .log_internal_errors(false)
         .with_writer(std::io::stderr);
     if format == "json" {
         fmt.json().flatten_event(true).init();

@@ -5,6 +5,7 @@
 mod util;
 
 mod command_line;
+mod log_sink;
 mod refused;
 mod running;
 mod warnings;
