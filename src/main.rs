@@ -223,7 +223,10 @@ fn main() -> ExitCode {
     let demo = matches!(cli.command, Some(Command::Demo { .. }));
     #[cfg(not(feature = "demo"))]
     let demo = false;
-    init_logging(demo);
+    // The relay's own threads log through a queue (`core::log_sink`); a
+    // command that ends at once writes its lines itself.
+    let serving = matches!(cli.command, None | Some(Command::Run { .. }));
+    let sink = init_logging(demo, serving);
     let need_config = || -> Result<PathBuf, CliError> {
         config.clone().ok_or_else(|| {
             CliError::Usage(
@@ -279,6 +282,11 @@ fn main() -> ExitCode {
             clio_relay::cli::demo::run(args).map_err(CliError::from)
         }
     };
+    if let Some(sink) = sink {
+        // The last lines (the drain's) before the process ends, unless
+        // stderr has stalled.
+        sink.flush(Duration::from_secs(2));
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -291,13 +299,28 @@ fn main() -> ExitCode {
 /// Logs to stderr, as text or, with `CLIO_RELAY_LOG_FORMAT=json`, one
 /// JSON object a line (`timestamp`, `level`, `target`, `message` and the
 /// line's fields), for a fleet's log shipper. Any other value: text, and a
-/// WARN that says so.
-fn init_logging(quiet: bool) {
+/// WARN that says so. With `queued` (the relay serving), through the
+/// process's log sink, which it returns: a thread that logs never waits
+/// for stderr.
+fn init_logging(quiet: bool, queued: bool) -> Option<&'static clio_relay::core::log_sink::LogSink> {
     let default = if quiet { "warn" } else { "info" };
     let asked = std::env::var("RUST_LOG").unwrap_or_default();
     let (filter, note) = log_filter(&asked, default);
     let format = std::env::var("CLIO_RELAY_LOG_FORMAT").unwrap_or_default();
     use std::io::IsTerminal;
+    let sink = if queued {
+        match clio_relay::core::log_sink::install() {
+            Ok(sink) => Some(sink),
+            Err(e) => {
+                eprintln!("the log's thread did not start ({e}); each thread writes its lines");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    use tracing_subscriber::fmt::writer::EitherWriter;
+    use tracing_subscriber::fmt::MakeWriter;
     // A line stderr refuses (EPIPE: its reader is gone) is lost, not
     // reported: tracing-subscriber reports it with `eprintln!`, which
     // panics when stderr fails, so each thread that logged (a shard at a
@@ -305,7 +328,10 @@ fn init_logging(quiet: bool) {
     let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .log_internal_errors(false)
-        .with_writer(std::io::stderr);
+        .with_writer(move || match sink {
+            Some(sink) => EitherWriter::A(sink.make_writer()),
+            None => EitherWriter::B(std::io::stderr()),
+        });
     if format == "json" {
         fmt.json().flatten_event(true).init();
     } else {
@@ -320,6 +346,7 @@ fn init_logging(quiet: bool) {
     if let Some(note) = note {
         tracing::warn!(rust_log = %asked, "RUST_LOG {note}");
     }
+    sink
 }
 
 /// `filter` with rustls's own lines off, unless `asked` (`RUST_LOG`)

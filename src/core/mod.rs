@@ -16,6 +16,9 @@
 //! - [`deadline`]: a deadline for any future on a glommio executor.
 //! - [`dial`]: which of a name's addresses a connection goes to (RFC 8305's
 //!   staggered attempts), for upstream, Redis and the HTTP client.
+//! - [`log_sink`]: the process's log lines, queued (bounded) and written
+//!   to stderr by a thread of their own, so a stalled reader stalls no
+//!   shard.
 //! - [`doorbell`]: answers from other threads (the fleet's store) that
 //!   reach a shard's task at once, also while the shard sleeps in its ring.
 
@@ -26,6 +29,7 @@ pub mod devices;
 pub mod dial;
 pub mod doorbell;
 pub mod keyring;
+pub mod log_sink;
 pub mod metrics;
 pub mod pool_limits;
 pub mod secret;

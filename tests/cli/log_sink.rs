@@ -5,6 +5,7 @@
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::OpenOptionsExt;
 use std::process::{Child, Stdio};
 use std::time::{Duration, SystemTime};
 
@@ -237,4 +238,76 @@ fn a_broken_stderr_pipe_stops_no_thread() {
     signal(&relay.child, nix::sys::signal::Signal::SIGTERM);
     let status = exit_status(&mut relay.child).expect("the relay stopped on SIGTERM");
     assert!(status.success(), "{status:?}");
+}
+
+/// stderr a pipe nobody reads any more (a stalled journald, a log
+/// shipper that stopped reading): full, so a `write(2)` to it blocks.
+/// A shard that wrote a line there itself stopped, and every stream on
+/// it with it, until the reader came back. The relay's lines wait in its
+/// queue instead: requests are answered, the live stream's frames flow,
+/// the admin port answers, and once the reader reads again the lines come,
+/// in order.
+#[test]
+fn a_stalled_log_reader_stalls_no_stream() {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    let fake = fake();
+    let (read, write) = pipe();
+    // The test's own way into the pipe, not shared with the relay's
+    // descriptor (its flags are its own): non-blocking, to fill it.
+    let mut filler = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(format!("/proc/self/fd/{}", write.as_raw_fd()))
+        .unwrap();
+    let mut relay = start("stalled", &fake.url(), write, read);
+    let mut ws = open_stream(relay.client);
+
+    // Nobody reads the relay's log from now on, and it is full.
+    let filled = loop {
+        match filler.write(&[b'#'; 4096]) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break true,
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert!(filled);
+
+    // Each refused request is a line the shard logs.
+    for _ in 0..5 {
+        assert_eq!(
+            refused_request(relay.client),
+            401,
+            "the shard did not answer"
+        );
+    }
+    echo(&mut ws, 2);
+    echo(&mut ws, 3);
+    let (status, metrics) = get(relay.admin, "/metrics");
+    assert_eq!(status, 200, "the admin thread did not answer");
+    assert!(
+        metrics.contains("\nclio_relay_log_lines_dropped_total 0\n"),
+        "{metrics}"
+    );
+
+    // The reader reads again: the lines the relay queued meanwhile come.
+    let stderr = std::mem::replace(
+        &mut relay.stderr,
+        BufReader::new(std::fs::File::open("/dev/null").unwrap()),
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stderr.lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut refused = 0;
+    while refused < 5 {
+        let line = rx.recv_timeout(WAIT).expect("the queued lines came");
+        refused += usize::from(line.contains("request refused"));
+    }
+    echo(&mut ws, 4);
 }

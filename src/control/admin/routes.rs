@@ -400,6 +400,13 @@ async fn metrics(admin: &Admin) -> String {
         .sample(&[], tls_end);
     }
     admin.health.checks.render(&mut body);
+    family(
+        &mut body,
+        "clio_relay_log_lines_dropped_total",
+        Kind::Counter,
+        "Log lines lost: stderr did not take them as fast as they came (its reader stalled, the queue of lines full) or refused them (its reader gone).",
+    )
+    .sample(&[], crate::core::log_sink::dropped_total());
     body
 }
 
