@@ -119,6 +119,52 @@ fn an_unbounded_region_is_a_config_error() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// A relay carries at most 64 accounts. A file with more was valid for
+/// `check-config`; the start loaded 64 and warned of each other one, and
+/// each reload logged every one of them as "kept removed (removed at
+/// runtime)", 5,000 lines a reload for a file of 5,000. A disabled
+/// account with no key is not loaded, so it does not count.
+#[test]
+fn more_accounts_than_a_relay_carries_is_a_config_error() {
+    let dir = std::env::temp_dir().join(format!("clio-relay-cli-accounts-{}", std::process::id()));
+    let config = relay_config(&dir, "127.0.0.1:0", "127.0.0.1:0");
+    let base = std::fs::read_to_string(&config).unwrap();
+    let accounts = |n: usize| -> String {
+        (1..n)
+            .map(|i| format!("\n[[account]]\nid = \"x{i}\"\nkey_env = \"CLI_EXIT_KEY\"\n"))
+            .collect()
+    };
+    let keyless = "\n[[account]]\nid = \"later\"\nkey_env = \"CLI_NO_SUCH_KEY\"\nenabled = false\n";
+    for (n, extra, ok) in [
+        (64, "", true),
+        (64, keyless, true),
+        (65, "", false),
+        (5000, "", false),
+    ] {
+        std::fs::write(&config, format!("{base}{}{extra}", accounts(n))).unwrap();
+        for cmd in ["check-config", "run"] {
+            if ok && cmd == "run" {
+                continue;
+            }
+            let o = run_env(&[cmd, "--config", &config]);
+            let out = text(&o);
+            if ok {
+                assert!(o.status.success(), "{n} accounts: {out}");
+            } else {
+                assert_eq!(o.status.code(), Some(3), "{cmd}, {n} accounts: {out}");
+                assert!(
+                    out.contains(&format!(
+                        "{n} accounts with a key; a relay carries at most 64"
+                    )),
+                    "{cmd}: {out}"
+                );
+                assert!(out.len() < 2000, "the problem is one short line: {out}");
+            }
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// A price or budget that is no number is refused: TOML's `nan` and `inf`
 /// passed the "not negative" check, and a `nan` price made every cost of
 /// the account `null` in `/admin/usage` and `NaN` in

@@ -134,6 +134,20 @@ pub(super) fn validate_semantics(c: &Config, p: &mut Problems) {
     if c.accounts.is_empty() {
         p.push("account", "at least one [[account]] is needed");
     }
+    // The relay carries at most MAX_ACCOUNTS: past them, the start loaded
+    // the first and warned of each other one, and every reload said each
+    // was "kept removed (removed at runtime)". A disabled account with no
+    // key is not loaded, so it does not count.
+    let keyed = c.accounts.iter().filter(|a| a.has_key()).count();
+    if keyed > crate::core::keyring::MAX_ACCOUNTS {
+        p.push(
+            "account",
+            format!(
+                "{keyed} accounts with a key; a relay carries at most {}",
+                crate::core::keyring::MAX_ACCOUNTS
+            ),
+        );
+    }
     let mut seen: HashMap<&str, usize> = HashMap::new();
     for (i, a) in c.accounts.iter().enumerate() {
         let key = format!("account[{i}].id");
