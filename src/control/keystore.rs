@@ -97,14 +97,14 @@ pub use key_dates::KeyDates;
 /// mode 0700 if missing; the temp removed if the write fails), for the
 /// other files of the state directory. The error names what failed and
 /// on which path.
-pub fn write_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
+pub fn write_file(path: &Path, bytes: &[u8]) -> io::Result<std::fs::Metadata> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
     atomic::ensure_dir(dir)
         .and_then(|()| atomic::write_and_rename(dir, path, bytes))
-        .and_then(|()| atomic::sync_dir(dir))
+        .and_then(|written| atomic::sync_dir(dir).map(|()| written))
         .map_err(|e| match e {
             StoreError::Io { context, source } => {
                 io::Error::new(source.kind(), format!("{context}: {source}"))

@@ -402,8 +402,10 @@ pub fn cut_page<T>(rows: &mut BTreeMap<String, T>, page: &Page) -> Option<String
 /// file mode 0600, a directory made for it mode 0700 (the state directory,
 /// removed under a running relay, comes back as private as it was made),
 /// and a temp file that a failed write leaves (a full disk) removed, so it
-/// does not hold the space.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// does not hold the space. Returns the written file's metadata, read from
+/// the file itself before its rename, so that another process's write just
+/// after it is never taken for this one.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<std::fs::Metadata> {
     crate::control::keystore::write_file(path, bytes)
 }
 

@@ -46,12 +46,16 @@ pub fn ensure_dir(dir: &Path) -> Result<(), StoreError> {
 /// [`sync_dir`] on `dir` has succeeded too (the caller does that, because a
 /// failure there means "replaced, durability unknown", not "unchanged").
 /// On `Err` the target is untouched.
-pub fn write_and_rename(dir: &Path, target: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+pub fn write_and_rename(
+    dir: &Path,
+    target: &Path,
+    bytes: &[u8],
+) -> Result<fs::Metadata, StoreError> {
     let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
     let name = target.file_name().unwrap_or_default().to_string_lossy();
     let temp = dir.join(format!(".{name}.tmp-{}-{n}", std::process::id()));
-    let result = write_synced(&temp, bytes).and_then(|()| {
-        fs::rename(&temp, target).map_err(|e| {
+    let result = write_synced(&temp, bytes).and_then(|written| {
+        fs::rename(&temp, target).map(|()| written).map_err(|e| {
             StoreError::io(
                 format!("renaming {} to {}", temp.display(), target.display()),
                 e,
@@ -66,8 +70,10 @@ pub fn write_and_rename(dir: &Path, target: &Path, bytes: &[u8]) -> Result<(), S
     result
 }
 
-/// Writes a new file (it must not exist) with mode 0600 and fsyncs it.
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+/// Writes a new file (it must not exist) with mode 0600 and fsyncs it;
+/// its metadata, read from the file itself (the rename keeps its inode,
+/// modification time and size, and a later writer's file is another).
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<fs::Metadata, StoreError> {
     let ctx = |what: &str, e: io::Error| StoreError::io(format!("{what} {}", path.display()), e);
     let mut file = OpenOptions::new()
         .write(true)
@@ -76,7 +82,9 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
         .open(path)
         .map_err(|e| ctx("creating", e))?;
     file.write_all(bytes).map_err(|e| ctx("writing", e))?;
-    file.sync_all().map_err(|e| ctx("syncing", e))
+    file.sync_all().map_err(|e| ctx("syncing", e))?;
+    file.metadata()
+        .map_err(|e| ctx("reading the metadata of", e))
 }
 
 /// Fsyncs a directory, making renames and creations in it durable.
