@@ -483,3 +483,73 @@ fn a_nodes_bounds_are_written_with_its_lease_and_when_they_change() {
     assert!(redis.command("HLEN clio:rev:skew").starts_with(":0"));
     assert!(redis.member("node-a").is_none());
 }
+
+/// A fleet's device revocations never expire, and after each change
+/// every node reads the whole lists from Redis. That read had the
+/// deadline of a stream open's call (`cluster.timeout`): past some
+/// hundreds of thousands of ids (600,000 of 36 characters, release
+/// build) it never finished in time, so the node counted the store
+/// unreachable, reconnected, and failed again at the next poll, for
+/// good: it served with its share of each limit, answered revocations
+/// 503, and never took a revocation made on another node. Here the
+/// fleet holds fewer ids (the debug build reads them slower) under a
+/// 100 ms `cluster.timeout`.
+#[test]
+fn a_node_takes_a_revocation_among_many() {
+    let redis = RedisServer::start();
+    let fake = fake(&["k1"], |_| {});
+    let ids = 150_000;
+    let reply = redis.command(&format!(
+        "EVAL \"for i = 1, tonumber(ARGV[1]) do redis.call('SADD', KEYS[1], 'device-' .. i .. '-abcdefghijklmnop') end return redis.call('SCARD', KEYS[1])\" 1 clio:rev:dev {ids}"
+    ));
+    assert_eq!(reply.trim(), format!(":{ids}"), "{reply}");
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.admin.token = Some(Secret::new(ADMIN));
+    cfg.admin.master_key = Some(Secret::new(MASTER));
+    let start = |name: &str| {
+        let mut c = node(&cfg, &redis, name);
+        c.cluster.as_mut().unwrap().timeout = Duration::from_millis(100);
+        Relay::start(c)
+    };
+    let (a, b) = (start("node-a"), start("node-b"));
+    assert!(wait_until(Duration::from_secs(10), || crate::up(&a) && crate::up(&b)));
+    // The answer holds every id, past what the tests' HTTP client
+    // reads: its status line is enough.
+    let status_line = {
+        use std::io::{BufRead as _, Write as _};
+        let body = r#"{"device_id":"stolen"}"#;
+        let mut s = std::net::TcpStream::connect(a.handle.admin_addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            s,
+            "POST /admin/revocations HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {ADMIN}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(s).read_line(&mut line).unwrap();
+        line
+    };
+    assert!(status_line.starts_with("HTTP/1.1 200"), "{status_line}");
+    // Node b takes it from Redis (a stream of the device is refused as
+    // revoked), and both stores stay up.
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            let (mut ws, _) = connect(b.addr(), &b.token("stolen"), Via::Header).unwrap();
+            refused_as_revoked(&mut ws)
+        }),
+        "node b never took the revocation"
+    );
+    // No call failed on either node: the reads of the lists, at the
+    // start and after the revocation, each fit their deadline.
+    for r in [&a, &b] {
+        let fleet = r.handle.process.fleet.get().unwrap();
+        let failed = fleet
+            .stats
+            .calls_failed
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(failed, 0, "calls to Redis failed");
+        assert!(crate::up(r));
+    }
+}

@@ -36,6 +36,9 @@ const AUDIO_FLUSH: Duration = Duration::from_secs(1);
 const RECONNECT: Duration = Duration::from_secs(1);
 /// Most jobs sent in one pipeline.
 const BATCH: usize = 256;
+/// The least time the read of the fleet's revocation lists has (see
+/// `Worker::lists_timeout`).
+const LISTS_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// `t` in ms since the Unix epoch (negative before it).
 fn unix_ms(t: SystemTime) -> i64 {
@@ -1308,7 +1311,13 @@ impl Worker {
     /// or gone back to an older copy are not taken for the fleet's; the
     /// next poll sees the loss, and this node gives back what it knows.
     fn load_revocations(&mut self, ver: i64) {
+        let lists_timeout = self.lists_timeout();
         let Some(con) = self.con.as_mut() else { return };
+        // The lists are as long as the fleet's revocations, which device
+        // revocations never shorten: a stream open's deadline was too
+        // short for some hundreds of thousands of ids, and the node then
+        // counted the store unreachable at each poll, for good.
+        con.set_timeout(lists_timeout);
         let r: Result<RevocationLists, _> = redis::pipe()
             .atomic()
             .cmd("HMGET")
@@ -1334,6 +1343,7 @@ impl Worker {
             .arg("tokcut")
             .arg("tokmark")
             .query(con);
+        con.set_timeout(self.timeout);
         match r {
             Ok(((rev, epoch), d, t, at, skews, (cut, mark))) => {
                 let rev = rev.unwrap_or(0);
@@ -1383,6 +1393,15 @@ impl Worker {
             }
             Err(e) => self.failed("revocations", &e),
         }
+    }
+
+    /// The deadline of the read of the revocation lists: `cluster.timeout`,
+    /// or [`LISTS_TIMEOUT`] when longer, but never past a third of the
+    /// lease (the heartbeats' interval), so that a read that takes it all
+    /// cannot hold a heartbeat past the lease.
+    fn lists_timeout(&self) -> Duration {
+        self.timeout
+            .max(LISTS_TIMEOUT.min(Duration::from_millis(self.ttl_ms / 3)))
     }
 
     /// This node's token bounds in ms: `tokens.max_ttl` +
