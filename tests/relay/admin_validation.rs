@@ -491,7 +491,7 @@ fn a_revocation_that_could_never_match_is_refused() {
     assert_eq!(status, 200);
     assert_eq!(
         list,
-        r#"{"devices":["iphone-42"],"token_ids":[],"token_ids_expire":{}}"#
+        r#"{"devices":["iphone-42"],"revoked":{"devices":1,"token_ids":0},"token_ids":[],"token_ids_expire":{}}"#
     );
 }
 
@@ -928,4 +928,61 @@ fn revocations_removed_under_the_relay_are_written_again() {
     );
     drop(relay);
     std::fs::remove_dir_all(dir).ok();
+}
+
+/// A change's answer held every revoked id: as long as the lists, which
+/// device revocations only lengthen (7 MB at 200,000 devices), so each
+/// change cost as much as the lists and revoking ids one by one grew
+/// with the square of their number. It now names the change's ids as
+/// they stand, and the lists' sizes; `GET` still lists them all.
+#[test]
+fn a_revocation_answers_its_own_ids_not_every_list() {
+    let fake = fake(&["key-a"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("acct-a", "key-a")]);
+    cfg.admin.token = Some(Secret::new(ADMIN));
+    // 2,000 devices revoked before, as a relay that ran long saved them.
+    let many: Vec<String> = (0..2000).map(|i| format!("old-device-{i:05}")).collect();
+    std::fs::create_dir_all(&cfg.admin.state_dir).unwrap();
+    std::fs::write(
+        cfg.admin.state_dir.join("revocations.json"),
+        serde_json::json!({"devices": many, "token_ids": []}).to_string(),
+    )
+    .unwrap();
+    let relay = Relay::start(cfg);
+    let admin = relay.handle.admin_addr;
+    let (status, answer) = http(
+        admin,
+        "POST",
+        "/admin/revocations",
+        Some(ADMIN),
+        Some(r#"{"device_id":"stolen","token_id":"leaked"}"#),
+    );
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer.len() < 512, "{} bytes: {answer}", answer.len());
+    let v: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(v["devices"], serde_json::json!(["stolen"]), "{v}");
+    assert_eq!(v["token_ids"], serde_json::json!(["leaked"]), "{v}");
+    assert!(v["token_ids_expire"]["leaked"].as_u64().is_some(), "{v}");
+    assert_eq!(
+        v["revoked"],
+        serde_json::json!({"devices": 2001, "token_ids": 1}),
+        "{v}"
+    );
+    // A lift answers the same way: the id is no longer there.
+    let (status, answer) = http(
+        admin,
+        "DELETE",
+        "/admin/revocations",
+        Some(ADMIN),
+        Some(r#"{"device_id":"stolen"}"#),
+    );
+    assert_eq!(status, 200, "{answer}");
+    let v: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(v["devices"], serde_json::json!([]), "{v}");
+    assert_eq!(v["revoked"]["devices"], 2000, "{v}");
+    // GET lists every id.
+    let (_, list) = http(admin, "GET", "/admin/revocations", Some(ADMIN), None);
+    let list: serde_json::Value = serde_json::from_str(&list).unwrap();
+    assert_eq!(list["devices"].as_array().unwrap().len(), 2000);
+    assert_eq!(list["token_ids"], serde_json::json!(["leaked"]));
 }

@@ -36,6 +36,7 @@ pub(super) async fn revocations(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
     // Onto the lists another process saved, so this change does not
     // write over one made there.
     catch_up(admin);
+    let mut changed = None;
     if req.method != "GET" {
         if let Err(answer) = req.length_required() {
             return answer;
@@ -122,6 +123,14 @@ pub(super) async fn revocations(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
                 );
             }
         }
+        changed = Some(change_answer(
+            devices,
+            b.device_id.as_deref(),
+            b.token_id.as_deref(),
+        ));
+    }
+    if let Some(answer) = changed {
+        return answer;
     }
     let (d, t) = devices.revoked();
     let expire: BTreeMap<_, _> = devices
@@ -136,6 +145,44 @@ pub(super) async fn revocations(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
         json!({"devices": d, "token_ids": t, "token_ids_expire": expire})
             .to_string()
             .as_bytes(),
+    )
+}
+
+/// The answer to a change: the ids it named as they now stand (`devices`
+/// and `token_ids` hold each if it is revoked, `token_ids_expire` its
+/// expiry once known) and how many ids each list holds (`revoked`).
+/// Not the lists: they grow with every device revocation, which never
+/// expires, and answering them whole made each change cost as much as
+/// the lists (7 MB at 200,000 revoked devices), so that revoking ids one
+/// by one grew with the square of their number. `GET` lists them.
+fn change_answer(
+    devices: &crate::core::devices::Devices,
+    device: Option<&str>,
+    token: Option<&str>,
+) -> Vec<u8> {
+    let d: Vec<&str> = device
+        .filter(|d| devices.device_revoked(d))
+        .into_iter()
+        .collect();
+    let held = token.and_then(|t| Some((t, devices.token_revoked(t)?)));
+    let t: Vec<&str> = held.iter().map(|(t, _)| *t).collect();
+    let expire: BTreeMap<&str, u64> = held
+        .iter()
+        .filter_map(|(t, until)| Some((*t, (*until)?)))
+        .collect();
+    let (n_devices, n_tokens) = devices.revoked_counts();
+    http::response(
+        200,
+        "application/json",
+        "",
+        json!({
+            "devices": d,
+            "token_ids": t,
+            "token_ids_expire": expire,
+            "revoked": {"devices": n_devices, "token_ids": n_tokens},
+        })
+        .to_string()
+        .as_bytes(),
     )
 }
 

@@ -221,6 +221,39 @@ impl Devices {
         v
     }
 
+    /// Whether `device` is revoked.
+    pub fn device_revoked(&self, device: &str) -> bool {
+        self.revoked_devices
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(device)
+    }
+
+    /// Whether `token_id` is revoked, and then until when (Unix seconds)
+    /// if that is known yet.
+    pub fn token_revoked(&self, token_id: &str) -> Option<Option<u64>> {
+        let held = *self
+            .revoked_tokens
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(token_id)?;
+        Some(held.map(|(at, skew)| self.token_expiry(at, skew)))
+    }
+
+    /// How many device ids and token ids are revoked.
+    pub fn revoked_counts(&self) -> (usize, usize) {
+        (
+            self.revoked_devices
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .len(),
+            self.revoked_tokens
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .len(),
+        )
+    }
+
     /// Lifts a device or token revocation.
     pub fn unrevoke(&self, device: Option<&str>, token_id: Option<&str>) -> bool {
         let mut any = false;
