@@ -396,6 +396,16 @@ pub fn cut_page<T>(rows: &mut BTreeMap<String, T>, page: &Page) -> Option<String
     rows.last_key_value().map(|(k, _)| k.clone())
 }
 
+/// Whether `e`, from a look at a file in the state directory, says the
+/// file is gone (removed, or its directory removed or made a file under
+/// the running relay): one to write again, not a fault to report.
+pub fn is_gone(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+    )
+}
+
 /// Writes `bytes` to `path` so that a crash at any moment leaves either the
 /// old file or the new one: temp file, fsync, rename, fsync of the directory,
 /// as the key store does it ([`crate::control::keystore::write_file`]): the

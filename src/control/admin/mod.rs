@@ -356,11 +356,7 @@ impl Admin {
             .state_dir
             .join(crate::control::keystore::key_dates::FILE_NAME);
         match std::fs::metadata(&path) {
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
-                ) => {}
+            Err(e) if crate::control::usage::is_gone(&e) => {}
             _ => return,
         }
         let dates: std::collections::BTreeMap<String, u64> = {
@@ -502,12 +498,7 @@ impl Admin {
         }
         let meta = match std::fs::metadata(store.path()) {
             Ok(meta) => meta,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
-                ) =>
-            {
+            Err(e) if crate::control::usage::is_gone(&e) => {
                 self.store_gone();
                 return;
             }

@@ -259,12 +259,7 @@ fn catch_up(admin: &Admin) {
     let path = dir.join(REVOCATIONS_FILE);
     let meta = match std::fs::metadata(&path) {
         Ok(meta) => meta,
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
-            ) =>
-        {
+        Err(e) if crate::control::usage::is_gone(&e) => {
             file_gone(admin, &dir);
             return;
         }

@@ -233,11 +233,7 @@ impl Store {
                     path.display()
                 )))
             }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
-                ) => {}
+            Err(e) if crate::control::usage::is_gone(&e) => {}
             Err(e) => {
                 return Err(std::io::Error::new(
                     e.kind(),
