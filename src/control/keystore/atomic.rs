@@ -94,18 +94,39 @@ pub fn sync_dir(dir: &Path) -> Result<(), StoreError> {
         .map_err(|e| StoreError::io(format!("syncing directory {}", dir.display()), e))
 }
 
+/// The other state files whose temp files are written as the store's
+/// (`.NAME.tmp-PID-N`), without the store's lock.
+const OTHER_TEMPS: [&str; 2] = [".revocations.json.tmp-", ".key-dates.json.tmp-"];
+
+/// Whether `name` is a temp file no writer will rename: the store's (the
+/// caller holds its lock), or another state file's whose writer is gone.
+fn is_stale_temp(name: &str) -> bool {
+    if name.starts_with(TEMP_PREFIX) {
+        return true;
+    }
+    OTHER_TEMPS.iter().any(|prefix| {
+        name.strip_prefix(prefix)
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+            .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+    })
+}
+
 /// Deletes temp files left by a writer that died before its rename.
 /// Returns how many were removed. Call only while holding the store lock.
+///
+/// The store's temp files are every writer's under that lock, so all are
+/// stale. The other state files' (`revocations.json`, `key-dates.json`,
+/// written without it) are removed only when the process named in them
+/// is gone: the other relay of a hand-over restart may be writing one.
+/// Before, each `kill -9` in the middle of such a write left its temp
+/// file for good.
 pub fn remove_stale_temps(dir: &Path) -> Result<usize, StoreError> {
     let ctx = |e| StoreError::io(format!("listing {}", dir.display()), e);
     let mut removed = 0;
     for entry in fs::read_dir(dir).map_err(ctx)? {
         let entry = entry.map_err(ctx)?;
-        if entry
-            .file_name()
-            .to_str()
-            .is_some_and(|n| n.starts_with(TEMP_PREFIX))
-        {
+        if entry.file_name().to_str().is_some_and(is_stale_temp) {
             match fs::remove_file(entry.path()) {
                 Ok(()) => removed += 1,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}

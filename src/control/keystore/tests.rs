@@ -301,6 +301,35 @@ fn open_removes_stale_temp_files() {
     assert_eq!(store.load().unwrap().generation, 1);
 }
 
+/// `revocations.json` and `key-dates.json` are written through temp
+/// files too; one left by a writer killed mid-write stayed for good. A
+/// temp of a process still running (the other relay of a hand-over, mid
+/// write) is left alone.
+#[test]
+fn open_removes_other_state_files_temps_of_writers_gone() {
+    let dir = TempDir::new("stale-others");
+    std::fs::create_dir_all(&dir.0).unwrap();
+    // No pid is this high (Linux's pid_max is at most 2^22).
+    let gone = [
+        dir.0.join(".revocations.json.tmp-99999999-0"),
+        dir.0.join(".key-dates.json.tmp-99999999-3"),
+    ];
+    let live = dir
+        .0
+        .join(format!(".revocations.json.tmp-{}-0", std::process::id()));
+    for f in gone.iter().chain([&live]) {
+        std::fs::write(f, b"half a file").unwrap();
+    }
+    let keep = dir.0.join("revocations.json");
+    std::fs::write(&keep, b"{}").unwrap();
+    let _store = KeyStore::open(&dir.0, master()).unwrap();
+    for f in &gone {
+        assert!(!f.exists(), "{} left", f.display());
+    }
+    assert!(live.exists(), "a live writer's temp file was taken");
+    assert!(keep.exists());
+}
+
 #[test]
 fn a_temp_file_is_named_after_its_target() {
     // A failure names the temp file: the key dates' must not read as the
