@@ -464,7 +464,7 @@ fn changes_not_saved_on_a_full_disk_are_saved_once_it_has_room() {
             let _ = self.0.wait();
         }
     }
-    let start = || {
+    let start = |admin| {
         let mut child = relay_run(&config)
             .env("CLI_UNSAVED_MASTER", &master)
             .stdout(std::process::Stdio::null())
@@ -474,7 +474,7 @@ fn changes_not_saved_on_a_full_disk_are_saved_once_it_has_room() {
         wait_listening(admin, &mut child);
         Running(child)
     };
-    let ask = |method: &str, path: &str, body: &str| {
+    let ask = |admin, method: &str, path: &str, body: &str| {
         let req = Request::new(method, path)
             .bearer(ADMIN)
             .header("Content-Type", "application/json")
@@ -485,13 +485,14 @@ fn changes_not_saved_on_a_full_disk_are_saved_once_it_has_room() {
             Err(e) => (0, e.to_string()),
         }
     };
-    let mut relay = start();
+    let mut relay = start(admin);
     let room = set_file_size_limit(relay.0.id(), Some(0));
     let add = r#"{"id":"b","key":"cli-unsaved-key"}"#;
-    let (status, body) = ask("POST", "/admin/accounts", add);
+    let (status, body) = ask(admin, "POST", "/admin/accounts", add);
     assert_eq!(status, 500, "{body}");
     assert!(body.contains("applied, but not saved"), "{body}");
     let (status, body) = ask(
+        admin,
         "POST",
         "/admin/revocations",
         r#"{"device_id":"stolen-phone"}"#,
@@ -515,11 +516,26 @@ fn changes_not_saved_on_a_full_disk_are_saved_once_it_has_room() {
     assert!(relay.0.wait().unwrap().success());
     drop(relay);
 
-    let relay = start();
-    let (status, body) = ask("GET", "/admin/accounts", "");
+    // On an admin port of its own: the first one, free again, may have
+    // gone to another test's relay meanwhile (as it did once, with the
+    // whole suite running: this GET went there and was reset).
+    let admin = free_port();
+    let file = std::fs::read_to_string(&config).unwrap();
+    let first = file
+        .lines()
+        .find(|l| l.starts_with("admin_listen"))
+        .unwrap()
+        .to_string();
+    std::fs::write(
+        &config,
+        file.replace(&first, &format!("admin_listen = \"{admin}\"")),
+    )
+    .unwrap();
+    let relay = start(admin);
+    let (status, body) = ask(admin, "GET", "/admin/accounts", "");
     assert_eq!(status, 200, "{body}");
     assert!(body.contains(r#""id":"b""#), "{body}");
-    let (status, body) = ask("GET", "/admin/revocations", "");
+    let (status, body) = ask(admin, "GET", "/admin/revocations", "");
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("stolen-phone"), "{body}");
     drop(relay);
