@@ -121,10 +121,10 @@ impl Turns {
 
 /// Called by the data plane's driver once a round, after it has woken
 /// the tasks whose sockets are ready: hands the round's turn to the
-/// waiting handshake step that asked last and wakes it (it runs after those tasks, which
-/// were queued first), and returns true, for the driver to let it run
-/// before its next look; false if none waits. One `Cell` read when none
-/// does.
+/// waiting handshake step that asked last and wakes it (it runs after
+/// those tasks, which were queued first), and returns true, for the
+/// driver to let it run before its next look; false if none waits. One
+/// `Cell` read when none does.
 pub fn round() -> bool {
     TURNS.with(|t| t.queued.get() > 0 && t.hand_turn())
 }
