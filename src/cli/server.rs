@@ -24,6 +24,9 @@ pub struct RelayHandle {
     shards: Vec<ShardHandle>,
     admin: Option<AdminHandle>,
     admin_tx: async_channel::Sender<AdminMsg>,
+    /// Whether the admin thread is inside a disk write, and since when:
+    /// a thread waiting on a slow disk is not hung ([`RelayHandle::alive`]).
+    admin_disk: Arc<crate::core::disk_wait::DiskWait>,
     /// The cluster thread (`[cluster]`), stopped after the shards.
     cluster: Option<std::thread::JoinHandle<()>>,
     /// The config the process started with: what a reload cannot change.
@@ -52,6 +55,14 @@ impl std::fmt::Display for NotAlive {
 }
 
 impl std::error::Error for NotAlive {}
+
+/// What a liveness check ([`RelayHandle::alive`]) found when it passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Alive {
+    /// The admin thread did not answer, but it was inside a disk write
+    /// that had taken this long (it answers once the write ends).
+    pub admin_on_disk: Option<std::time::Duration>,
+}
 
 /// Why a reload ([`RelayHandle::reload`]) did not reach the admin thread;
 /// the running configuration is then kept.
@@ -377,6 +388,7 @@ pub fn start_joining(
         shards.push(handle);
     }
     let (admin_tx, admin_rx) = async_channel::unbounded();
+    let admin_disk = crate::core::disk_wait::DiskWait::new();
     let admin = admin::start(AdminSetup {
         listen: cfg.server.admin_listen,
         shards: shards.iter().map(|s| s.tx.clone()).collect(),
@@ -392,6 +404,7 @@ pub fn start_joining(
         listen_fd: admin_fd,
         fleet_accounts: accounts_rx,
         pools: cfg.all_pools(),
+        disk: admin_disk.clone(),
     })
     .map_err(|e| match e.kind() {
         std::io::ErrorKind::AddrInUse => in_use(cfg.server.admin_listen, "server.admin_listen", e),
@@ -418,6 +431,7 @@ pub fn start_joining(
         shards,
         admin: Some(admin),
         admin_tx,
+        admin_disk,
         cluster,
         started_with: cfg.clone(),
         applied: std::sync::Mutex::new(cfg.clone()),
@@ -624,7 +638,12 @@ impl RelayHandle {
     /// `limit` (the systemd watchdog's liveness check). It waits on the
     /// calling thread, with a deadline: no thread is started, so a hung
     /// executor leaves nothing behind but its missing answer.
-    pub fn alive(&self, limit: std::time::Duration) -> Result<(), NotAlive> {
+    ///
+    /// An admin thread that does not answer because it is inside a disk
+    /// write (an fsync of the state directory on a slow disk) is alive:
+    /// the write ends when the disk answers, and a restart would cut every
+    /// stream and meet the same disk. [`Alive::admin_on_disk`] says so.
+    pub fn alive(&self, limit: std::time::Duration) -> Result<Alive, NotAlive> {
         let (tx, rx) = std::sync::mpsc::channel::<String>();
         let mut waiting = std::collections::BTreeSet::new();
         for (i, s) in self.shards.iter().enumerate() {
@@ -643,8 +662,15 @@ impl RelayHandle {
                 Err(_) => break,
             }
         }
+        let mut alive = Alive::default();
+        if waiting.contains("admin") && self.admin.is_some() {
+            alive.admin_on_disk = self.admin_disk.waiting();
+            if alive.admin_on_disk.is_some() {
+                waiting.remove("admin");
+            }
+        }
         if waiting.is_empty() {
-            Ok(())
+            Ok(alive)
         } else {
             Err(NotAlive {
                 silent: waiting.into_iter().collect(),
@@ -823,8 +849,23 @@ pub fn run(path: &std::path::Path, join_client_port: bool) -> Result<(), crate::
         let relay = relay.clone();
         let every = Notifier::watchdog_interval().unwrap_or(std::time::Duration::from_secs(5));
         Watchdog::spawn(notify.clone(), every, move |limit| {
-            relay.alive(limit)?;
-            Ok(format!("{} live streams", relay.process.live_streams()))
+            let alive = relay.alive(limit)?;
+            let streams = format!("{} live streams", relay.process.live_streams());
+            Ok(match alive.admin_on_disk {
+                None => streams,
+                Some(wait) => {
+                    tracing::warn!(
+                        waited_s = wait.as_secs(),
+                        "watchdog: the admin thread is inside a disk write and answers nothing \
+                         until it ends (admin port, /healthz, /metrics); the streams go on and \
+                         the relay is kept alive: a restart would cut them and meet the same disk"
+                    );
+                    format!(
+                        "{streams}; admin thread waiting on the disk for {} s",
+                        wait.as_secs()
+                    )
+                }
+            })
         })?
     };
     let signal = loop {

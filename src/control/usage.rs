@@ -339,6 +339,8 @@ impl UsageBook {
     /// open database (logged once at WARN), so a restart finds it; an
     /// error if it cannot be (the usage goes on into the open one).
     pub fn save_if_dirty(&mut self, dir: &Path) -> std::io::Result<()> {
+        // A commit syncs the write-ahead log: on a slow disk, seconds.
+        let _disk = crate::core::disk_wait::writing();
         self.save_changes(dir)?;
         if let Some(store) = self.store.as_mut() {
             if store.keep_in_place()? {

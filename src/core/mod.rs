@@ -14,6 +14,8 @@
 //! - [`cluster`]: the fleet's shared store in Redis: device and account
 //!   leases, revocations, the account set, usage.
 //! - [`deadline`]: a deadline for any future on a glommio executor.
+//! - [`disk_wait`]: whether, and since when, the admin thread is inside a
+//!   disk write (what the watchdog counts as alive on a slow disk).
 //! - [`dial`]: which of a name's addresses a connection goes to (RFC 8305's
 //!   staggered attempts), for upstream, Redis and the HTTP client.
 //! - [`log_sink`]: the process's log lines, queued (bounded) and written
@@ -27,6 +29,7 @@ pub mod config;
 pub mod deadline;
 pub mod devices;
 pub mod dial;
+pub mod disk_wait;
 pub mod doorbell;
 pub mod keyring;
 pub mod log_sink;

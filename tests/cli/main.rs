@@ -8,4 +8,5 @@ mod command_line;
 mod log_sink;
 mod refused;
 mod running;
+mod slow_disk;
 mod warnings;

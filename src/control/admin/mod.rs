@@ -90,6 +90,9 @@ pub struct AdminSetup {
     /// the health checks probe each WebSocket endpoint, `/v1/config` and
     /// the metrics list them.
     pub pools: Vec<crate::core::config::PoolConfig>,
+    /// Where the admin thread says it is inside a disk write, for the
+    /// watchdog (`core::disk_wait`).
+    pub disk: Arc<crate::core::disk_wait::DiskWait>,
 }
 
 fn prices(accounts: &[crate::core::config::AccountConfig]) -> HashMap<String, meter::Price> {
@@ -538,6 +541,7 @@ async fn run(
     ready: std::sync::mpsc::Sender<std::io::Result<SocketAddr>>,
     stop: async_channel::Receiver<()>,
 ) {
+    crate::core::disk_wait::watch(setup.disk.clone());
     let listener =
         match crate::dataplane::io::listener(setup.listen_fd.as_deref(), setup.listen, false) {
             Ok(l) => l,

@@ -30,6 +30,7 @@ pub fn ensure_dir(dir: &Path) -> Result<(), StoreError> {
     if dir.is_dir() {
         return Ok(());
     }
+    let _disk = crate::core::disk_wait::writing();
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -51,6 +52,7 @@ pub fn write_and_rename(
     target: &Path,
     bytes: &[u8],
 ) -> Result<fs::Metadata, StoreError> {
+    let _disk = crate::core::disk_wait::writing();
     let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
     let name = target.file_name().unwrap_or_default().to_string_lossy();
     let temp = dir.join(format!(".{name}.tmp-{}-{n}", std::process::id()));
@@ -89,6 +91,7 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<fs::Metadata, StoreError> {
 
 /// Fsyncs a directory, making renames and creations in it durable.
 pub fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    let _disk = crate::core::disk_wait::writing();
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| StoreError::io(format!("syncing directory {}", dir.display()), e))
