@@ -789,6 +789,52 @@ fn wait_signal(
     nix::sys::signal::Signal::try_from(n).ok()
 }
 
+/// Re-reads the config file at `path` and applies it to `relay`, logging
+/// what changed, what needs a restart and what was refused (SIGHUP). The
+/// new `limits.drain_timeout` when the reload was applied.
+fn reload_from(path: &std::path::Path, relay: &RelayHandle) -> Option<std::time::Duration> {
+    let new = match Config::load(path) {
+        Ok(new) => new,
+        Err(e) => {
+            for p in &e.problems {
+                tracing::error!(config = %path.display(), problem = %p, "SIGHUP: reload refused, the running configuration is kept");
+            }
+            if e.unset_env {
+                tracing::warn!(
+                    "SIGHUP: a running relay reads its environment only when it starts: \
+                     a variable set since takes a restart; a *_file is read again at \
+                     each reload (an account's key also changes with `clio-relay keys rotate`)"
+                );
+            }
+            return None;
+        }
+    };
+    let changes = match relay.reload(&new) {
+        Ok(changes) => changes,
+        Err(e) => {
+            tracing::error!(error = %e, "SIGHUP: reload failed");
+            return None;
+        }
+    };
+    let refused = changes.iter().any(|c| c.starts_with("refused: "));
+    if !refused {
+        let warnings = new.warnings_besides_accounts();
+        for w in relay.account_warnings().into_iter().chain(warnings) {
+            tracing::warn!(warning = %w, "SIGHUP: config valid, but probably not meant");
+        }
+    }
+    for c in changes {
+        if let Some(why) = c.strip_prefix("refused: ") {
+            tracing::error!(config = %path.display(), problem = %why, "SIGHUP: reload refused, the running configuration is kept");
+        } else if c.starts_with("unchanged: ") {
+            tracing::warn!(change = %c, "SIGHUP: needs a restart");
+        } else {
+            tracing::info!(change = %c, "SIGHUP: reloaded");
+        }
+    }
+    (!refused).then_some(new.limits.drain_timeout)
+}
+
 /// Runs the relay from the config file at `path` until SIGTERM or SIGINT.
 ///
 /// - Under systemd: takes the listening sockets it passed (socket
@@ -797,6 +843,9 @@ fn wait_signal(
 ///   SIGHUP, STOPPING=1 on SIGTERM/SIGINT.
 /// - SIGHUP re-reads the file and applies it live; an invalid file is
 ///   refused with its problems logged, and the running configuration kept.
+///   A SIGTERM or SIGINT during a reload (one waiting for an admin thread
+///   inside a slow disk write) is taken at once; a SIGHUP during one reads
+///   the file again once it is done.
 /// - SIGTERM drains (see [`RelayHandle::drain`]); SIGINT stops at once,
 ///   during a drain too. A second SIGTERM, or a SIGHUP, during a drain
 ///   is logged and changes nothing.
@@ -868,45 +917,48 @@ pub fn run(path: &std::path::Path, join_client_port: bool) -> Result<(), crate::
             })
         })?
     };
+    // A reload a stop did not wait for: the relay's usage is saved at the
+    // end (`RelayHandle::shutdown`) only once it lets go of the relay.
+    let mut unfinished_reload = None;
     let signal = loop {
         match set.wait().map_err(std::io::Error::from)? {
             Signal::SIGHUP => {
                 notify.reloading();
-                match Config::load(path) {
-                    Err(e) => {
-                        for p in &e.problems {
-                            tracing::error!(config = %path.display(), problem = %p, "SIGHUP: reload refused, the running configuration is kept");
-                        }
-                        if e.unset_env {
-                            tracing::warn!(
-                                "SIGHUP: a running relay reads its environment only when it starts: \
-                                 a variable set since takes a restart; a *_file is read again at \
-                                 each reload (an account's key also changes with `clio-relay keys rotate`)"
-                            );
+                // On a thread of its own, so that this one still takes
+                // signals: the admin thread applies the reload, and inside
+                // a write to a slow disk it answers only when the write
+                // ends, which a SIGTERM or SIGINT must not wait for.
+                let mut again = true;
+                let mut stop = None;
+                while again && stop.is_none() {
+                    again = false;
+                    let job = {
+                        let relay = relay.clone();
+                        let path = path.to_path_buf();
+                        std::thread::Builder::new()
+                            .name("reload".into())
+                            .spawn(move || reload_from(&path, &relay))
+                            .map_err(std::io::Error::other)?
+                    };
+                    while !job.is_finished() {
+                        match wait_signal(&set, std::time::Duration::from_millis(200)) {
+                            Some(sig @ (Signal::SIGTERM | Signal::SIGINT)) => {
+                                tracing::warn!(signal = %sig, "stopping during a reload that waits for the admin thread; the reload may still apply meanwhile");
+                                stop = Some(sig);
+                                break;
+                            }
+                            Some(Signal::SIGHUP) => again = true,
+                            _ => {}
                         }
                     }
-                    Ok(new) => match relay.reload(&new) {
-                        Ok(changes) => {
-                            let refused = changes.iter().any(|c| c.starts_with("refused: "));
-                            if !refused {
-                                let warnings = new.warnings_besides_accounts();
-                                for w in relay.account_warnings().into_iter().chain(warnings) {
-                                    tracing::warn!(warning = %w, "SIGHUP: config valid, but probably not meant");
-                                }
-                                drain_timeout = new.limits.drain_timeout;
-                            }
-                            for c in changes {
-                                if let Some(why) = c.strip_prefix("refused: ") {
-                                    tracing::error!(config = %path.display(), problem = %why, "SIGHUP: reload refused, the running configuration is kept");
-                                } else if c.starts_with("unchanged: ") {
-                                    tracing::warn!(change = %c, "SIGHUP: needs a restart");
-                                } else {
-                                    tracing::info!(change = %c, "SIGHUP: reloaded");
-                                }
-                            }
-                        }
-                        Err(e) => tracing::error!(error = %e, "SIGHUP: reload failed"),
-                    },
+                    if stop.is_some() {
+                        unfinished_reload = Some(job);
+                    } else if let Ok(Some(t)) = job.join() {
+                        drain_timeout = t;
+                    }
+                }
+                if let Some(sig) = stop {
+                    break sig;
                 }
                 notify.ready();
             }
@@ -948,6 +1000,9 @@ pub fn run(path: &std::path::Path, join_client_port: bool) -> Result<(), crate::
         tracing::info!(signal = %signal, "stopping now");
     }
     watchdog.stop();
+    if let Some(job) = unfinished_reload {
+        let _ = job.join();
+    }
     match Arc::try_unwrap(relay) {
         Ok(relay) => relay.shutdown(),
         Err(relay) => drop(relay),
