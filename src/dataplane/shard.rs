@@ -70,12 +70,12 @@ pub enum ShardMsg {
     /// Install new limits and token keys (a reload); streams already open
     /// keep the version they started with.
     Settings(Settings),
-    /// End the live streams of this device or token (a revocation).
+    /// End the live streams of these devices and tokens (a revocation).
     EndStreams {
-        /// Device id to match.
-        device: Option<String>,
-        /// Token id to match.
-        token: Option<String>,
+        /// Device ids to match.
+        devices: std::collections::HashSet<String>,
+        /// Token ids to match.
+        tokens: std::collections::HashSet<String>,
     },
     /// The drain stopped waiting for streams (they ended, or its deadline
     /// passed): finalize and end every live stream, and answer every
@@ -507,11 +507,9 @@ pub fn start(index: usize, setup: ShardSetup) -> std::io::Result<ShardHandle> {
                             *shard.settings.borrow_mut() = Rc::new(settings);
                         }
                         ShardMsg::Ring => shard.catch_up_ring(),
-                        ShardMsg::EndStreams { device, token } => {
+                        ShardMsg::EndStreams { devices, tokens } => {
                             for s in shard.live.borrow().values() {
-                                if device.as_deref() == Some(s.device.as_str())
-                                    || token.as_deref() == Some(s.token_id.as_str())
-                                {
+                                if devices.contains(&s.device) || tokens.contains(&s.token_id) {
                                     s.stop(StopReason::Limit(crate::core::devices::Limit::Revoked));
                                 }
                             }

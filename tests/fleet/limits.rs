@@ -155,6 +155,48 @@ fn a_revocation_on_one_node_refuses_and_ends_streams_on_another() {
         .is_none()));
 }
 
+/// Many devices revoked in one request on one node (`device_ids`) reach
+/// every node: each refused there, a live stream of one ended. The jobs
+/// go to the store together (pipelined), one answer for all.
+#[test]
+fn a_list_revoked_on_one_node_holds_on_another() {
+    let redis = RedisServer::start();
+    let fake = fake(&["k1"], |_| {});
+    let (a, b) = pair(&fake, &redis, DeviceLimits::default());
+    let lost: Vec<String> = (0..600).map(|i| format!("lost-{i:03}")).collect();
+    let mut live = open(&b, &b.token("lost-300"));
+    assert!(wait_until(Duration::from_secs(10), || fake
+        .active_streams()
+        == 1));
+    let body = serde_json::json!({"device_ids": lost, "end_live_streams": true}).to_string();
+    let (status, answer) = http(
+        a.handle.admin_addr,
+        "POST",
+        "/admin/revocations",
+        Some(ADMIN),
+        Some(&body),
+    );
+    assert_eq!(status, 200, "{answer}");
+    let got = read_all(&mut live);
+    assert_eq!(
+        (got.error_code(), got.close_code()),
+        (Some(401), Some(1008)),
+        "{got:?}"
+    );
+    for d in ["lost-000", "lost-599"] {
+        assert_eq!(refused(&b, &b.token(d)).error_code(), Some(401), "{d}");
+    }
+    let (_, list) = http(
+        b.handle.admin_addr,
+        "GET",
+        "/admin/revocations",
+        Some(ADMIN),
+        None,
+    );
+    let list: serde_json::Value = serde_json::from_str(&list).unwrap();
+    assert_eq!(list["devices"].as_array().unwrap().len(), 600, "{list}");
+}
+
 /// A node reads the fleet's revocation sets in one call that
 /// `cluster.timeout` bounds whole: a large set, 200,000 token ids (about
 /// 3.6 MiB, in some 220 reads), is read within it, each byte once. (Each

@@ -420,6 +420,111 @@ fn a_stream_still_opening_when_its_device_is_revoked_is_ended_too() {
     assert!(!got.finished(), "{got:?}");
 }
 
+/// A wave of lost devices is revoked in one request (`device_ids`,
+/// `token_ids`): each is refused, the live streams of each end when asked,
+/// the answer names each id, and one save keeps them all. A list with an
+/// id no token can carry is refused whole, naming the id's place, and
+/// changes nothing. `DELETE` lifts a list the same way.
+#[test]
+fn many_devices_are_revoked_in_one_request() {
+    let fake = fake(&["k1"], |_| {});
+    let relay = relay_with(&fake, DeviceLimits::default());
+    let admin = relay.handle.admin_addr;
+    let lost: Vec<String> = (0..1000).map(|i| format!("lost-{i:04}")).collect();
+    let mut live = open(&relay, &relay.token("lost-0500"));
+    let kept_token = relay.token("kept-phone");
+    let mut kept = open(&relay, &kept_token);
+    assert!(wait_until(Duration::from_secs(10), || fake
+        .active_streams()
+        == 2));
+    let leaked = relay.token("phone-2");
+    let leaked_id = TokenKeys::from_config(&relay.cfg.tokens)
+        .verify(&leaked, SystemTime::now())
+        .unwrap()
+        .token_id;
+
+    let mut bad = lost.clone();
+    bad[3] = "not an id".into();
+    let body = serde_json::json!({"device_ids": bad}).to_string();
+    let (status, answer) = http(
+        admin,
+        "POST",
+        "/admin/revocations",
+        Some(ADMIN),
+        Some(&body),
+    );
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer.contains("device_ids[3]"), "{answer}");
+    assert!(refused(&relay, &relay.token("lost-0001"))
+        .error_code()
+        .is_none());
+
+    let body = serde_json::json!({
+        "device_ids": lost,
+        "token_ids": [leaked_id],
+        "end_live_streams": true,
+    })
+    .to_string();
+    let (status, answer) = http(
+        admin,
+        "POST",
+        "/admin/revocations",
+        Some(ADMIN),
+        Some(&body),
+    );
+    assert_eq!(status, 200, "{answer}");
+    let v: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(v["devices"], serde_json::json!(lost), "every id, in order");
+    assert_eq!(v["token_ids"], serde_json::json!([leaked_id]));
+    assert_eq!(
+        v["revoked"],
+        serde_json::json!({"devices": 1000, "token_ids": 1})
+    );
+    let got = read_all(&mut live);
+    assert_eq!(
+        (got.error_code(), got.close_code()),
+        (Some(401), Some(1008)),
+        "{got:?}"
+    );
+    for d in ["lost-0000", "lost-0999"] {
+        assert_eq!(refused(&relay, &relay.token(d)).error_code(), Some(401));
+    }
+    assert_eq!(refused(&relay, &leaked).error_code(), Some(401));
+    // A device not listed streams on: its stream was not ended with the
+    // listed one (the same message of the shard ends both, or neither).
+    assert!(wait_until(Duration::from_secs(10), || fake
+        .active_streams()
+        == 1));
+    kept.send(Message::binary(vec![0u8; 3200])).unwrap();
+    assert_eq!(fake.active_streams(), 1);
+    assert!(refused(&relay, &kept_token).error_code().is_none());
+    let saved: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(relay.cfg.admin.state_dir.join("revocations.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(saved["devices"].as_array().unwrap().len(), 1000);
+
+    let body = serde_json::json!({"device_ids": lost[..500]}).to_string();
+    let (status, answer) = http(
+        admin,
+        "DELETE",
+        "/admin/revocations",
+        Some(ADMIN),
+        Some(&body),
+    );
+    assert_eq!(status, 200, "{answer}");
+    let v: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(v["devices"], serde_json::json!([]), "{v}");
+    assert_eq!(v["revoked"]["devices"], 500, "{v}");
+    assert!(refused(&relay, &relay.token("lost-0000"))
+        .error_code()
+        .is_none());
+    assert_eq!(
+        refused(&relay, &relay.token("lost-0999")).error_code(),
+        Some(401)
+    );
+}
+
 #[test]
 fn revoking_a_device_refuses_new_streams_and_can_end_live_ones() {
     let fake = fake(&["k1"], |_| {});

@@ -24,8 +24,48 @@ use crate::dataplane::shard::ShardMsg;
 struct RevokeBody {
     device_id: Option<String>,
     token_id: Option<String>,
+    /// Many at once: one save and one answer for all (a wave of lost
+    /// devices), where one request each rewrote the whole file each time.
+    #[serde(default)]
+    device_ids: Vec<String>,
+    #[serde(default)]
+    token_ids: Vec<String>,
     #[serde(default)]
     end_live_streams: bool,
+}
+
+/// What a body asks the error names.
+const WANT: &str = "want {\"device_id\"?, \"token_id\"?, \"device_ids\"?: [...], \"token_ids\"?: [...], \"end_live_streams\"?}";
+
+impl RevokeBody {
+    /// The device ids and the token ids it names, each once, in the order
+    /// given (`device_id` before `device_ids`); an error naming the first
+    /// id no token can carry (it would be kept and match nothing).
+    fn ids(self) -> Result<(Vec<String>, Vec<String>), String> {
+        let mut out = (Vec::new(), Vec::new());
+        for (name, one, many, list) in [
+            ("device_id", self.device_id, self.device_ids, &mut out.0),
+            ("token_id", self.token_id, self.token_ids, &mut out.1),
+        ] {
+            let named = one.map(|id| (name.to_string(), id));
+            let listed = many
+                .into_iter()
+                .enumerate()
+                .map(|(i, id)| (format!("{name}s[{i}]"), id));
+            let mut seen = std::collections::HashSet::new();
+            for (at, id) in named.into_iter().chain(listed) {
+                if !valid_device_id(&id) {
+                    return Err(format!(
+                        "{at}: 1 to 128 characters of A-Z a-z 0-9 . _ : @ - (as in tokens)"
+                    ));
+                }
+                if seen.insert(id.clone()) {
+                    list.push(id);
+                }
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// `GET`, `POST` and `DELETE /admin/revocations`. In a fleet the change
@@ -43,54 +83,58 @@ pub(super) async fn revocations(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
         }
         let b: RevokeBody = match serde_json::from_slice(req.body) {
             Ok(b) => b,
-            Err(_) => {
-                return http::json_error(
-                    400,
-                    "want {\"device_id\"?, \"token_id\"?, \"end_live_streams\"?}",
-                )
-            }
+            Err(_) => return http::json_error(400, WANT),
         };
-        if b.device_id.is_none() && b.token_id.is_none() {
-            return http::json_error(400, "give a device_id or a token_id");
-        }
-        // An id no token can carry would be kept and match nothing.
-        for (name, id) in [("device_id", &b.device_id), ("token_id", &b.token_id)] {
-            if id.as_deref().is_some_and(|id| !valid_device_id(id)) {
-                return http::json_error(
-                    400,
-                    &format!("{name}: 1 to 128 characters of A-Z a-z 0-9 . _ : @ - (as in tokens)"),
-                );
-            }
+        let end_live = b.end_live_streams;
+        let (device_ids, token_ids) = match b.ids() {
+            Ok(ids) => ids,
+            Err(why) => return http::json_error(400, &why),
+        };
+        if device_ids.is_empty() && token_ids.is_empty() {
+            return http::json_error(
+                400,
+                "give a device_id or a token_id (or device_ids, token_ids)",
+            );
         }
         match req.method {
             "POST" => {
-                if let Some(d) = &b.device_id {
+                for d in &device_ids {
                     devices.revoke_device(d);
                 }
-                if let Some(t) = &b.token_id {
+                for t in &token_ids {
                     if admin.process.fleet.get().is_some() {
                         devices.revoke_token(t);
                     } else {
                         devices.revoke_token_at(t, crate::control::accounts::unix_now(), None);
                     }
                 }
-                if b.end_live_streams {
-                    end_streams(admin, b.device_id.clone(), b.token_id.clone());
+                if end_live {
+                    end_streams(admin, &device_ids, &token_ids);
                     if admin.process.fleet.get().is_none() {
-                        admin
-                            .revocations_file
-                            .asked(b.device_id.clone(), b.token_id.clone());
+                        let asked = &admin.revocations_file;
+                        for d in &device_ids {
+                            asked.asked(Some(d.clone()), None);
+                        }
+                        for t in &token_ids {
+                            asked.asked(None, Some(t.clone()));
+                        }
                     }
                 }
-                tracing::warn!(
-                    device = b.device_id.as_deref().unwrap_or(""),
-                    token_id = b.token_id.as_deref().unwrap_or(""),
-                    end_live_streams = b.end_live_streams,
-                    "revoked"
-                );
+                // One line an id: the log is the revocations' audit trail.
+                for d in &device_ids {
+                    tracing::warn!(device = %d, end_live_streams = end_live, "revoked");
+                }
+                for t in &token_ids {
+                    tracing::warn!(token_id = %t, end_live_streams = end_live, "revoked");
+                }
             }
             "DELETE" => {
-                devices.unrevoke(b.device_id.as_deref(), b.token_id.as_deref());
+                for d in &device_ids {
+                    devices.unrevoke(Some(d), None);
+                }
+                for t in &token_ids {
+                    devices.unrevoke(None, Some(t));
+                }
             }
             _ => return http::json_error(405, "GET, POST or DELETE"),
         }
@@ -107,14 +151,12 @@ pub(super) async fn revocations(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
             }
         }
         if let Some(fleet) = admin.process.fleet.get() {
-            let shared = fleet
-                .revoke(
-                    b.device_id.clone(),
-                    b.token_id.clone(),
-                    b.end_live_streams,
-                    req.method == "DELETE",
-                )
-                .await;
+            let ids = device_ids
+                .iter()
+                .map(|d| (Some(d.clone()), None))
+                .chain(token_ids.iter().map(|t| (None, Some(t.clone()))))
+                .collect();
+            let shared = fleet.revoke(ids, end_live, req.method == "DELETE").await;
             if let Err(e) = shared {
                 tracing::error!(error = %e, "revocation applied on this node; the fleet gets it when the cluster store answers again");
                 return http::json_error(
@@ -123,11 +165,7 @@ pub(super) async fn revocations(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
                 );
             }
         }
-        changed = Some(change_answer(
-            devices,
-            b.device_id.as_deref(),
-            b.token_id.as_deref(),
-        ));
+        changed = Some(change_answer(devices, &device_ids, &token_ids));
     }
     if let Some(answer) = changed {
         return answer;
@@ -157,14 +195,18 @@ pub(super) async fn revocations(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
 /// by one grew with the square of their number. `GET` lists them.
 fn change_answer(
     devices: &crate::core::devices::Devices,
-    device: Option<&str>,
-    token: Option<&str>,
+    device_ids: &[String],
+    token_ids: &[String],
 ) -> Vec<u8> {
-    let d: Vec<&str> = device
+    let d: Vec<&str> = device_ids
+        .iter()
+        .map(String::as_str)
         .filter(|d| devices.device_revoked(d))
-        .into_iter()
         .collect();
-    let held = token.and_then(|t| Some((t, devices.token_revoked(t)?)));
+    let held: Vec<(&str, Option<u64>)> = token_ids
+        .iter()
+        .filter_map(|t| Some((t.as_str(), devices.token_revoked(t)?)))
+        .collect();
     let t: Vec<&str> = held.iter().map(|(t, _)| *t).collect();
     let expire: BTreeMap<&str, u64> = held
         .iter()
@@ -306,16 +348,18 @@ fn catch_up(admin: &Admin) {
             token_id = e.token_id.as_deref().unwrap_or(""),
             "revoked by another process on the state directory, with end_live_streams: ending the live streams here"
         );
-        end_streams(admin, e.device_id, e.token_id);
+        end_streams(admin, e.device_id.as_slice(), e.token_id.as_slice());
     }
 }
 
-/// Tells every shard to end the live streams of `device` or `token`.
-fn end_streams(admin: &Admin, device: Option<String>, token: Option<String>) {
+/// Tells every shard to end the live streams of `devices` and `tokens`.
+fn end_streams(admin: &Admin, devices: &[String], tokens: &[String]) {
+    let devices: std::collections::HashSet<String> = devices.iter().cloned().collect();
+    let tokens: std::collections::HashSet<String> = tokens.iter().cloned().collect();
     for tx in &admin.shards {
         let _ = tx.try_send(ShardMsg::EndStreams {
-            device: device.clone(),
-            token: token.clone(),
+            devices: devices.clone(),
+            tokens: tokens.clone(),
         });
     }
 }

@@ -961,26 +961,40 @@ impl Fleet {
         self.send(Job::Stop);
     }
 
-    /// Revokes (or lifts) fleet-wide; every node refuses or ends within a
-    /// poll interval.
+    /// Revokes (or lifts) fleet-wide each of `ids` (a device id, a token
+    /// id, or both); every node refuses or ends within a poll interval.
+    /// Every job is sent before any answer is awaited, so the cluster
+    /// thread sends them in pipelines (up to `store::BATCH` a round trip).
+    /// The first error, if any.
     pub async fn revoke(
         &self,
-        device: Option<String>,
-        token: Option<String>,
+        ids: Vec<(Option<String>, Option<String>)>,
         end_live: bool,
         lift: bool,
     ) -> Result<(), ClusterError> {
-        let (reply, rx) = async_channel::bounded(1);
-        self.send(Job::Revoke {
-            device,
-            token,
-            end_live,
-            lift,
-            reply,
-        });
-        rx.recv()
-            .await
-            .unwrap_or_else(|_| Err(ClusterError::ThreadGone))
+        let mut answers = Vec::with_capacity(ids.len());
+        for (device, token) in ids {
+            let (reply, rx) = async_channel::bounded(1);
+            self.send(Job::Revoke {
+                device,
+                token,
+                end_live,
+                lift,
+                reply,
+            });
+            answers.push(rx);
+        }
+        let mut first = Ok(());
+        for rx in answers {
+            let answer = rx
+                .recv()
+                .await
+                .unwrap_or_else(|_| Err(ClusterError::ThreadGone));
+            if first.is_ok() {
+                first = answer;
+            }
+        }
+        first
     }
 
     /// Stores the sealed account set for every node, if no node stored

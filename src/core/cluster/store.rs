@@ -1483,8 +1483,8 @@ impl Worker {
                 }
                 for tx in &self.links.shards {
                     let _ = tx.try_send(ShardMsg::EndStreams {
-                        device: device.clone(),
-                        token: token.clone(),
+                        devices: device.iter().cloned().collect(),
+                        tokens: token.iter().cloned().collect(),
                     });
                 }
                 self.ends_id = Some(id);
