@@ -342,13 +342,18 @@ fn catch_up(admin: &Admin) {
     }
     // Its requests to end live streams, each once: this process's streams
     // of a device revoked there end too.
+    let (mut ended_devices, mut ended_tokens) = (Vec::new(), Vec::new());
     for e in admin.revocations_file.new_ends(&saved.end_live_streams) {
         tracing::warn!(
             device = e.device_id.as_deref().unwrap_or(""),
             token_id = e.token_id.as_deref().unwrap_or(""),
             "revoked by another process on the state directory, with end_live_streams: ending the live streams here"
         );
-        end_streams(admin, e.device_id.as_slice(), e.token_id.as_slice());
+        ended_devices.extend(e.device_id);
+        ended_tokens.extend(e.token_id);
+    }
+    if !(ended_devices.is_empty() && ended_tokens.is_empty()) {
+        end_streams(admin, &ended_devices, &ended_tokens);
     }
 }
 
