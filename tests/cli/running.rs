@@ -733,3 +733,72 @@ fn shards_are_pinned_within_the_cpus_the_relay_is_given() {
         "one shard per CPU given ({given:?}), shard i on the i-th"
     );
 }
+
+/// A list revoked in one request is logged whole, every id in a
+/// `revoked` line (100 ids a line), through the real binary's log queue:
+/// the log is the revocations' audit trail.
+#[test]
+fn a_long_revocation_list_is_logged_whole() {
+    use clio_relay::control::httpc::{blocking, Endpoint, Request};
+    use std::io::{BufRead, BufReader};
+    const ADMIN: &str = "cli-exit-admin-token-0123456789";
+    let dir = std::env::temp_dir().join(format!("clio-relay-revoke-log-{}", std::process::id()));
+    let admin = free_port();
+    let config = relay_config(&dir, "127.0.0.1:0", &admin.to_string());
+    let mut child = relay_run(&config)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let log = std::thread::spawn(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<_>>()
+    });
+    wait_listening(admin, &mut child);
+    // 7,000 short ids: 55 KB, under the admin port's 64 KiB body.
+    let ids: Vec<String> = (0..7000).map(|i| format!("d{i}")).collect();
+    let body = serde_json::json!({ "device_ids": ids }).to_string();
+    let req = Request::new("POST", "/admin/revocations")
+        .bearer(ADMIN)
+        .header("Content-Type", "application/json")
+        .body(body.as_bytes());
+    let answer = blocking::send(
+        &Endpoint::plain(admin),
+        &req,
+        std::time::Duration::from_secs(30),
+    )
+    .map(|r| r.status)
+    .map_err(|e| e.to_string());
+    assert_eq!(answer, Ok(200));
+    // SAFETY: a signal to the relay this test started.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+    let lines = log.join().unwrap();
+    let mut logged = std::collections::HashSet::new();
+    for l in lines.iter().filter(|l| l.contains(" revoked ")) {
+        let list = l
+            .split("devices=")
+            .nth(1)
+            .and_then(|rest| rest.split('"').nth(1))
+            .unwrap_or_else(|| l.split("device=").nth(1).unwrap_or(""));
+        logged.extend(
+            list.split([' ', '"'])
+                .filter(|s| !s.is_empty())
+                .map(str::to_string),
+        );
+    }
+    let missing: Vec<_> = ids.iter().filter(|d| !logged.contains(*d)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} ids not logged, e.g. {:?}; dropped: {:?}",
+        missing.len(),
+        ids.len(),
+        missing.first(),
+        lines.iter().find(|l| l.contains("log lines dropped"))
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

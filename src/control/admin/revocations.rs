@@ -120,13 +120,7 @@ pub(super) async fn revocations(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
                         }
                     }
                 }
-                // One line an id: the log is the revocations' audit trail.
-                for d in &device_ids {
-                    tracing::warn!(device = %d, end_live_streams = end_live, "revoked");
-                }
-                for t in &token_ids {
-                    tracing::warn!(token_id = %t, end_live_streams = end_live, "revoked");
-                }
+                log_revoked(&device_ids, &token_ids, end_live);
             }
             "DELETE" => {
                 for d in &device_ids {
@@ -184,6 +178,43 @@ pub(super) async fn revocations(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
             .to_string()
             .as_bytes(),
     )
+}
+
+/// Most ids named in one log line of a revocation.
+const IDS_A_LINE: usize = 100;
+
+/// Logs a revocation: the log is its audit trail, so every id is named.
+/// One device id and one token id go in one line (`device=`, `token_id=`);
+/// lists go [`IDS_A_LINE`] ids a line (`devices="a b …"`), not a line an
+/// id: a list as long as a body holds (16,000 short ids) would be 16,000
+/// lines at once, past journald's default rate limit (10,000 lines in
+/// 30 s a service, `RateLimitBurst=`), which drops the rest of the trail.
+fn log_revoked(device_ids: &[String], token_ids: &[String], end_live: bool) {
+    if device_ids.len() <= 1 && token_ids.len() <= 1 {
+        tracing::warn!(
+            device = device_ids.first().map_or("", String::as_str),
+            token_id = token_ids.first().map_or("", String::as_str),
+            end_live_streams = end_live,
+            "revoked"
+        );
+        return;
+    }
+    for ids in device_ids.chunks(IDS_A_LINE) {
+        tracing::warn!(
+            devices = ids.join(" ").as_str(),
+            n = ids.len(),
+            end_live_streams = end_live,
+            "revoked"
+        );
+    }
+    for ids in token_ids.chunks(IDS_A_LINE) {
+        tracing::warn!(
+            token_ids = ids.join(" ").as_str(),
+            n = ids.len(),
+            end_live_streams = end_live,
+            "revoked"
+        );
+    }
 }
 
 /// The answer to a change: the ids it named as they now stand (`devices`
