@@ -112,54 +112,21 @@ pub(super) fn month_audio(admin: &Admin) -> HashMap<String, u64> {
 /// node's share, read from Redis; `scope=node`, or Redis unreachable (then
 /// `fleet_error` says why), answers from this node's own ledger.
 pub(super) async fn usage(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
-    let q = |name: &str| {
-        req.query
-            .split('&')
-            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+    let query = match super::query::checked(
+        req.query,
+        &[
+            ("from", "YYYY-MM-DD"),
+            ("to", "YYYY-MM-DD"),
+            ("group_by", "account, device or pool"),
+            ("scope", "fleet or node"),
+            ("limit", "rows, 1 to 10000"),
+            ("after", "the previous page's next"),
+        ],
+    ) {
+        Ok(q) => q,
+        Err(answer) => return answer,
     };
-    // A misspelt parameter is refused, not ignored: `group=device` would
-    // answer by account, and look like an answer.
-    const KNOWN: [&str; 6] = ["from", "to", "group_by", "scope", "limit", "after"];
-    let unknown = req
-        .query
-        .split('&')
-        .filter(|kv| !kv.is_empty())
-        .map(|kv| kv.split_once('=').map_or(kv, |(k, _)| k))
-        .find(|k| !KNOWN.contains(k));
-    if let Some(k) = unknown {
-        let k: String = k.chars().take(64).collect();
-        return http::json_error(
-            400,
-            &format!("unknown parameter {k} (from, to, group_by, scope, limit, after)"),
-        );
-    }
-    // Nor is a second value: only the first was read, so `…&to=X` added
-    // to a query that had a `to` answered for the old one.
-    let twice = KNOWN.iter().find(|name| {
-        req.query
-            .split('&')
-            .filter(|kv| kv.split_once('=').map_or(*kv, |(k, _)| k) == **name)
-            .count()
-            > 1
-    });
-    if let Some(name) = twice {
-        return http::json_error(400, &format!("{name} is given twice"));
-    }
-    // Nor is a name with no `=`: it was read as absent, so `group_by`
-    // alone answered by account.
-    if let Some(name) = KNOWN
-        .iter()
-        .find(|name| req.query.split('&').any(|kv| kv == **name))
-    {
-        let takes = match *name {
-            "from" | "to" => "YYYY-MM-DD",
-            "group_by" => "account, device or pool",
-            "limit" => "rows, 1 to 10000",
-            "after" => "the previous page's next",
-            _ => "fleet or node",
-        };
-        return http::json_error(400, &format!("{name}: want {name}={takes}"));
-    }
+    let q = |name: &str| query.get(name);
     let today = utc_day(SystemTime::now());
     let parse = |name: &str, default: u64| match q(name) {
         None | Some("") => Ok(default),
@@ -189,23 +156,9 @@ pub(super) async fn usage(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
     // Rows come in pages of keys in order, so that a ledger of many
     // devices is never read or answered whole: `next` names the last row
     // when more follow, and `after=` it asks for them.
-    let limit = match q("limit") {
-        None => USAGE_PAGE,
-        Some(t) => match t.parse::<usize>() {
-            Ok(n) if (1..=MAX_USAGE_ROWS).contains(&n) => n,
-            _ => {
-                return http::json_error(
-                    400,
-                    &format!("limit: want a number of rows, 1 to {MAX_USAGE_ROWS}"),
-                )
-            }
-        },
-    };
-    let after = match q("after").map(|t| percent_encoding::percent_decode_str(t).decode_utf8()) {
-        None => None,
-        Some(Ok(t)) if t.is_empty() => None,
-        Some(Ok(t)) => Some(t.into_owned()),
-        Some(Err(_)) => return http::json_error(400, "after: not UTF-8"),
+    let (limit, after) = match query.page(USAGE_PAGE, MAX_USAGE_ROWS) {
+        Ok(page) => page,
+        Err(answer) => return answer,
     };
     if by_pool && (after.is_some() || q("limit").is_some()) {
         // A page of accounts would split a pool's sum.

@@ -17,6 +17,7 @@ mod api;
 mod key_store;
 mod meter;
 pub mod pools;
+mod query;
 mod remote;
 mod revocations;
 mod routes;
