@@ -986,3 +986,107 @@ fn a_revocation_answers_its_own_ids_not_every_list() {
     assert_eq!(list["devices"].as_array().unwrap().len(), 2000);
     assert_eq!(list["token_ids"], serde_json::json!(["leaked"]));
 }
+
+/// `GET /admin/revocations?of=devices` (or `token_ids`) answers the list
+/// in pages, in order, each id once: `next` while more follow, `after=`
+/// it for the next page, and the lists' sizes. Without `of` the whole
+/// lists, as before; `limit` or `after` without it, an unknown `of`, or a
+/// parameter it does not take, 400.
+#[test]
+fn the_revocation_lists_are_read_in_pages() {
+    let fake = fake(&["key-a"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("acct-a", "key-a")]);
+    cfg.admin.token = Some(Secret::new(ADMIN));
+    let many: Vec<String> = (0..2000).map(|i| format!("dev:{i:05}@x")).collect();
+    std::fs::create_dir_all(&cfg.admin.state_dir).unwrap();
+    std::fs::write(
+        cfg.admin.state_dir.join("revocations.json"),
+        serde_json::json!({"devices": many, "token_ids": []}).to_string(),
+    )
+    .unwrap();
+    let relay = Relay::start(cfg);
+    let admin = relay.handle.admin_addr;
+    let tokens: Vec<String> = (0..5).map(|i| format!("tok-{i}")).collect();
+    let body = serde_json::json!({ "token_ids": tokens }).to_string();
+    let (status, answer) = http(
+        admin,
+        "POST",
+        "/admin/revocations",
+        Some(ADMIN),
+        Some(&body),
+    );
+    assert_eq!(status, 200, "{answer}");
+
+    let get = |query: &str| {
+        let (status, body) = http(
+            admin,
+            "GET",
+            &format!("/admin/revocations?{query}"),
+            Some(ADMIN),
+            None,
+        );
+        (
+            status,
+            serde_json::from_str::<serde_json::Value>(&body).unwrap(),
+        )
+    };
+    let mut walked: Vec<String> = Vec::new();
+    let mut query = "of=devices&limit=300".to_string();
+    loop {
+        let (status, page) = get(&query);
+        assert_eq!(status, 200, "{page}");
+        assert_eq!(
+            page["revoked"],
+            serde_json::json!({"devices": 2000, "token_ids": 5})
+        );
+        let ids = page["devices"].as_array().unwrap();
+        assert!(ids.len() <= 300);
+        walked.extend(ids.iter().map(|v| v.as_str().unwrap().to_string()));
+        match page["next"].as_str() {
+            Some(next) => {
+                assert_eq!(next, walked.last().unwrap());
+                // `:` and `@` percent-encoded, as a client's URL library does.
+                let next = next.replace(':', "%3A").replace('@', "%40");
+                query = format!("of=devices&limit=300&after={next}");
+            }
+            None => break,
+        }
+    }
+    assert_eq!(walked, many, "every id once, in order");
+
+    let (status, page) = get("of=token_ids&limit=3");
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(
+        page["token_ids"],
+        serde_json::json!(["tok-0", "tok-1", "tok-2"])
+    );
+    assert!(
+        page["token_ids_expire"]["tok-0"].as_u64().is_some(),
+        "{page}"
+    );
+    assert_eq!(page["next"], "tok-2");
+    let (_, page) = get("of=token_ids&after=tok-2");
+    assert_eq!(page["token_ids"], serde_json::json!(["tok-3", "tok-4"]));
+    assert!(page.get("next").is_none(), "{page}");
+
+    let (status, whole) = get("");
+    assert_eq!(status, 200);
+    assert_eq!(whole["devices"].as_array().unwrap().len(), 2000);
+    for (query, says) in [
+        ("limit=10", "add of=devices"),
+        ("of=device", "of=devices or of=token_ids"),
+        ("of=devices&limit=0", "limit: want"),
+        ("of=devices&page=2", "unknown parameter page"),
+        ("of=devices&of=token_ids", "of is given twice"),
+    ] {
+        let (status, answer) = http(
+            admin,
+            "GET",
+            &format!("/admin/revocations?{query}"),
+            Some(ADMIN),
+            None,
+        );
+        assert_eq!(status, 400, "{query}: {answer}");
+        assert!(answer.contains(says), "{query}: {answer}");
+    }
+}

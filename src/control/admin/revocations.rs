@@ -164,6 +164,30 @@ pub(super) async fn revocations(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
     if let Some(answer) = changed {
         return answer;
     }
+    let query = match super::query::checked(
+        req.query,
+        &[
+            ("of", "devices or token_ids"),
+            ("limit", "ids, 1 to 10000"),
+            ("after", "the previous page's next"),
+        ],
+    ) {
+        Ok(q) => q,
+        Err(answer) => return answer,
+    };
+    if let Some(of) = query.get("of") {
+        let (limit, after) = match query.page(PAGE, MAX_PAGE) {
+            Ok(page) => page,
+            Err(answer) => return answer,
+        };
+        return page_answer(devices, of, limit, after.as_deref());
+    }
+    if query.get("limit").is_some() || query.get("after").is_some() {
+        return http::json_error(
+            400,
+            "limit and after page one list: add of=devices or of=token_ids",
+        );
+    }
     let (d, t) = devices.revoked();
     let expire: BTreeMap<_, _> = devices
         .revoked_token_times()
@@ -178,6 +202,48 @@ pub(super) async fn revocations(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
             .to_string()
             .as_bytes(),
     )
+}
+
+/// Ids in a page of `GET /admin/revocations?of=…` by default, and at most.
+const PAGE: usize = 1_000;
+const MAX_PAGE: usize = 10_000;
+
+/// A page of one list (`of`): its ids in order, at most `limit` after
+/// `after`, `next` when more follow (the page's last id, for `after=`),
+/// and how many ids each list holds. A list of 600,000 ids answered whole
+/// is 21 MB, built on the admin thread while `/healthz` waits.
+fn page_answer(
+    devices: &crate::core::devices::Devices,
+    of: &str,
+    limit: usize,
+    after: Option<&str>,
+) -> Vec<u8> {
+    let (n_devices, n_tokens) = devices.revoked_counts();
+    let mut body = json!({"revoked": {"devices": n_devices, "token_ids": n_tokens}});
+    let (last, more) = match of {
+        "devices" => {
+            let (page, more) = devices.revoked_devices_page(after, limit);
+            let last = page.last().cloned();
+            body["devices"] = json!(page);
+            (last, more)
+        }
+        "token_ids" => {
+            let (page, more) = devices.revoked_tokens_page(after, limit);
+            let last = page.last().map(|(t, _)| t.clone());
+            let expire: BTreeMap<&str, u64> = page
+                .iter()
+                .filter_map(|(t, until)| Some((t.as_str(), (*until)?)))
+                .collect();
+            body["token_ids_expire"] = json!(expire);
+            body["token_ids"] = json!(page.iter().map(|(t, _)| t).collect::<Vec<_>>());
+            (last, more)
+        }
+        _ => return http::json_error(400, "of: want of=devices or of=token_ids"),
+    };
+    if more {
+        body["next"] = json!(last);
+    }
+    http::response(200, "application/json", "", body.to_string().as_bytes())
 }
 
 /// Most ids named in one log line of a revocation.

@@ -275,6 +275,43 @@ impl Devices {
         any
     }
 
+    /// Of the revoked device ids in order, the first `limit` after
+    /// `after`, and whether more follow.
+    pub fn revoked_devices_page(&self, after: Option<&str>, limit: usize) -> (Vec<String>, bool) {
+        let set = self
+            .revoked_devices
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
+        page_of(set.iter(), after, limit)
+    }
+
+    /// Of the revoked token ids in order, the first `limit` after
+    /// `after`, each with when its revocation expires (when known), and
+    /// whether more follow.
+    pub fn revoked_tokens_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> (Vec<(String, Option<u64>)>, bool) {
+        let map = self
+            .revoked_tokens
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
+        let (ids, more) = page_of(map.keys(), after, limit);
+        let page = ids
+            .into_iter()
+            .map(|id| {
+                let until = map
+                    .get(&id)
+                    .copied()
+                    .flatten()
+                    .map(|(at, skew)| self.token_expiry(at, skew));
+                (id, until)
+            })
+            .collect();
+        (page, more)
+    }
+
     /// The revoked device ids and token ids, sorted.
     pub fn revoked(&self) -> (Vec<String>, Vec<String>) {
         let mut d: Vec<_> = self
@@ -294,5 +331,53 @@ impl Devices {
         d.sort();
         t.sort();
         (d, t)
+    }
+}
+
+/// Of `ids`, the first `limit` after `after` in order, and whether more
+/// follow: a pass over the ids and a sort of the page alone, so a page of
+/// a long list costs the list's length once, not its sort.
+fn page_of<'a>(
+    ids: impl Iterator<Item = &'a String>,
+    after: Option<&str>,
+    limit: usize,
+) -> (Vec<String>, bool) {
+    let mut page: Vec<&String> = ids
+        .filter(|id| after.is_none_or(|a| id.as_str() > a))
+        .collect();
+    let more = page.len() > limit;
+    if more {
+        page.select_nth_unstable(limit);
+        page.truncate(limit);
+    }
+    page.sort_unstable();
+    (page.into_iter().cloned().collect(), more)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::page_of;
+
+    #[test]
+    fn pages_walk_the_ids_in_order_each_once() {
+        let ids: Vec<String> = (0..1003)
+            .map(|i| format!("id-{:05}", (i * 7919) % 1003))
+            .collect();
+        let mut walked = Vec::new();
+        let mut after = None;
+        loop {
+            let (page, more) = page_of(ids.iter(), after.as_deref(), 100);
+            assert!(page.len() <= 100);
+            assert_eq!(more, page.len() == 100 && walked.len() + 100 < ids.len());
+            walked.extend(page);
+            if !more {
+                break;
+            }
+            after = walked.last().cloned();
+        }
+        let mut sorted = ids.clone();
+        sorted.sort();
+        assert_eq!(walked, sorted);
+        assert_eq!(page_of(ids.iter(), Some("id-99999"), 10), (vec![], false));
     }
 }
