@@ -700,6 +700,7 @@ impl RelayHandle {
 
     fn stop_all(&mut self) {
         self.end_live_streams();
+        self.end_waiting_connections();
         // The streams have ended (drained, or ended just now); their usage
         // records are still in the shards: into the ledger (and the
         // fleet's) first.
@@ -730,6 +731,38 @@ impl RelayHandle {
 }
 
 impl RelayHandle {
+    /// A stop that told the shards nothing (no drain before it, no stream
+    /// live: SIGINT on an idle relay, a relay embedded and shut down) with
+    /// client connections still open: each still without a stream (in its
+    /// TLS handshake, before its request head or its first message) is
+    /// answered as at a drain's end (`Shard::drain_ended`: a TLS handshake
+    /// closed, HTTP 503 "reconnect"), after the listeners close, and the
+    /// stop waits up to [`STOP_ANSWER_WAIT`] for them to close. A shard
+    /// that stops leaves the tasks it still has on its executor: their
+    /// sockets, registered with the shard's ring, stayed open until the
+    /// process exited, and so did the client listener (whose ring went
+    /// with them), taking connections nobody answered.
+    fn end_waiting_connections(&self) {
+        if self.process.finalizing() || self.process.open_connections() == 0 {
+            return;
+        }
+        for s in &self.shards {
+            let _ = s.tx.try_send(ShardMsg::StopAccepting);
+        }
+        self.process.set_finalizing(true);
+        for s in &self.shards {
+            let _ = s.tx.try_send(ShardMsg::Drain);
+        }
+        let t0 = Instant::now();
+        if !self.process.wait_all_closed(t0 + STOP_ANSWER_WAIT) {
+            tracing::warn!(
+                open = self.process.open_connections(),
+                waited = ?t0.elapsed(),
+                "stop: connections without a stream still open after the wait"
+            );
+        }
+    }
+
     /// Ends the streams still live (SIGINT, during a drain too; a drain
     /// whose wait gave up on some) through their own ends, so their usage
     /// is recorded as any stream's end records it, and waits up to
@@ -768,6 +801,11 @@ impl RelayHandle {
         }
     }
 }
+
+/// How long a stop waits for the connections without a stream it answers
+/// (see `RelayHandle::end_waiting_connections`): a TLS handshake closes at
+/// once, an HTTP answer's write and FIN take at most 1 s each.
+const STOP_ANSWER_WAIT: Duration = Duration::from_secs(2);
 
 impl Drop for RelayHandle {
     fn drop(&mut self) {

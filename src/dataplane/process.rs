@@ -236,6 +236,11 @@ impl ProcessState {
         self.unrecorded.load(Ordering::Relaxed)
     }
 
+    /// Client connections accepted and not yet closed, streams or not.
+    pub fn open_connections(&self) -> u32 {
+        self.connections.load(Ordering::Acquire)
+    }
+
     /// Counts an accepted client connection until the value is dropped.
     pub fn connection(self: &Arc<Self>) -> OpenConnection {
         self.connections.fetch_add(1, Ordering::AcqRel);

@@ -756,6 +756,73 @@ fn a_drain_closes_the_connections_still_in_their_tls_handshake() {
     );
 }
 
+/// A stop with no stream live (SIGINT, or a relay embedded and shut
+/// down) closes the connections still in their TLS handshake: one that
+/// sent half its ClientHello, one that got the relay's answer and never
+/// finished, and one that sent nothing yet. Their tasks were left on the
+/// shard's executor when its thread ended, their sockets registered with
+/// the shard's ring, which nothing closed then: each stayed open, and so
+/// did the client listener (its poll's removal never completed), taking
+/// connections nobody would answer. `limits.handshake_timeout` (2 min) is
+/// past the test's reads (15 s): the close is the stop's.
+#[test]
+fn a_stop_closes_the_connections_still_in_their_tls_handshake() {
+    use std::io::{Read, Write};
+    let fake = fake(&["k1"], |_| {});
+    let (relay, _ca) = crate::tls::tls_relay(&fake.url(), |c| {
+        c.limits.handshake_timeout = Duration::from_secs(120);
+    });
+    let at = relay.addr();
+    let hello = {
+        let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+        let mut conn =
+            rustls::ClientConnection::new(Arc::new(cfg), "localhost".try_into().unwrap()).unwrap();
+        let mut hello = Vec::new();
+        conn.write_tls(&mut hello).unwrap();
+        hello
+    };
+    let connect = || {
+        let tcp = std::net::TcpStream::connect(at).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        tcp
+    };
+    let mut half = connect();
+    half.write_all(&hello[..hello.len() / 2]).unwrap();
+    let mut unfinished = connect();
+    unfinished.write_all(&hello).unwrap();
+    let mut first = [0u8; 5];
+    unfinished.read_exact(&mut first).unwrap();
+    assert_eq!(first[0], 22, "a TLS handshake record: {first:?}");
+    let mut silent = connect();
+    assert!(wait_until(Duration::from_secs(10), || accept_queue(at) == Some(0)));
+    let stopped = std::thread::spawn(move || relay.handle.shutdown());
+    for (name, tcp) in [
+        ("half a ClientHello", &mut half),
+        ("unfinished", &mut unfinished),
+        ("silent", &mut silent),
+    ] {
+        let mut rest = Vec::new();
+        match tcp.read_to_end(&mut rest) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            Err(e) => panic!("{name}: not closed by the stop: {e}"),
+        }
+    }
+    stopped.join().unwrap();
+    // The listener is closed too: a connection is refused, not queued.
+    let late = std::net::TcpStream::connect_timeout(&at, Duration::from_secs(5));
+    assert!(
+        late.is_err(),
+        "the client port still listens after the stop"
+    );
+}
+
 /// The text of every message until the connection ends.
 fn read_all_tls<S: std::io::Read + std::io::Write>(ws: &mut tungstenite::WebSocket<S>) -> String {
     let mut text = String::new();
