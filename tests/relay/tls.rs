@@ -482,6 +482,47 @@ fn a_connection_closed_before_its_first_byte_is_no_failed_handshake() {
     assert!(finished, "the client's stream finished");
 }
 
+/// A ClientHello whose client has shut its side already (a FIN, or a
+/// reset) is not answered: such a client can never send the Finished
+/// that ends the handshake, and the answer is a signature, the costliest
+/// work a peer can ask of a shard (4 ms of RSA-4096). A hello waits for
+/// its turn (`turns`), during a flood up to `limits.handshake_timeout`,
+/// and a client that gave up meanwhile still had its hello signed in
+/// that turn: a flood of hellos each closed once sent took the shard's
+/// time for nobody. Here the hello and the FIN come in one segment (the
+/// hello corked, the FIN tacked onto it): before, the relay sent its
+/// ServerHello flight; now it closes with nothing sent, and the
+/// connection counts as a failed handshake (400), as a hello cut short
+/// does.
+#[test]
+fn a_hello_from_a_client_that_has_closed_its_side_is_not_signed() {
+    use std::io::{Read, Write};
+    let fake = fake(&["k1"], |_| {});
+    let (relay, ca) = tls_relay(&fake.url(), |_| {});
+    let hello = client_hello();
+    for _ in 0..3 {
+        let mut tcp = std::net::TcpStream::connect(relay.addr()).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        socket2::SockRef::from(&tcp).set_cork(true).unwrap();
+        tcp.write_all(&hello).unwrap();
+        tcp.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut got = vec![];
+        if let Err(e) = tcp.read_to_end(&mut got) {
+            assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+        }
+        assert_eq!(got.len(), 0, "the relay answered a closed client's hello");
+    }
+    let (_, metrics) = http(relay.handle.admin_addr, "GET", "/metrics", None, None);
+    let failed = series_value(
+        &metrics,
+        "clio_relay_errors_total{side=\"client\",code=\"400\"}",
+    );
+    assert_eq!(failed, Some(3.0), "counted as failed handshakes");
+    // A client that stays gets its handshake.
+    let mut ws = wss_connect(relay.addr(), &ca, &relay.token("d")).unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+}
+
 /// `limits.handshake_timeout` runs from accept to a complete upgrade
 /// request, the TLS handshake included: a client that spends part of it
 /// on a slow handshake gets only the rest for its request head, not a
@@ -813,13 +854,14 @@ fn a_flood_of_tls_hellos_leaves_a_live_stream_its_time() {
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicUsize::new(0));
     let addr = relay.addr();
-    // 1,000 hellos a second, each closed once sent (a signature is made
-    // on a hello read before the FIN), for at most 30 s.
+    // 1,000 hellos a second, each held open for 1 s once sent (a hello
+    // whose client has closed its side is not signed), for at most 30 s.
     let flood = {
         let (stop, sent) = (stop.clone(), sent.clone());
         std::thread::spawn(move || {
             let start = Instant::now();
             let mut n = 0u32;
+            let mut held = std::collections::VecDeque::new();
             while !stop.load(Ordering::Relaxed) && start.elapsed() < Duration::from_secs(30) {
                 n += 1;
                 if let Ok(mut tcp) =
@@ -828,6 +870,13 @@ fn a_flood_of_tls_hellos_leaves_a_live_stream_its_time() {
                     if tcp.write_all(&hello).is_ok() {
                         sent.fetch_add(1, Ordering::Relaxed);
                     }
+                    held.push_back((Instant::now(), tcp));
+                }
+                while held
+                    .front()
+                    .is_some_and(|(at, _)| at.elapsed() > Duration::from_secs(1))
+                {
+                    held.pop_front();
                 }
                 let due = start + Duration::from_millis(u64::from(n));
                 std::thread::sleep(due.saturating_duration_since(Instant::now()));

@@ -174,6 +174,17 @@ async fn upgrade(shard: Rc<Shard>, tcp: RingSocket) -> Option<Upgraded> {
                     Ok(0) | Err(_) => None,
                     Ok(n) => {
                         let proxy_header = proxy_header::starts_with_signature(&first[..n]);
+                        // A client that has shut its side (or reset) can
+                        // never send its Finished: its hello, which may
+                        // have waited for this turn until it gave up, is
+                        // not answered with a signature.
+                        if tcp.peer_gone_now() {
+                            let gone = std::io::Error::new(
+                                std::io::ErrorKind::UnexpectedEof,
+                                "the client closed its side before the server's answer",
+                            );
+                            return Some(Err((gone, proxy_header)));
+                        }
                         Some(
                             acceptor
                                 .accept(tcp.into())

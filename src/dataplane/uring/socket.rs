@@ -154,6 +154,21 @@ impl RingSocket {
         }
     }
 
+    /// Whether the peer has shut down its side (FIN) or the connection
+    /// failed, asked of the kernel now (one `poll(2)` that does not wait),
+    /// whatever readiness the plane has dispatched so far: for a step
+    /// about to do costly work for a peer that may have gone meanwhile.
+    pub fn peer_gone_now(&self) -> bool {
+        let mut p = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: one `pollfd`, valid for the call; a zero timeout.
+        let n = unsafe { libc::poll(&mut p, 1, 0) };
+        n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+    }
+
     /// Bytes received on the socket so far. A read over TLS takes the
     /// bytes of a record as they come and gives nothing until the record is
     /// whole: this counts them as they arrive.
