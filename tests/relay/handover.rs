@@ -28,7 +28,19 @@ struct Proc {
 
 impl Proc {
     fn spawn(cfg: &std::path::Path, secret: &Secret, join: bool) -> Proc {
+        Proc::spawn_with(cfg, secret, join, &[])
+    }
+
+    /// [`Proc::spawn`] with more environment (libfaketime's, to shift the
+    /// process's clock).
+    fn spawn_with(
+        cfg: &std::path::Path,
+        secret: &Secret,
+        join: bool,
+        env: &[(&str, &str)],
+    ) -> Proc {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_clio-relay"));
+        cmd.envs(env.iter().copied());
         cmd.args(["run", "--config", cfg.to_str().unwrap()]);
         if join {
             cmd.arg("--join-client-port");
@@ -548,5 +560,115 @@ fn a_devices_audio_on_the_old_relay_of_a_hand_over_counts_on_the_new() {
         "{ended}"
     );
     drop(new);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Debian's `faketime` package's preload library (.ci/run installs it).
+fn libfaketime() -> &'static str {
+    [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+    ]
+    .into_iter()
+    .find(|p| std::path::Path::new(p).exists())
+    .expect("libfaketime is not installed: apt-get install faketime (.ci/run does)")
+}
+
+/// A stream that crosses UTC midnight counts its audio on the day it was
+/// relayed, in the ledger as in the device's daily allowance: a restart
+/// after midnight starts the device's day with the audio since midnight
+/// only. The relay runs under libfaketime, its clock 20 s before the next
+/// midnight (the host's clock is not touched); a device with 3 s a day
+/// streams 2 s before midnight and 1 s after, in one stream, and the
+/// relay restarts: the device has 2 s left. Before, the ledger put the
+/// stream's whole audio on the day it ended, and the restart seeded the
+/// device's new day with yesterday's 2 s too: its next stream was refused
+/// with its allowance used up (and the ledger showed 3 s on the new day,
+/// none on the old).
+#[test]
+fn a_stream_across_midnight_counts_its_audio_on_each_day() {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let fake = fake(&["k1"], |c| {
+        c.echo = true;
+        // The stream waits for midnight with no audio.
+        c.idle_timeout = Duration::from_secs(120);
+    });
+    let port = free_port();
+    let (dir, cfg) = handover_config(
+        &fake.url(),
+        port,
+        "[devices]\naudio_seconds_per_day = 3\n[[account]]\nid = \"a\"\nkey_env = \"HANDOVER_KEY\"\n",
+    );
+    let secret = secret();
+    let keys = TokenKeys::new(&secret, None, Duration::from_secs(30));
+    let real = || {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
+    let now = real();
+    let midnight = (now / 86_400 + 1) * 86_400;
+    // The relay's clock: this much ahead of the host's.
+    let offset = midnight - 20 - now;
+    let relay_now = || real() + offset;
+    let token = |device: &str| {
+        let at = UNIX_EPOCH + Duration::from_secs(relay_now());
+        keys.mint(device, Duration::from_secs(600), at).unwrap()
+    };
+    let shift = format!("+{offset}");
+    let env = [
+        ("LD_PRELOAD", libfaketime()),
+        ("FAKETIME", shift.as_str()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+    ];
+    let mut first = Proc::spawn_with(&cfg, &secret, false, &env);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut ws = open(addr, &token("night"), 20);
+    assert!(
+        relay_now() < midnight,
+        "the machine was too slow: the first 2 s of audio went after midnight"
+    );
+    // Past midnight by the relay's clock (waited for, at most 20 s).
+    assert!(wait_until(Duration::from_secs(60), || relay_now() > midnight));
+    more(&mut ws, 10);
+    assert!(finish(&mut ws).finished());
+    first.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(first.exited(), "the relay did not stop");
+    let day = |d: u64| clio_relay::control::usage::format_day(d);
+    let (yesterday, today) = (day(midnight / 86_400 - 1), day(midnight / 86_400));
+    let again = Proc::spawn_with(&cfg, &secret, false, &env);
+    let on = |d: &str| {
+        let (status, body) = http(
+            again.admin,
+            "GET",
+            &format!("/admin/usage?group_by=device&from={d}&to={d}"),
+            Some(ADMIN),
+            None,
+        );
+        assert_eq!(status, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        v["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["key"] == "night")
+            .map(|r| r["audio_seconds"].as_f64().unwrap())
+    };
+    let (before, after) = (on(&yesterday), on(&today));
+    let (mut ws, _) = connect(addr, &token("night"), Via::Header).unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    let (echoed, ended) = frames_until_ended(&mut ws, 60);
+    assert!(
+        (15..=30).contains(&echoed),
+        "{echoed} frames streamed after the restart, of a day with 2 s left; then {ended:?}; \
+         the ledger: {before:?} s on {yesterday}, {after:?} s on {today}"
+    );
+    assert_eq!(
+        (before, after),
+        (Some(2.0), Some(1.0)),
+        "the ledger's days: {yesterday}, {today}"
+    );
+    drop(again);
     std::fs::remove_dir_all(&dir).ok();
 }

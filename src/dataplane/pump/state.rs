@@ -447,6 +447,10 @@ pub struct Meter {
     upstream_counted_ms: Cell<u64>,
     /// The last `error_code` upstream sent.
     upstream_error: Cell<Option<u16>>,
+    /// The audio milliseconds counted (a second at a time, with the
+    /// device's daily allowance) on each UTC day, in the order counted:
+    /// a stream that crosses midnight has two.
+    days: RefCell<Vec<(u64, u64)>>,
     /// The parts of the stream earlier accounts carried, before a resume
     /// moved it to another account: each account's audio and bytes.
     parts: RefCell<Vec<Part>>,
@@ -518,30 +522,47 @@ impl Meter {
         let total = self.audio_bytes.get() + bytes;
         self.audio_bytes.set(total);
         let per_ms = self.bytes_per_ms.get();
-        if per_ms <= 0.0 {
+        let ms = if per_ms <= 0.0 {
             let counted = self.upstream_counted_ms.get();
             let seen = self.upstream_seen_ms.get().unwrap_or(0);
             if seen < counted + 1000 {
                 return true;
             }
             self.upstream_counted_ms.set(seen);
-            let device = self.device.borrow();
-            return device
-                .as_ref()
-                .is_none_or(|d| d.add_audio(seen - counted, std::time::SystemTime::now()));
-        }
-        let pending = total - self.audio_counted.get();
-        if (pending as f64) < per_ms * 1000.0 {
-            return true;
-        }
-        self.audio_counted.set(total);
+            seen - counted
+        } else {
+            let pending = total - self.audio_counted.get();
+            if (pending as f64) < per_ms * 1000.0 {
+                return true;
+            }
+            self.audio_counted.set(total);
+            (pending as f64 / per_ms) as u64
+        };
+        let now = std::time::SystemTime::now();
+        self.count_on(crate::core::devices::utc_day(now), ms);
         let device = self.device.borrow();
-        device.as_ref().is_none_or(|d| {
-            d.add_audio(
-                (pending as f64 / per_ms) as u64,
-                std::time::SystemTime::now(),
-            )
-        })
+        device.as_ref().is_none_or(|d| d.add_audio(ms, now))
+    }
+
+    /// Notes `ms` of audio counted on UTC day `day`.
+    fn count_on(&self, day: u64, ms: u64) {
+        let mut days = self.days.borrow_mut();
+        match days.last_mut() {
+            Some((d, n)) if *d == day => *n += ms,
+            _ => days.push((day, ms)),
+        }
+    }
+
+    /// The audio milliseconds counted on UTC days other than `day` (the
+    /// day the stream ended), by day in the order counted: what a stream
+    /// that crossed midnight relayed before it.
+    pub fn audio_on_other_days(&self, day: u64) -> Vec<(u64, u64)> {
+        self.days
+            .borrow()
+            .iter()
+            .filter(|(d, n)| *d != day && *n > 0)
+            .copied()
+            .collect()
     }
 
     /// Closes `account`'s part of the stream when a resume moves it to

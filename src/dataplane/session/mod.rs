@@ -525,7 +525,9 @@ impl Stream {
             .into_iter()
             .filter(|p| &p.account != account)
             .collect();
-        let mut usage = self.shard.usage.borrow_mut();
+        // A stream that crossed midnight: the audio of each day on it.
+        let other_days = state.meter.audio_on_other_days(metered.day);
+        let mut usage = Vec::with_capacity(parts.len() + 1 + other_days.len());
         let (mut ms, mut up_bytes, mut down_bytes) = (0, 0, 0);
         for p in parts {
             ms += p.audio_ms;
@@ -557,6 +559,8 @@ impl Stream {
             bytes_down: metered.bytes_down.saturating_sub(down_bytes),
             ..metered
         });
+        crate::core::usage::split_days(&mut usage, &other_days);
+        self.shard.usage.borrow_mut().append(&mut usage);
     }
 
     /// Whether the stream can resume on a new upstream connection now: a
