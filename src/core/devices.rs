@@ -226,6 +226,13 @@ pub struct Devices {
     /// largest went down, recorded then, or 0), which Redis lets go. `None`: not known yet (one made in a fleet,
     /// until the next load of the fleet's lists).
     revoked_tokens: RwLock<HashMap<String, Option<(u64, u64)>>>,
+    /// When, by this process's monotonic clock, each token id revocation
+    /// of a relay alone was made (for one loaded or taken from another
+    /// process, reckoned back from its age by the wall clock then): it is
+    /// let go only once its time has passed by this clock too, so a wall
+    /// clock stepped forward (one that was behind when it was made, put
+    /// right) does not let it go early. None here: the wall clock alone.
+    revoked_made: Mutex<HashMap<String, Instant>>,
     /// A token issued at or before this (Unix seconds) is refused: a
     /// revocation by token id made before it has expired and is no longer
     /// kept. 0: none.
@@ -258,6 +265,7 @@ impl Default for Devices {
             daily_audio: AtomicBool::new(false),
             revoked_devices: RwLock::default(),
             revoked_tokens: RwLock::default(),
+            revoked_made: Mutex::default(),
             forgotten_through: AtomicU64::new(0),
             token_hold: AtomicU64::new(u64::MAX),
             token_skew: AtomicU64::new(0),

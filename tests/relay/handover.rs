@@ -672,3 +672,127 @@ fn a_stream_across_midnight_counts_its_audio_on_each_day() {
     drop(again);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// One stream of a frame with `token` on `addr`: `Ok` when the frame was
+/// echoed, else what refused it.
+fn one_frame(addr: SocketAddr, token: &str) -> Result<(), String> {
+    let mut ws = match connect(addr, token, Via::Header) {
+        Ok((ws, _)) => ws,
+        Err(tungstenite::Error::Http(resp)) => {
+            let body = resp.body().clone().unwrap_or_default();
+            return Err(format!(
+                "{} {}",
+                resp.status(),
+                String::from_utf8_lossy(&body)
+            ));
+        }
+        Err(e) => return Err(e.to_string()),
+    };
+    ws.send(Message::text(config_message(None))).unwrap();
+    match frames_until_ended(&mut ws, 1) {
+        (1, _) => Ok(()),
+        (_, ended) => Err(ended.unwrap_or_else(|| "closed".into())),
+    }
+}
+
+/// A token id revoked while the relay's clock was behind stays revoked
+/// when the clock is put right: a revocation is kept its whole time
+/// (`tokens.max_ttl` + `tokens.clock_skew`) by the process's monotonic
+/// clock too, not only by the wall clock it was dated with. The relay
+/// runs under libfaketime an hour behind, then (10 s after its start)
+/// on the right time, as when NTP steps a clock that was off; the token
+/// revoked meanwhile was minted by a right clock (refused then as issued
+/// in the future) and is valid for 10 minutes more. A revocation loaded
+/// from the file (the canary), due 30 s after the start, is let go once
+/// its time is over, which shows the once-a-second expiry ran after the
+/// step. Before, the revocation, dated an hour back, expired at the
+/// first second after the step, and the revoked token opened streams.
+#[test]
+fn a_token_revoked_while_the_clock_was_behind_stays_revoked_when_it_is_put_right() {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let fake = fake(&["k1"], |c| c.echo = true);
+    let port = free_port();
+    let (dir, cfg) = handover_config(
+        &fake.url(),
+        port,
+        "[tokens]\nmax_ttl = \"30m\"\n[[account]]\nid = \"a\"\nkey_env = \"HANDOVER_KEY\"\n",
+    );
+    // The [tokens] table is already in the file: the key goes there.
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("[tokens]\nmax_ttl = \"30m\"\n", "")
+        .replace("[tokens]\n", "[tokens]\nmax_ttl = \"30m\"\n");
+    std::fs::write(&cfg, text).unwrap();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    // The canary: by the behind clock, due 30 s from now (1830 s kept).
+    let canary_at = now - 3600 + 30 - 1830;
+    std::fs::create_dir_all(dir.join("state")).unwrap();
+    std::fs::write(
+        dir.join("state/revocations.json"),
+        format!(
+            r#"{{"devices":[],"token_ids":["canary"],"token_ids_revoked_at":{{"canary":{canary_at}}},"token_ids_clock_skew":{{"canary":30}}}}"#
+        ),
+    )
+    .unwrap();
+    let secret = secret();
+    let token = minter(&secret);
+    let stolen = token("stolen");
+    let env = [
+        ("LD_PRELOAD", libfaketime()),
+        ("FAKETIME", "-3600"),
+        ("FAKETIME_STOP_AFTER_SECONDS", "10"),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+    ];
+    let relay = Proc::spawn_with(&cfg, &secret, false, &env);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let token_id = |t: &str| {
+        let payload = t.split('.').nth(2).unwrap();
+        let json =
+            base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, payload)
+                .unwrap();
+        serde_json::from_slice::<Value>(&json).unwrap()["t"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let id = token_id(&stolen);
+    let (status, body) = http(
+        relay.admin,
+        "POST",
+        "/admin/revocations",
+        Some(ADMIN),
+        Some(&format!(r#"{{"token_id":"{id}"}}"#)),
+    );
+    assert_eq!(status, 200, "{body}");
+    // Revoked while the clock was still behind: the token was then one
+    // issued in the future.
+    let before = one_frame(addr, &stolen);
+    assert!(
+        before.as_ref().is_err_and(|e| e.contains("future")),
+        "the relay's clock was not behind when the token was revoked: {before:?}"
+    );
+    let listed = |id: &str| {
+        let (status, body) = http(relay.admin, "GET", "/admin/revocations", Some(ADMIN), None);
+        assert_eq!(status, 200, "{body}");
+        body.contains(&format!("\"{id}\""))
+    };
+    assert!(listed("canary"), "the canary was let go before its time");
+    assert!(
+        wait_until(Duration::from_secs(120), || !listed("canary")),
+        "the canary revocation never expired"
+    );
+    assert!(
+        listed(&id),
+        "the revocation made while the clock was behind was let go"
+    );
+    let after = one_frame(addr, &stolen);
+    assert!(
+        after.as_ref().is_err_and(|e| e.contains("revoked")),
+        "the revoked token, valid by the right clock: {after:?}"
+    );
+    drop(relay);
+    std::fs::remove_dir_all(&dir).ok();
+}

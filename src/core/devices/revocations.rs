@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::{Devices, Limit, Refused};
 use crate::core::token::Claims;
@@ -50,6 +50,20 @@ impl Devices {
         through: u64,
     ) {
         self.forgotten_through.fetch_max(through, Ordering::Relaxed);
+        // Alone (another process's save taken): when each new one was
+        // made. A fleet's are let go by Redis.
+        if self.fleet_hold.load(Ordering::Relaxed) == u64::MAX {
+            let mut made = self.revoked_made.lock().unwrap_or_else(|e| e.into_inner());
+            made.retain(|id, _| tokens.contains_key(id));
+            let now = (crate::control::accounts::unix_now(), Instant::now());
+            for (id, held) in &tokens {
+                if let (Some((at, _)), false) = (held, made.contains_key(id)) {
+                    if let Some(t) = made_at(now, *at) {
+                        made.insert(id.clone(), t);
+                    }
+                }
+            }
+        }
         *self
             .revoked_devices
             .write()
@@ -123,6 +137,7 @@ impl Devices {
     /// over.
     pub fn revoke_token_at(&self, token_id: &str, at: u64, skew: Option<u64>) -> bool {
         let skew = skew.unwrap_or_else(|| self.token_skew.load(Ordering::Relaxed));
+        self.note_made(token_id, at);
         self.revoked_tokens
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -168,6 +183,33 @@ impl Devices {
         }
     }
 
+    /// Notes when, by the monotonic clock, the revocation of `token_id`
+    /// made at `at` (Unix seconds, by the wall clock) was made: its age by
+    /// the wall clock now before this instant (none when it is older than
+    /// the monotonic clock can tell).
+    fn note_made(&self, token_id: &str, at: u64) {
+        let now = (crate::control::accounts::unix_now(), Instant::now());
+        let mut made = self.revoked_made.lock().unwrap_or_else(|e| e.into_inner());
+        match made_at(now, at) {
+            Some(t) => made.insert(token_id.to_string(), t),
+            None => made.remove(token_id),
+        };
+    }
+
+    /// Whether the revocation of `token_id` made at `at`, due at `due`
+    /// (Unix seconds), has been kept its whole time by the monotonic
+    /// clock too.
+    fn held_long_enough(
+        &self,
+        made: &HashMap<String, Instant>,
+        token_id: &str,
+        at: u64,
+        due: u64,
+    ) -> bool {
+        made.get(token_id)
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(due.saturating_sub(at)))
+    }
+
     /// Lets go of the token id revocations that have expired at `now`
     /// (Unix seconds), and refuses from then on every token issued at or
     /// before the latest of them plus the clock-skew allowance: under the
@@ -177,17 +219,23 @@ impl Devices {
     pub fn expire_revoked_tokens(&self, now: u64) -> usize {
         let mut mark = 0;
         let mut gone = 0;
+        let mut made = self.revoked_made.lock().unwrap_or_else(|e| e.into_inner());
         self.revoked_tokens
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .retain(|_, held| match *held {
-                Some((at, skew)) if self.token_expiry(at, skew) <= now => {
+            .retain(|id, held| match *held {
+                Some((at, skew))
+                    if self.token_expiry(at, skew) <= now
+                        && self.held_long_enough(&made, id, at, self.token_expiry(at, skew)) =>
+                {
                     mark = mark.max(at.saturating_add(self.token_skew_for(skew)));
+                    made.remove(id);
                     gone += 1;
                     false
                 }
                 _ => true,
             });
+        drop(made);
         self.forgotten_through.fetch_max(mark, Ordering::Relaxed);
         gone
     }
@@ -265,6 +313,10 @@ impl Devices {
                 .remove(d);
         }
         if let Some(t) = token_id {
+            self.revoked_made
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(t);
             any |= self
                 .revoked_tokens
                 .write()
@@ -332,6 +384,15 @@ impl Devices {
         t.sort();
         (d, t)
     }
+}
+
+/// The monotonic instant a revocation made at `at` (Unix seconds) was
+/// made, from `now` (Unix seconds, and the same moment's instant): its
+/// age by the wall clock before it; `None` when older than the monotonic
+/// clock can tell.
+fn made_at(now: (u64, Instant), at: u64) -> Option<Instant> {
+    now.1
+        .checked_sub(Duration::from_secs(now.0.saturating_sub(at)))
 }
 
 /// Of `ids`, the first `limit` after `after` in order, and whether more
