@@ -796,3 +796,62 @@ fn a_token_revoked_while_the_clock_was_behind_stays_revoked_when_it_is_put_right
     drop(relay);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `clio_relay_key_age_seconds` of account `a`'s key on `p`.
+fn key_age(p: &Proc) -> Option<f64> {
+    let (_, metrics) = http(p.admin, "GET", "/metrics", None, None);
+    metrics.lines().find_map(|l| {
+        l.strip_prefix("clio_relay_key_age_seconds{account=\"a\",")?
+            .rsplit_once(' ')?
+            .1
+            .parse()
+            .ok()
+    })
+}
+
+/// A config-file key first seen while the clock was ahead (a host that
+/// booted a year ahead, until NTP stepped it back) is dated from the
+/// first start on a right clock, and its age then survives restarts
+/// again. The relay first runs under libfaketime 400 days ahead, then
+/// twice on the host's clock: the second of those shows the key at
+/// least as old as the first did. Before, `key-dates.json` kept the
+/// date 400 days ahead: every start counted the key's age from 0 again
+/// (the date not reached yet), so for 400 days no restarted relay
+/// warned that the key was due for rotation.
+#[test]
+fn a_key_first_seen_by_a_clock_ahead_is_dated_from_a_right_one() {
+    let fake = fake(&["k1"], |c| c.echo = true);
+    let port = free_port();
+    let (dir, cfg) = handover_config(
+        &fake.url(),
+        port,
+        "[[account]]\nid = \"a\"\nkey_env = \"HANDOVER_KEY\"\n",
+    );
+    let secret = secret();
+    let ahead = [
+        ("LD_PRELOAD", libfaketime()),
+        ("FAKETIME", "+400d"),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+    ];
+    let mut first = Proc::spawn_with(&cfg, &secret, false, &ahead);
+    assert!(wait_until(LIMIT, || key_age(&first).is_some()));
+    first.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(first.exited(), "the relay did not stop");
+    let mut right = Proc::spawn(&cfg, &secret, false);
+    assert!(
+        wait_until(LIMIT, || key_age(&right).is_some_and(|a| a >= 2.0)),
+        "the key's age never moved: {:?}",
+        key_age(&right)
+    );
+    right.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(right.exited(), "the relay did not stop");
+    let again = Proc::spawn(&cfg, &secret, false);
+    let age = key_age(&again);
+    assert!(
+        age.is_some_and(|a| a >= 2.0),
+        "the key's age after a restart on the right clock: {age:?} s; key-dates.json: {}",
+        std::fs::read_to_string(dir.join("state/key-dates.json")).unwrap_or_default()
+    );
+    drop(again);
+    std::fs::remove_dir_all(&dir).ok();
+}

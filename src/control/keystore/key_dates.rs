@@ -58,8 +58,13 @@ impl KeyDates {
     }
 
     /// When `key` was first seen: its record, or `now` (then recorded).
+    /// A record later than `now` (made while the clock was ahead, since
+    /// put right) is dated `now`: kept, it would have the key's age count
+    /// from 0 at every start until the clock reached it.
     pub fn first_seen(&mut self, key: &Secret, now: u64) -> u64 {
-        *self.doc.first_seen.entry(key.fingerprint()).or_insert(now)
+        let at = self.doc.first_seen.entry(key.fingerprint()).or_insert(now);
+        *at = (*at).min(now);
+        *at
     }
 
     /// Keeps only the records of `accounts`' keys, dates any new one `now`,
@@ -144,6 +149,17 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_date_ahead_of_the_clock_is_dated_now() {
+        let d = dir("ahead");
+        let accounts = vec![AccountConfig::new("a", Secret::new("key-date-test-EEEE"))];
+        assert_eq!(KeyDates::record(&d, &accounts, 50_000)["a"], 50_000);
+        // The clock put back: the key is dated from now, and stays so.
+        assert_eq!(KeyDates::record(&d, &accounts, 1_000)["a"], 1_000);
+        assert_eq!(KeyDates::record(&d, &accounts, 2_000)["a"], 1_000);
         let _ = std::fs::remove_dir_all(&d);
     }
 
