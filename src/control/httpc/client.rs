@@ -117,7 +117,9 @@ pub async fn send_with_retry(
             return (outcome, n);
         }
         let wait = retry.wait_after(n, &outcome);
-        if Instant::now() + wait >= end {
+        // A wait no clock can add (a `Retry-After` of u64::MAX seconds)
+        // is past the bound too.
+        if Instant::now().checked_add(wait).is_none_or(|at| at >= end) {
             return (outcome, n);
         }
         glommio::timer::sleep(wait).await;

@@ -609,3 +609,29 @@ fn server_head_only() -> SocketAddr {
     });
     addr
 }
+
+/// A `Retry-After` longer than any clock can add (a server's bug or its
+/// malice: `18446744073709551615` seconds, or a date in the year 9999)
+/// ends the retries, as any wait past the total bound does. Before, the
+/// sum of now and the wait overflowed the monotonic clock: the thread
+/// that sent (the admin thread, for a webhook) panicked.
+#[test]
+fn a_retry_after_past_any_clock_ends_the_retries() {
+    for value in ["18446744073709551615", "Fri, 31 Dec 9999 23:59:59 GMT"] {
+        let (addr, count) = server(move |_, _, conn| {
+            let _ = conn.write_all(
+                format!(
+                    "HTTP/1.1 429 Slow Down\r\nRetry-After: {value}\r\nContent-Length: 0\r\n\r\n"
+                )
+                .as_bytes(),
+            );
+        });
+        on_glommio(move || async move {
+            let req = Request::post_json("/hook", b"{}");
+            let (r, tries) =
+                client::send_with_retry(&Endpoint::plain(addr), &req, LIMIT, QUICK).await;
+            assert_eq!((r.unwrap().status, tries), (429, 1), "{value}");
+        });
+        assert_eq!(count.load(Ordering::SeqCst), 1, "{value}");
+    }
+}
