@@ -24,6 +24,8 @@ const LIMIT: Duration = Duration::from_secs(30);
 struct Proc {
     child: Child,
     admin: SocketAddr,
+    /// The log lines that hold `logged`'s pattern, as they come.
+    kept: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Proc {
@@ -60,12 +62,32 @@ impl Proc {
             .map_while(Result::ok)
             .find(|l| l.contains("clio-relay listening"))
             .expect("the relay logs its addresses");
-        // The rest of the log is read and dropped, so it never blocks.
-        std::thread::spawn(move || lines.map_while(Result::ok).for_each(drop));
+        // The rest of the log is read (kept only when a test looks for
+        // it: the WARN lines), so it never blocks.
+        let kept = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let keep = kept.clone();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                if line.contains("WARN") {
+                    keep.lock().unwrap().push(line);
+                }
+            }
+        });
         Proc {
             admin: listening_addr(&listening, "admin"),
             child,
+            kept,
         }
+    }
+
+    /// How many WARN lines so far hold `what`.
+    fn logged(&self, what: &str) -> usize {
+        self.kept
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(what))
+            .count()
     }
 
     fn signal(&self, sig: nix::sys::signal::Signal) {
@@ -853,5 +875,67 @@ fn a_key_first_seen_by_a_clock_ahead_is_dated_from_a_right_one() {
         std::fs::read_to_string(dir.join("state/key-dates.json")).unwrap_or_default()
     );
     drop(again);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The once-a-day warning of a key due for rotation comes again when the
+/// clock is stepped back, not only once the clock is back past the day
+/// after the last one. The relay runs under libfaketime 400 days ahead
+/// for its first 5 s, then on the host's clock; its key, dated 100 days
+/// back in `key-dates.json`, is past the 90-day rotation period either
+/// way. Before, the warning of the first second was dated 400 days ahead,
+/// and the next was due only a day after that: no warning for 401 days
+/// (a host booted with its clock ahead, until NTP stepped it right).
+#[test]
+fn the_rotation_warning_comes_again_after_the_clock_is_stepped_back() {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let fake = fake(&["k1"], |c| c.echo = true);
+    let port = free_port();
+    let (dir, cfg) = handover_config(
+        &fake.url(),
+        port,
+        "[[account]]\nid = \"a\"\nkey_env = \"HANDOVER_KEY\"\n",
+    );
+    let fingerprint = Secret::new("k1").fingerprint();
+    let dated = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        - 100 * 86_400;
+    std::fs::create_dir_all(dir.join("state")).unwrap();
+    std::fs::write(
+        dir.join("state/key-dates.json"),
+        format!(r#"{{"first_seen":{{"{fingerprint}":{dated}}}}}"#),
+    )
+    .unwrap();
+    let secret = secret();
+    let env = [
+        ("LD_PRELOAD", libfaketime()),
+        ("FAKETIME", "+400d"),
+        ("FAKETIME_STOP_AFTER_SECONDS", "5"),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+    ];
+    let relay = Proc::spawn_with(&cfg, &secret, false, &env);
+    let warning = "key is older than the rotation period";
+    assert!(
+        wait_until(LIMIT, || relay.logged(warning) >= 1),
+        "the key due for rotation was never warned about"
+    );
+    assert!(
+        key_age(&relay).is_some_and(|a| a > 400.0 * 86_400.0),
+        "the first warning came after the clock was stepped back: {:?}",
+        key_age(&relay)
+    );
+    assert!(
+        wait_until(LIMIT, || relay.logged(warning) >= 2),
+        "no warning after the clock was stepped back (the key's age now {:?})",
+        key_age(&relay)
+    );
+    assert_eq!(
+        relay.logged(warning),
+        2,
+        "warned more than once after the step"
+    );
+    drop(relay);
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -427,7 +427,9 @@ pub(super) fn housekeeping(admin: &Admin) {
         static LAST_WARNED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
     }
     let due = LAST_WARNED.with(|c| {
-        let due = now >= c.get() + 24 * 3600;
+        // Or the clock was stepped back since (one that was ahead, put
+        // right): else none until it passes the day after the last again.
+        let due = now >= c.get() + 24 * 3600 || now < c.get();
         if due {
             c.set(now);
         }
