@@ -721,11 +721,11 @@ fn one_frame(addr: SocketAddr, token: &str) -> Result<(), String> {
 /// when the clock is put right: a revocation is kept its whole time
 /// (`tokens.max_ttl` + `tokens.clock_skew`) by the process's monotonic
 /// clock too, not only by the wall clock it was dated with. The relay
-/// runs under libfaketime an hour behind, then (10 s after its start)
+/// runs under libfaketime an hour behind, then (20 s after its start)
 /// on the right time, as when NTP steps a clock that was off; the token
 /// revoked meanwhile was minted by a right clock (refused then as issued
 /// in the future) and is valid for 10 minutes more. A revocation loaded
-/// from the file (the canary), due 30 s after the start, is let go once
+/// from the file (the canary), due 45 s after the start, is let go once
 /// its time is over, which shows the once-a-second expiry ran after the
 /// step. Before, the revocation, dated an hour back, expired at the
 /// first second after the step, and the revoked token opened streams.
@@ -749,8 +749,9 @@ fn a_token_revoked_while_the_clock_was_behind_stays_revoked_when_it_is_put_right
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    // The canary: by the behind clock, due 30 s from now (1830 s kept).
-    let canary_at = now - 3600 + 30 - 1830;
+    // The canary: by the behind clock, due 45 s from now (1830 s kept),
+    // well after the step.
+    let canary_at = now - 3600 + 45 - 1830;
     std::fs::create_dir_all(dir.join("state")).unwrap();
     std::fs::write(
         dir.join("state/revocations.json"),
@@ -765,7 +766,7 @@ fn a_token_revoked_while_the_clock_was_behind_stays_revoked_when_it_is_put_right
     let env = [
         ("LD_PRELOAD", libfaketime()),
         ("FAKETIME", "-3600"),
-        ("FAKETIME_STOP_AFTER_SECONDS", "10"),
+        ("FAKETIME_STOP_AFTER_SECONDS", "20"),
         ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
     ];
     let relay = Proc::spawn_with(&cfg, &secret, false, &env);
