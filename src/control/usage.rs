@@ -92,12 +92,30 @@ impl UsageBook {
             if r.reference_id.chars().nth(MAX_REFERENCE_CHARS).is_some() {
                 continue;
             }
+            let ms = r.audio_ms();
+            // A day's part of a stream that crossed midnight (its bytes
+            // stay with the stream's record, which came just before): its
+            // audio joins that record's, not another stream of the id.
+            if r.part && r.bytes_up == 0 && r.bytes_down == 0 {
+                let same =
+                    |e: &&mut (String, String, u64)| e.0 == r.reference_id && e.1 == r.account;
+                if let Some(e) = self.recent.iter_mut().rev().take(16).find(same) {
+                    e.2 += ms;
+                    if let Some(s) = self
+                        .recent_index
+                        .get_mut(&r.reference_id)
+                        .and_then(|v| v.iter_mut().find(|s| s.account == r.account))
+                    {
+                        s.audio_ms += ms;
+                    }
+                    continue;
+                }
+            }
             if self.recent.len() == RECENT_STREAMS {
                 if let Some((id, account, ms)) = self.recent.pop_front() {
                     self.forget_recent(&id, &account, ms);
                 }
             }
-            let ms = r.audio_ms();
             let sums = self.recent_index.entry(r.reference_id.clone()).or_default();
             match sums.iter_mut().find(|s| s.account == r.account) {
                 Some(s) => {

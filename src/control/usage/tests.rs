@@ -115,6 +115,28 @@ fn an_overlong_reference_id_is_counted_but_not_remembered() {
     assert_eq!(b.query(10, 10, GroupBy::Account)["a"].streams, 2);
 }
 
+/// A stream that crossed midnight is one stream to compare with Soniox's
+/// usage logs, with all its audio, although the ledger has its audio on
+/// two days (`core::usage::split_days`). Before, the day's part counted
+/// as a second stream of its reference id (`matched` one too many).
+#[test]
+fn a_stream_across_midnight_is_one_recent_stream() {
+    let mut b = UsageBook::default();
+    let mut records = vec![rec(11, "a", "d1", "night", 3_000)];
+    crate::core::usage::split_days(&mut records, &[(10, 2_000)]);
+    b.add(&records);
+    assert_eq!(b.reference_audio_ms("night", "a"), Some((3_000, 1)));
+    assert_eq!(b.query(10, 10, GroupBy::Device)["d1"].audio_ms, 2_000);
+    assert_eq!(b.query(11, 11, GroupBy::Device)["d1"].audio_ms, 1_000);
+    // And it leaves whole: what stays answers no audio of it.
+    let batch: Vec<_> = (0..RECENT_STREAMS as u64)
+        .map(|i| rec(12, "a", "d1", &format!("s{i}"), 1))
+        .collect();
+    b.add(&batch);
+    assert_eq!(b.reference_audio_ms("night", "a"), None);
+    assert_eq!(b.recent.len(), RECENT_STREAMS);
+}
+
 /// The last `RECENT_STREAMS` streams answer by reference id and account,
 /// the oldest leave as new ones come, and an id several streams carried
 /// answers with their sum until each has left.
