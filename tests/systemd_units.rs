@@ -147,6 +147,10 @@ fn units_say_what_the_relay_expects() {
         // A bad config (3) or a port another process holds (4): a restart
         // every 2 s fixes neither.
         "RestartPreventExitStatus=3 4",
+        // Key dates, revocations and token times go by the wall clock:
+        // started at boot before it is set (a host with no real-time
+        // clock reads 1970), the relay dates its keys 1970, for good.
+        "After=time-sync.target",
     ] {
         assert!(service.lines().any(|l| l == line), "service lacks {line:?}");
     }
