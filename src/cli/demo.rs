@@ -157,6 +157,7 @@ pub fn run_demo(args: &DemoArgs) -> std::io::Result<DemoReport> {
     let per_key = args.clients.div_ceil(2).max(1) as u32 + 2;
     // fake-soniox is a glommio program too: the same limits, checked first.
     crate::dataplane::uring::check_locked_memory()?;
+    crate::dataplane::uring::check_io_uring()?;
     let fake = FakeSoniox::start(FakeConfig {
         keys: keys.iter().map(|k| FakeKey::new(k, per_key)).collect(),
         ms_per_word: 300,

@@ -199,6 +199,7 @@ pub fn start_joining(
     use crate::dataplane::listen::{check_free, in_use};
     huge_pages_off();
     crate::dataplane::uring::check_locked_memory()?;
+    crate::dataplane::uring::check_io_uring()?;
     // Before anything starts: a port in use is a second relay by mistake.
     if sockets.client.is_none() && !join_client_port {
         let addr = cfg.server.listen;

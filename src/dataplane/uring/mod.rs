@@ -55,7 +55,7 @@ mod tests;
 
 pub use closing::{CloseReply, CLOSE_LIMIT, DISCARD_LIMIT};
 pub use setup::{
-    check_locked_memory, executor_failed, setup_failed, GLOMMIO_MIN_LOCKED_MEMORY,
+    check_io_uring, check_locked_memory, executor_failed, setup_failed, GLOMMIO_MIN_LOCKED_MEMORY,
     PINNED_PER_EXECUTOR,
 };
 pub use socket::{RingListener, RingSocket};

@@ -25,13 +25,36 @@ pub fn setup_failed(e: io::Error) -> io::Error {
              run with one that allows io_uring_setup, io_uring_enter and \
              io_uring_register)"
         ),
-        Some(libc::ENOSYS) | Some(libc::EINVAL) => format!(
+        Some(libc::ENOSYS) => format!(
+            "io_uring could not be set up: {e}. The relay needs Linux 6.1 or later \
+             (`uname -r`) built with io_uring (CONFIG_IO_URING); on such a kernel, a \
+             seccomp profile refuses it (a container runtime's answers ENOSYS for calls it \
+             does not know: run with one that allows io_uring_setup, io_uring_enter and \
+             io_uring_register)"
+        ),
+        Some(libc::EINVAL) => format!(
             "io_uring could not be set up: {e}. The relay needs Linux 6.1 or later \
              (`uname -r`) for the rings it sets up"
         ),
         _ => return e,
     };
     io::Error::new(e.kind(), what)
+}
+
+/// Refuses to start, with what to change, when the host refuses io_uring
+/// (a seccomp profile, `kernel.io_uring_disabled`, a kernel without it):
+/// makes the three calls every executor makes (`io_uring_setup`,
+/// `io_uring_register`, `io_uring_enter`) on a small ring of its own,
+/// before any executor starts. Left to the first shard, glommio panics in
+/// its thread and blames the kernel's age.
+pub fn check_io_uring() -> io::Result<()> {
+    let ring = io_uring::IoUring::new(2).map_err(setup_failed)?;
+    let mut probe = io_uring::Probe::new();
+    ring.submitter()
+        .register_probe(&mut probe)
+        .map_err(setup_failed)?;
+    ring.submit().map_err(setup_failed)?;
+    Ok(())
 }
 
 /// Why a glommio executor thread (a shard's or the admin thread's) ended

@@ -373,6 +373,7 @@ pub fn raise_nofile_limit() -> u64 {
 pub fn run(opts: &LoadOptions) -> std::io::Result<LoadReport> {
     // Its executors are glommio's, as the relay's are: the same limit.
     clio_relay::dataplane::uring::check_locked_memory()?;
+    clio_relay::dataplane::uring::check_io_uring()?;
     if opts.streams == 0 {
         return Err(std::io::Error::other("no streams asked for"));
     }
