@@ -200,6 +200,7 @@ pub fn start_joining(
     huge_pages_off();
     crate::dataplane::uring::check_locked_memory()?;
     crate::dataplane::uring::check_io_uring()?;
+    crate::dataplane::uring::check_locked_memory_for(cfg.server.shard_count())?;
     // Before anything starts: a port in use is a second relay by mistake.
     if sockets.client.is_none() && !join_client_port {
         let addr = cfg.server.listen;

@@ -55,8 +55,8 @@ mod tests;
 
 pub use closing::{CloseReply, CLOSE_LIMIT, DISCARD_LIMIT};
 pub use setup::{
-    check_io_uring, check_locked_memory, executor_failed, setup_failed, GLOMMIO_MIN_LOCKED_MEMORY,
-    PINNED_PER_EXECUTOR,
+    check_io_uring, check_locked_memory, check_locked_memory_for, executor_failed, setup_failed,
+    GLOMMIO_MIN_LOCKED_MEMORY, PINNED_PER_EXECUTOR,
 };
 pub use socket::{RingListener, RingSocket};
 

@@ -83,6 +83,94 @@ pub fn check_locked_memory() -> io::Result<()> {
     }
 }
 
+/// Bytes a kernel that counts io_uring's rings as locked memory counts for
+/// a ring of `sq` submissions and `cq` completions: the rings (a 192-byte
+/// header, 16 bytes a completion, 4 a submission's index) and the
+/// submissions (64 bytes each), each rounded up to whole pages.
+fn ring_bytes(sq: u64, cq: u64) -> u64 {
+    const PAGE: u64 = 4096;
+    (192 + 16 * cq + 4 * sq).div_ceil(PAGE) * PAGE + (64 * sq).div_ceil(PAGE) * PAGE
+}
+
+/// Locked memory a shard takes on a kernel that counts io_uring's rings
+/// against the limit (Linux 6.18 does): glommio's three rings (main,
+/// latency, poll) of `RING_DEPTH` submissions and twice as many
+/// completions, the data-plane ring, and the registered buffers.
+fn locked_per_shard() -> u64 {
+    let depth = crate::dataplane::shard::RING_DEPTH as u64;
+    3 * ring_bytes(depth, 2 * depth)
+        + ring_bytes(u64::from(super::SQ_ENTRIES), u64::from(super::CQ_ENTRIES))
+        + PINNED_PER_EXECUTOR
+}
+
+/// The admin thread's: glommio's three rings at its default depth (128)
+/// and the registered buffers; with room for the small rings the start's
+/// checks and glommio's probe set up, which the kernel releases only
+/// after a moment.
+fn locked_admin() -> u64 {
+    3 * ring_bytes(128, 256) + PINNED_PER_EXECUTOR + 64 * 1024
+}
+
+/// Whether this kernel counts a new ring's memory against this process's
+/// locked-memory limit: a small ring is set up under a limit of 0 for the
+/// moment (the process's other threads lock nothing then). No, when it
+/// holds CAP_IPC_LOCK or the kernel counts only registered buffers (which
+/// glommio does without when the limit is short).
+fn rings_counted() -> bool {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    // CAP_IPC_LOCK (bit 14): nothing counts, and the limit is not lowered
+    // under another thread's start (tests run relays side by side as root).
+    let ipc_lock = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let caps = s.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+            u64::from_str_radix(caps.trim(), 16).ok()
+        })
+        .is_some_and(|caps| caps & (1 << 14) != 0);
+    if ipc_lock {
+        return false;
+    }
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_MEMLOCK) else {
+        return false;
+    };
+    if setrlimit(Resource::RLIMIT_MEMLOCK, 0, hard).is_err() {
+        return false;
+    }
+    let refused = matches!(
+        io_uring::IoUring::new(1),
+        Err(e) if e.raw_os_error() == Some(libc::ENOMEM)
+    );
+    let _ = setrlimit(Resource::RLIMIT_MEMLOCK, soft, hard);
+    refused
+}
+
+/// Refuses to start, with what it needs and what to change, when the
+/// locked-memory limit cannot hold `shards` shards' rings and the admin
+/// thread's on a kernel that counts them (see [`locked_per_shard`]);
+/// checked before any executor starts. Left to the executors, a shard
+/// fails after glommio's WARNs, and the figures of the buffers alone
+/// said the limit was enough.
+pub fn check_locked_memory_for(shards: usize) -> io::Result<()> {
+    use nix::sys::resource::{getrlimit, Resource, RLIM_INFINITY};
+    let Ok((soft, _)) = getrlimit(Resource::RLIMIT_MEMLOCK) else {
+        return Ok(());
+    };
+    let need = locked_admin() + shards as u64 * locked_per_shard();
+    if soft == RLIM_INFINITY || soft >= need || !rings_counted() {
+        return Ok(());
+    }
+    const MIB: f64 = 1024.0 * 1024.0;
+    Err(io::Error::new(
+        io::ErrorKind::OutOfMemory,
+        locked_memory(&format!(
+            "{shards} shard{} need about {:.1} MiB of locked memory here, as this kernel \
+             counts io_uring's rings against the limit",
+            if shards == 1 { "" } else { "s" },
+            need as f64 / MIB
+        )),
+    ))
+}
+
 /// The locked-memory limit's part in a failed setup (`cause`), and how to
 /// raise it.
 fn locked_memory(cause: &dyn std::fmt::Display) -> String {
@@ -95,13 +183,17 @@ fn locked_memory(cause: &dyn std::fmt::Display) -> String {
     format!(
         "io_uring could not be set up: {cause}. The locked-memory limit \
          (`ulimit -l`) is {limit}: glommio needs at least {} KiB, and clio-relay \
-         pins about {} KiB for its admin thread and as much for each shard, which a \
-         process without CAP_IPC_LOCK counts against it together with its user's \
-         other processes. Raise it: LimitMEMLOCK=64M in a systemd unit (the shipped \
-         one has it), `ulimit -l 65536` in a shell, `--ulimit memlock=67108864` for \
-         `docker run`. With a limit that high, this error means the host could not \
-         give the rings their memory: see `free` and the service's memory cgroup",
+         about {:.1} MiB for each shard and {} KiB for its admin thread on a kernel \
+         that counts io_uring's rings against it ({} KiB each where only the \
+         registered buffers count), which a process without CAP_IPC_LOCK counts \
+         together with its user's other processes. Raise it: LimitMEMLOCK=256M in a \
+         systemd unit (the shipped one has it), `ulimit -l 262144` in a shell, \
+         `--ulimit memlock=268435456` for `docker run`; or lower server.shards. With \
+         a limit that high, this error means the host could not give the rings \
+         their memory: see `free` and the service's memory cgroup",
         GLOMMIO_MIN_LOCKED_MEMORY / 1024,
+        locked_per_shard() as f64 / (1024.0 * 1024.0),
+        locked_admin() / 1024,
         PINNED_PER_EXECUTOR / 1024,
     )
 }
