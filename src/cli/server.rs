@@ -929,7 +929,10 @@ pub fn run(path: &std::path::Path, join_client_port: bool) -> Result<(), crate::
         }
     }
     let mut drain_timeout = cfg.limits.drain_timeout;
-    let relay = Arc::new(start_joining(&cfg, sockets, join_client_port)?);
+    let relay =
+        Arc::new(start_joining(&cfg, sockets, join_client_port).map_err(|e| {
+            crate::dataplane::accept::file_limit_at_start(e, cfg.server.shard_count())
+        })?);
     for w in relay.account_warnings() {
         tracing::warn!(warning = %w, "config: valid, but probably not meant");
     }

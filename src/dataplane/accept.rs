@@ -306,6 +306,33 @@ pub fn check_file_limit(max_streams: u32, shards: usize) {
     }
 }
 
+/// `e`, which stopped the start: when it is the open-file limit (EMFILE),
+/// with the limit, what `shards` shards take before any stream (their
+/// rings, event fds and listeners; see [`headroom`]) and how to raise it;
+/// else `e` as it is. Without this, "Too many open files" alone.
+pub fn file_limit_at_start(e: io::Error, shards: usize) -> io::Error {
+    use nix::sys::resource::{getrlimit, Resource};
+    let emfile =
+        e.raw_os_error() == Some(libc::EMFILE) || e.to_string().contains("Too many open files");
+    let Ok((soft, _)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return e;
+    };
+    if !emfile {
+        return e;
+    }
+    io::Error::new(
+        e.kind(),
+        format!(
+            "{e}: the open-file limit (`ulimit -n`) is {soft}, and {shards} shard{} take \
+             about {} descriptors before any stream, two more per stream: raise it \
+             (LimitNOFILE=65536 in the shipped systemd unit, `ulimit -n` in a shell, \
+             `--ulimit nofile=65536` for `docker run`) or lower server.shards",
+            if shards == 1 { "" } else { "s" },
+            headroom(shards)
+        ),
+    )
+}
+
 /// The client port's answer to a failed accept: counts and logs it; at the
 /// file limit, gives up the shard's spare descriptor to take one waiting
 /// client and tell it so (HTTP 503, "relay at its file limit"); then waits

@@ -787,6 +787,36 @@ fn a_locked_memory_limit_too_low_for_the_shards_says_what_they_need() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// An open-file limit too low for the shards themselves (each has its
+/// rings, event fds and listener before any stream: a container's 1024 and
+/// `shards = 0` on a host of 128 CPUs) stopped the start with the bare
+/// "Too many open files (os error 24)": no limit, nothing to change. It
+/// now names the limit, what the shards take and how to raise it, exit 1.
+#[test]
+fn an_open_file_limit_too_low_for_the_shards_names_it() {
+    let dir = std::env::temp_dir().join(format!("clio-relay-nofile-{}", std::process::id()));
+    let config = relay_config(&dir, "127.0.0.1:0", "127.0.0.1:0");
+    let cfg = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, cfg.replace("shards = 1\n", "shards = 8\n")).unwrap();
+    let o = Command::new("sh")
+        .args(["-c", "ulimit -n 64 && exec \"$0\" \"$@\""])
+        .arg(RELAY)
+        .args(["run", "--config", config.as_str()])
+        .envs(RELAY_ENV)
+        .output()
+        .unwrap();
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{t}");
+    assert!(
+        t.contains("Too many open files")
+            && t.contains("the open-file limit (`ulimit -n`) is 64")
+            && t.contains("8 shards")
+            && t.contains("LimitNOFILE="),
+        "{t}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// A filter that makes the `io_uring_*` system calls whose numbers are
 /// in `calls` fail with `errno`, as a container's seccomp profile does
 /// (Docker's default answers EPERM; runc answers ENOSYS for calls its
