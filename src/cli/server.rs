@@ -148,6 +148,31 @@ fn allowed_cpus() -> Vec<usize> {
     }
 }
 
+/// `e`, which stopped the start: when a thread was refused (EAGAIN from
+/// `clone`: a pids limit such as systemd's `TasksMax=`, a container's
+/// `--pids-limit` or `ulimit -u`, which counts the user's threads), with
+/// what the relay needs and what to change; else `e` as it is. Without
+/// this, "Resource temporarily unavailable" alone.
+fn thread_limit_at_start(e: std::io::Error, shards: usize) -> std::io::Error {
+    let refused = e.raw_os_error() == Some(libc::EAGAIN)
+        || e.to_string().contains("Resource temporarily unavailable");
+    if !refused {
+        return e;
+    }
+    std::io::Error::new(
+        e.kind(),
+        format!(
+            "a thread could not be started: {e}. The host limits the relay's threads: \
+             {shards} shard{} run 2 threads each, and the relay about 8 more (its admin \
+             port, log, watchdog, fleet, name lookups). Raise the limit: TasksMax= in a \
+             systemd unit, `--pids-limit` for `docker run` (a pod's pids limit on \
+             Kubernetes), `ulimit -u` (counted with the user's other processes); or \
+             lower server.shards",
+            if shards == 1 { "" } else { "s" },
+        ),
+    )
+}
+
 /// What to add when the key store's directory cannot be made or written
 /// for want of a writable file system or of permission: the shipped unit
 /// (`ProtectSystem=strict`, a dynamic user) lets the relay write only its
@@ -929,10 +954,12 @@ pub fn run(path: &std::path::Path, join_client_port: bool) -> Result<(), crate::
         }
     }
     let mut drain_timeout = cfg.limits.drain_timeout;
-    let relay =
-        Arc::new(start_joining(&cfg, sockets, join_client_port).map_err(|e| {
-            crate::dataplane::accept::file_limit_at_start(e, cfg.server.shard_count())
-        })?);
+    let shards = cfg.server.shard_count();
+    let relay = Arc::new(
+        start_joining(&cfg, sockets, join_client_port)
+            .map_err(|e| crate::dataplane::accept::file_limit_at_start(e, shards))
+            .map_err(|e| thread_limit_at_start(e, shards))?,
+    );
     for w in relay.account_warnings() {
         tracing::warn!(warning = %w, "config: valid, but probably not meant");
     }
@@ -958,7 +985,8 @@ pub fn run(path: &std::path::Path, join_client_port: bool) -> Result<(), crate::
                     )
                 }
             })
-        })?
+        })
+        .map_err(|e| thread_limit_at_start(e, shards))?
     };
     // A reload a stop did not wait for: the relay's usage is saved at the
     // end (`RelayHandle::shutdown`) only once it lets go of the relay.

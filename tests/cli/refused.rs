@@ -817,6 +817,62 @@ fn an_open_file_limit_too_low_for_the_shards_names_it() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// A host that will not let the relay start its threads (a pids limit:
+/// systemd's `TasksMax=`, a container's `--pids-limit`, `ulimit -u`)
+/// stopped the start with the bare "Resource temporarily unavailable (os
+/// error 11)", and, a little higher, after "clio-relay listening" (and
+/// READY=1) when the watchdog's thread was refused. Both now name the
+/// limit and what the relay needs, exit 1. Run as uid 65533 (the limit
+/// counts a user's threads; not 65534, whose locked memory another test
+/// counts), so only when the test runs as root.
+#[test]
+fn a_thread_limit_names_itself_and_what_the_shards_need() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || Command::new("setpriv").arg("--version").output().is_err()
+    {
+        eprintln!("not checked: needs root and setpriv, to run as a user of its own");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("clio-relay-nproc-{}", std::process::id()));
+    let config = relay_config(&dir, "127.0.0.1:0", "127.0.0.1:0");
+    let cfg = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, cfg.replace("shards = 1\n", "shards = 2\n")).unwrap();
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    // 2 shards: 2 threads each, the admin thread's 2, the main thread and
+    // the log's, 8 in all; the 9th is the watchdog's.
+    for threads in [4u64, 8] {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = Command::new("setpriv");
+        cmd.args(["--reuid=65533", "--regid=65533", "--clear-groups", RELAY])
+            .args(["run", "--config", config.as_str()])
+            .envs(RELAY_ENV);
+        // SAFETY: between fork and exec only setrlimit, a system call.
+        unsafe {
+            cmd.pre_exec(move || {
+                let limit = libc::rlimit {
+                    rlim_cur: threads,
+                    rlim_max: threads,
+                };
+                if libc::setrlimit(libc::RLIMIT_NPROC, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let o = cmd.output().unwrap();
+        let t = text(&o);
+        assert_eq!(o.status.code(), Some(1), "ulimit -u {threads}: {t}");
+        assert!(
+            t.contains("Resource temporarily unavailable")
+                && t.contains("a thread could not be started")
+                && t.contains("TasksMax=")
+                && t.contains("2 shards"),
+            "ulimit -u {threads}: {t}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// A filter that makes the `io_uring_*` system calls whose numbers are
 /// in `calls` fail with `errno`, as a container's seccomp profile does
 /// (Docker's default answers EPERM; runc answers ENOSYS for calls its
