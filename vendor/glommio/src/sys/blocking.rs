@@ -160,8 +160,10 @@ impl BlockingThread {
         rx: Arc<Receiver<BlockingThreadReq>>,
         tx: Arc<Sender<BlockingThreadResp>>,
         bindings: Option<impl IntoIterator<Item = usize> + Send + 'static>,
-    ) -> Self {
-        Self(std::thread::spawn(move || {
+    ) -> std::io::Result<Self> {
+        // clio-relay: a thread the host refuses (a pids limit) is an error
+        // of the executor's start, not a panic (PATCHED.md).
+        std::thread::Builder::new().spawn(move || {
             if let Some(bindings) = bindings {
                 bind_to_cpu_set(bindings).expect("failed to bind blocking thread");
             }
@@ -175,7 +177,8 @@ impl BlockingThread {
                 }
                 reactor_sleep_notifier.notify(el.latency_sensitive);
             }
-        }))
+        })
+        .map(Self)
     }
 }
 
@@ -208,7 +211,7 @@ impl BlockingThreadPool {
                 in_rx.clone(),
                 out_tx.clone(),
                 bindings,
-            ));
+            )?);
         }
 
         Ok(Self {
