@@ -173,6 +173,28 @@ fn thread_limit_at_start(e: std::io::Error, shards: usize) -> std::io::Error {
     )
 }
 
+/// Whether the host lets a thread pin itself to `cpus`: this thread's
+/// affinity is set to them (what it has already, so nothing changes). A
+/// seccomp profile without `sched_setaffinity` refuses it, and glommio
+/// panics in a pinned executor's blocking-pool thread: the shards then run
+/// unpinned, said once.
+fn pinning_allowed(cpus: &[usize]) -> bool {
+    use nix::sched::{sched_setaffinity, CpuSet};
+    let mut set = CpuSet::new();
+    for &cpu in cpus {
+        if set.set(cpu).is_err() {
+            return false;
+        }
+    }
+    match sched_setaffinity(nix::unistd::Pid::from_raw(0), &set) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "shards not pinned: the host refuses sched_setaffinity (a seccomp profile without it); they run on any of the CPUs the relay is given");
+            false
+        }
+    }
+}
+
 /// What to add when the key store's directory cannot be made or written
 /// for want of a writable file system or of permission: the shipped unit
 /// (`ProtectSystem=strict`, a dynamic user) lets the relay write only its
@@ -403,9 +425,10 @@ pub fn start_joining(
             Err(e) => return Err(invalid(e)),
         },
     };
+    let pin = n <= cpus.len() && pinning_allowed(&cpus);
     let mut shards: Vec<ShardHandle> = Vec::with_capacity(n);
     for i in 0..n {
-        setup.cpu = (n <= cpus.len()).then(|| cpus[i]);
+        setup.cpu = cpus.get(i).copied().filter(|_| pin);
         let handle = shard::start(i, setup.clone()).map_err(|e| match e.kind() {
             std::io::ErrorKind::AddrInUse => in_use(setup.listen, "server.listen", e),
             _ => e,
