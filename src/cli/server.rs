@@ -473,6 +473,7 @@ pub fn start_joining(
             },
         )?),
     };
+    crate::dataplane::accept::say_file_limit(cfg.server.max_streams, n, cfg.cluster.is_some());
     tracing::info!(client = %shards[0].addr, admin = %admin.addr, shards = n, accounts = process.accounts().len(), "clio-relay listening");
     Ok(RelayHandle {
         client_addr: shards[0].addr,

@@ -278,30 +278,51 @@ pub fn headroom(shards: usize) -> u64 {
     64 + 16 * shards as u64
 }
 
-/// At start: raises the soft file limit towards what `max_streams` needs
-/// (two sockets a stream, plus [`headroom`]) as far as the hard limit
-/// allows, and warns when it is still short.
+/// At start, before the shards: raises the soft file limit towards what
+/// `max_streams` needs (two sockets a stream, plus [`headroom`]) as far as
+/// the hard limit allows. Whether that is enough is said once the shards
+/// listen ([`say_file_limit`]).
 pub fn check_file_limit(max_streams: u32, shards: usize) {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     let need = max_streams as u64 * 2 + headroom(shards);
     let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
         return;
     };
-    let mut have = soft;
     if soft < need {
         let raised = need.min(hard);
         if raised > soft && setrlimit(Resource::RLIMIT_NOFILE, raised, hard).is_ok() {
             tracing::info!(from = soft, to = raised, "raised the open-file limit");
-            have = raised;
         }
     }
-    if have < need {
+}
+
+/// Descriptors kept free besides the streams' once the relay runs: the
+/// admin port's connections beyond its reserve, health checks and usage
+/// reads, name lookups, the key store's and the ledger's files.
+const RUNNING_RESERVE: u64 = 32;
+
+/// Once every shard listens: warns when `max_streams` streams (two sockets
+/// each) do not fit in the open-file limit beside the descriptors the
+/// relay holds now (its rings, event fds, listeners and spares, counted in
+/// `/proc/self/fd`; [`headroom`] when that cannot be read), a fleet link
+/// per shard and [`RUNNING_RESERVE`], and says about how many do.
+pub fn say_file_limit(max_streams: u32, shards: usize, fleet: bool) {
+    use nix::sys::resource::{getrlimit, Resource};
+    let Ok((limit, _)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    let open = std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count() as u64)
+        .unwrap_or_else(|_| headroom(shards));
+    let held = open + RUNNING_RESERVE + if fleet { shards as u64 } else { 0 };
+    let fit = limit.saturating_sub(held) / 2;
+    if fit < u64::from(max_streams) {
         tracing::warn!(
-            file_limit = have,
-            needed = need,
+            file_limit = limit,
+            open_now = open,
+            needed = u64::from(max_streams) * 2 + held,
             max_streams,
-            "server.max_streams x 2 + headroom exceeds the open-file limit: streams past about {} will be refused with 503 (raise LimitNOFILE / ulimit -n, or lower server.max_streams)",
-            have.saturating_sub(headroom(shards)) / 2
+            "server.max_streams x 2 + headroom exceeds the open-file limit: streams past about {fit} will be refused with 503 (raise LimitNOFILE / ulimit -n, or lower server.max_streams)",
         );
     }
 }
