@@ -126,7 +126,7 @@ fn huge_pages_off() {
 }
 
 /// Starts a relay with `cfg`: one shard per `server.shards` (pinned, shard
-/// `i` to the `i`-th of `allowed_cpus`, when there are no more shards than
+/// `i` to the `i`-th of `allowed_cpus`, when there are as many shards as
 /// those), then the admin server. Returns once everything listens.
 pub fn start(cfg: &Config) -> std::io::Result<RelayHandle> {
     start_with(cfg, crate::cli::systemd::Activated::default())
@@ -425,7 +425,11 @@ pub fn start_joining(
             Err(e) => return Err(invalid(e)),
         },
     };
-    let pin = n <= cpus.len() && pinning_allowed(&cpus);
+    // Pinned only when the shards fill the CPUs the relay is given: with
+    // fewer (a CPU quota without a cpuset, `docker --cpus`, a pod's CPU
+    // limit, makes `shards = 0` count fewer), pinning them to the lowest
+    // would crowd every such relay on a host onto its first CPUs.
+    let pin = n == cpus.len() && pinning_allowed(&cpus);
     let mut shards: Vec<ShardHandle> = Vec::with_capacity(n);
     for i in 0..n {
         setup.cpu = cpus.get(i).copied().filter(|_| pin);

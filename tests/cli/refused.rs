@@ -985,8 +985,25 @@ fn io_uring_refused_by_the_host_names_the_cause_and_the_fix() {
 fn a_host_that_refuses_pinning_runs_the_shards_unpinned() {
     let dir = std::env::temp_dir().join(format!("clio-relay-no-pin-{}", std::process::id()));
     let admin = free_port();
-    // One shard: as many as the CPUs or fewer, so it would be pinned.
+    // As many shards as the CPUs it may run on, so they would be pinned.
+    let cpus = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).unwrap();
+    let cpus = (0..nix::sched::CpuSet::count())
+        .filter(|&c| cpus.is_set(c).unwrap())
+        .count();
     let config = relay_config(&dir, "127.0.0.1:0", &admin.to_string());
+    let cfg = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        cfg.replace(
+            "shards = 1
+",
+            &format!(
+                "shards = {cpus}
+"
+            ),
+        ),
+    )
+    .unwrap();
     let log = dir.join("stderr");
     let mut cmd = relay_run(&config);
     cmd.stdout(std::process::Stdio::null())

@@ -802,3 +802,62 @@ fn a_long_revocation_list_is_logged_whole() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A relay with fewer shards than the CPUs it may run on pinned them to
+/// the lowest of those CPUs. That is what a CPU quota without a cpuset
+/// makes (`docker run --cpus=1`, a pod's CPU limit: `shards = 0` counts the
+/// quota, 1 here, on a host of 2 and more CPUs), so every such relay on
+/// a host crowded its first CPU, with the others idle. With fewer shards
+/// than its CPUs, none is pinned now: the kernel spreads them. A count set
+/// in the file below the CPUs is the same case, tested here.
+#[test]
+fn fewer_shards_than_cpus_are_not_pinned_to_the_lowest() {
+    use nix::sched::{sched_getaffinity, CpuSet};
+    use nix::unistd::Pid;
+    let ours = sched_getaffinity(Pid::from_raw(0)).unwrap();
+    let mine: Vec<usize> = (0..CpuSet::count())
+        .filter(|&c| ours.is_set(c).unwrap())
+        .collect();
+    if mine.len() < 2 {
+        eprintln!("one CPU only ({mine:?}): one shard fills it, not checked");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("clio-relay-cli-fewer-{}", std::process::id()));
+    let admin = free_port();
+    // `relay_config` has `shards = 1`.
+    let config = relay_config(&dir, "127.0.0.1:0", &admin.to_string());
+    let mut child = relay_run(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_listening(admin, &mut child);
+    let mut cpus = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{}/task", child.id())).unwrap() {
+        let task = task.unwrap().path();
+        let comm = std::fs::read_to_string(task.join("comm")).unwrap();
+        if !comm.starts_with("clio-shard-") {
+            continue;
+        }
+        let status = std::fs::read_to_string(task.join("status")).unwrap();
+        let allowed: usize = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed:"))
+            .unwrap()
+            .trim()
+            .chars()
+            .filter_map(|c| c.to_digit(16))
+            .map(|d| d.count_ones() as usize)
+            .sum();
+        cpus.push(allowed);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    std::fs::remove_dir_all(&dir).ok();
+    assert!(!cpus.is_empty(), "no shard thread");
+    assert!(
+        cpus.iter().all(|&n| n == mine.len()),
+        "shard threads' CPUs: {cpus:?}, the relay's {}",
+        mine.len()
+    );
+}
