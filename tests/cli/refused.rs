@@ -877,6 +877,106 @@ fn a_thread_limit_names_itself_and_what_the_shards_need() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// A memory cgroup of its own for a child, limited to `bytes` (cgroup v2,
+/// or v1's memory controller), or `None`, said, when this test may not
+/// make one (not root, no writable hierarchy).
+fn memory_cgroup(bytes: u64) -> Option<std::path::PathBuf> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("not checked: needs root to make a memory cgroup");
+        return None;
+    }
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let name = format!("clio-relay-memcg-{}", std::process::id());
+    let (dir, limit_file) = if let Some(path) = own.lines().find_map(|l| {
+        let mut parts = l.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        controllers
+            .split(',')
+            .any(|c| c == "memory")
+            .then(|| path.to_string())
+    }) {
+        (
+            std::path::Path::new("/sys/fs/cgroup/memory").join(path.trim_start_matches('/')),
+            "memory.limit_in_bytes",
+        )
+    } else {
+        let path = own.lines().find_map(|l| l.strip_prefix("0::"))?;
+        (
+            std::path::Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/')),
+            "memory.max",
+        )
+    };
+    static MADE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let made = MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = dir.join(format!("{name}-{made}"));
+    if std::fs::create_dir(&dir).is_err()
+        || std::fs::write(dir.join(limit_file), bytes.to_string()).is_err()
+    {
+        eprintln!(
+            "not checked: no memory cgroup could be made at {}",
+            dir.display()
+        );
+        let _ = std::fs::remove_dir(&dir);
+        return None;
+    }
+    Some(dir)
+}
+
+/// Under a memory cgroup too small for the shards' rings (a container's or
+/// a pod's memory limit), run by root (CAP_IPC_LOCK: the locked-memory
+/// limit does not apply), a shard's ring failed with ENOMEM and the start
+/// said the locked-memory limit was 8192 KiB and to raise LimitMEMLOCK,
+/// which changes nothing; the memory cgroup came last, after "with a
+/// limit that high". It now says the limit does not bind this process
+/// and names the memory limit to raise, exit 1. The binary's pages count
+/// in the cgroup that first reads them, so a first run after a build may
+/// be killed by the cgroup's OOM killer before a ring is refused: it is
+/// run again (its pages then count elsewhere), in a new cgroup.
+#[test]
+fn rings_a_memory_cgroup_cannot_hold_name_the_memory_limit() {
+    let dir = std::env::temp_dir().join(format!("clio-relay-memcg-{}", std::process::id()));
+    let config = relay_config(&dir, "127.0.0.1:0", "127.0.0.1:0");
+    let cfg = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, cfg.replace("shards = 1\n", "shards = 16\n")).unwrap();
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        let Some(cgroup) = memory_cgroup(24 << 20) else {
+            std::fs::remove_dir_all(&dir).ok();
+            return;
+        };
+        let o = Command::new("sh")
+            .args([
+                "-c",
+                "echo $$ > \"$1\"/cgroup.procs && exec \"$0\" run --config \"$2\"",
+            ])
+            .arg(RELAY)
+            .arg(&cgroup)
+            .arg(&config)
+            .envs(RELAY_ENV)
+            .output()
+            .unwrap();
+        let _ = std::fs::remove_dir(&cgroup);
+        // Killed by a signal: the cgroup's OOM killer, on a first run.
+        let killed = o.status.code().is_none();
+        runs.push(o);
+        if !killed {
+            break;
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
+    let o = runs.last().unwrap();
+    let t = text(o);
+    assert_eq!(o.status.code(), Some(1), "{t}");
+    assert!(
+        t.contains("Cannot allocate memory")
+            && t.contains("does not bind this process")
+            && t.contains("MemoryMax=")
+            && !t.contains("LimitMEMLOCK="),
+        "{t}"
+    );
+}
+
 /// A filter that makes the system calls whose numbers are in `calls` (the
 /// `io_uring_*` calls, `sched_setaffinity`) fail with `errno`, as a
 /// container's seccomp profile does

@@ -18,6 +18,7 @@ pub const PINNED_PER_EXECUTOR: u64 = 192 * 1024;
 /// error as it is.
 pub fn setup_failed(e: io::Error) -> io::Error {
     let what = match e.raw_os_error() {
+        Some(libc::ENOMEM) if !locked_limit_binds() => memory_refused(&e),
         Some(libc::ENOMEM) => locked_memory(&e),
         Some(libc::EPERM) | Some(libc::EACCES) => format!(
             "io_uring is not allowed here: {e}. Check `sysctl kernel.io_uring_disabled` \
@@ -118,16 +119,9 @@ fn locked_admin() -> u64 {
 /// glommio does without when the limit is short).
 fn rings_counted() -> bool {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    // CAP_IPC_LOCK (bit 14): nothing counts, and the limit is not lowered
-    // under another thread's start (tests run relays side by side as root).
-    let ipc_lock = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            let caps = s.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
-            u64::from_str_radix(caps.trim(), 16).ok()
-        })
-        .is_some_and(|caps| caps & (1 << 14) != 0);
-    if ipc_lock {
+    // With CAP_IPC_LOCK nothing counts, and the limit is not lowered under
+    // another thread's start (tests run relays side by side as root).
+    if has_ipc_lock() {
         return false;
     }
     let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_MEMLOCK) else {
@@ -142,6 +136,45 @@ fn rings_counted() -> bool {
     );
     let _ = setrlimit(Resource::RLIMIT_MEMLOCK, soft, hard);
     refused
+}
+
+/// Whether this process holds CAP_IPC_LOCK (bit 14 of `CapEff`), which
+/// the kernel's locked-memory accounting passes over.
+fn has_ipc_lock() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let caps = s.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+            u64::from_str_radix(caps.trim(), 16).ok()
+        })
+        .is_some_and(|caps| caps & (1 << 14) != 0)
+}
+
+/// Whether the locked-memory limit can be why a ring's memory was
+/// refused: not with CAP_IPC_LOCK (root) or an unlimited limit.
+fn locked_limit_binds() -> bool {
+    use nix::sys::resource::{getrlimit, Resource, RLIM_INFINITY};
+    let unlimited = matches!(
+        getrlimit(Resource::RLIMIT_MEMLOCK),
+        Ok((soft, _)) if soft == RLIM_INFINITY
+    );
+    !unlimited && !has_ipc_lock()
+}
+
+/// A ring's memory refused (`cause`) where the locked-memory limit does
+/// not bind: the memory cgroup (a container's or a pod's memory limit,
+/// systemd's `MemoryMax=`) or the host is short of it.
+fn memory_refused(cause: &dyn std::fmt::Display) -> String {
+    format!(
+        "io_uring could not be set up: {cause}. The locked-memory limit does not bind \
+         this process (CAP_IPC_LOCK, or unlimited), so the kernel could not give the \
+         rings their memory: about {:.1} MiB for each shard and {} KiB for the admin \
+         thread, charged to the service's memory cgroup. Raise its memory limit \
+         (MemoryMax= in a systemd unit, `--memory` for `docker run`, a pod's memory \
+         limit) or lower server.shards; see `free`",
+        locked_per_shard() as f64 / (1024.0 * 1024.0),
+        locked_admin() / 1024,
+    )
 }
 
 /// Refuses to start, with what it needs and what to change, when the
@@ -205,7 +238,14 @@ mod tests {
     #[test]
     fn each_setup_failure_names_what_to_change() {
         let memory = setup_failed(io::Error::from_raw_os_error(libc::ENOMEM)).to_string();
-        assert!(memory.contains("LimitMEMLOCK="), "{memory}");
+        // The limit to raise: the locked-memory one where it binds (not
+        // as root), else the memory cgroup's.
+        let limit = if locked_limit_binds() {
+            "LimitMEMLOCK="
+        } else {
+            "MemoryMax="
+        };
+        assert!(memory.contains(limit), "{memory}");
         assert!(memory.contains("Cannot allocate memory"), "{memory}");
         let denied = setup_failed(io::Error::from_raw_os_error(libc::EPERM)).to_string();
         assert!(denied.contains("io_uring_disabled"), "{denied}");
