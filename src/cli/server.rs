@@ -1031,13 +1031,25 @@ pub fn run(path: &std::path::Path, join_client_port: bool) -> Result<(), crate::
                 let mut stop = None;
                 while again && stop.is_none() {
                     again = false;
-                    let job = {
+                    let spawned = {
                         let relay = relay.clone();
                         let path = path.to_path_buf();
                         std::thread::Builder::new()
                             .name("reload".into())
                             .spawn(move || reload_from(&path, &relay))
-                            .map_err(std::io::Error::other)?
+                    };
+                    let job = match spawned {
+                        Ok(job) => job,
+                        Err(e) => {
+                            // A thread limit (TasksMax=) stops no relay
+                            // at a reload: this thread reloads, as it did
+                            // before reloads had their own.
+                            tracing::warn!(error = %e, "SIGHUP: no thread for the reload; reloading on the main thread, which takes no signal until it is done");
+                            if let Some(t) = reload_from(path, &relay) {
+                                drain_timeout = t;
+                            }
+                            continue;
+                        }
                     };
                     while !job.is_finished() {
                         match wait_signal(&set, std::time::Duration::from_millis(200)) {
@@ -1069,27 +1081,38 @@ pub fn run(path: &std::path::Path, join_client_port: bool) -> Result<(), crate::
         tracing::info!(deadline = ?drain_timeout, live = relay.process.live_streams(), "SIGTERM: draining");
         // On a thread of its own, so that this one still takes signals:
         // SIGINT stops at once, a drain under way too.
-        let drain = {
+        let spawned = {
             let relay = relay.clone();
             std::thread::Builder::new()
                 .name("drain".into())
                 .spawn(move || relay.drain(drain_timeout))
-                .map_err(std::io::Error::other)?
         };
-        while !drain.is_finished() {
-            match wait_signal(&set, std::time::Duration::from_millis(200)) {
-                Some(Signal::SIGINT) => {
-                    tracing::info!("SIGINT while draining: stopping now");
-                    relay.process.stop_now();
+        let cut = match spawned {
+            Ok(drain) => {
+                while !drain.is_finished() {
+                    match wait_signal(&set, std::time::Duration::from_millis(200)) {
+                        Some(Signal::SIGINT) => {
+                            tracing::info!("SIGINT while draining: stopping now");
+                            relay.process.stop_now();
+                        }
+                        Some(Signal::SIGTERM) => tracing::info!("SIGTERM: already draining"),
+                        Some(Signal::SIGHUP) => {
+                            tracing::warn!(
+                                "SIGHUP while draining: the configuration is not reloaded"
+                            )
+                        }
+                        _ => {}
+                    }
                 }
-                Some(Signal::SIGTERM) => tracing::info!("SIGTERM: already draining"),
-                Some(Signal::SIGHUP) => {
-                    tracing::warn!("SIGHUP while draining: the configuration is not reloaded")
-                }
-                _ => {}
+                drain.join().unwrap_or(0)
             }
-        }
-        let cut = drain.join().unwrap_or(0);
+            Err(e) => {
+                // A thread limit (TasksMax=) does not turn a drain into a
+                // cut: this thread drains, taking no SIGINT meanwhile.
+                tracing::warn!(error = %e, "SIGTERM: no thread for the drain; draining on the main thread, which takes no signal until it is done");
+                relay.drain(drain_timeout)
+            }
+        };
         if relay.process.stopping_now() {
             tracing::info!(live = cut, "stopped during the drain");
         } else {

@@ -877,6 +877,84 @@ fn a_thread_limit_names_itself_and_what_the_shards_need() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// A relay that runs with every thread its limit allows takes a SIGHUP on
+/// its main thread when the reload's own thread is refused, and runs on;
+/// so does a SIGTERM's drain, which then ends as a drain does (exit 0).
+/// Before, the refused thread ended the relay (exit 1): a reload under
+/// `TasksMax=` cut every stream, and so did a stop, undrained.
+#[test]
+fn a_reload_under_a_thread_limit_stops_no_relay() {
+    use std::io::{BufRead, BufReader};
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || Command::new("setpriv").arg("--version").output().is_err()
+    {
+        eprintln!("not checked: needs root and setpriv, to run as a user of its own");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("clio-relay-nproc-hup-{}", std::process::id()));
+    let admin = free_port();
+    let config = relay_config(&dir, "127.0.0.1:0", &admin.to_string());
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    // 1 shard: 2 threads, the admin thread's 2, the main thread, the
+    // log's and the watchdog's: 7, all the limit allows.
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid=65533", "--regid=65533", "--clear-groups", RELAY])
+        .args(["run", "--config", config.as_str()])
+        .envs(RELAY_ENV)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: between fork and exec only setrlimit, a system call.
+        unsafe {
+            cmd.pre_exec(|| {
+                let limit = libc::rlimit {
+                    rlim_cur: 7,
+                    rlim_max: 7,
+                };
+                if libc::setrlimit(libc::RLIMIT_NPROC, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut log = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    let mut wait_for = |what: &str, seen: &mut Vec<String>| loop {
+        match log.next() {
+            Some(Ok(line)) => {
+                let found = line.contains(what);
+                seen.push(line);
+                if found {
+                    return;
+                }
+            }
+            _ => panic!("no {what:?} in the log: {seen:#?}"),
+        }
+    };
+    wait_for("clio-relay listening", &mut seen);
+    wait_listening(admin, &mut child);
+    // SAFETY: a signal to the relay this test started.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGHUP) };
+    wait_for("reloading on the main thread", &mut seen);
+    wait_for("SIGHUP: ", &mut seen);
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the relay ended: {seen:#?}"
+    );
+    assert!(std::net::TcpStream::connect(admin).is_ok());
+    // SAFETY: as above.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    wait_for("draining on the main thread", &mut seen);
+    wait_for("drained", &mut seen);
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}: {seen:#?}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// A memory cgroup of its own for a child, limited to `bytes` (cgroup v2,
 /// or v1's memory controller), or `None`, said, when this test may not
 /// make one (not root, no writable hierarchy).
