@@ -49,13 +49,33 @@ pub fn setup_failed(e: io::Error) -> io::Error {
 /// before any executor starts. Left to the first shard, glommio panics in
 /// its thread and blames the kernel's age.
 pub fn check_io_uring() -> io::Result<()> {
-    let ring = io_uring::IoUring::new(2).map_err(setup_failed)?;
-    let mut probe = io_uring::Probe::new();
-    ring.submitter()
-        .register_probe(&mut probe)
-        .map_err(setup_failed)?;
-    ring.submit().map_err(setup_failed)?;
-    Ok(())
+    on_a_thread_of_its_own(|| {
+        let ring = io_uring::IoUring::new(2)?;
+        let mut probe = io_uring::Probe::new();
+        ring.submitter().register_probe(&mut probe)?;
+        ring.submit()?;
+        Ok(())
+    })
+    .map_err(setup_failed)
+}
+
+/// Runs `f`, which sets up an io_uring ring and closes it, on a thread
+/// that ends with it. A thread that has used a ring is sent the ring's
+/// exit work when the ring is closed (task work, raised as a signal a
+/// moment later), and a blocking socket call with a timeout on that thread
+/// then fails with EINTR: run on the caller's thread, the checks below
+/// broke the demo's and the tests' clients (a read of a live stream
+/// failed "Interrupted system call") whenever they ran on a thread that
+/// later waited on a socket. A thread that ends takes its io_uring
+/// context with it.
+fn on_a_thread_of_its_own<T: Send + 'static>(
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
+    std::thread::Builder::new()
+        .name("clio-uring-check".into())
+        .spawn(f)?
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("the io_uring check panicked")))
 }
 
 /// Why a glommio executor thread (a shard's or the admin thread's) ended
@@ -130,10 +150,8 @@ fn rings_counted() -> bool {
     if setrlimit(Resource::RLIMIT_MEMLOCK, 0, hard).is_err() {
         return false;
     }
-    let refused = matches!(
-        io_uring::IoUring::new(1),
-        Err(e) if e.raw_os_error() == Some(libc::ENOMEM)
-    );
+    let refused = on_a_thread_of_its_own(|| io_uring::IoUring::new(1).map(drop))
+        .is_err_and(|e| e.raw_os_error() == Some(libc::ENOMEM));
     let _ = setrlimit(Resource::RLIMIT_MEMLOCK, soft, hard);
     refused
 }
@@ -234,6 +252,33 @@ fn locked_memory(cause: &dyn std::fmt::Display) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The check's ring is set up and closed on a thread of its own: the
+    /// caller's blocking socket reads with a timeout time out, and are not
+    /// interrupted by the closed ring's exit work (EINTR), as they were
+    /// when the check ran on the caller's thread.
+    #[test]
+    fn the_check_leaves_the_calling_thread_nothing_to_interrupt() {
+        use std::io::Read as _;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let _server = listener.accept().unwrap();
+        client
+            .set_read_timeout(Some(std::time::Duration::from_millis(200)))
+            .unwrap();
+        for _ in 0..5 {
+            check_io_uring().unwrap();
+            let mut buf = [0u8; 16];
+            match client.read(&mut buf) {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) => {}
+                other => panic!("a read with nothing to read: {other:?}"),
+            }
+        }
+    }
 
     #[test]
     fn each_setup_failure_names_what_to_change() {
