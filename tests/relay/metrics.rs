@@ -254,6 +254,51 @@ fn failovers_at_the_upgrade_are_counted() {
     );
 }
 
+/// A stream whose only account upstream refuses, at the upgrade or in
+/// its first message, is refused: the client sees it, and nothing moved
+/// it anywhere. It is no failover the client never saw and no move off
+/// the account (`failovers_total`, `account_retries_total`, which
+/// relay-load's "failovers the clients never saw" reads). Before, each
+/// refusal counted as one whether or not another connection followed,
+/// so an upstream refusing every stream showed as failovers hidden from
+/// clients that had seen every one of them.
+#[test]
+fn a_refusal_the_client_sees_is_no_failover() {
+    for at_upgrade in [true, false] {
+        let fake = fake(&[], |c| {
+            c.keys = vec![fake_soniox::FakeKey::new("key-a", 50)];
+            if at_upgrade {
+                c.keys[0].reject = Some(402);
+            } else {
+                c.faults.error_after_frames = Some((1, 500));
+            }
+        });
+        let mut cfg = relay_config(&fake.url(), &[("acct-a", "key-a")]);
+        cfg.failover.max_resumes = 0;
+        let relay = Relay::start(cfg);
+        let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+        let got = stream_session(&mut ws, &config_message(None), &audio_frames(1, 1));
+        assert!(got.error_code().is_some(), "{got:?}");
+        assert!(wait_until(LIMIT, || relay.handle.process.live_streams() == 0));
+        let m = metrics(&relay);
+        assert_eq!(
+            series_value(&m, r#"clio_relay_refusals_total{by="upstream"}"#),
+            Some(1.0),
+            "at_upgrade {at_upgrade}: {m}"
+        );
+        assert_eq!(
+            sum(&m, "clio_relay_failovers_total"),
+            0.0,
+            "at_upgrade {at_upgrade}: {m}"
+        );
+        assert_eq!(
+            series_value(&m, r#"clio_relay_account_retries_total{account="acct-a"}"#),
+            Some(0.0),
+            "at_upgrade {at_upgrade}: {m}"
+        );
+    }
+}
+
 /// `refusals_total`'s HELP line lists who may refuse a stream: every `by`
 /// value the family has (it left out `pool_limit`).
 #[test]

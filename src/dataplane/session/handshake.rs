@@ -267,6 +267,7 @@ async fn upgrade(shard: Rc<Shard>, tcp: RingSocket) -> Option<Upgraded> {
         pools: Default::default(),
         placed: Default::default(),
         resuming: Default::default(),
+        moving_off: Default::default(),
         begun: Default::default(),
     };
     Some((stream, client, cbuf, claims, pending))

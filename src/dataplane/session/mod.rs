@@ -88,6 +88,15 @@ struct Stream {
     /// A resume's new connection is opening: a failure on the way is the
     /// resume's (mid-stream), no failover at open.
     resuming: std::cell::Cell<bool>,
+    /// A connection that failed before upstream accepted the stream:
+    /// its account's metrics index (when it counts as a move off the
+    /// account), whether it was lost (else refused), and whether it was
+    /// a failover at open (not a resume's reopen). It
+    /// counts as a move off the account (`account_retries_total`, and
+    /// `failovers_total{phase="open"}`) once the stream goes on to
+    /// another connection; a stream refused after it was moved nowhere,
+    /// and the client saw the refusal.
+    moving_off: std::cell::Cell<Option<(Option<usize>, bool, bool)>>,
     /// Counts the stream as begun (what a drain waits for) from its config
     /// message to its end.
     begun: std::cell::OnceCell<crate::dataplane::shard::BegunStream>,
@@ -392,14 +401,11 @@ impl Stream {
                     }
                     other => break Ok(other),
                 }
-                self.shard.metrics.failover("open", lost);
                 cside.config_frame = None;
                 self.shard
                     .metrics
                     .stream_closed(up.lease.account.metrics_index);
-                self.shard
-                    .metrics
-                    .account_retry(up.lease.account.metrics_index);
+                self.moving_off(Some(up.lease.account.metrics_index), lost);
                 up.let_go();
                 state.new_connection();
                 // One boxed future for both tries: the first result, kept

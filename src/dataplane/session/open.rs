@@ -295,6 +295,9 @@ impl Stream {
                 return Err(Refusal::upstream_unavailable());
             };
             *tried |= 1 << lease.slot;
+            // The stream goes on to another connection: the one that
+            // failed before it was a move the client did not see.
+            self.moved_off();
             let mut buf = shard.pool.get();
             let t0 = Instant::now();
             let key_in_header = shard.key_in_header;
@@ -357,8 +360,7 @@ impl Stream {
                     shard
                         .metrics
                         .upstream_error(lease.account.metrics_index, status);
-                    shard.metrics.account_retry(lease.account.metrics_index);
-                    self.failover_at_open(false);
+                    self.moving_off(Some(lease.account.metrics_index), false);
                     if shard.process.upstream_log.admit() {
                         tracing::info!(stream = %self.id, account = %lease.account.id, status, "upstream refused the account; trying the next");
                     }
@@ -385,8 +387,7 @@ impl Stream {
                     shard
                         .metrics
                         .upstream_error(lease.account.metrics_index, 502);
-                    shard.metrics.account_retry(lease.account.metrics_index);
-                    self.failover_at_open(true);
+                    self.moving_off(Some(lease.account.metrics_index), true);
                     if shard.process.upstream_log.admit() {
                         tracing::warn!(stream = %self.id, account = %lease.account.id, timeout = ?shard.connect_timeout, "upstream connect timed out; the account is held off");
                     }
@@ -405,7 +406,7 @@ impl Stream {
                     shard
                         .metrics
                         .upstream_error(lease.account.metrics_index, 502);
-                    self.failover_at_open(true);
+                    self.moving_off(None, true);
                     if shard.process.upstream_log.admit() {
                         tracing::warn!(stream = %self.id, account = %lease.account.id, pool = %pool, why = %why, "upstream's name did not resolve; no other account of the pool is tried for this stream");
                     }
@@ -415,7 +416,7 @@ impl Stream {
                     shard
                         .metrics
                         .upstream_error(lease.account.metrics_index, 502);
-                    self.failover_at_open(true);
+                    self.moving_off(None, true);
                     if shard.process.upstream_log.admit() {
                         tracing::warn!(stream = %self.id, account = %lease.account.id, error = ?e, "upstream connect failed");
                     }
@@ -424,15 +425,30 @@ impl Stream {
         }
     }
 
-    /// A connection of a stream upstream has not accepted yet failed on
-    /// an account (refused at the upgrade, or lost: `lost`) and the
-    /// stream goes on to the next: a failover at open, as one refused in
-    /// upstream's first message is, whether it is the stream's first
-    /// connection or the reopen after such a failover. A resume's
-    /// reopen is mid-stream: the resume counts itself.
-    fn failover_at_open(&self, lost: bool) {
-        if !self.resuming.get() {
-            self.shard.metrics.failover("open", lost);
+    /// A connection of a stream upstream has not accepted yet failed (refused
+    /// at the upgrade or in upstream's first message, or lost: `lost`), on
+    /// the account of metrics index `account` when that is a move off the
+    /// account (`account_retries_total`). Counted once the stream goes on
+    /// to another connection ([`moved_off`](Self::moved_off)): a failover
+    /// at open, whether on the stream's first connection or the reopen
+    /// after such a failover (a resume's reopen is mid-stream: the resume
+    /// counts itself). A stream refused after it moved nowhere, and the
+    /// client saw the refusal.
+    pub(super) fn moving_off(&self, account: Option<usize>, lost: bool) {
+        self.moving_off
+            .set(Some((account, lost, !self.resuming.get())));
+    }
+
+    /// The stream went on to another connection after the failure
+    /// [`moving_off`](Self::moving_off) noted, if any: counts that move.
+    fn moved_off(&self) {
+        if let Some((account, lost, at_open)) = self.moving_off.take() {
+            if let Some(i) = account {
+                self.shard.metrics.account_retry(i);
+            }
+            if at_open {
+                self.shard.metrics.failover("open", lost);
+            }
         }
     }
 
