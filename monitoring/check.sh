@@ -55,7 +55,7 @@ dash_path, rules_path, out_path = sys.argv[1:4]
 # src/control/admin/api.rs, src/control/admin/mod.rs and the metrics being added, see
 # monitoring/README.md), plus Prometheus's own `up` and `ALERTS`.
 KNOWN = {
-    "clio_relay_streams_active", "clio_relay_streams_total", "clio_relay_streams_rejected_total",
+    "clio_relay_streams_active", "clio_relay_streams_live", "clio_relay_streams_total", "clio_relay_streams_rejected_total",
     "clio_relay_account_streams_active", "clio_relay_account_streams_total",
     "clio_relay_account_retries_total", "clio_relay_account_max_concurrent_streams",
     "clio_relay_frames_total", "clio_relay_bytes_total", "clio_relay_errors_total",
