@@ -119,6 +119,60 @@ fn streams_live_counts_a_stream_while_its_resume_reconnects() {
     assert_eq!(relay.handle.metrics().streams_resumed(), 1);
 }
 
+/// The dashboard's "live streams" are `/metrics`' `streams_live`: a
+/// stream whose resume is reconnecting is live (it holds its
+/// `max_streams` slot, and its account's and pool's place, which the
+/// dashboard's account and pool rows count). The tile read `/admin/stats`'
+/// `streams_active`, upstream connections open, and showed 0 for it, as
+/// it did for every stream while an upstream outage had them all
+/// reconnecting.
+#[test]
+fn the_dashboards_live_streams_are_the_metrics_streams_live() {
+    const ADMIN: &str = "admin-token-for-tests-0123456789";
+    let fake = fake(&["k1"], |c| {
+        c.echo = true;
+        c.faults.close_after_frames = Some(3);
+        c.faults.handshake_delay = Duration::from_secs(3);
+    });
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    cfg.admin.token = Some(clio_relay::core::secret::Secret::new(ADMIN));
+    let relay = Relay::start(cfg);
+    let admin = relay.handle.admin_addr;
+    let (_, page) = http(admin, "GET", "/dashboard", None, None);
+    let tile = page
+        .split("$(\"t-live\").textContent = st.")
+        .nth(1)
+        .and_then(|rest| rest.split(';').next())
+        .expect("the dashboard sets its live-streams tile from /admin/stats");
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    for f in audio_frames(3, 1) {
+        ws.send(Message::binary(f)).unwrap();
+    }
+    // Between the two upstream connections of the resume.
+    let mut seen = String::new();
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            seen = metrics(&relay);
+            sum(&seen, "clio_relay_streams_total") == 1.0
+                && sum(&seen, "clio_relay_streams_active") == 0.0
+        }),
+        "never between the two connections: {seen}"
+    );
+    let (status, stats) = http(admin, "GET", "/admin/stats", Some(ADMIN), None);
+    assert_eq!(status, 200, "{stats}");
+    let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    assert_eq!(
+        stats[tile].as_f64(),
+        series_value(&metrics(&relay), "clio_relay_streams_live"),
+        "the tile shows /admin/stats' {tile}: {stats}"
+    );
+    assert_eq!(stats[tile].as_f64(), Some(1.0), "{stats}");
+    ws.send(Message::binary(Vec::new())).unwrap();
+    let got = read_all(&mut ws);
+    assert!(got.finished(), "{got:?}");
+}
+
 /// An error Soniox sends mid-stream that the relay passes to the client
 /// unchanged (no resume left, or not one to resume from) ends the stream:
 /// it is counted in `errors_total` like the relay's own, so the error-rate

@@ -330,8 +330,14 @@ pub(super) fn list(admin: &Admin) -> serde_json::Value {
     json!({ "accounts": items, "pools": pools, "rotation_period_seconds": period })
 }
 
-/// `GET /admin/stats`: merged stream, traffic, error and latency figures.
-pub(super) fn stats(admin: &Admin, shards: &[crate::core::metrics::MetricsSnapshot]) -> Vec<u8> {
+/// `GET /admin/stats`: merged stream, traffic, error and latency figures,
+/// and `live`, the client streams admitted and not yet ended
+/// (`clio_relay_streams_live`, the dashboard's live streams).
+pub(super) fn stats(
+    admin: &Admin,
+    live: u64,
+    shards: &[crate::core::metrics::MetricsSnapshot],
+) -> Vec<u8> {
     use crate::core::metrics::{Direction, Hist, MetricsSnapshot};
     let mut m = MetricsSnapshot::empty(0);
     for s in shards {
@@ -367,6 +373,7 @@ pub(super) fn stats(admin: &Admin, shards: &[crate::core::metrics::MetricsSnapsh
         .map(|by| (by.label().to_string(), json!(m.refusals(*by))))
         .collect();
     ok(json!({
+        "streams_live": live,
         "streams_active": m.active_streams(),
         "streams_total": m.streams_total(),
         "streams_rejected": m.streams_rejected(),

@@ -84,7 +84,13 @@ const ROUTES: &[Route] = &[
         method: "GET",
         path: "/admin/stats",
         auth: true,
-        handler: |a, _, _| Box::pin(async move { api::stats(a, &collect(&a.shards).await) }),
+        handler: |a, _, _| {
+            Box::pin(async move {
+                // Read before the snapshots, as `/metrics` reads it.
+                let live = u64::from(a.process.live_streams());
+                api::stats(a, live, &collect(&a.shards).await)
+            })
+        },
     },
     Route {
         method: "GET",
