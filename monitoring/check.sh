@@ -6,7 +6,9 @@
 #      ${DS_PROMETHEUS} datasource, every panel has a datasource and queries,
 #      every query names only known metrics (KNOWN below) and parses as PromQL
 #      (promtool check rules on a throwaway rules file made of the queries);
-#      the rules file names only known metrics too.
+#      the rules file names only known metrics too; live streams in all
+#      read clio_relay_streams_live (streams_active per shard, or as its
+#      fallback).
 # Exits non-zero on any problem.
 #
 # promtool: $PROMTOOL, else `promtool` on PATH, else it is taken from Debian's
@@ -164,6 +166,14 @@ for p in panels:
             problems.append(f"{where} {t.get('refId')}: names no metric: {expr}")
         for name in sorted(names - KNOWN):
             problems.append(f"{where} {t.get('refId')}: unknown metric {name!r} in {expr}")
+        # Live streams in all are the streams admitted (streams_live, what
+        # server.max_streams counts, those reconnecting upstream too), not
+        # the upstream connections open; streams_active only per shard, or
+        # as the fallback for a relay without streams_live.
+        if ("clio_relay_streams_active" in names and "clio_relay_streams_live" not in names
+                and not re.search(r"\bshard\b", expr)):
+            problems.append(f"{where} {t.get('refId')}: live streams in all read clio_relay_streams_live "
+                            f"(streams_active only as its fallback): {expr}")
         queries.append((where, t.get("refId"), expr))
 
 for v in d.get("templating", {}).get("list", []):
