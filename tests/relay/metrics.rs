@@ -1,6 +1,7 @@
 //! `/metrics` tells the truth: each test drives streams whose numbers it
 //! knows and reads the admin port's `/metrics` as Prometheus would.
 
+use std::io::Write;
 use std::time::Duration;
 
 use tungstenite::Message;
@@ -411,6 +412,52 @@ fn frames_and_bytes_count_the_frames_passed_on_with_their_headers() {
             "clio_relay_frame_forward_seconds_count{direction=\"client_to_upstream\"}"
         ),
         Some(5.0),
+        "{m}"
+    );
+}
+
+/// `bytes_total{direction="upstream_to_client"}` counts the bytes the
+/// client got, also of the results a resume rewrote onto the client's
+/// timeline (their times shifted, so their length changed): the relay
+/// writes the rewritten frame, not upstream's. It counted upstream's
+/// frame's length for them, and the usage ledger's `bytes_down` with it.
+#[test]
+fn bytes_to_the_client_count_a_resumes_rewritten_results_as_written() {
+    let fake = fake(&["k1"], |c| {
+        c.faults.close_after_frames = Some(6);
+        c.ms_per_word = 100;
+    });
+    let relay = Relay::start(relay_config(&fake.url(), &[("a", "k1")]));
+    let (mut tcp, _) = raw_upgrade(relay.addr(), &relay.token("dev"));
+    tcp.write_all(&client_frame(1, config_message(None).as_bytes()))
+        .unwrap();
+    for f in audio_frames(10, 3) {
+        tcp.write_all(&client_frame(2, &f)).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    tcp.write_all(&client_frame(2, &[])).unwrap();
+    let frames = raw_read_frames_until_close(&mut tcp);
+    tcp.write_all(&client_frame(8, &[0x03, 0xe8])).unwrap();
+    let texts = raw_texts(&frames);
+    assert!(texts.iter().any(|t| t["finished"] == true), "{texts:?}");
+    // Server frames are unmasked: a 2-byte header, 4 from 126 bytes.
+    let got: usize = frames
+        .iter()
+        .map(|(_, p)| p.len() + if p.len() < 126 { 2 } else { 4 })
+        .sum();
+    assert!(wait_until(LIMIT, || relay.handle.process.live_streams() == 0));
+    let m = metrics(&relay);
+    assert_eq!(
+        series_value(&m, "clio_relay_streams_resumed_total"),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        series_value(
+            &m,
+            r#"clio_relay_bytes_total{direction="upstream_to_client"}"#
+        ),
+        Some(got as f64),
         "{m}"
     );
 }

@@ -604,7 +604,6 @@ pub async fn upstream_to_client(link: Link<'_>, max_payload: u64, cx: StreamCx<'
                         // A whole text message: one frame, or the last of
                         // its fragments (then `joined` holds them all).
                         let whole = if data && h.fin { joined.take() } else { None };
-                        let was_joined = whole.is_some();
                         if h.opcode == Opcode::Text && h.fin || whole.is_some() {
                             let payload = match &whole {
                                 Some(text) => text.as_slice(),
@@ -676,8 +675,9 @@ pub async fn upstream_to_client(link: Link<'_>, max_payload: u64, cx: StreamCx<'
                                 down.writing.set(false);
                                 down.at_boundary.set(true);
                                 buf.consume(total);
-                                let bytes = if was_joined { frame.len() } else { total };
-                                Held::delivered(1, bytes, true, held.read_at, cx);
+                                // What the client got: the frame written
+                                // (rewritten or joined), not upstream's.
+                                Held::delivered(1, frame.len(), true, held.read_at, cx);
                             }
                             None => held.add(total, !h.opcode.is_control()),
                         }
