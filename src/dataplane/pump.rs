@@ -373,7 +373,12 @@ pub async fn upstream_to_client(
                 for _ in 0..scan.frames_done {
                     metrics.record(Hist::FrameUpstreamToClient, took);
                 }
-                if !down.first_result_seen.get() && scan.data_frames_started > 0 {
+                // An error upstream sent (noted as the scanner walked it)
+                // is no result: the stream then has none.
+                if !down.first_result_seen.get()
+                    && scan.data_frames_started > 0
+                    && state.meter.upstream_error().is_none()
+                {
                     if let Some(t0) = state.up.first_audio_at.get() {
                         down.first_result_seen.set(true);
                         metrics

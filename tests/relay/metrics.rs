@@ -462,6 +462,42 @@ fn bytes_to_the_client_count_a_resumes_rewritten_results_as_written() {
     );
 }
 
+/// An error upstream sends after the stream's first audio (here a 400,
+/// passed to the client as it came) is no result: the stream measured
+/// no time to a first result, in `first_result_seconds` and its
+/// account's histogram (and the slow-first-result alerts), whether the
+/// stream is raw audio (resumable) or not. Before, the error's arrival
+/// was recorded as the stream's first result.
+#[test]
+fn an_error_is_not_a_first_result() {
+    for format in ["pcm_s16le", "mp3"] {
+        let fake = fake(&["key-a"], |c| {
+            c.faults.error_after_frames = Some((2, 400));
+        });
+        let relay = Relay::start(relay_config(&fake.url(), &[("acct-a", "key-a")]));
+        let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+        let mut config: serde_json::Value = serde_json::from_str(&config_message(None)).unwrap();
+        config["audio_format"] = format.into();
+        let got = stream_session(&mut ws, &config.to_string(), &audio_frames(3, 1));
+        assert_eq!(got.error_code(), Some(400), "{format}: {got:?}");
+        assert!(wait_until(LIMIT, || relay.handle.process.live_streams() == 0));
+        let m = metrics(&relay);
+        assert_eq!(
+            series_value(&m, "clio_relay_first_result_seconds_count"),
+            Some(0.0),
+            "{format}: {m}"
+        );
+        assert_eq!(
+            series_value(
+                &m,
+                r#"clio_relay_account_first_result_seconds_count{account="acct-a"}"#
+            ),
+            Some(0.0),
+            "{format}: {m}"
+        );
+    }
+}
+
 /// The account ids the per-account series of a scrape name.
 fn account_labels(metrics: &str) -> std::collections::BTreeSet<String> {
     metrics

@@ -604,12 +604,15 @@ pub async fn upstream_to_client(link: Link<'_>, max_payload: u64, cx: StreamCx<'
                         // A whole text message: one frame, or the last of
                         // its fragments (then `joined` holds them all).
                         let whole = if data && h.fin { joined.take() } else { None };
+                        // An error is no result: not the stream's first.
+                        let mut error = false;
                         if h.opcode == Opcode::Text && h.fin || whole.is_some() {
                             let payload = match &whole {
                                 Some(text) => text.as_slice(),
                                 None => &buf.filled()[at + h.header_len..at + total],
                             };
                             if let Some((code, scope)) = error_code_of(payload) {
+                                error = true;
                                 if first {
                                     down.first_error.set(Some((code, scope)));
                                 }
@@ -677,9 +680,9 @@ pub async fn upstream_to_client(link: Link<'_>, max_payload: u64, cx: StreamCx<'
                                 buf.consume(total);
                                 // What the client got: the frame written
                                 // (rewritten or joined), not upstream's.
-                                Held::delivered(1, frame.len(), true, held.read_at, cx);
+                                Held::delivered(1, frame.len(), !error, held.read_at, cx);
                             }
-                            None => held.add(total, !h.opcode.is_control()),
+                            None => held.add(total, !h.opcode.is_control() && !error),
                         }
                         if close {
                             break End::UpstreamClosed;
@@ -711,7 +714,8 @@ pub async fn upstream_to_client(link: Link<'_>, max_payload: u64, cx: StreamCx<'
 struct Held {
     bytes: usize,
     frames: u64,
-    /// A data frame is among them (the stream's first result, if not seen).
+    /// A data frame that is no error is among them (the stream's first
+    /// result, if not seen).
     data: bool,
     /// When their bytes were read.
     read_at: Instant,
