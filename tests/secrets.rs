@@ -11,6 +11,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use clio_relay::core::config::AuthMode;
 use clio_relay::core::secret::Secret;
 use util::*;
 
@@ -447,4 +448,143 @@ fn a_bad_config_never_prints_its_secrets() {
     assert_eq!(code, Some(3), "{text}");
     assert!(!text.contains("leakcfg"), "{text}");
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// An upstream that echoes back what it was given to authenticate with:
+/// the `Authorization` header and the config message (with the key the
+/// relay put in it), in an error frame at the stream's first message
+/// (`at_frame` 0) or at audio frame `at_frame`, and in its close reason.
+/// Returns its URL.
+#[allow(clippy::result_large_err)] // tungstenite's callback returns its Response as the error
+fn echoing_upstream(code: u16, at_frame: u64) -> String {
+    use tungstenite::handshake::server::{Request, Response};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!(
+        "ws://{}/transcribe-websocket",
+        listener.local_addr().unwrap()
+    );
+    std::thread::spawn(move || {
+        for tcp in listener.incoming() {
+            let Ok(tcp) = tcp else { return };
+            std::thread::spawn(move || {
+                let mut auth = String::new();
+                let Ok(mut ws) = tungstenite::accept_hdr(tcp, |req: &Request, resp: Response| {
+                    if let Some(v) = req.headers().get("authorization") {
+                        auth = v.to_str().unwrap_or_default().to_string();
+                    }
+                    Ok(resp)
+                }) else {
+                    return;
+                };
+                let mut config = String::new();
+                let mut frames = 0u64;
+                while let Ok(m) = ws.read() {
+                    match m {
+                        tungstenite::Message::Text(t) if config.is_empty() => {
+                            config = t.to_string();
+                            if at_frame > 0 {
+                                continue;
+                            }
+                        }
+                        tungstenite::Message::Binary(_) => {
+                            frames += 1;
+                            if frames < at_frame {
+                                let ms = frames * 100;
+                                let reply = serde_json::json!({
+                                    "tokens": [{"text": "w ", "start_ms": ms - 100,
+                                        "end_ms": ms, "is_final": true}],
+                                    "final_audio_proc_ms": ms, "total_audio_proc_ms": ms,
+                                });
+                                let _ = ws.send(tungstenite::Message::text(reply.to_string()));
+                                continue;
+                            }
+                            if frames != at_frame {
+                                continue;
+                            }
+                        }
+                        _ => continue,
+                    }
+                    let error = serde_json::json!({
+                        "tokens": [],
+                        "error_code": code,
+                        "error_message": format!("Invalid request ({auth}): {config}"),
+                    });
+                    let _ = ws.send(tungstenite::Message::text(error.to_string()));
+                    let mut reason = format!("refused {auth} {config}");
+                    reason.truncate(120);
+                    let _ = ws.close(Some(tungstenite::protocol::CloseFrame {
+                        code: tungstenite::protocol::frame::coding::CloseCode::Policy,
+                        reason: reason.into(),
+                    }));
+                    while ws.read().is_ok() {}
+                    return;
+                }
+            });
+        }
+    });
+    url
+}
+
+#[test]
+fn an_upstream_echoing_the_key_never_shows_it_to_the_client() {
+    let capture = logs();
+    const KEY: &str = "sk-echoed-9a4e2c7b1d";
+    let mut seen = String::new();
+    // The key in the config message and in the header; an error at the
+    // first message (one the relay does not retry, and a refusal of the
+    // only account) and one mid-stream; raw audio (a stream that can
+    // resume, whose results are read whole) and not (passed on as read).
+    let mut cases = Vec::new();
+    for format in ["pcm_s16le", "auto"] {
+        for auth in [AuthMode::Config, AuthMode::Header] {
+            for (code, at_frame) in [(400, 0), (401, 0), (400, 2)] {
+                cases.push((format, auth, code, at_frame));
+            }
+        }
+    }
+    for (format, auth, code, at_frame) in cases {
+        let mut cfg = relay_config(&echoing_upstream(code, at_frame), &[("acct", KEY)]);
+        cfg.upstream.auth = auth;
+        let relay = Relay::start(cfg);
+        let token = relay.token("device-echo");
+        // A signal the relay's threads take can interrupt a blocking call
+        // of this one: the handshake is tried again, a read goes on.
+        let interrupted = |e: &tungstenite::Error| matches!(e, tungstenite::Error::Io(e) if e.kind() == std::io::ErrorKind::Interrupted);
+        let mut ws = loop {
+            match connect(relay.addr(), &token, Via::Header) {
+                Err(e) if interrupted(&e) => continue,
+                r => break r.unwrap().0,
+            }
+        };
+        let config = config_message(None).replace("pcm_s16le", format);
+        ws.send(tungstenite::Message::text(config)).unwrap();
+        // Only the frames up to the error: more, sent after the relay
+        // closed, could reset the connection before the client reads.
+        for f in audio_frames(at_frame as usize, 1) {
+            ws.send(tungstenite::Message::binary(f)).unwrap();
+        }
+        // Everything that comes back, the close frame's reason too.
+        let mut got = String::new();
+        loop {
+            let m = ws.read();
+            if m.as_ref().is_err_and(interrupted) {
+                continue;
+            }
+            got.push_str(&format!("{m:?}\n"));
+            if m.is_err() {
+                break;
+            }
+        }
+        assert!(
+            got.contains("error_code"),
+            "{format} {auth:?} {code}: {got}"
+        );
+        seen.push_str(&got);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let logs = capture.text();
+    assert_absent(
+        &[("what the client received", &seen), ("logs", &logs)],
+        &[("the account key", KEY)],
+    );
 }

@@ -512,7 +512,8 @@ pub async fn upstream_to_client(link: Link<'_>, max_payload: u64, cx: StreamCx<'
         to: client,
         buf,
     } = link;
-    let StreamCx { state, .. } = cx;
+    let StreamCx { state, key, .. } = cx;
+    let redactor = super::KeyRedactor::new(key);
     let down = &state.down;
     let resume = &state.resume;
     let can_resume = || resume.borrow().as_ref().is_some_and(|r| r.can_resume());
@@ -554,6 +555,12 @@ pub async fn upstream_to_client(link: Link<'_>, max_payload: u64, cx: StreamCx<'
                     }
                     if buf.len() - held.bytes >= total {
                         need_more = false;
+                        // Never the account key to the client, should
+                        // upstream echo it (a message in fragments is
+                        // looked at again once joined).
+                        redactor.redact(
+                            &mut buf.filled()[held.bytes + h.header_len..held.bytes + total],
+                        );
                         if h.opcode == Opcode::Close {
                             let at = held.bytes + h.header_len;
                             if !close_body_ok(&buf.filled()[at..held.bytes + total]) {
@@ -603,7 +610,10 @@ pub async fn upstream_to_client(link: Link<'_>, max_payload: u64, cx: StreamCx<'
                         let at = held.bytes;
                         // A whole text message: one frame, or the last of
                         // its fragments (then `joined` holds them all).
-                        let whole = if data && h.fin { joined.take() } else { None };
+                        let mut whole = if data && h.fin { joined.take() } else { None };
+                        if let Some(text) = whole.as_mut() {
+                            redactor.redact(text);
+                        }
                         // An error is no result: not the stream's first.
                         let mut error = false;
                         if h.opcode == Opcode::Text && h.fin || whole.is_some() {
@@ -1130,11 +1140,13 @@ mod held_tests {
                     10,
                     Instant::now(),
                 );
+                let key = crate::core::secret::Secret::new("k");
                 let cx = StreamCx {
                     state: &state,
                     masks: &masks,
                     metrics: &metrics,
                     account: &account,
+                    key: &key,
                 };
                 let link = Link {
                     from: &upstream,

@@ -767,6 +767,7 @@ impl Stream {
             masks: &self.shard.masks,
             metrics: &self.shard.metrics,
             account: &lease.account,
+            key: &lease.key.key,
         }
     }
 
