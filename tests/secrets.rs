@@ -588,3 +588,122 @@ fn an_upstream_echoing_the_key_never_shows_it_to_the_client() {
         &[("the account key", KEY)],
     );
 }
+
+/// A server that answers every request with `status` and, as its body,
+/// the request it got (head and body) in `shape`: plain text, or a JSON
+/// error message. What another service at the admin address, or a proxy
+/// in front of it, may answer. Returns its address.
+fn echoing_http_server(status: u16, json: bool) -> std::net::SocketAddr {
+    use std::io::Read;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for tcp in listener.incoming() {
+            let Ok(mut tcp) = tcp else { return };
+            std::thread::spawn(move || {
+                tcp.set_read_timeout(Some(Duration::from_millis(500))).ok();
+                let mut got = Vec::new();
+                let mut chunk = [0u8; 4096];
+                // The head, then whatever body comes with it.
+                while let Ok(n) = tcp.read(&mut chunk) {
+                    if n == 0 {
+                        break;
+                    }
+                    got.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&got);
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let length = text[..end]
+                            .lines()
+                            .find_map(|l| {
+                                let (name, value) = l.split_once(':')?;
+                                name.eq_ignore_ascii_case("content-length")
+                                    .then(|| value.trim().parse::<usize>().ok())?
+                            })
+                            .unwrap_or(0);
+                        if got.len() >= end + 4 + length {
+                            break;
+                        }
+                    }
+                }
+                let request = String::from_utf8_lossy(&got).into_owned();
+                let body = if json {
+                    serde_json::json!({ "error_code": status, "error_message": request })
+                        .to_string()
+                } else {
+                    format!("bad request: {request}")
+                };
+                let _ = write!(
+                    tcp,
+                    "HTTP/1.1 {status} Echo\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn keys_never_prints_the_admin_token_or_a_key_an_answer_echoes() {
+    const ADMIN: &str = "admin-token-keys-echo-0123456789";
+    const KEY: &str = "sk-keys-echoed-4d7a1c";
+    let dir = state_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("new.key"), format!("{KEY}\n")).unwrap();
+    let key_file = dir.join("new.key");
+    let mut seen = String::new();
+    for (status, json) in [(400, false), (400, true), (200, false), (502, true)] {
+        let addr = echoing_http_server(status, json);
+        let config = dir.join(format!("relay-{status}-{json}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"{addr}\"\n\n\
+                 [tokens]\nsecret_env = \"ECHO_TOKEN_SECRET\"\n\n\
+                 [admin]\nstate_dir = \"state\"\ntoken_env = \"ECHO_ADMIN\"\n"
+            ),
+        )
+        .unwrap();
+        let config = config.to_str().unwrap();
+        let env = [
+            (
+                "ECHO_TOKEN_SECRET",
+                "an-echo-test-token-secret-0123456789abcdef",
+            ),
+            ("ECHO_ADMIN", ADMIN),
+        ];
+        for args in [
+            vec!["keys", "--config", config, "list"],
+            vec![
+                "keys",
+                "--config",
+                config,
+                "add",
+                "--id",
+                "echoed",
+                "--key-file",
+                key_file.to_str().unwrap(),
+            ],
+            vec![
+                "keys",
+                "--config",
+                config,
+                "rotate",
+                "echoed",
+                "--key-file",
+                key_file.to_str().unwrap(),
+            ],
+        ] {
+            let (code, text) = cli(&args, &env);
+            assert_ne!(code, Some(0), "{args:?}: {text}");
+            // The echo did reach it (the request line is in what it said).
+            assert!(text.contains("/admin/accounts"), "{args:?}: {text}");
+            seen.push_str(&text);
+        }
+    }
+    assert_absent(
+        &[("what keys printed", &seen)],
+        &[("the admin token", ADMIN), ("the new key", KEY)],
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -170,6 +170,8 @@ pub fn run(config: &Path, action: &KeysAction) -> Result<String, CliError> {
             ));
         }
     }
+    // The new key, if the action sends one: never printed back.
+    let mut new_key = None;
     let (method, path, body) = match action {
         KeysAction::List => ("GET", "/admin/accounts".to_string(), None),
         KeysAction::Add {
@@ -183,7 +185,7 @@ pub fn run(config: &Path, action: &KeysAction) -> Result<String, CliError> {
             "POST",
             "/admin/accounts".into(),
             Some(
-                serde_json::json!({"id": id, "key": key.read()?, "region": region, "pool": pool, "enabled": !disabled, "max_concurrent_streams": max_concurrent_streams}),
+                serde_json::json!({"id": id, "key": new_key.insert(key.read()?), "region": region, "pool": pool, "enabled": !disabled, "max_concurrent_streams": max_concurrent_streams}),
             ),
         ),
         KeysAction::Enable { id } => ("POST", format!("/admin/accounts/{id}/enable"), None),
@@ -198,7 +200,7 @@ pub fn run(config: &Path, action: &KeysAction) -> Result<String, CliError> {
             Some(serde_json::json!({"max_concurrent_streams": max_concurrent_streams})),
         ),
         KeysAction::Rotate { id, overlap, key } => {
-            let mut b = serde_json::json!({"key": key.read()?});
+            let mut b = serde_json::json!({"key": new_key.insert(key.read()?)});
             if let Some(o) = overlap {
                 b["overlap"] = serde_json::Value::String(o.clone());
             }
@@ -221,6 +223,10 @@ pub fn run(config: &Path, action: &KeysAction) -> Result<String, CliError> {
             };
             CliError::AdminUnreachable(format!("admin API at {addr}: {e}{hint}"))
         })?;
+    // Whatever answered may echo the request (another service at the
+    // admin address, a proxy's error page): the admin token and the key
+    // are taken out of the answer before any of it is printed.
+    let text = without_secrets(text, &[token, new_key.as_deref().unwrap_or_default()]);
     let value: serde_json::Value = serde_json::from_str(&text)
         .map_err(|_| CliError::AdminRefused(format!("admin API answered {status}: {text}")))?;
     if status != 200 {
@@ -230,6 +236,23 @@ pub fn run(config: &Path, action: &KeysAction) -> Result<String, CliError> {
         )));
     }
     Ok(table(&value))
+}
+
+/// `text` with each of `secrets` (as sent, and as a JSON string escapes
+/// it) replaced by `[redacted]`.
+fn without_secrets(mut text: String, secrets: &[&str]) -> String {
+    for secret in secrets.iter().filter(|s| !s.is_empty()) {
+        let quoted = serde_json::to_string(secret).unwrap_or_default();
+        let escaped = quoted
+            .get(1..quoted.len().saturating_sub(1))
+            .unwrap_or_default();
+        for needle in [*secret, escaped] {
+            if !needle.is_empty() && text.contains(needle) {
+                text = text.replace(needle, "[redacted]");
+            }
+        }
+    }
+    text
 }
 
 /// Whether nothing listened at the admin address (connection refused).
