@@ -707,3 +707,39 @@ fn keys_never_prints_the_admin_token_or_a_key_an_answer_echoes() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn an_unknown_account_id_is_not_repeated() {
+    // A key given where the account id goes (`keys rotate NEWKEY`, the id
+    // forgotten): a valid id to the API, and no account has it.
+    let capture = logs();
+    const ADMIN: &str = "admin-token-unknown-id-0123456789";
+    const NEW_KEY: &str = "sk-idpos-6f1c9e2a7b";
+    let fake = fake(&["sk-present"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("acct", "sk-present")]);
+    cfg.admin.token = Some(Secret::new(ADMIN));
+    let relay = Relay::start(cfg);
+    let admin = relay.handle.admin_addr;
+    let mut seen = String::new();
+    for (method, path, body) in [
+        ("POST", "enable", None),
+        ("POST", "disable", None),
+        ("POST", "limit", Some(r#"{"max_concurrent_streams":5}"#)),
+        ("POST", "rotate", Some(r#"{"key":"sk-other"}"#)),
+        ("DELETE", "", None),
+    ] {
+        let path = if path.is_empty() {
+            format!("/admin/accounts/{NEW_KEY}")
+        } else {
+            format!("/admin/accounts/{NEW_KEY}/{path}")
+        };
+        let (status, answer) = http(admin, method, &path, Some(ADMIN), body);
+        assert_eq!(status, 404, "{method} {path}: {answer}");
+        seen.push_str(&answer);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert_absent(
+        &[("admin answers", &seen), ("logs", &capture.text())],
+        &[("a key given as an account id", NEW_KEY)],
+    );
+}

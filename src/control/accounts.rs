@@ -115,7 +115,12 @@ pub enum ChangeError {
 impl std::fmt::Display for ChangeError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            ChangeError::NotFound(id) => write!(f, "no account {id:?}"),
+            // The id is not repeated: no account has it, so it may be a key
+            // given where the id goes (`keys rotate NEWKEY`, the id forgotten).
+            ChangeError::NotFound(_) => f.write_str(
+                "no account has that id (it is not repeated: it may be a key given in the \
+                 wrong place)",
+            ),
             ChangeError::Exists(id) => write!(f, "account {id:?} exists already"),
             ChangeError::Invalid(why) => f.write_str(why),
         }
