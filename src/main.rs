@@ -183,8 +183,11 @@ fn parse() -> (Cli, Vec<PathBuf>) {
             keys.mut_subcommand(action, |a| a.arg(arg.clone()))
         })
     });
-    let matches = cmd.get_matches_mut();
-    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.format(&mut cmd).exit());
+    let matches = cmd
+        .try_get_matches_from_mut(std::env::args_os())
+        .unwrap_or_else(|e| exit_without_values(e));
+    let cli =
+        Cli::from_arg_matches(&matches).unwrap_or_else(|e| exit_without_values(e.format(&mut cmd)));
     let after_action = matches
         .subcommand_matches("keys")
         .and_then(|keys| keys.subcommand())
@@ -192,6 +195,43 @@ fn parse() -> (Cli, Vec<PathBuf>) {
         .map(|paths| paths.cloned().collect())
         .unwrap_or_default();
     (cli, after_action)
+}
+
+/// Exits as clap would with `e`, except that a usage error does not
+/// repeat a word of the command line it refuses (an unexpected argument,
+/// a value an option does not take): keys never come on the command line,
+/// and one put there by mistake (`keys rotate ID KEY`) is not printed
+/// back to a terminal or a job's log. A refused option's name (`--kye`)
+/// is still shown.
+fn exit_without_values(e: clap::Error) -> ! {
+    use clap::error::{ContextKind, ContextValue};
+    if !e.use_stderr() {
+        e.exit(); // --help, --version
+    }
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let given = |v: &str| {
+        argv.iter()
+            .any(|a| a == v || a.split_once('=').is_some_and(|(_, x)| x == v))
+    };
+    let mut text = e.render().to_string();
+    for kind in [
+        ContextKind::InvalidArg,
+        ContextKind::InvalidValue,
+        ContextKind::InvalidSubcommand,
+    ] {
+        let values = match e.get(kind) {
+            Some(ContextValue::String(v)) => vec![v.clone()],
+            Some(ContextValue::Strings(v)) => v.clone(),
+            _ => Vec::new(),
+        };
+        for value in values {
+            if !value.is_empty() && !value.starts_with('-') && given(&value) {
+                text = text.replace(&value, "(not shown: it may be a key)");
+            }
+        }
+    }
+    eprint!("{text}");
+    std::process::exit(e.exit_code());
 }
 
 fn main() -> ExitCode {

@@ -743,3 +743,35 @@ fn an_unknown_account_id_is_not_repeated() {
         &[("a key given as an account id", NEW_KEY)],
     );
 }
+
+#[test]
+fn a_key_on_the_command_line_is_not_echoed_back() {
+    // Keys never come on the command line; one put there anyway (as an
+    // extra argument, or as a value that is not the option's) is not
+    // repeated in the usage error.
+    const KEY: &str = "sk-argv-3e8b1d5c9a";
+    let mut seen = String::new();
+    for args in [
+        vec!["keys", "--config", "x.toml", "rotate", "prod-2", KEY],
+        vec!["keys", "--config", "x.toml", "add", "--id", "a", KEY],
+        vec![
+            "keys",
+            "--config",
+            "x.toml",
+            "add",
+            "--id",
+            "a",
+            "--max-concurrent-streams",
+            KEY,
+        ],
+        vec!["keys", "--config", "x.toml", "limit", "a", KEY],
+        vec!["mint-token", "--config", "x.toml", "--device", "d", KEY],
+        vec![KEY],
+    ] {
+        let (code, text) = cli(&args, &[]);
+        assert_eq!(code, Some(2), "{args:?}: {text}");
+        assert!(text.contains("--help"), "{args:?}: {text}");
+        seen.push_str(&text);
+    }
+    assert_absent(&[("usage errors", &seen)], &[("the key", KEY)]);
+}
