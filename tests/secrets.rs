@@ -775,3 +775,45 @@ fn a_key_on_the_command_line_is_not_echoed_back() {
     }
     assert_absent(&[("usage errors", &seen)], &[("the key", KEY)]);
 }
+
+#[test]
+fn keys_never_prints_a_key_given_as_its_file_or_variable() {
+    // `--key-file KEY` or `--key-env KEY`: the key where its file's or
+    // variable's name goes.
+    const KEY: &str = "sk_keysrc_5a0e7d3b9c";
+    let dir = state_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("relay.toml");
+    std::fs::write(
+        &config,
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:9\"\n\n\
+         [tokens]\nsecret_env = \"SRC_TOKEN_SECRET\"\n\n\
+         [admin]\nstate_dir = \"state\"\ntoken_env = \"SRC_ADMIN\"\n",
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let env = [("SRC_ADMIN", "admin-token-keysrc-0123456789")];
+    let mut seen = String::new();
+    for source in ["--key-file", "--key-env"] {
+        for action in [vec!["add", "--id", "a"], vec!["rotate", "a"]] {
+            let mut args = vec!["keys", "--config", config];
+            args.extend(action);
+            args.extend([source, KEY]);
+            let (code, text) = cli(&args, &env);
+            assert_eq!(code, Some(2), "{args:?}: {text}");
+            assert!(text.contains(source), "{args:?}: {text}");
+            seen.push_str(&text);
+        }
+    }
+    assert_absent(&[("what keys printed", &seen)], &[("the key", KEY)]);
+    // A name of the usual shape is no key: it is still named.
+    for (source, name) in [("--key-env", "UNSET_SONIOX_KEY"), ("--key-file", "new.key")] {
+        let (code, text) = cli(
+            &["keys", "--config", config, "rotate", "a", source, name],
+            &env,
+        );
+        assert_eq!(code, Some(2), "{text}");
+        assert!(text.contains(name), "{source} {name}: {text}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -107,10 +107,25 @@ impl KeySource {
     fn read(&self) -> Result<String, CliError> {
         let usage = CliError::Usage;
         let key = if let Some(f) = &self.key_file {
-            std::fs::read_to_string(f)
-                .map_err(|e| usage(format!("--key-file {}: {e}", f.display())))?
+            // A name that may be the key itself, given where its file's
+            // (or variable's) name goes, is not repeated, as the config
+            // file's `key_file` and `key_env` are not.
+            std::fs::read_to_string(f).map_err(|e| {
+                usage(if crate::core::config::shown_file_name(f) {
+                    format!("--key-file {}: {e}", f.display())
+                } else {
+                    format!("--key-file: the file named (not shown in case it is a key): {e}")
+                })
+            })?
         } else if let Some(v) = &self.key_env {
-            std::env::var(v).map_err(|_| usage(format!("--key-env {v}: not set")))?
+            std::env::var(v).map_err(|_| {
+                usage(if crate::core::config::shown_env_name(v) {
+                    format!("--key-env {v}: not set")
+                } else {
+                    "--key-env: the variable named (not shown in case it is a key) is not set"
+                        .into()
+                })
+            })?
         } else {
             use std::io::IsTerminal as _;
             // On a terminal the read would wait without a word, as if hung.

@@ -20,6 +20,7 @@ use crate::core::secret::Secret;
 
 mod changes;
 mod load;
+pub(crate) use load::{shown_env_name, shown_file_name};
 mod raw;
 mod sections;
 mod url;

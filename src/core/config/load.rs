@@ -1071,7 +1071,7 @@ fn valid_env_name(name: &str) -> bool {
 /// Whether a file name as written is safe to print: it has a directory or
 /// an extension, or is too short to be a key. A long bare token might be a
 /// key pasted in by mistake.
-fn shown_file_name(written: &Path) -> bool {
+pub(crate) fn shown_file_name(written: &Path) -> bool {
     let text = written.to_string_lossy();
     text.contains(['/', '.']) || text.len() < 20
 }
@@ -1079,7 +1079,7 @@ fn shown_file_name(written: &Path) -> bool {
 /// Whether an env var name is safe to print: the conventional upper-case
 /// shape and not key-length. Anything else might be a key pasted in by
 /// mistake, so messages describe it instead of quoting it.
-fn shown_env_name(name: &str) -> bool {
+pub(crate) fn shown_env_name(name: &str) -> bool {
     name.len() <= 64
         && name
             .bytes()
