@@ -817,3 +817,90 @@ fn keys_never_prints_a_key_given_as_its_file_or_variable() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// An upstream that refuses every WebSocket upgrade with `status`, its
+/// body (and a header) quoting the request it got, `Authorization`
+/// included. Returns its URL.
+fn refusing_upstream(status: u16) -> String {
+    use std::io::Read;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!(
+        "ws://{}/transcribe-websocket",
+        listener.local_addr().unwrap()
+    );
+    std::thread::spawn(move || {
+        for tcp in listener.incoming() {
+            let Ok(mut tcp) = tcp else { return };
+            std::thread::spawn(move || {
+                let mut got = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tcp.read(&mut chunk) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let request = String::from_utf8_lossy(&got).into_owned();
+                let auth = request
+                    .lines()
+                    .find(|l| l.to_ascii_lowercase().starts_with("authorization:"))
+                    .unwrap_or_default()
+                    .to_string();
+                let body = serde_json::json!({
+                    "error_code": status,
+                    "error_message": format!("Invalid API key ({auth}); request: {request}"),
+                })
+                .to_string();
+                let _ = write!(
+                    tcp,
+                    "HTTP/1.1 {status} Refused\r\nX-Echo: {auth}\r\nContent-Type: application/json\r\n\
+                     Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            });
+        }
+    });
+    url
+}
+
+#[test]
+fn an_upgrade_refusal_echoing_the_key_reaches_neither_client_nor_log() {
+    let capture = logs();
+    const KEY: &str = "sk-upgrade-refused-2c8f4a";
+    let mut seen = String::new();
+    for status in [401, 402, 403, 429, 500] {
+        let cfg = relay_config(&refusing_upstream(status), &[("acct", KEY)]);
+        let relay = Relay::start(cfg);
+        let token = relay.token("device-upgrade-echo");
+        let interrupted = |e: &tungstenite::Error| matches!(e, tungstenite::Error::Io(e) if e.kind() == std::io::ErrorKind::Interrupted);
+        let mut ws = loop {
+            match connect(relay.addr(), &token, Via::Header) {
+                Err(e) if interrupted(&e) => continue,
+                r => break r.unwrap().0,
+            }
+        };
+        ws.send(tungstenite::Message::text(config_message(None)))
+            .unwrap();
+        let mut got = String::new();
+        loop {
+            let m = ws.read();
+            if m.as_ref().is_err_and(interrupted) {
+                continue;
+            }
+            got.push_str(&format!("{m:?}\n"));
+            if m.is_err() {
+                break;
+            }
+        }
+        assert!(got.contains("error_code"), "{status}: {got}");
+        seen.push_str(&got);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert_absent(
+        &[
+            ("what the client received", &seen),
+            ("logs", &capture.text()),
+        ],
+        &[("the account key", KEY)],
+    );
+}
