@@ -904,3 +904,36 @@ fn an_upgrade_refusal_echoing_the_key_reaches_neither_client_nor_log() {
         &[("the account key", KEY)],
     );
 }
+
+#[test]
+fn an_unknown_query_parameter_that_may_be_a_secret_is_not_repeated() {
+    // A key or token pasted as the query (`/admin/usage?KEY`, the name
+    // forgotten) is an unknown parameter: the 400 does not repeat it.
+    let capture = logs();
+    const ADMIN: &str = "admin-token-query-0123456789";
+    const KEY: &str = "sk-query-param-7b2e9d4c1a";
+    let fake = fake(&["sk-present"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("acct", "sk-present")]);
+    cfg.admin.token = Some(Secret::new(ADMIN));
+    let relay = Relay::start(cfg);
+    let admin = relay.handle.admin_addr;
+    let mut seen = String::new();
+    for path in ["/admin/usage", "/admin/revocations"] {
+        for query in [KEY.to_string(), format!("from=2026-01-01&{KEY}")] {
+            let (status, answer) =
+                http(admin, "GET", &format!("{path}?{query}"), Some(ADMIN), None);
+            assert_eq!(status, 400, "{path}?{query}: {answer}");
+            assert!(answer.contains("unknown parameter"), "{answer}");
+            seen.push_str(&answer);
+        }
+        // A parameter name is still named.
+        let (status, answer) = http(admin, "GET", &format!("{path}?group=x"), Some(ADMIN), None);
+        assert_eq!(status, 400, "{answer}");
+        assert!(answer.contains("unknown parameter group"), "{answer}");
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert_absent(
+        &[("admin answers", &seen), ("logs", &capture.text())],
+        &[("a key given as the query", KEY)],
+    );
+}

@@ -23,8 +23,16 @@ pub(super) fn checked<'a>(query: &'a str, known: &[(&str, &str)]) -> Result<Quer
         .map(name_of)
         .find(|k| !known.iter().any(|(n, _)| n == k))
     {
-        let k: String = k.chars().take(64).collect();
         let names: Vec<&str> = known.iter().map(|(n, _)| *n).collect();
+        // Named only when it looks like a parameter's name: a key or a
+        // token pasted as the query (`?KEY`, the name forgotten) is not
+        // repeated.
+        let named = k.len() <= 32 && k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_');
+        let k = if named {
+            k
+        } else {
+            "(not shown: it may be a secret)"
+        };
         return Err(http::json_error(
             400,
             &format!("unknown parameter {k} ({})", names.join(", ")),
