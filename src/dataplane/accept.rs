@@ -305,7 +305,7 @@ const RUNNING_RESERVE: u64 = 32;
 /// each) do not fit in the open-file limit beside the descriptors the
 /// relay holds now (its rings, event fds, listeners and spares, counted in
 /// `/proc/self/fd`; [`headroom`] when that cannot be read), a fleet link
-/// per shard and [`RUNNING_RESERVE`], and says about how many do.
+/// per shard and `RUNNING_RESERVE`, and says about how many do.
 pub fn say_file_limit(max_streams: u32, shards: usize, fleet: bool) {
     use nix::sys::resource::{getrlimit, Resource};
     let Ok((limit, _)) = getrlimit(Resource::RLIMIT_NOFILE) else {

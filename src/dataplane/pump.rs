@@ -163,7 +163,7 @@ pub struct StreamCx<'a> {
     /// accepts the stream).
     pub account: &'a AccountState,
     /// The account key the connection was opened with: never passed on
-    /// to the client, should upstream echo it ([`KeyRedactor`]).
+    /// to the client, should upstream echo it (`KeyRedactor`).
     pub key: &'a Secret,
 }
 

@@ -197,7 +197,7 @@ fn memory_refused(cause: &dyn std::fmt::Display) -> String {
 
 /// Refuses to start, with what it needs and what to change, when the
 /// locked-memory limit cannot hold `shards` shards' rings and the admin
-/// thread's on a kernel that counts them (see [`locked_per_shard`]);
+/// thread's on a kernel that counts them (see `locked_per_shard`);
 /// checked before any executor starts. Left to the executors, a shard
 /// fails after glommio's WARNs, and the figures of the buffers alone
 /// said the limit was enough.
