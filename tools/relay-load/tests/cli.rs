@@ -670,7 +670,7 @@ fn a_locked_memory_limit_too_low_is_named() {
     assert_eq!(o.status.code(), Some(1), "{all}");
     assert!(
         all.contains("(`ulimit -l`) is 64 KiB: glommio needs at least 512 KiB")
-            && all.contains("`ulimit -l 65536` in a shell"),
+            && all.contains("`ulimit -l 262144` in a shell"),
         "{all}"
     );
 }
