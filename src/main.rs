@@ -277,10 +277,10 @@ fn main() -> ExitCode {
         })
     };
     let result: Result<(), CliError> = match &cli.command {
-        None => need_config().and_then(|path| clio_relay::cli::server::run(&path, false)),
+        None => need_config().and_then(|path| clio_relay::cli::run::run(&path, false)),
         Some(Command::Run {
             join_client_port, ..
-        }) => need_config().and_then(|path| clio_relay::cli::server::run(&path, *join_client_port)),
+        }) => need_config().and_then(|path| clio_relay::cli::run::run(&path, *join_client_port)),
         Some(Command::CheckConfig { .. }) => {
             need_config().and_then(|path| match clio_relay::cli::check_config(&path) {
                 Ok(summary) => {

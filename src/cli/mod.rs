@@ -1,7 +1,8 @@
 //! The binary's commands and the process they run. `main` parses the
 //! command line and calls these; each returns an error it can print.
 //!
-//! - [`server`]: `run`: starting, reloading, draining and stopping a relay; signals.
+//! - [`server`]: starting, reloading, draining and stopping a relay.
+//! - [`run`]: `clio-relay run`, the relay as a process: signals, systemd.
 //! - [`systemd`]: sd_notify and socket activation, written by hand.
 //! - [`keys`]: `keys`, the admin API's client for accounts and keys.
 //! - `demo` (with the `demo` feature, on by default): `clio-relay demo`, a
@@ -12,6 +13,7 @@
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod keys;
+pub mod run;
 pub mod server;
 pub mod systemd;
 

@@ -408,7 +408,7 @@ impl Activated {
 /// `$LISTEN_FDNAMES` are removed from the environment, so nothing started
 /// later inherits them and a second call returns nothing.
 ///
-/// Call it once, early in `main`/`server::run`, before other threads start
+/// Call it once, early in `main`/`run::run`, before other threads start
 /// (it edits the environment). Errors: a malformed `$LISTEN_FDS`, or a
 /// passed fd that is not a listening TCP socket (e.g. a `ListenDatagram=`).
 pub fn listen_fds() -> io::Result<Activated> {
