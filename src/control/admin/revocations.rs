@@ -111,13 +111,12 @@ pub(super) async fn revocations(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
                 if end_live {
                     end_streams(admin, &device_ids, &token_ids);
                     if admin.process.fleet.get().is_none() {
-                        let asked = &admin.revocations_file;
-                        for d in &device_ids {
-                            asked.asked(Some(d.clone()), None);
-                        }
-                        for t in &token_ids {
-                            asked.asked(None, Some(t.clone()));
-                        }
+                        admin.revocations_file.asked(
+                            device_ids
+                                .iter()
+                                .map(|d| (Some(d.clone()), None))
+                                .chain(token_ids.iter().map(|t| (None, Some(t.clone())))),
+                        );
                     }
                 }
                 log_revoked(&device_ids, &token_ids, end_live);
@@ -526,18 +525,19 @@ fn now_ms() -> u64 {
 }
 
 impl SharedFile {
-    /// Records this process's request to end the live streams of
-    /// `device_id` or `token_id`, for the next save.
-    fn asked(&self, device_id: Option<String>, token_id: Option<String>) {
+    /// Records this process's requests to end the live streams of each
+    /// `(device_id, token_id)`, for the next save: the old ones let go
+    /// once for the whole list, not once an id.
+    fn asked(&self, ids: impl Iterator<Item = (Option<String>, Option<String>)>) {
         let now = now_ms();
         let mut asked = self.asked.borrow_mut();
         asked.retain(|e| now.saturating_sub(e.at_ms) < END_KEPT_MS);
-        asked.push(EndRequest {
+        asked.extend(ids.map(|(device_id, token_id)| EndRequest {
             device_id,
             token_id,
             at_ms: now,
             pid: std::process::id(),
-        });
+        }));
     }
 
     /// The lists in `path` when the file changed since this process last
