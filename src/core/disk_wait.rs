@@ -113,6 +113,8 @@ mod tests {
         let seen = wait.clone();
         let (inside_tx, inside_rx) = std::sync::mpsc::channel();
         let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        // Before the thread runs: after, it may be inside already.
+        assert_eq!(seen.waiting(), None);
         let writer = std::thread::spawn(move || {
             watch(wait);
             let _outer = writing();
@@ -124,7 +126,6 @@ mod tests {
             inside_tx.send(()).unwrap();
             done_rx.recv().unwrap();
         });
-        assert_eq!(seen.waiting(), None);
         inside_rx.recv().unwrap();
         assert!(seen.waiting().is_some(), "the outer write is under way");
         done_tx.send(()).unwrap();
