@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::Path;
+use std::sync::Arc;
 
 pub use crate::core::usage::{GroupBy, Totals, UsageRecord};
 
@@ -29,15 +30,26 @@ pub const KEEP_DAYS: u64 = 400;
 ///
 /// Counters live in an SQLite database in the state directory
 /// ([`store`]); what changed since the last persist waits in memory and is
-/// added to the database in one transaction by [`UsageBook::save_if_dirty`].
-/// Queries merge the two, so they see every record added.
+/// added to the database in one transaction by a [`SaveJob`], which runs
+/// on a blocking thread ([`UsageBook::begin_save`], [`UsageBook::end_save`];
+/// [`UsageBook::save_if_dirty`] runs it in place). Queries read the
+/// database through a second connection and merge what is in memory, the
+/// batch being committed included until their snapshot holds it, so they
+/// see every record added, once.
 #[derive(Debug, Default)]
 pub struct UsageBook {
-    /// The database, once opened.
+    /// The database's writing connection, once opened; away (`None`)
+    /// while a [`SaveJob`] has it.
     store: Option<store::Store>,
+    /// The database's reading connection, once opened.
+    reader: Option<store::Reader>,
     /// Counters added since the last persist: `[by account, by device]`,
     /// each day → key → totals.
     pending: store::Pending,
+    /// The batch a [`SaveJob`] is committing.
+    in_flight: Option<InFlight>,
+    /// The last batch's sequence number.
+    seq: u64,
     /// Days with data, stored or pending; at most [`KEEP_DAYS`].
     days: BTreeSet<u64>,
     /// The latest day dropped past [`KEEP_DAYS`]; it and every earlier day
@@ -61,6 +73,53 @@ pub struct UsageBook {
     /// when the read before it did not fail, and the first read that works
     /// again says so (every `/metrics` scrape reads it).
     read_failing: std::cell::Cell<bool>,
+}
+
+/// A batch of counters on its way to the database.
+#[derive(Debug)]
+struct InFlight {
+    seq: u64,
+    batch: Arc<store::Pending>,
+    prune_through: Option<u64>,
+}
+
+/// One persist, to run where a blocking write may wait on the disk
+/// ([`SaveJob::run`]): it holds the database's writing connection and the
+/// batch.
+#[derive(Debug)]
+pub struct SaveJob {
+    store: store::Store,
+    batch: Option<(u64, Arc<store::Pending>, Option<u64>)>,
+}
+
+/// What a [`SaveJob`] did, for [`UsageBook::end_save`].
+#[derive(Debug)]
+pub struct SaveDone {
+    store: store::Store,
+    /// The batch's commit (`Ok` when there was none).
+    flushed: std::io::Result<()>,
+    /// The file's check after it (see [`UsageBook::save_if_dirty`]).
+    kept: std::io::Result<bool>,
+}
+
+impl SaveJob {
+    /// Commits the batch, then checks that the file is still in its
+    /// directory (written back there if not). Blocks on the disk.
+    pub fn run(mut self) -> SaveDone {
+        let flushed = match &self.batch {
+            Some((seq, batch, prune)) => self.store.flush(batch, *prune, *seq),
+            None => Ok(()),
+        };
+        let kept = match &flushed {
+            Ok(()) => self.store.keep_in_place(),
+            Err(_) => Ok(false),
+        };
+        SaveDone {
+            store: self.store,
+            flushed,
+            kept,
+        }
+    }
 }
 
 /// The streams of one reference id on one account, among the recent ones.
@@ -198,24 +257,16 @@ impl UsageBook {
         if from > to {
             return (BTreeMap::new(), None);
         }
-        let mut out = match &self.store {
-            Some(s) => match s.query(group, from, to, page) {
-                Ok(out) => {
-                    self.read_worked(s);
-                    out
-                }
-                Err(e) => {
-                    self.read_failed(s, &e);
-                    BTreeMap::new()
-                }
-            },
-            None => BTreeMap::new(),
-        };
+        let (mut out, committed) = self
+            .read(|s| s.query(group, from, to, page))
+            .unwrap_or_default();
         let after = page.after.as_deref();
-        for (_, day) in self.pending[group as usize].range(from..=to) {
-            for (k, t) in day {
-                if after.is_none_or(|a| k.as_str() > a) {
-                    out.entry(k.clone()).or_default().merge(t);
+        for unsaved in self.unsaved(committed) {
+            for (_, day) in unsaved[group as usize].range(from..=to) {
+                for (k, t) in day {
+                    if after.is_none_or(|a| k.as_str() > a) {
+                        out.entry(k.clone()).or_default().merge(t);
+                    }
                 }
             }
         }
@@ -232,32 +283,53 @@ impl UsageBook {
     /// what it holds is then unknown, and the streams since alone would
     /// make the counter go down.
     pub fn audio_ms_all_time(&self) -> Option<BTreeMap<String, u64>> {
-        let mut out = match &self.store {
-            // Days dropped in memory but not yet in the database are still
-            // there, and not yet in its retired totals: counted once.
-            Some(s) => match s.audio_ms_all_time() {
-                Ok(out) => {
-                    self.read_worked(s);
-                    out
+        // Days dropped in memory but not yet in the database are still
+        // there, and not yet in its retired totals: counted once.
+        let (mut out, committed) = self.read(|s| s.audio_ms_all_time())?;
+        for unsaved in self.unsaved(committed) {
+            for day in unsaved[GroupBy::Account as usize].values() {
+                for (k, t) in day {
+                    *out.entry(k.clone()).or_default() += t.audio_ms;
                 }
-                Err(e) => {
-                    self.read_failed(s, &e);
-                    return None;
-                }
-            },
-            None => return None,
-        };
-        for day in self.pending[GroupBy::Account as usize].values() {
-            for (k, t) in day {
-                *out.entry(k.clone()).or_default() += t.audio_ms;
             }
         }
         Some(out)
     }
 
+    /// `query` on a snapshot of the database, and the last batch of this
+    /// process in it; `None` when the database is not open or cannot be
+    /// read (logged).
+    fn read<T>(
+        &self,
+        query: impl FnOnce(&store::Snapshot<'_>) -> rusqlite::Result<T>,
+    ) -> Option<(T, u64)> {
+        let reader = self.reader.as_ref()?;
+        let read = reader
+            .snapshot()
+            .and_then(|s| Ok((query(&s)?, s.committed)));
+        match read {
+            Ok(out) => {
+                self.read_worked(reader);
+                Some(out)
+            }
+            Err(e) => {
+                self.read_failed(reader, &e);
+                None
+            }
+        }
+    }
+
+    /// What a snapshot that holds this process's batches up to
+    /// `committed` lacks: the pending counters, and the batch in flight
+    /// unless it is in.
+    fn unsaved(&self, committed: u64) -> impl Iterator<Item = &store::Pending> {
+        let in_flight = self.in_flight.as_ref().filter(|f| f.seq > committed);
+        std::iter::once(&self.pending).chain(in_flight.map(|f| &*f.batch))
+    }
+
     /// Logs a failed read of `store`, naming its file, unless the read
     /// before failed too.
-    fn read_failed(&self, store: &store::Store, e: &dyn std::fmt::Display) {
+    fn read_failed(&self, store: &store::Reader, e: &dyn std::fmt::Display) {
         if !self.read_failing.replace(true) {
             tracing::error!(
                 path = %store.path().display(),
@@ -270,7 +342,7 @@ impl UsageBook {
     }
 
     /// After failed reads, logs that `store` can be read again.
-    fn read_worked(&self, store: &store::Store) {
+    fn read_worked(&self, store: &store::Reader) {
         if self.read_failing.replace(false) {
             tracing::info!(
                 path = %store.path().display(),
@@ -282,7 +354,7 @@ impl UsageBook {
     /// Whether the database is open (it is, unless opening it failed at
     /// start and at every persist since).
     pub fn is_open(&self) -> bool {
-        self.store.is_some()
+        self.reader.is_some()
     }
 
     /// The days with usage, oldest first.
@@ -305,20 +377,30 @@ impl UsageBook {
     /// none has, or the database cannot be read. What this process wrote
     /// is left out, and what it has not written yet is not in the
     /// database.
+    ///
+    /// Its own commits move the database's version too (they go through
+    /// another connection), so the rows are read again after each of
+    /// them: once a persist interval, only with a daily allowance.
     pub fn others_device_audio(&mut self, day: u64) -> Option<Vec<(String, u64)>> {
-        let store = self.store.as_ref()?;
-        let version = store.data_version().ok()?;
+        let version = self.reader.as_ref()?.data_version().ok()?;
         if self.others_seen.replace(version) == Some(version) {
             return None;
         }
-        let rows = store.device_audio_on(day).ok()?;
+        let (rows, committed) = self.read(|s| s.device_audio_on(day))?;
         let (written_day, written) = &self.written_today;
+        // The batch in flight, when the rows hold it, is this process's.
+        let in_flight = self
+            .in_flight
+            .as_ref()
+            .filter(|f| f.seq <= committed)
+            .and_then(|f| f.batch[GroupBy::Device as usize].get(&day));
         let mine = |d: &str| {
-            if *written_day == day {
+            let written = if *written_day == day {
                 written.get(d).copied().unwrap_or(0)
             } else {
                 0
-            }
+            };
+            written + in_flight.and_then(|b| b.get(d)).map_or(0, |t| t.audio_ms)
         };
         Some(
             rows.into_iter()
@@ -341,62 +423,133 @@ impl UsageBook {
     fn open(&mut self, dir: &Path) -> std::io::Result<()> {
         let store = store::Store::open(dir)?;
         self.days.extend(store.days()?);
+        self.reader = Some(store.reader()?);
         self.store = Some(store);
         self.prune();
         Ok(())
     }
 
     /// Writes what changed since the last call to the database, in one
-    /// transaction. A book not yet open (its [`UsageBook::load`] failed, or
-    /// it was made with `default`) opens `dir` first; an open book keeps
-    /// the directory it was opened in. On an error nothing is written and
-    /// the changes stay pending for the next call.
-    ///
-    /// Then, changed or not, a database file gone from its directory
-    /// (removed, or the directory moved) is written back there from the
-    /// open database (logged once at WARN), so a restart finds it; an
-    /// error if it cannot be (the usage goes on into the open one).
+    /// transaction, here: [`UsageBook::begin_save`], [`SaveJob::run`] and
+    /// [`UsageBook::end_save`] in a row.
     pub fn save_if_dirty(&mut self, dir: &Path) -> std::io::Result<()> {
         // A commit syncs the write-ahead log: on a slow disk, seconds.
         let _disk = crate::core::disk_wait::writing();
-        self.save_changes(dir)?;
-        if let Some(store) = self.store.as_mut() {
-            if store.keep_in_place()? {
-                tracing::warn!(
-                    path = %store.path().display(),
-                    "the usage ledger's file was gone (removed, or its directory moved) \
-                     under the running relay; written back there from the copy it held open"
-                );
-            }
+        match self.begin_save(dir)? {
+            Some(job) => self.end_save(job.run()),
+            None => Ok(()),
         }
-        Ok(())
     }
 
-    fn save_changes(&mut self, dir: &Path) -> std::io::Result<()> {
-        let dirty = self.pending.iter().any(|b| !b.is_empty());
-        if !dirty && self.prune_through.is_none() {
-            return Ok(());
+    /// Takes what changed since the last save out of `pending` into a
+    /// [`SaveJob`], which commits it, wherever it runs, in one
+    /// transaction; queries go on counting it until it is in. A book not
+    /// yet open (its [`UsageBook::load`] failed, or it was made with
+    /// `default`) opens `dir` first (an error if it cannot: the changes
+    /// stay pending); an open book keeps the directory it was opened in.
+    /// `None` when a job is already out, or the book is not open and has
+    /// nothing to write.
+    ///
+    /// Changed or not, the job then checks that the database file is
+    /// still in its directory, and writes it back there from the open
+    /// database if it is gone (removed, or the directory moved; logged
+    /// once at WARN by [`UsageBook::end_save`]), so a restart finds it.
+    pub fn begin_save(&mut self, dir: &Path) -> std::io::Result<Option<SaveJob>> {
+        if self.in_flight.is_some() {
+            return Ok(None);
         }
-        if self.store.is_none() {
+        let dirty = self.pending.iter().any(|b| !b.is_empty());
+        let changed = dirty || self.prune_through.is_some();
+        if self.reader.is_none() {
+            if !changed {
+                return Ok(None);
+            }
             self.open(dir)?;
         }
-        let store = self.store.as_mut().expect("opened above");
-        store.flush(&self.pending, self.prune_through)?;
+        let Some(store) = self.store.take() else {
+            return Ok(None);
+        };
+        let batch = changed.then(|| {
+            self.seq += 1;
+            let batch = Arc::new(std::mem::take(&mut self.pending));
+            self.in_flight = Some(InFlight {
+                seq: self.seq,
+                batch: Arc::clone(&batch),
+                prune_through: self.prune_through,
+            });
+            (self.seq, batch, self.prune_through)
+        });
+        Ok(Some(SaveJob { store, batch }))
+    }
+
+    /// Takes back what a [`SaveJob`] did. Its batch, committed, is no
+    /// longer merged into queries; not committed, it is pending again,
+    /// for the next save. A database file written back to its directory
+    /// is read there from now on. The job's error, if any.
+    pub fn end_save(&mut self, done: SaveDone) -> std::io::Result<()> {
+        let SaveDone {
+            store,
+            flushed,
+            kept,
+        } = done;
+        if let Ok(true) = kept {
+            tracing::warn!(
+                path = %store.path().display(),
+                "the usage ledger's file was gone (removed, or its directory moved) \
+                 under the running relay; written back there from the copy it held open"
+            );
+            match store.reader() {
+                Ok(reader) => self.reader = Some(reader),
+                // The old reader reads the copy held open, which holds it all.
+                Err(e) => {
+                    tracing::warn!(path = %store.path().display(), error = %e, "cannot read the usage ledger's file written back; reading the copy held open")
+                }
+            }
+        }
+        self.store = Some(store);
+        if let Some(f) = self.in_flight.take() {
+            let batch = Arc::try_unwrap(f.batch).unwrap_or_else(|b| (*b).clone());
+            match &flushed {
+                Ok(()) => {
+                    self.note_written(&batch);
+                    if self.prune_through == f.prune_through {
+                        self.prune_through = None;
+                    }
+                }
+                Err(_) => {
+                    for (g, book) in batch.into_iter().enumerate() {
+                        for (day, keys) in book {
+                            // A day dropped meanwhile stays dropped.
+                            if self.prune_through.is_some_and(|p| day <= p) {
+                                continue;
+                            }
+                            let to = self.pending[g].entry(day).or_default();
+                            for (key, t) in keys {
+                                to.entry(key).or_default().merge(&t);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        flushed?;
+        kept.map(|_| ())
+    }
+
+    /// Counts in `written_today` the devices' audio of a batch committed.
+    fn note_written(&mut self, batch: &store::Pending) {
         let (day, written) = &mut self.written_today;
-        if let Some((&last, _)) = self.pending[GroupBy::Device as usize].last_key_value() {
+        if let Some((&last, _)) = batch[GroupBy::Device as usize].last_key_value() {
             if last > *day {
                 *day = last;
                 written.clear();
             }
         }
-        if let Some(devices) = self.pending[GroupBy::Device as usize].get(day) {
+        if let Some(devices) = batch[GroupBy::Device as usize].get(day) {
             for (device, t) in devices {
                 *written.entry(device.clone()).or_default() += t.audio_ms;
             }
         }
-        self.pending = Default::default();
-        self.prune_through = None;
-        Ok(())
     }
 }
 

@@ -1,8 +1,9 @@
 //! How long a thread has been inside a disk write.
 //!
-//! The admin thread writes the state directory itself: the usage ledger's
-//! commits, the key store, the revocations and the key dates, each synced
-//! with `fsync`. On a slow disk (a network file system, a failing drive, a
+//! The admin thread writes the state directory itself: the key store, the
+//! revocations and the key dates, each synced with `fsync`; and a stop's
+//! last flush of the usage ledger waits for its commit (on a blocking
+//! thread) with the main thread's messages held. On a slow disk (a network file system, a failing drive, a
 //! host's I/O storm) one such write can take many seconds, and meanwhile
 //! the thread answers nothing, including the watchdog's liveness ping. A
 //! thread waiting on the kernel is not hung: the write ends when the disk

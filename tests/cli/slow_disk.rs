@@ -44,6 +44,7 @@ fn all_threads_traced(pid: u32) -> bool {
 struct SlowDisk {
     dir: std::path::PathBuf,
     admin: std::net::SocketAddr,
+    client: std::net::SocketAddr,
     systemd: UnixDatagram,
     relay: Reaped,
     strace: Option<Reaped>,
@@ -54,17 +55,24 @@ impl SlowDisk {
     /// every fsync and fdatasync of every thread held [`FSYNC_DELAY`]
     /// from then on. `None` (said) where strace cannot trace it.
     fn start(name: &str) -> Option<SlowDisk> {
+        SlowDisk::start_with(name, |config| config)
+    }
+
+    /// [`SlowDisk::start`] with the config file's text passed through
+    /// `edit` first.
+    fn start_with(name: &str, edit: impl Fn(String) -> String) -> Option<SlowDisk> {
         if Command::new("strace").arg("-V").output().is_err() {
             panic!("strace is not installed (.ci/run installs it)");
         }
         let dir = std::env::temp_dir().join(format!("clio-relay-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let admin = free_port();
-        let config = relay_config(&dir, "127.0.0.1:0", &admin.to_string());
+        let client = free_port();
+        let config = relay_config(&dir, &client.to_string(), &admin.to_string());
         let file = std::fs::read_to_string(&config).unwrap();
         std::fs::write(
             &config,
-            file.replace("[admin]\n", "[admin]\nhealth_interval = \"0s\"\n"),
+            edit(file.replace("[admin]\n", "[admin]\nhealth_interval = \"0s\"\n")),
         )
         .unwrap();
         let sock_path = dir.join("notify.sock");
@@ -83,6 +91,7 @@ impl SlowDisk {
         let mut disk = SlowDisk {
             dir,
             admin,
+            client,
             systemd,
             relay,
             strace: None,
@@ -249,5 +258,167 @@ fn a_sigterm_during_a_reload_held_by_a_slow_disk_is_taken_at_once() {
         "{answer:?}"
     );
     disk.strace.take();
+    assert!(disk.relay.0.wait().unwrap().success());
+}
+
+/// Whether a thread of `pid` is inside fsync or fdatasync now (strace
+/// holds it at the call's entry).
+fn a_thread_in_fsync(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().any(|t| {
+        std::fs::read_to_string(t.path().join("syscall")).is_ok_and(|s| {
+            let nr = s
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse::<i64>().ok());
+            nr == Some(libc::SYS_fsync) || nr == Some(libc::SYS_fdatasync)
+        })
+    })
+}
+
+/// An upstream for one stream at a time: each binary frame is answered
+/// with a final result that says 100 ms were processed, a close with a
+/// close. Its `ws://` URL.
+fn answering_upstream() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!(
+        "ws://{}/transcribe-websocket",
+        listener.local_addr().unwrap()
+    );
+    std::thread::spawn(move || {
+        for tcp in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let Ok(mut ws) = tungstenite::accept(tcp) else {
+                    return;
+                };
+                let mut ms = 0;
+                while let Ok(msg) = ws.read() {
+                    if msg.is_binary() {
+                        ms += 100;
+                        let result = format!(
+                            r#"{{"tokens":[{{"text":"a","is_final":true}}],"final_audio_proc_ms":{ms},"total_audio_proc_ms":{ms}}}"#
+                        );
+                        if ws.send(tungstenite::Message::text(result)).is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    url
+}
+
+/// `clio_relay_audio_seconds_total` of account `a` at the admin port, if
+/// it answers within 2 s.
+fn audio_seconds(admin: std::net::SocketAddr) -> Result<Option<String>, String> {
+    let req = Request::new("GET", "/metrics").bearer("cli-exit-admin-token-0123456789");
+    let r = blocking::send(&Endpoint::plain(admin), &req, Duration::from_secs(2))
+        .map_err(|e| e.to_string())?;
+    Ok(r.text()
+        .lines()
+        .find(|l| l.starts_with("clio_relay_audio_seconds_total{account=\"a\"}"))
+        .map(str::to_string))
+}
+
+/// The usage ledger's commit, every `usage.persist_interval`, syncs its
+/// write-ahead log. On a slow disk that takes seconds, and it ran on the
+/// admin thread: `/healthz` and `/metrics` went unanswered meanwhile, so
+/// a balancer's health check failed and a scrape was lost, once a persist
+/// interval. Now the commit runs on a blocking thread: while strace holds
+/// its fsync, the admin port answers, and `/metrics` counts the batch
+/// being committed once (not left out, not twice).
+#[test]
+fn the_admin_port_answers_while_the_ledger_waits_on_a_slow_disk() {
+    let upstream = answering_upstream();
+    let Some(mut disk) = SlowDisk::start_with("slow-disk-ledger", |config| {
+        config
+            .replace("ws://127.0.0.1:9/transcribe-websocket", &upstream)
+            .replace(
+                "[admin]\n",
+                "[usage]\npersist_interval = \"2s\"\n\n[admin]\n",
+            )
+    }) else {
+        return;
+    };
+    let pid = disk.relay.0.id();
+    // One stream of three frames, ended by the client.
+    let client = disk.client;
+    let keys = clio_relay::core::token::TokenKeys::from_config(
+        &clio_relay::core::config::TokensConfig::new(clio_relay::core::secret::Secret::new(
+            RELAY_ENV[0].1,
+        )),
+    );
+    let token = keys
+        .mint(
+            "phone",
+            Duration::from_secs(600),
+            std::time::SystemTime::now(),
+        )
+        .unwrap();
+    {
+        use tungstenite::client::IntoClientRequest as _;
+        let mut req = format!("ws://{client}/v1/transcribe")
+            .into_client_request()
+            .unwrap();
+        req.headers_mut()
+            .insert("Authorization", format!("Bearer {token}").parse().unwrap());
+        let tcp = std::net::TcpStream::connect(client).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let (mut ws, _) = tungstenite::client::client(req, tcp).unwrap();
+        ws.send(tungstenite::Message::text(
+            r#"{"model":"stt-rt-v4","audio_format":"pcm_s16le","sample_rate":16000,"num_channels":1}"#,
+        ))
+        .unwrap();
+        for _ in 0..3 {
+            ws.send(tungstenite::Message::binary(vec![0u8; 3200]))
+                .unwrap();
+            let answer = ws.read().unwrap();
+            assert!(
+                answer.is_text() && !answer.to_text().unwrap().contains("error_code"),
+                "{answer:?}"
+            );
+        }
+        ws.close(None).unwrap();
+        while ws.read().is_ok() {}
+    }
+    // The stream's usage is in the ledger (in memory, or on its way).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let counted = loop {
+        assert!(
+            Instant::now() < deadline,
+            "the stream's audio never counted"
+        );
+        if let Ok(Some(line)) = audio_seconds(disk.admin) {
+            break line;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(counted.ends_with(" 0.3"), "{counted}");
+    // The persist begins and strace holds its fsync.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !a_thread_in_fsync(pid) {
+        assert!(Instant::now() < deadline, "the ledger was never written");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let req = Request::new("GET", "/healthz");
+    let health = blocking::send(&Endpoint::plain(disk.admin), &req, Duration::from_secs(2))
+        .map(|r| r.status)
+        .map_err(|e| e.to_string());
+    let during = audio_seconds(disk.admin);
+    let still_writing = a_thread_in_fsync(pid);
+    assert_eq!(health, Ok(200), "/healthz while the ledger's fsync is held");
+    assert_eq!(
+        during,
+        Ok(Some(counted.clone())),
+        "/metrics while the ledger's fsync is held"
+    );
+    assert!(still_writing, "the answers came only after the write");
+    disk.strace.take();
+    // Committed, it is counted once.
+    assert_eq!(audio_seconds(disk.admin), Ok(Some(counted)));
+    disk.signal(libc::SIGTERM);
     assert!(disk.relay.0.wait().unwrap().success());
 }

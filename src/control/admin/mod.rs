@@ -228,6 +228,8 @@ struct UsageState {
     /// The ledger's database could not be opened or written at the last
     /// try: the usage since waits in memory.
     ledger_failing: std::cell::Cell<bool>,
+    /// Held through each save of the ledger: one at a time.
+    saving: glommio::sync::Semaphore,
 }
 
 /// The health service's state.
@@ -303,6 +305,7 @@ impl Admin {
             },
             usage: UsageState {
                 ledger_failing: std::cell::Cell::new(!book.is_open()),
+                saving: glommio::sync::Semaphore::new(1),
                 book: RefCell::new(book),
                 cfg: RefCell::new(setup.usage),
                 prices: RefCell::new(prices(&setup.account_configs)),

@@ -30,31 +30,44 @@ pub(super) async fn accounts(
 }
 
 /// The usage service: once a second the shards' usage goes into the
-/// ledger (and the fleet's), and, when due, the alerts are evaluated,
-/// usage is reconciled with Soniox's logs and the ledger is saved. Never
-/// ends.
+/// ledger (and the fleet's), and, when due, the alerts are evaluated and
+/// usage is reconciled with Soniox's logs; beside that, the ledger is
+/// saved when due (a save waiting on a slow disk holds up none of the
+/// rest). Never ends.
 pub(super) async fn usage(admin: &Admin) {
-    let mut last_save = Instant::now();
-    let mut last_alerts = Instant::now();
-    let mut last_reconcile: Option<Instant> = None;
-    loop {
-        glommio::timer::Timer::new(Duration::from_secs(1)).await;
-        meter::take_usage(admin).await;
-        if last_alerts.elapsed() >= admin.usage.cfg.borrow().alerts.interval {
-            last_alerts = Instant::now();
-            alerts::evaluate(admin).await;
+    // A save is asked for right after the records it is due for are
+    // taken, as when it ran in this loop; one asked for while the last
+    // is still being written is the same save.
+    let (due, saves) = async_channel::bounded::<()>(1);
+    let upkeep = async {
+        let mut last_save = Instant::now();
+        let mut last_alerts = Instant::now();
+        let mut last_reconcile: Option<Instant> = None;
+        loop {
+            glommio::timer::Timer::new(Duration::from_secs(1)).await;
+            meter::take_usage(admin).await;
+            if last_alerts.elapsed() >= admin.usage.cfg.borrow().alerts.interval {
+                last_alerts = Instant::now();
+                alerts::evaluate(admin).await;
+            }
+            let every = admin.usage.cfg.borrow().reconcile_interval;
+            if !every.is_zero() && last_reconcile.is_none_or(|t| t.elapsed() >= every) {
+                last_reconcile = Some(Instant::now());
+                meter::reconcile(admin).await;
+            }
+            if last_save.elapsed() >= admin.usage.cfg.borrow().persist_interval {
+                last_save = Instant::now();
+                let _ = due.try_send(());
+            }
+            learn_others_daily_audio(admin);
         }
-        let every = admin.usage.cfg.borrow().reconcile_interval;
-        if !every.is_zero() && last_reconcile.is_none_or(|t| t.elapsed() >= every) {
-            last_reconcile = Some(Instant::now());
-            meter::reconcile(admin).await;
+    };
+    let persist = async {
+        while saves.recv().await.is_ok() {
+            save_usage(admin, false).await;
         }
-        if last_save.elapsed() >= admin.usage.cfg.borrow().persist_interval {
-            last_save = Instant::now();
-            save_usage(admin, false);
-        }
-        learn_others_daily_audio(admin);
-    }
+    };
+    or(upkeep, persist).await
 }
 
 /// Alone, with a daily allowance: the devices' audio today that another
@@ -92,17 +105,33 @@ pub(super) async fn process(admin: &Admin, spare: &Spare) {
     }
 }
 
-/// Saves the usage ledger if it changed. A failure is logged when the
-/// last try did not fail too (and always at the stop, when what is kept
-/// in memory is lost), and the first save after failures says so;
-/// `clio_relay_usage_ledger_failing` shows which holds now.
-fn save_usage(admin: &Admin, at_stop: bool) {
+/// Saves the usage ledger if it changed, one save at a time. The commit
+/// runs on the admin thread's blocking thread: on a slow disk it takes
+/// seconds, and the admin port answers meanwhile. A failure is logged
+/// when the last try did not fail too (and always at the stop, when what
+/// is kept in memory is lost), and the first save after failures says
+/// so; `clio_relay_usage_ledger_failing` shows which holds now.
+async fn save_usage(admin: &Admin, at_stop: bool) {
+    let Ok(_one) = admin.usage.saving.acquire_permit(1).await else {
+        return;
+    };
     let dir = admin.config.borrow().state_dir.clone();
-    let mut book = admin.usage.book.borrow_mut();
+    let job = admin.usage.book.borrow_mut().begin_save(&dir);
+    let saved = match job {
+        Ok(Some(job)) => {
+            // This thread's work waits on the disk (the watchdog counts a
+            // stop's flush, which holds the main thread's messages, alive).
+            let _disk = crate::core::disk_wait::writing();
+            let done = glommio::executor().spawn_blocking(move || job.run()).await;
+            admin.usage.book.borrow_mut().end_save(done)
+        }
+        Ok(None) => Ok(()),
+        Err(e) => Err(e),
+    };
     let failed_before = admin.usage.ledger_failing.get();
-    match book.save_if_dirty(&dir) {
+    match saved {
         // Nothing to save leaves a database that would not open unopened.
-        Ok(()) if !book.is_open() => {}
+        Ok(()) if !admin.usage.book.borrow().is_open() => {}
         Ok(()) => {
             if failed_before {
                 tracing::info!(dir = %dir.display(), "usage ledger written again; the usage kept in memory meanwhile is in it");
@@ -132,7 +161,7 @@ pub(super) async fn messages(admin: &Admin, inbox: async_channel::Receiver<Admin
             }
             AdminMsg::Flush(reply) => {
                 meter::take_usage(admin).await;
-                save_usage(admin, true);
+                save_usage(admin, true).await;
                 let _ = reply.send(());
             }
         }

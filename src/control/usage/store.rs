@@ -63,7 +63,17 @@ CREATE TABLE IF NOT EXISTS migrations (
     sha256 TEXT PRIMARY KEY,
     at INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS batches (
+    writer TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    at INTEGER NOT NULL
+) WITHOUT ROWID;
 ";
+
+/// How long a writer's row in `batches` is kept after its last commit:
+/// long past any process's persist interval, so only the rows of
+/// processes long gone are deleted.
+const BATCH_ROWS_KEPT_S: u64 = 7 * 86_400;
 
 /// Which rows of a query: the keys after `after` (all, when `None`), in
 /// order, at most `limit` of them.
@@ -86,7 +96,10 @@ impl Page {
 /// Changed counters waiting to be written: group → day → key → totals.
 pub(super) type Pending = [BTreeMap<u64, BTreeMap<String, Totals>>; 2];
 
-/// The open database.
+/// The open database, as written: the connection every commit goes
+/// through. It is moved to a blocking thread for each persist (a commit
+/// syncs the write-ahead log, seconds on a slow disk) and back; the
+/// admin thread reads through a [`Reader`] meanwhile.
 #[derive(Debug)]
 pub(super) struct Store {
     conn: Connection,
@@ -95,6 +108,23 @@ pub(super) struct Store {
     /// The database file's device and inode when it was opened, to tell
     /// whether `dir/usage.db` is still the file written.
     file_id: (u64, u64),
+    /// This process's name in the `batches` table.
+    writer: String,
+}
+
+/// A second connection to the database, on the admin thread, for the
+/// queries. In write-ahead-log mode a reader never waits for a commit:
+/// each read transaction sees the database as of the last commit before
+/// it began. With each snapshot comes the sequence number of this
+/// process's last batch in it, so a query tells a batch still being
+/// committed (merged from memory) from one already in the snapshot.
+#[derive(Debug)]
+pub(super) struct Reader {
+    conn: Connection,
+    /// The state directory it lives in.
+    pub dir: PathBuf,
+    /// The [`Store`]'s name in the `batches` table.
+    writer: String,
 }
 
 /// The shape of `usage.json`.
@@ -198,13 +228,35 @@ impl Store {
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(io_err)?;
         conn.execute_batch(SCHEMA).map_err(io_err)?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
         let mut store = Store {
             conn,
             dir: dir.to_path_buf(),
             file_id: file_id(&std::fs::metadata(&path)?),
+            writer: format!("{}-{}", std::process::id(), now.as_nanos()),
         };
         store.migrate_json()?;
         Ok(store)
+    }
+
+    /// A [`Reader`] of this database.
+    pub fn reader(&self) -> std::io::Result<Reader> {
+        let conn = Connection::open_with_flags(
+            self.path(),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(io_err)?;
+        // A reader waits only while SQLite recovers a log another
+        // connection left: rare, and brief.
+        conn.busy_timeout(std::time::Duration::from_secs(1))
+            .map_err(io_err)?;
+        Ok(Reader {
+            conn,
+            dir: self.dir.clone(),
+            writer: self.writer.clone(),
+        })
     }
 
     /// The database file.
@@ -281,7 +333,10 @@ impl Store {
             return Err(gone(e));
         }
         match Store::open(&self.dir) {
-            Ok(store) => *self = store,
+            Ok(store) => {
+                let writer = std::mem::take(&mut self.writer);
+                *self = Store { writer, ..store };
+            }
             Err(e) => {
                 // The copy goes, so the next persist finds the file gone
                 // again and tries anew (the open one holds it all), rather
@@ -337,30 +392,98 @@ impl Store {
         std::fs::File::open(&self.dir)?.sync_all()
     }
 
-    /// Adds `pending` to the stored counters and deletes every day up to
-    /// `prune_through`, in one transaction.
-    pub fn flush(&mut self, pending: &Pending, prune_through: Option<u64>) -> std::io::Result<()> {
+    /// Adds `pending` to the stored counters, deletes every day up to
+    /// `prune_through` and records `seq` as this process's last batch, in
+    /// one transaction.
+    pub fn flush(
+        &mut self,
+        pending: &Pending,
+        prune_through: Option<u64>,
+        seq: u64,
+    ) -> std::io::Result<()> {
+        let now = crate::control::accounts::unix_now();
         let tx = self.conn.transaction().map_err(io_err)?;
         write(&tx, pending, prune_through).map_err(io_err)?;
+        tx.execute(
+            "INSERT INTO batches (writer, seq, at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (writer) DO UPDATE SET seq = excluded.seq, at = excluded.at",
+            params![self.writer, int(seq), int(now)],
+        )
+        .map_err(io_err)?;
+        tx.execute(
+            "DELETE FROM batches WHERE at < ?1",
+            [int(now.saturating_sub(BATCH_ROWS_KEPT_S))],
+        )
+        .map_err(io_err)?;
         tx.commit().map_err(io_err)
     }
 
-    /// The days with data, from the account rows (every record adds to an
-    /// account row and a device row of the same day).
+    /// The days with data.
     pub fn days(&self) -> std::io::Result<Vec<u64>> {
-        let mut st = self
-            .conn
-            .prepare("SELECT DISTINCT day FROM totals WHERE grp = 0 ORDER BY day")
-            .map_err(io_err)?;
-        let days = st
-            .query_map([], |r| r.get::<_, Value>(0))
-            .map_err(io_err)?
-            .map(|d| d.map(uint))
-            .collect::<rusqlite::Result<Vec<u64>>>()
-            .map_err(io_err)?;
-        Ok(days)
+        days(&self.conn)
     }
 
+    /// Moves the write-ahead log into the database file and empties it
+    /// (SQLite also does this by itself every 1,000 pages).
+    #[cfg(test)]
+    pub fn checkpoint(&self) -> rusqlite::Result<()> {
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+    }
+}
+
+/// The days with data, from the account rows (every record adds to an
+/// account row and a device row of the same day).
+fn days(conn: &Connection) -> std::io::Result<Vec<u64>> {
+    let mut st = conn
+        .prepare("SELECT DISTINCT day FROM totals WHERE grp = 0 ORDER BY day")
+        .map_err(io_err)?;
+    let days = st
+        .query_map([], |r| r.get::<_, Value>(0))
+        .map_err(io_err)?
+        .map(|d| d.map(uint))
+        .collect::<rusqlite::Result<Vec<u64>>>()
+        .map_err(io_err)?;
+    Ok(days)
+}
+
+impl Reader {
+    /// A read transaction: the database as of the last commit, and the
+    /// last batch of this process's [`Store`] in it.
+    pub fn snapshot(&self) -> rusqlite::Result<Snapshot<'_>> {
+        let tx = self.conn.unchecked_transaction()?;
+        let committed = tx
+            .query_row(
+                "SELECT seq FROM batches WHERE writer = ?1",
+                [&self.writer],
+                |r| r.get::<_, Value>(0),
+            )
+            .optional()?
+            .map_or(0, uint);
+        Ok(Snapshot { tx, committed })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> PathBuf {
+        self.dir.join(DB_FILE)
+    }
+
+    /// SQLite's `data_version`: it moves when another connection commits
+    /// (this process's [`Store`], or another process on the state
+    /// directory).
+    pub fn data_version(&self) -> rusqlite::Result<i64> {
+        self.conn.query_row("PRAGMA data_version", [], |r| r.get(0))
+    }
+}
+
+/// One read transaction of a [`Reader`] (ended when dropped).
+pub(super) struct Snapshot<'a> {
+    tx: rusqlite::Transaction<'a>,
+    /// The sequence number of this process's last batch in it (0: none).
+    pub committed: u64,
+}
+
+impl Snapshot<'_> {
     /// Stored rows of `group` over the days `from..=to`, each key's days
     /// merged: of the keys after `page.after`, the first `page.limit`, and
     /// the one after them if there is one (which tells the caller there
@@ -385,14 +508,14 @@ impl Store {
         // Every stream's day has its account's row: the accounts' rows
         // (a few a day) name the days.
         let days: Vec<i64> = self
-            .conn
+            .tx
             .prepare_cached(
                 "SELECT DISTINCT day FROM totals WHERE grp = 0 AND day BETWEEN ?1 AND ?2",
             )?
             .query_map(params![int(from), int(to)], |r| r.get(0))?
             .collect::<rusqlite::Result<_>>()?;
         let mut out: BTreeMap<String, Totals> = BTreeMap::new();
-        let mut st = self.conn.prepare_cached(
+        let mut st = self.tx.prepare_cached(
             "SELECT key, streams, audio_ms, audio_ms_relay, bytes_up, bytes_down FROM totals
              WHERE grp = ?1 AND day = ?2 AND key > ?3 ORDER BY key LIMIT ?4",
         )?;
@@ -423,7 +546,7 @@ impl Store {
         let Some(last) = out.last_key_value().map(|(k, _)| k.clone()) else {
             return Ok(out);
         };
-        let mut st = self.conn.prepare_cached(
+        let mut st = self.tx.prepare_cached(
             "SELECT key, code, n FROM errors WHERE grp = ?1 AND day = ?2 AND key > ?3 AND key <= ?4",
         )?;
         for day in &days {
@@ -445,7 +568,7 @@ impl Store {
     /// day dropped past the days kept.
     pub fn audio_ms_all_time(&self) -> rusqlite::Result<BTreeMap<String, u64>> {
         let mut out: BTreeMap<String, u64> = BTreeMap::new();
-        let mut st = self.conn.prepare_cached(
+        let mut st = self.tx.prepare_cached(
             "SELECT key, sum(audio_ms) FROM totals WHERE grp = 0 GROUP BY key
              UNION ALL SELECT key, audio_ms FROM retired",
         )?;
@@ -456,23 +579,9 @@ impl Store {
         Ok(out)
     }
 
-    /// SQLite's `data_version`: it moves when another connection (another
-    /// process on the state directory) commits, not on this one's commits.
-    pub fn data_version(&self) -> rusqlite::Result<i64> {
-        self.conn.query_row("PRAGMA data_version", [], |r| r.get(0))
-    }
-
     /// Each device's audio milliseconds on `day`, as stored.
     pub fn device_audio_on(&self, day: u64) -> rusqlite::Result<Vec<(String, u64)>> {
-        device_audio_rows(&self.conn, day)
-    }
-
-    /// Moves the write-ahead log into the database file and empties it
-    /// (SQLite also does this by itself every 1,000 pages).
-    #[cfg(test)]
-    pub fn checkpoint(&self) -> rusqlite::Result<()> {
-        self.conn
-            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        device_audio_rows(&self.tx, day)
     }
 }
 

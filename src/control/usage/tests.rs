@@ -263,6 +263,91 @@ fn a_book_that_could_not_open_opens_at_its_next_save() {
     assert_eq!(loaded.query(0, 100, GroupBy::Device)["d1"].audio_ms, 1500);
 }
 
+/// A save runs off the thread that queries: between its start and its
+/// end the queries count its batch once, whether their snapshot holds it
+/// yet or not, and a batch whose commit failed is pending again.
+#[test]
+fn a_batch_on_its_way_to_the_database_counts_once() {
+    let dir = TempDir::new("in-flight");
+    let mut b = UsageBook::load(&dir.0).unwrap();
+    b.add(&[rec(10, "a", "d1", "s1", 1000)]);
+    b.save_if_dirty(&dir.0).unwrap();
+    b.add(&[rec(10, "a", "d1", "s2", 500)]);
+    let job = b.begin_save(&dir.0).unwrap().expect("a batch to write");
+    assert!(
+        b.begin_save(&dir.0).unwrap().is_none(),
+        "one save at a time"
+    );
+    // Not committed yet: the batch is merged from memory.
+    b.add(&[rec(10, "a", "d1", "s3", 250)]);
+    let audio = |b: &UsageBook| {
+        (
+            b.query(0, 100, GroupBy::Device)["d1"].audio_ms,
+            b.audio_ms_all_time().unwrap()["a"],
+        )
+    };
+    assert_eq!(audio(&b), (1750, 1750));
+    // Committed, its end not yet taken: the snapshot holds it.
+    let done = job.run();
+    assert_eq!(audio(&b), (1750, 1750));
+    b.end_save(done).unwrap();
+    assert_eq!(audio(&b), (1750, 1750));
+    b.save_if_dirty(&dir.0).unwrap();
+    assert_eq!(
+        UsageBook::load(&dir.0)
+            .unwrap()
+            .query(0, 100, GroupBy::Device)["d1"]
+            .audio_ms,
+        1750
+    );
+
+    // A commit that fails: its batch is pending again, and saved next.
+    b.add(&[rec(10, "a", "d1", "s4", 100)]);
+    let job = b.begin_save(&dir.0).unwrap().unwrap();
+    // Another connection moves the table away for the commit's time.
+    let other = rusqlite::Connection::open(dir.0.join(DB_FILE)).unwrap();
+    other
+        .execute_batch("ALTER TABLE totals RENAME TO away")
+        .unwrap();
+    let done = job.run();
+    other
+        .execute_batch("ALTER TABLE away RENAME TO totals")
+        .unwrap();
+    assert!(b.end_save(done).is_err());
+    assert_eq!(audio(&b), (1850, 1850));
+    b.save_if_dirty(&dir.0).unwrap();
+    assert_eq!(audio(&b), (1850, 1850));
+    assert_eq!(
+        UsageBook::load(&dir.0)
+            .unwrap()
+            .query(0, 100, GroupBy::Device)["d1"]
+            .audio_ms,
+        1850
+    );
+}
+
+/// The daily audio another process wrote leaves out this process's own
+/// batches, the one on its way included, once the database holds it.
+#[test]
+fn others_device_audio_leaves_out_a_batch_of_this_process_in_flight() {
+    let dir = TempDir::new("others-in-flight");
+    let mut mine = UsageBook::load(&dir.0).unwrap();
+    let mut other = UsageBook::load(&dir.0).unwrap();
+    mine.add(&[rec(10, "a", "d1", "s1", 1000)]);
+    mine.save_if_dirty(&dir.0).unwrap();
+    other.add(&[rec(10, "a", "d1", "s2", 300)]);
+    other.save_if_dirty(&dir.0).unwrap();
+    mine.add(&[rec(10, "a", "d1", "s3", 500)]);
+    let job = mine.begin_save(&dir.0).unwrap().unwrap();
+    let done = job.run();
+    // Committed, not yet taken back: still this process's.
+    assert_eq!(mine.others_device_audio(10), Some(vec![("d1".into(), 300)]));
+    mine.end_save(done).unwrap();
+    other.add(&[rec(10, "a", "d1", "s4", 200)]);
+    other.save_if_dirty(&dir.0).unwrap();
+    assert_eq!(mine.others_device_audio(10), Some(vec![("d1".into(), 500)]));
+}
+
 /// A ledger removed under the book is written back; one whose copy
 /// cannot be opened where it belongs (here a directory in its log's
 /// place) is tried again at the next save, not taken for a file someone
