@@ -279,7 +279,7 @@ pub async fn client_to_upstream(link: Link<'_>, side: &mut ClientSide, cx: Strea
             let n = side.processed;
             state.up.at_boundary.set(false);
             state.up.write_since.set(Some(read_at));
-            state.up.behind_client.set(state.down.writing.get());
+            state.up.behind_client.set(state.down.writing());
             let written = match &config {
                 Some(c) => upstream.write_two(c, &buf.filled()[..n]).await,
                 None => upstream.write_all(&buf.filled()[..n]).await,
@@ -303,7 +303,7 @@ pub async fn client_to_upstream(link: Link<'_>, side: &mut ClientSide, cx: Strea
         } else if let Some(c) = &config {
             state.up.at_boundary.set(false);
             state.up.write_since.set(Some(read_at));
-            state.up.behind_client.set(state.down.writing.get());
+            state.up.behind_client.set(state.down.writing());
             if upstream.write_all(c).await.is_err() {
                 return End::UpstreamGone;
             }
@@ -321,6 +321,7 @@ pub async fn client_to_upstream(link: Link<'_>, side: &mut ClientSide, cx: Strea
         }
         if scan.close_done {
             side.close_seen = true;
+            state.up.client_closed.set(true);
             return End::ClientClosed;
         }
         match read_more(buf, client, state).await {
@@ -421,11 +422,11 @@ pub async fn upstream_to_client(
         let scan = scanner.scan_text(&mut filled[..end], &mut Noted(state));
         if scan.ready > 0 {
             down.at_boundary.set(false);
-            down.writing.set(true);
+            down.write_since.set(Some(read_at));
             if client.write_all(&buf.filled()[..scan.ready]).await.is_err() {
                 return End::ClientGone;
             }
-            down.writing.set(false);
+            down.write_since.set(None);
             down.at_boundary.set(scanner.at_boundary());
             down.mid_message.set(scanner.open_message().is_some());
             buf.consume(scan.ready);
@@ -635,7 +636,12 @@ fn error_in(payload: &[u8]) -> FirstMessage {
 /// was waiting when the write upstream began, and still is: upstream
 /// stopped reading because the client did. So is the quiet after the
 /// client's end of audio while a write to the client waits: the relay
-/// reads nothing from upstream because the client reads nothing.
+/// reads nothing from upstream because the client reads nothing. And
+/// once the client's close has gone up, a write to it that has waited
+/// `stall` ends the stream as [`End::ClientStalled`] too: the client
+/// sends nothing more, and upstream's answer to its close waits behind
+/// results it does not read, so nothing else would end the stream before
+/// `idle`.
 ///
 /// It shares its task with the pumps, so it is polled on every frame's
 /// wake-up. A glommio timer re-registers itself in the reactor's timer map
@@ -651,13 +657,20 @@ pub async fn idle_watch(state: &StreamState, idle: Duration, stall: Duration) ->
         if up_since.is_some_and(|s| now >= s + stall) {
             return stall_of(state);
         }
-        let stall_at = up_since.map(|s| s + stall);
+        let down_since = write_after_close(state);
+        if down_since.is_some_and(|s| now >= s + stall) {
+            return End::ClientStalled;
+        }
+        let stall_at = match (up_since, down_since) {
+            (Some(u), Some(d)) => Some(u.min(d) + stall),
+            (u, d) => u.or(d).map(|s| s + stall),
+        };
         if now >= idle_at {
             return match up_since {
                 Some(since) if since + idle <= now => stall_of(state),
                 // Nothing read from upstream because its results wait on
                 // a client that does not read them: not upstream's silence.
-                _ if state.up.audio_ended.get() && state.down.writing.get() => End::ClientStalled,
+                _ if state.up.audio_ended.get() && state.down.writing() => End::ClientStalled,
                 _ if state.up.audio_ended.get() => End::UpstreamSilent,
                 _ => End::Idle,
             };
@@ -667,12 +680,12 @@ pub async fn idle_watch(state: &StreamState, idle: Duration, stall: Duration) ->
         let mut armed = false;
         std::future::poll_fn(|cx| {
             if armed && Instant::now() < deadline {
-                // A write upstream that began since: look again.
-                let sooner = state
-                    .up
-                    .write_since
-                    .get()
-                    .is_some_and(|s| s + stall < deadline);
+                // A write upstream that began since (or one to a client
+                // whose close has gone up): look again.
+                let sooner = [state.up.write_since.get(), write_after_close(state)]
+                    .into_iter()
+                    .flatten()
+                    .any(|s| s + stall < deadline);
                 return if sooner {
                     std::task::Poll::Ready(())
                 } else {
@@ -686,11 +699,21 @@ pub async fn idle_watch(state: &StreamState, idle: Duration, stall: Duration) ->
     }
 }
 
+/// Since when a write to the client has waited, if the client's close
+/// has gone up: such a write is bounded by the stall timeout.
+fn write_after_close(state: &StreamState) -> Option<Instant> {
+    state
+        .down
+        .write_since
+        .get()
+        .filter(|_| state.up.client_closed.get())
+}
+
 /// Whose stall it is: the client's when its results were waiting before
 /// the audio upstream was, and still are. A function, not a closure: one
 /// kept in [`idle_watch`]'s future would take room in every stream's task.
 fn stall_of(state: &StreamState) -> End {
-    if state.up.behind_client.get() && state.down.writing.get() {
+    if state.up.behind_client.get() && state.down.writing() {
         End::ClientStalled
     } else {
         End::UpstreamStalled

@@ -316,3 +316,140 @@ fn stream_that_reads_nothing(
     );
     (fake, relay, client)
 }
+
+/// A client that sends its close frame and then reads nothing while
+/// upstream goes on sending results: the relay's write of them waits on
+/// the client's full socket, and nothing else moves (the client sends
+/// nothing more, upstream's answer to the close waits behind the
+/// results). Before, the stream, both sockets and its `max_streams` slot
+/// were held until `limits.idle_timeout` (here 600 s); now a write to a
+/// client whose close went up waits at most `limits.stall_timeout`, then
+/// the stream ends as the client's stall: its usage recorded, its slot
+/// and its sockets free, and another stream of the relay untouched.
+#[test]
+fn a_client_that_closes_and_stops_reading_does_not_hold_its_stream() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use tungstenite::Message;
+    const ADMIN: &str = "linger-admin-token-0123456789";
+    // Connection 0: results as fast as the relay takes them, reading
+    // nothing after the config (so the client's close is not answered).
+    // Any other: a result per audio frame, `finished` and a close at the
+    // end of audio.
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopped = stop.clone();
+    let (url, _) = ws_upstream(move |conn, mut ws| {
+        ws.read().unwrap(); // the config
+        if conn == 0 {
+            ws.get_mut()
+                .set_write_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
+            let result = r#"{"tokens":[{"text":"word ","is_final":false}],"final_audio_proc_ms":0,"total_audio_proc_ms":0}"#;
+            while !stopped.load(Ordering::Relaxed) {
+                let _ = ws.send(Message::text(result));
+            }
+            return;
+        }
+        let mut ms = 0;
+        while let Ok(m) = ws.read() {
+            let Message::Binary(b) = m else { continue };
+            let reply = if b.is_empty() {
+                serde_json::json!({"tokens": [], "final_audio_proc_ms": ms,
+                    "total_audio_proc_ms": ms, "finished": true})
+            } else {
+                ms += 100;
+                serde_json::json!({"tokens": [{"text": "w ", "is_final": true}],
+                    "final_audio_proc_ms": ms, "total_audio_proc_ms": ms})
+            };
+            let _ = ws.send(Message::text(reply.to_string()));
+            if b.is_empty() {
+                let _ = ws.close(Some(normal_close()));
+                while ws.read().is_ok() {}
+                return;
+            }
+        }
+    });
+    let mut cfg = relay_config(&url, &[("acct-a", "key-a")]);
+    cfg.limits.socket_buffer = 16 << 10;
+    cfg.limits.idle_timeout = Duration::from_secs(600);
+    cfg.limits.stall_timeout = Duration::from_secs(1);
+    cfg.server.max_streams = 2;
+    cfg.admin.token = Some(clio_relay::core::secret::Secret::new(ADMIN));
+    let relay = Relay::start(cfg);
+    let mut client = upgraded_raw_client(
+        relay.addr(),
+        &format!("Authorization: Bearer {}\r\n", relay.token("dev-closed")),
+    );
+    send_frames(
+        &mut client,
+        Opcode::Text,
+        config_message(None).as_bytes(),
+        1,
+    );
+    assert!(wait_until(LIMIT, || relay.handle.process.live_streams() == 1));
+    // Another stream, open while the first one stalls.
+    let (mut other, _) = connect(relay.addr(), &relay.token("dev-other"), Via::Header).unwrap();
+    other.send(Message::text(config_message(None))).unwrap();
+    assert!(wait_until(LIMIT, || relay.handle.process.live_streams() == 2));
+    // The close (masked, code 1000), and nothing read ever after.
+    let close = clio_frame::frame::build_frame(
+        Opcode::Close,
+        &clio_frame::frame::close_payload(1000, ""),
+        Some([9, 8, 7, 6]),
+    );
+    use std::io::Write as _;
+    client.write_all(&close).unwrap();
+    let ours = (relay.addr(), client.local_addr().unwrap());
+    let ended = wait_until(LIMIT * 3, || relay.handle.process.live_streams() == 1);
+    stop.store(true, Ordering::Relaxed);
+    assert!(
+        ended,
+        "the stream of a client that closed and stopped reading was held"
+    );
+    // Its socket closed (the 2 s bound on the wait for the client's FIN).
+    assert!(
+        wait_until(LIMIT, || !matches!(
+            tcp_socket(ours.0, ours.1),
+            Some((_, true))
+        )),
+        "the relay's socket to the client is still open: {:?}",
+        tcp_socket(ours.0, ours.1)
+    );
+    let m = relay.handle.metrics();
+    assert_eq!(
+        m.errors(Side::Client, 408),
+        1,
+        "counted as the client's stall: {:?}",
+        m.error_counts().collect::<Vec<_>>()
+    );
+    assert!(no_account_blamed(&relay));
+    // Its usage recorded.
+    let recorded = wait_until(LIMIT, || {
+        let (status, body) = http(
+            relay.handle.admin_addr,
+            "GET",
+            "/admin/usage?group_by=device",
+            Some(ADMIN),
+            None,
+        );
+        status == 200 && body.contains("dev-closed")
+    });
+    assert!(recorded, "the stream's usage was not recorded");
+    // The other stream goes on to its end, whole.
+    let got = stream_session_after_config(&mut other, &audio_frames(5, 1));
+    assert!(got.finished(), "{got:?}");
+    assert_eq!(got.text(), "w w w w w ");
+    assert_eq!(got.close_code(), Some(1000), "{got:?}");
+    assert!(relay.wait_idle(LIMIT));
+}
+
+/// The rest of [`stream_session`] once the config went: audio, the end
+/// of audio, and what came back.
+fn stream_session_after_config(ws: &mut Ws, frames: &[Vec<u8>]) -> Received {
+    use tungstenite::Message;
+    for f in frames {
+        ws.send(Message::binary(f.clone())).unwrap();
+    }
+    ws.send(Message::binary(Vec::<u8>::new())).unwrap();
+    read_all(ws)
+}

@@ -508,7 +508,9 @@ pub struct LimitsConfig {
     /// A stream with no frame in either direction for this long is closed.
     pub idle_timeout: Duration,
     /// A write upstream that waits this long (upstream stopped reading)
-    /// ends the stream as an upstream failure, or resumes it.
+    /// ends the stream as an upstream failure, or resumes it; a write to a
+    /// client that sent its close frame (it stopped reading), as the
+    /// client's failure.
     pub stall_timeout: Duration,
     /// `SO_RCVBUF` of client sockets, and the most bytes an upstream or a
     /// client socket may hold unsent (`TCP_NOTSENT_LOWAT`; its send buffer

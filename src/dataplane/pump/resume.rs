@@ -681,11 +681,11 @@ pub async fn upstream_to_client(link: Link<'_>, max_payload: u64, cx: StreamCx<'
                                 // Cut short (the stream ended meanwhile),
                                 // the client socket is left inside it.
                                 down.at_boundary.set(false);
-                                down.writing.set(true);
+                                down.write_since.set(Some(Instant::now()));
                                 if client.write_all(&frame).await.is_err() {
                                     return End::ClientGone;
                                 }
-                                down.writing.set(false);
+                                down.write_since.set(None);
                                 down.at_boundary.set(true);
                                 buf.consume(total);
                                 // What the client got: the frame written
@@ -764,9 +764,9 @@ impl Held {
         // own there, nor a resumed connection's results).
         let down = &cx.state.down;
         down.at_boundary.set(false);
-        down.writing.set(true);
+        down.write_since.set(Some(Instant::now()));
         client.write_all(&buf.filled()[..self.bytes]).await?;
-        down.writing.set(false);
+        down.write_since.set(None);
         down.at_boundary.set(true);
         buf.consume(self.bytes);
         Held::delivered(self.frames, self.bytes, self.data, self.read_at, cx);

@@ -45,6 +45,7 @@ impl StreamState {
                 replayable: Cell::new(true),
                 audio_ended: Cell::new(false),
                 behind_client: Cell::new(false),
+                client_closed: Cell::new(false),
             },
             down: DownHalf {
                 at_boundary: Cell::new(true),
@@ -59,7 +60,7 @@ impl StreamState {
                 fin_search: Cell::new(FinSearch::default()),
                 joined: RefCell::new(None),
                 last_word_seen: Cell::new(false),
-                writing: Cell::new(false),
+                write_since: Cell::new(None),
             },
             meter: Meter::default(),
             resume: RefCell::new(None),
@@ -351,6 +352,10 @@ pub struct UpHalf {
     /// waiting. If it stalls while that write still waits, upstream
     /// stopped reading because the client did (its results backed up).
     pub behind_client: Cell<bool>,
+    /// The client's close frame has gone upstream: all the client still
+    /// waits for is its results and the close's answer, so a write to it
+    /// is bounded as one upstream is ([`idle_watch`](super::idle_watch)).
+    pub client_closed: Cell<bool>,
 }
 
 /// The upstream→client half, written by the upstream→client pumps.
@@ -393,13 +398,19 @@ pub struct DownHalf {
     /// has gone to the client: a close frame may follow. One before it is
     /// a session lost, as a dropped connection is.
     pub last_word_seen: Cell<bool>,
-    /// A write to the client is under way: set around each write, so the
-    /// other pump and the stream's watch see it only while it waits for
-    /// room (the client is not reading).
-    pub writing: Cell<bool>,
+    /// Since when a write to the client has been under way: set around
+    /// each write, so the other pump and the stream's watch see it only
+    /// while it waits for room (the client is not reading). `None`
+    /// between writes.
+    pub write_since: Cell<Option<Instant>>,
 }
 
 impl DownHalf {
+    /// A write to the client is under way ([`DownHalf::write_since`]).
+    pub fn writing(&self) -> bool {
+        self.write_since.get().is_some()
+    }
+
     /// Upstream answered this connection's first message with anything
     /// but an error: the stream is committed to it. True the first time
     /// on the connection: the account's success, to mark

@@ -61,6 +61,13 @@ impl Ending {
                 Some((1001, "client protocol error")),
                 Some((Side::Client, e.close_code())),
             ),
+            // The client's close went up, and then it stopped reading: a
+            // write to it waited `limits.stall_timeout`. The close it
+            // waits for seldom reaches its full socket; the client's
+            // failure, as a stall of its own before its close is.
+            End::ClientStalled if client_closed => {
+                row(ToClient::Close(1000), None, Some((Side::Client, 408)))
+            }
             // The client's close went up: all it waits for is the answer.
             // Whatever ended the wait (upstream hung up, broke the protocol
             // or never answered; the relay's own stop), the relay answers
@@ -70,7 +77,6 @@ impl Ending {
             | End::UpstreamProtocol(_)
             | End::UpstreamStalled
             | End::UpstreamSilent
-            | End::ClientStalled
             | End::Idle
             | End::Stopped(_)
             | End::Drain
@@ -234,10 +240,12 @@ mod tests {
             End::KeyRetired,
             End::Resume(503, crate::core::keyring::RateScope::Project),
         ] {
-            // After the client's close: its answer, nothing else.
+            // After the client's close: its answer, nothing else, and
+            // nobody's error but the client's own stall.
             let after = Ending::of(end, true, false);
             assert_eq!(code(&after), Some((0, 1000)), "{end:?}");
-            assert_eq!((after.upstream, after.counted), (None, None), "{end:?}");
+            let counted = matches!(end, End::ClientStalled).then_some((Side::Client, 408));
+            assert_eq!((after.upstream, after.counted), (None, counted), "{end:?}");
             // After upstream's `finished` (or error) reached the client, an
             // upstream failure only costs it the close.
             let answered = Ending::of(end, false, true);

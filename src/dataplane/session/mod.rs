@@ -815,6 +815,9 @@ impl Stream {
                     tracing::warn!(stream = %self.id, account = %up.lease.account.id, stall = ?self.settings.limits.stall_timeout, "upstream stopped reading the stream's audio; ending it as an upstream failure");
                 }
             }
+            End::ClientStalled if cside.close_seen => {
+                tracing::info!(stream = %self.id, stall = ?self.settings.limits.stall_timeout, "the client sent its close and stopped reading its results; ending the stream as the client's failure");
+            }
             End::ClientStalled => {
                 tracing::info!(stream = %self.id, stall = ?self.settings.limits.stall_timeout, "the client stopped reading its results, so upstream stopped reading its audio; ending the stream as the client's failure");
             }
