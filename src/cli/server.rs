@@ -763,35 +763,68 @@ impl RelayHandle {
 }
 
 impl RelayHandle {
-    /// A stop that told the shards nothing (no drain before it, no stream
-    /// live: SIGINT on an idle relay, a relay embedded and shut down) with
-    /// client connections still open: each still without a stream (in its
-    /// TLS handshake, before its request head or its first message) is
-    /// answered as at a drain's end (`Shard::drain_ended`: a TLS handshake
-    /// closed, HTTP 503 "reconnect"), after the listeners close, and the
-    /// stop waits up to [`STOP_ANSWER_WAIT`] for them to close. A shard
-    /// that stops leaves the tasks it still has on its executor: their
-    /// sockets, registered with the shard's ring, stayed open until the
-    /// process exited, and so did the client listener (whose ring went
-    /// with them), taking connections nobody answered.
+    /// Every stop's wait for the client connections still open. A stop
+    /// that told the shards nothing (no drain before it, no stream live:
+    /// SIGINT on an idle relay, a relay embedded and shut down) closes the
+    /// listeners first and answers each connection still without a stream
+    /// (in its TLS handshake, before its request head or its first
+    /// message) as at a drain's end (`Shard::drain_ended`: a TLS handshake
+    /// closed, HTTP 503 "reconnect"). After a drain, or a stop that ended
+    /// live streams (which closed the listeners and answered those
+    /// connections too), it only waits. Either way the stop waits up to
+    /// [`STOP_ANSWER_WAIT`] for them to close. A shard that stops leaves
+    /// the tasks it still has on its executor: their sockets, registered
+    /// with the shard's ring, stayed open until the process exited, and
+    /// so did the client listener (whose ring went with them), taking
+    /// connections nobody answered. A stop that ended live streams waited
+    /// only for their usage records, so a connection it let in meanwhile,
+    /// or a stream's connection whose last write (a TLS close_notify,
+    /// after the record) waited, was left so.
     fn end_waiting_connections(&self) {
-        if self.process.finalizing() || self.process.open_connections() == 0 {
-            return;
+        if !self.process.finalizing() {
+            if self.process.open_connections() == 0 {
+                return;
+            }
+            for s in &self.shards {
+                let _ = s.tx.try_send(ShardMsg::StopAccepting);
+            }
+            self.process.set_finalizing(true);
+            for s in &self.shards {
+                let _ = s.tx.try_send(ShardMsg::Drain);
+            }
         }
-        for s in &self.shards {
-            let _ = s.tx.try_send(ShardMsg::StopAccepting);
-        }
-        self.process.set_finalizing(true);
-        for s in &self.shards {
-            let _ = s.tx.try_send(ShardMsg::Drain);
-        }
+        // A drain, or a stop that ended live streams, told the shards
+        // already. Either way every listener is closed once each shard
+        // has answered a ping after its `StopAccepting` (its accept loop
+        // looks at that first), and every connection it accepted is
+        // counted from its accept: none is left out of this wait.
+        self.shards_answer(std::time::Duration::from_secs(2));
         let t0 = Instant::now();
-        if !self.process.wait_all_closed(t0 + STOP_ANSWER_WAIT) {
+        if !self.process.wait_connections_closed(t0 + STOP_ANSWER_WAIT) {
             tracing::warn!(
                 open = self.process.open_connections(),
                 waited = ?t0.elapsed(),
                 "stop: connections without a stream still open after the wait"
             );
+        }
+    }
+
+    /// Waits up to `limit` for every shard to answer a ping: each has
+    /// handled the messages sent before it.
+    fn shards_answer(&self, limit: std::time::Duration) {
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        for s in &self.shards {
+            let _ = s.tx.try_send(ShardMsg::Ping(tx.clone()));
+        }
+        drop(tx);
+        let deadline = Instant::now() + limit;
+        for _ in &self.shards {
+            if rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .is_err()
+            {
+                return;
+            }
         }
     }
 
@@ -815,8 +848,12 @@ impl RelayHandle {
             return;
         }
         self.process.stop_now();
-        // New streams are refused, and connections still without one are
+        // No new connection, as at a drain's start (the listeners close);
+        // new streams are refused, and connections still without one are
         // answered as in a drain.
+        for s in &self.shards {
+            let _ = s.tx.try_send(ShardMsg::StopAccepting);
+        }
         self.process.set_finalizing(true);
         for s in &self.shards {
             let _ = s.tx.try_send(ShardMsg::Drain);

@@ -277,6 +277,15 @@ impl ProcessState {
         self.wait_none(until, Wait::Unrecorded)
     }
 
+    /// Blocks the calling thread (never a shard) until no client
+    /// connection is open, or `until` has passed; true when none is.
+    /// Unlike the drain's waits, this one goes on after
+    /// [`ProcessState::stop_now`]: it is the stop's wait for the
+    /// connections it answered, or whose streams it ended, to close.
+    pub fn wait_connections_closed(&self, until: Instant) -> bool {
+        self.wait_none(until, Wait::Connections)
+    }
+
     fn wait_none(&self, until: Instant, what: Wait) -> bool {
         let (lock, cv) = &self.all_ended;
         let mut guard = lock.lock().unwrap_or_else(|e| e.into_inner());
@@ -285,6 +294,7 @@ impl ProcessState {
                 Wait::Begun => self.begun.load(Ordering::Acquire) == 0,
                 Wait::Live => self.live.load(Ordering::Acquire) == 0,
                 Wait::Unrecorded => self.unrecorded.load(Ordering::Acquire) == 0,
+                Wait::Connections => self.connections.load(Ordering::Acquire) == 0,
                 Wait::LiveAndConnections => {
                     self.live.load(Ordering::Acquire) == 0
                         && self.connections.load(Ordering::Acquire) == 0
@@ -294,7 +304,8 @@ impl ProcessState {
                 return true;
             }
             let now = Instant::now();
-            let stopped = self.stopping_now() && !matches!(what, Wait::Unrecorded);
+            let stopped =
+                self.stopping_now() && !matches!(what, Wait::Unrecorded | Wait::Connections);
             if now >= until || stopped {
                 return false;
             }
@@ -369,6 +380,7 @@ enum Wait {
     Live,
     LiveAndConnections,
     Unrecorded,
+    Connections,
 }
 
 /// A begun stream, counted by [`ProcessState::begin`] until dropped.

@@ -579,9 +579,15 @@ pub fn start(index: usize, setup: ShardSetup) -> std::io::Result<ShardHandle> {
                     }
                 }
             };
-            futures_lite::future::or(accept_loop, async {
-                let _ = stop_accepting_rx.recv().await;
-            })
+            // The stop first: once the control loop has taken
+            // `StopAccepting` (and answered a ping after it), no connection
+            // is accepted, so a stop's count of open connections is whole.
+            futures_lite::future::or(
+                async {
+                    let _ = stop_accepting_rx.recv().await;
+                },
+                accept_loop,
+            )
             .await;
             drop(ring_listener);
             drop(listener);

@@ -971,3 +971,63 @@ fn a_stop_tells_a_stream_still_resuming_to_reconnect() {
     assert_eq!(got.error_code(), Some(503), "{got:?}");
     assert_eq!(got.close_code(), Some(1012), "{got:?}");
 }
+
+/// A stop with a stream live (SIGINT) waits for the connections its
+/// streams leave: here a wss:// client that stopped reading, its socket
+/// full, whose stream the stop ends. Its 503 and close wait their 1 s and
+/// its usage is recorded; then its close_notify waits 1 s more, after the
+/// record. The stop waited only for the records, so the shard stopped
+/// while that write waited: its task was left on the stopped executor,
+/// the socket open (held by the relay, not closed) until the process
+/// exited. As for any connection a stop leaves (one accepted as the stop
+/// begins, answered 503 as a drain answers it), the stop now waits for
+/// it, and the data plane closes it.
+#[test]
+fn a_stop_with_live_streams_waits_for_their_connections_to_close() {
+    let fake = fake(&["k1"], |c| c.echo = true);
+    let (relay, ca) = crate::tls::tls_relay(&fake.url(), |c| {
+        c.limits.socket_buffer = 16 << 10;
+        c.limits.idle_timeout = Duration::from_secs(600);
+        c.limits.stall_timeout = Duration::from_secs(600);
+    });
+    let at = relay.addr();
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&at.into()).unwrap();
+    let tcp: std::net::TcpStream = sock.into();
+    let ours = (at, tcp.local_addr().unwrap());
+    let mut ws = crate::tls::wss_connect_with(at, &ca, &relay.token("phone"), tcp).unwrap();
+    ws.get_mut()
+        .sock
+        .set_write_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    // Small frames, each answered with a larger result, and nothing read:
+    // the relay's socket to the client fills.
+    for _ in 0..3000 {
+        if ws.send(Message::binary(vec![7u8; 16])).is_err() {
+            break;
+        }
+    }
+    let mut last = 0;
+    let full = wait_until(Duration::from_secs(20), || {
+        std::thread::sleep(Duration::from_millis(300));
+        let (unsent, _, _) = crate::sockets::socket_state(ours.0, ours.1);
+        let steady = unsent > 0 && unsent == last;
+        last = unsent;
+        steady
+    });
+    assert!(full, "the relay's socket to the client never filled");
+    relay.handle.shutdown();
+    // Closed by the relay (no file holds it; its FIN may wait behind what
+    // the client never read). Once the shards have stopped, the kernel
+    // lets go of their rings' last references a moment later.
+    let closed = wait_until(Duration::from_secs(10), || {
+        !matches!(crate::sockets::tcp_socket(ours.0, ours.1), Some((_, true)))
+    });
+    assert!(
+        closed,
+        "the relay's socket to the client is still open after the stop: {:?}",
+        crate::sockets::tcp_socket(ours.0, ours.1)
+    );
+}

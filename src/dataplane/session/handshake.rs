@@ -26,9 +26,13 @@ use super::Stream;
 /// moves into the stream.
 #[allow(clippy::manual_async_fn)] // the point: see above
 pub fn serve(shard: Rc<Shard>, tcp: RingSocket) -> impl std::future::Future<Output = ()> {
+    // Counted until it closes: a drain and a stop wait for it, stream or
+    // not. Counted here, as the accept loop spawns its task, not at the
+    // task's first poll: once a shard's listener is closed, the count
+    // holds every connection it accepted.
+    let open = shard.process.connection();
     async move {
-        // Counted until it closes: a drain waits for it, stream or not.
-        let _open = shard.process.connection();
+        let _open = open;
         let Some((stream, client, cbuf, claims, pending)) = upgrade(shard, tcp).await else {
             return;
         };
