@@ -13,6 +13,7 @@ mod clients;
 mod contract;
 mod devices;
 mod drain;
+mod endings;
 mod errors;
 mod failover;
 mod handover;
