@@ -205,3 +205,64 @@ fn upstream_gone_inside_a_result_while_the_client_is_slow() {
     assert_eq!(texts, 3000, "every whole result");
     assert!(relay.wait_idle(LIMIT), "the stream did not end");
 }
+
+/// Upstream closes first (after `finished`), and the client answers with
+/// a close no endpoint may send, or not at all (it holds its connection
+/// open, silent): the relay does not carry a bad close up, and answers
+/// upstream's close in the client's place (RFC 6455 §5.5.1: an endpoint
+/// that gets a close sends one back), so upstream's close handshake
+/// completes. Before, the relay sent none and closed the connection:
+/// upstream saw it end with no close (tungstenite: "Connection reset
+/// without closing handshake").
+#[test]
+fn upstreams_close_is_answered_when_the_client_does_not_answer_it() {
+    let cases = BAD_CLOSES.iter().map(|b| Some(*b)).chain([None]);
+    for body in cases {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let tx = std::sync::Mutex::new(tx);
+        let url = ws_upstream(move |_, mut ws| {
+            use tungstenite::Message;
+            loop {
+                match ws.read() {
+                    Ok(Message::Binary(b)) if b.is_empty() => break,
+                    Ok(_) => {}
+                    Err(_) => return,
+                }
+            }
+            let _ = ws.send(Message::text(
+                r#"{"tokens":[],"final_audio_proc_ms":0,"total_audio_proc_ms":0,"finished":true}"#,
+            ));
+            let _ = ws.close(Some(normal_close()));
+            let got = loop {
+                match ws.read() {
+                    Ok(Message::Close(c)) => break format!("close {c:?}"),
+                    Ok(_) => {}
+                    Err(tungstenite::Error::ConnectionClosed) => break "closed".to_string(),
+                    Err(e) => break format!("error {e}"),
+                }
+            };
+            let _ = tx.lock().unwrap().send(got);
+        })
+        .0;
+        let relay = Relay::start(relay_config(&url, &[("acct-a", "key-a")]));
+        let (mut tcp, head) = raw_upgrade(relay.addr(), &relay.token("dev"));
+        assert!(String::from_utf8_lossy(&head).starts_with("HTTP/1.1 101"));
+        tcp.write_all(&client_frame(1, config_message(None).as_bytes()))
+            .unwrap();
+        tcp.write_all(&client_frame(2, &audio_frames(1, 1)[0]))
+            .unwrap();
+        tcp.write_all(&client_frame(2, b"")).unwrap();
+        let frames = raw_read_frames_until_close(&mut tcp);
+        assert_eq!(raw_close_code(&frames), Some(1000), "{body:?}: {frames:?}");
+        if let Some(body) = body {
+            tcp.write_all(&raw_frame(0x88, Some([9, 8, 7, 6]), body))
+                .unwrap();
+        }
+        let got = rx.recv_timeout(LIMIT).unwrap();
+        assert!(
+            got.starts_with("close Some"),
+            "{body:?}: upstream got {got}"
+        );
+        assert!(relay.wait_idle(LIMIT), "{body:?}");
+    }
+}

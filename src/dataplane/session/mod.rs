@@ -788,6 +788,8 @@ impl Stream {
         cside: &mut ClientSide,
     ) -> (Option<u16>, bool, bool) {
         let shard = &self.shard;
+        // A close frame of the relay's own went up in the client's place.
+        let mut answered_upstream = false;
         // What this ending needs before the table's two steps.
         match end {
             End::UpstreamClosed if !cside.close_seen => {
@@ -804,6 +806,18 @@ impl Stream {
                 // stream's usage (`STOP_CUT_WAIT`), which the wait would
                 // take most of.
                 let _ = timeout(CLOSE_WAIT, future::or(c2u, ended_by_stop(shard))).await;
+                // No reply went up (none came in time, the client left,
+                // or its close was one no endpoint may send, which is not
+                // carried up): the relay answers upstream's close in the
+                // client's place (RFC 6455 §5.5.1), between frames, so
+                // upstream's close handshake completes and upstream
+                // closes the connection first.
+                if !cside.close_seen && state.up.at_boundary.get() {
+                    let key = shard.masks.borrow_mut().next_key();
+                    let close = build_frame(Opcode::Close, &close_payload(1000, ""), Some(key));
+                    let sent = timeout(LAST_FRAMES_WAIT, up.conn.write_all(&close)).await;
+                    answered_upstream = matches!(sent, Some(Ok(())));
+                }
             }
             End::UpstreamStalled => {
                 // Reset, not closed: a FIN would wait behind the audio
@@ -880,7 +894,7 @@ impl Stream {
         }
         // A close frame went upstream, the client's or the relay's own:
         // upstream, the server, is the one to close the connection first.
-        let mut closing = cside.close_seen;
+        let mut closing = cside.close_seen || answered_upstream;
         if let (Some((code, reason)), true) = (ending.upstream, state.up.at_boundary.get()) {
             let key = shard.masks.borrow_mut().next_key();
             let close = build_frame(Opcode::Close, &close_payload(code, reason), Some(key));
