@@ -1,7 +1,8 @@
 //! How streams end at their edges: a client that half-closes after its
 //! close frame, close frames with bad bodies from upstream at the end
-//! (after its `finished`, or after the client's close), and upstream
-//! gone inside a result while the client is slow to read.
+//! (after its `finished`, or after the client's close), a client that
+//! does not answer upstream's close (or answers it with a bad one), and
+//! upstream gone inside a result while the client is slow to read.
 
 use std::io::Write;
 use std::time::Duration;
@@ -265,4 +266,76 @@ fn upstreams_close_is_answered_when_the_client_does_not_answer_it() {
         );
         assert!(relay.wait_idle(LIMIT), "{body:?}");
     }
+}
+
+/// The raw-audio pump's version of [`upstream_gone_inside_a_result_while_the_client_is_slow`]:
+/// upstream's first connection hangs up inside a result while the client
+/// has not read for 1.5 s. The stream resumes on a new connection, and
+/// the client, reading late, gets only whole frames, every text one
+/// JSON, then `finished` and close 1000, with no error.
+#[test]
+fn a_resume_inside_a_result_while_the_client_is_slow_passes_only_whole_frames() {
+    use std::io::Read;
+    const CUT_AT: u64 = 200;
+    let (url, _) = scripted_upstream(|conn, n| match (conn, n) {
+        (0, CUT_AT) => UpStep::Raw(vec![0x81, 100, b'{', b'"']),
+        _ => UpStep::Final,
+    });
+    let mut cfg = relay_config(&url, &[("acct-a", "key-a")]);
+    cfg.limits.socket_buffer = 16 << 10;
+    let relay = Relay::start(cfg);
+    let mut client = upgraded_raw_client(
+        relay.addr(),
+        &format!("Authorization: Bearer {}\r\n", relay.token("dev")),
+    );
+    let op = clio_frame::frame::Opcode::Binary;
+    send_frames(
+        &mut client,
+        clio_frame::frame::Opcode::Text,
+        config_message(None).as_bytes(),
+        1,
+    );
+    for f in audio_frames(CUT_AT as usize + 20, 3) {
+        send_frames(&mut client, op, &f[..640], 1);
+    }
+    send_frames(&mut client, op, &[], 1);
+    std::thread::sleep(Duration::from_millis(1500));
+    client.set_read_timeout(Some(LIMIT)).unwrap();
+    let mut data = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let mut frames = Vec::new();
+    let mut at = 0;
+    'read: loop {
+        while let Ok(Some(h)) =
+            clio_frame::frame::parse_header(&data[at..], clio_frame::frame::Sender::Server, 1 << 30)
+        {
+            let end = at + h.header_len + h.payload_len as usize;
+            if end > data.len() {
+                break;
+            }
+            frames.push((h.opcode, data[at + h.header_len..end].to_vec()));
+            at = end;
+            if h.opcode == clio_frame::frame::Opcode::Close {
+                break 'read;
+            }
+        }
+        match client.read(&mut chunk) {
+            Ok(n) if n > 0 => data.extend_from_slice(&chunk[..n]),
+            _ => break,
+        }
+    }
+    let texts: Vec<serde_json::Value> = frames
+        .iter()
+        .filter(|(op, _)| *op == clio_frame::frame::Opcode::Text)
+        .map(|(_, p)| serde_json::from_slice(p).expect("whole JSON"))
+        .collect();
+    assert!(
+        texts.iter().all(|m| m.get("error_code").is_none()),
+        "{texts:?}"
+    );
+    assert!(texts.iter().any(|m| m["finished"] == true), "{texts:?}");
+    let (op, body) = frames.last().unwrap();
+    assert_eq!(*op, clio_frame::frame::Opcode::Close);
+    assert_eq!(&body[..2], &1000u16.to_be_bytes());
+    assert_eq!(relay.handle.metrics().streams_resumed(), 1);
 }
