@@ -386,6 +386,20 @@ impl Node {
         drop(std::mem::replace(self, new));
     }
 
+    /// SIGTERM (the node drains and leaves the fleet), `between`, then
+    /// the same relay again: its config and state directory (its usage
+    /// ledger) kept, under new ports.
+    pub fn restart_after(&mut self, between: impl FnOnce()) {
+        assert!(self.terminate().success());
+        between();
+        let dir = std::mem::take(&mut self.dir);
+        let env = std::mem::take(&mut self.env);
+        let new = Self::run(dir, env, self.mounts.clone()).unwrap_or_else(|(code, err)| {
+            panic!("relay exited with {code:?} before listening: {err}")
+        });
+        drop(std::mem::replace(self, new));
+    }
+
     /// Rewrites the `/etc/hosts` it sees ([`Node::spawn_with_hosts`]).
     pub fn set_hosts(&self, hosts: &str) {
         let (file, _) = self

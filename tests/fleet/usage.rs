@@ -571,3 +571,73 @@ fn a_hand_over_restart_counts_the_old_processs_usage_once() {
         "want {want:?}, the fleet's: {seen:?}"
     );
 }
+
+#[test]
+fn a_relay_of_the_version_before_per_process_leases_is_waited_for_too() {
+    // Relays before leases were kept per process (commit 9b4f68c)
+    // hold theirs in `clio:nodes` under the bare node id, where this
+    // version's processes hold `<node_id>/<instance>`. In a hand-over
+    // restart from such a relay (an upgrade), the old process still adds
+    // its usage to Redis as its streams end, and the ledger (one
+    // `usage.db`) holds what it persisted before adding it: the new
+    // process's start merge must wait for it as for a process of its own
+    // version, or that usage is counted twice. Here the ledger holds a
+    // stream Redis lacks (as one the old process persisted and has not
+    // added yet), and the old process's lease is in Redis as it wrote it.
+    let redis = RedisServer::start();
+    let fake = fake(&["k1"], |_| {});
+    let cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    let extra = "[usage]\npersist_interval = \"100ms\"\n";
+    let mut node = Node::spawn(
+        &fake.url(),
+        &redis.url(),
+        "node-a",
+        "30s",
+        &cfg.tokens.secret,
+        "k1",
+        extra,
+    );
+    let keys = TokenKeys::from_config(&cfg.tokens);
+    let fleet = |node: &Node| {
+        let body = usage(node, "group_by=account");
+        (body["scope"] == "fleet").then(|| sums(&body["rows"]))
+    };
+    stream_as_phone(&node, &keys, 2);
+    let want = expect(&[("a", 1, 0.2)]);
+    assert!(wait_until(Duration::from_secs(20), || fleet(&node)
+        == Some(want.clone())
+        && persisted_ms(&node) == 200));
+    let today = clio_relay::core::devices::utc_day(SystemTime::now());
+    node.restart_after(|| {
+        for g in ["acct", "dev"] {
+            redis.command(&format!("DEL clio:u:{today}:node-a:{g}"));
+        }
+        // The older relay's lease: its bare node id, a lease end (ms)
+        // far ahead.
+        assert_eq!(
+            redis.command("ZADD clio:nodes 99999999999999 node-a"),
+            ":1\r\n"
+        );
+    });
+    let waits = "another process of this node holds a lease";
+    let mut seen = None;
+    assert!(wait_until(Duration::from_secs(30), || {
+        seen = fleet(&node);
+        seen == Some(want.clone()) || node.log().contains(waits)
+    }));
+    assert!(
+        node.log().contains(waits),
+        "merged while the older relay held its lease: the fleet's {seen:?}; the log:\n{}",
+        node.log()
+    );
+    // The older relay leaves (its lease deleted): the ledger is merged.
+    assert_eq!(redis.command("ZREM clio:nodes node-a"), ":1\r\n");
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            seen = fleet(&node);
+            seen == Some(want.clone())
+        }),
+        "want {want:?}, the fleet's: {seen:?}; the log:\n{}",
+        node.log()
+    );
+}

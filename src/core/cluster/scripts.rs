@@ -548,8 +548,10 @@ return redis.call('ZCOUNT', 'clio:nodes', now, '+inf')
 /// (`clio:nodes` deleted or evicted) must register again, or its streams
 /// would not count until its next heartbeat. Also how many other
 /// processes of this node (`ARGV[2]`, the node id: members
-/// `<node_id>/<12 hex digits>`) hold a current lease: the other side of
-/// a hand-over restart, or a dead process's lease not yet ended.
+/// `<node_id>/<12 hex digits>`, and the bare node id, under which
+/// relays before per-process leases held theirs) hold a current lease:
+/// the other side of a hand-over restart (an upgrade from such a relay
+/// too), or a dead process's lease not yet ended.
 /// Returns `{nodes, {account, live, account, live, ...}, mine, others}`.
 pub const NODES: &str = r#"
 local t = redis.call('TIME')
@@ -571,7 +573,8 @@ local mine = 0
 if tonumber(redis.call('ZSCORE', 'clio:nodes', ARGV[1]) or '0') >= now then mine = 1 end
 local others, prefix = 0, ARGV[2] .. '/'
 for _, name in ipairs(nodes) do
-  if name ~= ARGV[1] and #name == #prefix + 12 and string.sub(name, 1, #prefix) == prefix then
+  if name ~= ARGV[1] and (name == ARGV[2]
+    or (#name == #prefix + 12 and string.sub(name, 1, #prefix) == prefix)) then
     others = others + 1
   end
 end
