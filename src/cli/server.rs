@@ -201,6 +201,30 @@ fn state_dir_hint(e: &crate::control::keystore::StoreError) -> String {
     )
 }
 
+/// A hand-over restart (`--join-client-port`) onto a state directory
+/// that holds `usage.json`: the running relay is one from before the
+/// usage database, which reads that file at its start and writes all of
+/// it again at each persist and as it exits. Imported now (and the file
+/// renamed), the file the old relay writes after would be imported at
+/// the next start with everything it held before, counted twice. So the
+/// hand-over is refused, before anything is read or written, saying
+/// what to do instead: a stop, then a start, which imports the file once.
+fn handing_over_from_usage_json(state_dir: &std::path::Path) -> std::io::Result<()> {
+    let file = state_dir.join(crate::control::usage::store::JSON_FILE);
+    if !file.exists() {
+        return Ok(());
+    }
+    Err(std::io::Error::other(super::ConfigFault(format!(
+        "{} is there: the relay this one would take over from is of a version before \
+         usage.db (it keeps its usage in that file and writes all of it again as it \
+         exits), and a hand-over from it would count its usage twice. Upgrade it with \
+         a stop and a start instead: stop it first (SIGTERM, and wait for it to exit; \
+         under systemd, `systemctl restart clio-relay`), then start this relay without \
+         --join-client-port; it takes the file into usage.db once",
+        file.display()
+    ))))
+}
+
 /// Like [`start`], with listening sockets systemd passed (socket activation):
 /// the client socket is shared by every shard, the admin socket used as is.
 pub fn start_with(
@@ -233,6 +257,9 @@ pub fn start_joining(
     if sockets.admin.is_none() {
         let addr = cfg.server.admin_listen;
         check_free(addr).map_err(|e| in_use(addr, "server.admin_listen", e))?;
+    }
+    if join_client_port {
+        handing_over_from_usage_json(&cfg.admin.state_dir)?;
     }
     let client_fd = sockets.client.map(Arc::new);
     let admin_fd = sockets.admin.map(Arc::new);

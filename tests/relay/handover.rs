@@ -940,3 +940,80 @@ fn the_rotation_warning_comes_again_after_the_clock_is_stepped_back() {
     drop(relay);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A relay from before the usage database (up to late November 2026)
+/// keeps its ledger in `state_dir/usage.json`: all its usage in one
+/// file, read at its start and written whole at each persist and as it
+/// exits. A new relay imports that file at its start and renames it. In
+/// a hand-over from such a relay the old one is still running, and
+/// writes the file again with everything it read at its own start: the
+/// next start of a new relay imported all of it a second time (every
+/// stream the old relay ever counted, twice). So a hand-over that finds
+/// `usage.json` is refused (exit 3, naming the file and what to do
+/// instead), and changes nothing; a start without the old relay imports
+/// it once.
+#[test]
+fn a_hand_over_from_a_relay_that_keeps_usage_json_is_refused() {
+    let fake = fake(&["k1"], |c| c.echo = true);
+    let port = free_port();
+    let (dir, cfg) = handover_config(
+        &fake.url(),
+        port,
+        "[[account]]\nid = \"a\"\nkey_env = \"HANDOVER_KEY\"\n",
+    );
+    let secret = secret();
+    // The relay running on the port (here a current one: what matters is
+    // the state directory the older relay writes).
+    let running = Proc::spawn(&cfg, &secret, false);
+    // Its ledger is open (the admin API answers from it) before the file
+    // below is there: it imports none.
+    assert!(running.rows("account").is_empty());
+    // usage.json as the older relay writes it (its `UsageBook`: by day,
+    // then account or device, then the totals).
+    let today = clio_relay::core::devices::utc_day(std::time::SystemTime::now());
+    let totals = serde_json::json!({"streams": 4, "audio_ms": 40000, "audio_ms_relay": 40000,
+        "bytes_up": 1280000, "bytes_down": 400, "errors": {}});
+    let book = serde_json::json!({
+        "by_account": {today.to_string(): {"a": totals.clone()}},
+        "by_device": {today.to_string(): {"phone": totals}},
+    });
+    let state = dir.join("state");
+    std::fs::write(state.join("usage.json"), book.to_string()).unwrap();
+    let log = dir.join("hand-over.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_clio-relay"))
+        .args([
+            "run",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--join-client-port",
+        ])
+        .env("HANDOVER_SECRET", secret.expose())
+        .env("HANDOVER_ADMIN", ADMIN)
+        .env("HANDOVER_MASTER", MASTER)
+        .env("HANDOVER_KEY", "k1")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let exited = wait_until(LIMIT, || child.try_wait().unwrap().is_some());
+    if !exited {
+        let _ = child.kill();
+    }
+    let status = child.wait().unwrap();
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(exited, "the hand-over was taken:\n{said}");
+    assert_eq!(status.code(), Some(3), "{said}");
+    assert!(
+        said.contains("usage.json") && said.contains("stop it first"),
+        "{said}"
+    );
+    // Nothing imported: the file is where the older relay writes it.
+    assert!(state.join("usage.json").exists());
+    assert!(!state.join("usage.json.migrated").exists());
+    drop(running);
+    // Started alone, the new relay imports it once.
+    let next = Proc::spawn(&cfg, &secret, false);
+    assert_eq!(audio(&next.rows("account"), "a"), (4, 40.0));
+    assert!(!state.join("usage.json").exists());
+    drop(next);
+    std::fs::remove_dir_all(&dir).ok();
+}
