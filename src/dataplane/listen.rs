@@ -18,6 +18,13 @@
 //! Every socket sets `SO_REUSEADDR`, so a restart binds at once although
 //! the last process's connections still sit in `TIME_WAIT`. (On Linux,
 //! `SO_REUSEADDR` never lets a second socket bind where one listens.)
+//! Relays before this check (glommio's own `bind`) set `SO_REUSEPORT`
+//! and not `SO_REUSEADDR`, and their connections in `TIME_WAIT` keep
+//! those options: the kernel refuses a bind with `SO_REUSEADDR` alone
+//! there for up to a minute after such a relay exits. So a bind refused
+//! while no socket listens on the port ([`listening`]: only connections
+//! hold it) is no relay running: [`check_free`] passes, and [`bind`]
+//! binds again with `SO_REUSEPORT`, which those connections allow.
 //!
 //! The check and the bind are two steps: two relays started at the very
 //! same instant could both pass the check. It is there for the operator who
@@ -34,10 +41,19 @@ const BACKLOG: i32 = 1024;
 /// A listening TCP socket on `addr`, with `SO_REUSEADDR`; with
 /// `SO_REUSEPORT` too when `share` (the shards of one relay on the client
 /// port). The socket is blocking, as glommio's own `bind` leaves it.
+///
+/// An unshared bind that the kernel refuses while nothing listens on the
+/// port (connections of an older relay in `TIME_WAIT`, see the module
+/// docs) is made again with `SO_REUSEPORT`.
 pub fn bind(addr: SocketAddr, share: bool) -> io::Result<std::net::TcpListener> {
     let sk = socket(addr)?;
     sk.set_reuse_port(share)?;
-    sk.bind(&SockAddr::from(addr))?;
+    match sk.bind(&SockAddr::from(addr)) {
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse && !share && !listening(addr.port()) => {
+            return bind(addr, true);
+        }
+        r => r?,
+    }
     sk.listen(BACKLOG)?;
     Ok(sk.into())
 }
@@ -55,12 +71,43 @@ pub fn check_free(addr: SocketAddr) -> io::Result<()> {
         let sk = socket(addr)?;
         // Bound, never listening, and closed at once.
         match sk.bind(&SockAddr::from(addr)) {
+            // Held by connections only: no relay runs there.
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse && !listening(addr.port()) => {
+                return Ok(())
+            }
             Err(e) if e.kind() == io::ErrorKind::AddrInUse && std::time::Instant::now() < until => {
                 std::thread::sleep(std::time::Duration::from_millis(50));
             }
             r => return r,
         }
     }
+}
+
+/// Whether a TCP socket of this network namespace listens on `port`, on
+/// any address (`/proc/net/tcp` and `tcp6`, state `0A`). Where those
+/// cannot be read, `true`: a port the kernel refuses is then taken for
+/// one a relay listens on, as before.
+pub fn listening(port: u16) -> bool {
+    let mut read_any = false;
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        read_any = true;
+        for line in text.lines().skip(1) {
+            let mut fields = line.split_whitespace();
+            let (Some(local), Some(state)) = (fields.nth(1), fields.nth(1)) else {
+                continue;
+            };
+            let local_port = local
+                .rsplit_once(':')
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+            if state == "0A" && local_port == Some(port) {
+                return true;
+            }
+        }
+    }
+    !read_any
 }
 
 /// How long [`check_free`] waits for a port to be released. A relay that

@@ -207,3 +207,54 @@ fn a_restart_binds_the_ports_its_predecessor_just_left() {
     // The next process binds the same ports at once.
     stop(start());
 }
+
+/// Relays before the port check (commit 57b106a, 2026-12-02) bound their
+/// ports with glommio's `bind`: `SO_REUSEPORT`, no `SO_REUSEADDR`. Their
+/// ends of the connections they closed first (an admin request, a health
+/// check, a stream) stay bound to the port in `TIME_WAIT` with those
+/// options for up to a minute after the relay exits, and the kernel
+/// refuses a bind with `SO_REUSEADDR` alone there. An upgrade from such a
+/// relay (stop it, start the new one, without the socket units) found
+/// both ports "already in use, probably by a running clio-relay" and
+/// exited 4, which the systemd unit does not restart. The new relay must
+/// start on them.
+#[test]
+fn a_relay_starts_on_ports_an_older_relay_left_in_time_wait() {
+    use std::io::{BufRead, BufReader, Read};
+    let fake = fake(&["k1"], |_| {});
+    // A port as the older relay left it: its listener (glommio's options)
+    // and one connection it closed first, then the listener closed.
+    let left_by_older_relay = || {
+        let sk = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        sk.set_reuse_port(true).unwrap();
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        sk.bind(&any.into()).unwrap();
+        sk.listen(16).unwrap();
+        let l: std::net::TcpListener = sk.into();
+        let addr = l.local_addr().unwrap();
+        let mut c = std::net::TcpStream::connect(addr).unwrap();
+        let (s, _) = l.accept().unwrap();
+        drop(s);
+        let mut buf = [0u8; 1];
+        assert_eq!(c.read(&mut buf).unwrap(), 0);
+        drop(c);
+        drop(l);
+        addr
+    };
+    let (client, admin) = (left_by_older_relay(), left_by_older_relay());
+    let cfg = config_file(&fake.url(), client, admin, "after-older");
+    let mut child = relay_binary(&["run", "--config", &cfg]).spawn().unwrap();
+    let mut said = Vec::new();
+    let listening = BufReader::new(child.stderr.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+        .inspect(|l| said.push(l.clone()))
+        .any(|l| l.contains("clio-relay listening"));
+    let _ = child.kill();
+    let status = child.wait().unwrap();
+    assert!(
+        listening,
+        "the relay exited ({status}): {}",
+        said.join("\n")
+    );
+}
