@@ -53,6 +53,9 @@ pub struct KeySlot {
     pub retire_at: AtomicU64,
     /// The overlap ended and the streams still on the key were told to end.
     pub ending: AtomicBool,
+    /// Takes the key out of upstream's bytes before they reach a client,
+    /// should upstream echo it; built once for every stream on the key.
+    pub redactor: crate::core::secret::Redactor,
 }
 
 impl KeySlot {
@@ -60,6 +63,7 @@ impl KeySlot {
     pub fn new(key: Secret, created_at: u64) -> Arc<KeySlot> {
         Arc::new(KeySlot {
             fingerprint: key.fingerprint(),
+            redactor: crate::core::secret::Redactor::new(&key),
             key,
             created_at,
             live: AtomicU32::new(0),

@@ -45,9 +45,92 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// Overwrites, in bytes about to go somewhere the secret must not, each
+/// copy of it (as it is, and as a JSON string would escape it) with `*`s
+/// of its length. The length is kept, so frame headers stay true, and an
+/// API key is ASCII, so the text stays UTF-8. A secret shorter than
+/// [`Redactor::MIN_LEN`] bytes (no real key is) is left alone: so short a
+/// string could be a transcript's words.
+///
+/// Built once per key ([`KeySlot`](crate::core::keyring::KeySlot) holds
+/// it), not per stream: its searchers take about 1.3 KiB, which every held
+/// stream paid when each built its own.
+pub struct Redactor {
+    finders: Vec<memchr::memmem::Finder<'static>>,
+}
+
+impl Redactor {
+    /// The shortest secret looked for.
+    pub const MIN_LEN: usize = 8;
+
+    /// The redactor of `secret` (one under [`Self::MIN_LEN`] bytes redacts
+    /// nothing).
+    pub fn new(secret: &Secret) -> Redactor {
+        let raw = secret.expose();
+        let mut needles = vec![raw.to_owned()];
+        if let Ok(quoted) = serde_json::to_string(raw) {
+            let escaped = &quoted[1..quoted.len() - 1];
+            if escaped != raw {
+                needles.push(escaped.to_owned());
+            }
+        }
+        let finders = needles
+            .into_iter()
+            .filter(|n| n.len() >= Self::MIN_LEN)
+            .map(|n| memchr::memmem::Finder::new(n.as_bytes()).into_owned())
+            .collect();
+        Redactor { finders }
+    }
+
+    /// Overwrites each copy of the secret in `bytes`.
+    pub fn redact(&self, bytes: &mut [u8]) {
+        for finder in &self.finders {
+            let len = finder.needle().len();
+            let mut from = 0;
+            while let Some(at) = finder.find(&bytes[from..]) {
+                let start = from + at;
+                bytes[start..start + len].fill(b'*');
+                from = start + len;
+            }
+        }
+    }
+}
+
+/// Says nothing of the secret (a searcher's own `Debug` shows its needle).
+impl fmt::Debug for Redactor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Redactor({} forms)", self.finders.len())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_redactor_overwrites_each_form_of_the_secret_and_shows_none() {
+        let key = Secret::new("sk/live\\quoted\"key");
+        let r = Redactor::new(&key);
+        let mut raw = format!("a {} b {} c", key.expose(), key.expose()).into_bytes();
+        r.redact(&mut raw);
+        let stars = "*".repeat(key.expose().len());
+        assert_eq!(
+            String::from_utf8(raw).unwrap(),
+            format!("a {stars} b {stars} c")
+        );
+        let escaped = serde_json::to_string(key.expose()).unwrap();
+        let mut json = escaped.clone().into_bytes();
+        r.redact(&mut json);
+        assert_eq!(
+            String::from_utf8(json).unwrap(),
+            format!("\"{}\"", "*".repeat(escaped.len() - 2))
+        );
+        assert!(!format!("{r:?}").contains("live"), "{r:?}");
+        // A short one redacts nothing.
+        let mut words = b"the cat".to_vec();
+        Redactor::new(&Secret::new("cat")).redact(&mut words);
+        assert_eq!(words, b"the cat");
+    }
 
     #[test]
     fn debug_shows_fingerprint_not_value() {

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use crate::core::keyring::{AccountState, RateScope};
 use crate::core::metrics::{Hist, ShardMetrics};
-use crate::core::secret::Secret;
+use crate::core::secret::Redactor;
 use crate::dataplane::buf::Buf;
 use crate::dataplane::io::Duplex;
 use crate::dataplane::uring::CloseReply;
@@ -162,61 +162,10 @@ pub struct StreamCx<'a> {
     /// The connection's account (its metrics index; marked when upstream
     /// accepts the stream).
     pub account: &'a AccountState,
-    /// The account key the connection was opened with: never passed on
-    /// to the client, should upstream echo it (`KeyRedactor`).
-    pub key: &'a Secret,
-}
-
-/// Overwrites, in upstream's bytes before they reach the client, each
-/// copy of the connection's account key (as sent, and as a JSON string
-/// would escape it) with `*`s of its length. An upstream that echoes what
-/// it was given (the `Authorization` header, or the config message the
-/// relay put the key in, `upstream.auth = "config"`) in an error message
-/// or a close reason would otherwise hand the key to the client. The
-/// length is kept, so frame headers stay true, and the key is ASCII, so
-/// the text stays UTF-8. Upstream→client traffic is results only (no
-/// audio): one search of each read. A key shorter than
-/// [`KeyRedactor::MIN_KEY`] bytes (no real key is) is left alone: so short
-/// a string could be a transcript's words.
-pub(crate) struct KeyRedactor {
-    finders: Vec<memchr::memmem::Finder<'static>>,
-}
-
-impl KeyRedactor {
-    /// The shortest key looked for.
-    pub(crate) const MIN_KEY: usize = 8;
-
-    /// The redactor of `key` (one under [`Self::MIN_KEY`] bytes redacts
-    /// nothing).
-    pub(crate) fn new(key: &Secret) -> KeyRedactor {
-        let raw = key.expose();
-        let mut needles = vec![raw.to_owned()];
-        if let Ok(quoted) = serde_json::to_string(raw) {
-            let escaped = &quoted[1..quoted.len() - 1];
-            if escaped != raw {
-                needles.push(escaped.to_owned());
-            }
-        }
-        let finders = needles
-            .into_iter()
-            .filter(|n| n.len() >= Self::MIN_KEY)
-            .map(|n| memchr::memmem::Finder::new(n.as_bytes()).into_owned())
-            .collect();
-        KeyRedactor { finders }
-    }
-
-    /// Overwrites each copy of the key in `bytes`.
-    pub(crate) fn redact(&self, bytes: &mut [u8]) {
-        for finder in &self.finders {
-            let len = finder.needle().len();
-            let mut from = 0;
-            while let Some(at) = finder.find(&bytes[from..]) {
-                let start = from + at;
-                bytes[start..start + len].fill(b'*');
-                from = start + len;
-            }
-        }
-    }
+    /// Overwrites the account key the connection was opened with in
+    /// upstream's bytes: it is never passed on to the client, should
+    /// upstream echo it (the key's own, built once for every stream on it).
+    pub redactor: &'a Redactor,
 }
 
 /// One direction of a stream: bytes are read from `from` into `buf` and
@@ -363,11 +312,10 @@ pub async fn upstream_to_client(
         state,
         metrics,
         account,
-        key,
+        redactor,
         ..
     } = cx;
     let down = &state.down;
-    let redactor = KeyRedactor::new(key);
     let mut read_at = Instant::now();
     loop {
         // The bytes this turn passes on: all that was read, but only a

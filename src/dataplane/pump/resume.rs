@@ -512,8 +512,9 @@ pub async fn upstream_to_client(link: Link<'_>, max_payload: u64, cx: StreamCx<'
         to: client,
         buf,
     } = link;
-    let StreamCx { state, key, .. } = cx;
-    let redactor = super::KeyRedactor::new(key);
+    let StreamCx {
+        state, redactor, ..
+    } = cx;
     let down = &state.down;
     let resume = &state.resume;
     let can_resume = || resume.borrow().as_ref().is_some_and(|r| r.can_resume());
@@ -1140,13 +1141,14 @@ mod held_tests {
                     10,
                     Instant::now(),
                 );
-                let key = crate::core::secret::Secret::new("k");
+                let redactor =
+                    crate::core::secret::Redactor::new(&crate::core::secret::Secret::new("k"));
                 let cx = StreamCx {
                     state: &state,
                     masks: &masks,
                     metrics: &metrics,
                     account: &account,
-                    key: &key,
+                    redactor: &redactor,
                 };
                 let link = Link {
                     from: &upstream,

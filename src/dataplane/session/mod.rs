@@ -767,7 +767,7 @@ impl Stream {
             masks: &self.shard.masks,
             metrics: &self.shard.metrics,
             account: &lease.account,
-            key: &lease.key.key,
+            redactor: &lease.key.redactor,
         }
     }
 
