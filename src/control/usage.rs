@@ -76,7 +76,7 @@ pub struct UsageBook {
 }
 
 /// A batch of counters on its way to the database.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct InFlight {
     seq: u64,
     batch: Arc<store::Pending>,
@@ -89,7 +89,7 @@ struct InFlight {
 #[derive(Debug)]
 pub struct SaveJob {
     store: store::Store,
-    batch: Option<(u64, Arc<store::Pending>, Option<u64>)>,
+    batch: Option<InFlight>,
 }
 
 /// What a [`SaveJob`] did, for [`UsageBook::end_save`].
@@ -107,7 +107,7 @@ impl SaveJob {
     /// directory (written back there if not). Blocks on the disk.
     pub fn run(mut self) -> SaveDone {
         let flushed = match &self.batch {
-            Some((seq, batch, prune)) => self.store.flush(batch, *prune, *seq),
+            Some(f) => self.store.flush(&f.batch, f.prune_through, f.seq),
             None => Ok(()),
         };
         let kept = match &flushed {
@@ -471,14 +471,13 @@ impl UsageBook {
         };
         let batch = changed.then(|| {
             self.seq += 1;
-            let batch = Arc::new(std::mem::take(&mut self.pending));
-            self.in_flight = Some(InFlight {
+            InFlight {
                 seq: self.seq,
-                batch: Arc::clone(&batch),
+                batch: Arc::new(std::mem::take(&mut self.pending)),
                 prune_through: self.prune_through,
-            });
-            (self.seq, batch, self.prune_through)
+            }
         });
+        self.in_flight.clone_from(&batch);
         Ok(Some(SaveJob { store, batch }))
     }
 

@@ -418,9 +418,20 @@ impl Store {
         tx.commit().map_err(io_err)
     }
 
-    /// The days with data.
+    /// The days with data, from the account rows (every record adds to an
+    /// account row and a device row of the same day).
     pub fn days(&self) -> std::io::Result<Vec<u64>> {
-        days(&self.conn)
+        let mut st = self
+            .conn
+            .prepare("SELECT DISTINCT day FROM totals WHERE grp = 0 ORDER BY day")
+            .map_err(io_err)?;
+        let days = st
+            .query_map([], |r| r.get::<_, Value>(0))
+            .map_err(io_err)?
+            .map(|d| d.map(uint))
+            .collect::<rusqlite::Result<Vec<u64>>>()
+            .map_err(io_err)?;
+        Ok(days)
     }
 
     /// Moves the write-ahead log into the database file and empties it
@@ -430,21 +441,6 @@ impl Store {
         self.conn
             .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
     }
-}
-
-/// The days with data, from the account rows (every record adds to an
-/// account row and a device row of the same day).
-fn days(conn: &Connection) -> std::io::Result<Vec<u64>> {
-    let mut st = conn
-        .prepare("SELECT DISTINCT day FROM totals WHERE grp = 0 ORDER BY day")
-        .map_err(io_err)?;
-    let days = st
-        .query_map([], |r| r.get::<_, Value>(0))
-        .map_err(io_err)?
-        .map(|d| d.map(uint))
-        .collect::<rusqlite::Result<Vec<u64>>>()
-        .map_err(io_err)?;
-    Ok(days)
 }
 
 impl Reader {
