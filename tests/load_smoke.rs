@@ -338,6 +338,9 @@ fn an_idle_stream_waits_for_finished_from_its_end_not_its_start() {
             finish_delay: Duration::from_millis(1500),
             ..Faults::default()
         },
+        // Past the 20 s hold: fake-soniox's own 20 s default raced the
+        // end of audio sent at 20 s (one stream got its 408 in a CI run).
+        idle_timeout: Duration::from_secs(60),
         ..FakeConfig::default()
     })
     .expect("fake-soniox starts");
