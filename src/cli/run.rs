@@ -168,9 +168,10 @@ pub fn run(path: &std::path::Path, join_client_port: bool) -> Result<(), crate::
                 Some(wait) => {
                     tracing::warn!(
                         waited_s = wait.as_secs(),
-                        "watchdog: the admin thread is inside a disk write and answers nothing \
-                         until it ends (admin port, /healthz, /metrics); the streams go on and \
-                         the relay is kept alive: a restart would cut them and meet the same disk"
+                        "watchdog: the admin thread waits on a disk write (a reload or the \
+                         stop's flush) and takes no message from this thread until it ends; \
+                         the streams go on and the relay is kept alive: a restart would cut \
+                         them and meet the same disk"
                     );
                     format!(
                         "{streams}; admin thread waiting on the disk for {} s",

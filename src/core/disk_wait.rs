@@ -1,19 +1,21 @@
-//! How long a thread has been inside a disk write.
+//! How long a thread has been waiting on a disk write.
 //!
-//! The admin thread writes the state directory itself: the key store, the
-//! revocations and the key dates, each synced with `fsync`; and a stop's
-//! last flush of the usage ledger waits for its commit (on a blocking
-//! thread) with the main thread's messages held. On a slow disk (a network file system, a failing drive, a
-//! host's I/O storm) one such write can take many seconds, and meanwhile
-//! the thread answers nothing, including the watchdog's liveness ping. A
-//! thread waiting on the kernel is not hung: the write ends when the disk
-//! answers, and a restart (what systemd does to a relay whose watchdog
-//! stops) would not make the disk faster; it would cut every live stream,
-//! and the new process would meet the same disk.
+//! The admin thread's state files (the key store, the revocations, the
+//! key dates, the usage ledger) are written, each synced with `fsync`, on
+//! its executor's blocking thread, and the admin thread answers meanwhile.
+//! But some of its work waits for such a write with the main thread's
+//! messages held, the watchdog's liveness ping among them: a reload (which
+//! dates new keys and saves the key store) and a stop's last flush. On a
+//! slow disk (a network file system, a failing drive, a host's I/O storm)
+//! one write can take many seconds. A thread waiting on the kernel is not
+//! hung: the write ends when the disk answers, and a restart (what systemd
+//! does to a relay whose watchdog stops) would not make the disk faster;
+//! it would cut every live stream, and the new process would meet the
+//! same disk.
 //!
-//! So the thread says when it is inside such a write. A thread [`watch`]es
-//! a [`DiskWait`]; each write it makes holds a [`writing`] guard for as
-//! long as the write takes; the watchdog, on a ping unanswered, asks
+//! So the thread says when it waits on such a write. A thread [`watch`]es
+//! a [`DiskWait`]; each write it makes or waits for holds a [`writing`]
+//! guard for as long as the write takes; the watchdog, on a ping unanswered, asks
 //! [`DiskWait::waiting`] and counts a thread inside a write as alive
 //! (`RelayHandle::alive`). The cost is two atomic stores per write, and
 //! nothing on a thread that watches none (the shards write no files).

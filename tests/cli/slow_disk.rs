@@ -153,7 +153,7 @@ impl SlowDisk {
         }
     }
 
-    /// A revocation on a thread of its own: the admin thread writes
+    /// A revocation on a thread of its own: the relay writes
     /// revocations.json, fsyncing the file and its directory, 10 s in all.
     fn revoke(&self) -> std::thread::JoinHandle<Result<(u16, String), String>> {
         const ADMIN: &str = "cli-exit-admin-token-0123456789";
@@ -167,6 +167,49 @@ impl SlowDisk {
                 .map(|r| (r.status, r.text()))
                 .map_err(|e| e.to_string())
         })
+    }
+
+    /// Waits (20 s at most) until a thread of the relay is inside an
+    /// fsync strace holds.
+    fn wait_in_fsync(&self, pid: u32) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !a_thread_in_fsync(pid) {
+            assert!(Instant::now() < deadline, "no write reached the disk");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The notifications that come until [`SlowDisk::revoke`]'s answer,
+    /// which must be a 200.
+    fn notes_until_answered(
+        &self,
+        revoke: std::thread::JoinHandle<Result<(u16, String), String>>,
+    ) -> Vec<String> {
+        let mut notes = Vec::new();
+        while !revoke.is_finished() {
+            notes.extend(self.recv());
+        }
+        let answer = revoke.join().unwrap();
+        assert_eq!(
+            answer.as_ref().map(|(status, _)| *status),
+            Ok(200),
+            "{answer:?}"
+        );
+        notes
+    }
+
+    /// `GET /healthz`'s status, if it comes within `wait`.
+    fn health(&self, wait: Duration) -> Result<u16, String> {
+        let req = Request::new("GET", "/healthz");
+        blocking::send(&Endpoint::plain(self.admin), &req, wait)
+            .map(|r| r.status)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Whether `revocations.json` holds [`SlowDisk::revoke`]'s device.
+    fn revoked_on_disk(&self) -> bool {
+        std::fs::read_to_string(self.dir.join("state").join("revocations.json"))
+            .is_ok_and(|s| s.contains("stolen-phone"))
     }
 
     fn signal(&self, sig: libc::c_int) {
@@ -183,82 +226,112 @@ impl Drop for SlowDisk {
     }
 }
 
-/// An admin thread inside an fsync that takes longer than the watchdog
-/// allows is waiting on the disk, not hung: the watchdog keeps the relay
-/// alive (`WATCHDOG=1`, with a status that says it waits on the disk)
-/// rather than have systemd kill it, and every stream with it, to meet the
-/// same disk again. Before, the check failed ("watchdog: no answer from
-/// admin") and no keep-alive went until the write ended: past
-/// `WatchdogSec=`, systemd would have killed the relay.
+/// A revocation on a slow disk: `revocations.json` is written (and
+/// synced, file and directory) on the admin executor's blocking thread,
+/// so the admin port answers while the write waits, and the revocation is
+/// answered once it is saved. Before, the write ran on the admin thread:
+/// `/healthz` went unanswered for its length (10 s here), and a
+/// balancer's checks took the relay out of rotation.
+#[test]
+fn a_revocation_on_a_slow_disk_leaves_the_admin_port_answering() {
+    let Some(mut disk) = SlowDisk::start("slow-disk-revocation") else {
+        return;
+    };
+    let pid = disk.relay.0.id();
+    let revoke = disk.revoke();
+    disk.wait_in_fsync(pid);
+    let health = disk.health(Duration::from_secs(2));
+    let still_writing = a_thread_in_fsync(pid) && !revoke.is_finished();
+    assert_eq!(
+        health,
+        Ok(200),
+        "/healthz while the revocation's fsync is held"
+    );
+    assert!(still_writing, "the answer came only after the write");
+    let notes = disk.notes_until_answered(revoke);
+    disk.strace.take();
+    let failed: Vec<_> = notes
+        .iter()
+        .filter(|m| m.contains("STATUS=watchdog:"))
+        .collect();
+    assert!(failed.is_empty(), "the watchdog gave up: {failed:?}");
+    assert!(
+        disk.revoked_on_disk(),
+        "the revocation answered but not saved"
+    );
+    disk.signal(libc::SIGTERM);
+    assert!(disk.relay.0.wait().unwrap().success());
+}
+
+/// A reload waits on the disk (it dates new keys in `key-dates.json`),
+/// here behind a revocation's write that takes longer than the watchdog
+/// allows, with the main thread's messages held: the admin thread is
+/// waiting on the disk, not hung, and the watchdog keeps the relay alive
+/// (`WATCHDOG=1`, with a status that says it waits on the disk) rather
+/// than have systemd kill it, and every stream with it, to meet the same
+/// disk again.
 #[test]
 fn an_admin_thread_waiting_on_a_slow_disk_keeps_the_watchdog_fed() {
     let Some(mut disk) = SlowDisk::start("slow-disk-watchdog") else {
         return;
     };
+    let pid = disk.relay.0.id();
     let revoke = disk.revoke();
-    let mut kept_alive_on_disk = Vec::new();
-    let mut failed = Vec::new();
-    while !revoke.is_finished() {
-        let Some(msg) = disk.recv() else { continue };
-        if msg.contains("STATUS=watchdog:") {
-            failed.push(msg);
-        } else if msg.starts_with("WATCHDOG=1") && msg.contains("waiting on the disk") {
-            kept_alive_on_disk.push(msg);
-        }
-    }
-    let answer = revoke.join().unwrap();
+    disk.wait_in_fsync(pid);
+    disk.signal(libc::SIGHUP);
+    let notes = disk.notes_until_answered(revoke);
     disk.strace.take();
-    assert_eq!(
-        answer.as_ref().map(|(status, _)| *status),
-        Ok(200),
-        "{answer:?}"
-    );
+    let failed: Vec<_> = notes
+        .iter()
+        .filter(|m| m.contains("STATUS=watchdog:"))
+        .collect();
     assert!(failed.is_empty(), "the watchdog gave up: {failed:?}");
     assert!(
-        !kept_alive_on_disk.is_empty(),
+        notes
+            .iter()
+            .any(|m| m.starts_with("WATCHDOG=1") && m.contains("waiting on the disk")),
         "no keep-alive said the admin thread waits on the disk"
     );
-    // The relay is whole: the admin port answers again.
-    let req = Request::new("GET", "/healthz");
-    let health = blocking::send(&Endpoint::plain(disk.admin), &req, Duration::from_secs(20))
-        .map(|r| r.status)
-        .map_err(|e| e.to_string());
-    assert_eq!(health, Ok(200));
+    // The relay is whole: the reload ends and the admin port answers.
+    disk.wait_for("READY=1 after the reload", |m| m.contains("READY=1"));
+    assert_eq!(disk.health(Duration::from_secs(20)), Ok(200));
     disk.signal(libc::SIGTERM);
     assert!(disk.relay.0.wait().unwrap().success());
 }
 
-/// A SIGHUP while the admin thread is inside a slow write waits for it
-/// (the admin thread applies reloads), but a SIGTERM after it does not
-/// wait for the reload: the relay says STOPPING=1 and drains at once, and
-/// exits once the write has ended. Before, the main thread waited for the
-/// reload's answer and took no signal until the write ended.
+/// A SIGHUP while a slow write holds the admin thread's reload waits for
+/// it, but a SIGTERM after it does not wait for the reload: the relay
+/// says STOPPING=1 and drains at once, and exits once the write has
+/// ended, the revocation answered and saved. Before, the main thread
+/// waited for the reload's answer and took no signal until the write
+/// ended.
 #[test]
 fn a_sigterm_during_a_reload_held_by_a_slow_disk_is_taken_at_once() {
     let Some(mut disk) = SlowDisk::start("slow-disk-reload") else {
         return;
     };
+    let pid = disk.relay.0.id();
     let revoke = disk.revoke();
-    // The admin thread is inside the write: the watchdog says so.
+    disk.wait_in_fsync(pid);
+    disk.signal(libc::SIGHUP);
+    disk.wait_for("RELOADING=1", |m| m.contains("RELOADING=1"));
+    // The reload waits behind the write: the watchdog says so.
     disk.wait_for("keep-alive waiting on the disk", |m| {
         m.starts_with("WATCHDOG=1") && m.contains("waiting on the disk")
     });
-    disk.signal(libc::SIGHUP);
-    disk.wait_for("RELOADING=1", |m| m.contains("RELOADING=1"));
     disk.signal(libc::SIGTERM);
     disk.wait_for("STOPPING=1", |m| m.contains("STOPPING=1"));
     assert!(
         !revoke.is_finished(),
         "STOPPING=1 came only after the slow write had ended"
     );
-    let answer = revoke.join().unwrap();
-    assert_eq!(
-        answer.as_ref().map(|(status, _)| *status),
-        Ok(200),
-        "{answer:?}"
-    );
+    disk.notes_until_answered(revoke);
     disk.strace.take();
     assert!(disk.relay.0.wait().unwrap().success());
+    assert!(
+        disk.revoked_on_disk(),
+        "the stop did not wait for the write"
+    );
 }
 
 /// Whether a thread of `pid` is inside fsync or fdatasync now (strace
@@ -398,15 +471,8 @@ fn the_admin_port_answers_while_the_ledger_waits_on_a_slow_disk() {
     };
     assert!(counted.ends_with(" 0.3"), "{counted}");
     // The persist begins and strace holds its fsync.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !a_thread_in_fsync(pid) {
-        assert!(Instant::now() < deadline, "the ledger was never written");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let req = Request::new("GET", "/healthz");
-    let health = blocking::send(&Endpoint::plain(disk.admin), &req, Duration::from_secs(2))
-        .map(|r| r.status)
-        .map_err(|e| e.to_string());
+    disk.wait_in_fsync(pid);
+    let health = disk.health(Duration::from_secs(2));
     let during = audio_seconds(disk.admin);
     let still_writing = a_thread_in_fsync(pid);
     assert_eq!(health, Ok(200), "/healthz while the ledger's fsync is held");

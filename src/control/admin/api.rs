@@ -196,7 +196,7 @@ pub(super) async fn changed(
         Err(answer) => return answer,
     };
     admin.publish();
-    if let Err(e) = admin.persist() {
+    if let Err(e) = admin.persist().await {
         tracing::error!(error = %e, "account change applied but not saved to the key store");
         return http::json_error(
             500,
@@ -208,8 +208,8 @@ pub(super) async fn changed(
         // Another node stored a change between this node's catching up and
         // its own: that set applies here (this change undone), and this
         // change is answered, not stored over it.
-        admin.apply_moved(*version, set.as_deref());
-        if let Err(e) = admin.persist() {
+        admin.apply_moved(*version, set.as_deref()).await;
+        if let Err(e) = admin.persist().await {
             tracing::error!(error = %e, "fleet account set applied but not saved to the key store");
         }
         tracing::warn!(method = req.method, path = req.path, account = %account, "admin change not made: another node changed the account set at the same time");
@@ -392,13 +392,13 @@ pub(super) fn stats(
 /// accounts nothing holds, drop removed accounts' reconciliations, retire
 /// keys whose overlap is over, and warn (once a day per key) about keys
 /// due for rotation.
-pub(super) fn housekeeping(admin: &Admin) {
+pub(super) async fn housekeeping(admin: &Admin) {
     // The key store saved by another process (a hand-over's other relay).
-    admin.catch_up_store();
+    admin.catch_up_store().await;
     // A change whose save failed, saved once the disk has room.
-    admin.save_unsaved_store();
+    admin.save_unsaved_store().await;
     // The config keys' dates, if the file is gone from the state directory.
-    admin.keep_key_dates();
+    admin.keep_key_dates().await;
     // Removed accounts whose last stream has ended: their metrics index
     // is freed and their series go.
     let freed = admin.accounts.set.borrow_mut().free_metrics_slots();

@@ -11,24 +11,41 @@ use crate::core::cluster::AccountsAnswer;
 use super::{Admin, ShareError};
 
 impl Admin {
-    /// Saves the account set to the key store (if there is one). A
-    /// failure (a full disk) leaves the set marked unsaved, which
+    /// Saves the account set to the key store (if there is one), on the
+    /// blocking thread ([`FileTurns`](super::file_turns::FileTurns)): the
+    /// set as it is when this save's turn comes. A failure (a full disk)
+    /// leaves the set marked unsaved, which
     /// [`Admin::save_unsaved_store`] tries again each second.
-    pub(super) fn persist(&self) -> Result<(), StoreError> {
-        let saved = self.persist_now();
+    pub(super) async fn persist(&self) -> Result<(), StoreError> {
+        let Some(store) = &self.accounts.store else {
+            return Ok(());
+        };
+        let saved = self
+            .accounts
+            .store_turns
+            .write(|| {
+                let data = self.accounts.set.borrow().to_store(
+                    &self.accounts.configs.borrow(),
+                    self.accounts.store_generation.get(),
+                );
+                let store = store.clone();
+                move || save_over(&store, data)
+            })
+            .await;
         self.accounts.store_unsaved.set(saved.is_err());
-        saved
+        self.accounts.store_generation.set(saved?);
+        Ok(())
     }
 
     /// Once a second: an account set whose save failed (a full disk, the
     /// file-size limit) is saved again, so a change answered "applied,
     /// but not saved" is not lost at the next restart once the disk has
     /// room; logged once when it is.
-    pub(super) fn save_unsaved_store(&self) {
-        if !self.accounts.store_unsaved.get() {
+    pub(super) async fn save_unsaved_store(&self) {
+        if !self.accounts.store_unsaved.get() || self.accounts.store_turns.busy() {
             return;
         }
-        if self.persist().is_ok() {
+        if self.persist().await.is_ok() {
             if let Some(store) = &self.accounts.store {
                 tracing::info!(path = %store.path().display(), "account changes not saved before are saved in the key store now");
             }
@@ -41,7 +58,10 @@ impl Admin {
     /// keys carry, so a restart does not date the config file's keys from
     /// then (and drop their rotation warnings). Logged once when written;
     /// a write that fails is tried again each second.
-    pub(super) fn keep_key_dates(&self) {
+    pub(super) async fn keep_key_dates(&self) {
+        if self.key_dates_turns.busy() {
+            return;
+        }
         let path = self
             .config
             .borrow()
@@ -71,64 +91,19 @@ impl Admin {
         if dates.is_empty() {
             return;
         }
-        let dir = path.parent().unwrap_or(std::path::Path::new("."));
+        let dir = path
+            .parent()
+            .unwrap_or(std::path::Path::new("."))
+            .to_owned();
         // A write that fails says nothing more: the start said `key dates
         // not saved`, or the state directory's other files say it is gone.
-        if crate::control::keystore::KeyDates::write_again(dir, dates).is_ok() {
+        let written = self
+            .key_dates_turns
+            .write(|| move || crate::control::keystore::KeyDates::write_again(&dir, dates))
+            .await;
+        if written.is_ok() {
             tracing::warn!(path = %path.display(), "key-dates.json was missing (removed under the running relay, or not saved at the start); written again with the dates the running keys carry");
         }
-    }
-
-    pub(super) fn persist_now(&self) -> Result<(), StoreError> {
-        let Some(store) = &self.accounts.store else {
-            return Ok(());
-        };
-        let mut data = self.accounts.set.borrow().to_store(
-            &self.accounts.configs.borrow(),
-            self.accounts.store_generation.get(),
-        );
-        match store.save(&mut data) {
-            // Changed by something else since this relay last wrote it
-            // (removed or restored by hand, another process on the state
-            // dir): the store holds what this relay runs, so its set goes
-            // over it. Refusing would refuse every later change too, and a
-            // restart would lose them all.
-            Err(StoreError::Conflict { on_disk, given }) => {
-                tracing::warn!(
-                    path = %store.path().display(),
-                    generation_on_disk = on_disk,
-                    generation_written_last = given,
-                    "the key store was changed by something other than this relay; writing the running account set over it"
-                );
-                data.generation = on_disk;
-                store.save(&mut data)?;
-            }
-            // Damaged under it (written over by hand, cut short): kept
-            // aside, for whoever damaged it, and the running set written
-            // anew. Else no change would be saved again, and the next
-            // start would stop on the damaged file.
-            Err(StoreError::Corrupt(why)) => {
-                let aside = store.dir().join(format!(
-                    "{}.damaged-{}",
-                    crate::control::keystore::STORE_FILE,
-                    crate::control::accounts::unix_now()
-                ));
-                std::fs::rename(store.path(), &aside).map_err(|e| StoreError::Io {
-                    context: format!("moving the damaged store aside to {}", aside.display()),
-                    source: e,
-                })?;
-                tracing::warn!(
-                    damaged = %why,
-                    kept_as = %aside.display(),
-                    "the key store was damaged under this relay; kept aside, writing the running account set anew"
-                );
-                data.generation = 0;
-                store.save(&mut data)?;
-            }
-            other => other?,
-        }
-        self.accounts.store_generation.set(data.generation);
-        Ok(())
     }
 
     /// In a fleet: stores the account set, sealed under the master key, for
@@ -160,13 +135,13 @@ impl Admin {
     /// An unreachable store is no reason to refuse: the change then
     /// follows the rules for one made while the store is down.
     pub(super) async fn catch_up_accounts(&self) {
-        self.catch_up_store();
+        self.catch_up_store().await;
         let (Some(fleet), Some(_)) = (self.process.fleet.get(), &self.accounts.store) else {
             return;
         };
         let base = self.accounts.fleet_version.get();
         if let Ok(AccountsAnswer::Moved(version, set)) = fleet.publish_accounts(None, base).await {
-            self.apply_moved(version, set.as_deref());
+            self.apply_moved(version, set.as_deref()).await;
         }
     }
 
@@ -180,18 +155,20 @@ impl Admin {
     /// is taken: a store removed, or an older copy put back, by hand is
     /// written over at the next change, as before. Called once a second
     /// and before each change; the file is opened only when it changed.
-    pub(super) fn catch_up_store(&self) {
+    pub(super) async fn catch_up_store(&self) {
         use std::os::unix::fs::MetadataExt as _;
         let Some(store) = &self.accounts.store else {
             return;
         };
-        if self.process.fleet.get().is_some() {
+        // While a save of this relay's is queued or under way, the file
+        // is older than the running set: not another process's save.
+        if self.process.fleet.get().is_some() || self.accounts.store_turns.busy() {
             return;
         }
         let meta = match std::fs::metadata(store.path()) {
             Ok(meta) => meta,
             Err(e) if crate::control::usage::is_gone(&e) => {
-                self.store_gone();
+                self.store_gone().await;
                 return;
             }
             Err(_) => return,
@@ -222,7 +199,7 @@ impl Admin {
     /// written is logged once (the next second tries again), and its
     /// return once. A relay that never saved one (generation 0) has
     /// nothing the config file does not hold.
-    pub(super) fn store_gone(&self) {
+    pub(super) async fn store_gone(&self) {
         if self.accounts.store_generation.get() == 0 {
             return;
         }
@@ -230,7 +207,7 @@ impl Admin {
             return;
         };
         let reported = &self.accounts.store_gone_reported;
-        match self.persist() {
+        match self.persist().await {
             Ok(()) => {
                 reported.set(false);
                 tracing::warn!(
@@ -271,15 +248,15 @@ impl Admin {
     }
 
     /// Takes the fleet's set of `version` (none: the store holds none).
-    pub(super) fn apply_moved(&self, version: i64, set: Option<&[u8]>) {
+    pub(super) async fn apply_moved(&self, version: i64, set: Option<&[u8]>) {
         match set {
-            Some(sealed) => self.apply_fleet_accounts(version, sealed),
+            Some(sealed) => self.apply_fleet_accounts(version, sealed).await,
             None => self.accounts.fleet_version.set(version),
         }
     }
 
     /// Applies the account set of `version` another node of the fleet stored.
-    pub(super) fn apply_fleet_accounts(&self, version: i64, sealed: &[u8]) {
+    pub(super) async fn apply_fleet_accounts(&self, version: i64, sealed: &[u8]) {
         let Some(store) = &self.accounts.store else {
             return;
         };
@@ -297,11 +274,61 @@ impl Admin {
         if log.is_empty() {
             return;
         }
-        if let Err(e) = self.persist() {
+        if let Err(e) = self.persist().await {
             tracing::error!(error = %e, "fleet account change applied but not saved to the key store");
         }
         for change in log {
             tracing::info!(change = %change, "account change from the fleet");
         }
     }
+}
+
+/// Writes `data` (built from the running set at the generation this relay
+/// last wrote or read) as the key store, on the blocking thread; returns
+/// the generation written.
+fn save_over(
+    store: &crate::control::keystore::KeyStore,
+    mut data: crate::control::keystore::StoreData,
+) -> Result<u64, StoreError> {
+    match store.save(&mut data) {
+        // Changed by something else since this relay last wrote it
+        // (removed or restored by hand, another process on the state
+        // dir): the store holds what this relay runs, so its set goes
+        // over it. Refusing would refuse every later change too, and a
+        // restart would lose them all.
+        Err(StoreError::Conflict { on_disk, given }) => {
+            tracing::warn!(
+                path = %store.path().display(),
+                generation_on_disk = on_disk,
+                generation_written_last = given,
+                "the key store was changed by something other than this relay; writing the running account set over it"
+            );
+            data.generation = on_disk;
+            store.save(&mut data)?;
+        }
+        // Damaged under it (written over by hand, cut short): kept
+        // aside, for whoever damaged it, and the running set written
+        // anew. Else no change would be saved again, and the next
+        // start would stop on the damaged file.
+        Err(StoreError::Corrupt(why)) => {
+            let aside = store.dir().join(format!(
+                "{}.damaged-{}",
+                crate::control::keystore::STORE_FILE,
+                crate::control::accounts::unix_now()
+            ));
+            std::fs::rename(store.path(), &aside).map_err(|e| StoreError::Io {
+                context: format!("moving the damaged store aside to {}", aside.display()),
+                source: e,
+            })?;
+            tracing::warn!(
+                damaged = %why,
+                kept_as = %aside.display(),
+                "the key store was damaged under this relay; kept aside, writing the running account set anew"
+            );
+            data.generation = 0;
+            store.save(&mut data)?;
+        }
+        other => other?,
+    }
+    Ok(data.generation)
 }

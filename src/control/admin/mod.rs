@@ -14,6 +14,7 @@
 
 mod alerts;
 mod api;
+mod file_turns;
 mod key_store;
 mod meter;
 pub mod pools;
@@ -175,6 +176,11 @@ struct Admin {
     /// Outside a fleet: `revocations.json` as shared with another process
     /// on the state directory (a hand-over restart's other relay).
     revocations_file: revocations::SharedFile,
+    /// `key-dates.json`'s writes, off the admin thread, in order.
+    key_dates_turns: file_turns::FileTurns,
+    /// Requests being answered (from a whole request to its answer
+    /// written), which a stop waits for a moment.
+    answering: std::cell::Cell<usize>,
     /// Usage, prices, reconciliation and alerts ([`services::usage`]).
     usage: UsageState,
     /// Active health checks ([`services::health`]).
@@ -185,8 +191,11 @@ struct Admin {
 struct AccountsState {
     /// The authoritative account set.
     set: RefCell<Accounts>,
-    /// The key store, where account changes are saved (none without a master key).
-    store: Option<crate::control::keystore::KeyStore>,
+    /// The key store, where account changes are saved (none without a
+    /// master key); shared with the blocking thread that writes it.
+    store: Option<Arc<crate::control::keystore::KeyStore>>,
+    /// The key store's writes, off the admin thread, in order.
+    store_turns: file_turns::FileTurns,
     /// The store generation last written or read.
     store_generation: std::cell::Cell<u64>,
     /// The store file as last looked at (inode, modification time, size),
@@ -291,6 +300,8 @@ impl Admin {
             pools: setup.pools,
             tls: setup.tls,
             revocations_file: revocations::SharedFile::default(),
+            key_dates_turns: Default::default(),
+            answering: Default::default(),
             accounts: AccountsState {
                 set: RefCell::new(setup.accounts),
                 store_generation: std::cell::Cell::new(setup.store.as_ref().map_or(0, |(_, g)| *g)),
@@ -300,7 +311,8 @@ impl Admin {
                 fleet_unreadable: std::cell::Cell::new(false),
                 fleet_version: std::cell::Cell::new(0),
                 changing: glommio::sync::Semaphore::new(1),
-                store: setup.store.map(|(s, _)| s),
+                store: setup.store.map(|(s, _)| Arc::new(s)),
+                store_turns: Default::default(),
                 configs: RefCell::new(setup.account_configs.clone()),
             },
             usage: UsageState {
@@ -352,7 +364,7 @@ impl Admin {
 
     /// Applies a reloaded config: accounts, stream limits, token keys, and
     /// the admin settings. Listen addresses, shards and upstream need a restart.
-    fn reload(&self, cfg: &Config) -> Vec<String> {
+    async fn reload(&self, cfg: &Config) -> Vec<String> {
         // The certificate first: the files may have changed since the
         // config was validated (a renewal under way), and a reload it
         // refuses must apply nothing, not the accounts alone.
@@ -368,13 +380,15 @@ impl Admin {
         let overlap = cfg.admin.rotation_overlap;
         let now = crate::control::accounts::unix_now();
         // Keys new to the file are dated now, here and after restarts.
-        crate::control::keystore::KeyDates::record(
-            &self.config.borrow().state_dir,
-            &cfg.accounts,
-            now,
-        );
+        self.key_dates_turns
+            .write(|| {
+                let dir = self.config.borrow().state_dir.clone();
+                let accounts = cfg.accounts.clone();
+                move || crate::control::keystore::KeyDates::record(&dir, &accounts, now)
+            })
+            .await;
         // Onto what the other process of a hand-over saved, if it did.
-        self.catch_up_store();
+        self.catch_up_store().await;
         let mut log = self.accounts.set.borrow_mut().apply_config(
             &cfg.accounts,
             &self.accounts.configs.borrow(),
@@ -421,7 +435,7 @@ impl Admin {
         *self.token_check.borrow_mut() = token_check(cfg.admin.token.as_ref());
         *self.usage.prices.borrow_mut() = prices(&cfg.accounts);
         *self.accounts.configs.borrow_mut() = cfg.accounts.clone();
-        if let Err(e) = self.persist() {
+        if let Err(e) = self.persist().await {
             log.push(format!("key store not updated: {e}"));
         }
         *self.usage.cfg.borrow_mut() = cfg.usage.clone();
@@ -571,7 +585,13 @@ async fn run(
             services::accounts(&admin, fleet_accounts),
             services::usage(&admin),
         ),
-        or(services::health(&admin), services::process(&admin, &spare)),
+        or(
+            services::health(&admin),
+            or(
+                services::process(&admin, &spare),
+                revocations::upkeep(&admin),
+            ),
+        ),
     );
     or(or(serve, services), async {
         let _ = stop.recv().await;

@@ -75,7 +75,7 @@ pub(super) async fn revocations(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
     let devices = &admin.process.devices;
     // Onto the lists another process saved, so this change does not
     // write over one made there.
-    catch_up(admin);
+    catch_up(admin).await;
     let mut changed = None;
     if req.method != "GET" {
         if let Err(answer) = req.length_required() {
@@ -134,8 +134,8 @@ pub(super) async fn revocations(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
         // Alone, the state directory keeps them over a restart (in a
         // fleet, Redis does).
         if admin.process.fleet.get().is_none() {
-            let dir = admin.config.borrow().state_dir.clone();
-            if let Err(e) = save_revocations(&dir, devices, &admin.revocations_file) {
+            if let Err(e) = save(admin).await {
+                let dir = admin.config.borrow().state_dir.clone();
                 tracing::error!(dir = %dir.display(), error = %e, "revocations changed on this relay, but not saved");
                 return http::json_error(
                     500,
@@ -324,13 +324,23 @@ fn change_answer(
     )
 }
 
-/// Outside a fleet, once a second: lets go of the token id revocations
-/// that have expired, and saves the lists when any did.
-pub(super) fn expire(admin: &Admin) {
+/// Outside a fleet, once a second: takes in the lists another process
+/// saved, lets go of the token id revocations that have expired, and saves
+/// the lists when any did. Never ends.
+pub(super) async fn upkeep(admin: &Admin) {
+    loop {
+        glommio::timer::Timer::new(std::time::Duration::from_secs(1)).await;
+        expire(admin).await;
+    }
+}
+
+/// Outside a fleet: lets go of the token id revocations that have
+/// expired, and saves the lists when any did.
+async fn expire(admin: &Admin) {
     if admin.process.fleet.get().is_some() {
         return;
     }
-    catch_up(admin);
+    catch_up(admin).await;
     let devices = &admin.process.devices;
     let gone = devices.expire_revoked_tokens(crate::control::accounts::unix_now());
     if gone == 0 {
@@ -340,8 +350,8 @@ pub(super) fn expire(admin: &Admin) {
         expired = gone,
         "token id revocations expired (no token carrying them can still be valid)"
     );
-    let dir = admin.config.borrow().state_dir.clone();
-    if let Err(e) = save_revocations(&dir, devices, &admin.revocations_file) {
+    if let Err(e) = save(admin).await {
+        let dir = admin.config.borrow().state_dir.clone();
         // Kept in memory: the file still has them, and a restart expires
         // them again.
         tracing::error!(dir = %dir.display(), error = %e, "expired token id revocations not saved");
@@ -354,14 +364,14 @@ pub(super) fn expire(admin: &Admin) {
 /// would serve the revoked devices and tokens. One that cannot be
 /// written is logged once (the next second tries again), and its return
 /// once.
-fn file_gone(admin: &Admin, dir: &std::path::Path) {
+async fn file_gone(admin: &Admin, dir: &std::path::Path) {
     let devices = &admin.process.devices;
     let (d, t) = devices.revoked();
     if d.is_empty() && t.is_empty() && devices.forgotten_through() == 0 {
         return;
     }
     let reported = &admin.revocations_file.gone_reported;
-    match save_revocations(dir, devices, &admin.revocations_file) {
+    match save(admin).await {
         Ok(()) => {
             reported.set(false);
             tracing::warn!(dir = %dir.display(), "revocations.json was gone (removed, or its directory moved) under the running relay; the revocations are written there again");
@@ -381,15 +391,17 @@ fn file_gone(admin: &Admin, dir: &std::path::Path) {
 /// other's, and the new process took the streams of a device revoked on
 /// the old one (where `clio-relay keys`' admin port, the config file's,
 /// leads). The file is read only when its inode, time or size moved.
-fn catch_up(admin: &Admin) {
-    if admin.process.fleet.get().is_some() {
+async fn catch_up(admin: &Admin) {
+    // While a save of this process's is queued or under way, the file is
+    // older than the running lists: not another process's save.
+    if admin.process.fleet.get().is_some() || admin.revocations_file.turns.busy() {
         return;
     }
     let dir = admin.config.borrow().state_dir.clone();
     // A change whose save failed (a full disk) is saved once the disk has
     // room: this process's lists are newer than the file's.
     if admin.revocations_file.unsaved.get() {
-        if save_revocations(&dir, &admin.process.devices, &admin.revocations_file).is_ok() {
+        if save(admin).await.is_ok() {
             tracing::info!(dir = %dir.display(), "revocations not saved before are saved in revocations.json now");
         }
         return;
@@ -398,7 +410,7 @@ fn catch_up(admin: &Admin) {
     let meta = match std::fs::metadata(&path) {
         Ok(meta) => meta,
         Err(e) if crate::control::usage::is_gone(&e) => {
-            file_gone(admin, &dir);
+            file_gone(admin, &dir).await;
             return;
         }
         Err(_) => return,
@@ -503,6 +515,8 @@ pub(super) struct SharedFile {
     gone_reported: std::cell::Cell<bool>,
     /// The last save failed (a full disk): tried again each second.
     unsaved: std::cell::Cell<bool>,
+    /// Its writes, off the admin thread, in order.
+    pub(super) turns: super::file_turns::FileTurns,
 }
 
 impl Default for SharedFile {
@@ -514,6 +528,7 @@ impl Default for SharedFile {
             since_ms: now_ms(),
             gone_reported: Default::default(),
             unsaved: Default::default(),
+            turns: Default::default(),
         }
     }
 }
@@ -538,6 +553,14 @@ impl SharedFile {
             at_ms: now,
             pid: std::process::id(),
         }));
+    }
+
+    /// Takes in a save's outcome: the file as written is this process's
+    /// (not read back as another's), and a failure is tried again.
+    fn saved(&self, written: std::io::Result<std::fs::Metadata>) -> std::io::Result<()> {
+        self.unsaved.set(written.is_err());
+        self.seen.set(Some(stamp(&written?)));
+        Ok(())
     }
 
     /// The lists in `path` when the file changed since this process last
@@ -606,13 +629,27 @@ struct Revoked {
     end_live_streams: Vec<EndRequest>,
 }
 
-/// Writes the revocation lists to `dir/revocations.json` (replaced
-/// atomically).
-fn save_revocations(
-    dir: &std::path::Path,
+/// Writes the revocation lists to `revocations.json` in the state
+/// directory (replaced atomically), on the blocking thread: the lists as
+/// they are when this save's turn comes.
+async fn save(admin: &Admin) -> std::io::Result<()> {
+    let file = &admin.revocations_file;
+    let written = file
+        .turns
+        .write(|| {
+            let path = admin.config.borrow().state_dir.join(REVOCATIONS_FILE);
+            let bytes = to_bytes(&admin.process.devices, file);
+            move || crate::control::usage::write_atomically(&path, &bytes?)
+        })
+        .await;
+    file.saved(written)
+}
+
+/// The revocation lists as `revocations.json` holds them.
+fn to_bytes(
     devices: &crate::core::devices::Devices,
     shared: &SharedFile,
-) -> std::io::Result<()> {
+) -> std::io::Result<Vec<u8>> {
     let times = devices.revoked_token_times();
     let token_ids_revoked_at = times.iter().map(|(id, at, ..)| (id.clone(), *at)).collect();
     let token_ids_clock_skew = times
@@ -621,18 +658,14 @@ fn save_revocations(
         .collect();
     let issued_through_refused = devices.forgotten_through();
     let (devices, token_ids) = devices.revoked();
-    let bytes = serde_json::to_vec(&Revoked {
+    Ok(serde_json::to_vec(&Revoked {
         devices,
         token_ids,
         token_ids_revoked_at,
         token_ids_clock_skew,
         issued_through_refused,
         end_live_streams: shared.to_save(),
-    })?;
-    let saved = crate::control::usage::write_atomically(&dir.join(REVOCATIONS_FILE), &bytes);
-    shared.unsaved.set(saved.is_err());
-    shared.seen.set(Some(stamp(&saved?)));
-    Ok(())
+    })?)
 }
 
 /// A file's identity and version as [`SharedFile`] compares them: inode,
@@ -705,7 +738,10 @@ mod tests {
             let meta = std::fs::metadata(&path).unwrap();
             shared.changed(&path, &meta)
         };
-        save_revocations(&dir, &devices, &shared).unwrap();
+        let bytes = to_bytes(&devices, &shared).unwrap();
+        shared
+            .saved(crate::control::usage::write_atomically(&path, &bytes))
+            .unwrap();
         assert!(changed(&shared).is_none(), "its own save read back");
         // Another process's save (a hand-over's other relay) is read, once.
         let theirs = serde_json::to_vec(&Revoked {

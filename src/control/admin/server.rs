@@ -223,6 +223,8 @@ async fn serve(
     if !ticket.handling(true) {
         return; // evicted as its request completed
     }
+    // Counted until its answer is written: a stop lets it finish.
+    let answering = super::file_turns::Counted::new(&admin.answering);
     let answer = match read {
         Some(Ok(n)) => match parse_request(&buf.filled()[..n]) {
             Some(req) => routes::route(&admin, &req).await,
@@ -236,7 +238,9 @@ async fn serve(
     // A client that stops reading does not keep the answer (a scrape's is
     // the largest) and the connection: the same bound as the request's.
     let written = timeout(Duration::from_secs(10), conn.write_all(&answer));
-    if !matches!(ticket.unless_evicted(written).await, Some(Some(Ok(_)))) {
+    let written = ticket.unless_evicted(written).await;
+    drop(answering);
+    if !matches!(written, Some(Some(Ok(_)))) {
         return;
     }
     // No reset: a client still sending (a 413 body) that reads late still

@@ -23,7 +23,7 @@ pub(super) async fn accounts(
     let keys = async {
         loop {
             glommio::timer::Timer::new(Duration::from_secs(1)).await;
-            api::housekeeping(admin);
+            api::housekeeping(admin).await;
         }
     };
     or(keys, from_fleet(admin, fleet_accounts)).await
@@ -88,9 +88,8 @@ fn learn_others_daily_audio(admin: &Admin) {
 }
 
 /// Once a second: the admin port's spare descriptors are refilled, the
-/// devices' idle states swept, expired token id revocations let go
-/// (outside a fleet), and the refusals and upstream failures a flood
-/// kept out of the log counted in a line. Never ends.
+/// devices' idle states swept, and the refusals and upstream failures a
+/// flood kept out of the log counted in a line. Never ends.
 pub(super) async fn process(admin: &Admin, spare: &Spare) {
     loop {
         glommio::timer::Timer::new(Duration::from_secs(1)).await;
@@ -101,7 +100,6 @@ pub(super) async fn process(admin: &Admin, spare: &Spare) {
             std::time::SystemTime::now(),
             admin.process.fleet.get().is_some(),
         );
-        super::revocations::expire(admin);
     }
 }
 
@@ -154,7 +152,7 @@ pub(super) async fn messages(admin: &Admin, inbox: async_channel::Receiver<Admin
     while let Ok(msg) = inbox.recv().await {
         match msg {
             AdminMsg::Reload(cfg, reply) => {
-                let _ = reply.send(admin.reload(&cfg)).await;
+                let _ = reply.send(admin.reload(&cfg).await).await;
             }
             AdminMsg::Ping(reply) => {
                 let _ = reply.send("admin".into());
@@ -162,6 +160,20 @@ pub(super) async fn messages(admin: &Admin, inbox: async_channel::Receiver<Admin
             AdminMsg::Flush(reply) => {
                 meter::take_usage(admin).await;
                 save_usage(admin, true).await;
+                // The state files' writes asked for before the stop end
+                // before the process does: a change is answered as saved
+                // only once it is. (Waiting on the disk, as the flush.)
+                let disk = crate::core::disk_wait::writing();
+                admin.revocations_file.turns.settled().await;
+                admin.accounts.store_turns.settled().await;
+                admin.key_dates_turns.settled().await;
+                drop(disk);
+                // And their requests' answers (2 s at most: a client that
+                // reads slowly does not hold the stop).
+                let until = Instant::now() + Duration::from_secs(2);
+                while admin.answering.get() > 0 && Instant::now() < until {
+                    glommio::timer::Timer::new(Duration::from_millis(10)).await;
+                }
                 let _ = reply.send(());
             }
         }
@@ -179,7 +191,7 @@ async fn from_fleet(
             // One this node has already (a change of its own stored since,
             // or the set its last change found) is not applied again.
             if version > admin.accounts.fleet_version.get() {
-                admin.apply_fleet_accounts(version, &sealed);
+                admin.apply_fleet_accounts(version, &sealed).await;
             }
         }
     }
