@@ -96,6 +96,31 @@ impl Redactor {
     }
 }
 
+impl Redactor {
+    /// How many bytes at the end of `bytes` a copy of the secret may start
+    /// with, for bytes still to come to complete: the longest tail that is
+    /// the start of a form of it (shorter than the form). Bytes cut off
+    /// there are held back until the next bytes are in: [`redact`](Self::redact)
+    /// of the two together then finds a copy that a read cut in two, where
+    /// each part alone is none. At most one byte less than the longest
+    /// form; 0 for a secret too short to redact.
+    pub fn cut_tail(&self, bytes: &[u8]) -> usize {
+        let mut longest = 0;
+        for finder in &self.finders {
+            let needle = finder.needle();
+            let from = bytes.len().saturating_sub(needle.len() - 1);
+            // The earliest start that matches is the longest tail.
+            for start in from..bytes.len() - longest {
+                if needle.starts_with(&bytes[start..]) {
+                    longest = bytes.len() - start;
+                    break;
+                }
+            }
+        }
+        longest
+    }
+}
+
 /// Says nothing of the secret (a searcher's own `Debug` shows its needle).
 impl fmt::Debug for Redactor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -130,6 +155,28 @@ mod tests {
         let mut words = b"the cat".to_vec();
         Redactor::new(&Secret::new("cat")).redact(&mut words);
         assert_eq!(words, b"the cat");
+    }
+
+    #[test]
+    fn a_cut_tail_is_the_longest_start_of_a_form_at_the_end() {
+        let key = Secret::new("sk/live\\quoted\"key");
+        let r = Redactor::new(&key);
+        let raw = key.expose().as_bytes();
+        assert_eq!(r.cut_tail(b"nothing here"), 0);
+        assert_eq!(r.cut_tail(b"ends in s"), 1);
+        assert_eq!(r.cut_tail(b"a sk/li"), 5);
+        // The whole form is no tail: it is the redaction's to find.
+        assert_eq!(r.cut_tail(raw), 0);
+        let mut cut = b"x ".to_vec();
+        cut.extend_from_slice(&raw[..raw.len() - 1]);
+        assert_eq!(r.cut_tail(&cut), raw.len() - 1);
+        // The JSON-escaped form, its backslash doubled, is longer.
+        let escaped = serde_json::to_string(key.expose()).unwrap();
+        let escaped = &escaped.as_bytes()[1..escaped.len() - 1];
+        assert_eq!(r.cut_tail(&escaped[..escaped.len() - 1]), escaped.len() - 1);
+        assert_eq!(r.cut_tail(&raw[..3]), 3);
+        assert_eq!(r.cut_tail(b""), 0);
+        assert_eq!(Redactor::new(&Secret::new("cat")).cut_tail(b"a ca"), 0);
     }
 
     #[test]

@@ -359,15 +359,32 @@ pub async fn upstream_to_client(
                 }
             }
         }
+        // Bytes at the front already scanned and held back: they may be
+        // the start of the key, which this read's bytes complete.
+        let held = usize::from(down.held.get());
         let filled = buf.filled();
         let end = filled.len().min(window);
-        // Upstream's first message is whole here when it is an error; a
-        // key cut by a read's end in a later one is not found.
+        // A copy of the key, also one the last read cut (its start held).
         redactor.redact(&mut filled[..end]);
         // Every text message is looked at (for `<fin>`, and `finished`
         // and error figures), also one that a read cut or that shares a
         // read with others: in place, as the scanner walks it.
-        let scan = scanner.scan_text(&mut filled[..end], &mut Noted(state));
+        let mut scan = scanner.scan_text(&mut filled[held..end], &mut Noted(state));
+        // A read that ends inside a frame's payload may end inside the
+        // key: what could be its start waits for the rest of the frame
+        // (the next read, where the redaction sees it whole). A frame all
+        // here goes whole; held bytes of one that never ends (upstream
+        // gone, or a protocol error in it) never reach the client, which
+        // could not read that frame anyway.
+        let keep = if scanner.at_boundary() {
+            0
+        } else {
+            redactor.cut_tail(&filled[..held + scan.ready])
+        };
+        down.held.set(keep as u16);
+        // What goes now: the bytes held before and those just scanned,
+        // less the ones kept back.
+        scan.ready = held + scan.ready - keep;
         if scan.ready > 0 {
             down.at_boundary.set(false);
             down.write_since.set(Some(read_at));
@@ -375,6 +392,8 @@ pub async fn upstream_to_client(
                 return End::ClientGone;
             }
             down.write_since.set(None);
+            // Held bytes that start a frame leave the client between
+            // frames, seen as inside one: the relay writes none of its own.
             down.at_boundary.set(scanner.at_boundary());
             down.mid_message.set(scanner.open_message().is_some());
             buf.consume(scan.ready);

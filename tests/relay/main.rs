@@ -26,6 +26,7 @@ mod pool_limits;
 mod pools;
 mod ports;
 mod proxy_protocol;
+mod redaction;
 mod refusals;
 mod reload;
 mod resume;

@@ -61,6 +61,7 @@ impl StreamState {
                 joined: RefCell::new(None),
                 last_word_seen: Cell::new(false),
                 write_since: Cell::new(None),
+                held: Cell::new(0),
             },
             meter: Meter::default(),
             resume: RefCell::new(None),
@@ -403,7 +404,17 @@ pub struct DownHalf {
     /// while it waits for room (the client is not reading). `None`
     /// between writes.
     pub write_since: Cell<Option<Instant>>,
+    /// Bytes at the front of the upstream buffer, already scanned, held
+    /// back from the client: a read ended inside a frame with them, and
+    /// they may start a copy of the account key that the next read
+    /// completes ([`Redactor::cut_tail`](crate::core::secret::Redactor::cut_tail)).
+    /// A count, not a copy: the bytes stay where they were read.
+    pub held: Cell<u16>,
 }
+
+// The most bytes held: a key's longest form (each byte of a key, visible
+// ASCII, is at most two JSON-escaped) less one.
+const _: () = assert!(2 * crate::core::config::MAX_KEY_BYTES <= u16::MAX as usize);
 
 impl DownHalf {
     /// A write to the client is under way ([`DownHalf::write_since`]).
@@ -429,6 +440,7 @@ impl DownHalf {
         self.first_error.set(None);
         self.accepted.set(false);
         self.last_word_seen.set(false);
+        self.held.set(0);
     }
 }
 
