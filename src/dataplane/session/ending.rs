@@ -68,6 +68,16 @@ impl Ending {
             End::ClientStalled if client_closed => {
                 row(ToClient::Close(1000), None, Some((Side::Client, 408)))
             }
+            // Upstream's last word was read, and a write to the client
+            // (of it, or of the results before it) waited on its full
+            // socket: the client stopped reading. Its failure, as any
+            // stall of its own; after `finished` it waits for no error
+            // frame, only the close.
+            End::ClientStalled if answered => row(
+                ToClient::Close(1000),
+                Some((1001, "client stopped reading")),
+                Some((Side::Client, 408)),
+            ),
             // The client's close went up: all it waits for is the answer.
             // Whatever ended the wait (upstream hung up, broke the protocol
             // or never answered; the relay's own stop), the relay answers
@@ -94,7 +104,6 @@ impl Ending {
             | End::UpstreamProtocol(_)
             | End::UpstreamStalled
             | End::UpstreamSilent
-            | End::ClientStalled
             | End::Idle
             | End::Resume(..)
                 if answered =>
@@ -247,11 +256,12 @@ mod tests {
             let counted = matches!(end, End::ClientStalled).then_some((Side::Client, 408));
             assert_eq!((after.upstream, after.counted), (None, counted), "{end:?}");
             // After upstream's `finished` (or error) reached the client, an
-            // upstream failure only costs it the close.
+            // upstream failure only costs it the close; a stall of the
+            // client's own is still its 408.
             let answered = Ending::of(end, false, true);
             if !matches!(end, End::Stopped(_) | End::Drain | End::KeyRetired) {
                 assert_eq!(code(&answered), Some((0, 1000)), "{end:?}");
-                assert_eq!(answered.counted, None, "{end:?}");
+                assert_eq!(answered.counted, counted, "{end:?}");
             }
         }
         let bad = Ending::of(End::ClientProtocol(FrameError::Masking), false, false);
