@@ -604,11 +604,13 @@ fn error_in(payload: &[u8]) -> FirstMessage {
 /// stopped reading because the client did. So is the quiet after the
 /// client's end of audio while a write to the client waits: the relay
 /// reads nothing from upstream because the client reads nothing. And
-/// once the client's close has gone up, a write to it that has waited
-/// `stall` ends the stream as [`End::ClientStalled`] too: the client
-/// sends nothing more, and upstream's answer to its close waits behind
-/// results it does not read, so nothing else would end the stream before
-/// `idle`.
+/// once the stream is ending (the client's close or its end of audio has
+/// gone up, or upstream's last word, `finished` or an error, has been
+/// read), a write to the client that has waited `stall` ends the stream
+/// as [`End::ClientStalled`] too: the client sends nothing more, and
+/// upstream's last results and its close (or its answer to the client's)
+/// wait behind results the client does not read, so nothing else would
+/// end the stream before `idle`.
 ///
 /// It shares its task with the pumps, so it is polled on every frame's
 /// wake-up. A glommio timer re-registers itself in the reactor's timer map
@@ -624,7 +626,7 @@ pub async fn idle_watch(state: &StreamState, idle: Duration, stall: Duration) ->
         if up_since.is_some_and(|s| now >= s + stall) {
             return stall_of(state);
         }
-        let down_since = write_after_close(state);
+        let down_since = write_after_the_end(state);
         if down_since.is_some_and(|s| now >= s + stall) {
             return End::ClientStalled;
         }
@@ -648,8 +650,8 @@ pub async fn idle_watch(state: &StreamState, idle: Duration, stall: Duration) ->
         std::future::poll_fn(|cx| {
             if armed && Instant::now() < deadline {
                 // A write upstream that began since (or one to a client
-                // whose close has gone up): look again.
-                let sooner = [state.up.write_since.get(), write_after_close(state)]
+                // that has nothing more to send): look again.
+                let sooner = [state.up.write_since.get(), write_after_the_end(state)]
                     .into_iter()
                     .flatten()
                     .any(|s| s + stall < deadline);
@@ -666,14 +668,17 @@ pub async fn idle_watch(state: &StreamState, idle: Duration, stall: Duration) ->
     }
 }
 
-/// Since when a write to the client has waited, if the client's close
-/// has gone up: such a write is bounded by the stall timeout.
-fn write_after_close(state: &StreamState) -> Option<Instant> {
-    state
-        .down
-        .write_since
-        .get()
-        .filter(|_| state.up.client_closed.get())
+/// Since when a write to the client has waited, if the stream is ending:
+/// the client's close or its end of audio has gone up, or upstream's last
+/// word (`finished`, or an error) has been read. Such a write is bounded
+/// by the stall timeout: the client owes nothing more that would show it
+/// is still there, and what upstream still owes waits behind this write.
+fn write_after_the_end(state: &StreamState) -> Option<Instant> {
+    state.down.write_since.get().filter(|_| {
+        state.up.client_closed.get()
+            || state.up.audio_ended.get()
+            || state.down.last_word_seen.get()
+    })
 }
 
 /// Whose stall it is: the client's when its results were waiting before

@@ -453,3 +453,124 @@ fn stream_session_after_config(ws: &mut Ws, frames: &[Vec<u8>]) -> Received {
     ws.send(Message::binary(Vec::<u8>::new())).unwrap();
     read_all(ws)
 }
+
+/// A client that ends its audio and then reads nothing while upstream
+/// goes on sending large results: the relay's write of them waits on the
+/// client's full socket, and nothing else moves (the client sends nothing
+/// more, upstream's `finished` and close wait behind the results). Before,
+/// the stream, both sockets and its `max_streams` slot were held until
+/// `limits.idle_timeout` (here 600 s); now a write to a client whose audio
+/// has ended waits at most `limits.stall_timeout`, then the stream ends as
+/// the client's stall: its usage recorded, its slot and its sockets free,
+/// and another stream of the relay untouched.
+#[test]
+fn a_client_that_ends_its_audio_and_stops_reading_does_not_hold_its_stream() {
+    use std::io::Write as _;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use tungstenite::Message;
+    const ADMIN: &str = "linger-admin-token-0123456789";
+    // Connection 0: at the end of audio, results of about 5 KB as fast as
+    // the relay takes them. Any other: a result per audio frame,
+    // `finished` and a close at the end of audio.
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopped = stop.clone();
+    let (url, _) = ws_upstream(move |conn, mut ws| {
+        ws.read().unwrap(); // the config
+        let mut ms = 0;
+        while let Ok(m) = ws.read() {
+            let Message::Binary(b) = m else { continue };
+            if conn == 0 && b.is_empty() {
+                ws.get_mut()
+                    .set_write_timeout(Some(Duration::from_millis(500)))
+                    .unwrap();
+                let words = "word ".repeat(1000);
+                let result = format!(
+                    r#"{{"tokens":[{{"text":"{words}","is_final":false}}],"final_audio_proc_ms":{ms},"total_audio_proc_ms":{ms}}}"#
+                );
+                while !stopped.load(Ordering::Relaxed) {
+                    let _ = ws.send(Message::text(result.clone()));
+                }
+                return;
+            }
+            let reply = if b.is_empty() {
+                serde_json::json!({"tokens": [], "final_audio_proc_ms": ms,
+                    "total_audio_proc_ms": ms, "finished": true})
+            } else {
+                ms += 100;
+                serde_json::json!({"tokens": [{"text": "w ", "is_final": true}],
+                    "final_audio_proc_ms": ms, "total_audio_proc_ms": ms})
+            };
+            let _ = ws.send(Message::text(reply.to_string()));
+            if b.is_empty() {
+                let _ = ws.close(Some(normal_close()));
+                while ws.read().is_ok() {}
+                return;
+            }
+        }
+    });
+    let mut cfg = relay_config(&url, &[("acct-a", "key-a")]);
+    cfg.limits.socket_buffer = 16 << 10;
+    cfg.limits.idle_timeout = Duration::from_secs(600);
+    cfg.limits.stall_timeout = Duration::from_secs(1);
+    cfg.server.max_streams = 2;
+    cfg.admin.token = Some(clio_relay::core::secret::Secret::new(ADMIN));
+    let relay = Relay::start(cfg);
+    let mut client = upgraded_raw_client(
+        relay.addr(),
+        &format!("Authorization: Bearer {}\r\n", relay.token("dev-ended")),
+    );
+    send_frames(
+        &mut client,
+        Opcode::Text,
+        config_message(None).as_bytes(),
+        1,
+    );
+    assert!(wait_until(LIMIT, || relay.handle.process.live_streams() == 1));
+    // Another stream, open while the first one stalls.
+    let (mut other, _) = connect(relay.addr(), &relay.token("dev-other"), Via::Header).unwrap();
+    other.send(Message::text(config_message(None))).unwrap();
+    assert!(wait_until(LIMIT, || relay.handle.process.live_streams() == 2));
+    // Audio, its end, and nothing read ever after.
+    for f in audio_frames(3, 2) {
+        let frame = clio_frame::frame::build_frame(Opcode::Binary, &f, Some([9, 8, 7, 6]));
+        client.write_all(&frame).unwrap();
+    }
+    send_frames(&mut client, Opcode::Binary, &[], 1);
+    let ours = (relay.addr(), client.local_addr().unwrap());
+    let ended = wait_until(LIMIT * 3, || relay.handle.process.live_streams() == 1);
+    stop.store(true, Ordering::Relaxed);
+    assert!(
+        ended,
+        "the stream of a client that ended its audio and stopped reading was held"
+    );
+    // Its socket closed (the 2 s bound on the wait for the client's FIN).
+    assert!(
+        wait_until(LIMIT, || !matches!(
+            tcp_socket(ours.0, ours.1),
+            Some((_, true))
+        )),
+        "the relay's socket to the client is still open: {:?}",
+        tcp_socket(ours.0, ours.1)
+    );
+    counted_as_the_clients_stall(&relay);
+    assert!(no_account_blamed(&relay));
+    // Its usage recorded.
+    let recorded = wait_until(LIMIT, || {
+        let (status, body) = http(
+            relay.handle.admin_addr,
+            "GET",
+            "/admin/usage?group_by=device",
+            Some(ADMIN),
+            None,
+        );
+        status == 200 && body.contains("dev-ended")
+    });
+    assert!(recorded, "the stream's usage was not recorded");
+    // The other stream goes on to its end, whole.
+    let got = stream_session_after_config(&mut other, &audio_frames(5, 1));
+    assert!(got.finished(), "{got:?}");
+    assert_eq!(got.text(), "w w w w w ");
+    assert_eq!(got.close_code(), Some(1000), "{got:?}");
+    assert!(relay.wait_idle(LIMIT));
+}

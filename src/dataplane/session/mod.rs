@@ -832,8 +832,11 @@ impl Stream {
             End::ClientStalled if cside.close_seen => {
                 tracing::info!(stream = %self.id, stall = ?self.settings.limits.stall_timeout, "the client sent its close and stopped reading its results; ending the stream as the client's failure");
             }
-            End::ClientStalled => {
+            End::ClientStalled if state.up.write_since.get().is_some() => {
                 tracing::info!(stream = %self.id, stall = ?self.settings.limits.stall_timeout, "the client stopped reading its results, so upstream stopped reading its audio; ending the stream as the client's failure");
+            }
+            End::ClientStalled => {
+                tracing::info!(stream = %self.id, stall = ?self.settings.limits.stall_timeout, "the client stopped reading its results after its end of audio; ending the stream as the client's failure");
             }
             End::UpstreamSilent if shard.process.upstream_log.admit() => {
                 tracing::warn!(stream = %self.id, account = %up.lease.account.id, idle = ?self.settings.limits.idle_timeout, "upstream sent nothing after the client's end of audio; ending the stream as an upstream failure");
