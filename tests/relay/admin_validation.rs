@@ -720,8 +720,15 @@ fn a_token_id_revocation_expires_when_no_token_can_carry_it() {
         !list.contains("leaked-1")
     }));
     assert!(unix_now() >= expires);
-    let saved = std::fs::read_to_string(cfg.admin.state_dir.join("revocations.json")).unwrap();
-    assert!(!saved.contains("leaked-1"), "{saved}");
+    // And from the file, written off the admin thread just after.
+    let file = cfg.admin.state_dir.join("revocations.json");
+    assert!(
+        wait_until(std::time::Duration::from_secs(10), || {
+            std::fs::read_to_string(&file).is_ok_and(|saved| !saved.contains("leaked-1"))
+        }),
+        "{:?}",
+        std::fs::read_to_string(&file)
+    );
     // A token issued since, with that id, streams.
     assert!(!refused(&relay, &mint(unix_now())));
     // Restarted with a longer lifetime allowed: a token the revocation
