@@ -186,6 +186,9 @@ struct Upgrade {
     version_13: Option<bool>,
     /// `Sec-WebSocket-Key`, if it is 16 bytes in base64.
     key: Option<[u8; 24]>,
+    /// `Sec-WebSocket-Protocol` lists [`SUBPROTOCOL`]: the 101 names it,
+    /// wherever the token was read from.
+    offers_subprotocol: bool,
 }
 
 /// Parses a client request head.
@@ -239,6 +242,7 @@ pub fn parse_client_request(head: &[u8]) -> Result<ClientRequest, HeadError> {
             up.key = valid_key(h.value);
         }
     }
+    up.offers_subprotocol = subprotocol.offered;
     let (path, query) = match target.split_once('?') {
         Some((p, q)) => (p, Some(q)),
         None => (target, None),
@@ -354,6 +358,8 @@ pub(crate) fn strip_bearer(v: &str) -> Option<&str> {
 /// list (RFC 6455 §11.3.4), so the items are scanned line by line.
 #[derive(Default)]
 struct Subprotocol<'h> {
+    /// The marker is in the list.
+    offered: bool,
     /// The marker was the last item seen.
     after_marker: bool,
     /// The item after the first marker, once seen (`Some(None)` if empty).
@@ -370,6 +376,7 @@ impl<'h> Subprotocol<'h> {
                 self.item = Some(Some(item).filter(|t| !t.is_empty()));
             } else {
                 self.after_marker = item == SUBPROTOCOL;
+                self.offered |= self.after_marker;
             }
         }
     }
@@ -403,7 +410,11 @@ pub fn upgrade_response(req: &ClientRequest) -> Option<Vec<u8>> {
     );
     out.extend_from_slice(accept.as_bytes());
     out.extend_from_slice(b"\r\n");
-    if matches!(req.token, Some((_, TokenSource::Subprotocol))) {
+    // Named whenever offered, not only when the token came in the list:
+    // a client that offered subprotocols may fail a 101 naming none
+    // (tungstenite and Node's `ws` do), and one it offered is always
+    // one it takes (RFC 6455 §4.1).
+    if up.offers_subprotocol {
         out.extend_from_slice(b"Sec-WebSocket-Protocol: ");
         out.extend_from_slice(SUBPROTOCOL.as_bytes());
         out.extend_from_slice(b"\r\n");

@@ -283,3 +283,55 @@ fn a_token_whose_id_no_revocation_can_name_is_refused() {
         assert!(got.finished(), "{id:?}: {got:?}");
     }
 }
+
+/// A client that offers the `soniox-api-key` subprotocol gets it named in
+/// the 101 wherever the relay read its token from: a client that offered
+/// subprotocols fails the handshake on a 101 naming none (tungstenite,
+/// Node's `ws`: "Server sent no subprotocol"), as Soniox never makes it
+/// do. Before, the relay named it only when it took the token from the
+/// list, so a client with the token in its `Authorization` header as
+/// well, or the marker alone and the token in the query, was refused by
+/// its own WebSocket library on a good token.
+#[test]
+fn an_offered_soniox_api_key_subprotocol_is_named_wherever_the_token_is() {
+    use tungstenite::client::IntoClientRequest;
+    let fake = fake(&["key-a"], |_| {});
+    let relay = Relay::start(relay_config(&fake.url(), &[("acct-a", "key-a")]));
+    let token = relay.token("device-offers");
+    // (URL, Authorization, Sec-WebSocket-Protocol)
+    let cases = [
+        (
+            format!("ws://{}/v1/transcribe", relay.addr()),
+            Some(format!("Bearer {token}")),
+            format!("soniox-api-key, {token}"),
+        ),
+        (
+            format!("ws://{}/v1/transcribe?token={token}", relay.addr()),
+            None,
+            "soniox-api-key".to_string(),
+        ),
+    ];
+    for (i, (url, auth, protocols)) in cases.into_iter().enumerate() {
+        let mut req = url.into_client_request().unwrap();
+        if let Some(a) = auth {
+            req.headers_mut()
+                .insert("Authorization", a.parse().unwrap());
+        }
+        req.headers_mut()
+            .insert("Sec-WebSocket-Protocol", protocols.parse().unwrap());
+        let tcp = std::net::TcpStream::connect(relay.addr()).unwrap();
+        tcp.set_read_timeout(Some(std::time::Duration::from_secs(15)))
+            .unwrap();
+        let (mut ws, resp) = match tungstenite::client::client(req, tcp) {
+            Ok(x) => x,
+            Err(e) => panic!("case {i}: the client refused the relay's 101: {e}"),
+        };
+        assert_eq!(
+            resp.headers().get("sec-websocket-protocol").unwrap(),
+            "soniox-api-key",
+            "case {i}"
+        );
+        let got = stream_session(&mut ws, &config_message(None), &audio_frames(5, 1));
+        assert!(got.finished(), "case {i}: {got:?}");
+    }
+}
