@@ -266,7 +266,7 @@ fn an_unreachable_upstream_is_logged_in_a_bounded_number_of_lines() {
     for _ in 0..STREAMS {
         let (mut ws, _) = connect(relay.addr(), &token, Via::Header).unwrap();
         let got = stream_session(&mut ws, &config_message(None), &audio_frames(1, 1));
-        assert_eq!(got.error_code(), Some(502), "{got:?}");
+        assert_eq!(got.error_code(), Some(503), "{got:?}");
     }
 
     let tally = || {

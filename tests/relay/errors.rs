@@ -347,6 +347,39 @@ fn upstream_dying_mid_stream_gets_503_and_1011() {
     assert!(relay.wait_idle(LIMIT));
 }
 
+/// An upstream that cannot be reached is told with 503, the code Soniox
+/// itself gives when a client should reconnect ("Cannot continue
+/// request"), and close 1011. The relay sent 502, a code Soniox never
+/// sends: Soniox's JavaScript SDK (`@soniox/client` 2.3) takes an error
+/// frame's code it does not know as a `RealtimeError` that
+/// `isRetriableError` says is not worth retrying, so a `Recording` with
+/// `auto_reconnect` gave up on an outage it would have ridden out (it
+/// retries 408, 500, 503 and lost connections). The relay still counts
+/// it as before, `errors_total{side="upstream",code="502"}`: the error
+/// type says which 503 it is (`upstream_unavailable`).
+#[test]
+fn an_unreachable_upstream_gets_soniox_reconnect_code_503_and_1011() {
+    // A port nothing listens on: every connect is refused at once.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut cfg = relay_config(
+        &format!("ws://127.0.0.1:{port}/transcribe-websocket"),
+        &[("acct-down", "key-down")],
+    );
+    cfg.failover.max_resumes = 0;
+    let relay = Relay::start(cfg);
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    let got = stream_session(&mut ws, &config_message(None), &audio_frames(1, 1));
+    assert_error_frame(&got, 503, 1011);
+    assert_eq!(got.messages[0]["error_type"], "upstream_unavailable");
+    let m = relay.handle.metrics();
+    assert!(m.errors(clio_relay::core::metrics::Side::Upstream, 502) >= 1);
+    assert_eq!(m.errors(clio_relay::core::metrics::Side::Upstream, 503), 0);
+}
+
 #[test]
 fn upstream_error_mid_stream_passes_through() {
     // With mid-stream resume off (raw audio would resume otherwise).

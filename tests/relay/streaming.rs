@@ -1095,7 +1095,7 @@ fn a_101_a_websocket_client_must_refuse_is_refused() {
         let relay = Relay::start(relay_config(&upstream_answering(answer), &[("a", "k1")]));
         let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
         let got = stream_session(&mut ws, &config_message(None), &audio_frames(2, 1));
-        assert_eq!(got.error_code(), Some(502), "answer {i}: {got:?}");
+        assert_eq!(got.error_code(), Some(503), "answer {i}: {got:?}");
         assert_eq!(got.close_code(), Some(1011), "answer {i}: {got:?}");
         assert_eq!(got.text(), "", "answer {i}: {got:?}");
     }

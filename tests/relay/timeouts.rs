@@ -37,7 +37,7 @@ fn a_connect_timeout_holds_the_account_off() {
     let (mut ws, _) = connect(relay.addr(), &relay.token("dev-1"), Via::Header).unwrap();
     ws.send(Message::text(config_message(None))).unwrap();
     let got = read_all(&mut ws);
-    assert_error_frame(&got, 502, 1011);
+    assert_error_frame(&got, 503, 1011);
     assert_eq!(reached.load(Ordering::SeqCst), 2);
 
     // Both are held off now: the next stream is told after the waits of
@@ -46,7 +46,7 @@ fn a_connect_timeout_holds_the_account_off() {
     let (mut ws, _) = connect(relay.addr(), &relay.token("dev-2"), Via::Header).unwrap();
     ws.send(Message::text(config_message(None))).unwrap();
     let got = read_all(&mut ws);
-    assert_error_frame(&got, 502, 1011);
+    assert_error_frame(&got, 503, 1011);
     assert_eq!(
         reached.load(Ordering::SeqCst),
         2,

@@ -14,7 +14,9 @@ pub(super) const UPSTREAM_UNAVAILABLE: &str = "upstream_unavailable";
 /// A refusal after the upgrade: one Soniox-shaped error frame, then a close.
 #[derive(Debug, Clone)]
 pub struct Refusal {
-    /// Soniox error code (400, 401, 408, 429, 502, 503).
+    /// The relay's code for it (400, 401, 408, 429, 502, 503), as
+    /// metrics, logs and usage records have it; the client's frame
+    /// carries [`client_code`](Self::client_code).
     pub code: u16,
     /// Soniox `error_type`.
     pub kind: &'static str,
@@ -228,11 +230,24 @@ impl Refusal {
         )
     }
 
+    /// The code the client's error frame carries: [`code`](Self::code),
+    /// except that an unreachable upstream (counted and logged as 502) is
+    /// told with 503, Soniox's "Cannot continue request" that clients
+    /// reconnect on. Soniox sends no 502, and its JavaScript SDK takes a
+    /// code it does not know as an error not worth retrying.
+    pub fn client_code(&self) -> u16 {
+        if self.kind == UPSTREAM_UNAVAILABLE {
+            503
+        } else {
+            self.code
+        }
+    }
+
     /// The error frame and the close frame, as the relay writes them to a client.
     pub fn frames(&self, request_id: &str) -> Vec<u8> {
         let body = serde_json::json!({
             "tokens": [],
-            "error_code": self.code,
+            "error_code": self.client_code(),
             "error_message": self.message,
             "error_type": self.kind,
             "request_id": request_id,
