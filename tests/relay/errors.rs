@@ -380,6 +380,47 @@ fn an_unreachable_upstream_gets_soniox_reconnect_code_503_and_1011() {
     assert_eq!(m.errors(clio_relay::core::metrics::Side::Upstream, 503), 0);
 }
 
+/// With the token on the request, a refusal at open (here an upstream
+/// that cannot be reached) waits for the client's config, as Soniox's
+/// answers do: a client that sends none gets 408 at
+/// `limits.idle_timeout`, one whose first message is no config gets its
+/// 400, and one with a config the open's 503. The relay sent the
+/// refusal and its close right after the 101, before the config: Soniox's
+/// Python SDK, which sends its config as soon as the upgrade is done,
+/// found the connection closing and raised "Failed to start realtime
+/// session", the error's code and message lost (five runs in six).
+#[test]
+fn a_refusal_at_open_waits_for_the_config_as_soniox_does() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut cfg = relay_config(
+        &format!("ws://127.0.0.1:{port}/transcribe-websocket"),
+        &[("acct-down", "key-down")],
+    );
+    cfg.failover.max_resumes = 0;
+    cfg.limits.idle_timeout = Duration::from_secs(1);
+    let relay = Relay::start(cfg);
+    // No config: the relay waits for one, as Soniox would.
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    assert_error_frame(&read_all(&mut ws), 408, 1000);
+    // A first message that is no config: the client's fault comes first.
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    ws.send(Message::binary(vec![0u8; 64])).unwrap();
+    assert_error_frame(&read_all(&mut ws), 400, 1002);
+    // A config: the open's refusal.
+    let (mut ws, _) = connect(relay.addr(), &relay.token("dev"), Via::Header).unwrap();
+    ws.send(Message::text(config_message(None))).unwrap();
+    assert_error_frame(&read_all(&mut ws), 503, 1011);
+    // The official SDK sees the error as it would Soniox's.
+    if crate::failover::soniox_sdk() {
+        let got = crate::failover::through_python_sdk(&relay, &[]);
+        assert_eq!(got["error"], 503, "{got}");
+    }
+}
+
 #[test]
 fn upstream_error_mid_stream_passes_through() {
     // With mid-stream resume off (raw audio would resume otherwise).

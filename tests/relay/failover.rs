@@ -234,7 +234,7 @@ fn errors_that_are_not_the_accounts_pass_through_from_the_first_account() {
 }
 
 /// Whether `python3` can import the official Soniox SDK (`.ci/run` installs it).
-fn soniox_sdk() -> bool {
+pub(crate) fn soniox_sdk() -> bool {
     let ok = std::process::Command::new("python3")
         .args(["-c", "import soniox"])
         .output()
@@ -251,11 +251,16 @@ fn soniox_sdk() -> bool {
 /// Streams `audio` through `relay` with the official Soniox Python SDK
 /// (tests/sdk/soniox_python_stream.py) and returns what it printed: the
 /// final text, the error it saw (if any), and whether `finished` came.
-fn through_python_sdk(relay: &Relay, audio: &[u8]) -> Value {
+/// With no audio, the session sends none and reads its events right
+/// after the config.
+pub(crate) fn through_python_sdk(relay: &Relay, audio: &[u8]) -> Value {
     let dir = state_dir();
     std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("audio.raw");
+    let mut file = dir.join("audio.raw");
     std::fs::write(&file, audio).unwrap();
+    if audio.is_empty() {
+        file = "-".into();
+    }
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/sdk/soniox_python_stream.py"

@@ -6,6 +6,8 @@ Opens a real-time session the way the SDK's own examples do (config on
 connect, then all the audio, then the end of audio), reads every event
 until the stream ends, and prints one JSON line: the final text, the error
 (if any) and whether `finished` arrived. Exits 0 unless the SDK raised.
+AUDIO_FILE `-` sends no audio: the session reads its events right after
+the config, as an app whose audio comes from another thread does.
 """
 
 import json
@@ -17,8 +19,10 @@ from soniox.types import RealtimeSTTConfig
 
 def main() -> int:
     url, token, audio_path = sys.argv[1:4]
-    with open(audio_path, "rb") as f:
-        audio = f.read()
+    audio = b""
+    if audio_path != "-":
+        with open(audio_path, "rb") as f:
+            audio = f.read()
     client = SonioxClient(api_key=token, websocket_base_url=url)
     config = RealtimeSTTConfig(
         model="stt-rt-v4",
@@ -32,7 +36,8 @@ def main() -> int:
         with client.realtime.stt.connect(config=config) as session:
             # All audio at once, right after the config: what a client with
             # buffered audio does, and what no open-time failover can wait out.
-            session.send_bytes(iter(chunks), finish=True)
+            if audio_path != "-":
+                session.send_bytes(iter(chunks), finish=True)
             for event in session.receive_events():
                 if event.error_code is not None:
                     error = event.error_code

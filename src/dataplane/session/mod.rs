@@ -151,6 +151,47 @@ impl Drop for OpenedEarly<'_> {
     }
 }
 
+/// The client's first message and the upstream opened for it at once (the
+/// token came on the request), as `try_zip` would, except that an open
+/// that fails first is told only once the first message has come: Soniox
+/// answers a client only after its config, and an SDK that sends its
+/// config right after the upgrade (Soniox's Python SDK) finds a
+/// connection that closed before it could, and reports a failure to start
+/// without the error. A first message that fails (none in time, a bad
+/// one, the client gone) is the answer, whatever the open did; so it is
+/// when it fails first.
+async fn first_then_open<A, B>(
+    first: impl std::future::Future<Output = Result<A, Refusal>>,
+    open: impl std::future::Future<Output = Result<B, Refusal>>,
+) -> Result<(A, B), Refusal> {
+    use std::task::Poll;
+    let mut first = std::pin::pin!(first);
+    let mut open = std::pin::pin!(open);
+    let (mut a, mut b) = (None, None);
+    future::poll_fn(|cx| {
+        if a.is_none() {
+            match first.as_mut().poll(cx) {
+                Poll::Ready(Err(r)) => return Poll::Ready(Err(r)),
+                Poll::Ready(Ok(x)) => a = Some(x),
+                Poll::Pending => {}
+            }
+        }
+        if b.is_none() {
+            if let Poll::Ready(x) = open.as_mut().poll(cx) {
+                b = Some(x);
+            }
+        }
+        match (a.take(), b.take()) {
+            (Some(a), Some(b)) => Poll::Ready(b.map(|b| (a, b))),
+            (a2, b2) => {
+                (a, b) = (a2, b2);
+                Poll::Pending
+            }
+        }
+    })
+    .await
+}
+
 impl Stream {
     /// The stream's whole life after the upgrade: open, pump, fail over or
     /// resume, end.
@@ -192,7 +233,16 @@ impl Stream {
                         match &claims {
                             Some(c) => {
                                 *self.pools.borrow_mut() = c.pools.clone();
-                                let (permit, lease) = self.admit(c).await?;
+                                // A refusal waits for the first message, as
+                                // Soniox answers only once it has the config
+                                // (see `first_then_open`).
+                                let (permit, lease) = match self.admit(c).await {
+                                    Ok(x) => x,
+                                    Err(r) => {
+                                        self.read_first_message(&client, &mut cbuf).await?;
+                                        return Err(r);
+                                    }
+                                };
                                 state.meter.admit(permit);
                                 // Live from here: a revocation or a drain
                                 // that comes while upstream opens ends it.
@@ -214,7 +264,7 @@ impl Stream {
                                         metrics: &self.shard.metrics,
                                     })
                                 });
-                                let (first, up) = future::try_zip(
+                                let (first, up) = first_then_open(
                                     self.read_first_message(&client, &mut cbuf),
                                     opening,
                                 )
