@@ -258,11 +258,15 @@ pub fn http_head(data: &[u8]) {
         if let Some(a) = &answer {
             assert!(a.starts_with(b"HTTP/1.1 101 ") && a.ends_with(b"\r\n\r\n"));
         }
-        (
-            answer,
-            req.token
-                .is_some_and(|(_, s)| s == TokenSource::Subprotocol),
-        )
+        // Named whenever offered, wherever the token came from.
+        if req
+            .token
+            .as_ref()
+            .is_some_and(|(_, s)| *s == TokenSource::Subprotocol)
+        {
+            assert!(offers_soniox_api_key(data));
+        }
+        (answer, offers_soniox_api_key(data))
     });
     let reference = tungstenite_answer(data);
     match ours {
@@ -282,6 +286,23 @@ pub fn http_head(data: &[u8]) {
         None => assert!(reference.is_none(), "a head tungstenite's parse takes"),
     }
     let _ = check_upstream_answer(data, "dGhlIHNhbXBsZSBub25jZQ==");
+}
+
+/// Whether a request head's `Sec-WebSocket-Protocol` lines (one list,
+/// RFC 6455 §11.3.4) offer `soniox-api-key`, read apart from the relay's
+/// own scan.
+fn offers_soniox_api_key(head: &[u8]) -> bool {
+    let mut headers = header_slots(head);
+    let mut req = httparse::Request::new(&mut headers);
+    if !matches!(req.parse(head), Ok(httparse::Status::Complete(_))) {
+        return false;
+    }
+    req.headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("sec-websocket-protocol"))
+        .filter_map(|h| std::str::from_utf8(h.value).ok())
+        .flat_map(|v| v.split(','))
+        .any(|item| item.trim() == "soniox-api-key")
 }
 
 /// The 101 answer as tungstenite builds it: `None` when the head does not
