@@ -430,6 +430,9 @@ fn a_client_refused_after_the_upgrade_through_haproxy_is_not_reset() {
             "{}",
             String::from_utf8_lossy(&head)
         );
+        // Its config, after which a refusal comes (as Soniox's do).
+        tcp.write_all(&client_frame(1, config_message(None).as_bytes()))
+            .unwrap();
         // The refusal: the 429 frame and the close, whole.
         let mut got = Vec::new();
         let mut chunk = [0u8; 4096];
