@@ -424,7 +424,10 @@ pub fn upgrade_response(req: &ClientRequest) -> Option<Vec<u8>> {
 }
 
 /// A complete HTTP response with a body; `Connection: close`, and
-/// `Cache-Control: no-store`: no cache keeps it.
+/// `Cache-Control: no-store`: no cache keeps it. Every answer says
+/// `X-Content-Type-Options: nosniff`: a browser reads it only as its
+/// `Content-Type` says, never a JSON or text answer (whose strings a
+/// request or upstream may shape) as HTML or script.
 pub fn response(status: u16, content_type: &str, extra_headers: &str, body: &[u8]) -> Vec<u8> {
     response_cached(status, content_type, "no-store", extra_headers, body)
 }
@@ -438,7 +441,7 @@ pub fn response_cached(
     body: &[u8],
 ) -> Vec<u8> {
     let mut out = format!(
-        "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\nCache-Control: {cache_control}\r\n{extra_headers}\r\n",
+        "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\nCache-Control: {cache_control}\r\nX-Content-Type-Options: nosniff\r\n{extra_headers}\r\n",
         reason(status),
         body.len()
     )

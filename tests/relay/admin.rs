@@ -443,3 +443,50 @@ fn the_remote_config_does_not_change_with_account_health() {
     let doc: Value = serde_json::from_str(&after).unwrap();
     assert_eq!(doc["pools"][0]["isAvailable"], true, "{doc}");
 }
+
+/// The dashboard may not be framed by another site: its CSP says
+/// `frame-ancestors 'none'` (and `X-Frame-Options: DENY` for browsers
+/// that read only that). Before, any page could load the admin port's
+/// dashboard in an invisible frame over its own buttons, and an operator
+/// who logged in there clicked **disable** or **rotate** unaware
+/// (clickjacking). Every answer of both ports says
+/// `X-Content-Type-Options: nosniff`: a browser never reads a JSON or
+/// text answer, whose strings a request or upstream may shape, as HTML
+/// or script.
+#[test]
+fn the_dashboard_cannot_be_framed_and_no_answer_is_sniffed() {
+    let fake = fake(&["k1"], |_| {});
+    let relay = Relay::start(relay_config(&fake.url(), &[("a", "k1")]));
+    let admin = relay.handle.admin_addr;
+    for path in ["/", "/dashboard"] {
+        let (head, _) = raw_answer(admin, "GET", path);
+        assert!(head.starts_with("HTTP/1.1 200"), "{path}: {head}");
+        let csp = header_of(&head, "content-security-policy").unwrap_or_default();
+        assert!(
+            csp.split(';').any(|d| d.trim() == "frame-ancestors 'none'"),
+            "{path}: {head}"
+        );
+        assert_eq!(
+            header_of(&head, "x-frame-options").as_deref(),
+            Some("DENY"),
+            "{path}: {head}"
+        );
+    }
+    for (addr, method, path) in [
+        (admin, "GET", "/dashboard"),
+        (admin, "GET", "/metrics"),
+        (admin, "GET", "/v1/config"),
+        (admin, "GET", "/admin/accounts"),
+        (admin, "GET", "/nope"),
+        (relay.addr(), "GET", "/healthz"),
+        (relay.addr(), "GET", "/v1/transcribe"),
+        (relay.addr(), "GET", "/nope"),
+    ] {
+        let (head, _) = raw_answer(addr, method, path);
+        assert_eq!(
+            header_of(&head, "x-content-type-options").as_deref(),
+            Some("nosniff"),
+            "{method} {path}: {head}"
+        );
+    }
+}

@@ -263,12 +263,16 @@ async fn answer(admin: &Admin, req: &Request<'_>, method: &str) -> Vec<u8> {
 }
 
 /// `GET /` and `/dashboard`. The page holds no data: it asks for the admin
-/// token and reads everything through the token-protected API.
+/// token and reads everything through the token-protected API. No other
+/// site may frame it (`frame-ancestors 'none'`, and `X-Frame-Options`
+/// for browsers that read only that): a page that framed it unseen over
+/// its own buttons had an operator logged in there press **disable** or
+/// **rotate** unaware.
 fn dashboard() -> Vec<u8> {
     http::response(
         200,
         "text/html; charset=utf-8",
-        "Content-Security-Policy: default-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'\r\n",
+        "Content-Security-Policy: default-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; frame-ancestors 'none'; base-uri 'none'\r\nX-Frame-Options: DENY\r\n",
         DASHBOARD.as_bytes(),
     )
 }
