@@ -553,3 +553,39 @@ fn behind_haproxy_each_client_counts_as_its_own_address() {
     assert!(fake.wait_for(Duration::from_secs(10), |s| s.iter().any(|x| x.closed)));
     assert_eq!(fake.sessions()[0].audio, frames.concat());
 }
+
+/// A session token sent in the query (`?token=`, the README's third
+/// place for it) never reaches HAProxy's log. The shipped config's
+/// `option httplog` logged each request line whole, query and token
+/// included, in every traffic line of a balancer whose log takes them
+/// (`info`, as this harness's does): anyone who could read the balancer's
+/// log could stream as that device until the token expired. The shipped
+/// log-format is httplog's, with the request's method, path and version
+/// in place of its line.
+#[test]
+fn a_query_token_is_not_in_haproxys_log() {
+    let fake = fake(&["k1"], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("a", "k1")]);
+    trusting_the_balancer(&mut cfg);
+    let relay = Relay::start(cfg);
+    let lb = HaProxy::start(&[(relay.addr(), relay.handle.admin_addr)]);
+    let lb_addr: std::net::SocketAddr = ([127, 0, 0, 1], lb.port).into();
+    let token = relay.token("phone");
+    let (mut ws, _) = connect(lb_addr, &token, Via::Query).unwrap();
+    let got = stream_session(&mut ws, &config_message(None), &audio_frames(3, 1));
+    assert!(got.finished(), "{got:?}\n{}", lb.trouble());
+    drop(ws);
+    // HAProxy logs a tunnel's line when it closes.
+    let log = || std::fs::read_to_string(lb.dir.join("haproxy.log")).unwrap_or_default();
+    assert!(
+        wait_until(Duration::from_secs(20), || log().contains(" 101 ")),
+        "no line for the stream: {}",
+        log()
+    );
+    let log = log();
+    assert!(log.contains("/v1/transcribe"), "{log}");
+    assert!(
+        !log.contains(&token),
+        "the token is in HAProxy's log:\n{log}"
+    );
+}
