@@ -16,6 +16,9 @@ use crate::util::*;
 /// under 2 s).
 const FSYNC_DELAY: Duration = Duration::from_secs(5);
 
+/// The relay's admin token (`relay_config`'s).
+const ADMIN: &str = "cli-exit-admin-token-0123456789";
+
 /// Kills (and reaps) a child process when the test ends, passed or not.
 struct Reaped(Child);
 
@@ -156,13 +159,18 @@ impl SlowDisk {
     /// A revocation on a thread of its own: the relay writes
     /// revocations.json, fsyncing the file and its directory, 10 s in all.
     fn revoke(&self) -> std::thread::JoinHandle<Result<(u16, String), String>> {
-        const ADMIN: &str = "cli-exit-admin-token-0123456789";
+        self.revoke_device("stolen-phone")
+    }
+
+    /// [`SlowDisk::revoke`] of device `id`.
+    fn revoke_device(&self, id: &str) -> std::thread::JoinHandle<Result<(u16, String), String>> {
         let admin = self.admin;
+        let body = format!(r#"{{"device_id":"{id}"}}"#);
         std::thread::spawn(move || {
             let req = Request::new("POST", "/admin/revocations")
                 .bearer(ADMIN)
                 .header("Content-Type", "application/json")
-                .body(br#"{"device_id":"stolen-phone"}"#);
+                .body(body.as_bytes());
             blocking::send(&Endpoint::plain(admin), &req, Duration::from_secs(60))
                 .map(|r| (r.status, r.text()))
                 .map_err(|e| e.to_string())
@@ -261,6 +269,51 @@ fn a_revocation_on_a_slow_disk_leaves_the_admin_port_answering() {
     );
     disk.signal(libc::SIGTERM);
     assert!(disk.relay.0.wait().unwrap().success());
+}
+
+/// Two revocations on a slow disk, and between them a save of the other
+/// process on the state directory (a hand-over restart's other relay,
+/// which took in the first): the second is made onto that save, which
+/// the file keeps. Before, a change asked for while another's write was
+/// under way did not take in the file (older than the running lists
+/// then), and its write, built from the running lists, went over the
+/// other process's: the device revoked there was served again here, and
+/// after a restart everywhere.
+#[test]
+fn a_revocation_behind_another_keeps_another_processs_save_meanwhile() {
+    let Some(disk) = SlowDisk::start("slow-disk-two-revocations") else {
+        return;
+    };
+    let state = disk.dir.join("state");
+    let first = disk.revoke();
+    // The first write's file is in place, its directory's fsync held.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !disk.revoked_on_disk() {
+        assert!(
+            Instant::now() < deadline,
+            "the first revocation never saved"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let theirs = br#"{"devices":["peer-device","stolen-phone"],"token_ids":[]}"#;
+    std::fs::write(state.join(".theirs"), theirs).unwrap();
+    std::fs::rename(state.join(".theirs"), state.join("revocations.json")).unwrap();
+    let second = disk.revoke_device("lost-tablet");
+    assert!(
+        !first.is_finished(),
+        "the first write ended before the second revocation came"
+    );
+    disk.notes_until_answered(first);
+    disk.notes_until_answered(second);
+    let file = std::fs::read_to_string(state.join("revocations.json")).unwrap();
+    for device in ["stolen-phone", "lost-tablet", "peer-device"] {
+        assert!(file.contains(device), "{device} not in the file: {file}");
+    }
+    let req = Request::new("GET", "/admin/revocations").bearer(ADMIN);
+    let listed = blocking::send(&Endpoint::plain(disk.admin), &req, Duration::from_secs(20))
+        .unwrap()
+        .text();
+    assert!(listed.contains("peer-device"), "not revoked here: {listed}");
 }
 
 /// A reload waits on the disk (it dates new keys in `key-dates.json`),

@@ -73,9 +73,21 @@ impl RevokeBody {
 /// live streams, when asked) within a poll interval.
 pub(super) async fn revocations(admin: &Admin, req: &Request<'_>) -> Vec<u8> {
     let devices = &admin.process.devices;
-    // Onto the lists another process saved, so this change does not
-    // write over one made there.
-    catch_up(admin).await;
+    // Alone, a change goes from taking in the file to its own write
+    // ending before the next begins (see `SharedFile::changing`); a GET
+    // takes in the file only when no change is under way.
+    let alone = admin.process.fleet.get().is_none();
+    let changing = &admin.revocations_file.changing;
+    let _one_at_a_time = match req.method {
+        "GET" => changing.try_acquire_permit(1).ok(),
+        _ if alone => changing.acquire_permit(1).await.ok(),
+        _ => None,
+    };
+    if _one_at_a_time.is_some() {
+        // Onto the lists another process saved, so this change does not
+        // write over one made there.
+        catch_up(admin).await;
+    }
     let mut changed = None;
     if req.method != "GET" {
         if let Err(answer) = req.length_required() {
@@ -340,6 +352,8 @@ async fn expire(admin: &Admin) {
     if admin.process.fleet.get().is_some() {
         return;
     }
+    // After a change under way, not between its catching up and its write.
+    let _one_at_a_time = admin.revocations_file.changing.acquire_permit(1).await;
     catch_up(admin).await;
     let devices = &admin.process.devices;
     let gone = devices.expire_revoked_tokens(crate::control::accounts::unix_now());
@@ -517,6 +531,13 @@ pub(super) struct SharedFile {
     unsaved: std::cell::Cell<bool>,
     /// Its writes, off the admin thread, in order.
     pub(super) turns: super::file_turns::FileTurns,
+    /// Held by a change (a request's, the expiry's) from taking in the
+    /// file to its write's end. The catching up is skipped while a write
+    /// is queued or under way (the file is older than the running lists
+    /// then), so a change that came meanwhile, its write built from the
+    /// running lists after the other's, went over another process's save
+    /// in between; now the next change catches up once the last is saved.
+    changing: glommio::sync::Semaphore,
 }
 
 impl Default for SharedFile {
@@ -529,6 +550,7 @@ impl Default for SharedFile {
             gone_reported: Default::default(),
             unsaved: Default::default(),
             turns: Default::default(),
+            changing: glommio::sync::Semaphore::new(1),
         }
     }
 }
