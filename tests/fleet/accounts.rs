@@ -679,3 +679,75 @@ fn a_change_landing_within_the_round_trip_is_answered_409() {
         assert!(account(relay, "from-b").is_some() && account(relay, "from-a").is_none());
     }
 }
+
+/// A change on A waits on its key store write (the store's lock held
+/// here, as a slow disk holds the write) while B changes the account set
+/// and A's poll brings B's set. Its answer must be true to the fleet's
+/// set: a 200 whose account is on both nodes, or a 409 (another node
+/// changed the set at the same time) whose account is on neither.
+/// Before, the poll's set was applied on A in the middle of the change,
+/// undoing it, and A then stored that set over B's version with the
+/// change missing and answered 200: an account added, answered as
+/// added, was nowhere.
+#[test]
+fn a_fleet_set_arriving_during_a_changes_write_does_not_undo_it_unanswered() {
+    use std::os::fd::AsRawFd as _;
+    let redis = RedisServer::start();
+    let fake = fake(&[K1, K2], |_| {});
+    let mut cfg = relay_config(&fake.url(), &[("a", K1)]);
+    cfg.admin.token = Some(clio_relay::core::secret::Secret::new(ADMIN));
+    cfg.admin.master_key = Some(clio_relay::core::secret::Secret::new(crate::MASTER));
+    let on_a = crate::node(&cfg, &redis, "node-a");
+    std::fs::create_dir_all(&on_a.admin.state_dir).unwrap();
+    let lock = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(on_a.admin.state_dir.join(".accounts.store.lock"))
+        .unwrap();
+    let a = Relay::start(on_a);
+    let b = Relay::start(crate::node(&cfg, &redis, "node-b"));
+    let soon = Duration::from_secs(10);
+    assert!(wait_until(soon, || crate::up(&a) && crate::up(&b)));
+    // A's key store writes wait from now until the lock is let go.
+    // SAFETY: flock on a descriptor this test owns.
+    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+    let a_admin = a.handle.admin_addr;
+    let on_a = std::thread::spawn(move || {
+        http(
+            a_admin,
+            "POST",
+            "/admin/accounts",
+            Some(ADMIN),
+            Some(&add_body("from-a")),
+        )
+    });
+    assert!(
+        wait_until(soon, || account(&a, "from-a").is_some()),
+        "A's change is made, its write waiting"
+    );
+    let (status, body) = try_change(&b, "POST", "/admin/accounts", Some(&add_body("from-b")));
+    assert_eq!(status, 200, "{body}");
+    // A's poll brings B's set within 200 ms; now that the change waits
+    // for A's, it is not seen on A until then (so this wait is a bound).
+    wait_until(Duration::from_secs(3), || account(&a, "from-b").is_some());
+    assert!(!on_a.is_finished(), "A's change ended before its write");
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_UN) }, 0);
+    let (status, body) = on_a.join().unwrap();
+    assert!(status == 200 || status == 409, "{status} {body}");
+    let made = status == 200;
+    for relay in [&a, &b] {
+        assert!(wait_until(soon, || account(relay, "from-b").is_some()));
+    }
+    std::thread::sleep(Duration::from_millis(600)); // a few polls more
+    for relay in [&a, &b] {
+        assert_eq!(
+            account(relay, "from-a").is_some(),
+            made,
+            "answered {status}: {body}"
+        );
+        assert!(account(relay, "from-b").is_some());
+    }
+}

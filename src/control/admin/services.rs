@@ -188,6 +188,11 @@ async fn from_fleet(
 ) {
     if let Some(rx) = fleet_accounts {
         while let Ok((version, sealed)) = rx.recv().await {
+            // Between this node's changes, not inside one: applied while
+            // a change waited on its key store write, it undid the change,
+            // which then stored the set without it over this version and
+            // was answered 200. A change under way finds the set itself.
+            let _one_at_a_time = admin.accounts.changing.acquire_permit(1).await;
             // One this node has already (a change of its own stored since,
             // or the set its last change found) is not applied again.
             if version > admin.accounts.fleet_version.get() {
