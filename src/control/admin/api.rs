@@ -393,10 +393,14 @@ pub(super) fn stats(
 /// keys whose overlap is over, and warn (once a day per key) about keys
 /// due for rotation.
 pub(super) async fn housekeeping(admin: &Admin) {
-    // The key store saved by another process (a hand-over's other relay).
-    admin.catch_up_store().await;
-    // A change whose save failed, saved once the disk has room.
-    admin.save_unsaved_store().await;
+    // The key store saved by another process (a hand-over's other relay),
+    // and a change whose save failed, saved once the disk has room: not
+    // inside an account change (its write under way, another process's
+    // save would be skipped and written over), left to the next second.
+    if let Ok(_one_at_a_time) = admin.accounts.changing.try_acquire_permit(1) {
+        admin.catch_up_store().await;
+        admin.save_unsaved_store().await;
+    }
     // The config keys' dates, if the file is gone from the state directory.
     admin.keep_key_dates().await;
     // Removed accounts whose last stream has ended: their metrics index

@@ -216,9 +216,13 @@ struct AccountsState {
     /// follows (0 before it has seen one). A change made here is stored
     /// for the fleet only if the store still holds that version.
     fleet_version: std::cell::Cell<i64>,
-    /// Held through each account change, from catching up to the answer:
-    /// changes on this node go one at a time, so one never finds the
-    /// fleet's set moved by another of its own (answered 409).
+    /// Held through each account change (an API request's, a reload's,
+    /// the fleet's set applied; the once-a-second catch-up and retry
+    /// only when free), from catching up to the write's end and the
+    /// answer: changes on this node go one at a time, so one never finds
+    /// the fleet's set moved by another of its own (answered 409), nor
+    /// skips another process's save while a write of this one's is under
+    /// way and writes over it.
     changing: glommio::sync::Semaphore,
 }
 
@@ -387,6 +391,11 @@ impl Admin {
                 move || crate::control::keystore::KeyDates::record(&dir, &accounts, now)
             })
             .await;
+        // An account change of its own, as the API's: from taking in the
+        // store to its write, none other (a change that came meanwhile
+        // would skip taking in the store, a write being under way, and
+        // write over what another process saved).
+        let _one_at_a_time = self.accounts.changing.acquire_permit(1).await;
         // Onto what the other process of a hand-over saved, if it did.
         self.catch_up_store().await;
         let mut log = self.accounts.set.borrow_mut().apply_config(
