@@ -284,7 +284,21 @@ impl Duplex {
     }
 
     /// Writes all of `buf` and flushes it (TLS keeps records until flushed).
-    pub async fn write_all(&self, mut buf: &[u8]) -> io::Result<()> {
+    pub async fn write_all(&self, buf: &[u8]) -> io::Result<()> {
+        self.write_all_noting(buf, &std::cell::Cell::new(None))
+            .await
+    }
+
+    /// [`write_all`](Self::write_all), restarting the clock in `since` each
+    /// time the peer took part of the bytes and more wait: the stall bounds
+    /// (`limits.stall_timeout`) count from a write's last progress, so a
+    /// peer that reads slowly but reads is not taken for one that stopped.
+    /// A write taken whole (the usual case) reads no clock.
+    pub async fn write_all_noting(
+        &self,
+        mut buf: &[u8],
+        since: &std::cell::Cell<Option<std::time::Instant>>,
+    ) -> io::Result<()> {
         while !buf.is_empty() {
             let n =
                 std::future::poll_fn(|cx| Pin::new(&mut *self.0.borrow_mut()).poll_write(cx, buf))
@@ -293,6 +307,9 @@ impl Duplex {
                 return Err(io::ErrorKind::WriteZero.into());
             }
             buf = &buf[n..];
+            if !buf.is_empty() {
+                since.set(Some(std::time::Instant::now()));
+            }
         }
         self.flush().await
     }

@@ -231,7 +231,11 @@ pub async fn client_to_upstream(link: Link<'_>, side: &mut ClientSide, cx: Strea
             state.up.behind_client.set(state.down.writing());
             let written = match &config {
                 Some(c) => upstream.write_two(c, &buf.filled()[..n]).await,
-                None => upstream.write_all(&buf.filled()[..n]).await,
+                None => {
+                    upstream
+                        .write_all_noting(&buf.filled()[..n], &state.up.write_since)
+                        .await
+                }
             };
             if written.is_err() {
                 return End::UpstreamGone;
@@ -253,7 +257,11 @@ pub async fn client_to_upstream(link: Link<'_>, side: &mut ClientSide, cx: Strea
             state.up.at_boundary.set(false);
             state.up.write_since.set(Some(read_at));
             state.up.behind_client.set(state.down.writing());
-            if upstream.write_all(c).await.is_err() {
+            if upstream
+                .write_all_noting(c, &state.up.write_since)
+                .await
+                .is_err()
+            {
                 return End::UpstreamGone;
             }
             state.up.write_since.set(None);
@@ -388,7 +396,11 @@ pub async fn upstream_to_client(
         if scan.ready > 0 {
             down.at_boundary.set(false);
             down.write_since.set(Some(read_at));
-            if client.write_all(&buf.filled()[..scan.ready]).await.is_err() {
+            if client
+                .write_all_noting(&buf.filled()[..scan.ready], &down.write_since)
+                .await
+                .is_err()
+            {
                 return End::ClientGone;
             }
             down.write_since.set(None);

@@ -574,3 +574,92 @@ fn a_client_that_ends_its_audio_and_stops_reading_does_not_hold_its_stream() {
     assert_eq!(got.close_code(), Some(1000), "{got:?}");
     assert!(relay.wait_idle(LIMIT));
 }
+
+/// A client that reads its results slowly, but reads, after its end of
+/// audio: about 10 KB/s, while upstream sends some 40 KB of results at
+/// once. A write of the relay's (up to its 32 KiB buffer) then waits on
+/// the client's socket longer than `limits.stall_timeout` (2 s here), the
+/// client taking a part of it every few hundred milliseconds. The stall
+/// bound counts from a write's last progress, so the client gets every
+/// result, `finished` and the close, and nothing is counted against it.
+/// Before, it counted from the write's start: the stream ended as the
+/// client's 408 at the first such write, its last results lost.
+#[test]
+fn a_client_that_reads_slowly_after_its_end_of_audio_gets_every_result() {
+    use std::io::{Read, Write as _};
+    use tungstenite::Message;
+    const RESULTS: usize = 8;
+    let (url, _) = ws_upstream(move |_, mut ws| {
+        ws.read().unwrap(); // the config
+        while let Ok(m) = ws.read() {
+            let Message::Binary(b) = m else { continue };
+            if !b.is_empty() {
+                continue;
+            }
+            let words = "word ".repeat(1000);
+            for i in 0..RESULTS {
+                let ms = 100 * (i + 1);
+                let result = format!(
+                    r#"{{"tokens":[{{"text":"{words}","is_final":true}}],"final_audio_proc_ms":{ms},"total_audio_proc_ms":{ms}}}"#
+                );
+                ws.send(Message::text(result)).unwrap();
+            }
+            let finished = serde_json::json!({"tokens": [], "final_audio_proc_ms": 800,
+                "total_audio_proc_ms": 800, "finished": true});
+            ws.send(Message::text(finished.to_string())).unwrap();
+            let _ = ws.close(Some(normal_close()));
+            while ws.read().is_ok() {}
+            return;
+        }
+    });
+    let mut cfg = relay_config(&url, &[("acct-a", "key-a")]);
+    cfg.limits.socket_buffer = 4 << 10;
+    cfg.limits.idle_timeout = Duration::from_secs(600);
+    cfg.limits.stall_timeout = Duration::from_secs(2);
+    let relay = Relay::start(cfg);
+    let mut client = upgraded_raw_client(
+        relay.addr(),
+        &format!("Authorization: Bearer {}\r\n", relay.token("dev-slow")),
+    );
+    send_frames(
+        &mut client,
+        Opcode::Text,
+        config_message(None).as_bytes(),
+        1,
+    );
+    for f in audio_frames(3, 2) {
+        let frame = clio_frame::frame::build_frame(Opcode::Binary, &f, Some([9, 8, 7, 6]));
+        client.write_all(&frame).unwrap();
+    }
+    send_frames(&mut client, Opcode::Binary, &[], 1);
+    /// Reads at most 1 KiB every 100 ms.
+    struct Slowly<'a>(&'a mut std::net::TcpStream);
+    impl Read for Slowly<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            std::thread::sleep(Duration::from_millis(100));
+            let n = buf.len().min(1024);
+            self.0.read(&mut buf[..n])
+        }
+    }
+    let frames = raw_read_frames_until_close(&mut Slowly(&mut client));
+    let texts = raw_texts(&frames);
+    let results = texts.iter().filter(|t| t["tokens"][0]["text"].is_string());
+    assert_eq!(
+        results.count(),
+        RESULTS,
+        "{:?}",
+        relay.handle.metrics().error_counts().collect::<Vec<_>>()
+    );
+    assert!(
+        texts.last().is_some_and(|t| t["finished"] == true),
+        "{:?}",
+        texts.last()
+    );
+    assert_eq!(raw_close_code(&frames), Some(1000));
+    let m = relay.handle.metrics();
+    assert_eq!(
+        m.error_counts().collect::<Vec<_>>(),
+        [],
+        "an error counted for a client that read"
+    );
+}

@@ -321,20 +321,20 @@ pub fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
 }
 
 /// Reads server frames from a raw socket until close or EOF: (opcode, payload) pairs.
-pub fn raw_read_frames(tcp: &mut TcpStream) -> Vec<(u8, Vec<u8>)> {
+pub fn raw_read_frames(tcp: &mut impl std::io::Read) -> Vec<(u8, Vec<u8>)> {
     read_server_frames(tcp, false)
 }
 
 /// Reads server frames from `tcp` until a close frame (or the socket's
 /// end): (opcode, payload) pairs. For a client that goes on holding the
 /// connection without answering that close.
-pub fn raw_read_frames_until_close(tcp: &mut TcpStream) -> Vec<(u8, Vec<u8>)> {
+pub fn raw_read_frames_until_close(tcp: &mut impl std::io::Read) -> Vec<(u8, Vec<u8>)> {
     read_server_frames(tcp, true)
 }
 
 /// Server frames as they arrive on `tcp`, until EOF or an error, or the
 /// first close frame when `to_close`.
-fn read_server_frames(tcp: &mut TcpStream, to_close: bool) -> Vec<(u8, Vec<u8>)> {
+fn read_server_frames(tcp: &mut impl std::io::Read, to_close: bool) -> Vec<(u8, Vec<u8>)> {
     let (mut data, mut out, mut at) = (Vec::new(), Vec::new(), 0);
     let mut chunk = [0u8; 4096];
     loop {

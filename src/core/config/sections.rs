@@ -507,11 +507,11 @@ pub struct LimitsConfig {
     pub max_first_message_bytes: usize,
     /// A stream with no frame in either direction for this long is closed.
     pub idle_timeout: Duration,
-    /// A write upstream that waits this long (upstream stopped reading)
-    /// ends the stream as an upstream failure, or resumes it; a write to a
-    /// client (it stopped reading) once the stream is ending (its end of
-    /// audio or its close went up, or upstream's last word was read), as
-    /// the client's failure.
+    /// A write upstream that waits this long with no progress (upstream
+    /// stopped reading) ends the stream as an upstream failure, or
+    /// resumes it; a write to a client (it stopped reading) once the
+    /// stream is ending (its end of audio or its close went up, or
+    /// upstream's last word was read), as the client's failure.
     pub stall_timeout: Duration,
     /// `SO_RCVBUF` of client sockets, and the most bytes an upstream or a
     /// client socket may hold unsent (`TCP_NOTSENT_LOWAT`; its send buffer

@@ -683,7 +683,11 @@ pub async fn upstream_to_client(link: Link<'_>, max_payload: u64, cx: StreamCx<'
                                 // the client socket is left inside it.
                                 down.at_boundary.set(false);
                                 down.write_since.set(Some(Instant::now()));
-                                if client.write_all(&frame).await.is_err() {
+                                if client
+                                    .write_all_noting(&frame, &down.write_since)
+                                    .await
+                                    .is_err()
+                                {
                                     return End::ClientGone;
                                 }
                                 down.write_since.set(None);
@@ -766,7 +770,9 @@ impl Held {
         let down = &cx.state.down;
         down.at_boundary.set(false);
         down.write_since.set(Some(Instant::now()));
-        client.write_all(&buf.filled()[..self.bytes]).await?;
+        client
+            .write_all_noting(&buf.filled()[..self.bytes], &down.write_since)
+            .await?;
         down.write_since.set(None);
         down.at_boundary.set(true);
         buf.consume(self.bytes);
