@@ -380,6 +380,51 @@ fn an_unreachable_upstream_gets_soniox_reconnect_code_503_and_1011() {
     assert_eq!(m.errors(clio_relay::core::metrics::Side::Upstream, 503), 0);
 }
 
+/// relay-load's report explains the 503 an unreachable upstream now
+/// gets: before, its hint named only a drain, a retired key and an
+/// upstream failure mid-stream, so a run against a relay that could not
+/// reach upstream at all pointed the reader at the wrong causes.
+#[test]
+fn relay_load_explains_an_unreachable_upstreams_503() {
+    use relay_load::{AuthVia, Credentials, LoadOptions, Pace, Target};
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut cfg = relay_config(
+        &format!("ws://127.0.0.1:{port}/transcribe-websocket"),
+        &[("acct-down", "key-down")],
+    );
+    cfg.failover.max_resumes = 0;
+    let relay = Relay::start(cfg);
+    let keys = std::sync::Arc::new(TokenKeys::from_config(&relay.cfg.tokens));
+    let report = relay_load::run(&LoadOptions {
+        target: Target::relay(relay.addr()),
+        auth: AuthVia::Header,
+        credentials: Credentials::Mint(keys, Duration::from_secs(600)),
+        streams: 2,
+        ramp_per_sec: 0.0,
+        stream_seconds: 1.0,
+        pace: Pace::Times(1.0),
+        duration: Duration::from_secs(60),
+        threads: 1,
+        ..LoadOptions::default()
+    })
+    .unwrap();
+    let summary = report.table();
+    assert_eq!(
+        report.streams_failed.get("error 503"),
+        Some(&2),
+        "{summary}"
+    );
+    assert!(
+        summary.contains("hint: 2 streams were told to reconnect")
+            && summary.contains("could not reach upstream"),
+        "{summary}"
+    );
+}
+
 /// With the token on the request, a refusal at open (here an upstream
 /// that cannot be reached) waits for the client's config, as Soniox's
 /// answers do: a client that sends none gets 408 at

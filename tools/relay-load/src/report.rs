@@ -254,8 +254,15 @@ impl LoadReport {
         }
         let reconnect = by(&["error 503"]);
         if reconnect > 0 {
+            let unreachable = self.refusal_reasons.keys().any(|(f, m)| {
+                f == "error 503" && m.contains("transcription service is unreachable")
+            });
             let why = if at_file_limit("error 503") {
                 FILE_LIMIT
+            } else if unreachable {
+                "a clio-relay could not reach upstream at open (upstream_unavailable; its \
+                 metrics and log count it as upstream 502): check its upstream.url, the \
+                 network to it and Soniox's status; a client may retry later"
             } else {
                 "the target failed them; a clio-relay does so when it drains (SIGTERM, a \
                  restart) or retires their key, or when upstream failed mid-stream with no \
