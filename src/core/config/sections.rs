@@ -364,8 +364,11 @@ pub struct UpstreamConfig {
     /// Extra PEM trust roots for the upstream TLS connection, on top of the
     /// built-in web roots (tests use a local CA). Must exist if given.
     pub ca_file: Option<PathBuf>,
-    /// How long connecting to upstream (TCP + TLS + upgrade) may take before
-    /// the stream fails with 502.
+    /// How long connecting to upstream (TCP + TLS + upgrade) may take, per
+    /// account tried. The account is then held off and another tried; a
+    /// stream that none can take (after the waits of `failover`) is
+    /// refused with 503 and close 1011 (`upstream_unavailable`; counted
+    /// and logged as 502).
     pub connect_timeout: Duration,
 }
 
