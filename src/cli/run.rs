@@ -190,9 +190,9 @@ pub fn run(path: &std::path::Path, join_client_port: bool) -> Result<(), crate::
             Signal::SIGHUP => {
                 notify.reloading();
                 // On a thread of its own, so that this one still takes
-                // signals: the admin thread applies the reload, and inside
-                // a write to a slow disk it answers only when the write
-                // ends, which a SIGTERM or SIGINT must not wait for.
+                // signals: the admin thread applies the reload, which
+                // waits for its writes (key dates, key store), on a slow
+                // disk for seconds, and a SIGTERM or SIGINT must not.
                 let mut again = true;
                 let mut stop = None;
                 while again && stop.is_none() {
