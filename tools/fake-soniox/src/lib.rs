@@ -395,7 +395,9 @@ pub struct SessionRecord {
     pub auth_via: Option<AuthVia>,
     /// HTTP status if the upgrade itself was refused (401, 402, 404, 429).
     pub http_status: Option<u16>,
-    /// The first (config) message, as parsed.
+    /// The first (config) message, as parsed: without a member a JSON map
+    /// cannot hold (a lone surrogate escape, `1e400`; see
+    /// [`text_messages`](Self::text_messages) for the message as sent).
     pub config: Option<serde_json::Value>,
     /// Every text message received, in order, the config message included.
     pub text_messages: Vec<String>,

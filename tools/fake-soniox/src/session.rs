@@ -226,8 +226,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// The first message: key, model and audio format.
     fn on_config(&mut self, text: &str) -> Step {
-        let value: serde_json::Value = serde_json::from_str(text)
-            .map_err(|_| error(400, "Start request must be a valid JSON object."))?;
+        let value = config_value(text)
+            .ok_or_else(|| error(400, "Start request must be a valid JSON object."))?;
         self.rec.config = Some(value.clone());
         let Some(cfg) = value.as_object() else {
             return Err(error(400, "Start request must be a valid JSON object."));
@@ -515,6 +515,26 @@ fn text_frame(text: &str) -> Vec<u8> {
     }
     f.extend(text.as_bytes());
     f
+}
+
+/// The config message read as a JSON map. JSON's grammar allows members
+/// a map cannot hold (a string with a lone surrogate escape, a number
+/// past f64's range), and the server takes them: such a member is left
+/// out of the map (the message as sent is in
+/// [`SessionRecord::text_messages`](crate::SessionRecord::text_messages)).
+/// `None` for a text that is not JSON, or not an object.
+fn config_value(text: &str) -> Option<serde_json::Value> {
+    if let Ok(v) = serde_json::from_str(text) {
+        return Some(v);
+    }
+    let members: serde_json::Map<String, serde_json::Value> = serde_json::from_str::<
+        std::collections::BTreeMap<String, &serde_json::value::RawValue>,
+    >(text)
+    .ok()?
+    .into_iter()
+    .filter_map(|(name, v)| Some((name, serde_json::from_str(v.get()).ok()?)))
+    .collect();
+    Some(members.into())
 }
 
 fn positive(v: Option<&serde_json::Value>) -> Option<u64> {
