@@ -233,6 +233,43 @@ fn first_message_not_json_gets_400() {
 }
 
 #[test]
+fn a_lone_surrogate_in_a_member_the_relay_reads_gets_400() {
+    // The relay reads `api_key` (the token) and `client_reference_id`
+    // (its record's id) as strings: one with a lone surrogate escape,
+    // which no string holds, gets a 400 that names the member, never
+    // quoting it. Elsewhere in the config it goes up as written.
+    let (fake, relay) = setup(|_| {});
+    let token = relay.token("dev");
+    let cases = [
+        (
+            Via::FirstMessage,
+            format!(r#"{{"model":"stt-rt-v4","api_key":"{token}\udc00"}}"#),
+            "Start request's api_key is not a valid string: it holds a lone surrogate escape.",
+        ),
+        (
+            Via::Header,
+            r#"{"model":"stt-rt-v4","client_reference_id":"a\ud83d"}"#.to_string(),
+            "Start request's client_reference_id is not a valid string: it holds a lone surrogate escape.",
+        ),
+    ];
+    for (via, first, message) in cases {
+        let auth = if matches!(via, Via::Header) {
+            token.as_str()
+        } else {
+            ""
+        };
+        let (mut ws, _) = connect(relay.addr(), auth, via).unwrap();
+        ws.send(Message::text(first.as_str())).unwrap();
+        let got = read_all(&mut ws);
+        // Said by its message, not `first`: that holds a token.
+        assert_eq!(got.error_code(), Some(400), "{message}: {got:?}");
+        assert_eq!(got.messages[0]["error_message"], message);
+        assert_eq!(got.close_code(), Some(1002), "{message}: {got:?}");
+    }
+    assert!(fake.sessions().iter().all(|s| s.config.is_none()));
+}
+
+#[test]
 fn max_streams_gets_503_before_the_upgrade() {
     let (fake, relay) = setup(|c| c.server.max_streams = 2);
     let token = relay.token("dev");

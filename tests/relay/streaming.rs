@@ -108,6 +108,39 @@ fn the_config_reaches_upstream_as_the_client_wrote_it() {
 }
 
 #[test]
+fn a_config_serde_json_cannot_hold_reaches_upstream_as_written() {
+    // JSON's grammar allows both, serde_json's map cannot hold them: a
+    // lone surrogate escape (JSON.stringify writes one for a string cut
+    // inside an emoji, a `context` trimmed to a length) and a number
+    // past f64's range. Before, each was refused with 400 "Start request
+    // is not valid JSON"; now they go up as written and upstream judges.
+    // The token, as `api_key`, still verifies and never goes up.
+    let fake = fake(&["key-a"], |_| {});
+    let relay = relay_for(&fake);
+    let token = relay.token("dev");
+    let config = format!(
+        r#"{{"model":"stt-rt-v4","audio_format":"pcm_s16le","sample_rate":16000,"num_channels":1,"context":{{"text":"cut in an emoji \ud83d"}},"x":1e400,"api_key":"{token}"}}"#
+    );
+    let (mut ws, _) = connect(relay.addr(), "", Via::FirstMessage).unwrap();
+    let got = stream_session(&mut ws, &config, &audio_frames(2, 9));
+    assert!(got.finished(), "{got:?}");
+    assert_eq!(got.close_code(), Some(1000), "{got:?}");
+    let s = &closed_sessions(&fake, 1)[0];
+    assert_eq!(s.audio_frames, 2);
+    let up = &s.text_messages[0];
+    for member in [
+        r#""context":{"text":"cut in an emoji \ud83d"}"#,
+        r#""x":1e400"#,
+        r#""model":"stt-rt-v4""#,
+    ] {
+        assert!(up.contains(member), "{member} in {up}");
+    }
+    assert!(!up.contains(&token), "the token reached upstream: {up}");
+    assert!(!up.contains("api_key"), "{up}");
+    assert_eq!(s.key.as_deref(), Some("key-a"));
+}
+
+#[test]
 fn frames_larger_than_the_read_buffer_arrive_intact() {
     let fake = fake(&["key-a"], |_| {});
     let relay = relay_for(&fake);

@@ -5,8 +5,8 @@
 use std::time::SystemTime;
 
 use futures_lite::future;
-use serde_json::error::Category;
-use serde_json::{Map, Value};
+use serde_json::value::RawValue;
+use serde_json::Value;
 
 use crate::core::metrics::Side;
 use crate::core::token::Claims;
@@ -16,6 +16,7 @@ use clio_frame::frame::{build_frame, parse_header, FrameError, FrameHeader, Opco
 use clio_frame::mask::apply_mask;
 use clio_frame::scanner::close_body_fault;
 
+use super::config::{members, too_deep, Fields, LoneSurrogate};
 use super::{Refusal, Stream};
 
 impl Stream {
@@ -205,12 +206,10 @@ impl Stream {
     }
 
     /// The claims of a token carried as `api_key` in the first message.
-    pub(super) fn first_message_claims(
-        &self,
-        first: &Map<String, Value>,
-    ) -> Result<Claims, Refusal> {
-        match first.get("api_key") {
-            Some(Value::String(token)) => self
+    pub(super) fn first_message_claims(&self, first: &Fields) -> Result<Claims, Refusal> {
+        match &first.api_key {
+            Some(Err(LoneSurrogate(name))) => Err(lone_surrogate(name)),
+            Some(Ok(token)) => self
                 .settings
                 .tokens
                 .verify(token, SystemTime::now())
@@ -220,11 +219,11 @@ impl Stream {
     }
 }
 
-/// The client's config message: its fields, read by the relay, and its
+/// The client's config message: the fields the relay reads, and its
 /// text as the client sent it, which upstream gets (see
 /// [`upstream_config_text`](super::upstream_config_text)).
 pub(super) struct ClientConfig {
-    pub fields: Map<String, Value>,
+    pub fields: Fields,
     pub text: Box<[u8]>,
 }
 
@@ -300,21 +299,60 @@ fn parse_config(opcode: Opcode, fin: bool, payload: &[u8]) -> Result<ClientConfi
                 Side::Client,
             ))
         }
-        Opcode::Text => match serde_json::from_slice::<Value>(payload) {
-            Ok(Value::Object(fields)) => Ok(ClientConfig {
-                fields,
+        Opcode::Text => {
+            let text = std::str::from_utf8(payload).expect("checked above");
+            Ok(ClientConfig {
+                fields: read_fields(text)?,
                 text: payload.into(),
-            }),
-            // A syntax error's words are serde_json's fixed ones and a
-            // position ("trailing comma at line 1 column 8"): they never
-            // quote the message, which may carry a token.
-            Err(e) if matches!(e.classify(), Category::Syntax | Category::Eof) => Err(
-                Refusal::bad_request(format!("Start request is not valid JSON: {e}.")),
-            ),
-            _ => Err(Refusal::bad_request("Start request must be a JSON object.")),
-        },
+            })
+        }
         _ => Err(Refusal::bad_request(
             "Start request must be a text message.",
         )),
     }
+}
+
+/// Reads the members of the config the relay needs. Refused: a text that
+/// is not JSON, or JSON nested deeper than serde_json reads (its words,
+/// as before); one that is no object; a member the relay needs whole as
+/// a string holding a lone surrogate. JSON's grammar allows what a JSON
+/// map cannot hold (a lone surrogate escape, a number past f64's range):
+/// anywhere else, that goes upstream as written, for upstream to judge.
+fn read_fields(text: &str) -> Result<Fields, Refusal> {
+    // serde_json's words are its fixed ones and a position ("trailing
+    // comma at line 1 column 8"): they never quote the message, which
+    // may carry a token.
+    let not_json = |e: &dyn std::fmt::Display| {
+        Refusal::bad_request(format!("Start request is not valid JSON: {e}."))
+    };
+    let not_object = || Refusal::bad_request("Start request must be a JSON object.");
+    // Read as a map first: what it takes, JSON takes, and its errors
+    // for what JSON does not take are the words clients had.
+    match serde_json::from_str::<Value>(text) {
+        Ok(Value::Object(_)) => {}
+        Ok(_) => return Err(not_object()),
+        Err(e) => match serde_json::from_str::<&RawValue>(text) {
+            // Not JSON. When the map stopped earlier, at what JSON allows
+            // (a lone surrogate), the fault is the later one.
+            Err(raw) if (raw.line(), raw.column()) > (e.line(), e.column()) => {
+                return Err(not_json(&raw))
+            }
+            Err(_) => return Err(not_json(&e)),
+            Ok(_) => {
+                if let Some(deep) = too_deep(text) {
+                    return Err(not_json(&deep));
+                }
+            }
+        },
+    }
+    let members = members(text).map_err(|_| not_object())?;
+    Fields::read(&members).map_err(|LoneSurrogate(name)| lone_surrogate(name))
+}
+
+/// A member the relay reads as a string (`name`) holds a lone surrogate
+/// escape, which no string holds: said without quoting it.
+fn lone_surrogate(name: &str) -> Refusal {
+    Refusal::bad_request(format!(
+        "Start request's {name} is not a valid string: it holds a lone surrogate escape."
+    ))
 }

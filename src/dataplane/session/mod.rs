@@ -24,6 +24,7 @@ macro_rules! boxed {
     }};
 }
 
+mod config;
 mod ending;
 mod first;
 mod handshake;
@@ -44,7 +45,6 @@ use std::rc::Rc;
 use std::time::{Instant, SystemTime};
 
 use futures_lite::future;
-use serde_json::Value;
 
 use crate::core::devices::Limit;
 use crate::core::keyring::Lease;
@@ -336,10 +336,11 @@ impl Stream {
                         )));
                     }
                 }
-                let reference_id = match config.fields.get("client_reference_id") {
-                    Some(Value::String(r)) => r.clone(),
-                    _ => self.id.clone(),
-                };
+                let reference_id = config
+                    .fields
+                    .client_reference_id
+                    .clone()
+                    .unwrap_or_else(|| self.id.clone());
                 // Kept for the stream's life (a retry sends it again) as the bytes
                 // upstream gets, not as a JSON map: a fraction of the memory.
                 (

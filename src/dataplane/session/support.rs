@@ -4,8 +4,9 @@
 
 use std::rc::Rc;
 
-use serde_json::{Map, Value};
+use serde_json::value::RawValue;
 
+use super::config::{members, Fields};
 use crate::core::token::Claims;
 use crate::dataplane::io::{timeout, Conn, Duplex, Tcp};
 use crate::dataplane::shard::{LiveStream, Shard, StopReason};
@@ -17,22 +18,22 @@ use crate::dataplane::uring::CloseReply;
 /// client's numbers: a rate that is no whole number (`1e-300`) divided
 /// the audio into more milliseconds than a `u64` holds, so upstream's
 /// figure meters such a stream.
-pub(super) fn audio_bytes_per_ms(config: &Map<String, Value>) -> f64 {
+pub(super) fn audio_bytes_per_ms(config: &Fields) -> f64 {
     raw_audio_rate(config).map_or(0.0, |(per_sec, _)| per_sec as f64 / 1000.0)
 }
 
 /// A raw `audio_format`'s bytes per second and bytes per sample frame (all
 /// channels), from whole-number `sample_rate` and `num_channels`; `None`
 /// for compressed formats and `auto`, which cannot be cut mid-stream.
-pub(super) fn raw_audio_rate(config: &Map<String, Value>) -> Option<(u64, u64)> {
-    let sample_bytes = match config.get("audio_format").and_then(Value::as_str)? {
+pub(super) fn raw_audio_rate(config: &Fields) -> Option<(u64, u64)> {
+    let sample_bytes = match config.audio_format.as_deref()? {
         "pcm_s16le" | "pcm_s16be" => 2,
         "pcm_f32le" | "pcm_f32be" | "pcm_s32le" | "pcm_s32be" => 4,
         "mulaw" | "alaw" | "pcm_s8" | "pcm_u8" => 1,
         _ => return None,
     };
-    let rate = config.get("sample_rate").and_then(Value::as_u64)?;
-    let channels = config.get("num_channels").map_or(Some(1), Value::as_u64)?;
+    let rate = config.sample_rate?;
+    let channels = config.num_channels?;
     // The client's numbers: a product that overflows is no rate (upstream
     // judges the config; the stream keeps no resume copy).
     let frame = channels.checked_mul(sample_bytes)?;
@@ -122,33 +123,39 @@ pub(super) async fn end_client(client: Duplex, reply: Option<CloseReply>) {
 /// The client's config as upstream gets it (before any key): without the
 /// client's `api_key` (its session token), and with a `client_reference_id`
 /// (the stream id) when the client gave none. `config` is the client's
-/// text (a JSON object); every other member's value goes up as the client
-/// wrote it (a number's digits included), not as a JSON map would write it
-/// again. A JSON object.
+/// text (a JSON object); every other member, its name and value, goes up
+/// as the client wrote it (a number's digits included, and what a JSON map
+/// cannot hold: a lone surrogate escape, `1e400`), not as a JSON map would
+/// write it again. A JSON object, its members in the order of their names.
 pub fn upstream_config_text(config: &[u8], stream_id: &str) -> Box<[u8]> {
-    use serde_json::value::RawValue;
-    use std::collections::BTreeMap;
     // A repeated member is the last one, as a JSON map reads it (the one
-    // whose token the relay checked). The caller has read `config` as a
-    // JSON object already, so it reads as members too.
-    let mut members: BTreeMap<String, Box<RawValue>> =
-        serde_json::from_slice(config).unwrap_or_default();
-    members.remove("api_key");
+    // whose token the relay checked); names compare with their escapes
+    // read (`"api\u005fkey"` is `api_key`). The caller has read `config`
+    // as a JSON object already.
+    let id = serde_json::to_string(stream_id).expect("a string serializes");
+    let id = RawValue::from_string(id).expect("a JSON string");
+    let name: &RawValue = serde_json::from_str(r#""client_reference_id""#).expect("a JSON string");
+    let text = std::str::from_utf8(config).unwrap_or_default();
+    let mut members = members(text).unwrap_or_default();
+    members.remove(b"api_key".as_slice());
     // `null` is no id: upstream would log the stream under none, and the
     // relay's record (its stream id) would match no entry of upstream's.
-    if members
-        .get("client_reference_id")
-        .is_none_or(|v| v.get() == "null")
-    {
-        let id = serde_json::to_string(stream_id).expect("a string serializes");
-        members.insert(
-            "client_reference_id".into(),
-            RawValue::from_string(id).expect("a JSON string"),
-        );
+    let given = members.get(b"client_reference_id".as_slice());
+    if given.is_none_or(|(_, v)| v.get() == "null") {
+        members.insert(b"client_reference_id".to_vec(), (name, &id));
     }
-    serde_json::to_vec(&members)
-        .expect("a JSON map serializes")
-        .into_boxed_slice()
+    let mut out = Vec::with_capacity(config.len() + id.get().len() + 32);
+    out.push(b'{');
+    for (i, (name, value)) in members.values().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(name.get().as_bytes());
+        out.push(b':');
+        out.extend_from_slice(value.get().as_bytes());
+    }
+    out.push(b'}');
+    out.into_boxed_slice()
 }
 
 /// `config` (a JSON object from [`upstream_config_text`]) with `api_key`
@@ -168,6 +175,7 @@ pub fn with_api_key(config: &[u8], key: &str) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
 
     #[test]
     fn the_config_upstream_gets() {
