@@ -356,9 +356,12 @@ fn tungstenite_answer(head: &[u8]) -> Option<Option<Vec<u8>>> {
 
 /// Any bytes as the client's config: when they are a JSON object, upstream
 /// gets it without `api_key`, with `client_reference_id`, every other field
-/// unchanged; and with the account key when asked.
+/// unchanged; and with the account key when asked. One a JSON map cannot
+/// hold (a lone surrogate escape, `1e400`) goes up as a JSON object too,
+/// each such member's text unchanged.
 pub fn first_message(data: &[u8]) {
     let Ok(serde_json::Value::Object(client)) = serde_json::from_slice(data) else {
+        first_message_past_a_map(data);
         return;
     };
     let text = clio_relay::dataplane::session::upstream_config_text(data, "s-1");
@@ -372,6 +375,42 @@ pub fn first_message(data: &[u8]) {
     let keyed: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&keyed).unwrap();
     want.insert("api_key".into(), "key\"\u{1F511}".into());
     assert_eq!(keyed, want);
+}
+
+/// [`first_message`] for a JSON object that a JSON map cannot read: its
+/// members' values as raw text, those upstream gets the same, in the
+/// same order, `api_key` gone and `client_reference_id` there.
+fn first_message_past_a_map(data: &[u8]) {
+    use serde_json::value::RawValue;
+    use std::collections::BTreeMap;
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    if !serde_json::from_str::<&RawValue>(text).is_ok_and(|v| v.get().starts_with('{')) {
+        return;
+    }
+    let up = clio_relay::dataplane::session::upstream_config_text(data, "s-1");
+    let up = std::str::from_utf8(&up).expect("upstream's config is UTF-8");
+    let got: &RawValue = serde_json::from_str(up).expect("upstream's config is JSON");
+    assert!(got.get().starts_with('{'), "{up}");
+    // Members named without escapes (a map of `String` names reads
+    // those): each value's text unchanged.
+    let (Ok(sent), Ok(got)) = (
+        serde_json::from_str::<BTreeMap<String, &RawValue>>(text),
+        serde_json::from_str::<BTreeMap<String, &RawValue>>(up),
+    ) else {
+        return;
+    };
+    let mut want: BTreeMap<&str, &str> = sent
+        .iter()
+        .filter(|(k, _)| k.as_str() != "api_key")
+        .map(|(k, v)| (k.as_str(), v.get()))
+        .collect();
+    if want.get("client_reference_id").is_none_or(|v| *v == "null") {
+        want.insert("client_reference_id", "\"s-1\"");
+    }
+    let got: BTreeMap<&str, &str> = got.iter().map(|(k, v)| (k.as_str(), v.get())).collect();
+    assert_eq!(got, want);
 }
 
 /// Any bytes as a session token, and any edit of a real one: refused,
